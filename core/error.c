@@ -1,0 +1,106 @@
+/* error.c — thread-local error messages and argument checks.
+ * Invariant: a failing nr_* call leaves exactly one message here, "func: what (file:line)". */
+#include "internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static _Thread_local char g_error[2048];
+
+const char *nr_last_error(void) { return g_error[0] ? g_error : "no error"; }
+void nr_clear_error(void) { g_error[0] = 0; }
+const char *nr_version(void) { return "0.1.0"; }
+int32_t nr_has_cuda(void)
+{
+#ifdef NR_WITH_CUDA
+   return 1;
+#else
+   return 0;
+#endif
+}
+
+nr_status nr_fail_at(nr_status code, const char *func, const char *file, int line,
+                     const char *fmt, ...)
+{
+   char msg[1536];
+   va_list ap;
+   va_start(ap, fmt);
+   vsnprintf(msg, sizeof msg, fmt, ap);
+   va_end(ap);
+   const char *base = strrchr(file, '/');
+   snprintf(g_error, sizeof g_error, "%s: %s (%s:%d)", func, msg, base ? base + 1 : file, line);
+   return code;
+}
+
+nr_status nr_fail_wrap(nr_status code, const char *func)
+{
+   char inner[sizeof g_error];
+   memcpy(inner, g_error, sizeof inner);
+   snprintf(g_error, sizeof g_error, "%s: %s", func, inner);
+   return code;
+}
+
+const char *nr_dtype_name(int32_t dtype)
+{
+   switch (dtype) {
+   case NR_F32: return "f32";
+   case NR_I64: return "int64";
+   case NR_U8: return "uint8";
+   default: return "?dtype";
+   }
+}
+
+const char *nr_tensor_describe(const nr_tensor *t, char *buf, size_t n)
+{
+   if (!t) {
+      snprintf(buf, n, "nil");
+      return buf;
+   }
+   int k = snprintf(buf, n, "%s %s (", nr_dtype_name(t->dtype), t->device == NR_CUDA ? "cuda" : "cpu");
+   for (int d = 0; d < t->ndim && k < (int)n; d++)
+      k += snprintf(buf + k, n - k, d ? ", %lld" : "%lld", (long long)t->shape[d]);
+   if (k < (int)n) snprintf(buf + k, n - k, ")");
+   return buf;
+}
+
+nr_status nr_check_tensor(const char *func, const char *name, const nr_tensor *t, int32_t dtype,
+                          int32_t device, int32_t ndim, const int64_t *shape)
+{
+   char got[256], want[256];
+   if (!t) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: tensor is NULL", name);
+   bool ok = (dtype < 0 || t->dtype == dtype) && (device < 0 || t->device == device) &&
+             (ndim < 0 || t->ndim == ndim);
+   if (ok && shape && ndim >= 0)
+      for (int d = 0; d < ndim; d++)
+         if (shape[d] >= 0 && shape[d] != t->shape[d]) ok = false;
+   if (ok) return NR_OK;
+   int k = snprintf(want, sizeof want, "%s %s", dtype < 0 ? "any" : nr_dtype_name(dtype),
+                    device < 0 ? "any-device" : device == NR_CUDA ? "cuda" : "cpu");
+   if (ndim >= 0) {
+      k += snprintf(want + k, sizeof want - k, " (");
+      for (int d = 0; d < ndim; d++) {
+         if (shape && shape[d] >= 0)
+            k += snprintf(want + k, sizeof want - k, d ? ", %lld" : "%lld", (long long)shape[d]);
+         else
+            k += snprintf(want + k, sizeof want - k, d ? ", *" : "*");
+      }
+      snprintf(want + k, sizeof want - k, ")");
+   }
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: expected %s, got %s", name, want,
+                     nr_tensor_describe(t, got, sizeof got));
+}
+
+nr_status nr_check_same_device(const char *func, const nr_tensor *a, const nr_tensor *b)
+{
+   if (a->device == b->device && a->device_index == b->device_index) return NR_OK;
+   char da[128], db[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensors on different devices: %s and %s",
+                     nr_tensor_describe(a, da, sizeof da), nr_tensor_describe(b, db, sizeof db));
+}
+
+nr_status nr_check_contiguous(const char *func, const char *name, const nr_tensor *t)
+{
+   if (nr_tensor_is_contiguous(t)) return NR_OK;
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                     "%s: expected a contiguous tensor (call :contiguous() first)", name);
+}

@@ -1,0 +1,360 @@
+/* nrlua.c — the nrlua executable: LuaJIT embedded, package paths set, files, -e, and a REPL.
+ *
+ *   nrlua FILE.lua [args...]   run a file (script args in `arg`); a file that returns a table
+ *                              is a recipe and is run with nr.recipe.run(table, args)
+ *   nrlua -e CODE              run a chunk
+ *   nrlua [-i]                 interactive REPL (readline history, multi-line, completion);
+ *                              statements are read from stdin when it is not a terminal
+ *   nrlua -v | --version, -h | --help
+ *
+ * Paths: the nrlua home (the folder holding lua/nr and models/) is $NRLUA_HOME, else found
+ * relative to this executable (build tree: <exe>/..; install: <exe>/../share/nrlua), else the
+ * source folder this binary was built from. libnr is looked up beside the executable, then in
+ * <exe>/../lib. The home and library paths are published to Lua as the global table _NRLUA.
+ * The Lua API symbols are exported (-rdynamic) so C modules such as cjson.so load. */
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <luajit.h>
+#include <lualib.h>
+#include <readline/history.h>
+#include <readline/readline.h>
+
+#ifndef NR_SOURCE_DIR
+#define NR_SOURCE_DIR "."
+#endif
+#ifndef NR_VERSION
+#define NR_VERSION "0.1.0"
+#endif
+
+static lua_State *L_global;
+
+static int file_exists(const char *p) { return access(p, R_OK) == 0; }
+
+static void exe_dir(char *out, size_t n)
+{
+   char buf[PATH_MAX];
+   ssize_t k = readlink("/proc/self/exe", buf, sizeof buf - 1);
+   if (k <= 0) {
+      snprintf(out, n, ".");
+      return;
+   }
+   buf[k] = 0;
+   char *slash = strrchr(buf, '/');
+   if (slash) *slash = 0;
+   snprintf(out, n, "%s", buf);
+}
+
+/* Finds the nrlua home and the libnr path; returns 0 when the home is found. */
+static int locate(char *home, char *lib, size_t n)
+{
+   char dir[PATH_MAX], probe[PATH_MAX + 64];
+   exe_dir(dir, sizeof dir);
+   const char *env = getenv("NRLUA_HOME");
+   const char *candidates[4];
+   char c1[PATH_MAX + 32], c2[PATH_MAX + 32];
+   int k = 0;
+   if (env && *env) candidates[k++] = env;
+   snprintf(c1, sizeof c1, "%s/..", dir);
+   snprintf(c2, sizeof c2, "%s/../share/nrlua", dir);
+   candidates[k++] = c1;
+   candidates[k++] = c2;
+   candidates[k++] = NR_SOURCE_DIR;
+   home[0] = 0;
+   for (int i = 0; i < k; i++) {
+      snprintf(probe, sizeof probe, "%s/lua/nr/init.lua", candidates[i]);
+      if (file_exists(probe)) {
+         if (!realpath(candidates[i], home)) snprintf(home, n, "%s", candidates[i]);
+         break;
+      }
+   }
+   const char *envlib = getenv("NRLUA_LIB");
+   if (envlib && *envlib) snprintf(lib, n, "%s", envlib);
+   else {
+      snprintf(probe, sizeof probe, "%s/libnr.so", dir);
+      if (!file_exists(probe)) snprintf(probe, sizeof probe, "%s/../lib/libnr.so", dir);
+      if (!file_exists(probe)) snprintf(probe, sizeof probe, "libnr.so");
+      snprintf(lib, n, "%s", probe);
+   }
+   return home[0] ? 0 : -1;
+}
+
+static void setup_paths(lua_State *L, const char *home, const char *lib)
+{
+   lua_getglobal(L, "package");
+   lua_getfield(L, -1, "path");
+   lua_pushfstring(L, "%s/lua/?.lua;%s/lua/?/init.lua;%s/?.lua;%s", home, home, home, lua_tostring(L, -1));
+   lua_setfield(L, -3, "path");
+   lua_pop(L, 2);
+   lua_newtable(L);
+   lua_pushstring(L, home);
+   lua_setfield(L, -2, "home");
+   lua_pushstring(L, lib);
+   lua_setfield(L, -2, "lib");
+   lua_pushstring(L, NR_VERSION);
+   lua_setfield(L, -2, "version");
+   lua_setglobal(L, "_NRLUA");
+}
+
+/* Error handler: message plus traceback. */
+static int traceback(lua_State *L)
+{
+   const char *msg = lua_tostring(L, 1);
+   if (!msg) {
+      if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
+      msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+   }
+   luaL_traceback(L, L, msg, 1);
+   return 1;
+}
+
+static int docall(lua_State *L, int narg, int nres)
+{
+   int base = lua_gettop(L) - narg;
+   lua_pushcfunction(L, traceback);
+   lua_insert(L, base);
+   int status = lua_pcall(L, narg, nres, base);
+   lua_remove(L, base);
+   return status;
+}
+
+static int report(lua_State *L, int status)
+{
+   if (status && !lua_isnil(L, -1)) {
+      const char *msg = lua_tostring(L, -1);
+      fprintf(stderr, "nrlua: %s\n", msg ? msg : "(error object is not a string)");
+      fflush(stderr);
+      lua_pop(L, 1);
+   }
+   return status;
+}
+
+/* Calls require('nr.cli')[fname](...) with the values on the stack. */
+static int call_cli(lua_State *L, const char *fname, int narg, int nres)
+{
+   lua_getglobal(L, "require");
+   lua_pushstring(L, "nr.cli");
+   if (docall(L, 1, 1)) return 1;
+   lua_getfield(L, -1, fname);
+   lua_remove(L, -2);
+   lua_insert(L, -(narg + 1));
+   return docall(L, narg, nres);
+}
+
+/* ---- REPL ---------------------------------------------------------------------------- */
+
+static char *read_line(int tty, const char *prompt)
+{
+   if (tty) return readline(prompt);
+   static char buf[65536];
+   if (!fgets(buf, sizeof buf, stdin)) return NULL;
+   size_t n = strlen(buf);
+   if (n && buf[n - 1] == '\n') buf[n - 1] = 0;
+   return strdup(buf);
+}
+
+/* Readline completion: asks nr.cli.complete(text) for candidates. */
+static char **completion_list;
+static int completion_index;
+
+static char *completion_generator(const char *text, int state)
+{
+   (void)text;
+   if (!completion_list) return NULL;
+   (void)state;
+   char *c = completion_list[completion_index];
+   if (c) completion_index++;
+   return c;
+}
+
+static char **complete(const char *text, int start, int end)
+{
+   (void)start;
+   (void)end;
+   rl_attempted_completion_over = 1;
+   lua_State *L = L_global;
+   int top = lua_gettop(L);
+   lua_pushstring(L, rl_line_buffer);
+   lua_pushstring(L, text);
+   free(completion_list);
+   completion_list = NULL;
+   completion_index = 0;
+   if (call_cli(L, "complete", 2, 1) == 0 && lua_istable(L, -1)) {
+      int n = (int)lua_objlen(L, -1);
+      completion_list = calloc((size_t)n + 1, sizeof(char *));
+      for (int i = 1; i <= n; i++) {
+         lua_rawgeti(L, -1, i);
+         completion_list[i - 1] = strdup(lua_tostring(L, -1) ? lua_tostring(L, -1) : "");
+         lua_pop(L, 1);
+      }
+   }
+   lua_settop(L, top);
+   rl_completion_append_character = 0;
+   return rl_completion_matches(text, completion_generator);
+}
+
+static void repl(lua_State *L)
+{
+   int tty = isatty(0);
+   if (tty) {
+      char hist[PATH_MAX];
+      const char *h = getenv("HOME");
+      snprintf(hist, sizeof hist, "%s/.nrlua_history", h ? h : ".");
+      read_history(hist);
+      rl_attempted_completion_function = complete;
+      rl_basic_word_break_characters = " \t\n\"\\'><=;+-*/%^~#{}()[],";
+      printf("nrlua %s (LuaJIT) — Neural Rejuvenation toolkit. nr is loaded; Ctrl-D quits.\n", NR_VERSION);
+      lua_getglobal(L, "require");
+      lua_pushstring(L, "nr");
+      if (report(L, docall(L, 1, 1)) == 0) lua_setglobal(L, "nr");
+      for (;;) {
+         char *line = read_line(tty, "> ");
+         if (!line) break;
+         if (*line) add_history(line);
+         lua_pushstring(L, line);
+         free(line);
+         /* accumulate continuation lines until the chunk is complete */
+         for (;;) {
+            lua_pushvalue(L, -1);
+            int status = call_cli(L, "eval", 1, 1);
+            if (status == 0 && lua_toboolean(L, -1)) { /* true: needs more input */
+               lua_pop(L, 1);
+               char *more = read_line(tty, ">> ");
+               if (!more) break;
+               if (*more) add_history(more);
+               lua_pushstring(L, "\n");
+               lua_pushstring(L, more);
+               free(more);
+               lua_concat(L, 3);
+               continue;
+            }
+            if (status) report(L, status);
+            else lua_pop(L, 1);
+            break;
+         }
+         lua_settop(L, 0);
+      }
+      write_history(hist);
+      printf("\n");
+   } else {
+      /* not a terminal: the same evaluator, statement by statement, echoing results */
+      lua_getglobal(L, "require");
+      lua_pushstring(L, "nr");
+      if (report(L, docall(L, 1, 1)) == 0) lua_setglobal(L, "nr");
+      lua_pushstring(L, "");
+      for (;;) {
+         char *line = read_line(0, "");
+         if (!line) break;
+         if (lua_objlen(L, -1) > 0) {
+            lua_pushstring(L, "\n");
+            lua_concat(L, 2);
+         }
+         lua_pushstring(L, line);
+         lua_concat(L, 2);
+         free(line);
+         lua_pushvalue(L, -1);
+         int status = call_cli(L, "eval", 1, 1);
+         if (status == 0 && lua_toboolean(L, -1)) {
+            lua_pop(L, 1);
+            continue;
+         }
+         if (status) report(L, status);
+         else lua_pop(L, 1);
+         lua_settop(L, 0);
+         lua_pushstring(L, "");
+      }
+   }
+}
+
+/* ---- main ----------------------------------------------------------------------------- */
+
+static void usage(FILE *f)
+{
+   fprintf(f,
+           "usage: nrlua [options] [FILE.lua [args...]]\n"
+           "  FILE.lua [args]  run a script, or a recipe (a file returning a table) with\n"
+           "                   --field value overrides; FILE.lua --help lists a recipe's fields\n"
+           "  -e CODE          run CODE\n"
+           "  -i               interactive REPL (the default with no FILE)\n"
+           "  -v, --version    print the version\n"
+           "  -h, --help       this help\n"
+           "environment: NR_THREADS (CPU threads), NRLUA_HOME, NRLUA_LIB, NR_DATA (datasets root)\n");
+}
+
+int main(int argc, char **argv)
+{
+   char home[PATH_MAX], lib[PATH_MAX];
+   int script = 0, interactive = 0;
+   const char *code = NULL;
+   int i = 1;
+   for (; i < argc; i++) {
+      if (!strcmp(argv[i], "-v") || !strcmp(argv[i], "--version")) {
+         printf("nrlua %s (%s)\n", NR_VERSION, LUAJIT_VERSION);
+         return 0;
+      } else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+         usage(stdout);
+         return 0;
+      } else if (!strcmp(argv[i], "-e")) {
+         if (i + 1 >= argc) {
+            fprintf(stderr, "nrlua: -e needs an argument\n");
+            return 2;
+         }
+         code = argv[++i];
+      } else if (!strcmp(argv[i], "-i")) {
+         interactive = 1;
+      } else if (argv[i][0] == '-' && argv[i][1] != 0) {
+         fprintf(stderr, "nrlua: unknown option %s\n", argv[i]);
+         usage(stderr);
+         return 2;
+      } else {
+         script = i;
+         break;
+      }
+   }
+   if (locate(home, lib, sizeof home) != 0) {
+      fprintf(stderr, "nrlua: cannot find the nrlua Lua package (lua/nr/init.lua); set NRLUA_HOME\n");
+      return 1;
+   }
+   lua_State *L = luaL_newstate();
+   if (!L) {
+      fprintf(stderr, "nrlua: cannot create the Lua state\n");
+      return 1;
+   }
+   L_global = L;
+   signal(SIGPIPE, SIG_IGN);
+   luaL_openlibs(L);
+   setup_paths(L, home, lib);
+   /* arg table as in luajit: arg[0] = script, arg[1..] = its arguments, negatives before */
+   lua_createtable(L, argc, 1);
+   for (int j = 0; j < argc; j++) {
+      lua_pushstring(L, argv[j]);
+      lua_rawseti(L, -2, j - (script ? script : argc));
+   }
+   lua_setglobal(L, "arg");
+   int status = 0;
+   if (code) {
+      lua_pushstring(L, code);
+      status = report(L, call_cli(L, "run_code", 1, 0));
+      if (status) goto done;
+   }
+   if (script) {
+      lua_pushstring(L, argv[script]);
+      lua_newtable(L);
+      for (int j = script + 1; j < argc; j++) {
+         lua_pushstring(L, argv[j]);
+         lua_rawseti(L, -2, j - script);
+      }
+      status = report(L, call_cli(L, "run_file", 2, 0));
+   } else if (interactive || !code) {
+      repl(L);
+   }
+done:
+   lua_close(L);
+   return status ? 1 : 0;
+}

@@ -1,0 +1,87 @@
+/* internal.h — helpers shared by the C files in core/; not part of the FFI contract.
+ *
+ * Error reporting: NR_FAIL(code, fmt, ...) records "function: message (file:line)" in the
+ * thread-local error buffer and evaluates to code, so kernels write `return NR_FAIL(...)`.
+ * Argument checks: nr_check_tensor() validates dtype, device, ndim and (optionally) shape and
+ * names the argument in its message, e.g. "weight: expected f32 (64, 3, 3, 3), got f32 (64, 3)".
+ */
+#ifndef NR_INTERNAL_H
+#define NR_INTERNAL_H
+
+#include "nr.h"
+#include <stdarg.h>
+#include <stdbool.h>
+
+nr_status nr_fail_at(nr_status code, const char *func, const char *file, int line,
+                     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+#define NR_FAIL(code, ...) nr_fail_at((code), __func__, __FILE__, __LINE__, __VA_ARGS__)
+#define NR_TRY(expr)                                                                            \
+   do {                                                                                         \
+      nr_status nr_try_status_ = (expr);                                                        \
+      if (nr_try_status_ != NR_OK) return nr_try_status_;                                       \
+   } while (0)
+/* Rewrites the current error so it names the calling function too (outer: inner message). */
+nr_status nr_fail_wrap(nr_status code, const char *func);
+#define NR_TRY_WRAP(expr)                                                                       \
+   do {                                                                                         \
+      nr_status nr_try_status_ = (expr);                                                        \
+      if (nr_try_status_ != NR_OK) return nr_fail_wrap(nr_try_status_, __func__);              \
+   } while (0)
+
+/* "f32 cpu (2, 3, 4)" into buf (always NUL-terminated). */
+const char *nr_tensor_describe(const nr_tensor *t, char *buf, size_t n);
+const char *nr_dtype_name(int32_t dtype);
+
+/* Checks a tensor argument. ndim < 0: any; shape == NULL: any shape; a shape entry < 0: any.
+ * dtype < 0: any; device < 0: any. name is used in the message. */
+nr_status nr_check_tensor(const char *func, const char *name, const nr_tensor *t, int32_t dtype,
+                          int32_t device, int32_t ndim, const int64_t *shape);
+#define NR_CHECK_T(name, t, dtype, device, ndim, shape)                                        \
+   NR_TRY(nr_check_tensor(__func__, name, t, dtype, device, ndim, shape))
+/* Checks that two tensors sit on the same device. */
+nr_status nr_check_same_device(const char *func, const nr_tensor *a, const nr_tensor *b);
+/* Checks a is contiguous (kernels that need it say so in nr.h). */
+nr_status nr_check_contiguous(const char *func, const char *name, const nr_tensor *t);
+#define NR_CHECK_CONTIG(name, t) NR_TRY(nr_check_contiguous(__func__, name, t))
+
+/* Element offset (in elements, from t->data) of the i-th element in row-major order. */
+static inline int64_t nr_linear_offset(const nr_tensor *t, int64_t i)
+{
+   int64_t off = 0;
+   for (int d = t->ndim - 1; d >= 0; d--) {
+      int64_t n = t->shape[d];
+      off += (i % n) * t->stride[d];
+      i /= n;
+   }
+   return off;
+}
+
+/* Storage allocation with accounting (core/tensor.c). */
+void *nr_mem_alloc(int32_t device, int32_t device_index, int64_t bytes);
+void nr_mem_free(int32_t device, int32_t device_index, void *ptr, int64_t bytes);
+
+/* OpenMP helpers: true when a loop of n iterations of `work` flops is worth threading. */
+static inline bool nr_parallel_worth(int64_t n, int64_t work) { return n > 1 && n * work > 32768; }
+
+/* BLAS threading: kernels that call sgemm from inside an OpenMP region set BLAS to one thread
+ * for that region (nested oversubscription otherwise) and restore it after. */
+void nr_blas_set_threads(int n);
+int nr_threads(void);
+
+/* Backend dispatch: NR_ON_CUDA(t, nr_cuda_xxx(...)) returns the CUDA implementation's status
+ * when t lives on a GPU, and a clear error when the library was built without CUDA. The CUDA
+ * side declares its nr_cuda_* entry points in core/cuda/cuda_internal.h. */
+#ifdef NR_WITH_CUDA
+#include "cuda/cuda_internal.h"
+#define NR_ON_CUDA(t, call)                                                                     \
+   do {                                                                                         \
+      if ((t)->device == NR_CUDA) return (call);                                                \
+   } while (0)
+#else
+#define NR_ON_CUDA(t, call)                                                                     \
+   do {                                                                                         \
+      if ((t)->device == NR_CUDA) return NR_FAIL(NR_E_DEVICE, "this nrlua was built without CUDA"); \
+   } while (0)
+#endif
+
+#endif

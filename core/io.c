@@ -1,0 +1,176 @@
+/* io.c — NumPy .npy load/save and atomic file writes.
+ * Atomic write: data goes to "<path>.tmp.<pid>", is fsync'd, renamed over path, and the
+ * directory is fsync'd, so a crash leaves either the old file or the new one, never a torn one. */
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static nr_status write_all(int fd, const void *bytes, int64_t len, const char *path)
+{
+   const char *p = bytes;
+   while (len > 0) {
+      ssize_t w = write(fd, p, (size_t)(len > (1 << 30) ? (1 << 30) : len));
+      if (w < 0) {
+         if (errno == EINTR) continue;
+         return NR_FAIL(NR_E_IO, "writing %s: %s", path, strerror(errno));
+      }
+      p += w;
+      len -= w;
+   }
+   return NR_OK;
+}
+
+/* Writes header then body (either may be empty) atomically to path. */
+static nr_status write_atomic2(const char *path, const void *head, int64_t head_len, const void *body,
+                               int64_t body_len)
+{
+   if (!path || !*path) return NR_FAIL(NR_E_ARG, "empty path");
+   char tmp[4096];
+   snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
+   int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+   if (fd < 0) return NR_FAIL(NR_E_IO, "cannot create %s: %s", tmp, strerror(errno));
+   nr_status st = write_all(fd, head, head_len, tmp);
+   if (!st) st = write_all(fd, body, body_len, tmp);
+   if (!st && fsync(fd) != 0) st = NR_FAIL(NR_E_IO, "fsync %s: %s", tmp, strerror(errno));
+   if (close(fd) != 0 && !st) st = NR_FAIL(NR_E_IO, "close %s: %s", tmp, strerror(errno));
+   if (!st && rename(tmp, path) != 0) st = NR_FAIL(NR_E_IO, "rename %s -> %s: %s", tmp, path, strerror(errno));
+   if (st) {
+      unlink(tmp);
+      return st;
+   }
+   char dir[4096];
+   snprintf(dir, sizeof dir, "%s", path);
+   int dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+   if (dfd >= 0) {
+      fsync(dfd);
+      close(dfd);
+   }
+   return NR_OK;
+}
+
+nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len)
+{
+   if (len < 0 || (len > 0 && !bytes)) return NR_FAIL(NR_E_ARG, "bad buffer");
+   return write_atomic2(path, bytes, len, NULL, 0);
+}
+
+static const char *npy_descr(int32_t dtype)
+{
+   return dtype == NR_F32 ? "<f4" : dtype == NR_I64 ? "<i8" : "|u1";
+}
+
+nr_status nr_npy_save(const nr_tensor *t, const char *path)
+{
+   NR_CHECK_T("t", t, -1, -1, -1, NULL);
+   /* a contiguous host copy (also handles device tensors and strided views) */
+   nr_tensor *host = nr_tensor_new(t->dtype, NR_CPU, t->ndim, t->shape);
+   if (!host) return NR_E_OOM;
+   nr_status st = nr_tensor_copy(host, t);
+   if (st) {
+      nr_tensor_free(host);
+      return st;
+   }
+   char header[1024];
+   int k = snprintf(header, sizeof header, "{'descr': '%s', 'fortran_order': False, 'shape': (", npy_descr(t->dtype));
+   for (int d = 0; d < t->ndim; d++) k += snprintf(header + k, sizeof header - k, "%lld,%s", (long long)t->shape[d], d + 1 < t->ndim ? " " : "");
+   k += snprintf(header + k, sizeof header - k, "), }");
+   /* pad with spaces so magic(6)+version(2)+len(2)+header+'\n' is a multiple of 64 */
+   int total = 10 + k + 1;
+   int pad = (64 - total % 64) % 64;
+   char buf[1200];
+   memcpy(buf, "\x93NUMPY\x01\x00", 8);
+   uint16_t hl = (uint16_t)(k + pad + 1);
+   buf[8] = (char)(hl & 0xff);
+   buf[9] = (char)(hl >> 8);
+   memcpy(buf + 10, header, (size_t)k);
+   memset(buf + 10 + k, ' ', (size_t)pad);
+   buf[10 + k + pad] = '\n';
+   st = write_atomic2(path, buf, 10 + k + pad + 1, host->data, nr_tensor_numel(host) * nr_dtype_size(host->dtype));
+   nr_tensor_free(host);
+   return st;
+}
+
+nr_tensor *nr_npy_load(const char *path)
+{
+   FILE *f = fopen(path, "rb");
+   if (!f) {
+      NR_FAIL(NR_E_IO, "cannot open %s: %s", path, strerror(errno));
+      return NULL;
+   }
+   unsigned char magic[10];
+   nr_tensor *t = NULL;
+   char *header = NULL;
+   if (fread(magic, 1, 10, f) != 10 || memcmp(magic, "\x93NUMPY", 6) != 0) {
+      NR_FAIL(NR_E_FORMAT, "%s: not a .npy file (bad magic)", path);
+      goto done;
+   }
+   uint32_t hlen = magic[8] | (magic[9] << 8);
+   if (magic[6] >= 2) {
+      unsigned char more[2];
+      if (fread(more, 1, 2, f) != 2) {
+         NR_FAIL(NR_E_FORMAT, "%s: truncated header", path);
+         goto done;
+      }
+      hlen |= ((uint32_t)more[0] << 16) | ((uint32_t)more[1] << 24);
+   }
+   if (hlen > 65536) {
+      NR_FAIL(NR_E_FORMAT, "%s: header length %u is implausible", path, hlen);
+      goto done;
+   }
+   header = calloc(1, hlen + 1);
+   if (!header || fread(header, 1, hlen, f) != hlen) {
+      NR_FAIL(NR_E_FORMAT, "%s: truncated header", path);
+      goto done;
+   }
+   int32_t dtype;
+   if (strstr(header, "'<f4'")) dtype = NR_F32;
+   else if (strstr(header, "'<i8'")) dtype = NR_I64;
+   else if (strstr(header, "'|u1'") || strstr(header, "'<u1'")) dtype = NR_U8;
+   else {
+      NR_FAIL(NR_E_FORMAT, "%s: unsupported dtype in header %s (nrlua reads <f4, <i8, |u1)", path, header);
+      goto done;
+   }
+   if (strstr(header, "'fortran_order': True")) {
+      NR_FAIL(NR_E_FORMAT, "%s: Fortran-ordered arrays are not supported", path);
+      goto done;
+   }
+   char *sh = strstr(header, "'shape':");
+   char *open_p = sh ? strchr(sh, '(') : NULL;
+   if (!open_p) {
+      NR_FAIL(NR_E_FORMAT, "%s: no shape in header", path);
+      goto done;
+   }
+   int64_t shape[8];
+   int ndim = 0;
+   char *p = open_p + 1;
+   while (*p && *p != ')') {
+      while (*p == ' ' || *p == ',') p++;
+      if (*p == ')') break;
+      char *end;
+      long long v = strtoll(p, &end, 10);
+      if (end == p || v < 0 || ndim == 8) {
+         NR_FAIL(NR_E_FORMAT, "%s: bad shape in header", path);
+         goto done;
+      }
+      shape[ndim++] = v;
+      p = end;
+   }
+   t = nr_tensor_new(dtype, NR_CPU, ndim, shape);
+   if (!t) goto done;
+   size_t bytes = (size_t)(nr_tensor_numel(t) * nr_dtype_size(dtype));
+   if (fread(t->data, 1, bytes, f) != bytes) {
+      NR_FAIL(NR_E_FORMAT, "%s: truncated data (expected %zu bytes)", path, bytes);
+      nr_tensor_free(t);
+      t = NULL;
+   }
+done:
+   free(header);
+   fclose(f);
+   return t;
+}

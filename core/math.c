@@ -1,0 +1,271 @@
+/* math.c — f32 elementwise arithmetic, reductions, argmax and BLAS matmul on the CPU.
+ * Layer kernels live in their own files; these are the general tensor operations the Lua
+ * Tensor methods use. Fast paths for contiguous operands; general strided paths otherwise. */
+#include "internal.h"
+
+#include <cblas.h>
+#include <float.h>
+#include <math.h>
+
+static nr_status same_shape(const char *func, const char *an, const nr_tensor *a, const char *bn,
+                            const nr_tensor *b)
+{
+   bool same = a->ndim == b->ndim;
+   for (int d = 0; same && d < a->ndim; d++) same = a->shape[d] == b->shape[d];
+   if (same) return NR_OK;
+   char da[128], db[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "shape mismatch: %s %s vs %s %s", an,
+                     nr_tensor_describe(a, da, sizeof da), bn, nr_tensor_describe(b, db, sizeof db));
+}
+
+static inline float apply_binary(float x, float y, int op)
+{
+   switch (op) {
+   case NR_OP_ADD: return x + y;
+   case NR_OP_SUB: return x - y;
+   case NR_OP_MUL: return x * y;
+   case NR_OP_DIV: return x / y;
+   case NR_OP_MAX: return x > y ? x : y;
+   default: return x < y ? x : y;
+   }
+}
+
+/* Offset into b for a's i-th element when b broadcasts (size-1 dims repeat). */
+static inline int64_t broadcast_offset(const nr_tensor *a, const nr_tensor *b, int64_t i)
+{
+   int64_t off = 0;
+   for (int d = a->ndim - 1; d >= 0; d--) {
+      int64_t n = a->shape[d], k = i % n;
+      if (b->shape[d] != 1) off += k * b->stride[d];
+      i /= n;
+   }
+   return off;
+}
+
+nr_status nr_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t op)
+{
+   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("b", b, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("out", out, NR_F32, -1, -1, NULL);
+   if (op < NR_OP_ADD || op > NR_OP_MIN) return NR_FAIL(NR_E_ARG, "unknown binary op %d", op);
+   NR_TRY(nr_check_same_device(__func__, a, b));
+   NR_TRY(nr_check_same_device(__func__, a, out));
+   NR_TRY(same_shape(__func__, "a", a, "out", out));
+   int64_t nb = nr_tensor_numel(b), n = nr_tensor_numel(a);
+   bool scalar = nb == 1, bcast = false;
+   if (!scalar && same_shape(__func__, "a", a, "b", b) != NR_OK) {
+      bool ok = a->ndim == b->ndim;
+      for (int d = 0; ok && d < a->ndim; d++) ok = b->shape[d] == a->shape[d] || b->shape[d] == 1;
+      if (!ok) return same_shape(__func__, "a", a, "b", b);
+      bcast = true;
+   }
+   nr_clear_error();
+   NR_ON_CUDA(a, nr_cuda_binary(a, b, out, op));
+   const float *pa = a->data, *pb = b->data;
+   float *po = out->data;
+   if (scalar) return nr_binary_scalar(a, pb[0], out, op);
+   if (!bcast && nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(b) && nr_tensor_is_contiguous(out)) {
+#pragma omp parallel for if (n > 65536)
+      for (int64_t i = 0; i < n; i++) po[i] = apply_binary(pa[i], pb[i], op);
+      return NR_OK;
+   }
+#pragma omp parallel for if (n > 65536)
+   for (int64_t i = 0; i < n; i++)
+      po[nr_linear_offset(out, i)] =
+          apply_binary(pa[nr_linear_offset(a, i)], pb[bcast ? broadcast_offset(a, b, i) : nr_linear_offset(b, i)], op);
+   return NR_OK;
+}
+
+nr_status nr_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, int32_t op)
+{
+   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("out", out, NR_F32, -1, -1, NULL);
+   if (op < NR_OP_ADD || op > NR_OP_MIN) return NR_FAIL(NR_E_ARG, "unknown binary op %d", op);
+   NR_TRY(nr_check_same_device(__func__, a, out));
+   NR_TRY(same_shape(__func__, "a", a, "out", out));
+   NR_ON_CUDA(a, nr_cuda_binary_scalar(a, s, out, op));
+   int64_t n = nr_tensor_numel(a);
+   const float *pa = a->data;
+   float *po = out->data, y = (float)s;
+   if (nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(out)) {
+#pragma omp parallel for if (n > 65536)
+      for (int64_t i = 0; i < n; i++) po[i] = apply_binary(pa[i], y, op);
+      return NR_OK;
+   }
+   for (int64_t i = 0; i < n; i++) po[nr_linear_offset(out, i)] = apply_binary(pa[nr_linear_offset(a, i)], y, op);
+   return NR_OK;
+}
+
+static inline float apply_unary(float x, int op)
+{
+   switch (op) {
+   case NR_OP_NEG: return -x;
+   case NR_OP_ABS: return fabsf(x);
+   case NR_OP_EXP: return expf(x);
+   case NR_OP_LOG: return logf(x);
+   case NR_OP_SQRT: return sqrtf(x);
+   case NR_OP_SIGN: return (float)((x > 0) - (x < 0));
+   case NR_OP_RELU: return x > 0 ? x : 0;
+   case NR_OP_SIGMOID: return 1.0f / (1.0f + expf(-x));
+   case NR_OP_TANH: return tanhf(x);
+   default: return x * x;
+   }
+}
+
+nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
+{
+   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("out", out, NR_F32, -1, -1, NULL);
+   if (op < NR_OP_NEG || op > NR_OP_SQUARE) return NR_FAIL(NR_E_ARG, "unknown unary op %d", op);
+   NR_TRY(nr_check_same_device(__func__, a, out));
+   NR_TRY(same_shape(__func__, "a", a, "out", out));
+   NR_ON_CUDA(a, nr_cuda_unary(a, out, op));
+   int64_t n = nr_tensor_numel(a);
+   const float *pa = a->data;
+   float *po = out->data;
+   if (nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(out)) {
+#pragma omp parallel for if (n > 65536)
+      for (int64_t i = 0; i < n; i++) po[i] = apply_unary(pa[i], op);
+      return NR_OK;
+   }
+   for (int64_t i = 0; i < n; i++) po[nr_linear_offset(out, i)] = apply_unary(pa[nr_linear_offset(a, i)], op);
+   return NR_OK;
+}
+
+nr_status nr_axpy(const nr_tensor *x, nr_tensor *y, double alpha)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("y", y, NR_F32, -1, -1, NULL);
+   NR_TRY(nr_check_same_device(__func__, x, y));
+   NR_TRY(same_shape(__func__, "x", x, "y", y));
+   NR_ON_CUDA(x, nr_cuda_axpy(x, y, alpha));
+   int64_t n = nr_tensor_numel(x);
+   const float *px = x->data;
+   float *py = y->data, a = (float)alpha;
+   if (nr_tensor_is_contiguous(x) && nr_tensor_is_contiguous(y)) {
+#pragma omp parallel for if (n > 65536)
+      for (int64_t i = 0; i < n; i++) py[i] += a * px[i];
+      return NR_OK;
+   }
+   for (int64_t i = 0; i < n; i++) py[nr_linear_offset(y, i)] += a * px[nr_linear_offset(x, i)];
+   return NR_OK;
+}
+
+/* out's expected shape for a reduction over dim (kept as 1), or one element for dim = -1. */
+static nr_status check_reduce_out(const char *func, const nr_tensor *a, int32_t dim, const nr_tensor *out)
+{
+   if (dim < -1 || dim >= a->ndim)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dim %d out of range for a %d-d tensor", dim, a->ndim);
+   if (dim == -1) {
+      if (nr_tensor_numel(out) != 1)
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "out must have one element for a full reduction");
+      return NR_OK;
+   }
+   bool ok = out->ndim == a->ndim;
+   for (int d = 0; ok && d < a->ndim; d++) ok = out->shape[d] == (d == dim ? 1 : a->shape[d]);
+   if (!ok) {
+      char da[128], db[128];
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "out %s does not match %s reduced over dim %d",
+                        nr_tensor_describe(out, db, sizeof db), nr_tensor_describe(a, da, sizeof da), dim);
+   }
+   if (!nr_tensor_is_contiguous(out))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "out must be contiguous");
+   return NR_OK;
+}
+
+nr_status nr_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_t op)
+{
+   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("out", out, NR_F32, -1, -1, NULL);
+   if (op < NR_RED_SUM || op > NR_RED_MIN) return NR_FAIL(NR_E_ARG, "unknown reduction %d", op);
+   NR_TRY(nr_check_same_device(__func__, a, out));
+   NR_TRY(check_reduce_out(__func__, a, dim, out));
+   NR_ON_CUDA(a, nr_cuda_reduce(a, dim, out, op));
+   int64_t n = nr_tensor_numel(a), outer = 1, len = n, inner = 1;
+   if (dim >= 0) {
+      len = a->shape[dim];
+      for (int d = 0; d < dim; d++) outer *= a->shape[d];
+      for (int d = dim + 1; d < a->ndim; d++) inner *= a->shape[d];
+   }
+   if ((op == NR_RED_MAX || op == NR_RED_MIN) && len == 0)
+      return NR_FAIL(NR_E_ARG, "max/min of an empty dimension");
+   float *po = out->data;
+   const float *pa = a->data;
+   bool contig = nr_tensor_is_contiguous(a);
+#pragma omp parallel for collapse(2) if (n > 65536)
+   for (int64_t o = 0; o < outer; o++)
+      for (int64_t in = 0; in < inner; in++) {
+         double acc = op == NR_RED_MAX ? -INFINITY : op == NR_RED_MIN ? INFINITY : 0.0;
+         for (int64_t k = 0; k < len; k++) {
+            int64_t i = (o * len + k) * inner + in;
+            double v = pa[contig ? i : nr_linear_offset(a, i)];
+            if (op == NR_RED_MAX) acc = v > acc ? v : acc;
+            else if (op == NR_RED_MIN) acc = v < acc ? v : acc;
+            else acc += v;
+         }
+         if (op == NR_RED_MEAN) acc = len ? acc / (double)len : NAN;
+         po[o * inner + in] = (float)acc;
+      }
+   return NR_OK;
+}
+
+nr_status nr_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out)
+{
+   NR_CHECK_T("a", a, NR_F32, NR_CPU, -1, NULL);
+   NR_CHECK_T("out", out, NR_I64, NR_CPU, -1, NULL);
+   NR_TRY(check_reduce_out(__func__, a, dim, out));
+   int64_t n = nr_tensor_numel(a), outer = 1, len = n, inner = 1;
+   if (dim >= 0) {
+      len = a->shape[dim];
+      for (int d = 0; d < dim; d++) outer *= a->shape[d];
+      for (int d = dim + 1; d < a->ndim; d++) inner *= a->shape[d];
+   }
+   if (len == 0) return NR_FAIL(NR_E_ARG, "argmax of an empty dimension");
+   int64_t *po = out->data;
+   const float *pa = a->data;
+   for (int64_t o = 0; o < outer; o++)
+      for (int64_t in = 0; in < inner; in++) {
+         int64_t best = 0;
+         float bv = -FLT_MAX;
+         for (int64_t k = 0; k < len; k++) {
+            float v = pa[nr_linear_offset(a, (o * len + k) * inner + in)];
+            if (v > bv || k == 0) {
+               bv = v;
+               best = k;
+            }
+         }
+         po[o * inner + in] = best;
+      }
+   return NR_OK;
+}
+
+nr_status nr_matmul(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t trans_a,
+                    int32_t trans_b, float alpha, float beta)
+{
+   NR_CHECK_T("a", a, NR_F32, -1, 2, NULL);
+   NR_CHECK_T("b", b, NR_F32, -1, 2, NULL);
+   NR_CHECK_T("out", out, NR_F32, -1, 2, NULL);
+   NR_TRY(nr_check_same_device(__func__, a, b));
+   NR_TRY(nr_check_same_device(__func__, a, out));
+   int64_t m = trans_a ? a->shape[1] : a->shape[0], k = trans_a ? a->shape[0] : a->shape[1];
+   int64_t kb = trans_b ? b->shape[1] : b->shape[0], n = trans_b ? b->shape[0] : b->shape[1];
+   if (k != kb || out->shape[0] != m || out->shape[1] != n) {
+      char da[128], db[128], dc[128];
+      return NR_FAIL(NR_E_ARG, "cannot multiply %s%s by %s%s into %s", nr_tensor_describe(a, da, sizeof da),
+                     trans_a ? "^T" : "", nr_tensor_describe(b, db, sizeof db), trans_b ? "^T" : "",
+                     nr_tensor_describe(out, dc, sizeof dc));
+   }
+   if ((a->shape[1] > 1 && a->stride[1] != 1) || (b->shape[1] > 1 && b->stride[1] != 1) ||
+       (out->shape[1] > 1 && out->stride[1] != 1))
+      return NR_FAIL(NR_E_ARG, "matmul operands need contiguous rows (stride[1] == 1)");
+   NR_ON_CUDA(a, nr_cuda_matmul(a, b, out, trans_a, trans_b, alpha, beta));
+   if (m == 0 || n == 0) return NR_OK;
+   int lda = (int)(a->shape[0] > 1 ? a->stride[0] : a->shape[1]), ldb = (int)(b->shape[0] > 1 ? b->stride[0] : b->shape[1]);
+   int ldc = (int)(out->shape[0] > 1 ? out->stride[0] : out->shape[1]);
+   if (lda < 1) lda = 1;
+   if (ldb < 1) ldb = 1;
+   if (ldc < 1) ldc = 1;
+   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, (int)m,
+               (int)n, (int)k, alpha, a->data, lda, b->data, ldb, beta, out->data, ldc);
+   return NR_OK;
+}

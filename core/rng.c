@@ -1,0 +1,125 @@
+/* rng.c — the global generator: xoshiro256** seeded by splitmix64.
+ * Invariant: draws happen in element order on one thread, so a seed reproduces every tensor
+ * exactly whatever the thread count. Normal draws use Box-Muller in double precision. */
+#include "internal.h"
+
+#include <math.h>
+
+static uint64_t g_state[4] = {0x9e3779b97f4a7c15ull, 0xbf58476d1ce4e5b9ull, 0x94d049bb133111ebull, 1};
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+uint64_t nr_rng_next(void)
+{
+   uint64_t *s = g_state;
+   uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+   s[2] ^= s[0];
+   s[3] ^= s[1];
+   s[1] ^= s[2];
+   s[0] ^= s[3];
+   s[2] ^= t;
+   s[3] = rotl(s[3], 45);
+   return result;
+}
+
+void nr_rng_seed(uint64_t seed)
+{
+   for (int i = 0; i < 4; i++) {
+      uint64_t z = (seed += 0x9e3779b97f4a7c15ull);
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      g_state[i] = z ^ (z >> 31);
+   }
+}
+
+void nr_rng_get_state(uint64_t *state4)
+{
+   for (int i = 0; i < 4; i++) state4[i] = g_state[i];
+}
+void nr_rng_set_state(const uint64_t *state4)
+{
+   for (int i = 0; i < 4; i++) g_state[i] = state4[i];
+}
+
+/* Uniform double in [0, 1) with 53 random bits. */
+static inline double uniform01(void) { return (double)(nr_rng_next() >> 11) * 0x1.0p-53; }
+
+/* Fills through a contiguous host staging copy when t is on a device or strided. */
+static nr_status fill_with(nr_tensor *t, int kind, double a, double b)
+{
+   int64_t n = nr_tensor_numel(t);
+   nr_tensor *host = t;
+   bool staged = t->device != NR_CPU || !nr_tensor_is_contiguous(t);
+   if (staged) {
+      host = nr_tensor_new(t->dtype, NR_CPU, t->ndim, t->shape);
+      if (!host) return NR_E_OOM;
+   }
+   if (t->dtype == NR_F32) {
+      float *p = host->data;
+      if (kind == 0)
+         for (int64_t i = 0; i < n; i++) p[i] = (float)(a + (b - a) * uniform01());
+      else if (kind == 1) {
+         for (int64_t i = 0; i < n; i += 2) {
+            double u1 = uniform01(), u2 = uniform01();
+            double r = sqrt(-2.0 * log(1.0 - u1));
+            p[i] = (float)(a + b * r * cos(2 * M_PI * u2));
+            if (i + 1 < n) p[i + 1] = (float)(a + b * r * sin(2 * M_PI * u2));
+         }
+      } else
+         for (int64_t i = 0; i < n; i++) p[i] = uniform01() < a ? 1.0f : 0.0f;
+   } else {
+      for (int64_t i = 0; i < n; i++) {
+         double v;
+         if (kind == 0) {
+            uint64_t span = (uint64_t)(b - a);
+            v = a + (double)(nr_rng_next() % (span ? span : 1));
+         } else
+            v = uniform01() < a ? 1 : 0;
+         if (host->dtype == NR_I64) ((int64_t *)host->data)[i] = (int64_t)v;
+         else ((uint8_t *)host->data)[i] = (uint8_t)v;
+      }
+   }
+   nr_status st = NR_OK;
+   if (staged) {
+      st = nr_tensor_copy(t, host);
+      nr_tensor_free(host);
+   }
+   return st;
+}
+
+nr_status nr_rng_uniform(nr_tensor *t, double lo, double hi)
+{
+   NR_CHECK_T("t", t, -1, -1, -1, NULL);
+   if (!(hi >= lo)) return NR_FAIL(NR_E_ARG, "empty range [%g, %g)", lo, hi);
+   if (t->dtype != NR_F32 && !(hi > lo)) return NR_FAIL(NR_E_ARG, "empty integer range [%g, %g)", lo, hi);
+   return fill_with(t, 0, lo, hi);
+}
+
+nr_status nr_rng_normal(nr_tensor *t, double mean, double std)
+{
+   NR_CHECK_T("t", t, NR_F32, -1, -1, NULL);
+   if (!(std >= 0)) return NR_FAIL(NR_E_ARG, "std must be >= 0, got %g", std);
+   return fill_with(t, 1, mean, std);
+}
+
+nr_status nr_rng_bernoulli(nr_tensor *t, double p)
+{
+   NR_CHECK_T("t", t, -1, -1, -1, NULL);
+   if (t->dtype == NR_I64) return NR_FAIL(NR_E_ARG, "bernoulli needs an f32 or uint8 tensor");
+   if (!(p >= 0 && p <= 1)) return NR_FAIL(NR_E_ARG, "probability %g outside [0, 1]", p);
+   return fill_with(t, 2, p, 0);
+}
+
+nr_status nr_rng_permutation(nr_tensor *out)
+{
+   NR_CHECK_T("out", out, NR_I64, NR_CPU, 1, NULL);
+   NR_CHECK_CONTIG("out", out);
+   int64_t n = out->shape[0], *p = out->data;
+   for (int64_t i = 0; i < n; i++) p[i] = i;
+   for (int64_t i = n - 1; i > 0; i--) {
+      int64_t j = (int64_t)(nr_rng_next() % (uint64_t)(i + 1)), tmp = p[i];
+      p[i] = p[j];
+      p[j] = tmp;
+   }
+   return NR_OK;
+}

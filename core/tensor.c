@@ -1,0 +1,437 @@
+/* tensor.c — storage, views, copies, fills, index select/copy, memory accounting, threads.
+ * Invariants: a storage is freed with its last view; data == storage base + offset * esize;
+ * every view lies inside its storage (checked in nr_tensor_view). */
+#include "internal.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct nr_storage {
+   void *base;
+   int64_t bytes;
+   int32_t device, device_index;
+   atomic_int refs;
+};
+
+/* ---- memory accounting ---------------------------------------------------------------- */
+
+static atomic_llong g_in_use[2], g_peak[2], g_allocs[2];
+
+static void account(int32_t device, int64_t delta)
+{
+   long long now = atomic_fetch_add(&g_in_use[device], delta) + delta;
+   if (delta > 0) {
+      atomic_fetch_add(&g_allocs[device], 1);
+      long long p = atomic_load(&g_peak[device]);
+      while (now > p && !atomic_compare_exchange_weak(&g_peak[device], &p, now)) {}
+   }
+}
+
+int64_t nr_memory_in_use(int32_t device) { return (device == 0 || device == 1) ? g_in_use[device] : 0; }
+int64_t nr_memory_peak(int32_t device) { return (device == 0 || device == 1) ? g_peak[device] : 0; }
+int64_t nr_memory_alloc_count(int32_t device) { return (device == 0 || device == 1) ? g_allocs[device] : 0; }
+void nr_memory_reset_peak(int32_t device)
+{
+   if (device == 0 || device == 1) atomic_store(&g_peak[device], atomic_load(&g_in_use[device]));
+}
+
+void *nr_mem_alloc(int32_t device, int32_t device_index, int64_t bytes)
+{
+   void *p = NULL;
+   int64_t rounded = (bytes + 63) / 64 * 64;
+   if (rounded == 0) rounded = 64;
+   if (device == NR_CPU) {
+      p = aligned_alloc(64, (size_t)rounded);
+      if (!p) {
+         NR_FAIL(NR_E_OOM, "out of host memory allocating %lld bytes (%lld in use)",
+                 (long long)bytes, (long long)g_in_use[0]);
+         return NULL;
+      }
+   } else if (device == NR_CUDA) {
+#ifdef NR_WITH_CUDA
+      p = nr_cuda_alloc(device_index, rounded);
+      if (!p) return NULL; /* nr_cuda_alloc set the message */
+#else
+      (void)device_index;
+      NR_FAIL(NR_E_DEVICE, "this nrlua was built without CUDA");
+      return NULL;
+#endif
+   } else {
+      NR_FAIL(NR_E_ARG, "unknown device %d", device);
+      return NULL;
+   }
+   account(device, rounded);
+   return p;
+}
+
+void nr_mem_free(int32_t device, int32_t device_index, void *ptr, int64_t bytes)
+{
+   int64_t rounded = (bytes + 63) / 64 * 64;
+   if (rounded == 0) rounded = 64;
+   if (device == NR_CPU) free(ptr);
+#ifdef NR_WITH_CUDA
+   else nr_cuda_free(device_index, ptr, rounded);
+#else
+   (void)device_index;
+#endif
+   account(device, -rounded);
+}
+
+/* ---- threads ---------------------------------------------------------------------------- */
+
+static int g_threads = 0;
+
+void nr_blas_set_threads(int n) { openblas_set_num_threads(n); }
+int nr_threads(void) { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
+
+void nr_set_num_threads(int32_t n)
+{
+   if (n <= 0) n = omp_get_num_procs();
+   g_threads = n;
+   omp_set_num_threads(n);
+   openblas_set_num_threads(n);
+}
+int32_t nr_get_num_threads(void) { return nr_threads(); }
+
+/* ---- tensors ----------------------------------------------------------------------------- */
+
+int32_t nr_dtype_size(int32_t dtype)
+{
+   switch (dtype) {
+   case NR_F32: return 4;
+   case NR_I64: return 8;
+   case NR_U8: return 1;
+   default: return 0;
+   }
+}
+
+int64_t nr_tensor_numel(const nr_tensor *t)
+{
+   int64_t n = 1;
+   for (int d = 0; d < t->ndim; d++) n *= t->shape[d];
+   return n;
+}
+
+int32_t nr_tensor_is_contiguous(const nr_tensor *t)
+{
+   int64_t expect = 1;
+   for (int d = t->ndim - 1; d >= 0; d--) {
+      if (t->shape[d] != 1 && t->stride[d] != expect) return 0;
+      expect *= t->shape[d];
+   }
+   return 1;
+}
+
+int32_t nr_tensor_same_storage(const nr_tensor *a, const nr_tensor *b)
+{
+   return a && b && a->storage == b->storage;
+}
+
+static nr_status check_geometry(int32_t ndim, const int64_t *shape)
+{
+   if (ndim < 0 || ndim > 8) return NR_FAIL(NR_E_ARG, "ndim %d out of range 0..8", ndim);
+   for (int d = 0; d < ndim; d++)
+      if (shape[d] < 0) return NR_FAIL(NR_E_ARG, "size %lld of dimension %d is negative", (long long)shape[d], d);
+   return NR_OK;
+}
+
+nr_tensor *nr_tensor_new(int32_t dtype, int32_t device, int32_t ndim, const int64_t *shape)
+{
+   if (nr_dtype_size(dtype) == 0) {
+      NR_FAIL(NR_E_ARG, "unknown dtype %d", dtype);
+      return NULL;
+   }
+   if (check_geometry(ndim, shape)) return NULL;
+   int64_t numel = 1;
+   for (int d = 0; d < ndim; d++) {
+      if (shape[d] > 0 && numel > (INT64_C(1) << 40) / shape[d]) {
+         NR_FAIL(NR_E_ARG, "tensor too large");
+         return NULL;
+      }
+      numel *= shape[d];
+   }
+   nr_tensor *t = calloc(1, sizeof *t);
+   nr_storage *s = calloc(1, sizeof *s);
+   if (!t || !s) {
+      free(t);
+      free(s);
+      NR_FAIL(NR_E_OOM, "out of host memory");
+      return NULL;
+   }
+   int32_t dev_index = 0;
+#ifdef NR_WITH_CUDA
+   if (device == NR_CUDA) dev_index = nr_cuda_current_device();
+#endif
+   s->bytes = numel * nr_dtype_size(dtype);
+   s->base = nr_mem_alloc(device, dev_index, s->bytes);
+   if (!s->base) {
+      free(t);
+      free(s);
+      return NULL;
+   }
+   s->device = device;
+   s->device_index = dev_index;
+   atomic_init(&s->refs, 1);
+   t->dtype = dtype;
+   t->device = device;
+   t->device_index = dev_index;
+   t->ndim = ndim;
+   int64_t st = 1;
+   for (int d = ndim - 1; d >= 0; d--) {
+      t->shape[d] = shape[d];
+      t->stride[d] = st;
+      st *= shape[d];
+   }
+   t->offset = 0;
+   t->data = s->base;
+   t->storage = s;
+   return t;
+}
+
+nr_tensor *nr_tensor_view(const nr_tensor *src, int32_t ndim, const int64_t *shape,
+                          const int64_t *stride, int64_t offset)
+{
+   if (!src) {
+      NR_FAIL(NR_E_ARG, "source tensor is NULL");
+      return NULL;
+   }
+   if (check_geometry(ndim, shape)) return NULL;
+   int32_t es = nr_dtype_size(src->dtype);
+   int64_t capacity = src->storage->bytes / es;
+   int64_t lo = offset, hi = offset, empty = 0;
+   for (int d = 0; d < ndim; d++) {
+      if (shape[d] == 0) empty = 1;
+      int64_t span = (shape[d] - 1) * stride[d];
+      if (span < 0) lo += span;
+      else hi += span;
+   }
+   if (!empty && (lo < 0 || hi >= capacity)) {
+      NR_FAIL(NR_E_ARG, "view [%lld, %lld] lies outside its storage of %lld elements",
+              (long long)lo, (long long)hi, (long long)capacity);
+      return NULL;
+   }
+   nr_tensor *t = calloc(1, sizeof *t);
+   if (!t) {
+      NR_FAIL(NR_E_OOM, "out of host memory");
+      return NULL;
+   }
+   *t = *src;
+   t->ndim = ndim;
+   for (int d = 0; d < 8; d++) {
+      t->shape[d] = d < ndim ? shape[d] : 0;
+      t->stride[d] = d < ndim ? stride[d] : 0;
+   }
+   t->offset = offset;
+   t->data = (char *)src->storage->base + offset * es;
+   atomic_fetch_add(&src->storage->refs, 1);
+   return t;
+}
+
+void nr_tensor_free(nr_tensor *t)
+{
+   if (!t) return;
+   nr_storage *s = t->storage;
+   if (s && atomic_fetch_sub(&s->refs, 1) == 1) {
+      nr_mem_free(s->device, s->device_index, s->base, s->bytes);
+      free(s);
+   }
+   free(t);
+}
+
+/* ---- element access ------------------------------------------------------------------------ */
+
+static inline double load_as_double(const void *base, int32_t dtype, int64_t off)
+{
+   switch (dtype) {
+   case NR_F32: return ((const float *)base)[off];
+   case NR_I64: return (double)((const int64_t *)base)[off];
+   default: return ((const uint8_t *)base)[off];
+   }
+}
+
+static inline void store_double(void *base, int32_t dtype, int64_t off, double v)
+{
+   switch (dtype) {
+   case NR_F32: ((float *)base)[off] = (float)v; break;
+   case NR_I64: ((int64_t *)base)[off] = (int64_t)v; break;
+   default: ((uint8_t *)base)[off] = (uint8_t)v; break;
+   }
+}
+
+nr_status nr_tensor_get(const nr_tensor *t, int64_t i, double *value)
+{
+   NR_CHECK_T("t", t, -1, -1, -1, NULL);
+   int64_t n = nr_tensor_numel(t);
+   if (i < 0 || i >= n) return NR_FAIL(NR_E_ARG, "index %lld out of range for %lld elements", (long long)i, (long long)n);
+   if (t->device != NR_CPU) {
+#ifdef NR_WITH_CUDA
+      return nr_cuda_get(t, nr_linear_offset(t, i), value);
+#else
+      return NR_FAIL(NR_E_DEVICE, "this nrlua was built without CUDA");
+#endif
+   }
+   *value = load_as_double(t->data, t->dtype, nr_linear_offset(t, i));
+   return NR_OK;
+}
+
+nr_status nr_tensor_set(nr_tensor *t, int64_t i, double value)
+{
+   NR_CHECK_T("t", t, -1, -1, -1, NULL);
+   int64_t n = nr_tensor_numel(t);
+   if (i < 0 || i >= n) return NR_FAIL(NR_E_ARG, "index %lld out of range for %lld elements", (long long)i, (long long)n);
+   if (t->device != NR_CPU) {
+#ifdef NR_WITH_CUDA
+      return nr_cuda_set(t, nr_linear_offset(t, i), value);
+#else
+      return NR_FAIL(NR_E_DEVICE, "this nrlua was built without CUDA");
+#endif
+   }
+   store_double(t->data, t->dtype, nr_linear_offset(t, i), value);
+   return NR_OK;
+}
+
+/* ---- copy and fill ----------------------------------------------------------------------- */
+
+static nr_status check_same_shape(const char *func, const nr_tensor *a, const nr_tensor *b)
+{
+   bool same = a->ndim == b->ndim;
+   for (int d = 0; same && d < a->ndim; d++) same = a->shape[d] == b->shape[d];
+   if (same) return NR_OK;
+   char da[128], db[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "shape mismatch: %s vs %s",
+                     nr_tensor_describe(a, da, sizeof da), nr_tensor_describe(b, db, sizeof db));
+}
+
+nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src)
+{
+   NR_CHECK_T("dst", dst, -1, -1, -1, NULL);
+   NR_CHECK_T("src", src, -1, -1, -1, NULL);
+   if (nr_tensor_numel(dst) != nr_tensor_numel(src) || (dst->ndim == src->ndim && check_same_shape(__func__, dst, src)))
+      return check_same_shape(__func__, dst, src);
+   if (dst->device != NR_CPU || src->device != NR_CPU) {
+#ifdef NR_WITH_CUDA
+      return nr_cuda_copy(dst, src);
+#else
+      return NR_FAIL(NR_E_DEVICE, "this nrlua was built without CUDA");
+#endif
+   }
+   int64_t n = nr_tensor_numel(src);
+   if (n == 0) return NR_OK;
+   bool contig = nr_tensor_is_contiguous(dst) && nr_tensor_is_contiguous(src);
+   if (contig && dst->dtype == src->dtype) {
+      if (dst->data != src->data) memmove(dst->data, src->data, (size_t)(n * nr_dtype_size(src->dtype)));
+      return NR_OK;
+   }
+   if (contig && dst->dtype == NR_F32 && src->dtype == NR_U8) {
+      float *o = dst->data;
+      const uint8_t *s = src->data;
+#pragma omp parallel for if (n > 65536)
+      for (int64_t i = 0; i < n; i++) o[i] = s[i];
+      return NR_OK;
+   }
+#pragma omp parallel for if (n > 65536)
+   for (int64_t i = 0; i < n; i++)
+      store_double(dst->data, dst->dtype, nr_linear_offset(dst, i),
+                   load_as_double(src->data, src->dtype, nr_linear_offset(src, i)));
+   return NR_OK;
+}
+
+nr_status nr_tensor_fill(nr_tensor *t, double value)
+{
+   NR_CHECK_T("t", t, -1, -1, -1, NULL);
+   if (t->device != NR_CPU) {
+#ifdef NR_WITH_CUDA
+      return nr_cuda_fill(t, value);
+#else
+      return NR_FAIL(NR_E_DEVICE, "this nrlua was built without CUDA");
+#endif
+   }
+   int64_t n = nr_tensor_numel(t);
+   if (nr_tensor_is_contiguous(t) && t->dtype == NR_F32) {
+      float *p = t->data, v = (float)value;
+#pragma omp parallel for if (n > 65536)
+      for (int64_t i = 0; i < n; i++) p[i] = v;
+      return NR_OK;
+   }
+   if (nr_tensor_is_contiguous(t) && (value == 0.0 || t->dtype == NR_U8)) {
+      memset(t->data, t->dtype == NR_U8 ? (int)(uint8_t)value : 0, (size_t)(n * nr_dtype_size(t->dtype)));
+      return NR_OK;
+   }
+   for (int64_t i = 0; i < n; i++) store_double(t->data, t->dtype, nr_linear_offset(t, i), value);
+   return NR_OK;
+}
+
+/* ---- index select / copy ------------------------------------------------------------------- */
+
+/* Splits a tensor around dim into outer x dim x inner; requires contiguity. */
+static void split_dims(const nr_tensor *t, int dim, int64_t *outer, int64_t *inner)
+{
+   *outer = 1;
+   *inner = 1;
+   for (int d = 0; d < dim; d++) *outer *= t->shape[d];
+   for (int d = dim + 1; d < t->ndim; d++) *inner *= t->shape[d];
+}
+
+static nr_status check_index_args(const char *func, const nr_tensor *big, int32_t dim,
+                                  const nr_tensor *index, const nr_tensor *small)
+{
+   NR_TRY(nr_check_tensor(func, "index", index, NR_I64, NR_CPU, 1, NULL));
+   if (dim < 0 || dim >= big->ndim)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dim %d out of range for a %d-d tensor", dim, big->ndim);
+   if (big->dtype != small->dtype || small->ndim != big->ndim)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dtype or rank mismatch");
+   for (int d = 0; d < big->ndim; d++) {
+      int64_t want = d == dim ? index->shape[0] : big->shape[d];
+      if (small->shape[d] != want) {
+         char a[128], b[128];
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "shape mismatch: %s vs %s with %lld indices on dim %d",
+                           nr_tensor_describe(big, a, sizeof a), nr_tensor_describe(small, b, sizeof b),
+                           (long long)index->shape[0], dim);
+      }
+   }
+   if (!nr_tensor_is_contiguous(big) || !nr_tensor_is_contiguous(small) || !nr_tensor_is_contiguous(index))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensors must be contiguous");
+   const int64_t *ix = index->data;
+   for (int64_t i = 0; i < index->shape[0]; i++)
+      if (ix[i] < 0 || ix[i] >= big->shape[dim])
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "index %lld out of range 0..%lld (position %lld)",
+                           (long long)ix[i], (long long)big->shape[dim] - 1, (long long)i);
+   return NR_OK;
+}
+
+nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_tensor *index, nr_tensor *out)
+{
+   NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
+   NR_CHECK_T("out", out, -1, NR_CPU, -1, NULL);
+   NR_TRY(check_index_args(__func__, src, dim, index, out));
+   int64_t outer, inner, k = index->shape[0], s = src->shape[dim];
+   split_dims(src, dim, &outer, &inner);
+   size_t es = (size_t)nr_dtype_size(src->dtype);
+   const int64_t *ix = index->data;
+   const char *sp = src->data;
+   char *op = out->data;
+   for (int64_t o = 0; o < outer; o++)
+      for (int64_t i = 0; i < k; i++)
+         memcpy(op + ((o * k + i) * inner) * es, sp + ((o * s + ix[i]) * inner) * es, inner * es);
+   return NR_OK;
+}
+
+nr_status nr_tensor_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *index, const nr_tensor *src)
+{
+   NR_CHECK_T("dst", dst, -1, NR_CPU, -1, NULL);
+   NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
+   NR_TRY(check_index_args(__func__, dst, dim, index, src));
+   int64_t outer, inner, k = index->shape[0], s = dst->shape[dim];
+   split_dims(dst, dim, &outer, &inner);
+   size_t es = (size_t)nr_dtype_size(dst->dtype);
+   const int64_t *ix = index->data;
+   const char *sp = src->data;
+   char *dp = dst->data;
+   for (int64_t o = 0; o < outer; o++)
+      for (int64_t i = 0; i < k; i++)
+         memcpy(dp + ((o * s + ix[i]) * inner) * es, sp + ((o * k + i) * inner) * es, inner * es);
+   return NR_OK;
+}

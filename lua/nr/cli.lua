@@ -1,0 +1,102 @@
+-- nr.cli — what the nrlua host calls: run a file or a chunk, evaluate REPL input, complete
+-- names. A file that returns a table is a recipe: it is handed to nr.recipe.run with the
+-- command-line arguments (--field value overrides). The host (core/host/nrlua.c) owns line
+-- editing and history; this file owns Lua semantics so it can be tested without a terminal.
+local M = {}
+
+-- Loads and runs a file; recipes (returning a table) go to nr.recipe.run.
+function M.run_file(path, args)
+   local chunk, err = loadfile(path)
+   if not chunk then error(err, 0) end
+   local results = {chunk(unpack(args or {}))}
+   local r = results[1]
+   if type(r) == 'table' and select('#', unpack(results)) == 1 and not getmetatable(r) then
+      require('nr.recipe').run(r, args or {}, path)
+   end
+end
+
+function M.run_code(code)
+   local chunk, err = loadstring(code, '=(command line)')
+   if not chunk then error(err, 0) end
+   chunk()
+end
+
+-- Readable rendering of a REPL result.
+local function show(v)
+   local mt = type(v) == 'table' and getmetatable(v)
+   if mt and mt.__typename == 'nr.Tensor' then return tostring(v) end
+   if type(v) == 'table' and v.forward and v.tree then return v:tree() end
+   if type(v) == 'table' and not (mt and mt.__tostring) then
+      local parts, n = {}, 0
+      for k, x in pairs(v) do
+         n = n + 1
+         if n > 20 then parts[#parts + 1] = '...'; break end
+         local xs = type(x) == 'table' and (getmetatable(x) and tostring(x):match('^[^\n]*') or '{...}') or tostring(x)
+         parts[#parts + 1] = (type(k) == 'string' and k or ('[' .. tostring(k) .. ']')) .. ' = ' .. xs
+      end
+      return '{' .. table.concat(parts, ', ') .. '}'
+   end
+   return tostring(v)
+end
+M.show = show
+
+-- Evaluates one REPL input. Returns true when the input is an incomplete statement (the host
+-- then reads a continuation line). Expressions print their values; errors print a traceback
+-- and the REPL goes on (the error is raised to the host, which reports it).
+function M.eval(src)
+   local chunk, err = loadstring('return ' .. src, '=stdin')
+   if not chunk then
+      chunk, err = loadstring(src, '=stdin')
+      if not chunk then
+         if err:match("'<eof>'$") or err:match('<eof>') then return true end
+         error(err, 0)
+      end
+   end
+   local results = {xpcall(chunk, debug.traceback)}
+   if not results[1] then error(results[2], 0) end
+   local n = select('#', unpack(results))
+   for i = 2, n do io.write(show(results[i]), '\n') end
+   io.flush()
+   return false
+end
+
+-- Completion candidates for `text` (the word under the cursor), e.g. "nr.nn.Co" -> {...}.
+function M.complete(line, text)
+   local prefix, sep, partial = text:match('^(.*)([%.:])([%w_]*)$')
+   local base
+   if prefix then
+      base = _G
+      for part in prefix:gmatch('[^%.:]+') do
+         if type(base) ~= 'table' then return {} end
+         base = base[part]
+      end
+   else
+      base, prefix, sep, partial = _G, '', '', text
+   end
+   local out, seen = {}, {}
+   local function add_keys(tbl)
+      if type(tbl) ~= 'table' then return end
+      for k in pairs(tbl) do
+         if type(k) == 'string' and k:sub(1, #partial) == partial and not seen[k] and k:sub(1, 2) ~= '__' then
+            seen[k] = true
+            out[#out + 1] = prefix .. sep .. k
+         end
+      end
+   end
+   add_keys(base)
+   local mt = getmetatable(base)
+   -- lazy namespaces: offer their names too
+   if base == _G.nr or (type(base) == 'table' and base == package.loaded['nr']) then
+      for _, k in ipairs({'nn', 'optim', 'schedule', 'data', 'models', 'cuda', 'train', 'count', 'utilization', 'rejuvenate'}) do
+         if k:sub(1, #partial) == partial and not seen[k] then seen[k] = true; out[#out + 1] = prefix .. sep .. k end
+      end
+   end
+   while mt and type(mt.__index) == 'table' do
+      add_keys(mt.__index)
+      mt = getmetatable(mt.__index)
+   end
+   table.sort(out)
+   return out
+end
+
+return M

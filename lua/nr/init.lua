@@ -1,0 +1,73 @@
+-- nr — the nrlua package. `local nr = require 'nr'`.
+-- Tensors and the runtime are loaded at once; larger parts (nn, optim, data, models, train,
+-- rejuvenation) load on first use so a script pays only for what it touches.
+local nrffi = require 'nr.ffi'
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+local C = nrffi.C
+
+local nr = {}
+nr.version = '0.1.0'
+nr.Tensor = T.Tensor
+nr.is_tensor = T.is_tensor
+for _, k in ipairs({'tensor', 'empty', 'zeros', 'ones', 'full', 'randn', 'rand', 'randint', 'randperm', 'arange', 'load'}) do
+   nr[k] = T[k]
+end
+
+-- Threads: NR_THREADS overrides; default all cores.
+local env_threads = tonumber(os.getenv('NR_THREADS') or '')
+C.nr_set_num_threads(env_threads or 0)
+
+function nr.set_num_threads(n)
+   check.int(n, 'nr.set_num_threads', 'n', 0)
+   C.nr_set_num_threads(n)
+end
+function nr.get_num_threads() return C.nr_get_num_threads() end
+
+-- Seeds the global generator (weights, dropout, shuffling, augmentation all draw from it).
+function nr.manual_seed(seed)
+   check.int(seed, 'nr.manual_seed', 'seed', 0)
+   C.nr_rng_seed(seed)
+end
+
+-- {cpu = {in_use, peak, allocations}, cuda = {...}} in bytes.
+function nr.memory()
+   local out = {}
+   for name, dev in pairs({cpu = C.NR_CPU, cuda = C.NR_CUDA}) do
+      out[name] = {in_use = tonumber(C.nr_memory_in_use(dev)), peak = tonumber(C.nr_memory_peak(dev)),
+                   allocations = tonumber(C.nr_memory_alloc_count(dev))}
+   end
+   return out
+end
+
+-- Lazily loaded namespaces: nr.nn, nr.optim, nr.data, nr.models, ...
+local LAZY = {
+   nn = 'nr.nn', optim = 'nr.optim', schedule = 'nr.schedule', data = 'nr.data',
+   models = 'nr.models', cuda = 'nr.cuda', checkpoint = 'nr.checkpoint', report = 'nr.report',
+   recipe = 'nr.recipe', rejuvenation = 'nr.rejuvenate', init = 'nr.init',
+}
+-- Functions re-exported from lazily loaded modules.
+local LAZY_FN = {
+   train = {'nr.train', 'train'},
+   count = {'nr.count', 'count'},
+   utilization = {'nr.rejuvenate', 'utilization'},
+   rejuvenate = {'nr.rejuvenate', 'rejuvenate'},
+}
+
+setmetatable(nr, {
+   __index = function(t, k)
+      if LAZY[k] then
+         local v = require(LAZY[k])
+         rawset(t, k, v)
+         return v
+      elseif LAZY_FN[k] then
+         local mod, fn = LAZY_FN[k][1], LAZY_FN[k][2]
+         local v = require(mod)[fn]
+         rawset(t, k, v)
+         return v
+      end
+      return nil
+   end,
+})
+
+return nr

@@ -1,0 +1,279 @@
+-- nr.nn.Module — the base class of every layer and container (Torch7 nn style).
+--
+-- Contract for subclasses (see docs/ARCHITECTURE.md):
+--   :updateOutput(x)              -> self.output (a buffer the module owns and reuses)
+--   :updateGradInput(x, gradOut)  -> self.gradInput
+--   :accGradParameters(x, gradOut)   accumulates into self.gradWeight / self.gradBias
+--   :parameters()                 -> {params}, {grads}   (leaf modules list their own)
+--   :outputShape(in_shape)        -> per-sample output shape (no batch dim), used by nr.count
+--   :cost(in_shape)               -> params, macs for this leaf (multiply-adds, per sample)
+--   :extra()                      -> short description for printing ("64->128 3x3")
+--   :_apply(fn)                   -> applies fn(tensor) -> tensor to every owned tensor (to(device))
+-- forward/backward wrap these and prefix errors with the module's path in the model
+-- ("features.3 (Conv2d 64->128 3x3): ...").
+-- Invariants: forward may return a buffer owned by the module (valid until the next forward);
+-- buffers are reallocated only when the input shape changes (no allocation per step).
+local class = require 'nr.class'
+
+local Module = class('Module')
+
+function Module:__init()
+   self.output = nil
+   self.gradInput = nil
+   self.train = true
+end
+
+-- ---- naming and paths -------------------------------------------------------------------
+
+function Module:typename() return self.__typename or 'Module' end
+function Module:extra() return '' end
+
+-- Path from the root, e.g. "features.3"; the root's path is its name or the type name.
+function Module:path()
+   local parts, m = {}, self
+   while rawget(m, '_parent') do
+      table.insert(parts, 1, tostring(m._key))
+      m = m._parent
+   end
+   return #parts > 0 and table.concat(parts, '.') or (rawget(m, 'name') or m:typename())
+end
+
+function Module:where()
+   local e = self:extra()
+   return string.format('%s (%s%s)', self:path(), self:typename(), e ~= '' and (' ' .. e) or '')
+end
+
+-- Calls fn(...) and re-raises any error prefixed with this module's location, once.
+local function located(self, fn, ...)
+   local ok, a = pcall(fn, ...)
+   if ok then return a end
+   local msg = tostring(a)
+   if type(a) == 'string' and not msg:find('\0loc', 1, true) then
+      -- strip "file:line: " from Lua-raised messages of our own code; keep C messages intact
+      msg = msg:gsub('^[^:\n]*%.lua:%d+: ', '')
+      error(self:where() .. ': ' .. msg .. '\0loc', 0)
+   end
+   error(a, 0)
+end
+
+local function clean(msg) return (tostring(msg):gsub('\0loc', '')) end
+
+-- ---- forward / backward ------------------------------------------------------------------
+
+function Module:forward(x)
+   if rawget(self, '_parent') then return located(self, self.updateOutput, self, x) end
+   local ok, y = pcall(located, self, self.updateOutput, self, x)
+   if not ok then error(clean(y), 2) end
+   return y
+end
+
+function Module:backward(x, gradOutput, scale)
+   local function run()
+      local gi = self:updateGradInput(x, gradOutput)
+      self:accGradParameters(x, gradOutput, scale)
+      return gi
+   end
+   if rawget(self, '_parent') then return located(self, run) end
+   local ok, gi = pcall(located, self, run)
+   if not ok then error(clean(gi), 2) end
+   return gi
+end
+
+function Module:__call(x) return self:forward(x) end
+
+function Module:updateOutput(x) error(self:typename() .. ' does not implement updateOutput', 2) end
+function Module:updateGradInput(x, g) error(self:typename() .. ' does not implement updateGradInput', 2) end
+function Module:accGradParameters(x, g, scale) end
+
+-- ---- parameters --------------------------------------------------------------------------
+
+-- Leaf default: weight/bias with gradWeight/gradBias when present.
+function Module:parameters()
+   local p, g = {}, {}
+   if self.weight then p[#p + 1] = self.weight; g[#g + 1] = self.gradWeight end
+   if self.bias then p[#p + 1] = self.bias; g[#g + 1] = self.gradBias end
+   return p, g
+end
+
+-- Named parameters: list of {name = 'features.0.weight', param = T, grad = T, module = m, field = 'weight'}.
+function Module:namedParameters(prefix, out)
+   out = out or {}
+   prefix = prefix or ''
+   for _, field in ipairs({'weight', 'bias'}) do
+      if self[field] then
+         local gf = field == 'weight' and 'gradWeight' or 'gradBias'
+         out[#out + 1] = {name = prefix .. field, param = self[field], grad = self[gf], module = self, field = field}
+      end
+   end
+   if self.modules then
+      for i, m in ipairs(self.modules) do m:namedParameters(prefix .. tostring(m._key or (i - 1)) .. '.', out) end
+   end
+   return out
+end
+
+-- Buffers saved with the weights (running statistics): list of {name, tensor, module, field}.
+function Module:namedBuffers(prefix, out)
+   out = out or {}
+   prefix = prefix or ''
+   for _, field in ipairs(self._buffers or {}) do
+      if self[field] then out[#out + 1] = {name = prefix .. field, tensor = self[field], module = self, field = field} end
+   end
+   if self.modules then
+      for i, m in ipairs(self.modules) do m:namedBuffers(prefix .. tostring(m._key or (i - 1)) .. '.', out) end
+   end
+   return out
+end
+
+function Module:zeroGradParameters()
+   local _, grads = self:parameters()
+   for _, g in ipairs(grads) do g:zero() end
+end
+
+function Module:training()
+   self.train = true
+   if self.modules then for _, m in ipairs(self.modules) do m:training() end end
+   return self
+end
+
+function Module:evaluate()
+   self.train = false
+   if self.modules then for _, m in ipairs(self.modules) do m:evaluate() end end
+   return self
+end
+
+-- ---- devices and copies -------------------------------------------------------------------
+
+-- Fields holding tensors owned by this module (parameters, grads, buffers). Scratch buffers
+-- (output, gradInput, anything starting with '_') are dropped on device moves and clones.
+function Module:_apply(fn)
+   for k, v in pairs(self) do
+      if type(v) == 'table' and getmetatable(v) and v.__typename == 'nr.Tensor' then
+         if k == 'output' or k == 'gradInput' or (type(k) == 'string' and k:sub(1, 1) == '_') then
+            self[k] = nil
+         else
+            self[k] = fn(v)
+         end
+      end
+   end
+   if self.modules then for _, m in ipairs(self.modules) do m:_apply(fn) end end
+   return self
+end
+
+function Module:to(device)
+   self.device = device
+   return self:_apply(function(t) return t:to(device) end)
+end
+function Module:cuda() return self:to('cuda') end
+function Module:cpu() return self:to('cpu') end
+
+-- Deep copy: tensors cloned, scratch buffers dropped, parent links rebuilt.
+function Module:clone()
+   local seen = {}
+   local function copy(v, parent_is_module)
+      if type(v) ~= 'table' then return v end
+      if seen[v] then return seen[v] end
+      local mt = getmetatable(v)
+      if mt and v.__typename == 'nr.Tensor' then
+         local c = v:clone()
+         seen[v] = c
+         return c
+      end
+      local out = {}
+      seen[v] = out
+      for k, x in pairs(v) do
+         if k == '_parent' then
+            out[k] = nil
+         elseif k == 'output' or k == 'gradInput' or (type(k) == 'string' and k:sub(1, 1) == '_' and k ~= '_key' and k ~= '_buffers'
+                  and type(x) == 'table' and getmetatable(x) and x.__typename == 'nr.Tensor') then
+            out[k] = nil
+         else
+            out[k] = copy(x)
+         end
+      end
+      return setmetatable(out, mt)
+   end
+   local c = copy(self)
+   c:_relink()
+   return c
+end
+
+-- Re-establishes _parent/_key on children (after clones and structural edits).
+function Module:_relink()
+   if self.modules then
+      for i, m in ipairs(self.modules) do
+         m._parent = self
+         if m._key == nil then m._key = i - 1 end
+         m:_relink()
+      end
+   end
+end
+
+-- ---- walking -------------------------------------------------------------------------------
+
+function Module:listModules(out)
+   out = out or {}
+   out[#out + 1] = self
+   if self.modules then for _, m in ipairs(self.modules) do m:listModules(out) end end
+   return out
+end
+
+function Module:findModules(typename)
+   local found = {}
+   for _, m in ipairs(self:listModules()) do
+      if m:typename() == typename then found[#found + 1] = m end
+   end
+   return found
+end
+
+-- ---- shapes and counting -------------------------------------------------------------------
+
+function Module:outputShape(s) return s end
+function Module:cost(s) return 0, 0 end
+
+-- Number of parameters (elements).
+function Module:nParameters()
+   local n = 0
+   for _, p in ipairs((self:parameters())) do n = n + p:numel() end
+   return n
+end
+
+-- ---- printing ------------------------------------------------------------------------------
+
+-- Tree with output shapes (when in_shape is given) and parameter counts.
+function Module:tree(in_shape)
+   local lines = {}
+   local function walk(m, indent, key, shape)
+      local out_shape
+      if shape then
+         local ok, s = pcall(m.outputShape, m, shape)
+         out_shape = ok and s or nil
+      end
+      local e = m:extra()
+      local np = 0
+      if not m.modules then np = m:nParameters() end
+      local line = string.format('%s%s%s%s%s%s', indent, key and (key .. ': ') or '', m:typename(),
+         e ~= '' and (' ' .. e) or '',
+         out_shape and (' -> [' .. table.concat(out_shape, ' x ') .. ']') or '',
+         np > 0 and string.format('  (%d params)', np) or '')
+      lines[#lines + 1] = line
+      if m.modules then m:_treeChildren(walk, indent .. '  ', shape) end
+      return out_shape
+   end
+   walk(self, '', nil, in_shape)
+   local total = self:nParameters()
+   lines[#lines + 1] = string.format('total parameters: %d', total)
+   return table.concat(lines, '\n')
+end
+
+-- Default: children in sequence, each fed the previous output shape.
+function Module:_treeChildren(walk, indent, shape)
+   for i, m in ipairs(self.modules) do shape = walk(m, indent, tostring(m._key or (i - 1)), shape) end
+end
+
+function Module:__tostring()
+   if self.modules then return self:tree() end
+   local e = self:extra()
+   return 'nr.nn.' .. self:typename() .. (e ~= '' and (' ' .. e) or '')
+end
+
+return Module

@@ -1,0 +1,521 @@
+-- nr.tensor — the Tensor class: a Lua handle around a C nr_tensor (core/nr.h).
+--
+-- What it is: constructors (nr.tensor, nr.zeros, ...), views (reshape, narrow, select,
+-- transpose), copies, arithmetic, reductions, matmul, index_select/index_copy, .npy I/O.
+-- Invariants: tensor memory lives in C and is released by ffi.gc when the handle is collected or
+-- at once by t:free(); positions and dimensions are 1-based here (as in Lua and Torch7) and
+-- converted to 0-based at the C boundary; a freed tensor raises an error when used.
+local nrffi = require 'nr.ffi'
+local check = require 'nr.check'
+local ffi, C = nrffi.ffi, nrffi.C
+
+local Tensor = {}
+Tensor.__index = Tensor
+Tensor.__typename = 'nr.Tensor'
+
+local DTYPES = {float32 = C.NR_F32, f32 = C.NR_F32, float = C.NR_F32,
+                int64 = C.NR_I64, long = C.NR_I64, i64 = C.NR_I64,
+                uint8 = C.NR_U8, byte = C.NR_U8, u8 = C.NR_U8}
+local DTYPE_NAMES = {[0] = 'float32', [1] = 'int64', [2] = 'uint8'}
+local DEVICE_NAMES = {[0] = 'cpu', [1] = 'cuda'}
+local CTYPE_PTR = {[0] = ffi.typeof('float *'), [1] = ffi.typeof('int64_t *'), [2] = ffi.typeof('uint8_t *')}
+local int64_arr = ffi.typeof('int64_t[8]')
+
+local function free_c(p) C.nr_tensor_free(p) end
+
+-- Wraps a fresh nr_tensor* (owned) into a Tensor.
+local function wrap(p)
+   return setmetatable({c = ffi.gc(p, free_c)}, Tensor)
+end
+Tensor._wrap = wrap
+
+local function is_tensor(x) return getmetatable(x) == Tensor end
+Tensor.is_tensor = is_tensor
+
+local function parse_device(dev, fname)
+   if dev == nil or dev == 'cpu' then return C.NR_CPU end
+   if dev == 'cuda' or (type(dev) == 'string' and dev:match('^cuda:?%d*$')) then
+      if C.nr_has_cuda() == 0 then error(fname .. ': this nrlua was built without CUDA', 3) end
+      return C.NR_CUDA
+   end
+   error(string.format('%s: unknown device %q (use "cpu" or "cuda")', fname, tostring(dev)), 3)
+end
+
+local function parse_dtype(dt, fname)
+   if dt == nil then return C.NR_F32 end
+   local v = DTYPES[dt]
+   if not v then error(string.format('%s: unknown dtype %q (float32, int64, uint8)', fname, tostring(dt)), 3) end
+   return v
+end
+
+local function shape_of(shape, fname)
+   if type(shape) == 'number' then shape = {shape} end
+   if type(shape) ~= 'table' then error(fname .. ': shape must be a table of sizes, got ' .. type(shape), 3) end
+   if #shape > 8 then error(fname .. ': at most 8 dimensions, got ' .. #shape, 3) end
+   local arr = int64_arr()
+   for i, s in ipairs(shape) do
+      if type(s) ~= 'number' or s < 0 or s ~= math.floor(s) then
+         error(string.format('%s: size %d must be a non-negative integer, got %s', fname, i, tostring(s)), 3)
+      end
+      arr[i - 1] = s
+   end
+   return arr, #shape
+end
+
+local function new(shape, opts, fname)
+   fname = fname or 'nr.empty'
+   opts = check.options(opts, {dtype = true, device = true}, fname)
+   local arr, n = shape_of(shape, fname)
+   local p = C.nr_tensor_new(parse_dtype(opts.dtype, fname), parse_device(opts.device, fname), n, arr)
+   return wrap(check.pointer(p, fname, 3))
+end
+
+-- ---- constructors ------------------------------------------------------------------------
+
+local M = {Tensor = Tensor, is_tensor = is_tensor}
+
+function M.empty(shape, opts) return new(shape, opts, 'nr.empty') end
+function M.zeros(shape, opts) local t = new(shape, opts, 'nr.zeros'); return t:fill(0) end
+function M.ones(shape, opts) local t = new(shape, opts, 'nr.ones'); return t:fill(1) end
+function M.full(shape, value, opts) local t = new(shape, opts, 'nr.full'); return t:fill(value) end
+function M.randn(shape, opts)
+   local t = new(shape, opts, 'nr.randn')
+   check.status(C.nr_rng_normal(t.c, 0, 1), 'nr.randn')
+   return t
+end
+function M.rand(shape, opts)
+   local t = new(shape, opts, 'nr.rand')
+   check.status(C.nr_rng_uniform(t.c, 0, 1), 'nr.rand')
+   return t
+end
+-- Integers in [lo, hi).
+function M.randint(lo, hi, shape, opts)
+   opts = opts or {}
+   local t = new(shape, {dtype = opts.dtype or 'int64', device = opts.device}, 'nr.randint')
+   check.status(C.nr_rng_uniform(t.c, lo, hi), 'nr.randint')
+   return t
+end
+function M.randperm(n)
+   local t = new({n}, {dtype = 'int64'}, 'nr.randperm')
+   check.status(C.nr_rng_permutation(t.c), 'nr.randperm')
+   return t
+end
+function M.arange(n, opts)
+   local t = new({n}, opts, 'nr.arange')
+   for i = 0, n - 1 do C.nr_tensor_set(t.c, i, i) end
+   return t
+end
+
+-- nr.tensor(values, opts): values is a number or a (nested) table of numbers.
+function M.tensor(values, opts)
+   if type(values) == 'number' then
+      local t = new({}, opts, 'nr.tensor')
+      return t:fill(values)
+   end
+   check.arg(type(values) == 'table', 'nr.tensor', 'values must be a number or a table, got %s', type(values))
+   local shape, v = {}, values
+   while type(v) == 'table' do
+      shape[#shape + 1] = #v
+      v = v[1]
+   end
+   local flat = {}
+   local function walk(x, d)
+      if d > #shape then
+         if type(x) ~= 'number' then error('nr.tensor: non-number element ' .. tostring(x), 4) end
+         flat[#flat + 1] = x
+         return
+      end
+      if type(x) ~= 'table' or #x ~= shape[d] then
+         error(string.format('nr.tensor: ragged nested table at depth %d (expected %d elements)', d, shape[d]), 4)
+      end
+      for i = 1, #x do walk(x[i], d + 1) end
+   end
+   walk(values, 1)
+   local host = new(shape, {dtype = opts and opts.dtype}, 'nr.tensor')
+   local p = host:data()
+   for i = 1, #flat do p[i - 1] = flat[i] end
+   if opts and opts.device and opts.device ~= 'cpu' then return host:to(opts.device) end
+   return host
+end
+
+function M.load(path)
+   check.type(path, 'string', 'nr.load', 'path')
+   return wrap(check.pointer(C.nr_npy_load(path), 'nr.load', 3))
+end
+
+-- ---- properties --------------------------------------------------------------------------
+
+local function live(t)
+   local c = rawget(t, 'c')
+   if c == nil then error('nr.Tensor: use of a freed tensor', 3) end
+   return c
+end
+
+function Tensor:dim() return live(self).ndim end
+function Tensor:shape()
+   local c, s = live(self), {}
+   for i = 0, c.ndim - 1 do s[i + 1] = tonumber(c.shape[i]) end
+   return s
+end
+function Tensor:size(d)
+   local c = live(self)
+   if d == nil then return self:shape() end
+   if d < 0 then d = c.ndim + 1 + d end
+   check.arg(d >= 1 and d <= c.ndim, 'Tensor:size', 'dimension %s out of range 1..%d', tostring(d), c.ndim)
+   return tonumber(c.shape[d - 1])
+end
+function Tensor:stride()
+   local c, s = live(self), {}
+   for i = 0, c.ndim - 1 do s[i + 1] = tonumber(c.stride[i]) end
+   return s
+end
+function Tensor:numel() return tonumber(C.nr_tensor_numel(live(self))) end
+function Tensor:dtype() return DTYPE_NAMES[live(self).dtype] end
+function Tensor:device() return DEVICE_NAMES[live(self).device] end
+function Tensor:is_contiguous() return C.nr_tensor_is_contiguous(live(self)) == 1 end
+function Tensor:is_cuda() return live(self).device == C.NR_CUDA end
+-- Raw pointer to element 0 (CPU tensors; typed by dtype). Valid while the tensor lives.
+function Tensor:data()
+   local c = live(self)
+   check.arg(c.device == C.NR_CPU, 'Tensor:data', 'tensor is on %s; call :cpu() first', DEVICE_NAMES[c.device])
+   return ffi.cast(CTYPE_PTR[c.dtype], c.data)
+end
+function Tensor:same_storage(other) return C.nr_tensor_same_storage(live(self), live(other)) == 1 end
+
+function Tensor:free()
+   local c = rawget(self, 'c')
+   if c ~= nil then
+      ffi.gc(c, nil)
+      C.nr_tensor_free(c)
+      self.c = nil
+   end
+end
+
+-- Human description, as used in error messages: "float32 cpu [8 x 3 x 32 x 32]".
+function Tensor:describe()
+   local c = rawget(self, 'c')
+   if c == nil then return 'freed tensor' end
+   return string.format('%s %s [%s]', DTYPE_NAMES[c.dtype], DEVICE_NAMES[c.device], table.concat(self:shape(), ' x '))
+end
+
+-- ---- element access ----------------------------------------------------------------------
+
+local dbl = ffi.new('double[1]')
+-- Flat (row-major) element i, 1-based.
+function Tensor:get(i)
+   check.status(C.nr_tensor_get(live(self), i - 1, dbl), 'Tensor:get')
+   return dbl[0]
+end
+function Tensor:set(i, v)
+   check.status(C.nr_tensor_set(live(self), i - 1, v), 'Tensor:set')
+   return self
+end
+-- The single value of a one-element tensor.
+function Tensor:item()
+   check.arg(self:numel() == 1, 'Tensor:item', 'tensor has %d elements, not 1', self:numel())
+   return self:get(1)
+end
+
+function Tensor:totable()
+   local t = self:is_cuda() and self:cpu() or self
+   local shape, n = t:shape(), t:numel()
+   local vals = {}
+   for i = 1, n do
+      C.nr_tensor_get(t.c, i - 1, dbl)
+      vals[i] = dbl[0]
+   end
+   if #shape == 0 then return vals[1] end
+   local pos = 0
+   local function build(d)
+      local out = {}
+      for i = 1, shape[d] do
+         if d == #shape then
+            pos = pos + 1
+            out[i] = vals[pos]
+         else
+            out[i] = build(d + 1)
+         end
+      end
+      return out
+   end
+   return build(1)
+end
+
+-- ---- copies and views --------------------------------------------------------------------
+
+function Tensor:copy(src)
+   check.arg(is_tensor(src), 'Tensor:copy', 'source must be a tensor')
+   check.status(C.nr_tensor_copy(live(self), live(src)), 'Tensor:copy')
+   return self
+end
+function Tensor:fill(v)
+   check.type(v, 'number', 'Tensor:fill', 'value')
+   check.status(C.nr_tensor_fill(live(self), v), 'Tensor:fill')
+   return self
+end
+function Tensor:zero() return self:fill(0) end
+
+function Tensor:clone()
+   local out = M.empty(self:shape(), {dtype = self:dtype(), device = self:device()})
+   return out:copy(self)
+end
+function Tensor:contiguous()
+   if self:is_contiguous() then return self end
+   return self:clone()
+end
+function Tensor:to(device, dtype)
+   local dev = parse_device(device, 'Tensor:to')
+   local c = live(self)
+   local dt = dtype and parse_dtype(dtype, 'Tensor:to') or c.dtype
+   if dev == c.device and dt == c.dtype then return self end
+   local out = M.empty(self:shape(), {dtype = DTYPE_NAMES[dt], device = DEVICE_NAMES[dev]})
+   return out:copy(self)
+end
+function Tensor:cuda() return self:to('cuda') end
+function Tensor:cpu() return self:to('cpu') end
+function Tensor:float() return self:to(self:device(), 'float32') end
+function Tensor:long() return self:to(self:device(), 'int64') end
+function Tensor:byte() return self:to(self:device(), 'uint8') end
+
+local function make_view(self, shape, stride, offset, fname)
+   local sa = int64_arr()
+   local st = int64_arr()
+   for i = 1, #shape do sa[i - 1] = shape[i]; st[i - 1] = stride[i] end
+   local p = C.nr_tensor_view(live(self), #shape, sa, st, offset)
+   return wrap(check.pointer(p, fname, 4))
+end
+
+-- reshape(d1, d2, ...) or reshape{d1, d2, ...}; one size may be -1. Views when contiguous.
+function Tensor:reshape(...)
+   local shape = select('#', ...) == 1 and type(...) == 'table' and {unpack((...))} or {...}
+   local n, infer, known = self:numel(), nil, 1
+   for i, s in ipairs(shape) do
+      if s == -1 then
+         check.arg(not infer, 'Tensor:reshape', 'only one size may be -1')
+         infer = i
+      else
+         check.arg(type(s) == 'number' and s >= 0 and s == math.floor(s), 'Tensor:reshape', 'bad size %s', tostring(s))
+         known = known * s
+      end
+   end
+   if infer then
+      check.arg(known > 0 and n % known == 0, 'Tensor:reshape', 'cannot infer -1 for %d elements into {%s}', n, table.concat(shape, ', '))
+      shape[infer] = n / known
+      known = n
+   end
+   check.arg(known == n, 'Tensor:reshape', 'cannot reshape %s (%d elements) to {%s}', self:describe(), n, table.concat(shape, ', '))
+   local src = self:contiguous()
+   local stride, acc = {}, 1
+   for i = #shape, 1, -1 do stride[i] = acc; acc = acc * shape[i] end
+   return make_view(src, shape, stride, tonumber(live(src).offset), 'Tensor:reshape')
+end
+Tensor.view = Tensor.reshape
+
+-- narrow(dim, start, length): positions 1-based.
+function Tensor:narrow(dim, start, len)
+   local shape, stride = self:shape(), self:stride()
+   check.arg(type(dim) == 'number' and dim >= 1 and dim <= #shape, 'Tensor:narrow', 'dimension %s out of range 1..%d', tostring(dim), #shape)
+   check.arg(type(start) == 'number' and type(len) == 'number' and start >= 1 and len >= 0 and start + len - 1 <= shape[dim],
+      'Tensor:narrow', 'range start %s length %s outside 1..%d of dimension %d', tostring(start), tostring(len), shape[dim], dim)
+   local offset = tonumber(live(self).offset) + (start - 1) * stride[dim]
+   shape[dim] = len
+   return make_view(self, shape, stride, offset, 'Tensor:narrow')
+end
+
+-- select(dim, index): removes dim.
+function Tensor:select(dim, index)
+   local shape, stride = self:shape(), self:stride()
+   check.arg(type(dim) == 'number' and dim >= 1 and dim <= #shape, 'Tensor:select', 'dimension %s out of range 1..%d', tostring(dim), #shape)
+   check.arg(type(index) == 'number' and index >= 1 and index <= shape[dim], 'Tensor:select', 'index %s outside 1..%d', tostring(index), shape[dim])
+   local offset = tonumber(live(self).offset) + (index - 1) * stride[dim]
+   table.remove(shape, dim)
+   table.remove(stride, dim)
+   return make_view(self, shape, stride, offset, 'Tensor:select')
+end
+
+function Tensor:transpose(d1, d2)
+   local shape, stride = self:shape(), self:stride()
+   check.arg(d1 >= 1 and d1 <= #shape and d2 >= 1 and d2 <= #shape, 'Tensor:transpose', 'dimensions %s, %s out of range 1..%d', tostring(d1), tostring(d2), #shape)
+   shape[d1], shape[d2] = shape[d2], shape[d1]
+   stride[d1], stride[d2] = stride[d2], stride[d1]
+   return make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:transpose')
+end
+function Tensor:t()
+   check.arg(self:dim() == 2, 'Tensor:t', 'expected a 2-d tensor, got %s', self:describe())
+   return self:transpose(1, 2)
+end
+
+-- index_select(dim, index) along dim (1-based dim; index holds 0-based positions, int64).
+local function as_index(index, fname)
+   if type(index) == 'table' then return M.tensor(index, {dtype = 'int64'}) end
+   check.arg(is_tensor(index) and index:dtype() == 'int64', fname, 'index must be an int64 tensor or a table of 0-based positions')
+   return index
+end
+function Tensor:index_select(dim, index)
+   index = as_index(index, 'Tensor:index_select')
+   local shape = self:shape()
+   check.arg(dim >= 1 and dim <= #shape, 'Tensor:index_select', 'dimension %s out of range', tostring(dim))
+   shape[dim] = index:numel()
+   local out = M.empty(shape, {dtype = self:dtype(), device = self:device()})
+   check.status(C.nr_tensor_index_select(live(self:contiguous()), dim - 1, live(index), live(out)), 'Tensor:index_select')
+   return out
+end
+-- self[index[i]] <- src[i] along dim (in place).
+function Tensor:index_copy(dim, index, src)
+   index = as_index(index, 'Tensor:index_copy')
+   check.arg(self:is_contiguous(), 'Tensor:index_copy', 'destination must be contiguous')
+   check.status(C.nr_tensor_index_copy(live(self), dim - 1, live(index), live(src:contiguous())), 'Tensor:index_copy')
+   return self
+end
+
+-- ---- arithmetic --------------------------------------------------------------------------
+
+local BIN = {add = C.NR_OP_ADD, sub = C.NR_OP_SUB, mul = C.NR_OP_MUL, div = C.NR_OP_DIV,
+             maximum = C.NR_OP_MAX, minimum = C.NR_OP_MIN}
+for name, op in pairs(BIN) do
+   local fname = 'Tensor:' .. name
+   local function apply(a, b, out)
+      if type(b) == 'number' then
+         check.status(C.nr_binary_scalar(live(a), b, live(out), op), fname, 4)
+      else
+         check.arg(is_tensor(b), fname, 'operand must be a number or a tensor')
+         check.status(C.nr_binary(live(a), live(b), live(out), op), fname, 4)
+      end
+      return out
+   end
+   Tensor[name] = function(a, b) return apply(a, b, M.empty(a:shape(), {device = a:device()})) end
+   Tensor[name .. '_'] = function(a, b) return apply(a, b, a) end
+end
+Tensor.__add = function(a, b)
+   if type(a) == 'number' then return b:add(a) end
+   return a:add(b)
+end
+Tensor.__sub = function(a, b)
+   if type(a) == 'number' then return b:neg():add(a) end
+   return a:sub(b)
+end
+Tensor.__mul = function(a, b)
+   if type(a) == 'number' then return b:mul(a) end
+   return a:mul(b)
+end
+Tensor.__div = function(a, b)
+   check.arg(type(a) ~= 'number', 'Tensor:__div', 'number / tensor is not supported')
+   return a:div(b)
+end
+
+local UN = {neg = C.NR_OP_NEG, abs = C.NR_OP_ABS, exp = C.NR_OP_EXP, log = C.NR_OP_LOG,
+            sqrt = C.NR_OP_SQRT, sign = C.NR_OP_SIGN, relu = C.NR_OP_RELU,
+            sigmoid = C.NR_OP_SIGMOID, tanh = C.NR_OP_TANH, square = C.NR_OP_SQUARE}
+for name, op in pairs(UN) do
+   local fname = 'Tensor:' .. name
+   Tensor[name] = function(a)
+      local out = M.empty(a:shape(), {device = a:device()})
+      check.status(C.nr_unary(live(a), live(out), op), fname)
+      return out
+   end
+   Tensor[name .. '_'] = function(a)
+      check.status(C.nr_unary(live(a), live(a), op), fname)
+      return a
+   end
+end
+Tensor.__unm = function(a) return a:neg() end
+
+-- self <- self + alpha * x
+function Tensor:axpy_(alpha, x)
+   check.status(C.nr_axpy(live(x), live(self), alpha), 'Tensor:axpy_')
+   return self
+end
+
+-- Reductions: t:sum() -> number; t:sum(dim) -> tensor with dim kept as size 1.
+local RED = {sum = C.NR_RED_SUM, mean = C.NR_RED_MEAN, max = C.NR_RED_MAX, min = C.NR_RED_MIN}
+for name, op in pairs(RED) do
+   local fname = 'Tensor:' .. name
+   Tensor[name] = function(a, dim)
+      if dim == nil then
+         local out = M.empty({}, {device = a:device()})
+         check.status(C.nr_reduce(live(a), -1, live(out), op), fname)
+         return out:item()
+      end
+      local shape = a:shape()
+      check.arg(type(dim) == 'number' and dim >= 1 and dim <= #shape, fname, 'dimension %s out of range 1..%d', tostring(dim), #shape)
+      shape[dim] = 1
+      local out = M.empty(shape, {device = a:device()})
+      check.status(C.nr_reduce(live(a), dim - 1, live(out), op), fname)
+      return out
+   end
+end
+-- argmax(dim) -> int64 tensor (dim kept, size 1), 0-based positions; argmax() -> 0-based number.
+function Tensor:argmax(dim)
+   local a = self:is_cuda() and self:cpu() or self
+   if dim == nil then
+      local out = M.empty({}, {dtype = 'int64'})
+      check.status(C.nr_argmax(live(a), -1, live(out)), 'Tensor:argmax')
+      return out:item()
+   end
+   local shape = a:shape()
+   check.arg(dim >= 1 and dim <= #shape, 'Tensor:argmax', 'dimension %s out of range', tostring(dim))
+   shape[dim] = 1
+   local out = M.empty(shape, {dtype = 'int64'})
+   check.status(C.nr_argmax(live(a), dim - 1, live(out)), 'Tensor:argmax')
+   return out
+end
+
+-- matmul(b [, opts]) for 2-d tensors; opts: trans_a, trans_b, out, alpha, beta.
+function Tensor:matmul(b, opts)
+   opts = opts or {}
+   local ta, tb = opts.trans_a and 1 or 0, opts.trans_b and 1 or 0
+   local m = ta == 1 and self:size(2) or self:size(1)
+   local n = tb == 1 and b:size(1) or b:size(2)
+   local out = opts.out or M.empty({m, n}, {device = self:device()})
+   check.status(C.nr_matmul(live(self), live(b), live(out), ta, tb, opts.alpha or 1, opts.beta or 0), 'Tensor:matmul')
+   return out
+end
+
+function Tensor:save(path)
+   check.type(path, 'string', 'Tensor:save', 'path')
+   check.status(C.nr_npy_save(live(self), path), 'Tensor:save')
+   return self
+end
+
+-- Equality of shapes (tables).
+function M.same_shape(a, b)
+   if #a ~= #b then return false end
+   for i = 1, #a do if a[i] ~= b[i] then return false end end
+   return true
+end
+
+-- ---- printing ----------------------------------------------------------------------------
+
+local function fmt(v)
+   if v == math.floor(v) and math.abs(v) < 1e15 then return string.format('%d', v) end
+   return string.format('%.4g', v)
+end
+
+function Tensor:__tostring()
+   local c = rawget(self, 'c')
+   if c == nil then return 'nr.Tensor (freed)' end
+   local head = string.format('nr.Tensor %s %s [%s]', ({[0] = 'f32', 'int64', 'uint8'})[c.dtype],
+      DEVICE_NAMES[c.device], table.concat(self:shape(), ' x '))
+   local n = self:numel()
+   if n == 0 then return head .. ' (empty)' end
+   local host = self:is_cuda() and self:cpu() or self
+   local lo, hi, sum, bad = math.huge, -math.huge, 0, 0
+   local sample = {}
+   local step = n > 1e6 and math.floor(n / 1e6) or 1
+   for i = 0, n - 1, step do
+      C.nr_tensor_get(host.c, i, dbl)
+      local v = dbl[0]
+      if v ~= v or v == math.huge or v == -math.huge then bad = bad + 1 else
+         if v < lo then lo = v end
+         if v > hi then hi = v end
+         sum = sum + v
+      end
+      if #sample < 6 then sample[#sample + 1] = fmt(v) end
+   end
+   local stats = string.format(' (min %s max %s mean %s%s)', fmt(lo), fmt(hi), fmt(sum / math.ceil(n / step)),
+      bad > 0 and (', ' .. bad .. ' non-finite') or '')
+   if n <= 6 then return head .. ' {' .. table.concat(sample, ', ') .. '}' end
+   return head .. stats .. ' {' .. table.concat(sample, ', ') .. ', ...}'
+end
+
+return M
