@@ -1,0 +1,110 @@
+-- The nrlua executable: version/help, -e, running files with arguments, script errors, and the
+-- REPL fed from a pipe (expressions print, multi-line statements, errors do not end the session).
+local nrffi = require 'nr.ffi'
+
+local function nrlua()
+   -- the binary running this spec (nrlua runs the specs through tests/run_busted.lua)
+   local ffi = require 'ffi'
+   pcall(ffi.cdef, 'int getpid(void);')
+   local p = io.popen('readlink /proc/' .. ffi.C.getpid() .. '/exe')
+   local exe = p:read('*l')
+   p:close()
+   return exe
+end
+
+local function run(cmd)
+   local p = io.popen(cmd .. ' 2>&1; echo "::rc=$?"')
+   local out = p:read('*a')
+   p:close()
+   local rc = tonumber(out:match('::rc=(%d+)%s*$'))
+   return out:gsub('::rc=%d+%s*$', ''), rc
+end
+
+local tmp = os.getenv('NR_TEST_TMP') or '/tmp'
+os.execute('mkdir -p ' .. tmp)
+
+describe('nrlua', function()
+   local exe = nrlua()
+
+   it('prints its version and help', function()
+      local out, rc = run(exe .. ' -v')
+      assert.equal(0, rc)
+      assert.matches('nrlua 0%.1%.0', out)
+      out, rc = run(exe .. ' --help')
+      assert.equal(0, rc)
+      assert.matches('usage: nrlua', out)
+      out, rc = run(exe .. ' --bogus')
+      assert.equal(2, rc)
+      assert.matches('unknown option', out)
+   end)
+
+   it('runs -e code with nr available', function()
+      local out, rc = run(exe .. [[ -e "local nr = require 'nr'; print(nr.zeros({2, 3}):numel())"]])
+      assert.equal(0, rc)
+      assert.matches('^6', out)
+   end)
+
+   it('runs a file with arguments in arg', function()
+      local path = tmp .. '/args.lua'
+      local f = io.open(path, 'w')
+      f:write("print(arg[0], arg[1], arg[2], select('#', ...))\n")
+      f:close()
+      local out, rc = run(exe .. ' ' .. path .. ' a b')
+      assert.equal(0, rc)
+      assert.matches('args%.lua\ta\tb\t2', out)
+   end)
+
+   it('reports script errors with a traceback and a non-zero status', function()
+      local path = tmp .. '/err.lua'
+      local f = io.open(path, 'w')
+      f:write("local nr = require 'nr'\nlocal a = nr.zeros({2, 3})\nlocal b = a:add(nr.zeros({4}))\n")
+      f:close()
+      local out, rc = run(exe .. ' ' .. path)
+      assert.equal(1, rc)
+      assert.matches('shape mismatch', out)
+      assert.matches('stack traceback', out)
+   end)
+
+   it('evaluates piped REPL input: values, multi-line statements, errors', function()
+      local script = table.concat({
+         'x = nr.ones({2, 2})',
+         'x:sum()',
+         'for i = 1, 2 do',
+         '  print("line", i)',
+         'end',
+         'nr.zeros({2}):add(nr.zeros({3}))',
+         '1 + 1',
+         'function f(a)',
+         '  return a * 3',
+         'end',
+         'f(5)',
+      }, '\n')
+      local path = tmp .. '/repl.txt'
+      local f = io.open(path, 'w')
+      f:write(script .. '\n')
+      f:close()
+      local out, rc = run(exe .. ' < ' .. path)
+      assert.equal(0, rc)
+      assert.matches('\n?4\n', out)
+      assert.matches('line\t1\nline\t2', out)
+      assert.matches('shape mismatch', out)
+      assert.matches('\n2\n', out)
+      assert.matches('15', out)
+   end)
+
+   it('completes names in the nr namespace', function()
+      local cli = require 'nr.cli'
+      _G.nr = require 'nr'
+      local c = cli.complete('nr.ze', 'nr.ze')
+      assert.same({'nr.zeros'}, c)
+      local n = cli.complete('nr.n', 'nr.n')
+      local found = false
+      for _, v in ipairs(n) do if v == 'nr.nn' then found = true end end
+      assert.is_true(found)
+   end)
+
+   it('finds the package from its own location', function()
+      assert.is_truthy(nrffi.home)
+      assert.is_truthy(io.open(nrffi.home .. '/lua/nr/init.lua'))
+   end)
+end)
