@@ -2,7 +2,6 @@
 -- index select/copy, RNG reproducibility, memory release, and errors on bad input.
 local nr = require 'nr'
 
-local function close(a, b, tol) return math.abs(a - b) <= (tol or 1e-6) * math.max(1, math.abs(b)) end
 
 describe('nr.Tensor', function()
    it('builds from nested tables and reports shape, dtype, device', function()
