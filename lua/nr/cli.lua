@@ -41,19 +41,29 @@ end
 M.show = show
 
 -- Evaluates one REPL input. Returns true when the input is an incomplete statement (the host
--- then reads a continuation line). Expressions print their values; errors print a traceback
--- and the REPL goes on (the error is raised to the host, which reports it).
+-- then reads a continuation line). Expressions print their values; an error prints its message
+-- and traceback (without the REPL's own frames) and the session goes on.
+local function report(msg)
+   local tb = tostring(msg):gsub('\n%s*%[C%]: in function \'xpcall\'.*$', '')
+   io.stderr:write(tb, '\n')
+   io.stderr:flush()
+end
+
 function M.eval(src)
    local chunk, err = loadstring('return ' .. src, '=stdin')
    if not chunk then
       chunk, err = loadstring(src, '=stdin')
       if not chunk then
-         if err:match("'<eof>'$") or err:match('<eof>') then return true end
-         error(err, 0)
+         if err:match('<eof>') then return true end
+         report(err)
+         return false
       end
    end
    local results = {xpcall(chunk, debug.traceback)}
-   if not results[1] then error(results[2], 0) end
+   if not results[1] then
+      report(results[2])
+      return false
+   end
    local n = select('#', unpack(results))
    for i = 2, n do io.write(show(results[i]), '\n') end
    io.flush()
