@@ -1,0 +1,318 @@
+/* data_augment.c — per-sample augmentation in C: random-resized crop, bilinear resize, center
+ * crop, random crop with zero padding, horizontal flip, channel replication / luma, and the
+ * conversion to normalised f32 (C, H, W).
+ *
+ * Invariants: the result is a pure function of (config, source image, key): all randomness is
+ * drawn, in a fixed order (crop box, crop offset, flip), from a generator seeded by key, never
+ * from the global RNG. Resampling is PIL's BILINEAR (triangle filter widened by the scale when
+ * downsampling, i.e. antialiased; pixel centres at +0.5), rounded to uint8 as PIL does, so the
+ * numbers match torchvision's PIL pipeline closely. Crops are windows over the current image:
+ * pixels outside it are zero before normalisation, which is what padding means. Scratch buffers
+ * grow only, so steady state does not allocate.
+ */
+#include "data_internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+void nr_aug_release(nr_aug_scratch *s)
+{
+   free(s->img);
+   free(s->tmp);
+   free(s->bounds);
+   free(s->weights);
+   memset(s, 0, sizeof *s);
+}
+
+/* PIL's precompute_coeffs for the bilinear (triangle) filter on the input span [in0, in0 + len)
+ * (a crop: taps never leave it, as PIL's crop() then resize()), for outputs first..first+count-1
+ * of out_size: output first+i reads input positions bounds[2i] .. bounds[2i] + bounds[2i+1] - 1
+ * with weights k[i * ksize + j]. Positions are absolute. */
+static void coeffs(int in0, int len, int out_size, int first, int count, int32_t *bounds, float *k, int ksize)
+{
+   double scale = (double)len / out_size;
+   double filterscale = scale < 1.0 ? 1.0 : scale;
+   double support = filterscale, ss = 1.0 / filterscale;
+   for (int xx = 0; xx < count; xx++) {
+      double center = (xx + first + 0.5) * scale; /* relative to in0 */
+      int xmin = (int)(center - support + 0.5);
+      if (xmin < 0) xmin = 0;
+      int xmax = (int)(center + support + 0.5);
+      if (xmax > len) xmax = len;
+      xmax -= xmin;
+      if (xmax > ksize) xmax = ksize;
+      double ww = 0;
+      float *kk = k + (size_t)xx * ksize;
+      for (int x = 0; x < xmax; x++) {
+         double t = fabs((x + xmin - center + 0.5) * ss);
+         double w = t < 1.0 ? 1.0 - t : 0.0;
+         kk[x] = (float)w;
+         ww += w;
+      }
+      for (int x = 0; x < xmax; x++) kk[x] = ww != 0 ? (float)(kk[x] / ww) : 0.0f;
+      if (xmax <= 0) { /* degenerate: nearest pixel */
+         xmin = (int)center;
+         if (xmin >= len) xmin = len - 1;
+         if (xmin < 0) xmin = 0;
+         xmax = 1;
+         kk[0] = 1.0f;
+      }
+      bounds[2 * xx] = in0 + xmin;
+      bounds[2 * xx + 1] = xmax;
+   }
+}
+
+/* Resamples the box (x0, y0, bw, bh) of *cur to full_h x full_w and keeps the window of
+ * oh x ow outputs starting at (top, left), into s->img; *cur <- the window (HWC). */
+static nr_status resample(nr_img *cur, int x0, int y0, int bw, int bh, int full_h, int full_w, int top, int left,
+                          int oh, int ow, nr_aug_scratch *s)
+{
+   int c = cur->c;
+   double fsx = (double)bw / full_w, fsy = (double)bh / full_h;
+   int kx = (int)ceil(fsx < 1 ? 1 : fsx) * 2 + 1, ky = (int)ceil(fsy < 1 ? 1 : fsy) * 2 + 1;
+   NR_TRY(nr_data_grow((void **)&s->bounds, &s->bounds_cap, sizeof(int32_t) * 2 * (size_t)(ow + oh)));
+   NR_TRY(nr_data_grow((void **)&s->weights, &s->weights_cap, sizeof(float) * ((size_t)ow * kx + (size_t)oh * ky)));
+   int32_t *bx = s->bounds, *by = s->bounds + 2 * ow;
+   float *wx = s->weights, *wy = s->weights + (size_t)ow * kx;
+   coeffs(x0, bw, full_w, left, ow, bx, wx, kx);
+   coeffs(y0, bh, full_h, top, oh, by, wy, ky);
+   int ylo = by[0], yhi = by[2 * (oh - 1)] + by[2 * (oh - 1) + 1];
+   for (int i = 0; i < oh; i++) {
+      if (by[2 * i] < ylo) ylo = by[2 * i];
+      if (by[2 * i] + by[2 * i + 1] > yhi) yhi = by[2 * i] + by[2 * i + 1];
+   }
+   int rows = yhi - ylo;
+   NR_TRY(nr_data_grow((void **)&s->tmp, &s->tmp_cap, sizeof(float) * (size_t)(rows + 1) * ow * c));
+   NR_TRY(nr_data_grow((void **)&s->img, &s->img_cap, (size_t)oh * ow * c));
+   /* horizontal pass: rows ylo..yhi-1 -> tmp (rows, ow, c) */
+   const int64_t sx = cur->sx, sc = cur->sc;
+   for (int y = 0; y < rows; y++) {
+      const uint8_t *row = cur->p + (int64_t)(y + ylo) * cur->sy;
+      float *t = s->tmp + (size_t)y * ow * c;
+      for (int xx = 0; xx < ow; xx++, t += c) {
+         const float *k = wx + (size_t)xx * kx;
+         const uint8_t *p = row + (int64_t)bx[2 * xx] * sx;
+         int n = bx[2 * xx + 1];
+         if (c == 1) {
+            float a = 0;
+            for (int j = 0; j < n; j++) a += k[j] * p[j * sx];
+            t[0] = a;
+         } else if (c == 3) {
+            float a0 = 0, a1 = 0, a2 = 0;
+            for (int j = 0; j < n; j++, p += sx) {
+               a0 += k[j] * p[0];
+               a1 += k[j] * p[sc];
+               a2 += k[j] * p[2 * sc];
+            }
+            t[0] = a0, t[1] = a1, t[2] = a2;
+         } else {
+            for (int ch = 0; ch < c; ch++) {
+               float a = 0;
+               for (int j = 0; j < n; j++) a += k[j] * p[j * sx + ch * sc];
+               t[ch] = a;
+            }
+         }
+      }
+   }
+   /* vertical pass: tmp -> img (oh, ow, c), rounded and clamped to uint8; rows accumulate
+    * contiguously (vectorisable) into acc, the row after tmp's last */
+   int rowlen = ow * c;
+   float *acc = s->tmp + (size_t)rows * rowlen;
+   for (int yy = 0; yy < oh; yy++) {
+      const float *k = wy + (size_t)yy * ky;
+      int ymin = by[2 * yy] - ylo, n = by[2 * yy + 1];
+      const float *t0 = s->tmp + (size_t)ymin * rowlen;
+      const float k0 = k[0];
+      for (int i = 0; i < rowlen; i++) acc[i] = k0 * t0[i];
+      for (int j = 1; j < n; j++) {
+         const float kj = k[j];
+         const float *tj = t0 + (size_t)j * rowlen;
+         for (int i = 0; i < rowlen; i++) acc[i] += kj * tj[i];
+      }
+      uint8_t *o = s->img + (size_t)yy * rowlen;
+      for (int i = 0; i < rowlen; i++) {
+         float v = acc[i] + 0.5f;
+         o[i] = (uint8_t)(v <= 0.0f ? 0 : v >= 255.0f ? 255 : (int)v);
+      }
+   }
+   *cur = (nr_img){s->img, oh, ow, c, (int64_t)ow * c, c, 1, 0, 0};
+   return NR_OK;
+}
+
+/* torchvision's RandomResizedCrop.get_params. */
+static void rrc_box(nr_drng *r, int h, int w, const nr_loader_config *cfg, int *x0, int *y0, int *bw, int *bh)
+{
+   double area = (double)h * w;
+   double lr0 = log(cfg->ratio_lo), lr1 = log(cfg->ratio_hi);
+   for (int attempt = 0; attempt < 10; attempt++) {
+      double target = area * (cfg->scale_lo + (cfg->scale_hi - cfg->scale_lo) * nr_drng_uniform(r));
+      double ar = exp(lr0 + (lr1 - lr0) * nr_drng_uniform(r));
+      int cw = (int)nearbyint(sqrt(target * ar)), ch = (int)nearbyint(sqrt(target / ar));
+      if (cw > 0 && cw <= w && ch > 0 && ch <= h) {
+         *y0 = (int)nr_drng_below(r, h - ch + 1);
+         *x0 = (int)nr_drng_below(r, w - cw + 1);
+         *bw = cw;
+         *bh = ch;
+         return;
+      }
+   }
+   double in_ratio = (double)w / h;
+   int cw = w, ch = h;
+   if (in_ratio < cfg->ratio_lo) ch = (int)nearbyint(w / cfg->ratio_lo);
+   else if (in_ratio > cfg->ratio_hi) cw = (int)nearbyint(h * cfg->ratio_hi);
+   if (ch < 1) ch = 1;
+   if (cw < 1) cw = 1;
+   *y0 = (h - ch) / 2;
+   *x0 = (w - cw) / 2;
+   *bw = cw;
+   *bh = ch;
+}
+
+/* Output size of a shorter-side (resize_w == 0) or exact resize of an h x w picture. */
+static void resize_dims(const nr_loader_config *cfg, int h, int w, int *oh, int *ow)
+{
+   *oh = cfg->resize_h;
+   *ow = cfg->resize_w;
+   if (*ow <= 0) { /* shorter side to resize_h, as torchvision's Resize(int) */
+      if (h <= w) *ow = (int)((int64_t)*oh * w / h);
+      else *ow = *oh, *oh = (int)((int64_t)*ow * h / w);
+   }
+}
+
+double nr_aug_min_scale(const nr_loader_config *cfg, uint64_t key, int32_t h, int32_t w)
+{
+   if (h <= 0 || w <= 0) return 1.0;
+   if (cfg->random_resized_crop > 0) {
+      nr_drng r = {key};
+      int x0, y0, bw, bh;
+      rrc_box(&r, h, w, cfg, &x0, &y0, &bw, &bh);
+      double fx = (double)cfg->random_resized_crop / bw, fy = (double)cfg->random_resized_crop / bh;
+      return fx > fy ? fx : fy;
+   }
+   if (cfg->resize_h > 0) {
+      int oh, ow;
+      resize_dims(cfg, h, w, &oh, &ow);
+      double fx = (double)ow / w, fy = (double)oh / h;
+      return fx > fy ? fx : fy;
+   }
+   return 1.0;
+}
+
+nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t key, int32_t out_c,
+                       int32_t out_h, int32_t out_w, nr_aug_scratch *s, float *out, const char *path)
+{
+   nr_drng r = {key};
+   nr_img cur = *src;
+   if (cur.h <= 0 || cur.w <= 0) return NR_FAIL(NR_E_FORMAT, "%s: empty image", path);
+   /* boxes and resize targets come from the picture's full size (see nr_img.full_h) */
+   const int fh = cur.full_h > 0 ? cur.full_h : cur.h, fw = cur.full_w > 0 ? cur.full_w : cur.w;
+   if (cfg->random_resized_crop > 0) {
+      int x0, y0, bw, bh, S = cfg->random_resized_crop;
+      rrc_box(&r, fh, fw, cfg, &x0, &y0, &bw, &bh);
+      if (fh != cur.h || fw != cur.w) { /* map the box onto the reduced decode */
+         double sx = (double)cur.w / fw, sy = (double)cur.h / fh;
+         int nx0 = (int)nearbyint(x0 * sx), ny0 = (int)nearbyint(y0 * sy);
+         int nbw = (int)nearbyint(bw * sx), nbh = (int)nearbyint(bh * sy);
+         x0 = nx0 < cur.w - 1 ? nx0 : cur.w - 1;
+         y0 = ny0 < cur.h - 1 ? ny0 : cur.h - 1;
+         bw = nbw < 1 ? 1 : nbw > cur.w - x0 ? cur.w - x0 : nbw;
+         bh = nbh < 1 ? 1 : nbh > cur.h - y0 ? cur.h - y0 : nbh;
+      }
+      NR_TRY(resample(&cur, x0, y0, bw, bh, S, S, 0, 0, S, S, s));
+   } else if (cfg->resize_h > 0) {
+      int oh, ow;
+      resize_dims(cfg, fh, fw, &oh, &ow);
+      if (oh != cur.h || ow != cur.w) {
+         int S = cfg->center_crop;
+         if (S > 0 && S <= oh && S <= ow) { /* resample only the center crop's window */
+            int top = (int)nearbyint((oh - S) / 2.0), left = (int)nearbyint((ow - S) / 2.0);
+            NR_TRY(resample(&cur, 0, 0, cur.w, cur.h, oh, ow, top, left, S, S, s));
+         } else {
+            NR_TRY(resample(&cur, 0, 0, cur.w, cur.h, oh, ow, 0, 0, oh, ow, s));
+         }
+      }
+   }
+   /* crops: a window (wx, wy, ww, wh) over cur; outside cur reads as zero */
+   int wx = 0, wy = 0, ww = cur.w, wh = cur.h;
+   if (cfg->center_crop > 0) {
+      int S = cfg->center_crop;
+      wy += (int)nearbyint((wh - S) / 2.0);
+      wx += (int)nearbyint((ww - S) / 2.0);
+      wh = ww = S;
+   }
+   if (cfg->crop > 0 || cfg->pad > 0) {
+      int Sh = cfg->crop > 0 ? cfg->crop : wh, Sw = cfg->crop > 0 ? cfg->crop : ww, p = cfg->pad;
+      int rh = wh + 2 * p - Sh + 1, rw = ww + 2 * p - Sw + 1;
+      int i = rh > 1 ? (int)nr_drng_below(&r, rh) : 0;
+      int j = rw > 1 ? (int)nr_drng_below(&r, rw) : 0;
+      wy += i - p;
+      wx += j - p;
+      wh = Sh;
+      ww = Sw;
+   }
+   if (wh != out_h || ww != out_w)
+      return NR_FAIL(NR_E_FORMAT, "%s: sample is %dx%d after augmentation but the batch is %dx%d (samples differ in "
+                     "size: use random_resized_crop, center_crop, crop or an exact resize = {h, w})",
+                     path, wh, ww, out_h, out_w);
+   int flip = cfg->flip && (nr_drng_next(&r) >> 63);
+   int mode = cur.c == out_c || (cur.c == 4 && out_c == 3) ? 0 : cur.c == 1 ? 1 : 2;
+   if (out_c == 4 && cur.c != 4) return NR_FAIL(NR_E_ARG, "%s: cannot make 4 channels from %d", path, cur.c);
+   /* output column x reads column xx = wx + x (flipped: wx + out_w - 1 - x); [x0, x1) is in range.
+    * Rows are converted forwards (vectorisable) from the lowest source column, then reversed
+    * when flipped. */
+   int x0, x1;
+   if (!flip) x0 = -wx, x1 = cur.w - wx;
+   else x0 = wx + out_w - cur.w, x1 = wx + out_w;
+   if (x0 < 0) x0 = 0;
+   if (x1 > out_w) x1 = out_w;
+   if (x1 < x0) x1 = x0;
+   const int n = x1 - x0;
+   const int64_t sx = cur.sx;
+   const int64_t first = flip ? (int64_t)(wx + out_w - x1) * sx : (int64_t)(wx + x0) * sx;
+   const size_t plane_len = (size_t)out_h * out_w;
+   float sc0 = 0, b0 = 0;
+   for (int c = 0; c < out_c; c++) {
+      float sc = 1.0f / 255.0f, b = 0.0f;
+      if (cfg->normalize) {
+         sc = 1.0f / (255.0f * cfg->std[c]);
+         b = -cfg->mean[c] / cfg->std[c];
+      }
+      float *oc = out + (size_t)c * plane_len;
+      if (c == 0) sc0 = sc, b0 = b;
+      else if (mode == 1 && sc == sc0 && b == b0) { /* replicated grey, same normalisation */
+         memcpy(oc, out, plane_len * sizeof(float));
+         continue;
+      }
+      const uint8_t *plane = cur.p + (mode == 0 ? c * cur.sc : 0);
+      for (int y = 0; y < out_h; y++) {
+         float *o = oc + (size_t)y * out_w;
+         int yy = wy + y;
+         if (yy < 0 || yy >= cur.h) {
+            for (int x = 0; x < out_w; x++) o[x] = b;
+            continue;
+         }
+         for (int x = 0; x < x0; x++) o[x] = b;
+         for (int x = x1; x < out_w; x++) o[x] = b;
+         const uint8_t *q = plane + (int64_t)yy * cur.sy + first;
+         float *d = o + x0;
+         if (mode != 2) {
+            if (sx == 1)
+               for (int k = 0; k < n; k++) d[k] = (float)q[k] * sc + b;
+            else
+               for (int k = 0; k < n; k++) d[k] = (float)q[k * sx] * sc + b;
+         } else { /* ITU-R 601 luma of RGB, as PIL's convert('L') */
+            const int64_t g = cur.sc, bl = 2 * cur.sc;
+            for (int k = 0; k < n; k++, q += sx)
+               d[k] = (float)((q[0] * 19595 + q[g] * 38470 + q[bl] * 7471 + 32768) >> 16) * sc + b;
+         }
+         if (flip)
+            for (int i = 0, j = n - 1; i < j; i++, j--) {
+               float t = d[i];
+               d[i] = d[j];
+               d[j] = t;
+            }
+      }
+   }
+   return NR_OK;
+}

@@ -1,0 +1,283 @@
+/* data_image.c — PNG (libpng simplified API) and JPEG (libjpeg-turbo's TurboJPEG API) decoding
+ * and encoding: the per-sample decoder of image folders and nr_image_read / nr_image_write_*.
+ *
+ * Invariants: the format is recognised by content (magic bytes), not by extension; decoded
+ * pixels are HWC uint8 in the decoder's grow-only buffers (no allocation per image once they
+ * are large enough); conversions follow PIL (alpha dropped, not composited; RGB -> gray with
+ * ITU-R 601 luma; Adobe CMYK -> RGB); JPEG warnings (extraneous bytes, premature end) are
+ * accepted, errors fail naming the file. Thread-safe: one decoder per thread.
+ */
+#include "data_internal.h"
+
+#include <errno.h>
+#include <png.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <turbojpeg.h>
+
+#define NR_MAX_PIXELS (1ll << 28) /* 268 Mpixels: larger is treated as a corrupt header */
+
+nr_status nr_data_grow(void **buf, size_t *cap, size_t n)
+{
+   if (n <= *cap) return NR_OK;
+   size_t want = n + n / 4 + 4096;
+   void *p = realloc(*buf, want);
+   if (!p) return NR_FAIL(NR_E_OOM, "out of memory (%zu bytes)", want);
+   *buf = p;
+   *cap = want;
+   return NR_OK;
+}
+
+void nr_decoder_release(nr_decoder *d)
+{
+   if (d->tj) tjDestroy(d->tj);
+   free(d->file);
+   free(d->pix);
+   free(d->aux);
+   memset(d, 0, sizeof *d);
+}
+
+static nr_status read_file(nr_decoder *d, const char *path, size_t *size)
+{
+   FILE *f = fopen(path, "rb");
+   if (!f) return NR_FAIL(NR_E_IO, "cannot open %s: %s", path, strerror(errno));
+   nr_status st = NR_OK;
+   long len = -1;
+   if (fseek(f, 0, SEEK_END) == 0) len = ftell(f);
+   if (len < 0 || fseek(f, 0, SEEK_SET) != 0) st = NR_FAIL(NR_E_IO, "cannot read %s: %s", path, strerror(errno));
+   else if (len == 0) st = NR_FAIL(NR_E_FORMAT, "%s: empty file, not an image", path);
+   else if (!(st = nr_data_grow((void **)&d->file, &d->file_cap, (size_t)len)) &&
+            fread(d->file, 1, (size_t)len, f) != (size_t)len)
+      st = NR_FAIL(NR_E_IO, "cannot read %s: %s", path, strerror(errno));
+   fclose(f);
+   *size = (size_t)len;
+   return st;
+}
+
+/* Converts n pixels from sc channels (1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) to dc (1, 3, 4). */
+static void convert_pixels(const uint8_t *s, int sc, uint8_t *o, int dc, int64_t n)
+{
+   for (int64_t i = 0; i < n; i++, s += sc, o += dc) {
+      uint8_t r, g, b, a = sc == 2 ? s[1] : sc == 4 ? s[3] : 255;
+      if (sc <= 2) r = g = b = s[0];
+      else r = s[0], g = s[1], b = s[2];
+      if (dc == 1) o[0] = sc <= 2 ? r : (uint8_t)((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16);
+      else {
+         o[0] = r, o[1] = g, o[2] = b;
+         if (dc == 4) o[3] = a;
+      }
+   }
+}
+
+static nr_status decode_png(nr_decoder *d, const char *path, size_t size, int32_t want, nr_img *out)
+{
+   png_image im;
+   memset(&im, 0, sizeof im);
+   im.version = PNG_IMAGE_VERSION;
+   if (!png_image_begin_read_from_memory(&im, d->file, size))
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: %s", path, im.message);
+   int color = (im.format & PNG_FORMAT_FLAG_COLOR) != 0, alpha = (im.format & PNG_FORMAT_FLAG_ALPHA) != 0;
+   im.format = (color ? PNG_FORMAT_RGB : PNG_FORMAT_GRAY) | (alpha ? PNG_FORMAT_FLAG_ALPHA : 0);
+   int sc = (color ? 3 : 1) + alpha;
+   int dc = want ? want : sc == 2 ? 1 : sc;
+   int64_t npix = (int64_t)im.width * im.height;
+   if (npix <= 0 || npix > NR_MAX_PIXELS) {
+      png_image_free(&im);
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: header gives size %ux%u (corrupt)", path, im.width, im.height);
+   }
+   uint8_t **dst = sc == dc ? &d->pix : &d->aux;
+   size_t *cap = sc == dc ? &d->pix_cap : &d->aux_cap;
+   nr_status st = nr_data_grow((void **)dst, cap, (size_t)(npix * sc));
+   if (st) {
+      png_image_free(&im);
+      return st;
+   }
+   if (!png_image_finish_read(&im, NULL, *dst, 0, NULL))
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: %s", path, im.message);
+   if (sc != dc) {
+      NR_TRY(nr_data_grow((void **)&d->pix, &d->pix_cap, (size_t)(npix * dc)));
+      convert_pixels(d->aux, sc, d->pix, dc, npix);
+   }
+   *out = (nr_img){d->pix, (int32_t)im.height, (int32_t)im.width, dc, (int64_t)im.width * dc, dc, 1, 0, 0};
+   return NR_OK;
+}
+
+/* cfg != NULL: decode reduced by the smallest of 1/2, 1/4, 1/8 that is >= nr_aug_min_scale. */
+static nr_status decode_jpeg(nr_decoder *d, const char *path, size_t size, int32_t want, const nr_loader_config *cfg,
+                             uint64_t key, nr_img *out)
+{
+   if (!d->tj && !(d->tj = tjInitDecompress())) return NR_FAIL(NR_E_INTERNAL, "tjInitDecompress failed");
+   int w = 0, h = 0, subsamp = 0, cs = 0;
+   if (tjDecompressHeader3(d->tj, d->file, (unsigned long)size, &w, &h, &subsamp, &cs) != 0)
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: %s", path, tjGetErrorStr2(d->tj));
+   int64_t npix = (int64_t)w * h;
+   if (w <= 0 || h <= 0 || npix > NR_MAX_PIXELS)
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: header gives size %dx%d (truncated or corrupt)", path, w, h);
+   const int full_w = w, full_h = h;
+   if (cfg) {
+      double need = nr_aug_min_scale(cfg, key, h, w);
+      int nf = 0;
+      tjscalingfactor *sf = tjGetScalingFactors(&nf), best = {1, 1};
+      for (int i = 0; sf && i < nf; i++) {
+         double f = (double)sf[i].num / sf[i].denom;
+         /* only 1/2, 1/4, 1/8: libjpeg-turbo's SIMD reduced IDCTs; 3/8, 5/8, ... are slower
+          * than the full decode */
+         if (sf[i].num == 1 && f <= 1.0 && f >= need && f < (double)best.num / best.denom) best = sf[i];
+      }
+      w = TJSCALED(w, best);
+      h = TJSCALED(h, best);
+      npix = (int64_t)w * h;
+   }
+   int cmyk = cs == TJCS_CMYK || cs == TJCS_YCCK;
+   int sc = cs == TJCS_GRAY ? 1 : cmyk ? 4 : 3;
+   int pf = cs == TJCS_GRAY ? TJPF_GRAY : cmyk ? TJPF_CMYK : TJPF_RGB;
+   int nat = cmyk ? 3 : sc;
+   int dc = want ? want : nat;
+   int direct = !cmyk && sc == dc;
+   uint8_t **dst = direct ? &d->pix : &d->aux;
+   size_t *cap = direct ? &d->pix_cap : &d->aux_cap;
+   NR_TRY(nr_data_grow((void **)dst, cap, (size_t)(npix * sc)));
+   if (tjDecompress2(d->tj, d->file, (unsigned long)size, *dst, w, w * sc, h, pf, 0) != 0 &&
+       tjGetErrorCode(d->tj) != TJERR_WARNING)
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: %s", path, tjGetErrorStr2(d->tj));
+   if (cmyk) { /* Adobe CMYK is stored inverted: R = C * K / 255 */
+      uint8_t *p = d->aux;
+      for (int64_t i = 0; i < npix; i++, p += 4) {
+         int k = p[3];
+         uint8_t r = (uint8_t)((p[0] * k + 127) / 255), g = (uint8_t)((p[1] * k + 127) / 255),
+                 b = (uint8_t)((p[2] * k + 127) / 255);
+         p[0] = r, p[1] = g, p[2] = b, p[3] = 255;
+      }
+      sc = 4; /* now RGBA */
+   }
+   if (!direct) {
+      NR_TRY(nr_data_grow((void **)&d->pix, &d->pix_cap, (size_t)(npix * dc)));
+      convert_pixels(d->aux, sc, d->pix, dc, npix);
+   }
+   *out = (nr_img){d->pix, h, w, dc, (int64_t)w * dc, dc, 1, full_h, full_w};
+   return NR_OK;
+}
+
+static nr_status decode_file(nr_decoder *d, const char *path, int32_t channels, const nr_loader_config *cfg,
+                             uint64_t key, nr_img *out)
+{
+   if (channels != 0 && channels != 1 && channels != 3 && channels != 4)
+      return NR_FAIL(NR_E_ARG, "channels must be 0, 1, 3 or 4, got %d", channels);
+   size_t size = 0;
+   NR_TRY(read_file(d, path, &size));
+   const uint8_t *b = d->file;
+   if (size >= 8 && !memcmp(b, "\x89PNG\r\n\x1a\n", 8)) return decode_png(d, path, size, channels, out);
+   if (size >= 3 && b[0] == 0xff && b[1] == 0xd8 && b[2] == 0xff)
+      return decode_jpeg(d, path, size, channels, cfg, key, out);
+   return NR_FAIL(NR_E_FORMAT, "%s: undecodable image: not a PNG or JPEG file (first bytes %02x %02x %02x %02x)",
+                  path, b[0], size > 1 ? b[1] : 0, size > 2 ? b[2] : 0, size > 3 ? b[3] : 0);
+}
+
+nr_status nr_image_decode_file(nr_decoder *d, const char *path, int32_t channels, nr_img *out)
+{
+   return decode_file(d, path, channels, NULL, 0, out);
+}
+
+nr_status nr_image_decode_file_fast(nr_decoder *d, const char *path, int32_t channels, const nr_loader_config *cfg,
+                                    uint64_t key, nr_img *out)
+{
+   return decode_file(d, path, channels, cfg, key, out);
+}
+
+nr_tensor *nr_image_read(const char *path, int32_t channels)
+{
+   if (!path) {
+      NR_FAIL(NR_E_ARG, "path is NULL");
+      return NULL;
+   }
+   nr_decoder d = {0};
+   nr_img im;
+   nr_tensor *t = NULL;
+   if (nr_image_decode_file(&d, path, channels, &im) == NR_OK) {
+      int64_t shape[3] = {im.c, im.h, im.w};
+      t = nr_tensor_new(NR_U8, NR_CPU, 3, shape);
+      if (t) {
+         uint8_t *o = t->data;
+         for (int c = 0; c < im.c; c++)
+            for (int64_t i = 0; i < (int64_t)im.h * im.w; i++) *o++ = im.p[i * im.c + c];
+      }
+   }
+   nr_decoder_release(&d);
+   return t;
+}
+
+/* HWC copy of a uint8 (C, H, W) tensor; caller frees. */
+static uint8_t *to_hwc(const nr_tensor *img, const int *allowed, const char *fmt)
+{
+   if (nr_check_tensor("nr_image_write", "img", img, NR_U8, NR_CPU, 3, NULL)) return NULL;
+   int c = (int)img->shape[0], ok = 0;
+   for (int i = 0; allowed[i]; i++) ok |= allowed[i] == c;
+   if (!ok || img->shape[1] <= 0 || img->shape[2] <= 0 || img->shape[1] > 65535 || img->shape[2] > 65535) {
+      NR_FAIL(NR_E_ARG, "img: cannot write a %s of %lld channels, %lldx%lld", fmt, (long long)img->shape[0],
+              (long long)img->shape[1], (long long)img->shape[2]);
+      return NULL;
+   }
+   int64_t h = img->shape[1], w = img->shape[2];
+   uint8_t *buf = malloc((size_t)(c * h * w));
+   if (!buf) {
+      NR_FAIL(NR_E_OOM, "out of memory");
+      return NULL;
+   }
+   const uint8_t *p = img->data;
+   for (int64_t y = 0; y < h; y++)
+      for (int64_t x = 0; x < w; x++)
+         for (int k = 0; k < c; k++)
+            buf[(y * w + x) * c + k] = p[k * img->stride[0] + y * img->stride[1] + x * img->stride[2]];
+   return buf;
+}
+
+nr_status nr_image_write_png(const nr_tensor *img, const char *path)
+{
+   static const int allowed[] = {1, 3, 4, 0};
+   uint8_t *buf = to_hwc(img, allowed, "PNG");
+   if (!buf) return nr_fail_wrap(NR_E_ARG, __func__);
+   int c = (int)img->shape[0];
+   png_image im;
+   memset(&im, 0, sizeof im);
+   im.version = PNG_IMAGE_VERSION;
+   im.width = (png_uint_32)img->shape[2];
+   im.height = (png_uint_32)img->shape[1];
+   im.format = c == 1 ? PNG_FORMAT_GRAY : c == 3 ? PNG_FORMAT_RGB : PNG_FORMAT_RGBA;
+   png_alloc_size_t len = 0;
+   nr_status st = NR_OK;
+   if (!png_image_write_to_memory(&im, NULL, &len, 0, buf, 0, NULL)) {
+      st = NR_FAIL(NR_E_INTERNAL, "%s: libpng: %s", path, im.message);
+   } else {
+      void *mem = malloc(len);
+      if (!mem) st = NR_FAIL(NR_E_OOM, "out of memory");
+      else if (!png_image_write_to_memory(&im, mem, &len, 0, buf, 0, NULL))
+         st = NR_FAIL(NR_E_INTERNAL, "%s: libpng: %s", path, im.message);
+      else st = nr_file_write_atomic(path, mem, (int64_t)len);
+      free(mem);
+   }
+   free(buf);
+   return st;
+}
+
+nr_status nr_image_write_jpeg(const nr_tensor *img, const char *path, int32_t quality)
+{
+   static const int allowed[] = {1, 3, 0};
+   if (quality < 1 || quality > 100) return NR_FAIL(NR_E_ARG, "quality must be in 1..100, got %d", quality);
+   uint8_t *buf = to_hwc(img, allowed, "JPEG");
+   if (!buf) return nr_fail_wrap(NR_E_ARG, __func__);
+   int c = (int)img->shape[0], w = (int)img->shape[2], h = (int)img->shape[1];
+   tjhandle tj = tjInitCompress();
+   nr_status st = NR_OK;
+   unsigned char *jpeg = NULL;
+   unsigned long len = 0;
+   if (!tj) st = NR_FAIL(NR_E_INTERNAL, "tjInitCompress failed");
+   else if (tjCompress2(tj, buf, w, w * c, h, c == 1 ? TJPF_GRAY : TJPF_RGB, &jpeg, &len,
+                        c == 1 ? TJSAMP_GRAY : TJSAMP_420, quality, 0) != 0)
+      st = NR_FAIL(NR_E_INTERNAL, "%s: TurboJPEG: %s", path, tjGetErrorStr2(tj));
+   else st = nr_file_write_atomic(path, jpeg, (int64_t)len);
+   if (jpeg) tjFree(jpeg);
+   if (tj) tjDestroy(tj);
+   free(buf);
+   return st;
+}

@@ -1,0 +1,456 @@
+-- nr.data — datasets and the batch loader (the C side is core/data_*.c, declared in core/nr.h).
+--
+-- What it is: nr.data.dataset{...} opens MNIST / Fashion-MNIST (IDX, gzipped or not), CIFAR-10 /
+-- CIFAR-100 (binary) or an image folder (root/<split>/<class>/*.png|jpg, ImageNet layout);
+-- nr.data.loader(ds, opts) decodes and augments on background C threads and yields f32
+-- (B, C, H, W) images and int64 (B) labels in order; nr.data.stats(name) gives mean/std;
+-- nr.data.read_image / write_png / write_jpeg handle single image files.
+-- Invariants:
+--  * Sample indices are 1-based here (ds:get(i)), class ids 0-based (as the datasets store them).
+--  * The loader's output depends only on (dataset, options, seed, epoch): the shuffle comes from
+--    (seed, epoch) and each sample's augmentation from (seed, epoch, sample index), never from
+--    the global generator (nr.manual_seed), so thread count, timing and resuming at epoch k do
+--    not change what is seen.
+--  * The x, y yielded by loader:epoch(e) are the loader's own buffers, recycled: they stay valid
+--    until the next iteration step (or loader:close()); clone() them to keep them. No memory is
+--    allocated per batch in steady state.
+--  * Bad data is a Lua error naming the file and what is wrong, raised when the dataset is
+--    opened where it can be detected then (missing files, magic, sizes, counts, labels, layout),
+--    else by the iteration step that reaches the bad sample (undecodable image), which also
+--    ends the epoch without leaving threads behind.
+local nrffi = require 'nr.ffi'
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+local ffi, C = nrffi.ffi, nrffi.C
+
+local M = {}
+
+local FASHION_ROOT = '/usr/share/datasets/fashion-mnist'
+
+local STATS = {
+   mnist = {mean = {0.1307}, std = {0.3081}},
+   ['fashion-mnist'] = {mean = {0.2860}, std = {0.3530}},
+   cifar10 = {mean = {0.4914, 0.4822, 0.4465}, std = {0.2470, 0.2435, 0.2616}},
+   cifar100 = {mean = {0.5071, 0.4865, 0.4409}, std = {0.2673, 0.2564, 0.2762}},
+   imagenet = {mean = {0.485, 0.456, 0.406}, std = {0.229, 0.224, 0.225}},
+}
+STATS.imagefolder = STATS.imagenet
+
+local CLASS_NAMES = {
+   ['fashion-mnist'] = {'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
+                        'Bag', 'Ankle boot'},
+   mnist = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9'},
+   cifar10 = {'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'},
+}
+
+-- Per-channel mean/std (fractions of 255) of a known dataset: {mean = {...}, std = {...}}.
+function M.stats(name)
+   local s = STATS[name]
+   if not s then
+      local known = {}
+      for k in pairs(STATS) do known[#known + 1] = k end
+      table.sort(known)
+      error(string.format('nr.data.stats: no statistics for %q (known: %s)', tostring(name), table.concat(known, ', ')), 2)
+   end
+   return {mean = {unpack(s.mean)}, std = {unpack(s.std)}}
+end
+
+-- ---- helpers -------------------------------------------------------------------------------
+
+local function exists(path)
+   local f = io.open(path, 'rb')
+   if f then f:close() return true end
+   return false
+end
+
+local function expand(path, fname)
+   return (path:gsub('%$([%w_]+)', function(v)
+      local val = os.getenv(v)
+      if not val or val == '' then
+         error(string.format('%s: root %q uses $%s, which is not set', fname, path, v), 5)
+      end
+      return val
+   end))
+end
+
+local function c_error(where, level)
+   error(where .. ': ' .. ffi.string(C.nr_last_error()), level + 1)
+end
+
+-- ---- datasets ------------------------------------------------------------------------------
+
+local Dataset = {}
+Dataset.__index = Dataset
+Dataset.__typename = 'nr.data.Dataset'
+
+local function live_ds(ds)
+   local c = rawget(ds, 'c')
+   if c == nil then error('nr.data.Dataset: use of a closed dataset', 3) end
+   return c
+end
+
+function Dataset:size() return tonumber(C.nr_dataset_size(live_ds(self))) end
+Dataset.__len = Dataset.size
+
+-- Label (class id, 0-based) of sample i (1-based).
+function Dataset:label(i)
+   local c = live_ds(self)
+   check.arg(type(i) == 'number' and i >= 1 and i <= self:size(), 'Dataset:label', 'sample %s outside 1..%d', tostring(i), self:size())
+   return tonumber(C.nr_dataset_label(c, i - 1))
+end
+
+-- File of sample i (image folders), else nil.
+function Dataset:path(i)
+   local p = C.nr_dataset_path(live_ds(self), i - 1)
+   if p == nil then return nil end
+   return ffi.string(p)
+end
+
+-- Sample i (1-based) as (uint8 (C, H, W) tensor, class id).
+function Dataset:get(i)
+   local c = live_ds(self)
+   check.arg(type(i) == 'number' and i >= 1 and i <= self:size(), 'Dataset:get', 'sample %s outside 1..%d', tostring(i), self:size())
+   local p = C.nr_dataset_image(c, i - 1)
+   if p == nil then c_error('Dataset:get', 2) end
+   return T.Tensor._wrap(p), tonumber(C.nr_dataset_label(c, i - 1))
+end
+
+function Dataset:close()
+   local c = rawget(self, 'c')
+   if c ~= nil then
+      ffi.gc(c, nil)
+      C.nr_dataset_free(c)
+      self.c = nil
+   end
+end
+
+function Dataset:__tostring()
+   return string.format('nr.data.Dataset %s %s (%d samples, %d classes, %s)', self.name, self.split, self:size(), self.classes,
+      self.height and string.format('%dx%dx%d', self.channels, self.height, self.width) or 'varying size')
+end
+
+local function wrap_dataset(p, info)
+   local ds = setmetatable(info, Dataset)
+   ds.c = ffi.gc(p, C.nr_dataset_free)
+   ds.classes = C.nr_dataset_classes(p)
+   ds.channels = C.nr_dataset_channels(p)
+   local h, w = C.nr_dataset_height(p), C.nr_dataset_width(p)
+   if h > 0 then ds.height, ds.width = h, w end
+   return ds
+end
+
+local IDX_NAMES = {
+   train = {'train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 'train-images.idx3-ubyte', 'train-labels.idx1-ubyte'},
+   test = {'t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte', 't10k-images.idx3-ubyte', 't10k-labels.idx1-ubyte'},
+}
+
+local function find_idx(root, split)
+   local names = IDX_NAMES[split]
+   for k = 1, #names, 2 do
+      for _, ext in ipairs({'.gz', ''}) do
+         local im, lb = root .. '/' .. names[k] .. ext, root .. '/' .. names[k + 1] .. ext
+         if exists(im) then
+            for _, ext2 in ipairs({'.gz', ''}) do
+               local l2 = root .. '/' .. names[k + 1] .. ext2
+               if exists(l2) then return im, l2 end
+            end
+            return im, lb -- labels missing: reported below
+         end
+      end
+   end
+   return nil
+end
+
+local function open_idx(name, root, split)
+   local title = name == 'mnist' and 'MNIST' or 'Fashion-MNIST'
+   local how = name == 'fashion-mnist'
+      and ('install it with `apt-get install dataset-fashion-mnist` (files go to ' .. FASHION_ROOT .. ') or download the four '
+           .. '*-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist and point --data at their folder')
+      or 'download the four *-ubyte.gz files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-...) and point --data at their folder'
+   if not exists(root) then
+      error(string.format('nr.data.dataset: %s not found: folder %s does not exist; %s', title, root, how), 3)
+   end
+   local im, lb = find_idx(root, split)
+   if not im then
+      error(string.format('nr.data.dataset: %s not found in %s: no %s(.gz); %s', title, root, IDX_NAMES[split][1], how), 3)
+   end
+   if not exists(lb) then
+      error(string.format('nr.data.dataset: %s: %s is present but its labels %s(.gz) are missing; %s', title, im, IDX_NAMES[split][2], how), 3)
+   end
+   local p = C.nr_dataset_open_idx(im, lb, 10)
+   if p == nil then c_error('nr.data.dataset', 3) end
+   return p
+end
+
+local DATASET_OPTS = {name = true, root = true, split = true, coarse = true}
+
+-- nr.data.dataset{name = 'fashion-mnist'|'mnist'|'cifar10'|'cifar100'|'imagefolder', root = DIR,
+--                 split = 'train'|'test' (imagefolder: any subfolder, 'test' falls back to 'val'),
+--                 coarse = false (CIFAR-100: the 20 coarse labels instead of the 100 fine)}
+function M.dataset(opts)
+   local fname = 'nr.data.dataset'
+   check.arg(type(opts) == 'table', fname, 'expected a table {name = ..., root = ..., split = ...}')
+   check.options(opts, DATASET_OPTS, fname)
+   local name, split = opts.name, opts.split or 'train'
+   check.arg(type(name) == 'string', fname, 'name must be a string (fashion-mnist, mnist, cifar10, cifar100, imagefolder)')
+   check.arg(type(split) == 'string', fname, 'split must be a string')
+   local root = opts.root
+   if root == nil then
+      if name == 'fashion-mnist' then root = FASHION_ROOT
+      elseif os.getenv('NR_DATA') and os.getenv('NR_DATA') ~= '' then root = os.getenv('NR_DATA') .. '/' .. name
+      else error(string.format('%s: %s needs root = DIR (or set NR_DATA, then $NR_DATA/%s is used)', fname, name, name), 2) end
+   end
+   check.arg(type(root) == 'string', fname, 'root must be a string')
+   root = expand(root, fname)
+   local p, info = nil, {name = name, split = split, root = root}
+   if name == 'mnist' or name == 'fashion-mnist' then
+      check.arg(split == 'train' or split == 'test', fname, 'split must be train or test, got %q', split)
+      p = open_idx(name, root, split)
+   elseif name == 'cifar10' or name == 'cifar100' then
+      check.arg(split == 'train' or split == 'test', fname, 'split must be train or test, got %q', split)
+      p = C.nr_dataset_open_cifar(root, name == 'cifar10' and 10 or 100, split == 'train' and 1 or 0, opts.coarse and 1 or 0)
+      if p == nil then c_error(fname, 2) end
+   elseif name == 'imagefolder' then
+      if not exists(root) then
+         error(string.format('%s: image folder %s does not exist (expected %s/{train,val}/<class>/*.jpg|png, ImageNet layout; '
+            .. 'point --data at it)', fname, root, root), 2)
+      end
+      local dir = root .. '/' .. split
+      if not exists(dir) then
+         local alt = split == 'test' and 'val' or split == 'val' and 'test' or nil
+         if alt and exists(root .. '/' .. alt) then dir = root .. '/' .. alt
+         else
+            error(string.format('%s: image folder %s has no %s/ subfolder (expected %s/%s/<class>/*.jpg|png, ImageNet layout; '
+               .. 'point --data at the folder that holds train/ and val/)', fname, root, split, root, split), 2)
+         end
+      end
+      info.dir = dir
+      p = C.nr_dataset_open_imagefolder(dir)
+      if p == nil then c_error(fname, 2) end
+   else
+      error(string.format('%s: unknown dataset %q (fashion-mnist, mnist, cifar10, cifar100, imagefolder)', fname, name), 2)
+   end
+   local ds = wrap_dataset(p, info)
+   if name == 'imagefolder' then
+      local names = {}
+      for k = 0, ds.classes - 1 do names[k + 1] = ffi.string(C.nr_dataset_class_name(p, k)) end
+      ds.class_names = names
+   elseif CLASS_NAMES[name] then
+      ds.class_names = {unpack(CLASS_NAMES[name])}
+   end
+   return ds
+end
+
+-- ---- images --------------------------------------------------------------------------------
+
+-- uint8 (C, H, W) tensor from a PNG or JPEG file; channels 0 (as stored), 1, 3 or 4.
+function M.read_image(path, channels)
+   check.type(path, 'string', 'nr.data.read_image', 'path')
+   local p = C.nr_image_read(path, channels or 0)
+   if p == nil then c_error('nr.data.read_image', 2) end
+   return T.Tensor._wrap(p)
+end
+
+-- img: uint8 (C, H, W) CPU tensor, C in 1, 3, 4.
+function M.write_png(img, path)
+   check.arg(T.is_tensor(img), 'nr.data.write_png', 'img must be a uint8 (C, H, W) tensor')
+   check.status(C.nr_image_write_png(img.c, path), 'nr.data.write_png')
+end
+
+-- img: uint8 (C, H, W) CPU tensor, C in 1, 3; quality 1..100 (default 90).
+function M.write_jpeg(img, path, quality)
+   check.arg(T.is_tensor(img), 'nr.data.write_jpeg', 'img must be a uint8 (C, H, W) tensor')
+   check.status(C.nr_image_write_jpeg(img.c, path, quality or 90), 'nr.data.write_jpeg')
+end
+
+-- ---- loader --------------------------------------------------------------------------------
+
+local Loader = {}
+Loader.__index = Loader
+Loader.__typename = 'nr.data.Loader'
+
+local LOADER_OPTS = {batch = true, shuffle = true, drop_last = true, seed = true, threads = true, prefetch = true,
+                     augment = true, shard = true}
+local AUGMENT_OPTS = {pad = true, crop = true, flip = true, resize = true, random_resized_crop = true,
+                      center_crop = true, channels = true, normalize = true, scale = true, ratio = true,
+                      fast_decode = true}
+
+local function size_opt(v, fname, name)
+   if v == nil or v == false then return 0 end
+   check.arg(type(v) == 'number' and v >= 1 and v == math.floor(v), fname, 'augment.%s must be a positive integer, got %s', name, tostring(v))
+   return v
+end
+
+-- $NR_DATA_THREADS, else half the compute threads, at least 2 and at most 8.
+local function default_threads()
+   local env = tonumber(os.getenv('NR_DATA_THREADS') or '')
+   if env and env >= 1 then return math.floor(env) end
+   return math.max(2, math.min(8, math.floor(C.nr_get_num_threads() / 2)))
+end
+
+-- nr.data.loader(ds, {batch = 128, shuffle = false, drop_last = false, seed = 0, threads = (see
+--   default_threads), prefetch = 4, augment = {...}, shard = {rank = 0, size = 1}})
+-- prefetch batches are decoded ahead while the consumer holds one: memory is
+-- (prefetch + 1) * batch * C * H * W * 4 bytes.
+-- augment: pad = P, crop = S (random crop after zero padding P; crop defaults to the input
+--   size), flip = true, resize = N (shorter side) | {h, w}, random_resized_crop = S (with
+--   scale = {0.08, 1}, ratio = {3/4, 4/3}), center_crop = S, channels = 1|3 (1 -> 3 replicates),
+--   normalize = true (nr.data.stats of the dataset) | {mean = {...}, std = {...}} (one value
+--   applies to every channel), fast_decode = true (JPEGs decode reduced by DCT scaling when the
+--   resize / random-resized crop shrinks them anyway: several times faster for small outputs such
+--   as 128, close to but not bitwise equal to the full decode). Order: random_resized_crop |
+--   resize, center_crop, pad + crop, flip, channels, /255, normalize.
+function M.loader(ds, opts)
+   local fname = 'nr.data.loader'
+   check.arg(getmetatable(ds) == Dataset, fname, 'first argument must be a dataset from nr.data.dataset')
+   opts = check.options(opts, LOADER_OPTS, fname)
+   local aug = check.options(opts.augment, AUGMENT_OPTS, fname .. ' augment')
+   local cfg = ffi.new('nr_loader_config')
+   local batch = opts.batch or 128
+   check.int(batch, fname, 'batch', 1)
+   cfg.batch = batch
+   cfg.shuffle = opts.shuffle and 1 or 0
+   cfg.drop_last = opts.drop_last and 1 or 0
+   local seed = opts.seed or 0
+   check.int(seed, fname, 'seed', 0)
+   cfg.seed = seed
+   local threads = opts.threads or default_threads()
+   check.int(threads, fname, 'threads', 1)
+   cfg.threads = threads
+   local prefetch = opts.prefetch or 4
+   check.int(prefetch, fname, 'prefetch', 1)
+   cfg.prefetch = prefetch
+   local shard = opts.shard or {}
+   check.arg(type(shard) == 'table', fname, 'shard must be {rank = r, size = n}')
+   local rank, size = shard.rank or 0, shard.size or 1
+   check.int(size, fname, 'shard.size', 1)
+   check.int(rank, fname, 'shard.rank', 0)
+   check.arg(rank < size, fname, 'shard.rank %d must be < shard.size %d', rank, size)
+   cfg.shard_rank, cfg.shard_size = rank, size
+   cfg.pad = size_opt(aug.pad, fname, 'pad')
+   cfg.crop = size_opt(aug.crop, fname, 'crop')
+   cfg.flip = aug.flip and 1 or 0
+   cfg.fast_decode = aug.fast_decode and 1 or 0
+   cfg.center_crop = size_opt(aug.center_crop, fname, 'center_crop')
+   if type(aug.resize) == 'table' then
+      cfg.resize_h = size_opt(aug.resize[1], fname, 'resize[1]')
+      cfg.resize_w = size_opt(aug.resize[2], fname, 'resize[2]')
+   else
+      cfg.resize_h = size_opt(aug.resize, fname, 'resize')
+   end
+   cfg.random_resized_crop = size_opt(aug.random_resized_crop, fname, 'random_resized_crop')
+   local scale, ratio = aug.scale or {0.08, 1.0}, aug.ratio or {3 / 4, 4 / 3}
+   check.arg(type(scale) == 'table' and type(ratio) == 'table', fname, 'augment.scale and augment.ratio must be {lo, hi}')
+   cfg.scale_lo, cfg.scale_hi, cfg.ratio_lo, cfg.ratio_hi = scale[1], scale[2], ratio[1], ratio[2]
+   local channels = aug.channels or ds.channels
+   check.arg(channels == 1 or channels == 3, fname, 'augment.channels must be 1 or 3, got %s', tostring(channels))
+   cfg.channels = channels
+   local norm = aug.normalize
+   if norm == true then
+      check.arg(STATS[ds.name] ~= nil, fname, 'augment.normalize = true needs known statistics for %q; pass {mean = ..., std = ...}', ds.name)
+      norm = STATS[ds.name]
+   end
+   if norm then
+      check.arg(type(norm) == 'table' and type(norm.mean) == 'table' and type(norm.std) == 'table', fname,
+         'augment.normalize must be true or {mean = {...}, std = {...}}')
+      check.arg((#norm.mean == 1 or #norm.mean == channels) and #norm.std == #norm.mean, fname,
+         'augment.normalize: mean and std need 1 or %d values, got %d and %d', channels, #norm.mean, #norm.std)
+      cfg.normalize = 1
+      for k = 1, channels do
+         local m, s = norm.mean[#norm.mean == 1 and 1 or k], norm.std[#norm.std == 1 and 1 or k]
+         check.arg(type(m) == 'number' and type(s) == 'number' and s > 0, fname, 'augment.normalize: bad mean/std for channel %d', k)
+         cfg.mean[k - 1], cfg.std[k - 1] = m, s
+      end
+   end
+   local p = C.nr_loader_new(live_ds(ds), cfg)
+   if p == nil then c_error(fname, 2) end
+   local l = setmetatable({dataset = ds, c = ffi.gc(p, C.nr_loader_free), batch = batch, threads = threads,
+                           _slot = ffi.new('int32_t[1]'), _count = ffi.new('int32_t[1]'), _x = {}, _y = {}, _part = {}}, Loader)
+   local shape = ffi.new('int64_t[4]')
+   C.nr_loader_output_shape(p, shape)
+   l.shape = {tonumber(shape[0]), tonumber(shape[1]), tonumber(shape[2]), tonumber(shape[3])}
+   local z4, z1 = ffi.new('int64_t[4]'), ffi.new('int64_t[1]')
+   for s = 0, C.nr_loader_nslots(p) - 1 do
+      local x, y = C.nr_loader_buffer(p, s, 0), C.nr_loader_buffer(p, s, 1)
+      for d = 0, 3 do z4[d] = x.stride[d] end
+      z1[0] = 1
+      l._x[s + 1] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(x, 4, x.shape, z4, 0), fname, 2))
+      l._y[s + 1] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(y, 1, y.shape, z1, 0), fname, 2))
+   end
+   return l
+end
+
+local function live_loader(l)
+   local c = rawget(l, 'c')
+   if c == nil then error('nr.data.Loader: use of a closed loader', 3) end
+   return c
+end
+
+function Loader:nbatches() return tonumber(C.nr_loader_nbatches(live_loader(self))) end
+-- Samples per epoch seen by this shard (before drop_last).
+function Loader:samples() return tonumber(C.nr_loader_samples(live_loader(self))) end
+
+-- The epoch's order for this shard: int64 tensor of 0-based dataset indices.
+function Loader:indices(e)
+   local c = live_loader(self)
+   check.int(e, 'Loader:indices', 'epoch', 1)
+   local out = T.empty({self:samples()}, {dtype = 'int64'})
+   check.status(C.nr_loader_indices(c, e, out.c), 'Loader:indices')
+   return out
+end
+
+-- for x, y in loader:epoch(e) do ... end; e is the 1-based epoch. x, y are recycled buffers.
+function Loader:epoch(e)
+   local c = live_loader(self)
+   check.int(e, 'Loader:epoch', 'epoch', 1)
+   check.status(C.nr_loader_start(c, e), 'Loader:epoch')
+   local run = (self._run or 0) + 1
+   self._run = run
+   local slot, count, B = self._slot, self._count, self.batch
+   local done = false
+   return function()
+      if done then return nil end
+      if rawget(self, 'c') == nil then error('nr.data.Loader: the loader was closed during its epoch', 2) end
+      if self._run ~= run then error('nr.data.Loader: this epoch was replaced by a later loader:epoch() call', 2) end
+      local st = C.nr_loader_next(c, slot, count)
+      if st ~= 0 then
+         done = true
+         error('nr.data.Loader:epoch(' .. e .. '): ' .. ffi.string(C.nr_last_error()), 2)
+      end
+      local n = count[0]
+      if n == 0 then
+         done = true
+         return nil
+      end
+      local s = slot[0] + 1
+      if n == B then return self._x[s], self._y[s] end
+      local part = self._part[s]
+      if not part or part.n ~= n then
+         part = {n = n, x = self._x[s]:narrow(1, 1, n), y = self._y[s]:narrow(1, 1, n)}
+         self._part[s] = part
+      end
+      return part.x, part.y
+   end
+end
+
+-- Stops the workers and frees the buffers (tensors the loader yielded become invalid).
+function Loader:close()
+   local c = rawget(self, 'c')
+   if c == nil then return end
+   ffi.gc(c, nil)
+   C.nr_loader_free(c)
+   self.c = nil
+   for _, list in ipairs({self._x, self._y}) do
+      for _, t in ipairs(list) do t:free() end
+   end
+   for _, part in pairs(self._part) do part.x:free(); part.y:free() end
+   self._x, self._y, self._part = {}, {}, {}
+end
+
+function Loader:__tostring()
+   return string.format('nr.data.Loader %s (%d batches of [%s], %d threads)', self.dataset.name,
+      rawget(self, 'c') and self:nbatches() or 0, table.concat(self.shape, ' x '), self.threads)
+end
+
+M.Dataset, M.Loader = Dataset, Loader
+return M

@@ -1,0 +1,680 @@
+-- Data pipeline: IDX (raw and gzipped), CIFAR-10/100 binary and PNG/JPEG image folders generated
+-- in a temp dir (NR_TEST_TMP or /tmp); decoded values and labels; augmentation numerics;
+-- determinism across runs and thread counts; shard disjointness; every corrupt-input error;
+-- clean shutdown; and the real Fashion-MNIST files when installed.
+-- Tolerances: exact for lossless paths (IDX, CIFAR, PNG, x/255 in f32 within 1e-6); JPEG
+-- quality 100 within 12 grey levels of the source (4:2:0 chroma subsampling).
+local nr = require 'nr'
+local bit = require 'bit'
+
+local BASE
+do -- a unique folder per run (os.tmpname creates a unique file; its name is reused)
+   local tmp = os.tmpname()
+   os.remove(tmp)
+   BASE = (os.getenv('NR_TEST_TMP') or '/tmp') .. '/nr-data-spec-' .. tmp:match('[^/]+$')
+end
+
+local function sh(cmd)
+   local ok = os.execute(cmd)
+   assert(ok == 0 or ok == true, 'command failed: ' .. cmd)
+end
+local function mkdir(p) sh('mkdir -p "' .. p .. '"') end
+local function write(path, s)
+   local f = assert(io.open(path, 'wb'))
+   f:write(s)
+   f:close()
+end
+local function read(path)
+   local f = assert(io.open(path, 'rb'))
+   local s = f:read('*a')
+   f:close()
+   return s
+end
+local function be32(n)
+   return string.char(bit.band(bit.rshift(n, 24), 255), bit.band(bit.rshift(n, 16), 255),
+      bit.band(bit.rshift(n, 8), 255), bit.band(n, 255))
+end
+local function gzip(path) sh(string.format('gzip -c "%s" > "%s.gz"', path, path)) end
+
+-- IDX pixel pattern and label of image i (0-based), pixel (y, x)
+local function pix(i, y, x) return (i * 37 + y * 5 + x * 3) % 256 end
+local N, H, W = 50, 8, 8
+
+local function idx_images(n, h, w, magic, fn)
+   fn = fn or pix
+   local parts = {be32(magic or 0x803), be32(n), be32(h), be32(w)}
+   for i = 0, n - 1 do
+      local row = {}
+      for y = 0, h - 1 do for x = 0, w - 1 do row[#row + 1] = string.char(fn(i, y, x)) end end
+      parts[#parts + 1] = table.concat(row)
+   end
+   return table.concat(parts)
+end
+local function idx_labels(n, fn)
+   local parts = {be32(0x801), be32(n)}
+   for i = 0, n - 1 do parts[#parts + 1] = string.char(fn and fn(i) or i % 10) end
+   return table.concat(parts)
+end
+
+-- MNIST-layout folder; opts: images/labels strings override, gz = true also writes .gz only
+local function make_idx(dir, opts)
+   opts = opts or {}
+   mkdir(dir)
+   local im, lb = dir .. '/train-images-idx3-ubyte', dir .. '/train-labels-idx1-ubyte'
+   write(im, opts.images or idx_images(N, H, W))
+   write(lb, opts.labels or idx_labels(N))
+   if opts.gz then
+      gzip(im); gzip(lb)
+      os.remove(im); os.remove(lb)
+   end
+   return dir
+end
+
+local function cifar_pix(r, c, y, x) return (r * 11 + c * 50 + y * 3 + x) % 256 end
+local function cifar_records(first, n, labels_fn)
+   local parts = {}
+   for r = first, first + n - 1 do
+      local rec = {labels_fn(r)}
+      for c = 0, 2 do for y = 0, 31 do for x = 0, 31 do rec[#rec + 1] = string.char(cifar_pix(r, c, y, x)) end end end
+      parts[#parts + 1] = table.concat(rec)
+   end
+   return table.concat(parts)
+end
+
+-- uint8 (C, H, W) tensor with fn(c, y, x)
+local function image(c, h, w, fn)
+   local t = nr.empty({c, h, w}, {dtype = 'uint8'})
+   local p = t:data()
+   for k = 0, c - 1 do for y = 0, h - 1 do for x = 0, w - 1 do p[(k * h + y) * w + x] = fn(k, y, x) end end end
+   return t
+end
+local function rgb_fn(k, y, x) return (k * 60 + y * 9 + x * 7) % 256 end
+local function smooth_fn(k, y, x) return 40 + k * 30 + y * 4 + x * 3 end
+
+local function collect(loader, e)
+   local xs, ys = {}, {}
+   for x, y in loader:epoch(e) do
+      xs[#xs + 1] = x:clone()
+      ys[#ys + 1] = y:totable()
+   end
+   return xs, ys
+end
+local function same_batches(a, b)
+   if #a ~= #b then return false end
+   for i = 1, #a do
+      local sa, sb = a[i]:shape(), b[i]:shape()
+      if table.concat(sa, 'x') ~= table.concat(sb, 'x') then return false end
+      if (a[i] - b[i]):abs():max() ~= 0 then return false end
+   end
+   return true
+end
+local function err_of(fn, ...)
+   local ok, err = pcall(fn, ...)
+   assert.is_false(ok, 'expected an error')
+   return tostring(err)
+end
+
+describe('nr.data', function()
+   setup(function() mkdir(BASE) end)
+   teardown(function() if os.getenv("NR_KEEP") then return end sh('rm -rf "' .. BASE .. '"') end)
+
+   describe('IDX', function()
+      it('decodes raw and gzipped files to the same values and labels', function()
+         local raw = nr.data.dataset{name = 'mnist', root = make_idx(BASE .. '/idx_raw'), split = 'train'}
+         local gz = nr.data.dataset{name = 'mnist', root = make_idx(BASE .. '/idx_gz', {gz = true})}
+         for _, ds in ipairs({raw, gz}) do
+            assert.equal(N, ds:size())
+            assert.equal(10, ds.classes)
+            assert.equal(1, ds.channels)
+            assert.equal(H, ds.height)
+            assert.equal(W, ds.width)
+            for _, i in ipairs({1, 2, 17, N}) do
+               local img, label = ds:get(i)
+               assert.same({1, H, W}, img:shape())
+               assert.equal((i - 1) % 10, label)
+               local p = img:data()
+               for y = 0, H - 1 do for x = 0, W - 1 do
+                  if p[y * W + x] ~= pix(i - 1, y, x) then
+                     error(string.format('sample %d pixel (%d, %d): got %d, expected %d', i, y, x, p[y * W + x], pix(i - 1, y, x)))
+                  end
+               end end
+            end
+         end
+      end)
+
+      it('loads batches in order as x/255 with int64 labels, last batch partial', function()
+         local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
+         local l = nr.data.loader(ds, {batch = 16, threads = 2})
+         assert.equal(4, l:nbatches())
+         local seen, sizes = 0, {}
+         for x, y in l:epoch(1) do
+            sizes[#sizes + 1] = x:size(1)
+            assert.equal('float32', x:dtype())
+            assert.equal('int64', y:dtype())
+            assert.same({x:size(1), 1, H, W}, x:shape())
+            local xp, yp = x:data(), y:data()
+            for j = 0, x:size(1) - 1 do
+               local i = seen + j
+               assert.equal(i % 10, tonumber(yp[j]))
+               for k = 0, H * W - 1 do
+                  local want = pix(i, math.floor(k / W), k % W) / 255
+                  if math.abs(xp[j * H * W + k] - want) > 1e-6 then
+                     error(string.format('sample %d element %d: got %.7f, expected %.7f', i, k, xp[j * H * W + k], want))
+                  end
+               end
+            end
+            seen = seen + x:size(1)
+         end
+         assert.same({16, 16, 16, 2}, sizes)
+         assert.equal(N, seen)
+         local d = nr.data.loader(ds, {batch = 16, drop_last = true, threads = 1})
+         assert.equal(3, d:nbatches())
+         local count = 0
+         for x in d:epoch(1) do count = count + x:size(1) end
+         assert.equal(48, count)
+         l:close(); d:close()
+      end)
+   end)
+
+   describe('CIFAR', function()
+      it('reads CIFAR-10 batches (planar RGB) and CIFAR-100 fine/coarse labels', function()
+         local d10 = BASE .. '/cifar10/cifar-10-batches-bin'
+         mkdir(d10)
+         for b = 1, 5 do write(d10 .. '/data_batch_' .. b .. '.bin', cifar_records((b - 1) * 4, 4, function(r) return string.char(r % 10) end)) end
+         write(d10 .. '/test_batch.bin', cifar_records(100, 3, function(r) return string.char((r + 1) % 10) end))
+         local tr = nr.data.dataset{name = 'cifar10', root = BASE .. '/cifar10', split = 'train'}
+         local te = nr.data.dataset{name = 'cifar10', root = d10, split = 'test'}
+         assert.equal(20, tr:size())
+         assert.equal(3, te:size())
+         assert.equal(10, tr.classes)
+         assert.equal(3, tr.channels)
+         assert.equal(32, tr.height)
+         assert.equal('airplane', tr.class_names[1])
+         local img, label = tr:get(14)
+         assert.equal(13 % 10, label)
+         assert.same({3, 32, 32}, img:shape())
+         local p = img:data()
+         for _, c in ipairs({0, 1, 2}) do
+            for _, yx in ipairs({{0, 0}, {5, 7}, {31, 31}}) do
+               assert.equal(cifar_pix(13, c, yx[1], yx[2]), p[(c * 32 + yx[1]) * 32 + yx[2]])
+            end
+         end
+         assert.equal((101 + 1) % 10, te:label(2))
+
+         local d100 = BASE .. '/cifar100'
+         mkdir(d100)
+         local lab = function(r) return string.char(r % 20, (r * 7) % 100) end
+         write(d100 .. '/train.bin', cifar_records(0, 6, lab))
+         write(d100 .. '/test.bin', cifar_records(0, 2, lab))
+         local fine = nr.data.dataset{name = 'cifar100', root = d100}
+         local coarse = nr.data.dataset{name = 'cifar100', root = d100, coarse = true}
+         assert.equal(100, fine.classes)
+         assert.equal(20, coarse.classes)
+         assert.equal(6, fine:size())
+         assert.equal((5 * 7) % 100, fine:label(6))
+         assert.equal(5 % 20, coarse:label(6))
+         local x = fine:get(3)
+         assert.equal(cifar_pix(2, 2, 3, 4), x:data()[(2 * 32 + 3) * 32 + 4])
+      end)
+   end)
+
+   describe('image folders', function()
+      local root
+      setup(function()
+         root = BASE .. '/images'
+         mkdir(root .. '/train/cat/sub'); mkdir(root .. '/train/ant'); mkdir(root .. '/val/ant'); mkdir(root .. '/val/cat')
+         nr.data.write_png(image(3, 10, 12, rgb_fn), root .. '/train/cat/a.png')
+         nr.data.write_png(image(3, 5, 5, rgb_fn), root .. '/train/cat/z.png')
+         nr.data.write_jpeg(image(3, 16, 24, smooth_fn), root .. '/train/cat/sub/b.jpg', 100)
+         nr.data.write_png(image(1, 9, 7, rgb_fn), root .. '/train/ant/c.png')
+         nr.data.write_png(image(4, 11, 13, rgb_fn), root .. '/train/ant/d.PNG')
+         nr.data.write_jpeg(image(1, 20, 20, smooth_fn), root .. '/train/ant/e.jpeg', 95)
+         write(root .. '/train/ant/notes.txt', 'not an image, ignored')
+         nr.data.write_png(image(3, 8, 8, rgb_fn), root .. '/val/ant/x.png')
+         nr.data.write_jpeg(image(3, 8, 8, smooth_fn), root .. '/val/cat/y.jpg', 90)
+      end)
+
+      it('round-trips PNG exactly and JPEG closely', function()
+         local src = image(3, 10, 12, rgb_fn)
+         local back = nr.data.read_image(root .. '/train/cat/a.png')
+         assert.same(src:shape(), back:shape())
+         assert.equal(0, (src:float() - back:float()):abs():max())
+         local j = nr.data.read_image(root .. '/train/cat/sub/b.jpg')
+         assert.same({3, 16, 24}, j:shape())
+         local diff = (j:float() - image(3, 16, 24, smooth_fn):float()):abs():max()
+         assert.is_true(diff <= 12, 'JPEG differs by ' .. diff)
+         assert.same({1, 16, 24}, nr.data.read_image(root .. '/train/cat/sub/b.jpg', 1):shape())
+         assert.same({4, 11, 13}, nr.data.read_image(root .. '/train/ant/d.PNG'):shape())
+      end)
+
+      it('lists sorted classes and files, decodes gray/RGBA/JPEG to RGB', function()
+         local ds = nr.data.dataset{name = 'imagefolder', root = root, split = 'train'}
+         assert.equal(6, ds:size())
+         assert.equal(2, ds.classes)
+         assert.same({'ant', 'cat'}, ds.class_names)
+         assert.equal(3, ds.channels)
+         assert.is_nil(ds.height)
+         assert.is_nil(ds.width)
+         assert.same({0, 0, 0, 1, 1, 1}, {ds:label(1), ds:label(2), ds:label(3), ds:label(4), ds:label(5), ds:label(6)})
+         assert.matches('ant/c%.png$', ds:path(1))
+         assert.matches('ant/d%.PNG$', ds:path(2))
+         -- torchvision order: a class folder's own files first, then its subfolders
+         assert.matches('cat/a%.png$', ds:path(4))
+         assert.matches('cat/z%.png$', ds:path(5))
+         assert.matches('cat/sub/b%.jpg$', ds:path(6))
+         local g = ds:get(1) -- gray replicated to RGB
+         assert.same({3, 9, 7}, g:shape())
+         local gp = g:data()
+         assert.equal(rgb_fn(0, 2, 3), gp[0 * 63 + 2 * 7 + 3])
+         assert.equal(rgb_fn(0, 2, 3), gp[2 * 63 + 2 * 7 + 3])
+         local a = ds:get(2) -- RGBA: alpha dropped, colour kept (not composited)
+         assert.same({3, 11, 13}, a:shape())
+         assert.equal(0, (a:float() - image(3, 11, 13, rgb_fn):float()):abs():max())
+         local te = nr.data.dataset{name = 'imagefolder', root = root, split = 'test'} -- falls back to val/
+         assert.equal(2, te:size())
+      end)
+
+      it('loads fixed-size batches with random-resized-crop / resize + center crop', function()
+         local ds = nr.data.dataset{name = 'imagefolder', root = root}
+         local l = nr.data.loader(ds, {batch = 2, shuffle = true, seed = 3, threads = 2,
+            augment = {random_resized_crop = 16, flip = true, normalize = true}})
+         assert.same({2, 3, 16, 16}, l.shape)
+         local n, labels = 0, {}
+         for x, y in l:epoch(1) do
+            n = n + x:size(1)
+            for _, v in ipairs(y:totable()) do labels[#labels + 1] = v end
+         end
+         assert.equal(6, n)
+         table.sort(labels)
+         assert.same({0, 0, 0, 1, 1, 1}, labels)
+         local v = nr.data.loader(ds, {batch = 6, augment = {resize = 8, center_crop = 8}})
+         for x in v:epoch(1) do assert.same({6, 3, 8, 8}, x:shape()) end
+         local err = err_of(nr.data.loader, ds, {batch = 2, augment = {resize = 8}})
+         assert.matches('differ in size', err)
+         l:close(); v:close()
+      end)
+      it('fast_decode (DCT-scaled JPEG) stays close to the full decode and deterministic', function()
+         local big = BASE .. '/bigjpeg'
+         mkdir(big .. '/train/a'); mkdir(big .. '/train/b')
+         for k = 1, 3 do
+            nr.data.write_jpeg(image(3, 96, 128, function(c, y, x) return (c * 40 + y + x + k * 9) % 256 end),
+               big .. '/train/' .. (k % 2 == 0 and 'a' or 'b') .. '/' .. k .. '.jpg', 95)
+         end
+         local ds = nr.data.dataset{name = 'imagefolder', root = big}
+         local function run(aug, threads)
+            local l = nr.data.loader(ds, {batch = 3, threads = threads or 1, augment = aug})
+            local xs = collect(l, 1)
+            l:close()
+            return xs
+         end
+         local full = run({resize = {12, 16}})
+         local fast = run({resize = {12, 16}, fast_decode = true})
+         local diff = (full[1] - fast[1]):abs():mean()
+         assert.is_true(diff < 0.02, 'mean |full - fast| = ' .. diff)
+         local a = run({random_resized_crop = 10, flip = true, fast_decode = true}, 1)
+         local b = run({random_resized_crop = 10, flip = true, fast_decode = true}, 3)
+         assert.is_true(same_batches(a, b))
+         local c = run({random_resized_crop = 10, flip = true}, 2)
+         assert.is_true((a[1] - c[1]):abs():mean() < 0.05)
+      end)
+   end)
+
+   describe('augmentation', function()
+      local ds
+      setup(function() ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'} end)
+
+      it('pads with zeros and crops, flips, replicates channels, resizes, normalizes', function()
+         -- pad 3 + crop 8 + flip: each sample is the image shifted by at most 3 with zero borders,
+         -- possibly mirrored
+         local l = nr.data.loader(ds, {batch = N, threads = 2, augment = {pad = 3, crop = 8, flip = true}, seed = 5})
+         local mirrored = 0
+         for x in l:epoch(1) do
+            local p = x:data()
+            for j = 0, N - 1 do
+               local found = false
+               for f = 0, 1 do for dy = -3, 3 do for dx = -3, 3 do
+                  if not found then
+                     local ok = true
+                     for y = 0, H - 1 do for xx = 0, W - 1 do
+                        local sy, sx = y + dy, (f == 1 and (W - 1 - xx) or xx) + dx
+                        local want = (sy >= 0 and sy < H and sx >= 0 and sx < W) and pix(j, sy, sx) / 255 or 0
+                        if math.abs(p[j * 64 + y * 8 + xx] - want) > 1e-6 then ok = false end
+                     end end
+                     found = ok
+                     if ok and f == 1 then mirrored = mirrored + 1 end
+                  end
+               end end end
+               assert.is_true(found, 'sample ' .. j .. ' is not a zero-padded shift of the source')
+            end
+         end
+         assert.is_true(mirrored > 5, 'mirrored ' .. mirrored)
+         -- flip: each sample is the original or its mirror; both occur
+         local f = nr.data.loader(ds, {batch = N, threads = 2, augment = {flip = true}, seed = 5})
+         local flipped = 0
+         for x in f:epoch(1) do
+            local p = x:data()
+            for j = 0, N - 1 do
+               local same, mirror = true, true
+               for y = 0, H - 1 do for xx = 0, W - 1 do
+                  local v = p[j * 64 + y * 8 + xx]
+                  if math.abs(v - pix(j, y, xx) / 255) > 1e-6 then same = false end
+                  if math.abs(v - pix(j, y, W - 1 - xx) / 255) > 1e-6 then mirror = false end
+               end end
+               assert.is_true(same or mirror)
+               if mirror and not same then flipped = flipped + 1 end
+            end
+         end
+         assert.is_true(flipped > 5 and flipped < N - 5, 'flipped ' .. flipped .. ' of ' .. N)
+         -- channels 3 + normalize: three equal channels of (x/255 - m)/s
+         local c = nr.data.loader(ds, {batch = 4, augment = {channels = 3, normalize = {mean = {0.5}, std = {0.25}}}})
+         do local x = c:epoch(1)()
+            assert.same({4, 3, H, W}, x:shape())
+            local p = x:data()
+            for k = 0, 2 do
+               assert.is_true(math.abs(p[k * 64 + 9] - (pix(0, 1, 1) / 255 - 0.5) / 0.25) < 1e-5)
+            end
+         end
+         -- resize 16 (upsampling a constant region stays constant; shape follows)
+         local r = nr.data.loader(ds, {batch = 4, augment = {resize = 16, channels = 3}})
+         assert.same({4, 3, 16, 16}, r.shape)
+         do local x = r:epoch(1)()
+            assert.is_true(x:min() >= 0 and x:max() <= 1)
+         end
+         l:close(); f:close(); c:close(); r:close()
+      end)
+
+      it('resamples as PIL bilinear (antialiased), crops windows consistently, makes luma', function()
+         -- a horizontal ramp 10 * x, 8 wide, resized to 4 wide: PIL gives 7, 25, 45, 63
+         local dir = make_idx(BASE .. '/ramp', {images = idx_images(2, 8, 8, nil, function(_, _, x) return 10 * x end),
+                                                 labels = idx_labels(2)})
+         local ramp = nr.data.dataset{name = 'mnist', root = dir}
+         local l = nr.data.loader(ramp, {batch = 2, augment = {resize = {8, 4}}})
+         for x in l:epoch(1) do
+            assert.same({2, 1, 8, 4}, x:shape())
+            local row = {}
+            for k = 1, 4 do row[k] = math.floor(x:data()[3 * 4 + k - 1] * 255 + 0.5) end
+            assert.same({7, 25, 45, 63}, row)
+         end
+         -- random_resized_crop with scale (1, 1) and ratio (1, 1) on a square image is a resize
+         local rrc = nr.data.loader(ramp, {batch = 2, augment = {random_resized_crop = 4, scale = {1, 1}, ratio = {1, 1}}})
+         for x in rrc:epoch(1) do
+            local row = {}
+            for k = 1, 4 do row[k] = math.floor(x:data()[2 * 4 + k - 1] * 255 + 0.5) end
+            assert.same({7, 25, 45, 63}, row)
+         end
+         rrc:close()
+         -- resize 12 + center crop 8 equals the centre of resize 12
+         local full = nr.data.loader(ds, {batch = 5, augment = {resize = 12}})
+         local crop = nr.data.loader(ds, {batch = 5, augment = {resize = 12, center_crop = 8}})
+         local a, b = collect(full, 1), collect(crop, 1)
+         for k = 1, #a do
+            local centre = a[k]:narrow(3, 3, 8):narrow(4, 3, 8)
+            assert.equal(0, (centre - b[k]):abs():max())
+         end
+         -- CIFAR to one channel: ITU-R 601 luma, as PIL's convert('L')
+         local cif = nr.data.dataset{name = 'cifar10', root = BASE .. '/cifar10'}
+         local g = nr.data.loader(cif, {batch = 1, augment = {channels = 1}})
+         do local x = g:epoch(1)()
+            local r, gg, bb = cifar_pix(0, 0, 2, 3), cifar_pix(0, 1, 2, 3), cifar_pix(0, 2, 2, 3)
+            local want = math.floor((r * 19595 + gg * 38470 + bb * 7471 + 32768) / 65536)
+            assert.is_true(math.abs(x:data()[2 * 32 + 3] * 255 - want) < 1e-3)
+         end
+         l:close(); full:close(); crop:close(); g:close()
+      end)
+
+      it('is reproducible: same seed same batches, any thread count; epochs and seeds differ', function()
+         local aug = {pad = 2, crop = 8, flip = true, resize = 12}
+         local function run(threads, seed, e, prefetch)
+            local l = nr.data.loader(ds, {batch = 7, shuffle = true, seed = seed, threads = threads, prefetch = prefetch or 2, augment = aug})
+            local xs, ys = collect(l, e)
+            l:close()
+            return xs, ys
+         end
+         local a, ya = run(1, 11, 2)
+         local b, yb = run(3, 11, 2, 1)
+         local c, yc = run(2, 11, 2, 6)
+         assert.is_true(same_batches(a, b))
+         assert.is_true(same_batches(a, c))
+         assert.same(ya, yb)
+         assert.same(ya, yc)
+         local d, yd = run(2, 11, 3)
+         assert.is_false(same_batches(a, d))
+         assert.are_not.same(ya, yd)
+         local _, ye = run(2, 12, 2)
+         assert.are_not.same(ya, ye)
+         -- the global generator does not affect the loader
+         nr.manual_seed(1)
+         local f1 = run(2, 11, 2)
+         nr.manual_seed(2)
+         nr.randn({10})
+         assert.is_true(same_batches(a, f1))
+         -- image folder with random-resized-crop, 1 vs 3 threads
+         local img = nr.data.dataset{name = 'imagefolder', root = BASE .. '/images'}
+         local function rrc(threads)
+            local l = nr.data.loader(img, {batch = 2, shuffle = true, seed = 4, threads = threads, augment = {random_resized_crop = 12, flip = true}})
+            local xs = collect(l, 5)
+            l:close()
+            return xs
+         end
+         assert.is_true(same_batches(rrc(1), rrc(3)))
+      end)
+
+      it('shards an epoch into disjoint equal slices (DistributedSampler)', function()
+         local union, sizes = {}, {}
+         for rank = 0, 4 do
+            local l = nr.data.loader(ds, {batch = 4, shuffle = true, seed = 9, threads = 1, shard = {rank = rank, size = 5}})
+            local idx = l:indices(3):totable()
+            sizes[#sizes + 1] = #idx
+            local _, ys = collect(l, 3)
+            local flat = {}
+            for _, y in ipairs(ys) do for _, v in ipairs(y) do flat[#flat + 1] = v end end
+            assert.equal(#idx, #flat)
+            for k, i in ipairs(idx) do
+               assert.is_nil(union[i], 'index ' .. i .. ' given to two ranks')
+               union[i] = rank
+               assert.equal(i % 10, flat[k])
+            end
+            l:close()
+         end
+         assert.same({10, 10, 10, 10, 10}, sizes)
+         for i = 0, N - 1 do assert.is_not_nil(union[i], 'index ' .. i .. ' missing') end
+         -- 50 samples over 3 ranks: 17 each, padded by wrapping (51 = 50 + 1 repeat)
+         local seen, total = {}, 0
+         for rank = 0, 2 do
+            local l = nr.data.loader(ds, {batch = 4, shuffle = true, seed = 9, shard = {rank = rank, size = 3}, threads = 1})
+            assert.equal(17, l:samples())
+            for _, i in ipairs(l:indices(1):totable()) do seen[i] = (seen[i] or 0) + 1; total = total + 1 end
+            l:close()
+         end
+         assert.equal(51, total)
+         local dup = 0
+         for i = 0, N - 1 do
+            assert.is_not_nil(seen[i])
+            if seen[i] > 1 then dup = dup + 1 end
+         end
+         assert.equal(1, dup)
+      end)
+
+      it('abandons epochs, closes mid-epoch, and frees on GC without hanging', function()
+         local l = nr.data.loader(ds, {batch = 3, threads = 3, prefetch = 2, shuffle = true})
+         l:epoch(1)() -- take one batch, abandon the rest
+         local n = 0
+         for x in l:epoch(2) do n = n + x:size(1) end
+         assert.equal(N, n)
+         l:epoch(3)() -- take one batch, abandon the rest
+         l:close()
+         l:close()
+         assert.matches('closed', err_of(function() return l:nbatches() end))
+         for _ = 1, 5 do
+            local g = nr.data.loader(ds, {batch = 5, threads = 2})
+            g:epoch(1)() -- take one batch, abandon the rest
+         end
+         collectgarbage(); collectgarbage()
+         -- the dataset may be closed while a loader still runs on it
+         local ds2 = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_gz'}
+         local l2 = nr.data.loader(ds2, {batch = 10, threads = 2})
+         ds2:close()
+         local m = 0
+         for x in l2:epoch(1) do m = m + x:size(1) end
+         assert.equal(N, m)
+         l2:close()
+      end)
+   end)
+
+   describe('errors', function()
+      it('names the file on bad magic, corrupt or truncated gzip, count mismatch, bad label', function()
+         local dir = make_idx(BASE .. '/bad_magic', {images = idx_images(N, H, W, 0x801)})
+         local err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+         assert.matches('bad magic number', err)
+         assert.matches('bad_magic/train%-images%-idx3%-ubyte', err)
+
+         dir = make_idx(BASE .. '/trunc_gz', {gz = true})
+         local gzpath = dir .. '/train-images-idx3-ubyte.gz'
+         local bytes = read(gzpath)
+         write(gzpath, bytes:sub(1, math.floor(#bytes / 2)))
+         err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+         assert.matches('trunc_gz/train%-images%-idx3%-ubyte%.gz', err)
+         assert.matches('gzip', err)
+
+         dir = make_idx(BASE .. '/corrupt_gz', {gz = true})
+         gzpath = dir .. '/train-images-idx3-ubyte.gz'
+         bytes = read(gzpath)
+         local mid = math.floor(#bytes / 2)
+         write(gzpath, bytes:sub(1, mid - 8) .. string.rep('\255\0', 8) .. bytes:sub(mid + 9))
+         err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+         assert.matches('corrupt_gz/train%-images%-idx3%-ubyte%.gz', err)
+         assert.matches('gzip', err)
+
+         dir = make_idx(BASE .. '/trunc_raw', {images = idx_images(N, H, W):sub(1, 200)})
+         err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+         assert.matches('truncated', err)
+
+         dir = make_idx(BASE .. '/count', {labels = idx_labels(N - 1)})
+         err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+         assert.matches('50 images', err)
+         assert.matches('49 labels', err)
+
+         dir = make_idx(BASE .. '/label', {labels = idx_labels(N, function(i) return i == 7 and 10 or 1 end)})
+         err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+         assert.matches('label 10 of sample 7 is out of range 0..9', err)
+         assert.matches('label/train%-labels', err)
+      end)
+
+      it('explains missing datasets and bad CIFAR files', function()
+         local err = err_of(nr.data.dataset, {name = 'fashion-mnist', root = BASE .. '/nowhere'})
+         assert.matches('apt%-get install dataset%-fashion%-mnist', err)
+         assert.matches('nowhere', err)
+         mkdir(BASE .. '/empty')
+         err = err_of(nr.data.dataset, {name = 'mnist', root = BASE .. '/empty'})
+         assert.matches('train%-images%-idx3%-ubyte', err)
+         assert.matches('%-%-data', err)
+         err = err_of(nr.data.dataset, {name = 'cifar10', root = BASE .. '/empty'})
+         assert.matches('CIFAR%-10 not found', err)
+         assert.matches('data_batch_1%.bin', err)
+         local d = BASE .. '/cifar_bad'
+         mkdir(d)
+         write(d .. '/test_batch.bin', cifar_records(0, 2, function() return '\1' end) .. 'xyz')
+         err = err_of(nr.data.dataset, {name = 'cifar10', root = d, split = 'test'})
+         assert.matches('test_batch%.bin', err)
+         assert.matches('whole number of 3073%-byte records', err)
+         write(d .. '/test_batch.bin', cifar_records(0, 2, function(r) return r == 1 and '\12' or '\1' end))
+         err = err_of(nr.data.dataset, {name = 'cifar10', root = d, split = 'test'})
+         assert.matches('record 1 has label 12, out of range 0..9', err)
+         err = err_of(nr.data.dataset, {name = 'imagefolder', root = BASE .. '/nowhere'})
+         assert.matches('does not exist', err)
+         err = err_of(nr.data.dataset, {name = 'imagenet', root = BASE})
+         assert.matches('unknown dataset', err)
+      end)
+
+      it('rejects empty class folders at open and undecodable images in the loader', function()
+         local root = BASE .. '/badimg'
+         mkdir(root .. '/train/a'); mkdir(root .. '/train/b'); mkdir(root .. '/train/c')
+         for k = 1, 6 do nr.data.write_png(image(3, 6, 6, rgb_fn), root .. '/train/a/' .. k .. '.png') end
+         nr.data.write_png(image(3, 6, 6, rgb_fn), root .. '/train/b/ok.png')
+         local err = err_of(nr.data.dataset, {name = 'imagefolder', root = root})
+         assert.matches('badimg/train/c', err)
+         assert.matches('no %.png/%.jpg/%.jpeg images', err)
+         write(root .. '/train/c/broken.jpg', 'this is not a JPEG')
+         write(root .. '/train/c/cut.jpg', read(BASE .. '/images/train/cat/sub/b.jpg'):sub(1, 20))
+         local ds = nr.data.dataset{name = 'imagefolder', root = root}
+         assert.equal(9, ds:size())
+         assert.matches('broken%.jpg', err_of(function() return ds:get(8) end))
+         assert.matches('cut%.jpg', err_of(function() return ds:get(9) end))
+         for _, threads in ipairs({1, 3}) do
+            local l = nr.data.loader(ds, {batch = 2, threads = threads, prefetch = 3, augment = {center_crop = 4}})
+            local got = 0
+            err = err_of(function() for x in l:epoch(1) do got = got + x:size(1) end end)
+            assert.matches('c/broken%.jpg', err)
+            assert.matches('not a PNG or JPEG', err)
+            assert.equal(6, got) -- batches before the bad one were delivered, in order
+            -- the loader stays usable and fails the same way again
+            got = 0
+            err = err_of(function() for x in l:epoch(2) do got = got + x:size(1) end end)
+            assert.matches('broken%.jpg', err)
+            l:close()
+         end
+      end)
+
+      it('survives corrupted PNG and JPEG bytes: decodes or fails naming the file', function()
+         local src = {BASE .. '/images/train/cat/a.png', BASE .. '/images/train/cat/sub/b.jpg'}
+         local case = BASE .. '/fuzz_case.img'
+         local state = 7
+         local function rnd(n) state = (state * 1103515245 + 12345) % 2147483648; return state % n end
+         for _, f in ipairs(src) do
+            local orig = read(f)
+            for trial = 1, 40 do
+               local b = {orig:byte(1, -1)}
+               if trial % 2 == 0 then
+                  for _ = 1, 1 + trial % 6 do b[1 + rnd(#b)] = rnd(256) end
+               else
+                  for k = 1 + rnd(#b), #b do b[k] = nil end
+               end
+               local parts = {}
+               for i = 1, #b do parts[i] = string.char(b[i]) end
+               write(case, table.concat(parts))
+               local ok, res = pcall(nr.data.read_image, case)
+               if ok then assert.equal(3, res:dim()) else assert.matches('fuzz_case%.img', res) end
+            end
+         end
+      end)
+
+      it('checks loader options', function()
+         local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
+         assert.matches('unknown option', err_of(nr.data.loader, ds, {batchsize = 3}))
+         assert.matches('batch', err_of(nr.data.loader, ds, {batch = 0}))
+         assert.matches('shard', err_of(nr.data.loader, ds, {shard = {rank = 2, size = 2}}))
+         assert.matches('channels', err_of(nr.data.loader, ds, {augment = {channels = 2}}))
+         assert.matches('std', err_of(nr.data.loader, ds, {augment = {normalize = {mean = {0}, std = {0}}}}))
+         assert.matches('no statistics', err_of(nr.data.stats, 'svhn'))
+         assert.same({mean = {0.2860}, std = {0.3530}}, nr.data.stats('fashion-mnist'))
+      end)
+   end)
+
+   local FM = '/usr/share/datasets/fashion-mnist'
+   local have_fm = io.open(FM .. '/train-images-idx3-ubyte.gz', 'rb')
+   if have_fm then have_fm:close() end
+   ;(have_fm and describe or pending)('real Fashion-MNIST (' .. FM .. ')', function()
+      it('has 60000/10000 28x28 images with labels 0..9, 6000 per class', function()
+         local tr = nr.data.dataset{name = 'fashion-mnist', split = 'train'}
+         local te = nr.data.dataset{name = 'fashion-mnist', split = 'test'}
+         assert.equal(60000, tr:size())
+         assert.equal(10000, te:size())
+         assert.equal(28, tr.height)
+         assert.equal(28, tr.width)
+         assert.equal(1, tr.channels)
+         assert.equal(10, tr.classes)
+         local counts = {}
+         for i = 1, tr:size() do
+            local y = tr:label(i)
+            counts[y] = (counts[y] or 0) + 1
+         end
+         for k = 0, 9 do assert.equal(6000, counts[k]) end
+         local l = nr.data.loader(te, {batch = 64, augment = {resize = 128, channels = 3, normalize = true}})
+         do local x, y = l:epoch(1)()
+            assert.same({64, 3, 128, 128}, x:shape())
+            for _, v in ipairs(y:totable()) do assert.is_true(v >= 0 and v <= 9) end
+         end
+         l:close()
+      end)
+   end)
+end)
