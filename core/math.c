@@ -211,9 +211,11 @@ nr_status nr_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_t op)
 
 nr_status nr_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out)
 {
-   NR_CHECK_T("a", a, NR_F32, NR_CPU, -1, NULL);
-   NR_CHECK_T("out", out, NR_I64, NR_CPU, -1, NULL);
+   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("out", out, NR_I64, -1, -1, NULL);
+   NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(check_reduce_out(__func__, a, dim, out));
+   NR_ON_CUDA(a, nr_cuda_argmax(a, dim, out));
    int64_t n = nr_tensor_numel(a), outer = 1, len = n, inner = 1;
    if (dim >= 0) {
       len = a->shape[dim];

@@ -174,18 +174,345 @@ nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len)
 
 /* ---------------------------------------------------------------- nn kernels (CPU/CUDA) */
 /* (section: layers) */
+/* Layer kernels: forward and backward of the nr.nn layers (core/nn_*.c on the CPU; the CUDA
+ * backend implements nr_cuda_<name> with the identical parameter list, core/cuda/).
+ * Common rules for this section:
+ *  - All tensors f32 unless stated; all on the same device; every tensor argument contiguous
+ *    (row-major, NCHW). Outputs are allocated by the caller with the documented shape.
+ *  - Geometry: Ho = (H + 2*pad_h - dil_h*(KH-1) - 1) / stride_h + 1 (floor), likewise Wo; pools
+ *    use dil = 1. stride >= 1, pad >= 0, dil >= 1, and Ho, Wo >= 1, else NR_E_ARG.
+ *  - Parameter gradients follow "dW <- acc * dW + scale * dL/dW": acc = 1 accumulates (Torch7
+ *    accGradParameters), acc = 0 overwrites (old contents, even NaN, are ignored); scale is
+ *    Torch7's accGradParameters scale (1 normally). Input gradients (dx) are always overwritten.
+ *  - Results do not depend on the thread count except for float summation order in reductions
+ *    over the batch (which is fixed per thread count).
+ */
+
+/* 2-d convolution (cross-correlation, as PyTorch), with groups.
+ * x (N, Cin, H, W); y (N, Cout, Ho, Wo); w (Cout, Cin/groups, KH, KW); b (Cout) or NULL.
+ * groups >= 1 divides Cin and Cout. y <- conv(x, w) + b. */
+nr_status nr_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w,
+                            const nr_tensor *b, int32_t stride_h, int32_t stride_w, int32_t pad_h,
+                            int32_t pad_w, int32_t dil_h, int32_t dil_w, int32_t groups);
+/* Gradient w.r.t. the input. dy (N, Cout, Ho, Wo); dx (N, Cin, H, W), overwritten;
+ * w (Cout, Cin/groups, KH, KW). Geometry arguments as in the forward. */
+nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_tensor *w,
+                                  int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                  int32_t dil_h, int32_t dil_w, int32_t groups);
+/* Gradients w.r.t. the weight and bias. x (N, Cin, H, W) the forward input; dy (N, Cout, Ho, Wo);
+ * dw (Cout, Cin/groups, KH, KW) <- acc * dw + scale * dL/dw; db (Cout) or NULL, same rule. */
+nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dw,
+                                    nr_tensor *db, int32_t stride_h, int32_t stride_w,
+                                    int32_t pad_h, int32_t pad_w, int32_t dil_h, int32_t dil_w,
+                                    int32_t groups, float scale, float acc);
+
+/* Batch normalisation over (N, H, W) per channel, training mode (batch statistics).
+ * x (N, C, H, W); y (N, C, H, W) (may be x itself: in place);
+ * save_mean (C) <- batch mean; save_invstd (C) <- 1 / sqrt(biased batch var + eps) (both kept
+ * by the caller for nr_bn2d_backward); gamma (C), beta (C): both NULL when affine = false;
+ * running_mean, running_var (C), updated in place (PyTorch): r <- (1 - momentum) * r +
+ * momentum * stat, with the unbiased variance (n / (n - 1), n = N*H*W) for running_var.
+ * y = (x - mean) * invstd * gamma + beta. Needs N*H*W >= 2 (NR_E_ARG otherwise, as PyTorch). */
+nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean,
+                                nr_tensor *save_invstd, const nr_tensor *gamma,
+                                const nr_tensor *beta, nr_tensor *running_mean,
+                                nr_tensor *running_var, float momentum, float eps);
+/* Evaluation mode: y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta.
+ * x, y (N, C, H, W) (y may be x); gamma, beta (C) or both NULL; running_mean, running_var (C). */
+nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor *gamma,
+                               const nr_tensor *beta, const nr_tensor *running_mean,
+                               const nr_tensor *running_var, float eps);
+/* Backward of nr_bn2d_forward_train (statistics depend on x).
+ * x (N, C, H, W) the forward input; dy (N, C, H, W); dx (N, C, H, W) overwritten, or NULL
+ * (not needed); dgamma, dbeta (C) <- acc * d + scale * dL/d, or NULL (affine = false);
+ * gamma (C) or NULL (= 1); save_mean, save_invstd (C) from the forward. */
+nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx,
+                           nr_tensor *dgamma, nr_tensor *dbeta, const nr_tensor *gamma,
+                           const nr_tensor *save_mean, const nr_tensor *save_invstd, float scale,
+                           float acc);
+/* Backward of nr_bn2d_forward_eval (statistics are constants):
+ * dx = dy * gamma / sqrt(running_var + eps); dgamma, dbeta as in nr_bn2d_backward.
+ * x, dy, dx (N, C, H, W) (dx may be NULL); gamma (C) or NULL; running_mean, running_var (C). */
+nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx,
+                                nr_tensor *dgamma, nr_tensor *dbeta, const nr_tensor *gamma,
+                                const nr_tensor *running_mean, const nr_tensor *running_var,
+                                float eps, float scale, float acc);
+
+/* Activations, elementwise, any shape (x, y, dy, dx all the same shape; y may be x and dx may
+ * be dy: in place). ReLU: y = max(x, 0); backward from the output: dx = y > 0 ? dy : 0.
+ * Sigmoid: y = 1 / (1 + exp(-x)); backward from the output: dx = dy * y * (1 - y). */
+nr_status nr_relu_forward(const nr_tensor *x, nr_tensor *y);
+nr_status nr_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
+nr_status nr_sigmoid_forward(const nr_tensor *x, nr_tensor *y);
+nr_status nr_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
+
+/* Max pooling (PyTorch MaxPool2d, dilation 1, floor mode; padding counts as -inf and must be
+ * <= kernel / 2). x (N, C, H, W); y (N, C, Ho, Wo); indices (N, C, Ho, Wo) int64 <- argmax
+ * position h * W + w inside x's (H, W) plane (PyTorch's convention; first max on ties). */
+nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices,
+                               int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
+                               int32_t stride_w, int32_t pad_h, int32_t pad_w);
+/* dy (N, C, Ho, Wo); indices (N, C, Ho, Wo) int64 from the forward; dx (N, C, H, W) overwritten
+ * (zero except at the argmax positions, where the dy of every window choosing it is summed). */
+nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx);
+/* Average pooling (PyTorch AvgPool2d, floor mode; padding <= kernel / 2). count_include_pad = 1
+ * (PyTorch's default): divide by kernel_h * kernel_w clipped to the padded input; 0: divide by
+ * the number of real input elements in the window. x (N, C, H, W); y (N, C, Ho, Wo). */
+nr_status nr_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h,
+                               int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h,
+                               int32_t pad_w, int32_t count_include_pad);
+/* dy (N, C, Ho, Wo); dx (N, C, H, W) overwritten. Arguments as in the forward. */
+nr_status nr_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kernel_h,
+                                int32_t kernel_w, int32_t stride_h, int32_t stride_w,
+                                int32_t pad_h, int32_t pad_w, int32_t count_include_pad);
+/* Global average pooling: x (N, C, H, W) -> y (N, C), the mean over (H, W). */
+nr_status nr_global_avgpool_forward(const nr_tensor *x, nr_tensor *y);
+/* dy (N, C); dx (N, C, H, W) <- dy / (H * W) broadcast, overwritten. */
+nr_status nr_global_avgpool_backward(const nr_tensor *dy, nr_tensor *dx);
+
+/* Bias over dimension 1 (Linear, Conv without fused bias): y (N, F, ...) (2-d or more);
+ * b (F); y[n, f, ...] += b[f], in place. Linear's matrix products use nr_matmul. */
+nr_status nr_bias_add(nr_tensor *y, const nr_tensor *b);
+/* db (F) <- acc * db + scale * sum of dy (N, F, ...) over every dimension but 1. */
+nr_status nr_bias_backward(const nr_tensor *dy, nr_tensor *db, float scale, float acc);
+
+/* Inverted dropout. x, y (any shape, equal; y may be x); mask (same shape as x) f32, written
+ * here: mask = 1 / (1 - p) with probability 1 - p, else 0 (drawn from the global generator,
+ * nr_rng_bernoulli); y = x * mask. 0 <= p < 1; p = 0 gives mask = 1, y = x. */
+nr_status nr_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, float p);
+/* dx = dy * mask (dy, mask, dx same shape; dx may be dy). */
+nr_status nr_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_tensor *dx);
+
+/* Softmax cross-entropy, mean over the batch, with label smoothing (PyTorch CrossEntropyLoss):
+ * target_k = (1 - ls) * [k == label] + ls / K; loss = mean_n sum_k -target_k * log softmax_k.
+ * logits (N, K); labels (N) int64, each in 0..K-1 (else NR_E_ARG naming the value and its
+ * position, e.g. "labels[3] = 10 is outside 0..9"); loss (one element, any ndim) <- the mean;
+ * probs (N, K) <- softmax(logits), kept by the caller for the backward. 0 <= ls <= 1. */
+nr_status nr_softmax_xent_forward(const nr_tensor *logits, const nr_tensor *labels,
+                                  nr_tensor *loss, nr_tensor *probs, float label_smoothing);
+/* dlogits (N, K) <- scale * (probs - target) / N, overwritten (scale: dL/dloss, 1 normally).
+ * probs (N, K) from the forward; labels (N) int64 (checked again). */
+nr_status nr_softmax_xent_backward(const nr_tensor *probs, const nr_tensor *labels,
+                                   nr_tensor *dlogits, float label_smoothing, float scale);
 
 /* ---------------------------------------------------------------- optimizers */
 /* (section: optim) */
+/* One SGD step on a parameter, in place, with torch.optim.SGD semantics (dampening 0):
+ *   d = grad + weight_decay * param
+ *   if momentum != 0: buf = momentum * buf + d;  d = nesterov ? d + momentum * buf : buf
+ *   param -= lr * d
+ * param (any shape) f32, contiguous; grad same shape, contiguous; momentum_buf same shape,
+ * contiguous, zero-filled before the first step (which makes the first step set buf = d, as
+ * PyTorch does); it may be NULL when momentum == 0. nesterov: 0 or 1 (needs momentum > 0).
+ * Elementwise, so results do not depend on the thread count. */
+nr_status nr_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *momentum_buf, float lr,
+                      float momentum, float weight_decay, int32_t nesterov);
 
 /* ---------------------------------------------------------------- data */
 /* (section: data) */
+/* Datasets (core/data_dataset.c, data_idx.c, data_cifar.c, data_image.c). Samples are uint8 in C
+ * memory (IDX and CIFAR load fully when opened) or decoded per sample from files (image folders,
+ * decoded on the loader's worker threads). Opening checks what it can (existence, magic numbers,
+ * sizes, image/label count agreement, label range, folder layout) and fails with a message naming
+ * the file. A dataset is reference counted: loaders hold a reference; nr_dataset_free drops the
+ * caller's, so the order in which a dataset and its loaders are freed does not matter. */
+typedef struct nr_dataset nr_dataset;
+
+/* IDX image (magic 0x803, (N, H, W)) and label (magic 0x801, (N)) files, gzipped or raw.
+ * classes > 0: labels must lie in 0..classes-1; classes <= 0: classes = max label + 1. */
+nr_dataset *nr_dataset_open_idx(const char *images_path, const char *labels_path, int32_t classes);
+/* CIFAR binary format. kind 10: data_batch_1..5.bin (train) / test_batch.bin (test), records of
+ * 1 label + 3072 pixels; kind 100: train.bin / test.bin, records of coarse + fine label + 3072.
+ * Files are looked up in root, then root/cifar-10-batches-bin or root/cifar-100-binary.
+ * train != 0: training split. coarse != 0 (CIFAR-100): the 20 coarse labels, else the 100 fine. */
+nr_dataset *nr_dataset_open_cifar(const char *root, int32_t kind, int32_t train, int32_t coarse);
+/* Image folder root/<class>/[subfolders/]file.{png,jpg,jpeg} (extension case-insensitive, subfolders walked);
+ * class k is the k-th subfolder name in byte order, files sorted by path. Samples decode to RGB. */
+nr_dataset *nr_dataset_open_imagefolder(const char *root);
+/* Drops the caller's reference. NULL is ignored. */
+void nr_dataset_free(nr_dataset *ds);
+int64_t nr_dataset_size(const nr_dataset *ds);
+int32_t nr_dataset_classes(const nr_dataset *ds);
+int32_t nr_dataset_channels(const nr_dataset *ds);
+/* Sample height and width; 0 when they vary (image folders). */
+int32_t nr_dataset_height(const nr_dataset *ds);
+int32_t nr_dataset_width(const nr_dataset *ds);
+/* Name of class k, 0-based (image folders), NULL otherwise or out of range. */
+const char *nr_dataset_class_name(const nr_dataset *ds, int32_t k);
+/* File of sample i, 0-based (image folders), NULL otherwise or out of range. */
+const char *nr_dataset_path(const nr_dataset *ds, int64_t i);
+/* Class id of sample i (0..classes-1); -1 when i is out of range. */
+int64_t nr_dataset_label(const nr_dataset *ds, int64_t i);
+/* Sample i as a new uint8 (C, H, W) CPU tensor (decoded for image folders). */
+nr_tensor *nr_dataset_image(const nr_dataset *ds, int64_t i);
+
+/* Image files. Reads a PNG or JPEG (by content) into a new uint8 (C, H, W) tensor; channels 0
+ * keeps the file's (1 gray, 3 RGB, 4 RGBA; gray+alpha gives 1), 1 / 3 / 4 convert (alpha is
+ * dropped, not composited, as PIL's convert('RGB')). */
+nr_tensor *nr_image_read(const char *path, int32_t channels);
+/* img uint8 (C, H, W) on the CPU, any strides; PNG: C in 1, 3, 4; JPEG: C in 1, 3, quality
+ * 1..100 (4:2:0 for colour). Written atomically. */
+nr_status nr_image_write_png(const nr_tensor *img, const char *path);
+nr_status nr_image_write_jpeg(const nr_tensor *img, const char *path, int32_t quality);
+
+/* Batch loader (core/data_loader.c, data_augment.c): worker threads decode and augment samples
+ * into a ring of nslots = prefetch + 1 batch buffers, delivered in order. The epoch's order is a
+ * permutation drawn from (seed, epoch) and sample i's augmentation from (seed, epoch, i), never
+ * from the global generator, so batches do not depend on thread count or timing.
+ * Augmentation order: random_resized_crop | resize; center_crop; pad + random crop; flip;
+ * channels; /255 and normalize. Zero padding is applied before normalisation (as torchvision). */
+typedef struct nr_loader_config {
+   int32_t batch;              /* samples per batch, >= 1 */
+   int32_t shuffle;            /* 1: permute each epoch */
+   int32_t drop_last;          /* 1: drop the last incomplete batch */
+   int32_t threads;            /* worker threads, >= 1 */
+   int32_t prefetch;           /* batches decoded ahead, >= 1 */
+   int32_t shard_rank;         /* distributed sampler: this rank, 0..shard_size-1 */
+   int32_t shard_size;         /* ranks, >= 1; each gets ceil(N / size) samples (wrapping) */
+   int32_t pad;                /* zero padding on each side before the random crop */
+   int32_t crop;               /* random crop side (0: none; with pad > 0: the input size) */
+   int32_t random_resized_crop;/* output side of a random-resized crop (0: none) */
+   int32_t resize_h, resize_w; /* exact bilinear resize; resize_w = 0: shorter side to resize_h */
+   int32_t center_crop;        /* center crop side (0: none) */
+   int32_t flip;               /* 1: horizontal flip with probability 1/2 */
+   int32_t channels;           /* output channels (0: as stored; 1 -> 3 replicates, 3 -> 1 luma) */
+   int32_t normalize;          /* 1: (x/255 - mean[c]) / std[c], else x/255 */
+   int32_t fast_decode;        /* 1: decode JPEGs reduced (DCT scaling 1/2, 1/4, 1/8) when the resize or
+                                  random-resized crop shrinks them anyway: faster, not bitwise
+                                  equal to the full decode; still a pure function of the seed */
+   float mean[4], std[4];
+   float scale_lo, scale_hi;   /* random_resized_crop area fraction (0.08, 1) */
+   float ratio_lo, ratio_hi;   /* random_resized_crop aspect ratio (3/4, 4/3) */
+   uint64_t seed;
+} nr_loader_config;
+typedef struct nr_loader nr_loader;
+
+/* Starts the worker threads; the loader holds a reference to ds. cfg is copied. The output
+ * size is fixed here: an error when it would vary per sample (image folders need a crop or an
+ * exact resize). */
+nr_loader *nr_loader_new(nr_dataset *ds, const nr_loader_config *cfg);
+/* shape4 <- (batch, C, H, W) of a full batch. */
+void nr_loader_output_shape(const nr_loader *l, int64_t *shape4);
+/* Samples this shard sees per epoch, and batches per epoch. */
+int64_t nr_loader_samples(const nr_loader *l);
+int64_t nr_loader_nbatches(const nr_loader *l);
+/* Number of batch buffers, and buffer `slot`'s images f32 (batch, C, H, W) (which = 0) or
+ * labels int64 (batch) (which = 1); borrowed: view it (nr_tensor_view) to keep it. */
+int32_t nr_loader_nslots(const nr_loader *l);
+nr_tensor *nr_loader_buffer(nr_loader *l, int32_t slot, int32_t which);
+/* The epoch's sample order for this shard: out int64 (nr_loader_samples) of dataset indices. */
+nr_status nr_loader_indices(const nr_loader *l, int64_t epoch, nr_tensor *out);
+/* Begins epoch `epoch` (1-based), abandoning any epoch in progress. */
+nr_status nr_loader_start(nr_loader *l, int64_t epoch);
+/* Waits for the next batch, in order: *slot <- its buffer, *count <- its samples (the first
+ * *count rows are valid); *count = 0 at the end of the epoch. The previous batch's buffer is
+ * handed back to the workers by this call. A worker's error (an undecodable file) is returned
+ * here, naming the file, and ends the epoch; the loader stays usable for nr_loader_start. */
+nr_status nr_loader_next(nr_loader *l, int32_t *slot, int32_t *count);
+/* Stops and joins the workers, frees the buffers, drops the dataset reference. NULL ignored. */
+void nr_loader_free(nr_loader *l);
 
 /* ---------------------------------------------------------------- neural rejuvenation */
 /* (section: nr) */
+/* Liveliness of one BN's channels (paper 3.1.1). gamma (C) f32, contiguous or strided; mask (C)
+ * uint8 on the same device, written 1 = live, 0 = dead. A channel is live iff
+ * |gamma_c| >= threshold_rel * max|gamma| (paper: 0.01); when max|gamma| < abs_min (paper code:
+ * 1e-3) the layer is dead as a whole and every entry is 0. *live (a host pointer) receives the
+ * number of live channels. */
+nr_status nr_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float threshold_rel, float abs_min,
+                          int64_t *live);
+/* The L1 subgradient on BN scales: grad_c += lambda * sign(gamma_c), sign(0) = 0.
+ * gamma (C) f32, grad (C) f32 on the same device. */
+nr_status nr_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda);
 
 /* ---------------------------------------------------------------- CUDA runtime */
 /* (section: cuda) */
+/* CUDA runtime (core/cuda/runtime.c; in a build without CUDA, core/device.c answers "no
+ * devices" and the functions that need one fail with NR_E_DEVICE). Device indices are 0-based.
+ * Everything here works without a GPU. */
+/* Number of visible GPUs; 0 without CUDA, without a driver or without a device. */
+int32_t nr_cuda_device_count(void);
+/* 1 when tensors can be placed on a GPU (built with CUDA and at least one device), else 0. */
+int32_t nr_cuda_available(void);
+/* Why nr_cuda_available() is 0, e.g. "this nrlua was built without CUDA" or
+ * "cudaGetDeviceCount: no CUDA-capable device is detected"; "" when it is 1. */
+const char *nr_cuda_unavailable_reason(void);
+/* Selects the GPU on which this thread creates new CUDA tensors (default 0). */
+nr_status nr_cuda_set_device(int32_t device_index);
+int32_t nr_cuda_current_device(void);
+/* Name of a GPU, e.g. "NVIDIA H100 80GB HBM3"; NULL when out of range or unavailable. */
+const char *nr_cuda_device_name(int32_t device_index);
+/* Free and total memory of a GPU in bytes (as the driver sees it; cached blocks count as used). */
+nr_status nr_cuda_mem_info(int32_t device_index, int64_t *free_bytes, int64_t *total_bytes);
+/* Waits for the work queued on every GPU this process used; reports asynchronous errors. */
+nr_status nr_cuda_synchronize(void);
+/* Bytes held in the caching allocator's free lists (of one GPU, or all when device_index < 0). */
+int64_t nr_cuda_memory_cached(int32_t device_index);
+/* Returns every cached block to the driver (cudaFree); memory of live tensors is untouched. */
+nr_status nr_cuda_empty_cache(void);
+/* allow = 1: cuDNN convolutions and cuBLAS matmuls may use TF32 tensor cores (faster, about
+ * 1e-3 relative error; PyTorch's default for convolutions); 0 (the default): full fp32. */
+void nr_cuda_set_allow_tf32(int32_t allow);
+int32_t nr_cuda_get_allow_tf32(void);
+
+/* ---------------------------------------------------------------- distributed (libnr_dist) */
+/* Data-parallel collectives in the separate library libnr_dist (linked to MPI, and to NCCL in
+ * CUDA builds), loaded only by lua/nr/dist.lua, so plain nrlua runs never load MPI. One process
+ * per rank (mpirun); these are called from the Lua thread, every rank calling the same
+ * collectives in the same order. Tensors given to collectives are contiguous and are reduced or
+ * broadcast in place: CPU tensors through MPI, CUDA tensors through NCCL.
+ * Failure policy: every wait is bounded by the timeout (then the call fails and names the
+ * collective); a process exiting with a non-zero status while MPI is up calls MPI_Abort, so the
+ * launcher ends every rank; a rank stopped by the launcher (SIGTERM) says so on stderr. */
+typedef enum { NR_DIST_SUM = 0, NR_DIST_MAX = 1, NR_DIST_MIN = 2 } nr_dist_op;
+typedef enum {
+   NR_DIST_ORDERED = 0, /* CPU: all-to-all of 1/N chunks, each summed in rank order 0..N-1 in
+                           double and rounded once, then all-gather: bit-identical on every rank
+                           whatever MPI's algorithm; sends 2(N-1)/N of the buffer, as a ring */
+   NR_DIST_MPI = 1,     /* CPU: MPI_Allreduce (MPI picks the algorithm; not guaranteed bit-stable) */
+   NR_DIST_NCCL = 2     /* CUDA: ncclAllReduce on the communication stream */
+} nr_dist_algo;
+
+/* Initialises MPI (MPI_THREAD_FUNNELED) unless it already is; idempotent. timeout_s: seconds any
+ * collective may wait (0: forever; < 0: $NR_DIST_TIMEOUT, else 1800). */
+nr_status nr_dist_init(double timeout_s);
+int32_t nr_dist_initialized(void);
+int32_t nr_dist_rank(void);         /* 0..size-1 */
+int32_t nr_dist_size(void);         /* ranks in the job */
+int32_t nr_dist_local_rank(void);   /* rank among the processes on this machine (its GPU) */
+int32_t nr_dist_local_size(void);
+/* seconds < 0: $NR_DIST_TIMEOUT, else 1800; 0: wait forever. */
+void nr_dist_set_timeout(double seconds);
+/* Wall-clock seconds. */
+double nr_dist_wtime(void);
+nr_status nr_dist_barrier(void);
+/* t <- scale * op over ranks of t (scale applies to NR_DIST_SUM). t: contiguous f32, or int64
+ * with scale 1; algo: nr_dist_algo (NR_DIST_NCCL for CUDA tensors, the others for CPU). */
+nr_status nr_dist_allreduce(nr_tensor *t, int32_t op, int32_t algo, double scale);
+/* The same, started: *handle (1..256) names it until nr_dist_wait returns NR_OK; t must stay
+ * alive and untouched until then. nr_dist_test progresses it and sets *done to 1 when finished. */
+nr_status nr_dist_allreduce_start(nr_tensor *t, int32_t op, int32_t algo, double scale,
+                                  int32_t *handle);
+nr_status nr_dist_test(int32_t handle, int32_t *done);
+nr_status nr_dist_wait(int32_t handle);
+/* t <- root's t (any dtype, contiguous, the same shape on every rank). */
+nr_status nr_dist_broadcast(nr_tensor *t, int32_t root);
+/* buf[0..len) <- root's bytes (len equal on every rank). */
+nr_status nr_dist_broadcast_bytes(void *buf, int64_t len, int32_t root);
+/* out (size * n doubles, rank-major) <- every rank's in (n doubles). */
+nr_status nr_dist_allgather_f64(const double *in, int32_t n, double *out);
+/* 64-bit hash of a CPU tensor's values in row-major order (any strides); not a collective. */
+nr_status nr_dist_fingerprint(const nr_tensor *t, uint64_t *hash);
+/* 1 when libnr_dist was built with NCCL. */
+int32_t nr_dist_has_nccl(void);
+/* NCCL communicator over the job on GPU device_index (id from rank 0 through MPI_Bcast). */
+nr_status nr_dist_nccl_init(int32_t device_index);
+/* Frees NCCL and the communicators and finalizes MPI (every rank calls it; at a clean exit it
+ * runs by itself). */
+nr_status nr_dist_finalize(void);
+/* Prints "nrlua rank r/N: message" on stderr and ends the whole job (MPI_Abort(code)); returns
+ * only when MPI is not running. */
+void nr_dist_abort(int32_t code, const char *message);
 
 /* NR_FFI_END */
 

@@ -404,6 +404,7 @@ static nr_status check_index_args(const char *func, const nr_tensor *big, int32_
 
 nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_tensor *index, nr_tensor *out)
 {
+   if (src) NR_ON_CUDA(src, nr_cuda_index_select(src, dim, index, out)); /* index on the CPU or the same GPU */
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("out", out, -1, NR_CPU, -1, NULL);
    NR_TRY(check_index_args(__func__, src, dim, index, out));
@@ -421,6 +422,7 @@ nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_ten
 
 nr_status nr_tensor_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *index, const nr_tensor *src)
 {
+   if (dst) NR_ON_CUDA(dst, nr_cuda_index_copy(dst, dim, index, src)); /* index on the CPU or the same GPU */
    NR_CHECK_T("dst", dst, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
    NR_TRY(check_index_args(__func__, dst, dim, index, src));

@@ -1,0 +1,126 @@
+-- bench/gpu_bench.lua — nrlua side of the GPU training benchmark (PyTorch side and the driver:
+-- tests/gpu/torch_gpu_bench.py, tests/gpu/run.sh).
+--
+--   nrlua bench/gpu_bench.lua --model mobilenet|resnet50|vgg19 [--batch N] [--warmup N]
+--                             [--steps N] [--precision fp32] [--tf32 0|1] [--json PATH]
+--                             [--device cpu]   (a dry run of the script itself on the CPU)
+--
+-- What it measures: training images/s of one synthetic fixed batch on the GPU (no data loading),
+-- step = zeroGradParameters + forward + CrossEntropyLoss (reads the loss: one sync per step, as
+-- every nrlua training loop) + backward + SGD(momentum 0.9, weight decay 5e-4), the same step as
+-- the PyTorch side. Wall time of `--steps` steps after `--warmup` untimed ones, with
+-- nr.cuda.synchronize() before starting and stopping the clock. The first steps include the
+-- cuDNN algorithm search (reported as warmup_s).
+-- What it is not: bf16 / mixed precision (not implemented in nrlua yet; --precision bf16 reports
+-- that instead of a number) or a correctness test (tests/lua/cuda_spec.lua).
+local nr = require 'nr'
+local ffi = require 'ffi'
+
+ffi.cdef [[
+typedef struct { long nr_bench_sec; long nr_bench_nsec; } nr_bench_timespec;
+int clock_gettime(int clk, nr_bench_timespec *ts);
+]]
+local ts = ffi.new('nr_bench_timespec')
+local function now()
+   ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+   return tonumber(ts.nr_bench_sec) + tonumber(ts.nr_bench_nsec) * 1e-9
+end
+
+local MODELS = {
+   mobilenet = {build = function() return nr.models.mobilenet{width = 0.25, input = 128} end,
+                shape = {3, 128, 128}, classes = 1000, batch = 256},
+   resnet50 = {build = function() return nr.models.resnet{depth = 50} end,
+               shape = {3, 224, 224}, classes = 1000, batch = 128},
+   vgg19 = {build = function() return nr.models.vgg{depth = 19, dataset = 'cifar10'} end,
+            shape = {3, 32, 32}, classes = 10, batch = 128},
+}
+
+local function parse(argv)
+   local o = {model = 'mobilenet', warmup = 5, steps = 20, precision = 'fp32', tf32 = 0, device = 'cuda'}
+   local i = 1
+   while i <= #argv do
+      local k, v = argv[i]:match('^%-%-([%w_]+)$'), argv[i + 1]
+      if not k or v == nil then error('gpu_bench: expected --name value pairs, got ' .. tostring(argv[i]), 0) end
+      o[k] = tonumber(v) or v
+      i = i + 2
+   end
+   return o
+end
+
+local function json_line(t)
+   local keys, parts = {}, {}
+   for k in pairs(t) do keys[#keys + 1] = k end
+   table.sort(keys)
+   for _, k in ipairs(keys) do
+      local v = t[k]
+      local s = type(v) == 'number' and string.format('%.6g', v) or string.format('%q', tostring(v))
+      parts[#parts + 1] = string.format('%q: %s', k, s)
+   end
+   return '{' .. table.concat(parts, ', ') .. '}'
+end
+
+local function run(o)
+   local spec = MODELS[o.model]
+   if not spec then error('gpu_bench: unknown model ' .. tostring(o.model) .. ' (mobilenet, resnet50, vgg19)', 0) end
+   local batch = o.batch or spec.batch
+   local base = {side = 'nrlua', model = o.model, precision = o.precision, batch = batch,
+                 tf32 = o.tf32, device = o.device == 'cuda' and (nr.cuda.device_name(0) or 'none') or 'cpu'}
+   local gpu = o.device == 'cuda'
+   if gpu and not nr.cuda.available() then
+      base.error = 'no GPU: ' .. tostring(nr.cuda.unavailable_reason())
+      return base
+   end
+   if o.precision ~= 'fp32' then
+      base.error = 'not implemented: nrlua trains in fp32 only (bf16 with fp32 master weights is future work)'
+      return base
+   end
+   local sync = gpu and nr.cuda.synchronize or function() end
+   nr.cuda.set_allow_tf32(o.tf32 == 1)
+   nr.manual_seed(0)
+   local net = spec.build()
+   net:to(o.device)
+   net:training()
+   local crit = nr.nn.CrossEntropyLoss()
+   local opt = nr.optim.SGD(net, {lr = 0.01, momentum = 0.9, weight_decay = 5e-4})
+   local shape = {batch}
+   for _, s in ipairs(spec.shape) do shape[#shape + 1] = s end
+   local x = nr.randn(shape, {device = o.device})
+   local labels = nr.randint(0, spec.classes, {batch}, {dtype = 'int64', device = o.device})
+   local loss
+   local function step()
+      net:zeroGradParameters()
+      local y = net:forward(x)
+      loss = crit:forward(y, labels)
+      net:backward(x, crit:backward(y, labels))
+      opt:step()
+   end
+   local t0 = now()
+   for _ = 1, o.warmup do step() end
+   sync()
+   base.warmup_s = now() - t0
+   local t1 = now()
+   for _ = 1, o.steps do step() end
+   sync()
+   local dt = now() - t1
+   base.steps = o.steps
+   base.step_ms = dt * 1000 / o.steps
+   base.images_per_s = batch * o.steps / dt
+   base.final_loss = loss
+   if gpu then
+      local m = nr.cuda.memory()
+      base.peak_mem_gib = m.peak / 2 ^ 30
+      base.cached_gib = m.cached / 2 ^ 30
+   end
+   return base
+end
+
+local o = parse({...})
+local ok, res = pcall(run, o)
+if not ok then res = {side = 'nrlua', model = o.model, precision = o.precision, error = tostring(res)} end
+local line = json_line(res)
+print(line)
+if o.json then
+   local f = assert(io.open(o.json, 'w'))
+   f:write(line, '\n')
+   f:close()
+end

@@ -1,0 +1,365 @@
+/* conv.c — 2-d convolutions on cuDNN: forward, backward data, backward filter (+ bias), with
+ * groups (grouped and depthwise convolutions are cuDNN group counts).
+ *
+ * What it is: a plan cache keyed by (device, shapes, geometry, groups, math mode) holding the
+ * cuDNN descriptors and, per direction, the algorithm chosen the first time the shape is seen:
+ * cudnnFind*AlgorithmEx (measured on the real buffers; set NR_CUDNN_FIND=0 for the
+ * cudnnGet*_v7 heuristics instead). Workspaces come from the caching allocator (scratch slot 4).
+ * What it is not: im2col fallbacks; every failure is reported, nothing silently runs on the host.
+ * Invariants: fp32 tensors in NCHW; math mode CUDNN_FMA_MATH (exact fp32) unless TF32 is allowed
+ * (nr_cuda_set_allow_tf32), in which case the algorithm's own math type is used; backward filter
+ * computes dw <- acc * dw + scale * dL/dw through cuDNN's alpha/beta (beta = 0 never reads dw);
+ * the algorithm search never writes dw (it uses a scratch buffer).
+ */
+#include "cuda_common.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { KEY_LEN = 17, NBUCKETS = 509, FIND_BUDGET_MAX = 1 << 30 };
+
+typedef struct plan {
+   int32_t key[KEY_LEN];
+   cudnnTensorDescriptor_t xd, yd, bd;
+   cudnnFilterDescriptor_t wd;
+   cudnnConvolutionDescriptor_t cd;
+   int fwd_ready, bwdd_ready, bwdf_ready;
+   cudnnConvolutionFwdAlgo_t fwd;
+   cudnnConvolutionBwdDataAlgo_t bwdd;
+   cudnnConvolutionBwdFilterAlgo_t bwdf;
+   cudnnMathType_t fwd_math, bwdd_math, bwdf_math;
+   size_t fwd_ws, bwdd_ws, bwdf_ws;
+   struct plan *next;
+} plan;
+
+static plan *g_plans[NBUCKETS];
+static pthread_mutex_t g_plan_lock = PTHREAD_MUTEX_INITIALIZER;
+
+typedef struct {
+   int64_t n, cin, h, w, cout, kh, kw, ho, wo;
+} cgeom;
+
+static const char *dir_name(int d) { return d == 0 ? "forward" : d == 1 ? "backward data" : "backward filter"; }
+
+/* "conv2d x (N, C, H, W) w (...) stride 1x1 pad 0x0 dil 1x1 groups 1" for messages. */
+static const char *conv_desc(const nr_tensor *x, const nr_tensor *w, const int32_t *k)
+{
+   static _Thread_local char buf[512];
+   snprintf(buf, sizeof buf, "conv2d %s x %s stride %dx%d pad %dx%d dil %dx%d groups %d", NR_DESC(x), NR_DESC(w),
+            k[10], k[11], k[12], k[13], k[14], k[15], k[9]);
+   return buf;
+}
+
+static unsigned hash_key(const int32_t *k)
+{
+   uint32_t h = 2166136261u;
+   for (int i = 0; i < KEY_LEN; i++) {
+      h ^= (uint32_t)k[i];
+      h *= 16777619u;
+   }
+   return h % NBUCKETS;
+}
+
+static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor *w, plan **out)
+{
+   plan *p = calloc(1, sizeof *p);
+   if (!p) return NR_FAIL(NR_E_OOM, "out of host memory");
+   memcpy(p->key, k, sizeof p->key);
+   const char *what = conv_desc(x, w, k);
+   nr_status st = NR_OK;
+#define DN(expr)                                                                                 \
+   do {                                                                                         \
+      cudnnStatus_t e_ = (expr);                                                                \
+      if (e_ != CUDNN_STATUS_SUCCESS && !st) st = nr_cuda_fail_dnn(e_, __func__, __FILE__, __LINE__, "%s: %s", what, #expr); \
+   } while (0)
+   DN(cudnnCreateTensorDescriptor(&p->xd));
+   DN(cudnnCreateTensorDescriptor(&p->yd));
+   DN(cudnnCreateTensorDescriptor(&p->bd));
+   DN(cudnnCreateFilterDescriptor(&p->wd));
+   DN(cudnnCreateConvolutionDescriptor(&p->cd));
+   if (!st) {
+      /* key: 0 dev, 1 n, 2 cin, 3 h, 4 w, 5 cout, 6 kh, 7 kw, 8 tf32, 9 groups, 10 sh, 11 sw,
+       * 12 ph, 13 pw, 14 dh, 15 dw, 16 unused */
+      DN(cudnnSetTensor4dDescriptor(p->xd, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, k[1], k[2], k[3], k[4]));
+      DN(cudnnSetFilter4dDescriptor(p->wd, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, k[5], k[2] / k[9], k[6], k[7]));
+      DN(cudnnSetConvolution2dDescriptor(p->cd, k[12], k[13], k[10], k[11], k[14], k[15], CUDNN_CROSS_CORRELATION,
+                                         CUDNN_DATA_FLOAT));
+      DN(cudnnSetConvolutionGroupCount(p->cd, k[9]));
+      DN(cudnnSetConvolutionMathType(p->cd, k[8] ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH));
+      DN(cudnnSetTensor4dDescriptor(p->bd, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, 1, k[5], 1, 1));
+   }
+   int on = 0, oc = 0, oh = 0, ow = 0;
+   if (!st) DN(cudnnGetConvolution2dForwardOutputDim(p->cd, p->xd, p->wd, &on, &oc, &oh, &ow));
+   if (!st) DN(cudnnSetTensor4dDescriptor(p->yd, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, on, oc, oh, ow));
+#undef DN
+   if (st) {
+      if (p->xd) cudnnDestroyTensorDescriptor(p->xd);
+      if (p->yd) cudnnDestroyTensorDescriptor(p->yd);
+      if (p->bd) cudnnDestroyTensorDescriptor(p->bd);
+      if (p->wd) cudnnDestroyFilterDescriptor(p->wd);
+      if (p->cd) cudnnDestroyConvolutionDescriptor(p->cd);
+      free(p);
+      return st;
+   }
+   *out = p;
+   return NR_OK;
+}
+
+/* The plan of a convolution; x is (N, Cin, H, W), w (Cout, Cin/groups, KH, KW), y's spatial size
+ * (Ho, Wo) is checked against cuDNN's. */
+static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor *w, int64_t ho, int64_t wo,
+                          int32_t sh, int32_t sw, int32_t ph, int32_t pw, int32_t dh, int32_t dw, int32_t groups,
+                          plan **out)
+{
+   const int64_t dims[] = {x->shape[0], x->shape[1], x->shape[2], x->shape[3], w->shape[0], w->shape[2], w->shape[3]};
+   for (int i = 0; i < 7; i++)
+      if (dims[i] > INT32_MAX)
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s x %s: sizes exceed cuDNN's 32-bit limits", NR_DESC(x),
+                           NR_DESC(w));
+   if (groups < 1 || x->shape[1] % groups || w->shape[0] % groups || w->shape[1] * groups != x->shape[1])
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "groups %d does not fit x %s and w %s", groups, NR_DESC(x),
+                        NR_DESC(w));
+   int32_t k[KEY_LEN] = {x->device_index,    (int32_t)dims[0], (int32_t)dims[1], (int32_t)dims[2], (int32_t)dims[3],
+                         (int32_t)dims[4],   (int32_t)dims[5], (int32_t)dims[6], nr_cuda_tf32_allowed(), groups,
+                         sh, sw, ph, pw, dh, dw, 0};
+   unsigned hb = hash_key(k);
+   pthread_mutex_lock(&g_plan_lock);
+   plan *p = g_plans[hb];
+   while (p && memcmp(p->key, k, sizeof k) != 0) p = p->next;
+   pthread_mutex_unlock(&g_plan_lock);
+   if (!p) {
+      NR_TRY(make_plan(k, x, w, &p));
+      pthread_mutex_lock(&g_plan_lock);
+      p->next = g_plans[hb];
+      g_plans[hb] = p;
+      pthread_mutex_unlock(&g_plan_lock);
+   }
+   int n = 0, c = 0, oh = 0, ow = 0;
+   NR_CUDNN(cudnnGetTensor4dDescriptor(p->yd, &(cudnnDataType_t){CUDNN_DATA_FLOAT}, &n, &c, &oh, &ow,
+                                       &(int){0}, &(int){0}, &(int){0}, &(int){0}),
+            "%s", conv_desc(x, w, k));
+   if (oh != ho || ow != wo)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: output is %d x %d, the tensor has %lld x %lld",
+                        conv_desc(x, w, k), oh, ow, (long long)ho, (long long)wo);
+   *out = p;
+   return NR_OK;
+}
+
+static int use_find(void)
+{
+   const char *e = getenv("NR_CUDNN_FIND");
+   return !(e && e[0] == '0');
+}
+
+/* Workspace budget for the algorithm search: a quarter of what is free (cached blocks count as
+ * free for us), at most 1 GiB. */
+static size_t find_budget(nr_cuda_ctx *ctx)
+{
+   size_t fr = 0, tot = 0;
+   if (cudaMemGetInfo(&fr, &tot) != cudaSuccess) {
+      cudaGetLastError();
+      return 64u << 20;
+   }
+   size_t b = (fr + (size_t)nr_cuda_memory_cached(ctx->device)) / 4;
+   return b > (size_t)FIND_BUDGET_MAX ? (size_t)FIND_BUDGET_MAX : b;
+}
+
+static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const void *w, const void *y,
+                        const char *what, int find, void *ws, size_t budget);
+
+/* Picks the algorithm of one direction (0 fwd, 1 bwd data, 2 bwd filter) for plan p.
+ * Buffers: x, w, y as in the forward (for direction 1 y is dy and x is dx; for 2 w is a scratch
+ * stand-in for dw). */
+static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const void *w, const void *y,
+                             const char *what)
+{
+   size_t budget = find_budget(ctx);
+   void *ws = NULL;
+   const int find = use_find();
+   /* the search workspace comes straight from the driver and goes back at once, so a large
+    * one-off budget does not stay in the allocator's cache */
+   while (find && budget > 0 && cudaMalloc(&ws, budget) != cudaSuccess) {
+      cudaGetLastError();
+      ws = NULL;
+      budget = budget > (16u << 20) ? budget / 2 : 0;
+   }
+   nr_status st = search(ctx, p, dir, x, w, y, what, find, ws, budget);
+   if (ws) {
+      cudaError_t e = cudaFree(ws);
+      if (e != cudaSuccess && !st) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "%s: freeing the search workspace", what);
+   }
+   return st;
+}
+
+static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const void *w, const void *y,
+                        const char *what, int find, void *ws, size_t budget)
+{
+   int got = 0;
+   if (dir == 0) {
+      cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
+      if (find)
+         NR_CUDNN(cudnnFindConvolutionForwardAlgorithmEx(ctx->dnn, p->xd, x, p->wd, w, p->cd, p->yd, (void *)y,
+                                                         CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &got, perf, ws, budget),
+                  "%s: cudnnFindConvolutionForwardAlgorithmEx", what);
+      else
+         NR_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(ctx->dnn, p->xd, p->wd, p->cd, p->yd,
+                                                         CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &got, perf),
+                  "%s: cudnnGetConvolutionForwardAlgorithm_v7", what);
+      for (int i = 0; i < got; i++)
+         if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= budget) {
+            p->fwd = perf[i].algo;
+            p->fwd_ws = perf[i].memory;
+            p->fwd_math = perf[i].mathType;
+            p->fwd_ready = 1;
+            break;
+         }
+      if (!p->fwd_ready) return NR_FAIL(NR_E_DEVICE, "%s: cuDNN offers no usable forward algorithm", what);
+   } else if (dir == 1) {
+      cudnnConvolutionBwdDataAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
+      if (find)
+         NR_CUDNN(cudnnFindConvolutionBackwardDataAlgorithmEx(ctx->dnn, p->wd, w, p->yd, y, p->cd, p->xd, (void *)x,
+                                                              CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &got, perf, ws,
+                                                              budget),
+                  "%s: cudnnFindConvolutionBackwardDataAlgorithmEx", what);
+      else
+         NR_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(ctx->dnn, p->wd, p->yd, p->cd, p->xd,
+                                                              CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &got, perf),
+                  "%s: cudnnGetConvolutionBackwardDataAlgorithm_v7", what);
+      for (int i = 0; i < got; i++)
+         if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= budget) {
+            p->bwdd = perf[i].algo;
+            p->bwdd_ws = perf[i].memory;
+            p->bwdd_math = perf[i].mathType;
+            p->bwdd_ready = 1;
+            break;
+         }
+      if (!p->bwdd_ready) return NR_FAIL(NR_E_DEVICE, "%s: cuDNN offers no usable backward-data algorithm", what);
+   } else {
+      cudnnConvolutionBwdFilterAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
+      if (find)
+         NR_CUDNN(cudnnFindConvolutionBackwardFilterAlgorithmEx(ctx->dnn, p->xd, x, p->yd, y, p->cd, p->wd, (void *)w,
+                                                                CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &got, perf,
+                                                                ws, budget),
+                  "%s: cudnnFindConvolutionBackwardFilterAlgorithmEx", what);
+      else
+         NR_CUDNN(cudnnGetConvolutionBackwardFilterAlgorithm_v7(ctx->dnn, p->xd, p->yd, p->cd, p->wd,
+                                                                CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &got, perf),
+                  "%s: cudnnGetConvolutionBackwardFilterAlgorithm_v7", what);
+      for (int i = 0; i < got; i++)
+         if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= budget) {
+            p->bwdf = perf[i].algo;
+            p->bwdf_ws = perf[i].memory;
+            p->bwdf_math = perf[i].mathType;
+            p->bwdf_ready = 1;
+            break;
+         }
+      if (!p->bwdf_ready) return NR_FAIL(NR_E_DEVICE, "%s: cuDNN offers no usable backward-filter algorithm", what);
+   }
+   return NR_OK;
+}
+
+/* Sets the convolution's math type to the one the chosen algorithm was measured with (exact
+ * fp32 unless TF32 is allowed). */
+static nr_status set_math(plan *p, cudnnMathType_t m, const char *what)
+{
+   if (!p->key[8]) m = CUDNN_FMA_MATH;
+   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, m), "%s: cudnnSetConvolutionMathType", what);
+   return NR_OK;
+}
+
+nr_status nr_cuda_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
+                                 int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t dil_h,
+                                 int32_t dil_w, int32_t groups)
+{
+   int32_t dev = x->device_index;
+   NR_TRY(nr_cuda_check_on(__func__, "y", y, dev));
+   NR_TRY(nr_cuda_check_on(__func__, "w", w, dev));
+   if (b) NR_TRY(nr_cuda_check_on(__func__, "b", b, dev));
+   if (nr_tensor_numel(y) == 0) return NR_OK;
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dev, &ctx));
+   plan *p;
+   NR_TRY(get_plan(__func__, x, w, y->shape[2], y->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p));
+   const char *what = conv_desc(x, w, p->key);
+   if (!p->fwd_ready) NR_TRY(choose_algo(ctx, p, 0, x->data, w->data, y->data, what));
+   NR_TRY(set_math(p, p->fwd_math, what));
+   void *ws = NULL;
+   if (p->fwd_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->fwd_ws, &ws));
+   const float one = 1.0f, zero = 0.0f;
+   NR_CUDNN(cudnnConvolutionForward(ctx->dnn, &one, p->xd, x->data, p->wd, w->data, p->cd, p->fwd, ws, p->fwd_ws, &zero,
+                                    p->yd, y->data),
+            "%s: cudnnConvolutionForward (algo %d)", what, (int)p->fwd);
+   if (b) NR_CUDNN(cudnnAddTensor(ctx->dnn, &one, p->bd, b->data, &one, p->yd, y->data), "%s: adding the bias %s", what, NR_DESC(b));
+   return NR_OK;
+}
+
+nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_tensor *w, int32_t stride_h,
+                                       int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t dil_h, int32_t dil_w,
+                                       int32_t groups)
+{
+   int32_t dev = dy->device_index;
+   NR_TRY(nr_cuda_check_on(__func__, "dx", dx, dev));
+   NR_TRY(nr_cuda_check_on(__func__, "w", w, dev));
+   if (nr_tensor_numel(dx) == 0) return NR_OK;
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dev, &ctx));
+   if (nr_tensor_numel(dy) == 0) {
+      NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)nr_tensor_numel(dx) * sizeof(float), ctx->stream), "zeroing %s", NR_DESC(dx));
+      return NR_OK;
+   }
+   plan *p;
+   NR_TRY(get_plan(__func__, dx, w, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p));
+   const char *what = conv_desc(dx, w, p->key);
+   if (!p->bwdd_ready) NR_TRY(choose_algo(ctx, p, 1, dx->data, w->data, dy->data, what));
+   NR_TRY(set_math(p, p->bwdd_math, what));
+   void *ws = NULL;
+   if (p->bwdd_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->bwdd_ws, &ws));
+   const float one = 1.0f, zero = 0.0f;
+   NR_CUDNN(cudnnConvolutionBackwardData(ctx->dnn, &one, p->wd, w->data, p->yd, dy->data, p->cd, p->bwdd, ws, p->bwdd_ws,
+                                         &zero, p->xd, dx->data),
+            "%s: cudnnConvolutionBackwardData (algo %d)", what, (int)p->bwdd);
+   return NR_OK;
+}
+
+nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dw, nr_tensor *db,
+                                         int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                         int32_t dil_h, int32_t dil_w, int32_t groups, float scale, float acc)
+{
+   int32_t dev = x->device_index;
+   NR_TRY(nr_cuda_check_on(__func__, "dy", dy, dev));
+   NR_TRY(nr_cuda_check_on(__func__, "dw", dw, dev));
+   if (db) NR_TRY(nr_cuda_check_on(__func__, "db", db, dev));
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dev, &ctx));
+   if (db) NR_TRY(nr_cuda_bias_backward(dy, db, scale, acc));
+   int64_t nw = nr_tensor_numel(dw);
+   if (nw == 0) return NR_OK;
+   if (nr_tensor_numel(dy) == 0 || nr_tensor_numel(x) == 0) {
+      /* no samples: dL/dw = 0, so dw <- acc * dw */
+      if (acc == 0.0f)
+         NR_CU(cudaMemsetAsync(dw->data, 0, (size_t)nw * sizeof(float), ctx->stream), "zeroing %s", NR_DESC(dw));
+      else if (acc != 1.0f)
+         NR_TRY(nr_cuda_binary_scalar(dw, acc, dw, NR_OP_MUL));
+      return NR_OK;
+   }
+   plan *p;
+   NR_TRY(get_plan(__func__, x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p));
+   const char *what = conv_desc(x, dw, p->key);
+   if (!p->bwdf_ready) {
+      /* search on a stand-in for dw, so accumulated gradients are not overwritten */
+      void *tmp = nr_cuda_alloc(dev, nw * (int64_t)sizeof(float));
+      if (!tmp) return NR_E_OOM;
+      nr_status st = choose_algo(ctx, p, 2, x->data, tmp, dy->data, what);
+      nr_cuda_free(dev, tmp, nw * (int64_t)sizeof(float));
+      NR_TRY(st);
+   }
+   NR_TRY(set_math(p, p->bwdf_math, what));
+   void *ws = NULL;
+   if (p->bwdf_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->bwdf_ws, &ws));
+   NR_CUDNN(cudnnConvolutionBackwardFilter(ctx->dnn, &scale, p->xd, x->data, p->yd, dy->data, p->cd, p->bwdf, ws,
+                                           p->bwdf_ws, &acc, p->wd, dw->data),
+            "%s: cudnnConvolutionBackwardFilter (algo %d)", what, (int)p->bwdf);
+   return NR_OK;
+}

@@ -1,0 +1,1003 @@
+/* nn_kernels.cu — own CUDA kernels of the layer, optimizer and NR primitives: batch norm
+ * (training, evaluation, both backwards), ReLU, sigmoid, max/avg/global pooling, bias add and
+ * bias gradient, dropout, softmax cross-entropy, fused SGD, BN liveliness masks, L1 sign step.
+ *
+ * What it is: the GPU side of core/nn_*.c, core/optim.c and core/nr_ops.c, with the same
+ * semantics as those CPU references (documented in core/nr.h). The layer entry points were
+ * argument-checked by their CPU callers (dtype, shape, contiguity, same device) before dispatch;
+ * SGD and the NR primitives dispatch first, so they check everything here.
+ * What it is not: convolutions (conv.c, cuDNN) or general tensor math (tensor_kernels.cu).
+ * Invariants: per-channel statistics are two-pass (mean, then squared deviations from the float
+ * mean) and accumulate in double like the CPU; reductions are split over (chunk, channel) blocks
+ * into double partials and finished per channel, so the result does not depend on timing; label
+ * ranges are checked on the device and reported through a flag copied back (never a device
+ * assert); nothing synchronises except where a value goes to the host (the loss-label check,
+ * the live count).
+ */
+#include "cuda_common.h"
+
+#include <cuda_runtime.h>
+#include <math.h>
+
+namespace {
+
+inline unsigned grid_for(int64_t n, int threads = 256)
+{
+   int64_t b = (n + threads - 1) / threads;
+   if (b > 65535LL * 16) b = 65535LL * 16;
+   return (unsigned)(b < 1 ? 1 : b);
+}
+
+#define GRID_LOOP(i, n) for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+/* Division by a runtime constant for 0 <= n < 2^31 (the divisor >= 1): q = (umulhi(n, m) + n) >> s. */
+struct fastdiv {
+   uint32_t d, m, s;
+};
+fastdiv make_fastdiv(uint32_t d)
+{
+   fastdiv f;
+   f.d = d;
+   f.s = 0;
+   while ((1u << f.s) < d) f.s++;
+   f.m = (uint32_t)((((uint64_t)1 << 32) * (((uint64_t)1 << f.s) - d)) / d + 1);
+   return f;
+}
+__device__ __forceinline__ uint32_t fdiv(const fastdiv &f, uint32_t n)
+{
+   return (__umulhi(n, f.m) + n) >> f.s;
+}
+
+/* ---------------------------------------------------------------- per-channel reductions */
+
+/* Channel of flat element i of an (N, C, R) tensor: fast 32-bit division when the tensor has
+ * fewer than 2^31 elements, plain 64-bit division otherwise. */
+struct chandiv {
+   fastdiv r, c;
+   int64_t r64, c64;
+   int fast;
+};
+chandiv make_chandiv(int64_t c, int64_t r, int64_t numel)
+{
+   chandiv d;
+   d.fast = numel < (INT64_C(1) << 31) && r > 0 && c > 0;
+   d.r = make_fastdiv((uint32_t)(d.fast ? r : 1));
+   d.c = make_fastdiv((uint32_t)(d.fast ? c : 1));
+   d.r64 = r > 0 ? r : 1;
+   d.c64 = c > 0 ? c : 1;
+   return d;
+}
+__device__ __forceinline__ int64_t chan_of(const chandiv &d, int64_t i)
+{
+   if (d.fast) {
+      uint32_t q = fdiv(d.r, (uint32_t)i);
+      return (int64_t)(q - fdiv(d.c, q) * d.c.d);
+   }
+   return (i / d.r64) % d.c64;
+}
+
+/* A tensor viewed as (N, C, R) with the channel in the middle (R = H*W for NCHW). */
+struct chan3 {
+   int64_t n, c, r;
+};
+
+enum { RED_SUM_X = 0, RED_SQDEV = 1, RED_DY_DYX = 2 };
+
+/* grid (S, C), 256 threads: block (s, c) reduces the s-th chunk of channel c's L = N*R values.
+ * RED_SUM_X: q0 = sum x; RED_SQDEV: q0 = sum (x - mean_c)^2 (float differences, as the CPU);
+ * RED_DY_DYX: q0 = sum dy, q1 = sum dy * (x - mean_c). part[(q * C + c) * S + s]. */
+__global__ void k_chan_partial(const float *x, const float *dy, const float *mean, chan3 g, fastdiv rdiv, int mode,
+                               double *part)
+{
+   const int s = blockIdx.x, S = gridDim.x;
+   const int64_t c = blockIdx.y;
+   const uint32_t L = (uint32_t)(g.n * g.r);
+   const uint32_t lo = (uint32_t)((uint64_t)L * s / S), hi = (uint32_t)((uint64_t)L * (s + 1) / S);
+   const float mu = mean ? mean[c] : 0.0f;
+   double a = 0, b = 0;
+   for (uint32_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+      uint32_t n = fdiv(rdiv, j), r = j - n * rdiv.d;
+      int64_t at = ((int64_t)n * g.c + c) * g.r + r;
+      if (mode == RED_SUM_X) a += x[at];
+      else if (mode == RED_SQDEV) {
+         float d = x[at] - mu;
+         a += d * d;
+      } else {
+         float d = dy[at];
+         a += d;
+         b += d * (x[at] - mu);
+      }
+   }
+   __shared__ double sa[256], sb[256];
+   sa[threadIdx.x] = a;
+   sb[threadIdx.x] = b;
+   __syncthreads();
+   for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+      if ((int)threadIdx.x < k) {
+         sa[threadIdx.x] += sa[threadIdx.x + k];
+         sb[threadIdx.x] += sb[threadIdx.x + k];
+      }
+      __syncthreads();
+   }
+   if (threadIdx.x == 0) {
+      part[c * S + s] = sa[0];
+      if (mode == RED_DY_DYX) part[(g.c + c) * S + s] = sb[0];
+   }
+}
+
+__device__ __forceinline__ double sum_parts(const double *part, int64_t c, int S)
+{
+   double t = 0;
+   for (int s = 0; s < S; s++) t += part[c * S + s];
+   return t;
+}
+
+/* Number of chunks per channel: about 4 blocks per SM in all, at most 64, at least 1. */
+int chunks_for(const nr_cuda_ctx *ctx, chan3 g)
+{
+   int64_t want = (4LL * ctx->sm_count + g.c - 1) / (g.c > 0 ? g.c : 1);
+   int64_t per = g.n * g.r;
+   int64_t maxs = per / 2048 > 1 ? per / 2048 : 1; /* keep at least ~2048 values per block */
+   if (want > maxs) want = maxs;
+   if (want > 64) want = 64;
+   return (int)(want < 1 ? 1 : want);
+}
+
+nr_status chan_check(const char *func, chan3 g)
+{
+   if (g.n * g.r >= (INT64_C(1) << 31) || g.c > 65535)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "per-channel size %lld or channel count %lld exceeds the CUDA kernel's limits (2^31, 65535)",
+                        (long long)(g.n * g.r), (long long)g.c);
+   return NR_OK;
+}
+
+/* Launches k_chan_partial; *part (scratch slot 0) receives 2 * C * S doubles. */
+nr_status chan_reduce(nr_cuda_ctx *ctx, const char *func, const float *x, const float *dy, const float *mean, chan3 g,
+                      int mode, double **part, int *S)
+{
+   NR_TRY(chan_check(func, g));
+   *S = chunks_for(ctx, g);
+   void *p;
+   NR_TRY(nr_cuda_scratch(ctx, 0, (int64_t)sizeof(double) * 2 * g.c * *S, &p));
+   *part = (double *)p;
+   dim3 grid((unsigned)*S, (unsigned)g.c);
+   k_chan_partial<<<grid, 256, 0, ctx->stream>>>(x, dy, mean, g, make_fastdiv((uint32_t)(g.r > 0 ? g.r : 1)), mode, *part);
+   NR_CU_LAUNCHED("%s: per-channel reduction (%lld, %lld, %lld)", func, (long long)g.n, (long long)g.c, (long long)g.r);
+   return NR_OK;
+}
+
+/* acc/scale rule: d <- acc * d + scale * v, with acc == 0 ignoring old contents (even NaN). */
+__device__ __forceinline__ float acc_rule(float old, float acc, double scale_v)
+{
+   return (acc == 0.0f ? 0.0f : acc * old) + (float)scale_v;
+}
+
+/* ---------------------------------------------------------------- batch norm */
+
+__global__ void k_bn_mean(const double *part, int S, int64_t C, double m, float *save_mean)
+{
+   GRID_LOOP(c, C) save_mean[c] = (float)(sum_parts(part, c, S) / m);
+}
+
+__global__ void k_bn_var(const double *part, int S, int64_t C, double m, float eps, float momentum,
+                         const float *save_mean, float *save_invstd, float *rm, float *rv)
+{
+   GRID_LOOP(c, C)
+   {
+      double var = sum_parts(part, c, S) / m;
+      save_invstd[c] = (float)(1.0 / sqrt(var + (double)eps));
+      rm[c] = (1.0f - momentum) * rm[c] + momentum * save_mean[c];
+      rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * m / (m - 1));
+   }
+}
+
+/* Per channel: coef = {a_c, b_c} with a_c = invstd_c * gamma_c, b_c = beta_c - mean_c * a_c;
+ * eval = 1: invstd_c = 1 / sqrt(var_c + eps) from the running variance passed as `invstd`. */
+__global__ void k_bn_coef(int64_t C, const float *mean, const float *invstd, const float *gamma, const float *beta,
+                          int eval, float eps, float *coef)
+{
+   GRID_LOOP(c, C)
+   {
+      float is = eval ? (float)(1.0 / sqrt((double)invstd[c] + (double)eps)) : invstd[c];
+      float a = is * (gamma ? gamma[c] : 1.0f), b = (beta ? beta[c] : 0.0f) - mean[c] * a;
+      coef[2 * c] = a;
+      coef[2 * c + 1] = b;
+   }
+}
+
+/* y = x * a_c + b_c (y may be x). */
+__global__ void k_bn_affine(const float *x, float *y, int64_t n, chandiv cd, const float *coef)
+{
+   GRID_LOOP(i, n)
+   {
+      int64_t c = chan_of(cd, i);
+      y[i] = x[i] * coef[2 * c] + coef[2 * c + 1];
+   }
+}
+
+nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_tensor *y, const float *mean,
+                   const float *invstd, const nr_tensor *gamma, const nr_tensor *beta, int eval, float eps);
+
+/* Per channel: mean and invstd (train: saved; eval: from running stats) and the dgamma/dbeta
+ * write-back; coef[c] = {k, mdy, mdyx} for the dx kernel. */
+__global__ void k_bn_bwd_finish(const double *part, int S, int64_t C, double m, const float *mean_in,
+                                const float *invstd_in, const float *rv, float eps, const float *gamma, float *dgamma,
+                                float *dbeta, float scale, float acc, float *coef, int eval)
+{
+   GRID_LOOP(c, C)
+   {
+      float invstd = eval ? (float)(1.0 / sqrt((double)rv[c] + (double)eps)) : invstd_in[c];
+      double sdy = sum_parts(part, c, S), sdyx = sum_parts(part + C * S, c, S);
+      double sdyxhat = sdyx * invstd;
+      if (dgamma) dgamma[c] = acc_rule(dgamma[c], acc, scale * sdyxhat);
+      if (dbeta) dbeta[c] = acc_rule(dbeta[c], acc, scale * sdy);
+      float k = (gamma ? gamma[c] : 1.0f) * invstd;
+      coef[3 * c] = k;
+      coef[3 * c + 1] = eval ? 0.0f : (float)(sdy / m);
+      coef[3 * c + 2] = eval ? 0.0f : (float)(sdyxhat / m) * invstd;
+   }
+   (void)mean_in;
+}
+
+__global__ void k_bn_dx(const float *x, const float *dy, float *dx, int64_t n, chandiv cd, const float *mean,
+                        const float *coef)
+{
+   GRID_LOOP(i, n)
+   {
+      int64_t c = chan_of(cd, i);
+      float k = coef[3 * c], mdy = coef[3 * c + 1], mdyx = coef[3 * c + 2];
+      dx[i] = k * (dy[i] - mdy - (x[i] - mean[c]) * mdyx);
+   }
+}
+
+chan3 nchw(const nr_tensor *x)
+{
+   chan3 g;
+   g.n = x->shape[0];
+   g.c = x->shape[1];
+   g.r = x->shape[2] * x->shape[3];
+   return g;
+}
+
+const float *fp(const nr_tensor *t) { return t ? (const float *)t->data : NULL; }
+float *fpm(nr_tensor *t) { return t ? (float *)t->data : NULL; }
+
+nr_status bn_backward_any(const char *func, const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
+                          nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *mean, const nr_tensor *invstd,
+                          const nr_tensor *rv, float eps, float scale, float acc, int eval)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   chan3 g = nchw(x);
+   if (g.c == 0) return NR_OK;
+   const int64_t m = g.n * g.r;
+   double *part = NULL;
+   int S = 1;
+   bool need_sums = !eval || dgamma || dbeta;
+   if (need_sums && m > 0) NR_TRY(chan_reduce(ctx, func, fp(x), fp(dy), fp(mean), g, RED_DY_DYX, &part, &S));
+   else {
+      /* no sums needed (or m == 0): zero partials so the finish kernel sees sums of 0 */
+      void *p;
+      NR_TRY(nr_cuda_scratch(ctx, 0, (int64_t)sizeof(double) * 2 * g.c, &p));
+      part = (double *)p;
+      NR_CU(cudaMemsetAsync(part, 0, sizeof(double) * 2 * g.c, ctx->stream), "%s: zeroing sums", func);
+   }
+   void *coef;
+   NR_TRY(nr_cuda_scratch(ctx, 1, (int64_t)sizeof(float) * 3 * g.c, &coef));
+   k_bn_bwd_finish<<<grid_for(g.c), 256, 0, ctx->stream>>>(part, S, g.c, (double)m, fp(mean), fp(invstd), fp(rv), eps,
+                                                          fp(gamma), fpm(dgamma), fpm(dbeta), scale, acc,
+                                                          (float *)coef, eval);
+   NR_CU_LAUNCHED("%s: finishing %s", func, NR_DESC(x));
+   if (dx && g.n * g.c * g.r > 0) {
+      int64_t n = g.n * g.c * g.r;
+      k_bn_dx<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fp(dy), fpm(dx), n, make_chandiv(g.c, g.r, n), fp(mean),
+                                                    (const float *)coef);
+      NR_CU_LAUNCHED("%s: dx %s", func, NR_DESC(dx));
+   }
+   return NR_OK;
+}
+
+/* ---------------------------------------------------------------- activations, dropout, bias */
+
+__global__ void k_relu_f(const float *x, float *y, int64_t n) { GRID_LOOP(i, n) y[i] = x[i] > 0 ? x[i] : 0.0f; }
+__global__ void k_relu_b(const float *y, const float *dy, float *dx, int64_t n)
+{
+   GRID_LOOP(i, n) dx[i] = y[i] > 0 ? dy[i] : 0.0f;
+}
+__global__ void k_sigm_f(const float *x, float *y, int64_t n) { GRID_LOOP(i, n) y[i] = 1.0f / (1.0f + expf(-x[i])); }
+__global__ void k_sigm_b(const float *y, const float *dy, float *dx, int64_t n)
+{
+   GRID_LOOP(i, n) dx[i] = dy[i] * y[i] * (1.0f - y[i]);
+}
+__global__ void k_dropout_f(const float *x, float *y, float *mask, int64_t n, float keep, int identity)
+{
+   GRID_LOOP(i, n)
+   {
+      float m = identity ? 1.0f : mask[i] * keep;
+      mask[i] = m;
+      y[i] = x[i] * m;
+   }
+}
+__global__ void k_mul(const float *a, const float *b, float *o, int64_t n) { GRID_LOOP(i, n) o[i] = a[i] * b[i]; }
+
+__global__ void k_bias_add(float *y, const float *b, int64_t n, chandiv cd)
+{
+   GRID_LOOP(i, n) y[i] += b[chan_of(cd, i)];
+}
+__global__ void k_bias_finish(const double *part, int S, int64_t C, float *db, float scale, float acc)
+{
+   GRID_LOOP(c, C) db[c] = acc_rule(db[c], acc, (double)scale * sum_parts(part, c, S));
+}
+
+/* ---------------------------------------------------------------- pooling */
+
+struct pool {
+   int64_t nc, h, w, ho, wo;
+   int32_t kh, kw, sh, sw, ph, pw;
+};
+
+pool make_pool(const nr_tensor *x, const nr_tensor *y, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph, int32_t pw)
+{
+   pool p;
+   p.nc = x->shape[0] * x->shape[1];
+   p.h = x->shape[2];
+   p.w = x->shape[3];
+   p.ho = y->shape[2];
+   p.wo = y->shape[3];
+   p.kh = kh;
+   p.kw = kw;
+   p.sh = sh;
+   p.sw = sw;
+   p.ph = ph;
+   p.pw = pw;
+   return p;
+}
+
+__global__ void k_maxpool_f(const float *x, float *y, int64_t *ind, pool p)
+{
+   GRID_LOOP(i, p.nc * p.ho * p.wo)
+   {
+      int64_t ow = i % p.wo, oh = (i / p.wo) % p.ho, q = i / (p.wo * p.ho);
+      int64_t h0 = oh * p.sh - p.ph, h1 = h0 + p.kh, w0 = ow * p.sw - p.pw, w1 = w0 + p.kw;
+      if (h0 < 0) h0 = 0;
+      if (h1 > p.h) h1 = p.h;
+      if (w0 < 0) w0 = 0;
+      if (w1 > p.w) w1 = p.w;
+      const float *xp = x + q * p.h * p.w;
+      float best = -INFINITY;
+      int64_t arg = h0 * p.w + w0;
+      bool nan = false;
+      for (int64_t ih = h0; ih < h1 && !nan; ih++)
+         for (int64_t iw = w0; iw < w1; iw++) {
+            float v = xp[ih * p.w + iw];
+            if (v > best || isnan(v)) {
+               best = v;
+               arg = ih * p.w + iw;
+               if (isnan(v)) {
+                  nan = true;
+                  break;
+               }
+            }
+         }
+      y[i] = best;
+      ind[i] = arg;
+   }
+}
+
+/* Indices outside the plane (not from the forward) are skipped instead of corrupting memory. */
+__global__ void k_maxpool_b(const float *dy, const int64_t *ind, float *dx, int64_t nc, int64_t outp, int64_t inp)
+{
+   GRID_LOOP(i, nc * outp)
+   {
+      int64_t j = ind[i];
+      if (j >= 0 && j < inp) atomicAdd(dx + (i / outp) * inp + j, dy[i]);
+   }
+}
+
+__device__ __forceinline__ float avg_div(const pool &p, int64_t h0, int64_t w0, int inc)
+{
+   int64_t h1 = h0 + p.kh, w1 = w0 + p.kw;
+   if (inc) {
+      int64_t he = h1 < p.h + p.ph ? h1 : p.h + p.ph, we = w1 < p.w + p.pw ? w1 : p.w + p.pw;
+      return (float)((he - h0) * (we - w0));
+   }
+   int64_t a = h0 < 0 ? 0 : h0, b = h1 > p.h ? p.h : h1, c = w0 < 0 ? 0 : w0, d = w1 > p.w ? p.w : w1;
+   return (float)((b - a) * (d - c));
+}
+
+__global__ void k_avgpool_f(const float *x, float *y, pool p, int inc)
+{
+   GRID_LOOP(i, p.nc * p.ho * p.wo)
+   {
+      int64_t ow = i % p.wo, oh = (i / p.wo) % p.ho, q = i / (p.wo * p.ho);
+      int64_t h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw;
+      int64_t a = h0 < 0 ? 0 : h0, b = h0 + p.kh > p.h ? p.h : h0 + p.kh;
+      int64_t c = w0 < 0 ? 0 : w0, d = w0 + p.kw > p.w ? p.w : w0 + p.kw;
+      const float *xp = x + q * p.h * p.w;
+      float s = 0;
+      for (int64_t ih = a; ih < b; ih++)
+         for (int64_t iw = c; iw < d; iw++) s += xp[ih * p.w + iw];
+      y[i] = s / avg_div(p, h0, w0, inc);
+   }
+}
+
+__global__ void k_avgpool_b(const float *dy, float *dx, pool p, int inc)
+{
+   GRID_LOOP(i, p.nc * p.ho * p.wo)
+   {
+      int64_t ow = i % p.wo, oh = (i / p.wo) % p.ho, q = i / (p.wo * p.ho);
+      int64_t h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw;
+      int64_t a = h0 < 0 ? 0 : h0, b = h0 + p.kh > p.h ? p.h : h0 + p.kh;
+      int64_t c = w0 < 0 ? 0 : w0, d = w0 + p.kw > p.w ? p.w : w0 + p.kw;
+      float v = dy[i] / avg_div(p, h0, w0, inc);
+      float *xp = dx + q * p.h * p.w;
+      for (int64_t ih = a; ih < b; ih++)
+         for (int64_t iw = c; iw < d; iw++) atomicAdd(xp + ih * p.w + iw, v);
+   }
+}
+
+/* One warp per (n, c) plane. */
+__global__ void k_gap_f(const float *x, float *y, int64_t nc, int64_t hw)
+{
+   int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32, nwarps = (int64_t)gridDim.x * blockDim.x / 32;
+   int lane = threadIdx.x & 31;
+   for (int64_t q = warp; q < nc; q += nwarps) {
+      const float *p = x + q * hw;
+      double s = 0;
+      for (int64_t i = lane; i < hw; i += 32) s += p[i];
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+      if (lane == 0) y[q] = (float)(s / (double)hw);
+   }
+}
+__global__ void k_gap_b(const float *dy, float *dx, int64_t nc, int64_t hw)
+{
+   GRID_LOOP(i, nc * hw) dx[i] = dy[i / hw] / (float)hw;
+}
+
+/* ---------------------------------------------------------------- softmax cross-entropy */
+
+/* Records the smallest bad position in *bad (initialised to ~0). */
+__global__ void k_label_check(const int64_t *labels, int64_t n, int64_t k, unsigned long long *bad)
+{
+   GRID_LOOP(i, n) if (labels[i] < 0 || labels[i] >= k) atomicMin(bad, (unsigned long long)i);
+}
+
+/* One block per row: probs = softmax(x); rowloss = (1-ls) * nll + ls * (lse - mean(x - mx)). */
+__global__ void k_xent_f(const float *x, const int64_t *labels, float *probs, double *rowloss, int64_t n, int64_t k, double ls)
+{
+   __shared__ float smx[256];
+   __shared__ double sse[256], ssx[256];
+   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+      const float *xr = x + row * k;
+      float *pr = probs + row * k;
+      float mx = -INFINITY;
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) mx = xr[j] > mx ? xr[j] : mx;
+      smx[threadIdx.x] = mx;
+      __syncthreads();
+      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+         if ((int)threadIdx.x < s) smx[threadIdx.x] = smx[threadIdx.x + s] > smx[threadIdx.x] ? smx[threadIdx.x + s] : smx[threadIdx.x];
+         __syncthreads();
+      }
+      mx = smx[0];
+      double se = 0, sx = 0;
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+         float e = expf(xr[j] - mx);
+         pr[j] = e;
+         se += e;
+         sx += xr[j] - mx;
+      }
+      sse[threadIdx.x] = se;
+      ssx[threadIdx.x] = sx;
+      __syncthreads();
+      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+         if ((int)threadIdx.x < s) {
+            sse[threadIdx.x] += sse[threadIdx.x + s];
+            ssx[threadIdx.x] += ssx[threadIdx.x + s];
+         }
+         __syncthreads();
+      }
+      se = sse[0];
+      sx = ssx[0];
+      float inv = (float)(1.0 / se);
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) pr[j] *= inv;
+      if (threadIdx.x == 0) {
+         int64_t lab = labels[row];
+         double lse = log(se);
+         double nll = (lab >= 0 && lab < k) ? lse - (double)(xr[lab] - mx) : 0.0; /* bad labels reported by the host */
+         rowloss[row] = (1.0 - ls) * nll + ls * (lse - sx / (double)k);
+      }
+      __syncthreads();
+   }
+}
+
+__global__ void k_xent_mean(const double *rowloss, int64_t n, float *loss)
+{
+   __shared__ double sh[256];
+   double s = 0;
+   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += rowloss[i];
+   sh[threadIdx.x] = s;
+   __syncthreads();
+   for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+      if ((int)threadIdx.x < k) sh[threadIdx.x] += sh[threadIdx.x + k];
+      __syncthreads();
+   }
+   if (threadIdx.x == 0) loss[0] = n > 0 ? (float)(sh[0] / (double)n) : NAN;
+}
+
+__global__ void k_xent_b(const float *probs, const int64_t *labels, float *d, int64_t n, int64_t k, float s, float off, float on)
+{
+   GRID_LOOP(i, n * k)
+   {
+      int64_t row = i / k, j = i % k;
+      float v = s * (probs[i] - off);
+      if (labels[row] == j) v -= s * on;
+      d[i] = v;
+   }
+}
+
+/* Checks labels on the device; one 8-byte read-back (this synchronises the stream). */
+nr_status check_labels(nr_cuda_ctx *ctx, const char *func, const nr_tensor *labels, int64_t k)
+{
+   int64_t n = labels->shape[0];
+   if (n == 0) return NR_OK;
+   void *p;
+   NR_TRY(nr_cuda_scratch(ctx, 2, 8, &p));
+   unsigned long long *bad = (unsigned long long *)p, got = 0;
+   NR_CU(cudaMemsetAsync(bad, 0xff, 8, ctx->stream), "%s: label check flag", func);
+   k_label_check<<<grid_for(n), 256, 0, ctx->stream>>>((const int64_t *)labels->data, n, k, bad);
+   NR_CU_LAUNCHED("%s: label check %s", func, NR_DESC(labels));
+   NR_CU(cudaMemcpyAsync(&got, bad, 8, cudaMemcpyDeviceToHost, ctx->stream), "%s: label check flag", func);
+   NR_CU(cudaStreamSynchronize(ctx->stream), "%s: label check", func);
+   if (got == ~0ULL) return NR_OK;
+   int64_t v = 0;
+   NR_CU(cudaMemcpyAsync(&v, (const int64_t *)labels->data + labels->stride[0] * (int64_t)got, 8, cudaMemcpyDeviceToHost,
+                         ctx->stream),
+         "%s: reading label %llu", func, got);
+   NR_CU(cudaStreamSynchronize(ctx->stream), "%s: reading a label", func);
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                     "labels[%llu] = %lld is outside 0..%lld (class ids are 0-based, %lld classes)", got, (long long)v,
+                     (long long)(k - 1), (long long)k);
+}
+
+/* ---------------------------------------------------------------- SGD and NR primitives */
+
+__global__ void k_sgd(float *p, const float *g, float *b, int64_t n, float lr, float mu, float wd, int nesterov)
+{
+   GRID_LOOP(i, n)
+   {
+      float d = g[i];
+      if (wd != 0.0f) d = d + wd * p[i];
+      if (b) {
+         float v = mu * b[i] + d;
+         b[i] = v;
+         d = nesterov ? d + mu * v : v;
+      }
+      p[i] = p[i] - lr * d;
+   }
+}
+
+/* One block: max |gamma| ignoring NaN, then mask and live count into *live. */
+__global__ void k_live_mask(const float *g, int64_t gs, uint8_t *m, int64_t ms, int64_t c, float rel, float abs_min,
+                            long long *live)
+{
+   __shared__ float smax[256];
+   __shared__ long long scount[256];
+   float mx = 0.0f;
+   for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
+      float a = fabsf(g[i * gs]);
+      if (a > mx) mx = a;
+   }
+   smax[threadIdx.x] = mx;
+   __syncthreads();
+   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if ((int)threadIdx.x < s && smax[threadIdx.x + s] > smax[threadIdx.x]) smax[threadIdx.x] = smax[threadIdx.x + s];
+      __syncthreads();
+   }
+   float gmax = smax[0];
+   bool dead = c == 0 || gmax < abs_min || !isfinite(gmax);
+   float thr = rel * gmax;
+   long long cnt = 0;
+   for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
+      uint8_t on = dead ? 0 : (fabsf(g[i * gs]) >= thr);
+      m[i * ms] = on;
+      cnt += on;
+   }
+   scount[threadIdx.x] = cnt;
+   __syncthreads();
+   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if ((int)threadIdx.x < s) scount[threadIdx.x] += scount[threadIdx.x + s];
+      __syncthreads();
+   }
+   if (threadIdx.x == 0) *live = scount[0];
+}
+
+__global__ void k_l1_sign(const float *g, int64_t gs, float *d, int64_t ds, int64_t c, float lambda)
+{
+   GRID_LOOP(i, c)
+   {
+      float v = g[i * gs];
+      d[i * ds] += v > 0.0f ? lambda : (v < 0.0f ? -lambda : 0.0f);
+   }
+}
+
+nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_tensor *y, const float *mean,
+                   const float *invstd, const nr_tensor *gamma, const nr_tensor *beta, int eval, float eps)
+{
+   chan3 g = nchw(x);
+   int64_t n = g.n * g.c * g.r;
+   if (n == 0 || g.c == 0) return NR_OK;
+   void *coef;
+   NR_TRY(nr_cuda_scratch(ctx, 1, (int64_t)sizeof(float) * 2 * g.c, &coef));
+   k_bn_coef<<<grid_for(g.c), 256, 0, ctx->stream>>>(g.c, mean, invstd, fp(gamma), fp(beta), eval, eps, (float *)coef);
+   NR_CU_LAUNCHED("%s: coefficients %s", func, NR_DESC(x));
+   k_bn_affine<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fpm(y), n, make_chandiv(g.c, g.r, n), (const float *)coef);
+   NR_CU_LAUNCHED("%s: normalising %s", func, NR_DESC(x));
+   return NR_OK;
+}
+
+} // namespace
+
+/* ================================================================ entry points (C linkage) */
+
+extern "C" {
+
+/* ---- batch norm */
+
+nr_status nr_cuda_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean, nr_tensor *save_invstd,
+                                     const nr_tensor *gamma, const nr_tensor *beta, nr_tensor *running_mean,
+                                     nr_tensor *running_var, float momentum, float eps)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   chan3 g = nchw(x);
+   if (g.c == 0) return NR_OK;
+   const double m = (double)(g.n * g.r);
+   double *part;
+   int S;
+   NR_TRY(chan_reduce(ctx, __func__, fp(x), NULL, NULL, g, RED_SUM_X, &part, &S));
+   k_bn_mean<<<grid_for(g.c), 256, 0, ctx->stream>>>(part, S, g.c, m, fpm(save_mean));
+   NR_CU_LAUNCHED("bn2d_forward_train mean %s", NR_DESC(x));
+   NR_TRY(chan_reduce(ctx, __func__, fp(x), NULL, fp(save_mean), g, RED_SQDEV, &part, &S));
+   k_bn_var<<<grid_for(g.c), 256, 0, ctx->stream>>>(part, S, g.c, m, eps, momentum, fp(save_mean), fpm(save_invstd),
+                                                   fpm(running_mean), fpm(running_var));
+   NR_CU_LAUNCHED("bn2d_forward_train var %s", NR_DESC(x));
+   return bn_apply(ctx, __func__, x, y, fp(save_mean), fp(save_invstd), gamma, beta, 0, eps);
+}
+
+nr_status nr_cuda_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor *gamma, const nr_tensor *beta,
+                                    const nr_tensor *running_mean, const nr_tensor *running_var, float eps)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   chan3 g = nchw(x);
+   int64_t n = g.n * g.c * g.r;
+   if (n == 0) return NR_OK;
+   /* eval = 1: the "invstd" argument is the running variance, turned into 1/sqrt(var + eps) */
+   return bn_apply(ctx, __func__, x, y, fp(running_mean), fp(running_var), gamma, beta, 1, eps);
+}
+
+nr_status nr_cuda_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
+                                nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
+                                const nr_tensor *save_invstd, float scale, float acc)
+{
+   return bn_backward_any(__func__, x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, NULL, 1.0f, scale, acc, 0);
+}
+
+nr_status nr_cuda_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
+                                     nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *running_mean,
+                                     const nr_tensor *running_var, float eps, float scale, float acc)
+{
+   return bn_backward_any(__func__, x, dy, dx, dgamma, dbeta, gamma, running_mean, NULL, running_var, eps, scale, acc, 1);
+}
+
+/* ---- activations and dropout */
+
+#define ELEMWISE(kernel, n, what, ...)                                                            \
+   do {                                                                                         \
+      if ((n) == 0) return NR_OK;                                                               \
+      kernel<<<grid_for(n), 256, 0, ctx->stream>>>(__VA_ARGS__, (n));                           \
+      NR_CU_LAUNCHED("%s %s", what, NR_DESC(ref));                                              \
+      return NR_OK;                                                                             \
+   } while (0)
+
+nr_status nr_cuda_relu_forward(const nr_tensor *x, nr_tensor *y)
+{
+   nr_cuda_ctx *ctx;
+   const nr_tensor *ref = x;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   ELEMWISE(k_relu_f, nr_tensor_numel(x), "relu_forward", fp(x), fpm(y));
+}
+nr_status nr_cuda_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx)
+{
+   nr_cuda_ctx *ctx;
+   const nr_tensor *ref = y;
+   NR_TRY(nr_cuda_ctx_get(y->device_index, &ctx));
+   ELEMWISE(k_relu_b, nr_tensor_numel(y), "relu_backward", fp(y), fp(dy), fpm(dx));
+}
+nr_status nr_cuda_sigmoid_forward(const nr_tensor *x, nr_tensor *y)
+{
+   nr_cuda_ctx *ctx;
+   const nr_tensor *ref = x;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   ELEMWISE(k_sigm_f, nr_tensor_numel(x), "sigmoid_forward", fp(x), fpm(y));
+}
+nr_status nr_cuda_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx)
+{
+   nr_cuda_ctx *ctx;
+   const nr_tensor *ref = y;
+   NR_TRY(nr_cuda_ctx_get(y->device_index, &ctx));
+   ELEMWISE(k_sigm_b, nr_tensor_numel(y), "sigmoid_backward", fp(y), fp(dy), fpm(dx));
+}
+
+nr_status nr_cuda_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, float p)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   int64_t n = nr_tensor_numel(x);
+   /* the mask comes from the global generator exactly as on the CPU (drawn on the host, staged) */
+   if (p > 0.0f) NR_TRY_WRAP(nr_rng_bernoulli(mask, 1.0 - (double)p));
+   if (n == 0) return NR_OK;
+   k_dropout_f<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fpm(y), fpm(mask), n, 1.0f / (1.0f - p), p == 0.0f);
+   NR_CU_LAUNCHED("dropout_forward %s", NR_DESC(x));
+   return NR_OK;
+}
+
+nr_status nr_cuda_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_tensor *dx)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
+   int64_t n = nr_tensor_numel(dy);
+   if (n == 0) return NR_OK;
+   k_mul<<<grid_for(n), 256, 0, ctx->stream>>>(fp(dy), fp(mask), fpm(dx), n);
+   NR_CU_LAUNCHED("dropout_backward %s", NR_DESC(dy));
+   return NR_OK;
+}
+
+/* ---- bias */
+
+static chan3 ncr(const nr_tensor *y)
+{
+   chan3 g;
+   g.n = y->shape[0];
+   g.c = y->shape[1];
+   int64_t nc = g.n * g.c;
+   g.r = nc > 0 ? nr_tensor_numel(y) / nc : 0;
+   return g;
+}
+
+nr_status nr_cuda_bias_add(nr_tensor *y, const nr_tensor *b)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(y->device_index, &ctx));
+   chan3 g = ncr(y);
+   int64_t n = g.n * g.c * g.r;
+   if (n == 0) return NR_OK;
+   k_bias_add<<<grid_for(n), 256, 0, ctx->stream>>>(fpm(y), fp(b), n, make_chandiv(g.c, g.r, n));
+   NR_CU_LAUNCHED("bias_add %s + %s", NR_DESC(y), NR_DESC(b));
+   return NR_OK;
+}
+
+nr_status nr_cuda_bias_backward(const nr_tensor *dy, nr_tensor *db, float scale, float acc)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
+   chan3 g = ncr(dy);
+   if (g.c == 0) return NR_OK;
+   double *part;
+   int S = 1;
+   if (g.n * g.r > 0) NR_TRY(chan_reduce(ctx, __func__, fp(dy), NULL, NULL, g, RED_SUM_X, &part, &S));
+   else {
+      void *p;
+      NR_TRY(nr_cuda_scratch(ctx, 0, (int64_t)sizeof(double) * g.c, &p));
+      part = (double *)p;
+      NR_CU(cudaMemsetAsync(part, 0, sizeof(double) * g.c, ctx->stream), "bias_backward: zeroing sums");
+   }
+   k_bias_finish<<<grid_for(g.c), 256, 0, ctx->stream>>>(part, S, g.c, fpm(db), scale, acc);
+   NR_CU_LAUNCHED("bias_backward %s", NR_DESC(dy));
+   return NR_OK;
+}
+
+/* ---- pooling */
+
+nr_status nr_cuda_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, int32_t kernel_h,
+                                    int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   pool p = make_pool(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
+   int64_t n = p.nc * p.ho * p.wo;
+   if (n == 0) return NR_OK;
+   k_maxpool_f<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fpm(y), (int64_t *)indices->data, p);
+   NR_CU_LAUNCHED("maxpool2d_forward %s -> %s", NR_DESC(x), NR_DESC(y));
+   return NR_OK;
+}
+
+nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
+   int64_t nc = dy->shape[0] * dy->shape[1], outp = dy->shape[2] * dy->shape[3], inp = dx->shape[2] * dx->shape[3];
+   int64_t nx = nr_tensor_numel(dx);
+   if (nx == 0) return NR_OK;
+   NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)nx * sizeof(float), ctx->stream), "maxpool2d_backward: zeroing %s", NR_DESC(dx));
+   if (nc * outp == 0) return NR_OK;
+   k_maxpool_b<<<grid_for(nc * outp), 256, 0, ctx->stream>>>(fp(dy), (const int64_t *)indices->data, fpm(dx), nc, outp, inp);
+   NR_CU_LAUNCHED("maxpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
+   return NR_OK;
+}
+
+nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w,
+                                    int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                    int32_t count_include_pad)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   pool p = make_pool(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
+   int64_t n = p.nc * p.ho * p.wo;
+   if (n == 0) return NR_OK;
+   k_avgpool_f<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fpm(y), p, count_include_pad);
+   NR_CU_LAUNCHED("avgpool2d_forward %s -> %s", NR_DESC(x), NR_DESC(y));
+   return NR_OK;
+}
+
+nr_status nr_cuda_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kernel_h, int32_t kernel_w,
+                                     int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                     int32_t count_include_pad)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
+   pool p = make_pool(dx, dy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
+   int64_t nx = nr_tensor_numel(dx), n = p.nc * p.ho * p.wo;
+   if (nx == 0) return NR_OK;
+   NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)nx * sizeof(float), ctx->stream), "avgpool2d_backward: zeroing %s", NR_DESC(dx));
+   if (n == 0) return NR_OK;
+   k_avgpool_b<<<grid_for(n), 256, 0, ctx->stream>>>(fp(dy), fpm(dx), p, count_include_pad);
+   NR_CU_LAUNCHED("avgpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
+   return NR_OK;
+}
+
+nr_status nr_cuda_global_avgpool_forward(const nr_tensor *x, nr_tensor *y)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   int64_t nc = x->shape[0] * x->shape[1], hw = x->shape[2] * x->shape[3];
+   if (hw == 0 && nc > 0) return NR_FAIL(NR_E_ARG, "x: empty spatial size");
+   if (nc == 0) return NR_OK;
+   k_gap_f<<<grid_for(nc * 32), 256, 0, ctx->stream>>>(fp(x), fpm(y), nc, hw);
+   NR_CU_LAUNCHED("global_avgpool_forward %s", NR_DESC(x));
+   return NR_OK;
+}
+
+nr_status nr_cuda_global_avgpool_backward(const nr_tensor *dy, nr_tensor *dx)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
+   int64_t nc = dx->shape[0] * dx->shape[1], hw = dx->shape[2] * dx->shape[3];
+   if (nc * hw == 0) return NR_OK;
+   k_gap_b<<<grid_for(nc * hw), 256, 0, ctx->stream>>>(fp(dy), fpm(dx), nc, hw);
+   NR_CU_LAUNCHED("global_avgpool_backward %s", NR_DESC(dx));
+   return NR_OK;
+}
+
+/* ---- softmax cross-entropy */
+
+nr_status nr_cuda_softmax_xent_forward(const nr_tensor *logits, const nr_tensor *labels, nr_tensor *loss,
+                                       nr_tensor *probs, float label_smoothing)
+{
+   int32_t dev = logits->device_index;
+   NR_TRY(nr_cuda_check_on(__func__, "labels", labels, dev));
+   NR_TRY(nr_check_contiguous(__func__, "labels", labels));
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dev, &ctx));
+   int64_t n = logits->shape[0], k = logits->shape[1];
+   if (labels->shape[0] != n)
+      return NR_FAIL(NR_E_ARG, "labels %s do not match logits %s", NR_DESC(labels), NR_DESC(logits));
+   NR_TRY(check_labels(ctx, __func__, labels, k));
+   void *rl;
+   NR_TRY(nr_cuda_scratch(ctx, 1, (int64_t)sizeof(double) * (n > 0 ? n : 1), &rl));
+   if (n > 0) {
+      k_xent_f<<<(unsigned)(n < 65535 * 16 ? n : 65535 * 16), 256, 0, ctx->stream>>>(
+          fp(logits), (const int64_t *)labels->data, fpm(probs), (double *)rl, n, k, (double)label_smoothing);
+      NR_CU_LAUNCHED("softmax_xent_forward %s", NR_DESC(logits));
+   }
+   k_xent_mean<<<1, 256, 0, ctx->stream>>>((const double *)rl, n, fpm(loss));
+   NR_CU_LAUNCHED("softmax_xent_forward mean %s", NR_DESC(logits));
+   return NR_OK;
+}
+
+nr_status nr_cuda_softmax_xent_backward(const nr_tensor *probs, const nr_tensor *labels, nr_tensor *dlogits,
+                                        float label_smoothing, float scale)
+{
+   int32_t dev = probs->device_index;
+   NR_TRY(nr_cuda_check_on(__func__, "labels", labels, dev));
+   NR_TRY(nr_check_contiguous(__func__, "labels", labels));
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dev, &ctx));
+   int64_t n = probs->shape[0], k = probs->shape[1];
+   if (labels->shape[0] != n)
+      return NR_FAIL(NR_E_ARG, "labels %s do not match probs %s", NR_DESC(labels), NR_DESC(probs));
+   NR_TRY(check_labels(ctx, __func__, labels, k));
+   if (n == 0 || k == 0) return NR_OK;
+   float s = scale / (float)n, off = label_smoothing / (float)k, on = 1.0f - label_smoothing;
+   k_xent_b<<<grid_for(n * k), 256, 0, ctx->stream>>>(fp(probs), (const int64_t *)labels->data, fpm(dlogits), n, k, s, off, on);
+   NR_CU_LAUNCHED("softmax_xent_backward %s", NR_DESC(probs));
+   return NR_OK;
+}
+
+/* ---- SGD */
+
+static nr_status sgd_pair(const char *func, const char *name, const nr_tensor *t, const nr_tensor *param)
+{
+   NR_TRY(nr_check_tensor(func, name, t, NR_F32, NR_CUDA, param->ndim, param->shape));
+   NR_TRY(nr_cuda_check_on(func, name, t, param->device_index));
+   NR_TRY(nr_check_contiguous(func, name, t));
+   return NR_OK;
+}
+
+nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *momentum_buf, float lr, float momentum,
+                           float weight_decay, int32_t nesterov)
+{
+   NR_CHECK_T("param", param, NR_F32, NR_CUDA, -1, NULL);
+   NR_CHECK_CONTIG("param", param);
+   if (!grad) return NR_FAIL(NR_E_ARG, "grad: NULL tensor");
+   NR_TRY(sgd_pair(__func__, "grad", grad, param));
+   if (momentum != 0.0f) {
+      if (!momentum_buf) return NR_FAIL(NR_E_ARG, "momentum_buf: NULL tensor but momentum = %g", (double)momentum);
+      NR_TRY(sgd_pair(__func__, "momentum_buf", momentum_buf, param));
+   }
+   if (momentum < 0.0f) return NR_FAIL(NR_E_ARG, "momentum must be >= 0, got %g", (double)momentum);
+   if (weight_decay < 0.0f) return NR_FAIL(NR_E_ARG, "weight_decay must be >= 0, got %g", (double)weight_decay);
+   if (nesterov && momentum <= 0.0f) return NR_FAIL(NR_E_ARG, "nesterov needs momentum > 0");
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(param->device_index, &ctx));
+   int64_t n = nr_tensor_numel(param);
+   if (n == 0) return NR_OK;
+   k_sgd<<<grid_for(n), 256, 0, ctx->stream>>>(fpm(param), fp(grad), momentum != 0.0f ? fpm(momentum_buf) : NULL, n, lr,
+                                               momentum, weight_decay, nesterov != 0);
+   NR_CU_LAUNCHED("sgd_step %s", NR_DESC(param));
+   return NR_OK;
+}
+
+/* ---- NR primitives */
+
+nr_status nr_cuda_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float threshold_rel, float abs_min, int64_t *live)
+{
+   NR_CHECK_T("gamma", gamma, NR_F32, NR_CUDA, 1, NULL);
+   int64_t c = gamma->shape[0];
+   int64_t ms[1] = {c};
+   NR_CHECK_T("mask", mask, NR_U8, NR_CUDA, 1, ms);
+   NR_TRY(nr_cuda_check_on(__func__, "mask", mask, gamma->device_index));
+   if (!(threshold_rel >= 0.0f) || !(abs_min >= 0.0f))
+      return NR_FAIL(NR_E_ARG, "threshold_rel (%g) and abs_min (%g) must be >= 0", (double)threshold_rel, (double)abs_min);
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(gamma->device_index, &ctx));
+   void *p;
+   NR_TRY(nr_cuda_scratch(ctx, 2, 8, &p));
+   k_live_mask<<<1, 256, 0, ctx->stream>>>(fp(gamma), gamma->stride[0], (uint8_t *)mask->data, mask->stride[0], c,
+                                           threshold_rel, abs_min, (long long *)p);
+   NR_CU_LAUNCHED("bn_live_mask %s", NR_DESC(gamma));
+   if (live) {
+      long long v = 0;
+      NR_CU(cudaMemcpyAsync(&v, p, 8, cudaMemcpyDeviceToHost, ctx->stream), "bn_live_mask: reading the live count");
+      NR_CU(cudaStreamSynchronize(ctx->stream), "bn_live_mask %s", NR_DESC(gamma));
+      *live = (int64_t)v;
+   }
+   return NR_OK;
+}
+
+nr_status nr_cuda_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda)
+{
+   NR_CHECK_T("gamma", gamma, NR_F32, NR_CUDA, 1, NULL);
+   int64_t gs[1] = {gamma->shape[0]};
+   NR_CHECK_T("grad", grad, NR_F32, NR_CUDA, 1, gs);
+   NR_TRY(nr_cuda_check_on(__func__, "grad", grad, gamma->device_index));
+   if (lambda == 0.0f || gs[0] == 0) return NR_OK;
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(gamma->device_index, &ctx));
+   k_l1_sign<<<grid_for(gs[0]), 256, 0, ctx->stream>>>(fp(gamma), gamma->stride[0], fpm(grad), grad->stride[0], gs[0], lambda);
+   NR_CU_LAUNCHED("l1_sign_add %s", NR_DESC(gamma));
+   return NR_OK;
+}
+
+} // extern "C"

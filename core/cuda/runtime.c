@@ -1,0 +1,639 @@
+/* runtime.c — CUDA device management, the caching allocator, per-device contexts, element
+ * access and copies between host and device.
+ *
+ * What it is: plain C over the CUDA runtime API (cudart is linked statically). One context per
+ * GPU: a compute stream (blocking, so it is ordered with the legacy default stream), a cuBLAS
+ * and a cuDNN handle bound to it, grow-only scratch buffers. The caching allocator keeps
+ * size-bucketed free lists per GPU (4 buckets per power of two, so at most 25% is wasted) and
+ * calls cudaMalloc only when a bucket is empty; on failure it
+ * empties the cache and retries once, then reports the bytes asked for, in use and cached.
+ * Host-to-device copies go through a pinned staging buffer per GPU (the copy is asynchronous;
+ * the next staging waits on an event), device-to-host copies synchronise the stream.
+ * What it is not: kernels (tensor_kernels.cu, nn_kernels.cu), cuDNN/cuBLAS ops (conv.c, blas.c).
+ * Invariants: all work on a GPU is ordered on its compute stream, so a freed block is safe to hand
+ * out again at once; the allocator lock is never held across a call that waits for the GPU
+ * except cudaFree in nr_cuda_empty_cache; the CUDA runtime's current device is set per op
+ * (nr_cuda_ctx_get), the user's choice for new tensors is a separate thread-local.
+ */
+#include "cuda_common.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- errors */
+
+static nr_status fail_lib(const char *lib_msg, const char *func, const char *file, int line,
+                          const char *fmt, va_list ap)
+{
+   char what[1024];
+   vsnprintf(what, sizeof what, fmt, ap);
+   return nr_fail_at(NR_E_DEVICE, func, file, line, "%s: %s", what, lib_msg);
+}
+
+nr_status nr_cuda_fail_rt(cudaError_t e, const char *func, const char *file, int line, const char *fmt, ...)
+{
+   char lib[256];
+   snprintf(lib, sizeof lib, "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+   va_list ap;
+   va_start(ap, fmt);
+   nr_status st = fail_lib(lib, func, file, line, fmt, ap);
+   va_end(ap);
+   return st;
+}
+
+static const char *blas_name(cublasStatus_t e)
+{
+   switch (e) {
+   case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+   case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+   case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+   case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+   case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+   case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+   case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+   case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+   case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
+   default: return "unknown cuBLAS status";
+   }
+}
+
+nr_status nr_cuda_fail_blas(cublasStatus_t e, const char *func, const char *file, int line, const char *fmt, ...)
+{
+   char lib[128];
+   snprintf(lib, sizeof lib, "cuBLAS %s (%d)", blas_name(e), (int)e);
+   va_list ap;
+   va_start(ap, fmt);
+   nr_status st = fail_lib(lib, func, file, line, fmt, ap);
+   va_end(ap);
+   return st;
+}
+
+nr_status nr_cuda_fail_dnn(cudnnStatus_t e, const char *func, const char *file, int line, const char *fmt, ...)
+{
+   char lib[1400], detail[1024] = "";
+   /* cuDNN 9 keeps a thread-local explanation of the last failure */
+   cudnnGetLastErrorString(detail, sizeof detail);
+   snprintf(lib, sizeof lib, "cuDNN %s%s%s", cudnnGetErrorString(e), detail[0] ? ": " : "", detail);
+   va_list ap;
+   va_start(ap, fmt);
+   nr_status st = fail_lib(lib, func, file, line, fmt, ap);
+   va_end(ap);
+   return st;
+}
+
+const char *nr_cuda_desc(const nr_tensor *t)
+{
+   static _Thread_local char ring[8][160];
+   static _Thread_local unsigned next;
+   char *buf = ring[next++ % 8];
+   return nr_tensor_describe(t, buf, sizeof ring[0]);
+}
+
+nr_status nr_cuda_check_on(const char *func, const char *name, const nr_tensor *t, int32_t dev)
+{
+   if (!t) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: tensor is NULL", name);
+   if (t->device != NR_CUDA || t->device_index != dev)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: expected a tensor on cuda:%d, got %s on %s:%d",
+                        name, dev, nr_cuda_desc(t), t->device == NR_CUDA ? "cuda" : "cpu", t->device_index);
+   return NR_OK;
+}
+
+/* ---------------------------------------------------------------- devices */
+
+static pthread_once_t g_count_once = PTHREAD_ONCE_INIT;
+static int g_count = 0;
+static char g_unavailable[256] = "";
+
+static void count_devices(void)
+{
+   int n = 0;
+   cudaError_t e = cudaGetDeviceCount(&n);
+   if (e != cudaSuccess) {
+      snprintf(g_unavailable, sizeof g_unavailable, "cudaGetDeviceCount: %s (%s)", cudaGetErrorString(e),
+               cudaGetErrorName(e));
+      cudaGetLastError();
+      n = 0;
+   } else if (n == 0) {
+      snprintf(g_unavailable, sizeof g_unavailable, "no CUDA device is visible");
+   }
+   if (n > NR_CUDA_MAX_DEVICES) n = NR_CUDA_MAX_DEVICES;
+   g_count = n;
+}
+
+int32_t nr_cuda_device_count(void)
+{
+   pthread_once(&g_count_once, count_devices);
+   return g_count;
+}
+int32_t nr_cuda_available(void) { return nr_cuda_device_count() > 0; }
+const char *nr_cuda_unavailable_reason(void)
+{
+   nr_cuda_device_count();
+   return g_unavailable;
+}
+
+static _Thread_local int32_t g_user_device = 0;
+
+int32_t nr_cuda_current_device(void) { return g_user_device; }
+
+static nr_status check_index(const char *func, int32_t device_index)
+{
+   int n = nr_cuda_device_count();
+   if (n == 0) return nr_fail_at(NR_E_DEVICE, func, __FILE__, __LINE__, "no GPU: %s", g_unavailable);
+   if (device_index < 0 || device_index >= n)
+      return nr_fail_at(NR_E_DEVICE, func, __FILE__, __LINE__, "no device cuda:%d (%d visible)", device_index, n);
+   return NR_OK;
+}
+
+nr_status nr_cuda_set_device(int32_t device_index)
+{
+   NR_TRY(check_index(__func__, device_index));
+   g_user_device = device_index;
+   return NR_OK;
+}
+
+static char g_names[NR_CUDA_MAX_DEVICES][256];
+static pthread_mutex_t g_name_lock = PTHREAD_MUTEX_INITIALIZER;
+
+const char *nr_cuda_device_name(int32_t device_index)
+{
+   if (device_index < 0 || device_index >= nr_cuda_device_count()) return NULL;
+   pthread_mutex_lock(&g_name_lock);
+   if (!g_names[device_index][0]) {
+      struct cudaDeviceProp prop;
+      if (cudaGetDeviceProperties(&prop, device_index) == cudaSuccess)
+         snprintf(g_names[device_index], sizeof g_names[0], "%s", prop.name);
+      else
+         cudaGetLastError();
+   }
+   pthread_mutex_unlock(&g_name_lock);
+   return g_names[device_index][0] ? g_names[device_index] : NULL;
+}
+
+static int32_t g_tf32 = 0;
+void nr_cuda_set_allow_tf32(int32_t allow) { g_tf32 = allow != 0; }
+int32_t nr_cuda_get_allow_tf32(void) { return g_tf32; }
+int32_t nr_cuda_tf32_allowed(void) { return g_tf32; }
+
+/* Makes dev the CUDA runtime's current device for this thread (cheap when it already is). */
+static nr_status use_device(int32_t dev)
+{
+   int cur = -1;
+   NR_CU(cudaGetDevice(&cur), "cudaGetDevice");
+   if (cur != dev) NR_CU(cudaSetDevice(dev), "cudaSetDevice(%d)", dev);
+   return NR_OK;
+}
+
+nr_status nr_cuda_mem_info(int32_t device_index, int64_t *free_bytes, int64_t *total_bytes)
+{
+   NR_TRY(check_index(__func__, device_index));
+   NR_TRY(use_device(device_index));
+   size_t f = 0, t = 0;
+   NR_CU(cudaMemGetInfo(&f, &t), "cudaMemGetInfo on cuda:%d", device_index);
+   if (free_bytes) *free_bytes = (int64_t)f;
+   if (total_bytes) *total_bytes = (int64_t)t;
+   return NR_OK;
+}
+
+/* ---------------------------------------------------------------- caching allocator */
+
+enum { NCLASSES = 256, SMALLEST = 512 };
+
+typedef struct block {
+   void *ptr;
+   struct block *next;
+} block;
+
+typedef struct devstate {
+   block *free_list[NCLASSES];
+   int64_t cached;   /* bytes in free lists */
+   int64_t in_use;   /* bytes handed out (tensors, scratch, workspaces) */
+   int ctx_ready;
+   nr_cuda_ctx ctx;
+   /* pinned staging for host-to-device copies */
+   void *staging;
+   int64_t staging_bytes;
+   cudaEvent_t staging_done;
+   int staging_pending;
+} devstate;
+
+static devstate g_dev[NR_CUDA_MAX_DEVICES];
+static block *g_spare_nodes = NULL;
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Size class of a request: SMALLEST for small ones, else the smallest p + k * p / 4 >= bytes
+ * (p a power of two, k = 1..4). */
+static int size_class(int64_t bytes, int64_t *class_bytes)
+{
+   if (bytes <= SMALLEST) {
+      *class_bytes = SMALLEST;
+      return 0;
+   }
+   int lg = 63 - __builtin_clzll((unsigned long long)(bytes - 1)); /* p = 2^lg < bytes <= 2^(lg+1) */
+   int64_t p = INT64_C(1) << lg, q = p / 4;
+   int k = (int)((bytes - p + q - 1) / q); /* 1..4 */
+   *class_bytes = p + k * q;
+   int idx = 1 + (lg - 9) * 4 + (k - 1);
+   return idx < NCLASSES ? idx : NCLASSES - 1;
+}
+
+/* Releases the cached blocks of one device; call with g_lock held. */
+static void release_cached(int dev)
+{
+   devstate *d = &g_dev[dev];
+   int cur = -1;
+   if (cudaGetDevice(&cur) != cudaSuccess) cur = -1;
+   if (cur != dev) cudaSetDevice(dev);
+   for (int c = 0; c < NCLASSES; c++) {
+      while (d->free_list[c]) {
+         block *b = d->free_list[c];
+         d->free_list[c] = b->next;
+         cudaFree(b->ptr);
+         b->next = g_spare_nodes;
+         g_spare_nodes = b;
+      }
+   }
+   d->cached = 0;
+   cudaGetLastError();
+   if (cur >= 0 && cur != dev) cudaSetDevice(cur);
+}
+
+void *nr_cuda_alloc(int32_t device_index, int64_t bytes)
+{
+   if (check_index(__func__, device_index)) return NULL;
+   int64_t cb;
+   int c = size_class(bytes, &cb);
+   devstate *d = &g_dev[device_index];
+   pthread_mutex_lock(&g_lock);
+   /* the last class also holds oversized blocks of different sizes: only exact classes reuse */
+   if (c < NCLASSES - 1 && d->free_list[c]) {
+      block *b = d->free_list[c];
+      d->free_list[c] = b->next;
+      void *p = b->ptr;
+      b->next = g_spare_nodes;
+      g_spare_nodes = b;
+      d->cached -= cb;
+      d->in_use += cb;
+      pthread_mutex_unlock(&g_lock);
+      return p;
+   }
+   if (c == NCLASSES - 1) cb = bytes;
+   int cur = -1;
+   if (cudaGetDevice(&cur) != cudaSuccess) cur = -1;
+   if (cur != device_index) cudaSetDevice(device_index);
+   void *p = NULL;
+   cudaError_t e = cudaMalloc(&p, (size_t)cb);
+   if (e != cudaSuccess) {
+      cudaGetLastError();
+      int64_t cached = d->cached;
+      release_cached(device_index);
+      cudaSetDevice(device_index);
+      e = cudaMalloc(&p, (size_t)cb);
+      if (e != cudaSuccess) {
+         cudaGetLastError();
+         size_t fr = 0, tot = 0;
+         cudaMemGetInfo(&fr, &tot);
+         cudaGetLastError();
+         int64_t in_use = d->in_use;
+         pthread_mutex_unlock(&g_lock);
+         if (cur >= 0 && cur != device_index) cudaSetDevice(cur);
+         NR_FAIL(NR_E_OOM,
+                 "out of GPU memory on cuda:%d allocating %lld bytes (%.1f MiB): %.1f MiB in use by nrlua, "
+                 "%.1f MiB were cached (released and retried), device has %.1f MiB free of %.1f MiB (%s)",
+                 device_index, (long long)bytes, bytes / 1048576.0, in_use / 1048576.0, cached / 1048576.0,
+                 fr / 1048576.0, tot / 1048576.0, cudaGetErrorString(e));
+         return NULL;
+      }
+   }
+   d->in_use += cb;
+   pthread_mutex_unlock(&g_lock);
+   if (cur >= 0 && cur != device_index) cudaSetDevice(cur);
+   return p;
+}
+
+void nr_cuda_free(int32_t device_index, void *ptr, int64_t bytes)
+{
+   if (!ptr || device_index < 0 || device_index >= NR_CUDA_MAX_DEVICES) return;
+   int64_t cb;
+   int c = size_class(bytes, &cb);
+   devstate *d = &g_dev[device_index];
+   pthread_mutex_lock(&g_lock);
+   if (c == NCLASSES - 1) {
+      /* oversized (beyond 2^72 cannot happen; kept for safety): give it back at once */
+      d->in_use -= bytes;
+      pthread_mutex_unlock(&g_lock);
+      cudaFree(ptr);
+      cudaGetLastError();
+      return;
+   }
+   block *b = g_spare_nodes;
+   if (b) g_spare_nodes = b->next;
+   else b = malloc(sizeof *b);
+   if (!b) { /* cannot record it: return it to the driver instead */
+      d->in_use -= cb;
+      pthread_mutex_unlock(&g_lock);
+      cudaFree(ptr);
+      cudaGetLastError();
+      return;
+   }
+   b->ptr = ptr;
+   b->next = d->free_list[c];
+   d->free_list[c] = b;
+   d->in_use -= cb;
+   d->cached += cb;
+   pthread_mutex_unlock(&g_lock);
+}
+
+int64_t nr_cuda_memory_cached(int32_t device_index)
+{
+   int64_t s = 0;
+   pthread_mutex_lock(&g_lock);
+   for (int i = 0; i < NR_CUDA_MAX_DEVICES; i++)
+      if (device_index < 0 || device_index == i) s += g_dev[i].cached;
+   pthread_mutex_unlock(&g_lock);
+   return s;
+}
+
+nr_status nr_cuda_empty_cache(void)
+{
+   int n = nr_cuda_device_count();
+   pthread_mutex_lock(&g_lock);
+   for (int i = 0; i < n; i++)
+      if (g_dev[i].cached) release_cached(i);
+   pthread_mutex_unlock(&g_lock);
+   return NR_OK;
+}
+
+/* ---------------------------------------------------------------- contexts */
+
+nr_status nr_cuda_ctx_get(int32_t device_index, nr_cuda_ctx **out)
+{
+   if (device_index < 0 || device_index >= NR_CUDA_MAX_DEVICES || device_index >= nr_cuda_device_count())
+      return check_index(__func__, device_index);
+   devstate *d = &g_dev[device_index];
+   NR_TRY(use_device(device_index));
+   if (__atomic_load_n(&d->ctx_ready, __ATOMIC_ACQUIRE)) {
+      *out = &d->ctx;
+      return NR_OK;
+   }
+   pthread_mutex_lock(&g_lock);
+   nr_status st = NR_OK;
+   if (!d->ctx_ready) {
+      nr_cuda_ctx *c = &d->ctx;
+      memset(c, 0, sizeof *c);
+      c->device = device_index;
+      /* a blocking stream: work on the legacy default stream (NCCL's hand-off in core/dist/nccl.c,
+       * plain cudaMemcpy by other code) is ordered with it both ways */
+      cudaError_t e = cudaStreamCreateWithFlags(&c->stream, cudaStreamDefault);
+      if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "cudaStreamCreate on cuda:%d", device_index);
+      if (!st) {
+         e = cudaEventCreateWithFlags(&d->staging_done, cudaEventDisableTiming);
+         if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "cudaEventCreate on cuda:%d", device_index);
+      }
+      if (!st) {
+         int sms = 0;
+         e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device_index);
+         if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "cudaDeviceGetAttribute on cuda:%d", device_index);
+         c->sm_count = sms > 0 ? sms : 1;
+      }
+      if (!st) {
+         cublasStatus_t be = cublasCreate(&c->blas);
+         if (be != CUBLAS_STATUS_SUCCESS) st = nr_cuda_fail_blas(be, __func__, __FILE__, __LINE__, "cublasCreate on cuda:%d", device_index);
+      }
+      if (!st) {
+         cublasStatus_t be = cublasSetStream(c->blas, c->stream);
+         if (be != CUBLAS_STATUS_SUCCESS) st = nr_cuda_fail_blas(be, __func__, __FILE__, __LINE__, "cublasSetStream");
+      }
+      if (!st) {
+         cudnnStatus_t de = cudnnCreate(&c->dnn);
+         if (de != CUDNN_STATUS_SUCCESS) st = nr_cuda_fail_dnn(de, __func__, __FILE__, __LINE__, "cudnnCreate on cuda:%d", device_index);
+      }
+      if (!st) {
+         cudnnStatus_t de = cudnnSetStream(c->dnn, c->stream);
+         if (de != CUDNN_STATUS_SUCCESS) st = nr_cuda_fail_dnn(de, __func__, __FILE__, __LINE__, "cudnnSetStream");
+      }
+      if (!st) __atomic_store_n(&d->ctx_ready, 1, __ATOMIC_RELEASE);
+   }
+   pthread_mutex_unlock(&g_lock);
+   if (st) return st;
+   *out = &d->ctx;
+   return NR_OK;
+}
+
+nr_status nr_cuda_scratch(nr_cuda_ctx *ctx, int slot, int64_t bytes, void **out)
+{
+   if (slot < 0 || slot >= NR_CUDA_SCRATCH_SLOTS) return NR_FAIL(NR_E_INTERNAL, "scratch slot %d out of range", slot);
+   if (bytes < 1) bytes = 1;
+   if (ctx->scratch_bytes[slot] < bytes) {
+      if (ctx->scratch[slot]) nr_cuda_free(ctx->device, ctx->scratch[slot], ctx->scratch_bytes[slot]);
+      ctx->scratch[slot] = NULL;
+      ctx->scratch_bytes[slot] = 0;
+      int64_t want = bytes + bytes / 4; /* headroom: shapes grow a little between calls */
+      void *p = nr_cuda_alloc(ctx->device, want);
+      if (!p) return NR_E_OOM;
+      ctx->scratch[slot] = p;
+      ctx->scratch_bytes[slot] = want;
+   }
+   *out = ctx->scratch[slot];
+   return NR_OK;
+}
+
+nr_status nr_cuda_synchronize(void)
+{
+   int n = nr_cuda_device_count();
+   for (int i = 0; i < n; i++) {
+      if (!__atomic_load_n(&g_dev[i].ctx_ready, __ATOMIC_ACQUIRE)) continue;
+      NR_TRY(use_device(i));
+      /* the whole device: the compute stream and any other library's streams (NCCL) */
+      NR_CU(cudaDeviceSynchronize(), "synchronizing cuda:%d", i);
+   }
+   return NR_OK;
+}
+
+/* ---------------------------------------------------------------- element access */
+
+nr_status nr_cuda_get(const nr_tensor *t, int64_t off, double *value)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(t->device_index, &ctx));
+   int32_t es = nr_dtype_size(t->dtype);
+   union {
+      float f;
+      int64_t i;
+      uint8_t u;
+   } v;
+   v.i = 0;
+   NR_CU(cudaMemcpyAsync(&v, (const char *)t->data + off * es, (size_t)es, cudaMemcpyDeviceToHost, ctx->stream),
+         "reading element %lld of %s", (long long)off, NR_DESC(t));
+   NR_CU(cudaStreamSynchronize(ctx->stream), "reading element %lld of %s", (long long)off, NR_DESC(t));
+   *value = t->dtype == NR_F32 ? (double)v.f : t->dtype == NR_I64 ? (double)v.i : (double)v.u;
+   return NR_OK;
+}
+
+nr_status nr_cuda_set(nr_tensor *t, int64_t off, double value)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(t->device_index, &ctx));
+   return nr_cuda_launch_set_one(ctx, t, off, value);
+}
+
+/* ---------------------------------------------------------------- copies */
+
+enum { STAGING_MAX = 64 << 20 }; /* bytes; bigger copies go through in chunks */
+
+/* Host bytes (pageable) -> device, asynchronously, through the device's pinned staging buffer. */
+static nr_status stage_h2d(nr_cuda_ctx *ctx, void *dst, const void *src, int64_t bytes)
+{
+   devstate *d = &g_dev[ctx->device];
+   int64_t chunk = bytes < STAGING_MAX ? bytes : STAGING_MAX;
+   if (chunk <= 0) return NR_OK;
+   if (d->staging_pending) {
+      NR_CU(cudaEventSynchronize(d->staging_done), "waiting for the previous host-to-device copy");
+      d->staging_pending = 0;
+   }
+   if (d->staging_bytes < chunk) {
+      if (d->staging) cudaFreeHost(d->staging);
+      d->staging = NULL;
+      d->staging_bytes = 0;
+      int64_t want = chunk < (1 << 20) ? (1 << 20) : chunk;
+      NR_CU(cudaHostAlloc(&d->staging, (size_t)want, cudaHostAllocDefault), "pinned staging buffer of %lld bytes",
+            (long long)want);
+      d->staging_bytes = want;
+   }
+   for (int64_t done = 0; done < bytes; done += chunk) {
+      int64_t n = bytes - done < chunk ? bytes - done : chunk;
+      if (d->staging_pending) {
+         NR_CU(cudaEventSynchronize(d->staging_done), "waiting for a host-to-device chunk");
+         d->staging_pending = 0;
+      }
+      memcpy(d->staging, (const char *)src + done, (size_t)n);
+      NR_CU(cudaMemcpyAsync((char *)dst + done, d->staging, (size_t)n, cudaMemcpyHostToDevice, ctx->stream),
+            "host-to-device copy of %lld bytes", (long long)n);
+      NR_CU(cudaEventRecord(d->staging_done, ctx->stream), "cudaEventRecord");
+      d->staging_pending = 1;
+   }
+   return NR_OK;
+}
+
+/* A contiguous tensor header over raw memory (no storage), shaped like `like` (equal numel). */
+static nr_tensor raw_view(const nr_tensor *like, int32_t dtype, int32_t device, int32_t device_index, void *data)
+{
+   nr_tensor t;
+   memset(&t, 0, sizeof t);
+   t.dtype = dtype;
+   t.device = device;
+   t.device_index = device_index;
+   t.ndim = like->ndim;
+   int64_t st = 1;
+   for (int d = like->ndim - 1; d >= 0; d--) {
+      t.shape[d] = like->shape[d];
+      t.stride[d] = st;
+      st *= like->shape[d];
+   }
+   t.data = data;
+   return t;
+}
+
+static nr_status copy_h2d(nr_tensor *dst, const nr_tensor *src)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dst->device_index, &ctx));
+   int64_t n = nr_tensor_numel(src), bytes = n * nr_dtype_size(src->dtype);
+   if (n == 0) return NR_OK;
+   if (!nr_tensor_is_contiguous(src)) {
+      /* gather the strided host view into a contiguous host copy first */
+      nr_tensor *h = nr_tensor_new(src->dtype, NR_CPU, src->ndim, src->shape);
+      if (!h) return NR_E_OOM;
+      nr_status st = nr_tensor_copy(h, src);
+      if (!st) st = copy_h2d(dst, h);
+      nr_tensor_free(h);
+      return st;
+   }
+   if (nr_tensor_is_contiguous(dst) && dst->dtype == src->dtype) return stage_h2d(ctx, dst->data, src->data, bytes);
+   void *tmp = nr_cuda_alloc(dst->device_index, bytes);
+   if (!tmp) return NR_E_OOM;
+   nr_status st = stage_h2d(ctx, tmp, src->data, bytes);
+   if (!st) {
+      nr_tensor tv = raw_view(dst, src->dtype, NR_CUDA, dst->device_index, tmp);
+      st = nr_cuda_launch_copy(ctx, dst, &tv);
+   }
+   nr_cuda_free(dst->device_index, tmp, bytes); /* stream-ordered: safe to reuse at once */
+   return st;
+}
+
+static nr_status copy_d2h(nr_tensor *dst, const nr_tensor *src)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(src->device_index, &ctx));
+   int64_t n = nr_tensor_numel(src), bytes = n * nr_dtype_size(src->dtype);
+   if (n == 0) return NR_OK;
+   bool direct = nr_tensor_is_contiguous(dst) && dst->dtype == src->dtype;
+   void *dev = src->data, *tmp = NULL;
+   if (!nr_tensor_is_contiguous(src)) {
+      tmp = nr_cuda_alloc(src->device_index, bytes);
+      if (!tmp) return NR_E_OOM;
+      nr_tensor tv = raw_view(src, src->dtype, NR_CUDA, src->device_index, tmp);
+      nr_status st = nr_cuda_launch_copy(ctx, &tv, src);
+      if (st) {
+         nr_cuda_free(src->device_index, tmp, bytes);
+         return st;
+      }
+      dev = tmp;
+   }
+   nr_tensor *h = NULL;
+   void *host = dst->data;
+   if (!direct) {
+      h = nr_tensor_new(src->dtype, NR_CPU, src->ndim, src->shape);
+      if (!h) {
+         if (tmp) nr_cuda_free(src->device_index, tmp, bytes);
+         return NR_E_OOM;
+      }
+      host = h->data;
+   }
+   nr_status st = NR_OK;
+   cudaError_t e = cudaMemcpyAsync(host, dev, (size_t)bytes, cudaMemcpyDeviceToHost, ctx->stream);
+   if (e == cudaSuccess) e = cudaStreamSynchronize(ctx->stream);
+   if (e != cudaSuccess)
+      st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "device-to-host copy %s -> %s", NR_DESC(src), NR_DESC(dst));
+   if (tmp) nr_cuda_free(src->device_index, tmp, bytes);
+   if (!st && h) st = nr_tensor_copy(dst, h);
+   nr_tensor_free(h);
+   return st;
+}
+
+static nr_status copy_d2d_peer(nr_tensor *dst, const nr_tensor *src)
+{
+   int64_t n = nr_tensor_numel(src), bytes = n * nr_dtype_size(src->dtype);
+   if (n == 0) return NR_OK;
+   if (nr_tensor_is_contiguous(dst) && nr_tensor_is_contiguous(src) && dst->dtype == src->dtype) {
+      nr_cuda_ctx *cs, *cd;
+      NR_TRY(nr_cuda_ctx_get(dst->device_index, &cd));
+      NR_CU(cudaStreamSynchronize(cd->stream), "cuda:%d before a peer copy", dst->device_index);
+      NR_TRY(nr_cuda_ctx_get(src->device_index, &cs));
+      NR_CU(cudaMemcpyPeerAsync(dst->data, dst->device_index, src->data, src->device_index, (size_t)bytes, cs->stream),
+            "peer copy %s (cuda:%d) -> %s (cuda:%d)", NR_DESC(src), src->device_index, NR_DESC(dst), dst->device_index);
+      NR_CU(cudaStreamSynchronize(cs->stream), "peer copy");
+      return NR_OK;
+   }
+   /* rare: strided or converting copy between GPUs goes through the host */
+   nr_tensor *h = nr_tensor_new(src->dtype, NR_CPU, src->ndim, src->shape);
+   if (!h) return NR_E_OOM;
+   nr_status st = copy_d2h(h, src);
+   if (!st) st = copy_h2d(dst, h);
+   nr_tensor_free(h);
+   return st;
+}
+
+nr_status nr_cuda_copy(nr_tensor *dst, const nr_tensor *src)
+{
+   if (dst->device == NR_CUDA && src->device == NR_CUDA) {
+      if (dst->device_index != src->device_index) return copy_d2d_peer(dst, src);
+      nr_cuda_ctx *ctx;
+      NR_TRY(nr_cuda_ctx_get(dst->device_index, &ctx));
+      return nr_cuda_launch_copy(ctx, dst, src);
+   }
+   if (dst->device == NR_CUDA) return copy_h2d(dst, src);
+   return copy_d2h(dst, src);
+}

@@ -1,0 +1,493 @@
+/* tensor_kernels.cu — CUDA kernels of the general tensor operations: strided copies with dtype
+ * conversion, fill, elementwise binary/scalar/unary ops, axpy, reductions, argmax, index
+ * select/copy.
+ *
+ * What it is: the GPU side of core/tensor.c and core/math.c. Arguments were checked by the CPU
+ * entry points (shapes, dtypes, same device) before dispatch; index_select/copy and argmax check
+ * their own (their CPU checks are CPU-only).
+ * What it is not: layer kernels (nn_kernels.cu) or cuBLAS/cuDNN calls (blas.c, conv.c).
+ * Invariants: every kernel runs on the tensor's device's compute stream; strided operands are
+ * addressed in row-major element order exactly like nr_linear_offset; sums accumulate in double
+ * (as the CPU); nothing here synchronises except index checks on GPU-resident indices, which read
+ * one flag back.
+ */
+#include "cuda_common.h"
+
+#include <cuda_runtime.h>
+#include <math.h>
+
+namespace {
+
+struct geo {
+   int32_t nd;
+   int32_t contig;
+   int64_t shape[8];
+   int64_t stride[8];
+};
+
+geo make_geo(const nr_tensor *t)
+{
+   geo g;
+   g.nd = t->ndim;
+   g.contig = nr_tensor_is_contiguous(t);
+   for (int d = 0; d < 8; d++) {
+      g.shape[d] = d < t->ndim ? t->shape[d] : 1;
+      g.stride[d] = d < t->ndim ? t->stride[d] : 0;
+   }
+   return g;
+}
+
+__device__ __forceinline__ int64_t goff(const geo &g, int64_t i)
+{
+   if (g.contig) return i;
+   int64_t off = 0;
+   for (int d = g.nd - 1; d >= 0; d--) {
+      int64_t n = g.shape[d];
+      off += (i % n) * g.stride[d];
+      i /= n;
+   }
+   return off;
+}
+
+inline unsigned grid_for(int64_t n, int threads = 256)
+{
+   int64_t b = (n + threads - 1) / threads;
+   if (b > 65535LL * 16) b = 65535LL * 16;
+   return (unsigned)(b < 1 ? 1 : b);
+}
+
+#define GRID_LOOP(i, n) for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+/* ---------------------------------------------------------------- copy, set, fill */
+
+template <typename T> __device__ __forceinline__ double to_d(T v) { return (double)v; }
+template <typename T> __device__ __forceinline__ T from_d(double v) { return (T)v; }
+
+template <typename TD, typename TS>
+__global__ void k_copy(TD *dst, geo gd, const TS *src, geo gs, int64_t n)
+{
+   GRID_LOOP(i, n) dst[goff(gd, i)] = from_d<TD>(to_d<TS>(src[goff(gs, i)]));
+}
+
+template <typename TD>
+nr_status launch_copy_to(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor *src, int64_t n)
+{
+   geo gd = make_geo(dst), gs = make_geo(src);
+   unsigned grid = grid_for(n);
+   switch (src->dtype) {
+   case NR_F32: k_copy<TD, float><<<grid, 256, 0, ctx->stream>>>((TD *)dst->data, gd, (const float *)src->data, gs, n); break;
+   case NR_I64: k_copy<TD, int64_t><<<grid, 256, 0, ctx->stream>>>((TD *)dst->data, gd, (const int64_t *)src->data, gs, n); break;
+   default: k_copy<TD, uint8_t><<<grid, 256, 0, ctx->stream>>>((TD *)dst->data, gd, (const uint8_t *)src->data, gs, n); break;
+   }
+   NR_CU_LAUNCHED("copy %s -> %s", NR_DESC(src), NR_DESC(dst));
+   return NR_OK;
+}
+
+template <typename T> __global__ void k_set_one(T *p, double v) { *p = from_d<T>(v); }
+
+template <typename T> __global__ void k_fill(T *p, geo g, int64_t n, T v)
+{
+   GRID_LOOP(i, n) p[goff(g, i)] = v;
+}
+
+/* ---------------------------------------------------------------- elementwise math */
+
+__device__ __forceinline__ float bin(float x, float y, int op)
+{
+   switch (op) {
+   case NR_OP_ADD: return x + y;
+   case NR_OP_SUB: return x - y;
+   case NR_OP_MUL: return x * y;
+   case NR_OP_DIV: return x / y;
+   case NR_OP_MAX: return x > y ? x : y;
+   default: return x < y ? x : y;
+   }
+}
+
+__device__ __forceinline__ float un(float x, int op)
+{
+   switch (op) {
+   case NR_OP_NEG: return -x;
+   case NR_OP_ABS: return fabsf(x);
+   case NR_OP_EXP: return expf(x);
+   case NR_OP_LOG: return logf(x);
+   case NR_OP_SQRT: return sqrtf(x);
+   case NR_OP_SIGN: return (float)((x > 0) - (x < 0));
+   case NR_OP_RELU: return x > 0 ? x : 0;
+   case NR_OP_SIGMOID: return 1.0f / (1.0f + expf(-x));
+   case NR_OP_TANH: return tanhf(x);
+   default: return x * x;
+   }
+}
+
+__global__ void k_binary(const float *a, geo ga, const float *b, geo gb, float *o, geo go, int64_t n, int op)
+{
+   GRID_LOOP(i, n) o[goff(go, i)] = bin(a[goff(ga, i)], b[goff(gb, i)], op);
+}
+
+__global__ void k_binary_contig(const float *__restrict__ a, const float *__restrict__ b, float *o, int64_t n, int op)
+{
+   GRID_LOOP(i, n) o[i] = bin(a[i], b[i], op);
+}
+
+__global__ void k_binary_scalar(const float *a, geo ga, float s, float *o, geo go, int64_t n, int op)
+{
+   GRID_LOOP(i, n) o[goff(go, i)] = bin(a[goff(ga, i)], s, op);
+}
+
+__global__ void k_unary(const float *a, geo ga, float *o, geo go, int64_t n, int op)
+{
+   GRID_LOOP(i, n) o[goff(go, i)] = un(a[goff(ga, i)], op);
+}
+
+__global__ void k_axpy(const float *x, geo gx, float *y, geo gy, int64_t n, float alpha)
+{
+   GRID_LOOP(i, n) y[goff(gy, i)] += alpha * x[goff(gx, i)];
+}
+
+/* ---------------------------------------------------------------- reductions */
+
+__device__ __forceinline__ double red_init(int op)
+{
+   return op == NR_RED_MAX ? -INFINITY : op == NR_RED_MIN ? INFINITY : 0.0;
+}
+__device__ __forceinline__ double red_step(double acc, double v, int op)
+{
+   if (op == NR_RED_MAX) return v > acc ? v : acc;
+   if (op == NR_RED_MIN) return v < acc ? v : acc;
+   return acc + v;
+}
+
+/* One block per output element (outer x inner), threads stride over the reduced length. */
+__global__ void k_reduce_block(const float *a, geo ga, float *out, int64_t outer, int64_t len, int64_t inner, int op)
+{
+   __shared__ double sh[256];
+   for (int64_t oi = blockIdx.x; oi < outer * inner; oi += gridDim.x) {
+      int64_t o = oi / inner, in = oi % inner;
+      double acc = red_init(op);
+      for (int64_t k = threadIdx.x; k < len; k += blockDim.x)
+         acc = red_step(acc, (double)a[goff(ga, (o * len + k) * inner + in)], op);
+      sh[threadIdx.x] = acc;
+      __syncthreads();
+      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+         if ((int)threadIdx.x < s) sh[threadIdx.x] = red_step(sh[threadIdx.x], sh[threadIdx.x + s], op);
+         __syncthreads();
+      }
+      if (threadIdx.x == 0) {
+         double r = sh[0];
+         if (op == NR_RED_MEAN) r = len ? r / (double)len : NAN;
+         out[oi] = (float)r;
+      }
+      __syncthreads();
+   }
+}
+
+/* One thread per output element (short reduced lengths, many outputs). */
+__global__ void k_reduce_thread(const float *a, geo ga, float *out, int64_t outer, int64_t len, int64_t inner, int op)
+{
+   GRID_LOOP(oi, outer * inner)
+   {
+      int64_t o = oi / inner, in = oi % inner;
+      double acc = red_init(op);
+      for (int64_t k = 0; k < len; k++) acc = red_step(acc, (double)a[goff(ga, (o * len + k) * inner + in)], op);
+      if (op == NR_RED_MEAN) acc = len ? acc / (double)len : NAN;
+      out[oi] = (float)acc;
+   }
+}
+
+/* argmax: first maximum; like the CPU loop, a NaN at k = 0 wins and later NaNs never do. */
+__global__ void k_argmax(const float *a, geo ga, int64_t *out, int64_t outer, int64_t len, int64_t inner)
+{
+   __shared__ float sv[256];
+   __shared__ int64_t si[256];
+   for (int64_t oi = blockIdx.x; oi < outer * inner; oi += gridDim.x) {
+      int64_t o = oi / inner, in = oi % inner;
+      float first = a[goff(ga, o * len * inner + in)];
+      float bv = -INFINITY;
+      int64_t bi = -1;
+      for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
+         float v = a[goff(ga, (o * len + k) * inner + in)];
+         if (v > bv || (bi < 0 && v == bv)) { /* strictly greater, or the first -inf seen */
+            bv = v;
+            bi = k;
+         }
+      }
+      sv[threadIdx.x] = bv;
+      si[threadIdx.x] = bi;
+      __syncthreads();
+      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+         if ((int)threadIdx.x < s) {
+            float v2 = sv[threadIdx.x + s];
+            int64_t i2 = si[threadIdx.x + s];
+            if (i2 >= 0 && (si[threadIdx.x] < 0 || v2 > sv[threadIdx.x] || (v2 == sv[threadIdx.x] && i2 < si[threadIdx.x]))) {
+               sv[threadIdx.x] = v2;
+               si[threadIdx.x] = i2;
+            }
+         }
+         __syncthreads();
+      }
+      if (threadIdx.x == 0) out[oi] = (first != first || si[0] < 0) ? 0 : si[0];
+      __syncthreads();
+   }
+}
+
+/* ---------------------------------------------------------------- index select / copy */
+
+__global__ void k_index_check(const int64_t *ix, int64_t k, int64_t limit, unsigned long long *bad)
+{
+   GRID_LOOP(i, k) if (ix[i] < 0 || ix[i] >= limit) atomicMin(bad, (unsigned long long)i);
+}
+
+/* out[(o, i, r)] = src[(o, ix[i], r)] (select) or dst[(o, ix[i], r)] = src[(o, i, r)] (copy). */
+template <typename T>
+__global__ void k_index(const T *src, T *dst, const int64_t *ix, int64_t outer, int64_t k, int64_t s, int64_t inner, int copy)
+{
+   GRID_LOOP(j, outer * k * inner)
+   {
+      int64_t r = j % inner, t = j / inner, i = t % k, o = t / k;
+      if (!copy) dst[j] = src[(o * s + ix[i]) * inner + r];
+      else dst[(o * s + ix[i]) * inner + r] = src[j];
+   }
+}
+
+nr_status index_op(const char *func, nr_tensor *big, int32_t dim, const nr_tensor *index, nr_tensor *small, int copy)
+{
+   int32_t dev = big->device_index;
+   NR_TRY(nr_cuda_check_on(func, copy ? "src" : "out", small, dev));
+   NR_TRY(nr_check_tensor(func, "index", index, NR_I64, -1, 1, NULL));
+   if (index->device == NR_CUDA && index->device_index != dev)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "index is on cuda:%d, tensors on cuda:%d", index->device_index, dev);
+   if (dim < 0 || dim >= big->ndim)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dim %d out of range for a %d-d tensor", dim, big->ndim);
+   if (big->dtype != small->dtype || small->ndim != big->ndim)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dtype or rank mismatch: %s vs %s", NR_DESC(big), NR_DESC(small));
+   int64_t k = index->shape[0];
+   for (int d = 0; d < big->ndim; d++)
+      if (small->shape[d] != (d == dim ? k : big->shape[d]))
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "shape mismatch: %s vs %s with %lld indices on dim %d",
+                           NR_DESC(big), NR_DESC(small), (long long)k, dim);
+   if (!nr_tensor_is_contiguous(big) || !nr_tensor_is_contiguous(small) || !nr_tensor_is_contiguous(index))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensors must be contiguous");
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dev, &ctx));
+   int64_t outer = 1, inner = 1, s = big->shape[dim];
+   for (int d = 0; d < dim; d++) outer *= big->shape[d];
+   for (int d = dim + 1; d < big->ndim; d++) inner *= big->shape[d];
+   if (k == 0) return NR_OK;
+   /* scratch layout: [0, 8) the "first bad position" flag, then a device copy of a host index */
+   void *scr;
+   NR_TRY(nr_cuda_scratch(ctx, 3, 8 + k * 8, &scr));
+   unsigned long long *bad = (unsigned long long *)scr;
+   const int64_t *ix;
+   if (index->device == NR_CPU) {
+      const int64_t *h = (const int64_t *)index->data;
+      for (int64_t i = 0; i < k; i++)
+         if (h[i] < 0 || h[i] >= s)
+            return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "index %lld out of range 0..%lld (position %lld)",
+                              (long long)h[i], (long long)s - 1, (long long)i);
+      int64_t *dix = (int64_t *)((char *)scr + 8);
+      NR_CU(cudaMemcpyAsync(dix, h, (size_t)(k * 8), cudaMemcpyHostToDevice, ctx->stream), "index to device");
+      ix = dix;
+   } else {
+      ix = (const int64_t *)index->data;
+      unsigned long long none = ~0ULL, got = 0;
+      NR_CU(cudaMemcpyAsync(bad, &none, 8, cudaMemcpyHostToDevice, ctx->stream), "index check flag");
+      k_index_check<<<grid_for(k), 256, 0, ctx->stream>>>(ix, k, s, bad);
+      NR_CU_LAUNCHED("index check");
+      NR_CU(cudaMemcpyAsync(&got, bad, 8, cudaMemcpyDeviceToHost, ctx->stream), "index check flag");
+      NR_CU(cudaStreamSynchronize(ctx->stream), "index check");
+      if (got != ~0ULL) {
+         int64_t v = 0;
+         NR_CU(cudaMemcpy(&v, ix + got, 8, cudaMemcpyDeviceToHost), "reading the bad index");
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "index %lld out of range 0..%lld (position %llu)",
+                           (long long)v, (long long)s - 1, got);
+      }
+   }
+   int64_t n = outer * k * inner;
+   unsigned grid = grid_for(n);
+   const void *sp = copy ? small->data : big->data;
+   void *dp = copy ? big->data : small->data;
+   switch (nr_dtype_size(big->dtype)) {
+   case 4: k_index<float><<<grid, 256, 0, ctx->stream>>>((const float *)sp, (float *)dp, ix, outer, k, s, inner, copy); break;
+   case 8: k_index<int64_t><<<grid, 256, 0, ctx->stream>>>((const int64_t *)sp, (int64_t *)dp, ix, outer, k, s, inner, copy); break;
+   default: k_index<uint8_t><<<grid, 256, 0, ctx->stream>>>((const uint8_t *)sp, (uint8_t *)dp, ix, outer, k, s, inner, copy); break;
+   }
+   NR_CU_LAUNCHED("%s %s dim %d", copy ? "index_copy" : "index_select", NR_DESC(big), dim);
+   return NR_OK;
+}
+
+} // namespace
+
+/* ================================================================ entry points (C linkage) */
+
+extern "C" {
+
+nr_status nr_cuda_launch_copy(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor *src)
+{
+   int64_t n = nr_tensor_numel(src);
+   if (n == 0) return NR_OK;
+   if (dst->dtype == src->dtype && nr_tensor_is_contiguous(dst) && nr_tensor_is_contiguous(src)) {
+      if (dst->data != src->data)
+         NR_CU(cudaMemcpyAsync(dst->data, src->data, (size_t)(n * nr_dtype_size(src->dtype)), cudaMemcpyDeviceToDevice,
+                               ctx->stream),
+               "copy %s -> %s", NR_DESC(src), NR_DESC(dst));
+      return NR_OK;
+   }
+   switch (dst->dtype) {
+   case NR_F32: return launch_copy_to<float>(ctx, dst, src, n);
+   case NR_I64: return launch_copy_to<int64_t>(ctx, dst, src, n);
+   default: return launch_copy_to<uint8_t>(ctx, dst, src, n);
+   }
+}
+
+nr_status nr_cuda_launch_set_one(nr_cuda_ctx *ctx, nr_tensor *t, int64_t off, double value)
+{
+   switch (t->dtype) {
+   case NR_F32: k_set_one<float><<<1, 1, 0, ctx->stream>>>((float *)t->data + off, value); break;
+   case NR_I64: k_set_one<int64_t><<<1, 1, 0, ctx->stream>>>((int64_t *)t->data + off, value); break;
+   default: k_set_one<uint8_t><<<1, 1, 0, ctx->stream>>>((uint8_t *)t->data + off, value); break;
+   }
+   NR_CU_LAUNCHED("set element %lld of %s", (long long)off, NR_DESC(t));
+   return NR_OK;
+}
+
+nr_status nr_cuda_fill(nr_tensor *t, double value)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(t->device_index, &ctx));
+   int64_t n = nr_tensor_numel(t);
+   if (n == 0) return NR_OK;
+   if (value == 0.0 && nr_tensor_is_contiguous(t)) {
+      NR_CU(cudaMemsetAsync(t->data, 0, (size_t)(n * nr_dtype_size(t->dtype)), ctx->stream), "fill %s with 0", NR_DESC(t));
+      return NR_OK;
+   }
+   geo g = make_geo(t);
+   unsigned grid = grid_for(n);
+   switch (t->dtype) {
+   case NR_F32: k_fill<float><<<grid, 256, 0, ctx->stream>>>((float *)t->data, g, n, (float)value); break;
+   case NR_I64: k_fill<int64_t><<<grid, 256, 0, ctx->stream>>>((int64_t *)t->data, g, n, (int64_t)value); break;
+   default: k_fill<uint8_t><<<grid, 256, 0, ctx->stream>>>((uint8_t *)t->data, g, n, (uint8_t)value); break;
+   }
+   NR_CU_LAUNCHED("fill %s with %g", NR_DESC(t), value);
+   return NR_OK;
+}
+
+nr_status nr_cuda_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t op)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(a->device_index, &ctx));
+   int64_t n = nr_tensor_numel(a);
+   if (n == 0) return NR_OK;
+   bool same = a->ndim == b->ndim;
+   for (int d = 0; same && d < a->ndim; d++) same = a->shape[d] == b->shape[d];
+   if (same && nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(b) && nr_tensor_is_contiguous(out)) {
+      k_binary_contig<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)a->data, (const float *)b->data,
+                                                           (float *)out->data, n, op);
+      NR_CU_LAUNCHED("binary op %d %s, %s", op, NR_DESC(a), NR_DESC(b));
+      return NR_OK;
+   }
+   /* b as a view with a's shape: broadcast dims (size 1) and a one-element b get stride 0 */
+   geo ga = make_geo(a), go = make_geo(out), gb = ga;
+   gb.contig = same && nr_tensor_is_contiguous(b);
+   for (int d = 0; d < 8; d++) {
+      bool real = same || (b->ndim == a->ndim && d < b->ndim && b->shape[d] == a->shape[d] && nr_tensor_numel(b) != 1);
+      gb.stride[d] = (d < a->ndim && real) ? b->stride[d] : 0;
+   }
+   k_binary<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)a->data, ga, (const float *)b->data, gb,
+                                                  (float *)out->data, go, n, op);
+   NR_CU_LAUNCHED("binary op %d %s, %s -> %s", op, NR_DESC(a), NR_DESC(b), NR_DESC(out));
+   return NR_OK;
+}
+
+nr_status nr_cuda_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, int32_t op)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(a->device_index, &ctx));
+   int64_t n = nr_tensor_numel(a);
+   if (n == 0) return NR_OK;
+   k_binary_scalar<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)a->data, make_geo(a), (float)s,
+                                                         (float *)out->data, make_geo(out), n, op);
+   NR_CU_LAUNCHED("binary op %d %s with %g", op, NR_DESC(a), s);
+   return NR_OK;
+}
+
+nr_status nr_cuda_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(a->device_index, &ctx));
+   int64_t n = nr_tensor_numel(a);
+   if (n == 0) return NR_OK;
+   k_unary<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)a->data, make_geo(a), (float *)out->data, make_geo(out), n, op);
+   NR_CU_LAUNCHED("unary op %d %s", op, NR_DESC(a));
+   return NR_OK;
+}
+
+nr_status nr_cuda_axpy(const nr_tensor *x, nr_tensor *y, double alpha)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   int64_t n = nr_tensor_numel(x);
+   if (n == 0) return NR_OK;
+   k_axpy<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)x->data, make_geo(x), (float *)y->data, make_geo(y), n, (float)alpha);
+   NR_CU_LAUNCHED("axpy %s into %s", NR_DESC(x), NR_DESC(y));
+   return NR_OK;
+}
+
+static void split(const nr_tensor *a, int32_t dim, int64_t *outer, int64_t *len, int64_t *inner)
+{
+   *outer = 1;
+   *inner = 1;
+   *len = nr_tensor_numel(a);
+   if (dim >= 0) {
+      *len = a->shape[dim];
+      for (int d = 0; d < dim; d++) *outer *= a->shape[d];
+      for (int d = dim + 1; d < a->ndim; d++) *inner *= a->shape[d];
+   }
+}
+
+nr_status nr_cuda_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_t op)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(a->device_index, &ctx));
+   int64_t outer, len, inner;
+   split(a, dim, &outer, &len, &inner);
+   if ((op == NR_RED_MAX || op == NR_RED_MIN) && len == 0) return NR_FAIL(NR_E_ARG, "max/min of an empty dimension");
+   int64_t nout = outer * inner;
+   if (nout == 0) return NR_OK;
+   geo ga = make_geo(a);
+   if (len <= 64 && nout >= 4096)
+      k_reduce_thread<<<grid_for(nout), 256, 0, ctx->stream>>>((const float *)a->data, ga, (float *)out->data, outer, len, inner, op);
+   else
+      k_reduce_block<<<(unsigned)(nout < 65535 * 16 ? nout : 65535 * 16), 256, 0, ctx->stream>>>(
+          (const float *)a->data, ga, (float *)out->data, outer, len, inner, op);
+   NR_CU_LAUNCHED("reduce op %d of %s over dim %d", op, NR_DESC(a), dim);
+   return NR_OK;
+}
+
+nr_status nr_cuda_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out)
+{
+   NR_TRY(nr_cuda_check_on(__func__, "out", out, a->device_index));
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(a->device_index, &ctx));
+   int64_t outer, len, inner;
+   split(a, dim, &outer, &len, &inner);
+   if (len == 0) return NR_FAIL(NR_E_ARG, "argmax of an empty dimension");
+   int64_t nout = outer * inner;
+   if (nout == 0) return NR_OK;
+   k_argmax<<<(unsigned)(nout < 65535 * 16 ? nout : 65535 * 16), 256, 0, ctx->stream>>>(
+       (const float *)a->data, make_geo(a), (int64_t *)out->data, outer, len, inner);
+   NR_CU_LAUNCHED("argmax of %s over dim %d", NR_DESC(a), dim);
+   return NR_OK;
+}
+
+nr_status nr_cuda_index_select(const nr_tensor *src, int32_t dim, const nr_tensor *index, nr_tensor *out)
+{
+   return index_op(__func__, (nr_tensor *)src, dim, index, out, 0);
+}
+
+nr_status nr_cuda_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *index, const nr_tensor *src)
+{
+   return index_op(__func__, dst, dim, index, (nr_tensor *)src, 1);
+}
+
+} // extern "C"

@@ -1,0 +1,73 @@
+-- nr.cuda — the GPU runtime as seen from Lua: availability, devices, synchronisation, memory.
+--
+-- What it is: thin wrappers over core/nr.h's "cuda" section. Every function works on a machine
+-- without a GPU and in a library built without CUDA (available() is false, device_count() is 0,
+-- memory() reports zeros, synchronize() and empty_cache() do nothing).
+-- What it is not: tensor placement (t:cuda(), t:to('cuda') in nr.tensor) or kernels (core/cuda/).
+-- Invariants: device indices are 0-based here as in CUDA ("cuda:0"); C errors become Lua errors
+-- through nr.check, naming the function.
+local nrffi = require 'nr.ffi'
+local check = require 'nr.check'
+local ffi, C = nrffi.ffi, nrffi.C
+
+local M = {}
+
+-- true when tensors can live on a GPU (built with CUDA and at least one device visible).
+function M.available() return C.nr_cuda_available() == 1 end
+
+-- Why available() is false ("this nrlua was built without CUDA", "cudaGetDeviceCount: ..."),
+-- or nil when it is true.
+function M.unavailable_reason()
+   if M.available() then return nil end
+   return ffi.string(C.nr_cuda_unavailable_reason())
+end
+
+-- 1 when the library was compiled with the CUDA backend (even if no GPU is present now).
+function M.built() return C.nr_has_cuda() == 1 end
+
+function M.device_count() return tonumber(C.nr_cuda_device_count()) end
+
+-- Selects the GPU for new tensors created with device = 'cuda' (0-based index).
+function M.set_device(i)
+   check.int(i, 'nr.cuda.set_device', 'i', 0)
+   check.status(C.nr_cuda_set_device(i), 'nr.cuda.set_device')
+end
+
+function M.current_device() return tonumber(C.nr_cuda_current_device()) end
+
+-- Device name ("NVIDIA H100 80GB HBM3"), or nil.
+function M.device_name(i)
+   local p = C.nr_cuda_device_name(i or M.current_device())
+   if p == nil then return nil end
+   return ffi.string(p)
+end
+
+-- Waits for all queued GPU work; raises asynchronous GPU errors here.
+function M.synchronize() check.status(C.nr_cuda_synchronize(), 'nr.cuda.synchronize') end
+
+-- Returns cached device blocks to the driver.
+function M.empty_cache() check.status(C.nr_cuda_empty_cache(), 'nr.cuda.empty_cache') end
+
+-- TF32 tensor cores for convolutions and matmuls (faster, ~1e-3 relative error); off by default.
+function M.set_allow_tf32(on) C.nr_cuda_set_allow_tf32(on and 1 or 0) end
+function M.allow_tf32() return C.nr_cuda_get_allow_tf32() == 1 end
+
+-- {in_use, peak, allocations, cached, free, total} in bytes; free/total are nil without a GPU.
+function M.memory(device)
+   local dev = device or M.current_device()
+   local out = {
+      in_use = tonumber(C.nr_memory_in_use(C.NR_CUDA)),
+      peak = tonumber(C.nr_memory_peak(C.NR_CUDA)),
+      allocations = tonumber(C.nr_memory_alloc_count(C.NR_CUDA)),
+      cached = tonumber(C.nr_cuda_memory_cached(-1)),
+   }
+   if M.available() then
+      local fr, tot = ffi.new('int64_t[1]'), ffi.new('int64_t[1]')
+      if C.nr_cuda_mem_info(dev, fr, tot) == 0 then
+         out.free, out.total = tonumber(fr[0]), tonumber(tot[0])
+      end
+   end
+   return out
+end
+
+return M

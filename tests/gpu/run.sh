@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# run.sh — the GPU check, run as a whole on a GPU machine from the repository root, in under
+# 8 minutes: the GPU-vs-CPU specs, then a training benchmark nrlua vs PyTorch on the same GPU, and
+# a report in $OUT (report.md, specs.log, torch.json, nrlua.jsonl, env.txt).
+#   bash tests/gpu/run.sh            (needs build-cuda/gpu-pack.tar.xz from tests/gpu/pack.sh, or
+#                                     NR_GPU_PACK=path; OUT defaults to ./gpu-out)
+# What it assumes there: an NVIDIA driver for CUDA 13, python3 with PyTorch (cu13) and its pip
+# packages nvidia-cublas / nvidia-cudnn-cu13, whose libcublas.so.13 / libcudnn.so.9 libnr loads.
+# What it is not: a CI test (CI has no GPU; tests/lua/cuda_spec.lua skips itself there).
+# Exit status: 0 when the specs passed (benchmark failures are reported, not fatal), 1 otherwise.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT="$PWD"
+OUT="${OUT:-$ROOT/gpu-out}"
+mkdir -p "$OUT"
+PACK="${NR_GPU_PACK:-build-cuda/gpu-pack.tar.xz}"
+T="$(mktemp -d /tmp/nrgpu.XXXXXX)"
+log() { echo "run.sh: $*" | tee -a "$OUT/env.txt"; }
+
+if [ ! -f "$PACK" ]; then log "no $PACK: build with CUDA here, run tests/gpu/pack.sh, carry it"; exit 1; fi
+tar -C "$T" -xJf "$PACK" || { log "cannot unpack $PACK"; exit 1; }
+NRLUA="$T/nrgpu/bin/nrlua"
+
+# cuDNN and cuBLAS from PyTorch's pip packages (nvidia/cudnn/lib, nvidia/cublas/lib or nvidia/cu13/lib)
+NVLIB="$(python3 - <<'PY'
+import importlib, os
+dirs = []
+for mod in ("nvidia.cudnn", "nvidia.cublas", "nvidia.cu13", "nvidia"):
+    try:
+        m = importlib.import_module(mod)
+    except Exception:
+        continue
+    for base in list(getattr(m, "__path__", [])):
+        for root, _, files in os.walk(base):
+            if any(f.startswith(("libcudnn.so", "libcublas.so", "libcublasLt.so")) for f in files):
+                dirs.append(root)
+print(":".join(dict.fromkeys(dirs)))
+PY
+)"
+export LD_LIBRARY_PATH="$T/nrgpu/lib${NVLIB:+:$NVLIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export NRLUA_HOME="$ROOT" LUA_CPATH="$T/nrgpu/lua51/?.so;;" NR_THREADS="${NR_THREADS:-8}"
+
+{
+  echo "date: $(date -u +%FT%TZ)  commit: $(cat "$T/nrgpu/COMMIT" 2>/dev/null)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  echo "libnr dependencies not found:"; ldd "$T/nrgpu/bin/libnr.so" | grep 'not found' || echo "  (none)"
+  "$NRLUA" -e 'local nr = require "nr"; print("nrlua: cuda available", nr.cuda.available(), nr.cuda.device_name(0), nr.cuda.unavailable_reason())' 2>&1
+} >> "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+# 1. GPU against CPU, every kernel (tolerance in the spec's header)
+timeout 150 "$NRLUA" tests/gpu/spec_runner.lua tests/lua/cuda_spec.lua 2>&1 | tee "$OUT/specs.log"
+SPEC_RC=${PIPESTATUS[0]}
+log "specs exit status $SPEC_RC"
+
+# 2. benchmark: PyTorch (cudnn.benchmark, channels_last; fp32 and bf16) then nrlua (fp32, TF32 convs
+#    allowed as PyTorch's default, and once with exact fp32)
+timeout 210 python3 tests/gpu/torch_gpu_bench.py --json "$OUT/torch.json" 2>&1 | tail -n 20
+: > "$OUT/nrlua.jsonl"
+for m in mobilenet resnet50 vgg19; do
+  timeout 60 "$NRLUA" bench/gpu_bench.lua --model "$m" --tf32 1 2>&1 | tail -n 1 | tee -a "$OUT/nrlua.jsonl"
+done
+timeout 45 "$NRLUA" bench/gpu_bench.lua --model mobilenet --tf32 0 2>&1 | tail -n 1 | tee -a "$OUT/nrlua.jsonl"
+timeout 10 "$NRLUA" bench/gpu_bench.lua --model mobilenet --precision bf16 2>&1 | tail -n 1 | tee -a "$OUT/nrlua.jsonl"
+
+# 3. report
+python3 - "$OUT" "$SPEC_RC" <<'PY'
+import json, os, sys
+out, spec_rc = sys.argv[1], sys.argv[2]
+torch = {"env": {}, "results": []}
+try:
+    torch = json.load(open(os.path.join(out, "torch.json")))
+except Exception as e:
+    torch["error"] = repr(e)
+nrl = []
+for line in open(os.path.join(out, "nrlua.jsonl")):
+    try:
+        nrl.append(json.loads(line))
+    except Exception:
+        nrl.append({"error": "unparsable line: " + line.strip()[:200]})
+spec_tail = open(os.path.join(out, "specs.log")).read().strip().splitlines()[-1:] or ["(no output)"]
+L = ["# nrlua GPU check", "", "Specs (tests/lua/cuda_spec.lua, GPU vs CPU): exit status %s, %s" % (spec_rc, spec_tail[0]), "",
+     "PyTorch env: " + json.dumps(torch.get("env", {})), "",
+     "| model | precision | side | batch | images/s | step ms | warm-up s | note |", "|---|---|---|---|---|---|---|---|"]
+def row(r, side):
+    note = r.get("error", "")
+    if side == "nrlua":
+        note = (note + " tf32=%s" % r.get("tf32", "")).strip()
+    ips = r.get("images_per_s")
+    L.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (r.get("model"), r.get("precision"), side, r.get("batch", ""),
+             "%.0f" % ips if ips else "-", "%.1f" % r["step_ms"] if "step_ms" in r else "-",
+             "%.1f" % r["warmup_s"] if "warmup_s" in r else "-", note))
+for r in torch.get("results", []):
+    row(r, "pytorch")
+for r in nrl:
+    row(r, "nrlua")
+L += ["", "Ratios nrlua/PyTorch (fp32; nrlua with TF32 convolutions, PyTorch with its defaults):"]
+tp = {(r.get("model"), r.get("precision")): r.get("images_per_s") for r in torch.get("results", [])}
+for r in nrl:
+    t = tp.get((r.get("model"), r.get("precision")))
+    if r.get("images_per_s") and t and str(r.get("tf32")) == "1":
+        L.append("- %s: %.2f" % (r["model"], r["images_per_s"] / t))
+open(os.path.join(out, "report.md"), "w").write("\n".join(L) + "\n")
+print("\n".join(L))
+PY
+rm -rf "$T"
+[ "$SPEC_RC" = 0 ]

@@ -1,0 +1,81 @@
+-- spec_runner.lua — a minimal stand-in for busted on the GPU machine (which has no busted):
+--   nrlua tests/gpu/spec_runner.lua tests/lua/cuda_spec.lua [more specs]
+-- What it is: describe / it / before_each and a small `assert` (plain assert(cond, msg) plus
+-- assert.is_true, is_false, equal, same, truthy, falsy, has_error), enough for specs written for
+-- both runners (tests/lua/cuda_spec.lua). What it is not: busted; no tags, mocks or output formats.
+-- Exit status: 0 when every test passed, 1 otherwise; a spec that calls os.exit(77) (nothing to
+-- test here) ends the run with 77.
+local specs = {...}
+local passed, failed, failures = 0, 0, {}
+local stack, before = {}, {}
+
+local function same(a, b)
+   if type(a) ~= 'table' or type(b) ~= 'table' then return a == b end
+   for k, v in pairs(a) do if not same(v, b[k]) then return false end end
+   for k in pairs(b) do if a[k] == nil then return false end end
+   return true
+end
+
+local A = setmetatable({}, {__call = function(_, cond, msg, ...)
+   if not cond then error(msg or 'assertion failed', 2) end
+   return cond, msg, ...
+end})
+function A.is_true(v, msg) if v ~= true then error(msg or ('expected true, got ' .. tostring(v)), 2) end end
+function A.is_false(v, msg) if v ~= false then error(msg or ('expected false, got ' .. tostring(v)), 2) end end
+function A.truthy(v, msg) if not v then error(msg or ('expected a truthy value, got ' .. tostring(v)), 2) end end
+function A.falsy(v, msg) if v then error(msg or ('expected a falsy value, got ' .. tostring(v)), 2) end end
+function A.equal(want, got, msg)
+   if want ~= got then error(msg or string.format('expected %s, got %s', tostring(want), tostring(got)), 2) end
+end
+A.equals, A.are_equal = A.equal, A.equal
+function A.same(want, got, msg) if not same(want, got) then error(msg or 'tables differ', 2) end end
+A.are_same = A.same
+function A.has_error(fn, msg) if pcall(fn) then error(msg or 'expected an error', 2) end end
+A.has_no_error = function(fn) fn() end
+
+_G.assert = A
+_G.describe = function(name, fn)
+   stack[#stack + 1] = name
+   local saved = #before
+   fn()
+   for i = #before, saved + 1, -1 do before[i] = nil end
+   stack[#stack] = nil
+end
+_G.before_each = function(fn) before[#before + 1] = fn end
+_G.it = function(name, fn)
+   local full = table.concat(stack, ' ') .. ' ' .. name
+   local t0 = os.clock()
+   local ok, err = xpcall(function()
+      for _, b in ipairs(before) do b() end
+      fn()
+   end, debug.traceback)
+   if ok then
+      passed = passed + 1
+      io.write(string.format('ok    %s (%.2fs cpu)\n', full, os.clock() - t0))
+   else
+      failed = failed + 1
+      failures[#failures + 1] = full .. '\n' .. tostring(err)
+      io.write(string.format('FAIL  %s\n%s\n', full, tostring(err)))
+   end
+   io.flush()
+end
+_G.pending = function(name) io.write('skip  ' .. tostring(name) .. '\n') end
+
+for _, path in ipairs(specs) do
+   io.write('== ' .. path .. '\n')
+   local chunk, err = loadfile(path)
+   if not chunk then
+      failed = failed + 1
+      failures[#failures + 1] = path .. ': ' .. tostring(err)
+      io.write('FAIL  loading ' .. path .. ': ' .. tostring(err) .. '\n')
+   else
+      local ok, e = xpcall(chunk, debug.traceback)
+      if not ok then
+         failed = failed + 1
+         failures[#failures + 1] = path .. ': ' .. tostring(e)
+         io.write('FAIL  running ' .. path .. ': ' .. tostring(e) .. '\n')
+      end
+   end
+end
+io.write(string.format('%d passed, %d failed\n', passed, failed))
+os.exit(failed == 0 and 0 or 1)

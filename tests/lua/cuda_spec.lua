@@ -1,0 +1,412 @@
+-- cuda_spec — every CUDA kernel against its CPU reference: tensor ops, copies, RNG, layer kernels,
+-- SGD and the NR primitives, called through the C API (so the spec does not depend on the Lua
+-- layer modules).
+--
+-- Tolerance (fp32): |gpu - cpu| <= 1e-4 * max(|cpu|, 1e-2 * max|cpu|, 1e-6) elementwise, i.e.
+-- 1e-4 relative, measured against the reference's own scale for values near zero; integer results
+-- (indices, masks, argmax, live counts) must match exactly. The first differing values are printed.
+-- Without a GPU (or in a build without CUDA) the spec prints why and exits with status 77, which
+-- ctest reports as skipped. Runs under busted or under tests/gpu/spec_runner.lua (the GPU machine
+-- has no busted), so it uses only describe / it and plain error().
+local nr = require 'nr'
+local nrffi = require 'nr.ffi'
+local C, ffi = nrffi.C, nrffi.ffi
+
+if not nr.cuda.available() then
+   print('cuda_spec: skipped: no usable GPU (' .. tostring(nr.cuda.unavailable_reason()) .. ')')
+   os.exit(77)
+end
+
+local RTOL = 1e-4
+
+local function ok(status, what)
+   if status ~= 0 then error(what .. ': ' .. ffi.string(C.nr_last_error()), 2) end
+end
+
+-- Compares a GPU result with the CPU reference (both nr.Tensor, same shape).
+local function close(what, cpu, gpu, rtol)
+   rtol = rtol or RTOL
+   local a, b = cpu:contiguous():cpu(), gpu:cpu():contiguous()
+   assert(a:numel() == b:numel(), what .. ': element counts differ')
+   local n = a:numel()
+   local exact = a:dtype() ~= 'float32'
+   local pa, pb = a:data(), b:data()
+   local maxabs = 0
+   for i = 0, n - 1 do
+      local v = math.abs(tonumber(pa[i]))
+      if v > maxabs then maxabs = v end
+   end
+   local bad, shown = 0, {}
+   for i = 0, n - 1 do
+      local x, y = tonumber(pa[i]), tonumber(pb[i])
+      local okv
+      if exact then okv = x == y
+      elseif x ~= x then okv = y ~= y
+      else okv = math.abs(x - y) <= rtol * math.max(math.abs(x), 1e-2 * maxabs, 1e-6) end
+      if not okv then
+         bad = bad + 1
+         if #shown < 5 then shown[#shown + 1] = string.format('[%d] cpu %.9g gpu %.9g', i, x, y) end
+      end
+   end
+   if bad > 0 then
+      error(string.format('%s: %d of %d elements differ (tolerance %g relative): %s', what, bad, n, rtol,
+                          table.concat(shown, ', ')), 2)
+   end
+end
+
+local function randn(shape) return nr.randn(shape) end
+local function twin(t) return t, t:cuda() end
+local function pair(shape, dtype)
+   return nr.zeros(shape, {dtype = dtype}), nr.zeros(shape, {dtype = dtype, device = 'cuda'})
+end
+
+describe('nr.cuda runtime', function()
+   it('reports devices and memory', function()
+      assert(nr.cuda.device_count() >= 1)
+      assert(type(nr.cuda.device_name(0)) == 'string')
+      local m = nr.cuda.memory()
+      assert(m.total and m.total > 0 and m.cached >= 0)
+      nr.cuda.synchronize()
+   end)
+
+   it('caches freed blocks, empties the cache, and reports out-of-memory with sizes', function()
+      local t = nr.empty({1024, 1024}, {device = 'cuda'})
+      t:free()
+      assert(nr.cuda.memory().cached >= 4 * 1024 * 1024, 'a freed 4 MiB block should stay cached')
+      nr.cuda.empty_cache()
+      assert(nr.cuda.memory().cached == 0)
+      local okk, err = pcall(nr.empty, {400 * 1024 * 1024 * 1024 / 4}, {device = 'cuda'}) -- 400 GiB
+      assert(not okk, 'a 400 GiB tensor was allocated?')
+      assert(tostring(err):find('out of GPU memory') and tostring(err):find('allocating'), tostring(err))
+      local again = nr.zeros({8}, {device = 'cuda'}) -- the device is usable after the failure
+      assert(again:sum() == 0)
+   end)
+
+   it('copies between host and device, strided and converting', function()
+      local h = randn({5, 7})
+      local d = h:cuda()
+      close('h2d/d2h', h, d)
+      close('d2d transpose', h:t():contiguous(), d:t():contiguous())
+      close('strided d2h', h:t(), d:t())
+      local dn = nr.zeros({7, 5}, {device = 'cuda'})
+      dn:copy(h:t())
+      close('strided h2d', h:t():contiguous(), dn)
+      local u = nr.randint(0, 255, {4, 6}, {dtype = 'uint8'})
+      close('u8 -> f32 on the device', u:to('cpu', 'float32'), u:cuda():to('cuda', 'float32'))
+      local l = nr.randint(-50, 50, {9}, {dtype = 'int64'})
+      close('int64 round trip', l, l:cuda())
+      close('narrow view', h:narrow(2, 2, 3), d:narrow(2, 2, 3))
+      local g = d:clone()
+      g:set(3, 42)
+      assert(g:get(3) == 42 and g:cpu():get(3) == 42)
+      local big = nr.randn({3, 1000, 1000})
+      close('large copy (staged in chunks)', big, big:cuda())
+   end)
+
+   it('fills and draws the same random numbers as the CPU', function()
+      local a, b = pair({3, 4})
+      a:fill(2.5); b:fill(2.5)
+      close('fill', a, b)
+      local c, d = pair({3, 4}, 'int64')
+      c:fill(7); d:fill(7)
+      close('fill int64', c, d)
+      nr.manual_seed(5)
+      local x = nr.randn({100})
+      nr.manual_seed(5)
+      local y = nr.randn({100}, {device = 'cuda'})
+      close('randn', x, y, 0)
+   end)
+end)
+
+describe('tensor math on the GPU', function()
+   it('binary ops: same shape, broadcast, one-element b', function()
+      local a, b = randn({4, 5}), randn({4, 5})
+      local bc, b1 = randn({4, 1}), nr.tensor({{0.75}})
+      for op = 0, 5 do
+         local oc, og = pair({4, 5})
+         ok(C.nr_binary(a.c, b.c, oc.c, op), 'cpu'); ok(C.nr_binary(a:cuda().c, b:cuda().c, og.c, op), 'gpu')
+         close('binary ' .. op, oc, og)
+         ok(C.nr_binary(a.c, bc.c, oc.c, op), 'cpu'); ok(C.nr_binary(a:cuda().c, bc:cuda().c, og.c, op), 'gpu')
+         close('binary broadcast ' .. op, oc, og)
+         ok(C.nr_binary(a.c, b1.c, oc.c, op), 'cpu'); ok(C.nr_binary(a:cuda().c, b1:cuda().c, og.c, op), 'gpu')
+         close('binary one-element ' .. op, oc, og)
+         ok(C.nr_binary_scalar(a.c, -0.3, oc.c, op), 'cpu'); ok(C.nr_binary_scalar(a:cuda().c, -0.3, og.c, op), 'gpu')
+         close('binary scalar ' .. op, oc, og)
+      end
+      local at = a:t()
+      local oc, og = pair({5, 4})
+      ok(C.nr_binary(at.c, b:t().c, oc.c, 0), 'cpu'); ok(C.nr_binary(a:cuda():t().c, b:cuda():t().c, og.c, 0), 'gpu')
+      close('binary strided', oc, og)
+   end)
+
+   it('unary ops and axpy', function()
+      local a = randn({6, 7})
+      local pos = a:abs():add(0.1)
+      for op = 0, 9 do
+         local src = (op == 3 or op == 4) and pos or a
+         local oc, og = pair({6, 7})
+         ok(C.nr_unary(src.c, oc.c, op), 'cpu'); ok(C.nr_unary(src:cuda().c, og.c, op), 'gpu')
+         close('unary ' .. op, oc, og)
+      end
+      local y, yg = twin(randn({6, 7}))
+      ok(C.nr_axpy(a.c, y.c, 0.5), 'cpu'); ok(C.nr_axpy(a:cuda().c, yg.c, 0.5), 'gpu')
+      close('axpy', y, yg)
+   end)
+
+   it('reductions and argmax over every dim, contiguous or not', function()
+      local a = randn({3, 4, 50})
+      for _, src in ipairs({a, a:transpose(1, 3)}) do
+         local g = src:cuda()
+         if not src:is_contiguous() then g = a:cuda():transpose(1, 3) end
+         for op = 0, 3 do
+            for dim = -1, src:dim() - 1 do
+               local shape = src:shape()
+               if dim >= 0 then shape[dim + 1] = 1 else shape = {1} end
+               local oc, og = pair(shape)
+               ok(C.nr_reduce(src.c, dim, oc.c, op), 'cpu'); ok(C.nr_reduce(g.c, dim, og.c, op), 'gpu')
+               close(string.format('reduce op %d dim %d', op, dim), oc, og)
+               if op == 0 then
+                  local ic, ig = pair(shape, 'int64')
+                  ok(C.nr_argmax(src.c, dim, ic.c), 'cpu'); ok(C.nr_argmax(g.c, dim, ig.c), 'gpu')
+                  close('argmax dim ' .. dim, ic, ig)
+               end
+            end
+         end
+      end
+   end)
+
+   it('matmul with transposes, alpha and beta', function()
+      for ta = 0, 1 do
+         for tb = 0, 1 do
+            local a = ta == 1 and randn({13, 9}) or randn({9, 13})
+            local b = tb == 1 and randn({11, 13}) or randn({13, 11})
+            local oc, og = twin(randn({9, 11}))
+            ok(C.nr_matmul(a.c, b.c, oc.c, ta, tb, 0.7, 0.3), 'cpu')
+            ok(C.nr_matmul(a:cuda().c, b:cuda().c, og.c, ta, tb, 0.7, 0.3), 'gpu')
+            close(string.format('matmul ta %d tb %d', ta, tb), oc, og)
+         end
+      end
+   end)
+
+   it('index_select and index_copy with host or device indices, and range errors', function()
+      local src = randn({4, 6, 3})
+      local idx = nr.tensor({5, 0, 2, 2}, {dtype = 'int64'})
+      local oc, og = pair({4, 4, 3})
+      ok(C.nr_tensor_index_select(src.c, 1, idx.c, oc.c), 'cpu')
+      ok(C.nr_tensor_index_select(src:cuda().c, 1, idx.c, og.c), 'gpu (host index)')
+      close('index_select', oc, og)
+      og:zero()
+      ok(C.nr_tensor_index_select(src:cuda().c, 1, idx:cuda().c, og.c), 'gpu (device index)')
+      close('index_select device index', oc, og)
+      local idx2 = nr.tensor({1, 3}, {dtype = 'int64'})
+      local dc, dg = twin(randn({4, 6, 3}))
+      local s2 = randn({4, 2, 3})
+      ok(C.nr_tensor_index_copy(dc.c, 1, idx2.c, s2.c), 'cpu')
+      ok(C.nr_tensor_index_copy(dg.c, 1, idx2:cuda().c, s2:cuda().c), 'gpu')
+      close('index_copy', dc, dg)
+      local badi = nr.tensor({0, 6}, {dtype = 'int64'}):cuda()
+      local o2 = nr.zeros({4, 2, 3}, {device = 'cuda'})
+      assert(C.nr_tensor_index_select(src:cuda().c, 1, badi.c, o2.c) ~= 0)
+      local msg = ffi.string(C.nr_last_error())
+      assert(msg:find('out of range'), msg)
+   end)
+end)
+
+-- ---- layers ---------------------------------------------------------------------------------
+
+local function conv_case(n, cin, h, w, cout, k, stride, pad, dil, groups, bias)
+   local x = randn({n, cin, h, w})
+   local wt = randn({cout, cin / groups, k, k}):mul(0.2)
+   local b = bias and randn({cout}) or nil
+   local ho = math.floor((h + 2 * pad - dil * (k - 1) - 1) / stride) + 1
+   local wo = math.floor((w + 2 * pad - dil * (k - 1) - 1) / stride) + 1
+   local tag = string.format('conv %dx%d s%d p%d d%d g%d', k, k, stride, pad, dil, groups)
+   local yc, yg = pair({n, cout, ho, wo})
+   ok(C.nr_conv2d_forward(x.c, yc.c, wt.c, b and b.c, stride, stride, pad, pad, dil, dil, groups), tag)
+   ok(C.nr_conv2d_forward(x:cuda().c, yg.c, wt:cuda().c, b and b:cuda().c, stride, stride, pad, pad, dil, dil, groups), tag)
+   close(tag .. ' forward', yc, yg)
+   local dy = randn({n, cout, ho, wo})
+   local dxc, dxg = pair({n, cin, h, w})
+   ok(C.nr_conv2d_backward_data(dy.c, dxc.c, wt.c, stride, stride, pad, pad, dil, dil, groups), tag)
+   ok(C.nr_conv2d_backward_data(dy:cuda().c, dxg.c, wt:cuda().c, stride, stride, pad, pad, dil, dil, groups), tag)
+   close(tag .. ' backward data', dxc, dxg)
+   local dwc, dwg = twin(randn(wt:shape()))
+   local dbc, dbg
+   if bias then dbc, dbg = twin(randn({cout})) end
+   ok(C.nr_conv2d_backward_weight(x.c, dy.c, dwc.c, dbc and dbc.c, stride, stride, pad, pad, dil, dil, groups, 0.5, 1), tag)
+   ok(C.nr_conv2d_backward_weight(x:cuda().c, dy:cuda().c, dwg.c, dbg and dbg.c, stride, stride, pad, pad, dil, dil,
+                                  groups, 0.5, 1), tag)
+   close(tag .. ' backward weight (acc 1, scale 0.5)', dwc, dwg)
+   if bias then close(tag .. ' backward bias', dbc, dbg) end
+   dwc:fill(0 / 0); dwg:fill(0 / 0)
+   ok(C.nr_conv2d_backward_weight(x.c, dy.c, dwc.c, nil, stride, stride, pad, pad, dil, dil, groups, 1, 0), tag)
+   ok(C.nr_conv2d_backward_weight(x:cuda().c, dy:cuda().c, dwg.c, nil, stride, stride, pad, pad, dil, dil, groups, 1, 0), tag)
+   close(tag .. ' backward weight (acc 0 over NaN)', dwc, dwg)
+end
+
+describe('layer kernels on the GPU', function()
+   it('conv2d: plain, strided, dilated, grouped, depthwise, 1x1', function()
+      conv_case(2, 3, 9, 8, 4, 3, 1, 1, 1, 1, true)
+      conv_case(2, 4, 11, 10, 6, 3, 2, 1, 1, 1, false)
+      conv_case(1, 4, 12, 12, 4, 3, 1, 2, 2, 1, true)
+      conv_case(2, 4, 8, 8, 6, 3, 1, 1, 1, 2, false)
+      conv_case(2, 6, 9, 9, 6, 3, 2, 1, 1, 6, false)
+      conv_case(3, 8, 5, 5, 16, 1, 1, 0, 1, 1, false)
+   end)
+
+   it('batch norm: train, eval, both backwards, with and without affine', function()
+      for _, affine in ipairs({true, false}) do
+         local x = randn({4, 3, 5, 6}):mul(2):add(1)
+         local gamma = affine and randn({3}) or nil
+         local beta = affine and randn({3}) or nil
+         local rmc, rmg = twin(randn({3}))
+         local rvc, rvg = twin(randn({3}):abs():add(0.5))
+         local yc, yg = pair({4, 3, 5, 6})
+         local smc, smg = pair({3})
+         local sic, sig = pair({3})
+         local G = function(t) return t and t:cuda().c end
+         ok(C.nr_bn2d_forward_train(x.c, yc.c, smc.c, sic.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 0.1, 1e-5), 'bn cpu')
+         ok(C.nr_bn2d_forward_train(x:cuda().c, yg.c, smg.c, sig.c, G(gamma), G(beta), rmg.c, rvg.c, 0.1, 1e-5), 'bn gpu')
+         close('bn train y', yc, yg); close('bn save_mean', smc, smg); close('bn save_invstd', sic, sig)
+         close('bn running_mean', rmc, rmg); close('bn running_var', rvc, rvg)
+         local dy = randn({4, 3, 5, 6})
+         local dxc, dxg = pair({4, 3, 5, 6})
+         local dgc, dgg, dbc, dbg
+         if affine then dgc, dgg = twin(randn({3})); dbc, dbg = twin(randn({3})) end
+         ok(C.nr_bn2d_backward(x.c, dy.c, dxc.c, dgc and dgc.c, dbc and dbc.c, gamma and gamma.c, smc.c, sic.c, 1, 1), 'bwd cpu')
+         ok(C.nr_bn2d_backward(x:cuda().c, dy:cuda().c, dxg.c, dgg and dgg.c, dbg and dbg.c, G(gamma), smg.c, sig.c, 1, 1),
+            'bwd gpu')
+         close('bn backward dx', dxc, dxg)
+         if affine then close('bn dgamma', dgc, dgg); close('bn dbeta', dbc, dbg) end
+         ok(C.nr_bn2d_forward_eval(x.c, yc.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 1e-5), 'eval cpu')
+         ok(C.nr_bn2d_forward_eval(x:cuda().c, yg.c, G(gamma), G(beta), rmg.c, rvg.c, 1e-5), 'eval gpu')
+         close('bn eval y', yc, yg)
+         ok(C.nr_bn2d_backward_eval(x.c, dy.c, dxc.c, dgc and dgc.c, dbc and dbc.c, gamma and gamma.c, rmc.c, rvc.c, 1e-5, 2, 0),
+            'eval bwd cpu')
+         ok(C.nr_bn2d_backward_eval(x:cuda().c, dy:cuda().c, dxg.c, dgg and dgg.c, dbg and dbg.c, G(gamma), rmg.c, rvg.c,
+                                    1e-5, 2, 0), 'eval bwd gpu')
+         close('bn eval backward dx', dxc, dxg)
+         if affine then close('bn eval dgamma', dgc, dgg); close('bn eval dbeta', dbc, dbg) end
+         -- in place (y = x)
+         local xi, xg = twin(x:clone())
+         ok(C.nr_bn2d_forward_eval(xi.c, xi.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 1e-5), 'inplace cpu')
+         ok(C.nr_bn2d_forward_eval(xg.c, xg.c, G(gamma), G(beta), rmg.c, rvg.c, 1e-5), 'inplace gpu')
+         close('bn eval in place', xi, xg)
+      end
+   end)
+
+   it('relu, sigmoid, dropout, bias', function()
+      local x = randn({3, 4, 5})
+      local dy = randn({3, 4, 5})
+      for _, k in ipairs({{'relu', C.nr_relu_forward, C.nr_relu_backward}, {'sigmoid', C.nr_sigmoid_forward, C.nr_sigmoid_backward}}) do
+         local yc, yg = pair({3, 4, 5})
+         ok(k[2](x.c, yc.c), k[1]); ok(k[2](x:cuda().c, yg.c), k[1])
+         close(k[1] .. ' forward', yc, yg)
+         local dc, dg = pair({3, 4, 5})
+         ok(k[3](yc.c, dy.c, dc.c), k[1]); ok(k[3](yg.c, dy:cuda().c, dg.c), k[1])
+         close(k[1] .. ' backward', dc, dg)
+      end
+      local yc, yg = pair({3, 4, 5})
+      local mc, mg = pair({3, 4, 5})
+      nr.manual_seed(9); ok(C.nr_dropout_forward(x.c, yc.c, mc.c, 0.3), 'dropout cpu')
+      nr.manual_seed(9); ok(C.nr_dropout_forward(x:cuda().c, yg.c, mg.c, 0.3), 'dropout gpu')
+      close('dropout mask', mc, mg); close('dropout y', yc, yg)
+      local dc, dg = pair({3, 4, 5})
+      ok(C.nr_dropout_backward(dy.c, mc.c, dc.c), 'cpu'); ok(C.nr_dropout_backward(dy:cuda().c, mg.c, dg.c), 'gpu')
+      close('dropout backward', dc, dg)
+      local b = randn({4})
+      local bc, bg = twin(x:clone())
+      ok(C.nr_bias_add(bc.c, b.c), 'cpu'); ok(C.nr_bias_add(bg.c, b:cuda().c), 'gpu')
+      close('bias_add', bc, bg)
+      local dbc, dbg = twin(randn({4}))
+      ok(C.nr_bias_backward(dy.c, dbc.c, 0.5, 1), 'cpu'); ok(C.nr_bias_backward(dy:cuda().c, dbg.c, 0.5, 1), 'gpu')
+      close('bias_backward', dbc, dbg)
+   end)
+
+   it('max, average and global pooling', function()
+      local x = randn({2, 3, 9, 8})
+      local function geo(k, s, p) return math.floor((9 + 2 * p - k) / s) + 1, math.floor((8 + 2 * p - k) / s) + 1 end
+      for _, cfg in ipairs({{3, 2, 1}, {2, 2, 0}, {3, 1, 1}}) do
+         local k, s, p = cfg[1], cfg[2], cfg[3]
+         local ho, wo = geo(k, s, p)
+         local yc, yg = pair({2, 3, ho, wo})
+         local ic, ig = pair({2, 3, ho, wo}, 'int64')
+         ok(C.nr_maxpool2d_forward(x.c, yc.c, ic.c, k, k, s, s, p, p), 'max cpu')
+         ok(C.nr_maxpool2d_forward(x:cuda().c, yg.c, ig.c, k, k, s, s, p, p), 'max gpu')
+         close('maxpool y', yc, yg); close('maxpool indices', ic, ig)
+         local dy = randn({2, 3, ho, wo})
+         local dc, dg = pair({2, 3, 9, 8})
+         ok(C.nr_maxpool2d_backward(dy.c, ic.c, dc.c), 'cpu'); ok(C.nr_maxpool2d_backward(dy:cuda().c, ig.c, dg.c), 'gpu')
+         close('maxpool backward', dc, dg)
+         for inc = 0, 1 do
+            ok(C.nr_avgpool2d_forward(x.c, yc.c, k, k, s, s, p, p, inc), 'avg cpu')
+            ok(C.nr_avgpool2d_forward(x:cuda().c, yg.c, k, k, s, s, p, p, inc), 'avg gpu')
+            close('avgpool y inc ' .. inc, yc, yg)
+            ok(C.nr_avgpool2d_backward(dy.c, dc.c, k, k, s, s, p, p, inc), 'cpu')
+            ok(C.nr_avgpool2d_backward(dy:cuda().c, dg.c, k, k, s, s, p, p, inc), 'gpu')
+            close('avgpool backward inc ' .. inc, dc, dg)
+         end
+      end
+      local yc, yg = pair({2, 3})
+      ok(C.nr_global_avgpool_forward(x.c, yc.c), 'cpu'); ok(C.nr_global_avgpool_forward(x:cuda().c, yg.c), 'gpu')
+      close('global avgpool', yc, yg)
+      local dy = randn({2, 3})
+      local dc, dg = pair({2, 3, 9, 8})
+      ok(C.nr_global_avgpool_backward(dy.c, dc.c), 'cpu'); ok(C.nr_global_avgpool_backward(dy:cuda().c, dg.c), 'gpu')
+      close('global avgpool backward', dc, dg)
+   end)
+
+   it('softmax cross-entropy with label smoothing; bad labels are a clear error', function()
+      local logits = randn({6, 10}):mul(3)
+      local labels = nr.tensor({0, 9, 3, 3, 7, 1}, {dtype = 'int64'})
+      for _, ls in ipairs({0, 0.1}) do
+         local lc, lg = pair({1})
+         local pc, pg = pair({6, 10})
+         ok(C.nr_softmax_xent_forward(logits.c, labels.c, lc.c, pc.c, ls), 'cpu')
+         ok(C.nr_softmax_xent_forward(logits:cuda().c, labels:cuda().c, lg.c, pg.c, ls), 'gpu')
+         close('xent loss ls ' .. ls, lc, lg); close('xent probs', pc, pg)
+         local dc, dg = pair({6, 10})
+         ok(C.nr_softmax_xent_backward(pc.c, labels.c, dc.c, ls, 2), 'cpu')
+         ok(C.nr_softmax_xent_backward(pg.c, labels:cuda().c, dg.c, ls, 2), 'gpu')
+         close('xent backward', dc, dg)
+      end
+      local bad = nr.tensor({0, 9, 3, 10, 7, 1}, {dtype = 'int64'}):cuda()
+      local lg, pg = nr.zeros({1}, {device = 'cuda'}), nr.zeros({6, 10}, {device = 'cuda'})
+      assert(C.nr_softmax_xent_forward(logits:cuda().c, bad.c, lg.c, pg.c, 0) ~= 0, 'bad label accepted')
+      local msg = ffi.string(C.nr_last_error())
+      assert(msg:find('labels%[3%] = 10 is outside 0..9'), msg)
+      nr.cuda.synchronize() -- the device is still healthy (no device assert)
+   end)
+end)
+
+describe('SGD and NR primitives on the GPU', function()
+   it('sgd_step matches torch.optim.SGD semantics on the CPU', function()
+      for _, cfg in ipairs({{0, 0, 0}, {0.9, 5e-4, 0}, {0.9, 1e-4, 1}}) do
+         local mu, wd, nest = cfg[1], cfg[2], cfg[3]
+         local pc, pg = twin(randn({7, 3}))
+         local bc, bg = pair({7, 3})
+         for _ = 1, 3 do
+            local g = randn({7, 3})
+            ok(C.nr_sgd_step(pc.c, g.c, mu ~= 0 and bc.c or nil, 0.1, mu, wd, nest), 'cpu')
+            ok(C.nr_sgd_step(pg.c, g:cuda().c, mu ~= 0 and bg.c or nil, 0.1, mu, wd, nest), 'gpu')
+         end
+         close(string.format('sgd param mu %g wd %g nesterov %d', mu, wd, nest), pc, pg)
+         if mu ~= 0 then close('sgd momentum buffer', bc, bg) end
+      end
+   end)
+
+   it('bn_live_mask and l1_sign_add', function()
+      local gamma = nr.tensor({0.5, -0.001, 0.2, 0, -0.9, 0.004})
+      for _, cfg in ipairs({{0.01, 1e-3}, {0.5, 1e-3}, {0.01, 10}}) do
+         local mc, mg = pair({6}, 'uint8')
+         local lc, lg = ffi.new('int64_t[1]'), ffi.new('int64_t[1]')
+         ok(C.nr_bn_live_mask(gamma.c, mc.c, cfg[1], cfg[2], lc), 'cpu')
+         ok(C.nr_bn_live_mask(gamma:cuda().c, mg.c, cfg[1], cfg[2], lg), 'gpu')
+         close('live mask', mc, mg)
+         assert(lc[0] == lg[0], 'live counts differ: ' .. tostring(lc[0]) .. ' vs ' .. tostring(lg[0]))
+      end
+      local gc, gg = twin(randn({6}))
+      ok(C.nr_l1_sign_add(gamma.c, gc.c, 1e-2), 'cpu'); ok(C.nr_l1_sign_add(gamma:cuda().c, gg.c, 1e-2), 'gpu')
+      close('l1_sign_add', gc, gg)
+   end)
+end)
