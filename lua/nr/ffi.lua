@@ -41,11 +41,6 @@ local function load_lib()
    for _, c in ipairs(candidates) do
       local ok, lib = pcall(ffi.load, c)
       if ok then
-         -- Pin the library: lua_close unloads ffi.load'ed libraries, and OpenMP worker threads of
-         -- libnr still parked at exit would then run unmapped code. RTLD_NODELETE (0x1000) keeps
-         -- it mapped until the process ends.
-         pcall(ffi.cdef, 'void *dlopen(const char *file, int mode);')
-         ffi.C.dlopen(c == 'nr' and 'libnr.so' or c, 0x1000 + 2)
          return lib, c
       end
       tried[#tried + 1] = c .. ' (' .. tostring(lib) .. ')'

@@ -44,7 +44,7 @@ end
 local LAZY = {
    nn = 'nr.nn', optim = 'nr.optim', schedule = 'nr.schedule', data = 'nr.data',
    models = 'nr.models', cuda = 'nr.cuda', checkpoint = 'nr.checkpoint', report = 'nr.report',
-   recipe = 'nr.recipe', rejuvenation = 'nr.rejuvenate', init = 'nr.init',
+   recipe = 'nr.recipe', rejuvenation = 'nr.rejuvenate', dist = 'nr.dist', profile = 'nr.profile',
 }
 -- Functions re-exported from lazily loaded modules.
 local LAZY_FN = {

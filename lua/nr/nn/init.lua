@@ -4,7 +4,7 @@ local nn = {}
 nn.Module = require 'nr.nn.module'
 
 -- Files under lua/nr/nn/, merged in this order.
-local FILES = {'containers'}
+local FILES = {'containers', 'conv', 'batchnorm', 'activation', 'pool', 'linear', 'loss', 'dropout', 'flatten', 'nr_conv'}
 
 for _, f in ipairs(FILES) do
    for name, cls in pairs(require('nr.nn.' .. f)) do

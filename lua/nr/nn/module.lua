@@ -56,7 +56,7 @@ local function located(self, fn, ...)
    error(a, 0)
 end
 
-local function clean(msg) return (tostring(msg):gsub('\0loc', '')) end
+local function clean(msg) return (tostring(msg):gsub('%zloc', '')) end
 
 -- ---- forward / backward ------------------------------------------------------------------
 

@@ -1,0 +1,234 @@
+/* nccl.c — libnr_dist's GPU side: NCCL bootstrapped over MPI, allreduce and broadcast of CUDA
+ * tensors on a communication stream.
+ *
+ * What it is: nr_dist_nccl_init (rank 0 draws the ncclUniqueId, MPI_Bcast hands it to every rank,
+ * ncclCommInitRank on the rank's GPU), in-place allreduce/broadcast of contiguous f32/int64 CUDA
+ * tensors. What it is not: the CPU path (dist.c) or bucketing (lua/nr/dist.lua).
+ * Built only with NR_DIST_WITH_NCCL (CMake: CUDA on and nccl.h/libnccl found); otherwise the same entry
+ * points fail with a message saying how to get NCCL.
+ *
+ * Invariants
+ *  - Ordering with compute: the CUDA backend's compute stream is a blocking stream, ordered with
+ *    the legacy default stream (cudaStreamLegacy); an allreduce records an event there, makes the communication stream wait for it, runs NCCL on the
+ *    communication stream and records a completion event. nr_dist_wait makes the default stream
+ *    wait for that event and synchronises it, so Lua sees the result as with the CPU path, while
+ *    buckets started during backward overlap with the kernels that follow them.
+ *  - Waits poll cudaEventQuery and ncclCommGetAsyncError with the job's timeout; on a timeout or a
+ *    NCCL error the communicator is aborted (ncclCommAbort) so no kernel spins forever.
+ *  - NCCL's ring allreduce reduces each chunk once and copies it to every rank, so all ranks get
+ *    the same bits; run to run it is reproducible for a fixed topology and NCCL_ALGO/NCCL_PROTO.
+ */
+#define _GNU_SOURCE
+#include "dist_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#ifdef NR_DIST_WITH_NCCL
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+static ncclComm_t g_comm;
+static cudaStream_t g_stream;
+static int g_device = -1;
+
+#define CUDA_TRY(call)                                                                          \
+   do {                                                                                         \
+      cudaError_t e_ = (call);                                                                  \
+      if (e_ != cudaSuccess)                                                                    \
+         return NR_FAIL(NR_E_DEVICE, "%s: %s", #call, cudaGetErrorString(e_));                  \
+   } while (0)
+#define NCCL_TRY(call)                                                                          \
+   do {                                                                                         \
+      ncclResult_t r_ = (call);                                                                 \
+      if (r_ != ncclSuccess)                                                                    \
+         return NR_FAIL(NR_E_DEVICE, "%s: %s (%s)", #call, ncclGetErrorString(r_), ncclGetLastError(g_comm)); \
+   } while (0)
+
+typedef struct {
+   cudaEvent_t done;
+   double started;
+} nccl_op;
+
+int32_t nr_dist_has_nccl(void) { return 1; }
+int32_t nr_dist_nccl_ready(void) { return g_device >= 0; }
+
+nr_status nr_dist_nccl_init(int32_t device_index)
+{
+   if (nr_dist_comm() == MPI_COMM_NULL) return NR_FAIL(NR_E_ARG, "call nr_dist_init before nr_dist_nccl_init");
+   if (g_device >= 0) {
+      if (g_device == device_index) return NR_OK;
+      return NR_FAIL(NR_E_ARG, "NCCL already set up on GPU %d, asked for GPU %d", g_device, device_index);
+   }
+   int count = 0;
+   CUDA_TRY(cudaGetDeviceCount(&count));
+   if (device_index < 0 || device_index >= count)
+      return NR_FAIL(NR_E_DEVICE, "GPU %d does not exist (this machine has %d); use one rank per GPU", device_index, count);
+   CUDA_TRY(cudaSetDevice(device_index));
+   int rank = nr_dist_rank(), size = nr_dist_size();
+   ncclUniqueId id;
+   if (rank == 0) NCCL_TRY(ncclGetUniqueId(&id));
+   MPI_Request req;
+   int rc = MPI_Ibcast(&id, (int)sizeof id, MPI_BYTE, 0, nr_dist_comm(), &req);
+   if (rc != MPI_SUCCESS) return NR_FAIL(NR_E_INTERNAL, "MPI_Ibcast of the NCCL id failed (code %d)", rc);
+   double t0 = MPI_Wtime();
+   int64_t polls = 0;
+   for (int flag = 0; !flag;) {
+      if (MPI_Test(&req, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS) return NR_FAIL(NR_E_INTERNAL, "MPI_Test failed");
+      double w = MPI_Wtime() - t0;
+      if (!flag && nr_dist_timeout() > 0 && w > nr_dist_timeout())
+         return NR_FAIL(NR_E_INTERNAL, "broadcast of the NCCL id timed out after %.0f s on rank %d", w, rank);
+      if (!flag) nr_dist_backoff(w, ++polls);
+   }
+   NCCL_TRY(ncclCommInitRank(&g_comm, size, id, rank));
+   CUDA_TRY(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+   g_device = device_index;
+   return NR_OK;
+}
+
+static nr_status check_tensor(const nr_tensor *t)
+{
+   if (g_device < 0) return NR_FAIL(NR_E_ARG, "NCCL is not set up (nr.dist.init{device='cuda'} calls nr_dist_nccl_init)");
+   if (t->device_index != g_device)
+      return NR_FAIL(NR_E_ARG, "t lives on GPU %d but this rank's NCCL communicator uses GPU %d", t->device_index, g_device);
+   return NR_OK;
+}
+
+/* Makes the communication stream wait for the work queued so far on the legacy stream. */
+static nr_status after_compute(void)
+{
+   cudaEvent_t ready;
+   CUDA_TRY(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+   cudaError_t e = cudaEventRecord(ready, cudaStreamLegacy);
+   if (e == cudaSuccess) e = cudaStreamWaitEvent(g_stream, ready, 0);
+   cudaEventDestroy(ready);
+   CUDA_TRY(e);
+   return NR_OK;
+}
+
+nr_status nr_dist_nccl_start(nr_tensor *t, int32_t op, double scale, void **token)
+{
+   NR_TRY(check_tensor(t));
+   ncclDataType_t type = t->dtype == NR_F32 ? ncclFloat32 : ncclInt64;
+   size_t n = (size_t)nr_tensor_numel(t);
+   NR_TRY(after_compute());
+   ncclRedOp_t rop = op == NR_DIST_MAX ? ncclMax : op == NR_DIST_MIN ? ncclMin : ncclSum;
+   int custom = 0;
+   if (op == NR_DIST_SUM && scale != 1.0 && t->dtype == NR_F32) {
+      float s = (float)scale; /* pre-multiplied sum: sum over ranks of scale * x_r */
+      NCCL_TRY(ncclRedOpCreatePreMulSum(&rop, &s, ncclFloat32, ncclScalarHostImmediate, g_comm));
+      custom = 1;
+   }
+   ncclResult_t r = ncclAllReduce(t->data, t->data, n, type, rop, g_comm, g_stream);
+   if (custom) ncclRedOpDestroy(rop, g_comm);
+   NCCL_TRY(r);
+   nccl_op *o = calloc(1, sizeof *o);
+   if (!o) return NR_FAIL(NR_E_OOM, "cannot allocate an NCCL operation");
+   cudaError_t e = cudaEventCreateWithFlags(&o->done, cudaEventDisableTiming);
+   if (e == cudaSuccess) e = cudaEventRecord(o->done, g_stream);
+   if (e != cudaSuccess) {
+      if (o->done) cudaEventDestroy(o->done);
+      free(o);
+      CUDA_TRY(e);
+   }
+   o->started = MPI_Wtime();
+   *token = o;
+   return NR_OK;
+}
+
+nr_status nr_dist_nccl_test(void *token, int32_t *done)
+{
+   nccl_op *o = token;
+   cudaError_t e = cudaEventQuery(o->done);
+   if (e == cudaErrorNotReady) {
+      *done = 0;
+      return NR_OK;
+   }
+   CUDA_TRY(e);
+   *done = 1;
+   return NR_OK;
+}
+
+nr_status nr_dist_nccl_wait(void *token, const char *what)
+{
+   nccl_op *o = token;
+   int64_t polls = 0;
+   for (;;) {
+      cudaError_t e = cudaEventQuery(o->done);
+      if (e == cudaSuccess) break;
+      if (e != cudaErrorNotReady) CUDA_TRY(e);
+      ncclResult_t async = ncclSuccess;
+      ncclCommGetAsyncError(g_comm, &async);
+      double w = MPI_Wtime() - o->started;
+      if (async != ncclSuccess) {
+         ncclCommAbort(g_comm);
+         g_device = -1;
+         return NR_FAIL(NR_E_DEVICE, "%s: NCCL reported %s on rank %d", what, ncclGetErrorString(async), nr_dist_rank());
+      }
+      if (nr_dist_timeout() > 0 && w > nr_dist_timeout()) {
+         ncclCommAbort(g_comm);
+         g_device = -1;
+         return NR_FAIL(NR_E_DEVICE, "%s timed out after %.0f s on rank %d of %d (NCCL communicator aborted)",
+                        what, w, nr_dist_rank(), nr_dist_size());
+      }
+      nr_dist_backoff(w, ++polls);
+   }
+   CUDA_TRY(cudaStreamWaitEvent(cudaStreamLegacy, o->done, 0));
+   return NR_OK;
+}
+
+void nr_dist_nccl_release(void *token)
+{
+   nccl_op *o = token;
+   if (!o) return;
+   cudaEventDestroy(o->done);
+   free(o);
+}
+
+nr_status nr_dist_nccl_broadcast(nr_tensor *t, int32_t root)
+{
+   NR_TRY(check_tensor(t));
+   size_t bytes = (size_t)nr_tensor_numel(t) * (size_t)nr_dtype_size(t->dtype);
+   nccl_op o = {0};
+   NR_TRY(after_compute());
+   NCCL_TRY(ncclBroadcast(t->data, t->data, bytes, ncclUint8, root, g_comm, g_stream));
+   CUDA_TRY(cudaEventCreateWithFlags(&o.done, cudaEventDisableTiming));
+   cudaError_t e = cudaEventRecord(o.done, g_stream);
+   if (e != cudaSuccess) cudaEventDestroy(o.done);
+   CUDA_TRY(e);
+   o.started = MPI_Wtime();
+   nr_status st = nr_dist_nccl_wait(&o, "NCCL broadcast");
+   cudaEventDestroy(o.done);
+   return st;
+}
+
+void nr_dist_nccl_shutdown(void)
+{
+   if (g_device < 0) return;
+   cudaStreamSynchronize(g_stream);
+   ncclCommDestroy(g_comm);
+   cudaStreamDestroy(g_stream);
+   g_device = -1;
+}
+
+#else /* no NCCL: the GPU entry points explain how to get it */
+
+static nr_status no_nccl(const char *func)
+{
+   return nr_fail_at(NR_E_DEVICE, func, __FILE__, __LINE__,
+                     "libnr_dist was built without NCCL: GPU tensors need a CUDA build "
+                     "(cmake -DNR_CUDA=ON) with nccl.h and libnccl found; CPU tensors use MPI");
+}
+
+int32_t nr_dist_has_nccl(void) { return 0; }
+int32_t nr_dist_nccl_ready(void) { return 0; }
+nr_status nr_dist_nccl_init(int32_t device_index) { return no_nccl(__func__); }
+nr_status nr_dist_nccl_start(nr_tensor *t, int32_t op, double scale, void **token) { return no_nccl(__func__); }
+nr_status nr_dist_nccl_test(void *token, int32_t *done) { return no_nccl(__func__); }
+nr_status nr_dist_nccl_wait(void *token, const char *what) { return no_nccl(__func__); }
+void nr_dist_nccl_release(void *token) {}
+nr_status nr_dist_nccl_broadcast(nr_tensor *t, int32_t root) { return no_nccl(__func__); }
+void nr_dist_nccl_shutdown(void) {}
+
+#endif

@@ -1,0 +1,110 @@
+/* nn_act.c — elementwise layer kernels on the CPU: ReLU and Sigmoid (forward and backward from
+ * the output) and inverted dropout (nr_relu_*, nr_sigmoid_*, nr_dropout_* in core/nr.h).
+ * Invariants: every element depends only on the same element of the inputs, so outputs may alias
+ * inputs (in place) and results do not depend on the thread count; dropout draws its mask from
+ * the global generator (nr_rng_bernoulli), sequentially, so seeds reproduce.
+ */
+#include "nn_internal.h"
+
+#include <math.h>
+
+/* a and b: contiguous f32 of equal shape on the same device. */
+static nr_status pair_check(const char *func, const char *an, const nr_tensor *a, const char *bn, const nr_tensor *b)
+{
+   NR_TRY(nn_check(func, an, a, NR_F32, -1, NULL, NULL));
+   NR_TRY(nn_check(func, bn, b, NR_F32, -1, NULL, a));
+   return nn_check_same_shape(func, an, a, bn, b);
+}
+
+#define PAR_FOR(n) _Pragma("omp parallel for simd if (n > 65536)") for (int64_t i = 0; i < (n); i++)
+
+nr_status nr_relu_forward(const nr_tensor *x, nr_tensor *y)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, -1, NULL);
+   NR_TRY(pair_check(__func__, "x", x, "y", y));
+   NR_ON_CUDA(x, nr_cuda_relu_forward(x, y));
+   const int64_t n = nr_tensor_numel(x);
+   const float *px = x->data;
+   float *py = y->data;
+   PAR_FOR(n) py[i] = px[i] > 0.0f ? px[i] : 0.0f;
+   return NR_OK;
+}
+
+nr_status nr_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx)
+{
+   NR_CHECK_T("y", y, NR_F32, -1, -1, NULL);
+   NR_TRY(pair_check(__func__, "y", y, "dy", dy));
+   NR_TRY(pair_check(__func__, "y", y, "dx", dx));
+   NR_ON_CUDA(y, nr_cuda_relu_backward(y, dy, dx));
+   const int64_t n = nr_tensor_numel(y);
+   const float *py = y->data, *pdy = dy->data;
+   float *pdx = dx->data;
+   /* both loads unconditional so the select compiles to a blend (a branch mispredicts on half of
+    * the elements: 13x slower on random data) */
+   PAR_FOR(n) {
+      const float d = pdy[i];
+      pdx[i] = py[i] > 0.0f ? d : 0.0f;
+   }
+   return NR_OK;
+}
+
+nr_status nr_sigmoid_forward(const nr_tensor *x, nr_tensor *y)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, -1, NULL);
+   NR_TRY(pair_check(__func__, "x", x, "y", y));
+   NR_ON_CUDA(x, nr_cuda_sigmoid_forward(x, y));
+   const int64_t n = nr_tensor_numel(x);
+   const float *px = x->data;
+   float *py = y->data;
+   PAR_FOR(n) py[i] = 1.0f / (1.0f + expf(-px[i]));
+   return NR_OK;
+}
+
+nr_status nr_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx)
+{
+   NR_CHECK_T("y", y, NR_F32, -1, -1, NULL);
+   NR_TRY(pair_check(__func__, "y", y, "dy", dy));
+   NR_TRY(pair_check(__func__, "y", y, "dx", dx));
+   NR_ON_CUDA(y, nr_cuda_sigmoid_backward(y, dy, dx));
+   const int64_t n = nr_tensor_numel(y);
+   const float *py = y->data, *pdy = dy->data;
+   float *pdx = dx->data;
+   PAR_FOR(n) pdx[i] = pdy[i] * py[i] * (1.0f - py[i]);
+   return NR_OK;
+}
+
+nr_status nr_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, float p)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, -1, NULL);
+   NR_TRY(pair_check(__func__, "x", x, "y", y));
+   NR_TRY(pair_check(__func__, "x", x, "mask", mask));
+   if (!(p >= 0.0f && p < 1.0f)) return NR_FAIL(NR_E_ARG, "p must be in [0, 1), got %g", p);
+   NR_ON_CUDA(x, nr_cuda_dropout_forward(x, y, mask, p));
+   const int64_t n = nr_tensor_numel(x);
+   if (p > 0.0f) NR_TRY_WRAP(nr_rng_bernoulli(mask, 1.0 - (double)p));
+   const float keep = 1.0f / (1.0f - p);
+   const float *px = x->data;
+   float *py = y->data, *pm = mask->data;
+   if (p == 0.0f) {
+      PAR_FOR(n) { pm[i] = 1.0f; py[i] = px[i]; }
+      return NR_OK;
+   }
+   PAR_FOR(n) {
+      pm[i] *= keep;
+      py[i] = px[i] * pm[i];
+   }
+   return NR_OK;
+}
+
+nr_status nr_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_tensor *dx)
+{
+   NR_CHECK_T("dy", dy, NR_F32, -1, -1, NULL);
+   NR_TRY(pair_check(__func__, "dy", dy, "mask", mask));
+   NR_TRY(pair_check(__func__, "dy", dy, "dx", dx));
+   NR_ON_CUDA(dy, nr_cuda_dropout_backward(dy, mask, dx));
+   const int64_t n = nr_tensor_numel(dy);
+   const float *pdy = dy->data, *pm = mask->data;
+   float *pdx = dx->data;
+   PAR_FOR(n) pdx[i] = pdy[i] * pm[i];
+   return NR_OK;
+}

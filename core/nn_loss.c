@@ -1,0 +1,95 @@
+/* nn_loss.c — softmax cross-entropy on the CPU, mean over the batch, with label smoothing
+ * (nr_softmax_xent_* in core/nr.h; PyTorch's CrossEntropyLoss with reduction 'mean').
+ * Invariants: labels are checked before anything is written, and a bad label is reported with
+ * its value and position; softmax is computed stably (max subtracted) in float per row, the loss
+ * is summed in double in row order, so results do not depend on the thread count.
+ */
+#include "nn_internal.h"
+
+#include <math.h>
+
+static nr_status xent_check(const char *func, const nr_tensor *logits_or_probs, const char *name,
+                            const nr_tensor *labels, float ls)
+{
+   NR_TRY(nn_check(func, name, logits_or_probs, NR_F32, 2, NULL, NULL));
+   int64_t ns[1] = {logits_or_probs->shape[0]};
+   NR_TRY(nn_check(func, "labels", labels, NR_I64, 1, ns, logits_or_probs));
+   if (!(ls >= 0.0f && ls <= 1.0f))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "label_smoothing must be in [0, 1], got %g", ls);
+   if (logits_or_probs->shape[1] < 1)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: need at least one class", name);
+   if (labels->device != NR_CPU) return NR_OK; /* the CUDA side checks the range itself */
+   const int64_t n = labels->shape[0], k = logits_or_probs->shape[1];
+   const int64_t *pl = labels->data;
+   for (int64_t i = 0; i < n; i++)
+      if (pl[i] < 0 || pl[i] >= k)
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                           "labels[%lld] = %lld is outside 0..%lld (class ids are 0-based, %lld classes)",
+                           (long long)i, (long long)pl[i], (long long)(k - 1), (long long)k);
+   return NR_OK;
+}
+
+nr_status nr_softmax_xent_forward(const nr_tensor *logits, const nr_tensor *labels, nr_tensor *loss,
+                                  nr_tensor *probs, float label_smoothing)
+{
+   NR_CHECK_T("logits", logits, NR_F32, -1, 2, NULL);
+   NR_CHECK_T("labels", labels, NR_I64, -1, 1, NULL);
+   NR_TRY(xent_check(__func__, logits, "logits", labels, label_smoothing));
+   NN_CHECK("loss", loss, NR_F32, -1, NULL, logits);
+   if (nr_tensor_numel(loss) != 1) return NR_FAIL(NR_E_ARG, "loss: expected one element, got %lld", (long long)nr_tensor_numel(loss));
+   NN_CHECK("probs", probs, NR_F32, 2, logits->shape, logits);
+   NR_ON_CUDA(logits, nr_cuda_softmax_xent_forward(logits, labels, loss, probs, label_smoothing));
+   const int64_t n = logits->shape[0], k = logits->shape[1];
+   const float *px = logits->data;
+   const int64_t *pl = labels->data;
+   float *pp = probs->data;
+   double total = 0;
+   const double ls = label_smoothing;
+#pragma omp parallel for reduction(+ : total) schedule(static) if (nr_parallel_worth(n, 4 * k))
+   for (int64_t i = 0; i < n; i++) {
+      const float *x = px + i * k;
+      float *p = pp + i * k;
+      float mx = x[0];
+      for (int64_t j = 1; j < k; j++) mx = x[j] > mx ? x[j] : mx;
+      double se = 0, sx = 0; /* sum of exp(x - mx), sum of (x - mx) */
+      for (int64_t j = 0; j < k; j++) {
+         float e = expf(x[j] - mx);
+         p[j] = e;
+         se += e;
+         sx += x[j] - mx;
+      }
+      const double lse = log(se); /* log-sum-exp of (x - mx) */
+      const float inv = (float)(1.0 / se);
+      for (int64_t j = 0; j < k; j++) p[j] *= inv;
+      /* -log p_label = lse - (x_label - mx); mean_k -log p_k = lse - sx / k */
+      const double nll = lse - (double)(x[pl[i]] - mx);
+      const double smooth = lse - sx / (double)k;
+      total += (1.0 - ls) * nll + ls * smooth;
+   }
+   ((float *)loss->data)[0] = n > 0 ? (float)(total / (double)n) : NAN;
+   return NR_OK;
+}
+
+nr_status nr_softmax_xent_backward(const nr_tensor *probs, const nr_tensor *labels, nr_tensor *dlogits,
+                                   float label_smoothing, float scale)
+{
+   NR_CHECK_T("probs", probs, NR_F32, -1, 2, NULL);
+   NR_CHECK_T("labels", labels, NR_I64, -1, 1, NULL);
+   NR_TRY(xent_check(__func__, probs, "probs", labels, label_smoothing));
+   NN_CHECK("dlogits", dlogits, NR_F32, 2, probs->shape, probs);
+   NR_ON_CUDA(probs, nr_cuda_softmax_xent_backward(probs, labels, dlogits, label_smoothing, scale));
+   const int64_t n = probs->shape[0], k = probs->shape[1];
+   if (n == 0) return NR_OK;
+   const float *pp = probs->data;
+   const int64_t *pl = labels->data;
+   float *pd = dlogits->data;
+   const float s = scale / (float)n, off = label_smoothing / (float)k, on = 1.0f - label_smoothing;
+#pragma omp parallel for if (nr_parallel_worth(n, k))
+   for (int64_t i = 0; i < n; i++) {
+      const float *p = pp + i * k;
+      float *d = pd + i * k;
+      for (int64_t j = 0; j < k; j++) d[j] = s * (p[j] - off);
+      d[pl[i]] -= s * on;
+   }
+   return NR_OK;
+}

@@ -1,0 +1,225 @@
+/* nn_norm.c — 2-d batch normalisation on the CPU (nr_bn2d_* in core/nr.h): training forward
+ * (batch statistics, running-statistic update, saved mean/invstd), evaluation forward, and the
+ * backward passes of both.
+ * Invariants: per-channel sums accumulate in double (per-plane partial sums in float), each
+ * channel is handled by one thread, so results do not depend on the thread count; y may alias x
+ * and dx may alias dy (every element is read before it is written).
+ */
+#include "nn_internal.h"
+
+#include <math.h>
+
+typedef struct {
+   int64_t n, c, hw;
+} bn_geom;
+
+/* x/dy (N, C, H, W) and the (C) vectors; gamma and beta may be NULL (both, or neither). */
+static nr_status bn_setup(const char *func, const nr_tensor *x, const nr_tensor *y, const char *yname,
+                          const nr_tensor *gamma, const nr_tensor *beta, const char *gname, const char *bname,
+                          bn_geom *g)
+{
+   NR_TRY(nn_check(func, "x", x, NR_F32, 4, NULL, NULL));
+   g->n = x->shape[0], g->c = x->shape[1], g->hw = x->shape[2] * x->shape[3];
+   if (y) NR_TRY(nn_check(func, yname, y, NR_F32, 4, x->shape, x));
+   int64_t cs[1] = {g->c};
+   if (gamma) NR_TRY(nn_check(func, gname, gamma, NR_F32, 1, cs, x));
+   if (beta) NR_TRY(nn_check(func, bname, beta, NR_F32, 1, cs, x));
+   return NR_OK;
+}
+
+static nr_status vec_check(const char *func, const char *name, const nr_tensor *v, const nr_tensor *x)
+{
+   int64_t cs[1] = {x->shape[1]};
+   return nn_check(func, name, v, NR_F32, 1, cs, x);
+}
+
+nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean, nr_tensor *save_invstd,
+                                const nr_tensor *gamma, const nr_tensor *beta, nr_tensor *running_mean,
+                                nr_tensor *running_var, float momentum, float eps)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   bn_geom g;
+   NR_TRY(bn_setup(__func__, x, y, "y", gamma, beta, "gamma", "beta", &g));
+   NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
+   NR_TRY(vec_check(__func__, "save_invstd", save_invstd, x));
+   NR_TRY(vec_check(__func__, "running_mean", running_mean, x));
+   NR_TRY(vec_check(__func__, "running_var", running_var, x));
+   if (!(eps > 0) || !(momentum >= 0 && momentum <= 1))
+      return NR_FAIL(NR_E_ARG, "eps must be > 0 (got %g) and momentum in [0, 1] (got %g)", eps, momentum);
+   const int64_t m = g.n * g.hw;
+   if (m < 2)
+      return NR_FAIL(NR_E_ARG, "training needs more than one value per channel (input %lld x %lld x %lld x %lld)",
+                     (long long)x->shape[0], (long long)x->shape[1], (long long)x->shape[2], (long long)x->shape[3]);
+   NR_ON_CUDA(x, nr_cuda_bn2d_forward_train(x, y, save_mean, save_invstd, gamma, beta, running_mean, running_var,
+                                            momentum, eps));
+   const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL;
+   float *py = y->data, *sm = save_mean->data, *si = save_invstd->data, *rm = running_mean->data,
+         *rv = running_var->data;
+#pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
+   for (int64_t c = 0; c < g.c; c++) {
+      double s = 0;
+      for (int64_t n = 0; n < g.n; n++) {
+         const float *p = px + (n * g.c + c) * g.hw;
+         float part = 0;
+#pragma omp simd reduction(+ : part)
+         for (int64_t i = 0; i < g.hw; i++) part += p[i];
+         s += part;
+      }
+      const double mean = s / (double)m;
+      const float meanf = (float)mean;
+      double ss = 0;
+      for (int64_t n = 0; n < g.n; n++) {
+         const float *p = px + (n * g.c + c) * g.hw;
+         float part = 0;
+#pragma omp simd reduction(+ : part)
+         for (int64_t i = 0; i < g.hw; i++) {
+            float d = p[i] - meanf;
+            part += d * d;
+         }
+         ss += part;
+      }
+      const double var = ss / (double)m;
+      const float invstd = (float)(1.0 / sqrt(var + (double)eps));
+      sm[c] = meanf;
+      si[c] = invstd;
+      rm[c] = (1.0f - momentum) * rm[c] + momentum * meanf;
+      rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * (double)m / (double)(m - 1));
+      const float a = invstd * (pg ? pg[c] : 1.0f), b = (pb ? pb[c] : 0.0f) - meanf * a;
+      for (int64_t n = 0; n < g.n; n++) {
+         const float *p = px + (n * g.c + c) * g.hw;
+         float *q = py + (n * g.c + c) * g.hw;
+         for (int64_t i = 0; i < g.hw; i++) q[i] = p[i] * a + b;
+      }
+   }
+   return NR_OK;
+}
+
+nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor *gamma, const nr_tensor *beta,
+                               const nr_tensor *running_mean, const nr_tensor *running_var, float eps)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   bn_geom g;
+   NR_TRY(bn_setup(__func__, x, y, "y", gamma, beta, "gamma", "beta", &g));
+   NR_TRY(vec_check(__func__, "running_mean", running_mean, x));
+   NR_TRY(vec_check(__func__, "running_var", running_var, x));
+   if (!(eps > 0)) return NR_FAIL(NR_E_ARG, "eps must be > 0, got %g", eps);
+   NR_ON_CUDA(x, nr_cuda_bn2d_forward_eval(x, y, gamma, beta, running_mean, running_var, eps));
+   const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL,
+               *rm = running_mean->data, *rv = running_var->data;
+   float *py = y->data;
+   const int64_t nc = g.n * g.c;
+#pragma omp parallel for if (nr_parallel_worth(nc, g.hw))
+   for (int64_t q = 0; q < nc; q++) {
+      int64_t c = q % g.c;
+      const float invstd = (float)(1.0 / sqrt((double)rv[c] + (double)eps));
+      const float a = invstd * (pg ? pg[c] : 1.0f), b = (pb ? pb[c] : 0.0f) - rm[c] * a;
+      const float *p = px + q * g.hw;
+      float *o = py + q * g.hw;
+      for (int64_t i = 0; i < g.hw; i++) o[i] = p[i] * a + b;
+   }
+   return NR_OK;
+}
+
+/* Shared argument checks of the two backward passes. */
+static nr_status bn_backward_setup(const char *func, const nr_tensor *x, const nr_tensor *dy, const nr_tensor *dx,
+                                   const nr_tensor *dgamma, const nr_tensor *dbeta, const nr_tensor *gamma,
+                                   bn_geom *g)
+{
+   NR_TRY(bn_setup(func, x, dy, "dy", dgamma, dbeta, "dgamma", "dbeta", g));
+   if (dx) NR_TRY(nn_check(func, "dx", dx, NR_F32, 4, x->shape, x));
+   if (gamma) NR_TRY(vec_check(func, "gamma", gamma, x));
+   return NR_OK;
+}
+
+nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
+                           nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
+                           const nr_tensor *save_invstd, float scale, float acc)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
+   bn_geom g;
+   NR_TRY(bn_backward_setup(__func__, x, dy, dx, dgamma, dbeta, gamma, &g));
+   NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
+   NR_TRY(vec_check(__func__, "save_invstd", save_invstd, x));
+   NR_ON_CUDA(x, nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc));
+   const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *sm = save_mean->data,
+               *si = save_invstd->data;
+   float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
+   const int64_t m = g.n * g.hw;
+#pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
+   for (int64_t c = 0; c < g.c; c++) {
+      const float mean = sm[c], invstd = si[c];
+      double sdy = 0, sdyx = 0;
+      for (int64_t n = 0; n < g.n; n++) {
+         const float *p = px + (n * g.c + c) * g.hw, *d = pdy + (n * g.c + c) * g.hw;
+         float a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+         for (int64_t i = 0; i < g.hw; i++) {
+            a += d[i];
+            b += d[i] * (p[i] - mean);
+         }
+         sdy += a;
+         sdyx += b;
+      }
+      const double sdyxhat = sdyx * invstd; /* sum dy * xhat */
+      if (dg) dg[c] = (acc == 0 ? 0.0f : acc * dg[c]) + (float)(scale * sdyxhat);
+      if (dbt) dbt[c] = (acc == 0 ? 0.0f : acc * dbt[c]) + (float)(scale * sdy);
+      if (!pdx) continue;
+      /* dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) */
+      const float k = (pg ? pg[c] : 1.0f) * invstd;
+      const float mdy = (float)(sdy / (double)m), mdyx = (float)(sdyxhat / (double)m) * invstd;
+      for (int64_t n = 0; n < g.n; n++) {
+         const float *p = px + (n * g.c + c) * g.hw, *d = pdy + (n * g.c + c) * g.hw;
+         float *o = pdx + (n * g.c + c) * g.hw;
+         for (int64_t i = 0; i < g.hw; i++) o[i] = k * (d[i] - mdy - (p[i] - mean) * mdyx);
+      }
+   }
+   return NR_OK;
+}
+
+nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
+                                nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *running_mean,
+                                const nr_tensor *running_var, float eps, float scale, float acc)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
+   bn_geom g;
+   NR_TRY(bn_backward_setup(__func__, x, dy, dx, dgamma, dbeta, gamma, &g));
+   NR_TRY(vec_check(__func__, "running_mean", running_mean, x));
+   NR_TRY(vec_check(__func__, "running_var", running_var, x));
+   if (!(eps > 0)) return NR_FAIL(NR_E_ARG, "eps must be > 0, got %g", eps);
+   NR_ON_CUDA(x, nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale,
+                                            acc));
+   const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *rm = running_mean->data,
+               *rv = running_var->data;
+   float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
+   const int64_t m = g.n * g.hw;
+#pragma omp parallel for if (nr_parallel_worth(g.c, 2 * m))
+   for (int64_t c = 0; c < g.c; c++) {
+      const float mean = rm[c], invstd = (float)(1.0 / sqrt((double)rv[c] + (double)eps));
+      if (dg || dbt) {
+         double sdy = 0, sdyx = 0;
+         for (int64_t n = 0; n < g.n; n++) {
+            const float *p = px + (n * g.c + c) * g.hw, *d = pdy + (n * g.c + c) * g.hw;
+            float a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+            for (int64_t i = 0; i < g.hw; i++) {
+               a += d[i];
+               b += d[i] * (p[i] - mean);
+            }
+            sdy += a;
+            sdyx += b;
+         }
+         if (dg) dg[c] = (acc == 0 ? 0.0f : acc * dg[c]) + (float)(scale * sdyx * invstd);
+         if (dbt) dbt[c] = (acc == 0 ? 0.0f : acc * dbt[c]) + (float)(scale * sdy);
+      }
+      if (!pdx) continue;
+      const float k = (pg ? pg[c] : 1.0f) * invstd;
+      for (int64_t n = 0; n < g.n; n++) {
+         const float *d = pdy + (n * g.c + c) * g.hw;
+         float *o = pdx + (n * g.c + c) * g.hw;
+         for (int64_t i = 0; i < g.hw; i++) o[i] = k * d[i];
+      }
+   }
+   return NR_OK;
+}

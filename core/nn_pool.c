@@ -1,0 +1,235 @@
+/* nn_pool.c — pooling on the CPU: max pooling with saved argmax indices, average pooling
+ * (count_include_pad as PyTorch) and global average pooling (nr_*pool* in core/nr.h).
+ * Invariants: each (n, c) plane is handled by one thread (parallel over N*C), so results do not
+ * depend on the thread count; backward passes overwrite dx; max-pool indices are h * W + w
+ * positions inside the input plane (PyTorch's convention), first maximum on ties; a NaN input
+ * wins its window (propagates, as PyTorch).
+ */
+#include "nn_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+typedef struct {
+   int64_t nc, h, w, ho, wo, kh, kw, sh, sw, ph, pw;
+} pool_geom;
+
+static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xname, const nr_tensor *y,
+                            const char *yname, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
+                            int32_t pw, pool_geom *g)
+{
+   NR_TRY(nn_check(func, xname, x, NR_F32, 4, NULL, NULL));
+   if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || ph > kh / 2 || pw > kw / 2)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "bad geometry: kernel %dx%d (>= 1), stride %dx%d (>= 1), padding %dx%d (0..kernel/2)", kh, kw,
+                        sh, sw, ph, pw);
+   g->nc = x->shape[0] * x->shape[1], g->h = x->shape[2], g->w = x->shape[3];
+   g->kh = kh, g->kw = kw, g->sh = sh, g->sw = sw, g->ph = ph, g->pw = pw;
+   g->ho = nn_out_size(g->h, kh, sh, ph, 1);
+   g->wo = nn_out_size(g->w, kw, sw, pw, 1);
+   if (g->ho < 1 || g->wo < 1)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "input %lldx%lld is too small for kernel %dx%d with padding %dx%d",
+                        (long long)g->h, (long long)g->w, kh, kw, ph, pw);
+   int64_t ys[4] = {x->shape[0], x->shape[1], g->ho, g->wo};
+   NR_TRY(nn_check(func, yname, y, NR_F32, 4, ys, x));
+   return NR_OK;
+}
+
+nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, int32_t kernel_h,
+                               int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("y", y, NR_F32, -1, 4, NULL);
+   pool_geom g;
+   NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
+   NN_CHECK("indices", indices, NR_I64, 4, y->shape, x);
+   NR_ON_CUDA(x, nr_cuda_maxpool2d_forward(x, y, indices, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w));
+   const float *px = x->data;
+   float *py = y->data;
+   int64_t *pi = indices->data;
+#pragma omp parallel for if (nr_parallel_worth(g.nc, g.ho * g.wo * g.kh * g.kw))
+   for (int64_t q = 0; q < g.nc; q++) {
+      const float *xp = px + q * g.h * g.w;
+      float *yp = py + q * g.ho * g.wo;
+      int64_t *ip = pi + q * g.ho * g.wo;
+      for (int64_t oh = 0; oh < g.ho; oh++) {
+         int64_t h0 = oh * g.sh - g.ph, h1 = h0 + g.kh;
+         if (h0 < 0) h0 = 0;
+         if (h1 > g.h) h1 = g.h;
+         for (int64_t ow = 0; ow < g.wo; ow++) {
+            int64_t w0 = ow * g.sw - g.pw, w1 = w0 + g.kw;
+            if (w0 < 0) w0 = 0;
+            if (w1 > g.w) w1 = g.w;
+            /* padding <= kernel/2 guarantees every window holds at least one input element;
+             * PyTorch's rule (take v when v > best or v is NaN), written without branches */
+            /* (masks instead of ?: because compilers turn the selects back into branches, which
+             * mispredict on half of the elements of random data) */
+            float best = -INFINITY;
+            int64_t arg = h0 * g.w + w0;
+            for (int64_t ih = h0; ih < h1; ih++)
+               for (int64_t iw = w0; iw < w1; iw++) {
+                  const float v = xp[ih * g.w + iw];
+                  const int64_t mask = -(int64_t)((v > best) | (v != v));
+                  uint32_t vb, bb;
+                  memcpy(&vb, &v, 4);
+                  memcpy(&bb, &best, 4);
+                  bb = (bb & ~(uint32_t)mask) | (vb & (uint32_t)mask);
+                  memcpy(&best, &bb, 4);
+                  arg = (arg & ~mask) | ((ih * g.w + iw) & mask);
+               }
+            yp[oh * g.wo + ow] = best;
+            ip[oh * g.wo + ow] = arg;
+         }
+      }
+   }
+   return NR_OK;
+}
+
+nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx)
+{
+   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("dx", dx, NR_F32, -1, 4, NULL);
+   NN_CHECK("dy", dy, NR_F32, 4, NULL, NULL);
+   NN_CHECK("indices", indices, NR_I64, 4, dy->shape, dy);
+   int64_t xs[4] = {dy->shape[0], dy->shape[1], -1, -1};
+   NN_CHECK("dx", dx, NR_F32, 4, xs, dy);
+   NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx));
+   const int64_t nc = dy->shape[0] * dy->shape[1], po = dy->shape[2] * dy->shape[3], pin = dx->shape[2] * dx->shape[3];
+   const float *pdy = dy->data;
+   const int64_t *pi = indices->data;
+   float *pdx = dx->data;
+   int64_t bad = -1;
+#pragma omp parallel for if (nr_parallel_worth(nc, po + pin))
+   for (int64_t q = 0; q < nc; q++) {
+      float *d = pdx + q * pin;
+      memset(d, 0, sizeof(float) * pin);
+      const float *g = pdy + q * po;
+      const int64_t *ip = pi + q * po;
+      for (int64_t i = 0; i < po; i++) {
+         int64_t k = ip[i];
+         if (k < 0 || k >= pin) {
+#pragma omp atomic write
+            bad = q * po + i;
+            continue;
+         }
+         d[k] += g[i];
+      }
+   }
+   if (bad >= 0)
+      return NR_FAIL(NR_E_ARG, "indices: element %lld is %lld, outside the input plane 0..%lld (indices not from the forward?)",
+                     (long long)bad, (long long)pi[bad], (long long)pin - 1);
+   return NR_OK;
+}
+
+/* Divisor of the window at (oh, ow). */
+static inline float avg_divisor(const pool_geom *g, int64_t h0, int64_t w0, int32_t include_pad)
+{
+   int64_t h1 = h0 + g->kh, w1 = w0 + g->kw;
+   if (include_pad) {
+      /* PyTorch: the window clipped to the padded input */
+      int64_t he = h1 < g->h + g->ph ? h1 : g->h + g->ph, we = w1 < g->w + g->pw ? w1 : g->w + g->pw;
+      return (float)((he - h0) * (we - w0));
+   }
+   int64_t a = h0 < 0 ? 0 : h0, b = h1 > g->h ? g->h : h1, c = w0 < 0 ? 0 : w0, d = w1 > g->w ? g->w : w1;
+   return (float)((b - a) * (d - c));
+}
+
+nr_status nr_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
+                               int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t count_include_pad)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("y", y, NR_F32, -1, 4, NULL);
+   pool_geom g;
+   NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
+   NR_ON_CUDA(x, nr_cuda_avgpool2d_forward(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                           count_include_pad));
+   const float *px = x->data;
+   float *py = y->data;
+#pragma omp parallel for if (nr_parallel_worth(g.nc, g.ho * g.wo * g.kh * g.kw))
+   for (int64_t q = 0; q < g.nc; q++) {
+      const float *xp = px + q * g.h * g.w;
+      float *yp = py + q * g.ho * g.wo;
+      for (int64_t oh = 0; oh < g.ho; oh++)
+         for (int64_t ow = 0; ow < g.wo; ow++) {
+            int64_t h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
+            int64_t a = h0 < 0 ? 0 : h0, b = h0 + g.kh > g.h ? g.h : h0 + g.kh;
+            int64_t c = w0 < 0 ? 0 : w0, d = w0 + g.kw > g.w ? g.w : w0 + g.kw;
+            float s = 0;
+            for (int64_t ih = a; ih < b; ih++)
+               for (int64_t iw = c; iw < d; iw++) s += xp[ih * g.w + iw];
+            yp[oh * g.wo + ow] = s / avg_divisor(&g, h0, w0, count_include_pad);
+         }
+   }
+   return NR_OK;
+}
+
+nr_status nr_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kernel_h, int32_t kernel_w,
+                                int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                int32_t count_include_pad)
+{
+   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("dx", dx, NR_F32, -1, 4, NULL);
+   pool_geom g;
+   NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
+   NR_ON_CUDA(dy, nr_cuda_avgpool2d_backward(dy, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                             count_include_pad));
+   const float *pdy = dy->data;
+   float *pdx = dx->data;
+#pragma omp parallel for if (nr_parallel_worth(g.nc, g.ho * g.wo * g.kh * g.kw))
+   for (int64_t q = 0; q < g.nc; q++) {
+      float *xp = pdx + q * g.h * g.w;
+      const float *yp = pdy + q * g.ho * g.wo;
+      memset(xp, 0, sizeof(float) * g.h * g.w);
+      for (int64_t oh = 0; oh < g.ho; oh++)
+         for (int64_t ow = 0; ow < g.wo; ow++) {
+            int64_t h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
+            int64_t a = h0 < 0 ? 0 : h0, b = h0 + g.kh > g.h ? g.h : h0 + g.kh;
+            int64_t c = w0 < 0 ? 0 : w0, d = w0 + g.kw > g.w ? g.w : w0 + g.kw;
+            float v = yp[oh * g.wo + ow] / avg_divisor(&g, h0, w0, count_include_pad);
+            for (int64_t ih = a; ih < b; ih++)
+               for (int64_t iw = c; iw < d; iw++) xp[ih * g.w + iw] += v;
+         }
+   }
+   return NR_OK;
+}
+
+nr_status nr_global_avgpool_forward(const nr_tensor *x, nr_tensor *y)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   NN_CHECK("x", x, NR_F32, 4, NULL, NULL);
+   int64_t ys[2] = {x->shape[0], x->shape[1]};
+   NN_CHECK("y", y, NR_F32, 2, ys, x);
+   NR_ON_CUDA(x, nr_cuda_global_avgpool_forward(x, y));
+   const int64_t nc = ys[0] * ys[1], hw = x->shape[2] * x->shape[3];
+   if (hw == 0 && nc > 0) return NR_FAIL(NR_E_ARG, "x: empty spatial size");
+   const float *px = x->data;
+   float *py = y->data;
+#pragma omp parallel for if (nr_parallel_worth(nc, hw))
+   for (int64_t q = 0; q < nc; q++) {
+      const float *p = px + q * hw;
+      float s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < hw; i++) s += p[i];
+      py[q] = s / (float)hw;
+   }
+   return NR_OK;
+}
+
+nr_status nr_global_avgpool_backward(const nr_tensor *dy, nr_tensor *dx)
+{
+   NR_CHECK_T("dy", dy, NR_F32, -1, 2, NULL);
+   NR_CHECK_T("dx", dx, NR_F32, -1, 4, NULL);
+   NN_CHECK("dy", dy, NR_F32, 2, NULL, NULL);
+   int64_t xs[4] = {dy->shape[0], dy->shape[1], -1, -1};
+   NN_CHECK("dx", dx, NR_F32, 4, xs, dy);
+   NR_ON_CUDA(dy, nr_cuda_global_avgpool_backward(dy, dx));
+   const int64_t nc = dy->shape[0] * dy->shape[1], hw = dx->shape[2] * dx->shape[3];
+   const float *pdy = dy->data;
+   float *pdx = dx->data;
+#pragma omp parallel for if (nr_parallel_worth(nc, hw))
+   for (int64_t q = 0; q < nc; q++) {
+      float v = pdy[q] / (float)hw, *p = pdx + q * hw;
+      for (int64_t i = 0; i < hw; i++) p[i] = v;
+   }
+   return NR_OK;
+}

@@ -1,0 +1,109 @@
+-- nr.nn BatchNorm2d — batch normalisation over (N, H, W) per channel, PyTorch semantics
+-- (biased batch variance to normalise, unbiased in running_var, momentum 0.1, eps 1e-5), on the
+-- kernels nr_bn2d_* (core/nn_norm.c, core/cuda/).
+-- Invariants: weight (γ, init 1) and bias (β, init 0) exist when affine; running_mean (init 0) and
+-- running_var (init 1) are buffers saved with the weights (_buffers); training mode normalises
+-- with batch statistics and updates the running ones, evaluation mode uses the running ones;
+-- the saved batch mean/invstd (_save_mean, _save_invstd) are scratch, dropped on clone/to().
+local class = require 'nr.class'
+local Module = require 'nr.nn.module'
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+local U = require 'nr.nn.layer_util'
+local C = require('nr.ffi').C
+
+local BatchNorm2d = class('BatchNorm2d', Module)
+BatchNorm2d._buffers = {'running_mean', 'running_var'}
+local FN = 'nr.nn.BatchNorm2d'
+
+function BatchNorm2d:__init(c, opts)
+   Module.__init(self)
+   opts = check.options(opts, {eps = true, momentum = true, affine = true}, FN)
+   U.posint(c, 'num_features', FN)
+   self.num_features = c
+   self.eps = U.opt_num(opts.eps, 'eps', FN, 1e-5, 0, math.huge, true)
+   self.momentum = U.opt_num(opts.momentum, 'momentum', FN, 0.1, 0, 1)
+   self.affine = U.opt_bool(opts.affine, 'affine', FN, true)
+   if self.affine then
+      self.weight = T.ones({c})
+      self.bias = T.zeros({c})
+      self.gradWeight = T.zeros({c})
+      self.gradBias = T.zeros({c})
+   end
+   self.running_mean = T.zeros({c})
+   self.running_var = T.ones({c})
+end
+
+function BatchNorm2d:reset()
+   if self.affine then
+      self.weight:fill(1)
+      self.bias:fill(0)
+   end
+   self.running_mean:fill(0)
+   self.running_var:fill(1)
+   return self
+end
+
+local function opt_c(t) return t and t.c or nil end
+
+function BatchNorm2d:updateOutput(x)
+   x = U.input(x, 4, self.num_features, '(N, C, H, W)')
+   local y = U.buffer(self, 'output', x:shape(), x)
+   if self.train then
+      local c = {self.num_features}
+      local sm, si = U.buffer(self, '_save_mean', c, x), U.buffer(self, '_save_invstd', c, x)
+      U.call(C.nr_bn2d_forward_train(x.c, y.c, sm.c, si.c, opt_c(self.weight), opt_c(self.bias),
+         self.running_mean.c, self.running_var.c, self.momentum, self.eps))
+      self._stats_from_batch = true
+   else
+      U.call(C.nr_bn2d_forward_eval(x.c, y.c, opt_c(self.weight), opt_c(self.bias), self.running_mean.c,
+         self.running_var.c, self.eps))
+      self._stats_from_batch = false
+   end
+   return y
+end
+
+-- dx, dgamma, dbeta (any of them nil) from the mode of the last forward.
+local function backward(self, x, gradOutput, dx, dgamma, dbeta, scale)
+   x = U.input(x, 4, self.num_features, '(N, C, H, W)')
+   local g = U.grad(gradOutput, self.output)
+   if not T.same_shape(g:shape(), x:shape()) then
+      error(string.format('gradOutput %s does not match the input %s', U.shape_str(g:shape()), U.shape_str(x:shape())), 0)
+   end
+   if dx == true then dx = U.buffer(self, 'gradInput', x:shape(), x) end
+   if self._stats_from_batch then
+      U.call(C.nr_bn2d_backward(x.c, g.c, opt_c(dx), opt_c(dgamma), opt_c(dbeta), opt_c(self.weight),
+         self._save_mean.c, self._save_invstd.c, scale, 1))
+   else
+      U.call(C.nr_bn2d_backward_eval(x.c, g.c, opt_c(dx), opt_c(dgamma), opt_c(dbeta), opt_c(self.weight),
+         self.running_mean.c, self.running_var.c, self.eps, scale, 1))
+   end
+   return dx
+end
+
+function BatchNorm2d:updateGradInput(x, gradOutput)
+   return backward(self, x, gradOutput, true, nil, nil, 1)
+end
+
+function BatchNorm2d:accGradParameters(x, gradOutput, scale)
+   if not self.affine then return end
+   backward(self, x, gradOutput, nil, self.gradWeight, self.gradBias, scale or 1)
+end
+
+function BatchNorm2d:outputShape(s)
+   if s[1] ~= self.num_features then
+      error(string.format('expected input with %d channels, got %s', self.num_features, U.shape_str(s)), 0)
+   end
+   return s
+end
+
+function BatchNorm2d:cost(s)
+   self:outputShape(s)
+   return self.affine and 2 * self.num_features or 0, 0
+end
+
+function BatchNorm2d:extra()
+   return tostring(self.num_features) .. (self.affine and '' or ' noaffine')
+end
+
+return {BatchNorm2d = BatchNorm2d}

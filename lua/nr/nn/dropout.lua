@@ -1,0 +1,53 @@
+-- nr.nn Dropout — inverted dropout (kept values scaled by 1/(1-p) in training; identity in
+-- evaluate()), on nr_dropout_forward/backward (core/nn_act.c). The mask is drawn from the global
+-- generator, so nr.manual_seed reproduces it.
+-- Invariants: 0 <= p < 1; the mask of the last training forward (_mask) drives the backward.
+local class = require 'nr.class'
+local Module = require 'nr.nn.module'
+local T = require 'nr.tensor'
+local U = require 'nr.nn.layer_util'
+local C = require('nr.ffi').C
+
+local Dropout = class('Dropout', Module)
+
+function Dropout:__init(p)
+   Module.__init(self)
+   self.p = U.opt_num(p, 'p', 'nr.nn.Dropout', 0.5, 0, 1)
+   if self.p >= 1 then error('nr.nn.Dropout: p must be < 1, got ' .. tostring(p), 3) end
+end
+
+local function input(x)
+   if not T.is_tensor(x) then error('expected a tensor as input, got ' .. type(x), 0) end
+   if x:dtype() ~= 'float32' then error('expected a float32 input, got ' .. x:describe(), 0) end
+   return x:contiguous()
+end
+
+function Dropout:updateOutput(x)
+   x = input(x)
+   if not self.train or self.p == 0 then
+      self._identity = true
+      self.output = x
+      return x
+   end
+   self._identity = false
+   local y = U.buffer(self, 'output', x:shape(), x)
+   local m = U.buffer(self, '_mask', x:shape(), x)
+   U.call(C.nr_dropout_forward(x.c, y.c, m.c, self.p))
+   return y
+end
+
+function Dropout:updateGradInput(x, gradOutput)
+   local g = U.grad(gradOutput, self.output)
+   if self._identity then
+      self.gradInput = g
+      return g
+   end
+   local gi = U.buffer(self, 'gradInput', g:shape(), g)
+   U.call(C.nr_dropout_backward(g.c, self._mask.c, gi.c))
+   return gi
+end
+
+function Dropout:outputShape(s) return s end
+function Dropout:extra() return string.format('p=%g', self.p) end
+
+return {Dropout = Dropout}

@@ -1,0 +1,118 @@
+-- nr.nn.layer_util — helpers shared by the layer files (conv, batchnorm, pool, linear, ...):
+-- option parsing ({h, w} pairs), input checks with readable messages, buffer reuse, and the
+-- default initialisation. Not a layer file: it is not listed in nr.nn's FILES.
+-- Invariants: buffers are reallocated only when the wanted shape, dtype or device changes, so a
+-- model run repeatedly on the same shapes allocates nothing; init draws from the global RNG.
+local nrffi = require 'nr.ffi'
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+local C = nrffi.C
+
+local U = {}
+
+function U.shape_str(s) return '[' .. table.concat(s, ' x ') .. ']' end
+
+-- number or {h, w} -> h, w (integers >= min).
+function U.pair(v, name, fname, min)
+   local h, w
+   if type(v) == 'number' then
+      h, w = v, v
+   elseif type(v) == 'table' and #v == 2 then
+      h, w = v[1], v[2]
+   else
+      error(string.format('%s: %s must be a number or a {h, w} pair, got %s', fname, name, tostring(v)), 4)
+   end
+   for _, x in ipairs({h, w}) do
+      if type(x) ~= 'number' or x ~= math.floor(x) or x < min then
+         error(string.format('%s: %s must be integers >= %d, got %s', fname, name, min,
+            type(v) == 'table' and ('{' .. table.concat(v, ', ') .. '}') or tostring(v)), 4)
+      end
+   end
+   return h, w
+end
+
+function U.posint(v, name, fname, min)
+   if type(v) ~= 'number' or v ~= math.floor(v) or v < (min or 1) then
+      error(string.format('%s: %s must be an integer >= %d, got %s', fname, name, min or 1, tostring(v)), 4)
+   end
+   return v
+end
+
+-- Raises (level 0: Module:forward adds the module's path) unless x is a float32 tensor with ndim
+-- dimensions and, when channels is given, channels in dimension 2.
+function U.input(x, ndim, channels, what)
+   if not T.is_tensor(x) then
+      error(string.format('expected %s tensor as input, got %s', what or 'a', type(x)), 0)
+   end
+   if x:dtype() ~= 'float32' then
+      error(string.format('expected a float32 input, got %s', x:describe()), 0)
+   end
+   if x:dim() ~= ndim then
+      error(string.format('expected a %d-d input%s, got %s', ndim, what and (' ' .. what) or '', U.shape_str(x:shape())), 0)
+   end
+   if channels and x:size(2) ~= channels then
+      error(string.format('expected input with %d channels, got %s', channels, U.shape_str(x:shape())), 0)
+   end
+   return x:contiguous()
+end
+
+-- Checks that g (gradOutput) matches the module's output shape.
+function U.grad(g, like, what)
+   if not T.is_tensor(g) then error('gradOutput must be a tensor, got ' .. type(g), 0) end
+   if not like then error('backward called before forward', 0) end
+   if not T.same_shape(g:shape(), like:shape()) then
+      error(string.format('gradOutput %s does not match the %s %s', U.shape_str(g:shape()), what or 'output',
+         U.shape_str(like:shape())), 0)
+   end
+   return g:contiguous()
+end
+
+-- self[key] as a tensor of the given shape on like's device (dtype default float32); reused
+-- while shape, dtype and device match.
+function U.buffer(self, key, shape, like, dtype)
+   dtype = dtype or 'float32'
+   local dev = like:device()
+   local b = rawget(self, key)
+   if b and rawget(b, 'c') and b:dtype() == dtype and b:device() == dev and T.same_shape(b:shape(), shape) then
+      return b
+   end
+   b = T.empty(shape, {dtype = dtype, device = dev})
+   self[key] = b
+   return b
+end
+
+-- Fills t with U(-bound, bound) from the global generator.
+function U.uniform_(t, bound)
+   check.status(C.nr_rng_uniform(t.c, -bound, bound), 'init', 3)
+   return t
+end
+
+-- PyTorch's default for Conv2d/Linear: kaiming_uniform(a = sqrt(5)) on the weight, which is
+-- U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for the bias.
+function U.default_init(weight, bias, fan_in)
+   local bound = fan_in > 0 and 1 / math.sqrt(fan_in) or 0
+   U.uniform_(weight, bound)
+   if bias then U.uniform_(bias, bound) end
+end
+
+-- Raises the C message of a failed call (Module:forward adds the module's path).
+function U.call(status)
+   if status ~= 0 then error(require('nr.ffi').ffi.string(C.nr_last_error()), 0) end
+end
+
+function U.opt_bool(v, name, fname, default)
+   if v == nil then return default end
+   if type(v) ~= 'boolean' then error(string.format('%s: %s must be a boolean, got %s', fname, name, tostring(v)), 4) end
+   return v
+end
+
+function U.opt_num(v, name, fname, default, lo, hi, lo_open)
+   if v == nil then v = default end
+   if type(v) ~= 'number' or v ~= v or v < lo or v > hi or (lo_open and v == lo) then
+      error(string.format('%s: %s must be a number in %s%g, %g], got %s', fname, name, lo_open and '(' or '[', lo, hi,
+         tostring(v)), 4)
+   end
+   return v
+end
+
+return U

@@ -1,0 +1,325 @@
+-- nr.nn.NRConv2d — a convolution whose channels are split by rejuvenation generation, for the
+-- Neural Rejuvenation training schemes NR-CR and NR-CA (paper 3.3).
+--
+-- What it is: a conv with in/out channels partitioned into generation groups (gen 0 = the
+-- original survivors, gen k = the channels added by the k-th rejuvenation). Built from ordinary
+-- Conv2d blocks, one per (output group, input group) pair that is actually computed, plus
+-- elementwise ops — no zero blocks are stored or computed:
+--   CR (cross connections removed): O_j = W_jj * I_j                      (one block per group)
+--   CA (cross attention):           O_j = A_j + 2·σ(A_j) ⊙ B_j,  A_j = W_jj * I_j,
+--                                   B_j = Σ_{i≠j} W_ji * I_i            (k² blocks)
+-- σ is applied to the receiving group's own pre-BN response A_j and is not detached: gradients
+-- flow into W_jj through the gate. An output group whose generation has no input channels (an
+-- "orphan", e.g. after the input's group died out) reads the whole input with a plain block.
+-- With two groups this is exactly the paper's S/R formulation.
+-- What it is not: the policy of when to split (lua/nr/rejuvenate/surgery.lua does that).
+-- Invariants: output groups are contiguous ranges in generation order; input groups are index
+-- lists that together cover every input channel exactly once; spec is plain data (saved in
+-- checkpoints as the architecture); child keys are stable ("o<gen>_i<gen>" / "o<gen>_all").
+local class = require 'nr.class'
+local Module = require 'nr.nn.module'
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+
+local M = {}
+
+local FNAME = 'nr.nn.NRConv2d'
+
+local function pair(v)
+   if type(v) == 'table' then return {v[1], v[2] or v[1]} end
+   return {v, v}
+end
+
+local NRConv2d = class('NRConv2d', Module)
+NRConv2d.__tostring = Module.__tostring
+NRConv2d.__call = Module.__call
+
+local function is_range(idx)
+   for k = 2, #idx do if idx[k] ~= idx[1] + k - 1 then return false end end
+   return true
+end
+
+-- NRConv2d(spec): spec = {in_channels, out_channels, kernel_size, stride, padding, dilation,
+-- bias (bool), scheme ('CR' | 'CA'), out_groups = {{gen, first (0-based), n}, ...},
+-- in_groups = {{gen, idx = {0-based positions}}, ...}}.
+function NRConv2d:__init(spec)
+   Module.__init(self)
+   check.arg(type(spec) == 'table', FNAME, 'spec must be a table')
+   check.arg(spec.scheme == 'CR' or spec.scheme == 'CA', FNAME, 'scheme must be "CR" or "CA", got %s', tostring(spec.scheme))
+   self.spec = spec
+   self.scheme = spec.scheme
+   self.in_channels, self.out_channels = spec.in_channels, spec.out_channels
+   self.kernel_size, self.stride = pair(spec.kernel_size), pair(spec.stride or 1)
+   self.padding, self.dilation = pair(spec.padding or 0), pair(spec.dilation or 1)
+   self.groups = 1
+   -- validate groups
+   local seen, nin = {}, 0
+   for _, ig in ipairs(spec.in_groups) do
+      for _, p in ipairs(ig.idx) do
+         check.arg(p >= 0 and p < spec.in_channels and not seen[p], FNAME, 'input groups must partition 0..%d (position %d)', spec.in_channels - 1, p)
+         seen[p] = true
+         nin = nin + 1
+      end
+   end
+   check.arg(nin == spec.in_channels, FNAME, 'input groups cover %d of %d channels', nin, spec.in_channels)
+   local at = 0
+   for _, og in ipairs(spec.out_groups) do
+      check.arg(og.first == at and og.n > 0, FNAME, 'output groups must be contiguous non-empty ranges in order')
+      at = at + og.n
+   end
+   check.arg(at == spec.out_channels, FNAME, 'output groups cover %d of %d channels', at, spec.out_channels)
+   -- blocks
+   local nn = require 'nr.nn'
+   local ingen = {}
+   for i, ig in ipairs(spec.in_groups) do ingen[ig.gen] = i end
+   self.blocks, self.out_plan, self.modules = {}, {}, {}
+   local function add_block(j, i, diag)
+      local og = spec.out_groups[j]
+      local idx = i and spec.in_groups[i].idx or nil
+      local all = {}
+      if not idx then for p = 0, spec.in_channels - 1 do all[#all + 1] = p end end
+      local conv = nn.Conv2d(idx and #idx or spec.in_channels, og.n, self.kernel_size,
+         {stride = self.stride, padding = self.padding, dilation = self.dilation, bias = (spec.bias and diag) or false})
+      local key = string.format('o%d_%s', og.gen, i and ('i' .. spec.in_groups[i].gen) or 'all')
+      conv._parent, conv._key = self, key
+      self.modules[#self.modules + 1] = conv
+      local b = {conv = conv, out = j, inp = i, diag = diag, in_idx = idx or all, out_first = og.first, out_n = og.n}
+      self.blocks[#self.blocks + 1] = b
+      return b
+   end
+   for j, og in ipairs(spec.out_groups) do
+      local i = ingen[og.gen]
+      local plan = {j = j}
+      if not i then
+         plan.plain = add_block(j, nil, true)
+      elseif self.scheme == 'CR' then
+         plan.plain = add_block(j, i, true)
+      else
+         plan.diag = add_block(j, i, true)
+         plan.cross = {}
+         for i2 = 1, #spec.in_groups do
+            if i2 ~= i then plan.cross[#plan.cross + 1] = add_block(j, i2, false) end
+         end
+         if #plan.cross == 0 then plan.plain, plan.diag, plan.cross = plan.diag, nil, nil end
+      end
+      self.out_plan[j] = plan
+   end
+   self.in_range = {}
+   for i, ig in ipairs(spec.in_groups) do self.in_range[i] = is_range(ig.idx) and #ig.idx > 0 end
+end
+
+function NRConv2d:extra()
+   local gens = {}
+   for _, og in ipairs(self.spec.out_groups) do gens[#gens + 1] = og.gen .. ':' .. og.n end
+   return string.format('%s %d->%d %dx%d [%s]', self.scheme, self.in_channels, self.out_channels,
+      self.kernel_size[1], self.kernel_size[2], table.concat(gens, '|'))
+end
+
+function NRConv2d:parameters()
+   local p, g = {}, {}
+   for _, m in ipairs(self.modules) do
+      local mp, mg = m:parameters()
+      for i = 1, #mp do p[#p + 1] = mp[i]; g[#g + 1] = mg[i] end
+   end
+   return p, g
+end
+
+function NRConv2d:outputShape(s)
+   local k, st, pd, dl = self.kernel_size, self.stride, self.padding, self.dilation
+   local oh = math.floor((s[2] + 2 * pd[1] - dl[1] * (k[1] - 1) - 1) / st[1]) + 1
+   local ow = math.floor((s[3] + 2 * pd[2] - dl[2] * (k[2] - 1) - 1) / st[2]) + 1
+   return {self.out_channels, oh, ow}
+end
+
+-- params, multiply-adds (per sample) of the computed blocks only; the CA gate's elementwise
+-- work is not a multiply-add of a weight and is not counted (as BN/ReLU are not).
+function NRConv2d:cost(s)
+   local o = self:outputShape(s)
+   local params, macs = 0, 0
+   for _, b in ipairs(self.blocks) do
+      local n = b.conv.weight:numel()
+      params = params + n + (b.conv.bias and b.conv.bias:numel() or 0)
+      macs = macs + n * o[2] * o[3]
+   end
+   return params, macs
+end
+
+function NRConv2d:_treeChildren(walk, indent, shape)
+   for _, m in ipairs(self.modules) do walk(m, indent, m._key, nil) end
+   return shape and self:outputShape(shape)
+end
+
+-- ---- forward / backward -------------------------------------------------------------------------
+
+local function buf(self, key, shape, device)
+   local b = rawget(self, key)
+   if not b or not T.same_shape(b:shape(), shape) or b:device() ~= device then
+      b = T.empty(shape, {device = device})
+      rawset(self, key, b)
+   end
+   return b
+end
+
+-- Index list of input group i (0-based positions; Tensor:index_* convert it).
+local function idx_tensor(self, i) return self.spec.in_groups[i].idx end
+
+-- Input of group i (contiguous (N, n_i, H, W)).
+local function gather(self, x, i)
+   local ig = self.spec.in_groups[i]
+   local s = x:shape()
+   s[2] = #ig.idx
+   local b = buf(self, '_xin' .. i, s, x:device())
+   if self.in_range[i] then
+      b:copy(x:narrow(2, ig.idx[1] + 1, #ig.idx))
+   else
+      b:copy(x:index_select(2, idx_tensor(self, i, x:device())))
+   end
+   return b
+end
+
+function NRConv2d:updateOutput(x)
+   check.arg(x:dim() == 4 and x:size(2) == self.in_channels, FNAME, 'expects (N, %d, H, W) input, got %s',
+      self.in_channels, x:describe())
+   local dev = x:device()
+   self._x = x:contiguous()
+   self._xin = {}
+   for i = 1, #self.spec.in_groups do
+      if #self.spec.in_groups[i].idx > 0 then self._xin[i] = gather(self, self._x, i) end
+   end
+   local function input_of(b) return b.inp and self._xin[b.inp] or self._x end
+   local s = self:outputShape({x:size(2), x:size(3), x:size(4)})
+   local out = buf(self, '_out', {x:size(1), s[1], s[2], s[3]}, dev)
+   for j, plan in ipairs(self.out_plan) do
+      local og = self.spec.out_groups[j]
+      local dst = out:narrow(2, og.first + 1, og.n)
+      if plan.plain then
+         dst:copy(plan.plain.conv:forward(input_of(plan.plain)))
+      else
+         local A = plan.diag.conv:forward(input_of(plan.diag))
+         local sh = A:shape()
+         local B = buf(self, '_B' .. j, sh, dev)
+         B:copy(plan.cross[1].conv:forward(input_of(plan.cross[1])))
+         for c = 2, #plan.cross do B:add_(plan.cross[c].conv:forward(input_of(plan.cross[c]))) end
+         local S = buf(self, '_S' .. j, sh, dev)
+         S:copy(A):sigmoid_()
+         local O = buf(self, '_O' .. j, sh, dev)
+         O:copy(S):mul_(B):mul_(2):add_(A)
+         dst:copy(O)
+      end
+   end
+   self.output = out
+   return out
+end
+
+function NRConv2d:updateGradInput(x, gradOutput)
+   local dev = x:device()
+   local gi = buf(self, '_gi', self._x:shape(), dev)
+   gi:zero()
+   local gx = {}
+   for i, xi in pairs(self._xin) do
+      gx[i] = buf(self, '_gx' .. i, xi:shape(), dev)
+      gx[i]:zero()
+   end
+   local gall
+   local function acc(b, g)
+      local input = b.inp and self._xin[b.inp] or self._x
+      local r = b.conv:backward(input, g)
+      if b.inp then
+         gx[b.inp]:add_(r)
+      else
+         if not gall then gall = buf(self, '_gall', self._x:shape(), dev); gall:zero() end
+         gall:add_(r)
+      end
+   end
+   for j, plan in ipairs(self.out_plan) do
+      local og = self.spec.out_groups[j]
+      local G = buf(self, '_G' .. j, {x:size(1), og.n, gradOutput:size(3), gradOutput:size(4)}, dev)
+      G:copy(gradOutput:narrow(2, og.first + 1, og.n))
+      if plan.plain then
+         acc(plan.plain, G)
+      else
+         local S, B = rawget(self, '_S' .. j), rawget(self, '_B' .. j)
+         local sh = S:shape()
+         -- dA = G ⊙ (1 + 2·σ(A)(1 − σ(A)) ⊙ B),  dB = 2·σ(A) ⊙ G
+         local dA = buf(self, '_dA' .. j, sh, dev)
+         dA:copy(S):mul_(-1):add_(1):mul_(S):mul_(B):mul_(2):add_(1):mul_(G)
+         local dB = buf(self, '_dB' .. j, sh, dev)
+         dB:copy(S):mul_(G):mul_(2)
+         acc(plan.diag, dA)
+         for _, c in ipairs(plan.cross) do acc(c, dB) end
+      end
+   end
+   for i, g in pairs(gx) do
+      local ig = self.spec.in_groups[i]
+      if self.in_range[i] then
+         gi:narrow(2, ig.idx[1] + 1, #ig.idx):copy(g)
+      else
+         gi:index_copy(2, idx_tensor(self, i, dev), g)
+      end
+   end
+   if gall then gi:add_(gall) end
+   self.gradInput = gi
+   return gi
+end
+
+function NRConv2d:accGradParameters() end  -- done by the blocks' backward in updateGradInput
+
+function NRConv2d:backward(x, g, scale)
+   if rawget(self, '_parent') then return self:updateGradInput(x, g) end
+   return Module.backward(self, x, g, scale)
+end
+
+-- ---- dense view (surgery, tests) ------------------------------------------------------------------
+
+-- Dense (cout, cin, kh, kw) tensor from per-block tensors get(block) (nil = zeros); blocks that
+-- are not computed are zero. get defaults to the block weights.
+function NRConv2d:dense(get)
+   get = get or function(b) return b.conv.weight end
+   local k = self.kernel_size
+   local dev = self.blocks[1].conv.weight:device()
+   local W = T.zeros({self.out_channels, self.in_channels, k[1], k[2]}, {device = dev})
+   for _, b in ipairs(self.blocks) do
+      local t = get(b)
+      if t then
+         local rows = W:narrow(1, b.out_first + 1, b.out_n)
+         if is_range(b.in_idx) then
+            rows:narrow(2, b.in_idx[1] + 1, #b.in_idx):copy(t)
+         else
+            local tmp = rows:contiguous()
+            tmp:index_copy(2, b.in_idx, t)
+            rows:copy(tmp)
+         end
+      end
+   end
+   return W
+end
+
+-- Calls set(block, slice) with each block's slice of a dense (cout, cin, kh, kw) tensor.
+function NRConv2d:scatter(W, set)
+   for _, b in ipairs(self.blocks) do
+      local rows = W:narrow(1, b.out_first + 1, b.out_n)
+      local slice
+      if is_range(b.in_idx) then
+         slice = rows:narrow(2, b.in_idx[1] + 1, #b.in_idx):contiguous()
+      else
+         slice = rows:contiguous():index_select(2, b.in_idx)
+      end
+      set(b, slice:clone())
+   end
+end
+
+-- Bias of the whole output (cout) or nil.
+function NRConv2d:dense_bias(get)
+   if not self.spec.bias then return nil end
+   get = get or function(b) return b.conv.bias end
+   local dev = self.blocks[1].conv.weight:device()
+   local out = T.zeros({self.out_channels}, {device = dev})
+   for _, b in ipairs(self.blocks) do
+      local t = b.diag and get(b)
+      if t then out:narrow(1, b.out_first + 1, b.out_n):copy(t) end
+   end
+   return out
+end
+
+M.NRConv2d = NRConv2d
+return M

@@ -1,0 +1,133 @@
+-- nr.nn MaxPool2d, AvgPool2d, GlobalAvgPool2d — pooling on nr_maxpool2d_*, nr_avgpool2d_*,
+-- nr_global_avgpool_* (core/nn_pool.c). PyTorch semantics: floor mode, padding <= kernel/2,
+-- AvgPool2d count_include_pad = true by default; GlobalAvgPool2d gives (N, C).
+-- Invariants: kernel_size, stride, padding are {h, w}; MaxPool2d keeps the argmax indices of the
+-- last forward (_indices, int64) for its backward; buffers are reused while shapes stay the same.
+local class = require 'nr.class'
+local Module = require 'nr.nn.module'
+local check = require 'nr.check'
+local U = require 'nr.nn.layer_util'
+local C = require('nr.ffi').C
+
+local function init_window(self, name, k, opts, extra_opts)
+   local allowed = {stride = true, padding = true}
+   for key in pairs(extra_opts or {}) do allowed[key] = true end
+   local fn = 'nr.nn.' .. name
+   opts = check.options(opts, allowed, fn)
+   local kh, kw = U.pair(k, 'kernel_size', fn, 1)
+   local sh, sw = U.pair(opts.stride or {kh, kw}, 'stride', fn, 1)
+   local ph, pw = U.pair(opts.padding or 0, 'padding', fn, 0)
+   if ph > math.floor(kh / 2) or pw > math.floor(kw / 2) then
+      error(string.format('%s: padding %dx%d must be at most half the kernel %dx%d', fn, ph, pw, kh, kw), 4)
+   end
+   self.kernel_size, self.stride, self.padding = {kh, kw}, {sh, sw}, {ph, pw}
+   return opts
+end
+
+local function out_hw(self, h, w)
+   local k, s, p = self.kernel_size, self.stride, self.padding
+   local ho = math.floor((h + 2 * p[1] - k[1]) / s[1]) + 1
+   local wo = math.floor((w + 2 * p[2] - k[2]) / s[2]) + 1
+   if ho < 1 or wo < 1 then
+      error(string.format('input %dx%d is too small for kernel %dx%d (padding %dx%d)', h, w, k[1], k[2], p[1], p[2]), 0)
+   end
+   return ho, wo
+end
+
+local function window_shape(self, s)
+   if #s ~= 3 then error('expected a (C, H, W) input, got ' .. U.shape_str(s), 0) end
+   local ho, wo = out_hw(self, s[2], s[3])
+   return {s[1], ho, wo}
+end
+
+local function window_extra(self)
+   local k, s, p = self.kernel_size, self.stride, self.padding
+   local e = string.format('%dx%d', k[1], k[2])
+   if s[1] ~= k[1] or s[2] ~= k[2] then e = e .. (s[1] == s[2] and (' s' .. s[1]) or string.format(' s%dx%d', s[1], s[2])) end
+   if p[1] ~= 0 or p[2] ~= 0 then e = e .. (p[1] == p[2] and (' p' .. p[1]) or string.format(' p%dx%d', p[1], p[2])) end
+   return e
+end
+
+local function geom(self)
+   local k, s, p = self.kernel_size, self.stride, self.padding
+   return k[1], k[2], s[1], s[2], p[1], p[2]
+end
+
+-- ---- MaxPool2d -------------------------------------------------------------------------------
+local MaxPool2d = class('MaxPool2d', Module)
+function MaxPool2d:__init(k, opts)
+   Module.__init(self)
+   init_window(self, 'MaxPool2d', k, opts)
+end
+function MaxPool2d:updateOutput(x)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local ho, wo = out_hw(self, x:size(3), x:size(4))
+   local shape = {x:size(1), x:size(2), ho, wo}
+   local y = U.buffer(self, 'output', shape, x)
+   local idx = U.buffer(self, '_indices', shape, x, 'int64')
+   U.call(C.nr_maxpool2d_forward(x.c, y.c, idx.c, geom(self)))
+   return y
+end
+function MaxPool2d:updateGradInput(x, gradOutput)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local g = U.grad(gradOutput, self.output)
+   local gi = U.buffer(self, 'gradInput', x:shape(), x)
+   U.call(C.nr_maxpool2d_backward(g.c, self._indices.c, gi.c))
+   return gi
+end
+MaxPool2d.outputShape = window_shape
+MaxPool2d.extra = window_extra
+
+-- ---- AvgPool2d -------------------------------------------------------------------------------
+local AvgPool2d = class('AvgPool2d', Module)
+function AvgPool2d:__init(k, opts)
+   Module.__init(self)
+   opts = init_window(self, 'AvgPool2d', k, opts, {count_include_pad = true})
+   self.count_include_pad = U.opt_bool(opts.count_include_pad, 'count_include_pad', 'nr.nn.AvgPool2d', true)
+end
+function AvgPool2d:updateOutput(x)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local ho, wo = out_hw(self, x:size(3), x:size(4))
+   local y = U.buffer(self, 'output', {x:size(1), x:size(2), ho, wo}, x)
+   local kh, kw, sh, sw, ph, pw = geom(self)
+   U.call(C.nr_avgpool2d_forward(x.c, y.c, kh, kw, sh, sw, ph, pw, self.count_include_pad and 1 or 0))
+   return y
+end
+function AvgPool2d:updateGradInput(x, gradOutput)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local g = U.grad(gradOutput, self.output)
+   local gi = U.buffer(self, 'gradInput', x:shape(), x)
+   local kh, kw, sh, sw, ph, pw = geom(self)
+   U.call(C.nr_avgpool2d_backward(g.c, gi.c, kh, kw, sh, sw, ph, pw, self.count_include_pad and 1 or 0))
+   return gi
+end
+AvgPool2d.outputShape = window_shape
+function AvgPool2d:extra()
+   return window_extra(self) .. (self.count_include_pad and '' or ' nopad')
+end
+
+-- ---- GlobalAvgPool2d: (N, C, H, W) -> (N, C) -----------------------------------------------
+local GlobalAvgPool2d = class('GlobalAvgPool2d', Module)
+function GlobalAvgPool2d:__init(opts)
+   Module.__init(self)
+   if opts ~= nil then error('nr.nn.GlobalAvgPool2d: takes no arguments', 3) end
+end
+function GlobalAvgPool2d:updateOutput(x)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local y = U.buffer(self, 'output', {x:size(1), x:size(2)}, x)
+   U.call(C.nr_global_avgpool_forward(x.c, y.c))
+   return y
+end
+function GlobalAvgPool2d:updateGradInput(x, gradOutput)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local g = U.grad(gradOutput, self.output)
+   local gi = U.buffer(self, 'gradInput', x:shape(), x)
+   U.call(C.nr_global_avgpool_backward(g.c, gi.c))
+   return gi
+end
+function GlobalAvgPool2d:outputShape(s)
+   if #s ~= 3 then error('expected a (C, H, W) input, got ' .. U.shape_str(s), 0) end
+   return {s[1]}
+end
+
+return {MaxPool2d = MaxPool2d, AvgPool2d = AvgPool2d, GlobalAvgPool2d = GlobalAvgPool2d}

@@ -1,0 +1,122 @@
+-- tests/dist/collectives.lua — (a) collectives are correct on every rank: allreduce (sum, mean,
+-- max, min; ordered and MPI algorithms; f32 and int64; contiguous and strided; sizes smaller than
+-- the number of ranks and not divisible by it), the nonblocking start/wait path, broadcast of
+-- tensors and Lua values, decide, allgather/allreduce of numbers, barrier, and the ordered
+-- algorithm's bit-identical result on every rank.
+-- Run: mpirun -np 2 nrlua tests/dist/collectives.lua
+local nr = require 'nr'
+local dist = require 'nr.dist'
+local H = require 'tests.dist.common'
+
+local rank, size = dist.init{timeout = 60}
+if not dist.active() then H.fail('expected an MPI launch with more than one rank (size %d)', size) end
+
+-- value of element i (0-based) on rank r: exact in float32
+local function val(r, i) return (r + 1) * 0.5 + (i % 7) - 3 end
+
+local function expected(op, i)
+   local acc
+   for r = 0, size - 1 do
+      local v = val(r, i)
+      if acc == nil then acc = v
+      elseif op == 'max' then acc = math.max(acc, v)
+      elseif op == 'min' then acc = math.min(acc, v)
+      else acc = acc + v end
+   end
+   if op == 'mean' then acc = acc / size end
+   return acc
+end
+
+local function filled(n, dtype)
+   local t = nr.empty({n}, {dtype = dtype})
+   local p = t:data()
+   for i = 0, n - 1 do p[i] = dtype == 'int64' and (rank + 1) * 3 + (i % 5) or val(rank, i) end
+   return t
+end
+
+for _, algo in ipairs({'ordered', 'mpi'}) do
+   for _, n in ipairs({1, 3, 1000, 100003}) do
+      for _, op in ipairs({'sum', 'mean', 'max', 'min'}) do
+         local t = filled(n, 'float32')
+         dist.allreduce(t, {op = op, algo = algo})
+         local p = t:data()
+         for i = 0, n - 1 do
+            local e = expected(op, i)
+            if math.abs(p[i] - e) > 1e-6 * math.max(1, math.abs(e)) then
+               H.fail('allreduce %s %s n=%d: element %d is %.9g, expected %.9g', algo, op, n, i + 1, p[i], e)
+            end
+         end
+      end
+   end
+   -- int64 sums are exact
+   local t = filled(17, 'int64')
+   dist.allreduce(t, {op = 'sum', algo = algo})
+   for i = 0, 16 do
+      local e = 0
+      for r = 0, size - 1 do e = e + (r + 1) * 3 + (i % 5) end
+      if t:data()[i] ~= e then H.fail('int64 allreduce %s: element %d is %s, expected %d', algo, i + 1, tostring(t:data()[i]), e) end
+   end
+end
+H.pass('allreduce')
+
+-- strided (non-contiguous) tensor: a transposed view is reduced through a staging copy
+local m = nr.tensor({{1, 2, 3}, {4, 5, 6}}):mul(rank + 1)
+local v = m:t()
+dist.allreduce(v, {op = 'sum'})
+local want = size * (size + 1) / 2
+local got = m:totable()
+for i = 1, 2 do for j = 1, 3 do
+   if got[i][j] ~= ((i - 1) * 3 + j) * want then H.fail('strided allreduce: [%d][%d] = %g', i, j, got[i][j]) end
+end end
+H.pass('allreduce of a strided view')
+
+-- ordered: the same bits on every rank, also for values whose sum is order-sensitive
+nr.manual_seed(100 + rank)
+local r = nr.randn({4097}):mul(1e3)
+dist.allreduce(r, {op = 'mean', algo = 'ordered'})
+local fp = dist.fingerprint(nr.nn.Sequential{}, nil) -- empty model: fingerprint of nothing
+local hashes = dist.allgather_numbers({tonumber(r:sum()), r:get(1), r:get(4097)})
+for k = 2, #hashes do
+   for j = 1, 3 do
+      if hashes[k][j] ~= hashes[1][j] then H.fail('ordered allreduce gave rank %d different bits (%.17g vs %.17g)', k - 1, hashes[k][j], hashes[1][j]) end
+   end
+end
+assert(fp)
+H.pass('ordered allreduce is bit-identical across ranks')
+
+-- broadcast of tensors (any dtype) and of Lua values
+local b = nr.full({5, 3}, rank + 10)
+dist.broadcast(b, size - 1)
+for _, x in ipairs(b:reshape(15):totable()) do
+   if x ~= size - 1 + 10 then H.fail('broadcast from rank %d: got %g', size - 1, x) end
+end
+local bi = nr.tensor({rank, rank * 2, -rank}, {dtype = 'int64'})
+dist.broadcast(bi, 0)
+if bi:get(1) ~= 0 or bi:get(2) ~= 0 then H.fail('int64 broadcast: %s', tostring(bi)) end
+local obj = dist.broadcast_object(rank == 0 and {a = 1.5, list = {1, 2, 3}, s = 'x\n"y"\0z', nan = 0 / 0, inf = math.huge,
+   nested = {keep = {0, 5, 9}, lambda = 1e-4}, flag = true} or {junk = true}, 0)
+if obj.a ~= 1.5 or #obj.list ~= 3 or obj.s ~= 'x\n"y"\0z' or obj.nan == obj.nan or obj.inf ~= math.huge
+   or obj.nested.keep[3] ~= 9 or obj.nested.lambda ~= 1e-4 or obj.flag ~= true or obj.junk then
+   H.fail('broadcast_object gave %s', dist._serialize(obj, {}, 'obj'))
+end
+H.pass('broadcast')
+
+-- decide: rank 0's result everywhere; rank 0's failure becomes every rank's error
+local a, bb = dist.decide(function() return {keep = {rank, 7}}, 'rank' .. rank end)
+if a.keep[1] ~= 0 or bb ~= 'rank0' then H.fail('decide returned %s, %s', dist._serialize(a, {}, 'a'), tostring(bb)) end
+local okd, err = pcall(dist.decide, function() if rank == 0 then error('no plan') end return 1 end)
+if okd or not tostring(err):match('failed on rank 0: .*no plan') then H.fail('decide did not propagate the error: %s', tostring(err)) end
+H.pass('decide')
+
+-- numbers
+local rows = dist.allgather_numbers({rank, rank * 10})
+for k = 1, size do if rows[k][1] ~= k - 1 or rows[k][2] ~= (k - 1) * 10 then H.fail('allgather_numbers row %d', k) end end
+local s = dist.allreduce_numbers({rank + 1, 2}, 'sum')
+if s[1] ~= size * (size + 1) / 2 or s[2] ~= 2 * size then H.fail('allreduce_numbers sum: %g %g', s[1], s[2]) end
+dist.barrier()
+H.pass('numbers and barrier')
+
+-- errors are clear and raised (not hangs): wrong arguments
+local okw, errw = pcall(dist.allreduce, nr.zeros({3}, {dtype = 'uint8'}))
+if okw or not tostring(errw):match('f32 or int64') then H.fail('uint8 allreduce: %s', tostring(errw)) end
+H.pass('argument errors')

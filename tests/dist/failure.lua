@@ -1,0 +1,35 @@
+-- tests/dist/failure.lua MODE — (c) a rank that fails ends the whole job within bounded time,
+-- with a clear error, and nothing hangs. Rank 0 keeps reducing gradients-sized tensors; rank 1:
+--   kill   sends itself SIGKILL after 3 steps (mpirun notices the death and stops the others)
+--   error  raises a Lua error after 3 steps (exit status 1 -> MPI_Abort from libnr_dist's exit hook)
+--   hang   stops calling collectives (sleeps); rank 0's collective times out after 3 s and fails
+-- The spec checks the status is non-zero, the time is bounded and the messages name the ranks.
+-- Run: mpirun -np 2 nrlua tests/dist/failure.lua kill
+local ffi = require 'ffi'
+local nr = require 'nr'
+local dist = require 'nr.dist'
+
+ffi.cdef[[
+int getpid(void);
+int kill(int pid, int sig);
+int usleep(unsigned int usec);
+]]
+
+local mode = arg and arg[1] or 'kill'
+local rank = dist.init{timeout = 3}
+local t = nr.ones({100000})
+for step = 1, 1000000 do
+   if rank == 1 and step == 4 then
+      io.stdout:write(string.format('rank 1: simulating failure "%s" at step %d\n', mode, step))
+      io.stdout:flush()
+      if mode == 'kill' then
+         ffi.C.kill(ffi.C.getpid(), 9)
+      elseif mode == 'error' then
+         error('simulated failure on rank 1 at step ' .. step)
+      elseif mode == 'hang' then
+         for _ = 1, 600 do ffi.C.usleep(100000) end
+      end
+   end
+   dist.allreduce(t, {op = 'mean'})
+   if step % 1000 == 0 then ffi.C.usleep(1000) end
+end

@@ -1,0 +1,211 @@
+-- nr.dist: data-parallel training. The multi-process checks launch `mpirun -np 2` on this machine
+-- (shared memory, and TCP over the loopback interface for the equivalence run) and read the
+-- scripts' output; each script is in tests/dist/ and says what it checks:
+--   (a) collectives.lua   allreduce / broadcast / decide correctness on every rank
+--   (b) equivalence.lua   k SGD steps on 2 ranks == 1 process with the combined batch (1e-5 rel.)
+--   (c) failure.lua       a killed / failing / hung rank ends the job, non-zero, within 30 s
+--   (d) rejuvenate.lua    identical weights on all ranks after a rejuvenation (surgery)
+--   (e) train.lua         nr.train + nr.dist.attach: 2 ranks == 1 process, checkpoints compared
+--   (f) train.lua         --resume from a checkpoint written with another number of ranks
+--   (g) train_nr.lua      nr.train + NR: policy decisions on rank 0 only, replicas identical
+-- Single-process behaviour (no launcher: no MPI loaded, collectives are identities) is checked
+-- in this process. The spec exits 77 (skipped) when mpirun or libnr_dist is missing.
+local nr = require 'nr'
+local nrffi = require 'nr.ffi'
+local ffi = require 'ffi'
+
+pcall(ffi.cdef, 'int getpid(void);')
+
+local function sh(cmd)
+   local p = io.popen('{ ' .. cmd .. '; } 2>&1; echo "::rc=$?"')
+   local out = p:read('*a')
+   p:close()
+   local rc = tonumber(out:match('::rc=(%d+)%s*$'))
+   return out:gsub('::rc=%d+%s*$', ''), rc
+end
+
+local function exe()
+   local p = io.popen('readlink /proc/' .. ffi.C.getpid() .. '/exe')
+   local e = p:read('*l')
+   p:close()
+   return e
+end
+
+local NRLUA = exe()
+local libdir = (nrffi.libpath or ''):match('^(.*)/[^/]*$') or (nrffi.home .. '/build')
+local have_mpirun = select(2, sh('command -v mpirun >/dev/null')) == 0
+local have_lib = io.open(libdir .. '/libnr_dist.so') ~= nil
+if not have_mpirun or not have_lib then
+   io.stderr:write(string.format('dist_spec: skipped (%s)\n', not have_mpirun and 'mpirun not found' or
+      ('no libnr_dist.so beside ' .. tostring(nrffi.libpath) .. '; CMake builds it when MPI is found')))
+   os.exit(77)
+end
+
+local ROOT = (sh('id -u')):match('^0') ~= nil
+-- Open MPI refuses root unless told; oversubscribe: 2 ranks may exceed the cores given to us
+local MPIRUN = 'env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun' ..
+   (ROOT and ' --allow-run-as-root' or '') .. ' --oversubscribe -x NR_THREADS=1 -x NRLUA_HOME=' .. nrffi.home
+local SHM = ' --mca btl self,vader --mca btl_vader_single_copy_mechanism none'
+local TCP = ' --mca btl self,tcp --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo'
+
+-- Runs a tests/dist script on np ranks; returns output, exit status, seconds.
+local function mpirun(script, np, transport, args, limit)
+   local cmd = string.format('cd %s && s=$(date +%%s%%N); timeout %d %s%s -np %d %s tests/dist/%s %s; rc=$?; ' ..
+      'e=$(date +%%s%%N); echo "::ms=$(( (e - s) / 1000000 ))"; (exit $rc)',
+      nrffi.home, limit or 120, MPIRUN, transport or SHM, np or 2, NRLUA, script, args or '')
+   local out, rc = sh(cmd)
+   local ms = tonumber(out:match('::ms=(%d+)'))
+   return out, rc, ms and ms / 1000
+end
+
+local function count(out, pat)
+   local n = 0
+   for _ in out:gmatch(pat) do n = n + 1 end
+   return n
+end
+
+describe('nr.dist in one process (no launcher)', function()
+   local dist = require 'nr.dist'
+
+   it('is rank 0 of 1 and does not load MPI', function()
+      local saved = os.getenv('OMPI_COMM_WORLD_SIZE')
+      assert.is_nil(saved, 'this spec must not itself run under mpirun')
+      local rank, size = dist.init()
+      assert.equal(0, rank)
+      assert.equal(1, size)
+      assert.is_false(dist.active())
+      local f = io.open('/proc/' .. ffi.C.getpid() .. '/maps')
+      local maps = f:read('*a')
+      f:close()
+      assert.is_nil(maps:match('libmpi'), 'libmpi is mapped in a plain run')
+   end)
+
+   it('makes collectives identities and decide a plain call', function()
+      local t = nr.tensor({1, 2, 3})
+      dist.allreduce(t, {op = 'mean'})
+      dist.broadcast(t, 0)
+      assert.same({1, 2, 3}, t:totable())
+      assert.same({4, 5}, {dist.decide(function(a) return a, 5 end, 4)})
+      assert.same({{7}}, dist.allgather_numbers({7}))
+      local m = nr.nn.Sequential{nr.nn.Linear(3, 2)}
+      local r = dist.GradReducer(m)
+      r:reduce()
+      dist.broadcast_model(m)
+      assert.matches('^%x+$', dist.assert_same(m))
+   end)
+
+   it('attaches to a trainer as rank 0 of 1 and shards nothing', function()
+      local hooks = {}
+      local tr = {recipe = {data = {batch = 4}}, add_hook = function(self, name, fn) hooks[#hooks + 1] = name end}
+      dist.attach(tr)
+      assert.equal(0, tr.rank)
+      assert.equal(1, tr.world_size)
+      assert.is_true(tr.is_main)
+      assert.is_nil(tr.recipe.data.shard)
+      assert.same({}, hooks)
+   end)
+
+   it('serializes decisions deterministically and rejects tensors', function()
+
+      assert.equal('{["a"]=1,["b"]={[1]=2,[2]=3}}', dist._serialize({b = {2, 3}, a = 1}, {}, 'x'))
+      assert.has_error(function() dist._serialize({t = nr.zeros({1})}, {}, 'x') end)
+   end)
+end)
+
+describe('nr.dist under mpirun -np 2', function()
+   it('(a) reduces and broadcasts correctly on every rank', function()
+      local out, rc = mpirun('collectives.lua', 2)
+      assert.equal(0, rc, out)
+      assert.equal(14, count(out, 'PASS [^\n]* rank %d/2'), out)
+   end)
+
+   it('(b) 2 ranks x 8 samples give the weights of 1 process x 16 samples within 1e-5 (TCP loopback; MLP, conv, conv+synchronized BN)', function()
+      local out, rc = mpirun('equivalence.lua', 2, TCP)
+      assert.equal(0, rc, out)
+      assert.equal(10, count(out, 'PASS [^\n]* rank %d/2'), out)
+      for line in out:gmatch('[^\n]*max relative difference[^\n]*') do print('      ' .. line) end
+   end)
+
+   for _, mode in ipairs({'kill', 'error', 'hang'}) do
+      it('(c) a rank that fails (' .. mode .. ') ends the whole job with an error within 30 s', function()
+         local out, rc, secs = mpirun('failure.lua', 2, SHM, mode, 60)
+         assert.is_true(rc ~= 0, 'the job succeeded: ' .. out)
+         assert.is_true(rc ~= 124, 'the job hung until timeout(1) killed it: ' .. out)
+         assert.is_true(secs < 30, string.format('took %.1f s', secs))
+         if mode == 'kill' then
+            assert.matches('rank 1 .*exited on signal 9', out)
+            assert.matches('nrlua rank 0/2 [^\n]*stopped by SIGTERM', out)
+         elseif mode == 'error' then
+            assert.matches('simulated failure on rank 1', out)
+            assert.matches('nrlua rank 1/2: exiting with status 1[^\n]*MPI_Abort', out)
+            assert.matches('nrlua rank 0/2 [^\n]*stopped by SIGTERM', out)
+         else
+            assert.matches('nr.dist.allreduce %(rank 0/2%)[^\n]*timed out after 3 s', out)
+            assert.matches('nrlua rank 1/2 [^\n]*stopped by SIGTERM', out)
+         end
+         print(string.format('      %s: status %d after %.1f s', mode, rc, secs))
+      end)
+   end
+
+   local fashion = os.getenv('NR_FASHION') or '/usr/share/datasets/fashion-mnist'
+   local have_fashion = io.open(fashion .. '/train-images-idx3-ubyte.gz') ~= nil
+   local tmp = (os.getenv('NR_TEST_TMP') or '/tmp') .. '/dist_spec_' .. ffi.C.getpid()
+   local function run_train(np, dir, epochs, resume)
+      local out, rc
+      if np == 1 then
+         out, rc = sh(string.format('cd %s && NR_THREADS=1 %s tests/dist/train.lua %s %d %s', nrffi.home, NRLUA, dir, epochs, resume or ''))
+      else
+         out, rc = mpirun('train.lua', np, SHM, string.format('%s %d %s', dir, epochs, resume or ''))
+      end
+      assert.equal(0, rc, out)
+      return out
+   end
+   local function compare(a, b)
+      local out, rc = sh(string.format('cd %s && %s tests/dist/compare_runs.lua %s %s 1e-5', nrffi.home, NRLUA, a, b))
+      assert.equal(0, rc, out)
+      print('      ' .. out:match('SAME[^\n]*'))
+   end
+
+   local train_it = have_fashion and it or pending
+   train_it('(e) nr.train on 2 ranks x 32 gives the checkpoint of 1 process x 64 (Fashion-MNIST MLP)', function()
+      os.execute('rm -rf ' .. tmp .. ' && mkdir -p ' .. tmp)
+      run_train(1, tmp .. '/r1', 2)
+      local out = run_train(2, tmp .. '/r2', 2)
+      assert.matches('nr.dist: 2 ranks', out)
+      assert.equal(1, count(out, 'RESULT'), 'only rank 0 reports')
+      compare(tmp .. '/r2', tmp .. '/r1')
+      local f = io.open(tmp .. '/r2/ranks/1/recipe.json')
+      assert.is_truthy(f, 'rank 1 keeps its files apart from rank 0\'s')
+      f:close()
+   end)
+
+   train_it('(f) --resume works with a different number of ranks (2 -> 1 and 1 -> 2)', function()
+      run_train(2, tmp .. '/rs', 1)
+      local out = run_train(1, tmp .. '/rs', 2, tmp .. '/rs')
+      assert.matches('resumed from', out)
+      compare(tmp .. '/rs', tmp .. '/r1')
+      run_train(1, tmp .. '/rt', 1)
+      out = run_train(2, tmp .. '/rt', 2, tmp .. '/rt')
+      assert.matches('resumed from', out)
+      compare(tmp .. '/rt', tmp .. '/r1')
+      os.execute('rm -rf ' .. tmp)
+   end)
+
+   train_it('(g) nr.train with Neural Rejuvenation: decisions on rank 0, replicas identical after it', function()
+      os.execute('mkdir -p ' .. tmp)
+      local out, rc = mpirun('train_nr.lua', 2, SHM, tmp .. '/nr')
+      os.execute('rm -rf ' .. tmp)
+      assert.equal(0, rc, out)
+      assert.matches('RESULT ranks=2 rejuvenations=1 first conv 8 %-> %d+ channels, policy.when calls per rank: %d+ 0', out)
+      print('      ' .. out:match('RESULT[^\n]*'))
+   end)
+
+   it('(d) all ranks hold identical weights after a rejuvenation', function()
+      local out, rc = mpirun('rejuvenate.lua', 2)
+      assert.equal(0, rc, out)
+      local real = out:match('after nr%.rejuvenate[^\n]*')
+      assert.equal(real and 10 or 6, count(out, 'PASS [^\n]* rank %d/2'), out)
+      print('      ' .. (out:match('after rejuvenation[^\n]*') or ''))
+      print('      ' .. (real or 'nr.rejuvenate not available: manual surgery only'))
+   end)
+end)

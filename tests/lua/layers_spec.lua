@@ -1,0 +1,401 @@
+-- Layers: construction and fields, shapes (forward and outputShape agree), printing, default
+-- initialisation, errors on bad input and bad options (clear messages, never a crash), buffer
+-- reuse (no allocation in steady state), BatchNorm train vs eval, Dropout, CrossEntropyLoss,
+-- thread-count independence, and a small model trained through Sequential.
+local nr = require 'nr'
+local nn = nr.nn
+local nrffi = require 'nr.ffi'
+local C = nrffi.C
+
+local function close(a, b, tol) return math.abs(a - b) <= (tol or 1e-5) * math.max(1, math.abs(b)) end
+local function max_abs_diff(a, b)
+   local pa, pb, m = a:contiguous():data(), b:contiguous():data(), 0
+   for i = 0, a:numel() - 1 do m = math.max(m, math.abs(pa[i] - pb[i])) end
+   return m
+end
+local function err_of(f, ...)
+   local ok, e = pcall(f, ...)
+   assert(not ok, 'expected an error')
+   return tostring(e)
+end
+
+describe('layer construction and shapes', function()
+   it('Conv2d has PyTorch fields, shapes and printing', function()
+      local m = nn.Conv2d(64, 128, 3, {stride = 2, padding = 1})
+      assert.equal(64, m.in_channels)
+      assert.equal(128, m.out_channels)
+      assert.same({3, 3}, m.kernel_size)
+      assert.same({2, 2}, m.stride)
+      assert.same({1, 1}, m.padding)
+      assert.same({1, 1}, m.dilation)
+      assert.equal(1, m.groups)
+      assert.same({128, 64, 3, 3}, m.weight:shape())
+      assert.same({128}, m.bias:shape())
+      assert.same({128, 64, 3, 3}, m.gradWeight:shape())
+      assert.equal('64->128 3x3 s2 p1', m:extra())
+      assert.same({128, 8, 8}, m:outputShape({64, 16, 16}))
+      local g = nn.Conv2d(32, 64, {3, 1}, {groups = 4, bias = false, dilation = {2, 1}, padding = {2, 0}})
+      assert.is_nil(g.bias)
+      assert.same({64, 8, 3, 1}, g.weight:shape())
+      assert.equal('32->64 3x1 p2x0 d2x1 g4 nobias', g:extra())
+      local p, grads = g:parameters()
+      assert.equal(1, #p)
+      assert.equal(1, #grads)
+   end)
+
+   it('forward output shapes agree with outputShape for every layer', function()
+      nr.manual_seed(1)
+      local x = nr.randn({2, 4, 9, 7})
+      local mods = {
+         nn.Conv2d(4, 6, 3), nn.Conv2d(4, 6, 3, {stride = 2, padding = 1}), nn.Conv2d(4, 4, 5, {groups = 4, padding = 2}),
+         nn.Conv2d(4, 8, 1), nn.Conv2d(4, 2, 3, {dilation = 2}), nn.BatchNorm2d(4), nn.ReLU(), nn.Sigmoid(),
+         nn.MaxPool2d(2), nn.MaxPool2d(3, {stride = 2, padding = 1}), nn.AvgPool2d(3, {stride = 1, padding = 1}),
+         nn.AvgPool2d({3, 2}), nn.GlobalAvgPool2d(), nn.Flatten(), nn.Dropout(0.5),
+      }
+      for _, m in ipairs(mods) do
+         local y = m:forward(x)
+         local s = y:shape()
+         assert.equal(2, s[1])
+         table.remove(s, 1)
+         assert.same(m:outputShape({4, 9, 7}), s, tostring(m))
+      end
+      local l = nn.Linear(10, 3)
+      assert.same({5, 3}, l:forward(nr.randn({5, 10})):shape())
+      assert.same({3}, l:outputShape({10}))
+   end)
+
+   it('initialises as PyTorch (bounded uniform, BN ones/zeros) and reproduces with the seed', function()
+      nr.manual_seed(42)
+      local a = nn.Conv2d(16, 8, 3)
+      nr.manual_seed(42)
+      local b = nn.Conv2d(16, 8, 3)
+      assert.equal(0, max_abs_diff(a.weight, b.weight))
+      assert.equal(0, max_abs_diff(a.bias, b.bias))
+      local bound = 1 / math.sqrt(16 * 9)
+      assert.is_true(a.weight:max() <= bound and a.weight:min() >= -bound)
+      assert.is_true(a.weight:max() > 0.8 * bound and a.weight:min() < -0.8 * bound)
+      assert.is_true(a.bias:max() <= bound and a.bias:min() >= -bound)
+      local l = nn.Linear(100, 10)
+      assert.is_true(l.weight:max() <= 0.1 and l.weight:min() >= -0.1)
+      local bn = nn.BatchNorm2d(5)
+      assert.same({1, 1, 1, 1, 1}, bn.weight:totable())
+      assert.same({0, 0, 0, 0, 0}, bn.bias:totable())
+      assert.same({0, 0, 0, 0, 0}, bn.running_mean:totable())
+      assert.same({1, 1, 1, 1, 1}, bn.running_var:totable())
+      assert.same({'running_mean', 'running_var'}, bn._buffers)
+      local names = {}
+      for _, b2 in ipairs(nn.Sequential{bn}:namedBuffers()) do names[#names + 1] = b2.name end
+      assert.same({'0.running_mean', '0.running_var'}, names)
+   end)
+end)
+
+describe('errors on bad input and bad options', function()
+   it('names the module path and the shapes on wrong channels', function()
+      local net = nn.Sequential{nn.Conv2d(3, 64, 3, {padding = 1}), nn.ReLU(), nn.Conv2d(32, 16, 3)}
+      local e = err_of(net.forward, net, nr.randn({8, 3, 16, 16}))
+      assert.truthy(e:find('2 (Conv2d 32->16 3x3): expected input with 32 channels, got [8 x 64 x 16 x 16]', 1, true), e)
+      local bn = nn.BatchNorm2d(64)
+      e = err_of(bn.forward, bn, nr.randn({8, 32, 16, 16}))
+      assert.truthy(e:find('expected input with 64 channels, got [8 x 32 x 16 x 16]', 1, true), e)
+      local l = nn.Linear(10, 2)
+      e = err_of(l.forward, l, nr.randn({4, 11}))
+      assert.truthy(e:find('expected input with 10 features, got [4 x 11]', 1, true), e)
+      e = err_of(l.forward, l, nr.randn({4, 10, 1, 1}))
+      assert.truthy(e:find('expected a 2-d input', 1, true), e)
+   end)
+
+   it('rejects wrong dtypes, wrong ranks, tiny inputs and mismatched gradients', function()
+      local c = nn.Conv2d(3, 4, 3)
+      assert.truthy(err_of(c.forward, c, nr.zeros({2, 3, 8, 8}, {dtype = 'int64'})):find('float32', 1, true))
+      assert.truthy(err_of(c.forward, c, nr.randn({3, 8, 8})):find('expected a 4-d input', 1, true))
+      assert.truthy(err_of(c.forward, c, nr.randn({1, 3, 2, 2})):find('too small', 1, true))
+      local x = nr.randn({2, 3, 8, 8})
+      c:forward(x)
+      assert.truthy(err_of(c.backward, c, x, nr.randn({2, 4, 5, 5})):find('gradOutput [2 x 4 x 5 x 5] does not match', 1, true))
+      local p = nn.MaxPool2d(3)
+      assert.truthy(err_of(p.forward, p, nr.randn({1, 1, 2, 2})):find('too small', 1, true))
+      assert.truthy(err_of(nn.Conv2d(3, 4, 3).backward, nn.Conv2d(3, 4, 3), x, nr.randn({2, 4, 6, 6})):find('before forward', 1, true))
+   end)
+
+   it('CrossEntropyLoss checks labels: dtype, shape, range (naming value and position)', function()
+      local crit = nn.CrossEntropyLoss()
+      local logits = nr.randn({4, 10})
+      local e = err_of(crit.forward, crit, logits, nr.tensor({0, 3, 1, 9}))
+      assert.truthy(e:find('labels must be int64 class ids 0..9, got float32 cpu [4]', 1, true), e)
+      e = err_of(crit.forward, crit, logits, nr.tensor({0, 3, 10, 9}, {dtype = 'int64'}))
+      assert.truthy(e:find('labels[2] = 10 is outside 0..9', 1, true), e)
+      e = err_of(crit.forward, crit, logits, nr.tensor({0, -1, 1, 9}, {dtype = 'int64'}))
+      assert.truthy(e:find('labels[1] = -1 is outside 0..9', 1, true), e)
+      e = err_of(crit.forward, crit, logits, nr.tensor({0, 1, 2}, {dtype = 'int64'}))
+      assert.truthy(e:find('labels must have shape [4]', 1, true), e)
+      e = err_of(crit.forward, crit, nr.randn({4, 10, 1}), nr.tensor({0, 1, 2, 3}, {dtype = 'int64'}))
+      assert.truthy(e:find('logits must be a float32 (N, K) tensor', 1, true), e)
+      -- backward checks the range too
+      crit:forward(logits, nr.tensor({0, 1, 2, 3}, {dtype = 'int64'}))
+      e = err_of(crit.backward, crit, logits, nr.tensor({0, 1, 2, 30}, {dtype = 'int64'}))
+      assert.truthy(e:find('labels[3] = 30', 1, true), e)
+   end)
+
+   it('rejects bad options with the option named', function()
+      local function opt_err(f) return err_of(f) end
+      assert.truthy(opt_err(function() nn.Conv2d(3, 4, 3, {strid = 2}) end):find('unknown option "strid"', 1, true))
+      assert.truthy(opt_err(function() nn.Conv2d(3, 4, 3, {groups = 2}) end):find('groups 2 must divide', 1, true))
+      assert.truthy(opt_err(function() nn.Conv2d(3, 4, 3, {stride = 0}) end):find('stride', 1, true))
+      assert.truthy(opt_err(function() nn.Conv2d(3, 4, 0) end):find('kernel_size', 1, true))
+      assert.truthy(opt_err(function() nn.Conv2d(3, 4, 3, {padding = -1}) end):find('padding', 1, true))
+      assert.truthy(opt_err(function() nn.Conv2d(3, 4, 3, {bias = 'no'}) end):find('bias must be a boolean', 1, true))
+      assert.truthy(opt_err(function() nn.Conv2d(0, 4, 3) end):find('in_channels', 1, true))
+      assert.truthy(opt_err(function() nn.MaxPool2d(2, {padding = 2}) end):find('at most half the kernel', 1, true))
+      assert.truthy(opt_err(function() nn.BatchNorm2d(4, {eps = 0}) end):find('eps', 1, true))
+      assert.truthy(opt_err(function() nn.BatchNorm2d(4, {momentum = 2}) end):find('momentum', 1, true))
+      assert.truthy(opt_err(function() nn.Dropout(1) end):find('p must be < 1', 1, true))
+      assert.truthy(opt_err(function() nn.Dropout(-0.1) end):find('p must be', 1, true))
+      assert.truthy(opt_err(function() nn.CrossEntropyLoss({label_smoothing = 1.5}) end):find('label_smoothing', 1, true))
+      assert.truthy(opt_err(function() nn.Linear(3, 4, {bais = true}) end):find('unknown option "bais"', 1, true))
+   end)
+
+   it('C kernels return errors (not crashes) on NULL, wrong dtype or mismatched tensors', function()
+      local x, w = nr.randn({1, 3, 5, 5}), nr.randn({4, 3, 3, 3})
+      local y = nr.empty({1, 4, 3, 3})
+      assert.equal(0, C.nr_conv2d_forward(x.c, y.c, w.c, nil, 1, 1, 0, 0, 1, 1, 1))
+      assert.are_not.equal(0, C.nr_conv2d_forward(nil, y.c, w.c, nil, 1, 1, 0, 0, 1, 1, 1))
+      assert.are_not.equal(0, C.nr_conv2d_forward(x.c, y.c, w.c, nil, 0, 1, 0, 0, 1, 1, 1))
+      assert.are_not.equal(0, C.nr_conv2d_forward(x.c, y.c, w.c, nil, 1, 1, 0, 0, 1, 1, 2))
+      assert.are_not.equal(0, C.nr_conv2d_forward(x.c, nr.empty({1, 4, 4, 4}).c, w.c, nil, 1, 1, 0, 0, 1, 1, 1))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('y: expected', 1, true))
+      assert.are_not.equal(0, C.nr_conv2d_forward(x.c, y.c, nr.randn({4, 3}).c, nil, 1, 1, 0, 0, 1, 1, 1))
+      local xi = nr.zeros({1, 3, 5, 5}, {dtype = 'int64'})
+      assert.are_not.equal(0, C.nr_conv2d_forward(xi.c, y.c, w.c, nil, 1, 1, 0, 0, 1, 1, 1))
+      local nc = x:transpose(3, 4)
+      assert.are_not.equal(0, C.nr_relu_forward(nc.c, nr.empty({1, 3, 5, 5}).c))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('contiguous', 1, true))
+      assert.are_not.equal(0, C.nr_maxpool2d_backward(nr.randn({1, 1, 2, 2}).c, nr.full({1, 1, 2, 2}, 99, {dtype = 'int64'}).c,
+         nr.empty({1, 1, 4, 4}).c))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('outside the input plane', 1, true))
+      assert.are_not.equal(0, C.nr_bn2d_forward_train(nr.randn({1, 2, 1, 1}).c, nr.empty({1, 2, 1, 1}).c, nr.empty({2}).c,
+         nr.empty({2}).c, nil, nil, nr.zeros({2}).c, nr.ones({2}).c, 0.1, 1e-5))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('more than one value per channel', 1, true))
+      assert.are_not.equal(0, C.nr_dropout_forward(x.c, nr.empty({1, 3, 5, 5}).c, nr.empty({1, 3, 5, 5}).c, 1.0))
+      assert.are_not.equal(0, C.nr_softmax_xent_forward(nr.randn({2, 3}).c, nr.tensor({0, 1}).c, nr.empty({1}).c,
+         nr.empty({2, 3}).c, 0))
+   end)
+end)
+
+describe('buffers and modes', function()
+   it('allocates nothing in steady state (same shapes, repeated forward/backward)', function()
+      nr.manual_seed(1)
+      local net = nn.Sequential{
+         nn.Conv2d(3, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+         nn.Conv2d(8, 8, 3, {padding = 1, groups = 8}), nn.Sigmoid(), nn.AvgPool2d(2),
+         nn.Residual(nn.Sequential{nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)}),
+         nn.Concat{nn.Identity(), nn.Conv2d(8, 4, 3, {padding = 1})},
+         nn.Dropout(0.2), nn.GlobalAvgPool2d(), nn.Linear(12, 5),
+      }
+      local crit = nn.CrossEntropyLoss({label_smoothing = 0.1})
+      local x = nr.randn({4, 3, 8, 8})
+      local labels = nr.tensor({0, 1, 2, 4}, {dtype = 'int64'})
+      local function step()
+         local y = net:forward(x)
+         crit:forward(y, labels)
+         net:zeroGradParameters()
+         net:backward(x, crit:backward(y, labels))
+      end
+      step()
+      step()
+      local before = nr.memory().cpu.allocations
+      local out1 = net.modules[1].output
+      for _ = 1, 3 do step() end
+      assert.equal(before, nr.memory().cpu.allocations)
+      assert.equal(out1, net.modules[1].output)
+      -- a new batch size reallocates once, then is steady again
+      x = nr.randn({2, 3, 8, 8})
+      labels = nr.tensor({3, 1}, {dtype = 'int64'})
+      step()
+      local after = nr.memory().cpu.allocations
+      step()
+      assert.equal(after, nr.memory().cpu.allocations)
+   end)
+
+   it('BatchNorm2d: training uses batch statistics and updates running ones; eval uses running ones', function()
+      nr.manual_seed(3)
+      local bn = nn.BatchNorm2d(2, {momentum = 0.5})
+      local x = nr.randn({4, 2, 3, 3}):mul(2):add(3)
+      local y = bn:forward(x)
+      -- per-channel output has mean ~0 and (biased) variance ~1
+      for c = 1, 2 do
+         local yc = y:narrow(2, c, 1):contiguous()
+         assert.is_true(math.abs(yc:mean()) < 1e-5)
+         local v = yc:square():mean()
+         assert.is_true(close(v, 1, 1e-3), tostring(v))
+         local xc = x:narrow(2, c, 1):contiguous()
+         local m = xc:mean()
+         local var = xc:sub(m):square():sum() / (xc:numel() - 1) -- unbiased
+         assert.is_true(close(bn.running_mean:get(c), 0.5 * m, 1e-5))
+         assert.is_true(close(bn.running_var:get(c), 0.5 + 0.5 * var, 1e-5))
+      end
+      bn:evaluate()
+      local rm, rv = bn.running_mean:clone(), bn.running_var:clone()
+      local ye = bn:forward(x)
+      assert.equal(0, max_abs_diff(rm, bn.running_mean))
+      assert.equal(0, max_abs_diff(rv, bn.running_var))
+      local want = x:get(1) - rm:get(1)
+      want = want / math.sqrt(rv:get(1) + 1e-5)
+      assert.is_true(close(ye:get(1), want, 1e-5))
+      bn:training()
+      bn:forward(x)
+      assert.are_not.equal(rm:get(1), bn.running_mean:get(1))
+   end)
+
+   it('Dropout: scaled mask in training, identity in evaluate(), reproducible with the seed', function()
+      local d = nn.Dropout(0.25)
+      local x = nr.ones({100, 100})
+      nr.manual_seed(9)
+      local y = d:forward(x):clone()
+      local kept, zeros = 0, 0
+      local p = y:data()
+      for i = 0, y:numel() - 1 do
+         if p[i] == 0 then zeros = zeros + 1 else
+            kept = kept + 1
+            assert(close(p[i], 1 / 0.75, 1e-6))
+         end
+      end
+      assert.is_true(math.abs(zeros / 1e4 - 0.25) < 0.03, tostring(zeros))
+      nr.manual_seed(9)
+      assert.equal(0, max_abs_diff(y, d:forward(x)))
+      local g = d:backward(x, nr.ones({100, 100}))
+      assert.equal(0, max_abs_diff(g, y))
+      d:evaluate()
+      assert.equal(x, d:forward(x))
+      assert.equal(x, d:backward(x, x))
+   end)
+
+   it('MaxPool2d: first maximum on ties, NaN propagates (as PyTorch), indices are h * W + w', function()
+      local m = nn.MaxPool2d(2)
+      local x = nr.tensor({{{{1, 5, 2, 2}, {5, 0, 2, 2}, {0 / 0, 1, 3, 4}, {2, 9, 4, 3}}}})
+      local y = m:forward(x):totable()[1][1]
+      assert.equal(5, y[1][1])
+      assert.equal(2, y[1][2])
+      assert.is_true(y[2][1] ~= y[2][1])
+      assert.equal(4, y[2][2])
+      assert.same({{{{1, 2}, {8, 11}}}}, m._indices:totable())
+      local g = m:backward(x, nr.ones({1, 1, 2, 2})):totable()[1][1]
+      assert.same({0, 1, 1, 0}, g[1])
+      assert.same({1, 0, 0, 1}, g[3])
+   end)
+
+   it('CrossEntropyLoss returns a Lua number: log K for uniform logits', function()
+      local crit = nn.CrossEntropyLoss()
+      local loss = crit:forward(nr.zeros({3, 7}), nr.tensor({0, 6, 2}, {dtype = 'int64'}))
+      assert.equal('number', type(loss))
+      assert.is_true(close(loss, math.log(7), 1e-6))
+      local g = crit:backward(nr.zeros({3, 7}), nr.tensor({0, 6, 2}, {dtype = 'int64'}))
+      assert.is_true(close(g:get(1), (1 / 7 - 1) / 3, 1e-6))
+      assert.is_true(close(g:get(2), (1 / 7) / 3, 1e-6))
+   end)
+
+   it('results do not depend on the thread count (within float rounding)', function()
+      nr.manual_seed(5)
+      local m = nn.Conv2d(16, 32, 3, {padding = 1})
+      local x = nr.randn({7, 16, 16, 16})
+      local threads = nr.get_num_threads()
+      local function run(t)
+         nr.set_num_threads(t)
+         m:zeroGradParameters()
+         local y = m:forward(x):clone()
+         local g = m:backward(x, y):clone()
+         return y, g, m.gradWeight:clone()
+      end
+      local y1, g1, w1 = run(1)
+      local y2, g2, w2 = run(2)
+      nr.set_num_threads(threads)
+      assert.is_true(max_abs_diff(y1, y2) <= 1e-5)
+      assert.is_true(max_abs_diff(g1, g2) <= 1e-5)
+      assert.is_true(max_abs_diff(w1, w2) <= 1e-4 * math.max(1, w1:abs():max()))
+   end)
+
+   it('batched GEMM chunks agree with one sample at a time (small maps, groups, 1x1; forward, both backwards)', function()
+      -- small maps (< 64 positions) run several samples per GEMM, in chunks (the last one partial);
+      -- a batch of one takes the one-sample path, so the two must agree
+      -- (the first two are large enough to run the chunks on several threads)
+      local cases = {
+         {64, 64, 3, {padding = 1}, 4}, {32, 48, 3, {padding = 1}, 16},
+         {8, 12, 3, {padding = 1}, 4}, {6, 8, 3, {padding = 1, groups = 2, stride = 2}, 7},
+         {8, 16, 1, {}, 5}, {4, 6, 3, {padding = 1}, 12},
+      }
+      for _, c in ipairs(cases) do
+         nr.manual_seed(8)
+         local m = nn.Conv2d(c[1], c[2], c[3], c[4])
+         local n, hw = 7, c[5]
+         local x = nr.randn({n, c[1], hw, hw})
+         m:zeroGradParameters()
+         local y = m:forward(x):clone()
+         local gy = nr.randn(y:shape())
+         local gx = m:backward(x, gy):clone()
+         local gw, gb = m.gradWeight:clone(), m.gradBias:clone()
+         m:zeroGradParameters()
+         for i = 1, n do
+            local xi = x:narrow(1, i, 1):contiguous()
+            local yi = m:forward(xi)
+            assert.is_true(max_abs_diff(yi, y:narrow(1, i, 1)) <= 1e-5, 'forward sample ' .. i)
+            local gxi = m:backward(xi, gy:narrow(1, i, 1):contiguous()) -- accumulates gradWeight
+            assert.is_true(max_abs_diff(gxi, gx:narrow(1, i, 1)) <= 1e-5, 'backward data sample ' .. i)
+         end
+         assert.is_true(max_abs_diff(m.gradWeight, gw) <= 1e-4 * math.max(1, gw:abs():max()))
+         assert.is_true(max_abs_diff(m.gradBias, gb) <= 1e-4 * math.max(1, gb:abs():max()))
+      end
+   end)
+
+   it('parameter gradients accumulate across backward calls and honour Torch7 scale', function()
+      nr.manual_seed(12)
+      for _, m in ipairs({nn.Conv2d(3, 4, 3, {padding = 1}), nn.Conv2d(4, 4, 3, {groups = 4}), nn.BatchNorm2d(3),
+                          nn.Linear(6, 2)}) do
+         local x = m.in_features and nr.randn({5, 6}) or nr.randn({2, m.in_channels or 3, 5, 5})
+         local y = m:forward(x)
+         local gy = nr.randn(y:shape())
+         m:zeroGradParameters()
+         m:backward(x, gy)
+         local gw, gb = m.gradWeight:clone(), m.gradBias:clone()
+         m:backward(x, gy, 0.5) -- now 1.5 x
+         assert.is_true(max_abs_diff(m.gradWeight, gw:mul(1.5)) <= 1e-5 * math.max(1, gw:abs():max()), tostring(m))
+         assert.is_true(max_abs_diff(m.gradBias, gb:mul(1.5)) <= 1e-5 * math.max(1, gb:abs():max()), tostring(m))
+      end
+   end)
+
+   it('clone() copies parameters and gives the same output', function()
+      nr.manual_seed(6)
+      local net = nn.Sequential{nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()}
+      local x = nr.randn({2, 3, 6, 6})
+      net:evaluate()
+      local y = net:forward(x):clone()
+      local c = net:clone()
+      assert.equal(0, max_abs_diff(y, c:forward(x)))
+      assert.is_false(c.modules[1].weight:same_storage(net.modules[1].weight))
+   end)
+end)
+
+describe('a small model through Sequential', function()
+   it('learns a fixed batch (loss decreases with plain SGD on the gradients)', function()
+      nr.manual_seed(1)
+      local net = nn.Sequential{
+         nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+         nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, {padding = 1, stride = 2}), nn.ReLU(),
+         nn.GlobalAvgPool2d(), nn.Linear(16, 4),
+      }
+      local crit = nn.CrossEntropyLoss()
+      local x = nr.randn({8, 3, 8, 8})
+      local labels = nr.tensor({0, 1, 2, 3, 0, 1, 2, 3}, {dtype = 'int64'})
+      local params, grads = net:parameters()
+      assert.equal(7, #params)
+      local first, last
+      for step = 1, 30 do
+         local y = net:forward(x)
+         local loss = crit:forward(y, labels)
+         if step == 1 then first = loss end
+         last = loss
+         net:zeroGradParameters()
+         net:backward(x, crit:backward(y, labels))
+         for i = 1, #params do params[i]:axpy_(-0.2, grads[i]) end
+      end
+      assert.is_true(last < 0.5 * first, string.format('loss %g -> %g', first, last))
+   end)
+end)

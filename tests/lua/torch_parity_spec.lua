@@ -1,0 +1,131 @@
+-- Parity with PyTorch: outputs and gradients of every layer against golden values made by
+-- tests/fixtures/make_layer_fixtures.py (PyTorch CPU) and stored in tests/fixtures/layers/.
+-- Each case loads the input x, the parameters (w, b), the output gradient gy, runs forward and
+-- backward, and compares y, gx, gw, gb (and BatchNorm's running statistics, max-pool indices,
+-- the cross-entropy loss).
+-- Tolerance: element i passes when |got_i - want_i| <= RTOL * (|want_i| + mean |want|), RTOL = 1e-4
+-- (relative to the element, floored by the tensor's mean magnitude so values near zero are
+-- compared on the tensor's scale). Mismatches print the first positions and values.
+local nr = require 'nr'
+local nn = nr.nn
+local T = require 'nr.tensor'
+
+local RTOL = 1e-4
+
+local function fixture_dir()
+   local src = debug.getinfo(1, 'S').source:sub(2)
+   return (src:match('^(.*)/lua/[^/]*$') or 'tests') .. '/fixtures/layers/'
+end
+local DIR = fixture_dir()
+
+local function load(case, name) return nr.load(DIR .. case .. '.' .. name .. '.npy') end
+local function exists(case, name)
+   local f = io.open(DIR .. case .. '.' .. name .. '.npy', 'rb')
+   if f then f:close() end
+   return f ~= nil
+end
+
+local function compare(what, got, want)
+   assert(T.same_shape(got:shape(), want:shape()),
+      string.format('%s: shape [%s] vs expected [%s]', what, table.concat(got:shape(), ' x '), table.concat(want:shape(), ' x ')))
+   local g, w = got:contiguous():to('cpu', 'float32'), want:to('cpu', 'float32')
+   local pg, pw, n = g:data(), w:data(), g:numel()
+   local mean = 0
+   for i = 0, n - 1 do mean = mean + math.abs(pw[i]) end
+   mean = mean / math.max(n, 1)
+   local bad, worst = {}, 0
+   for i = 0, n - 1 do
+      local d = math.abs(pg[i] - pw[i])
+      local tol = RTOL * (math.abs(pw[i]) + mean)
+      if not (d <= tol) then
+         bad[#bad + 1] = i
+         worst = math.max(worst, d / math.max(tol, 1e-30))
+      end
+   end
+   if #bad > 0 then
+      local lines = {string.format('%s: %d of %d elements differ beyond %g relative (worst %.3g x tolerance); first:',
+         what, #bad, n, RTOL, worst)}
+      for k = 1, math.min(6, #bad) do
+         local i = bad[k]
+         lines[#lines + 1] = string.format('  [%d] got %.8g want %.8g', i, pg[i], pw[i])
+      end
+      error(table.concat(lines, '\n'), 2)
+   end
+end
+
+-- Runs module m on a fixture case and compares everything stored for it.
+local function check_module(case, m)
+   local x = load(case, 'x')
+   if exists(case, 'w') then m.weight:copy(load(case, 'w')) end
+   if exists(case, 'b') then m.bias:copy(load(case, 'b')) end
+   if exists(case, 'rm0') then
+      m.running_mean:copy(load(case, 'rm0'))
+      m.running_var:copy(load(case, 'rv0'))
+   end
+   local y = m:forward(x)
+   compare(case .. ' y', y, load(case, 'y'))
+   m:zeroGradParameters()
+   local gx = m:backward(x, load(case, 'gy'))
+   compare(case .. ' gx', gx, load(case, 'gx'))
+   if exists(case, 'gw') then compare(case .. ' gw', m.gradWeight, load(case, 'gw')) end
+   if exists(case, 'gb') then compare(case .. ' gb', m.gradBias, load(case, 'gb')) end
+   if exists(case, 'rm') then
+      compare(case .. ' running_mean', m.running_mean, load(case, 'rm'))
+      compare(case .. ' running_var', m.running_var, load(case, 'rv'))
+   end
+   return true
+end
+
+describe('PyTorch parity: Conv2d', function()
+   local cases = {
+      {'conv_basic', 3, 8, 3, {padding = 1}},
+      {'conv_strided_nobias', 4, 6, 3, {stride = 2, padding = 1, bias = false}},
+      {'conv_grouped', 4, 8, 3, {padding = 1, groups = 2}},
+      {'conv_depthwise', 6, 6, 3, {stride = 2, padding = 1, groups = 6}},
+      {'conv_dilated', 3, 4, 3, {padding = 2, dilation = 2}},
+      {'conv_1x1', 8, 4, 1, {}},
+      {'conv_rect', 3, 5, {3, 2}, {stride = {2, 1}, padding = {1, 0}}},
+      {'conv_big', 16, 32, 3, {padding = 1}},
+   }
+   for _, c in ipairs(cases) do
+      it(c[1], function() assert.is_true(check_module(c[1], nn.Conv2d(c[2], c[3], c[4], c[5]))) end)
+   end
+end)
+
+describe('PyTorch parity: other layers', function()
+   it('BatchNorm2d training step (output, gradients, running statistics)', function()
+      assert.is_true(check_module('bn_train', nn.BatchNorm2d(4)))
+   end)
+   it('BatchNorm2d evaluation mode', function()
+      assert.is_true(check_module('bn_eval', nn.BatchNorm2d(4):evaluate()))
+   end)
+   it('ReLU and Sigmoid', function()
+      assert.is_true(check_module('relu', nn.ReLU()))
+      assert.is_true(check_module('sigmoid', nn.Sigmoid()))
+   end)
+   it('AvgPool2d with and without count_include_pad', function()
+      assert.is_true(check_module('avgpool_pad', nn.AvgPool2d(3, {stride = 2, padding = 1})))
+      assert.is_true(check_module('avgpool_nopad', nn.AvgPool2d(3, {stride = 2, padding = 1, count_include_pad = false})))
+   end)
+   it('MaxPool2d (output, argmax indices, gradient)', function()
+      local m = nn.MaxPool2d(3, {stride = 2, padding = 1})
+      assert.is_true(check_module('maxpool', m))
+      assert.same(load('maxpool', 'idx'):totable(), m._indices:totable())
+   end)
+   it('GlobalAvgPool2d', function()
+      assert.is_true(check_module('gap', nn.GlobalAvgPool2d()))
+   end)
+   it('Linear with and without bias', function()
+      assert.is_true(check_module('linear', nn.Linear(10, 5)))
+      assert.is_true(check_module('linear_nobias', nn.Linear(10, 5, {bias = false})))
+   end)
+   for _, c in ipairs({{'ce', 0}, {'ce_ls', 0.1}}) do
+      it('CrossEntropyLoss, label_smoothing = ' .. c[2], function()
+         local crit = nn.CrossEntropyLoss({label_smoothing = c[2]})
+         local x, labels = load(c[1], 'x'), load(c[1], 'labels')
+         local loss = crit:forward(x, labels)
+         compare(c[1] .. ' loss', nr.tensor({loss}), load(c[1], 'loss'))
+         compare(c[1] .. ' gx', crit:backward(x, labels), load(c[1], 'gx'))
+      end)
+   end
+end)
