@@ -347,7 +347,7 @@ end
 
 -- index_select(dim, index) along dim (1-based dim; index holds 0-based positions, int64).
 local function as_index(index, fname)
-   if type(index) == 'table' then return M.tensor(index, {dtype = 'int64'}) end
+   if type(index) == 'table' and not is_tensor(index) then return M.tensor(index, {dtype = 'int64'}) end
    check.arg(is_tensor(index) and index:dtype() == 'int64', fname, 'index must be an int64 tensor or a table of 0-based positions')
    return index
 end

@@ -59,6 +59,8 @@ describe('nr.Tensor', function()
       local z = nr.zeros({4, 3})
       z:index_copy(1, {3, 1}, s)
       assert.same({{0, 0, 0}, {1, 2, 3}, {0, 0, 0}, {7, 8, 9}}, z:totable())
+      local idx = nr.tensor({1}, {dtype = 'int64'})
+      assert.same({{4, 5, 6}}, w:index_select(1, idx):totable())
       assert.has_error(function() w:index_select(1, {3}) end)
    end)
 

@@ -1,0 +1,408 @@
+-- nr.checkpoint — crash-safe checkpoints: weights in safetensors, everything else in JSON.
+--
+-- Layout of a checkpoint folder (a run's checkpoint/):
+--   step-00001234/model.safetensors   parameters and buffers by module:namedParameters() names
+--   step-00001234/state.safetensors   tensors found inside the state (optimizer momentum, ...)
+--   step-00001234/state.json          the state, with tensors replaced by {"$tensor": key}, and
+--                                     the byte sizes of the two files above; written last
+--   latest                            one line: the name of the newest complete step folder
+-- Invariants: every file is written with nr_file_write_atomic (temp + fsync + rename); the
+-- `latest` pointer is swapped only after a step folder is complete, so a kill at any moment
+-- leaves `latest` naming a readable checkpoint. Loading checks sizes and headers, and falls back
+-- to the newest complete step folder when `latest` is missing or names a damaged one; leftover
+-- *.tmp.* files and half-written newer folders are ignored (and pruned on the next save).
+-- What it is not: the policy of what goes into a state (nr.train builds it) — this module only
+-- stores a name -> tensor map and a JSON-able table that may contain tensors.
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+local nrffi = require 'nr.ffi'
+local safetensors = require 'nr.safetensors'
+local C = nrffi.C
+
+local M = {}
+
+-- ---- JSON -----------------------------------------------------------------------------------
+-- A small deterministic encoder: sorted keys, shortest round-trip numbers, arrays for tables
+-- whose keys are 1..n, functions/userdata as "<function>" strings, NaN/inf as null.
+
+local function encode_number(v)
+   if v ~= v or v == math.huge or v == -math.huge then return 'null' end
+   if v == math.floor(v) and math.abs(v) < 2 ^ 53 then return string.format('%d', v) end
+   for _, f in ipairs({'%.15g', '%.16g', '%.17g'}) do
+      local s = string.format(f, v)
+      if tonumber(s) == v then return s end
+   end
+   return string.format('%.17g', v)
+end
+
+local ESC = {['"'] = '\\"', ['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t', ['\b'] = '\\b', ['\f'] = '\\f'}
+local function encode_string(s)
+   return '"' .. s:gsub('[%c"\\]', function(c) return ESC[c] or string.format('\\u%04x', c:byte()) end) .. '"'
+end
+
+local function is_array(t)
+   local n = #t
+   if n == 0 then return next(t) == nil and getmetatable(t) == M.array_mt end
+   local count = 0
+   for k in pairs(t) do
+      if type(k) ~= 'number' or k < 1 or k > n or k ~= math.floor(k) then return false end
+      count = count + 1
+   end
+   return count == n
+end
+
+M.array_mt = {}
+-- Marks an (empty) table to encode as [] rather than {}.
+function M.array(t) return setmetatable(t or {}, M.array_mt) end
+
+local function encode(v, indent, cur, seen)
+   local tv = type(v)
+   if tv == 'nil' then return 'null'
+   elseif tv == 'boolean' then return v and 'true' or 'false'
+   elseif tv == 'number' then return encode_number(v)
+   elseif tv == 'string' then return encode_string(v)
+   elseif tv == 'table' then
+      if T.is_tensor(v) then return encode_string('<' .. v:describe() .. '>') end
+      if v == require('cjson').null then return 'null' end
+      if seen[v] then error('nr.json: cannot encode a cyclic table', 0) end
+      seen[v] = true
+      local nl, ind2 = '', ''
+      if indent then nl = '\n'; ind2 = cur .. indent end
+      local parts = {}
+      local out
+      if is_array(v) then
+         local flat = true
+         for i = 1, #v do flat = flat and type(v[i]) ~= 'table' end
+         if flat then
+            -- arrays of scalars stay on one line (shapes, milestones, RNG words)
+            for i = 1, #v do parts[i] = encode(v[i], nil, '', seen) end
+            out = '[' .. table.concat(parts, indent and ', ' or ',') .. ']'
+         else
+            for i = 1, #v do parts[i] = ind2 .. encode(v[i], indent, ind2, seen) end
+            out = '[' .. nl .. table.concat(parts, ',' .. nl) .. nl .. cur .. ']'
+         end
+      else
+         local keys = {}
+         for k in pairs(v) do
+            if type(k) == 'string' or type(k) == 'number' then keys[#keys + 1] = k end
+         end
+         table.sort(keys, function(a, b)
+            if type(a) == type(b) then return a < b end
+            return type(a) == 'number'
+         end)
+         for _, k in ipairs(keys) do
+            local x = v[k]
+            if type(x) ~= 'table' or x ~= v then
+               parts[#parts + 1] = ind2 .. encode_string(tostring(k)) .. (indent and ': ' or ':') .. encode(x, indent, ind2, seen)
+            end
+         end
+         out = #parts == 0 and '{}' or ('{' .. nl .. table.concat(parts, ',' .. nl) .. nl .. cur .. '}')
+      end
+      seen[v] = nil
+      return out
+   end
+   return encode_string('<' .. tv .. '>')
+end
+
+-- json_encode(value [, pretty]) -> string
+function M.json_encode(v, pretty)
+   return encode(v, pretty and '  ' or nil, '', {})
+end
+
+-- json_decode(text) -> value; JSON null becomes nil.
+function M.json_decode(text)
+   local cjson = require('cjson')
+   local ok, v = pcall(cjson.decode, text)
+   if not ok then error('invalid JSON: ' .. tostring(v), 2) end
+   local function strip(x)
+      if type(x) ~= 'table' then return x end
+      for k, y in pairs(x) do
+         if y == cjson.null then x[k] = nil else strip(y) end
+      end
+      return x
+   end
+   return strip(v)
+end
+
+-- ---- files and folders ------------------------------------------------------------------------
+
+local has_lfs, lfs = pcall(require, 'lfs')
+
+local function exists(path)
+   local f = io.open(path, 'rb')
+   if f then f:close(); return true end
+   return false
+end
+M.exists = exists
+
+local function file_size(path)
+   local f = io.open(path, 'rb')
+   if not f then return nil end
+   local n = f:seek('end')
+   f:close()
+   return n
+end
+
+local function is_dir(path)
+   if has_lfs then return lfs.attributes(path, 'mode') == 'directory' end
+   return os.execute('test -d "' .. path .. '"') == 0
+end
+M.is_dir = is_dir
+
+-- mkdir -p
+function M.mkdirs(path)
+   if is_dir(path) then return end
+   local acc = path:sub(1, 1) == '/' and '/' or ''
+   for part in path:gmatch('[^/]+') do
+      acc = acc .. part
+      if not is_dir(acc) then
+         if has_lfs then
+            local ok, err = lfs.mkdir(acc)
+            if not ok and not is_dir(acc) then error('cannot create folder ' .. acc .. ': ' .. tostring(err), 2) end
+         else
+            if os.execute('mkdir -p "' .. acc .. '"') ~= 0 then error('cannot create folder ' .. acc, 2) end
+         end
+      end
+      acc = acc .. '/'
+   end
+end
+
+-- Entries of a folder (names), sorted.
+function M.list(path)
+   local out = {}
+   if has_lfs then
+      if not is_dir(path) then return out end
+      for name in lfs.dir(path) do
+         if name ~= '.' and name ~= '..' then out[#out + 1] = name end
+      end
+   else
+      local p = io.popen('ls -1A "' .. path .. '" 2>/dev/null')
+      for line in p:lines() do out[#out + 1] = line end
+      p:close()
+   end
+   table.sort(out)
+   return out
+end
+
+local function remove_tree(path)
+   if is_dir(path) then
+      for _, name in ipairs(M.list(path)) do remove_tree(path .. '/' .. name) end
+      if has_lfs then lfs.rmdir(path) else os.remove(path) end
+   else
+      os.remove(path)
+   end
+end
+M.remove_tree = remove_tree
+
+local function read_file(path)
+   local f = io.open(path, 'rb')
+   if not f then return nil end
+   local s = f:read('*a')
+   f:close()
+   return s
+end
+M.read_file = read_file
+
+-- Atomic write of a string.
+function M.write_atomic(path, text)
+   check.status(C.nr_file_write_atomic(path, text, #text), 'nr.checkpoint', 3)
+end
+
+-- ---- tensors inside a state table ----------------------------------------------------------------
+
+-- Copies a state table, replacing tensors by {"$tensor" = key}; returns the copy and key -> tensor.
+local function extract_tensors(state)
+   local tensors = {}
+   local function walk(v, path)
+      if T.is_tensor(v) then
+         tensors[path] = v
+         return {['$tensor'] = path}
+      end
+      if type(v) ~= 'table' then return v end
+      local out = {}
+      for k, x in pairs(v) do
+         out[k] = walk(x, path == '' and tostring(k) or (path .. '/' .. tostring(k)))
+      end
+      return setmetatable(out, getmetatable(v) == M.array_mt and M.array_mt or nil)
+   end
+   return walk(state, ''), tensors
+end
+
+local function restore_tensors(state, tensors, where)
+   local function walk(v)
+      if type(v) ~= 'table' then return v end
+      local key = v['$tensor']
+      if key then
+         local t = tensors[key]
+         if not t then error(string.format('nr.checkpoint: %s refers to tensor %q, which state.safetensors lacks', where, key), 0) end
+         return t
+      end
+      for k, x in pairs(v) do v[k] = walk(x) end
+      return v
+   end
+   return walk(state)
+end
+
+-- ---- save / load ---------------------------------------------------------------------------------
+
+local function step_name(step) return string.format('step-%08d', step) end
+
+-- Checks a step folder: returns state (decoded, tensors not yet loaded) or nil, reason.
+local function validate(dir)
+   local text = read_file(dir .. '/state.json')
+   if not text then return nil, 'no state.json (incomplete checkpoint)' end
+   local ok, st = pcall(M.json_decode, text)
+   if not ok or type(st) ~= 'table' then return nil, 'state.json is not valid JSON' end
+   for _, f in ipairs({'model.safetensors', 'state.safetensors'}) do
+      local want = st.files and st.files[f]
+      if want then
+         local got = file_size(dir .. '/' .. f)
+         if got ~= want.bytes then
+            return nil, string.format('%s has %s bytes, state.json says %d', f, tostring(got), want.bytes)
+         end
+         local hok, herr = pcall(safetensors.read_header, dir .. '/' .. f)
+         if not hok then return nil, tostring(herr) end
+      end
+   end
+   return st
+end
+
+-- save(ckdir, {step = n, weights = {name = T}, state = table, keep = 2, metadata = {...}})
+-- -> the step folder's path. Older complete step folders beyond `keep` are pruned (never the
+-- one named by `best`, when that pointer exists).
+function M.save(ckdir, opts)
+   check.arg(type(opts) == 'table' and type(opts.step) == 'number', 'nr.checkpoint.save', 'opts.step must be a number')
+   M.mkdirs(ckdir)
+   local name = step_name(opts.step)
+   local dir = ckdir .. '/' .. name
+   if is_dir(dir) then remove_tree(dir) end   -- an older incomplete attempt at the same step
+   M.mkdirs(dir)
+   local meta = {format = 'nrlua'}
+   for k, v in pairs(opts.metadata or {}) do meta[k] = tostring(v) end
+   safetensors.save(dir .. '/model.safetensors', opts.weights or {}, meta)
+   local state, tensors = extract_tensors(opts.state or {})
+   safetensors.save(dir .. '/state.safetensors', tensors, {format = 'nrlua'})
+   state.files = {
+      ['model.safetensors'] = {bytes = file_size(dir .. '/model.safetensors')},
+      ['state.safetensors'] = {bytes = file_size(dir .. '/state.safetensors')},
+   }
+   state.checkpoint = {name = name, step = opts.step, time = os.time()}
+   M.write_atomic(dir .. '/state.json', M.json_encode(state, true) .. '\n')
+   M.write_atomic(ckdir .. '/latest', name .. '\n')
+   if opts.best then M.write_atomic(ckdir .. '/best', name .. '\n') end
+   M.prune(ckdir, opts.keep or 2)
+   return dir
+end
+
+local function pointer(ckdir, which)
+   local s = read_file(ckdir .. '/' .. which)
+   return s and s:match('^%s*(step%-%d+)%s*$')
+end
+
+-- Removes step folders other than the `keep` newest complete ones, `latest` and `best`;
+-- removes incomplete folders older than the newest complete one and stray temp files.
+function M.prune(ckdir, keep)
+   local latest, best = pointer(ckdir, 'latest'), pointer(ckdir, 'best')
+   local steps = {}
+   for _, n in ipairs(M.list(ckdir)) do
+      if n:match('^step%-%d+$') then steps[#steps + 1] = n
+      elseif n:match('%.tmp%.%d+$') then os.remove(ckdir .. '/' .. n) end
+   end
+   table.sort(steps, function(a, b) return a > b end)
+   local kept = 0
+   for _, n in ipairs(steps) do
+      local protect = n == latest or n == best
+      if not protect and n > (latest or '') then
+         -- newer than latest: a save in progress elsewhere or a crashed one; leave it alone
+      elseif protect then
+         kept = kept + 1
+      elseif kept < keep and validate(ckdir .. '/' .. n) then
+         kept = kept + 1
+      else
+         remove_tree(ckdir .. '/' .. n)
+      end
+   end
+end
+
+-- Finds the checkpoint to resume from: `latest` when it is complete, else the newest complete
+-- step folder. Accepts a run folder (uses its checkpoint/), a checkpoint folder or a step folder.
+-- Returns dir, state (without tensors) or nil, message.
+function M.find(path)
+   check.type(path, 'string', 'nr.checkpoint.find', 'path')
+   path = path:gsub('/+$', '')
+   if exists(path .. '/state.json') then
+      local st, why = validate(path)
+      if not st then return nil, path .. ': ' .. why end
+      return path, st
+   end
+   local ckdir = is_dir(path .. '/checkpoint') and (path .. '/checkpoint') or path
+   if not is_dir(ckdir) then return nil, 'no checkpoint folder at ' .. path end
+   local tried = {}
+   local latest = pointer(ckdir, 'latest')
+   if latest then
+      local st, why = validate(ckdir .. '/' .. latest)
+      if st then return ckdir .. '/' .. latest, st end
+      tried[#tried + 1] = latest .. ': ' .. why
+   end
+   local steps = {}
+   for _, n in ipairs(M.list(ckdir)) do if n:match('^step%-%d+$') then steps[#steps + 1] = n end end
+   table.sort(steps, function(a, b) return a > b end)
+   for _, n in ipairs(steps) do
+      if n ~= latest then
+         local st, why = validate(ckdir .. '/' .. n)
+         if st then return ckdir .. '/' .. n, st end
+         tried[#tried + 1] = n .. ': ' .. why
+      end
+   end
+   return nil, 'no complete checkpoint in ' .. ckdir .. (#tried > 0 and (' (' .. table.concat(tried, '; ') .. ')') or '')
+end
+
+-- load(path) -> {dir, weights = {name = CPU tensor}, state = table with tensors restored}.
+function M.load(path)
+   local dir, st = M.find(path)
+   if not dir then error('nr.checkpoint: ' .. st, 2) end
+   local weights = safetensors.load(dir .. '/model.safetensors')
+   local tensors = exists(dir .. '/state.safetensors') and safetensors.load(dir .. '/state.safetensors') or {}
+   restore_tensors(st, tensors, dir .. '/state.json')
+   return {dir = dir, weights = weights, state = st}
+end
+
+-- ---- models ----------------------------------------------------------------------------------------
+
+-- name -> tensor for a module's parameters and buffers (live tensors, not copies).
+function M.model_tensors(model)
+   local out = {}
+   for _, e in ipairs(model:namedParameters()) do out[e.name] = e.param end
+   for _, e in ipairs(model:namedBuffers()) do out[e.name] = e.tensor end
+   return out
+end
+
+-- Copies weights (name -> tensor) into a model's parameters and buffers. Missing or unexpected
+-- names and shape mismatches are errors that list them (strict, so a wrong architecture fails).
+function M.load_into(model, weights, where)
+   where = where or 'checkpoint'
+   local targets = M.model_tensors(model)
+   local missing, unexpected = {}, {}
+   for name in pairs(targets) do if not weights[name] then missing[#missing + 1] = name end end
+   for name in pairs(weights) do if not targets[name] then unexpected[#unexpected + 1] = name end end
+   table.sort(missing); table.sort(unexpected)
+   if #missing > 0 or #unexpected > 0 then
+      error(string.format('nr.checkpoint: %s does not match the model: missing %s; unexpected %s', where,
+         #missing > 0 and table.concat(missing, ', ') or 'none', #unexpected > 0 and table.concat(unexpected, ', ') or 'none'), 2)
+   end
+   for name, t in pairs(targets) do
+      local w = weights[name]
+      if not T.same_shape(w:shape(), t:shape()) then
+         error(string.format('nr.checkpoint: %s: %s has shape [%s] in the checkpoint but [%s] in the model', where, name,
+            table.concat(w:shape(), ' x '), table.concat(t:shape(), ' x ')), 2)
+      end
+      t:copy(w)
+   end
+end
+
+-- Saves just a model's weights (and buffers) to a safetensors file PyTorch can read.
+function M.save_weights(model, path, metadata)
+   safetensors.save(path, M.model_tensors(model), metadata)
+end
+
+return M

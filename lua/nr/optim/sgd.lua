@@ -1,0 +1,316 @@
+-- nr.optim.SGD — stochastic gradient descent with momentum, Nesterov and weight decay; the update
+-- itself is one fused C call per parameter (nr_sgd_step, core/optim.c), PyTorch semantics.
+--
+-- What it is: parameter groups with their own settings, per-parameter state (the momentum
+-- buffer), serialization keyed by parameter names, and the surgery API NR relies on
+-- (state_of / set_state_of / refresh).  What it is not: a schedule (nr.schedule sets
+-- opt.config.lr) or a gradient producer (the module's backward fills the gradients).
+-- Invariants:
+--   * opt.config is read at every step, so writing opt.config.lr (or any field) takes effect at
+--     the next step. A group's own setting overrides config; a group's lr_mult scales config.lr.
+--   * state is keyed by the parameter tensor object; momentum buffers are zero-filled when
+--     created, which makes the first step set buf = grad exactly as torch.optim.SGD does.
+--   * if the model's parameter tensors change (surgery) the next step raises an error asking
+--     for opt:refresh() instead of silently updating stale tensors.
+local class = require 'nr.class'
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+local nrffi = require 'nr.ffi'
+local C = nrffi.C
+
+local SGD = class('SGD')
+
+local CONFIG_KEYS = {name = true, lr = true, momentum = true, weight_decay = true, nesterov = true,
+                     dampening = true, no_decay_bn_bias = true}
+local GROUP_KEYS = {params = true, grads = true, lr = true, lr_mult = true, momentum = true,
+                    weight_decay = true, nesterov = true, name = true}
+local GRAD_FIELD = {weight = 'gradWeight', bias = 'gradBias'}
+
+local function is_module(x) return type(x) == 'table' and type(x.namedParameters) == 'function' end
+
+-- Parameters that get no weight decay under no_decay_bn_bias: every bias and the affine
+-- parameters (γ, β) of normalization layers.
+local function is_bn_or_bias(e)
+   if e.field == 'bias' then return true end
+   local tn = e.module and e.module.typename and e.module:typename() or ''
+   return tn:match('Norm') ~= nil
+end
+
+-- nr.optim.param_groups(model, {no_decay_bn_bias = true}) -> groups usable by SGD; the groups
+-- remember the model and the rule, so opt:refresh() can re-derive them after surgery.
+local function param_groups(model, opts)
+   check.arg(is_module(model), 'nr.optim.param_groups', 'model must be an nr.nn module')
+   opts = check.options(opts, {no_decay_bn_bias = true}, 'nr.optim.param_groups')
+   local rule
+   if opts.no_decay_bn_bias then
+      rule = function(e) return is_bn_or_bias(e) and 2 or 1 end
+   else
+      rule = function() return 1 end
+   end
+   local groups = {model = model, rule = rule, {params = {}, name = 'decay'}}
+   if opts.no_decay_bn_bias then groups[2] = {params = {}, weight_decay = 0, name = 'no_decay'} end
+   for _, e in ipairs(model:namedParameters()) do
+      local g = groups[rule(e)]
+      g.params[#g.params + 1] = e
+   end
+   return groups
+end
+SGD.param_groups = param_groups
+
+-- Normalizes one parameter entry into {name, param, grad | module+gfield}.
+local function entry_of(e, group, gi, pi)
+   if T.is_tensor(e) then
+      local grads = group.grads
+      check.arg(type(grads) == 'table' and T.is_tensor(grads[pi]), 'nr.optim.SGD',
+         'group %d: parameter %d is a bare tensor; give its gradient in group.grads[%d] (or pass a module)', gi, pi, pi)
+      return {name = string.format('group%d.%d', gi, pi), param = e, grad = grads[pi]}
+   end
+   check.arg(type(e) == 'table' and T.is_tensor(e.param), 'nr.optim.SGD',
+      'group %d: parameter %d must be a tensor or a namedParameters() entry', gi, pi)
+   local out = {name = e.name or string.format('group%d.%d', gi, pi), param = e.param, grad = e.grad,
+                module = e.module, field = e.field}
+   if e.module and e.field then out.gfield = GRAD_FIELD[e.field] or ('grad' .. e.field:sub(1, 1):upper() .. e.field:sub(2)) end
+   return out
+end
+
+local function build_groups(self, spec)
+   local groups = {}
+   for gi, g in ipairs(spec) do
+      check.arg(type(g) == 'table' and type(g.params) == 'table', 'nr.optim.SGD', 'group %d must be a table with params = {...}', gi)
+      for k in pairs(g) do
+         check.arg(GROUP_KEYS[k] ~= nil, 'nr.optim.SGD', 'group %d: unknown setting %q', gi, tostring(k))
+      end
+      local out = {params = {}}
+      for k, v in pairs(g) do if k ~= 'params' and k ~= 'grads' then out[k] = v end end
+      for pi, e in ipairs(g.params) do out.params[pi] = entry_of(e, g, gi, pi) end
+      groups[gi] = out
+   end
+   self.groups = groups
+   self._by_name = {}
+   self._present = {}
+   for _, g in ipairs(groups) do
+      for _, e in ipairs(g.params) do
+         check.arg(self._by_name[e.name] == nil, 'nr.optim.SGD', 'parameter name %q appears twice', e.name)
+         self._by_name[e.name] = e
+         self._present[e.param] = e
+      end
+   end
+end
+
+local function validate_config(cfg, fname)
+   check.options(cfg, CONFIG_KEYS, fname)
+   check.arg(type(cfg.lr) == 'number' and cfg.lr >= 0, fname, 'config.lr must be a number >= 0, got %s', tostring(cfg.lr))
+   check.arg(type(cfg.momentum) == 'number' and cfg.momentum >= 0, fname, 'config.momentum must be >= 0, got %s', tostring(cfg.momentum))
+   check.arg(type(cfg.weight_decay) == 'number' and cfg.weight_decay >= 0, fname, 'config.weight_decay must be >= 0, got %s', tostring(cfg.weight_decay))
+   check.arg((cfg.dampening or 0) == 0, fname, 'config.dampening: only 0 is supported, got %s', tostring(cfg.dampening))
+   check.arg(not cfg.nesterov or cfg.momentum > 0, fname, 'config.nesterov needs momentum > 0')
+end
+
+-- SGD(module_or_groups, config). config: lr (required), momentum (0), weight_decay (0),
+-- nesterov (false), dampening (0 only), no_decay_bn_bias (false; with a module).
+function SGD:__init(target, config)
+   config = config or {}
+   check.arg(type(config) == 'table', 'nr.optim.SGD', 'config must be a table')
+   local cfg = {}
+   for k, v in pairs(config) do cfg[k] = v end
+   cfg.momentum = cfg.momentum or 0
+   cfg.weight_decay = cfg.weight_decay or 0
+   cfg.nesterov = cfg.nesterov or false
+   validate_config(cfg, 'nr.optim.SGD')
+   self.config = cfg
+   self.t = 0          -- steps taken
+   self.state_ = {}    -- [param tensor] = {momentum = T}
+   if is_module(target) then
+      self.model = target
+      self.spec = param_groups(target, {no_decay_bn_bias = cfg.no_decay_bn_bias or nil})
+   else
+      check.arg(type(target) == 'table' and #target > 0, 'nr.optim.SGD',
+         'first argument must be a module or a non-empty list of parameter groups')
+      self.model = target.model
+      self.spec = target
+   end
+   build_groups(self, self.spec)
+end
+
+-- Effective settings of group g at this step.
+local function settings(self, g)
+   local c = self.config
+   local lr = g.lr or c.lr * (g.lr_mult or 1)
+   local mom = g.momentum or c.momentum
+   local wd = g.weight_decay or c.weight_decay
+   local nest = g.nesterov
+   if nest == nil then nest = c.nesterov end
+   return lr, mom, wd, nest and 1 or 0
+end
+
+local function resolve(e)
+   if e.module then
+      local p = e.module[e.field]
+      if p ~= e.param then
+         error(string.format('nr.optim.SGD: parameter %s was replaced (model surgery?); call opt:refresh() first', e.name), 3)
+      end
+      return p, e.module[e.gfield]
+   end
+   return e.param, e.grad
+end
+
+local function buffer_for(self, p)
+   local st = self.state_[p]
+   if not st then
+      st = {}
+      self.state_[p] = st
+   end
+   if not st.momentum then
+      st.momentum = T.zeros(p:shape(), {device = p:device()})
+   end
+   return st.momentum
+end
+
+function SGD:step()
+   validate_config(self.config, 'SGD:step')
+   for _, g in ipairs(self.groups) do
+      local lr, mom, wd, nest = settings(self, g)
+      for _, e in ipairs(g.params) do
+         local p, grad = resolve(e)
+         if grad then
+            local buf = mom ~= 0 and buffer_for(self, p) or nil
+            local st = C.nr_sgd_step(p.c, grad.c, buf and buf.c or nil, lr, mom, wd, nest)
+            if st ~= 0 then check.status(st, 'SGD:step (' .. e.name .. ')') end
+         end
+      end
+   end
+   self.t = self.t + 1
+end
+
+function SGD:zero_grad()
+   for _, g in ipairs(self.groups) do
+      for _, e in ipairs(g.params) do
+         local _, grad = resolve(e)
+         if grad then grad:zero() end
+      end
+   end
+end
+
+-- Learning rate of group i (default 1) as the next step will use it.
+function SGD:lr(i)
+   local g = self.groups[i or 1]
+   return (settings(self, g))
+end
+
+-- ---- per-parameter state (NR surgery) ----------------------------------------------------------
+
+-- {momentum = T} for a parameter, or nil when it has none yet.
+function SGD:state_of(param)
+   local st = self.state_[param]
+   if not st or not st.momentum then return nil end
+   return {momentum = st.momentum}
+end
+
+-- Sets a parameter's state: tbl.momentum is a tensor of the parameter's shape (or nil to drop).
+-- The parameter need not be in the groups yet (call refresh() after surgery; order is free).
+function SGD:set_state_of(param, tbl)
+   check.arg(T.is_tensor(param), 'SGD:set_state_of', 'param must be a tensor')
+   if tbl == nil or tbl.momentum == nil then
+      self.state_[param] = nil
+      return
+   end
+   local m = tbl.momentum
+   check.arg(T.is_tensor(m) and T.same_shape(m:shape(), param:shape()), 'SGD:set_state_of',
+      'momentum must be a tensor of shape [%s], got %s', table.concat(param:shape(), ' x '),
+      T.is_tensor(m) and m:describe() or type(m))
+   if m:device() ~= param:device() or m:dtype() ~= 'float32' or not m:is_contiguous() then
+      m = T.empty(param:shape(), {device = param:device()}):copy(m)
+   end
+   self.state_[param] = {momentum = m}
+end
+
+-- Re-reads the model's parameters (after surgery); state of parameters no longer present is
+-- dropped. Groups given as plain lists (no model) are kept as they are.
+function SGD:refresh()
+   if self.model and self.spec.rule then
+      self.spec = param_groups(self.model, {no_decay_bn_bias = (self.spec[2] ~= nil) or nil})
+   elseif self.model then
+      -- custom groups over a model: re-resolve entries by module/field
+      for _, g in ipairs(self.spec) do
+         for i, e in ipairs(g.params) do
+            if type(e) == 'table' and e.module and e.field then
+               g.params[i] = {name = e.name, param = e.module[e.field], grad = e.module[GRAD_FIELD[e.field] or e.field],
+                              module = e.module, field = e.field}
+            end
+         end
+      end
+   end
+   -- keep group-level settings the user may have changed on opt.groups
+   local old = self.groups
+   build_groups(self, self.spec)
+   for i, g in ipairs(self.groups) do
+      if old[i] then
+         for k, v in pairs(old[i]) do if k ~= 'params' then g[k] = v end end
+      end
+   end
+   for p in pairs(self.state_) do
+      if not self._present[p] then self.state_[p] = nil end
+   end
+end
+
+-- Names of the parameters, in group order.
+function SGD:names()
+   local out = {}
+   for _, g in ipairs(self.groups) do for _, e in ipairs(g.params) do out[#out + 1] = e.name end end
+   return out
+end
+
+-- ---- serialization ------------------------------------------------------------------------------
+
+-- {name='sgd', t=, config={...}, groups={{settings}}, params={[name]={momentum=T}}}. Tensors are
+-- the live buffers (the checkpoint writer copies them out).
+function SGD:state()
+   local cfg = {}
+   for k, v in pairs(self.config) do cfg[k] = v end
+   local groups = {}
+   for i, g in ipairs(self.groups) do
+      local s = {}
+      for k, v in pairs(g) do if k ~= 'params' then s[k] = v end end
+      groups[i] = s
+   end
+   local params = {}
+   for _, g in ipairs(self.groups) do
+      for _, e in ipairs(g.params) do
+         local st = self.state_[e.param]
+         if st and st.momentum then params[e.name] = {momentum = st.momentum} end
+      end
+   end
+   return {name = 'sgd', t = self.t, config = cfg, groups = groups, params = params}
+end
+
+-- Restores a state() table. Momentum buffers are copied into fresh tensors on each parameter's
+-- device; a name missing from the model or a shape mismatch is an error naming the parameter.
+function SGD:load_state(s)
+   check.arg(type(s) == 'table', 'SGD:load_state', 'state must be a table')
+   check.arg(s.name == nil or s.name == 'sgd', 'SGD:load_state', 'state is for optimizer %q, not sgd', tostring(s.name))
+   if s.config then
+      for k, v in pairs(s.config) do self.config[k] = v end
+      validate_config(self.config, 'SGD:load_state')
+   end
+   if s.groups then
+      for i, gs in ipairs(s.groups) do
+         local g = self.groups[i]
+         if g then for k, v in pairs(gs) do g[k] = v end end
+      end
+   end
+   self.t = s.t or 0
+   self.state_ = {}
+   for name, st in pairs(s.params or {}) do
+      local e = self._by_name[name]
+      check.arg(e ~= nil, 'SGD:load_state', 'saved state for parameter %q, which the model does not have', name)
+      if st.momentum then
+         local m = st.momentum
+         check.arg(T.is_tensor(m) and T.same_shape(m:shape(), e.param:shape()), 'SGD:load_state',
+            '%s: momentum has shape [%s] but the parameter is [%s]', name,
+            T.is_tensor(m) and table.concat(m:shape(), ' x ') or '?', table.concat(e.param:shape(), ' x '))
+         self.state_[e.param] = {momentum = T.empty(e.param:shape(), {device = e.param:device()}):copy(m)}
+      end
+   end
+end
+
+return SGD

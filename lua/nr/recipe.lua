@@ -1,0 +1,258 @@
+-- nr.recipe — recipes on the command line: `nrlua recipes/X.lua --epochs 3 --lr 0.05 ...`.
+--
+-- What it is: nr.recipe.run(tbl, args, path) (called by nr.cli for a file that returns a table)
+-- applies command-line overrides to the recipe and runs it with nr.train; --help lists every
+-- field with its value; nr.recipe.apply(tbl, args) is the parser alone (tests, tools).
+-- Overrides: any field by its dotted path (--optim.lr 0.05, --nr.lambda.value 3e-4,
+-- --schedule.milestones 150,225, --flag=value also works) and short aliases (ALIASES below).
+-- Values are parsed by the field's type: numbers, integers, booleans (true/false/on/off/yes/no/
+-- 1/0), strings, lists (comma separated); `--nr off` (or --nr on) switches a table's `enabled`.
+-- An unknown flag or a value of the wrong type is an error that names the flag.
+-- What it is not: the trainer (nr.train) or the place defaults live (nr.train.DEFAULTS).
+local train = require 'nr.train'
+
+local M = {}
+
+M.ALIASES = {
+   lr = 'optim.lr', momentum = 'optim.momentum', wd = 'optim.weight_decay', ['weight-decay'] = 'optim.weight_decay',
+   batch = 'data.batch', data = 'data.root', dataset = 'data.dataset', augment = 'data.augment',
+   schedule = 'schedule.name', workers = 'data.threads',
+}
+
+-- Fields whose default is nil (so a table walk cannot see them) and integer fields.
+M.TYPES = {
+   name = 'string', out = 'string', resume = 'string', device = 'string',
+   epochs = 'integer', seed = 'integer', threads = 'integer', log_every = 'integer', eval_every = 'integer',
+   checkpoint_every = 'integer', keep = 'integer',
+   ['data.dataset'] = 'string', ['data.root'] = 'string', ['data.batch'] = 'integer',
+   ['data.eval_batch'] = 'integer', ['data.threads'] = 'integer', ['data.size'] = 'integer',
+   ['data.train_batches'] = 'integer', ['data.val_batches'] = 'integer', ['data.seed'] = 'integer',
+   ['data.train_split'] = 'string', ['data.val_split'] = 'string', ['data.augment'] = 'augment',
+   ['optim.name'] = 'string', ['optim.lr'] = 'number', ['optim.momentum'] = 'number',
+   ['optim.weight_decay'] = 'number', ['optim.nesterov'] = 'boolean', ['optim.no_decay_bn_bias'] = 'boolean',
+   ['schedule.name'] = 'string', ['schedule.warmup'] = 'number', ['schedule.milestones'] = 'list',
+   ['schedule.gamma'] = 'number', ['schedule.step_size'] = 'number', ['schedule.min_lr'] = 'number',
+   ['schedule.warmup_start'] = 'number', ['schedule.epochs'] = 'number', ['schedule.granularity'] = 'string',
+   ['loss.label_smoothing'] = 'number', nr = 'switch',
+}
+
+local BOOL = {['true'] = true, ['false'] = false, on = true, off = false, yes = true, no = false, ['1'] = true, ['0'] = false}
+
+local function is_module(x) return type(x) == 'table' and type(x.forward) == 'function' end
+
+local function type_of_value(v)
+   if v == nil then return nil end
+   local t = type(v)
+   if t == 'number' then return math.floor(v) == v and 'number' or 'number' end
+   if t == 'table' then
+      if is_module(v) then return 'module' end
+      if #v > 0 then return 'list' end
+      return 'table'
+   end
+   return t
+end
+
+-- The type of a dotted path in the recipe (recipe value first, then TYPES, then defaults).
+local function field_type(recipe, path)
+   local known = M.TYPES[path]
+   local v, d = recipe, train.DEFAULTS
+   local exists = true
+   for part in path:gmatch('[^.]+') do
+      if type(v) ~= 'table' or is_module(v) then
+         if type(v) == 'function' or is_module(v) then return nil, 'defined in the recipe file as code' end
+         v, exists = nil, false
+      else
+         v = v[part]
+      end
+      d = type(d) == 'table' and d[part] or nil
+   end
+   if v ~= nil then
+      local t = type_of_value(v)
+      if known == 'integer' and t == 'number' then return 'integer' end
+      if known == 'switch' or known == 'augment' then return known end
+      if (t == 'table' or t == 'list') and known == 'list' then return 'list' end
+      return t
+   end
+   if known then return known end
+   if d ~= nil then return type_of_value(d) end
+   return nil, exists and 'not a field of this recipe' or 'not a field of this recipe'
+end
+
+local function parse_value(flag, ty, s, current)
+   local function bad(what)
+      error(string.format('%s: expected %s, got %q', flag, what, s), 0)
+   end
+   if ty == 'number' then
+      return tonumber(s) or bad('a number')
+   elseif ty == 'integer' then
+      local n = tonumber(s)
+      if not n or n ~= math.floor(n) then bad('an integer') end
+      return n
+   elseif ty == 'boolean' then
+      local b = BOOL[s:lower()]
+      if b == nil then bad('true or false') end
+      return b
+   elseif ty == 'string' then
+      return s
+   elseif ty == 'list' then
+      local out = {}
+      for item in s:gmatch('[^,%s]+') do out[#out + 1] = tonumber(item) or item end
+      if #out == 0 and s:match('%S') then bad('a comma-separated list') end
+      return out
+   elseif ty == 'switch' then
+      local b = BOOL[s:lower()]
+      if b == nil then bad('on or off') end
+      if type(current) == 'table' then
+         local t = {}
+         for k, v in pairs(current) do t[k] = v end
+         t.enabled = b
+         return t
+      end
+      return b and {enabled = true} or false
+   elseif ty == 'augment' then
+      local b = BOOL[s:lower()]
+      if b == false or s == 'none' then return false end
+      if b == true or s == 'default' then return nil end
+      bad('off, default')
+   end
+   bad('a value for a field of type ' .. tostring(ty))
+end
+
+local function set_path(recipe, path, value)
+   local parts = {}
+   for part in path:gmatch('[^.]+') do parts[#parts + 1] = part end
+   local t = recipe
+   for i = 1, #parts - 1 do
+      if t[parts[i]] == nil then t[parts[i]] = {} end
+      t = t[parts[i]]
+   end
+   t[parts[#parts]] = value
+end
+
+local function get_path(recipe, path)
+   local v = recipe
+   for part in path:gmatch('[^.]+') do
+      if type(v) ~= 'table' then return nil end
+      v = v[part]
+   end
+   return v
+end
+
+-- Flattened "path = value" listing of a recipe merged with the trainer's defaults.
+function M.fields(recipe)
+   local merged = train.resolve(recipe)
+   local out = {}
+   local function walk(v, prefix)
+      if type(v) == 'table' and not is_module(v) and #v == 0 and next(v) ~= nil and prefix ~= 'hooks' and prefix ~= 'progress'
+         and not (type(v) == 'table' and v.nbatches) then
+         local keys = {}
+         for k in pairs(v) do keys[#keys + 1] = k end
+         table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+         for _, k in ipairs(keys) do walk(v[k], prefix == '' and tostring(k) or (prefix .. '.' .. tostring(k))) end
+      else
+         out[#out + 1] = {path = prefix, value = v}
+      end
+   end
+   walk(merged, '')
+   -- fields the trainer knows whose default is nil
+   local seen = {}
+   for _, f in ipairs(out) do seen[f.path] = true end
+   for path in pairs(M.TYPES) do
+      if not seen[path] and get_path(merged, path) == nil then
+         local parent = path:match('^(.*)%.[^.]+$')
+         if not parent or type(get_path(merged, parent)) == 'table' then out[#out + 1] = {path = path, value = nil} end
+      end
+   end
+   table.sort(out, function(a, b) return a.path < b.path end)
+   return out
+end
+
+local function show(v)
+   if v == nil then return '(unset)' end
+   if type(v) == 'function' then return '<function>' end
+   if is_module(v) then return '<module ' .. v:typename() .. '>' end
+   if type(v) == 'table' then
+      if #v > 0 then
+         local parts = {}
+         for i, x in ipairs(v) do parts[i] = tostring(x) end
+         return table.concat(parts, ',')
+      end
+      return next(v) == nil and '{}' or '{...}'
+   end
+   return tostring(v)
+end
+
+function M.help(recipe, path)
+   local lines = {}
+   lines[#lines + 1] = string.format('usage: nrlua %s [--field value ...]', path or 'RECIPE.lua')
+   lines[#lines + 1] = ''
+   lines[#lines + 1] = 'Fields (override any with --path value; dotted paths reach into tables):'
+   for _, f in ipairs(M.fields(recipe)) do
+      if f.path ~= '' then
+         local ty = field_type(recipe, f.path) or type(f.value)
+         if ty == 'function' or ty == 'module' then
+            lines[#lines + 1] = string.format('  %-30s %-9s %s', f.path, 'code', '(defined in the recipe file; not a flag)')
+         else
+            lines[#lines + 1] = string.format('  --%-28s %-9s %s', f.path, ty, show(f.value))
+         end
+      end
+   end
+   lines[#lines + 1] = ''
+   lines[#lines + 1] = 'Short flags:'
+   local names = {}
+   for k in pairs(M.ALIASES) do names[#names + 1] = k end
+   table.sort(names)
+   for _, k in ipairs(names) do lines[#lines + 1] = string.format('  --%-12s = --%s', k, M.ALIASES[k]) end
+   lines[#lines + 1] = '  --nr off|on      switch Neural Rejuvenation (nr.enabled)'
+   lines[#lines + 1] = '  --resume DIR     continue a run from its last complete checkpoint'
+   return table.concat(lines, '\n')
+end
+
+-- apply(recipe, args) -> new recipe table with overrides, or nil, 'help' when --help was given.
+function M.apply(recipe, args)
+   local r = {}
+   for k, v in pairs(recipe) do r[k] = train.deep_copy(v) end
+   local i = 1
+   args = args or {}
+   while i <= #args do
+      local a = args[i]
+      if a == '--help' or a == '-h' then return nil, 'help' end
+      local name, value = a:match('^%-%-([%w_%.%-]+)=(.*)$')
+      if not name then
+         name = a:match('^%-%-([%w_%.%-]+)$')
+         if not name then
+            error(string.format('unexpected argument %q (overrides look like --field value; see --help)', a), 0)
+         end
+         value = args[i + 1]
+         if value == nil then error(string.format('--%s: missing value', name), 0) end
+         i = i + 1
+      end
+      i = i + 1
+      local flag = '--' .. name
+      local path = M.ALIASES[name] or name:gsub('%-', '_')
+      local ty, why = field_type(r, path)
+      if not ty then
+         error(string.format('%s: unknown flag (%s is %s; see --help)', flag, path, why or 'not a field of this recipe'), 0)
+      end
+      if ty == 'table' or ty == 'module' then
+         error(string.format('%s: %s is a table; set its fields (e.g. --%s.FIELD value)', flag, path, path), 0)
+      end
+      if ty == 'function' then error(string.format('%s: %s is code in the recipe file', flag, path), 0) end
+      set_path(r, path, parse_value(flag, ty, value, get_path(r, path)))
+   end
+   return r
+end
+
+-- run(tbl, args, path): the CLI entry for recipe files. Returns the summary (nil for --help).
+function M.run(recipe, args, path)
+   local r, what = M.apply(recipe, args)
+   if what == 'help' then
+      io.write(M.help(recipe, path), '\n')
+      return nil
+   end
+   if r.name == nil and path then r.name = path:match('([^/]+)%.lua$') or path end
+   local summary = train.train(r)
+   return summary
+end
+
+return M

@@ -1,0 +1,153 @@
+-- nr.schedule — learning-rate schedules as functions of the schedule's own position.
+--
+-- What it is: constant, step (×gamma at milestones or every step_size epochs), cosine and
+-- linear decay, each with an optional linear warm-up; per-epoch or per-iteration granularity;
+-- serializable position. What it is not: the code that decides when to advance (nr.train does,
+-- and only while tr.schedule_hold is false, which is how NR "shifts the milestones": the whole
+-- schedule starts after rejuvenation).
+-- Invariants: the position is two explicit fields, s.epoch (schedule epochs completed, 0-based)
+-- and s.iter (iterations into the current schedule epoch); s:lr() is a pure function of them,
+-- so state() = {epoch, iter} restores the LR exactly. Milestones count schedule epochs:
+-- milestones = {150, 225} means epochs 151.. use base*gamma (1-based), as torch's MultiStepLR.
+--
+--   local s = nr.schedule.build({name = 'cosine', warmup = 1}, {base_lr = 0.1, epochs = 90, iters_per_epoch = 500})
+--   opt.config.lr = s:lr(); ...; s:step()      -- each iteration
+--   s:next_epoch()                             -- each epoch end
+local check = require 'nr.check'
+
+local M = {}
+
+local Schedule = {}
+Schedule.__index = Schedule
+Schedule.__typename = 'nr.Schedule'
+
+local KEYS = {name = true, milestones = true, gamma = true, step_size = true, warmup = true,
+              warmup_start = true, min_lr = true, epochs = true, granularity = true}
+local NAMES = {constant = true, step = true, multistep = true, cosine = true, linear = true}
+
+-- build(cfg, ctx): cfg is a recipe's schedule table; ctx = {base_lr, epochs, iters_per_epoch}.
+-- cfg.epochs overrides ctx.epochs (the schedule's length; the decay ends there).
+function M.build(cfg, ctx)
+   cfg = cfg or {}
+   ctx = ctx or {}
+   check.options(cfg, KEYS, 'nr.schedule')
+   local name = cfg.name or 'constant'
+   check.arg(NAMES[name], 'nr.schedule', 'unknown schedule %q (constant, step, multistep, cosine, linear)', tostring(name))
+   check.arg(type(ctx.base_lr) == 'number' and ctx.base_lr >= 0, 'nr.schedule', 'base_lr must be a number >= 0, got %s', tostring(ctx.base_lr))
+   local s = setmetatable({
+      name = name, base_lr = ctx.base_lr,
+      epochs = cfg.epochs or ctx.epochs or 1,
+      iters_per_epoch = ctx.iters_per_epoch or 1,
+      gamma = cfg.gamma or 0.1,
+      milestones = cfg.milestones,
+      step_size = cfg.step_size,
+      warmup = cfg.warmup or 0,
+      warmup_start = cfg.warmup_start or 0,
+      min_lr = cfg.min_lr or 0,
+      granularity = cfg.granularity or ((name == 'cosine' or name == 'linear') and 'iter' or 'epoch'),
+      epoch = 0, iter = 0,
+   }, Schedule)
+   check.arg(s.granularity == 'iter' or s.granularity == 'epoch', 'nr.schedule', 'granularity must be "iter" or "epoch", got %q', tostring(s.granularity))
+   check.arg(type(s.warmup) == 'number' and s.warmup >= 0, 'nr.schedule', 'warmup must be a number of epochs >= 0')
+   check.arg(type(s.epochs) == 'number' and s.epochs > 0, 'nr.schedule', 'epochs must be > 0')
+   check.arg(s.iters_per_epoch >= 1, 'nr.schedule', 'iters_per_epoch must be >= 1')
+   if name == 'step' or name == 'multistep' then
+      if s.milestones == nil and s.step_size == nil then
+         -- torch-style default for CIFAR recipes: ×0.1 at 50% and 75%
+         s.milestones = {math.floor(s.epochs * 0.5), math.floor(s.epochs * 0.75)}
+      end
+      if s.milestones then
+         check.arg(type(s.milestones) == 'table', 'nr.schedule', 'milestones must be a list of epochs')
+         local prev = -math.huge
+         for i, m in ipairs(s.milestones) do
+            check.arg(type(m) == 'number' and m >= prev, 'nr.schedule', 'milestones must be increasing numbers (entry %d is %s)', i, tostring(m))
+            prev = m
+         end
+      else
+         check.arg(type(s.step_size) == 'number' and s.step_size > 0, 'nr.schedule', 'step_size must be a number > 0')
+      end
+   end
+   return s
+end
+
+-- Learning rate at schedule position t (fractional schedule epochs elapsed, from 0).
+function Schedule:at(t)
+   local base = self.base_lr
+   if self.warmup > 0 and t < self.warmup then
+      local f = t / self.warmup
+      return base * (self.warmup_start + (1 - self.warmup_start) * f)
+   end
+   if self.granularity == 'epoch' then t = math.floor(t) end
+   local name = self.name
+   if name == 'constant' then return base end
+   if name == 'step' or name == 'multistep' then
+      local k = 0
+      if self.milestones then
+         for _, m in ipairs(self.milestones) do if t >= m then k = k + 1 end end
+      else
+         k = math.floor(t / self.step_size + 1e-9)
+      end
+      return base * self.gamma ^ k
+   end
+   local span = self.epochs - self.warmup
+   local f = span > 0 and math.min(math.max((t - self.warmup) / span, 0), 1) or 1
+   if name == 'cosine' then
+      return self.min_lr + (base - self.min_lr) * 0.5 * (1 + math.cos(math.pi * f))
+   end
+   -- linear decay to min_lr
+   return self.min_lr + (base - self.min_lr) * (1 - f)
+end
+
+-- Current position in fractional schedule epochs. The fraction stays below 1 even if an epoch
+-- runs more iterations than iters_per_epoch said: only next_epoch() crosses an epoch.
+function Schedule:position()
+   return self.epoch + math.min(self.iter / self.iters_per_epoch, 1 - 1e-9)
+end
+
+function Schedule:lr() return self:at(self:position()) end
+
+-- One iteration done (the trainer calls this only while the schedule is not held).
+function Schedule:step()
+   self.iter = self.iter + 1
+end
+
+-- One epoch done: the epoch counter advances and the iteration count restarts.
+function Schedule:next_epoch()
+   self.epoch = self.epoch + 1
+   self.iter = 0
+end
+
+function Schedule:state()
+   return {name = self.name, epoch = self.epoch, iter = self.iter, base_lr = self.base_lr}
+end
+
+function Schedule:load_state(t)
+   check.arg(type(t) == 'table', 'Schedule:load_state', 'state must be a table')
+   check.arg(t.name == nil or t.name == self.name, 'Schedule:load_state', 'state is for schedule %q, this one is %q', tostring(t.name), self.name)
+   self.epoch = t.epoch or 0
+   self.iter = t.iter or 0
+   if t.base_lr then self.base_lr = t.base_lr end
+end
+
+-- The LR at the start of each schedule epoch 1..n (for reports and --help).
+function Schedule:table(n)
+   local out = {}
+   for e = 0, (n or self.epochs) - 1 do out[e + 1] = self:at(e) end
+   return out
+end
+
+M.Schedule = Schedule
+
+-- Shorthands: nr.schedule.cosine{base_lr = 0.1, epochs = 90, warmup = 1, iters_per_epoch = 100}
+for name in pairs(NAMES) do
+   M[name] = function(opts)
+      opts = opts or {}
+      local cfg, ctx = {name = name}, {}
+      for k, v in pairs(opts) do
+         if k == 'base_lr' or k == 'iters_per_epoch' then ctx[k] = v else cfg[k] = v end
+      end
+      return M.build(cfg, ctx)
+   end
+end
+
+return M

@@ -1,0 +1,742 @@
+-- nr.train — the training loop: nr.train(recipe) builds a trainer from a recipe table, runs
+-- epochs of training and evaluation, and returns a summary.
+--
+-- What it is: model / data / optimizer / schedule construction from a recipe, the loop (loss,
+-- top-1, top-5, images/s), hooks, the run folder (recipe.json, metrics.jsonl, checkpoint/),
+-- progress output, crash-safe checkpoints and exact resume. The contract other parts code
+-- against (NR, distributed) is docs/ARCHITECTURE.md "Trainer contract": tr.model, tr.criterion,
+-- tr.optimizer, tr.recipe, tr.epoch, tr.step, tr.out, tr.device, tr.schedule_hold,
+-- tr:add_hook, tr:register_state, tr:log, plus tr.schedule, tr:evaluate(), tr:save_checkpoint().
+-- What it is not: the CLI (nr.recipe parses flags) or NR's policy (nr.rejuvenate attaches hooks).
+-- Invariants:
+--   * tr.epoch is 1-based and current; tr.step is global, counted from 1, and names the step
+--     being run (after_backward, after_step) or the last one run (epoch_end).
+--   * the schedule's position advances only while tr.schedule_hold is false (per iteration and
+--     per epoch), before the epoch_end hooks run.
+--   * a checkpoint is written after epoch_end hooks (so NR's state is the post-hook state); a
+--     run resumed from the checkpoint of epoch k reaches the same weights as an uninterrupted
+--     run (bit-identical on the CPU with the same thread count).
+--   * accuracies are percentages (0..100); losses are means over samples.
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+local nrffi = require 'nr.ffi'
+local ck = require 'nr.checkpoint'
+local progress = require 'nr.progress'
+local schedule = require 'nr.schedule'
+local ffi, C = nrffi.ffi, nrffi.C
+
+local M = {}
+
+local HOOKS = {train_begin = true, epoch_begin = true, after_backward = true, after_step = true,
+               epoch_end = true, train_end = true}
+
+-- ---- defaults ----------------------------------------------------------------------------------
+
+-- Defaults of every recipe field the trainer reads (nr.recipe lists them in --help).
+M.DEFAULTS = {
+   name = 'run',
+   model = nil,            -- {name = 'resnet', ...} for nr.models, a module, or function(recipe) -> module
+   data = {
+      dataset = nil,       -- 'fashion-mnist', 'mnist', 'cifar10', 'cifar100', 'imagefolder'
+      root = nil,          -- folder holding the dataset ($VARS and ~ expand)
+      batch = 128,
+      eval_batch = nil,    -- default: batch
+      threads = 2,         -- loader worker threads
+      size = nil,          -- input side; images are resized when the dataset's differs
+      augment = nil,       -- nil: the dataset's default; false: none; or a table of loader options
+      train_split = 'train', val_split = 'test',
+      train_batches = nil, val_batches = nil,  -- cap batches per epoch (quick runs, tests)
+   },
+   optim = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 5e-4, nesterov = false,
+            no_decay_bn_bias = false},
+   schedule = {name = 'cosine', warmup = 0},
+   loss = {label_smoothing = 0},
+   epochs = 10,
+   device = 'auto',        -- 'auto' (CUDA when available), 'cpu', 'cuda'
+   seed = 1,
+   threads = 0,            -- CPU kernel threads; 0 = all cores (NR_THREADS also sets it)
+   out = nil,              -- run folder; default runs/<name>-<date>
+   resume = nil,           -- a run folder (or checkpoint folder) to continue from
+   log_every = 50,         -- steps between metrics records and plain progress lines
+   eval_every = 1,         -- epochs between evaluations (the last epoch is always evaluated)
+   checkpoint_every = 1,   -- epochs between checkpoints (the last epoch always); 0: none
+   keep = 2,               -- complete checkpoints kept
+   nr = nil,               -- Neural Rejuvenation (nr.rejuvenate); false or {enabled = false}: off
+   dist = nil,             -- data parallelism options for nr.dist.attach (under mpirun)
+   hooks = nil,            -- {hook_name = function(tr, info) ... end}
+   progress = nil,         -- {stream = io.stdout, tty = nil (auto), every = log_every}
+}
+
+-- Default augmentation by dataset, in nr.data.loader's terms: train(size) and eval(size) give
+-- the augment tables (size: recipe.data.size or nil). Evaluation only resizes, crops centrally
+-- and normalizes.
+local function cifar_train(size) return {pad = 4, crop = size or 32, flip = true, normalize = true} end
+M.AUGMENT = {
+   cifar10 = {train = cifar_train, eval = function() return {normalize = true} end},
+   cifar100 = {train = cifar_train, eval = function() return {normalize = true} end},
+   ['fashion-mnist'] = {train = function() return {normalize = true} end, eval = function() return {normalize = true} end},
+   mnist = {train = function() return {normalize = true} end, eval = function() return {normalize = true} end},
+   imagefolder = {
+      train = function(size) return {random_resized_crop = size or 224, flip = true, normalize = true} end,
+      eval = function(size)
+         size = size or 224
+         return {resize = math.floor(size / 0.875 + 0.5), center_crop = size, normalize = true}
+      end,
+   },
+}
+
+-- What to tell a user whose dataset is missing.
+M.DATASET_HINTS = {
+   ['fashion-mnist'] = 'install it with `apt-get install dataset-fashion-mnist` (files go to /usr/share/datasets/fashion-mnist)'
+      .. ' or point --data at a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,'
+      .. ' t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz',
+   mnist = 'point --data at a folder holding the four MNIST idx files (train-images-idx3-ubyte.gz, ...)',
+   cifar10 = 'download the binary version (cifar-10-binary.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it and point --data at the folder',
+   cifar100 = 'download cifar-100-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it and point --data at the folder',
+   imagefolder = 'point --data at a folder with train/ and val/ subfolders of class folders',
+}
+
+-- Copies plain tables; objects (tensors, modules, loaders, streams: anything with a metatable or
+-- a forward/write/nbatches method) are shared, not copied.
+local function deep_copy(v, seen)
+   if type(v) ~= 'table' or getmetatable(v) ~= nil or type(v.forward) == 'function'
+      or type(v.write) == 'function' or type(v.nbatches) == 'function' then
+      return v
+   end
+   seen = seen or {}
+   if seen[v] then return seen[v] end
+   local out = {}
+   seen[v] = out
+   for k, x in pairs(v) do out[k] = deep_copy(x, seen) end
+   return setmetatable(out, getmetatable(v))
+end
+M.deep_copy = deep_copy
+
+local function is_module(x) return type(x) == 'table' and type(x.forward) == 'function' and type(x.parameters) == 'function' end
+
+-- Fills defaults into a copy of the recipe (tables merged one level deep).
+function M.resolve(recipe)
+   check.arg(type(recipe) == 'table', 'nr.train', 'recipe must be a table, got %s', type(recipe))
+   local r = {}
+   for k, v in pairs(recipe) do r[k] = deep_copy(v) end
+   for k, d in pairs(M.DEFAULTS) do
+      if r[k] == nil then
+         r[k] = deep_copy(d)
+      elseif type(d) == 'table' and type(r[k]) == 'table' and not is_module(r[k]) then
+         for kk, dv in pairs(d) do if r[k][kk] == nil then r[k][kk] = deep_copy(dv) end end
+      end
+   end
+   -- the schedule and optimizer names default even when a recipe gives a partial table
+   r.optim.name = r.optim.name or 'sgd'
+   return r
+end
+
+-- ---- helpers ---------------------------------------------------------------------------------------
+
+local function expand_path(p, what)
+   if type(p) ~= 'string' then return p end
+   p = p:gsub('^~', os.getenv('HOME') or '~')
+   p = p:gsub('%$(%b{})', function(n)
+      return os.getenv(n:sub(2, -2)) or error(string.format('%s: environment variable %s is not set (in %q)', what, n:sub(2, -2), p), 0)
+   end)
+   p = p:gsub('%$([%a_][%w_]*)', function(n) return os.getenv(n) or error(string.format('%s: environment variable %s is not set', what, n), 0) end)
+   return p
+end
+M.expand_path = expand_path
+
+local function pick_device(dev)
+   if dev == nil or dev == 'auto' then
+      local ok, cuda = pcall(require, 'nr.cuda')
+      if ok and type(cuda) == 'table' and cuda.available then
+         local ok2, avail = pcall(cuda.available)
+         if ok2 and avail then return 'cuda' end
+      end
+      return 'cpu'
+   end
+   if dev == 'cpu' then return 'cpu' end
+   if dev == 'cuda' or (type(dev) == 'string' and dev:match('^cuda:%d+$')) then
+      if C.nr_has_cuda() == 0 then error('nr.train: device = "cuda" but this nrlua was built without CUDA', 0) end
+      local ok, cuda = pcall(require, 'nr.cuda')
+      if ok and cuda.available and not cuda.available() then error('nr.train: device = "cuda" but no GPU is available', 0) end
+      return dev
+   end
+   error(string.format('nr.train: unknown device %q (auto, cpu, cuda)', tostring(dev)), 0)
+end
+M.pick_device = pick_device
+
+local function date_tag() return os.date('!%Y%m%d-%H%M%S') end
+
+local function rng_state()
+   local s = ffi.new('uint64_t[4]')
+   C.nr_rng_get_state(s)
+   local out = {}
+   for i = 0, 3 do out[i + 1] = (tostring(s[i]):gsub('U?LL$', '')) end
+   return out
+end
+
+local function set_rng_state(words)
+   check.arg(type(words) == 'table' and #words == 4, 'nr.train', 'checkpoint has no RNG state (4 words)')
+   local s = ffi.new('uint64_t[4]')
+   for i = 1, 4 do
+      local v = ffi.new('uint64_t', 0)
+      for d in tostring(words[i]):gmatch('%d') do v = v * 10 + tonumber(d) end
+      s[i - 1] = v
+   end
+   C.nr_rng_set_state(s)
+end
+M.rng_state, M.set_rng_state = rng_state, set_rng_state
+
+-- Top-1 / top-5 hits of a batch: out (N, K) f32 CPU, labels int64 CPU (N).
+local function topk_hits(out, labels)
+   local o = out:contiguous()
+   local n, k = o:size(1), o:size(2)
+   local p, l = o:data(), labels:contiguous():data()
+   local h1, h5 = 0, 0
+   for i = 0, n - 1 do
+      local row = p + i * k
+      local y = tonumber(l[i])
+      local sy = row[y]
+      local above = 0
+      for j = 0, k - 1 do
+         local v = row[j]
+         if v > sy or (v == sy and j < y) then
+            above = above + 1
+            if above >= 5 then break end
+         end
+      end
+      if above == 0 then h1 = h1 + 1 end
+      if above < 5 then h5 = h5 + 1 end
+   end
+   return h1, h5
+end
+M.topk_hits = topk_hits
+
+-- ---- an in-memory loader (tests, small experiments) ------------------------------------------------
+
+-- A deterministic shuffle from (seed, epoch): xorshift64*, independent of the global generator.
+local function permutation(n, seed, epoch)
+   local s = ffi.new('uint64_t', seed * 1000003 + epoch * 7919 + 88172645463325252ULL)
+   local perm = {}
+   for i = 1, n do perm[i] = i - 1 end
+   for i = n, 2, -1 do
+      s = bit.bxor(s, bit.rshift(s, 12)); s = bit.bxor(s, bit.lshift(s, 25)); s = bit.bxor(s, bit.rshift(s, 27))
+      local r = s * 2685821657736338717ULL
+      local j = tonumber(r % i) + 1
+      perm[i], perm[j] = perm[j], perm[i]
+   end
+   return perm
+end
+
+local MemoryLoader = {}
+MemoryLoader.__index = MemoryLoader
+
+-- memory_loader(x (N, ...) f32, y (N) int64, {batch = 32, shuffle = false, seed = 1}): the
+-- loader interface nr.train needs (nbatches(), epoch(e) iterator of x, y batches).
+function M.memory_loader(x, y, opts)
+   opts = check.options(opts, {batch = true, shuffle = true, seed = true, drop_last = true}, 'nr.train.memory_loader')
+   check.arg(T.is_tensor(x) and T.is_tensor(y) and x:size(1) == y:size(1), 'nr.train.memory_loader', 'x and y must be tensors with the same first dimension')
+   return setmetatable({x = x, y = y, batch = opts.batch or 32, shuffle = opts.shuffle or false,
+                        seed = opts.seed or 1, drop_last = opts.drop_last or false}, MemoryLoader)
+end
+
+function MemoryLoader:nbatches()
+   local n = self.x:size(1)
+   if self.drop_last then return math.floor(n / self.batch) end
+   return math.ceil(n / self.batch)
+end
+
+function MemoryLoader:size() return self.x:size(1) end
+
+function MemoryLoader:epoch(e)
+   local n, b = self.x:size(1), self.batch
+   local nb = self:nbatches()
+   local i = 0
+   local order = self.shuffle and permutation(n, self.seed, e or 1) or nil
+   return function()
+      i = i + 1
+      if i > nb then return nil end
+      local from, len = (i - 1) * b, math.min(b, n - (i - 1) * b)
+      if not order then return self.x:narrow(1, from + 1, len), self.y:narrow(1, from + 1, len) end
+      local idx = {}
+      for k = 1, len do idx[k] = order[from + k] end
+      return self.x:index_select(1, idx), self.y:index_select(1, idx)
+   end
+end
+M.MemoryLoader = MemoryLoader
+
+-- ---- the trainer ---------------------------------------------------------------------------------
+
+local Trainer = {}
+Trainer.__index = Trainer
+M.Trainer = Trainer
+
+function Trainer:add_hook(name, fn)
+   check.arg(HOOKS[name], 'Trainer:add_hook', 'unknown hook %q (train_begin, epoch_begin, after_backward, after_step, epoch_end, train_end)', tostring(name))
+   check.type(fn, 'function', 'Trainer:add_hook', 'fn')
+   local list = self.hooks[name]
+   list[#list + 1] = fn
+end
+
+function Trainer:call(name, info)
+   for _, fn in ipairs(self.hooks[name]) do fn(self, info) end
+end
+
+function Trainer:register_state(name, spec)
+   check.type(name, 'string', 'Trainer:register_state', 'name')
+   check.arg(type(spec) == 'table' and type(spec.save) == 'function' and type(spec.load) == 'function',
+      'Trainer:register_state', 'spec must be {save = fn, load = fn [, before_weights = bool]}')
+   check.arg(not self.states[name], 'Trainer:register_state', 'state %q is already registered', name)
+   self.states[name] = spec
+   self.state_order[#self.state_order + 1] = name
+end
+
+-- Appends a record to metrics.jsonl; adds time (seconds since the run began), epoch, step.
+function Trainer:log(record)
+   check.arg(type(record) == 'table', 'Trainer:log', 'record must be a table')
+   local r = {}
+   for k, v in pairs(record) do r[k] = v end
+   r.kind = r.kind or 'info'
+   if r.epoch == nil then r.epoch = self.epoch end
+   if r.step == nil then r.step = self.step end
+   r.time = r.time or (progress.now() - self.t_start + (self.time_offset or 0))
+   if self.metrics then
+      self.metrics:write(ck.json_encode(r), '\n')
+      self.metrics:flush()
+   end
+   self.records[#self.records + 1] = r
+end
+
+function Trainer:print(text) self.progress:line(text) end
+
+-- Builds the model from recipe.model: a module, a function(recipe) -> module, or a table for
+-- nr.models ({name = 'resnet', depth = 18, ...}).
+local function build_model(rc)
+   local m = rc.model
+   if is_module(m) then return m end
+   if type(m) == 'function' then
+      local built = m(rc)
+      check.arg(is_module(built), 'nr.train', 'recipe.model() must return an nr.nn module, got %s', type(built))
+      return built
+   end
+   check.arg(type(m) == 'table' and type(m.name) == 'string', 'nr.train',
+      'recipe.model must be a module, a function returning one, or a table {name = ..., ...} for nr.models')
+   local models = require 'nr.models'
+   if type(models.build) == 'function' then return models.build(m) end
+   check.arg(type(models[m.name]) == 'function', 'nr.train', 'unknown model %q', m.name)
+   return models[m.name](m)
+end
+
+-- Keys of an augment table that are deterministic (kept for evaluation).
+local EVAL_KEYS = {resize = true, center_crop = true, channels = true, normalize = true}
+
+-- Loader options for a split, from recipe.data: the dataset's default augmentation unless
+-- data.augment is given (false: none; a table: used for training, and its resize /
+-- center_crop / channels / normalize for evaluation). data.size resizes datasets whose
+-- native size differs; grey images are replicated when the model wants 3 channels.
+local function loader_opts(d, train, seed, model, ds)
+   local o = {batch = train and d.batch or (d.eval_batch or d.batch), shuffle = train, seed = seed, threads = d.threads}
+   if d.shard then o.shard = d.shard end
+   local defaults = M.AUGMENT[d.dataset]
+   local a = {}
+   if d.augment == nil then
+      if defaults then a = (train and defaults.train or defaults.eval)(d.size) end
+   elseif d.augment then
+      check.arg(type(d.augment) == 'table', 'nr.train', 'data.augment must be a table, false or nil')
+      for k, v in pairs(d.augment) do
+         if train or EVAL_KEYS[k] then a[k] = v end
+      end
+   end
+   local native = ds and ds.height and ds.height > 0 and ds.height or nil
+   if d.size and native and native ~= d.size and not a.resize and not a.random_resized_crop then
+      a.resize = {d.size, d.size}
+   end
+   local info = model and rawget(model, 'nr_info')
+   if info and info.input_channels and not a.channels then a.channels = info.input_channels end
+   if next(a) then o.augment = a end
+   return o
+end
+
+local function build_data(tr, rc)
+   local d = rc.data
+   if d.train then
+      -- ready-made loaders (objects with nbatches() and epoch(e))
+      tr.train_loader, tr.val_loader = d.train, d.val
+      return
+   end
+   check.arg(type(d.dataset) == 'string', 'nr.train', 'recipe.data.dataset is not set (e.g. --dataset fashion-mnist)')
+   local root = expand_path(d.root, 'recipe.data.root')
+   local hint = M.DATASET_HINTS[d.dataset]
+   if root and not ck.is_dir(root) then
+      error(string.format('nr.train: dataset %s not found: %s is not a folder.%s', d.dataset, root,
+         hint and ('\n  To get it: ' .. hint .. '.') or ''), 0)
+   end
+   local data = require 'nr.data'
+   local function open(split)
+      local ok, ds = pcall(data.dataset, {name = d.dataset, root = root, split = split})
+      if not ok then
+         local msg = tostring(ds)
+         local helpful = msg:find('--data', 1, true) or msg:find('apt-get', 1, true)
+         error(string.format('nr.train: cannot open the %s split of %s in %s: %s%s', split, d.dataset, tostring(root),
+            msg, (hint and not helpful) and ('\n  To get it: ' .. hint .. '.') or ''), 0)
+      end
+      return ds
+   end
+   local seed = d.seed or rc.seed
+   tr.train_set = open(d.train_split or 'train')
+   tr.train_loader = data.loader(tr.train_set, loader_opts(d, true, seed, tr.model, tr.train_set))
+   if d.val_split then
+      tr.val_set = open(d.val_split)
+      tr.val_loader = data.loader(tr.val_set, loader_opts(d, false, seed, tr.model, tr.val_set))
+   end
+end
+
+-- A JSON-able view of the resolved recipe (modules and functions described, not serialized).
+local function recipe_json(rc)
+   local function conv(v, seen)
+      if is_module(v) then return {module = v:typename(), params = v:nParameters()} end
+      if type(v) == 'function' then return '<function>' end
+      if type(v) == 'userdata' then return '<userdata>' end
+      if type(v) ~= 'table' then return v end
+      if T.is_tensor(v) then return '<' .. v:describe() .. '>' end
+      if seen[v] then return '<cycle>' end
+      seen[v] = true
+      local out = {}
+      for k, x in pairs(v) do
+         if not (type(x) == 'table' and x.nbatches) then out[k] = conv(x, seen) else out[k] = '<loader>' end
+      end
+      seen[v] = nil
+      return out
+   end
+   local r = conv(rc, {})
+   r.progress = nil
+   return r
+end
+M.recipe_json = recipe_json
+
+-- Creates the trainer (model, data, optimizer, schedule, run folder); does not train.
+function M.new(recipe)
+   local rc = M.resolve(recipe)
+   local tr = setmetatable({recipe = rc, hooks = {}, states = {}, state_order = {}, records = {},
+                            schedule_hold = false, epoch = 0, step = 0, best_top1 = nil,
+                            train_images = 0, train_time = 0}, Trainer)
+   for h in pairs(HOOKS) do tr.hooks[h] = {} end
+   check.arg(type(rc.epochs) == 'number' and rc.epochs >= 1, 'nr.train', 'epochs must be >= 1, got %s', tostring(rc.epochs))
+   if rc.threads and rc.threads > 0 then C.nr_set_num_threads(rc.threads) end
+   if rc.seed then C.nr_rng_seed(rc.seed) end
+   tr.device = pick_device(rc.device)
+   rc.device_resolved = tr.device
+   tr.t_start = progress.now()
+
+   -- data parallelism (nr.dist; a no-op outside an MPI launch): before the model moves to its
+   -- GPU and before the loaders are built, so each rank gets its shard (docs in lua/nr/dist.lua)
+   local dist = package.searchpath('nr.dist', package.path) and require('nr.dist') or nil
+   if type(dist) == 'table' and type(dist.attach) == 'function' then
+      dist.attach(tr, rc.dist)
+   else
+      tr.rank, tr.world_size, tr.is_main = 0, 1, true
+   end
+
+   -- model and loss
+   tr.model = build_model(rc)
+   if tr.device ~= 'cpu' then tr.model:to(tr.device) end
+   do
+      local ok, tree = pcall(tr.model.tree, tr.model)
+      rc.model_built = {module = tr.model:typename(), params = tr.model:nParameters(), tree = ok and tree or nil}
+   end
+   local nn = require 'nr.nn'
+   tr.criterion = nn.CrossEntropyLoss({label_smoothing = rc.loss.label_smoothing or 0})
+   if tr.device ~= 'cpu' and tr.criterion.to then tr.criterion:to(tr.device) end
+
+   -- data
+   build_data(tr, rc)
+   tr.iters_per_epoch = tr.train_loader:nbatches()
+   if rc.data.train_batches then tr.iters_per_epoch = math.min(tr.iters_per_epoch, rc.data.train_batches) end
+
+   -- optimizer and schedule
+   tr.optimizer = require('nr.optim').build(rc.optim, tr.model)
+   tr.base_lr = rc.optim.lr
+   if rc.schedule then
+      tr.schedule = schedule.build(rc.schedule, {base_lr = rc.optim.lr, epochs = rc.epochs, iters_per_epoch = tr.iters_per_epoch})
+   end
+
+   -- run folder
+   local name = rc.name or 'run'
+   local resume_run = rc.resume and rc.resume:gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', '')
+   tr.out = rc.out or resume_run or ('runs/' .. name .. '-' .. date_tag())
+   rc.out = tr.out
+   ck.mkdirs(tr.out)
+   tr.progress = progress.new({stream = rc.progress and rc.progress.stream or io.stdout,
+                               tty = rc.progress and rc.progress.tty, every = rc.progress and rc.progress.every or rc.log_every})
+
+   -- user hooks, then NR (which registers its hooks and states)
+   for hname, fn in pairs(rc.hooks or {}) do
+      if type(fn) == 'table' then
+         for _, f in ipairs(fn) do tr:add_hook(hname, f) end
+      else
+         tr:add_hook(hname, fn)
+      end
+   end
+   local nrc = rc.nr
+   if nrc ~= nil and nrc ~= false and nrc ~= 'off' and not (type(nrc) == 'table' and nrc.enabled == false) then
+      local ok, rej = pcall(require, 'nr.rejuvenate')
+      if not ok then error('nr.train: recipe.nr is set but nr.rejuvenate cannot be loaded: ' .. tostring(rej), 0) end
+      check.arg(type(rej.attach) == 'function', 'nr.train', 'nr.rejuvenate has no attach(trainer, cfg)')
+      rej.attach(tr, nrc)
+   end
+   return tr
+end
+
+-- Parameter shapes (name -> shape), recorded in checkpoints as the architecture.
+local function shapes_of(model)
+   local out = {}
+   for _, e in ipairs(model:namedParameters()) do out[e.name] = e.param:shape() end
+   return out
+end
+
+-- Writes a checkpoint of the current state into <out>/checkpoint.
+function Trainer:save_checkpoint(opts)
+   opts = opts or {}
+   local rc = self.recipe
+   local states = {}
+   for _, name in ipairs(self.state_order) do states[name] = self.states[name].save() end
+   local arch = {shapes = shapes_of(self.model)}
+   if type(rc.model) == 'table' and not is_module(rc.model) then arch.model = recipe_json(rc.model) end
+   local state = {
+      version = 1,
+      epoch = self.epoch, step = self.step,
+      architecture = arch,
+      optimizer = self.optimizer:state(),
+      schedule = self.schedule and self.schedule:state() or nil,
+      schedule_hold = self.schedule_hold,
+      rng = rng_state(),
+      trainer = {best_top1 = self.best_top1, best_epoch = self.best_epoch, train_images = self.train_images,
+                 train_time = self.train_time, time = progress.now() - self.t_start + (self.time_offset or 0)},
+      states = states,
+      threads = C.nr_get_num_threads(),
+      device = self.device,
+   }
+   local dir = ck.save(self.out .. '/checkpoint', {step = self.step, weights = ck.model_tensors(self.model), state = state,
+                                                   keep = rc.keep, best = opts.best, metadata = {epoch = self.epoch, step = self.step}})
+   self.last_checkpoint = dir
+   return dir
+end
+
+-- Restores everything from a checkpoint (path: a run folder, its checkpoint/ or a step folder).
+function Trainer:load_checkpoint(path)
+   local r = ck.load(path)
+   local s = r.state
+   -- architecture first (NR restores widths / split layers), then weights
+   for _, name in ipairs(self.state_order) do
+      local spec = self.states[name]
+      if spec.before_weights and s.states and s.states[name] ~= nil then spec.load(s.states[name]) end
+   end
+   local weights = r.weights
+   if self.device ~= 'cpu' then
+      for k, w in pairs(weights) do weights[k] = w:to(self.device) end
+   end
+   ck.load_into(self.model, weights, r.dir)
+   self.optimizer:refresh()
+   -- state (momentum, step count, schedule position) comes from the checkpoint; hyperparameters
+   -- (lr, momentum, weight decay, base LR) from the recipe, so `--resume DIR --lr 0.01` means it
+   if s.optimizer then
+      local os_ = {}
+      for k, v in pairs(s.optimizer) do if k ~= 'config' and k ~= 'groups' then os_[k] = v end end
+      self.optimizer:load_state(os_)
+   end
+   if self.schedule and s.schedule then
+      self.schedule:load_state({name = s.schedule.name, epoch = s.schedule.epoch, iter = s.schedule.iter})
+   end
+   self.schedule_hold = s.schedule_hold or false
+   if s.rng then set_rng_state(s.rng) end
+   self.epoch, self.step = s.epoch or 0, s.step or 0
+   local t = s.trainer or {}
+   self.best_top1, self.best_epoch = t.best_top1, t.best_epoch
+   self.train_images, self.train_time = t.train_images or 0, t.train_time or 0
+   self.time_offset = t.time
+   for _, name in ipairs(self.state_order) do
+      local spec = self.states[name]
+      if not spec.before_weights and s.states and s.states[name] ~= nil then spec.load(s.states[name]) end
+   end
+   if s.threads and s.threads ~= C.nr_get_num_threads() then
+      self:print(string.format('note: the checkpoint was written with %d threads, this run uses %d (results may differ in the last bits)',
+         s.threads, C.nr_get_num_threads()))
+   end
+   return r.dir
+end
+
+-- Evaluates on the validation loader: {loss, top1, top5, n}.
+function Trainer:evaluate(loader)
+   loader = loader or self.val_loader
+   if not loader then return nil end
+   local model, crit = self.model, self.criterion
+   model:evaluate()
+   local n, loss, h1, h5 = 0, 0, 0, 0
+   local limit = self.recipe.data.val_batches
+   local b = 0
+   for x, y in loader:epoch(1) do
+      b = b + 1
+      local xd, yd = x, y
+      if self.device ~= 'cpu' then xd, yd = x:to(self.device), y:to(self.device) end
+      local out = model:forward(xd)
+      local bn = x:size(1)
+      loss = loss + crit:forward(out, yd) * bn
+      local a1, a5 = topk_hits(out:is_cuda() and out:cpu() or out, y:is_cuda() and y:cpu() or y)
+      h1, h5, n = h1 + a1, h5 + a5, n + bn
+      if limit and b >= limit then break end
+   end
+   model:training()
+   if n == 0 then return nil end
+   return {loss = loss / n, top1 = 100 * h1 / n, top5 = 100 * h5 / n, n = n}
+end
+
+-- One epoch of training: returns {loss, top1, images, time}.
+function Trainer:train_epoch(epoch)
+   local rc = self.recipe
+   local model, crit, opt, sched = self.model, self.criterion, self.optimizer, self.schedule
+   model:training()
+   local total = self.iters_per_epoch
+   self.progress:begin_epoch(epoch, rc.epochs, total)
+   local t0 = progress.now()
+   local n, loss_sum, hits = 0, 0, 0
+   local win_n, win_loss, win_hits, win_t = 0, 0, 0, t0
+   local i = 0
+   local log_every = rc.log_every or 50
+   for x, y in self.train_loader:epoch(epoch) do
+      i = i + 1
+      self.step = self.step + 1
+      if sched then opt.config.lr = sched:lr() end
+      local xd, yd = x, y
+      if self.device ~= 'cpu' then xd, yd = x:to(self.device), y:to(self.device) end
+      local out = model:forward(xd)
+      local loss = crit:forward(out, yd)
+      if loss ~= loss or loss == math.huge then
+         error(string.format('nr.train: the loss is %s at epoch %d step %d (lr %g); lower the learning rate?', tostring(loss), epoch, self.step, opt.config.lr), 0)
+      end
+      local bn = x:size(1)
+      local h1 = topk_hits(out:is_cuda() and out:cpu() or out, y:is_cuda() and y:cpu() or y)
+      model:zeroGradParameters()
+      local g = crit:backward(out, yd)
+      model:backward(xd, g)
+      self:call('after_backward', {loss = loss, batch = bn})
+      opt:step()
+      self:call('after_step', {loss = loss, batch = bn})
+      if sched and not self.schedule_hold then sched:step() end
+      n, loss_sum, hits = n + bn, loss_sum + loss * bn, hits + h1
+      win_n, win_loss, win_hits = win_n + bn, win_loss + loss * bn, win_hits + h1
+      local now = progress.now()
+      local ips = n / math.max(now - t0, 1e-9)
+      self.progress:update(i, {loss = loss_sum / n, acc = 100 * hits / n, ips = ips})
+      if i % log_every == 0 or i == total then
+         self:log({kind = 'step', epoch = epoch, iter = i, loss = win_loss / win_n, top1 = 100 * win_hits / win_n,
+                   lr = opt.config.lr, images_per_s = win_n / math.max(now - win_t, 1e-9)})
+         win_n, win_loss, win_hits, win_t = 0, 0, 0, now
+      end
+      if i >= total then break end
+   end
+   local dt = progress.now() - t0
+   return {loss = n > 0 and loss_sum / n or nil, top1 = n > 0 and 100 * hits / n or nil, images = n, time = dt}
+end
+
+local function fmt(v, f) return v and string.format(f, v) or '-' end
+
+-- Runs the remaining epochs; returns the summary.
+function Trainer:run()
+   local rc = self.recipe
+   if rc.resume then
+      local dir = self:load_checkpoint(rc.resume)
+      self:print(string.format('resumed from %s (epoch %d, step %d)', dir, self.epoch, self.step))
+      -- drop metrics written after that checkpoint (a run killed mid-epoch)
+      self:_trim_metrics()
+   end
+   ck.write_atomic(self.out .. '/recipe.json', ck.json_encode(recipe_json(rc), true) .. '\n')
+   self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
+   local start = self.epoch + 1
+   self:log({kind = 'run', event = rc.resume and 'resume' or 'begin', epochs = rc.epochs, device = self.device,
+             threads = C.nr_get_num_threads(), params = self.model:nParameters(), iters_per_epoch = self.iters_per_epoch})
+   self:print(string.format('nrlua: %s on %s, %d threads, %d parameters, %d epochs of %d steps -> %s', rc.name or 'run',
+      self.device, C.nr_get_num_threads(), self.model:nParameters(), rc.epochs, self.iters_per_epoch, self.out))
+   self:call('train_begin', {})
+   local last_val
+   for epoch = start, rc.epochs do
+      self.epoch = epoch
+      self:call('epoch_begin', {epoch = epoch})
+      if self.schedule then self.optimizer.config.lr = self.schedule:lr() end
+      local lr = self.optimizer.config.lr   -- the LR this epoch starts with
+      local train = self:train_epoch(epoch)
+      self.train_images = self.train_images + train.images
+      self.train_time = self.train_time + train.time
+      local val
+      if epoch == rc.epochs or (rc.eval_every and rc.eval_every > 0 and epoch % rc.eval_every == 0) then
+         val = self:evaluate()
+      end
+      if self.schedule and not self.schedule_hold then self.schedule:next_epoch() end
+      local best = false
+      if val then
+         last_val = val
+         if not self.best_top1 or val.top1 > self.best_top1 then
+            self.best_top1, self.best_epoch, best = val.top1, epoch, true
+         end
+      end
+      local lr_end = self.optimizer.config.lr    -- the LR of the epoch's last step
+      local lr_text = string.format('%.4g', lr)
+      if math.abs(lr_end - lr) > 1e-12 * math.max(1, lr) then lr_text = string.format('%.4g->%.4g', lr, lr_end) end
+      local ips = train.images / math.max(train.time, 1e-9)
+      local elapsed = progress.now() - self.t_start
+      local eta = (rc.epochs - epoch) * (elapsed / (epoch - start + 1))
+      self.progress:end_epoch(string.format('epoch %d/%d  train loss %s top1 %s%%  |  val loss %s top1 %s%% top5 %s%%  |  %.1fs %d img/s lr %s  eta %s',
+         epoch, rc.epochs, fmt(train.loss, '%.4f'), fmt(train.top1, '%.2f'), fmt(val and val.loss, '%.4f'),
+         fmt(val and val.top1, '%.2f'), fmt(val and val.top5, '%.2f'), train.time, math.floor(ips + 0.5), lr_text,
+         progress.format_duration(eta)))
+      local info = {epoch = epoch, train = {loss = train.loss, top1 = train.top1}, val = val,
+                    lr = lr, time = train.time, images_per_s = ips}
+      self:call('epoch_end', info)
+      self:log({kind = 'epoch', epoch = epoch, lr = lr, lr_end = lr_end, train = info.train, val = val, time_s = train.time,
+                images_per_s = ips, schedule_hold = self.schedule_hold or nil})
+      local every = rc.checkpoint_every or 1
+      if every > 0 and (epoch % every == 0 or epoch == rc.epochs) then self:save_checkpoint({best = best}) end
+   end
+   local summary = {
+      final_top1 = last_val and last_val.top1, final_top5 = last_val and last_val.top5,
+      final_loss = last_val and last_val.loss, best_top1 = self.best_top1, best_epoch = self.best_epoch,
+      epochs = rc.epochs, steps = self.step,
+      time_s = progress.now() - self.t_start + (self.time_offset or 0),
+      train_time_s = self.train_time,
+      images_per_s = self.train_images / math.max(self.train_time, 1e-9),
+      out = self.out, device = self.device,
+   }
+   self:call('train_end', summary)
+   self:log({kind = 'summary', summary = summary})
+   self:print(string.format('done: top1 %s%% (best %s%% at epoch %s), %s, %d img/s -> %s', fmt(summary.final_top1, '%.2f'),
+      fmt(summary.best_top1, '%.2f'), tostring(summary.best_epoch), progress.format_duration(summary.time_s),
+      math.floor(summary.images_per_s + 0.5), self.out))
+   self.metrics:close()
+   self.metrics = nil
+   return summary
+end
+
+-- Rewrites metrics.jsonl without records newer than the restored step (atomic).
+function Trainer:_trim_metrics()
+   local path = self.out .. '/metrics.jsonl'
+   local text = ck.read_file(path)
+   if not text then return end
+   local keep = {}
+   for line in text:gmatch('[^\n]+') do
+      local ok, r = pcall(ck.json_decode, line)
+      if ok and type(r) == 'table' then
+         local newer = (r.step and r.step > self.step) or (r.kind == 'epoch' and r.epoch and r.epoch > self.epoch)
+            or r.kind == 'summary'
+         if not newer then keep[#keep + 1] = line end
+      end
+   end
+   ck.write_atomic(path, #keep > 0 and (table.concat(keep, '\n') .. '\n') or '')
+end
+
+-- nr.train(recipe) -> summary {final_top1, best_top1, time_s, images_per_s, ...}
+function M.train(recipe)
+   local tr = M.new(recipe)
+   return tr:run(), tr
+end
+
+setmetatable(M, {__call = function(_, recipe) return M.train(recipe) end})
+
+return M

@@ -1,0 +1,176 @@
+-- nr.safetensors and nr.checkpoint: the safetensors byte layout (checked byte by byte here and
+-- by an independent reader in Python/PyTorch when /usr/bin/python3 has torch), the round trip
+-- of weights + state with tensors inside, the JSON encoder, and crash safety: a leftover temp
+-- file, a half-written newer checkpoint or a damaged `latest` target never prevents loading the
+-- last good checkpoint.
+local nr = require 'nr'
+local st = require 'nr.safetensors'
+local ck = require 'nr.checkpoint'
+
+local TMP = (os.getenv('NR_TEST_TMP') or '/tmp') .. '/nr_checkpoint_spec_' .. tostring(os.time()) .. '_' .. tostring(math.random(1e6))
+ck.mkdirs(TMP)
+
+local function u64le(s, at)
+   local n = 0
+   for i = at + 7, at, -1 do n = n * 256 + s:byte(i) end
+   return n
+end
+
+local function write(path, s) local f = assert(io.open(path, 'wb')); f:write(s); f:close() end
+
+describe('nr.safetensors', function()
+   it('writes the documented layout: u64 header length, JSON header, packed data', function()
+      local a = nr.tensor({{1, 2, 3}, {4, 5, 6}})
+      local b = nr.tensor({7, -8}, {dtype = 'int64'})
+      local c = nr.tensor({255, 0, 1}, {dtype = 'uint8'})
+      local path = TMP .. '/layout.safetensors'
+      st.save(path, {['w.a'] = a, b = b, c = c}, {note = 'hi'})
+      local bytes = ck.read_file(path)
+      local n = u64le(bytes, 1)
+      assert.equal(0, (8 + n) % 8, 'data buffer aligned to 8 bytes')
+      local hdr = require('cjson').decode(bytes:sub(9, 8 + n))
+      assert.same({note = 'hi', format = nil}, {note = hdr.__metadata__.note})
+      assert.same({dtype = 'I64', shape = {2}, data_offsets = {0, 16}}, hdr.b)
+      assert.same({dtype = 'U8', shape = {3}, data_offsets = {16, 19}}, hdr.c)
+      assert.same({dtype = 'F32', shape = {2, 3}, data_offsets = {19, 43}}, hdr['w.a'])
+      assert.equal(8 + n + 43, #bytes)
+      -- int64 7 little-endian at the start of the data
+      assert.equal(7, bytes:byte(8 + n + 1))
+      assert.equal(0, bytes:byte(8 + n + 2))
+      -- -8 as two's complement
+      assert.equal(0xf8, bytes:byte(8 + n + 9)); assert.equal(0xff, bytes:byte(8 + n + 16))
+      local back, meta = st.load(path)
+      assert.same(a:totable(), back['w.a']:totable())
+      assert.same({7, -8}, back.b:totable())
+      assert.equal('int64', back.b:dtype())
+      assert.same({255, 0, 1}, back.c:totable())
+      assert.equal('hi', meta.note)
+   end)
+
+   it('is read by an independent Python reader into the same torch tensors', function()
+      local ok = os.execute('/usr/bin/python3 -c "import torch" >/dev/null 2>&1')
+      if ok ~= 0 and ok ~= true then pending('no /usr/bin/python3 with torch'); return end
+      nr.manual_seed(3)
+      local w = nr.randn({4, 3, 3, 3})
+      local path = TMP .. '/py.safetensors'
+      st.save(path, {['features.0.weight'] = w, ['labels'] = nr.tensor({1, 2, 3}, {dtype = 'int64'})})
+      -- safetensors is not installed for Python: parse the format by hand, as its spec says
+      local script = TMP .. '/read.py'
+      write(script, [==[
+import json, struct, sys, torch
+DT = {'F32': torch.float32, 'I64': torch.int64, 'U8': torch.uint8}
+raw = open(sys.argv[1], 'rb').read()
+(n,) = struct.unpack('<Q', raw[:8])
+hdr = json.loads(raw[8:8 + n].decode('utf-8'))
+data = raw[8 + n:]
+for name in sorted(k for k in hdr if k != '__metadata__'):
+    e = hdr[name]
+    b, s = e['data_offsets']
+    t = torch.frombuffer(bytearray(data[b:s]), dtype=DT[e['dtype']]).reshape(e['shape'])
+    print(name, list(t.shape), repr(t.double().sum().item()), repr(t.flatten()[0].item()))
+]==])
+      local p = io.popen('/usr/bin/python3 ' .. script .. ' ' .. path)
+      local out = p:read('*a'); p:close()
+      local lines = {}
+      for l in out:gmatch('[^\n]+') do lines[#lines + 1] = l end
+      assert.equal(2, #lines, out)
+      local name, shape, sum, first = lines[1]:match('^(%S+) %[(.-)%] (%S+) (%S+)$')
+      assert.equal('features.0.weight', name)
+      assert.equal('4, 3, 3, 3', shape)
+      local want = 0
+      for i = 1, w:numel() do want = want + w:get(i) end
+      assert(math.abs(tonumber(sum) - want) < 1e-9, 'sum ' .. sum .. ' vs ' .. want)
+      assert.equal(w:get(1), tonumber(first))
+      assert.equal('labels [3] 6.0 1', lines[2])
+   end)
+
+   it('rejects truncated and corrupt files with a message naming the file', function()
+      local path = TMP .. '/trunc.safetensors'
+      st.save(path, {x = nr.ones({100})})
+      local bytes = ck.read_file(path)
+      write(path, bytes:sub(1, #bytes - 10))
+      local ok, err = pcall(st.load, path)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('trunc.safetensors', 1, true))
+      assert.truthy(tostring(err):find('truncated', 1, true))
+      write(path, 'garbage')
+      assert.has_error(function() st.load(path) end)
+   end)
+end)
+
+describe('nr.checkpoint', function()
+   it('encodes JSON deterministically with exact numbers', function()
+      local s = ck.json_encode({b = 0.1, a = {1, 2, 3}, c = {x = true}, d = 1 / 3, e = ck.array()})
+      assert.equal('{"a":[1,2,3],"b":0.1,"c":{"x":true},"d":0.3333333333333333,"e":[]}', s)
+      assert.equal(1 / 3, ck.json_decode(s).d)
+   end)
+
+   it('round-trips weights and a state holding tensors', function()
+      local dir = TMP .. '/rt'
+      local w = {['0.weight'] = nr.randn({3, 2}), ['0.bias'] = nr.zeros({3})}
+      local m = nr.randn({3, 2})
+      local path = ck.save(dir, {step = 10, weights = w, state = {epoch = 2, optimizer = {params = {['0.weight'] = {momentum = m}}}, rng = {'0x1'}}})
+      assert.equal(dir .. '/step-00000010', path)
+      assert.equal('step-00000010\n', ck.read_file(dir .. '/latest'))
+      local r = ck.load(dir)
+      assert.equal(path, r.dir)
+      assert.same(w['0.weight']:totable(), r.weights['0.weight']:totable())
+      assert.same(m:totable(), r.state.optimizer.params['0.weight'].momentum:totable())
+      assert.equal(2, r.state.epoch)
+      assert.same({'0x1'}, r.state.rng)
+   end)
+
+   it('keeps the last good checkpoint loadable through crashes at any point', function()
+      local dir = TMP .. '/crash'
+      ck.save(dir, {step = 1, weights = {x = nr.full({4}, 1)}, state = {epoch = 1}})
+      ck.save(dir, {step = 2, weights = {x = nr.full({4}, 2)}, state = {epoch = 2}})
+      -- a kill during the next save: temp files and a newer folder without state.json
+      ck.mkdirs(dir .. '/step-00000003')
+      write(dir .. '/step-00000003/model.safetensors.tmp.999', 'partial')
+      write(dir .. '/step-00000003/model.safetensors', ck.read_file(dir .. '/step-00000002/model.safetensors'):sub(1, 20))
+      write(dir .. '/latest.tmp.999', 'step-00000003\n')
+      local r = ck.load(dir)
+      assert.equal(2, r.state.epoch)
+      assert.same({2, 2, 2, 2}, r.weights.x:totable())
+      -- latest names a damaged folder (weights truncated after the fact): fall back to step 1
+      local good2 = ck.read_file(dir .. '/step-00000002/model.safetensors')
+      write(dir .. '/step-00000002/model.safetensors', good2:sub(1, #good2 - 4))
+      r = ck.load(dir)
+      assert.equal(1, r.state.epoch)
+      -- a newer folder with state.json but a short weights file is skipped too
+      write(dir .. '/step-00000002/model.safetensors', good2)
+      ck.mkdirs(dir .. '/step-00000004')
+      write(dir .. '/step-00000004/state.json', ck.read_file(dir .. '/step-00000002/state.json'))
+      write(dir .. '/step-00000004/model.safetensors', good2:sub(1, 30))
+      os.remove(dir .. '/latest')
+      r = ck.load(dir)
+      assert.equal(2, r.state.epoch)
+      -- the next save prunes the debris and keeps `keep` complete checkpoints
+      ck.save(dir, {step = 5, weights = {x = nr.full({4}, 5)}, state = {epoch = 5}, keep = 2})
+      local names = ck.list(dir)
+      assert.same({'latest', 'step-00000002', 'step-00000005'}, names)
+   end)
+
+   it('reports a clear error when nothing is loadable', function()
+      local ok, err = pcall(ck.load, TMP .. '/nothing-here')
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('no checkpoint', 1, true))
+   end)
+
+   it('loads weights into a model strictly, naming missing and mismatched tensors', function()
+      local Module = require 'nr.nn.module'
+      local m = Module()
+      m.weight = nr.zeros({2, 2}); m.gradWeight = nr.zeros({2, 2})
+      ck.load_into(m, {weight = nr.ones({2, 2})})
+      assert.same({{1, 1}, {1, 1}}, m.weight:totable())
+      local ok, err = pcall(ck.load_into, m, {weight = nr.ones({3, 2})})
+      assert.is_false(ok); assert.truthy(tostring(err):find('[3 x 2]', 1, true))
+      ok, err = pcall(ck.load_into, m, {wieght = nr.ones({2, 2})})
+      assert.is_false(ok); assert.truthy(tostring(err):find('missing weight', 1, true)); assert.truthy(tostring(err):find('wieght', 1, true))
+   end)
+
+   it('cleans up its scratch folder', function()
+      ck.remove_tree(TMP)
+      assert.is_false(ck.is_dir(TMP))
+   end)
+end)

@@ -1,0 +1,132 @@
+-- nr.recipe: command-line overrides (dotted paths, --flag=value, aliases, lists, booleans,
+-- --nr off), errors that name the flag (unknown flag, wrong type, a table given a scalar,
+-- stray arguments), --help listing fields with their values, and a recipe file run through the
+-- nrlua executable with stdout going to a file (plain progress lines) and then resumed.
+local R = require 'nr.recipe'
+local ck = require 'nr.checkpoint'
+
+local TMP = (os.getenv('NR_TEST_TMP') or '/tmp') .. '/nr_recipe_spec_' .. tostring(os.time()) .. '_' .. tostring(math.random(1e6))
+ck.mkdirs(TMP)
+
+local BASE = {
+   model = {name = 'vgg', depth = 19, classes = 10},
+   data = {dataset = 'cifar10', root = 'data/cifar10', batch = 64},
+   optim = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 1e-4, nesterov = false},
+   schedule = {name = 'step', milestones = {150, 225}},
+   nr = {enabled = true, target = 0.25, lambda = {mode = 'constant', value = 1.5e-4}},
+   epochs = 300,
+}
+
+local function err_of(args)
+   local ok, e = pcall(R.apply, BASE, args)
+   assert.is_false(ok, 'expected an error for ' .. table.concat(args, ' '))
+   return tostring(e)
+end
+
+describe('nr.recipe', function()
+   it('overrides fields by dotted path and by alias, with typed values', function()
+      local r = R.apply(BASE, {'--epochs', '3', '--batch', '128', '--lr', '0.05', '--data', '/d', '--dataset', 'cifar100',
+                               '--optim.nesterov', 'true', '--nr.lambda.value=3e-4', '--schedule.milestones', '1,2',
+                               '--model.depth', '16', '--out', '/tmp/x', '--threads', '2', '--seed', '7', '--device', 'cpu',
+                               '--resume', '/tmp/r', '--data.size', '28'})
+      assert.equal(3, r.epochs)
+      assert.equal(128, r.data.batch)
+      assert.equal(0.05, r.optim.lr)
+      assert.equal('/d', r.data.root)
+      assert.equal('cifar100', r.data.dataset)
+      assert.is_true(r.optim.nesterov)
+      assert.equal(3e-4, r.nr.lambda.value)
+      assert.same({1, 2}, r.schedule.milestones)
+      assert.equal(16, r.model.depth)
+      assert.equal('/tmp/x', r.out)
+      assert.equal(2, r.threads); assert.equal(7, r.seed); assert.equal('cpu', r.device)
+      assert.equal('/tmp/r', r.resume)
+      assert.equal(28, r.data.size)
+      -- the original is untouched
+      assert.equal(300, BASE.epochs); assert.equal(1.5e-4, BASE.nr.lambda.value)
+   end)
+
+   it('switches NR with --nr off / on', function()
+      local r = R.apply(BASE, {'--nr', 'off'})
+      assert.is_false(r.nr.enabled)
+      assert.equal(0.25, r.nr.target)
+      assert.is_true(R.apply(r, {'--nr', 'on'}).nr.enabled)
+      assert.is_false(R.apply({epochs = 1}, {'--nr', 'off'}).nr)
+   end)
+
+   it('names the flag in every error', function()
+      assert.truthy(err_of({'--epochz', '3'}):find('--epochz: unknown flag', 1, true))
+      assert.truthy(err_of({'--optim.lrr', '3'}):find('--optim.lrr', 1, true))
+      assert.truthy(err_of({'--epochs', 'many'}):find('--epochs: expected an integer, got "many"', 1, true))
+      assert.truthy(err_of({'--epochs', '2.5'}):find('--epochs: expected an integer', 1, true))
+      assert.truthy(err_of({'--lr', 'fast'}):find('--lr: expected a number, got "fast"', 1, true))
+      assert.truthy(err_of({'--optim.nesterov', 'maybe'}):find('--optim.nesterov: expected true or false', 1, true))
+      assert.truthy(err_of({'--optim', 'adam'}):find('--optim: optim is a table', 1, true))
+      assert.truthy(err_of({'--nr', 'sometimes'}):find('--nr: expected on or off', 1, true))
+      assert.truthy(err_of({'--epochs'}):find('--epochs: missing value', 1, true))
+      assert.truthy(err_of({'stray'}):find('unexpected argument "stray"', 1, true))
+      local code = {model = function() end, epochs = 1}
+      local ok, e = pcall(R.apply, code, {'--model.depth', '3'})
+      assert.is_false(ok); assert.truthy(tostring(e):find('--model.depth', 1, true))
+   end)
+
+   it('lists the fields with their values for --help', function()
+      local r, what = R.apply(BASE, {'--lr', '1', '--help'})
+      assert.is_nil(r); assert.equal('help', what)
+      local h = R.help(BASE, 'recipes/vgg19_cifar.lua')
+      assert.truthy(h:find('usage: nrlua recipes/vgg19_cifar.lua', 1, true))
+      assert.truthy(h:find('%-%-optim%.lr%s+number%s+0%.1\n'))
+      assert.truthy(h:find('%-%-epochs%s+integer%s+300\n'))
+      assert.truthy(h:find('%-%-schedule%.milestones%s+list%s+150,225\n'))
+      assert.truthy(h:find('%-%-nr%.lambda%.value%s+number%s+0%.00015\n'))
+      assert.truthy(h:find('%-%-data%.eval_batch%s+integer%s+%(unset%)\n'))
+      assert.truthy(h:find('%-%-lr%s+= %-%-optim%.lr'))
+   end)
+
+   it('runs a recipe file through nrlua, logs plainly to a file, and resumes with --resume', function()
+      -- the nrlua running this spec
+      local p = io.popen('readlink /proc/$PPID/exe')
+      local exe = p:read('*l'); p:close()
+      assert(exe and exe:match('nrlua$'), 'cannot find the nrlua executable: ' .. tostring(exe))
+      local file = TMP .. '/tiny.lua'
+      local w = assert(io.open(file, 'w'))
+      w:write([[
+-- a tiny recipe: linear classifier on two Gaussian blobs, in-memory data
+local nr = require 'nr'
+local train = require 'nr.train'
+nr.manual_seed(5)
+local x = nr.randn({64, 1, 2, 2})
+local y = nr.empty({64}, {dtype = 'int64'})
+for i = 1, 64 do y:set(i, i % 2); if i % 2 == 1 then x:narrow(1, i, 1):add_(2) end end
+return {
+   model = function() return nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(4, 2)} end,
+   data = {train = train.memory_loader(x, y, {batch = 16, shuffle = true}), val = train.memory_loader(x, y, {batch = 32})},
+   optim = {lr = 0.1}, epochs = 2, log_every = 2,
+}
+]])
+      w:close()
+      local out, log = TMP .. '/run', TMP .. '/log.txt'
+      local cmd = string.format('%s %s --epochs 3 --lr 0.2 --threads 1 --out %s > %s 2>&1', exe, file, out, log)
+      local rc = os.execute(cmd)
+      local text = ck.read_file(log) or ''
+      assert(rc == 0 or rc == true, 'nrlua failed: ' .. text)
+      assert.is_nil(text:find('\r', 1, true))
+      assert.truthy(text:find('epoch 3/3 step 4/4 loss', 1, true), text)
+      assert.truthy(text:find('done: top1', 1, true))
+      assert.equal(3, ck.json_decode(ck.read_file(out .. '/recipe.json')).epochs)
+      assert.equal(0.2, ck.json_decode(ck.read_file(out .. '/recipe.json')).optim.lr)
+      -- continue the finished run for two more epochs
+      rc = os.execute(string.format('%s %s --epochs 5 --lr 0.2 --threads 1 --resume %s > %s 2>&1', exe, file, out, log))
+      text = ck.read_file(log) or ''
+      assert(rc == 0 or rc == true, 'resume failed: ' .. text)
+      assert.truthy(text:find('resumed from', 1, true), text)
+      assert.is_nil(text:find('epoch 3/5', 1, true))
+      assert.truthy(text:find('epoch 5/5  train loss', 1, true), text)
+      -- a bad flag fails with a message naming it
+      rc = os.execute(string.format('%s %s --epoch 5 > %s 2>&1', exe, file, log))
+      assert(rc ~= 0 and rc ~= true)
+      assert.truthy((ck.read_file(log) or ''):find('--epoch: unknown flag', 1, true))
+   end)
+
+   it('cleans up', function() ck.remove_tree(TMP) end)
+end)

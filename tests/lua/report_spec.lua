@@ -1,0 +1,86 @@
+-- nr.report and tools/report.lua: a report rendered from a short real run is one self-contained
+-- HTML file (inline SVG, no external resources) with loss, accuracy and LR curves and the epoch
+-- table; records of kind 'nr' add the utilization / λ charts and per-layer widths; a folder
+-- that is not a run is a clear error.
+local nr = require 'nr'
+local ck = require 'nr.checkpoint'
+local train = require 'nr.train'
+local report = require 'nr.report'
+
+local TMP = (os.getenv('NR_TEST_TMP') or '/tmp') .. '/nr_report_spec_' .. tostring(os.time()) .. '_' .. tostring(math.random(1e6))
+ck.mkdirs(TMP)
+
+local function count(s, pat)
+   local n = 0
+   for _ in s:gmatch(pat) do n = n + 1 end
+   return n
+end
+
+describe('nr.report', function()
+   local dir = TMP .. '/run'
+
+   it('renders a short real run into a self-contained HTML file', function()
+      nr.manual_seed(2)
+      local x = nr.randn({96, 1, 4, 4})
+      local y = nr.empty({96}, {dtype = 'int64'})
+      for i = 1, 96 do y:set(i, i % 3); x:narrow(1, i, 1):narrow(3, i % 3 + 1, 1):add_(2) end
+      local sink = {write = function() end, flush = function() end}
+      nr.train{
+         name = 'report-spec',
+         model = function() return nr.nn.Sequential{nr.nn.Conv2d(1, 4, 3, {padding = 1}), nr.nn.ReLU(), nr.nn.Flatten(), nr.nn.Linear(64, 3)} end,
+         data = {train = train.memory_loader(x, y, {batch = 16, shuffle = true}), val = train.memory_loader(x, y, {batch = 48})},
+         optim = {lr = 0.05, momentum = 0.9}, schedule = {name = 'step', milestones = {2}}, epochs = 3, log_every = 2,
+         out = dir, progress = {stream = sink, tty = false},
+      }
+      -- through the tool, as a user runs it
+      local p = io.popen('readlink /proc/$PPID/exe'); local exe = p:read('*l'); p:close()
+      local home = require('nr.ffi').home
+      local rc = os.execute(string.format('%s %s/tools/report.lua %s > %s/tool.txt 2>&1', exe, home, dir, TMP))
+      assert(rc == 0 or rc == true, ck.read_file(TMP .. '/tool.txt'))
+      local html = ck.read_file(dir .. '/report.html')
+      assert.truthy(html, 'report.html written')
+      assert.truthy(html:find('^<!DOCTYPE html>'))
+      assert.truthy(html:find('<h1>report%-spec</h1>'))
+      assert.equal(3, count(html, '<svg '))
+      for _, t in ipairs({'Loss', 'Accuracy', 'Learning rate'}) do assert.truthy(html:find('class="title">' .. t .. '<', 1, true), t) end
+      assert(count(html, '<polyline') >= 6)
+      assert.truthy(html:find('<td>3</td><td>0.005</td>', 1, true), 'epoch table with the stepped LR: ' .. (html:match('<tr><td>3</td>.-</tr>') or '?'))
+      assert.is_nil(html:find('<script', 1, true))
+      assert.is_nil(html:find('<link', 1, true))
+      assert.is_nil(html:gsub('xmlns="http://www.w3.org/2000/svg"', ''):find('https?://'))
+      assert.is_nil(html:find('Neural Rejuvenation', 1, true))
+   end)
+
+   it('adds utilization, λ and per-layer widths for NR records', function()
+      local f = assert(io.open(dir .. '/metrics.jsonl', 'a'))
+      f:write('{"kind":"nr","event":"check","epoch":1,"step":6,"r_params":0.8,"r_flops":0.7,"lambda":5e-05}\n')
+      f:write('{"kind":"nr","event":"rejuvenate","epoch":2,"step":12,"index":1,"r_before":{"params":0.5,"flops":0.4},'
+         .. '"r_after":{"params":1,"flops":0.97},"scheme":"CA","layers":{"1":{"name":"0","width_before":4,"live":2,"width_after":5}}}\n')
+      f:write('not json\n')
+      f:close()
+      local html = ck.read_file(report.write(dir))
+      assert.truthy(html:find('Neural Rejuvenation', 1, true))
+      assert.truthy(html:find('Utilization r', 1, true))
+      assert.truthy(html:find('λ', 1, true))
+      assert.truthy(html:find('Per-layer widths', 1, true))
+      assert.truthy(html:find('<tr><td>0</td><td>4</td><td>2</td><td>5</td></tr>', 1, true))
+      assert.truthy(html:find('rejuvenation 1', 1, true))
+      assert.truthy(html:find('1 unreadable line', 1, true))
+   end)
+
+   it('draws charts with nice ticks and tolerates empty series', function()
+      local svg = report.chart{title = 'T', series = {{name = 'a', points = {{0, 0.1}, {1, 0.93}}}}}
+      assert.truthy(svg:find('>1.0<', 1, true) or svg:find('>1.00<', 1, true))
+      assert.truthy(report.chart{title = 'E', series = {{name = 'a', points = {}}}}:find('no data', 1, true))
+      assert.equal('&lt;b&gt;', report.escape('<b>'))
+   end)
+
+   it('says when a folder is not a run', function()
+      ck.mkdirs(TMP .. '/empty')
+      local ok, err = pcall(report.render, TMP .. '/empty')
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('is it a run folder', 1, true))
+   end)
+
+   it('cleans up', function() ck.remove_tree(TMP) end)
+end)

@@ -1,0 +1,88 @@
+-- nr.schedule: values of step/multistep, cosine, linear and warm-up at known positions
+-- (tolerance 1e-12, closed forms as torch.optim.lr_scheduler's), per-iteration granularity,
+-- state round trip, and errors for bad configurations.
+local nr = require 'nr'
+local S = nr.schedule
+
+local function near(a, b) return math.abs(a - b) <= 1e-12 * math.max(1, math.abs(b)) end
+local function assert_near(want, got, what)
+   assert(near(got, want), string.format('%s: got %.15g, want %.15g', what or 'value', got, want))
+end
+
+describe('nr.schedule', function()
+   it('step: ×gamma at milestones (torch MultiStepLR convention)', function()
+      local s = S.build({name = 'step', milestones = {2, 4}, gamma = 0.1}, {base_lr = 1, epochs = 6})
+      local want = {1, 1, 0.1, 0.1, 0.01, 0.01}
+      for e = 1, 6 do
+         assert_near(want[e], s:lr(), 'epoch ' .. e)
+         for _ = 1, 3 do s:step() end   -- iterations do not change a per-epoch schedule
+         assert_near(want[e], s:lr(), 'epoch ' .. e .. ' after iterations')
+         s:next_epoch()
+      end
+      local ss = S.step{base_lr = 0.5, step_size = 3, gamma = 0.5, epochs = 9}
+      assert_near(0.5, ss:at(2)); assert_near(0.25, ss:at(3)); assert_near(0.125, ss:at(6.5))
+      -- default milestones at 50% / 75%
+      local d = S.build({name = 'step'}, {base_lr = 1, epochs = 8})
+      assert.same({4, 6}, d.milestones)
+   end)
+
+   it('cosine: closed form, per iteration, reaches min_lr at the end', function()
+      local s = S.build({name = 'cosine', min_lr = 0.001}, {base_lr = 0.1, epochs = 10, iters_per_epoch = 4})
+      assert_near(0.1, s:lr(), 'start')
+      s:step(); s:step()  -- half an epoch
+      assert_near(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 0.05)), s:lr(), 'epoch 0.5')
+      s:next_epoch()
+      assert_near(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 0.1)), s:lr(), 'epoch 1')
+      assert_near(0.0505, s:at(5), 'middle')
+      assert_near(0.001, s:at(10), 'end')
+      local e = S.build({name = 'cosine', granularity = 'epoch'}, {base_lr = 1, epochs = 4, iters_per_epoch = 10})
+      for _ = 1, 5 do e:step() end
+      assert_near(1, e:lr(), 'per-epoch granularity ignores iterations')
+   end)
+
+   it('linear warm-up then cosine, and linear decay', function()
+      local s = S.build({name = 'cosine', warmup = 2}, {base_lr = 0.4, epochs = 12, iters_per_epoch = 10})
+      assert_near(0, s:at(0))
+      assert_near(0.1, s:at(0.5))
+      assert_near(0.3, s:at(1.5))
+      assert_near(0.4, s:at(2))
+      assert_near(0.2, s:at(7))
+      local w = S.build({name = 'step', warmup = 1, warmup_start = 0.1, milestones = {3}}, {base_lr = 1, epochs = 5, iters_per_epoch = 10})
+      assert_near(0.1, w:lr())
+      for _ = 1, 5 do w:step() end
+      assert_near(0.55, w:lr(), 'warm-up is per iteration even for step schedules')
+      local l = S.linear{base_lr = 1, epochs = 4}
+      assert_near(0.75, l:at(1)); assert_near(0, l:at(4)); assert_near(0, l:at(9))
+   end)
+
+   it('position is explicit: not advancing holds the LR (NR shifts the schedule)', function()
+      local s = S.build({name = 'step', milestones = {1}}, {base_lr = 1, epochs = 3})
+      s:next_epoch()
+      assert_near(0.1, s:lr())
+      local t = S.build({name = 'step', milestones = {1}}, {base_lr = 1, epochs = 3})
+      -- "held" epochs: the trainer simply does not call next_epoch
+      assert_near(1, t:lr())
+      assert.equal(0, t.epoch)
+   end)
+
+   it('round-trips its state', function()
+      local s = S.build({name = 'cosine', warmup = 1}, {base_lr = 0.1, epochs = 5, iters_per_epoch = 7})
+      for _ = 1, 3 do s:next_epoch() end
+      for _ = 1, 4 do s:step() end
+      local st = s:state()
+      local json = require('cjson').encode(st)
+      local r = S.build({name = 'cosine', warmup = 1}, {base_lr = 0.1, epochs = 5, iters_per_epoch = 7})
+      r:load_state(require('cjson').decode(json))
+      assert.equal(s:lr(), r:lr())
+      assert.equal(3, r.epoch); assert.equal(4, r.iter)
+      assert.has_error(function() S.build({name = 'step'}, {base_lr = 1}):load_state(st) end)
+   end)
+
+   it('rejects unknown names, keys and bad milestones', function()
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      assert.truthy(msg(function() S.build({name = 'poly'}, {base_lr = 1}) end):find('poly', 1, true))
+      assert.truthy(msg(function() S.build({name = 'step', milestone = {1}}, {base_lr = 1}) end):find('milestone', 1, true))
+      assert.truthy(msg(function() S.build({name = 'step', milestones = {5, 2}}, {base_lr = 1}) end):find('increasing', 1, true))
+      assert.truthy(msg(function() S.build({name = 'cosine'}, {}) end):find('base_lr', 1, true))
+   end)
+end)
