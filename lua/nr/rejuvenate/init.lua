@@ -1,0 +1,371 @@
+-- nr.rejuvenate — Neural Rejuvenation (Qiao et al., CVPR 2019): the public API.
+--
+--   nr.utilization(model, input_shape [, opts]) -> {params_live, params_all, flops_live, flops_all,
+--        r_params, r_flops, layers = {...}}         any model, any time (REPL included)
+--   nr.rejuvenate(model, opts) -> report             one rejuvenation: prune + expand + reinit
+--                                                    [+ rescale] [+ CR/CA split]
+--   require('nr.rejuvenate').attach(tr, recipe.nr)   wires it into nr.train: L1 on γ, adaptive λ,
+--                                                    trigger, schedule hold, state, logs
+--   require('nr.rejuvenate').l1(model, lambda [, input_shape])   adds λ·sign(γ) to γ's gradient
+-- What it is not: the channel graph (graph.lua), masks and counts (monitor.lua), surgery
+-- (surgery.lua), default decisions (policy.lua). docs/NR.md records the design choices.
+local check = require 'nr.check'
+local nrffi = require 'nr.ffi'
+local graph = require 'nr.rejuvenate.graph'
+local monitor = require 'nr.rejuvenate.monitor'
+local surgery = require 'nr.rejuvenate.surgery'
+local policy = require 'nr.rejuvenate.policy'
+local C = nrffi.C
+local now = require('nr.progress').now
+
+local M = {graph = graph, monitor = monitor, surgery = surgery, policy = policy}
+
+local function input_shape_of(model, given, fname)
+   if given then
+      check.arg(type(given) == 'table' and #given >= 1, fname, 'input_shape must be one sample\'s shape, e.g. {3, 32, 32}')
+      return given
+   end
+   local info = rawget(model, 'nr_info')
+   if info and info.input_size then
+      return {info.input_channels or 3, info.input_size, info.input_size}
+   end
+   error(fname .. ': input_shape is required (e.g. {3, 32, 32}); the model has no nr_info.input_size', 3)
+end
+
+local MON_KEYS = {threshold = true, abs_min = true, count = true}
+local function mon_opts(opts)
+   return {threshold = opts.threshold or 0.01, abs_min = opts.abs_min or 1e-3, count = opts.count}
+end
+
+-- ---- utilization ------------------------------------------------------------------------------------
+
+-- opts: threshold (0.01, relative to the layer's max |γ|), abs_min (1e-3: a layer whose max |γ|
+-- is below is dead), count ({conv = true, linear = false, bn = false, bias = false}).
+function M.utilization(model, input_shape, opts)
+   check.arg(type(model) == 'table' and model.listModules, 'nr.utilization', 'model must be an nr.nn module')
+   opts = check.options(opts, MON_KEYS, 'nr.utilization')
+   input_shape = input_shape_of(model, input_shape, 'nr.utilization')
+   local g = monitor.graph_of(model, input_shape)
+   return (monitor.report(g, mon_opts(opts)))
+end
+
+-- ---- L1 on γ -------------------------------------------------------------------------------------
+
+-- The BN scales that get the L1 penalty: every unit's BN whose conv (or BN) is not nr_fixed.
+local L1_CACHE = setmetatable({}, {__mode = 'k'})
+local function penalized(model, input_shape)
+   local cache = L1_CACHE[model]
+   if cache and graph.unchanged(model, cache.snap) then return cache.list end
+   local list = {}
+   local g = monitor.graph_of(model, input_shape)
+   for _, u in ipairs(g.units) do
+      if u.bn and u.bn.weight and not u.fixed then list[#list + 1] = u.bn end
+   end
+   L1_CACHE[model] = {snap = graph.snapshot(model), list = list}
+   return list
+end
+M.penalized = penalized
+
+function M.l1(model, lambda, input_shape)
+   if lambda == 0 then return 0 end
+   input_shape = input_shape_of(model, input_shape, 'nr.rejuvenate.l1')
+   local list = penalized(model, input_shape)
+   for _, bn in ipairs(list) do
+      local st = C.nr_l1_sign_add(bn.weight.c, bn.gradWeight.c, lambda)
+      if st ~= 0 then check.status(st, 'nr.rejuvenate.l1 (' .. bn:where() .. ')') end
+   end
+   return #list
+end
+
+-- ---- rejuvenate ------------------------------------------------------------------------------------
+
+local REJ_KEYS = {input_shape = true, threshold = true, abs_min = true, count = true,
+                  constraint = true, constraint_value = true, budget = true, scheme = true, rescale = true,
+                  gamma0 = true, optimizer = true, optim_state = true, policy = true, linear_init = true}
+
+local function merged_policy(p)
+   local out = {}
+   for k, v in pairs(policy) do out[k] = v end
+   for k, v in pairs(p or {}) do
+      check.arg(type(v) == 'function', 'nr.rejuvenate', 'policy.%s must be a function, got %s', tostring(k), type(v))
+      check.arg(policy[k] ~= nil and k ~= 'make_solver' and k ~= 'shared_widths', 'nr.rejuvenate',
+         'unknown policy %q (when, lambda, reallocate, init, rescale)', tostring(k))
+      out[k] = v
+   end
+   return out
+end
+M.merged_policy = merged_policy
+
+local function summary(rep)
+   return {params_live = rep.params_live, params_all = rep.params_all, flops_live = rep.flops_live,
+           flops_all = rep.flops_all, r_params = rep.r_params, r_flops = rep.r_flops}
+end
+
+-- opts: input_shape, threshold, abs_min, count (as utilization); constraint ('params' | 'flops');
+-- budget (fraction of C, default 1 = keep the cost; 0.5 = compression mode, Table 4; 0 = prune
+-- only; a budget below the live cost shrinks live widths too, dropping the lowest |γ|);
+-- constraint_value (C; default the model's current full cost); scheme ('NR' | 'CR' | 'CA');
+-- rescale (bool); gamma0 (default model.nr_info.gamma0 or 1); optimizer (remaps its momentum);
+-- optim_state ('remap' | 'drop'); linear_init ('zero' | 'normal'); policy ({reallocate, init, ...}).
+function M.rejuvenate(model, opts)
+   local FN = 'nr.rejuvenate'
+   check.arg(type(model) == 'table' and model.listModules, FN, 'model must be an nr.nn module')
+   opts = check.options(opts, REJ_KEYS, FN)
+   local input_shape = input_shape_of(model, opts.input_shape, FN)
+   local constraint = opts.constraint or 'params'
+   check.arg(constraint == 'params' or constraint == 'flops', FN, 'constraint must be "params" or "flops", got %s', tostring(constraint))
+   local scheme = opts.scheme or 'NR'
+   check.arg(scheme == 'NR' or scheme == 'CR' or scheme == 'CA', FN, 'scheme must be "NR", "CR" or "CA", got %s', tostring(scheme))
+   local info = rawget(model, 'nr_info') or {}
+   local gamma0 = opts.gamma0 or info.gamma0 or 1
+   local pol = merged_policy(opts.policy)
+   local mo = mon_opts(opts)
+
+   local g = monitor.graph_of(model, input_shape)
+   local before, st = monitor.report(g, mo)
+   local key = constraint == 'params' and 'params' or 'flops'
+   local all_now, live_now = before[key .. '_all'], before[key .. '_live']
+   local Cval = opts.constraint_value or all_now
+   local target = (opts.budget or 1) * Cval
+   local next_gen = surgery.max_gen(g) + 1
+   local cost_fn = monitor.cost_fn(g, st, {count = opts.count, scheme = scheme, next_gen = next_gen})
+
+   -- the resizable channel sets, as the policy sees them
+   local layers, root_of = {}, {}
+   for _, r in ipairs(g.roots) do
+      if r.kind == 'unit' then
+         local id = #layers + 1
+         local names, gsum, gn = {}, 0, 0
+         for _, u in ipairs(r.or_members) do names[#names + 1] = u.conv:path() end
+         for _, e in ipairs(r.and_members) do names[#names + 1] = e.unit.conv:path() end
+         local a = st.cs[r]
+         for _, u in ipairs(r.or_members) do
+            if u.bn and u.bn.weight then
+               local gam = u.bn.weight:totable()
+               for i = 1, #gam do if a[i - 1] ~= 0 then gsum = gsum + math.abs(gam[i]); gn = gn + 1 end end
+            end
+         end
+         layers[id] = {id = id, name = names[1], members = names, live = st.cs_live[r], width = r.width,
+                       fixed = r.fixed or false, mean_gamma = gn > 0 and gsum / gn or 0,
+                       kind = r.or_members[1].kind}
+         root_of[id] = r
+      end
+   end
+   local function by_root(widths)
+      local w = {}
+      for id, v in pairs(widths) do
+         local r = root_of[id]
+         check.arg(r ~= nil, FN, 'reallocate returned a width for unknown layer id %s', tostring(id))
+         w[r] = v
+      end
+      return w
+   end
+   local function cost(widths)
+      local p, f = cost_fn(by_root(widths))
+      return key == 'params' and p or f
+   end
+   local budget = {target = target, constraint = constraint, cost = cost, live_cost = live_now, all_cost = all_now,
+                   constraint_value = Cval}
+   budget.solve = policy.make_solver(cost, target)
+   local widths, rinfo
+   if (opts.budget or 1) == 0 then
+      widths, rinfo = {}, {prune_only = true}   -- budget 0: remove dead channels, add nothing
+   else
+      widths, rinfo = pol.reallocate(layers, budget)
+   end
+   rinfo = rinfo or {}
+   check.arg(type(widths) == 'table', FN, 'reallocate must return a table of widths by layer id')
+   for id, w in pairs(widths) do
+      check.arg(type(w) == 'number' and w >= 1 and w == math.floor(w), FN,
+         'reallocate: width of layer %s must be an integer >= 1, got %s', tostring(id), tostring(w))
+   end
+   local planned = cost(widths)
+
+   -- surgery
+   local opt = opts.optimizer
+   local plans = surgery.plans(g, st, by_root(widths), next_gen)
+   local ctx = {opt = opt, optim_state = opts.optim_state or 'remap', gamma0 = gamma0, scheme = scheme,
+                init = pol.init, linear_init = opts.linear_init or 'zero'}
+   local _, moms = surgery.apply(g, plans, ctx)
+   if opt then
+      opt:refresh()
+      for _, e in ipairs(moms) do opt:set_state_of(e.param, {momentum = e.momentum}) end
+   end
+   monitor.invalidate(model)
+   L1_CACHE[model] = nil
+
+   local rescaled = 0
+   local do_rescale = opts.rescale
+   if do_rescale == nil then do_rescale = pol.rescale({cfg = {rescale = false}, model = model}) end
+   if do_rescale then rescaled = surgery.rescale(monitor.graph_of(model, input_shape), gamma0) end
+
+   local after = monitor.report(monitor.graph_of(model, input_shape), mo)
+   local new_cost = after[key .. '_all']
+   local out_layers = {}
+   for id, l in ipairs(layers) do
+      local p = plans[root_of[id]]
+      out_layers[id] = {name = l.name, members = l.members, width_before = l.width, live = l.live,
+                        width_after = p.w, fixed = l.fixed}
+   end
+   return {
+      before = summary(before), after = summary(after), constraint = constraint, scheme = scheme,
+      constraint_value = Cval, budget = opts.budget or 1, target_cost = target, planned_cost = planned,
+      cost = new_cost, cost_error = target > 0 and (new_cost - target) / target or nil,
+      alpha = rinfo.alpha, alpha_sqrt = live_now > 0 and math.sqrt(target / live_now) or nil,
+      policy_info = rinfo, layers = out_layers, rescaled = rescaled, generation = next_gen,
+   }
+end
+
+-- ---- trainer integration -------------------------------------------------------------------------------
+
+local CFG_KEYS = {enabled = true, target = true, budget = true, constraint = true, scheme = true, rescale = true,
+                  times = true, active_epochs = true, lambda = true, policy = true, threshold = true,
+                  abs_min = true, count = true, gamma0 = true, optim_state = true, hold_schedule = true,
+                  input_shape = true, linear_init = true}
+local LAMBDA_KEYS = {mode = true, init = true, dt = true, dr = true, dl = true, value = true}
+
+-- attach(tr, cfg): cfg is the recipe's nr table:
+--   target (T_r, 0.5), budget (1.0), constraint ('params'), scheme ('NR'), rescale (false),
+--   times (1), active_epochs (nil = always), hold_schedule (true), gamma0, threshold, abs_min,
+--   count, optim_state ('remap'), linear_init ('zero'), input_shape (default: model.nr_info, else
+--   the trainer's loader),
+--   lambda = {mode = 'adaptive' | 'constant', init = 0, dt = 'epoch' | N steps, dr = 0.01,
+--             dl = 5e-5, value}, policy = {when, lambda, reallocate, init, rescale}.
+-- Returns the controller (its fields: lambda, r_hist, lambda_hist, rejuvenations, reports).
+function M.attach(tr, cfg)
+   local FN = 'nr.rejuvenate.attach'
+   cfg = check.options(cfg or {}, CFG_KEYS, FN)
+   local lam = check.options(cfg.lambda or {}, LAMBDA_KEYS, FN .. ' (lambda)')
+   local c = {}
+   for k, v in pairs(cfg) do c[k] = v end
+   c.target = c.target or 0.5
+   c.times = c.times or 1
+   c.constraint = c.constraint or 'params'
+   c.lambda = {mode = lam.mode or 'adaptive', init = lam.init or 0, dt = lam.dt or 'epoch', dr = lam.dr or 0.01,
+               dl = lam.dl or 5e-5, value = lam.value}
+   check.arg(c.lambda.mode == 'adaptive' or c.lambda.mode == 'constant', FN, 'lambda.mode must be "adaptive" or "constant"')
+   check.arg(c.lambda.dt == 'epoch' or (type(c.lambda.dt) == 'number' and c.lambda.dt >= 1), FN,
+      'lambda.dt must be "epoch" or a number of steps >= 1')
+   local pol = merged_policy(c.policy)
+   local ctl = {cfg = c, lambda = c.lambda.mode == 'constant' and (c.lambda.value or 0) or c.lambda.init,
+                r_prev = 1, r_hist = {}, lambda_hist = {}, rejuvenations = 0, reports = {},
+                monitor_ms = 0, monitor_calls = 0}
+   local key = c.constraint == 'flops' and 'r_flops' or 'r_params'
+
+   -- one sample's shape: cfg.input_shape, the model's nr_info, or the trainer's loader
+   local function shape()
+      if c.input_shape or (rawget(tr.model, 'nr_info') or {}).input_size then
+         return input_shape_of(tr.model, c.input_shape, FN)
+      end
+      local l = tr.train_loader
+      if l and type(l.shape) == 'table' and #l.shape == 4 then return {l.shape[2], l.shape[3], l.shape[4]} end
+      if l and type(l.x) == 'table' and l.x.shape then
+         local s = l.x:shape()
+         if #s == 4 then return {s[2], s[3], s[4]} end
+      end
+      return input_shape_of(tr.model, nil, FN)
+   end
+   local function active()
+      if c.enabled == false then return false end
+      if c.active_epochs and (tr.epoch or 1) > c.active_epochs then return false end
+      return ctl.rejuvenations < c.times
+   end
+   local function set_hold()
+      if c.hold_schedule ~= false then tr.schedule_hold = active() end
+   end
+
+   local function check_point()
+      if not active() then
+         ctl.lambda = 0
+         set_hold()
+         return
+      end
+      local t0 = now()
+      local u = M.utilization(tr.model, shape(), {threshold = c.threshold, abs_min = c.abs_min, count = c.count})
+      ctl.monitor_ms = ctl.monitor_ms + (now() - t0) * 1000
+      ctl.monitor_calls = ctl.monitor_calls + 1
+      local r = u[key]
+      ctl.r_hist[#ctl.r_hist + 1] = {epoch = tr.epoch, step = tr.step, r_params = u.r_params, r_flops = u.r_flops}
+      ctl.lambda_hist[#ctl.lambda_hist + 1] = ctl.lambda
+      local ctx = {r = r, r_prev = ctl.r_prev, util = u, cfg = c, lambda = ctl.lambda, rejuvenations = ctl.rejuvenations,
+                   epoch = tr.epoch, step = tr.step, trainer = tr}
+      if tr.log then
+         tr:log({kind = 'nr', event = 'check', epoch = tr.epoch, step = tr.step, r_params = u.r_params,
+                 r_flops = u.r_flops, lambda = ctl.lambda})
+      end
+      if pol.when(ctx) then
+         if not ctl.C then
+            ctl.C = c.constraint == 'flops' and u.flops_all or u.params_all
+         end
+         local rep = M.rejuvenate(tr.model, {
+            input_shape = shape(), threshold = c.threshold, abs_min = c.abs_min, count = c.count,
+            constraint = c.constraint, constraint_value = ctl.C, budget = c.budget or 1, scheme = c.scheme or 'NR',
+            rescale = pol.rescale(ctx), gamma0 = c.gamma0, optimizer = tr.optimizer,
+            optim_state = c.optim_state, linear_init = c.linear_init, policy = {reallocate = pol.reallocate, init = pol.init},
+         })
+         ctl.rejuvenations = ctl.rejuvenations + 1
+         rep.lambda_history = ctl.lambda_hist
+         rep.r_history = ctl.r_hist
+         rep.epoch, rep.step = tr.epoch, tr.step
+         ctl.reports[#ctl.reports + 1] = rep
+         if tr.log then
+            tr:log({kind = 'nr', event = 'rejuvenate', epoch = tr.epoch, step = tr.step, index = ctl.rejuvenations,
+                    r_before = {params = rep.before.r_params, flops = rep.before.r_flops},
+                    r_after = {params = rep.after.r_params, flops = rep.after.r_flops},
+                    cost = rep.cost, target_cost = rep.target_cost, cost_error = rep.cost_error,
+                    alpha = rep.alpha, alpha_sqrt = rep.alpha_sqrt, lambda_history = ctl.lambda_hist,
+                    scheme = rep.scheme, rescaled = rep.rescaled, layers = rep.layers})
+         end
+         ctl.lambda = c.lambda.mode == 'constant' and (c.lambda.value or 0) or 0
+         ctl.r_prev = 1
+         ctl.lambda_hist = {}
+         ctl.r_hist = {}
+      else
+         ctl.lambda = pol.lambda(ctx)
+         ctl.r_prev = r
+      end
+      set_hold()
+   end
+   ctl.check = check_point
+
+   tr:add_hook('train_begin', function()
+      if not ctl.C then
+         local u = M.utilization(tr.model, shape(), {threshold = c.threshold, abs_min = c.abs_min, count = c.count})
+         ctl.C = c.constraint == 'flops' and u.flops_all or u.params_all
+      end
+      set_hold()
+   end)
+   tr:add_hook('after_backward', function()
+      if ctl.lambda ~= 0 and active() then M.l1(tr.model, ctl.lambda, shape()) end
+      if c.lambda.dt ~= 'epoch' and tr.step and tr.step % c.lambda.dt == 0 then check_point() end
+   end)
+   tr:add_hook('epoch_end', function()
+      if c.lambda.dt == 'epoch' then check_point() end
+   end)
+   if tr.register_state then
+      tr:register_state('nr', {
+         before_weights = true,
+         save = function()
+            return {lambda = ctl.lambda, r_prev = ctl.r_prev, r_hist = ctl.r_hist, lambda_hist = ctl.lambda_hist,
+                    rejuvenations = ctl.rejuvenations, C = ctl.C,
+                    arch = ctl.rejuvenations > 0 and surgery.arch_state(tr.model) or nil}
+         end,
+         load = function(s)
+            ctl.lambda, ctl.r_prev = s.lambda or ctl.lambda, s.r_prev or 1
+            ctl.r_hist, ctl.lambda_hist = s.r_hist or {}, s.lambda_hist or {}
+            ctl.rejuvenations, ctl.C = s.rejuvenations or 0, s.C
+            if s.arch then
+               surgery.apply_arch(tr.model, s.arch)
+               monitor.invalidate(tr.model)
+               L1_CACHE[tr.model] = nil
+               if tr.optimizer and tr.optimizer.refresh then tr.optimizer:refresh() end
+            end
+            set_hold()
+         end,
+      })
+   end
+   tr.nr = ctl
+   return ctl
+end
+
+return M

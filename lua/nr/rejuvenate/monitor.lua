@@ -1,0 +1,369 @@
+-- nr.rejuvenate.monitor — liveliness masks and the utilization ratio r (paper 3.1.1-3.1.2).
+--
+-- What it is: per-unit masks from the BN scales (C: nr_bn_live_mask), fed forward through the
+-- channel graph (graph.lua) to per-CS masks, and the live/all counts of parameters and
+-- multiply-adds (FLOPs in the paper's sense). Also the exact cost of a *planned* architecture
+-- (new widths per CS), which the reallocation policies solve against.
+-- Rules (docs/NR.md):
+--   * unit channel live iff |γ| >= rel·max|γ| of its layer (rel 0.01); a unit is dead as a whole
+--     when max|γ| < abs_min (1e-3) or it has no live input channel; fixed units (nr_fixed) are
+--     always live; a conv without a BN after it is live;
+--   * a CS channel is live iff (OR over the units whose outputs are added into it) AND (every
+--     depthwise conv that passes it through is live there). OR because a channel is physically
+--     removable only if every summand is dead; AND because a depthwise channel without its
+--     producer (or the producer's channel without its depthwise consumer) does nothing;
+--   * conv cost = live_in·live_out·kh·kw (×oh·ow for FLOPs); depthwise cost = live·kh·kw
+--     (linear, as MorphNet); grouped convs sum per group; a split NRConv2d sums its blocks;
+--   * what counts is configurable: count = {conv = true, linear = false, bn = false, bias = false}
+--     (default = the authors': conv weights only).
+-- Invariants: the graph is cached (weakly) per model with a structural snapshot, so calling
+-- this every step costs a few C calls and O(total channels) Lua work.
+local ffi = require 'ffi'
+local nrffi = require 'nr.ffi'
+local T = require 'nr.tensor'
+local graph = require 'nr.rejuvenate.graph'
+local C = nrffi.C
+
+local M = {}
+
+local FNAME = 'nr.utilization'
+
+M.DEFAULT_COUNT = {conv = true, linear = false, bn = false, bias = false}
+
+local u8arr = ffi.typeof('uint8_t[?]')
+local live_n = ffi.new('int64_t[1]')
+
+-- The graph of a model, cached (weakly, off the model: clones and checkpoints never see it)
+-- with a structural snapshot and the input shape; rebuilt after surgery, flag changes or a device move.
+local CACHE = setmetatable({}, {__mode = 'k'})
+function M.graph_of(model, input_shape)
+   local key = table.concat(input_shape, 'x')
+   local cache = CACHE[model]
+   if cache and cache.key == key and graph.unchanged(model, cache.snap) then return cache.g end
+   local g = graph.build(model, input_shape)
+   CACHE[model] = {snap = graph.snapshot(model), key = key, g = g}
+   return g
+end
+function M.invalidate(model) CACHE[model] = nil end
+
+local function fill(a, n, v) ffi.fill(a, n, v) end
+
+-- Own mask of a unit: a uint8 array (1 live) and its live count; nil mask = all live.
+local function own_mask(u, opts)
+   if u.fixed then return nil, u.conv.out_channels end
+   local bn = u.bn
+   local gamma = bn and bn.weight
+   if not gamma then return nil, u.conv.out_channels end
+   local c = gamma:numel()
+   if not u._mask_t or u._mask_t:numel() ~= c or u._mask_t:device() ~= gamma:device() then
+      u._mask_t = T.empty({c}, {dtype = 'uint8', device = gamma:device()})
+      u._mask_h = gamma:is_cuda() and T.empty({c}, {dtype = 'uint8'}) or u._mask_t
+   end
+   local st = C.nr_bn_live_mask(gamma.c, u._mask_t.c, opts.threshold, opts.abs_min, live_n)
+   if st ~= 0 then require('nr.check').status(st, FNAME .. ' (' .. u.conv:where() .. ')') end
+   if u._mask_h ~= u._mask_t then u._mask_h:copy(u._mask_t) end
+   return u._mask_h:data(), tonumber(live_n[0])
+end
+
+local function count_range(a, from, n)
+   local k = 0
+   for i = from, from + n - 1 do k = k + a[i] end
+   return k
+end
+
+-- Computes every mask. Returns state = {own = {[u] = arr|nil}, own_live = {[u] = n},
+-- dead = {[u] = bool}, cs = {[root] = arr}, cs_live = {[root] = n}}.
+function M.masks(g, opts)
+   local own, own_live, dead = {}, {}, {}
+   for _, u in ipairs(g.units) do
+      own[u], own_live[u] = own_mask(u, opts)
+      dead[u] = false
+   end
+   local csm, csl = {}, {}
+   for _, r in ipairs(g.roots) do
+      if not r._mask or r._mask_n ~= r.width then r._mask = u8arr(math.max(1, r.width)); r._mask_n = r.width end
+      csm[r] = r._mask
+   end
+   for _ = 1, #g.units + 1 do
+      for _, r in ipairs(g.roots) do
+         local a, w = csm[r], r.width
+         if r.fixed then
+            fill(a, w, 1)
+         else
+            fill(a, w, 0)
+            for _, u in ipairs(r.or_members) do
+               if not dead[u] then
+                  local o = own[u]
+                  if o == nil then fill(a, w, 1); break end
+                  for i = 0, w - 1 do if o[i] ~= 0 then a[i] = 1 end end
+               end
+            end
+            for _, e in ipairs(r.and_members) do
+               local d = e.unit
+               if dead[d] then
+                  fill(a, w, 0)
+               elseif own[d] then
+                  local o, off = own[d], e.offset
+                  for i = 0, w - 1 do if o[off + i] == 0 then a[i] = 0 end end
+               end
+            end
+         end
+         csl[r] = count_range(a, 0, w)
+      end
+      local changed = false
+      for _, u in ipairs(g.units) do
+         if not u.fixed then
+            local in_live = 0
+            for _, s in ipairs(u.in_desc.segs) do in_live = in_live + csl[s.cs:root()] end
+            local d = own_live[u] == 0 or in_live == 0
+            if d ~= dead[u] then dead[u] = d; changed = true end
+         end
+      end
+      if not changed then break end
+   end
+   return {own = own, own_live = own_live, dead = dead, cs = csm, cs_live = csl}
+end
+
+-- Concatenated mask of a descriptor (Lua table of 0/1, 0-based positions) — used for blocks.
+local function desc_mask(desc, st)
+   local out, p = {}, 0
+   for _, s in ipairs(desc.segs) do
+      local r = s.cs:root()
+      local a = st.cs[r]
+      for i = 0, r.width - 1 do out[p] = a[i]; p = p + 1 end
+   end
+   return out, p
+end
+M.desc_mask = desc_mask
+
+local function desc_live(desc, st)
+   local n = 0
+   for _, s in ipairs(desc.segs) do n = n + st.cs_live[s.cs:root()] end
+   return n
+end
+
+-- Live/all weight counts of one unit (per sample for FLOPs: multiply by oh·ow outside).
+local function unit_weights(u, st)
+   local m = u.conv
+   local k = u.kh * u.kw
+   local dead = st.dead[u]
+   if u.kind == 'dw' then
+      local live = 0
+      for _, s in ipairs(u.out_segs) do live = live + st.cs_live[s.cs:root()] end
+      return dead and 0 or live * k, m.out_channels * k, live
+   end
+   local out_live = st.cs_live[u.out:root()]
+   if u.split then
+      local inm = desc_mask(u.in_desc, st)
+      local outm = st.cs[u.out:root()]
+      local live, all = 0, 0
+      for _, b in ipairs(m.blocks) do
+         local li = 0
+         for _, p in ipairs(b.in_idx) do li = li + inm[p] end
+         local lo = count_range(outm, b.out_first, b.out_n)
+         live = live + li * lo * k
+         all = all + #b.in_idx * b.out_n * k
+      end
+      return dead and 0 or live, all, out_live
+   end
+   if u.kind == 'group' then
+      local inm = desc_mask(u.in_desc, st)
+      local outm = st.cs[u.out:root()]
+      local G = u.groups
+      local ci, co = m.in_channels / G, m.out_channels / G
+      local live = 0
+      for gi = 0, G - 1 do
+         local li = 0
+         for p = gi * ci, gi * ci + ci - 1 do li = li + inm[p] end
+         live = live + li * count_range(outm, gi * co, co)
+      end
+      return dead and 0 or live * k, m.in_channels / G * m.out_channels * k, out_live
+   end
+   local in_live = desc_live(u.in_desc, st)
+   return dead and 0 or in_live * out_live * k, m.in_channels * m.out_channels * k, out_live
+end
+
+local function merged_count(count)
+   local c = {}
+   for k, v in pairs(M.DEFAULT_COUNT) do c[k] = v end
+   for k, v in pairs(count or {}) do
+      assert(M.DEFAULT_COUNT[k] ~= nil, FNAME .. ': unknown count key ' .. tostring(k) .. ' (conv, linear, bn, bias)')
+      c[k] = v
+   end
+   return c
+end
+M.merged_count = merged_count
+
+-- The full report. opts: threshold (0.01), abs_min (1e-3), count (see above).
+function M.report(g, opts)
+   local count = merged_count(opts.count)
+   local st = M.masks(g, opts)
+   local res = {params_live = 0, params_all = 0, flops_live = 0, flops_all = 0, layers = {}}
+   local function add(pl, pa, fl, fa)
+      res.params_live = res.params_live + pl
+      res.params_all = res.params_all + pa
+      res.flops_live = res.flops_live + fl
+      res.flops_all = res.flops_all + fa
+   end
+   for _, u in ipairs(g.units) do
+      local live, all, out_live = unit_weights(u, st)
+      local hw = u.oh * u.ow
+      local pl, pa = 0, 0
+      if count.conv then pl, pa = live, all end
+      if count.bias and u.conv.bias then
+         pa = pa + u.conv.out_channels
+         pl = pl + (st.dead[u] and 0 or out_live)
+      end
+      local fl, fa = (count.conv and live or 0) * hw, (count.conv and all or 0) * hw
+      if count.bn and u.bn and u.bn.weight then
+         pa = pa + 2 * u.bn.num_features
+         pl = pl + (st.dead[u] and 0 or 2 * out_live)
+      end
+      add(pl, pa, fl, fa)
+      res.layers[#res.layers + 1] = {
+         name = u.conv:path(), kind = u.kind, fixed = u.fixed, dead = st.dead[u],
+         width = u.conv.out_channels, live = st.dead[u] and 0 or out_live, own_live = st.own_live[u],
+         in_width = u.conv.in_channels, in_live = desc_live(u.in_desc, st),
+         params_live = pl, params_all = pa, flops_live = fl, flops_all = fa, split = u.split or nil,
+      }
+   end
+   if count.linear then
+      for _, l in ipairs(g.linears) do
+         local m = l.module
+         local li = desc_live(l.desc, st) * (l.desc.sf or 1)
+         local pa, pl = m.in_features * m.out_features, li * m.out_features
+         local fa, fl = pa, pl
+         if count.bias and m.bias then pa = pa + m.out_features; pl = pl + m.out_features end
+         add(pl, pa, fl, fa)
+         res.layers[#res.layers + 1] = {name = m:path(), kind = 'linear', width = m.out_features,
+            live = m.out_features, in_width = m.in_features, in_live = li,
+            params_live = pl, params_all = pa, flops_live = fl, flops_all = fa}
+      end
+   end
+   if count.bn then
+      for _, cw in ipairs(g.chanwise) do
+         local m = cw.module
+         if m.weight then
+            local n = 2 * desc_live(cw.desc, st)
+            add(n, 2 * m.num_features, 0, 0)
+         end
+      end
+   end
+   res.r_params = res.params_all > 0 and res.params_live / res.params_all or 1
+   res.r_flops = res.flops_all > 0 and res.flops_live / res.flops_all or 1
+   return res, st
+end
+
+-- ---- cost of a planned architecture ----------------------------------------------------------
+
+-- Generation layout of a CS now: list of {gen, n} (from the producing convs), or nil for the
+-- image / terminal sets (shared by every generation).
+function M.cs_gens(r)
+   if r.kind ~= 'unit' then return nil end
+   for _, u in ipairs(r.or_members) do
+      local gens = u.conv.nr_gens
+      if gens then return gens end
+   end
+   return {{gen = 0, n = r.width}}
+end
+
+-- Survivors per generation of a CS under its live mask: list of {gen, n, first, keep = {pos}}.
+function M.survivors(r, st)
+   local gens = M.cs_gens(r)
+   if not gens then return nil end
+   local a, out, p = st.cs[r], {}, 0
+   for _, gg in ipairs(gens) do
+      local keep = {}
+      for i = p, p + gg.n - 1 do if a[i] ~= 0 then keep[#keep + 1] = i end end
+      out[#out + 1] = {gen = gg.gen, n = #keep, keep = keep}
+      p = p + gg.n
+   end
+   return out
+end
+
+-- A cost function over planned widths: cost(widths) where widths[root] = new width for every
+-- resizable root (others keep theirs). scheme 'CR' counts only the blocks NRConv2d computes.
+-- Returns fn(widths) -> params, flops.
+function M.cost_fn(g, st, opts)
+   local count = merged_count(opts.count)
+   local scheme = opts.scheme or 'NR'
+   local next_gen = opts.next_gen or 1
+   local surv = {}
+   for _, r in ipairs(g.roots) do surv[r] = M.survivors(r, st) end
+   -- planned generation layout of a root: survivors (non-empty) + the new generation
+   local function plan_gens(r, w)
+      local s = surv[r]
+      if not s then return nil end
+      local out, kept = {}, 0
+      for _, x in ipairs(s) do
+         if x.n > 0 then out[#out + 1] = {gen = x.gen, n = math.min(x.n, w - kept)}; kept = kept + out[#out].n end
+      end
+      if w > kept then out[#out + 1] = {gen = next_gen, n = w - kept} end
+      return out
+   end
+   return function(widths)
+      local function W(r) local w = widths[r]; return w or r.width end
+      local params, flops = 0, 0
+      local gens_cache = {}
+      local function gens_of(r)
+         local v = gens_cache[r]
+         if v == nil then v = plan_gens(r, W(r)) or false; gens_cache[r] = v end
+         return v or nil
+      end
+      for _, u in ipairs(g.units) do
+         local m = u.conv
+         local k = u.kh * u.kw
+         local hw = u.oh * u.ow
+         local in_w = 0
+         for _, s in ipairs(u.in_desc.segs) do in_w = in_w + W(s.cs:root()) end
+         local wts, out_w
+         if u.kind == 'dw' then
+            out_w = in_w
+            wts = out_w * k
+         else
+            out_w = W(u.out:root())
+            if u.kind == 'group' then
+               wts = in_w * out_w * k / u.groups
+            elseif scheme == 'CR' then
+               local og = gens_of(u.out:root())
+               local ig, shared = {}, false
+               for _, s in ipairs(u.in_desc.segs) do
+                  local gg = gens_of(s.cs:root())
+                  if not gg then shared = true break end
+                  for _, x in ipairs(gg) do ig[x.gen] = (ig[x.gen] or 0) + x.n end
+               end
+               if shared or not og then
+                  wts = in_w * out_w * k
+               else
+                  wts = 0
+                  for _, x in ipairs(og) do wts = wts + x.n * (ig[x.gen] or in_w) * k end
+               end
+            else
+               wts = in_w * out_w * k
+            end
+         end
+         if count.conv then params = params + wts; flops = flops + wts * hw end
+         if count.bias and m.bias then params = params + out_w end
+         if count.bn and u.bn and u.bn.weight then params = params + 2 * out_w end
+      end
+      if count.linear then
+         for _, l in ipairs(g.linears) do
+            local in_w = 0
+            for _, s in ipairs(l.desc.segs) do in_w = in_w + W(s.cs:root()) end
+            local n = in_w * (l.desc.sf or 1) * l.module.out_features
+            params = params + n + ((count.bias and l.module.bias) and l.module.out_features or 0)
+            flops = flops + n
+         end
+      end
+      if count.bn then
+         for _, cw in ipairs(g.chanwise) do
+            if cw.module.weight then
+               for _, s in ipairs(cw.desc.segs) do params = params + 2 * W(s.cs:root()) end
+            end
+         end
+      end
+      return params, flops
+   end
+end
+
+return M

@@ -1,0 +1,507 @@
+-- nr.rejuvenate.surgery — dead-neuron removal, width expansion, reinitialization, neural
+-- rescaling and the split into NRConv2d (paper 3.2-3.3), applied to a model in place.
+--
+-- What it is: given the channel graph (graph.lua), the masks (monitor.lua) and new widths per
+-- channel set (from the reallocation policy), rebuild every affected module:
+--   * layout of every resized CS: [survivors in their old order (so generations stay grouped) |
+--     new channels]; the same layout for every member of a coupled set (residual adds), and for
+--     a depthwise conv and its producer (same CS);
+--   * W_S→S kept; W_R→R fresh (policy.init, default Kaiming normal fan-out); W_R→S = 0; W_S→R = 0
+--     when the layer has new input channels (else — the stem, or an input set that did not
+--     grow — the new rows read the survivors with fresh weights, as the authors' is_input path);
+--   * new BN channels γ = γ0, β = 0, running mean 0, var 1; survivors keep theirs; standalone BNs
+--     (pre-activation) are sliced the same way;
+--   * Linear input columns remapped, new columns zero (function exact; see docs/NR.md);
+--   * optimizer momentum gathered with the same index maps (new entries 0), or dropped;
+--   * scheme 'CR' / 'CA': a groups=1 conv whose input carries generations becomes an NRConv2d
+--     with the dense weight's blocks (cross blocks: dropped for CR, kept for CA);
+--   * neural rescaling: |γ'| = max(|γ|, γ0), β scaled alike, consumers' input weights divided.
+-- What it is not: deciding widths (policy.lua) or when (init.lua).
+-- Invariants: modules are replaced by fresh ones (no stale kernel scratch) at the same path and
+-- key; flags (nr_fixed) and the train/eval mode carry over; every tensor stays on its device.
+local T = require 'nr.tensor'
+local monitor = require 'nr.rejuvenate.monitor'
+
+local M = {}
+
+local FNAME = 'nr.rejuvenate'
+
+local function fail(fmt, ...) error(FNAME .. ': ' .. string.format(fmt, ...), 0) end
+
+-- Index lists are passed as Lua tables of 0-based positions (Tensor:index_select/index_copy
+-- convert them; the C kernels take CPU int64 indices).
+local function idx(list) return list end
+
+local function range(a, n)
+   local out = {}
+   for i = 0, n - 1 do out[#out + 1] = a + i end
+   return out
+end
+M.range = range
+
+-- new tensor of new_shape; survivors placed: new[m1.dst[k], m2.dst[l]] = old[m1.keep[k], m2.keep[l]]
+local function place(old, new_shape, m1, m2)
+   local dev = old:device()
+   local new = T.zeros(new_shape, {device = dev})
+   if #m1.keep == 0 or (m2 and #m2.keep == 0) then return new end
+   local A = old:contiguous():index_select(1, idx(m1.keep, dev))
+   if m2 then
+      A = A:index_select(2, idx(m2.keep, dev))
+      local s = A:shape()
+      s[2] = new_shape[2]
+      local B = T.zeros(s, {device = dev})
+      B:index_copy(2, idx(m2.dst, dev), A)
+      A = B
+   end
+   new:index_copy(1, idx(m1.dst, dev), A)
+   return new
+end
+M.place = place
+
+local function fill_at(t, positions, value)
+   if #positions == 0 then return end
+   local s = t:shape()
+   s[1] = #positions
+   t:index_copy(1, idx(positions, t:device()), T.full(s, value, {device = t:device()}))
+end
+
+-- ---- plans ------------------------------------------------------------------------------------
+
+-- |γ| score of every position of a root (max over its BN members); nil when none has a BN.
+local function scores(r)
+   local sc
+   for _, u in ipairs(r.or_members) do
+      if u.bn and u.bn.weight then
+         local g = u.bn.weight:abs():totable()
+         sc = sc or {}
+         for i = 1, #g do sc[i - 1] = math.max(sc[i - 1] or 0, g[i]) end
+      end
+   end
+   return sc
+end
+
+-- Highest generation id present in the graph.
+local function max_gen(g)
+   local mx = 0
+   for _, r in ipairs(g.roots) do
+      for _, x in ipairs(monitor.cs_gens(r) or {}) do if x.gen > mx then mx = x.gen end end
+   end
+   return mx
+end
+M.max_gen = max_gen
+
+-- plan[root] = {keep = {old positions}, w = new width, gens = {{gen, n}} | nil, old_w}
+function M.plans(g, st, widths, next_gen)
+   local plans = {}
+   for _, r in ipairs(g.roots) do
+      if r.kind ~= 'unit' then
+         plans[r] = {keep = range(0, r.width), w = r.width, old_w = r.width}
+      else
+         local surv = monitor.survivors(r, st)
+         local keep, owner = {}, {}
+         for _, x in ipairs(surv) do
+            for _, p in ipairs(x.keep) do keep[#keep + 1] = p; owner[p] = x.gen end
+         end
+         local sc = scores(r)
+         if #keep == 0 then
+            -- a set dead as a whole keeps one stub channel (its best γ): widths never reach 0
+            local best, bv = 0, -1
+            for p = 0, r.width - 1 do
+               local v = sc and sc[p] or 0
+               if v > bv then best, bv = p, v end
+            end
+            keep = {best}
+            local at = 0
+            for _, x in ipairs(monitor.cs_gens(r)) do
+               if best >= at and best < at + x.n then owner[best] = x.gen end
+               at = at + x.n
+            end
+         end
+         local w = widths[r] or #keep
+         if w < 1 then fail('%s: width %d requested (at least 1)', r.or_members[1].conv:path(), w) end
+         if w < #keep then
+            -- the policy asked for fewer channels than live: keep the w with the largest |γ|
+            local order = {}
+            for i, p in ipairs(keep) do order[i] = p end
+            table.sort(order, function(a, b) return (sc and sc[a] or 0) > (sc and sc[b] or 0) end)
+            local chosen = {}
+            for i = 1, w do chosen[order[i]] = true end
+            local k2 = {}
+            for _, p in ipairs(keep) do if chosen[p] then k2[#k2 + 1] = p end end
+            keep = k2
+         end
+         local gens, last = {}, nil
+         for _, p in ipairs(keep) do
+            if last and last.gen == owner[p] then last.n = last.n + 1
+            else last = {gen = owner[p], n = 1}; gens[#gens + 1] = last end
+         end
+         if w > #keep then gens[#gens + 1] = {gen = next_gen, n = w - #keep} end
+         plans[r] = {keep = keep, w = w, gens = gens, old_w = r.width}
+      end
+   end
+   return plans
+end
+
+-- Map of a descriptor (concatenation of CSs) under the plans.
+local function desc_map(desc, plans)
+   local keep, dst, fresh, gen_of = {}, {}, {}, {}
+   local shared = false
+   local o_old, o_new = 0, 0
+   for _, s in ipairs(desc.segs) do
+      local r = s.cs:root()
+      local p = plans[r]
+      for k, pos in ipairs(p.keep) do keep[#keep + 1] = o_old + pos; dst[#dst + 1] = o_new + k - 1 end
+      for k = #p.keep, p.w - 1 do fresh[#fresh + 1] = o_new + k end
+      if p.gens then
+         local at = o_new
+         for _, x in ipairs(p.gens) do
+            for q = at, at + x.n - 1 do gen_of[q] = x.gen end
+            at = at + x.n
+         end
+      else
+         shared = true
+      end
+      o_old, o_new = o_old + r.width, o_new + p.w
+   end
+   return {keep = keep, dst = dst, fresh = fresh, width = o_new, old_width = o_old,
+           gen_of = (not shared) and gen_of or nil}
+end
+M.desc_map = desc_map
+
+-- ---- module replacement -------------------------------------------------------------------------
+
+local function replace(old, new)
+   local parent = rawget(old, '_parent')
+   if not parent then fail('cannot replace the root module %s', old:typename()) end
+   local found = false
+   for i, m in ipairs(parent.modules) do
+      if m == old then parent.modules[i] = new; found = true end
+   end
+   if not found then fail('%s is not among its parent\'s modules', old:path()) end
+   for k, v in pairs(parent) do
+      if v == old and k ~= 'modules' then parent[k] = new end
+   end
+   new._parent, new._key = parent, old._key
+   new.train = old.train
+   for k, v in pairs(old) do
+      if type(k) == 'string' and k:sub(1, 3) == 'nr_' and k ~= 'nr_gens' then new[k] = v end
+   end
+end
+M.replace = replace
+
+local function on_device(m, dev)
+   if dev ~= 'cpu' then m:to(dev) end
+   return m
+end
+
+local function conv_opts(m, groups, bias)
+   return {stride = m.stride, padding = m.padding, dilation = m.dilation, groups = groups, bias = bias}
+end
+
+-- ---- surgery --------------------------------------------------------------------------------------
+
+local function state_of(opt, p)
+   if not opt or not p then return nil end
+   local s = opt:state_of(p)
+   return s and s.momentum
+end
+
+-- Applies the plans. ctx = {opt, optim_state ('remap' | 'drop'), gamma0, scheme, init = fn}.
+-- Returns the list of replaced modules {old, new} and pending momentum {param, momentum}.
+function M.apply(g, plans, ctx)
+   local nn = require 'nr.nn'
+   local reps, moms = {}, {}
+   local remap = ctx.opt and ctx.optim_state ~= 'drop'
+   local function mom(p, m) if remap and m then moms[#moms + 1] = {param = p, momentum = m} end end
+   local gamma0 = ctx.gamma0
+
+   local function rebuild_bn(bn, map, n_new, fresh_pos)
+      local dev = (bn.weight or bn.running_mean):device()
+      local nb = on_device(nn.BatchNorm2d(n_new, {eps = bn.eps, momentum = bn.momentum, affine = bn.weight ~= nil}), dev)
+      local m1 = {keep = map.keep, dst = map.dst}
+      if bn.weight then
+         nb.weight = place(bn.weight, {n_new}, m1); fill_at(nb.weight, fresh_pos, gamma0)
+         nb.bias = place(bn.bias, {n_new}, m1)
+         nb.gradWeight = T.zeros({n_new}, {device = dev})
+         nb.gradBias = T.zeros({n_new}, {device = dev})
+         mom(nb.weight, state_of(ctx.opt, bn.weight) and place(state_of(ctx.opt, bn.weight), {n_new}, m1))
+         mom(nb.bias, state_of(ctx.opt, bn.bias) and place(state_of(ctx.opt, bn.bias), {n_new}, m1))
+      end
+      nb.running_mean = place(bn.running_mean, {n_new}, m1)
+      nb.running_var = place(bn.running_var, {n_new}, m1); fill_at(nb.running_var, fresh_pos, 1)
+      reps[#reps + 1] = {old = bn, new = nb}
+      return nb
+   end
+
+   for _, u in ipairs(g.units) do
+      local m = u.conv
+      local inmap = desc_map(u.in_desc, plans)
+      local kh, kw = u.kh, u.kw
+      local dev = (m.weight or m.blocks[1].conv.weight):device()
+      if u.kind == 'dw' then
+         local w = inmap.width
+         local m1 = {keep = inmap.keep, dst = inmap.dst}
+         local nc = on_device(nn.Conv2d(w, w, {kh, kw}, conv_opts(m, w, m.bias ~= nil)), dev)
+         nc.weight = place(m.weight, {w, 1, kh, kw}, m1)
+         if #inmap.fresh > 0 then
+            local R = ctx.init('conv', {#inmap.fresh, 1, kh, kw}, {fan_out = kh * kw, fan_in = kh * kw, device = dev, unit = u})
+            nc.weight:index_copy(1, idx(inmap.fresh, dev), R)
+         end
+         nc.gradWeight = T.zeros(nc.weight:shape(), {device = dev})
+         mom(nc.weight, state_of(ctx.opt, m.weight) and place(state_of(ctx.opt, m.weight), {w, 1, kh, kw}, m1))
+         if m.bias then
+            nc.bias = place(m.bias, {w}, m1)
+            nc.gradBias = T.zeros({w}, {device = dev})
+            mom(nc.bias, state_of(ctx.opt, m.bias) and place(state_of(ctx.opt, m.bias), {w}, m1))
+         end
+         reps[#reps + 1] = {old = m, new = nc}
+         if u.bn then rebuild_bn(u.bn, m1, w, inmap.fresh) end
+      elseif u.kind == 'group' then
+         local p = plans[u.out:root()]
+         if inmap.width ~= inmap.old_width or p.w ~= p.old_w or #inmap.keep ~= inmap.old_width or #p.keep ~= p.old_w then
+            fail('%s: grouped convs (1 < groups < channels) cannot be resized; mark them nr_fixed or give their sets fixed widths', m:where())
+         end
+      else
+         local p = plans[u.out:root()]
+         local wout, win = p.w, inmap.width
+         local m1 = {keep = p.keep, dst = range(0, #p.keep)}
+         local m2 = {keep = inmap.keep, dst = inmap.dst}
+         local W_old, B_old, Wm_old, Bm_old
+         if u.split then
+            W_old = m:dense()
+            B_old = m:dense_bias()
+            local any = false
+            Wm_old = m:dense(function(b)
+               local s = state_of(ctx.opt, b.conv.weight)
+               any = any or s ~= nil
+               return s
+            end)
+            if not any then Wm_old = nil end
+         else
+            W_old, B_old = m.weight, m.bias
+            Wm_old, Bm_old = state_of(ctx.opt, m.weight), state_of(ctx.opt, m.bias)
+         end
+         local W = place(W_old, {wout, win, kh, kw}, m1, m2)
+         local n_f = wout - #p.keep
+         if n_f > 0 then
+            local R = ctx.init('conv', {n_f, win, kh, kw}, {fan_out = wout * kh * kw, fan_in = win * kh * kw, device = dev, unit = u})
+            if #inmap.fresh > 0 and #inmap.dst > 0 then
+               R:index_copy(2, idx(inmap.dst, dev), T.zeros({n_f, #inmap.dst, kh, kw}, {device = dev}))
+            end
+            W:narrow(1, #p.keep + 1, n_f):copy(R)
+         end
+         local Wm = Wm_old and place(Wm_old, {wout, win, kh, kw}, m1, m2)
+         local B = B_old and place(B_old, {wout}, m1)
+         local Bm = Bm_old and place(Bm_old, {wout}, m1)
+         -- split by generation (CR / CA) when the input carries generations
+         local spec
+         if ctx.scheme ~= 'NR' and inmap.gen_of and p.gens then
+            local by_gen, order = {}, {}
+            for q = 0, win - 1 do
+               local gg = inmap.gen_of[q]
+               if not by_gen[gg] then by_gen[gg] = {}; order[#order + 1] = gg end
+               local l = by_gen[gg]
+               l[#l + 1] = q
+            end
+            table.sort(order)
+            local in_groups = {}
+            for _, gg in ipairs(order) do in_groups[#in_groups + 1] = {gen = gg, idx = by_gen[gg]} end
+            local out_groups, at = {}, 0
+            for _, x in ipairs(p.gens) do out_groups[#out_groups + 1] = {gen = x.gen, first = at, n = x.n}; at = at + x.n end
+            local dense = #in_groups == 1 and #out_groups == 1 and in_groups[1].gen == out_groups[1].gen
+            if not dense then
+               spec = {in_channels = win, out_channels = wout, kernel_size = {kh, kw}, stride = m.stride,
+                       padding = m.padding, dilation = m.dilation, bias = B ~= nil, scheme = ctx.scheme,
+                       in_groups = in_groups, out_groups = out_groups}
+            end
+         end
+         local nc
+         if spec then
+            nc = on_device(nn.NRConv2d(spec), dev)
+            nc:scatter(W, function(b, slice) b.conv.weight:copy(slice) end)
+            if B then
+               for _, b in ipairs(nc.blocks) do
+                  if b.conv.bias then b.conv.bias:copy(B:narrow(1, b.out_first + 1, b.out_n)) end
+               end
+            end
+            if Wm then nc:scatter(Wm, function(b, slice) mom(b.conv.weight, slice) end) end
+            for _, b in ipairs(nc.blocks) do
+               b.conv.gradWeight = T.zeros(b.conv.weight:shape(), {device = dev})
+               if b.conv.bias then b.conv.gradBias = T.zeros(b.conv.bias:shape(), {device = dev}) end
+            end
+         else
+            nc = on_device(nn.Conv2d(win, wout, {kh, kw}, conv_opts(m, 1, B ~= nil)), dev)
+            nc.weight, nc.gradWeight = W, T.zeros(W:shape(), {device = dev})
+            mom(nc.weight, Wm)
+            if B then
+               nc.bias, nc.gradBias = B, T.zeros({wout}, {device = dev})
+               mom(nc.bias, Bm)
+            end
+         end
+         nc.nr_gens = p.gens
+         reps[#reps + 1] = {old = m, new = nc}
+         if u.bn then rebuild_bn(u.bn, m1, wout, range(#p.keep, n_f)) end
+      end
+   end
+
+   for _, cw in ipairs(g.chanwise) do
+      local map = desc_map(cw.desc, plans)
+      rebuild_bn(cw.module, map, map.width, map.fresh)
+   end
+
+   for _, l in ipairs(g.linears) do
+      local m = l.module
+      local map = desc_map(l.desc, plans)
+      local sf = l.desc.sf or 1
+      local keep, dst = {}, {}
+      for k, pos in ipairs(map.keep) do
+         for j = 0, sf - 1 do keep[#keep + 1] = pos * sf + j; dst[#dst + 1] = map.dst[k] * sf + j end
+      end
+      local nin, nout = map.width * sf, m.out_features
+      local dev = m.weight:device()
+      local rows = {keep = range(0, nout), dst = range(0, nout)}
+      local cols = {keep = keep, dst = dst}
+      local nl = on_device(nn.Linear(nin, nout, {bias = m.bias ~= nil}), dev)
+      nl.weight = place(m.weight, {nout, nin}, rows, cols)
+      if ctx.linear_init == 'normal' and #map.fresh > 0 then
+         local fresh = {}
+         for _, pos in ipairs(map.fresh) do for j = 0, sf - 1 do fresh[#fresh + 1] = pos * sf + j end end
+         local R = T.randn({nout, #fresh}, {device = dev}):mul_(0.01)   -- the authors' N(0, 0.01)
+         nl.weight:index_copy(2, idx(fresh, dev), R)
+      end
+      nl.gradWeight = T.zeros({nout, nin}, {device = dev})
+      mom(nl.weight, state_of(ctx.opt, m.weight) and place(state_of(ctx.opt, m.weight), {nout, nin}, rows, cols))
+      if m.bias then
+         nl.bias = m.bias:clone()
+         nl.gradBias = T.zeros({nout}, {device = dev})
+         mom(nl.bias, state_of(ctx.opt, m.bias) and state_of(ctx.opt, m.bias):clone())
+      end
+      reps[#reps + 1] = {old = m, new = nl}
+   end
+
+   for _, r in ipairs(reps) do replace(r.old, r.new) end
+   return reps, moms
+end
+
+-- ---- neural rescaling -------------------------------------------------------------------------------
+
+-- Rescales every rescalable unit of graph g (built on the current model): s = max(|γ|, γ0)/|γ|,
+-- γ, β ← s·γ, s·β; every consumer's weights for those channels ← w / s. Exact in eval mode
+-- through ReLU / pools (positively homogeneous). Returns the number of channels rescaled.
+function M.rescale(g, gamma0)
+   local n = 0
+   for _, u in ipairs(g.units) do
+      if u.rescalable and u.bn and u.bn.weight and #u.consumers > 0 then
+         local gam = u.bn.weight:totable()
+         local s, any = {}, false
+         for i, v in ipairs(gam) do
+            local a = math.abs(v)
+            if a > 1e-12 and a < gamma0 then s[i] = gamma0 / a; any = true; n = n + 1 else s[i] = 1 end
+         end
+         if any then
+            local dev = u.bn.weight:device()
+            local invt = {}
+            for i = 1, #s do invt[i] = 1 / s[i] end
+            local st = T.tensor(s):to(dev)
+            local inv = T.tensor(invt):to(dev)
+            u.bn.weight:mul_(st)
+            u.bn.bias:mul_(st)
+            for _, c in ipairs(u.consumers) do
+               local cm = c.module
+               if cm.conv then
+                  local conv = cm.conv
+                  if cm.kind == 'dw' then
+                     conv.weight:narrow(1, c.offset + 1, #s):mul_(inv:reshape(#s, 1, 1, 1))
+                  elseif cm.split then
+                     local W = conv:dense()
+                     W:narrow(2, c.offset + 1, #s):mul_(inv:reshape(1, #s, 1, 1))
+                     conv:scatter(W, function(b, slice) b.conv.weight:copy(slice) end)
+                  else
+                     conv.weight:narrow(2, c.offset + 1, #s):mul_(inv:reshape(1, #s, 1, 1))
+                  end
+               else
+                  local lin = cm.module
+                  local sf = c.sf or 1
+                  local v = {}
+                  for i = 1, #s do for _ = 1, sf do v[#v + 1] = 1 / s[i] end end
+                  local vt = T.tensor(v):reshape(1, #v)
+                  if dev ~= 'cpu' then vt = vt:to(dev) end
+                  lin.weight:narrow(2, c.offset * sf + 1, #v):mul_(vt)
+               end
+            end
+         end
+      end
+   end
+   return n
+end
+
+-- ---- architecture state (checkpoints of rejuvenated models) ---------------------------------------
+
+-- Plain-data description of every conv / BN / Linear whose shape may differ from a freshly built
+-- model: {path = {type, ...sizes, spec | nil, nr_gens}}.
+function M.arch_state(model)
+   local out = {}
+   for _, m in ipairs(model:listModules()) do
+      local t = m:typename()
+      local parent = rawget(m, '_parent')
+      if parent and parent:typename() ~= 'NRConv2d' then
+         if t == 'Conv2d' then
+            out[m:path()] = {type = t, in_channels = m.in_channels, out_channels = m.out_channels,
+                             groups = m.groups or 1, bias = m.bias ~= nil, nr_gens = m.nr_gens}
+         elseif t == 'NRConv2d' then
+            out[m:path()] = {type = t, spec = m.spec, nr_gens = m.nr_gens}
+         elseif t == 'BatchNorm2d' then
+            out[m:path()] = {type = t, num_features = m.num_features}
+         elseif t == 'Linear' then
+            out[m:path()] = {type = t, in_features = m.in_features, out_features = m.out_features, bias = m.bias ~= nil}
+         end
+      end
+   end
+   return out
+end
+
+-- Rebuilds modules of a freshly built model to match an arch_state (weights are then loaded).
+function M.apply_arch(model, arch)
+   local nn = require 'nr.nn'
+   local by_path = {}
+   for _, m in ipairs(model:listModules()) do
+      if rawget(m, '_parent') then by_path[m:path()] = m end
+   end
+   local n = 0
+   for path, a in pairs(arch) do
+      local m = by_path[path]
+      if not m then fail('checkpoint architecture names %s, which the model does not have', path) end
+      local dev = (m.weight or m.running_mean or (m.blocks and m.blocks[1].conv.weight))
+      dev = dev and dev:device() or 'cpu'
+      local new
+      if a.type == 'NRConv2d' then
+         new = nn.NRConv2d(a.spec)
+      elseif a.type == 'Conv2d' then
+         local k = m.kernel_size
+         if m:typename() == 'NRConv2d' or m.in_channels ~= a.in_channels or m.out_channels ~= a.out_channels
+            or (m.groups or 1) ~= a.groups then
+            new = nn.Conv2d(a.in_channels, a.out_channels, k, {stride = m.stride, padding = m.padding,
+               dilation = m.dilation, groups = a.groups, bias = a.bias})
+         end
+      elseif a.type == 'BatchNorm2d' then
+         if m.num_features ~= a.num_features then
+            new = nn.BatchNorm2d(a.num_features, {eps = m.eps, momentum = m.momentum, affine = m.weight ~= nil})
+         end
+      elseif a.type == 'Linear' then
+         if m.in_features ~= a.in_features or m.out_features ~= a.out_features then
+            new = nn.Linear(a.in_features, a.out_features, {bias = a.bias})
+         end
+      end
+      if new then
+         on_device(new, dev)
+         replace(m, new)
+         n = n + 1
+      else
+         new = m
+      end
+      new.nr_gens = a.nr_gens
+   end
+   return n
+end
+
+return M

@@ -1,0 +1,150 @@
+-- nr.nn.NRConv2d (NR-CR / NR-CA split conv): forward against dense references and gradients by
+-- finite differences (input and every block's weights and bias).
+-- Tolerances: forward 1e-5 relative; gradients |analytic - numeric| <= 2e-2 * max(1, |numeric|)
+-- with central differences, eps = 1e-2 (CR, linear) and 2e-3 (CA) in float32.
+local nr = require 'nr'
+local nn = nr.nn
+
+local function max_rel(a, b)
+   return a:sub(b):abs():max() / math.max(1e-12, b:abs():max())
+end
+
+-- groups: input channels 0..6 as {gen 0: 0,1,4,5} {gen 1: 2,3,6} (scattered, as after a Concat);
+-- outputs: gen 0 (3 channels), gen 1 (2), gen 2 (2, an orphan: no gen-2 input)
+local function make(scheme, bias)
+   return nn.NRConv2d{in_channels = 7, out_channels = 7, kernel_size = 3, stride = 1, padding = 1, bias = bias,
+      scheme = scheme,
+      in_groups = {{gen = 0, idx = {0, 1, 4, 5}}, {gen = 1, idx = {2, 3, 6}}},
+      out_groups = {{gen = 0, first = 0, n = 3}, {gen = 1, first = 3, n = 2}, {gen = 2, first = 5, n = 2}}}
+end
+
+local function randomize(m)
+   for _, b in ipairs(m.blocks) do
+      b.conv.weight:copy(nr.randn(b.conv.weight:shape()):mul_(0.3))
+      if b.conv.bias then b.conv.bias:copy(nr.randn(b.conv.bias:shape()):mul_(0.3)) end
+   end
+end
+
+local function dense_conv(m)
+   local c = nn.Conv2d(m.in_channels, m.out_channels, 3, {padding = 1, bias = m.spec.bias})
+   c.weight:copy(m:dense())
+   if m.spec.bias then c.bias:copy(m:dense_bias()) end
+   return c
+end
+
+-- loss = Σ y ⊙ R
+local function loss_of(m, x, R)
+   return m:forward(x):clone():mul_(R):sum()
+end
+
+local function gradcheck(m, x, eps)
+   local y = m:forward(x)
+   local R = nr.randn(y:shape())
+   m:zeroGradParameters()
+   local gx = m:backward(x, R):clone()
+   local worst = 0
+   local function probe(t, g, k)
+      local n = t:numel()
+      for _ = 1, k do
+         local i = math.random(1, n)
+         local v = t:get(i)
+         t:set(i, v + eps)
+         local lp = loss_of(m, x, R)
+         t:set(i, v - eps)
+         local lm = loss_of(m, x, R)
+         t:set(i, v)
+         local num = (lp - lm) / (2 * eps)
+         local err = math.abs(g:get(i) - num) / math.max(1, math.abs(num))
+         if err > worst then worst = err end
+         if err > 2e-2 then print(string.format('gradcheck: analytic %.5g numeric %.5g', g:get(i), num)) end
+      end
+   end
+   probe(x, gx, 12)
+   for _, b in ipairs(m.blocks) do
+      probe(b.conv.weight, b.conv.gradWeight, 6)
+      if b.conv.bias then probe(b.conv.bias, b.conv.gradBias, 2) end
+   end
+   return worst
+end
+
+describe('nr.nn.NRConv2d', function()
+   it('CR equals a dense conv whose cross blocks are zero, and computes only diagonal blocks', function()
+      nr.manual_seed(1)
+      local m = make('CR', true)
+      randomize(m)
+      -- gen0 <- gen0, gen1 <- gen1, gen2 (orphan) <- all inputs: 3*4 + 2*3 + 2*7 weights per tap
+      local n = 0
+      for _, b in ipairs(m.blocks) do n = n + b.conv.weight:numel() end
+      assert.are.equal((3 * 4 + 2 * 3 + 2 * 7) * 9, n)
+      local x = nr.randn({2, 7, 5, 5})
+      local ref = dense_conv(m):forward(x)
+      assert.is_true(max_rel(m:forward(x), ref) < 1e-5)
+      local p, macs = m:cost({7, 5, 5})
+      assert.are.equal(n + 7, p)
+      assert.are.equal(n * 25, macs)
+   end)
+
+   it('CA computes O_j = A_j + 2·sigmoid(A_j)·B_j with A_j the own-group response', function()
+      nr.manual_seed(2)
+      local m = make('CA', false)
+      randomize(m)
+      local x = nr.randn({2, 7, 5, 5})
+      local y = m:forward(x):clone()
+      -- reference from dense convs of the diagonal-only and cross-only weights
+      local diag = make('CR', false)   -- same group structure, diagonal blocks only
+      for _, b in ipairs(diag.blocks) do
+         for _, b2 in ipairs(m.blocks) do
+            if b2.out == b.out and b2.inp == b.inp then b.conv.weight:copy(b2.conv.weight) end
+         end
+      end
+      local A = dense_conv(diag):forward(x):clone()
+      local full = dense_conv(m):forward(x):clone()
+      local B = full:sub(A)
+      local ref = A:sigmoid():mul_(B):mul_(2):add_(A)
+      -- the orphan group (gen 2, channels 5..6) is a plain conv over all inputs: no gate
+      ref:narrow(2, 6, 2):copy(full:narrow(2, 6, 2))
+      assert.is_true(max_rel(y, ref) < 1e-5)
+   end)
+
+   it('CA with zero cross blocks is exactly the diagonal conv (function preserved at rejuvenation)', function()
+      nr.manual_seed(3)
+      local m = make('CA', true)
+      randomize(m)
+      for _, b in ipairs(m.blocks) do if not b.diag then b.conv.weight:zero() end end
+      local x = nr.randn({2, 7, 5, 5})
+      assert.is_true(max_rel(m:forward(x), dense_conv(m):forward(x)) < 1e-5)
+   end)
+
+   it('CR gradients match finite differences', function()
+      nr.manual_seed(4)
+      math.randomseed(4)
+      local m = make('CR', true)
+      randomize(m)
+      local worst = gradcheck(m, nr.randn({2, 7, 4, 4}), 1e-2)
+      print(string.format("  worst relative gradient error %.2e", worst))
+      assert.is_true(worst <= 2e-2)
+   end)
+
+   it('CA gradients (through the sigmoid gate) match finite differences', function()
+      nr.manual_seed(5)
+      math.randomseed(5)
+      local m = make('CA', true)
+      randomize(m)
+      local worst = gradcheck(m, nr.randn({2, 7, 4, 4}), 2e-3)
+      print(string.format("  worst relative gradient error %.2e", worst))
+      assert.is_true(worst <= 2e-2)
+   end)
+
+   it('works inside a Sequential, clones, and names its block parameters stably', function()
+      local m = make('CA', false)
+      local net = nn.Sequential{nn.Conv2d(3, 7, 1, {bias = false}), m, nn.BatchNorm2d(7)}
+      local names = {}
+      for _, e in ipairs(net:namedParameters()) do names[#names + 1] = e.name end
+      assert.are.equal('1.o0_i0.weight', names[2])
+      local x = nr.randn({2, 3, 4, 4})
+      local y = net:forward(x):clone()
+      local c = net:clone()
+      assert.is_true(max_rel(c:forward(x), y) < 1e-6)
+      assert.has_error(function() make('XX', false) end)
+   end)
+end)

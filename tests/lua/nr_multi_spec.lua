@@ -1,0 +1,182 @@
+-- Neural Rejuvenation details: repeated rejuvenations (generations 0, 1, 2 with CR and CA, on a
+-- net with a residual add, a DenseNet-style concat and a Flatten -> Linear head), optimizer
+-- momentum remapping, a layer dead as a whole, and clear errors.
+-- Function preservation tolerance: 1e-4 relative (eval mode), as in nr_surgery_spec.
+local nr = require 'nr'
+local nn = nr.nn
+local R = require 'nr.rejuvenate'
+
+local function cbr(cin, cout, k, fixed)
+   local c = nn.Conv2d(cin, cout, k, {padding = k == 3 and 1 or 0, bias = false})
+   local b = nn.BatchNorm2d(cout)
+   if fixed then c.nr_fixed, b.nr_fixed = true, true end
+   return c, b
+end
+
+-- stem -> residual block (fixed last conv) -> dense layer (concat) -> conv -> pool -> flatten -> fc
+local function net()
+   local s, sb = cbr(3, 8, 3, true)
+   local a1, ab1 = cbr(8, 12, 3)
+   local a2, ab2 = cbr(12, 8, 3, true)
+   local d1, db1 = cbr(8, 10, 3)
+   local t, tb = cbr(18, 14, 1)
+   local m = nn.Sequential{
+      s, sb, nn.ReLU(),
+      nn.Sequential{nn.Residual(nn.Sequential{a1, ab1, nn.ReLU(), a2, ab2}), nn.ReLU()},
+      nn.Concat{nn.Identity(), nn.Sequential{d1, db1, nn.ReLU()}},
+      t, tb, nn.ReLU(), nn.MaxPool2d(2),
+      nn.Flatten(), nn.Linear(14 * 2 * 2, 5),
+   }
+   for _, bn in ipairs(m:findModules('BatchNorm2d')) do
+      local c = bn.num_features
+      bn.running_mean:copy(nr.randn({c}):mul_(0.1))
+      bn.running_var:copy(nr.rand({c}):add_(0.5))
+      bn.bias:copy(nr.randn({c}):mul_(0.1))
+      bn.weight:copy(nr.rand({c}):mul_(1.4):add_(0.1))
+   end
+   return m
+end
+
+local SHAPE = {3, 4, 4}
+
+local function kill(model, frac)
+   local g = R.monitor.graph_of(model, SHAPE)
+   for _, u in ipairs(g.units) do
+      if u.bn and not u.fixed then
+         local c = u.bn.num_features
+         local perm = nr.randperm(c):totable()
+         for i = 1, math.min(c - 1, math.floor(c * frac)) do u.bn.weight:set(perm[i] + 1, 0) end
+      end
+   end
+end
+
+local function rel(a, b) return a:sub(b):abs():max() / math.max(1e-12, b:abs():max()) end
+
+describe('nr.rejuvenate repeated and detailed', function()
+   for _, scheme in ipairs({'NR', 'CR', 'CA'}) do
+      it(scheme .. ': three rounds of kill + rejuvenate preserve the pruned function each time', function()
+         nr.manual_seed(10)
+         local m = net()
+         m:evaluate()
+         local x = nr.randn({2, 3, 4, 4})
+         for round = 1, 3 do
+            kill(m, 0.4)
+            local pruned = m:clone()
+            nr.rejuvenate(pruned, {input_shape = SHAPE, budget = 0})
+            local y0 = pruned:forward(x):clone()
+            local rep = nr.rejuvenate(m, {input_shape = SHAPE, scheme = scheme, rescale = round == 2})
+            assert.are.equal(round, rep.generation)
+            local e = rel(m:forward(x), y0)
+            if e > 1e-4 then print(scheme, 'round', round, 'rel err', e) end
+            assert.is_true(e <= 1e-4)
+            -- training mode still runs forward and backward
+            m:training()
+            local y = m:forward(x)
+            m:backward(x, nr.randn(y:shape()))
+            m:evaluate()
+         end
+         if scheme ~= 'NR' then
+            local splits = m:findModules('NRConv2d')
+            assert.is_true(#splits >= 2)
+            local maxg = 0
+            for _, s in ipairs(splits) do
+               for _, og in ipairs(s.spec.out_groups) do maxg = math.max(maxg, og.gen) end
+            end
+            assert.are.equal(3, maxg)
+         else
+            assert.are.equal(0, #m:findModules('NRConv2d'))
+         end
+      end)
+   end
+
+   it('remaps optimizer momentum: survivors gathered, new entries zero; or drops it', function()
+      nr.manual_seed(11)
+      local m = net()
+      local opt = nr.optim.SGD(m, {lr = 0.1, momentum = 0.9})
+      local x = nr.randn({2, 3, 4, 4})
+      local y = m:forward(x)
+      m:zeroGradParameters()
+      m:backward(x, nr.randn(y:shape()))
+      opt:step()
+      local conv = m:findModules('Conv2d')[2]          -- a1: 8 -> 12, input fixed (all live)
+      local bn = m:findModules('BatchNorm2d')[2]
+      for i = 1, 12, 3 do bn.weight:set(i, 0) end      -- kill channels 1, 4, 7, 10 (0-based 0, 3, 6, 9)
+      local old = opt:state_of(conv.weight).momentum:clone()
+      nr.rejuvenate(m, {input_shape = SHAPE, optimizer = opt})
+      local nc = m:findModules('Conv2d')[2]
+      local mom = opt:state_of(nc.weight).momentum
+      assert.are.equal(nc.weight:size(1), mom:size(1))
+      -- survivor k = 1 is old channel 1 (0-based); input channels: the 8 old ones come first
+      local a = mom:narrow(1, 1, 1):narrow(2, 1, 8)
+      local b = old:narrow(1, 2, 1)
+      assert.is_true(a:sub(b):abs():max() == 0)
+      local fresh = mom:narrow(1, 9, nc.weight:size(1) - 8)
+      assert.are.equal(0, fresh:abs():max())
+      opt:step()   -- the optimizer works on the new parameters
+      -- dropping
+      local m2 = net()
+      local opt2 = nr.optim.SGD(m2, {lr = 0.1, momentum = 0.9})
+      local y2 = m2:forward(x)
+      m2:zeroGradParameters()
+      m2:backward(x, nr.randn(y2:shape()))
+      opt2:step()
+      kill(m2, 0.3)
+      nr.rejuvenate(m2, {input_shape = SHAPE, optimizer = opt2, optim_state = 'drop'})
+      assert.is_nil(opt2:state_of(m2:findModules('Conv2d')[2].weight))
+   end)
+
+   it('classifier columns of new channels: zero by default, N(0, 0.01) with linear_init = normal', function()
+      nr.manual_seed(13)
+      for _, mode in ipairs({'zero', 'normal'}) do
+         local m = net()
+         kill(m, 0.4)
+         local before = m:findModules('Linear')[1].in_features
+         nr.rejuvenate(m, {input_shape = SHAPE, linear_init = mode, budget = 2})
+         local lin = m:findModules('Linear')[1]
+         assert.is_true(lin.in_features > before)
+         -- the conv feeding the head keeps its survivors first; its new channels' columns are last
+         local last = lin.weight:narrow(2, lin.in_features - 3, 4)
+         if mode == 'zero' then
+            assert.are.equal(0, last:abs():max())
+         else
+            assert.is_true(last:abs():max() > 0 and last:abs():max() < 0.1)
+         end
+      end
+   end)
+
+   it('a layer dead as a whole keeps a one-channel stub; r counts it as dead', function()
+      nr.manual_seed(12)
+      local m = net()
+      local d1bn = m:findModules('BatchNorm2d')[4]     -- the dense layer's BN
+      d1bn.weight:fill(1e-5)
+      local u = nr.utilization(m, SHAPE)
+      assert.is_true(u.layers[4].dead)
+      assert.are.equal(0, u.layers[4].live)
+      m:evaluate()
+      local x = nr.randn({2, 3, 4, 4})
+      local pruned = m:clone()
+      nr.rejuvenate(pruned, {input_shape = SHAPE, budget = 0})
+      assert.are.equal(1, pruned:findModules('Conv2d')[4].out_channels)
+      local y0 = pruned:forward(x):clone()
+      nr.rejuvenate(m, {input_shape = SHAPE, scheme = 'CR'})
+      assert.is_true(rel(m:forward(x), y0) <= 1e-4)
+   end)
+
+   it('explains what it cannot do', function()
+      assert.has_error(function() nr.utilization(net()) end, "nr.utilization: input_shape is required (e.g. {3, 32, 32}); the model has no nr_info.input_size")
+      local bad = nn.Sequential{nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5)}
+      local ok, err = pcall(nr.utilization, bad, {3, 8, 8})
+      assert.is_false(ok)
+      assert.is_truthy(tostring(err):find('expects 5 channels but the graph carries 4', 1, true))
+      local grouped = nn.Sequential{nn.Conv2d(3, 4, 1, {bias = false}), nn.BatchNorm2d(4),
+                                    nn.Conv2d(4, 4, 3, {groups = 2, bias = false}), nn.BatchNorm2d(4)}
+      local u = nr.utilization(grouped, {3, 4, 4})
+      assert.are.equal(3 * 4 + 2 * 2 * 2 * 9, u.params_all)
+      grouped:findModules('BatchNorm2d')[1].weight:set(1, 0)
+      u = nr.utilization(grouped, {3, 4, 4})
+      assert.are.equal(3 * 3 + (1 * 2 + 2 * 2) * 9, u.params_live)
+      local ok2, err2 = pcall(nr.rejuvenate, grouped, {input_shape = {3, 4, 4}})
+      assert.is_false(ok2)
+      assert.is_truthy(tostring(err2):find('grouped convs', 1, true))
+   end)
+end)

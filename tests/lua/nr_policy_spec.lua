@@ -1,0 +1,215 @@
+-- Neural Rejuvenation policies: a custom Lua policy replaces the default and its decisions are
+-- the ones applied (reallocate, init, rescale, when, lambda); the default adaptive λ rule; the two
+-- example policies shipped in recipes/ (mean-|γ| allocation and uniform allocation).
+local nr = require 'nr'
+local nn = nr.nn
+local R = require 'nr.rejuvenate'
+
+local function src_root()
+   return (debug.getinfo(1, 'S').source:match('^@(.*)/tests/lua/[^/]*$')) or '.'
+end
+
+local function small_net()
+   local layers = {}
+   for _, b in ipairs({{3, 16}, {16, 24}, {24, 32}}) do
+      layers[#layers + 1] = nn.Conv2d(b[1], b[2], 3, {padding = 1, bias = false})
+      layers[#layers + 1] = nn.BatchNorm2d(b[2])
+      layers[#layers + 1] = nn.ReLU()
+   end
+   layers[#layers + 1] = nn.GlobalAvgPool2d()
+   layers[#layers + 1] = nn.Linear(32, 4)
+   return nn.Sequential(layers)
+end
+
+local function kill_half(model)
+   for _, bn in ipairs(model:findModules('BatchNorm2d')) do
+      for i = 1, bn.num_features, 2 do bn.weight:set(i, 0) end
+   end
+end
+
+-- A trainer stand-in with the hook / state / log API of nr.train.
+local function fake_trainer(model)
+   local tr = {model = model, epoch = 1, step = 0, hooks = {}, states = {}, logs = {}}
+   function tr:add_hook(name, fn) self.hooks[name] = self.hooks[name] or {}; table.insert(self.hooks[name], fn) end
+   function tr:register_state(name, spec) self.states[name] = spec end
+   function tr:log(r) self.logs[#self.logs + 1] = r end
+   function tr:call(name, info) for _, fn in ipairs(self.hooks[name] or {}) do fn(self, info or {}) end end
+   return tr
+end
+
+describe('nr.rejuvenate policies', function()
+   it('a custom reallocate decides the widths; its inputs describe the live sets', function()
+      nr.manual_seed(1)
+      local m = small_net()
+      kill_half(m)
+      local seen
+      local rep = nr.rejuvenate(m, {input_shape = {3, 8, 8}, policy = {
+         reallocate = function(layers, budget)
+            seen = {layers = layers, budget = budget}
+            local w = {}
+            for _, l in ipairs(layers) do w[l.id] = l.live + l.id end
+            return w, {note = 'custom'}
+         end}})
+      assert.are.equal(3, #seen.layers)
+      assert.same({8, 12, 16}, {seen.layers[1].live, seen.layers[2].live, seen.layers[3].live})
+      assert.same({16, 24, 32}, {seen.layers[1].width, seen.layers[2].width, seen.layers[3].width})
+      assert.is_true(seen.budget.target > seen.budget.live_cost)
+      local convs = m:findModules('Conv2d')
+      assert.same({9, 14, 19}, {convs[1].out_channels, convs[2].out_channels, convs[3].out_channels})
+      assert.are.equal('custom', rep.policy_info.note)
+      assert.are.equal(19, m:findModules('Linear')[1].in_features)
+      assert.is_nil(rep.alpha)
+   end)
+
+   it('rejects bad policy output and unknown policies with clear errors', function()
+      local m = small_net()
+      assert.has_error(function()
+         nr.rejuvenate(m, {input_shape = {3, 8, 8}, policy = {reallocate = function() return {[1] = 0.5} end}})
+      end)
+      assert.has_error(function() nr.rejuvenate(m, {input_shape = {3, 8, 8}, policy = {bogus = function() end}}) end)
+      assert.has_error(function() nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = 'XY'}) end)
+   end)
+
+   it('a custom init fills the new weights; rescale follows opts / policy', function()
+      nr.manual_seed(2)
+      local m = small_net()
+      kill_half(m)
+      local calls = 0
+      nr.rejuvenate(m, {input_shape = {3, 8, 8}, budget = 1, policy = {
+         init = function(kind, shape, info)
+            calls = calls + 1
+            return nr.full(shape, 0.125)
+         end}})
+      assert.is_true(calls >= 3)
+      local c2 = m:findModules('Conv2d')[2]
+      -- new output rows of conv 2 read only new input channels (W_S->R = 0): their last column is new
+      local w = c2.weight
+      local last_row = w:narrow(1, w:size(1), 1)
+      local newcol = last_row:narrow(2, w:size(2), 1)
+      assert.are.equal(0.125, newcol:max())
+      local oldcol = last_row:narrow(2, 1, 1)
+      assert.are.equal(0, oldcol:abs():max())
+      -- rescale policy
+      local m2 = small_net()
+      for _, bn in ipairs(m2:findModules('BatchNorm2d')) do bn.weight:fill(0.3) end
+      local rep = nr.rejuvenate(m2, {input_shape = {3, 8, 8}, gamma0 = 1, policy = {rescale = function() return true end}})
+      assert.is_true(rep.rescaled > 0)
+      assert.are.equal(1, m2:findModules('BatchNorm2d')[1].weight:min())
+   end)
+
+   it('default adaptive λ: +Δλ per interval unless r fell by more than Δr; custom when/lambda replace it', function()
+      local m = small_net()
+      local tr = fake_trainer(m)
+      local ctl = R.attach(tr, {target = 0.5, input_shape = {3, 8, 8}, lambda = {dt = 'epoch', dr = 0.01, dl = 1e-3}})
+      tr:call('train_begin')
+      assert.is_true(tr.schedule_hold)
+      tr:call('epoch_end'); assert.are.equal(1e-3, ctl.lambda)          -- r = 1, no drop
+      tr:call('epoch_end'); assert.are.equal(2e-3, ctl.lambda)
+      local bn = m:findModules('BatchNorm2d')[3]
+      for i = 1, 4 do bn.weight:set(i, 0) end                             -- r drops by > 0.01
+      tr:call('epoch_end'); assert.are.equal(2e-3, ctl.lambda)
+      tr:call('epoch_end'); assert.are.equal(3e-3, ctl.lambda)           -- no further drop
+      kill_half(m)                                                        -- r < 0.5: rejuvenate
+      tr:call('epoch_end')
+      assert.are.equal(1, ctl.rejuvenations)
+      assert.are.equal(0, ctl.lambda)
+      assert.is_false(tr.schedule_hold)
+      local rec = tr.logs[#tr.logs]
+      assert.are.equal('rejuvenate', rec.event)
+      assert.same({0, 1e-3, 2e-3, 2e-3, 3e-3}, rec.lambda_history)
+      -- custom decisions
+      local m2 = small_net()
+      local tr2 = fake_trainer(m2)
+      local checks = 0
+      local ctl2 = R.attach(tr2, {target = 0.01, input_shape = {3, 8, 8}, times = 2, policy = {
+         when = function(ctx) checks = checks + 1; return checks == 3 end,
+         lambda = function(ctx) return ctx.lambda * 0.5 + 1 end,
+      }})
+      tr2:call('train_begin')
+      tr2:call('epoch_end'); tr2:call('epoch_end')
+      assert.are.equal(1.5, ctl2.lambda)
+      tr2:call('epoch_end')
+      assert.are.equal(1, ctl2.rejuvenations)
+      assert.is_true(tr2.schedule_hold)      -- times = 2: still sparsifying
+      -- the L1 hook uses λ
+      tr2:call('epoch_end')
+      assert.are.equal(1, ctl2.lambda)
+      m2:zeroGradParameters()
+      tr2:call('after_backward')
+      assert.is_true(m2:findModules('BatchNorm2d')[1].gradWeight:abs():max() == 1)
+   end)
+
+   it('saves and restores its state (architecture before weights)', function()
+      nr.manual_seed(3)
+      local m = small_net()
+      kill_half(m)
+      local tr = fake_trainer(m)
+      local ctl = R.attach(tr, {target = 0.9, input_shape = {3, 8, 8}, scheme = 'CR'})
+      tr:call('train_begin')
+      tr:call('epoch_end')
+      assert.are.equal(1, ctl.rejuvenations)
+      local saved = tr.states.nr.save()
+      assert.is_true(tr.states.nr.before_weights)
+      local json = require('nr.checkpoint').json_encode(saved)
+      local m2 = small_net()
+      local tr2 = fake_trainer(m2)
+      R.attach(tr2, {target = 0.9, input_shape = {3, 8, 8}, scheme = 'CR'})
+      tr2.states.nr.load(require('nr.checkpoint').json_decode(json))
+      local a, b = {}, {}
+      for _, e in ipairs(m:namedParameters()) do a[e.name] = table.concat(e.param:shape(), 'x') end
+      for _, e in ipairs(m2:namedParameters()) do b[e.name] = table.concat(e.param:shape(), 'x') end
+      assert.same(a, b)
+      assert.are.equal(tr.nr.rejuvenations, tr2.nr.rejuvenations)
+   end)
+
+   describe('example policies in recipes/', function()
+      local function zoo_model()
+         nr.manual_seed(11)
+         local m = nr.models.build({name = 'vgg', depth = 19, dataset = 'cifar10', classes = 10})
+         local g = R.monitor.graph_of(m, {3, 8, 8})
+         for i, u in ipairs(g.units) do
+            local c = u.bn.num_features
+            -- layer-dependent death and scale: deeper layers die more, scales differ by layer
+            local dead = math.floor(c * (0.2 + 0.04 * i))
+            u.bn.weight:fill(0.2 + 0.1 * (i % 5))
+            for k = 1, dead do u.bn.weight:set(k, 0) end
+         end
+         return m
+      end
+
+      it('nr_policy_uniform: every layer gets the same number of new channels, cost on budget', function()
+         local recipe = dofile(src_root() .. '/recipes/nr_policy_uniform.lua')
+         local m = zoo_model()
+         local before = nr.utilization(m, {3, 8, 8})
+         local rep = nr.rejuvenate(m, {input_shape = {3, 8, 8}, policy = {reallocate = recipe.nr.policy.reallocate}})
+         local k
+         for i, l in ipairs(rep.layers) do
+            local added = l.width_after - l.live
+            k = k or added
+            assert.are.equal(k, added)
+            assert.are.equal(before.layers[i].live, l.live)
+         end
+         assert.is_true(k > 0)
+         print(string.format('  uniform: +%d channels per layer, cost error %+.3f%%', k, 100 * rep.cost_error))
+         assert.is_true(math.abs(rep.cost_error) <= 0.01)
+      end)
+
+      it('nr_policy_gamma: expansion follows the survivors\' mean |gamma|, cost on budget', function()
+         local recipe = dofile(src_root() .. '/recipes/nr_policy_gamma.lua')
+         local m = zoo_model()
+         local seen
+         local rep = nr.rejuvenate(m, {input_shape = {3, 8, 8}, policy = {reallocate = function(layers, budget)
+            seen = layers
+            return recipe.nr.policy.reallocate(layers, budget)
+         end}})
+         local t = rep.policy_info.t
+         assert.is_true(t > 0)
+         for i, l in ipairs(rep.layers) do
+            local expect = math.max(1, math.floor(l.live * (1 + t * seen[i].mean_gamma / rep.policy_info.mean_gamma) + 0.5))
+            assert.are.equal(expect, l.width_after)
+         end
+         print(string.format('  gamma: t = %.4f, cost error %+.3f%%', t, 100 * rep.cost_error))
+         assert.is_true(math.abs(rep.cost_error) <= 0.01)
+      end)
+   end)
+end)

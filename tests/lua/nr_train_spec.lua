@@ -1,0 +1,147 @@
+-- Neural Rejuvenation inside nr.train: a real short run on a Fashion-MNIST subset (synthetic data
+-- when the dataset is not installed, or with NR_TEST_SYNTHETIC=1) with the adaptive λ checked
+-- every few steps.
+--
+-- Checks: λ starts at 0 and only rises; r reaches T_r within the paper's bound of
+-- (1 - T_r)/Δr + O(1) intervals; rejuvenation fires once, resets λ to 0, releases the schedule
+-- hold, logs a {kind = 'nr', event = 'rejuvenate'} record with per-layer widths; training goes
+-- on with a finite loss; and the checkpoint of the rejuvenated model (NR-CA, split layers) is
+-- rebuilt from the recipe and loaded with identical outputs.
+local nr = require 'nr'
+local nn = nr.nn
+
+local FMNIST = '/usr/share/datasets/fashion-mnist'
+
+local function have_fmnist()
+   if os.getenv('NR_TEST_SYNTHETIC') == '1' then return false end
+   local f = io.open(FMNIST .. '/train-images-idx3-ubyte.gz', 'rb')
+   if f then f:close() return true end
+   return false
+end
+
+local function model()
+   local function block(cin, cout)
+      return nn.Conv2d(cin, cout, 3, {padding = 1, bias = false}), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+   end
+   local layers = {}
+   for _, b in ipairs({{1, 16}, {16, 32}, {32, 32}}) do
+      for _, m in ipairs({block(b[1], b[2])}) do layers[#layers + 1] = m end
+   end
+   layers[#layers + 1] = nn.Flatten()
+   layers[#layers + 1] = nn.Linear(32 * 3 * 3, 10)
+   local net = nn.Sequential(layers)
+   -- γ starts at 0.2 (the CIFAR VGG of the paper uses 0.5): a short run can sparsify it
+   for _, bn in ipairs(net:findModules('BatchNorm2d')) do bn.weight:fill(0.2) end
+   net.nr_info = {gamma0 = 0.2}
+   return net
+end
+
+local function tmpdir(name)
+   local base = os.getenv('NR_TEST_TMP') or '/tmp'
+   local d = string.format('%s/nr_train_spec_%s_%d', base, name, os.time())
+   os.execute('mkdir -p ' .. d)
+   return d
+end
+
+local function synthetic(n, seed)
+   nr.manual_seed(seed)
+   local y = nr.randint(0, 10, {n})
+   local x = nr.randn({n, 1, 28, 28}):mul_(0.5)
+   local yt = y:totable()
+   for i = 1, n do
+      -- a class-dependent bright square makes the task learnable
+      local c = yt[i]
+      x:narrow(1, i, 1):narrow(3, 2 + 2 * c, 4):narrow(4, 4, 6):add_(2)
+   end
+   return x, y
+end
+
+local function recipe(out, nrcfg)
+   local r = {
+      name = 'nr_train_spec', model = model, classes = 10,
+      optim = {name = 'sgd', lr = 0.05, momentum = 0.9, weight_decay = 1e-4},
+      schedule = {name = 'cosine', warmup = 0},
+      epochs = 3, seed = 1, device = 'cpu', out = out, log_every = 10,
+      progress = {stream = io.open('/dev/null', 'w')},
+      nr = nrcfg,
+   }
+   if have_fmnist() then
+      r.data = {dataset = 'fashion-mnist', root = FMNIST, batch = 64, threads = 1, train_batches = 32, val_batches = 2}
+   else
+      local x, y = synthetic(2560, 5)
+      local vx, vy = synthetic(256, 6)
+      local train = require 'nr.train'
+      r.data = {train = train.memory_loader(x, y, {batch = 64, shuffle = true, seed = 1}),
+                val = train.memory_loader(vx, vy, {batch = 128})}
+   end
+   return r
+end
+
+describe('nr.rejuvenate.attach in nr.train', function()
+   local T_r, dr = 0.5, 0.01
+   local nrcfg = {
+      target = T_r, budget = 1.0, constraint = 'params', scheme = 'CA', rescale = true, times = 1,
+      -- no input_shape: attach reads it from the trainer's loader
+      threshold = 0.05,   -- a short run: γ oscillate around 0 with amplitude ~ lr·λ/(1 - momentum)
+      lambda = {mode = 'adaptive', init = 0, dt = 4, dr = dr, dl = 4e-3},
+   }
+   local out = tmpdir('run')
+   local tr, summary
+
+   it('reaches T_r within the bound, rejuvenates once, keeps training', function()
+      local train = require 'nr.train'
+      tr = train.new(recipe(out, nrcfg))
+      assert.is_true(tr.schedule_hold == false)
+      summary = tr:run()
+      local ctl = tr.nr
+      assert.are.equal(1, ctl.rejuvenations)
+      local rep = ctl.reports[1]
+      local intervals = #rep.r_history
+      local bound = (1 - T_r) / dr
+      print(string.format('  rejuvenated at step %d after %d intervals (bound %.0f + O(1)); lambda reached %.3g',
+         rep.step, intervals, bound, rep.lambda_history[#rep.lambda_history]))
+      print(string.format('  r_params %.3f -> %.3f, cost %d vs target %d (%.2f%%), alpha %.3f (sqrt %.3f)',
+         rep.before.r_params, rep.after.r_params, rep.cost, rep.target_cost, 100 * rep.cost_error, rep.alpha, rep.alpha_sqrt))
+      assert.is_true(intervals <= bound)
+      assert.is_true(rep.before.r_params < T_r)
+      assert.is_true(rep.after.r_params > 0.99)
+      assert.is_true(math.abs(rep.cost_error) < 0.05)   -- a tiny net: widths of a few channels
+      -- λ: starts at 0, never decreases before the rejuvenation, reset after
+      assert.are.equal(0, rep.lambda_history[1])
+      for i = 2, #rep.lambda_history do assert.is_true(rep.lambda_history[i] >= rep.lambda_history[i - 1]) end
+      assert.are.equal(0, ctl.lambda)
+      assert.is_false(tr.schedule_hold)
+      assert.is_true(summary.final_loss == summary.final_loss and summary.final_loss < 10)
+      -- a split (CA) layer is in the model
+      assert.is_true(#tr.model:findModules('NRConv2d') > 0)
+      -- the log has the rejuvenation record with every layer's widths
+      local f = assert(io.open(out .. '/metrics.jsonl'))
+      local text = f:read('*a')
+      f:close()
+      local ck = require 'nr.checkpoint'
+      local found
+      for line in text:gmatch('[^\n]+') do
+         local r = ck.json_decode(line)
+         if r.kind == 'nr' and r.event == 'rejuvenate' then found = r end
+      end
+      assert.is_truthy(found)
+      assert.is_true(#found.layers >= 3)
+      assert.is_truthy(found.layers[1].width_after)
+      assert.is_truthy(found.alpha and found.alpha_sqrt and found.lambda_history)
+   end)
+
+   it('a checkpoint of the rejuvenated model is rebuilt from the recipe and loaded', function()
+      assert.is_truthy(tr)
+      local train = require 'nr.train'
+      local fresh = train.new(recipe(out, nrcfg))
+      fresh:load_checkpoint(out)
+      assert.are.equal(#tr.model:findModules('NRConv2d'), #fresh.model:findModules('NRConv2d'))
+      tr.model:evaluate()
+      fresh.model:evaluate()
+      local x = nr.randn({3, 1, 28, 28})
+      local a = tr.model:forward(x):clone()
+      local b = fresh.model:forward(x)
+      assert.is_true(a:sub(b):abs():max() <= 1e-5 * math.max(1, a:abs():max()))
+      assert.are.equal(1, fresh.nr.rejuvenations)
+   end)
+end)
