@@ -13,6 +13,7 @@
  * Not here: cuDNN (core/cuda/), oneDNN.
  */
 #include "nn_internal.h"
+#include "perf.h" /* oneDNN fast paths for dense 3x3 convs (core/perf_dnnl_conv.c) */
 
 #include <cblas.h>
 #include <limits.h>
@@ -302,6 +303,10 @@ nr_status nr_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w
    }
    NR_ON_CUDA(x, nr_cuda_conv2d_forward(x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
    if (g.n == 0) return NR_OK;
+   {
+      nr_status ps = nr_perf_conv2d_forward(x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups);
+      if (ps != NR_PERF_UNHANDLED) return ps;
+   }
    const float *px = x->data, *pw = w->data, *pb = b ? b->data : NULL;
    float *py = y->data;
    if (conv_is_depthwise(&g)) {
@@ -368,6 +373,10 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
    NR_TRY(conv_setup(__func__, dx, "dx", dy, "dy", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
    NR_ON_CUDA(dy, nr_cuda_conv2d_backward_data(dy, dx, w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
    if (g.n == 0) return NR_OK;
+   {
+      nr_status ps = nr_perf_conv2d_backward_data(dy, dx, w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups);
+      if (ps != NR_PERF_UNHANDLED) return ps;
+   }
    const float *pdy = dy->data, *pw = w->data;
    float *pdx = dx->data;
    if (conv_is_depthwise(&g)) {
@@ -437,6 +446,11 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
    }
    NR_ON_CUDA(x, nr_cuda_conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                                 groups, scale, acc));
+   {
+      nr_status ps = nr_perf_conv2d_backward_weight(x, dy, dw, db, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                                    groups, scale, acc);
+      if (ps != NR_PERF_UNHANDLED) return ps;
+   }
    const float *px = x->data, *pdy = dy->data;
    float *pdw = dw->data;
    const int64_t wn = g.cout * g.k;

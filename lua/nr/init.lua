@@ -70,4 +70,7 @@ setmetatable(nr, {
    end,
 })
 
+-- NR_PROFILE=1: time per module type and layer, printed at exit (lua/nr/profile.lua).
+if os.getenv('NR_PROFILE') == '1' then require('nr.profile') end
+
 return nr

@@ -181,7 +181,7 @@ function Module:clone()
       local out = {}
       seen[v] = out
       for k, x in pairs(v) do
-         if k == '_parent' then
+         if k == '_parent' or k == '_transient' then
             out[k] = nil
          elseif k == 'output' or k == 'gradInput' or (type(k) == 'string' and k:sub(1, 1) == '_' and k ~= '_key' and k ~= '_buffers'
                   and type(x) == 'table' and getmetatable(x) and x.__typename == 'nr.Tensor') then
@@ -206,6 +206,18 @@ function Module:_relink()
          m:_relink()
       end
    end
+end
+
+-- Per-module scratch that is never cloned or checkpointed (e.g. NR's graph cache). Kept on the
+-- module rather than in a weak-keyed table outside it: LuaJIT has no ephemerons, so a weak-keyed
+-- entry whose value refers back to its key would never be collected.
+function Module:transient()
+   local t = rawget(self, '_transient')
+   if not t then
+      t = {}
+      rawset(self, '_transient', t)
+   end
+   return t
 end
 
 -- ---- walking -------------------------------------------------------------------------------

@@ -52,16 +52,15 @@ end
 -- ---- L1 on γ -------------------------------------------------------------------------------------
 
 -- The BN scales that get the L1 penalty: every unit's BN whose conv (or BN) is not nr_fixed.
-local L1_CACHE = setmetatable({}, {__mode = 'k'})
 local function penalized(model, input_shape)
-   local cache = L1_CACHE[model]
+   local cache = model:transient().nr_l1
    if cache and graph.unchanged(model, cache.snap) then return cache.list end
    local list = {}
    local g = monitor.graph_of(model, input_shape)
    for _, u in ipairs(g.units) do
       if u.bn and u.bn.weight and not u.fixed then list[#list + 1] = u.bn end
    end
-   L1_CACHE[model] = {snap = graph.snapshot(model), list = list}
+   model:transient().nr_l1 = {snap = graph.snapshot(model), list = list}
    return list
 end
 M.penalized = penalized
@@ -192,7 +191,7 @@ function M.rejuvenate(model, opts)
       for _, e in ipairs(moms) do opt:set_state_of(e.param, {momentum = e.momentum}) end
    end
    monitor.invalidate(model)
-   L1_CACHE[model] = nil
+   model:transient().nr_l1 = nil
 
    local rescaled = 0
    local do_rescale = opts.rescale
@@ -357,7 +356,7 @@ function M.attach(tr, cfg)
             if s.arch then
                surgery.apply_arch(tr.model, s.arch)
                monitor.invalidate(tr.model)
-               L1_CACHE[tr.model] = nil
+               tr.model:transient().nr_l1 = nil
                if tr.optimizer and tr.optimizer.refresh then tr.optimizer:refresh() end
             end
             set_hold()

@@ -33,18 +33,18 @@ M.DEFAULT_COUNT = {conv = true, linear = false, bn = false, bias = false}
 local u8arr = ffi.typeof('uint8_t[?]')
 local live_n = ffi.new('int64_t[1]')
 
--- The graph of a model, cached (weakly, off the model: clones and checkpoints never see it)
+-- The graph of a model, cached in the model's transient scratch (never cloned or checkpointed)
 -- with a structural snapshot and the input shape; rebuilt after surgery, flag changes or a device move.
-local CACHE = setmetatable({}, {__mode = 'k'})
 function M.graph_of(model, input_shape)
    local key = table.concat(input_shape, 'x')
-   local cache = CACHE[model]
+   local scratch = model:transient()
+   local cache = scratch.nr_graph
    if cache and cache.key == key and graph.unchanged(model, cache.snap) then return cache.g end
    local g = graph.build(model, input_shape)
-   CACHE[model] = {snap = graph.snapshot(model), key = key, g = g}
+   scratch.nr_graph = {snap = graph.snapshot(model), key = key, g = g}
    return g
 end
-function M.invalidate(model) CACHE[model] = nil end
+function M.invalidate(model) model:transient().nr_graph = nil end
 
 local function fill(a, n, v) ffi.fill(a, n, v) end
 

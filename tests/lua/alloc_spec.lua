@@ -1,0 +1,120 @@
+-- Steady-state training allocates no tensor storage: after warm-up steps, a training step
+-- (zeroGradParameters + forward + CrossEntropyLoss + backward + SGD momentum step) and an
+-- evaluation forward leave nr.memory().cpu.allocations unchanged, on a small convnet that
+-- touches the common layers (dense, depthwise, strided and 1x1 convs, BatchNorm2d, ReLU,
+-- MaxPool2d, a Residual block, GlobalAvgPool2d, Flatten, Dropout, Linear) and SGD with momentum,
+-- Nesterov and weight decay. Exact check (no tolerance): the count is an integer.
+-- When a step does allocate, the failure names the modules whose forward/backward allocated
+-- (found by re-running the step with a counter around every module call).
+local nr = require 'nr'
+local nn = nr.nn
+
+local function allocs() return nr.memory().cpu.allocations end
+
+local function small_net()
+   local block = nn.Residual(nn.Sequential{
+      nn.Conv2d(16, 16, 3, {padding = 1, bias = false}), nn.BatchNorm2d(16), nn.ReLU(),
+      nn.Conv2d(16, 16, 3, {padding = 1, groups = 16, bias = false}), nn.BatchNorm2d(16),
+   })
+   return nn.Sequential{
+      nn.Conv2d(3, 16, 3, {padding = 1, bias = false}), nn.BatchNorm2d(16), nn.ReLU(),
+      block, nn.ReLU(),
+      nn.MaxPool2d(2, {stride = 2}),
+      nn.Conv2d(16, 32, 3, {stride = 2, padding = 1}), nn.BatchNorm2d(32), nn.ReLU(),
+      nn.Conv2d(32, 32, 1, {bias = false}), nn.ReLU(),
+      nn.GlobalAvgPool2d(),
+      nn.Flatten(),
+      nn.Dropout(0.2),
+      nn.Linear(32, 10),
+   }
+end
+
+-- Runs fn() with every module's forward/backward counted; returns "path: forward +k, ..." lines.
+local function culprits(model, fn)
+   local found = {}
+   local saved = {}
+   for _, m in ipairs(model:listModules()) do
+      saved[m] = {rawget(m, 'forward'), rawget(m, 'backward')}
+      local f, b = m.forward, m.backward
+      m.forward = function(self, ...)
+         local a0 = allocs()
+         local r = f(self, ...)
+         local d = allocs() - a0
+         if d > 0 and not self.modules then found[#found + 1] = string.format('%s: forward +%d', self:where(), d) end
+         return r
+      end
+      m.backward = function(self, ...)
+         local a0 = allocs()
+         local r = b(self, ...)
+         local d = allocs() - a0
+         if d > 0 and not self.modules then found[#found + 1] = string.format('%s: backward +%d', self:where(), d) end
+         return r
+      end
+   end
+   fn()
+   for m, s in pairs(saved) do m.forward, m.backward = s[1], s[2] end
+   return table.concat(found, '; ')
+end
+
+describe('steady-state allocation', function()
+   local model, crit, opt, x, y
+
+   before_each(function()
+      nr.manual_seed(7)
+      model = small_net()
+      crit = nn.CrossEntropyLoss()
+      opt = nr.optim.SGD(model, {lr = 0.05, momentum = 0.9, weight_decay = 5e-4, nesterov = true})
+      x = nr.randn({8, 3, 16, 16})
+      y = nr.randint(0, 10, {8})
+   end)
+
+   local function train_step()
+      model:zeroGradParameters()
+      local out = model:forward(x)
+      local loss = crit:forward(out, y)
+      model:backward(x, crit:backward(out, y))
+      opt:step()
+      return loss
+   end
+
+   it('a training step allocates no tensor storage after warm-up', function()
+      model:training()
+      train_step()
+      train_step()
+      local before = allocs()
+      local loss
+      for _ = 1, 3 do loss = train_step() end
+      local grew = allocs() - before
+      local who = grew ~= 0 and culprits(model, train_step) or ''
+      assert.is_true(loss == loss, 'loss is NaN')
+      assert.are.equal(0, grew, string.format('3 training steps made %d tensor allocations; allocating: %s',
+         grew, who ~= '' and who or '(the criterion or the optimizer)'))
+   end)
+
+   it('the check can fail: a module that allocates per step is counted and named', function()
+      local class = require 'nr.class'
+      local Leaky = class('Leaky', nn.Module)
+      function Leaky:updateOutput(inp) self.output = inp:clone(); return self.output end
+      function Leaky:updateGradInput(_, g) self.gradInput = g:clone(); return self.gradInput end
+      local net = nn.Sequential{nn.Linear(4, 4), Leaky()}
+      local inp = nr.randn({2, 4})
+      local function step() net:backward(inp, net:forward(inp)) end
+      step()
+      local before = allocs()
+      step()
+      assert.are.equal(2, allocs() - before)
+      local who = culprits(net, step)
+      assert.truthy(who:find('(Leaky): forward +1', 1, true), who)
+      assert.truthy(who:find('(Leaky): backward +1', 1, true), who)
+   end)
+
+   it('an evaluation forward allocates no tensor storage after warm-up', function()
+      model:evaluate()
+      model:forward(x)
+      local before = allocs()
+      for _ = 1, 3 do model:forward(x) end
+      local grew = allocs() - before
+      local who = grew ~= 0 and culprits(model, function() model:forward(x) end) or ''
+      assert.are.equal(0, grew, string.format('3 eval forwards made %d tensor allocations; allocating: %s', grew, who))
+   end)
+end)

@@ -1,0 +1,48 @@
+-- nr.profile: enabling wraps forward/backward and records every leaf and container call with
+-- its path, self times are non-negative and add up to no more than the wall time measured around
+-- the calls, the report prints the layers, and disable() restores the original methods exactly.
+-- No timing thresholds: only counts, structure and the inequality self <= wall.
+local nr = require 'nr'
+local prof = require 'nr.profile'
+
+describe('nr.profile', function()
+   it('records per-layer forward/backward calls and restores the methods', function()
+      local nn = nr.nn
+      local f0, b0, sb0 = nn.Module.forward, nn.Module.backward, nn.Sequential.backward
+      local net = nn.Sequential{nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)}
+      local crit = nn.CrossEntropyLoss()
+      local x, y = nr.randn({5, 4}), nr.tensor({0, 1, 2, 1, 0}, {dtype = 'int64'})
+      prof.reset()
+      prof.enable()
+      local t0 = prof.now()
+      for _ = 1, 3 do
+         local out = net:forward(x)
+         crit:forward(out, y)
+         net:backward(x, crit:backward(out, y))
+      end
+      local wall = prof.now() - t0
+      prof.disable()
+      assert.are.equal(f0, nn.Module.forward)
+      assert.are.equal(b0, nn.Module.backward)
+      assert.are.equal(sb0, nn.Sequential.backward)
+      local d = prof.data()
+      local by = {}
+      for _, l in ipairs(d.layers) do by[l.where] = l end
+      local lin = by['0 (Linear 4->8)']
+      assert.truthy(lin, 'no row for the first Linear')
+      assert.are.equal(3, lin.nf)
+      assert.are.equal(3, lin.nb)
+      assert.are.equal(3, by['1 (ReLU)'].nf)
+      for _, l in ipairs(d.layers) do
+         assert.is_true(l.fwd >= 0 and l.bwd >= 0, l.where)
+      end
+      assert.is_true(d.total_fwd + d.total_bwd <= wall, 'self times exceed the wall time')
+      local lines = {}
+      prof.report({write = function(_, s) lines[#lines + 1] = s end, flush = function() end})
+      local text = table.concat(lines)
+      assert.truthy(text:find('Linear', 1, true), text)
+      assert.truthy(text:find('CrossEntropyLoss', 1, true), text)
+      prof.reset()
+      assert.are.equal(0, #prof.data().layers)
+   end)
+end)
