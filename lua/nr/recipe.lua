@@ -213,6 +213,7 @@ function M.apply(recipe, args)
    local r = {}
    for k, v in pairs(recipe) do r[k] = train.deep_copy(v) end
    local i = 1
+   local set_paths = {}
    args = args or {}
    while i <= #args do
       local a = args[i]
@@ -239,6 +240,13 @@ function M.apply(recipe, args)
       end
       if ty == 'function' then error(string.format('%s: %s is code in the recipe file', flag, path), 0) end
       set_path(r, path, parse_value(flag, ty, value, get_path(r, path)))
+      set_paths[path] = true
+   end
+   -- A new dataset without a new root: the recipe's root belonged to the old dataset (e.g.
+   -- $NR_DATA/imagenet), so fall back to the new dataset's default location.
+   if set_paths['data.dataset'] and not set_paths['data.root'] and type(r.data) == 'table'
+      and r.data.dataset ~= recipe.data.dataset then
+      r.data.root = nil
    end
    return r
 end

@@ -128,5 +128,15 @@ return {
       assert.truthy((ck.read_file(log) or ''):find('--epoch: unknown flag', 1, true))
    end)
 
+   it('drops the old root when --dataset changes and --data is not given', function()
+      local base = {data = {dataset = 'imagefolder', root = '/data/imagenet', batch = 8}}
+      local r = R.apply(base, {'--dataset', 'fashion-mnist'})
+      assert.equal('fashion-mnist', r.data.dataset)
+      assert.is_nil(r.data.root)
+      r = R.apply(base, {'--dataset', 'fashion-mnist', '--data', '/elsewhere'})
+      assert.equal('/elsewhere', r.data.root)
+      assert.equal('/data/imagenet', base.data.root)
+   end)
+
    it('cleans up', function() ck.remove_tree(TMP) end)
 end)
