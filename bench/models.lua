@@ -13,12 +13,12 @@ local M = {}
 local function fmnist_cnn(classes)
    local nn = require('nr').nn
    return nn.Sequential{
-      nn.Conv2d(1, 32, 3, {padding = 1, bias = false}), nn.BatchNorm2d(32), nn.ReLU(),
+      nn.Conv2d(1, 32, 3, {padding = 1, bias = false}), nn.BatchNorm2d(32), nn.ReLU{inplace = true},
       nn.MaxPool2d(2, {stride = 2}),
-      nn.Conv2d(32, 64, 3, {padding = 1, bias = false}), nn.BatchNorm2d(64), nn.ReLU(),
+      nn.Conv2d(32, 64, 3, {padding = 1, bias = false}), nn.BatchNorm2d(64), nn.ReLU{inplace = true},
       nn.MaxPool2d(2, {stride = 2}),
       nn.Flatten(),
-      nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+      nn.Linear(64 * 7 * 7, 128), nn.ReLU{inplace = true},
       nn.Linear(128, classes),
    }
 end

@@ -69,7 +69,7 @@ local function post_block(kind, cin, planes, stride)
    end
    local shortcut
    if stride ~= 1 or cin ~= cout then shortcut = projection(cin, cout, stride, true) end
-   return nn.Sequential{nn.Residual(nn.Sequential(main), shortcut), nn.ReLU()}, cout
+   return nn.Sequential{nn.Residual(nn.Sequential(main), shortcut), nn.ReLU{inplace = true}}, cout
 end
 
 -- Pre-activation bottleneck (He et al. 2016, "Identity mappings"), as in the CIFAR ResNet-164.
@@ -77,10 +77,10 @@ local function pre_bottleneck(cin, planes, stride)
    local cout = planes * 4
    local bn0 = nn.BatchNorm2d(cin)
    util.fix(bn0)
-   local main = {bn0, nn.ReLU(), nn.Conv2d(cin, planes, 1, {bias = false}),
-                 nn.BatchNorm2d(planes), nn.ReLU(),
+   local main = {bn0, nn.ReLU{inplace = true}, nn.Conv2d(cin, planes, 1, {bias = false}),
+                 nn.BatchNorm2d(planes), nn.ReLU{inplace = true},
                  nn.Conv2d(planes, planes, 3, {stride = stride, padding = 1, bias = false}),
-                 nn.BatchNorm2d(planes), nn.ReLU()}
+                 nn.BatchNorm2d(planes), nn.ReLU{inplace = true}}
    local last = nn.Conv2d(planes, cout, 1, {bias = false})
    util.fix(last)
    main[#main + 1] = last
@@ -144,7 +144,7 @@ local function cifar164(o)
    if o.preact then
       local bn = nn.BatchNorm2d(c)
       util.fix(bn)
-      parts[#parts + 1] = {'post', nn.Sequential{bn, nn.ReLU()}}
+      parts[#parts + 1] = {'post', nn.Sequential{bn, nn.ReLU{inplace = true}}}
    end
    parts[#parts + 1] = {'pool', nn.GlobalAvgPool2d()}
    parts[#parts + 1] = {'fc', nn.Linear(c, o.classes)}

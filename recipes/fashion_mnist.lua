@@ -18,7 +18,7 @@ local nr = require 'nr'
 local function model(recipe)
    local nn = nr.nn
    local function block(cin, cout)
-      return nn.Conv2d(cin, cout, 3, {padding = 1, bias = false}), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+      return nn.Conv2d(cin, cout, 3, {padding = 1, bias = false}), nn.BatchNorm2d(cout), nn.ReLU{inplace = true}, nn.MaxPool2d(2)
    end
    local layers = {}
    for _, stage in ipairs({{1, 32}, {32, 64}, {64, 128}}) do

@@ -147,7 +147,7 @@ function util.conv_bn(cin, cout, k, opts, relu)
                                          groups = opts.groups or 1, bias = false})
    local bn = nn.BatchNorm2d(cout)
    local mods = {conv, bn}
-   if relu ~= false then mods[3] = nn.ReLU() end
+   if relu ~= false then mods[3] = nn.ReLU{inplace = true} end
    return mods, conv, bn
 end
 

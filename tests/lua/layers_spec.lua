@@ -399,3 +399,43 @@ describe('a small model through Sequential', function()
       assert.is_true(last < 0.5 * first, string.format('loss %g -> %g', first, last))
    end)
 end)
+
+describe('ReLU{inplace = true}', function()
+   it('overwrites its input, returns it, and gives the same gradients as ReLU()', function()
+      nr.manual_seed(11)
+      local x = nr.randn({2, 3, 4, 4})
+      local g = nr.randn({2, 3, 4, 4})
+      local plain = nr.nn.ReLU()
+      local y_ref = plain:forward(x):clone()
+      local gi_ref = plain:backward(x, g):clone()
+      local inplace = nr.nn.ReLU{inplace = true}
+      local x2 = x:clone()
+      local y = inplace:forward(x2)
+      assert.is_true(y:same_storage(x2))
+      assert.same(y_ref:totable(), x2:totable())
+      local gi = inplace:backward(x2, g)
+      assert.same(gi_ref:totable(), gi:totable())
+      assert.is_false(gi:same_storage(g))
+      assert.has_error(function() nr.nn.ReLU{inplce = true} end)
+   end)
+
+   it('trains a conv-BN-ReLU stack to the same weights as out-of-place ReLU', function()
+      local function run(inplace)
+         nr.manual_seed(5)
+         local net = nr.nn.Sequential{nr.nn.Conv2d(3, 4, 3, {padding = 1, bias = false}), nr.nn.BatchNorm2d(4),
+            inplace and nr.nn.ReLU{inplace = true} or nr.nn.ReLU(), nr.nn.GlobalAvgPool2d(), nr.nn.Linear(4, 3)}
+         local crit = nr.nn.CrossEntropyLoss()
+         local x, y = nr.randn({4, 3, 6, 6}), nr.tensor({0, 1, 2, 1}, {dtype = 'int64'})
+         for _ = 1, 3 do
+            local out = net:forward(x)
+            crit:forward(out, y)
+            net:zeroGradParameters()
+            net:backward(x, crit:backward(out, y))
+            local p, gr = net:parameters()
+            for i = 1, #p do p[i]:axpy_(-0.1, gr[i]) end
+         end
+         return net.modules[1].weight:totable()
+      end
+      assert.same(run(false), run(true))
+   end)
+end)

@@ -14,18 +14,32 @@ local function any_input(x)
    return x:contiguous()
 end
 
-local function make(name, fwd, bwd)
+-- inplace_ok: the class accepts {inplace = true} (ReLU, as PyTorch's nn.ReLU(inplace=True)): the
+-- forward overwrites its input and returns it, saving one activation buffer. Safe when nothing
+-- else reads that input afterwards (a BN or residual-add output feeding only this ReLU, as in the
+-- zoo); the backward still writes a gradInput buffer of its own, so gradients never alias.
+local function make(name, fwd, bwd, inplace_ok)
    local cls = class(name, Module)
    function cls:__init(opts)
       Module.__init(self)
-      if opts ~= nil then error(string.format('nr.nn.%s: takes no arguments, got %s', name, tostring(opts)), 3) end
+      if inplace_ok and type(opts) == 'table' then
+         for k in pairs(opts) do
+            if k ~= 'inplace' then error(string.format('nr.nn.%s: unknown option %q (allowed: inplace)', name, tostring(k)), 3) end
+         end
+         self.inplace = opts.inplace and true or false
+      elseif opts ~= nil then
+         error(string.format('nr.nn.%s: %s, got %s', name, inplace_ok and 'takes {inplace = bool}' or 'takes no arguments',
+            tostring(opts)), 3)
+      end
    end
    function cls:updateOutput(x)
       x = any_input(x)
-      local y = U.buffer(self, 'output', x:shape(), x)
+      local y = self.inplace and x or U.buffer(self, 'output', x:shape(), x)
       U.call(fwd(x.c, y.c))
+      self.output = y
       return y
    end
+   function cls:extra() return self.inplace and 'inplace' or '' end
    function cls:updateGradInput(x, gradOutput)
       x = any_input(x)
       local g = U.grad(gradOutput, self.output)
@@ -39,7 +53,7 @@ end
 
 return {
    ReLU = make('ReLU', function(x, y) return C.nr_relu_forward(x, y) end,
-      function(y, g, gi) return C.nr_relu_backward(y, g, gi) end),
+      function(y, g, gi) return C.nr_relu_backward(y, g, gi) end, true),
    Sigmoid = make('Sigmoid', function(x, y) return C.nr_sigmoid_forward(x, y) end,
       function(y, g, gi) return C.nr_sigmoid_backward(y, g, gi) end),
 }
