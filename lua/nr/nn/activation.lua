@@ -43,7 +43,7 @@ local function make(name, fwd, bwd, inplace_ok)
    function cls:updateGradInput(x, gradOutput)
       x = any_input(x)
       local g = U.grad(gradOutput, self.output)
-      local gi = U.buffer(self, 'gradInput', x:shape(), x)
+      local gi = U.grad_buffer(self, x:shape(), x)
       U.call(bwd(self.output.c, g.c, gi.c))
       return gi
    end

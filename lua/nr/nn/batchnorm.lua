@@ -70,7 +70,7 @@ local function backward(self, x, gradOutput, dx, dgamma, dbeta, scale)
    if not T.same_shape(g:shape(), x:shape()) then
       error(string.format('gradOutput %s does not match the input %s', U.shape_str(g:shape()), U.shape_str(x:shape())), 0)
    end
-   if dx == true then dx = U.buffer(self, 'gradInput', x:shape(), x) end
+   if dx == true then dx = U.grad_buffer(self, x:shape(), x) end
    if self._stats_from_batch then
       U.call(C.nr_bn2d_backward(x.c, g.c, opt_c(dx), opt_c(dgamma), opt_c(dbeta), opt_c(self.weight),
          self._save_mean.c, self._save_invstd.c, scale, 1))

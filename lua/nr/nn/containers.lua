@@ -6,6 +6,7 @@ local class = require 'nr.class'
 local Module = require 'nr.nn.module'
 local T = require 'nr.tensor'
 local check = require 'nr.check'
+local GP = require 'nr.nn.gradpool'
 
 local M = {}
 
@@ -63,11 +64,14 @@ function Sequential:updateOutput(x)
 end
 
 function Sequential:updateGradInput(x, g)
-   -- backward walks children in reverse, each child's input being the previous child's output
-   local mods = self.modules
+   -- backward walks children in reverse, each child's input being the previous child's output;
+   -- a child's gradient goes back to the pool once the child before it has consumed it
+   local mods, outer = self.modules, g
    for i = #mods, 1, -1 do
       local input = i > 1 and mods[i - 1].output or x
-      g = mods[i]:backward(input, g)
+      local gi = mods[i]:backward(input, g)
+      if g ~= outer then GP.release(g, gi, outer) end
+      g = gi
    end
    self.gradInput = g
    return g
@@ -112,14 +116,25 @@ function Residual:updateOutput(x)
    return self.output
 end
 
+-- The sum lands in place in a branch's pooled gradient when one is free to overwrite (not g,
+-- which the caller owns); the other branch's block goes back to the pool.
 function Residual:updateGradInput(x, g)
    local gm = self.modules[1]:backward(x, g)
    local gs = self.modules[2] and self.modules[2]:backward(x, g) or g
-   if not self.gradInput or not T.same_shape(self.gradInput:shape(), gm:shape()) or self.gradInput:device() ~= gm:device() then
-      self.gradInput = T.empty(gm:shape(), {device = gm:device()})
+   local function writable(t) return not t:same_storage(g) and GP.owned(t) end
+   local out
+   if writable(gm) then
+      out = gm:add_(gs)
+   elseif writable(gs) then
+      out = gs:add_(gm)
+   else
+      out = GP.buffer(self, gm:shape(), gm)
+      out:copy(gm):add_(gs)
    end
-   self.gradInput:copy(gm):add_(gs)
-   return self.gradInput
+   GP.release(gm, out, g)
+   GP.release(gs, out, g)
+   self.gradInput = out
+   return out
 end
 function Residual:backward(x, g, scale)
    if rawget(self, '_parent') then return self:updateGradInput(x, g) end
@@ -174,30 +189,35 @@ function Concat:updateOutput(x)
    return self.output
 end
 
+-- Each branch gets a contiguous copy of its slice of g (a pooled block of the branch's own, so
+-- the blocks differ per branch); the branch gradients are summed into one pooled block.
 function Concat:updateGradInput(x, g)
    local at = 1
-   self._gparts = self._gparts or {}
+   local holders = self:transient()
+   local sum
    for i, m in ipairs(self.modules) do
       local c = m.output:size(2)
-      local part = self._gparts[i]
       local view = g:narrow(2, at, c)
-      if not part or not T.same_shape(part:shape(), view:shape()) or part:device() ~= g:device() then
-         part = T.empty(view:shape(), {device = g:device()})
-         self._gparts[i] = part
+      local holder = holders[i]
+      if not holder then
+         holder = Module()   -- owns the pool's memory of which block branch i's slice used
+         holders[i] = holder
       end
+      local part = GP.buffer(holder, view:shape(), g)
       part:copy(view)
       local gi = m:backward(x, part)
       if i == 1 then
-         if not self.gradInput or not T.same_shape(self.gradInput:shape(), gi:shape()) or self.gradInput:device() ~= gi:device() then
-            self.gradInput = T.empty(gi:shape(), {device = gi:device()})
-         end
-         self.gradInput:copy(gi)
+         sum = GP.buffer(self, gi:shape(), gi)
+         sum:copy(gi)
       else
-         self.gradInput:add_(gi)
+         sum:add_(gi)
       end
+      GP.release(gi, sum, g)
+      GP.release(part, sum, g)
       at = at + c
    end
-   return self.gradInput
+   self.gradInput = sum
+   return sum
 end
 function Concat:backward(x, g, scale)
    if rawget(self, '_parent') then return self:updateGradInput(x, g) end

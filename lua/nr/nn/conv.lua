@@ -71,7 +71,7 @@ end
 function Conv2d:updateGradInput(x, gradOutput)
    x = U.input(x, 4, self.in_channels, '(N, C, H, W)')
    local g = U.grad(gradOutput, self.output)
-   local gi = U.buffer(self, 'gradInput', x:shape(), x)
+   local gi = U.grad_buffer(self, x:shape(), x)
    U.call(C.nr_conv2d_backward_data(g.c, gi.c, self.weight.c, geom(self)))
    return gi
 end

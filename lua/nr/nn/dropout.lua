@@ -42,7 +42,7 @@ function Dropout:updateGradInput(x, gradOutput)
       self.gradInput = g
       return g
    end
-   local gi = U.buffer(self, 'gradInput', g:shape(), g)
+   local gi = U.grad_buffer(self, g:shape(), g)
    U.call(C.nr_dropout_backward(g.c, self._mask.c, gi.c))
    return gi
 end

@@ -81,6 +81,10 @@ function U.buffer(self, key, shape, like, dtype)
    return b
 end
 
+-- The module's gradInput (N-d float32, like's device): a block of the model's gradient pool during
+-- a root backward (nr.nn.gradpool), else a buffer of its own.
+function U.grad_buffer(self, shape, like) return require('nr.nn.gradpool').buffer(self, shape, like) end
+
 -- Fills t with U(-bound, bound) from the global generator.
 function U.uniform_(t, bound)
    check.status(C.nr_rng_uniform(t.c, -bound, bound), 'init', 3)

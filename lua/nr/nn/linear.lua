@@ -51,7 +51,7 @@ end
 function Linear:updateGradInput(x, gradOutput)
    x = input(self, x)
    local g = U.grad(gradOutput, self.output)
-   local gi = U.buffer(self, 'gradInput', x:shape(), x)
+   local gi = U.grad_buffer(self, x:shape(), x)
    U.call(C.nr_matmul(g.c, self.weight.c, gi.c, 0, 0, 1, 0))
    return gi
 end

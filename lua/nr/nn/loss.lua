@@ -70,7 +70,7 @@ function CrossEntropyLoss:updateGradInput(logits, labels, scale)
    if not probs or not T.same_shape(probs:shape(), logits:shape()) then
       error(FN .. ': backward needs a forward of the same logits first', 3)
    end
-   local gi = U.buffer(self, 'gradInput', logits:shape(), logits)
+   local gi = U.grad_buffer(self, logits:shape(), logits)
    raise(C.nr_softmax_xent_backward(probs.c, labels.c, gi.c, self.label_smoothing, scale or 1))
    return gi
 end

@@ -14,6 +14,7 @@
 -- Invariants: forward may return a buffer owned by the module (valid until the next forward);
 -- buffers are reallocated only when the input shape changes (no allocation per step).
 local class = require 'nr.class'
+local GP = require 'nr.nn.gradpool'
 
 local Module = class('Module')
 
@@ -67,6 +68,8 @@ function Module:forward(x)
    return y
 end
 
+-- The root's backward runs the whole pass with the model's gradient pool (nr.nn.gradpool): the
+-- gradInput it returns stays valid until its next backward.
 function Module:backward(x, gradOutput, scale)
    local function run()
       local gi = self:updateGradInput(x, gradOutput)
@@ -74,7 +77,9 @@ function Module:backward(x, gradOutput, scale)
       return gi
    end
    if rawget(self, '_parent') then return located(self, run) end
-   local ok, gi = pcall(located, self, run)
+   local tr = self:transient()
+   tr.gradpool = tr.gradpool or GP.new()
+   local ok, gi = pcall(GP.run, tr.gradpool, located, self, run)
    if not ok then error(clean(gi), 2) end
    return gi
 end

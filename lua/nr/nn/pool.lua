@@ -71,7 +71,7 @@ end
 function MaxPool2d:updateGradInput(x, gradOutput)
    x = U.input(x, 4, nil, '(N, C, H, W)')
    local g = U.grad(gradOutput, self.output)
-   local gi = U.buffer(self, 'gradInput', x:shape(), x)
+   local gi = U.grad_buffer(self, x:shape(), x)
    U.call(C.nr_maxpool2d_backward(g.c, self._indices.c, gi.c))
    return gi
 end
@@ -96,7 +96,7 @@ end
 function AvgPool2d:updateGradInput(x, gradOutput)
    x = U.input(x, 4, nil, '(N, C, H, W)')
    local g = U.grad(gradOutput, self.output)
-   local gi = U.buffer(self, 'gradInput', x:shape(), x)
+   local gi = U.grad_buffer(self, x:shape(), x)
    local kh, kw, sh, sw, ph, pw = geom(self)
    U.call(C.nr_avgpool2d_backward(g.c, gi.c, kh, kw, sh, sw, ph, pw, self.count_include_pad and 1 or 0))
    return gi
@@ -121,7 +121,7 @@ end
 function GlobalAvgPool2d:updateGradInput(x, gradOutput)
    x = U.input(x, 4, nil, '(N, C, H, W)')
    local g = U.grad(gradOutput, self.output)
-   local gi = U.buffer(self, 'gradInput', x:shape(), x)
+   local gi = U.grad_buffer(self, x:shape(), x)
    U.call(C.nr_global_avgpool_backward(g.c, gi.c))
    return gi
 end
