@@ -1,6 +1,10 @@
 /* nn_norm.c — 2-d batch normalisation on the CPU (nr_bn2d_* in core/nr.h): training forward
  * (batch statistics, running-statistic update, saved mean/invstd), evaluation forward, and the
  * backward passes of both.
+ * Each takes an optional fused ReLU (forward: relu flag; backward: relu_y, the fused output,
+ * masking dy on the fly), so a BatchNorm2d followed by an in-place ReLU costs one pass over the
+ * data each way instead of two (forward bit-identical to running them one after the other; the
+ * backward's per-channel sums may round differently, ~1e-7 relative).
  * Invariants: per-channel sums accumulate in double (per-plane partial sums in float), each
  * channel is handled by one thread, so results do not depend on the thread count; y may alias x
  * and dx may alias dy (every element is read before it is written).
@@ -33,9 +37,72 @@ static nr_status vec_check(const char *func, const char *name, const nr_tensor *
    return nn_check(func, name, v, NR_F32, 1, cs, x);
 }
 
+/* o = p * a + b over one plane, then max(., 0) when relu (the ReLU's own expression, so fused
+ * and separate forwards agree bit for bit, NaN included). */
+static inline void affine_plane(const float *p, float *o, int64_t hw, float a, float b, int32_t relu)
+{
+   if (relu) {
+#pragma omp simd
+      for (int64_t i = 0; i < hw; i++) {
+         const float v = p[i] * a + b;
+         o[i] = v > 0.0f ? v : 0.0f;
+      }
+   } else {
+#pragma omp simd
+      for (int64_t i = 0; i < hw; i++) o[i] = p[i] * a + b;
+   }
+}
+
+#ifdef NR_WITH_CUDA
+/* CUDA: the fused ReLU as a second kernel on the output (the GPU is not bandwidth-starved the
+ * way two CPU cores are; one kernel less is not worth a twin of every BN kernel). */
+static nr_status cuda_then_relu(nr_status s, nr_tensor *y, int32_t relu)
+{
+   if (s != NR_OK || !relu) return s;
+   return nr_cuda_relu_forward(y, y);
+}
+
+/* CUDA backward with relu_y: dx <- dy masked by relu_y > 0, then BN backward reads dx as dy. */
+static nr_status cuda_masked_dy(const nr_tensor **dy, nr_tensor *dx, const nr_tensor *relu_y)
+{
+   if (!relu_y) return NR_OK;
+   if (!dx) return NR_FAIL(NR_E_ARG, "relu_y on CUDA needs dx (the masked gradient is staged there)");
+   NR_TRY(nr_cuda_relu_backward(relu_y, *dy, dx));
+   *dy = dx;
+   return NR_OK;
+}
+#endif
+
+/* Per-plane sums of dy' and dy' * (x - mean), dy' = dy masked by r > 0 when r is given. */
+static inline void plane_sums(const float *p, const float *d, const float *r, int64_t hw, float mean, float *sa,
+                              float *sb)
+{
+   float a = 0, b = 0;
+   if (r) {
+#pragma omp simd reduction(+ : a, b)
+      for (int64_t i = 0; i < hw; i++) {
+         const float dv = r[i] > 0.0f ? d[i] : 0.0f;
+         a += dv;
+         b += dv * (p[i] - mean);
+      }
+   } else {
+#pragma omp simd reduction(+ : a, b)
+      for (int64_t i = 0; i < hw; i++) {
+         a += d[i];
+         b += d[i] * (p[i] - mean);
+      }
+   }
+   *sa = a, *sb = b;
+}
+
+static nr_status relu_y_check(const char *func, const nr_tensor *relu_y, const nr_tensor *x)
+{
+   return relu_y ? nn_check(func, "relu_y", relu_y, NR_F32, 4, x->shape, x) : NR_OK;
+}
+
 nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean, nr_tensor *save_invstd,
                                 const nr_tensor *gamma, const nr_tensor *beta, nr_tensor *running_mean,
-                                nr_tensor *running_var, float momentum, float eps)
+                                nr_tensor *running_var, float momentum, float eps, int32_t relu)
 {
    NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
    bn_geom g;
@@ -50,8 +117,8 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
    if (m < 2)
       return NR_FAIL(NR_E_ARG, "training needs more than one value per channel (input %lld x %lld x %lld x %lld)",
                      (long long)x->shape[0], (long long)x->shape[1], (long long)x->shape[2], (long long)x->shape[3]);
-   NR_ON_CUDA(x, nr_cuda_bn2d_forward_train(x, y, save_mean, save_invstd, gamma, beta, running_mean, running_var,
-                                            momentum, eps));
+   NR_ON_CUDA(x, cuda_then_relu(nr_cuda_bn2d_forward_train(x, y, save_mean, save_invstd, gamma, beta, running_mean,
+                                                            running_var, momentum, eps), y, relu));
    const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL;
    float *py = y->data, *sm = save_mean->data, *si = save_invstd->data, *rm = running_mean->data,
          *rv = running_var->data;
@@ -85,17 +152,13 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
       rm[c] = (1.0f - momentum) * rm[c] + momentum * meanf;
       rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * (double)m / (double)(m - 1));
       const float a = invstd * (pg ? pg[c] : 1.0f), b = (pb ? pb[c] : 0.0f) - meanf * a;
-      for (int64_t n = 0; n < g.n; n++) {
-         const float *p = px + (n * g.c + c) * g.hw;
-         float *q = py + (n * g.c + c) * g.hw;
-         for (int64_t i = 0; i < g.hw; i++) q[i] = p[i] * a + b;
-      }
+      for (int64_t n = 0; n < g.n; n++) affine_plane(px + (n * g.c + c) * g.hw, py + (n * g.c + c) * g.hw, g.hw, a, b, relu);
    }
    return NR_OK;
 }
 
 nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor *gamma, const nr_tensor *beta,
-                               const nr_tensor *running_mean, const nr_tensor *running_var, float eps)
+                               const nr_tensor *running_mean, const nr_tensor *running_var, float eps, int32_t relu)
 {
    NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
    bn_geom g;
@@ -103,7 +166,7 @@ nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor
    NR_TRY(vec_check(__func__, "running_mean", running_mean, x));
    NR_TRY(vec_check(__func__, "running_var", running_var, x));
    if (!(eps > 0)) return NR_FAIL(NR_E_ARG, "eps must be > 0, got %g", eps);
-   NR_ON_CUDA(x, nr_cuda_bn2d_forward_eval(x, y, gamma, beta, running_mean, running_var, eps));
+   NR_ON_CUDA(x, cuda_then_relu(nr_cuda_bn2d_forward_eval(x, y, gamma, beta, running_mean, running_var, eps), y, relu));
    const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL,
                *rm = running_mean->data, *rv = running_var->data;
    float *py = y->data;
@@ -113,9 +176,7 @@ nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor
       int64_t c = q % g.c;
       const float invstd = (float)(1.0 / sqrt((double)rv[c] + (double)eps));
       const float a = invstd * (pg ? pg[c] : 1.0f), b = (pb ? pb[c] : 0.0f) - rm[c] * a;
-      const float *p = px + q * g.hw;
-      float *o = py + q * g.hw;
-      for (int64_t i = 0; i < g.hw; i++) o[i] = p[i] * a + b;
+      affine_plane(px + q * g.hw, py + q * g.hw, g.hw, a, b, relu);
    }
    return NR_OK;
 }
@@ -133,7 +194,7 @@ static nr_status bn_backward_setup(const char *func, const nr_tensor *x, const n
 
 nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
                            nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
-                           const nr_tensor *save_invstd, float scale, float acc)
+                           const nr_tensor *save_invstd, float scale, float acc, const nr_tensor *relu_y)
 {
    NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
    NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
@@ -141,9 +202,16 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
    NR_TRY(bn_backward_setup(__func__, x, dy, dx, dgamma, dbeta, gamma, &g));
    NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
    NR_TRY(vec_check(__func__, "save_invstd", save_invstd, x));
-   NR_ON_CUDA(x, nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc));
+   NR_TRY(relu_y_check(__func__, relu_y, x));
+#ifdef NR_WITH_CUDA
+   if (x->device == NR_CUDA) {
+      NR_TRY(cuda_masked_dy(&dy, dx, relu_y));
+      return nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc);
+   }
+#endif
+   NR_ON_CUDA(x, NR_OK);
    const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *sm = save_mean->data,
-               *si = save_invstd->data;
+               *si = save_invstd->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
    const int64_t m = g.n * g.hw;
 #pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
@@ -151,13 +219,9 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
       const float mean = sm[c], invstd = si[c];
       double sdy = 0, sdyx = 0;
       for (int64_t n = 0; n < g.n; n++) {
-         const float *p = px + (n * g.c + c) * g.hw, *d = pdy + (n * g.c + c) * g.hw;
-         float a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-         for (int64_t i = 0; i < g.hw; i++) {
-            a += d[i];
-            b += d[i] * (p[i] - mean);
-         }
+         const int64_t off = (n * g.c + c) * g.hw;
+         float a, b;
+         plane_sums(px + off, pdy + off, pr ? pr + off : NULL, g.hw, mean, &a, &b);
          sdy += a;
          sdyx += b;
       }
@@ -169,9 +233,19 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
       const float k = (pg ? pg[c] : 1.0f) * invstd;
       const float mdy = (float)(sdy / (double)m), mdyx = (float)(sdyxhat / (double)m) * invstd;
       for (int64_t n = 0; n < g.n; n++) {
-         const float *p = px + (n * g.c + c) * g.hw, *d = pdy + (n * g.c + c) * g.hw;
-         float *o = pdx + (n * g.c + c) * g.hw;
-         for (int64_t i = 0; i < g.hw; i++) o[i] = k * (d[i] - mdy - (p[i] - mean) * mdyx);
+         const int64_t off = (n * g.c + c) * g.hw;
+         const float *p = px + off, *d = pdy + off, *r = pr ? pr + off : NULL;
+         float *o = pdx + off;
+         if (r) {
+#pragma omp simd
+            for (int64_t i = 0; i < g.hw; i++) {
+               const float dv = r[i] > 0.0f ? d[i] : 0.0f;
+               o[i] = k * (dv - mdy - (p[i] - mean) * mdyx);
+            }
+         } else {
+#pragma omp simd
+            for (int64_t i = 0; i < g.hw; i++) o[i] = k * (d[i] - mdy - (p[i] - mean) * mdyx);
+         }
       }
    }
    return NR_OK;
@@ -179,7 +253,8 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
 
 nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
                                 nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *running_mean,
-                                const nr_tensor *running_var, float eps, float scale, float acc)
+                                const nr_tensor *running_var, float eps, float scale, float acc,
+                                const nr_tensor *relu_y)
 {
    NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
    NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
@@ -188,10 +263,16 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
    NR_TRY(vec_check(__func__, "running_mean", running_mean, x));
    NR_TRY(vec_check(__func__, "running_var", running_var, x));
    if (!(eps > 0)) return NR_FAIL(NR_E_ARG, "eps must be > 0, got %g", eps);
-   NR_ON_CUDA(x, nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale,
-                                            acc));
+   NR_TRY(relu_y_check(__func__, relu_y, x));
+#ifdef NR_WITH_CUDA
+   if (x->device == NR_CUDA) {
+      NR_TRY(cuda_masked_dy(&dy, dx, relu_y));
+      return nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale, acc);
+   }
+#endif
+   NR_ON_CUDA(x, NR_OK);
    const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *rm = running_mean->data,
-               *rv = running_var->data;
+               *rv = running_var->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
    const int64_t m = g.n * g.hw;
 #pragma omp parallel for if (nr_parallel_worth(g.c, 2 * m))
@@ -200,13 +281,9 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
       if (dg || dbt) {
          double sdy = 0, sdyx = 0;
          for (int64_t n = 0; n < g.n; n++) {
-            const float *p = px + (n * g.c + c) * g.hw, *d = pdy + (n * g.c + c) * g.hw;
-            float a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-            for (int64_t i = 0; i < g.hw; i++) {
-               a += d[i];
-               b += d[i] * (p[i] - mean);
-            }
+            const int64_t off = (n * g.c + c) * g.hw;
+            float a, b;
+            plane_sums(px + off, pdy + off, pr ? pr + off : NULL, g.hw, mean, &a, &b);
             sdy += a;
             sdyx += b;
          }
@@ -216,9 +293,16 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
       if (!pdx) continue;
       const float k = (pg ? pg[c] : 1.0f) * invstd;
       for (int64_t n = 0; n < g.n; n++) {
-         const float *d = pdy + (n * g.c + c) * g.hw;
-         float *o = pdx + (n * g.c + c) * g.hw;
-         for (int64_t i = 0; i < g.hw; i++) o[i] = k * d[i];
+         const int64_t off = (n * g.c + c) * g.hw;
+         const float *d = pdy + off, *r = pr ? pr + off : NULL;
+         float *o = pdx + off;
+         if (r) {
+#pragma omp simd
+            for (int64_t i = 0; i < g.hw; i++) o[i] = r[i] > 0.0f ? k * d[i] : 0.0f;
+         } else {
+#pragma omp simd
+            for (int64_t i = 0; i < g.hw; i++) o[i] = k * d[i];
+         }
       }
    }
    return NR_OK;

@@ -212,31 +212,37 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
  * by the caller for nr_bn2d_backward); gamma (C), beta (C): both NULL when affine = false;
  * running_mean, running_var (C), updated in place (PyTorch): r <- (1 - momentum) * r +
  * momentum * stat, with the unbiased variance (n / (n - 1), n = N*H*W) for running_var.
- * y = (x - mean) * invstd * gamma + beta. Needs N*H*W >= 2 (NR_E_ARG otherwise, as PyTorch). */
+ * y = (x - mean) * invstd * gamma + beta; relu != 0: y = max(that, 0) in the same pass (BN and
+ * a ReLU after it fused, one pass over the data instead of two).
+ * Needs N*H*W >= 2 (NR_E_ARG otherwise, as PyTorch). */
 nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean,
                                 nr_tensor *save_invstd, const nr_tensor *gamma,
                                 const nr_tensor *beta, nr_tensor *running_mean,
-                                nr_tensor *running_var, float momentum, float eps);
-/* Evaluation mode: y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta.
- * x, y (N, C, H, W) (y may be x); gamma, beta (C) or both NULL; running_mean, running_var (C). */
+                                nr_tensor *running_var, float momentum, float eps, int32_t relu);
+/* Evaluation mode: y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta (relu: as
+ * above). x, y (N, C, H, W) (y may be x); gamma, beta (C) or both NULL; running_mean,
+ * running_var (C). */
 nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor *gamma,
                                const nr_tensor *beta, const nr_tensor *running_mean,
-                               const nr_tensor *running_var, float eps);
+                               const nr_tensor *running_var, float eps, int32_t relu);
 /* Backward of nr_bn2d_forward_train (statistics depend on x).
  * x (N, C, H, W) the forward input; dy (N, C, H, W); dx (N, C, H, W) overwritten, or NULL
  * (not needed); dgamma, dbeta (C) <- acc * d + scale * dL/d, or NULL (affine = false);
- * gamma (C) or NULL (= 1); save_mean, save_invstd (C) from the forward. */
+ * gamma (C) or NULL (= 1); save_mean, save_invstd (C) from the forward; relu_y: NULL, or the
+ * output of a forward with relu = 1, whose ReLU backward is applied to dy first (dy where
+ * relu_y > 0, else 0; dy itself is not modified). On CUDA, relu_y needs dx. */
 nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx,
                            nr_tensor *dgamma, nr_tensor *dbeta, const nr_tensor *gamma,
                            const nr_tensor *save_mean, const nr_tensor *save_invstd, float scale,
-                           float acc);
+                           float acc, const nr_tensor *relu_y);
 /* Backward of nr_bn2d_forward_eval (statistics are constants):
  * dx = dy * gamma / sqrt(running_var + eps); dgamma, dbeta as in nr_bn2d_backward.
- * x, dy, dx (N, C, H, W) (dx may be NULL); gamma (C) or NULL; running_mean, running_var (C). */
+ * x, dy, dx (N, C, H, W) (dx may be NULL); gamma (C) or NULL; running_mean, running_var (C);
+ * relu_y as in nr_bn2d_backward. */
 nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx,
                                 nr_tensor *dgamma, nr_tensor *dbeta, const nr_tensor *gamma,
                                 const nr_tensor *running_mean, const nr_tensor *running_var,
-                                float eps, float scale, float acc);
+                                float eps, float scale, float acc, const nr_tensor *relu_y);
 
 /* Activations, elementwise, any shape (x, y, dy, dx all the same shape; y may be x and dx may
  * be dy: in place). ReLU: y = max(x, 0); backward from the output: dx = y > 0 ? dy : 0.

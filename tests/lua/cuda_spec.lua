@@ -265,33 +265,50 @@ describe('layer kernels on the GPU', function()
          local smc, smg = pair({3})
          local sic, sig = pair({3})
          local G = function(t) return t and t:cuda().c end
-         ok(C.nr_bn2d_forward_train(x.c, yc.c, smc.c, sic.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 0.1, 1e-5), 'bn cpu')
-         ok(C.nr_bn2d_forward_train(x:cuda().c, yg.c, smg.c, sig.c, G(gamma), G(beta), rmg.c, rvg.c, 0.1, 1e-5), 'bn gpu')
+         ok(C.nr_bn2d_forward_train(x.c, yc.c, smc.c, sic.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 0.1, 1e-5, 0), 'bn cpu')
+         ok(C.nr_bn2d_forward_train(x:cuda().c, yg.c, smg.c, sig.c, G(gamma), G(beta), rmg.c, rvg.c, 0.1, 1e-5, 0), 'bn gpu')
          close('bn train y', yc, yg); close('bn save_mean', smc, smg); close('bn save_invstd', sic, sig)
          close('bn running_mean', rmc, rmg); close('bn running_var', rvc, rvg)
          local dy = randn({4, 3, 5, 6})
          local dxc, dxg = pair({4, 3, 5, 6})
          local dgc, dgg, dbc, dbg
          if affine then dgc, dgg = twin(randn({3})); dbc, dbg = twin(randn({3})) end
-         ok(C.nr_bn2d_backward(x.c, dy.c, dxc.c, dgc and dgc.c, dbc and dbc.c, gamma and gamma.c, smc.c, sic.c, 1, 1), 'bwd cpu')
-         ok(C.nr_bn2d_backward(x:cuda().c, dy:cuda().c, dxg.c, dgg and dgg.c, dbg and dbg.c, G(gamma), smg.c, sig.c, 1, 1),
+         ok(C.nr_bn2d_backward(x.c, dy.c, dxc.c, dgc and dgc.c, dbc and dbc.c, gamma and gamma.c, smc.c, sic.c, 1, 1, nil), 'bwd cpu')
+         ok(C.nr_bn2d_backward(x:cuda().c, dy:cuda().c, dxg.c, dgg and dgg.c, dbg and dbg.c, G(gamma), smg.c, sig.c, 1, 1, nil),
             'bwd gpu')
          close('bn backward dx', dxc, dxg)
          if affine then close('bn dgamma', dgc, dgg); close('bn dbeta', dbc, dbg) end
-         ok(C.nr_bn2d_forward_eval(x.c, yc.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 1e-5), 'eval cpu')
-         ok(C.nr_bn2d_forward_eval(x:cuda().c, yg.c, G(gamma), G(beta), rmg.c, rvg.c, 1e-5), 'eval gpu')
+         ok(C.nr_bn2d_forward_eval(x.c, yc.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 1e-5, 0), 'eval cpu')
+         ok(C.nr_bn2d_forward_eval(x:cuda().c, yg.c, G(gamma), G(beta), rmg.c, rvg.c, 1e-5, 0), 'eval gpu')
          close('bn eval y', yc, yg)
-         ok(C.nr_bn2d_backward_eval(x.c, dy.c, dxc.c, dgc and dgc.c, dbc and dbc.c, gamma and gamma.c, rmc.c, rvc.c, 1e-5, 2, 0),
+         ok(C.nr_bn2d_backward_eval(x.c, dy.c, dxc.c, dgc and dgc.c, dbc and dbc.c, gamma and gamma.c, rmc.c, rvc.c, 1e-5, 2, 0, nil),
             'eval bwd cpu')
          ok(C.nr_bn2d_backward_eval(x:cuda().c, dy:cuda().c, dxg.c, dgg and dgg.c, dbg and dbg.c, G(gamma), rmg.c, rvg.c,
-                                    1e-5, 2, 0), 'eval bwd gpu')
+                                    1e-5, 2, 0, nil), 'eval bwd gpu')
          close('bn eval backward dx', dxc, dxg)
          if affine then close('bn eval dgamma', dgc, dgg); close('bn eval dbeta', dbc, dbg) end
          -- in place (y = x)
          local xi, xg = twin(x:clone())
-         ok(C.nr_bn2d_forward_eval(xi.c, xi.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 1e-5), 'inplace cpu')
-         ok(C.nr_bn2d_forward_eval(xg.c, xg.c, G(gamma), G(beta), rmg.c, rvg.c, 1e-5), 'inplace gpu')
+         ok(C.nr_bn2d_forward_eval(xi.c, xi.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 1e-5, 0), 'inplace cpu')
+         ok(C.nr_bn2d_forward_eval(xg.c, xg.c, G(gamma), G(beta), rmg.c, rvg.c, 1e-5, 0), 'inplace gpu')
          close('bn eval in place', xi, xg)
+         -- fused ReLU: forward with relu = 1, backward masked by the fused output
+         ok(C.nr_bn2d_forward_train(x.c, yc.c, smc.c, sic.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 0.1, 1e-5, 1), 'bn+relu cpu')
+         ok(C.nr_bn2d_forward_train(x:cuda().c, yg.c, smg.c, sig.c, G(gamma), G(beta), rmg.c, rvg.c, 0.1, 1e-5, 1), 'bn+relu gpu')
+         close('bn+relu train y', yc, yg)
+         ok(C.nr_bn2d_backward(x.c, dy.c, dxc.c, dgc and dgc.c, dbc and dbc.c, gamma and gamma.c, smc.c, sic.c, 1, 1, yc.c), 'bn+relu bwd cpu')
+         ok(C.nr_bn2d_backward(x:cuda().c, dy:cuda().c, dxg.c, dgg and dgg.c, dbg and dbg.c, G(gamma), smg.c, sig.c, 1, 1, yg.c),
+            'bn+relu bwd gpu')
+         close('bn+relu backward dx', dxc, dxg)
+         if affine then close('bn+relu dgamma', dgc, dgg); close('bn+relu dbeta', dbc, dbg) end
+         ok(C.nr_bn2d_forward_eval(x.c, yc.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 1e-5, 1), 'eval+relu cpu')
+         ok(C.nr_bn2d_forward_eval(x:cuda().c, yg.c, G(gamma), G(beta), rmg.c, rvg.c, 1e-5, 1), 'eval+relu gpu')
+         close('bn+relu eval y', yc, yg)
+         ok(C.nr_bn2d_backward_eval(x.c, dy.c, dxc.c, dgc and dgc.c, dbc and dbc.c, gamma and gamma.c, rmc.c, rvc.c, 1e-5, 1, 1, yc.c),
+            'eval+relu bwd cpu')
+         ok(C.nr_bn2d_backward_eval(x:cuda().c, dy:cuda().c, dxg.c, dgg and dgg.c, dbg and dbg.c, G(gamma), rmg.c, rvg.c,
+                                    1e-5, 1, 1, yg.c), 'eval+relu bwd gpu')
+         close('bn+relu eval backward dx', dxc, dxg)
       end
    end)
 

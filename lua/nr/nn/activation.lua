@@ -34,13 +34,28 @@ local function make(name, fwd, bwd, inplace_ok)
    end
    function cls:updateOutput(x)
       x = any_input(x)
+      self._fused = false
       local y = self.inplace and x or U.buffer(self, 'output', x:shape(), x)
       U.call(fwd(x.c, y.c))
       self.output = y
       return y
    end
    function cls:extra() return self.inplace and 'inplace' or '' end
+   -- Called by a parent Sequential instead of forward when the BatchNorm2d before this in-place
+   -- ReLU applied it (BatchNorm2d.canFuseReLU): x is already max(., 0); the backward passes the
+   -- gradient through, the BatchNorm2d masks it.
+   if inplace_ok then
+      function cls:fusedForward(x)
+         self._fused = true
+         self.output = x
+         return x
+      end
+   end
    function cls:updateGradInput(x, gradOutput)
+      if self._fused then
+         self.gradInput = U.grad(gradOutput, self.output)
+         return self.gradInput
+      end
       x = any_input(x)
       local g = U.grad(gradOutput, self.output)
       local gi = U.grad_buffer(self, x:shape(), x)

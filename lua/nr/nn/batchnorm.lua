@@ -46,18 +46,26 @@ end
 
 local function opt_c(t) return t and t.c or nil end
 
+-- A parent Sequential whose next child is an in-place ReLU sets _fuse_relu just before calling
+-- forward: the ReLU is then applied here in the same pass (and its backward here too, from the
+-- fused output), and the ReLU module passes through.
+BatchNorm2d.canFuseReLU = true
+
 function BatchNorm2d:updateOutput(x)
    x = U.input(x, 4, self.num_features, '(N, C, H, W)')
+   local relu = rawget(self, '_fuse_relu') == true
+   self._fuse_relu = nil
+   self._relu_fused = relu
    local y = U.buffer(self, 'output', x:shape(), x)
    if self.train then
       local c = {self.num_features}
       local sm, si = U.buffer(self, '_save_mean', c, x), U.buffer(self, '_save_invstd', c, x)
       U.call(C.nr_bn2d_forward_train(x.c, y.c, sm.c, si.c, opt_c(self.weight), opt_c(self.bias),
-         self.running_mean.c, self.running_var.c, self.momentum, self.eps))
+         self.running_mean.c, self.running_var.c, self.momentum, self.eps, relu and 1 or 0))
       self._stats_from_batch = true
    else
       U.call(C.nr_bn2d_forward_eval(x.c, y.c, opt_c(self.weight), opt_c(self.bias), self.running_mean.c,
-         self.running_var.c, self.eps))
+         self.running_var.c, self.eps, relu and 1 or 0))
       self._stats_from_batch = false
    end
    return y
@@ -71,12 +79,13 @@ local function backward(self, x, gradOutput, dx, dgamma, dbeta, scale)
       error(string.format('gradOutput %s does not match the input %s', U.shape_str(g:shape()), U.shape_str(x:shape())), 0)
    end
    if dx == true then dx = U.grad_buffer(self, x:shape(), x) end
+   local relu_y = self._relu_fused and self.output.c or nil
    if self._stats_from_batch then
       U.call(C.nr_bn2d_backward(x.c, g.c, opt_c(dx), opt_c(dgamma), opt_c(dbeta), opt_c(self.weight),
-         self._save_mean.c, self._save_invstd.c, scale, 1))
+         self._save_mean.c, self._save_invstd.c, scale, 1, relu_y))
    else
       U.call(C.nr_bn2d_backward_eval(x.c, g.c, opt_c(dx), opt_c(dgamma), opt_c(dbeta), opt_c(self.weight),
-         self.running_mean.c, self.running_var.c, self.eps, scale, 1))
+         self.running_mean.c, self.running_var.c, self.eps, scale, 1, relu_y))
    end
    return dx
 end
@@ -88,6 +97,12 @@ end
 function BatchNorm2d:accGradParameters(x, gradOutput, scale)
    if not self.affine then return end
    backward(self, x, gradOutput, nil, self.gradWeight, self.gradBias, scale or 1)
+end
+
+-- One pass for dx, dgamma and dbeta (the reductions dgamma/dbeta need are the ones dx needs).
+function BatchNorm2d:gradients(x, gradOutput, scale)
+   if not self.affine then return self:updateGradInput(x, gradOutput) end
+   return backward(self, x, gradOutput, true, self.gradWeight, self.gradBias, scale or 1)
 end
 
 function BatchNorm2d:outputShape(s)

@@ -56,9 +56,23 @@ end
 function Sequential:get(i) return self.modules[i] end
 function Sequential:size() return #self.modules end
 
+-- A BatchNorm2d followed by an in-place ReLU runs as one fused pass (BatchNorm2d.canFuseReLU;
+-- the in-place ReLU overwrites the BN output anyway, so nothing else can observe the difference).
 function Sequential:updateOutput(x)
-   local y = x
-   for _, m in ipairs(self.modules) do y = m:forward(y) end
+   local y, mods, relu_done = x, self.modules, false
+   for i, m in ipairs(mods) do
+      if relu_done then
+         y = m:fusedForward(y)
+         relu_done = false
+      else
+         if m.canFuseReLU then
+            local nxt = mods[i + 1]
+            relu_done = nxt ~= nil and nxt.fusedForward ~= nil and nxt.inplace == true and not self.noFusion
+            m._fuse_relu = relu_done
+         end
+         y = m:forward(y)
+      end
+   end
    self.output = y
    return y
 end

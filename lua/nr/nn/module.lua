@@ -71,11 +71,7 @@ end
 -- The root's backward runs the whole pass with the model's gradient pool (nr.nn.gradpool): the
 -- gradInput it returns stays valid until its next backward.
 function Module:backward(x, gradOutput, scale)
-   local function run()
-      local gi = self:updateGradInput(x, gradOutput)
-      self:accGradParameters(x, gradOutput, scale)
-      return gi
-   end
+   local function run() return self:gradients(x, gradOutput, scale) end
    if rawget(self, '_parent') then return located(self, run) end
    local tr = self:transient()
    tr.gradpool = tr.gradpool or GP.new()
@@ -85,6 +81,14 @@ function Module:backward(x, gradOutput, scale)
 end
 
 function Module:__call(x) return self:forward(x) end
+
+-- gradInput and the parameter gradients of one backward; a leaf that computes both in one pass
+-- over its data overrides this (BatchNorm2d).
+function Module:gradients(x, gradOutput, scale)
+   local gi = self:updateGradInput(x, gradOutput)
+   self:accGradParameters(x, gradOutput, scale)
+   return gi
+end
 
 function Module:updateOutput(x) error(self:typename() .. ' does not implement updateOutput', 2) end
 function Module:updateGradInput(x, g) error(self:typename() .. ' does not implement updateGradInput', 2) end
