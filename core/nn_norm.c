@@ -124,28 +124,27 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
          *rv = running_var->data;
 #pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
    for (int64_t c = 0; c < g.c; c++) {
-      double s = 0;
+      /* one pass over memory: each plane's mean and squared deviations (its second loop runs on
+       * the cache-resident plane), merged across planes in double (Chan et al.) */
+      double mean = 0, m2 = 0;
       for (int64_t n = 0; n < g.n; n++) {
          const float *p = px + (n * g.c + c) * g.hw;
          float part = 0;
 #pragma omp simd reduction(+ : part)
          for (int64_t i = 0; i < g.hw; i++) part += p[i];
-         s += part;
-      }
-      const double mean = s / (double)m;
-      const float meanf = (float)mean;
-      double ss = 0;
-      for (int64_t n = 0; n < g.n; n++) {
-         const float *p = px + (n * g.c + c) * g.hw;
-         float part = 0;
-#pragma omp simd reduction(+ : part)
+         const float pm = part / (float)g.hw;
+         float dev = 0;
+#pragma omp simd reduction(+ : dev)
          for (int64_t i = 0; i < g.hw; i++) {
-            float d = p[i] - meanf;
-            part += d * d;
+            const float d = p[i] - pm;
+            dev += d * d;
          }
-         ss += part;
+         const double na = (double)(n * g.hw), nb = (double)g.hw, delta = (double)pm - mean;
+         mean += delta * nb / (na + nb);
+         m2 += (double)dev + delta * delta * na * nb / (na + nb);
       }
-      const double var = ss / (double)m;
+      const float meanf = (float)mean;
+      const double var = m2 / (double)m;
       const float invstd = (float)(1.0 / sqrt(var + (double)eps));
       sm[c] = meanf;
       si[c] = invstd;

@@ -246,6 +246,28 @@ describe('buffers and modes', function()
       assert.are_not.equal(rm:get(1), bn.running_mean:get(1))
    end)
 
+   it('BatchNorm2d batch statistics stay accurate with a large offset and planes of different means', function()
+      -- mean 1000, std ~1, each sample shifted differently: the one-pass per-plane merge must match
+      -- a double-precision two-pass reference
+      nr.manual_seed(4)
+      local x = nr.randn({6, 2, 7, 5})
+      for n = 1, 6 do x:narrow(1, n, 1):add_(1000 + 3 * n) end
+      local bn = nn.BatchNorm2d(2)
+      bn:forward(x)
+      local v = x:totable()
+      for c = 1, 2 do
+         local s, cnt = 0, 0
+         for n = 1, 6 do for h = 1, 7 do for w = 1, 5 do s = s + v[n][c][h][w]; cnt = cnt + 1 end end end
+         local mean = s / cnt
+         local ss = 0
+         for n = 1, 6 do for h = 1, 7 do for w = 1, 5 do ss = ss + (v[n][c][h][w] - mean) ^ 2 end end end
+         local invstd = 1 / math.sqrt(ss / cnt + 1e-5)
+         assert.is_true(close(bn._save_mean:get(c), mean, 1e-6), 'mean')
+         assert.is_true(close(bn._save_invstd:get(c), invstd, 1e-4),
+            string.format('invstd %.7g vs %.7g', bn._save_invstd:get(c), invstd))
+      end
+   end)
+
    it('Dropout: scaled mask in training, identity in evaluate(), reproducible with the seed', function()
       local d = nn.Dropout(0.25)
       local x = nr.ones({100, 100})
