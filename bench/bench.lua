@@ -4,7 +4,7 @@
 --
 -- What it measures, exactly as ../shared/bench/torch_baseline.py does on its side:
 --   train step = zeroGradParameters + forward + CrossEntropyLoss + backward + SGD(momentum 0.9) step
---   infer step = evaluate() + forward
+--   infer step = evaluate() + forward inside nr.no_grad (as torch.no_grad())
 --   one fixed synthetic batch (randn images, random labels), fp32, NCHW; `--warmup` untimed steps,
 --   then at least `--min-steps` timed steps until `--min-time` seconds or `--max-steps`; the
 --   median step gives images/s. Also recorded: tensor allocations per timed step (must be 0),
@@ -238,7 +238,8 @@ local function bench_infer(spec, batch)
    local shape = {batch}
    for i, s in ipairs(spec.shape) do shape[i + 1] = s end
    local x = nr.randn(shape)
-   local function step() return model:forward(x) end
+   -- gradients off, as the PyTorch side's torch.no_grad() (lets a Sequential fold Conv2d + BN + ReLU)
+   local function step() return nr.no_grad(model.forward, model, x) end
    local times, allocs = run_steps(step)
    return summarize(times, batch, allocs)
 end

@@ -201,7 +201,8 @@ static void gather_dy(const float *dy, float *tmp, int64_t L, int64_t n0, int64_
 
 /* ---------------------------------------------------------------- depthwise (direct) */
 
-static void dw_forward(const float *x, float *y, const float *w, const float *b, const conv_geom *g)
+static void dw_forward(const float *x, float *y, const float *w, const float *b, const conv_geom *g,
+                       const nn_epilogue *epi)
 {
    const int64_t nc = g->n * g->cin;
 #pragma omp parallel for if (nr_parallel_worth(nc, g->p * g->kh * g->kw))
@@ -225,6 +226,7 @@ static void dw_forward(const float *x, float *y, const float *w, const float *b,
                   for (int64_t ow = ow0; ow < ow1; ow++) dst[ow] += wv * src[ow * g->sw];
             }
          }
+      if (epi) nn_epilogue_plane(epi, c, yp, g->p);
    }
 }
 
@@ -288,29 +290,32 @@ static void dw_backward_weight(const float *x, const float *dy, float *dw, const
 
 /* ---------------------------------------------------------------- public entry points */
 
-nr_status nr_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
-                            int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                            int32_t dil_h, int32_t dil_w, int32_t groups)
+/* Applies epi to every output plane (paths that cannot apply it per plane as they go). */
+static void epilogue_all(const nn_epilogue *epi, float *y, const conv_geom *g)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("y", y, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("w", w, NR_F32, -1, 4, NULL);
-   conv_geom g;
-   NR_TRY(conv_setup(__func__, x, "x", y, "y", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
-   if (b) {
-      int64_t bs[1] = {g.cout};
-      NN_CHECK("b", b, NR_F32, 1, bs, x);
-   }
-   NR_ON_CUDA(x, nr_cuda_conv2d_forward(x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
+   const int64_t nc = g->n * g->cout;
+#pragma omp parallel for if (nr_parallel_worth(nc, g->p))
+   for (int64_t q = 0; q < nc; q++) nn_epilogue_plane(epi, q % g->cout, y + q * g->p, g->p);
+}
+
+/* The CPU forward; epi (NULL: none) is applied to each output plane once it is final. */
+static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
+                              const conv_geom *gp, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                              int32_t dil_h, int32_t dil_w, int32_t groups, const nn_epilogue *epi)
+{
+   const conv_geom g = *gp;
    if (g.n == 0) return NR_OK;
    {
       nr_status ps = nr_perf_conv2d_forward(x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups);
-      if (ps != NR_PERF_UNHANDLED) return ps;
+      if (ps != NR_PERF_UNHANDLED) {
+         if (ps == NR_OK && epi) epilogue_all(epi, y->data, &g);
+         return ps;
+      }
    }
    const float *px = x->data, *pw = w->data, *pb = b ? b->data : NULL;
    float *py = y->data;
    if (conv_is_depthwise(&g)) {
-      dw_forward(px, py, pw, pb, &g);
+      dw_forward(px, py, pw, pb, &g, epi);
       return NR_OK;
    }
    const bool direct = conv_is_1x1(&g);
@@ -355,11 +360,69 @@ nr_status nr_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w
                   float *yc = py + (n * g.cout + c) * g.p, v = pb[c];
                   for (int64_t i = 0; i < g.p; i++) yc[i] += v;
                }
+         if (epi)
+            for (int64_t n = n0; n < n0 + nb; n++)
+               for (int64_t c = 0; c < g.cout; c++) nn_epilogue_plane(epi, c, py + (n * g.cout + c) * g.p, g.p);
       }
    }
    if (pl.threads > 1) nr_blas_set_threads(nr_threads());
    if (oom) return NR_FAIL(NR_E_OOM, "no memory for the im2col buffers (%lld floats)", (long long)((g.k + g.og) * L));
    return NR_OK;
+}
+
+nr_status nr_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
+                            int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                            int32_t dil_h, int32_t dil_w, int32_t groups)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("y", y, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("w", w, NR_F32, -1, 4, NULL);
+   conv_geom g;
+   NR_TRY(conv_setup(__func__, x, "x", y, "y", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
+   if (b) {
+      int64_t bs[1] = {g.cout};
+      NN_CHECK("b", b, NR_F32, 1, bs, x);
+   }
+   NR_ON_CUDA(x, nr_cuda_conv2d_forward(x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
+   return conv_forward(x, y, w, b, &g, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, NULL);
+}
+
+#ifdef NR_WITH_CUDA
+/* CUDA: the folded BN (and ReLU) as kernels on the conv output. */
+static nr_status cuda_conv_bn(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b, int32_t sh,
+                              int32_t sw, int32_t ph, int32_t pw, int32_t dh, int32_t dw, int32_t groups,
+                              const nr_tensor *gamma, const nr_tensor *beta, const nr_tensor *rm, const nr_tensor *rv,
+                              float eps, int32_t relu)
+{
+   NR_TRY(nr_cuda_conv2d_forward(x, y, w, b, sh, sw, ph, pw, dh, dw, groups));
+   NR_TRY(nr_cuda_bn2d_forward_eval(y, y, gamma, beta, rm, rv, eps));
+   return relu ? nr_cuda_relu_forward(y, y) : NR_OK;
+}
+#endif
+
+nr_status nr_conv2d_forward_bn(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
+                               int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t dil_h,
+                               int32_t dil_w, int32_t groups, const nr_tensor *gamma, const nr_tensor *beta,
+                               const nr_tensor *running_mean, const nr_tensor *running_var, float eps, int32_t relu)
+{
+   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("y", y, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("w", w, NR_F32, -1, 4, NULL);
+   conv_geom g;
+   NR_TRY(conv_setup(__func__, x, "x", y, "y", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
+   int64_t cs[1] = {g.cout};
+   if (b) NN_CHECK("b", b, NR_F32, 1, cs, x);
+   if (!gamma != !beta) return NR_FAIL(NR_E_ARG, "gamma and beta: give both or neither");
+   if (gamma) NN_CHECK("gamma", gamma, NR_F32, 1, cs, x);
+   if (beta) NN_CHECK("beta", beta, NR_F32, 1, cs, x);
+   NN_CHECK("running_mean", running_mean, NR_F32, 1, cs, x);
+   NN_CHECK("running_var", running_var, NR_F32, 1, cs, x);
+   if (!(eps > 0)) return NR_FAIL(NR_E_ARG, "eps must be > 0, got %g", eps);
+   NR_ON_CUDA(x, cuda_conv_bn(x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, gamma, beta,
+                              running_mean, running_var, eps, relu));
+   const nn_epilogue epi = {gamma ? gamma->data : NULL, beta ? beta->data : NULL, running_mean->data,
+                            running_var->data, eps, relu != 0};
+   return conv_forward(x, y, w, b, &g, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &epi);
 }
 
 nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_tensor *w, int32_t stride_h,

@@ -12,6 +12,8 @@
 
 #include "internal.h"
 
+#include <math.h>
+
 /* Checks a tensor argument: dtype, ndim and shape (entries < 0: any) as nr_check_tensor, plus
  * contiguity and, when ref != NULL, the same device as ref. */
 nr_status nn_check(const char *func, const char *name, const nr_tensor *t, int32_t dtype,
@@ -34,6 +36,47 @@ static inline int64_t nn_out_size(int64_t in, int64_t k, int64_t stride, int64_t
    int64_t span = dil * (k - 1) + 1;
    if (in + 2 * pad < span) return 0;
    return (in + 2 * pad - span) / stride + 1;
+}
+
+/* BatchNorm2d evaluation as y = x * a + b for channel c: the one expression both the BN kernel
+ * and the conv epilogue use, so a folded BN gives the same bits as a separate one. */
+static inline void nn_bn_eval_ab(const float *gamma, const float *beta, const float *rm, const float *rv,
+                                 float eps, int64_t c, float *a, float *b)
+{
+   const float invstd = (float)(1.0 / sqrt((double)rv[c] + (double)eps));
+   *a = invstd * (gamma ? gamma[c] : 1.0f);
+   *b = (beta ? beta[c] : 0.0f) - rm[c] * *a;
+}
+
+/* o = p * a + b over one plane, then max(., 0) when relu (the ReLU's own expression, so fused
+ * and separate forwards agree bit for bit, NaN included). o may be p. */
+static inline void nn_affine_plane(const float *p, float *o, int64_t hw, float a, float b, int relu)
+{
+   if (relu) {
+#pragma omp simd
+      for (int64_t i = 0; i < hw; i++) {
+         const float v = p[i] * a + b;
+         o[i] = v > 0.0f ? v : 0.0f;
+      }
+   } else {
+#pragma omp simd
+      for (int64_t i = 0; i < hw; i++) o[i] = p[i] * a + b;
+   }
+}
+
+/* A BatchNorm2d in evaluation mode (and optionally the in-place ReLU after it) folded into the
+ * layer before it: applied to each output plane right after it is computed, while in cache. */
+typedef struct {
+   const float *gamma, *beta, *rm, *rv;
+   float eps;
+   int relu;
+} nn_epilogue;
+
+static inline void nn_epilogue_plane(const nn_epilogue *e, int64_t c, float *y, int64_t hw)
+{
+   float a, b;
+   nn_bn_eval_ab(e->gamma, e->beta, e->rm, e->rv, e->eps, c, &a, &b);
+   nn_affine_plane(y, y, hw, a, b, e->relu);
 }
 
 /* Sum of dy over (N, ·, rest) per channel of dim 1 into db with the acc/scale rule (nn_common.c). */

@@ -37,22 +37,6 @@ static nr_status vec_check(const char *func, const char *name, const nr_tensor *
    return nn_check(func, name, v, NR_F32, 1, cs, x);
 }
 
-/* o = p * a + b over one plane, then max(., 0) when relu (the ReLU's own expression, so fused
- * and separate forwards agree bit for bit, NaN included). */
-static inline void affine_plane(const float *p, float *o, int64_t hw, float a, float b, int32_t relu)
-{
-   if (relu) {
-#pragma omp simd
-      for (int64_t i = 0; i < hw; i++) {
-         const float v = p[i] * a + b;
-         o[i] = v > 0.0f ? v : 0.0f;
-      }
-   } else {
-#pragma omp simd
-      for (int64_t i = 0; i < hw; i++) o[i] = p[i] * a + b;
-   }
-}
-
 #ifdef NR_WITH_CUDA
 /* CUDA: the fused ReLU as a second kernel on the output (the GPU is not bandwidth-starved the
  * way two CPU cores are; one kernel less is not worth a twin of every BN kernel). */
@@ -151,7 +135,7 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
       rm[c] = (1.0f - momentum) * rm[c] + momentum * meanf;
       rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * (double)m / (double)(m - 1));
       const float a = invstd * (pg ? pg[c] : 1.0f), b = (pb ? pb[c] : 0.0f) - meanf * a;
-      for (int64_t n = 0; n < g.n; n++) affine_plane(px + (n * g.c + c) * g.hw, py + (n * g.c + c) * g.hw, g.hw, a, b, relu);
+      for (int64_t n = 0; n < g.n; n++) nn_affine_plane(px + (n * g.c + c) * g.hw, py + (n * g.c + c) * g.hw, g.hw, a, b, relu);
    }
    return NR_OK;
 }
@@ -172,10 +156,9 @@ nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor
    const int64_t nc = g.n * g.c;
 #pragma omp parallel for if (nr_parallel_worth(nc, g.hw))
    for (int64_t q = 0; q < nc; q++) {
-      int64_t c = q % g.c;
-      const float invstd = (float)(1.0 / sqrt((double)rv[c] + (double)eps));
-      const float a = invstd * (pg ? pg[c] : 1.0f), b = (pb ? pb[c] : 0.0f) - rm[c] * a;
-      affine_plane(px + q * g.hw, py + q * g.hw, g.hw, a, b, relu);
+      float a, b;
+      nn_bn_eval_ab(pg, pb, rm, rv, eps, q % g.c, &a, &b);
+      nn_affine_plane(px + q * g.hw, py + q * g.hw, g.hw, a, b, relu);
    }
    return NR_OK;
 }

@@ -194,6 +194,17 @@ nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len)
 nr_status nr_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w,
                             const nr_tensor *b, int32_t stride_h, int32_t stride_w, int32_t pad_h,
                             int32_t pad_w, int32_t dil_h, int32_t dil_w, int32_t groups);
+/* nr_conv2d_forward with a BatchNorm2d in evaluation mode folded in (inference: the conv output
+ * is not kept): y = BN_eval(conv(x) + b) with gamma, beta (Cout, both or neither),
+ * running_mean, running_var (Cout) and eps exactly as nr_bn2d_forward_eval, then max(y, 0) when
+ * relu. Applied to each output plane while it is in cache: one pass less over memory per BN
+ * (and per ReLU) than the three layers run one after the other, same values. */
+nr_status nr_conv2d_forward_bn(const nr_tensor *x, nr_tensor *y, const nr_tensor *w,
+                               const nr_tensor *b, int32_t stride_h, int32_t stride_w,
+                               int32_t pad_h, int32_t pad_w, int32_t dil_h, int32_t dil_w,
+                               int32_t groups, const nr_tensor *gamma, const nr_tensor *beta,
+                               const nr_tensor *running_mean, const nr_tensor *running_var,
+                               float eps, int32_t relu);
 /* Gradient w.r.t. the input. dy (N, Cout, Ho, Wo); dx (N, Cin, H, W), overwritten;
  * w (Cout, Cin/groups, KH, KW). Geometry arguments as in the forward. */
 nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_tensor *w,

@@ -31,6 +31,19 @@ function nr.manual_seed(seed)
 end
 
 -- {cpu = {in_use, peak, allocations}, cuda = {...}} in bytes.
+-- Gradient mode, as PyTorch's torch.no_grad: nr.no_grad(fn, ...) runs fn with gradients off
+-- (inference forwards may fold Conv2d + BatchNorm2d + ReLU into one pass; backward is refused)
+-- and returns its results; nr.set_grad_enabled(bool) returns the previous mode.
+function nr.set_grad_enabled(on) return require('nr.nn.module').set_grad_enabled(on) end
+function nr.is_grad_enabled() return require('nr.nn.module').is_grad_enabled() end
+function nr.no_grad(fn, ...)
+   local prev = nr.set_grad_enabled(false)
+   local res = {pcall(fn, ...)}
+   nr.set_grad_enabled(prev)
+   if not res[1] then error(res[2], 0) end
+   return unpack(res, 2, table.maxn(res))
+end
+
 function nr.memory()
    local out = {}
    for name, dev in pairs({cpu = C.NR_CPU, cuda = C.NR_CUDA}) do

@@ -51,12 +51,23 @@ local function opt_c(t) return t and t.c or nil end
 -- fused output), and the ReLU module passes through.
 BatchNorm2d.canFuseReLU = true
 
+-- Called by a parent Sequential (inside nr.no_grad) when the Conv2d before this applied it: y is
+-- already this BN's output (and the ReLU's when relu).
+function BatchNorm2d:foldedForward(y, relu)
+   self.output = y
+   self._relu_fused = relu
+   self._stats_from_batch = false
+   return y
+end
+
 function BatchNorm2d:updateOutput(x)
    x = U.input(x, 4, self.num_features, '(N, C, H, W)')
    local relu = rawget(self, '_fuse_relu') == true
    self._fuse_relu = nil
    self._relu_fused = relu
-   local y = U.buffer(self, 'output', x:shape(), x)
+   -- own buffer under its own key: after a folded forward, output is the conv's buffer
+   local y = U.buffer(self, '_out', x:shape(), x)
+   self.output = y
    if self.train then
       local c = {self.num_features}
       local sm, si = U.buffer(self, '_save_mean', c, x), U.buffer(self, '_save_invstd', c, x)

@@ -56,21 +56,42 @@ end
 function Sequential:get(i) return self.modules[i] end
 function Sequential:size() return #self.modules end
 
--- A BatchNorm2d followed by an in-place ReLU runs as one fused pass (BatchNorm2d.canFuseReLU;
--- the in-place ReLU overwrites the BN output anyway, so nothing else can observe the difference).
+-- Fusion (off with seq.noFusion = true):
+--  * a BatchNorm2d followed by an in-place ReLU runs as one pass (BatchNorm2d.canFuseReLU; the
+--    in-place ReLU overwrites the BN output anyway, so nothing else can observe the difference);
+--  * with gradients off (nr.no_grad), a Conv2d followed by a BatchNorm2d in evaluation mode (and
+--    an in-place ReLU) runs as one conv with the BN and ReLU applied per output plane
+--    (Conv2d.canFoldBN): the conv output is not kept, which only a backward would need.
+local function is_inplace_relu(m) return m ~= nil and m.fusedForward ~= nil and m.inplace == true end
+
 function Sequential:updateOutput(x)
-   local y, mods, relu_done = x, self.modules, false
-   for i, m in ipairs(mods) do
-      if relu_done then
-         y = m:fusedForward(y)
-         relu_done = false
+   local y, mods, i, fuse = x, self.modules, 1, not self.noFusion
+   local nograd = not Module.is_grad_enabled()
+   while i <= #mods do
+      local m, nxt = mods[i], mods[i + 1]
+      if fuse and nograd and m.canFoldBN and nxt ~= nil and nxt.canFuseReLU and not nxt.train then
+         local relu = is_inplace_relu(mods[i + 2]) and mods[i + 2] or nil
+         m._fold_bn, m._fold_relu = nxt, relu ~= nil
+         y = m:forward(y)
+         if rawget(m, '_fold_done') then   -- the conv applied them (a subclass may not)
+            m._fold_done = nil
+            nxt:foldedForward(y, relu ~= nil)
+            if relu then relu:fusedForward(y) end
+            i = i + (relu and 3 or 2)
+         else
+            m._fold_bn, m._fold_relu = nil, nil
+            i = i + 1
+         end
       else
          if m.canFuseReLU then
-            local nxt = mods[i + 1]
-            relu_done = nxt ~= nil and nxt.fusedForward ~= nil and nxt.inplace == true and not self.noFusion
-            m._fuse_relu = relu_done
+            m._fuse_relu = fuse and is_inplace_relu(nxt)
          end
          y = m:forward(y)
+         if m._relu_fused and m.canFuseReLU then
+            y = nxt:fusedForward(y)
+            i = i + 1
+         end
+         i = i + 1
       end
    end
    self.output = y

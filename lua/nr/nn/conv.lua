@@ -60,11 +60,26 @@ local function geom(self)
    return s[1], s[2], p[1], p[2], d[1], d[2], self.groups
 end
 
+-- A parent Sequential inside nr.no_grad sets _fold_bn (the BatchNorm2d after this, in evaluation
+-- mode) and _fold_relu just before forward: the conv then applies them to its output.
+Conv2d.canFoldBN = true
+
 function Conv2d:updateOutput(x)
    x = U.input(x, 4, self.in_channels, '(N, C, H, W)')
+   local bn, relu = rawget(self, '_fold_bn'), rawget(self, '_fold_relu')
+   self._fold_bn, self._fold_relu = nil, nil
    local ho, wo = out_hw(self, x:size(3), x:size(4))
    local y = U.buffer(self, 'output', {x:size(1), self.out_channels, ho, wo}, x)
-   U.call(C.nr_conv2d_forward(x.c, y.c, self.weight.c, self.bias and self.bias.c or nil, geom(self)))
+   local b = self.bias and self.bias.c or nil
+   if bn then
+      local sh, sw, ph, pw, dh, dw, groups = geom(self)
+      U.call(C.nr_conv2d_forward_bn(x.c, y.c, self.weight.c, b, sh, sw, ph, pw, dh, dw, groups,
+         bn.weight and bn.weight.c or nil, bn.bias and bn.bias.c or nil, bn.running_mean.c, bn.running_var.c, bn.eps,
+         relu and 1 or 0))
+      self._fold_done = true
+   else
+      U.call(C.nr_conv2d_forward(x.c, y.c, self.weight.c, b, geom(self)))
+   end
    return y
 end
 

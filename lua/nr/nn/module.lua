@@ -61,8 +61,20 @@ local function clean(msg) return (tostring(msg):gsub('%zloc', '')) end
 
 -- ---- forward / backward ------------------------------------------------------------------
 
+-- Gradient mode (nr.no_grad / nr.set_grad_enabled): with gradients off, forwards may fold layers
+-- for inference (Sequential: Conv2d + BatchNorm2d in evaluation mode + in-place ReLU in one pass)
+-- and a backward of that forward is refused.
+local grad_enabled = true
+function Module.set_grad_enabled(on)
+   local prev = grad_enabled
+   grad_enabled = on and true or false
+   return prev
+end
+function Module.is_grad_enabled() return grad_enabled end
+
 function Module:forward(x)
    if rawget(self, '_parent') then return located(self, self.updateOutput, self, x) end
+   self._nograd_forward = not grad_enabled
    local ok, y = pcall(located, self, self.updateOutput, self, x)
    if not ok then error(clean(y), 2) end
    return y
@@ -73,6 +85,10 @@ end
 function Module:backward(x, gradOutput, scale)
    local function run() return self:gradients(x, gradOutput, scale) end
    if rawget(self, '_parent') then return located(self, run) end
+   if not grad_enabled then error(self:where() .. ': backward inside nr.no_grad (gradients are off)', 2) end
+   if rawget(self, '_nograd_forward') then
+      error(self:where() .. ': backward after a forward run inside nr.no_grad; run the forward again with gradients on', 2)
+   end
    local tr = self:transient()
    tr.gradpool = tr.gradpool or GP.new()
    local ok, gi = pcall(GP.run, tr.gradpool, located, self, run)
