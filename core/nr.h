@@ -441,6 +441,34 @@ nr_status nr_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float thresho
 /* The L1 subgradient on BN scales: grad_c += lambda * sign(gamma_c), sign(0) = 0.
  * gamma (C) f32, grad (C) f32 on the same device. */
 nr_status nr_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda);
+/* Surgery placement: writes every element of dst (f32, contiguous, ndim >= 1) in one pass,
+ *   dst[a_rows[1][i], a_cols[1][j], ...] = a[a_rows[0][i], a_cols[0][j], ...]   gathered block
+ *   dst[b_rows[i], b_cols[j], ...]       = b[i, j, ...]                           new block
+ *   every other element                  = fill.
+ * a_rows (2, K) / a_cols (2, L): int64 CPU tensors of (source, destination) positions along
+ * dims 0 / 1; b_rows (K2) / b_cols (L2): destination positions. With both column maps NULL only
+ * dim 0 is remapped (a is (S0, ...), b is (K2, ...)). a and b (f32, contiguous, on dst's device)
+ * match dst in the dimensions that are not remapped; a may be NULL (with its maps NULL too).
+ * b NULL with b_rows given: the new block is drawn N(0, b_std^2), element e of the block (in
+ * row-major order) a function of (b_seed, e) only (SplitMix64 + Box-Muller), so the result does
+ * not depend on the thread count; b_std and b_seed are ignored otherwise. Destinations must be
+ * distinct and the blocks must not overlap. The NR surgery builds every resized tensor with it:
+ * [survivors | new channels], new channels = fill (0, or gamma0 / 1 for BN vectors) or a fresh
+ * (Kaiming) block. */
+nr_status nr_surgery_place(nr_tensor *dst, float fill, const nr_tensor *a, const nr_tensor *a_rows,
+                           const nr_tensor *a_cols, const nr_tensor *b, const nr_tensor *b_rows,
+                           const nr_tensor *b_cols, float b_std, uint64_t b_seed);
+/* The same for n jobs in one call (one parallel region over the rows of all of them). Every job
+ * is checked before anything is written: a bad one fails the call, naming the job. Every dst on
+ * one device. */
+typedef struct nr_place_job {
+   nr_tensor *dst;
+   const nr_tensor *a, *a_rows, *a_cols;
+   const nr_tensor *b, *b_rows, *b_cols;
+   float fill, b_std;
+   uint64_t b_seed;
+} nr_place_job;
+nr_status nr_surgery_place_many(const nr_place_job *jobs, int64_t n);
 
 /* ---------------------------------------------------------------- CUDA runtime */
 /* (section: cuda) */

@@ -107,6 +107,11 @@ nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *m
 nr_status nr_cuda_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float threshold_rel,
                                float abs_min, int64_t *live);
 nr_status nr_cuda_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda);
+/* nr_surgery.cu; checks with nr_place_plan_build (core/nr_ops.c, core/cuda/nr_place.h). */
+nr_status nr_cuda_surgery_place(nr_tensor *dst, float fill, const nr_tensor *a, const nr_tensor *a_rows,
+                                const nr_tensor *a_cols, const nr_tensor *b, const nr_tensor *b_rows,
+                                const nr_tensor *b_cols, float b_std, uint64_t b_seed);
+nr_status nr_cuda_surgery_place_many(const nr_place_job *jobs, int64_t n);
 
 #ifdef __cplusplus
 }

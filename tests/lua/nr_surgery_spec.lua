@@ -8,6 +8,11 @@
 --   ... + rescale     = the same with neural rescaling
 -- agree within 1e-4 relative (max |Δ| / max |y|). (The cost budget is checked in
 -- nr_budget_spec.lua.) Small inputs keep the spec short.
+-- Then nr_surgery_place / nr_surgery_place_many, the C primitive every new tensor of the surgery
+-- is written with: bit-identical to the index_select + fill + index_copy composition it replaced
+-- (rows, rows x columns, 1-d, fills, empty maps, many jobs, 1 or 2 threads), the random block's
+-- statistics and reproducibility, every bad argument (an error naming it, never a crash), the
+-- rebuilt modules' fields against constructed ones, and CPU = GPU where a GPU is usable.
 local nr = require 'nr'
 
 local TOL = 1e-4
@@ -58,4 +63,362 @@ describe('nr.rejuvenate on the zoo', function()
       end)
 
    end
+end)
+
+-- ---- nr_surgery_place: the one-pass C primitive the surgery builds every new tensor with ---------
+-- Reference: the composition the surgery used before it (index_select + zero/fill-filled tensors
+-- + index_copy); results must be bit-identical. Bad arguments are a non-zero status with a
+-- message naming the argument (a Lua error through the surgery), never a crash.
+local nrffi = require 'nr.ffi'
+local C, ffi = nrffi.C, nrffi.ffi
+local R = require 'nr.rejuvenate'
+
+local function i64(list) return nr.tensor(#list > 0 and list or {0}, {dtype = 'int64'}):narrow(1, 1, #list) end
+local function pairs_t(keep, dst)
+   local t = nr.empty({2, #keep}, {dtype = 'int64'})
+   local p = t:data()
+   for i = 1, #keep do p[i - 1] = keep[i]; p[#keep + i - 1] = dst[i] end
+   return t
+end
+-- n distinct positions of 0..m-1, in random order
+local function pick(n, m)
+   local perm = nr.randperm(m):totable()
+   local out = {}
+   for i = 1, n do out[i] = perm[i] end
+   return out
+end
+local function without(m, used)
+   local set, out = {}, {}
+   for _, v in ipairs(used) do set[v] = true end
+   for i = 0, m - 1 do if not set[i] then out[#out + 1] = i end end
+   return out
+end
+
+-- the previous surgery's composition
+local function ref_place(old, shape, rk, rd, ck, cd, fill, b, br, bc)
+   local out = nr.full(shape, fill)
+   if old and #rk > 0 and (not ck or #ck > 0) then
+      local A = old:index_select(1, rk)
+      if ck then
+         A = A:index_select(2, ck)
+         local s = A:shape()
+         s[2] = shape[2]
+         local B = nr.full(s, fill)
+         B:index_copy(2, cd, A)
+         A = B
+      end
+      out:index_copy(1, rd, A)
+   end
+   if b and #br > 0 then
+      if bc then
+         local rows = out:index_select(1, br)
+         rows:index_copy(2, bc, b)
+         out:index_copy(1, br, rows)
+      else
+         out:index_copy(1, br, b)
+      end
+   end
+   return out
+end
+
+local function status_msg(st) return st == 0 and '' or ffi.string(C.nr_last_error()) end
+
+-- calls nr_surgery_place; args: {a, rk, rd, ck, cd, b, br, bc, fill, std, seed}
+local function cplace(dst, o)
+   local ar = o.a and pairs_t(o.rk, o.rd)
+   local ac = o.a and o.ck and pairs_t(o.ck, o.cd)
+   local br = o.br and i64(o.br)
+   local bc = o.bc and i64(o.bc)
+   local st = C.nr_surgery_place(dst.c, o.fill or 0, o.a and o.a.c, ar and ar.c, ac and ac.c, o.b and o.b.c,
+                                 br and br.c, bc and bc.c, o.std or 0, o.seed or 0)
+   return st, status_msg(st)
+end
+
+local function max_diff(a, b) return a:sub(b):abs():max() end
+local function T_is(x) return require('nr.tensor').is_tensor(x) end
+
+describe('nr_surgery_place', function()
+   it('equals index_select + fill + index_copy (4-d with columns, rows only, 1-d, fills, empty maps)', function()
+      nr.manual_seed(7)
+      local cases = 0
+      for trial = 1, 24 do
+         local kh = (trial % 3 == 0) and 1 or 3
+         local S0, S1 = 3 + trial % 7, 2 + (trial * 5) % 9
+         local D0, D1 = S0 + trial % 4, S1 + (trial * 3) % 5
+         local old = nr.randn({S0, S1, kh, kh})
+         local K, L = math.min(S0, D0) - trial % 2, math.min(S1, D1) - trial % 3
+         if trial % 8 == 0 then K = 0 end
+         local rk, rd = pick(K, S0), pick(K, D0)
+         local ck, cd = pick(L, S1), pick(L, D1)
+         local fill = (trial % 4 == 1) and 1.5 or 0
+         -- b: the rows that got no survivors x the columns that got none (the surgery's W_R→R),
+         -- or on odd trials every free row x every column (new rows that read everything)
+         local br = without(D0, rd)
+         local bc = trial % 2 == 0 and without(D1, cd) or nil
+         if #br > 0 and (not bc or #bc > 0) then
+            local b = nr.randn({#br, bc and #bc or D1, kh, kh})
+            local want = ref_place(old, {D0, D1, kh, kh}, rk, rd, ck, cd, fill, b, br, bc)
+            local got = nr.empty({D0, D1, kh, kh})
+            local bcols = bc or without(D1, {})
+            local st, msg = cplace(got, {a = old, rk = rk, rd = rd, ck = ck, cd = cd, fill = fill, b = b, br = br, bc = bcols})
+            assert.are.equal(0, st, msg)
+            assert.are.equal(0, max_diff(got, want))
+            cases = cases + 1
+         end
+         -- rows only: a (S0, D1, kh, kh) keeps every column
+         local old2 = nr.randn({S0, D1, kh, kh})
+         local want2 = ref_place(old2, {D0, D1, kh, kh}, rk, rd, nil, nil, fill)
+         local got2 = nr.empty({D0, D1, kh, kh})
+         local st2, msg2 = cplace(got2, {a = old2, rk = rk, rd = rd, fill = fill})
+         assert.are.equal(0, st2, msg2)
+         assert.are.equal(0, max_diff(got2, want2))
+         -- 1-d with a block (BN vectors with γ0 fill; biases)
+         local v = nr.randn({S0})
+         local bv = #br > 0 and nr.randn({#br}) or nil
+         local want3 = ref_place(v, {D0}, rk, rd, nil, nil, fill, bv, bv and br)
+         local got3 = nr.empty({D0})
+         local st3, msg3 = cplace(got3, {a = v, rk = rk, rd = rd, fill = fill, b = bv, br = bv and br})
+         assert.are.equal(0, st3, msg3)
+         assert.are.equal(0, max_diff(got3, want3))
+         cases = cases + 2
+      end
+      -- nothing survives: all fill
+      local got = nr.empty({5, 4})
+      assert.are.equal(0, (cplace(got, {fill = -2})))
+      assert.are.equal(-2, got:max())
+      assert.are.equal(-2, got:min())
+      -- empty dst
+      assert.are.equal(0, (cplace(nr.empty({0, 3}), {fill = 1})))
+      assert.is_true(cases >= 60)
+   end)
+
+   it('many jobs in one call equal the jobs one by one; thread count does not matter', function()
+      nr.manual_seed(8)
+      local function jobs_set()
+         local list = {}
+         for i = 1, 12 do
+            local S0, S1, D0, D1 = 40 + i, 30 + i, 60 + i, 50 + i
+            local rk, rd, ck, cd = pick(S0 - 5, S0), pick(S0 - 5, D0), pick(S1 - 3, S1), pick(S1 - 3, D1)
+            local br, bc = without(D0, rd), without(D1, cd)
+            list[i] = {dst = nr.empty({D0, D1, 3, 3}), a = nr.randn({S0, S1, 3, 3}), rk = rk, rd = rd, ck = ck, cd = cd,
+                       fill = i % 3 == 0 and 1 or 0, br = br, bc = bc, std = i % 2 == 0 and 0.25 or nil,
+                       b = i % 2 == 1 and nr.randn({#br, #bc, 3, 3}) or nil, seed = 1000 + i}
+         end
+         return list
+      end
+      local list = jobs_set()
+      local arr = ffi.new('nr_place_job[?]', #list)
+      local hold = {}
+      for i, j in ipairs(list) do
+         local e = arr[i - 1]
+         local ar, ac, br, bc = pairs_t(j.rk, j.rd), pairs_t(j.ck, j.cd), i64(j.br), i64(j.bc)
+         hold[#hold + 1] = {ar, ac, br, bc}
+         e.dst, e.a, e.a_rows, e.a_cols = j.dst.c, j.a.c, ar.c, ac.c
+         e.b, e.b_rows, e.b_cols = j.b and j.b.c or nil, br.c, bc.c
+         e.fill, e.b_std, e.b_seed = j.fill, j.std or 0, j.seed
+      end
+      local threads = nr.get_num_threads()
+      for _, t in ipairs({1, 2}) do
+         nr.set_num_threads(t)
+         local st = C.nr_surgery_place_many(arr, #list)
+         assert.are.equal(0, st, status_msg(st))
+         for _, j in ipairs(list) do
+            local one = nr.empty(j.dst:shape())
+            local st1, msg = cplace(one, j)
+            assert.are.equal(0, st1, msg)
+            assert.are.equal(0, max_diff(j.dst, one))
+            if not j.std then
+               local want = ref_place(j.a, j.dst:shape(), j.rk, j.rd, j.ck, j.cd, j.fill, j.b, j.br, j.bc)
+               assert.are.equal(0, max_diff(j.dst, want))
+            end
+         end
+         if t == 1 then hold.first = list[2].dst:clone() else assert.are.equal(0, max_diff(list[2].dst, hold.first)) end
+      end
+      nr.set_num_threads(threads)
+      assert.are.equal(0, C.nr_surgery_place_many(arr, 0))
+   end)
+
+   it('random block: N(0, std²) at the block positions only, reproducible from the seed', function()
+      nr.manual_seed(9)
+      local D0, D1 = 400, 130
+      local old = nr.randn({300, 100})
+      local rk, ck = pick(300, 300), pick(100, 100)
+      local rd, cd = R.surgery.range(0, 300), R.surgery.range(0, 100)
+      local br, bc = without(D0, rd), without(D1, cd)   -- rows 300.., columns 100..
+      local function run(seed)
+         local t = nr.empty({D0, D1})
+         local st, msg = cplace(t, {a = old, rk = rk, rd = rd, ck = ck, cd = cd, br = br, bc = bc, std = 0.5, seed = seed})
+         assert.are.equal(0, st, msg)
+         return t
+      end
+      local t1, t2, t3 = run(42), run(42), run(43)
+      assert.are.equal(0, max_diff(t1, t2))
+      assert.is_true(max_diff(t1, t3) > 0)
+      local want = ref_place(old, {D0, D1}, rk, rd, ck, cd, 0)
+      -- survivors and zeros exactly as the reference; the block statistics of N(0, 0.25)
+      local blk = t1:narrow(1, 301, 100):narrow(2, 101, 30):contiguous()
+      local z = nr.zeros({100, 30})
+      local t1z = t1:clone()
+      t1z:narrow(1, 301, 100):narrow(2, 101, 30):copy(z)
+      assert.are.equal(0, max_diff(t1z, want))
+      local n = blk:numel()
+      local mean = blk:sum() / n
+      local sd = math.sqrt(blk:mul(blk):sum() / n - mean * mean)
+      assert.is_true(math.abs(mean) < 0.03, 'mean ' .. mean)
+      assert.is_true(math.abs(sd - 0.5) < 0.02, 'std ' .. sd)
+      -- a larger sample: the moments of N(0, 1)
+      local big = nr.empty({1000, 1000})
+      local st = C.nr_surgery_place(big.c, 0, nil, nil, nil, nil, i64(without(1000, {})).c, nil, 1, 5)
+      assert.are.equal(0, st, status_msg(st))
+      local m1 = big:sum() / 1e6
+      local m2 = big:mul(big):sum() / 1e6
+      assert.is_true(math.abs(m1) < 0.005 and math.abs(m2 - 1) < 0.01, string.format('mean %g, E[x^2] %g', m1, m2))
+   end)
+
+   it('bad arguments: a clear error status naming the argument, never a crash', function()
+      local dst, a = nr.empty({4, 3, 2}), nr.randn({3, 2, 2})
+      local ok_r, ok_c = pairs_t({0, 1}, {2, 3}), pairs_t({0, 1}, {0, 2})
+      local function expect(pattern, st)
+         assert.are_not.equal(0, st)
+         local msg = ffi.string(C.nr_last_error())
+         assert.is_truthy(msg:find(pattern, 1, true), 'message "' .. msg .. '" lacks "' .. pattern .. '"')
+         assert.is_truthy(msg:find('nr_surgery_place', 1, true), msg)
+      end
+      local P = C.nr_surgery_place
+      assert.are.equal(0, P(dst.c, 0, a.c, ok_r.c, ok_c.c, nil, nil, nil, 0, 0))
+      expect('dst: tensor is NULL', P(nil, 0, nil, nil, nil, nil, nil, nil, 0, 0))
+      expect('dst: expected f32', P(nr.empty({4}, {dtype = 'int64'}).c, 0, nil, nil, nil, nil, nil, nil, 0, 0))
+      expect('contiguous', P(nr.empty({3, 4}):t().c, 0, nil, nil, nil, nil, nil, nil, 0, 0))
+      expect('a: expected f32', P(dst.c, 0, nr.empty({3, 2, 2}, {dtype = 'int64'}).c, ok_r.c, ok_c.c, nil, nil, nil, 0, 0))
+      expect('a: must match dst', P(dst.c, 0, nr.randn({3, 2, 5}).c, ok_r.c, ok_c.c, nil, nil, nil, 0, 0))
+      expect('a: expected a contiguous', P(dst.c, 0, nr.randn({3, 2, 2}):transpose(1, 2).c, ok_r.c, ok_c.c, nil, nil, nil, 0, 0))
+      expect('a_rows: index tensor is NULL', P(dst.c, 0, a.c, nil, ok_c.c, nil, nil, nil, 0, 0))
+      expect('a_rows: expected', P(dst.c, 0, a.c, nr.zeros({2, 2}).c, ok_c.c, nil, nil, nil, 0, 0))
+      expect('a_rows: expected', P(dst.c, 0, a.c, i64({0, 1}).c, ok_c.c, nil, nil, nil, 0, 0))
+      expect('a_cols: index tensor is NULL', P(dst.c, 0, a.c, ok_r.c, nil, nil, i64({0}).c, i64({1}).c, 0, 0))
+      expect('a_rows: source position 7 out of range', P(dst.c, 0, a.c, pairs_t({0, 7}, {2, 3}).c, ok_c.c, nil, nil, nil, 0, 0))
+      expect('a_rows: destination position -1 out of range', P(dst.c, 0, a.c, pairs_t({0, 1}, {-1, 3}).c, ok_c.c, nil, nil, nil, 0, 0))
+      expect('a_cols: destination position 3 out of range', P(dst.c, 0, a.c, ok_r.c, pairs_t({0, 1}, {0, 3}).c, nil, nil, nil, 0, 0))
+      expect('a_rows: destination position 3 appears twice', P(dst.c, 0, a.c, pairs_t({0, 1}, {3, 3}).c, ok_c.c, nil, nil, nil, 0, 0))
+      expect('a_rows / a_cols given without a', P(dst.c, 0, nil, ok_r.c, nil, nil, nil, nil, 0, 0))
+      expect('column maps given', P(nr.empty({4}).c, 0, nr.randn({3}).c, pairs_t({0}, {1}).c, pairs_t({0}, {0}).c, nil, nil, nil, 0, 0))
+      local b = nr.randn({2, 1, 2})
+      expect('b: expected 2 rows x 1 columns', P(dst.c, 0, a.c, ok_r.c, ok_c.c, nr.randn({2, 2, 2}).c, i64({0, 1}).c, i64({1}).c, 0, 0))
+      expect('blocks a and b overlap', P(dst.c, 0, a.c, ok_r.c, ok_c.c, b.c, i64({1, 2}).c, i64({2}).c, 0, 0))
+      assert.are.equal(0, P(dst.c, 0, a.c, ok_r.c, ok_c.c, b.c, i64({2, 3}).c, i64({1}).c, 0, 0))
+      expect('b_rows: index tensor is NULL', P(dst.c, 0, a.c, ok_r.c, ok_c.c, b.c, nil, i64({1}).c, 0, 0))
+      expect('b_cols given without b_rows', P(dst.c, 0, nil, nil, nil, nil, nil, i64({1}).c, 0, 0))
+      expect('b_std must be finite and >= 0', P(dst.c, 0, nil, nil, nil, nil, i64({0}).c, i64({1}).c, -1, 0))
+      expect('b_std must be finite and >= 0', P(dst.c, 0, nil, nil, nil, nil, i64({0}).c, i64({1}).c, 0 / 0, 0))
+      expect('b_rows: destination position 4 out of range', P(dst.c, 0, nil, nil, nil, b.c, i64({1, 4}).c, i64({1}).c, 0, 0))
+      -- the batched call names the job
+      local arr = ffi.new('nr_place_job[2]')
+      arr[0].dst = dst.c
+      local a2 = nr.randn({2, 3, 2})
+      arr[1].dst = dst.c
+      arr[1].a = a2.c
+      assert.are_not.equal(0, C.nr_surgery_place_many(arr, 2))
+      assert.is_truthy(ffi.string(C.nr_last_error()):find('nr_surgery_place_many (job 1): a_rows: index tensor is NULL', 1, true))
+      assert.are_not.equal(0, C.nr_surgery_place_many(nil, 3))
+      assert.are_not.equal(0, C.nr_surgery_place_many(arr, -1))
+      -- through the surgery: a Lua error
+      local okp, err = pcall(R.surgery.place_into, nr.empty({4}), nr.randn({3}), {keep = {0, 5}, dst = {0, 1}}, nil, 0)
+      assert.is_false(okp)
+      assert.is_truthy(tostring(err):find('nr.rejuvenate (surgery)', 1, true), tostring(err))
+      assert.is_truthy(tostring(err):find('source position 5 out of range', 1, true), tostring(err))
+   end)
+
+   it('rebuilt modules have a constructed module\'s fields; new gradients are zero; init asked for the W_R→R block', function()
+      nr.manual_seed(11)
+      local nn = nr.nn
+      local m = nn.Sequential{
+         nn.Conv2d(3, 8, 3, {padding = 1, bias = true}), nn.BatchNorm2d(8), nn.ReLU(),
+         nn.Conv2d(8, 8, 3, {padding = 1, groups = 8, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+         nn.Conv2d(8, 6, 1, {bias = false}), nn.BatchNorm2d(6), nn.ReLU(),
+         nn.GlobalAvgPool2d(), nn.Linear(6, 4),
+      }
+      for _, bn in ipairs(m:findModules('BatchNorm2d')) do
+         bn.weight:copy(nr.rand({bn.num_features}):add_(0.5))
+         bn.weight:set(2, 0)
+      end
+      local seen = {}
+      nr.rejuvenate(m, {input_shape = {3, 6, 6}, budget = 1.5, policy = {init = function(kind, shape, info)
+         seen[#seen + 1] = {shape = shape, info = info}
+         return nr.full(shape, 0.5)
+      end}})
+      local function same(a, b, path)
+         if T_is(a) or T_is(b) then
+            assert.is_true(T_is(a) and T_is(b), path)
+            assert.same(b:shape(), a:shape(), path)
+            return
+         end
+         if type(a) == 'table' and type(b) == 'table' then
+            for k, v in pairs(b) do same(a[k], v, path .. '.' .. tostring(k)) end
+            for k in pairs(a) do assert.is_true(b[k] ~= nil, path .. '.' .. tostring(k) .. ' only in the rebuilt module') end
+            return
+         end
+         assert.are.equal(b, a, path)
+      end
+      local checked = 0
+      for _, c in ipairs(m:listModules()) do
+         local t = c:typename()
+         local ref
+         if t == 'Conv2d' then
+            ref = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, {stride = c.stride, padding = c.padding,
+               dilation = c.dilation, groups = c.groups, bias = c.bias ~= nil})
+         elseif t == 'BatchNorm2d' then
+            ref = nn.BatchNorm2d(c.num_features, {eps = c.eps, momentum = c.momentum, affine = c.weight ~= nil})
+         elseif t == 'Linear' then
+            ref = nn.Linear(c.in_features, c.out_features, {bias = c.bias ~= nil})
+         end
+         if ref then
+            local view = {}
+            for k, v in pairs(c) do
+               if k ~= '_parent' and k ~= '_key' and not (type(k) == 'string' and k:sub(1, 3) == 'nr_') then view[k] = v end
+            end
+            same(setmetatable(view, getmetatable(c)), ref, t)
+            assert.are.equal(getmetatable(ref), getmetatable(c))
+            assert.are.equal(0, c.gradWeight:abs():max())
+            if c.gradBias then assert.are.equal(0, c.gradBias:abs():max()) end
+            checked = checked + 1
+         end
+      end
+      assert.are.equal(7, checked)
+      -- the init policy was asked for the new rows' new-input block (or every column for the
+      -- stem and the depthwise conv), with the whole rows' shape and the columns in info
+      assert.is_true(#seen >= 3)
+      for _, s in ipairs(seen) do
+         local full = s.info.full_shape
+         assert.are.equal(full[1], s.shape[1])
+         if s.info.columns then assert.are.equal(#s.info.columns, s.shape[2]) else assert.are.equal(full[2], s.shape[2]) end
+      end
+      local y = m:forward(nr.randn({2, 3, 6, 6}))
+      assert.same({2, 4}, y:shape())
+   end)
+
+   it('CPU and GPU results agree (skipped without a usable GPU)', function()
+      if not nr.cuda.available() then
+         print('  skipped: ' .. tostring(nr.cuda.unavailable_reason()))
+         return
+      end
+      nr.manual_seed(12)
+      local old = nr.randn({20, 16, 3, 3})
+      local rk, rd, ck, cd = pick(15, 20), pick(15, 24), pick(12, 16), pick(12, 18)
+      local br, bc = without(24, rd), without(18, cd)
+      local b = nr.randn({#br, #bc, 3, 3})
+      for _, o in ipairs({{b = b}, {std = 0.3, seed = 77}}) do
+         local args = {a = old, rk = rk, rd = rd, ck = ck, cd = cd, fill = 0.25, br = br, bc = bc, b = o.b, std = o.std, seed = o.seed}
+         local cpu = nr.empty({24, 18, 3, 3})
+         assert.are.equal(0, (cplace(cpu, args)))
+         local gpu = nr.empty({24, 18, 3, 3}, {device = 'cuda'})
+         args.a, args.b = old:cuda(), o.b and o.b:cuda()
+         local st, msg = cplace(gpu, args)
+         assert.are.equal(0, st, msg)
+         assert.is_true(max_diff(gpu:cpu(), cpu) <= 1e-5 * math.max(1, cpu:abs():max()))
+      end
+      -- a CPU operand with a GPU dst is an error, not a crash
+      local gpu = nr.empty({24, 18, 3, 3}, {device = 'cuda'})
+      local st = cplace(gpu, {a = old, rk = rk, rd = rd, ck = ck, cd = cd})
+      assert.are_not.equal(0, st)
+   end)
 end)

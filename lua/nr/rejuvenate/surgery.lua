@@ -16,21 +16,28 @@
 --   * scheme 'CR' / 'CA': a groups=1 conv whose input carries generations becomes an NRConv2d
 --     with the dense weight's blocks (cross blocks: dropped for CR, kept for CA);
 --   * neural rescaling: |γ'| = max(|γ|, γ0), β scaled alike, consumers' input weights divided.
+-- How: every new tensor (weight, bias, BN vector, gradient, momentum buffer) is written once, in
+-- C: the placements are queued and run by one nr_surgery_place_many call (survivors gathered by
+-- the index maps, the fresh block, a fill value; one OpenMP region), with index maps converted
+-- once per channel map; new modules are shells (constructor at the smallest size, no random
+-- reset); the default init policy's Kaiming block is drawn inside that same pass, a replaced init
+-- policy is asked only for the non-zero block (W_R→R, or every column of the new rows when the
+-- input did not grow: info.full_shape, info.columns).
 -- What it is not: deciding widths (policy.lua) or when (init.lua).
 -- Invariants: modules are replaced by fresh ones (no stale kernel scratch) at the same path and
 -- key; flags (nr_fixed) and the train/eval mode carry over; every tensor stays on its device.
 local T = require 'nr.tensor'
+local check = require 'nr.check'
+local nrffi = require 'nr.ffi'
+local ffi, C = nrffi.ffi, nrffi.C
 local monitor = require 'nr.rejuvenate.monitor'
+local DEFAULT_INIT = require('nr.rejuvenate.policy').init
 
 local M = {}
 
 local FNAME = 'nr.rejuvenate'
 
 local function fail(fmt, ...) error(FNAME .. ': ' .. string.format(fmt, ...), 0) end
-
--- Index lists are passed as Lua tables of 0-based positions (Tensor:index_select/index_copy
--- convert them; the C kernels take CPU int64 indices).
-local function idx(list) return list end
 
 local function range(a, n)
    local out = {}
@@ -39,31 +46,92 @@ local function range(a, n)
 end
 M.range = range
 
--- new tensor of new_shape; survivors placed: new[m1.dst[k], m2.dst[l]] = old[m1.keep[k], m2.keep[l]]
-local function place(old, new_shape, m1, m2)
-   local dev = old:device()
-   local new = T.zeros(new_shape, {device = dev})
-   if #m1.keep == 0 or (m2 and #m2.keep == 0) then return new end
-   local A = old:contiguous():index_select(1, idx(m1.keep, dev))
-   if m2 then
-      A = A:index_select(2, idx(m2.keep, dev))
-      local s = A:shape()
-      s[2] = new_shape[2]
-      local B = T.zeros(s, {device = dev})
-      B:index_copy(2, idx(m2.dst, dev), A)
-      A = B
+-- Index maps go to C as int64 CPU tensors, built once per map and shared by every tensor placed
+-- with it (weight, bias, momentum, BN vectors): a map {keep = {old positions}, dst = {new
+-- positions}} (0-based) becomes a (2, K) tensor of (source, destination) pairs, cached in the map.
+local function pairs_of(m)
+   local t = m._pairs
+   if not t then
+      local keep, dst, k = m.keep, m.dst, #m.keep
+      t = T.empty({2, k}, {dtype = 'int64'})
+      local p = t:data()
+      for i = 1, k do p[i - 1] = keep[i]; p[k + i - 1] = dst[i] end
+      m._pairs = t
    end
-   new:index_copy(1, idx(m1.dst, dev), A)
-   return new
+   return t
+end
+
+local function list_of(l)
+   local t = T.empty({#l}, {dtype = 'int64'})
+   local p = t:data()
+   for i = 1, #l do p[i - 1] = l[i] end
+   return t
+end
+
+-- A placement job: dst <- [survivors of old placed by m1 (rows) and m2 (columns) | a new block
+-- at (blk.rows, blk.cols) | fill elsewhere], every element written once (nr_surgery_place). The
+-- new block is blk.t, or with blk.std drawn N(0, blk.std²) inside the same pass (seeded here from
+-- the global generator, so nr.manual_seed reproduces it). old may be nil (nothing survives), m2
+-- nil (only dim 1 remapped), blk nil (no new block) or blk.cols nil (the block spans every
+-- column). The job table holds every tensor it names until it has run.
+local function job(dst, old, m1, m2, fill, blk)
+   local a = old and #m1.keep > 0 and (not m2 or #m2.keep > 0) and old:contiguous() or nil
+   local cols = (a and m2) or (blk and blk.cols)
+   local j = {dst = dst, a = a, fill = fill or 0, std = 0, seed = 0}
+   if a then
+      j.ar = pairs_of(m1)
+      if cols then
+         j.ac = m2 and pairs_of(m2) or pairs_of({keep = range(0, dst:size(2)), dst = range(0, dst:size(2))})
+      end
+   end
+   if blk then
+      j.b = blk.t and blk.t:contiguous()
+      j.br = list_of(blk.rows)
+      if cols then j.bc = list_of(blk.cols or range(0, dst:size(2))) end
+      if not j.b then j.std, j.seed = blk.std, C.nr_rng_next() end
+   end
+   return j
+end
+
+local JOBS = ffi.typeof('nr_place_job[?]')
+local function cp(t) return t and t.c or nil end
+
+-- Runs a list of jobs as one nr_surgery_place_many call (one parallel region).
+function M.run_jobs(list)
+   local n = #list
+   if n == 0 then return end
+   local arr = JOBS(n)
+   for i, j in ipairs(list) do
+      local e = arr[i - 1]
+      e.dst, e.a, e.a_rows, e.a_cols = j.dst.c, cp(j.a), cp(j.ar), cp(j.ac)
+      e.b, e.b_rows, e.b_cols = cp(j.b), cp(j.br), cp(j.bc)
+      e.fill, e.b_std, e.b_seed = j.fill, j.std, j.seed
+   end
+   check.status(C.nr_surgery_place_many(arr, n), FNAME .. ' (surgery)')
+end
+
+-- One placement, run now; returns dst.
+local function place_into(dst, old, m1, m2, fill, blk)
+   M.run_jobs({job(dst, old, m1, m2, fill, blk)})
+   return dst
+end
+M.place_into = place_into
+
+-- A new tensor of new_shape on old's device, placed as place_into (new positions: fill, 0).
+local function place(old, new_shape, m1, m2, fill, blk)
+   local dev = old and old:device() or (blk and blk.t and blk.t:device()) or 'cpu'
+   return place_into(T.empty(new_shape, {device = dev}), old, m1, m2, fill, blk)
 end
 M.place = place
 
-local function fill_at(t, positions, value)
-   if #positions == 0 then return end
-   local s = t:shape()
-   s[1] = #positions
-   t:index_copy(1, idx(positions, t:device()), T.full(s, value, {device = t:device()}))
+-- The class's own constructor without the random initialisation of the weights (reset).
+local function quiet_new(cls, ...)
+   local obj = setmetatable({reset = function(self) return self end}, cls)
+   cls.__init(obj, ...)
+   obj.reset = nil
+   return obj
 end
+M.quiet_new = quiet_new
 
 -- ---- plans ------------------------------------------------------------------------------------
 
@@ -198,6 +266,45 @@ local function conv_opts(m, groups, bias)
    return {stride = m.stride, padding = m.padding, dilation = m.dilation, groups = groups, bias = bias}
 end
 
+-- New modules are shells: the class's constructor at the smallest size without its random reset
+-- (so every field is what the constructor sets), then the real sizes, and tensors allocated
+-- uninitialised that the queued placements write (gradients: zero). Rebuilding a big model thus
+-- writes each new element once, in one parallel region, and draws nothing it throws away.
+-- tests/lua/nr_surgery_spec.lua checks that a shell has exactly a constructed module's fields.
+local function empty(shape, dev) return T.empty(shape, {device = dev}) end
+
+local function conv_shell(m, cin, cout, k, groups, bias, dev)
+   local nn = require 'nr.nn'
+   local nc = on_device(quiet_new(nn.Conv2d, 1, 1, k, conv_opts(m, 1, bias)), dev)
+   nc.in_channels, nc.out_channels, nc.groups = cin, cout, groups
+   local ws = {cout, cin / groups, k[1], k[2]}
+   nc.weight, nc.gradWeight = empty(ws, dev), empty(ws, dev)
+   if bias then nc.bias, nc.gradBias = empty({cout}, dev), empty({cout}, dev) end
+   return nc
+end
+M.conv_shell = conv_shell
+
+local function bn_shell(bn, c, dev)
+   local nn = require 'nr.nn'
+   local affine = bn.weight ~= nil
+   local nb = on_device(quiet_new(nn.BatchNorm2d, 1, {eps = bn.eps, momentum = bn.momentum, affine = affine}), dev)
+   nb.num_features = c
+   if affine then nb.weight, nb.bias, nb.gradWeight, nb.gradBias = empty({c}, dev), empty({c}, dev), empty({c}, dev), empty({c}, dev) end
+   nb.running_mean, nb.running_var = empty({c}, dev), empty({c}, dev)
+   return nb
+end
+M.bn_shell = bn_shell
+
+local function linear_shell(nin, nout, bias, dev)
+   local nn = require 'nr.nn'
+   local nl = on_device(quiet_new(nn.Linear, 1, 1, {bias = bias}), dev)
+   nl.in_features, nl.out_features = nin, nout
+   nl.weight, nl.gradWeight = empty({nout, nin}, dev), empty({nout, nin}, dev)
+   if bias then nl.bias, nl.gradBias = empty({nout}, dev), empty({nout}, dev) end
+   return nl
+end
+M.linear_shell = linear_shell
+
 -- ---- surgery --------------------------------------------------------------------------------------
 
 local function state_of(opt, p)
@@ -206,29 +313,70 @@ local function state_of(opt, p)
    return s and s.momentum
 end
 
+-- A fresh block {t = tensor | std = number, rows = positions, cols = positions | nil (every
+-- column)}. The default init policy (Kaiming normal, fan-out) is drawn inside nr_surgery_place
+-- (same distribution, no temporary, in parallel); a replaced one is called and its tensor checked.
+local function fresh_block(ctx, shape, info, rows, cols)
+   if ctx.init == DEFAULT_INIT then
+      return {std = math.sqrt(2 / (info.fan_out or 1)), rows = rows, cols = cols}
+   end
+   local R = ctx.init('conv', shape, info)
+   check.arg(T.is_tensor(R) and T.same_shape(R:shape(), shape) and R:dtype() == 'float32', FNAME,
+      'policy.init must return a float32 tensor of shape [%s], got %s', table.concat(shape, ' x '),
+      T.is_tensor(R) and R:describe() or type(R))
+   if R:device() ~= info.device then R = R:to(info.device) end
+   return {t = R, rows = rows, cols = cols}
+end
+
 -- Applies the plans. ctx = {opt, optim_state ('remap' | 'drop'), gamma0, scheme, init = fn}.
 -- Returns the list of replaced modules {old, new} and pending momentum {param, momentum}.
+-- Every new tensor is written once by nr_surgery_place from the old tensor, the init policy's
+-- block and a fill value; the init policy is asked only for the block that is not zero: the new
+-- rows' columns of new input channels (W_R→R), or every column when the input has no new
+-- channels (info.full_shape is the rows' whole shape, info.columns the columns it fills, nil =
+-- all).
 function M.apply(g, plans, ctx)
    local nn = require 'nr.nn'
+   -- placements are queued and run together at the end (one C call, one parallel region over all
+   -- of them); queue2 holds placements that read tensors queue 1 writes (the blocks of an
+   -- NRConv2d, gathered from the dense new weight), run by a second call
+   local queue, queue2 = {}, {}
+   local function put(dst, old, m1, m2, fill, blk)
+      queue[#queue + 1] = job(dst, old, m1, m2, fill, blk)
+      return dst
+   end
+   local function put_new(old, new_shape, m1, m2, fill, blk)
+      return put(T.empty(new_shape, {device = old:device()}), old, m1, m2, fill, blk)
+   end
+   local function put2(dst, from, m1, m2)
+      queue2[#queue2 + 1] = job(dst, from, m1, m2, 0)
+      return dst
+   end
+   local function flush()
+      M.run_jobs(queue)   -- looked up per call, so a profiler can wrap it
+      M.run_jobs(queue2)
+      queue, queue2 = {}, {}
+   end
    local reps, moms = {}, {}
    local remap = ctx.opt and ctx.optim_state ~= 'drop'
    local function mom(p, m) if remap and m then moms[#moms + 1] = {param = p, momentum = m} end end
    local gamma0 = ctx.gamma0
 
-   local function rebuild_bn(bn, map, n_new, fresh_pos)
-      local dev = (bn.weight or bn.running_mean):device()
-      local nb = on_device(nn.BatchNorm2d(n_new, {eps = bn.eps, momentum = bn.momentum, affine = bn.weight ~= nil}), dev)
-      local m1 = {keep = map.keep, dst = map.dst}
+   local function zero(t) if t then put(t, nil, nil, nil, 0) end end
+
+   -- map: the {keep, dst} of the channels; every other position is a new channel
+   local function rebuild_bn(bn, map, n_new)
+      local nb = bn_shell(bn, n_new, (bn.weight or bn.running_mean):device())
       if bn.weight then
-         nb.weight = place(bn.weight, {n_new}, m1); fill_at(nb.weight, fresh_pos, gamma0)
-         nb.bias = place(bn.bias, {n_new}, m1)
-         nb.gradWeight = T.zeros({n_new}, {device = dev})
-         nb.gradBias = T.zeros({n_new}, {device = dev})
-         mom(nb.weight, state_of(ctx.opt, bn.weight) and place(state_of(ctx.opt, bn.weight), {n_new}, m1))
-         mom(nb.bias, state_of(ctx.opt, bn.bias) and place(state_of(ctx.opt, bn.bias), {n_new}, m1))
+         put(nb.weight, bn.weight, map, nil, gamma0)
+         put(nb.bias, bn.bias, map, nil, 0)
+         zero(nb.gradWeight)
+         zero(nb.gradBias)
+         mom(nb.weight, state_of(ctx.opt, bn.weight) and put_new(state_of(ctx.opt, bn.weight), {n_new}, map))
+         mom(nb.bias, state_of(ctx.opt, bn.bias) and put_new(state_of(ctx.opt, bn.bias), {n_new}, map))
       end
-      nb.running_mean = place(bn.running_mean, {n_new}, m1)
-      nb.running_var = place(bn.running_var, {n_new}, m1); fill_at(nb.running_var, fresh_pos, 1)
+      put(nb.running_mean, bn.running_mean, map, nil, 0)
+      put(nb.running_var, bn.running_var, map, nil, 1)
       reps[#reps + 1] = {old = bn, new = nb}
       return nb
    end
@@ -241,21 +389,22 @@ function M.apply(g, plans, ctx)
       if u.kind == 'dw' then
          local w = inmap.width
          local m1 = {keep = inmap.keep, dst = inmap.dst}
-         local nc = on_device(nn.Conv2d(w, w, {kh, kw}, conv_opts(m, w, m.bias ~= nil)), dev)
-         nc.weight = place(m.weight, {w, 1, kh, kw}, m1)
+         local nc = conv_shell(m, w, w, {kh, kw}, w, m.bias ~= nil, dev)
+         local blk
          if #inmap.fresh > 0 then
-            local R = ctx.init('conv', {#inmap.fresh, 1, kh, kw}, {fan_out = kh * kw, fan_in = kh * kw, device = dev, unit = u})
-            nc.weight:index_copy(1, idx(inmap.fresh, dev), R)
+            blk = fresh_block(ctx, {#inmap.fresh, 1, kh, kw}, {fan_out = kh * kw, fan_in = kh * kw, device = dev, unit = u,
+                                    full_shape = {#inmap.fresh, 1, kh, kw}}, inmap.fresh)
          end
-         nc.gradWeight = T.zeros(nc.weight:shape(), {device = dev})
-         mom(nc.weight, state_of(ctx.opt, m.weight) and place(state_of(ctx.opt, m.weight), {w, 1, kh, kw}, m1))
+         put(nc.weight, m.weight, m1, nil, 0, blk)
+         zero(nc.gradWeight)
+         mom(nc.weight, state_of(ctx.opt, m.weight) and put_new(state_of(ctx.opt, m.weight), {w, 1, kh, kw}, m1))
          if m.bias then
-            nc.bias = place(m.bias, {w}, m1)
-            nc.gradBias = T.zeros({w}, {device = dev})
-            mom(nc.bias, state_of(ctx.opt, m.bias) and place(state_of(ctx.opt, m.bias), {w}, m1))
+            put(nc.bias, m.bias, m1, nil, 0)
+            zero(nc.gradBias)
+            mom(nc.bias, state_of(ctx.opt, m.bias) and put_new(state_of(ctx.opt, m.bias), {w}, m1))
          end
          reps[#reps + 1] = {old = m, new = nc}
-         if u.bn then rebuild_bn(u.bn, m1, w, inmap.fresh) end
+         if u.bn then rebuild_bn(u.bn, m1, w) end
       elseif u.kind == 'group' then
          local p = plans[u.out:root()]
          if inmap.width ~= inmap.old_width or p.w ~= p.old_w or #inmap.keep ~= inmap.old_width or #p.keep ~= p.old_w then
@@ -281,18 +430,16 @@ function M.apply(g, plans, ctx)
             W_old, B_old = m.weight, m.bias
             Wm_old, Bm_old = state_of(ctx.opt, m.weight), state_of(ctx.opt, m.bias)
          end
-         local W = place(W_old, {wout, win, kh, kw}, m1, m2)
          local n_f = wout - #p.keep
+         local blk
          if n_f > 0 then
-            local R = ctx.init('conv', {n_f, win, kh, kw}, {fan_out = wout * kh * kw, fan_in = win * kh * kw, device = dev, unit = u})
-            if #inmap.fresh > 0 and #inmap.dst > 0 then
-               R:index_copy(2, idx(inmap.dst, dev), T.zeros({n_f, #inmap.dst, kh, kw}, {device = dev}))
-            end
-            W:narrow(1, #p.keep + 1, n_f):copy(R)
+            -- W_R→R fresh; W_S→R = 0 when the input has new channels, else the new rows read every
+            -- input channel (the stem, an input set that did not grow)
+            local cols = #inmap.fresh > 0 and inmap.fresh or nil
+            blk = fresh_block(ctx, {n_f, cols and #cols or win, kh, kw},
+               {fan_out = wout * kh * kw, fan_in = win * kh * kw, device = dev, unit = u, full_shape = {n_f, win, kh, kw},
+                columns = cols}, range(#p.keep, n_f), cols)
          end
-         local Wm = Wm_old and place(Wm_old, {wout, win, kh, kw}, m1, m2)
-         local B = B_old and place(B_old, {wout}, m1)
-         local Bm = Bm_old and place(Bm_old, {wout}, m1)
          -- split by generation (CR / CA) when the input carries generations
          local spec
          if ctx.scheme ~= 'NR' and inmap.gen_of and p.gens then
@@ -311,42 +458,44 @@ function M.apply(g, plans, ctx)
             local dense = #in_groups == 1 and #out_groups == 1 and in_groups[1].gen == out_groups[1].gen
             if not dense then
                spec = {in_channels = win, out_channels = wout, kernel_size = {kh, kw}, stride = m.stride,
-                       padding = m.padding, dilation = m.dilation, bias = B ~= nil, scheme = ctx.scheme,
+                       padding = m.padding, dilation = m.dilation, bias = B_old ~= nil, scheme = ctx.scheme,
                        in_groups = in_groups, out_groups = out_groups}
             end
          end
          local nc
          if spec then
+            -- the dense new weight (temporary), then each block gathered from it
+            local W = put_new(W_old, {wout, win, kh, kw}, m1, m2, 0, blk)
+            local B = B_old and put_new(B_old, {wout}, m1)
+            local Wm = Wm_old and put_new(Wm_old, {wout, win, kh, kw}, m1, m2)
             nc = on_device(nn.NRConv2d(spec), dev)
-            nc:scatter(W, function(b, slice) b.conv.weight:copy(slice) end)
-            if B then
-               for _, b in ipairs(nc.blocks) do
-                  if b.conv.bias then b.conv.bias:copy(B:narrow(1, b.out_first + 1, b.out_n)) end
-               end
-            end
-            if Wm then nc:scatter(Wm, function(b, slice) mom(b.conv.weight, slice) end) end
             for _, b in ipairs(nc.blocks) do
-               b.conv.gradWeight = T.zeros(b.conv.weight:shape(), {device = dev})
-               if b.conv.bias then b.conv.gradBias = T.zeros(b.conv.bias:shape(), {device = dev}) end
+               local rows = {keep = range(b.out_first, b.out_n), dst = range(0, b.out_n)}
+               local cols = {keep = b.in_idx, dst = range(0, #b.in_idx)}
+               put2(b.conv.weight, W, rows, cols)
+               if Wm then mom(b.conv.weight, put2(T.empty(b.conv.weight:shape(), {device = dev}), Wm, rows, cols)) end
+               if b.conv.bias then put2(b.conv.bias, B, rows) end
             end
          else
-            nc = on_device(nn.Conv2d(win, wout, {kh, kw}, conv_opts(m, 1, B ~= nil)), dev)
-            nc.weight, nc.gradWeight = W, T.zeros(W:shape(), {device = dev})
-            mom(nc.weight, Wm)
-            if B then
-               nc.bias, nc.gradBias = B, T.zeros({wout}, {device = dev})
-               mom(nc.bias, Bm)
+            nc = conv_shell(m, win, wout, {kh, kw}, 1, B_old ~= nil, dev)
+            put(nc.weight, W_old, m1, m2, 0, blk)
+            zero(nc.gradWeight)
+            mom(nc.weight, Wm_old and put_new(Wm_old, {wout, win, kh, kw}, m1, m2))
+            if B_old then
+               put(nc.bias, B_old, m1, nil, 0)
+               zero(nc.gradBias)
+               mom(nc.bias, Bm_old and put_new(Bm_old, {wout}, m1))
             end
          end
          nc.nr_gens = p.gens
          reps[#reps + 1] = {old = m, new = nc}
-         if u.bn then rebuild_bn(u.bn, m1, wout, range(#p.keep, n_f)) end
+         if u.bn then rebuild_bn(u.bn, m1, wout) end
       end
    end
 
    for _, cw in ipairs(g.chanwise) do
       local map = desc_map(cw.desc, plans)
-      rebuild_bn(cw.module, map, map.width, map.fresh)
+      rebuild_bn(cw.module, map, map.width)
    end
 
    for _, l in ipairs(g.linears) do
@@ -361,24 +510,25 @@ function M.apply(g, plans, ctx)
       local dev = m.weight:device()
       local rows = {keep = range(0, nout), dst = range(0, nout)}
       local cols = {keep = keep, dst = dst}
-      local nl = on_device(nn.Linear(nin, nout, {bias = m.bias ~= nil}), dev)
-      nl.weight = place(m.weight, {nout, nin}, rows, cols)
+      local nl = linear_shell(nin, nout, m.bias ~= nil, dev)
+      local blk
       if ctx.linear_init == 'normal' and #map.fresh > 0 then
          local fresh = {}
          for _, pos in ipairs(map.fresh) do for j = 0, sf - 1 do fresh[#fresh + 1] = pos * sf + j end end
-         local R = T.randn({nout, #fresh}, {device = dev}):mul_(0.01)   -- the authors' N(0, 0.01)
-         nl.weight:index_copy(2, idx(fresh, dev), R)
+         blk = {std = 0.01, rows = rows.dst, cols = fresh}   -- the authors' N(0, 0.01)
       end
-      nl.gradWeight = T.zeros({nout, nin}, {device = dev})
-      mom(nl.weight, state_of(ctx.opt, m.weight) and place(state_of(ctx.opt, m.weight), {nout, nin}, rows, cols))
+      put(nl.weight, m.weight, rows, cols, 0, blk)
+      zero(nl.gradWeight)
+      mom(nl.weight, state_of(ctx.opt, m.weight) and put_new(state_of(ctx.opt, m.weight), {nout, nin}, rows, cols))
       if m.bias then
-         nl.bias = m.bias:clone()
-         nl.gradBias = T.zeros({nout}, {device = dev})
+         put(nl.bias, m.bias, rows, nil, 0)
+         zero(nl.gradBias)
          mom(nl.bias, state_of(ctx.opt, m.bias) and state_of(ctx.opt, m.bias):clone())
       end
       reps[#reps + 1] = {old = m, new = nl}
    end
 
+   flush()
    for _, r in ipairs(reps) do replace(r.old, r.new) end
    return reps, moms
 end
