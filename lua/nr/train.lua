@@ -6,13 +6,16 @@
 -- progress output, crash-safe checkpoints and exact resume. The contract other parts code
 -- against (NR, distributed) is docs/ARCHITECTURE.md "Trainer contract": tr.model, tr.criterion,
 -- tr.optimizer, tr.recipe, tr.epoch, tr.step, tr.out, tr.device, tr.schedule_hold,
--- tr:add_hook, tr:register_state, tr:log, plus tr.schedule, tr:evaluate(), tr:save_checkpoint().
+-- tr.extend_held, tr.held_epochs, tr:planned_epochs(), tr:add_hook, tr:register_state, tr:log,
+-- plus tr.schedule, tr:evaluate(), tr:save_checkpoint().
 -- What it is not: the CLI (nr.recipe parses flags) or NR's policy (nr.rejuvenate attaches hooks).
 -- Invariants:
 --   * tr.epoch is 1-based and current; tr.step is global, counted from 1, and names the step
 --     being run (after_backward, after_step) or the last one run (epoch_end).
 --   * the schedule's position advances only while tr.schedule_hold is false (per iteration and
---     per epoch), before the epoch_end hooks run.
+--     per epoch), before the epoch_end hooks run. An epoch that ends held is counted in
+--     tr.held_epochs (at the same point); with tr.extend_held the run trains rc.epochs schedule
+--     epochs plus the held ones, at most rc.max_epochs in all (tr:planned_epochs()).
 --   * a checkpoint is written after epoch_end hooks (so NR's state is the post-hook state); a
 --     run resumed from the checkpoint of epoch k reaches the same weights as an uninterrupted
 --     run (bit-identical on the CPU with the same thread count).
@@ -51,7 +54,8 @@ M.DEFAULTS = {
             no_decay_bn_bias = false},
    schedule = {name = 'cosine', warmup = 0},
    loss = {label_smoothing = 0},
-   epochs = 10,
+   epochs = 10,            -- schedule epochs (epochs the run trains unless held epochs extend it)
+   max_epochs = nil,       -- cap on all epochs when held epochs extend the run (tr.extend_held); nil: 2 x epochs
    device = 'auto',        -- 'auto' (CUDA when available), 'cpu', 'cuda'
    seed = 1,
    threads = 0,            -- CPU kernel threads; 0 = all cores (NR_THREADS also sets it)
@@ -417,10 +421,12 @@ M.recipe_json = recipe_json
 function M.new(recipe)
    local rc = M.resolve(recipe)
    local tr = setmetatable({recipe = rc, hooks = {}, states = {}, state_order = {}, records = {},
-                            schedule_hold = false, epoch = 0, step = 0, best_top1 = nil,
+                            schedule_hold = false, extend_held = false, held_epochs = 0, epoch = 0, step = 0, best_top1 = nil,
                             train_images = 0, train_time = 0}, Trainer)
    for h in pairs(HOOKS) do tr.hooks[h] = {} end
    check.arg(type(rc.epochs) == 'number' and rc.epochs >= 1, 'nr.train', 'epochs must be >= 1, got %s', tostring(rc.epochs))
+   check.arg(rc.max_epochs == nil or (type(rc.max_epochs) == 'number' and rc.max_epochs >= rc.epochs), 'nr.train',
+      'max_epochs must be >= epochs (%s), got %s', tostring(rc.epochs), tostring(rc.max_epochs))
    if rc.threads and rc.threads > 0 then C.nr_set_num_threads(rc.threads) end
    if rc.seed then C.nr_rng_seed(rc.seed) end
    tr.device = pick_device(rc.device)
@@ -510,6 +516,7 @@ function Trainer:save_checkpoint(opts)
       schedule_hold = self.schedule_hold,
       rng = rng_state(),
       trainer = {best_top1 = self.best_top1, best_epoch = self.best_epoch, train_images = self.train_images,
+                 held_epochs = self.held_epochs,
                  train_time = self.train_time, time = progress.now() - self.t_start + (self.time_offset or 0)},
       states = states,
       threads = C.nr_get_num_threads(),
@@ -553,6 +560,9 @@ function Trainer:load_checkpoint(path)
    self.best_top1, self.best_epoch = t.best_top1, t.best_epoch
    self.train_images, self.train_time = t.train_images or 0, t.train_time or 0
    self.time_offset = t.time
+   -- held epochs (they extend the run); checkpoints without the field: epochs the schedule missed
+   self.held_epochs = t.held_epochs
+      or (s.schedule and s.schedule.epoch and math.max(0, (s.epoch or 0) - s.schedule.epoch)) or 0
    for _, name in ipairs(self.state_order) do
       local spec = self.states[name]
       if not spec.before_weights and s.states and s.states[name] ~= nil then spec.load(s.states[name]) end
@@ -589,13 +599,28 @@ function Trainer:evaluate(loader)
    return {loss = loss / n, top1 = 100 * h1 / n, top5 = 100 * h5 / n, n = n}
 end
 
+-- Cap on all epochs of a run extended by held epochs: rc.max_epochs, default 2 x rc.epochs.
+function Trainer:max_epochs()
+   local rc = self.recipe
+   return rc.max_epochs or 2 * rc.epochs
+end
+
+-- Epochs the run trains: rc.epochs, plus the epochs that ended with the schedule held when
+-- tr.extend_held is set (so the schedule still completes rc.epochs epochs), capped by
+-- max_epochs. pending: count the current epoch as held too (a projection while it runs held).
+function Trainer:planned_epochs(pending)
+   local rc = self.recipe
+   if not self.extend_held then return rc.epochs end
+   return math.min(rc.epochs + self.held_epochs + (pending and 1 or 0), self:max_epochs())
+end
+
 -- One epoch of training: returns {loss, top1, images, time}.
 function Trainer:train_epoch(epoch)
    local rc = self.recipe
    local model, crit, opt, sched = self.model, self.criterion, self.optimizer, self.schedule
    model:training()
    local total = self.iters_per_epoch
-   self.progress:begin_epoch(epoch, rc.epochs, total)
+   self.progress:begin_epoch(epoch, self:planned_epochs(self.schedule_hold), total)
    local t0 = progress.now()
    local n, loss_sum, hits = 0, 0, 0
    local win_n, win_loss, win_hits, win_t = 0, 0, 0, t0
@@ -644,7 +669,8 @@ function Trainer:run()
    local rc = self.recipe
    if rc.resume then
       local dir = self:load_checkpoint(rc.resume)
-      self:print(string.format('resumed from %s (epoch %d, step %d)', dir, self.epoch, self.step))
+      self:print(string.format('resumed from %s (epoch %d, step %d%s)', dir, self.epoch, self.step,
+         self.held_epochs > 0 and string.format(', %d held', self.held_epochs) or ''))
       -- drop metrics written after that checkpoint (a run killed mid-epoch)
       self:_trim_metrics()
    end
@@ -652,12 +678,17 @@ function Trainer:run()
    self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
    local start = self.epoch + 1
    self:log({kind = 'run', event = rc.resume and 'resume' or 'begin', epochs = rc.epochs, device = self.device,
+             max_epochs = self.extend_held and self:max_epochs() or nil,
              threads = C.nr_get_num_threads(), params = self.model:nParameters(), iters_per_epoch = self.iters_per_epoch})
-   self:print(string.format('nrlua: %s on %s, %d threads, %d parameters, %d epochs of %d steps -> %s', rc.name or 'run',
-      self.device, C.nr_get_num_threads(), self.model:nParameters(), rc.epochs, self.iters_per_epoch, self.out))
+   local plan = tostring(rc.epochs)
+   if self.extend_held then plan = string.format('%d (+ held ones, at most %d)', rc.epochs, self:max_epochs()) end
+   self:print(string.format('nrlua: %s on %s, %d threads, %d parameters, %s epochs of %d steps -> %s', rc.name or 'run',
+      self.device, C.nr_get_num_threads(), self.model:nParameters(), plan, self.iters_per_epoch, self.out))
    self:call('train_begin', {})
    local last_val
-   for epoch = start, rc.epochs do
+   -- a while loop: with tr.extend_held every held epoch adds one to the planned total
+   while self.epoch < self:planned_epochs() do
+      local epoch = self.epoch + 1
       self.epoch = epoch
       self:call('epoch_begin', {epoch = epoch})
       if self.schedule then self.optimizer.config.lr = self.schedule:lr() end
@@ -665,11 +696,16 @@ function Trainer:run()
       local train = self:train_epoch(epoch)
       self.train_images = self.train_images + train.images
       self.train_time = self.train_time + train.time
+      -- held at its end = not a schedule epoch; counted before the hooks (NR releases the hold there)
+      local held = self.schedule_hold and true or false
+      if held then self.held_epochs = self.held_epochs + 1 end
+      local planned = self:planned_epochs()
+      local last = epoch >= planned
       local val
-      if epoch == rc.epochs or (rc.eval_every and rc.eval_every > 0 and epoch % rc.eval_every == 0) then
+      if last or (rc.eval_every and rc.eval_every > 0 and epoch % rc.eval_every == 0) then
          val = self:evaluate()
       end
-      if self.schedule and not self.schedule_hold then self.schedule:next_epoch() end
+      if self.schedule and not held then self.schedule:next_epoch() end
       local best = false
       if val then
          last_val = val
@@ -682,23 +718,38 @@ function Trainer:run()
       if math.abs(lr_end - lr) > 1e-12 * math.max(1, lr) then lr_text = string.format('%.4g->%.4g', lr, lr_end) end
       local ips = train.images / math.max(train.time, 1e-9)
       local elapsed = progress.now() - self.t_start
-      local eta = (rc.epochs - epoch) * (elapsed / (epoch - start + 1))
-      self.progress:end_epoch(string.format('epoch %d/%d  train loss %s top1 %s%%  |  val loss %s top1 %s%% top5 %s%%  |  %.1fs %d img/s lr %s  eta %s',
-         epoch, rc.epochs, fmt(train.loss, '%.4f'), fmt(train.top1, '%.2f'), fmt(val and val.loss, '%.4f'),
+      local eta = (planned - epoch) * (elapsed / (epoch - start + 1))
+      local extra = ''
+      if self.extend_held and self.held_epochs > 0 then
+         extra = planned < rc.epochs + self.held_epochs and string.format(' (+%d held, max %d)', self.held_epochs, planned)
+            or string.format(' (+%d held)', self.held_epochs)
+      end
+      self.progress:end_epoch(string.format('epoch %d/%d%s  train loss %s top1 %s%%  |  val loss %s top1 %s%% top5 %s%%  |  %.1fs %d img/s lr %s  eta %s',
+         epoch, planned, extra, fmt(train.loss, '%.4f'), fmt(train.top1, '%.2f'), fmt(val and val.loss, '%.4f'),
          fmt(val and val.top1, '%.2f'), fmt(val and val.top5, '%.2f'), train.time, math.floor(ips + 0.5), lr_text,
          progress.format_duration(eta)))
       local info = {epoch = epoch, train = {loss = train.loss, top1 = train.top1}, val = val,
                     lr = lr, time = train.time, images_per_s = ips}
       self:call('epoch_end', info)
       self:log({kind = 'epoch', epoch = epoch, lr = lr, lr_end = lr_end, train = info.train, val = val, time_s = train.time,
-                images_per_s = ips, schedule_hold = self.schedule_hold or nil})
+                images_per_s = ips, schedule_hold = self.schedule_hold or nil, held = held or nil,
+                epochs_planned = planned, held_epochs = self.held_epochs > 0 and self.held_epochs or nil})
       local every = rc.checkpoint_every or 1
-      if every > 0 and (epoch % every == 0 or epoch == rc.epochs) then self:save_checkpoint({best = best}) end
+      if every > 0 and (epoch % every == 0 or last or epoch >= self:planned_epochs()) then self:save_checkpoint({best = best}) end
+   end
+   -- the cap cut the extension: the schedule did not complete (e.g. NR never reached T_r)
+   local capped = self.extend_held and rc.epochs + self.held_epochs > self:max_epochs() and self.epoch >= self:max_epochs()
+   if capped then
+      local done = self.schedule and self.schedule.epoch or (self.epoch - self.held_epochs)
+      self:log({kind = 'run', event = 'capped', max_epochs = self:max_epochs(), held_epochs = self.held_epochs, schedule_epochs = done})
+      self:print(string.format('note: stopped at max_epochs = %d with %d held epochs; the schedule ran %d of its %d epochs',
+         self:max_epochs(), self.held_epochs, done, rc.epochs))
    end
    local summary = {
       final_top1 = last_val and last_val.top1, final_top5 = last_val and last_val.top5,
       final_loss = last_val and last_val.loss, best_top1 = self.best_top1, best_epoch = self.best_epoch,
-      epochs = rc.epochs, steps = self.step,
+      epochs = self.epoch, schedule_epochs = rc.epochs, held_epochs = self.held_epochs, capped = capped or nil,
+      steps = self.step,
       time_s = progress.now() - self.t_start + (self.time_offset or 0),
       train_time_s = self.train_time,
       images_per_s = self.train_images / math.max(self.train_time, 1e-9),

@@ -4,8 +4,8 @@
 --
 -- Checks: λ starts at 0 and only rises; r reaches T_r within the paper's bound of
 -- (1 - T_r)/Δr + O(1) intervals; rejuvenation fires once, resets λ to 0, releases the schedule
--- hold, logs a {kind = 'nr', event = 'rejuvenate'} record with per-layer widths; training goes
--- on with a finite loss; and the checkpoint of the rejuvenated model (NR-CA, split layers) is
+-- hold, logs a {kind = 'nr', event = 'rejuvenate'} record with per-layer widths; the held epochs
+-- lengthen the run; training goes on with a finite loss; and the checkpoint of the rejuvenated model (NR-CA, split layers) is
 -- rebuilt from the recipe and loaded with identical outputs.
 local nr = require 'nr'
 local nn = nr.nn
@@ -111,6 +111,13 @@ describe('nr.rejuvenate.attach in nr.train', function()
       for i = 2, #rep.lambda_history do assert.is_true(rep.lambda_history[i] >= rep.lambda_history[i - 1]) end
       assert.are.equal(0, ctl.lambda)
       assert.is_false(tr.schedule_hold)
+      -- the epochs before the rejuvenation's ended held and lengthened the run (cap 2 x 3)
+      local held = math.ceil(rep.step / tr.iters_per_epoch) - 1
+      print(string.format('  %d held epochs: the run trained %d epochs (3 schedule epochs)', tr.held_epochs, summary.epochs))
+      assert.are.equal(held, tr.held_epochs)
+      assert.are.equal(math.min(3 + held, 6), summary.epochs)
+      assert.are.equal(summary.epochs * tr.iters_per_epoch, summary.steps)
+      assert.are.equal(summary.epochs - held, tr.schedule.epoch)
       assert.is_true(summary.final_loss == summary.final_loss and summary.final_loss < 10)
       -- a split (CA) layer is in the model
       assert.is_true(#tr.model:findModules('NRConv2d') > 0)
@@ -143,5 +150,119 @@ describe('nr.rejuvenate.attach in nr.train', function()
       local b = fresh.model:forward(x)
       assert.is_true(a:sub(b):abs():max() <= 1e-5 * math.max(1, a:abs():max()))
       assert.are.equal(1, fresh.nr.rejuvenations)
+   end)
+end)
+
+-- The schedule held while sparsifying lengthens the run by the held epochs (nr.extend_epochs,
+-- default on), at most max_epochs (default 2 x epochs), and a run resumed across the extension
+-- equals an uninterrupted one bit for bit. Tiny synthetic data (8 steps of 32 per epoch); the
+-- rejuvenation is forced at the end of epoch 3 (policy.when) so the epoch counts are exact:
+-- epochs 1-3 end held (the epoch_end check releases the hold after the epoch was counted).
+describe('held schedule epochs extend nr.train', function()
+   local train = require 'nr.train'
+   local ck = require 'nr.checkpoint'
+   -- channels 1-3 of each conv start dead (weights and γ zero: they stay zero), so the forced
+   -- rejuvenation changes the architecture (NR-CA splits the second conv)
+   local function tiny()
+      local net = nn.Sequential{
+         nn.Conv2d(1, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+         nn.Conv2d(8, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+         nn.GlobalAvgPool2d(), nn.Linear(8, 10)}
+      for _, i in ipairs({1, 5}) do
+         for c = 1, 3 do
+            net.modules[i].weight:narrow(1, c, 1):zero()
+            net.modules[i + 1].weight:set(c, 0)
+         end
+      end
+      return net
+   end
+   local X, Y = synthetic(256, 9)
+   local VX, VY = synthetic(64, 10)
+   local function rc(out, extra, nrextra)
+      local lr_seen = {}
+      local r = {
+         name = 'nr_extend_spec', model = tiny,
+         data = {train = train.memory_loader(X, Y, {batch = 32, shuffle = true, seed = 2}),
+                 val = train.memory_loader(VX, VY, {batch = 64})},
+         optim = {name = 'sgd', lr = 0.05, momentum = 0.9, weight_decay = 1e-4},
+         schedule = {name = 'cosine', warmup = 0},
+         epochs = 2, seed = 3, device = 'cpu', out = out, log_every = 4,
+         progress = {stream = io.open('/dev/null', 'w')},
+         hooks = {after_step = function(t) lr_seen[#lr_seen + 1] = t.optimizer.config.lr end},
+         nr = {target = 0.5, scheme = 'CA', rescale = true, threshold = 0.05, input_shape = {1, 28, 28},
+               lambda = {mode = 'constant', value = 2e-3, dt = 'epoch'},
+               policy = {when = function(ctx) return ctx.epoch >= 3 and ctx.rejuvenations == 0 end}},
+      }
+      for k, v in pairs(extra or {}) do r[k] = v end
+      for k, v in pairs(nrextra or {}) do r.nr[k] = v end
+      return r, lr_seen
+   end
+   local function epochs_logged(dir)
+      local n = 0
+      for line in ck.read_file(dir .. '/metrics.jsonl'):gmatch('[^\n]+') do
+         if ck.json_decode(line).kind == 'epoch' then n = n + 1 end
+      end
+      return n
+   end
+   local base = tmpdir('extend')
+
+   it('runs epochs + held epochs: 2 schedule epochs after 3 held ones, the schedule completes', function()
+      local r, lrs = rc(base .. '/a', {max_epochs = 6})
+      local tr = train.new(r)
+      assert.is_true(tr.extend_held)
+      local s = tr:run()
+      assert.are.equal(1, tr.nr.rejuvenations)
+      assert.are.equal(3, tr.nr.reports[1].epoch)
+      assert.are.equal(5, s.epochs); assert.are.equal(40, s.steps); assert.are.equal(3, s.held_epochs)
+      assert.is_nil(s.capped)
+      local rep = tr.nr.reports[1]
+      assert.are.equal(5, rep.layers[1].live); assert.are.equal(5, rep.layers[2].live)
+      assert.is_true(rep.layers[1].width_after > 5 and #tr.model:findModules('NRConv2d') == 1)
+      assert.are.equal(2, tr.schedule.epoch)
+      assert.are.equal(5, epochs_logged(base .. '/a'))
+      -- held at the base LR for 24 steps, then one whole cosine schedule of 2 epochs
+      for i = 1, 24 do assert.are.equal(0.05, lrs[i]) end
+      assert.are.equal(0.05, lrs[25])
+      assert.is_true(lrs[40] < 0.05 * 0.01)
+   end)
+
+   it('the default cap is 2 x epochs; extend_epochs = false keeps the epoch count', function()
+      local tr = train.new((rc(base .. '/cap')))
+      local s = tr:run()
+      assert.are.equal(4, s.epochs); assert.are.equal(3, s.held_epochs); assert.is_true(s.capped)
+      assert.are.equal(1, tr.schedule.epoch)
+      local tr2 = train.new((rc(base .. '/off', nil, {extend_epochs = false})))
+      assert.is_false(tr2.extend_held)
+      local s2 = tr2:run()
+      assert.are.equal(2, s2.epochs); assert.are.equal(16, s2.steps); assert.are.equal(2, s2.held_epochs)
+      assert.are.equal(0, tr2.nr.rejuvenations)        -- the forced rejuvenation (epoch 3) never came
+      assert.are.equal(0, tr2.schedule.epoch)
+      assert.has_error(function() train.new((rc(base .. '/bad', nil, {extend_epochs = 'yes'}))) end)
+   end)
+
+   it('a run killed while held or after the rejuvenation resumes to the same weights, bit for bit', function()
+      local ref = ck.load(base .. '/a').weights
+      for _, kill in ipairs({3, 5}) do
+         local dir = base .. '/k' .. kill
+         local r = rc(dir, {max_epochs = 6})
+         r.hooks.epoch_begin = function(_, info) if info.epoch == kill then error('simulated kill', 0) end end
+         local ok, err = pcall(train.train, r)
+         assert.is_false(ok)
+         assert.is_truthy(tostring(err):find('simulated kill', 1, true))
+         nr.manual_seed(123)
+         local tr = train.new((rc(dir, {max_epochs = 6, resume = dir})))
+         local s = tr:run()
+         assert.are.equal(5, s.epochs); assert.are.equal(40, s.steps); assert.are.equal(3, s.held_epochs)
+         assert.are.equal(1, tr.nr.rejuvenations)
+         assert.are.equal(5, epochs_logged(dir))
+         local got = ck.load(dir).weights
+         for name, t in pairs(ref) do
+            local u = got[name]
+            assert.is_truthy(u, name .. ' missing after resume (killed before epoch ' .. kill .. ')')
+            assert.are.same(t:shape(), u:shape())
+            assert.are.equal(0, t:sub(u):abs():max(), name .. ' differs (killed before epoch ' .. kill .. ')')
+         end
+      end
+      os.execute('rm -rf ' .. base)
    end)
 end)

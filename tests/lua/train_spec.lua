@@ -192,6 +192,116 @@ describe('nr.train', function()
       assert.equal(4, n)
    end)
 
+   -- Held epochs extend the run (tr.extend_held, the generic mechanism NR switches on): a hook
+   -- holds the schedule during epochs 1-2 of a 3-epoch recipe (warm-up off, so the held LR is the
+   -- base LR).
+   local function hold_first(n) return function(t, info) t.schedule_hold = info.epoch <= n end end
+   local function extend(t) t.extend_held = true end
+   local function lr_log(list) return function(t) list[#list + 1] = t.optimizer.config.lr end end
+   local function held_recipe(out, extra)
+      local r = recipe(out, {epochs = 3, schedule = {name = 'cosine', warmup = 0}})
+      for k, v in pairs(extra or {}) do r[k] = v end
+      return r
+   end
+   local function epoch_records(dir)
+      local out = {}
+      for line in ck.read_file(dir .. '/metrics.jsonl'):gmatch('[^\n]+') do
+         local rec = ck.json_decode(line)
+         if rec.kind == 'epoch' then out[#out + 1] = rec end
+      end
+      return out
+   end
+
+   it('held epochs extend the run by exactly their number and the schedule completes', function()
+      local plain = {}
+      local sp = nr.train(held_recipe(TMP .. '/x0', {hooks = {after_step = lr_log(plain)}}))
+      assert.equal(3, sp.epochs); assert.equal(24, sp.steps); assert.equal(0, sp.held_epochs)
+      local lrs = {}
+      local r = held_recipe(TMP .. '/x', {hooks = {epoch_begin = hold_first(2), after_step = lr_log(lrs)}})
+      local s = r.progress.stream
+      local tr = train.new(r)
+      tr.extend_held = true   -- as nr.rejuvenate.attach does
+      local summary = tr:run()
+      assert.equal(5, summary.epochs); assert.equal(40, summary.steps)
+      assert.equal(2, summary.held_epochs); assert.equal(3, summary.schedule_epochs)
+      assert.is_nil(summary.capped)
+      assert.equal(5, tr.epoch); assert.equal(2, tr.held_epochs); assert.equal(3, tr.schedule.epoch)
+      -- held: the base LR; then exactly the LRs of the un-held 3-epoch run, to its end
+      assert.equal(40, #lrs)
+      for i = 1, 16 do assert.equal(0.05, lrs[i]) end
+      for i = 1, 24 do assert.equal(plain[i], lrs[16 + i]) end
+      -- the planned total as it grows: epoch 1 ends at 3 + 1, epoch 2 at 3 + 2
+      local recs = epoch_records(TMP .. '/x')
+      assert.equal(5, #recs)
+      local planned, held = {}, {}
+      for i, rec in ipairs(recs) do planned[i], held[i] = rec.epochs_planned, rec.held or false end
+      assert.same({4, 5, 5, 5, 5}, planned)
+      assert.same({true, true, false, false, false}, held)
+      local text = s:text()
+      assert.truthy(text:find('epoch 1/4 step 8/8 ', 1, true))          -- projected while held
+      assert.truthy(text:find('epoch 1/4 (+1 held)  train loss', 1, true))
+      assert.truthy(text:find('epoch 2/5 (+2 held)  train loss', 1, true))
+      assert.truthy(text:find('epoch 5/5 %(%+2 held%)  train loss %d+%.%d+ top1 %d+%.%d+%%  |  val loss %d'))
+      assert.truthy(text:find('3 (+ held ones, at most 6) epochs of 8 steps', 1, true))
+      -- the checkpoint records the held epochs
+      local _, st = weights_of(TMP .. '/x')
+      assert.equal(5, st.epoch); assert.equal(40, st.step); assert.equal(2, st.trainer.held_epochs)
+      assert.equal(3, st.schedule.epoch)
+   end)
+
+   it('without extend_held a held schedule does not lengthen the run; without a hold extend_held changes nothing', function()
+      local summary = nr.train(held_recipe(TMP .. '/y', {hooks = {epoch_begin = hold_first(2)}}))
+      assert.equal(3, summary.epochs); assert.equal(24, summary.steps); assert.equal(2, summary.held_epochs)
+      local _, st = weights_of(TMP .. '/y')
+      assert.equal(1, st.schedule.epoch)
+      -- extend_held with no hold: bit-identical to the plain run of the previous test
+      local s2 = nr.train(held_recipe(TMP .. '/z', {hooks = {train_begin = extend}}))
+      assert.equal(3, s2.epochs); assert.equal(24, s2.steps); assert.equal(0, s2.held_epochs)
+      local d = first_difference(weights_of(TMP .. '/x0'), weights_of(TMP .. '/z'))
+      assert(d == nil, 'extend_held without a hold changed the run: ' .. tostring(d))
+   end)
+
+   it('max_epochs caps a run whose schedule stays held (default 2 x epochs)', function()
+      local r = held_recipe(TMP .. '/c', {max_epochs = 5, hooks = {train_begin = extend, epoch_begin = hold_first(100)}})
+      local s = r.progress.stream
+      local tr = train.new(r)
+      local summary = tr:run()
+      assert.equal(5, summary.epochs); assert.equal(40, summary.steps); assert.equal(5, summary.held_epochs)
+      assert.is_true(summary.capped)
+      assert.equal(0, tr.schedule.epoch)
+      local text = s:text()
+      assert.truthy(text:find('epoch 5/5 (+5 held, max 5)', 1, true))
+      assert.truthy(text:find('note: stopped at max_epochs = 5 with 5 held epochs; the schedule ran 0 of its 3 epochs', 1, true))
+      local sd = nr.train(held_recipe(TMP .. '/c2', {hooks = {train_begin = extend, epoch_begin = hold_first(100)}}))
+      assert.equal(6, sd.epochs); assert.equal(48, sd.steps); assert.is_true(sd.capped)
+      -- epochs 2, held 1: the cap is not reached
+      local s3 = nr.train(held_recipe(TMP .. '/c3', {epochs = 2, max_epochs = 3, hooks = {train_begin = extend, epoch_begin = hold_first(1)}}))
+      assert.equal(3, s3.epochs); assert.is_nil(s3.capped)
+      assert.has_error(function() train.new(held_recipe(TMP .. '/c4', {max_epochs = 2})) end)
+   end)
+
+   it('resumes exactly across the extension: killed while held and after it, bit for bit', function()
+      for _, kill in ipairs({2, 4}) do
+         local dir = TMP .. '/xr' .. kill
+         local hooks = {train_begin = extend, epoch_begin = {hold_first(2), function(_, info)
+            if info.epoch == kill then error('simulated kill before epoch ' .. kill, 0) end
+         end}}
+         local ok, err = pcall(nr.train, held_recipe(dir, {hooks = hooks}))
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find('simulated kill', 1, true))
+         local _, st = weights_of(dir)
+         assert.equal(kill - 1, st.epoch); assert.equal(math.min(kill - 1, 2), st.trainer.held_epochs)
+         nr.manual_seed(999)
+         local summary = nr.train(held_recipe(dir, {resume = dir, hooks = {train_begin = extend, epoch_begin = hold_first(2)}}))
+         assert.equal(5, summary.epochs); assert.equal(40, summary.steps); assert.equal(2, summary.held_epochs)
+         local d = first_difference(weights_of(TMP .. '/x'), weights_of(dir))
+         assert(d == nil, 'resumed run (killed before epoch ' .. kill .. ') differs: ' .. tostring(d))
+         local _, st2 = weights_of(dir)
+         assert.equal(3, st2.schedule.epoch)
+         assert.equal(5, #epoch_records(dir))
+      end
+   end)
+
    it('builds loaders from recipe.data for a real dataset (Fashion-MNIST, when installed)', function()
       local root = '/usr/share/datasets/fashion-mnist'
       if not ck.exists(root .. '/train-images-idx3-ubyte.gz') then pending('dataset-fashion-mnist is not installed'); return end

@@ -220,12 +220,13 @@ end
 local CFG_KEYS = {enabled = true, target = true, budget = true, constraint = true, scheme = true, rescale = true,
                   times = true, active_epochs = true, lambda = true, policy = true, threshold = true,
                   abs_min = true, count = true, gamma0 = true, optim_state = true, hold_schedule = true,
-                  input_shape = true, linear_init = true}
+                  extend_epochs = true, input_shape = true, linear_init = true}
 local LAMBDA_KEYS = {mode = true, init = true, dt = true, dr = true, dl = true, value = true}
 
 -- attach(tr, cfg): cfg is the recipe's nr table:
 --   target (T_r, 0.5), budget (1.0), constraint ('params'), scheme ('NR'), rescale (false),
---   times (1), active_epochs (nil = always), hold_schedule (true), gamma0, threshold, abs_min,
+--   times (1), active_epochs (nil = always), hold_schedule (true), extend_epochs (true: the held
+--   epochs lengthen the run, tr.extend_held, up to the recipe's max_epochs), gamma0, threshold, abs_min,
 --   count, optim_state ('remap'), linear_init ('zero'), input_shape (default: model.nr_info, else
 --   the trainer's loader),
 --   lambda = {mode = 'adaptive' | 'constant', init = 0, dt = 'epoch' | N steps, dr = 0.01,
@@ -245,6 +246,8 @@ function M.attach(tr, cfg)
    check.arg(c.lambda.mode == 'adaptive' or c.lambda.mode == 'constant', FN, 'lambda.mode must be "adaptive" or "constant"')
    check.arg(c.lambda.dt == 'epoch' or (type(c.lambda.dt) == 'number' and c.lambda.dt >= 1), FN,
       'lambda.dt must be "epoch" or a number of steps >= 1')
+   check.arg(c.extend_epochs == nil or type(c.extend_epochs) == 'boolean', FN, 'extend_epochs must be true or false, got %s',
+      tostring(c.extend_epochs))
    local pol = merged_policy(c.policy)
    local ctl = {cfg = c, lambda = c.lambda.mode == 'constant' and (c.lambda.value or 0) or c.lambda.init,
                 r_prev = 1, r_hist = {}, lambda_hist = {}, rejuvenations = 0, reports = {},
@@ -272,6 +275,8 @@ function M.attach(tr, cfg)
    local function set_hold()
       if c.hold_schedule ~= false then tr.schedule_hold = active() end
    end
+   -- the authors shift the schedule by the sparsification epochs: the run grows by the held ones
+   tr.extend_held = c.hold_schedule ~= false and c.extend_epochs ~= false
 
    local function check_point()
       if not active() then
