@@ -65,7 +65,8 @@ static inline void plane_sums(const float *p, const float *d, const float *r, in
    if (r) {
 #pragma omp simd reduction(+ : a, b)
       for (int64_t i = 0; i < hw; i++) {
-         const float dv = r[i] > 0.0f ? d[i] : 0.0f;
+         const float dd = d[i]; /* loaded unconditionally: the select becomes a blend, not a branch */
+         const float dv = r[i] > 0.0f ? dd : 0.0f;
          a += dv;
          b += dv * (p[i] - mean);
       }
@@ -221,7 +222,8 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
          if (r) {
 #pragma omp simd
             for (int64_t i = 0; i < g.hw; i++) {
-               const float dv = r[i] > 0.0f ? d[i] : 0.0f;
+               const float dd = d[i];
+               const float dv = r[i] > 0.0f ? dd : 0.0f;
                o[i] = k * (dv - mdy - (p[i] - mean) * mdyx);
             }
          } else {
@@ -280,7 +282,10 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
          float *o = pdx + off;
          if (r) {
 #pragma omp simd
-            for (int64_t i = 0; i < g.hw; i++) o[i] = r[i] > 0.0f ? k * d[i] : 0.0f;
+            for (int64_t i = 0; i < g.hw; i++) {
+               const float kd = k * d[i];
+               o[i] = r[i] > 0.0f ? kd : 0.0f;
+            }
          } else {
 #pragma omp simd
             for (int64_t i = 0; i < g.hw; i++) o[i] = k * d[i];
