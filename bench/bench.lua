@@ -12,10 +12,8 @@
 --   own peak tensor bytes, and GFLOP/s (6 x forward MACs per trained image, 2 x per inferred
 --   image, the PyTorch side's convention) as a fraction of the sgemm peak measured at start
 --   (2048^3 sgemm through nr_matmul, OpenBLAS, same thread count, best of 5).
--- --conv selects the convolution path: 'layers' (default: whatever nr_conv2d_* does), or 'auto',
--- 'dnnl', 'dnnl_plain', 'im2col' to route Conv2d through core/perf_dnnl_conv.c's
--- nr_perf_conv2d_* first (falling back to nr_conv2d_* when a case is not handled): the change
--- bench/README.md asks core/nn_conv.c to make, measured before it is made.
+-- --conv selects the convolution path: 'layers' (default: the library's own choice), or 'auto',
+-- 'dnnl', 'dnnl_plain', 'im2col' to force one (nr_perf_conv_set_mode).
 -- The JSON has torch_baseline.py's layout ({env, models = {name = {params, macs = {total},
 -- train = {B = {...}}, infer = {...}, peak_rss_mib}}}) plus env.sgemm_gflops.
 -- What it is not: a correctness test (tests/ are); model definitions live in bench/models.lua.
@@ -59,61 +57,17 @@ end
 
 local now = require('nr.profile').now -- CLOCK_MONOTONIC seconds (profiling stays off unless NR_PROFILE=1)
 
--- --conv: Conv2d methods that try nr_perf_conv2d_* (core/perf.h) before the layer kernels.
+-- --conv: which convolution path core/nn_conv.c takes (it asks core/perf_dnnl_conv.c first):
+-- 'layers' (default) leaves the library's choice ('auto'); 'dnnl', 'dnnl_plain', 'im2col' force
+-- one, for measuring the choice itself. Only the mode is set: the layers run as in any model.
 local function route_conv(mode)
    if mode == 'layers' then return end
    local ffi = require 'ffi'
-   ffi.cdef [[
-   int32_t nr_perf_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
-      int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t);
-   int32_t nr_perf_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_tensor *w,
-      int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t);
-   int32_t nr_perf_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dw, nr_tensor *db,
-      int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, int32_t, float, float);
-   int nr_perf_conv_set_mode(int mode);
-   ]]
+   ffi.cdef [[ int nr_perf_conv_set_mode(int mode); ]]
    local C = require('nr.ffi').C
    local MODES = {auto = 0, dnnl = 1, im2col = 2, dnnl_plain = 3}
    assert(MODES[mode], 'bench.lua: --conv must be layers, auto, dnnl, dnnl_plain or im2col')
    C.nr_perf_conv_set_mode(MODES[mode])
-   local Conv2d = nr.nn.Conv2d
-   local fwd, bwd_d, acc_w = Conv2d.updateOutput, Conv2d.updateGradInput, Conv2d.accGradParameters
-   local function geom(m)
-      local st, p, d = m.stride, m.padding, m.dilation
-      return st[1], st[2], p[1], p[2], d[1], d[2], m.groups
-   end
-   local function ok(status)
-      if status == 0 then return true end
-      if status == -1 then return false end
-      error(ffi.string(C.nr_last_error()), 0)
-   end
-   function Conv2d:updateOutput(x)
-      local y, last = rawget(self, 'output'), rawget(self, '_bench_in')
-      if y and last and x:is_contiguous() and x:dim() == 4 and T_same(x, last) and
-         ok(C.nr_perf_conv2d_forward(x.c, y.c, self.weight.c, self.bias and self.bias.c or nil, geom(self))) then
-         return y
-      end
-      self._bench_in = x -- the fast path needs the buffer of this very input shape
-      return fwd(self, x) -- first call (allocates the buffer) and unhandled cases
-   end
-   function Conv2d:updateGradInput(x, g)
-      local gi = rawget(self, 'gradInput')
-      if gi and g:is_contiguous() and T_same(gi, x) and T_same(g, self.output) and
-         ok(C.nr_perf_conv2d_backward_data(g.c, gi.c, self.weight.c, geom(self))) then
-         return gi
-      end
-      return bwd_d(self, x, g)
-   end
-   function Conv2d:accGradParameters(x, g, scale)
-      if x:is_contiguous() and g:is_contiguous() then
-         local sh, sw, ph, pw, dh, dw, groups = geom(self)
-         if ok(C.nr_perf_conv2d_backward_weight(x.c, g.c, self.gradWeight.c, self.gradBias and self.gradBias.c or nil,
-               sh, sw, ph, pw, dh, dw, groups, scale or 1, 1)) then
-            return
-         end
-      end
-      return acc_w(self, x, g, scale)
-   end
 end
 
 local function vm_hwm_mib()

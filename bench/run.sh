@@ -2,7 +2,7 @@
 # bench/run.sh — nrlua against PyTorch on this CPU, side by side, in one command.
 #
 #   bench/run.sh                       all models, 2 rounds, 2 threads
-#   MODELS=fmnist_cnn,resnet18_cifar REPEATS=3 THREADS=2 CONV=auto bench/run.sh
+#   MODELS=fmnist_cnn,resnet18_cifar REPEATS=3 THREADS=2 CONV=im2col bench/run.sh
 #
 # Each round runs, per model and one process per run (so peak RSS is per model): nrlua
 # (bench/bench.lua), PyTorch default (NCHW) and PyTorch --channels-last
@@ -14,7 +14,7 @@
 # ratios. Writes bench/results/*.json (raw runs), STAMP_runs.txt (their list: re-summarize or pool
 # sessions with bench/summarize.py A_runs.txt B_runs.txt), summary.json and summary.md.
 # Env: NRLUA (default build-perf/nrlua, else build/nrlua), PYTHON (/usr/bin/python3), THREADS (2),
-# REPEATS (2), MODELS (all four), CONV (nrlua's bench.lua --conv, default auto), QUICK=1 (fewer
+# REPEATS (2), MODELS (all four), CONV (nrlua's bench.lua --conv, default layers: the library's own choice), QUICK=1 (fewer
 # steps). Big models (VGG, ResNet: seconds per step) use fewer steps than the small ones.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,7 +26,7 @@ TORCH=${TORCH:-$root/../shared/bench/torch_baseline.py}
 THREADS=${THREADS:-2}
 REPEATS=${REPEATS:-2}
 MODELS=${MODELS:-mobilenet_v1_025,vgg19_nr,resnet18_cifar,fmnist_cnn}
-CONV=${CONV:-auto}
+CONV=${CONV:-layers}
 out=bench/results
 mkdir -p "$out"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
