@@ -201,9 +201,70 @@ static void gather_dy(const float *dy, float *tmp, int64_t L, int64_t n0, int64_
 
 /* ---------------------------------------------------------------- depthwise (direct) */
 
-static void dw_forward(const float *x, float *y, const float *w, const float *b, const conv_geom *g,
+/* Stride-1 depthwise forward on one plane through a zero-padded copy: with the padded row pitch
+ * wp, output position t = oh * wp + ow reads pad[t + i*dh*wp + j*dw] for every tap, so each tap
+ * is one long contiguous multiply-add over the whole plane (vectorized, no border cases) instead
+ * of a short loop per row; the columns ow >= wo are computed and dropped. pad: hp*wp + slack
+ * floats whose border is zero; acc: ho*wp floats. */
+static void dw_plane_s1(const float *xp, float *yp, const float *wp_, float bias, const conv_geom *g, float *pad,
+                        float *acc)
+{
+   const int64_t wpitch = g->w + 2 * g->pw;
+   for (int64_t r = 0; r < g->h; r++) memcpy(pad + (r + g->ph) * wpitch + g->pw, xp + r * g->w, sizeof(float) * g->w);
+   const int64_t L = g->ho * wpitch;
+   for (int64_t t = 0; t < L; t++) acc[t] = bias;
+   for (int64_t i = 0; i < g->kh; i++)
+      for (int64_t j = 0; j < g->kw; j++) {
+         const float wv = wp_[i * g->kw + j];
+         const float *src = pad + i * g->dh * wpitch + j * g->dw;
+#pragma omp simd
+         for (int64_t t = 0; t < L; t++) acc[t] += wv * src[t];
+      }
+   for (int64_t oh = 0; oh < g->ho; oh++) memcpy(yp + oh * g->wo, acc + oh * wpitch, sizeof(float) * g->wo);
+}
+
+enum { DW_S1_MAX_TAPS = 64 };
+
+/* Every plane of a stride-1 depthwise conv through dw_plane_s1 (g: input h x w, output ho x wo);
+ * flip: use each kernel rotated by 180 degrees (the backward-data pass is this forward on dy).
+ * Needs kh * kw <= DW_S1_MAX_TAPS. */
+static nr_status dw_s1(const float *in, float *out, const float *w, const float *b, const conv_geom *g, int flip,
                        const nn_epilogue *epi)
 {
+   const int64_t nc = g->n * g->cin, wpitch = g->w + 2 * g->pw, hp = g->h + 2 * g->ph, kk = g->kh * g->kw;
+   const size_t npad = (size_t)(hp * wpitch + (g->kw - 1) * g->dw + 1), nacc = (size_t)(g->ho * wpitch);
+   bool oom = false;
+#pragma omp parallel if (nr_parallel_worth(nc, g->p * kk))
+   {
+      float *pad = nn_scratch(0, npad), *acc = nn_scratch(1, nacc);
+      float wf[DW_S1_MAX_TAPS];
+      if (!pad || !acc) {
+#pragma omp atomic write
+         oom = true;
+      } else {
+         memset(pad, 0, sizeof(float) * npad); /* the border stays zero; the interior is rewritten */
+      }
+#pragma omp for schedule(static)
+      for (int64_t q = 0; q < nc; q++) {
+         if (!pad || !acc) continue;
+         const int64_t c = q % g->cin;
+         const float *wc = w + c * kk;
+         if (flip) {
+            for (int64_t t = 0; t < kk; t++) wf[t] = wc[kk - 1 - t];
+            wc = wf;
+         }
+         dw_plane_s1(in + q * g->h * g->w, out + q * g->p, wc, b ? b[c] : 0.0f, g, pad, acc);
+         if (epi) nn_epilogue_plane(epi, c, out + q * g->p, g->p);
+      }
+   }
+   if (oom) return NR_FAIL(NR_E_OOM, "no memory for the depthwise padding buffers (%zu floats)", npad + nacc);
+   return NR_OK;
+}
+
+static nr_status dw_forward(const float *x, float *y, const float *w, const float *b, const conv_geom *g,
+                            const nn_epilogue *epi)
+{
+   if (g->sh == 1 && g->sw == 1 && g->kh * g->kw <= DW_S1_MAX_TAPS) return dw_s1(x, y, w, b, g, 0, epi);
    const int64_t nc = g->n * g->cin;
 #pragma omp parallel for if (nr_parallel_worth(nc, g->p * g->kh * g->kw))
    for (int64_t q = 0; q < nc; q++) {
@@ -228,10 +289,20 @@ static void dw_forward(const float *x, float *y, const float *w, const float *b,
          }
       if (epi) nn_epilogue_plane(epi, c, yp, g->p);
    }
+   return NR_OK;
 }
 
-static void dw_backward_data(const float *dy, float *dx, const float *w, const conv_geom *g)
+static nr_status dw_backward_data(const float *dy, float *dx, const float *w, const conv_geom *g)
 {
+   /* stride 1: dx is the stride-1 forward of dy with the rotated kernel and padding
+    * (k - 1) * d - p (needs p <= (k - 1) * d, true for "same" and "valid" convs) */
+   if (g->sh == 1 && g->sw == 1 && g->kh * g->kw <= DW_S1_MAX_TAPS && g->ph <= (g->kh - 1) * g->dh &&
+       g->pw <= (g->kw - 1) * g->dw) {
+      conv_geom t = *g;
+      t.h = g->ho, t.w = g->wo, t.ho = g->h, t.wo = g->w, t.p = g->h * g->w;
+      t.ph = (g->kh - 1) * g->dh - g->ph, t.pw = (g->kw - 1) * g->dw - g->pw;
+      return dw_s1(dy, dx, w, NULL, &t, 1, NULL);
+   }
    const int64_t nc = g->n * g->cin;
 #pragma omp parallel for if (nr_parallel_worth(nc, g->p * g->kh * g->kw))
    for (int64_t q = 0; q < nc; q++) {
@@ -255,6 +326,7 @@ static void dw_backward_data(const float *dy, float *dx, const float *w, const c
             }
          }
    }
+   return NR_OK;
 }
 
 static void dw_backward_weight(const float *x, const float *dy, float *dw, const conv_geom *g, float scale, float acc)
@@ -315,8 +387,7 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
    const float *px = x->data, *pw = w->data, *pb = b ? b->data : NULL;
    float *py = y->data;
    if (conv_is_depthwise(&g)) {
-      dw_forward(px, py, pw, pb, &g, epi);
-      return NR_OK;
+      return dw_forward(px, py, pw, pb, &g, epi);
    }
    const bool direct = conv_is_1x1(&g);
    const conv_plan pl = conv_make_plan(&g);
@@ -443,8 +514,7 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
    const float *pdy = dy->data, *pw = w->data;
    float *pdx = dx->data;
    if (conv_is_depthwise(&g)) {
-      dw_backward_data(pdy, pdx, pw, &g);
-      return NR_OK;
+      return dw_backward_data(pdy, pdx, pw, &g);
    }
    const bool direct = conv_is_1x1(&g);
    const conv_plan pl = conv_make_plan(&g);
