@@ -48,13 +48,6 @@ nr.set_num_threads(opts.threads)
 -- NR_PROFILE=1: per-layer times of every step (warm-up included), printed at exit
 if os.getenv('NR_PROFILE') == '1' then require 'nr.profile' end
 
--- gi and x have the same shape
-local function T_same(a, b)
-   if a:dim() ~= b:dim() then return false end
-   for d = 1, a:dim() do if a:size(d) ~= b:size(d) then return false end end
-   return true
-end
-
 local now = require('nr.profile').now -- CLOCK_MONOTONIC seconds (profiling stays off unless NR_PROFILE=1)
 
 -- --conv: which convolution path core/nn_conv.c takes (it asks core/perf_dnnl_conv.c first):

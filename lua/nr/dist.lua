@@ -568,6 +568,8 @@ local function syncbn_class()
       check.arg(T.is_tensor(x) and x:dim() == 4 and x:size(2) == self.num_features, 'SyncBatchNorm2d',
          'expected input (N, %d, H, W), got %s', self.num_features, T.is_tensor(x) and x:describe() or type(x))
       self._sync = true
+      -- no fused ReLU here: the parent Sequential then runs the ReLU module itself
+      self._fuse_relu, self._relu_fused = nil, false
       local c, dev = self.num_features, x:device()
       local s1 = channel_sums(x, {x:size(1) * x:size(3) * x:size(4)})
       local m = s1[c + 1]
@@ -614,6 +616,12 @@ local function syncbn_class()
       local dx = g:sub(bcast4(a, dev)):sub_(xhat:mul_(bcast4(b, dev))):mul_(self._scale4)
       self.gradInput = dx
       return dx
+   end
+
+   -- synchronized: the two-step backward above (BN's one-pass gradients() is per-rank only)
+   function SyncBN:gradients(x, gradOutput, scale)
+      if not self._sync then return BN.gradients(self, x, gradOutput, scale) end
+      return require('nr.nn.module').gradients(self, x, gradOutput, scale)
    end
 
    function SyncBN:accGradParameters(x, gradOutput, scale)

@@ -279,7 +279,10 @@ function M.render(dir)
    kv('final top-1', '<span class="big">' .. (last_epoch and last_epoch.val and fnum(last_epoch.val.top1, 4) .. '%' or '–') .. '</span>'
       .. (last_epoch and last_epoch.val and ('  top-5 ' .. fnum(last_epoch.val.top5, 4) .. '%') or ''))
    kv('best top-1', best and (fnum(best.val.top1, 4) .. '% at epoch ' .. best.epoch) or '–')
-   kv('epochs', (last_epoch and last_epoch.epoch or 0) .. ' of ' .. fnum(rc.epochs))
+   local planned = last_epoch and last_epoch.epochs_planned or rc.epochs
+   local held = last_epoch and last_epoch.held_epochs or 0
+   kv('epochs', (last_epoch and last_epoch.epoch or 0) .. ' of ' .. fnum(planned)
+      .. (held > 0 and string.format(' (%s schedule + %d held)', fnum(rc.epochs), held) or ''))
    kv('model', esc(model_s))
    kv('data', esc((data.dataset or '?') .. (data.root and (' (' .. data.root .. ')') or '') .. ', batch ' .. tostring(data.batch or '?')))
    kv('optimizer', esc(string.format('%s lr %s momentum %s%s weight decay %s', optim.name or 'sgd', fnum(optim.lr), fnum(optim.momentum),

@@ -579,22 +579,30 @@ function Trainer:evaluate(loader)
    loader = loader or self.val_loader
    if not loader then return nil end
    local model, crit = self.model, self.criterion
-   model:evaluate()
-   local n, loss, h1, h5 = 0, 0, 0, 0
    local limit = self.recipe.data.val_batches
-   local b = 0
-   for x, y in loader:epoch(1) do
-      b = b + 1
-      local xd, yd = x, y
-      if self.device ~= 'cpu' then xd, yd = x:to(self.device), y:to(self.device) end
-      local out = model:forward(xd)
-      local bn = x:size(1)
-      loss = loss + crit:forward(out, yd) * bn
-      local a1, a5 = topk_hits(out:is_cuda() and out:cpu() or out, y:is_cuda() and y:cpu() or y)
-      h1, h5, n = h1 + a1, h5 + a5, n + bn
-      if limit and b >= limit then break end
+   local n, loss, h1, h5 = 0, 0, 0, 0
+   local function pass()
+      local b = 0
+      for x, y in loader:epoch(1) do
+         b = b + 1
+         local xd, yd = x, y
+         if self.device ~= 'cpu' then xd, yd = x:to(self.device), y:to(self.device) end
+         local out = model:forward(xd)
+         local bn = x:size(1)
+         loss = loss + crit:forward(out, yd) * bn
+         local a1, a5 = topk_hits(out:is_cuda() and out:cpu() or out, y:is_cuda() and y:cpu() or y)
+         h1, h5, n = h1 + a1, h5 + a5, n + bn
+         if limit and b >= limit then break end
+      end
    end
+   model:evaluate()
+   -- gradients off, as torch.no_grad(): lets the model fold Conv2d + BN + ReLU for inference
+   local grad_mode = require('nr.nn.module')
+   local grad_was = grad_mode.set_grad_enabled(false)
+   local ok, err = pcall(pass)
+   grad_mode.set_grad_enabled(grad_was)
    model:training()
+   if not ok then error(err, 0) end
    if n == 0 then return nil end
    return {loss = loss / n, top1 = 100 * h1 / n, top5 = 100 * h5 / n, n = n}
 end
