@@ -55,30 +55,10 @@ local INPUT = {3, opt.input, opt.input}
 
 nr.manual_seed(1)
 local base = nr.models.resnet{depth = opt.depth}
-local killed, total = 0, 0
-do
-   local g = R.monitor.graph_of(base, INPUT)
-   for _, m in ipairs(base:listModules()) do
-      if m:typename() == 'BatchNorm2d' then
-         local c = m.num_features
-         m.running_mean:copy(nr.randn({c}):mul_(0.1))
-         m.running_var:copy(nr.rand({c}):add_(0.5))
-         m.bias:copy(nr.randn({c}):mul_(0.1))
-         m.weight:copy(nr.rand({c}):mul_(1.4):add_(0.1))
-      end
-   end
-   for _, u in ipairs(g.units) do
-      if u.bn and not u.fixed then
-         local c = u.bn.num_features
-         local perm = nr.randperm(c):totable()
-         local n = math.min(c - 1, math.floor(c * opt.dead))
-         for i = 1, n do u.bn.weight:set(perm[i] + 1, 0) end
-         killed, total = killed + n, total + c
-      end
-   end
-   -- random gradients, so the optimizer's first step leaves a non-trivial momentum everywhere
-   for _, e in ipairs(base:namedParameters()) do e.grad:copy(nr.randn(e.grad:shape()):mul_(0.01)) end
-end
+-- random BN state and ~opt.dead of every prunable layer's channels dead (the NR specs' fixture)
+local killed, total = dofile((_NRLUA and _NRLUA.home or '.') .. '/tests/lua/nr_zoo.lua').damage(base, INPUT, opt.dead)
+-- random gradients, so the optimizer's first step leaves a non-trivial momentum everywhere
+for _, e in ipairs(base:namedParameters()) do e.grad:copy(nr.randn(e.grad:shape()):mul_(0.01)) end
 base:transient().nr_graph = nil
 
 local function fresh()

@@ -360,6 +360,18 @@ static void dw_backward_weight(const float *x, const float *dy, float *dw, const
    }
 }
 
+/* This thread's buffers for one chunk of pl->batch samples: im2col columns (NULL when not needed:
+ * a 1x1 conv on single samples reads x / writes dx directly) and the gather buffer of a
+ * multi-sample chunk (NULL for single samples). False when an allocation failed. */
+static bool chunk_buffers(const conv_geom *g, const conv_plan *pl, bool direct, float **cols, float **tmp)
+{
+   const int64_t L = pl->batch * g->p;
+   const bool want_cols = !(direct && pl->batch == 1), want_tmp = pl->batch > 1;
+   *cols = want_cols ? nn_scratch(0, (size_t)(g->k * L)) : NULL;
+   *tmp = want_tmp ? nn_scratch(1, (size_t)(g->og * L)) : NULL;
+   return (!want_cols || *cols) && (!want_tmp || *tmp);
+}
+
 /* ---------------------------------------------------------------- public entry points */
 
 /* Applies epi to every output plane (paths that cannot apply it per plane as they go). */
@@ -372,13 +384,13 @@ static void epilogue_all(const nn_epilogue *epi, float *y, const conv_geom *g)
 
 /* The CPU forward; epi (NULL: none) is applied to each output plane once it is final. */
 static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
-                              const conv_geom *gp, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                              int32_t dil_h, int32_t dil_w, int32_t groups, const nn_epilogue *epi)
+                              const conv_geom *gp, const nn_epilogue *epi)
 {
    const conv_geom g = *gp;
    if (g.n == 0) return NR_OK;
    {
-      nr_status ps = nr_perf_conv2d_forward(x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups);
+      nr_status ps = nr_perf_conv2d_forward(x, y, w, b, (int32_t)g.sh, (int32_t)g.sw, (int32_t)g.ph, (int32_t)g.pw,
+                                            (int32_t)g.dh, (int32_t)g.dw, (int32_t)g.groups);
       if (ps != NR_PERF_UNHANDLED) {
          if (ps == NR_OK && epi) epilogue_all(epi, y->data, &g);
          return ps;
@@ -397,10 +409,8 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
 #pragma omp parallel num_threads(pl.threads) if (pl.threads > 1)
    {
       /* one sample per chunk: the GEMM reads x itself (1x1) or its columns, and writes y */
-      const bool need_cols = !(direct && pl.batch == 1), need_tmp = pl.batch > 1;
-      float *cols = need_cols ? nn_scratch(0, (size_t)(g.k * L)) : NULL;
-      float *tmp = need_tmp ? nn_scratch(1, (size_t)(g.og * L)) : NULL;
-      const bool ok = (!need_cols || cols) && (!need_tmp || tmp);
+      float *cols, *tmp;
+      const bool ok = chunk_buffers(&g, &pl, direct, &cols, &tmp);
       if (!ok) {
 #pragma omp atomic write
          oom = true;
@@ -412,15 +422,15 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
          for (int64_t gi = 0; gi < g.groups; gi++) {
             const float *src = px + (n0 * g.cin + gi * g.cg) * g.h * g.w;
             int64_t ldb = g.p;
-            if (need_cols) {
+            if (cols) {
                for (int64_t s = 0; s < nb; s++)
                   im2col(px + ((n0 + s) * g.cin + gi * g.cg) * g.h * g.w, cols + s * g.p, L, g.cg, &g);
                src = cols, ldb = L;
             }
-            float *dst = need_tmp ? tmp : py + (n0 * g.cout + gi * g.og) * g.p;
+            float *dst = tmp ? tmp : py + (n0 * g.cout + gi * g.og) * g.p;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)g.og, (int)wd, (int)g.k, 1.0f,
-                        pw + gi * g.og * g.k, (int)g.k, src, (int)ldb, 0.0f, dst, (int)(need_tmp ? L : g.p));
-            if (need_tmp)
+                        pw + gi * g.og * g.k, (int)g.k, src, (int)ldb, 0.0f, dst, (int)(tmp ? L : g.p));
+            if (tmp)
                for (int64_t s = 0; s < nb; s++)
                   for (int64_t o = 0; o < g.og; o++)
                      memcpy(py + ((n0 + s) * g.cout + gi * g.og + o) * g.p, tmp + o * L + s * g.p, sizeof(float) * g.p);
@@ -441,21 +451,27 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
    return NR_OK;
 }
 
+/* The argument checks both forward entry points make (func: the caller's name for messages). */
+static nr_status forward_setup(const char *func, const nr_tensor *x, const nr_tensor *y, const nr_tensor *w,
+                               const nr_tensor *b, int32_t sh, int32_t sw, int32_t ph, int32_t pw, int32_t dh,
+                               int32_t dw, int32_t groups, conv_geom *g)
+{
+   NR_TRY(nr_check_tensor(func, "x", x, NR_F32, -1, 4, NULL));
+   NR_TRY(nr_check_tensor(func, "y", y, NR_F32, -1, 4, NULL));
+   NR_TRY(nr_check_tensor(func, "w", w, NR_F32, -1, 4, NULL));
+   NR_TRY(conv_setup(func, x, "x", y, "y", w, "w", sh, sw, ph, pw, dh, dw, groups, g));
+   int64_t bs[1] = {g->cout};
+   return b ? nn_check(func, "b", b, NR_F32, 1, bs, x) : NR_OK;
+}
+
 nr_status nr_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
                             int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
                             int32_t dil_h, int32_t dil_w, int32_t groups)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("y", y, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("w", w, NR_F32, -1, 4, NULL);
    conv_geom g;
-   NR_TRY(conv_setup(__func__, x, "x", y, "y", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
-   if (b) {
-      int64_t bs[1] = {g.cout};
-      NN_CHECK("b", b, NR_F32, 1, bs, x);
-   }
+   NR_TRY(forward_setup(__func__, x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
    NR_ON_CUDA(x, nr_cuda_conv2d_forward(x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
-   return conv_forward(x, y, w, b, &g, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, NULL);
+   return conv_forward(x, y, w, b, &g, NULL);
 }
 
 #ifdef NR_WITH_CUDA
@@ -476,13 +492,9 @@ nr_status nr_conv2d_forward_bn(const nr_tensor *x, nr_tensor *y, const nr_tensor
                                int32_t dil_w, int32_t groups, const nr_tensor *gamma, const nr_tensor *beta,
                                const nr_tensor *running_mean, const nr_tensor *running_var, float eps, int32_t relu)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("y", y, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("w", w, NR_F32, -1, 4, NULL);
    conv_geom g;
-   NR_TRY(conv_setup(__func__, x, "x", y, "y", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
+   NR_TRY(forward_setup(__func__, x, y, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
    int64_t cs[1] = {g.cout};
-   if (b) NN_CHECK("b", b, NR_F32, 1, cs, x);
    if (!gamma != !beta) return NR_FAIL(NR_E_ARG, "gamma and beta: give both or neither");
    if (gamma) NN_CHECK("gamma", gamma, NR_F32, 1, cs, x);
    if (beta) NN_CHECK("beta", beta, NR_F32, 1, cs, x);
@@ -493,7 +505,7 @@ nr_status nr_conv2d_forward_bn(const nr_tensor *x, nr_tensor *y, const nr_tensor
                               running_mean, running_var, eps, relu));
    const nn_epilogue epi = {gamma ? gamma->data : NULL, beta ? beta->data : NULL, running_mean->data,
                             running_var->data, eps, relu != 0};
-   return conv_forward(x, y, w, b, &g, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &epi);
+   return conv_forward(x, y, w, b, &g, &epi);
 }
 
 nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_tensor *w, int32_t stride_h,
@@ -523,10 +535,8 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
    if (pl.threads > 1) nr_blas_set_threads(1);
 #pragma omp parallel num_threads(pl.threads) if (pl.threads > 1)
    {
-      const bool need_cols = !(direct && pl.batch == 1), need_tmp = pl.batch > 1;
-      float *cols = need_cols ? nn_scratch(0, (size_t)(g.k * L)) : NULL;
-      float *tmp = need_tmp ? nn_scratch(1, (size_t)(g.og * L)) : NULL;
-      const bool ok = (!need_cols || cols) && (!need_tmp || tmp);
+      float *cols, *tmp;
+      const bool ok = chunk_buffers(&g, &pl, direct, &cols, &tmp);
       if (!ok) {
 #pragma omp atomic write
          oom = true;
@@ -539,15 +549,15 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
          for (int64_t gi = 0; gi < g.groups; gi++) {
             const float *dyg = pdy + (n0 * g.cout + gi * g.og) * g.p;
             int64_t lda = g.p;
-            if (need_tmp) {
+            if (tmp) {
                gather_dy(pdy, tmp, L, n0, nb, gi, &g);
                dyg = tmp, lda = L;
             }
             /* columns (K, wd) = w_g^T (K, Og) @ dy_g (Og, wd) */
-            float *dst = need_cols ? cols : pdx + (n0 * g.cin + gi * g.cg) * g.h * g.w;
+            float *dst = cols ? cols : pdx + (n0 * g.cin + gi * g.cg) * g.h * g.w;
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)g.k, (int)wd, (int)g.og, 1.0f,
-                        pw + gi * g.og * g.k, (int)g.k, dyg, (int)lda, 0.0f, dst, (int)(need_cols ? L : g.p));
-            if (!need_cols) continue;
+                        pw + gi * g.og * g.k, (int)g.k, dyg, (int)lda, 0.0f, dst, (int)(cols ? L : g.p));
+            if (!cols) continue;
             for (int64_t s = 0; s < nb; s++) {
                float *dxg = pdx + ((n0 + s) * g.cin + gi * g.cg) * g.h * g.w;
                if (direct) {
@@ -607,13 +617,12 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
 #pragma omp parallel num_threads(used) if (used > 1)
    {
       const int t = omp_get_thread_num();
-      const bool need_cols = !(direct && pl.batch == 1), need_tmp = pl.batch > 1;
-      float *cols = need_cols ? nn_scratch(0, (size_t)(g.k * L)) : NULL;
-      float *tmp = need_tmp ? nn_scratch(1, (size_t)(g.og * L)) : NULL;
+      float *cols, *tmp;
+      const bool bufs = chunk_buffers(&g, &pl, direct, &cols, &tmp);
       /* per-thread partial sums; dw's old contents are applied once, with acc, in the reduction */
       float *part = nn_scratch(2, (size_t)wn);
       parts[t] = part;
-      const bool ok = (!need_cols || cols) && (!need_tmp || tmp) && part;
+      const bool ok = bufs && part;
       if (!ok) {
 #pragma omp atomic write
          oom = true;
@@ -627,14 +636,14 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
          for (int64_t gi = 0; gi < g.groups; gi++) {
             const float *src = px + (n0 * g.cin + gi * g.cg) * g.h * g.w;
             int64_t ldb = g.p;
-            if (need_cols) {
+            if (cols) {
                for (int64_t s = 0; s < nb; s++)
                   im2col(px + ((n0 + s) * g.cin + gi * g.cg) * g.h * g.w, cols + s * g.p, L, g.cg, &g);
                src = cols, ldb = L;
             }
             const float *dyg = pdy + (n0 * g.cout + gi * g.og) * g.p;
             int64_t lda = g.p;
-            if (need_tmp) {
+            if (tmp) {
                gather_dy(pdy, tmp, L, n0, nb, gi, &g);
                dyg = tmp, lda = L;
             }

@@ -55,6 +55,23 @@ static nr_status cuda_masked_dy(const nr_tensor **dy, nr_tensor *dx, const nr_te
    *dy = dx;
    return NR_OK;
 }
+
+static nr_status cuda_bn_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
+                                  nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
+                                  const nr_tensor *save_invstd, float scale, float acc, const nr_tensor *relu_y)
+{
+   NR_TRY(cuda_masked_dy(&dy, dx, relu_y));
+   return nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc);
+}
+
+static nr_status cuda_bn_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
+                                       nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *running_mean,
+                                       const nr_tensor *running_var, float eps, float scale, float acc,
+                                       const nr_tensor *relu_y)
+{
+   NR_TRY(cuda_masked_dy(&dy, dx, relu_y));
+   return nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale, acc);
+}
 #endif
 
 /* Per-plane sums of dy' and dy' * (x - mean), dy' = dy masked by r > 0 when r is given. */
@@ -78,6 +95,21 @@ static inline void plane_sums(const float *p, const float *d, const float *r, in
       }
    }
    *sa = a, *sb = b;
+}
+
+/* Sums of dy' and dy' * (x - mean) over channel c of every sample, in double. */
+static void channel_sums(const float *px, const float *pdy, const float *pr, const bn_geom *g, int64_t c, float mean,
+                         double *sdy, double *sdyx)
+{
+   double s1 = 0, s2 = 0;
+   for (int64_t n = 0; n < g->n; n++) {
+      const int64_t off = (n * g->c + c) * g->hw;
+      float a, b;
+      plane_sums(px + off, pdy + off, pr ? pr + off : NULL, g->hw, mean, &a, &b);
+      s1 += a;
+      s2 += b;
+   }
+   *sdy = s1, *sdyx = s2;
 }
 
 static nr_status relu_y_check(const char *func, const nr_tensor *relu_y, const nr_tensor *x)
@@ -186,13 +218,7 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
    NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
    NR_TRY(vec_check(__func__, "save_invstd", save_invstd, x));
    NR_TRY(relu_y_check(__func__, relu_y, x));
-#ifdef NR_WITH_CUDA
-   if (x->device == NR_CUDA) {
-      NR_TRY(cuda_masked_dy(&dy, dx, relu_y));
-      return nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc);
-   }
-#endif
-   NR_ON_CUDA(x, NR_OK);
+   NR_ON_CUDA(x, cuda_bn_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc, relu_y));
    const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *sm = save_mean->data,
                *si = save_invstd->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
@@ -200,14 +226,8 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
 #pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
    for (int64_t c = 0; c < g.c; c++) {
       const float mean = sm[c], invstd = si[c];
-      double sdy = 0, sdyx = 0;
-      for (int64_t n = 0; n < g.n; n++) {
-         const int64_t off = (n * g.c + c) * g.hw;
-         float a, b;
-         plane_sums(px + off, pdy + off, pr ? pr + off : NULL, g.hw, mean, &a, &b);
-         sdy += a;
-         sdyx += b;
-      }
+      double sdy, sdyx;
+      channel_sums(px, pdy, pr, &g, c, mean, &sdy, &sdyx);
       const double sdyxhat = sdyx * invstd; /* sum dy * xhat */
       if (dg) dg[c] = (acc == 0 ? 0.0f : acc * dg[c]) + (float)(scale * sdyxhat);
       if (dbt) dbt[c] = (acc == 0 ? 0.0f : acc * dbt[c]) + (float)(scale * sdy);
@@ -248,13 +268,8 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
    NR_TRY(vec_check(__func__, "running_var", running_var, x));
    if (!(eps > 0)) return NR_FAIL(NR_E_ARG, "eps must be > 0, got %g", eps);
    NR_TRY(relu_y_check(__func__, relu_y, x));
-#ifdef NR_WITH_CUDA
-   if (x->device == NR_CUDA) {
-      NR_TRY(cuda_masked_dy(&dy, dx, relu_y));
-      return nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale, acc);
-   }
-#endif
-   NR_ON_CUDA(x, NR_OK);
+   NR_ON_CUDA(x, cuda_bn_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale, acc,
+                                       relu_y));
    const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *rm = running_mean->data,
                *rv = running_var->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
@@ -263,14 +278,8 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
    for (int64_t c = 0; c < g.c; c++) {
       const float mean = rm[c], invstd = (float)(1.0 / sqrt((double)rv[c] + (double)eps));
       if (dg || dbt) {
-         double sdy = 0, sdyx = 0;
-         for (int64_t n = 0; n < g.n; n++) {
-            const int64_t off = (n * g.c + c) * g.hw;
-            float a, b;
-            plane_sums(px + off, pdy + off, pr ? pr + off : NULL, g.hw, mean, &a, &b);
-            sdy += a;
-            sdyx += b;
-         }
+         double sdy, sdyx;
+         channel_sums(px, pdy, pr, &g, c, mean, &sdy, &sdyx);
          if (dg) dg[c] = (acc == 0 ? 0.0f : acc * dg[c]) + (float)(scale * sdyx * invstd);
          if (dbt) dbt[c] = (acc == 0 ? 0.0f : acc * dbt[c]) + (float)(scale * sdy);
       }

@@ -4,7 +4,8 @@ local nr = require 'nr'
 
 local M = {}
 
--- Random BN state and forced dead channels on every non-fixed unit.
+-- Random BN state and forced dead channels on every non-fixed unit; returns the channels killed
+-- and the channels of those units in all.
 function M.damage(model, shape, frac)
    local R = require 'nr.rejuvenate'
    local g = R.monitor.graph_of(model, shape)
@@ -17,17 +18,17 @@ function M.damage(model, shape, frac)
          m.weight:copy(nr.rand({c}):mul_(1.4):add_(0.1))
       end
    end
-   local killed = 0
+   local killed, total = 0, 0
    for _, u in ipairs(g.units) do
       if u.bn and not u.fixed then
          local c = u.bn.num_features
          local perm = nr.randperm(c):totable()
          local n = math.min(c - 1, math.floor(c * frac))
          for i = 1, n do u.bn.weight:set(perm[i] + 1, 0) end
-         killed = killed + n
+         killed, total = killed + n, total + c
       end
    end
-   return killed
+   return killed, total
 end
 
 -- {name, model spec, input shape}; ResNet-50 runs at 32x32 unless a spec overrides the shape.
