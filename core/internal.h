@@ -63,9 +63,24 @@ void nr_mem_free(int32_t device, int32_t device_index, void *ptr, int64_t bytes)
 /* OpenMP helpers: true when a loop of n iterations of `work` flops is worth threading. */
 static inline bool nr_parallel_worth(int64_t n, int64_t work) { return n > 1 && n * work > 32768; }
 
-/* BLAS threading: kernels that call sgemm from inside an OpenMP region set BLAS to one thread
- * for that region (nested oversubscription otherwise) and restore it after. */
-void nr_blas_set_threads(int n);
+/* Hot loops compiled for AVX2 + FMA (x86-64-v3) and for the baseline target, the right one picked
+ * for this CPU when the library loads (GCC target_clones). Put it on a function without OpenMP
+ * pragmas that spawn threads (a parallel region's body is outlined and not cloned): the
+ * per-plane kernels that a parallel loop calls. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(NR_NO_SIMD_CLONES)
+#define NR_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define NR_SIMD_CLONES
+#endif
+
+/* Row-major sgemm, C = alpha * op(A) op(B) + beta * C (op: transpose when ta / tb), on one
+ * thread pool: OpenBLAS always runs single-threaded (its pthread workers spin for a long while
+ * after every call and fight OpenMP's workers for the cores: on 2 cores a 0.4 ms product took
+ * 4 ms after an OpenMP loop), and a large product called outside a parallel region is split
+ * here over OpenMP threads, each multiplying its own block of C. Inside a parallel region it is
+ * one plain single-threaded call. (core/math.c) */
+void nr_sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+              const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 int nr_threads(void);
 
 /* Backend dispatch: NR_ON_CUDA(t, nr_cuda_xxx(...)) returns the CUDA implementation's status

@@ -1,12 +1,12 @@
 /* nn_conv.c — 2-d convolution on the CPU: forward, backward w.r.t. data, backward w.r.t. weight
  * and bias (nr_conv2d_* in core/nr.h).
  *
- * How: im2col + OpenBLAS sgemm per (chunk of samples, group), with OpenMP across the chunks and
- * BLAS set to one thread inside the parallel region (see conv_make_plan: one sample per chunk
+ * How: im2col + sgemm (nr_sgemm: OpenBLAS, single-threaded) per (chunk of samples, group), with
+ * OpenMP across the chunks (see conv_make_plan: one sample per chunk
  * except on maps under 64 positions, where several samples share one wider GEMM); a 1x1
  * stride-1 unpadded conv multiplies the input directly (no im2col); a depthwise conv
- * (groups == Cin == Cout) uses a direct kernel. When only one thread is useful (one chunk, a tiny
- * problem, or one thread configured) the chunk loop runs serially and BLAS uses all threads.
+ * (groups == Cin == Cout) uses the direct kernels of core/nn_depthwise.c. When only one thread is useful (one chunk, a tiny
+ * problem, or one thread configured) the chunk loop runs serially and nr_sgemm splits each product.
  * Invariants: no allocation per call except the grow-only per-thread scratch (nn_internal.h);
  * outputs are written, never allocated; weight gradients use per-thread accumulators reduced in
  * thread order, so results are deterministic for a given thread count.
@@ -15,16 +15,10 @@
 #include "nn_internal.h"
 #include "perf.h" /* oneDNN fast paths for dense 3x3 convs (core/perf_dnnl_conv.c) */
 
-#include <cblas.h>
 #include <limits.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
-
-typedef struct {
-   int64_t n, cin, h, w, cout, kh, kw, ho, wo, cg, og, k, p;
-   int64_t sh, sw, ph, pw, dh, dw, groups;
-} conv_geom;
 
 /* Validates the geometry and the shapes of x/dx (N, Cin, H, W), y/dy (N, Cout, Ho, Wo) and
  * w/dw (Cout, Cin/groups, KH, KW); fills g. */
@@ -199,167 +193,6 @@ static void gather_dy(const float *dy, float *tmp, int64_t L, int64_t n0, int64_
          memcpy(tmp + o * L + b * g->p, dy + ((n0 + b) * g->cout + gi * g->og + o) * g->p, sizeof(float) * g->p);
 }
 
-/* ---------------------------------------------------------------- depthwise (direct) */
-
-/* Stride-1 depthwise forward on one plane through a zero-padded copy: with the padded row pitch
- * wp, output position t = oh * wp + ow reads pad[t + i*dh*wp + j*dw] for every tap, so each tap
- * is one long contiguous multiply-add over the whole plane (vectorized, no border cases) instead
- * of a short loop per row; the columns ow >= wo are computed and dropped. pad: hp*wp + slack
- * floats whose border is zero; acc: ho*wp floats. */
-static void dw_plane_s1(const float *xp, float *yp, const float *wp_, float bias, const conv_geom *g, float *pad,
-                        float *acc)
-{
-   const int64_t wpitch = g->w + 2 * g->pw;
-   for (int64_t r = 0; r < g->h; r++) memcpy(pad + (r + g->ph) * wpitch + g->pw, xp + r * g->w, sizeof(float) * g->w);
-   const int64_t L = g->ho * wpitch;
-   for (int64_t t = 0; t < L; t++) acc[t] = bias;
-   for (int64_t i = 0; i < g->kh; i++)
-      for (int64_t j = 0; j < g->kw; j++) {
-         const float wv = wp_[i * g->kw + j];
-         const float *src = pad + i * g->dh * wpitch + j * g->dw;
-#pragma omp simd
-         for (int64_t t = 0; t < L; t++) acc[t] += wv * src[t];
-      }
-   for (int64_t oh = 0; oh < g->ho; oh++) memcpy(yp + oh * g->wo, acc + oh * wpitch, sizeof(float) * g->wo);
-}
-
-enum { DW_S1_MAX_TAPS = 64 };
-
-/* Every plane of a stride-1 depthwise conv through dw_plane_s1 (g: input h x w, output ho x wo);
- * flip: use each kernel rotated by 180 degrees (the backward-data pass is this forward on dy).
- * Needs kh * kw <= DW_S1_MAX_TAPS. */
-static nr_status dw_s1(const float *in, float *out, const float *w, const float *b, const conv_geom *g, int flip,
-                       const nn_epilogue *epi)
-{
-   const int64_t nc = g->n * g->cin, wpitch = g->w + 2 * g->pw, hp = g->h + 2 * g->ph, kk = g->kh * g->kw;
-   const size_t npad = (size_t)(hp * wpitch + (g->kw - 1) * g->dw + 1), nacc = (size_t)(g->ho * wpitch);
-   bool oom = false;
-#pragma omp parallel if (nr_parallel_worth(nc, g->p * kk))
-   {
-      float *pad = nn_scratch(0, npad), *acc = nn_scratch(1, nacc);
-      float wf[DW_S1_MAX_TAPS];
-      if (!pad || !acc) {
-#pragma omp atomic write
-         oom = true;
-      } else {
-         memset(pad, 0, sizeof(float) * npad); /* the border stays zero; the interior is rewritten */
-      }
-#pragma omp for schedule(static)
-      for (int64_t q = 0; q < nc; q++) {
-         if (!pad || !acc) continue;
-         const int64_t c = q % g->cin;
-         const float *wc = w + c * kk;
-         if (flip) {
-            for (int64_t t = 0; t < kk; t++) wf[t] = wc[kk - 1 - t];
-            wc = wf;
-         }
-         dw_plane_s1(in + q * g->h * g->w, out + q * g->p, wc, b ? b[c] : 0.0f, g, pad, acc);
-         if (epi) nn_epilogue_plane(epi, c, out + q * g->p, g->p);
-      }
-   }
-   if (oom) return NR_FAIL(NR_E_OOM, "no memory for the depthwise padding buffers (%zu floats)", npad + nacc);
-   return NR_OK;
-}
-
-static nr_status dw_forward(const float *x, float *y, const float *w, const float *b, const conv_geom *g,
-                            const nn_epilogue *epi)
-{
-   if (g->sh == 1 && g->sw == 1 && g->kh * g->kw <= DW_S1_MAX_TAPS) return dw_s1(x, y, w, b, g, 0, epi);
-   const int64_t nc = g->n * g->cin;
-#pragma omp parallel for if (nr_parallel_worth(nc, g->p * g->kh * g->kw))
-   for (int64_t q = 0; q < nc; q++) {
-      int64_t c = q % g->cin;
-      const float *xp = x + q * g->h * g->w, *wp = w + c * g->kh * g->kw;
-      float *yp = y + q * g->p, bias = b ? b[c] : 0.0f;
-      for (int64_t i = 0; i < g->p; i++) yp[i] = bias;
-      for (int64_t i = 0; i < g->kh; i++)
-         for (int64_t j = 0; j < g->kw; j++) {
-            int64_t oh0, oh1, ow0, ow1;
-            valid_range(g->h, g->ho, g->sh, g->ph, i * g->dh, &oh0, &oh1);
-            valid_range(g->w, g->wo, g->sw, g->pw, j * g->dw, &ow0, &ow1);
-            float wv = wp[i * g->kw + j];
-            for (int64_t oh = oh0; oh < oh1; oh++) {
-               const float *src = xp + (oh * g->sh - g->ph + i * g->dh) * g->w + (j * g->dw - g->pw);
-               float *dst = yp + oh * g->wo;
-               if (g->sw == 1)
-                  for (int64_t ow = ow0; ow < ow1; ow++) dst[ow] += wv * src[ow];
-               else
-                  for (int64_t ow = ow0; ow < ow1; ow++) dst[ow] += wv * src[ow * g->sw];
-            }
-         }
-      if (epi) nn_epilogue_plane(epi, c, yp, g->p);
-   }
-   return NR_OK;
-}
-
-static nr_status dw_backward_data(const float *dy, float *dx, const float *w, const conv_geom *g)
-{
-   /* stride 1: dx is the stride-1 forward of dy with the rotated kernel and padding
-    * (k - 1) * d - p (needs p <= (k - 1) * d, true for "same" and "valid" convs) */
-   if (g->sh == 1 && g->sw == 1 && g->kh * g->kw <= DW_S1_MAX_TAPS && g->ph <= (g->kh - 1) * g->dh &&
-       g->pw <= (g->kw - 1) * g->dw) {
-      conv_geom t = *g;
-      t.h = g->ho, t.w = g->wo, t.ho = g->h, t.wo = g->w, t.p = g->h * g->w;
-      t.ph = (g->kh - 1) * g->dh - g->ph, t.pw = (g->kw - 1) * g->dw - g->pw;
-      return dw_s1(dy, dx, w, NULL, &t, 1, NULL);
-   }
-   const int64_t nc = g->n * g->cin;
-#pragma omp parallel for if (nr_parallel_worth(nc, g->p * g->kh * g->kw))
-   for (int64_t q = 0; q < nc; q++) {
-      int64_t c = q % g->cin;
-      const float *dyp = dy + q * g->p, *wp = w + c * g->kh * g->kw;
-      float *dxp = dx + q * g->h * g->w;
-      memset(dxp, 0, sizeof(float) * g->h * g->w);
-      for (int64_t i = 0; i < g->kh; i++)
-         for (int64_t j = 0; j < g->kw; j++) {
-            int64_t oh0, oh1, ow0, ow1;
-            valid_range(g->h, g->ho, g->sh, g->ph, i * g->dh, &oh0, &oh1);
-            valid_range(g->w, g->wo, g->sw, g->pw, j * g->dw, &ow0, &ow1);
-            float wv = wp[i * g->kw + j];
-            for (int64_t oh = oh0; oh < oh1; oh++) {
-               float *dst = dxp + (oh * g->sh - g->ph + i * g->dh) * g->w + (j * g->dw - g->pw);
-               const float *src = dyp + oh * g->wo;
-               if (g->sw == 1)
-                  for (int64_t ow = ow0; ow < ow1; ow++) dst[ow] += wv * src[ow];
-               else
-                  for (int64_t ow = ow0; ow < ow1; ow++) dst[ow * g->sw] += wv * src[ow];
-            }
-         }
-   }
-   return NR_OK;
-}
-
-static void dw_backward_weight(const float *x, const float *dy, float *dw, const conv_geom *g, float scale, float acc)
-{
-   const int64_t kk = g->kh * g->kw;
-#pragma omp parallel for if (nr_parallel_worth(g->cin, g->n * g->p * kk))
-   for (int64_t c = 0; c < g->cin; c++) {
-      for (int64_t i = 0; i < g->kh; i++)
-         for (int64_t j = 0; j < g->kw; j++) {
-            int64_t oh0, oh1, ow0, ow1;
-            valid_range(g->h, g->ho, g->sh, g->ph, i * g->dh, &oh0, &oh1);
-            valid_range(g->w, g->wo, g->sw, g->pw, j * g->dw, &ow0, &ow1);
-            double s = 0;
-            for (int64_t n = 0; n < g->n; n++) {
-               const float *xp = x + (n * g->cin + c) * g->h * g->w, *dyp = dy + (n * g->cin + c) * g->p;
-               float part = 0;
-               for (int64_t oh = oh0; oh < oh1; oh++) {
-                  const float *src = xp + (oh * g->sh - g->ph + i * g->dh) * g->w + (j * g->dw - g->pw);
-                  const float *d = dyp + oh * g->wo;
-                  if (g->sw == 1) {
-#pragma omp simd reduction(+ : part)
-                     for (int64_t ow = ow0; ow < ow1; ow++) part += d[ow] * src[ow];
-                  } else
-                     for (int64_t ow = ow0; ow < ow1; ow++) part += d[ow] * src[ow * g->sw];
-               }
-               s += part;
-            }
-            float *o = dw + c * kk + i * g->kw + j;
-            *o = (acc == 0 ? 0.0f : acc * *o) + (float)(scale * s);
-         }
-   }
-}
-
 /* This thread's buffers for one chunk of pl->batch samples: im2col columns (NULL when not needed:
  * a 1x1 conv on single samples reads x / writes dx directly) and the gather buffer of a
  * multi-sample chunk (NULL for single samples). False when an allocation failed. */
@@ -399,13 +232,12 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
    const float *px = x->data, *pw = w->data, *pb = b ? b->data : NULL;
    float *py = y->data;
    if (conv_is_depthwise(&g)) {
-      return dw_forward(px, py, pw, pb, &g, epi);
+      return nn_dw_forward(px, py, pw, pb, &g, epi);
    }
    const bool direct = conv_is_1x1(&g);
    const conv_plan pl = conv_make_plan(&g);
    const int64_t L = pl.batch * g.p; /* GEMM width */
    bool oom = false;
-   if (pl.threads > 1) nr_blas_set_threads(1);
 #pragma omp parallel num_threads(pl.threads) if (pl.threads > 1)
    {
       /* one sample per chunk: the GEMM reads x itself (1x1) or its columns, and writes y */
@@ -428,8 +260,7 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
                src = cols, ldb = L;
             }
             float *dst = tmp ? tmp : py + (n0 * g.cout + gi * g.og) * g.p;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)g.og, (int)wd, (int)g.k, 1.0f,
-                        pw + gi * g.og * g.k, (int)g.k, src, (int)ldb, 0.0f, dst, (int)(tmp ? L : g.p));
+            nr_sgemm(false, false, g.og, wd, g.k, 1.0f, pw + gi * g.og * g.k, g.k, src, ldb, 0.0f, dst, tmp ? L : g.p);
             if (tmp)
                for (int64_t s = 0; s < nb; s++)
                   for (int64_t o = 0; o < g.og; o++)
@@ -446,7 +277,6 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
                for (int64_t c = 0; c < g.cout; c++) nn_epilogue_plane(epi, c, py + (n * g.cout + c) * g.p, g.p);
       }
    }
-   if (pl.threads > 1) nr_blas_set_threads(nr_threads());
    if (oom) return NR_FAIL(NR_E_OOM, "no memory for the im2col buffers (%lld floats)", (long long)((g.k + g.og) * L));
    return NR_OK;
 }
@@ -526,13 +356,12 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
    const float *pdy = dy->data, *pw = w->data;
    float *pdx = dx->data;
    if (conv_is_depthwise(&g)) {
-      return dw_backward_data(pdy, pdx, pw, &g);
+      return nn_dw_backward_data(pdy, pdx, pw, &g);
    }
    const bool direct = conv_is_1x1(&g);
    const conv_plan pl = conv_make_plan(&g);
    const int64_t L = pl.batch * g.p;
    bool oom = false;
-   if (pl.threads > 1) nr_blas_set_threads(1);
 #pragma omp parallel num_threads(pl.threads) if (pl.threads > 1)
    {
       float *cols, *tmp;
@@ -555,8 +384,7 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
             }
             /* columns (K, wd) = w_g^T (K, Og) @ dy_g (Og, wd) */
             float *dst = cols ? cols : pdx + (n0 * g.cin + gi * g.cg) * g.h * g.w;
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)g.k, (int)wd, (int)g.og, 1.0f,
-                        pw + gi * g.og * g.k, (int)g.k, dyg, (int)lda, 0.0f, dst, (int)(cols ? L : g.p));
+            nr_sgemm(true, false, g.k, wd, g.og, 1.0f, pw + gi * g.og * g.k, g.k, dyg, lda, 0.0f, dst, cols ? L : g.p);
             if (!cols) continue;
             for (int64_t s = 0; s < nb; s++) {
                float *dxg = pdx + ((n0 + s) * g.cin + gi * g.cg) * g.h * g.w;
@@ -569,7 +397,6 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
          }
       }
    }
-   if (pl.threads > 1) nr_blas_set_threads(nr_threads());
    if (oom) return NR_FAIL(NR_E_OOM, "no memory for the im2col buffers (%lld floats)", (long long)((g.k + g.og) * L));
    return NR_OK;
 }
@@ -603,8 +430,7 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
       return NR_OK;
    }
    if (conv_is_depthwise(&g)) {
-      dw_backward_weight(px, pdy, pdw, &g, scale, acc);
-      return NR_OK;
+      return nn_dw_backward_weight(px, pdy, pdw, &g, scale, acc);
    }
    const bool direct = conv_is_1x1(&g);
    const conv_plan pl = conv_make_plan(&g);
@@ -613,7 +439,6 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
    float *parts[MAXT];
    const int used = pl.threads > MAXT ? MAXT : pl.threads;
    bool oom = false;
-   if (used > 1) nr_blas_set_threads(1);
 #pragma omp parallel num_threads(used) if (used > 1)
    {
       const int t = omp_get_thread_num();
@@ -648,8 +473,7 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
                dyg = tmp, lda = L;
             }
             /* part_g (Og, K) += dy_g (Og, wd) @ columns^T (wd, K) */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)g.og, (int)g.k, (int)wd, 1.0f, dyg, (int)lda, src,
-                        (int)ldb, 1.0f, part + gi * g.og * g.k, (int)g.k);
+            nr_sgemm(false, true, g.og, g.k, wd, 1.0f, dyg, lda, src, ldb, 1.0f, part + gi * g.og * g.k, g.k);
          }
       }
       /* the implicit barrier above: every partial sum is complete and oom is final */
@@ -662,7 +486,6 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
          }
       }
    }
-   if (used > 1) nr_blas_set_threads(nr_threads());
    if (oom)
       return NR_FAIL(NR_E_OOM, "no memory for the weight-gradient buffers (%lld floats)", (long long)((g.k + g.og) * L + wn));
    return NR_OK;

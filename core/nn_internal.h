@@ -38,6 +38,14 @@ static inline int64_t nn_out_size(int64_t in, int64_t k, int64_t stride, int64_t
    return (in + 2 * pad - span) / stride + 1;
 }
 
+/* The geometry of one convolution call (core/nn_conv.c fills it after checking the arguments):
+ * input (n, cin, h, w), output (n, cout, ho, wo), kernel kh x kw, cg / og input / output channels
+ * per group, k = cg*kh*kw, p = ho*wo; stride, padding, dilation, groups. */
+typedef struct {
+   int64_t n, cin, h, w, cout, kh, kw, ho, wo, cg, og, k, p;
+   int64_t sh, sw, ph, pw, dh, dw, groups;
+} conv_geom;
+
 /* BatchNorm2d evaluation as y = x * a + b for channel c: the one expression both the BN kernel
  * and the conv epilogue use, so a folded BN gives the same bits as a separate one. */
 static inline void nn_bn_eval_ab(const float *gamma, const float *beta, const float *rm, const float *rv,
@@ -82,5 +90,13 @@ static inline void nn_epilogue_plane(const nn_epilogue *e, int64_t c, float *y, 
 /* Sum of dy over (N, ·, rest) per channel of dim 1 into db with the acc/scale rule (nn_common.c). */
 void nn_bias_grad(const float *dy, float *db, int64_t n, int64_t f, int64_t rest, float scale,
                   float acc);
+
+/* Depthwise convolution kernels (groups == cin == cout; core/nn_depthwise.c); arguments already
+ * checked. The forward applies epi (NULL: none) to each output plane. */
+nr_status nn_dw_forward(const float *x, float *y, const float *w, const float *b, const conv_geom *g,
+                        const nn_epilogue *epi);
+nr_status nn_dw_backward_data(const float *dy, float *dx, const float *w, const conv_geom *g);
+nr_status nn_dw_backward_weight(const float *x, const float *dy, float *dw, const conv_geom *g, float scale,
+                                float acc);
 
 #endif

@@ -359,18 +359,20 @@ static nr_status execute(entry *e, void *const *ptrs)
 
 /* Whether oneDNN takes this convolution in the current mode; fills plain.
  * auto (bench/README.md has the per-shape measurements behind it): oneDNN's blocked AVX2 kernels
- * for the forward and backward-data passes of dense (groups 1) convolutions with a spatial kernel
- * and >= 16 input channels, where they beat im2col + OpenBLAS by 1.1-1.4x; the layer kernels
- * everywhere else: the first layer (3 input channels: the reorders cost more than they save),
- * 1x1 convs (no im2col there), depthwise (the direct kernel wins by 2-4x) and every
- * weight gradient (oneDNN's is 0.75-0.9x of im2col's: the extra reorders of x and dy). */
+ * for dense (groups 1) convolutions with a spatial kernel: the forward for any number of input
+ * channels (1.1-1.4x faster than im2col + OpenBLAS with >= 16; 1.2-4.5x on 1-8-channel first
+ * layers, once OpenBLAS stopped fighting OpenMP for the cores) and backward-data from 16 input
+ * channels (below, 0.5-1.2x: the first layers' input gradient is im2col's). The layer kernels
+ * everywhere else: 1x1 convs (no im2col there), depthwise (the direct kernels win by 2-4x) and
+ * every weight gradient (oneDNN's is 0.75-0.9x of im2col's: the extra reorders of x and dy). */
 static bool wanted(int kind, int64_t n, int64_t cin, int64_t kk, int32_t groups, int32_t *plain)
 {
    int mode = conv_mode();
    if (mode == 2 || n < 1) return false;
    *plain = mode == 3;
    if (mode == 1 || mode == 3) return true;
-   return kind != KIND_BWD_WEIGHTS && groups == 1 && kk > 1 && cin >= 16;
+   if (kind == KIND_BWD_WEIGHTS || groups != 1 || kk == 1) return false;
+   return kind == KIND_FWD || cin >= 16;
 }
 
 static void fill_key(conv_key *k, int kind, const nr_tensor *x, const nr_tensor *w, const nr_tensor *y,

@@ -3,7 +3,6 @@
  * every view lies inside its storage (checked in nr_tensor_view). */
 #include "internal.h"
 
-#include <cblas.h>
 #include <omp.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -84,15 +83,13 @@ void nr_mem_free(int32_t device, int32_t device_index, void *ptr, int64_t bytes)
 
 static int g_threads = 0;
 
-void nr_blas_set_threads(int n) { openblas_set_num_threads(n); }
 int nr_threads(void) { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
 
 void nr_set_num_threads(int32_t n)
 {
    if (n <= 0) n = omp_get_num_procs();
    g_threads = n;
-   omp_set_num_threads(n);
-   openblas_set_num_threads(n);
+   omp_set_num_threads(n); /* OpenBLAS stays single-threaded: nr_sgemm (core/math.c) */
 }
 int32_t nr_get_num_threads(void) { return nr_threads(); }
 

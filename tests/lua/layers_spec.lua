@@ -268,29 +268,35 @@ describe('buffers and modes', function()
       end
    end)
 
-   it('depthwise conv (own kernels) equals per-channel dense convs (im2col), forward and input gradient', function()
-      -- covers the stride-1 padded-plane path (any kernel, padding, dilation) and the general one
-      -- (stride 2, padding beyond (k - 1) * dilation)
+   it('depthwise conv (own kernels) equals per-channel dense convs (im2col): forward, input and weight gradients', function()
+      -- the polyphase kernels (core/nn_depthwise.c) for every stride, padding (also beyond
+      -- (k - 1) * dilation), dilation, odd/even sizes, the 3x3 one-pass kernels and the general ones
       nr.manual_seed(8)
       local worst, n = 0, 0
       for _, cfg in ipairs({{3, 1, 1, 1, 5, 7}, {5, 2, 2, 1, 9, 6}, {3, 0, 1, 1, 4, 4}, {1, 0, 1, 1, 3, 3},
-                            {3, 1, 1, 1, 1, 1}, {3, 3, 3, 1, 8, 8}, {3, 3, 1, 1, 5, 5}, {3, 1, 1, 2, 9, 7}}) do
+                            {3, 1, 1, 1, 1, 1}, {3, 3, 3, 1, 8, 8}, {3, 3, 1, 1, 5, 5}, {3, 1, 1, 2, 9, 7},
+                            {3, 1, 1, 2, 8, 8}, {3, 0, 1, 2, 8, 9}, {5, 2, 1, 2, 11, 10}, {3, 1, 2, 2, 9, 9},
+                            {3, 1, 1, {2, 1}, 7, 6}, {3, 2, 1, 3, 10, 11}, {4, 1, 1, 2, 9, 8}, {2, 0, 1, 2, 6, 7}}) do
          local k, p, d, st, h, w = unpack(cfg)
          local dwc = nn.Conv2d(3, 3, k, {padding = p, dilation = d, stride = st, groups = 3})
          local x = nr.randn({2, 3, h, w})
          local y = dwc:forward(x):clone()
          local g = nr.randn(y:shape())
+         dwc:zeroGradParameters()
          local gi = dwc:backward(x, g):clone()
          for c = 1, 3 do
             local one = nn.Conv2d(1, 1, k, {padding = p, dilation = d, stride = st})
             one.weight:copy(dwc.weight:narrow(1, c, 1)); one.bias:copy(dwc.bias:narrow(1, c, 1))
+            one:zeroGradParameters()
             local xc = x:narrow(2, c, 1):contiguous()
             worst = math.max(worst, max_abs_diff(one:forward(xc), y:narrow(2, c, 1):contiguous()))
             worst = math.max(worst, max_abs_diff(one:backward(xc, g:narrow(2, c, 1):contiguous()), gi:narrow(2, c, 1):contiguous()))
+            worst = math.max(worst, max_abs_diff(one.gradWeight, dwc.gradWeight:narrow(1, c, 1):contiguous()))
+            worst = math.max(worst, max_abs_diff(one.gradBias, dwc.gradBias:narrow(1, c, 1):contiguous()))
          end
          n = n + 1
       end
-      assert.are.equal(8, n)
+      assert.are.equal(16, n)
       assert.is_true(worst < 1e-5, 'max difference ' .. worst)
    end)
 
