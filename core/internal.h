@@ -74,11 +74,10 @@ static inline bool nr_parallel_worth(int64_t n, int64_t work) { return n > 1 && 
 #endif
 
 /* Row-major sgemm, C = alpha * op(A) op(B) + beta * C (op: transpose when ta / tb), on one
- * thread pool: OpenBLAS always runs single-threaded (its pthread workers spin for a long while
- * after every call and fight OpenMP's workers for the cores: on 2 cores a 0.4 ms product took
- * 4 ms after an OpenMP loop), and a large product called outside a parallel region is split
- * here over OpenMP threads, each multiplying its own block of C. Inside a parallel region it is
- * one plain single-threaded call. (core/math.c) */
+ * thread pool (core/gemm.c): split over OpenMP threads when called outside a parallel region and
+ * large enough, one thread inside one; OpenBLAS stays single-threaded; narrow products on an own
+ * kernel. */
+enum { NR_SGEMM_NARROW_COLS = 64 }; /* narrow: !tb, n <= this and a multiple of 8 */
 void nr_sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
               const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 int nr_threads(void);

@@ -3,10 +3,8 @@
  * Tensor methods use. Fast paths for contiguous operands; general strided paths otherwise. */
 #include "internal.h"
 
-#include <cblas.h>
 #include <float.h>
 #include <math.h>
-#include <omp.h>
 
 static nr_status same_shape(const char *func, const char *an, const nr_tensor *a, const char *bn,
                             const nr_tensor *b)
@@ -240,49 +238,6 @@ nr_status nr_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out)
          po[o * inner + in] = best;
       }
    return NR_OK;
-}
-
-/* Products under this many flops run on one thread (a fork/join costs a few microseconds). */
-#define SGEMM_PARALLEL_FLOPS 4e6
-
-/* OpenBLAS never threads (nr_sgemm splits instead); set once when the library loads, after
- * OpenBLAS's own initialisation (a dependency's constructors run first). */
-__attribute__((constructor)) static void sgemm_single_threaded_blas(void) { openblas_set_num_threads(1); }
-
-static void sgemm_block(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
-                        int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc)
-{
-   if (m > 0 && n > 0)
-      cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)m, (int)n,
-                  (int)k, alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
-}
-
-void nr_sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
-              const float *b, int64_t ldb, float beta, float *c, int64_t ldc)
-{
-   int t = omp_in_parallel() ? 1 : nr_threads();
-   if (t > 1 && 2.0 * (double)m * (double)n * (double)k < SGEMM_PARALLEL_FLOPS) t = 1;
-   /* split the wider side of C into t blocks, columns in multiples of 16, rows of 8 */
-   const bool by_cols = n >= m;
-   const int64_t side = by_cols ? n : m, unit = by_cols ? 16 : 8;
-   int64_t blk = (side + t - 1) / t;
-   blk = (blk + unit - 1) / unit * unit;
-   if (t > 1 && blk >= side) t = 1;
-   if (t == 1) {
-      sgemm_block(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-      return;
-   }
-#pragma omp parallel num_threads(t)
-   {
-      const int64_t i0 = omp_get_thread_num() * blk, i1 = i0 + blk < side ? i0 + blk : side;
-      if (i0 < side) {
-         if (by_cols) /* C[:, i0:i1] = op(A) op(B)[:, i0:i1] */
-            sgemm_block(ta, tb, m, i1 - i0, k, alpha, a, lda, tb ? b + i0 * ldb : b + i0, ldb, beta, c + i0, ldc);
-         else /* C[i0:i1, :] = op(A)[i0:i1, :] op(B) */
-            sgemm_block(ta, tb, i1 - i0, n, k, alpha, ta ? a + i0 : a + i0 * lda, lda, b, ldb, beta, c + i0 * ldc,
-                        ldc);
-      }
-   }
 }
 
 nr_status nr_matmul(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t trans_a,

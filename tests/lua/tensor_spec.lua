@@ -50,6 +50,65 @@ describe('nr.Tensor', function()
       assert.has_error(function() a:matmul(a) end, nil)
    end)
 
+   it('matmul on every path (narrow own kernel, OpenBLAS, split over threads) matches a double reference', function()
+      -- narrow: C with <= 64 columns, a multiple of 8, B not transposed (core/gemm.c); row and
+      -- column tails, A transposed, alpha / beta; then thread-count independence of a split product
+      nr.manual_seed(21)
+      local function ref(a, b, c0, ta, tb, alpha, beta)
+         local A, B, C0 = a:totable(), b:totable(), c0:totable()
+         local m = ta and #A[1] or #A
+         local k = ta and #A or #A[1]
+         local n = tb and #B or #B[1]
+         local out = {}
+         for i = 1, m do
+            out[i] = {}
+            for j = 1, n do
+               local s = 0
+               for p = 1, k do s = s + (ta and A[p][i] or A[i][p]) * (tb and B[j][p] or B[p][j]) end
+               out[i][j] = alpha * s + beta * C0[i][j]
+            end
+         end
+         return out
+      end
+      local worst, cases = 0, 0
+      for _, m in ipairs({1, 5, 6, 7, 13}) do
+         for _, n in ipairs({8, 16, 24, 64, 72, 9}) do
+            for _, k in ipairs({1, 3, 37}) do
+               for _, t in ipairs({{false, false}, {true, false}, {false, true}}) do
+                  local ta, tb = t[1], t[2]
+                  local a = nr.randn(ta and {k, m} or {m, k})
+                  local b = nr.randn(tb and {n, k} or {k, n})
+                  local c = nr.randn({m, n})
+                  local want = ref(a, b, c, ta, tb, 0.7, 0.3)
+                  local got = a:matmul(b, {trans_a = ta, trans_b = tb, alpha = 0.7, beta = 0.3, out = c}):totable()
+                  for i = 1, m do
+                     for j = 1, n do worst = math.max(worst, math.abs(got[i][j] - want[i][j])) end
+                  end
+                  cases = cases + 1
+               end
+            end
+         end
+      end
+      assert.are.equal(270, cases)
+      assert.is_true(worst < 1e-4, 'max difference ' .. worst)
+      -- large enough to be split over threads (> 4 MFLOP): the narrow kernel gives the same bits
+      -- on 1 and 2 threads; OpenBLAS's blocks may round differently (as its own threading did)
+      for _, n in ipairs({64, 200}) do
+         local a, b = nr.randn({300, 256}), nr.randn({256, n})
+         local threads = nr.get_num_threads()
+         nr.set_num_threads(1)
+         local one = a:matmul(b)
+         nr.set_num_threads(2)
+         local two = a:matmul(b)
+         nr.set_num_threads(threads)
+         if n == 64 then
+            assert.are.same(one:totable(), two:totable())
+         else
+            assert.is_true((one - two):abs():max() < 1e-3)
+         end
+      end
+   end)
+
    it('selects and copies along a dimension (channel surgery)', function()
       local w = nr.tensor({{1, 2, 3}, {4, 5, 6}, {7, 8, 9}})
       local s = w:index_select(1, {2, 0})

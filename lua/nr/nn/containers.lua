@@ -10,8 +10,13 @@ local GP = require 'nr.nn.gradpool'
 
 local M = {}
 
+-- modules: a list of modules, or nil; a module given where the list belongs is an error (a
+-- silently empty container would compute the identity).
 local function adopt(parent, modules)
    parent.modules = {}
+   check.arg(modules == nil or type(modules) == 'table' and not modules.forward, parent.__typename,
+      'expects a list of modules, e.g. %s{a, b, c}; got %s', parent.__typename,
+      type(modules) == 'table' and 'a module (wrap the modules in { })' or type(modules))
    for i, m in ipairs(modules or {}) do
       check.arg(type(m) == 'table' and m.forward, parent.__typename, 'child %d is not a module', i)
       m._parent = parent
@@ -41,8 +46,10 @@ local Sequential = class('Sequential', Module)
 Sequential.__tostring = Module.__tostring
 Sequential.__call = Module.__call
 
-function Sequential:__init(modules)
+-- nn.Sequential{a, b, c}, or nn.Sequential(a, b, c) as in PyTorch.
+function Sequential:__init(modules, ...)
    Module.__init(self)
+   if type(modules) == 'table' and modules.forward then modules = {modules, ...} end
    adopt(self, modules)
 end
 
@@ -190,8 +197,10 @@ local Concat = class('Concat', Module)
 Concat.__tostring = Module.__tostring
 Concat.__call = Module.__call
 
-function Concat:__init(modules)
+-- nn.Concat{a, b}, or nn.Concat(a, b).
+function Concat:__init(modules, ...)
    Module.__init(self)
+   if type(modules) == 'table' and modules.forward then modules = {modules, ...} end
    adopt(self, modules)
 end
 
