@@ -64,6 +64,34 @@ describe('inference folding (nr.no_grad)', function()
       end)
    end
 
+   it('Residual sums in place under no_grad: same bits, the input untouched, training output separate', function()
+      nr.manual_seed(31)
+      local net = nn.Sequential{nn.Conv2d(4, 4, 3, {padding = 1}), nn.BatchNorm2d(4),
+         nn.Residual(nn.Sequential{nn.Conv2d(4, 4, 3, {padding = 1}), nn.BatchNorm2d(4)}), nn.ReLU{inplace = true},
+         nn.Residual(nn.Identity())}
+      randomize_stats(net)
+      net:evaluate()
+      local x = nr.randn({2, 4, 6, 6})
+      local want = net:forward(x):clone()
+      local res = net.modules[3]
+      local got = nr.no_grad(function() return net:forward(x):clone() end)
+      assert.are.same(want:totable(), got:totable())
+      -- in place: the Residual's output is its main path's output
+      assert.is_true(res.output:same_storage(res.modules[1].output))
+      -- an identity main path is the input itself: never summed into
+      local y = nr.randn({2, 4, 6, 6})
+      local y0 = y:clone()
+      local id = nn.Residual(nn.Identity())
+      local s = nr.no_grad(function() return id:forward(y) end)
+      assert.are.same(y0:totable(), y:totable())
+      assert.are.equal(0, max_diff(s, y0:clone():mul(2)))
+      -- back to training: the sum has its own buffer again and backward works
+      net:training()
+      net:forward(x)
+      assert.is_false(res.output:same_storage(res.modules[1].output))
+      net:backward(x, nr.randn(net.output:shape()))
+   end)
+
    it('training-mode BN is never folded', function()
       local m = nn.Sequential{nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU{inplace = true}}
       local x = nr.randn({2, 2, 5, 5})

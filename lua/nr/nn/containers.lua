@@ -7,6 +7,7 @@ local Module = require 'nr.nn.module'
 local T = require 'nr.tensor'
 local check = require 'nr.check'
 local GP = require 'nr.nn.gradpool'
+local U = require 'nr.nn.layer_util'
 
 local M = {}
 
@@ -151,10 +152,13 @@ function Residual:updateOutput(x)
       error(string.format('residual add: main path gives [%s] but shortcut gives [%s]',
          table.concat(a:shape(), ' x '), table.concat(b:shape(), ' x ')), 0)
    end
-   if not self.output or not T.same_shape(self.output:shape(), a:shape()) or self.output:device() ~= a:device() then
-      self.output = T.empty(a:shape(), {device = a:device()})
+   -- without gradients nothing reads the main path's output again: sum into it (one pass, no
+   -- buffer); with gradients the main path's modules may still need theirs, so sum into our own
+   if not Module.is_grad_enabled() and not a:same_storage(x) and not a:same_storage(b) then
+      self.output = a:add_(b)
+      return self.output
    end
-   self.output:copy(a):add_(b)
+   self.output = U.buffer(self, '_sum', a:shape(), a):copy(a):add_(b)
    return self.output
 end
 
