@@ -213,6 +213,14 @@ static bool chunk_buffers(const conv_geom *g, const conv_plan *pl, bool direct, 
 
 /* ---------------------------------------------------------------- public entry points */
 
+/* Applies epi to every output plane (paths that cannot apply it per plane as they go). */
+static void epilogue_all(const nn_epilogue *epi, float *y, const conv_geom *g)
+{
+   const int64_t nc = g->n * g->cout;
+#pragma omp parallel for if (nr_parallel_worth(nc, g->p))
+   for (int64_t q = 0; q < nc; q++) nn_epilogue_plane(epi, q % g->cout, y + q * g->p, g->p);
+}
+
 /* The CPU forward; epi (NULL: none) is applied to each output plane once it is final. */
 static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
                               const conv_geom *gp, const nn_epilogue *epi)
@@ -221,8 +229,11 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
    if (g.n == 0) return NR_OK;
    {
       nr_status ps = nr_perf_conv2d_forward(x, y, w, b, (int32_t)g.sh, (int32_t)g.sw, (int32_t)g.ph, (int32_t)g.pw,
-                                            (int32_t)g.dh, (int32_t)g.dw, (int32_t)g.groups, epi);
-      if (ps != NR_PERF_UNHANDLED) return ps;
+                                            (int32_t)g.dh, (int32_t)g.dw, (int32_t)g.groups);
+      if (ps != NR_PERF_UNHANDLED) {
+         if (ps == NR_OK && epi) epilogue_all(epi, y->data, &g);
+         return ps;
+      }
    }
    const float *px = x->data, *pw = w->data, *pb = b ? b->data : NULL;
    float *py = y->data;

@@ -74,7 +74,7 @@ static inline void nn_affine_plane(const float *p, float *o, int64_t hw, float a
 
 /* A BatchNorm2d in evaluation mode (and optionally the in-place ReLU after it) folded into the
  * layer before it: applied to each output plane right after it is computed, while in cache. */
-typedef struct nn_epilogue {
+typedef struct {
    const float *gamma, *beta, *rm, *rv;
    float eps;
    int relu;

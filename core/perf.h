@@ -19,13 +19,10 @@
 
 enum { NR_PERF_UNHANDLED = -1 };
 
-struct nn_epilogue; /* core/nn_internal.h */
-
-/* Same arguments and semantics as nr_conv2d_forward / _backward_data / _backward_weight; the
- * forward also applies epi (NULL: none), a folded BN eval (+ ReLU), to every output plane. */
+/* Same arguments and semantics as nr_conv2d_forward / _backward_data / _backward_weight. */
 nr_status nr_perf_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
                                  int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                 int32_t dil_h, int32_t dil_w, int32_t groups, const struct nn_epilogue *epi);
+                                 int32_t dil_h, int32_t dil_w, int32_t groups);
 nr_status nr_perf_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_tensor *w, int32_t stride_h,
                                        int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t dil_h,
                                        int32_t dil_w, int32_t groups);

@@ -16,7 +16,7 @@
  * arena are never freed while the process lives (bounded by the number of distinct conv shapes, at most
  * CACHE_MAX; beyond that a call is NR_PERF_UNHANDLED); nothing is counted in nr_memory_*.
  */
-#include "nn_internal.h"
+#include "internal.h"
 #include "perf.h"
 
 #include <stdlib.h>
@@ -48,7 +48,7 @@ int nr_perf_conv_set_mode(int mode)
 
 nr_status nr_perf_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
                                  int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                 int32_t dil_h, int32_t dil_w, int32_t groups, const nn_epilogue *epi)
+                                 int32_t dil_h, int32_t dil_w, int32_t groups)
 {
    return NR_PERF_UNHANDLED;
 }
@@ -86,8 +86,6 @@ typedef struct {
    dnnl_memory_t inner;       /* the primitive's layout; == user when no reorder */
    dnnl_primitive_t reorder;  /* user -> inner (in) or inner -> user (out); NULL when same */
    size_t off;                /* inner's storage in the arena (when inner != user) */
-   int block;                 /* 8 or 16 when inner is nChw8c / nChw16c (else 0) */
-   int64_t dims[4];           /* the user's (N, C, H, W) for data operands */
 } operand;
 
 typedef struct {
@@ -164,51 +162,11 @@ static void any_like(dnnl_memory_desc_t *out, const dnnl_memory_desc_t *plain)
    dnnl_memory_desc_init_by_tag(out, plain->ndims, plain->dims, dnnl_f32, dnnl_format_tag_any);
 }
 
-/* 8 or 16 when md is a 4-d nChw8c / nChw16c layout (channel blocks innermost), else 0. */
-static int channel_block(const dnnl_memory_desc_t *md)
-{
-   if (md->ndims != 4 || md->data_type != dnnl_f32) return 0;
-   const struct { int b; dnnl_format_tag_t tag; } tags[2] = {{8, dnnl_nChw8c}, {16, dnnl_nChw16c}};
-   for (int i = 0; i < 2; i++) {
-      dnnl_memory_desc_t t;
-      if (dnnl_memory_desc_init_by_tag(&t, 4, md->dims, dnnl_f32, tags[i].tag) == dnnl_success &&
-          dnnl_memory_desc_equal(&t, md))
-         return tags[i].b;
-   }
-   return 0;
-}
-
-/* The forward's output from channel blocks (N, C/blk, H*W, blk) back to NCHW with the epilogue
- * applied on the way: one pass over the output instead of a reorder and then the epilogue
- * (the output of an early layer does not fit in cache: each pass is a trip to memory). Same
- * per-element expression as nn_affine_plane, so the bits match the unfused path. */
-static void unblock_epilogue(const float *src, float *y, const int64_t dims[4], int blk, const nn_epilogue *epi)
-{
-   const int64_t n = dims[0], c = dims[1], hw = dims[2] * dims[3], nb = (c + blk - 1) / blk;
-#pragma omp parallel for schedule(static) if (nr_parallel_worth(n * nb, hw * blk))
-   for (int64_t q = 0; q < n * nb; q++) {
-      const int64_t c0 = (q % nb) * blk, cnt = c - c0 < blk ? c - c0 : blk;
-      const float *s = src + q * hw * blk;
-      float a[16], b[16], *o[16];
-      for (int64_t i = 0; i < cnt; i++) {
-         nn_bn_eval_ab(epi->gamma, epi->beta, epi->rm, epi->rv, epi->eps, c0 + i, &a[i], &b[i]);
-         o[i] = y + ((q / nb) * c + c0 + i) * hw;
-      }
-      for (int64_t t = 0; t < hw; t++)
-         for (int64_t i = 0; i < cnt; i++) {
-            const float v = s[t * blk + i] * a[i] + b[i];
-            o[i][t] = epi->relu ? (v > 0.0f ? v : 0.0f) : v;
-         }
-   }
-}
-
 /* Sets up operand o for argument `arg`: user plain md vs the primitive's md `inner_md`. */
 static nr_status make_operand(entry *e, operand *o, int arg, int out, const dnnl_memory_desc_t *user_md,
                               const dnnl_memory_desc_t *inner_md)
 {
    o->arg = arg, o->out = out;
-   o->block = channel_block(inner_md);
-   for (int d = 0; d < 4; d++) o->dims[d] = user_md->ndims == 4 ? user_md->dims[d] : 0;
    DNNL_TRY(dnnl_memory_create(&o->user, user_md, g_engine, DNNL_MEMORY_NONE));
    if (dnnl_memory_desc_equal(user_md, inner_md)) {
       o->inner = o->user;
@@ -369,9 +327,8 @@ static nr_status get_entry(const conv_key *k, const nr_tensor *w, entry **e)
    return NR_OK;
 }
 
-/* Runs entry e with the user pointers ptrs[i] for e->ops[i]; epi (forward only, NULL: none) is
- * applied to the output. */
-static nr_status execute(entry *e, void *const *ptrs, const nn_epilogue *epi)
+/* Runs entry e with the user pointers ptrs[i] for e->ops[i]. */
+static nr_status execute(entry *e, void *const *ptrs)
 {
    dnnl_exec_arg_t args[MAX_ARGS + 1];
    int na = 0;
@@ -391,23 +348,9 @@ static nr_status execute(entry *e, void *const *ptrs, const nn_epilogue *epi)
    DNNL_TRY(dnnl_primitive_execute(e->prim, g_stream, na, args));
    for (int i = 0; i < e->nops; i++) {
       operand *o = &e->ops[i];
-      if (!o->out) continue;
-      const bool apply = epi && o->arg == DNNL_ARG_DST;
-      if (apply && o->reorder && o->block) {
-         DNNL_TRY(dnnl_stream_wait(g_stream));
-         unblock_epilogue((const float *)(g_arena + o->off), ptrs[i], o->dims, o->block, epi);
-         continue;
-      }
-      if (o->reorder) {
+      if (o->reorder && o->out) {
          dnnl_exec_arg_t ra[2] = {{DNNL_ARG_FROM, o->inner}, {DNNL_ARG_TO, o->user}};
          DNNL_TRY(dnnl_primitive_execute(o->reorder, g_stream, 2, ra));
-      }
-      if (apply) { /* another layout: the epilogue after the reorder, plane by plane */
-         DNNL_TRY(dnnl_stream_wait(g_stream));
-         const int64_t nc = o->dims[0] * o->dims[1], hw = o->dims[2] * o->dims[3];
-         float *y = ptrs[i];
-#pragma omp parallel for schedule(static) if (nr_parallel_worth(nc, hw))
-         for (int64_t q = 0; q < nc; q++) nn_epilogue_plane(epi, q % o->dims[1], y + q * hw, hw);
       }
    }
    DNNL_TRY(dnnl_stream_wait(g_stream));
@@ -447,7 +390,7 @@ static void fill_key(conv_key *k, int kind, const nr_tensor *x, const nr_tensor 
 
 nr_status nr_perf_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
                                  int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                 int32_t dil_h, int32_t dil_w, int32_t groups, const nn_epilogue *epi)
+                                 int32_t dil_h, int32_t dil_w, int32_t groups)
 {
    int32_t plain = 0;
    if (x->device != NR_CPU || !wanted(KIND_FWD, x->shape[0], x->shape[1], w->shape[2] * w->shape[3], groups, &plain)) return NR_PERF_UNHANDLED;
@@ -457,7 +400,7 @@ nr_status nr_perf_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tens
    nr_status s = get_entry(&k, w, &e);
    if (s != NR_OK) return s;
    void *ptrs[4] = {x->data, w->data, y->data, b ? b->data : NULL};
-   return execute(e, ptrs, epi);
+   return execute(e, ptrs);
 }
 
 nr_status nr_perf_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_tensor *w, int32_t stride_h,
@@ -472,7 +415,7 @@ nr_status nr_perf_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const
    nr_status s = get_entry(&k, w, &e);
    if (s != NR_OK) return s;
    void *ptrs[3] = {dy->data, w->data, dx->data};
-   return execute(e, ptrs, NULL);
+   return execute(e, ptrs);
 }
 
 nr_status nr_perf_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dw, nr_tensor *db,
@@ -490,7 +433,7 @@ nr_status nr_perf_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
    NR_TRY(arena_reserve(e->arena_need));
    float *tmp_w = (float *)(g_arena + e->tmp_w_off), *tmp_b = (float *)(g_arena + e->tmp_b_off);
    void *ptrs[4] = {x->data, dy->data, tmp_w, tmp_b};
-   NR_TRY(execute(e, ptrs, NULL));
+   NR_TRY(execute(e, ptrs));
    const int64_t nw = nr_tensor_numel(dw);
    float *pw = dw->data;
    const float *tw = tmp_w;

@@ -69,7 +69,7 @@ static void run(const geom *G, int mode)
       fprintf(stderr, "reference forward failed: %s\n", nr_last_error());
       failures++;
    }
-   nr_status s = FAST(nr_perf_conv2d_forward(x, y1, w, b, G->sh, G->sw, G->ph, G->pw, G->dh, G->dw, G->g, NULL));
+   nr_status s = FAST(nr_perf_conv2d_forward(x, y1, w, b, G->sh, G->sw, G->ph, G->pw, G->dh, G->dw, G->g));
    if (s == NR_PERF_UNHANDLED) skipped++;
    else if (s != NR_OK) fprintf(stderr, "forward: %s\n", nr_last_error()), failures++;
    else handled++, compare("forward", G, mode, y0, y1);
@@ -132,7 +132,7 @@ int main(void)
    /* mode 2 ("never"): every call is left to the caller */
    nr_perf_conv_set_mode(2);
    nr_tensor *x = rnd(4, 1, 16, 4, 4), *w = rnd(4, 16, 16, 3, 3), *y = rnd(4, 1, 16, 4, 4);
-   if (nr_perf_conv2d_forward(x, y, w, NULL, 1, 1, 1, 1, 1, 1, 1, NULL) != NR_PERF_UNHANDLED) {
+   if (nr_perf_conv2d_forward(x, y, w, NULL, 1, 1, 1, 1, 1, 1, 1) != NR_PERF_UNHANDLED) {
       fprintf(stderr, "mode 2 handled a forward\n");
       failures++;
    }
