@@ -5,7 +5,9 @@
  * OpenMP across the chunks (see conv_make_plan: one sample per chunk
  * except on maps under 64 positions, where several samples share one wider GEMM); a 1x1
  * stride-1 unpadded conv multiplies the input directly (no im2col); a depthwise conv
- * (groups == Cin == Cout) uses the direct kernels of core/nn_depthwise.c. When only one thread is useful (one chunk, a tiny
+ * (groups == Cin == Cout) uses the direct kernels of core/nn_depthwise.c; 3x3 stride-1 layers with
+ * >= 256 channels run forward and backward-data by Winograd (core/nn_winograd.c), dense 3x3 ones
+ * otherwise through oneDNN (core/perf_dnnl_conv.c) where it is faster. When only one thread is useful (one chunk, a tiny
  * problem, or one thread configured) the chunk loop runs serially and nr_sgemm splits each product.
  * Invariants: no allocation per call except the grow-only per-thread scratch (nn_internal.h);
  * outputs are written, never allocated; weight gradients use per-thread accumulators reduced in
@@ -227,6 +229,8 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
 {
    const conv_geom g = *gp;
    if (g.n == 0) return NR_OK;
+   if (nr_perf_conv_mode() == 0 && nn_winograd_applies(&g))
+      return nn_winograd_forward(x->data, y->data, w->data, b ? b->data : NULL, &g, epi);
    {
       nr_status ps = nr_perf_conv2d_forward(x, y, w, b, (int32_t)g.sh, (int32_t)g.sw, (int32_t)g.ph, (int32_t)g.pw,
                                             (int32_t)g.dh, (int32_t)g.dw, (int32_t)g.groups);
@@ -355,6 +359,7 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
    NR_TRY(conv_setup(__func__, dx, "dx", dy, "dy", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
    NR_ON_CUDA(dy, nr_cuda_conv2d_backward_data(dy, dx, w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
    if (g.n == 0) return NR_OK;
+   if (nr_perf_conv_mode() == 0 && nn_winograd_applies(&g)) return nn_winograd_backward_data(dy->data, dx->data, w->data, &g);
    {
       nr_status ps = nr_perf_conv2d_backward_data(dy, dx, w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups);
       if (ps != NR_PERF_UNHANDLED) return ps;

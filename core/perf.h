@@ -31,7 +31,9 @@ nr_status nr_perf_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
                                          int32_t dil_h, int32_t dil_w, int32_t groups, float scale, float acc);
 
 /* Backend selection (for benchmarks): 0 = auto, 1 = oneDNN wherever it applies, 2 = never
- * (im2col). Overrides NR_CONV. Returns the previous mode. */
+ * (im2col), 3 = oneDNN on plain NCHW. Overrides NR_CONV. Returns the previous mode. Only auto
+ * lets core/nn_conv.c pick its own fast paths (Winograd), so a forced mode tests one path. */
 int nr_perf_conv_set_mode(int mode);
+int nr_perf_conv_mode(void);
 
 #endif

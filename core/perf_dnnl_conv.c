@@ -37,6 +37,8 @@ static int conv_mode(void)
    return g_mode;
 }
 
+int nr_perf_conv_mode(void) { return conv_mode(); }
+
 int nr_perf_conv_set_mode(int mode)
 {
    int old = conv_mode();

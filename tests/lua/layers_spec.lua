@@ -317,6 +317,32 @@ describe('buffers and modes', function()
       assert.is_true(worst < 1e-5, 'max difference ' .. worst)
    end)
 
+   it('Winograd F(2x2, 3x3) (>= 256 channels) equals im2col: forward with bias, input gradient, paddings 0-2, odd sizes', function()
+      local ffi = require 'ffi'
+      pcall(ffi.cdef, 'int nr_perf_conv_set_mode(int mode);')
+      nr.manual_seed(12)
+      local worst, scale, n = 0, 0, 0
+      for _, cfg in ipairs({{256, 256, 5, 7, 1}, {256, 320, 4, 4, 0}, {264, 256, 3, 5, 2}, {256, 256, 1, 1, 1}, {256, 256, 6, 6, 1}}) do
+         local cin, cout, h, w, p = unpack(cfg)
+         local conv = nn.Conv2d(cin, cout, 3, {padding = p})
+         local x = nr.randn({3, cin, h, w})
+         local y = conv:forward(x):clone()            -- auto: Winograd
+         local g = nr.randn(y:shape())
+         local gi = conv:updateGradInput(x, g):clone()
+         local old = C.nr_perf_conv_set_mode(2)        -- im2col + OpenBLAS, the reference path
+         local ok, err = pcall(function()
+            worst = math.max(worst, max_abs_diff(conv:forward(x), y))
+            worst = math.max(worst, max_abs_diff(conv:updateGradInput(x, g), gi))
+         end)
+         C.nr_perf_conv_set_mode(old)
+         assert(ok, err)
+         scale = math.max(scale, y:clone():abs_():max(), gi:clone():abs_():max())
+         n = n + 1
+      end
+      assert.are.equal(5, n)
+      assert.is_true(worst < 2e-5 * scale, string.format('max difference %g at output scale %g', worst, scale))
+   end)
+
    it('Dropout: scaled mask in training, identity in evaluate(), reproducible with the seed', function()
       local d = nn.Dropout(0.25)
       local x = nr.ones({100, 100})
