@@ -99,7 +99,7 @@ nr_status nn_dw_backward_data(const float *dy, float *dx, const float *w, const 
 nr_status nn_dw_backward_weight(const float *x, const float *dy, float *dw, const conv_geom *g, float scale,
                                 float acc);
 
-/* 3x3 stride-1 dense convolutions with >= 256 channels by Winograd F(2x2, 3x3)
+/* 3x3 stride-1 dense convolutions with >= 128 channels by Winograd F(2x2, 3x3)
  * (core/nn_winograd.c): the forward (epi as nn_dw_forward) and backward-data passes. */
 bool nn_winograd_applies(const conv_geom *g);
 nr_status nn_winograd_forward(const float *x, float *y, const float *w, const float *b, const conv_geom *g,

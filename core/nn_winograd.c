@@ -1,5 +1,5 @@
 /* nn_winograd.c — 3x3 stride-1 convolution forward and backward-data by Winograd F(2x2, 3x3)
- * on the CPU, for layers with many channels (nn_winograd_applies).
+ * on the CPU, for layers with 128 or more channels (nn_winograd_applies).
  *
  * How: the output is cut into 2x2 tiles; for each tile and channel the 4x4 input patch d becomes
  * V = B^T d B, each 3x3 kernel g becomes U = G g G^T (once per call), and for each of the 16
@@ -7,7 +7,8 @@
  * M_xi (Cout x tiles) = U_xi (Cout x Cin) V_xi (Cin x tiles); the output tile is A^T M A. That is
  * 16 multiplies per tile and channel pair instead of 36. Tiles are processed in blocks of
  * WINO_TILES per thread so V and M stay in cache; the 16 products of a block go through
- * nr_sgemm's narrow kernel (single-threaded inside the parallel loop).
+ * nr_sgemm's narrow kernel (single-threaded inside the parallel loop). Both transforms run a tile
+ * row at a time, vectorized over its tiles (AVX2 clones).
  * Backward-data is the same pipeline on dy with the kernels transposed and rotated.
  * Not here: strides, dilation, groups, the weight gradient (core/nn_conv.c's other paths).
  * Invariants: per-thread scratch only (nn_scratch slots 0 and 1; the transformed weights in the
@@ -50,92 +51,126 @@ static void wino_weights(const float *w, float *u, int64_t cout, int64_t cin, bo
    }
 }
 
-/* V[xi][c][k] for the tiles t0..t0+nt-1 of the whole batch (tile index = (n*th + ty)*tw + tx). */
+/* Floats of per-thread row scratch the transforms need (after the block's V). */
+static int64_t wino_rowbuf(int64_t tw) { return 4 * (2 * tw + 4) + 8 * (tw + 2) + 4 * WINO_TILES; }
+
+/* The run of tiles of one tile row that starts at block offset k (tile t0 + k) and stays inside
+ * the block of nt tiles: image n, tile row ty, first tile column tx0, length run. */
+typedef struct {
+   int64_t n, ty, tx0, run;
+} wino_span;
+
+static inline wino_span wino_span_at(int64_t t0, int64_t k, int64_t nt, int64_t th, int64_t tw)
+{
+   const int64_t t = t0 + k;
+   wino_span r;
+   r.n = t / (th * tw), r.ty = (t % (th * tw)) / tw, r.tx0 = t % tw;
+   r.run = tw - r.tx0 < nt - k ? tw - r.tx0 : nt - k;
+   return r;
+}
+
+/* V[xi][c][k] = (B^T d B)[xi] for the tiles t0..t0+nt-1 of the whole batch (tile index
+ * (n*th + ty)*tw + tx), a tile row at a time and vectorized over its tiles: the four input rows
+ * of a tile row are combined (B^T) over their full width, split into even and odd columns, and
+ * B then takes neighbouring even/odd entries, so every loop runs over contiguous floats. */
 NR_SIMD_CLONES
-static void wino_input(const float *x, float *v, const conv_geom *g, int64_t th, int64_t tw, int64_t t0,
+static void wino_input(const float *x, float *v, float *rb, const conv_geom *g, int64_t th, int64_t tw, int64_t t0,
                        int64_t nt)
 {
-   const int64_t per_img = th * tw, plane = g->h * g->w, cstride = WINO_TILES, xstride = g->cin * WINO_TILES;
-   for (int64_t k = 0; k < nt; k++) {
-      const int64_t t = t0 + k, n = t / per_img, ty = (t % per_img) / tw, tx = t % tw;
-      const int64_t r0 = 2 * ty - g->ph, c0 = 2 * tx - g->pw;
-      const bool inside = r0 >= 0 && c0 >= 0 && r0 + 4 <= g->h && c0 + 4 <= g->w;
+   const int64_t plane = g->h * g->w, xstride = g->cin * WINO_TILES, pw2 = 2 * tw + 4, hw2 = tw + 2;
+   float *d = rb, *eo = rb + 4 * pw2; /* d: 4 padded rows; eo: E0..E3, O0..O3 */
+   for (int64_t k = 0; k < nt;) {
+      const wino_span sp = wino_span_at(t0, k, nt, th, tw);
+      const int64_t n = sp.n, tx0 = sp.tx0, run = sp.run;
+      const int64_t r0 = 2 * sp.ty - g->ph, j0 = 2 * tx0, j1 = 2 * (tx0 + run) + 2; /* padded columns used */
       for (int64_t c = 0; c < g->cin; c++) {
          const float *xp = x + (n * g->cin + c) * plane;
-         float d[4][4];
-         if (inside) {
-            for (int i = 0; i < 4; i++)
-               for (int j = 0; j < 4; j++) d[i][j] = xp[(r0 + i) * g->w + c0 + j];
-         } else {
-            for (int i = 0; i < 4; i++)
-               for (int j = 0; j < 4; j++) {
-                  const int64_t r = r0 + i, cc = c0 + j;
-                  d[i][j] = r >= 0 && r < g->h && cc >= 0 && cc < g->w ? xp[r * g->w + cc] : 0.0f;
-               }
+         for (int i = 0; i < 4; i++) { /* d_i[j] = x[r0 + i][j - pw], zero outside */
+            float *di = d + i * pw2;
+            const int64_t r = r0 + i;
+            for (int64_t j = j0; j < j1; j++) di[j] = 0.0f;
+            if (r < 0 || r >= g->h) continue;
+            int64_t a = j0 - g->pw < 0 ? 0 : j0 - g->pw, e = j1 - g->pw > g->w ? g->w : j1 - g->pw;
+            for (int64_t q = a; q < e; q++) di[q + g->pw] = xp[r * g->w + q];
          }
-         float s[4][4]; /* B^T d */
-         for (int j = 0; j < 4; j++) {
-            s[0][j] = d[0][j] - d[2][j];
-            s[1][j] = d[1][j] + d[2][j];
-            s[2][j] = d[2][j] - d[1][j];
-            s[3][j] = d[1][j] - d[3][j];
+         const float *d0 = d, *d1 = d + pw2, *d2 = d + 2 * pw2, *d3 = d + 3 * pw2;
+         float *E0 = eo, *E1 = eo + hw2, *E2 = eo + 2 * hw2, *E3 = eo + 3 * hw2;
+         float *O0 = eo + 4 * hw2, *O1 = eo + 5 * hw2, *O2 = eo + 6 * hw2, *O3 = eo + 7 * hw2;
+         for (int64_t u = tx0; u <= tx0 + run; u++) { /* B^T over rows, split even / odd columns */
+            const int64_t je = 2 * u, jo = 2 * u + 1;
+            E0[u] = d0[je] - d2[je], O0[u] = d0[jo] - d2[jo];
+            E1[u] = d1[je] + d2[je], O1[u] = d1[jo] + d2[jo];
+            E2[u] = d2[je] - d1[je], O2[u] = d2[jo] - d1[jo];
+            E3[u] = d1[je] - d3[je], O3[u] = d1[jo] - d3[jo];
          }
-         float *vo = v + c * cstride + k;
-         for (int i = 0; i < 4; i++) { /* (B^T d) B */
-            vo[(i * 4 + 0) * xstride] = s[i][0] - s[i][2];
-            vo[(i * 4 + 1) * xstride] = s[i][1] + s[i][2];
-            vo[(i * 4 + 2) * xstride] = s[i][2] - s[i][1];
-            vo[(i * 4 + 3) * xstride] = s[i][1] - s[i][3];
+         float *vo = v + c * WINO_TILES + k - tx0;
+         const float *E[4] = {E0, E1, E2, E3}, *O[4] = {O0, O1, O2, O3};
+         for (int i = 0; i < 4; i++) { /* then B over columns */
+            const float *Ei = E[i], *Oi = O[i];
+            float *v0 = vo + (4 * i + 0) * xstride, *v1 = vo + (4 * i + 1) * xstride, *v2 = vo + (4 * i + 2) * xstride,
+                  *v3 = vo + (4 * i + 3) * xstride;
+            for (int64_t tx = tx0; tx < tx0 + run; tx++) {
+               v0[tx] = Ei[tx] - Ei[tx + 1];
+               v1[tx] = Oi[tx] + Ei[tx + 1];
+               v2[tx] = Ei[tx + 1] - Oi[tx];
+               v3[tx] = Oi[tx] - Oi[tx + 1];
+            }
          }
       }
+      k += run;
    }
 }
 
-/* y tiles t0..t0+nt-1 = A^T M A (+ bias), from M[xi][o][k]. */
+/* y tiles t0..t0+nt-1 = A^T M A (+ bias) from M[xi][o][k], a tile row at a time, vectorized over
+ * its tiles; the two output columns of each tile are interleaved on the store. */
 NR_SIMD_CLONES
-static void wino_output(const float *m, float *y, const float *bias, const conv_geom *g, int64_t th, int64_t tw,
-                        int64_t t0, int64_t nt)
+static void wino_output(const float *m, float *y, float *rb, const float *bias, const conv_geom *g, int64_t th,
+                        int64_t tw, int64_t t0, int64_t nt)
 {
-   const int64_t per_img = th * tw, ostride = g->cout * WINO_TILES;
-   for (int64_t k = 0; k < nt; k++) {
-      const int64_t t = t0 + k, n = t / per_img, ty = (t % per_img) / tw, tx = t % tw;
-      const int64_t r0 = 2 * ty, c0 = 2 * tx;
-      const bool full = r0 + 2 <= g->ho && c0 + 2 <= g->wo;
+   const int64_t ostride = g->cout * WINO_TILES;
+   float *q00 = rb, *q01 = rb + WINO_TILES, *q10 = rb + 2 * WINO_TILES, *q11 = rb + 3 * WINO_TILES;
+   for (int64_t k = 0; k < nt;) {
+      const wino_span sp = wino_span_at(t0, k, nt, th, tw);
+      const int64_t n = sp.n, run = sp.run, r0 = 2 * sp.ty, c0 = 2 * sp.tx0;
+      const int64_t full = (g->wo - c0) / 2 < run ? (g->wo - c0) / 2 : run;
       for (int64_t o = 0; o < g->cout; o++) {
-         const float *mo = m + o * WINO_TILES + k;
-         float a[4][4], s[2][4];
-         for (int xi = 0; xi < 16; xi++) a[xi / 4][xi % 4] = mo[xi * ostride];
-         for (int j = 0; j < 4; j++) { /* A^T M */
-            s[0][j] = a[0][j] + a[1][j] + a[2][j];
-            s[1][j] = a[1][j] - a[2][j] - a[3][j];
+         const float *a = m + o * WINO_TILES + k, b0 = bias ? bias[o] : 0.0f;
+         for (int64_t e = 0; e < run; e++) {
+            const float a00 = a[e], a01 = a[ostride + e], a02 = a[2 * ostride + e], a03 = a[3 * ostride + e];
+            const float a10 = a[4 * ostride + e], a11 = a[5 * ostride + e], a12 = a[6 * ostride + e],
+                        a13 = a[7 * ostride + e];
+            const float a20 = a[8 * ostride + e], a21 = a[9 * ostride + e], a22 = a[10 * ostride + e],
+                        a23 = a[11 * ostride + e];
+            const float a30 = a[12 * ostride + e], a31 = a[13 * ostride + e], a32 = a[14 * ostride + e],
+                        a33 = a[15 * ostride + e];
+            const float s00 = a00 + a10 + a20, s01 = a01 + a11 + a21, s02 = a02 + a12 + a22, s03 = a03 + a13 + a23;
+            const float s10 = a10 - a20 - a30, s11 = a11 - a21 - a31, s12 = a12 - a22 - a32, s13 = a13 - a23 - a33;
+            q00[e] = s00 + s01 + s02 + b0, q01[e] = s01 - s02 - s03 + b0;
+            q10[e] = s10 + s11 + s12 + b0, q11[e] = s11 - s12 - s13 + b0;
          }
-         const float b0 = bias ? bias[o] : 0.0f;
-         float out[2][2];
-         for (int i = 0; i < 2; i++) { /* (A^T M) A */
-            out[i][0] = s[i][0] + s[i][1] + s[i][2] + b0;
-            out[i][1] = s[i][1] - s[i][2] - s[i][3] + b0;
-         }
-         float *yp = y + (n * g->cout + o) * g->p + r0 * g->wo + c0;
-         if (full) {
-            yp[0] = out[0][0], yp[1] = out[0][1], yp[g->wo] = out[1][0], yp[g->wo + 1] = out[1][1];
-         } else {
-            for (int i = 0; i < 2; i++)
-               for (int j = 0; j < 2; j++)
-                  if (r0 + i < g->ho && c0 + j < g->wo) yp[i * g->wo + j] = out[i][j];
+         float *y0 = y + (n * g->cout + o) * g->p + r0 * g->wo + c0, *y1 = y0 + g->wo;
+         const bool row1 = r0 + 1 < g->ho;
+         for (int64_t e = 0; e < full; e++) y0[2 * e] = q00[e], y0[2 * e + 1] = q01[e];
+         if (row1)
+            for (int64_t e = 0; e < full; e++) y1[2 * e] = q10[e], y1[2 * e + 1] = q11[e];
+         if (full < run) { /* odd width: the last tile has one column */
+            y0[2 * full] = q00[full];
+            if (row1) y1[2 * full] = q10[full];
          }
       }
+      k += run;
    }
 }
 
 /* Where Winograd beats the other paths (bench/README.md, batch 64, interleaved in one process):
- * 1.4-1.7x oneDNN's direct kernel on 512-channel layers (4x4..16x16 maps) and 256 on 8x8, 1.06x
- * on 256 at 16x16, even at 128 channels and slower below (its transforms cost more than the
- * multiplies they save), so: both channel counts >= 256. Needs 3x3, stride 1, no dilation, one
+ * 1.5-1.7x oneDNN's direct kernel on 512-channel layers, 1.3x on 128 channels at 16x16 and 32x32,
+ * 1.08x at 8x8; slower at 64 channels and below (0.7-0.8x: the transforms cost more than the
+ * multiplies they save), so: both channel counts >= 128. Needs 3x3, stride 1, no dilation, one
  * group, padding <= 2 (the backward-data pass pads by 2 - p). */
 bool nn_winograd_applies(const conv_geom *g)
 {
    return g->groups == 1 && g->kh == 3 && g->kw == 3 && g->sh == 1 && g->sw == 1 && g->dh == 1 && g->dw == 1 &&
-          g->ph <= 2 && g->pw <= 2 && g->cin >= 256 && g->cout >= 256;
+          g->ph <= 2 && g->pw <= 2 && g->cin >= 128 && g->cout >= 128;
 }
 
 /* The tile pipeline for x (n, g->cin, h, w) -> y (n, g->cout, ho, wo) with the transformed
@@ -148,7 +183,8 @@ static nr_status wino_run(const float *x, float *y, const float *u, const float 
    bool oom = false;
 #pragma omp parallel
    {
-      float *v = nn_scratch(0, (size_t)(16 * g->cin * WINO_TILES)), *m = nn_scratch(1, (size_t)(16 * g->cout * WINO_TILES));
+      const int64_t nv = 16 * g->cin * WINO_TILES;
+      float *v = nn_scratch(0, (size_t)(nv + wino_rowbuf(tw))), *m = nn_scratch(1, (size_t)(16 * g->cout * WINO_TILES));
       if (!v || !m) {
 #pragma omp atomic write
          oom = true;
@@ -159,11 +195,11 @@ static nr_status wino_run(const float *x, float *y, const float *u, const float 
          const int64_t t0 = blk * WINO_TILES, nt = t0 + WINO_TILES <= tiles ? WINO_TILES : tiles - t0;
          if (nt < WINO_TILES) /* the last block: keep old scratch (maybe NaN) out of the unused columns */
             for (int64_t r = 0; r < 16 * g->cin; r++) memset(v + r * WINO_TILES + nt, 0, sizeof(float) * (WINO_TILES - nt));
-         wino_input(x, v, g, th, tw, t0, nt);
+         wino_input(x, v, v + nv, g, th, tw, t0, nt);
          for (int xi = 0; xi < 16; xi++)
             nr_sgemm(false, false, g->cout, WINO_TILES, g->cin, 1.0f, u + xi * g->cout * g->cin, g->cin,
                      v + xi * g->cin * WINO_TILES, WINO_TILES, 0.0f, m + xi * g->cout * WINO_TILES, WINO_TILES);
-         wino_output(m, y, b, g, th, tw, t0, nt);
+         wino_output(m, y, v + nv, b, g, th, tw, t0, nt);
       }
    }
    if (oom) return NR_FAIL(NR_E_OOM, "no memory for the Winograd tile buffers");
