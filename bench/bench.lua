@@ -173,6 +173,8 @@ local function bench_train(spec, batch)
    nr.manual_seed(0)
    local model = spec.build()
    model:training()
+   -- the input batch needs no gradient (as the PyTorch side's input tensor, and as in nr.train)
+   if model.setInputGrad then model:setInputGrad(false) end
    local crit = nr.nn.CrossEntropyLoss()
    local opt = nr.optim.SGD(model, {lr = 0.01, momentum = 0.9})
    local shape = {batch}

@@ -627,6 +627,10 @@ function Trainer:train_epoch(epoch)
    local rc = self.recipe
    local model, crit, opt, sched = self.model, self.criterion, self.optimizer, self.schedule
    model:training()
+   -- nothing here reads the gradient for the input batch: its first layer skips it (as PyTorch
+   -- does for inputs that do not require grad); the model's own setting is back after the epoch
+   local input_grad_was = model.setInputGrad and not rawget(model, '_noInputGrad')
+   if model.setInputGrad then model:setInputGrad(false) end
    local total = self.iters_per_epoch
    self.progress:begin_epoch(epoch, self:planned_epochs(self.schedule_hold), total)
    local t0 = progress.now()
@@ -667,6 +671,7 @@ function Trainer:train_epoch(epoch)
       if i >= total then break end
    end
    local dt = progress.now() - t0
+   if model.setInputGrad then model:setInputGrad(input_grad_was) end
    return {loss = n > 0 and loss_sum / n or nil, top1 = n > 0 and 100 * hits / n or nil, images = n, time = dt}
 end
 

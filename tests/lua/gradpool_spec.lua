@@ -127,4 +127,36 @@ describe('gradient pool', function()
       assert.has_error(function() net:backward(x, nr.randn({3, 5})) end)
       assert.is_nil(GP.current)
    end)
+
+   it('setInputGrad(false): no input gradient, the same parameter gradients, nested first children, restorable', function()
+      local function build()
+         nr.manual_seed(17)
+         return nn.Sequential{
+            nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU{inplace = true}},
+            nn.Conv2d(8, 4, 3, {padding = 1}), nn.GlobalAvgPool2d(), nn.Flatten(), nn.Linear(4, 5)}
+      end
+      local x, g = nr.randn({2, 3, 6, 6}), nr.randn({2, 5})
+      local a, b = build(), build()
+      a:zeroGradParameters(); b:zeroGradParameters()
+      a:forward(x)
+      local gi = a:backward(x, g)
+      assert.is_true(nr.is_tensor(gi))
+      b:setInputGrad(false)
+      b:forward(x)
+      assert.is_nil(b:backward(x, g))
+      local _, ga = a:parameters()
+      local _, gb = b:parameters()
+      assert.are.equal(#ga, #gb)
+      for i = 1, #ga do assert.are.equal(0, max_diff(ga[i], gb[i])) end
+      -- a first layer that is not a Conv2d / Linear still computes it (here: a Residual)
+      local r = nn.Sequential{nn.Residual(nn.Conv2d(3, 3, 1)), nn.Flatten()}
+      r:setInputGrad(false)
+      r:forward(x)
+      assert.is_true(nr.is_tensor(r:backward(x, nr.randn({2, 108}))))
+      -- and back on
+      b:setInputGrad(true)
+      b:forward(x)
+      assert.is_true(nr.is_tensor(b:backward(x, g)))
+      assert.are.equal(0, max_diff(b:backward(x, g), gi))
+   end)
 end)

@@ -91,6 +91,8 @@ function Conv2d:updateGradInput(x, gradOutput)
    return gi
 end
 
+Conv2d.paramsOnlyBackward = true -- Module.gradients may skip the input gradient (Sequential:setInputGrad)
+
 function Conv2d:accGradParameters(x, gradOutput, scale)
    x = U.input(x, 4, self.in_channels, '(N, C, H, W)')
    local g = U.grad(gradOutput, self.output)

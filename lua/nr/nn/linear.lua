@@ -56,6 +56,8 @@ function Linear:updateGradInput(x, gradOutput)
    return gi
 end
 
+Linear.paramsOnlyBackward = true -- Module.gradients may skip the input gradient (Sequential:setInputGrad)
+
 function Linear:accGradParameters(x, gradOutput, scale)
    x = input(self, x)
    local g = U.grad(gradOutput, self.output)

@@ -100,7 +100,14 @@ function Module:__call(x) return self:forward(x) end
 
 -- gradInput and the parameter gradients of one backward; a leaf that computes both in one pass
 -- over its data overrides this (BatchNorm2d).
+-- _skipInputGrad (set by a Sequential whose input gradient is off, for this one call, on a first
+-- layer with paramsOnlyBackward): parameter gradients only, and nil for the input's.
 function Module:gradients(x, gradOutput, scale)
+   if rawget(self, '_skipInputGrad') then
+      self._skipInputGrad = nil
+      self:accGradParameters(x, gradOutput, scale)
+      return nil
+   end
    local gi = self:updateGradInput(x, gradOutput)
    self:accGradParameters(x, gradOutput, scale)
    return gi
