@@ -5,10 +5,11 @@
  * OpenMP across the chunks (see conv_make_plan: one sample per chunk
  * except on maps under 64 positions, where several samples share one wider GEMM); a 1x1
  * stride-1 unpadded conv multiplies the input directly (no im2col); a depthwise conv
- * (groups == Cin == Cout) uses the direct kernels of core/nn_depthwise.c; 3x3 stride-1 layers with
- * >= 128 channels run forward and backward-data by Winograd (core/nn_winograd.c), dense 3x3 ones
- * otherwise through oneDNN (core/perf_dnnl_conv.c) where it is faster. When only one thread is useful (one chunk, a tiny
- * problem, or one thread configured) the chunk loop runs serially and nr_sgemm splits each product.
+ * (groups == Cin == Cout) uses the direct kernels of core/nn_depthwise.c; 3x3 stride-1 layers
+ * with >= 128 channels run forward and backward-data by Winograd (core/nn_winograd.c), other
+ * dense 3x3 ones through oneDNN (core/perf_dnnl_conv.c) where it is faster. When only one thread
+ * is useful (one chunk, a tiny problem, or one thread configured) the chunk loop runs serially
+ * and nr_sgemm splits each product.
  * Invariants: no allocation per call except the grow-only per-thread scratch (nn_internal.h);
  * outputs are written, never allocated; weight gradients use per-thread accumulators reduced in
  * thread order, so results are deterministic for a given thread count.
@@ -145,8 +146,8 @@ static void col2im(const float *cols, int64_t ld, float *dx, int64_t c, const co
  * (40 -> 66 GFLOP/s), backward-data 170 -> 77 ms, while from 7x7 up one sample per GEMM was as
  * fast or faster (the gather/scatter copies cost more than the wider GEMM gains). So maps with
  * fewer than CONV_BATCH_BELOW positions are batched up to ~CONV_COLS columns, keeping at least as
- * many chunks as threads. Chunks run on OpenMP threads with single-threaded BLAS; with fewer
- * chunks than threads (batch 1) the chunk loop is serial and BLAS uses every thread.
+ * many chunks as threads. Chunks run on OpenMP threads, each product on one; with fewer chunks
+ * than threads (batch 1) the chunk loop is serial and nr_sgemm splits each product.
  * Exception: a 1x1 conv's forward and backward-data products on maps of at most
  * NR_SGEMM_NARROW_COLS positions (a multiple of 8) stay one sample each: nr_sgemm's own narrow
  * kernel reads them in place and beats the batched OpenBLAS product (4x4 maps, batch 64:
@@ -215,14 +216,6 @@ static bool chunk_buffers(const conv_geom *g, const conv_plan *pl, bool direct, 
 
 /* ---------------------------------------------------------------- public entry points */
 
-/* Applies epi to every output plane (paths that cannot apply it per plane as they go). */
-static void epilogue_all(const nn_epilogue *epi, float *y, const conv_geom *g)
-{
-   const int64_t nc = g->n * g->cout;
-#pragma omp parallel for if (nr_parallel_worth(nc, g->p))
-   for (int64_t q = 0; q < nc; q++) nn_epilogue_plane(epi, q % g->cout, y + q * g->p, g->p);
-}
-
 /* The CPU forward; epi (NULL: none) is applied to each output plane once it is final. */
 static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
                               const conv_geom *gp, const nn_epilogue *epi)
@@ -235,7 +228,7 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
       nr_status ps = nr_perf_conv2d_forward(x, y, w, b, (int32_t)g.sh, (int32_t)g.sw, (int32_t)g.ph, (int32_t)g.pw,
                                             (int32_t)g.dh, (int32_t)g.dw, (int32_t)g.groups);
       if (ps != NR_PERF_UNHANDLED) {
-         if (ps == NR_OK && epi) epilogue_all(epi, y->data, &g);
+         if (ps == NR_OK && epi) nn_epilogue_all(epi, y->data, g.n * g.cout, g.cout, g.p);
          return ps;
       }
    }

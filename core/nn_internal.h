@@ -87,6 +87,14 @@ static inline void nn_epilogue_plane(const nn_epilogue *e, int64_t c, float *y, 
    nn_affine_plane(y, y, hw, a, b, e->relu);
 }
 
+/* The epilogue on every plane of y (nc planes of hw floats, channel = plane % c), for paths that
+ * cannot apply it per plane as they go. */
+static inline void nn_epilogue_all(const nn_epilogue *e, float *y, int64_t nc, int64_t c, int64_t hw)
+{
+#pragma omp parallel for if (nr_parallel_worth(nc, hw))
+   for (int64_t q = 0; q < nc; q++) nn_epilogue_plane(e, q % c, y + q * hw, hw);
+}
+
 /* Sum of dy over (N, ·, rest) per channel of dim 1 into db with the acc/scale rule (nn_common.c). */
 void nn_bias_grad(const float *dy, float *db, int64_t n, int64_t f, int64_t rest, float scale,
                   float acc);

@@ -203,11 +203,7 @@ static nr_status wino_run(const float *x, float *y, const float *u, const float 
       }
    }
    if (oom) return NR_FAIL(NR_E_OOM, "no memory for the Winograd tile buffers");
-   if (epi) {
-      const int64_t nc = g->n * g->cout;
-#pragma omp parallel for if (nr_parallel_worth(nc, g->p))
-      for (int64_t q = 0; q < nc; q++) nn_epilogue_plane(epi, q % g->cout, y + q * g->p, g->p);
-   }
+   if (epi) nn_epilogue_all(epi, y, g->n * g->cout, g->cout, g->p);
    return NR_OK;
 }
 
