@@ -72,14 +72,7 @@ local function vm_hwm_mib()
    return kb and tonumber(kb) / 1024 or nil
 end
 
-local function median(t)
-   local s = {}
-   for i, v in ipairs(t) do s[i] = v end
-   table.sort(s)
-   local n = #s
-   if n % 2 == 1 then return s[(n + 1) / 2] end
-   return 0.5 * (s[n / 2] + s[n / 2 + 1])
-end
+local median = require('nr.profile').median
 
 -- sgemm peak: C (n x n) = A @ B through nr_matmul (OpenBLAS), best of `reps`.
 local function sgemm_peak(n, reps)

@@ -129,13 +129,7 @@ end
 
 -- ---- run ------------------------------------------------------------------------------------------
 
-local function median(xs)
-   local s = {}
-   for i, v in ipairs(xs) do s[i] = v end
-   table.sort(s)
-   local n = #s
-   return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
-end
+local median = require('nr.profile').median
 
 local function run_profile(when)
    local m, o = fresh()

@@ -71,6 +71,10 @@ static inline bool conv_is_depthwise(const conv_geom *g)
    return g->groups == g->cin && g->cin == g->cout && g->groups > 1;
 }
 
+/* Whether Winograd takes this forward / backward-data pass: its geometry, and only in the auto
+ * conv mode (a forced mode tests its own path). */
+static inline bool conv_winograd(const conv_geom *g) { return nr_perf_conv_mode() == 0 && nn_winograd_applies(g); }
+
 /* Range of output positions o (0 <= o < out) whose input o*s - p + kk lies in [0, in). */
 static inline void valid_range(int64_t in, int64_t out, int64_t s, int64_t p, int64_t kk, int64_t *lo, int64_t *hi)
 {
@@ -222,7 +226,7 @@ static nr_status conv_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor 
 {
    const conv_geom g = *gp;
    if (g.n == 0) return NR_OK;
-   if (nr_perf_conv_mode() == 0 && nn_winograd_applies(&g))
+   if (conv_winograd(&g))
       return nn_winograd_forward(x->data, y->data, w->data, b ? b->data : NULL, &g, epi);
    {
       nr_status ps = nr_perf_conv2d_forward(x, y, w, b, (int32_t)g.sh, (int32_t)g.sw, (int32_t)g.ph, (int32_t)g.pw,
@@ -352,7 +356,7 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
    NR_TRY(conv_setup(__func__, dx, "dx", dy, "dy", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
    NR_ON_CUDA(dy, nr_cuda_conv2d_backward_data(dy, dx, w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
    if (g.n == 0) return NR_OK;
-   if (nr_perf_conv_mode() == 0 && nn_winograd_applies(&g)) return nn_winograd_backward_data(dy->data, dx->data, w->data, &g);
+   if (conv_winograd(&g)) return nn_winograd_backward_data(dy->data, dx->data, w->data, &g);
    {
       nr_status ps = nr_perf_conv2d_backward_data(dy, dx, w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups);
       if (ps != NR_PERF_UNHANDLED) return ps;

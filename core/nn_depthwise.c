@@ -161,6 +161,19 @@ static void dw_pitch(const float *dyp, float *dyq, const conv_geom *g, const dw_
    for (int64_t oh = 0; oh < g->ho; oh++) memcpy(dyq + oh * q->wq, dyp + oh * g->wo, sizeof(float) * g->wo);
 }
 
+/* This thread's phase buffer (nn_scratch slot 0) and a buffer of L floats (slot 1), each zeroed
+ * once when asked (the padding of the phases and the dropped columns of a pitched dy must stay
+ * zero; only interiors are rewritten per plane). False when an allocation failed. */
+static bool dw_buffers(const dw_layout *q, float **ph, float **aux, bool zero_ph, bool zero_aux)
+{
+   *ph = nn_scratch(0, (size_t)(q->nphase * q->phase));
+   *aux = nn_scratch(1, (size_t)q->L);
+   if (!*ph || !*aux) return false;
+   if (zero_ph) memset(*ph, 0, sizeof(float) * (size_t)(q->nphase * q->phase));
+   if (zero_aux) memset(*aux, 0, sizeof(float) * (size_t)q->L);
+   return true;
+}
+
 static nr_status dw_oom(const char *what, const dw_layout *q)
 {
    return NR_FAIL(NR_E_OOM, "no memory for the depthwise %s buffers (%lld floats per thread)", what,
@@ -175,16 +188,15 @@ nr_status nn_dw_forward(const float *x, float *y, const float *w, const float *b
    bool oom = false;
 #pragma omp parallel if (nr_parallel_worth(nc, g->p * kk))
    {
-      float *ph = nn_scratch(0, (size_t)(q.nphase * q.phase)), *acc = nn_scratch(1, (size_t)q.L);
-      if (!ph || !acc) {
+      float *ph, *acc;
+      const bool ok = dw_buffers(&q, &ph, &acc, true, false);
+      if (!ok) {
 #pragma omp atomic write
          oom = true;
-      } else {
-         memset(ph, 0, sizeof(float) * (size_t)(q.nphase * q.phase)); /* the padding stays zero */
       }
 #pragma omp for schedule(static)
       for (int64_t p = 0; p < nc; p++) {
-         if (!ph || !acc) continue;
+         if (!ok) continue;
          const int64_t c = p % g->cin;
          float *yp = y + p * g->p;
          dw_move(ph, (float *)(x + p * g->h * g->w), g, &q, true);
@@ -217,16 +229,15 @@ nr_status nn_dw_backward_data(const float *dy, float *dx, const float *w, const 
    bool oom = false;
 #pragma omp parallel if (nr_parallel_worth(nc, g->p * kk))
    {
-      float *ph = nn_scratch(0, (size_t)(q.nphase * q.phase)), *dyq = nn_scratch(1, (size_t)q.L);
-      if (!ph || !dyq) {
+      float *ph, *dyq;
+      const bool ok = dw_buffers(&q, &ph, &dyq, false, true);
+      if (!ok) {
 #pragma omp atomic write
          oom = true;
-      } else {
-         memset(dyq, 0, sizeof(float) * (size_t)q.L);
       }
 #pragma omp for schedule(static)
       for (int64_t p = 0; p < nc; p++) {
-         if (!ph || !dyq) continue;
+         if (!ok) continue;
          dw_pitch(dy + p * g->p, dyq, g, &q);
          dw_plane_backward_data(ph, dyq, w + (p % g->cin) * kk, g, &q);
          dw_move(ph, dx + p * g->h * g->w, g, &q, false);
@@ -243,15 +254,12 @@ nr_status nn_dw_backward_weight(const float *x, const float *dy, float *dw, cons
    bool oom = false;
 #pragma omp parallel if (nr_parallel_worth(g->cin, g->n * g->p * kk))
    {
-      float *ph = nn_scratch(0, (size_t)(q.nphase * q.phase)), *dyq = nn_scratch(1, (size_t)q.L);
+      float *ph, *dyq;
       double *sums = (double *)nn_scratch(2, (size_t)(2 * kk));
-      const bool ok = ph && dyq && sums;
+      const bool ok = sums && dw_buffers(&q, &ph, &dyq, true, true);
       if (!ok) {
 #pragma omp atomic write
          oom = true;
-      } else {
-         memset(ph, 0, sizeof(float) * (size_t)(q.nphase * q.phase));
-         memset(dyq, 0, sizeof(float) * (size_t)q.L);
       }
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < g->cin; c++) {

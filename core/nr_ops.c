@@ -123,6 +123,16 @@ static nr_status place_invert(const char *func, const char *name, const nr_tenso
    return NR_OK;
 }
 
+/* A source block (a or b): f32, on dst's device, contiguous, and with dst's sizes from dimension
+ * `from` on. */
+static nr_status place_operand(const char *func, const char *name, const nr_tensor *t, const nr_tensor *dst, int from)
+{
+   NR_TRY(nr_check_tensor(func, name, t, NR_F32, -1, -1, NULL));
+   NR_TRY(nr_check_same_device(func, dst, t));
+   NR_TRY(nr_check_contiguous(func, name, t));
+   return place_same_inner(func, name, t, dst, from);
+}
+
 void nr_place_plan_free(nr_place_plan *p)
 {
    free(p->inv);
@@ -148,10 +158,7 @@ nr_status nr_place_plan_build(const char *func, nr_place_plan *p, const nr_tenso
    for (int d = from; d < dst->ndim; d++) p->inner *= dst->shape[d];
    int64_t ka = 0, la = 0, kb = 0, lb = 0;
    if (a) {
-      NR_TRY(nr_check_tensor(func, "a", a, NR_F32, -1, -1, NULL));
-      NR_TRY(nr_check_same_device(func, dst, a));
-      NR_TRY(nr_check_contiguous(func, "a", a));
-      NR_TRY(place_same_inner(func, "a", a, dst, from));
+      NR_TRY(place_operand(func, "a", a, dst, from));
       NR_TRY(place_index(func, "a_rows", ar, 1, &ka));
       if (cols) NR_TRY(place_index(func, "a_cols", ac, 1, &la));
       p->a_s1 = cols ? a->shape[1] : 1;
@@ -159,10 +166,7 @@ nr_status nr_place_plan_build(const char *func, nr_place_plan *p, const nr_tenso
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "a_rows / a_cols given without a");
    }
    if (b) {
-      NR_TRY(nr_check_tensor(func, "b", b, NR_F32, -1, -1, NULL));
-      NR_TRY(nr_check_same_device(func, dst, b));
-      NR_TRY(nr_check_contiguous(func, "b", b));
-      NR_TRY(place_same_inner(func, "b", b, dst, from));
+      NR_TRY(place_operand(func, "b", b, dst, from));
       NR_TRY(place_index(func, "b_rows", br, 0, &kb));
       if (cols) NR_TRY(place_index(func, "b_cols", bc, 0, &lb));
       if (b->shape[0] != kb || (cols && b->shape[1] != lb)) {

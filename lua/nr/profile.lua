@@ -29,6 +29,15 @@ local function now()
 end
 M.now = now
 
+-- Median of a list of timings (the list is not modified).
+function M.median(xs)
+   local s = {}
+   for i, v in ipairs(xs) do s[i] = v end
+   table.sort(s)
+   local n = #s
+   return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
+end
+
 -- [module] -> its record (weak: profiling does not keep dropped models alive); the records
 -- themselves are kept in `records`, in first-forward order, so they outlive their modules.
 local stats = setmetatable({}, {__mode = 'k'})
