@@ -46,6 +46,7 @@ const char *nr_dtype_name(int32_t dtype)
    case NR_F32: return "f32";
    case NR_I64: return "int64";
    case NR_U8: return "uint8";
+   case NR_BF16: return "bf16";
    default: return "?dtype";
    }
 }
@@ -68,13 +69,20 @@ nr_status nr_check_tensor(const char *func, const char *name, const nr_tensor *t
 {
    char got[256], want[256];
    if (!t) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: tensor is NULL", name);
-   bool ok = (dtype < 0 || t->dtype == dtype) && (device < 0 || t->device == device) &&
-             (ndim < 0 || t->ndim == ndim);
+   bool dtype_ok = dtype == NR_DTYPE_ACT ? (t->dtype == NR_F32 || (t->dtype == NR_BF16 && t->device == NR_CUDA))
+                                         : (dtype < 0 || t->dtype == dtype);
+   bool ok = dtype_ok && (device < 0 || t->device == device) && (ndim < 0 || t->ndim == ndim);
    if (ok && shape && ndim >= 0)
       for (int d = 0; d < ndim; d++)
          if (shape[d] >= 0 && shape[d] != t->shape[d]) ok = false;
    if (ok) return NR_OK;
-   int k = snprintf(want, sizeof want, "%s %s", dtype < 0 ? "any" : nr_dtype_name(dtype),
+   if (t->dtype == NR_BF16 && t->device == NR_CPU && dtype == NR_DTYPE_ACT)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "%s: bf16 tensors compute on CUDA only; this one is on the CPU (%s): convert it with "
+                        ":float() or move it with :cuda()",
+                        name, nr_tensor_describe(t, got, sizeof got));
+   int k = snprintf(want, sizeof want, "%s %s",
+                    dtype == NR_DTYPE_ACT ? "f32 (or bf16 on cuda)" : dtype < 0 ? "any" : nr_dtype_name(dtype),
                     device < 0 ? "any-device" : device == NR_CUDA ? "cuda" : "cpu");
    if (ndim >= 0) {
       k += snprintf(want + k, sizeof want - k, " (");
@@ -96,6 +104,15 @@ nr_status nr_check_same_device(const char *func, const nr_tensor *a, const nr_te
    char da[128], db[128];
    return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensors on different devices: %s and %s",
                      nr_tensor_describe(a, da, sizeof da), nr_tensor_describe(b, db, sizeof db));
+}
+
+nr_status nr_check_same_dtype(const char *func, const char *an, const nr_tensor *a, const char *bn,
+                              const nr_tensor *b)
+{
+   if (a->dtype == b->dtype) return NR_OK;
+   char da[128], db[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s (%s) and %s (%s) must have one dtype", an,
+                     nr_tensor_describe(a, da, sizeof da), bn, nr_tensor_describe(b, db, sizeof db));
 }
 
 nr_status nr_check_contiguous(const char *func, const char *name, const nr_tensor *t)

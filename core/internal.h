@@ -32,8 +32,12 @@ nr_status nr_fail_wrap(nr_status code, const char *func);
 const char *nr_tensor_describe(const nr_tensor *t, char *buf, size_t n);
 const char *nr_dtype_name(int32_t dtype);
 
+/* The dtype argument of nr_check_tensor for an activation (x, y, dy, dx, logits, operands of the
+ * tensor math): f32 anywhere, or bf16 on CUDA (mixed precision computes on the GPU only). */
+enum { NR_DTYPE_ACT = -2 };
+
 /* Checks a tensor argument. ndim < 0: any; shape == NULL: any shape; a shape entry < 0: any.
- * dtype < 0: any; device < 0: any. name is used in the message. */
+ * dtype -1: any, NR_DTYPE_ACT: an activation; device < 0: any. name is used in the message. */
 nr_status nr_check_tensor(const char *func, const char *name, const nr_tensor *t, int32_t dtype,
                           int32_t device, int32_t ndim, const int64_t *shape);
 #define NR_CHECK_T(name, t, dtype, device, ndim, shape)                                        \
@@ -43,6 +47,23 @@ nr_status nr_check_same_device(const char *func, const nr_tensor *a, const nr_te
 /* Checks a is contiguous (kernels that need it say so in nr.h). */
 nr_status nr_check_contiguous(const char *func, const char *name, const nr_tensor *t);
 #define NR_CHECK_CONTIG(name, t) NR_TRY(nr_check_contiguous(__func__, name, t))
+
+/* Checks that b has a's dtype (activations of one call share theirs). */
+nr_status nr_check_same_dtype(const char *func, const char *an, const nr_tensor *a, const char *bn,
+                              const nr_tensor *b);
+
+/* bfloat16 <-> f32: round to nearest even; NaN stays a (quiet) NaN. */
+static inline uint16_t nr_f32_to_bf16(float f)
+{
+   union { float f; uint32_t u; } v = {f};
+   if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+   return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+static inline float nr_bf16_to_f32(uint16_t h)
+{
+   union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+   return v.f;
+}
 
 /* Element offset (in elements, from t->data) of the i-th element in row-major order. */
 static inline int64_t nr_linear_offset(const nr_tensor *t, int64_t i)

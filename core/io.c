@@ -68,6 +68,8 @@ static const char *npy_descr(int32_t dtype)
 nr_status nr_npy_save(const nr_tensor *t, const char *path)
 {
    NR_CHECK_T("t", t, -1, -1, -1, NULL);
+   if (t->dtype == NR_BF16)
+      return NR_FAIL(NR_E_ARG, "%s: .npy has no bfloat16; save t:float() instead", path);
    /* a contiguous host copy (also handles device tensors and strided views) */
    nr_tensor *host = nr_tensor_new(t->dtype, NR_CPU, t->ndim, t->shape);
    if (!host) return NR_E_OOM;

@@ -43,10 +43,12 @@ static inline int64_t broadcast_offset(const nr_tensor *a, const nr_tensor *b, i
 
 nr_status nr_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t op)
 {
-   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
-   NR_CHECK_T("b", b, NR_F32, -1, -1, NULL);
-   NR_CHECK_T("out", out, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
+   NR_CHECK_T("b", b, NR_DTYPE_ACT, -1, -1, NULL);
+   NR_CHECK_T("out", out, NR_DTYPE_ACT, -1, -1, NULL);
    if (op < NR_OP_ADD || op > NR_OP_MIN) return NR_FAIL(NR_E_ARG, "unknown binary op %d", op);
+   NR_TRY(nr_check_same_dtype(__func__, "a", a, "b", b));
+   NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
    NR_TRY(nr_check_same_device(__func__, a, b));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(same_shape(__func__, "a", a, "out", out));
@@ -77,9 +79,10 @@ nr_status nr_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int3
 
 nr_status nr_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, int32_t op)
 {
-   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
-   NR_CHECK_T("out", out, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
+   NR_CHECK_T("out", out, NR_DTYPE_ACT, -1, -1, NULL);
    if (op < NR_OP_ADD || op > NR_OP_MIN) return NR_FAIL(NR_E_ARG, "unknown binary op %d", op);
+   NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(same_shape(__func__, "a", a, "out", out));
    NR_ON_CUDA(a, nr_cuda_binary_scalar(a, s, out, op));
@@ -113,9 +116,10 @@ static inline float apply_unary(float x, int op)
 
 nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
 {
-   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
-   NR_CHECK_T("out", out, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
+   NR_CHECK_T("out", out, NR_DTYPE_ACT, -1, -1, NULL);
    if (op < NR_OP_NEG || op > NR_OP_SQUARE) return NR_FAIL(NR_E_ARG, "unknown unary op %d", op);
+   NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(same_shape(__func__, "a", a, "out", out));
    NR_ON_CUDA(a, nr_cuda_unary(a, out, op));
@@ -133,8 +137,9 @@ nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
 
 nr_status nr_axpy(const nr_tensor *x, nr_tensor *y, double alpha)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, -1, NULL);
-   NR_CHECK_T("y", y, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, -1, NULL);
+   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, -1, NULL);
+   NR_TRY(nr_check_same_dtype(__func__, "x", x, "y", y));
    NR_TRY(nr_check_same_device(__func__, x, y));
    NR_TRY(same_shape(__func__, "x", x, "y", y));
    NR_ON_CUDA(x, nr_cuda_axpy(x, y, alpha));
@@ -174,9 +179,10 @@ static nr_status check_reduce_out(const char *func, const nr_tensor *a, int32_t 
 
 nr_status nr_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_t op)
 {
-   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
-   NR_CHECK_T("out", out, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
+   NR_CHECK_T("out", out, NR_DTYPE_ACT, -1, -1, NULL);
    if (op < NR_RED_SUM || op > NR_RED_MIN) return NR_FAIL(NR_E_ARG, "unknown reduction %d", op);
+   NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(check_reduce_out(__func__, a, dim, out));
    NR_ON_CUDA(a, nr_cuda_reduce(a, dim, out, op));
@@ -210,7 +216,7 @@ nr_status nr_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_t op)
 
 nr_status nr_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out)
 {
-   NR_CHECK_T("a", a, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
    NR_CHECK_T("out", out, NR_I64, -1, -1, NULL);
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(check_reduce_out(__func__, a, dim, out));
@@ -243,9 +249,9 @@ nr_status nr_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out)
 nr_status nr_matmul(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t trans_a,
                     int32_t trans_b, float alpha, float beta)
 {
-   NR_CHECK_T("a", a, NR_F32, -1, 2, NULL);
-   NR_CHECK_T("b", b, NR_F32, -1, 2, NULL);
-   NR_CHECK_T("out", out, NR_F32, -1, 2, NULL);
+   NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, 2, NULL);
+   NR_CHECK_T("b", b, NR_DTYPE_ACT, -1, 2, NULL);
+   NR_CHECK_T("out", out, NR_DTYPE_ACT, -1, 2, NULL);
    NR_TRY(nr_check_same_device(__func__, a, b));
    NR_TRY(nr_check_same_device(__func__, a, out));
    int64_t m = trans_a ? a->shape[1] : a->shape[0], k = trans_a ? a->shape[0] : a->shape[1];

@@ -8,19 +8,25 @@
 
 #include <math.h>
 
-/* a and b: contiguous f32 of equal shape on the same device. */
+/* a and b: contiguous activations (f32, or bf16 on CUDA) of one dtype and equal shape on the
+ * same device; b_dtype NR_F32 instead for a dropout mask (always f32). */
+static nr_status pair_check_as(const char *func, const char *an, const nr_tensor *a, const char *bn,
+                               const nr_tensor *b, int32_t b_dtype)
+{
+   NR_TRY(nn_check(func, an, a, NR_DTYPE_ACT, -1, NULL, NULL));
+   NR_TRY(nn_check(func, bn, b, b_dtype, -1, NULL, a));
+   return nn_check_same_shape(func, an, a, bn, b);
+}
 static nr_status pair_check(const char *func, const char *an, const nr_tensor *a, const char *bn, const nr_tensor *b)
 {
-   NR_TRY(nn_check(func, an, a, NR_F32, -1, NULL, NULL));
-   NR_TRY(nn_check(func, bn, b, NR_F32, -1, NULL, a));
-   return nn_check_same_shape(func, an, a, bn, b);
+   return pair_check_as(func, an, a, bn, b, NR_DTYPE_ACT);
 }
 
 #define PAR_FOR(n) _Pragma("omp parallel for simd if (n > 65536)") for (int64_t i = 0; i < (n); i++)
 
 nr_status nr_relu_forward(const nr_tensor *x, nr_tensor *y)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, -1, NULL);
    NR_TRY(pair_check(__func__, "x", x, "y", y));
    NR_ON_CUDA(x, nr_cuda_relu_forward(x, y));
    const int64_t n = nr_tensor_numel(x);
@@ -32,7 +38,7 @@ nr_status nr_relu_forward(const nr_tensor *x, nr_tensor *y)
 
 nr_status nr_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx)
 {
-   NR_CHECK_T("y", y, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, -1, NULL);
    NR_TRY(pair_check(__func__, "y", y, "dy", dy));
    NR_TRY(pair_check(__func__, "y", y, "dx", dx));
    NR_ON_CUDA(y, nr_cuda_relu_backward(y, dy, dx));
@@ -50,7 +56,7 @@ nr_status nr_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *d
 
 nr_status nr_sigmoid_forward(const nr_tensor *x, nr_tensor *y)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, -1, NULL);
    NR_TRY(pair_check(__func__, "x", x, "y", y));
    NR_ON_CUDA(x, nr_cuda_sigmoid_forward(x, y));
    const int64_t n = nr_tensor_numel(x);
@@ -62,7 +68,7 @@ nr_status nr_sigmoid_forward(const nr_tensor *x, nr_tensor *y)
 
 nr_status nr_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx)
 {
-   NR_CHECK_T("y", y, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, -1, NULL);
    NR_TRY(pair_check(__func__, "y", y, "dy", dy));
    NR_TRY(pair_check(__func__, "y", y, "dx", dx));
    NR_ON_CUDA(y, nr_cuda_sigmoid_backward(y, dy, dx));
@@ -75,9 +81,9 @@ nr_status nr_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor
 
 nr_status nr_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, float p)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, -1, NULL);
    NR_TRY(pair_check(__func__, "x", x, "y", y));
-   NR_TRY(pair_check(__func__, "x", x, "mask", mask));
+   NR_TRY(pair_check_as(__func__, "x", x, "mask", mask, NR_F32));
    if (!(p >= 0.0f && p < 1.0f)) return NR_FAIL(NR_E_ARG, "p must be in [0, 1), got %g", p);
    NR_ON_CUDA(x, nr_cuda_dropout_forward(x, y, mask, p));
    const int64_t n = nr_tensor_numel(x);
@@ -98,8 +104,8 @@ nr_status nr_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, 
 
 nr_status nr_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_tensor *dx)
 {
-   NR_CHECK_T("dy", dy, NR_F32, -1, -1, NULL);
-   NR_TRY(pair_check(__func__, "dy", dy, "mask", mask));
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, -1, NULL);
+   NR_TRY(pair_check_as(__func__, "dy", dy, "mask", mask, NR_F32));
    NR_TRY(pair_check(__func__, "dy", dy, "dx", dx));
    NR_ON_CUDA(dy, nr_cuda_dropout_backward(dy, mask, dx));
    const int64_t n = nr_tensor_numel(dy);

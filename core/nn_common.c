@@ -13,6 +13,7 @@ nr_status nn_check(const char *func, const char *name, const nr_tensor *t, int32
 {
    NR_TRY(nr_check_tensor(func, name, t, dtype, -1, ndim, shape));
    NR_TRY(nr_check_contiguous(func, name, t));
+   if (dtype == NR_DTYPE_ACT && ref) NR_TRY(nr_check_same_dtype(func, "the input", ref, name, t));
    if (ref && (ref->device != t->device || ref->device_index != t->device_index)) {
       char a[128], b[128];
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: on a different device (%s) from the input (%s)",
@@ -69,9 +70,9 @@ void nn_bias_grad(const float *dy, float *db, int64_t n, int64_t f, int64_t rest
 /* y (N, F, ...) += b (F) per dim-1 channel. */
 nr_status nr_bias_add(nr_tensor *y, const nr_tensor *b)
 {
-   NR_CHECK_T("y", y, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, -1, NULL);
    if (y->ndim < 2) return NR_FAIL(NR_E_ARG, "y: expected at least 2 dimensions (N, F, ...), got %d", y->ndim);
-   NN_CHECK("y", y, NR_F32, -1, NULL, NULL);
+   NN_CHECK("y", y, NR_DTYPE_ACT, -1, NULL, NULL);
    int64_t fs[1] = {y->shape[1]};
    NN_CHECK("b", b, NR_F32, 1, fs, y);
    NR_ON_CUDA(y, nr_cuda_bias_add(y, b));
@@ -89,9 +90,9 @@ nr_status nr_bias_add(nr_tensor *y, const nr_tensor *b)
 
 nr_status nr_bias_backward(const nr_tensor *dy, nr_tensor *db, float scale, float acc)
 {
-   NR_CHECK_T("dy", dy, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, -1, NULL);
    if (dy->ndim < 2) return NR_FAIL(NR_E_ARG, "dy: expected at least 2 dimensions (N, F, ...), got %d", dy->ndim);
-   NN_CHECK("dy", dy, NR_F32, -1, NULL, NULL);
+   NN_CHECK("dy", dy, NR_DTYPE_ACT, -1, NULL, NULL);
    int64_t fs[1] = {dy->shape[1]};
    NN_CHECK("db", db, NR_F32, 1, fs, dy);
    NR_ON_CUDA(dy, nr_cuda_bias_backward(dy, db, scale, acc));

@@ -30,7 +30,7 @@ static nr_status conv_setup(const char *func, const nr_tensor *x, const char *xn
                             const char *wname, int32_t sh, int32_t sw, int32_t ph, int32_t pw,
                             int32_t dh, int32_t dw, int32_t groups, conv_geom *g)
 {
-   NR_TRY(nn_check(func, xname, x, NR_F32, 4, NULL, NULL));
+   NR_TRY(nn_check(func, xname, x, NR_DTYPE_ACT, 4, NULL, NULL));
    NR_TRY(nn_check(func, wname, w, NR_F32, 4, NULL, x));
    if (sh < 1 || sw < 1 || ph < 0 || pw < 0 || dh < 1 || dw < 1 || groups < 1)
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
@@ -54,7 +54,7 @@ static nr_status conv_setup(const char *func, const nr_tensor *x, const char *xn
                         "input %lldx%lld is too small for kernel %lldx%lld (dilation %dx%d, padding %dx%d)",
                         (long long)g->h, (long long)g->w, (long long)g->kh, (long long)g->kw, dh, dw, ph, pw);
    int64_t ys[4] = {g->n, g->cout, g->ho, g->wo};
-   NR_TRY(nn_check(func, yname, y, NR_F32, 4, ys, x));
+   NR_TRY(nn_check(func, yname, y, NR_DTYPE_ACT, 4, ys, x));
    g->k = g->cg * g->kh * g->kw;
    g->p = g->ho * g->wo;
    if (g->k > INT_MAX / 4 || g->p > INT_MAX / 4 || g->og > INT_MAX / 4 || g->h * g->w > INT_MAX / 4)
@@ -293,8 +293,8 @@ static nr_status forward_setup(const char *func, const nr_tensor *x, const nr_te
                                const nr_tensor *b, int32_t sh, int32_t sw, int32_t ph, int32_t pw, int32_t dh,
                                int32_t dw, int32_t groups, conv_geom *g)
 {
-   NR_TRY(nr_check_tensor(func, "x", x, NR_F32, -1, 4, NULL));
-   NR_TRY(nr_check_tensor(func, "y", y, NR_F32, -1, 4, NULL));
+   NR_TRY(nr_check_tensor(func, "x", x, NR_DTYPE_ACT, -1, 4, NULL));
+   NR_TRY(nr_check_tensor(func, "y", y, NR_DTYPE_ACT, -1, 4, NULL));
    NR_TRY(nr_check_tensor(func, "w", w, NR_F32, -1, 4, NULL));
    NR_TRY(conv_setup(func, x, "x", y, "y", w, "w", sh, sw, ph, pw, dh, dw, groups, g));
    int64_t bs[1] = {g->cout};
@@ -349,8 +349,8 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
                                   int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t dil_h, int32_t dil_w,
                                   int32_t groups)
 {
-   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("dx", dx, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
    NR_CHECK_T("w", w, NR_F32, -1, 4, NULL);
    conv_geom g;
    NR_TRY(conv_setup(__func__, dx, "dx", dy, "dy", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
@@ -413,8 +413,8 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
                                     int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
                                     int32_t dil_h, int32_t dil_w, int32_t groups, float scale, float acc)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
    NR_CHECK_T("dw", dw, NR_F32, -1, 4, NULL);
    conv_geom g;
    NR_TRY(conv_setup(__func__, x, "x", dy, "dy", dw, "dw", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));

@@ -15,7 +15,8 @@
 #include <math.h>
 
 /* Checks a tensor argument: dtype, ndim and shape (entries < 0: any) as nr_check_tensor, plus
- * contiguity and, when ref != NULL, the same device as ref. */
+ * contiguity and, when ref != NULL, the same device as ref (and, for dtype NR_DTYPE_ACT, the
+ * same dtype: the activations of one call share theirs). */
 nr_status nn_check(const char *func, const char *name, const nr_tensor *t, int32_t dtype,
                    int32_t ndim, const int64_t *shape, const nr_tensor *ref);
 #define NN_CHECK(name, t, dtype, ndim, shape, ref)                                               \

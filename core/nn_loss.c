@@ -8,10 +8,11 @@
 
 #include <math.h>
 
-static nr_status xent_check(const char *func, const nr_tensor *logits_or_probs, const char *name,
+/* logits: an activation (f32, or bf16 on CUDA); probs: always f32 (the loss is computed in f32). */
+static nr_status xent_check(const char *func, const nr_tensor *logits_or_probs, const char *name, int32_t dtype,
                             const nr_tensor *labels, float ls)
 {
-   NR_TRY(nn_check(func, name, logits_or_probs, NR_F32, 2, NULL, NULL));
+   NR_TRY(nn_check(func, name, logits_or_probs, dtype, 2, NULL, NULL));
    int64_t ns[1] = {logits_or_probs->shape[0]};
    NR_TRY(nn_check(func, "labels", labels, NR_I64, 1, ns, logits_or_probs));
    if (!(ls >= 0.0f && ls <= 1.0f))
@@ -32,9 +33,9 @@ static nr_status xent_check(const char *func, const nr_tensor *logits_or_probs, 
 nr_status nr_softmax_xent_forward(const nr_tensor *logits, const nr_tensor *labels, nr_tensor *loss,
                                   nr_tensor *probs, float label_smoothing)
 {
-   NR_CHECK_T("logits", logits, NR_F32, -1, 2, NULL);
+   NR_CHECK_T("logits", logits, NR_DTYPE_ACT, -1, 2, NULL);
    NR_CHECK_T("labels", labels, NR_I64, -1, 1, NULL);
-   NR_TRY(xent_check(__func__, logits, "logits", labels, label_smoothing));
+   NR_TRY(xent_check(__func__, logits, "logits", NR_DTYPE_ACT, labels, label_smoothing));
    NN_CHECK("loss", loss, NR_F32, -1, NULL, logits);
    if (nr_tensor_numel(loss) != 1) return NR_FAIL(NR_E_ARG, "loss: expected one element, got %lld", (long long)nr_tensor_numel(loss));
    NN_CHECK("probs", probs, NR_F32, 2, logits->shape, logits);
@@ -75,8 +76,9 @@ nr_status nr_softmax_xent_backward(const nr_tensor *probs, const nr_tensor *labe
 {
    NR_CHECK_T("probs", probs, NR_F32, -1, 2, NULL);
    NR_CHECK_T("labels", labels, NR_I64, -1, 1, NULL);
-   NR_TRY(xent_check(__func__, probs, "probs", labels, label_smoothing));
-   NN_CHECK("dlogits", dlogits, NR_F32, 2, probs->shape, probs);
+   NR_TRY(xent_check(__func__, probs, "probs", NR_F32, labels, label_smoothing));
+   NN_CHECK("dlogits", dlogits, NR_DTYPE_ACT, 2, probs->shape, NULL); /* f32 or bf16, as the logits */
+   NR_TRY(nr_check_same_device(__func__, probs, dlogits));
    NR_ON_CUDA(probs, nr_cuda_softmax_xent_backward(probs, labels, dlogits, label_smoothing, scale));
    const int64_t n = probs->shape[0], k = probs->shape[1];
    if (n == 0) return NR_OK;

@@ -22,9 +22,9 @@ static nr_status bn_setup(const char *func, const nr_tensor *x, const nr_tensor 
                           const nr_tensor *gamma, const nr_tensor *beta, const char *gname, const char *bname,
                           bn_geom *g)
 {
-   NR_TRY(nn_check(func, "x", x, NR_F32, 4, NULL, NULL));
+   NR_TRY(nn_check(func, "x", x, NR_DTYPE_ACT, 4, NULL, NULL));
    g->n = x->shape[0], g->c = x->shape[1], g->hw = x->shape[2] * x->shape[3];
-   if (y) NR_TRY(nn_check(func, yname, y, NR_F32, 4, x->shape, x));
+   if (y) NR_TRY(nn_check(func, yname, y, NR_DTYPE_ACT, 4, x->shape, x));
    int64_t cs[1] = {g->c};
    if (gamma) NR_TRY(nn_check(func, gname, gamma, NR_F32, 1, cs, x));
    if (beta) NR_TRY(nn_check(func, bname, beta, NR_F32, 1, cs, x));
@@ -114,14 +114,14 @@ static void channel_sums(const float *px, const float *pdy, const float *pr, con
 
 static nr_status relu_y_check(const char *func, const nr_tensor *relu_y, const nr_tensor *x)
 {
-   return relu_y ? nn_check(func, "relu_y", relu_y, NR_F32, 4, x->shape, x) : NR_OK;
+   return relu_y ? nn_check(func, "relu_y", relu_y, NR_DTYPE_ACT, 4, x->shape, x) : NR_OK;
 }
 
 nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean, nr_tensor *save_invstd,
                                 const nr_tensor *gamma, const nr_tensor *beta, nr_tensor *running_mean,
                                 nr_tensor *running_var, float momentum, float eps, int32_t relu)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
    bn_geom g;
    NR_TRY(bn_setup(__func__, x, y, "y", gamma, beta, "gamma", "beta", &g));
    NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
@@ -176,7 +176,7 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
 nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor *gamma, const nr_tensor *beta,
                                const nr_tensor *running_mean, const nr_tensor *running_var, float eps, int32_t relu)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
    bn_geom g;
    NR_TRY(bn_setup(__func__, x, y, "y", gamma, beta, "gamma", "beta", &g));
    NR_TRY(vec_check(__func__, "running_mean", running_mean, x));
@@ -202,7 +202,7 @@ static nr_status bn_backward_setup(const char *func, const nr_tensor *x, const n
                                    bn_geom *g)
 {
    NR_TRY(bn_setup(func, x, dy, "dy", dgamma, dbeta, "dgamma", "dbeta", g));
-   if (dx) NR_TRY(nn_check(func, "dx", dx, NR_F32, 4, x->shape, x));
+   if (dx) NR_TRY(nn_check(func, "dx", dx, NR_DTYPE_ACT, 4, x->shape, x));
    if (gamma) NR_TRY(vec_check(func, "gamma", gamma, x));
    return NR_OK;
 }
@@ -211,8 +211,8 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
                            nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
                            const nr_tensor *save_invstd, float scale, float acc, const nr_tensor *relu_y)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
    bn_geom g;
    NR_TRY(bn_backward_setup(__func__, x, dy, dx, dgamma, dbeta, gamma, &g));
    NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
@@ -260,8 +260,8 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
                                 const nr_tensor *running_var, float eps, float scale, float acc,
                                 const nr_tensor *relu_y)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
    bn_geom g;
    NR_TRY(bn_backward_setup(__func__, x, dy, dx, dgamma, dbeta, gamma, &g));
    NR_TRY(vec_check(__func__, "running_mean", running_mean, x));

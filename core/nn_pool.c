@@ -18,7 +18,7 @@ static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xn
                             const char *yname, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
                             int32_t pw, pool_geom *g)
 {
-   NR_TRY(nn_check(func, xname, x, NR_F32, 4, NULL, NULL));
+   NR_TRY(nn_check(func, xname, x, NR_DTYPE_ACT, 4, NULL, NULL));
    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || ph > kh / 2 || pw > kw / 2)
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
                         "bad geometry: kernel %dx%d (>= 1), stride %dx%d (>= 1), padding %dx%d (0..kernel/2)", kh, kw,
@@ -31,15 +31,15 @@ static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xn
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "input %lldx%lld is too small for kernel %dx%d with padding %dx%d",
                         (long long)g->h, (long long)g->w, kh, kw, ph, pw);
    int64_t ys[4] = {x->shape[0], x->shape[1], g->ho, g->wo};
-   NR_TRY(nn_check(func, yname, y, NR_F32, 4, ys, x));
+   NR_TRY(nn_check(func, yname, y, NR_DTYPE_ACT, 4, ys, x));
    return NR_OK;
 }
 
 nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, int32_t kernel_h,
                                int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("y", y, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
    NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
    NN_CHECK("indices", indices, NR_I64, 4, y->shape, x);
@@ -87,12 +87,12 @@ nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indi
 
 nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx)
 {
-   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("dx", dx, NR_F32, -1, 4, NULL);
-   NN_CHECK("dy", dy, NR_F32, 4, NULL, NULL);
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
+   NN_CHECK("dy", dy, NR_DTYPE_ACT, 4, NULL, NULL);
    NN_CHECK("indices", indices, NR_I64, 4, dy->shape, dy);
    int64_t xs[4] = {dy->shape[0], dy->shape[1], -1, -1};
-   NN_CHECK("dx", dx, NR_F32, 4, xs, dy);
+   NN_CHECK("dx", dx, NR_DTYPE_ACT, 4, xs, dy);
    NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx));
    const int64_t nc = dy->shape[0] * dy->shape[1], po = dy->shape[2] * dy->shape[3], pin = dx->shape[2] * dx->shape[3];
    const float *pdy = dy->data;
@@ -137,8 +137,8 @@ static inline float avg_divisor(const pool_geom *g, int64_t h0, int64_t w0, int3
 nr_status nr_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
                                int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t count_include_pad)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("y", y, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
    NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
    NR_ON_CUDA(x, nr_cuda_avgpool2d_forward(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
@@ -167,8 +167,8 @@ nr_status nr_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kern
                                 int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
                                 int32_t count_include_pad)
 {
-   NR_CHECK_T("dy", dy, NR_F32, -1, 4, NULL);
-   NR_CHECK_T("dx", dx, NR_F32, -1, 4, NULL);
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
    NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
    NR_ON_CUDA(dy, nr_cuda_avgpool2d_backward(dy, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
@@ -195,10 +195,10 @@ nr_status nr_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kern
 
 nr_status nr_global_avgpool_forward(const nr_tensor *x, nr_tensor *y)
 {
-   NR_CHECK_T("x", x, NR_F32, -1, 4, NULL);
-   NN_CHECK("x", x, NR_F32, 4, NULL, NULL);
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NN_CHECK("x", x, NR_DTYPE_ACT, 4, NULL, NULL);
    int64_t ys[2] = {x->shape[0], x->shape[1]};
-   NN_CHECK("y", y, NR_F32, 2, ys, x);
+   NN_CHECK("y", y, NR_DTYPE_ACT, 2, ys, x);
    NR_ON_CUDA(x, nr_cuda_global_avgpool_forward(x, y));
    const int64_t nc = ys[0] * ys[1], hw = x->shape[2] * x->shape[3];
    if (hw == 0 && nc > 0) return NR_FAIL(NR_E_ARG, "x: empty spatial size");
@@ -217,11 +217,11 @@ nr_status nr_global_avgpool_forward(const nr_tensor *x, nr_tensor *y)
 
 nr_status nr_global_avgpool_backward(const nr_tensor *dy, nr_tensor *dx)
 {
-   NR_CHECK_T("dy", dy, NR_F32, -1, 2, NULL);
-   NR_CHECK_T("dx", dx, NR_F32, -1, 4, NULL);
-   NN_CHECK("dy", dy, NR_F32, 2, NULL, NULL);
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 2, NULL);
+   NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
+   NN_CHECK("dy", dy, NR_DTYPE_ACT, 2, NULL, NULL);
    int64_t xs[4] = {dy->shape[0], dy->shape[1], -1, -1};
-   NN_CHECK("dx", dx, NR_F32, 4, xs, dy);
+   NN_CHECK("dx", dx, NR_DTYPE_ACT, 4, xs, dy);
    NR_ON_CUDA(dy, nr_cuda_global_avgpool_backward(dy, dx));
    const int64_t nc = dy->shape[0] * dy->shape[1], hw = dx->shape[2] * dx->shape[3];
    const float *pdy = dy->data;

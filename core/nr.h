@@ -65,7 +65,10 @@ void nr_memory_reset_peak(int32_t device);
 
 /* ---------------------------------------------------------------- tensors */
 
-typedef enum { NR_F32 = 0, NR_I64 = 1, NR_U8 = 2 } nr_dtype;
+/* NR_BF16: bfloat16 (the top 16 bits of an f32), for mixed-precision activations. CPU tensors of
+ * it hold and convert data (copy, fill, get/set round to nearest even); computing with it — the
+ * layer kernels, tensor math and matmul — runs on CUDA only (see the layers section). */
+typedef enum { NR_F32 = 0, NR_I64 = 1, NR_U8 = 2, NR_BF16 = 3 } nr_dtype;
 typedef enum { NR_CPU = 0, NR_CUDA = 1 } nr_device;
 
 typedef struct nr_storage nr_storage; /* opaque, reference counted */
@@ -132,7 +135,8 @@ nr_status nr_rng_permutation(nr_tensor *out);
 /* One uint64 draw (for seeding worker generators deterministically). */
 uint64_t nr_rng_next(void);
 
-/* ---------------------------------------------------------------- tensor math (f32) */
+/* ---------------------------------------------------------------- tensor math (f32; bf16 on CUDA) */
+/* Operands of one call share a dtype: f32, or bf16 on CUDA (computed in f32, stored rounded). */
 
 typedef enum {
    NR_OP_ADD = 0, NR_OP_SUB = 1, NR_OP_MUL = 2, NR_OP_DIV = 3, NR_OP_MAX = 4, NR_OP_MIN = 5
@@ -160,7 +164,10 @@ nr_status nr_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_t op)
 nr_status nr_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out);
 
 /* out = alpha * op(a) @ op(b) + beta * out, where op transposes when trans_* != 0.
- * a (M, K) or (K, M), b (K, N) or (N, K), out (M, N); 2-d, rows contiguous (stride[1] == 1). */
+ * a (M, K) or (K, M), b (K, N) or (N, K), out (M, N); 2-d, rows contiguous (stride[1] == 1).
+ * On CUDA the dtypes may mix (mixed precision): when a or b is bf16 the product runs on bf16
+ * tensor cores with f32 accumulation (an f32 operand is rounded to bf16 first) and out is f32 or
+ * bf16; a bf16 out needs a bf16 operand. */
 nr_status nr_matmul(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t trans_a,
                     int32_t trans_b, float alpha, float beta);
 
@@ -177,6 +184,10 @@ nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len)
 /* Layer kernels: forward and backward of the nr.nn layers (core/nn_*.c on the CPU; the CUDA
  * backend implements nr_cuda_<name> with the identical parameter list, core/cuda/).
  * Common rules for this section:
+ *  - Mixed precision: the activations of a call (x, y, dx, dy, logits, dlogits) may be bf16 on
+ *    CUDA, all of one dtype; weights, biases, their gradients, BN statistics, dropout masks,
+ *    softmax probabilities and the loss stay f32 (the master copy), and conv/matmul round the
+ *    weight to bf16 per call. bf16 kernels compute in f32 and round what they store.
  *  - All tensors f32 unless stated; all on the same device; every tensor argument contiguous
  *    (row-major, NCHW). Outputs are allocated by the caller with the documented shape.
  *  - Geometry: Ho = (H + 2*pad_h - dil_h*(KH-1) - 1) / stride_h + 1 (floor), likewise Wo; pools

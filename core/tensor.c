@@ -101,6 +101,7 @@ int32_t nr_dtype_size(int32_t dtype)
    case NR_F32: return 4;
    case NR_I64: return 8;
    case NR_U8: return 1;
+   case NR_BF16: return 2;
    default: return 0;
    }
 }
@@ -245,6 +246,7 @@ static inline double load_as_double(const void *base, int32_t dtype, int64_t off
    switch (dtype) {
    case NR_F32: return ((const float *)base)[off];
    case NR_I64: return (double)((const int64_t *)base)[off];
+   case NR_BF16: return nr_bf16_to_f32(((const uint16_t *)base)[off]);
    default: return ((const uint8_t *)base)[off];
    }
 }
@@ -254,6 +256,7 @@ static inline void store_double(void *base, int32_t dtype, int64_t off, double v
    switch (dtype) {
    case NR_F32: ((float *)base)[off] = (float)v; break;
    case NR_I64: ((int64_t *)base)[off] = (int64_t)v; break;
+   case NR_BF16: ((uint16_t *)base)[off] = nr_f32_to_bf16((float)v); break;
    default: ((uint8_t *)base)[off] = (uint8_t)v; break;
    }
 }
@@ -327,6 +330,20 @@ nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src)
       const uint8_t *s = src->data;
 #pragma omp parallel for if (n > 65536)
       for (int64_t i = 0; i < n; i++) o[i] = s[i];
+      return NR_OK;
+   }
+   if (contig && dst->dtype == NR_BF16 && src->dtype == NR_F32) {
+      uint16_t *o = dst->data;
+      const float *s = src->data;
+#pragma omp parallel for if (n > 65536)
+      for (int64_t i = 0; i < n; i++) o[i] = nr_f32_to_bf16(s[i]);
+      return NR_OK;
+   }
+   if (contig && dst->dtype == NR_F32 && src->dtype == NR_BF16) {
+      float *o = dst->data;
+      const uint16_t *s = src->data;
+#pragma omp parallel for if (n > 65536)
+      for (int64_t i = 0; i < n; i++) o[i] = nr_bf16_to_f32(s[i]);
       return NR_OK;
    }
 #pragma omp parallel for if (n > 65536)

@@ -6,10 +6,13 @@
  * cudnnFind*AlgorithmEx (measured on the real buffers; set NR_CUDNN_FIND=0 for the
  * cudnnGet*_v7 heuristics instead). Workspaces come from the caching allocator (scratch slot 4).
  * What it is not: im2col fallbacks; every failure is reported, nothing silently runs on the host.
- * Invariants: fp32 tensors in NCHW; math mode CUDNN_FMA_MATH (exact fp32) unless TF32 is allowed
+ * Invariants: NCHW; activations (x, y, dx, dy) f32 or bf16, weights and their gradients always
+ * f32 (the master copy). f32: math mode CUDNN_FMA_MATH (exact fp32) unless TF32 is allowed
  * (nr_cuda_set_allow_tf32), in which case the algorithm's own math type is used; backward filter
- * computes dw <- acc * dw + scale * dL/dw through cuDNN's alpha/beta (beta = 0 never reads dw);
- * the algorithm search never writes dw (it uses a scratch buffer).
+ * computes dw <- acc * dw + scale * dL/dw through cuDNN's alpha/beta (beta = 0 never reads dw).
+ * bf16 (mixed precision): cuDNN's bf16 configuration (bf16 data, f32 compute) on tensor cores;
+ * the weight is converted to bf16 per call (scratch slot 5) and the bf16 weight gradient is
+ * folded into the f32 dw by nr_cuda_launch_acc. The algorithm search never writes dw.
  */
 #include "cuda_common.h"
 
@@ -22,7 +25,7 @@ enum { KEY_LEN = 17, NBUCKETS = 509, FIND_BUDGET_MAX = 1 << 30 };
 
 typedef struct plan {
    int32_t key[KEY_LEN];
-   cudnnTensorDescriptor_t xd, yd, bd;
+   cudnnTensorDescriptor_t xd, yd;
    cudnnFilterDescriptor_t wd;
    cudnnConvolutionDescriptor_t cd;
    int fwd_ready, bwdd_ready, bwdf_ready;
@@ -68,6 +71,7 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
    if (!p) return NR_FAIL(NR_E_OOM, "out of host memory");
    memcpy(p->key, k, sizeof p->key);
    const char *what = conv_desc(x, w, k);
+   const cudnnDataType_t dt = k[16] == NR_BF16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
    nr_status st = NR_OK;
 #define DN(expr)                                                                                 \
    do {                                                                                         \
@@ -76,28 +80,25 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
    } while (0)
    DN(cudnnCreateTensorDescriptor(&p->xd));
    DN(cudnnCreateTensorDescriptor(&p->yd));
-   DN(cudnnCreateTensorDescriptor(&p->bd));
    DN(cudnnCreateFilterDescriptor(&p->wd));
    DN(cudnnCreateConvolutionDescriptor(&p->cd));
    if (!st) {
       /* key: 0 dev, 1 n, 2 cin, 3 h, 4 w, 5 cout, 6 kh, 7 kw, 8 tf32, 9 groups, 10 sh, 11 sw,
-       * 12 ph, 13 pw, 14 dh, 15 dw, 16 unused */
-      DN(cudnnSetTensor4dDescriptor(p->xd, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, k[1], k[2], k[3], k[4]));
-      DN(cudnnSetFilter4dDescriptor(p->wd, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, k[5], k[2] / k[9], k[6], k[7]));
+       * 12 ph, 13 pw, 14 dh, 15 dw, 16 activation dtype (NR_F32 or NR_BF16) */
+      DN(cudnnSetTensor4dDescriptor(p->xd, CUDNN_TENSOR_NCHW, dt, k[1], k[2], k[3], k[4]));
+      DN(cudnnSetFilter4dDescriptor(p->wd, dt, CUDNN_TENSOR_NCHW, k[5], k[2] / k[9], k[6], k[7]));
       DN(cudnnSetConvolution2dDescriptor(p->cd, k[12], k[13], k[10], k[11], k[14], k[15], CUDNN_CROSS_CORRELATION,
                                          CUDNN_DATA_FLOAT));
       DN(cudnnSetConvolutionGroupCount(p->cd, k[9]));
-      DN(cudnnSetConvolutionMathType(p->cd, k[8] ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH));
-      DN(cudnnSetTensor4dDescriptor(p->bd, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, 1, k[5], 1, 1));
+      DN(cudnnSetConvolutionMathType(p->cd, k[8] || k[16] == NR_BF16 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH));
    }
    int on = 0, oc = 0, oh = 0, ow = 0;
    if (!st) DN(cudnnGetConvolution2dForwardOutputDim(p->cd, p->xd, p->wd, &on, &oc, &oh, &ow));
-   if (!st) DN(cudnnSetTensor4dDescriptor(p->yd, CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, on, oc, oh, ow));
+   if (!st) DN(cudnnSetTensor4dDescriptor(p->yd, CUDNN_TENSOR_NCHW, dt, on, oc, oh, ow));
 #undef DN
    if (st) {
       if (p->xd) cudnnDestroyTensorDescriptor(p->xd);
       if (p->yd) cudnnDestroyTensorDescriptor(p->yd);
-      if (p->bd) cudnnDestroyTensorDescriptor(p->bd);
       if (p->wd) cudnnDestroyFilterDescriptor(p->wd);
       if (p->cd) cudnnDestroyConvolutionDescriptor(p->cd);
       free(p);
@@ -123,7 +124,7 @@ static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor 
                         NR_DESC(w));
    int32_t k[KEY_LEN] = {x->device_index,    (int32_t)dims[0], (int32_t)dims[1], (int32_t)dims[2], (int32_t)dims[3],
                          (int32_t)dims[4],   (int32_t)dims[5], (int32_t)dims[6], nr_cuda_tf32_allowed(), groups,
-                         sh, sw, ph, pw, dh, dw, 0};
+                         sh, sw, ph, pw, dh, dw, x->dtype};
    unsigned hb = hash_key(k);
    pthread_mutex_lock(&g_plan_lock);
    plan *p = g_plans[hb];
@@ -260,11 +261,11 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
    return NR_OK;
 }
 
-/* Sets the convolution's math type to the one the chosen algorithm was measured with (exact
- * fp32 unless TF32 is allowed). */
+/* Sets the convolution's math type to the one the chosen algorithm was measured with (f32: exact
+ * unless TF32 is allowed; bf16: always the algorithm's, tensor cores). */
 static nr_status set_math(plan *p, cudnnMathType_t m, const char *what)
 {
-   if (!p->key[8]) m = CUDNN_FMA_MATH;
+   if (!p->key[8] && p->key[16] != NR_BF16) m = CUDNN_FMA_MATH;
    NR_CUDNN(cudnnSetConvolutionMathType(p->cd, m), "%s: cudnnSetConvolutionMathType", what);
    return NR_OK;
 }
@@ -283,16 +284,17 @@ nr_status nr_cuda_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tens
    plan *p;
    NR_TRY(get_plan(__func__, x, w, y->shape[2], y->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p));
    const char *what = conv_desc(x, w, p->key);
-   if (!p->fwd_ready) NR_TRY(choose_algo(ctx, p, 0, x->data, w->data, y->data, what));
+   nr_tensor wc; /* the weight in the activations' dtype */
+   NR_TRY(nr_cuda_as_dtype(ctx, w, x->dtype, 5, &wc));
+   if (!p->fwd_ready) NR_TRY(choose_algo(ctx, p, 0, x->data, wc.data, y->data, what));
    NR_TRY(set_math(p, p->fwd_math, what));
    void *ws = NULL;
    if (p->fwd_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->fwd_ws, &ws));
    const float one = 1.0f, zero = 0.0f;
-   NR_CUDNN(cudnnConvolutionForward(ctx->dnn, &one, p->xd, x->data, p->wd, w->data, p->cd, p->fwd, ws, p->fwd_ws, &zero,
+   NR_CUDNN(cudnnConvolutionForward(ctx->dnn, &one, p->xd, x->data, p->wd, wc.data, p->cd, p->fwd, ws, p->fwd_ws, &zero,
                                     p->yd, y->data),
             "%s: cudnnConvolutionForward (algo %d)", what, (int)p->fwd);
-   if (b) NR_CUDNN(cudnnAddTensor(ctx->dnn, &one, p->bd, b->data, &one, p->yd, y->data), "%s: adding the bias %s", what, NR_DESC(b));
-   return NR_OK;
+   return b ? nr_cuda_bias_add(y, b) : NR_OK;
 }
 
 nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_tensor *w, int32_t stride_h,
@@ -306,18 +308,21 @@ nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dev, &ctx));
    if (nr_tensor_numel(dy) == 0) {
-      NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)nr_tensor_numel(dx) * sizeof(float), ctx->stream), "zeroing %s", NR_DESC(dx));
+      NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)(nr_tensor_numel(dx) * nr_dtype_size(dx->dtype)), ctx->stream),
+            "zeroing %s", NR_DESC(dx));
       return NR_OK;
    }
    plan *p;
    NR_TRY(get_plan(__func__, dx, w, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p));
    const char *what = conv_desc(dx, w, p->key);
-   if (!p->bwdd_ready) NR_TRY(choose_algo(ctx, p, 1, dx->data, w->data, dy->data, what));
+   nr_tensor wc; /* the weight in the activations' dtype */
+   NR_TRY(nr_cuda_as_dtype(ctx, w, dx->dtype, 5, &wc));
+   if (!p->bwdd_ready) NR_TRY(choose_algo(ctx, p, 1, dx->data, wc.data, dy->data, what));
    NR_TRY(set_math(p, p->bwdd_math, what));
    void *ws = NULL;
    if (p->bwdd_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->bwdd_ws, &ws));
    const float one = 1.0f, zero = 0.0f;
-   NR_CUDNN(cudnnConvolutionBackwardData(ctx->dnn, &one, p->wd, w->data, p->yd, dy->data, p->cd, p->bwdd, ws, p->bwdd_ws,
+   NR_CUDNN(cudnnConvolutionBackwardData(ctx->dnn, &one, p->wd, wc.data, p->yd, dy->data, p->cd, p->bwdd, ws, p->bwdd_ws,
                                          &zero, p->xd, dx->data),
             "%s: cudnnConvolutionBackwardData (algo %d)", what, (int)p->bwdd);
    return NR_OK;
@@ -347,19 +352,29 @@ nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
    plan *p;
    NR_TRY(get_plan(__func__, x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p));
    const char *what = conv_desc(x, dw, p->key);
+   /* bf16: cuDNN writes a bf16 gradient (scratch slot 5), folded into the f32 dw afterwards */
+   const int mixed = x->dtype != dw->dtype;
+   void *dw16 = NULL;
+   if (mixed) NR_TRY(nr_cuda_scratch(ctx, 5, nw * nr_dtype_size(x->dtype), &dw16));
    if (!p->bwdf_ready) {
       /* search on a stand-in for dw, so accumulated gradients are not overwritten */
-      void *tmp = nr_cuda_alloc(dev, nw * (int64_t)sizeof(float));
+      int64_t bytes = nw * nr_dtype_size(x->dtype);
+      void *tmp = mixed ? dw16 : nr_cuda_alloc(dev, bytes);
       if (!tmp) return NR_E_OOM;
       nr_status st = choose_algo(ctx, p, 2, x->data, tmp, dy->data, what);
-      nr_cuda_free(dev, tmp, nw * (int64_t)sizeof(float));
+      if (!mixed) nr_cuda_free(dev, tmp, bytes);
       NR_TRY(st);
    }
    NR_TRY(set_math(p, p->bwdf_math, what));
    void *ws = NULL;
    if (p->bwdf_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->bwdf_ws, &ws));
-   NR_CUDNN(cudnnConvolutionBackwardFilter(ctx->dnn, &scale, p->xd, x->data, p->yd, dy->data, p->cd, p->bwdf, ws,
-                                           p->bwdf_ws, &acc, p->wd, dw->data),
+   const float one = 1.0f, zero = 0.0f;
+   NR_CUDNN(cudnnConvolutionBackwardFilter(ctx->dnn, mixed ? &one : &scale, p->xd, x->data, p->yd, dy->data, p->cd,
+                                           p->bwdf, ws, p->bwdf_ws, mixed ? &zero : &acc, p->wd, mixed ? dw16 : dw->data),
             "%s: cudnnConvolutionBackwardFilter (algo %d)", what, (int)p->bwdf);
-   return NR_OK;
+   if (!mixed) return NR_OK;
+   nr_tensor g16 = *dw;
+   g16.dtype = x->dtype;
+   g16.data = dw16;
+   return nr_cuda_launch_acc(ctx, dw, &g16, scale, acc);
 }

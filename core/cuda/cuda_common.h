@@ -31,7 +31,8 @@ extern "C" {
 
 enum { NR_CUDA_MAX_DEVICES = 16, NR_CUDA_SCRATCH_SLOTS = 6 };
 /* Scratch slots: 0 per-channel partial sums, 1 per-channel coefficients / per-row losses,
- * 2 flags and counts read back, 3 index copies, 4 cuDNN workspace, 5 spare. */
+ * 2 flags and counts read back, 3 index copies, 4 cuDNN workspace, 5 operands converted for
+ * mixed precision (bf16 weights, bf16 weight gradients). */
 
 typedef struct nr_cuda_ctx {
    int32_t device;
@@ -88,6 +89,14 @@ const char *nr_cuda_desc(const nr_tensor *t);
 
 /* Checks that t is on a GPU, on device dev; name is used in the message. */
 nr_status nr_cuda_check_on(const char *func, const char *name, const nr_tensor *t, int32_t dev);
+
+/* t converted to dtype: t itself (*out = *t) when it has that dtype already, else a contiguous
+ * copy in scratch slot `slot` (valid until that slot is used again). Used for the f32 master
+ * weights of a bf16 convolution or matmul. */
+nr_status nr_cuda_as_dtype(nr_cuda_ctx *ctx, const nr_tensor *t, int32_t dtype, int slot, nr_tensor *out);
+/* dst <- acc * dst + scale * src (acc == 0 ignores old contents): contiguous, equal numel; dst f32,
+ * src f32 or bf16 (a bf16 weight gradient folded into its f32 master gradient). */
+nr_status nr_cuda_launch_acc(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor *src, float scale, float acc);
 
 /* ---- launchers in tensor_kernels.cu used by runtime.c */
 /* dst <- src elementwise in row-major order (equal numel), any strides and dtypes, same GPU. */

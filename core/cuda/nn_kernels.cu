@@ -3,7 +3,9 @@
  * bias gradient, dropout, softmax cross-entropy, fused SGD, BN liveliness masks, L1 sign step.
  *
  * What it is: the GPU side of core/nn_*.c, core/optim.c and core/nr_ops.c, with the same
- * semantics as those CPU references (documented in core/nr.h). The layer entry points were
+ * semantics as those CPU references (documented in core/nr.h). Layer kernels are templates over
+ * the activation element type (f32, or bf16 for mixed precision; kernel_util.cuh); parameters,
+ * statistics, dropout masks and softmax probabilities stay f32. The layer entry points were
  * argument-checked by their CPU callers (dtype, shape, contiguity, same device) before dispatch;
  * SGD and the NR primitives dispatch first, so they check everything here.
  * What it is not: convolutions (conv.c, cuDNN) or general tensor math (tensor_kernels.cu).
@@ -14,21 +16,16 @@
  * assert); nothing synchronises except where a value goes to the host (the loss-label check,
  * the live count).
  */
-#include "cuda_common.h"
+#include "kernel_util.cuh"
 
 #include <cuda_runtime.h>
 #include <math.h>
 
 namespace {
 
-inline unsigned grid_for(int64_t n, int threads = 256)
-{
-   int64_t b = (n + threads - 1) / threads;
-   if (b > 65535LL * 16) b = 65535LL * 16;
-   return (unsigned)(b < 1 ? 1 : b);
-}
-
-#define GRID_LOOP(i, n) for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+/* *p += v for the backward scatters (f32, or bf16: native atomics on sm_80 and later). */
+__device__ __forceinline__ void atomic_add(float *p, float v) { atomicAdd(p, v); }
+__device__ __forceinline__ void atomic_add(bf16 *p, float v) { atomicAdd(p, __float2bfloat16_rn(v)); }
 
 /* Division by a runtime constant for 0 <= n < 2^31 (the divisor >= 1): q = (umulhi(n, m) + n) >> s. */
 struct fastdiv {
@@ -86,7 +83,8 @@ enum { RED_SUM_X = 0, RED_SQDEV = 1, RED_DY_DYX = 2 };
 /* grid (S, C), 256 threads: block (s, c) reduces the s-th chunk of channel c's L = N*R values.
  * RED_SUM_X: q0 = sum x; RED_SQDEV: q0 = sum (x - mean_c)^2 (float differences, as the CPU);
  * RED_DY_DYX: q0 = sum dy, q1 = sum dy * (x - mean_c). part[(q * C + c) * S + s]. */
-__global__ void k_chan_partial(const float *x, const float *dy, const float *mean, chan3 g, fastdiv rdiv, int mode,
+template <typename T>
+__global__ void k_chan_partial(const T *x, const T *dy, const float *mean, chan3 g, fastdiv rdiv, int mode,
                                double *part)
 {
    const int s = blockIdx.x, S = gridDim.x;
@@ -98,14 +96,14 @@ __global__ void k_chan_partial(const float *x, const float *dy, const float *mea
    for (uint32_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
       uint32_t n = fdiv(rdiv, j), r = j - n * rdiv.d;
       int64_t at = ((int64_t)n * g.c + c) * g.r + r;
-      if (mode == RED_SUM_X) a += x[at];
+      if (mode == RED_SUM_X) a += ld(x + at);
       else if (mode == RED_SQDEV) {
-         float d = x[at] - mu;
+         float d = ld(x + at) - mu;
          a += d * d;
       } else {
-         float d = dy[at];
+         float d = ld(dy + at);
          a += d;
-         b += d * (x[at] - mu);
+         b += d * (ld(x + at) - mu);
       }
    }
    __shared__ double sa[256], sb[256];
@@ -153,8 +151,9 @@ nr_status chan_check(const char *func, chan3 g)
 }
 
 /* Launches k_chan_partial; *part (scratch slot 0) receives 2 * C * S doubles. */
-nr_status chan_reduce(nr_cuda_ctx *ctx, const char *func, const float *x, const float *dy, const float *mean, chan3 g,
-                      int mode, double **part, int *S)
+template <typename T>
+nr_status chan_reduce_typed(nr_cuda_ctx *ctx, const char *func, const T *x, const T *dy, const float *mean, chan3 g,
+                            int mode, double **part, int *S)
 {
    NR_TRY(chan_check(func, g));
    *S = chunks_for(ctx, g);
@@ -162,9 +161,19 @@ nr_status chan_reduce(nr_cuda_ctx *ctx, const char *func, const float *x, const 
    NR_TRY(nr_cuda_scratch(ctx, 0, (int64_t)sizeof(double) * 2 * g.c * *S, &p));
    *part = (double *)p;
    dim3 grid((unsigned)*S, (unsigned)g.c);
-   k_chan_partial<<<grid, 256, 0, ctx->stream>>>(x, dy, mean, g, make_fastdiv((uint32_t)(g.r > 0 ? g.r : 1)), mode, *part);
+   k_chan_partial<T><<<grid, 256, 0, ctx->stream>>>(x, dy, mean, g, make_fastdiv((uint32_t)(g.r > 0 ? g.r : 1)), mode, *part);
    NR_CU_LAUNCHED("%s: per-channel reduction (%lld, %lld, %lld)", func, (long long)g.n, (long long)g.c, (long long)g.r);
    return NR_OK;
+}
+
+/* chan_reduce_typed on activation tensors x and dy (dy may be NULL), f32 or bf16. */
+nr_status chan_reduce(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, const nr_tensor *dy, const float *mean,
+                      chan3 g, int mode, double **part, int *S)
+{
+   return with_act_type(x, [&](auto tag) {
+      using T = decltype(tag);
+      return chan_reduce_typed<T>(ctx, func, cptr<T>(x), cptr<T>(dy), mean, g, mode, part, S);
+   });
 }
 
 /* acc/scale rule: d <- acc * d + scale * v, with acc == 0 ignoring old contents (even NaN). */
@@ -207,12 +216,12 @@ __global__ void k_bn_coef(int64_t C, const float *mean, const float *invstd, con
 }
 
 /* y = x * a_c + b_c (y may be x). */
-__global__ void k_bn_affine(const float *x, float *y, int64_t n, chandiv cd, const float *coef)
+template <typename T> __global__ void k_bn_affine(const T *x, T *y, int64_t n, chandiv cd, const float *coef)
 {
    GRID_LOOP(i, n)
    {
       int64_t c = chan_of(cd, i);
-      y[i] = x[i] * coef[2 * c] + coef[2 * c + 1];
+      st(y + i, ld(x + i) * coef[2 * c] + coef[2 * c + 1]);
    }
 }
 
@@ -240,14 +249,14 @@ __global__ void k_bn_bwd_finish(const double *part, int S, int64_t C, double m, 
    (void)mean_in;
 }
 
-__global__ void k_bn_dx(const float *x, const float *dy, float *dx, int64_t n, chandiv cd, const float *mean,
-                        const float *coef)
+template <typename T>
+__global__ void k_bn_dx(const T *x, const T *dy, T *dx, int64_t n, chandiv cd, const float *mean, const float *coef)
 {
    GRID_LOOP(i, n)
    {
       int64_t c = chan_of(cd, i);
       float k = coef[3 * c], mdy = coef[3 * c + 1], mdyx = coef[3 * c + 2];
-      dx[i] = k * (dy[i] - mdy - (x[i] - mean[c]) * mdyx);
+      st(dx + i, k * (ld(dy + i) - mdy - (ld(x + i) - mean[c]) * mdyx));
    }
 }
 
@@ -275,7 +284,7 @@ nr_status bn_backward_any(const char *func, const nr_tensor *x, const nr_tensor 
    double *part = NULL;
    int S = 1;
    bool need_sums = !eval || dgamma || dbeta;
-   if (need_sums && m > 0) NR_TRY(chan_reduce(ctx, func, fp(x), fp(dy), fp(mean), g, RED_DY_DYX, &part, &S));
+   if (need_sums && m > 0) NR_TRY(chan_reduce(ctx, func, x, dy, fp(mean), g, RED_DY_DYX, &part, &S));
    else {
       /* no sums needed (or m == 0): zero partials so the finish kernel sees sums of 0 */
       void *p;
@@ -289,41 +298,61 @@ nr_status bn_backward_any(const char *func, const nr_tensor *x, const nr_tensor 
                                                           fp(gamma), fpm(dgamma), fpm(dbeta), scale, acc,
                                                           (float *)coef, eval);
    NR_CU_LAUNCHED("%s: finishing %s", func, NR_DESC(x));
-   if (dx && g.n * g.c * g.r > 0) {
-      int64_t n = g.n * g.c * g.r;
-      k_bn_dx<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fp(dy), fpm(dx), n, make_chandiv(g.c, g.r, n), fp(mean),
-                                                    (const float *)coef);
-      NR_CU_LAUNCHED("%s: dx %s", func, NR_DESC(dx));
-   }
+   if (!dx || g.n * g.c * g.r == 0) return NR_OK;
+   int64_t n = g.n * g.c * g.r;
+   with_act_type(x, [&](auto tag) {
+      using T = decltype(tag);
+      k_bn_dx<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), cptr<T>(dy), mptr<T>(dx), n,
+                                                       make_chandiv(g.c, g.r, n), fp(mean), (const float *)coef);
+   });
+   NR_CU_LAUNCHED("%s: dx %s", func, NR_DESC(dx));
    return NR_OK;
 }
 
 /* ---------------------------------------------------------------- activations, dropout, bias */
 
-__global__ void k_relu_f(const float *x, float *y, int64_t n) { GRID_LOOP(i, n) y[i] = x[i] > 0 ? x[i] : 0.0f; }
-__global__ void k_relu_b(const float *y, const float *dy, float *dx, int64_t n)
+template <typename T> __global__ void k_relu_f(const T *x, T *y, int64_t n)
 {
-   GRID_LOOP(i, n) dx[i] = y[i] > 0 ? dy[i] : 0.0f;
+   GRID_LOOP(i, n)
+   {
+      float v = ld(x + i);
+      st(y + i, v > 0 ? v : 0.0f);
+   }
 }
-__global__ void k_sigm_f(const float *x, float *y, int64_t n) { GRID_LOOP(i, n) y[i] = 1.0f / (1.0f + expf(-x[i])); }
-__global__ void k_sigm_b(const float *y, const float *dy, float *dx, int64_t n)
+template <typename T> __global__ void k_relu_b(const T *y, const T *dy, T *dx, int64_t n)
 {
-   GRID_LOOP(i, n) dx[i] = dy[i] * y[i] * (1.0f - y[i]);
+   GRID_LOOP(i, n) st(dx + i, ld(y + i) > 0 ? ld(dy + i) : 0.0f);
 }
-__global__ void k_dropout_f(const float *x, float *y, float *mask, int64_t n, float keep, int identity)
+template <typename T> __global__ void k_sigm_f(const T *x, T *y, int64_t n)
+{
+   GRID_LOOP(i, n) st(y + i, 1.0f / (1.0f + expf(-ld(x + i))));
+}
+template <typename T> __global__ void k_sigm_b(const T *y, const T *dy, T *dx, int64_t n)
+{
+   GRID_LOOP(i, n)
+   {
+      float v = ld(y + i);
+      st(dx + i, ld(dy + i) * v * (1.0f - v));
+   }
+}
+/* The mask stays f32 (it is drawn by the global generator, as on the CPU). */
+template <typename T> __global__ void k_dropout_f(const T *x, T *y, float *mask, int64_t n, float keep, int identity)
 {
    GRID_LOOP(i, n)
    {
       float m = identity ? 1.0f : mask[i] * keep;
       mask[i] = m;
-      y[i] = x[i] * m;
+      st(y + i, ld(x + i) * m);
    }
 }
-__global__ void k_mul(const float *a, const float *b, float *o, int64_t n) { GRID_LOOP(i, n) o[i] = a[i] * b[i]; }
-
-__global__ void k_bias_add(float *y, const float *b, int64_t n, chandiv cd)
+template <typename T> __global__ void k_mask_mul(const T *a, const float *m, T *o, int64_t n)
 {
-   GRID_LOOP(i, n) y[i] += b[chan_of(cd, i)];
+   GRID_LOOP(i, n) st(o + i, ld(a + i) * m[i]);
+}
+
+template <typename T> __global__ void k_bias_add(T *y, const float *b, int64_t n, chandiv cd)
+{
+   GRID_LOOP(i, n) st(y + i, ld(y + i) + b[chan_of(cd, i)]);
 }
 __global__ void k_bias_finish(const double *part, int S, int64_t C, float *db, float scale, float acc)
 {
@@ -354,7 +383,7 @@ pool make_pool(const nr_tensor *x, const nr_tensor *y, int32_t kh, int32_t kw, i
    return p;
 }
 
-__global__ void k_maxpool_f(const float *x, float *y, int64_t *ind, pool p)
+template <typename T> __global__ void k_maxpool_f(const T *x, T *y, int64_t *ind, pool p)
 {
    GRID_LOOP(i, p.nc * p.ho * p.wo)
    {
@@ -364,13 +393,13 @@ __global__ void k_maxpool_f(const float *x, float *y, int64_t *ind, pool p)
       if (h1 > p.h) h1 = p.h;
       if (w0 < 0) w0 = 0;
       if (w1 > p.w) w1 = p.w;
-      const float *xp = x + q * p.h * p.w;
+      const T *xp = x + q * p.h * p.w;
       float best = -INFINITY;
       int64_t arg = h0 * p.w + w0;
       bool nan = false;
       for (int64_t ih = h0; ih < h1 && !nan; ih++)
          for (int64_t iw = w0; iw < w1; iw++) {
-            float v = xp[ih * p.w + iw];
+            float v = ld(xp + ih * p.w + iw);
             if (v > best || isnan(v)) {
                best = v;
                arg = ih * p.w + iw;
@@ -380,18 +409,19 @@ __global__ void k_maxpool_f(const float *x, float *y, int64_t *ind, pool p)
                }
             }
          }
-      y[i] = best;
+      st(y + i, best);
       ind[i] = arg;
    }
 }
 
 /* Indices outside the plane (not from the forward) are skipped instead of corrupting memory. */
-__global__ void k_maxpool_b(const float *dy, const int64_t *ind, float *dx, int64_t nc, int64_t outp, int64_t inp)
+template <typename T>
+__global__ void k_maxpool_b(const T *dy, const int64_t *ind, T *dx, int64_t nc, int64_t outp, int64_t inp)
 {
    GRID_LOOP(i, nc * outp)
    {
       int64_t j = ind[i];
-      if (j >= 0 && j < inp) atomicAdd(dx + (i / outp) * inp + j, dy[i]);
+      if (j >= 0 && j < inp) atomic_add(dx + (i / outp) * inp + j, ld(dy + i));
    }
 }
 
@@ -406,7 +436,7 @@ __device__ __forceinline__ float avg_div(const pool &p, int64_t h0, int64_t w0, 
    return (float)((b - a) * (d - c));
 }
 
-__global__ void k_avgpool_f(const float *x, float *y, pool p, int inc)
+template <typename T> __global__ void k_avgpool_f(const T *x, T *y, pool p, int inc)
 {
    GRID_LOOP(i, p.nc * p.ho * p.wo)
    {
@@ -414,15 +444,15 @@ __global__ void k_avgpool_f(const float *x, float *y, pool p, int inc)
       int64_t h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw;
       int64_t a = h0 < 0 ? 0 : h0, b = h0 + p.kh > p.h ? p.h : h0 + p.kh;
       int64_t c = w0 < 0 ? 0 : w0, d = w0 + p.kw > p.w ? p.w : w0 + p.kw;
-      const float *xp = x + q * p.h * p.w;
+      const T *xp = x + q * p.h * p.w;
       float s = 0;
       for (int64_t ih = a; ih < b; ih++)
-         for (int64_t iw = c; iw < d; iw++) s += xp[ih * p.w + iw];
-      y[i] = s / avg_div(p, h0, w0, inc);
+         for (int64_t iw = c; iw < d; iw++) s += ld(xp + ih * p.w + iw);
+      st(y + i, s / avg_div(p, h0, w0, inc));
    }
 }
 
-__global__ void k_avgpool_b(const float *dy, float *dx, pool p, int inc)
+template <typename T> __global__ void k_avgpool_b(const T *dy, T *dx, pool p, int inc)
 {
    GRID_LOOP(i, p.nc * p.ho * p.wo)
    {
@@ -430,29 +460,29 @@ __global__ void k_avgpool_b(const float *dy, float *dx, pool p, int inc)
       int64_t h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw;
       int64_t a = h0 < 0 ? 0 : h0, b = h0 + p.kh > p.h ? p.h : h0 + p.kh;
       int64_t c = w0 < 0 ? 0 : w0, d = w0 + p.kw > p.w ? p.w : w0 + p.kw;
-      float v = dy[i] / avg_div(p, h0, w0, inc);
-      float *xp = dx + q * p.h * p.w;
+      float v = ld(dy + i) / avg_div(p, h0, w0, inc);
+      T *xp = dx + q * p.h * p.w;
       for (int64_t ih = a; ih < b; ih++)
-         for (int64_t iw = c; iw < d; iw++) atomicAdd(xp + ih * p.w + iw, v);
+         for (int64_t iw = c; iw < d; iw++) atomic_add(xp + ih * p.w + iw, v);
    }
 }
 
 /* One warp per (n, c) plane. */
-__global__ void k_gap_f(const float *x, float *y, int64_t nc, int64_t hw)
+template <typename T> __global__ void k_gap_f(const T *x, T *y, int64_t nc, int64_t hw)
 {
    int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32, nwarps = (int64_t)gridDim.x * blockDim.x / 32;
    int lane = threadIdx.x & 31;
    for (int64_t q = warp; q < nc; q += nwarps) {
-      const float *p = x + q * hw;
+      const T *p = x + q * hw;
       double s = 0;
-      for (int64_t i = lane; i < hw; i += 32) s += p[i];
+      for (int64_t i = lane; i < hw; i += 32) s += ld(p + i);
       for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-      if (lane == 0) y[q] = (float)(s / (double)hw);
+      if (lane == 0) st(y + q, (float)(s / (double)hw));
    }
 }
-__global__ void k_gap_b(const float *dy, float *dx, int64_t nc, int64_t hw)
+template <typename T> __global__ void k_gap_b(const T *dy, T *dx, int64_t nc, int64_t hw)
 {
-   GRID_LOOP(i, nc * hw) dx[i] = dy[i / hw] / (float)hw;
+   GRID_LOOP(i, nc * hw) st(dx + i, ld(dy + i / hw) / (float)hw);
 }
 
 /* ---------------------------------------------------------------- softmax cross-entropy */
@@ -463,16 +493,18 @@ __global__ void k_label_check(const int64_t *labels, int64_t n, int64_t k, unsig
    GRID_LOOP(i, n) if (labels[i] < 0 || labels[i] >= k) atomicMin(bad, (unsigned long long)i);
 }
 
-/* One block per row: probs = softmax(x); rowloss = (1-ls) * nll + ls * (lse - mean(x - mx)). */
-__global__ void k_xent_f(const float *x, const int64_t *labels, float *probs, double *rowloss, int64_t n, int64_t k, double ls)
+/* One block per row: probs = softmax(x); rowloss = (1-ls) * nll + ls * (lse - mean(x - mx)).
+ * x: the logits (T); probs f32. */
+template <typename T>
+__global__ void k_xent_f(const T *x, const int64_t *labels, float *probs, double *rowloss, int64_t n, int64_t k, double ls)
 {
    __shared__ float smx[256];
    __shared__ double sse[256], ssx[256];
    for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
-      const float *xr = x + row * k;
+      const T *xr = x + row * k;
       float *pr = probs + row * k;
       float mx = -INFINITY;
-      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) mx = xr[j] > mx ? xr[j] : mx;
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) mx = ld(xr + j) > mx ? ld(xr + j) : mx;
       smx[threadIdx.x] = mx;
       __syncthreads();
       for (int s = blockDim.x / 2; s > 0; s >>= 1) {
@@ -482,10 +514,10 @@ __global__ void k_xent_f(const float *x, const int64_t *labels, float *probs, do
       mx = smx[0];
       double se = 0, sx = 0;
       for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-         float e = expf(xr[j] - mx);
+         float e = expf(ld(xr + j) - mx);
          pr[j] = e;
          se += e;
-         sx += xr[j] - mx;
+         sx += ld(xr + j) - mx;
       }
       sse[threadIdx.x] = se;
       ssx[threadIdx.x] = sx;
@@ -504,7 +536,7 @@ __global__ void k_xent_f(const float *x, const int64_t *labels, float *probs, do
       if (threadIdx.x == 0) {
          int64_t lab = labels[row];
          double lse = log(se);
-         double nll = (lab >= 0 && lab < k) ? lse - (double)(xr[lab] - mx) : 0.0; /* bad labels reported by the host */
+         double nll = (lab >= 0 && lab < k) ? lse - (double)(ld(xr + lab) - mx) : 0.0; /* bad labels reported by the host */
          rowloss[row] = (1.0 - ls) * nll + ls * (lse - sx / (double)k);
       }
       __syncthreads();
@@ -525,14 +557,15 @@ __global__ void k_xent_mean(const double *rowloss, int64_t n, float *loss)
    if (threadIdx.x == 0) loss[0] = n > 0 ? (float)(sh[0] / (double)n) : NAN;
 }
 
-__global__ void k_xent_b(const float *probs, const int64_t *labels, float *d, int64_t n, int64_t k, float s, float off, float on)
+template <typename T>
+__global__ void k_xent_b(const float *probs, const int64_t *labels, T *d, int64_t n, int64_t k, float s, float off, float on)
 {
    GRID_LOOP(i, n * k)
    {
       int64_t row = i / k, j = i % k;
       float v = s * (probs[i] - off);
       if (labels[row] == j) v -= s * on;
-      d[i] = v;
+      st(d + i, v);
    }
 }
 
@@ -631,7 +664,11 @@ nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_te
    NR_TRY(nr_cuda_scratch(ctx, 1, (int64_t)sizeof(float) * 2 * g.c, &coef));
    k_bn_coef<<<grid_for(g.c), 256, 0, ctx->stream>>>(g.c, mean, invstd, fp(gamma), fp(beta), eval, eps, (float *)coef);
    NR_CU_LAUNCHED("%s: coefficients %s", func, NR_DESC(x));
-   k_bn_affine<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fpm(y), n, make_chandiv(g.c, g.r, n), (const float *)coef);
+   with_act_type(x, [&](auto tag) {
+      using T = decltype(tag);
+      k_bn_affine<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), n, make_chandiv(g.c, g.r, n),
+                                                           (const float *)coef);
+   });
    NR_CU_LAUNCHED("%s: normalising %s", func, NR_DESC(x));
    return NR_OK;
 }
@@ -655,10 +692,10 @@ nr_status nr_cuda_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor
    const double m = (double)(g.n * g.r);
    double *part;
    int S;
-   NR_TRY(chan_reduce(ctx, __func__, fp(x), NULL, NULL, g, RED_SUM_X, &part, &S));
+   NR_TRY(chan_reduce(ctx, __func__, x, NULL, NULL, g, RED_SUM_X, &part, &S));
    k_bn_mean<<<grid_for(g.c), 256, 0, ctx->stream>>>(part, S, g.c, m, fpm(save_mean));
    NR_CU_LAUNCHED("bn2d_forward_train mean %s", NR_DESC(x));
-   NR_TRY(chan_reduce(ctx, __func__, fp(x), NULL, fp(save_mean), g, RED_SQDEV, &part, &S));
+   NR_TRY(chan_reduce(ctx, __func__, x, NULL, fp(save_mean), g, RED_SQDEV, &part, &S));
    k_bn_var<<<grid_for(g.c), 256, 0, ctx->stream>>>(part, S, g.c, m, eps, momentum, fp(save_mean), fpm(save_invstd),
                                                    fpm(running_mean), fpm(running_var));
    NR_CU_LAUNCHED("bn2d_forward_train var %s", NR_DESC(x));
@@ -693,41 +730,36 @@ nr_status nr_cuda_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr
 
 /* ---- activations and dropout */
 
-#define ELEMWISE(kernel, n, what, ...)                                                            \
+/* Launches kernel<T>(args..., n) over the n elements of activation ref, T its element type. */
+#define ELEMWISE(kernel, ref, what, ...)                                                          \
    do {                                                                                         \
-      if ((n) == 0) return NR_OK;                                                               \
-      kernel<<<grid_for(n), 256, 0, ctx->stream>>>(__VA_ARGS__, (n));                           \
+      nr_cuda_ctx *ctx;                                                                         \
+      NR_TRY(nr_cuda_ctx_get((ref)->device_index, &ctx));                                       \
+      int64_t n = nr_tensor_numel(ref);                                                         \
+      if (n == 0) return NR_OK;                                                                 \
+      with_act_type(ref, [&](auto tag) {                                                        \
+         using T = decltype(tag);                                                               \
+         kernel<T><<<grid_for(n), 256, 0, ctx->stream>>>(__VA_ARGS__, n);                       \
+      });                                                                                       \
       NR_CU_LAUNCHED("%s %s", what, NR_DESC(ref));                                              \
       return NR_OK;                                                                             \
    } while (0)
 
 nr_status nr_cuda_relu_forward(const nr_tensor *x, nr_tensor *y)
 {
-   nr_cuda_ctx *ctx;
-   const nr_tensor *ref = x;
-   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
-   ELEMWISE(k_relu_f, nr_tensor_numel(x), "relu_forward", fp(x), fpm(y));
+   ELEMWISE(k_relu_f, x, "relu_forward", cptr<T>(x), mptr<T>(y));
 }
 nr_status nr_cuda_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx)
 {
-   nr_cuda_ctx *ctx;
-   const nr_tensor *ref = y;
-   NR_TRY(nr_cuda_ctx_get(y->device_index, &ctx));
-   ELEMWISE(k_relu_b, nr_tensor_numel(y), "relu_backward", fp(y), fp(dy), fpm(dx));
+   ELEMWISE(k_relu_b, y, "relu_backward", cptr<T>(y), cptr<T>(dy), mptr<T>(dx));
 }
 nr_status nr_cuda_sigmoid_forward(const nr_tensor *x, nr_tensor *y)
 {
-   nr_cuda_ctx *ctx;
-   const nr_tensor *ref = x;
-   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
-   ELEMWISE(k_sigm_f, nr_tensor_numel(x), "sigmoid_forward", fp(x), fpm(y));
+   ELEMWISE(k_sigm_f, x, "sigmoid_forward", cptr<T>(x), mptr<T>(y));
 }
 nr_status nr_cuda_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx)
 {
-   nr_cuda_ctx *ctx;
-   const nr_tensor *ref = y;
-   NR_TRY(nr_cuda_ctx_get(y->device_index, &ctx));
-   ELEMWISE(k_sigm_b, nr_tensor_numel(y), "sigmoid_backward", fp(y), fp(dy), fpm(dx));
+   ELEMWISE(k_sigm_b, y, "sigmoid_backward", cptr<T>(y), cptr<T>(dy), mptr<T>(dx));
 }
 
 nr_status nr_cuda_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, float p)
@@ -738,20 +770,18 @@ nr_status nr_cuda_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *m
    /* the mask comes from the global generator exactly as on the CPU (drawn on the host, staged) */
    if (p > 0.0f) NR_TRY_WRAP(nr_rng_bernoulli(mask, 1.0 - (double)p));
    if (n == 0) return NR_OK;
-   k_dropout_f<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fpm(y), fpm(mask), n, 1.0f / (1.0f - p), p == 0.0f);
+   with_act_type(x, [&](auto tag) {
+      using T = decltype(tag);
+      k_dropout_f<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), fpm(mask), n, 1.0f / (1.0f - p),
+                                                           p == 0.0f);
+   });
    NR_CU_LAUNCHED("dropout_forward %s", NR_DESC(x));
    return NR_OK;
 }
 
 nr_status nr_cuda_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_tensor *dx)
 {
-   nr_cuda_ctx *ctx;
-   NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
-   int64_t n = nr_tensor_numel(dy);
-   if (n == 0) return NR_OK;
-   k_mul<<<grid_for(n), 256, 0, ctx->stream>>>(fp(dy), fp(mask), fpm(dx), n);
-   NR_CU_LAUNCHED("dropout_backward %s", NR_DESC(dy));
-   return NR_OK;
+   ELEMWISE(k_mask_mul, dy, "dropout_backward", cptr<T>(dy), fp(mask), mptr<T>(dx));
 }
 
 /* ---- bias */
@@ -773,7 +803,10 @@ nr_status nr_cuda_bias_add(nr_tensor *y, const nr_tensor *b)
    chan3 g = ncr(y);
    int64_t n = g.n * g.c * g.r;
    if (n == 0) return NR_OK;
-   k_bias_add<<<grid_for(n), 256, 0, ctx->stream>>>(fpm(y), fp(b), n, make_chandiv(g.c, g.r, n));
+   with_act_type(y, [&](auto tag) {
+      using T = decltype(tag);
+      k_bias_add<T><<<grid_for(n), 256, 0, ctx->stream>>>(mptr<T>(y), fp(b), n, make_chandiv(g.c, g.r, n));
+   });
    NR_CU_LAUNCHED("bias_add %s + %s", NR_DESC(y), NR_DESC(b));
    return NR_OK;
 }
@@ -786,7 +819,7 @@ nr_status nr_cuda_bias_backward(const nr_tensor *dy, nr_tensor *db, float scale,
    if (g.c == 0) return NR_OK;
    double *part;
    int S = 1;
-   if (g.n * g.r > 0) NR_TRY(chan_reduce(ctx, __func__, fp(dy), NULL, NULL, g, RED_SUM_X, &part, &S));
+   if (g.n * g.r > 0) NR_TRY(chan_reduce(ctx, __func__, dy, NULL, NULL, g, RED_SUM_X, &part, &S));
    else {
       void *p;
       NR_TRY(nr_cuda_scratch(ctx, 0, (int64_t)sizeof(double) * g.c, &p));
@@ -808,7 +841,10 @@ nr_status nr_cuda_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor 
    pool p = make_pool(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
    int64_t n = p.nc * p.ho * p.wo;
    if (n == 0) return NR_OK;
-   k_maxpool_f<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fpm(y), (int64_t *)indices->data, p);
+   with_act_type(x, [&](auto tag) {
+      using T = decltype(tag);
+      k_maxpool_f<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), (int64_t *)indices->data, p);
+   });
    NR_CU_LAUNCHED("maxpool2d_forward %s -> %s", NR_DESC(x), NR_DESC(y));
    return NR_OK;
 }
@@ -820,9 +856,14 @@ nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indic
    int64_t nc = dy->shape[0] * dy->shape[1], outp = dy->shape[2] * dy->shape[3], inp = dx->shape[2] * dx->shape[3];
    int64_t nx = nr_tensor_numel(dx);
    if (nx == 0) return NR_OK;
-   NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)nx * sizeof(float), ctx->stream), "maxpool2d_backward: zeroing %s", NR_DESC(dx));
+   NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)(nx * nr_dtype_size(dx->dtype)), ctx->stream),
+         "maxpool2d_backward: zeroing %s", NR_DESC(dx));
    if (nc * outp == 0) return NR_OK;
-   k_maxpool_b<<<grid_for(nc * outp), 256, 0, ctx->stream>>>(fp(dy), (const int64_t *)indices->data, fpm(dx), nc, outp, inp);
+   with_act_type(dy, [&](auto tag) {
+      using T = decltype(tag);
+      k_maxpool_b<T><<<grid_for(nc * outp), 256, 0, ctx->stream>>>(cptr<T>(dy), (const int64_t *)indices->data,
+                                                                  mptr<T>(dx), nc, outp, inp);
+   });
    NR_CU_LAUNCHED("maxpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
    return NR_OK;
 }
@@ -836,7 +877,10 @@ nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t ke
    pool p = make_pool(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
    int64_t n = p.nc * p.ho * p.wo;
    if (n == 0) return NR_OK;
-   k_avgpool_f<<<grid_for(n), 256, 0, ctx->stream>>>(fp(x), fpm(y), p, count_include_pad);
+   with_act_type(x, [&](auto tag) {
+      using T = decltype(tag);
+      k_avgpool_f<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), p, count_include_pad);
+   });
    NR_CU_LAUNCHED("avgpool2d_forward %s -> %s", NR_DESC(x), NR_DESC(y));
    return NR_OK;
 }
@@ -850,9 +894,13 @@ nr_status nr_cuda_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t
    pool p = make_pool(dx, dy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
    int64_t nx = nr_tensor_numel(dx), n = p.nc * p.ho * p.wo;
    if (nx == 0) return NR_OK;
-   NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)nx * sizeof(float), ctx->stream), "avgpool2d_backward: zeroing %s", NR_DESC(dx));
+   NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)(nx * nr_dtype_size(dx->dtype)), ctx->stream),
+         "avgpool2d_backward: zeroing %s", NR_DESC(dx));
    if (n == 0) return NR_OK;
-   k_avgpool_b<<<grid_for(n), 256, 0, ctx->stream>>>(fp(dy), fpm(dx), p, count_include_pad);
+   with_act_type(dy, [&](auto tag) {
+      using T = decltype(tag);
+      k_avgpool_b<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(dy), mptr<T>(dx), p, count_include_pad);
+   });
    NR_CU_LAUNCHED("avgpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
    return NR_OK;
 }
@@ -864,7 +912,10 @@ nr_status nr_cuda_global_avgpool_forward(const nr_tensor *x, nr_tensor *y)
    int64_t nc = x->shape[0] * x->shape[1], hw = x->shape[2] * x->shape[3];
    if (hw == 0 && nc > 0) return NR_FAIL(NR_E_ARG, "x: empty spatial size");
    if (nc == 0) return NR_OK;
-   k_gap_f<<<grid_for(nc * 32), 256, 0, ctx->stream>>>(fp(x), fpm(y), nc, hw);
+   with_act_type(x, [&](auto tag) {
+      using T = decltype(tag);
+      k_gap_f<T><<<grid_for(nc * 32), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), nc, hw);
+   });
    NR_CU_LAUNCHED("global_avgpool_forward %s", NR_DESC(x));
    return NR_OK;
 }
@@ -875,7 +926,10 @@ nr_status nr_cuda_global_avgpool_backward(const nr_tensor *dy, nr_tensor *dx)
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
    int64_t nc = dx->shape[0] * dx->shape[1], hw = dx->shape[2] * dx->shape[3];
    if (nc * hw == 0) return NR_OK;
-   k_gap_b<<<grid_for(nc * hw), 256, 0, ctx->stream>>>(fp(dy), fpm(dx), nc, hw);
+   with_act_type(dy, [&](auto tag) {
+      using T = decltype(tag);
+      k_gap_b<T><<<grid_for(nc * hw), 256, 0, ctx->stream>>>(cptr<T>(dy), mptr<T>(dx), nc, hw);
+   });
    NR_CU_LAUNCHED("global_avgpool_backward %s", NR_DESC(dx));
    return NR_OK;
 }
@@ -897,8 +951,11 @@ nr_status nr_cuda_softmax_xent_forward(const nr_tensor *logits, const nr_tensor 
    void *rl;
    NR_TRY(nr_cuda_scratch(ctx, 1, (int64_t)sizeof(double) * (n > 0 ? n : 1), &rl));
    if (n > 0) {
-      k_xent_f<<<(unsigned)(n < 65535 * 16 ? n : 65535 * 16), 256, 0, ctx->stream>>>(
-          fp(logits), (const int64_t *)labels->data, fpm(probs), (double *)rl, n, k, (double)label_smoothing);
+      with_act_type(logits, [&](auto tag) {
+         using T = decltype(tag);
+         k_xent_f<T><<<(unsigned)(n < 65535 * 16 ? n : 65535 * 16), 256, 0, ctx->stream>>>(
+             cptr<T>(logits), (const int64_t *)labels->data, fpm(probs), (double *)rl, n, k, (double)label_smoothing);
+      });
       NR_CU_LAUNCHED("softmax_xent_forward %s", NR_DESC(logits));
    }
    k_xent_mean<<<1, 256, 0, ctx->stream>>>((const double *)rl, n, fpm(loss));
@@ -920,7 +977,11 @@ nr_status nr_cuda_softmax_xent_backward(const nr_tensor *probs, const nr_tensor 
    NR_TRY(check_labels(ctx, __func__, labels, k));
    if (n == 0 || k == 0) return NR_OK;
    float s = scale / (float)n, off = label_smoothing / (float)k, on = 1.0f - label_smoothing;
-   k_xent_b<<<grid_for(n * k), 256, 0, ctx->stream>>>(fp(probs), (const int64_t *)labels->data, fpm(dlogits), n, k, s, off, on);
+   with_act_type(dlogits, [&](auto tag) {
+      using T = decltype(tag);
+      k_xent_b<T><<<grid_for(n * k), 256, 0, ctx->stream>>>(fp(probs), (const int64_t *)labels->data, mptr<T>(dlogits), n,
+                                                            k, s, off, on);
+   });
    NR_CU_LAUNCHED("softmax_xent_backward %s", NR_DESC(probs));
    return NR_OK;
 }

@@ -462,13 +462,19 @@ nr_status nr_cuda_get(const nr_tensor *t, int64_t off, double *value)
    union {
       float f;
       int64_t i;
+      uint16_t h;
       uint8_t u;
    } v;
    v.i = 0;
    NR_CU(cudaMemcpyAsync(&v, (const char *)t->data + off * es, (size_t)es, cudaMemcpyDeviceToHost, ctx->stream),
          "reading element %lld of %s", (long long)off, NR_DESC(t));
    NR_CU(cudaStreamSynchronize(ctx->stream), "reading element %lld of %s", (long long)off, NR_DESC(t));
-   *value = t->dtype == NR_F32 ? (double)v.f : t->dtype == NR_I64 ? (double)v.i : (double)v.u;
+   switch (t->dtype) {
+   case NR_F32: *value = v.f; break;
+   case NR_I64: *value = (double)v.i; break;
+   case NR_BF16: *value = nr_bf16_to_f32(v.h); break;
+   default: *value = v.u; break;
+   }
    return NR_OK;
 }
 
@@ -534,6 +540,18 @@ static nr_tensor raw_view(const nr_tensor *like, int32_t dtype, int32_t device, 
    }
    t.data = data;
    return t;
+}
+
+nr_status nr_cuda_as_dtype(nr_cuda_ctx *ctx, const nr_tensor *t, int32_t dtype, int slot, nr_tensor *out)
+{
+   if (t->dtype == dtype) {
+      *out = *t;
+      return NR_OK;
+   }
+   void *p;
+   NR_TRY(nr_cuda_scratch(ctx, slot, nr_tensor_numel(t) * nr_dtype_size(dtype), &p));
+   *out = raw_view(t, dtype, NR_CUDA, t->device_index, p);
+   return nr_cuda_launch_copy(ctx, out, t);
 }
 
 static nr_status copy_h2d(nr_tensor *dst, const nr_tensor *src)

@@ -1,6 +1,6 @@
 /* tensor_kernels.cu — CUDA kernels of the general tensor operations: strided copies with dtype
  * conversion, fill, elementwise binary/scalar/unary ops, axpy, reductions, argmax, index
- * select/copy.
+ * select/copy; the math kernels take f32 or bf16 operands (kernel_util.cuh).
  *
  * What it is: the GPU side of core/tensor.c and core/math.c. Arguments were checked by the CPU
  * entry points (shapes, dtypes, same device) before dispatch; index_select/copy and argmax check
@@ -11,7 +11,7 @@
  * (as the CPU); nothing here synchronises except index checks on GPU-resident indices, which read
  * one flag back.
  */
-#include "cuda_common.h"
+#include "kernel_util.cuh"
 
 #include <cuda_runtime.h>
 #include <math.h>
@@ -49,19 +49,12 @@ __device__ __forceinline__ int64_t goff(const geo &g, int64_t i)
    return off;
 }
 
-inline unsigned grid_for(int64_t n, int threads = 256)
-{
-   int64_t b = (n + threads - 1) / threads;
-   if (b > 65535LL * 16) b = 65535LL * 16;
-   return (unsigned)(b < 1 ? 1 : b);
-}
-
-#define GRID_LOOP(i, n) for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
-
 /* ---------------------------------------------------------------- copy, set, fill */
 
 template <typename T> __device__ __forceinline__ double to_d(T v) { return (double)v; }
 template <typename T> __device__ __forceinline__ T from_d(double v) { return (T)v; }
+template <> __device__ __forceinline__ double to_d<bf16>(bf16 v) { return (double)__bfloat162float(v); }
+template <> __device__ __forceinline__ bf16 from_d<bf16>(double v) { return __float2bfloat16_rn((float)v); }
 
 template <typename TD, typename TS>
 __global__ void k_copy(TD *dst, geo gd, const TS *src, geo gs, int64_t n)
@@ -77,6 +70,7 @@ nr_status launch_copy_to(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor *src,
    switch (src->dtype) {
    case NR_F32: k_copy<TD, float><<<grid, 256, 0, ctx->stream>>>((TD *)dst->data, gd, (const float *)src->data, gs, n); break;
    case NR_I64: k_copy<TD, int64_t><<<grid, 256, 0, ctx->stream>>>((TD *)dst->data, gd, (const int64_t *)src->data, gs, n); break;
+   case NR_BF16: k_copy<TD, bf16><<<grid, 256, 0, ctx->stream>>>((TD *)dst->data, gd, (const bf16 *)src->data, gs, n); break;
    default: k_copy<TD, uint8_t><<<grid, 256, 0, ctx->stream>>>((TD *)dst->data, gd, (const uint8_t *)src->data, gs, n); break;
    }
    NR_CU_LAUNCHED("copy %s -> %s", NR_DESC(src), NR_DESC(dst));
@@ -85,8 +79,9 @@ nr_status launch_copy_to(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor *src,
 
 template <typename T> __global__ void k_set_one(T *p, double v) { *p = from_d<T>(v); }
 
-template <typename T> __global__ void k_fill(T *p, geo g, int64_t n, T v)
+template <typename T> __global__ void k_fill(T *p, geo g, int64_t n, double value)
 {
+   const T v = from_d<T>(value);
    GRID_LOOP(i, n) p[goff(g, i)] = v;
 }
 
@@ -120,29 +115,42 @@ __device__ __forceinline__ float un(float x, int op)
    }
 }
 
-__global__ void k_binary(const float *a, geo ga, const float *b, geo gb, float *o, geo go, int64_t n, int op)
+/* Elementwise kernels: T is the operands' element type (f32 or bf16), math in f32. */
+template <typename T>
+__global__ void k_binary(const T *a, geo ga, const T *b, geo gb, T *o, geo go, int64_t n, int op)
 {
-   GRID_LOOP(i, n) o[goff(go, i)] = bin(a[goff(ga, i)], b[goff(gb, i)], op);
+   GRID_LOOP(i, n) st(o + goff(go, i), bin(ld(a + goff(ga, i)), ld(b + goff(gb, i)), op));
 }
 
-__global__ void k_binary_contig(const float *__restrict__ a, const float *__restrict__ b, float *o, int64_t n, int op)
+template <typename T>
+__global__ void k_binary_contig(const T *__restrict__ a, const T *__restrict__ b, T *o, int64_t n, int op)
 {
-   GRID_LOOP(i, n) o[i] = bin(a[i], b[i], op);
+   GRID_LOOP(i, n) st(o + i, bin(ld(a + i), ld(b + i), op));
 }
 
-__global__ void k_binary_scalar(const float *a, geo ga, float s, float *o, geo go, int64_t n, int op)
+template <typename T>
+__global__ void k_binary_scalar(const T *a, geo ga, float s, T *o, geo go, int64_t n, int op)
 {
-   GRID_LOOP(i, n) o[goff(go, i)] = bin(a[goff(ga, i)], s, op);
+   GRID_LOOP(i, n) st(o + goff(go, i), bin(ld(a + goff(ga, i)), s, op));
 }
 
-__global__ void k_unary(const float *a, geo ga, float *o, geo go, int64_t n, int op)
+template <typename T> __global__ void k_unary(const T *a, geo ga, T *o, geo go, int64_t n, int op)
 {
-   GRID_LOOP(i, n) o[goff(go, i)] = un(a[goff(ga, i)], op);
+   GRID_LOOP(i, n) st(o + goff(go, i), un(ld(a + goff(ga, i)), op));
 }
 
-__global__ void k_axpy(const float *x, geo gx, float *y, geo gy, int64_t n, float alpha)
+template <typename T> __global__ void k_axpy(const T *x, geo gx, T *y, geo gy, int64_t n, float alpha)
 {
-   GRID_LOOP(i, n) y[goff(gy, i)] += alpha * x[goff(gx, i)];
+   GRID_LOOP(i, n)
+   {
+      T *p = y + goff(gy, i);
+      st(p, ld(p) + alpha * ld(x + goff(gx, i)));
+   }
+}
+
+template <typename T> __global__ void k_acc(float *dst, const T *src, int64_t n, float scale, float acc)
+{
+   GRID_LOOP(i, n) dst[i] = (acc == 0.0f ? 0.0f : acc * dst[i]) + scale * ld(src + i);
 }
 
 /* ---------------------------------------------------------------- reductions */
@@ -159,14 +167,15 @@ __device__ __forceinline__ double red_step(double acc, double v, int op)
 }
 
 /* One block per output element (outer x inner), threads stride over the reduced length. */
-__global__ void k_reduce_block(const float *a, geo ga, float *out, int64_t outer, int64_t len, int64_t inner, int op)
+template <typename T>
+__global__ void k_reduce_block(const T *a, geo ga, T *out, int64_t outer, int64_t len, int64_t inner, int op)
 {
    __shared__ double sh[256];
    for (int64_t oi = blockIdx.x; oi < outer * inner; oi += gridDim.x) {
       int64_t o = oi / inner, in = oi % inner;
       double acc = red_init(op);
       for (int64_t k = threadIdx.x; k < len; k += blockDim.x)
-         acc = red_step(acc, (double)a[goff(ga, (o * len + k) * inner + in)], op);
+         acc = red_step(acc, (double)ld(a + goff(ga, (o * len + k) * inner + in)), op);
       sh[threadIdx.x] = acc;
       __syncthreads();
       for (int s = blockDim.x / 2; s > 0; s >>= 1) {
@@ -176,37 +185,39 @@ __global__ void k_reduce_block(const float *a, geo ga, float *out, int64_t outer
       if (threadIdx.x == 0) {
          double r = sh[0];
          if (op == NR_RED_MEAN) r = len ? r / (double)len : NAN;
-         out[oi] = (float)r;
+         st(out + oi, (float)r);
       }
       __syncthreads();
    }
 }
 
 /* One thread per output element (short reduced lengths, many outputs). */
-__global__ void k_reduce_thread(const float *a, geo ga, float *out, int64_t outer, int64_t len, int64_t inner, int op)
+template <typename T>
+__global__ void k_reduce_thread(const T *a, geo ga, T *out, int64_t outer, int64_t len, int64_t inner, int op)
 {
    GRID_LOOP(oi, outer * inner)
    {
       int64_t o = oi / inner, in = oi % inner;
       double acc = red_init(op);
-      for (int64_t k = 0; k < len; k++) acc = red_step(acc, (double)a[goff(ga, (o * len + k) * inner + in)], op);
+      for (int64_t k = 0; k < len; k++) acc = red_step(acc, (double)ld(a + goff(ga, (o * len + k) * inner + in)), op);
       if (op == NR_RED_MEAN) acc = len ? acc / (double)len : NAN;
-      out[oi] = (float)acc;
+      st(out + oi, (float)acc);
    }
 }
 
 /* argmax: first maximum; like the CPU loop, a NaN at k = 0 wins and later NaNs never do. */
-__global__ void k_argmax(const float *a, geo ga, int64_t *out, int64_t outer, int64_t len, int64_t inner)
+template <typename T>
+__global__ void k_argmax(const T *a, geo ga, int64_t *out, int64_t outer, int64_t len, int64_t inner)
 {
    __shared__ float sv[256];
    __shared__ int64_t si[256];
    for (int64_t oi = blockIdx.x; oi < outer * inner; oi += gridDim.x) {
       int64_t o = oi / inner, in = oi % inner;
-      float first = a[goff(ga, o * len * inner + in)];
+      float first = ld(a + goff(ga, o * len * inner + in));
       float bv = -INFINITY;
       int64_t bi = -1;
       for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
-         float v = a[goff(ga, (o * len + k) * inner + in)];
+         float v = ld(a + goff(ga, (o * len + k) * inner + in));
          if (v > bv || (bi < 0 && v == bv)) { /* strictly greater, or the first -inf seen */
             bv = v;
             bi = k;
@@ -309,6 +320,7 @@ nr_status index_op(const char *func, nr_tensor *big, int32_t dim, const nr_tenso
    void *dp = copy ? big->data : small->data;
    switch (nr_dtype_size(big->dtype)) {
    case 4: k_index<float><<<grid, 256, 0, ctx->stream>>>((const float *)sp, (float *)dp, ix, outer, k, s, inner, copy); break;
+   case 2: k_index<uint16_t><<<grid, 256, 0, ctx->stream>>>((const uint16_t *)sp, (uint16_t *)dp, ix, outer, k, s, inner, copy); break;
    case 8: k_index<int64_t><<<grid, 256, 0, ctx->stream>>>((const int64_t *)sp, (int64_t *)dp, ix, outer, k, s, inner, copy); break;
    default: k_index<uint8_t><<<grid, 256, 0, ctx->stream>>>((const uint8_t *)sp, (uint8_t *)dp, ix, outer, k, s, inner, copy); break;
    }
@@ -336,8 +348,21 @@ nr_status nr_cuda_launch_copy(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor 
    switch (dst->dtype) {
    case NR_F32: return launch_copy_to<float>(ctx, dst, src, n);
    case NR_I64: return launch_copy_to<int64_t>(ctx, dst, src, n);
+   case NR_BF16: return launch_copy_to<bf16>(ctx, dst, src, n);
    default: return launch_copy_to<uint8_t>(ctx, dst, src, n);
    }
+}
+
+nr_status nr_cuda_launch_acc(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor *src, float scale, float acc)
+{
+   int64_t n = nr_tensor_numel(dst);
+   if (n == 0) return NR_OK;
+   with_act_type(src, [&](auto tag) {
+      using T = decltype(tag);
+      k_acc<T><<<grid_for(n), 256, 0, ctx->stream>>>(mptr<float>(dst), cptr<T>(src), n, scale, acc);
+   });
+   NR_CU_LAUNCHED("accumulating %s into %s", NR_DESC(src), NR_DESC(dst));
+   return NR_OK;
 }
 
 nr_status nr_cuda_launch_set_one(nr_cuda_ctx *ctx, nr_tensor *t, int64_t off, double value)
@@ -345,6 +370,7 @@ nr_status nr_cuda_launch_set_one(nr_cuda_ctx *ctx, nr_tensor *t, int64_t off, do
    switch (t->dtype) {
    case NR_F32: k_set_one<float><<<1, 1, 0, ctx->stream>>>((float *)t->data + off, value); break;
    case NR_I64: k_set_one<int64_t><<<1, 1, 0, ctx->stream>>>((int64_t *)t->data + off, value); break;
+   case NR_BF16: k_set_one<bf16><<<1, 1, 0, ctx->stream>>>((bf16 *)t->data + off, value); break;
    default: k_set_one<uint8_t><<<1, 1, 0, ctx->stream>>>((uint8_t *)t->data + off, value); break;
    }
    NR_CU_LAUNCHED("set element %lld of %s", (long long)off, NR_DESC(t));
@@ -364,9 +390,10 @@ nr_status nr_cuda_fill(nr_tensor *t, double value)
    geo g = make_geo(t);
    unsigned grid = grid_for(n);
    switch (t->dtype) {
-   case NR_F32: k_fill<float><<<grid, 256, 0, ctx->stream>>>((float *)t->data, g, n, (float)value); break;
-   case NR_I64: k_fill<int64_t><<<grid, 256, 0, ctx->stream>>>((int64_t *)t->data, g, n, (int64_t)value); break;
-   default: k_fill<uint8_t><<<grid, 256, 0, ctx->stream>>>((uint8_t *)t->data, g, n, (uint8_t)value); break;
+   case NR_F32: k_fill<float><<<grid, 256, 0, ctx->stream>>>((float *)t->data, g, n, value); break;
+   case NR_I64: k_fill<int64_t><<<grid, 256, 0, ctx->stream>>>((int64_t *)t->data, g, n, value); break;
+   case NR_BF16: k_fill<bf16><<<grid, 256, 0, ctx->stream>>>((bf16 *)t->data, g, n, value); break;
+   default: k_fill<uint8_t><<<grid, 256, 0, ctx->stream>>>((uint8_t *)t->data, g, n, value); break;
    }
    NR_CU_LAUNCHED("fill %s with %g", NR_DESC(t), value);
    return NR_OK;
@@ -381,8 +408,10 @@ nr_status nr_cuda_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out,
    bool same = a->ndim == b->ndim;
    for (int d = 0; same && d < a->ndim; d++) same = a->shape[d] == b->shape[d];
    if (same && nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(b) && nr_tensor_is_contiguous(out)) {
-      k_binary_contig<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)a->data, (const float *)b->data,
-                                                           (float *)out->data, n, op);
+      with_act_type(a, [&](auto tag) {
+         using T = decltype(tag);
+         k_binary_contig<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(a), cptr<T>(b), mptr<T>(out), n, op);
+      });
       NR_CU_LAUNCHED("binary op %d %s, %s", op, NR_DESC(a), NR_DESC(b));
       return NR_OK;
    }
@@ -393,8 +422,10 @@ nr_status nr_cuda_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out,
       bool real = same || (b->ndim == a->ndim && d < b->ndim && b->shape[d] == a->shape[d] && nr_tensor_numel(b) != 1);
       gb.stride[d] = (d < a->ndim && real) ? b->stride[d] : 0;
    }
-   k_binary<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)a->data, ga, (const float *)b->data, gb,
-                                                  (float *)out->data, go, n, op);
+   with_act_type(a, [&](auto tag) {
+      using T = decltype(tag);
+      k_binary<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(a), ga, cptr<T>(b), gb, mptr<T>(out), go, n, op);
+   });
    NR_CU_LAUNCHED("binary op %d %s, %s -> %s", op, NR_DESC(a), NR_DESC(b), NR_DESC(out));
    return NR_OK;
 }
@@ -405,8 +436,11 @@ nr_status nr_cuda_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, in
    NR_TRY(nr_cuda_ctx_get(a->device_index, &ctx));
    int64_t n = nr_tensor_numel(a);
    if (n == 0) return NR_OK;
-   k_binary_scalar<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)a->data, make_geo(a), (float)s,
-                                                         (float *)out->data, make_geo(out), n, op);
+   with_act_type(a, [&](auto tag) {
+      using T = decltype(tag);
+      k_binary_scalar<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(a), make_geo(a), (float)s, mptr<T>(out),
+                                                               make_geo(out), n, op);
+   });
    NR_CU_LAUNCHED("binary op %d %s with %g", op, NR_DESC(a), s);
    return NR_OK;
 }
@@ -417,7 +451,10 @@ nr_status nr_cuda_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
    NR_TRY(nr_cuda_ctx_get(a->device_index, &ctx));
    int64_t n = nr_tensor_numel(a);
    if (n == 0) return NR_OK;
-   k_unary<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)a->data, make_geo(a), (float *)out->data, make_geo(out), n, op);
+   with_act_type(a, [&](auto tag) {
+      using T = decltype(tag);
+      k_unary<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(a), make_geo(a), mptr<T>(out), make_geo(out), n, op);
+   });
    NR_CU_LAUNCHED("unary op %d %s", op, NR_DESC(a));
    return NR_OK;
 }
@@ -428,7 +465,10 @@ nr_status nr_cuda_axpy(const nr_tensor *x, nr_tensor *y, double alpha)
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
    int64_t n = nr_tensor_numel(x);
    if (n == 0) return NR_OK;
-   k_axpy<<<grid_for(n), 256, 0, ctx->stream>>>((const float *)x->data, make_geo(x), (float *)y->data, make_geo(y), n, (float)alpha);
+   with_act_type(x, [&](auto tag) {
+      using T = decltype(tag);
+      k_axpy<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), make_geo(x), mptr<T>(y), make_geo(y), n, (float)alpha);
+   });
    NR_CU_LAUNCHED("axpy %s into %s", NR_DESC(x), NR_DESC(y));
    return NR_OK;
 }
@@ -455,11 +495,14 @@ nr_status nr_cuda_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_
    int64_t nout = outer * inner;
    if (nout == 0) return NR_OK;
    geo ga = make_geo(a);
-   if (len <= 64 && nout >= 4096)
-      k_reduce_thread<<<grid_for(nout), 256, 0, ctx->stream>>>((const float *)a->data, ga, (float *)out->data, outer, len, inner, op);
-   else
-      k_reduce_block<<<(unsigned)(nout < 65535 * 16 ? nout : 65535 * 16), 256, 0, ctx->stream>>>(
-          (const float *)a->data, ga, (float *)out->data, outer, len, inner, op);
+   with_act_type(a, [&](auto tag) {
+      using T = decltype(tag);
+      if (len <= 64 && nout >= 4096)
+         k_reduce_thread<T><<<grid_for(nout), 256, 0, ctx->stream>>>(cptr<T>(a), ga, mptr<T>(out), outer, len, inner, op);
+      else
+         k_reduce_block<T><<<(unsigned)(nout < 65535 * 16 ? nout : 65535 * 16), 256, 0, ctx->stream>>>(
+             cptr<T>(a), ga, mptr<T>(out), outer, len, inner, op);
+   });
    NR_CU_LAUNCHED("reduce op %d of %s over dim %d", op, NR_DESC(a), dim);
    return NR_OK;
 }
@@ -474,8 +517,11 @@ nr_status nr_cuda_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out)
    if (len == 0) return NR_FAIL(NR_E_ARG, "argmax of an empty dimension");
    int64_t nout = outer * inner;
    if (nout == 0) return NR_OK;
-   k_argmax<<<(unsigned)(nout < 65535 * 16 ? nout : 65535 * 16), 256, 0, ctx->stream>>>(
-       (const float *)a->data, make_geo(a), (int64_t *)out->data, outer, len, inner);
+   with_act_type(a, [&](auto tag) {
+      using T = decltype(tag);
+      k_argmax<T><<<(unsigned)(nout < 65535 * 16 ? nout : 65535 * 16), 256, 0, ctx->stream>>>(
+          cptr<T>(a), make_geo(a), (int64_t *)out->data, outer, len, inner);
+   });
    NR_CU_LAUNCHED("argmax of %s over dim %d", NR_DESC(a), dim);
    return NR_OK;
 }

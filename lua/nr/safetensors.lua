@@ -2,7 +2,7 @@
 -- can read nrlua weights and nrlua can read theirs.
 --
 -- Layout: 8 bytes little-endian uint64 N, then N bytes of JSON header
---   {"name": {"dtype": "F32"|"I64"|"U8", "shape": [...], "data_offsets": [begin, end]}, ...,
+--   {"name": {"dtype": "F32"|"I64"|"U8"|"BF16", "shape": [...], "data_offsets": [begin, end]}, ...,
 --    "__metadata__": {"key": "string value"}}
 -- padded with spaces to a multiple of 8, then the data buffer; offsets are relative to the start
 -- of the data buffer, tensors lie back to back in the header's (sorted-name) order, row-major,
@@ -17,9 +17,9 @@ local ffi, C = nrffi.ffi, nrffi.C
 
 local M = {}
 
-local DTYPE_TO_ST = {float32 = 'F32', int64 = 'I64', uint8 = 'U8'}
-local ST_TO_DTYPE = {F32 = 'float32', I64 = 'int64', U8 = 'uint8'}
-local ST_SIZE = {F32 = 4, I64 = 8, U8 = 1}
+local DTYPE_TO_ST = {float32 = 'F32', int64 = 'I64', uint8 = 'U8', bfloat16 = 'BF16'}
+local ST_TO_DTYPE = {F32 = 'float32', I64 = 'int64', U8 = 'uint8', BF16 = 'bfloat16'}
+local ST_SIZE = {F32 = 4, I64 = 8, U8 = 1, BF16 = 2}
 
 assert(ffi.abi('le'), 'nr.safetensors: big-endian hosts are not supported')
 

@@ -15,10 +15,12 @@ Tensor.__typename = 'nr.Tensor'
 
 local DTYPES = {float32 = C.NR_F32, f32 = C.NR_F32, float = C.NR_F32,
                 int64 = C.NR_I64, long = C.NR_I64, i64 = C.NR_I64,
-                uint8 = C.NR_U8, byte = C.NR_U8, u8 = C.NR_U8}
-local DTYPE_NAMES = {[0] = 'float32', [1] = 'int64', [2] = 'uint8'}
+                uint8 = C.NR_U8, byte = C.NR_U8, u8 = C.NR_U8,
+                bfloat16 = C.NR_BF16, bf16 = C.NR_BF16}
+local DTYPE_NAMES = {[0] = 'float32', [1] = 'int64', [2] = 'uint8', [3] = 'bfloat16'}
 local DEVICE_NAMES = {[0] = 'cpu', [1] = 'cuda'}
-local CTYPE_PTR = {[0] = ffi.typeof('float *'), [1] = ffi.typeof('int64_t *'), [2] = ffi.typeof('uint8_t *')}
+local CTYPE_PTR = {[0] = ffi.typeof('float *'), [1] = ffi.typeof('int64_t *'), [2] = ffi.typeof('uint8_t *'),
+                   [3] = ffi.typeof('uint16_t *')} -- bfloat16: raw bits
 local int64_arr = ffi.typeof('int64_t[8]')
 
 local function free_c(p) C.nr_tensor_free(p) end
@@ -44,7 +46,7 @@ end
 local function parse_dtype(dt, fname)
    if dt == nil then return C.NR_F32 end
    local v = DTYPES[dt]
-   if not v then error(string.format('%s: unknown dtype %q (float32, int64, uint8)', fname, tostring(dt)), 3) end
+   if not v then error(string.format('%s: unknown dtype %q (float32, int64, uint8, bfloat16)', fname, tostring(dt)), 3) end
    return v
 end
 
@@ -275,6 +277,8 @@ function Tensor:cuda() return self:to('cuda') end
 function Tensor:cpu() return self:to('cpu') end
 function Tensor:float() return self:to(self:device(), 'float32') end
 function Tensor:long() return self:to(self:device(), 'int64') end
+-- bfloat16 copy (round to nearest even): the activation dtype of mixed precision on CUDA.
+function Tensor:bfloat16() return self:to(self:device(), 'bfloat16') end
 function Tensor:byte() return self:to(self:device(), 'uint8') end
 
 local function make_view(self, shape, stride, offset, fname)
@@ -494,7 +498,7 @@ end
 function Tensor:__tostring()
    local c = rawget(self, 'c')
    if c == nil then return 'nr.Tensor (freed)' end
-   local head = string.format('nr.Tensor %s %s [%s]', ({[0] = 'f32', 'int64', 'uint8'})[c.dtype],
+   local head = string.format('nr.Tensor %s %s [%s]', ({[0] = 'f32', 'int64', 'uint8', 'bf16'})[c.dtype],
       DEVICE_NAMES[c.device], table.concat(self:shape(), ' x '))
    local n = self:numel()
    if n == 0 then return head .. ' (empty)' end

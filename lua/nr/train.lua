@@ -57,6 +57,8 @@ M.DEFAULTS = {
    epochs = 10,            -- schedule epochs (epochs the run trains unless held epochs extend it)
    max_epochs = nil,       -- cap on all epochs when held epochs extend the run (tr.extend_held); nil: 2 x epochs
    device = 'auto',        -- 'auto' (CUDA when available), 'cpu', 'cuda'
+   precision = 'fp32',     -- 'fp32', or 'bf16': mixed precision on CUDA (bf16 activations on tensor
+                           -- cores; weights, gradients, BN statistics and the loss stay fp32)
    seed = 1,
    threads = 0,            -- CPU kernel threads; 0 = all cores (NR_THREADS also sets it)
    out = nil,              -- run folder; default runs/<name>-<date>
@@ -431,6 +433,13 @@ function M.new(recipe)
    if rc.seed then C.nr_rng_seed(rc.seed) end
    tr.device = pick_device(rc.device)
    rc.device_resolved = tr.device
+   check.arg(rc.precision == 'fp32' or rc.precision == 'bf16', 'nr.train', 'precision must be "fp32" or "bf16", got %s',
+      tostring(rc.precision))
+   if rc.precision == 'bf16' and tr.device ~= 'cuda' then
+      error(string.format('nr.train: precision = "bf16" computes on CUDA only, but the device is %s%s', tr.device,
+         rc.device == 'auto' and ' (no GPU found)' or ''), 0)
+   end
+   tr.precision = rc.precision
    tr.t_start = progress.now()
 
    -- data parallelism (nr.dist; a no-op outside an MPI launch): before the model moves to its
@@ -574,6 +583,22 @@ function Trainer:load_checkpoint(path)
    return r.dir
 end
 
+-- A batch on the training device; under precision 'bf16' the images as bfloat16 (the model's
+-- activations follow the input's dtype), converted into a buffer reused across steps.
+function Trainer:on_device(x, y)
+   if self.device == 'cpu' then return x, y end
+   local xd, yd = x:to(self.device), y:to(self.device)
+   if self.precision == 'bf16' then
+      local b = rawget(self, '_x_bf16')
+      if not b or not T.same_shape(b:shape(), xd:shape()) then
+         b = T.empty(xd:shape(), {dtype = 'bfloat16', device = self.device})
+         self._x_bf16 = b
+      end
+      xd = b:copy(xd)
+   end
+   return xd, yd
+end
+
 -- Evaluates on the validation loader: {loss, top1, top5, n}.
 function Trainer:evaluate(loader)
    loader = loader or self.val_loader
@@ -585,12 +610,11 @@ function Trainer:evaluate(loader)
       local b = 0
       for x, y in loader:epoch(1) do
          b = b + 1
-         local xd, yd = x, y
-         if self.device ~= 'cpu' then xd, yd = x:to(self.device), y:to(self.device) end
+         local xd, yd = self:on_device(x, y)
          local out = model:forward(xd)
          local bn = x:size(1)
          loss = loss + crit:forward(out, yd) * bn
-         local a1, a5 = topk_hits(out:is_cuda() and out:cpu() or out, y:is_cuda() and y:cpu() or y)
+         local a1, a5 = topk_hits(out:to('cpu', 'float32'), y:is_cuda() and y:cpu() or y)
          h1, h5, n = h1 + a1, h5 + a5, n + bn
          if limit and b >= limit then break end
       end
@@ -642,15 +666,14 @@ function Trainer:train_epoch(epoch)
       i = i + 1
       self.step = self.step + 1
       if sched then opt.config.lr = sched:lr() end
-      local xd, yd = x, y
-      if self.device ~= 'cpu' then xd, yd = x:to(self.device), y:to(self.device) end
+      local xd, yd = self:on_device(x, y)
       local out = model:forward(xd)
       local loss = crit:forward(out, yd)
       if loss ~= loss or loss == math.huge then
          error(string.format('nr.train: the loss is %s at epoch %d step %d (lr %g); lower the learning rate?', tostring(loss), epoch, self.step, opt.config.lr), 0)
       end
       local bn = x:size(1)
-      local h1 = topk_hits(out:is_cuda() and out:cpu() or out, y:is_cuda() and y:cpu() or y)
+      local h1 = topk_hits(out:to('cpu', 'float32'), y:is_cuda() and y:cpu() or y)
       model:zeroGradParameters()
       local g = crit:backward(out, yd)
       model:backward(xd, g)
@@ -691,12 +714,13 @@ function Trainer:run()
    self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
    local start = self.epoch + 1
    self:log({kind = 'run', event = rc.resume and 'resume' or 'begin', epochs = rc.epochs, device = self.device,
+             precision = self.precision,
              max_epochs = self.extend_held and self:max_epochs() or nil,
              threads = C.nr_get_num_threads(), params = self.model:nParameters(), iters_per_epoch = self.iters_per_epoch})
    local plan = tostring(rc.epochs)
    if self.extend_held then plan = string.format('%d (+ held ones, at most %d)', rc.epochs, self:max_epochs()) end
-   self:print(string.format('nrlua: %s on %s, %d threads, %d parameters, %s epochs of %d steps -> %s', rc.name or 'run',
-      self.device, C.nr_get_num_threads(), self.model:nParameters(), plan, self.iters_per_epoch, self.out))
+   self:print(string.format('nrlua: %s on %s%s, %d threads, %d parameters, %s epochs of %d steps -> %s', rc.name or 'run',
+      self.device, self.precision == 'bf16' and ' (bf16 mixed precision)' or '', C.nr_get_num_threads(), self.model:nParameters(), plan, self.iters_per_epoch, self.out))
    self:call('train_begin', {})
    local last_val
    -- a while loop: with tr.extend_held every held epoch adds one to the planned total

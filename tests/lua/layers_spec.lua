@@ -146,7 +146,7 @@ describe('errors on bad input and bad options', function()
       e = err_of(crit.forward, crit, logits, nr.tensor({0, 1, 2}, {dtype = 'int64'}))
       assert.truthy(e:find('labels must have shape [4]', 1, true), e)
       e = err_of(crit.forward, crit, nr.randn({4, 10, 1}), nr.tensor({0, 1, 2, 3}, {dtype = 'int64'}))
-      assert.truthy(e:find('logits must be a float32 (N, K) tensor', 1, true), e)
+      assert.truthy(e:find('logits must be a float32 or bfloat16 (N, K) tensor', 1, true), e)
       -- backward checks the range too
       crit:forward(logits, nr.tensor({0, 1, 2, 3}, {dtype = 'int64'}))
       e = err_of(crit.backward, crit, logits, nr.tensor({0, 1, 2, 30}, {dtype = 'int64'}))

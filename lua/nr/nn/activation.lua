@@ -1,18 +1,12 @@
 -- nr.nn ReLU and Sigmoid — elementwise activations on nr_relu_* / nr_sigmoid_* (core/nn_act.c).
--- Invariants: any input shape (float32); the backward uses the module's own output (y > 0 for
+-- Invariants: any input shape (float32 or bfloat16); the backward uses the module's own output (y > 0 for
 -- ReLU, y (1 - y) for Sigmoid), so it needs the forward of the same input first; output and
 -- gradInput are buffers owned by the module.
 local class = require 'nr.class'
 local Module = require 'nr.nn.module'
-local T = require 'nr.tensor'
 local U = require 'nr.nn.layer_util'
 local C = require('nr.ffi').C
 
-local function any_input(x)
-   if not T.is_tensor(x) then error('expected a tensor as input, got ' .. type(x), 0) end
-   if x:dtype() ~= 'float32' then error('expected a float32 input, got ' .. x:describe(), 0) end
-   return x:contiguous()
-end
 
 -- inplace_ok: the class accepts {inplace = true} (ReLU, as PyTorch's nn.ReLU(inplace=True)): the
 -- forward overwrites its input and returns it, saving one activation buffer. Safe when nothing
@@ -33,9 +27,9 @@ local function make(name, fwd, bwd, inplace_ok)
       end
    end
    function cls:updateOutput(x)
-      x = any_input(x)
+      x = U.float_input(x)
       self._fused = false
-      local y = self.inplace and x or U.buffer(self, 'output', x:shape(), x)
+      local y = self.inplace and x or U.act_buffer(self, 'output', x:shape(), x)
       U.call(fwd(x.c, y.c))
       self.output = y
       return y
@@ -56,7 +50,7 @@ local function make(name, fwd, bwd, inplace_ok)
          self.gradInput = U.grad(gradOutput, self.output)
          return self.gradInput
       end
-      x = any_input(x)
+      x = U.float_input(x)
       local g = U.grad(gradOutput, self.output)
       local gi = U.grad_buffer(self, x:shape(), x)
       U.call(bwd(self.output.c, g.c, gi.c))

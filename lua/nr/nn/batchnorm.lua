@@ -66,7 +66,7 @@ function BatchNorm2d:updateOutput(x)
    self._fuse_relu = nil
    self._relu_fused = relu
    -- own buffer under its own key: after a folded forward, output is the conv's buffer
-   local y = U.buffer(self, '_out', x:shape(), x)
+   local y = U.act_buffer(self, '_out', x:shape(), x)
    self.output = y
    if self.train then
       local c = {self.num_features}

@@ -174,7 +174,7 @@ function Residual:updateOutput(x)
       self.output = a:add_(b)
       return self.output
    end
-   self.output = U.buffer(self, '_sum', a:shape(), a):copy(a):add_(b)
+   self.output = U.act_buffer(self, '_sum', a:shape(), a):copy(a):add_(b)
    return self.output
 end
 

@@ -69,7 +69,7 @@ function Conv2d:updateOutput(x)
    local bn, relu = rawget(self, '_fold_bn'), rawget(self, '_fold_relu')
    self._fold_bn, self._fold_relu = nil, nil
    local ho, wo = out_hw(self, x:size(3), x:size(4))
-   local y = U.buffer(self, 'output', {x:size(1), self.out_channels, ho, wo}, x)
+   local y = U.act_buffer(self, 'output', {x:size(1), self.out_channels, ho, wo}, x)
    local b = self.bias and self.bias.c or nil
    if bn then
       local sh, sw, ph, pw, dh, dw, groups = geom(self)

@@ -4,7 +4,6 @@
 -- Invariants: 0 <= p < 1; the mask of the last training forward (_mask) drives the backward.
 local class = require 'nr.class'
 local Module = require 'nr.nn.module'
-local T = require 'nr.tensor'
 local U = require 'nr.nn.layer_util'
 local C = require('nr.ffi').C
 
@@ -16,21 +15,15 @@ function Dropout:__init(p)
    if self.p >= 1 then error('nr.nn.Dropout: p must be < 1, got ' .. tostring(p), 3) end
 end
 
-local function input(x)
-   if not T.is_tensor(x) then error('expected a tensor as input, got ' .. type(x), 0) end
-   if x:dtype() ~= 'float32' then error('expected a float32 input, got ' .. x:describe(), 0) end
-   return x:contiguous()
-end
-
 function Dropout:updateOutput(x)
-   x = input(x)
+   x = U.float_input(x)
    if not self.train or self.p == 0 then
       self._identity = true
       self.output = x
       return x
    end
    self._identity = false
-   local y = U.buffer(self, 'output', x:shape(), x)
+   local y = U.act_buffer(self, 'output', x:shape(), x)
    local m = U.buffer(self, '_mask', x:shape(), x)
    U.call(C.nr_dropout_forward(x.c, y.c, m.c, self.p))
    return y

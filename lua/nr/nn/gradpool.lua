@@ -43,7 +43,7 @@ end
 
 function Pool:bytes()
    local n = 0
-   for _, b in ipairs(self.blocks) do n = n + b.cap * 4 end
+   for _, b in ipairs(self.blocks) do n = n + b.cap * b.esize end
    return n
 end
 
@@ -64,25 +64,25 @@ function GP.run(pool, fn, ...)
    return r
 end
 
--- A float32 tensor of `shape` on like's device for owner's gradInput: from the current pool
+-- A tensor of `shape` with like's dtype (float32, or bfloat16 under mixed precision) and device for owner's gradInput: from the current pool
 -- (the owner's previous block when free and large enough, else the smallest free block that
 -- fits, else a new block), or owner's own buffer outside a root backward.
 function GP.buffer(owner, shape, like)
    local pool = GP.current
    if not pool then return require('nr.nn.layer_util').buffer(owner, 'gradInput', shape, like) end
-   local n, dev = numel_of(shape), like:device()
+   local n, dev, dt = numel_of(shape), like:device(), like:dtype()
    local tr = owner:transient()
    local last = tr.gp_block
    local b
-   if last and pool.by_ptr[last.ptr] == last and not last.busy and last.cap >= n and last.dev == dev then
+   if last and pool.by_ptr[last.ptr] == last and not last.busy and last.cap >= n and last.dev == dev and last.dt == dt then
       b = last
    else
       for _, c in ipairs(pool.blocks) do
-         if not c.busy and c.cap >= n and c.dev == dev and (not b or c.cap < b.cap) then b = c end
+         if not c.busy and c.cap >= n and c.dev == dev and c.dt == dt and (not b or c.cap < b.cap) then b = c end
       end
       if not b then
-         local t = T.empty({n}, {device = dev})
-         b = {t = t, cap = n, dev = dev, ptr = ptr(t)}
+         local t = T.empty({n}, {device = dev, dtype = dt})
+         b = {t = t, cap = n, dev = dev, dt = dt, esize = dt == 'bfloat16' and 2 or 4, ptr = ptr(t)}
          pool.blocks[#pool.blocks + 1] = b
          pool.by_ptr[b.ptr] = b
       end

@@ -38,22 +38,32 @@ function U.posint(v, name, fname, min)
    return v
 end
 
--- Raises (level 0: Module:forward adds the module's path) unless x is a float32 tensor with ndim
--- dimensions and, when channels is given, channels in dimension 2.
-function U.input(x, ndim, channels, what)
+-- Activation dtypes: float32, and bfloat16 for mixed precision (its kernels run on CUDA; the C
+-- checks say so for a CPU bf16 tensor). Parameters, their gradients and BN statistics stay float32.
+local ACT_DTYPES = {float32 = true, bfloat16 = true}
+
+-- x:contiguous(), after raising (level 0) unless x is a float32 or bfloat16 tensor.
+function U.float_input(x, what)
    if not T.is_tensor(x) then
       error(string.format('expected %s tensor as input, got %s', what or 'a', type(x)), 0)
    end
-   if x:dtype() ~= 'float32' then
-      error(string.format('expected a float32 input, got %s', x:describe()), 0)
+   if not ACT_DTYPES[x:dtype()] then
+      error(string.format('expected a float32 (or bfloat16) input, got %s', x:describe()), 0)
    end
+   return x:contiguous()
+end
+
+-- Raises (level 0: Module:forward adds the module's path) unless x is a float32/bfloat16 tensor
+-- with ndim dimensions and, when channels is given, channels in dimension 2.
+function U.input(x, ndim, channels, what)
+   x = U.float_input(x, what)
    if x:dim() ~= ndim then
       error(string.format('expected a %d-d input%s, got %s', ndim, what and (' ' .. what) or '', U.shape_str(x:shape())), 0)
    end
    if channels and x:size(2) ~= channels then
       error(string.format('expected input with %d channels, got %s', channels, U.shape_str(x:shape())), 0)
    end
-   return x:contiguous()
+   return x
 end
 
 -- Checks that g (gradOutput) matches the module's output shape.
@@ -81,7 +91,10 @@ function U.buffer(self, key, shape, like, dtype)
    return b
 end
 
--- The module's gradInput (N-d float32, like's device): a block of the model's gradient pool during
+-- self[key] as an activation buffer: like's shape-independent dtype (float32 or bfloat16) and device.
+function U.act_buffer(self, key, shape, like) return U.buffer(self, key, shape, like, like:dtype()) end
+
+-- The module's gradInput (N-d, like's dtype and device): a block of the model's gradient pool during
 -- a root backward (nr.nn.gradpool), else a buffer of its own.
 function U.grad_buffer(self, shape, like) return require('nr.nn.gradpool').buffer(self, shape, like) end
 

@@ -42,7 +42,7 @@ end
 
 function Linear:updateOutput(x)
    x = input(self, x)
-   local y = U.buffer(self, 'output', {x:size(1), self.out_features}, x)
+   local y = U.act_buffer(self, 'output', {x:size(1), self.out_features}, x)
    U.call(C.nr_matmul(x.c, self.weight.c, y.c, 0, 1, 1, 0))
    if self.bias then U.call(C.nr_bias_add(y.c, self.bias.c)) end
    return y

@@ -24,8 +24,8 @@ function CrossEntropyLoss:__init(opts)
 end
 
 local function args(logits, labels)
-   if not T.is_tensor(logits) or logits:dim() ~= 2 or logits:dtype() ~= 'float32' then
-      error(string.format('%s: logits must be a float32 (N, K) tensor, got %s', FN,
+   if not T.is_tensor(logits) or logits:dim() ~= 2 or (logits:dtype() ~= 'float32' and logits:dtype() ~= 'bfloat16') then
+      error(string.format('%s: logits must be a float32 or bfloat16 (N, K) tensor, got %s', FN,
          T.is_tensor(logits) and logits:describe() or type(logits)), 4)
    end
    if not T.is_tensor(labels) then

@@ -63,7 +63,7 @@ function MaxPool2d:updateOutput(x)
    x = U.input(x, 4, nil, '(N, C, H, W)')
    local ho, wo = out_hw(self, x:size(3), x:size(4))
    local shape = {x:size(1), x:size(2), ho, wo}
-   local y = U.buffer(self, 'output', shape, x)
+   local y = U.act_buffer(self, 'output', shape, x)
    local idx = U.buffer(self, '_indices', shape, x, 'int64')
    U.call(C.nr_maxpool2d_forward(x.c, y.c, idx.c, geom(self)))
    return y
@@ -88,7 +88,7 @@ end
 function AvgPool2d:updateOutput(x)
    x = U.input(x, 4, nil, '(N, C, H, W)')
    local ho, wo = out_hw(self, x:size(3), x:size(4))
-   local y = U.buffer(self, 'output', {x:size(1), x:size(2), ho, wo}, x)
+   local y = U.act_buffer(self, 'output', {x:size(1), x:size(2), ho, wo}, x)
    local kh, kw, sh, sw, ph, pw = geom(self)
    U.call(C.nr_avgpool2d_forward(x.c, y.c, kh, kw, sh, sw, ph, pw, self.count_include_pad and 1 or 0))
    return y
@@ -114,7 +114,7 @@ function GlobalAvgPool2d:__init(opts)
 end
 function GlobalAvgPool2d:updateOutput(x)
    x = U.input(x, 4, nil, '(N, C, H, W)')
-   local y = U.buffer(self, 'output', {x:size(1), x:size(2)}, x)
+   local y = U.act_buffer(self, 'output', {x:size(1), x:size(2)}, x)
    U.call(C.nr_global_avgpool_forward(x.c, y.c))
    return y
 end
