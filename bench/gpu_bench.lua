@@ -2,7 +2,7 @@
 -- tests/gpu/torch_gpu_bench.py, tests/gpu/run.sh).
 --
 --   nrlua bench/gpu_bench.lua --model mobilenet|resnet50|vgg19 [--batch N] [--warmup N]
---                             [--steps N] [--precision fp32] [--tf32 0|1] [--json PATH]
+--                             [--steps N] [--precision fp32|bf16] [--tf32 0|1] [--json PATH]
 --                             [--device cpu]   (a dry run of the script itself on the CPU)
 --
 -- What it measures: training images/s of one synthetic fixed batch on the GPU (no data loading),
@@ -11,8 +11,9 @@
 -- the PyTorch side. Wall time of `--steps` steps after `--warmup` untimed ones, with
 -- nr.cuda.synchronize() before starting and stopping the clock. The first steps include the
 -- cuDNN algorithm search (reported as warmup_s).
--- What it is not: bf16 / mixed precision (not implemented in nrlua yet; --precision bf16 reports
--- that instead of a number) or a correctness test (tests/lua/cuda_spec.lua).
+-- --precision bf16: mixed precision as nr.train runs it (the input batch in bfloat16, so every
+-- activation is bf16; weights, gradients and the SGD update stay fp32), against PyTorch autocast.
+-- What it is not: a correctness test (tests/lua/cuda_spec.lua).
 local nr = require 'nr'
 local ffi = require 'ffi'
 
@@ -70,9 +71,8 @@ local function run(o)
       base.error = 'no GPU: ' .. tostring(nr.cuda.unavailable_reason())
       return base
    end
-   if o.precision ~= 'fp32' then
-      base.error = 'not implemented: nrlua trains in fp32 only (bf16 with fp32 master weights is future work)'
-      return base
+   if o.precision ~= 'fp32' and o.precision ~= 'bf16' then
+      error('gpu_bench: --precision must be fp32 or bf16, got ' .. tostring(o.precision), 0)
    end
    local sync = gpu and nr.cuda.synchronize or function() end
    nr.cuda.set_allow_tf32(o.tf32 == 1)
@@ -85,6 +85,7 @@ local function run(o)
    local shape = {batch}
    for _, s in ipairs(spec.shape) do shape[#shape + 1] = s end
    local x = nr.randn(shape, {device = o.device})
+   if o.precision == 'bf16' then x = x:bfloat16() end
    local labels = nr.randint(0, spec.classes, {batch}, {dtype = 'int64', device = o.device})
    local loss
    local function step()

@@ -241,8 +241,9 @@ function Concat:updateOutput(x)
       end
    end
    shape[2] = total
-   if not self.output or not T.same_shape(self.output:shape(), shape) or self.output:device() ~= outs[1]:device() then
-      self.output = T.empty(shape, {device = outs[1]:device()})
+   if not self.output or not T.same_shape(self.output:shape(), shape) or self.output:device() ~= outs[1]:device()
+      or self.output:dtype() ~= outs[1]:dtype() then
+      self.output = T.empty(shape, {device = outs[1]:device(), dtype = outs[1]:dtype()})
    end
    local at = 1
    for i = 1, #outs do

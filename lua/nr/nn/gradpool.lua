@@ -69,7 +69,7 @@ end
 -- fits, else a new block), or owner's own buffer outside a root backward.
 function GP.buffer(owner, shape, like)
    local pool = GP.current
-   if not pool then return require('nr.nn.layer_util').buffer(owner, 'gradInput', shape, like) end
+   if not pool then return require('nr.nn.layer_util').act_buffer(owner, 'gradInput', shape, like) end
    local n, dev, dt = numel_of(shape), like:device(), like:dtype()
    local tr = owner:transient()
    local last = tr.gp_block

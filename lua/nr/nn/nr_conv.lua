@@ -151,10 +151,12 @@ end
 
 -- ---- forward / backward -------------------------------------------------------------------------
 
-local function buf(self, key, shape, device)
+-- self[key] as an activation buffer of `shape` with like's dtype (float32 or bfloat16) and device.
+local function buf(self, key, shape, like)
    local b = rawget(self, key)
-   if not b or not T.same_shape(b:shape(), shape) or b:device() ~= device then
-      b = T.empty(shape, {device = device})
+   local device, dtype = like:device(), like:dtype()
+   if not b or not T.same_shape(b:shape(), shape) or b:device() ~= device or b:dtype() ~= dtype then
+      b = T.empty(shape, {device = device, dtype = dtype})
       rawset(self, key, b)
    end
    return b
@@ -168,11 +170,11 @@ local function gather(self, x, i)
    local ig = self.spec.in_groups[i]
    local s = x:shape()
    s[2] = #ig.idx
-   local b = buf(self, '_xin' .. i, s, x:device())
+   local b = buf(self, '_xin' .. i, s, x)
    if self.in_range[i] then
       b:copy(x:narrow(2, ig.idx[1] + 1, #ig.idx))
    else
-      b:copy(x:index_select(2, idx_tensor(self, i, x:device())))
+      b:copy(x:index_select(2, idx_tensor(self, i)))
    end
    return b
 end
@@ -180,7 +182,7 @@ end
 function NRConv2d:updateOutput(x)
    check.arg(x:dim() == 4 and x:size(2) == self.in_channels, FNAME, 'expects (N, %d, H, W) input, got %s',
       self.in_channels, x:describe())
-   local dev = x:device()
+   local dev = x -- buffers take x's device and dtype
    self._x = x:contiguous()
    self._xin = {}
    for i = 1, #self.spec.in_groups do
@@ -212,7 +214,7 @@ function NRConv2d:updateOutput(x)
 end
 
 function NRConv2d:updateGradInput(x, gradOutput)
-   local dev = x:device()
+   local dev = x -- buffers take x's device and dtype
    local gi = buf(self, '_gi', self._x:shape(), dev)
    gi:zero()
    local gx = {}
@@ -254,7 +256,7 @@ function NRConv2d:updateGradInput(x, gradOutput)
       if self.in_range[i] then
          gi:narrow(2, ig.idx[1] + 1, #ig.idx):copy(g)
       else
-         gi:index_copy(2, idx_tensor(self, i, dev), g)
+         gi:index_copy(2, idx_tensor(self, i), g)
       end
    end
    if gall then gi:add_(gall) end
