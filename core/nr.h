@@ -452,6 +452,16 @@ nr_status nr_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float thresho
 /* The L1 subgradient on BN scales: grad_c += lambda * sign(gamma_c), sign(0) = 0.
  * gamma (C) f32, grad (C) f32 on the same device. */
 nr_status nr_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda);
+/* NR-CA cross attention (paper 3.3), elementwise over equal shapes: the output of a receiving
+ * group is out = a + 2 * sigmoid(a) * b, with a its own response and b the sum of the cross
+ * responses; gate <- sigmoid(a) is kept for the backward. a, b, out, gate: contiguous activations
+ * (f32, or bf16 on CUDA) of one shape, dtype and device; out may be a or b. */
+nr_status nr_cross_attention_forward(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, nr_tensor *gate);
+/* Its backward, from the forward's gate s and b and the output gradient g:
+ * da = g * (1 + 2 * s * (1 - s) * b) (the gate is not detached), db = 2 * s * g. Same rules as the
+ * forward; da and db overwritten (either may be g). */
+nr_status nr_cross_attention_backward(const nr_tensor *gate, const nr_tensor *b, const nr_tensor *g, nr_tensor *da,
+                                      nr_tensor *db);
 /* Surgery placement: writes every element of dst (f32, contiguous, ndim >= 1) in one pass,
  *   dst[a_rows[1][i], a_cols[1][j], ...] = a[a_rows[0][i], a_cols[0][j], ...]   gathered block
  *   dst[b_rows[i], b_cols[j], ...]       = b[i, j, ...]                           new block

@@ -69,6 +69,65 @@ nr_status nr_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda)
    return NR_OK;
 }
 
+/* ---- NR-CA cross attention ------------------------------------------------------------------ */
+
+/* The tensors of one cross-attention call: contiguous activations of one shape, dtype, device. */
+static nr_status ca_check(const char *func, const char *const *names, const nr_tensor *const *t, int n)
+{
+   for (int i = 0; i < n; i++) {
+      NR_TRY(nr_check_tensor(func, names[i], t[i], NR_DTYPE_ACT, -1, -1, NULL));
+      NR_TRY(nr_check_contiguous(func, names[i], t[i]));
+      if (i == 0) continue;
+      NR_TRY(nr_check_same_dtype(func, names[0], t[0], names[i], t[i]));
+      NR_TRY(nr_check_same_device(func, t[0], t[i]));
+      bool same = t[i]->ndim == t[0]->ndim;
+      for (int d = 0; same && d < t[0]->ndim; d++) same = t[i]->shape[d] == t[0]->shape[d];
+      if (!same) {
+         char da[128], db[128];
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "shape mismatch: %s %s vs %s %s", names[0],
+                           nr_tensor_describe(t[0], da, sizeof da), names[i], nr_tensor_describe(t[i], db, sizeof db));
+      }
+   }
+   return NR_OK;
+}
+
+nr_status nr_cross_attention_forward(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, nr_tensor *gate)
+{
+   static const char *const names[] = {"a", "b", "out", "gate"};
+   const nr_tensor *t[] = {a, b, out, gate};
+   NR_TRY(ca_check(__func__, names, t, 4));
+   NR_ON_CUDA(a, nr_cuda_cross_attention_forward(a, b, out, gate));
+   const int64_t n = nr_tensor_numel(a);
+   const float *pa = a->data, *pb = b->data;
+   float *po = out->data, *ps = gate->data;
+#pragma omp parallel for if (n > 65536)
+   for (int64_t i = 0; i < n; i++) {
+      const float av = pa[i], s = 1.0f / (1.0f + expf(-av));
+      ps[i] = s;
+      po[i] = av + 2.0f * s * pb[i];
+   }
+   return NR_OK;
+}
+
+nr_status nr_cross_attention_backward(const nr_tensor *gate, const nr_tensor *b, const nr_tensor *g, nr_tensor *da,
+                                      nr_tensor *db)
+{
+   static const char *const names[] = {"gate", "b", "g", "da", "db"};
+   const nr_tensor *t[] = {gate, b, g, da, db};
+   NR_TRY(ca_check(__func__, names, t, 5));
+   NR_ON_CUDA(g, nr_cuda_cross_attention_backward(gate, b, g, da, db));
+   const int64_t n = nr_tensor_numel(g);
+   const float *ps = gate->data, *pb = b->data, *pg = g->data;
+   float *pda = da->data, *pdb = db->data;
+#pragma omp parallel for if (n > 65536)
+   for (int64_t i = 0; i < n; i++) {
+      const float s = ps[i], gv = pg[i], bv = pb[i];
+      pda[i] = gv * (1.0f + 2.0f * s * (1.0f - s) * bv);
+      pdb[i] = 2.0f * s * gv;
+   }
+   return NR_OK;
+}
+
 /* ---- surgery placement ------------------------------------------------------------------------
  * One pass per resized tensor (lua/nr/rejuvenate/surgery.lua): dst is written exactly once,
  * element by element, from the gathered survivor block a, the new block b, or the fill value, so

@@ -107,6 +107,10 @@ nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *m
 nr_status nr_cuda_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float threshold_rel,
                                float abs_min, int64_t *live);
 nr_status nr_cuda_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda);
+/* Checked by the CPU entry points (core/nr_ops.c) before dispatch. */
+nr_status nr_cuda_cross_attention_forward(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, nr_tensor *gate);
+nr_status nr_cuda_cross_attention_backward(const nr_tensor *gate, const nr_tensor *b, const nr_tensor *g, nr_tensor *da,
+                                           nr_tensor *db);
 /* nr_surgery.cu; checks with nr_place_plan_build (core/nr_ops.c, core/cuda/nr_place.h). */
 nr_status nr_cuda_surgery_place(nr_tensor *dst, float fill, const nr_tensor *a, const nr_tensor *a_rows,
                                 const nr_tensor *a_cols, const nr_tensor *b, const nr_tensor *b_rows,

@@ -654,6 +654,27 @@ __global__ void k_l1_sign(const float *g, int64_t gs, float *d, int64_t ds, int6
    }
 }
 
+/* NR-CA cross attention: out = a + 2 sigmoid(a) b (gate = sigmoid(a)); backward da, db. */
+template <typename T> __global__ void k_ca_f(const T *a, const T *b, T *out, T *gate, int64_t n)
+{
+   GRID_LOOP(i, n)
+   {
+      float av = ld(a + i), s = 1.0f / (1.0f + expf(-av));
+      float bv = ld(b + i);
+      st(gate + i, s);
+      st(out + i, av + 2.0f * s * bv);
+   }
+}
+template <typename T> __global__ void k_ca_b(const T *gate, const T *b, const T *g, T *da, T *db, int64_t n)
+{
+   GRID_LOOP(i, n)
+   {
+      float s = ld(gate + i), gv = ld(g + i), bv = ld(b + i);
+      st(da + i, gv * (1.0f + 2.0f * s * (1.0f - s) * bv));
+      st(db + i, 2.0f * s * gv);
+   }
+}
+
 nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_tensor *y, const float *mean,
                    const float *invstd, const nr_tensor *gamma, const nr_tensor *beta, int eval, float eps)
 {
@@ -984,6 +1005,19 @@ nr_status nr_cuda_softmax_xent_backward(const nr_tensor *probs, const nr_tensor 
    });
    NR_CU_LAUNCHED("softmax_xent_backward %s", NR_DESC(probs));
    return NR_OK;
+}
+
+/* ---- NR-CA cross attention */
+
+nr_status nr_cuda_cross_attention_forward(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, nr_tensor *gate)
+{
+   ELEMWISE(k_ca_f, a, "cross_attention_forward", cptr<T>(a), cptr<T>(b), mptr<T>(out), mptr<T>(gate));
+}
+
+nr_status nr_cuda_cross_attention_backward(const nr_tensor *gate, const nr_tensor *b, const nr_tensor *g, nr_tensor *da,
+                                           nr_tensor *db)
+{
+   ELEMWISE(k_ca_b, g, "cross_attention_backward", cptr<T>(gate), cptr<T>(b), cptr<T>(g), mptr<T>(da), mptr<T>(db));
 }
 
 /* ---- SGD */

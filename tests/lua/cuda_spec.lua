@@ -419,6 +419,21 @@ describe('layer kernels on the GPU', function()
          assert(msg:find('labels%[3%] = 10 is outside 0..9'), msg)
          nr.cuda.synchronize() -- the device is still healthy (no device assert)
       end)
+
+      it(h.name .. ' NR-CA cross attention, forward and backward (fused kernels)', function()
+         local a, b, g = h.ref(randn({2, 5, 4, 3}):mul(2)), h.ref(randn({2, 5, 4, 3})), h.ref(randn({2, 5, 4, 3}))
+         local oc, og = h.pair({2, 5, 4, 3})
+         local sc, sg = h.pair({2, 5, 4, 3})
+         ok(C.nr_cross_attention_forward(a.c, b.c, oc.c, sc.c), 'cpu')
+         ok(C.nr_cross_attention_forward(h.dev(a).c, h.dev(b).c, og.c, sg.c), 'gpu')
+         h.check('cross attention out', oc, og); h.check('cross attention gate', sc, sg)
+         local dac, dag = h.pair({2, 5, 4, 3})
+         local dbc, dbg = h.pair({2, 5, 4, 3})
+         local sr = sg:to('cpu', 'float32') -- the GPU's (rounded) gate on both sides
+         ok(C.nr_cross_attention_backward(sr.c, b.c, g.c, dac.c, dbc.c), 'cpu')
+         ok(C.nr_cross_attention_backward(sg.c, h.dev(b).c, h.dev(g).c, dag.c, dbg.c), 'gpu')
+         h.check('cross attention da', dac, dag); h.check('cross attention db', dbc, dbg)
+      end)
    end
 end)
 

@@ -147,4 +147,27 @@ describe('nr.nn.NRConv2d', function()
       assert.is_true(max_rel(c:forward(x), y) < 1e-6)
       assert.has_error(function() make('XX', false) end)
    end)
+
+   it('the fused cross-attention kernels equal their formula and reject mismatched operands', function()
+      local C = require('nr.ffi').C
+      local a, b, g = nr.randn({3, 4}):mul(3), nr.randn({3, 4}), nr.randn({3, 4})
+      local o, s, da, db = nr.empty({3, 4}), nr.empty({3, 4}), nr.empty({3, 4}), nr.empty({3, 4})
+      assert.equal(0, C.nr_cross_attention_forward(a.c, b.c, o.c, s.c))
+      assert.equal(0, C.nr_cross_attention_backward(s.c, b.c, g.c, da.c, db.c))
+      local worst = 0
+      for i = 1, 12 do
+         local av, bv, gv = a:get(i), b:get(i), g:get(i)
+         local sv = 1 / (1 + math.exp(-av))
+         for _, pair in ipairs({{s:get(i), sv}, {o:get(i), av + 2 * sv * bv},
+                                {da:get(i), gv * (1 + 2 * sv * (1 - sv) * bv)}, {db:get(i), 2 * sv * gv}}) do
+            worst = math.max(worst, math.abs(pair[1] - pair[2]) / (math.abs(pair[2]) + 1e-3))
+         end
+      end
+      assert.is_true(worst < 1e-5, 'worst relative error ' .. worst)
+      local ffi = require 'ffi'
+      assert.is_true(C.nr_cross_attention_forward(a.c, nr.randn({4, 3}).c, o.c, s.c) ~= 0)
+      assert.matches('shape mismatch: a .- vs b', ffi.string(C.nr_last_error()))
+      assert.is_true(C.nr_cross_attention_backward(s.c, b.c, g:t().c, da.c, db.c) ~= 0)
+      assert.matches('g: expected a contiguous tensor', ffi.string(C.nr_last_error()))
+   end)
 end)

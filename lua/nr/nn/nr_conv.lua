@@ -3,8 +3,8 @@
 --
 -- What it is: a conv with in/out channels partitioned into generation groups (gen 0 = the
 -- original survivors, gen k = the channels added by the k-th rejuvenation). Built from ordinary
--- Conv2d blocks, one per (output group, input group) pair that is actually computed, plus
--- elementwise ops — no zero blocks are stored or computed:
+-- Conv2d blocks, one per (output group, input group) pair that is actually computed, plus the
+-- fused cross-attention kernels (nr_cross_attention_*) — no zero blocks are stored or computed:
 --   CR (cross connections removed): O_j = W_jj * I_j                      (one block per group)
 --   CA (cross attention):           O_j = A_j + 2·σ(A_j) ⊙ B_j,  A_j = W_jj * I_j,
 --                                   B_j = Σ_{i≠j} W_ji * I_i            (k² blocks)
@@ -20,6 +20,7 @@ local class = require 'nr.class'
 local Module = require 'nr.nn.module'
 local T = require 'nr.tensor'
 local check = require 'nr.check'
+local C = require('nr.ffi').C
 
 local M = {}
 
@@ -203,9 +204,8 @@ function NRConv2d:updateOutput(x)
          B:copy(plan.cross[1].conv:forward(input_of(plan.cross[1])))
          for c = 2, #plan.cross do B:add_(plan.cross[c].conv:forward(input_of(plan.cross[c]))) end
          local S = buf(self, '_S' .. j, sh, dev)
-         S:copy(A):sigmoid_()
          local O = buf(self, '_O' .. j, sh, dev)
-         O:copy(S):mul_(B):mul_(2):add_(A)
+         check.status(C.nr_cross_attention_forward(A.c, B.c, O.c, S.c), FNAME, 0)  -- O = A + 2σ(A)⊙B
          dst:copy(O)
       end
    end
@@ -244,9 +244,8 @@ function NRConv2d:updateGradInput(x, gradOutput)
          local sh = S:shape()
          -- dA = G ⊙ (1 + 2·σ(A)(1 − σ(A)) ⊙ B),  dB = 2·σ(A) ⊙ G
          local dA = buf(self, '_dA' .. j, sh, dev)
-         dA:copy(S):mul_(-1):add_(1):mul_(S):mul_(B):mul_(2):add_(1):mul_(G)
          local dB = buf(self, '_dB' .. j, sh, dev)
-         dB:copy(S):mul_(G):mul_(2)
+         check.status(C.nr_cross_attention_backward(S.c, B.c, G.c, dA.c, dB.c), FNAME, 0)
          acc(plan.diag, dA)
          for _, c in ipairs(plan.cross) do acc(c, dB) end
       end
