@@ -77,6 +77,9 @@ static inline int64_t nr_linear_offset(const nr_tensor *t, int64_t i)
    return off;
 }
 
+/* nr_tensor_new on a given GPU (device_index; ignored on the CPU) instead of the current one. */
+nr_tensor *nr_tensor_new_at(int32_t dtype, int32_t device, int32_t device_index, int32_t ndim, const int64_t *shape);
+
 /* Storage allocation with accounting (core/tensor.c). */
 void *nr_mem_alloc(int32_t device, int32_t device_index, int64_t bytes);
 void nr_mem_free(int32_t device, int32_t device_index, void *ptr, int64_t bytes);

@@ -46,13 +46,20 @@ static nr_status cuda_then_relu(nr_status s, nr_tensor *y, int32_t relu)
    return nr_cuda_relu_forward(y, y);
 }
 
-/* CUDA backward with relu_y: dx <- dy masked by relu_y > 0, then BN backward reads dx as dy. */
-static nr_status cuda_masked_dy(const nr_tensor **dy, nr_tensor *dx, const nr_tensor *relu_y)
+/* CUDA backward with relu_y: the gradient masked by relu_y > 0 is staged in dx (or, when only
+ * dgamma/dbeta are wanted, in a temporary *tmp the caller frees; the caching allocator makes
+ * that cheap and stream-ordered), and BN backward reads it as dy. */
+static nr_status cuda_masked_dy(const nr_tensor **dy, nr_tensor *dx, const nr_tensor *relu_y, nr_tensor **tmp)
 {
+   *tmp = NULL;
    if (!relu_y) return NR_OK;
-   if (!dx) return NR_FAIL(NR_E_ARG, "relu_y on CUDA needs dx (the masked gradient is staged there)");
-   NR_TRY(nr_cuda_relu_backward(relu_y, *dy, dx));
-   *dy = dx;
+   nr_tensor *stage = dx;
+   if (!stage) {
+      stage = *tmp = nr_tensor_new_at((*dy)->dtype, NR_CUDA, (*dy)->device_index, (*dy)->ndim, (*dy)->shape);
+      if (!stage) return NR_E_OOM;
+   }
+   NR_TRY(nr_cuda_relu_backward(relu_y, *dy, stage));
+   *dy = stage;
    return NR_OK;
 }
 
@@ -60,8 +67,11 @@ static nr_status cuda_bn_backward(const nr_tensor *x, const nr_tensor *dy, nr_te
                                   nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
                                   const nr_tensor *save_invstd, float scale, float acc, const nr_tensor *relu_y)
 {
-   NR_TRY(cuda_masked_dy(&dy, dx, relu_y));
-   return nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc);
+   nr_tensor *tmp;
+   nr_status st = cuda_masked_dy(&dy, dx, relu_y, &tmp);
+   if (st == NR_OK) st = nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc);
+   nr_tensor_free(tmp);
+   return st;
 }
 
 static nr_status cuda_bn_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
@@ -69,8 +79,12 @@ static nr_status cuda_bn_backward_eval(const nr_tensor *x, const nr_tensor *dy, 
                                        const nr_tensor *running_var, float eps, float scale, float acc,
                                        const nr_tensor *relu_y)
 {
-   NR_TRY(cuda_masked_dy(&dy, dx, relu_y));
-   return nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale, acc);
+   nr_tensor *tmp;
+   nr_status st = cuda_masked_dy(&dy, dx, relu_y, &tmp);
+   if (st == NR_OK)
+      st = nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale, acc);
+   nr_tensor_free(tmp);
+   return st;
 }
 #endif
 

@@ -124,11 +124,11 @@ nr_status nr_tensor_set(nr_tensor *t, int64_t i, double value);
 void nr_rng_seed(uint64_t seed);
 void nr_rng_get_state(uint64_t *state4);
 void nr_rng_set_state(const uint64_t *state4);
-/* Uniform in [lo, hi) (f32), or integers in [lo, hi) for int64/uint8 tensors. */
+/* Uniform in [lo, hi) (f32; bf16: the f32 draws rounded), or integers in [lo, hi) for int64/uint8 tensors. */
 nr_status nr_rng_uniform(nr_tensor *t, double lo, double hi);
-/* Normal(mean, std), f32 only. */
+/* Normal(mean, std), f32 (or bf16: the f32 draws rounded). */
 nr_status nr_rng_normal(nr_tensor *t, double mean, double std);
-/* Bernoulli mask: 1 with probability p, else 0 (f32 or uint8). */
+/* Bernoulli mask: 1 with probability p, else 0 (f32, bf16 or uint8). */
 nr_status nr_rng_bernoulli(nr_tensor *t, double p);
 /* A random permutation of 0..n-1 into an int64 tensor of shape (n). */
 nr_status nr_rng_permutation(nr_tensor *out);
@@ -281,7 +281,9 @@ nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indi
                                int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
                                int32_t stride_w, int32_t pad_h, int32_t pad_w);
 /* dy (N, C, Ho, Wo); indices (N, C, Ho, Wo) int64 from the forward; dx (N, C, H, W) overwritten
- * (zero except at the argmax positions, where the dy of every window choosing it is summed). */
+ * (zero except at the argmax positions, where the dy of every window choosing it is summed).
+ * An index outside the plane is NR_E_ARG on the CPU; on CUDA it is skipped (checking would cost
+ * a device-to-host read every step). */
 nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx);
 /* Average pooling (PyTorch AvgPool2d, floor mode; padding <= kernel / 2). count_include_pad = 1
  * (PyTorch's default): divide by kernel_h * kernel_w clipped to the padded input; 0: divide by

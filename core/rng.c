@@ -44,17 +44,18 @@ void nr_rng_set_state(const uint64_t *state4)
 /* Uniform double in [0, 1) with 53 random bits. */
 static inline double uniform01(void) { return (double)(nr_rng_next() >> 11) * 0x1.0p-53; }
 
-/* Fills through a contiguous host staging copy when t is on a device or strided. */
+/* Fills through a contiguous host staging copy when t is on a device or strided; a bf16 tensor
+ * through an f32 one (the same draws as f32, then rounded). */
 static nr_status fill_with(nr_tensor *t, int kind, double a, double b)
 {
    int64_t n = nr_tensor_numel(t);
    nr_tensor *host = t;
-   bool staged = t->device != NR_CPU || !nr_tensor_is_contiguous(t);
+   bool staged = t->device != NR_CPU || !nr_tensor_is_contiguous(t) || t->dtype == NR_BF16;
    if (staged) {
-      host = nr_tensor_new(t->dtype, NR_CPU, t->ndim, t->shape);
+      host = nr_tensor_new(t->dtype == NR_BF16 ? NR_F32 : t->dtype, NR_CPU, t->ndim, t->shape);
       if (!host) return NR_E_OOM;
    }
-   if (t->dtype == NR_F32) {
+   if (host->dtype == NR_F32) {
       float *p = host->data;
       if (kind == 0)
          for (int64_t i = 0; i < n; i++) p[i] = (float)(a + (b - a) * uniform01());
@@ -91,13 +92,16 @@ nr_status nr_rng_uniform(nr_tensor *t, double lo, double hi)
 {
    NR_CHECK_T("t", t, -1, -1, -1, NULL);
    if (!(hi >= lo)) return NR_FAIL(NR_E_ARG, "empty range [%g, %g)", lo, hi);
-   if (t->dtype != NR_F32 && !(hi > lo)) return NR_FAIL(NR_E_ARG, "empty integer range [%g, %g)", lo, hi);
+   if (t->dtype != NR_F32 && t->dtype != NR_BF16 && !(hi > lo))
+      return NR_FAIL(NR_E_ARG, "empty integer range [%g, %g)", lo, hi);
    return fill_with(t, 0, lo, hi);
 }
 
 nr_status nr_rng_normal(nr_tensor *t, double mean, double std)
 {
-   NR_CHECK_T("t", t, NR_F32, -1, -1, NULL);
+   NR_CHECK_T("t", t, -1, -1, -1, NULL);
+   if (t->dtype != NR_F32 && t->dtype != NR_BF16)
+      return NR_FAIL(NR_E_ARG, "normal draws need an f32 or bf16 tensor, got %s", nr_dtype_name(t->dtype));
    if (!(std >= 0)) return NR_FAIL(NR_E_ARG, "std must be >= 0, got %g", std);
    return fill_with(t, 1, mean, std);
 }

@@ -138,6 +138,15 @@ static nr_status check_geometry(int32_t ndim, const int64_t *shape)
 
 nr_tensor *nr_tensor_new(int32_t dtype, int32_t device, int32_t ndim, const int64_t *shape)
 {
+   int32_t dev_index = 0;
+#ifdef NR_WITH_CUDA
+   if (device == NR_CUDA) dev_index = nr_cuda_current_device();
+#endif
+   return nr_tensor_new_at(dtype, device, dev_index, ndim, shape);
+}
+
+nr_tensor *nr_tensor_new_at(int32_t dtype, int32_t device, int32_t dev_index, int32_t ndim, const int64_t *shape)
+{
    if (nr_dtype_size(dtype) == 0) {
       NR_FAIL(NR_E_ARG, "unknown dtype %d", dtype);
       return NULL;
@@ -159,10 +168,7 @@ nr_tensor *nr_tensor_new(int32_t dtype, int32_t device, int32_t ndim, const int6
       NR_FAIL(NR_E_OOM, "out of host memory");
       return NULL;
    }
-   int32_t dev_index = 0;
-#ifdef NR_WITH_CUDA
-   if (device == NR_CUDA) dev_index = nr_cuda_current_device();
-#endif
+   if (device != NR_CUDA) dev_index = 0;
    s->bytes = numel * nr_dtype_size(dtype);
    s->base = nr_mem_alloc(device, dev_index, s->bytes);
    if (!s->base) {

@@ -176,6 +176,10 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
 static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const void *w, const void *y,
                              const char *what)
 {
+   /* search under the plan's base math type: set_math left the shared descriptor at the math of
+    * the last direction run, which may exclude tensor-core algorithms */
+   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, p->key[8] || p->key[16] == NR_BF16 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH),
+            "%s: cudnnSetConvolutionMathType", what);
    size_t budget = find_budget(ctx);
    void *ws = NULL;
    const int find = use_find();

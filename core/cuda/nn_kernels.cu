@@ -23,9 +23,6 @@
 
 namespace {
 
-/* *p += v for the backward scatters (f32, or bf16: native atomics on sm_80 and later). */
-__device__ __forceinline__ void atomic_add(float *p, float v) { atomicAdd(p, v); }
-__device__ __forceinline__ void atomic_add(bf16 *p, float v) { atomicAdd(p, __float2bfloat16_rn(v)); }
 
 /* Division by a runtime constant for 0 <= n < 2^31 (the divisor >= 1): q = (umulhi(n, m) + n) >> s. */
 struct fastdiv {
@@ -396,17 +393,13 @@ template <typename T> __global__ void k_maxpool_f(const T *x, T *y, int64_t *ind
       const T *xp = x + q * p.h * p.w;
       float best = -INFINITY;
       int64_t arg = h0 * p.w + w0;
-      bool nan = false;
-      for (int64_t ih = h0; ih < h1 && !nan; ih++)
+      /* the CPU's (PyTorch's) rule: take v when v > best or v is NaN, so the last NaN wins */
+      for (int64_t ih = h0; ih < h1; ih++)
          for (int64_t iw = w0; iw < w1; iw++) {
             float v = ld(xp + ih * p.w + iw);
             if (v > best || isnan(v)) {
                best = v;
                arg = ih * p.w + iw;
-               if (isnan(v)) {
-                  nan = true;
-                  break;
-               }
             }
          }
       st(y + i, best);
@@ -415,13 +408,15 @@ template <typename T> __global__ void k_maxpool_f(const T *x, T *y, int64_t *ind
 }
 
 /* Indices outside the plane (not from the forward) are skipped instead of corrupting memory. */
+/* Scatter into an f32 accumulator (dx itself, or a scratch copied to a bf16 dx afterwards).
+ * Indices outside the plane (not from the forward) are skipped instead of corrupting memory. */
 template <typename T>
-__global__ void k_maxpool_b(const T *dy, const int64_t *ind, T *dx, int64_t nc, int64_t outp, int64_t inp)
+__global__ void k_maxpool_b(const T *dy, const int64_t *ind, float *acc, int64_t nc, int64_t outp, int64_t inp)
 {
    GRID_LOOP(i, nc * outp)
    {
       int64_t j = ind[i];
-      if (j >= 0 && j < inp) atomic_add(dx + (i / outp) * inp + j, ld(dy + i));
+      if (j >= 0 && j < inp) atomicAdd(acc + (i / outp) * inp + j, ld(dy + i));
    }
 }
 
@@ -452,18 +447,24 @@ template <typename T> __global__ void k_avgpool_f(const T *x, T *y, pool p, int 
    }
 }
 
+/* A gather: each input element sums, in f32, dy / divisor over the windows that cover it (no
+ * atomics, deterministic). Window oh covers ih iff oh*sh - ph <= ih < oh*sh - ph + kh. */
 template <typename T> __global__ void k_avgpool_b(const T *dy, T *dx, pool p, int inc)
 {
-   GRID_LOOP(i, p.nc * p.ho * p.wo)
+   GRID_LOOP(i, p.nc * p.h * p.w)
    {
-      int64_t ow = i % p.wo, oh = (i / p.wo) % p.ho, q = i / (p.wo * p.ho);
-      int64_t h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw;
-      int64_t a = h0 < 0 ? 0 : h0, b = h0 + p.kh > p.h ? p.h : h0 + p.kh;
-      int64_t c = w0 < 0 ? 0 : w0, d = w0 + p.kw > p.w ? p.w : w0 + p.kw;
-      float v = ld(dy + i) / avg_div(p, h0, w0, inc);
-      T *xp = dx + q * p.h * p.w;
-      for (int64_t ih = a; ih < b; ih++)
-         for (int64_t iw = c; iw < d; iw++) atomic_add(xp + ih * p.w + iw, v);
+      int64_t iw = i % p.w, ih = (i / p.w) % p.h, q = i / (p.w * p.h);
+      int64_t nh = ih + p.ph - p.kh + 1, nw = iw + p.pw - p.kw + 1;
+      int64_t oh0 = nh <= 0 ? 0 : (nh + p.sh - 1) / p.sh, oh1 = (ih + p.ph) / p.sh;
+      int64_t ow0 = nw <= 0 ? 0 : (nw + p.sw - 1) / p.sw, ow1 = (iw + p.pw) / p.sw;
+      if (oh1 > p.ho - 1) oh1 = p.ho - 1;
+      if (ow1 > p.wo - 1) ow1 = p.wo - 1;
+      const T *g = dy + q * p.ho * p.wo;
+      float s = 0;
+      for (int64_t oh = oh0; oh <= oh1; oh++)
+         for (int64_t ow = ow0; ow <= ow1; ow++)
+            s += ld(g + oh * p.wo + ow) / avg_div(p, oh * p.sh - p.ph, ow * p.sw - p.pw, inc);
+      st(dx + i, s);
    }
 }
 
@@ -877,16 +878,28 @@ nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indic
    int64_t nc = dy->shape[0] * dy->shape[1], outp = dy->shape[2] * dy->shape[3], inp = dx->shape[2] * dx->shape[3];
    int64_t nx = nr_tensor_numel(dx);
    if (nx == 0) return NR_OK;
-   NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)(nx * nr_dtype_size(dx->dtype)), ctx->stream),
-         "maxpool2d_backward: zeroing %s", NR_DESC(dx));
-   if (nc * outp == 0) return NR_OK;
-   with_act_type(dy, [&](auto tag) {
-      using T = decltype(tag);
-      k_maxpool_b<T><<<grid_for(nc * outp), 256, 0, ctx->stream>>>(cptr<T>(dy), (const int64_t *)indices->data,
-                                                                  mptr<T>(dx), nc, outp, inp);
-   });
-   NR_CU_LAUNCHED("maxpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
-   return NR_OK;
+   /* f32 accumulation: in dx itself, or for a bf16 dx in scratch slot 5, rounded once at the end
+    * (bf16 atomics would round every addition) */
+   float *acc = (float *)dx->data;
+   if (dx->dtype != NR_F32) {
+      void *p;
+      NR_TRY(nr_cuda_scratch(ctx, 5, nx * (int64_t)sizeof(float), &p));
+      acc = (float *)p;
+   }
+   NR_CU(cudaMemsetAsync(acc, 0, (size_t)nx * sizeof(float), ctx->stream), "maxpool2d_backward: zeroing %s", NR_DESC(dx));
+   if (nc * outp > 0) {
+      with_act_type(dy, [&](auto tag) {
+         using T = decltype(tag);
+         k_maxpool_b<T><<<grid_for(nc * outp), 256, 0, ctx->stream>>>(cptr<T>(dy), (const int64_t *)indices->data, acc,
+                                                                     nc, outp, inp);
+      });
+      NR_CU_LAUNCHED("maxpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
+   }
+   if (dx->dtype == NR_F32) return NR_OK;
+   nr_tensor a32 = *dx;
+   a32.dtype = NR_F32;
+   a32.data = acc;
+   return nr_cuda_launch_copy(ctx, dx, &a32);
 }
 
 nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w,
@@ -913,14 +926,11 @@ nr_status nr_cuda_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
    pool p = make_pool(dx, dy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
-   int64_t nx = nr_tensor_numel(dx), n = p.nc * p.ho * p.wo;
+   int64_t nx = nr_tensor_numel(dx);
    if (nx == 0) return NR_OK;
-   NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)(nx * nr_dtype_size(dx->dtype)), ctx->stream),
-         "avgpool2d_backward: zeroing %s", NR_DESC(dx));
-   if (n == 0) return NR_OK;
    with_act_type(dy, [&](auto tag) {
       using T = decltype(tag);
-      k_avgpool_b<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(dy), mptr<T>(dx), p, count_include_pad);
+      k_avgpool_b<T><<<grid_for(nx), 256, 0, ctx->stream>>>(cptr<T>(dy), mptr<T>(dx), p, count_include_pad);
    });
    NR_CU_LAUNCHED("avgpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
    return NR_OK;

@@ -36,6 +36,9 @@ nr_status nr_cuda_fail_rt(cudaError_t e, const char *func, const char *file, int
 {
    char lib[256];
    snprintf(lib, sizeof lib, "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+   /* clear the runtime's pending error (a non-sticky one, e.g. a failed allocation or copy), so
+    * the next kernel launch check does not report it again as its own failure */
+   (void)cudaGetLastError();
    va_list ap;
    va_start(ap, fmt);
    nr_status st = fail_lib(lib, func, file, line, fmt, ap);

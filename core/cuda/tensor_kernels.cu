@@ -123,7 +123,7 @@ __global__ void k_binary(const T *a, geo ga, const T *b, geo gb, T *o, geo go, i
 }
 
 template <typename T>
-__global__ void k_binary_contig(const T *__restrict__ a, const T *__restrict__ b, T *o, int64_t n, int op)
+__global__ void k_binary_contig(const T *a, const T *b, T *o, int64_t n, int op) /* o may be a or b */
 {
    GRID_LOOP(i, n) st(o + i, bin(ld(a + i), ld(b + i), op));
 }

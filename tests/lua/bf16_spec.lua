@@ -86,6 +86,17 @@ numpy.save(sys.argv[2], x.to(torch.bfloat16).to(torch.float32).numpy())
       assert.equal(0x3FC0, c:data()[0]) -- raw bf16 words: 1.5 is 0x3FC0 (the top half of f32 0x3FC00000)
    end)
 
+   it('random draws: the f32 draws rounded, so seeds reproduce across dtypes', function()
+      for _, draw in ipairs({function(o) return nr.randn({300}, o) end, function(o) return nr.rand({300}, o) end}) do
+         nr.manual_seed(4)
+         local f = draw()
+         nr.manual_seed(4)
+         local b = draw({dtype = 'bfloat16'})
+         assert.equal('bfloat16', b:dtype())
+         assert.same(f:bfloat16():totable(), b:totable())
+      end
+   end)
+
    it('round trip through safetensors as BF16 (PyTorch reads it too)', function()
       local a = nr.tensor({{1, -2}, {0.5, 3}}):bfloat16()
       local path = TMP .. '/bf.safetensors'
