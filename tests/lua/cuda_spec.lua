@@ -1,6 +1,6 @@
 -- cuda_spec — every CUDA kernel against its CPU reference: tensor ops, copies, RNG, layer kernels,
--- SGD and the NR primitives, called through the C API (so the spec does not depend on the Lua
--- layer modules).
+-- SGD and the NR primitives (liveliness masks, L1 step, cross attention, surgery placement),
+-- called through the C API (so the spec does not depend on the Lua layer modules).
 --
 -- Tolerance (fp32): |gpu - cpu| <= 1e-4 * max(|cpu|, 1e-2 * max|cpu|, 1e-6) elementwise, i.e.
 -- 1e-4 relative, measured against the reference's own scale for values near zero; integer results
@@ -556,6 +556,43 @@ describe('SGD and NR primitives on the GPU', function()
          close(string.format('sgd param mu %g wd %g nesterov %d', mu, wd, nest), pc, pg)
          if mu ~= 0 then close('sgd momentum buffer', bc, bg) end
       end
+   end)
+
+   it('surgery placement: gathered, given and random blocks; the batched call is all or nothing', function()
+      local function i64(list) return nr.tensor(list, {dtype = 'int64'}) end
+      local function pairs_t(keep, dst) return nr.tensor({keep, dst}, {dtype = 'int64'}) end
+      nr.manual_seed(12)
+      local old = randn({20, 16, 3, 3})
+      local perm = function(n, m) local p = nr.randperm(m):totable(); local o = {} for i = 1, n do o[i] = p[i] end return o end
+      local rk, rd, ck, cd = perm(15, 20), perm(15, 24), perm(12, 16), perm(12, 18)
+      local function free_of(m, used)
+         local set, out = {}, {}
+         for _, v in ipairs(used) do set[v] = true end
+         for i = 0, m - 1 do if not set[i] then out[#out + 1] = i end end
+         return out
+      end
+      local br, bc = i64(free_of(24, rd)), i64(free_of(18, cd))
+      local ar, ac = pairs_t(rk, rd), pairs_t(ck, cd)
+      local b = randn({br:numel(), bc:numel(), 3, 3})
+      for _, o in ipairs({{b = b, std = 0}, {std = 0.3}}) do
+         local dc, dg = pair({24, 18, 3, 3})
+         ok(C.nr_surgery_place(dc.c, 0.25, old.c, ar.c, ac.c, o.b and o.b.c, br.c, bc.c, o.std, 77), 'cpu')
+         ok(C.nr_surgery_place(dg.c, 0.25, old:cuda().c, ar.c, ac.c, o.b and o.b:cuda().c, br.c, bc.c, o.std, 77), 'gpu')
+         -- the random block: device logf/cosf/sinf may differ from glibc's by an ulp or two
+         close(o.b and 'surgery place (given b)' or 'surgery place (random b)', dc, dg, o.b and 0 or RTOL)
+      end
+      -- a CPU operand with a GPU dst is an error, not a crash
+      local dg = nr.zeros({24, 18, 3, 3}, {device = 'cuda'})
+      assert(C.nr_surgery_place(dg.c, 0, old.c, ar.c, ac.c, nil, nil, nil, 0, 0) ~= 0, 'a CPU source was accepted')
+      -- job 1 is invalid (no a_rows): job 0's dst must stay untouched
+      local jobs = ffi.new('nr_place_job[2]')
+      local d0, d1 = nr.zeros({24, 18, 3, 3}, {device = 'cuda'}), nr.zeros({24, 18, 3, 3}, {device = 'cuda'})
+      local og = old:cuda()
+      jobs[0].dst, jobs[0].a, jobs[0].a_rows, jobs[0].a_cols, jobs[0].fill = d0.c, og.c, ar.c, ac.c, 5
+      jobs[1].dst, jobs[1].a = d1.c, og.c
+      assert(C.nr_surgery_place_many(jobs, 2) ~= 0, 'an invalid job was accepted')
+      assert(ffi.string(C.nr_last_error()):find('job 1'), ffi.string(C.nr_last_error()))
+      close('place_many wrote nothing', nr.zeros({24, 18, 3, 3}), d0, 0)
    end)
 
    it('bn_live_mask and l1_sign_add', function()
