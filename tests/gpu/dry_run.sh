@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# dry_run.sh — runs tests/lua/cuda_spec.lua on a machine WITHOUT a GPU, with "cuda" mapped to the
+# CPU and bfloat16 mapped to float32, so the spec's own Lua (helpers, argument order, the bf16
+# branches, the nr.train run) is exercised before a scarce GPU session spends time on it.
+#   tests/gpu/dry_run.sh [path/to/nrlua]        (default build-cuda/nrlua, else build/nrlua; the
+#                                                nr.train test needs a build with the CUDA backend)
+# How: patched copies of lua/nr/tensor.lua and lua/nr/cuda.lua go to a temporary folder that is
+# searched first; nothing in the repository changes.
+# What it is not: a GPU test. Every comparison is CPU against CPU, so passing says nothing about
+# the CUDA kernels. Tests of GPU-only behaviour fail by construction and are listed as expected:
+# device queries and the allocator cache, errors that only the GPU raises (f32 product into a
+# bf16 result, mixed activation dtypes, a CPU operand with a GPU destination) and SGD, whose
+# "CPU" and "GPU" parameters become one tensor. Exit status 0 when only those fail.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+NRLUA="${1:-}"
+[ -z "$NRLUA" ] && { [ -x build-cuda/nrlua ] && NRLUA=build-cuda/nrlua || NRLUA=build/nrlua; }
+D="$(mktemp -d /tmp/nrdry.XXXXXX)"
+mkdir -p "$D/nr"
+sed -e "s/^local function parse_device(dev, fname)$/&\n   if dev == 'cuda' then return C.NR_CPU end -- dry run/" \
+    -e "s/^local function parse_dtype(dt, fname)$/&\n   if dt == 'bfloat16' or dt == 'bf16' then return C.NR_F32 end -- dry run/" \
+    lua/nr/tensor.lua > "$D/nr/tensor.lua"
+sed -e 's/^function M.available() .*/function M.available() return true end -- dry run/' \
+    -e 's/^function M.device_count() .*/function M.device_count() return 1 end -- dry run/' \
+    -e "s/^function M.synchronize() .*/function M.synchronize() end -- dry run/" \
+    lua/nr/cuda.lua > "$D/nr/cuda.lua"
+grep -q 'dry run' "$D/nr/tensor.lua" && [ "$(grep -c 'dry run' "$D/nr/cuda.lua")" = 3 ] ||
+  { echo "dry_run.sh: could not patch tensor.lua / cuda.lua (their function headers changed?)"; exit 2; }
+cat > "$D/run.lua" <<EOF
+package.path = '$D/?.lua;' .. package.path
+assert(loadfile('tests/gpu/spec_runner.lua'))('tests/lua/cuda_spec.lua')
+EOF
+"$NRLUA" "$D/run.lua" > "$D/log" 2>&1
+EXPECTED='reports devices and memory|caches freed blocks|matmul mixes bf16|refuses mixed activation dtypes|sgd_step matches|surgery placement'
+grep -E '^(ok|FAIL) ' "$D/log" | sed -E "s/^FAIL  (.*($EXPECTED).*)/expected-fail  \1/"
+unexpected="$(grep -E '^FAIL ' "$D/log" | grep -vE "$EXPECTED")"
+tail -n 1 "$D/log"
+if [ -n "$unexpected" ]; then
+  echo "dry_run.sh: unexpected failures (details in $D/log):"; echo "$unexpected"; exit 1
+fi
+rm -rf "$D"
