@@ -91,7 +91,7 @@ function U.buffer(self, key, shape, like, dtype)
    return b
 end
 
--- self[key] as an activation buffer: like's shape-independent dtype (float32 or bfloat16) and device.
+-- self[key] as an activation buffer of `shape` with like's dtype (float32 or bfloat16) and device.
 function U.act_buffer(self, key, shape, like) return U.buffer(self, key, shape, like, like:dtype()) end
 
 -- The module's gradInput (N-d, like's dtype and device): a block of the model's gradient pool during
