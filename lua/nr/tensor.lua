@@ -387,7 +387,7 @@ for name, op in pairs(BIN) do
       end
       return out
    end
-   Tensor[name] = function(a, b) return apply(a, b, M.empty(a:shape(), {device = a:device()})) end
+   Tensor[name] = function(a, b) return apply(a, b, M.empty(a:shape(), {device = a:device(), dtype = a:dtype()})) end
    Tensor[name .. '_'] = function(a, b) return apply(a, b, a) end
 end
 Tensor.__add = function(a, b)
@@ -413,7 +413,7 @@ local UN = {neg = C.NR_OP_NEG, abs = C.NR_OP_ABS, exp = C.NR_OP_EXP, log = C.NR_
 for name, op in pairs(UN) do
    local fname = 'Tensor:' .. name
    Tensor[name] = function(a)
-      local out = M.empty(a:shape(), {device = a:device()})
+      local out = M.empty(a:shape(), {device = a:device(), dtype = a:dtype()})
       check.status(C.nr_unary(live(a), live(out), op), fname)
       return out
    end
@@ -430,27 +430,29 @@ function Tensor:axpy_(alpha, x)
    return self
 end
 
--- Reductions: t:sum() -> number; t:sum(dim) -> tensor with dim kept as size 1.
+-- Reductions: t:sum() -> number; t:sum(dim) -> tensor with dim kept as size 1 (t's dtype; bf16
+-- sums accumulate in f32 and round the result, as PyTorch).
 local RED = {sum = C.NR_RED_SUM, mean = C.NR_RED_MEAN, max = C.NR_RED_MAX, min = C.NR_RED_MIN}
 for name, op in pairs(RED) do
    local fname = 'Tensor:' .. name
    Tensor[name] = function(a, dim)
       if dim == nil then
-         local out = M.empty({}, {device = a:device()})
+         local out = M.empty({}, {device = a:device(), dtype = a:dtype()})
          check.status(C.nr_reduce(live(a), -1, live(out), op), fname)
          return out:item()
       end
       local shape = a:shape()
       check.arg(type(dim) == 'number' and dim >= 1 and dim <= #shape, fname, 'dimension %s out of range 1..%d', tostring(dim), #shape)
       shape[dim] = 1
-      local out = M.empty(shape, {device = a:device()})
+      local out = M.empty(shape, {device = a:device(), dtype = a:dtype()})
       check.status(C.nr_reduce(live(a), dim - 1, live(out), op), fname)
       return out
    end
 end
 -- argmax(dim) -> int64 tensor (dim kept, size 1), 0-based positions; argmax() -> 0-based number.
 function Tensor:argmax(dim)
-   local a = self:is_cuda() and self:cpu() or self
+   -- on the host; bf16 as f32 (exact, so the same positions)
+   local a = (self:is_cuda() or self:dtype() == 'bfloat16') and self:to('cpu', 'float32') or self
    if dim == nil then
       local out = M.empty({}, {dtype = 'int64'})
       check.status(C.nr_argmax(live(a), -1, live(out)), 'Tensor:argmax')
@@ -470,7 +472,9 @@ function Tensor:matmul(b, opts)
    local ta, tb = opts.trans_a and 1 or 0, opts.trans_b and 1 or 0
    local m = ta == 1 and self:size(2) or self:size(1)
    local n = tb == 1 and b:size(1) or b:size(2)
-   local out = opts.out or M.empty({m, n}, {device = self:device()})
+   -- a bf16 operand makes a bf16 product (mixed precision, CUDA), else f32
+   local half = self:dtype() == 'bfloat16' or b:dtype() == 'bfloat16'
+   local out = opts.out or M.empty({m, n}, {device = self:device(), dtype = half and 'bfloat16' or 'float32'})
    check.status(C.nr_matmul(live(self), live(b), live(out), ta, tb, opts.alpha or 1, opts.beta or 0), 'Tensor:matmul')
    return out
 end

@@ -9,8 +9,8 @@
 # What it is not: a GPU test. Every comparison is CPU against CPU, so passing says nothing about
 # the CUDA kernels. Tests of GPU-only behaviour fail by construction and are listed as expected:
 # device queries and the allocator cache, errors that only the GPU raises (f32 product into a
-# bf16 result, mixed activation dtypes, a CPU operand with a GPU destination) and SGD, whose
-# "CPU" and "GPU" parameters become one tensor. Exit status 0 when only those fail.
+# bf16 result, mixed activation dtypes, a CPU operand with a GPU destination), bf16 outputs, and
+# SGD, whose "CPU" and "GPU" parameters become one tensor. Exit status 0 when only those fail.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 NRLUA="${1:-}"
@@ -31,7 +31,7 @@ package.path = '$D/?.lua;' .. package.path
 assert(loadfile('tests/gpu/spec_runner.lua'))('tests/lua/cuda_spec.lua')
 EOF
 "$NRLUA" "$D/run.lua" > "$D/log" 2>&1
-EXPECTED='reports devices and memory|caches freed blocks|matmul mixes bf16|refuses mixed activation dtypes|sgd_step matches|surgery placement'
+EXPECTED='reports devices and memory|caches freed blocks|matmul mixes bf16|refuses mixed activation dtypes|sgd_step matches|surgery placement|keep the bf16 dtype'
 grep -E '^(ok|FAIL) ' "$D/log" | sed -E "s/^FAIL  (.*($EXPECTED).*)/expected-fail  \1/"
 unexpected="$(grep -E '^FAIL ' "$D/log" | grep -vE "$EXPECTED")"
 tail -n 1 "$D/log"

@@ -97,6 +97,12 @@ numpy.save(sys.argv[2], x.to(torch.bfloat16).to(torch.float32).numpy())
       end
    end)
 
+   it('argmax reads a bf16 tensor as f32 (the same positions)', function()
+      local t = nr.tensor({{0.5, 3, -1}, {7, 2, 2.5}})
+      assert.equal(t:argmax(), t:bfloat16():argmax())
+      assert.same(t:argmax(2):totable(), t:bfloat16():argmax(2):totable())
+   end)
+
    it('round trip through safetensors as BF16 (PyTorch reads it too)', function()
       local a = nr.tensor({{1, -2}, {0.5, 3}}):bfloat16()
       local path = TMP .. '/bf.safetensors'

@@ -542,6 +542,79 @@ describe('mixed precision (bf16) on the GPU', function()
    end)
 end)
 
+-- ---- the model zoo through the Lua modules, as training runs them ----------------------------
+
+-- Norm-wise relative error ||got - want|| / ||want|| (both read on the host as f32).
+local function nrel(got, want)
+   local g, w = got:to('cpu', 'float32'):contiguous(), want:to('cpu', 'float32'):contiguous()
+   local d = g:sub(w)
+   return math.sqrt(d:mul(d):sum()) / math.max(1e-30, math.sqrt(w:mul(w):sum()))
+end
+
+describe('the model zoo on the GPU (Lua modules) against the CPU', function()
+   -- the NR zoo fixtures: five models at small inputs, BN state randomised, some channels dead
+   local fixtures = require 'tests.lua.nr_zoo'
+   -- bf16 tolerances are norm-wise through the whole depth (one rounding per layer adds up, BN
+   -- renormalises): measured values are printed so they can be tightened once seen on a GPU
+   local TOL = {f32 = {out = 1e-3, grad = 1e-3}, bf16 = {out = 5e-2, grad = 1e-1}}
+   for zi, z in ipairs(fixtures.ZOO) do
+      local name, spec, shape = z[1], z[2], z[3]
+      it(name .. ': training step (f32 and bf16), inference with folding, and a CA rejuvenation', function()
+         nr.manual_seed(300 + zi)
+         local cpu = nr.models.build(spec)
+         fixtures.damage(cpu, shape, 0.3)
+         local x = randn({2, shape[1], shape[2], shape[3]})
+         local gpu = cpu:clone():to('cuda')
+         -- the training steps run on clones: the BN running statistics of cpu and gpu stay equal
+         local ct = cpu:clone()
+         ct:training()
+         local y = ct:forward(x)
+         local g = randn(y:shape())
+         ct:zeroGradParameters()
+         local gx = ct:backward(x, g):clone()
+         local _, grads = ct:parameters()
+         for _, prec in ipairs({'f32', 'bf16'}) do
+            local dt = prec == 'bf16' and 'bfloat16' or 'float32'
+            local pg = gpu:clone()
+            pg:training()
+            local yg = pg:forward(x:to('cuda', dt))
+            pg:zeroGradParameters()
+            local gxg = pg:backward(x:to('cuda', dt), g:to('cuda', dt))
+            local _, ggrads = pg:parameters()
+            local eo, ei, eg = nrel(yg, y), nrel(gxg, gx), 0
+            for i = 1, #grads do eg = math.max(eg, nrel(ggrads[i], grads[i])) end
+            print(string.format('  %s %s: output %.2e, input grad %.2e, worst parameter grad %.2e', name, prec, eo, ei, eg))
+            local tol = TOL[prec]
+            assert(eo <= tol.out and ei <= tol.grad and eg <= tol.grad,
+               string.format('%s %s: errors %.3g / %.3g / %.3g above %g / %g', name, prec, eo, ei, eg, tol.out, tol.grad))
+         end
+         -- inference inside no_grad (Conv2d + BN + ReLU folded on both devices)
+         cpu:evaluate(); gpu:evaluate()
+         local yi = nr.no_grad(function() return cpu:forward(x):clone() end)
+         local yig = nr.no_grad(function() return gpu:forward(x:cuda()) end)
+         assert(nrel(yig, yi) <= TOL.f32.out, string.format('%s inference: %.3g', name, nrel(yig, yi)))
+         -- one rejuvenation with cross attention: same surgery on both devices (the random init is
+         -- counter-based, so it is the same draw), then the same function
+         nr.manual_seed(77); nr.rejuvenate(cpu, {input_shape = shape, scheme = 'CA'})
+         nr.manual_seed(77); nr.rejuvenate(gpu, {input_shape = shape, scheme = 'CA'})
+         assert(cpu:nParameters() == gpu:nParameters(), 'rejuvenated parameter counts differ')
+         local e = nrel(gpu:forward(x:cuda()), cpu:forward(x))
+         print(string.format('  %s after CA rejuvenation: output %.2e', name, e))
+         assert(e <= TOL.f32.out, string.format('%s after rejuvenation: %.3g', name, e))
+      end)
+   end
+
+   it('tensor ops and models keep the bf16 dtype of their input', function()
+      local m = nr.models.build({name = 'mobilenet', width = 0.25, classes = 10}):to('cuda')
+      local y = m:forward(randn({2, 3, 32, 32}):to('cuda', 'bfloat16'))
+      assert(y:dtype() == 'bfloat16' and y:is_cuda(), 'a bf16 input should give a bf16 output on the GPU')
+      local a = randn({4, 5}):to('cuda', 'bfloat16')
+      assert(a:add(a):dtype() == 'bfloat16' and a:exp():dtype() == 'bfloat16' and a:sum(1):dtype() == 'bfloat16')
+      assert(a:matmul(randn({5, 3}):cuda()):dtype() == 'bfloat16')
+      assert(type(a:sum()) == 'number' and a:argmax() == a:to('cpu', 'float32'):argmax())
+   end)
+end)
+
 describe('SGD and NR primitives on the GPU', function()
    it('sgd_step matches torch.optim.SGD semantics on the CPU', function()
       for _, cfg in ipairs({{0, 0, 0}, {0.9, 5e-4, 0}, {0.9, 1e-4, 1}}) do
