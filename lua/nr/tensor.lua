@@ -387,7 +387,10 @@ for name, op in pairs(BIN) do
       end
       return out
    end
-   Tensor[name] = function(a, b) return apply(a, b, M.empty(a:shape(), {device = a:device(), dtype = a:dtype()})) end
+   -- a:add(b [, out]): into out when given (as torch.add(a, b, out=out)), else a new tensor
+   Tensor[name] = function(a, b, out)
+      return apply(a, b, out or M.empty(a:shape(), {device = a:device(), dtype = a:dtype()}))
+   end
    Tensor[name .. '_'] = function(a, b) return apply(a, b, a) end
 end
 Tensor.__add = function(a, b)

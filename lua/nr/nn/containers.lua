@@ -174,7 +174,7 @@ function Residual:updateOutput(x)
       self.output = a:add_(b)
       return self.output
    end
-   self.output = U.act_buffer(self, '_sum', a:shape(), a):copy(a):add_(b)
+   self.output = a:add(b, U.act_buffer(self, '_sum', a:shape(), a)) -- one pass
    return self.output
 end
 
@@ -190,8 +190,7 @@ function Residual:updateGradInput(x, g)
    elseif writable(gs) then
       out = gs:add_(gm)
    else
-      out = GP.buffer(self, gm:shape(), gm)
-      out:copy(gm):add_(gs)
+      out = gm:add(gs, GP.buffer(self, gm:shape(), gm))
    end
    GP.release(gm, out, g)
    GP.release(gs, out, g)
