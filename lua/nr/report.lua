@@ -296,7 +296,10 @@ function M.render(dir)
       kv('throughput', fnum(math.floor((last_epoch.images_per_s or 0) + 0.5)) .. ' images/s (last epoch)')
    end
    local r0 = runs[1]
-   if r0 then kv('device', esc(string.format('%s, %s threads, %s parameters', tostring(r0.device), tostring(r0.threads), fnum(r0.params)))) end
+   if r0 then
+      kv('device', esc(string.format('%s%s, %s threads, %s parameters', tostring(r0.device),
+         r0.precision == 'bf16' and ' (bf16 mixed precision)' or '', tostring(r0.threads), fnum(r0.params))))
+   end
    if rc.nr and type(rc.nr) == 'table' and rc.nr.enabled ~= false then
       kv('Neural Rejuvenation', esc(string.format('target %s, constraint %s, scheme %s', fnum(rc.nr.target),
          tostring(rc.nr.constraint or 'params'), tostring(rc.nr.scheme or 'NR'))))
