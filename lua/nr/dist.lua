@@ -570,7 +570,8 @@ local function syncbn_class()
       self._sync = true
       -- no fused ReLU here: the parent Sequential then runs the ReLU module itself
       self._fuse_relu, self._relu_fused = nil, false
-      local c, dev = self.num_features, x:device()
+      local c, dev, dtype = self.num_features, x:device(), x:dtype()
+      x = x:float() -- statistics and normalisation in f32 (a bf16 input is converted; f32 is x itself)
       local s1 = channel_sums(x, {x:size(1) * x:size(3) * x:size(4)})
       local m = s1[c + 1]
       local mean = {}
@@ -592,14 +593,14 @@ local function syncbn_class()
       self.running_mean:mul_(1 - mom):add_(T.tensor(mean):to(self.running_mean:device()):mul_(mom))
       self.running_var:mul_(1 - mom):add_(T.tensor(uvar):to(self.running_var:device()):mul_(mom))
       self._xc, self._invstd4, self._scale4, self._count = xc, bcast4(invstd, dev), bcast4(scale, dev), m
-      self.output = xc:mul(self._scale4):add_(bcast4(shift, dev))
+      self.output = xc:mul(self._scale4):add_(bcast4(shift, dev)):to(dev, dtype)
       return self.output
    end
 
    function SyncBN:updateGradInput(x, gradOutput)
       if not self._sync then return BN.updateGradInput(self, x, gradOutput) end
       local c, dev, m = self.num_features, x:device(), self._count
-      local g = gradOutput:contiguous()
+      local g = gradOutput:float():contiguous()
       local xhat = self._xc:mul(self._invstd4)
       local gx = g:mul(xhat)
       -- local contributions to dβ, dγ (the gradient reducer averages them over ranks)
@@ -614,7 +615,7 @@ local function syncbn_class()
       for i = 1, c do a[i], b[i] = v[i] / m, v[c + i] / m end
       -- dx = γ invstd (dy - mean(dy) - x̂ mean(dy x̂)), means over the whole step's batch
       local dx = g:sub(bcast4(a, dev)):sub_(xhat:mul_(bcast4(b, dev))):mul_(self._scale4)
-      self.gradInput = dx
+      self.gradInput = dx:to(dev, gradOutput:dtype())
       return dx
    end
 
