@@ -65,6 +65,14 @@ static unsigned hash_key(const int32_t *k)
    return h % NBUCKETS;
 }
 
+/* The math type a plan searches under (key: 8 tf32, 16 dtype): bf16 on tensor cores (as PyTorch
+ * sets for half types), f32 with TF32 allowed: cuDNN's default, else exact fp32 FMA. */
+static cudnnMathType_t base_math(const int32_t *k)
+{
+   if (k[16] == NR_BF16) return CUDNN_TENSOR_OP_MATH;
+   return k[8] ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH;
+}
+
 static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor *w, plan **out)
 {
    plan *p = calloc(1, sizeof *p);
@@ -90,7 +98,7 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
       DN(cudnnSetConvolution2dDescriptor(p->cd, k[12], k[13], k[10], k[11], k[14], k[15], CUDNN_CROSS_CORRELATION,
                                          CUDNN_DATA_FLOAT));
       DN(cudnnSetConvolutionGroupCount(p->cd, k[9]));
-      DN(cudnnSetConvolutionMathType(p->cd, k[8] || k[16] == NR_BF16 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH));
+      DN(cudnnSetConvolutionMathType(p->cd, base_math(k)));
    }
    int on = 0, oc = 0, oh = 0, ow = 0;
    if (!st) DN(cudnnGetConvolution2dForwardOutputDim(p->cd, p->xd, p->wd, &on, &oc, &oh, &ow));
@@ -178,8 +186,7 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
 {
    /* search under the plan's base math type: set_math left the shared descriptor at the math of
     * the last direction run, which may exclude tensor-core algorithms */
-   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, p->key[8] || p->key[16] == NR_BF16 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH),
-            "%s: cudnnSetConvolutionMathType", what);
+   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
    size_t budget = find_budget(ctx);
    void *ws = NULL;
    const int find = use_find();

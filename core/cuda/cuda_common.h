@@ -32,7 +32,7 @@ extern "C" {
 enum { NR_CUDA_MAX_DEVICES = 16, NR_CUDA_SCRATCH_SLOTS = 6 };
 /* Scratch slots: 0 per-channel partial sums, 1 per-channel coefficients / per-row losses,
  * 2 flags and counts read back, 3 index copies, 4 cuDNN workspace, 5 operands converted for
- * mixed precision (bf16 weights, bf16 weight gradients). */
+ * mixed precision (bf16 weights, bf16 weight gradients: weight-sized, so small). */
 
 typedef struct nr_cuda_ctx {
    int32_t device;

@@ -878,28 +878,36 @@ nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indic
    int64_t nc = dy->shape[0] * dy->shape[1], outp = dy->shape[2] * dy->shape[3], inp = dx->shape[2] * dx->shape[3];
    int64_t nx = nr_tensor_numel(dx);
    if (nx == 0) return NR_OK;
-   /* f32 accumulation: in dx itself, or for a bf16 dx in scratch slot 5, rounded once at the end
-    * (bf16 atomics would round every addition) */
+   /* f32 accumulation: in dx itself, or for a bf16 dx in a temporary from the caching allocator
+    * (stream-ordered, so it is returned at once), rounded once at the end (bf16 atomics would
+    * round every addition) */
+   const int64_t acc_bytes = nx * (int64_t)sizeof(float);
    float *acc = (float *)dx->data;
    if (dx->dtype != NR_F32) {
-      void *p;
-      NR_TRY(nr_cuda_scratch(ctx, 5, nx * (int64_t)sizeof(float), &p));
-      acc = (float *)p;
+      acc = (float *)nr_cuda_alloc(dx->device_index, acc_bytes);
+      if (!acc) return NR_E_OOM;
    }
-   NR_CU(cudaMemsetAsync(acc, 0, (size_t)nx * sizeof(float), ctx->stream), "maxpool2d_backward: zeroing %s", NR_DESC(dx));
-   if (nc * outp > 0) {
+   nr_status st = NR_OK;
+   cudaError_t e = cudaMemsetAsync(acc, 0, (size_t)acc_bytes, ctx->stream);
+   if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "zeroing the gradient of %s", NR_DESC(dx));
+   if (st == NR_OK && nc * outp > 0) {
       with_act_type(dy, [&](auto tag) {
          using T = decltype(tag);
          k_maxpool_b<T><<<grid_for(nc * outp), 256, 0, ctx->stream>>>(cptr<T>(dy), (const int64_t *)indices->data, acc,
                                                                      nc, outp, inp);
       });
-      NR_CU_LAUNCHED("maxpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
+      e = cudaGetLastError();
+      if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "%s -> %s", NR_DESC(dy), NR_DESC(dx));
    }
-   if (dx->dtype == NR_F32) return NR_OK;
-   nr_tensor a32 = *dx;
-   a32.dtype = NR_F32;
-   a32.data = acc;
-   return nr_cuda_launch_copy(ctx, dx, &a32);
+   if (dx->dtype == NR_F32) return st;
+   if (st == NR_OK) {
+      nr_tensor a32 = *dx;
+      a32.dtype = NR_F32;
+      a32.data = acc;
+      st = nr_cuda_launch_copy(ctx, dx, &a32);
+   }
+   nr_cuda_free(dx->device_index, acc, acc_bytes);
+   return st;
 }
 
 nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w,
