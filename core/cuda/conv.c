@@ -276,7 +276,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
  * unless TF32 is allowed; bf16: always the algorithm's, tensor cores). */
 static nr_status set_math(plan *p, cudnnMathType_t m, const char *what)
 {
-   if (!p->key[8] && p->key[16] != NR_BF16) m = CUDNN_FMA_MATH;
+   if (base_math(p->key) == CUDNN_FMA_MATH) m = CUDNN_FMA_MATH; /* exact fp32 stays exact */
    NR_CUDNN(cudnnSetConvolutionMathType(p->cd, m), "%s: cudnnSetConvolutionMathType", what);
    return NR_OK;
 }
