@@ -337,6 +337,16 @@ nr_status nr_softmax_xent_backward(const nr_tensor *probs, const nr_tensor *labe
  * Elementwise, so results do not depend on the thread count. */
 nr_status nr_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *momentum_buf, float lr,
                       float momentum, float weight_decay, int32_t nesterov);
+/* nr_sgd_step for n parameters with the same settings (one parameter group) in one call: every
+ * job is checked before any parameter changes (a message names the job), all on one device; on
+ * CUDA one kernel launch updates them all. Each job's result equals nr_sgd_step's bit for bit. */
+typedef struct nr_sgd_job {
+   nr_tensor *param;
+   const nr_tensor *grad;
+   nr_tensor *momentum_buf; /* NULL when momentum == 0 */
+} nr_sgd_job;
+nr_status nr_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
+                           int32_t nesterov);
 
 /* ---------------------------------------------------------------- data */
 /* (section: data) */

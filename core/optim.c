@@ -1,7 +1,8 @@
 /* optim.c — fused optimizer steps on the CPU (the CUDA backend mirrors them in core/cuda/).
  *
  * What it is: nr_sgd_step, one pass over a parameter that applies weight decay, momentum
- * (dampening 0, optionally Nesterov) and the update, with PyTorch's torch.optim.SGD semantics.
+ * (dampening 0, optionally Nesterov) and the update, with PyTorch's torch.optim.SGD semantics;
+ * nr_sgd_step_many, the same for a list of parameters in one call (one kernel launch on CUDA).
  * What it is not: parameter groups, schedules or state bookkeeping (lua/nr/optim does those).
  * Invariants: elementwise and in float32 in the same order as PyTorch, so results do not depend
  * on the thread count; the first step's "buf = grad" is obtained from a zero-initialised buffer
@@ -9,39 +10,45 @@
  */
 #include "internal.h"
 
+#include <stdio.h>
 #include <string.h>
 
 static nr_status check_pair(const char *func, const char *name, const nr_tensor *t, const nr_tensor *param)
 {
    NR_TRY(nr_check_tensor(func, name, t, NR_F32, param->device, param->ndim, param->shape));
    NR_TRY(nr_check_contiguous(func, name, t));
+   return nr_check_same_device(func, param, t);
+}
+
+/* The checks of one step, on any device (func names the caller in messages). */
+static nr_status sgd_check(const char *func, const nr_tensor *param, const nr_tensor *grad, const nr_tensor *buf,
+                           float momentum, float weight_decay, int32_t nesterov)
+{
+   if (!param) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "param: NULL tensor");
+   NR_TRY(nr_check_tensor(func, "param", param, NR_F32, -1, -1, NULL));
+   NR_TRY(nr_check_contiguous(func, "param", param));
+   if (!grad) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "grad: NULL tensor");
+   NR_TRY(check_pair(func, "grad", grad, param));
+   if (momentum != 0.0f) {
+      if (!buf)
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "momentum_buf: NULL tensor but momentum = %g",
+                           (double)momentum);
+      NR_TRY(check_pair(func, "momentum_buf", buf, param));
+   }
+   if (momentum < 0.0f)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "momentum must be >= 0, got %g", (double)momentum);
+   if (weight_decay < 0.0f)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "weight_decay must be >= 0, got %g", (double)weight_decay);
+   if (nesterov && momentum <= 0.0f)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "nesterov needs momentum > 0");
    return NR_OK;
 }
 
-nr_status nr_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *momentum_buf, float lr,
-                      float momentum, float weight_decay, int32_t nesterov)
+/* The update of one parameter of n elements on the CPU (b NULL when momentum == 0). */
+static void sgd_apply(float *restrict p, const float *restrict g, float *restrict b, int64_t n, float lr, float mu,
+                      float wd, int32_t nesterov)
 {
-   if (!param) return NR_FAIL(NR_E_ARG, "param: NULL tensor");
-   NR_ON_CUDA(param, nr_cuda_sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay, nesterov));
-   NR_CHECK_T("param", param, NR_F32, NR_CPU, -1, NULL);
-   NR_CHECK_CONTIG("param", param);
-   if (!grad) return NR_FAIL(NR_E_ARG, "grad: NULL tensor");
-   NR_TRY(check_pair(__func__, "grad", grad, param));
-   if (momentum != 0.0f) {
-      if (!momentum_buf) return NR_FAIL(NR_E_ARG, "momentum_buf: NULL tensor but momentum = %g", (double)momentum);
-      NR_TRY(check_pair(__func__, "momentum_buf", momentum_buf, param));
-   }
-   if (momentum < 0.0f) return NR_FAIL(NR_E_ARG, "momentum must be >= 0, got %g", (double)momentum);
-   if (weight_decay < 0.0f) return NR_FAIL(NR_E_ARG, "weight_decay must be >= 0, got %g", (double)weight_decay);
-   if (nesterov && momentum <= 0.0f) return NR_FAIL(NR_E_ARG, "nesterov needs momentum > 0");
-
-   const int64_t n = nr_tensor_numel(param);
-   float *restrict p = param->data;
-   const float *restrict g = grad->data;
-   float *restrict b = momentum != 0.0f ? momentum_buf->data : NULL;
-   const float wd = weight_decay, mu = momentum;
    const bool par = nr_parallel_worth(n, 4);
-
    if (!b) {
 #pragma omp parallel for schedule(static) if (par)
       for (int64_t i = 0; i < n; i++) {
@@ -69,5 +76,34 @@ nr_status nr_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *moment
          p[i] = p[i] - lr * v;
       }
    }
+}
+
+nr_status nr_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *momentum_buf, float lr,
+                      float momentum, float weight_decay, int32_t nesterov)
+{
+   NR_TRY(sgd_check(__func__, param, grad, momentum_buf, momentum, weight_decay, nesterov));
+   NR_ON_CUDA(param, nr_cuda_sgd_step(param, grad, momentum_buf, lr, momentum, weight_decay, nesterov));
+   sgd_apply(param->data, grad->data, momentum != 0.0f ? momentum_buf->data : NULL, nr_tensor_numel(param), lr,
+             momentum, weight_decay, nesterov);
+   return NR_OK;
+}
+
+nr_status nr_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
+                           int32_t nesterov)
+{
+   if (n < 0 || (n > 0 && !jobs)) return NR_FAIL(NR_E_ARG, "jobs: expected an array of n >= 0 jobs, got n = %lld",
+                                                 (long long)n);
+   char where[64];
+   for (int64_t k = 0; k < n; k++) { /* all checked before any is updated */
+      snprintf(where, sizeof where, "nr_sgd_step_many (job %lld)", (long long)k);
+      const nr_sgd_job *j = &jobs[k];
+      NR_TRY(sgd_check(where, j->param, j->grad, j->momentum_buf, momentum, weight_decay, nesterov));
+      if (k > 0) NR_TRY(nr_check_same_device(where, jobs[0].param, j->param));
+   }
+   if (n == 0) return NR_OK;
+   NR_ON_CUDA(jobs[0].param, nr_cuda_sgd_step_many(jobs, n, lr, momentum, weight_decay, nesterov));
+   for (int64_t k = 0; k < n; k++)
+      sgd_apply(jobs[k].param->data, jobs[k].grad->data, momentum != 0.0f ? jobs[k].momentum_buf->data : NULL,
+                nr_tensor_numel(jobs[k].param), lr, momentum, weight_decay, nesterov);
    return NR_OK;
 }

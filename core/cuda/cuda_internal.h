@@ -100,10 +100,13 @@ nr_status nr_cuda_softmax_xent_forward(const nr_tensor *logits, const nr_tensor 
 nr_status nr_cuda_softmax_xent_backward(const nr_tensor *probs, const nr_tensor *labels,
                                         nr_tensor *dlogits, float label_smoothing, float scale);
 
-/* ---- optimizers and NR primitives (nn_kernels.cu); these check every argument themselves,
- * because their CPU entry points dispatch before checking. */
+/* ---- optimizers (nn_kernels.cu): arguments checked by core/optim.c before dispatch */
 nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *momentum_buf,
                            float lr, float momentum, float weight_decay, int32_t nesterov);
+nr_status nr_cuda_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
+                                int32_t nesterov);
+/* ---- NR primitives (nn_kernels.cu); these check every argument themselves, because their CPU
+ * entry points dispatch before checking. */
 nr_status nr_cuda_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float threshold_rel,
                                float abs_min, int64_t *live);
 nr_status nr_cuda_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda);

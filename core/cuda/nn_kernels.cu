@@ -7,7 +7,7 @@
  * the activation element type (f32, or bf16 for mixed precision; kernel_util.cuh); parameters,
  * statistics, dropout masks and softmax probabilities stay f32. The layer entry points were
  * argument-checked by their CPU callers (dtype, shape, contiguity, same device) before dispatch;
- * SGD and the NR primitives dispatch first, so they check everything here.
+ * SGD is checked by core/optim.c too; the NR primitives dispatch first, so they check everything here.
  * What it is not: convolutions (conv.c, cuDNN) or general tensor math (tensor_kernels.cu).
  * Invariants: per-channel statistics are two-pass (mean, then squared deviations from the float
  * mean) and accumulate in double like the CPU; reductions are split over (chunk, channel) blocks
@@ -596,19 +596,39 @@ nr_status check_labels(nr_cuda_ctx *ctx, const char *func, const nr_tensor *labe
 
 /* ---------------------------------------------------------------- SGD and NR primitives */
 
+/* One element of the SGD update, in the CPU's order of operations (core/optim.c). */
+__device__ __forceinline__ void sgd_elem(float *p, const float *g, float *b, int64_t i, float lr, float mu, float wd,
+                                         int nesterov)
+{
+   float d = g[i];
+   if (wd != 0.0f) d = d + wd * p[i];
+   if (b) {
+      float v = mu * b[i] + d;
+      b[i] = v;
+      d = nesterov ? d + mu * v : v;
+   }
+   p[i] = p[i] - lr * d;
+}
+
 __global__ void k_sgd(float *p, const float *g, float *b, int64_t n, float lr, float mu, float wd, int nesterov)
 {
-   GRID_LOOP(i, n)
-   {
-      float d = g[i];
-      if (wd != 0.0f) d = d + wd * p[i];
-      if (b) {
-         float v = mu * b[i] + d;
-         b[i] = v;
-         d = nesterov ? d + mu * v : v;
-      }
-      p[i] = p[i] - lr * d;
-   }
+   GRID_LOOP(i, n) sgd_elem(p, g, b, i, lr, mu, wd, nesterov);
+}
+
+/* A piece of one parameter for the batched step: block k updates elements [begin, end) of its
+ * chunk's tensors. */
+struct sgd_chunk {
+   float *p;
+   const float *g;
+   float *b;
+   int64_t begin, end;
+};
+enum { SGD_CHUNK = 1 << 16 };
+
+__global__ void k_sgd_many(const sgd_chunk *chunks, float lr, float mu, float wd, int nesterov)
+{
+   const sgd_chunk c = chunks[blockIdx.x];
+   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) sgd_elem(c.p, c.g, c.b, i, lr, mu, wd, nesterov);
 }
 
 /* One block: max |gamma| ignoring NaN, then mask and live count into *live. */
@@ -1040,28 +1060,9 @@ nr_status nr_cuda_cross_attention_backward(const nr_tensor *gate, const nr_tenso
 
 /* ---- SGD */
 
-static nr_status sgd_pair(const char *func, const char *name, const nr_tensor *t, const nr_tensor *param)
-{
-   NR_TRY(nr_check_tensor(func, name, t, NR_F32, NR_CUDA, param->ndim, param->shape));
-   NR_TRY(nr_cuda_check_on(func, name, t, param->device_index));
-   NR_TRY(nr_check_contiguous(func, name, t));
-   return NR_OK;
-}
-
 nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *momentum_buf, float lr, float momentum,
                            float weight_decay, int32_t nesterov)
 {
-   NR_CHECK_T("param", param, NR_F32, NR_CUDA, -1, NULL);
-   NR_CHECK_CONTIG("param", param);
-   if (!grad) return NR_FAIL(NR_E_ARG, "grad: NULL tensor");
-   NR_TRY(sgd_pair(__func__, "grad", grad, param));
-   if (momentum != 0.0f) {
-      if (!momentum_buf) return NR_FAIL(NR_E_ARG, "momentum_buf: NULL tensor but momentum = %g", (double)momentum);
-      NR_TRY(sgd_pair(__func__, "momentum_buf", momentum_buf, param));
-   }
-   if (momentum < 0.0f) return NR_FAIL(NR_E_ARG, "momentum must be >= 0, got %g", (double)momentum);
-   if (weight_decay < 0.0f) return NR_FAIL(NR_E_ARG, "weight_decay must be >= 0, got %g", (double)weight_decay);
-   if (nesterov && momentum <= 0.0f) return NR_FAIL(NR_E_ARG, "nesterov needs momentum > 0");
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(param->device_index, &ctx));
    int64_t n = nr_tensor_numel(param);
@@ -1069,6 +1070,44 @@ nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *m
    k_sgd<<<grid_for(n), 256, 0, ctx->stream>>>(fpm(param), fp(grad), momentum != 0.0f ? fpm(momentum_buf) : NULL, n, lr,
                                                momentum, weight_decay, nesterov != 0);
    NR_CU_LAUNCHED("sgd_step %s", NR_DESC(param));
+   return NR_OK;
+}
+
+/* Every parameter cut into chunks of SGD_CHUNK elements, one block each; the chunk table goes to
+ * scratch slot 3 (from pageable memory: staged before cudaMemcpyAsync returns). */
+nr_status nr_cuda_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
+                                int32_t nesterov)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(jobs[0].param->device_index, &ctx));
+   int64_t nchunks = 0;
+   for (int64_t k = 0; k < n; k++) nchunks += (nr_tensor_numel(jobs[k].param) + SGD_CHUNK - 1) / SGD_CHUNK;
+   if (nchunks == 0) return NR_OK;
+   if (nchunks > INT32_MAX) return NR_FAIL(NR_E_ARG, "%lld parameter chunks exceed one launch", (long long)nchunks);
+   sgd_chunk *host = (sgd_chunk *)malloc((size_t)nchunks * sizeof *host);
+   if (!host) return NR_FAIL(NR_E_OOM, "out of host memory for %lld SGD chunks", (long long)nchunks);
+   int64_t c = 0;
+   for (int64_t k = 0; k < n; k++) {
+      const nr_sgd_job *j = &jobs[k];
+      int64_t numel = nr_tensor_numel(j->param);
+      for (int64_t at = 0; at < numel; at += SGD_CHUNK, c++) {
+         host[c].p = fpm(j->param);
+         host[c].g = fp(j->grad);
+         host[c].b = momentum != 0.0f ? fpm(j->momentum_buf) : NULL;
+         host[c].begin = at;
+         host[c].end = at + SGD_CHUNK < numel ? at + SGD_CHUNK : numel;
+      }
+   }
+   void *dev = NULL;
+   nr_status st = nr_cuda_scratch(ctx, 3, nchunks * (int64_t)sizeof *host, &dev);
+   if (st == NR_OK) {
+      cudaError_t e = cudaMemcpyAsync(dev, host, (size_t)nchunks * sizeof *host, cudaMemcpyHostToDevice, ctx->stream);
+      if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "the chunk table of %lld parameters", (long long)n);
+   }
+   free(host);
+   NR_TRY(st);
+   k_sgd_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>((const sgd_chunk *)dev, lr, momentum, weight_decay, nesterov != 0);
+   NR_CU_LAUNCHED("sgd_step_many over %lld parameters", (long long)n);
    return NR_OK;
 }
 

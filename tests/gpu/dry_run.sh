@@ -31,7 +31,7 @@ package.path = '$D/?.lua;' .. package.path
 assert(loadfile('tests/gpu/spec_runner.lua'))('tests/lua/cuda_spec.lua')
 EOF
 "$NRLUA" "$D/run.lua" > "$D/log" 2>&1
-EXPECTED='reports devices and memory|caches freed blocks|matmul mixes bf16|refuses mixed activation dtypes|sgd_step matches|surgery placement|keep the bf16 dtype'
+EXPECTED='reports devices and memory|caches freed blocks|matmul mixes bf16|refuses mixed activation dtypes|sgd_step matches|sgd_step_many|surgery placement|keep the bf16 dtype'
 grep -E '^(ok|FAIL) ' "$D/log" | sed -E "s/^FAIL  (.*($EXPECTED).*)/expected-fail  \1/"
 unexpected="$(grep -E '^FAIL ' "$D/log" | grep -vE "$EXPECTED")"
 tail -n 1 "$D/log"

@@ -682,6 +682,27 @@ describe('SGD and NR primitives on the GPU', function()
       close('place_many wrote nothing', nr.zeros({24, 18, 3, 3}), d0, 0)
    end)
 
+   it('sgd_step_many: one launch for a group of parameters (one spans several chunks) equals the CPU', function()
+      local shapes = {{7, 3}, {300000}, {1}, {16, 8, 3, 3}}
+      local pc, pg, bc, bg, gs = {}, {}, {}, {}, {}
+      for i, sh in ipairs(shapes) do
+         pc[i], pg[i] = twin(randn(sh))
+         bc[i], bg[i] = pair(sh)
+         gs[i] = randn(sh)
+      end
+      local jc, jg = ffi.new('nr_sgd_job[4]'), ffi.new('nr_sgd_job[4]')
+      local gg = {}
+      for i = 1, 4 do
+         gg[i] = gs[i]:cuda()
+         jc[i - 1].param, jc[i - 1].grad, jc[i - 1].momentum_buf = pc[i].c, gs[i].c, bc[i].c
+         jg[i - 1].param, jg[i - 1].grad, jg[i - 1].momentum_buf = pg[i].c, gg[i].c, bg[i].c
+      end
+      for _ = 1, 3 do
+         ok(C.nr_sgd_step_many(jc, 4, 0.1, 0.9, 5e-4, 1), 'cpu'); ok(C.nr_sgd_step_many(jg, 4, 0.1, 0.9, 5e-4, 1), 'gpu')
+      end
+      for i = 1, 4 do close('sgd_step_many param ' .. i, pc[i], pg[i]); close('sgd_step_many momentum ' .. i, bc[i], bg[i]) end
+   end)
+
    it('bn_live_mask and l1_sign_add', function()
       local gamma = nr.tensor({0.5, -0.001, 0.2, 0, -0.9, 0.004})
       for _, cfg in ipairs({{0.01, 1e-3}, {0.5, 1e-3}, {0.01, 10}}) do

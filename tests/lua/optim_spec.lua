@@ -187,6 +187,46 @@ describe('nr.optim.SGD', function()
       assert.truthy(msg(function() nr.optim.build({name = 'adamw', lr = 1}, m) end):find('adamw', 1, true))
    end)
 
+   it('nr_sgd_step_many equals nr_sgd_step per parameter, bit for bit, and is all or nothing', function()
+      local ffi, C = require('ffi'), require('nr.ffi').C
+      for _, cfg in ipairs({{0, 0, 0}, {0.9, 5e-4, 0}, {0.9, 1e-4, 1}}) do
+         local mu, wd, nest = cfg[1], cfg[2], cfg[3]
+         nr.manual_seed(3)
+         local shapes = {{7, 3}, {200000}, {1}, {16, 8, 3, 3}}
+         local one, many, grads = {}, {}, {}
+         for i, sh in ipairs(shapes) do
+            local p = nr.randn(sh)
+            one[i] = {p = p:clone(), b = nr.zeros(sh)}
+            many[i] = {p = p:clone(), b = nr.zeros(sh)}
+            grads[i] = nr.randn(sh)
+         end
+         local jobs = ffi.new('nr_sgd_job[?]', #shapes)
+         for _ = 1, 3 do
+            for i = 1, #shapes do
+               assert.equal(0, C.nr_sgd_step(one[i].p.c, grads[i].c, mu ~= 0 and one[i].b.c or nil, 0.1, mu, wd, nest))
+               jobs[i - 1].param, jobs[i - 1].grad = many[i].p.c, grads[i].c
+               jobs[i - 1].momentum_buf = mu ~= 0 and many[i].b.c or nil
+            end
+            assert.equal(0, C.nr_sgd_step_many(jobs, #shapes, 0.1, mu, wd, nest))
+         end
+         for i = 1, #shapes do
+            assert.equal(0, one[i].p:sub(many[i].p):abs():max())
+            assert.equal(0, one[i].b:sub(many[i].b):abs():max())
+         end
+      end
+      -- job 1 is bad: job 0 must be untouched, and the message names the job
+      local p0, g0, p1 = nr.randn({4}), nr.randn({4}), nr.randn({3})
+      local before = p0:clone()
+      local jobs = ffi.new('nr_sgd_job[2]')
+      jobs[0].param, jobs[0].grad = p0.c, g0.c
+      jobs[1].param, jobs[1].grad = p1.c, nr.randn({5}).c
+      assert.are_not.equal(0, C.nr_sgd_step_many(jobs, 2, 0.1, 0, 0, 0))
+      assert.truthy(ffi.string(C.nr_last_error()):find('nr_sgd_step_many (job 1): grad: expected', 1, true))
+      assert.equal(0, before:sub(p0):abs():max())
+      assert.are_not.equal(0, C.nr_sgd_step_many(nil, 2, 0.1, 0, 0, 0))
+      assert.equal(0, C.nr_sgd_step_many(jobs, 0, 0.1, 0, 0, 0))
+   end)
+
    it('checks shapes in C and names the parameter', function()
       local m = Leaf({1, 2})
       m.gradWeight = nr.zeros({3})
@@ -195,5 +235,6 @@ describe('nr.optim.SGD', function()
       assert.is_false(ok)
       assert.truthy(tostring(err):find('weight', 1, true))
       assert.truthy(tostring(err):find('nr_sgd_step', 1, true))
+      assert.truthy(tostring(err):find('SGD:step (weight)', 1, true))
    end)
 end)

@@ -1,5 +1,6 @@
 -- nr.optim.SGD — stochastic gradient descent with momentum, Nesterov and weight decay; the update
--- itself is one fused C call per parameter (nr_sgd_step, core/optim.c), PyTorch semantics.
+-- itself is one fused C call per parameter group (nr_sgd_step_many, core/optim.c: one kernel
+-- launch for the whole group on CUDA), PyTorch semantics.
 --
 -- What it is: parameter groups with their own settings, per-parameter state (the momentum
 -- buffer), serialization keyed by parameter names, and the surgery API NR relies on
@@ -166,17 +167,35 @@ local function buffer_for(self, p)
    return st.momentum
 end
 
+-- Per group: the nr_sgd_job array handed to C (reused while the group's size stays) and the
+-- names of its entries, for messages. Weak keys: a dropped group takes its array with it.
+local JOBS = setmetatable({}, {__mode = 'k'})
+local job_array = nrffi.ffi.typeof('nr_sgd_job[?]')
+
 function SGD:step()
    validate_config(self.config, 'SGD:step')
    for _, g in ipairs(self.groups) do
       local lr, mom, wd, nest = settings(self, g)
+      local jb = JOBS[g]
+      if not jb or jb.cap < #g.params then
+         jb = {cap = #g.params, arr = job_array(math.max(1, #g.params)), names = {}}
+         JOBS[g] = jb
+      end
+      local arr, n = jb.arr, 0
       for _, e in ipairs(g.params) do
          local p, grad = resolve(e)
          if grad then
             local buf = mom ~= 0 and buffer_for(self, p) or nil
-            local st = C.nr_sgd_step(p.c, grad.c, buf and buf.c or nil, lr, mom, wd, nest)
-            if st ~= 0 then check.status(st, 'SGD:step (' .. e.name .. ')') end
+            arr[n].param, arr[n].grad, arr[n].momentum_buf = p.c, grad.c, buf and buf.c or nil
+            jb.names[n] = e.name
+            n = n + 1
          end
+      end
+      local st = C.nr_sgd_step_many(arr, n, lr, mom, wd, nest)
+      if st ~= 0 then
+         local msg = nrffi.ffi.string(C.nr_last_error())
+         local k = tonumber(msg:match('%(job (%d+)%)'))
+         error('SGD:step' .. (k and (' (' .. tostring(jb.names[k]) .. ')') or '') .. ': ' .. msg, 2)
       end
    end
    self.t = self.t + 1
