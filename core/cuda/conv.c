@@ -191,10 +191,18 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
    void *ws = NULL;
    const int find = use_find();
    /* the search workspace comes straight from the driver and goes back at once, so a large
-    * one-off budget does not stay in the allocator's cache */
+    * one-off budget does not stay in the allocator's cache; the budget counted cached blocks as
+    * free, so when the driver says no they are handed back to it once before the budget shrinks
+    * (a plan keeps what its search found, so a starved search would cost every later step) */
+   int emptied = 0;
    while (find && budget > 0 && cudaMalloc(&ws, budget) != cudaSuccess) {
       cudaGetLastError();
       ws = NULL;
+      if (!emptied && nr_cuda_memory_cached(ctx->device) > 0) {
+         NR_TRY(nr_cuda_empty_cache());
+         emptied = 1;
+         continue;
+      }
       budget = budget > (16u << 20) ? budget / 2 : 0;
    }
    nr_status st = search(ctx, p, dir, x, w, y, what, find, ws, budget);
