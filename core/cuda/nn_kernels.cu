@@ -266,8 +266,9 @@ chan3 nchw(const nr_tensor *x)
    return g;
 }
 
-const float *fp(const nr_tensor *t) { return t ? (const float *)t->data : NULL; }
-float *fpm(nr_tensor *t) { return t ? (float *)t->data : NULL; }
+/* f32 parameters, statistics and masks (kernel_util.cuh's pointer helpers, named for brevity) */
+inline const float *fp(const nr_tensor *t) { return cptr<float>(t); }
+inline float *fpm(nr_tensor *t) { return mptr<float>(t); }
 
 nr_status bn_backward_any(const char *func, const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
                           nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *mean, const nr_tensor *invstd,
