@@ -41,6 +41,7 @@ end
 -- Activation dtypes: float32, and bfloat16 for mixed precision (its kernels run on CUDA; the C
 -- checks say so for a CPU bf16 tensor). Parameters, their gradients and BN statistics stay float32.
 local ACT_DTYPES = {float32 = true, bfloat16 = true}
+U.ACT_DTYPES = ACT_DTYPES
 
 -- x:contiguous(), after raising (level 0) unless x is a float32 or bfloat16 tensor.
 function U.float_input(x, what)

@@ -24,7 +24,7 @@ function CrossEntropyLoss:__init(opts)
 end
 
 local function args(logits, labels)
-   if not T.is_tensor(logits) or logits:dim() ~= 2 or (logits:dtype() ~= 'float32' and logits:dtype() ~= 'bfloat16') then
+   if not T.is_tensor(logits) or logits:dim() ~= 2 or not U.ACT_DTYPES[logits:dtype()] then
       error(string.format('%s: logits must be a float32 or bfloat16 (N, K) tensor, got %s', FN,
          T.is_tensor(logits) and logits:describe() or type(logits)), 4)
    end
