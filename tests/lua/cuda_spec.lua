@@ -629,6 +629,61 @@ describe('the model zoo on the GPU (Lua modules) against the CPU', function()
    end)
 end)
 
+describe('Neural Rejuvenation inside nr.train on the GPU', function()
+   -- nr_train_spec's run on the GPU, in both precisions: the monitor, the adaptive L1, the surgery
+   -- with momentum remapping and the NR-CA layers all run on device tensors
+   local train = require 'nr.train'
+   local nn = nr.nn
+   local function model()
+      local layers = {}
+      for _, b in ipairs({{1, 16}, {16, 32}, {32, 32}}) do
+         for _, m in ipairs({nn.Conv2d(b[1], b[2], 3, {padding = 1, bias = false}), nn.BatchNorm2d(b[2]), nn.ReLU(),
+                             nn.MaxPool2d(2)}) do
+            layers[#layers + 1] = m
+         end
+      end
+      layers[#layers + 1] = nn.Flatten()
+      layers[#layers + 1] = nn.Linear(32 * 3 * 3, 10)
+      local net = nn.Sequential(layers)
+      for _, bn in ipairs(net:findModules('BatchNorm2d')) do bn.weight:fill(0.2) end
+      net.nr_info = {gamma0 = 0.2}
+      return net
+   end
+   local function synthetic(n, seed) -- a class-dependent bright square on noise
+      nr.manual_seed(seed)
+      local y = nr.randint(0, 10, {n})
+      local x = nr.randn({n, 1, 28, 28}):mul_(0.5)
+      local yt = y:totable()
+      for i = 1, n do x:narrow(1, i, 1):narrow(3, 2 + 2 * yt[i], 4):narrow(4, 4, 6):add_(2) end
+      return x, y
+   end
+   local x, y = synthetic(2048, 5)
+   local vx, vy = synthetic(256, 6)
+   for _, prec in ipairs({'fp32', 'bf16'}) do
+      it(prec .. ': sparsifies to T_r, rejuvenates once (CA), keeps training with a finite loss', function()
+         local tr = train.new({
+            name = 'nr_gpu', model = model, device = 'cuda', precision = prec, epochs = 3, seed = 1, log_every = 10,
+            out = (os.getenv('TMPDIR') or '/tmp') .. '/nr_cuda_nr_' .. prec .. '_' .. tostring(os.time()),
+            optim = {name = 'sgd', lr = 0.05, momentum = 0.9, weight_decay = 1e-4}, schedule = {name = 'cosine'},
+            data = {train = train.memory_loader(x, y, {batch = 64, shuffle = true, seed = 1}),
+                    val = train.memory_loader(vx, vy, {batch = 128})},
+            progress = {stream = io.open('/dev/null', 'w')},
+            nr = {target = 0.5, budget = 1.0, constraint = 'params', scheme = 'CA', rescale = true, times = 1,
+                  threshold = 0.05, lambda = {mode = 'adaptive', init = 0, dt = 4, dr = 0.01, dl = 4e-3}},
+         })
+         local summary = tr:run()
+         local rep = tr.nr.reports[1]
+         assert(tr.nr.rejuvenations == 1, 'rejuvenations: ' .. tostring(tr.nr.rejuvenations))
+         print(string.format('  %s: r_params %.3f -> %.3f at step %d, final loss %.3f, best top-1 %.1f%%', prec,
+            rep.before.r_params, rep.after.r_params, rep.step, summary.final_loss, summary.best_top1))
+         assert(rep.before.r_params < 0.5 and rep.after.r_params > 0.99, 'utilisation before/after')
+         assert(#tr.model:findModules('NRConv2d') > 0, 'no NR-CA layer after the rejuvenation')
+         assert(summary.final_loss == summary.final_loss and summary.final_loss < 10, 'loss ' .. tostring(summary.final_loss))
+         assert(summary.best_top1 >= 80, 'best top-1 ' .. tostring(summary.best_top1))
+      end)
+   end
+end)
+
 describe('SGD and NR primitives on the GPU', function()
    it('sgd_step matches torch.optim.SGD semantics on the CPU', function()
       for _, cfg in ipairs({{0, 0, 0}, {0.9, 5e-4, 0}, {0.9, 1e-4, 1}}) do
