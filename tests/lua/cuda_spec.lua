@@ -633,30 +633,8 @@ describe('Neural Rejuvenation inside nr.train on the GPU', function()
    -- nr_train_spec's run on the GPU, in both precisions: the monitor, the adaptive L1, the surgery
    -- with momentum remapping and the NR-CA layers all run on device tensors
    local train = require 'nr.train'
-   local nn = nr.nn
-   local function model()
-      local layers = {}
-      for _, b in ipairs({{1, 16}, {16, 32}, {32, 32}}) do
-         for _, m in ipairs({nn.Conv2d(b[1], b[2], 3, {padding = 1, bias = false}), nn.BatchNorm2d(b[2]), nn.ReLU(),
-                             nn.MaxPool2d(2)}) do
-            layers[#layers + 1] = m
-         end
-      end
-      layers[#layers + 1] = nn.Flatten()
-      layers[#layers + 1] = nn.Linear(32 * 3 * 3, 10)
-      local net = nn.Sequential(layers)
-      for _, bn in ipairs(net:findModules('BatchNorm2d')) do bn.weight:fill(0.2) end
-      net.nr_info = {gamma0 = 0.2}
-      return net
-   end
-   local function synthetic(n, seed) -- a class-dependent bright square on noise
-      nr.manual_seed(seed)
-      local y = nr.randint(0, 10, {n})
-      local x = nr.randn({n, 1, 28, 28}):mul_(0.5)
-      local yt = y:totable()
-      for i = 1, n do x:narrow(1, i, 1):narrow(3, 2 + 2 * yt[i], 4):narrow(4, 4, 6):add_(2) end
-      return x, y
-   end
+   local fixtures = require 'tests.lua.nr_zoo'
+   local model, synthetic = fixtures.small_net, fixtures.synthetic
    local x, y = synthetic(2048, 5)
    local vx, vy = synthetic(256, 6)
    for _, prec in ipairs({'fp32', 'bf16'}) do
@@ -705,15 +683,10 @@ describe('SGD and NR primitives on the GPU', function()
       local function pairs_t(keep, dst) return nr.tensor({keep, dst}, {dtype = 'int64'}) end
       nr.manual_seed(12)
       local old = randn({20, 16, 3, 3})
-      local perm = function(n, m) local p = nr.randperm(m):totable(); local o = {} for i = 1, n do o[i] = p[i] end return o end
-      local rk, rd, ck, cd = perm(15, 20), perm(15, 24), perm(12, 16), perm(12, 18)
-      local function free_of(m, used)
-         local set, out = {}, {}
-         for _, v in ipairs(used) do set[v] = true end
-         for i = 0, m - 1 do if not set[i] then out[#out + 1] = i end end
-         return out
-      end
-      local br, bc = i64(free_of(24, rd)), i64(free_of(18, cd))
+      local fixtures = require 'tests.lua.nr_zoo'
+      local pick, without = fixtures.pick, fixtures.without
+      local rk, rd, ck, cd = pick(15, 20), pick(15, 24), pick(12, 16), pick(12, 18)
+      local br, bc = i64(without(24, rd)), i64(without(18, cd))
       local ar, ac = pairs_t(rk, rd), pairs_t(ck, cd)
       local b = randn({br:numel(), bc:numel(), 3, 3})
       for _, o in ipairs({{b = b, std = 0}, {std = 0.3}}) do

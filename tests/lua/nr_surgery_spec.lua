@@ -81,18 +81,7 @@ local function pairs_t(keep, dst)
    return t
 end
 -- n distinct positions of 0..m-1, in random order
-local function pick(n, m)
-   local perm = nr.randperm(m):totable()
-   local out = {}
-   for i = 1, n do out[i] = perm[i] end
-   return out
-end
-local function without(m, used)
-   local set, out = {}, {}
-   for _, v in ipairs(used) do set[v] = true end
-   for i = 0, m - 1 do if not set[i] then out[#out + 1] = i end end
-   return out
-end
+local pick, without = fixtures.pick, fixtures.without
 
 -- the previous surgery's composition
 local function ref_place(old, shape, rk, rd, ck, cd, fill, b, br, bc)

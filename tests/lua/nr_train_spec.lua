@@ -19,41 +19,14 @@ local function have_fmnist()
    return false
 end
 
-local function model()
-   local function block(cin, cout)
-      return nn.Conv2d(cin, cout, 3, {padding = 1, bias = false}), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
-   end
-   local layers = {}
-   for _, b in ipairs({{1, 16}, {16, 32}, {32, 32}}) do
-      for _, m in ipairs({block(b[1], b[2])}) do layers[#layers + 1] = m end
-   end
-   layers[#layers + 1] = nn.Flatten()
-   layers[#layers + 1] = nn.Linear(32 * 3 * 3, 10)
-   local net = nn.Sequential(layers)
-   -- γ starts at 0.2 (the CIFAR VGG of the paper uses 0.5): a short run can sparsify it
-   for _, bn in ipairs(net:findModules('BatchNorm2d')) do bn.weight:fill(0.2) end
-   net.nr_info = {gamma0 = 0.2}
-   return net
-end
+local fixtures = require 'tests.lua.nr_zoo'
+local model, synthetic = fixtures.small_net, fixtures.synthetic
 
 local function tmpdir(name)
    local base = os.getenv('NR_TEST_TMP') or '/tmp'
    local d = string.format('%s/nr_train_spec_%s_%d', base, name, os.time())
    os.execute('mkdir -p ' .. d)
    return d
-end
-
-local function synthetic(n, seed)
-   nr.manual_seed(seed)
-   local y = nr.randint(0, 10, {n})
-   local x = nr.randn({n, 1, 28, 28}):mul_(0.5)
-   local yt = y:totable()
-   for i = 1, n do
-      -- a class-dependent bright square makes the task learnable
-      local c = yt[i]
-      x:narrow(1, i, 1):narrow(3, 2 + 2 * c, 4):narrow(4, 4, 6):add_(2)
-   end
-   return x, y
 end
 
 local function recipe(out, nrcfg)

@@ -1,5 +1,7 @@
--- Shared fixtures of the NR zoo specs (nr_budget_spec, nr_surgery_spec): the five models the
--- issue names, at small inputs, and `damage`, which randomises BN state and forces dead channels.
+-- Shared fixtures of the NR specs (nr_budget_spec, nr_surgery_spec, nr_train_spec, cuda_spec):
+-- the five models the issue names, at small inputs; `damage`, which randomises BN state and
+-- forces dead channels; the small Fashion-MNIST-sized net and synthetic data of the NR training
+-- runs; and position lists for surgery maps.
 local nr = require 'nr'
 
 local M = {}
@@ -39,5 +41,50 @@ M.ZOO = {
    {'MobileNet-0.25', {name = 'mobilenet', width = 0.25, classes = 10}, {3, 32, 32}},
    {'ResNet-50', {name = 'resnet', depth = 50, classes = 10}, {3, 32, 32}},
 }
+
+-- The 3-block BN convnet (1x28x28 in, 10 classes) of the NR training runs, γ starting at 0.2 so a
+-- short run can sparsify it (the CIFAR VGG of the paper uses 0.5).
+function M.small_net()
+   local nn = nr.nn
+   local layers = {}
+   for _, b in ipairs({{1, 16}, {16, 32}, {32, 32}}) do
+      for _, m in ipairs({nn.Conv2d(b[1], b[2], 3, {padding = 1, bias = false}), nn.BatchNorm2d(b[2]), nn.ReLU(),
+                          nn.MaxPool2d(2)}) do
+         layers[#layers + 1] = m
+      end
+   end
+   layers[#layers + 1] = nn.Flatten()
+   layers[#layers + 1] = nn.Linear(32 * 3 * 3, 10)
+   local net = nn.Sequential(layers)
+   for _, bn in ipairs(net:findModules('BatchNorm2d')) do bn.weight:fill(0.2) end
+   net.nr_info = {gamma0 = 0.2}
+   return net
+end
+
+-- n learnable 1x28x28 samples: noise plus a class-dependent bright square; x (n, 1, 28, 28), y int64.
+function M.synthetic(n, seed)
+   nr.manual_seed(seed)
+   local y = nr.randint(0, 10, {n})
+   local x = nr.randn({n, 1, 28, 28}):mul_(0.5)
+   local yt = y:totable()
+   for i = 1, n do x:narrow(1, i, 1):narrow(3, 2 + 2 * yt[i], 4):narrow(4, 4, 6):add_(2) end
+   return x, y
+end
+
+-- n distinct positions of 0..m-1, in random order (the global generator).
+function M.pick(n, m)
+   local perm = nr.randperm(m):totable()
+   local out = {}
+   for i = 1, n do out[i] = perm[i] end
+   return out
+end
+
+-- The positions of 0..m-1 not in used, in order.
+function M.without(m, used)
+   local set, out = {}, {}
+   for _, v in ipairs(used) do set[v] = true end
+   for i = 0, m - 1 do if not set[i] then out[#out + 1] = i end end
+   return out
+end
 
 return M
