@@ -587,16 +587,13 @@ end
 -- activations follow the input's dtype), converted into a buffer reused across steps.
 function Trainer:on_device(x, y)
    if self.device == 'cpu' then return x, y end
-   local xd, yd = x:to(self.device), y:to(self.device)
-   if self.precision == 'bf16' then
-      local b = rawget(self, '_x_bf16')
-      if not b or not T.same_shape(b:shape(), xd:shape()) then
-         b = T.empty(xd:shape(), {dtype = 'bfloat16', device = self.device})
-         self._x_bf16 = b
-      end
-      xd = b:copy(xd)
+   if self.precision ~= 'bf16' then return x:to(self.device), y:to(self.device) end
+   local b = rawget(self, '_x_bf16')
+   if not b or not T.same_shape(b:shape(), x:shape()) then
+      b = T.empty(x:shape(), {dtype = 'bfloat16', device = self.device})
+      self._x_bf16 = b
    end
-   return xd, yd
+   return b:copy(x), y:to(self.device) -- converted on the way to the device
 end
 
 -- Evaluates on the validation loader: {loss, top1, top5, n}.
