@@ -167,8 +167,8 @@ local function buffer_for(self, p)
    return st.momentum
 end
 
--- Per group: the nr_sgd_job array handed to C (reused while the group's size stays) and the
--- names of its entries, for messages. Weak keys: a dropped group takes its array with it.
+-- Per group: the nr_sgd_job array handed to C (reused while the group's size stays). Weak keys:
+-- a dropped group takes its array with it.
 local JOBS = setmetatable({}, {__mode = 'k'})
 local job_array = nrffi.ffi.typeof('nr_sgd_job[?]')
 
@@ -178,7 +178,7 @@ function SGD:step()
       local lr, mom, wd, nest = settings(self, g)
       local jb = JOBS[g]
       if not jb or jb.cap < #g.params then
-         jb = {cap = #g.params, arr = job_array(math.max(1, #g.params)), names = {}}
+         jb = {cap = #g.params, arr = job_array(math.max(1, #g.params))}
          JOBS[g] = jb
       end
       local arr, n = jb.arr, 0
@@ -187,15 +187,21 @@ function SGD:step()
          if grad then
             local buf = mom ~= 0 and buffer_for(self, p) or nil
             arr[n].param, arr[n].grad, arr[n].momentum_buf = p.c, grad.c, buf and buf.c or nil
-            jb.names[n] = e.name
             n = n + 1
          end
       end
       local st = C.nr_sgd_step_many(arr, n, lr, mom, wd, nest)
       if st ~= 0 then
          local msg = nrffi.ffi.string(C.nr_last_error())
-         local k = tonumber(msg:match('%(job (%d+)%)'))
-         error('SGD:step' .. (k and (' (' .. tostring(jb.names[k]) .. ')') or '') .. ': ' .. msg, 2)
+         -- job k is the (k+1)-th entry that has a gradient: name it
+         local k, name = tonumber(msg:match('%(job (%d+)%)')), nil
+         for _, e in ipairs(g.params) do
+            if k and select(2, resolve(e)) then
+               if k == 0 then name = e.name break end
+               k = k - 1
+            end
+         end
+         error('SGD:step' .. (name and (' (' .. name .. ')') or '') .. ': ' .. msg, 2)
       end
    end
    self.t = self.t + 1
