@@ -21,6 +21,7 @@ local Module = require 'nr.nn.module'
 local T = require 'nr.tensor'
 local check = require 'nr.check'
 local C = require('nr.ffi').C
+local U = require 'nr.nn.layer_util'
 
 local M = {}
 
@@ -152,16 +153,7 @@ end
 
 -- ---- forward / backward -------------------------------------------------------------------------
 
--- self[key] as an activation buffer of `shape` with like's dtype (float32 or bfloat16) and device.
-local function buf(self, key, shape, like)
-   local b = rawget(self, key)
-   local device, dtype = like:device(), like:dtype()
-   if not b or not T.same_shape(b:shape(), shape) or b:device() ~= device or b:dtype() ~= dtype then
-      b = T.empty(shape, {device = device, dtype = dtype})
-      rawset(self, key, b)
-   end
-   return b
-end
+local buf = U.act_buffer -- self[key]: x's dtype and device, reused while the shape stays
 
 -- Index list of input group i (0-based positions; Tensor:index_* convert it).
 local function idx_tensor(self, i) return self.spec.in_groups[i].idx end
@@ -183,7 +175,6 @@ end
 function NRConv2d:updateOutput(x)
    check.arg(x:dim() == 4 and x:size(2) == self.in_channels, FNAME, 'expects (N, %d, H, W) input, got %s',
       self.in_channels, x:describe())
-   local dev = x -- buffers take x's device and dtype
    self._x = x:contiguous()
    self._xin = {}
    for i = 1, #self.spec.in_groups do
@@ -191,7 +182,7 @@ function NRConv2d:updateOutput(x)
    end
    local function input_of(b) return b.inp and self._xin[b.inp] or self._x end
    local s = self:outputShape({x:size(2), x:size(3), x:size(4)})
-   local out = buf(self, '_out', {x:size(1), s[1], s[2], s[3]}, dev)
+   local out = buf(self, '_out', {x:size(1), s[1], s[2], s[3]}, x)
    for j, plan in ipairs(self.out_plan) do
       local og = self.spec.out_groups[j]
       local dst = out:narrow(2, og.first + 1, og.n)
@@ -200,11 +191,11 @@ function NRConv2d:updateOutput(x)
       else
          local A = plan.diag.conv:forward(input_of(plan.diag))
          local sh = A:shape()
-         local B = buf(self, '_B' .. j, sh, dev)
+         local B = buf(self, '_B' .. j, sh, x)
          B:copy(plan.cross[1].conv:forward(input_of(plan.cross[1])))
          for c = 2, #plan.cross do B:add_(plan.cross[c].conv:forward(input_of(plan.cross[c]))) end
-         local S = buf(self, '_S' .. j, sh, dev)
-         local O = buf(self, '_O' .. j, sh, dev)
+         local S = buf(self, '_S' .. j, sh, x)
+         local O = buf(self, '_O' .. j, sh, x)
          check.status(C.nr_cross_attention_forward(A.c, B.c, O.c, S.c), FNAME, 0)  -- O = A + 2σ(A)⊙B
          dst:copy(O)
       end
@@ -214,12 +205,11 @@ function NRConv2d:updateOutput(x)
 end
 
 function NRConv2d:updateGradInput(x, gradOutput)
-   local dev = x -- buffers take x's device and dtype
-   local gi = buf(self, '_gi', self._x:shape(), dev)
+   local gi = buf(self, '_gi', self._x:shape(), x)
    gi:zero()
    local gx = {}
    for i, xi in pairs(self._xin) do
-      gx[i] = buf(self, '_gx' .. i, xi:shape(), dev)
+      gx[i] = buf(self, '_gx' .. i, xi:shape(), x)
       gx[i]:zero()
    end
    local gall
@@ -229,13 +219,13 @@ function NRConv2d:updateGradInput(x, gradOutput)
       if b.inp then
          gx[b.inp]:add_(r)
       else
-         if not gall then gall = buf(self, '_gall', self._x:shape(), dev); gall:zero() end
+         if not gall then gall = buf(self, '_gall', self._x:shape(), x); gall:zero() end
          gall:add_(r)
       end
    end
    for j, plan in ipairs(self.out_plan) do
       local og = self.spec.out_groups[j]
-      local G = buf(self, '_G' .. j, {x:size(1), og.n, gradOutput:size(3), gradOutput:size(4)}, dev)
+      local G = buf(self, '_G' .. j, {x:size(1), og.n, gradOutput:size(3), gradOutput:size(4)}, x)
       G:copy(gradOutput:narrow(2, og.first + 1, og.n))
       if plan.plain then
          acc(plan.plain, G)
@@ -243,8 +233,8 @@ function NRConv2d:updateGradInput(x, gradOutput)
          local S, B = rawget(self, '_S' .. j), rawget(self, '_B' .. j)
          local sh = S:shape()
          -- dA = G ⊙ (1 + 2·σ(A)(1 − σ(A)) ⊙ B),  dB = 2·σ(A) ⊙ G
-         local dA = buf(self, '_dA' .. j, sh, dev)
-         local dB = buf(self, '_dB' .. j, sh, dev)
+         local dA = buf(self, '_dA' .. j, sh, x)
+         local dB = buf(self, '_dB' .. j, sh, x)
          check.status(C.nr_cross_attention_backward(S.c, B.c, G.c, dA.c, dB.c), FNAME, 0)
          acc(plan.diag, dA)
          for _, c in ipairs(plan.cross) do acc(c, dB) end
