@@ -9,7 +9,7 @@
  * Invariants: a channel c is live iff |γ_c| >= threshold_rel * max|γ| and max|γ| >= abs_min; the
  * L1 step adds λ·sign(γ) with sign(0) = 0 (as torch.sign), so an exact zero is not pushed.
  */
-#include "internal.h"
+#include "nn_internal.h"
 #include "cuda/nr_place.h"
 
 #include <math.h>
@@ -71,22 +71,13 @@ nr_status nr_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda)
 
 /* ---- NR-CA cross attention ------------------------------------------------------------------ */
 
-/* The tensors of one cross-attention call: contiguous activations of one shape, dtype, device. */
+/* The tensors of one cross-attention call: contiguous activations of t[0]'s shape, dtype and
+ * device (the layer kernels' checks). */
 static nr_status ca_check(const char *func, const char *const *names, const nr_tensor *const *t, int n)
 {
    for (int i = 0; i < n; i++) {
-      NR_TRY(nr_check_tensor(func, names[i], t[i], NR_DTYPE_ACT, -1, -1, NULL));
-      NR_TRY(nr_check_contiguous(func, names[i], t[i]));
-      if (i == 0) continue;
-      NR_TRY(nr_check_same_dtype(func, names[0], t[0], names[i], t[i]));
-      NR_TRY(nr_check_same_device(func, t[0], t[i]));
-      bool same = t[i]->ndim == t[0]->ndim;
-      for (int d = 0; same && d < t[0]->ndim; d++) same = t[i]->shape[d] == t[0]->shape[d];
-      if (!same) {
-         char da[128], db[128];
-         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "shape mismatch: %s %s vs %s %s", names[0],
-                           nr_tensor_describe(t[0], da, sizeof da), names[i], nr_tensor_describe(t[i], db, sizeof db));
-      }
+      NR_TRY(nn_check(func, names[i], t[i], NR_DTYPE_ACT, -1, NULL, i ? t[0] : NULL));
+      if (i) NR_TRY(nn_check_same_shape(func, names[0], t[0], names[i], t[i]));
    }
    return NR_OK;
 }
