@@ -60,7 +60,7 @@ const char *nr_tensor_describe(const nr_tensor *t, char *buf, size_t n)
    int k = snprintf(buf, n, "%s %s (", nr_dtype_name(t->dtype), t->device == NR_CUDA ? "cuda" : "cpu");
    for (int d = 0; d < t->ndim && k < (int)n; d++)
       k += snprintf(buf + k, n - k, d ? ", %lld" : "%lld", (long long)t->shape[d]);
-   if (k < (int)n) snprintf(buf + k, n - k, ")");
+   if (k < (int)n) snprintf(buf + k, n - k, nr_is_nhwc(t) ? ") channels-last" : ")");
    return buf;
 }
 

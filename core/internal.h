@@ -48,6 +48,13 @@ nr_status nr_check_same_device(const char *func, const nr_tensor *a, const nr_te
 nr_status nr_check_contiguous(const char *func, const char *name, const nr_tensor *t);
 #define NR_CHECK_CONTIG(name, t) NR_TRY(nr_check_contiguous(__func__, name, t))
 
+/* t is channels-last and not also contiguous: the kernels' NHWC case. A tensor that is both
+ * (sizes of 1, e.g. (N, C, 1, 1)) has one element order, so either indexing reads it right. */
+static inline int nr_is_nhwc(const nr_tensor *t)
+{
+   return t->ndim == 4 && !nr_tensor_is_contiguous(t) && nr_tensor_is_channels_last(t);
+}
+
 /* Checks that b has a's dtype (activations of one call share theirs). */
 nr_status nr_check_same_dtype(const char *func, const char *an, const nr_tensor *a, const char *bn,
                               const nr_tensor *b);

@@ -8,18 +8,19 @@
 
 #include <math.h>
 
-/* a and b: contiguous activations (f32, or bf16 on CUDA) of one dtype and equal shape on the
- * same device; b_dtype NR_F32 instead for a dropout mask (always f32). */
-static nr_status pair_check_as(const char *func, const char *an, const nr_tensor *a, const char *bn,
-                               const nr_tensor *b, int32_t b_dtype)
-{
-   NR_TRY(nn_check(func, an, a, NR_DTYPE_ACT, -1, NULL, NULL));
-   NR_TRY(nn_check(func, bn, b, b_dtype, -1, NULL, a));
-   return nn_check_same_shape(func, an, a, bn, b);
-}
+/* a and b: activations (f32, or bf16 on CUDA) of one dtype, shape and memory format on the
+ * same device. */
 static nr_status pair_check(const char *func, const char *an, const nr_tensor *a, const char *bn, const nr_tensor *b)
 {
-   return pair_check_as(func, an, a, bn, b, NR_DTYPE_ACT);
+   NR_TRY(nn_check(func, an, a, NR_DTYPE_ACT, -1, NULL, NULL));
+   NR_TRY(nn_check(func, bn, b, NR_DTYPE_ACT, -1, NULL, a));
+   return nn_check_same_shape(func, an, a, bn, b);
+}
+/* The dropout mask (always f32): a per-element companion of the activation a. */
+static nr_status mask_check(const char *func, const char *an, const nr_tensor *a, const nr_tensor *mask)
+{
+   NR_TRY(nn_check(func, an, a, NR_DTYPE_ACT, -1, NULL, NULL));
+   return nn_check_companion(func, "mask", mask, NR_F32, a);
 }
 
 #define PAR_FOR(n) _Pragma("omp parallel for simd if (n > 65536)") for (int64_t i = 0; i < (n); i++)
@@ -83,7 +84,7 @@ nr_status nr_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, 
 {
    NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, -1, NULL);
    NR_TRY(pair_check(__func__, "x", x, "y", y));
-   NR_TRY(pair_check_as(__func__, "x", x, "mask", mask, NR_F32));
+   NR_TRY(mask_check(__func__, "x", x, mask));
    if (!(p >= 0.0f && p < 1.0f)) return NR_FAIL(NR_E_ARG, "p must be in [0, 1), got %g", p);
    NR_ON_CUDA(x, nr_cuda_dropout_forward(x, y, mask, p));
    const int64_t n = nr_tensor_numel(x);
@@ -105,7 +106,7 @@ nr_status nr_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, 
 nr_status nr_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_tensor *dx)
 {
    NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, -1, NULL);
-   NR_TRY(pair_check_as(__func__, "dy", dy, "mask", mask, NR_F32));
+   NR_TRY(mask_check(__func__, "dy", dy, mask));
    NR_TRY(pair_check(__func__, "dy", dy, "dx", dx));
    NR_ON_CUDA(dy, nr_cuda_dropout_backward(dy, mask, dx));
    const int64_t n = nr_tensor_numel(dy);

@@ -8,16 +8,63 @@
 #include <stdlib.h>
 #include <string.h>
 
+static nr_status same_device(const char *func, const char *name, const nr_tensor *t, const nr_tensor *ref)
+{
+   if (ref->device == t->device && ref->device_index == t->device_index) return NR_OK;
+   char a[128], b[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: on a different device (%s) from the input (%s)", name,
+                     nr_tensor_describe(t, a, sizeof a), nr_tensor_describe(ref, b, sizeof b));
+}
+
+/* One of a, b is NHWC and the other cannot be read as NHWC (a strictly NCHW 4-d tensor). */
+static bool layouts_conflict(const nr_tensor *a, const nr_tensor *b)
+{
+   if (a->ndim != 4 || b->ndim != 4) return false;
+   return (nr_is_nhwc(a) && !nr_tensor_is_channels_last(b)) || (nr_is_nhwc(b) && !nr_tensor_is_channels_last(a));
+}
+
+static nr_status layout_conflict_error(const char *func, const char *name, const nr_tensor *t, const nr_tensor *ref)
+{
+   char a[128], b[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                     "%s (%s) and the input (%s) differ in memory format: the activations of one call are all "
+                     "contiguous or all channels-last",
+                     name, nr_tensor_describe(t, a, sizeof a), nr_tensor_describe(ref, b, sizeof b));
+}
+
+/* An activation is contiguous, or on CUDA a 4-d channels-last view. */
+static nr_status act_layout_check(const char *func, const char *name, const nr_tensor *t)
+{
+   if (!nr_is_nhwc(t)) return nr_check_contiguous(func, name, t);
+   if (t->device == NR_CUDA) return NR_OK;
+   char a[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                     "%s: channels-last activations compute on CUDA only; this one is on the CPU (%s): call "
+                     ":contiguous() first (the nn layers do)",
+                     name, nr_tensor_describe(t, a, sizeof a));
+}
+
 nr_status nn_check(const char *func, const char *name, const nr_tensor *t, int32_t dtype,
                    int32_t ndim, const int64_t *shape, const nr_tensor *ref)
 {
    NR_TRY(nr_check_tensor(func, name, t, dtype, -1, ndim, shape));
-   NR_TRY(nr_check_contiguous(func, name, t));
-   if (dtype == NR_DTYPE_ACT && ref) NR_TRY(nr_check_same_dtype(func, "the input", ref, name, t));
-   if (ref && (ref->device != t->device || ref->device_index != t->device_index)) {
-      char a[128], b[128];
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: on a different device (%s) from the input (%s)",
-                        name, nr_tensor_describe(t, a, sizeof a), nr_tensor_describe(ref, b, sizeof b));
+   if (dtype != NR_DTYPE_ACT) NR_TRY(nr_check_contiguous(func, name, t));
+   else {
+      NR_TRY(act_layout_check(func, name, t));
+      if (ref) NR_TRY(nr_check_same_dtype(func, "the input", ref, name, t));
+      if (ref && layouts_conflict(t, ref)) return layout_conflict_error(func, name, t, ref);
+   }
+   return ref ? same_device(func, name, t, ref) : NR_OK;
+}
+
+nr_status nn_check_companion(const char *func, const char *name, const nr_tensor *t, int32_t dtype,
+                             const nr_tensor *ref)
+{
+   NR_TRY(nr_check_tensor(func, name, t, dtype, -1, ref->ndim, ref->shape));
+   NR_TRY(same_device(func, name, t, ref));
+   if (nr_is_nhwc(ref) ? !nr_tensor_is_channels_last(t) : !nr_tensor_is_contiguous(t)) {
+      if (!nr_is_nhwc(ref) && !nr_is_nhwc(t)) return nr_check_contiguous(func, name, t);
+      return layout_conflict_error(func, name, t, ref);
    }
    return NR_OK;
 }

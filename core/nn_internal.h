@@ -15,12 +15,18 @@
 #include <math.h>
 
 /* Checks a tensor argument: dtype, ndim and shape (entries < 0: any) as nr_check_tensor, plus
- * contiguity and, when ref != NULL, the same device as ref (and, for dtype NR_DTYPE_ACT, the
- * same dtype: the activations of one call share theirs). */
+ * contiguity and, when ref != NULL, the same device as ref. For dtype NR_DTYPE_ACT (an
+ * activation) a 4-d CUDA tensor may instead be channels-last, and with ref the dtype and memory
+ * format must agree with ref's: the activations of one call share both. */
 nr_status nn_check(const char *func, const char *name, const nr_tensor *t, int32_t dtype,
                    int32_t ndim, const int64_t *shape, const nr_tensor *ref);
 #define NN_CHECK(name, t, dtype, ndim, shape, ref)                                               \
    NR_TRY(nn_check(__func__, name, t, dtype, ndim, shape, ref))
+
+/* Checks a per-element companion of the activation ref (a dropout mask, pooling indices): dtype,
+ * ref's shape, device and memory format (contiguous, or channels-last when ref is). */
+nr_status nn_check_companion(const char *func, const char *name, const nr_tensor *t, int32_t dtype,
+                             const nr_tensor *ref);
 
 /* Checks that a and b have the same shape (names used in the message). */
 nr_status nn_check_same_shape(const char *func, const char *an, const nr_tensor *a, const char *bn,

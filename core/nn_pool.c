@@ -42,7 +42,7 @@ nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indi
    NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
    NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
-   NN_CHECK("indices", indices, NR_I64, 4, y->shape, x);
+   NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, y));
    NR_ON_CUDA(x, nr_cuda_maxpool2d_forward(x, y, indices, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w));
    const float *px = x->data;
    float *py = y->data;
@@ -90,7 +90,7 @@ nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, n
    NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
    NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
    NN_CHECK("dy", dy, NR_DTYPE_ACT, 4, NULL, NULL);
-   NN_CHECK("indices", indices, NR_I64, 4, dy->shape, dy);
+   NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, dy));
    int64_t xs[4] = {dy->shape[0], dy->shape[1], -1, -1};
    NN_CHECK("dx", dx, NR_DTYPE_ACT, 4, xs, dy);
    NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx));

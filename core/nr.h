@@ -98,6 +98,11 @@ void nr_tensor_free(nr_tensor *t);
 int64_t nr_tensor_numel(const nr_tensor *t);
 /* 1 if the view is contiguous in row-major order. */
 int32_t nr_tensor_is_contiguous(const nr_tensor *t);
+/* 1 if t is 4-d (N, C, H, W) laid out channels-last (NHWC): strides (H*W*C, 1, W*C, C), sizes of 1
+ * ignored as by nr_tensor_is_contiguous (so an (N, C, 1, 1) tensor is both). On CUDA, every
+ * layer kernel takes channels-last activations and keeps the layout (x, y, dx, dy and per-element
+ * companions such as pooling indices share one); CPU kernels take contiguous tensors only. */
+int32_t nr_tensor_is_channels_last(const nr_tensor *t);
 /* 1 if a and b share storage. */
 int32_t nr_tensor_same_storage(const nr_tensor *a, const nr_tensor *b);
 /* Bytes per element of a dtype. */

@@ -123,6 +123,19 @@ int32_t nr_tensor_is_contiguous(const nr_tensor *t)
    return 1;
 }
 
+int32_t nr_tensor_is_channels_last(const nr_tensor *t)
+{
+   if (t->ndim != 4) return 0;
+   static const int order[4] = {1, 3, 2, 0}; /* innermost first: C, W, H, N */
+   int64_t expect = 1;
+   for (int i = 0; i < 4; i++) {
+      const int d = order[i];
+      if (t->shape[d] != 1 && t->stride[d] != expect) return 0;
+      expect *= t->shape[d];
+   }
+   return 1;
+}
+
 int32_t nr_tensor_same_storage(const nr_tensor *a, const nr_tensor *b)
 {
    return a && b && a->storage == b->storage;

@@ -6,7 +6,10 @@
  * cudnnFind*AlgorithmEx (measured on the real buffers; set NR_CUDNN_FIND=0 for the
  * cudnnGet*_v7 heuristics instead). Workspaces come from the caching allocator (scratch slot 4).
  * What it is not: im2col fallbacks; every failure is reported, nothing silently runs on the host.
- * Invariants: NCHW; activations (x, y, dx, dy) f32 or bf16, weights and their gradients always
+ * Layout: NCHW, or channels-last (NHWC) when the activations are (key[17]); then the weight is
+ * handed to cuDNN as KRSC (converted per call with the dtype, scratch slot 5) and its gradient
+ * comes back KRSC (scratch slot 5) and is folded into the KCRS dw, as for bf16.
+ * Invariants: activations (x, y, dx, dy) f32 or bf16, weights and their gradients always
  * f32 (the master copy). f32: math mode CUDNN_FMA_MATH (exact fp32) unless TF32 is allowed
  * (nr_cuda_set_allow_tf32), in which case the algorithm's own math type is used; backward filter
  * computes dw <- acc * dw + scale * dL/dw through cuDNN's alpha/beta (beta = 0 never reads dw).
@@ -21,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KEY_LEN = 17, NBUCKETS = 509, FIND_BUDGET_MAX = 1 << 30 };
+enum { KEY_LEN = 18, NBUCKETS = 509, FIND_BUDGET_MAX = 1 << 30 };
 
 typedef struct plan {
    int32_t key[KEY_LEN];
@@ -80,6 +83,7 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
    memcpy(p->key, k, sizeof p->key);
    const char *what = conv_desc(x, w, k);
    const cudnnDataType_t dt = k[16] == NR_BF16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
+   const cudnnTensorFormat_t fmt = k[17] ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
    nr_status st = NR_OK;
 #define DN(expr)                                                                                 \
    do {                                                                                         \
@@ -92,9 +96,9 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
    DN(cudnnCreateConvolutionDescriptor(&p->cd));
    if (!st) {
       /* key: 0 dev, 1 n, 2 cin, 3 h, 4 w, 5 cout, 6 kh, 7 kw, 8 tf32, 9 groups, 10 sh, 11 sw,
-       * 12 ph, 13 pw, 14 dh, 15 dw, 16 activation dtype (NR_F32 or NR_BF16) */
-      DN(cudnnSetTensor4dDescriptor(p->xd, CUDNN_TENSOR_NCHW, dt, k[1], k[2], k[3], k[4]));
-      DN(cudnnSetFilter4dDescriptor(p->wd, dt, CUDNN_TENSOR_NCHW, k[5], k[2] / k[9], k[6], k[7]));
+       * 12 ph, 13 pw, 14 dh, 15 dw, 16 activation dtype (NR_F32 or NR_BF16), 17 channels-last */
+      DN(cudnnSetTensor4dDescriptor(p->xd, fmt, dt, k[1], k[2], k[3], k[4]));
+      DN(cudnnSetFilter4dDescriptor(p->wd, dt, fmt, k[5], k[2] / k[9], k[6], k[7]));
       DN(cudnnSetConvolution2dDescriptor(p->cd, k[12], k[13], k[10], k[11], k[14], k[15], CUDNN_CROSS_CORRELATION,
                                          CUDNN_DATA_FLOAT));
       DN(cudnnSetConvolutionGroupCount(p->cd, k[9]));
@@ -102,7 +106,7 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
    }
    int on = 0, oc = 0, oh = 0, ow = 0;
    if (!st) DN(cudnnGetConvolution2dForwardOutputDim(p->cd, p->xd, p->wd, &on, &oc, &oh, &ow));
-   if (!st) DN(cudnnSetTensor4dDescriptor(p->yd, CUDNN_TENSOR_NCHW, dt, on, oc, oh, ow));
+   if (!st) DN(cudnnSetTensor4dDescriptor(p->yd, fmt, dt, on, oc, oh, ow));
 #undef DN
    if (st) {
       if (p->xd) cudnnDestroyTensorDescriptor(p->xd);
@@ -117,10 +121,10 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
 }
 
 /* The plan of a convolution; x is (N, Cin, H, W), w (Cout, Cin/groups, KH, KW), y's spatial size
- * (Ho, Wo) is checked against cuDNN's. */
+ * (Ho, Wo) is checked against cuDNN's; nhwc: the activations are channels-last. */
 static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor *w, int64_t ho, int64_t wo,
                           int32_t sh, int32_t sw, int32_t ph, int32_t pw, int32_t dh, int32_t dw, int32_t groups,
-                          plan **out)
+                          int nhwc, plan **out)
 {
    const int64_t dims[] = {x->shape[0], x->shape[1], x->shape[2], x->shape[3], w->shape[0], w->shape[2], w->shape[3]};
    for (int i = 0; i < 7; i++)
@@ -132,7 +136,7 @@ static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor 
                         NR_DESC(w));
    int32_t k[KEY_LEN] = {x->device_index,    (int32_t)dims[0], (int32_t)dims[1], (int32_t)dims[2], (int32_t)dims[3],
                          (int32_t)dims[4],   (int32_t)dims[5], (int32_t)dims[6], nr_cuda_tf32_allowed(), groups,
-                         sh, sw, ph, pw, dh, dw, x->dtype};
+                         sh, sw, ph, pw, dh, dw, x->dtype, nhwc};
    unsigned hb = hash_key(k);
    pthread_mutex_lock(&g_plan_lock);
    plan *p = g_plans[hb];
@@ -280,6 +284,30 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
    return NR_OK;
 }
 
+/* t's strides made channels-last (KRSC for a weight) for its 4-d shape. */
+static void set_channels_last(nr_tensor *t)
+{
+   const int64_t c = t->shape[1], h = t->shape[2], w = t->shape[3];
+   t->stride[1] = 1;
+   t->stride[3] = c;
+   t->stride[2] = w * c;
+   t->stride[0] = h * w * c;
+}
+
+/* The weight as cuDNN reads it: in the activations' dtype and, for channels-last, KRSC (a copy
+ * in scratch slot 5 unless w is already both). */
+static nr_status conv_weight(nr_cuda_ctx *ctx, const nr_tensor *w, int32_t dtype, int nhwc, nr_tensor *out)
+{
+   if (!nhwc) return nr_cuda_as_dtype(ctx, w, dtype, 5, out);
+   void *p;
+   NR_TRY(nr_cuda_scratch(ctx, 5, nr_tensor_numel(w) * nr_dtype_size(dtype), &p));
+   *out = *w;
+   out->dtype = dtype;
+   out->data = p;
+   set_channels_last(out);
+   return nr_cuda_launch_copy(ctx, out, w);
+}
+
 /* Sets the convolution's math type to the one the chosen algorithm was measured with (f32: exact
  * unless TF32 is allowed; bf16: always the algorithm's, tensor cores). */
 static nr_status set_math(plan *p, cudnnMathType_t m, const char *what)
@@ -301,10 +329,12 @@ nr_status nr_cuda_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tens
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dev, &ctx));
    plan *p;
-   NR_TRY(get_plan(__func__, x, w, y->shape[2], y->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p));
+   const int nhwc = nr_is_nhwc(x) || nr_is_nhwc(y);
+   NR_TRY(get_plan(__func__, x, w, y->shape[2], y->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
+                   nhwc, &p));
    const char *what = conv_desc(x, w, p->key);
-   nr_tensor wc; /* the weight in the activations' dtype */
-   NR_TRY(nr_cuda_as_dtype(ctx, w, x->dtype, 5, &wc));
+   nr_tensor wc;
+   NR_TRY(conv_weight(ctx, w, x->dtype, nhwc, &wc));
    if (!p->fwd_ready) NR_TRY(choose_algo(ctx, p, 0, x->data, wc.data, y->data, what));
    NR_TRY(set_math(p, p->fwd_math, what));
    void *ws = NULL;
@@ -332,10 +362,12 @@ nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const
       return NR_OK;
    }
    plan *p;
-   NR_TRY(get_plan(__func__, dx, w, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p));
+   const int nhwc = nr_is_nhwc(dx) || nr_is_nhwc(dy);
+   NR_TRY(get_plan(__func__, dx, w, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
+                   nhwc, &p));
    const char *what = conv_desc(dx, w, p->key);
-   nr_tensor wc; /* the weight in the activations' dtype */
-   NR_TRY(nr_cuda_as_dtype(ctx, w, dx->dtype, 5, &wc));
+   nr_tensor wc;
+   NR_TRY(conv_weight(ctx, w, dx->dtype, nhwc, &wc));
    if (!p->bwdd_ready) NR_TRY(choose_algo(ctx, p, 1, dx->data, wc.data, dy->data, what));
    NR_TRY(set_math(p, p->bwdd_math, what));
    void *ws = NULL;
@@ -369,31 +401,35 @@ nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
       return NR_OK;
    }
    plan *p;
-   NR_TRY(get_plan(__func__, x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p));
+   const int nhwc = nr_is_nhwc(x) || nr_is_nhwc(dy);
+   NR_TRY(get_plan(__func__, x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
+                   nhwc, &p));
    const char *what = conv_desc(x, dw, p->key);
-   /* bf16: cuDNN writes a bf16 gradient (scratch slot 5), folded into the f32 dw afterwards */
-   const int mixed = x->dtype != dw->dtype;
-   void *dw16 = NULL;
-   if (mixed) NR_TRY(nr_cuda_scratch(ctx, 5, nw * nr_dtype_size(x->dtype), &dw16));
+   /* bf16 or channels-last: cuDNN writes the gradient in the activations' dtype and its layout
+    * (scratch slot 5), folded into the f32 KCRS dw afterwards */
+   const int staged = x->dtype != dw->dtype || nhwc;
+   void *dws = NULL;
+   if (staged) NR_TRY(nr_cuda_scratch(ctx, 5, nw * nr_dtype_size(x->dtype), &dws));
    if (!p->bwdf_ready) {
       /* search on a stand-in for dw, so accumulated gradients are not overwritten */
       int64_t bytes = nw * nr_dtype_size(x->dtype);
-      void *tmp = mixed ? dw16 : nr_cuda_alloc(dev, bytes);
+      void *tmp = staged ? dws : nr_cuda_alloc(dev, bytes);
       if (!tmp) return NR_E_OOM;
       nr_status st = choose_algo(ctx, p, 2, x->data, tmp, dy->data, what);
-      if (!mixed) nr_cuda_free(dev, tmp, bytes);
+      if (!staged) nr_cuda_free(dev, tmp, bytes);
       NR_TRY(st);
    }
    NR_TRY(set_math(p, p->bwdf_math, what));
    void *ws = NULL;
    if (p->bwdf_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->bwdf_ws, &ws));
    const float one = 1.0f, zero = 0.0f;
-   NR_CUDNN(cudnnConvolutionBackwardFilter(ctx->dnn, mixed ? &one : &scale, p->xd, x->data, p->yd, dy->data, p->cd,
-                                           p->bwdf, ws, p->bwdf_ws, mixed ? &zero : &acc, p->wd, mixed ? dw16 : dw->data),
+   NR_CUDNN(cudnnConvolutionBackwardFilter(ctx->dnn, staged ? &one : &scale, p->xd, x->data, p->yd, dy->data, p->cd,
+                                           p->bwdf, ws, p->bwdf_ws, staged ? &zero : &acc, p->wd, staged ? dws : dw->data),
             "%s: cudnnConvolutionBackwardFilter (algo %d)", what, (int)p->bwdf);
-   if (!mixed) return NR_OK;
-   nr_tensor g16 = *dw;
-   g16.dtype = x->dtype;
-   g16.data = dw16;
-   return nr_cuda_launch_acc(ctx, dw, &g16, scale, acc);
+   if (!staged) return NR_OK;
+   nr_tensor g = *dw;
+   g.dtype = x->dtype;
+   g.data = dws;
+   if (nhwc) set_channels_last(&g);
+   return nr_cuda_launch_acc(ctx, dw, &g, scale, acc);
 }

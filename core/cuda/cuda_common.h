@@ -94,8 +94,9 @@ nr_status nr_cuda_check_on(const char *func, const char *name, const nr_tensor *
  * copy in scratch slot `slot` (valid until that slot is used again). Used for the f32 master
  * weights of a bf16 convolution or matmul. */
 nr_status nr_cuda_as_dtype(nr_cuda_ctx *ctx, const nr_tensor *t, int32_t dtype, int slot, nr_tensor *out);
-/* dst <- acc * dst + scale * src (acc == 0 ignores old contents): contiguous, equal numel; dst f32,
- * src f32 or bf16 (a bf16 weight gradient folded into its f32 master gradient). */
+/* dst <- acc * dst + scale * src elementwise (acc == 0 ignores old contents): equal shapes, any
+ * strides; dst f32, src f32 or bf16 (a bf16 or KRSC weight gradient folded into its f32 master
+ * gradient). */
 nr_status nr_cuda_launch_acc(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor *src, float scale, float acc);
 
 /* ---- launchers in tensor_kernels.cu used by runtime.c */

@@ -70,7 +70,8 @@ __device__ __forceinline__ int64_t chan_of(const chandiv &d, int64_t i)
    return (i / d.r64) % d.c64;
 }
 
-/* A tensor viewed as (N, C, R) with the channel in the middle (R = H*W for NCHW). */
+/* A tensor viewed as (N, C, R) with the channel in the middle: R = H*W for NCHW, and a
+ * channels-last tensor is (N*H*W, C, 1), rows of C channels (chan_view). */
 struct chan3 {
    int64_t n, c, r;
 };
@@ -120,6 +121,46 @@ __global__ void k_chan_partial(const T *x, const T *dy, const float *mean, chan3
    }
 }
 
+/* The R == 1 case (channels-last activations, Linear's (N, F) bias gradient): rows of C
+ * channels. grid (S, ceil(C / 32)), block (32, 8): lanes run along channels, so a warp reads 32
+ * neighbouring values of one row (k_chan_partial would read one value per row and thread);
+ * block (s, b) covers the s-th chunk of rows for channels 32b .. 32b+31. Same part layout. */
+template <typename T>
+__global__ void k_chan_partial_rows(const T *x, const T *dy, const float *mean, chan3 g, int mode, double *part)
+{
+   const int s = blockIdx.x, S = gridDim.x;
+   const int64_t c = (int64_t)blockIdx.y * 32 + threadIdx.x;
+   const int64_t L = g.n, lo = L * s / S, hi = L * (s + 1) / S;
+   double a = 0, b = 0;
+   if (c < g.c) {
+      const float mu = mean ? mean[c] : 0.0f;
+      for (int64_t j = lo + threadIdx.y; j < hi; j += blockDim.y) {
+         const int64_t at = j * g.c + c;
+         if (mode == RED_SUM_X) a += ld(x + at);
+         else if (mode == RED_SQDEV) {
+            float d = ld(x + at) - mu;
+            a += d * d;
+         } else {
+            float d = ld(dy + at);
+            a += d;
+            b += d * (ld(x + at) - mu);
+         }
+      }
+   }
+   __shared__ double sa[8][33], sb[8][33];
+   sa[threadIdx.y][threadIdx.x] = a;
+   sb[threadIdx.y][threadIdx.x] = b;
+   __syncthreads();
+   if (threadIdx.y == 0 && c < g.c) {
+      for (int k = 1; k < (int)blockDim.y; k++) {
+         a += sa[k][threadIdx.x];
+         b += sb[k][threadIdx.x];
+      }
+      part[c * S + s] = a;
+      if (mode == RED_DY_DYX) part[(g.c + c) * S + s] = b;
+   }
+}
+
 __device__ __forceinline__ double sum_parts(const double *part, int64_t c, int S)
 {
    double t = 0;
@@ -127,14 +168,17 @@ __device__ __forceinline__ double sum_parts(const double *part, int64_t c, int S
    return t;
 }
 
-/* Number of chunks per channel: about 4 blocks per SM in all, at most 64, at least 1. */
+/* Number of chunks per channel (per 32 channels for rows): about 4 blocks per SM in all, each
+ * with at least ~2048 values, at most 64 (256 for rows), at least 1. */
 int chunks_for(const nr_cuda_ctx *ctx, chan3 g)
 {
-   int64_t want = (4LL * ctx->sm_count + g.c - 1) / (g.c > 0 ? g.c : 1);
-   int64_t per = g.n * g.r;
-   int64_t maxs = per / 2048 > 1 ? per / 2048 : 1; /* keep at least ~2048 values per block */
+   const int rows = g.r == 1;
+   const int64_t groups = rows ? (g.c + 31) / 32 : g.c;
+   int64_t want = (4LL * ctx->sm_count + groups - 1) / (groups > 0 ? groups : 1);
+   int64_t per = rows ? g.n * 32 : g.n * g.r;
+   int64_t maxs = per / 2048 > 1 ? per / 2048 : 1;
    if (want > maxs) want = maxs;
-   if (want > 64) want = 64;
+   if (want > (rows ? 256 : 64)) want = rows ? 256 : 64;
    return (int)(want < 1 ? 1 : want);
 }
 
@@ -157,8 +201,14 @@ nr_status chan_reduce_typed(nr_cuda_ctx *ctx, const char *func, const T *x, cons
    void *p;
    NR_TRY(nr_cuda_scratch(ctx, 0, (int64_t)sizeof(double) * 2 * g.c * *S, &p));
    *part = (double *)p;
-   dim3 grid((unsigned)*S, (unsigned)g.c);
-   k_chan_partial<T><<<grid, 256, 0, ctx->stream>>>(x, dy, mean, g, make_fastdiv((uint32_t)(g.r > 0 ? g.r : 1)), mode, *part);
+   if (g.r == 1) {
+      dim3 grid((unsigned)*S, (unsigned)((g.c + 31) / 32)), block(32, 8);
+      k_chan_partial_rows<T><<<grid, block, 0, ctx->stream>>>(x, dy, mean, g, mode, *part);
+   } else {
+      dim3 grid((unsigned)*S, (unsigned)g.c);
+      k_chan_partial<T><<<grid, 256, 0, ctx->stream>>>(x, dy, mean, g, make_fastdiv((uint32_t)(g.r > 0 ? g.r : 1)), mode,
+                                                       *part);
+   }
    NR_CU_LAUNCHED("%s: per-channel reduction (%lld, %lld, %lld)", func, (long long)g.n, (long long)g.c, (long long)g.r);
    return NR_OK;
 }
@@ -257,12 +307,19 @@ __global__ void k_bn_dx(const T *x, const T *dy, T *dx, int64_t n, chandiv cd, c
    }
 }
 
-chan3 nchw(const nr_tensor *x)
+/* t (N, C, ...) as (N, C, R) for the per-channel kernels; a channels-last t as (N*H*W, C, 1). */
+chan3 chan_view(const nr_tensor *t)
 {
    chan3 g;
-   g.n = x->shape[0];
-   g.c = x->shape[1];
-   g.r = x->shape[2] * x->shape[3];
+   g.c = t->shape[1];
+   if (nr_is_nhwc(t)) {
+      g.n = t->shape[0] * t->shape[2] * t->shape[3];
+      g.r = 1;
+      return g;
+   }
+   g.n = t->shape[0];
+   int64_t nc = g.n * g.c;
+   g.r = nc > 0 ? nr_tensor_numel(t) / nc : 0;
    return g;
 }
 
@@ -276,7 +333,7 @@ nr_status bn_backward_any(const char *func, const nr_tensor *x, const nr_tensor 
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
-   chan3 g = nchw(x);
+   chan3 g = chan_view(x);
    if (g.c == 0) return NR_OK;
    const int64_t m = g.n * g.r;
    double *part = NULL;
@@ -359,15 +416,18 @@ __global__ void k_bias_finish(const double *part, int S, int64_t C, float *db, f
 
 /* ---------------------------------------------------------------- pooling */
 
+/* Input (N, C, h, w), output (N, C, ho, wo), nc = N*C planes; cl: both channels-last. */
 struct pool {
-   int64_t nc, h, w, ho, wo;
-   int32_t kh, kw, sh, sw, ph, pw;
+   int64_t nc, c, h, w, ho, wo;
+   int32_t kh, kw, sh, sw, ph, pw, cl;
 };
 
 pool make_pool(const nr_tensor *x, const nr_tensor *y, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph, int32_t pw)
 {
    pool p;
    p.nc = x->shape[0] * x->shape[1];
+   p.c = x->shape[1];
+   p.cl = nr_is_nhwc(x) || nr_is_nhwc(y); /* the checks let the other be read either way */
    p.h = x->shape[2];
    p.w = x->shape[3];
    p.ho = y->shape[2];
@@ -381,23 +441,53 @@ pool make_pool(const nr_tensor *x, const nr_tensor *y, int32_t kh, int32_t kw, i
    return p;
 }
 
+/* Element i (in memory order) of a tensor with planes of hh x ww pixels: its plane q = n*C + c
+ * and pixel (y, x). NCHW runs x fastest, channels-last c. */
+struct pix {
+   int64_t q, y, x;
+};
+__device__ __forceinline__ pix pix_of(const pool &p, int64_t i, int64_t hh, int64_t ww)
+{
+   pix r;
+   int64_t c = 0;
+   if (p.cl) {
+      c = i % p.c;
+      i /= p.c;
+   }
+   r.x = i % ww;
+   i /= ww;
+   r.y = i % hh;
+   r.q = p.cl ? (i / hh) * p.c + c : i / hh;
+   return r;
+}
+/* Offset of plane q's pixel 0 in a tensor with hh x ww planes; pixel k of the plane is at
+ * base + k * pix_step(p). */
+__device__ __forceinline__ int64_t plane_base(const pool &p, int64_t q, int64_t hh, int64_t ww)
+{
+   if (!p.cl) return q * hh * ww;
+   int64_t n = q / p.c;
+   return n * hh * ww * p.c + (q - n * p.c);
+}
+__device__ __forceinline__ int64_t pix_step(const pool &p) { return p.cl ? p.c : 1; }
+
 template <typename T> __global__ void k_maxpool_f(const T *x, T *y, int64_t *ind, pool p)
 {
+   const int64_t step = pix_step(p);
    GRID_LOOP(i, p.nc * p.ho * p.wo)
    {
-      int64_t ow = i % p.wo, oh = (i / p.wo) % p.ho, q = i / (p.wo * p.ho);
-      int64_t h0 = oh * p.sh - p.ph, h1 = h0 + p.kh, w0 = ow * p.sw - p.pw, w1 = w0 + p.kw;
+      pix o = pix_of(p, i, p.ho, p.wo);
+      int64_t h0 = o.y * p.sh - p.ph, h1 = h0 + p.kh, w0 = o.x * p.sw - p.pw, w1 = w0 + p.kw;
       if (h0 < 0) h0 = 0;
       if (h1 > p.h) h1 = p.h;
       if (w0 < 0) w0 = 0;
       if (w1 > p.w) w1 = p.w;
-      const T *xp = x + q * p.h * p.w;
+      const T *xp = x + plane_base(p, o.q, p.h, p.w);
       float best = -INFINITY;
       int64_t arg = h0 * p.w + w0;
       /* the CPU's (PyTorch's) rule: take v when v > best or v is NaN, so the last NaN wins */
       for (int64_t ih = h0; ih < h1; ih++)
          for (int64_t iw = w0; iw < w1; iw++) {
-            float v = ld(xp + ih * p.w + iw);
+            float v = ld(xp + (ih * p.w + iw) * step);
             if (v > best || isnan(v)) {
                best = v;
                arg = ih * p.w + iw;
@@ -408,16 +498,16 @@ template <typename T> __global__ void k_maxpool_f(const T *x, T *y, int64_t *ind
    }
 }
 
-/* Indices outside the plane (not from the forward) are skipped instead of corrupting memory. */
-/* Scatter into an f32 accumulator (dx itself, or a scratch copied to a bf16 dx afterwards).
- * Indices outside the plane (not from the forward) are skipped instead of corrupting memory. */
-template <typename T>
-__global__ void k_maxpool_b(const T *dy, const int64_t *ind, float *acc, int64_t nc, int64_t outp, int64_t inp)
+/* Scatter into an f32 accumulator with dx's layout (dx itself, or a scratch copied to a bf16 dx
+ * afterwards). Indices outside the plane (not from the forward) are skipped instead of
+ * corrupting memory. */
+template <typename T> __global__ void k_maxpool_b(const T *dy, const int64_t *ind, float *acc, pool p)
 {
-   GRID_LOOP(i, nc * outp)
+   const int64_t inp = p.h * p.w;
+   GRID_LOOP(i, p.nc * p.ho * p.wo)
    {
       int64_t j = ind[i];
-      if (j >= 0 && j < inp) atomicAdd(acc + (i / outp) * inp + j, ld(dy + i));
+      if (j >= 0 && j < inp) atomicAdd(acc + plane_base(p, pix_of(p, i, p.ho, p.wo).q, p.h, p.w) + j * pix_step(p), ld(dy + i));
    }
 }
 
@@ -434,16 +524,17 @@ __device__ __forceinline__ float avg_div(const pool &p, int64_t h0, int64_t w0, 
 
 template <typename T> __global__ void k_avgpool_f(const T *x, T *y, pool p, int inc)
 {
+   const int64_t step = pix_step(p);
    GRID_LOOP(i, p.nc * p.ho * p.wo)
    {
-      int64_t ow = i % p.wo, oh = (i / p.wo) % p.ho, q = i / (p.wo * p.ho);
-      int64_t h0 = oh * p.sh - p.ph, w0 = ow * p.sw - p.pw;
+      pix o = pix_of(p, i, p.ho, p.wo);
+      int64_t h0 = o.y * p.sh - p.ph, w0 = o.x * p.sw - p.pw;
       int64_t a = h0 < 0 ? 0 : h0, b = h0 + p.kh > p.h ? p.h : h0 + p.kh;
       int64_t c = w0 < 0 ? 0 : w0, d = w0 + p.kw > p.w ? p.w : w0 + p.kw;
-      const T *xp = x + q * p.h * p.w;
+      const T *xp = x + plane_base(p, o.q, p.h, p.w);
       float s = 0;
       for (int64_t ih = a; ih < b; ih++)
-         for (int64_t iw = c; iw < d; iw++) s += ld(xp + ih * p.w + iw);
+         for (int64_t iw = c; iw < d; iw++) s += ld(xp + (ih * p.w + iw) * step);
       st(y + i, s / avg_div(p, h0, w0, inc));
    }
 }
@@ -452,19 +543,21 @@ template <typename T> __global__ void k_avgpool_f(const T *x, T *y, pool p, int 
  * atomics, deterministic). Window oh covers ih iff oh*sh - ph <= ih < oh*sh - ph + kh. */
 template <typename T> __global__ void k_avgpool_b(const T *dy, T *dx, pool p, int inc)
 {
+   const int64_t step = pix_step(p);
    GRID_LOOP(i, p.nc * p.h * p.w)
    {
-      int64_t iw = i % p.w, ih = (i / p.w) % p.h, q = i / (p.w * p.h);
+      pix at = pix_of(p, i, p.h, p.w);
+      int64_t iw = at.x, ih = at.y;
       int64_t nh = ih + p.ph - p.kh + 1, nw = iw + p.pw - p.kw + 1;
       int64_t oh0 = nh <= 0 ? 0 : (nh + p.sh - 1) / p.sh, oh1 = (ih + p.ph) / p.sh;
       int64_t ow0 = nw <= 0 ? 0 : (nw + p.sw - 1) / p.sw, ow1 = (iw + p.pw) / p.sw;
       if (oh1 > p.ho - 1) oh1 = p.ho - 1;
       if (ow1 > p.wo - 1) ow1 = p.wo - 1;
-      const T *g = dy + q * p.ho * p.wo;
+      const T *g = dy + plane_base(p, at.q, p.ho, p.wo);
       float s = 0;
       for (int64_t oh = oh0; oh <= oh1; oh++)
          for (int64_t ow = ow0; ow <= ow1; ow++)
-            s += ld(g + oh * p.wo + ow) / avg_div(p, oh * p.sh - p.ph, ow * p.sw - p.pw, inc);
+            s += ld(g + (oh * p.wo + ow) * step) / avg_div(p, oh * p.sh - p.ph, ow * p.sw - p.pw, inc);
       st(dx + i, s);
    }
 }
@@ -485,6 +578,22 @@ template <typename T> __global__ void k_gap_f(const T *x, T *y, int64_t nc, int6
 template <typename T> __global__ void k_gap_b(const T *dy, T *dx, int64_t nc, int64_t hw)
 {
    GRID_LOOP(i, nc * hw) st(dx + i, ld(dy + i / hw) / (float)hw);
+}
+/* Channels-last x (N, H, W, C in memory): one thread per (n, c), neighbouring threads read
+ * neighbouring channels. */
+template <typename T> __global__ void k_gap_f_cl(const T *x, T *y, int64_t nc, int64_t c, int64_t hw)
+{
+   GRID_LOOP(i, nc)
+   {
+      const T *p = x + (i / c) * hw * c + i % c;
+      double s = 0;
+      for (int64_t k = 0; k < hw; k++) s += ld(p + k * c);
+      st(y + i, (float)(s / (double)hw));
+   }
+}
+template <typename T> __global__ void k_gap_b_cl(const T *dy, T *dx, int64_t nc, int64_t c, int64_t hw)
+{
+   GRID_LOOP(i, nc * hw) st(dx + i, ld(dy + (i / (hw * c)) * c + i % c) / (float)hw);
 }
 
 /* ---------------------------------------------------------------- softmax cross-entropy */
@@ -700,7 +809,7 @@ template <typename T> __global__ void k_ca_b(const T *gate, const T *b, const T 
 nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_tensor *y, const float *mean,
                    const float *invstd, const nr_tensor *gamma, const nr_tensor *beta, int eval, float eps)
 {
-   chan3 g = nchw(x);
+   chan3 g = chan_view(x);
    int64_t n = g.n * g.c * g.r;
    if (n == 0 || g.c == 0) return NR_OK;
    void *coef;
@@ -730,7 +839,7 @@ nr_status nr_cuda_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
-   chan3 g = nchw(x);
+   chan3 g = chan_view(x);
    if (g.c == 0) return NR_OK;
    const double m = (double)(g.n * g.r);
    double *part;
@@ -750,7 +859,7 @@ nr_status nr_cuda_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_t
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
-   chan3 g = nchw(x);
+   chan3 g = chan_view(x);
    int64_t n = g.n * g.c * g.r;
    if (n == 0) return NR_OK;
    /* eval = 1: the "invstd" argument is the running variance, turned into 1/sqrt(var + eps) */
@@ -829,21 +938,11 @@ nr_status nr_cuda_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, n
 
 /* ---- bias */
 
-static chan3 ncr(const nr_tensor *y)
-{
-   chan3 g;
-   g.n = y->shape[0];
-   g.c = y->shape[1];
-   int64_t nc = g.n * g.c;
-   g.r = nc > 0 ? nr_tensor_numel(y) / nc : 0;
-   return g;
-}
-
 nr_status nr_cuda_bias_add(nr_tensor *y, const nr_tensor *b)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(y->device_index, &ctx));
-   chan3 g = ncr(y);
+   chan3 g = chan_view(y);
    int64_t n = g.n * g.c * g.r;
    if (n == 0) return NR_OK;
    with_act_type(y, [&](auto tag) {
@@ -858,7 +957,7 @@ nr_status nr_cuda_bias_backward(const nr_tensor *dy, nr_tensor *db, float scale,
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
-   chan3 g = ncr(dy);
+   chan3 g = chan_view(dy);
    if (g.c == 0) return NR_OK;
    double *part;
    int S = 1;
@@ -896,8 +995,8 @@ nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indic
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
-   int64_t nc = dy->shape[0] * dy->shape[1], outp = dy->shape[2] * dy->shape[3], inp = dx->shape[2] * dx->shape[3];
-   int64_t nx = nr_tensor_numel(dx);
+   pool p = make_pool(dx, dy, 1, 1, 1, 1, 0, 0);
+   int64_t ny = p.nc * p.ho * p.wo, nx = nr_tensor_numel(dx);
    if (nx == 0) return NR_OK;
    /* f32 accumulation: in dx itself, or for a bf16 dx in a temporary from the caching allocator
     * (stream-ordered, so it is returned at once), rounded once at the end (bf16 atomics would
@@ -911,11 +1010,10 @@ nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indic
    nr_status st = NR_OK;
    cudaError_t e = cudaMemsetAsync(acc, 0, (size_t)acc_bytes, ctx->stream);
    if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "zeroing the gradient of %s", NR_DESC(dx));
-   if (st == NR_OK && nc * outp > 0) {
+   if (st == NR_OK && ny > 0) {
       with_act_type(dy, [&](auto tag) {
          using T = decltype(tag);
-         k_maxpool_b<T><<<grid_for(nc * outp), 256, 0, ctx->stream>>>(cptr<T>(dy), (const int64_t *)indices->data, acc,
-                                                                     nc, outp, inp);
+         k_maxpool_b<T><<<grid_for(ny), 256, 0, ctx->stream>>>(cptr<T>(dy), (const int64_t *)indices->data, acc, p);
       });
       e = cudaGetLastError();
       if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "%s -> %s", NR_DESC(dy), NR_DESC(dx));
@@ -972,9 +1070,11 @@ nr_status nr_cuda_global_avgpool_forward(const nr_tensor *x, nr_tensor *y)
    int64_t nc = x->shape[0] * x->shape[1], hw = x->shape[2] * x->shape[3];
    if (hw == 0 && nc > 0) return NR_FAIL(NR_E_ARG, "x: empty spatial size");
    if (nc == 0) return NR_OK;
+   const bool cl = nr_is_nhwc(x);
    with_act_type(x, [&](auto tag) {
       using T = decltype(tag);
-      k_gap_f<T><<<grid_for(nc * 32), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), nc, hw);
+      if (cl) k_gap_f_cl<T><<<grid_for(nc), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), nc, x->shape[1], hw);
+      else k_gap_f<T><<<grid_for(nc * 32), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), nc, hw);
    });
    NR_CU_LAUNCHED("global_avgpool_forward %s", NR_DESC(x));
    return NR_OK;
@@ -986,9 +1086,11 @@ nr_status nr_cuda_global_avgpool_backward(const nr_tensor *dy, nr_tensor *dx)
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
    int64_t nc = dx->shape[0] * dx->shape[1], hw = dx->shape[2] * dx->shape[3];
    if (nc * hw == 0) return NR_OK;
+   const bool cl = nr_is_nhwc(dx);
    with_act_type(dy, [&](auto tag) {
       using T = decltype(tag);
-      k_gap_b<T><<<grid_for(nc * hw), 256, 0, ctx->stream>>>(cptr<T>(dy), mptr<T>(dx), nc, hw);
+      if (cl) k_gap_b_cl<T><<<grid_for(nc * hw), 256, 0, ctx->stream>>>(cptr<T>(dy), mptr<T>(dx), nc, dx->shape[1], hw);
+      else k_gap_b<T><<<grid_for(nc * hw), 256, 0, ctx->stream>>>(cptr<T>(dy), mptr<T>(dx), nc, hw);
    });
    NR_CU_LAUNCHED("global_avgpool_backward %s", NR_DESC(dx));
    return NR_OK;

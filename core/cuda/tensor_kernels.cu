@@ -37,6 +37,22 @@ geo make_geo(const nr_tensor *t)
    return g;
 }
 
+/* a and b store their elements in one dense order (both contiguous, or both channels-last of one
+ * shape), so elementwise kernels may index both by the flat position. */
+bool same_dense_order(const nr_tensor *a, const nr_tensor *b)
+{
+   if (nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(b)) return true;
+   if (!nr_tensor_is_channels_last(a) || !nr_tensor_is_channels_last(b)) return false;
+   for (int d = 0; d < 4; d++)
+      if (a->shape[d] != b->shape[d]) return false;
+   return true;
+}
+/* Marks both geometries flat when same_dense_order(a, b). */
+void flat_if_same_order(geo &ga, const nr_tensor *a, geo &gb, const nr_tensor *b)
+{
+   if (same_dense_order(a, b)) ga.contig = gb.contig = 1;
+}
+
 __device__ __forceinline__ int64_t goff(const geo &g, int64_t i)
 {
    if (g.contig) return i;
@@ -66,6 +82,7 @@ template <typename TD>
 nr_status launch_copy_to(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor *src, int64_t n)
 {
    geo gd = make_geo(dst), gs = make_geo(src);
+   flat_if_same_order(gd, dst, gs, src);
    unsigned grid = grid_for(n);
    switch (src->dtype) {
    case NR_F32: k_copy<TD, float><<<grid, 256, 0, ctx->stream>>>((TD *)dst->data, gd, (const float *)src->data, gs, n); break;
@@ -148,9 +165,13 @@ template <typename T> __global__ void k_axpy(const T *x, geo gx, T *y, geo gy, i
    }
 }
 
-template <typename T> __global__ void k_acc(float *dst, const T *src, int64_t n, float scale, float acc)
+template <typename T> __global__ void k_acc(float *dst, geo gd, const T *src, geo gs, int64_t n, float scale, float acc)
 {
-   GRID_LOOP(i, n) dst[i] = (acc == 0.0f ? 0.0f : acc * dst[i]) + scale * ld(src + i);
+   GRID_LOOP(i, n)
+   {
+      float *d = dst + goff(gd, i);
+      *d = (acc == 0.0f ? 0.0f : acc * *d) + scale * ld(src + goff(gs, i));
+   }
 }
 
 /* ---------------------------------------------------------------- reductions */
@@ -338,7 +359,7 @@ nr_status nr_cuda_launch_copy(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor 
 {
    int64_t n = nr_tensor_numel(src);
    if (n == 0) return NR_OK;
-   if (dst->dtype == src->dtype && nr_tensor_is_contiguous(dst) && nr_tensor_is_contiguous(src)) {
+   if (dst->dtype == src->dtype && same_dense_order(dst, src)) {
       if (dst->data != src->data)
          NR_CU(cudaMemcpyAsync(dst->data, src->data, (size_t)(n * nr_dtype_size(src->dtype)), cudaMemcpyDeviceToDevice,
                                ctx->stream),
@@ -357,9 +378,11 @@ nr_status nr_cuda_launch_acc(nr_cuda_ctx *ctx, nr_tensor *dst, const nr_tensor *
 {
    int64_t n = nr_tensor_numel(dst);
    if (n == 0) return NR_OK;
+   geo gd = make_geo(dst), gs = make_geo(src);
+   flat_if_same_order(gd, dst, gs, src);
    with_act_type(src, [&](auto tag) {
       using T = decltype(tag);
-      k_acc<T><<<grid_for(n), 256, 0, ctx->stream>>>(mptr<float>(dst), cptr<T>(src), n, scale, acc);
+      k_acc<T><<<grid_for(n), 256, 0, ctx->stream>>>(mptr<float>(dst), gd, cptr<T>(src), gs, n, scale, acc);
    });
    NR_CU_LAUNCHED("accumulating %s into %s", NR_DESC(src), NR_DESC(dst));
    return NR_OK;
@@ -383,7 +406,7 @@ nr_status nr_cuda_fill(nr_tensor *t, double value)
    NR_TRY(nr_cuda_ctx_get(t->device_index, &ctx));
    int64_t n = nr_tensor_numel(t);
    if (n == 0) return NR_OK;
-   if (value == 0.0 && nr_tensor_is_contiguous(t)) {
+   if (value == 0.0 && (nr_tensor_is_contiguous(t) || nr_tensor_is_channels_last(t))) { /* dense */
       NR_CU(cudaMemsetAsync(t->data, 0, (size_t)(n * nr_dtype_size(t->dtype)), ctx->stream), "fill %s with 0", NR_DESC(t));
       return NR_OK;
    }
@@ -407,7 +430,7 @@ nr_status nr_cuda_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out,
    if (n == 0) return NR_OK;
    bool same = a->ndim == b->ndim;
    for (int d = 0; same && d < a->ndim; d++) same = a->shape[d] == b->shape[d];
-   if (same && nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(b) && nr_tensor_is_contiguous(out)) {
+   if (same && same_dense_order(a, b) && same_dense_order(a, out)) {
       with_act_type(a, [&](auto tag) {
          using T = decltype(tag);
          k_binary_contig<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(a), cptr<T>(b), mptr<T>(out), n, op);
@@ -436,10 +459,11 @@ nr_status nr_cuda_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, in
    NR_TRY(nr_cuda_ctx_get(a->device_index, &ctx));
    int64_t n = nr_tensor_numel(a);
    if (n == 0) return NR_OK;
+   geo ga = make_geo(a), go = make_geo(out);
+   flat_if_same_order(ga, a, go, out);
    with_act_type(a, [&](auto tag) {
       using T = decltype(tag);
-      k_binary_scalar<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(a), make_geo(a), (float)s, mptr<T>(out),
-                                                               make_geo(out), n, op);
+      k_binary_scalar<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(a), ga, (float)s, mptr<T>(out), go, n, op);
    });
    NR_CU_LAUNCHED("binary op %d %s with %g", op, NR_DESC(a), s);
    return NR_OK;
@@ -451,9 +475,11 @@ nr_status nr_cuda_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
    NR_TRY(nr_cuda_ctx_get(a->device_index, &ctx));
    int64_t n = nr_tensor_numel(a);
    if (n == 0) return NR_OK;
+   geo ga = make_geo(a), go = make_geo(out);
+   flat_if_same_order(ga, a, go, out);
    with_act_type(a, [&](auto tag) {
       using T = decltype(tag);
-      k_unary<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(a), make_geo(a), mptr<T>(out), make_geo(out), n, op);
+      k_unary<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(a), ga, mptr<T>(out), go, n, op);
    });
    NR_CU_LAUNCHED("unary op %d %s", op, NR_DESC(a));
    return NR_OK;
@@ -465,9 +491,11 @@ nr_status nr_cuda_axpy(const nr_tensor *x, nr_tensor *y, double alpha)
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
    int64_t n = nr_tensor_numel(x);
    if (n == 0) return NR_OK;
+   geo gx = make_geo(x), gy = make_geo(y);
+   flat_if_same_order(gx, x, gy, y);
    with_act_type(x, [&](auto tag) {
       using T = decltype(tag);
-      k_axpy<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), make_geo(x), mptr<T>(y), make_geo(y), n, (float)alpha);
+      k_axpy<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), gx, mptr<T>(y), gy, n, (float)alpha);
    });
    NR_CU_LAUNCHED("axpy %s into %s", NR_DESC(x), NR_DESC(y));
    return NR_OK;

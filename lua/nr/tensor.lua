@@ -2,6 +2,9 @@
 --
 -- What it is: constructors (nr.tensor, nr.zeros, ...), views (reshape, narrow, select,
 -- transpose), copies, arithmetic, reductions, matmul, index_select/index_copy, .npy I/O.
+-- Memory formats (as PyTorch's): 'contiguous' (row-major, NCHW for images) and, for 4-d
+-- tensors, 'channels_last' (NHWC in memory, still indexed (N, C, H, W)). nr.empty/zeros/...
+-- take {memory_format = ...}; clone, to, and elementwise results keep a channels-last input's.
 -- Invariants: tensor memory lives in C and is released by ffi.gc when the handle is collected or
 -- at once by t:free(); positions and dimensions are 1-based here (as in Lua and Torch7) and
 -- converted to 0-based at the C boundary; a freed tensor raises an error when used.
@@ -64,11 +67,31 @@ local function shape_of(shape, fname)
    return arr, #shape
 end
 
+local function parse_format(fmt, ndim, fname)
+   if fmt == nil or fmt == 'contiguous' then return 'contiguous' end
+   if fmt ~= 'channels_last' then
+      error(string.format('%s: unknown memory_format %q (contiguous, channels_last)', fname, tostring(fmt)), 4)
+   end
+   if ndim ~= 4 then error(string.format('%s: channels_last needs a 4-d (N, C, H, W) shape, got %d-d', fname, ndim), 4) end
+   return fmt
+end
+
 local function new(shape, opts, fname)
    fname = fname or 'nr.empty'
-   opts = check.options(opts, {dtype = true, device = true}, fname)
+   opts = check.options(opts, {dtype = true, device = true, memory_format = true}, fname)
    local arr, n = shape_of(shape, fname)
-   local p = C.nr_tensor_new(parse_dtype(opts.dtype, fname), parse_device(opts.device, fname), n, arr)
+   local dt, dev = parse_dtype(opts.dtype, fname), parse_device(opts.device, fname)
+   if parse_format(opts.memory_format, n, fname) == 'contiguous' then
+      return wrap(check.pointer(C.nr_tensor_new(dt, dev, n, arr), fname, 3))
+   end
+   -- channels_last: an (N, H, W, C) block viewed as (N, C, H, W)
+   local nn, c, h, w = arr[0], arr[1], arr[2], arr[3]
+   local block = int64_arr()
+   block[0], block[1], block[2], block[3] = nn, h, w, c
+   local base = wrap(check.pointer(C.nr_tensor_new(dt, dev, 4, block), fname, 3))
+   local stride = int64_arr()
+   stride[0], stride[1], stride[2], stride[3] = h * w * c, 1, w * c, c
+   local p = C.nr_tensor_view(base.c, 4, arr, stride, 0)
    return wrap(check.pointer(p, fname, 3))
 end
 
@@ -174,7 +197,31 @@ end
 function Tensor:numel() return tonumber(C.nr_tensor_numel(live(self))) end
 function Tensor:dtype() return DTYPE_NAMES[live(self).dtype] end
 function Tensor:device() return DEVICE_NAMES[live(self).device] end
-function Tensor:is_contiguous() return C.nr_tensor_is_contiguous(live(self)) == 1 end
+-- Whether a 4-d view has exactly the strides of a channels-last tensor of its shape (the ones
+-- nr.empty{memory_format = 'channels_last'} gives, size-1 dimensions included: so a
+-- channels-last (N, 1, H, W) batch stays tagged although its elements are in row-major order).
+local function exact_channels_last(c)
+   if c.ndim ~= 4 then return false end
+   local ch, w = c.shape[1], c.shape[3]
+   return c.stride[1] == 1 and c.stride[3] == ch and c.stride[2] == w * ch and c.stride[0] == c.shape[2] * w * ch
+end
+
+-- is_contiguous() (row-major) or is_contiguous('channels_last') (NHWC element order; sizes of 1
+-- ignored, so an (N, C, 1, 1) tensor is both).
+function Tensor:is_contiguous(memory_format)
+   if memory_format == 'channels_last' then return C.nr_tensor_is_channels_last(live(self)) == 1 end
+   parse_format(memory_format, 0, 'Tensor:is_contiguous')
+   return C.nr_tensor_is_contiguous(live(self)) == 1
+end
+-- 'channels_last' (4-d with channels-last strides), 'contiguous' or 'strided': the format the
+-- layers keep on CUDA (PyTorch's suggest_memory_format).
+function Tensor:memory_format()
+   local c = live(self)
+   if exact_channels_last(c) then return 'channels_last' end
+   if C.nr_tensor_is_contiguous(c) == 1 then return 'contiguous' end
+   if C.nr_tensor_is_channels_last(c) == 1 then return 'channels_last' end
+   return 'strided'
+end
 function Tensor:is_cuda() return live(self).device == C.NR_CUDA end
 -- Raw pointer to element 0 (CPU tensors; typed by dtype). Valid while the tensor lives.
 function Tensor:data()
@@ -197,7 +244,8 @@ end
 function Tensor:describe()
    local c = rawget(self, 'c')
    if c == nil then return 'freed tensor' end
-   return string.format('%s %s [%s]', DTYPE_NAMES[c.dtype], DEVICE_NAMES[c.device], table.concat(self:shape(), ' x '))
+   local cl = self:memory_format() == 'channels_last' and ' channels_last' or ''
+   return string.format('%s %s [%s]%s', DTYPE_NAMES[c.dtype], DEVICE_NAMES[c.device], table.concat(self:shape(), ' x '), cl)
 end
 
 -- ---- element access ----------------------------------------------------------------------
@@ -257,21 +305,34 @@ function Tensor:fill(v)
 end
 function Tensor:zero() return self:fill(0) end
 
-function Tensor:clone()
-   local out = M.empty(self:shape(), {dtype = self:dtype(), device = self:device()})
-   return out:copy(self)
+-- A new tensor of t's shape, dtype and device (opts.dtype / opts.device override) in t's memory
+-- format when that is channels_last, else contiguous.
+function M.empty_like(t, opts)
+   opts = opts or {}
+   return M.empty(t:shape(), {dtype = opts.dtype or t:dtype(), device = opts.device or t:device(),
+                              memory_format = t:memory_format() == 'channels_last' and 'channels_last' or nil})
 end
-function Tensor:contiguous()
-   if self:is_contiguous() then return self end
-   return self:clone()
+function Tensor:clone()
+   return M.empty_like(self):copy(self)
+end
+-- contiguous() (row-major) or contiguous('channels_last'): self when already so, a view with
+-- the exact channels-last strides when the element order is already right, else a copy.
+function Tensor:contiguous(memory_format)
+   local fmt = parse_format(memory_format, memory_format and self:dim() or 0, 'Tensor:contiguous')
+   if fmt == 'channels_last' and exact_channels_last(live(self)) then return self end
+   if self:is_contiguous(fmt) then
+      if fmt == 'contiguous' then return self end
+      local shape = self:shape()
+      return self:as_strided(shape, M.channels_last_stride(shape))
+   end
+   return M.empty(self:shape(), {dtype = self:dtype(), device = self:device(), memory_format = fmt}):copy(self)
 end
 function Tensor:to(device, dtype)
    local dev = parse_device(device, 'Tensor:to')
    local c = live(self)
    local dt = dtype and parse_dtype(dtype, 'Tensor:to') or c.dtype
    if dev == c.device and dt == c.dtype then return self end
-   local out = M.empty(self:shape(), {dtype = DTYPE_NAMES[dt], device = DEVICE_NAMES[dev]})
-   return out:copy(self)
+   return M.empty_like(self, {dtype = DTYPE_NAMES[dt], device = DEVICE_NAMES[dev]}):copy(self)
 end
 function Tensor:cuda() return self:to('cuda') end
 function Tensor:cpu() return self:to('cpu') end
@@ -344,6 +405,19 @@ function Tensor:transpose(d1, d2)
    stride[d1], stride[d2] = stride[d2], stride[d1]
    return make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:transpose')
 end
+-- A view of self's storage with the given shape and strides (elements) starting at element
+-- offset of the storage (default: self's offset); the C side checks it stays inside.
+function Tensor:as_strided(shape, stride, offset)
+   check.arg(type(shape) == 'table' and type(stride) == 'table' and #shape == #stride, 'Tensor:as_strided',
+      'shape and stride must be tables of one length')
+   return make_view(self, shape, stride, offset or tonumber(live(self).offset), 'Tensor:as_strided')
+end
+-- The strides of a channels-last (N, C, H, W) tensor of this shape.
+function M.channels_last_stride(shape)
+   local c, h, w = shape[2], shape[3], shape[4]
+   return {h * w * c, 1, w * c, c}
+end
+
 function Tensor:t()
    check.arg(self:dim() == 2, 'Tensor:t', 'expected a 2-d tensor, got %s', self:describe())
    return self:transpose(1, 2)
@@ -389,7 +463,7 @@ for name, op in pairs(BIN) do
    end
    -- a:add(b [, out]): into out when given (as torch.add(a, b, out=out)), else a new tensor
    Tensor[name] = function(a, b, out)
-      return apply(a, b, out or M.empty(a:shape(), {device = a:device(), dtype = a:dtype()}))
+      return apply(a, b, out or M.empty_like(a))
    end
    Tensor[name .. '_'] = function(a, b) return apply(a, b, a) end
 end
@@ -416,7 +490,7 @@ local UN = {neg = C.NR_OP_NEG, abs = C.NR_OP_ABS, exp = C.NR_OP_EXP, log = C.NR_
 for name, op in pairs(UN) do
    local fname = 'Tensor:' .. name
    Tensor[name] = function(a)
-      local out = M.empty(a:shape(), {device = a:device(), dtype = a:dtype()})
+      local out = M.empty_like(a)
       check.status(C.nr_unary(live(a), live(out), op), fname)
       return out
    end

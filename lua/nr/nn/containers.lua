@@ -241,8 +241,9 @@ function Concat:updateOutput(x)
    end
    shape[2] = total
    if not self.output or not T.same_shape(self.output:shape(), shape) or self.output:device() ~= outs[1]:device()
-      or self.output:dtype() ~= outs[1]:dtype() then
-      self.output = T.empty(shape, {device = outs[1]:device(), dtype = outs[1]:dtype()})
+      or self.output:dtype() ~= outs[1]:dtype() or not U.has_format(self.output, U.format_for(shape, outs[1])) then
+      self.output = T.empty(shape, {device = outs[1]:device(), dtype = outs[1]:dtype(),
+                                    memory_format = U.format_for(shape, outs[1])})
    end
    local at = 1
    for i = 1, #outs do

@@ -64,7 +64,8 @@ function GP.run(pool, fn, ...)
    return r
 end
 
--- A tensor of `shape` with like's dtype (float32, or bfloat16 under mixed precision) and device for owner's gradInput: from the current pool
+-- A tensor of `shape` with like's dtype (float32, or bfloat16 under mixed precision), device and
+-- (for 4-d shapes) memory format (layer_util.format_for) for owner's gradInput: from the current pool
 -- (the owner's previous block when free and large enough, else the smallest free block that
 -- fits, else a new block), or owner's own buffer outside a root backward.
 function GP.buffer(owner, shape, like)
@@ -89,9 +90,11 @@ function GP.buffer(owner, shape, like)
    end
    b.busy, b.used = true, true
    local v = tr.gp_view
-   if last ~= b or not v or not T.same_shape(v:shape(), shape) then
-      v = b.t:narrow(1, 1, n):reshape(shape)
-      tr.gp_view = v
+   local fmt = require('nr.nn.layer_util').format_for(shape, like)
+   if last ~= b or not v or not T.same_shape(v:shape(), shape) or tr.gp_fmt ~= fmt then
+      if fmt == 'channels_last' then v = b.t:as_strided(shape, T.channels_last_stride(shape))
+      else v = b.t:narrow(1, 1, n):reshape(shape) end
+      tr.gp_view, tr.gp_fmt = v, fmt
    end
    tr.gp_block = b
    owner.gradInput = v

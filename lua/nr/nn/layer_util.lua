@@ -43,7 +43,14 @@ end
 local ACT_DTYPES = {float32 = true, bfloat16 = true}
 U.ACT_DTYPES = ACT_DTYPES
 
--- x:contiguous(), after raising (level 0) unless x is a float32 or bfloat16 tensor.
+-- Whether activation t is channels-last on CUDA, where the layers compute in that layout and
+-- give their outputs the same (on the CPU they read a channels-last input through one
+-- conversion to contiguous).
+local function cuda_channels_last(t) return t:is_cuda() and t:memory_format() == 'channels_last' end
+U.cuda_channels_last = cuda_channels_last
+
+-- x as the layer kernels take it (contiguous, or channels-last on CUDA), after raising (level 0)
+-- unless x is a float32 or bfloat16 tensor.
 function U.float_input(x, what)
    if not T.is_tensor(x) then
       error(string.format('expected %s tensor as input, got %s', what or 'a', type(x)), 0)
@@ -51,6 +58,7 @@ function U.float_input(x, what)
    if not ACT_DTYPES[x:dtype()] then
       error(string.format('expected a float32 (or bfloat16) input, got %s', x:describe()), 0)
    end
+   if cuda_channels_last(x) then return x:contiguous('channels_last') end
    return x:contiguous()
 end
 
@@ -67,7 +75,8 @@ function U.input(x, ndim, channels, what)
    return x
 end
 
--- Checks that g (gradOutput) matches the module's output shape.
+-- Checks that g (gradOutput) matches the module's output shape; returns it in the output's
+-- memory format (the layer kernels take one format per call).
 function U.grad(g, like, what)
    if not T.is_tensor(g) then error('gradOutput must be a tensor, got ' .. type(g), 0) end
    if not like then error('backward called before forward', 0) end
@@ -75,19 +84,33 @@ function U.grad(g, like, what)
       error(string.format('gradOutput %s does not match the %s %s', U.shape_str(g:shape()), what or 'output',
          U.shape_str(like:shape())), 0)
    end
+   if cuda_channels_last(like) then return g:contiguous('channels_last') end
    return g:contiguous()
 end
 
--- self[key] as a tensor of the given shape on like's device (dtype default float32); reused
--- while shape, dtype and device match.
+-- The memory format of a buffer of `shape` computed from like: channels_last when like is
+-- channels-last on CUDA and the buffer is 4-d, else contiguous.
+function U.format_for(shape, like)
+   return #shape == 4 and cuda_channels_last(like) and 'channels_last' or 'contiguous'
+end
+
+-- Whether buffer t is laid out in fmt ('contiguous' or 'channels_last', as U.format_for gives).
+function U.has_format(t, fmt)
+   if fmt == 'channels_last' then return t:memory_format() == 'channels_last' end
+   return t:is_contiguous()
+end
+
+-- self[key] as a tensor of the given shape on like's device (dtype default float32) in
+-- U.format_for(shape, like); reused while shape, dtype, device and format match.
 function U.buffer(self, key, shape, like, dtype)
    dtype = dtype or 'float32'
-   local dev = like:device()
+   local dev, fmt = like:device(), U.format_for(shape, like)
    local b = rawget(self, key)
-   if b and rawget(b, 'c') and b:dtype() == dtype and b:device() == dev and T.same_shape(b:shape(), shape) then
+   if b and rawget(b, 'c') and b:dtype() == dtype and b:device() == dev and T.same_shape(b:shape(), shape)
+      and U.has_format(b, fmt) then
       return b
    end
-   b = T.empty(shape, {dtype = dtype, device = dev})
+   b = T.empty(shape, {dtype = dtype, device = dev, memory_format = fmt})
    self[key] = b
    return b
 end
