@@ -3,6 +3,7 @@
 --
 --   nrlua bench/gpu_bench.lua --model mobilenet|resnet50|vgg19 [--batch N] [--warmup N]
 --                             [--steps N] [--precision fp32|bf16] [--tf32 0|1] [--json PATH]
+--                             [--memory_format contiguous|channels_last]
 --                             [--device cpu]   (a dry run of the script itself on the CPU)
 --
 -- What it measures: training images/s of one synthetic fixed batch on the GPU (no data loading),
@@ -13,6 +14,8 @@
 -- cuDNN algorithm search (reported as warmup_s).
 -- --precision bf16: mixed precision as nr.train runs it (the input batch in bfloat16, so every
 -- activation is bf16; weights, gradients and the SGD update stay fp32), against PyTorch autocast.
+-- --memory_format: the input batch's layout, which every activation follows (default as nr.train:
+-- channels_last under bf16, contiguous under fp32).
 -- What it is not: a correctness test (tests/lua/cuda_spec.lua).
 local nr = require 'nr'
 local ffi = require 'ffi'
@@ -64,7 +67,8 @@ local function run(o)
    local spec = MODELS[o.model]
    if not spec then error('gpu_bench: unknown model ' .. tostring(o.model) .. ' (mobilenet, resnet50, vgg19)', 0) end
    local batch = o.batch or spec.batch
-   local base = {side = 'nrlua', model = o.model, precision = o.precision, batch = batch,
+   o.memory_format = o.memory_format or (o.precision == 'bf16' and 'channels_last' or 'contiguous')
+   local base = {side = 'nrlua', model = o.model, precision = o.precision, batch = batch, memory_format = o.memory_format,
                  tf32 = o.tf32, device = o.device == 'cuda' and (nr.cuda.device_name(0) or 'none') or 'cpu'}
    local gpu = o.device == 'cuda'
    if gpu and not nr.cuda.available() then
@@ -86,6 +90,7 @@ local function run(o)
    for _, s in ipairs(spec.shape) do shape[#shape + 1] = s end
    local x = nr.randn(shape, {device = o.device})
    if o.precision == 'bf16' then x = x:bfloat16() end
+   x = x:contiguous(o.memory_format)
    local labels = nr.randint(0, spec.classes, {batch}, {dtype = 'int64', device = o.device})
    local loss
    local function step()

@@ -34,6 +34,7 @@ M.TYPES = {
    ['schedule.gamma'] = 'number', ['schedule.step_size'] = 'number', ['schedule.min_lr'] = 'number',
    ['schedule.warmup_start'] = 'number', ['schedule.epochs'] = 'number', ['schedule.granularity'] = 'string',
    ['loss.label_smoothing'] = 'number', nr = 'switch', max_epochs = 'integer', ['nr.extend_epochs'] = 'boolean',
+   memory_format = 'string',
 }
 
 local BOOL = {['true'] = true, ['false'] = false, on = true, off = false, yes = true, no = false, ['1'] = true, ['0'] = false}

@@ -297,8 +297,9 @@ function M.render(dir)
    end
    local r0 = runs[1]
    if r0 then
-      kv('device', esc(string.format('%s%s, %s threads, %s parameters', tostring(r0.device),
-         r0.precision == 'bf16' and ' (bf16 mixed precision)' or '', tostring(r0.threads), fnum(r0.params))))
+      kv('device', esc(string.format('%s%s%s, %s threads, %s parameters', tostring(r0.device),
+         r0.precision == 'bf16' and ' (bf16 mixed precision)' or '',
+         r0.memory_format == 'channels_last' and ' (channels-last)' or '', tostring(r0.threads), fnum(r0.params))))
    end
    if rc.nr and type(rc.nr) == 'table' and rc.nr.enabled ~= false then
       kv('Neural Rejuvenation', esc(string.format('target %s, constraint %s, scheme %s', fnum(rc.nr.target),

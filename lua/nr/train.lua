@@ -59,6 +59,8 @@ M.DEFAULTS = {
    device = 'auto',        -- 'auto' (CUDA when available), 'cpu', 'cuda'
    precision = 'fp32',     -- 'fp32', or 'bf16': mixed precision on CUDA (bf16 activations on tensor
                            -- cores; weights, gradients, BN statistics and the loss stay fp32)
+   memory_format = nil,    -- activations' layout on CUDA: 'contiguous' (NCHW) or 'channels_last'
+                           -- (NHWC); nil: channels_last under bf16, else contiguous
    seed = 1,
    threads = 0,            -- CPU kernel threads; 0 = all cores (NR_THREADS also sets it)
    out = nil,              -- run folder; default runs/<name>-<date>
@@ -440,6 +442,15 @@ function M.new(recipe)
          rc.device == 'auto' and ' (no GPU found)' or ''), 0)
    end
    tr.precision = rc.precision
+   local fmt = rc.memory_format
+   if fmt == nil then fmt = (rc.precision == 'bf16' and 'channels_last' or 'contiguous') end
+   check.arg(fmt == 'contiguous' or fmt == 'channels_last', 'nr.train',
+      'memory_format must be "contiguous" or "channels_last", got %s', tostring(fmt))
+   if fmt == 'channels_last' and tr.device ~= 'cuda' then
+      error(string.format('nr.train: memory_format = "channels_last" is a CUDA layout, but the device is %s%s', tr.device,
+         rc.device == 'auto' and ' (no GPU found)' or ''), 0)
+   end
+   tr.memory_format = fmt
    tr.t_start = progress.now()
 
    -- data parallelism (nr.dist; a no-op outside an MPI launch): before the model moves to its
@@ -583,17 +594,20 @@ function Trainer:load_checkpoint(path)
    return r.dir
 end
 
--- A batch on the training device; under precision 'bf16' the images as bfloat16 (the model's
--- activations follow the input's dtype), converted into a buffer reused across steps.
+-- A batch on the training device. The model's activations follow the input's dtype and memory
+-- format, so the images go over as bfloat16 under precision 'bf16' and channels-last under
+-- memory_format 'channels_last', converted on the way into a buffer reused across steps.
 function Trainer:on_device(x, y)
    if self.device == 'cpu' then return x, y end
-   if self.precision ~= 'bf16' then return x:to(self.device), y:to(self.device) end
-   local b = rawget(self, '_x_bf16')
+   local dt = self.precision == 'bf16' and 'bfloat16' or 'float32'
+   local fmt = x:dim() == 4 and self.memory_format or 'contiguous'
+   if dt == 'float32' and fmt == 'contiguous' then return x:to(self.device), y:to(self.device) end
+   local b = rawget(self, '_x_dev')
    if not b or not T.same_shape(b:shape(), x:shape()) then
-      b = T.empty(x:shape(), {dtype = 'bfloat16', device = self.device})
-      self._x_bf16 = b
+      b = T.empty(x:shape(), {dtype = dt, device = self.device, memory_format = fmt})
+      self._x_dev = b
    end
-   return b:copy(x), y:to(self.device) -- converted on the way to the device
+   return b:copy(x), y:to(self.device)
 end
 
 -- Evaluates on the validation loader: {loss, top1, top5, n}.
@@ -711,13 +725,14 @@ function Trainer:run()
    self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
    local start = self.epoch + 1
    self:log({kind = 'run', event = rc.resume and 'resume' or 'begin', epochs = rc.epochs, device = self.device,
-             precision = self.precision,
+             precision = self.precision, memory_format = self.memory_format,
              max_epochs = self.extend_held and self:max_epochs() or nil,
              threads = C.nr_get_num_threads(), params = self.model:nParameters(), iters_per_epoch = self.iters_per_epoch})
    local plan = tostring(rc.epochs)
    if self.extend_held then plan = string.format('%d (+ held ones, at most %d)', rc.epochs, self:max_epochs()) end
    self:print(string.format('nrlua: %s on %s%s, %d threads, %d parameters, %s epochs of %d steps -> %s', rc.name or 'run',
-      self.device, self.precision == 'bf16' and ' (bf16 mixed precision)' or '', C.nr_get_num_threads(), self.model:nParameters(), plan, self.iters_per_epoch, self.out))
+      self.device, (self.precision == 'bf16' and ' (bf16 mixed precision)' or '') ..
+         (self.memory_format == 'channels_last' and ' (channels-last)' or ''), C.nr_get_num_threads(), self.model:nParameters(), plan, self.iters_per_epoch, self.out))
    self:call('train_begin', {})
    local last_val
    -- a while loop: with tr.extend_held every held epoch adds one to the planned total

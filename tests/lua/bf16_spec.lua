@@ -131,14 +131,19 @@ numpy.save(sys.argv[2], x.to(torch.bfloat16).to(torch.float32).numpy())
       local nn = nr.nn
       local train = require 'nr.train'
       local x, y = nr.randn({8, 1, 2, 2}), nr.tensor({0, 1, 0, 1, 0, 1, 0, 1}, {dtype = 'int64'})
-      local function recipe(precision, out)
+      local function recipe(precision, out, memory_format)
          return {model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), device = 'cpu', precision = precision, epochs = 1,
-                 data = {train = train.memory_loader(x, y, {batch = 4})}, out = out,
+                 data = {train = train.memory_loader(x, y, {batch = 4})}, out = out, memory_format = memory_format,
                  progress = {stream = io.open('/dev/null', 'w')}}
       end
       local e = err_of(nr.train, recipe('bf16', TMP .. '/run'))
       assert.matches('precision = "bf16" computes on CUDA only, but the device is cpu', e, 1, true)
       e = err_of(nr.train, recipe('fp16', TMP .. '/run2'))
       assert.matches('precision must be "fp32" or "bf16", got fp16', e, 1, true)
+      -- its companion, the channels-last layout (the default under bf16), is a CUDA layout too
+      e = err_of(nr.train, recipe('fp32', TMP .. '/run3', 'channels_last'))
+      assert.matches('memory_format = "channels_last" is a CUDA layout, but the device is cpu', e, 1, true)
+      e = err_of(nr.train, recipe('fp32', TMP .. '/run4', 'nhwc'))
+      assert.matches('memory_format must be "contiguous" or "channels_last", got nhwc', e, 1, true)
    end)
 end)

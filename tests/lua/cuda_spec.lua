@@ -7,6 +7,8 @@
 -- (indices, masks, argmax, live counts) must match exactly. The first differing values are printed.
 -- Layer kernels also run with bf16 activations (mixed precision) against the f32 CPU reference on
 -- bf16-rounded inputs, within 1.5e-2 (RTOL16, below); a bf16 training run must learn like fp32.
+-- Both precisions run again with channels-last (NHWC) GPU activations against the same NCHW CPU
+-- reference and tolerances.
 -- Without a GPU (or in a build without CUDA) the spec prints why and exits with status 77, which
 -- ctest reports as skipped. Runs under busted or under tests/gpu/spec_runner.lua (the GPU machine
 -- has no busted), so it uses only describe / it and plain error().
@@ -223,15 +225,24 @@ end)
 -- compared within RTOL16, a few bf16 ulps (2^-8 = 0.4%): the GPU rounds what it stores to bf16.
 -- Parameters, their gradients and statistics are f32 on both sides.
 local RTOL16 = 1.5e-2
-local PRECISIONS = {{name = 'f32', dtype = 'float32', rtol = RTOL}, {name = 'bf16', dtype = 'bfloat16', rtol = RTOL16}}
+local PRECISIONS = {{name = 'f32', dtype = 'float32', rtol = RTOL}, {name = 'bf16', dtype = 'bfloat16', rtol = RTOL16},
+                    {name = 'f32 nhwc', dtype = 'float32', rtol = RTOL, nhwc = true},
+                    {name = 'bf16 nhwc', dtype = 'bfloat16', rtol = RTOL16, nhwc = true}}
 
 -- Helpers of one precision p: ref(t) the CPU reference input, dev(t) the GPU activation,
--- pair(shape) CPU f32 and GPU activation zeros, check(what, cpu, gpu) the comparison.
+-- pair(shape) CPU f32 and GPU activation zeros, gpu(shape, dtype) a GPU per-element companion
+-- (indices, masks) in the activations' format, check(what, cpu, gpu) the comparison. With
+-- p.nhwc, 4-d GPU activations and companions are channels-last.
 local function precision(p)
    local h = {name = p.name}
+   local function fmt(shape) return p.nhwc and #shape == 4 and 'channels_last' or nil end
    function h.ref(t) return p.dtype == 'bfloat16' and t:bfloat16():float() or t end
-   function h.dev(t) return t:to('cuda', p.dtype) end
-   function h.pair(shape) return nr.zeros(shape), nr.zeros(shape, {dtype = p.dtype, device = 'cuda'}) end
+   function h.dev(t)
+      local g = t:to('cuda', p.dtype)
+      return fmt(t:shape()) and g:contiguous('channels_last') or g
+   end
+   function h.gpu(shape, dtype) return nr.zeros(shape, {dtype = dtype, device = 'cuda', memory_format = fmt(shape)}) end
+   function h.pair(shape) return nr.zeros(shape), h.gpu(shape, p.dtype) end
    function h.check(what, cpu, gpu) close(p.name .. ' ' .. what, cpu, gpu, p.rtol) end
    return h
 end
@@ -344,25 +355,25 @@ describe('layer kernels on the GPU', function()
       end)
 
       it(h.name .. ' relu, sigmoid, dropout, bias', function()
-         local x = h.ref(randn({3, 4, 5}))
-         local dy = h.ref(randn({3, 4, 5}))
+         local x = h.ref(randn({3, 4, 5, 2}))
+         local dy = h.ref(randn({3, 4, 5, 2}))
          for _, k in ipairs({{'relu', C.nr_relu_forward, C.nr_relu_backward},
                              {'sigmoid', C.nr_sigmoid_forward, C.nr_sigmoid_backward}}) do
-            local yc, yg = h.pair({3, 4, 5})
+            local yc, yg = h.pair({3, 4, 5, 2})
             ok(k[2](x.c, yc.c), k[1]); ok(k[2](h.dev(x).c, yg.c), k[1])
             h.check(k[1] .. ' forward', yc, yg)
-            local dc, dg = h.pair({3, 4, 5})
+            local dc, dg = h.pair({3, 4, 5, 2})
             -- the backward reads the forward output: give the CPU the GPU's (rounded) one
             local yr = yg:to('cpu', 'float32')
             ok(k[3](yr.c, dy.c, dc.c), k[1]); ok(k[3](yg.c, h.dev(dy).c, dg.c), k[1])
             h.check(k[1] .. ' backward', dc, dg)
          end
-         local yc, yg = h.pair({3, 4, 5})
-         local mc, mg = pair({3, 4, 5}) -- the mask is f32 in both precisions
+         local yc, yg = h.pair({3, 4, 5, 2})
+         local mc, mg = nr.zeros({3, 4, 5, 2}), h.gpu({3, 4, 5, 2}, 'float32') -- the mask is f32 in both precisions
          nr.manual_seed(9); ok(C.nr_dropout_forward(x.c, yc.c, mc.c, 0.3), 'dropout cpu')
          nr.manual_seed(9); ok(C.nr_dropout_forward(h.dev(x).c, yg.c, mg.c, 0.3), 'dropout gpu')
          close('dropout mask', mc, mg); h.check('dropout y', yc, yg)
-         local dc, dg = h.pair({3, 4, 5})
+         local dc, dg = h.pair({3, 4, 5, 2})
          ok(C.nr_dropout_backward(dy.c, mc.c, dc.c), 'cpu'); ok(C.nr_dropout_backward(h.dev(dy).c, mg.c, dg.c), 'gpu')
          h.check('dropout backward', dc, dg)
          local b = randn({4})
@@ -382,7 +393,7 @@ describe('layer kernels on the GPU', function()
             local k, s, pd = cfg[1], cfg[2], cfg[3]
             local ho, wo = geo(k, s, pd)
             local yc, yg = h.pair({2, 3, ho, wo})
-            local ic, ig = pair({2, 3, ho, wo}, 'int64')
+            local ic, ig = nr.zeros({2, 3, ho, wo}, {dtype = 'int64'}), h.gpu({2, 3, ho, wo}, 'int64')
             ok(C.nr_maxpool2d_forward(x.c, yc.c, ic.c, k, k, s, s, pd, pd), 'max cpu')
             ok(C.nr_maxpool2d_forward(xg.c, yg.c, ig.c, k, k, s, s, pd, pd), 'max gpu')
             h.check('maxpool y', yc, yg); close('maxpool indices', ic, ig)
@@ -569,9 +580,10 @@ describe('the model zoo on the GPU (Lua modules) against the CPU', function()
    -- norm-wise tolerances through the whole depth; bf16 gradients are printed, not asserted (one
    -- rounding per layer per direction: CPU emulation put them at 0.07-1.2 on these damaged nets)
    local TOL = {f32 = {out = 1e-3, grad = 1e-3}, bf16 = {out = 5e-2, grad = math.huge}}
+   TOL['f32 nhwc'], TOL['bf16 nhwc'] = TOL.f32, TOL.bf16
    for zi, z in ipairs(fixtures.ZOO) do
       local name, spec, shape = z[1], z[2], z[3]
-      it(name .. ': forward and backward (f32 and bf16), inference with folding, and a CA rejuvenation', function()
+      it(name .. ': forward and backward (f32 and bf16, NCHW and NHWC), inference with folding, and a CA rejuvenation', function()
          nr.manual_seed(300 + zi)
          local cpu = nr.models.build(spec)
          fixtures.damage(cpu, shape, 0.3)
@@ -587,13 +599,17 @@ describe('the model zoo on the GPU (Lua modules) against the CPU', function()
          ct:zeroGradParameters()
          local gx = ct:backward(x, g):clone()
          local _, grads = ct:parameters()
-         for _, prec in ipairs({'f32', 'bf16'}) do
-            local dt = prec == 'bf16' and 'bfloat16' or 'float32'
+         for _, prec in ipairs({'f32', 'bf16', 'f32 nhwc', 'bf16 nhwc'}) do
+            local dt = prec:find('bf16') and 'bfloat16' or 'float32'
+            local xg = x:to('cuda', dt):contiguous(prec:find('nhwc') and 'channels_last' or nil)
             local pg = gpu:clone()
             pg:evaluate()
-            local yg = pg:forward(x:to('cuda', dt))
+            local yg = pg:forward(xg)
             pg:zeroGradParameters()
-            local gxg = pg:backward(x:to('cuda', dt), g:to('cuda', dt))
+            local gxg = pg:backward(xg, g:to('cuda', dt))
+            if xg:is_cuda() then -- (the CPU layers compute channels-last inputs as NCHW)
+               assert(gxg:memory_format() == xg:memory_format(), prec .. ': the input gradient is ' .. gxg:memory_format())
+            end
             local _, ggrads = pg:parameters()
             local eo, ei, eg = nrel(yg, y), nrel(gxg, gx), 0
             for i = 1, #grads do eg = math.max(eg, nrel(ggrads[i], grads[i])) end
@@ -626,6 +642,59 @@ describe('the model zoo on the GPU (Lua modules) against the CPU', function()
       assert(a:add(a):dtype() == 'bfloat16' and a:exp():dtype() == 'bfloat16' and a:sum(1):dtype() == 'bfloat16')
       assert(a:matmul(randn({5, 3}):cuda()):dtype() == 'bfloat16')
       assert(type(a:sum()) == 'number' and a:argmax() == a:to('cpu', 'float32'):argmax())
+   end)
+end)
+
+describe('channels-last (NHWC) activations on the GPU', function()
+   local fixtures = require 'tests.lua.nr_zoo'
+
+   it('a model fed a channels-last batch keeps the format through every layer and matches NCHW', function()
+      nr.manual_seed(41)
+      local net = fixtures.layout_net():to('cuda')
+      local cl = net:clone()
+      local x = randn({4, 3, 8, 8}):cuda()
+      local xc = x:contiguous('channels_last')
+      local y, ycl = net:forward(x), cl:forward(xc)
+      for _, m in ipairs(cl:listModules()) do
+         local o = rawget(m, 'output')
+         if o and o:dim() == 4 then
+            assert(o:memory_format() == 'channels_last', m:typename() .. ' output is ' .. o:memory_format())
+         end
+      end
+      assert(nrel(ycl, y) <= 1e-4, 'outputs differ: ' .. nrel(ycl, y))
+      local g = randn(y:shape()):cuda()
+      net:zeroGradParameters(); cl:zeroGradParameters()
+      local gx, gxc = net:backward(x, g), cl:backward(xc, g)
+      assert(gxc:memory_format() == 'channels_last', 'gradInput is ' .. gxc:memory_format())
+      assert(nrel(gxc, gx) <= 1e-4, 'input gradients differ: ' .. nrel(gxc, gx))
+      local _, ga = net:parameters()
+      local _, gb = cl:parameters()
+      for i = 1, #ga do assert(nrel(gb[i], ga[i]) <= 1e-4, 'parameter gradient ' .. i .. ': ' .. nrel(gb[i], ga[i])) end
+   end)
+
+   it('refuses mixed memory formats in one call, naming both tensors', function()
+      local x = randn({2, 3, 4, 5}):cuda():contiguous('channels_last')
+      local y = nr.zeros({2, 3, 4, 5}, {device = 'cuda'})
+      assert(C.nr_relu_forward(x.c, y.c) ~= 0, 'relu with a channels-last x and an NCHW y was accepted')
+      local msg = ffi.string(C.nr_last_error())
+      assert(msg:find('memory format') and msg:find('channels%-last'), msg)
+      local w = randn({4, 3, 3, 3}):cuda()
+      local yc = nr.zeros({2, 4, 2, 3}, {device = 'cuda'})
+      assert(C.nr_conv2d_forward(x.c, yc.c, w.c, nil, 1, 1, 0, 0, 1, 1, 1) ~= 0, 'conv with mixed formats was accepted')
+      local idx = nr.zeros({2, 3, 2, 2}, {dtype = 'int64', device = 'cuda'})
+      local yp = nr.zeros({2, 3, 2, 2}, {device = 'cuda', memory_format = 'channels_last'})
+      assert(C.nr_maxpool2d_forward(x.c, yp.c, idx.c, 2, 2, 2, 2, 0, 0) ~= 0, 'NCHW indices for NHWC y were accepted')
+      assert(ffi.string(C.nr_last_error()):find('indices'), ffi.string(C.nr_last_error()))
+   end)
+
+   it('tensor ops keep the format; conversions both ways and to the host are exact', function()
+      local x = randn({2, 5, 3, 4})
+      local g = x:cuda():contiguous('channels_last')
+      assert(g:memory_format() == 'channels_last' and g:clone():memory_format() == 'channels_last')
+      assert(g:add(g):memory_format() == 'channels_last' and g:exp():memory_format() == 'channels_last')
+      close('channels-last round trip', x, g:contiguous():cpu(), 0)
+      close('channels-last add', x:add(x), g:add(g), 0)
+      close('channels-last bf16', x:bfloat16():float(), g:bfloat16():float(), 0)
    end)
 end)
 

@@ -87,4 +87,19 @@ function M.without(m, used)
    return out
 end
 
+-- A net with one of each layer kind that carries a 4-d activation (conv with bias, grouped conv,
+-- BN, ReLU, max and average pooling, a residual block, a channel concat, dropout off, global
+-- pooling) for the memory-format specs; input (N, 3, 8, 8), 5 classes.
+function M.layout_net()
+   local nn = nr.nn
+   return nn.Sequential{
+      nn.Conv2d(3, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(),
+      nn.Residual(nn.Sequential{nn.Conv2d(8, 8, 3, {padding = 1, groups = 2, bias = false}), nn.BatchNorm2d(8)}),
+      nn.MaxPool2d(2),
+      nn.Concat{nn.Conv2d(8, 4, 1), nn.Sequential{nn.Conv2d(8, 4, 3, {padding = 1, groups = 4}), nn.Sigmoid()}},
+      nn.AvgPool2d(3, {stride = 1, padding = 1}), nn.Dropout(0),
+      nn.GlobalAvgPool2d(), nn.Linear(8, 5),
+   }
+end
+
 return M
