@@ -175,6 +175,8 @@ end
 function NRConv2d:updateOutput(x)
    check.arg(x:dim() == 4 and x:size(2) == self.in_channels, FNAME, 'expects (N, %d, H, W) input, got %s',
       self.in_channels, x:describe())
+   -- computes in NCHW (index_select and the group gathers take contiguous tensors): a channels-last
+   -- input is converted once and every buffer below follows self._x, not x
    self._x = x:contiguous()
    self._xin = {}
    for i = 1, #self.spec.in_groups do
@@ -182,7 +184,7 @@ function NRConv2d:updateOutput(x)
    end
    local function input_of(b) return b.inp and self._xin[b.inp] or self._x end
    local s = self:outputShape({x:size(2), x:size(3), x:size(4)})
-   local out = buf(self, '_out', {x:size(1), s[1], s[2], s[3]}, x)
+   local out = buf(self, '_out', {x:size(1), s[1], s[2], s[3]}, self._x)
    for j, plan in ipairs(self.out_plan) do
       local og = self.spec.out_groups[j]
       local dst = out:narrow(2, og.first + 1, og.n)
@@ -191,11 +193,11 @@ function NRConv2d:updateOutput(x)
       else
          local A = plan.diag.conv:forward(input_of(plan.diag))
          local sh = A:shape()
-         local B = buf(self, '_B' .. j, sh, x)
+         local B = buf(self, '_B' .. j, sh, self._x)
          B:copy(plan.cross[1].conv:forward(input_of(plan.cross[1])))
          for c = 2, #plan.cross do B:add_(plan.cross[c].conv:forward(input_of(plan.cross[c]))) end
-         local S = buf(self, '_S' .. j, sh, x)
-         local O = buf(self, '_O' .. j, sh, x)
+         local S = buf(self, '_S' .. j, sh, self._x)
+         local O = buf(self, '_O' .. j, sh, self._x)
          check.status(C.nr_cross_attention_forward(A.c, B.c, O.c, S.c), FNAME, 0)  -- O = A + 2σ(A)⊙B
          dst:copy(O)
       end
@@ -205,11 +207,11 @@ function NRConv2d:updateOutput(x)
 end
 
 function NRConv2d:updateGradInput(x, gradOutput)
-   local gi = buf(self, '_gi', self._x:shape(), x)
+   local gi = buf(self, '_gi', self._x:shape(), self._x)
    gi:zero()
    local gx = {}
    for i, xi in pairs(self._xin) do
-      gx[i] = buf(self, '_gx' .. i, xi:shape(), x)
+      gx[i] = buf(self, '_gx' .. i, xi:shape(), self._x)
       gx[i]:zero()
    end
    local gall
@@ -219,13 +221,13 @@ function NRConv2d:updateGradInput(x, gradOutput)
       if b.inp then
          gx[b.inp]:add_(r)
       else
-         if not gall then gall = buf(self, '_gall', self._x:shape(), x); gall:zero() end
+         if not gall then gall = buf(self, '_gall', self._x:shape(), self._x); gall:zero() end
          gall:add_(r)
       end
    end
    for j, plan in ipairs(self.out_plan) do
       local og = self.spec.out_groups[j]
-      local G = buf(self, '_G' .. j, {x:size(1), og.n, gradOutput:size(3), gradOutput:size(4)}, x)
+      local G = buf(self, '_G' .. j, {x:size(1), og.n, gradOutput:size(3), gradOutput:size(4)}, self._x)
       G:copy(gradOutput:narrow(2, og.first + 1, og.n))
       if plan.plain then
          acc(plan.plain, G)
@@ -233,8 +235,8 @@ function NRConv2d:updateGradInput(x, gradOutput)
          local S, B = rawget(self, '_S' .. j), rawget(self, '_B' .. j)
          local sh = S:shape()
          -- dA = G ⊙ (1 + 2·σ(A)(1 − σ(A)) ⊙ B),  dB = 2·σ(A) ⊙ G
-         local dA = buf(self, '_dA' .. j, sh, x)
-         local dB = buf(self, '_dB' .. j, sh, x)
+         local dA = buf(self, '_dA' .. j, sh, self._x)
+         local dB = buf(self, '_dB' .. j, sh, self._x)
          check.status(C.nr_cross_attention_backward(S.c, B.c, G.c, dA.c, dB.c), FNAME, 0)
          acc(plan.diag, dA)
          for _, c in ipairs(plan.cross) do acc(c, dB) end
