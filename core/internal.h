@@ -55,6 +55,17 @@ static inline int nr_is_nhwc(const nr_tensor *t)
    return t->ndim == 4 && !nr_tensor_is_contiguous(t) && nr_tensor_is_channels_last(t);
 }
 
+/* Rewrites the strides of a dense 4-d t (a fresh tensor or a scratch view) to the channels-last
+ * ones of its shape: KRSC for a weight, NHWC for an activation. */
+static inline void nr_make_channels_last(nr_tensor *t)
+{
+   const int64_t c = t->shape[1], h = t->shape[2], w = t->shape[3];
+   t->stride[1] = 1;
+   t->stride[3] = c;
+   t->stride[2] = w * c;
+   t->stride[0] = h * w * c;
+}
+
 /* Checks that b has a's dtype (activations of one call share theirs). */
 nr_status nr_check_same_dtype(const char *func, const char *an, const nr_tensor *a, const char *bn,
                               const nr_tensor *b);

@@ -57,6 +57,7 @@ static nr_status cuda_masked_dy(const nr_tensor **dy, nr_tensor *dx, const nr_te
    if (!stage) {
       stage = *tmp = nr_tensor_new_at((*dy)->dtype, NR_CUDA, (*dy)->device_index, (*dy)->ndim, (*dy)->shape);
       if (!stage) return NR_E_OOM;
+      if (nr_is_nhwc(*dy)) nr_make_channels_last(stage); /* dy's layout, as relu_backward writes it */
    }
    NR_TRY(nr_cuda_relu_backward(relu_y, *dy, stage));
    *dy = stage;

@@ -284,16 +284,6 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
    return NR_OK;
 }
 
-/* t's strides made channels-last (KRSC for a weight) for its 4-d shape. */
-static void set_channels_last(nr_tensor *t)
-{
-   const int64_t c = t->shape[1], h = t->shape[2], w = t->shape[3];
-   t->stride[1] = 1;
-   t->stride[3] = c;
-   t->stride[2] = w * c;
-   t->stride[0] = h * w * c;
-}
-
 /* The weight as cuDNN reads it: in the activations' dtype and, for channels-last, KRSC (a copy
  * in scratch slot 5 unless w is already both). */
 static nr_status conv_weight(nr_cuda_ctx *ctx, const nr_tensor *w, int32_t dtype, int nhwc, nr_tensor *out)
@@ -304,7 +294,7 @@ static nr_status conv_weight(nr_cuda_ctx *ctx, const nr_tensor *w, int32_t dtype
    *out = *w;
    out->dtype = dtype;
    out->data = p;
-   set_channels_last(out);
+   nr_make_channels_last(out);
    return nr_cuda_launch_copy(ctx, out, w);
 }
 
@@ -430,6 +420,6 @@ nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
    nr_tensor g = *dw;
    g.dtype = x->dtype;
    g.data = dws;
-   if (nhwc) set_channels_last(&g);
+   if (nhwc) nr_make_channels_last(&g);
    return nr_cuda_launch_acc(ctx, dw, &g, scale, acc);
 }
