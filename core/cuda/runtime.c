@@ -7,8 +7,9 @@
  * size-bucketed free lists per GPU (4 buckets per power of two, so at most 25% is wasted) and
  * calls cudaMalloc only when a bucket is empty; on failure it
  * empties the cache and retries once, then reports the bytes asked for, in use and cached.
- * Host-to-device copies go through a pinned staging buffer per GPU (the copy is asynchronous;
- * the next staging waits on an event), device-to-host copies synchronise the stream.
+ * Host-to-device copies go through a ring of pinned staging buffers per GPU (each copy is
+ * asynchronous; a buffer is refilled only after an event says its last copy finished, so the
+ * host can queue a few batches ahead of the GPU), device-to-host copies synchronise the stream.
  * What it is not: kernels (tensor_kernels.cu, nn_kernels.cu), cuDNN/cuBLAS ops (conv.c, blas.c).
  * Invariants: all work on a GPU is ordered on its compute stream, so a freed block is safe to hand
  * out again at once; the allocator lock is never held across a call that waits for the GPU
@@ -209,17 +210,22 @@ typedef struct block {
    struct block *next;
 } block;
 
+enum { NR_STAGING_SLOTS = 4 };
+
 typedef struct devstate {
    block *free_list[NCLASSES];
    int64_t cached;   /* bytes in free lists */
    int64_t in_use;   /* bytes handed out (tensors, scratch, workspaces) */
    int ctx_ready;
    nr_cuda_ctx ctx;
-   /* pinned staging for host-to-device copies */
-   void *staging;
-   int64_t staging_bytes;
-   cudaEvent_t staging_done;
-   int staging_pending;
+   /* pinned staging for host-to-device copies: a ring of slots, used in turn */
+   struct staging_slot {
+      void *ptr;
+      int64_t bytes;
+      cudaEvent_t done; /* recorded after the slot's last copy */
+      int pending;
+   } staging[NR_STAGING_SLOTS];
+   int staging_next;
 } devstate;
 
 static devstate g_dev[NR_CUDA_MAX_DEVICES];
@@ -391,8 +397,8 @@ nr_status nr_cuda_ctx_get(int32_t device_index, nr_cuda_ctx **out)
        * plain cudaMemcpy by other code) is ordered with it both ways */
       cudaError_t e = cudaStreamCreateWithFlags(&c->stream, cudaStreamDefault);
       if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "cudaStreamCreate on cuda:%d", device_index);
-      if (!st) {
-         e = cudaEventCreateWithFlags(&d->staging_done, cudaEventDisableTiming);
+      for (int i = 0; !st && i < NR_STAGING_SLOTS; i++) {
+         e = cudaEventCreateWithFlags(&d->staging[i].done, cudaEventDisableTiming);
          if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "cudaEventCreate on cuda:%d", device_index);
       }
       if (!st) {
@@ -492,36 +498,35 @@ nr_status nr_cuda_set(nr_tensor *t, int64_t off, double value)
 
 enum { STAGING_MAX = 64 << 20 }; /* bytes; bigger copies go through in chunks */
 
-/* Host bytes (pageable) -> device, asynchronously, through the device's pinned staging buffer. */
+/* Host bytes (pageable) -> device, asynchronously, through the device's pinned staging ring:
+ * each chunk takes the next slot, waiting only until that slot's previous copy has finished. */
 static nr_status stage_h2d(nr_cuda_ctx *ctx, void *dst, const void *src, int64_t bytes)
 {
    devstate *d = &g_dev[ctx->device];
    int64_t chunk = bytes < STAGING_MAX ? bytes : STAGING_MAX;
    if (chunk <= 0) return NR_OK;
-   if (d->staging_pending) {
-      NR_CU(cudaEventSynchronize(d->staging_done), "waiting for the previous host-to-device copy");
-      d->staging_pending = 0;
-   }
-   if (d->staging_bytes < chunk) {
-      if (d->staging) cudaFreeHost(d->staging);
-      d->staging = NULL;
-      d->staging_bytes = 0;
-      int64_t want = chunk < (1 << 20) ? (1 << 20) : chunk;
-      NR_CU(cudaHostAlloc(&d->staging, (size_t)want, cudaHostAllocDefault), "pinned staging buffer of %lld bytes",
-            (long long)want);
-      d->staging_bytes = want;
-   }
    for (int64_t done = 0; done < bytes; done += chunk) {
       int64_t n = bytes - done < chunk ? bytes - done : chunk;
-      if (d->staging_pending) {
-         NR_CU(cudaEventSynchronize(d->staging_done), "waiting for a host-to-device chunk");
-         d->staging_pending = 0;
+      struct staging_slot *s = &d->staging[d->staging_next];
+      d->staging_next = (d->staging_next + 1) % NR_STAGING_SLOTS;
+      if (s->pending) {
+         NR_CU(cudaEventSynchronize(s->done), "waiting for a staging buffer's previous host-to-device copy");
+         s->pending = 0;
       }
-      memcpy(d->staging, (const char *)src + done, (size_t)n);
-      NR_CU(cudaMemcpyAsync((char *)dst + done, d->staging, (size_t)n, cudaMemcpyHostToDevice, ctx->stream),
+      if (s->bytes < n) {
+         if (s->ptr) cudaFreeHost(s->ptr);
+         s->ptr = NULL;
+         s->bytes = 0;
+         int64_t want = n < (1 << 20) ? (1 << 20) : n;
+         NR_CU(cudaHostAlloc(&s->ptr, (size_t)want, cudaHostAllocDefault), "pinned staging buffer of %lld bytes",
+               (long long)want);
+         s->bytes = want;
+      }
+      memcpy(s->ptr, (const char *)src + done, (size_t)n);
+      NR_CU(cudaMemcpyAsync((char *)dst + done, s->ptr, (size_t)n, cudaMemcpyHostToDevice, ctx->stream),
             "host-to-device copy of %lld bytes", (long long)n);
-      NR_CU(cudaEventRecord(d->staging_done, ctx->stream), "cudaEventRecord");
-      d->staging_pending = 1;
+      NR_CU(cudaEventRecord(s->done, ctx->stream), "cudaEventRecord");
+      s->pending = 1;
    }
    return NR_OK;
 }
