@@ -318,17 +318,34 @@ nr_status nr_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, 
 /* dx = dy * mask (dy, mask, dx same shape; dx may be dy). */
 nr_status nr_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_tensor *dx);
 
+/* Class ids: every element of labels (N) int64 is in 0..num_classes-1, else NR_E_ARG naming the
+ * value and its position, e.g. "labels[3] = 10 is outside 0..9". On CUDA this reads one flag
+ * back, so it synchronises the stream; check labels on the host before copying them instead. */
+nr_status nr_check_class_ids(const nr_tensor *labels, int64_t num_classes);
 /* Softmax cross-entropy, mean over the batch, with label smoothing (PyTorch CrossEntropyLoss):
  * target_k = (1 - ls) * [k == label] + ls / K; loss = mean_n sum_k -target_k * log softmax_k.
- * logits (N, K); labels (N) int64, each in 0..K-1 (else NR_E_ARG naming the value and its
- * position, e.g. "labels[3] = 10 is outside 0..9"); loss (one element, any ndim) <- the mean;
- * probs (N, K) <- softmax(logits), kept by the caller for the backward. 0 <= ls <= 1. */
+ * logits (N, K); labels (N) int64, each in 0..K-1 (checked as nr_check_class_ids); loss (one
+ * element, any ndim) <- the mean; probs (N, K) <- softmax(logits), kept by the caller for the
+ * backward. 0 <= ls <= 1. labels_checked: nonzero when the caller has already checked the
+ * labels (on the host, before copying them to the GPU): the CUDA path then skips its check and
+ * the stream synchronisation it costs; out-of-range labels would then give wrong numbers but
+ * never touch memory outside the tensors. The CPU path always checks (it costs nothing). */
 nr_status nr_softmax_xent_forward(const nr_tensor *logits, const nr_tensor *labels,
-                                  nr_tensor *loss, nr_tensor *probs, float label_smoothing);
+                                  nr_tensor *loss, nr_tensor *probs, float label_smoothing,
+                                  int32_t labels_checked);
 /* dlogits (N, K) <- scale * (probs - target) / N, overwritten (scale: dL/dloss, 1 normally).
- * probs (N, K) from the forward; labels (N) int64 (checked again). */
+ * probs (N, K) from the forward; labels (N) int64, checked again unless labels_checked (as in
+ * the forward). */
 nr_status nr_softmax_xent_backward(const nr_tensor *probs, const nr_tensor *labels,
-                                   nr_tensor *dlogits, float label_smoothing, float scale);
+                                   nr_tensor *dlogits, float label_smoothing, float scale,
+                                   int32_t labels_checked);
+/* Running classification metrics without reading anything back (no stream synchronisation):
+ * acc (4) f32, on the logits' device, += {loss[0] * N, top-1 hits, top-5 hits, N}. logits (N, K)
+ * an activation; labels (N) int64; loss: the batch's mean loss (one f32 element) or NULL (acc[0]
+ * unchanged). A row is a top-k hit when fewer than k classes score above its label, ties going
+ * to the lower class id (as a stable descending sort); a label outside 0..K-1 is never a hit. */
+nr_status nr_batch_metrics_add(const nr_tensor *logits, const nr_tensor *labels, const nr_tensor *loss,
+                               nr_tensor *acc);
 
 /* ---------------------------------------------------------------- optimizers */
 /* (section: optim) */

@@ -95,10 +95,14 @@ nr_status nr_cuda_bias_add(nr_tensor *y, const nr_tensor *b);
 nr_status nr_cuda_bias_backward(const nr_tensor *dy, nr_tensor *db, float scale, float acc);
 nr_status nr_cuda_dropout_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *mask, float p);
 nr_status nr_cuda_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_tensor *dx);
+/* Reads one flag back (synchronises the stream); errors are reported as func's. */
+nr_status nr_cuda_check_class_ids(const char *func, const nr_tensor *labels, int64_t num_classes);
 nr_status nr_cuda_softmax_xent_forward(const nr_tensor *logits, const nr_tensor *labels,
                                        nr_tensor *loss, nr_tensor *probs, float label_smoothing);
 nr_status nr_cuda_softmax_xent_backward(const nr_tensor *probs, const nr_tensor *labels,
                                         nr_tensor *dlogits, float label_smoothing, float scale);
+nr_status nr_cuda_batch_metrics_add(const nr_tensor *logits, const nr_tensor *labels, const nr_tensor *loss,
+                                    nr_tensor *acc);
 
 /* ---- optimizers (nn_kernels.cu): arguments checked by core/optim.c before dispatch */
 nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *momentum_buf,

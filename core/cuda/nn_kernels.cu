@@ -680,6 +680,40 @@ __global__ void k_xent_b(const float *probs, const int64_t *labels, T *d, int64_
    }
 }
 
+/* One warp per row: the classes ranked before the label (higher score, or equal and a lower id);
+ * lane 0 keeps the block's hits, added once per warp. acc[0] and acc[3] by one thread. */
+template <typename T>
+__global__ void k_batch_metrics(const T *x, const int64_t *labels, const float *loss, float *acc, int64_t n, int64_t k)
+{
+   const int lane = threadIdx.x & 31;
+   const int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+   float h1 = 0, h5 = 0;
+   for (int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < n; row += warps) {
+      const int64_t y = labels[row];
+      if (y < 0 || y >= k) continue; /* the same for the whole warp */
+      const T *xr = x + row * k;
+      const float sy = ld(xr + y);
+      int above = 0;
+      for (int64_t j = lane; j < k; j += 32) {
+         const float v = ld(xr + j);
+         above += v > sy || (v == sy && j < y);
+      }
+      for (int o = 16; o > 0; o >>= 1) above += __shfl_down_sync(0xffffffffu, above, o);
+      if (lane == 0) {
+         h1 += above == 0;
+         h5 += above < 5;
+      }
+   }
+   if (lane == 0 && h5 > 0) {
+      atomicAdd(acc + 1, h1);
+      atomicAdd(acc + 2, h5);
+   }
+   if (blockIdx.x == 0 && threadIdx.x == 0) {
+      if (loss) acc[0] += loss[0] * (float)n;
+      acc[3] += (float)n;
+   }
+}
+
 /* Checks labels on the device; one 8-byte read-back (this synchronises the stream). */
 nr_status check_labels(nr_cuda_ctx *ctx, const char *func, const nr_tensor *labels, int64_t k)
 {
@@ -1109,7 +1143,6 @@ nr_status nr_cuda_softmax_xent_forward(const nr_tensor *logits, const nr_tensor 
    int64_t n = logits->shape[0], k = logits->shape[1];
    if (labels->shape[0] != n)
       return NR_FAIL(NR_E_ARG, "labels %s do not match logits %s", NR_DESC(labels), NR_DESC(logits));
-   NR_TRY(check_labels(ctx, __func__, labels, k));
    void *rl;
    NR_TRY(nr_cuda_scratch(ctx, 1, (int64_t)sizeof(double) * (n > 0 ? n : 1), &rl));
    if (n > 0) {
@@ -1136,7 +1169,6 @@ nr_status nr_cuda_softmax_xent_backward(const nr_tensor *probs, const nr_tensor 
    int64_t n = probs->shape[0], k = probs->shape[1];
    if (labels->shape[0] != n)
       return NR_FAIL(NR_E_ARG, "labels %s do not match probs %s", NR_DESC(labels), NR_DESC(probs));
-   NR_TRY(check_labels(ctx, __func__, labels, k));
    if (n == 0 || k == 0) return NR_OK;
    float s = scale / (float)n, off = label_smoothing / (float)k, on = 1.0f - label_smoothing;
    with_act_type(dlogits, [&](auto tag) {
@@ -1145,6 +1177,31 @@ nr_status nr_cuda_softmax_xent_backward(const nr_tensor *probs, const nr_tensor 
                                                             k, s, off, on);
    });
    NR_CU_LAUNCHED("softmax_xent_backward %s", NR_DESC(probs));
+   return NR_OK;
+}
+
+nr_status nr_cuda_check_class_ids(const char *func, const nr_tensor *labels, int64_t num_classes)
+{
+   NR_TRY(nr_check_contiguous(func, "labels", labels));
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(labels->device_index, &ctx));
+   return check_labels(ctx, func, labels, num_classes);
+}
+
+nr_status nr_cuda_batch_metrics_add(const nr_tensor *logits, const nr_tensor *labels, const nr_tensor *loss,
+                                    nr_tensor *acc)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(logits->device_index, &ctx));
+   const int64_t n = logits->shape[0], k = logits->shape[1];
+   const int64_t want = (n * 32 + 255) / 256;
+   const unsigned blocks = (unsigned)(want < 1 ? 1 : want < 1024 ? want : 1024);
+   with_act_type(logits, [&](auto tag) {
+      using T = decltype(tag);
+      k_batch_metrics<T><<<blocks, 256, 0, ctx->stream>>>(cptr<T>(logits), (const int64_t *)labels->data,
+                                                          loss ? fp(loss) : nullptr, fpm(acc), n, k);
+   });
+   NR_CU_LAUNCHED("batch_metrics_add %s", NR_DESC(logits));
    return NR_OK;
 }
 

@@ -98,20 +98,25 @@ local function body(self, i, s)
    return table.concat(parts, ' ')
 end
 
+-- Whether update(i) would print now (callers that read their numbers back from a GPU ask first).
+function Progress:due(i)
+   if self.tty then return i == self.total or M.now() - self.last_draw >= 0.1 end
+   return i % self.every == 0 or i == self.total
+end
+
 -- Step i (1-based, within the epoch) is done; s = {loss =, acc = (percent), ips = images/s}.
 function Progress:update(i, s)
    local total = self.total
+   if not self:due(i) then return end
    if self.tty then
-      local now = M.now()
-      if now - self.last_draw < 0.1 and i ~= total then return end
-      self.last_draw = now
+      self.last_draw = M.now()
       local frac = total and total > 0 and math.min(i / total, 1) or 0
       local filled = math.floor(frac * self.width)
       local bar = string.rep('=', filled) .. (filled < self.width and '>' or '') .. string.rep(' ', self.width - filled - 1)
       self:write(string.format('\r\27[Kepoch %d/%d [%s] %d/%s %s', self.epoch, self.epochs, bar, i,
          total and tostring(total) or '?', body(self, i, s)))
       self.drawn = true
-   elseif i % self.every == 0 or i == total then
+   else
       self:write(string.format('epoch %d/%d step %d/%s %s\n', self.epoch, self.epochs, i,
          total and tostring(total) or '?', body(self, i, s)))
    end

@@ -194,30 +194,85 @@ local function set_rng_state(words)
 end
 M.rng_state, M.set_rng_state = rng_state, set_rng_state
 
--- Top-1 / top-5 hits of a batch: out (N, K) f32 CPU, labels int64 CPU (N).
-local function topk_hits(out, labels)
-   local o = out:contiguous()
-   local n, k = o:size(1), o:size(2)
-   local p, l = o:data(), labels:contiguous():data()
-   local h1, h5 = 0, 0
-   for i = 0, n - 1 do
-      local row = p + i * k
-      local y = tonumber(l[i])
-      local sy = row[y]
-      local above = 0
-      for j = 0, k - 1 do
-         local v = row[j]
-         if v > sy or (v == sy and j < y) then
-            above = above + 1
-            if above >= 5 then break end
-         end
-      end
-      if above == 0 then h1 = h1 + 1 end
-      if above < 5 then h5 = h5 + 1 end
-   end
-   return h1, h5
+-- ---- running metrics ---------------------------------------------------------------------------
+
+-- Loss and top-1 / top-5 hits of the batches seen, summed on the model's device
+-- (nr_batch_metrics_add) and read back (one 16-byte copy) only when a value is shown, logged or
+-- returned: a GPU step never waits for the GPU to finish. Each read folds the device sums into
+-- Lua numbers (epoch and window totals) and zeroes them; the f32 counts stay exact because a read
+-- is due before 2^22 samples are pending. A non-finite loss is an error at the read.
+local Meter = {}
+Meter.__index = Meter
+local METER_PENDING_MAX = 2 ^ 22
+
+function M.meter(device)
+   local m = setmetatable({acc = T.zeros({4}, {device = device}), host = device == 'cpu'}, Meter)
+   m:reset()
+   return m
 end
-M.topk_hits = topk_hits
+
+function Meter:reset()
+   if self.pending and self.pending > 0 then self.acc:zero() end
+   self.pending, self.first_step = 0, nil
+   self.n, self.loss, self.top1, self.top5 = 0, 0, 0, 0
+   self.win_n, self.win_loss, self.win_top1 = 0, 0, 0
+end
+
+-- Adds a batch: logits (N, K), labels (N) and loss (the batch's mean as a 1-element tensor, or nil).
+function Meter:add(logits, labels, loss, step)
+   check.status(C.nr_batch_metrics_add(logits.c, labels.c, loss and loss.c, self.acc.c), 'nr.train: batch metrics')
+   self.pending = self.pending + logits:size(1)
+   self.first_step = self.first_step or step
+   self.last_step = step
+end
+
+-- Whether a read is due whatever the caller shows: on the CPU reads cost nothing (and name the
+-- exact step of a non-finite loss); elsewhere only before the f32 counts could lose exactness.
+function Meter:due() return self.host or self.pending >= METER_PENDING_MAX end
+
+-- Folds the pending device sums into the totals. what (and lr, when training) name the pass in
+-- a non-finite-loss error.
+function Meter:read(what, lr)
+   if self.pending == 0 then return self end
+   local a = self.acc:to('cpu')
+   local loss, h1, h5, n = a:get(1), a:get(2), a:get(3), a:get(4)
+   self.acc:zero()
+   if loss ~= loss or loss == math.huge or loss == -math.huge then
+      local at = self.first_step == self.last_step and string.format('step %d', self.last_step)
+         or string.format('a step from %d to %d', self.first_step, self.last_step)
+      error(string.format('nr.train: the loss is %s at %s of %s%s; lower the learning rate?', tostring(loss / n), at, what,
+         lr and string.format(' (lr %g)', lr) or ''), 0)
+   end
+   self.pending, self.first_step = 0, nil
+   self.n, self.loss, self.top1, self.top5 = self.n + n, self.loss + loss, self.top1 + h1, self.top5 + h5
+   self.win_n, self.win_loss, self.win_top1 = self.win_n + n, self.win_loss + loss, self.win_top1 + h1
+   return self
+end
+
+-- The window since the last call: {n, loss (mean), top1 (%)}, then a new window begins.
+function Meter:take_window()
+   local w = {n = self.win_n, loss = self.win_loss / self.win_n, top1 = 100 * self.win_top1 / self.win_n}
+   self.win_n, self.win_loss, self.win_top1 = 0, 0, 0
+   return w
+end
+
+-- Labels checked on the host (a cheap loop) before they are copied, so the criterion can skip
+-- its check on the GPU and the synchronisation that costs. true when y was checked here.
+local function check_host_labels(y, num_classes)
+   if y:is_cuda() then return false end
+   require('nr.nn').check_class_ids(y, num_classes)
+   return true
+end
+
+-- A hook's info for one step: info.loss reads the step's loss on first access only (a hook that
+-- never looks at it costs no synchronisation).
+local STEP_INFO = {__index = function(t, k)
+   if k ~= 'loss' then return nil end
+   local v = rawget(t, '_loss_t'):get(1)
+   rawset(t, 'loss', v)
+   return v
+end}
+local function step_info(loss_t, bn) return setmetatable({batch = bn, _loss_t = loss_t}, STEP_INFO) end
 
 -- ---- an in-memory loader (tests, small experiments) ------------------------------------------------
 
@@ -610,25 +665,36 @@ function Trainer:on_device(x, y)
    return b:copy(x), y:to(self.device)
 end
 
+-- The trainer's metrics accumulator, reset (one per trainer: its device buffer is reused).
+function Trainer:meter()
+   local m = rawget(self, '_meter')
+   if not m then
+      m = M.meter(self.device)
+      self._meter = m
+   end
+   m:reset()
+   return m
+end
+
 -- Evaluates on the validation loader: {loss, top1, top5, n}.
 function Trainer:evaluate(loader)
    loader = loader or self.val_loader
    if not loader then return nil end
    local model, crit = self.model, self.criterion
    local limit = self.recipe.data.val_batches
-   local n, loss, h1, h5 = 0, 0, 0, 0
+   local meter = self:meter()
    local function pass()
       local b = 0
       for x, y in loader:epoch(1) do
          b = b + 1
          local xd, yd = self:on_device(x, y)
          local out = model:forward(xd)
-         local bn = x:size(1)
-         loss = loss + crit:forward(out, yd) * bn
-         local a1, a5 = topk_hits(out:to('cpu', 'float32'), y:is_cuda() and y:cpu() or y)
-         h1, h5, n = h1 + a1, h5 + a5, n + bn
+         local checked = check_host_labels(y, out:size(2))
+         meter:add(out, yd, crit:loss_tensor(out, yd, checked), b)
+         if meter:due() then meter:read('the evaluation') end
          if limit and b >= limit then break end
       end
+      meter:read('the evaluation')
    end
    model:evaluate()
    -- gradients off, as torch.no_grad(): lets the model fold Conv2d + BN + ReLU for inference
@@ -638,8 +704,9 @@ function Trainer:evaluate(loader)
    grad_mode.set_grad_enabled(grad_was)
    model:training()
    if not ok then error(err, 0) end
+   local n = meter.n
    if n == 0 then return nil end
-   return {loss = loss / n, top1 = 100 * h1 / n, top5 = 100 * h5 / n, n = n}
+   return {loss = meter.loss / n, top1 = 100 * meter.top1 / n, top5 = 100 * meter.top5 / n, n = n}
 end
 
 -- Cap on all epochs of a run extended by held epochs: rc.max_epochs, default 2 x rc.epochs.
@@ -669,8 +736,9 @@ function Trainer:train_epoch(epoch)
    local total = self.iters_per_epoch
    self.progress:begin_epoch(epoch, self:planned_epochs(self.schedule_hold), total)
    local t0 = progress.now()
-   local n, loss_sum, hits = 0, 0, 0
-   local win_n, win_loss, win_hits, win_t = 0, 0, 0, t0
+   local meter = self:meter()
+   local what = 'epoch ' .. epoch
+   local n, win_t = 0, t0
    local i = 0
    local log_every = rc.log_every or 50
    for x, y in self.train_loader:epoch(epoch) do
@@ -679,34 +747,40 @@ function Trainer:train_epoch(epoch)
       if sched then opt.config.lr = sched:lr() end
       local xd, yd = self:on_device(x, y)
       local out = model:forward(xd)
-      local loss = crit:forward(out, yd)
-      if loss ~= loss or loss == math.huge then
-         error(string.format('nr.train: the loss is %s at epoch %d step %d (lr %g); lower the learning rate?', tostring(loss), epoch, self.step, opt.config.lr), 0)
-      end
+      local checked = check_host_labels(y, out:size(2))
+      local loss_t = crit:loss_tensor(out, yd, checked)
+      meter:add(out, yd, loss_t, self.step)
       local bn = x:size(1)
-      local h1 = topk_hits(out:to('cpu', 'float32'), y:is_cuda() and y:cpu() or y)
+      -- the loss is checked before the step changes any weight wherever reading it is free
+      if meter:due() then meter:read(what, opt.config.lr) end
       model:zeroGradParameters()
-      local g = crit:backward(out, yd)
+      local g = crit:backward(out, yd, 1, checked)
       model:backward(xd, g)
-      self:call('after_backward', {loss = loss, batch = bn})
+      self:call('after_backward', step_info(loss_t, bn))
       opt:step()
-      self:call('after_step', {loss = loss, batch = bn})
+      self:call('after_step', step_info(loss_t, bn))
       if sched and not self.schedule_hold then sched:step() end
-      n, loss_sum, hits = n + bn, loss_sum + loss * bn, hits + h1
-      win_n, win_loss, win_hits = win_n + bn, win_loss + loss * bn, win_hits + h1
-      local now = progress.now()
-      local ips = n / math.max(now - t0, 1e-9)
-      self.progress:update(i, {loss = loss_sum / n, acc = 100 * hits / n, ips = ips})
-      if i % log_every == 0 or i == total then
-         self:log({kind = 'step', epoch = epoch, iter = i, loss = win_loss / win_n, top1 = 100 * win_hits / win_n,
-                   lr = opt.config.lr, images_per_s = win_n / math.max(now - win_t, 1e-9)})
-         win_n, win_loss, win_hits, win_t = 0, 0, 0, now
+      n = n + bn
+      local log_now = i % log_every == 0 or i == total
+      if log_now or self.progress:due(i) then
+         meter:read(what, opt.config.lr)
+         local now = progress.now()
+         self.progress:update(i, {loss = meter.loss / meter.n, acc = 100 * meter.top1 / meter.n,
+                                  ips = n / math.max(now - t0, 1e-9)})
+         if log_now then
+            local w = meter:take_window()
+            self:log({kind = 'step', epoch = epoch, iter = i, loss = w.loss, top1 = w.top1,
+                      lr = opt.config.lr, images_per_s = w.n / math.max(now - win_t, 1e-9)})
+            win_t = now
+         end
       end
       if i >= total then break end
    end
+   meter:read(what, opt.config.lr)
    local dt = progress.now() - t0
    if model.setInputGrad then model:setInputGrad(input_grad_was) end
-   return {loss = n > 0 and loss_sum / n or nil, top1 = n > 0 and 100 * hits / n or nil, images = n, time = dt}
+   n = meter.n
+   return {loss = n > 0 and meter.loss / n or nil, top1 = n > 0 and 100 * meter.top1 / n or nil, images = n, time = dt}
 end
 
 local function fmt(v, f) return v and string.format(f, v) or '-' end

@@ -423,23 +423,70 @@ describe('layer kernels on the GPU', function()
          local logits = h.ref(randn({6, 10}):mul(3))
          local lg16 = h.dev(logits)
          local labels = nr.tensor({0, 9, 3, 3, 7, 1}, {dtype = 'int64'})
-         for _, ls in ipairs({0, 0.1}) do
+         -- labels_checked (the caller checked them on the host) skips only the GPU's range check
+         for _, case in ipairs({{ls = 0, checked = 0}, {ls = 0.1, checked = 0}, {ls = 0.1, checked = 1}}) do
+            local ls = case.ls
             local lc, lg = pair({1})      -- the loss and the probabilities are f32 in both precisions
             local pc, pg = pair({6, 10})
-            ok(C.nr_softmax_xent_forward(logits.c, labels.c, lc.c, pc.c, ls), 'cpu')
-            ok(C.nr_softmax_xent_forward(lg16.c, labels:cuda().c, lg.c, pg.c, ls), 'gpu')
+            ok(C.nr_softmax_xent_forward(logits.c, labels.c, lc.c, pc.c, ls, 0), 'cpu')
+            ok(C.nr_softmax_xent_forward(lg16.c, labels:cuda().c, lg.c, pg.c, ls, case.checked), 'gpu')
             close(h.name .. ' xent loss ls ' .. ls, lc, lg); close(h.name .. ' xent probs', pc, pg)
             local dc, dg = h.pair({6, 10})
-            ok(C.nr_softmax_xent_backward(pc.c, labels.c, dc.c, ls, 2), 'cpu')
-            ok(C.nr_softmax_xent_backward(pg.c, labels:cuda().c, dg.c, ls, 2), 'gpu')
+            ok(C.nr_softmax_xent_backward(pc.c, labels.c, dc.c, ls, 2, 0), 'cpu')
+            ok(C.nr_softmax_xent_backward(pg.c, labels:cuda().c, dg.c, ls, 2, case.checked), 'gpu')
             h.check('xent backward', dc, dg)
          end
          local bad = nr.tensor({0, 9, 3, 10, 7, 1}, {dtype = 'int64'}):cuda()
          local lg, pg = nr.zeros({1}, {device = 'cuda'}), nr.zeros({6, 10}, {device = 'cuda'})
-         assert(C.nr_softmax_xent_forward(lg16.c, bad.c, lg.c, pg.c, 0) ~= 0, 'bad label accepted')
+         assert(C.nr_softmax_xent_forward(lg16.c, bad.c, lg.c, pg.c, 0, 0) ~= 0, 'bad label accepted')
          local msg = ffi.string(C.nr_last_error())
-         assert(msg:find('labels%[3%] = 10 is outside 0..9'), msg)
+         assert(msg:find('nr_softmax_xent_forward: labels%[3%] = 10 is outside 0..9'), msg)
+         assert(C.nr_check_class_ids(bad.c, 10) ~= 0, 'nr_check_class_ids accepted a bad label')
+         msg = ffi.string(C.nr_last_error())
+         assert(msg:find('nr_check_class_ids: labels%[3%] = 10 is outside 0..9'), msg)
+         ok(C.nr_check_class_ids(bad.c, 11), 'labels within 11 classes')
          nr.cuda.synchronize() -- the device is still healthy (no device assert)
+      end)
+
+      it(h.name .. ' labels_checked skips the GPU label check; a wrong promise never faults', function()
+         local lg16 = h.dev(h.ref(randn({6, 10})))
+         local bad = nr.tensor({0, 9, 3, 10, 7, -1}, {dtype = 'int64'}):cuda()
+         local lg, pg = nr.zeros({1}, {device = 'cuda'}), nr.zeros({6, 10}, {device = 'cuda'})
+         ok(C.nr_softmax_xent_forward(lg16.c, bad.c, lg.c, pg.c, 0, 1), 'unchecked forward')
+         local dg = h.dev(randn({6, 10}))
+         ok(C.nr_softmax_xent_backward(pg.c, bad.c, dg.c, 0, 1, 1), 'unchecked backward')
+         nr.cuda.synchronize() -- the device is still healthy (no device assert, no fault)
+         assert(lg:cpu():get(1) == lg:cpu():get(1), 'the loss is a number')
+      end)
+
+      it(h.name .. ' batch metrics (loss sum, top-1 / top-5 hits) match the CPU, ties included', function()
+         local x = randn({37, 12})
+         -- ties: row 1 all equal (label 0 wins the tie, label 11 loses it); row 3 ties its label with 4 others
+         for j = 1, 12 do x:set(j, 0.5); x:set(12 + j, 0.5) end -- get / set index the flat elements
+         for j = 1, 5 do x:set(24 + j, 2) end
+         local logits = h.ref(x)
+         local ids = {}
+         for i = 1, 37 do ids[i] = (i * 7) % 12 end
+         ids[1], ids[2], ids[3] = 0, 11, 4
+         local labels = nr.tensor(ids, {dtype = 'int64'})
+         local loss = nr.tensor({1.25})
+         local ac, ag = nr.zeros({4}), nr.zeros({4}, {device = 'cuda'})
+         for _ = 1, 2 do -- accumulates
+            ok(C.nr_batch_metrics_add(logits.c, labels.c, loss.c, ac.c), 'cpu')
+            ok(C.nr_batch_metrics_add(h.dev(logits).c, labels:cuda().c, loss:cuda().c, ag.c), 'gpu')
+         end
+         ok(C.nr_batch_metrics_add(logits.c, labels.c, nil, ac.c), 'cpu, no loss')
+         ok(C.nr_batch_metrics_add(h.dev(logits).c, labels:cuda().c, nil, ag.c), 'gpu, no loss')
+         local g = ag:cpu()
+         for k = 1, 4 do assert.equal(ac:get(k), g:get(k)) end
+         assert.equal(3 * 37, ac:get(4)); assert.equal(2 * 37 * 1.25, ac:get(1))
+         -- a label outside the classes is never a hit and never read out of bounds
+         labels:set(5, 99)
+         local a2 = nr.zeros({4}, {device = 'cuda'})
+         ok(C.nr_batch_metrics_add(h.dev(logits).c, labels:cuda().c, nil, a2.c), 'gpu, a bad label')
+         local c2 = nr.zeros({4})
+         ok(C.nr_batch_metrics_add(logits.c, labels.c, nil, c2.c), 'cpu, a bad label')
+         for k = 1, 4 do assert.equal(c2:get(k), a2:cpu():get(k)) end
       end)
 
       it(h.name .. ' NR-CA cross attention, forward and backward (fused kernels)', function()

@@ -151,6 +151,24 @@ describe('errors on bad input and bad options', function()
       crit:forward(logits, nr.tensor({0, 1, 2, 3}, {dtype = 'int64'}))
       e = err_of(crit.backward, crit, logits, nr.tensor({0, 1, 2, 30}, {dtype = 'int64'}))
       assert.truthy(e:find('labels[3] = 30', 1, true), e)
+      -- labels_checked only skips a GPU's check: on the CPU the range is always checked
+      e = err_of(crit.loss_tensor, crit, logits, nr.tensor({0, 3, 10, 9}, {dtype = 'int64'}), true)
+      assert.truthy(e:find('labels[2] = 10 is outside 0..9', 1, true), e)
+      e = err_of(crit.backward, crit, logits, nr.tensor({0, 1, 2, 30}, {dtype = 'int64'}), 1, true)
+      assert.truthy(e:find('labels[3] = 30', 1, true), e)
+      -- the host-side check the trainer runs before copying labels
+      e = err_of(nn.check_class_ids, nr.tensor({0, 3, 10, 9}, {dtype = 'int64'}), 10)
+      assert.truthy(e:find('nr.nn.check_class_ids: nr_check_class_ids: labels[2] = 10 is outside 0..9', 1, true), e)
+      e = err_of(nn.check_class_ids, nr.tensor({0, 3}), 10)
+      assert.truthy(e:find('labels must be a 1-d int64 tensor, got float32', 1, true), e)
+      e = err_of(nn.check_class_ids, nr.tensor({0, 3}, {dtype = 'int64'}), 0)
+      assert.truthy(e:find('num_classes must be a positive integer, got 0', 1, true), e)
+      nn.check_class_ids(nr.tensor({0, 3, 9}, {dtype = 'int64'}), 10)
+      -- a strided view is checked element by element
+      local ids = nr.tensor({{0, 50}, {9, 60}}, {dtype = 'int64'})
+      nn.check_class_ids(ids:select(2, 1), 10)
+      e = err_of(nn.check_class_ids, ids:select(2, 2), 10)
+      assert.truthy(e:find('labels[0] = 50', 1, true), e)
    end)
 
    it('rejects bad options with the option named', function()
@@ -194,7 +212,7 @@ describe('errors on bad input and bad options', function()
       assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('more than one value per channel', 1, true))
       assert.are_not.equal(0, C.nr_dropout_forward(x.c, nr.empty({1, 3, 5, 5}).c, nr.empty({1, 3, 5, 5}).c, 1.0))
       assert.are_not.equal(0, C.nr_softmax_xent_forward(nr.randn({2, 3}).c, nr.tensor({0, 1}).c, nr.empty({1}).c,
-         nr.empty({2, 3}).c, 0))
+         nr.empty({2, 3}).c, 0, 0))
    end)
 end)
 
@@ -389,6 +407,56 @@ describe('buffers and modes', function()
       local g = crit:backward(nr.zeros({3, 7}), nr.tensor({0, 6, 2}, {dtype = 'int64'}))
       assert.is_true(close(g:get(1), (1 / 7 - 1) / 3, 1e-6))
       assert.is_true(close(g:get(2), (1 / 7) / 3, 1e-6))
+   end)
+
+   it('CrossEntropyLoss:loss_tensor gives the loss as a 1-element tensor; forward reads it', function()
+      local crit = nn.CrossEntropyLoss()
+      local x, y = nr.randn({5, 4}), nr.tensor({0, 3, 2, 1, 1}, {dtype = 'int64'})
+      local lt = crit:loss_tensor(x, y)
+      assert.same({1}, lt:shape())
+      assert.equal(crit:forward(x, y), lt:get(1))
+   end)
+
+   it('nr_batch_metrics_add: loss sum and top-1 / top-5 hits as a stable descending sort ranks them', function()
+      nr.manual_seed(11)
+      local n, k = 40, 9
+      local x = nr.randn({n, k})
+      local function at(i, j) return (i - 1) * k + j end   -- get / set index the flat elements
+      for j = 1, k do x:set(at(1, j), 1); x:set(at(2, j), 1) end -- all tied: label 0 ranks first, label 8 last
+      for j = 1, 6 do x:set(at(3, j), 3) end                     -- label 5 tied with 5 classes before it
+      local ids = {}
+      for i = 1, n do ids[i] = (i * 5) % k end
+      ids[1], ids[2], ids[3] = 0, 8, 5
+      local labels = nr.tensor(ids, {dtype = 'int64'})
+      -- reference: the label's position in a stable sort by descending score
+      local r1, r5 = 0, 0
+      for i = 1, n do
+         local order = {}
+         for j = 1, k do order[j] = j - 1 end
+         table.sort(order, function(a, b)
+            local va, vb = x:get(at(i, a + 1)), x:get(at(i, b + 1))
+            if va ~= vb then return va > vb end
+            return a < b
+         end)
+         for pos, c in ipairs(order) do
+            if c == ids[i] then
+               if pos == 1 then r1 = r1 + 1 end
+               if pos <= 5 then r5 = r5 + 1 end
+            end
+         end
+      end
+      local acc = nr.zeros({4})
+      assert.equal(0, C.nr_batch_metrics_add(x.c, labels.c, nr.tensor({0.5}).c, acc.c))
+      assert.equal(0, C.nr_batch_metrics_add(x.c, labels.c, nil, acc.c))
+      assert.same({n * 0.5, 2 * r1, 2 * r5, 2 * n}, {acc:get(1), acc:get(2), acc:get(3), acc:get(4)})
+      assert.is_true(r1 >= 1 and r5 > r1 and r5 < n)  -- the data exercises hits and misses
+      -- wrong arguments are errors, not crashes
+      assert.are_not.equal(0, C.nr_batch_metrics_add(x.c, labels.c, nil, nr.zeros({3}).c))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('acc', 1, true))
+      assert.are_not.equal(0, C.nr_batch_metrics_add(x.c, nr.tensor({1, 2}, {dtype = 'int64'}).c, nil, acc.c))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('labels', 1, true))
+      assert.are_not.equal(0, C.nr_batch_metrics_add(x.c, labels.c, nr.zeros({2}).c, acc.c))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('loss: expected one element', 1, true))
    end)
 
    it('results do not depend on the thread count (within float rounding)', function()

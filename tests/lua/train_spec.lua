@@ -322,6 +322,68 @@ describe('nr.train', function()
       assert.truthy(tostring(err):find('--data', 1, true))
    end)
 
+   it('stops at the step whose loss is not finite, before that step changes the weights', function()
+      local model
+      local r = recipe(TMP .. '/nan', {epochs = 1, hooks = {after_step = function(t)
+         model = t.model
+         if t.step == 3 then t.model:get(6).weight:fill(0 / 0) end
+      end}})
+      local ok, err = pcall(nr.train, r)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('the loss is nan at step 4 of epoch 1 (lr ', 1, true), err)
+      local w = model:get(1).weight:contiguous()
+      for i = 1, w:numel() do assert(w:get(i) == w:get(i), 'step 4 reached the first layer\'s weights') end
+   end)
+
+   it('names a label outside the classes before anything is computed with it', function()
+      local y = Y:clone()
+      y:set(37, 4)
+      local r = recipe(TMP .. '/lab', {epochs = 1, data = {train = train.memory_loader(X, y, {batch = 32})}})
+      local ok, err = pcall(nr.train, r)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('labels[4] = 4 is outside 0..3', 1, true), err)
+   end)
+
+   it('the metrics meter sums on the device and reads back only when asked (as on a GPU)', function()
+      local meter = train.meter('cpu')
+      meter.host = false          -- the GPU policy: no read until one is due
+      assert.is_false(meter:due())
+      local crit = nr.nn.CrossEntropyLoss()
+      nr.manual_seed(3)
+      local want_loss, want_hits, want_n = 0, 0, 0
+      for step = 1, 3 do
+         local x = nr.randn({10, 4})
+         local y = nr.tensor({0, 1, 2, 3, 0, 1, 2, 3, 0, step % 4}, {dtype = 'int64'})
+         meter:add(x, y, crit:loss_tensor(x, y), step)
+         want_loss, want_n = want_loss + crit:forward(x, y) * 10, want_n + 10
+         for i = 1, 10 do
+            local best = 1
+            for j = 2, 4 do if x:get((i - 1) * 4 + j) > x:get((i - 1) * 4 + best) then best = j end end
+            if best - 1 == y:get(i) then want_hits = want_hits + 1 end
+         end
+      end
+      assert.equal(0, meter.n)   -- nothing read yet
+      assert.equal(30, meter.pending)
+      meter:read('a test')
+      assert.equal(30, meter.n); assert.equal(want_hits, meter.top1); assert.equal(30, meter.top5)
+      assert.is_true(math.abs(meter.loss - want_loss) < 1e-4 * want_loss)
+      local w = meter:take_window()
+      assert.equal(30, w.n); assert.equal(100 * want_hits / 30, w.top1)
+      assert.equal(0, meter:take_window().n)
+      -- a non-finite loss is reported with the steps it could have come from
+      local x = nr.randn({2, 4})
+      local yy = nr.tensor({0, 1}, {dtype = 'int64'})
+      meter:add(x, yy, crit:loss_tensor(x, yy), 4)
+      meter:add(x, yy, nr.tensor({0 / 0}), 5)
+      meter:add(x, yy, crit:loss_tensor(x, yy), 6)
+      local ok, err = pcall(meter.read, meter, 'epoch 2', 0.5)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('the loss is nan at a step from 4 to 6 of epoch 2 (lr 0.5)', 1, true), err)
+      -- the device sums start over after a reset
+      meter:reset()
+      assert.equal(0, meter.acc:get(4))
+   end)
+
    it('cleans up', function()
       ck.remove_tree(TMP)
    end)

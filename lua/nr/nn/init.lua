@@ -1,5 +1,6 @@
 -- nr.nn — layers and containers. Each file returns a table of classes that is merged here;
--- the classes follow nr.nn.Module's contract (lua/nr/nn/module.lua).
+-- the classes follow nr.nn.Module's contract (lua/nr/nn/module.lua); loss.lua also gives the
+-- function check_class_ids.
 local nn = {}
 nn.Module = require 'nr.nn.module'
 
