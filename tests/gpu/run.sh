@@ -50,24 +50,24 @@ export NRLUA_HOME="$ROOT" LUA_CPATH="$T/nrgpu/lua51/?.so;;" NR_THREADS="${NR_THR
 cat "$OUT/env.txt"
 
 # 1. GPU against CPU, every kernel (tolerance in the spec's header)
-timeout 200 "$NRLUA" tests/gpu/spec_runner.lua tests/lua/cuda_spec.lua 2>&1 | tee "$OUT/specs.log"
+timeout 180 "$NRLUA" tests/gpu/spec_runner.lua tests/lua/cuda_spec.lua 2>&1 | tee "$OUT/specs.log"
 SPEC_RC=${PIPESTATUS[0]}
 log "specs exit status $SPEC_RC"
 
 # 2. benchmark: PyTorch (cudnn.benchmark, channels_last; fp32 and bf16 autocast) then nrlua (fp32 with
 #    TF32 convs allowed as PyTorch's default, bf16 mixed precision (channels-last), and for
 #    MobileNet once with exact fp32 and once bf16 in NCHW)
-timeout 140 python3 tests/gpu/torch_gpu_bench.py --json "$OUT/torch.json" 2>&1 | tail -n 20
+timeout 120 python3 tests/gpu/torch_gpu_bench.py --json "$OUT/torch.json" 2>&1 | tail -n 20
 : > "$OUT/nrlua.jsonl"
 for p in fp32 bf16; do
   for m in mobilenet resnet50 vgg19; do
-    # time limits: the sum of every limit in this script stays under 9 minutes
-    lim=25; [ "$m" = resnet50 ] && lim=35; [ "$m" = vgg19 ] && lim=20
+    # time limits: the sum of every limit in this script (180 + 120 + 130 + 30 s) stays under 8 minutes
+    lim=20; [ "$m" = resnet50 ] && lim=30; [ "$m" = vgg19 ] && lim=15
     timeout "$lim" "$NRLUA" bench/gpu_bench.lua --model "$m" --precision "$p" --tf32 1 2>&1 | tail -n 1 | tee -a "$OUT/nrlua.jsonl"
   done
 done
-timeout 20 "$NRLUA" bench/gpu_bench.lua --model mobilenet --tf32 0 2>&1 | tail -n 1 | tee -a "$OUT/nrlua.jsonl"
-timeout 20 "$NRLUA" bench/gpu_bench.lua --model mobilenet --precision bf16 --memory_format contiguous --tf32 1 2>&1 |
+timeout 15 "$NRLUA" bench/gpu_bench.lua --model mobilenet --tf32 0 2>&1 | tail -n 1 | tee -a "$OUT/nrlua.jsonl"
+timeout 15 "$NRLUA" bench/gpu_bench.lua --model mobilenet --precision bf16 --memory_format contiguous --tf32 1 2>&1 |
   tail -n 1 | tee -a "$OUT/nrlua.jsonl"
 
 # 3. report
