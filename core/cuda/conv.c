@@ -217,6 +217,13 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
    return st;
 }
 
+/* No algorithm fits (none supported, or none within the workspace the device could give). */
+static nr_status no_algorithm(const plan *p, const char *what, const char *dir)
+{
+   return nr_fail_at(NR_E_DEVICE, "search", __FILE__, __LINE__, "%s: cuDNN offers no usable %s algorithm%s", what, dir,
+                     p->key[KEY_LEN - 1] ? " for channels-last activations (train with --memory-format contiguous)" : "");
+}
+
 static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const void *w, const void *y,
                         const char *what, int find, void *ws, size_t budget)
 {
@@ -239,7 +246,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
             p->fwd_ready = 1;
             break;
          }
-      if (!p->fwd_ready) return NR_FAIL(NR_E_DEVICE, "%s: cuDNN offers no usable forward algorithm", what);
+      if (!p->fwd_ready) return no_algorithm(p, what, "forward");
    } else if (dir == 1) {
       cudnnConvolutionBwdDataAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
       if (find)
@@ -259,7 +266,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
             p->bwdd_ready = 1;
             break;
          }
-      if (!p->bwdd_ready) return NR_FAIL(NR_E_DEVICE, "%s: cuDNN offers no usable backward-data algorithm", what);
+      if (!p->bwdd_ready) return no_algorithm(p, what, "backward-data");
    } else {
       cudnnConvolutionBwdFilterAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
       if (find)
@@ -279,7 +286,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
             p->bwdf_ready = 1;
             break;
          }
-      if (!p->bwdf_ready) return NR_FAIL(NR_E_DEVICE, "%s: cuDNN offers no usable backward-filter algorithm", what);
+      if (!p->bwdf_ready) return no_algorithm(p, what, "backward-filter");
    }
    return NR_OK;
 }
