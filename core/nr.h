@@ -108,7 +108,9 @@ int32_t nr_tensor_same_storage(const nr_tensor *a, const nr_tensor *b);
 /* Bytes per element of a dtype. */
 int32_t nr_dtype_size(int32_t dtype);
 
-/* dst <- src, elementwise over equal shapes, any strides, converting dtype, across devices. */
+/* dst <- src, elementwise over equal shapes, any strides, converting dtype, across devices.
+ * Dense views (contiguous or channels-last) of one memory that overlap without being the same
+ * view are refused (as PyTorch's copy_): copy from a clone. */
 nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src);
 /* Every element <- value (converted to the tensor's dtype). */
 nr_status nr_tensor_fill(nr_tensor *t, double value);
@@ -343,7 +345,8 @@ nr_status nr_softmax_xent_backward(const nr_tensor *probs, const nr_tensor *labe
  * acc (4) f32, on the logits' device, += {loss[0] * N, top-1 hits, top-5 hits, N}. logits (N, K)
  * an activation; labels (N) int64; loss: the batch's mean loss (one f32 element) or NULL (acc[0]
  * unchanged). A row is a top-k hit when fewer than k classes score above its label, ties going
- * to the lower class id (as a stable descending sort); a label outside 0..K-1 is never a hit. */
+ * to the lower class id (as a stable descending sort); a label outside 0..K-1 is never a hit.
+ * The f32 counts are exact below 2^24: read and zero acc before that many samples. */
 nr_status nr_batch_metrics_add(const nr_tensor *logits, const nr_tensor *labels, const nr_tensor *loss,
                                nr_tensor *acc);
 

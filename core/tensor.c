@@ -324,12 +324,35 @@ static nr_status check_same_shape(const char *func, const nr_tensor *a, const nr
                      nr_tensor_describe(a, da, sizeof da), nr_tensor_describe(b, db, sizeof db));
 }
 
+/* Dense (contiguous or channels-last) views occupy exactly [data, data + numel * size): two of them
+ * on one device overlap unless those ranges are disjoint or they are the same view. Strided views
+ * are not judged (as PyTorch's "too hard" case). */
+static nr_status check_copy_overlap(const char *func, const nr_tensor *dst, const nr_tensor *src)
+{
+   if (dst->device != src->device || dst->device_index != src->device_index) return NR_OK;
+   const int dense_d = nr_tensor_is_contiguous(dst) || nr_tensor_is_channels_last(dst);
+   const int dense_s = nr_tensor_is_contiguous(src) || nr_tensor_is_channels_last(src);
+   if (!dense_d || !dense_s) return NR_OK;
+   const int64_t n = nr_tensor_numel(src);
+   const char *d0 = dst->data, *s0 = src->data;
+   const char *d1 = d0 + n * nr_dtype_size(dst->dtype), *s1 = s0 + n * nr_dtype_size(src->dtype);
+   if (d1 <= s0 || s1 <= d0) return NR_OK;
+   bool same_view = d0 == s0 && dst->dtype == src->dtype && dst->ndim == src->ndim;
+   for (int d = 0; same_view && d < dst->ndim; d++) same_view = dst->shape[d] < 2 || dst->stride[d] == src->stride[d];
+   if (same_view) return NR_OK;
+   char dd[128], ds[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                     "dst %s and src %s overlap in memory; copy from a clone of src", nr_tensor_describe(dst, dd, sizeof dd),
+                     nr_tensor_describe(src, ds, sizeof ds));
+}
+
 nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src)
 {
    NR_CHECK_T("dst", dst, -1, -1, -1, NULL);
    NR_CHECK_T("src", src, -1, -1, -1, NULL);
    if (nr_tensor_numel(dst) != nr_tensor_numel(src) || (dst->ndim == src->ndim && check_same_shape(__func__, dst, src)))
       return check_same_shape(__func__, dst, src);
+   if (nr_tensor_numel(src) > 0) NR_TRY(check_copy_overlap(__func__, dst, src));
    if (dst->device != NR_CPU || src->device != NR_CPU) {
 #ifdef NR_WITH_CUDA
       return nr_cuda_copy(dst, src);

@@ -41,6 +41,14 @@ typedef struct plan {
 } plan;
 
 static plan *g_plans[NBUCKETS];
+
+/* NR_TRY that puts the convolution's description in front of the inner error (e.g. which conv
+ * ran out of memory for its weight copy). */
+#define TRY_IN(what, expr)                                                                        \
+   do {                                                                                           \
+      nr_status try_in_ = (expr);                                                                 \
+      if (try_in_ != NR_OK) return nr_fail_wrap(try_in_, what);                                   \
+   } while (0)
 static pthread_mutex_t g_plan_lock = PTHREAD_MUTEX_INITIALIZER;
 
 typedef struct {
@@ -134,6 +142,13 @@ static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor 
    if (groups < 1 || x->shape[1] % groups || w->shape[0] % groups || w->shape[1] * groups != x->shape[1])
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "groups %d does not fit x %s and w %s", groups, NR_DESC(x),
                         NR_DESC(w));
+   /* the legacy descriptors take int strides: no tensor may span 2^31 elements */
+   const int64_t ny = x->shape[0] * w->shape[0] * ho * wo;
+   if (nr_tensor_numel(x) > INT32_MAX || ny > INT32_MAX)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "x %s or its output (%lld elements) spans 2^31 elements or more, beyond cuDNN's 32-bit "
+                        "indexing: use a smaller batch",
+                        NR_DESC(x), (long long)ny);
    int32_t k[KEY_LEN] = {x->device_index,    (int32_t)dims[0], (int32_t)dims[1], (int32_t)dims[2], (int32_t)dims[3],
                          (int32_t)dims[4],   (int32_t)dims[5], (int32_t)dims[6], nr_cuda_tf32_allowed(), groups,
                          sh, sw, ph, pw, dh, dw, x->dtype, nhwc};
@@ -291,11 +306,35 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
    return NR_OK;
 }
 
+/* The workspace of direction dir's chosen algorithm (scratch slot 4). When the device cannot give
+ * it (memory is tighter than when the algorithm was chosen), the direction is chosen again by
+ * cuDNN's heuristics among algorithms that need no workspace, so the step runs (perhaps slower)
+ * instead of failing at every step; the heuristics touch no buffer, so no gradient is clobbered. */
+static nr_status plan_workspace(nr_cuda_ctx *ctx, plan *p, int dir, const char *what, void **ws)
+{
+   size_t *need = dir == 0 ? &p->fwd_ws : dir == 1 ? &p->bwdd_ws : &p->bwdf_ws;
+   *ws = NULL;
+   if (!*need) return NR_OK;
+   nr_status st = nr_cuda_scratch(ctx, 4, (int64_t)*need, ws);
+   if (st != NR_E_OOM) return st;
+   *(dir == 0 ? &p->fwd_ready : dir == 1 ? &p->bwdd_ready : &p->bwdf_ready) = 0;
+   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
+   if (search(ctx, p, dir, NULL, NULL, NULL, what, 0, NULL, 0)) {
+      /* none either: report the allocation that failed */
+      return nr_fail_at(NR_E_OOM, __func__, __FILE__, __LINE__,
+                        "%s: out of GPU memory for the %s workspace (%zu bytes), and no algorithm works without one",
+                        what, dir_name(dir), *need);
+   }
+   *ws = NULL;
+   return NR_OK;
+}
+
 /* The weight as cuDNN reads it: in the activations' dtype and, for channels-last, KRSC (a copy
- * in scratch slot 5 unless w is already both). */
+ * in scratch slot 5 unless w is already both). A KCRS weight with C/groups == 1 (depthwise) or
+ * R == S == 1 (pointwise) is KRSC too: same memory, no reordering copy. */
 static nr_status conv_weight(nr_cuda_ctx *ctx, const nr_tensor *w, int32_t dtype, int nhwc, nr_tensor *out)
 {
-   if (!nhwc) return nr_cuda_as_dtype(ctx, w, dtype, 5, out);
+   if (!nhwc || nr_tensor_is_channels_last(w)) return nr_cuda_as_dtype(ctx, w, dtype, 5, out);
    void *p;
    NR_TRY(nr_cuda_scratch(ctx, 5, nr_tensor_numel(w) * nr_dtype_size(dtype), &p));
    *out = *w;
@@ -331,11 +370,11 @@ nr_status nr_cuda_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tens
                    nhwc, &p));
    const char *what = conv_desc(x, w, p->key);
    nr_tensor wc;
-   NR_TRY(conv_weight(ctx, w, x->dtype, nhwc, &wc));
+   TRY_IN(what, conv_weight(ctx, w, x->dtype, nhwc, &wc));
    if (!p->fwd_ready) NR_TRY(choose_algo(ctx, p, 0, x->data, wc.data, y->data, what));
+   void *ws;
+   NR_TRY(plan_workspace(ctx, p, 0, what, &ws));
    NR_TRY(set_math(p, p->fwd_math, what));
-   void *ws = NULL;
-   if (p->fwd_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->fwd_ws, &ws));
    const float one = 1.0f, zero = 0.0f;
    NR_CUDNN(cudnnConvolutionForward(ctx->dnn, &one, p->xd, x->data, p->wd, wc.data, p->cd, p->fwd, ws, p->fwd_ws, &zero,
                                     p->yd, y->data),
@@ -364,11 +403,11 @@ nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const
                    nhwc, &p));
    const char *what = conv_desc(dx, w, p->key);
    nr_tensor wc;
-   NR_TRY(conv_weight(ctx, w, dx->dtype, nhwc, &wc));
+   TRY_IN(what, conv_weight(ctx, w, dx->dtype, nhwc, &wc));
    if (!p->bwdd_ready) NR_TRY(choose_algo(ctx, p, 1, dx->data, wc.data, dy->data, what));
+   void *ws;
+   NR_TRY(plan_workspace(ctx, p, 1, what, &ws));
    NR_TRY(set_math(p, p->bwdd_math, what));
-   void *ws = NULL;
-   if (p->bwdd_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->bwdd_ws, &ws));
    const float one = 1.0f, zero = 0.0f;
    NR_CUDNN(cudnnConvolutionBackwardData(ctx->dnn, &one, p->wd, wc.data, p->yd, dy->data, p->cd, p->bwdd, ws, p->bwdd_ws,
                                          &zero, p->xd, dx->data),
@@ -402,23 +441,24 @@ nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
    NR_TRY(get_plan(__func__, x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
                    nhwc, &p));
    const char *what = conv_desc(x, dw, p->key);
-   /* bf16 or channels-last: cuDNN writes the gradient in the activations' dtype and its layout
-    * (scratch slot 5), folded into the f32 KCRS dw afterwards */
-   const int staged = x->dtype != dw->dtype || nhwc;
+   /* bf16, or channels-last with a KRSC order that differs from dw's KCRS: cuDNN writes the
+    * gradient in the activations' dtype and its layout (scratch slot 5), folded into the f32 KCRS
+    * dw afterwards */
+   const int staged = x->dtype != dw->dtype || (nhwc && !nr_tensor_is_channels_last(dw));
    void *dws = NULL;
-   if (staged) NR_TRY(nr_cuda_scratch(ctx, 5, nw * nr_dtype_size(x->dtype), &dws));
+   if (staged) TRY_IN(what, nr_cuda_scratch(ctx, 5, nw * nr_dtype_size(x->dtype), &dws));
    if (!p->bwdf_ready) {
       /* search on a stand-in for dw, so accumulated gradients are not overwritten */
       int64_t bytes = nw * nr_dtype_size(x->dtype);
       void *tmp = staged ? dws : nr_cuda_alloc(dev, bytes);
-      if (!tmp) return NR_E_OOM;
+      if (!tmp) return nr_fail_wrap(NR_E_OOM, what);
       nr_status st = choose_algo(ctx, p, 2, x->data, tmp, dy->data, what);
       if (!staged) nr_cuda_free(dev, tmp, bytes);
       NR_TRY(st);
    }
+   void *ws;
+   NR_TRY(plan_workspace(ctx, p, 2, what, &ws));
    NR_TRY(set_math(p, p->bwdf_math, what));
-   void *ws = NULL;
-   if (p->bwdf_ws) NR_TRY(nr_cuda_scratch(ctx, 4, (int64_t)p->bwdf_ws, &ws));
    const float one = 1.0f, zero = 0.0f;
    NR_CUDNN(cudnnConvolutionBackwardFilter(ctx->dnn, staged ? &one : &scale, p->xd, x->data, p->yd, dy->data, p->cd,
                                            p->bwdf, ws, p->bwdf_ws, staged ? &zero : &acc, p->wd, staged ? dws : dw->data),

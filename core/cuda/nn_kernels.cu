@@ -10,7 +10,8 @@
  * SGD is checked by core/optim.c too; the NR primitives dispatch first, so they check everything here.
  * What it is not: convolutions (conv.c, cuDNN) or general tensor math (tensor_kernels.cu).
  * Invariants: per-channel statistics are two-pass (mean, then squared deviations from the float
- * mean) and accumulate in double like the CPU; reductions are split over (chunk, channel) blocks
+ * mean) and accumulate in double (the CPU merges per-plane float means in double, so the two agree
+ * to rounding, not bit for bit); reductions are split over (chunk, channel) blocks
  * into double partials and finished per channel, so the result does not depend on timing; label
  * ranges are checked on the device and reported through a flag copied back (never a device
  * assert); nothing synchronises except where a value goes to the host (the loss-label check,
@@ -182,12 +183,14 @@ int chunks_for(const nr_cuda_ctx *ctx, chan3 g)
    return (int)(want < 1 ? 1 : want);
 }
 
+/* Grid limits of the reductions: k_chan_partial puts a channel per grid row and divides by r in
+ * 32 bits; k_chan_partial_rows (r == 1) puts 32 channels per grid row and indexes in 64 bits. */
 nr_status chan_check(const char *func, chan3 g)
 {
-   if (g.n * g.r >= (INT64_C(1) << 31) || g.c > 65535)
+   if (g.r == 1 ? (g.c + 31) / 32 > 65535 : g.n * g.r >= (INT64_C(1) << 31) || g.c > 65535)
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
-                        "per-channel size %lld or channel count %lld exceeds the CUDA kernel's limits (2^31, 65535)",
-                        (long long)(g.n * g.r), (long long)g.c);
+                        "per-channel size %lld or channel count %lld exceeds the CUDA kernel's limits (%s)",
+                        (long long)(g.n * g.r), (long long)g.c, g.r == 1 ? "2^21 channels" : "2^31, 65535");
    return NR_OK;
 }
 
@@ -296,14 +299,22 @@ __global__ void k_bn_bwd_finish(const double *part, int S, int64_t C, double m, 
    (void)mean_in;
 }
 
+/* Training: dx = k * (dy - mean(dy) - xhat-term); evaluation: dx = k * dy (x is not read, so an
+ * infinite x does not turn dx into NaN, as on the CPU). */
 template <typename T>
-__global__ void k_bn_dx(const T *x, const T *dy, T *dx, int64_t n, chandiv cd, const float *mean, const float *coef)
+__global__ void k_bn_dx(const T *x, const T *dy, T *dx, int64_t n, chandiv cd, const float *mean, const float *coef,
+                        int eval)
 {
    GRID_LOOP(i, n)
    {
       int64_t c = chan_of(cd, i);
-      float k = coef[3 * c], mdy = coef[3 * c + 1], mdyx = coef[3 * c + 2];
-      st(dx + i, k * (ld(dy + i) - mdy - (ld(x + i) - mean[c]) * mdyx));
+      float k = coef[3 * c];
+      if (eval) {
+         st(dx + i, k * ld(dy + i));
+      } else {
+         float mdy = coef[3 * c + 1], mdyx = coef[3 * c + 2];
+         st(dx + i, k * (ld(dy + i) - mdy - (ld(x + i) - mean[c]) * mdyx));
+      }
    }
 }
 
@@ -358,7 +369,7 @@ nr_status bn_backward_any(const char *func, const nr_tensor *x, const nr_tensor 
    with_act_type(x, [&](auto tag) {
       using T = decltype(tag);
       k_bn_dx<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), cptr<T>(dy), mptr<T>(dx), n,
-                                                       make_chandiv(g.c, g.r, n), fp(mean), (const float *)coef);
+                                                       make_chandiv(g.c, g.r, n), fp(mean), (const float *)coef, eval);
    });
    NR_CU_LAUNCHED("%s: dx %s", func, NR_DESC(dx));
    return NR_OK;
@@ -681,7 +692,8 @@ __global__ void k_xent_b(const float *probs, const int64_t *labels, T *d, int64_
 }
 
 /* One warp per row: the classes ranked before the label (higher score, or equal and a lower id);
- * lane 0 keeps the block's hits, added once per warp. acc[0] and acc[3] by one thread. */
+ * each warp's lane 0 counts its rows' hits, the block sums them and adds them once (the counts
+ * stay exact in f32 below 2^24). acc[0] and acc[3] by one thread. */
 template <typename T>
 __global__ void k_batch_metrics(const T *x, const int64_t *labels, const float *loss, float *acc, int64_t n, int64_t k)
 {
@@ -704,9 +716,23 @@ __global__ void k_batch_metrics(const T *x, const int64_t *labels, const float *
          h5 += above < 5;
       }
    }
-   if (lane == 0 && h5 > 0) {
-      atomicAdd(acc + 1, h1);
-      atomicAdd(acc + 2, h5);
+   __shared__ float s1[32], s5[32];
+   const int warp = threadIdx.x >> 5;
+   if (lane == 0) {
+      s1[warp] = h1;
+      s5[warp] = h5;
+   }
+   __syncthreads();
+   if (threadIdx.x == 0) {
+      float b1 = 0, b5 = 0;
+      for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
+         b1 += s1[w];
+         b5 += s5[w];
+      }
+      if (b5 > 0) {
+         atomicAdd(acc + 1, b1);
+         atomicAdd(acc + 2, b5);
+      }
    }
    if (blockIdx.x == 0 && threadIdx.x == 0) {
       if (loss) acc[0] += loss[0] * (float)n;

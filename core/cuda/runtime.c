@@ -441,6 +441,7 @@ nr_status nr_cuda_scratch(nr_cuda_ctx *ctx, int slot, int64_t bytes, void **out)
       ctx->scratch_bytes[slot] = 0;
       int64_t want = bytes + bytes / 4; /* headroom: shapes grow a little between calls */
       void *p = nr_cuda_alloc(ctx->device, want);
+      if (!p && (p = nr_cuda_alloc(ctx->device, bytes)) != NULL) want = bytes; /* no room for headroom */
       if (!p) return NR_E_OOM;
       ctx->scratch[slot] = p;
       ctx->scratch_bytes[slot] = want;

@@ -186,6 +186,24 @@ describe('nr.Tensor', function()
       ok, err = pcall(nr.zeros, {2}, {device = 'tpu'})
       assert.matches('unknown device', err)
    end)
+
+   it('copy refuses dense views of one memory that overlap, as PyTorch does', function()
+      local t = nr.tensor({0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
+      local ok, err = pcall(function() t:narrow(1, 2, 9):copy(t:narrow(1, 1, 9)) end)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('overlap in memory; copy from a clone of src', 1, true), err)
+      t:narrow(1, 2, 9):copy(t:narrow(1, 1, 9):clone())   -- through a clone it works
+      assert.same({0, 0, 1, 2, 3, 4, 5, 6, 7, 8}, t:totable())
+      t:copy(t)                                          -- the same view: nothing to do
+      t:narrow(1, 1, 5):copy(t:narrow(1, 6, 5))          -- disjoint halves
+      assert.same({4, 5, 6, 7, 8, 4, 5, 6, 7, 8}, t:totable())
+      -- the same memory read in another layout overlaps too (an in-place transpose)
+      local x = nr.randn({2, 3, 4, 4})
+      local cl = x:as_strided({2, 3, 4, 4}, require('nr.tensor').channels_last_stride({2, 3, 4, 4}))
+      ok, err = pcall(function() cl:copy(x) end)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('overlap in memory', 1, true), err)
+   end)
 end)
 
 describe('memory formats', function()
