@@ -33,6 +33,19 @@ int32_t nr_cuda_get_allow_tf32(void) { return 0; }
 nr_status nr_cuda_synchronize(void) { return NR_OK; }
 nr_status nr_cuda_empty_cache(void) { return NR_OK; }
 
+nr_status nr_cuda_prefetch(nr_tensor *dst, const nr_tensor *src, int64_t *ticket)
+{
+   (void)dst;
+   (void)src;
+   if (ticket) *ticket = 0;
+   return NR_FAIL(NR_E_DEVICE, "%s", k_no_cuda);
+}
+nr_status nr_cuda_prefetch_wait(int32_t device_index, int64_t ticket)
+{
+   (void)ticket;
+   return NR_FAIL(NR_E_DEVICE, "cuda:%d: %s", device_index, k_no_cuda);
+}
+
 nr_status nr_cuda_set_device(int32_t device_index)
 {
    return NR_FAIL(NR_E_DEVICE, "cannot select cuda:%d: %s", device_index, k_no_cuda);

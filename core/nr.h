@@ -557,6 +557,16 @@ nr_status nr_cuda_empty_cache(void);
  * 1e-3 relative error; PyTorch's default for convolutions); 0 (the default): full fp32. */
 void nr_cuda_set_allow_tf32(int32_t allow);
 int32_t nr_cuda_get_allow_tf32(void);
+/* Input prefetch: dst (CUDA, contiguous) <- src (CPU, contiguous, same dtype and shape) on the
+ * GPU's copy stream, so the copy overlaps the work of the compute stream. The copy starts after
+ * the work queued on the compute stream so far (which may still read dst); src may be reused when
+ * this returns (its bytes were staged); *ticket names the copy. Before anything reads dst, the
+ * compute stream must wait for it: nr_cuda_prefetch_wait. A dst freed before that is safe (the
+ * allocator makes the compute stream wait for a pending copy into a freed block). */
+nr_status nr_cuda_prefetch(nr_tensor *dst, const nr_tensor *src, int64_t *ticket);
+/* The compute stream of the GPU waits (on the GPU; the host does not) for prefetch `ticket` and
+ * every earlier one. */
+nr_status nr_cuda_prefetch_wait(int32_t device_index, int64_t ticket);
 
 /* ---------------------------------------------------------------- distributed (libnr_dist) */
 /* Data-parallel collectives in the separate library libnr_dist (linked to MPI, and to NCCL in

@@ -10,8 +10,12 @@
  * Host-to-device copies go through a ring of pinned staging buffers per GPU (each copy is
  * asynchronous; a buffer is refilled only after an event says its last copy finished, so the
  * host can queue a few batches ahead of the GPU), device-to-host copies synchronise the stream.
+ * Input prefetch (nr_cuda_prefetch) copies on a second, copy stream so a batch's transfer
+ * overlaps the previous step's compute; events order it after the compute work queued before it
+ * and the compute stream waits for its ticket.
  * What it is not: kernels (tensor_kernels.cu, nn_kernels.cu), cuDNN/cuBLAS ops (conv.c, blas.c).
- * Invariants: all work on a GPU is ordered on its compute stream, so a freed block is safe to hand
+ * Invariants: all work on a GPU is ordered on its compute stream (a prefetch is joined to it by its
+ * ticket's wait, or at the latest when its destination is freed), so a freed block is safe to hand
  * out again at once; the allocator lock is never held across a call that waits for the GPU
  * except cudaFree in nr_cuda_empty_cache; the CUDA runtime's current device is set per op
  * (nr_cuda_ctx_get), the user's choice for new tensors is a separate thread-local.
@@ -210,7 +214,7 @@ typedef struct block {
    struct block *next;
 } block;
 
-enum { NR_STAGING_SLOTS = 4 };
+enum { NR_STAGING_SLOTS = 4, NR_PREFETCH_SLOTS = 8 };
 
 typedef struct devstate {
    block *free_list[NCLASSES];
@@ -226,6 +230,18 @@ typedef struct devstate {
       int pending;
    } staging[NR_STAGING_SLOTS];
    int staging_next;
+   /* input prefetch (nr_cuda_prefetch): copies on their own stream, each ordered after the compute
+    * stream's work at its start (compute_mark) and named by a ticket; a slot holds the latest
+    * copies' events and, until the compute stream waits for it, the destination bytes */
+   cudaStream_t copy_stream; /* created on the first prefetch */
+   cudaEvent_t compute_mark;
+   struct prefetch_slot {
+      cudaEvent_t done;
+      const char *dst;
+      int64_t bytes;
+      int64_t ticket; /* 0: nothing the compute stream has not waited for */
+   } prefetch[NR_PREFETCH_SLOTS];
+   int64_t prefetch_seq;
 } devstate;
 
 static devstate g_dev[NR_CUDA_MAX_DEVICES];
@@ -322,6 +338,21 @@ void *nr_cuda_alloc(int32_t device_index, int64_t bytes)
    return p;
 }
 
+/* A prefetch into [ptr, ptr + bytes) that the compute stream has not waited for: the compute
+ * stream waits for it now (on the GPU), so the block can be handed out again at once. Under g_lock. */
+static void settle_prefetch_into(devstate *d, const void *ptr, int64_t bytes)
+{
+   const char *lo = ptr, *hi = lo + bytes;
+   for (int i = 0; i < NR_PREFETCH_SLOTS; i++) {
+      struct prefetch_slot *s = &d->prefetch[i];
+      if (s->ticket && s->dst < hi && lo < s->dst + s->bytes) {
+         cudaStreamWaitEvent(d->ctx.stream, s->done, 0);
+         cudaGetLastError();
+         s->ticket = 0;
+      }
+   }
+}
+
 void nr_cuda_free(int32_t device_index, void *ptr, int64_t bytes)
 {
    if (!ptr || device_index < 0 || device_index >= NR_CUDA_MAX_DEVICES) return;
@@ -329,6 +360,7 @@ void nr_cuda_free(int32_t device_index, void *ptr, int64_t bytes)
    int c = size_class(bytes, &cb);
    devstate *d = &g_dev[device_index];
    pthread_mutex_lock(&g_lock);
+   if (d->prefetch_seq) settle_prefetch_into(d, ptr, bytes);
    if (c == NCLASSES - 1) {
       /* oversized (beyond 2^72 cannot happen; kept for safety): give it back at once */
       d->in_use -= bytes;
@@ -499,9 +531,9 @@ nr_status nr_cuda_set(nr_tensor *t, int64_t off, double value)
 
 enum { STAGING_MAX = 64 << 20 }; /* bytes; bigger copies go through in chunks */
 
-/* Host bytes (pageable) -> device, asynchronously, through the device's pinned staging ring:
- * each chunk takes the next slot, waiting only until that slot's previous copy has finished. */
-static nr_status stage_h2d(nr_cuda_ctx *ctx, void *dst, const void *src, int64_t bytes)
+/* Host bytes (pageable) -> device, asynchronously on `stream`, through the device's pinned staging
+ * ring: each chunk takes the next slot, waiting only until that slot's previous copy has finished. */
+static nr_status stage_h2d(nr_cuda_ctx *ctx, cudaStream_t stream, void *dst, const void *src, int64_t bytes)
 {
    devstate *d = &g_dev[ctx->device];
    int64_t chunk = bytes < STAGING_MAX ? bytes : STAGING_MAX;
@@ -524,9 +556,9 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, void *dst, const void *src, int64_t
          s->bytes = want;
       }
       memcpy(s->ptr, (const char *)src + done, (size_t)n);
-      NR_CU(cudaMemcpyAsync((char *)dst + done, s->ptr, (size_t)n, cudaMemcpyHostToDevice, ctx->stream),
+      NR_CU(cudaMemcpyAsync((char *)dst + done, s->ptr, (size_t)n, cudaMemcpyHostToDevice, stream),
             "host-to-device copy of %lld bytes", (long long)n);
-      NR_CU(cudaEventRecord(s->done, ctx->stream), "cudaEventRecord");
+      NR_CU(cudaEventRecord(s->done, stream), "cudaEventRecord");
       s->pending = 1;
    }
    return NR_OK;
@@ -578,16 +610,80 @@ static nr_status copy_h2d(nr_tensor *dst, const nr_tensor *src)
       nr_tensor_free(h);
       return st;
    }
-   if (nr_tensor_is_contiguous(dst) && dst->dtype == src->dtype) return stage_h2d(ctx, dst->data, src->data, bytes);
+   if (nr_tensor_is_contiguous(dst) && dst->dtype == src->dtype) return stage_h2d(ctx, ctx->stream, dst->data, src->data, bytes);
    void *tmp = nr_cuda_alloc(dst->device_index, bytes);
    if (!tmp) return NR_E_OOM;
-   nr_status st = stage_h2d(ctx, tmp, src->data, bytes);
+   nr_status st = stage_h2d(ctx, ctx->stream, tmp, src->data, bytes);
    if (!st) {
       nr_tensor tv = raw_view(dst, src->dtype, NR_CUDA, dst->device_index, tmp);
       st = nr_cuda_launch_copy(ctx, dst, &tv);
    }
    nr_cuda_free(dst->device_index, tmp, bytes); /* stream-ordered: safe to reuse at once */
    return st;
+}
+
+/* The copy stream and events of a GPU's prefetch, created on first use (the Lua thread only). */
+static nr_status prefetch_ready(devstate *d, int32_t dev)
+{
+   if (d->copy_stream) return NR_OK;
+   /* non-blocking: ordered with the compute stream by events only, never by the legacy stream */
+   NR_CU(cudaStreamCreateWithFlags(&d->copy_stream, cudaStreamNonBlocking), "creating the copy stream of cuda:%d", dev);
+   NR_CU(cudaEventCreateWithFlags(&d->compute_mark, cudaEventDisableTiming), "cudaEventCreate on cuda:%d", dev);
+   for (int i = 0; i < NR_PREFETCH_SLOTS; i++)
+      NR_CU(cudaEventCreateWithFlags(&d->prefetch[i].done, cudaEventDisableTiming), "cudaEventCreate on cuda:%d", dev);
+   return NR_OK;
+}
+
+nr_status nr_cuda_prefetch(nr_tensor *dst, const nr_tensor *src, int64_t *ticket)
+{
+   NR_CHECK_T("dst", dst, -1, NR_CUDA, -1, NULL);
+   NR_CHECK_T("src", src, dst->dtype, NR_CPU, dst->ndim, dst->shape);
+   if (!ticket) return NR_FAIL(NR_E_ARG, "ticket: NULL");
+   *ticket = 0;
+   if (!nr_tensor_is_contiguous(dst) || !nr_tensor_is_contiguous(src))
+      return NR_FAIL(NR_E_ARG, "dst %s and src %s must be contiguous", NR_DESC(dst), NR_DESC(src));
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dst->device_index, &ctx));
+   devstate *d = &g_dev[dst->device_index];
+   NR_TRY(prefetch_ready(d, dst->device_index));
+   const int64_t bytes = nr_tensor_numel(src) * nr_dtype_size(src->dtype);
+   /* after the compute stream's work so far, which may still read dst */
+   NR_CU(cudaEventRecord(d->compute_mark, ctx->stream), "prefetch: marking the compute stream");
+   NR_CU(cudaStreamWaitEvent(d->copy_stream, d->compute_mark, 0), "prefetch: ordering the copy stream");
+   NR_TRY(stage_h2d(ctx, d->copy_stream, dst->data, src->data, bytes));
+   const int64_t t = d->prefetch_seq + 1;
+   struct prefetch_slot *s = &d->prefetch[t % NR_PREFETCH_SLOTS];
+   /* the slot's older copy has not been waited for: the compute stream waits for it now, before
+    * its event is recorded again (conservative, and keeps the freed-block guard exact) */
+   if (s->ticket) NR_CU(cudaStreamWaitEvent(ctx->stream, s->done, 0), "prefetch: retiring ticket %lld", (long long)s->ticket);
+   NR_CU(cudaEventRecord(s->done, d->copy_stream), "prefetch: marking the copy");
+   pthread_mutex_lock(&g_lock); /* nr_cuda_free reads the slots */
+   s->dst = dst->data;
+   s->bytes = bytes;
+   s->ticket = t;
+   d->prefetch_seq = t;
+   pthread_mutex_unlock(&g_lock);
+   *ticket = t;
+   return NR_OK;
+}
+
+nr_status nr_cuda_prefetch_wait(int32_t device_index, int64_t ticket)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(device_index, &ctx));
+   devstate *d = &g_dev[device_index];
+   if (ticket < 1 || ticket > d->prefetch_seq)
+      return NR_FAIL(NR_E_ARG, "cuda:%d has no prefetch ticket %lld (the latest is %lld)", device_index, (long long)ticket,
+                     (long long)d->prefetch_seq);
+   /* a slot recorded again since holds a later copy on the same in-order stream: waiting for it
+    * covers this one too */
+   NR_CU(cudaStreamWaitEvent(ctx->stream, d->prefetch[ticket % NR_PREFETCH_SLOTS].done, 0), "prefetch: waiting for ticket %lld",
+         (long long)ticket);
+   pthread_mutex_lock(&g_lock);
+   for (int i = 0; i < NR_PREFETCH_SLOTS; i++)
+      if (d->prefetch[i].ticket && d->prefetch[i].ticket <= ticket) d->prefetch[i].ticket = 0;
+   pthread_mutex_unlock(&g_lock);
+   return NR_OK;
 }
 
 static nr_status copy_d2h(nr_tensor *dst, const nr_tensor *src)

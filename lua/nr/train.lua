@@ -256,6 +256,23 @@ function Meter:take_window()
    return w
 end
 
+-- Copies host tensor h ahead to the device (nr_cuda_prefetch): into `full` (a device buffer
+-- reused while h fits its shape; a smaller last batch takes a leading slice of it) or a new
+-- one. Returns {t = the device view, ticket = the copy's ticket or nil}, and the buffer. Without
+-- a real GPU (the specs' dry run maps 'cuda' to the CPU) it copies at once.
+function M.prefetch(h, full, device)
+   if not h:is_contiguous() then h = h:contiguous() end
+   local shape = h:shape()
+   local fits = full and full:dtype() == h:dtype() and full:dim() == #shape and shape[1] <= full:size(1)
+   for d = 2, #shape do fits = fits and shape[d] == full:size(d) end
+   if not fits then full = T.empty(shape, {dtype = h:dtype(), device = device}) end
+   local t = shape[1] == full:size(1) and full or full:narrow(1, 1, shape[1])
+   if not t:is_cuda() then return {t = t:copy(h)}, full end
+   local ticket = ffi.new('int64_t[1]')
+   check.status(C.nr_cuda_prefetch(t.c, h.c, ticket), 'nr.train: input prefetch')
+   return {t = t, ticket = ticket[0]}, full
+end
+
 -- Labels checked on the host (a cheap loop) before they are copied, so the criterion can skip
 -- its check on the GPU and the synchronisation that costs. true when y was checked here.
 local function check_host_labels(y, num_classes)
@@ -654,15 +671,75 @@ end
 -- memory_format 'channels_last', converted on the way into a buffer reused across steps.
 function Trainer:on_device(x, y)
    if self.device == 'cpu' then return x, y end
+   return self:as_model_input(x:to(self.device)), y:to(self.device)
+end
+
+-- A device batch in the dtype and memory format the model computes in (converted on the device
+-- into one reused buffer; as is when it already is).
+function Trainer:as_model_input(xd)
    local dt = self.precision == 'bf16' and 'bfloat16' or 'float32'
-   local fmt = x:dim() == 4 and self.memory_format or 'contiguous'
-   if dt == 'float32' and fmt == 'contiguous' then return x:to(self.device), y:to(self.device) end
+   local fmt = xd:dim() == 4 and self.memory_format or 'contiguous'
+   if xd:dtype() == dt and fmt == 'contiguous' then return xd end
    local b = rawget(self, '_x_dev')
-   if not b or not T.same_shape(b:shape(), x:shape()) then
-      b = T.empty(x:shape(), {dtype = dt, device = self.device, memory_format = fmt})
+   if not b or not T.same_shape(b:shape(), xd:shape()) then
+      b = T.empty(xd:shape(), {dtype = dt, device = self.device, memory_format = fmt})
       self._x_dev = b
    end
-   return b:copy(x), y:to(self.device)
+   return b:copy(xd)
+end
+
+-- The batches of a loader iterator `it` (at most `limit`) on the training device:
+--   for xd, yd, bn, checked in tr:device_batches(loader:epoch(e), limit) do ... end
+-- bn is the batch size; checked says the labels were range-checked on the host (so the
+-- criterion need not check them on the GPU). On the CPU the batches pass through. On a GPU each
+-- host batch is copied ahead on the copy stream (nr_cuda_prefetch) into one of two device
+-- buffers while the step before it computes; the next host batch is fetched only after the
+-- current one was staged, because loaders recycle their host buffers.
+function Trainer:device_batches(it, limit)
+   local taken = 0
+   if self.device == 'cpu' then
+      return function()
+         if limit and taken >= limit then return nil end
+         local x, y = it()
+         if x == nil then return nil end
+         taken = taken + 1
+         return x, y, x:size(1), false
+      end
+   end
+   local slots = rawget(self, '_prefetch')
+   if not slots then
+      slots = {{}, {}}
+      self._prefetch = slots
+   end
+   local turn = 0
+   -- copies host batch (x, y) ahead into the next slot; returns that slot
+   local function stage(x, y)
+      turn = turn % 2 + 1
+      local s = slots[turn]
+      local classes = rawget(self, '_classes')
+      s.checked = classes ~= nil and check_host_labels(y, classes)
+      s.bn = x:size(1)
+      s.x, s.full_x = M.prefetch(x, s.full_x, self.device)
+      s.y, s.full_y = M.prefetch(y, s.full_y, self.device)
+      s.ticket = s.y.ticket
+      return s
+   end
+   local nxt
+   local function fetch()
+      if limit and taken >= limit then return nil end
+      local x, y = it()
+      if x == nil then return nil end
+      taken = taken + 1
+      return stage(x, y)
+   end
+   nxt = fetch()
+   return function()
+      local cur = nxt
+      if not cur then return nil end
+      nxt = fetch()   -- its copy overlaps the step of `cur`, queued after this returns
+      if cur.ticket then check.status(C.nr_cuda_prefetch_wait(cur.y.t.c.device_index, cur.ticket), 'nr.train: input prefetch') end
+      return self:as_model_input(cur.x.t), cur.y.t, cur.bn, cur.checked
+   end
 end
 
 -- The trainer's metrics accumulator, reset (one per trainer: its device buffer is reused).
@@ -685,14 +762,12 @@ function Trainer:evaluate(loader)
    local meter = self:meter()
    local function pass()
       local b = 0
-      for x, y in loader:epoch(1) do
+      for xd, yd, _, checked in self:device_batches(loader:epoch(1), limit) do
          b = b + 1
-         local xd, yd = self:on_device(x, y)
          local out = model:forward(xd)
-         local checked = check_host_labels(y, out:size(2))
+         self._classes = out:size(2)
          meter:add(out, yd, crit:loss_tensor(out, yd, checked), b)
          if meter:due() then meter:read('the evaluation') end
-         if limit and b >= limit then break end
       end
       meter:read('the evaluation')
    end
@@ -741,16 +816,14 @@ function Trainer:train_epoch(epoch)
    local n, win_t = 0, t0
    local i = 0
    local log_every = rc.log_every or 50
-   for x, y in self.train_loader:epoch(epoch) do
+   for xd, yd, bn, checked in self:device_batches(self.train_loader:epoch(epoch), total) do
       i = i + 1
       self.step = self.step + 1
       if sched then opt.config.lr = sched:lr() end
-      local xd, yd = self:on_device(x, y)
       local out = model:forward(xd)
-      local checked = check_host_labels(y, out:size(2))
+      self._classes = out:size(2)
       local loss_t = crit:loss_tensor(out, yd, checked)
       meter:add(out, yd, loss_t, self.step)
-      local bn = x:size(1)
       -- the loss is checked before the step changes any weight wherever reading it is free
       if meter:due() then meter:read(what, opt.config.lr) end
       model:zeroGradParameters()
@@ -774,7 +847,6 @@ function Trainer:train_epoch(epoch)
             win_t = now
          end
       end
-      if i >= total then break end
    end
    meter:read(what, opt.config.lr)
    local dt = progress.now() - t0

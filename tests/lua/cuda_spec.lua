@@ -87,6 +87,40 @@ describe('nr.cuda runtime', function()
       assert(again:sum() == 0)
    end)
 
+   it('prefetches on the copy stream: values arrive, tickets order, a freed destination is safe', function()
+      local ticket = ffi.new('int64_t[1]')
+      local hosts, devs, tickets = {}, {}, {}
+      for k = 1, 10 do -- more than the 8 ticket slots, so slots are retired and reused
+         hosts[k] = randn({64, 3, 16, 16})
+         devs[k] = nr.empty({64, 3, 16, 16}, {device = 'cuda'})
+         ok(C.nr_cuda_prefetch(devs[k].c, hosts[k].c, ticket), 'prefetch ' .. k)
+         tickets[k] = tonumber(ticket[0])
+         assert(k == 1 or tickets[k] == tickets[k - 1] + 1, 'tickets count up')
+      end
+      ok(C.nr_cuda_prefetch_wait(0, tickets[10]), 'wait')
+      for k = 1, 10 do close('prefetched batch ' .. k, hosts[k], devs[k]) end
+      -- the host source may change as soon as the call returns (its bytes were staged)
+      local h, d = randn({1000}), nr.empty({1000}, {device = 'cuda'})
+      local want = h:clone()
+      ok(C.nr_cuda_prefetch(d.c, h.c, ticket), 'prefetch')
+      h:fill(0)
+      ok(C.nr_cuda_prefetch_wait(0, ticket[0]), 'wait')
+      close('source overwritten after the call', want, d)
+      -- a destination freed before its wait: the block is handed out again only after the copy
+      local big = randn({4194304})
+      local dst = nr.empty({4194304}, {device = 'cuda'})
+      ok(C.nr_cuda_prefetch(dst.c, big.c, ticket), 'prefetch into a tensor freed next')
+      dst:free()
+      local again = nr.zeros({4194304}, {device = 'cuda'}) -- likely the same cached block
+      assert(again:sum() == 0, 'the pending copy landed in a reallocated block')
+      -- errors
+      assert(C.nr_cuda_prefetch_wait(0, ticket[0] + 5) ~= 0, 'a future ticket was accepted')
+      assert(ffi.string(C.nr_last_error()):find('no prefetch ticket', 1, true))
+      assert(C.nr_cuda_prefetch(nr.empty({4}, {device = 'cuda'}).c, nr.empty({4}, {dtype = 'int64'}).c, ticket) ~= 0)
+      assert(C.nr_cuda_prefetch(nr.empty({4}, {device = 'cuda'}).c, nr.empty({5}).c, ticket) ~= 0)
+      nr.cuda.synchronize()
+   end)
+
    it('copies between host and device, strided and converting', function()
       local h = randn({5, 7})
       local d = h:cuda()

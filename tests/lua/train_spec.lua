@@ -344,6 +344,32 @@ describe('nr.train', function()
       assert.truthy(tostring(err):find('labels[4] = 4 is outside 0..3', 1, true), err)
    end)
 
+   it('device batches: a limit, prefetch buffers reused and sliced for a short last batch', function()
+      local tr = train.new(recipe(TMP .. '/feed', {epochs = 1}))
+      local it = train.memory_loader(X:narrow(1, 1, 70), Y:narrow(1, 1, 70), {batch = 32}):epoch(1)
+      local sizes = {}
+      for xd, yd, bn, checked in tr:device_batches(it, 2) do
+         sizes[#sizes + 1] = bn
+         assert.equal(bn, xd:size(1)); assert.equal(bn, yd:size(1)); assert.is_false(checked)
+      end
+      assert.same({32, 32}, sizes)  -- the limit stops it before the short third batch
+      -- the prefetch helper (here without a GPU it copies at once): a buffer is reused while the
+      -- batch fits, a shorter batch is a leading slice of it, a wider one gets a new buffer
+      local a, full = train.prefetch(X:narrow(1, 1, 32), nil, 'cpu')
+      assert.is_nil(a.ticket)
+      local b, full2 = train.prefetch(X:narrow(1, 33, 6), full, 'cpu')
+      assert.equal(full, full2); assert.equal(6, b.t:size(1)); assert.is_true(b.t:same_storage(full))
+      assert.equal(X:get(32 * 64 + 1), b.t:get(1))
+      local _, full3 = train.prefetch(nr.zeros({40, 1, 8, 8}), full, 'cpu')
+      assert.are_not.equal(full, full3)
+      -- the C entry points refuse CPU destinations and unknown tickets instead of crashing
+      local C, ffi = require('nr.ffi').C, require('nr.ffi').ffi
+      local tk = ffi.new('int64_t[1]')
+      assert.are_not.equal(0, C.nr_cuda_prefetch(nr.zeros({4}).c, nr.zeros({4}).c, tk))
+      assert.truthy(ffi.string(C.nr_last_error()):find('dst', 1, true))
+      assert.are_not.equal(0, C.nr_cuda_prefetch_wait(0, 1))
+   end)
+
    it('the metrics meter sums on the device and reads back only when asked (as on a GPU)', function()
       local meter = train.meter('cpu')
       meter.host = false          -- the GPU policy: no read until one is due
