@@ -85,15 +85,15 @@ nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indi
    return NR_OK;
 }
 
-nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx)
+nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx, int32_t kernel_h,
+                                int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w)
 {
    NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
    NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
-   NN_CHECK("dy", dy, NR_DTYPE_ACT, 4, NULL, NULL);
+   pool_geom g;
+   NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
    NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, dy));
-   int64_t xs[4] = {dy->shape[0], dy->shape[1], -1, -1};
-   NN_CHECK("dx", dx, NR_DTYPE_ACT, 4, xs, dy);
-   NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx));
+   NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w));
    const int64_t nc = dy->shape[0] * dy->shape[1], po = dy->shape[2] * dy->shape[3], pin = dx->shape[2] * dx->shape[3];
    const float *pdy = dy->data;
    const int64_t *pi = indices->data;

@@ -287,11 +287,15 @@ nr_status nr_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor
 nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices,
                                int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
                                int32_t stride_w, int32_t pad_h, int32_t pad_w);
-/* dy (N, C, Ho, Wo); indices (N, C, Ho, Wo) int64 from the forward; dx (N, C, H, W) overwritten
- * (zero except at the argmax positions, where the dy of every window choosing it is summed).
- * An index outside the plane is NR_E_ARG on the CPU; on CUDA it is skipped (checking would cost
- * a device-to-host read every step). */
-nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx);
+/* dy (N, C, Ho, Wo); indices (N, C, Ho, Wo) int64 from the forward with the same geometry (dy's
+ * size is checked against it); dx (N, C, H, W) overwritten: zero except at the argmax positions,
+ * where the dy of every window choosing it is summed in window order (the same bits on both
+ * devices: the GPU gathers over the windows covering each element, no atomics). An index outside
+ * the plane is NR_E_ARG on the CPU; on CUDA it is never matched (checking would cost a
+ * device-to-host read every step). */
+nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx,
+                                int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
+                                int32_t stride_w, int32_t pad_h, int32_t pad_w);
 /* Average pooling (PyTorch AvgPool2d, floor mode; padding <= kernel / 2). count_include_pad = 1
  * (PyTorch's default): divide by kernel_h * kernel_w clipped to the padded input; 0: divide by
  * the number of real input elements in the window. x (N, C, H, W); y (N, C, Ho, Wo). */

@@ -509,16 +509,42 @@ template <typename T> __global__ void k_maxpool_f(const T *x, T *y, int64_t *ind
    }
 }
 
-/* Scatter into an f32 accumulator with dx's layout (dx itself, or a scratch copied to a bf16 dx
- * afterwards). Indices outside the plane (not from the forward) are skipped instead of
- * corrupting memory. */
-template <typename T> __global__ void k_maxpool_b(const T *dy, const int64_t *ind, float *acc, pool p)
+/* The output windows (oh0..oh1, ow0..ow1) that cover input pixel (ih, iw): window oh covers ih iff
+ * oh*sh - ph <= ih < oh*sh - ph + kh. */
+struct cover {
+   int64_t oh0, oh1, ow0, ow1;
+};
+__device__ __forceinline__ cover covering(const pool &p, int64_t ih, int64_t iw)
 {
-   const int64_t inp = p.h * p.w;
-   GRID_LOOP(i, p.nc * p.ho * p.wo)
+   cover c;
+   int64_t nh = ih + p.ph - p.kh + 1, nw = iw + p.pw - p.kw + 1;
+   c.oh0 = nh <= 0 ? 0 : (nh + p.sh - 1) / p.sh;
+   c.oh1 = (ih + p.ph) / p.sh;
+   c.ow0 = nw <= 0 ? 0 : (nw + p.sw - 1) / p.sw;
+   c.ow1 = (iw + p.pw) / p.sw;
+   if (c.oh1 > p.ho - 1) c.oh1 = p.ho - 1;
+   if (c.ow1 > p.wo - 1) c.ow1 = p.wo - 1;
+   return c;
+}
+
+/* A gather: each input element sums, in f32 and in window order (the CPU scatter's order), the dy
+ * of the covering windows whose index chose it; no atomics, so the result does not depend on
+ * timing. Indices (dy's layout) outside the plane match nothing. */
+template <typename T> __global__ void k_maxpool_b(const T *dy, const int64_t *ind, T *dx, pool p)
+{
+   const int64_t step = pix_step(p);
+   GRID_LOOP(i, p.nc * p.h * p.w)
    {
-      int64_t j = ind[i];
-      if (j >= 0 && j < inp) atomicAdd(acc + plane_base(p, pix_of(p, i, p.ho, p.wo).q, p.h, p.w) + j * pix_step(p), ld(dy + i));
+      pix at = pix_of(p, i, p.h, p.w);
+      const int64_t me = at.y * p.w + at.x, base = plane_base(p, at.q, p.ho, p.wo);
+      cover c = covering(p, at.y, at.x);
+      float s = 0;
+      for (int64_t oh = c.oh0; oh <= c.oh1; oh++)
+         for (int64_t ow = c.ow0; ow <= c.ow1; ow++) {
+            const int64_t o = base + (oh * p.wo + ow) * step;
+            if (ind[o] == me) s += ld(dy + o);
+         }
+      st(dx + i, s);
    }
 }
 
@@ -558,16 +584,11 @@ template <typename T> __global__ void k_avgpool_b(const T *dy, T *dx, pool p, in
    GRID_LOOP(i, p.nc * p.h * p.w)
    {
       pix at = pix_of(p, i, p.h, p.w);
-      int64_t iw = at.x, ih = at.y;
-      int64_t nh = ih + p.ph - p.kh + 1, nw = iw + p.pw - p.kw + 1;
-      int64_t oh0 = nh <= 0 ? 0 : (nh + p.sh - 1) / p.sh, oh1 = (ih + p.ph) / p.sh;
-      int64_t ow0 = nw <= 0 ? 0 : (nw + p.sw - 1) / p.sw, ow1 = (iw + p.pw) / p.sw;
-      if (oh1 > p.ho - 1) oh1 = p.ho - 1;
-      if (ow1 > p.wo - 1) ow1 = p.wo - 1;
+      cover c = covering(p, at.y, at.x);
       const T *g = dy + plane_base(p, at.q, p.ho, p.wo);
       float s = 0;
-      for (int64_t oh = oh0; oh <= oh1; oh++)
-         for (int64_t ow = ow0; ow <= ow1; ow++)
+      for (int64_t oh = c.oh0; oh <= c.oh1; oh++)
+         for (int64_t ow = c.ow0; ow <= c.ow1; ow++)
             s += ld(g + (oh * p.wo + ow) * step) / avg_div(p, oh * p.sh - p.ph, ow * p.sw - p.pw, inc);
       st(dx + i, s);
    }
@@ -1051,42 +1072,20 @@ nr_status nr_cuda_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor 
    return NR_OK;
 }
 
-nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx)
+nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx, int32_t kernel_h,
+                                     int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
-   pool p = make_pool(dx, dy, 1, 1, 1, 1, 0, 0);
-   int64_t ny = p.nc * p.ho * p.wo, nx = nr_tensor_numel(dx);
+   pool p = make_pool(dx, dy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
+   const int64_t nx = nr_tensor_numel(dx);
    if (nx == 0) return NR_OK;
-   /* f32 accumulation: in dx itself, or for a bf16 dx in a temporary from the caching allocator
-    * (stream-ordered, so it is returned at once), rounded once at the end (bf16 atomics would
-    * round every addition) */
-   const int64_t acc_bytes = nx * (int64_t)sizeof(float);
-   float *acc = (float *)dx->data;
-   if (dx->dtype != NR_F32) {
-      acc = (float *)nr_cuda_alloc(dx->device_index, acc_bytes);
-      if (!acc) return NR_E_OOM;
-   }
-   nr_status st = NR_OK;
-   cudaError_t e = cudaMemsetAsync(acc, 0, (size_t)acc_bytes, ctx->stream);
-   if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "zeroing the gradient of %s", NR_DESC(dx));
-   if (st == NR_OK && ny > 0) {
-      with_act_type(dy, [&](auto tag) {
-         using T = decltype(tag);
-         k_maxpool_b<T><<<grid_for(ny), 256, 0, ctx->stream>>>(cptr<T>(dy), (const int64_t *)indices->data, acc, p);
-      });
-      e = cudaGetLastError();
-      if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "%s -> %s", NR_DESC(dy), NR_DESC(dx));
-   }
-   if (dx->dtype == NR_F32) return st;
-   if (st == NR_OK) {
-      nr_tensor a32 = *dx;
-      a32.dtype = NR_F32;
-      a32.data = acc;
-      st = nr_cuda_launch_copy(ctx, dx, &a32);
-   }
-   nr_cuda_free(dx->device_index, acc, acc_bytes);
-   return st;
+   with_act_type(dy, [&](auto tag) {
+      using T = decltype(tag);
+      k_maxpool_b<T><<<grid_for(nx), 256, 0, ctx->stream>>>(cptr<T>(dy), (const int64_t *)indices->data, mptr<T>(dx), p);
+   });
+   NR_CU_LAUNCHED("maxpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
+   return NR_OK;
 }
 
 nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w,

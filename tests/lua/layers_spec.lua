@@ -205,8 +205,12 @@ describe('errors on bad input and bad options', function()
       assert.are_not.equal(0, C.nr_relu_forward(nc.c, nr.empty({1, 3, 5, 5}).c))
       assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('contiguous', 1, true))
       assert.are_not.equal(0, C.nr_maxpool2d_backward(nr.randn({1, 1, 2, 2}).c, nr.full({1, 1, 2, 2}, 99, {dtype = 'int64'}).c,
-         nr.empty({1, 1, 4, 4}).c))
+         nr.empty({1, 1, 4, 4}).c, 2, 2, 2, 2, 0, 0))
       assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('outside the input plane', 1, true))
+      -- the geometry must be the forward's: a dy of the wrong size for it is named
+      assert.are_not.equal(0, C.nr_maxpool2d_backward(nr.randn({1, 1, 2, 2}).c, nr.zeros({1, 1, 2, 2}, {dtype = 'int64'}).c,
+         nr.empty({1, 1, 4, 4}).c, 3, 3, 1, 1, 1, 1))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('dy', 1, true))
       assert.are_not.equal(0, C.nr_bn2d_forward_train(nr.randn({1, 2, 1, 1}).c, nr.empty({1, 2, 1, 1}).c, nr.empty({2}).c,
          nr.empty({2}).c, nil, nil, nr.zeros({2}).c, nr.ones({2}).c, 0.1, 1e-5, 0))
       assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('more than one value per channel', 1, true))

@@ -72,7 +72,7 @@ function MaxPool2d:updateGradInput(x, gradOutput)
    x = U.input(x, 4, nil, '(N, C, H, W)')
    local g = U.grad(gradOutput, self.output)
    local gi = U.grad_buffer(self, x:shape(), x)
-   U.call(C.nr_maxpool2d_backward(g.c, self._indices.c, gi.c))
+   U.call(C.nr_maxpool2d_backward(g.c, self._indices.c, gi.c, geom(self)))
    return gi
 end
 MaxPool2d.outputShape = window_shape
