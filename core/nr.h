@@ -561,6 +561,11 @@ nr_status nr_cuda_empty_cache(void);
  * 1e-3 relative error; PyTorch's default for convolutions); 0 (the default): full fp32. */
 void nr_cuda_set_allow_tf32(int32_t allow);
 int32_t nr_cuda_get_allow_tf32(void);
+/* on = 1: cuDNN convolutions use only algorithms that give the same bits on every run
+ * (PyTorch's cudnn.deterministic; perhaps slower); the own kernels are deterministic anyway, so
+ * a GPU run with the same seed and data order is then reproducible. 0 (the default): any. */
+void nr_cuda_set_deterministic(int32_t on);
+int32_t nr_cuda_get_deterministic(void);
 /* Input prefetch: dst (CUDA, contiguous) <- src (CPU, contiguous, same dtype and shape) on the
  * GPU's copy stream, so the copy overlaps the work of the compute stream. The copy starts after
  * the work queued on the compute stream so far (which may still read dst); src may be reused when

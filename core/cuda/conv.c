@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KEY_LEN = 18, NBUCKETS = 509, FIND_BUDGET_MAX = 1 << 30 };
+enum { KEY_LEN = 19, NBUCKETS = 509, FIND_BUDGET_MAX = 1 << 30 };
 
 typedef struct plan {
    int32_t key[KEY_LEN];
@@ -104,7 +104,8 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
    DN(cudnnCreateConvolutionDescriptor(&p->cd));
    if (!st) {
       /* key: 0 dev, 1 n, 2 cin, 3 h, 4 w, 5 cout, 6 kh, 7 kw, 8 tf32, 9 groups, 10 sh, 11 sw,
-       * 12 ph, 13 pw, 14 dh, 15 dw, 16 activation dtype (NR_F32 or NR_BF16), 17 channels-last */
+       * 12 ph, 13 pw, 14 dh, 15 dw, 16 activation dtype (NR_F32 or NR_BF16), 17 channels-last,
+       * 18 deterministic algorithms only */
       DN(cudnnSetTensor4dDescriptor(p->xd, fmt, dt, k[1], k[2], k[3], k[4]));
       DN(cudnnSetFilter4dDescriptor(p->wd, dt, fmt, k[5], k[2] / k[9], k[6], k[7]));
       DN(cudnnSetConvolution2dDescriptor(p->cd, k[12], k[13], k[10], k[11], k[14], k[15], CUDNN_CROSS_CORRELATION,
@@ -151,7 +152,7 @@ static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor 
                         NR_DESC(x), (long long)ny);
    int32_t k[KEY_LEN] = {x->device_index,    (int32_t)dims[0], (int32_t)dims[1], (int32_t)dims[2], (int32_t)dims[3],
                          (int32_t)dims[4],   (int32_t)dims[5], (int32_t)dims[6], nr_cuda_tf32_allowed(), groups,
-                         sh, sw, ph, pw, dh, dw, x->dtype, nhwc};
+                         sh, sw, ph, pw, dh, dw, x->dtype, nhwc, nr_cuda_get_deterministic()};
    unsigned hb = hash_key(k);
    pthread_mutex_lock(&g_plan_lock);
    plan *p = g_plans[hb];
@@ -232,11 +233,19 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
    return st;
 }
 
+/* An algorithm the search offered that runs, fits the workspace budget and, when the plan asks
+ * for it (nr.cuda.set_deterministic), gives the same bits on every run. */
+static int usable(const plan *p, cudnnStatus_t st, size_t memory, cudnnDeterminism_t det, size_t budget)
+{
+   return st == CUDNN_STATUS_SUCCESS && memory <= budget && (!p->key[18] || det == CUDNN_DETERMINISTIC);
+}
+
 /* No algorithm fits (none supported, or none within the workspace the device could give). */
 static nr_status no_algorithm(const plan *p, const char *what, const char *dir)
 {
    return nr_fail_at(NR_E_DEVICE, "search", __FILE__, __LINE__, "%s: cuDNN offers no usable %s algorithm%s", what, dir,
-                     p->key[KEY_LEN - 1] ? " for channels-last activations (train with --memory-format contiguous)" : "");
+                     p->key[17] ? " for channels-last activations (train with --memory-format contiguous)"
+                     : p->key[18] ? " that is deterministic (nr.cuda.set_deterministic(false) allows the others)" : "");
 }
 
 static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const void *w, const void *y,
@@ -254,7 +263,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
                                                          CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &got, perf),
                   "%s: cudnnGetConvolutionForwardAlgorithm_v7", what);
       for (int i = 0; i < got; i++)
-         if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= budget) {
+         if (usable(p, perf[i].status, perf[i].memory, perf[i].determinism, budget)) {
             p->fwd = perf[i].algo;
             p->fwd_ws = perf[i].memory;
             p->fwd_math = perf[i].mathType;
@@ -274,7 +283,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
                                                               CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &got, perf),
                   "%s: cudnnGetConvolutionBackwardDataAlgorithm_v7", what);
       for (int i = 0; i < got; i++)
-         if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= budget) {
+         if (usable(p, perf[i].status, perf[i].memory, perf[i].determinism, budget)) {
             p->bwdd = perf[i].algo;
             p->bwdd_ws = perf[i].memory;
             p->bwdd_math = perf[i].mathType;
@@ -294,7 +303,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
                                                                 CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &got, perf),
                   "%s: cudnnGetConvolutionBackwardFilterAlgorithm_v7", what);
       for (int i = 0; i < got; i++)
-         if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= budget) {
+         if (usable(p, perf[i].status, perf[i].memory, perf[i].determinism, budget)) {
             p->bwdf = perf[i].algo;
             p->bwdf_ws = perf[i].memory;
             p->bwdf_math = perf[i].mathType;

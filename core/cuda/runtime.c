@@ -184,6 +184,9 @@ static int32_t g_tf32 = 0;
 void nr_cuda_set_allow_tf32(int32_t allow) { g_tf32 = allow != 0; }
 int32_t nr_cuda_get_allow_tf32(void) { return g_tf32; }
 int32_t nr_cuda_tf32_allowed(void) { return g_tf32; }
+static int32_t g_deterministic = 0;
+void nr_cuda_set_deterministic(int32_t on) { g_deterministic = on != 0; }
+int32_t nr_cuda_get_deterministic(void) { return g_deterministic; }
 
 /* Makes dev the CUDA runtime's current device for this thread (cheap when it already is). */
 static nr_status use_device(int32_t dev)

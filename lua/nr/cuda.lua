@@ -52,6 +52,11 @@ function M.empty_cache() check.status(C.nr_cuda_empty_cache(), 'nr.cuda.empty_ca
 function M.set_allow_tf32(on) C.nr_cuda_set_allow_tf32(on and 1 or 0) end
 function M.allow_tf32() return C.nr_cuda_get_allow_tf32() == 1 end
 
+-- Deterministic cuDNN convolution algorithms only (as torch.backends.cudnn.deterministic): a GPU
+-- run with the same seed and data order gives the same bits; off by default (any algorithm).
+function M.set_deterministic(on) C.nr_cuda_set_deterministic(on and 1 or 0) end
+function M.deterministic() return C.nr_cuda_get_deterministic() == 1 end
+
 -- {in_use, peak, allocations, cached, free, total} in bytes; free/total are nil without a GPU.
 function M.memory(device)
    local dev = device or M.current_device()

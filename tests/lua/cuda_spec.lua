@@ -834,6 +834,36 @@ describe('Neural Rejuvenation inside nr.train on the GPU', function()
    end
 end)
 
+describe('reproducible GPU training', function()
+   it('with nr.cuda.set_deterministic(true) two runs from one seed end with the same bits', function()
+      local train = require 'nr.train'
+      local fixtures = require 'tests.lua.nr_zoo'
+      local x, y = fixtures.synthetic(512, 8)
+      local function run(tag)
+         local tr = train.new({
+            name = 'det', model = fixtures.small_net, device = 'cuda', epochs = 1, seed = 3, log_every = 100,
+            out = (os.getenv('TMPDIR') or '/tmp') .. '/nr_cuda_det_' .. tag .. '_' .. tostring(os.time()),
+            optim = {lr = 0.05, momentum = 0.9, weight_decay = 1e-4}, schedule = {name = 'cosine'},
+            data = {train = train.memory_loader(x, y, {batch = 64, shuffle = true, seed = 2})},
+            progress = {stream = io.open('/dev/null', 'w')},
+         })
+         tr:run()
+         local ps = tr.model:parameters()
+         local out = {}
+         for i, p in ipairs(ps) do out[i] = p:cpu() end
+         return out
+      end
+      nr.cuda.set_deterministic(true)
+      local okr, a, b = pcall(function() return run('a'), run('b') end)
+      nr.cuda.set_deterministic(false)
+      assert(okr, tostring(a))
+      for i = 1, #a do
+         local d = a[i]:sub(b[i]):abs():max()
+         assert(d == 0, string.format('parameter %d differs by %g between two deterministic runs', i, d))
+      end
+   end)
+end)
+
 describe('SGD and NR primitives on the GPU', function()
    it('sgd_step matches torch.optim.SGD semantics on the CPU', function()
       for _, cfg in ipairs({{0, 0, 0}, {0.9, 5e-4, 0}, {0.9, 1e-4, 1}}) do

@@ -44,6 +44,14 @@ describe('FFI contract', function()
       assert.are.same({}, unresolved)
    end)
 
+   it('keeps the CUDA switches (TF32, deterministic convolutions) with or without a GPU', function()
+      local cuda = require 'nr.cuda'
+      for _, on in ipairs({true, false}) do
+         cuda.set_allow_tf32(on); assert.equal(on and cuda.built(), cuda.allow_tf32())
+         cuda.set_deterministic(on); assert.equal(on and cuda.built(), cuda.deterministic())
+      end
+   end)
+
    it('keeps the FFI block free of preprocessor lines', function()
       for line in nrffi.cdef_text:gmatch('[^\n]+') do
          assert.is_nil(line:match('^%s*#'), 'preprocessor line in FFI block: ' .. line)
