@@ -218,6 +218,7 @@ typedef struct block {
 } block;
 
 enum { NR_STAGING_SLOTS = 4, NR_PREFETCH_SLOTS = 8 };
+enum { STAGE_COMPUTE = 0, STAGE_PREFETCH = 1 }; /* the staging rings */
 
 typedef struct devstate {
    block *free_list[NCLASSES];
@@ -225,14 +226,15 @@ typedef struct devstate {
    int64_t in_use;   /* bytes handed out (tensors, scratch, workspaces) */
    int ctx_ready;
    nr_cuda_ctx ctx;
-   /* pinned staging for host-to-device copies: a ring of slots, used in turn */
+   /* pinned staging for host-to-device copies: one ring of slots per stream (STAGE_COMPUTE,
+    * STAGE_PREFETCH), used in turn, so a copy never waits for a slot held by the other stream */
    struct staging_slot {
       void *ptr;
       int64_t bytes;
       cudaEvent_t done; /* recorded after the slot's last copy */
       int pending;
-   } staging[NR_STAGING_SLOTS];
-   int staging_next;
+   } staging[2][NR_STAGING_SLOTS];
+   int staging_next[2];
    /* input prefetch (nr_cuda_prefetch): copies on their own stream, each ordered after the compute
     * stream's work at its start (compute_mark) and named by a ticket; a slot holds the latest
     * copies' events and, until the compute stream waits for it, the destination bytes */
@@ -349,8 +351,11 @@ static void settle_prefetch_into(devstate *d, const void *ptr, int64_t bytes)
    for (int i = 0; i < NR_PREFETCH_SLOTS; i++) {
       struct prefetch_slot *s = &d->prefetch[i];
       if (s->ticket && s->dst < hi && lo < s->dst + s->bytes) {
-         cudaStreamWaitEvent(d->ctx.stream, s->done, 0);
-         cudaGetLastError();
+         if (cudaStreamWaitEvent(d->ctx.stream, s->done, 0) != cudaSuccess) {
+            cudaGetLastError();
+            cudaEventSynchronize(s->done); /* the host waits instead */
+            cudaGetLastError();
+         }
          s->ticket = 0;
       }
    }
@@ -432,8 +437,8 @@ nr_status nr_cuda_ctx_get(int32_t device_index, nr_cuda_ctx **out)
        * plain cudaMemcpy by other code) is ordered with it both ways */
       cudaError_t e = cudaStreamCreateWithFlags(&c->stream, cudaStreamDefault);
       if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "cudaStreamCreate on cuda:%d", device_index);
-      for (int i = 0; !st && i < NR_STAGING_SLOTS; i++) {
-         e = cudaEventCreateWithFlags(&d->staging[i].done, cudaEventDisableTiming);
+      for (int i = 0; !st && i < 2 * NR_STAGING_SLOTS; i++) {
+         e = cudaEventCreateWithFlags(&d->staging[i / NR_STAGING_SLOTS][i % NR_STAGING_SLOTS].done, cudaEventDisableTiming);
          if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "cudaEventCreate on cuda:%d", device_index);
       }
       if (!st) {
@@ -534,19 +539,28 @@ nr_status nr_cuda_set(nr_tensor *t, int64_t off, double value)
 
 enum { STAGING_MAX = 64 << 20 }; /* bytes; bigger copies go through in chunks */
 
-/* Host bytes (pageable) -> device, asynchronously on `stream`, through the device's pinned staging
- * ring: each chunk takes the next slot, waiting only until that slot's previous copy has finished. */
-static nr_status stage_h2d(nr_cuda_ctx *ctx, cudaStream_t stream, void *dst, const void *src, int64_t bytes)
+/* Host bytes (pageable) -> device, asynchronously on `stream`, through one of the device's pinned
+ * staging rings: each chunk takes the ring's next slot, waiting only until that slot's previous
+ * copy has finished. The prefetch ring stages a whole transfer in one slot (no chunks), so a big
+ * batch never waits for its own earlier chunk, which sits behind the compute queued before it.
+ * After a failure nothing queued still reads a staging buffer (the stream is drained). */
+static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, cudaStream_t stream, void *dst, const void *src, int64_t bytes)
 {
    devstate *d = &g_dev[ctx->device];
-   int64_t chunk = bytes < STAGING_MAX ? bytes : STAGING_MAX;
+   int64_t chunk = ring == STAGE_PREFETCH || bytes < STAGING_MAX ? bytes : STAGING_MAX;
    if (chunk <= 0) return NR_OK;
-   for (int64_t done = 0; done < bytes; done += chunk) {
+   nr_status st = NR_OK;
+   for (int64_t done = 0; !st && done < bytes; done += chunk) {
       int64_t n = bytes - done < chunk ? bytes - done : chunk;
-      struct staging_slot *s = &d->staging[d->staging_next];
-      d->staging_next = (d->staging_next + 1) % NR_STAGING_SLOTS;
+      struct staging_slot *s = &d->staging[ring][d->staging_next[ring]];
+      d->staging_next[ring] = (d->staging_next[ring] + 1) % NR_STAGING_SLOTS;
+      cudaError_t e = cudaSuccess;
       if (s->pending) {
-         NR_CU(cudaEventSynchronize(s->done), "waiting for a staging buffer's previous host-to-device copy");
+         e = cudaEventSynchronize(s->done);
+         if (e != cudaSuccess) {
+            st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "waiting for a staging buffer's previous host-to-device copy");
+            break;
+         }
          s->pending = 0;
       }
       if (s->bytes < n) {
@@ -554,17 +568,25 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, cudaStream_t stream, void *dst, con
          s->ptr = NULL;
          s->bytes = 0;
          int64_t want = n < (1 << 20) ? (1 << 20) : n;
-         NR_CU(cudaHostAlloc(&s->ptr, (size_t)want, cudaHostAllocDefault), "pinned staging buffer of %lld bytes",
-               (long long)want);
+         e = cudaHostAlloc(&s->ptr, (size_t)want, cudaHostAllocDefault);
+         if (e != cudaSuccess) {
+            s->ptr = NULL;
+            st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "pinned staging buffer of %lld bytes", (long long)want);
+            break;
+         }
          s->bytes = want;
       }
       memcpy(s->ptr, (const char *)src + done, (size_t)n);
-      NR_CU(cudaMemcpyAsync((char *)dst + done, s->ptr, (size_t)n, cudaMemcpyHostToDevice, stream),
-            "host-to-device copy of %lld bytes", (long long)n);
-      NR_CU(cudaEventRecord(s->done, stream), "cudaEventRecord");
-      s->pending = 1;
+      e = cudaMemcpyAsync((char *)dst + done, s->ptr, (size_t)n, cudaMemcpyHostToDevice, stream);
+      if (e == cudaSuccess) e = cudaEventRecord(s->done, stream);
+      if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "host-to-device copy of %lld bytes", (long long)n);
+      else s->pending = 1;
    }
-   return NR_OK;
+   if (st) {
+      cudaStreamSynchronize(stream); /* earlier chunks may still read their slots */
+      cudaGetLastError();
+   }
+   return st;
 }
 
 /* A contiguous tensor header over raw memory (no storage), shaped like `like` (equal numel). */
@@ -613,10 +635,11 @@ static nr_status copy_h2d(nr_tensor *dst, const nr_tensor *src)
       nr_tensor_free(h);
       return st;
    }
-   if (nr_tensor_is_contiguous(dst) && dst->dtype == src->dtype) return stage_h2d(ctx, ctx->stream, dst->data, src->data, bytes);
+   if (nr_tensor_is_contiguous(dst) && dst->dtype == src->dtype)
+      return stage_h2d(ctx, STAGE_COMPUTE, ctx->stream, dst->data, src->data, bytes);
    void *tmp = nr_cuda_alloc(dst->device_index, bytes);
    if (!tmp) return NR_E_OOM;
-   nr_status st = stage_h2d(ctx, ctx->stream, tmp, src->data, bytes);
+   nr_status st = stage_h2d(ctx, STAGE_COMPUTE, ctx->stream, tmp, src->data, bytes);
    if (!st) {
       nr_tensor tv = raw_view(dst, src->dtype, NR_CUDA, dst->device_index, tmp);
       st = nr_cuda_launch_copy(ctx, dst, &tv);
@@ -629,11 +652,15 @@ static nr_status copy_h2d(nr_tensor *dst, const nr_tensor *src)
 static nr_status prefetch_ready(devstate *d, int32_t dev)
 {
    if (d->copy_stream) return NR_OK;
-   /* non-blocking: ordered with the compute stream by events only, never by the legacy stream */
-   NR_CU(cudaStreamCreateWithFlags(&d->copy_stream, cudaStreamNonBlocking), "creating the copy stream of cuda:%d", dev);
+   /* the events first and the stream last, so a failure leaves nothing half made: the next call
+    * tries again (events made before a failure are created again, a small leak on a failing GPU) */
    NR_CU(cudaEventCreateWithFlags(&d->compute_mark, cudaEventDisableTiming), "cudaEventCreate on cuda:%d", dev);
    for (int i = 0; i < NR_PREFETCH_SLOTS; i++)
       NR_CU(cudaEventCreateWithFlags(&d->prefetch[i].done, cudaEventDisableTiming), "cudaEventCreate on cuda:%d", dev);
+   /* non-blocking: ordered with the compute stream by events only, never by the legacy stream */
+   cudaStream_t s;
+   NR_CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "creating the copy stream of cuda:%d", dev);
+   d->copy_stream = s;
    return NR_OK;
 }
 
@@ -653,13 +680,20 @@ nr_status nr_cuda_prefetch(nr_tensor *dst, const nr_tensor *src, int64_t *ticket
    /* after the compute stream's work so far, which may still read dst */
    NR_CU(cudaEventRecord(d->compute_mark, ctx->stream), "prefetch: marking the compute stream");
    NR_CU(cudaStreamWaitEvent(d->copy_stream, d->compute_mark, 0), "prefetch: ordering the copy stream");
-   NR_TRY(stage_h2d(ctx, d->copy_stream, dst->data, src->data, bytes));
+   NR_TRY(stage_h2d(ctx, STAGE_PREFETCH, d->copy_stream, dst->data, src->data, bytes));
    const int64_t t = d->prefetch_seq + 1;
    struct prefetch_slot *s = &d->prefetch[t % NR_PREFETCH_SLOTS];
    /* the slot's older copy has not been waited for: the compute stream waits for it now, before
     * its event is recorded again (conservative, and keeps the freed-block guard exact) */
-   if (s->ticket) NR_CU(cudaStreamWaitEvent(ctx->stream, s->done, 0), "prefetch: retiring ticket %lld", (long long)s->ticket);
-   NR_CU(cudaEventRecord(s->done, d->copy_stream), "prefetch: marking the copy");
+   cudaError_t e = s->ticket ? cudaStreamWaitEvent(ctx->stream, s->done, 0) : cudaSuccess;
+   if (e == cudaSuccess) e = cudaEventRecord(s->done, d->copy_stream);
+   if (e != cudaSuccess) {
+      /* the copy is queued but cannot be tracked: finish it (and the older one) on the host */
+      nr_status st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "prefetch: ordering %s", NR_DESC(dst));
+      cudaStreamSynchronize(d->copy_stream);
+      cudaGetLastError();
+      return st;
+   }
    pthread_mutex_lock(&g_lock); /* nr_cuda_free reads the slots */
    s->dst = dst->data;
    s->bytes = bytes;

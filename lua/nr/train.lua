@@ -205,8 +205,10 @@ local Meter = {}
 Meter.__index = Meter
 local METER_PENDING_MAX = 2 ^ 22
 
-function M.meter(device)
-   local m = setmetatable({acc = T.zeros({4}, {device = device}), host = device == 'cpu'}, Meter)
+-- strict: a non-finite loss is an error at the read (training); otherwise it is summed (an
+-- evaluation reports a NaN loss as it is).
+function M.meter(device, strict)
+   local m = setmetatable({acc = T.zeros({4}, {device = device}), host = device == 'cpu', strict = strict}, Meter)
    m:reset()
    return m
 end
@@ -237,7 +239,7 @@ function Meter:read(what, lr)
    local a = self.acc:to('cpu')
    local loss, h1, h5, n = a:get(1), a:get(2), a:get(3), a:get(4)
    self.acc:zero()
-   if loss ~= loss or loss == math.huge or loss == -math.huge then
+   if self.strict and (loss ~= loss or loss == math.huge or loss == -math.huge) then
       local at = self.first_step == self.last_step and string.format('step %d', self.last_step)
          or string.format('a step from %d to %d', self.first_step, self.last_step)
       error(string.format('nr.train: the loss is %s at %s of %s%s; lower the learning rate?', tostring(loss / n), at, what,
@@ -261,6 +263,7 @@ end
 -- one. Returns {t = the device view, ticket = the copy's ticket or nil}, and the buffer. Without
 -- a real GPU (the specs' dry run maps 'cuda' to the CPU) it copies at once.
 function M.prefetch(h, full, device)
+   if h:is_cuda() then return {t = h}, full end -- a loader that yields device tensors
    if not h:is_contiguous() then h = h:contiguous() end
    local shape = h:shape()
    local fits = full and full:dtype() == h:dtype() and full:dim() == #shape and shape[1] <= full:size(1)
@@ -282,7 +285,8 @@ local function check_host_labels(y, num_classes)
 end
 
 -- A hook's info for one step: info.loss reads the step's loss on first access only (a hook that
--- never looks at it costs no synchronisation).
+-- never looks at it costs no synchronisation); read it during the hook call (the criterion's
+-- buffer holds the next step's loss after that step's forward).
 local STEP_INFO = {__index = function(t, k)
    if k ~= 'loss' then return nil end
    local v = rawget(t, '_loss_t'):get(1)
@@ -689,13 +693,13 @@ function Trainer:as_model_input(xd)
 end
 
 -- The batches of a loader iterator `it` (at most `limit`) on the training device:
---   for xd, yd, bn, checked in tr:device_batches(loader:epoch(e), limit) do ... end
+--   for xd, yd, bn, checked in tr:device_batches(loader:epoch(e), limit [, purpose]) do ... end
 -- bn is the batch size; checked says the labels were range-checked on the host (so the
 -- criterion need not check them on the GPU). On the CPU the batches pass through. On a GPU each
 -- host batch is copied ahead on the copy stream (nr_cuda_prefetch) into one of two device
 -- buffers while the step before it computes; the next host batch is fetched only after the
 -- current one was staged, because loaders recycle their host buffers.
-function Trainer:device_batches(it, limit)
+function Trainer:device_batches(it, limit, purpose)
    local taken = 0
    if self.device == 'cpu' then
       return function()
@@ -706,10 +710,18 @@ function Trainer:device_batches(it, limit)
          return x, y, x:size(1), false
       end
    end
-   local slots = rawget(self, '_prefetch')
+   -- slots per purpose ('train', 'eval'): an evaluation inside a training epoch (from a hook)
+   -- must not overwrite the training batch staged ahead
+   local all = rawget(self, '_prefetch')
+   if not all then
+      all = {}
+      self._prefetch = all
+   end
+   purpose = purpose or 'train'
+   local slots = all[purpose]
    if not slots then
       slots = {{}, {}}
-      self._prefetch = slots
+      all[purpose] = slots
    end
    local turn = 0
    -- copies host batch (x, y) ahead into the next slot; returns that slot
@@ -742,12 +754,19 @@ function Trainer:device_batches(it, limit)
    end
 end
 
--- The trainer's metrics accumulator, reset (one per trainer: its device buffer is reused).
-function Trainer:meter()
-   local m = rawget(self, '_meter')
+-- The trainer's metrics accumulator for 'train' (strict: a non-finite loss stops the run) or
+-- 'eval', reset; one of each per trainer (their device buffers are reused), so an evaluation a
+-- hook runs mid-epoch leaves the epoch's sums alone.
+function Trainer:meter(kind)
+   local meters = rawget(self, '_meters')
+   if not meters then
+      meters = {}
+      self._meters = meters
+   end
+   local m = meters[kind]
    if not m then
-      m = M.meter(self.device)
-      self._meter = m
+      m = M.meter(self.device, kind == 'train')
+      meters[kind] = m
    end
    m:reset()
    return m
@@ -759,10 +778,10 @@ function Trainer:evaluate(loader)
    if not loader then return nil end
    local model, crit = self.model, self.criterion
    local limit = self.recipe.data.val_batches
-   local meter = self:meter()
+   local meter = self:meter('eval')
    local function pass()
       local b = 0
-      for xd, yd, _, checked in self:device_batches(loader:epoch(1), limit) do
+      for xd, yd, _, checked in self:device_batches(loader:epoch(1), limit, 'eval') do
          b = b + 1
          local out = model:forward(xd)
          self._classes = out:size(2)
@@ -811,12 +830,12 @@ function Trainer:train_epoch(epoch)
    local total = self.iters_per_epoch
    self.progress:begin_epoch(epoch, self:planned_epochs(self.schedule_hold), total)
    local t0 = progress.now()
-   local meter = self:meter()
+   local meter = self:meter('train')
    local what = 'epoch ' .. epoch
    local n, win_t = 0, t0
    local i = 0
    local log_every = rc.log_every or 50
-   for xd, yd, bn, checked in self:device_batches(self.train_loader:epoch(epoch), total) do
+   for xd, yd, bn, checked in self:device_batches(self.train_loader:epoch(epoch), total, 'train') do
       i = i + 1
       self.step = self.step + 1
       if sched then opt.config.lr = sched:lr() end
@@ -835,10 +854,14 @@ function Trainer:train_epoch(epoch)
       if sched and not self.schedule_hold then sched:step() end
       n = n + bn
       local log_now = i % log_every == 0 or i == total
-      if log_now or self.progress:due(i) then
-         meter:read(what, opt.config.lr)
+      local show = self.progress:due(i)
+      -- a terminal's bar redraws 10 times a second: it shows the sums of the last read instead of
+      -- draining the GPU each time (plain progress lines and log points read)
+      if log_now or (show and not self.progress.tty) then meter:read(what, opt.config.lr) end
+      if log_now or show then
          local now = progress.now()
-         self.progress:update(i, {loss = meter.loss / meter.n, acc = 100 * meter.top1 / meter.n,
+         local seen = meter.n > 0
+         self.progress:update(i, {loss = seen and meter.loss / meter.n or nil, acc = seen and 100 * meter.top1 / meter.n or nil,
                                   ips = n / math.max(now - t0, 1e-9)})
          if log_now then
             local w = meter:take_window()

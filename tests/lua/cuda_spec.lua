@@ -862,6 +862,37 @@ describe('reproducible GPU training', function()
          assert(d == 0, string.format('parameter %d differs by %g between two deterministic runs', i, d))
       end
    end)
+
+   it('an evaluation run by a hook mid-epoch leaves the batches staged ahead and the epoch sums alone', function()
+      local train = require 'nr.train'
+      local fixtures = require 'tests.lua.nr_zoo'
+      local x, y = fixtures.synthetic(384, 9)
+      local vx, vy = fixtures.synthetic(100, 10)
+      local function run(tag, hook)
+         local tr = train.new({
+            name = 'mid', model = fixtures.small_net, device = 'cuda', epochs = 1, seed = 4, log_every = 100,
+            out = (os.getenv('TMPDIR') or '/tmp') .. '/nr_cuda_mid_' .. tag .. '_' .. tostring(os.time()),
+            optim = {lr = 0.05, momentum = 0.9}, data = {train = train.memory_loader(x, y, {batch = 64, seed = 2, shuffle = true}),
+                                                       val = train.memory_loader(vx, vy, {batch = 32})},
+            progress = {stream = io.open('/dev/null', 'w')},
+            hooks = hook and {after_step = function(t) if t.step == 2 then t:evaluate() end end} or nil,
+         })
+         local epoch_info
+         tr:add_hook('epoch_end', function(_, info) epoch_info = info end)
+         tr:run()
+         return tr.model:parameters(), epoch_info.train
+      end
+      nr.cuda.set_deterministic(true)
+      local okr, pa, ta = pcall(run, 'plain')
+      local okh, pb, tb = pcall(run, 'hooked', true)
+      nr.cuda.set_deterministic(false)
+      assert(okr and okh, tostring(okr and pb or pa))
+      for i = 1, #pa do
+         local d = pa[i]:sub(pb[i]):abs():max()
+         assert(d == 0, string.format('parameter %d differs by %g after a mid-epoch evaluation', i, d))
+      end
+      assert(ta.loss == tb.loss and ta.top1 == tb.top1, string.format('epoch sums %s/%s vs %s/%s', ta.loss, ta.top1, tb.loss, tb.top1))
+   end)
 end)
 
 describe('SGD and NR primitives on the GPU', function()

@@ -195,6 +195,7 @@ describe('nr.Tensor', function()
       t:narrow(1, 2, 9):copy(t:narrow(1, 1, 9):clone())   -- through a clone it works
       assert.same({0, 0, 1, 2, 3, 4, 5, 6, 7, 8}, t:totable())
       t:copy(t)                                          -- the same view: nothing to do
+      t:view({2, 5}):copy(t)                             -- row-major views of one memory: the same order
       t:narrow(1, 1, 5):copy(t:narrow(1, 6, 5))          -- disjoint halves
       assert.same({4, 5, 6, 7, 8, 4, 5, 6, 7, 8}, t:totable())
       -- the same memory read in another layout overlaps too (an in-place transpose)

@@ -372,7 +372,7 @@ describe('nr.train', function()
    end)
 
    it('the metrics meter sums on the device and reads back only when asked (as on a GPU)', function()
-      local meter = train.meter('cpu')
+      local meter = train.meter('cpu', true)
       meter.host = false          -- the GPU policy: no read until one is due
       assert.is_false(meter:due())
       local crit = nr.nn.CrossEntropyLoss()
@@ -406,6 +406,11 @@ describe('nr.train', function()
       local ok, err = pcall(meter.read, meter, 'epoch 2', 0.5)
       assert.is_false(ok)
       assert.truthy(tostring(err):find('the loss is nan at a step from 4 to 6 of epoch 2 (lr 0.5)', 1, true), err)
+      -- an evaluation's meter (not strict) sums a NaN loss instead of raising
+      local ev = train.meter('cpu')
+      ev:add(x, yy, nr.tensor({0 / 0}), 1)
+      ev:read('the evaluation')
+      assert.is_true(ev.loss ~= ev.loss and ev.n == 2)
       -- the device sums start over after a reset
       meter:reset()
       assert.equal(0, meter.acc:get(4))
