@@ -670,16 +670,10 @@ function Trainer:load_checkpoint(path)
    return r.dir
 end
 
--- A batch on the training device. The model's activations follow the input's dtype and memory
--- format, so the images go over as bfloat16 under precision 'bf16' and channels-last under
--- memory_format 'channels_last', converted on the way into a buffer reused across steps.
-function Trainer:on_device(x, y)
-   if self.device == 'cpu' then return x, y end
-   return self:as_model_input(x:to(self.device)), y:to(self.device)
-end
-
--- A device batch in the dtype and memory format the model computes in (converted on the device
--- into one reused buffer; as is when it already is).
+-- A device batch in the dtype and memory format the model computes in: the activations follow
+-- the input's, so the images become bfloat16 under precision 'bf16' and channels-last under
+-- memory_format 'channels_last', converted on the device into one reused buffer (as is when
+-- they already are).
 function Trainer:as_model_input(xd)
    local dt = self.precision == 'bf16' and 'bfloat16' or 'float32'
    local fmt = xd:dim() == 4 and self.memory_format or 'contiguous'
