@@ -37,13 +37,27 @@ Tensor._wrap = wrap
 local function is_tensor(x) return getmetatable(x) == Tensor end
 Tensor.is_tensor = is_tensor
 
+-- 'cpu' | 'cuda' | 'cuda:N' -> the device, and for 'cuda:N' the GPU index (nil: the current GPU,
+-- nr.cuda.set_device).
 local function parse_device(dev, fname)
    if dev == nil or dev == 'cpu' then return C.NR_CPU end
-   if dev == 'cuda' or (type(dev) == 'string' and dev:match('^cuda:?%d*$')) then
+   if dev == 'cuda' or (type(dev) == 'string' and dev:match('^cuda:%d+$')) then
       if C.nr_has_cuda() == 0 then error(fname .. ': this nrlua was built without CUDA', 3) end
-      return C.NR_CUDA
+      local idx = dev:match('^cuda:(%d+)$')
+      return C.NR_CUDA, idx and tonumber(idx) or nil
    end
-   error(string.format('%s: unknown device %q (use "cpu" or "cuda")', fname, tostring(dev)), 3)
+   error(string.format('%s: unknown device %q (use "cpu", "cuda" or "cuda:N")', fname, tostring(dev)), 3)
+end
+
+-- make() with GPU idx as the current device (a tensor asked for on 'cuda:N'), the caller's back after.
+local function on_gpu(idx, fname, make)
+   local prev = idx and tonumber(C.nr_cuda_current_device())
+   if idx == nil or idx == prev then return make() end
+   check.status(C.nr_cuda_set_device(idx), string.format('%s (device cuda:%d)', fname, idx), 4)
+   local ok, r = pcall(make)
+   C.nr_cuda_set_device(prev)
+   if not ok then error(r, 0) end
+   return r
 end
 
 local function parse_dtype(dt, fname)
@@ -80,7 +94,12 @@ local function new(shape, opts, fname)
    fname = fname or 'nr.empty'
    opts = check.options(opts, {dtype = true, device = true, memory_format = true}, fname)
    local arr, n = shape_of(shape, fname)
-   local dt, dev = parse_dtype(opts.dtype, fname), parse_device(opts.device, fname)
+   local dt = parse_dtype(opts.dtype, fname)
+   local dev, idx = parse_device(opts.device, fname)
+   if idx then
+      local here = {dtype = opts.dtype, device = 'cuda', memory_format = opts.memory_format}
+      return on_gpu(idx, fname, function() return new(shape, here, fname) end)
+   end
    if parse_format(opts.memory_format, n, fname) == 'contiguous' then
       return wrap(check.pointer(C.nr_tensor_new(dt, dev, n, arr), fname, 3))
    end
@@ -196,7 +215,14 @@ function Tensor:stride()
 end
 function Tensor:numel() return tonumber(C.nr_tensor_numel(live(self))) end
 function Tensor:dtype() return DTYPE_NAMES[live(self).dtype] end
-function Tensor:device() return DEVICE_NAMES[live(self).device] end
+-- 'cpu', or 'cuda:N' for a tensor on GPU N (as str(t.device) in PyTorch); t:is_cuda() asks the kind.
+function Tensor:device()
+   local c = live(self)
+   if c.device == C.NR_CUDA then return 'cuda:' .. tonumber(c.device_index) end
+   return DEVICE_NAMES[c.device]
+end
+-- The GPU index of a CUDA tensor (0 on the CPU).
+function Tensor:device_index() return tonumber(live(self).device_index) end
 -- Whether a 4-d view has exactly the strides of a channels-last tensor of its shape (the ones
 -- nr.empty{memory_format = 'channels_last'} gives, size-1 dimensions included: so a
 -- channels-last (N, 1, H, W) batch stays tagged although its elements are in row-major order).
@@ -226,7 +252,7 @@ function Tensor:is_cuda() return live(self).device == C.NR_CUDA end
 -- Raw pointer to element 0 (CPU tensors; typed by dtype). Valid while the tensor lives.
 function Tensor:data()
    local c = live(self)
-   check.arg(c.device == C.NR_CPU, 'Tensor:data', 'tensor is on %s; call :cpu() first', DEVICE_NAMES[c.device])
+   check.arg(c.device == C.NR_CPU, 'Tensor:data', 'tensor is on %s; call :cpu() first', self:device())
    return ffi.cast(CTYPE_PTR[c.dtype], c.data)
 end
 function Tensor:same_storage(other) return C.nr_tensor_same_storage(live(self), live(other)) == 1 end
@@ -245,7 +271,7 @@ function Tensor:describe()
    local c = rawget(self, 'c')
    if c == nil then return 'freed tensor' end
    local cl = self:memory_format() == 'channels_last' and ' channels_last' or ''
-   return string.format('%s %s [%s]%s', DTYPE_NAMES[c.dtype], DEVICE_NAMES[c.device], table.concat(self:shape(), ' x '), cl)
+   return string.format('%s %s [%s]%s', DTYPE_NAMES[c.dtype], self:device(), table.concat(self:shape(), ' x '), cl)
 end
 
 -- ---- element access ----------------------------------------------------------------------
@@ -327,12 +353,16 @@ function Tensor:contiguous(memory_format)
    end
    return M.empty(self:shape(), {dtype = self:dtype(), device = self:device(), memory_format = fmt}):copy(self)
 end
+-- to('cuda') keeps a CUDA tensor on its GPU (and moves a CPU one to the current GPU), to('cuda:N')
+-- puts it on GPU N; a dtype converts.
 function Tensor:to(device, dtype)
-   local dev = parse_device(device, 'Tensor:to')
+   local dev, idx = parse_device(device, 'Tensor:to')
    local c = live(self)
    local dt = dtype and parse_dtype(dtype, 'Tensor:to') or c.dtype
-   if dev == c.device and dt == c.dtype then return self end
-   return M.empty_like(self, {dtype = DTYPE_NAMES[dt], device = DEVICE_NAMES[dev]}):copy(self)
+   if dev == c.device and dt == c.dtype and (idx == nil or idx == c.device_index) then return self end
+   local target = DEVICE_NAMES[dev]
+   if dev == C.NR_CUDA and (idx or c.device == C.NR_CUDA) then target = 'cuda:' .. tonumber(idx or c.device_index) end
+   return M.empty_like(self, {dtype = DTYPE_NAMES[dt], device = target}):copy(self)
 end
 function Tensor:cuda() return self:to('cuda') end
 function Tensor:cpu() return self:to('cpu') end
@@ -580,7 +610,7 @@ function Tensor:__tostring()
    local c = rawget(self, 'c')
    if c == nil then return 'nr.Tensor (freed)' end
    local head = string.format('nr.Tensor %s %s [%s]', ({[0] = 'f32', 'int64', 'uint8', 'bf16'})[c.dtype],
-      DEVICE_NAMES[c.device], table.concat(self:shape(), ' x '))
+      self:device(), table.concat(self:shape(), ' x '))
    local n = self:numel()
    if n == 0 then return head .. ' (empty)' end
    local host = self:is_cuda() and self:cpu() or self

@@ -511,9 +511,12 @@ function M.new(recipe)
    if rc.seed then C.nr_rng_seed(rc.seed) end
    tr.device = pick_device(rc.device)
    rc.device_resolved = tr.device
+   -- device 'cuda:N': GPU N becomes the current one, so what the run creates lives there
+   local gpu = tr.device:match('^cuda:(%d+)$')
+   if gpu then require('nr.cuda').set_device(tonumber(gpu)) end
    check.arg(rc.precision == 'fp32' or rc.precision == 'bf16', 'nr.train', 'precision must be "fp32" or "bf16", got %s',
       tostring(rc.precision))
-   if rc.precision == 'bf16' and tr.device ~= 'cuda' then
+   if rc.precision == 'bf16' and tr.device == 'cpu' then
       error(string.format('nr.train: precision = "bf16" computes on CUDA only, but the device is %s%s', tr.device,
          rc.device == 'auto' and ' (no GPU found)' or ''), 0)
    end
@@ -522,7 +525,7 @@ function M.new(recipe)
    if fmt == nil then fmt = (rc.precision == 'bf16' and 'channels_last' or 'contiguous') end
    check.arg(fmt == 'contiguous' or fmt == 'channels_last', 'nr.train',
       'memory_format must be "contiguous" or "channels_last", got %s', tostring(fmt))
-   if fmt == 'channels_last' and tr.device ~= 'cuda' then
+   if fmt == 'channels_last' and tr.device == 'cpu' then
       error(string.format('nr.train: memory_format = "channels_last" is a CUDA layout, but the device is %s%s', tr.device,
          rc.device == 'auto' and ' (no GPU found)' or ''), 0)
    end

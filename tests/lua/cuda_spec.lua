@@ -121,6 +121,21 @@ describe('nr.cuda runtime', function()
       nr.cuda.synchronize()
    end)
 
+   it('places tensors on a named GPU and keeps them there (cuda:N)', function()
+      local a = nr.randn({3, 4}, {device = 'cuda:0'})
+      assert(a:device() == 'cuda:0' and a:device_index() == 0, a:device())
+      assert(a:to('cuda') == a and a:to('cuda:0') == a, 'to() of the same GPU is the tensor itself')
+      assert(a:clone():device() == 'cuda:0' and a:to('cuda', 'bfloat16'):device() == 'cuda:0')
+      if nr.cuda.device_count() >= 2 then
+         local b = a:to('cuda:1')
+         assert(b:device() == 'cuda:1' and nr.cuda.current_device() == 0, 'placement must not change the current GPU')
+         assert(b:clone():device() == 'cuda:1' and b:add(b):device() == 'cuda:1')
+         close('copy to cuda:1 and back', a, b:to('cuda:0'))
+      end
+      local okd, err = pcall(nr.empty, {2}, {device = 'cuda:' .. nr.cuda.device_count()})
+      assert(not okd and tostring(err):find('cuda:' .. nr.cuda.device_count(), 1, true), tostring(err))
+   end)
+
    it('copies between host and device, strided and converting', function()
       local h = randn({5, 7})
       local d = h:cuda()

@@ -185,6 +185,14 @@ describe('nr.Tensor', function()
       assert.matches('cannot reshape', err)
       ok, err = pcall(nr.zeros, {2}, {device = 'tpu'})
       assert.matches('unknown device', err)
+      ok, err = pcall(nr.zeros, {2}, {device = 'cuda:x'})
+      assert.matches('"cpu", "cuda" or "cuda:N"', err)
+      assert.equal(0, a:device_index())
+      if not nr.cuda.available() then  -- a GPU index that cannot be selected is named
+         ok, err = pcall(nr.zeros, {2}, {device = 'cuda:3'})
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(nr.cuda.built() and 'cuda:3' or 'built without CUDA', 1, true), err)
+      end
    end)
 
    it('copy refuses dense views of one memory that overlap, as PyTorch does', function()
