@@ -84,6 +84,6 @@ setmetatable(nr, {
 })
 
 -- NR_PROFILE=1: time per module type and layer, printed at exit (lua/nr/profile.lua).
-if os.getenv('NR_PROFILE') == '1' then require('nr.profile') end
+if os.getenv('NR_PROFILE') == '1' or os.getenv('NR_PROFILE') == 'sync' then require('nr.profile') end
 
 return nr

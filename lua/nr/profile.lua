@@ -1,17 +1,22 @@
 -- nr.profile — wall-clock time per layer and per module type, forward and backward.
 --
 --   NR_PROFILE=1 nrlua train.lua        -- enabled when nr.profile is loaded; report printed at exit
+--   NR_PROFILE=sync nrlua train.lua     -- on a GPU: each timed call waits for its kernels
 --   local prof = require 'nr.profile'
 --   prof.enable(); ...; prof.report(); prof.reset(); prof.disable()
+--   prof.enable{sync = true}            -- GPU times per layer (see below)
 --
 -- How: enable() wraps nr.nn.Module.forward/backward (and the forward/backward that a class defines
 -- itself, e.g. containers and CrossEntropyLoss) with a timer. A call stack separates inclusive time
 -- (the module and everything below it) from self time (minus its children's timed calls), so a
 -- leaf layer's self time is its kernels plus its Lua glue, and a container's self time is pure
 -- overhead. Nothing in module.lua changes; disable() restores the original methods.
--- What it is not: a sampling profiler or a GPU profiler (CUDA kernels run asynchronously, so on a
--- GPU the times land where the stream synchronises). Profiling allocates small Lua tables per call
--- (not tensor storage), and adds about a microsecond per module call.
+-- What it is not: a sampling profiler or a kernel profiler. CUDA kernels run asynchronously, so
+-- by default GPU time lands where the stream synchronises; with sync = true every timed call
+-- first waits for the GPU's queued work and waits again at its end (nr.cuda.synchronize), so
+-- each layer's time includes its kernels, at the cost of the overlap a real run has (the total
+-- is then an upper bound). Profiling allocates small Lua tables per call (not tensor storage),
+-- and adds about a microsecond per module call (plus the waits with sync).
 -- Invariants: times are seconds from CLOCK_MONOTONIC; layers are keyed by module object and
 -- printed with their path in the model ("features.3 (Conv2d 64->128 3x3)").
 local ffi = require 'ffi'
@@ -44,6 +49,7 @@ local stats = setmetatable({}, {__mode = 'k'})
 local records = {}
 local stack = {}
 local saved = nil -- {[cls] = {forward = f, backward = b}} while enabled
+local gpu_wait = nil -- nr.cuda.synchronize while enabled with sync = true on a CUDA build
 
 local function entry(m)
    local s = stats[m]
@@ -68,9 +74,11 @@ local function wrap(orig, phase)
       local top = stack[#stack]
       -- a class's backward that calls Module.backward on itself: time it once
       if top and top.mod == self and top.phase == phase then return orig(self, ...) end
+      if gpu_wait then gpu_wait() end
       local fr = {mod = self, phase = phase, child = 0, t0 = now()}
       stack[#stack + 1] = fr
       local function done(ok, ...)
+         if gpu_wait and ok then gpu_wait() end
          local dt = now() - fr.t0
          stack[#stack] = nil
          if top then top.child = top.child + dt end
@@ -86,8 +94,11 @@ local function wrap(orig, phase)
    end
 end
 
--- Wraps Module and every nr.nn class that defines its own forward/backward.
-function M.enable()
+-- Wraps Module and every nr.nn class that defines its own forward/backward. opts.sync: on a GPU,
+-- time each call's kernels too (waits before and after every timed call).
+function M.enable(opts)
+   local cuda = require 'nr.cuda'
+   gpu_wait = opts and opts.sync and cuda.built() and cuda.available() and cuda.synchronize or nil
    if saved then return M end
    local nn = require 'nr.nn'
    saved = {}
@@ -112,10 +123,13 @@ function M.disable()
       cls.forward, cls.backward = fns.forward, fns.backward
    end
    saved = nil
+   gpu_wait = nil
    return M
 end
 
 function M.enabled() return saved ~= nil end
+-- Whether timed calls wait for the GPU (enable{sync = true} with a GPU present).
+function M.syncs() return gpu_wait ~= nil end
 
 function M.reset()
    for k in pairs(stats) do stats[k] = nil end
@@ -173,9 +187,10 @@ function M.report(out, max_layers)
    out:flush()
 end
 
--- NR_PROFILE=1: enable on load and print the report when the Lua state closes (nrlua exit).
-if os.getenv('NR_PROFILE') == '1' then
-   M.enable()
+-- NR_PROFILE=1 (or sync): enable on load and print the report when the Lua state closes (nrlua exit).
+local env = os.getenv('NR_PROFILE')
+if env == '1' or env == 'sync' then
+   M.enable({sync = env == 'sync'})
    local sentinel = newproxy(true)
    getmetatable(sentinel).__gc = function() pcall(M.report) end
    M._sentinel = sentinel

@@ -121,6 +121,20 @@ describe('nr.cuda runtime', function()
       nr.cuda.synchronize()
    end)
 
+   it('the profiler in sync mode times each layer with its kernels', function()
+      local prof = require 'nr.profile'
+      local net = nr.nn.Sequential{nr.nn.Conv2d(3, 8, 3, {padding = 1}), nr.nn.ReLU()}:to('cuda')
+      local x = randn({4, 3, 32, 32}):cuda()
+      net:forward(x) -- first call: cuDNN's search, not timed
+      prof.reset(); prof.enable({sync = true})
+      assert(prof.syncs(), 'sync mode should be on with a GPU')
+      for _ = 1, 3 do net:forward(x) end
+      prof.disable()
+      local conv
+      for _, l in ipairs(prof.data().layers) do if l.type == 'Conv2d' then conv = l end end
+      assert(conv and conv.nf == 3 and conv.fwd > 0, 'the conv was timed')
+   end)
+
    it('places tensors on a named GPU and keeps them there (cuda:N)', function()
       local a = nr.randn({3, 4}, {device = 'cuda:0'})
       assert(a:device() == 'cuda:0' and a:device_index() == 0, a:device())
