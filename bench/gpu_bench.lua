@@ -18,17 +18,7 @@
 -- channels_last under bf16, contiguous under fp32).
 -- What it is not: a correctness test (tests/lua/cuda_spec.lua).
 local nr = require 'nr'
-local ffi = require 'ffi'
-
-ffi.cdef [[
-typedef struct { long nr_bench_sec; long nr_bench_nsec; } nr_bench_timespec;
-int clock_gettime(int clk, nr_bench_timespec *ts);
-]]
-local ts = ffi.new('nr_bench_timespec')
-local function now()
-   ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
-   return tonumber(ts.nr_bench_sec) + tonumber(ts.nr_bench_nsec) * 1e-9
-end
+local now = require('nr.profile').now -- CLOCK_MONOTONIC (loading nr.profile enables nothing)
 
 local MODELS = {
    mobilenet = {build = function() return nr.models.mobilenet{width = 0.25, input = 128} end,

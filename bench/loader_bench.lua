@@ -13,7 +13,6 @@
 -- CPU second of the whole process (the per-core cost, which a loaded machine does not distort).
 -- What it is not: a correctness test (tests/lua/data_spec.lua is).
 local nr = require 'nr'
-local ffi = require 'ffi'
 
 local args = {...}
 local opts = {threads = '1,2', seconds = 6, images = 200, only = nil}
@@ -26,19 +25,7 @@ local thread_list = {}
 for t in tostring(opts.threads):gmatch('%d+') do thread_list[#thread_list + 1] = tonumber(t) end
 local seconds = tonumber(opts.seconds)
 
-local now
-do
-   local ok, prof = pcall(require, 'nr.profile')
-   if ok and prof.now then now = prof.now
-   else
-      pcall(ffi.cdef, 'typedef struct { long tv_sec; long tv_nsec; } nrlb_timespec; int clock_gettime(int, nrlb_timespec *);')
-      local ts = ffi.new('nrlb_timespec')
-      now = function()
-         ffi.C.clock_gettime(1, ts)
-         return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
-      end
-   end
-end
+local now = require('nr.profile').now -- CLOCK_MONOTONIC (loading nr.profile enables nothing)
 
 local function run(name, ds, lopts)
    local l = nr.data.loader(ds, lopts)

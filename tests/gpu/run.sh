@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run.sh — the GPU check, run as a whole on a GPU machine from the repository root, in under
 # 8 minutes: the GPU-vs-CPU specs, then a training benchmark nrlua vs PyTorch on the same GPU, and
-# a report in $OUT (report.md, specs.log, torch.json, nrlua.jsonl, env.txt).
+# a report in $OUT (report.md, specs.log, torch.json, nrlua.jsonl, env.txt, profile_mobilenet_bf16.txt).
 #   bash tests/gpu/run.sh            (needs build-cuda/gpu-pack.tar.xz from tests/gpu/pack.sh, or
 #                                     NR_GPU_PACK=path; OUT defaults to ./gpu-out)
 # What it assumes there: an NVIDIA driver for CUDA 13, python3 with PyTorch (cu13) and its pip
@@ -61,7 +61,7 @@ timeout 120 python3 tests/gpu/torch_gpu_bench.py --json "$OUT/torch.json" 2>&1 |
 : > "$OUT/nrlua.jsonl"
 for p in fp32 bf16; do
   for m in mobilenet resnet50 vgg19; do
-    # time limits: the sum of every limit in this script (180 + 120 + 130 + 30 s) stays under 8 minutes
+    # time limits: the sum of every limit in this script (180 + 120 + 130 + 45 s) stays under 8 minutes
     lim=20; [ "$m" = resnet50 ] && lim=30; [ "$m" = vgg19 ] && lim=15
     timeout "$lim" "$NRLUA" bench/gpu_bench.lua --model "$m" --precision "$p" --tf32 1 2>&1 | tail -n 1 | tee -a "$OUT/nrlua.jsonl"
   done
@@ -69,6 +69,9 @@ done
 timeout 15 "$NRLUA" bench/gpu_bench.lua --model mobilenet --tf32 0 2>&1 | tail -n 1 | tee -a "$OUT/nrlua.jsonl"
 timeout 15 "$NRLUA" bench/gpu_bench.lua --model mobilenet --precision bf16 --memory_format contiguous --tf32 1 2>&1 |
   tail -n 1 | tee -a "$OUT/nrlua.jsonl"
+# where a bf16 MobileNet step spends its GPU time, per layer (each layer waits for its kernels)
+NR_PROFILE=sync timeout 15 "$NRLUA" bench/gpu_bench.lua --model mobilenet --precision bf16 --tf32 1 --warmup 2 --steps 5 \
+  > "$OUT/profile_mobilenet_bf16.txt" 2>&1
 
 # 3. report
 python3 - "$OUT" "$SPEC_RC" <<'PY'
