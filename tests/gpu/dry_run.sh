@@ -21,14 +21,15 @@ NRLUA="${1:-}"
 [ -z "$NRLUA" ] && { [ -x build-cuda/nrlua ] && NRLUA=build-cuda/nrlua || NRLUA=build/nrlua; }
 D="$(mktemp -d /tmp/nrdry.XXXXXX)"
 mkdir -p "$D/nr"
-sed -e "s/^local function parse_device(dev, fname)$/&\n   if dev == 'cuda' then return C.NR_CPU end -- dry run/" \
+sed -e "s/^local function parse_device(dev, fname)$/&\n   if dev == 'cuda' or tostring(dev):match('^cuda:%d+$') then return C.NR_CPU end -- dry run/" \
     -e "s/^local function parse_dtype(dt, fname)$/&\n   if dt == 'bfloat16' or dt == 'bf16' then return C.NR_F32 end -- dry run/" \
     lua/nr/tensor.lua > "$D/nr/tensor.lua"
 sed -e 's/^function M.available() .*/function M.available() return true end -- dry run/' \
     -e 's/^function M.device_count() .*/function M.device_count() return 1 end -- dry run/' \
     -e "s/^function M.synchronize() .*/function M.synchronize() end -- dry run/" \
+    -e "s/^function M.set_device(i)$/&\n   if i == 0 then return end -- dry run/" \
     lua/nr/cuda.lua > "$D/nr/cuda.lua"
-grep -q 'dry run' "$D/nr/tensor.lua" && [ "$(grep -c 'dry run' "$D/nr/cuda.lua")" = 3 ] ||
+grep -q 'dry run' "$D/nr/tensor.lua" && [ "$(grep -c 'dry run' "$D/nr/cuda.lua")" = 4 ] ||
   { echo "dry_run.sh: could not patch tensor.lua / cuda.lua (their function headers changed?)"; exit 2; }
 cat > "$D/run.lua" <<EOF
 package.path = '$D/?.lua;' .. package.path
