@@ -3,15 +3,19 @@
 --
 --   nrlua bench/gpu_bench.lua --model mobilenet|resnet50|vgg19 [--batch N] [--warmup N]
 --                             [--steps N] [--precision fp32|bf16] [--tf32 0|1] [--json PATH]
---                             [--memory_format contiguous|channels_last]
+--                             [--memory_format contiguous|channels_last] [--trainer 1]
 --                             [--device cpu]   (a dry run of the script itself on the CPU)
 --
 -- What it measures: training images/s of one synthetic fixed batch on the GPU (no data loading),
--- step = zeroGradParameters + forward + CrossEntropyLoss (reads the loss: one sync per step, as
--- every nrlua training loop) + backward + SGD(momentum 0.9, weight decay 5e-4), the same step as
+-- step = zeroGradParameters + forward + CrossEntropyLoss (the loss stays on the device, as in
+-- PyTorch's loop and nr.train) + backward + SGD(momentum 0.9, weight decay 5e-4), the same step as
 -- the PyTorch side. Wall time of `--steps` steps after `--warmup` untimed ones, with
 -- nr.cuda.synchronize() before starting and stopping the clock. The first steps include the
 -- cuDNN algorithm search (reported as warmup_s).
+-- --trainer 1: the same steps through nr.train instead, over host batches of synthetic images
+-- (an in-memory loader): what a run adds to the bare step (the input's copy on the copy stream,
+-- its conversion, label checks, metrics on the device, the schedule, hooks); timed between two
+-- after_step hooks that synchronise.
 -- --precision bf16: mixed precision as nr.train runs it (the input batch in bfloat16, so every
 -- activation is bf16; weights, gradients and the SGD update stay fp32), against PyTorch autocast.
 -- --memory_format: the input batch's layout, which every activation follows (default as nr.train:
@@ -53,13 +57,44 @@ local function json_line(t)
    return '{' .. table.concat(parts, ', ') .. '}'
 end
 
+-- The steps through nr.train (--trainer 1): a host loader of (warmup + steps) synthetic batches,
+-- one epoch, the clock between the after_step hooks of the last warm-up step and the last step.
+local function run_trainer(o, spec, batch, base, sync)
+   local train = require 'nr.train'
+   local n = batch * (o.warmup + o.steps)
+   local shape = {n}
+   for _, s in ipairs(spec.shape) do shape[#shape + 1] = s end
+   local x = nr.randn(shape)
+   local y = nr.randint(0, spec.classes, {n}, {dtype = 'int64'})
+   local t_start, t0, t1 = now(), nil, nil
+   local tr = train.new({
+      name = 'gpu_bench', model = spec.build, device = o.device, precision = o.precision,
+      memory_format = o.memory_format, epochs = 1, seed = 0, log_every = 1000000,
+      out = (os.getenv('TMPDIR') or '/tmp') .. '/nr_gpu_bench_' .. tostring(os.time()),
+      optim = {lr = 0.01, momentum = 0.9, weight_decay = 5e-4}, schedule = {name = 'cosine'},
+      data = {train = train.memory_loader(x, y, {batch = batch})},
+      progress = {stream = io.open('/dev/null', 'w'), tty = false},
+      hooks = {after_step = function(t)
+         if t.step == o.warmup then sync(); t0 = now()
+         elseif t.step == o.warmup + o.steps then sync(); t1 = now() end
+      end},
+   })
+   tr:run()
+   base.warmup_s = t0 - t_start
+   base.steps = o.steps
+   base.step_ms = (t1 - t0) * 1000 / o.steps
+   base.images_per_s = batch * o.steps / (t1 - t0)
+   return base
+end
+
 local function run(o)
    local spec = MODELS[o.model]
    if not spec then error('gpu_bench: unknown model ' .. tostring(o.model) .. ' (mobilenet, resnet50, vgg19)', 0) end
    local batch = o.batch or spec.batch
    o.memory_format = o.memory_format or (o.precision == 'bf16' and 'channels_last' or 'contiguous')
    local base = {side = 'nrlua', model = o.model, precision = o.precision, batch = batch, memory_format = o.memory_format,
-                 tf32 = o.tf32, device = o.device == 'cuda' and (nr.cuda.device_name(0) or 'none') or 'cpu'}
+                 tf32 = o.tf32, device = o.device == 'cuda' and (nr.cuda.device_name(0) or 'none') or 'cpu',
+                 trainer = o.trainer == 1 and 1 or nil}
    local gpu = o.device == 'cuda'
    if gpu and not nr.cuda.available() then
       base.error = 'no GPU: ' .. tostring(nr.cuda.unavailable_reason())
@@ -71,6 +106,7 @@ local function run(o)
    local sync = gpu and nr.cuda.synchronize or function() end
    nr.cuda.set_allow_tf32(o.tf32 == 1)
    nr.manual_seed(0)
+   if o.trainer == 1 then return run_trainer(o, spec, batch, base, sync) end
    local net = spec.build()
    net:to(o.device)
    net:training()
