@@ -57,22 +57,32 @@ local function json_line(t)
    return '{' .. table.concat(parts, ', ') .. '}'
 end
 
--- The steps through nr.train (--trainer 1): a host loader of (warmup + steps) synthetic batches,
--- one epoch, the clock between the after_step hooks of the last warm-up step and the last step.
+-- The steps through nr.train (--trainer 1): one epoch of (warmup + steps) batches from a host
+-- loader that hands out one synthetic batch every time (as the bare step reuses one; a real
+-- loader's batches would cost gigabytes of host memory to make up here), the clock between the
+-- after_step hooks of the last warm-up step and of the last step.
 local function run_trainer(o, spec, batch, base, sync)
    local train = require 'nr.train'
-   local n = batch * (o.warmup + o.steps)
-   local shape = {n}
+   local shape = {batch}
    for _, s in ipairs(spec.shape) do shape[#shape + 1] = s end
    local x = nr.randn(shape)
-   local y = nr.randint(0, spec.classes, {n}, {dtype = 'int64'})
+   local y = nr.randint(0, spec.classes, {batch}, {dtype = 'int64'})
+   local total = o.warmup + o.steps
+   local loader = {nbatches = function() return total end,
+                   epoch = function()
+                      local i = 0
+                      return function()
+                         i = i + 1
+                         if i <= total then return x, y end
+                      end
+                   end}
    local t_start, t0, t1 = now(), nil, nil
    local tr = train.new({
       name = 'gpu_bench', model = spec.build, device = o.device, precision = o.precision,
       memory_format = o.memory_format, epochs = 1, seed = 0, log_every = 1000000,
       out = (os.getenv('TMPDIR') or '/tmp') .. '/nr_gpu_bench_' .. tostring(os.time()),
       optim = {lr = 0.01, momentum = 0.9, weight_decay = 5e-4}, schedule = {name = 'cosine'},
-      data = {train = train.memory_loader(x, y, {batch = batch})},
+      data = {train = loader},
       progress = {stream = io.open('/dev/null', 'w'), tty = false},
       hooks = {after_step = function(t)
          if t.step == o.warmup then sync(); t0 = now()
