@@ -84,10 +84,11 @@ local function run_trainer(o, spec, batch, base, sync)
       optim = {lr = 0.01, momentum = 0.9, weight_decay = 5e-4}, schedule = {name = 'cosine'},
       data = {train = loader},
       progress = {stream = io.open('/dev/null', 'w'), tty = false},
-      hooks = {after_step = function(t)
-         if t.step == o.warmup then sync(); t0 = now()
-         elseif t.step == o.warmup + o.steps then sync(); t1 = now() end
-      end},
+      hooks = {train_begin = function() if o.warmup == 0 then sync(); t0 = now() end end,
+               after_step = function(t)
+                  if t.step == o.warmup then sync(); t0 = now()
+                  elseif t.step == o.warmup + o.steps then sync(); t1 = now() end
+               end},
    })
    tr:run()
    base.warmup_s = t0 - t_start
@@ -142,6 +143,9 @@ local function run(o)
    for _ = 1, o.warmup do step() end
    sync()
    base.warmup_s = now() - t0
+   -- under NR_PROFILE the warm-up (cuDNN's searches) is not part of the profile
+   local prof = package.loaded['nr.profile']
+   if prof and prof.enabled() then prof.reset() end
    local t1 = now()
    for _ = 1, o.steps do step() end
    sync()

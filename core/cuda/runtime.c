@@ -7,7 +7,7 @@
  * size-bucketed free lists per GPU (4 buckets per power of two, so at most 25% is wasted) and
  * calls cudaMalloc only when a bucket is empty; on failure it
  * empties the cache and retries once, then reports the bytes asked for, in use and cached.
- * Host-to-device copies go through a ring of pinned staging buffers per GPU (each copy is
+ * Host-to-device copies go through a ring of pinned staging buffers per GPU and stream (each copy is
  * asynchronous; a buffer is refilled only after an event says its last copy finished, so the
  * host can queue a few batches ahead of the GPU), device-to-host copies synchronise the stream.
  * Input prefetch (nr_cuda_prefetch) copies on a second, copy stream so a batch's transfer

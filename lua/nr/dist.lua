@@ -925,7 +925,12 @@ function M.attach(tr, opts)
    if size == 1 then return tr end
    tr.dist = M
 
-   -- GPU: one rank per GPU, chosen by the rank on this machine (before the model moves there)
+   -- GPU: one rank per GPU, chosen by the rank on this machine (before the model moves there); a
+   -- GPU named in the recipe ('cuda:N') would put every rank on the same one
+   if type(tr.device) == 'string' and tr.device:match('^cuda:%d+$') then
+      error(string.format("nr.dist.attach: device = %q names one GPU for all %d ranks; use device = 'cuda' (each rank " ..
+         'takes the GPU of its local rank)', tr.device, size), 0)
+   end
    if nrffi.C.nr_has_cuda() == 1 then
       local gpu, cuda = gpu_of_rank()
       if cuda and type(cuda.available) == 'function' and cuda.available() and type(cuda.set_device) == 'function' then

@@ -78,7 +78,13 @@ local function wrap(orig, phase)
       local fr = {mod = self, phase = phase, child = 0, t0 = now()}
       stack[#stack + 1] = fr
       local function done(ok, ...)
-         if gpu_wait and ok then gpu_wait() end
+         if gpu_wait and ok then
+            local okw, err = pcall(gpu_wait)
+            if not okw then
+               stack[#stack] = nil
+               error(err, 0)
+            end
+         end
          local dt = now() - fr.t0
          stack[#stack] = nil
          if top then top.child = top.child + dt end
@@ -97,8 +103,10 @@ end
 -- Wraps Module and every nr.nn class that defines its own forward/backward. opts.sync: on a GPU,
 -- time each call's kernels too (waits before and after every timed call).
 function M.enable(opts)
-   local cuda = require 'nr.cuda'
-   gpu_wait = opts and opts.sync and cuda.built() and cuda.available() and cuda.synchronize or nil
+   if opts ~= nil or not saved then -- enable() again keeps the mode it is in
+      local cuda = require 'nr.cuda'
+      gpu_wait = opts and opts.sync and cuda.built() and cuda.available() and cuda.synchronize or nil
+   end
    if saved then return M end
    local nn = require 'nr.nn'
    saved = {}

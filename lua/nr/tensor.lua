@@ -118,7 +118,10 @@ end
 
 local M = {Tensor = Tensor, is_tensor = is_tensor}
 
-function M.empty(shape, opts) return new(shape, opts, 'nr.empty') end
+function M.empty(shape, opts)
+   local t = new(shape, opts, 'nr.empty') -- not a tail call: error levels count this frame
+   return t
+end
 function M.zeros(shape, opts) local t = new(shape, opts, 'nr.zeros'); return t:fill(0) end
 function M.ones(shape, opts) local t = new(shape, opts, 'nr.ones'); return t:fill(1) end
 function M.full(shape, value, opts) local t = new(shape, opts, 'nr.full'); return t:fill(value) end
@@ -353,15 +356,15 @@ function Tensor:contiguous(memory_format)
    end
    return M.empty(self:shape(), {dtype = self:dtype(), device = self:device(), memory_format = fmt}):copy(self)
 end
--- to('cuda') keeps a CUDA tensor on its GPU (and moves a CPU one to the current GPU), to('cuda:N')
--- puts it on GPU N; a dtype converts.
+-- to('cuda') puts the tensor on the current GPU (nr.cuda.set_device), to('cuda:N') on GPU N, as
+-- PyTorch; t:to(t:device(), dtype) converts in place of residence. Already there: t itself.
 function Tensor:to(device, dtype)
    local dev, idx = parse_device(device, 'Tensor:to')
    local c = live(self)
    local dt = dtype and parse_dtype(dtype, 'Tensor:to') or c.dtype
-   if dev == c.device and dt == c.dtype and (idx == nil or idx == c.device_index) then return self end
-   local target = DEVICE_NAMES[dev]
-   if dev == C.NR_CUDA and (idx or c.device == C.NR_CUDA) then target = 'cuda:' .. tonumber(idx or c.device_index) end
+   if dev == C.NR_CUDA and idx == nil then idx = tonumber(C.nr_cuda_current_device()) end
+   if dev == c.device and dt == c.dtype and (dev ~= C.NR_CUDA or idx == c.device_index) then return self end
+   local target = dev == C.NR_CUDA and ('cuda:' .. idx) or DEVICE_NAMES[dev]
    return M.empty_like(self, {dtype = DTYPE_NAMES[dt], device = target}):copy(self)
 end
 function Tensor:cuda() return self:to('cuda') end

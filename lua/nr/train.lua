@@ -168,7 +168,7 @@ local function pick_device(dev)
       if ok and cuda.available and not cuda.available() then error('nr.train: device = "cuda" but no GPU is available', 0) end
       return dev
    end
-   error(string.format('nr.train: unknown device %q (auto, cpu, cuda)', tostring(dev)), 0)
+   error(string.format('nr.train: unknown device %q (auto, cpu, cuda, cuda:N)', tostring(dev)), 0)
 end
 M.pick_device = pick_device
 

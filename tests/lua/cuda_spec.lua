@@ -144,6 +144,7 @@ describe('nr.cuda runtime', function()
          local b = a:to('cuda:1')
          assert(b:device() == 'cuda:1' and nr.cuda.current_device() == 0, 'placement must not change the current GPU')
          assert(b:clone():device() == 'cuda:1' and b:add(b):device() == 'cuda:1')
+         assert(b:to('cuda'):device() == 'cuda:0', "to('cuda') is the current GPU, as PyTorch")
          close('copy to cuda:1 and back', a, b:to('cuda:0'))
       end
       local okd, err = pcall(nr.empty, {2}, {device = 'cuda:' .. nr.cuda.device_count()})

@@ -58,4 +58,37 @@ describe('nr.profile', function()
       assert.is_false(prof.syncs())
       prof.disable()
    end)
+
+   it('a failing GPU wait is raised and leaves the call stack sound; enable() keeps the mode', function()
+      local cuda = require 'nr.cuda'
+      local saved = {cuda.built, cuda.available, cuda.synchronize}
+      -- waits: 1 before Sequential, 2 before Linear, 3 after Linear (the one that fails)
+      local fail, waits = false, 0
+      cuda.built, cuda.available = function() return true end, function() return true end
+      cuda.synchronize = function()
+         waits = waits + 1
+         if fail and waits == 3 then error('device lost') end
+      end
+      local net = nr.nn.Sequential{nr.nn.Linear(4, 3)}
+      local x = nr.randn({2, 4})
+      local ok, err = pcall(function()
+         prof.reset()
+         prof.enable({sync = true})
+         prof.enable()                       -- already on: stays in sync mode
+         assert.is_true(prof.syncs())
+         fail, waits = true, 0
+         local okf, e = pcall(net.forward, net, x)
+         assert.is_false(okf)
+         assert.truthy(tostring(e):find('device lost', 1, true))
+         fail = false
+         prof.reset()
+         net:forward(x)                      -- timed normally again: the stack was unwound
+         local by = {}
+         for _, l in ipairs(prof.data().layers) do by[l.type] = l end
+         assert.equal(1, by['Sequential (self)'].nf)
+      end)
+      prof.disable()
+      cuda.built, cuda.available, cuda.synchronize = saved[1], saved[2], saved[3]
+      assert(ok, err)
+   end)
 end)
