@@ -539,14 +539,16 @@ nr_status nr_cuda_set(nr_tensor *t, int64_t off, double value)
 
 enum { STAGING_MAX = 64 << 20 }; /* bytes; bigger copies go through in chunks */
 
-/* Host bytes (pageable) -> device, asynchronously on `stream`, through one of the device's pinned
+/* Host bytes (pageable) -> device, asynchronously on the ring's stream (STAGE_COMPUTE: the compute
+ * stream, STAGE_PREFETCH: the copy stream), through one of the device's pinned
  * staging rings: each chunk takes the ring's next slot, waiting only until that slot's previous
  * copy has finished. The prefetch ring stages a whole transfer in one slot (no chunks), so a big
  * batch never waits for its own earlier chunk, which sits behind the compute queued before it.
  * After a failure nothing queued still reads a staging buffer (the stream is drained). */
-static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, cudaStream_t stream, void *dst, const void *src, int64_t bytes)
+static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *src, int64_t bytes)
 {
    devstate *d = &g_dev[ctx->device];
+   cudaStream_t stream = ring == STAGE_PREFETCH ? d->copy_stream : ctx->stream;
    int64_t chunk = ring == STAGE_PREFETCH || bytes < STAGING_MAX ? bytes : STAGING_MAX;
    if (chunk <= 0) return NR_OK;
    nr_status st = NR_OK;
@@ -636,10 +638,10 @@ static nr_status copy_h2d(nr_tensor *dst, const nr_tensor *src)
       return st;
    }
    if (nr_tensor_is_contiguous(dst) && dst->dtype == src->dtype)
-      return stage_h2d(ctx, STAGE_COMPUTE, ctx->stream, dst->data, src->data, bytes);
+      return stage_h2d(ctx, STAGE_COMPUTE, dst->data, src->data, bytes);
    void *tmp = nr_cuda_alloc(dst->device_index, bytes);
    if (!tmp) return NR_E_OOM;
-   nr_status st = stage_h2d(ctx, STAGE_COMPUTE, ctx->stream, tmp, src->data, bytes);
+   nr_status st = stage_h2d(ctx, STAGE_COMPUTE, tmp, src->data, bytes);
    if (!st) {
       nr_tensor tv = raw_view(dst, src->dtype, NR_CUDA, dst->device_index, tmp);
       st = nr_cuda_launch_copy(ctx, dst, &tv);
@@ -680,7 +682,7 @@ nr_status nr_cuda_prefetch(nr_tensor *dst, const nr_tensor *src, int64_t *ticket
    /* after the compute stream's work so far, which may still read dst */
    NR_CU(cudaEventRecord(d->compute_mark, ctx->stream), "prefetch: marking the compute stream");
    NR_CU(cudaStreamWaitEvent(d->copy_stream, d->compute_mark, 0), "prefetch: ordering the copy stream");
-   NR_TRY(stage_h2d(ctx, STAGE_PREFETCH, d->copy_stream, dst->data, src->data, bytes));
+   NR_TRY(stage_h2d(ctx, STAGE_PREFETCH, dst->data, src->data, bytes));
    const int64_t t = d->prefetch_seq + 1;
    struct prefetch_slot *s = &d->prefetch[t % NR_PREFETCH_SLOTS];
    /* the slot's older copy has not been waited for: the compute stream waits for it now, before
