@@ -3,7 +3,7 @@
 --
 --   nrlua bench/gpu_bench.lua --model mobilenet|resnet50|vgg19 [--batch N] [--warmup N]
 --                             [--steps N] [--precision fp32|bf16] [--tf32 0|1] [--json PATH]
---                             [--memory_format contiguous|channels_last] [--trainer 1]
+--                             [--memory_format contiguous|channels_last] [--trainer 1 [--input uint8|float32]]
 --                             [--device cpu]   (a dry run of the script itself on the CPU)
 --
 -- What it measures: training images/s of one synthetic fixed batch on the GPU (no data loading),
@@ -15,7 +15,9 @@
 -- --trainer 1: the same steps through nr.train instead, over host batches of synthetic images
 -- (an in-memory loader): what a run adds to the bare step (the input's copy on the copy stream,
 -- its conversion, label checks, metrics on the device, the schedule, hooks); timed between two
--- after_step hooks that synchronise.
+-- after_step hooks that synchronise. --input: the host batches as bytes that the trainer
+-- finishes on the device (uint8, the default, as nr.data loaders under nr.train on a GPU) or as
+-- float32.
 -- --precision bf16: mixed precision as nr.train runs it (the input batch in bfloat16, so every
 -- activation is bf16; weights, gradients and the SGD update stay fp32), against PyTorch autocast.
 -- --memory_format: the input batch's layout, which every activation follows (default as nr.train:
@@ -65,10 +67,13 @@ local function run_trainer(o, spec, batch, base, sync)
    local train = require 'nr.train'
    local shape = {batch}
    for _, s in ipairs(spec.shape) do shape[#shape + 1] = s end
-   local x = nr.randn(shape)
+   local bytes = (o.input or 'uint8') == 'uint8'
+   local x = bytes and nr.randint(0, 256, shape, {dtype = 'uint8'}) or nr.randn(shape)
    local y = nr.randint(0, spec.classes, {batch}, {dtype = 'int64'})
    local total = o.warmup + o.steps
+   local stats = nr.data.stats('imagenet')
    local loader = {nbatches = function() return total end,
+                   normalize = function(_, xb, out) return nr.data.normalize(xb, out, stats) end,
                    epoch = function()
                       local i = 0
                       return function()
@@ -105,7 +110,7 @@ local function run(o)
    o.memory_format = o.memory_format or (o.precision == 'bf16' and 'channels_last' or 'contiguous')
    local base = {side = 'nrlua', model = o.model, precision = o.precision, batch = batch, memory_format = o.memory_format,
                  tf32 = o.tf32, device = o.device == 'cuda' and (nr.cuda.device_name(0) or 'none') or 'cpu',
-                 trainer = o.trainer == 1 and 1 or nil}
+                 trainer = o.trainer == 1 and 1 or nil, input = o.trainer == 1 and (o.input or 'uint8') or nil}
    local gpu = o.device == 'cuda'
    if gpu and not nr.cuda.available() then
       base.error = 'no GPU: ' .. tostring(nr.cuda.unavailable_reason())

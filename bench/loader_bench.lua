@@ -2,6 +2,7 @@
 -- tensor allocations per batch in steady state (expected 0: buffers are recycled).
 --
 --   build/nrlua bench/loader_bench.lua [--threads 1,2] [--seconds 6] [--images 200] [--only fmnist|jpeg]
+--                                      [--output float32,uint8]
 --
 -- Cases: Fashion-MNIST train (/usr/share/datasets/fashion-mnist) raw 28x28, upsampled to
 -- 3x128x128 (the NR recipe's input), CIFAR-style pad+crop+flip; and a generated folder of
@@ -11,11 +12,13 @@
 -- ${NR_TEST_TMP:-/tmp}/nr-loader-bench-jpeg and reused. Each case runs up to --seconds of
 -- wall time after one warm-up batch; the rates are images delivered per wall second and per
 -- CPU second of the whole process (the per-core cost, which a loaded machine does not distort).
+-- --output: the loader's output dtypes to run each case with (uint8: bytes before /255 and
+-- normalize, which nr.train on a GPU finishes on the device).
 -- What it is not: a correctness test (tests/lua/data_spec.lua is).
 local nr = require 'nr'
 
 local args = {...}
-local opts = {threads = '1,2', seconds = 6, images = 200, only = nil}
+local opts = {threads = '1,2', seconds = 6, images = 200, only = nil, output = 'float32'}
 for i = 1, #args, 2 do
    local k = args[i]:match('^%-%-(.+)$')
    assert(k and opts[k] ~= nil or k == 'only', 'unknown argument ' .. tostring(args[i]))
@@ -24,10 +27,12 @@ end
 local thread_list = {}
 for t in tostring(opts.threads):gmatch('%d+') do thread_list[#thread_list + 1] = tonumber(t) end
 local seconds = tonumber(opts.seconds)
+local outputs = {}
+for o in tostring(opts.output):gmatch('[%w]+') do outputs[#outputs + 1] = o end
 
 local now = require('nr.profile').now -- CLOCK_MONOTONIC (loading nr.profile enables nothing)
 
-local function run(name, ds, lopts)
+local function run_one(name, ds, lopts)
    local l = nr.data.loader(ds, lopts)
    local images, batches, t0, c0, allocs0 = 0, 0, nil, nil, nil
    local e = 1
@@ -48,10 +53,19 @@ local function run(name, ds, lopts)
    end
    local dt, cpu = now() - t0, os.clock() - c0
    local allocs = nr.memory().cpu.allocations - allocs0
-   print(string.format('%-46s threads %d  batch %3d  %9.0f images/s  %9.0f images/CPU-s  (%d in %.1f s, %.2f allocs/batch)',
-      name, lopts.threads, lopts.batch, images / dt, images / cpu, images, dt, allocs / math.max(batches, 1)))
+   print(string.format('%-46s %-7s threads %d  batch %3d  %9.0f images/s  %9.0f images/CPU-s  (%d in %.1f s, %.2f allocs/batch)',
+      name, lopts.output or 'float32', lopts.threads, lopts.batch, images / dt, images / cpu, images, dt,
+      allocs / math.max(batches, 1)))
    l:close()
    return images / dt
+end
+
+-- the case once per --output dtype
+local function run(name, ds, lopts)
+   for _, o in ipairs(outputs) do
+      lopts.output = o ~= 'float32' and o or nil
+      run_one(name, ds, lopts)
+   end
 end
 
 print(string.format('nrlua %s loader benchmark, %s', nr.version, io.popen('nproc'):read('*l') .. ' cores'))

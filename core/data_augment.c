@@ -22,6 +22,7 @@ void nr_aug_release(nr_aug_scratch *s)
    free(s->tmp);
    free(s->bounds);
    free(s->weights);
+   free(s->plane);
    memset(s, 0, sizeof *s);
 }
 
@@ -199,8 +200,57 @@ double nr_aug_min_scale(const nr_loader_config *cfg, uint64_t key, int32_t h, in
    return 1.0;
 }
 
+/* The output window over the augmented picture: output row y reads row wy + y, columns
+ * [x0, x1) of the output read the picture from element offset `first` of that row (reversed
+ * when flipped); everything else is outside and reads as zero. */
+typedef struct window {
+   int wy, out_h, out_w, x0, x1, flip, luma;
+   int64_t first;
+} window;
+
+/* Plane (out_h, out_w) of bytes from the picture's channel `plane` (its first channel when luma:
+ * ITU-R 601 luma of RGB, as PIL's convert('L')). */
+static void window_plane(const nr_img *cur, const uint8_t *plane, const window *w, uint8_t *out)
+{
+   const int n = w->x1 - w->x0;
+   const int64_t sx = cur->sx;
+   for (int y = 0; y < w->out_h; y++) {
+      uint8_t *o = out + (size_t)y * w->out_w;
+      int yy = w->wy + y;
+      if (yy < 0 || yy >= cur->h) {
+         memset(o, 0, (size_t)w->out_w);
+         continue;
+      }
+      memset(o, 0, (size_t)w->x0);
+      memset(o + w->x1, 0, (size_t)(w->out_w - w->x1));
+      const uint8_t *q = plane + (int64_t)yy * cur->sy + w->first;
+      uint8_t *d = o + w->x0;
+      if (w->luma) {
+         const int64_t g = cur->sc, bl = 2 * cur->sc;
+         for (int k = 0; k < n; k++, q += sx) d[k] = (uint8_t)((q[0] * 19595 + q[g] * 38470 + q[bl] * 7471 + 32768) >> 16);
+      } else if (sx == 1) {
+         memcpy(d, q, (size_t)n);
+      } else {
+         for (int k = 0; k < n; k++) d[k] = q[k * sx];
+      }
+      if (w->flip)
+         for (int i = 0, j = n - 1; i < j; i++, j--) {
+            uint8_t t = d[i];
+            d[i] = d[j];
+            d[j] = t;
+         }
+   }
+}
+
+/* o[k] = p[k] * scale + bias: the one place on the CPU where bytes become normalised f32 (the
+ * loader and nr_images_normalize both call it, so their values agree bit for bit). */
+static NR_SIMD_CLONES void bytes_to_f32(const uint8_t *p, int64_t n, float scale, float bias, float *o)
+{
+   for (int64_t k = 0; k < n; k++) o[k] = (float)p[k] * scale + bias;
+}
+
 nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t key, int32_t out_c,
-                       int32_t out_h, int32_t out_w, nr_aug_scratch *s, float *out, const char *path)
+                       int32_t out_h, int32_t out_w, nr_aug_scratch *s, void *out, const char *path)
 {
    nr_drng r = {key};
    nr_img cur = *src;
@@ -258,61 +308,86 @@ nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t 
    int flip = cfg->flip && (nr_drng_next(&r) >> 63);
    int mode = cur.c == out_c || (cur.c == 4 && out_c == 3) ? 0 : cur.c == 1 ? 1 : 2;
    if (out_c == 4 && cur.c != 4) return NR_FAIL(NR_E_ARG, "%s: cannot make 4 channels from %d", path, cur.c);
-   /* output column x reads column xx = wx + x (flipped: wx + out_w - 1 - x); [x0, x1) is in range.
-    * Rows are converted forwards (vectorisable) from the lowest source column, then reversed
-    * when flipped. */
-   int x0, x1;
-   if (!flip) x0 = -wx, x1 = cur.w - wx;
-   else x0 = wx + out_w - cur.w, x1 = wx + out_w;
-   if (x0 < 0) x0 = 0;
-   if (x1 > out_w) x1 = out_w;
-   if (x1 < x0) x1 = x0;
-   const int n = x1 - x0;
-   const int64_t sx = cur.sx;
-   const int64_t first = flip ? (int64_t)(wx + out_w - x1) * sx : (int64_t)(wx + x0) * sx;
+   /* output column x reads column xx = wx + x (flipped: wx + out_w - 1 - x); [x0, x1) is in range */
+   window w = {.wy = wy, .out_h = out_h, .out_w = out_w, .flip = flip, .luma = mode == 2};
+   if (!flip) w.x0 = -wx, w.x1 = cur.w - wx;
+   else w.x0 = wx + out_w - cur.w, w.x1 = wx + out_w;
+   if (w.x0 < 0) w.x0 = 0;
+   if (w.x1 > out_w) w.x1 = out_w;
+   if (w.x1 < w.x0) w.x1 = w.x0;
+   w.first = flip ? (int64_t)(wx + out_w - w.x1) * cur.sx : (int64_t)(wx + w.x0) * cur.sx;
+   /* each plane is made as bytes (in the batch itself with output_u8, else in scratch), then
+    * normalised to f32; replicated grey makes its plane once */
    const size_t plane_len = (size_t)out_h * out_w;
+   uint8_t *bytes = cfg->output_u8 ? out : NULL;
+   if (!bytes) NR_TRY(nr_data_grow((void **)&s->plane, &s->plane_cap, plane_len));
    float sc0 = 0, b0 = 0;
    for (int c = 0; c < out_c; c++) {
-      float sc = 1.0f / 255.0f, b = 0.0f;
-      if (cfg->normalize) {
-         sc = 1.0f / (255.0f * cfg->std[c]);
-         b = -cfg->mean[c] / cfg->std[c];
-      }
-      float *oc = out + (size_t)c * plane_len;
+      uint8_t *pb = bytes ? bytes + c * plane_len : s->plane;
+      if (c == 0 || mode != 1) window_plane(&cur, cur.p + (mode == 0 ? c * cur.sc : 0), &w, pb);
+      else if (bytes) memcpy(pb, bytes, plane_len); /* replicated grey */
+      if (bytes) continue;
+      float sc, b;
+      nr_norm_affine(cfg->normalize ? cfg->mean : NULL, cfg->std, c, &sc, &b);
+      float *oc = (float *)out + c * plane_len;
       if (c == 0) sc0 = sc, b0 = b;
-      else if (mode == 1 && sc == sc0 && b == b0) { /* replicated grey, same normalisation */
-         memcpy(oc, out, plane_len * sizeof(float));
-         continue;
+      if (c > 0 && mode == 1 && sc == sc0 && b == b0) memcpy(oc, out, plane_len * sizeof(float));
+      else bytes_to_f32(pb, (int64_t)plane_len, sc, b, oc); /* pb still holds grey's plane in mode 1 */
+   }
+   return NR_OK;
+}
+
+nr_status nr_images_normalize(const nr_tensor *src, const float *mean, const float *std, nr_tensor *dst)
+{
+   NR_CHECK_T("src", src, NR_U8, -1, 4, NULL);
+   NR_CHECK_CONTIG("src", src);
+   NR_CHECK_T("dst", dst, -1, src->device, 4, src->shape);
+   if (dst->dtype != NR_F32 && dst->dtype != NR_BF16)
+      return NR_FAIL(NR_E_ARG, "dst: expected f32 or bf16, got %s", nr_dtype_name(dst->dtype));
+   if (!nr_tensor_is_contiguous(dst) && !nr_tensor_is_channels_last(dst))
+      return NR_FAIL(NR_E_ARG, "dst: expected a contiguous or channels-last tensor");
+   NR_TRY(nr_check_same_device(__func__, src, dst));
+   if ((mean == NULL) != (std == NULL)) return NR_FAIL(NR_E_ARG, "mean and std must both be given or both be NULL");
+   const int64_t B = src->shape[0], C = src->shape[1], H = src->shape[2], W = src->shape[3];
+   if (C > 4) return NR_FAIL(NR_E_ARG, "src: at most 4 channels, got %lld", (long long)C);
+   float scale[4], bias[4];
+   for (int c = 0; c < C; c++) {
+      if (std && !(std[c] > 0)) return NR_FAIL(NR_E_ARG, "std[%d] must be > 0, got %g", c + 1, std[c]);
+      nr_norm_affine(mean, std, c, &scale[c], &bias[c]);
+   }
+   NR_ON_CUDA(src, nr_cuda_images_normalize(src, scale, bias, dst));
+   const int64_t planes = B * C, hw = H * W;
+   const uint8_t *ps = src->data;
+   const int direct = dst->dtype == NR_F32 && nr_tensor_is_contiguous(dst);
+   nr_status st = NR_OK;
+#pragma omp parallel if (nr_parallel_worth(planes, hw))
+   {
+      /* a row at a time through scratch when dst is bf16 or channels-last */
+      float *row = direct ? NULL : malloc(sizeof(float) * (size_t)W);
+      if (!direct && !row) {
+#pragma omp atomic write
+         st = NR_E_OOM;
       }
-      const uint8_t *plane = cur.p + (mode == 0 ? c * cur.sc : 0);
-      for (int y = 0; y < out_h; y++) {
-         float *o = oc + (size_t)y * out_w;
-         int yy = wy + y;
-         if (yy < 0 || yy >= cur.h) {
-            for (int x = 0; x < out_w; x++) o[x] = b;
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < planes; p++) {
+         const int64_t n = p / C, c = p % C;
+         const uint8_t *sp = ps + p * hw;
+         if (direct) {
+            bytes_to_f32(sp, hw, scale[c], bias[c], (float *)dst->data + p * hw);
             continue;
          }
-         for (int x = 0; x < x0; x++) o[x] = b;
-         for (int x = x1; x < out_w; x++) o[x] = b;
-         const uint8_t *q = plane + (int64_t)yy * cur.sy + first;
-         float *d = o + x0;
-         if (mode != 2) {
-            if (sx == 1)
-               for (int k = 0; k < n; k++) d[k] = (float)q[k] * sc + b;
+         if (!row) continue;
+         for (int64_t y = 0; y < H; y++) {
+            bytes_to_f32(sp + y * W, W, scale[c], bias[c], row);
+            const int64_t o = n * dst->stride[0] + c * dst->stride[1] + y * dst->stride[2], sw = dst->stride[3];
+            if (dst->dtype == NR_F32)
+               for (int64_t x = 0; x < W; x++) ((float *)dst->data)[o + x * sw] = row[x];
             else
-               for (int k = 0; k < n; k++) d[k] = (float)q[k * sx] * sc + b;
-         } else { /* ITU-R 601 luma of RGB, as PIL's convert('L') */
-            const int64_t g = cur.sc, bl = 2 * cur.sc;
-            for (int k = 0; k < n; k++, q += sx)
-               d[k] = (float)((q[0] * 19595 + q[g] * 38470 + q[bl] * 7471 + 32768) >> 16) * sc + b;
+               for (int64_t x = 0; x < W; x++) ((uint16_t *)dst->data)[o + x * sw] = nr_f32_to_bf16(row[x]);
          }
-         if (flip)
-            for (int i = 0, j = n - 1; i < j; i++, j--) {
-               float t = d[i];
-               d[i] = d[j];
-               d[j] = t;
-            }
       }
+      free(row);
    }
+   if (st) return NR_FAIL(NR_E_OOM, "out of memory for a row of %lld floats", (long long)W);
    return NR_OK;
 }

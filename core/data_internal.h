@@ -113,14 +113,30 @@ typedef struct nr_aug_scratch {
    size_t bounds_cap;
    float *weights;
    size_t weights_cap;
+   uint8_t *plane;     /* one output plane as bytes, before normalisation */
+   size_t plane_cap;
 } nr_aug_scratch;
 void nr_aug_release(nr_aug_scratch *s);
 /* The smallest factor by which an h x w picture may be shrunk before nr_aug_apply(cfg, key)
  * without resampling it up: 1 when no resize or random-resized crop applies. */
 double nr_aug_min_scale(const nr_loader_config *cfg, uint64_t key, int32_t h, int32_t w);
-/* Applies cfg's augmentation to src with randomness from key and writes the sample, normalised,
- * as f32 (C, H, W) into out, C = out_c, H = out_h, W = out_w. path names src in errors. */
+/* Applies cfg's augmentation to src with randomness from key and writes the sample into out as
+ * (C, H, W), C = out_c, H = out_h, W = out_w: normalised f32, or uint8 bytes when
+ * cfg->output_u8. path names src in errors. */
 nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t key, int32_t out_c,
-                       int32_t out_h, int32_t out_w, nr_aug_scratch *s, float *out, const char *path);
+                       int32_t out_h, int32_t out_w, nr_aug_scratch *s, void *out, const char *path);
+/* The normalisation of channel c as an affine map of the byte value, v * scale + bias:
+ * (v / 255 - mean[c]) / std[c], or v / 255 when mean is NULL. Every consumer (the loader, and
+ * nr_images_normalize on the CPU and on the GPU) takes its coefficients from here. */
+static inline void nr_norm_affine(const float *mean, const float *std, int c, float *scale, float *bias)
+{
+   if (mean) {
+      *scale = 1.0f / (255.0f * std[c]);
+      *bias = -mean[c] / std[c];
+   } else {
+      *scale = 1.0f / 255.0f;
+      *bias = 0.0f;
+   }
+}
 
 #endif

@@ -20,7 +20,7 @@
 #include <string.h>
 
 typedef struct slot {
-   nr_tensor *x, *y;    /* (batch, C, H, W) f32, (batch) int64 */
+   nr_tensor *x, *y;    /* (batch, C, H, W) f32 (uint8 with output_u8), (batch) int64 */
    int64_t batch;       /* batch id held, -1 none */
    int32_t count, done; /* samples in the batch, samples written */
    nr_status failed;    /* first failure's status, 0 none */
@@ -101,7 +101,8 @@ static void *worker(void *arg)
       pthread_mutex_unlock(&l->mu);
 
       nr_status st = NR_OK;
-      float *xs = s->x->data;
+      char *xs = s->x->data;
+      const size_t sample_bytes = (size_t)chw * (size_t)nr_dtype_size(s->x->dtype);
       int64_t *ys = s->y->data;
       for (int64_t p = p0; p < p1 && !st; p++) {
          int64_t idx = l->order[p], j = p - bstart;
@@ -116,7 +117,7 @@ static void *worker(void *arg)
             st = nr_image_decode_file_fast(&dec, path, 3, &l->cfg, key, &im);
          else
             st = nr_dataset_sample(l->ds, idx, &dec, &im);
-         if (!st) st = nr_aug_apply(&l->cfg, &im, key, l->out_c, l->out_h, l->out_w, &scratch, xs + j * chw, path);
+         if (!st) st = nr_aug_apply(&l->cfg, &im, key, l->out_c, l->out_h, l->out_w, &scratch, xs + (size_t)j * sample_bytes, path);
          ys[j] = l->ds->labels[idx];
       }
 
@@ -256,7 +257,7 @@ nr_loader *nr_loader_new(nr_dataset *ds, const nr_loader_config *cfg)
    int64_t xs[4] = {c.batch, oc, oh, ow}, ys[1] = {c.batch};
    for (int32_t i = 0; i < l->nslots; i++) {
       l->slots[i].batch = -1;
-      l->slots[i].x = nr_tensor_new(NR_F32, NR_CPU, 4, xs);
+      l->slots[i].x = nr_tensor_new(c.output_u8 ? NR_U8 : NR_F32, NR_CPU, 4, xs);
       l->slots[i].y = nr_tensor_new(NR_I64, NR_CPU, 1, ys);
       if (!l->slots[i].x || !l->slots[i].y) {
          nr_fail_wrap(NR_E_OOM, __func__);

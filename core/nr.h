@@ -429,7 +429,10 @@ nr_status nr_image_write_jpeg(const nr_tensor *img, const char *path, int32_t qu
  * permutation drawn from (seed, epoch) and sample i's augmentation from (seed, epoch, i), never
  * from the global generator, so batches do not depend on thread count or timing.
  * Augmentation order: random_resized_crop | resize; center_crop; pad + random crop; flip;
- * channels; /255 and normalize. Zero padding is applied before normalisation (as torchvision). */
+ * channels; /255 and normalize. Zero padding is applied before normalisation (as torchvision).
+ * With output_u8 the last step is left to the consumer: the batch holds the bytes 0..255 and
+ * nr_images_normalize turns it into exactly the f32 the loader would have made (on a GPU after a
+ * copy a quarter the size). */
 typedef struct nr_loader_config {
    int32_t batch;              /* samples per batch, >= 1 */
    int32_t shuffle;            /* 1: permute each epoch */
@@ -449,6 +452,7 @@ typedef struct nr_loader_config {
    int32_t fast_decode;        /* 1: decode JPEGs reduced (DCT scaling 1/2, 1/4, 1/8) when the resize or
                                   random-resized crop shrinks them anyway: faster, not bitwise
                                   equal to the full decode; still a pure function of the seed */
+   int32_t output_u8;          /* 1: images are uint8 (batch, C, H, W), not /255 or normalized */
    float mean[4], std[4];
    float scale_lo, scale_hi;   /* random_resized_crop area fraction (0.08, 1) */
    float ratio_lo, ratio_hi;   /* random_resized_crop aspect ratio (3/4, 4/3) */
@@ -465,7 +469,7 @@ void nr_loader_output_shape(const nr_loader *l, int64_t *shape4);
 /* Samples this shard sees per epoch, and batches per epoch. */
 int64_t nr_loader_samples(const nr_loader *l);
 int64_t nr_loader_nbatches(const nr_loader *l);
-/* Number of batch buffers, and buffer `slot`'s images f32 (batch, C, H, W) (which = 0) or
+/* Number of batch buffers, and buffer `slot`'s images f32 (uint8 with output_u8) (batch, C, H, W) (which = 0) or
  * labels int64 (batch) (which = 1); borrowed: view it (nr_tensor_view) to keep it. */
 int32_t nr_loader_nslots(const nr_loader *l);
 nr_tensor *nr_loader_buffer(nr_loader *l, int32_t slot, int32_t which);
@@ -480,6 +484,11 @@ nr_status nr_loader_start(nr_loader *l, int64_t epoch);
 nr_status nr_loader_next(nr_loader *l, int32_t *slot, int32_t *count);
 /* Stops and joins the workers, frees the buffers, drops the dataset reference. NULL ignored. */
 void nr_loader_free(nr_loader *l);
+/* The loader's last step for images it handed out as bytes (output_u8): dst <- per channel c
+ * (src / 255 - mean[c]) / std[c], or src / 255 when mean and std are NULL, with the loader's
+ * arithmetic (the same f32 values). src uint8 (B, C, H, W) contiguous, C <= 4; dst f32 or bf16 of
+ * src's shape on src's device (the GPU's), contiguous or channels-last; std[c] > 0. */
+nr_status nr_images_normalize(const nr_tensor *src, const float *mean, const float *std, nr_tensor *dst);
 
 /* ---------------------------------------------------------------- neural rejuvenation */
 /* (section: nr) */

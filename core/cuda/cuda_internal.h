@@ -106,6 +106,9 @@ nr_status nr_cuda_softmax_xent_backward(const nr_tensor *probs, const nr_tensor 
 nr_status nr_cuda_batch_metrics_add(const nr_tensor *logits, const nr_tensor *labels, const nr_tensor *loss,
                                     nr_tensor *acc);
 
+/* ---- data (tensor_kernels.cu): checked by core/data_augment.c; scale, bias: C values */
+nr_status nr_cuda_images_normalize(const nr_tensor *src, const float *scale, const float *bias, nr_tensor *dst);
+
 /* ---- optimizers (nn_kernels.cu): arguments checked by core/optim.c before dispatch */
 nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *momentum_buf,
                            float lr, float momentum, float weight_decay, int32_t nesterov);

@@ -349,6 +349,30 @@ nr_status index_op(const char *func, nr_tensor *big, int32_t dim, const nr_tenso
    return NR_OK;
 }
 
+/* ---------------------------------------------------------------- images (data loading) */
+
+struct affine4 {
+   float scale[4], bias[4];
+};
+
+/* dst (dense, NCHW or NHWC: i runs in dst's memory order, so writes coalesce) <- src (NCHW
+ * bytes) * scale[c] + bias[c]. */
+template <typename TD>
+__global__ void k_images_normalize(const uint8_t *src, TD *dst, int64_t n, int64_t C, int64_t hw, int nhwc, affine4 a)
+{
+   GRID_LOOP(i, n) {
+      int64_t c, s = i;
+      if (nhwc) {
+         const int64_t px = i / C;
+         c = i % C;
+         s = (px / hw * C + c) * hw + px % hw;
+      } else {
+         c = (i / hw) % C;
+      }
+      st(dst + i, (float)src[s] * a.scale[c] + a.bias[c]);
+   }
+}
+
 } // namespace
 
 /* ================================================================ entry points (C linkage) */
@@ -562,6 +586,27 @@ nr_status nr_cuda_index_select(const nr_tensor *src, int32_t dim, const nr_tenso
 nr_status nr_cuda_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *index, const nr_tensor *src)
 {
    return index_op(__func__, dst, dim, index, (nr_tensor *)src, 1);
+}
+
+nr_status nr_cuda_images_normalize(const nr_tensor *src, const float *scale, const float *bias, nr_tensor *dst)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(src->device_index, &ctx));
+   const int64_t n = nr_tensor_numel(src), C = src->shape[1], hw = src->shape[2] * src->shape[3];
+   if (n == 0) return NR_OK;
+   affine4 a;
+   for (int c = 0; c < 4; c++) {
+      a.scale[c] = c < C ? scale[c] : 0.0f;
+      a.bias[c] = c < C ? bias[c] : 0.0f;
+   }
+   const int nhwc = !nr_tensor_is_contiguous(dst);
+   with_act_type(dst, [&](auto tag) {
+      using T = decltype(tag);
+      k_images_normalize<T><<<grid_for(n), 256, 0, ctx->stream>>>((const uint8_t *)src->data, mptr<T>(dst), n, C, hw,
+                                                                   nhwc, a);
+   });
+   NR_CU_LAUNCHED("normalize images %s -> %s", NR_DESC(src), NR_DESC(dst));
+   return NR_OK;
 }
 
 } // extern "C"

@@ -884,6 +884,12 @@ function Sharded:epoch(e)
    end
 end
 
+-- A uint8 batch finished as the inner loader does it (nr.data's output = 'uint8').
+function Sharded:normalize(x, out)
+   check.arg(type(self.inner.normalize) == 'function', 'nr.dist.shard_loader', 'the inner loader has no normalize(x, out)')
+   return self.inner:normalize(x, out)
+end
+
 local NULL_STREAM = {write = function() end, flush = function() end}
 
 -- nr.dist.attach(trainer [, opts]): makes nr.train data-parallel when the process was started by

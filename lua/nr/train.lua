@@ -49,6 +49,8 @@ M.DEFAULTS = {
       augment = nil,       -- nil: the dataset's default; false: none; or a table of loader options
       train_split = 'train', val_split = 'test',
       train_batches = nil, val_batches = nil,  -- cap batches per epoch (quick runs, tests)
+      output = nil,        -- images from the loaders: 'uint8' (finished, /255 and normalize, on the
+                           -- device: a quarter of the bytes to copy) or 'float32'; nil: uint8 on CUDA
    },
    optim = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 5e-4, nesterov = false,
             no_decay_bn_bias = false},
@@ -417,8 +419,9 @@ local EVAL_KEYS = {resize = true, center_crop = true, channels = true, normalize
 -- data.augment is given (false: none; a table: used for training, and its resize /
 -- center_crop / channels / normalize for evaluation). data.size resizes datasets whose
 -- native size differs; grey images are replicated when the model wants 3 channels.
-local function loader_opts(d, train, seed, model, ds)
-   local o = {batch = train and d.batch or (d.eval_batch or d.batch), shuffle = train, seed = seed, threads = d.threads}
+local function loader_opts(d, train, seed, model, ds, device)
+   local o = {batch = train and d.batch or (d.eval_batch or d.batch), shuffle = train, seed = seed, threads = d.threads,
+              output = d.output or (device ~= 'cpu' and 'uint8' or 'float32')}
    if d.shard then o.shard = d.shard end
    local defaults = M.AUGMENT[d.dataset]
    local a = {}
@@ -467,10 +470,10 @@ local function build_data(tr, rc)
    end
    local seed = d.seed or rc.seed
    tr.train_set = open(d.train_split or 'train')
-   tr.train_loader = data.loader(tr.train_set, loader_opts(d, true, seed, tr.model, tr.train_set))
+   tr.train_loader = data.loader(tr.train_set, loader_opts(d, true, seed, tr.model, tr.train_set, tr.device))
    if d.val_split then
       tr.val_set = open(d.val_split)
-      tr.val_loader = data.loader(tr.val_set, loader_opts(d, false, seed, tr.model, tr.val_set))
+      tr.val_loader = data.loader(tr.val_set, loader_opts(d, false, seed, tr.model, tr.val_set, tr.device))
    end
 end
 
@@ -676,34 +679,43 @@ end
 -- A device batch in the dtype and memory format the model computes in: the activations follow
 -- the input's, so the images become bfloat16 under precision 'bf16' and channels-last under
 -- memory_format 'channels_last', converted on the device into one reused buffer (as is when
--- they already are).
-function Trainer:as_model_input(xd)
+-- they already are). uint8 images (a loader with output = 'uint8') are finished there by
+-- loader:normalize, in the same pass.
+function Trainer:as_model_input(xd, loader)
    local dt = self.precision == 'bf16' and 'bfloat16' or 'float32'
    local fmt = xd:dim() == 4 and self.memory_format or 'contiguous'
-   if xd:dtype() == dt and fmt == 'contiguous' then return xd end
+   local bytes = xd:dtype() == 'uint8'
+   if not bytes and xd:dtype() == dt and fmt == 'contiguous' then return xd end
    local b = rawget(self, '_x_dev')
-   if not b or not T.same_shape(b:shape(), xd:shape()) then
+   if not b or not T.same_shape(b:shape(), xd:shape()) or b:dtype() ~= dt then
       b = T.empty(xd:shape(), {dtype = dt, device = self.device, memory_format = fmt})
       self._x_dev = b
    end
-   return b:copy(xd)
+   if not bytes then return b:copy(xd) end
+   if not (loader and type(loader.normalize) == 'function') then
+      error('nr.train: the loader yields uint8 images but has no normalize(x, out) to finish them', 0)
+   end
+   return loader:normalize(xd, b)
 end
 
--- The batches of a loader iterator `it` (at most `limit`) on the training device:
---   for xd, yd, bn, checked in tr:device_batches(loader:epoch(e), limit [, purpose]) do ... end
+-- The batches of epoch e of a loader (at most `limit`) on the training device, as the model
+-- takes them (as_model_input):
+--   for xd, yd, bn, checked in tr:device_batches(loader, e, limit [, purpose]) do ... end
 -- bn is the batch size; checked says the labels were range-checked on the host (so the
 -- criterion need not check them on the GPU). On the CPU the batches pass through. On a GPU each
 -- host batch is copied ahead on the copy stream (nr_cuda_prefetch) into one of two device
 -- buffers while the step before it computes; the next host batch is fetched only after the
 -- current one was staged, because loaders recycle their host buffers.
-function Trainer:device_batches(it, limit, purpose)
+function Trainer:device_batches(loader, e, limit, purpose)
    local taken = 0
+   local it = loader:epoch(e)
    if self.device == 'cpu' then
       return function()
          if limit and taken >= limit then return nil end
          local x, y = it()
          if x == nil then return nil end
          taken = taken + 1
+         if x:dtype() == 'uint8' then x = self:as_model_input(x, loader) end
          return x, y, x:size(1), false
       end
    end
@@ -747,7 +759,7 @@ function Trainer:device_batches(it, limit, purpose)
       if not cur then return nil end
       nxt = fetch()   -- its copy overlaps the step of `cur`, queued after this returns
       if cur.ticket then check.status(C.nr_cuda_prefetch_wait(cur.y.t.c.device_index, cur.ticket), 'nr.train: input prefetch') end
-      return self:as_model_input(cur.x.t), cur.y.t, cur.bn, cur.checked
+      return self:as_model_input(cur.x.t, loader), cur.y.t, cur.bn, cur.checked
    end
 end
 
@@ -778,7 +790,7 @@ function Trainer:evaluate(loader)
    local meter = self:meter('eval')
    local function pass()
       local b = 0
-      for xd, yd, _, checked in self:device_batches(loader:epoch(1), limit, 'eval') do
+      for xd, yd, _, checked in self:device_batches(loader, 1, limit, 'eval') do
          b = b + 1
          local out = model:forward(xd)
          self._classes = out:size(2)
@@ -832,7 +844,7 @@ function Trainer:train_epoch(epoch)
    local n, win_t = 0, t0
    local i = 0
    local log_every = rc.log_every or 50
-   for xd, yd, bn, checked in self:device_batches(self.train_loader:epoch(epoch), total, 'train') do
+   for xd, yd, bn, checked in self:device_batches(self.train_loader, epoch, total, 'train') do
       i = i + 1
       self.step = self.step + 1
       if sched then opt.config.lr = sched:lr() end

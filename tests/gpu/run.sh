@@ -68,7 +68,8 @@ for p in fp32 bf16; do
     timeout "$lim" "$NRLUA" bench/gpu_bench.lua --model "$m" --precision "$p" --tf32 1 2>&1 | tail -n 1 | tee -a "$OUT/nrlua.jsonl"
   done
 done
-# the bf16 MobileNet steps again through nr.train (host batches prefetched on the copy stream)
+# the bf16 MobileNet steps again through nr.train (uint8 host batches prefetched on the copy stream,
+# finished on the device)
 timeout 15 "$NRLUA" bench/gpu_bench.lua --model mobilenet --precision bf16 --tf32 1 --trainer 1 2>&1 | tail -n 1 |
   tee -a "$OUT/nrlua.jsonl"
 timeout 15 "$NRLUA" bench/gpu_bench.lua --model mobilenet --precision bf16 --memory_format contiguous --tf32 1 2>&1 |
@@ -100,7 +101,7 @@ def row(r, side):
     note = r.get("error", "")
     if side == "nrlua":
         note = (note + " tf32=%s %s%s" % (r.get("tf32", ""), r.get("memory_format", ""),
-                                          " nr.train" if r.get("trainer") else "")).strip()
+                                          " nr.train (%s input)" % r.get("input", "float32") if r.get("trainer") else "")).strip()
     ips = r.get("images_per_s")
     L.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (r.get("model"), r.get("precision"), side, r.get("batch", ""),
              "%.0f" % ips if ips else "-", "%.1f" % r["step_ms"] if "step_ms" in r else "-",

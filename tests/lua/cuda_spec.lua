@@ -831,6 +831,95 @@ describe('channels-last (NHWC) activations on the GPU', function()
    end)
 end)
 
+describe('input batches as bytes (loader output = "uint8") on the GPU', function()
+   it('nr_images_normalize finishes uint8 batches on the device as the CPU does, in every output layout', function()
+      nr.manual_seed(31)
+      for _, c in ipairs({3, 1}) do
+         local u = nr.randint(0, 256, {5, c, 7, 9}, {dtype = 'uint8'})
+         local mean, std = ffi.new('float[4]', {0.485, 0.456, 0.406}), ffi.new('float[4]', {0.229, 0.224, 0.225})
+         for _, stats in ipairs({true, false}) do
+            local m, sd = stats and mean or nil, stats and std or nil
+            local want = nr.empty(u:shape())
+            ok(C.nr_images_normalize(u.c, m, sd, want.c), 'normalize on the CPU')
+            local ud = u:cuda()
+            for _, case in ipairs({{'float32', 'contiguous'}, {'float32', 'channels_last'},
+                                    {'bfloat16', 'contiguous'}, {'bfloat16', 'channels_last'}}) do
+               local out = nr.empty(u:shape(), {dtype = case[1], device = 'cuda', memory_format = case[2]})
+               ok(C.nr_images_normalize(ud.c, m, sd, out.c), 'normalize on the GPU')
+               -- f32: one rounding apart at most (the GPU fuses the multiply-add)
+               close(string.format('normalize C=%d stats=%s %s %s', c, tostring(stats), case[1], case[2]), want, out,
+                     case[1] == 'float32' and 1e-6 or RTOL16)
+            end
+         end
+      end
+   end)
+
+   it('nr_images_normalize refuses a CPU destination for GPU bytes', function()
+      local u = nr.randint(0, 256, {2, 3, 4, 4}, {dtype = 'uint8'}):cuda()
+      assert(C.nr_images_normalize(u.c, nil, nil, nr.empty(u:shape()).c) ~= 0, 'a CPU destination was accepted')
+      assert(ffi.string(C.nr_last_error()):find('dst', 1, true), ffi.string(C.nr_last_error()))
+   end)
+
+   it('nr.train on the GPU copies uint8 batches and finishes them there; the run matches float32 batches', function()
+      local train = require 'nr.train'
+      local nn = nr.nn
+      -- an MNIST-layout dataset on disk: class k is a bright 3x3 blob in quadrant k of an 8x8 picture
+      local dir = (os.getenv('TMPDIR') or '/tmp') .. '/nr_cuda_u8_' .. tostring(os.time())
+      assert(os.execute('mkdir -p ' .. dir) == 0)
+      local function be32(v) return string.char(math.floor(v / 16777216) % 256, math.floor(v / 65536) % 256, math.floor(v / 256) % 256, v % 256) end
+      local n, seed = 256, 12345
+      local pix, lab = {be32(0x803), be32(n), be32(8), be32(8)}, {be32(0x801), be32(n)}
+      for i = 0, n - 1 do
+         local k = i % 4
+         lab[#lab + 1] = string.char(k)
+         local r0, c0 = (k < 2) and 1 or 4, (k % 2 == 0) and 1 or 4
+         for r = 0, 7 do for c = 0, 7 do
+            seed = (seed * 1103515245 + 12345) % 2147483648
+            local v = 30 + seed % 60
+            if r >= r0 and r < r0 + 3 and c >= c0 and c < c0 + 3 then v = v + 140 end
+            pix[#pix + 1] = string.char(v)
+         end end
+      end
+      for name, parts in pairs({['train-images-idx3-ubyte'] = pix, ['train-labels-idx1-ubyte'] = lab}) do
+         local f = assert(io.open(dir .. '/' .. name, 'wb'))
+         f:write(table.concat(parts))
+         f:close()
+      end
+      local function run(output, prec)
+         local tr = train.new({
+            name = 'u8', device = 'cuda', precision = prec, epochs = 3, seed = 5, log_every = 100,
+            out = dir .. '/run-' .. tostring(output) .. '-' .. prec,
+            model = function() return nn.Sequential{nn.Conv2d(1, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8),
+                                                     nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)} end,
+            data = {dataset = 'mnist', root = dir, batch = 32, threads = 2, val_split = 'train', eval_batch = 64,
+                    augment = {pad = 1, crop = 8, normalize = {mean = {0.3}, std = {0.3}}}, output = output},
+            optim = {lr = 0.05, momentum = 0.9}, progress = {stream = io.open('/dev/null', 'w')},
+         })
+         local s = tr:run()
+         local ps = {}
+         for i, p in ipairs(tr.model:parameters()) do ps[i] = p:cpu() end
+         return tr, s, ps
+      end
+      nr.cuda.set_deterministic(true)
+      local okr, err = pcall(function()
+         local tr8, s8, p8 = run(nil, 'fp32')
+         assert(tr8.train_loader.output == 'uint8' and tr8.val_loader.output == 'uint8', 'the GPU default is uint8 batches')
+         local _, s32, p32 = run('float32', 'fp32')
+         for i = 1, #p8 do
+            local e = nrel(p8[i], p32[i])
+            assert(e < 1e-4, string.format('parameter %d: uint8 vs float32 batches differ by %g (norm-wise)', i, e))
+         end
+         assert(math.abs(s8.final_loss - s32.final_loss) <= 1e-4 * math.max(1, s32.final_loss), 'final loss')
+         assert(s8.best_top1 >= 95, 'uint8 batches: top-1 ' .. tostring(s8.best_top1))
+         -- bf16 channels-last: the bytes become bf16 NHWC in the same kernel
+         local _, s16 = run(nil, 'bf16')
+         assert(s16.best_top1 >= 90, 'bf16 from uint8 batches: top-1 ' .. tostring(s16.best_top1))
+      end)
+      nr.cuda.set_deterministic(false)
+      assert(okr, tostring(err))
+   end)
+end)
+
 describe('Neural Rejuvenation inside nr.train on the GPU', function()
    -- nr_train_spec's run on the GPU, in both precisions: the monitor, the adaptive L1, the surgery
    -- with momentum remapping and the NR-CA layers all run on device tensors

@@ -459,6 +459,59 @@ describe('nr.data', function()
          assert.is_true(same_batches(rrc(1), rrc(3)))
       end)
 
+      it("hands out bytes with output = 'uint8' that loader:normalize finishes to the float32 batches exactly", function()
+         local cif = nr.data.dataset{name = 'cifar10', root = BASE .. '/cifar10'}
+         local img = nr.data.dataset{name = 'imagefolder', root = BASE .. '/images'}
+         local cases = {
+            {ds, {pad = 3, crop = 8, flip = true, channels = 3, normalize = {mean = {0.5, 0.4, 0.3}, std = {0.25, 0.5, 1}}}},
+            {ds, {resize = 12, flip = true}},                              -- x / 255, no normalize
+            {cif, {pad = 4, crop = 32, flip = true, normalize = true}},    -- RGB, the dataset's statistics
+            {cif, {channels = 1, normalize = {mean = {0.5}, std = {0.2}}}}, -- luma
+            {img, {random_resized_crop = 12, flip = true, normalize = true}},
+         }
+         for k, case in ipairs(cases) do
+            local opts = {batch = 3, shuffle = true, seed = 9, threads = 2, augment = case[2]}
+            local f = nr.data.loader(case[1], opts)
+            opts.output = 'uint8'
+            local u = nr.data.loader(case[1], opts)
+            assert.equal('uint8', u.output)
+            local want = collect(f, 2)
+            local got, n = collect(u, 2), 0
+            assert.equal(#want, #got)
+            for b = 1, #got do
+               local x = got[b]
+               assert.equal('uint8', x:dtype())
+               assert.same(want[b]:shape(), x:shape())
+               local out = u:normalize(x, nr.empty(x:shape()))
+               assert.equal(0, (out - want[b]):abs():max(), 'case ' .. k .. ' batch ' .. b)
+               local cl = u:normalize(x, nr.empty(x:shape(), {memory_format = 'channels_last'}))
+               assert.equal('channels_last', cl:memory_format())
+               assert.equal(0, (cl:contiguous() - want[b]):abs():max(), 'case ' .. k .. ' channels-last')
+               local bf = u:normalize(x, nr.empty(x:shape(), {dtype = 'bfloat16'}))
+               assert.equal(0, (bf:float() - want[b]:bfloat16():float()):abs():max(), 'case ' .. k .. ' bf16')
+               n = n + x:size(1)
+            end
+            assert.equal(f:samples(), n)
+            if k == 2 then -- without normalize the bytes are the float batch * 255
+               assert.is_true((got[1]:float() - want[1] * 255):abs():max() < 1e-4)
+            end
+            f:close(); u:close()
+         end
+         local u = nr.data.loader(ds, {batch = 4, output = 'uint8'})
+         local x = u:epoch(1)()
+         assert.matches('src: expected uint8', err_of(u.normalize, u, x:float(), nr.empty(x:shape())))
+         assert.matches('dst: expected f32 or bf16', err_of(u.normalize, u, x, nr.empty(x:shape(), {dtype = 'int64'})))
+         assert.matches('dst: expected', err_of(u.normalize, u, x, nr.empty({4, 1, H, W + 1})))
+         assert.matches('contiguous', err_of(u.normalize, u, x:narrow(4, 2, 4), nr.empty({4, 1, H, 4})))
+         assert.matches('output must be', err_of(nr.data.loader, ds, {output = 'float16'}))
+         -- the function behind loader:normalize, with any statistics
+         local g = nr.data.normalize(x, nr.empty(x:shape()), {mean = {0.5}, std = {0.25}})
+         assert.is_true((g - (x:float() / 255 - 0.5) / 0.25):abs():max() < 1e-5)
+         assert.matches('need 1 or 1 values', err_of(nr.data.normalize, x, nr.empty(x:shape()), {mean = {0, 0}, std = {1, 1}}))
+         assert.matches('std%[1%] must be > 0', err_of(nr.data.normalize, x, nr.empty(x:shape()), {mean = {0}, std = {0}}))
+         u:close()
+      end)
+
       it('shards an epoch into disjoint equal slices (DistributedSampler)', function()
          local union, sizes = {}, {}
          for rank = 0, 4 do

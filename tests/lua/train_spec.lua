@@ -305,13 +305,24 @@ describe('nr.train', function()
    it('builds loaders from recipe.data for a real dataset (Fashion-MNIST, when installed)', function()
       local root = '/usr/share/datasets/fashion-mnist'
       if not ck.exists(root .. '/train-images-idx3-ubyte.gz') then pending('dataset-fashion-mnist is not installed'); return end
-      local s = nr.train{
-         model = function() return nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(784, 10)} end,
-         data = {dataset = 'fashion-mnist', root = root, batch = 64, threads = 1, train_batches = 3, val_batches = 1, eval_batch = 100},
-         optim = {lr = 0.05}, epochs = 2, out = TMP .. '/fm', progress = {stream = sink(), tty = false},
-      }
+      local function run(output)
+         local out = TMP .. '/fm-' .. tostring(output)
+         local s = nr.train{
+            model = function() return nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(784, 10)} end,
+            data = {dataset = 'fashion-mnist', root = root, batch = 64, threads = 1, train_batches = 3, val_batches = 1,
+                    eval_batch = 100, output = output},
+            optim = {lr = 0.05}, epochs = 2, out = out, progress = {stream = sink(), tty = false},
+         }
+         return s, weights_of(out)
+      end
+      local s, w = run(nil)
       assert.equal(6, s.steps)
       assert(s.final_top1 > 20, 'a linear model learns something in 6 steps: ' .. tostring(s.final_top1))
+      -- loaders handing out bytes, finished by the trainer (the default on a GPU), train the same bits
+      local s8, w8 = run('uint8')
+      assert.is_nil(first_difference(w, w8))
+      assert.equal(s.final_loss, s8.final_loss)
+      assert.equal(s.final_top1, s8.final_top1)
    end)
 
    it('explains a missing dataset and how to get it', function()
@@ -346,9 +357,9 @@ describe('nr.train', function()
 
    it('device batches: a limit, prefetch buffers reused and sliced for a short last batch', function()
       local tr = train.new(recipe(TMP .. '/feed', {epochs = 1}))
-      local it = train.memory_loader(X:narrow(1, 1, 70), Y:narrow(1, 1, 70), {batch = 32}):epoch(1)
+      local loader = train.memory_loader(X:narrow(1, 1, 70), Y:narrow(1, 1, 70), {batch = 32})
       local sizes = {}
-      for xd, yd, bn, checked in tr:device_batches(it, 2) do
+      for xd, yd, bn, checked in tr:device_batches(loader, 1, 2) do
          sizes[#sizes + 1] = bn
          assert.equal(bn, xd:size(1)); assert.equal(bn, yd:size(1)); assert.is_false(checked)
       end

@@ -3,7 +3,8 @@
 -- What it is: nr.data.dataset{...} opens MNIST / Fashion-MNIST (IDX, gzipped or not), CIFAR-10 /
 -- CIFAR-100 (binary) or an image folder (root/<split>/<class>/*.png|jpg, ImageNet layout);
 -- nr.data.loader(ds, opts) decodes and augments on background C threads and yields f32
--- (B, C, H, W) images and int64 (B) labels in order; nr.data.stats(name) gives mean/std;
+-- (B, C, H, W) images (or uint8 ones that nr.data.normalize finishes, e.g. on a GPU) and int64
+-- (B) labels in order; nr.data.stats(name) gives mean/std;
 -- nr.data.read_image / write_png / write_jpeg handle single image files.
 -- Invariants:
 --  * Sample indices are 1-based here (ds:get(i)), class ids 0-based (as the datasets store them).
@@ -263,6 +264,30 @@ function M.write_jpeg(img, path, quality)
    check.status(C.nr_image_write_jpeg(img.c, path, quality or 90), 'nr.data.write_jpeg')
 end
 
+-- nr.data.normalize(x, out [, {mean = {...}, std = {...}}]): images as a model takes them from
+-- uint8 (B, C, H, W) x (contiguous, C <= 4, on the CPU or a GPU): out <- (x / 255 - mean[c]) /
+-- std[c] per channel (one value applies to every channel), or x / 255 without statistics, with
+-- the loader's arithmetic. out: float32 or bfloat16 of x's shape on x's device, contiguous or
+-- channels-last. Returns out.
+function M.normalize(x, out, stats, fname)
+   fname = fname or 'nr.data.normalize'
+   check.arg(T.is_tensor(x) and T.is_tensor(out), fname, 'expected (x, out) tensors')
+   local mean, std = nil, nil
+   if stats then
+      check.arg(type(stats) == 'table' and type(stats.mean) == 'table' and type(stats.std) == 'table', fname,
+         'statistics must be {mean = {...}, std = {...}}')
+      local c = x:dim() == 4 and x:size(2) or 0
+      local nm, ns = #stats.mean, #stats.std
+      check.arg(nm == ns and (nm == 1 or nm == c), fname, 'mean and std need 1 or %d values, got %d and %d', c, nm, ns)
+      mean, std = ffi.new('float[4]'), ffi.new('float[4]')
+      for k = 1, math.min(c, 4) do
+         mean[k - 1], std[k - 1] = stats.mean[nm == 1 and 1 or k], stats.std[ns == 1 and 1 or k]
+      end
+   end
+   check.status(C.nr_images_normalize(x.c, mean, std, out.c), fname)
+   return out
+end
+
 -- ---- loader --------------------------------------------------------------------------------
 
 local Loader = {}
@@ -270,7 +295,7 @@ Loader.__index = Loader
 Loader.__typename = 'nr.data.Loader'
 
 local LOADER_OPTS = {batch = true, shuffle = true, drop_last = true, seed = true, threads = true, prefetch = true,
-                     augment = true, shard = true}
+                     augment = true, shard = true, output = true}
 local AUGMENT_OPTS = {pad = true, crop = true, flip = true, resize = true, random_resized_crop = true,
                       center_crop = true, channels = true, normalize = true, scale = true, ratio = true,
                       fast_decode = true}
@@ -289,9 +314,13 @@ local function default_threads()
 end
 
 -- nr.data.loader(ds, {batch = 128, shuffle = false, drop_last = false, seed = 0, threads = (see
---   default_threads), prefetch = 4, augment = {...}, shard = {rank = 0, size = 1}})
+--   default_threads), prefetch = 4, augment = {...}, shard = {rank = 0, size = 1},
+--   output = 'float32'})
 -- prefetch batches are decoded ahead while the consumer holds one: memory is
--- (prefetch + 1) * batch * C * H * W * 4 bytes.
+-- (prefetch + 1) * batch * C * H * W * 4 bytes (1 byte with output = 'uint8').
+-- output = 'uint8': images come out as bytes 0..255, before /255 and normalize, and
+--   loader:normalize(x, out) finishes them (exactly the values 'float32' gives). nr.train uses it
+--   on a GPU: a batch is copied to the device at a quarter of the size and finished there.
 -- augment: pad = P, crop = S (random crop after zero padding P; crop defaults to the input
 --   size), flip = true, resize = N (shorter side) | {h, w}, random_resized_crop = S (with
 --   scale = {0.08, 1}, ratio = {3/4, 4/3}), center_crop = S, channels = 1|3 (1 -> 3 replicates),
@@ -362,10 +391,17 @@ function M.loader(ds, opts)
          cfg.mean[k - 1], cfg.std[k - 1] = m, s
       end
    end
+   local output = opts.output or 'float32'
+   check.arg(output == 'float32' or output == 'uint8', fname, 'output must be "float32" or "uint8", got %s', tostring(output))
+   cfg.output_u8 = output == 'uint8' and 1 or 0
    local p = C.nr_loader_new(live_ds(ds), cfg)
    if p == nil then c_error(fname, 2) end
-   local l = setmetatable({dataset = ds, c = ffi.gc(p, C.nr_loader_free), batch = batch, threads = threads,
+   local l = setmetatable({dataset = ds, c = ffi.gc(p, C.nr_loader_free), batch = batch, threads = threads, output = output,
+                           normalization = norm and {mean = {}, std = {}} or false,
                            _slot = ffi.new('int32_t[1]'), _count = ffi.new('int32_t[1]'), _x = {}, _y = {}, _part = {}}, Loader)
+   if norm then
+      for k = 1, channels do l.normalization.mean[k], l.normalization.std[k] = cfg.mean[k - 1], cfg.std[k - 1] end
+   end
    local shape = ffi.new('int64_t[4]')
    C.nr_loader_output_shape(p, shape)
    l.shape = {tonumber(shape[0]), tonumber(shape[1]), tonumber(shape[2]), tonumber(shape[3])}
@@ -431,6 +467,12 @@ function Loader:epoch(e)
       end
       return part.x, part.y
    end
+end
+
+-- Finishes a uint8 batch of this loader (output = 'uint8'), or its copy on a GPU: out <- what
+-- output = 'float32' would have yielded (nr.data.normalize with the loader's statistics).
+function Loader:normalize(x, out)
+   return M.normalize(x, out, self.normalization or nil, 'Loader:normalize')
 end
 
 -- Stops the workers and frees the buffers (tensors the loader yielded become invalid).
