@@ -83,6 +83,14 @@ static inline float nr_bf16_to_f32(uint16_t h)
    return v.f;
 }
 
+/* Checks index_select / index_copy arguments (big: the indexed tensor, small: the k-row one; index
+ * int64 (k), contiguous, on any device) and splits the element order around dim: outer x len x
+ * inner, len = big's size on dim. The order is row-major when both are contiguous, or the
+ * channels-last one (memory dims N, H, W, C) when both are channels-last; anything else is
+ * refused. Index values are not checked. */
+nr_status nr_index_geometry(const char *func, const nr_tensor *big, int32_t dim, const nr_tensor *index,
+                            const nr_tensor *small, int64_t *outer, int64_t *len, int64_t *inner);
+
 /* Element offset (in elements, from t->data) of the i-th element in row-major order. */
 static inline int64_t nr_linear_offset(const nr_tensor *t, int64_t i)
 {

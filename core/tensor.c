@@ -425,39 +425,53 @@ nr_status nr_tensor_fill(nr_tensor *t, double value)
 
 /* ---- index select / copy ------------------------------------------------------------------- */
 
-/* Splits a tensor around dim into outer x dim x inner; requires contiguity. */
-static void split_dims(const nr_tensor *t, int dim, int64_t *outer, int64_t *inner)
+nr_status nr_index_geometry(const char *func, const nr_tensor *big, int32_t dim, const nr_tensor *index,
+                            const nr_tensor *small, int64_t *outer, int64_t *len, int64_t *inner)
 {
-   *outer = 1;
-   *inner = 1;
-   for (int d = 0; d < dim; d++) *outer *= t->shape[d];
-   for (int d = dim + 1; d < t->ndim; d++) *inner *= t->shape[d];
-}
-
-static nr_status check_index_args(const char *func, const nr_tensor *big, int32_t dim,
-                                  const nr_tensor *index, const nr_tensor *small)
-{
-   NR_TRY(nr_check_tensor(func, "index", index, NR_I64, NR_CPU, 1, NULL));
+   NR_TRY(nr_check_tensor(func, "index", index, NR_I64, -1, 1, NULL));
+   if (!nr_tensor_is_contiguous(index)) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "index must be contiguous");
    if (dim < 0 || dim >= big->ndim)
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dim %d out of range for a %d-d tensor", dim, big->ndim);
+   char a[128], b[128];
    if (big->dtype != small->dtype || small->ndim != big->ndim)
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dtype or rank mismatch");
-   for (int d = 0; d < big->ndim; d++) {
-      int64_t want = d == dim ? index->shape[0] : big->shape[d];
-      if (small->shape[d] != want) {
-         char a[128], b[128];
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dtype or rank mismatch: %s vs %s",
+                        nr_tensor_describe(big, a, sizeof a), nr_tensor_describe(small, b, sizeof b));
+   for (int d = 0; d < big->ndim; d++)
+      if (small->shape[d] != (d == dim ? index->shape[0] : big->shape[d]))
          return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "shape mismatch: %s vs %s with %lld indices on dim %d",
                            nr_tensor_describe(big, a, sizeof a), nr_tensor_describe(small, b, sizeof b),
                            (long long)index->shape[0], dim);
-      }
+   /* element order: row-major, or channels-last (memory dims N, H, W, C) when either is */
+   int64_t mem[8];
+   int md = dim;
+   for (int d = 0; d < big->ndim; d++) mem[d] = big->shape[d];
+   if (nr_is_nhwc(big) || nr_is_nhwc(small)) {
+      if (!nr_tensor_is_channels_last(big) || !nr_tensor_is_channels_last(small))
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                           "tensors must both be contiguous or both channels-last: %s vs %s",
+                           nr_tensor_describe(big, a, sizeof a), nr_tensor_describe(small, b, sizeof b));
+      static const int mem_pos[4] = {0, 3, 1, 2}; /* logical dim -> position in (N, H, W, C) */
+      mem[0] = big->shape[0], mem[1] = big->shape[2], mem[2] = big->shape[3], mem[3] = big->shape[1];
+      md = mem_pos[dim];
+   } else if (!nr_tensor_is_contiguous(big) || !nr_tensor_is_contiguous(small)) {
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensors must be contiguous (or both channels-last): %s vs %s",
+                        nr_tensor_describe(big, a, sizeof a), nr_tensor_describe(small, b, sizeof b));
    }
-   if (!nr_tensor_is_contiguous(big) || !nr_tensor_is_contiguous(small) || !nr_tensor_is_contiguous(index))
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensors must be contiguous");
+   *outer = *inner = 1;
+   for (int d = 0; d < md; d++) *outer *= mem[d];
+   for (int d = md + 1; d < big->ndim; d++) *inner *= mem[d];
+   *len = mem[md];
+   return NR_OK;
+}
+
+/* Host indices within 0..len-1. */
+static nr_status check_index_range(const char *func, const nr_tensor *index, int64_t len)
+{
    const int64_t *ix = index->data;
    for (int64_t i = 0; i < index->shape[0]; i++)
-      if (ix[i] < 0 || ix[i] >= big->shape[dim])
+      if (ix[i] < 0 || ix[i] >= len)
          return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "index %lld out of range 0..%lld (position %lld)",
-                           (long long)ix[i], (long long)big->shape[dim] - 1, (long long)i);
+                           (long long)ix[i], (long long)len - 1, (long long)i);
    return NR_OK;
 }
 
@@ -466,9 +480,10 @@ nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_ten
    if (src) NR_ON_CUDA(src, nr_cuda_index_select(src, dim, index, out)); /* index on the CPU or the same GPU */
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("out", out, -1, NR_CPU, -1, NULL);
-   NR_TRY(check_index_args(__func__, src, dim, index, out));
-   int64_t outer, inner, k = index->shape[0], s = src->shape[dim];
-   split_dims(src, dim, &outer, &inner);
+   NR_CHECK_T("index", index, NR_I64, NR_CPU, 1, NULL);
+   int64_t outer, inner, s, k = index->shape[0];
+   NR_TRY(nr_index_geometry(__func__, src, dim, index, out, &outer, &s, &inner));
+   NR_TRY(check_index_range(__func__, index, s));
    size_t es = (size_t)nr_dtype_size(src->dtype);
    const int64_t *ix = index->data;
    const char *sp = src->data;
@@ -484,9 +499,10 @@ nr_status nr_tensor_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *ind
    if (dst) NR_ON_CUDA(dst, nr_cuda_index_copy(dst, dim, index, src)); /* index on the CPU or the same GPU */
    NR_CHECK_T("dst", dst, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
-   NR_TRY(check_index_args(__func__, dst, dim, index, src));
-   int64_t outer, inner, k = index->shape[0], s = dst->shape[dim];
-   split_dims(dst, dim, &outer, &inner);
+   NR_CHECK_T("index", index, NR_I64, NR_CPU, 1, NULL);
+   int64_t outer, inner, s, k = index->shape[0];
+   NR_TRY(nr_index_geometry(__func__, dst, dim, index, src, &outer, &s, &inner));
+   NR_TRY(check_index_range(__func__, index, s));
    size_t es = (size_t)nr_dtype_size(dst->dtype);
    const int64_t *ix = index->data;
    const char *sp = src->data;

@@ -270,7 +270,8 @@ __global__ void k_index_check(const int64_t *ix, int64_t k, int64_t limit, unsig
    GRID_LOOP(i, k) if (ix[i] < 0 || ix[i] >= limit) atomicMin(bad, (unsigned long long)i);
 }
 
-/* out[(o, i, r)] = src[(o, ix[i], r)] (select) or dst[(o, ix[i], r)] = src[(o, i, r)] (copy). */
+/* out[(o, i, r)] = src[(o, ix[i], r)] (select) or dst[(o, ix[i], r)] = src[(o, i, r)] (copy), in
+ * the operands' element order (row-major or channels-last: nr_index_geometry). */
 template <typename T>
 __global__ void k_index(const T *src, T *dst, const int64_t *ix, int64_t outer, int64_t k, int64_t s, int64_t inner, int copy)
 {
@@ -286,25 +287,13 @@ nr_status index_op(const char *func, nr_tensor *big, int32_t dim, const nr_tenso
 {
    int32_t dev = big->device_index;
    NR_TRY(nr_cuda_check_on(func, copy ? "src" : "out", small, dev));
-   NR_TRY(nr_check_tensor(func, "index", index, NR_I64, -1, 1, NULL));
+   int64_t outer, inner, s;
+   NR_TRY(nr_index_geometry(func, big, dim, index, small, &outer, &s, &inner));
    if (index->device == NR_CUDA && index->device_index != dev)
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "index is on cuda:%d, tensors on cuda:%d", index->device_index, dev);
-   if (dim < 0 || dim >= big->ndim)
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dim %d out of range for a %d-d tensor", dim, big->ndim);
-   if (big->dtype != small->dtype || small->ndim != big->ndim)
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "dtype or rank mismatch: %s vs %s", NR_DESC(big), NR_DESC(small));
-   int64_t k = index->shape[0];
-   for (int d = 0; d < big->ndim; d++)
-      if (small->shape[d] != (d == dim ? k : big->shape[d]))
-         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "shape mismatch: %s vs %s with %lld indices on dim %d",
-                           NR_DESC(big), NR_DESC(small), (long long)k, dim);
-   if (!nr_tensor_is_contiguous(big) || !nr_tensor_is_contiguous(small) || !nr_tensor_is_contiguous(index))
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensors must be contiguous");
+   const int64_t k = index->shape[0];
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dev, &ctx));
-   int64_t outer = 1, inner = 1, s = big->shape[dim];
-   for (int d = 0; d < dim; d++) outer *= big->shape[d];
-   for (int d = dim + 1; d < big->ndim; d++) inner *= big->shape[d];
    if (k == 0) return NR_OK;
    /* scratch layout: [0, 8) the "first bad position" flag, then a device copy of a host index */
    void *scr;

@@ -462,20 +462,25 @@ local function as_index(index, fname)
    check.arg(is_tensor(index) and index:dtype() == 'int64', fname, 'index must be an int64 tensor or a table of 0-based positions')
    return index
 end
-function Tensor:index_select(dim, index)
+-- self's rows index[i] along dim, into out (contiguous, or channels-last like self) or a new tensor.
+function Tensor:index_select(dim, index, out)
    index = as_index(index, 'Tensor:index_select')
    local shape = self:shape()
    check.arg(dim >= 1 and dim <= #shape, 'Tensor:index_select', 'dimension %s out of range', tostring(dim))
    shape[dim] = index:numel()
-   local out = M.empty(shape, {dtype = self:dtype(), device = self:device()})
-   check.status(C.nr_tensor_index_select(live(self:contiguous()), dim - 1, live(index), live(out)), 'Tensor:index_select')
+   -- a channels-last tensor gives a channels-last result (the rows are gathered in that order)
+   local fmt = self:memory_format() == 'channels_last' and 'channels_last' or nil
+   out = out or M.empty(shape, {dtype = self:dtype(), device = self:device(), memory_format = fmt})
+   check.status(C.nr_tensor_index_select(live(self:contiguous(fmt)), dim - 1, live(index), live(out)), 'Tensor:index_select')
    return out
 end
--- self[index[i]] <- src[i] along dim (in place).
+-- self[index[i]] <- src[i] along dim (in place); self contiguous or channels-last.
 function Tensor:index_copy(dim, index, src)
    index = as_index(index, 'Tensor:index_copy')
-   check.arg(self:is_contiguous(), 'Tensor:index_copy', 'destination must be contiguous')
-   check.status(C.nr_tensor_index_copy(live(self), dim - 1, live(index), live(src:contiguous())), 'Tensor:index_copy')
+   local fmt = self:memory_format()
+   check.arg(fmt == 'contiguous' or fmt == 'channels_last', 'Tensor:index_copy', 'destination must be contiguous or channels-last')
+   fmt = fmt == 'channels_last' and fmt or nil
+   check.status(C.nr_tensor_index_copy(live(self), dim - 1, live(index), live(src:contiguous(fmt))), 'Tensor:index_copy')
    return self
 end
 

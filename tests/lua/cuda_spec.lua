@@ -805,6 +805,52 @@ describe('channels-last (NHWC) activations on the GPU', function()
       for i = 1, #ga do assert(nrel(gb[i], ga[i]) <= 1e-4, 'parameter gradient ' .. i .. ': ' .. nrel(gb[i], ga[i])) end
    end)
 
+   it('channel gathers (index_select / index_copy) on channels-last tensors equal the NCHW ones', function()
+      nr.manual_seed(43)
+      local x = randn({3, 5, 4, 6})
+      local xg = x:cuda():contiguous('channels_last')
+      for dim, ix in ipairs({{2, 0}, {4, 1, 1}, {3, 0}, {5, 2}}) do
+         local got = xg:index_select(dim, ix)
+         assert(got:memory_format() == 'channels_last', 'index_select gave ' .. got:memory_format())
+         close('channels-last index_select dim ' .. dim, x:index_select(dim, ix), got, 0)
+         local back = nr.zeros(x:shape(), {device = 'cuda', memory_format = 'channels_last'})
+         back:index_copy(dim, ix, got)
+         local ref = nr.zeros(x:shape())
+         ref:index_copy(dim, ix, x:index_select(dim, ix))
+         close('channels-last index_copy dim ' .. dim, ref, back, 0)
+      end
+   end)
+
+   it('an NR-CA layer (NRConv2d) fed a channels-last batch keeps the format through every layer and matches the CPU', function()
+      nr.manual_seed(44)
+      -- scattered input groups (index gathers), a cross-attention output group and an orphan
+      local m = nr.nn.NRConv2d{in_channels = 7, out_channels = 7, kernel_size = 3, stride = 1, padding = 1, bias = true,
+         scheme = 'CA', in_groups = {{gen = 0, idx = {0, 1, 4, 5}}, {gen = 1, idx = {2, 3, 6}}},
+         out_groups = {{gen = 0, first = 0, n = 3}, {gen = 1, first = 3, n = 2}, {gen = 2, first = 5, n = 2}}}
+      for _, b in ipairs(m.blocks) do
+         b.conv.weight:copy(randn(b.conv.weight:shape()):mul_(0.3))
+         b.conv.bias:copy(randn(b.conv.bias:shape()):mul_(0.3))
+      end
+      local mg = m:clone():to('cuda')
+      local x = randn({2, 7, 6, 6})
+      local xc = x:cuda():contiguous('channels_last')
+      local y, yc = m:forward(x), mg:forward(xc)
+      assert(yc:memory_format() == 'channels_last', 'NRConv2d output is ' .. yc:memory_format())
+      for _, sub in ipairs(mg:listModules()) do
+         local o = rawget(sub, 'output')
+         if o and o:dim() == 4 then assert(o:memory_format() == 'channels_last', sub:typename() .. ' output is ' .. o:memory_format()) end
+      end
+      assert(nrel(yc, y) <= 1e-4, 'outputs differ: ' .. nrel(yc, y))
+      local g = randn(y:shape())
+      m:zeroGradParameters(); mg:zeroGradParameters()
+      local gx, gxc = m:backward(x, g), mg:backward(xc, g:cuda():contiguous('channels_last'))
+      assert(gxc:memory_format() == 'channels_last', 'gradInput is ' .. gxc:memory_format())
+      assert(nrel(gxc, gx) <= 1e-4, 'input gradients differ: ' .. nrel(gxc, gx))
+      local _, ga = m:parameters()
+      local _, gb = mg:parameters()
+      for i = 1, #ga do assert(nrel(gb[i], ga[i]) <= 1e-4, 'parameter gradient ' .. i .. ': ' .. nrel(gb[i], ga[i])) end
+   end)
+
    it('refuses mixed memory formats in one call, naming both tensors', function()
       local x = randn({2, 3, 4, 5}):cuda():contiguous('channels_last')
       local y = nr.zeros({2, 3, 4, 5}, {device = 'cuda'})

@@ -124,6 +124,28 @@ describe('nr.Tensor', function()
       local idx = nr.tensor({1}, {dtype = 'int64'})
       assert.same({{4, 5, 6}}, w:index_select(1, idx):totable())
       assert.has_error(function() w:index_select(1, {3}) end)
+      -- channels-last operands: gathered in their own element order, along every dimension, equal
+      -- to the contiguous result; an out buffer is filled in place; mixed layouts are refused
+      nr.manual_seed(3)
+      local x = nr.randn({3, 5, 4, 6})
+      local xc = x:contiguous('channels_last')
+      for dim, ix in ipairs({{2, 0}, {4, 1, 1}, {3, 0}, {5, 2}}) do
+         local want = x:index_select(dim, ix)
+         local got = xc:index_select(dim, ix)
+         assert.equal('channels_last', got:memory_format())
+         assert.equal(0, (got:contiguous() - want):abs():max(), 'dim ' .. dim)
+         local back = nr.zeros(x:shape(), {memory_format = 'channels_last'})
+         back:index_copy(dim, ix, got)
+         local ref = nr.zeros(x:shape())
+         ref:index_copy(dim, ix, want)
+         assert.equal(0, (back:contiguous() - ref):abs():max(), 'index_copy dim ' .. dim)
+      end
+      local into = nr.empty({3, 2, 4, 6}, {memory_format = 'channels_last'})
+      assert.equal(into, xc:index_select(2, {4, 0}, into))
+      assert.equal(0, (into:contiguous() - x:index_select(2, {4, 0})):abs():max())
+      local ok, err = pcall(xc.index_select, xc, 2, {4, 0}, nr.empty({3, 2, 4, 6}))
+      assert.is_false(ok)
+      assert.matches('must both be contiguous or both channels%-last', tostring(err))
    end)
 
    it('reproduces random draws from a seed', function()

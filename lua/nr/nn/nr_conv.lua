@@ -155,10 +155,19 @@ end
 
 local buf = U.act_buffer -- self[key]: x's dtype and device, reused while the shape stays
 
--- Index list of input group i (0-based positions; Tensor:index_* convert it).
-local function idx_tensor(self, i) return self.spec.in_groups[i].idx end
+-- Positions of input group i (0-based) as a host int64 tensor, made once: the GPU gathers copy it
+-- with the kernel's launch, which reads nothing back.
+local function idx_tensor(self, i)
+   local cache = rawget(self, '_idx_t')
+   if not cache then
+      cache = {}
+      self._idx_t = cache
+   end
+   cache[i] = cache[i] or T.tensor(self.spec.in_groups[i].idx, {dtype = 'int64'})
+   return cache[i]
+end
 
--- Input of group i (contiguous (N, n_i, H, W)).
+-- Input of group i ((N, n_i, H, W) in the input's layout).
 local function gather(self, x, i)
    local ig = self.spec.in_groups[i]
    local s = x:shape()
@@ -167,7 +176,7 @@ local function gather(self, x, i)
    if self.in_range[i] then
       b:copy(x:narrow(2, ig.idx[1] + 1, #ig.idx))
    else
-      b:copy(x:index_select(2, idx_tensor(self, i)))
+      x:index_select(2, idx_tensor(self, i), b)
    end
    return b
 end
@@ -175,9 +184,9 @@ end
 function NRConv2d:updateOutput(x)
    check.arg(x:dim() == 4 and x:size(2) == self.in_channels, FNAME, 'expects (N, %d, H, W) input, got %s',
       self.in_channels, x:describe())
-   -- computes in NCHW (index_select and the group gathers take contiguous tensors): a channels-last
-   -- input is converted once and every buffer below follows self._x, not x
-   self._x = x:contiguous()
+   -- computes in the layout the layers take (channels-last stays so on CUDA, where the gathers,
+   -- blocks and cross attention all run in it); every buffer below follows self._x
+   self._x = U.float_input(x)
    self._xin = {}
    for i = 1, #self.spec.in_groups do
       if #self.spec.in_groups[i].idx > 0 then self._xin[i] = gather(self, self._x, i) end
