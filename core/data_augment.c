@@ -223,6 +223,7 @@ static void window_plane(const nr_img *cur, const uint8_t *plane, const window *
       }
       memset(o, 0, (size_t)w->x0);
       memset(o + w->x1, 0, (size_t)(w->out_w - w->x1));
+      if (n == 0) continue;
       const uint8_t *q = plane + (int64_t)yy * cur->sy + w->first;
       uint8_t *d = o + w->x0;
       if (w->luma) {
@@ -313,6 +314,7 @@ nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t 
    if (!flip) w.x0 = -wx, w.x1 = cur.w - wx;
    else w.x0 = wx + out_w - cur.w, w.x1 = wx + out_w;
    if (w.x0 < 0) w.x0 = 0;
+   if (w.x0 > out_w) w.x0 = out_w; /* the window lies wholly beside the picture (pad > crop) */
    if (w.x1 > out_w) w.x1 = out_w;
    if (w.x1 < w.x0) w.x1 = w.x0;
    w.first = flip ? (int64_t)(wx + out_w - w.x1) * cur.sx : (int64_t)(wx + w.x0) * cur.sx;

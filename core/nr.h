@@ -114,10 +114,13 @@ int32_t nr_dtype_size(int32_t dtype);
 nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src);
 /* Every element <- value (converted to the tensor's dtype). */
 nr_status nr_tensor_fill(nr_tensor *t, double value);
-/* out[i] <- src[index[i]] along dim. src (.., S, ..), index (K) int64, out (.., K, ..). */
+/* out[i] <- src[index[i]] along dim. src (.., S, ..), index (K) int64, out (.., K, ..). For both
+ * calls the two tensors are contiguous, or both channels-last (4-d). index lives on the CPU, or on
+ * src/dst's GPU (then checked there, which reads a flag back). */
 nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_tensor *index,
                                  nr_tensor *out);
-/* dst[index[i]] <- src[i] along dim. dst (.., D, ..), index (K) int64, src (.., K, ..). */
+/* dst[index[i]] <- src[i] along dim. dst (.., D, ..), index (K) int64, src (.., K, ..). With a
+ * repeated index the row written there is unspecified on a GPU (as PyTorch's index_copy_). */
 nr_status nr_tensor_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *index,
                                const nr_tensor *src);
 /* Reads element i of the flattened view (row-major order over the view) as a double. */

@@ -707,6 +707,8 @@ end
 -- buffers while the step before it computes; the next host batch is fetched only after the
 -- current one was staged, because loaders recycle their host buffers.
 function Trainer:device_batches(loader, e, limit, purpose)
+   check.arg(type(loader) == 'table' and type(loader.epoch) == 'function', 'Trainer:device_batches',
+      'expected a loader (epoch(e)) and an epoch, got %s', type(loader))
    local taken = 0
    local it = loader:epoch(e)
    if self.device == 'cpu' then

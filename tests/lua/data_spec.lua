@@ -465,6 +465,7 @@ describe('nr.data', function()
          local cases = {
             {ds, {pad = 3, crop = 8, flip = true, channels = 3, normalize = {mean = {0.5, 0.4, 0.3}, std = {0.25, 0.5, 1}}}},
             {ds, {resize = 12, flip = true}},                              -- x / 255, no normalize
+            {ds, {pad = 12, crop = 8, flip = true}},                       -- windows wholly in the padding
             {cif, {pad = 4, crop = 32, flip = true, normalize = true}},    -- RGB, the dataset's statistics
             {cif, {channels = 1, normalize = {mean = {0.5}, std = {0.2}}}}, -- luma
             {img, {random_resized_crop = 12, flip = true, normalize = true}},
@@ -494,6 +495,15 @@ describe('nr.data', function()
             assert.equal(f:samples(), n)
             if k == 2 then -- without normalize the bytes are the float batch * 255
                assert.is_true((got[1]:float() - want[1] * 255):abs():max() < 1e-4)
+            end
+            if k == 3 then -- pad 12 around 8x8 pictures: some 8x8 windows see only padding, others not
+               local blank, seen = 0, 0
+               for b = 1, #got do
+                  for i = 1, got[b]:size(1) do
+                     if got[b]:narrow(1, i, 1):float():max() == 0 then blank = blank + 1 else seen = seen + 1 end
+                  end
+               end
+               assert.is_true(blank > 0 and seen > 0, blank .. ' blank, ' .. seen .. ' not')
             end
             f:close(); u:close()
          end
