@@ -935,10 +935,13 @@ describe('input batches as bytes (loader output = "uint8") on the GPU', function
          local tr = train.new({
             name = 'u8', device = 'cuda', precision = prec, epochs = 3, seed = 5, log_every = 100,
             out = dir .. '/run-' .. tostring(output) .. '-' .. prec,
-            model = function() return nn.Sequential{nn.Conv2d(1, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8),
+            model = function() return nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8),
                                                      nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)} end,
+            -- grey replicated to 3 channels with per-channel statistics: the bf16 run's channels-last
+            -- input has C = 3, so the kernel's NHWC branch runs inside the trainer too
             data = {dataset = 'mnist', root = dir, batch = 32, threads = 2, val_split = 'train', eval_batch = 64,
-                    augment = {pad = 1, crop = 8, normalize = {mean = {0.3}, std = {0.3}}}, output = output},
+                    augment = {pad = 1, crop = 8, channels = 3, normalize = {mean = {0.3, 0.4, 0.5}, std = {0.3, 0.25, 0.2}}},
+                    output = output},
             optim = {lr = 0.05, momentum = 0.9}, progress = {stream = io.open('/dev/null', 'w')},
          })
          local s = tr:run()
