@@ -219,7 +219,7 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
       cudaGetLastError();
       ws = NULL;
       if (!emptied && nr_cuda_memory_cached(ctx->device) > 0) {
-         NR_TRY(nr_cuda_empty_cache());
+         nr_cuda_empty_cache_of(ctx->device);
          emptied = 1;
          continue;
       }
@@ -424,17 +424,12 @@ nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const
    return NR_OK;
 }
 
-nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dw, nr_tensor *db,
-                                         int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                         int32_t dil_h, int32_t dil_w, int32_t groups, float scale, float acc)
+/* dw <- acc * dw + scale * dL/dw (nr_cuda_conv2d_backward_weight without the bias). */
+static nr_status filter_grad(nr_cuda_ctx *ctx, const nr_tensor *x, const nr_tensor *dy, nr_tensor *dw, int32_t stride_h,
+                             int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t dil_h, int32_t dil_w,
+                             int32_t groups, float scale, float acc)
 {
-   int32_t dev = x->device_index;
-   NR_TRY(nr_cuda_check_on(__func__, "dy", dy, dev));
-   NR_TRY(nr_cuda_check_on(__func__, "dw", dw, dev));
-   if (db) NR_TRY(nr_cuda_check_on(__func__, "db", db, dev));
-   nr_cuda_ctx *ctx;
-   NR_TRY(nr_cuda_ctx_get(dev, &ctx));
-   if (db) NR_TRY(nr_cuda_bias_backward(dy, db, scale, acc));
+   const int32_t dev = x->device_index;
    int64_t nw = nr_tensor_numel(dw);
    if (nw == 0) return NR_OK;
    if (nr_tensor_numel(dy) == 0 || nr_tensor_numel(x) == 0) {
@@ -447,7 +442,7 @@ nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
    }
    plan *p;
    const int nhwc = nr_is_nhwc(x) || nr_is_nhwc(dy);
-   NR_TRY(get_plan(__func__, x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
+   NR_TRY(get_plan("nr_cuda_conv2d_backward_weight", x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
                    nhwc, &p));
    const char *what = conv_desc(x, dw, p->key);
    /* bf16, or channels-last with a KRSC order that differs from dw's KCRS: cuDNN writes the
@@ -478,4 +473,20 @@ nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
    g.data = dws;
    if (nhwc) nr_make_channels_last(&g);
    return nr_cuda_launch_acc(ctx, dw, &g, scale, acc);
+}
+
+nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dw, nr_tensor *db,
+                                         int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                         int32_t dil_h, int32_t dil_w, int32_t groups, float scale, float acc)
+{
+   int32_t dev = x->device_index;
+   NR_TRY(nr_cuda_check_on(__func__, "dy", dy, dev));
+   NR_TRY(nr_cuda_check_on(__func__, "dw", dw, dev));
+   if (db) NR_TRY(nr_cuda_check_on(__func__, "db", db, dev));
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(dev, &ctx));
+   /* the bias last: when the filter gradient fails (no usable algorithm, no memory) neither
+    * gradient has moved, so a caller that retries counts nothing twice */
+   NR_TRY(filter_grad(ctx, x, dy, dw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, scale, acc));
+   return db ? nr_cuda_bias_backward(dy, db, scale, acc) : NR_OK;
 }

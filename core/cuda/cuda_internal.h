@@ -24,6 +24,8 @@ extern "C" {
 void *nr_cuda_alloc(int32_t device_index, int64_t bytes);
 /* Returns a block to the cache; bytes must be the value passed to nr_cuda_alloc. */
 void nr_cuda_free(int32_t device_index, void *ptr, int64_t bytes);
+/* Hands one GPU's cached blocks back to the driver (nr_cuda_empty_cache does every GPU's). */
+void nr_cuda_empty_cache_of(int32_t device_index);
 /* The calling thread's current GPU (new tensors go there). */
 int32_t nr_cuda_current_device(void);
 /* Element at offset off (elements, from t->data) read / written as a double; get synchronises. */

@@ -405,6 +405,14 @@ int64_t nr_cuda_memory_cached(int32_t device_index)
    return s;
 }
 
+void nr_cuda_empty_cache_of(int32_t device_index)
+{
+   if (device_index < 0 || device_index >= NR_CUDA_MAX_DEVICES) return;
+   pthread_mutex_lock(&g_lock);
+   if (g_dev[device_index].cached) release_cached(device_index);
+   pthread_mutex_unlock(&g_lock);
+}
+
 nr_status nr_cuda_empty_cache(void)
 {
    int n = nr_cuda_device_count();
@@ -463,7 +471,20 @@ nr_status nr_cuda_ctx_get(int32_t device_index, nr_cuda_ctx **out)
          cudnnStatus_t de = cudnnSetStream(c->dnn, c->stream);
          if (de != CUDNN_STATUS_SUCCESS) st = nr_cuda_fail_dnn(de, __func__, __FILE__, __LINE__, "cudnnSetStream");
       }
-      if (!st) __atomic_store_n(&d->ctx_ready, 1, __ATOMIC_RELEASE);
+      if (!st) {
+         __atomic_store_n(&d->ctx_ready, 1, __ATOMIC_RELEASE);
+      } else { /* undo what was made: the next call starts clean instead of leaking it again */
+         if (c->dnn) cudnnDestroy(c->dnn);
+         if (c->blas) cublasDestroy(c->blas);
+         for (int i = 0; i < 2 * NR_STAGING_SLOTS; i++) {
+            cudaEvent_t *ev = &d->staging[i / NR_STAGING_SLOTS][i % NR_STAGING_SLOTS].done;
+            if (*ev) cudaEventDestroy(*ev);
+            *ev = NULL;
+         }
+         if (c->stream) cudaStreamDestroy(c->stream);
+         memset(c, 0, sizeof *c);
+         cudaGetLastError();
+      }
    }
    pthread_mutex_unlock(&g_lock);
    if (st) return st;
