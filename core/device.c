@@ -31,6 +31,9 @@ void nr_cuda_set_allow_tf32(int32_t allow) { (void)allow; }
 int32_t nr_cuda_get_allow_tf32(void) { return 0; }
 void nr_cuda_set_deterministic(int32_t on) { (void)on; }
 int32_t nr_cuda_get_deterministic(void) { return 0; }
+void nr_cuda_set_conv_max_elements(int64_t n) { (void)n; }
+int64_t nr_cuda_get_conv_max_elements(void) { return INT32_MAX; }
+int64_t nr_cuda_conv_plan_count(void) { return 0; }
 /* Nothing is queued and nothing is cached without CUDA: both succeed trivially. */
 nr_status nr_cuda_synchronize(void) { return NR_OK; }
 nr_status nr_cuda_empty_cache(void) { return NR_OK; }

@@ -578,6 +578,15 @@ int32_t nr_cuda_get_allow_tf32(void);
  * a GPU run with the same seed and data order is then reproducible. 0 (the default): any. */
 void nr_cuda_set_deterministic(int32_t on);
 int32_t nr_cuda_get_deterministic(void);
+/* The largest activation (elements) one cuDNN convolution call takes; a batch whose input or
+ * output is larger runs as consecutive calls on slices of its samples (weight gradients summed).
+ * Default and maximum 2^31 - 1, the legacy API's 32-bit indexing; n <= 0 restores it. Lower it to
+ * bound a call (the specs use it to exercise the split on small tensors). */
+void nr_cuda_set_conv_max_elements(int64_t n);
+int64_t nr_cuda_get_conv_max_elements(void);
+/* Convolution plans made so far (one per distinct shape, layout, dtype and mode; each runs its
+ * algorithm search once). */
+int64_t nr_cuda_conv_plan_count(void);
 /* Input prefetch: dst (CUDA, contiguous) <- src (CPU, contiguous, same dtype and shape) on the
  * GPU's copy stream, so the copy overlaps the work of the compute stream. The copy starts after
  * the work queued on the compute stream so far (which may still read dst); src may be reused when

@@ -9,6 +9,9 @@
  * Layout: NCHW, or channels-last (NHWC) when the activations are (key[17]); then the weight is
  * handed to cuDNN as KRSC (converted per call with the dtype, scratch slot 5) and its gradient
  * comes back KRSC (scratch slot 5) and is folded into the KCRS dw, as for bf16.
+ * Batches whose input or output would reach 2^31 elements (the legacy API's 32-bit indexing;
+ * nr_cuda_set_conv_max_elements lowers the bound) run as calls on consecutive slices of their
+ * samples, the weight gradient summed over them.
  * Invariants: activations (x, y, dx, dy) f32 or bf16, weights and their gradients always
  * f32 (the master copy). f32: math mode CUDNN_FMA_MATH (exact fp32) unless TF32 is allowed
  * (nr_cuda_set_allow_tf32), in which case the algorithm's own math type is used; backward filter
@@ -41,6 +44,16 @@ typedef struct plan {
 } plan;
 
 static plan *g_plans[NBUCKETS];
+static pthread_mutex_t g_plan_lock = PTHREAD_MUTEX_INITIALIZER;
+static int64_t g_nplans; /* plans made (under g_plan_lock) */
+
+int64_t nr_cuda_conv_plan_count(void)
+{
+   pthread_mutex_lock(&g_plan_lock);
+   int64_t n = g_nplans;
+   pthread_mutex_unlock(&g_plan_lock);
+   return n;
+}
 
 /* NR_TRY that puts the convolution's description in front of the inner error (e.g. which conv
  * ran out of memory for its weight copy). */
@@ -49,7 +62,6 @@ static plan *g_plans[NBUCKETS];
       nr_status try_in_ = (expr);                                                                 \
       if (try_in_ != NR_OK) return nr_fail_wrap(try_in_, what);                                   \
    } while (0)
-static pthread_mutex_t g_plan_lock = PTHREAD_MUTEX_INITIALIZER;
 
 typedef struct {
    int64_t n, cin, h, w, cout, kh, kw, ho, wo;
@@ -143,12 +155,13 @@ static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor 
    if (groups < 1 || x->shape[1] % groups || w->shape[0] % groups || w->shape[1] * groups != x->shape[1])
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "groups %d does not fit x %s and w %s", groups, NR_DESC(x),
                         NR_DESC(w));
-   /* the legacy descriptors take int strides: no tensor may span 2^31 elements */
+   /* the legacy descriptors take int strides: no tensor may span 2^31 elements (the entry points
+    * split larger batches, so this is one sample too large) */
    const int64_t ny = x->shape[0] * w->shape[0] * ho * wo;
    if (nr_tensor_numel(x) > INT32_MAX || ny > INT32_MAX)
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
                         "x %s or its output (%lld elements) spans 2^31 elements or more, beyond cuDNN's 32-bit "
-                        "indexing: use a smaller batch",
+                        "indexing, even for one sample",
                         NR_DESC(x), (long long)ny);
    int32_t k[KEY_LEN] = {x->device_index,    (int32_t)dims[0], (int32_t)dims[1], (int32_t)dims[2], (int32_t)dims[3],
                          (int32_t)dims[4],   (int32_t)dims[5], (int32_t)dims[6], nr_cuda_tf32_allowed(), groups,
@@ -163,6 +176,7 @@ static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor 
       pthread_mutex_lock(&g_plan_lock);
       p->next = g_plans[hb];
       g_plans[hb] = p;
+      g_nplans++;
       pthread_mutex_unlock(&g_plan_lock);
    }
    int n = 0, c = 0, oh = 0, ow = 0;
@@ -231,6 +245,33 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
       if (e != cudaSuccess && !st) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "%s: freeing the search workspace", what);
    }
    return st;
+}
+
+/* ---- batches beyond cuDNN's 32-bit indexing: consecutive samples per call */
+
+static int64_t g_max_elements = INT32_MAX;
+
+void nr_cuda_set_conv_max_elements(int64_t n) { g_max_elements = n <= 0 || n > INT32_MAX ? INT32_MAX : n; }
+int64_t nr_cuda_get_conv_max_elements(void) { return g_max_elements; }
+
+/* Samples per cuDNN call of a convolution over n samples whose activations (input and output)
+ * are a and b: all n while both stay within the limit, else as many as fit (at least one). */
+static int64_t batch_chunk(const nr_tensor *a, const nr_tensor *b)
+{
+   const int64_t n = a->shape[0], big = nr_tensor_numel(a) > nr_tensor_numel(b) ? nr_tensor_numel(a) : nr_tensor_numel(b);
+   if (n <= 1 || big <= g_max_elements) return n;
+   const int64_t per = big / n, c = g_max_elements / per;
+   return c < 1 ? 1 : c;
+}
+
+/* Samples [n0, n0 + nb) of a 4-d activation, viewing t's memory (N is the outermost dimension
+ * of both layouts, so the slice keeps t's format). */
+static nr_tensor batch_view(const nr_tensor *t, int64_t n0, int64_t nb)
+{
+   nr_tensor v = *t;
+   v.shape[0] = nb;
+   v.data = (char *)t->data + n0 * t->stride[0] * nr_dtype_size(t->dtype);
+   return v;
 }
 
 /* An algorithm the search offered that runs, fits the workspace budget and, when the plan asks
@@ -371,6 +412,15 @@ nr_status nr_cuda_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tens
    NR_TRY(nr_cuda_check_on(__func__, "w", w, dev));
    if (b) NR_TRY(nr_cuda_check_on(__func__, "b", b, dev));
    if (nr_tensor_numel(y) == 0) return NR_OK;
+   const int64_t chunk = batch_chunk(x, y);
+   if (chunk < x->shape[0]) {
+      for (int64_t n0 = 0; n0 < x->shape[0]; n0 += chunk) {
+         const int64_t nb = chunk < x->shape[0] - n0 ? chunk : x->shape[0] - n0;
+         nr_tensor xs = batch_view(x, n0, nb), ys = batch_view(y, n0, nb);
+         NR_TRY(nr_cuda_conv2d_forward(&xs, &ys, w, b, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
+      }
+      return NR_OK;
+   }
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dev, &ctx));
    plan *p;
@@ -404,6 +454,15 @@ nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const
    if (nr_tensor_numel(dy) == 0) {
       NR_CU(cudaMemsetAsync(dx->data, 0, (size_t)(nr_tensor_numel(dx) * nr_dtype_size(dx->dtype)), ctx->stream),
             "zeroing %s", NR_DESC(dx));
+      return NR_OK;
+   }
+   const int64_t chunk = batch_chunk(dx, dy);
+   if (chunk < dx->shape[0]) {
+      for (int64_t n0 = 0; n0 < dx->shape[0]; n0 += chunk) {
+         const int64_t nb = chunk < dx->shape[0] - n0 ? chunk : dx->shape[0] - n0;
+         nr_tensor dys = batch_view(dy, n0, nb), dxs = batch_view(dx, n0, nb);
+         NR_TRY(nr_cuda_conv2d_backward_data(&dys, &dxs, w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
+      }
       return NR_OK;
    }
    plan *p;
@@ -485,8 +544,20 @@ nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
    if (db) NR_TRY(nr_cuda_check_on(__func__, "db", db, dev));
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dev, &ctx));
-   /* the bias last: when the filter gradient fails (no usable algorithm, no memory) neither
-    * gradient has moved, so a caller that retries counts nothing twice */
-   NR_TRY(filter_grad(ctx, x, dy, dw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, scale, acc));
+   /* a batch beyond the 32-bit indexing sums its chunks' gradients: the first scales dw by acc,
+    * the others add to it */
+   const int64_t n = x->shape[0], chunk = batch_chunk(x, dy);
+   if (chunk >= n) {
+      NR_TRY(filter_grad(ctx, x, dy, dw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, scale, acc));
+   } else {
+      for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+         const int64_t nb = chunk < n - n0 ? chunk : n - n0;
+         nr_tensor xs = batch_view(x, n0, nb), dys = batch_view(dy, n0, nb);
+         NR_TRY(filter_grad(ctx, &xs, &dys, dw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, scale,
+                            n0 == 0 ? acc : 1.0f));
+      }
+   }
+   /* the bias last: when the filter gradient fails (no usable algorithm, no memory) the bias
+    * gradient has not moved, so a caller that retries counts it once */
    return db ? nr_cuda_bias_backward(dy, db, scale, acc) : NR_OK;
 }

@@ -56,6 +56,12 @@ function M.allow_tf32() return C.nr_cuda_get_allow_tf32() == 1 end
 -- run with the same seed and data order gives the same bits; off by default (any algorithm).
 function M.set_deterministic(on) C.nr_cuda_set_deterministic(on and 1 or 0) end
 function M.deterministic() return C.nr_cuda_get_deterministic() == 1 end
+-- The largest activation (elements) one cuDNN convolution call takes; larger batches run as
+-- several calls on slices of their samples. Default (and nil) 2^31 - 1, cuDNN's 32-bit limit.
+function M.set_conv_max_elements(n) C.nr_cuda_set_conv_max_elements(n or 0) end
+function M.conv_max_elements() return tonumber(C.nr_cuda_get_conv_max_elements()) end
+-- Convolution plans made so far (distinct shapes; each ran cuDNN's algorithm search once).
+function M.conv_plans() return tonumber(C.nr_cuda_conv_plan_count()) end
 
 -- {in_use, peak, allocations, cached, free, total} in bytes; free/total are nil without a GPU.
 function M.memory(device)

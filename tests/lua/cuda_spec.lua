@@ -429,6 +429,22 @@ describe('layer kernels on the GPU', function()
          conv_case(h, 3, 8, 5, 5, 16, 1, 1, 0, 1, 1, false)
       end)
 
+      it(h.name .. ' conv2d: a batch past the per-call element limit runs as calls on slices of its samples', function()
+         -- cuDNN's legacy API indexes in 32 bits, so batches of 2^31 elements or more are split;
+         -- the limit is lowered here so that 7 samples of 5 x 9 x 9 = 405 elements (input and
+         -- output) go as calls of 3, 3 and 1 samples: two new plans, equal results
+         local was, plans = nr.cuda.conv_max_elements(), nr.cuda.conv_plans()
+         nr.cuda.set_conv_max_elements(3 * 405)
+         local okr, err = pcall(function()
+            conv_case(h, 7, 5, 9, 9, 5, 3, 1, 1, 1, 1, true)
+            conv_case(h, 7, 5, 9, 9, 5, 3, 1, 1, 1, 5, false) -- depthwise, channels-last KRSC as is
+         end)
+         nr.cuda.set_conv_max_elements(nil)
+         assert(okr, tostring(err))
+         assert(nr.cuda.conv_max_elements() == was, 'limit not restored')
+         assert(nr.cuda.conv_plans() >= plans + 4, 'the batch was not split: ' .. (nr.cuda.conv_plans() - plans) .. ' new plans')
+      end)
+
       it(h.name .. ' batch norm: train, eval, both backwards, fused ReLU, with and without affine', function()
          bn_case(h, true)
          bn_case(h, false)
