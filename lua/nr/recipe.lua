@@ -28,6 +28,7 @@ M.TYPES = {
    ['data.eval_batch'] = 'integer', ['data.threads'] = 'integer', ['data.size'] = 'integer',
    ['data.train_batches'] = 'integer', ['data.val_batches'] = 'integer', ['data.seed'] = 'integer',
    ['data.train_split'] = 'string', ['data.val_split'] = 'string', ['data.augment'] = 'augment',
+   ['data.output'] = 'string',
    ['optim.name'] = 'string', ['optim.lr'] = 'number', ['optim.momentum'] = 'number',
    ['optim.weight_decay'] = 'number', ['optim.nesterov'] = 'boolean', ['optim.no_decay_bn_bias'] = 'boolean',
    ['schedule.name'] = 'string', ['schedule.warmup'] = 'number', ['schedule.milestones'] = 'list',

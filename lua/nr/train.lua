@@ -420,6 +420,8 @@ local EVAL_KEYS = {resize = true, center_crop = true, channels = true, normalize
 -- center_crop / channels / normalize for evaluation). data.size resizes datasets whose
 -- native size differs; grey images are replicated when the model wants 3 channels.
 local function loader_opts(d, train, seed, model, ds, device)
+   check.arg(d.output == nil or d.output == 'uint8' or d.output == 'float32', 'nr.train',
+      'data.output must be "uint8" or "float32", got %s', tostring(d.output))
    local o = {batch = train and d.batch or (d.eval_batch or d.batch), shuffle = train, seed = seed, threads = d.threads,
               output = d.output or (device ~= 'cpu' and 'uint8' or 'float32')}
    if d.shard then o.shard = d.shard end
