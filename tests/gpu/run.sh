@@ -4,6 +4,8 @@
 # a report in $OUT (report.md, specs.log, torch.json, nrlua.jsonl, env.txt, profile_mobilenet_bf16.txt).
 #   bash tests/gpu/run.sh            (needs build-cuda/gpu-pack.tar.xz from tests/gpu/pack.sh, or
 #                                     NR_GPU_PACK=path; OUT defaults to ./gpu-out)
+#   NR_SPEC_FILTER='text|text' bash tests/gpu/run.sh   only the specs whose names contain a text
+#   NR_GPU_BENCH=0 bash tests/gpu/run.sh                 the specs only (a rerun after a fix)
 # What it assumes there: an NVIDIA driver for CUDA 13, python3 with PyTorch (cu13) and its pip
 # packages nvidia-cublas / nvidia-cudnn-cu13, whose libcublas.so.13 / libcudnn.so.9 libnr loads.
 # What it is not: a CI test (CI has no GPU; tests/lua/cuda_spec.lua skips itself there).
@@ -59,6 +61,12 @@ log "specs exit status $SPEC_RC"
 # 2. benchmark: PyTorch (cudnn.benchmark, channels_last; fp32 and bf16 autocast) then nrlua (fp32 with
 #    TF32 convs allowed as PyTorch's default, bf16 mixed precision (channels-last), and for
 #    MobileNet once through nr.train and once bf16 in NCHW)
+if [ "${NR_GPU_BENCH:-1}" = 0 ]; then
+  log "NR_GPU_BENCH=0: no benchmark"
+  rm -rf "$T"
+  [ "$SPEC_RC" = 0 ]
+  exit
+fi
 timeout 120 python3 tests/gpu/torch_gpu_bench.py --json "$OUT/torch.json" 2>&1 | tail -n 20
 : > "$OUT/nrlua.jsonl"
 for p in fp32 bf16; do

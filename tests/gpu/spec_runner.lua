@@ -5,8 +5,17 @@
 -- both runners (tests/lua/cuda_spec.lua). What it is not: busted; no tags, mocks or output formats.
 -- Exit status: 0 when every test passed, 1 otherwise; a spec that calls os.exit(77) (nothing to
 -- test here) ends the run with 77.
+-- NR_SPEC_FILTER=TEXT runs only the tests whose full name contains TEXT (plain text; several
+-- separated by '|'), e.g. to rerun what failed on a GPU without the rest.
 local specs = {...}
-local passed, failed, failures = 0, 0, {}
+local passed, failed, skipped, failures = 0, 0, 0, {}
+local filters = {}
+for f in (os.getenv('NR_SPEC_FILTER') or ''):gmatch('[^|]+') do filters[#filters + 1] = f end
+local function wanted(full)
+   if #filters == 0 then return true end
+   for _, f in ipairs(filters) do if full:find(f, 1, true) then return true end end
+   return false
+end
 local stack, before = {}, {}
 
 local function same(a, b)
@@ -44,6 +53,10 @@ end
 _G.before_each = function(fn) before[#before + 1] = fn end
 _G.it = function(name, fn)
    local full = table.concat(stack, ' ') .. ' ' .. name
+   if not wanted(full) then
+      skipped = skipped + 1
+      return
+   end
    local t0 = os.clock()
    local ok, err = xpcall(function()
       for _, b in ipairs(before) do b() end
@@ -77,5 +90,6 @@ for _, path in ipairs(specs) do
       end
    end
 end
-io.write(string.format('%d passed, %d failed\n', passed, failed))
+io.write(string.format('%d passed, %d failed%s\n', passed, failed,
+   skipped > 0 and string.format(', %d not selected by NR_SPEC_FILTER', skipped) or ''))
 os.exit(failed == 0 and 0 or 1)
