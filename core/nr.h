@@ -55,6 +55,9 @@ int32_t nr_has_cuda(void);
 /* Worker threads for CPU kernels (OpenMP and BLAS). n <= 0 means all cores. */
 void nr_set_num_threads(int32_t n);
 int32_t nr_get_num_threads(void);
+/* CPUs this process may run on (its affinity mask), and CPUs online on the machine. */
+int32_t nr_cpu_available(void);
+int32_t nr_cpu_online(void);
 
 /* Bytes currently allocated for tensor storage on a device kind (NR_CPU or NR_CUDA),
  * the peak since start (or the last reset), and the number of allocations made so far. */

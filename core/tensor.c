@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 struct nr_storage {
    void *base;
@@ -92,6 +93,12 @@ void nr_set_num_threads(int32_t n)
    omp_set_num_threads(n); /* OpenBLAS stays single-threaded: nr_sgemm (core/math.c) */
 }
 int32_t nr_get_num_threads(void) { return nr_threads(); }
+int32_t nr_cpu_available(void) { return omp_get_num_procs(); }
+int32_t nr_cpu_online(void)
+{
+   long n = sysconf(_SC_NPROCESSORS_ONLN);
+   return n > 0 ? (int32_t)n : omp_get_num_procs();
+}
 
 /* ---- tensors ----------------------------------------------------------------------------- */
 

@@ -44,7 +44,7 @@ M.DEFAULTS = {
       root = nil,          -- folder holding the dataset ($VARS and ~ expand)
       batch = 128,
       eval_batch = nil,    -- default: batch
-      threads = 2,         -- loader worker threads
+      threads = nil,       -- loader worker threads; nil: see data_threads (NR_DATA_THREADS overrides)
       size = nil,          -- input side; images are resized when the dataset's differs
       augment = nil,       -- nil: the dataset's default; false: none; or a table of loader options
       train_split = 'train', val_split = 'test',
@@ -415,6 +415,22 @@ end
 -- Keys of an augment table that are deterministic (kept for evaluation).
 local EVAL_KEYS = {resize = true, center_crop = true, channels = true, normalize = true}
 
+-- Loader threads when recipe.data.threads is nil. On the CPU the loader shares the cores with the
+-- kernels: nr.data's default (half the compute threads, 2..8; NR_DATA_THREADS). On a GPU the
+-- cores are the loader's: all this process may use but one (the trainer's), shared among the
+-- ranks on the machine when they are not bound to their own cores, 2..32 (decoding JPEGs is what
+-- feeds an ImageNet run there).
+local function data_threads(d, device)
+   if d.threads then return d.threads end
+   if device == 'cpu' or tonumber(os.getenv('NR_DATA_THREADS') or '') then return nil end
+   local avail, online = C.nr_cpu_available(), C.nr_cpu_online()
+   local dist = package.loaded['nr.dist']
+   local ranks = type(dist) == 'table' and dist.local_size and dist.local_size() or 1
+   if avail >= online and ranks > 1 then avail = math.floor(online / ranks) end
+   return math.max(2, math.min(32, avail - 1))
+end
+M.data_threads = data_threads
+
 -- Loader options for a split, from recipe.data: the dataset's default augmentation unless
 -- data.augment is given (false: none; a table: used for training, and its resize /
 -- center_crop / channels / normalize for evaluation). data.size resizes datasets whose
@@ -422,7 +438,8 @@ local EVAL_KEYS = {resize = true, center_crop = true, channels = true, normalize
 local function loader_opts(d, train, seed, model, ds, device)
    check.arg(d.output == nil or d.output == 'uint8' or d.output == 'float32', 'nr.train',
       'data.output must be "uint8" or "float32", got %s', tostring(d.output))
-   local o = {batch = train and d.batch or (d.eval_batch or d.batch), shuffle = train, seed = seed, threads = d.threads,
+   local o = {batch = train and d.batch or (d.eval_batch or d.batch), shuffle = train, seed = seed,
+              threads = data_threads(d, device),
               output = d.output or (device ~= 'cpu' and 'uint8' or 'float32')}
    if d.shard then o.shard = d.shard end
    local defaults = M.AUGMENT[d.dataset]
@@ -912,9 +929,12 @@ function Trainer:run()
              threads = C.nr_get_num_threads(), params = self.model:nParameters(), iters_per_epoch = self.iters_per_epoch})
    local plan = tostring(rc.epochs)
    if self.extend_held then plan = string.format('%d (+ held ones, at most %d)', rc.epochs, self:max_epochs()) end
-   self:print(string.format('nrlua: %s on %s%s, %d threads, %d parameters, %s epochs of %d steps -> %s', rc.name or 'run',
+   local loading = rawget(self.train_loader, 'threads')
+   self:print(string.format('nrlua: %s on %s%s, %d threads%s, %d parameters, %s epochs of %d steps -> %s', rc.name or 'run',
       self.device, (self.precision == 'bf16' and ' (bf16 mixed precision)' or '') ..
-         (self.memory_format == 'channels_last' and ' (channels-last)' or ''), C.nr_get_num_threads(), self.model:nParameters(), plan, self.iters_per_epoch, self.out))
+         (self.memory_format == 'channels_last' and ' (channels-last)' or ''), C.nr_get_num_threads(),
+      type(loading) == 'number' and string.format(' (+%d loading)', loading) or '', self.model:nParameters(), plan,
+      self.iters_per_epoch, self.out))
    self:call('train_begin', {})
    local last_val
    -- a while loop: with tr.extend_held every held epoch adds one to the planned total

@@ -325,6 +325,28 @@ describe('nr.train', function()
       assert.equal(s.final_top1, s8.final_top1)
    end)
 
+   it("loader threads: the recipe's, else nr.data's default on the CPU and the host's free cores on a GPU", function()
+      local C = require('nr.ffi').C
+      assert.equal(3, train.data_threads({threads = 3}, 'cuda'))
+      assert.equal(3, train.data_threads({threads = 3}, 'cpu'))
+      assert.is_nil(train.data_threads({}, 'cpu'))
+      if os.getenv('NR_DATA_THREADS') then -- the environment decides everywhere
+         assert.is_nil(train.data_threads({}, 'cuda'))
+         return
+      end
+      local avail, online = C.nr_cpu_available(), C.nr_cpu_online()
+      assert.is_true(avail >= 1 and online >= avail)
+      assert.equal(math.max(2, math.min(32, avail - 1)), train.data_threads({}, 'cuda'))
+      -- four ranks on this machine, not bound to cores: a quarter each
+      local saved = package.loaded['nr.dist']
+      package.loaded['nr.dist'] = {local_size = function() return 4 end}
+      local ok, got = pcall(train.data_threads, {}, 'cuda:0')
+      package.loaded['nr.dist'] = saved
+      assert.is_true(ok, tostring(got))
+      local want = avail >= online and math.floor(online / 4) or avail
+      assert.equal(math.max(2, math.min(32, want - 1)), got)
+   end)
+
    it('explains a missing dataset and how to get it', function()
       local ok, err = pcall(nr.train, {model = convnet, data = {dataset = 'fashion-mnist', root = TMP .. '/no-such-dir'},
                                        epochs = 1, out = TMP .. '/m', progress = {stream = sink(), tty = false}})
