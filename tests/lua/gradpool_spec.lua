@@ -72,6 +72,24 @@ describe('gradient pool', function()
       assert.is_true(#pool.blocks >= 2 and #pool.blocks <= 3, string.format('%d blocks for a 60-module chain', #pool.blocks))
    end)
 
+   it('NR-CA layers hand their blocks\' gradients back: a chain of them needs a bounded number of blocks', function()
+      nr.manual_seed(5)
+      local mods = {}
+      for _ = 1, 6 do
+         mods[#mods + 1] = nn.NRConv2d{in_channels = 8, out_channels = 8, kernel_size = 3, padding = 1, scheme = 'CA',
+            in_groups = {{gen = 0, idx = {0, 1, 2, 3}}, {gen = 1, idx = {4, 5, 6, 7}}},
+            out_groups = {{gen = 0, first = 0, n = 4}, {gen = 1, first = 4, n = 4}}}
+         mods[#mods + 1] = nn.ReLU()
+      end
+      local net = nn.Sequential(mods)
+      local x = nr.randn({4, 8, 16, 16})
+      for _ = 1, 2 do net:backward(x, net:forward(x)) end
+      local pool = net:transient().gradpool
+      assert.is_truthy(pool)
+      -- 6 layers of 4 blocks each held one block apiece (25) before the blocks' gradients were released
+      assert.is_true(#pool.blocks <= 4, string.format('%d blocks for 6 NR-CA layers', #pool.blocks))
+   end)
+
    it('tensor memory after a training step is lower than with one gradient buffer per module', function()
       local function peak_after_step(use_pool)
          nr.manual_seed(1)

@@ -224,6 +224,7 @@ function NRConv2d:updateGradInput(x, gradOutput)
       gx[i]:zero()
    end
    local gall
+   local GP = require 'nr.nn.gradpool'
    local function acc(b, g)
       local input = b.inp and self._xin[b.inp] or self._x
       local r = b.conv:backward(input, g)
@@ -233,6 +234,7 @@ function NRConv2d:updateGradInput(x, gradOutput)
          if not gall then gall = buf(self, '_gall', self._x:shape(), self._x); gall:zero() end
          gall:add_(r)
       end
+      GP.release(r) -- a block of the model's gradient pool (during a root backward): consumed
    end
    for j, plan in ipairs(self.out_plan) do
       local og = self.spec.out_groups[j]
