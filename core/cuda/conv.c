@@ -483,12 +483,39 @@ nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const
    return NR_OK;
 }
 
+/* The backward-filter plan of (x, dy) with its algorithm chosen (searched on a stand-in, so dw
+ * is not written); *dws: the staging buffer (scratch slot 5) when cuDNN's gradient must be
+ * folded into dw (bf16, or channels-last with a KRSC order that differs from dw's KCRS), else
+ * NULL. */
+static nr_status filter_plan(nr_cuda_ctx *ctx, const nr_tensor *x, const nr_tensor *dy, const nr_tensor *dw,
+                             int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t dil_h,
+                             int32_t dil_w, int32_t groups, plan **out, void **dws)
+{
+   const int nhwc = nr_is_nhwc(x) || nr_is_nhwc(dy);
+   plan *p;
+   NR_TRY(get_plan("nr_cuda_conv2d_backward_weight", x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h,
+                   pad_w, dil_h, dil_w, groups, nhwc, &p));
+   const char *what = conv_desc(x, dw, p->key);
+   const int64_t nw = nr_tensor_numel(dw), bytes = nw * nr_dtype_size(x->dtype);
+   const int staged = x->dtype != dw->dtype || (nhwc && !nr_tensor_is_channels_last(dw));
+   *dws = NULL;
+   if (staged) TRY_IN(what, nr_cuda_scratch(ctx, 5, bytes, dws));
+   if (!p->bwdf_ready) {
+      void *tmp = staged ? *dws : nr_cuda_alloc(x->device_index, bytes);
+      if (!tmp) return nr_fail_wrap(NR_E_OOM, what);
+      nr_status st = choose_algo(ctx, p, 2, x->data, tmp, dy->data, what);
+      if (!staged) nr_cuda_free(x->device_index, tmp, bytes);
+      NR_TRY(st);
+   }
+   *out = p;
+   return NR_OK;
+}
+
 /* dw <- acc * dw + scale * dL/dw (nr_cuda_conv2d_backward_weight without the bias). */
 static nr_status filter_grad(nr_cuda_ctx *ctx, const nr_tensor *x, const nr_tensor *dy, nr_tensor *dw, int32_t stride_h,
                              int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t dil_h, int32_t dil_w,
                              int32_t groups, float scale, float acc)
 {
-   const int32_t dev = x->device_index;
    int64_t nw = nr_tensor_numel(dw);
    if (nw == 0) return NR_OK;
    if (nr_tensor_numel(dy) == 0 || nr_tensor_numel(x) == 0) {
@@ -500,25 +527,10 @@ static nr_status filter_grad(nr_cuda_ctx *ctx, const nr_tensor *x, const nr_tens
       return NR_OK;
    }
    plan *p;
-   const int nhwc = nr_is_nhwc(x) || nr_is_nhwc(dy);
-   NR_TRY(get_plan("nr_cuda_conv2d_backward_weight", x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
-                   nhwc, &p));
+   void *dws;
+   NR_TRY(filter_plan(ctx, x, dy, dw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &p, &dws));
+   const int nhwc = p->key[17], staged = dws != NULL;
    const char *what = conv_desc(x, dw, p->key);
-   /* bf16, or channels-last with a KRSC order that differs from dw's KCRS: cuDNN writes the
-    * gradient in the activations' dtype and its layout (scratch slot 5), folded into the f32 KCRS
-    * dw afterwards */
-   const int staged = x->dtype != dw->dtype || (nhwc && !nr_tensor_is_channels_last(dw));
-   void *dws = NULL;
-   if (staged) TRY_IN(what, nr_cuda_scratch(ctx, 5, nw * nr_dtype_size(x->dtype), &dws));
-   if (!p->bwdf_ready) {
-      /* search on a stand-in for dw, so accumulated gradients are not overwritten */
-      int64_t bytes = nw * nr_dtype_size(x->dtype);
-      void *tmp = staged ? dws : nr_cuda_alloc(dev, bytes);
-      if (!tmp) return nr_fail_wrap(NR_E_OOM, what);
-      nr_status st = choose_algo(ctx, p, 2, x->data, tmp, dy->data, what);
-      if (!staged) nr_cuda_free(dev, tmp, bytes);
-      NR_TRY(st);
-   }
    void *ws;
    NR_TRY(plan_workspace(ctx, p, 2, what, &ws));
    NR_TRY(set_math(p, p->bwdf_math, what));
@@ -550,6 +562,16 @@ nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
    if (chunk >= n) {
       NR_TRY(filter_grad(ctx, x, dy, dw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, scale, acc));
    } else {
+      /* both slice shapes get their plan and algorithm before the first slice writes dw, so a
+       * search that finds nothing fails with dw untouched */
+      const int64_t last = (n - 1) / chunk * chunk; /* the last slice's first sample */
+      for (int k = 0; k < 2 && nr_tensor_numel(dw) > 0; k++) {
+         const int64_t n0 = k ? last : 0, nb = k ? n - last : chunk;
+         nr_tensor xs = batch_view(x, n0, nb), dys = batch_view(dy, n0, nb);
+         plan *pl;
+         void *dws;
+         NR_TRY(filter_plan(ctx, &xs, &dys, dw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &pl, &dws));
+      }
       for (int64_t n0 = 0; n0 < n; n0 += chunk) {
          const int64_t nb = chunk < n - n0 ? chunk : n - n0;
          nr_tensor xs = batch_view(x, n0, nb), dys = batch_view(dy, n0, nb);
