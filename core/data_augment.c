@@ -244,9 +244,16 @@ static void window_plane(const nr_img *cur, const uint8_t *plane, const window *
 }
 
 /* o[k] = p[k] * scale + bias: the one place on the CPU where bytes become normalised f32 (the
- * loader and nr_images_normalize both call it, so their values agree bit for bit). */
-static NR_SIMD_CLONES void bytes_to_f32(const uint8_t *p, int64_t n, float scale, float bias, float *o)
+ * loader and nr_images_normalize both call it). Multiply and add round separately (no fused
+ * multiply-add, as the GPU kernel), so a batch has the same bits on every CPU and on a GPU. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void bytes_to_f32(const uint8_t *p, int64_t n, float scale, float bias, float *o)
 {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
    for (int64_t k = 0; k < n; k++) o[k] = (float)p[k] * scale + bias;
 }
 

@@ -345,7 +345,8 @@ struct affine4 {
 };
 
 /* dst (dense, NCHW or NHWC: i runs in dst's memory order, so writes coalesce) <- src (NCHW
- * bytes) * scale[c] + bias[c]. */
+ * bytes) * scale[c] + bias[c], rounded after the multiply and after the add (as the CPU's
+ * bytes_to_f32), so both give the same bits. */
 template <typename TD>
 __global__ void k_images_normalize(const uint8_t *src, TD *dst, int64_t n, int64_t C, int64_t hw, int nhwc, affine4 a)
 {
@@ -358,7 +359,7 @@ __global__ void k_images_normalize(const uint8_t *src, TD *dst, int64_t n, int64
       } else {
          c = (i / hw) % C;
       }
-      st(dst + i, (float)src[s] * a.scale[c] + a.bias[c]);
+      st(dst + i, __fadd_rn(__fmul_rn((float)src[s], a.scale[c]), a.bias[c])); /* unfused, as the CPU */
    }
 }
 
