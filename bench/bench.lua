@@ -51,15 +51,15 @@ if os.getenv('NR_PROFILE') == '1' then require 'nr.profile' end
 local now = require('nr.profile').now -- CLOCK_MONOTONIC seconds (profiling stays off unless NR_PROFILE=1)
 
 -- --conv: which convolution path core/nn_conv.c takes (it asks core/perf_dnnl_conv.c first):
--- 'layers' (default) leaves the library's choice ('auto'); 'dnnl', 'dnnl_plain', 'im2col' force
--- one, for measuring the choice itself. Only the mode is set: the layers run as in any model.
+-- 'layers' (default) leaves the library's choice ('auto'); 'dnnl', 'dnnl_plain', 'im2col', 'own'
+-- (Winograd wherever it applies, never oneDNN) force one, for measuring the choice itself. Only the mode is set: the layers run as in any model.
 local function route_conv(mode)
    if mode == 'layers' then return end
    local ffi = require 'ffi'
    ffi.cdef [[ int nr_perf_conv_set_mode(int mode); ]]
    local C = require('nr.ffi').C
-   local MODES = {auto = 0, dnnl = 1, im2col = 2, dnnl_plain = 3}
-   assert(MODES[mode], 'bench.lua: --conv must be layers, auto, dnnl, dnnl_plain or im2col')
+   local MODES = {auto = 0, dnnl = 1, im2col = 2, dnnl_plain = 3, own = 4}
+   assert(MODES[mode], 'bench.lua: --conv must be layers, auto, dnnl, dnnl_plain, im2col or own')
    C.nr_perf_conv_set_mode(MODES[mode])
 end
 

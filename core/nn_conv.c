@@ -73,7 +73,13 @@ static inline bool conv_is_depthwise(const conv_geom *g)
 
 /* Whether Winograd takes this forward / backward-data pass: its geometry, and only in the auto
  * conv mode (a forced mode tests its own path). */
-static inline bool conv_winograd(const conv_geom *g) { return nr_perf_conv_mode() == 0 && nn_winograd_applies(g); }
+/* Winograd where it applies: in auto mode only where oneDNN has no AVX-512 kernels (with them
+ * its direct 3x3 convolution is faster: bench/README.md), or when forced (mode 4). */
+static inline bool conv_winograd(const conv_geom *g)
+{
+   const int mode = nr_perf_conv_mode();
+   return (mode == 4 || (mode == 0 && !nr_perf_dnnl_wide())) && nn_winograd_applies(g);
+}
 
 /* Range of output positions o (0 <= o < out) whose input o*s - p + kk lies in [0, in). */
 static inline void valid_range(int64_t in, int64_t out, int64_t s, int64_t p, int64_t kk, int64_t *lo, int64_t *hi)

@@ -10,7 +10,8 @@
  * allocation per call (primitives and their scratch are cached per shape and grow only); calls
  * come from one thread at a time (the Lua thread), as all nr_* kernels do.
  * NR_CONV selects the backend at the first call: "auto" (default), "dnnl" (oneDNN for every conv
- * it takes), "im2col" (never handled: the layer kernels' own im2col + OpenBLAS path).
+ * it takes), "im2col" (never handled: the layer kernels' own im2col + OpenBLAS path), "own" (never
+ * handled, Winograd wherever it applies).
  */
 #ifndef NR_PERF_H
 #define NR_PERF_H
@@ -30,10 +31,13 @@ nr_status nr_perf_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
                                          int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
                                          int32_t dil_h, int32_t dil_w, int32_t groups, float scale, float acc);
 
-/* Backend selection (for benchmarks): 0 = auto, 1 = oneDNN wherever it applies, 2 = never
- * (im2col), 3 = oneDNN on plain NCHW. Overrides NR_CONV. Returns the previous mode. Only auto
- * lets core/nn_conv.c pick its own fast paths (Winograd), so a forced mode tests one path. */
+/* Backend selection (for benchmarks and tests): 0 = auto, 1 = oneDNN wherever it applies, 2 =
+ * never (im2col), 3 = oneDNN on plain NCHW, 4 = never, but the layer kernels' own Winograd
+ * wherever it applies (NR_CONV=own). Overrides NR_CONV. Returns the previous mode. Auto lets
+ * core/nn_conv.c pick Winograd only where oneDNN runs AVX2 kernels (nr_perf_dnnl_wide() == 0). */
 int nr_perf_conv_set_mode(int mode);
 int nr_perf_conv_mode(void);
+/* 1 when oneDNN runs its 512-bit (AVX-512) kernels on this CPU. */
+int nr_perf_dnnl_wide(void);
 
 #endif

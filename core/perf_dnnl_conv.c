@@ -22,7 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* mode: 0 auto, 1 oneDNN (blocked layout, reorders), 2 never, 3 oneDNN on plain NCHW. */
+/* mode: 0 auto, 1 oneDNN (blocked layout, reorders), 2 never, 3 oneDNN on plain NCHW, 4 never but
+ * the layer kernels' own fast paths (Winograd) wherever they apply. */
 static int g_mode = -1;
 
 static int conv_mode(void)
@@ -33,6 +34,7 @@ static int conv_mode(void)
       if (e && !strcmp(e, "dnnl")) g_mode = 1;
       else if (e && !strcmp(e, "im2col")) g_mode = 2;
       else if (e && !strcmp(e, "dnnl_plain")) g_mode = 3;
+      else if (e && !strcmp(e, "own")) g_mode = 4;
    }
    return g_mode;
 }
@@ -42,11 +44,13 @@ int nr_perf_conv_mode(void) { return conv_mode(); }
 int nr_perf_conv_set_mode(int mode)
 {
    int old = conv_mode();
-   g_mode = mode < 0 || mode > 3 ? 0 : mode;
+   g_mode = mode < 0 || mode > 4 ? 0 : mode;
    return old;
 }
 
 #ifndef NR_WITH_DNNL
+
+int nr_perf_dnnl_wide(void) { return 0; }
 
 nr_status nr_perf_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
                                  int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
@@ -105,6 +109,16 @@ static dnnl_engine_t g_engine;
 static dnnl_stream_t g_stream;
 static entry *g_cache[CACHE_MAX];
 static int g_ncache;
+
+int nr_perf_dnnl_wide(void)
+{
+   static int wide = -1;
+   if (wide < 0) {
+      const dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+      wide = (isa & dnnl_cpu_isa_avx512_core) == dnnl_cpu_isa_avx512_core;
+   }
+   return wide;
+}
 
 static nr_status init_engine(void)
 {
@@ -370,10 +384,11 @@ static nr_status execute(entry *e, void *const *ptrs)
 static bool wanted(int kind, int64_t n, int64_t cin, int64_t kk, int32_t groups, int32_t *plain)
 {
    int mode = conv_mode();
-   if (mode == 2 || n < 1) return false;
+   if (mode == 2 || mode == 4 || n < 1) return false;
    *plain = mode == 3;
    if (mode == 1 || mode == 3) return true;
-   if (kind == KIND_BWD_WEIGHTS || groups != 1 || kk == 1) return false;
+   if (groups != 1 || kk == 1) return false;
+   if (kind == KIND_BWD_WEIGHTS) return nr_perf_dnnl_wide();
    return kind == KIND_FWD || cin >= 16;
 }
 
