@@ -5,9 +5,10 @@
  * OpenMP across the chunks (see conv_make_plan: one sample per chunk
  * except on maps under 64 positions, where several samples share one wider GEMM); a 1x1
  * stride-1 unpadded conv multiplies the input directly (no im2col); a depthwise conv
- * (groups == Cin == Cout) uses the direct kernels of core/nn_depthwise.c; 3x3 stride-1 layers
- * with >= 128 channels run forward and backward-data by Winograd (core/nn_winograd.c), other
- * dense 3x3 ones through oneDNN (core/perf_dnnl_conv.c) where it is faster. When only one thread
+ * (groups == Cin == Cout) uses the direct kernels of core/nn_depthwise.c; on AVX2 machines 3x3
+ * stride-1 layers with >= 128 channels run forward and backward-data by Winograd
+ * (core/nn_winograd.c), other dense 3x3 ones through oneDNN (core/perf_dnnl_conv.c) where it is
+ * faster (with AVX-512 oneDNN takes all of them and their weight gradients). When only one thread
  * is useful (one chunk, a tiny problem, or one thread configured) the chunk loop runs serially
  * and nr_sgemm splits each product.
  * Invariants: no allocation per call except the grow-only per-thread scratch (nn_internal.h);

@@ -374,13 +374,14 @@ static nr_status execute(entry *e, void *const *ptrs)
 }
 
 /* Whether oneDNN takes this convolution in the current mode; fills plain.
- * auto (bench/README.md has the per-shape measurements behind it): oneDNN's blocked AVX2 kernels
- * for dense (groups 1) convolutions with a spatial kernel: the forward for any number of input
- * channels (1.1-1.4x faster than im2col + OpenBLAS with >= 16; 1.2-4.5x on 1-8-channel first
- * layers, once OpenBLAS stopped fighting OpenMP for the cores) and backward-data from 16 input
- * channels (below, 0.5-1.2x: the first layers' input gradient is im2col's). The layer kernels
- * everywhere else: 1x1 convs (no im2col there), depthwise (the direct kernels win by 2-4x) and
- * every weight gradient (oneDNN's is 0.75-0.9x of im2col's: the extra reorders of x and dy). */
+ * auto (bench/README.md has the per-shape measurements behind it): oneDNN's blocked kernels for
+ * dense (groups 1) convolutions with a spatial kernel: the forward for any number of input
+ * channels (AVX2: 1.1-1.4x faster than im2col + OpenBLAS with >= 16; 1.2-4.5x on 1-8-channel
+ * first layers) and backward-data from 16 input channels (below, 0.5-1.2x: the first layers'
+ * input gradient is im2col's); with AVX-512 kernels (nr_perf_dnnl_wide) also their weight
+ * gradients (1.05-1.1x of a step; on AVX2 oneDNN's were 0.75-0.9x of im2col's, the extra
+ * reorders of x and dy). The layer kernels everywhere else: 1x1 convs (no im2col there; oneDNN
+ * measured no gain even with AVX-512) and depthwise (the direct kernels win by 2-4x). */
 static bool wanted(int kind, int64_t n, int64_t cin, int64_t kk, int32_t groups, int32_t *plain)
 {
    int mode = conv_mode();
