@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # pack.sh — packs a CUDA build of nrlua for the GPU machine (run here, where it was built).
-#   tests/gpu/pack.sh [BUILD_DIR]        (default build-cuda) -> BUILD_DIR/gpu-pack.tar.xz
+#   tests/gpu/pack.sh [BUILD_DIR]        (default build-cuda, else build: what ./scripts/test.sh
+#                                         builds, with CUDA wherever nvcc is) -> BUILD_DIR/gpu-pack.tar.xz
 # What it packs: bin/nrlua and bin/libnr.so (nrlua finds libnr beside itself; LuaJIT and cudart
 # are linked statically), lib/ with the shared libraries the GPU image may lack (OpenBLAS, oneDNN,
 # libpng, libjpeg-turbo, readline, gomp, ...), lua51/ with Debian's Lua C modules (cjson).
@@ -9,7 +10,8 @@
 # Carry the tarball (it is under an ignored build folder) and run tests/gpu/run.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-B="${1:-build-cuda}"
+B="${1:-}"
+[ -z "$B" ] && { [ -x build-cuda/nrlua ] && B=build-cuda || B=build; }
 [ -x "$B/nrlua" ] && [ -f "$B/libnr.so" ] || { echo "pack: no nrlua/libnr.so in $B (build it first)" >&2; exit 1; }
 syms="$(nm -D --defined-only "$B/libnr.so")"
 grep -q nr_cuda_conv2d_forward <<<"$syms" ||

@@ -2,8 +2,8 @@
 # run.sh — the GPU check, run as a whole on a GPU machine from the repository root, in under
 # 8 minutes: the GPU-vs-CPU specs, then a training benchmark nrlua vs PyTorch on the same GPU, and
 # a report in $OUT (report.md, specs.log, torch.json, nrlua.jsonl, env.txt, profile_mobilenet_bf16.txt).
-#   bash tests/gpu/run.sh            (needs build-cuda/gpu-pack.tar.xz from tests/gpu/pack.sh, or
-#                                     NR_GPU_PACK=path; OUT defaults to ./gpu-out)
+#   bash tests/gpu/run.sh            (needs build-cuda/gpu-pack.tar.xz or build/gpu-pack.tar.xz from
+#                                     tests/gpu/pack.sh, or NR_GPU_PACK=path; OUT defaults to ./gpu-out)
 #   NR_SPEC_FILTER='text|text' bash tests/gpu/run.sh   only the specs whose names contain a text
 #   NR_GPU_BENCH=0 bash tests/gpu/run.sh                 the specs only (a rerun after a fix)
 # What it assumes there: an NVIDIA driver for CUDA 13, python3 with PyTorch (cu13) and its pip
@@ -16,6 +16,7 @@ ROOT="$PWD"
 OUT="${OUT:-$ROOT/gpu-out}"
 mkdir -p "$OUT"
 PACK="${NR_GPU_PACK:-build-cuda/gpu-pack.tar.xz}"
+[ -z "${NR_GPU_PACK:-}" ] && [ ! -f "$PACK" ] && [ -f build/gpu-pack.tar.xz ] && PACK=build/gpu-pack.tar.xz
 T="$(mktemp -d /tmp/nrgpu.XXXXXX)"
 log() { echo "run.sh: $*" | tee -a "$OUT/env.txt"; }
 
