@@ -51,6 +51,12 @@ nr_status nr_cuda_prefetch_wait(int32_t device_index, int64_t ticket)
    return NR_FAIL(NR_E_DEVICE, "cuda:%d: %s", device_index, k_no_cuda);
 }
 
+nr_status nr_cuda_versions(int32_t *v)
+{
+   for (int i = 0; v && i < 6; i++) v[i] = 0;
+   return NR_FAIL(NR_E_DEVICE, "%s", k_no_cuda);
+}
+
 nr_status nr_cuda_set_device(int32_t device_index)
 {
    return NR_FAIL(NR_E_DEVICE, "cannot select cuda:%d: %s", device_index, k_no_cuda);

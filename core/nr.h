@@ -562,6 +562,11 @@ const char *nr_cuda_unavailable_reason(void);
 /* Selects the GPU on which this thread creates new CUDA tensors (default 0). */
 nr_status nr_cuda_set_device(int32_t device_index);
 int32_t nr_cuda_current_device(void);
+/* Library versions, as CUDA encodes them (e.g. 13000, 91900): v[0] CUDA runtime (linked in),
+ * v[1] driver (0 without one), v[2] cuDNN loaded, v[3] cuDNN built against, v[4] cuBLAS loaded
+ * (major * 10000 + minor * 100 + patch), v[5] cuBLAS built against. Needs no GPU; NR_E_DEVICE
+ * in a build without CUDA. */
+nr_status nr_cuda_versions(int32_t *v);
 /* Name of a GPU, e.g. "NVIDIA H100 80GB HBM3"; NULL when out of range or unavailable. */
 const char *nr_cuda_device_name(int32_t device_index);
 /* Free and total memory of a GPU in bytes (as the driver sees it; cached blocks count as used). */

@@ -162,6 +162,25 @@ nr_status nr_cuda_set_device(int32_t device_index)
    return NR_OK;
 }
 
+nr_status nr_cuda_versions(int32_t *v)
+{
+   if (!v) return NR_FAIL(NR_E_ARG, "v is NULL");
+   int rt = 0, drv = 0, ma = 0, mi = 0, pa = 0;
+   if (cudaRuntimeGetVersion(&rt) != cudaSuccess) rt = 0;
+   if (cudaDriverGetVersion(&drv) != cudaSuccess) drv = 0;
+   cudaGetLastError();
+   v[0] = rt;
+   v[1] = drv;
+   v[2] = (int32_t)cudnnGetVersion();
+   v[3] = CUDNN_VERSION;
+   if (cublasGetProperty(MAJOR_VERSION, &ma) != CUBLAS_STATUS_SUCCESS || cublasGetProperty(MINOR_VERSION, &mi) != CUBLAS_STATUS_SUCCESS ||
+       cublasGetProperty(PATCH_LEVEL, &pa) != CUBLAS_STATUS_SUCCESS)
+      ma = mi = pa = 0;
+   v[4] = ma * 10000 + mi * 100 + pa;
+   v[5] = CUBLAS_VER_MAJOR * 10000 + CUBLAS_VER_MINOR * 100 + CUBLAS_VER_PATCH;
+   return NR_OK;
+}
+
 static char g_names[NR_CUDA_MAX_DEVICES][256];
 static pthread_mutex_t g_name_lock = PTHREAD_MUTEX_INITIALIZER;
 

@@ -35,6 +35,15 @@ end
 
 function M.current_device() return tonumber(C.nr_cuda_current_device()) end
 
+-- Library versions as CUDA encodes them: {runtime = 13000, driver = (0 without one), cudnn =
+-- loaded, cudnn_built = compiled against, cublas = loaded (major * 10000 + minor * 100 + patch),
+-- cublas_built}; nil in a build without CUDA. Needs no GPU.
+function M.versions()
+   local v = ffi.new('int32_t[6]')
+   if C.nr_cuda_versions(v) ~= 0 then return nil end
+   return {runtime = v[0], driver = v[1], cudnn = v[2], cudnn_built = v[3], cublas = v[4], cublas_built = v[5]}
+end
+
 -- Device name ("NVIDIA H100 80GB HBM3"), or nil.
 function M.device_name(i)
    local p = C.nr_cuda_device_name(i or M.current_device())

@@ -49,6 +49,8 @@ export NRLUA_HOME="$ROOT" LUA_CPATH="$T/nrgpu/lua51/?.so;;" NR_THREADS="${NR_THR
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   echo "libnr dependencies not found:"; ldd "$T/nrgpu/bin/libnr.so" | grep 'not found' || echo "  (none)"
   "$NRLUA" -e 'local nr = require "nr"; print("nrlua: cuda available", nr.cuda.available(), nr.cuda.device_name(0), nr.cuda.unavailable_reason())' 2>&1
+  # loaded against built-with library versions (a cuDNN older than the headers is not guaranteed)
+  "$NRLUA" -e 'local v = require("nr").cuda.versions() or {}; print(string.format("versions: runtime %s driver %s cuDNN %s (built %s) cuBLAS %s (built %s)%s", v.runtime, v.driver, v.cudnn, v.cudnn_built, v.cublas, v.cublas_built, (v.cudnn or 0) < (v.cudnn_built or 0) and "  WARNING: cuDNN older than the build" or ""))' 2>&1
 } >> "$OUT/env.txt"
 cat "$OUT/env.txt"
 

@@ -217,6 +217,18 @@ describe('nr.Tensor', function()
       end
    end)
 
+   it('nr.cuda.versions reports the CUDA libraries without a GPU (nil without the backend)', function()
+      local v = nr.cuda.versions()
+      if not nr.cuda.built() then
+         assert.is_nil(v)
+         return
+      end
+      assert.is_true(v.runtime >= 11000, 'runtime ' .. v.runtime)
+      assert.is_true(v.cudnn >= 90000 and v.cudnn_built >= 90000, 'cuDNN ' .. v.cudnn .. ' built ' .. v.cudnn_built)
+      assert.is_true(v.cublas >= 110000 and v.cublas_built >= 110000, 'cuBLAS ' .. v.cublas .. ' built ' .. v.cublas_built)
+      assert.is_true(v.driver >= 0)
+   end)
+
    it('copy refuses dense views of one memory that overlap, as PyTorch does', function()
       local t = nr.tensor({0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
       local ok, err = pcall(function() t:narrow(1, 2, 9):copy(t:narrow(1, 1, 9)) end)
