@@ -583,7 +583,8 @@ enum { STAGING_MAX = 64 << 20 }; /* bytes; bigger copies go through in chunks */
  * stream, STAGE_PREFETCH: the copy stream), through one of the device's pinned
  * staging rings: each chunk takes the ring's next slot, waiting only until that slot's previous
  * copy has finished. The prefetch ring stages a whole transfer in one slot (no chunks), so a big
- * batch never waits for its own earlier chunk, which sits behind the compute queued before it.
+ * batch never waits for its own earlier chunk, which sits behind the compute queued before it;
+ * only when the host cannot pin that much does it fall back to chunks.
  * After a failure nothing queued still reads a staging buffer (the stream is drained). */
 static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *src, int64_t bytes)
 {
@@ -592,7 +593,7 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *sr
    int64_t chunk = ring == STAGE_PREFETCH || bytes < STAGING_MAX ? bytes : STAGING_MAX;
    if (chunk <= 0) return NR_OK;
    nr_status st = NR_OK;
-   for (int64_t done = 0; !st && done < bytes; done += chunk) {
+   for (int64_t done = 0; !st && done < bytes;) {
       int64_t n = bytes - done < chunk ? bytes - done : chunk;
       struct staging_slot *s = &d->staging[ring][d->staging_next[ring]];
       d->staging_next[ring] = (d->staging_next[ring] + 1) % NR_STAGING_SLOTS;
@@ -613,6 +614,12 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *sr
          e = cudaHostAlloc(&s->ptr, (size_t)want, cudaHostAllocDefault);
          if (e != cudaSuccess) {
             s->ptr = NULL;
+            cudaGetLastError();
+            if (n > STAGING_MAX) { /* no pinned block this large: the rest goes in chunks (a later
+                                    * chunk may then wait for an earlier one: less overlap) */
+               chunk = STAGING_MAX;
+               continue;
+            }
             st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "pinned staging buffer of %lld bytes", (long long)want);
             break;
          }
@@ -623,6 +630,7 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *sr
       if (e == cudaSuccess) e = cudaEventRecord(s->done, stream);
       if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "host-to-device copy of %lld bytes", (long long)n);
       else s->pending = 1;
+      done += n;
    }
    if (st) {
       cudaStreamSynchronize(stream); /* earlier chunks may still read their slots */
