@@ -519,6 +519,12 @@ describe('nr.data', function()
          assert.is_true((g - (x:float() / 255 - 0.5) / 0.25):abs():max() < 1e-5)
          assert.matches('need 1 or 1 values', err_of(nr.data.normalize, x, nr.empty(x:shape()), {mean = {0, 0}, std = {1, 1}}))
          assert.matches('std%[1%] must be > 0', err_of(nr.data.normalize, x, nr.empty(x:shape()), {mean = {0}, std = {0}}))
+         local five = nr.zeros({2, 5, 3, 3}, {dtype = 'uint8'})
+         assert.matches('at most 4 channels', err_of(nr.data.normalize, five, nr.empty({2, 5, 3, 3})))
+         local none = nr.zeros({0, 3, 4, 4}, {dtype = 'uint8'})         -- an empty batch is no error
+         assert.same({0, 3, 4, 4}, nr.data.normalize(none, nr.empty({0, 3, 4, 4})):shape())
+         local plain = nr.data.normalize(x, nr.empty(x:shape()))          -- no statistics: x / 255
+         assert.is_true((plain - x:float() / 255):abs():max() < 1e-7)
          u:close()
       end)
 
