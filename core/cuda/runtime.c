@@ -254,6 +254,7 @@ typedef struct devstate {
       int pending;
    } staging[2][NR_STAGING_SLOTS];
    int staging_next[2];
+   int64_t pin_failed; /* the smallest whole-transfer pin that failed (0: none): such prefetches go in chunks */
    /* input prefetch (nr_cuda_prefetch): copies on their own stream, each ordered after the compute
     * stream's work at its start (compute_mark) and named by a ticket; a slot holds the latest
     * copies' events and, until the compute stream waits for it, the destination bytes */
@@ -590,7 +591,8 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *sr
 {
    devstate *d = &g_dev[ctx->device];
    cudaStream_t stream = ring == STAGE_PREFETCH ? d->copy_stream : ctx->stream;
-   int64_t chunk = ring == STAGE_PREFETCH || bytes < STAGING_MAX ? bytes : STAGING_MAX;
+   int64_t chunk = (ring == STAGE_PREFETCH && !(d->pin_failed && bytes >= d->pin_failed)) || bytes < STAGING_MAX
+                      ? bytes : STAGING_MAX;
    if (chunk <= 0) return NR_OK;
    nr_status st = NR_OK;
    for (int64_t done = 0; !st && done < bytes;) {
@@ -615,8 +617,9 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *sr
          if (e != cudaSuccess) {
             s->ptr = NULL;
             cudaGetLastError();
-            if (n > STAGING_MAX) { /* no pinned block this large: the rest goes in chunks (a later
-                                    * chunk may then wait for an earlier one: less overlap) */
+            if (n > STAGING_MAX) { /* no pinned block this large: this and later transfers as large
+                                    * go in chunks (a chunk may wait for an earlier one: less overlap) */
+               if (!d->pin_failed || want < d->pin_failed) d->pin_failed = want;
                chunk = STAGING_MAX;
                continue;
             }

@@ -44,7 +44,8 @@ M.DEFAULTS = {
       root = nil,          -- folder holding the dataset ($VARS and ~ expand)
       batch = 128,
       eval_batch = nil,    -- default: batch
-      threads = nil,       -- loader worker threads; nil: see data_threads (NR_DATA_THREADS overrides)
+      threads = nil,       -- loader worker threads; nil: NR_DATA_THREADS, else 2 on the CPU and the
+                           -- host's free cores on a GPU (data_threads)
       size = nil,          -- input side; images are resized when the dataset's differs
       augment = nil,       -- nil: the dataset's default; false: none; or a table of loader options
       train_split = 'train', val_split = 'test',
@@ -415,18 +416,20 @@ end
 -- Keys of an augment table that are deterministic (kept for evaluation).
 local EVAL_KEYS = {resize = true, center_crop = true, channels = true, normalize = true}
 
--- Loader threads when recipe.data.threads is nil. On the CPU the loader shares the cores with the
--- kernels: nr.data's default (half the compute threads, 2..8; NR_DATA_THREADS). On a GPU the
--- cores are the loader's: all this process may use but one (the trainer's), shared among the
--- ranks on the machine when they are not bound to their own cores, 2..32 (decoding JPEGs is what
--- feeds an ImageNet run there).
+-- Loader threads when recipe.data.threads is nil: NR_DATA_THREADS (>= 1) if set; else on the CPU
+-- 2, as the loader shares the cores with the kernels; on a GPU the cores are the loader's: all
+-- this process may use but one (the trainer's), divided among the ranks on the machine (their
+-- bindings may overlap, so at worst this under-uses cores), 2..32 (decoding JPEGs is what feeds
+-- an ImageNet run there).
 local function data_threads(d, device)
    if d.threads then return d.threads end
-   if device == 'cpu' or tonumber(os.getenv('NR_DATA_THREADS') or '') then return nil end
+   local env = tonumber(os.getenv('NR_DATA_THREADS') or '')
+   if env and env >= 1 then return math.floor(env) end
+   if device == 'cpu' then return 2 end
    local avail, online = C.nr_cpu_available(), C.nr_cpu_online()
    local dist = package.loaded['nr.dist']
    local ranks = type(dist) == 'table' and dist.local_size and dist.local_size() or 1
-   if avail >= online and ranks > 1 then avail = math.floor(online / ranks) end
+   if ranks > 1 then avail = math.floor(math.min(avail, online) / ranks) end
    return math.max(2, math.min(32, avail - 1))
 end
 M.data_threads = data_threads

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # pack.sh — packs a CUDA build of nrlua for the GPU machine (run here, where it was built).
-#   tests/gpu/pack.sh [BUILD_DIR]        (default build-cuda, else build: what ./scripts/test.sh
-#                                         builds, with CUDA wherever nvcc is) -> BUILD_DIR/gpu-pack.tar.xz
+#   tests/gpu/pack.sh [BUILD_DIR]        (default: the newer of build-cuda and build, which
+#                                         ./scripts/test.sh builds with CUDA wherever nvcc is)
+#                                         -> BUILD_DIR/gpu-pack.tar.xz
 # What it packs: bin/nrlua and bin/libnr.so (nrlua finds libnr beside itself; LuaJIT and cudart
 # are linked statically), lib/ with the shared libraries the GPU image may lack (OpenBLAS, oneDNN,
 # libpng, libjpeg-turbo, readline, gomp, ...), lua51/ with Debian's Lua C modules (cjson).
@@ -11,7 +12,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B="${1:-}"
-[ -z "$B" ] && { [ -x build-cuda/nrlua ] && B=build-cuda || B=build; }
+# without an argument: the more recently built of build-cuda/ and build/
+if [ -z "$B" ]; then
+  B=build
+  [ -x build-cuda/nrlua ] && { [ ! -x build/nrlua ] || [ build-cuda/libnr.so -nt build/libnr.so ]; } && B=build-cuda
+fi
 [ -x "$B/nrlua" ] && [ -f "$B/libnr.so" ] || { echo "pack: no nrlua/libnr.so in $B (build it first)" >&2; exit 1; }
 syms="$(nm -D --defined-only "$B/libnr.so")"
 grep -q nr_cuda_conv2d_forward <<<"$syms" ||

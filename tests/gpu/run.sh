@@ -16,7 +16,10 @@ ROOT="$PWD"
 OUT="${OUT:-$ROOT/gpu-out}"
 mkdir -p "$OUT"
 PACK="${NR_GPU_PACK:-build-cuda/gpu-pack.tar.xz}"
-[ -z "${NR_GPU_PACK:-}" ] && [ ! -f "$PACK" ] && [ -f build/gpu-pack.tar.xz ] && PACK=build/gpu-pack.tar.xz
+# without NR_GPU_PACK: the newer of build-cuda's and build's packs
+if [ -z "${NR_GPU_PACK:-}" ] && [ -f build/gpu-pack.tar.xz ] && { [ ! -f "$PACK" ] || [ build/gpu-pack.tar.xz -nt "$PACK" ]; }; then
+  PACK=build/gpu-pack.tar.xz
+fi
 T="$(mktemp -d /tmp/nrgpu.XXXXXX)"
 log() { echo "run.sh: $*" | tee -a "$OUT/env.txt"; }
 

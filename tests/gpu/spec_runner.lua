@@ -92,4 +92,8 @@ for _, path in ipairs(specs) do
 end
 io.write(string.format('%d passed, %d failed%s\n', passed, failed,
    skipped > 0 and string.format(', %d not selected by NR_SPEC_FILTER', skipped) or ''))
+if #filters > 0 and passed + failed == 0 then
+   io.write('NR_SPEC_FILTER=' .. os.getenv('NR_SPEC_FILTER') .. ' selected no test (a typo?)\n')
+   os.exit(1)
+end
 os.exit(failed == 0 and 0 or 1)
