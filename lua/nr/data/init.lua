@@ -269,8 +269,8 @@ end
 -- std[c] per channel (one value applies to every channel), or x / 255 without statistics, with
 -- the loader's arithmetic. out: float32 or bfloat16 of x's shape on x's device, contiguous or
 -- channels-last. Returns out.
-function M.normalize(x, out, stats, fname)
-   fname = fname or 'nr.data.normalize'
+function M.normalize(x, out, stats)
+   local fname = 'nr.data.normalize'
    check.arg(T.is_tensor(x) and T.is_tensor(out), fname, 'expected (x, out) tensors')
    local mean, std = nil, nil
    if stats then
@@ -396,12 +396,10 @@ function M.loader(ds, opts)
    cfg.output_u8 = output == 'uint8' and 1 or 0
    local p = C.nr_loader_new(live_ds(ds), cfg)
    if p == nil then c_error(fname, 2) end
+   -- _cfg: the copy of the config whose mean / std Loader:normalize hands to C (kept alive here)
    local l = setmetatable({dataset = ds, c = ffi.gc(p, C.nr_loader_free), batch = batch, threads = threads, output = output,
-                           normalization = norm and {mean = {}, std = {}} or false,
-                           _slot = ffi.new('int32_t[1]'), _count = ffi.new('int32_t[1]'), _x = {}, _y = {}, _part = {}}, Loader)
-   if norm then
-      for k = 1, channels do l.normalization.mean[k], l.normalization.std[k] = cfg.mean[k - 1], cfg.std[k - 1] end
-   end
+                           _cfg = cfg, _slot = ffi.new('int32_t[1]'), _count = ffi.new('int32_t[1]'), _x = {}, _y = {},
+                           _part = {}}, Loader)
    local shape = ffi.new('int64_t[4]')
    C.nr_loader_output_shape(p, shape)
    l.shape = {tonumber(shape[0]), tonumber(shape[1]), tonumber(shape[2]), tonumber(shape[3])}
@@ -470,9 +468,14 @@ function Loader:epoch(e)
 end
 
 -- Finishes a uint8 batch of this loader (output = 'uint8'), or its copy on a GPU: out <- what
--- output = 'float32' would have yielded (nr.data.normalize with the loader's statistics).
+-- output = 'float32' would have yielded (nr.data.normalize with the loader's statistics, read
+-- from its config: nothing is converted per call).
 function Loader:normalize(x, out)
-   return M.normalize(x, out, self.normalization or nil, 'Loader:normalize')
+   check.arg(T.is_tensor(x) and T.is_tensor(out), 'Loader:normalize', 'expected (x, out) tensors')
+   local cfg = self._cfg
+   local norm = cfg.normalize == 1
+   check.status(C.nr_images_normalize(x.c, norm and cfg.mean or nil, norm and cfg.std or nil, out.c), 'Loader:normalize')
+   return out
 end
 
 -- Stops the workers and frees the buffers (tensors the loader yielded become invalid).
