@@ -435,11 +435,7 @@ void nr_cuda_empty_cache_of(int32_t device_index)
 
 nr_status nr_cuda_empty_cache(void)
 {
-   int n = nr_cuda_device_count();
-   pthread_mutex_lock(&g_lock);
-   for (int i = 0; i < n; i++)
-      if (g_dev[i].cached) release_cached(i);
-   pthread_mutex_unlock(&g_lock);
+   for (int i = 0, n = nr_cuda_device_count(); i < n; i++) nr_cuda_empty_cache_of(i);
    return NR_OK;
 }
 
@@ -591,8 +587,9 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *sr
 {
    devstate *d = &g_dev[ctx->device];
    cudaStream_t stream = ring == STAGE_PREFETCH ? d->copy_stream : ctx->stream;
-   int64_t chunk = (ring == STAGE_PREFETCH && !(d->pin_failed && bytes >= d->pin_failed)) || bytes < STAGING_MAX
-                      ? bytes : STAGING_MAX;
+   /* the prefetch ring stages a whole transfer in one slot, unless pinning that much failed before */
+   const int whole = ring == STAGE_PREFETCH && !(d->pin_failed && bytes >= d->pin_failed);
+   int64_t chunk = whole || bytes < STAGING_MAX ? bytes : STAGING_MAX;
    if (chunk <= 0) return NR_OK;
    nr_status st = NR_OK;
    for (int64_t done = 0; !st && done < bytes;) {
