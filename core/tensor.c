@@ -471,14 +471,18 @@ nr_status nr_index_geometry(const char *func, const nr_tensor *big, int32_t dim,
    return NR_OK;
 }
 
-/* Host indices within 0..len-1. */
-static nr_status check_index_range(const char *func, const nr_tensor *index, int64_t len)
+/* nr_index_geometry for the CPU ops, whose index must live on the CPU too, with its values
+ * checked against len. */
+static nr_status host_index_geometry(const char *func, const nr_tensor *big, int32_t dim, const nr_tensor *index,
+                                     const nr_tensor *small, int64_t *outer, int64_t *len, int64_t *inner)
 {
+   NR_TRY(nr_check_tensor(func, "index", index, NR_I64, NR_CPU, 1, NULL));
+   NR_TRY(nr_index_geometry(func, big, dim, index, small, outer, len, inner));
    const int64_t *ix = index->data;
    for (int64_t i = 0; i < index->shape[0]; i++)
-      if (ix[i] < 0 || ix[i] >= len)
+      if (ix[i] < 0 || ix[i] >= *len)
          return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "index %lld out of range 0..%lld (position %lld)",
-                           (long long)ix[i], (long long)len - 1, (long long)i);
+                           (long long)ix[i], (long long)*len - 1, (long long)i);
    return NR_OK;
 }
 
@@ -487,10 +491,8 @@ nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_ten
    if (src) NR_ON_CUDA(src, nr_cuda_index_select(src, dim, index, out)); /* index on the CPU or the same GPU */
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("out", out, -1, NR_CPU, -1, NULL);
-   NR_CHECK_T("index", index, NR_I64, NR_CPU, 1, NULL);
    int64_t outer, inner, s, k = index->shape[0];
-   NR_TRY(nr_index_geometry(__func__, src, dim, index, out, &outer, &s, &inner));
-   NR_TRY(check_index_range(__func__, index, s));
+   NR_TRY(host_index_geometry(__func__, src, dim, index, out, &outer, &s, &inner));
    size_t es = (size_t)nr_dtype_size(src->dtype);
    const int64_t *ix = index->data;
    const char *sp = src->data;
@@ -506,10 +508,8 @@ nr_status nr_tensor_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *ind
    if (dst) NR_ON_CUDA(dst, nr_cuda_index_copy(dst, dim, index, src)); /* index on the CPU or the same GPU */
    NR_CHECK_T("dst", dst, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
-   NR_CHECK_T("index", index, NR_I64, NR_CPU, 1, NULL);
    int64_t outer, inner, s, k = index->shape[0];
-   NR_TRY(nr_index_geometry(__func__, dst, dim, index, src, &outer, &s, &inner));
-   NR_TRY(check_index_range(__func__, index, s));
+   NR_TRY(host_index_geometry(__func__, dst, dim, index, src, &outer, &s, &inner));
    size_t es = (size_t)nr_dtype_size(dst->dtype);
    const int64_t *ix = index->data;
    const char *sp = src->data;

@@ -22,6 +22,7 @@ local T = require 'nr.tensor'
 local check = require 'nr.check'
 local C = require('nr.ffi').C
 local U = require 'nr.nn.layer_util'
+local GP = require 'nr.nn.gradpool'
 
 local M = {}
 
@@ -224,7 +225,6 @@ function NRConv2d:updateGradInput(x, gradOutput)
       gx[i]:zero()
    end
    local gall
-   local GP = require 'nr.nn.gradpool'
    local function acc(b, g)
       local input = b.inp and self._xin[b.inp] or self._x
       local r = b.conv:backward(input, g)
