@@ -269,6 +269,20 @@ end
 -- std[c] per channel (one value applies to every channel), or x / 255 without statistics, with
 -- the loader's arithmetic. out: float32 or bfloat16 of x's shape on x's device, contiguous or
 -- channels-last. Returns out.
+-- Statistics {mean = {...}, std = {...}} (tables of 1 or c numbers; one applies to every channel)
+-- into the float arrays mean_out / std_out for c channels (at most 4); what names them in errors.
+-- std > 0 is the C side's check.
+local function stats_into(stats, c, mean_out, std_out, fname, what)
+   local function bad(fmt, ...) error(string.format('%s: %s: ' .. fmt, fname, what, ...), 4) end -- at the user's call
+   local nm, ns = #stats.mean, #stats.std
+   if not (nm == ns and (nm == 1 or nm == c)) then bad('mean and std need 1 or %d values, got %d and %d', c, nm, ns) end
+   for k = 1, math.min(c, 4) do
+      local m, sd = stats.mean[nm == 1 and 1 or k], stats.std[ns == 1 and 1 or k]
+      if type(m) ~= 'number' or type(sd) ~= 'number' then bad('bad mean/std for channel %d', k) end
+      mean_out[k - 1], std_out[k - 1] = m, sd
+   end
+end
+
 function M.normalize(x, out, stats)
    local fname = 'nr.data.normalize'
    check.arg(T.is_tensor(x) and T.is_tensor(out), fname, 'expected (x, out) tensors')
@@ -276,13 +290,8 @@ function M.normalize(x, out, stats)
    if stats then
       check.arg(type(stats) == 'table' and type(stats.mean) == 'table' and type(stats.std) == 'table', fname,
          'statistics must be {mean = {...}, std = {...}}')
-      local c = x:dim() == 4 and x:size(2) or 0
-      local nm, ns = #stats.mean, #stats.std
-      check.arg(nm == ns and (nm == 1 or nm == c), fname, 'mean and std need 1 or %d values, got %d and %d', c, nm, ns)
       mean, std = ffi.new('float[4]'), ffi.new('float[4]')
-      for k = 1, math.min(c, 4) do
-         mean[k - 1], std[k - 1] = stats.mean[nm == 1 and 1 or k], stats.std[ns == 1 and 1 or k]
-      end
+      stats_into(stats, x:dim() == 4 and x:size(2) or 0, mean, std, fname, 'statistics')
    end
    check.status(C.nr_images_normalize(x.c, mean, std, out.c), fname)
    return out
@@ -382,14 +391,8 @@ function M.loader(ds, opts)
    if norm then
       check.arg(type(norm) == 'table' and type(norm.mean) == 'table' and type(norm.std) == 'table', fname,
          'augment.normalize must be true or {mean = {...}, std = {...}}')
-      check.arg((#norm.mean == 1 or #norm.mean == channels) and #norm.std == #norm.mean, fname,
-         'augment.normalize: mean and std need 1 or %d values, got %d and %d', channels, #norm.mean, #norm.std)
       cfg.normalize = 1
-      for k = 1, channels do
-         local m, s = norm.mean[#norm.mean == 1 and 1 or k], norm.std[#norm.std == 1 and 1 or k]
-         check.arg(type(m) == 'number' and type(s) == 'number' and s > 0, fname, 'augment.normalize: bad mean/std for channel %d', k)
-         cfg.mean[k - 1], cfg.std[k - 1] = m, s
-      end
+      stats_into(norm, channels, cfg.mean, cfg.std, fname, 'augment.normalize')
    end
    local output = opts.output or 'float32'
    check.arg(output == 'float32' or output == 'uint8', fname, 'output must be "float32" or "uint8", got %s', tostring(output))
