@@ -219,11 +219,15 @@ local function main()
    print(cjson.encode(env))
    for _, name in ipairs(names) do
       local spec = M.models[name]
-      local m = spec.build()
-      local c = nr.count(m, spec.shape)
+      -- nr.count's per-layer records refer to the modules: keep only the totals, so the counted
+      -- model is garbage before the runs (it held a whole model's parameters in the peak RSS)
+      local c
+      do
+         local counted = nr.count(spec.build(), spec.shape)
+         c = {params = counted.params, flops = counted.flops}
+      end
       local rec = {input = spec.shape, classes = spec.classes, params = c.params, macs = {total = c.flops},
                    train = {}, infer = {}}
-      m = nil -- luacheck: ignore
       full_gc()
       io.write(string.format('\n== %s: input (%s), params %d, fwd MACs/img %d\n', name,
          table.concat(spec.shape, ', '), c.params, c.flops))
