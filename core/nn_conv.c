@@ -319,15 +319,14 @@ nr_status nr_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w
 }
 
 #ifdef NR_WITH_CUDA
-/* CUDA: the folded BN (and ReLU) as kernels on the conv output. */
+/* CUDA: the folded BN (and ReLU) as one kernel on the conv output. */
 static nr_status cuda_conv_bn(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b, int32_t sh,
                               int32_t sw, int32_t ph, int32_t pw, int32_t dh, int32_t dw, int32_t groups,
                               const nr_tensor *gamma, const nr_tensor *beta, const nr_tensor *rm, const nr_tensor *rv,
                               float eps, int32_t relu)
 {
    NR_TRY(nr_cuda_conv2d_forward(x, y, w, b, sh, sw, ph, pw, dh, dw, groups));
-   NR_TRY(nr_cuda_bn2d_forward_eval(y, y, gamma, beta, rm, rv, eps));
-   return relu ? nr_cuda_relu_forward(y, y) : NR_OK;
+   return nr_cuda_bn2d_forward_eval(y, y, gamma, beta, rm, rv, eps, relu);
 }
 #endif
 

@@ -38,15 +38,8 @@ static nr_status vec_check(const char *func, const char *name, const nr_tensor *
 }
 
 #ifdef NR_WITH_CUDA
-/* CUDA: the fused ReLU as a second kernel on the output (the GPU is not bandwidth-starved the
- * way two CPU cores are; one kernel less is not worth a twin of every BN kernel). */
-static nr_status cuda_then_relu(nr_status s, nr_tensor *y, int32_t relu)
-{
-   if (s != NR_OK || !relu) return s;
-   return nr_cuda_relu_forward(y, y);
-}
-
-/* CUDA backward with relu_y: the gradient masked by relu_y > 0 is staged in dx (or, when only
+/* CUDA: the forward's fused ReLU is a flag of the normalising kernel (one pass over the output).
+ * CUDA backward with relu_y: the gradient masked by relu_y > 0 is staged in dx (or, when only
  * dgamma/dbeta are wanted, in a temporary *tmp the caller frees; the caching allocator makes
  * that cheap and stream-ordered), and BN backward reads it as dy. */
 static nr_status cuda_masked_dy(const nr_tensor **dy, nr_tensor *dx, const nr_tensor *relu_y, nr_tensor **tmp)
@@ -149,8 +142,8 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
    if (m < 2)
       return NR_FAIL(NR_E_ARG, "training needs more than one value per channel (input %lld x %lld x %lld x %lld)",
                      (long long)x->shape[0], (long long)x->shape[1], (long long)x->shape[2], (long long)x->shape[3]);
-   NR_ON_CUDA(x, cuda_then_relu(nr_cuda_bn2d_forward_train(x, y, save_mean, save_invstd, gamma, beta, running_mean,
-                                                            running_var, momentum, eps), y, relu));
+   NR_ON_CUDA(x, nr_cuda_bn2d_forward_train(x, y, save_mean, save_invstd, gamma, beta, running_mean, running_var,
+                                            momentum, eps, relu));
    const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL;
    float *py = y->data, *sm = save_mean->data, *si = save_invstd->data, *rm = running_mean->data,
          *rv = running_var->data;
@@ -197,7 +190,7 @@ nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor
    NR_TRY(vec_check(__func__, "running_mean", running_mean, x));
    NR_TRY(vec_check(__func__, "running_var", running_var, x));
    if (!(eps > 0)) return NR_FAIL(NR_E_ARG, "eps must be > 0, got %g", eps);
-   NR_ON_CUDA(x, cuda_then_relu(nr_cuda_bn2d_forward_eval(x, y, gamma, beta, running_mean, running_var, eps), y, relu));
+   NR_ON_CUDA(x, nr_cuda_bn2d_forward_eval(x, y, gamma, beta, running_mean, running_var, eps, relu));
    const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL,
                *rm = running_mean->data, *rv = running_var->data;
    float *py = y->data;

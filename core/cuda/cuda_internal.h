@@ -65,10 +65,10 @@ nr_status nr_cuda_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy
 nr_status nr_cuda_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean,
                                      nr_tensor *save_invstd, const nr_tensor *gamma,
                                      const nr_tensor *beta, nr_tensor *running_mean,
-                                     nr_tensor *running_var, float momentum, float eps);
+                                     nr_tensor *running_var, float momentum, float eps, int32_t relu);
 nr_status nr_cuda_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor *gamma,
                                     const nr_tensor *beta, const nr_tensor *running_mean,
-                                    const nr_tensor *running_var, float eps);
+                                    const nr_tensor *running_var, float eps, int32_t relu);
 nr_status nr_cuda_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx,
                                 nr_tensor *dgamma, nr_tensor *dbeta, const nr_tensor *gamma,
                                 const nr_tensor *save_mean, const nr_tensor *save_invstd,

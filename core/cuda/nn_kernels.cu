@@ -265,18 +265,20 @@ __global__ void k_bn_coef(int64_t C, const float *mean, const float *invstd, con
    }
 }
 
-/* y = x * a_c + b_c (y may be x). */
-template <typename T> __global__ void k_bn_affine(const T *x, T *y, int64_t n, chandiv cd, const float *coef)
+/* y = x * a_c + b_c (y may be x), then max(y, 0) when relu (as k_relu_f: NaN gives 0, as on the
+ * CPU), in the same pass instead of a second one over the activation. */
+template <typename T> __global__ void k_bn_affine(const T *x, T *y, int64_t n, chandiv cd, const float *coef, int relu)
 {
    GRID_LOOP(i, n)
    {
       int64_t c = chan_of(cd, i);
-      st(y + i, ld(x + i) * coef[2 * c] + coef[2 * c + 1]);
+      float v = ld(x + i) * coef[2 * c] + coef[2 * c + 1];
+      st(y + i, relu && !(v > 0) ? 0.0f : v);
    }
 }
 
 nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_tensor *y, const float *mean,
-                   const float *invstd, const nr_tensor *gamma, const nr_tensor *beta, int eval, float eps);
+                   const float *invstd, const nr_tensor *gamma, const nr_tensor *beta, int eval, float eps, int relu);
 
 /* Per channel: mean and invstd (train: saved; eval: from running stats) and the dgamma/dbeta
  * write-back; coef[c] = {k, mdy, mdyx} for the dx kernel. */
@@ -888,7 +890,7 @@ template <typename T> __global__ void k_ca_b(const T *gate, const T *b, const T 
 }
 
 nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_tensor *y, const float *mean,
-                   const float *invstd, const nr_tensor *gamma, const nr_tensor *beta, int eval, float eps)
+                   const float *invstd, const nr_tensor *gamma, const nr_tensor *beta, int eval, float eps, int relu)
 {
    chan3 g = chan_view(x);
    int64_t n = g.n * g.c * g.r;
@@ -900,7 +902,7 @@ nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_te
    with_act_type(x, [&](auto tag) {
       using T = decltype(tag);
       k_bn_affine<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), n, make_chandiv(g.c, g.r, n),
-                                                           (const float *)coef);
+                                                           (const float *)coef, relu);
    });
    NR_CU_LAUNCHED("%s: normalising %s", func, NR_DESC(x));
    return NR_OK;
@@ -916,7 +918,7 @@ extern "C" {
 
 nr_status nr_cuda_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean, nr_tensor *save_invstd,
                                      const nr_tensor *gamma, const nr_tensor *beta, nr_tensor *running_mean,
-                                     nr_tensor *running_var, float momentum, float eps)
+                                     nr_tensor *running_var, float momentum, float eps, int32_t relu)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
@@ -932,11 +934,12 @@ nr_status nr_cuda_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor
    k_bn_var<<<grid_for(g.c), 256, 0, ctx->stream>>>(part, S, g.c, m, eps, momentum, fp(save_mean), fpm(save_invstd),
                                                    fpm(running_mean), fpm(running_var));
    NR_CU_LAUNCHED("bn2d_forward_train var %s", NR_DESC(x));
-   return bn_apply(ctx, __func__, x, y, fp(save_mean), fp(save_invstd), gamma, beta, 0, eps);
+   return bn_apply(ctx, __func__, x, y, fp(save_mean), fp(save_invstd), gamma, beta, 0, eps, relu);
 }
 
 nr_status nr_cuda_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor *gamma, const nr_tensor *beta,
-                                    const nr_tensor *running_mean, const nr_tensor *running_var, float eps)
+                                    const nr_tensor *running_mean, const nr_tensor *running_var, float eps,
+                                    int32_t relu)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
@@ -944,7 +947,7 @@ nr_status nr_cuda_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_t
    int64_t n = g.n * g.c * g.r;
    if (n == 0) return NR_OK;
    /* eval = 1: the "invstd" argument is the running variance, turned into 1/sqrt(var + eps) */
-   return bn_apply(ctx, __func__, x, y, fp(running_mean), fp(running_var), gamma, beta, 1, eps);
+   return bn_apply(ctx, __func__, x, y, fp(running_mean), fp(running_var), gamma, beta, 1, eps, relu);
 }
 
 nr_status nr_cuda_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
