@@ -7,13 +7,15 @@
 --   lambda(ctx) -> λ              adaptive: every Δt, λ += Δλ unless r fell by more than Δr over
 --                                 the interval [3.1.3]; constant mode returns cfg.lambda.value
 --   reallocate(layers, budget)    one shared expansion rate α for every layer's live width,
---     -> widths, info             solved by bisection on the exact cost so cost ≈ budget.target [3.2]
+--     -> widths, info             solved by bisection on the exact cost so cost <= budget.target
+--                                 [3.2], then rounded up set by set while the budget allows
 --                                 (not called with budget = 0: that is a pure prune)
 --   init(kind, shape, info) -> T  fresh weights: Kaiming normal, fan-out (std = sqrt(2 / fan_out))
 --   rescale(ctx) -> bool          neural rescaling after rejuvenation iff cfg.rescale [3.2]
 -- The `layers` given to reallocate are the resizable channel sets: {id, name, members, live,
 -- width, fixed, mean_gamma, kind}; `budget` = {target, constraint, cost(widths) -> number,
--- solve(widths_of_t, lo) -> t, live_cost, all_cost}. widths[id] = new width (>= 1); a layer left
+-- solve(widths_of_t, lo) -> t (largest with cost <= target), t_next (the next cost step above, or
+-- nil), live_cost, all_cost}. widths[id] = new width (>= 1); a layer left
 -- out keeps only its live channels.
 local T = require 'nr.tensor'
 
@@ -43,11 +45,26 @@ M.shared_widths = shared
 
 -- α >= 1 when the live cost is within the budget (the paper's case: T_r <= budget); otherwise
 -- (a forced rejuvenation above the budget) α < 1 and the lowest-|γ| live channels go too.
+-- Integer widths make the cost a step function, and one step can be large (ResNet-164: every
+-- 16-wide set of a stage rounds up at the same α, 1.5% of the cost), so the sets that round up
+-- at the next step do so one at a time, in layer order, while the cost stays within the budget:
+-- every width stays round(α·live) or one more, and the cost lands just under the target.
 function M.reallocate(layers, budget)
    local f = shared(layers)
-   local a
-   if budget.cost(f(1)) <= budget.target then a = budget.solve(f, 1) else a = budget.solve(f, 0) end
-   return f(a), {alpha = a}
+   local a, a_next = budget.solve(f, budget.cost(f(1)) <= budget.target and 1 or 0)
+   local w = f(a)
+   if a_next then
+      local up = f(a_next)
+      for _, l in ipairs(layers) do
+         local id = l.id
+         if up[id] > w[id] then
+            local was = w[id]
+            w[id] = was + 1
+            if budget.cost(w) > budget.target then w[id] = was end
+         end
+      end
+   end
+   return w, {alpha = a}
 end
 
 function M.init(kind, shape, info)
@@ -58,28 +75,28 @@ end
 
 function M.rescale(ctx) return ctx.cfg.rescale == true end
 
--- Bisection on t >= lo for a monotone family widths_of(t): the t whose exact cost is closest to
--- budget.target (integer widths make cost a step function; the closest step is returned).
+-- Bisection on t >= lo for a monotone family widths_of(t): the largest t whose exact cost stays
+-- within budget.target (the paper's constraint c(A) <= C; integer widths make cost a step
+-- function, so the cost lands on the highest step at or below the target, as the authors' floored
+-- widths do), and the t just past the next step (nil when there is none to find). Returns lo when
+-- even lo is over the target.
 function M.make_solver(cost, target)
    return function(widths_of, lo)
       lo = lo or 0
-      local c_lo = cost(widths_of(lo))
-      if c_lo >= target then return lo end
-      local hi, c_hi = math.max(lo * 2, lo + 1), nil
+      if cost(widths_of(lo)) > target then return lo, nil end
+      local hi = math.max(lo * 2, lo + 1)
       for _ = 1, 64 do
-         c_hi = cost(widths_of(hi))
-         if c_hi >= target then break end
-         lo, c_lo = hi, c_hi
-         hi = hi * 2
+         if cost(widths_of(hi)) > target then break end
+         lo, hi = hi, hi * 2
       end
-      if c_hi < target then return hi end
+      if cost(widths_of(hi)) <= target then return hi, nil end
+      -- invariant: cost(lo) <= target < cost(hi)
       for _ = 1, 60 do
          local mid = (lo + hi) / 2
-         local c = cost(widths_of(mid))
-         if c >= target then hi, c_hi = mid, c else lo, c_lo = mid, c end
+         if cost(widths_of(mid)) > target then hi = mid else lo = mid end
          if hi - lo < 1e-9 * hi then break end
       end
-      return (target - c_lo <= c_hi - target) and lo or hi
+      return lo, hi
    end
 end
 
