@@ -125,6 +125,37 @@ describe('nr.rejuvenate repeated and detailed', function()
       assert.is_nil(opt2:state_of(m2:findModules('Conv2d')[2].weight))
    end)
 
+   it('rescaling scales the momentum of what it rescales (γ, β by s; consumer columns by 1/s)', function()
+      -- the same run twice (same seed), without and with rescaling: they differ only by s
+      local function run(rescale)
+         nr.manual_seed(12)
+         local m = net()
+         local opt = nr.optim.SGD(m, {lr = 0.1, momentum = 0.9})
+         local x = nr.randn({2, 3, 4, 4})
+         local y = m:forward(x)
+         m:zeroGradParameters()
+         m:backward(x, nr.randn(y:shape()))
+         opt:step()
+         local bn = m:findModules('BatchNorm2d')[2]      -- a1's BN: through ReLU to a2, rescalable
+         bn.weight:set(1, 0)
+         bn.weight:set(4, 0)
+         nr.rejuvenate(m, {input_shape = SHAPE, optimizer = opt, rescale = rescale})
+         bn = m:findModules('BatchNorm2d')[2]
+         local a2 = m:findModules('Conv2d')[3]
+         return {g = bn.weight:clone(), mg = opt:state_of(bn.weight).momentum:clone(),
+                 mb = opt:state_of(bn.bias).momentum:clone(), mw = opt:state_of(a2.weight).momentum:clone()}
+      end
+      local a, b = run(false), run(true)
+      local s = b.g:div(a.g)                              -- γ of every channel is nonzero here
+      local n_scaled = 0
+      for j = 1, s:size(1) do if math.abs(s:get(j) - 1) > 1e-6 then n_scaled = n_scaled + 1 end end
+      assert.is_true(n_scaled >= 2)
+      assert.is_true(a.mg:abs():max() > 0 and a.mw:abs():max() > 0)
+      assert.is_true(rel(b.mg, a.mg:mul(s)) <= 1e-6)
+      assert.is_true(rel(b.mb, a.mb:mul(s)) <= 1e-6)
+      assert.is_true(rel(b.mw, a.mw:div(s:reshape(1, s:size(1), 1, 1))) <= 1e-6)
+   end)
+
    it('classifier columns of new channels: zero by default, N(0, 0.01) with linear_init = normal', function()
       nr.manual_seed(13)
       for _, mode in ipairs({'zero', 'normal'}) do

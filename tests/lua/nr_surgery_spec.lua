@@ -332,7 +332,7 @@ describe('nr_surgery_place', function()
       end
       local seen = {}
       nr.rejuvenate(m, {input_shape = {3, 6, 6}, budget = 1.5, policy = {init = function(kind, shape, info)
-         seen[#seen + 1] = {shape = shape, info = info}
+         seen[#seen + 1] = {kind = kind, shape = shape, info = info}
          return nr.full(shape, 0.5)
       end}})
       local function same(a, b, path)
@@ -376,11 +376,19 @@ describe('nr_surgery_place', function()
       -- the init policy was asked for the new rows' new-input block (or every column for the
       -- stem and the depthwise conv), with the whole rows' shape and the columns in info
       assert.is_true(#seen >= 3)
+      -- the fan-out is the zoo init's (PyTorch's): out channels of the rebuilt conv x kh x kw, for a
+      -- depthwise conv too (its weight is (w, 1, kh, kw); not divided by groups)
+      local convs = m:findModules('Conv2d')
+      local want_fan = {}
+      for i = 1, 3 do want_fan[i] = convs[i].out_channels * convs[i].kernel_size[1] * convs[i].kernel_size[2] end
+      local fans = {}
       for _, s in ipairs(seen) do
          local full = s.info.full_shape
          assert.are.equal(full[1], s.shape[1])
          if s.info.columns then assert.are.equal(#s.info.columns, s.shape[2]) else assert.are.equal(full[2], s.shape[2]) end
+         if s.kind == 'conv' then fans[#fans + 1] = s.info.fan_out end
       end
+      assert.same(want_fan, fans)
       local y = m:forward(nr.randn({2, 3, 6, 6}))
       assert.same({2, 4}, y:shape())
    end)

@@ -196,7 +196,7 @@ function M.rejuvenate(model, opts)
    local rescaled = 0
    local do_rescale = opts.rescale
    if do_rescale == nil then do_rescale = pol.rescale({cfg = {rescale = false}, model = model}) end
-   if do_rescale then rescaled = surgery.rescale(monitor.graph_of(model, input_shape), gamma0) end
+   if do_rescale then rescaled = surgery.rescale(monitor.graph_of(model, input_shape), gamma0, opt) end
 
    local after = monitor.report(monitor.graph_of(model, input_shape), mo)
    local new_cost = after[key .. '_all']

@@ -392,7 +392,9 @@ function M.apply(g, plans, ctx)
          local nc = conv_shell(m, w, w, {kh, kw}, w, m.bias ~= nil, dev)
          local blk
          if #inmap.fresh > 0 then
-            blk = fresh_block(ctx, {#inmap.fresh, 1, kh, kw}, {fan_out = kh * kw, fan_in = kh * kw, device = dev, unit = u,
+            -- fan-out as the zoo's init computes it for a depthwise weight (w, 1, kh, kw): w * kh * kw
+            -- (PyTorch's, not divided by groups), so new rows start at the scale of the model's own
+            blk = fresh_block(ctx, {#inmap.fresh, 1, kh, kw}, {fan_out = w * kh * kw, fan_in = kh * kw, device = dev, unit = u,
                                     full_shape = {#inmap.fresh, 1, kh, kw}}, inmap.fresh)
          end
          put(nc.weight, m.weight, m1, nil, 0, blk)
@@ -537,8 +539,17 @@ end
 
 -- Rescales every rescalable unit of graph g (built on the current model): s = max(|γ|, γ0)/|γ|,
 -- γ, β ← s·γ, s·β; every consumer's weights for those channels ← w / s. Exact in eval mode
--- through ReLU / pools (positively homogeneous). Returns the number of channels rescaled.
-function M.rescale(g, gamma0)
+-- through ReLU / pools (positively homogeneous). With the optimizer opt, the momentum of every
+-- rescaled value is scaled alike, so its update keeps its size relative to the value (an
+-- unscaled buffer would step w / s by the old w's velocity: s times too far). Returns the number
+-- of channels rescaled.
+function M.rescale(g, gamma0, opt)
+   -- f(t) on a parameter and on its momentum buffer, when opt holds one
+   local function both(p, f)
+      f(p)
+      local m = state_of(opt, p)
+      if m then f(m) end
+   end
    local n = 0
    for _, u in ipairs(g.units) do
       if u.rescalable and u.bn and u.bn.weight and #u.consumers > 0 then
@@ -554,20 +565,28 @@ function M.rescale(g, gamma0)
             for i = 1, #s do invt[i] = 1 / s[i] end
             local st = T.tensor(s):to(dev)
             local inv = T.tensor(invt):to(dev)
-            u.bn.weight:mul_(st)
-            u.bn.bias:mul_(st)
+            local function by_s(t) t:mul_(st) end
+            both(u.bn.weight, by_s)
+            both(u.bn.bias, by_s)
             for _, c in ipairs(u.consumers) do
                local cm = c.module
                if cm.conv then
                   local conv = cm.conv
                   if cm.kind == 'dw' then
-                     conv.weight:narrow(1, c.offset + 1, #s):mul_(inv:reshape(#s, 1, 1, 1))
+                     both(conv.weight, function(t) t:narrow(1, c.offset + 1, #s):mul_(inv:reshape(#s, 1, 1, 1)) end)
                   elseif cm.split then
-                     local W = conv:dense()
-                     W:narrow(2, c.offset + 1, #s):mul_(inv:reshape(1, #s, 1, 1))
-                     conv:scatter(W, function(b, slice) b.conv.weight:copy(slice) end)
+                     -- the blocks as one dense weight (and one dense momentum, where blocks have it)
+                     for _, get in ipairs({function(b) return b.conv.weight end,
+                                           function(b) return state_of(opt, b.conv.weight) end}) do
+                        local W = conv:dense(get)
+                        W:narrow(2, c.offset + 1, #s):mul_(inv:reshape(1, #s, 1, 1))
+                        conv:scatter(W, function(b, slice)
+                           local t = get(b)
+                           if t then t:copy(slice) end
+                        end)
+                     end
                   else
-                     conv.weight:narrow(2, c.offset + 1, #s):mul_(inv:reshape(1, #s, 1, 1))
+                     both(conv.weight, function(t) t:narrow(2, c.offset + 1, #s):mul_(inv:reshape(1, #s, 1, 1)) end)
                   end
                else
                   local lin = cm.module
@@ -576,7 +595,7 @@ function M.rescale(g, gamma0)
                   for i = 1, #s do for _ = 1, sf do v[#v + 1] = 1 / s[i] end end
                   local vt = T.tensor(v):reshape(1, #v)
                   if dev ~= 'cpu' then vt = vt:to(dev) end
-                  lin.weight:narrow(2, c.offset * sf + 1, #v):mul_(vt)
+                  both(lin.weight, function(t) t:narrow(2, c.offset * sf + 1, #v):mul_(vt) end)
                end
             end
          end
