@@ -139,6 +139,25 @@ describe('nr.rejuvenate policies', function()
       assert.is_true(m2:findModules('BatchNorm2d')[1].gradWeight:abs():max() == 1)
    end)
 
+   it('a check every N steps runs after the optimizer step (Algorithm 1: update, then check)', function()
+      nr.manual_seed(4)
+      local m = small_net()
+      kill_half(m)
+      local tr = fake_trainer(m)
+      local checks = 0
+      local ctl = R.attach(tr, {target = 0.9, input_shape = {3, 8, 8}, lambda = {dt = 2}, policy = {
+         when = function(ctx) checks = checks + 1; return true end}})
+      tr:call('train_begin')
+      for step = 1, 2 do
+         tr.step = step
+         tr:call('after_backward')
+         assert.are.equal(0, checks)               -- never between backward and the update
+         tr:call('after_step')
+      end
+      assert.are.equal(1, checks)
+      assert.are.equal(1, ctl.rejuvenations)
+   end)
+
    it('saves and restores its state (architecture before weights)', function()
       nr.manual_seed(3)
       local m = small_net()

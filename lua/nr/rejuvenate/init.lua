@@ -341,6 +341,10 @@ function M.attach(tr, cfg)
    end)
    tr:add_hook('after_backward', function()
       if ctl.lambda ~= 0 and active() then M.l1(tr.model, ctl.lambda, shape()) end
+   end)
+   -- a check every Δt steps runs after the optimizer step, as in Algorithm 1 (update, then check):
+   -- before it, a rejuvenation would discard that step's gradients (surgery zeroes them)
+   tr:add_hook('after_step', function()
       if c.lambda.dt ~= 'epoch' and tr.step and tr.step % c.lambda.dt == 0 then check_point() end
    end)
    tr:add_hook('epoch_end', function()
