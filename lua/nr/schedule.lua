@@ -106,6 +106,9 @@ end
 
 function Schedule:lr() return self:at(self:position()) end
 
+-- True while the position is inside the warm-up (nr.train lets a held schedule run through it).
+function Schedule:in_warmup() return self.warmup > 0 and self:position() < self.warmup end
+
 -- One iteration done (the trainer calls this only while the schedule is not held).
 function Schedule:step()
    self.iter = self.iter + 1

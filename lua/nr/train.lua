@@ -13,7 +13,7 @@
 --   * tr.epoch is 1-based and current; tr.step is global, counted from 1, and names the step
 --     being run (after_backward, after_step) or the last one run (epoch_end).
 --   * the schedule's position advances only while tr.schedule_hold is false (per iteration and
---     per epoch), before the epoch_end hooks run. An epoch that ends held is counted in
+--     per epoch), before the epoch_end hooks run, except inside its warm-up, which always runs. An epoch that ends held is counted in
 --     tr.held_epochs (at the same point); with tr.extend_held the run trains rc.epochs schedule
 --     epochs plus the held ones, at most rc.max_epochs in all (tr:planned_epochs()).
 --   * a checkpoint is written after epoch_end hooks (so NR's state is the post-hook state); a
@@ -884,7 +884,7 @@ function Trainer:train_epoch(epoch)
       self:call('after_backward', step_info(loss_t, bn))
       opt:step()
       self:call('after_step', step_info(loss_t, bn))
-      if sched and not self.schedule_hold then sched:step() end
+      if sched and (not self.schedule_hold or sched:in_warmup()) then sched:step() end
       n = n + bn
       local log_now = i % log_every == 0 or i == total
       local show = self.progress:due(i)
@@ -950,8 +950,10 @@ function Trainer:run()
       local train = self:train_epoch(epoch)
       self.train_images = self.train_images + train.images
       self.train_time = self.train_time + train.time
-      -- held at its end = not a schedule epoch; counted before the hooks (NR releases the hold there)
-      local held = self.schedule_hold and true or false
+      -- held at its end = not a schedule epoch; counted before the hooks (NR releases the hold there).
+      -- A warm-up runs even while held (held at its start the LR would stay at warmup_start, 0 by
+      -- default): an epoch that ends still inside it was a schedule epoch.
+      local held = self.schedule_hold and not (self.schedule and self.schedule:in_warmup())
       if held then self.held_epochs = self.held_epochs + 1 end
       local planned = self:planned_epochs()
       local last = epoch >= planned

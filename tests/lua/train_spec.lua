@@ -249,6 +249,26 @@ describe('nr.train', function()
       assert.equal(3, st.schedule.epoch)
    end)
 
+   it('a warm-up runs while held (then the LR holds at its end); an epoch ending inside it is not held', function()
+      local lrs = {}
+      local r = held_recipe(TMP .. '/w', {schedule = {name = 'cosine', warmup = 0.5},
+                                          hooks = {epoch_begin = hold_first(2), after_step = lr_log(lrs)}})
+      local tr = train.new(r)
+      tr.extend_held = true
+      local summary = tr:run()
+      -- steps 1-4: the warm-up from 0 (warmup_start) up; then the post-warm-up LR (base) while held
+      assert.equal(0, lrs[1])
+      for i = 2, 4 do assert.is_true(lrs[i] > lrs[i - 1] and lrs[i] < 0.05) end
+      for i = 5, 16 do assert.equal(0.05, lrs[i]) end
+      assert.equal(2, summary.held_epochs); assert.equal(5, summary.epochs); assert.equal(3, tr.schedule.epoch)
+      -- a warm-up longer than the first held epoch: that epoch is a schedule epoch
+      local r2 = held_recipe(TMP .. '/w2', {schedule = {name = 'cosine', warmup = 1.5}, hooks = {epoch_begin = hold_first(2)}})
+      local tr2 = train.new(r2)
+      tr2.extend_held = true
+      local s2 = tr2:run()
+      assert.equal(1, s2.held_epochs); assert.equal(4, s2.epochs); assert.equal(3, tr2.schedule.epoch)
+   end)
+
    it('without extend_held a held schedule does not lengthen the run; without a hold extend_held changes nothing', function()
       local summary = nr.train(held_recipe(TMP .. '/y', {hooks = {epoch_begin = hold_first(2)}}))
       assert.equal(3, summary.epochs); assert.equal(24, summary.steps); assert.equal(2, summary.held_epochs)
