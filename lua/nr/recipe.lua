@@ -34,8 +34,15 @@ M.TYPES = {
    ['schedule.name'] = 'string', ['schedule.warmup'] = 'number', ['schedule.milestones'] = 'list',
    ['schedule.gamma'] = 'number', ['schedule.step_size'] = 'number', ['schedule.min_lr'] = 'number',
    ['schedule.warmup_start'] = 'number', ['schedule.epochs'] = 'number', ['schedule.granularity'] = 'string',
-   ['loss.label_smoothing'] = 'number', nr = 'switch', max_epochs = 'integer', ['nr.extend_epochs'] = 'boolean',
-   memory_format = 'string',
+   ['loss.label_smoothing'] = 'number', max_epochs = 'integer', memory_format = 'string',
+   -- Neural Rejuvenation (nr.rejuvenate.attach's options; docs/NR.md)
+   nr = 'switch', ['nr.enabled'] = 'boolean', ['nr.target'] = 'number', ['nr.budget'] = 'number',
+   ['nr.constraint'] = 'string', ['nr.scheme'] = 'string', ['nr.rescale'] = 'boolean', ['nr.times'] = 'integer',
+   ['nr.threshold'] = 'number', ['nr.abs_min'] = 'number', ['nr.gamma0'] = 'number', ['nr.active_epochs'] = 'integer',
+   ['nr.hold_schedule'] = 'boolean', ['nr.extend_epochs'] = 'boolean', ['nr.optim_state'] = 'string',
+   ['nr.linear_init'] = 'string', ['nr.lambda.mode'] = 'string', ['nr.lambda.init'] = 'number',
+   ['nr.lambda.value'] = 'number', ['nr.lambda.dt'] = 'epoch_or_steps', ['nr.lambda.dr'] = 'number',
+   ['nr.lambda.dl'] = 'number',
 }
 
 local BOOL = {['true'] = true, ['false'] = false, on = true, off = false, yes = true, no = false, ['1'] = true, ['0'] = false}
@@ -71,7 +78,7 @@ local function field_type(recipe, path)
    if v ~= nil then
       local t = type_of_value(v)
       if known == 'integer' and t == 'number' then return 'integer' end
-      if known == 'switch' or known == 'augment' then return known end
+      if known == 'switch' or known == 'augment' or known == 'epoch_or_steps' then return known end
       if (t == 'table' or t == 'list') and known == 'list' then return 'list' end
       return t
    end
@@ -111,6 +118,11 @@ local function parse_value(flag, ty, s, current)
          return t
       end
       return b and {enabled = true} or false
+   elseif ty == 'epoch_or_steps' then
+      if s == 'epoch' then return s end
+      local n = tonumber(s)
+      if not n or n ~= math.floor(n) or n < 1 then bad('"epoch" or a number of steps >= 1') end
+      return n
    elseif ty == 'augment' then
       local b = BOOL[s:lower()]
       if b == false or s == 'none' then return false end

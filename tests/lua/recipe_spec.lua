@@ -54,6 +54,21 @@ describe('nr.recipe', function()
       assert.is_false(R.apply({epochs = 1}, {'--nr', 'off'}).nr)
    end)
 
+   it('types every NR option, also those the recipe leaves out (Δt: "epoch" or a number of steps)', function()
+      local epochwise = {epochs = 1, nr = {enabled = true, lambda = {mode = 'adaptive', dt = 'epoch'}}}
+      local r = R.apply(epochwise, {'--nr.lambda.dt', '200', '--nr.lambda.mode', 'constant', '--nr.lambda.value', '3e-4',
+                                    '--nr.active_epochs', '3', '--nr.threshold', '0.02', '--nr.rescale', 'on',
+                                    '--nr.scheme', 'CR', '--nr.times', '2'})
+      assert.equal(200, r.nr.lambda.dt); assert.equal('constant', r.nr.lambda.mode); assert.equal(3e-4, r.nr.lambda.value)
+      assert.equal(3, r.nr.active_epochs); assert.equal(0.02, r.nr.threshold); assert.is_true(r.nr.rescale)
+      assert.equal('CR', r.nr.scheme); assert.equal(2, r.nr.times)
+      assert.equal('epoch', R.apply(r, {'--nr.lambda.dt', 'epoch'}).nr.lambda.dt)
+      local ok, e = pcall(R.apply, epochwise, {'--nr.lambda.dt', '0'})
+      assert.is_false(ok); assert.truthy(tostring(e):find('--nr.lambda.dt: expected "epoch" or a number of steps >= 1', 1, true))
+      ok, e = pcall(R.apply, epochwise, {'--nr.times', '1.5'})
+      assert.is_false(ok); assert.truthy(tostring(e):find('--nr.times: expected an integer', 1, true))
+   end)
+
    it('names the flag in every error', function()
       assert.truthy(err_of({'--epochz', '3'}):find('--epochz: unknown flag', 1, true))
       assert.truthy(err_of({'--optim.lrr', '3'}):find('--optim.lrr', 1, true))
