@@ -68,6 +68,41 @@ describe('nr.rejuvenate policies', function()
       end)
       assert.has_error(function() nr.rejuvenate(m, {input_shape = {3, 8, 8}, policy = {bogus = function() end}}) end)
       assert.has_error(function() nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = 'XY'}) end)
+      local function err(f)
+         local ok, e = pcall(f)
+         assert.is_false(ok)
+         return tostring(e)
+      end
+      local function rej(o)
+         o.input_shape = {3, 8, 8}
+         local k = small_net()
+         kill_half(k)
+         return err(function() nr.rejuvenate(k, o) end)
+      end
+      assert.truthy(rej({budget = -1}):find('budget must be a number >= 0', 1, true))
+      assert.truthy(rej({budget = 0 / 0}):find('budget must be a number >= 0', 1, true))
+      assert.truthy(rej({constraint = 'flop'}):find('constraint must be "params" or "flops", got flop', 1, true))
+      assert.truthy(rej({policy = {init = function(_, s) return nr.full(s, 0 / 0) end}}):find('policy.init returned non-finite', 1, true))
+      assert.truthy(rej({policy = {reallocate = function(layers)
+         local w = {}
+         for _, l in ipairs(layers) do w[l.id] = math.huge end
+         return w
+      end}}):find('must be an integer in [1, 2^20]', 1, true))
+      -- attach checks the whole configuration at once, before any training
+      local function att(cfg)
+         cfg.input_shape = {3, 8, 8}
+         return err(function() R.attach(fake_trainer(small_net()), cfg) end)
+      end
+      assert.truthy(att({scheme = 'XA'}):find('nr.rejuvenate.attach: scheme must be', 1, true))
+      assert.truthy(att({constraint = 'flop'}):find('constraint must be', 1, true))
+      assert.truthy(att({target = 2}):find('target (T_r) must be in (0, 1]', 1, true))
+      assert.truthy(att({times = 0}):find('times must be an integer >= 1', 1, true))
+      assert.truthy(att({lambda = {dl = -1}}):find('lambda.dl must be a number >= 0', 1, true))
+      -- a policy's λ is checked where it is used
+      local tr = fake_trainer(small_net())
+      R.attach(tr, {input_shape = {3, 8, 8}, target = 0.01, policy = {lambda = function() return 0 / 0 end}})
+      tr:call('train_begin')
+      assert.truthy(err(function() tr:call('epoch_end') end):find('policy.lambda: must return a finite number >= 0', 1, true))
    end)
 
    it('a custom init fills the new weights; rescale follows opts / policy', function()

@@ -33,6 +33,23 @@ local function input_shape_of(model, given, fname)
 end
 
 local MON_KEYS = {threshold = true, abs_min = true, count = true}
+-- The options nr.rejuvenate and attach share, checked where they are given (a typo in a recipe's
+-- nr table fails at the start of a run, not hours later at the first rejuvenation).
+local function finite(v) return type(v) == 'number' and v == v and v > -math.huge and v < math.huge end
+local function check_common(o, FN)
+   local function is(v, set) return v == nil or set[v] == true end
+   check.arg(is(o.constraint, {params = true, flops = true}), FN, 'constraint must be "params" or "flops", got %s', tostring(o.constraint))
+   check.arg(is(o.scheme, {NR = true, CR = true, CA = true}), FN, 'scheme must be "NR", "CR" or "CA", got %s', tostring(o.scheme))
+   check.arg(is(o.optim_state, {remap = true, drop = true}), FN, 'optim_state must be "remap" or "drop", got %s', tostring(o.optim_state))
+   check.arg(is(o.linear_init, {zero = true, normal = true}), FN, 'linear_init must be "zero" or "normal", got %s', tostring(o.linear_init))
+   check.arg(o.budget == nil or (finite(o.budget) and o.budget >= 0), FN, 'budget must be a number >= 0 (a fraction of the cost C), got %s', tostring(o.budget))
+   check.arg(o.gamma0 == nil or (finite(o.gamma0) and o.gamma0 > 0), FN, 'gamma0 must be a number > 0, got %s', tostring(o.gamma0))
+   check.arg(o.threshold == nil or (finite(o.threshold) and o.threshold >= 0 and o.threshold < 1), FN,
+      'threshold must be a fraction in [0, 1) of the layer\'s max |γ|, got %s', tostring(o.threshold))
+   check.arg(o.abs_min == nil or (finite(o.abs_min) and o.abs_min >= 0), FN, 'abs_min must be a number >= 0, got %s', tostring(o.abs_min))
+   check.arg(o.rescale == nil or type(o.rescale) == 'boolean', FN, 'rescale must be true or false, got %s', tostring(o.rescale))
+end
+
 local function mon_opts(opts)
    return {threshold = opts.threshold or 0.01, abs_min = opts.abs_min or 1e-3, count = opts.count}
 end
@@ -78,6 +95,9 @@ end
 
 -- ---- rejuvenate ------------------------------------------------------------------------------------
 
+-- widths beyond any real layer (a policy bug, e.g. math.huge) are refused before surgery allocates
+local MAX_WIDTH = 2 ^ 20
+
 local REJ_KEYS = {input_shape = true, threshold = true, abs_min = true, count = true,
                   constraint = true, constraint_value = true, budget = true, scheme = true, rescale = true,
                   gamma0 = true, optimizer = true, optim_state = true, policy = true, linear_init = true}
@@ -111,10 +131,9 @@ function M.rejuvenate(model, opts)
    check.arg(type(model) == 'table' and model.listModules, FN, 'model must be an nr.nn module')
    opts = check.options(opts, REJ_KEYS, FN)
    local input_shape = input_shape_of(model, opts.input_shape, FN)
+   check_common(opts, FN)
    local constraint = opts.constraint or 'params'
-   check.arg(constraint == 'params' or constraint == 'flops', FN, 'constraint must be "params" or "flops", got %s', tostring(constraint))
    local scheme = opts.scheme or 'NR'
-   check.arg(scheme == 'NR' or scheme == 'CR' or scheme == 'CA', FN, 'scheme must be "NR", "CR" or "CA", got %s', tostring(scheme))
    local info = rawget(model, 'nr_info') or {}
    local gamma0 = opts.gamma0 or info.gamma0 or 1
    local pol = merged_policy(opts.policy)
@@ -175,8 +194,8 @@ function M.rejuvenate(model, opts)
    rinfo = rinfo or {}
    check.arg(type(widths) == 'table', FN, 'reallocate must return a table of widths by layer id')
    for id, w in pairs(widths) do
-      check.arg(type(w) == 'number' and w >= 1 and w == math.floor(w), FN,
-         'reallocate: width of layer %s must be an integer >= 1, got %s', tostring(id), tostring(w))
+      check.arg(type(w) == 'number' and w >= 1 and w == math.floor(w) and w <= MAX_WIDTH, FN,
+         'reallocate: width of layer %s must be an integer in [1, 2^20], got %s', tostring(id), tostring(w))
    end
    local planned = cost(widths)
 
@@ -243,7 +262,17 @@ function M.attach(tr, cfg)
    c.constraint = c.constraint or 'params'
    c.lambda = {mode = lam.mode or 'adaptive', init = lam.init or 0, dt = lam.dt or 'epoch', dr = lam.dr or 0.01,
                dl = lam.dl or 5e-5, value = lam.value}
+   check_common(c, FN)
+   check.arg(finite(c.target) and c.target > 0 and c.target <= 1, FN, 'target (T_r) must be in (0, 1], got %s', tostring(c.target))
+   check.arg(type(c.times) == 'number' and c.times >= 1 and c.times == math.floor(c.times), FN,
+      'times must be an integer >= 1, got %s', tostring(c.times))
+   check.arg(c.active_epochs == nil or (type(c.active_epochs) == 'number' and c.active_epochs >= 1), FN,
+      'active_epochs must be a number of epochs >= 1, got %s', tostring(c.active_epochs))
    check.arg(c.lambda.mode == 'adaptive' or c.lambda.mode == 'constant', FN, 'lambda.mode must be "adaptive" or "constant"')
+   for _, k in ipairs({'init', 'dr', 'dl', 'value'}) do
+      local v = c.lambda[k]
+      check.arg(v == nil or (finite(v) and v >= 0), FN, 'lambda.%s must be a number >= 0, got %s', k, tostring(v))
+   end
    check.arg(c.lambda.dt == 'epoch' or (type(c.lambda.dt) == 'number' and c.lambda.dt >= 1), FN,
       'lambda.dt must be "epoch" or a number of steps >= 1')
    check.arg(c.extend_epochs == nil or type(c.extend_epochs) == 'boolean', FN, 'extend_epochs must be true or false, got %s',
@@ -325,7 +354,9 @@ function M.attach(tr, cfg)
          ctl.lambda_hist = {}
          ctl.r_hist = {}
       else
-         ctl.lambda = pol.lambda(ctx)
+         local l = pol.lambda(ctx)
+         check.arg(finite(l) and l >= 0, 'nr.rejuvenate policy.lambda', 'must return a finite number >= 0, got %s', tostring(l))
+         ctl.lambda = l
          ctl.r_prev = r
       end
       set_hold()
