@@ -21,7 +21,7 @@ M.ALIASES = {
 
 -- Fields whose default is nil (so a table walk cannot see them) and integer fields.
 M.TYPES = {
-   name = 'string', out = 'string', resume = 'string', device = 'string',
+   name = 'string', out = 'string', resume = 'string', device = 'string', overwrite = 'boolean',
    epochs = 'integer', seed = 'integer', threads = 'integer', log_every = 'integer', eval_every = 'integer',
    checkpoint_every = 'integer', keep = 'integer',
    ['data.dataset'] = 'string', ['data.root'] = 'string', ['data.batch'] = 'integer',
@@ -219,6 +219,7 @@ function M.help(recipe, path)
    for _, k in ipairs(names) do lines[#lines + 1] = string.format('  --%-12s = --%s', k, M.ALIASES[k]) end
    lines[#lines + 1] = '  --nr off|on      switch Neural Rejuvenation (nr.enabled)'
    lines[#lines + 1] = '  --resume DIR     continue a run from its last complete checkpoint'
+   lines[#lines + 1] = '  --overwrite      start afresh in an out folder that holds a run (its checkpoints and metrics go)'
    return table.concat(lines, '\n')
 end
 
@@ -233,14 +234,13 @@ function M.apply(recipe, args)
       local a = args[i]
       if a == '--help' or a == '-h' then return nil, 'help' end
       local name, value = a:match('^%-%-([%w_%.%-]+)=(.*)$')
+      local bare = false
       if not name then
          name = a:match('^%-%-([%w_%.%-]+)$')
          if not name then
             error(string.format('unexpected argument %q (overrides look like --field value; see --help)', a), 0)
          end
-         value = args[i + 1]
-         if value == nil then error(string.format('--%s: missing value', name), 0) end
-         i = i + 1
+         bare = true
       end
       i = i + 1
       local flag = '--' .. name
@@ -248,6 +248,17 @@ function M.apply(recipe, args)
       local ty, why = field_type(r, path)
       if not ty then
          error(string.format('%s: unknown flag (%s is %s; see --help)', flag, path, why or 'not a field of this recipe'), 0)
+      end
+      if bare then
+         -- a boolean flag alone means true (--overwrite); otherwise the next argument is the value
+         local nxt = args[i]
+         if ty == 'boolean' and (nxt == nil or nxt:match('^%-%-')) then
+            value = 'true'
+         else
+            if nxt == nil then error(string.format('%s: missing value', flag), 0) end
+            value = nxt
+            i = i + 1
+         end
       end
       if ty == 'table' or ty == 'module' then
          error(string.format('%s: %s is a table; set its fields (e.g. --%s.FIELD value)', flag, path, path), 0)

@@ -68,6 +68,7 @@ M.DEFAULTS = {
    threads = 0,            -- CPU kernel threads; 0 = all cores (NR_THREADS also sets it)
    out = nil,              -- run folder; default runs/<name>-<date>
    resume = nil,           -- a run folder (or checkpoint folder) to continue from
+   overwrite = false,      -- start afresh in an out folder that already holds a run (else an error)
    log_every = 50,         -- steps between metrics records and plain progress lines
    eval_every = 1,         -- epochs between evaluations (the last epoch is always evaluated)
    checkpoint_every = 1,   -- epochs between checkpoints (the last epoch always); 0: none
@@ -176,6 +177,25 @@ end
 M.pick_device = pick_device
 
 local function date_tag() return os.date('!%Y%m%d-%H%M%S') end
+
+-- What a run writes into its folder (the rest of the folder is the user's).
+local RUN_FILES = {'checkpoint', 'metrics.jsonl', 'recipe.json', 'report.html'}
+
+-- A fresh run (no resume) into a folder that holds another run would mix the two: metrics
+-- appended to the old ones, checkpoints interleaved, a later --resume trimming the old run's
+-- records. Refused unless overwrite, which removes the old run's files first.
+local function claim_run_folder(dir, overwrite)
+   local found = {}
+   for _, f in ipairs(RUN_FILES) do
+      if ck.exists(dir .. '/' .. f) or ck.is_dir(dir .. '/' .. f) then found[#found + 1] = f end
+   end
+   if #found == 0 then return end
+   if not overwrite then
+      error(string.format('nr.train: %s already holds a run (%s): --resume %s continues it, --out DIR starts a new '
+         .. 'one elsewhere, --overwrite replaces it', dir, table.concat(found, ', '), dir), 0)
+   end
+   for _, f in ipairs(found) do ck.remove_tree(dir .. '/' .. f) end
+end
 
 local function rng_state()
    local s = ffi.new('uint64_t[4]')
@@ -594,6 +614,7 @@ function M.new(recipe)
    local resume_run = rc.resume and rc.resume:gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', '')
    tr.out = rc.out or resume_run or ('runs/' .. name .. '-' .. date_tag())
    rc.out = tr.out
+   if not rc.resume then claim_run_folder(tr.out, rc.overwrite) end
    ck.mkdirs(tr.out)
    tr.progress = progress.new({stream = rc.progress and rc.progress.stream or io.stdout,
                                tty = rc.progress and rc.progress.tty, every = rc.progress and rc.progress.every or rc.log_every})

@@ -69,6 +69,13 @@ describe('nr.recipe', function()
       assert.is_false(ok); assert.truthy(tostring(e):find('--nr.times: expected an integer', 1, true))
    end)
 
+   it('a boolean flag alone means true (--overwrite, --optim.nesterov)', function()
+      local r = R.apply(BASE, {'--overwrite', '--optim.nesterov', '--epochs', '3'})
+      assert.is_true(r.overwrite); assert.is_true(r.optim.nesterov); assert.equal(3, r.epochs)
+      assert.is_true(R.apply(BASE, {'--epochs', '3', '--overwrite'}).overwrite)
+      assert.is_false(R.apply(BASE, {'--overwrite', 'false'}).overwrite)
+   end)
+
    it('names the flag in every error', function()
       assert.truthy(err_of({'--epochz', '3'}):find('--epochz: unknown flag', 1, true))
       assert.truthy(err_of({'--optim.lrr', '3'}):find('--optim.lrr', 1, true))

@@ -249,6 +249,24 @@ describe('nr.train', function()
       assert.equal(3, st.schedule.epoch)
    end)
 
+   it('refuses a fresh run into a folder holding a run; overwrite replaces it; the user\'s own files stay', function()
+      local dir = TMP .. '/again'
+      local r = held_recipe(dir, {epochs = 1})
+      nr.train(r)
+      ck.write_atomic(dir .. '/notes.txt', 'mine')
+      local ok, e = pcall(nr.train, held_recipe(dir, {epochs = 1}))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find(dir .. ' already holds a run (checkpoint, metrics.jsonl, recipe.json): --resume '
+         .. dir .. ' continues it', 1, true))
+      local s = nr.train(held_recipe(dir, {epochs = 1, overwrite = true}))
+      assert.equal(1, s.epochs)
+      assert.equal(1, #epoch_records(dir))                       -- the old run's records went
+      assert.equal('mine', ck.read_file(dir .. '/notes.txt'))
+      local steps = 0
+      for _, name in ipairs(ck.list(dir .. '/checkpoint')) do if name:match('^step%-') then steps = steps + 1 end end
+      assert.equal(1, steps)
+   end)
+
    it('a warm-up runs while held (then the LR holds at its end); an epoch ending inside it is not held', function()
       local lrs = {}
       local r = held_recipe(TMP .. '/w', {schedule = {name = 'cosine', warmup = 0.5},
