@@ -179,7 +179,7 @@ M.pick_device = pick_device
 local function date_tag() return os.date('!%Y%m%d-%H%M%S') end
 
 -- What a run writes into its folder (the rest of the folder is the user's).
-local RUN_FILES = {'checkpoint', 'metrics.jsonl', 'recipe.json', 'report.html'}
+local RUN_FILES = {'checkpoint', 'metrics.jsonl', 'recipe.json', 'report.html', 'ranks'}
 
 -- A fresh run (no resume) into a folder that holds another run would mix the two: metrics
 -- appended to the old ones, checkpoints interleaved, a later --resume trimming the old run's
@@ -614,7 +614,8 @@ function M.new(recipe)
    local resume_run = rc.resume and rc.resume:gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', '')
    tr.out = rc.out or resume_run or ('runs/' .. name .. '-' .. date_tag())
    rc.out = tr.out
-   if not rc.resume then claim_run_folder(tr.out, rc.overwrite) end
+   -- the run folder is rank 0's (nr.dist): the only one to check it, before any rank writes
+   if not rc.resume and tr.is_main ~= false then claim_run_folder(tr.out, rc.overwrite) end
    ck.mkdirs(tr.out)
    tr.progress = progress.new({stream = rc.progress and rc.progress.stream or io.stdout,
                                tty = rc.progress and rc.progress.tty, every = rc.progress and rc.progress.every or rc.log_every})
