@@ -105,6 +105,12 @@ describe('errors on bad input and bad options', function()
       assert.truthy(e:find('child 2 is not a module', 1, true), e)
       e = err_of(nn.Concat, 'x')
       assert.truthy(e:find('expects a list of modules', 1, true), e)
+      -- a nil child (an unassigned variable) is an error, not a silently shorter container
+      local unset
+      e = err_of(nn.Sequential, {a, unset, b})
+      assert.truthy(e:find('child 2 is nil (an unassigned variable?); 3 children were given', 1, true), e)
+      e = err_of(nn.Sequential, a, unset, b)
+      assert.truthy(e:find('child 2 is nil', 1, true), e)
    end)
 
    it('names the module path and the shapes on wrong channels', function()

@@ -18,7 +18,12 @@ local function adopt(parent, modules)
    check.arg(modules == nil or type(modules) == 'table' and not modules.forward, parent.__typename,
       'expects a list of modules, e.g. %s{a, b, c}; got %s', parent.__typename,
       type(modules) == 'table' and 'a module (wrap the modules in { })' or type(modules))
-   for i, m in ipairs(modules or {}) do
+   -- a nil in the list (an unassigned variable) would end ipairs early and drop what follows
+   local n = modules and (modules.n or 0) or 0
+   for k in pairs(modules or {}) do if type(k) == 'number' and k > n then n = k end end
+   for i = 1, n do
+      local m = modules[i]
+      check.arg(m ~= nil, parent.__typename, 'child %d is nil (an unassigned variable?); %d children were given', i, n)
       check.arg(type(m) == 'table' and m.forward, parent.__typename, 'child %d is not a module', i)
       m._parent = parent
       m._key = i - 1
@@ -50,7 +55,7 @@ Sequential.__call = Module.__call
 -- nn.Sequential{a, b, c}, or nn.Sequential(a, b, c) as in PyTorch.
 function Sequential:__init(modules, ...)
    Module.__init(self)
-   if type(modules) == 'table' and modules.forward then modules = {modules, ...} end
+   if type(modules) == 'table' and modules.forward then modules = {n = select('#', ...) + 1, modules, ...} end
    adopt(self, modules)
 end
 
@@ -219,7 +224,7 @@ Concat.__call = Module.__call
 -- nn.Concat{a, b}, or nn.Concat(a, b).
 function Concat:__init(modules, ...)
    Module.__init(self)
-   if type(modules) == 'table' and modules.forward then modules = {modules, ...} end
+   if type(modules) == 'table' and modules.forward then modules = {n = select('#', ...) + 1, modules, ...} end
    adopt(self, modules)
 end
 
