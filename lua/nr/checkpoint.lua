@@ -253,8 +253,16 @@ local function validate(dir)
    if not text then return nil, 'no state.json (incomplete checkpoint)' end
    local ok, st = pcall(M.json_decode, text)
    if not ok or type(st) ~= 'table' then return nil, 'state.json is not valid JSON' end
+   -- what save writes into every state.json: its own record and the files' byte counts
+   if type(st.checkpoint) ~= 'table' or type(st.checkpoint.step) ~= 'number' or type(st.files) ~= 'table'
+      or st.files['model.safetensors'] == nil then
+      return nil, 'state.json is not a checkpoint record (no checkpoint.step or files)'
+   end
    for _, f in ipairs({'model.safetensors', 'state.safetensors'}) do
-      local want = st.files and st.files[f]
+      local want = type(st.files) == 'table' and st.files[f] or nil
+      if want ~= nil and (type(want) ~= 'table' or type(want.bytes) ~= 'number') then
+         return nil, string.format('state.json: files["%s"] has no byte count', f)
+      end
       if want then
          local got = file_size(dir .. '/' .. f)
          if got ~= want.bytes then

@@ -53,8 +53,13 @@ function M.build(cfg, ctx)
    check.arg(s.iters_per_epoch >= 1, 'nr.schedule', 'iters_per_epoch must be >= 1')
    if name == 'step' or name == 'multistep' then
       if s.milestones == nil and s.step_size == nil then
-         -- torch-style default for CIFAR recipes: ×0.1 at 50% and 75%
-         s.milestones = {math.floor(s.epochs * 0.5), math.floor(s.epochs * 0.75)}
+         -- torch-style default for CIFAR recipes: ×0.1 at 50% and 75% (none before the first
+         -- epoch ends: a 1-epoch run keeps its LR instead of starting at base × gamma²)
+         s.milestones = {}
+         for _, f in ipairs({0.5, 0.75}) do
+            local m = math.floor(s.epochs * f)
+            if m >= 1 then s.milestones[#s.milestones + 1] = m end
+         end
       end
       if s.milestones then
          check.arg(type(s.milestones) == 'table', 'nr.schedule', 'milestones must be a list of epochs')

@@ -66,7 +66,7 @@ M.DEFAULTS = {
                            -- (NHWC); nil: channels_last under bf16, else contiguous
    seed = 1,
    threads = 0,            -- CPU kernel threads; 0 = all cores (NR_THREADS also sets it)
-   out = nil,              -- run folder; default runs/<name>-<date>
+   out = nil,              -- run folder; default runs/<name>-<date> ($VARS and ~ expand)
    resume = nil,           -- a run folder (or checkpoint folder) to continue from
    overwrite = false,      -- start afresh in an out folder that already holds a run (else an error)
    log_every = 50,         -- steps between metrics records and plain progress lines
@@ -487,9 +487,17 @@ end
 
 local function build_data(tr, rc)
    local d = rc.data
+   -- no batches per epoch would only fail deep inside (the schedule's iters_per_epoch)
+   local tb = d.train_batches
+   if not (tb == nil or (type(tb) == 'number' and tb >= 1 and tb == math.floor(tb))) then
+      error('nr.train: data.train_batches must be an integer >= 1 (a cap on batches per epoch), got ' .. tostring(tb), 0)
+   end
    if d.train then
       -- ready-made loaders (objects with nbatches() and epoch(e))
       tr.train_loader, tr.val_loader = d.train, d.val
+      if tr.train_loader:nbatches() < 1 then
+         error('nr.train: the training data (recipe.data.train, a ready-made loader) is empty: it gives 0 batches per epoch', 0)
+      end
       return
    end
    check.arg(type(d.dataset) == 'string', 'nr.train', 'recipe.data.dataset is not set (e.g. --dataset fashion-mnist)')
@@ -500,11 +508,12 @@ local function build_data(tr, rc)
          hint and ('\n  To get it: ' .. hint .. '.') or ''), 0)
    end
    local data = require 'nr.data'
-   local function open(split)
-      local ok, ds = pcall(data.dataset, {name = d.dataset, root = root, split = split})
+   -- classes: the training split, whose class ids an image folder's validation split takes
+   local function open(split, classes)
+      local ok, ds = pcall(data.dataset, {name = d.dataset, root = root, split = split, classes = classes})
       if not ok then
          local msg = tostring(ds)
-         local helpful = msg:find('--data', 1, true) or msg:find('apt-get', 1, true)
+         local helpful = msg:find('--data', 1, true) or msg:find('apt-get', 1, true) or msg:find('given classes', 1, true)
          error(string.format('nr.train: cannot open the %s split of %s in %s: %s%s', split, d.dataset, tostring(root),
             msg, (hint and not helpful) and ('\n  To get it: ' .. hint .. '.') or ''), 0)
       end
@@ -514,7 +523,7 @@ local function build_data(tr, rc)
    tr.train_set = open(d.train_split or 'train')
    tr.train_loader = data.loader(tr.train_set, loader_opts(d, true, seed, tr.model, tr.train_set, tr.device))
    if d.val_split then
-      tr.val_set = open(d.val_split)
+      tr.val_set = open(d.val_split, d.dataset == 'imagefolder' and tr.train_set or nil)
       tr.val_loader = data.loader(tr.val_set, loader_opts(d, false, seed, tr.model, tr.val_set, tr.device))
    end
 end
@@ -611,8 +620,12 @@ function M.new(recipe)
 
    -- run folder
    local name = rc.name or 'run'
+   rc.resume = expand_path(rc.resume, 'recipe.resume')
+   if rc.resume and not ck.is_dir(rc.resume) then
+      error(string.format('nr.train: resume: no run folder %s (give the folder of the run to continue)', rc.resume), 0)
+   end
    local resume_run = rc.resume and rc.resume:gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', '')
-   tr.out = rc.out or resume_run or ('runs/' .. name .. '-' .. date_tag())
+   tr.out = expand_path(rc.out, 'recipe.out') or resume_run or ('runs/' .. name .. '-' .. date_tag())
    rc.out = tr.out
    -- the run folder is rank 0's (nr.dist): the only one to check it, before any rank writes
    if not rc.resume and tr.is_main ~= false then claim_run_folder(tr.out, rc.overwrite) end
@@ -662,7 +675,7 @@ function Trainer:save_checkpoint(opts)
       schedule_hold = self.schedule_hold,
       rng = rng_state(),
       trainer = {best_top1 = self.best_top1, best_epoch = self.best_epoch, train_images = self.train_images,
-                 held_epochs = self.held_epochs,
+                 held_epochs = self.held_epochs, last_val = self.last_val,
                  train_time = self.train_time, time = progress.now() - self.t_start + (self.time_offset or 0)},
       states = states,
       threads = C.nr_get_num_threads(),
@@ -678,6 +691,9 @@ end
 function Trainer:load_checkpoint(path)
    local r = ck.load(path)
    local s = r.state
+   if type(s.epoch) ~= 'number' or type(s.step) ~= 'number' then
+      error(string.format('nr.train: %s/state.json has no epoch and step: not a checkpoint of nr.train', r.dir), 0)
+   end
    -- architecture first (NR restores widths / split layers), then weights
    for _, name in ipairs(self.state_order) do
       local spec = self.states[name]
@@ -704,6 +720,8 @@ function Trainer:load_checkpoint(path)
    self.epoch, self.step = s.epoch or 0, s.step or 0
    local t = s.trainer or {}
    self.best_top1, self.best_epoch = t.best_top1, t.best_epoch
+   -- the latest evaluation, for the summary of a run resumed after its last epoch
+   self.last_val = type(t.last_val) == 'table' and t.last_val or nil
    self.train_images, self.train_time = t.train_images or 0, t.train_time or 0
    self.time_offset = t.time
    -- held epochs (they extend the run); checkpoints without the field: epochs the schedule missed
@@ -961,7 +979,6 @@ function Trainer:run()
       type(loading) == 'number' and string.format(' (+%d loading)', loading) or '', self.model:nParameters(), plan,
       self.iters_per_epoch, self.out))
    self:call('train_begin', {})
-   local last_val
    -- a while loop: with tr.extend_held every held epoch adds one to the planned total
    while self.epoch < self:planned_epochs() do
       local epoch = self.epoch + 1
@@ -986,7 +1003,7 @@ function Trainer:run()
       if self.schedule and not held then self.schedule:next_epoch() end
       local best = false
       if val then
-         last_val = val
+         self.last_val = {top1 = val.top1, top5 = val.top5, loss = val.loss, epoch = epoch}
          if not self.best_top1 or val.top1 > self.best_top1 then
             self.best_top1, self.best_epoch, best = val.top1, epoch, true
          end
@@ -1023,6 +1040,7 @@ function Trainer:run()
       self:print(string.format('note: stopped at max_epochs = %d with %d held epochs; the schedule ran %d of its %d epochs',
          self:max_epochs(), self.held_epochs, done, rc.epochs))
    end
+   local last_val = self.last_val
    local summary = {
       final_top1 = last_val and last_val.top1, final_top5 = last_val and last_val.top5,
       final_loss = last_val and last_val.loss, best_top1 = self.best_top1, best_epoch = self.best_epoch,

@@ -155,6 +155,17 @@ describe('nr.checkpoint', function()
       local ok, err = pcall(ck.load, TMP .. '/nothing-here')
       assert.is_false(ok)
       assert.truthy(tostring(err):find('no checkpoint', 1, true))
+      -- a state.json that is JSON but not a checkpoint record is not loadable (it was taken as a
+      -- checkpoint at epoch 0)
+      local dir = TMP .. '/garbage'
+      local w = {w = nr.ones({2})}
+      local step_dir = ck.save(dir, {step = 1, weights = w, state = {epoch = 1, step = 1}})
+      for _, text in ipairs({'[1, 2, 3]', '{"step": "x"}', '{"checkpoint": {"step": 1}, "files": {"model.safetensors": 5}}'}) do
+         ck.write_atomic(step_dir .. '/state.json', text)
+         local ok2, e2 = pcall(ck.load, dir)
+         assert.is_false(ok2)
+         assert.truthy(tostring(e2):find('no complete checkpoint', 1, true), tostring(e2))
+      end
    end)
 
    it('loads weights into a model strictly, naming missing and mismatched tensors', function()

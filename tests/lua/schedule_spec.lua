@@ -24,6 +24,9 @@ describe('nr.schedule', function()
       -- default milestones at 50% / 75%
       local d = S.build({name = 'step'}, {base_lr = 1, epochs = 8})
       assert.same({4, 6}, d.milestones)
+      -- none before the first epoch ends: a 1-epoch run keeps its LR (was {0, 0}: base x gamma^2)
+      assert.same({}, S.build({name = 'step'}, {base_lr = 1, epochs = 1}).milestones)
+      assert.same({1, 1}, S.build({name = 'step'}, {base_lr = 1, epochs = 2}).milestones)
    end)
 
    it('cosine: closed form, per iteration, reaches min_lr at the end', function()

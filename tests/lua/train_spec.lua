@@ -267,6 +267,17 @@ describe('nr.train', function()
       assert.equal(1, steps)
    end)
 
+   it('resume: a missing folder is an error; a finished run resumed reports its final evaluation', function()
+      local ok, e = pcall(nr.train, held_recipe(TMP .. '/fin', {epochs = 1, resume = TMP .. '/no-such-run'}))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('resume: no run folder ' .. TMP .. '/no-such-run', 1, true))
+      assert.is_false(ck.is_dir(TMP .. '/no-such-run'))
+      local s1 = nr.train(held_recipe(TMP .. '/fin', {epochs = 1}))
+      local s2 = nr.train(held_recipe(TMP .. '/fin', {epochs = 1, resume = TMP .. '/fin'}))
+      assert.is_number(s1.final_top1)
+      assert.equal(s1.final_top1, s2.final_top1); assert.equal(s1.final_loss, s2.final_loss)
+   end)
+
    it('a warm-up runs while held (then the LR holds at its end); an epoch ending inside it is not held', function()
       local lrs = {}
       local r = held_recipe(TMP .. '/w', {schedule = {name = 'cosine', warmup = 0.5},
