@@ -361,7 +361,8 @@ nr_status nr_images_normalize(const nr_tensor *src, const float *mean, const flo
    if (C > 4) return NR_FAIL(NR_E_ARG, "src: at most 4 channels, got %lld", (long long)C);
    float scale[4], bias[4];
    for (int c = 0; c < C; c++) {
-      if (std && !(std[c] > 0)) return NR_FAIL(NR_E_ARG, "std[%d] must be > 0, got %g", c + 1, std[c]);
+      if (std && !(std[c] > 0 && isfinite(std[c]))) return NR_FAIL(NR_E_ARG, "std[%d] must be > 0 and finite, got %g", c + 1, std[c]);
+      if (mean && !isfinite(mean[c])) return NR_FAIL(NR_E_ARG, "mean[%d] must be finite, got %g", c + 1, mean[c]);
       nr_norm_affine(mean, std, c, &scale[c], &bias[c]);
    }
    NR_ON_CUDA(src, nr_cuda_images_normalize(src, scale, bias, dst));

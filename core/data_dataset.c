@@ -5,7 +5,10 @@
  * freed when the last reference (the opener's or a loader's) is dropped. Image-folder classes are
  * the subfolders in byte order (Python's sorted() on UTF-8 names); within a class, folders are
  * visited sorted by path and files sorted by name (torchvision's sorted(os.walk(...)) order,
- * symlinks followed); an empty class folder is an error at open, as in torchvision.
+ * symlinks followed); an empty class folder is an error at open, as in torchvision. Opened with
+ * a given class list (another split's, as torchvision's shared class_to_idx), class ids are
+ * positions in that list, every class folder must be in it (an error names the one that is
+ * not), and classes of the list without a folder simply have no samples.
  */
 #include "data_internal.h"
 
@@ -214,11 +217,50 @@ static nr_status walk_images(const char *dir, strlist *out)
    return st;
 }
 
+/* Position of name in the list classes (nclasses entries), or -1. */
+static int32_t find_class(const char *const *classes, int32_t nclasses, const char *name)
+{
+   for (int32_t k = 0; k < nclasses; k++)
+      if (!strcmp(classes[k], name)) return k;
+   return -1;
+}
+
+/* "a, b, c" (at most 8 names, then ", ... (N in all)") into buf. */
+static void class_list(const char *const *classes, int32_t nclasses, char *buf, size_t cap)
+{
+   size_t off = 0;
+   buf[0] = 0;
+   for (int32_t k = 0; k < nclasses && k < 8 && off < cap; k++)
+      off += (size_t)snprintf(buf + off, cap - off, "%s%s", k ? ", " : "", classes[k]);
+   if (nclasses > 8 && off < cap) snprintf(buf + off, cap - off, ", ... (%d in all)", nclasses);
+}
+
 nr_dataset *nr_dataset_open_imagefolder(const char *root)
+{
+   return nr_dataset_open_imagefolder_classes(root, NULL, 0);
+}
+
+nr_dataset *nr_dataset_open_imagefolder_classes(const char *root, const char *const *given, int32_t ngiven)
 {
    if (!root || !*root) {
       NR_FAIL(NR_E_ARG, "root is empty");
       return NULL;
+   }
+   if (given) {
+      if (ngiven < 1) {
+         NR_FAIL(NR_E_ARG, "the given class list is empty");
+         return NULL;
+      }
+      for (int32_t k = 0; k < ngiven; k++) {
+         if (!given[k] || !*given[k]) {
+            NR_FAIL(NR_E_ARG, "given class %d is empty", k);
+            return NULL;
+         }
+         if (find_class(given, k, given[k]) >= 0) {
+            NR_FAIL(NR_E_ARG, "given class %s appears twice in the class list", given[k]);
+            return NULL;
+         }
+      }
    }
    if (!is_dir(root)) {
       NR_FAIL(NR_E_IO, "image folder %s does not exist or is not a folder (expected root/<split>/<class>/*.jpg|png, "
@@ -252,7 +294,15 @@ nr_dataset *nr_dataset_open_imagefolder(const char *root)
    qsort(classes.v, (size_t)classes.n, sizeof *classes.v, cmp_str);
    for (int64_t k = 0; k < classes.n; k++) {
       int64_t before = files.n;
+      int32_t id = (int32_t)k;
       snprintf(path, sizeof path, "%s/%s", root, classes.v[k]);
+      if (given && (id = find_class(given, ngiven, classes.v[k])) < 0) {
+         char names[512];
+         class_list(given, ngiven, names, sizeof names);
+         NR_FAIL(NR_E_FORMAT, "class folder %s (class %s) is not one of the %d given classes (%s); a validation "
+                 "or test split must use the training split's classes", path, classes.v[k], ngiven, names);
+         goto fail;
+      }
       if (walk_images(path, &files)) goto fail;
       if (files.n == before) {
          NR_FAIL(NR_E_FORMAT, "class folder %s has no .png/.jpg/.jpeg images (every class folder of the image "
@@ -268,24 +318,25 @@ nr_dataset *nr_dataset_open_imagefolder(const char *root)
          }
          labels = nl;
       }
-      for (; nlab < files.n; nlab++) labels[nlab] = (int32_t)k;
+      for (; nlab < files.n; nlab++) labels[nlab] = id;
    }
    ds = nr_dataset_alloc();
    if (!ds) goto fail;
    ds->kind = NR_DS_FILES;
    ds->n = files.n;
-   ds->classes = (int32_t)classes.n;
+   ds->classes = given ? ngiven : (int32_t)classes.n;
    ds->channels = 3;
    ds->labels = labels;
    labels = NULL;
    snprintf(ds->root, sizeof ds->root, "%s", root);
+   const char *const *cnames = given ? given : (const char *const *)classes.v;
    size_t pbytes = 0, nbytes = 0;
    for (int64_t i = 0; i < files.n; i++) pbytes += strlen(files.v[i]) + 1;
-   for (int64_t i = 0; i < classes.n; i++) nbytes += strlen(classes.v[i]) + 1;
+   for (int64_t i = 0; i < ds->classes; i++) nbytes += strlen(cnames[i]) + 1;
    ds->paths = malloc(pbytes);
    ds->path_off = malloc((size_t)files.n * sizeof(int64_t));
    ds->names = malloc(nbytes);
-   ds->name_off = malloc((size_t)classes.n * sizeof(int64_t));
+   ds->name_off = malloc((size_t)ds->classes * sizeof(int64_t));
    if (!ds->paths || !ds->path_off || !ds->names || !ds->name_off) {
       NR_FAIL(NR_E_OOM, "out of memory");
       goto fail;
@@ -298,10 +349,10 @@ nr_dataset *nr_dataset_open_imagefolder(const char *root)
       off += len;
    }
    off = 0;
-   for (int64_t i = 0; i < classes.n; i++) {
+   for (int64_t i = 0; i < ds->classes; i++) {
       ds->name_off[i] = (int64_t)off;
-      size_t len = strlen(classes.v[i]) + 1;
-      memcpy(ds->names + off, classes.v[i], len);
+      size_t len = strlen(cnames[i]) + 1;
+      memcpy(ds->names + off, cnames[i], len);
       off += len;
    }
    strlist_free(&classes);

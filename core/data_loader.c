@@ -14,6 +14,7 @@
  */
 #include "data_internal.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -206,17 +207,25 @@ nr_loader *nr_loader_new(nr_dataset *ds, const nr_loader_config *cfg)
       BAD("shard rank %d must lie in 0..size-1 (size %d)", c.shard_rank, c.shard_size);
    if (c.pad < 0 || c.crop < 0 || c.random_resized_crop < 0 || c.resize_h < 0 || c.resize_w < 0 || c.center_crop < 0)
       BAD("augmentation sizes must be >= 0");
-   if (c.scale_hi <= 0) c.scale_lo = 0.08f, c.scale_hi = 1.0f;
-   if (c.ratio_hi <= 0) c.ratio_lo = 3.0f / 4.0f, c.ratio_hi = 4.0f / 3.0f;
-   if (!(c.scale_lo > 0 && c.scale_lo <= c.scale_hi && c.ratio_lo > 0 && c.ratio_lo <= c.ratio_hi))
-      BAD("random_resized_crop: bad scale (%g, %g) or ratio (%g, %g)", c.scale_lo, c.scale_hi, c.ratio_lo, c.ratio_hi);
+   /* scale / ratio {0, 0} (a zeroed config): the defaults; anything else must be a valid range */
+   if (c.scale_lo == 0 && c.scale_hi == 0) c.scale_lo = 0.08f, c.scale_hi = 1.0f;
+   if (c.ratio_lo == 0 && c.ratio_hi == 0) c.ratio_lo = 3.0f / 4.0f, c.ratio_hi = 4.0f / 3.0f;
+   if (!(c.scale_lo > 0 && c.scale_lo <= c.scale_hi && c.scale_hi <= 1))
+      BAD("random_resized_crop: scale (%g, %g) must satisfy 0 < lo <= hi <= 1 (area fractions)", c.scale_lo,
+          c.scale_hi);
+   if (!(c.ratio_lo > 0 && c.ratio_lo <= c.ratio_hi && isfinite(c.ratio_hi)))
+      BAD("random_resized_crop: ratio (%g, %g) must satisfy 0 < lo <= hi < inf (aspect ratios w/h)", c.ratio_lo,
+          c.ratio_hi);
+   if (c.flip != 0 && c.flip != 1) BAD("flip must be 0 or 1, got %d", c.flip);
    int32_t oc = c.channels ? c.channels : ds->channels;
    if (!(oc == ds->channels || (ds->channels == 1 && oc == 3) || (ds->channels == 3 && oc == 1)))
       BAD("channels: cannot make %d channels from the dataset's %d (1 -> 3 and 3 -> 1 are supported)", oc,
           ds->channels);
    if (c.normalize)
       for (int i = 0; i < oc; i++)
-         if (!(c.std[i] > 0)) BAD("normalize: std[%d] must be > 0, got %g", i + 1, c.std[i]);
+         if (!(c.std[i] > 0 && isfinite(c.std[i])) || !isfinite(c.mean[i]))
+            BAD("normalize: channel %d needs a finite mean and a finite std > 0, got mean %g, std %g", i + 1,
+                c.mean[i], c.std[i]);
    int32_t oh, ow;
    output_size(&c, ds, &oh, &ow);
    if (oh <= 0 || ow <= 0)

@@ -404,6 +404,10 @@ nr_dataset *nr_dataset_open_cifar(const char *root, int32_t kind, int32_t train,
 /* Image folder root/<class>/[subfolders/]file.{png,jpg,jpeg} (extension case-insensitive, subfolders walked);
  * class k is the k-th subfolder name in byte order, files sorted by path. Samples decode to RGB. */
 nr_dataset *nr_dataset_open_imagefolder(const char *root);
+/* The same with the class ids of another split (a validation split takes the training split's):
+ * class k is classes[k] (k < nclasses); every class subfolder of root must be one of them (else an
+ * error names it), classes without a subfolder have no samples. classes NULL: as above. */
+nr_dataset *nr_dataset_open_imagefolder_classes(const char *root, const char *const *classes, int32_t nclasses);
 /* Drops the caller's reference. NULL is ignored. */
 void nr_dataset_free(nr_dataset *ds);
 int64_t nr_dataset_size(const nr_dataset *ds);

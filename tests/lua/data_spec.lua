@@ -317,6 +317,80 @@ describe('nr.data', function()
          local c = run({random_resized_crop = 10, flip = true}, 2)
          assert.is_true((a[1] - c[1]):abs():mean() < 0.05)
       end)
+
+      -- train/ has cat, dog, emu; val/ lacks dog (so its own folders would number emu 1 = dog);
+      -- a second layout's val/ has a class (bird) that train/ lacks
+      local function class_layout(dir, val_classes)
+         for _, c in ipairs({'cat', 'dog', 'emu'}) do
+            mkdir(dir .. '/train/' .. c)
+            nr.data.write_png(image(3, 6, 6, rgb_fn), dir .. '/train/' .. c .. '/1.png')
+         end
+         for _, c in ipairs(val_classes) do
+            mkdir(dir .. '/val/' .. c)
+            nr.data.write_png(image(3, 6, 6, rgb_fn), dir .. '/val/' .. c .. '/v.png')
+         end
+         return dir
+      end
+
+      it("gives a validation split the training split's class ids (classes = ...); a class train/ lacks is an error", function()
+         local dir = class_layout(BASE .. '/cls', {'cat', 'emu'})
+         local tr = nr.data.dataset{name = 'imagefolder', root = dir, split = 'train'}
+         assert.same({'cat', 'dog', 'emu'}, tr.class_names)
+         local own = nr.data.dataset{name = 'imagefolder', root = dir, split = 'val'} -- its own folders: emu = 1
+         assert.same({0, 1}, {own:label(1), own:label(2)})
+         for _, classes in ipairs({tr, {'cat', 'dog', 'emu'}}) do
+            local va = nr.data.dataset{name = 'imagefolder', root = dir, split = 'val', classes = classes}
+            assert.equal(2, va:size())
+            assert.equal(3, va.classes)
+            assert.same({'cat', 'dog', 'emu'}, va.class_names)
+            assert.matches('val/emu/v%.png$', va:path(2))
+            assert.same({0, 2}, {va:label(1), va:label(2)})
+            local l = nr.data.loader(va, {batch = 2, threads = 1, augment = {center_crop = 4}})
+            local _, y = l:epoch(1)()
+            assert.same({0, 2}, y:totable())
+            l:close()
+         end
+         -- another order of the list gives other ids
+         local rev = nr.data.dataset{name = 'imagefolder', root = dir, split = 'val', classes = {'emu', 'dog', 'cat'}}
+         assert.same({2, 0}, {rev:label(1), rev:label(2)})
+
+         local bad = class_layout(BASE .. '/cls_bird', {'bird', 'dog'})
+         local err = err_of(nr.data.dataset, {name = 'imagefolder', root = bad, split = 'val', classes = tr})
+         assert.matches('class bird', err)
+         assert.matches('cls_bird/val/bird', err)      -- the folder of the split being opened
+         assert.matches('train split [^ ]*/cls/train', err) -- the training split's folder
+         err = err_of(nr.data.dataset, {name = 'imagefolder', root = bad, split = 'val', classes = {'cat', 'dog'}})
+         assert.matches('class bird', err)
+         assert.matches('2 given classes %(cat, dog%)', err)
+         assert.matches('listed twice', err_of(nr.data.dataset, {name = 'imagefolder', root = dir, classes = {'cat', 'cat'}}))
+         assert.matches('non%-empty string', err_of(nr.data.dataset, {name = 'imagefolder', root = dir, classes = {'cat', 3}}))
+         assert.matches('applies to image folders',
+            err_of(nr.data.dataset, {name = 'mnist', root = BASE .. '/idx_raw', classes = {'a'}}))
+      end)
+
+      it("nr.train evaluates an image folder's val split with the training split's class ids, or refuses", function()
+         local train = require 'nr.train'
+         local function recipe(dir, out)
+            return {model = function()
+                       local nn = nr.nn
+                       return nn.Sequential{nn.Conv2d(3, 4, 3), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(4, 3)}
+                    end,
+                    data = {dataset = 'imagefolder', root = dir, batch = 2, size = 4, threads = 1, val_split = 'val'},
+                    epochs = 1, device = 'cpu', out = out, progress = {stream = io.open('/dev/null', 'w'), tty = false}}
+         end
+         local tr = train.new(recipe(BASE .. '/cls', BASE .. '/cls_run'))
+         assert.same({'cat', 'dog', 'emu'}, tr.val_set.class_names)
+         assert.equal(3, tr.val_set.classes)
+         local labels = {}
+         for _, y in tr.val_loader:epoch(1) do for _, v in ipairs(y:totable()) do labels[#labels + 1] = v end end
+         assert.same({0, 2}, labels) -- cat, emu as training numbers them
+         tr.train_loader:close(); tr.val_loader:close()
+         local err = err_of(train.new, recipe(BASE .. '/cls_bird', BASE .. '/cls_bird_run'))
+         assert.matches('val split', err)
+         assert.matches('class bird', err)
+         assert.matches('cls_bird/val/bird', err)
+         assert.matches('cls_bird/train', err)
+      end)
    end)
 
    describe('augmentation', function()
@@ -684,6 +758,33 @@ describe('nr.data', function()
          end
       end)
 
+      it("rejects a truncated JPEG naming the file and libjpeg's warning (not decoded silently)", function()
+         local dir = BASE .. '/truncjpg'
+         mkdir(dir .. '/train/a'); mkdir(dir .. '/train/b')
+         nr.data.write_jpeg(image(3, 48, 40, smooth_fn), dir .. '/train/a/ok.jpg', 90)
+         nr.data.write_png(image(3, 8, 8, rgb_fn), dir .. '/train/a/ok2.png')
+         local bytes = read(dir .. '/train/a/ok.jpg')
+         assert.equal('\255\217', bytes:sub(-2)) -- ends with EOI
+         write(dir .. '/train/b/half.jpg', bytes:sub(1, math.floor(#bytes / 2)))
+         -- bytes between the data and the EOI marker lose nothing: accepted, as PIL does
+         write(dir .. '/train/a/extra.jpg', bytes:sub(1, -3) .. 'junk' .. bytes:sub(-2))
+         local full = nr.data.read_image(dir .. '/train/a/ok.jpg')
+         assert.equal(0, (nr.data.read_image(dir .. '/train/a/extra.jpg'):float() - full:float()):abs():max())
+         local err = err_of(nr.data.read_image, dir .. '/train/b/half.jpg')
+         assert.matches('b/half%.jpg', err)
+         assert.matches('Premature end of JPEG file', err)
+         local ds = nr.data.dataset{name = 'imagefolder', root = dir}
+         assert.equal(4, ds:size())
+         assert.matches('half%.jpg', err_of(function() return ds:get(4) end))
+         for _, aug in ipairs({{resize = {8, 8}}, {resize = {8, 8}, fast_decode = true}, {random_resized_crop = 8}}) do
+            local l = nr.data.loader(ds, {batch = 4, threads = 2, augment = aug})
+            err = err_of(function() for _ in l:epoch(1) do end end)
+            assert.matches('half%.jpg', err)
+            assert.matches('Premature end of JPEG file', err)
+            l:close()
+         end
+      end)
+
       it('survives corrupted PNG and JPEG bytes: decodes or fails naming the file', function()
          local src = {BASE .. '/images/train/cat/a.png', BASE .. '/images/train/cat/sub/b.jpg'}
          local case = BASE .. '/fuzz_case.img'
@@ -716,6 +817,103 @@ describe('nr.data', function()
          assert.matches('std', err_of(nr.data.loader, ds, {augment = {normalize = {mean = {0}, std = {0}}}}))
          assert.matches('no statistics', err_of(nr.data.stats, 'svhn'))
          assert.same({mean = {0.2860}, std = {0.3530}}, nr.data.stats('fashion-mnist'))
+      end)
+
+      it('rejects bad augmentation arguments naming them and the value, never substituting defaults', function()
+         local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
+         local nan, inf = 0 / 0, math.huge
+         local cases = {
+            {{random_resized_crop = 4, scale = {2, 1}}, 'augment%.scale', '{2, 1}'},
+            {{random_resized_crop = 4, scale = {-1, 0.5}}, 'augment%.scale', '{%-1, 0%.5}'},
+            {{random_resized_crop = 4, scale = {0, 1}}, 'augment%.scale', '{0, 1}'},
+            {{random_resized_crop = 4, scale = {nan, 1}}, 'augment%.scale', 'nan'},
+            {{random_resized_crop = 4, scale = {0.5, 2}}, 'augment%.scale', '<= 1'},
+            {{random_resized_crop = 4, scale = 0.5}, 'augment%.scale', '0%.5'},
+            {{random_resized_crop = 4, ratio = {-1, 0}}, 'augment%.ratio', '{%-1, 0}'},
+            {{random_resized_crop = 4, ratio = {0, 1}}, 'augment%.ratio', '{0, 1}'},
+            {{random_resized_crop = 4, ratio = {4 / 3, 3 / 4}}, 'augment%.ratio', 'lo <= hi'},
+            {{random_resized_crop = 4, ratio = {1, inf}}, 'augment%.ratio', 'inf'},
+            {{random_resized_crop = 4, ratio = {1, nan}}, 'augment%.ratio', 'nan'},
+            {{random_resized_crop = 4, ratio = {1}}, 'augment%.ratio', '{1}'},
+            {{scale = {0.5, 1}}, 'augment%.scale', 'random_resized_crop'},
+            {{ratio = {1, 1}}, 'augment%.ratio', 'random_resized_crop'},
+            {{flip = 0.3}, 'augment%.flip', '0%.3'},
+            {{flip = 2}, 'augment%.flip', 'got 2'},
+            {{flip = 0}, 'augment%.flip', 'got 0'},
+            {{flip = nan}, 'augment%.flip', 'nan'},
+            {{fast_decode = 'yes'}, 'augment%.fast_decode', 'yes'},
+            {{crop = 0}, 'augment%.crop', 'got 0'},
+            {{crop = -4}, 'augment%.crop', '%-4'},
+            {{crop = 2.5}, 'augment%.crop', '2%.5'},
+            {{crop = inf}, 'augment%.crop', 'inf'},
+            {{pad = -1}, 'augment%.pad', '%-1'},
+            {{pad = nan}, 'augment%.pad', 'nan'},
+            {{center_crop = 0}, 'augment%.center_crop', 'got 0'},
+            {{random_resized_crop = -8}, 'augment%.random_resized_crop', '%-8'},
+            {{resize = {}}, 'augment%.resize', '{nil}'},
+            {{resize = {8}}, 'augment%.resize', '{8}'},
+            {{resize = {8, 0}}, 'augment%.resize%[2%]', 'got 0'},
+            {{normalize = {mean = {0, 0}, std = {1, 1}}}, 'augment%.normalize', 'need 1 or 1 values, got 2 and 2'},
+            {{normalize = {mean = {0}, std = {1, 1}}}, 'augment%.normalize', 'got 1 and 2'},
+            {{normalize = {mean = {nan}, std = {1}}}, 'augment%.normalize', 'mean%[1%] must be finite, got nan'},
+            {{normalize = {mean = {0}, std = {inf}}}, 'augment%.normalize', 'std%[1%] must be > 0 and finite, got inf'},
+            {{normalize = {mean = {0}, std = {-1}}}, 'augment%.normalize', 'std%[1%] must be > 0 and finite, got %-1'},
+         }
+         for _, c in ipairs(cases) do
+            local ok, err = pcall(nr.data.loader, ds, {batch = 2, threads = 1, augment = c[1]})
+            if ok then err:close() end
+            assert.is_false(ok, 'accepted ' .. c[2] .. ' ' .. c[3])
+            err = tostring(err)
+            assert.matches('^nr%.data%.loader: ', err) -- raised at the caller, not inside nr.data
+            assert.matches(c[2], err)
+            assert.matches(c[3], err)
+         end
+         -- good values still work
+         local l = nr.data.loader(ds, {batch = 2, threads = 1, augment = {random_resized_crop = 4, scale = {0.5, 1},
+            ratio = {1, 2}, flip = false, fast_decode = true, normalize = {mean = {0.5}, std = {0.25}}}})
+         assert.same({2, 1, 4, 4}, l.shape)
+         l:close()
+         -- the C side checks too (the config as C callers fill it; {0, 0} is its "default")
+         local ffi = require 'ffi'
+         local C = require('nr.ffi').C
+         local function c_loader(set)
+            local cfg = ffi.new('nr_loader_config')
+            cfg.batch, cfg.threads, cfg.prefetch, cfg.shard_size, cfg.random_resized_crop = 2, 1, 1, 1, 4
+            set(cfg)
+            local p = C.nr_loader_new(ds.c, cfg)
+            if p ~= nil then C.nr_loader_free(p) return nil end
+            return ffi.string(C.nr_last_error())
+         end
+         assert.is_nil(c_loader(function() end))
+         assert.matches('ratio %(%-1, 0%)', c_loader(function(cfg) cfg.ratio_lo, cfg.ratio_hi = -1, 0 end))
+         assert.matches('scale %(0%.5, %-1%)', c_loader(function(cfg) cfg.scale_lo, cfg.scale_hi = 0.5, -1 end))
+         assert.matches('scale %(%-?nan', c_loader(function(cfg) cfg.scale_lo, cfg.scale_hi = nan, 1 end))
+         assert.matches('flip must be 0 or 1', c_loader(function(cfg) cfg.flip = 2 end))
+         assert.matches('mean', c_loader(function(cfg) cfg.normalize, cfg.mean[0], cfg.std[0] = 1, nan, 1 end))
+         assert.matches('mean%[1%] must be finite',
+            err_of(nr.data.normalize, nr.zeros({1, 1, 2, 2}, {dtype = 'uint8'}), nr.empty({1, 1, 2, 2}), {mean = {nan}, std = {1}}))
+      end)
+
+      it('says which dataset is empty (not "iters_per_epoch must be >= 1" from the schedule)', function()
+         local dir = make_idx(BASE .. '/idx_empty', {images = idx_images(0, H, W), labels = idx_labels(0)})
+         local err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+         assert.matches('the train split of mnist in [^ ]*idx_empty is empty %(0 samples%)', err)
+         local train = require 'nr.train'
+         local function recipe(data)
+            data.batch, data.threads = data.batch or 4, 1
+            return {model = function() return nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(H * W, 10)} end, data = data,
+                    epochs = 1, device = 'cpu', out = BASE .. '/empty_run', progress = {stream = io.open('/dev/null', 'w'), tty = false}}
+         end
+         err = err_of(train.new, recipe({dataset = 'mnist', root = dir}))
+         assert.matches('idx_empty is empty', err)
+         assert.is_nil(err:find('iters_per_epoch', 1, true))
+         err = err_of(train.new, recipe({dataset = 'mnist', root = BASE .. '/idx_raw', train_batches = 0}))
+         assert.matches('data%.train_batches must be an integer >= 1', err)
+         assert.matches('got 0', err)
+         local x, y = nr.zeros({3, 1, H, W}), nr.zeros({3}, {dtype = 'int64'})
+         err = err_of(train.new, recipe({train = train.memory_loader(x, y, {batch = 4, drop_last = true})}))
+         assert.matches('training data .* is empty', err)
+         assert.is_nil(err:find('iters_per_epoch', 1, true))
       end)
    end)
 

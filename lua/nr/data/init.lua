@@ -183,11 +183,39 @@ local function open_idx(name, root, split)
    return p
 end
 
-local DATASET_OPTS = {name = true, root = true, split = true, coarse = true}
+local DATASET_OPTS = {name = true, root = true, split = true, coarse = true, classes = true}
+
+-- The class list of opts.classes (imagefolder): {names, where} where `where` describes their
+-- origin in errors. classes: a dataset (its class_names; e.g. the training split when opening
+-- the validation split) or a list of unique non-empty class names.
+local function given_classes(classes, fname)
+   local function bad(fmt, ...) error(string.format('%s: classes: ' .. fmt, fname, ...), 4) end -- at the user's call
+   if getmetatable(classes) == Dataset then
+      if type(classes.class_names) ~= 'table' then bad('the dataset given has no class names') end
+      return classes.class_names, string.format('the classes of the %s split %s', classes.split, classes.dir or classes.root)
+   end
+   if not (type(classes) == 'table' and #classes >= 1) then
+      bad('expected a dataset (the training split) or a list of class names, got %s', tostring(classes))
+   end
+   local seen = {}
+   for k, c in ipairs(classes) do
+      if not (type(c) == 'string' and c ~= '') then bad('entry %d must be a non-empty string, got %s', k, tostring(c)) end
+      if seen[c] then bad('%q is listed twice', c) end
+      seen[c] = true
+   end
+   return classes, 'the classes given'
+end
 
 -- nr.data.dataset{name = 'fashion-mnist'|'mnist'|'cifar10'|'cifar100'|'imagefolder', root = DIR,
 --                 split = 'train'|'test' (imagefolder: any subfolder, 'test' falls back to 'val'),
---                 coarse = false (CIFAR-100: the 20 coarse labels instead of the 100 fine)}
+--                 coarse = false (CIFAR-100: the 20 coarse labels instead of the 100 fine),
+--                 classes = nil (imagefolder: the class ids of another split, as torchvision's
+--                   shared class_to_idx: a dataset, e.g. the training split, or a list of class
+--                   names; class k + 1 of the list gets id k, every class folder of this split
+--                   must be in it, and ds.classes / ds.class_names are the list's)}
+-- Validation / test splits of an image folder should pass classes = the training split: class ids
+-- otherwise follow this split's own folders, which differ when it lacks a class.
+-- An empty dataset (no samples) is an error naming it.
 function M.dataset(opts)
    local fname = 'nr.data.dataset'
    check.arg(type(opts) == 'table', fname, 'expected a table {name = ..., root = ..., split = ...}')
@@ -203,6 +231,8 @@ function M.dataset(opts)
    end
    check.arg(type(root) == 'string', fname, 'root must be a string')
    root = expand(root, fname)
+   check.arg(opts.classes == nil or name == 'imagefolder', fname,
+      'classes = ... applies to image folders (imagefolder); %s has fixed class ids', name)
    local p, info = nil, {name = name, split = split, root = root}
    if name == 'mnist' or name == 'fashion-mnist' then
       check.arg(split == 'train' or split == 'test', fname, 'split must be train or test, got %q', split)
@@ -226,10 +256,24 @@ function M.dataset(opts)
          end
       end
       info.dir = dir
-      p = C.nr_dataset_open_imagefolder(dir)
-      if p == nil then c_error(fname, 2) end
+      if opts.classes ~= nil then
+         local names, where = given_classes(opts.classes, fname)
+         local arr = ffi.new('const char *[?]', #names)
+         for k, c in ipairs(names) do arr[k - 1] = c end -- the strings stay alive in names
+         p = C.nr_dataset_open_imagefolder_classes(dir, arr, #names)
+         if p == nil then
+            error(string.format('%s: opening %s with %s: %s', fname, dir, where, ffi.string(C.nr_last_error())), 2)
+         end
+      else
+         p = C.nr_dataset_open_imagefolder(dir)
+         if p == nil then c_error(fname, 2) end
+      end
    else
       error(string.format('%s: unknown dataset %q (fashion-mnist, mnist, cifar10, cifar100, imagefolder)', fname, name), 2)
+   end
+   if C.nr_dataset_size(p) == 0 then
+      C.nr_dataset_free(p)
+      error(string.format('%s: the %s split of %s in %s is empty (0 samples)', fname, split, name, info.dir or root), 2)
    end
    local ds = wrap_dataset(p, info)
    if name == 'imagefolder' then
@@ -277,8 +321,11 @@ local function stats_into(stats, c, mean_out, std_out, fname, what)
    local nm, ns = #stats.mean, #stats.std
    if not (nm == ns and (nm == 1 or nm == c)) then bad('mean and std need 1 or %d values, got %d and %d', c, nm, ns) end
    for k = 1, math.min(c, 4) do
-      local m, sd = stats.mean[nm == 1 and 1 or k], stats.std[ns == 1 and 1 or k]
+      local im, is = nm == 1 and 1 or k, ns == 1 and 1 or k
+      local m, sd = stats.mean[im], stats.std[is]
       if type(m) ~= 'number' or type(sd) ~= 'number' then bad('bad mean/std for channel %d', k) end
+      if not (m == m and math.abs(m) < math.huge) then bad('mean[%d] must be finite, got %s', im, tostring(m)) end
+      if not (sd > 0 and sd < math.huge) then bad('std[%d] must be > 0 and finite, got %s', is, tostring(sd)) end
       mean_out[k - 1], std_out[k - 1] = m, sd
    end
 end
@@ -309,10 +356,40 @@ local AUGMENT_OPTS = {pad = true, crop = true, flip = true, resize = true, rando
                       center_crop = true, channels = true, normalize = true, scale = true, ratio = true,
                       fast_decode = true}
 
+-- Augmentation option checks: a bad value is an error naming augment.<name> and the value (never
+-- replaced by a default), raised at the caller of nr.data.loader.
+local function show(v)
+   if type(v) ~= 'table' then return tostring(v) end
+   local parts = {}
+   for k = 1, math.max(#v, 1) do parts[k] = tostring(v[k]) end
+   return '{' .. table.concat(parts, ', ') .. '}'
+end
+
 local function size_opt(v, fname, name)
    if v == nil or v == false then return 0 end
-   check.arg(type(v) == 'number' and v >= 1 and v == math.floor(v), fname, 'augment.%s must be a positive integer, got %s', name, tostring(v))
+   if not (type(v) == 'number' and v >= 1 and v < 2 ^ 31 and v == math.floor(v)) then
+      error(string.format('%s: augment.%s must be a positive integer, got %s', fname, name, show(v)), 3)
+   end
    return v
+end
+
+-- {lo, hi} with 0 < lo <= hi <= max, finite (random_resized_crop's scale and ratio).
+local function range_opt(v, fname, name, max, what)
+   local lo, hi = type(v) == 'table' and v[1], type(v) == 'table' and v[2]
+   if not (type(v) == 'table' and #v == 2 and type(lo) == 'number' and type(hi) == 'number' and lo > 0 and lo <= hi
+           and hi <= max and hi < math.huge) then
+      error(string.format('%s: augment.%s must be {lo, hi} with 0 < lo <= hi%s (%s), got %s', fname, name,
+         max < math.huge and (' <= ' .. max) or ' < inf', what, show(v)), 3)
+   end
+   return lo, hi
+end
+
+local function bool_opt(v, fname, name, what)
+   if v == nil then return 0 end
+   if type(v) ~= 'boolean' then
+      error(string.format('%s: augment.%s must be true (%s) or false, got %s', fname, name, what, show(v)), 3)
+   end
+   return v and 1 or 0
 end
 
 -- $NR_DATA_THREADS, else half the compute threads, at least 2 and at most 8.
@@ -367,19 +444,28 @@ function M.loader(ds, opts)
    cfg.shard_rank, cfg.shard_size = rank, size
    cfg.pad = size_opt(aug.pad, fname, 'pad')
    cfg.crop = size_opt(aug.crop, fname, 'crop')
-   cfg.flip = aug.flip and 1 or 0
-   cfg.fast_decode = aug.fast_decode and 1 or 0
+   cfg.flip = bool_opt(aug.flip, fname, 'flip', 'a horizontal flip with probability 1/2; no other probability is supported')
+   cfg.fast_decode = bool_opt(aug.fast_decode, fname, 'fast_decode', 'decode JPEGs reduced when they are shrunk anyway')
    cfg.center_crop = size_opt(aug.center_crop, fname, 'center_crop')
    if type(aug.resize) == 'table' then
+      check.arg(#aug.resize == 2 and aug.resize[1] ~= nil and aug.resize[2] ~= nil, fname,
+         'augment.resize must be N (the shorter side) or {h, w}, got %s', show(aug.resize))
       cfg.resize_h = size_opt(aug.resize[1], fname, 'resize[1]')
       cfg.resize_w = size_opt(aug.resize[2], fname, 'resize[2]')
    else
       cfg.resize_h = size_opt(aug.resize, fname, 'resize')
    end
    cfg.random_resized_crop = size_opt(aug.random_resized_crop, fname, 'random_resized_crop')
-   local scale, ratio = aug.scale or {0.08, 1.0}, aug.ratio or {3 / 4, 4 / 3}
-   check.arg(type(scale) == 'table' and type(ratio) == 'table', fname, 'augment.scale and augment.ratio must be {lo, hi}')
-   cfg.scale_lo, cfg.scale_hi, cfg.ratio_lo, cfg.ratio_hi = scale[1], scale[2], ratio[1], ratio[2]
+   for _, k in ipairs({'scale', 'ratio'}) do
+      check.arg(aug[k] == nil or cfg.random_resized_crop > 0, fname,
+         'augment.%s = %s applies to random_resized_crop, which is not set', k, show(aug[k]))
+   end
+   cfg.scale_lo, cfg.scale_hi = 0.08, 1.0
+   cfg.ratio_lo, cfg.ratio_hi = 3 / 4, 4 / 3
+   if aug.scale ~= nil then cfg.scale_lo, cfg.scale_hi = range_opt(aug.scale, fname, 'scale', 1, 'fractions of the area') end
+   if aug.ratio ~= nil then
+      cfg.ratio_lo, cfg.ratio_hi = range_opt(aug.ratio, fname, 'ratio', math.huge, 'aspect ratios width / height')
+   end
    local channels = aug.channels or ds.channels
    check.arg(channels == 1 or channels == 3, fname, 'augment.channels must be 1 or 3, got %s', tostring(channels))
    cfg.channels = channels
