@@ -179,11 +179,12 @@ M.pick_device = pick_device
 local function date_tag() return os.date('!%Y%m%d-%H%M%S') end
 
 -- What a run writes into its folder (the rest of the folder is the user's).
-local RUN_FILES = {'checkpoint', 'metrics.jsonl', 'recipe.json', 'report.html', 'ranks'}
+local RUN_FILES = {'checkpoint', 'metrics.jsonl', 'recipe.json', 'report.html'}
 
 -- A fresh run (no resume) into a folder that holds another run would mix the two: metrics
 -- appended to the old ones, checkpoints interleaved, a later --resume trimming the old run's
--- records. Refused unless overwrite, which removes the old run's files first.
+-- records. Refused unless overwrite, which removes the old run's files first. Checked when the
+-- run starts writing (Trainer:run), so a trainer built only to load a checkpoint is fine.
 local function claim_run_folder(dir, overwrite)
    local found = {}
    for _, f in ipairs(RUN_FILES) do
@@ -627,8 +628,6 @@ function M.new(recipe)
    local resume_run = rc.resume and rc.resume:gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', '')
    tr.out = expand_path(rc.out, 'recipe.out') or resume_run or ('runs/' .. name .. '-' .. date_tag())
    rc.out = tr.out
-   -- the run folder is rank 0's (nr.dist): the only one to check it, before any rank writes
-   if not rc.resume and tr.is_main ~= false then claim_run_folder(tr.out, rc.overwrite) end
    ck.mkdirs(tr.out)
    tr.progress = progress.new({stream = rc.progress and rc.progress.stream or io.stdout,
                                tty = rc.progress and rc.progress.tty, every = rc.progress and rc.progress.every or rc.log_every})
@@ -962,6 +961,9 @@ function Trainer:run()
          self.held_epochs > 0 and string.format(', %d held', self.held_epochs) or ''))
       -- drop metrics written after that checkpoint (a run killed mid-epoch)
       self:_trim_metrics()
+   else
+      -- each rank its own folder (nr.dist: rank 0 the run folder, the others <out>/ranks/<r>)
+      claim_run_folder(self.out, rc.overwrite)
    end
    ck.write_atomic(self.out .. '/recipe.json', ck.json_encode(recipe_json(rc), true) .. '\n')
    self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
