@@ -125,6 +125,21 @@ describe('nr.rejuvenate repeated and detailed', function()
       assert.is_nil(opt2:state_of(m2:findModules('Conv2d')[2].weight))
    end)
 
+   it('an optimizer not given to nr.rejuvenate refuses to step the replaced layers until refreshed', function()
+      nr.manual_seed(14)
+      local m = net()
+      local opt = nr.optim.SGD(m, {lr = 0.1, momentum = 0.9})
+      local given = nr.optim.SGD(m, {lr = 0.1})
+      kill(m, 0.3)
+      nr.rejuvenate(m, {input_shape = SHAPE, optimizer = given})
+      local ok, e = pcall(opt.step, opt)
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('the model\'s layers were replaced (nr.rejuvenate)', 1, true))
+      given:step()                                   -- the one given was refreshed by the surgery
+      opt:refresh()
+      opt:step()
+   end)
+
    it('rescaling scales the momentum of what it rescales (γ, β by s; consumer columns by 1/s)', function()
       -- the same run twice (same seed), without and with rescaling: they differ only by s
       local function run(rescale)

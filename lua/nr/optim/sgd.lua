@@ -131,6 +131,7 @@ function SGD:__init(target, config)
       self.spec = target
    end
    build_groups(self, self.spec)
+   self.structure = self.model and self.model:transient().structure
 end
 
 -- Effective settings of group g at this step.
@@ -174,6 +175,11 @@ local job_array = nrffi.ffi.typeof('nr_sgd_job[?]')
 
 function SGD:step()
    validate_config(self.config, 'SGD:step')
+   -- surgery (nr.rejuvenate) replaced the model's layers: stepping the old tensors would train nothing
+   if self.model and self.model:transient().structure ~= self.structure then
+      error('SGD:step: the model\'s layers were replaced (nr.rejuvenate) after this optimizer read them; pass '
+         .. 'optimizer = opt to nr.rejuvenate (remaps momentum) or call opt:refresh()', 2)
+   end
    for _, g in ipairs(self.groups) do
       local lr, mom, wd, nest = settings(self, g)
       local jb = JOBS[g]
@@ -268,6 +274,7 @@ function SGD:refresh()
    -- keep group-level settings the user may have changed on opt.groups
    local old = self.groups
    build_groups(self, self.spec)
+   self.structure = self.model and self.model:transient().structure
    for i, g in ipairs(self.groups) do
       if old[i] then
          for k, v in pairs(old[i]) do if k ~= 'params' then g[k] = v end end
