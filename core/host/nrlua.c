@@ -199,7 +199,9 @@ static char **complete(const char *text, int start, int end)
    return rl_completion_matches(text, completion_generator);
 }
 
-static void repl(lua_State *L)
+/* Returns the exit status: 0, or 1 when stdin is not a terminal and an input failed (a piped
+ * session is a script: its errors must reach the caller). */
+static int repl(lua_State *L)
 {
    int tty = isatty(0);
    if (tty) {
@@ -269,7 +271,22 @@ static void repl(lua_State *L)
          lua_settop(L, 0);
          lua_pushstring(L, "");
       }
+      /* an unfinished statement at the end of the input is an error, not silently dropped */
+      if (lua_objlen(L, -1) > 0) {
+         lua_pushboolean(L, 1);
+         int status = call_cli(L, "eval", 2, 1);
+         if (status) report(L, status);
+      }
+      lua_settop(L, 0);
+      lua_getglobal(L, "require");
+      lua_pushstring(L, "nr.cli");
+      if (docall(L, 1, 1)) return 1;
+      lua_getfield(L, -1, "failures");
+      int failed = lua_tonumber(L, -1) > 0;
+      lua_settop(L, 0);
+      return failed;
    }
+   return 0;
 }
 
 /* ---- main ----------------------------------------------------------------------------- */
@@ -352,7 +369,7 @@ int main(int argc, char **argv)
       }
       status = report(L, call_cli(L, "run_file", 2, 0));
    } else if (interactive || !code) {
-      repl(L);
+      status = repl(L);
    }
 done:
    lua_close(L);

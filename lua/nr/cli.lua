@@ -43,29 +43,38 @@ M.show = show
 -- Evaluates one REPL input. Returns true when the input is an incomplete statement (the host
 -- then reads a continuation line). Expressions print their values; an error prints its message
 -- and traceback (without the REPL's own frames) and the session goes on.
+-- M.failures counts the inputs that failed (the host's exit status when stdin is not a terminal).
+M.failures = 0
 local function report(msg)
    local tb = tostring(msg):gsub('\n%s*%[C%]: in function \'xpcall\'.*$', '')
    io.stderr:write(tb, '\n')
    io.stderr:flush()
+   M.failures = M.failures + 1
 end
 
-function M.eval(src)
-   local chunk, err = loadstring('return ' .. src, '=stdin')
+-- every value, nils included (unpack / # stop at the first hole)
+local function pack(...) return {n = select('#', ...), ...} end
+
+-- final: no more input will come, so an incomplete statement is an error, not a request for more.
+function M.eval(src, final)
+   -- an expression's values are returned through select, not as a tail call: `error("x")` keeps
+   -- its "stdin:1:" position (a tail call drops the chunk's frame); the newline lets src end in a
+   -- comment
+   local chunk, err = loadstring('local __nr_select = select; return __nr_select(1, ' .. src .. '\n)', '=stdin')
    if not chunk then
       chunk, err = loadstring(src, '=stdin')
       if not chunk then
-         if err:match('<eof>') then return true end
+         if err:match('<eof>') and not final then return true end
          report(err)
          return false
       end
    end
-   local results = {xpcall(chunk, debug.traceback)}
+   local results = pack(xpcall(chunk, debug.traceback))
    if not results[1] then
       report(results[2])
       return false
    end
-   local n = select('#', unpack(results))
-   for i = 2, n do io.write(show(results[i]), '\n') end
+   for i = 2, results.n do io.write(show(results[i]), '\n') end
    io.flush()
    return false
 end
