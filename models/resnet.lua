@@ -2,16 +2,18 @@
 --
 --   nr.models.resnet{depth = 50}                            ImageNet, torchvision layout
 --   nr.models.resnet{depth = 18, dataset = 'cifar10'}       3x3 stride-1 stem, no max-pool
---   nr.models.resnet{depth = 164, dataset = 'cifar10'}      pre-activation bottleneck (paper)
---   nr.models.resnet{depth = 164, dataset = 'cifar10', preact = false}   the authors' code
+--   nr.models.resnet{depth = 164, dataset = 'cifar10'}      post-activation bottleneck (paper, authors' code)
+--   nr.models.resnet{depth = 164, dataset = 'cifar10', preact = true}    pre-activation (Network Slimming's)
 --
 -- ImageNet: depth 18/34 basic blocks, 50/101/152 bottlenecks with the stride on the 3x3 (v1.5,
 -- torchvision). Stem conv7x7/2 + BN + ReLU + max-pool 3x3/2. The same block stacks with a
 -- conv3x3/1 stem and no max-pool serve CIFAR for depth 18..152.
 -- CIFAR ResNet-164: 3 stages x 18 bottlenecks (planes 16/32/64, expansion 4, outputs
--- 64/128/256). The paper (4.4) uses the pre-activation bottleneck of He et al. 2016
+-- 64/128/256). Default: post-activation bottlenecks (conv-BN-ReLU x2, conv-BN, add, ReLU;
+-- projection conv+BN), as the paper's [23] and the authors' code, and as NR assumes (every conv
+-- directly followed by its BN). preact = true: the pre-activation bottleneck of He et al. 2016
 -- (BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1, identity add; projection = conv1x1; a final
--- BN-ReLU before the pool). The authors' code used post-activation blocks (preact = false).
+-- BN-ReLU before the pool), Network Slimming's ResNet-164.
 -- A block is Sequential{Residual(main, shortcut | nil), ReLU} (post-activation) or
 -- Residual(main, shortcut | nil) (pre-activation); shortcut nil is identity.
 -- NR flags: `nr_fixed = true` on every main-stream conv — the stem, each block's last conv and
@@ -159,7 +161,7 @@ function M.build(opts)
       o.depth = util.choice(o.depth or 164, M.depths.cifar, FNAME, 'depth for ' .. o.dataset)
       o.input = o.input or 32
       if o.depth == 164 then
-         if o.preact == nil then o.preact = true end
+         if o.preact == nil then o.preact = false end
          model = cifar164(o)
       else
          if o.preact then error(FNAME .. ': preact applies to the CIFAR ResNet-164 only', 2) end

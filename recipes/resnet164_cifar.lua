@@ -1,4 +1,4 @@
--- recipes/resnet164_cifar.lua — ResNet-164 (pre-activation bottleneck) on CIFAR-10 with Neural
+-- recipes/resnet164_cifar.lua — ResNet-164 (post-activation bottleneck) on CIFAR-10 with Neural
 -- Rejuvenation as a compression method (paper 4.4, Table 4: T_r = 0.25, rejuvenated to half of the
 -- original parameters, NR-CR).
 --

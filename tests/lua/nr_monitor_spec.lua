@@ -118,7 +118,7 @@ describe('nr monitoring', function()
 
    local ZOO = {
       {'VGG-19-CIFAR', {name = 'vgg', depth = 19, dataset = 'cifar10', classes = 10}, {3, 8, 8}},
-      {'ResNet-164', {name = 'resnet', depth = 164, dataset = 'cifar10', classes = 10}, {3, 8, 8}},
+      {'ResNet-164', {name = 'resnet', depth = 164, dataset = 'cifar10', classes = 10, preact = true}, {3, 8, 8}},
       {'DenseNet-100-40', {name = 'densenet', depth = 100, dataset = 'cifar10', classes = 10}, {3, 8, 8}},
       {'MobileNet-0.25', {name = 'mobilenet', width = 0.25, classes = 10}, {3, 32, 32}},
       {'ResNet-50', {name = 'resnet', depth = 50, classes = 10}, {3, 32, 32}},
