@@ -120,3 +120,12 @@ H.pass('numbers and barrier')
 local okw, errw = pcall(dist.allreduce, nr.zeros({3}, {dtype = 'uint8'}))
 if okw or not tostring(errw):match('f32 or int64') then H.fail('uint8 allreduce: %s', tostring(errw)) end
 H.pass('argument errors')
+
+-- a recipe that names one GPU ('cuda:N') is refused under several ranks (every rank would take
+-- that GPU); checked before any GPU is touched, so it runs on a machine without one
+local fake = {device = 'cuda:1', recipe = {}, add_hook = function() end}
+local okg, errg = pcall(dist.attach, fake, {})
+if okg or not tostring(errg):find("device = \"cuda:1\" names one GPU for all " .. size .. " ranks", 1, true) then
+   H.fail("attach with device 'cuda:1': %s", tostring(errg))
+end
+H.pass('one named GPU refused')

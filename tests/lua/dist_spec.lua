@@ -116,7 +116,7 @@ describe('nr.dist under mpirun -np 2', function()
    it('(a) reduces and broadcasts correctly on every rank', function()
       local out, rc = mpirun('collectives.lua', 2)
       assert.equal(0, rc, out)
-      assert.equal(14, count(out, 'PASS [^\n]* rank %d/2'), out)
+      assert.equal(16, count(out, 'PASS [^\n]* rank %d/2'), out)
    end)
 
    it('(b) 2 ranks x 8 samples give the weights of 1 process x 16 samples within 1e-5 (TCP loopback; MLP, conv, conv+synchronized BN)', function()
