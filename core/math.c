@@ -3,7 +3,6 @@
  * Tensor methods use. Fast paths for contiguous operands; general strided paths otherwise. */
 #include "internal.h"
 
-#include <float.h>
 #include <math.h>
 
 static nr_status same_shape(const char *func, const char *an, const nr_tensor *a, const char *bn,
@@ -24,8 +23,9 @@ static inline float apply_binary(float x, float y, int op)
    case NR_OP_SUB: return x - y;
    case NR_OP_MUL: return x * y;
    case NR_OP_DIV: return x / y;
-   case NR_OP_MAX: return x > y ? x : y;
-   default: return x < y ? x : y;
+   /* maximum/minimum propagate a NaN from either side, as torch.maximum / torch.minimum */
+   case NR_OP_MAX: return x > y || x != x ? x : y;
+   default: return x < y || x != x ? x : y;
    }
 }
 
@@ -107,7 +107,7 @@ static inline float apply_unary(float x, int op)
    case NR_OP_LOG: return logf(x);
    case NR_OP_SQRT: return sqrtf(x);
    case NR_OP_SIGN: return (float)((x > 0) - (x < 0));
-   case NR_OP_RELU: return x > 0 ? x : 0;
+   case NR_OP_RELU: return x <= 0 ? 0 : x; /* NaN stays NaN; the layer's expression (nn_relu) */
    case NR_OP_SIGMOID: return 1.0f / (1.0f + expf(-x));
    case NR_OP_TANH: return tanhf(x);
    default: return x * x;
@@ -204,8 +204,9 @@ nr_status nr_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_t op)
          for (int64_t k = 0; k < len; k++) {
             int64_t i = (o * len + k) * inner + in;
             double v = pa[contig ? i : nr_linear_offset(a, i)];
-            if (op == NR_RED_MAX) acc = v > acc ? v : acc;
-            else if (op == NR_RED_MIN) acc = v < acc ? v : acc;
+            /* a NaN wins and stays (PyTorch's max/min of a tensor holding a NaN is NaN) */
+            if (op == NR_RED_MAX) acc = v > acc || v != v ? v : acc;
+            else if (op == NR_RED_MIN) acc = v < acc || v != v ? v : acc;
             else acc += v;
          }
          if (op == NR_RED_MEAN) acc = len ? acc / (double)len : NAN;
@@ -232,11 +233,12 @@ nr_status nr_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out)
    const float *pa = a->data;
    for (int64_t o = 0; o < outer; o++)
       for (int64_t in = 0; in < inner; in++) {
+         /* the first maximum; a NaN counts as the maximum, so the first NaN's position (PyTorch) */
          int64_t best = 0;
-         float bv = -FLT_MAX;
-         for (int64_t k = 0; k < len; k++) {
+         float bv = pa[nr_linear_offset(a, (o * len) * inner + in)];
+         for (int64_t k = 1; k < len && bv == bv; k++) {
             float v = pa[nr_linear_offset(a, (o * len + k) * inner + in)];
-            if (v > bv || k == 0) {
+            if (v > bv || v != v) {
                bv = v;
                best = k;
             }

@@ -63,16 +63,20 @@ static inline void nn_bn_eval_ab(const float *gamma, const float *beta, const fl
    *b = (beta ? beta[c] : 0.0f) - rm[c] * *a;
 }
 
-/* o = p * a + b over one plane, then max(., 0) when relu (the ReLU's own expression, so fused
+/* ReLU as PyTorch's (clamp_min(x, 0)): x when x > 0, 0 when x <= 0 (-0 included), and a NaN stays
+ * NaN, so a diverging activation reaches the loss instead of vanishing. Written as a compare and
+ * a mask (cmpleps + andnps), not as max(x, 0): x86 maxps returns its second operand when either
+ * is NaN, which makes max(x, 0) give 0 for NaN. The CUDA kernels (k_relu_f, k_bn_affine) and
+ * Tensor:relu (math.c, tensor_kernels.cu) use the same expression. */
+static inline float nn_relu(float v) { return v <= 0.0f ? 0.0f : v; }
+
+/* o = p * a + b over one plane, then nn_relu when relu (the ReLU's own expression, so fused
  * and separate forwards agree bit for bit, NaN included). o may be p. */
 static inline void nn_affine_plane(const float *p, float *o, int64_t hw, float a, float b, int relu)
 {
    if (relu) {
 #pragma omp simd
-      for (int64_t i = 0; i < hw; i++) {
-         const float v = p[i] * a + b;
-         o[i] = v > 0.0f ? v : 0.0f;
-      }
+      for (int64_t i = 0; i < hw; i++) o[i] = nn_relu(p[i] * a + b);
    } else {
 #pragma omp simd
       for (int64_t i = 0; i < hw; i++) o[i] = p[i] * a + b;

@@ -112,8 +112,10 @@ int32_t nr_tensor_same_storage(const nr_tensor *a, const nr_tensor *b);
 int32_t nr_dtype_size(int32_t dtype);
 
 /* dst <- src, elementwise over equal shapes, any strides, converting dtype, across devices.
- * Dense views (contiguous or channels-last) of one memory that overlap without being the same
- * view are refused (as PyTorch's copy_): copy from a clone. */
+ * Views of one memory: two that are each dense in some order (contiguous, channels-last, or a
+ * transpose/permutation of either) and overlap without being the same view are refused (as
+ * PyTorch's copy_; a:copy(a:t()) included): copy from a clone. Strided views whose byte spans
+ * meet are copied through a temporary, so dst always ends up with src's values. */
 nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src);
 /* Every element <- value (converted to the tensor's dtype). */
 nr_status nr_tensor_fill(nr_tensor *t, double value);
@@ -126,7 +128,8 @@ nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_ten
  * repeated index the row written there is unspecified on a GPU (as PyTorch's index_copy_). */
 nr_status nr_tensor_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *index,
                                const nr_tensor *src);
-/* Reads element i of the flattened view (row-major order over the view) as a double. */
+/* Reads element i of the flattened view (row-major order over the view) as a double; any NaN
+ * comes back as the one canonical quiet NaN (LuaJIT reads other NaN payloads as non-numbers). */
 nr_status nr_tensor_get(const nr_tensor *t, int64_t i, double *value);
 /* Writes element i of the flattened view. */
 nr_status nr_tensor_set(nr_tensor *t, int64_t i, double value);
@@ -160,20 +163,22 @@ typedef enum {
 } nr_unary_op;
 
 /* out = a (op) b. a, b, out have equal shapes, except that b may have one element (a scalar
- * tensor) or b may broadcast: each of b's dims equals a's or is 1 (same ndim). Any strides. */
+ * tensor) or b may broadcast: each of b's dims equals a's or is 1 (same ndim). Any strides.
+ * NR_OP_MAX / NR_OP_MIN give NaN when either operand is NaN (torch.maximum / minimum). */
 nr_status nr_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t op);
 /* out = a (op) s for a scalar s. */
 nr_status nr_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, int32_t op);
-/* out = op(a). */
+/* out = op(a). NR_OP_RELU keeps a NaN (as nr_relu_forward). */
 nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op);
 /* y <- alpha * x + y (equal shapes). */
 nr_status nr_axpy(const nr_tensor *x, nr_tensor *y, double alpha);
 
 typedef enum { NR_RED_SUM = 0, NR_RED_MEAN = 1, NR_RED_MAX = 2, NR_RED_MIN = 3 } nr_reduce_op;
 /* Reduces a over dim (keeping it as size 1 in out), or over everything when dim = -1 (out has
- * one element). Sums accumulate in double. */
+ * one element). Sums accumulate in double. Max/min are NaN where a NaN is reduced (PyTorch). */
 nr_status nr_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_t op);
-/* out (int64) <- index of the max along dim (out has dim removed... kept as size 1). */
+/* out (int64) <- index of the max along dim (out has dim removed... kept as size 1): the first
+ * maximum, or the first NaN when there is one (PyTorch counts NaN as the maximum). */
 nr_status nr_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out);
 
 /* out = alpha * op(a) @ op(b) + beta * out, where op transposes when trans_* != 0.
@@ -247,8 +252,8 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
  * by the caller for nr_bn2d_backward); gamma (C), beta (C): both NULL when affine = false;
  * running_mean, running_var (C), updated in place (PyTorch): r <- (1 - momentum) * r +
  * momentum * stat, with the unbiased variance (n / (n - 1), n = N*H*W) for running_var.
- * y = (x - mean) * invstd * gamma + beta; relu != 0: y = max(that, 0) in the same pass (BN and
- * a ReLU after it fused, one pass over the data instead of two).
+ * y = (x - mean) * invstd * gamma + beta; relu != 0: the ReLU of that (nr_relu_forward's, NaN
+ * kept) in the same pass (BN and a ReLU after it fused, one pass over the data instead of two).
  * Needs N*H*W >= 2 (NR_E_ARG otherwise, as PyTorch). */
 nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean,
                                 nr_tensor *save_invstd, const nr_tensor *gamma,
@@ -280,7 +285,8 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
                                 float eps, float scale, float acc, const nr_tensor *relu_y);
 
 /* Activations, elementwise, any shape (x, y, dy, dx all the same shape; y may be x and dx may
- * be dy: in place). ReLU: y = max(x, 0); backward from the output: dx = y > 0 ? dy : 0.
+ * be dy: in place). ReLU: y = x > 0 ? x : 0, a NaN kept as NaN (PyTorch; it is never turned into
+ * 0, so divergence reaches the loss); backward from the output: dx = y > 0 ? dy : 0 (0 at a NaN).
  * Sigmoid: y = 1 / (1 + exp(-x)); backward from the output: dx = dy * y * (1 - y). */
 nr_status nr_relu_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);

@@ -3,6 +3,7 @@
  * every view lies inside its storage (checked in nr_tensor_view). */
 #include "internal.h"
 
+#include <math.h>
 #include <omp.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -287,6 +288,13 @@ static inline void store_double(void *base, int32_t dtype, int64_t off, double v
    }
 }
 
+/* Every NaN leaves as the one quiet NaN (0x7ff8000000000000). LuaJIT (2.1, GC64) keeps its
+ * type tags in NaN payloads and does not canonicalise doubles read through the FFI: a float NaN
+ * with the sign and high payload bits set (0xffffffff, bf16 0xfffd, ...) widens to a double that
+ * Lua reads as nil or another non-number. This is the one door from tensor memory to a Lua
+ * number (get, item, totable, reductions, printing), so it is closed here. */
+static inline double canonical_nan(double v) { return v != v ? (double)NAN : v; }
+
 nr_status nr_tensor_get(const nr_tensor *t, int64_t i, double *value)
 {
    NR_CHECK_T("t", t, -1, -1, -1, NULL);
@@ -294,12 +302,15 @@ nr_status nr_tensor_get(const nr_tensor *t, int64_t i, double *value)
    if (i < 0 || i >= n) return NR_FAIL(NR_E_ARG, "index %lld out of range for %lld elements", (long long)i, (long long)n);
    if (t->device != NR_CPU) {
 #ifdef NR_WITH_CUDA
-      return nr_cuda_get(t, nr_linear_offset(t, i), value);
+      double v = 0;
+      NR_TRY(nr_cuda_get(t, nr_linear_offset(t, i), &v));
+      *value = canonical_nan(v);
+      return NR_OK;
 #else
       return NR_FAIL(NR_E_DEVICE, "this nrlua was built without CUDA");
 #endif
    }
-   *value = load_as_double(t->data, t->dtype, nr_linear_offset(t, i));
+   *value = canonical_nan(load_as_double(t->data, t->dtype, nr_linear_offset(t, i)));
    return NR_OK;
 }
 
@@ -331,29 +342,88 @@ static nr_status check_same_shape(const char *func, const nr_tensor *a, const nr
                      nr_tensor_describe(a, da, sizeof da), nr_tensor_describe(b, db, sizeof db));
 }
 
-/* Dense (contiguous or channels-last) views occupy exactly [data, data + numel * size): two of them
- * on one device overlap unless those ranges are disjoint or they are the same view. Strided views
- * are not judged (as PyTorch's "too hard" case). */
-static nr_status check_copy_overlap(const char *func, const nr_tensor *dst, const nr_tensor *src)
+/* The bytes [*lo, *hi) a non-empty view reaches (its lowest and highest element). */
+static void byte_span(const nr_tensor *t, const char **lo, const char **hi)
 {
-   if (dst->device != src->device || dst->device_index != src->device_index) return NR_OK;
-   const int dense_d = nr_tensor_is_contiguous(dst) || nr_tensor_is_channels_last(dst);
-   const int dense_s = nr_tensor_is_contiguous(src) || nr_tensor_is_channels_last(src);
-   if (!dense_d || !dense_s) return NR_OK;
-   const int64_t n = nr_tensor_numel(src);
-   const char *d0 = dst->data, *s0 = src->data;
-   const char *d1 = d0 + n * nr_dtype_size(dst->dtype), *s1 = s0 + n * nr_dtype_size(src->dtype);
+   int64_t a = 0, b = 0;
+   for (int d = 0; d < t->ndim; d++) {
+      const int64_t span = (t->shape[d] - 1) * t->stride[d];
+      if (span < 0) a += span;
+      else b += span;
+   }
+   const int64_t es = nr_dtype_size(t->dtype);
+   *lo = (const char *)t->data + a * es;
+   *hi = (const char *)t->data + (b + 1) * es;
+}
+
+/* Non-overlapping and dense (PyTorch's is_non_overlapping_and_dense): the elements fill their
+ * byte span exactly, each once, in some order of the dimensions (contiguous, channels-last, a
+ * transpose or permutation of either). */
+static bool dense_in_some_order(const nr_tensor *t)
+{
+   int idx[8], m = 0;
+   for (int d = 0; d < t->ndim; d++)
+      if (t->shape[d] != 1) idx[m++] = d;
+   for (int i = 1; i < m; i++) /* by stride, ascending */
+      for (int j = i; j > 0 && t->stride[idx[j - 1]] > t->stride[idx[j]]; j--) {
+         const int k = idx[j];
+         idx[j] = idx[j - 1];
+         idx[j - 1] = k;
+      }
+   int64_t expect = 1;
+   for (int i = 0; i < m; i++) {
+      if (t->stride[idx[i]] != expect) return false;
+      expect *= t->shape[idx[i]];
+   }
+   return true;
+}
+
+enum { COPY_DIRECT, COPY_VIA_TEMP };
+
+/* How a copy between two non-empty views must run when they may share memory (PyTorch's rule for
+ * copy_, with its "too hard" case made safe):
+ * - different storages, disjoint byte spans, the same view, or two row-major views starting at
+ *   one element (x:view(shape):copy(x)): elements are read before they can be overwritten, or
+ *   each is copied onto itself: COPY_DIRECT;
+ * - both dense in some order (contiguous, channels-last, transposed: every element of the span
+ *   belongs to the view) and their spans intersect: some source element is overwritten before it
+ *   is read, and PyTorch refuses ("unsupported operation: some elements of the input tensor and
+ *   the written-to tensor refer to a single memory location"), so this refuses as well
+ *   (a:copy(a:t()), a:narrow(1, 2, n):copy(a:narrow(1, 1, n)));
+ * - otherwise (strided views whose spans intersect: they may interleave without sharing an
+ *   element, as a column into its neighbour, or overlap, PyTorch's unchecked case):
+ *   COPY_VIA_TEMP, source first copied into a temporary, so the result is always src's values. */
+static nr_status copy_overlap(const char *func, const nr_tensor *dst, const nr_tensor *src, int *how)
+{
+   *how = COPY_DIRECT;
+   if (dst->device != src->device || dst->device_index != src->device_index || dst->storage != src->storage) return NR_OK;
+   const char *d0, *d1, *s0, *s1;
+   byte_span(dst, &d0, &d1);
+   byte_span(src, &s0, &s1);
    if (d1 <= s0 || s1 <= d0) return NR_OK;
-   /* the same elements in the same order: the same view, or two row-major views of one memory
-    * (x:view(shape):copy(x)) */
-   bool same_view = d0 == s0 && dst->dtype == src->dtype && dst->ndim == src->ndim;
+   bool same_view = dst->data == src->data && dst->dtype == src->dtype && dst->ndim == src->ndim;
    for (int d = 0; same_view && d < dst->ndim; d++) same_view = dst->shape[d] < 2 || dst->stride[d] == src->stride[d];
-   if (same_view || (d0 == s0 && dst->dtype == src->dtype && nr_tensor_is_contiguous(dst) && nr_tensor_is_contiguous(src)))
+   if (same_view || (dst->data == src->data && dst->dtype == src->dtype && nr_tensor_is_contiguous(dst) &&
+                     nr_tensor_is_contiguous(src)))
       return NR_OK;
-   char dd[128], ds[128];
-   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
-                     "dst %s and src %s overlap in memory; copy from a clone of src", nr_tensor_describe(dst, dd, sizeof dd),
-                     nr_tensor_describe(src, ds, sizeof ds));
+   if (dense_in_some_order(dst) && dense_in_some_order(src)) {
+      char dd[128], ds[128];
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "dst %s and src %s overlap in memory; copy from a clone of src",
+                        nr_tensor_describe(dst, dd, sizeof dd), nr_tensor_describe(src, ds, sizeof ds));
+   }
+   *how = COPY_VIA_TEMP;
+   return NR_OK;
+}
+
+static nr_status copy_via_temp(nr_tensor *dst, const nr_tensor *src)
+{
+   nr_tensor *tmp = nr_tensor_new_at(src->dtype, src->device, src->device_index, src->ndim, src->shape);
+   if (!tmp) return NR_E_OOM; /* nr_tensor_new_at set the message */
+   nr_status st = nr_tensor_copy(tmp, src);
+   if (st == NR_OK) st = nr_tensor_copy(dst, tmp);
+   nr_tensor_free(tmp);
+   return st;
 }
 
 nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src)
@@ -362,7 +432,11 @@ nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src)
    NR_CHECK_T("src", src, -1, -1, -1, NULL);
    if (nr_tensor_numel(dst) != nr_tensor_numel(src) || (dst->ndim == src->ndim && check_same_shape(__func__, dst, src)))
       return check_same_shape(__func__, dst, src);
-   if (nr_tensor_numel(src) > 0) NR_TRY(check_copy_overlap(__func__, dst, src));
+   if (nr_tensor_numel(src) > 0) {
+      int how;
+      NR_TRY(copy_overlap(__func__, dst, src, &how));
+      if (how == COPY_VIA_TEMP) return copy_via_temp(dst, src);
+   }
    if (dst->device != NR_CPU || src->device != NR_CPU) {
 #ifdef NR_WITH_CUDA
       return nr_cuda_copy(dst, src);

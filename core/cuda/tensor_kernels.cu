@@ -111,8 +111,9 @@ __device__ __forceinline__ float bin(float x, float y, int op)
    case NR_OP_SUB: return x - y;
    case NR_OP_MUL: return x * y;
    case NR_OP_DIV: return x / y;
-   case NR_OP_MAX: return x > y ? x : y;
-   default: return x < y ? x : y;
+   /* a NaN on either side propagates (torch.maximum / minimum), as math.c */
+   case NR_OP_MAX: return x > y || x != x ? x : y;
+   default: return x < y || x != x ? x : y;
    }
 }
 
@@ -125,7 +126,7 @@ __device__ __forceinline__ float un(float x, int op)
    case NR_OP_LOG: return logf(x);
    case NR_OP_SQRT: return sqrtf(x);
    case NR_OP_SIGN: return (float)((x > 0) - (x < 0));
-   case NR_OP_RELU: return x > 0 ? x : 0;
+   case NR_OP_RELU: return x <= 0 ? 0.0f : x; /* NaN stays NaN: nn_relu (core/nn_internal.h) */
    case NR_OP_SIGMOID: return 1.0f / (1.0f + expf(-x));
    case NR_OP_TANH: return tanhf(x);
    default: return x * x;
@@ -180,10 +181,11 @@ __device__ __forceinline__ double red_init(int op)
 {
    return op == NR_RED_MAX ? -INFINITY : op == NR_RED_MIN ? INFINITY : 0.0;
 }
+/* max/min: a NaN wins and stays (PyTorch), in any combination order */
 __device__ __forceinline__ double red_step(double acc, double v, int op)
 {
-   if (op == NR_RED_MAX) return v > acc ? v : acc;
-   if (op == NR_RED_MIN) return v < acc ? v : acc;
+   if (op == NR_RED_MAX) return v > acc || v != v ? v : acc;
+   if (op == NR_RED_MIN) return v < acc || v != v ? v : acc;
    return acc + v;
 }
 
@@ -226,7 +228,18 @@ __global__ void k_reduce_thread(const T *a, geo ga, T *out, int64_t outer, int64
    }
 }
 
-/* argmax: first maximum; like the CPU loop, a NaN at k = 0 wins and later NaNs never do. */
+/* (v2, i2) beats (v1, i1) for argmax: a NaN is the maximum (PyTorch), ties and NaNs go to the
+ * lower position, i < 0 marks "no element". */
+__device__ __forceinline__ bool argmax_better(float v2, int64_t i2, float v1, int64_t i1)
+{
+   if (i2 < 0) return false;
+   if (i1 < 0) return true;
+   const bool n1 = v1 != v1, n2 = v2 != v2;
+   if (n1 || n2) return n2 && (!n1 || i2 < i1);
+   return v2 > v1 || (v2 == v1 && i2 < i1);
+}
+
+/* argmax: the first maximum, or the first NaN when there is one (as the CPU loop). */
 template <typename T>
 __global__ void k_argmax(const T *a, geo ga, int64_t *out, int64_t outer, int64_t len, int64_t inner)
 {
@@ -234,12 +247,11 @@ __global__ void k_argmax(const T *a, geo ga, int64_t *out, int64_t outer, int64_
    __shared__ int64_t si[256];
    for (int64_t oi = blockIdx.x; oi < outer * inner; oi += gridDim.x) {
       int64_t o = oi / inner, in = oi % inner;
-      float first = ld(a + goff(ga, o * len * inner + in));
-      float bv = -INFINITY;
+      float bv = 0.0f;
       int64_t bi = -1;
       for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
          float v = ld(a + goff(ga, (o * len + k) * inner + in));
-         if (v > bv || (bi < 0 && v == bv)) { /* strictly greater, or the first -inf seen */
+         if (argmax_better(v, k, bv, bi)) {
             bv = v;
             bi = k;
          }
@@ -248,17 +260,13 @@ __global__ void k_argmax(const T *a, geo ga, int64_t *out, int64_t outer, int64_
       si[threadIdx.x] = bi;
       __syncthreads();
       for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-         if ((int)threadIdx.x < s) {
-            float v2 = sv[threadIdx.x + s];
-            int64_t i2 = si[threadIdx.x + s];
-            if (i2 >= 0 && (si[threadIdx.x] < 0 || v2 > sv[threadIdx.x] || (v2 == sv[threadIdx.x] && i2 < si[threadIdx.x]))) {
-               sv[threadIdx.x] = v2;
-               si[threadIdx.x] = i2;
-            }
+         if ((int)threadIdx.x < s && argmax_better(sv[threadIdx.x + s], si[threadIdx.x + s], sv[threadIdx.x], si[threadIdx.x])) {
+            sv[threadIdx.x] = sv[threadIdx.x + s];
+            si[threadIdx.x] = si[threadIdx.x + s];
          }
          __syncthreads();
       }
-      if (threadIdx.x == 0) out[oi] = (first != first || si[0] < 0) ? 0 : si[0];
+      if (threadIdx.x == 0) out[oi] = si[0] < 0 ? 0 : si[0];
       __syncthreads();
    }
 }

@@ -179,8 +179,18 @@ function M.tensor(values, opts)
    end
    walk(values, 1)
    local host = new(shape, {dtype = opts and opts.dtype}, 'nr.tensor')
-   local p = host:data()
-   for i = 1, #flat do p[i - 1] = flat[i] end
+   if host:dtype() == 'bfloat16' then
+      -- the data pointer holds raw bf16 bits: write float32 and round (nearest even), exactly as
+      -- nr.tensor(values):bfloat16() does
+      local f = new(shape, nil, 'nr.tensor')
+      local q = f:data()
+      for i = 1, #flat do q[i - 1] = flat[i] end
+      host:copy(f)
+      f:free()
+   else
+      local p = host:data()
+      for i = 1, #flat do p[i - 1] = flat[i] end
+   end
    if opts and opts.device and opts.device ~= 'cpu' then return host:to(opts.device) end
    return host
 end
@@ -198,6 +208,14 @@ local function live(t)
    return c
 end
 
+-- Positions and dimensions must be integers: 1.5 is an error naming the argument, never floored
+-- (PyTorch refuses float indices too). Raises at the level of the method's caller.
+local function int_arg(v, fname, what)
+   if type(v) ~= 'number' or v ~= math.floor(v) then
+      error(string.format('%s: %s must be an integer, got %s', fname, what, type(v) == 'number' and tostring(v) or type(v)), 3)
+   end
+end
+
 function Tensor:dim() return live(self).ndim end
 function Tensor:shape()
    local c, s = live(self), {}
@@ -207,6 +225,7 @@ end
 function Tensor:size(d)
    local c = live(self)
    if d == nil then return self:shape() end
+   int_arg(d, 'Tensor:size', 'dimension')
    if d < 0 then d = c.ndim + 1 + d end
    check.arg(d >= 1 and d <= c.ndim, 'Tensor:size', 'dimension %s out of range 1..%d', tostring(d), c.ndim)
    return tonumber(c.shape[d - 1])
@@ -252,7 +271,9 @@ function Tensor:memory_format()
    return 'strided'
 end
 function Tensor:is_cuda() return live(self).device == C.NR_CUDA end
--- Raw pointer to element 0 (CPU tensors; typed by dtype). Valid while the tensor lives.
+-- Raw pointer to element 0 (CPU tensors; typed by dtype, bf16 as uint16_t bits). Valid while the
+-- tensor lives. Reading a float NaN through it can give a non-number in LuaJIT (NaN payloads are
+-- its type tags): read values with get/totable, which canonicalise NaN.
 function Tensor:data()
    local c = live(self)
    check.arg(c.device == C.NR_CPU, 'Tensor:data', 'tensor is on %s; call :cpu() first', self:device())
@@ -279,13 +300,18 @@ end
 
 -- ---- element access ----------------------------------------------------------------------
 
+-- Values come from C as doubles with any NaN canonical (nr_tensor_get): read straight from a
+-- float/bf16 pointer, a NaN with some payloads becomes a non-number in LuaJIT (see core/tensor.c),
+-- so everything here (get, item, totable, reductions, printing) reads through it.
 local dbl = ffi.new('double[1]')
 -- Flat (row-major) element i, 1-based.
 function Tensor:get(i)
+   int_arg(i, 'Tensor:get', 'position')
    check.status(C.nr_tensor_get(live(self), i - 1, dbl), 'Tensor:get')
    return dbl[0]
 end
 function Tensor:set(i, v)
+   int_arg(i, 'Tensor:set', 'position')
    check.status(C.nr_tensor_set(live(self), i - 1, v), 'Tensor:set')
    return self
 end
@@ -383,35 +409,103 @@ local function make_view(self, shape, stride, offset, fname)
    return wrap(check.pointer(p, fname, 4))
 end
 
--- reshape(d1, d2, ...) or reshape{d1, d2, ...}; one size may be -1. Views when contiguous.
-function Tensor:reshape(...)
+-- The sizes of reshape/view (d1, d2, ... or {d1, d2, ...}; one may be -1), checked against
+-- self's number of elements. Errors are raised at the level of the method's caller.
+local function target_shape(self, fname, ...)
    local shape = select('#', ...) == 1 and type(...) == 'table' and {unpack((...))} or {...}
    local n, infer, known = self:numel(), nil, 1
    for i, s in ipairs(shape) do
       if s == -1 then
-         check.arg(not infer, 'Tensor:reshape', 'only one size may be -1')
+         if infer then error(fname .. ': only one size may be -1', 3) end
          infer = i
       else
-         check.arg(type(s) == 'number' and s >= 0 and s == math.floor(s), 'Tensor:reshape', 'bad size %s', tostring(s))
+         if not (type(s) == 'number' and s >= 0 and s == math.floor(s)) then
+            error(string.format('%s: bad size %s', fname, tostring(s)), 3)
+         end
          known = known * s
       end
    end
    if infer then
-      check.arg(known > 0 and n % known == 0, 'Tensor:reshape', 'cannot infer -1 for %d elements into {%s}', n, table.concat(shape, ', '))
+      if not (known > 0 and n % known == 0) then
+         error(string.format('%s: cannot infer -1 for %d elements into {%s}', fname, n, table.concat(shape, ', ')), 3)
+      end
       shape[infer] = n / known
       known = n
    end
-   check.arg(known == n, 'Tensor:reshape', 'cannot reshape %s (%d elements) to {%s}', self:describe(), n, table.concat(shape, ', '))
+   if known ~= n then
+      error(string.format('%s: cannot reshape %s (%d elements) to {%s}', fname, self:describe(), n, table.concat(shape, ', ')), 3)
+   end
+   return shape
+end
+
+-- reshape(d1, d2, ...) or reshape{d1, d2, ...}; one size may be -1. A view when self is
+-- contiguous, else a copy (as PyTorch's reshape); view() never copies.
+function Tensor:reshape(...)
+   local shape = target_shape(self, 'Tensor:reshape', ...)
    local src = self:contiguous()
    local stride, acc = {}, 1
    for i = #shape, 1, -1 do stride[i] = acc; acc = acc * shape[i] end
    return make_view(src, shape, stride, tonumber(live(src).offset), 'Tensor:reshape')
 end
-Tensor.view = Tensor.reshape
+
+-- Strides that view old (shape, stride) as new shape without moving data, or nil when no view
+-- exists (PyTorch's computeStride): each run of old dimensions that is contiguous within itself
+-- (a "chunk") may be split or merged, but no new dimension may span two chunks.
+local function view_strides(oshape, ostride, nshape, numel)
+   local nstride = {}
+   if #oshape == 0 then
+      for i = 1, #nshape do nstride[i] = 1 end
+      return nstride
+   end
+   if numel == 0 then -- no element: any strides do; contiguous ones
+      local acc = 1
+      for i = #nshape, 1, -1 do nstride[i] = acc; acc = acc * math.max(nshape[i], 1) end
+      return nstride
+   end
+   local view_d = #nshape
+   local chunk_base = ostride[#oshape]
+   local tensor_numel, view_numel = 1, 1
+   for d = #oshape, 1, -1 do
+      tensor_numel = tensor_numel * oshape[d]
+      if d == 1 or (oshape[d - 1] ~= 1 and ostride[d - 1] ~= tensor_numel * chunk_base) then
+         while view_d >= 1 and (view_numel < tensor_numel or nshape[view_d] == 1) do
+            nstride[view_d] = view_numel * chunk_base
+            view_numel = view_numel * nshape[view_d]
+            view_d = view_d - 1
+         end
+         if view_numel ~= tensor_numel then return nil end
+         if d > 1 then
+            chunk_base = ostride[d - 1]
+            tensor_numel, view_numel = 1, 1
+         end
+      end
+   end
+   if view_d ~= 0 then return nil end
+   return nstride
+end
+
+-- view(d1, d2, ...) or view{d1, d2, ...}: the same memory seen with another shape, so writes
+-- through it reach self; one size may be -1. An error (as PyTorch's) when self's strides do not
+-- allow it (a transpose flattened, a narrowed row merged with the next): use reshape, which
+-- copies then.
+function Tensor:view(...)
+   local shape = target_shape(self, 'Tensor:view', ...)
+   local oshape, ostride = self:shape(), self:stride()
+   local stride = view_strides(oshape, ostride, shape, self:numel())
+   if not stride then
+      error(string.format("Tensor:view: view size is not compatible with input tensor's size and stride (at least one " ..
+         "dimension spans across two contiguous subspaces): cannot view %s (strides {%s}) as {%s}; use :reshape(...) " ..
+         "instead (it copies when no view exists)", self:describe(), table.concat(ostride, ', '), table.concat(shape, ', ')), 2)
+   end
+   return make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:view')
+end
 
 -- narrow(dim, start, length): positions 1-based.
 function Tensor:narrow(dim, start, len)
    local shape, stride = self:shape(), self:stride()
+   int_arg(dim, 'Tensor:narrow', 'dimension')
+   int_arg(start, 'Tensor:narrow', 'start')
+   int_arg(len, 'Tensor:narrow', 'length')
    check.arg(type(dim) == 'number' and dim >= 1 and dim <= #shape, 'Tensor:narrow', 'dimension %s out of range 1..%d', tostring(dim), #shape)
    check.arg(type(start) == 'number' and type(len) == 'number' and start >= 1 and len >= 0 and start + len - 1 <= shape[dim],
       'Tensor:narrow', 'range start %s length %s outside 1..%d of dimension %d', tostring(start), tostring(len), shape[dim], dim)
@@ -423,6 +517,8 @@ end
 -- select(dim, index): removes dim.
 function Tensor:select(dim, index)
    local shape, stride = self:shape(), self:stride()
+   int_arg(dim, 'Tensor:select', 'dimension')
+   int_arg(index, 'Tensor:select', 'index')
    check.arg(type(dim) == 'number' and dim >= 1 and dim <= #shape, 'Tensor:select', 'dimension %s out of range 1..%d', tostring(dim), #shape)
    check.arg(type(index) == 'number' and index >= 1 and index <= shape[dim], 'Tensor:select', 'index %s outside 1..%d', tostring(index), shape[dim])
    local offset = tonumber(live(self).offset) + (index - 1) * stride[dim]
@@ -433,6 +529,8 @@ end
 
 function Tensor:transpose(d1, d2)
    local shape, stride = self:shape(), self:stride()
+   int_arg(d1, 'Tensor:transpose', 'dimension 1')
+   int_arg(d2, 'Tensor:transpose', 'dimension 2')
    check.arg(d1 >= 1 and d1 <= #shape and d2 >= 1 and d2 <= #shape, 'Tensor:transpose', 'dimensions %s, %s out of range 1..%d', tostring(d1), tostring(d2), #shape)
    shape[d1], shape[d2] = shape[d2], shape[d1]
    stride[d1], stride[d2] = stride[d2], stride[d1]
@@ -443,6 +541,11 @@ end
 function Tensor:as_strided(shape, stride, offset)
    check.arg(type(shape) == 'table' and type(stride) == 'table' and #shape == #stride, 'Tensor:as_strided',
       'shape and stride must be tables of one length')
+   for i = 1, #shape do
+      int_arg(shape[i], 'Tensor:as_strided', 'size ' .. i)
+      int_arg(stride[i], 'Tensor:as_strided', 'stride ' .. i)
+   end
+   if offset ~= nil then int_arg(offset, 'Tensor:as_strided', 'offset') end
    return make_view(self, shape, stride, offset or tonumber(live(self).offset), 'Tensor:as_strided')
 end
 -- The strides of a channels-last (N, C, H, W) tensor of this shape.
@@ -458,13 +561,21 @@ end
 
 -- index_select(dim, index) along dim (1-based dim; index holds 0-based positions, int64).
 local function as_index(index, fname)
-   if type(index) == 'table' and not is_tensor(index) then return M.tensor(index, {dtype = 'int64'}) end
+   if type(index) == 'table' and not is_tensor(index) then
+      for i = 1, #index do
+         if type(index[i]) ~= 'number' or index[i] ~= math.floor(index[i]) then
+            error(string.format('%s: index %d must be an integer position, got %s', fname, i, tostring(index[i])), 3)
+         end
+      end
+      return M.tensor(index, {dtype = 'int64'})
+   end
    check.arg(is_tensor(index) and index:dtype() == 'int64', fname, 'index must be an int64 tensor or a table of 0-based positions')
    return index
 end
 -- self's rows index[i] along dim, into out (contiguous, or channels-last like self) or a new tensor.
 function Tensor:index_select(dim, index, out)
    index = as_index(index, 'Tensor:index_select')
+   int_arg(dim, 'Tensor:index_select', 'dimension')
    local shape = self:shape()
    check.arg(dim >= 1 and dim <= #shape, 'Tensor:index_select', 'dimension %s out of range', tostring(dim))
    shape[dim] = index:numel()
@@ -477,6 +588,7 @@ end
 -- self[index[i]] <- src[i] along dim (in place); self contiguous or channels-last.
 function Tensor:index_copy(dim, index, src)
    index = as_index(index, 'Tensor:index_copy')
+   int_arg(dim, 'Tensor:index_copy', 'dimension')
    local fmt = self:memory_format()
    check.arg(fmt == 'contiguous' or fmt == 'channels_last', 'Tensor:index_copy', 'destination must be contiguous or channels-last')
    fmt = fmt == 'channels_last' and fmt or nil
@@ -557,7 +669,8 @@ for name, op in pairs(RED) do
          return out:item()
       end
       local shape = a:shape()
-      check.arg(type(dim) == 'number' and dim >= 1 and dim <= #shape, fname, 'dimension %s out of range 1..%d', tostring(dim), #shape)
+      int_arg(dim, fname, 'dimension')
+      check.arg(dim >= 1 and dim <= #shape, fname, 'dimension %s out of range 1..%d', tostring(dim), #shape)
       shape[dim] = 1
       local out = M.empty(shape, {device = a:device(), dtype = a:dtype()})
       check.status(C.nr_reduce(live(a), dim - 1, live(out), op), fname)
@@ -574,6 +687,7 @@ function Tensor:argmax(dim)
       return out:item()
    end
    local shape = a:shape()
+   int_arg(dim, 'Tensor:argmax', 'dimension')
    check.arg(dim >= 1 and dim <= #shape, 'Tensor:argmax', 'dimension %s out of range', tostring(dim))
    shape[dim] = 1
    local out = M.empty(shape, {dtype = 'int64'})

@@ -106,10 +106,9 @@ describe('errors on bad input and bad options', function()
       e = err_of(nn.Concat, 'x')
       assert.truthy(e:find('expects a list of modules', 1, true), e)
       -- a nil child (an unassigned variable) is an error, not a silently shorter container
-      local unset
-      e = err_of(nn.Sequential, {a, unset, b})
+      e = err_of(nn.Sequential, {a, nil, b})
       assert.truthy(e:find('child 2 is nil (an unassigned variable?); 3 children were given', 1, true), e)
-      e = err_of(nn.Sequential, a, unset, b)
+      e = err_of(nn.Sequential, a, nil, b)
       assert.truthy(e:find('child 2 is nil', 1, true), e)
    end)
 
@@ -681,5 +680,109 @@ describe('channels-last inputs on the CPU', function()
       local msg = nrffi.ffi.string(C.nr_last_error())
       assert.truthy(msg:find('channels%-last activations compute on CUDA only'), msg)
       assert.truthy(msg:find(':contiguous%(%)'), msg)
+   end)
+end)
+
+describe('NaN propagates through ReLU (as PyTorch), so a diverging run reaches the loss check', function()
+   local nan = 0 / 0
+   local function is_nan(v) return v ~= v end
+   -- positions (1-based, row-major) of the NaNs of t
+   local function nan_positions(t)
+      local out, flat = {}, t:contiguous():reshape(-1):totable()
+      for i, v in ipairs(flat) do if is_nan(v) then out[#out + 1] = i end end
+      return out
+   end
+
+   it('ReLU and ReLU{inplace = true}: NaN in, NaN out; the backward passes no gradient there (mask y > 0)', function()
+      local x = nr.tensor({nan, 1, -1, 0, nan, 2}):reshape(1, 1, 2, 3)
+      for _, m in ipairs({nn.ReLU(), nn.ReLU{inplace = true}}) do
+         local y = m:forward(x:clone())
+         assert.same({1, 5}, nan_positions(y))
+         local f = y:reshape(-1):totable()
+         assert.same({1, 0, 0, 2}, {f[2], f[3], f[4], f[6]})
+         local g = m:backward(x, nr.ones({1, 1, 2, 3})):reshape(-1):totable()
+         assert.same({0, 1, 0, 0, 0, 1}, g)
+      end
+      -- NaN never turns into 0 on a large (vectorised, multi-threaded) input either
+      local big = nr.randn({4, 8, 64, 64})
+      big:set(1, nan); big:set(777, nan); big:set(big:numel(), nan)
+      assert.same({1, 777, big:numel()}, nan_positions(nn.ReLU():forward(big)))
+   end)
+
+   for _, mode in ipairs({'training', 'evaluate'}) do
+      it('BatchNorm2d + in-place ReLU, fused and separate, keep the NaN (' .. mode .. ')', function()
+         nr.manual_seed(3)
+         local x = nr.randn({2, 3, 4, 4})
+         x:set(1 * 16 + 5, nan)                                     -- sample 1, channel 2
+         local outs = {}
+         for _, fuse in ipairs({true, false}) do
+            local net = nn.Sequential{nn.BatchNorm2d(3), nn.ReLU{inplace = true}}
+            net.noFusion = not fuse
+            net[mode](net)
+            local y = net:forward(x:clone())
+            assert.are.equal(fuse, net.modules[1]._relu_fused == true)
+            outs[#outs + 1] = nan_positions(y)
+         end
+         assert.same(outs[1], outs[2])
+         if mode == 'training' then
+            assert.equal(32, #outs[1])                               -- channel 2's batch mean is NaN: all of it
+            assert.equal(17, outs[1][1])
+         else
+            assert.same({21}, outs[1])                               -- only the NaN element
+         end
+      end)
+   end
+
+   it('a Conv2d + BatchNorm2d + ReLU folded under nr.no_grad keeps the NaN (every conv path)', function()
+      local cases = {
+         {'im2col', function() return nn.Conv2d(3, 4, 3, {padding = 1}) end, {3, 6, 6}},
+         {'1x1', function() return nn.Conv2d(3, 4, 1) end, {3, 6, 6}},
+         {'depthwise', function() return nn.Conv2d(4, 4, 3, {padding = 1, groups = 4}) end, {4, 6, 6}},
+         {'3x3 dense (oneDNN or Winograd)', function() return nn.Conv2d(128, 128, 3, {padding = 1, bias = false}) end, {128, 6, 6}},
+      }
+      for _, c in ipairs(cases) do
+         nr.manual_seed(4)
+         local conv = c[2]()
+         local bn = nn.BatchNorm2d(conv.out_channels)
+         local net = nn.Sequential{conv, bn, nn.ReLU{inplace = true}}
+         net:evaluate()
+         local x = nr.randn({2, unpack(c[3])})
+         x:set(3, nan)
+         local plain = nan_positions(net:forward(x))
+         local folded = nr.no_grad(function() return nan_positions(net:forward(x)) end)
+         assert.is_true(bn.output:same_storage(conv.output), c[1] .. ': the fold did not happen')
+         assert.is_true(#plain > 0, c[1] .. ': no NaN in the unfolded output')
+         assert.same(plain, folded, c[1])
+      end
+   end)
+
+   it('the CUDA kernels keep the CPU rule (ReLU, fused BN + ReLU, conv fold, relu/maximum/max/min); skipped without a GPU', function()
+      if not nr.cuda.available() then return end
+      nr.manual_seed(6)
+      local x = nr.randn({2, 3, 4, 4})
+      x:set(5, nan); x:set(40, nan)
+      local t = nr.tensor({nan, 1, -1, 0, nan})
+      for _, op in ipairs({function(v) return v:relu() end, function(v) return v:maximum(0) end,
+                           function(v) return v:minimum(0) end, function(v) return v:maximum(v:neg()) end}) do
+         assert.same(nan_positions(op(t)), nan_positions(op(t:cuda()):cpu()))
+      end
+      assert.is_true(is_nan(t:cuda():max()) and is_nan(t:cuda():min()))
+      assert.is_true(is_nan(x:cuda():max(2):cpu():sum()))
+      for _, mode in ipairs({'training', 'evaluate'}) do
+         for _, fuse in ipairs({true, false}) do
+            nr.manual_seed(7)
+            local net = nn.Sequential{nn.Conv2d(3, 4, 3, {padding = 1}), nn.BatchNorm2d(4), nn.ReLU{inplace = true}}
+            net.noFusion = not fuse
+            net[mode](net)
+            local g = net:clone():to('cuda')
+            local want = nan_positions(net:forward(x))
+            assert.is_true(#want > 0)
+            assert.same(want, nan_positions(g:forward(x:cuda()):cpu()), mode .. (fuse and ' fused' or ''))
+            if mode == 'evaluate' then
+               assert.same(want, nr.no_grad(function() return nan_positions(g:forward(x:cuda()):cpu()) end), 'folded')
+            end
+            assert.same(nan_positions(nn.ReLU():forward(x)), nan_positions(nn.ReLU():to('cuda'):forward(x:cuda()):cpu()))
+         end
+      end
    end)
 end)

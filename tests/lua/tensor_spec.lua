@@ -247,6 +247,190 @@ describe('nr.Tensor', function()
       assert.is_false(ok)
       assert.truthy(tostring(err):find('overlap in memory', 1, true), err)
    end)
+
+   it('copy between views of one memory: a transpose onto itself is refused, strided views copy as from a clone', function()
+      -- a:copy(a:t()) read elements it had already overwritten ({1, 3, 3, 4}); PyTorch refuses it
+      local a = nr.tensor({{1, 2}, {3, 4}})
+      local ok, err = pcall(function() a:copy(a:t()) end)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('overlap in memory; copy from a clone of src', 1, true), err)
+      assert.same({{1, 2}, {3, 4}}, a:totable())                 -- nothing written
+      a:copy(a:t():clone())
+      assert.same({{1, 3}, {2, 4}}, a:totable())
+      -- interleaved views that share no element: a column into its neighbour, both ways
+      local m = nr.tensor({{1, 2, 3}, {4, 5, 6}, {7, 8, 9}})
+      m:select(2, 1):copy(m:select(2, 2))
+      assert.same({{2, 2, 3}, {5, 5, 6}, {8, 8, 9}}, m:totable())
+      m:select(2, 3):copy(m:select(2, 2))
+      assert.same({{2, 2, 2}, {5, 5, 5}, {8, 8, 8}}, m:totable())
+      -- strided views that do share elements: the result is src's values before the copy
+      m = nr.tensor({{1, 2, 3, 4}, {5, 6, 7, 8}})
+      m:narrow(2, 2, 3):copy(m:narrow(2, 1, 3))
+      assert.same({{1, 1, 2, 3}, {5, 5, 6, 7}}, m:totable())
+      m = nr.tensor({{1, 2, 3, 4}, {5, 6, 7, 8}})
+      m:narrow(2, 1, 3):copy(m:narrow(2, 2, 3))
+      assert.same({{2, 3, 4, 4}, {6, 7, 8, 8}}, m:totable())
+      -- a strided destination over a dense source it overlaps (every other element <- the first half)
+      local t = nr.tensor({1, 2, 3, 4, 5, 6})
+      t:as_strided({3}, {2}, 0):copy(t:narrow(1, 1, 3))
+      assert.same({1, 2, 2, 4, 3, 6}, t:totable())
+      t = nr.tensor({1, 2, 3, 4, 5, 6})
+      t:narrow(1, 4, 3):copy(t:as_strided({3}, {2}, 1))          -- 2, 4, 6 into the second half
+      assert.same({1, 2, 3, 2, 4, 6}, t:totable())
+      -- a copy into a transposed view of another tensor is untouched by all this
+      local b = nr.zeros({2, 2})
+      b:t():copy(nr.tensor({{1, 2}, {3, 4}}))
+      assert.same({{1, 3}, {2, 4}}, b:totable())
+   end)
+
+   it('nr.tensor with dtype bfloat16 stores the values rounded to bf16 (nearest even), as :bfloat16()', function()
+      local vals = {1.5, 2, -3, 100, 1 + 2 ^ -8, 1 + 3 * 2 ^ -8, -0.1, 3.0e38}
+      local b = nr.tensor(vals, {dtype = 'bfloat16'})
+      assert.equal('bfloat16', b:dtype())
+      assert.same(nr.tensor(vals):bfloat16():totable(), b:totable())
+      local got = b:totable()
+      assert.same({1.5, 2, -3, 100, 1, 1 + 2 ^ -6}, {got[1], got[2], got[3], got[4], got[5], got[6]})
+      assert.is_true(math.abs(got[7] + 0.1) < 0.001 and got[7] ~= -0.1, tostring(got[7]))
+      assert.same({{1.5, -2}, {0.25, 8}}, nr.tensor({{1.5, -2}, {0.25, 8}}, {dtype = 'bf16'}):totable())
+      assert.same(nr.tensor({1, 2}, {dtype = 'int64'}):totable(), {1, 2})   -- other dtypes as before
+   end)
+
+   it('NaN read back from tensor memory is a Lua NaN whatever its bits (get, item, totable, reductions, print)', function()
+      local ffi = require 'ffi'
+      -- LuaJIT keeps type tags in NaN payloads: these patterns used to come back as nil
+      local t = nr.zeros({4})
+      local bits = ffi.cast('uint32_t *', t:data())
+      bits[0], bits[1], bits[2], bits[3] = 0xFFFFFFFF, 0xFFFD0000, 0x7FC00000, 0xFFC00001
+      local function is_nan(v) return type(v) == 'number' and v ~= v end
+      for i = 1, 4 do assert.is_true(is_nan(t:get(i)), 'get(' .. i .. ') gave ' .. type(t:get(i))) end
+      for i, v in ipairs(t:totable()) do assert.is_true(is_nan(v), 'totable()[' .. i .. ']') end
+      assert.equal(4, #t:totable())
+      assert.is_true(is_nan(t:narrow(1, 2, 1):item()))
+      assert.is_true(is_nan(t:narrow(1, 1, 1):item() + 1))
+      assert.is_true(is_nan(t:sum()))
+      assert.is_true(is_nan(t:mean()))
+      assert.is_true(is_nan(t:max()))
+      assert.equal('nr.Tensor f32 cpu [4] {nan, nan, nan, nan}', tostring(t))
+      assert.truthy(tostring(nr.zeros({10}):copy(nr.tensor({1, 2, 3, 4, 5, 6, 7, 8, 9, 10})):narrow(1, 1, 6):contiguous()))
+      local big = nr.zeros({8})
+      ffi.cast('uint32_t *', big:data())[3] = 0xFFFFFFFF
+      assert.truthy(tostring(big):find('1 non-finite', 1, true), tostring(big))
+      -- bf16 raw bits, and through a conversion
+      local h = nr.zeros({2}, {dtype = 'bfloat16'})
+      local hb = ffi.cast('uint16_t *', h:data())
+      hb[0], hb[1] = 0xFFFF, 0xFFFD
+      assert.is_true(is_nan(h:get(1)) and is_nan(h:get(2)))
+      assert.is_true(is_nan(h:float():get(2)))
+      -- an .npy file whose bytes are all 0xff
+      local dir = os.getenv('NR_TEST_TMP') or '/tmp'
+      os.execute('mkdir -p ' .. dir)
+      local path = dir .. '/nan_ff.npy'
+      local hd = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
+      hd = hd .. string.rep(' ', (64 - (10 + #hd + 1) % 64) % 64) .. '\n'
+      local f = assert(io.open(path, 'wb'))
+      f:write('\147NUMPY\1\0' .. string.char(#hd % 256, math.floor(#hd / 256)) .. hd .. string.rep('\255', 8))
+      f:close()
+      local l = nr.load(path)
+      assert.is_true(is_nan(l:get(1)) and is_nan(l:sum()))
+   end)
+
+   it('NaN propagates as in PyTorch: relu, maximum/minimum, max/min, argmax (the first NaN)', function()
+      local function is_nan(v) return type(v) == 'number' and v ~= v end
+      local nan = 0 / 0
+      local x = nr.tensor({nan, 1, -1, 0, nan})
+      local r = x:relu():totable()
+      assert.is_true(is_nan(r[1]) and is_nan(r[5]))
+      assert.same({1, 0, 0}, {r[2], r[3], r[4]})
+      r = x:clone():relu_():totable()
+      assert.is_true(is_nan(r[1]) and r[2] == 1 and r[3] == 0)
+      r = x:maximum(0):totable()
+      assert.is_true(is_nan(r[1]) and r[2] == 1 and r[3] == 0 and is_nan(r[5]))
+      r = x:minimum(0):totable()
+      assert.is_true(is_nan(r[1]) and r[2] == 0 and r[3] == -1 and is_nan(r[5]))
+      r = nr.tensor({1, -1}):maximum(nan):totable()                 -- a NaN operand propagates too
+      assert.is_true(is_nan(r[1]) and is_nan(r[2]))
+      r = nr.tensor({1, 5}):maximum(nr.tensor({nan, 2})):totable()
+      assert.is_true(is_nan(r[1]) and r[2] == 5)
+      r = nr.tensor({1, 5}):minimum(nr.tensor({nan, 2})):totable()
+      assert.is_true(is_nan(r[1]) and r[2] == 2)
+      assert.is_true(is_nan(x:max()) and is_nan(x:min()))
+      assert.is_true(is_nan(nr.tensor({1, 2, nan}):max()) and is_nan(nr.tensor({nan, 2, 1}):min()))
+      assert.equal(3, nr.tensor({1, 2, 3}):max())
+      assert.equal(1, nr.tensor({1, nan, 3}):argmax())
+      assert.equal(1, nr.tensor({1, nan, 3, nan}):argmax())       -- the first NaN
+      assert.equal(0, nr.tensor({nan, 9}):argmax())
+      assert.equal(2, nr.tensor({1, 0, 3, 3}):argmax())           -- no NaN: the first maximum
+      local m = nr.tensor({{1, nan, 3}, {4, 5, 6}, {nan, 0, nan}})
+      assert.same({{1}, {2}, {0}}, m:argmax(2):totable())
+      assert.same({{2, 0, 2}}, m:argmax(1):totable())
+      local mx = m:max(2):totable()
+      assert.is_true(is_nan(mx[1][1]) and mx[2][1] == 6 and is_nan(mx[3][1]))
+      local mn = m:min(2):totable()
+      assert.is_true(is_nan(mn[1][1]) and mn[2][1] == 4 and is_nan(mn[3][1]))
+      mn = m:narrow(1, 1, 2):min(1):totable()[1]
+      assert.is_true(mn[1] == 1 and is_nan(mn[2]) and mn[3] == 3)
+   end)
+
+   it('view never copies: writes go through, and an impossible view is an error that says to reshape', function()
+      local a = nr.zeros({2, 3})
+      local ok, err = pcall(function() return a:t():view(6) end)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("view size is not compatible with input tensor's size and stride", 1, true), err)
+      assert.truthy(tostring(err):find('[3 x 2] (strides {1, 3}) as {6}', 1, true), err)
+      assert.truthy(tostring(err):find(':reshape', 1, true), err)
+      assert.same({{0, 0}, {0, 0}, {0, 0}}, a:t():reshape(3, 2):totable())   -- reshape still copies
+      assert.same({6}, a:t():reshape(6):shape())
+      -- views that exist on non-contiguous tensors: split or merge within a contiguous run
+      local b = nr.zeros({4, 6})
+      local n = b:narrow(2, 2, 4)                                   -- (4, 4), strides (6, 1)
+      local v = n:view(4, 2, 2)
+      assert.same({6, 2, 1}, v:stride())
+      v:fill(1)
+      assert.equal(16, b:sum())
+      assert.error_matches(function() n:view(16) end, 'view size is not compatible')
+      assert.error_matches(function() n:view(-1) end, 'view size is not compatible')
+      local tv = b:t():view(3, 2, 4)                                -- (6, 4) strides (1, 6): split dim 1
+      assert.same({2, 1, 6}, tv:stride())
+      tv:select(1, 1):fill(5)                                       -- columns 1 and 2 of b
+      assert.same({5, 5, 1, 1, 1, 0}, b:select(1, 1):totable())
+      assert.same({24}, b:view(-1):shape())
+      assert.same({1, 1}, nr.tensor(5):view(1, 1):shape())
+      assert.same({0, 3}, nr.zeros({3, 0}):t():view(0, 3):shape())
+      assert.error_matches(function() b:view(5, 5) end, 'Tensor:view: cannot reshape')
+   end)
+
+   it('positions and dimensions must be integers: 1.5 is an error naming the argument, never floored', function()
+      local a = nr.tensor({{1, 2, 3}, {4, 5, 6}})
+      local cases = {
+         {function() return a:get(1.5) end, 'Tensor:get: position must be an integer, got 1.5'},
+         {function() return a:set(2.5, 0) end, 'Tensor:set: position must be an integer, got 2.5'},
+         {function() return a:get(0 / 0) end, 'Tensor:get: position must be an integer'},
+         {function() return a:narrow(1, 1.5, 1) end, 'Tensor:narrow: start must be an integer, got 1.5'},
+         {function() return a:narrow(1, 1, 0.5) end, 'Tensor:narrow: length must be an integer, got 0.5'},
+         {function() return a:narrow(1.5, 1, 1) end, 'Tensor:narrow: dimension must be an integer, got 1.5'},
+         {function() return a:select(1, 1.5) end, 'Tensor:select: index must be an integer, got 1.5'},
+         {function() return a:select(2.2, 1) end, 'Tensor:select: dimension must be an integer, got 2.2'},
+         {function() return a:transpose(1.5, 2) end, 'Tensor:transpose: dimension 1 must be an integer, got 1.5'},
+         {function() return a:size(1.5) end, 'Tensor:size: dimension must be an integer, got 1.5'},
+         {function() return a:sum(1.5) end, 'Tensor:sum: dimension must be an integer, got 1.5'},
+         {function() return a:max(2.5) end, 'Tensor:max: dimension must be an integer, got 2.5'},
+         {function() return a:argmax(1.5) end, 'Tensor:argmax: dimension must be an integer, got 1.5'},
+         {function() return a:index_select(1, {0.5}) end, 'Tensor:index_select: index 1 must be an integer position, got 0.5'},
+         {function() return a:index_select(1.5, {0}) end, 'Tensor:index_select: dimension must be an integer, got 1.5'},
+         {function() return a:clone():index_copy(1, {1, 0.5}, nr.zeros({2, 3})) end,
+          'Tensor:index_copy: index 2 must be an integer position, got 0.5'},
+         {function() return a:as_strided({2}, {1}, 0.5) end, 'Tensor:as_strided: offset must be an integer, got 0.5'},
+         {function() return a:as_strided({2}, {1.5}) end, 'Tensor:as_strided: stride 1 must be an integer, got 1.5'},
+      }
+      for _, c in ipairs(cases) do
+         local ok, err = pcall(c[1])
+         assert.is_false(ok, c[2])
+         assert.truthy(tostring(err):find(c[2], 1, true), tostring(err) .. ' (expected: ' .. c[2] .. ')')
+      end
+      -- integral floats are integers
+      assert.equal(5, a:get(5.0))
+      assert.same({2, 5}, a:select(2, 2.0):totable())
+   end)
 end)
 
 describe('memory formats', function()
