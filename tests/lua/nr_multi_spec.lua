@@ -140,7 +140,7 @@ describe('nr.rejuvenate repeated and detailed', function()
       opt:step()
    end)
 
-   it('rescaling scales the momentum of what it rescales (γ, β by s; consumer columns by 1/s)', function()
+   it('rescaling transforms momentum as the gradients (γ, β: / s; consumer columns: × s)', function()
       -- the same run twice (same seed), without and with rescaling: they differ only by s
       local function run(rescale)
          nr.manual_seed(12)
@@ -166,9 +166,9 @@ describe('nr.rejuvenate repeated and detailed', function()
       for j = 1, s:size(1) do if math.abs(s:get(j) - 1) > 1e-6 then n_scaled = n_scaled + 1 end end
       assert.is_true(n_scaled >= 2)
       assert.is_true(a.mg:abs():max() > 0 and a.mw:abs():max() > 0)
-      assert.is_true(rel(b.mg, a.mg:mul(s)) <= 1e-6)
-      assert.is_true(rel(b.mb, a.mb:mul(s)) <= 1e-6)
-      assert.is_true(rel(b.mw, a.mw:div(s:reshape(1, s:size(1), 1, 1))) <= 1e-6)
+      assert.is_true(rel(b.mg, a.mg:div(s)) <= 1e-6)
+      assert.is_true(rel(b.mb, a.mb:div(s)) <= 1e-6)
+      assert.is_true(rel(b.mw, a.mw:mul(s:reshape(1, s:size(1), 1, 1))) <= 1e-6)
    end)
 
    it('classifier columns of new channels: zero by default, N(0, 0.01) with linear_init = normal', function()

@@ -542,16 +542,18 @@ end
 
 -- Rescales every rescalable unit of graph g (built on the current model): s = max(|γ|, γ0)/|γ|,
 -- γ, β ← s·γ, s·β; every consumer's weights for those channels ← w / s. Exact in eval mode
--- through ReLU / pools (positively homogeneous). With the optimizer opt, the momentum of every
--- rescaled value is scaled alike, so its update keeps its size relative to the value (an
--- unscaled buffer would step w / s by the old w's velocity: s times too far). Returns the number
--- of channels rescaled.
+-- through ReLU / pools (positively homogeneous). With the optimizer opt, every rescaled value's
+-- momentum is transformed as its gradient is: SGD's buffer is a running sum of gradients, and
+-- γ' = s·γ has gradient ∂L/∂γ / s while w' = w / s has s·∂L/∂w, so the buffers become v_γ / s
+-- (β alike) and s·v_w: what the gradients of the rescaled net would have accumulated, so later
+-- gradients and the buffer agree (an unchanged buffer would be off by s, scaled as the values
+-- by s²). Returns the number of channels rescaled.
 function M.rescale(g, gamma0, opt)
-   -- f(t) on a parameter and on its momentum buffer, when opt holds one
+   -- f(t, false) on a parameter, f(m, true) on its momentum buffer when opt holds one
    local function both(p, f)
-      f(p)
+      f(p, false)
       local m = state_of(opt, p)
-      if m then f(m) end
+      if m then f(m, true) end
    end
    local n = 0
    for _, u in ipairs(g.units) do
@@ -568,37 +570,42 @@ function M.rescale(g, gamma0, opt)
             for i = 1, #s do invt[i] = 1 / s[i] end
             local st = T.tensor(s):to(dev)
             local inv = T.tensor(invt):to(dev)
-            local function by_s(t) t:mul_(st) end
-            both(u.bn.weight, by_s)
-            both(u.bn.bias, by_s)
+            -- values of the unit: × s; their momentum (a gradient sum): / s. Consumers: the reverse.
+            local function unit_scale(t, is_mom) t:mul_(is_mom and inv or st) end
+            both(u.bn.weight, unit_scale)
+            both(u.bn.bias, unit_scale)
             for _, c in ipairs(u.consumers) do
                local cm = c.module
                if cm.conv then
                   local conv = cm.conv
                   if cm.kind == 'dw' then
-                     both(conv.weight, function(t) t:narrow(1, c.offset + 1, #s):mul_(inv:reshape(#s, 1, 1, 1)) end)
+                     both(conv.weight, function(t, is_mom)
+                        t:narrow(1, c.offset + 1, #s):mul_((is_mom and st or inv):reshape(#s, 1, 1, 1))
+                     end)
                   elseif cm.split then
                      -- the blocks as one dense weight (and one dense momentum, where blocks have it)
-                     for _, get in ipairs({function(b) return b.conv.weight end,
+                     for k, get in ipairs({function(b) return b.conv.weight end,
                                            function(b) return state_of(opt, b.conv.weight) end}) do
                         local W = conv:dense(get)
-                        W:narrow(2, c.offset + 1, #s):mul_(inv:reshape(1, #s, 1, 1))
+                        W:narrow(2, c.offset + 1, #s):mul_((k == 2 and st or inv):reshape(1, #s, 1, 1))
                         conv:scatter(W, function(b, slice)
                            local t = get(b)
                            if t then t:copy(slice) end
                         end)
                      end
                   else
-                     both(conv.weight, function(t) t:narrow(2, c.offset + 1, #s):mul_(inv:reshape(1, #s, 1, 1)) end)
+                     both(conv.weight, function(t, is_mom)
+                        t:narrow(2, c.offset + 1, #s):mul_((is_mom and st or inv):reshape(1, #s, 1, 1))
+                     end)
                   end
                else
                   local lin = cm.module
                   local sf = c.sf or 1
-                  local v = {}
-                  for i = 1, #s do for _ = 1, sf do v[#v + 1] = 1 / s[i] end end
-                  local vt = T.tensor(v):reshape(1, #v)
-                  if dev ~= 'cpu' then vt = vt:to(dev) end
-                  both(lin.weight, function(t) t:narrow(2, c.offset * sf + 1, #v):mul_(vt) end)
+                  local v, vm = {}, {}
+                  for i = 1, #s do for _ = 1, sf do v[#v + 1] = 1 / s[i]; vm[#vm + 1] = s[i] end end
+                  local vt, vmt = T.tensor(v):reshape(1, #v), T.tensor(vm):reshape(1, #vm)
+                  if dev ~= 'cpu' then vt, vmt = vt:to(dev), vmt:to(dev) end
+                  both(lin.weight, function(t, is_mom) t:narrow(2, c.offset * sf + 1, #v):mul_(is_mom and vmt or vt) end)
                end
             end
          end
