@@ -138,6 +138,32 @@ describe('nr.rejuvenate repeated and detailed', function()
       given:step()                                   -- the one given was refreshed by the surgery
       opt:refresh()
       opt:step()
+      -- custom parameter groups over the model follow the replaced layers to the new ones
+      nr.manual_seed(15)
+      local m2 = net()
+      local g1, g2 = {params = {}}, {params = {}, lr_mult = 10}
+      for _, e in ipairs(m2:namedParameters()) do
+         local g = e.module:typename() == 'Linear' and g2 or g1
+         g.params[#g.params + 1] = e
+      end
+      local gopt = nr.optim.SGD({model = m2, g1, g2}, {lr = 0.1})
+      kill(m2, 0.3)
+      nr.rejuvenate(m2, {input_shape = SHAPE, optimizer = gopt})
+      local conv = m2:findModules('Conv2d')[2]
+      local before = conv.weight:clone()
+      local x = nr.randn({2, 3, 4, 4})
+      local y = m2:forward(x)
+      m2:zeroGradParameters()
+      m2:backward(x, nr.randn(y:shape()))
+      assert.is_true(conv.gradWeight:abs():max() > 0)
+      gopt:step()
+      assert.is_true(conv.weight:sub(before):abs():max() > 0, 'the step did not reach the new conv')
+      -- rejuvenating a part of the tree is seen by an optimizer over the whole tree
+      local outer = nn.Sequential{net()}
+      local oopt = nr.optim.SGD(outer, {lr = 0.1})
+      kill(outer.modules[1], 0.3)
+      nr.rejuvenate(outer.modules[1], {input_shape = SHAPE})
+      assert.has_error(function() oopt:step() end)
    end)
 
    it('rescaling transforms momentum as the gradients (γ, β: / s; consumer columns: × s)', function()

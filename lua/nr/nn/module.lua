@@ -39,6 +39,13 @@ function Module:path()
    return #parts > 0 and table.concat(parts, '.') or (rawget(m, 'name') or m:typename())
 end
 
+-- The top of the tree this module belongs to (itself when it has no parent).
+function Module:root()
+   local m = self
+   while rawget(m, '_parent') do m = m._parent end
+   return m
+end
+
 function Module:where()
    local e = self:extra()
    return string.format('%s (%s%s)', self:path(), self:typename(), e ~= '' and (' ' .. e) or '')

@@ -109,6 +109,12 @@ end
 
 -- SGD(module_or_groups, config). config: lr (required), momentum (0), weight_decay (0),
 -- nesterov (false), dampening (0 only), no_decay_bn_bias (false; with a module).
+-- How many times layers of the model's tree were replaced (nr.rejuvenate's surgery counts them on
+-- the root): a change means the parameters this optimizer read may be orphaned.
+local function structure_of(model)
+   return model and type(model.root) == 'function' and model:root():transient().structure or nil
+end
+
 function SGD:__init(target, config)
    config = config or {}
    check.arg(type(config) == 'table', 'nr.optim.SGD', 'config must be a table')
@@ -131,7 +137,7 @@ function SGD:__init(target, config)
       self.spec = target
    end
    build_groups(self, self.spec)
-   self.structure = self.model and self.model:transient().structure
+   self.structure = structure_of(self.model)
 end
 
 -- Effective settings of group g at this step.
@@ -176,7 +182,7 @@ local job_array = nrffi.ffi.typeof('nr_sgd_job[?]')
 function SGD:step()
    validate_config(self.config, 'SGD:step')
    -- surgery (nr.rejuvenate) replaced the model's layers: stepping the old tensors would train nothing
-   if self.model and self.model:transient().structure ~= self.structure then
+   if self.model and structure_of(self.model) ~= self.structure then
       error('SGD:step: the model\'s layers were replaced (nr.rejuvenate) after this optimizer read them; pass '
          .. 'optimizer = opt to nr.rejuvenate (remaps momentum) or call opt:refresh()', 2)
    end
@@ -265,8 +271,10 @@ function SGD:refresh()
       for _, g in ipairs(self.spec) do
          for i, e in ipairs(g.params) do
             if type(e) == 'table' and e.module and e.field then
-               g.params[i] = {name = e.name, param = e.module[e.field], grad = e.module[GRAD_FIELD[e.field] or e.field],
-                              module = e.module, field = e.field}
+               local m = e.module   -- a module surgery replaced points to its replacement
+               while rawget(m, '_replaced_by') do m = rawget(m, '_replaced_by') end
+               g.params[i] = {name = e.name, param = m[e.field], grad = m[GRAD_FIELD[e.field] or e.field],
+                              module = m, field = e.field}
             end
          end
       end
@@ -274,7 +282,7 @@ function SGD:refresh()
    -- keep group-level settings the user may have changed on opt.groups
    local old = self.groups
    build_groups(self, self.spec)
-   self.structure = self.model and self.model:transient().structure
+   self.structure = structure_of(self.model)
    for i, g in ipairs(self.groups) do
       if old[i] then
          for k, v in pairs(old[i]) do if k ~= 'params' then g[k] = v end end

@@ -205,8 +205,6 @@ function M.rejuvenate(model, opts)
    local ctx = {opt = opt, optim_state = opts.optim_state or 'remap', gamma0 = gamma0, scheme = scheme,
                 init = pol.init, linear_init = opts.linear_init or 'zero'}
    local _, moms = surgery.apply(g, plans, ctx)
-   -- optimizers built on the model notice the change (SGD:step refuses until refreshed)
-   model:transient().structure = (model:transient().structure or 0) + 1
    if opt then
       opt:refresh()
       for _, e in ipairs(moms) do opt:set_state_of(e.param, {momentum = e.momentum}) end

@@ -251,6 +251,11 @@ local function replace(old, new)
    end
    new._parent, new._key = parent, old._key
    new.train = old.train
+   -- whoever still holds old (an optimizer's custom groups) can follow it to new; optimizers built
+   -- on the tree see its structure count change (SGD:step refuses until refreshed)
+   rawset(old, '_replaced_by', new)
+   local tr = parent:root():transient()
+   tr.structure = (tr.structure or 0) + 1
    for k, v in pairs(old) do
       if type(k) == 'string' and k:sub(1, 3) == 'nr_' and k ~= 'nr_gens' then new[k] = v end
    end
