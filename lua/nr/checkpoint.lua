@@ -184,8 +184,18 @@ function M.list(path)
    return out
 end
 
+-- A symbolic link (to a file or a folder).
+local function is_link(path)
+   if has_lfs and lfs.symlinkattributes then return lfs.symlinkattributes(path, 'mode') == 'link' end
+   return os.execute('test -L "' .. path .. '"') == 0
+end
+M.is_link = is_link
+
+-- rm -r that never follows a link: a link is removed, not what it points to.
 local function remove_tree(path)
-   if is_dir(path) then
+   if is_link(path) then
+      os.remove(path)
+   elseif is_dir(path) then
       for _, name in ipairs(M.list(path)) do remove_tree(path .. '/' .. name) end
       if has_lfs then lfs.rmdir(path) else os.remove(path) end
    else

@@ -178,24 +178,44 @@ M.pick_device = pick_device
 
 local function date_tag() return os.date('!%Y%m%d-%H%M%S') end
 
--- What a run writes into its folder (the rest of the folder is the user's).
-local RUN_FILES = {'checkpoint', 'metrics.jsonl', 'recipe.json', 'report.html'}
+-- The files of a run in its folder: metrics.jsonl, and in checkpoint/ the step folders and the
+-- latest / best pointers (nr.train's names); recipe.json and report.html go with them. Anything
+-- else in the folder (or in checkpoint/) is the user's and is never touched.
+local function run_files(dir)
+   local out = {}
+   local ckdir = dir .. '/checkpoint'
+   if ck.is_dir(ckdir) then
+      for _, name in ipairs(ck.list(ckdir)) do
+         if name == 'latest' or name == 'best' or name:match('^step%-%d+$') then out[#out + 1] = 'checkpoint/' .. name end
+      end
+   end
+   local metrics = dir .. '/metrics.jsonl'
+   if ck.exists(metrics) and not ck.is_link(metrics) then out[#out + 1] = 'metrics.jsonl' end
+   if #out == 0 then return out end   -- not a run folder: recipe.json / report.html alone are not ours
+   for _, f in ipairs({'recipe.json', 'report.html'}) do
+      if ck.exists(dir .. '/' .. f) and not ck.is_link(dir .. '/' .. f) then out[#out + 1] = f end
+   end
+   return out
+end
 
 -- A fresh run (no resume) into a folder that holds another run would mix the two: metrics
 -- appended to the old ones, checkpoints interleaved, a later --resume trimming the old run's
--- records. Refused unless overwrite, which removes the old run's files first. Checked when the
--- run starts writing (Trainer:run), so a trainer built only to load a checkpoint is fine.
+-- records. Refused unless overwrite, which removes exactly the old run's files (run_files;
+-- links are removed, never followed). Checked when the run starts writing (Trainer:run), so a
+-- trainer built only to load a checkpoint is fine.
 local function claim_run_folder(dir, overwrite)
-   local found = {}
-   for _, f in ipairs(RUN_FILES) do
-      if ck.exists(dir .. '/' .. f) or ck.is_dir(dir .. '/' .. f) then found[#found + 1] = f end
-   end
+   local found = run_files(dir)
    if #found == 0 then return end
    if not overwrite then
+      local shown = {}
+      for i = 1, math.min(#found, 4) do shown[i] = found[i] end
+      if #found > 4 then shown[#shown + 1] = '...' end
       error(string.format('nr.train: %s already holds a run (%s): --resume %s continues it, --out DIR starts a new '
-         .. 'one elsewhere, --overwrite replaces it', dir, table.concat(found, ', '), dir), 0)
+         .. 'one elsewhere, --overwrite replaces it', dir, table.concat(shown, ', '), dir), 0)
    end
    for _, f in ipairs(found) do ck.remove_tree(dir .. '/' .. f) end
+   local ckdir = dir .. '/checkpoint'
+   if ck.is_dir(ckdir) and not ck.is_link(ckdir) and #ck.list(ckdir) == 0 then ck.remove_tree(ckdir) end
 end
 
 local function rng_state()

@@ -256,8 +256,9 @@ describe('nr.train', function()
       ck.write_atomic(dir .. '/notes.txt', 'mine')
       local ok, e = pcall(nr.train, held_recipe(dir, {epochs = 1}))
       assert.is_false(ok)
-      assert.truthy(tostring(e):find(dir .. ' already holds a run (checkpoint, metrics.jsonl, recipe.json): --resume '
-         .. dir .. ' continues it', 1, true))
+      assert.truthy(tostring(e):find(dir .. ' already holds a run (checkpoint/best, checkpoint/latest, checkpoint/step-'
+         , 1, true), tostring(e))
+      assert.truthy(tostring(e):find('--resume ' .. dir .. ' continues it', 1, true))
       local s = nr.train(held_recipe(dir, {epochs = 1, overwrite = true}))
       assert.equal(1, s.epochs)
       assert.equal(1, #epoch_records(dir))                       -- the old run's records went
@@ -265,6 +266,25 @@ describe('nr.train', function()
       local steps = 0
       for _, name in ipairs(ck.list(dir .. '/checkpoint')) do if name:match('^step%-') then steps = steps + 1 end end
       assert.equal(1, steps)
+      -- only the run's own files go: a user's folder with a report.html or a checkpoint/ of other
+      -- things is not a run, and a linked checkpoint/ keeps what it points to
+      local user = TMP .. '/userdir'
+      ck.mkdirs(user .. '/checkpoint/mine')
+      ck.write_atomic(user .. '/report.html', 'my report')
+      ck.write_atomic(user .. '/checkpoint/mine/model.pt', 'x')
+      nr.train(held_recipe(user, {epochs = 1}))                     -- not refused: not a run folder
+      ck.write_atomic(user .. '/checkpoint/mine/model.pt', 'x')
+      nr.train(held_recipe(user, {epochs = 1, overwrite = true}))
+      assert.equal('x', ck.read_file(user .. '/checkpoint/mine/model.pt'))
+      local shared, linked = TMP .. '/shared_ckpts', TMP .. '/linked'
+      ck.mkdirs(shared .. '/other_experiment')
+      ck.write_atomic(shared .. '/other_experiment/model.pt', 'y')
+      ck.mkdirs(linked)
+      os.execute(string.format('ln -s %q %q', shared, linked .. '/checkpoint'))
+      nr.train(held_recipe(linked, {epochs = 1}))
+      nr.train(held_recipe(linked, {epochs = 1, overwrite = true}))
+      assert.equal('y', ck.read_file(shared .. '/other_experiment/model.pt'))
+      assert.is_true(ck.is_link(linked .. '/checkpoint'))
    end)
 
    it('resume: a missing folder is an error; a finished run resumed reports its final evaluation', function()
