@@ -74,7 +74,14 @@ function M.eval(src, final)
       report(results[2])
       return false
    end
-   for i = 2, results.n do io.write(show(results[i]), '\n') end
+   for i = 2, results.n do
+      local ok, text = xpcall(show, debug.traceback, results[i])   -- a failing __tostring is an input error too
+      if not ok then
+         report(text)
+         return false
+      end
+      io.write(text, '\n')
+   end
    io.flush()
    return false
 end
