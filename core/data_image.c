@@ -4,12 +4,12 @@
  * Invariants: the format is recognised by content (magic bytes), not by extension; decoded
  * pixels are HWC uint8 in the decoder's grow-only buffers (no allocation per image once they
  * are large enough); conversions follow PIL (alpha dropped, not composited; RGB -> gray with
- * ITU-R 601 luma; Adobe CMYK -> RGB); a JPEG warning is an error naming the file and
- * libjpeg's message (a truncated file, "Premature end of JPEG file", or corrupt entropy data
- * would otherwise decode silently into grey or garbled blocks), except the warnings that lose
- * no image data (jpeg_harmless_warning: extraneous bytes between segments, odd SOS / JFIF /
- * Adobe header fields), which PIL accepts too. TurboJPEG reports only the first warning of a
- * decode. Errors fail naming the file. Thread-safe: one decoder per thread.
+ * ITU-R 601 luma; Adobe CMYK -> RGB); a truncated JPEG (libjpeg's warning "Premature end of
+ * JPEG file": the rest of the picture would silently be grey) is an error naming the file, as
+ * PIL's "image file is truncated"; libjpeg's other warnings (extraneous bytes, a damaged entropy
+ * segment in a complete file) pass, as in PIL, so one damaged image in a dataset of millions does
+ * not end a run. TurboJPEG reports only the first warning of a decode. Errors fail naming the
+ * file. Thread-safe: one decoder per thread.
  */
 #include "data_internal.h"
 
@@ -107,20 +107,8 @@ static nr_status decode_png(nr_decoder *d, const char *path, size_t size, int32_
    return NR_OK;
 }
 
-/* Whether libjpeg's warning msg leaves the image data whole (metadata oddities that real files,
- * e.g. a few of ImageNet's, carry), so the decoded picture is what the file holds. */
-static int jpeg_harmless_warning(const char *msg)
-{
-   static const char *const ok[] = {
-      "extraneous bytes before marker",             /* JWRN_EXTRANEOUS_DATA */
-      "Invalid SOS parameters for sequential JPEG", /* JWRN_NOT_SEQUENTIAL */
-      "unknown JFIF revision number",               /* JWRN_JFIF_MAJOR */
-      "Unknown Adobe color transform code",         /* JWRN_ADOBE_XFORM */
-   };
-   for (size_t i = 0; i < sizeof ok / sizeof *ok; i++)
-      if (strstr(msg, ok[i])) return 1;
-   return 0;
-}
+/* Whether libjpeg's warning msg says the file ended before the image did (JWRN_JPEG_EOF). */
+static int jpeg_truncated(const char *msg) { return strstr(msg, "Premature end of JPEG file") != NULL; }
 
 /* cfg != NULL: decode reduced by the smallest of 1/2, 1/4, 1/8 that is >= nr_aug_min_scale. */
 static nr_status decode_jpeg(nr_decoder *d, const char *path, size_t size, int32_t want, const nr_loader_config *cfg,
@@ -161,8 +149,7 @@ static nr_status decode_jpeg(nr_decoder *d, const char *path, size_t size, int32
       int warning = tjGetErrorCode(d->tj) == TJERR_WARNING;
       const char *msg = tjGetErrorStr2(d->tj);
       if (!warning) return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: %s", path, msg);
-      if (!jpeg_harmless_warning(msg))
-         return NR_FAIL(NR_E_FORMAT, "%s: corrupt JPEG (truncated or damaged file): libjpeg: %s", path, msg);
+      if (jpeg_truncated(msg)) return NR_FAIL(NR_E_FORMAT, "%s: truncated JPEG: libjpeg: %s", path, msg);
    }
    if (cmyk) { /* Adobe CMYK is stored inverted: R = C * K / 255 */
       uint8_t *p = d->aux;
