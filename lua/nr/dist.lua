@@ -1022,10 +1022,17 @@ function M.attach(tr, opts)
       if changed(t.model) then sync_model(t) end
    end
 
+   local step_hooked = false
    tr:add_hook('train_begin', function(t)
       if t.device and tostring(t.device):match('^cuda') then M.init({device = 'cuda'}) end
       sync_model(t)
       new_reducer(t)
+      -- registered now, after every hook attached after nr.dist (NR's Δt-step check, which may
+      -- rejuvenate in after_step): the broadcast then follows the surgery, before the next forward
+      if not step_hooked then
+         t:add_hook('after_step', sync_if_changed)
+         step_hooked = true
+      end
       if rank == 0 then
          local batch = type(data) == 'table' and data.batch
          t:print(string.format('nr.dist: %d ranks (%d on this machine), %s reduction, buckets of %g MiB%s, %s BatchNorm%s',
@@ -1040,7 +1047,6 @@ function M.attach(tr, opts)
       if not reducer then sync_model(t); new_reducer(t) else sync_if_changed(t) end
       reducer:reduce()
    end)
-   tr:add_hook('after_step', sync_if_changed)
    local check_every = opts.check_every or 1
    tr:add_hook('epoch_end', function(t, info)
       sync_if_changed(t) -- a hook before this one may have changed the model

@@ -198,6 +198,12 @@ describe('nr.dist under mpirun -np 2', function()
       assert.equal(0, rc, out)
       assert.matches('RESULT ranks=2 rejuvenations=1 first conv 8 %-> %d+ channels, policy.when calls per rank: %d+ 0', out)
       print('      ' .. out:match('RESULT[^\n]*'))
+      -- Δt in steps: the surgery runs in after_step, and the broadcast follows it at once
+      os.execute('mkdir -p ' .. tmp)
+      out, rc = mpirun('train_nr.lua', 2, SHM, tmp .. '/nr_steps steps')
+      os.execute('rm -rf ' .. tmp)
+      assert.equal(0, rc, out)
+      assert.matches('RESULT ranks=2 rejuvenations=1 first conv 8 %-> %d+ channels', out)
    end)
 
    it('(d) all ranks hold identical weights after a rejuvenation', function()
