@@ -29,6 +29,36 @@ static inline float apply_binary(float x, float y, int op)
    }
 }
 
+/* Contiguous loops run with op a compile-time constant: one loop per op, in which apply_binary /
+ * apply_unary's switch folds away and the loop vectorises. With the switch inside one loop, the
+ * selects (ReLU, max, min) compiled to branches that mispredict on random data: Tensor:relu took
+ * 8.3 ms on 4M elements against 1.2 ms for abs. */
+#define PAR_SIMD_LOOP(n, body)                                                                     \
+   do {                                                                                         \
+      _Pragma("omp parallel for simd if (n > 65536)") for (int64_t i = 0; i < (n); i++) body;   \
+   } while (0)
+#define BINARY_OPS(X) X(NR_OP_ADD) X(NR_OP_SUB) X(NR_OP_MUL) X(NR_OP_DIV) X(NR_OP_MAX) X(NR_OP_MIN)
+#define UNARY_OPS(X)                                                                               \
+   X(NR_OP_NEG) X(NR_OP_ABS) X(NR_OP_EXP) X(NR_OP_LOG) X(NR_OP_SQRT) X(NR_OP_SIGN) X(NR_OP_RELU)      \
+   X(NR_OP_SIGMOID) X(NR_OP_TANH) X(NR_OP_SQUARE)
+
+/* po[i] = pa[i] op pb[i] (pb_step 1) or pa[i] op pb[0] (pb_step 0). */
+static void binary_contiguous(const float *pa, const float *pb, int64_t pb_step, float *po, int64_t n, int op)
+{
+   switch (op) {
+#define BINARY_CASE(OP)                                                                            \
+   case OP:                                                                                     \
+      if (pb_step) PAR_SIMD_LOOP(n, po[i] = apply_binary(pa[i], pb[i], OP));                       \
+      else {                                                                                     \
+         const float y = pb[0];                                                                  \
+         PAR_SIMD_LOOP(n, po[i] = apply_binary(pa[i], y, OP));                                   \
+      }                                                                                          \
+      break;
+      BINARY_OPS(BINARY_CASE)
+#undef BINARY_CASE
+   }
+}
+
 /* Offset into b for a's i-th element when b broadcasts (size-1 dims repeat). */
 static inline int64_t broadcast_offset(const nr_tensor *a, const nr_tensor *b, int64_t i)
 {
@@ -66,8 +96,7 @@ nr_status nr_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int3
    float *po = out->data;
    if (scalar) return nr_binary_scalar(a, pb[0], out, op);
    if (!bcast && nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(b) && nr_tensor_is_contiguous(out)) {
-#pragma omp parallel for if (n > 65536)
-      for (int64_t i = 0; i < n; i++) po[i] = apply_binary(pa[i], pb[i], op);
+      binary_contiguous(pa, pb, 1, po, n, op);
       return NR_OK;
    }
 #pragma omp parallel for if (n > 65536)
@@ -90,8 +119,7 @@ nr_status nr_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, int32_t
    const float *pa = a->data;
    float *po = out->data, y = (float)s;
    if (nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(out)) {
-#pragma omp parallel for if (n > 65536)
-      for (int64_t i = 0; i < n; i++) po[i] = apply_binary(pa[i], y, op);
+      binary_contiguous(pa, &y, 0, po, n, op);
       return NR_OK;
    }
    for (int64_t i = 0; i < n; i++) po[nr_linear_offset(out, i)] = apply_binary(pa[nr_linear_offset(a, i)], y, op);
@@ -127,8 +155,12 @@ nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
    const float *pa = a->data;
    float *po = out->data;
    if (nr_tensor_is_contiguous(a) && nr_tensor_is_contiguous(out)) {
-#pragma omp parallel for if (n > 65536)
-      for (int64_t i = 0; i < n; i++) po[i] = apply_unary(pa[i], op);
+      switch (op) { /* one vectorisable loop per op, as binary_contiguous */
+#define UNARY_CASE(OP)                                                                             \
+   case OP: PAR_SIMD_LOOP(n, po[i] = apply_unary(pa[i], OP)); break;
+         UNARY_OPS(UNARY_CASE)
+#undef UNARY_CASE
+      }
       return NR_OK;
    }
    for (int64_t i = 0; i < n; i++) po[nr_linear_offset(out, i)] = apply_unary(pa[nr_linear_offset(a, i)], op);

@@ -334,6 +334,22 @@ describe('nr.Tensor', function()
       assert.is_true(is_nan(l:get(1)) and is_nan(l:sum()))
    end)
 
+   it('NaN propagates through the vectorised loops too (100003 elements, NaNs anywhere)', function()
+      local n = 100003
+      local a, b = nr.randn({n}), nr.randn({n})
+      a:set(50001, 0 / 0); b:set(70001, 0 / 0); a:set(n, 0 / 0)
+      local function isnan(v) return v ~= v end
+      for _, op in ipairs({'maximum', 'minimum'}) do
+         local r = a[op](a, b)
+         assert.is_true(isnan(r:get(50001)) and isnan(r:get(70001)) and isnan(r:get(n)) and not isnan(r:get(1)), op)
+         local s = a[op](a, 0)
+         assert.is_true(isnan(s:get(50001)) and isnan(s:get(n)) and not isnan(s:get(1)), op .. ' with a scalar')
+      end
+      local r = a:relu()
+      assert.is_true(isnan(r:get(50001)) and isnan(r:get(n)) and r:get(2) >= 0)
+      assert.is_true(isnan(a:abs():get(n)) and isnan(a:add(b):get(70001)))
+   end)
+
    it('NaN propagates as in PyTorch: relu, maximum/minimum, max/min, argmax (the first NaN)', function()
       local function is_nan(v) return type(v) == 'number' and v ~= v end
       local nan = 0 / 0
