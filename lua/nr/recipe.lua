@@ -40,7 +40,7 @@ M.TYPES = {
    ['nr.constraint'] = 'string', ['nr.scheme'] = 'string', ['nr.rescale'] = 'boolean', ['nr.times'] = 'integer',
    ['nr.threshold'] = 'number', ['nr.abs_min'] = 'number', ['nr.gamma0'] = 'number', ['nr.active_epochs'] = 'integer',
    ['nr.hold_schedule'] = 'boolean', ['nr.extend_epochs'] = 'boolean', ['nr.optim_state'] = 'string',
-   ['nr.linear_init'] = 'string', ['nr.lambda.mode'] = 'string', ['nr.lambda.init'] = 'number',
+   ['nr.linear_init'] = 'string', ['nr.generations'] = 'string', ['nr.lambda.mode'] = 'string', ['nr.lambda.init'] = 'number',
    ['nr.lambda.value'] = 'number', ['nr.lambda.dt'] = 'epoch_or_steps', ['nr.lambda.dr'] = 'number',
    ['nr.lambda.dl'] = 'number',
 }

@@ -1,4 +1,4 @@
--- Neural Rejuvenation details: repeated rejuvenations (generations 0, 1, 2 with CR and CA, on a
+-- Neural Rejuvenation details: repeated rejuvenations (generations kept: 0..3, and merged: S/R, with CR and CA, on a
 -- net with a residual add, a DenseNet-style concat and a Flatten -> Linear head), optimizer
 -- momentum remapping, a layer dead as a whole, and clear errors.
 -- Function preservation tolerance: 1e-4 relative (eval mode), as in nr_surgery_spec.
@@ -54,7 +54,7 @@ local function rel(a, b) return a:sub(b):abs():max() / math.max(1e-12, b:abs():m
 
 describe('nr.rejuvenate repeated and detailed', function()
    for _, scheme in ipairs({'NR', 'CR', 'CA'}) do
-      it(scheme .. ': three rounds of kill + rejuvenate preserve the pruned function each time', function()
+      it(scheme .. ': three rounds of kill + rejuvenate preserve the pruned function each time (generations kept)', function()
          nr.manual_seed(10)
          local m = net()
          m:evaluate()
@@ -64,7 +64,7 @@ describe('nr.rejuvenate repeated and detailed', function()
             local pruned = m:clone()
             nr.rejuvenate(pruned, {input_shape = SHAPE, budget = 0})
             local y0 = pruned:forward(x):clone()
-            local rep = nr.rejuvenate(m, {input_shape = SHAPE, scheme = scheme, rescale = round == 2})
+            local rep = nr.rejuvenate(m, {input_shape = SHAPE, scheme = scheme, rescale = round == 2, generations = 'keep'})
             assert.are.equal(round, rep.generation)
             local e = rel(m:forward(x), y0)
             if e > 1e-4 then print(scheme, 'round', round, 'rel err', e) end
@@ -86,6 +86,37 @@ describe('nr.rejuvenate repeated and detailed', function()
          else
             assert.are.equal(0, #m:findModules('NRConv2d'))
          end
+      end)
+   end
+
+   for _, scheme in ipairs({'CR', 'CA'}) do
+      it(scheme .. ': merged generations (the default; the paper\'s S and R): every survivor joins S each round', function()
+         nr.manual_seed(16)
+         local m = net()
+         m:evaluate()
+         local x = nr.randn({2, 3, 4, 4})
+         for round = 1, 3 do
+            kill(m, 0.4)
+            local pruned = m:clone()
+            nr.rejuvenate(pruned, {input_shape = SHAPE, budget = 0})
+            local y0 = pruned:forward(x):clone()
+            -- budget 2: room for new channels although S now counts its whole survivor x survivor block
+            local rep = nr.rejuvenate(m, {input_shape = SHAPE, scheme = scheme, budget = 2})
+            assert.are.equal(round, rep.generation)
+            assert.is_true(rel(m:forward(x), y0) <= 1e-4, scheme .. ' round ' .. round)
+            local splits = m:findModules('NRConv2d')
+            assert.is_true(#splits >= 2)
+            for _, s in ipairs(splits) do
+               local gens = {}
+               for _, og in ipairs(s.spec.out_groups) do gens[#gens + 1] = og.gen end
+               assert.same({0, 1}, gens)                         -- S and R, never more
+               for _, ig in ipairs(s.spec.in_groups) do assert.is_true(ig.gen == 0 or ig.gen == 1) end
+            end
+         end
+         -- the cost the policy planned is the cost of the model built (S counted whole)
+         kill(m, 0.4)
+         local rep = nr.rejuvenate(m, {input_shape = SHAPE, scheme = scheme, budget = 2})
+         assert.are.equal(rep.planned_cost, rep.cost)
       end)
    end
 

@@ -42,6 +42,7 @@ local function check_common(o, FN)
    check.arg(is(o.scheme, {NR = true, CR = true, CA = true}), FN, 'scheme must be "NR", "CR" or "CA", got %s', tostring(o.scheme))
    check.arg(is(o.optim_state, {remap = true, drop = true}), FN, 'optim_state must be "remap" or "drop", got %s', tostring(o.optim_state))
    check.arg(is(o.linear_init, {zero = true, normal = true}), FN, 'linear_init must be "zero" or "normal", got %s', tostring(o.linear_init))
+   check.arg(is(o.generations, {merge = true, keep = true}), FN, 'generations must be "merge" or "keep", got %s', tostring(o.generations))
    check.arg(o.budget == nil or (finite(o.budget) and o.budget >= 0), FN, 'budget must be a number >= 0 (a fraction of the cost C), got %s', tostring(o.budget))
    check.arg(o.gamma0 == nil or (finite(o.gamma0) and o.gamma0 > 0), FN, 'gamma0 must be a number > 0, got %s', tostring(o.gamma0))
    check.arg(o.threshold == nil or (finite(o.threshold) and o.threshold >= 0 and o.threshold < 1), FN,
@@ -98,7 +99,7 @@ end
 -- widths beyond any real layer (a policy bug, e.g. math.huge) are refused before surgery allocates
 local MAX_WIDTH = 2 ^ 20
 
-local REJ_KEYS = {input_shape = true, threshold = true, abs_min = true, count = true,
+local REJ_KEYS = {input_shape = true, threshold = true, abs_min = true, count = true, generations = true,
                   constraint = true, constraint_value = true, budget = true, scheme = true, rescale = true,
                   gamma0 = true, optimizer = true, optim_state = true, policy = true, linear_init = true}
 
@@ -145,8 +146,12 @@ function M.rejuvenate(model, opts)
    local all_now, live_now = before[key .. '_all'], before[key .. '_live']
    local Cval = opts.constraint_value or all_now
    local target = (opts.budget or 1) * Cval
-   local next_gen = surgery.max_gen(g) + 1
-   local cost_fn = monitor.cost_fn(g, st, {count = opts.count, scheme = scheme, next_gen = next_gen})
+   -- generations: 'merge' (the paper's S and R: every survivor joins S, whichever rejuvenation
+   -- made it) or 'keep' (each rejuvenation's channels stay a group of their own)
+   local merge = (opts.generations or 'merge') == 'merge'
+   local generation = (rawget(model, 'nr_generation') or surgery.max_gen(g)) + 1
+   local next_gen = merge and 1 or generation
+   local cost_fn = monitor.cost_fn(g, st, {count = opts.count, scheme = scheme, next_gen = next_gen, merge = merge})
 
    -- the resizable channel sets, as the policy sees them
    local layers, root_of = {}, {}
@@ -201,7 +206,7 @@ function M.rejuvenate(model, opts)
 
    -- surgery
    local opt = opts.optimizer
-   local plans = surgery.plans(g, st, by_root(widths), next_gen)
+   local plans = surgery.plans(g, st, by_root(widths), next_gen, merge)
    local ctx = {opt = opt, optim_state = opts.optim_state or 'remap', gamma0 = gamma0, scheme = scheme,
                 init = pol.init, linear_init = opts.linear_init or 'zero'}
    local _, moms = surgery.apply(g, plans, ctx)
@@ -211,6 +216,7 @@ function M.rejuvenate(model, opts)
    end
    monitor.invalidate(model)
    model:transient().nr_l1 = nil
+   model.nr_generation = generation   -- rejuvenations so far (with merged generations the layout no longer counts them)
 
    local rescaled = 0
    local do_rescale = opts.rescale
@@ -230,7 +236,7 @@ function M.rejuvenate(model, opts)
       constraint_value = Cval, budget = opts.budget or 1, target_cost = target, planned_cost = planned,
       cost = new_cost, cost_error = target > 0 and (new_cost - target) / target or nil,
       alpha = rinfo.alpha, alpha_sqrt = live_now > 0 and math.sqrt(target / live_now) or nil,
-      policy_info = rinfo, layers = out_layers, rescaled = rescaled, generation = next_gen,
+      policy_info = rinfo, layers = out_layers, rescaled = rescaled, generation = generation,
    }
 end
 
@@ -239,7 +245,7 @@ end
 local CFG_KEYS = {enabled = true, target = true, budget = true, constraint = true, scheme = true, rescale = true,
                   times = true, active_epochs = true, lambda = true, policy = true, threshold = true,
                   abs_min = true, count = true, gamma0 = true, optim_state = true, hold_schedule = true,
-                  extend_epochs = true, input_shape = true, linear_init = true}
+                  extend_epochs = true, input_shape = true, linear_init = true, generations = true}
 local LAMBDA_KEYS = {mode = true, init = true, dt = true, dr = true, dl = true, value = true}
 
 -- attach(tr, cfg): cfg is the recipe's nr table:
@@ -334,7 +340,8 @@ function M.attach(tr, cfg)
             input_shape = shape(), threshold = c.threshold, abs_min = c.abs_min, count = c.count,
             constraint = c.constraint, constraint_value = ctl.C, budget = c.budget or 1, scheme = c.scheme or 'NR',
             rescale = pol.rescale(ctx), gamma0 = c.gamma0, optimizer = tr.optimizer,
-            optim_state = c.optim_state, linear_init = c.linear_init, policy = {reallocate = pol.reallocate, init = pol.init},
+            optim_state = c.optim_state, linear_init = c.linear_init, generations = c.generations,
+            policy = {reallocate = pol.reallocate, init = pol.init},
          })
          ctl.rejuvenations = ctl.rejuvenations + 1
          rep.lambda_history = ctl.lambda_hist
@@ -393,6 +400,7 @@ function M.attach(tr, cfg)
             ctl.lambda, ctl.r_prev = s.lambda or ctl.lambda, s.r_prev or 1
             ctl.r_hist, ctl.lambda_hist = s.r_hist or {}, s.lambda_hist or {}
             ctl.rejuvenations, ctl.C = s.rejuvenations or 0, s.C
+            if ctl.rejuvenations > 0 then tr.model.nr_generation = ctl.rejuvenations end
             if s.arch then
                surgery.apply_arch(tr.model, s.arch)
                monitor.invalidate(tr.model)

@@ -290,11 +290,17 @@ function M.cost_fn(g, st, opts)
    local next_gen = opts.next_gen or 1
    local surv = {}
    for _, r in ipairs(g.roots) do surv[r] = M.survivors(r, st) end
-   -- planned generation layout of a root: survivors (non-empty) + the new generation
+   -- planned generation layout of a root: survivors (non-empty) + the new generation; with
+   -- opts.merge every survivor is generation 0 (the paper's S), as surgery.plans lays them out
    local function plan_gens(r, w)
       local s = surv[r]
       if not s then return nil end
       local out, kept = {}, 0
+      if opts.merge then
+         local n = 0
+         for _, x in ipairs(s) do n = n + x.n end
+         s = {{gen = 0, n = n}}
+      end
       for _, x in ipairs(s) do
          if x.n > 0 then out[#out + 1] = {gen = x.gen, n = math.min(x.n, w - kept)}; kept = kept + out[#out].n end
       end

@@ -158,8 +158,10 @@ local function max_gen(g)
 end
 M.max_gen = max_gen
 
--- plan[root] = {keep = {old positions}, w = new width, gens = {{gen, n}} | nil, old_w}
-function M.plans(g, st, widths, next_gen)
+-- plan[root] = {keep = {old positions}, w = new width, gens = {{gen, n}} | nil, old_w}.
+-- merge: every survivor becomes generation 0 (the paper's S) and the new channels next_gen (R);
+-- otherwise survivors keep their generations.
+function M.plans(g, st, widths, next_gen, merge)
    local plans = {}
    for _, r in ipairs(g.roots) do
       if r.kind ~= 'unit' then
@@ -198,6 +200,7 @@ function M.plans(g, st, widths, next_gen)
             for _, p in ipairs(keep) do if chosen[p] then k2[#k2 + 1] = p end end
             keep = k2
          end
+         if merge then for _, p in ipairs(keep) do owner[p] = 0 end end
          local gens, last = {}, nil
          for _, p in ipairs(keep) do
             if last and last.gen == owner[p] then last.n = last.n + 1
