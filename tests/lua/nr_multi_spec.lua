@@ -173,9 +173,9 @@ describe('nr.rejuvenate repeated and detailed', function()
       nr.manual_seed(15)
       local m2 = net()
       local g1, g2 = {params = {}}, {params = {}, lr_mult = 10}
-      for _, e in ipairs(m2:namedParameters()) do
-         local g = e.module:typename() == 'Linear' and g2 or g1
-         g.params[#g.params + 1] = e
+      for _, entry in ipairs(m2:namedParameters()) do
+         local g = entry.module:typename() == 'Linear' and g2 or g1
+         g.params[#g.params + 1] = entry
       end
       local gopt = nr.optim.SGD({model = m2, g1, g2}, {lr = 0.1})
       kill(m2, 0.3)
