@@ -80,6 +80,11 @@ describe('nr.rejuvenate policies', function()
          return err(function() nr.rejuvenate(k, o) end)
       end
       assert.truthy(rej({budget = -1}):find('budget must be a number >= 0', 1, true))
+      -- every resizable channel dead: an error, not a model collapsed to width 1
+      local dead = small_net()
+      for _, bn in ipairs(dead:findModules('BatchNorm2d')) do bn.weight:zero() end
+      assert.truthy(err(function() nr.rejuvenate(dead, {input_shape = {3, 8, 8}}) end)
+         :find('no live channel in any resizable layer', 1, true))
       assert.truthy(rej({budget = 0 / 0}):find('budget must be a number >= 0', 1, true))
       assert.truthy(rej({constraint = 'flop'}):find('constraint must be "params" or "flops", got flop', 1, true))
       assert.truthy(rej({policy = {init = function(_, s) return nr.full(s, 0 / 0) end}}):find('policy.init returned non-finite', 1, true))

@@ -174,6 +174,11 @@ function M.rejuvenate(model, opts)
          root_of[id] = r
       end
    end
+   local any_live = #layers == 0
+   for _, l in ipairs(layers) do any_live = any_live or l.live > 0 end
+   check.arg(any_live or (opts.budget or 1) == 0, FN,
+      'no live channel in any resizable layer (every |γ| is below the liveliness threshold), so there is nothing '
+      .. 'to rejuvenate from; the L1 penalty (lambda) was too strong or training diverged')
    local function by_root(widths)
       local w = {}
       for id, v in pairs(widths) do
