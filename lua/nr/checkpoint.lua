@@ -408,14 +408,25 @@ function M.load_into(model, weights, where)
       error(string.format('nr.checkpoint: %s does not match the model: missing %s; unexpected %s', where,
          #missing > 0 and table.concat(missing, ', ') or 'none', #unexpected > 0 and table.concat(unexpected, ', ') or 'none'), 2)
    end
-   for name, t in pairs(targets) do
-      local w = weights[name]
+   local names = {}
+   for name in pairs(targets) do names[#names + 1] = name end
+   table.sort(names)
+   for _, name in ipairs(names) do
+      local t, w = targets[name], weights[name]
       if not T.same_shape(w:shape(), t:shape()) then
          error(string.format('nr.checkpoint: %s: %s has shape [%s] in the checkpoint but [%s] in the model', where, name,
             table.concat(w:shape(), ' x '), table.concat(t:shape(), ' x ')), 2)
       end
-      t:copy(w)
+      -- a diverged run's NaN / inf weights: said here, not as a NaN loss steps later
+      local dt = w:dtype()
+      local s = 0
+      if w:numel() > 0 and (dt == 'float32' or dt == 'bfloat16') then s = (dt == 'float32' and w or w:float()):abs():sum() end
+      if s ~= s or s == math.huge then
+         error(string.format('nr.checkpoint: %s: %s holds non-finite values (NaN or inf): the run diverged before this '
+            .. 'checkpoint; resume from an earlier one', where, name), 2)
+      end
    end
+   for _, name in ipairs(names) do targets[name]:copy(weights[name]) end
 end
 
 -- Saves just a model's weights (and buffers) to a safetensors file PyTorch can read.

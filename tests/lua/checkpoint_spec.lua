@@ -178,6 +178,12 @@ describe('nr.checkpoint', function()
       assert.is_false(ok); assert.truthy(tostring(err):find('[3 x 2]', 1, true))
       ok, err = pcall(ck.load_into, m, {wieght = nr.ones({2, 2})})
       assert.is_false(ok); assert.truthy(tostring(err):find('missing weight', 1, true)); assert.truthy(tostring(err):find('wieght', 1, true))
+      -- a diverged checkpoint: named, and nothing of it is loaded
+      local bad = nr.full({2, 2}, 3)
+      bad:set(4, 0 / 0)
+      ok, err = pcall(ck.load_into, m, {weight = bad})
+      assert.is_false(ok); assert.truthy(tostring(err):find('weight holds non-finite values', 1, true))
+      assert.same({{1, 1}, {1, 1}}, m.weight:totable())
    end)
 
    it('cleans up its scratch folder', function()
