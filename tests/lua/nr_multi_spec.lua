@@ -263,6 +263,16 @@ describe('nr.rejuvenate repeated and detailed', function()
       local y0 = pruned:forward(x):clone()
       nr.rejuvenate(m, {input_shape = SHAPE, scheme = 'CR'})
       assert.is_true(rel(m:forward(x), y0) <= 1e-4)
+      -- the planned CR cost counts the stub as surgery builds it (one channel of its generation)
+      for _, gens in ipairs({'merge', 'keep'}) do
+         nr.manual_seed(12)
+         local m2 = net()
+         m2:findModules('BatchNorm2d')[4].weight:fill(1e-5)
+         local b2 = m2:findModules('BatchNorm2d')[2]
+         for i = 1, 12, 2 do b2.weight:set(i, 0) end
+         local rep = nr.rejuvenate(m2, {input_shape = SHAPE, scheme = 'CR', generations = gens})
+         assert.are.equal(rep.planned_cost, rep.cost, gens)
+      end
    end)
 
    it('explains what it cannot do', function()

@@ -267,6 +267,36 @@ function M.cs_gens(r)
    return {{gen = 0, n = r.width}}
 end
 
+-- Per channel of a CS: the largest |γ| among its BNs (0-based positions), or nil without BNs.
+function M.scores(r)
+   local sc
+   for _, u in ipairs(r.or_members) do
+      if u.bn and u.bn.weight then
+         local g = u.bn.weight:abs():totable()
+         sc = sc or {}
+         for i = 1, #g do sc[i - 1] = math.max(sc[i - 1] or 0, g[i]) end
+      end
+   end
+   return sc
+end
+
+-- The stub channel a CS dead as a whole keeps (widths never reach 0): its best |γ| (the first
+-- channel without BNs); returns the position and its generation.
+function M.stub_of(r)
+   local sc = M.scores(r)
+   local best, bv = 0, -1
+   for p = 0, r.width - 1 do
+      local v = sc and sc[p] or 0
+      if v > bv then best, bv = p, v end
+   end
+   local at, gen = 0, 0
+   for _, x in ipairs(M.cs_gens(r) or {}) do
+      if best >= at and best < at + x.n then gen = x.gen end
+      at = at + x.n
+   end
+   return best, gen
+end
+
 -- Survivors per generation of a CS under its live mask: list of {gen, n, first, keep = {pos}}.
 function M.survivors(r, st)
    local gens = M.cs_gens(r)
@@ -296,9 +326,13 @@ function M.cost_fn(g, st, opts)
       local s = surv[r]
       if not s then return nil end
       local out, kept = {}, 0
-      if opts.merge then
-         local n = 0
-         for _, x in ipairs(s) do n = n + x.n end
+      local n = 0
+      for _, x in ipairs(s) do n = n + x.n end
+      if n == 0 then
+         -- dead as a whole: surgery keeps one stub channel (stub_of), in its generation
+         local _, gen = M.stub_of(r)
+         s = {{gen = opts.merge and 0 or gen, n = 1}}
+      elseif opts.merge then
          s = {{gen = 0, n = n}}
       end
       for _, x in ipairs(s) do

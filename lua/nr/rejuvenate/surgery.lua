@@ -136,17 +136,7 @@ M.quiet_new = quiet_new
 -- ---- plans ------------------------------------------------------------------------------------
 
 -- |γ| score of every position of a root (max over its BN members); nil when none has a BN.
-local function scores(r)
-   local sc
-   for _, u in ipairs(r.or_members) do
-      if u.bn and u.bn.weight then
-         local g = u.bn.weight:abs():totable()
-         sc = sc or {}
-         for i = 1, #g do sc[i - 1] = math.max(sc[i - 1] or 0, g[i]) end
-      end
-   end
-   return sc
-end
+local scores = monitor.scores
 
 -- Highest generation id present in the graph.
 local function max_gen(g)
@@ -175,17 +165,9 @@ function M.plans(g, st, widths, next_gen, merge)
          local sc = scores(r)
          if #keep == 0 then
             -- a set dead as a whole keeps one stub channel (its best γ): widths never reach 0
-            local best, bv = 0, -1
-            for p = 0, r.width - 1 do
-               local v = sc and sc[p] or 0
-               if v > bv then best, bv = p, v end
-            end
+            local best, gen = monitor.stub_of(r)
             keep = {best}
-            local at = 0
-            for _, x in ipairs(monitor.cs_gens(r)) do
-               if best >= at and best < at + x.n then owner[best] = x.gen end
-               at = at + x.n
-            end
+            owner[best] = gen
          end
          local w = widths[r] or #keep
          if w < 1 then fail('%s: width %d requested (at least 1)', r.or_members[1].conv:path(), w) end
