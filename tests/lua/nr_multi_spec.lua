@@ -189,6 +189,30 @@ describe('nr.rejuvenate repeated and detailed', function()
       assert.is_true(conv.gradWeight:abs():max() > 0)
       gopt:step()
       assert.is_true(conv.weight:sub(before):abs():max() > 0, 'the step did not reach the new conv')
+      -- ... also into NRConv2d blocks (CR), and from blocks into the modules that replace them
+      nr.manual_seed(17)
+      local m3 = net()
+      local h1, h2 = {params = {}}, {params = {}, lr_mult = 10}
+      for _, entry in ipairs(m3:namedParameters()) do
+         local g = entry.module:typename() == 'Linear' and h2 or h1
+         g.params[#g.params + 1] = entry
+      end
+      local copt = nr.optim.SGD({model = m3, h1, h2}, {lr = 0.1})
+      for round = 1, 2 do
+         kill(m3, 0.3)
+         nr.rejuvenate(m3, {input_shape = SHAPE, scheme = 'CR', optimizer = copt, budget = 2})
+         assert.is_true(#m3:findModules('NRConv2d') >= 2)   -- blocks after round 1; round 2 replaces them
+         local covered = {}
+         for _, g in ipairs(copt.groups) do for _, e in ipairs(g.params) do covered[e.param] = true end end
+         local n = 0
+         for _, entry in ipairs(m3:namedParameters()) do
+            assert.is_true(covered[entry.param] == true, 'round ' .. round .. ': ' .. entry.name .. ' not in the optimizer')
+            n = n + 1
+         end
+         local count = 0
+         for _ in pairs(covered) do count = count + 1 end
+         assert.are.equal(n, count, 'the optimizer holds tensors the model no longer has')
+      end
       -- rejuvenating a part of the tree is seen by an optimizer over the whole tree
       local outer = nn.Sequential{net()}
       local oopt = nr.optim.SGD(outer, {lr = 0.1})

@@ -109,6 +109,22 @@ end
 
 -- SGD(module_or_groups, config). config: lr (required), momentum (0), weight_decay (0),
 -- nesterov (false), dampening (0 only), no_decay_bn_bias (false; with a module).
+-- The module standing where m stood: m itself (replaced = false), or the replacement of m or of
+-- its nearest replaced ancestor (surgery sets _replaced_by on the module it swaps out; a swapped
+-- out NRConv2d's blocks are reached through their parent).
+local function replacement_of(m)
+   local node = m
+   while node do
+      if rawget(node, '_replaced_by') then
+         local r = node
+         while rawget(r, '_replaced_by') do r = rawget(r, '_replaced_by') end
+         return r, true
+      end
+      node = rawget(node, '_parent')
+   end
+   return m, false
+end
+
 -- How many times layers of the model's tree were replaced (nr.rejuvenate's surgery counts them on
 -- the root): a change means the parameters this optimizer read may be orphaned.
 local function structure_of(model)
@@ -267,16 +283,36 @@ function SGD:refresh()
    if self.model and self.spec.rule then
       self.spec = param_groups(self.model, {no_decay_bn_bias = (self.spec[2] ~= nil) or nil})
    elseif self.model then
-      -- custom groups over a model: re-resolve entries by module/field
+      -- custom groups over a model: re-resolve entries by module/field; an entry whose module (or
+      -- an ancestor: the blocks of a replaced NRConv2d) was replaced by surgery becomes the
+      -- same-field parameters of the replacement (a Conv2d's weight -> every block's weight of
+      -- the NRConv2d that replaced it), each once per group
       for _, g in ipairs(self.spec) do
-         for i, e in ipairs(g.params) do
-            if type(e) == 'table' and e.module and e.field then
-               local m = e.module   -- a module surgery replaced points to its replacement
-               while rawget(m, '_replaced_by') do m = rawget(m, '_replaced_by') end
-               g.params[i] = {name = e.name, param = m[e.field], grad = m[GRAD_FIELD[e.field] or e.field],
-                              module = m, field = e.field}
+         local params, seen = {}, {}
+         local function add(e)
+            if e.param == nil or not seen[e.param] then
+               if e.param ~= nil then seen[e.param] = true end
+               params[#params + 1] = e
             end
          end
+         for _, e in ipairs(g.params) do
+            if type(e) == 'table' and e.module and e.field then
+               local m, replaced = replacement_of(e.module)
+               if not replaced then
+                  add({name = e.name, param = m[e.field], grad = m[GRAD_FIELD[e.field] or e.field], module = m, field = e.field})
+               else
+                  for _, ne in ipairs(m:namedParameters()) do
+                     if ne.field == e.field then
+                        add({name = ne.module:path() .. '.' .. ne.field, param = ne.param, grad = ne.grad, module = ne.module,
+                             field = ne.field})
+                     end
+                  end
+               end
+            else
+               add(e)
+            end
+         end
+         g.params = params
       end
    end
    -- keep group-level settings the user may have changed on opt.groups
