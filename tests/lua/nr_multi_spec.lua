@@ -203,7 +203,7 @@ describe('nr.rejuvenate repeated and detailed', function()
          nr.rejuvenate(m3, {input_shape = SHAPE, scheme = 'CR', optimizer = copt, budget = 2})
          assert.is_true(#m3:findModules('NRConv2d') >= 2)   -- blocks after round 1; round 2 replaces them
          local covered = {}
-         for _, g in ipairs(copt.groups) do for _, e in ipairs(g.params) do covered[e.param] = true end end
+         for _, g in ipairs(copt.groups) do for _, pe in ipairs(g.params) do covered[pe.param] = true end end
          local n = 0
          for _, entry in ipairs(m3:namedParameters()) do
             assert.is_true(covered[entry.param] == true, 'round ' .. round .. ': ' .. entry.name .. ' not in the optimizer')
