@@ -13,7 +13,9 @@
 --   * tr.epoch is 1-based and current; tr.step is global, counted from 1, and names the step
 --     being run (after_backward, after_step) or the last one run (epoch_end).
 --   * the schedule's position advances only while tr.schedule_hold is false (per iteration and
---     per epoch), before the epoch_end hooks run, except inside its warm-up, which always runs. An epoch that ends held is counted in
+--     per epoch), before the epoch_end hooks run, except inside its warm-up, which always runs.
+--     An epoch during which a hook released the hold counts as held too (the schedule goes back to
+--     where the release found it). An epoch that ends held is counted in
 --     tr.held_epochs (at the same point); with tr.extend_held the run trains rc.epochs schedule
 --     epochs plus the held ones, at most rc.max_epochs in all (tr:planned_epochs()).
 --   * a checkpoint is written after epoch_end hooks (so NR's state is the post-hook state); a
@@ -942,7 +944,10 @@ function Trainer:train_epoch(epoch)
       model:backward(xd, g)
       self:call('after_backward', step_info(loss_t, bn))
       opt:step()
+      local held_before = self.schedule_hold
       self:call('after_step', step_info(loss_t, bn))
+      -- a hook released the hold mid-epoch (NR's Δt-steps check): where the schedule stood
+      if sched and held_before and not self.schedule_hold and not self.release_iter then self.release_iter = sched.iter end
       if sched and (not self.schedule_hold or sched:in_warmup()) then sched:step() end
       n = n + bn
       local log_now = i % log_every == 0 or i == total
@@ -1015,6 +1020,14 @@ function Trainer:run()
       -- A warm-up runs even while held (held at its start the LR would stay at warmup_start, 0 by
       -- default): an epoch that ends still inside it was a schedule epoch.
       local held = self.schedule_hold and not (self.schedule and self.schedule:in_warmup())
+      -- released mid-epoch: the epoch was not a whole schedule epoch, so it counts as held and the
+      -- schedule goes back to where the release found it (its steps since ran at the schedule's
+      -- start LR); counted as a schedule epoch, the schedule's first epoch would have been skipped
+      if self.release_iter then
+         held = true
+         self.schedule.iter = self.release_iter
+      end
+      self.release_iter = nil
       if held then self.held_epochs = self.held_epochs + 1 end
       local planned = self:planned_epochs()
       local last = epoch >= planned

@@ -318,6 +318,21 @@ describe('nr.train', function()
       assert.equal(1, s2.held_epochs); assert.equal(4, s2.epochs); assert.equal(3, tr2.schedule.epoch)
    end)
 
+   it('a hold released mid-epoch (a Δt-steps check): that epoch counts as held and the whole schedule still runs', function()
+      local plain = {}
+      nr.train(held_recipe(TMP .. '/m0', {hooks = {after_step = lr_log(plain)}}))
+      local lrs = {}
+      local release = function(t) if t.step == 12 then t.schedule_hold = false end end
+      local r = held_recipe(TMP .. '/m', {hooks = {epoch_begin = hold_first(2), after_step = {release, lr_log(lrs)}}})
+      local tr = train.new(r)
+      tr.extend_held = true
+      local summary = tr:run()
+      assert.equal(2, summary.held_epochs); assert.equal(5, summary.epochs); assert.equal(3, tr.schedule.epoch)
+      for i = 1, 12 do assert.equal(0.05, lrs[i]) end                 -- held until the release at step 12
+      assert.equal(40, #lrs)
+      for i = 1, 24 do assert.equal(plain[i], lrs[16 + i]) end        -- then the whole schedule, from its start
+   end)
+
    it('without extend_held a held schedule does not lengthen the run; without a hold extend_held changes nothing', function()
       local summary = nr.train(held_recipe(TMP .. '/y', {hooks = {epoch_begin = hold_first(2)}}))
       assert.equal(3, summary.epochs); assert.equal(24, summary.steps); assert.equal(2, summary.held_epochs)
