@@ -102,13 +102,31 @@ static void setup_paths(lua_State *L, const char *home, const char *lib)
    lua_setglobal(L, "_NRLUA");
 }
 
-/* Error handler: message plus traceback. */
+/* Whether msg starts with a "chunk:line:" position, as errors raised at a code location do. */
+static int has_position(const char *msg)
+{
+   const char *c = strchr(msg, ':');
+   if (!c || c == msg || memchr(msg, '\n', (size_t)(c - msg))) return 0;
+   const char *d = c + 1;
+   while (*d >= '0' && *d <= '9') d++;
+   return d > c + 1 && *d == ':';
+}
+
+/* Error handler: message plus traceback. A message without a position (error(msg, 0): the
+ * library's messages about the user's configuration, e.g. "nr.train: the model has 10 outputs
+ * but ...") is shown alone, a traceback would only point into the library; NR_TRACEBACK=1
+ * always adds it. */
 static int traceback(lua_State *L)
 {
    const char *msg = lua_tostring(L, 1);
    if (!msg) {
       if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
       msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+   }
+   const char *always = getenv("NR_TRACEBACK");
+   if (!has_position(msg) && !(always && always[0] == '1')) {
+      lua_pushstring(L, msg);
+      return 1;
    }
    luaL_traceback(L, L, msg, 1);
    return 1;

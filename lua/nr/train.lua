@@ -551,6 +551,26 @@ local function build_data(tr, rc)
    end
 end
 
+-- A zoo model against the data, before the run starts: one sample's shape through the model
+-- (a VGG pool head sized for another input fails here, not at the first forward) and its
+-- outputs against the dataset's classes (a mismatch otherwise surfaced as a bad label at the
+-- first step). Models without nr_info (the user's own) are left to the first step.
+local function check_model_fits_data(tr)
+   local info, l, ds = rawget(tr.model, 'nr_info'), tr.train_loader, tr.train_set
+   if type(info) ~= 'table' or not (l and type(l.shape) == 'table' and #l.shape == 4) then return end
+   local sample = {l.shape[2], l.shape[3], l.shape[4]}
+   local ok, out = pcall(tr.model.outputShape, tr.model, sample)
+   if not ok then
+      error(string.format('nr.train: the model does not take the data\'s samples (%s): %s\n  Set --model.input (the model) '
+         .. 'or --data.size (the data) so that they agree.', table.concat(sample, ' x '), tostring(out)), 0)
+   end
+   local k, classes = info.classes, ds and ds.classes
+   if type(k) == 'number' and type(classes) == 'number' and classes > 0 and k ~= classes then
+      error(string.format('nr.train: the model has %d outputs but the %s dataset has %d classes (--model.classes %d)',
+         k, tostring(ds.name or 'training'), classes, classes), 0)
+   end
+end
+
 -- A JSON-able view of the resolved recipe (modules and functions described, not serialized).
 local function recipe_json(rc)
    local function conv(v, seen)
@@ -631,6 +651,7 @@ function M.new(recipe)
 
    -- data
    build_data(tr, rc)
+   check_model_fits_data(tr)
    tr.iters_per_epoch = tr.train_loader:nbatches()
    if rc.data.train_batches then tr.iters_per_epoch = math.min(tr.iters_per_epoch, rc.data.train_batches) end
 

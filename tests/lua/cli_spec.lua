@@ -63,6 +63,19 @@ describe('nrlua', function()
       assert.equal(1, rc)
       assert.matches('shape mismatch', out)
       assert.matches('stack traceback', out)
+      -- a message without a code position (the library about the user's configuration) comes
+      -- alone, unless NR_TRACEBACK=1
+      local cfg = tmp .. '/cfg.lua'
+      f = io.open(cfg, 'w')
+      f:write("error('nr.train: epochs must be >= 1, got 0', 0)\n")
+      f:close()
+      out, rc = run(exe .. ' ' .. cfg)
+      assert.equal(1, rc)
+      assert.matches('epochs must be >= 1', out)
+      assert.is_nil(out:find('stack traceback', 1, true))
+      out, rc = run('NR_TRACEBACK=1 ' .. exe .. ' ' .. cfg)
+      assert.equal(1, rc)
+      assert.truthy(out:find('stack traceback', 1, true))
    end)
 
    it('evaluates piped REPL input: values, multi-line statements, errors', function()

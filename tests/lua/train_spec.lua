@@ -409,6 +409,23 @@ describe('nr.train', function()
       assert.equal(s.final_top1, s8.final_top1)
    end)
 
+   it('a zoo model that does not fit the data is refused before the run (classes, sample size)', function()
+      local root = '/usr/share/datasets/fashion-mnist'
+      if not ck.exists(root .. '/train-images-idx3-ubyte.gz') then pending('dataset-fashion-mnist is not installed'); return end
+      local function try(model, dir, size)
+         local ok, err = pcall(nr.train, {model = model, epochs = 1, out = TMP .. '/' .. dir, progress = {stream = sink(), tty = false},
+            data = {dataset = 'fashion-mnist', root = root, batch = 8, threads = 1, train_batches = 1, val_batches = 1, size = size}})
+         assert.is_false(ok)
+         assert.is_false(ck.exists(TMP .. '/' .. dir .. '/metrics.jsonl'))  -- nothing of a run was written
+         return tostring(err)
+      end
+      local e = try({name = 'mobilenet', width = 0.25, classes = 5, input = 32}, 'fit1')
+      assert.truthy(e:find('the model has 5 outputs but the fashion-mnist dataset has 10 classes (--model.classes 10)', 1, true), e)
+      -- VGG-16's pool head is sized for its input (224): 112 x 112 samples cannot pass it
+      e = try({name = 'vgg', depth = 16, classes = 10}, 'fit2', 112)
+      assert.truthy(e:find("the model does not take the data's samples (3 x 112 x 112)", 1, true), e)
+   end)
+
    it("loader threads: the recipe's, else nr.data's default on the CPU and the host's free cores on a GPU", function()
       local C = require('nr.ffi').C
       assert.equal(3, train.data_threads({threads = 3}, 'cuda'))
