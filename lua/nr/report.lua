@@ -276,7 +276,11 @@ function M.render(dir)
    local sched = rc.schedule or {}
    add('<table class="kv">')
    local function kv(k, v) add('<tr><td>' .. esc(k) .. '</td><td>' .. v .. '</td></tr>') end
-   kv('final top-1', '<span class="big">' .. (last_epoch and last_epoch.val and fnum(last_epoch.val.top1, 4) .. '%' or '–') .. '</span>'
+   -- a run without its summary record did not finish (still running, or stopped: --resume continues it)
+   kv('status', summary and 'finished' or (last_epoch and ('<b>incomplete</b>: no summary record (still running, or stopped after '
+      .. 'epoch ' .. last_epoch.epoch .. '; --resume continues it)') or '<b>incomplete</b>: no epoch finished')
+      .. (run.bad_lines > 0 and (' · ' .. run.bad_lines .. ' unreadable line(s) in metrics.jsonl') or ''))
+   kv(summary and 'final top-1' or 'last top-1', '<span class="big">' .. (last_epoch and last_epoch.val and fnum(last_epoch.val.top1, 4) .. '%' or '–') .. '</span>'
       .. (last_epoch and last_epoch.val and ('  top-5 ' .. fnum(last_epoch.val.top5, 4) .. '%') or ''))
    kv('best top-1', best and (fnum(best.val.top1, 4) .. '% at epoch ' .. best.epoch) or '–')
    local planned = last_epoch and last_epoch.epochs_planned or rc.epochs
@@ -307,7 +311,10 @@ function M.render(dir)
    end
    add('</table>')
    if built and built.tree then
-      add('<details><summary class="sub">model structure</summary><pre>' .. esc(built.tree) .. '</pre></details>')
+      local rejuvenated = false
+      for _, r in ipairs(run.records) do if r.kind == 'nr' and r.event == 'rejuvenate' then rejuvenated = true end end
+      add('<details><summary class="sub">model structure' .. (rejuvenated and ' (as built, before Neural Rejuvenation resized it; '
+         .. 'its widths after are under Per-layer widths)' or '') .. '</summary><pre>' .. esc(built.tree) .. '</pre></details>')
    end
 
    -- curves

@@ -49,6 +49,20 @@ describe('nr.report', function()
       assert.is_nil(html:find('<link', 1, true))
       assert.is_nil(html:gsub('xmlns="http://www.w3.org/2000/svg"', ''):find('https?://'))
       assert.is_nil(html:find('Neural Rejuvenation', 1, true))
+      assert.truthy(html:find('<td>status</td><td>finished</td>', 1, true))
+      -- the same run cut short (no summary, a torn last line): said so, with the last top-1
+      local cut = TMP .. '/cut'
+      ck.mkdirs(cut)
+      ck.write_atomic(cut .. '/recipe.json', ck.read_file(dir .. '/recipe.json'))
+      local lines = {}
+      for line in ck.read_file(dir .. '/metrics.jsonl'):gmatch('[^\n]+') do
+         if not line:find('"kind":"summary"', 1, true) then lines[#lines + 1] = line end
+      end
+      ck.write_atomic(cut .. '/metrics.jsonl', table.concat(lines, '\n') .. '\n{"kind":"step","ep')
+      local chtml = ck.read_file(report.write(cut))
+      assert.truthy(chtml:find('<b>incomplete</b>: no summary record', 1, true))
+      assert.truthy(chtml:find('1 unreadable line(s) in metrics.jsonl', 1, true))
+      assert.truthy(chtml:find('<td>last top-1</td>', 1, true))
    end)
 
    it('adds utilization, λ and per-layer widths for NR records', function()
