@@ -115,11 +115,13 @@ function M.enable(opts)
       if type(cls) == 'table' and cls ~= nn.Module then classes[#classes + 1] = cls end
    end
    for _, cls in ipairs(classes) do
-      local f, b = rawget(cls, 'forward'), rawget(cls, 'backward')
-      if f or b then
-         saved[cls] = {forward = f, backward = b}
+      -- a criterion's loss_tensor is its forward as nr.train calls it (the loss stays on the device)
+      local f, b, lt = rawget(cls, 'forward'), rawget(cls, 'backward'), rawget(cls, 'loss_tensor')
+      if f or b or lt then
+         saved[cls] = {forward = f, backward = b, loss_tensor = lt}
          if f then cls.forward = wrap(f, 'f') end
          if b then cls.backward = wrap(b, 'b') end
+         if lt then cls.loss_tensor = wrap(lt, 'f') end
       end
    end
    return M
@@ -128,7 +130,7 @@ end
 function M.disable()
    if not saved then return M end
    for cls, fns in pairs(saved) do
-      cls.forward, cls.backward = fns.forward, fns.backward
+      cls.forward, cls.backward, cls.loss_tensor = fns.forward, fns.backward, fns.loss_tensor
    end
    saved = nil
    gpu_wait = nil

@@ -9,19 +9,21 @@ describe('nr.profile', function()
    it('records per-layer forward/backward calls and restores the methods', function()
       local nn = nr.nn
       local f0, b0, sb0 = nn.Module.forward, nn.Module.backward, nn.Sequential.backward
+      local lt0 = nn.CrossEntropyLoss.loss_tensor
       local net = nn.Sequential{nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)}
       local crit = nn.CrossEntropyLoss()
       local x, y = nr.randn({5, 4}), nr.tensor({0, 1, 2, 1, 0}, {dtype = 'int64'})
       prof.reset()
       prof.enable()
       local t0 = prof.now()
-      for _ = 1, 3 do
+      for i = 1, 3 do
          local out = net:forward(x)
-         crit:forward(out, y)
+         if i == 3 then crit:loss_tensor(out, y) else crit:forward(out, y) end   -- nr.train's way counts too
          net:backward(x, crit:backward(out, y))
       end
       local wall = prof.now() - t0
       prof.disable()
+      assert.are.equal(lt0, nn.CrossEntropyLoss.loss_tensor)
       assert.are.equal(f0, nn.Module.forward)
       assert.are.equal(b0, nn.Module.backward)
       assert.are.equal(sb0, nn.Sequential.backward)
@@ -33,6 +35,9 @@ describe('nr.profile', function()
       assert.are.equal(3, lin.nf)
       assert.are.equal(3, lin.nb)
       assert.are.equal(3, by['1 (ReLU)'].nf)
+      local ce
+      for _, l in ipairs(d.layers) do if l.type == 'CrossEntropyLoss' then ce = l end end
+      assert.are.equal(3, ce.nf)                       -- forward (which calls loss_tensor) counted once
       for _, l in ipairs(d.layers) do
          assert.is_true(l.fwd >= 0 and l.bwd >= 0, l.where)
       end
