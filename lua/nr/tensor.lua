@@ -305,14 +305,57 @@ end
 -- so everything here (get, item, totable, reductions, printing) reads through it.
 local dbl = ffi.new('double[1]')
 -- Flat (row-major) element i, 1-based.
-function Tensor:get(i)
-   int_arg(i, 'Tensor:get', 'position')
-   check.status(C.nr_tensor_get(live(self), i - 1, dbl), 'Tensor:get')
+-- The 0-based row-major position of t's element at 1-based indices idx[1..n]: one index (the
+-- flat position) or one per dimension (t:get(i, j) as t[i][j] in Torch7); anything else is an
+-- error (extra indices were silently ignored).
+local function position(t, fname, idx, n)
+   local c = live(t)
+   if n == 1 then
+      int_arg(idx[1], fname, 'position')
+      return idx[1] - 1
+   end
+   if n ~= c.ndim then
+      error(string.format('%s: give one flat position or one index per dimension (%d), got %d indices', fname, c.ndim, n), 3)
+   end
+   local pos = 0
+   for d = 1, n do
+      local k, size = idx[d], tonumber(c.shape[d - 1])
+      int_arg(k, fname, 'index ' .. d)
+      if k < 1 or k > size then
+         error(string.format('%s: index %d is %d, outside 1..%d of dimension %d', fname, d, k, size, d), 3)
+      end
+      pos = pos * size + (k - 1)
+   end
+   return pos
+end
+
+-- t:get(pos) (1-based flat position, row-major) or t:get(i, j, ...) (one index per dimension).
+function Tensor:get(i, ...)
+   local p
+   if select('#', ...) == 0 then -- the common case, without a table
+      int_arg(i, 'Tensor:get', 'position')
+      p = i - 1
+   else
+      p = position(self, 'Tensor:get', {i, ...}, select('#', ...) + 1)
+   end
+   check.status(C.nr_tensor_get(live(self), p, dbl), 'Tensor:get')
    return dbl[0]
 end
-function Tensor:set(i, v)
-   int_arg(i, 'Tensor:set', 'position')
-   check.status(C.nr_tensor_set(live(self), i - 1, v), 'Tensor:set')
+-- t:set(pos, v) or t:set(i, j, ..., v): the value is the last argument.
+function Tensor:set(i, v, ...)
+   local p
+   if select('#', ...) == 0 then
+      int_arg(i, 'Tensor:set', 'position')
+      p = i - 1
+   else
+      local args = {i, v, ...}
+      local n = #args
+      v = args[n]
+      args[n] = nil
+      p = position(self, 'Tensor:set', args, n - 1)
+   end
+   check.arg(type(v) == 'number', 'Tensor:set', 'the value (the last argument) must be a number, got %s', type(v))
+   check.status(C.nr_tensor_set(live(self), p, v), 'Tensor:set')
    return self
 end
 -- The single value of a one-element tensor.

@@ -415,6 +415,19 @@ describe('nr.Tensor', function()
       assert.error_matches(function() b:view(5, 5) end, 'Tensor:view: cannot reshape')
    end)
 
+   it('get / set take one flat position or one index per dimension; extra indices are errors', function()
+      local t = nr.tensor({{1, 2, 3}, {4, 5, 6}})
+      assert.equal(2, t:get(1, 2)); assert.equal(6, t:get(2, 3)); assert.equal(5, t:get(5))
+      assert.equal(6, t:t():get(3, 2)); assert.equal(4, t:t():get(2))        -- views index logically
+      t:set(2, 1, 40); assert.equal(40, t:get(4))
+      t:set(1, 10); assert.equal(10, t:get(1, 1))
+      local function err(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      assert.truthy(err(function() return t:get(1, 2, 3) end):find('one index per dimension (2), got 3 indices', 1, true))
+      assert.truthy(err(function() return t:get(3, 1) end):find('index 1 is 3, outside 1..2 of dimension 1', 1, true))
+      assert.truthy(err(function() return t:set(1, 2, 3, 4) end):find('got 3 indices', 1, true))
+      assert.truthy(err(function() return t:set(1) end):find('must be a number, got nil', 1, true))
+   end)
+
    it('positions and dimensions must be integers: 1.5 is an error naming the argument, never floored', function()
       local a = nr.tensor({{1, 2, 3}, {4, 5, 6}})
       local cases = {
