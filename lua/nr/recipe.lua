@@ -28,7 +28,10 @@ M.TYPES = {
    ['data.eval_batch'] = 'integer', ['data.threads'] = 'integer', ['data.size'] = 'integer',
    ['data.train_batches'] = 'integer', ['data.val_batches'] = 'integer', ['data.seed'] = 'integer',
    ['data.train_split'] = 'string', ['data.val_split'] = 'string', ['data.augment'] = 'augment',
-   ['data.output'] = 'string',
+   ['data.output'] = 'string', ['data.drop_last'] = 'boolean',
+   -- data parallelism (nr.dist.attach's options; docs/DISTRIBUTED.md), also where the recipe has no dist table
+   ['dist.timeout'] = 'number', ['dist.algo'] = 'string', ['dist.bucket_mb'] = 'number', ['dist.overlap'] = 'boolean',
+   ['dist.check_every'] = 'integer', ['dist.buffers'] = 'string', ['dist.enabled'] = 'boolean', ['dist.sync_bn'] = 'boolean',
    ['optim.name'] = 'string', ['optim.lr'] = 'number', ['optim.momentum'] = 'number',
    ['optim.weight_decay'] = 'number', ['optim.nesterov'] = 'boolean', ['optim.no_decay_bn_bias'] = 'boolean',
    ['schedule.name'] = 'string', ['schedule.warmup'] = 'number', ['schedule.milestones'] = 'list',

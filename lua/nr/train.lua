@@ -54,6 +54,7 @@ M.DEFAULTS = {
       train_batches = nil, val_batches = nil,  -- cap batches per epoch (quick runs, tests)
       output = nil,        -- images from the loaders: 'uint8' (finished, /255 and normalize, on the
                            -- device: a quarter of the bytes to copy) or 'float32'; nil: uint8 on CUDA
+      drop_last = false,   -- training loader: drop the last partial batch (as PyTorch's DataLoader)
    },
    optim = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 5e-4, nesterov = false,
             no_decay_bn_bias = false},
@@ -485,7 +486,7 @@ local function loader_opts(d, train, seed, model, ds, device)
    check.arg(d.output == nil or d.output == 'uint8' or d.output == 'float32', 'nr.train',
       'data.output must be "uint8" or "float32", got %s', tostring(d.output))
    local o = {batch = train and d.batch or (d.eval_batch or d.batch), shuffle = train, seed = seed,
-              threads = data_threads(d, device),
+              threads = data_threads(d, device), drop_last = train and d.drop_last or nil,
               output = d.output or (device ~= 'cpu' and 'uint8' or 'float32')}
    if d.shard then o.shard = d.shard end
    local defaults = M.AUGMENT[d.dataset]
@@ -508,8 +509,21 @@ local function loader_opts(d, train, seed, model, ds, device)
    return o
 end
 
+-- Every key recipe.data may hold (an unknown one, e.g. a misspelt batch, is an error, not ignored).
+local DATA_KEYS = {dataset = true, root = true, batch = true, eval_batch = true, threads = true, size = true, augment = true,
+                   train_split = true, val_split = true, train_batches = true, val_batches = true, output = true,
+                   drop_last = true, seed = true, shard = true, train = true, val = true}
+
 local function build_data(tr, rc)
    local d = rc.data
+   for k in pairs(d) do
+      if not DATA_KEYS[k] then
+         local names = {}
+         for n in pairs(DATA_KEYS) do names[#names + 1] = n end
+         table.sort(names)
+         error(string.format('nr.train: recipe.data has no option %q (options: %s)', tostring(k), table.concat(names, ', ')), 0)
+      end
+   end
    -- no batches per epoch would only fail deep inside (the schedule's iters_per_epoch)
    local tb = d.train_batches
    if not (tb == nil or (type(tb) == 'number' and tb >= 1 and tb == math.floor(tb))) then

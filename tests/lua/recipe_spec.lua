@@ -69,6 +69,12 @@ describe('nr.recipe', function()
       assert.is_false(ok); assert.truthy(tostring(e):find('--nr.times: expected an integer', 1, true))
    end)
 
+   it('dist and data options have flag types where the recipe leaves them out', function()
+      local r = R.apply({epochs = 1}, {'--dist.timeout', '5', '--dist.sync_bn', '--dist.algo', 'ring', '--data.drop_last'})
+      assert.equal(5, r.dist.timeout); assert.is_true(r.dist.sync_bn); assert.equal('ring', r.dist.algo)
+      assert.is_true(r.data.drop_last)
+   end)
+
    it('a boolean flag alone means true (--overwrite, --optim.nesterov)', function()
       local r = R.apply(BASE, {'--overwrite', '--optim.nesterov', '--epochs', '3'})
       assert.is_true(r.overwrite); assert.is_true(r.optim.nesterov); assert.equal(3, r.epochs)
