@@ -412,16 +412,16 @@ describe('nr.train', function()
    it('recipe.data: an unknown key is an error; drop_last reaches the training loader', function()
       local root = '/usr/share/datasets/fashion-mnist'
       if not ck.exists(root .. '/train-images-idx3-ubyte.gz') then pending('dataset-fashion-mnist is not installed'); return end
-      local function recipe(data)
+      local function data_recipe(data)
          data.dataset, data.root, data.threads = 'fashion-mnist', root, 1
          return {model = function() return nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(784, 10)} end, data = data,
                  epochs = 1, out = TMP .. '/dk', progress = {stream = sink(), tty = false}}
       end
-      local ok, err = pcall(train.new, recipe({bacth = 7}))
+      local ok, err = pcall(train.new, data_recipe({bacth = 7}))
       assert.is_false(ok)
       assert.truthy(tostring(err):find('recipe.data has no option "bacth"', 1, true))
-      assert.equal(9, train.new(recipe({batch = 7000})).iters_per_epoch)              -- 60000 / 7000 = 8.6
-      assert.equal(8, train.new(recipe({batch = 7000, drop_last = true})).iters_per_epoch)
+      assert.equal(9, train.new(data_recipe({batch = 7000})).iters_per_epoch)              -- 60000 / 7000 = 8.6
+      assert.equal(8, train.new(data_recipe({batch = 7000, drop_last = true})).iters_per_epoch)
    end)
 
    it('a zoo model that does not fit the data is refused before the run (classes, sample size)', function()
