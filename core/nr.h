@@ -674,6 +674,10 @@ nr_status nr_dist_finalize(void);
 /* Prints "nrlua rank r/N: message" on stderr and ends the whole job (MPI_Abort(code)); returns
  * only when MPI is not running. */
 void nr_dist_abort(int32_t code, const char *message);
+/* While busy (nr.train between train_begin and train_end), an exit even with status 0 ends the
+ * whole job (MPI_Abort): the other ranks would wait for this one in a collective until the
+ * timeout. Outside it a clean exit finalizes MPI. */
+void nr_dist_set_busy(int32_t busy);
 
 /* NR_FFI_END */
 

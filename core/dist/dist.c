@@ -16,8 +16,9 @@
  *    picks; each rank sends and receives 2(N-1)/N of the buffer, as a ring allreduce does.
  *  - Every wait polls with a deadline (nr_dist_timeout): a collective whose peers never arrive
  *    fails with a message naming it instead of hanging.
- *  - Exits: a process that exits with a non-zero status while MPI is up calls MPI_Abort (from an
- *    on_exit handler), so mpirun ends every rank at once; a clean exit finalizes MPI. SIGTERM
+ *  - Exits: a process that exits with a non-zero status while MPI is up, or with any status in
+ *    the middle of training (nr_dist_set_busy), calls MPI_Abort (from an on_exit handler), so
+ *    mpirun ends every rank at once; a clean exit finalizes MPI. SIGTERM
  *    (what mpirun sends the survivors) prints which rank was stopped and why, then re-raises.
  *    nr_dist_abort is the only other way this library ends the process, and Lua asks for it.
  */
@@ -111,15 +112,19 @@ static void on_sigterm(int sig)
    raise(sig);
 }
 
+static int g_busy; /* nr_dist_set_busy: inside a training run, where every rank is needed */
+
+void nr_dist_set_busy(int32_t busy) { g_busy = busy != 0; }
+
 static void exit_hook(int status, void *arg)
 {
    (void)arg;
    if (!g_ready || g_finalized) return;
-   if (status != 0) {
-      fprintf(stderr, "nrlua rank %d/%d: exiting with status %d while the job runs; aborting every rank (MPI_Abort)\n",
-              g_rank, g_size, status);
+   if (status != 0 || g_busy) {
+      fprintf(stderr, "nrlua rank %d/%d: exiting with status %d %s; aborting every rank (MPI_Abort)\n", g_rank, g_size,
+              status, status ? "while the job runs" : "in the middle of training (the other ranks wait for this one)");
       fflush(stderr);
-      MPI_Abort(MPI_COMM_WORLD, status);
+      MPI_Abort(MPI_COMM_WORLD, status ? status : 1);
    }
    nr_dist_finalize();
 }

@@ -1023,6 +1023,10 @@ function M.attach(tr, opts)
    end
 
    local step_hooked = false
+   -- from here to train_end every rank is needed: an exit, even os.exit(0), ends the whole job
+   -- at once instead of leaving the others in a collective until the timeout
+   tr:add_hook('train_begin', function() D.nr_dist_set_busy(1) end)
+   tr:add_hook('train_end', function() D.nr_dist_set_busy(0) end)
    tr:add_hook('train_begin', function(t)
       if t.device and tostring(t.device):match('^cuda') then M.init({device = 'cuda'}) end
       sync_model(t)

@@ -126,7 +126,7 @@ describe('nr.dist under mpirun -np 2', function()
       for line in out:gmatch('[^\n]*max relative difference[^\n]*') do print('      ' .. line) end
    end)
 
-   for _, mode in ipairs({'kill', 'error', 'hang'}) do
+   for _, mode in ipairs({'kill', 'error', 'hang', 'exit0'}) do
       it('(c) a rank that fails (' .. mode .. ') ends the whole job with an error within 30 s', function()
          local out, rc, secs = mpirun('failure.lua', 2, SHM, mode, 60)
          assert.is_true(rc ~= 0, 'the job succeeded: ' .. out)
@@ -139,9 +139,12 @@ describe('nr.dist under mpirun -np 2', function()
             assert.matches('simulated failure on rank 1', out)
             assert.matches('nrlua rank 1/2: exiting with status 1[^\n]*MPI_Abort', out)
             assert.matches('nrlua rank 0/2 [^\n]*stopped by SIGTERM', out)
-         else
+         elseif mode == 'hang' then
             assert.matches('nr.dist.allreduce %(rank 0/2%)[^\n]*timed out after 3 s', out)
             assert.matches('nrlua rank 1/2 [^\n]*stopped by SIGTERM', out)
+         else -- exit0: a clean status mid-training still ends the job at once (the timeout is 60 s)
+            assert.matches('nrlua rank 1/2: exiting with status 0 in the middle of training', out)
+            assert.is_true(secs < 15, string.format('took %.1f s', secs))
          end
          print(string.format('      %s: status %d after %.1f s', mode, rc, secs))
       end)
