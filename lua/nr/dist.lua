@@ -995,7 +995,14 @@ function M.attach(tr, opts)
             require('nr.checkpoint').mkdirs(self.out)
             if own ~= out0 then os.remove(own) end -- the empty folder M.new made under another date
          end
-         return base_run(self, ...)
+         -- a run that raises never reaches train_end: the busy mark goes with the error, so a
+         -- script that handles it decides how this rank ends (an unhandled one exits non-zero)
+         local res = {pcall(base_run, self, ...)}
+         if not res[1] then
+            D.nr_dist_set_busy(0)
+            error(res[2], 0)
+         end
+         return unpack(res, 2, table.maxn(res))
       end
    end
 

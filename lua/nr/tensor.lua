@@ -349,11 +349,12 @@ function Tensor:set(i, v, ...)
       p = i - 1
    else
       local args = {i, v, ...}
-      local n = #args
+      local n = select('#', ...) + 2 -- a trailing nil value counts: it is not taken for an index
       v = args[n]
       args[n] = nil
       p = position(self, 'Tensor:set', args, n - 1)
    end
+   if type(v) == 'cdata' then v = tonumber(v) end -- an int64 read through the FFI, say
    check.arg(type(v) == 'number', 'Tensor:set', 'the value (the last argument) must be a number, got %s', type(v))
    check.status(C.nr_tensor_set(live(self), p, v), 'Tensor:set')
    return self

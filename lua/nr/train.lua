@@ -981,8 +981,13 @@ function Trainer:train_epoch(epoch)
       opt:step()
       local held_before = self.schedule_hold
       self:call('after_step', step_info(loss_t, bn))
-      -- a hook released the hold mid-epoch (NR's Δt-steps check): where the schedule stood
-      if sched and held_before and not self.schedule_hold and not self.release_iter then self.release_iter = sched.iter end
+      -- a hook released the hold mid-epoch (NR's Δt-steps check): where the held schedule stood
+      -- (inside a warm-up it was not standing: the warm-up runs while held); only a run that
+      -- held epochs lengthen (extend_held) gives the schedule those steps back at the epoch end
+      if sched and held_before and not self.schedule_hold and not self.release_iter and self.extend_held
+         and not sched:in_warmup() then
+         self.release_iter = sched.iter
+      end
       if sched and (not self.schedule_hold or sched:in_warmup()) then sched:step() end
       n = n + bn
       local log_now = i % log_every == 0 or i == total

@@ -126,6 +126,13 @@ describe('nr.dist under mpirun -np 2', function()
       for line in out:gmatch('[^\n]*max relative difference[^\n]*') do print('      ' .. line) end
    end)
 
+   it('(c) an nr.train error every rank handles ends the job cleanly (status 0, no abort)', function()
+      local out, rc = mpirun('failure.lua', 2, SHM, 'caught', 60)
+      assert.equal(0, rc, out)
+      assert.equal(2, count(out, 'nr.train failed %(user stop condition%), handled'), out)
+      assert.is_nil(out:find('MPI_Abort', 1, true), out)
+   end)
+
    for _, mode in ipairs({'kill', 'error', 'hang', 'exit0'}) do
       it('(c) a rank that fails (' .. mode .. ') ends the whole job with an error within 30 s', function()
          local out, rc, secs = mpirun('failure.lua', 2, SHM, mode, 60)

@@ -426,6 +426,9 @@ describe('nr.Tensor', function()
       assert.truthy(err(function() return t:get(3, 1) end):find('index 1 is 3, outside 1..2 of dimension 1', 1, true))
       assert.truthy(err(function() return t:set(1, 2, 3, 4) end):find('got 3 indices', 1, true))
       assert.truthy(err(function() return t:set(1) end):find('must be a number, got nil', 1, true))
+      assert.truthy(err(function() return t:set(2, 3, nil) end):find('must be a number, got nil', 1, true))
+      t:set(1, 2, 5LL)                                                    -- an int64 cdata value converts
+      assert.equal(5, t:get(1, 2))
    end)
 
    it('positions and dimensions must be integers: 1.5 is an error naming the argument, never floored', function()

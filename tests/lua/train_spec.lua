@@ -331,6 +331,26 @@ describe('nr.train', function()
       for i = 1, 12 do assert.equal(0.05, lrs[i]) end                 -- held until the release at step 12
       assert.equal(40, #lrs)
       for i = 1, 24 do assert.equal(plain[i], lrs[16 + i]) end        -- then the whole schedule, from its start
+      -- released inside a warm-up (which runs while held): nothing stood still, nothing rewinds
+      local wplain, wlrs = {}, {}
+      local wr = {name = 'cosine', warmup = 1}
+      nr.train(held_recipe(TMP .. '/mw0', {schedule = wr, hooks = {after_step = lr_log(wplain)}}))
+      local wt = train.new(held_recipe(TMP .. '/mw', {schedule = wr,
+         hooks = {train_begin = function(t0) t0.schedule_hold = true end, after_step = {function(t0)
+            if t0.step == 6 then t0.schedule_hold = false end
+         end, lr_log(wlrs)}}}))
+      wt.extend_held = true
+      local ws = wt:run()
+      assert.equal(0, ws.held_epochs); assert.equal(3, ws.epochs)
+      assert.same(wplain, wlrs)
+      -- without extend_held (a fixed epoch count) a release is not rewound either: the schedule
+      -- keeps the steps it ran
+      local fl = {}
+      local ft = train.new(held_recipe(TMP .. '/mf', {hooks = {epoch_begin = hold_first(1), after_step = {function(t0)
+         if t0.step == 2 then t0.schedule_hold = false end
+      end, lr_log(fl)}}}))
+      local fs = ft:run()
+      assert.equal(0, fs.held_epochs); assert.equal(3, fs.epochs); assert.equal(3, ft.schedule.epoch)
    end)
 
    it('without extend_held a held schedule does not lengthen the run; without a hold extend_held changes nothing', function()
