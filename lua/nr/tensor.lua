@@ -210,9 +210,12 @@ end
 
 -- Positions and dimensions must be integers: 1.5 is an error naming the argument, never floored
 -- (PyTorch refuses float indices too). Raises at the level of the method's caller.
-local function int_arg(v, fname, what)
+-- level: the error's level as error() counts it from here (3: the caller's caller, the user of a
+-- Tensor method that calls int_arg directly).
+local function int_arg(v, fname, what, level)
    if type(v) ~= 'number' or v ~= math.floor(v) then
-      error(string.format('%s: %s must be an integer, got %s', fname, what, type(v) == 'number' and tostring(v) or type(v)), 3)
+      error(string.format('%s: %s must be an integer, got %s', fname, what, type(v) == 'number' and tostring(v) or type(v)),
+         level or 3)
    end
 end
 
@@ -311,7 +314,7 @@ local dbl = ffi.new('double[1]')
 local function position(t, fname, idx, n)
    local c = live(t)
    if n == 1 then
-      int_arg(idx[1], fname, 'position')
+      int_arg(idx[1], fname, 'position', 4)
       return idx[1] - 1
    end
    if n ~= c.ndim then
@@ -320,7 +323,7 @@ local function position(t, fname, idx, n)
    local pos = 0
    for d = 1, n do
       local k, size = idx[d], tonumber(c.shape[d - 1])
-      int_arg(k, fname, 'index ' .. d)
+      int_arg(k, fname, 'index ' .. d, 4)
       if k < 1 or k > size then
          error(string.format('%s: index %d is %d, outside 1..%d of dimension %d', fname, d, k, size, d), 3)
       end
