@@ -52,29 +52,43 @@ end
 
 local function rel(a, b) return a:sub(b):abs():max() / math.max(1e-12, b:abs():max()) end
 
+-- Three rounds of kill 40% + rejuvenate with opts_of(round) (input_shape added), each checked
+-- against the pruned model (rejuvenated with budget 0): generation = round, eval output within
+-- 1e-4 relative; then after(m, x, round). Returns the model.
+local function three_rounds(seed, opts_of, after)
+   nr.manual_seed(seed)
+   local m = net()
+   m:evaluate()
+   local x = nr.randn({2, 3, 4, 4})
+   for round = 1, 3 do
+      kill(m, 0.4)
+      local pruned = m:clone()
+      nr.rejuvenate(pruned, {input_shape = SHAPE, budget = 0})
+      local y0 = pruned:forward(x):clone()
+      local opts = opts_of(round)
+      opts.input_shape = SHAPE
+      local rep = nr.rejuvenate(m, opts)
+      assert.are.equal(round, rep.generation)
+      local e = rel(m:forward(x), y0)
+      if e > 1e-4 then print(opts.scheme, 'round', round, 'rel err', e) end
+      assert.is_true(e <= 1e-4, tostring(opts.scheme) .. ' round ' .. round)
+      after(m, x, round)
+   end
+   return m
+end
+
 describe('nr.rejuvenate repeated and detailed', function()
    for _, scheme in ipairs({'NR', 'CR', 'CA'}) do
       it(scheme .. ': three rounds of kill + rejuvenate preserve the pruned function each time (generations kept)', function()
-         nr.manual_seed(10)
-         local m = net()
-         m:evaluate()
-         local x = nr.randn({2, 3, 4, 4})
-         for round = 1, 3 do
-            kill(m, 0.4)
-            local pruned = m:clone()
-            nr.rejuvenate(pruned, {input_shape = SHAPE, budget = 0})
-            local y0 = pruned:forward(x):clone()
-            local rep = nr.rejuvenate(m, {input_shape = SHAPE, scheme = scheme, rescale = round == 2, generations = 'keep'})
-            assert.are.equal(round, rep.generation)
-            local e = rel(m:forward(x), y0)
-            if e > 1e-4 then print(scheme, 'round', round, 'rel err', e) end
-            assert.is_true(e <= 1e-4)
+         local m = three_rounds(10, function(round)
+            return {scheme = scheme, rescale = round == 2, generations = 'keep'}
+         end, function(mm, x)
             -- training mode still runs forward and backward
-            m:training()
-            local y = m:forward(x)
-            m:backward(x, nr.randn(y:shape()))
-            m:evaluate()
-         end
+            mm:training()
+            local y = mm:forward(x)
+            mm:backward(x, nr.randn(y:shape()))
+            mm:evaluate()
+         end)
          if scheme ~= 'NR' then
             local splits = m:findModules('NRConv2d')
             assert.is_true(#splits >= 2)
@@ -91,20 +105,9 @@ describe('nr.rejuvenate repeated and detailed', function()
 
    for _, scheme in ipairs({'CR', 'CA'}) do
       it(scheme .. ': merged generations (the default; the paper\'s S and R): every survivor joins S each round', function()
-         nr.manual_seed(16)
-         local m = net()
-         m:evaluate()
-         local x = nr.randn({2, 3, 4, 4})
-         for round = 1, 3 do
-            kill(m, 0.4)
-            local pruned = m:clone()
-            nr.rejuvenate(pruned, {input_shape = SHAPE, budget = 0})
-            local y0 = pruned:forward(x):clone()
-            -- budget 2: room for new channels although S now counts its whole survivor x survivor block
-            local rep = nr.rejuvenate(m, {input_shape = SHAPE, scheme = scheme, budget = 2})
-            assert.are.equal(round, rep.generation)
-            assert.is_true(rel(m:forward(x), y0) <= 1e-4, scheme .. ' round ' .. round)
-            local splits = m:findModules('NRConv2d')
+         -- budget 2: room for new channels although S now counts its whole survivor x survivor block
+         local m = three_rounds(16, function() return {scheme = scheme, budget = 2} end, function(mm)
+            local splits = mm:findModules('NRConv2d')
             assert.is_true(#splits >= 2)
             for _, s in ipairs(splits) do
                local gens = {}
@@ -112,7 +115,7 @@ describe('nr.rejuvenate repeated and detailed', function()
                assert.same({0, 1}, gens)                         -- S and R, never more
                for _, ig in ipairs(s.spec.in_groups) do assert.is_true(ig.gen == 0 or ig.gen == 1) end
             end
-         end
+         end)
          -- the cost the policy planned is the cost of the model built (S counted whole)
          kill(m, 0.4)
          local rep = nr.rejuvenate(m, {input_shape = SHAPE, scheme = scheme, budget = 2})
