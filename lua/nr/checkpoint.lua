@@ -418,10 +418,7 @@ function M.load_into(model, weights, where)
             table.concat(w:shape(), ' x '), table.concat(t:shape(), ' x ')), 2)
       end
       -- a diverged run's NaN / inf weights: said here, not as a NaN loss steps later
-      local dt = w:dtype()
-      local s = 0
-      if w:numel() > 0 and (dt == 'float32' or dt == 'bfloat16') then s = (dt == 'float32' and w or w:float()):abs():sum() end
-      if s ~= s or s == math.huge then
+      if not w:all_finite() then
          error(string.format('nr.checkpoint: %s: %s holds non-finite values (NaN or inf): the run diverged before this '
             .. 'checkpoint; resume from an earlier one', where, name), 2)
       end

@@ -443,6 +443,16 @@ end
 function Tensor:cuda() return self:to('cuda') end
 function Tensor:cpu() return self:to('cpu') end
 function Tensor:float() return self:to(self:device(), 'float32') end
+
+-- True when no element is NaN or ±inf (the sum of |x| is finite; bf16 on the CPU is summed as
+-- f32). Integer tensors are always finite.
+function Tensor:all_finite()
+   local dt = self:dtype()
+   if self:numel() == 0 or (dt ~= 'float32' and dt ~= 'bfloat16') then return true end
+   local t = (dt == 'bfloat16' and self:device() == 'cpu') and self:float() or self
+   local s = t:abs():sum()
+   return type(s) == 'number' and s == s and s < math.huge
+end
 function Tensor:long() return self:to(self:device(), 'int64') end
 -- bfloat16 copy (round to nearest even): the activation dtype of mixed precision on CUDA.
 function Tensor:bfloat16() return self:to(self:device(), 'bfloat16') end

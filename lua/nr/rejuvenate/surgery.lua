@@ -314,8 +314,7 @@ local function fresh_block(ctx, shape, info, rows, cols)
    check.arg(T.is_tensor(R) and T.same_shape(R:shape(), shape) and R:dtype() == 'float32', FNAME,
       'policy.init must return a float32 tensor of shape [%s], got %s', table.concat(shape, ' x '),
       T.is_tensor(R) and R:describe() or type(R))
-   local s = R:numel() > 0 and R:abs():sum() or 0
-   check.arg(type(s) == 'number' and s == s and s < math.huge, FNAME,
+   check.arg(R:all_finite(), FNAME,
       'policy.init returned non-finite weights (NaN or inf) for a block of shape [%s]', table.concat(shape, ' x '))
    if R:device() ~= info.device then R = R:to(info.device) end
    return {t = R, rows = rows, cols = cols}
