@@ -314,8 +314,9 @@ end
 -- the loader's arithmetic. out: float32 or bfloat16 of x's shape on x's device, contiguous or
 -- channels-last. Returns out.
 -- Statistics {mean = {...}, std = {...}} (tables of 1 or c numbers; one applies to every channel)
--- into the float arrays mean_out / std_out for c channels (at most 4); what names them in errors.
--- std > 0 is the C side's check.
+-- into the float arrays mean_out / std_out for c channels (at most 4); what names them in errors
+-- (finite means, finite std > 0: checked here to name the option; the C entry points check again
+-- for their other callers).
 local function stats_into(stats, c, mean_out, std_out, fname, what)
    local function bad(fmt, ...) error(string.format('%s: %s: ' .. fmt, fname, what, ...), 4) end -- at the user's call
    local nm, ns = #stats.mean, #stats.std
