@@ -308,15 +308,11 @@ end
 -- so everything here (get, item, totable, reductions, printing) reads through it.
 local dbl = ffi.new('double[1]')
 -- Flat (row-major) element i, 1-based.
--- The 0-based row-major position of t's element at 1-based indices idx[1..n]: one index (the
--- flat position) or one per dimension (t:get(i, j) as t[i][j] in Torch7); anything else is an
--- error (extra indices were silently ignored).
+-- The 0-based row-major position of t's element at the 1-based indices idx[1..n], n >= 2 (get and
+-- set handle one flat position themselves): one index per dimension (t:get(i, j) as t[i][j] in
+-- Torch7); any other count is an error (extra indices were silently ignored).
 local function position(t, fname, idx, n)
    local c = live(t)
-   if n == 1 then
-      int_arg(idx[1], fname, 'position', 4)
-      return idx[1] - 1
-   end
    if n ~= c.ndim then
       error(string.format('%s: give one flat position or one index per dimension (%d), got %d indices', fname, c.ndim, n), 3)
    end
