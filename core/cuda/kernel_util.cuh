@@ -33,6 +33,10 @@ __device__ __forceinline__ float ld(const bf16 *p) { return __bfloat162float(*p)
 __device__ __forceinline__ void st(float *p, float v) { *p = v; }
 __device__ __forceinline__ void st(bf16 *p, float v) { *p = __float2bfloat16_rn(v); }
 
+/* ReLU as the CPU's nn_relu (core/nn_internal.h) and PyTorch's: 0 for v <= 0, v otherwise, so a
+ * NaN stays NaN. The one expression of every CUDA ReLU (k_relu_f, the fused BN + ReLU, Tensor:relu). */
+__device__ __forceinline__ float relu_of(float v) { return v <= 0.0f ? 0.0f : v; }
+
 /* Runs f(T{}) with T = float or bf16, the element type of activation tensor t, and returns what f
  * returns. Callers launch inside and check the launch after it (__func__ inside a lambda would
  * name the lambda):  with_act_type(x, [&](auto tag) { using T = decltype(tag); k<T><<<...>>>(...); });

@@ -265,16 +265,15 @@ __global__ void k_bn_coef(int64_t C, const float *mean, const float *invstd, con
    }
 }
 
-/* y = x * a_c + b_c (y may be x), then the ReLU when relu (k_relu_f's expression: NaN stays NaN,
- * as on the CPU, nn_relu in core/nn_internal.h), in the same pass instead of a second one over the
- * activation. */
+/* y = x * a_c + b_c (y may be x), then relu_of when relu: the fused ReLU in the same pass instead
+ * of a second one over the activation. */
 template <typename T> __global__ void k_bn_affine(const T *x, T *y, int64_t n, chandiv cd, const float *coef, int relu)
 {
    GRID_LOOP(i, n)
    {
       int64_t c = chan_of(cd, i);
       float v = ld(x + i) * coef[2 * c] + coef[2 * c + 1];
-      st(y + i, relu && v <= 0.0f ? 0.0f : v);
+      st(y + i, relu ? relu_of(v) : v);
    }
 }
 
@@ -385,7 +384,7 @@ template <typename T> __global__ void k_relu_f(const T *x, T *y, int64_t n)
    GRID_LOOP(i, n)
    {
       float v = ld(x + i);
-      st(y + i, v <= 0.0f ? 0.0f : v); /* NaN stays NaN (nn_relu, core/nn_internal.h) */
+      st(y + i, relu_of(v));
    }
 }
 template <typename T> __global__ void k_relu_b(const T *y, const T *dy, T *dx, int64_t n)

@@ -126,7 +126,7 @@ __device__ __forceinline__ float un(float x, int op)
    case NR_OP_LOG: return logf(x);
    case NR_OP_SQRT: return sqrtf(x);
    case NR_OP_SIGN: return (float)((x > 0) - (x < 0));
-   case NR_OP_RELU: return x <= 0 ? 0.0f : x; /* NaN stays NaN: nn_relu (core/nn_internal.h) */
+   case NR_OP_RELU: return relu_of(x);
    case NR_OP_SIGMOID: return 1.0f / (1.0f + expf(-x));
    case NR_OP_TANH: return tanhf(x);
    default: return x * x;
