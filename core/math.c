@@ -2,6 +2,7 @@
  * Layer kernels live in their own files; these are the general tensor operations the Lua
  * Tensor methods use. Fast paths for contiguous operands; general strided paths otherwise. */
 #include "internal.h"
+#include "nn_internal.h" /* nn_relu: the one CPU ReLU expression */
 
 #include <math.h>
 
@@ -136,7 +137,7 @@ static inline float apply_unary(float x, int op)
    case NR_OP_LOG: return logf(x);
    case NR_OP_SQRT: return sqrtf(x);
    case NR_OP_SIGN: return (float)((x > 0) - (x < 0));
-   case NR_OP_RELU: return x <= 0 ? 0 : x; /* NaN stays NaN; the layer's expression (nn_relu) */
+   case NR_OP_RELU: return nn_relu(x); /* NaN stays NaN */
    case NR_OP_SIGMOID: return 1.0f / (1.0f + expf(-x));
    case NR_OP_TANH: return tanhf(x);
    default: return x * x;
