@@ -37,51 +37,6 @@ static nr_status vec_check(const char *func, const char *name, const nr_tensor *
    return nn_check(func, name, v, NR_F32, 1, cs, x);
 }
 
-#ifdef NR_WITH_CUDA
-/* CUDA: the forward's fused ReLU is a flag of the normalising kernel (one pass over the output).
- * CUDA backward with relu_y: the gradient masked by relu_y > 0 is staged in dx (or, when only
- * dgamma/dbeta are wanted, in a temporary *tmp the caller frees; the caching allocator makes
- * that cheap and stream-ordered), and BN backward reads it as dy. */
-static nr_status cuda_masked_dy(const nr_tensor **dy, nr_tensor *dx, const nr_tensor *relu_y, nr_tensor **tmp)
-{
-   *tmp = NULL;
-   if (!relu_y) return NR_OK;
-   nr_tensor *stage = dx;
-   if (!stage) {
-      stage = *tmp = nr_tensor_new_at((*dy)->dtype, NR_CUDA, (*dy)->device_index, (*dy)->ndim, (*dy)->shape);
-      if (!stage) return NR_E_OOM;
-      if (nr_is_nhwc(*dy)) nr_make_channels_last(stage); /* dy's layout, as relu_backward writes it */
-   }
-   NR_TRY(nr_cuda_relu_backward(relu_y, *dy, stage));
-   *dy = stage;
-   return NR_OK;
-}
-
-static nr_status cuda_bn_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
-                                  nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
-                                  const nr_tensor *save_invstd, float scale, float acc, const nr_tensor *relu_y)
-{
-   nr_tensor *tmp;
-   nr_status st = cuda_masked_dy(&dy, dx, relu_y, &tmp);
-   if (st == NR_OK) st = nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc);
-   nr_tensor_free(tmp);
-   return st;
-}
-
-static nr_status cuda_bn_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
-                                       nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *running_mean,
-                                       const nr_tensor *running_var, float eps, float scale, float acc,
-                                       const nr_tensor *relu_y)
-{
-   nr_tensor *tmp;
-   nr_status st = cuda_masked_dy(&dy, dx, relu_y, &tmp);
-   if (st == NR_OK)
-      st = nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale, acc);
-   nr_tensor_free(tmp);
-   return st;
-}
-#endif
-
 /* Per-plane sums of dy' and dy' * (x - mean), dy' = dy masked by r > 0 when r is given. */
 static inline void plane_sums(const float *p, const float *d, const float *r, int64_t hw, float mean, float *sa,
                               float *sb)
@@ -226,7 +181,8 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
    NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
    NR_TRY(vec_check(__func__, "save_invstd", save_invstd, x));
    NR_TRY(relu_y_check(__func__, relu_y, x));
-   NR_ON_CUDA(x, cuda_bn_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc, relu_y));
+   NR_ON_CUDA(x,
+              nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc, relu_y));
    const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *sm = save_mean->data,
                *si = save_invstd->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
@@ -276,8 +232,8 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
    NR_TRY(vec_check(__func__, "running_var", running_var, x));
    if (!(eps > 0)) return NR_FAIL(NR_E_ARG, "eps must be > 0, got %g", eps);
    NR_TRY(relu_y_check(__func__, relu_y, x));
-   NR_ON_CUDA(x, cuda_bn_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale, acc,
-                                       relu_y));
+   NR_ON_CUDA(x, nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale,
+                                            acc, relu_y));
    const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *rm = running_mean->data,
                *rv = running_var->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;

@@ -270,7 +270,7 @@ nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor
  * (not needed); dgamma, dbeta (C) <- acc * d + scale * dL/d, or NULL (affine = false);
  * gamma (C) or NULL (= 1); save_mean, save_invstd (C) from the forward; relu_y: NULL, or the
  * output of a forward with relu = 1, whose ReLU backward is applied to dy first (dy where
- * relu_y > 0, else 0; dy itself is not modified). On CUDA, relu_y needs dx. */
+ * relu_y > 0, else 0; dy itself is not modified). */
 nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx,
                            nr_tensor *dgamma, nr_tensor *dbeta, const nr_tensor *gamma,
                            const nr_tensor *save_mean, const nr_tensor *save_invstd, float scale,

@@ -72,11 +72,11 @@ nr_status nr_cuda_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_t
 nr_status nr_cuda_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx,
                                 nr_tensor *dgamma, nr_tensor *dbeta, const nr_tensor *gamma,
                                 const nr_tensor *save_mean, const nr_tensor *save_invstd,
-                                float scale, float acc);
+                                float scale, float acc, const nr_tensor *relu_y);
 nr_status nr_cuda_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx,
                                      nr_tensor *dgamma, nr_tensor *dbeta, const nr_tensor *gamma,
                                      const nr_tensor *running_mean, const nr_tensor *running_var,
-                                     float eps, float scale, float acc);
+                                     float eps, float scale, float acc, const nr_tensor *relu_y);
 nr_status nr_cuda_relu_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_cuda_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
 nr_status nr_cuda_sigmoid_forward(const nr_tensor *x, nr_tensor *y);

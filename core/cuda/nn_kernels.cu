@@ -79,12 +79,21 @@ struct chan3 {
 
 enum { RED_SUM_X = 0, RED_SQDEV = 1, RED_DY_DYX = 2 };
 
+/* dy masked by the fused ReLU's output when relu_y is given: dy where relu_y > 0, else 0 (0 at a
+ * NaN, as k_relu_b and the CPU's plane_sums); the BN backward's reading of its gradient. */
+template <typename T> __device__ __forceinline__ float masked_dy(const T *dy, const T *relu_y, int64_t i)
+{
+   const float d = ld(dy + i);
+   return relu_y && !(ld(relu_y + i) > 0.0f) ? 0.0f : d;
+}
+
 /* grid (S, C), 256 threads: block (s, c) reduces the s-th chunk of channel c's L = N*R values.
  * RED_SUM_X: q0 = sum x; RED_SQDEV: q0 = sum (x - mean_c)^2 (float differences, as the CPU);
- * RED_DY_DYX: q0 = sum dy, q1 = sum dy * (x - mean_c). part[(q * C + c) * S + s]. */
+ * RED_DY_DYX: q0 = sum dy', q1 = sum dy' * (x - mean_c), dy' = masked_dy (relu_y may be NULL).
+ * part[(q * C + c) * S + s]. */
 template <typename T>
-__global__ void k_chan_partial(const T *x, const T *dy, const float *mean, chan3 g, fastdiv rdiv, int mode,
-                               double *part)
+__global__ void k_chan_partial(const T *x, const T *dy, const T *relu_y, const float *mean, chan3 g, fastdiv rdiv,
+                               int mode, double *part)
 {
    const int s = blockIdx.x, S = gridDim.x;
    const int64_t c = blockIdx.y;
@@ -100,7 +109,7 @@ __global__ void k_chan_partial(const T *x, const T *dy, const float *mean, chan3
          float d = ld(x + at) - mu;
          a += d * d;
       } else {
-         float d = ld(dy + at);
+         float d = masked_dy(dy, relu_y, at);
          a += d;
          b += d * (ld(x + at) - mu);
       }
@@ -127,7 +136,8 @@ __global__ void k_chan_partial(const T *x, const T *dy, const float *mean, chan3
  * neighbouring values of one row (k_chan_partial would read one value per row and thread);
  * block (s, b) covers the s-th chunk of rows for channels 32b .. 32b+31. Same part layout. */
 template <typename T>
-__global__ void k_chan_partial_rows(const T *x, const T *dy, const float *mean, chan3 g, int mode, double *part)
+__global__ void k_chan_partial_rows(const T *x, const T *dy, const T *relu_y, const float *mean, chan3 g, int mode,
+                                    double *part)
 {
    const int s = blockIdx.x, S = gridDim.x;
    const int64_t c = (int64_t)blockIdx.y * 32 + threadIdx.x;
@@ -142,7 +152,7 @@ __global__ void k_chan_partial_rows(const T *x, const T *dy, const float *mean, 
             float d = ld(x + at) - mu;
             a += d * d;
          } else {
-            float d = ld(dy + at);
+            float d = masked_dy(dy, relu_y, at);
             a += d;
             b += d * (ld(x + at) - mu);
          }
@@ -196,8 +206,8 @@ nr_status chan_check(const char *func, chan3 g)
 
 /* Launches k_chan_partial; *part (scratch slot 0) receives 2 * C * S doubles. */
 template <typename T>
-nr_status chan_reduce_typed(nr_cuda_ctx *ctx, const char *func, const T *x, const T *dy, const float *mean, chan3 g,
-                            int mode, double **part, int *S)
+nr_status chan_reduce_typed(nr_cuda_ctx *ctx, const char *func, const T *x, const T *dy, const T *relu_y,
+                            const float *mean, chan3 g, int mode, double **part, int *S)
 {
    NR_TRY(chan_check(func, g));
    *S = chunks_for(ctx, g);
@@ -206,23 +216,23 @@ nr_status chan_reduce_typed(nr_cuda_ctx *ctx, const char *func, const T *x, cons
    *part = (double *)p;
    if (g.r == 1) {
       dim3 grid((unsigned)*S, (unsigned)((g.c + 31) / 32)), block(32, 8);
-      k_chan_partial_rows<T><<<grid, block, 0, ctx->stream>>>(x, dy, mean, g, mode, *part);
+      k_chan_partial_rows<T><<<grid, block, 0, ctx->stream>>>(x, dy, relu_y, mean, g, mode, *part);
    } else {
       dim3 grid((unsigned)*S, (unsigned)g.c);
-      k_chan_partial<T><<<grid, 256, 0, ctx->stream>>>(x, dy, mean, g, make_fastdiv((uint32_t)(g.r > 0 ? g.r : 1)), mode,
-                                                       *part);
+      k_chan_partial<T><<<grid, 256, 0, ctx->stream>>>(x, dy, relu_y, mean, g,
+                                                       make_fastdiv((uint32_t)(g.r > 0 ? g.r : 1)), mode, *part);
    }
    NR_CU_LAUNCHED("%s: per-channel reduction (%lld, %lld, %lld)", func, (long long)g.n, (long long)g.c, (long long)g.r);
    return NR_OK;
 }
 
-/* chan_reduce_typed on activation tensors x and dy (dy may be NULL), f32 or bf16. */
-nr_status chan_reduce(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, const nr_tensor *dy, const float *mean,
-                      chan3 g, int mode, double **part, int *S)
+/* chan_reduce_typed on activation tensors x, dy and relu_y (both may be NULL), f32 or bf16. */
+nr_status chan_reduce(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, const nr_tensor *dy,
+                      const nr_tensor *relu_y, const float *mean, chan3 g, int mode, double **part, int *S)
 {
    return with_act_type(x, [&](auto tag) {
       using T = decltype(tag);
-      return chan_reduce_typed<T>(ctx, func, cptr<T>(x), cptr<T>(dy), mean, g, mode, part, S);
+      return chan_reduce_typed<T>(ctx, func, cptr<T>(x), cptr<T>(dy), cptr<T>(relu_y), mean, g, mode, part, S);
    });
 }
 
@@ -301,21 +311,22 @@ __global__ void k_bn_bwd_finish(const double *part, int S, int64_t C, double m, 
    (void)mean_in;
 }
 
-/* Training: dx = k * (dy - mean(dy) - xhat-term); evaluation: dx = k * dy (x is not read, so an
- * infinite x does not turn dx into NaN, as on the CPU). */
+/* Training: dx = k * (dy' - mean(dy') - xhat-term); evaluation: dx = k * dy' (x is not read, so an
+ * infinite x does not turn dx into NaN, as on the CPU); dy' = masked_dy. dx may be dy: each
+ * element is read before it is written. */
 template <typename T>
-__global__ void k_bn_dx(const T *x, const T *dy, T *dx, int64_t n, chandiv cd, const float *mean, const float *coef,
-                        int eval)
+__global__ void k_bn_dx(const T *x, const T *dy, const T *relu_y, T *dx, int64_t n, chandiv cd, const float *mean,
+                        const float *coef, int eval)
 {
    GRID_LOOP(i, n)
    {
       int64_t c = chan_of(cd, i);
-      float k = coef[3 * c];
+      float k = coef[3 * c], d = masked_dy(dy, relu_y, i);
       if (eval) {
-         st(dx + i, k * ld(dy + i));
+         st(dx + i, k * d);
       } else {
          float mdy = coef[3 * c + 1], mdyx = coef[3 * c + 2];
-         st(dx + i, k * (ld(dy + i) - mdy - (ld(x + i) - mean[c]) * mdyx));
+         st(dx + i, k * (d - mdy - (ld(x + i) - mean[c]) * mdyx));
       }
    }
 }
@@ -340,9 +351,11 @@ chan3 chan_view(const nr_tensor *t)
 inline const float *fp(const nr_tensor *t) { return cptr<float>(t); }
 inline float *fpm(nr_tensor *t) { return mptr<float>(t); }
 
+/* BN backward; relu_y (or NULL): the fused ReLU's output, masking dy in both passes (reduction and
+ * dx) instead of a separate ReLU backward pass staging the masked gradient. */
 nr_status bn_backward_any(const char *func, const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
                           nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *mean, const nr_tensor *invstd,
-                          const nr_tensor *rv, float eps, float scale, float acc, int eval)
+                          const nr_tensor *rv, float eps, float scale, float acc, int eval, const nr_tensor *relu_y)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
@@ -352,7 +365,7 @@ nr_status bn_backward_any(const char *func, const nr_tensor *x, const nr_tensor 
    double *part = NULL;
    int S = 1;
    bool need_sums = !eval || dgamma || dbeta;
-   if (need_sums && m > 0) NR_TRY(chan_reduce(ctx, func, x, dy, fp(mean), g, RED_DY_DYX, &part, &S));
+   if (need_sums && m > 0) NR_TRY(chan_reduce(ctx, func, x, dy, relu_y, fp(mean), g, RED_DY_DYX, &part, &S));
    else {
       /* no sums needed (or m == 0): zero partials so the finish kernel sees sums of 0 */
       void *p;
@@ -370,7 +383,7 @@ nr_status bn_backward_any(const char *func, const nr_tensor *x, const nr_tensor 
    int64_t n = g.n * g.c * g.r;
    with_act_type(x, [&](auto tag) {
       using T = decltype(tag);
-      k_bn_dx<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), cptr<T>(dy), mptr<T>(dx), n,
+      k_bn_dx<T><<<grid_for(n), 256, 0, ctx->stream>>>(cptr<T>(x), cptr<T>(dy), cptr<T>(relu_y), mptr<T>(dx), n,
                                                        make_chandiv(g.c, g.r, n), fp(mean), (const float *)coef, eval);
    });
    NR_CU_LAUNCHED("%s: dx %s", func, NR_DESC(dx));
@@ -927,10 +940,10 @@ nr_status nr_cuda_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor
    const double m = (double)(g.n * g.r);
    double *part;
    int S;
-   NR_TRY(chan_reduce(ctx, __func__, x, NULL, NULL, g, RED_SUM_X, &part, &S));
+   NR_TRY(chan_reduce(ctx, __func__, x, NULL, NULL, NULL, g, RED_SUM_X, &part, &S));
    k_bn_mean<<<grid_for(g.c), 256, 0, ctx->stream>>>(part, S, g.c, m, fpm(save_mean));
    NR_CU_LAUNCHED("bn2d_forward_train mean %s", NR_DESC(x));
-   NR_TRY(chan_reduce(ctx, __func__, x, NULL, fp(save_mean), g, RED_SQDEV, &part, &S));
+   NR_TRY(chan_reduce(ctx, __func__, x, NULL, NULL, fp(save_mean), g, RED_SQDEV, &part, &S));
    k_bn_var<<<grid_for(g.c), 256, 0, ctx->stream>>>(part, S, g.c, m, eps, momentum, fp(save_mean), fpm(save_invstd),
                                                    fpm(running_mean), fpm(running_var));
    NR_CU_LAUNCHED("bn2d_forward_train var %s", NR_DESC(x));
@@ -952,16 +965,19 @@ nr_status nr_cuda_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_t
 
 nr_status nr_cuda_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
                                 nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
-                                const nr_tensor *save_invstd, float scale, float acc)
+                                const nr_tensor *save_invstd, float scale, float acc, const nr_tensor *relu_y)
 {
-   return bn_backward_any(__func__, x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, NULL, 1.0f, scale, acc, 0);
+   return bn_backward_any(__func__, x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, NULL, 1.0f, scale, acc, 0,
+                          relu_y);
 }
 
 nr_status nr_cuda_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
                                      nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *running_mean,
-                                     const nr_tensor *running_var, float eps, float scale, float acc)
+                                     const nr_tensor *running_var, float eps, float scale, float acc,
+                                     const nr_tensor *relu_y)
 {
-   return bn_backward_any(__func__, x, dy, dx, dgamma, dbeta, gamma, running_mean, NULL, running_var, eps, scale, acc, 1);
+   return bn_backward_any(__func__, x, dy, dx, dgamma, dbeta, gamma, running_mean, NULL, running_var, eps, scale, acc, 1,
+                          relu_y);
 }
 
 /* ---- activations and dropout */
@@ -1045,7 +1061,7 @@ nr_status nr_cuda_bias_backward(const nr_tensor *dy, nr_tensor *db, float scale,
    if (g.c == 0) return NR_OK;
    double *part;
    int S = 1;
-   if (g.n * g.r > 0) NR_TRY(chan_reduce(ctx, __func__, dy, NULL, NULL, g, RED_SUM_X, &part, &S));
+   if (g.n * g.r > 0) NR_TRY(chan_reduce(ctx, __func__, dy, NULL, NULL, NULL, g, RED_SUM_X, &part, &S));
    else {
       void *p;
       NR_TRY(nr_cuda_scratch(ctx, 0, (int64_t)sizeof(double) * g.c, &p));

@@ -392,6 +392,15 @@ local function bn_case(h, affine)
       ok(C.nr_bn2d_backward(xg.c, dyg.c, dxg.c, dgg and dgg.c, dbg and dbg.c, G(gamma), smg.c, sig.c, 1, 1, ryg), tag)
       h.check(tag .. ' backward dx', dxc, dxg)
       if affine then h.check(tag .. ' dgamma', dgc, dgg); h.check(tag .. ' dbeta', dbc, dbg) end
+      if affine then -- parameter gradients only (no dx)
+         ok(C.nr_bn2d_backward(x.c, dy.c, nil, dgc.c, dbc.c, gamma.c, smc.c, sic.c, 1, 0, ryc), tag)
+         ok(C.nr_bn2d_backward(xg.c, dyg.c, nil, dgg.c, dbg.c, G(gamma), smg.c, sig.c, 1, 0, ryg), tag)
+         h.check(tag .. ' dgamma without dx', dgc, dgg); h.check(tag .. ' dbeta without dx', dbc, dbg)
+      end
+      local dyi, dyig = dy:clone(), h.dev(dy) -- dx written over dy
+      ok(C.nr_bn2d_backward(x.c, dyi.c, dyi.c, nil, nil, gamma and gamma.c, smc.c, sic.c, 1, 0, ryc), tag)
+      ok(C.nr_bn2d_backward(xg.c, dyig.c, dyig.c, nil, nil, G(gamma), smg.c, sig.c, 1, 0, ryg), tag)
+      h.check(tag .. ' backward dx in place of dy', dyi, dyig)
       ok(C.nr_bn2d_forward_eval(x.c, yc.c, gamma and gamma.c, beta and beta.c, rmc.c, rvc.c, 1e-5, relu), tag)
       ok(C.nr_bn2d_forward_eval(xg.c, yg.c, G(gamma), G(beta), rmg.c, rvg.c, 1e-5, relu), tag)
       h.check(tag .. ' eval y', yc, yg)
