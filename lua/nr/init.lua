@@ -14,10 +14,7 @@ for _, k in ipairs({'tensor', 'empty', 'empty_like', 'zeros', 'ones', 'full', 'r
    nr[k] = T[k]
 end
 
--- Threads: NR_THREADS overrides; default all cores.
-local env_threads = tonumber(os.getenv('NR_THREADS') or '')
-C.nr_set_num_threads(env_threads or 0)
-
+-- Threads: NR_THREADS (read by nr.ffi when the library loads) or all cores, until set here.
 function nr.set_num_threads(n)
    check.int(n, 'nr.set_num_threads', 'n', 0)
    C.nr_set_num_threads(n)

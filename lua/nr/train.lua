@@ -1017,23 +1017,48 @@ end
 
 local function fmt(v, f) return v and string.format(f, v) or '-' end
 
+-- --resume of a run that stopped before writing its first checkpoint (killed in epoch 1):
+-- nothing to continue, so the run starts from the beginning, this rank's partial files replaced
+-- (as Lightning's resume from a missing last checkpoint). Decided from the checkpoint folder
+-- alone, which every rank of nr.dist sees alike. Checkpoints that exist but fail validation stay
+-- an error: nothing is discarded silently. Returns true when the run can be resumed.
+local function resumable(tr, path)
+   local found, why = ck.find(path)
+   if found then return true end
+   local run = path:gsub('/+$', '')
+   local ckdir = ck.is_dir(run .. '/checkpoint') and run .. '/checkpoint' or run
+   local names = ck.list(ckdir)
+   if run:match('step%-%d+$') or ck.exists(run .. '/state.json') then names = {'step-0'} end -- one named checkpoint
+   for _, name in ipairs(names) do
+      if name:match('^step%-%d+$') then
+         error(string.format('nr.train: cannot resume %s: %s; --overwrite starts the run again from the beginning',
+            path, why), 0)
+      end
+   end
+   tr:print(string.format('no checkpoint in %s yet (the run stopped before its first one): starting it from the '
+      .. 'beginning', path))
+   claim_run_folder(tr.out, true)
+   return false
+end
+
 -- Runs the remaining epochs; returns the summary.
 function Trainer:run()
    local rc = self.recipe
-   if rc.resume then
+   local resume = rc.resume and resumable(self, rc.resume)
+   if resume then
       local dir = self:load_checkpoint(rc.resume)
       self:print(string.format('resumed from %s (epoch %d, step %d%s)', dir, self.epoch, self.step,
          self.held_epochs > 0 and string.format(', %d held', self.held_epochs) or ''))
       -- drop metrics written after that checkpoint (a run killed mid-epoch)
       self:_trim_metrics()
-   else
+   elseif not rc.resume then
       -- each rank its own folder (nr.dist: rank 0 the run folder, the others <out>/ranks/<r>)
       claim_run_folder(self.out, rc.overwrite)
    end
    ck.write_atomic(self.out .. '/recipe.json', ck.json_encode(recipe_json(rc), true) .. '\n')
    self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
    local start = self.epoch + 1
-   self:log({kind = 'run', event = rc.resume and 'resume' or 'begin', epochs = rc.epochs, device = self.device,
+   self:log({kind = 'run', event = resume and 'resume' or 'begin', epochs = rc.epochs, device = self.device,
              precision = self.precision, memory_format = self.memory_format,
              max_epochs = self.extend_held and self:max_epochs() or nil,
              threads = C.nr_get_num_threads(), params = self.model:nParameters(), iters_per_epoch = self.iters_per_epoch})

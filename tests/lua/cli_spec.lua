@@ -44,6 +44,16 @@ describe('nrlua', function()
       assert.matches('^6', out)
    end)
 
+   it('applies NR_THREADS whenever the library loads, not only through require "nr"', function()
+      -- a recipe that never requires 'nr' reaches the library through nr.train -> nr.ffi
+      local out, rc = run('NR_THREADS=3 ' .. exe .. [[ -e "print(require('nr.ffi').C.nr_get_num_threads())"]])
+      assert.equal(0, rc)
+      assert.matches('^3', out)
+      out, rc = run('NR_THREADS=two ' .. exe .. [[ -e "require 'nr'"]])
+      assert.not_equal(0, rc)
+      assert.matches('NR_THREADS must be a whole number of threads %(0 = all cores%), got "two"', out)
+   end)
+
    it('runs a file with arguments in arg', function()
       local path = tmp .. '/args.lua'
       local f = io.open(path, 'w')

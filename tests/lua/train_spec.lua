@@ -384,6 +384,32 @@ describe('nr.train', function()
       assert.has_error(function() train.new(held_recipe(TMP .. '/c4', {max_epochs = 2})) end)
    end)
 
+   it('resume: a run stopped before its first checkpoint starts again; damaged checkpoints are refused', function()
+      local ref = nr.train(held_recipe(TMP .. '/early_ref', {epochs = 1}))
+      -- what a run killed in its first epoch leaves: its recipe and its first records, no checkpoint
+      local dir = TMP .. '/early'
+      ck.mkdirs(dir)
+      ck.write_atomic(dir .. '/recipe.json', '{}\n')
+      ck.write_atomic(dir .. '/metrics.jsonl', '{"kind":"run","event":"begin"}\n{"kind":"step","epoch":1,"iter":4}\n')
+      local out = sink()
+      local s = nr.train(held_recipe(dir, {epochs = 1, resume = dir, progress = {stream = out, tty = false}}))
+      assert.truthy(out:text():find('no checkpoint in ' .. dir .. ' yet', 1, true), out:text())
+      assert.equal(ref.final_top1, s.final_top1); assert.equal(ref.final_loss, s.final_loss)
+      local runs = {}
+      for line in ck.read_file(dir .. '/metrics.jsonl'):gmatch('[^\n]+') do
+         local rec = ck.json_decode(line)
+         if rec.kind == 'run' then runs[#runs + 1] = rec end
+      end
+      assert.equal(1, #runs); assert.equal('begin', runs[1].event); assert.equal(1, runs[1].epochs) -- the old records went
+      -- a checkpoint that exists but is damaged is not thrown away: an error naming --overwrite
+      local latest = ck.find(dir)
+      ck.write_atomic(latest .. '/state.json', 'garbage')
+      local ok, e = pcall(nr.train, held_recipe(dir, {epochs = 1, resume = dir}))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('nr.train: cannot resume ' .. dir .. ': ', 1, true), tostring(e))
+      assert.truthy(tostring(e):find('--overwrite starts the run again from the beginning', 1, true), tostring(e))
+   end)
+
    it('resumes exactly across the extension: killed while held and after it, bit for bit', function()
       for _, kill in ipairs({2, 4}) do
          local dir = TMP .. '/xr' .. kill
