@@ -55,14 +55,83 @@ end
 -- every value, nils included (unpack / # stop at the first hole)
 local function pack(...) return {n = select('#', ...), ...} end
 
+-- REPL inputs are chunks of their own, so a `local` would be gone by the next line (DESIGN.md
+-- and README snippets start with `local nr = require 'nr'`). globalize_locals rewrites the
+-- declarations at the chunk's top level into global assignments (`local x = 1` -> `x = 1`,
+-- `local x` -> `x = nil`, `local function f` -> `function f`); locals inside functions and blocks
+-- stay local. It scans tokens, skipping strings and comments, and counts block depth (function,
+-- if, do, repeat open; end, until close: a while/for body opens with its `do`).
+local OPEN = {['function'] = true, ['if'] = true, ['do'] = true, ['repeat'] = true}
+local CLOSE = {['end'] = true, ['until'] = true}
+local function long_bracket_end(src, i)  -- i at '[': the end of a [[...]] / [==[...]==] long string, or nil
+   local eq = src:match('^%[(=*)%[', i)
+   if not eq then return nil end
+   local _, e = src:find(']' .. eq .. ']', i + #eq + 2, true)
+   return e or #src
+end
+function M.globalize_locals(src)
+   local out, depth, i, n = {}, 0, 1, #src
+   local last = 1 -- src[last..] is not yet copied to out
+   while i <= n do
+      local c = src:sub(i, i)
+      if c == '-' and src:sub(i, i + 1) == '--' then
+         local e = src:sub(i + 2, i + 2) == '[' and long_bracket_end(src, i + 2)
+         i = (e or (src:find('\n', i, true) or n)) + 1
+      elseif c == '"' or c == "'" then
+         local j = i + 1
+         while j <= n and src:sub(j, j) ~= c do j = j + (src:sub(j, j) == '\\' and 2 or 1) end
+         i = j + 1
+      elseif c == '[' and long_bracket_end(src, i) then
+         i = long_bracket_end(src, i) + 1
+      elseif c:match('[%a_]') then
+         local word = src:match('^[%w_]+', i)
+         local after = i + #word
+         if OPEN[word] then depth = depth + 1
+         elseif CLOSE[word] then depth = depth - 1
+         elseif word == 'local' and depth == 0 and not src:sub(i - 1, i - 1):match('[%w_.:]') then
+            local fn = src:match('^%s+function%f[^%w_]', after)
+            if fn then
+               out[#out + 1] = src:sub(last, i - 1)
+               last = after + #fn - #'function'  -- keeps `function NAME`: its body opens a block below
+            else
+               -- the name list: NAME {, NAME}
+               local names = src:match('^%s+[%a_][%w_]*', after)
+               while names do
+                  local more = src:match('^%s*,%s*[%a_][%w_]*', after + #names)
+                  if not more then break end
+                  names = names .. more
+               end
+               local rest = names and src:sub(after + #names):gsub('^%s+', '')
+               if names and rest:match('^=[^=]') then
+                  out[#out + 1] = src:sub(last, i - 1)
+                  last = after + 1
+               elseif names then
+                  out[#out + 1] = src:sub(last, i - 1) .. names:gsub('^%s+', ''):gsub('%s+$', '') .. ' = nil '
+                  last = after + #names
+               end
+            end
+         end
+         i = after
+      elseif c:match('%d') then
+         i = i + #src:match('^[%w_.]+', i)
+      else
+         i = i + 1
+      end
+   end
+   out[#out + 1] = src:sub(last)
+   return table.concat(out)
+end
+
 -- final: no more input will come, so an incomplete statement is an error, not a request for more.
+-- `=expr` prints expr, as in the standard Lua REPL.
 function M.eval(src, final)
+   if src:match('^%s*=') then src = src:gsub('^%s*=', '', 1) end
    -- an expression's values are returned through select, not as a tail call: `error("x")` keeps
    -- its "stdin:1:" position (a tail call drops the chunk's frame); the newline lets src end in a
    -- comment
    local chunk, err = loadstring('local __nr_select = select; return __nr_select(1, ' .. src .. '\n)', '=stdin')
    if not chunk then
-      chunk, err = loadstring(src, '=stdin')
+      chunk, err = loadstring(M.globalize_locals(src), '=stdin')
       if not chunk then
          if err:match('<eof>') and not final then return true end
          report(err)

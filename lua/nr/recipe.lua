@@ -248,6 +248,10 @@ function M.apply(recipe, args)
       i = i + 1
       local flag = '--' .. name
       local path = M.ALIASES[name] or name:gsub('%-', '_')
+      if path == 'nr.policy' or path:match('^nr%.policy%.') then
+         error(string.format('%s: NR policies are Lua functions; set them in the recipe file (nr = {policy = '
+            .. '{reallocate = function(layers, budget) ... end}}, docs/NR.md "Policies")', flag), 0)
+      end
       local ty, why = field_type(r, path)
       if not ty then
          error(string.format('%s: unknown flag (%s is %s; see --help)', flag, path, why or 'not a field of this recipe'), 0)

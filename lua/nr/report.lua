@@ -301,9 +301,14 @@ function M.render(dir)
    end
    local r0 = runs[1]
    if r0 then
-      kv('device', esc(string.format('%s%s%s, %s threads, %s parameters', tostring(r0.device),
+      local resized -- the model's parameters after its last rejuvenation (the run record has the built ones)
+      for _, r in ipairs(run.records) do
+         if r.kind == 'nr' and r.event == 'rejuvenate' and r.model_params then resized = r.model_params end
+      end
+      kv('device', esc(string.format('%s%s%s, %s threads, %s parameters%s', tostring(r0.device),
          r0.precision == 'bf16' and ' (bf16 mixed precision)' or '',
-         r0.memory_format == 'channels_last' and ' (channels-last)' or '', tostring(r0.threads), fnum(r0.params))))
+         r0.memory_format == 'channels_last' and ' (channels-last)' or '', tostring(r0.threads), fnum(r0.params),
+         resized and (' as built, ' .. fnum(resized) .. ' after Neural Rejuvenation') or '')))
    end
    if rc.nr and type(rc.nr) == 'table' and rc.nr.enabled ~= false then
       kv('Neural Rejuvenation', esc(string.format('target %s, constraint %s, scheme %s', fnum(rc.nr.target),
@@ -355,11 +360,14 @@ function M.render(dir)
 
    -- per-epoch table
    if #epochs > 0 then
-      add('<h2>Epochs</h2><table class="grid"><tr><th>epoch</th><th>lr</th><th>train loss</th><th>train top-1</th>'
+      add('<h2>Epochs</h2><table class="grid"><tr><th>epoch</th><th>lr (start → end)</th><th>train loss</th><th>train top-1</th>'
          .. '<th>val loss</th><th>val top-1</th><th>val top-5</th><th>time (s)</th><th>images/s</th></tr>')
       for _, e in ipairs(epochs) do
+         -- a held epoch (NR sparsifying, the schedule paused) is marked: it lengthens the run
+         local lr = fnum(e.lr) .. (e.lr_end and e.lr_end ~= e.lr and (' → ' .. fnum(e.lr_end)) or '')
+         local ep = fnum(e.epoch) .. ((e.held or e.schedule_hold) and ' (held)' or '')
          add(string.format('<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>',
-            fnum(e.epoch), fnum(e.lr), fnum(e.train and e.train.loss), fnum(e.train and e.train.top1), fnum(e.val and e.val.loss),
+            ep, lr, fnum(e.train and e.train.loss), fnum(e.train and e.train.top1), fnum(e.val and e.val.loss),
             fnum(e.val and e.val.top1), fnum(e.val and e.val.top5), e.time_s and string.format('%.1f', e.time_s) or '–',
             e.images_per_s and string.format('%d', math.floor(e.images_per_s + 0.5)) or '–'))
       end
@@ -406,7 +414,21 @@ function M.render(dir)
             if r.r_before then kv('r before', esc(string.format('params %s, FLOPs %s', fnum(r.r_before.params), fnum(r.r_before.flops)))) end
             if r.r_after then kv('r after', esc(string.format('params %s, FLOPs %s', fnum(r.r_after.params), fnum(r.r_after.flops)))) end
             if r.cost then kv('cost', esc(string.format('%s (target %s, error %s)', fnum(r.cost), fnum(r.target_cost), fnum(r.cost_error)))) end
-            if r.scheme then kv('scheme', esc(r.scheme) .. (r.rescaled and ', rescaled' or '')) end
+            if r.alpha then
+               kv('expansion rate α', esc(fnum(r.alpha, 4) .. (r.alpha_sqrt and (' (sqrt(target / live cost) = '
+                  .. fnum(r.alpha_sqrt, 4) .. ')') or '')))
+            end
+            if r.size_before and r.size_after then
+               kv('cost counted by NR', esc(string.format('parameters %s → %s, FLOPs %s → %s', fnum(r.size_before.params),
+                  fnum(r.size_after.params), fnum(r.size_before.flops), fnum(r.size_after.flops))))
+            end
+            if r.scheme then
+               -- rescaled: the number of channels rescaled (0: none; older logs: a boolean)
+               local n = r.rescaled
+               kv('scheme', esc(r.scheme) .. ((n == true and ', rescaled') or (type(n) == 'number' and n > 0
+                  and (', rescaled (' .. fnum(n) .. ' channels)')) or ''))
+            end
+            if type(r.policy_info) == 'table' then kv('reallocation info', '<code>' .. esc(ck.json_encode(r.policy_info)) .. '</code>') end
             add('</table>')
             if #layers > 0 then
                add(M.width_bars('Per-layer widths (channels)', layers))

@@ -135,6 +135,28 @@ describe('nrlua', function()
       assert.truthy(o5:find('bad tostring', 1, true) and o5:find('after', 1, true), o5)
    end)
 
+   it('keeps top-level locals between REPL inputs (pasted snippets work); =expr prints', function()
+      local script = table.concat({
+         "local nr = require 'nr'",
+         'local x, n = nr.ones({2, 3}), 2',
+         'local unset',
+         'local function twice(v) local inner = v; return inner * n end',
+         'x:sum(), twice(4), unset, inner',
+         'for i = 1, 1 do local loopvar = i end',
+         '= loopvar',
+         "s = 'local q = 1' -- local r = 2",
+         '= q, r',
+      }, '\n')
+      local path = tmp .. '/repl_locals.txt'
+      local f = io.open(path, 'w')
+      f:write(script .. '\n')
+      f:close()
+      local out, rc = run(exe .. ' < ' .. path)
+      assert.equal(0, rc, out)
+      -- only the top level: a function's or a loop's locals stay local; strings and comments untouched
+      assert.equal('6\n8\nnil\nnil\nnil\nnil\nnil\n', out)
+   end)
+
    it('completes names in the nr namespace', function()
       local cli = require 'nr.cli'
       _G.nr = require 'nr'

@@ -129,6 +129,17 @@ describe('nr.rejuvenate policies', function()
       assert.are.equal(0.125, newcol:max())
       local oldcol = last_row:narrow(2, 1, 1)
       assert.are.equal(0, oldcol:abs():max())
+      -- kind: 'depthwise' for a depthwise conv's new rows, 'conv' for the others
+      local dw = nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+         nn.Conv2d(8, 8, 3, {padding = 1, groups = 8, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+         nn.Conv2d(8, 12, 1, {bias = false}), nn.BatchNorm2d(12), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(12, 4)}
+      kill_half(dw)
+      local kinds = {}
+      nr.rejuvenate(dw, {input_shape = {3, 8, 8}, policy = {init = function(kind, shape)
+         kinds[kind] = (kinds[kind] or 0) + 1
+         return nr.randn(shape)
+      end}})
+      assert.same({conv = 2, depthwise = 1}, kinds)
       -- rescale policy
       local m2 = small_net()
       for _, bn in ipairs(m2:findModules('BatchNorm2d')) do bn.weight:fill(0.3) end
@@ -177,6 +188,28 @@ describe('nr.rejuvenate policies', function()
       m2:zeroGradParameters()
       tr2:call('after_backward')
       assert.is_true(m2:findModules('BatchNorm2d')[1].gradWeight:abs():max() == 1)
+   end)
+
+   it('a custom reallocation far over the budget is applied as returned, logged and reported on the console', function()
+      local m = small_net()
+      local tr = fake_trainer(m)
+      local lines = {}
+      function tr:print(text) lines[#lines + 1] = text end
+      R.attach(tr, {target = 0.5, input_shape = {3, 8, 8}, policy = {
+         reallocate = function(layers)
+            local w = {}
+            for _, l in ipairs(layers) do w[l.id] = 4 * l.width end
+            return w, {why = 'four times'}
+         end}})
+      tr:call('train_begin')
+      kill_half(m)
+      tr:call('epoch_end')
+      local rec = tr.logs[#tr.logs]
+      assert.are.equal('rejuvenate', rec.event)
+      assert.is_true(rec.cost_error > 1)
+      assert.same({why = 'four times'}, rec.policy_info)
+      assert.truthy(lines[1] and lines[1]:find('nr: the reallocation costs %d+%.%d%% more than the target %(params'),
+         tostring(lines[1]))
    end)
 
    it('a check every N steps runs after the optimizer step (Algorithm 1: update, then check)', function()

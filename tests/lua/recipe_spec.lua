@@ -93,6 +93,10 @@ describe('nr.recipe', function()
       assert.truthy(err_of({'--nr', 'sometimes'}):find('--nr: expected on or off', 1, true))
       assert.truthy(err_of({'--epochs'}):find('--epochs: missing value', 1, true))
       assert.truthy(err_of({'stray'}):find('unexpected argument "stray"', 1, true))
+      -- policies are functions: the error says where they go instead of suggesting --nr.policy.FIELD
+      for _, args in ipairs({{'--nr.policy', 'x'}, {'--nr.policy.reallocate', 'x'}}) do
+         assert.truthy(err_of(args):find(args[1] .. ': NR policies are Lua functions; set them in the recipe file', 1, true))
+      end
       local code = {model = function() end, epochs = 1}
       local ok, e = pcall(R.apply, code, {'--model.depth', '3'})
       assert.is_false(ok); assert.truthy(tostring(e):find('--model.depth', 1, true))

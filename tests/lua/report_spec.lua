@@ -82,6 +82,27 @@ describe('nr.report', function()
       assert.truthy(html:find('1 unreadable line', 1, true))
    end)
 
+   it('shows α, the model size and the policy info of a rejuvenation, held epochs and the size after', function()
+      local d2 = TMP .. '/rej'
+      ck.mkdirs(d2)
+      ck.write_atomic(d2 .. '/metrics.jsonl', table.concat({
+         '{"kind":"run","event":"begin","device":"cpu","threads":2,"params":6274}',
+         '{"kind":"epoch","epoch":1,"lr":0.1,"lr_end":0.1,"held":true,"train":{"loss":1},"val":{"top1":50}}',
+         '{"kind":"nr","event":"rejuvenate","epoch":1,"step":12,"index":1,"scheme":"NR","rescaled":0,"alpha":1.452,'
+            .. '"alpha_sqrt":1.442,"size_before":{"params":6274,"flops":900},"size_after":{"params":10534,"flops":1500},'
+            .. '"policy_info":{"t":0.25},"model_params":10534}',
+         '{"kind":"epoch","epoch":2,"lr":0.1,"lr_end":0.05,"train":{"loss":0.5},"val":{"top1":60}}',
+      }, '\n') .. '\n')
+      local html = ck.read_file(report.write(d2))
+      assert.truthy(html:find('6274 parameters as built, 10534 after Neural Rejuvenation', 1, true))
+      assert.truthy(html:find('<td>expansion rate α</td><td>1.452 (sqrt(target / live cost) = 1.442)</td>', 1, true))
+      assert.truthy(html:find('parameters 6274 → 10534, FLOPs 900 → 1500', 1, true))
+      assert.truthy(html:find('{&quot;t&quot;:0.25}', 1, true))
+      assert.truthy(html:find('<td>1 (held)</td><td>0.1</td>', 1, true))
+      assert.truthy(html:find('<td>2</td><td>0.1 → 0.05</td>', 1, true))
+      assert.falsy(html:find('rescaled', 1, true))    -- 0 channels rescaled is not "rescaled"
+   end)
+
    it('draws charts with nice ticks and tolerates empty series', function()
       local svg = report.chart{title = 'T', series = {{name = 'a', points = {{0, 0.1}, {1, 0.93}}}}}
       assert.truthy(svg:find('>1.0<', 1, true) or svg:find('>1.00<', 1, true))

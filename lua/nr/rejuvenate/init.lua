@@ -359,7 +359,17 @@ function M.attach(tr, cfg)
                     r_after = {params = rep.after.r_params, flops = rep.after.r_flops},
                     cost = rep.cost, target_cost = rep.target_cost, cost_error = rep.cost_error,
                     alpha = rep.alpha, alpha_sqrt = rep.alpha_sqrt, lambda_history = ctl.lambda_hist,
-                    scheme = rep.scheme, rescaled = rep.rescaled, layers = rep.layers})
+                    scheme = rep.scheme, rescaled = rep.rescaled, layers = rep.layers,
+                    size_before = {params = rep.before.params_all, flops = rep.before.flops_all},
+                    size_after = {params = rep.after.params_all, flops = rep.after.flops_all},
+                    model_params = tr.model:nParameters(),
+                    policy_info = next(rep.policy_info or {}) and rep.policy_info or nil})
+         end
+         -- the default reallocation stays within the budget; a replaced one is applied as it
+         -- returned, so a cost well past the target is worth a line on the console
+         if rep.cost_error and rep.cost_error > 0.01 and tr.print then
+            tr:print(string.format('nr: the reallocation costs %.1f%% more than the target (%s %.4g vs %.4g)',
+               100 * rep.cost_error, c.constraint, rep.cost, rep.target_cost))
          end
          ctl.lambda = c.lambda.mode == 'constant' and (c.lambda.value or 0) or 0
          ctl.r_prev = 1

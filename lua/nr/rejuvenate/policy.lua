@@ -10,13 +10,21 @@
 --     -> widths, info             solved by bisection on the exact cost so cost <= budget.target
 --                                 [3.2], then rounded up set by set while the budget allows
 --                                 (not called with budget = 0: that is a pure prune)
---   init(kind, shape, info) -> T  fresh weights: Kaiming normal, fan-out (std = sqrt(2 / fan_out))
+--   init(kind, shape, info) -> T  fresh weights: Kaiming normal, fan-out (std = sqrt(2 / fan_out));
+--                                 kind 'depthwise' for a depthwise conv's new rows, else 'conv'
 --   rescale(ctx) -> bool          neural rescaling after rejuvenation iff cfg.rescale [3.2]
+-- ctx (when, lambda and rescale in training) = {r, r_prev, util (nr.utilization's table), cfg (the
+-- recipe's nr table), lambda, rejuvenations, epoch, step, trainer}. In training, `when` is asked
+-- only while NR is active (fewer than cfg.times rejuvenations, within cfg.active_epochs): raise
+-- `times` to allow more. nr.rejuvenate by hand asks rescale with {cfg = {rescale = false}, model}
+-- when its opts.rescale is nil.
 -- The `layers` given to reallocate are the resizable channel sets: {id, name, members, live,
--- width, fixed, mean_gamma, kind}; `budget` = {target, constraint, cost(widths) -> number,
--- solve(widths_of_t, lo) -> t (largest with cost <= target), t_next (the next cost step above, or
--- nil), live_cost, all_cost}. widths[id] = new width (>= 1); a layer left
--- out keeps only its live channels.
+-- width, fixed, mean_gamma, kind}; `budget` = {target, constraint, constraint_value,
+-- cost(widths) -> number, solve(widths_of_t, lo) -> t, t_next (t: the largest with cost <= target;
+-- t_next: just past the next cost step, or nil), live_cost, all_cost}. widths[id] = new width
+-- (>= 1); a set left out keeps only its live channels. The widths are applied as returned, even
+-- over the budget (the report's cost_error shows it; nr.train prints a line past 1%). New
+-- classifier columns (a Linear after a grown set) follow opts.linear_init, not init.
 local T = require 'nr.tensor'
 
 local M = {}

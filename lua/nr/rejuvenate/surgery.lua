@@ -305,12 +305,13 @@ end
 
 -- A fresh block {t = tensor | std = number, rows = positions, cols = positions | nil (every
 -- column)}. The default init policy (Kaiming normal, fan-out) is drawn inside nr_surgery_place
--- (same distribution, no temporary, in parallel); a replaced one is called and its tensor checked.
+-- (same distribution, no temporary, in parallel); a replaced one is called with kind 'depthwise'
+-- for a depthwise conv's new rows, else 'conv', and its tensor checked.
 local function fresh_block(ctx, shape, info, rows, cols)
    if ctx.init == DEFAULT_INIT then
       return {std = math.sqrt(2 / (info.fan_out or 1)), rows = rows, cols = cols}
    end
-   local R = ctx.init('conv', shape, info)
+   local R = ctx.init(info.unit and info.unit.kind == 'dw' and 'depthwise' or 'conv', shape, info)
    check.arg(T.is_tensor(R) and T.same_shape(R:shape(), shape) and R:dtype() == 'float32', FNAME,
       'policy.init must return a float32 tensor of shape [%s], got %s', table.concat(shape, ' x '),
       T.is_tensor(R) and R:describe() or type(R))
