@@ -454,7 +454,10 @@ function Tensor:long() return self:to(self:device(), 'int64') end
 function Tensor:bfloat16() return self:to(self:device(), 'bfloat16') end
 function Tensor:byte() return self:to(self:device(), 'uint8') end
 
+-- Callers keep their frame (no tail call) so that level 3 / 4 below is their caller.
 local function make_view(self, shape, stride, offset, fname)
+   -- before the arrays: a 9th entry would be written past them into LuaJIT's heap
+   if #shape > 8 then error(fname .. ': at most 8 dimensions, got ' .. #shape, 3) end
    local sa = int64_arr()
    local st = int64_arr()
    for i = 1, #shape do sa[i - 1] = shape[i]; st[i - 1] = stride[i] end
@@ -498,7 +501,8 @@ function Tensor:reshape(...)
    local src = self:contiguous()
    local stride, acc = {}, 1
    for i = #shape, 1, -1 do stride[i] = acc; acc = acc * shape[i] end
-   return make_view(src, shape, stride, tonumber(live(src).offset), 'Tensor:reshape')
+   local v = make_view(src, shape, stride, tonumber(live(src).offset), 'Tensor:reshape')
+   return v
 end
 
 -- Strides that view old (shape, stride) as new shape without moving data, or nil when no view
@@ -550,7 +554,8 @@ function Tensor:view(...)
          "dimension spans across two contiguous subspaces): cannot view %s (strides {%s}) as {%s}; use :reshape(...) " ..
          "instead (it copies when no view exists)", self:describe(), table.concat(ostride, ', '), table.concat(shape, ', ')), 2)
    end
-   return make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:view')
+   local v = make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:view')
+   return v
 end
 
 -- narrow(dim, start, length): positions 1-based.
@@ -564,7 +569,8 @@ function Tensor:narrow(dim, start, len)
       'Tensor:narrow', 'range start %s length %s outside 1..%d of dimension %d', tostring(start), tostring(len), shape[dim], dim)
    local offset = tonumber(live(self).offset) + (start - 1) * stride[dim]
    shape[dim] = len
-   return make_view(self, shape, stride, offset, 'Tensor:narrow')
+   local v = make_view(self, shape, stride, offset, 'Tensor:narrow')
+   return v
 end
 
 -- select(dim, index): removes dim.
@@ -577,7 +583,8 @@ function Tensor:select(dim, index)
    local offset = tonumber(live(self).offset) + (index - 1) * stride[dim]
    table.remove(shape, dim)
    table.remove(stride, dim)
-   return make_view(self, shape, stride, offset, 'Tensor:select')
+   local v = make_view(self, shape, stride, offset, 'Tensor:select')
+   return v
 end
 
 function Tensor:transpose(d1, d2)
@@ -587,7 +594,8 @@ function Tensor:transpose(d1, d2)
    check.arg(d1 >= 1 and d1 <= #shape and d2 >= 1 and d2 <= #shape, 'Tensor:transpose', 'dimensions %s, %s out of range 1..%d', tostring(d1), tostring(d2), #shape)
    shape[d1], shape[d2] = shape[d2], shape[d1]
    stride[d1], stride[d2] = stride[d2], stride[d1]
-   return make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:transpose')
+   local v = make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:transpose')
+   return v
 end
 -- A view of self's storage with the given shape and strides (elements) starting at element
 -- offset of the storage (default: self's offset); the C side checks it stays inside.
@@ -599,7 +607,8 @@ function Tensor:as_strided(shape, stride, offset)
       int_arg(stride[i], 'Tensor:as_strided', 'stride ' .. i)
    end
    if offset ~= nil then int_arg(offset, 'Tensor:as_strided', 'offset') end
-   return make_view(self, shape, stride, offset or tonumber(live(self).offset), 'Tensor:as_strided')
+   local v = make_view(self, shape, stride, offset or tonumber(live(self).offset), 'Tensor:as_strided')
+   return v
 end
 -- The strides of a channels-last (N, C, H, W) tensor of this shape.
 function M.channels_last_stride(shape)

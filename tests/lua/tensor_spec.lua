@@ -516,3 +516,29 @@ describe('memory formats', function()
       assert.error_matches(function() nr.randn({2, 3, 4, 5}):is_contiguous('nchw') end, 'unknown memory_format')
    end)
 end)
+
+-- Hostile input (the audit in the commit messages): every bad argument is an error that names the
+-- function, the argument and the value, raised at the caller's line (this file).
+describe('hostile input', function()
+   -- f() must fail with a message containing `text` (plain) that points at this spec file.
+   local function raises(text, f)
+      local ok, err = pcall(f)
+      assert.is_false(ok, 'no error; expected ' .. text)
+      err = tostring(err)
+      assert.truthy(err:find(text, 1, true), err)
+      assert.truthy(err:find('tensor_spec.lua:', 1, true), 'error not at the caller: ' .. err)
+   end
+
+   it('views with more than 8 dimensions are refused before the int64_t[8] arrays are written', function()
+      local a = nr.randn({3, 4})
+      local ones = {1, 1, 1, 1, 1, 1, 1, 1, 1}
+      raises('Tensor:as_strided: at most 8 dimensions, got 9', function() local v = a:as_strided(ones, ones); return v end)
+      local b = nr.randn({1})
+      raises('Tensor:reshape: at most 8 dimensions, got 9', function() local v = b:reshape(ones); return v end)
+      raises('Tensor:view: at most 8 dimensions, got 9', function() local v = b:view(1, 1, 1, 1, 1, 1, 1, 1, 1); return v end)
+      -- the write past the arrays corrupted LuaJIT's heap: the next collection crashed
+      for i = 1, 100000 do local t = {i, tostring(i), {}}; t[3][1] = t end
+      collectgarbage()
+      assert.equal(8, b:reshape(1, 1, 1, 1, 1, 1, 1, 1):dim())
+   end)
+end)
