@@ -757,9 +757,13 @@ function Tensor:argmax(dim)
    return out
 end
 
--- matmul(b [, opts]) for 2-d tensors; opts: trans_a, trans_b, out, alpha, beta.
+-- matmul(b [, opts]) for 2-d tensors; opts: trans_a, trans_b, out, alpha, beta:
+-- out <- alpha * op(self) op(b) + beta * out. beta ~= 0 needs opts.out (PyTorch's addmm takes the
+-- matrix to accumulate as an argument): a new out holds whatever memory it was given.
 function Tensor:matmul(b, opts)
    opts = opts or {}
+   check.arg((opts.beta or 0) == 0 or opts.out ~= nil, 'Tensor:matmul', 'beta %s needs opts.out (the matrix to accumulate into)',
+      tostring(opts.beta))
    local ta, tb = opts.trans_a and 1 or 0, opts.trans_b and 1 or 0
    local m = ta == 1 and self:size(2) or self:size(1)
    local n = tb == 1 and b:size(1) or b:size(2)
