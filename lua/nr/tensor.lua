@@ -67,18 +67,19 @@ local function parse_dtype(dt, fname)
    return v
 end
 
+-- The most elements C allocates (nr_tensor_new): a larger size is refused here, by name, rather than
+-- as the int64 LuaJIT made of it.
+local MAX_NUMEL = 2 ^ 40
+
+-- Errors are raised at the level of the constructor's caller (shape_of <- new <- nr.empty <- user).
 local function shape_of(shape, fname)
    if type(shape) == 'number' then shape = {shape} end
-   if type(shape) ~= 'table' then error(fname .. ': shape must be a table of sizes, got ' .. type(shape), 3) end
-   if #shape > 8 then error(fname .. ': at most 8 dimensions, got ' .. #shape, 3) end
+   if type(shape) ~= 'table' then error(fname .. ': shape must be a table of sizes, got ' .. type(shape), 4) end
+   local n = table.maxn(shape) -- not #shape or ipairs: {2, nil, 3} is an error, not the shape {2}
+   if n > 8 then error(fname .. ': at most 8 dimensions, got ' .. n, 4) end
    local arr = int64_arr()
-   for i, s in ipairs(shape) do
-      if type(s) ~= 'number' or s < 0 or s ~= math.floor(s) then
-         error(string.format('%s: size %d must be a non-negative integer, got %s', fname, i, tostring(s)), 3)
-      end
-      arr[i - 1] = s
-   end
-   return arr, #shape
+   for i = 1, n do arr[i - 1] = check.int(shape[i], fname, 'size ' .. i, 0, MAX_NUMEL, 4) end
+   return arr, n
 end
 
 local function parse_format(fmt, ndim, fname)
@@ -213,10 +214,7 @@ end
 -- level: the error's level as error() counts it from here (3: the caller's caller, the user of a
 -- Tensor method that calls int_arg directly).
 local function int_arg(v, fname, what, level)
-   if type(v) ~= 'number' or v ~= math.floor(v) then
-      error(string.format('%s: %s must be an integer, got %s', fname, what, type(v) == 'number' and tostring(v) or type(v)),
-         level or 3)
-   end
+   check.int(v, fname, what, nil, nil, level or 3) -- finite, |v| <= 2^53: C takes it as an int64
 end
 
 function Tensor:dim() return live(self).ndim end
@@ -468,17 +466,19 @@ end
 -- The sizes of reshape/view (d1, d2, ... or {d1, d2, ...}; one may be -1), checked against
 -- self's number of elements. Errors are raised at the level of the method's caller.
 local function target_shape(self, fname, ...)
-   local shape = select('#', ...) == 1 and type(...) == 'table' and {unpack((...))} or {...}
+   local shape, count = {...}, select('#', ...)
+   if count == 1 and type(shape[1]) == 'table' then
+      count = table.maxn(shape[1])
+      shape = {unpack(shape[1], 1, count)}
+   end
    local n, infer, known = self:numel(), nil, 1
-   for i, s in ipairs(shape) do
+   for i = 1, count do -- not ipairs: a nil size is an error, not the end of the list
+      local s = shape[i]
       if s == -1 then
          if infer then error(fname .. ': only one size may be -1', 3) end
          infer = i
       else
-         if not (type(s) == 'number' and s >= 0 and s == math.floor(s)) then
-            error(string.format('%s: bad size %s', fname, tostring(s)), 3)
-         end
-         known = known * s
+         known = known * check.int(s, fname, 'size ' .. i, 0, MAX_NUMEL, 3)
       end
    end
    if infer then
