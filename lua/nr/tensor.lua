@@ -72,6 +72,21 @@ end
 local MAX_NUMEL = 2 ^ 40
 
 -- Errors are raised at the level of the constructor's caller (shape_of <- new <- nr.empty <- user).
+-- A number stored into an integer dtype must lie in its range, as PyTorch checks scalars ("value
+-- cannot be converted to type uint8 without overflow"): C's float -> integer cast is undefined
+-- outside it, and NaN/inf have no integer at all. Inside, a fraction truncates toward zero as in
+-- PyTorch. Tensor-to-tensor conversions (copy, to) are not checked, as in PyTorch.
+local INT_RANGE = {[C.NR_I64] = {-2 ^ 63, 2 ^ 63 - 1024}, -- the largest double below 2^63
+                   [C.NR_U8] = {0, 255}}
+-- level: as error() counts it from here (3: the caller of the function calling this).
+local function check_scalar(dtype, v, fname, what, level)
+   local r = INT_RANGE[dtype]
+   if r and not (v >= r[1] and v <= r[2]) then
+      error(string.format('%s: %s %s cannot be converted to type %s without overflow', fname, what, tostring(v),
+         DTYPE_NAMES[dtype]), level)
+   end
+end
+
 local function shape_of(shape, fname)
    if type(shape) == 'number' then shape = {shape} end
    if type(shape) ~= 'table' then error(fname .. ': shape must be a table of sizes, got ' .. type(shape), 4) end
@@ -118,6 +133,7 @@ end
 -- ---- constructors ------------------------------------------------------------------------
 
 local M = {Tensor = Tensor, is_tensor = is_tensor}
+local fill -- fill(t, v, fname), with Tensor:fill below
 
 function M.empty(shape, opts)
    local t = new(shape, opts, 'nr.empty') -- not a tail call: error levels count this frame
@@ -125,7 +141,11 @@ function M.empty(shape, opts)
 end
 function M.zeros(shape, opts) local t = new(shape, opts, 'nr.zeros'); return t:fill(0) end
 function M.ones(shape, opts) local t = new(shape, opts, 'nr.ones'); return t:fill(1) end
-function M.full(shape, value, opts) local t = new(shape, opts, 'nr.full'); return t:fill(value) end
+function M.full(shape, value, opts)
+   local t = new(shape, opts, 'nr.full')
+   fill(t, value, 'nr.full')
+   return t
+end
 function M.randn(shape, opts)
    local t = new(shape, opts, 'nr.randn')
    check.status(C.nr_rng_normal(t.c, 0, 1), 'nr.randn')
@@ -136,10 +156,18 @@ function M.rand(shape, opts)
    check.status(C.nr_rng_uniform(t.c, 0, 1), 'nr.rand')
    return t
 end
--- Integers in [lo, hi).
+-- Integers in [lo, hi): lo and hi are integers with every value in the dtype's range (uint8: 0 <= lo <
+-- hi <= 256; int64: |lo|, |hi| <= 2^53, since C draws lo + k in doubles, exact up to there). An
+-- integer dtype: C draws floats for a float one.
+local RANDINT_RANGE = {int64 = {-2 ^ 53, 2 ^ 53}, uint8 = {0, 256}}
 function M.randint(lo, hi, shape, opts)
-   opts = opts or {}
-   local t = new(shape, {dtype = opts.dtype or 'int64', device = opts.device}, 'nr.randint')
+   opts = check.options(opts, {dtype = true, device = true}, 'nr.randint')
+   local dt = opts.dtype or 'int64'
+   local r = RANDINT_RANGE[DTYPE_NAMES[parse_dtype(dt, 'nr.randint')]]
+   check.arg(r ~= nil, 'nr.randint', 'dtype must be int64 or uint8, got %s (convert the result with :float())', tostring(dt))
+   check.int(lo, 'nr.randint', 'lo', r[1], r[2] - 1)
+   check.int(hi, 'nr.randint', 'hi', lo + 1, r[2])
+   local t = new(shape, {dtype = dt, device = opts.device}, 'nr.randint')
    check.status(C.nr_rng_uniform(t.c, lo, hi), 'nr.randint')
    return t
 end
@@ -158,7 +186,8 @@ end
 function M.tensor(values, opts)
    if type(values) == 'number' then
       local t = new({}, opts, 'nr.tensor')
-      return t:fill(values)
+      fill(t, values, 'nr.tensor')
+      return t
    end
    check.arg(type(values) == 'table', 'nr.tensor', 'values must be a number or a table, got %s', type(values))
    local shape, v = {}, values
@@ -189,8 +218,11 @@ function M.tensor(values, opts)
       host:copy(f)
       f:free()
    else
-      local p = host:data()
-      for i = 1, #flat do p[i - 1] = flat[i] end
+      local p, dt = host:data(), host.c.dtype
+      for i = 1, #flat do
+         check_scalar(dt, flat[i], 'nr.tensor', 'element ' .. i .. ' =', 3)
+         p[i - 1] = flat[i]
+      end
    end
    if opts and opts.device and opts.device ~= 'cpu' then return host:to(opts.device) end
    return host
@@ -353,6 +385,7 @@ function Tensor:set(i, v, ...)
    end
    if type(v) == 'cdata' then v = tonumber(v) end -- an int64 read through the FFI, say
    check.arg(type(v) == 'number', 'Tensor:set', 'the value (the last argument) must be a number, got %s', type(v))
+   check_scalar(live(self).dtype, v, 'Tensor:set', 'value', 3)
    check.status(C.nr_tensor_set(live(self), p, v), 'Tensor:set')
    return self
 end
@@ -389,14 +422,22 @@ end
 
 -- ---- copies and views --------------------------------------------------------------------
 
+-- self <- src, converting dtypes. As in PyTorch's copy_/to, float -> integer conversions are not
+-- range-checked (scalars are: fill, set, nr.tensor): NaN, inf and out-of-range values give whatever
+-- C's cast gives, so check src:all_finite() and its range first where it matters.
 function Tensor:copy(src)
    check.arg(is_tensor(src), 'Tensor:copy', 'source must be a tensor')
    check.status(C.nr_tensor_copy(live(self), live(src)), 'Tensor:copy')
    return self
 end
+-- t <- v everywhere; fname names the caller in errors (nr.full, nr.tensor), raised at its caller.
+function fill(t, v, fname)
+   if type(v) ~= 'number' then error(string.format('%s: value must be a number, got %s', fname, type(v)), 3) end
+   check_scalar(live(t).dtype, v, fname, 'value', 4)
+   check.status(C.nr_tensor_fill(live(t), v), fname, 4)
+end
 function Tensor:fill(v)
-   check.type(v, 'number', 'Tensor:fill', 'value')
-   check.status(C.nr_tensor_fill(live(self), v), 'Tensor:fill')
+   fill(self, v, 'Tensor:fill')
    return self
 end
 function Tensor:zero() return self:fill(0) end
