@@ -172,11 +172,13 @@ function M.randint(lo, hi, shape, opts)
    return t
 end
 function M.randperm(n)
+   check.int(n, 'nr.randperm', 'n', 0, MAX_NUMEL)
    local t = new({n}, {dtype = 'int64'}, 'nr.randperm')
    check.status(C.nr_rng_permutation(t.c), 'nr.randperm')
    return t
 end
 function M.arange(n, opts)
+   check.int(n, 'nr.arange', 'n', 0, MAX_NUMEL)
    local t = new({n}, opts, 'nr.arange')
    for i = 0, n - 1 do C.nr_tensor_set(t.c, i, i) end
    return t
@@ -184,6 +186,7 @@ end
 
 -- nr.tensor(values, opts): values is a number or a (nested) table of numbers.
 function M.tensor(values, opts)
+   opts = check.options(opts, {dtype = true, device = true}, 'nr.tensor')
    if type(values) == 'number' then
       local t = new({}, opts, 'nr.tensor')
       fill(t, values, 'nr.tensor')
@@ -208,7 +211,7 @@ function M.tensor(values, opts)
       for i = 1, #x do walk(x[i], d + 1) end
    end
    walk(values, 1)
-   local host = new(shape, {dtype = opts and opts.dtype}, 'nr.tensor')
+   local host = new(shape, {dtype = opts.dtype}, 'nr.tensor')
    if host:dtype() == 'bfloat16' then
       -- the data pointer holds raw bf16 bits: write float32 and round (nearest even), exactly as
       -- nr.tensor(values):bfloat16() does
@@ -224,7 +227,7 @@ function M.tensor(values, opts)
          p[i - 1] = flat[i]
       end
    end
-   if opts and opts.device and opts.device ~= 'cpu' then return host:to(opts.device) end
+   if opts.device and opts.device ~= 'cpu' then return host:to(opts.device) end
    return host
 end
 
@@ -235,9 +238,15 @@ end
 
 -- ---- properties --------------------------------------------------------------------------
 
-local function live(t)
+-- t's C tensor. A non-tensor is an error naming the function and argument (fname, arg: for
+-- arguments other than self; a number or nil reached rawget or the FFI before). level: as error()
+-- counts it from here (default 3: the caller of the method calling live).
+local function live(t, fname, arg, level)
+   if getmetatable(t) ~= Tensor then
+      error(string.format('%s: expected a tensor for %s, got %s', fname or 'nr.Tensor', arg or 'self', type(t)), level or 3)
+   end
    local c = rawget(t, 'c')
-   if c == nil then error('nr.Tensor: use of a freed tensor', 3) end
+   if c == nil then error('nr.Tensor: use of a freed tensor', level or 3) end
    return c
 end
 
@@ -312,7 +321,9 @@ function Tensor:data()
    check.arg(c.device == C.NR_CPU, 'Tensor:data', 'tensor is on %s; call :cpu() first', self:device())
    return ffi.cast(CTYPE_PTR[c.dtype], c.data)
 end
-function Tensor:same_storage(other) return C.nr_tensor_same_storage(live(self), live(other)) == 1 end
+function Tensor:same_storage(other)
+   return C.nr_tensor_same_storage(live(self), live(other, 'Tensor:same_storage', 'other')) == 1
+end
 
 function Tensor:free()
    local c = rawget(self, 'c')
@@ -445,7 +456,8 @@ function Tensor:zero() return self:fill(0) end
 -- A new tensor of t's shape, dtype and device (opts.dtype / opts.device override) in t's memory
 -- format when that is channels_last, else contiguous.
 function M.empty_like(t, opts)
-   opts = opts or {}
+   live(t, 'nr.empty_like', 't')
+   opts = check.options(opts, {dtype = true, device = true}, 'nr.empty_like')
    return M.empty(t:shape(), {dtype = opts.dtype or t:dtype(), device = opts.device or t:device(),
                               memory_format = t:memory_format() == 'channels_last' and 'channels_last' or nil})
 end
@@ -682,6 +694,7 @@ function Tensor:index_select(dim, index, out)
    local shape = self:shape()
    check.arg(dim >= 1 and dim <= #shape, 'Tensor:index_select', 'dimension %s out of range', tostring(dim))
    shape[dim] = index:numel()
+   if out ~= nil then live(out, 'Tensor:index_select', 'out') end
    -- a channels-last tensor gives a channels-last result (the rows are gathered in that order)
    local fmt = self:memory_format() == 'channels_last' and 'channels_last' or nil
    out = out or M.empty(shape, {dtype = self:dtype(), device = self:device(), memory_format = fmt})
@@ -695,6 +708,7 @@ function Tensor:index_copy(dim, index, src)
    local fmt = self:memory_format()
    check.arg(fmt == 'contiguous' or fmt == 'channels_last', 'Tensor:index_copy', 'destination must be contiguous or channels-last')
    fmt = fmt == 'channels_last' and fmt or nil
+   live(src, 'Tensor:index_copy', 'src')
    check.status(C.nr_tensor_index_copy(live(self), dim - 1, live(index), live(src:contiguous(fmt))), 'Tensor:index_copy')
    return self
 end
@@ -716,6 +730,7 @@ for name, op in pairs(BIN) do
    end
    -- a:add(b [, out]): into out when given (as torch.add(a, b, out=out)), else a new tensor
    Tensor[name] = function(a, b, out)
+      if out ~= nil then live(out, fname, 'out') end
       return apply(a, b, out or M.empty_like(a))
    end
    Tensor[name .. '_'] = function(a, b) return apply(a, b, a) end
@@ -756,7 +771,8 @@ Tensor.__unm = function(a) return a:neg() end
 
 -- self <- self + alpha * x
 function Tensor:axpy_(alpha, x)
-   check.status(C.nr_axpy(live(x), live(self), alpha), 'Tensor:axpy_')
+   check.type(alpha, 'number', 'Tensor:axpy_', 'alpha')
+   check.status(C.nr_axpy(live(x, 'Tensor:axpy_', 'x'), live(self), alpha), 'Tensor:axpy_')
    return self
 end
 
@@ -801,8 +817,14 @@ end
 -- matmul(b [, opts]) for 2-d tensors; opts: trans_a, trans_b, out, alpha, beta:
 -- out <- alpha * op(self) op(b) + beta * out. beta ~= 0 needs opts.out (PyTorch's addmm takes the
 -- matrix to accumulate as an argument): a new out holds whatever memory it was given.
+local MATMUL_OPTS = {trans_a = true, trans_b = true, out = true, alpha = true, beta = true}
 function Tensor:matmul(b, opts)
-   opts = opts or {}
+   opts = check.options(opts, MATMUL_OPTS, 'Tensor:matmul')
+   live(b, 'Tensor:matmul', 'b')
+   if opts.out ~= nil then live(opts.out, 'Tensor:matmul', 'opts.out') end
+   for _, k in ipairs({'alpha', 'beta'}) do
+      if opts[k] ~= nil then check.type(opts[k], 'number', 'Tensor:matmul', 'opts.' .. k) end
+   end
    check.arg((opts.beta or 0) == 0 or opts.out ~= nil, 'Tensor:matmul', 'beta %s needs opts.out (the matrix to accumulate into)',
       tostring(opts.beta))
    local ta, tb = opts.trans_a and 1 or 0, opts.trans_b and 1 or 0

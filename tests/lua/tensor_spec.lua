@@ -559,7 +559,7 @@ describe('hostile input', function()
       raises('nr.zeros: size 2 must be a non-negative integer <= 2^40, got 1099511627777', function()
          local t = nr.zeros({0, 2 ^ 40 + 1}); return t end)
       raises('nr.empty: size 2 must be a non-negative integer <= 2^40, got nil', function() local t = nr.empty({2, nil, 3}); return t end)
-      raises('nr.arange: size 1 must be a non-negative integer <= 2^40, got nan', function() local t = nr.arange(0 / 0); return t end)
+      raises('nr.arange: n must be a non-negative integer <= 2^40, got nan', function() local t = nr.arange(0 / 0); return t end)
       raises('Tensor:reshape: size 1 must be a non-negative integer <= 2^40, got nil', function() local t = a:reshape(nil, -1); return t end)
       raises('Tensor:reshape: size 2 must be a non-negative integer <= 2^40, got nil', function()
          local t = a:reshape({2, nil, 3}); return t end)
@@ -633,5 +633,33 @@ describe('hostile input', function()
       for _, v in ipairs(nr.randint(0, 256, {1000}, u8):totable()) do lo, hi = math.min(lo, v), math.max(hi, v) end
       assert.is_true(lo >= 0 and hi <= 255 and hi > 200)
       for _, v in ipairs(nr.randint(-2 ^ 53, 2 ^ 53, {100}):totable()) do assert.is_true(v >= -2 ^ 53 and v < 2 ^ 53) end
+   end)
+
+   it('wrong Lua types are errors naming the function and argument, not LuaJIT/FFI internals', function()
+      local a = nr.randn({2, 2})
+      local cases = {
+         {'Tensor:add: expected a tensor for out, got number', function() local r = a:add(1, 5); return r end},
+         {'Tensor:same_storage: expected a tensor for other, got nil', function() local r = a:same_storage(nil); return r end},
+         {'Tensor:axpy_: expected a tensor for x, got nil', function() local r = a:axpy_(1, nil); return r end},
+         {'Tensor:axpy_: alpha must be a number, got nil', function() local r = a:axpy_(nil, a); return r end},
+         {'Tensor:matmul: expected a tensor for b, got nil', function() local r = a:matmul(nil); return r end},
+         {'Tensor:matmul: options must be a table, got number', function() local r = a:matmul(a, 5); return r end},
+         {'Tensor:matmul: opts.alpha must be a number, got string', function() local r = a:matmul(a, {alpha = 'x'}); return r end},
+         {'Tensor:matmul: expected a tensor for opts.out, got table', function() local r = a:matmul(a, {out = {}}); return r end},
+         {'Tensor:matmul: unknown option "transpose_b"', function() local r = a:matmul(a, {transpose_b = true}); return r end},
+         {'Tensor:index_copy: expected a tensor for src, got nil', function() local r = a:index_copy(1, {0}, nil); return r end},
+         {'Tensor:index_select: expected a tensor for out, got string', function() local r = a:index_select(1, {0}, 'x'); return r end},
+         {'Tensor:reshape: size 1 must be a non-negative integer <= 2^40, got nil', function() local r = a:reshape(nil, -1); return r end},
+         {'nr.tensor: options must be a table, got number', function() local r = nr.tensor({1}, 5); return r end},
+         {'nr.arange: n must be a non-negative integer <= 2^40, got nil', function() local r = nr.arange(nil); return r end},
+         {'nr.randperm: n must be a non-negative integer <= 2^40, got "3"', function() local r = nr.randperm('3'); return r end},
+         {'nr.randint: hi must be an integer in [1, 2^53], got nil', function() local r = nr.randint(0, nil, {2}); return r end},
+         {'nr.empty_like: expected a tensor for t, got nil', function() local r = nr.empty_like(nil); return r end},
+      }
+      for _, c in ipairs(cases) do raises(c[1], c[2]) end
+      -- the good forms still work
+      assert.is_true(a:same_storage(a:view(4)))
+      assert.same({2, 2}, a:matmul(a, {alpha = 2, out = nr.empty({2, 2})}):shape())
+      assert.same({1}, nr.tensor({1}, {dtype = 'int64'}):shape())
    end)
 end)
