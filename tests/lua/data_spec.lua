@@ -963,6 +963,22 @@ describe('nr.data', function()
          assert.same({1, 4, 4}, nr.data.read_image(BASE .. '/channels.png', 1):shape())
          assert.same({3, 4, 4}, nr.data.read_image(path):shape())
       end)
+
+      it('normalize statistics must keep the values within float32 (mean 1e30, std 1e-30 gave inf batches)', function()
+         local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
+         local err = err_of(function() local l = nr.data.loader(ds, {batch = 2, threads = 1,
+            augment = {normalize = {mean = {1e30}, std = {1e-30}}}}); return l end)
+         assert.truthy(err:find('nr.data.loader: augment.normalize: mean[1] = 1e+30 with std[1] = 1e-30 gives values up to 1e+60, '
+            .. 'past float32', 1, true), err)
+         local x = nr.zeros({1, 1, 2, 2}, {dtype = 'uint8'})
+         err = err_of(nr.data.normalize, x, nr.empty({1, 1, 2, 2}), {mean = {0}, std = {1e-39}})
+         assert.truthy(err:find('std[1] = 1e-39 gives values up to 1e+39', 1, true), err)
+         -- extreme but representable statistics still work, and the values are finite
+         local l = nr.data.loader(ds, {batch = 2, threads = 1, augment = {normalize = {mean = {1e6}, std = {1e-6}}}})
+         local xb = l:epoch(1)()
+         assert.is_true(xb:all_finite())
+         l:close()
+      end)
    end)
 
    local FM = '/usr/share/datasets/fashion-mnist'

@@ -320,8 +320,8 @@ end
 -- channels-last. Returns out.
 -- Statistics {mean = {...}, std = {...}} (tables of 1 or c numbers; one applies to every channel)
 -- into the float arrays mean_out / std_out for c channels (at most 4); what names them in errors
--- (finite means, finite std > 0: checked here to name the option; the C entry points check again
--- for their other callers).
+-- (finite means, finite std > 0 and results within float32: checked here to name the option; the C
+-- entry points check the first two again for their other callers).
 local function stats_into(stats, c, mean_out, std_out, fname, what)
    local function bad(fmt, ...) error(string.format('%s: %s: ' .. fmt, fname, what, ...), 4) end -- at the user's call
    local nm, ns = #stats.mean, #stats.std
@@ -332,6 +332,13 @@ local function stats_into(stats, c, mean_out, std_out, fname, what)
       if type(m) ~= 'number' or type(sd) ~= 'number' then bad('bad mean/std for channel %d', k) end
       if not (m == m and math.abs(m) < math.huge) then bad('mean[%d] must be finite, got %s', im, tostring(m)) end
       if not (sd > 0 and sd < math.huge) then bad('std[%d] must be > 0 and finite, got %s', is, tostring(sd)) end
+      -- x / 255 is in [0, 1], so |out| <= (1 + |mean|) / std: past float32 it is inf (mean 1e30 with
+      -- std 1e-30 gave inf batches); 1e38 leaves room for mean and std rounded to float
+      local reach = (1 + math.abs(m)) / sd
+      if reach > 1e38 then
+         bad('mean[%d] = %s with std[%d] = %s gives values up to %.3g, past float32 (3.4e38)', im, tostring(m), is,
+            tostring(sd), reach)
+      end
       mean_out[k - 1], std_out[k - 1] = m, sd
    end
 end
