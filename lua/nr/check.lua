@@ -39,11 +39,61 @@ function M.type(value, ty, fname, argname)
    end
 end
 
-function M.int(value, fname, argname, min)
-   if type(value) ~= 'number' or value ~= math.floor(value) or (min and value < min) then
-      error(string.format('%s: %s must be an integer%s, got %s', fname, argname,
-         min and (' >= ' .. min) or '', tostring(value)), 3)
+-- A value as error messages show it: numbers and booleans as themselves, strings quoted, other
+-- things by their type (a table's address says nothing).
+local function show(v)
+   local ty = type(v)
+   if ty == 'number' or ty == 'boolean' or ty == 'nil' then return tostring(v) end
+   if ty == 'string' then return string.format('%q', v) end
+   return ty
+end
+M.show = show
+
+-- A bound as messages write it: 2^31 - 1 rather than 2147483647.
+local function bound(b)
+   local a = math.abs(b)
+   for _, d in ipairs({0, 1}) do
+      local m, e = math.frexp(a + d)
+      if a >= 2 ^ 16 and m == 0.5 then return (b < 0 and '-' or '') .. '2^' .. (e - 1) .. (d == 1 and ' - 1' or '') end
    end
+   return string.format('%.0f', b)
+end
+
+-- value must be a finite integer in [min, max] (either bound may be nil; without them |value| <= 2^53,
+-- past which Lua numbers skip integers). Every integer handed to C goes through here: LuaJIT
+-- converts inf, NaN and values past an int32/int64 at the FFI without a word (inf ==
+-- math.floor(inf), so "is an integer" alone lets it through), and C then reports the wrapped value.
+-- level: the error's level as error() would count it in the function calling M.int (default 2:
+-- that function's caller).
+local EXACT = 2 ^ 53
+local function int_range(value, fname, argname, min, max, level)
+   local lo, hi = min or -EXACT, max or EXACT
+   if type(value) == 'number' and value == math.floor(value) and value >= lo and value <= hi then
+      return value
+   end
+   if type(value) == 'number' and math.abs(value) < math.huge then -- past a default bound: name it
+      if value < lo then min = lo elseif value > hi then max = hi end
+   end
+   local range = ''
+   if min == 0 then range = ' non-negative integer' .. (max and (' <= ' .. bound(max)) or '')
+   elseif min and max then range = 'n integer in [' .. bound(min) .. ', ' .. bound(max) .. ']'
+   elseif min then range = 'n integer >= ' .. bound(min)
+   elseif max then range = 'n integer <= ' .. bound(max)
+   else range = 'n integer' end
+   error(string.format("%s: %s must be a%s, got %s", fname, argname, range, show(value)), level + 2)
+end
+
+function M.int(value, fname, argname, min, max, level)
+   int_range(value, fname, argname, min, max, level or 2)
+   return value
+end
+
+-- An int32_t argument of C: bounds default to (and are clipped to) the int32 range.
+M.INT32_MAX = 2 ^ 31 - 1
+function M.int32(value, fname, argname, min, max, level)
+   int_range(value, fname, argname, math.max(min or -2 ^ 31, -2 ^ 31), math.min(max or M.INT32_MAX, M.INT32_MAX),
+      level or 2)
+   return value
 end
 
 -- Checks an options table against the allowed keys; unknown keys are errors (catch typos).

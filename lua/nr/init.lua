@@ -15,15 +15,18 @@ for _, k in ipairs({'tensor', 'empty', 'empty_like', 'zeros', 'ones', 'full', 'r
 end
 
 -- Threads: NR_THREADS (read by nr.ffi when the library loads) or all cores, until set here.
+-- n = 0: all cores. More than MAX_THREADS is a typo, not a machine (OpenMP would try to start them).
+local MAX_THREADS = 4096
 function nr.set_num_threads(n)
-   check.int(n, 'nr.set_num_threads', 'n', 0)
+   check.int32(n, 'nr.set_num_threads', 'n', 0, MAX_THREADS)
    C.nr_set_num_threads(n)
 end
 function nr.get_num_threads() return C.nr_get_num_threads() end
 
--- Seeds the global generator (weights, dropout, shuffling, augmentation all draw from it).
+-- Seeds the global generator (weights, dropout, shuffling, augmentation all draw from it). C takes
+-- a uint64; Lua numbers are exact integers up to 2^53, the bound here.
 function nr.manual_seed(seed)
-   check.int(seed, 'nr.manual_seed', 'seed', 0)
+   check.int(seed, 'nr.manual_seed', 'seed', 0, 2 ^ 53)
    C.nr_rng_seed(seed)
 end
 

@@ -67,18 +67,34 @@ local function parse_dtype(dt, fname)
    return v
 end
 
+-- The most elements C allocates (nr_tensor_new): a larger size is refused here, by name, rather than
+-- as the int64 LuaJIT made of it.
+local MAX_NUMEL = 2 ^ 40
+
+-- Errors are raised at the level of the constructor's caller (shape_of <- new <- nr.empty <- user).
+-- A number stored into an integer dtype must lie in its range, as PyTorch checks scalars ("value
+-- cannot be converted to type uint8 without overflow"): C's float -> integer cast is undefined
+-- outside it, and NaN/inf have no integer at all. Inside, a fraction truncates toward zero as in
+-- PyTorch. Tensor-to-tensor conversions (copy, to) are not checked, as in PyTorch.
+local INT_RANGE = {[C.NR_I64] = {-2 ^ 63, 2 ^ 63 - 1024}, -- the largest double below 2^63
+                   [C.NR_U8] = {0, 255}}
+-- level: as error() counts it from here (3: the caller of the function calling this).
+local function check_scalar(dtype, v, fname, what, level)
+   local r = INT_RANGE[dtype]
+   if r and not (v >= r[1] and v <= r[2]) then
+      error(string.format('%s: %s %s cannot be converted to type %s without overflow', fname, what, tostring(v),
+         DTYPE_NAMES[dtype]), level)
+   end
+end
+
 local function shape_of(shape, fname)
    if type(shape) == 'number' then shape = {shape} end
-   if type(shape) ~= 'table' then error(fname .. ': shape must be a table of sizes, got ' .. type(shape), 3) end
-   if #shape > 8 then error(fname .. ': at most 8 dimensions, got ' .. #shape, 3) end
+   if type(shape) ~= 'table' then error(fname .. ': shape must be a table of sizes, got ' .. type(shape), 4) end
+   local n = table.maxn(shape) -- not #shape or ipairs: {2, nil, 3} is an error, not the shape {2}
+   if n > 8 then error(fname .. ': at most 8 dimensions, got ' .. n, 4) end
    local arr = int64_arr()
-   for i, s in ipairs(shape) do
-      if type(s) ~= 'number' or s < 0 or s ~= math.floor(s) then
-         error(string.format('%s: size %d must be a non-negative integer, got %s', fname, i, tostring(s)), 3)
-      end
-      arr[i - 1] = s
-   end
-   return arr, #shape
+   for i = 1, n do arr[i - 1] = check.int(shape[i], fname, 'size ' .. i, 0, MAX_NUMEL, 4) end
+   return arr, n
 end
 
 local function parse_format(fmt, ndim, fname)
@@ -117,6 +133,7 @@ end
 -- ---- constructors ------------------------------------------------------------------------
 
 local M = {Tensor = Tensor, is_tensor = is_tensor}
+local fill -- fill(t, v, fname), with Tensor:fill below
 
 function M.empty(shape, opts)
    local t = new(shape, opts, 'nr.empty') -- not a tail call: error levels count this frame
@@ -124,7 +141,11 @@ function M.empty(shape, opts)
 end
 function M.zeros(shape, opts) local t = new(shape, opts, 'nr.zeros'); return t:fill(0) end
 function M.ones(shape, opts) local t = new(shape, opts, 'nr.ones'); return t:fill(1) end
-function M.full(shape, value, opts) local t = new(shape, opts, 'nr.full'); return t:fill(value) end
+function M.full(shape, value, opts)
+   local t = new(shape, opts, 'nr.full')
+   fill(t, value, 'nr.full')
+   return t
+end
 function M.randn(shape, opts)
    local t = new(shape, opts, 'nr.randn')
    check.status(C.nr_rng_normal(t.c, 0, 1), 'nr.randn')
@@ -135,19 +156,29 @@ function M.rand(shape, opts)
    check.status(C.nr_rng_uniform(t.c, 0, 1), 'nr.rand')
    return t
 end
--- Integers in [lo, hi).
+-- Integers in [lo, hi): lo and hi are integers with every value in the dtype's range (uint8: 0 <= lo <
+-- hi <= 256; int64: |lo|, |hi| <= 2^53, since C draws lo + k in doubles, exact up to there). An
+-- integer dtype: C draws floats for a float one.
+local RANDINT_RANGE = {int64 = {-2 ^ 53, 2 ^ 53}, uint8 = {0, 256}}
 function M.randint(lo, hi, shape, opts)
-   opts = opts or {}
-   local t = new(shape, {dtype = opts.dtype or 'int64', device = opts.device}, 'nr.randint')
+   opts = check.options(opts, {dtype = true, device = true}, 'nr.randint')
+   local dt = opts.dtype or 'int64'
+   local r = RANDINT_RANGE[DTYPE_NAMES[parse_dtype(dt, 'nr.randint')]]
+   check.arg(r ~= nil, 'nr.randint', 'dtype must be int64 or uint8, got %s (convert the result with :float())', tostring(dt))
+   check.int(lo, 'nr.randint', 'lo', r[1], r[2] - 1)
+   check.int(hi, 'nr.randint', 'hi', lo + 1, r[2])
+   local t = new(shape, {dtype = dt, device = opts.device}, 'nr.randint')
    check.status(C.nr_rng_uniform(t.c, lo, hi), 'nr.randint')
    return t
 end
 function M.randperm(n)
+   check.int(n, 'nr.randperm', 'n', 0, MAX_NUMEL)
    local t = new({n}, {dtype = 'int64'}, 'nr.randperm')
    check.status(C.nr_rng_permutation(t.c), 'nr.randperm')
    return t
 end
 function M.arange(n, opts)
+   check.int(n, 'nr.arange', 'n', 0, MAX_NUMEL)
    local t = new({n}, opts, 'nr.arange')
    for i = 0, n - 1 do C.nr_tensor_set(t.c, i, i) end
    return t
@@ -155,9 +186,11 @@ end
 
 -- nr.tensor(values, opts): values is a number or a (nested) table of numbers.
 function M.tensor(values, opts)
+   opts = check.options(opts, {dtype = true, device = true}, 'nr.tensor')
    if type(values) == 'number' then
       local t = new({}, opts, 'nr.tensor')
-      return t:fill(values)
+      fill(t, values, 'nr.tensor')
+      return t
    end
    check.arg(type(values) == 'table', 'nr.tensor', 'values must be a number or a table, got %s', type(values))
    local shape, v = {}, values
@@ -178,7 +211,7 @@ function M.tensor(values, opts)
       for i = 1, #x do walk(x[i], d + 1) end
    end
    walk(values, 1)
-   local host = new(shape, {dtype = opts and opts.dtype}, 'nr.tensor')
+   local host = new(shape, {dtype = opts.dtype}, 'nr.tensor')
    if host:dtype() == 'bfloat16' then
       -- the data pointer holds raw bf16 bits: write float32 and round (nearest even), exactly as
       -- nr.tensor(values):bfloat16() does
@@ -188,10 +221,13 @@ function M.tensor(values, opts)
       host:copy(f)
       f:free()
    else
-      local p = host:data()
-      for i = 1, #flat do p[i - 1] = flat[i] end
+      local p, dt = host:data(), host.c.dtype
+      for i = 1, #flat do
+         check_scalar(dt, flat[i], 'nr.tensor', 'element ' .. i .. ' =', 3)
+         p[i - 1] = flat[i]
+      end
    end
-   if opts and opts.device and opts.device ~= 'cpu' then return host:to(opts.device) end
+   if opts.device and opts.device ~= 'cpu' then return host:to(opts.device) end
    return host
 end
 
@@ -202,9 +238,15 @@ end
 
 -- ---- properties --------------------------------------------------------------------------
 
-local function live(t)
+-- t's C tensor. A non-tensor is an error naming the function and argument (fname, arg: for
+-- arguments other than self; a number or nil reached rawget or the FFI before). level: as error()
+-- counts it from here (default 3: the caller of the method calling live).
+local function live(t, fname, arg, level)
+   if getmetatable(t) ~= Tensor then
+      error(string.format('%s: expected a tensor for %s, got %s', fname or 'nr.Tensor', arg or 'self', type(t)), level or 3)
+   end
    local c = rawget(t, 'c')
-   if c == nil then error('nr.Tensor: use of a freed tensor', 3) end
+   if c == nil then error('nr.Tensor: use of a freed tensor', level or 3) end
    return c
 end
 
@@ -213,10 +255,7 @@ end
 -- level: the error's level as error() counts it from here (3: the caller's caller, the user of a
 -- Tensor method that calls int_arg directly).
 local function int_arg(v, fname, what, level)
-   if type(v) ~= 'number' or v ~= math.floor(v) then
-      error(string.format('%s: %s must be an integer, got %s', fname, what, type(v) == 'number' and tostring(v) or type(v)),
-         level or 3)
-   end
+   check.int(v, fname, what, nil, nil, level or 3) -- finite, |v| <= 2^53: C takes it as an int64
 end
 
 function Tensor:dim() return live(self).ndim end
@@ -282,7 +321,9 @@ function Tensor:data()
    check.arg(c.device == C.NR_CPU, 'Tensor:data', 'tensor is on %s; call :cpu() first', self:device())
    return ffi.cast(CTYPE_PTR[c.dtype], c.data)
 end
-function Tensor:same_storage(other) return C.nr_tensor_same_storage(live(self), live(other)) == 1 end
+function Tensor:same_storage(other)
+   return C.nr_tensor_same_storage(live(self), live(other, 'Tensor:same_storage', 'other')) == 1
+end
 
 function Tensor:free()
    local c = rawget(self, 'c')
@@ -355,6 +396,7 @@ function Tensor:set(i, v, ...)
    end
    if type(v) == 'cdata' then v = tonumber(v) end -- an int64 read through the FFI, say
    check.arg(type(v) == 'number', 'Tensor:set', 'the value (the last argument) must be a number, got %s', type(v))
+   check_scalar(live(self).dtype, v, 'Tensor:set', 'value', 3)
    check.status(C.nr_tensor_set(live(self), p, v), 'Tensor:set')
    return self
 end
@@ -391,14 +433,22 @@ end
 
 -- ---- copies and views --------------------------------------------------------------------
 
+-- self <- src, converting dtypes. As in PyTorch's copy_/to, float -> integer conversions are not
+-- range-checked (scalars are: fill, set, nr.tensor): NaN, inf and out-of-range values give whatever
+-- C's cast gives, so check src:all_finite() and its range first where it matters.
 function Tensor:copy(src)
    check.arg(is_tensor(src), 'Tensor:copy', 'source must be a tensor')
    check.status(C.nr_tensor_copy(live(self), live(src)), 'Tensor:copy')
    return self
 end
+-- t <- v everywhere; fname names the caller in errors (nr.full, nr.tensor), raised at its caller.
+function fill(t, v, fname)
+   if type(v) ~= 'number' then error(string.format('%s: value must be a number, got %s', fname, type(v)), 3) end
+   check_scalar(live(t).dtype, v, fname, 'value', 4)
+   check.status(C.nr_tensor_fill(live(t), v), fname, 4)
+end
 function Tensor:fill(v)
-   check.type(v, 'number', 'Tensor:fill', 'value')
-   check.status(C.nr_tensor_fill(live(self), v), 'Tensor:fill')
+   fill(self, v, 'Tensor:fill')
    return self
 end
 function Tensor:zero() return self:fill(0) end
@@ -406,7 +456,8 @@ function Tensor:zero() return self:fill(0) end
 -- A new tensor of t's shape, dtype and device (opts.dtype / opts.device override) in t's memory
 -- format when that is channels_last, else contiguous.
 function M.empty_like(t, opts)
-   opts = opts or {}
+   live(t, 'nr.empty_like', 't')
+   opts = check.options(opts, {dtype = true, device = true}, 'nr.empty_like')
    return M.empty(t:shape(), {dtype = opts.dtype or t:dtype(), device = opts.device or t:device(),
                               memory_format = t:memory_format() == 'channels_last' and 'channels_last' or nil})
 end
@@ -454,7 +505,10 @@ function Tensor:long() return self:to(self:device(), 'int64') end
 function Tensor:bfloat16() return self:to(self:device(), 'bfloat16') end
 function Tensor:byte() return self:to(self:device(), 'uint8') end
 
+-- Callers keep their frame (no tail call) so that level 3 / 4 below is their caller.
 local function make_view(self, shape, stride, offset, fname)
+   -- before the arrays: a 9th entry would be written past them into LuaJIT's heap
+   if #shape > 8 then error(fname .. ': at most 8 dimensions, got ' .. #shape, 3) end
    local sa = int64_arr()
    local st = int64_arr()
    for i = 1, #shape do sa[i - 1] = shape[i]; st[i - 1] = stride[i] end
@@ -465,17 +519,19 @@ end
 -- The sizes of reshape/view (d1, d2, ... or {d1, d2, ...}; one may be -1), checked against
 -- self's number of elements. Errors are raised at the level of the method's caller.
 local function target_shape(self, fname, ...)
-   local shape = select('#', ...) == 1 and type(...) == 'table' and {unpack((...))} or {...}
+   local shape, count = {...}, select('#', ...)
+   if count == 1 and type(shape[1]) == 'table' then
+      count = table.maxn(shape[1])
+      shape = {unpack(shape[1], 1, count)}
+   end
    local n, infer, known = self:numel(), nil, 1
-   for i, s in ipairs(shape) do
+   for i = 1, count do -- not ipairs: a nil size is an error, not the end of the list
+      local s = shape[i]
       if s == -1 then
          if infer then error(fname .. ': only one size may be -1', 3) end
          infer = i
       else
-         if not (type(s) == 'number' and s >= 0 and s == math.floor(s)) then
-            error(string.format('%s: bad size %s', fname, tostring(s)), 3)
-         end
-         known = known * s
+         known = known * check.int(s, fname, 'size ' .. i, 0, MAX_NUMEL, 3)
       end
    end
    if infer then
@@ -498,7 +554,8 @@ function Tensor:reshape(...)
    local src = self:contiguous()
    local stride, acc = {}, 1
    for i = #shape, 1, -1 do stride[i] = acc; acc = acc * shape[i] end
-   return make_view(src, shape, stride, tonumber(live(src).offset), 'Tensor:reshape')
+   local v = make_view(src, shape, stride, tonumber(live(src).offset), 'Tensor:reshape')
+   return v
 end
 
 -- Strides that view old (shape, stride) as new shape without moving data, or nil when no view
@@ -550,7 +607,8 @@ function Tensor:view(...)
          "dimension spans across two contiguous subspaces): cannot view %s (strides {%s}) as {%s}; use :reshape(...) " ..
          "instead (it copies when no view exists)", self:describe(), table.concat(ostride, ', '), table.concat(shape, ', ')), 2)
    end
-   return make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:view')
+   local v = make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:view')
+   return v
 end
 
 -- narrow(dim, start, length): positions 1-based.
@@ -564,7 +622,8 @@ function Tensor:narrow(dim, start, len)
       'Tensor:narrow', 'range start %s length %s outside 1..%d of dimension %d', tostring(start), tostring(len), shape[dim], dim)
    local offset = tonumber(live(self).offset) + (start - 1) * stride[dim]
    shape[dim] = len
-   return make_view(self, shape, stride, offset, 'Tensor:narrow')
+   local v = make_view(self, shape, stride, offset, 'Tensor:narrow')
+   return v
 end
 
 -- select(dim, index): removes dim.
@@ -577,7 +636,8 @@ function Tensor:select(dim, index)
    local offset = tonumber(live(self).offset) + (index - 1) * stride[dim]
    table.remove(shape, dim)
    table.remove(stride, dim)
-   return make_view(self, shape, stride, offset, 'Tensor:select')
+   local v = make_view(self, shape, stride, offset, 'Tensor:select')
+   return v
 end
 
 function Tensor:transpose(d1, d2)
@@ -587,7 +647,8 @@ function Tensor:transpose(d1, d2)
    check.arg(d1 >= 1 and d1 <= #shape and d2 >= 1 and d2 <= #shape, 'Tensor:transpose', 'dimensions %s, %s out of range 1..%d', tostring(d1), tostring(d2), #shape)
    shape[d1], shape[d2] = shape[d2], shape[d1]
    stride[d1], stride[d2] = stride[d2], stride[d1]
-   return make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:transpose')
+   local v = make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:transpose')
+   return v
 end
 -- A view of self's storage with the given shape and strides (elements) starting at element
 -- offset of the storage (default: self's offset); the C side checks it stays inside.
@@ -599,7 +660,8 @@ function Tensor:as_strided(shape, stride, offset)
       int_arg(stride[i], 'Tensor:as_strided', 'stride ' .. i)
    end
    if offset ~= nil then int_arg(offset, 'Tensor:as_strided', 'offset') end
-   return make_view(self, shape, stride, offset or tonumber(live(self).offset), 'Tensor:as_strided')
+   local v = make_view(self, shape, stride, offset or tonumber(live(self).offset), 'Tensor:as_strided')
+   return v
 end
 -- The strides of a channels-last (N, C, H, W) tensor of this shape.
 function M.channels_last_stride(shape)
@@ -632,6 +694,7 @@ function Tensor:index_select(dim, index, out)
    local shape = self:shape()
    check.arg(dim >= 1 and dim <= #shape, 'Tensor:index_select', 'dimension %s out of range', tostring(dim))
    shape[dim] = index:numel()
+   if out ~= nil then live(out, 'Tensor:index_select', 'out') end
    -- a channels-last tensor gives a channels-last result (the rows are gathered in that order)
    local fmt = self:memory_format() == 'channels_last' and 'channels_last' or nil
    out = out or M.empty(shape, {dtype = self:dtype(), device = self:device(), memory_format = fmt})
@@ -645,6 +708,7 @@ function Tensor:index_copy(dim, index, src)
    local fmt = self:memory_format()
    check.arg(fmt == 'contiguous' or fmt == 'channels_last', 'Tensor:index_copy', 'destination must be contiguous or channels-last')
    fmt = fmt == 'channels_last' and fmt or nil
+   live(src, 'Tensor:index_copy', 'src')
    check.status(C.nr_tensor_index_copy(live(self), dim - 1, live(index), live(src:contiguous(fmt))), 'Tensor:index_copy')
    return self
 end
@@ -666,6 +730,7 @@ for name, op in pairs(BIN) do
    end
    -- a:add(b [, out]): into out when given (as torch.add(a, b, out=out)), else a new tensor
    Tensor[name] = function(a, b, out)
+      if out ~= nil then live(out, fname, 'out') end
       return apply(a, b, out or M.empty_like(a))
    end
    Tensor[name .. '_'] = function(a, b) return apply(a, b, a) end
@@ -706,7 +771,8 @@ Tensor.__unm = function(a) return a:neg() end
 
 -- self <- self + alpha * x
 function Tensor:axpy_(alpha, x)
-   check.status(C.nr_axpy(live(x), live(self), alpha), 'Tensor:axpy_')
+   check.type(alpha, 'number', 'Tensor:axpy_', 'alpha')
+   check.status(C.nr_axpy(live(x, 'Tensor:axpy_', 'x'), live(self), alpha), 'Tensor:axpy_')
    return self
 end
 
@@ -748,9 +814,19 @@ function Tensor:argmax(dim)
    return out
 end
 
--- matmul(b [, opts]) for 2-d tensors; opts: trans_a, trans_b, out, alpha, beta.
+-- matmul(b [, opts]) for 2-d tensors; opts: trans_a, trans_b, out, alpha, beta:
+-- out <- alpha * op(self) op(b) + beta * out. beta ~= 0 needs opts.out (PyTorch's addmm takes the
+-- matrix to accumulate as an argument): a new out holds whatever memory it was given.
+local MATMUL_OPTS = {trans_a = true, trans_b = true, out = true, alpha = true, beta = true}
 function Tensor:matmul(b, opts)
-   opts = opts or {}
+   opts = check.options(opts, MATMUL_OPTS, 'Tensor:matmul')
+   live(b, 'Tensor:matmul', 'b')
+   if opts.out ~= nil then live(opts.out, 'Tensor:matmul', 'opts.out') end
+   for _, k in ipairs({'alpha', 'beta'}) do
+      if opts[k] ~= nil then check.type(opts[k], 'number', 'Tensor:matmul', 'opts.' .. k) end
+   end
+   check.arg((opts.beta or 0) == 0 or opts.out ~= nil, 'Tensor:matmul', 'beta %s needs opts.out (the matrix to accumulate into)',
+      tostring(opts.beta))
    local ta, tb = opts.trans_a and 1 or 0, opts.trans_b and 1 or 0
    local m = ta == 1 and self:size(2) or self:size(1)
    local n = tb == 1 and b:size(1) or b:size(2)

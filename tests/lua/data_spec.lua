@@ -915,6 +915,70 @@ describe('nr.data', function()
          assert.matches('training data .* is empty', err)
          assert.is_nil(err:find('iters_per_epoch', 1, true))
       end)
+
+      it('integer options reaching C as int32 are checked finite and in range (inf and 2^31 wrapped at the FFI)', function()
+         local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
+         local inf = math.huge
+         local cases = {
+            {{batch = inf}, 'batch must be an integer in [1, 2^31 - 1], got inf'},
+            {{batch = 2 ^ 31}, 'batch must be an integer in [1, 2^31 - 1], got 2147483648'},
+            {{threads = 2 ^ 32 + 1}, 'threads must be an integer in [1, 1024], got 4294967297'},
+            {{prefetch = 0 / 0}, 'prefetch must be an integer in [1, 2^31 - 1]'},
+            {{shard = {size = inf}}, 'shard.size must be an integer in [1, 2^31 - 1], got inf'},
+            {{seed = inf}, 'seed must be a non-negative integer, got inf'},
+            -- sides: int32 arithmetic in C (2 * pad overflowed and gave all-zero images)
+            {{augment = {pad = 2 ^ 31 - 1}}, 'augment.pad must be an integer in [1, 2^16], got 2147483647'},
+            {{augment = {crop = 2 ^ 16 + 1}}, 'augment.crop must be an integer in [1, 2^16], got 65537'},
+            {{augment = {resize = 1073742}}, 'augment.resize must be an integer in [1, 2^16], got 1073742'},
+            {{augment = {resize = {8, inf}}}, 'augment.resize[2] must be an integer in [1, 2^16], got inf'},
+         }
+         for _, c in ipairs(cases) do
+            local o = c[1]
+            o.batch, o.threads = o.batch or 2, o.threads or 1
+            local ok, err = pcall(function() local l = nr.data.loader(ds, o); return l end)
+            if ok then err:close() end
+            assert.is_false(ok, 'accepted: ' .. c[2])
+            assert.truthy(tostring(err):find('nr.data.loader: ' .. c[2], 1, true), err)
+            assert.truthy(tostring(err):find('data_spec.lua:', 1, true), 'not at the caller: ' .. err)
+         end
+         local l = nr.data.loader(ds, {batch = 2, threads = 1, augment = {pad = 2, crop = 2 ^ 4}})
+         assert.same({2, 1, 16, 16}, l.shape)
+         l:close()
+      end)
+
+      it('write_jpeg quality is an integer in 1..100 and read_image channels an integer in 0..4', function()
+         local img = nr.zeros({3, 4, 4}, {dtype = 'uint8'})
+         local path = BASE .. '/quality.jpg'
+         for _, q in ipairs({{0 / 0, 'nan'}, {1.5, '1.5'}, {101, '101'}, {0, '0'}}) do
+            assert.truthy(err_of(nr.data.write_jpeg, img, path, q[1]):find(
+               'nr.data.write_jpeg: quality must be an integer in [1, 100], got ' .. q[2], 1, true), q[2])
+         end
+         assert.truthy(err_of(nr.data.write_jpeg, img, nil):find('nr.data.write_jpeg: path must be a string, got nil', 1, true))
+         nr.data.write_jpeg(img, path, 100)
+         nr.data.write_png(img, BASE .. '/channels.png')
+         for ch, shown in pairs({x = '"x"', [1.5] = '1.5', [5] = '5', [2 ^ 32 + 3] = '4294967299'}) do
+            assert.truthy(err_of(nr.data.read_image, BASE .. '/channels.png', ch):find(
+               'nr.data.read_image: channels must be a non-negative integer <= 4, got ' .. shown, 1, true), shown)
+         end
+         assert.same({1, 4, 4}, nr.data.read_image(BASE .. '/channels.png', 1):shape())
+         assert.same({3, 4, 4}, nr.data.read_image(path):shape())
+      end)
+
+      it('normalize statistics must keep the values within float32 (mean 1e30, std 1e-30 gave inf batches)', function()
+         local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
+         local err = err_of(function() local l = nr.data.loader(ds, {batch = 2, threads = 1,
+            augment = {normalize = {mean = {1e30}, std = {1e-30}}}}); return l end)
+         assert.truthy(err:find('nr.data.loader: augment.normalize: mean[1] = 1e+30 with std[1] = 1e-30 gives values up to 1e+60, '
+            .. 'past float32', 1, true), err)
+         local x = nr.zeros({1, 1, 2, 2}, {dtype = 'uint8'})
+         err = err_of(nr.data.normalize, x, nr.empty({1, 1, 2, 2}), {mean = {0}, std = {1e-39}})
+         assert.truthy(err:find('std[1] = 1e-39 gives values up to 1e+39', 1, true), err)
+         -- extreme but representable statistics still work, and the values are finite
+         local l = nr.data.loader(ds, {batch = 2, threads = 1, augment = {normalize = {mean = {1e6}, std = {1e-6}}}})
+         local xb = l:epoch(1)()
+         assert.is_true(xb:all_finite())
+         l:close()
+      end)
    end)
 
    local FM = '/usr/share/datasets/fashion-mnist'

@@ -516,3 +516,150 @@ describe('memory formats', function()
       assert.error_matches(function() nr.randn({2, 3, 4, 5}):is_contiguous('nchw') end, 'unknown memory_format')
    end)
 end)
+
+-- Hostile input (the audit in the commit messages): every bad argument is an error that names the
+-- function, the argument and the value, raised at the caller's line (this file).
+describe('hostile input', function()
+   -- f() must fail with a message containing `text` (plain) that points at this spec file.
+   local function raises(text, f)
+      local ok, err = pcall(f)
+      assert.is_false(ok, 'no error; expected ' .. text)
+      err = tostring(err)
+      assert.truthy(err:find(text, 1, true), err)
+      assert.truthy(err:find('tensor_spec.lua:', 1, true), 'error not at the caller: ' .. err)
+   end
+
+   it('views with more than 8 dimensions are refused before the int64_t[8] arrays are written', function()
+      local a = nr.randn({3, 4})
+      local ones = {1, 1, 1, 1, 1, 1, 1, 1, 1}
+      raises('Tensor:as_strided: at most 8 dimensions, got 9', function() local v = a:as_strided(ones, ones); return v end)
+      local b = nr.randn({1})
+      raises('Tensor:reshape: at most 8 dimensions, got 9', function() local v = b:reshape(ones); return v end)
+      raises('Tensor:view: at most 8 dimensions, got 9', function() local v = b:view(1, 1, 1, 1, 1, 1, 1, 1, 1); return v end)
+      -- the write past the arrays corrupted LuaJIT's heap: the next collection crashed
+      for i = 1, 100000 do local t = {i, tostring(i), {}}; t[3][1] = t end
+      collectgarbage()
+      assert.equal(8, b:reshape(1, 1, 1, 1, 1, 1, 1, 1):dim())
+   end)
+
+   it('beta ~= 0 needs opts.out: a new result has no values to accumulate (it read uninitialised memory)', function()
+      local a = nr.randn({3, 4})
+      raises('Tensor:matmul: beta 1 needs opts.out', function() local r = a:matmul(a, {trans_b = true, beta = 1}); return r end)
+      -- with out: out <- a a^T + beta * out; beta 0 without out is the plain product
+      local ref = a:matmul(a, {trans_b = true})
+      local out = nr.ones({3, 3})
+      a:matmul(a, {trans_b = true, beta = 2, out = out})
+      assert.near(0, out:sub(ref):sub(2):abs():max(), 1e-5)
+      assert.near(0, a:matmul(a, {trans_b = true, beta = 0}):sub(ref):abs():max(), 0)
+   end)
+
+   it('integers given to C are finite and in range: inf, NaN and 2^31+ are named, not wrapped at the FFI', function()
+      local a = nr.zeros({2, 3})
+      raises('nr.empty: size 1 must be a non-negative integer <= 2^40, got inf', function() local t = nr.empty({math.huge}); return t end)
+      raises('nr.zeros: size 2 must be a non-negative integer <= 2^40, got 1099511627777', function()
+         local t = nr.zeros({0, 2 ^ 40 + 1}); return t end)
+      raises('nr.empty: size 2 must be a non-negative integer <= 2^40, got nil', function() local t = nr.empty({2, nil, 3}); return t end)
+      raises('nr.arange: n must be a non-negative integer <= 2^40, got nan', function() local t = nr.arange(0 / 0); return t end)
+      raises('Tensor:reshape: size 1 must be a non-negative integer <= 2^40, got nil', function() local t = a:reshape(nil, -1); return t end)
+      raises('Tensor:reshape: size 2 must be a non-negative integer <= 2^40, got nil', function()
+         local t = a:reshape({2, nil, 3}); return t end)
+      raises('Tensor:view: size 2 must be a non-negative integer <= 2^40, got "x"', function() local t = a:view(6, 'x'); return t end)
+      raises('Tensor:get: position must be an integer <= 2^53, got 1.1805916207174e+21', function() local v = a:get(2 ^ 70); return v end)
+      raises('Tensor:set: position must be an integer, got inf', function() local v = a:set(math.huge, 1); return v end)
+      raises('Tensor:as_strided: stride 1 must be an integer, got -inf', function()
+         local v = a:as_strided({2}, {-math.huge}); return v end)
+      -- layer geometry is int32 in C: a stride of 2^32 + 1 was reported as "stride -2147483648"
+      raises('nr.nn.Conv2d: stride must be an integer in [1, 2^31 - 1], got 4294967297', function()
+         local m = nr.nn.Conv2d(1, 1, 1, {stride = 2 ^ 32 + 1}); return m end)
+      raises('nr.nn.Conv2d: kernel_size must be an integer in [1, 2^31 - 1], got inf', function()
+         local m = nr.nn.Conv2d(1, 1, math.huge); return m end)
+      raises('nr.nn.Conv2d: kernel_size[2] must be an integer in [1, 2^31 - 1], got table', function()
+         local m = nr.nn.Conv2d(1, 1, {3, {}}); return m end)
+      raises('nr.nn.Conv2d: padding[1] must be a non-negative integer <= 2^31 - 1, got -1', function()
+         local m = nr.nn.Conv2d(1, 1, 3, {padding = {-1, 0}}); return m end)
+      raises('nr.nn.Linear: in_features must be an integer in [1, 2^31 - 1], got 2147483648', function()
+         local m = nr.nn.Linear(2 ^ 31, 1); return m end)
+      local ok, err = pcall(nr.nn.MaxPool2d, math.huge) -- (pool.lua adds a frame: the level is not this file)
+      assert.is_false(ok)
+      assert.truthy(err:find('nr.nn.MaxPool2d: kernel_size must be an integer in [1, 2^31 - 1], got inf', 1, true), err)
+      local threads = nr.get_num_threads()
+      raises('nr.set_num_threads: n must be a non-negative integer <= 4096, got 2147483648', function() nr.set_num_threads(2 ^ 31) end)
+      assert.equal(threads, nr.get_num_threads())
+      raises('nr.manual_seed: seed must be a non-negative integer <= 2^53, got inf', function() nr.manual_seed(math.huge) end)
+      raises('nr.manual_seed: seed must be a non-negative integer <= 2^53, got 1.5', function() nr.manual_seed(1.5) end)
+      nr.manual_seed(2 ^ 53)
+      assert.equal(0, nr.empty({0, 2 ^ 40}):numel()) -- the limits themselves are fine
+   end)
+
+   it('numbers stored into int64/uint8 must fit (NaN, inf, 300 into uint8 were silent casts); randint bounds too', function()
+      local i64, u8 = {dtype = 'int64'}, {dtype = 'uint8'}
+      raises('nr.tensor: element 2 = 300 cannot be converted to type uint8 without overflow', function()
+         local t = nr.tensor({1, 300}, u8); return t end)
+      raises('nr.tensor: element 1 = -1 cannot be converted to type uint8 without overflow', function()
+         local t = nr.tensor({-1}, u8); return t end)
+      raises('nr.tensor: element 3 = inf cannot be converted to type int64 without overflow', function()
+         local t = nr.tensor({1, 2, math.huge}, i64); return t end)
+      raises('nr.tensor: element 1 = 9.2233720368548e+18 cannot be converted to type int64 without overflow', function()
+         local t = nr.tensor({2 ^ 63}, i64); return t end)
+      raises('nr.tensor: value -1 cannot be converted to type uint8 without overflow', function()
+         local t = nr.tensor(-1, u8); return t end)
+      raises('Tensor:fill: value nan cannot be converted to type int64 without overflow', function()
+         local t = nr.zeros({2}, i64):fill(0 / 0); return t end)
+      raises('nr.full: value 256 cannot be converted to type uint8 without overflow', function()
+         local t = nr.full({2}, 256, u8); return t end)
+      raises('Tensor:set: value 300 cannot be converted to type uint8 without overflow', function()
+         local t = nr.zeros({2}, u8):set(1, 300); return t end)
+      raises('Tensor:set: value -inf cannot be converted to type int64 without overflow', function()
+         local t = nr.zeros({2, 2}, i64):set(1, 2, -math.huge); return t end)
+      -- in range: a fraction truncates toward zero (as PyTorch); the extremes are fine
+      assert.same({1, -2, 2 ^ 63 - 1024, -2 ^ 63}, nr.tensor({1.7, -2.7, 2 ^ 63 - 1024, -2 ^ 63}, i64):totable())
+      assert.same({255, 0}, nr.tensor({255, 0.5}, u8):totable())
+      assert.same({7, 7}, nr.full({2}, 7.9, u8):totable())
+      -- float tensors take any number
+      assert.equal(math.huge, nr.tensor({math.huge}):get(1))
+      -- randint: finite integer bounds whose values all fit the dtype
+      raises('nr.randint: hi must be an integer in [1, 2^53], got inf', function() local t = nr.randint(0, math.huge, {3}); return t end)
+      raises('nr.randint: lo must be an integer in [-2^53, 2^53 - 1], got -inf', function()
+         local t = nr.randint(-math.huge, 0, {3}); return t end)
+      raises('nr.randint: lo must be an integer in [-2^53, 2^53 - 1], got 0.5', function()
+         local t = nr.randint(0.5, 1.5, {3}); return t end)
+      raises('nr.randint: hi must be an integer in [1, 256], got 1000', function()
+         local t = nr.randint(0, 1000, {6}, u8); return t end)
+      raises('nr.randint: hi must be an integer in [1, 2^53], got 1.844674407371e+19', function()
+         local t = nr.randint(0, 2 ^ 64, {3}); return t end)
+      raises('nr.randint: dtype must be int64 or uint8, got float32', function()
+         local t = nr.randint(0, 3, {3}, {dtype = 'float32'}); return t end)
+      local lo, hi = math.huge, -math.huge -- (reductions are float-only: read the values)
+      for _, v in ipairs(nr.randint(0, 256, {1000}, u8):totable()) do lo, hi = math.min(lo, v), math.max(hi, v) end
+      assert.is_true(lo >= 0 and hi <= 255 and hi > 200)
+      for _, v in ipairs(nr.randint(-2 ^ 53, 2 ^ 53, {100}):totable()) do assert.is_true(v >= -2 ^ 53 and v < 2 ^ 53) end
+   end)
+
+   it('wrong Lua types are errors naming the function and argument, not LuaJIT/FFI internals', function()
+      local a = nr.randn({2, 2})
+      local cases = {
+         {'Tensor:add: expected a tensor for out, got number', function() local r = a:add(1, 5); return r end},
+         {'Tensor:same_storage: expected a tensor for other, got nil', function() local r = a:same_storage(nil); return r end},
+         {'Tensor:axpy_: expected a tensor for x, got nil', function() local r = a:axpy_(1, nil); return r end},
+         {'Tensor:axpy_: alpha must be a number, got nil', function() local r = a:axpy_(nil, a); return r end},
+         {'Tensor:matmul: expected a tensor for b, got nil', function() local r = a:matmul(nil); return r end},
+         {'Tensor:matmul: options must be a table, got number', function() local r = a:matmul(a, 5); return r end},
+         {'Tensor:matmul: opts.alpha must be a number, got string', function() local r = a:matmul(a, {alpha = 'x'}); return r end},
+         {'Tensor:matmul: expected a tensor for opts.out, got table', function() local r = a:matmul(a, {out = {}}); return r end},
+         {'Tensor:matmul: unknown option "transpose_b"', function() local r = a:matmul(a, {transpose_b = true}); return r end},
+         {'Tensor:index_copy: expected a tensor for src, got nil', function() local r = a:index_copy(1, {0}, nil); return r end},
+         {'Tensor:index_select: expected a tensor for out, got string', function() local r = a:index_select(1, {0}, 'x'); return r end},
+         {'Tensor:reshape: size 1 must be a non-negative integer <= 2^40, got nil', function() local r = a:reshape(nil, -1); return r end},
+         {'nr.tensor: options must be a table, got number', function() local r = nr.tensor({1}, 5); return r end},
+         {'nr.arange: n must be a non-negative integer <= 2^40, got nil', function() local r = nr.arange(nil); return r end},
+         {'nr.randperm: n must be a non-negative integer <= 2^40, got "3"', function() local r = nr.randperm('3'); return r end},
+         {'nr.randint: hi must be an integer in [1, 2^53], got nil', function() local r = nr.randint(0, nil, {2}); return r end},
+         {'nr.empty_like: expected a tensor for t, got nil', function() local r = nr.empty_like(nil); return r end},
+      }
+      for _, c in ipairs(cases) do raises(c[1], c[2]) end
+      -- the good forms still work
+      assert.is_true(a:same_storage(a:view(4)))
+      assert.same({2, 2}, a:matmul(a, {alpha = 2, out = nr.empty({2, 2})}):shape())
+      assert.same({1}, nr.tensor({1}, {dtype = 'int64'}):shape())
+   end)
+end)

@@ -291,6 +291,7 @@ end
 -- uint8 (C, H, W) tensor from a PNG or JPEG file; channels 0 (as stored), 1, 3 or 4.
 function M.read_image(path, channels)
    check.type(path, 'string', 'nr.data.read_image', 'path')
+   if channels ~= nil then check.int32(channels, 'nr.data.read_image', 'channels', 0, 4) end
    local p = C.nr_image_read(path, channels or 0)
    if p == nil then c_error('nr.data.read_image', 2) end
    return T.Tensor._wrap(p)
@@ -299,13 +300,17 @@ end
 -- img: uint8 (C, H, W) CPU tensor, C in 1, 3, 4.
 function M.write_png(img, path)
    check.arg(T.is_tensor(img), 'nr.data.write_png', 'img must be a uint8 (C, H, W) tensor')
+   check.type(path, 'string', 'nr.data.write_png', 'path')
    check.status(C.nr_image_write_png(img.c, path), 'nr.data.write_png')
 end
 
 -- img: uint8 (C, H, W) CPU tensor, C in 1, 3; quality 1..100 (default 90).
 function M.write_jpeg(img, path, quality)
    check.arg(T.is_tensor(img), 'nr.data.write_jpeg', 'img must be a uint8 (C, H, W) tensor')
-   check.status(C.nr_image_write_jpeg(img.c, path, quality or 90), 'nr.data.write_jpeg')
+   check.type(path, 'string', 'nr.data.write_jpeg', 'path')
+   quality = quality or 90
+   check.int32(quality, 'nr.data.write_jpeg', 'quality', 1, 100)
+   check.status(C.nr_image_write_jpeg(img.c, path, quality), 'nr.data.write_jpeg')
 end
 
 -- nr.data.normalize(x, out [, {mean = {...}, std = {...}}]): images as a model takes them from
@@ -315,8 +320,8 @@ end
 -- channels-last. Returns out.
 -- Statistics {mean = {...}, std = {...}} (tables of 1 or c numbers; one applies to every channel)
 -- into the float arrays mean_out / std_out for c channels (at most 4); what names them in errors
--- (finite means, finite std > 0: checked here to name the option; the C entry points check again
--- for their other callers).
+-- (finite means, finite std > 0 and results within float32: checked here to name the option; the C
+-- entry points check the first two again for their other callers).
 local function stats_into(stats, c, mean_out, std_out, fname, what)
    local function bad(fmt, ...) error(string.format('%s: %s: ' .. fmt, fname, what, ...), 4) end -- at the user's call
    local nm, ns = #stats.mean, #stats.std
@@ -327,6 +332,13 @@ local function stats_into(stats, c, mean_out, std_out, fname, what)
       if type(m) ~= 'number' or type(sd) ~= 'number' then bad('bad mean/std for channel %d', k) end
       if not (m == m and math.abs(m) < math.huge) then bad('mean[%d] must be finite, got %s', im, tostring(m)) end
       if not (sd > 0 and sd < math.huge) then bad('std[%d] must be > 0 and finite, got %s', is, tostring(sd)) end
+      -- x / 255 is in [0, 1], so |out| <= (1 + |mean|) / std: past float32 it is inf (mean 1e30 with
+      -- std 1e-30 gave inf batches); 1e38 leaves room for mean and std rounded to float
+      local reach = (1 + math.abs(m)) / sd
+      if reach > 1e38 then
+         bad('mean[%d] = %s with std[%d] = %s gives values up to %.3g, past float32 (3.4e38)', im, tostring(m), is,
+            tostring(sd), reach)
+      end
       mean_out[k - 1], std_out[k - 1] = m, sd
    end
 end
@@ -366,11 +378,12 @@ local function show(v)
    return '{' .. table.concat(parts, ', ') .. '}'
 end
 
+-- Image sides (pad, crop, resize, ...): C computes with them in int32 (wh + 2 * pad, resize * W / H),
+-- so they are capped far below 2^31 at a size no image pipeline needs.
+local MAX_SIDE = 2 ^ 16
 local function size_opt(v, fname, name)
    if v == nil or v == false then return 0 end
-   if not (type(v) == 'number' and v >= 1 and v < 2 ^ 31 and v == math.floor(v)) then
-      error(string.format('%s: augment.%s must be a positive integer, got %s', fname, name, show(v)), 3)
-   end
+   check.int32(v, fname, 'augment.' .. name, 1, MAX_SIDE, 3)
    return v
 end
 
@@ -392,6 +405,9 @@ local function bool_opt(v, fname, name, what)
    end
    return v and 1 or 0
 end
+
+-- Decoding threads a loader may start (each is a pthread with its own decoder).
+local MAX_THREADS = 1024
 
 -- $NR_DATA_THREADS, else half the compute threads, at least 2 and at most 8.
 local function default_threads()
@@ -423,7 +439,7 @@ function M.loader(ds, opts)
    local aug = check.options(opts.augment, AUGMENT_OPTS, fname .. ' augment')
    local cfg = ffi.new('nr_loader_config')
    local batch = opts.batch or 128
-   check.int(batch, fname, 'batch', 1)
+   check.int32(batch, fname, 'batch', 1)
    cfg.batch = batch
    cfg.shuffle = opts.shuffle and 1 or 0
    cfg.drop_last = opts.drop_last and 1 or 0
@@ -431,16 +447,16 @@ function M.loader(ds, opts)
    check.int(seed, fname, 'seed', 0)
    cfg.seed = seed
    local threads = opts.threads or default_threads()
-   check.int(threads, fname, 'threads', 1)
+   check.int32(threads, fname, 'threads', 1, MAX_THREADS)
    cfg.threads = threads
    local prefetch = opts.prefetch or 4
-   check.int(prefetch, fname, 'prefetch', 1)
+   check.int32(prefetch, fname, 'prefetch', 1)
    cfg.prefetch = prefetch
    local shard = opts.shard or {}
    check.arg(type(shard) == 'table', fname, 'shard must be {rank = r, size = n}')
    local rank, size = shard.rank or 0, shard.size or 1
-   check.int(size, fname, 'shard.size', 1)
-   check.int(rank, fname, 'shard.rank', 0)
+   check.int32(size, fname, 'shard.size', 1)
+   check.int32(rank, fname, 'shard.rank', 0)
    check.arg(rank < size, fname, 'shard.rank %d must be < shard.size %d', rank, size)
    cfg.shard_rank, cfg.shard_size = rank, size
    cfg.pad = size_opt(aug.pad, fname, 'pad')

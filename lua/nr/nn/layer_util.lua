@@ -12,29 +12,23 @@ local U = {}
 
 function U.shape_str(s) return '[' .. table.concat(s, ' x ') .. ']' end
 
--- number or {h, w} -> h, w (integers >= min).
+-- number or {h, w} -> h, w (integers >= min that C takes as int32: a stride of 2^32 + 1 or inf was
+-- wrapped at the FFI and reported as stride -2147483648). Errors name the element: stride[2].
 function U.pair(v, name, fname, min)
-   local h, w
    if type(v) == 'number' then
-      h, w = v, v
+      check.int32(v, fname, name, min, nil, 4)
+      return v, v
    elseif type(v) == 'table' and #v == 2 then
-      h, w = v[1], v[2]
-   else
-      error(string.format('%s: %s must be a number or a {h, w} pair, got %s', fname, name, tostring(v)), 4)
+      check.int32(v[1], fname, name .. '[1]', min, nil, 4)
+      check.int32(v[2], fname, name .. '[2]', min, nil, 4)
+      return v[1], v[2]
    end
-   for _, x in ipairs({h, w}) do
-      if type(x) ~= 'number' or x ~= math.floor(x) or x < min then
-         error(string.format('%s: %s must be integers >= %d, got %s', fname, name, min,
-            type(v) == 'table' and ('{' .. table.concat(v, ', ') .. '}') or tostring(v)), 4)
-      end
-   end
-   return h, w
+   error(string.format('%s: %s must be a number or a {h, w} pair, got %s', fname, name, check.show(v)), 4)
 end
 
+-- A size or count given to C as an int32, >= min (default 1).
 function U.posint(v, name, fname, min)
-   if type(v) ~= 'number' or v ~= math.floor(v) or v < (min or 1) then
-      error(string.format('%s: %s must be an integer >= %d, got %s', fname, name, min or 1, tostring(v)), 4)
-   end
+   check.int32(v, fname, name, min or 1, nil, 4) -- not a tail call: the level counts this frame
    return v
 end
 
