@@ -96,6 +96,38 @@ for name in sorted(k for k in hdr if k != '__metadata__'):
       write(path, 'garbage')
       assert.has_error(function() st.load(path) end)
    end)
+
+   it('checks the type of every header field, naming the file and the tensor', function()
+      local path = TMP .. '/fields.safetensors'
+      local function u64(n)
+         local b = {}
+         for i = 1, 8 do b[i] = string.char(n % 256); n = math.floor(n / 256) end
+         return table.concat(b)
+      end
+      for _, c in ipairs({
+         {'"dtype":5,"shape":[1],"data_offsets":[0,4]', 'dtype must be a string, got 5'},
+         {'"dtype":"F32","shape":[null],"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got [null]'},
+         {'"dtype":"F32","shape":["x"],"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got ["x"]'},
+         {'"dtype":"F32","shape":4,"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got 4'},
+         {'"dtype":"F32","shape":[-1,-1],"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got [-1,-1]'},
+         {'"dtype":"F32","shape":[1.5],"data_offsets":[0,4]', 'shape must be an array of non-negative integers'},
+         -- an object is not an array (it used to load as a 0-d tensor)
+         {'"dtype":"F32","shape":{"x":1},"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got {"x":1}'},
+         {'"dtype":"F32","data_offsets":[0,4]', 'shape must be an array of non-negative integers, got null'},
+         {'"dtype":"F32","shape":[1],"data_offsets":["0","4"]', 'data_offsets must be an array of two non-negative integers, got ["0","4"]'},
+         {'"dtype":"F32","shape":[1],"data_offsets":[0,4,8]', 'data_offsets must be an array of two non-negative integers'},
+      }) do
+         local header = '{"a":{' .. c[1] .. '}}'
+         write(path, u64(#header) .. header .. '\0\0\0\0')
+         local ok, err = pcall(st.load, path)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(path .. ' is not a valid safetensors file: tensor "a": ' .. c[2], 1, true), tostring(err))
+      end
+      -- a 0-d tensor's shape is the empty array
+      local header = '{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}'
+      write(path, u64(#header) .. header .. '\0\0\0\0')
+      assert.same({}, st.load(path).a:shape())
+   end)
 end)
 
 describe('nr.checkpoint', function()
