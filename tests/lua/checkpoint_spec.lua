@@ -218,6 +218,40 @@ describe('nr.checkpoint', function()
       assert.same({{1, 1}, {1, 1}}, m.weight:totable())
    end)
 
+   it('load_into refuses a missing weights table, non-tensor weights and a dtype other than the parameter\'s', function()
+      local m = nr.nn.Linear(3, 2)
+      local before = m.weight:totable()
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      local e = msg(function() ck.load_into(m, nil) end)
+      assert.truthy(e:find('checkpoint_spec.lua:%d+: nr.checkpoint.load_into: weights must be a table of name %-> tensor, got nil'), e)
+      e = msg(function() ck.load_into(m, {weight = m.weight:clone(), bias = 5}) end)
+      assert.truthy(e:find('nr.checkpoint: checkpoint: bias must be a tensor, got number', 1, true), e)
+      -- int64 or uint8 values would otherwise be cast into the float32 weights without a word
+      for _, dt in ipairs({'int64', 'uint8'}) do
+         e = msg(function() ck.load_into(m, {weight = m.weight:to('cpu', dt), bias = m.bias:clone()}) end)
+         assert.truthy(e:find('weight is ' .. dt .. ' in the checkpoint but float32 in the model', 1, true), e)
+      end
+      assert.same(before, m.weight:totable())
+   end)
+
+   it('save refuses a step that is not a non-negative integer and a cyclic state, writing nothing', function()
+      local dir = TMP .. '/badsave'
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      for _, step in ipairs({2.5, 0 / 0, -1, math.huge, '3'}) do
+         local e = msg(function() ck.save(dir, {step = step}) end)
+         assert.truthy(e:find('nr.checkpoint.save: opts.step must be a non-negative integer, got ' .. tostring(step), 1, true), e)
+      end
+      local a = {}
+      a.b = {a = a}
+      local e = msg(function() ck.save(dir, {step = 1, state = {x = a}}) end)
+      assert.truthy(e:find('nr.checkpoint.save: opts.state is cyclic: x/b/a refers back to a table that contains it', 1, true), e)
+      assert.is_false(ck.is_dir(dir))
+      -- a table reached twice without a cycle is saved (as two copies)
+      local shared = {1, 2}
+      ck.save(dir, {step = 1, state = {x = shared, y = {shared}}})
+      assert.same({1, 2}, ck.load(dir).state.y[1])
+   end)
+
    it('cleans up its scratch folder', function()
       ck.remove_tree(TMP)
       assert.is_false(ck.is_dir(TMP))
