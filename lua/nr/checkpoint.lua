@@ -220,22 +220,29 @@ end
 
 -- ---- tensors inside a state table ----------------------------------------------------------------
 
--- Copies a state table, replacing tensors by {"$tensor" = key}; returns the copy and key -> tensor.
+-- Copies a state table, replacing tensors by {"$tensor" = key}; returns the copy and key -> tensor,
+-- or nil, nil and the path of a reference back to an enclosing table (a cycle: the walk would never
+-- end). seen holds the tables on the current path only: a table shared by two branches is fine.
 local function extract_tensors(state)
-   local tensors = {}
+   local tensors, seen, cycle = {}, {}, nil
    local function walk(v, path)
       if T.is_tensor(v) then
          tensors[path] = v
          return {['$tensor'] = path}
       end
-      if type(v) ~= 'table' then return v end
+      if type(v) ~= 'table' or cycle then return v end
+      if seen[v] then cycle = path; return nil end
+      seen[v] = true
       local out = {}
       for k, x in pairs(v) do
          out[k] = walk(x, path == '' and tostring(k) or (path .. '/' .. tostring(k)))
       end
+      seen[v] = nil
       return setmetatable(out, getmetatable(v) == M.array_mt and M.array_mt or nil)
    end
-   return walk(state, ''), tensors
+   local out = walk(state, '')
+   if cycle then return nil, nil, cycle end
+   return out, tensors
 end
 
 local function restore_tensors(state, tensors, where)
@@ -289,7 +296,14 @@ end
 -- -> the step folder's path. Older complete step folders beyond `keep` are pruned (never the
 -- one named by `best`, when that pointer exists).
 function M.save(ckdir, opts)
-   check.arg(type(opts) == 'table' and type(opts.step) == 'number', 'nr.checkpoint.save', 'opts.step must be a number')
+   check.arg(type(opts) == 'table', 'nr.checkpoint.save', 'opts must be a table, got %s', type(opts))
+   -- the step names the folder: 2.5 would overwrite step 2, NaN make "step--9223372036854775808"
+   local step = opts.step
+   check.arg(type(step) == 'number' and step >= 0 and step < 2 ^ 53 and step == math.floor(step), 'nr.checkpoint.save',
+      'opts.step must be a non-negative integer, got %s', tostring(step))
+   -- before anything is written: a cyclic state would leave a step folder without state.json
+   local state, tensors, cycle = extract_tensors(opts.state or {})
+   check.arg(not cycle, 'nr.checkpoint.save', 'opts.state is cyclic: %s refers back to a table that contains it', cycle)
    M.mkdirs(ckdir)
    local name = step_name(opts.step)
    local dir = ckdir .. '/' .. name
@@ -298,7 +312,6 @@ function M.save(ckdir, opts)
    local meta = {format = 'nrlua'}
    for k, v in pairs(opts.metadata or {}) do meta[k] = tostring(v) end
    safetensors.save(dir .. '/model.safetensors', opts.weights or {}, meta)
-   local state, tensors = extract_tensors(opts.state or {})
    safetensors.save(dir .. '/state.safetensors', tensors, {format = 'nrlua'})
    state.files = {
       ['model.safetensors'] = {bytes = file_size(dir .. '/model.safetensors')},
@@ -399,6 +412,8 @@ end
 -- names and shape mismatches are errors that list them (strict, so a wrong architecture fails).
 function M.load_into(model, weights, where)
    where = where or 'checkpoint'
+   check.arg(type(weights) == 'table', 'nr.checkpoint.load_into', 'weights must be a table of name -> tensor, got %s',
+      type(weights))
    local targets = M.model_tensors(model)
    local missing, unexpected = {}, {}
    for name in pairs(targets) do if not weights[name] then missing[#missing + 1] = name end end
@@ -413,6 +428,14 @@ function M.load_into(model, weights, where)
    table.sort(names)
    for _, name in ipairs(names) do
       local t, w = targets[name], weights[name]
+      if not T.is_tensor(w) then
+         error(string.format('nr.checkpoint: %s: %s must be a tensor, got %s', where, name, type(w)), 2)
+      end
+      -- copy would convert silently (int64 or uint8 values into float32 weights): a wrong file
+      if w:dtype() ~= t:dtype() then
+         error(string.format('nr.checkpoint: %s: %s is %s in the checkpoint but %s in the model', where, name,
+            w:dtype(), t:dtype()), 2)
+      end
       if not T.same_shape(w:shape(), t:shape()) then
          error(string.format('nr.checkpoint: %s: %s has shape [%s] in the checkpoint but [%s] in the model', where, name,
             table.concat(w:shape(), ' x '), table.concat(t:shape(), ' x ')), 2)

@@ -119,6 +119,21 @@ local function le_u64(s)
    return n
 end
 
+-- Whether v is a JSON array of n (any n when nil) integers in [0, 2^53) (cjson decodes an object
+-- to a table too: its keys are not 1..#v).
+local function uint_array(v, n)
+   if type(v) ~= 'table' or (n and #v ~= n) then return false end
+   local count = 0
+   for _ in pairs(v) do count = count + 1 end
+   if count ~= #v then return false end
+   for _, x in ipairs(v) do
+      if type(x) ~= 'number' or x < 0 or x >= 2 ^ 53 or x ~= math.floor(x) then return false end
+   end
+   return true
+end
+
+local function json_of(v) return (select(2, pcall(require('cjson').encode, v))) end
+
 -- Reads and validates the header: returns header (name -> {dtype, shape, data_offsets}),
 -- metadata (or {}), the byte position of the data buffer, and the file size.
 function M.read_header(path)
@@ -146,11 +161,20 @@ function M.read_header(path)
    local data_len = size - data_start
    local spans = {}
    for name, e in pairs(hdr) do
-      if type(e) ~= 'table' or not ST_TO_DTYPE[e.dtype] then bad(string.format('tensor %q: unsupported dtype %s', name, tostring(type(e) == 'table' and e.dtype))) end
-      local numel = 1
-      for _, s in ipairs(e.shape or {}) do numel = numel * s end
+      if type(e) ~= 'table' then bad(string.format('tensor %q: entry must be an object, got %s', name, json_of(e))) end
+      if type(e.dtype) ~= 'string' then bad(string.format('tensor %q: dtype must be a string, got %s', name, json_of(e.dtype))) end
+      if not ST_TO_DTYPE[e.dtype] then bad(string.format('tensor %q: unsupported dtype %s', name, e.dtype)) end
+      -- a missing shape or offsets would load a 0-d tensor or fail in arithmetic
+      if not uint_array(e.shape) then
+         bad(string.format('tensor %q: shape must be an array of non-negative integers, got %s', name, json_of(e.shape)))
+      end
       local o = e.data_offsets
-      if type(o) ~= 'table' or #o ~= 2 or o[2] - o[1] ~= numel * ST_SIZE[e.dtype] or o[1] < 0 or o[2] > data_len then
+      if not uint_array(o, 2) then
+         bad(string.format('tensor %q: data_offsets must be an array of two non-negative integers, got %s', name, json_of(o)))
+      end
+      local numel = 1
+      for _, s in ipairs(e.shape) do numel = numel * s end
+      if o[2] - o[1] ~= numel * ST_SIZE[e.dtype] or o[2] > data_len then
          bad(string.format('tensor %q: data_offsets %s do not match its shape and dtype or the file size (truncated file?)', name,
             type(o) == 'table' and ('[' .. table.concat(o, ', ') .. ']') or tostring(o)))
       end

@@ -25,15 +25,23 @@ local KEYS = {name = true, milestones = true, gamma = true, step_size = true, wa
               warmup_start = true, min_lr = true, epochs = true, granularity = true}
 local NAMES = {constant = true, step = true, multistep = true, cosine = true, linear = true}
 
+local function finite(v) return type(v) == 'number' and v == v and v ~= math.huge and v ~= -math.huge end
+local function show(v) return type(v) == 'string' and string.format('%q', v) or tostring(v) end
+
+-- Numeric settings: {field, lower bound, bound excluded, integer}. A NaN or infinite value would
+-- give a NaN LR (gamma, min_lr) or one stuck at its start (warmup, epochs) without an error.
+local NUMERIC = {{'base_lr', 0}, {'epochs', 0, true}, {'iters_per_epoch', 1, false, true}, {'gamma', 0},
+                 {'warmup', 0}, {'warmup_start', 0}, {'min_lr', 0}}
+
 -- build(cfg, ctx): cfg is a recipe's schedule table; ctx = {base_lr, epochs, iters_per_epoch}.
 -- cfg.epochs overrides ctx.epochs (the schedule's length; the decay ends there).
 function M.build(cfg, ctx)
    cfg = cfg or {}
    ctx = ctx or {}
    check.options(cfg, KEYS, 'nr.schedule')
+   check.arg(type(ctx) == 'table', 'nr.schedule', 'ctx must be a table {base_lr, epochs, iters_per_epoch}, got %s', type(ctx))
    local name = cfg.name or 'constant'
    check.arg(NAMES[name], 'nr.schedule', 'unknown schedule %q (constant, step, multistep, cosine, linear)', tostring(name))
-   check.arg(type(ctx.base_lr) == 'number' and ctx.base_lr >= 0, 'nr.schedule', 'base_lr must be a number >= 0, got %s', tostring(ctx.base_lr))
    local s = setmetatable({
       name = name, base_lr = ctx.base_lr,
       epochs = cfg.epochs or ctx.epochs or 1,
@@ -48,9 +56,12 @@ function M.build(cfg, ctx)
       epoch = 0, iter = 0,
    }, Schedule)
    check.arg(s.granularity == 'iter' or s.granularity == 'epoch', 'nr.schedule', 'granularity must be "iter" or "epoch", got %q', tostring(s.granularity))
-   check.arg(type(s.warmup) == 'number' and s.warmup >= 0, 'nr.schedule', 'warmup must be a number of epochs >= 0')
-   check.arg(type(s.epochs) == 'number' and s.epochs > 0, 'nr.schedule', 'epochs must be > 0')
-   check.arg(s.iters_per_epoch >= 1, 'nr.schedule', 'iters_per_epoch must be >= 1')
+   for _, o in ipairs(NUMERIC) do
+      local k, lo, open, int = o[1], o[2], o[3], o[4]
+      local v = s[k]
+      check.arg(finite(v) and (v > lo or v == lo and not open) and (not int or v == math.floor(v)), 'nr.schedule',
+         '%s must be a finite %s %s %g, got %s', k, int and 'integer' or 'number', open and '>' or '>=', lo, show(v))
+   end
    if name == 'step' or name == 'multistep' then
       if s.milestones == nil and s.step_size == nil then
          -- torch-style default for CIFAR recipes: ×0.1 at 50% and 75% (none before the first
@@ -65,11 +76,11 @@ function M.build(cfg, ctx)
          check.arg(type(s.milestones) == 'table', 'nr.schedule', 'milestones must be a list of epochs')
          local prev = -math.huge
          for i, m in ipairs(s.milestones) do
-            check.arg(type(m) == 'number' and m >= prev, 'nr.schedule', 'milestones must be increasing numbers (entry %d is %s)', i, tostring(m))
+            check.arg(finite(m) and m >= prev, 'nr.schedule', 'milestones must be increasing finite numbers (entry %d is %s)', i, show(m))
             prev = m
          end
       else
-         check.arg(type(s.step_size) == 'number' and s.step_size > 0, 'nr.schedule', 'step_size must be a number > 0')
+         check.arg(finite(s.step_size) and s.step_size > 0, 'nr.schedule', 'step_size must be a finite number > 0, got %s', show(s.step_size))
       end
    end
    return s

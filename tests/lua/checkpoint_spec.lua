@@ -96,6 +96,38 @@ for name in sorted(k for k in hdr if k != '__metadata__'):
       write(path, 'garbage')
       assert.has_error(function() st.load(path) end)
    end)
+
+   it('checks the type of every header field, naming the file and the tensor', function()
+      local path = TMP .. '/fields.safetensors'
+      local function u64(n)
+         local b = {}
+         for i = 1, 8 do b[i] = string.char(n % 256); n = math.floor(n / 256) end
+         return table.concat(b)
+      end
+      for _, c in ipairs({
+         {'"dtype":5,"shape":[1],"data_offsets":[0,4]', 'dtype must be a string, got 5'},
+         {'"dtype":"F32","shape":[null],"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got [null]'},
+         {'"dtype":"F32","shape":["x"],"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got ["x"]'},
+         {'"dtype":"F32","shape":4,"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got 4'},
+         {'"dtype":"F32","shape":[-1,-1],"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got [-1,-1]'},
+         {'"dtype":"F32","shape":[1.5],"data_offsets":[0,4]', 'shape must be an array of non-negative integers'},
+         -- an object is not an array (it used to load as a 0-d tensor)
+         {'"dtype":"F32","shape":{"x":1},"data_offsets":[0,4]', 'shape must be an array of non-negative integers, got {"x":1}'},
+         {'"dtype":"F32","data_offsets":[0,4]', 'shape must be an array of non-negative integers, got null'},
+         {'"dtype":"F32","shape":[1],"data_offsets":["0","4"]', 'data_offsets must be an array of two non-negative integers, got ["0","4"]'},
+         {'"dtype":"F32","shape":[1],"data_offsets":[0,4,8]', 'data_offsets must be an array of two non-negative integers'},
+      }) do
+         local header = '{"a":{' .. c[1] .. '}}'
+         write(path, u64(#header) .. header .. '\0\0\0\0')
+         local ok, err = pcall(st.load, path)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(path .. ' is not a valid safetensors file: tensor "a": ' .. c[2], 1, true), tostring(err))
+      end
+      -- a 0-d tensor's shape is the empty array
+      local header = '{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}'
+      write(path, u64(#header) .. header .. '\0\0\0\0')
+      assert.same({}, st.load(path).a:shape())
+   end)
 end)
 
 describe('nr.checkpoint', function()
@@ -184,6 +216,40 @@ describe('nr.checkpoint', function()
       ok, err = pcall(ck.load_into, m, {weight = bad})
       assert.is_false(ok); assert.truthy(tostring(err):find('weight holds non-finite values', 1, true))
       assert.same({{1, 1}, {1, 1}}, m.weight:totable())
+   end)
+
+   it('load_into refuses a missing weights table, non-tensor weights and a dtype other than the parameter\'s', function()
+      local m = nr.nn.Linear(3, 2)
+      local before = m.weight:totable()
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      local e = msg(function() ck.load_into(m, nil) end)
+      assert.truthy(e:find('checkpoint_spec.lua:%d+: nr.checkpoint.load_into: weights must be a table of name %-> tensor, got nil'), e)
+      e = msg(function() ck.load_into(m, {weight = m.weight:clone(), bias = 5}) end)
+      assert.truthy(e:find('nr.checkpoint: checkpoint: bias must be a tensor, got number', 1, true), e)
+      -- int64 or uint8 values would otherwise be cast into the float32 weights without a word
+      for _, dt in ipairs({'int64', 'uint8'}) do
+         e = msg(function() ck.load_into(m, {weight = m.weight:to('cpu', dt), bias = m.bias:clone()}) end)
+         assert.truthy(e:find('weight is ' .. dt .. ' in the checkpoint but float32 in the model', 1, true), e)
+      end
+      assert.same(before, m.weight:totable())
+   end)
+
+   it('save refuses a step that is not a non-negative integer and a cyclic state, writing nothing', function()
+      local dir = TMP .. '/badsave'
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      for _, step in ipairs({2.5, 0 / 0, -1, math.huge, '3'}) do
+         local e = msg(function() ck.save(dir, {step = step}) end)
+         assert.truthy(e:find('nr.checkpoint.save: opts.step must be a non-negative integer, got ' .. tostring(step), 1, true), e)
+      end
+      local a = {}
+      a.b = {a = a}
+      local e = msg(function() ck.save(dir, {step = 1, state = {x = a}}) end)
+      assert.truthy(e:find('nr.checkpoint.save: opts.state is cyclic: x/b/a refers back to a table that contains it', 1, true), e)
+      assert.is_false(ck.is_dir(dir))
+      -- a table reached twice without a cycle is saved (as two copies)
+      local shared = {1, 2}
+      ck.save(dir, {step = 1, state = {x = shared, y = {shared}}})
+      assert.same({1, 2}, ck.load(dir).state.y[1])
    end)
 
    it('cleans up its scratch folder', function()

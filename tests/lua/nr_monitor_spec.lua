@@ -161,6 +161,28 @@ describe('nr monitoring', function()
       assert.are.equal(2 * 54, n)
    end)
 
+   it('utilization and l1 check input_shape, count and lambda, naming the value', function()
+      local model = nn.Sequential{cbn(3, 8, 3)}
+      local function err(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      -- {3, -8, 0.5} used to report a cost of 0 (nr.count refuses it)
+      local e = err(function() local u = nr.utilization(model, {3, -8, 0.5}); return u end)
+      assert.truthy(e:find('nr_monitor_spec.lua:%d+: nr.utilization: input_shape%[2%] must be a positive integer, got %-8'), e)
+      e = err(function() local u = nr.utilization(model, {3, 8, 0.5}); return u end)
+      assert.truthy(e:find('nr.utilization: input_shape[3] must be a positive integer, got 0.5', 1, true), e)
+      e = err(function() local u = nr.utilization(model, {3, 8, 8}, {count = 'x'}); return u end)
+      assert.truthy(e:find('nr.utilization: count must be a table such as {conv = true, bn = false}, got x', 1, true), e)
+      e = err(function() local u = nr.utilization(model, {3, 8, 8}, {threshold = 0 / 0}); return u end)
+      assert.truthy(e:find('nr.utilization: threshold must be a fraction in [0, 1)', 1, true), e)
+      -- a NaN λ made every BN gradient NaN
+      model:zeroGradParameters()
+      for _, v in ipairs({0 / 0, -1, math.huge, 'x'}) do
+         e = err(function() local n = R.l1(model, v, {3, 8, 8}); return n end)
+         assert.truthy(e:find('nr_monitor_spec.lua:%d+: nr.rejuvenate.l1: '), e)
+         assert.truthy(e:find('lambda must be a finite number >= 0, got ' .. tostring(v), 1, true), e)
+      end
+      assert.equal(0, model:findModules('BatchNorm2d')[1].gradWeight:abs():sum())
+   end)
+
    it('monitoring costs well under 1% of a training step (ResNet-164, batch 8, 32x32, wall clock)', function()
       nr.manual_seed(7)
       local model = nr.models.build({name = 'resnet', depth = 164, dataset = 'cifar10', classes = 10})

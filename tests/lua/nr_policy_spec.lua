@@ -110,6 +110,35 @@ describe('nr.rejuvenate policies', function()
       assert.truthy(err(function() tr:call('epoch_end') end):find('policy.lambda: must return a finite number >= 0', 1, true))
    end)
 
+   it('rejects bad constraint_value, count, optimizer, input_shape and a non-finite γ, naming the option and value', function()
+      local function err(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      local function rej(o)
+         local m = small_net()
+         kill_half(m)
+         o.input_shape = o.input_shape or {3, 8, 8}
+         return err(function() local r = nr.rejuvenate(m, o); return r end)
+      end
+      for _, v in ipairs({-1, 0, 0 / 0, math.huge, 'x'}) do
+         -- -1 shrank the model to width 1 without a word; NaN blamed the policy
+         assert.truthy(rej({constraint_value = v}):find('nr.rejuvenate: constraint_value must be a finite number > 0 (the cost C), got '
+            .. tostring(v), 1, true))
+      end
+      assert.truthy(rej({count = 'x'}):find('nr.rejuvenate: count must be a table such as {conv = true, bn = false}, got x', 1, true))
+      assert.truthy(rej({count = {conv = 1}}):find('nr.rejuvenate: count.conv must be true or false, got 1', 1, true))
+      assert.truthy(rej({count = {convs = true}}):find('nr.rejuvenate: unknown count key convs', 1, true))
+      assert.truthy(rej({optimizer = {}}):find('nr.rejuvenate: optimizer must be an nr.optim optimizer, got a table without :state_of()', 1, true))
+      assert.truthy(rej({optimizer = 5}):find('nr.rejuvenate: optimizer must be an nr.optim optimizer, got number', 1, true))
+      assert.truthy(rej({input_shape = {3, -8, 8}}):find('nr_policy_spec.lua:%d+: nr.rejuvenate: input_shape%[2%] must be a positive integer, got %-8'))
+      assert.truthy(rej({input_shape = {'a', 8, 8}}):find('nr.rejuvenate: input_shape[1] must be a positive integer, got a', 1, true))
+      -- an inf γ made every other channel of its layer look dead; NaN too
+      for _, v in ipairs({math.huge, 0 / 0}) do
+         local m = small_net()
+         m:findModules('BatchNorm2d')[2].weight:set(5, v)
+         local e = err(function() local r = nr.rejuvenate(m, {input_shape = {3, 8, 8}}); return r end)
+         assert.truthy(e:find('nr.rejuvenate: 4 (BatchNorm2d 24): γ holds non-finite values (NaN or inf)', 1, true), e)
+      end
+   end)
+
    it('a custom init fills the new weights; rescale follows opts / policy', function()
       nr.manual_seed(2)
       local m = small_net()

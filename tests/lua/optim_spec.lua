@@ -187,6 +187,33 @@ describe('nr.optim.SGD', function()
       assert.truthy(msg(function() nr.optim.build({name = 'adamw', lr = 1}, m) end):find('adamw', 1, true))
    end)
 
+   it('refuses settings that are not finite numbers >= 0 (config and groups, at construction and step), a non-boolean nesterov and a non-string name', function()
+      local m = Leaf({1, 2})
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      local nan, inf = 0 / 0, math.huge
+      local function group(k, v) return {{params = m:namedParameters(), [k] = v}} end
+      for _, c in ipairs({
+         {m, {lr = inf}, 'config.lr must be a finite number >= 0, got inf'},
+         {m, {lr = 0.1, momentum = inf}, 'config.momentum must be a finite number >= 0, got inf'},
+         {m, {lr = 0.1, weight_decay = nan}, 'config.weight_decay must be a finite number >= 0, got nan'},
+         {m, {lr = 0.1, momentum = 0.9, nesterov = 'x'}, 'config.nesterov must be a boolean, got "x"'},
+         {group('lr_mult', nan), {lr = 0.1}, 'group 1: lr_mult must be a finite number >= 0, got nan'},
+         {group('lr_mult', -1), {lr = 0.1}, 'group 1: lr_mult must be a finite number >= 0, got -1'},
+         {group('lr_mult', 'x'), {lr = 0.1}, 'group 1: lr_mult must be a finite number >= 0, got "x"'},
+         {group('momentum', inf), {lr = 0.1}, 'group 1: momentum must be a finite number >= 0, got inf'},
+         {group('nesterov', 1), {lr = 0.1}, 'group 1: nesterov must be a boolean, got 1'},
+      }) do
+         local e = msg(function() nr.optim.SGD(c[1], c[2]) end)
+         assert.truthy(e:find('nr.optim.SGD: ' .. c[3], 1, true), e)
+      end
+      -- config and groups stay writable: a bad value is refused at the step, before any update
+      local opt = nr.optim.SGD(m, {lr = 0.1})
+      opt.groups[1].lr_mult = inf
+      assert.truthy(msg(function() opt:step() end):find('SGD:step: group 1: lr_mult must be a finite number >= 0, got inf', 1, true))
+      assert.same({1, 2}, m.weight:totable())
+      assert.truthy(msg(function() nr.optim.build({name = 5, lr = 0.1}, m) end):find('nr.optim.build: name must be a string, got 5', 1, true))
+   end)
+
    it('nr_sgd_step_many equals nr_sgd_step per parameter, bit for bit, and is all or nothing', function()
       local ffi, C = require('ffi'), require('nr.ffi').C
       for _, cfg in ipairs({{0, 0, 0}, {0.9, 5e-4, 0}, {0.9, 1e-4, 1}}) do

@@ -88,4 +88,29 @@ describe('nr.schedule', function()
       assert.truthy(msg(function() S.build({name = 'step', milestones = {5, 2}}, {base_lr = 1}) end):find('increasing', 1, true))
       assert.truthy(msg(function() S.build({name = 'cosine'}, {}) end):find('base_lr', 1, true))
    end)
+
+   it('rejects options of the wrong type or not finite, naming the option and the value', function()
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      local nan, inf = 0 / 0, math.huge
+      for _, c in ipairs({
+         {{name = 'step', gamma = nan}, {}, 'gamma must be a finite number >= 0, got nan'},
+         {{name = 'step', gamma = 'x'}, {}, 'gamma must be a finite number >= 0, got "x"'},
+         {{name = 'cosine', min_lr = nan}, {}, 'min_lr must be a finite number >= 0, got nan'},
+         {{name = 'cosine', warmup = inf}, {}, 'warmup must be a finite number >= 0, got inf'},
+         {{name = 'cosine', warmup_start = -1}, {}, 'warmup_start must be a finite number >= 0, got -1'},
+         {{name = 'cosine', epochs = inf}, {}, 'epochs must be a finite number > 0, got inf'},
+         {{name = 'linear'}, {iters_per_epoch = 'x'}, 'iters_per_epoch must be a finite integer >= 1, got "x"'},
+         {{name = 'linear'}, {iters_per_epoch = inf}, 'iters_per_epoch must be a finite integer >= 1, got inf'},
+         {{name = 'linear'}, {base_lr = inf}, 'base_lr must be a finite number >= 0, got inf'},
+         {{name = 'step', step_size = inf}, {}, 'step_size must be a finite number > 0, got inf'},
+         {{name = 'step', milestones = {1, nan}}, {}, 'milestones must be increasing finite numbers (entry 2 is nan)'},
+      }) do
+         local ctx = {base_lr = 0.1, epochs = 4}
+         for k, v in pairs(c[2]) do ctx[k] = v end
+         local e = msg(function() local s = S.build(c[1], ctx); return s end)
+         assert.truthy(e:find('schedule_spec.lua:%d+: nr.schedule: '), e)
+         assert.truthy(e:find(c[3], 1, true), e)
+      end
+      assert.truthy(msg(function() S.build({}, 5) end):find('nr.schedule: ctx must be a table', 1, true))
+   end)
 end)

@@ -5,26 +5,31 @@
 local class = require 'nr.class'
 local Module = require 'nr.nn.module'
 local T = require 'nr.tensor'
-local check = require 'nr.check'
 local GP = require 'nr.nn.gradpool'
 local U = require 'nr.nn.layer_util'
 
 local M = {}
 
+-- Raises "Type: ..." at the user's call of the constructor (adopt <- __init <- class call <- user).
+local function need(cond, parent, fmt, ...)
+   if not cond then error(parent.__typename .. ': ' .. string.format(fmt, ...), 5) end
+end
+
 -- modules: a list of modules, or nil; a module given where the list belongs is an error (a
--- silently empty container would compute the identity).
-local function adopt(parent, modules)
+-- silently empty container would compute the identity). nonempty: at least one child is required.
+local function adopt(parent, modules, nonempty)
    parent.modules = {}
-   check.arg(modules == nil or type(modules) == 'table' and not modules.forward, parent.__typename,
+   need(modules == nil or type(modules) == 'table' and not modules.forward, parent,
       'expects a list of modules, e.g. %s{a, b, c}; got %s', parent.__typename,
       type(modules) == 'table' and 'a module (wrap the modules in { })' or type(modules))
    -- a nil in the list (an unassigned variable) would end ipairs early and drop what follows
    local n = modules and (modules.n or 0) or 0
    for k in pairs(modules or {}) do if type(k) == 'number' and k > n then n = k end end
+   need(n > 0 or not nonempty, parent, 'expects at least one module, e.g. %s{a, b}; got none', parent.__typename)
    for i = 1, n do
       local m = modules[i]
-      check.arg(m ~= nil, parent.__typename, 'child %d is nil (an unassigned variable?); %d children were given', i, n)
-      check.arg(type(m) == 'table' and m.forward, parent.__typename, 'child %d is not a module', i)
+      need(m ~= nil, parent, 'child %d is nil (an unassigned variable?); %d children were given', i, n)
+      need(type(m) == 'table' and m.forward, parent, 'child %d is not a module', i)
       m._parent = parent
       m._key = i - 1
       parent.modules[i] = m
@@ -161,6 +166,9 @@ Residual.__call = Module.__call
 
 function Residual:__init(main, shortcut)
    Module.__init(self)
+   if type(main) ~= 'table' or not main.forward then
+      error('Residual: main must be a module, got ' .. type(main), 3)
+   end
    adopt(self, {main, shortcut})
    self.modules[1]._key = 'main'
    if self.modules[2] then self.modules[2]._key = 'shortcut' end
@@ -221,11 +229,11 @@ local Concat = class('Concat', Module)
 Concat.__tostring = Module.__tostring
 Concat.__call = Module.__call
 
--- nn.Concat{a, b}, or nn.Concat(a, b).
+-- nn.Concat{a, b}, or nn.Concat(a, b); at least one branch (the output is their concatenation).
 function Concat:__init(modules, ...)
    Module.__init(self)
    if type(modules) == 'table' and modules.forward then modules = {n = select('#', ...) + 1, modules, ...} end
-   adopt(self, modules)
+   adopt(self, modules, true)
 end
 
 function Concat:updateOutput(x)
@@ -261,7 +269,9 @@ end
 
 -- Each branch gets a contiguous copy of its slice of g (a pooled block of the branch's own, so
 -- the blocks differ per branch); the branch gradients are summed into one pooled block.
-function Concat:updateGradInput(x, g)
+function Concat:updateGradInput(x, g_in)
+   -- the slices below assume g has the output's shape; g_in (the caller's) stays the release guard
+   local g = U.grad(g_in, self.output)
    local at = 1
    local holders = self:transient()
    local sum
@@ -282,8 +292,8 @@ function Concat:updateGradInput(x, g)
       else
          sum:add_(gi)
       end
-      GP.release(gi, sum, g)
-      GP.release(part, sum, g)
+      GP.release(gi, sum, g_in)
+      GP.release(part, sum, g_in)
       at = at + c
    end
    self.gradInput = sum

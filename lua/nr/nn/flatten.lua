@@ -11,14 +11,20 @@ function Flatten:__init(opts)
    if opts ~= nil then error('nr.nn.Flatten: takes no arguments', 3) end
 end
 
-function Flatten:updateOutput(x)
+-- Raises (level 0: Module adds the path) unless x is a tensor; backward reads x's shape too.
+local function tensor_input(x)
    if not T.is_tensor(x) then error('expected a tensor as input, got ' .. type(x), 0) end
+end
+
+function Flatten:updateOutput(x)
+   tensor_input(x)
    if x:dim() < 1 then error('expected an input with a batch dimension, got a 0-d tensor', 0) end
    self.output = x:reshape(x:size(1), -1)
    return self.output
 end
 
 function Flatten:updateGradInput(x, gradOutput)
+   tensor_input(x)
    if not T.is_tensor(gradOutput) or gradOutput:numel() ~= x:numel() then
       error('gradOutput does not match the flattened input ' .. x:describe(), 0)
    end

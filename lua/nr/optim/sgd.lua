@@ -58,6 +58,26 @@ local function param_groups(model, opts)
 end
 SGD.param_groups = param_groups
 
+-- A finite number >= 0: an inf or NaN lr, momentum, weight decay or lr_mult turns the weights
+-- into inf/NaN at the first step.
+local function nonneg(v) return type(v) == 'number' and v >= 0 and v < math.huge end
+local function show(v) return type(v) == 'string' and string.format('%q', v) or tostring(v) end
+
+-- Checks the numeric and boolean settings of t: opt.config (prefix "config.", lr, momentum and
+-- weight_decay required) or a group's own (prefix "group N: ", each optional).
+local SETTINGS = {'lr', 'lr_mult', 'momentum', 'weight_decay'}
+local REQUIRED = {lr = true, momentum = true, weight_decay = true}
+local function validate_settings(t, prefix, fname, required)
+   for _, k in ipairs(SETTINGS) do
+      local v = t[k]
+      if v ~= nil or (required and required[k]) then
+         check.arg(nonneg(v), fname, '%s%s must be a finite number >= 0, got %s', prefix, k, show(v))
+      end
+   end
+   check.arg(t.nesterov == nil or type(t.nesterov) == 'boolean', fname, '%snesterov must be a boolean, got %s',
+      prefix, show(t.nesterov))
+end
+
 -- Normalizes one parameter entry into {name, param, grad | module+gfield}.
 local function entry_of(e, group, gi, pi)
    if T.is_tensor(e) then
@@ -81,6 +101,7 @@ local function build_groups(self, spec)
       for k in pairs(g) do
          check.arg(GROUP_KEYS[k] ~= nil, 'nr.optim.SGD', 'group %d: unknown setting %q', gi, tostring(k))
       end
+      validate_settings(g, string.format('group %d: ', gi), 'nr.optim.SGD')
       local out = {params = {}}
       for k, v in pairs(g) do if k ~= 'params' and k ~= 'grads' then out[k] = v end end
       for pi, e in ipairs(g.params) do out.params[pi] = entry_of(e, g, gi, pi) end
@@ -100,9 +121,7 @@ end
 
 local function validate_config(cfg, fname)
    check.options(cfg, CONFIG_KEYS, fname)
-   check.arg(type(cfg.lr) == 'number' and cfg.lr >= 0, fname, 'config.lr must be a number >= 0, got %s', tostring(cfg.lr))
-   check.arg(type(cfg.momentum) == 'number' and cfg.momentum >= 0, fname, 'config.momentum must be >= 0, got %s', tostring(cfg.momentum))
-   check.arg(type(cfg.weight_decay) == 'number' and cfg.weight_decay >= 0, fname, 'config.weight_decay must be >= 0, got %s', tostring(cfg.weight_decay))
+   validate_settings(cfg, 'config.', fname, REQUIRED)
    check.arg((cfg.dampening or 0) == 0, fname, 'config.dampening: only 0 is supported, got %s', tostring(cfg.dampening))
    check.arg(not cfg.nesterov or cfg.momentum > 0, fname, 'config.nesterov needs momentum > 0')
 end
@@ -202,7 +221,8 @@ function SGD:step()
       error('SGD:step: the model\'s layers were replaced (nr.rejuvenate) after this optimizer read them; pass '
          .. 'optimizer = opt to nr.rejuvenate (remaps momentum) or call opt:refresh()', 2)
    end
-   for _, g in ipairs(self.groups) do
+   for gi, g in ipairs(self.groups) do
+      validate_settings(g, string.format('group %d: ', gi), 'SGD:step')   -- opt.groups[i] is writable too
       local lr, mom, wd, nest = settings(self, g)
       local jb = JOBS[g]
       if not jb or jb.cap < #g.params then

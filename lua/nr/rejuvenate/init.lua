@@ -23,6 +23,12 @@ local M = {graph = graph, monitor = monitor, surgery = surgery, policy = policy}
 local function input_shape_of(model, given, fname)
    if given then
       check.arg(type(given) == 'table' and #given >= 1, fname, 'input_shape must be one sample\'s shape, e.g. {3, 32, 32}')
+      -- as nr.count requires: a negative or fractional size gave a cost of 0, a string a raw error
+      for i, v in ipairs(given) do
+         if type(v) ~= 'number' or v < 1 or v >= 2 ^ 31 or v ~= math.floor(v) then
+            error(string.format('%s: input_shape[%d] must be a positive integer, got %s', fname, i, tostring(v)), 3)
+         end
+      end
       return given
    end
    local info = rawget(model, 'nr_info')
@@ -49,6 +55,21 @@ local function check_common(o, FN)
       'threshold must be a fraction in [0, 1) of the layer\'s max |γ|, got %s', tostring(o.threshold))
    check.arg(o.abs_min == nil or (finite(o.abs_min) and o.abs_min >= 0), FN, 'abs_min must be a number >= 0, got %s', tostring(o.abs_min))
    check.arg(o.rescale == nil or type(o.rescale) == 'boolean', FN, 'rescale must be true or false, got %s', tostring(o.rescale))
+   -- C: -1 shrank the model to width 1, NaN reached the policy as an absurd width
+   check.arg(o.constraint_value == nil or (finite(o.constraint_value) and o.constraint_value > 0), FN,
+      'constraint_value must be a finite number > 0 (the cost C), got %s', tostring(o.constraint_value))
+   check.arg(o.count == nil or type(o.count) == 'table', FN, 'count must be a table such as {conv = true, bn = false}, got %s',
+      tostring(o.count))
+   for k, v in pairs(o.count or {}) do
+      check.arg(monitor.DEFAULT_COUNT[k] ~= nil, FN, 'unknown count key %s (conv, linear, bn, bias)', tostring(k))
+      check.arg(type(v) == 'boolean', FN, 'count.%s must be true or false, got %s', tostring(k), tostring(v))
+   end
+   local opt = o.optimizer
+   for _, method in ipairs({'state_of', 'set_state_of', 'refresh'}) do
+      check.arg(opt == nil or (type(opt) == 'table' and type(opt[method]) == 'function'), FN,
+         'optimizer must be an nr.optim optimizer, got %s', type(opt) == 'table' and ('a table without :' .. method .. '()')
+         or type(opt))
+   end
 end
 
 local function mon_opts(opts)
@@ -62,6 +83,7 @@ end
 function M.utilization(model, input_shape, opts)
    check.arg(type(model) == 'table' and model.listModules, 'nr.utilization', 'model must be an nr.nn module')
    opts = check.options(opts, MON_KEYS, 'nr.utilization')
+   check_common(opts, 'nr.utilization')
    input_shape = input_shape_of(model, input_shape, 'nr.utilization')
    local g = monitor.graph_of(model, input_shape)
    return (monitor.report(g, mon_opts(opts)))
@@ -84,6 +106,9 @@ end
 M.penalized = penalized
 
 function M.l1(model, lambda, input_shape)
+   -- NaN would make every BN gradient NaN
+   check.arg(type(lambda) == 'number' and lambda >= 0 and lambda < math.huge, 'nr.rejuvenate.l1',
+      'lambda must be a finite number >= 0, got %s', tostring(lambda))
    if lambda == 0 then return 0 end
    input_shape = input_shape_of(model, input_shape, 'nr.rejuvenate.l1')
    local list = penalized(model, input_shape)
@@ -141,6 +166,12 @@ function M.rejuvenate(model, opts)
    local mo = mon_opts(opts)
 
    local g = monitor.graph_of(model, input_shape)
+   -- a NaN or inf γ (a diverged run) would make every other channel of its layer look dead
+   for _, u in ipairs(g.units) do
+      local gamma = u.bn and u.bn.weight
+      check.arg(not gamma or gamma:all_finite(), FN, '%s: γ holds non-finite values (NaN or inf): training diverged; '
+         .. 'resume from an earlier checkpoint', gamma and u.bn:where())
+   end
    local before, st = monitor.report(g, mo)
    local key = constraint == 'params' and 'params' or 'flops'
    local all_now, live_now = before[key .. '_all'], before[key .. '_live']
