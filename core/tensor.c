@@ -6,6 +6,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -157,6 +158,42 @@ static nr_status check_geometry(int32_t ndim, const int64_t *shape)
    return NR_OK;
 }
 
+/* Tensors and views hold at most 2^40 elements: numel, and numel times the element size, then
+ * never overflow int64 (nor does anything that iterates over them). */
+#define NR_MAX_NUMEL (INT64_C(1) << 40)
+
+static nr_status check_numel(const char *func, int32_t ndim, const int64_t *shape, int64_t *numel)
+{
+   int64_t n = 1;
+   for (int d = 0; d < ndim; d++) {
+      if (shape[d] > 0 && n > NR_MAX_NUMEL / shape[d]) {
+         char buf[160];
+         int len = 0;
+         for (int e = 0; e < ndim && len < (int)sizeof buf - 24; e++)
+            len += snprintf(buf + len, sizeof buf - (size_t)len, "%s%lld", e ? "x" : "", (long long)shape[e]);
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensor too large: shape %s has more than 2^40 elements",
+                           buf);
+      }
+      n *= shape[d];
+   }
+   *numel = n;
+   return NR_OK;
+}
+
+/* The lowest and highest element offsets, relative to its first element, that a view of this
+ * shape and stride reaches (empty dimensions are skipped); false when they overflow int64. */
+static bool elem_span(int32_t ndim, const int64_t *shape, const int64_t *stride, int64_t *lo, int64_t *hi)
+{
+   *lo = *hi = 0;
+   for (int d = 0; d < ndim; d++) {
+      int64_t span;
+      if (shape[d] == 0) continue;
+      if (__builtin_mul_overflow(shape[d] - 1, stride[d], &span)) return false;
+      if (span < 0 ? __builtin_add_overflow(*lo, span, lo) : __builtin_add_overflow(*hi, span, hi)) return false;
+   }
+   return true;
+}
+
 nr_tensor *nr_tensor_new(int32_t dtype, int32_t device, int32_t ndim, const int64_t *shape)
 {
    int32_t dev_index = 0;
@@ -172,15 +209,8 @@ nr_tensor *nr_tensor_new_at(int32_t dtype, int32_t device, int32_t dev_index, in
       NR_FAIL(NR_E_ARG, "unknown dtype %d", dtype);
       return NULL;
    }
-   if (check_geometry(ndim, shape)) return NULL;
-   int64_t numel = 1;
-   for (int d = 0; d < ndim; d++) {
-      if (shape[d] > 0 && numel > (INT64_C(1) << 40) / shape[d]) {
-         NR_FAIL(NR_E_ARG, "tensor too large");
-         return NULL;
-      }
-      numel *= shape[d];
-   }
+   int64_t numel;
+   if (check_geometry(ndim, shape) || check_numel(__func__, ndim, shape, &numel)) return NULL;
    nr_tensor *t = calloc(1, sizeof *t);
    nr_storage *s = calloc(1, sizeof *s);
    if (!t || !s) {
@@ -223,19 +253,27 @@ nr_tensor *nr_tensor_view(const nr_tensor *src, int32_t ndim, const int64_t *sha
       NR_FAIL(NR_E_ARG, "source tensor is NULL");
       return NULL;
    }
-   if (check_geometry(ndim, shape)) return NULL;
+   int64_t numel;
+   if (check_geometry(ndim, shape) || check_numel(__func__, ndim, shape, &numel)) return NULL;
    int32_t es = nr_dtype_size(src->dtype);
-   int64_t capacity = src->storage->bytes / es;
-   int64_t lo = offset, hi = offset, empty = 0;
-   for (int d = 0; d < ndim; d++) {
-      if (shape[d] == 0) empty = 1;
-      int64_t span = (shape[d] - 1) * stride[d];
-      if (span < 0) lo += span;
-      else hi += span;
+   int64_t capacity = src->storage->bytes / es, lo, hi;
+   if (offset < 0 || offset > capacity) {
+      NR_FAIL(NR_E_ARG, "offset %lld lies outside its storage of %lld elements", (long long)offset,
+              (long long)capacity);
+      return NULL;
    }
-   if (!empty && (lo < 0 || hi >= capacity)) {
-      NR_FAIL(NR_E_ARG, "view [%lld, %lld] lies outside its storage of %lld elements",
-              (long long)lo, (long long)hi, (long long)capacity);
+   if (!elem_span(ndim, shape, stride, &lo, &hi)) {
+      int d = 0; /* name the dimension with the widest span */
+      for (int e = 1; e < ndim; e++)
+         if ((double)(shape[e] - 1) * fabs((double)stride[e]) > (double)(shape[d] - 1) * fabs((double)stride[d])) d = e;
+      NR_FAIL(NR_E_ARG, "stride %lld of dimension %d (size %lld): view too large for its storage of %lld elements",
+              (long long)stride[d], d, (long long)shape[d], (long long)capacity);
+      return NULL;
+   }
+   /* lo <= 0 <= hi and 0 <= offset <= capacity: lo + offset cannot overflow, hi + offset can */
+   if (numel > 0 && (lo + offset < 0 || hi >= capacity - offset)) {
+      NR_FAIL(NR_E_ARG, "view [%lld, %lld] lies outside its storage of %lld elements", (long long)(lo + offset),
+              (long long)(hi > INT64_MAX - offset ? INT64_MAX : hi + offset), (long long)capacity);
       return NULL;
    }
    nr_tensor *t = calloc(1, sizeof *t);
@@ -342,16 +380,18 @@ static nr_status check_same_shape(const char *func, const nr_tensor *a, const nr
                      nr_tensor_describe(a, da, sizeof da), nr_tensor_describe(b, db, sizeof db));
 }
 
-/* The bytes [*lo, *hi) a non-empty view reaches (its lowest and highest element). */
+/* The bytes [*lo, *hi) a non-empty view reaches (its lowest and highest element). Views are
+ * checked by nr_tensor_view, so the span fits its storage; were it not, the whole address space
+ * is returned (it overlaps everything, the safe answer). */
 static void byte_span(const nr_tensor *t, const char **lo, const char **hi)
 {
-   int64_t a = 0, b = 0;
-   for (int d = 0; d < t->ndim; d++) {
-      const int64_t span = (t->shape[d] - 1) * t->stride[d];
-      if (span < 0) a += span;
-      else b += span;
-   }
+   int64_t a, b;
    const int64_t es = nr_dtype_size(t->dtype);
+   if (!elem_span(t->ndim, t->shape, t->stride, &a, &b) || a < INT64_MIN / es || b > INT64_MAX / es - 1) {
+      *lo = (const char *)0;
+      *hi = (const char *)UINTPTR_MAX;
+      return;
+   }
    *lo = (const char *)t->data + a * es;
    *hi = (const char *)t->data + (b + 1) * es;
 }
