@@ -396,6 +396,26 @@ static void byte_span(const nr_tensor *t, const char **lo, const char **hi)
    *hi = (const char *)t->data + (b + 1) * es;
 }
 
+/* Whether two non-empty views of one storage have intersecting byte spans. */
+static bool spans_intersect(const nr_tensor *a, const nr_tensor *b)
+{
+   if (a->storage != b->storage || a->device != b->device || a->device_index != b->device_index) return false;
+   const char *a0, *a1, *b0, *b1;
+   byte_span(a, &a0, &a1);
+   byte_span(b, &b0, &b1);
+   return a0 < b1 && b0 < a1;
+}
+
+nr_status nr_check_no_overlap(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
+                              const nr_tensor *in)
+{
+   if (!out || !in || nr_tensor_numel(out) == 0 || nr_tensor_numel(in) == 0 || !spans_intersect(out, in)) return NR_OK;
+   char d_out[128], d_in[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s %s overlaps %s %s in memory; pass a clone of %s",
+                     out_name, nr_tensor_describe(out, d_out, sizeof d_out), in_name,
+                     nr_tensor_describe(in, d_in, sizeof d_in), in_name);
+}
+
 /* Non-overlapping and dense (PyTorch's is_non_overlapping_and_dense): the elements fill their
  * byte span exactly, each once, in some order of the dimensions (contiguous, channels-last, a
  * transpose or permutation of either). */
@@ -436,11 +456,7 @@ enum { COPY_DIRECT, COPY_VIA_TEMP };
 static nr_status copy_overlap(const char *func, const nr_tensor *dst, const nr_tensor *src, int *how)
 {
    *how = COPY_DIRECT;
-   if (dst->device != src->device || dst->device_index != src->device_index || dst->storage != src->storage) return NR_OK;
-   const char *d0, *d1, *s0, *s1;
-   byte_span(dst, &d0, &d1);
-   byte_span(src, &s0, &s1);
-   if (d1 <= s0 || s1 <= d0) return NR_OK;
+   if (!spans_intersect(dst, src)) return NR_OK;
    bool same_view = dst->data == src->data && dst->dtype == src->dtype && dst->ndim == src->ndim;
    for (int d = 0; same_view && d < dst->ndim; d++) same_view = dst->shape[d] < 2 || dst->stride[d] == src->stride[d];
    if (same_view || (dst->data == src->data && dst->dtype == src->dtype && nr_tensor_is_contiguous(dst) &&
@@ -602,6 +618,7 @@ static nr_status host_index_geometry(const char *func, const nr_tensor *big, int
 
 nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_tensor *index, nr_tensor *out)
 {
+   NR_TRY(nr_check_no_overlap(__func__, "out", out, "src", src)); /* out is written while src is read */
    if (src) NR_ON_CUDA(src, nr_cuda_index_select(src, dim, index, out)); /* index on the CPU or the same GPU */
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("out", out, -1, NR_CPU, -1, NULL);
@@ -619,6 +636,7 @@ nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_ten
 
 nr_status nr_tensor_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *index, const nr_tensor *src)
 {
+   NR_TRY(nr_check_no_overlap(__func__, "dst", dst, "src", src)); /* dst is written while src is read */
    if (dst) NR_ON_CUDA(dst, nr_cuda_index_copy(dst, dim, index, src)); /* index on the CPU or the same GPU */
    NR_CHECK_T("dst", dst, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
