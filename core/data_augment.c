@@ -170,14 +170,13 @@ static void rrc_box(nr_drng *r, int h, int w, const nr_loader_config *cfg, int *
    *bh = ch;
 }
 
-/* Output size of a shorter-side (resize_w == 0) or exact resize of an h x w picture. */
-static void resize_dims(const nr_loader_config *cfg, int h, int w, int *oh, int *ow)
+void nr_aug_resize_dims(const nr_loader_config *cfg, int64_t h, int64_t w, int64_t *oh, int64_t *ow)
 {
    *oh = cfg->resize_h;
    *ow = cfg->resize_w;
    if (*ow <= 0) { /* shorter side to resize_h, as torchvision's Resize(int) */
-      if (h <= w) *ow = (int)((int64_t)*oh * w / h);
-      else *ow = *oh, *oh = (int)((int64_t)*ow * h / w);
+      if (h <= w) *ow = *oh * w / h;
+      else *ow = *oh, *oh = *ow * h / w;
    }
 }
 
@@ -192,8 +191,8 @@ double nr_aug_min_scale(const nr_loader_config *cfg, uint64_t key, int32_t h, in
       return fx > fy ? fx : fy;
    }
    if (cfg->resize_h > 0) {
-      int oh, ow;
-      resize_dims(cfg, h, w, &oh, &ow);
+      int64_t oh, ow;
+      nr_aug_resize_dims(cfg, h, w, &oh, &ow);
       double fx = (double)ow / w, fy = (double)oh / h;
       return fx > fy ? fx : fy;
    }
@@ -279,8 +278,13 @@ nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t 
       }
       NR_TRY(resample(&cur, x0, y0, bw, bh, S, S, 0, 0, S, S, s));
    } else if (cfg->resize_h > 0) {
-      int oh, ow;
-      resize_dims(cfg, fh, fw, &oh, &ow);
+      int64_t oh64, ow64;
+      nr_aug_resize_dims(cfg, fh, fw, &oh64, &ow64);
+      /* only the crop's window of a resize is made, so its full size need only fit int */
+      if (oh64 > INT32_MAX || ow64 > INT32_MAX)
+         return NR_FAIL(NR_E_ARG, "%s: resize %d of this %dx%d image gives %lldx%lld, over 2^31 - 1 a side", path,
+                        cfg->resize_h, fh, fw, (long long)oh64, (long long)ow64);
+      const int oh = (int)oh64, ow = (int)ow64;
       if (oh != cur.h || ow != cur.w) {
          int S = cfg->center_crop;
          if (S > 0 && S <= oh && S <= ow) { /* resample only the center crop's window */
@@ -301,7 +305,8 @@ nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t 
    }
    if (cfg->crop > 0 || cfg->pad > 0) {
       int Sh = cfg->crop > 0 ? cfg->crop : wh, Sw = cfg->crop > 0 ? cfg->crop : ww, p = cfg->pad;
-      int rh = wh + 2 * p - Sh + 1, rw = ww + 2 * p - Sw + 1;
+      /* positions of the crop in the padded picture; int64 as a guard (sides <= NR_AUG_MAX_SIDE) */
+      int64_t rh = (int64_t)wh + 2 * (int64_t)p - Sh + 1, rw = (int64_t)ww + 2 * (int64_t)p - Sw + 1;
       int i = rh > 1 ? (int)nr_drng_below(&r, rh) : 0;
       int j = rw > 1 ? (int)nr_drng_below(&r, rw) : 0;
       wy += i - p;

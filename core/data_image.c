@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <turbojpeg.h>
 
 #define NR_MAX_PIXELS (1ll << 28) /* 268 Mpixels: larger is treated as a corrupt header */
@@ -42,12 +43,28 @@ void nr_decoder_release(nr_decoder *d)
    memset(d, 0, sizeof *d);
 }
 
+/* An encoded image larger than this is refused before it is read: a valid one of NR_MAX_PIXELS
+ * pixels takes at most about 4 bytes a pixel (an uncompressed RGBA PNG) plus its headers. */
+#define NR_MAX_IMAGE_FILE (8 * NR_MAX_PIXELS)
+
 static nr_status read_file(nr_decoder *d, const char *path, size_t *size)
 {
    FILE *f = fopen(path, "rb");
    if (!f) return NR_FAIL(NR_E_IO, "cannot open %s: %s", path, strerror(errno));
    nr_status st = NR_OK;
+   struct stat sb;
    long len = -1;
+   /* fopen succeeds on a directory, whose "size" from ftell is LONG_MAX on some filesystems */
+   if (fstat(fileno(f), &sb) != 0) st = NR_FAIL(NR_E_IO, "cannot stat %s: %s", path, strerror(errno));
+   else if (S_ISDIR(sb.st_mode)) st = NR_FAIL(NR_E_IO, "%s is a directory, not an image file", path);
+   else if (!S_ISREG(sb.st_mode)) st = NR_FAIL(NR_E_IO, "%s is not a regular file, not an image file", path);
+   else if (sb.st_size > NR_MAX_IMAGE_FILE)
+      st = NR_FAIL(NR_E_FORMAT, "%s: %lld bytes, too large for an image file (at most %lld)", path,
+                   (long long)sb.st_size, (long long)NR_MAX_IMAGE_FILE);
+   if (st) {
+      fclose(f);
+      return st;
+   }
    if (fseek(f, 0, SEEK_END) == 0) len = ftell(f);
    if (len < 0 || fseek(f, 0, SEEK_SET) != 0) st = NR_FAIL(NR_E_IO, "cannot read %s: %s", path, strerror(errno));
    else if (len == 0) st = NR_FAIL(NR_E_FORMAT, "%s: empty file, not an image", path);

@@ -117,6 +117,12 @@ typedef struct nr_aug_scratch {
    size_t plane_cap;
 } nr_aug_scratch;
 void nr_aug_release(nr_aug_scratch *s);
+/* The largest output side (and pad, crop, resize option) the augmentation takes: sides, windows
+ * and their sums then fit int with room to spare (no overflow in crop or pad arithmetic). */
+#define NR_AUG_MAX_SIDE (1 << 20)
+/* Output size of cfg's shorter-side (resize_w == 0) or exact resize of an h x w picture, in
+ * int64: a shorter-side resize of a very long picture can exceed int (checked by the callers). */
+void nr_aug_resize_dims(const nr_loader_config *cfg, int64_t h, int64_t w, int64_t *oh, int64_t *ow);
 /* The smallest factor by which an h x w picture may be shrunk before nr_aug_apply(cfg, key)
  * without resampling it up: 1 when no resize or random-resized crop applies. */
 double nr_aug_min_scale(const nr_loader_config *cfg, uint64_t key, int32_t h, int32_t w);

@@ -143,18 +143,13 @@ static void *worker(void *arg)
    return NULL;
 }
 
-/* Output size for the config, or 0 when it varies per sample. */
-static void output_size(const nr_loader_config *c, const nr_dataset *ds, int32_t *h, int32_t *w)
+/* Output size for the config (int64: a shorter-side resize of a long picture can exceed int),
+ * or 0 when it varies per sample. */
+static void output_size(const nr_loader_config *c, const nr_dataset *ds, int64_t *h, int64_t *w)
 {
-   int32_t H = ds->height, W = ds->width;
+   int64_t H = ds->height, W = ds->width;
    if (c->random_resized_crop > 0) H = W = c->random_resized_crop;
-   else if (c->resize_h > 0) {
-      if (c->resize_w > 0) H = c->resize_h, W = c->resize_w;
-      else if (H > 0 && W > 0) {
-         if (H <= W) W = (int32_t)((int64_t)c->resize_h * W / H), H = c->resize_h;
-         else H = (int32_t)((int64_t)c->resize_h * H / W), W = c->resize_h;
-      }
-   }
+   else if (c->resize_h > 0 && (c->resize_w > 0 || (H > 0 && W > 0))) nr_aug_resize_dims(c, H, W, &H, &W);
    if (c->center_crop > 0) H = W = c->center_crop;
    if (c->crop > 0) H = W = c->crop;
    *h = H;
@@ -205,8 +200,12 @@ nr_loader *nr_loader_new(nr_dataset *ds, const nr_loader_config *cfg)
    if (c.prefetch < 1 || c.prefetch > 1024) BAD("prefetch must be in 1..1024, got %d", c.prefetch);
    if (c.shard_size < 1 || c.shard_rank < 0 || c.shard_rank >= c.shard_size)
       BAD("shard rank %d must lie in 0..size-1 (size %d)", c.shard_rank, c.shard_size);
-   if (c.pad < 0 || c.crop < 0 || c.random_resized_crop < 0 || c.resize_h < 0 || c.resize_w < 0 || c.center_crop < 0)
-      BAD("augmentation sizes must be >= 0");
+   const struct { const char *name; int32_t v; } sizes[] = {{"pad", c.pad}, {"crop", c.crop},
+      {"random_resized_crop", c.random_resized_crop}, {"resize (height)", c.resize_h}, {"resize (width)", c.resize_w},
+      {"center_crop", c.center_crop}};
+   for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+      if (sizes[i].v < 0 || sizes[i].v > NR_AUG_MAX_SIDE)
+         BAD("augmentation %s must be in 0..%d, got %d", sizes[i].name, NR_AUG_MAX_SIDE, sizes[i].v);
    /* scale / ratio {0, 0} (a zeroed config): the defaults; anything else must be a valid range */
    if (c.scale_lo == 0 && c.scale_hi == 0) c.scale_lo = 0.08f, c.scale_hi = 1.0f;
    if (c.ratio_lo == 0 && c.ratio_hi == 0) c.ratio_lo = 3.0f / 4.0f, c.ratio_hi = 4.0f / 3.0f;
@@ -226,11 +225,14 @@ nr_loader *nr_loader_new(nr_dataset *ds, const nr_loader_config *cfg)
          if (!(c.std[i] > 0 && isfinite(c.std[i])) || !isfinite(c.mean[i]))
             BAD("normalize: channel %d needs a finite mean and a finite std > 0, got mean %g, std %g", i + 1,
                 c.mean[i], c.std[i]);
-   int32_t oh, ow;
+   int64_t oh, ow;
    output_size(&c, ds, &oh, &ow);
    if (oh <= 0 || ow <= 0)
       BAD("the samples of %s differ in size, so batches need a fixed output size: set random_resized_crop, "
           "center_crop, crop or resize = {h, w}", ds->root);
+   if (oh > NR_AUG_MAX_SIDE || ow > NR_AUG_MAX_SIDE)
+      BAD("resize %d of the %dx%d samples of %s gives %lldx%lld, over the limit of %d a side", c.resize_h, ds->height,
+          ds->width, ds->root, (long long)oh, (long long)ow, NR_AUG_MAX_SIDE);
 #undef BAD
    nr_loader *l = calloc(1, sizeof *l);
    if (!l) {
@@ -245,8 +247,8 @@ nr_loader *nr_loader_new(nr_dataset *ds, const nr_loader_config *cfg)
    l->ds = ds;
    l->cfg = c;
    l->out_c = oc;
-   l->out_h = oh;
-   l->out_w = ow;
+   l->out_h = (int32_t)oh; /* <= NR_AUG_MAX_SIDE */
+   l->out_w = (int32_t)ow;
    int64_t n = ds->n;
    l->samples = n == 0 ? 0 : (n + c.shard_size - 1) / c.shard_size;
    l->nbatches = c.drop_last ? l->samples / c.batch : (l->samples + c.batch - 1) / c.batch;

@@ -106,6 +106,12 @@ static inline int64_t nr_linear_offset(const nr_tensor *t, int64_t i)
 /* nr_tensor_new on a given GPU (device_index; ignored on the CPU) instead of the current one. */
 nr_tensor *nr_tensor_new_at(int32_t dtype, int32_t device, int32_t device_index, int32_t ndim, const int64_t *shape);
 
+/* NR_E_ARG naming func, both tensors and their roles when out and in are non-empty views of one
+ * storage whose byte spans intersect: for ops that write out while still reading in (matmul,
+ * index select/copy), where overlap would silently give wrong values. */
+nr_status nr_check_no_overlap(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
+                              const nr_tensor *in);
+
 /* Storage allocation with accounting (core/tensor.c). */
 void *nr_mem_alloc(int32_t device, int32_t device_index, int64_t bytes);
 void nr_mem_free(int32_t device, int32_t device_index, void *ptr, int64_t bytes);

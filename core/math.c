@@ -301,6 +301,8 @@ nr_status nr_matmul(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int3
    if ((a->shape[1] > 1 && a->stride[1] != 1) || (b->shape[1] > 1 && b->stride[1] != 1) ||
        (out->shape[1] > 1 && out->stride[1] != 1))
       return NR_FAIL(NR_E_ARG, "matmul operands need contiguous rows (stride[1] == 1)");
+   NR_TRY(nr_check_no_overlap(__func__, "out", out, "a", a)); /* GEMM reads a and b while writing out */
+   NR_TRY(nr_check_no_overlap(__func__, "out", out, "b", b));
    NR_ON_CUDA(a, nr_cuda_matmul(a, b, out, trans_a, trans_b, alpha, beta));
    if (m == 0 || n == 0) return NR_OK;
    int lda = (int)(a->shape[0] > 1 ? a->stride[0] : a->shape[1]), ldb = (int)(b->shape[0] > 1 ? b->stride[0] : b->shape[1]);

@@ -2,7 +2,8 @@
  * (nr_softmax_xent_* in core/nr.h; PyTorch's CrossEntropyLoss with reduction 'mean').
  * Invariants: labels are checked before anything is written, and a bad label is reported with
  * its value and position; softmax is computed stably (max subtracted) in float per row, the loss
- * is summed in double in row order, so results do not depend on the thread count.
+ * is summed in double in row order, so results do not depend on the thread count; a loss term
+ * weighted 0 by label_smoothing is skipped, so -inf logits (masks) give a finite loss.
  */
 #include "nn_internal.h"
 
@@ -67,20 +68,22 @@ nr_status nr_softmax_xent_forward(const nr_tensor *logits, const nr_tensor *labe
       float *p = pp + i * k;
       float mx = x[0];
       for (int64_t j = 1; j < k; j++) mx = x[j] > mx ? x[j] : mx;
-      double se = 0, sx = 0; /* sum of exp(x - mx), sum of (x - mx) */
+      double se = 0, sx = 0; /* sum of exp(x - mx), sum of (x - mx) (in double: finite for any finite x) */
       for (int64_t j = 0; j < k; j++) {
          float e = expf(x[j] - mx);
          p[j] = e;
          se += e;
-         sx += x[j] - mx;
+         sx += (double)x[j] - mx;
       }
       const double lse = log(se); /* log-sum-exp of (x - mx) */
       const float inv = (float)(1.0 / se);
       for (int64_t j = 0; j < k; j++) p[j] *= inv;
       /* -log p_label = lse - (x_label - mx); mean_k -log p_k = lse - sx / k */
-      const double nll = lse - (double)(x[pl[i]] - mx);
+      const double nll = lse - ((double)x[pl[i]] - mx);
       const double smooth = lse - sx / (double)k;
-      total += (1.0 - ls) * nll + ls * smooth;
+      /* a term whose weight is 0 is left out: smooth is +inf when a logit is -inf (a mask), and
+       * 0 * inf would make a finite loss NaN (the CUDA kernel k_xent_f does the same) */
+      total += (ls < 1.0 ? (1.0 - ls) * nll : 0.0) + (ls > 0.0 ? ls * smooth : 0.0);
    }
    ((float *)loss->data)[0] = n > 0 ? (float)(total / (double)n) : NAN;
    return NR_OK;

@@ -92,7 +92,8 @@ typedef struct nr_tensor {
 
 /* A new contiguous tensor, uninitialised. shape: ndim entries, each >= 0. */
 nr_tensor *nr_tensor_new(int32_t dtype, int32_t device, int32_t ndim, const int64_t *shape);
-/* A new tensor that views src's storage with the given geometry (checked against the storage). */
+/* A new tensor that views src's storage with the given geometry (checked against the storage,
+ * overflow-safe; at most 2^40 elements, as nr_tensor_new). */
 nr_tensor *nr_tensor_view(const nr_tensor *src, int32_t ndim, const int64_t *shape,
                           const int64_t *stride, int64_t offset);
 /* Releases the view; the storage is released with its last view. NULL is ignored. */
@@ -115,13 +116,15 @@ int32_t nr_dtype_size(int32_t dtype);
  * Views of one memory: two that are each dense in some order (contiguous, channels-last, or a
  * transpose/permutation of either) and overlap without being the same view are refused (as
  * PyTorch's copy_; a:copy(a:t()) included): copy from a clone. Strided views whose byte spans
- * meet are copied through a temporary, so dst always ends up with src's values. */
+ * meet are copied through a temporary, so dst always ends up with src's values. A dst that
+ * repeats an element (stride 0 on a dimension of size > 1) is refused. */
 nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src);
 /* Every element <- value (converted to the tensor's dtype). */
 nr_status nr_tensor_fill(nr_tensor *t, double value);
 /* out[i] <- src[index[i]] along dim. src (.., S, ..), index (K) int64, out (.., K, ..). For both
  * calls the two tensors are contiguous, or both channels-last (4-d). index lives on the CPU, or on
- * src/dst's GPU (then checked there, which reads a flag back). */
+ * src/dst's GPU (then checked there, which reads a flag back). out (index_select) or src
+ * (index_copy) must not overlap the other tensor's memory (refused: copy from a clone). */
 nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_tensor *index,
                                  nr_tensor *out);
 /* dst[index[i]] <- src[i] along dim. dst (.., D, ..), index (K) int64, src (.., K, ..). With a
@@ -185,7 +188,7 @@ nr_status nr_argmax(const nr_tensor *a, int32_t dim, nr_tensor *out);
  * a (M, K) or (K, M), b (K, N) or (N, K), out (M, N); 2-d, rows contiguous (stride[1] == 1).
  * On CUDA the dtypes may mix (mixed precision): when a or b is bf16 the product runs on bf16
  * tensor cores with f32 accumulation (an f32 operand is rounded to bf16 first) and out is f32 or
- * bf16; a bf16 out needs a bf16 operand. */
+ * bf16; a bf16 out needs a bf16 operand. out must not overlap a or b in memory (refused). */
 nr_status nr_matmul(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t trans_a,
                     int32_t trans_b, float alpha, float beta);
 
@@ -476,7 +479,8 @@ typedef struct nr_loader_config {
 } nr_loader_config;
 typedef struct nr_loader nr_loader;
 
-/* Starts the worker threads; the loader holds a reference to ds. cfg is copied. The output
+/* Starts the worker threads; the loader holds a reference to ds. cfg is copied. Sizes (pad, crop,
+ * resize, center_crop, random_resized_crop) and output sides are at most 2^20. The output
  * size is fixed here: an error when it would vary per sample (image folders need a crop or an
  * exact resize). */
 nr_loader *nr_loader_new(nr_dataset *ds, const nr_loader_config *cfg);

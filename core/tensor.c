@@ -1,11 +1,16 @@
 /* tensor.c — storage, views, copies, fills, index select/copy, memory accounting, threads.
  * Invariants: a storage is freed with its last view; data == storage base + offset * esize;
- * every view lies inside its storage (checked in nr_tensor_view). */
+ * every view lies inside its storage and has at most 2^40 elements (checked, overflow-safe, in
+ * nr_tensor_view), so spans and element counts of views never overflow int64. Copies and fills
+ * over strided views walk merged runs (walk_plan), never one element's offset at a time; ops
+ * that write while reading (copy, matmul, index select/copy) never silently read what they
+ * already overwrote: they go through a temporary or refuse. */
 #include "internal.h"
 
 #include <math.h>
 #include <omp.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -157,6 +162,42 @@ static nr_status check_geometry(int32_t ndim, const int64_t *shape)
    return NR_OK;
 }
 
+/* Tensors and views hold at most 2^40 elements: numel, and numel times the element size, then
+ * never overflow int64 (nor does anything that iterates over them). */
+#define NR_MAX_NUMEL (INT64_C(1) << 40)
+
+static nr_status check_numel(const char *func, int32_t ndim, const int64_t *shape, int64_t *numel)
+{
+   int64_t n = 1;
+   for (int d = 0; d < ndim; d++) {
+      if (shape[d] > 0 && n > NR_MAX_NUMEL / shape[d]) {
+         char buf[160];
+         int len = 0;
+         for (int e = 0; e < ndim && len < (int)sizeof buf - 24; e++)
+            len += snprintf(buf + len, sizeof buf - (size_t)len, "%s%lld", e ? "x" : "", (long long)shape[e]);
+         return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensor too large: shape %s has more than 2^40 elements",
+                           buf);
+      }
+      n *= shape[d];
+   }
+   *numel = n;
+   return NR_OK;
+}
+
+/* The lowest and highest element offsets, relative to its first element, that a view of this
+ * shape and stride reaches (empty dimensions are skipped); false when they overflow int64. */
+static bool elem_span(int32_t ndim, const int64_t *shape, const int64_t *stride, int64_t *lo, int64_t *hi)
+{
+   *lo = *hi = 0;
+   for (int d = 0; d < ndim; d++) {
+      int64_t span;
+      if (shape[d] == 0) continue;
+      if (__builtin_mul_overflow(shape[d] - 1, stride[d], &span)) return false;
+      if (span < 0 ? __builtin_add_overflow(*lo, span, lo) : __builtin_add_overflow(*hi, span, hi)) return false;
+   }
+   return true;
+}
+
 nr_tensor *nr_tensor_new(int32_t dtype, int32_t device, int32_t ndim, const int64_t *shape)
 {
    int32_t dev_index = 0;
@@ -172,15 +213,8 @@ nr_tensor *nr_tensor_new_at(int32_t dtype, int32_t device, int32_t dev_index, in
       NR_FAIL(NR_E_ARG, "unknown dtype %d", dtype);
       return NULL;
    }
-   if (check_geometry(ndim, shape)) return NULL;
-   int64_t numel = 1;
-   for (int d = 0; d < ndim; d++) {
-      if (shape[d] > 0 && numel > (INT64_C(1) << 40) / shape[d]) {
-         NR_FAIL(NR_E_ARG, "tensor too large");
-         return NULL;
-      }
-      numel *= shape[d];
-   }
+   int64_t numel;
+   if (check_geometry(ndim, shape) || check_numel(__func__, ndim, shape, &numel)) return NULL;
    nr_tensor *t = calloc(1, sizeof *t);
    nr_storage *s = calloc(1, sizeof *s);
    if (!t || !s) {
@@ -223,19 +257,27 @@ nr_tensor *nr_tensor_view(const nr_tensor *src, int32_t ndim, const int64_t *sha
       NR_FAIL(NR_E_ARG, "source tensor is NULL");
       return NULL;
    }
-   if (check_geometry(ndim, shape)) return NULL;
+   int64_t numel;
+   if (check_geometry(ndim, shape) || check_numel(__func__, ndim, shape, &numel)) return NULL;
    int32_t es = nr_dtype_size(src->dtype);
-   int64_t capacity = src->storage->bytes / es;
-   int64_t lo = offset, hi = offset, empty = 0;
-   for (int d = 0; d < ndim; d++) {
-      if (shape[d] == 0) empty = 1;
-      int64_t span = (shape[d] - 1) * stride[d];
-      if (span < 0) lo += span;
-      else hi += span;
+   int64_t capacity = src->storage->bytes / es, lo, hi;
+   if (offset < 0 || offset > capacity) {
+      NR_FAIL(NR_E_ARG, "offset %lld lies outside its storage of %lld elements", (long long)offset,
+              (long long)capacity);
+      return NULL;
    }
-   if (!empty && (lo < 0 || hi >= capacity)) {
-      NR_FAIL(NR_E_ARG, "view [%lld, %lld] lies outside its storage of %lld elements",
-              (long long)lo, (long long)hi, (long long)capacity);
+   if (!elem_span(ndim, shape, stride, &lo, &hi)) {
+      int d = 0; /* name the dimension with the widest span */
+      for (int e = 1; e < ndim; e++)
+         if ((double)(shape[e] - 1) * fabs((double)stride[e]) > (double)(shape[d] - 1) * fabs((double)stride[d])) d = e;
+      NR_FAIL(NR_E_ARG, "stride %lld of dimension %d (size %lld): view too large for its storage of %lld elements",
+              (long long)stride[d], d, (long long)shape[d], (long long)capacity);
+      return NULL;
+   }
+   /* lo <= 0 <= hi and 0 <= offset <= capacity: lo + offset cannot overflow, hi + offset can */
+   if (numel > 0 && (lo + offset < 0 || hi >= capacity - offset)) {
+      NR_FAIL(NR_E_ARG, "view [%lld, %lld] lies outside its storage of %lld elements", (long long)(lo + offset),
+              (long long)(hi > INT64_MAX - offset ? INT64_MAX : hi + offset), (long long)capacity);
       return NULL;
    }
    nr_tensor *t = calloc(1, sizeof *t);
@@ -342,18 +384,40 @@ static nr_status check_same_shape(const char *func, const nr_tensor *a, const nr
                      nr_tensor_describe(a, da, sizeof da), nr_tensor_describe(b, db, sizeof db));
 }
 
-/* The bytes [*lo, *hi) a non-empty view reaches (its lowest and highest element). */
+/* The bytes [*lo, *hi) a non-empty view reaches (its lowest and highest element). Views are
+ * checked by nr_tensor_view, so the span fits its storage; were it not, the whole address space
+ * is returned (it overlaps everything, the safe answer). */
 static void byte_span(const nr_tensor *t, const char **lo, const char **hi)
 {
-   int64_t a = 0, b = 0;
-   for (int d = 0; d < t->ndim; d++) {
-      const int64_t span = (t->shape[d] - 1) * t->stride[d];
-      if (span < 0) a += span;
-      else b += span;
-   }
+   int64_t a, b;
    const int64_t es = nr_dtype_size(t->dtype);
+   if (!elem_span(t->ndim, t->shape, t->stride, &a, &b) || a < INT64_MIN / es || b > INT64_MAX / es - 1) {
+      *lo = (const char *)0;
+      *hi = (const char *)UINTPTR_MAX;
+      return;
+   }
    *lo = (const char *)t->data + a * es;
    *hi = (const char *)t->data + (b + 1) * es;
+}
+
+/* Whether two non-empty views of one storage have intersecting byte spans. */
+static bool spans_intersect(const nr_tensor *a, const nr_tensor *b)
+{
+   if (a->storage != b->storage || a->device != b->device || a->device_index != b->device_index) return false;
+   const char *a0, *a1, *b0, *b1;
+   byte_span(a, &a0, &a1);
+   byte_span(b, &b0, &b1);
+   return a0 < b1 && b0 < a1;
+}
+
+nr_status nr_check_no_overlap(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
+                              const nr_tensor *in)
+{
+   if (!out || !in || nr_tensor_numel(out) == 0 || nr_tensor_numel(in) == 0 || !spans_intersect(out, in)) return NR_OK;
+   char d_out[128], d_in[128];
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s %s overlaps %s %s in memory; pass a clone of %s",
+                     out_name, nr_tensor_describe(out, d_out, sizeof d_out), in_name,
+                     nr_tensor_describe(in, d_in, sizeof d_in), in_name);
 }
 
 /* Non-overlapping and dense (PyTorch's is_non_overlapping_and_dense): the elements fill their
@@ -396,11 +460,7 @@ enum { COPY_DIRECT, COPY_VIA_TEMP };
 static nr_status copy_overlap(const char *func, const nr_tensor *dst, const nr_tensor *src, int *how)
 {
    *how = COPY_DIRECT;
-   if (dst->device != src->device || dst->device_index != src->device_index || dst->storage != src->storage) return NR_OK;
-   const char *d0, *d1, *s0, *s1;
-   byte_span(dst, &d0, &d1);
-   byte_span(src, &s0, &s1);
-   if (d1 <= s0 || s1 <= d0) return NR_OK;
+   if (!spans_intersect(dst, src)) return NR_OK;
    bool same_view = dst->data == src->data && dst->dtype == src->dtype && dst->ndim == src->ndim;
    for (int d = 0; same_view && d < dst->ndim; d++) same_view = dst->shape[d] < 2 || dst->stride[d] == src->stride[d];
    if (same_view || (dst->data == src->data && dst->dtype == src->dtype && nr_tensor_is_contiguous(dst) &&
@@ -426,12 +486,130 @@ static nr_status copy_via_temp(nr_tensor *dst, const nr_tensor *src)
    return st;
 }
 
+/* ---- strided walks: copies and fills over any views ------------------------------------------ */
+
+/* A destination and a source view of one shape walked together in row-major order (strides in
+ * elements of each one's dtype; a fill's source is one element, stride 0). Size-1 dimensions are
+ * dropped and neighbours merged where both views step evenly across them, so the innermost
+ * dimension is the longest run each walks with one stride: a channel slice (N, C', H, W) of an
+ * NCHW tensor copied from a contiguous source is N runs of C'HW adjacent elements (memmove). */
+typedef struct walk {
+   int nd; /* >= 1 */
+   int64_t shape[8], sd[8], ss[8];
+} walk;
+
+static void walk_plan(walk *w, int32_t ndim, const int64_t *shape, const int64_t *sd, const int64_t *ss)
+{
+   int nd = 0;
+   for (int d = 0; d < ndim; d++) {
+      if (shape[d] == 1) continue;
+      const int64_t s = ss ? ss[d] : 0;
+      if (nd > 0 && w->sd[nd - 1] == sd[d] * shape[d] && w->ss[nd - 1] == s * shape[d]) {
+         w->shape[nd - 1] *= shape[d];
+         w->sd[nd - 1] = sd[d];
+         w->ss[nd - 1] = s;
+      } else {
+         w->shape[nd] = shape[d], w->sd[nd] = sd[d], w->ss[nd] = s;
+         nd++;
+      }
+   }
+   if (nd == 0) w->shape[0] = 1, w->sd[0] = w->ss[0] = 0, nd = 1;
+   w->nd = nd;
+}
+
+static void contiguous_strides(int32_t ndim, const int64_t *shape, int64_t *stride)
+{
+   int64_t st = 1;
+   for (int d = ndim - 1; d >= 0; d--) {
+      stride[d] = st;
+      st *= shape[d];
+   }
+}
+
+/* Whether no two elements of the walk's destination share an address (then its pieces may be
+ * written in parallel): by stride, each dimension steps past everything the smaller ones span. */
+static bool walk_dst_disjoint(const walk *w)
+{
+   int idx[8];
+   for (int i = 0; i < w->nd; i++) idx[i] = i;
+   for (int i = 1; i < w->nd; i++) /* by |stride|, ascending */
+      for (int j = i; j > 0 && llabs(w->sd[idx[j - 1]]) > llabs(w->sd[idx[j]]); j--) {
+         const int k = idx[j];
+         idx[j] = idx[j - 1], idx[j - 1] = k;
+      }
+   int64_t reach = 0; /* how far the smaller dimensions span */
+   for (int i = 0; i < w->nd; i++) {
+      const int64_t a = llabs(w->sd[idx[i]]);
+      if (a <= reach) return false;
+      reach += (w->shape[idx[i]] - 1) * a;
+   }
+   return true;
+}
+
+/* n elements from s (stride ss) to d (stride sd): same dtype as its bytes, else through double. */
+static void copy_run(char *d, int32_t dt, int64_t sd, const char *s, int32_t st, int64_t ss, int64_t n)
+{
+   if (dt != st) {
+      for (int64_t k = 0; k < n; k++) store_double(d, dt, k * sd, load_as_double(s, st, k * ss));
+      return;
+   }
+#define NR_COPY_RUN(T)                                                                          \
+   do {                                                                                         \
+      T *o = (T *)d;                                                                            \
+      const T *i = (const T *)s;                                                                \
+      const T v = i[0];                                                                         \
+      if (sd == 1 && ss == 1) memmove(o, i, (size_t)n * sizeof(T));                             \
+      else if (sd == 1 && ss == 0) for (int64_t k = 0; k < n; k++) o[k] = v; /* a fill */      \
+      else for (int64_t k = 0; k < n; k++) o[k * sd] = i[k * ss];                               \
+   } while (0)
+   switch (nr_dtype_size(dt)) {
+   case 8: NR_COPY_RUN(uint64_t); break;
+   case 4: NR_COPY_RUN(uint32_t); break;
+   case 2: NR_COPY_RUN(uint16_t); break;
+   default: NR_COPY_RUN(uint8_t); break;
+   }
+#undef NR_COPY_RUN
+}
+
+/* Runs the walk, cut into pieces of at most 16384 elements (so one long strided run splits over
+ * threads too), in parallel when large and the destination has no self-overlap. Runs that are
+ * plain memmoves are bound by memory bandwidth, which one core nearly saturates: they go
+ * parallel only past 8 MiB, where a fork/join (slow when other processes hold the cores) pays. */
+static void walk_copy(const walk *w, char *d, int32_t dt, const char *s, int32_t st)
+{
+   const int nd = w->nd;
+   const int64_t inner = w->shape[nd - 1], esd = nr_dtype_size(dt), ess = nr_dtype_size(st);
+   int64_t runs = 1;
+   for (int i = 0; i < nd - 1; i++) runs *= w->shape[i];
+   const int64_t piece = inner < 16384 ? inner : 16384, pieces = (inner + piece - 1) / piece;
+   const bool moves = dt == st && w->sd[nd - 1] == 1 && w->ss[nd - 1] == 1;
+   const bool par = (moves ? runs * inner * esd > (INT64_C(8) << 20) : runs * inner > 65536) && walk_dst_disjoint(w);
+#pragma omp parallel for schedule(static) if (par)
+   for (int64_t it = 0; it < runs * pieces; it++) {
+      int64_t r = it / pieces, k0 = it % pieces * piece, od = k0 * w->sd[nd - 1], os = k0 * w->ss[nd - 1];
+      for (int i = nd - 2; i >= 0; i--) {
+         od += r % w->shape[i] * w->sd[i];
+         os += r % w->shape[i] * w->ss[i];
+         r /= w->shape[i];
+      }
+      const int64_t len = inner - k0 < piece ? inner - k0 : piece;
+      copy_run(d + od * esd, dt, w->sd[nd - 1], s + os * ess, st, w->ss[nd - 1], len);
+   }
+}
+
 nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src)
 {
    NR_CHECK_T("dst", dst, -1, -1, -1, NULL);
    NR_CHECK_T("src", src, -1, -1, -1, NULL);
    if (nr_tensor_numel(dst) != nr_tensor_numel(src) || (dst->ndim == src->ndim && check_same_shape(__func__, dst, src)))
       return check_same_shape(__func__, dst, src);
+   for (int d = 0; d < dst->ndim; d++)
+      if (dst->stride[d] == 0 && dst->shape[d] > 1) {
+         char dd[128];
+         return NR_FAIL(NR_E_ARG, "dst %s repeats one element along dimension %d (stride 0), so several source "
+                        "elements would land on it; copy into a contiguous tensor",
+                        nr_tensor_describe(dst, dd, sizeof dd), d);
+      }
    if (nr_tensor_numel(src) > 0) {
       int how;
       NR_TRY(copy_overlap(__func__, dst, src, &how));
@@ -472,10 +650,26 @@ nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src)
       for (int64_t i = 0; i < n; i++) o[i] = nr_bf16_to_f32(s[i]);
       return NR_OK;
    }
-#pragma omp parallel for if (n > 65536)
-   for (int64_t i = 0; i < n; i++)
-      store_double(dst->data, dst->dtype, nr_linear_offset(dst, i),
-                   load_as_double(src->data, src->dtype, nr_linear_offset(src, i)));
+   /* strided: walk both views together; a reshaping copy (other shape, same numel) sees the
+    * contiguous side with the other's shape, or goes through a contiguous temporary */
+   int64_t rowmajor[8];
+   const int64_t *sd = dst->stride, *ss = src->stride;
+   const nr_tensor *shaped = dst;
+   if (dst->ndim != src->ndim) {
+      if (nr_tensor_is_contiguous(src)) {
+         contiguous_strides(dst->ndim, dst->shape, rowmajor);
+         ss = rowmajor;
+      } else if (nr_tensor_is_contiguous(dst)) {
+         contiguous_strides(src->ndim, src->shape, rowmajor);
+         sd = rowmajor;
+         shaped = src;
+      } else {
+         return copy_via_temp(dst, src);
+      }
+   }
+   walk w;
+   walk_plan(&w, shaped->ndim, shaped->shape, sd, ss);
+   walk_copy(&w, dst->data, dst->dtype, src->data, src->dtype);
    return NR_OK;
 }
 
@@ -489,18 +683,17 @@ nr_status nr_tensor_fill(nr_tensor *t, double value)
       return NR_FAIL(NR_E_DEVICE, "this nrlua was built without CUDA");
 #endif
    }
-   int64_t n = nr_tensor_numel(t);
-   if (nr_tensor_is_contiguous(t) && t->dtype == NR_F32) {
-      float *p = t->data, v = (float)value;
-#pragma omp parallel for if (n > 65536)
-      for (int64_t i = 0; i < n; i++) p[i] = v;
-      return NR_OK;
-   }
+   const int64_t n = nr_tensor_numel(t);
+   if (n == 0) return NR_OK;
    if (nr_tensor_is_contiguous(t) && (value == 0.0 || t->dtype == NR_U8)) {
       memset(t->data, t->dtype == NR_U8 ? (int)(uint8_t)value : 0, (size_t)(n * nr_dtype_size(t->dtype)));
       return NR_OK;
    }
-   for (int64_t i = 0; i < n; i++) store_double(t->data, t->dtype, nr_linear_offset(t, i), value);
+   uint64_t one; /* the value converted once, copied from with stride 0 */
+   store_double(&one, t->dtype, 0, value);
+   walk w;
+   walk_plan(&w, t->ndim, t->shape, t->stride, NULL);
+   walk_copy(&w, t->data, t->dtype, (const char *)&one, t->dtype);
    return NR_OK;
 }
 
@@ -562,6 +755,7 @@ static nr_status host_index_geometry(const char *func, const nr_tensor *big, int
 
 nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_tensor *index, nr_tensor *out)
 {
+   NR_TRY(nr_check_no_overlap(__func__, "out", out, "src", src)); /* out is written while src is read */
    if (src) NR_ON_CUDA(src, nr_cuda_index_select(src, dim, index, out)); /* index on the CPU or the same GPU */
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("out", out, -1, NR_CPU, -1, NULL);
@@ -579,6 +773,7 @@ nr_status nr_tensor_index_select(const nr_tensor *src, int32_t dim, const nr_ten
 
 nr_status nr_tensor_index_copy(nr_tensor *dst, int32_t dim, const nr_tensor *index, const nr_tensor *src)
 {
+   NR_TRY(nr_check_no_overlap(__func__, "dst", dst, "src", src)); /* dst is written while src is read */
    if (dst) NR_ON_CUDA(dst, nr_cuda_index_copy(dst, dim, index, src)); /* index on the CPU or the same GPU */
    NR_CHECK_T("dst", dst, -1, NR_CPU, -1, NULL);
    NR_CHECK_T("src", src, -1, NR_CPU, -1, NULL);

@@ -675,7 +675,7 @@ __global__ void k_xent_f(const T *x, const int64_t *labels, float *probs, double
          float e = expf(ld(xr + j) - mx);
          pr[j] = e;
          se += e;
-         sx += ld(xr + j) - mx;
+         sx += (double)ld(xr + j) - mx;
       }
       sse[threadIdx.x] = se;
       ssx[threadIdx.x] = sx;
@@ -694,8 +694,10 @@ __global__ void k_xent_f(const T *x, const int64_t *labels, float *probs, double
       if (threadIdx.x == 0) {
          int64_t lab = labels[row];
          double lse = log(se);
-         double nll = (lab >= 0 && lab < k) ? lse - (double)(ld(xr + lab) - mx) : 0.0; /* bad labels reported by the host */
-         rowloss[row] = (1.0 - ls) * nll + ls * (lse - sx / (double)k);
+         /* bad labels are reported by the host */
+         double nll = (lab >= 0 && lab < k) ? lse - ((double)ld(xr + lab) - mx) : 0.0;
+         /* terms weighted 0 are left out (0 * inf is NaN with -inf logits), as nn_loss.c */
+         rowloss[row] = (ls < 1.0 ? (1.0 - ls) * nll : 0.0) + (ls > 0.0 ? ls * (lse - sx / (double)k) : 0.0);
       }
       __syncthreads();
    }
