@@ -927,10 +927,10 @@ describe('nr.data', function()
             {{shard = {size = inf}}, 'shard.size must be an integer in [1, 2^31 - 1], got inf'},
             {{seed = inf}, 'seed must be a non-negative integer, got inf'},
             -- sides: int32 arithmetic in C (2 * pad overflowed and gave all-zero images)
-            {{augment = {pad = 2 ^ 31 - 1}}, 'augment.pad must be an integer in [1, 2^16], got 2147483647'},
-            {{augment = {crop = 2 ^ 16 + 1}}, 'augment.crop must be an integer in [1, 2^16], got 65537'},
-            {{augment = {resize = 1073742}}, 'augment.resize must be an integer in [1, 2^16], got 1073742'},
-            {{augment = {resize = {8, inf}}}, 'augment.resize[2] must be an integer in [1, 2^16], got inf'},
+            {{augment = {pad = 2 ^ 31 - 1}}, 'augment.pad must be an integer in [1, 2^20], got 2147483647'},
+            {{augment = {crop = 2 ^ 20 + 1}}, 'augment.crop must be an integer in [1, 2^20], got 1048577'},
+            {{augment = {resize = 1073742}}, 'augment.resize must be an integer in [1, 2^20], got 1073742'},
+            {{augment = {resize = {8, inf}}}, 'augment.resize[2] must be an integer in [1, 2^20], got inf'},
          }
          for _, c in ipairs(cases) do
             local o = c[1]

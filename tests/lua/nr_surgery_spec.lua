@@ -386,7 +386,8 @@ describe('nr_surgery_place', function()
          local full = s.info.full_shape
          assert.are.equal(full[1], s.shape[1])
          if s.info.columns then assert.are.equal(#s.info.columns, s.shape[2]) else assert.are.equal(full[2], s.shape[2]) end
-         if s.kind == 'conv' then fans[#fans + 1] = s.info.fan_out end
+         assert.equal(s.info.unit.kind == 'dw' and 'depthwise' or 'conv', s.kind)
+         fans[#fans + 1] = s.info.fan_out
       end
       assert.same(want_fan, fans)
       local y = m:forward(nr.randn({2, 3, 6, 6}))

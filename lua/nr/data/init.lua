@@ -378,9 +378,10 @@ local function show(v)
    return '{' .. table.concat(parts, ', ') .. '}'
 end
 
--- Image sides (pad, crop, resize, ...): C computes with them in int32 (wh + 2 * pad, resize * W / H),
--- so they are capped far below 2^31 at a size no image pipeline needs.
-local MAX_SIDE = 2 ^ 16
+-- Image sides (pad, crop, resize, ...): C keeps them in int32 and refuses more than
+-- NR_AUG_MAX_SIDE (core/data_internal.h, 2^20), a size no image pipeline needs; the same bound
+-- here names the Lua option.
+local MAX_SIDE = 2 ^ 20
 local function size_opt(v, fname, name)
    if v == nil or v == false then return 0 end
    check.int32(v, fname, 'augment.' .. name, 1, MAX_SIDE, 3)
