@@ -573,8 +573,9 @@ static void copy_run(char *d, int32_t dt, int64_t sd, const char *s, int32_t st,
 
 /* Runs the walk, cut into pieces of at most 16384 elements (so one long strided run splits over
  * threads too), in parallel when large and the destination has no self-overlap. Runs that are
- * plain memmoves are bound by memory bandwidth, which one core nearly saturates: they go
- * parallel only past 8 MiB, where a fork/join (slow when other processes hold the cores) pays. */
+ * plain memmoves go parallel past 512 KiB: a channel slice of 1.2 MB copies in 0.022 ms on 2
+ * threads against 0.071 on one (PyTorch's copy_: 0.045; a fork/join costs more than that only
+ * when other processes hold the cores). */
 static void walk_copy(const walk *w, char *d, int32_t dt, const char *s, int32_t st)
 {
    const int nd = w->nd;
@@ -583,7 +584,7 @@ static void walk_copy(const walk *w, char *d, int32_t dt, const char *s, int32_t
    for (int i = 0; i < nd - 1; i++) runs *= w->shape[i];
    const int64_t piece = inner < 16384 ? inner : 16384, pieces = (inner + piece - 1) / piece;
    const bool moves = dt == st && w->sd[nd - 1] == 1 && w->ss[nd - 1] == 1;
-   const bool par = (moves ? runs * inner * esd > (INT64_C(8) << 20) : runs * inner > 65536) && walk_dst_disjoint(w);
+   const bool par = (moves ? runs * inner * esd > (INT64_C(1) << 19) : runs * inner > 65536) && walk_dst_disjoint(w);
 #pragma omp parallel for schedule(static) if (par)
    for (int64_t it = 0; it < runs * pieces; it++) {
       int64_t r = it / pieces, k0 = it % pieces * piece, od = k0 * w->sd[nd - 1], os = k0 * w->ss[nd - 1];
