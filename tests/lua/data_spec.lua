@@ -808,6 +808,16 @@ describe('nr.data', function()
          end
       end)
 
+      it('takes whole sample numbers only (1.5 is not sample 1)', function()
+         local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
+         for _, f in ipairs({'get', 'label'}) do
+            local ok, e = pcall(ds[f], ds, 1.5)
+            assert.is_false(ok)
+            assert.truthy(tostring(e):find('Dataset:' .. f .. ': sample 1.5 outside 1..', 1, true), tostring(e))
+         end
+         assert.equal(select(2, ds:get(1)), ds:label(1))
+      end)
+
       it('checks loader options', function()
          local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
          assert.matches('unknown option', err_of(nr.data.loader, ds, {batchsize = 3}))

@@ -287,6 +287,15 @@ describe('nr.train', function()
       assert.is_true(ck.is_link(linked .. '/checkpoint'))
    end)
 
+   it('refuses a seed or thread count that would wrap at the FFI', function()
+      for _, c in ipairs({{{seed = 1.5}, 'seed'}, {{seed = -1}, 'seed'}, {{threads = 2 ^ 31}, 'threads'},
+                          {{threads = -2}, 'threads'}}) do
+         local ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_' .. c[2], c[1]))
+         assert.is_false(ok)
+         assert.truthy(tostring(e):find('nr.train: ' .. c[2] .. ' must be', 1, true), tostring(e))
+      end
+   end)
+
    it('resume: a missing folder is an error; a finished run resumed reports its final evaluation', function()
       local ok, e = pcall(nr.train, held_recipe(TMP .. '/fin', {epochs = 1, resume = TMP .. '/no-such-run'}))
       assert.is_false(ok)

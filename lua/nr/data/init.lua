@@ -96,7 +96,8 @@ Dataset.__len = Dataset.size
 -- Label (class id, 0-based) of sample i (1-based).
 function Dataset:label(i)
    local c = live_ds(self)
-   check.arg(type(i) == 'number' and i >= 1 and i <= self:size(), 'Dataset:label', 'sample %s outside 1..%d', tostring(i), self:size())
+   check.arg(type(i) == 'number' and i >= 1 and i <= self:size() and i == math.floor(i), 'Dataset:label',
+      'sample %s outside 1..%d', tostring(i), self:size())
    return tonumber(C.nr_dataset_label(c, i - 1))
 end
 
@@ -110,7 +111,8 @@ end
 -- Sample i (1-based) as (uint8 (C, H, W) tensor, class id).
 function Dataset:get(i)
    local c = live_ds(self)
-   check.arg(type(i) == 'number' and i >= 1 and i <= self:size(), 'Dataset:get', 'sample %s outside 1..%d', tostring(i), self:size())
+   check.arg(type(i) == 'number' and i >= 1 and i <= self:size() and i == math.floor(i), 'Dataset:get',
+      'sample %s outside 1..%d', tostring(i), self:size())
    local p = C.nr_dataset_image(c, i - 1)
    if p == nil then c_error('Dataset:get', 2) end
    return T.Tensor._wrap(p), tonumber(C.nr_dataset_label(c, i - 1))
