@@ -23,6 +23,15 @@ end
 local tmp = os.getenv('NR_TEST_TMP') or '/tmp'
 os.execute('mkdir -p ' .. tmp)
 
+-- Runs the REPL with text on its stdin (through a file): output, exit status.
+local function piped(exe, text)
+   local p = tmp .. '/repl_input.txt'
+   local g = io.open(p, 'w')
+   g:write(text)
+   g:close()
+   return run(exe .. ' < ' .. p)
+end
+
 describe('nrlua', function()
    local exe = nrlua()
 
@@ -102,11 +111,7 @@ describe('nrlua', function()
          'end',
          'f(5)',
       }, '\n')
-      local path = tmp .. '/repl.txt'
-      local f = io.open(path, 'w')
-      f:write(script .. '\n')
-      f:close()
-      local out, rc = run(exe .. ' < ' .. path)
+      local out, rc = piped(exe, script .. '\n')
       -- the session goes on after an error, and a piped session reports it in its exit status
       assert.equal(1, rc)
       assert.matches('\n?4\n', out)
@@ -114,23 +119,16 @@ describe('nrlua', function()
       assert.matches('shape mismatch', out)
       assert.matches('\n2\n', out)
       assert.matches('15', out)
-      local function piped(text)
-         local p = tmp .. '/repl2.txt'
-         local g = io.open(p, 'w')
-         g:write(text)
-         g:close()
-         return run(exe .. ' < ' .. p)
-      end
-      local o2, rc2 = piped('y = 2\ny * 3\n1, nil, 3\n')
+      local o2, rc2 = piped(exe, 'y = 2\ny * 3\n1, nil, 3\n')
       assert.equal(0, rc2)
       assert.matches('6\n1\nnil\n3\n', o2)
-      local o3, rc3 = piped('error("boom")\n')          -- the position survives (no tail call)
+      local o3, rc3 = piped(exe, 'error("boom")\n')          -- the position survives (no tail call)
       assert.equal(1, rc3)
       assert.truthy(o3:find('stdin:1: boom', 1, true), o3)
-      local o4, rc4 = piped('for i = 1, 2 do\nprint(i)\n')  -- unfinished at the end of input
+      local o4, rc4 = piped(exe, 'for i = 1, 2 do\nprint(i)\n')  -- unfinished at the end of input
       assert.equal(1, rc4)
       assert.truthy(o4:find("'end' expected", 1, true), o4)
-      local o5, rc5 = piped('setmetatable({}, {__tostring = function() error("bad tostring") end})\nprint("after")\n')
+      local o5, rc5 = piped(exe, 'setmetatable({}, {__tostring = function() error("bad tostring") end})\nprint("after")\n')
       assert.equal(1, rc5)                                        -- printing the value failed
       assert.truthy(o5:find('bad tostring', 1, true) and o5:find('after', 1, true), o5)
    end)
@@ -147,11 +145,7 @@ describe('nrlua', function()
          "s = 'local q = 1' -- local r = 2",
          '= q, r',
       }, '\n')
-      local path = tmp .. '/repl_locals.txt'
-      local f = io.open(path, 'w')
-      f:write(script .. '\n')
-      f:close()
-      local out, rc = run(exe .. ' < ' .. path)
+      local out, rc = piped(exe, script .. '\n')
       assert.equal(0, rc, out)
       -- only the top level: a function's or a loop's locals stay local; strings and comments untouched
       assert.equal('6\n8\nnil\nnil\nnil\nnil\nnil\n', out)

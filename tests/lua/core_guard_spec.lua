@@ -7,16 +7,10 @@
 local nr = require 'nr'
 local bit = require 'bit'
 
-local BASE
-do -- a unique folder per run (os.tmpname creates a unique file; its name is reused)
-   local tmp = os.tmpname()
-   os.remove(tmp)
-   BASE = (os.getenv('NR_TEST_TMP') or '/tmp') .. '/nr-guard-spec-' .. tmp:match('[^/]+$')
-end
-local function sh(cmd)
-   local ok = os.execute(cmd)
-   assert(ok == 0 or ok == true, 'command failed: ' .. cmd)
-end
+local util = require 'tests.lua.spec_util'
+
+local BASE = util.temp_dir('nr-guard-spec-')
+local sh = util.sh
 local function be32(n)
    return string.char(bit.band(bit.rshift(n, 24), 255), bit.band(bit.rshift(n, 16), 255),
       bit.band(bit.rshift(n, 8), 255), bit.band(n, 255))

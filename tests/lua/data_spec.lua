@@ -7,17 +7,10 @@
 local nr = require 'nr'
 local bit = require 'bit'
 
-local BASE
-do -- a unique folder per run (os.tmpname creates a unique file; its name is reused)
-   local tmp = os.tmpname()
-   os.remove(tmp)
-   BASE = (os.getenv('NR_TEST_TMP') or '/tmp') .. '/nr-data-spec-' .. tmp:match('[^/]+$')
-end
+local util = require 'tests.lua.spec_util'
 
-local function sh(cmd)
-   local ok = os.execute(cmd)
-   assert(ok == 0 or ok == true, 'command failed: ' .. cmd)
-end
+local BASE = util.temp_dir('nr-data-spec-')
+local sh = util.sh
 local function mkdir(p) sh('mkdir -p "' .. p .. '"') end
 local function write(path, s)
    local f = assert(io.open(path, 'wb'))
