@@ -604,7 +604,8 @@ nr_status nr_tensor_copy(nr_tensor *dst, const nr_tensor *src)
    NR_CHECK_T("src", src, -1, -1, -1, NULL);
    if (nr_tensor_numel(dst) != nr_tensor_numel(src) || (dst->ndim == src->ndim && check_same_shape(__func__, dst, src)))
       return check_same_shape(__func__, dst, src);
-   for (int d = 0; d < dst->ndim; d++)
+   /* (an empty dst writes nothing: a size-0 dimension gives the ones before it stride 0) */
+   for (int d = 0; d < dst->ndim && nr_tensor_numel(dst) > 0; d++)
       if (dst->stride[d] == 0 && dst->shape[d] > 1) {
          char dd[128];
          return NR_FAIL(NR_E_ARG, "dst %s repeats one element along dimension %d (stride 0), so several source "

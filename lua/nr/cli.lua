@@ -69,6 +69,16 @@ local function long_bracket_end(src, i)  -- i at '[': the end of a [[...]] / [==
    local _, e = src:find(']' .. eq .. ']', i + #eq + 2, true)
    return e or #src
 end
+-- The first position at or after j that is not whitespace or a comment.
+local function skip_blank(src, j)
+   while true do
+      local k = src:match('^%s*()', j)
+      if src:sub(k, k + 1) ~= '--' then return k end
+      local e = src:sub(k + 2, k + 2) == '[' and long_bracket_end(src, k + 2)
+      j = (e or src:find('\n', k, true) or #src) + 1
+   end
+end
+
 function M.globalize_locals(src)
    local out, depth, i, n = {}, 0, 1, #src
    local last = 1 -- src[last..] is not yet copied to out
@@ -94,20 +104,27 @@ function M.globalize_locals(src)
                out[#out + 1] = src:sub(last, i - 1)
                last = after + #fn - #'function'  -- keeps `function NAME`: its body opens a block below
             else
-               -- the name list: NAME {, NAME}
-               local names = src:match('^%s+[%a_][%w_]*', after)
-               while names do
-                  local more = src:match('^%s*,%s*[%a_][%w_]*', after + #names)
-                  if not more then break end
-                  names = names .. more
-               end
-               local rest = names and src:sub(after + #names):gsub('^%s+', '')
-               if names and rest:match('^=[^=]') then
+               -- the name list NAME {, NAME} (comments may sit anywhere in it), then `=` or not
+               local j = skip_blank(src, after)
+               local name = src:match('^[%a_][%w_]*', j)
+               if name then
+                  local list, names_end = {name}, j + #name
+                  while true do
+                     local k = skip_blank(src, names_end)
+                     if src:sub(k, k) ~= ',' then break end
+                     k = skip_blank(src, k + 1)
+                     local more = src:match('^[%a_][%w_]*', k)
+                     if not more then break end
+                     list[#list + 1], names_end = more, k + #more
+                  end
+                  local k = skip_blank(src, names_end)
                   out[#out + 1] = src:sub(last, i - 1)
-                  last = after + 1
-               elseif names then
-                  out[#out + 1] = src:sub(last, i - 1) .. names:gsub('^%s+', ''):gsub('%s+$', '') .. ' = nil '
-                  last = after + #names
+                  if src:sub(k, k) == '=' and src:sub(k + 1, k + 1) ~= '=' then
+                     last = after                                  -- only `local` goes
+                  else
+                     out[#out + 1] = table.concat(list, ', ') .. ' = nil'
+                     last = names_end
+                  end
                end
             end
          end
@@ -121,6 +138,10 @@ function M.globalize_locals(src)
    out[#out + 1] = src:sub(last)
    return table.concat(out)
 end
+
+-- The REPL's globals: a session table that reads through to _G, so what a user names (`type`,
+-- `next`, `table`) never replaces what the library's code calls (Python's __main__ namespace).
+M.env = setmetatable({}, {__index = _G})
 
 -- final: no more input will come, so an incomplete statement is an error, not a request for more.
 -- `=expr` prints expr, as in the standard Lua REPL.
@@ -138,6 +159,7 @@ function M.eval(src, final)
          return false
       end
    end
+   setfenv(chunk, M.env)
    local results = pack(xpcall(chunk, debug.traceback))
    if not results[1] then
       report(results[2])
@@ -160,13 +182,13 @@ function M.complete(line, text)
    local prefix, sep, partial = text:match('^(.*)([%.:])([%w_]*)$')
    local base
    if prefix then
-      base = _G
+      base = M.env
       for part in prefix:gmatch('[^%.:]+') do
          if type(base) ~= 'table' then return {} end
          base = base[part]
       end
    else
-      base, prefix, sep, partial = _G, '', '', text
+      base, prefix, sep, partial = M.env, '', '', text
    end
    local out, seen = {}, {}
    local function add_keys(tbl)

@@ -1020,23 +1020,32 @@ end
 
 local function fmt(v, f) return v and string.format(f, v) or '-' end
 
--- --resume of a run that stopped before writing its first checkpoint (killed in epoch 1):
--- nothing to continue, so the run starts from the beginning, this rank's partial files replaced
--- (as Lightning's resume from a missing last checkpoint). Decided from the checkpoint folder
--- alone, which every rank of nr.dist sees alike. Checkpoints that exist but fail validation stay
--- an error: nothing is discarded silently. Returns true when the run can be resumed.
+-- --resume of a run that stopped before writing its first checkpoint (killed in epoch 1): the
+-- folder holds the run (recipe.json / metrics.jsonl) but no checkpoint, so there is nothing to
+-- continue and the run starts from the beginning, its partial files replaced (as Lightning's
+-- resume from a missing last checkpoint). Decided from files every rank of nr.dist sees alike;
+-- a rank's own folder under the run (<run>/ranks/<r>) is not checked again, as rank 0 may be
+-- clearing the run's files meanwhile. A folder that holds no run, checkpoints that exist but fail
+-- validation, or another --out than the run stay errors: nothing is discarded silently.
+-- Returns true when the run can be resumed.
 local function resumable(tr, path)
    local found, why = ck.find(path)
    if found then return true end
    local run = path:gsub('/+$', '')
+   local out = tr.out:gsub('/+$', '')
+   local own_rank = out:sub(1, #run + 7) == run .. '/ranks/' and out:match('/ranks/%d+$') ~= nil
+   local function refuse(what)
+      error(string.format('nr.train: cannot resume %s: %s', path, what), 0)
+   end
+   if out ~= run and not own_rank then refuse(why .. ' (a run restarts only in its own folder: drop --out)') end
    local ckdir = ck.is_dir(run .. '/checkpoint') and run .. '/checkpoint' or run
    local names = ck.list(ckdir)
    if run:match('step%-%d+$') or ck.exists(run .. '/state.json') then names = {'step-0'} end -- one named checkpoint
    for _, name in ipairs(names) do
-      if name:match('^step%-%d+$') then
-         error(string.format('nr.train: cannot resume %s: %s; --overwrite starts the run again from the beginning',
-            path, why), 0)
-      end
+      if name:match('^step%-%d+$') then refuse(why .. '; --overwrite starts the run again from the beginning') end
+   end
+   if not own_rank and not (ck.exists(run .. '/recipe.json') or ck.exists(run .. '/metrics.jsonl')) then
+      refuse('it holds no run (no checkpoint, recipe.json or metrics.jsonl)')
    end
    tr:print(string.format('no checkpoint in %s yet (the run stopped before its first one): starting it from the '
       .. 'beginning', path))

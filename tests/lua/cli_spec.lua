@@ -144,11 +144,15 @@ describe('nrlua', function()
          '= loopvar',
          "s = 'local q = 1' -- local r = 2",
          '= q, r',
+         "local type, table --[[ names the library calls ]] = 'float32', {}",
+         'local a, --[[ two ]] b = 3, 4',
+         '= nr.zeros({2}):add(a + b):sum(), type, _G.type == nil',
       }, '\n')
       local out, rc = piped(exe, script .. '\n')
       assert.equal(0, rc, out)
-      -- only the top level: a function's or a loop's locals stay local; strings and comments untouched
-      assert.equal('6\n8\nnil\nnil\nnil\nnil\nnil\n', out)
+      -- only the top level: a function's or a loop's locals stay local; strings and comments untouched;
+      -- the session's names never replace the globals the library calls
+      assert.equal('6\n8\nnil\nnil\nnil\nnil\nnil\n14\nfloat32\nfalse\n', out)
    end)
 
    it('completes names in the nr namespace', function()

@@ -82,6 +82,10 @@ describe('core guards', function()
          assert.error_matches(function() a:as_strided({3}, {0}):copy(nr.arange(3)) end, 'repeats one element')
          a:as_strided({3}, {0}):fill(7) -- a fill writes one value: fine
          assert.same({7, 0, 0}, a:totable())
+         -- empty tensors (a size-0 dimension gives the ones before it stride 0) copy and clone
+         assert.same({2, 0}, nr.zeros({2, 0}):clone():shape())
+         assert.same({3, 0}, nr.zeros({0, 3}):t():contiguous():shape())
+         assert.same({4, 0}, nr.randn({4, 5}):narrow(2, 1, 0):clone():shape())
       end)
    end)
 

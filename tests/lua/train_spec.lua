@@ -410,6 +410,20 @@ describe('nr.train', function()
          if rec.kind == 'run' then runs[#runs + 1] = rec end
       end
       assert.equal(1, #runs); assert.equal('begin', runs[1].event); assert.equal(1, runs[1].epochs) -- the old records went
+      -- a folder with no run, or a run resumed into another --out, is refused and nothing is removed
+      local empty, other = TMP .. '/early_empty', TMP .. '/early_other'
+      ck.mkdirs(empty)
+      ck.write_atomic(empty .. '/notes.txt', 'mine')
+      local ok0, e0 = pcall(nr.train, held_recipe(empty, {epochs = 1, resume = empty}))
+      assert.is_false(ok0)
+      assert.truthy(tostring(e0):find('cannot resume ' .. empty .. ': it holds no run', 1, true), tostring(e0))
+      nr.train(held_recipe(other, {epochs = 1}))
+      ck.write_atomic(empty .. '/metrics.jsonl', '{"kind":"run","event":"begin"}\n')
+      local ok1, e1 = pcall(nr.train, held_recipe(other, {epochs = 1, resume = empty}))
+      assert.is_false(ok1)
+      assert.truthy(tostring(e1):find('a run restarts only in its own folder', 1, true), tostring(e1))
+      assert.equal(1, #epoch_records(other))                     -- the finished run is untouched
+      assert.equal('mine', ck.read_file(empty .. '/notes.txt'))
       -- a checkpoint that exists but is damaged is not thrown away: an error naming --overwrite
       local latest = ck.find(dir)
       ck.write_atomic(latest .. '/state.json', 'garbage')
