@@ -415,9 +415,10 @@ nr_status nr_check_no_overlap(const char *func, const char *out_name, const nr_t
 {
    if (!out || !in || nr_tensor_numel(out) == 0 || nr_tensor_numel(in) == 0 || !spans_intersect(out, in)) return NR_OK;
    char d_out[128], d_in[128];
-   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s %s overlaps %s %s in memory; pass a clone of %s",
-                     out_name, nr_tensor_describe(out, d_out, sizeof d_out), in_name,
-                     nr_tensor_describe(in, d_in, sizeof d_in), in_name);
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                     "%s %s overlaps %s %s in memory; write into another %s (or pass a clone of %s)", out_name,
+                     nr_tensor_describe(out, d_out, sizeof d_out), in_name, nr_tensor_describe(in, d_in, sizeof d_in),
+                     out_name, in_name);
 }
 
 /* Non-overlapping and dense (PyTorch's is_non_overlapping_and_dense): the elements fill their

@@ -49,6 +49,9 @@ local function show(v)
 end
 M.show = show
 
+-- A number that is neither NaN nor infinite.
+function M.finite(v) return type(v) == 'number' and v == v and v > -math.huge and v < math.huge end
+
 -- A bound as messages write it: 2^31 - 1 rather than 2147483647.
 local function bound(b)
    local a = math.abs(b)

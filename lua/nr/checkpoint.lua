@@ -431,8 +431,10 @@ function M.load_into(model, weights, where)
       if not T.is_tensor(w) then
          error(string.format('nr.checkpoint: %s: %s must be a tensor, got %s', where, name, type(w)), 2)
       end
-      -- copy would convert silently (int64 or uint8 values into float32 weights): a wrong file
-      if w:dtype() ~= t:dtype() then
+      -- floating weights convert (bf16 into float32, as PyTorch's load_state_dict); integer values
+      -- into floating weights or the reverse mean a wrong file
+      local FLOAT = {float32 = true, bfloat16 = true}
+      if w:dtype() ~= t:dtype() and not (FLOAT[w:dtype()] and FLOAT[t:dtype()]) then
          error(string.format('nr.checkpoint: %s: %s is %s in the checkpoint but %s in the model', where, name,
             w:dtype(), t:dtype()), 2)
       end

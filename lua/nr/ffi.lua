@@ -54,11 +54,15 @@ M.ffi = ffi
 -- CPU threads: NR_THREADS (an integer >= 1; unset, empty or 0 = all cores), applied when the
 -- library loads, so it holds for every entry point (a recipe that never requires 'nr', a
 -- script, the REPL); nr.set_num_threads and a recipe's threads > 0 change it later.
+-- More than MAX_THREADS is a typo, not a machine (OpenMP would try to start them); the one bound
+-- of NR_THREADS, nr.set_num_threads and a recipe's threads.
+M.MAX_THREADS = 4096
 do
    local env = os.getenv('NR_THREADS')
    local n = tonumber(env or '')
-   if env and env ~= '' and not (n and n >= 0 and n == math.floor(n) and n < 2 ^ 31) then
-      error(string.format('nr: NR_THREADS must be a whole number of threads (0 = all cores), got %q', env), 0)
+   if env and env ~= '' and not (n and n >= 0 and n == math.floor(n) and n <= M.MAX_THREADS) then
+      error(string.format('nr: NR_THREADS must be a whole number of threads in 0..%d (0 = all cores), got %q',
+         M.MAX_THREADS, env), 0)
    end
    M.C.nr_set_num_threads(n or 0)
 end

@@ -15,8 +15,8 @@ for _, k in ipairs({'tensor', 'empty', 'empty_like', 'zeros', 'ones', 'full', 'r
 end
 
 -- Threads: NR_THREADS (read by nr.ffi when the library loads) or all cores, until set here.
--- n = 0: all cores. More than MAX_THREADS is a typo, not a machine (OpenMP would try to start them).
-local MAX_THREADS = 4096
+-- n = 0: all cores; at most nrffi.MAX_THREADS.
+local MAX_THREADS = nrffi.MAX_THREADS
 function nr.set_num_threads(n)
    check.int32(n, 'nr.set_num_threads', 'n', 0, MAX_THREADS)
    C.nr_set_num_threads(n)

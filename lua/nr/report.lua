@@ -365,7 +365,7 @@ function M.render(dir)
       for _, e in ipairs(epochs) do
          -- a held epoch (NR sparsifying, the schedule paused) is marked: it lengthens the run
          local lr = fnum(e.lr) .. (e.lr_end and e.lr_end ~= e.lr and (' → ' .. fnum(e.lr_end)) or '')
-         local ep = fnum(e.epoch) .. ((e.held or e.schedule_hold) and ' (held)' or '')
+         local ep = fnum(e.epoch) .. (e.held and ' (held)' or '') -- (schedule_hold is the state after the epoch)
          add(string.format('<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>',
             ep, lr, fnum(e.train and e.train.loss), fnum(e.train and e.train.top1), fnum(e.val and e.val.loss),
             fnum(e.val and e.val.top1), fnum(e.val and e.val.top5), e.time_s and string.format('%.1f', e.time_s) or '–',

@@ -25,8 +25,7 @@ local KEYS = {name = true, milestones = true, gamma = true, step_size = true, wa
               warmup_start = true, min_lr = true, epochs = true, granularity = true}
 local NAMES = {constant = true, step = true, multistep = true, cosine = true, linear = true}
 
-local function finite(v) return type(v) == 'number' and v == v and v ~= math.huge and v ~= -math.huge end
-local function show(v) return type(v) == 'string' and string.format('%q', v) or tostring(v) end
+local finite, show = check.finite, check.show
 
 -- Numeric settings: {field, lower bound, bound excluded, integer}. A NaN or infinite value would
 -- give a NaN LR (gamma, min_lr) or one stuck at its start (warmup, epochs) without an error.

@@ -159,17 +159,23 @@ end
 -- Integers in [lo, hi): lo and hi are integers with every value in the dtype's range (uint8: 0 <= lo <
 -- hi <= 256; int64: |lo|, |hi| <= 2^53, since C draws lo + k in doubles, exact up to there). An
 -- integer dtype: C draws floats for a float one.
-local RANDINT_RANGE = {int64 = {-2 ^ 53, 2 ^ 53}, uint8 = {0, 256}}
+-- Floating dtypes get integer values as in PyTorch: drawn as int64, then converted.
+local RANDINT_RANGE = {int64 = {-2 ^ 53, 2 ^ 53}, uint8 = {0, 256}, float32 = {-2 ^ 53, 2 ^ 53},
+                       bfloat16 = {-2 ^ 53, 2 ^ 53}}
 function M.randint(lo, hi, shape, opts)
    opts = check.options(opts, {dtype = true, device = true}, 'nr.randint')
-   local dt = opts.dtype or 'int64'
-   local r = RANDINT_RANGE[DTYPE_NAMES[parse_dtype(dt, 'nr.randint')]]
-   check.arg(r ~= nil, 'nr.randint', 'dtype must be int64 or uint8, got %s (convert the result with :float())', tostring(dt))
+   local dt = DTYPE_NAMES[parse_dtype(opts.dtype or 'int64', 'nr.randint')]
+   local r = RANDINT_RANGE[dt]
    check.int(lo, 'nr.randint', 'lo', r[1], r[2] - 1)
    check.int(hi, 'nr.randint', 'hi', lo + 1, r[2])
-   local t = new(shape, {dtype = dt, device = opts.device}, 'nr.randint')
+   local draw = dt == 'uint8' and dt or 'int64'
+   local t = new(shape, {dtype = draw, device = opts.device}, 'nr.randint')
    check.status(C.nr_rng_uniform(t.c, lo, hi), 'nr.randint')
-   return t
+   if draw == dt then return t end
+   local out = new(shape, {dtype = dt, device = opts.device}, 'nr.randint')
+   out:copy(t)
+   t:free()
+   return out
 end
 function M.randperm(n)
    check.int(n, 'nr.randperm', 'n', 0, MAX_NUMEL)

@@ -619,7 +619,7 @@ function M.new(recipe)
    check.arg(rc.max_epochs == nil or (type(rc.max_epochs) == 'number' and rc.max_epochs >= rc.epochs), 'nr.train',
       'max_epochs must be >= epochs (%s), got %s', tostring(rc.epochs), tostring(rc.max_epochs))
    -- the bounds of nr.set_num_threads and nr.manual_seed, so a recipe value cannot wrap at the FFI
-   if rc.threads ~= nil then check.int32(rc.threads, 'nr.train', 'threads', 0, 4096) end
+   if rc.threads ~= nil then check.int32(rc.threads, 'nr.train', 'threads', 0, nrffi.MAX_THREADS) end
    if rc.seed ~= nil then check.int(rc.seed, 'nr.train', 'seed', 0, 2 ^ 53) end
    if rc.threads and rc.threads > 0 then C.nr_set_num_threads(rc.threads) end
    if rc.seed then C.nr_rng_seed(rc.seed) end

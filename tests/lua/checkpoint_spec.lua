@@ -232,6 +232,10 @@ describe('nr.checkpoint', function()
          assert.truthy(e:find('weight is ' .. dt .. ' in the checkpoint but float32 in the model', 1, true), e)
       end
       assert.same(before, m.weight:totable())
+      -- floating weights convert, as PyTorch's load_state_dict: bf16 into float32
+      local w16 = nr.tensor({{0.5, -1, 2}, {4, 0.25, -8}}, {dtype = 'bfloat16'})
+      ck.load_into(m, {weight = w16, bias = m.bias:clone()})
+      assert.same({{0.5, -1, 2}, {4, 0.25, -8}}, m.weight:totable())
    end)
 
    it('save refuses a step that is not a non-negative integer and a cyclic state, writing nothing', function()

@@ -60,7 +60,7 @@ describe('nrlua', function()
       assert.matches('^3', out)
       out, rc = run('NR_THREADS=two ' .. exe .. [[ -e "require 'nr'"]])
       assert.not_equal(0, rc)
-      assert.matches('NR_THREADS must be a whole number of threads %(0 = all cores%), got "two"', out)
+      assert.matches('NR_THREADS must be a whole number of threads in 0%.%.4096 %(0 = all cores%), got "two"', out)
    end)
 
    it('runs a file with arguments in arg', function()

@@ -91,7 +91,7 @@ describe('nr.report', function()
          '{"kind":"nr","event":"rejuvenate","epoch":1,"step":12,"index":1,"scheme":"NR","rescaled":0,"alpha":1.452,'
             .. '"alpha_sqrt":1.442,"size_before":{"params":6274,"flops":900},"size_after":{"params":10534,"flops":1500},'
             .. '"policy_info":{"t":0.25},"model_params":10534}',
-         '{"kind":"epoch","epoch":2,"lr":0.1,"lr_end":0.05,"train":{"loss":0.5},"val":{"top1":60}}',
+         '{"kind":"epoch","epoch":2,"lr":0.1,"lr_end":0.05,"schedule_hold":true,"train":{"loss":0.5},"val":{"top1":60}}',
       }, '\n') .. '\n')
       local html = ck.read_file(report.write(d2))
       assert.truthy(html:find('6274 parameters as built, 10534 after Neural Rejuvenation', 1, true))

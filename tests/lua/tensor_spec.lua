@@ -627,8 +627,10 @@ describe('hostile input', function()
          local t = nr.randint(0, 1000, {6}, u8); return t end)
       raises('nr.randint: hi must be an integer in [1, 2^53], got 1.844674407371e+19', function()
          local t = nr.randint(0, 2 ^ 64, {3}); return t end)
-      raises('nr.randint: dtype must be int64 or uint8, got float32', function()
-         local t = nr.randint(0, 3, {3}, {dtype = 'float32'}); return t end)
+      -- a floating dtype gets whole numbers in [lo, hi), as PyTorch's randint(dtype=torch.float32)
+      local f = nr.randint(-3, 3, {200}, {dtype = 'float32'})
+      assert.equal('float32', f:dtype())
+      for _, v in ipairs(f:totable()) do assert.is_true(v == math.floor(v) and v >= -3 and v < 3, tostring(v)) end
       local lo, hi = math.huge, -math.huge -- (reductions are float-only: read the values)
       for _, v in ipairs(nr.randint(0, 256, {1000}, u8):totable()) do lo, hi = math.min(lo, v), math.max(hi, v) end
       assert.is_true(lo >= 0 and hi <= 255 and hi > 200)

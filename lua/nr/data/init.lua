@@ -97,7 +97,7 @@ Dataset.__len = Dataset.size
 function Dataset:label(i)
    local c = live_ds(self)
    check.arg(type(i) == 'number' and i >= 1 and i <= self:size() and i == math.floor(i), 'Dataset:label',
-      'sample %s outside 1..%d', tostring(i), self:size())
+      'sample must be a whole number in 1..%d, got %s', self:size(), tostring(i))
    return tonumber(C.nr_dataset_label(c, i - 1))
 end
 
@@ -112,7 +112,7 @@ end
 function Dataset:get(i)
    local c = live_ds(self)
    check.arg(type(i) == 'number' and i >= 1 and i <= self:size() and i == math.floor(i), 'Dataset:get',
-      'sample %s outside 1..%d', tostring(i), self:size())
+      'sample must be a whole number in 1..%d, got %s', self:size(), tostring(i))
    local p = C.nr_dataset_image(c, i - 1)
    if p == nil then c_error('Dataset:get', 2) end
    return T.Tensor._wrap(p), tonumber(C.nr_dataset_label(c, i - 1))

@@ -61,7 +61,7 @@ SGD.param_groups = param_groups
 -- A finite number >= 0: an inf or NaN lr, momentum, weight decay or lr_mult turns the weights
 -- into inf/NaN at the first step.
 local function nonneg(v) return type(v) == 'number' and v >= 0 and v < math.huge end
-local function show(v) return type(v) == 'string' and string.format('%q', v) or tostring(v) end
+local show = check.show
 
 -- Checks the numeric and boolean settings of t: opt.config (prefix "config.", lr, momentum and
 -- weight_decay required) or a group's own (prefix "group N: ", each optional).

@@ -41,7 +41,7 @@ end
 local MON_KEYS = {threshold = true, abs_min = true, count = true}
 -- The options nr.rejuvenate and attach share, checked where they are given (a typo in a recipe's
 -- nr table fails at the start of a run, not hours later at the first rejuvenation).
-local function finite(v) return type(v) == 'number' and v == v and v > -math.huge and v < math.huge end
+local finite = check.finite
 local function check_common(o, FN)
    local function is(v, set) return v == nil or set[v] == true end
    check.arg(is(o.constraint, {params = true, flops = true}), FN, 'constraint must be "params" or "flops", got %s', tostring(o.constraint))
