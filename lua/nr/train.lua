@@ -150,7 +150,9 @@ end
 
 local function expand_path(p, what)
    if type(p) ~= 'string' then return p end
-   p = p:gsub('^~', os.getenv('HOME') or '~')
+   -- ~ and ~/...: the home folder (~user/... is left as written: '~nouser' became '/rootnouser')
+   local home = os.getenv('HOME')
+   if home and (p == '~' or p:sub(1, 2) == '~/') then p = home .. p:sub(2) end
    p = p:gsub('%$(%b{})', function(n)
       return os.getenv(n:sub(2, -2)) or error(string.format('%s: environment variable %s is not set (in %q)', what, n:sub(2, -2), p), 0)
    end)
@@ -616,6 +618,14 @@ function M.new(recipe)
                             train_images = 0, train_time = 0}, Trainer)
    for h in pairs(HOOKS) do tr.hooks[h] = {} end
    check.arg(type(rc.epochs) == 'number' and rc.epochs >= 1, 'nr.train', 'epochs must be >= 1, got %s', tostring(rc.epochs))
+   -- counts are whole numbers in range: 1e300 epochs ran for ever, checkpoint_every -1 wrote no
+   -- checkpoint at all, val_batches 0 skipped evaluation (0 means none only where documented)
+   for _, f in ipairs({{'epochs', 1}, {'log_every', 1}, {'eval_every', 0}, {'checkpoint_every', 0}, {'keep', 1}}) do
+      if rc[f[1]] ~= nil then check.int32(rc[f[1]], 'nr.train', f[1], f[2]) end
+   end
+   if type(rc.data) == 'table' and rc.data.val_batches ~= nil then
+      check.int32(rc.data.val_batches, 'nr.train', 'data.val_batches', 1)
+   end
    check.arg(rc.max_epochs == nil or (type(rc.max_epochs) == 'number' and rc.max_epochs >= rc.epochs), 'nr.train',
       'max_epochs must be >= epochs (%s), got %s', tostring(rc.epochs), tostring(rc.max_epochs))
    -- the bounds of nr.set_num_threads and nr.manual_seed, so a recipe value cannot wrap at the FFI
@@ -682,6 +692,12 @@ function M.new(recipe)
    -- run folder
    local name = rc.name or 'run'
    rc.resume = expand_path(rc.resume, 'recipe.resume')
+   -- an empty folder name (--out '' or an unset $VAR) would put the run in the current folder or /
+   for _, k in ipairs({'out', 'resume'}) do
+      if rc[k] == '' or (type(rc[k]) == 'string' and expand_path(rc[k], 'recipe.' .. k) == '') then
+         error(string.format('nr.train: %s is an empty folder name', k), 0)
+      end
+   end
    if rc.resume and not ck.is_dir(rc.resume) then
       error(string.format('nr.train: resume: no run folder %s (give the folder of the run to continue)', rc.resume), 0)
    end
@@ -752,6 +768,11 @@ function Trainer:load_checkpoint(path)
    local s = r.state
    if type(s.epoch) ~= 'number' or type(s.step) ~= 'number' then
       error(string.format('nr.train: %s/state.json has no epoch and step: not a checkpoint of nr.train', r.dir), 0)
+   end
+   local function whole(v) return v >= 0 and v < 2 ^ 31 and v == math.floor(v) end
+   if not (whole(s.epoch) and s.step >= 0 and s.step < 2 ^ 53 and s.step == math.floor(s.step)) then
+      error(string.format('nr.train: %s/state.json is damaged: epoch %s, step %s', r.dir, tostring(s.epoch),
+         tostring(s.step)), 0)
    end
    -- architecture first (NR restores widths / split layers), then weights
    for _, name in ipairs(self.state_order) do
@@ -1190,9 +1211,21 @@ function Trainer:_trim_metrics()
    ck.write_atomic(path, #keep > 0 and (table.concat(keep, '\n') .. '\n') or '')
 end
 
+-- What the library says about a recipe while building the run ("nr.train: precision must be ...",
+-- "nr.optim.SGD: config.lr must be ...") carries a position inside lua/nr, which tells a user
+-- nothing: it is raised again without it (nrlua then shows no traceback). Any other error (a bug
+-- in a recipe's model function, say) goes on with its position and the traceback where it arose.
+local function recipe_error(e)
+   if type(e) ~= 'string' then return e end
+   local rest = e:match('^[^\n]-/lua/nr/[^:\n]+%.lua:%d+: (.*)$')
+   if rest and rest:match('^nr%.[%w_.]+: ') then return rest end
+   return e:find(':%d+: ') and debug.traceback(e, 2) or e
+end
+
 -- nr.train(recipe) -> summary {final_top1, best_top1, time_s, images_per_s, ...}
 function M.train(recipe)
-   local tr = M.new(recipe)
+   local ok, tr = xpcall(M.new, recipe_error, recipe)
+   if not ok then error(tr, 0) end
    return tr:run(), tr
 end
 

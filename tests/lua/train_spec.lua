@@ -294,6 +294,29 @@ describe('nr.train', function()
          assert.is_false(ok)
          assert.truthy(tostring(e):find('nr.train: ' .. c[2] .. ' must be', 1, true), tostring(e))
       end
+      -- counts out of range, and empty folder names (--out '' wrote the run into the current folder)
+      for _, c in ipairs({{{epochs = 1e300}, 'epochs must be an integer in %[1, 2%^31 %- 1%]'},
+                          {{checkpoint_every = -1}, 'checkpoint_every must be'}, {{log_every = 0}, 'log_every must be'},
+                          {{keep = 0}, 'keep must be'}, {{out = ''}, 'out is an empty folder name'}}) do
+         local ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_count', c[1]))
+         assert.is_false(ok)
+         assert.truthy(tostring(e):find('nr.train: ' .. c[2]), tostring(e))
+      end
+      local r = held_recipe(TMP .. '/bad_val', {})
+      r.data.val_batches = 0
+      local okv, ev = pcall(nr.train, r)
+      assert.is_false(okv)
+      assert.truthy(tostring(ev):find('nr.train: data.val_batches must be', 1, true), tostring(ev))
+      assert.equal(os.getenv('HOME') .. '/x', train.expand_path('~/x', 'out'))
+      assert.equal('~nouser/x', train.expand_path('~nouser/x', 'out'))
+      -- what the library says about the recipe comes without a position inside lua/nr (nrlua then
+      -- prints no traceback); an error in the recipe's own code keeps its position
+      local ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_lr', {optim = {lr = -1, momentum = 0.9}}))
+      assert.is_false(ok)
+      assert.equal('nr.optim.SGD: config.lr must be a finite number >= 0, got -1', e)
+      ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_model', {model = function() local m; return m.x end}))
+      assert.is_false(ok)
+      assert.truthy(e:find('^[^\n]*train_spec%.lua:%d+: attempt to index') and e:find('stack traceback', 1, true), e)
    end)
 
    it('resume: a missing folder is an error; a finished run resumed reports its final evaluation', function()
@@ -391,6 +414,18 @@ describe('nr.train', function()
       local s3 = nr.train(held_recipe(TMP .. '/c3', {epochs = 2, max_epochs = 3, hooks = {train_begin = extend, epoch_begin = hold_first(1)}}))
       assert.equal(3, s3.epochs); assert.is_nil(s3.capped)
       assert.has_error(function() train.new(held_recipe(TMP .. '/c4', {max_epochs = 2})) end)
+   end)
+
+   it('resume: a state.json with impossible epoch or step values is damaged, not a run to continue', function()
+      local dir = TMP .. '/dmg'
+      nr.train(held_recipe(dir, {epochs = 1}))
+      local latest = ck.find(dir)
+      local st = ck.json_decode(ck.read_file(latest .. '/state.json'))
+      st.epoch, st.step = 1e300, -5
+      ck.write_atomic(latest .. '/state.json', ck.json_encode(st))
+      local ok, e = pcall(nr.train, held_recipe(dir, {epochs = 2, resume = dir}))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('state.json is damaged: epoch 1e+300, step -5', 1, true), tostring(e))
    end)
 
    it('resume: a run stopped before its first checkpoint starts again; damaged checkpoints are refused', function()
