@@ -132,6 +132,19 @@ local function is_module(x) return type(x) == 'table' and type(x.forward) == 'fu
 -- Fills defaults into a copy of the recipe (tables merged one level deep).
 function M.resolve(recipe)
    check.arg(type(recipe) == 'table', 'nr.train', 'recipe must be a table, got %s', type(recipe))
+   -- sections that are tables (a scalar here failed later inside the trainer as a raw Lua error)
+   for _, k in ipairs({'data', 'optim', 'schedule', 'loss', 'dist', 'hooks', 'progress'}) do
+      local v = recipe[k]
+      if v ~= nil and type(v) ~= 'table' then
+         error(string.format('nr.train: recipe.%s must be a table, got %s', k, check.show(v)), 0)
+      end
+   end
+   if recipe.nr ~= nil and recipe.nr ~= false and type(recipe.nr) ~= 'table' then
+      error(string.format('nr.train: recipe.nr must be a table or false, got %s', check.show(recipe.nr)), 0)
+   end
+   if type(recipe.nr) == 'table' and recipe.nr.policy ~= nil and type(recipe.nr.policy) ~= 'table' then
+      error(string.format('nr.train: recipe.nr.policy must be a table of functions, got %s', check.show(recipe.nr.policy)), 0)
+   end
    local r = {}
    for k, v in pairs(recipe) do r[k] = deep_copy(v) end
    for k, d in pairs(M.DEFAULTS) do
@@ -533,6 +546,13 @@ local function build_data(tr, rc)
    end
    if d.train then
       -- ready-made loaders (objects with nbatches() and epoch(e))
+      for _, k in ipairs({'train', 'val'}) do
+         local l = d[k]
+         if l ~= nil and not (type(l) == 'table' and type(l.nbatches) == 'function' and type(l.epoch) == 'function') then
+            error(string.format('nr.train: recipe.data.%s must be a loader (with nbatches() and epoch(e) methods), got %s',
+               k, check.show(l)), 0)
+         end
+      end
       tr.train_loader, tr.val_loader = d.train, d.val
       if tr.train_loader:nbatches() < 1 then
          error('nr.train: the training data (recipe.data.train, a ready-made loader) is empty: it gives 0 batches per epoch', 0)
@@ -773,6 +793,17 @@ function Trainer:load_checkpoint(path)
    if not (whole(s.epoch) and s.step >= 0 and s.step < 2 ^ 53 and s.step == math.floor(s.step)) then
       error(string.format('nr.train: %s/state.json is damaged: epoch %s, step %s', r.dir, tostring(s.epoch),
          tostring(s.step)), 0)
+   end
+   -- the sections read below, by type (a string where a table belongs failed as a raw Lua error)
+   local t0 = type(s.trainer) == 'table' and s.trainer or {}
+   for _, f in ipairs({{'optimizer', s.optimizer, 'table'}, {'schedule', s.schedule, 'table'}, {'rng', s.rng, 'table'},
+                       {'trainer', s.trainer, 'table'}, {'states', s.states, 'table'}, {'threads', s.threads, 'number'},
+                       {'trainer.time', t0.time, 'number'}, {'trainer.held_epochs', t0.held_epochs, 'number'},
+                       {'trainer.train_images', t0.train_images, 'number'}, {'trainer.train_time', t0.train_time, 'number'}}) do
+      if f[2] ~= nil and type(f[2]) ~= f[3] then
+         error(string.format('nr.train: %s/state.json is damaged: %s must be a %s, got %s', r.dir, f[1], f[3],
+            check.show(f[2])), 0)
+      end
    end
    -- architecture first (NR restores widths / split layers), then weights
    for _, name in ipairs(self.state_order) do

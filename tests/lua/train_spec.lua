@@ -302,6 +302,14 @@ describe('nr.train', function()
          assert.is_false(ok)
          assert.truthy(tostring(e):find('nr.train: ' .. c[2]), tostring(e))
       end
+      -- sections of the wrong type are named (they failed inside the trainer as raw Lua errors)
+      for _, c in ipairs({{{loss = 5}, 'recipe.loss must be a table, got 5'}, {{optim = 'sgd'}, 'recipe.optim must be a table'},
+                          {{data = {train = {}}}, 'recipe.data.train must be a loader'},
+                          {{nr = {policy = 'x'}}, 'recipe.nr.policy must be a table of functions, got "x"'}}) do
+         local ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_table', c[1]))
+         assert.is_false(ok)
+         assert.truthy(tostring(e):find('nr.train: ' .. c[2], 1, true), tostring(e))
+      end
       local r = held_recipe(TMP .. '/bad_val', {})
       r.data.val_batches = 0
       local okv, ev = pcall(nr.train, r)
@@ -426,6 +434,11 @@ describe('nr.train', function()
       local ok, e = pcall(nr.train, held_recipe(dir, {epochs = 2, resume = dir}))
       assert.is_false(ok)
       assert.truthy(tostring(e):find('state.json is damaged: epoch 1e+300, step -5', 1, true), tostring(e))
+      st.epoch, st.step, st.optimizer = 1, 8, 'garbage'
+      ck.write_atomic(latest .. '/state.json', ck.json_encode(st))
+      ok, e = pcall(nr.train, held_recipe(dir, {epochs = 2, resume = dir}))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('state.json is damaged: optimizer must be a table, got "garbage"', 1, true), tostring(e))
    end)
 
    it('resume: a run stopped before its first checkpoint starts again; damaged checkpoints are refused', function()
