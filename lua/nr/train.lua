@@ -630,6 +630,47 @@ local function recipe_json(rc)
 end
 M.recipe_json = recipe_json
 
+-- Top-level recipe fields the trainer reads (those with nil defaults are not keys of DEFAULTS).
+local TOP_FIELDS = {model = true, nr = true, dist = true, hooks = true, progress = true, out = true, resume = true,
+                    max_epochs = true, memory_format = true}
+for k in pairs(M.DEFAULTS) do TOP_FIELDS[k] = true end
+
+-- Edit distance between a and b (insertions, deletions, substitutions).
+local function distance(a, b)
+   local prev = {}
+   for j = 0, #b do prev[j] = j end
+   for i = 1, #a do
+      local cur = {[0] = i}
+      for j = 1, #b do
+         cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:sub(i, i) == b:sub(j, j) and 0 or 1))
+      end
+      prev = cur
+   end
+   return prev[#b]
+end
+
+-- A top-level field nr.train does not read is left to the recipe's own functions (a model
+-- function may read rc.width); a near miss of one it reads (epoch, checkpoint_evry), or a
+-- command-line alias written at the top (lr for optim.lr), would silently train with the default:
+-- said once on the console.
+local function typo_warnings(tr, recipe)
+   local fields, names = {}, {}
+   for f in pairs(TOP_FIELDS) do fields[#fields + 1] = f end
+   table.sort(fields)
+   for k in pairs(recipe) do if type(k) == 'string' and not TOP_FIELDS[k] then names[#names + 1] = k end end
+   table.sort(names)
+   local aliases = require('nr.recipe').ALIASES
+   for _, k in ipairs(names) do
+      local guess = aliases[k]
+      for _, f in ipairs(fields) do
+         if not guess and #k >= 4 and distance(k, f) <= (#k >= 7 and 2 or 1) then guess = f end
+      end
+      if guess then
+         tr:print(string.format('nr.train: recipe.%s is not a field nr.train reads (did you mean %s?)', k, guess))
+      end
+   end
+end
+
 -- Creates the trainer (model, data, optimizer, schedule, run folder); does not train.
 function M.new(recipe)
    local rc = M.resolve(recipe)
@@ -727,6 +768,7 @@ function M.new(recipe)
    ck.mkdirs(tr.out)
    tr.progress = progress.new({stream = rc.progress and rc.progress.stream or io.stdout,
                                tty = rc.progress and rc.progress.tty, every = rc.progress and rc.progress.every or rc.log_every})
+   typo_warnings(tr, recipe)
 
    -- user hooks, then NR (which registers its hooks and states)
    for hname, fn in pairs(rc.hooks or {}) do

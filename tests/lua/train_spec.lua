@@ -302,6 +302,13 @@ describe('nr.train', function()
          assert.is_false(ok)
          assert.truthy(tostring(e):find('nr.train: ' .. c[2]), tostring(e))
       end
+      -- a near miss of a field nr.train reads, or a flag alias at the top, is said (it trained with the
+      -- default); other extra fields are the recipe's own and pass quietly
+      local out = sink()
+      nr.train(held_recipe(TMP .. '/typo', {epochs = 1, epoch = 5, lr = 9, width = 2, progress = {stream = out, tty = false}}))
+      assert.truthy(out:text():find('recipe.epoch is not a field nr.train reads (did you mean epochs?)', 1, true), out:text())
+      assert.truthy(out:text():find('recipe.lr is not a field nr.train reads (did you mean optim.lr?)', 1, true))
+      assert.falsy(out:text():find('recipe.width', 1, true))
       -- sections of the wrong type are named (they failed inside the trainer as raw Lua errors)
       for _, c in ipairs({{{loss = 5}, 'recipe.loss must be a table, got 5'}, {{optim = 'sgd'}, 'recipe.optim must be a table'},
                           {{data = {train = {}}}, 'recipe.data.train must be a loader'},
