@@ -752,6 +752,10 @@ function M.new(recipe)
 
    -- run folder
    local name = rc.name or 'run'
+   -- the default run folder is runs/<name>-<date>: a name with a / (../../x) would put it elsewhere
+   if type(name) ~= 'string' or name == '' or name:find('/', 1, true) or name == '.' or name == '..' then
+      error(string.format('nr.train: name must be a plain folder name (no /), got %s', check.show(name)), 0)
+   end
    rc.resume = expand_path(rc.resume, 'recipe.resume')
    -- an empty folder name (--out '' or an unset $VAR) would put the run in the current folder or /
    for _, k in ipairs({'out', 'resume'}) do

@@ -297,7 +297,8 @@ describe('nr.train', function()
       -- counts out of range, and empty folder names (--out '' wrote the run into the current folder)
       for _, c in ipairs({{{epochs = 1e300}, 'epochs must be an integer in %[1, 2%^31 %- 1%]'},
                           {{checkpoint_every = -1}, 'checkpoint_every must be'}, {{log_every = 0}, 'log_every must be'},
-                          {{keep = 0}, 'keep must be'}, {{out = ''}, 'out is an empty folder name'}}) do
+                          {{keep = 0}, 'keep must be'}, {{out = ''}, 'out is an empty folder name'},
+                          {{name = '../../x'}, 'name must be a plain folder name %(no /%), got "%.%./%.%./x"'}}) do
          local ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_count', c[1]))
          assert.is_false(ok)
          assert.truthy(tostring(e):find('nr.train: ' .. c[2]), tostring(e))
