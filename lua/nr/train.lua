@@ -1060,6 +1060,7 @@ function Trainer:run()
    end
    ck.write_atomic(self.out .. '/recipe.json', ck.json_encode(recipe_json(rc), true) .. '\n')
    self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
+   M.running = self   -- Ctrl-C names this run's folder (nr.cli.interrupted) while self.metrics is open
    local start = self.epoch + 1
    self:log({kind = 'run', event = resume and 'resume' or 'begin', epochs = rc.epochs, device = self.device,
              precision = self.precision, memory_format = self.memory_format,
