@@ -431,8 +431,10 @@ function Trainer:log(record)
    if r.step == nil then r.step = self.step end
    r.time = r.time or (progress.now() - self.t_start + (self.time_offset or 0))
    if self.metrics then
-      self.metrics:write(ck.json_encode(r), '\n')
-      self.metrics:flush()
+      -- a full disk must not silently cut metrics.jsonl short
+      local ok, err = self.metrics:write(ck.json_encode(r), '\n')
+      if ok then ok, err = self.metrics:flush() end
+      if not ok then error(string.format('nr.train: cannot write %s/metrics.jsonl: %s', self.out, tostring(err)), 0) end
    end
    self.records[#self.records + 1] = r
 end
