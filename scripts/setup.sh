@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(build-essential cmake pkg-config luajit libluajit-5.1-dev lua-busted lua-cjson lua-check
+PACKAGES=(build-essential cmake pkg-config luajit libluajit-5.1-dev lua-busted lua-cjson lua-check lua-filesystem
           libpng-dev libturbojpeg0-dev zlib1g-dev libopenblas-dev libdnnl-dev libreadline-dev
           openmpi-bin libopenmpi-dev dataset-fashion-mnist python3-torch python3-numpy)
 

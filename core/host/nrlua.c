@@ -12,6 +12,7 @@
  * source folder this binary was built from. libnr is looked up beside the executable, then in
  * <exe>/../lib. The home and library paths are published to Lua as the global table _NRLUA.
  * The Lua API symbols are exported (-rdynamic) so C modules such as cjson.so load. */
+#include <errno.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -34,6 +35,29 @@
 #endif
 
 static lua_State *L_global;
+
+/* ---- SIGINT, as the standard lua.c does it ----------------------------------------------
+ * While Lua code runs (docall), SIGINT sets a hook that raises "interrupted" at the next Lua
+ * instruction; the handler resets itself to the default action, so a second SIGINT while the
+ * first is pending (a long C call, or a loop in JIT-compiled code, which does not check hooks)
+ * ends the process. A script or recipe then exits with status 130; the REPL cancels the input. */
+static volatile sig_atomic_t interrupted;
+static int sigint_ignored; /* SIGINT ignored when started (a background job of a script): kept so */
+
+static void interrupt_hook(lua_State *L, lua_Debug *ar)
+{
+   (void)ar;
+   lua_sethook(L, NULL, 0, 0);
+   lua_pushstring(L, "interrupted"); /* no position: shown without a traceback */
+   lua_error(L);
+}
+
+static void on_sigint(int sig)
+{
+   signal(sig, SIG_DFL); /* a second Ctrl-C kills */
+   interrupted = 1;
+   lua_sethook(L_global, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
 
 static int file_exists(const char *p) { return access(p, R_OK) == 0; }
 
@@ -137,7 +161,10 @@ static int docall(lua_State *L, int narg, int nres)
    int base = lua_gettop(L) - narg;
    lua_pushcfunction(L, traceback);
    lua_insert(L, base);
+   if (!sigint_ignored) signal(SIGINT, on_sigint);
    int status = lua_pcall(L, narg, nres, base);
+   if (!sigint_ignored) signal(SIGINT, SIG_DFL);
+   lua_sethook(L, NULL, 0, 0); /* a SIGINT that came after the Lua code ended */
    lua_remove(L, base);
    return status;
 }
@@ -167,9 +194,46 @@ static int call_cli(lua_State *L, const char *fname, int narg, int nres)
 
 /* ---- REPL ---------------------------------------------------------------------------- */
 
+/* Ctrl-C at the prompt cancels the input being typed (continuation lines included): SIGINT
+ * interrupts the read (no SA_RESTART) and the line is accepted empty, flagged as cancelled. */
+static volatile sig_atomic_t prompt_interrupted;
+static int line_cancelled;
+
+static void on_prompt_sigint(int sig)
+{
+   (void)sig;
+   prompt_interrupted = 1;
+}
+
+static int getc_interruptible(FILE *f)
+{
+   for (;;) {
+      if (prompt_interrupted) {
+         rl_replace_line("", 0);
+         return '\n';
+      }
+      unsigned char c;
+      ssize_t k = read(fileno(f), &c, 1);
+      if (k == 1) return c;
+      if (k == 0 || errno != EINTR) return EOF;
+   }
+}
+
 static char *read_line(int tty, const char *prompt)
 {
-   if (tty) return readline(prompt);
+   line_cancelled = 0;
+   if (tty) {
+      struct sigaction sa, old;
+      memset(&sa, 0, sizeof sa);
+      sa.sa_handler = on_prompt_sigint;
+      sigemptyset(&sa.sa_mask);
+      prompt_interrupted = 0;
+      if (!sigint_ignored) sigaction(SIGINT, &sa, &old);
+      char *line = readline(prompt);
+      if (!sigint_ignored) sigaction(SIGINT, &old, NULL);
+      line_cancelled = prompt_interrupted;
+      return line;
+   }
    static char buf[65536];
    if (!fgets(buf, sizeof buf, stdin)) return NULL;
    size_t n = strlen(buf);
@@ -228,6 +292,8 @@ static int repl(lua_State *L)
       snprintf(hist, sizeof hist, "%s/.nrlua_history", h ? h : ".");
       read_history(hist);
       rl_attempted_completion_function = complete;
+      rl_catch_signals = 0; /* SIGINT at the prompt: on_prompt_sigint */
+      rl_getc_function = getc_interruptible;
       rl_basic_word_break_characters = " \t\n\"\\'><=;+-*/%^~#{}()[],";
       printf("nrlua %s (LuaJIT) — Neural Rejuvenation toolkit. nr is loaded; Ctrl-D quits.\n", NR_VERSION);
       lua_getglobal(L, "require");
@@ -236,6 +302,10 @@ static int repl(lua_State *L)
       for (;;) {
          char *line = read_line(tty, "> ");
          if (!line) break;
+         if (line_cancelled) {
+            free(line);
+            continue;
+         }
          if (*line) add_history(line);
          lua_pushstring(L, line);
          free(line);
@@ -247,6 +317,10 @@ static int repl(lua_State *L)
                lua_pop(L, 1);
                char *more = read_line(tty, ">> ");
                if (!more) break;
+               if (line_cancelled) {
+                  free(more);
+                  break;
+               }
                if (*more) add_history(more);
                lua_pushstring(L, "\n");
                lua_pushstring(L, more);
@@ -307,6 +381,17 @@ static int repl(lua_State *L)
    return 0;
 }
 
+/* Whether the error on the stack is a Ctrl-C: after a SIGINT, a message whose first line ends
+ * in "interrupted" (code that catches and re-raises errors may prefix a position or a layer). */
+static int interrupted_error(lua_State *L)
+{
+   const char *msg = lua_tostring(L, -1);
+   if (!interrupted || !msg) return 0;
+   const char *nl = strchr(msg, '\n');
+   size_t n = nl ? (size_t)(nl - msg) : strlen(msg);
+   return n >= 11 && !strncmp(msg + n - 11, "interrupted", 11);
+}
+
 /* ---- main ----------------------------------------------------------------------------- */
 
 static void usage(FILE *f)
@@ -363,6 +448,8 @@ int main(int argc, char **argv)
    }
    L_global = L;
    signal(SIGPIPE, SIG_IGN);
+   sigint_ignored = signal(SIGINT, SIG_DFL) == SIG_IGN;
+   if (sigint_ignored) signal(SIGINT, SIG_IGN);
    luaL_openlibs(L);
    setup_paths(L, home, lib);
    /* arg table as in luajit: arg[0] = script, arg[1..] = its arguments, negatives before */
@@ -375,7 +462,10 @@ int main(int argc, char **argv)
    int status = 0;
    if (code) {
       lua_pushstring(L, code);
-      status = report(L, call_cli(L, "run_code", 1, 0));
+      interrupted = 0;
+      status = call_cli(L, "run_code", 1, 0);
+      if (status && interrupted_error(L)) goto sigint;
+      status = report(L, status);
       if (status) goto done;
    }
    if (script) {
@@ -385,11 +475,27 @@ int main(int argc, char **argv)
          lua_pushstring(L, argv[j]);
          lua_rawseti(L, -2, j - script);
       }
-      status = report(L, call_cli(L, "run_file", 2, 0));
+      interrupted = 0;
+      status = call_cli(L, "run_file", 2, 0);
+      if (status && interrupted_error(L)) {
+         /* nr.cli.interrupted: the message, with the run folder to --resume */
+         lua_pop(L, 1);
+         lua_pushstring(L, argv[script]);
+         if (call_cli(L, "interrupted", 1, 1) || !lua_isstring(L, -1)) {
+            lua_settop(L, 0);
+            lua_pushstring(L, "interrupted");
+         }
+         goto sigint;
+      }
+      report(L, status);
    } else if (interactive || !code) {
       status = repl(L);
    }
 done:
    lua_close(L);
    return status ? 1 : 0;
+sigint: /* Ctrl-C: exit as a process killed by SIGINT would, 128 + 2 */
+   report(L, 1);
+   lua_close(L);
+   return 130;
 }

@@ -143,9 +143,26 @@ local function file_size(path)
    return n
 end
 
+-- Without lua-filesystem (scripts/setup.sh installs it) the folder operations go through the
+-- shell; every path is quoted by shell.quote, so a path holding $(...), quotes or spaces is
+-- only ever a path. Exposed for the specs.
+local shell = {}
+M.shell = shell
+function shell.quote(path) return "'" .. tostring(path):gsub("'", "'\\''") .. "'" end
+function shell.is_dir(path) return os.execute('test -d ' .. shell.quote(path)) == 0 end
+function shell.is_link(path) return os.execute('test -L ' .. shell.quote(path)) == 0 end
+function shell.mkdir(path) return os.execute('mkdir -p -- ' .. shell.quote(path)) == 0 end
+function shell.list(path)
+   local out = {}
+   local p = io.popen('ls -1A -- ' .. shell.quote(path) .. ' 2>/dev/null')
+   for line in p:lines() do out[#out + 1] = line end
+   p:close()
+   return out
+end
+
 local function is_dir(path)
    if has_lfs then return lfs.attributes(path, 'mode') == 'directory' end
-   return os.execute('test -d "' .. path .. '"') == 0
+   return shell.is_dir(path)
 end
 M.is_dir = is_dir
 
@@ -160,7 +177,7 @@ function M.mkdirs(path)
             local ok, err = lfs.mkdir(acc)
             if not ok and not is_dir(acc) then error('cannot create folder ' .. acc .. ': ' .. tostring(err), 2) end
          else
-            if os.execute('mkdir -p "' .. acc .. '"') ~= 0 then error('cannot create folder ' .. acc, 2) end
+            if not shell.mkdir(acc) then error('cannot create folder ' .. acc, 2) end
          end
       end
       acc = acc .. '/'
@@ -176,9 +193,7 @@ function M.list(path)
          if name ~= '.' and name ~= '..' then out[#out + 1] = name end
       end
    else
-      local p = io.popen('ls -1A "' .. path .. '" 2>/dev/null')
-      for line in p:lines() do out[#out + 1] = line end
-      p:close()
+      out = shell.list(path)
    end
    table.sort(out)
    return out
@@ -187,7 +202,7 @@ end
 -- A symbolic link (to a file or a folder).
 local function is_link(path)
    if has_lfs and lfs.symlinkattributes then return lfs.symlinkattributes(path, 'mode') == 'link' end
-   return os.execute('test -L "' .. path .. '"') == 0
+   return shell.is_link(path)
 end
 M.is_link = is_link
 

@@ -15,6 +15,24 @@ function M.run_file(path, args)
    end
 end
 
+-- Ctrl-C ended the run of a file (the host then exits with status 130): the message to show.
+-- While nr.train runs (train.running: the trainer, its metrics file open), it names the run
+-- folder and how to continue it.
+function M.interrupted(path)
+   local tr = package.loaded['nr.train']
+   local run = type(tr) == 'table' and tr.running
+   if type(run) == 'table' and run.metrics and run.out then
+      local f = io.open(run.out .. '/checkpoint/latest')
+      local latest = f and f:read('*l')
+      if f then f:close() end
+      local at = string.format('interrupted at epoch %s step %s; ', tostring(run.epoch), tostring(run.step))
+      if not latest then return at .. run.out .. ' has no checkpoint yet (the first is written at the end of an epoch)' end
+      return string.format('%s%s resumes from its last checkpoint (%s): nrlua %s --resume %s', at, run.out, latest, path, run.out)
+   end
+   if type(tr) == 'table' then return 'interrupted (a run folder resumes from its last checkpoint: --resume DIR)' end
+   return 'interrupted'
+end
+
 function M.run_code(code)
    local chunk, err = loadstring(code, '=(command line)')
    if not chunk then error(err, 0) end
@@ -47,6 +65,7 @@ M.show = show
 M.failures = 0
 local function report(msg)
    local tb = tostring(msg):gsub('\n%s*%[C%]: in function \'xpcall\'.*$', '')
+   if tostring(msg):match('^[^\n]*interrupted\n') then tb = 'interrupted' end  -- Ctrl-C (the host's hook)
    io.stderr:write(tb, '\n')
    io.stderr:flush()
    M.failures = M.failures + 1

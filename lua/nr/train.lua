@@ -446,8 +446,10 @@ function Trainer:log(record)
    if r.step == nil then r.step = self.step end
    r.time = r.time or (progress.now() - self.t_start + (self.time_offset or 0))
    if self.metrics then
-      self.metrics:write(ck.json_encode(r), '\n')
-      self.metrics:flush()
+      -- a full disk must not silently cut metrics.jsonl short
+      local ok, err = self.metrics:write(ck.json_encode(r), '\n')
+      if ok then ok, err = self.metrics:flush() end
+      if not ok then error(string.format('nr.train: cannot write %s/metrics.jsonl: %s', self.out, tostring(err)), 0) end
    end
    self.records[#self.records + 1] = r
 end
@@ -1167,6 +1169,7 @@ function Trainer:run()
    end
    ck.write_atomic(self.out .. '/recipe.json', ck.json_encode(recipe_json(rc), true) .. '\n')
    self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
+   M.running = self   -- Ctrl-C names this run's folder (nr.cli.interrupted) while self.metrics is open
    local start = self.epoch + 1
    self:log({kind = 'run', event = resume and 'resume' or 'begin', epochs = rc.epochs, device = self.device,
              precision = self.precision, memory_format = self.memory_format,

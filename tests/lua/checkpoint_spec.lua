@@ -260,4 +260,39 @@ describe('nr.checkpoint', function()
       ck.remove_tree(TMP)
       assert.is_false(ck.is_dir(TMP))
    end)
+   it('quotes paths in the shell fallbacks used without lua-filesystem', function()
+      local base = TMP .. '_shell'
+      local flag = base .. '_PWNED'
+      os.remove(flag)
+      local dir = base .. "/a b/it's \"q\" $(touch " .. flag .. ") `touch " .. flag .. "`"
+      assert.equal("'it'\\''s $(x)'", ck.shell.quote("it's $(x)"))
+      assert.is_true(ck.shell.mkdir(dir))
+      assert.is_true(ck.shell.is_dir(dir))
+      assert.is_false(ck.shell.is_link(dir))
+      local f = assert(io.open(dir .. "/x'$(id) y", 'w'))
+      f:close()
+      assert.same({"x'$(id) y"}, ck.shell.list(dir))
+      assert.is_nil(io.open(flag), 'a shell command in a path was run')
+      os.execute("rm -rf -- " .. ck.shell.quote(base))
+   end)
+   it('nr.train: a failing metrics.jsonl write (a full disk) is an error naming the file', function()
+      local Trainer = require('nr.train').Trainer
+      local function trainer(metrics)
+         return setmetatable({metrics = metrics, out = 'runs/full', epoch = 1, step = 2, t_start = 0, records = {}},
+            {__index = Trainer})
+      end
+      -- /dev/full: writes fail with ENOSPC (buffered: at the flush)
+      local f = io.open('/dev/full', 'w')
+      if f then
+         local ok, err = pcall(Trainer.log, trainer(f), {kind = 'step', loss = 1})
+         f:close()
+         assert.is_false(ok)
+         assert.matches('cannot write runs/full/metrics.jsonl: .*No space left', err)
+      end
+      -- a handle whose write fails
+      local bad = {write = function() return nil, 'Disk quota exceeded' end, flush = function() return true end}
+      local ok, err = pcall(Trainer.log, trainer(bad), {kind = 'step'})
+      assert.is_false(ok)
+      assert.equal('nr.train: cannot write runs/full/metrics.jsonl: Disk quota exceeded', err)
+   end)
 end)

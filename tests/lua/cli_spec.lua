@@ -170,4 +170,35 @@ describe('nrlua', function()
       assert.is_truthy(nrffi.home)
       assert.is_truthy(io.open(nrffi.home .. '/lua/nr/init.lua'))
    end)
+   -- Ctrl-C: the host's SIGINT hook raises "interrupted" at the next Lua instruction. The loops run
+   -- with the JIT off: a loop compiled into one trace checks no hooks (a second SIGINT kills it).
+   -- `set -m`: a non-interactive shell starts background jobs with SIGINT ignored.
+   local function interrupt(cmd)
+      local out = tmp .. '/sigint_out.txt'
+      return run("bash -c 'set -m; " .. cmd .. " > " .. out .. " 2>&1 & pid=$!; " ..
+         "for i in $(seq 100); do grep -q ready " .. out .. " && break; sleep 0.1; done; " ..
+         "kill -INT $pid; wait $pid; echo \"::status=$?\"; cat " .. out .. "'")
+   end
+
+   it('ends a script on SIGINT with "interrupted" and status 130', function()
+      local f = tmp .. '/sigint_loop.lua'
+      local g = io.open(f, 'w')
+      g:write("jit.off()\nio.write('ready\\n') io.flush()\nlocal t = 0\nwhile true do t = t + math.sin(t) end\n")
+      g:close()
+      local out = interrupt(exe .. ' ' .. f)
+      assert.matches('::status=130', out, 1, true)
+      assert.matches('nrlua: interrupted\n', out, 1, true)
+      assert.is_nil(out:find('traceback', 1, true))
+   end)
+
+   it('cancels the running REPL input on SIGINT and goes on', function()
+      local f = tmp .. '/sigint_repl.txt'
+      local g = io.open(f, 'w')
+      g:write("x = 41\njit.off(); io.write('ready\\n'); io.flush(); while true do x = x + 0 end\nprint('after', x + 1)\n")
+      g:close()
+      local out = interrupt(exe .. ' < ' .. f)
+      assert.matches('interrupted\n', out, 1, true)
+      assert.matches('after\t42', out, 1, true)
+      assert.matches('::status=1\n', out, 1, true)   -- piped: a failed input is the exit status
+   end)
 end)

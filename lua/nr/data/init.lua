@@ -225,6 +225,11 @@ function M.dataset(opts)
    local name, split = opts.name, opts.split or 'train'
    check.arg(type(name) == 'string', fname, 'name must be a string (fashion-mnist, mnist, cifar10, cifar100, imagefolder)')
    check.arg(type(split) == 'string', fname, 'split must be a string')
+   -- an unknown name first: else it would be asked for a root folder it cannot use
+   local KNOWN = {['fashion-mnist'] = true, mnist = true, cifar10 = true, cifar100 = true, imagefolder = true}
+   if not KNOWN[name] then
+      error(string.format('%s: unknown dataset %q (known: fashion-mnist, mnist, cifar10, cifar100, imagefolder)', fname, name), 2)
+   end
    local root = opts.root
    if root == nil then
       if name == 'fashion-mnist' then root = FASHION_ROOT
@@ -504,7 +509,16 @@ function M.loader(ds, opts)
    check.arg(output == 'float32' or output == 'uint8', fname, 'output must be "float32" or "uint8", got %s', tostring(output))
    cfg.output_u8 = output == 'uint8' and 1 or 0
    local p = C.nr_loader_new(live_ds(ds), cfg)
-   if p == nil then c_error(fname, 2) end
+   if p == nil then
+      local msg = ffi.string(C.nr_last_error())
+      if msg:find('memory', 1, true) or msg:find('too large', 1, true) then
+         -- the batch buffers hold batch x channels x side^2: name the options setting the side
+         msg = msg .. string.format(' (batches of %d images of side resize %d, crop %d, center_crop %d, random_resized_crop %d:'
+            .. ' lower augment sizes, i.e. data.size in nr.train, or the batch)', batch, cfg.resize_h, cfg.crop, cfg.center_crop,
+            cfg.random_resized_crop)
+      end
+      error(fname .. ': ' .. msg, 2)
+   end
    -- _cfg: the copy of the config whose mean / std Loader:normalize hands to C (kept alive here)
    local l = setmetatable({dataset = ds, c = ffi.gc(p, C.nr_loader_free), batch = batch, threads = threads, output = output,
                            _cfg = cfg, _slot = ffi.new('int32_t[1]'), _count = ffi.new('int32_t[1]'), _x = {}, _y = {},
