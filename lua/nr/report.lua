@@ -178,12 +178,64 @@ end
 
 -- ---- reading a run --------------------------------------------------------------------------
 
+
+-- The types of the record fields the report reads. A record that is valid JSON but holds another
+-- type there (a damaged or hand-edited metrics.jsonl) is skipped and counted with the unreadable
+-- lines, instead of failing the whole report.
+local NUM, STR, TAB = 'number', 'string', 'table'
+local FIELDS = {kind = STR, event = STR, device = STR, precision = STR, memory_format = STR, scheme = STR,
+                epoch = NUM, step = NUM, iter = NUM, lr = NUM, lr_end = NUM, loss = NUM, top1 = NUM, time = NUM,
+                time_s = NUM, images_per_s = NUM, r_params = NUM, r_flops = NUM, lambda = NUM, cost = NUM,
+                target_cost = NUM, cost_error = NUM, alpha = NUM, alpha_sqrt = NUM, index = NUM, held_epochs = NUM,
+                epochs_planned = NUM, params = NUM, threads = NUM, model_params = NUM, train_time_s = NUM,
+                final_top1 = NUM, best_top1 = NUM, iters_per_epoch = NUM, epochs = NUM,
+                train = TAB, val = TAB, r_before = TAB, r_after = TAB, layers = TAB, size_before = TAB,
+                size_after = TAB, lambda_history = TAB}
+local NESTED = {train = {loss = NUM, top1 = NUM, top5 = NUM}, val = {loss = NUM, top1 = NUM, top5 = NUM},
+                r_before = {params = NUM, flops = NUM}, r_after = {params = NUM, flops = NUM},
+                size_before = {params = NUM, flops = NUM}, size_after = {params = NUM, flops = NUM}}
+local LAYER = {name = STR, width_before = NUM, before = NUM, live = NUM, width_after = NUM, after = NUM}
+
+local function fields_ok(t, types)
+   for k, ty in pairs(types) do
+      if t[k] ~= nil and type(t[k]) ~= ty then return false end
+   end
+   return true
+end
+
+-- The same for recipe.json's fields the summary reads; a damaged one is left out as a whole.
+local RECIPE = {name = STR, epochs = NUM, data = TAB, optim = TAB, schedule = TAB}
+local RECIPE_NESTED = {data = {dataset = STR, root = STR, batch = NUM},
+                       optim = {name = STR, lr = NUM, momentum = NUM, weight_decay = NUM},
+                       schedule = {name = STR, warmup = NUM, milestones = TAB},
+                       nr = {target = NUM, constraint = STR, scheme = STR}}
+
+local function recipe_ok(rc)
+   if type(rc) ~= 'table' or not fields_ok(rc, RECIPE) then return false end
+   for k, types in pairs(RECIPE_NESTED) do
+      if type(rc[k]) == 'table' and not fields_ok(rc[k], types) then return false end
+   end
+   return true
+end
+
+local function well_formed(r)
+   if type(r) ~= 'table' or not fields_ok(r, FIELDS) then return false end
+   for k, types in pairs(NESTED) do
+      if r[k] ~= nil and not fields_ok(r[k], types) then return false end
+   end
+   for _, l in pairs(r.layers or {}) do
+      if type(l) ~= 'table' or not fields_ok(l, LAYER) then return false end
+   end
+   return true
+end
+
 function M.read_run(dir)
    local run = {dir = dir, records = {}, bad_lines = 0}
    local rtext = ck.read_file(dir .. '/recipe.json')
    if rtext then
       local ok, r = pcall(ck.json_decode, rtext)
-      run.recipe = ok and r or nil
+      run.recipe = ok and recipe_ok(r) and r or nil
+      run.bad_recipe = not run.recipe
    end
    local mtext = ck.read_file(dir .. '/metrics.jsonl')
    if not mtext and not rtext then
@@ -191,7 +243,7 @@ function M.read_run(dir)
    end
    for line in (mtext or ''):gmatch('[^\n]+') do
       local ok, r = pcall(ck.json_decode, line)
-      if ok and type(r) == 'table' then run.records[#run.records + 1] = r else run.bad_lines = run.bad_lines + 1 end
+      if ok and well_formed(r) then run.records[#run.records + 1] = r else run.bad_lines = run.bad_lines + 1 end
    end
    return run
 end
@@ -245,7 +297,7 @@ pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:auto;max-height:420p
 -- render(dir) -> HTML string
 function M.render(dir)
    local run = M.read_run(dir)
-   local rc = run.recipe or {}
+   local rc = type(run.recipe) == 'table' and run.recipe or {}
    local steps, epochs, nrs = by_kind(run, 'step'), by_kind(run, 'epoch'), by_kind(run, 'nr')
    local runs, summaries = by_kind(run, 'run'), by_kind(run, 'summary')
    local ipe = runs[#runs] and runs[#runs].iters_per_epoch
@@ -271,9 +323,10 @@ function M.render(dir)
    local model_s = type(model) == 'table' and (model.name and (model.name .. (model.depth and (' depth ' .. model.depth) or '')
       .. (model.width and (' width ' .. model.width) or ''))
       or model.module and (model.module .. ' (' .. fnum(model.params) .. ' parameters, defined in the recipe)')) or tostring(model or '?')
-   local data = rc.data or {}
-   local optim = rc.optim or {}
-   local sched = rc.schedule or {}
+   local function section(v) return type(v) == 'table' and v or {} end -- (a damaged recipe.json)
+   local data = section(rc.data)
+   local optim = section(rc.optim)
+   local sched = section(rc.schedule)
    add('<table class="kv">')
    local function kv(k, v) add('<tr><td>' .. esc(k) .. '</td><td>' .. v .. '</td></tr>') end
    -- a run without its summary record did not finish (still running, or stopped: --resume continues it)
@@ -444,6 +497,8 @@ function M.render(dir)
 
    if run.recipe then
       add('<h2>Recipe (resolved)</h2><pre>' .. esc(ck.json_encode(run.recipe, true)) .. '</pre>')
+   elseif run.bad_recipe then
+      add('<p class="sub">recipe.json could not be read (damaged): the summary lacks its settings.</p>')
    end
    if run.bad_lines > 0 then
       add('<p class="sub">' .. run.bad_lines .. ' unreadable line(s) in metrics.jsonl were skipped.</p>')

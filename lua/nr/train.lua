@@ -564,6 +564,11 @@ local function build_data(tr, rc)
    check.arg(type(d.dataset) == 'string', 'nr.train', 'recipe.data.dataset is not set (e.g. --dataset fashion-mnist)')
    local root = expand_path(d.root, 'recipe.data.root')
    local hint = M.DATASET_HINTS[d.dataset]
+   if not hint then
+      error(string.format('nr.train: unknown dataset %q (fashion-mnist, mnist, cifar10, cifar100, imagefolder)', d.dataset), 0)
+   end
+   -- an input side within the loader's limit (core/data_internal.h NR_AUG_MAX_SIDE)
+   if d.size ~= nil then check.int32(d.size, 'nr.train', 'data.size', 1, 2 ^ 20) end
    if root and not ck.is_dir(root) then
       error(string.format('nr.train: dataset %s not found: %s is not a folder.%s', d.dataset, root,
          hint and ('\n  To get it: ' .. hint .. '.') or ''), 0)

@@ -103,6 +103,21 @@ describe('nr.report', function()
       assert.falsy(html:find('rescaled', 1, true))    -- 0 channels rescaled is not "rescaled"
    end)
 
+   it('skips records and a recipe.json of the wrong types (valid JSON), counting them, instead of failing', function()
+      local d3 = TMP .. '/damaged'
+      ck.mkdirs(d3)
+      ck.write_atomic(d3 .. '/recipe.json', '{"data": 5, "schedule": {"warmup": "x"}}')
+      ck.write_atomic(d3 .. '/metrics.jsonl', table.concat({
+         '{"kind":"epoch","epoch":1,"lr":0.1,"train":{"loss":1},"val":{"top1":50}}',
+         '{"kind":"epoch","epoch":"x","train":5}', '{"kind":"step","step":"s"}',
+         '{"kind":"nr","event":"check","r_params":"x"}', '{"kind":"nr","event":"rejuvenate","layers":{"1":5}}',
+      }, '\n') .. '\n')
+      local html = ck.read_file(report.write(d3))
+      assert.truthy(html:find('4 unreadable line(s) in metrics.jsonl', 1, true))
+      assert.truthy(html:find('recipe.json could not be read (damaged)', 1, true))
+      assert.truthy(html:find('<td>1</td><td>0.1</td>', 1, true))           -- the good epoch is still shown
+   end)
+
    it('draws charts with nice ticks and tolerates empty series', function()
       local svg = report.chart{title = 'T', series = {{name = 'a', points = {{0, 0.1}, {1, 0.93}}}}}
       assert.truthy(svg:find('>1.0<', 1, true) or svg:find('>1.00<', 1, true))

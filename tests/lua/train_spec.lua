@@ -310,6 +310,13 @@ describe('nr.train', function()
       assert.truthy(out:text():find('recipe.epoch is not a field nr.train reads (did you mean epochs?)', 1, true), out:text())
       assert.truthy(out:text():find('recipe.lr is not a field nr.train reads (did you mean optim.lr?)', 1, true))
       assert.falsy(out:text():find('recipe.width', 1, true))
+      -- an unknown dataset is named first (not as a split it cannot open); data.size within the loader's limit
+      for _, c in ipairs({{{dataset = 'foo'}, 'nr.train: unknown dataset "foo" (fashion-mnist'},
+                          {{dataset = 'fashion-mnist', size = 2 ^ 21}, 'nr.train: data.size must be an integer in'}}) do
+         local ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_data', {data = c[1]}))
+         assert.is_false(ok)
+         assert.truthy(tostring(e):find(c[2], 1, true), tostring(e))
+      end
       -- sections of the wrong type are named (they failed inside the trainer as raw Lua errors)
       for _, c in ipairs({{{loss = 5}, 'recipe.loss must be a table, got 5'}, {{optim = 'sgd'}, 'recipe.optim must be a table'},
                           {{data = {train = {}}}, 'recipe.data.train must be a loader'},
