@@ -64,8 +64,10 @@ M.show = show
 -- M.failures counts the inputs that failed (the host's exit status when stdin is not a terminal).
 M.failures = 0
 local function report(msg)
-   local tb = tostring(msg):gsub('\n%s*%[C%]: in function \'xpcall\'.*$', '')
-   if tostring(msg):match('^[^\n]*interrupted\n') then tb = 'interrupted' end  -- Ctrl-C (the host's hook)
+   local ok, text = pcall(tostring, msg) -- an error object whose __tostring fails is a failed input too
+   if not ok then text = '(an error object whose __tostring failed: ' .. tostring(text) .. ')' end
+   local tb = text:gsub('\n%s*%[C%]: in function \'xpcall\'.*$', '')
+   if text:match('^[^\n]*interrupted\n') then tb = 'interrupted' end  -- Ctrl-C (the host's hook)
    io.stderr:write(tb, '\n')
    io.stderr:flush()
    M.failures = M.failures + 1

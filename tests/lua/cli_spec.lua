@@ -128,6 +128,9 @@ describe('nrlua', function()
       local o4, rc4 = piped(exe, 'for i = 1, 2 do\nprint(i)\n')  -- unfinished at the end of input
       assert.equal(1, rc4)
       assert.truthy(o4:find("'end' expected", 1, true), o4)
+      local o6, rc6 = piped(exe, 'error(setmetatable({}, {__tostring = function() error("bad") end}))\nprint("after")\n')
+      assert.equal(1, rc6)                                        -- an error object that cannot be shown
+      assert.truthy(o6:find('an error object whose __tostring failed', 1, true) and o6:find('after', 1, true), o6)
       local o5, rc5 = piped(exe, 'setmetatable({}, {__tostring = function() error("bad tostring") end})\nprint("after")\n')
       assert.equal(1, rc5)                                        -- printing the value failed
       assert.truthy(o5:find('bad tostring', 1, true) and o5:find('after', 1, true), o5)
