@@ -132,11 +132,14 @@ local function is_module(x) return type(x) == 'table' and type(x.forward) == 'fu
 -- Fills defaults into a copy of the recipe (tables merged one level deep).
 function M.resolve(recipe)
    check.arg(type(recipe) == 'table', 'nr.train', 'recipe must be a table, got %s', type(recipe))
-   -- sections that are tables (a scalar here failed later inside the trainer as a raw Lua error)
+   -- sections that are tables (a scalar here failed later inside the trainer as a raw Lua error);
+   -- schedule = false is a constant LR, dist/hooks/progress = false are none
+   local may_be_false = {schedule = true, dist = true, hooks = true, progress = true}
    for _, k in ipairs({'data', 'optim', 'schedule', 'loss', 'dist', 'hooks', 'progress'}) do
       local v = recipe[k]
-      if v ~= nil and type(v) ~= 'table' then
-         error(string.format('nr.train: recipe.%s must be a table, got %s', k, check.show(v)), 0)
+      if v ~= nil and type(v) ~= 'table' and not (v == false and may_be_false[k]) then
+         error(string.format('nr.train: recipe.%s must be a table%s, got %s', k, may_be_false[k] and ' or false' or '',
+            check.show(v)), 0)
       end
    end
    if recipe.nr ~= nil and recipe.nr ~= false and type(recipe.nr) ~= 'table' then
