@@ -103,8 +103,19 @@ end
 -- single process (rank 0 of 1) and MPI is never loaded. timeout: seconds a collective may wait
 -- (default $NR_DIST_TIMEOUT or 1800; 0 waits forever). device 'cuda': NCCL on this rank's GPU,
 -- local_rank modulo the visible GPUs (also made nr.cuda's current device).
+-- A timeout in seconds: a finite number >= 0 (0: wait forever). NaN turned the hang timeout off
+-- without a word and a negative value silently meant the default.
+local function check_timeout(v, fname, what)
+   if v == nil then return end
+   if not (type(v) == 'number' and v >= 0 and v < math.huge) then
+      error(string.format('%s: %s must be a finite number of seconds >= 0 (0: wait forever), got %s', fname, what,
+         check.show(v)), 3)
+   end
+end
+
 function M.init(opts)
    opts = check.options(opts, {timeout = true, algo = true, device = true, force = true}, 'nr.dist.init')
+   check_timeout(opts.timeout, 'nr.dist.init', 'timeout')
    if opts.algo then
       check.arg(opts.algo == 'ordered' or opts.algo == 'mpi', 'nr.dist.init', 'algo must be "ordered" or "mpi", got %s', tostring(opts.algo))
       S.algo = opts.algo
@@ -148,6 +159,7 @@ function M.time()
 end
 
 function M.set_timeout(seconds)
+   check_timeout(seconds, 'nr.dist.set_timeout', 'seconds')
    check.type(seconds, 'number', 'nr.dist.set_timeout', 'seconds')
    if D then D.nr_dist_set_timeout(seconds) end
 end
@@ -892,6 +904,114 @@ end
 
 local NULL_STREAM = {write = function() end, flush = function() end}
 
+-- ---- recipe agreement ------------------------------------------------------------------------
+
+-- Recipe fields that are each rank's own and may differ: folders, the device index, output
+-- streams, thread counts, the wait bound, and what attach itself sets per rank.
+local RANK_LOCAL = {out = true, resume = true, overwrite = true, device = true, device_resolved = true,
+                    progress = true, threads = true, hooks = true, model_built = true, name = true,
+                    ['data.shard'] = true, ['data.root'] = true, ['data.threads'] = true, ['data.workers'] = true,
+                    ['dist.timeout'] = true}
+M.RANK_LOCAL = RANK_LOCAL
+
+-- The resolved recipe as a flat, sorted list of {path, text}: numbers to 17 digits, modules by
+-- type and size, functions, loaders and other objects by kind only (they cannot be compared).
+function M.recipe_fingerprint(rc)
+   local flat = {}
+   local function show(v)
+      local tv = type(v)
+      if tv == 'number' then return string.format('%.17g', v) end
+      if tv == 'string' then return string.format('%q', v) end
+      if tv == 'table' and type(v.forward) == 'function' then
+         local okn, n = pcall(v.nParameters, v)
+         local okt, ty = pcall(v.typename, v)
+         return string.format('<module %s, %s parameters>', okt and tostring(ty) or '?', okn and tostring(n) or '?')
+      end
+      if tv == 'table' and T.is_tensor(v) then return '<tensor ' .. table.concat(v:shape(), 'x') .. '>' end
+      if tv == 'table' and (type(v.nbatches) == 'function' or type(v.write) == 'function') then return '<object>' end
+      if tv == 'table' then return nil end -- walked
+      if tv == 'function' or tv == 'userdata' or tv == 'cdata' then return '<' .. tv .. '>' end
+      return tostring(v)
+   end
+   local function walk(v, path, seen)
+      if path ~= '' and RANK_LOCAL[path] then return end
+      local text = show(v)
+      if text then flat[#flat + 1] = {path, text}; return end
+      if seen[v] then flat[#flat + 1] = {path, '<cycle>'}; return end
+      seen[v] = true
+      local keys = {}
+      for k in pairs(v) do keys[#keys + 1] = k end
+      table.sort(keys, function(a, b)
+         if type(a) == type(b) and (type(a) == 'number' or type(a) == 'string') then return a < b end
+         return type(a) < type(b)
+      end)
+      if #keys == 0 then flat[#flat + 1] = {path, '{}'} end
+      for _, k in ipairs(keys) do
+         walk(v[k], path == '' and tostring(k) or (path .. '.' .. tostring(k)), seen)
+      end
+      seen[v] = nil
+   end
+   walk(rc, '', {})
+   return flat
+end
+
+-- Fails on every rank, with the same message, when some rank's text differs; bad is this
+-- rank's message or nil. The first rank (in rank order) that differs tells the others.
+local function fail_together(bad, fname)
+   local rows = M.allgather_numbers({bad and 1 or 0})
+   for r, row in ipairs(rows) do
+      if row[1] ~= 0 then
+         local msg = M.broadcast_object(bad or '', r - 1)
+         error(string.format('%s (%s): %s', fname, where(), msg), 0)
+      end
+   end
+end
+
+-- Every rank's resolved recipe must equal rank 0's, except the per-rank fields (RANK_LOCAL).
+-- Raises on every rank, naming the first differing field and both values.
+function M.assert_same_recipe(rc)
+   if not M.active() then return end
+   local mine = M.recipe_fingerprint(rc or {})
+   local theirs = M.broadcast_object(mine, 0)
+   local bad
+   if S.rank ~= 0 then
+      local a, b = {}, {}
+      local paths, seen = {}, {}
+      for _, e in ipairs(theirs) do a[e[1]] = e[2]; if not seen[e[1]] then seen[e[1]] = true; paths[#paths + 1] = e[1] end end
+      for _, e in ipairs(mine) do b[e[1]] = e[2]; if not seen[e[1]] then seen[e[1]] = true; paths[#paths + 1] = e[1] end end
+      table.sort(paths)
+      for _, p in ipairs(paths) do
+         if a[p] ~= b[p] then
+            bad = string.format('the ranks train different recipes: rank %d has %s = %s where rank 0 has %s = %s ' ..
+               '(every rank must get the same recipe and flags, except out, device, threads, progress and dist.timeout)',
+               S.rank, p, b[p] or 'nothing', p, a[p] or 'nothing')
+            break
+         end
+      end
+   end
+   fail_together(bad, 'nr.dist.attach')
+end
+
+-- list of {what, number}: every rank must hold the same numbers; raises on every rank otherwise,
+-- naming the first that differs and the ranks' values.
+function M.assert_same_numbers(list, fname)
+   if not M.active() then return end
+   local nums = {}
+   for i, e in ipairs(list) do nums[i] = e[2] end
+   local rows = M.allgather_numbers(nums)
+   for i, e in ipairs(list) do
+      local vals, differ = {}, false
+      for r, row in ipairs(rows) do
+         vals[r] = string.format('rank %d: %.17g', r - 1, row[i])
+         if row[i] ~= rows[1][i] and not (row[i] ~= row[i] and rows[1][i] ~= rows[1][i]) then differ = true end
+      end
+      if differ then
+         error(string.format('%s (%s): the ranks disagree on %s (%s); every rank must run the same number of steps',
+            fname or 'nr.dist', where(), e[1], table.concat(vals, ', ')), 0)
+      end
+   end
+end
+
 -- nr.dist.attach(trainer [, opts]): makes nr.train data-parallel when the process was started by
 -- an MPI launcher; with one process it only sets tr.rank = 0, tr.world_size = 1, tr.is_main =
 -- true and loads nothing. nr.train's M.new calls it (once; later calls return at once) after
@@ -922,6 +1042,8 @@ function M.attach(tr, opts)
    check.arg(type(opts) == 'table', 'nr.dist.attach', 'recipe.dist must be a table, got %s', type(opts))
    opts = check.options(opts, {timeout = true, algo = true, bucket_mb = true, overlap = true, check_every = true,
                                buffers = true, enabled = true, sync_bn = true}, 'nr.dist.attach')
+   check_timeout(opts.timeout, 'nr.dist.attach', 'dist.timeout')
+   if opts.check_every ~= nil then check.int(opts.check_every, 'nr.dist.attach', 'dist.check_every (0: never)', 0) end
    if opts.enabled == false then
       tr.rank, tr.world_size, tr.is_main = 0, 1, true
       return tr
@@ -930,6 +1052,9 @@ function M.attach(tr, opts)
    tr.rank, tr.world_size, tr.is_main = rank, size, rank == 0
    if size == 1 then return tr end
    tr.dist = M
+   -- every rank must train the same recipe: ranks that differ in, say, the number of batches
+   -- call different collectives and crash inside MPI (or fail an epoch later naming a symptom)
+   M.assert_same_recipe(rc)
 
    -- GPU: one rank per GPU, chosen by the rank on this machine (before the model moves there); a
    -- GPU named in the recipe ('cuda:N') would put every rank on the same one
@@ -1035,6 +1160,13 @@ function M.attach(tr, opts)
    tr:add_hook('train_begin', function() D.nr_dist_set_busy(1) end)
    tr:add_hook('train_end', function() D.nr_dist_set_busy(0) end)
    tr:add_hook('train_begin', function(t)
+      -- the number of steps must agree before the first one: a rank with fewer batches would
+      -- leave the others waiting in a gradient reduction (a data set of another size, a loader)
+      M.assert_same_numbers({
+         {'steps per epoch (iters_per_epoch)', t.iters_per_epoch or 0},
+         {'planned epochs', type(t.planned_epochs) == 'function' and t:planned_epochs() or rc.epochs or 0},
+         {'epochs already done (resume)', t.epoch or 0},
+      }, 'nr.dist.attach')
       if t.device and tostring(t.device):match('^cuda') then M.init({device = 'cuda'}) end
       sync_model(t)
       new_reducer(t)

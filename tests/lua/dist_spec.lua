@@ -8,6 +8,7 @@
 --   (e) train.lua         nr.train + nr.dist.attach: 2 ranks == 1 process, checkpoints compared
 --   (f) train.lua         --resume from a checkpoint written with another number of ranks
 --   (g) train_nr.lua      nr.train + NR: policy decisions on rank 0 only, replicas identical
+--   (h) mismatch.lua      ranks given different recipes fail together before the first step
 -- Single-process behaviour (no launcher: no MPI loaded, collectives are identities) is checked
 -- in this process. The spec exits 77 (skipped) when mpirun or libnr_dist is missing.
 local nr = require 'nr'
@@ -105,6 +106,47 @@ describe('nr.dist in one process (no launcher)', function()
       assert.same({}, hooks)
    end)
 
+   it('rejects a timeout that is not a finite number >= 0 and a check_every that is not an integer >= 0', function()
+      local function attach(opts)
+         local tr = {recipe = {}, add_hook = function() end}
+         local ok, err = pcall(dist.attach, tr, opts)
+         return ok, tostring(err)
+      end
+      for _, bad in ipairs({0 / 0, -5, math.huge, 'x'}) do
+         local ok, err = attach({timeout = bad})
+         assert.is_false(ok, 'timeout ' .. tostring(bad))
+         assert.matches('dist.timeout must be a finite number of seconds >= 0 (0: wait forever), got ' ..
+            require('nr.check').show(bad), err, 1, true)
+         ok, err = pcall(dist.init, {timeout = bad})
+         assert.is_false(ok, 'init timeout ' .. tostring(bad))
+         assert.matches('nr.dist.init: timeout must be a finite number', tostring(err), 1, true)
+         ok, err = pcall(dist.set_timeout, bad)
+         assert.is_false(ok, 'set_timeout ' .. tostring(bad))
+      end
+      for _, bad in ipairs({-1, 1.5, 0 / 0, 'x'}) do
+         local ok, err = attach({check_every = bad})
+         assert.is_false(ok, 'check_every ' .. tostring(bad))
+         assert.matches('dist.check_every (0: never) must be a non-negative integer, got ' .. require('nr.check').show(bad), err, 1, true)
+      end
+      assert.is_true((attach({timeout = 0, check_every = 0})))
+      assert.is_true((attach({timeout = 2.5, check_every = 3})))
+   end)
+
+   it('fingerprints the resolved recipe without the per-rank fields', function()
+      local function fp(rc)
+         local t = {}
+         for _, e in ipairs(dist.recipe_fingerprint(rc)) do t[#t + 1] = e[1] .. '=' .. e[2] end
+         return table.concat(t, ' ')
+      end
+      local a = fp({out = 'runs/a', threads = 1, device = 'cuda:0', optim = {lr = 0.1}, data = {batch = 8, root = '/x'},
+                    dist = {timeout = 3, check_every = 1}, model = function() end})
+      local b = fp({out = 'runs/b', threads = 4, device = 'cuda:1', optim = {lr = 0.1}, data = {batch = 8, root = '/y'},
+                    dist = {timeout = 9, check_every = 1}, model = function() end})
+      assert.equal(a, b)
+      assert.equal('data.batch=8 dist.check_every=1 model=<function> optim.lr=0.10000000000000001', a)
+      assert.are_not.equal(a, fp({optim = {lr = 0.1}, data = {batch = 16}, dist = {check_every = 1}, model = function() end}))
+   end)
+
    it('serializes decisions deterministically and rejects tensors', function()
 
       assert.equal('{["a"]=1,["b"]={[1]=2,[2]=3}}', dist._serialize({b = {2, 3}, a = 1}, {}, 'x'))
@@ -124,6 +166,29 @@ describe('nr.dist under mpirun -np 2', function()
       assert.equal(0, rc, out)
       assert.equal(10, count(out, 'PASS [^\n]* rank %d/2'), out)
       for line in out:gmatch('[^\n]*max relative difference[^\n]*') do print('      ' .. line) end
+   end)
+
+   -- A2: ranks with different recipes crashed inside Open MPI (SIGSEGV, SIGABRT, MPI_ERR_TRUNCATE)
+   -- or failed an epoch later naming a symptom; now every rank fails before the first step
+   for _, c in ipairs({
+      {'batches', 'rank 1 has data.train_batches = 5 where rank 0 has data.train_batches = 3'},
+      {'lr', 'rank 1 has optim.lr = 0.02 where rank 0 has optim.lr = 0.01'},
+      {'batch', 'rank 1 has data.batch = 16 where rank 0 has data.batch = 8'},
+      {'loader', 'the ranks disagree on steps per epoch (iters_per_epoch) (rank 0: 8, rank 1: 16)'},
+   }) do
+      it('(h) ranks given different recipes (' .. c[1] .. ') all fail before the first step, naming the field', function()
+         local out, rc = mpirun('mismatch.lua', 2, SHM, c[1], 60)
+         assert.equal(0, rc, out)
+         for r = 0, 1 do
+            assert.is_truthy(out:find('rank ' .. r .. ': nr.train failed: nr.dist.attach (rank ' .. r .. '/2): ', 1, true), out)
+         end
+         assert.equal(2, count(out, c[2]:gsub('%p', '%%%0')), out)
+      end)
+   end
+   it('(h) ranks whose recipes differ only in per-rank fields (out, threads, progress, timeout) train', function()
+      local out, rc = mpirun('mismatch.lua', 2, SHM, 'same', 60)
+      assert.equal(0, rc, out)
+      assert.equal(2, count(out, 'nr.train finished'), out)
    end)
 
    it('(c) an nr.train error every rank handles ends the job cleanly (status 0, no abort)', function()

@@ -170,4 +170,59 @@ describe('nr.nn.NRConv2d', function()
       assert.is_true(C.nr_cross_attention_backward(s.c, b.c, g:t().c, da.c, db.c) ~= 0)
       assert.matches('g: expected a contiguous tensor', ffi.string(C.nr_last_error()))
    end)
+   it('rejects a hand-written spec that is malformed, naming the field and the value', function()
+      local base = {in_channels = 4, out_channels = 4, kernel_size = 1, scheme = 'CR',
+         out_groups = {{gen = 0, first = 0, n = 2}, {gen = 1, first = 2, n = 2}},
+         in_groups = {{gen = 0, idx = {0, 1}}, {gen = 1, idx = {2, 3}}}}
+      local function with(over)
+         local s = {}
+         for k, v in pairs(base) do s[k] = v end
+         for k, v in pairs(over) do s[k] = v end
+         return s
+      end
+      assert.has_no.errors(function() nn.NRConv2d(base) end)
+      local function fails(over, pattern)
+         local ok, err = pcall(nn.NRConv2d, with(over))
+         assert.is_false(ok, 'accepted: ' .. pattern)
+         assert.matches(pattern, tostring(err), 1, true)
+      end
+      local ig, og = base.in_groups, base.out_groups
+      -- A3: two output (or input) groups of one generation named two blocks alike
+      fails({out_groups = {{gen = 0, first = 0, n = 2}, {gen = 0, first = 2, n = 2}}, in_groups = {{gen = 0, idx = {0, 1, 2, 3}}}},
+         'spec.out_groups[2].gen = 0 repeats the generation of spec.out_groups[1]')
+      fails({in_groups = {{gen = 0, idx = {0, 1}}, {gen = 0, idx = {2, 3}}}},
+         'spec.in_groups[2].gen = 0 repeats the generation of spec.in_groups[1]')
+      -- C6: fractional, NaN, string positions
+      fails({in_groups = {{gen = 0, idx = {0, 0.5}}, ig[2]}}, 'spec.in_groups[1].idx[2] must be a non-negative integer <= 3, got 0.5')
+      fails({in_groups = {{gen = 0, idx = {0, 0 / 0}}, ig[2]}}, 'spec.in_groups[1].idx[2] must be a non-negative integer <= 3, got nan')
+      fails({in_groups = {{gen = 0, idx = {0, '1'}}, ig[2]}}, 'spec.in_groups[1].idx[2] must be a non-negative integer <= 3, got "1"')
+      fails({in_groups = {{gen = 0, idx = {0, 4}}, ig[2]}}, 'spec.in_groups[1].idx[2] must be a non-negative integer <= 3, got 4')
+      fails({in_groups = {{gen = 0, idx = {0, 2}}, ig[2]}}, 'position 2 is in spec.in_groups[1] and spec.in_groups[2]')
+      -- B5: missing or mistyped fields
+      fails({in_groups = false}, 'spec.in_groups must be a table, got false')
+      fails({out_groups = 'x'}, 'spec.out_groups must be a table, got "x"')
+      fails({in_channels = 'four'}, 'spec.in_channels must be an integer >= 1, got "four"')
+      fails({in_groups = {{gen = 0, idx = 'ab'}, ig[2]}}, 'spec.in_groups[1].idx must be a table, got "ab"')
+      fails({in_groups = {ig[1], 7}}, 'spec.in_groups[2] must be a table, got 7')
+      fails({out_groups = {{first = 0, n = 2}, og[2]}}, 'spec.out_groups[1].gen must be a non-negative integer, got nil')
+      fails({in_groups = {{gen = 1.5, idx = {0, 1}}, ig[2]}}, 'spec.in_groups[1].gen must be a non-negative integer, got 1.5')
+      fails({out_groups = {{gen = 0, first = 0, n = 1.5}, {gen = 1, first = 1.5, n = 2.5}}},
+         'spec.out_groups[1].n must be an integer >= 1, got 1.5')
+      fails({out_groups = {{gen = 0, first = 1, n = 2}, og[2]}}, 'spec.out_groups[1].first = 1, expected 0')
+      fails({out_channels = 0, out_groups = {}}, 'spec.out_channels must be an integer >= 1, got 0')
+   end)
+
+   it('refuses two parameters of one name instead of saving one of them', function()
+      local a, b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+      local net = nn.Sequential{a, b}
+      a._key, b._key = 'same', 'same'
+      local ok, err = pcall(function() return net:namedParameters() end)
+      assert.is_false(ok)
+      assert.matches('two parameters are both named "same.weight"', tostring(err), 1, true)
+      local path = os.tmpname()
+      ok, err = pcall(require('nr.checkpoint').save_weights, net, path)
+      os.remove(path)
+      assert.is_false(ok)
+      assert.matches('both named "same.weight"', tostring(err), 1, true)
+   end)
 end)

@@ -135,7 +135,19 @@ function Module:parameters()
 end
 
 -- Named parameters: list of {name = 'features.0.weight', param = T, grad = T, module = m, field = 'weight'}.
+-- Names are unique: two entries of one name would collapse into one in a name -> tensor map (a
+-- checkpoint would keep one of them and say nothing), so a clash is an error naming it.
+local function unique_names(list, what)
+   local seen = {}
+   for _, e in ipairs(list) do
+      if seen[e.name] then error(string.format('nr.nn: two %s are both named %q', what, e.name), 3) end
+      seen[e.name] = true
+   end
+   return list
+end
+
 function Module:namedParameters(prefix, out)
+   local root = out == nil
    out = out or {}
    prefix = prefix or ''
    for _, field in ipairs({'weight', 'bias'}) do
@@ -147,11 +159,13 @@ function Module:namedParameters(prefix, out)
    if self.modules then
       for i, m in ipairs(self.modules) do m:namedParameters(prefix .. tostring(m._key or (i - 1)) .. '.', out) end
    end
+   if root then return unique_names(out, 'parameters') end
    return out
 end
 
 -- Buffers saved with the weights (running statistics): list of {name, tensor, module, field}.
 function Module:namedBuffers(prefix, out)
+   local root = out == nil
    out = out or {}
    prefix = prefix or ''
    for _, field in ipairs(self._buffers or {}) do
@@ -160,6 +174,7 @@ function Module:namedBuffers(prefix, out)
    if self.modules then
       for i, m in ipairs(self.modules) do m:namedBuffers(prefix .. tostring(m._key or (i - 1)) .. '.', out) end
    end
+   if root then return unique_names(out, 'buffers') end
    return out
 end
 

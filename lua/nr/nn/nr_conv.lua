@@ -55,19 +55,44 @@ function NRConv2d:__init(spec)
    self.kernel_size, self.stride = pair(spec.kernel_size), pair(spec.stride or 1)
    self.padding, self.dilation = pair(spec.padding or 0), pair(spec.dilation or 1)
    self.groups = 1
-   -- validate groups
-   local seen, nin = {}, 0
-   for _, ig in ipairs(spec.in_groups) do
-      for _, p in ipairs(ig.idx) do
-         check.arg(p >= 0 and p < spec.in_channels and not seen[p], FNAME, 'input groups must partition 0..%d (position %d)', spec.in_channels - 1, p)
-         seen[p] = true
+   -- validate the spec up front: it may be written by hand (or read from a checkpoint), and a
+   -- bad one otherwise fails deep inside (ipairs on nil, compare number with string) or, worse,
+   -- constructs a wrong layer (a fractional position skips a channel; two output groups of one
+   -- generation give two blocks the same parameter name, and a checkpoint keeps only one).
+   local function int(v, what, min, max) return check.int(v, FNAME, what, min, max, 2) end
+   int(spec.in_channels, 'spec.in_channels', 1)
+   int(spec.out_channels, 'spec.out_channels', 1)
+   check.arg(type(spec.in_groups) == 'table', FNAME, 'spec.in_groups must be a table, got %s', check.show(spec.in_groups))
+   check.arg(type(spec.out_groups) == 'table', FNAME, 'spec.out_groups must be a table, got %s', check.show(spec.out_groups))
+   local seen, nin, gens = {}, 0, {}
+   for gi, ig in ipairs(spec.in_groups) do
+      local where = string.format('spec.in_groups[%d]', gi)
+      check.arg(type(ig) == 'table', FNAME, '%s must be a table, got %s', where, check.show(ig))
+      int(ig.gen, where .. '.gen', 0)
+      check.arg(not gens[ig.gen], FNAME, '%s.gen = %d repeats the generation of spec.in_groups[%d]', where, ig.gen, gens[ig.gen] or 0)
+      gens[ig.gen] = gi
+      check.arg(type(ig.idx) == 'table', FNAME, '%s.idx must be a table, got %s', where, check.show(ig.idx))
+      for k, p in ipairs(ig.idx) do
+         int(p, string.format('%s.idx[%d]', where, k), 0, spec.in_channels - 1)
+         check.arg(not seen[p], FNAME, 'input groups must partition 0..%d: position %d is in %s and %s',
+            spec.in_channels - 1, p, seen[p] or '', where)
+         seen[p] = where
          nin = nin + 1
       end
    end
    check.arg(nin == spec.in_channels, FNAME, 'input groups cover %d of %d channels', nin, spec.in_channels)
    local at = 0
-   for _, og in ipairs(spec.out_groups) do
-      check.arg(og.first == at and og.n > 0, FNAME, 'output groups must be contiguous non-empty ranges in order')
+   gens = {}
+   for gj, og in ipairs(spec.out_groups) do
+      local where = string.format('spec.out_groups[%d]', gj)
+      check.arg(type(og) == 'table', FNAME, '%s must be a table, got %s', where, check.show(og))
+      int(og.gen, where .. '.gen', 0)
+      check.arg(not gens[og.gen], FNAME, '%s.gen = %d repeats the generation of spec.out_groups[%d]', where, og.gen, gens[og.gen] or 0)
+      gens[og.gen] = gj
+      int(og.first, where .. '.first', 0)
+      int(og.n, where .. '.n', 1)
+      check.arg(og.first == at, FNAME, 'output groups must be contiguous ranges in order: %s.first = %d, expected %d',
+         where, og.first, at)
       at = at + og.n
    end
    check.arg(at == spec.out_channels, FNAME, 'output groups cover %d of %d channels', at, spec.out_channels)
