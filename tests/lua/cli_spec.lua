@@ -23,13 +23,17 @@ end
 local tmp = os.getenv('NR_TEST_TMP') or '/tmp'
 os.execute('mkdir -p ' .. tmp)
 
--- Runs the REPL with text on its stdin (through a file): output, exit status.
-local function piped(exe, text)
-   local p = tmp .. '/repl_input.txt'
-   local g = io.open(p, 'w')
+-- Writes text to path; returns path.
+local function write(path, text)
+   local g = assert(io.open(path, 'w'))
    g:write(text)
    g:close()
-   return run(exe .. ' < ' .. p)
+   return path
+end
+
+-- Runs the REPL with text on its stdin (through a file): output, exit status.
+local function piped(exe, text)
+   return run(exe .. ' < ' .. write(tmp .. '/repl_input.txt', text))
 end
 
 describe('nrlua', function()
@@ -184,10 +188,8 @@ describe('nrlua', function()
    end
 
    it('ends a script on SIGINT with "interrupted" and status 130', function()
-      local f = tmp .. '/sigint_loop.lua'
-      local g = io.open(f, 'w')
-      g:write("jit.off()\nio.write('ready\\n') io.flush()\nlocal t = 0\nwhile true do t = t + math.sin(t) end\n")
-      g:close()
+      local f = write(tmp .. '/sigint_loop.lua',
+         "jit.off()\nio.write('ready\\n') io.flush()\nlocal t = 0\nwhile true do t = t + math.sin(t) end\n")
       local out = interrupt(exe .. ' ' .. f)
       assert.matches('::status=130', out, 1, true)
       assert.matches('nrlua: interrupted\n', out, 1, true)
@@ -195,10 +197,8 @@ describe('nrlua', function()
    end)
 
    it('cancels the running REPL input on SIGINT and goes on', function()
-      local f = tmp .. '/sigint_repl.txt'
-      local g = io.open(f, 'w')
-      g:write("x = 41\njit.off(); io.write('ready\\n'); io.flush(); while true do x = x + 0 end\nprint('after', x + 1)\n")
-      g:close()
+      local f = write(tmp .. '/sigint_repl.txt',
+         "x = 41\njit.off(); io.write('ready\\n'); io.flush(); while true do x = x + 0 end\nprint('after', x + 1)\n")
       local out = interrupt(exe .. ' < ' .. f)
       assert.matches('interrupted\n', out, 1, true)
       assert.matches('after\t42', out, 1, true)

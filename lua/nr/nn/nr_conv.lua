@@ -64,13 +64,19 @@ function NRConv2d:__init(spec)
    int(spec.out_channels, 'spec.out_channels', 1)
    check.arg(type(spec.in_groups) == 'table', FNAME, 'spec.in_groups must be a table, got %s', check.show(spec.in_groups))
    check.arg(type(spec.out_groups) == 'table', FNAME, 'spec.out_groups must be a table, got %s', check.show(spec.out_groups))
+   -- group i of list ('in_groups' / 'out_groups'): a table with a generation no earlier group has
+   local function group(list, i, g, gens)
+      local where = string.format('spec.%s[%d]', list, i)
+      check.arg(type(g) == 'table', FNAME, '%s must be a table, got %s', where, check.show(g))
+      int(g.gen, where .. '.gen', 0)
+      check.arg(not gens[g.gen], FNAME, '%s.gen = %d repeats the generation of spec.%s[%d]', where, g.gen, list,
+         gens[g.gen] or 0)
+      gens[g.gen] = i
+      return where
+   end
    local seen, nin, gens = {}, 0, {}
    for gi, ig in ipairs(spec.in_groups) do
-      local where = string.format('spec.in_groups[%d]', gi)
-      check.arg(type(ig) == 'table', FNAME, '%s must be a table, got %s', where, check.show(ig))
-      int(ig.gen, where .. '.gen', 0)
-      check.arg(not gens[ig.gen], FNAME, '%s.gen = %d repeats the generation of spec.in_groups[%d]', where, ig.gen, gens[ig.gen] or 0)
-      gens[ig.gen] = gi
+      local where = group('in_groups', gi, ig, gens)
       check.arg(type(ig.idx) == 'table', FNAME, '%s.idx must be a table, got %s', where, check.show(ig.idx))
       for k, p in ipairs(ig.idx) do
          int(p, string.format('%s.idx[%d]', where, k), 0, spec.in_channels - 1)
@@ -84,11 +90,7 @@ function NRConv2d:__init(spec)
    local at = 0
    gens = {}
    for gj, og in ipairs(spec.out_groups) do
-      local where = string.format('spec.out_groups[%d]', gj)
-      check.arg(type(og) == 'table', FNAME, '%s must be a table, got %s', where, check.show(og))
-      int(og.gen, where .. '.gen', 0)
-      check.arg(not gens[og.gen], FNAME, '%s.gen = %d repeats the generation of spec.out_groups[%d]', where, og.gen, gens[og.gen] or 0)
-      gens[og.gen] = gj
+      local where = group('out_groups', gj, og, gens)
       int(og.first, where .. '.first', 0)
       int(og.n, where .. '.n', 1)
       check.arg(og.first == at, FNAME, 'output groups must be contiguous ranges in order: %s.first = %d, expected %d',
