@@ -6,6 +6,7 @@ local M = {}
 
 -- Loads and runs a file; recipes (returning a table) go to nr.recipe.run.
 function M.run_file(path, args)
+   M.args = args or {}   -- for the --resume hint after a Ctrl-C
    local chunk, err = loadfile(path)
    if not chunk then error(err, 0) end
    local results = {chunk(unpack(args or {}))}
@@ -27,7 +28,24 @@ function M.interrupted(path)
       if f then f:close() end
       local at = string.format('interrupted at epoch %s step %s; ', tostring(run.epoch), tostring(run.step))
       if not latest then return at .. run.out .. ' has no checkpoint yet (the first is written at the end of an epoch)' end
-      return string.format('%s%s resumes from its last checkpoint (%s): nrlua %s --resume %s', at, run.out, latest, path, run.out)
+      -- the same command with its flags (the recipe is rebuilt from them), --resume in place of --out
+      local quote, args, skip = require('nr.checkpoint').shell.quote, {}, {['--out'] = 1, ['--resume'] = 1, ['--overwrite'] = 0}
+      local function q(a) return a:match('^[%w_./:=+%-]+$') and a or quote(a) end
+      local i = 1
+      while M.args and i <= #M.args do
+         local a = M.args[i]
+         local flag = a:match('^(%-%-[%w_.%-]+)=') or a
+         if skip[flag] then
+            i = i + ((a:find('=', 1, true) or skip[flag] == 0) and 1 or 2)
+            if flag == '--overwrite' and M.args[i] and M.args[i]:match('^[tf]') then i = i + 1 end
+         else
+            args[#args + 1] = q(a)
+            i = i + 1
+         end
+      end
+      args[#args + 1] = '--resume ' .. q(run.out)
+      return string.format('%s%s resumes from its last checkpoint (%s): nrlua %s %s', at, run.out, latest, q(path),
+         table.concat(args, ' '))
    end
    if type(tr) == 'table' then return 'interrupted (a run folder resumes from its last checkpoint: --resume DIR)' end
    return 'interrupted'
@@ -160,9 +178,15 @@ function M.globalize_locals(src)
    return table.concat(out)
 end
 
--- The REPL's globals: a session table that reads through to _G, so what a user names (`type`,
--- `next`, `table`) never replaces what the library's code calls (Python's __main__ namespace).
-M.env = setmetatable({}, {__index = _G})
+-- The REPL's globals: what the session assigns goes to _G (dofile'd scripts and loadstring see
+-- it, as in the standard REPL), except the names of the globals present when the REPL started
+-- (`type`, `next`, `table`, ...): those stay in the session table, so a `local type = 'float32'`
+-- never replaces what the library's code calls.
+local STARTUP = {}
+for k in pairs(_G) do STARTUP[k] = true end
+M.env = setmetatable({}, {__index = _G, __newindex = function(t, k, v)
+   if STARTUP[k] then rawset(t, k, v) else _G[k] = v end
+end})
 
 -- final: no more input will come, so an incomplete statement is an error, not a request for more.
 -- `=expr` prints expr, as in the standard Lua REPL.

@@ -910,8 +910,7 @@ local NULL_STREAM = {write = function() end, flush = function() end}
 -- streams, thread counts, the wait bound, and what attach itself sets per rank.
 local RANK_LOCAL = {out = true, resume = true, overwrite = true, device = true, device_resolved = true,
                     progress = true, threads = true, hooks = true, model_built = true, name = true,
-                    ['data.shard'] = true, ['data.root'] = true, ['data.threads'] = true, ['data.workers'] = true,
-                    ['dist.timeout'] = true}
+                    ['data.shard'] = true, ['data.root'] = true, ['data.threads'] = true, ['dist.timeout'] = true}
 M.RANK_LOCAL = RANK_LOCAL
 
 -- The resolved recipe as a flat, sorted list of {path, text}: numbers to 17 digits, modules by
@@ -920,7 +919,8 @@ function M.recipe_fingerprint(rc)
    local flat = {}
    local function show(v)
       local tv = type(v)
-      if tv == 'number' then return string.format('%.17g', v) end
+      -- (NaN and -0 print differently from run to run or from 0: shown by what they are)
+      if tv == 'number' then return v ~= v and 'nan' or v == 0 and '0' or string.format('%.17g', v) end
       if tv == 'string' then return string.format('%q', v) end
       if tv == 'table' and type(v.forward) == 'function' then
          local okn, n = pcall(v.nParameters, v)
@@ -980,11 +980,14 @@ function M.assert_same_recipe(rc)
       for _, e in ipairs(theirs) do a[e[1]] = e[2]; if not seen[e[1]] then seen[e[1]] = true; paths[#paths + 1] = e[1] end end
       for _, e in ipairs(mine) do b[e[1]] = e[2]; if not seen[e[1]] then seen[e[1]] = true; paths[#paths + 1] = e[1] end end
       table.sort(paths)
+      local exempt = {}
+      for k in pairs(RANK_LOCAL) do exempt[#exempt + 1] = k end
+      table.sort(exempt)
       for _, p in ipairs(paths) do
          if a[p] ~= b[p] then
             bad = string.format('the ranks train different recipes: rank %d has %s = %s where rank 0 has %s = %s ' ..
-               '(every rank must get the same recipe and flags, except out, device, threads, progress and dist.timeout)',
-               S.rank, p, b[p] or 'nothing', p, a[p] or 'nothing')
+               '(every rank must get the same recipe and flags, except %s)',
+               S.rank, p, b[p] or 'nothing', p, a[p] or 'nothing', table.concat(exempt, ', '))
             break
          end
       end

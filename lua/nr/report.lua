@@ -196,9 +196,11 @@ local NESTED = {train = {loss = NUM, top1 = NUM, top5 = NUM}, val = {loss = NUM,
                 size_before = {params = NUM, flops = NUM}, size_after = {params = NUM, flops = NUM}}
 local LAYER = {name = STR, width_before = NUM, before = NUM, live = NUM, width_after = NUM, after = NUM}
 
+-- (false stands for "none" where a table is expected: schedule = false is a constant LR)
 local function fields_ok(t, types)
    for k, ty in pairs(types) do
-      if t[k] ~= nil and type(t[k]) ~= ty then return false end
+      local v = t[k]
+      if v ~= nil and type(v) ~= ty and not (v == false and ty == TAB) then return false end
    end
    return true
 end
@@ -218,8 +220,13 @@ local function recipe_ok(rc)
    return true
 end
 
+-- Only the kinds the report draws are checked: a hook's own records (tr:log) pass as they are.
+local DRAWN = {epoch = true, step = true, nr = true, run = true, summary = true}
+
 local function well_formed(r)
-   if type(r) ~= 'table' or not fields_ok(r, FIELDS) then return false end
+   if type(r) ~= 'table' then return false end
+   if not DRAWN[r.kind] then return true end
+   if not fields_ok(r, FIELDS) then return false end
    for k, types in pairs(NESTED) do
       if r[k] ~= nil and not fields_ok(r[k], types) then return false end
    end

@@ -159,9 +159,11 @@ end
 -- Integers in [lo, hi): lo and hi are integers with every value in the dtype's range (uint8: 0 <= lo <
 -- hi <= 256; int64: |lo|, |hi| <= 2^53, since C draws lo + k in doubles, exact up to there). An
 -- integer dtype: C draws floats for a float one.
--- Floating dtypes get integer values as in PyTorch: drawn as int64, then converted.
-local RANDINT_RANGE = {int64 = {-2 ^ 53, 2 ^ 53}, uint8 = {0, 256}, float32 = {-2 ^ 53, 2 ^ 53},
-                       bfloat16 = {-2 ^ 53, 2 ^ 53}}
+-- Floating dtypes get integer values as in PyTorch: drawn as int64, then converted; their
+-- range is where every integer is exact (2^24 for float32, 2^8 for bfloat16), so no draw rounds
+-- out of [lo, hi).
+local RANDINT_RANGE = {int64 = {-2 ^ 53, 2 ^ 53}, uint8 = {0, 256}, float32 = {-2 ^ 24, 2 ^ 24},
+                       bfloat16 = {-2 ^ 8, 2 ^ 8}}
 function M.randint(lo, hi, shape, opts)
    opts = check.options(opts, {dtype = true, device = true}, 'nr.randint')
    local dt = DTYPE_NAMES[parse_dtype(opts.dtype or 'int64', 'nr.randint')]

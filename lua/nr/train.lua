@@ -673,7 +673,7 @@ local function typo_warnings(tr, recipe)
    for _, k in ipairs(names) do
       local guess = aliases[k]
       for _, f in ipairs(fields) do
-         if not guess and #k >= 4 and distance(k, f) <= (#k >= 7 and 2 or 1) then guess = f end
+         if not guess and #k >= 5 and distance(k, f) <= (#k >= 8 and 2 or 1) then guess = f end
       end
       if guess then
          tr:print(string.format('nr.train: recipe.%s is not a field nr.train reads (did you mean %s?)', k, guess))
@@ -1139,16 +1139,17 @@ local function fmt(v, f) return v and string.format(f, v) or '-' end
 local function resumable(tr, path)
    local found, why = ck.find(path)
    if found then return true end
-   local run = path:gsub('/+$', '')
-   local out = tr.out:gsub('/+$', '')
+   local function norm(p) return (p:gsub('/+$', ''):gsub('^%./+', '')) end
+   local named = norm(path)
+   local run = named:gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', '')
+   local out = norm(tr.out)
    local own_rank = out:sub(1, #run + 7) == run .. '/ranks/' and out:match('/ranks/%d+$') ~= nil
    local function refuse(what)
       error(string.format('nr.train: cannot resume %s: %s', path, what), 0)
    end
    if out ~= run and not own_rank then refuse(why .. ' (a run restarts only in its own folder: drop --out)') end
-   local ckdir = ck.is_dir(run .. '/checkpoint') and run .. '/checkpoint' or run
-   local names = ck.list(ckdir)
-   if run:match('step%-%d+$') or ck.exists(run .. '/state.json') then names = {'step-0'} end -- one named checkpoint
+   local names = ck.list(run .. '/checkpoint')
+   if named:match('step%-%d+$') or ck.exists(named .. '/state.json') then names = {'step-0'} end -- one named checkpoint
    for _, name in ipairs(names) do
       if name:match('^step%-%d+$') then refuse(why .. '; --overwrite starts the run again from the beginning') end
    end
@@ -1302,18 +1303,18 @@ end
 -- What the library says about a recipe while building the run ("nr.train: precision must be ...",
 -- "nr.optim.SGD: config.lr must be ...") carries a position inside lua/nr, which tells a user
 -- nothing: it is raised again without it (nrlua then shows no traceback). Any other error (a bug
--- in a recipe's model function, say) goes on with its position and the traceback where it arose.
+-- in a recipe's model function, say) is raised again as it came, with its position.
 local function recipe_error(e)
    if type(e) ~= 'string' then return e end
    local rest = e:match('^[^\n]-/lua/nr/[^:\n]+%.lua:%d+: (.*)$')
    if rest and rest:match('^nr%.[%w_.]+: ') then return rest end
-   return e:find(':%d+: ') and debug.traceback(e, 2) or e
+   return e
 end
 
 -- nr.train(recipe) -> summary {final_top1, best_top1, time_s, images_per_s, ...}
 function M.train(recipe)
-   local ok, tr = xpcall(M.new, recipe_error, recipe)
-   if not ok then error(tr, 0) end
+   local ok, tr = pcall(M.new, recipe)
+   if not ok then error(recipe_error(tr), 0) end
    return tr:run(), tr
 end
 

@@ -154,12 +154,13 @@ describe('nrlua', function()
          "local type, table --[[ names the library calls ]] = 'float32', {}",
          'local a, --[[ two ]] b = 3, 4',
          '= nr.zeros({2}):add(a + b):sum(), type, _G.type == nil',
+         '= loadstring("return a + b")()',                -- other chunks see the session's names
       }, '\n')
       local out, rc = piped(exe, script .. '\n')
       assert.equal(0, rc, out)
       -- only the top level: a function's or a loop's locals stay local; strings and comments untouched;
       -- the session's names never replace the globals the library calls
-      assert.equal('6\n8\nnil\nnil\nnil\nnil\nnil\n14\nfloat32\nfalse\n', out)
+      assert.equal('6\n8\nnil\nnil\nnil\nnil\nnil\n14\nfloat32\nfalse\n7\n', out)
    end)
 
    it('completes names in the nr namespace', function()
@@ -194,6 +195,20 @@ describe('nrlua', function()
       assert.matches('::status=130', out, 1, true)
       assert.matches('nrlua: interrupted\n', out, 1, true)
       assert.is_nil(out:find('traceback', 1, true))
+   end)
+
+   it('the Ctrl-C hint repeats the command with its flags, --resume in place of --out', function()
+      local cli = require 'nr.cli'
+      local was_args, was_train = cli.args, package.loaded['nr.train']
+      local dir = tmp .. '/hint run'
+      os.execute(string.format("mkdir -p '%s/checkpoint' && echo step-00000003 > '%s/checkpoint/latest'", dir, dir))
+      cli.args = {'--epochs', '3', '--out', dir, '--overwrite', '--data.train_batches', '30', '--lr=0.1'}
+      package.loaded['nr.train'] = {running = {metrics = true, out = dir, epoch = 1, step = 5}}
+      local ok, msg = pcall(cli.interrupted, 'recipes/x.lua')
+      cli.args, package.loaded['nr.train'] = was_args, was_train
+      assert(ok, msg)
+      assert.equal(string.format("interrupted at epoch 1 step 5; %s resumes from its last checkpoint (step-00000003): "
+         .. "nrlua recipes/x.lua --epochs 3 --data.train_batches 30 --lr=0.1 --resume '%s'", dir, dir), msg)
    end)
 
    it('cancels the running REPL input on SIGINT and goes on', function()

@@ -116,6 +116,12 @@ describe('nr.report', function()
       assert.truthy(html:find('4 unreadable line(s) in metrics.jsonl', 1, true))
       assert.truthy(html:find('recipe.json could not be read (damaged)', 1, true))
       assert.truthy(html:find('<td>1</td><td>0.1</td>', 1, true))           -- the good epoch is still shown
+      -- a run without a schedule (schedule = false) is not damaged, and a hook's own records pass
+      ck.write_atomic(d3 .. '/recipe.json', '{"name": "nosched", "schedule": false, "optim": {"lr": 0.1}}')
+      ck.write_atomic(d3 .. '/metrics.jsonl', '{"kind":"epoch","epoch":1,"lr":0.1}\n{"kind":"mine","epoch":"first"}\n')
+      html = ck.read_file(report.write(d3))
+      assert.falsy(html:find('could not be read', 1, true))
+      assert.falsy(html:find('unreadable', 1, true))
    end)
 
    it('draws charts with nice ticks and tolerates empty series', function()

@@ -631,6 +631,11 @@ describe('hostile input', function()
       local f = nr.randint(-3, 3, {200}, {dtype = 'float32'})
       assert.equal('float32', f:dtype())
       for _, v in ipairs(f:totable()) do assert.is_true(v == math.floor(v) and v >= -3 and v < 3, tostring(v)) end
+      -- only where every integer is exact: a draw could round out of [lo, hi)
+      raises('nr.randint: lo must be an integer in [-256, 255], got 511', function()
+         local t = nr.randint(511, 512, {2}, {dtype = 'bfloat16'}); return t end)
+      raises('nr.randint: lo must be an integer in [-2^24, 2^24 - 1], got 16777217', function()
+         local t = nr.randint(2 ^ 24 + 1, 2 ^ 24 + 2, {2}, {dtype = 'float32'}); return t end)
       local lo, hi = math.huge, -math.huge -- (reductions are float-only: read the values)
       for _, v in ipairs(nr.randint(0, 256, {1000}, u8):totable()) do lo, hi = math.min(lo, v), math.max(hi, v) end
       assert.is_true(lo >= 0 and hi <= 255 and hi > 200)

@@ -339,7 +339,7 @@ describe('nr.train', function()
       assert.equal('nr.optim.SGD: config.lr must be a finite number >= 0, got -1', e)
       ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_model', {model = function() local m = nil; return m.x end}))
       assert.is_false(ok)
-      assert.truthy(e:find('^[^\n]*train_spec%.lua:%d+: attempt to index') and e:find('stack traceback', 1, true), e)
+      assert.truthy(e:find('^[^\n]*train_spec%.lua:%d+: attempt to index'), e)
    end)
 
    it('resume: a missing folder is an error; a finished run resumed reports its final evaluation', function()

@@ -135,15 +135,20 @@ function Module:parameters()
 end
 
 -- Named parameters: list of {name = 'features.0.weight', param = T, grad = T, module = m, field = 'weight'}.
--- Names are unique: two entries of one name would collapse into one in a name -> tensor map (a
--- checkpoint would keep one of them and say nothing), so a clash is an error naming it.
-local function unique_names(list, what)
-   local seen = {}
+-- A module used at two places (weight tying) is listed once, as PyTorch's named_parameters does.
+-- Names are unique otherwise: two different tensors of one name would collapse into one in a
+-- name -> tensor map (a checkpoint would keep one of them and say nothing), so that is an error.
+local function unique_names(list, what, field)
+   local by_name, seen, out = {}, {}, {}
    for _, e in ipairs(list) do
-      if seen[e.name] then error(string.format('nr.nn: two %s are both named %q', what, e.name), 3) end
-      seen[e.name] = true
+      local t = e[field]
+      if not seen[t] then
+         if by_name[e.name] then error(string.format('nr.nn: two %s are both named %q', what, e.name), 3) end
+         seen[t], by_name[e.name] = true, true
+         out[#out + 1] = e
+      end
    end
-   return list
+   return out
 end
 
 function Module:namedParameters(prefix, out)
@@ -159,7 +164,7 @@ function Module:namedParameters(prefix, out)
    if self.modules then
       for i, m in ipairs(self.modules) do m:namedParameters(prefix .. tostring(m._key or (i - 1)) .. '.', out) end
    end
-   if root then return unique_names(out, 'parameters') end
+   if root then return unique_names(out, 'parameters', 'param') end
    return out
 end
 
@@ -174,7 +179,7 @@ function Module:namedBuffers(prefix, out)
    if self.modules then
       for i, m in ipairs(self.modules) do m:namedBuffers(prefix .. tostring(m._key or (i - 1)) .. '.', out) end
    end
-   if root then return unique_names(out, 'buffers') end
+   if root then return unique_names(out, 'buffers', 'tensor') end
    return out
 end
 
