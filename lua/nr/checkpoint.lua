@@ -6,6 +6,8 @@
 --   step-00001234/state.json          the state, with tensors replaced by {"$tensor": key}, and
 --                                     the byte sizes of the two files above; written last
 --   latest                            one line: the name of the newest complete step folder
+--   best                              the same for the best evaluation's step folder (nr.train's
+--                                     best = true), kept when older steps are pruned
 -- Invariants: every file is written with nr_file_write_atomic (temp + fsync + rename); the
 -- `latest` pointer is swapped only after a step folder is complete, so a kill at any moment
 -- leaves `latest` naming a readable checkpoint. Loading checks sizes and headers, and falls back

@@ -1,7 +1,9 @@
 -- nr.cli — what the nrlua host calls: run a file or a chunk, evaluate REPL input, complete
 -- names. A file that returns a table is a recipe: it is handed to nr.recipe.run with the
--- command-line arguments (--field value overrides). The host (core/host/nrlua.c) owns line
--- editing and history; this file owns Lua semantics so it can be tested without a terminal.
+-- command-line arguments (--field value overrides). REPL inputs run in a session table (M.env),
+-- their top-level locals carry over (globalize_locals) and `=expr` prints; after a Ctrl-C,
+-- M.interrupted says how to resume the run. The host (core/host/nrlua.c) owns line editing,
+-- history and the SIGINT hook; this file owns Lua semantics so it can be tested without a terminal.
 local M = {}
 
 -- Loads and runs a file; recipes (returning a table) go to nr.recipe.run.

@@ -119,6 +119,9 @@ local function walk(m, s, acc)
    local t = m:typename()
    if not m.modules or (not CONTAINERS[t] and m.cost ~= Module.cost) then
       local out, params, macs = leaf(m, s)
+      -- a module at two places (weight tying) computes twice but holds its parameters once
+      if acc.seen[m] then params = 0 end
+      acc.seen[m] = true
       acc.layers[#acc.layers + 1] = {path = m:path(), type = t, extra = m:extra(), input = {unpack(s)},
                                      output = out, params = params, macs = macs, module = m}
       local bt = acc.by_type[t] or {n = 0, params = 0, macs = 0}
@@ -169,7 +172,7 @@ function M.count(model, input_shape)
          error(string.format('%s: input_shape[%d] must be a positive integer, got %s', FNAME, i, tostring(v)), 2)
       end
    end
-   local acc = {params = 0, flops = 0, layers = {}, by_type = {}}
+   local acc = {params = 0, flops = 0, layers = {}, by_type = {}, seen = {}}
    local ok, out = pcall(walk, model, {unpack(input_shape)}, acc)
    if not ok then error(out, 2) end
    acc.output = out

@@ -1,4 +1,4 @@
--- nr.ffi — loads libnr and declares the C API to LuaJIT's FFI.
+-- nr.ffi — loads libnr, declares the C API to LuaJIT's FFI and applies NR_THREADS.
 -- The declarations are the block between NR_FFI_BEGIN and NR_FFI_END in core/nr.h, read at load
 -- time, so the Lua side and the header cannot drift apart (tests/lua/ffi_spec.lua checks that
 -- every nr_* function the Lua package calls is declared there and exported by the library).

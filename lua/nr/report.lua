@@ -2,8 +2,11 @@
 --
 -- What it is: render(run_dir) reads recipe.json and metrics.jsonl and returns HTML with a
 -- summary, loss / accuracy / learning-rate curves and, when records of kind 'nr' exist (written
--- by nr.rejuvenate), the utilization r and λ over time with rejuvenations marked and the
--- per-layer widths before / live / after each rejuvenation. write(run_dir [, path]) writes
+-- by nr.rejuvenate), the utilization r and λ over time with rejuvenations marked, and per
+-- rejuvenation α, the NR cost before / after, the reallocation's info and the per-layer widths
+-- before / live / after. Records of the kinds it draws whose fields have the wrong types, and a
+-- damaged recipe.json, are skipped and counted (a hook's own records pass as they are).
+-- write(run_dir [, path]) writes
 -- run_dir/report.html (atomically). What it is not: a live dashboard; nothing is fetched from
 -- the network (no scripts, fonts or styles from elsewhere), so the file can be mailed or archived.
 -- Invariants: the x axis of the curves is in epochs (step records at fractional epochs);

@@ -157,8 +157,7 @@ function M.rand(shape, opts)
    return t
 end
 -- Integers in [lo, hi): lo and hi are integers with every value in the dtype's range (uint8: 0 <= lo <
--- hi <= 256; int64: |lo|, |hi| <= 2^53, since C draws lo + k in doubles, exact up to there). An
--- integer dtype: C draws floats for a float one.
+-- hi <= 256; int64: |lo|, |hi| <= 2^53, since C draws lo + k in doubles, exact up to there).
 -- Floating dtypes get integer values as in PyTorch: drawn as int64, then converted; their
 -- range is where every integer is exact (2^24 for float32, 2^8 for bfloat16), so no draw rounds
 -- out of [lo, hi).

@@ -228,6 +228,10 @@ describe('nr.nn.NRConv2d', function()
       local lin = nn.Linear(3, 3)
       local tied = nn.Sequential{lin, nn.ReLU(), lin}
       assert.equal(2, #tied:namedParameters())
+      assert.equal('0.weight', tied:namedParameters()[1].name)    -- its first place, as PyTorch
+      assert.equal(2, #tied:parameters())
+      assert.equal(12, nr.count(tied, {3}).params)                 -- held once, computed twice
+      assert.equal(18, nr.count(tied, {3}).flops)
       tied:zeroGradParameters()
       lin.gradWeight:fill(1)
       local w0 = lin.weight:clone()

@@ -30,17 +30,20 @@ local function adopt(parent, modules, nonempty)
       local m = modules[i]
       need(m ~= nil, parent, 'child %d is nil (an unassigned variable?); %d children were given', i, n)
       need(type(m) == 'table' and m.forward, parent, 'child %d is not a module', i)
-      m._parent = parent
-      m._key = i - 1
+      -- a module at two places (weight tying) keeps its first position as its name, as PyTorch
+      if m._parent ~= parent then m._parent, m._key = parent, i - 1 end
       parent.modules[i] = m
    end
 end
 
+-- Each parameter once, also when a module sits at two places (weight tying, as PyTorch).
 local function params_of(self)
-   local p, g = {}, {}
+   local p, g, seen = {}, {}, {}
    for _, m in ipairs(self.modules) do
       local mp, mg = m:parameters()
-      for i = 1, #mp do p[#p + 1] = mp[i]; g[#g + 1] = mg[i] end
+      for i = 1, #mp do
+         if not seen[mp[i]] then seen[mp[i]] = true; p[#p + 1] = mp[i]; g[#g + 1] = mg[i] end
+      end
    end
    return p, g
 end
@@ -66,8 +69,7 @@ end
 
 function Sequential:add(m)
    self.modules[#self.modules + 1] = m
-   m._parent = self
-   m._key = #self.modules - 1
+   if m._parent ~= self then m._parent, m._key = self, #self.modules - 1 end
    return self
 end
 
