@@ -221,7 +221,8 @@ function M.help(recipe, path)
    table.sort(names)
    for _, k in ipairs(names) do lines[#lines + 1] = string.format('  --%-12s = --%s', k, M.ALIASES[k]) end
    lines[#lines + 1] = '  --nr off|on      switch Neural Rejuvenation (nr.enabled)'
-   lines[#lines + 1] = '  --resume DIR     continue a run from its last complete checkpoint'
+   lines[#lines + 1] = '  --resume DIR     continue a run from its last complete checkpoint, with its own settings'
+   lines[#lines + 1] = '                   (DIR/recipe.json) where no flag is given now'
    lines[#lines + 1] = '  --overwrite      start afresh in an out folder that holds a run (its checkpoints and metrics go)'
    return table.concat(lines, '\n')
 end
@@ -280,15 +281,60 @@ function M.apply(recipe, args)
       and r.data.dataset ~= recipe.data.dataset then
       r.data.root = nil
    end
-   return r
+   return r, nil, set_paths
+end
+
+-- --resume DIR from the command line: the run's own settings (DIR/recipe.json, the resolved
+-- recipe it started with) fill every setting not given now, so the command that started a run
+-- plus --resume continues that run (flags given now still override: --resume DIR --lr 0.01).
+-- Only plain values of fields the recipe has, of the same type; never the run's folder, name or
+-- per-process fields. Returns the list of "path value" changed (for the console).
+local NOT_RESUMED = {out = true, resume = true, overwrite = true, name = true, device_resolved = true,
+                     model_built = true, progress = true, hooks = true, dist = true}
+function M.resume_settings(r, set_paths)
+   if type(r.resume) ~= 'string' then return {} end
+   local ck = require 'nr.checkpoint'
+   local run = train.expand_path(r.resume, 'recipe.resume'):gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', '')
+      :gsub('/checkpoint$', '')
+   local text = ck.read_file(run .. '/recipe.json')
+   local ok, saved = pcall(ck.json_decode, text or '')
+   if not (text and ok and type(saved) == 'table') then return {} end
+   local changed, resolved = {}, train.resolve(r) -- (compared with the values the run would take)
+   local function walk(v, path)
+      local keys = {}
+      for k in pairs(v) do if type(k) == 'string' then keys[#keys + 1] = k end end
+      table.sort(keys)
+      for _, k in ipairs(keys) do
+         local x, p = v[k], path and (path .. '.' .. k) or k
+         if not NOT_RESUMED[p] and not set_paths[p] and not (p == 'data.root' and set_paths['data.dataset']) then
+            if type(x) == 'table' then
+               if x[1] == nil then walk(x, p) end -- (lists such as milestones stay the recipe's)
+            else
+               local ty = field_type(r, p)
+               local fits = ty == type(x) or (ty == 'integer' and type(x) == 'number' and x == math.floor(x))
+               if fits and get_path(resolved, p) ~= x then
+                  set_path(r, p, x)
+                  changed[#changed + 1] = p .. ' ' .. tostring(x)
+               end
+            end
+         end
+      end
+   end
+   walk(saved, nil)
+   return changed
 end
 
 -- run(tbl, args, path): the CLI entry for recipe files. Returns the summary (nil for --help).
 function M.run(recipe, args, path)
-   local r, what = M.apply(recipe, args)
+   local r, what, set_paths = M.apply(recipe, args)
    if what == 'help' then
       io.write(M.help(recipe, path), '\n')
       return nil
+   end
+   local resumed = M.resume_settings(r, set_paths)
+   if #resumed > 0 then
+      io.write(string.format('resume: the run\'s own settings from its recipe.json: %s (flags given now override)\n',
+         table.concat(resumed, ', ')))
    end
    if r.name == nil and path then r.name = path:match('([^/]+)%.lua$') or path end
    local summary = train.train(r)

@@ -82,6 +82,23 @@ describe('nr.recipe', function()
       assert.is_false(R.apply(BASE, {'--overwrite', 'false'}).overwrite)
    end)
 
+   it('--resume DIR takes the run\'s own settings from DIR/recipe.json; flags given now override', function()
+      local dir = TMP .. '/resumed'
+      ck.mkdirs(dir)
+      ck.write_atomic(dir .. '/recipe.json', ck.json_encode({epochs = 7, out = '/elsewhere', name = 'other',
+         optim = {lr = 0.3, momentum = 0.5}, data = {batch = 32, dataset = 'fashion-mnist'}, model = '<function>',
+         schedule = {name = 'step', milestones = {1, 2}}}))
+      local r, _, set = R.apply(BASE, {'--resume', dir, '--lr', '0.01'})
+      local changed = R.resume_settings(r, set)
+      assert.equal(7, r.epochs); assert.equal(32, r.data.batch); assert.equal(0.5, r.optim.momentum)
+      assert.equal('step', r.schedule.name)
+      assert.equal(0.01, r.optim.lr)                         -- given now
+      assert.is_nil(r.out); assert.not_equal('other', r.name) -- never the run's folder or name
+      assert.same({150, 225}, r.schedule.milestones)          -- lists stay the recipe's
+      assert.is_true(#changed >= 4)
+      assert.same({}, R.resume_settings(R.apply(BASE, {'--epochs', '2'}), {}))   -- no --resume: nothing
+   end)
+
    it('names the flag in every error', function()
       assert.truthy(err_of({'--epochz', '3'}):find('--epochz: unknown flag', 1, true))
       assert.truthy(err_of({'--optim.lrr', '3'}):find('--optim.lrr', 1, true))
