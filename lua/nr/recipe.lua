@@ -281,60 +281,91 @@ function M.apply(recipe, args)
       and r.data.dataset ~= recipe.data.dataset then
       r.data.root = nil
    end
-   return r, nil, set_paths
+   return r
 end
 
 -- --resume DIR from the command line: the run's own settings (DIR/recipe.json, the resolved
--- recipe it started with) fill every setting not given now, so the command that started a run
--- plus --resume continues that run (flags given now still override: --resume DIR --lr 0.01).
--- Only plain values of fields the recipe has, of the same type; never the run's folder, name or
--- per-process fields. Returns the list of "path value" changed (for the console).
+-- recipe it started with) replace the recipe file's, and the flags given now apply on top
+-- (--resume DIR --lr 0.01 changes only the LR), so the command that started a run plus --resume
+-- continues that run. Code (functions, modules, loaders) always comes from the recipe file;
+-- placeholders the JSON holds for it ("<function>") are ignored. A section the run had is
+-- restored whole (a field the run did not have is dropped: a root it left out stays out).
+-- Not restored: the run's folder and name, and what belongs to this process or machine.
 local NOT_RESUMED = {out = true, resume = true, overwrite = true, name = true, device_resolved = true,
-                     model_built = true, progress = true, hooks = true, dist = true}
-function M.resume_settings(r, set_paths)
-   if type(r.resume) ~= 'string' then return {} end
+                     model_built = true, progress = true, hooks = true, device = true, threads = true,
+                     ['data.threads'] = true, ['dist.timeout'] = true}
+
+local function is_code(v)
+   return type(v) == 'function' or type(v) == 'userdata' or is_module(v) or (type(v) == 'table' and v.nbatches ~= nil)
+end
+
+-- cur: the recipe file's value, sv: the saved one, at path.
+local function restore(cur, sv, path)
+   if NOT_RESUMED[path] or is_code(cur) then return cur end
+   if type(sv) == 'string' and sv:match('^<.*>$') then return cur end
+   if type(sv) ~= 'table' then return sv end
+   local out = {}
+   if sv[1] == nil and type(cur) == 'table' then
+      for k, v in pairs(sv) do out[k] = restore(cur[k], v, path .. '.' .. tostring(k)) end
+      for k, v in pairs(cur) do
+         if out[k] == nil and (is_code(v) or NOT_RESUMED[path .. '.' .. tostring(k)]) then out[k] = v end
+      end
+      return out
+   end
+   return train.deep_copy(sv)
+end
+
+-- Plain values of a resolved recipe by path (for saying what the resume changed).
+local function flatten(v, path, out)
+   for k, x in pairs(v) do
+      local p = path and (path .. '.' .. tostring(k)) or tostring(k)
+      if type(x) == 'table' and not is_code(x) then flatten(x, p, out)
+      elseif not is_code(x) then out[p] = x end
+   end
+   return out
+end
+
+-- Returns the recipe to resume DIR with (the flags are applied to it afterwards) and the list of
+-- "path value" it changed, or the recipe as it was and a note when recipe.json cannot be used.
+function M.resume_base(recipe, dir)
    local ck = require 'nr.checkpoint'
-   local run = train.expand_path(r.resume, 'recipe.resume'):gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', '')
+   local run = train.expand_path(dir, 'recipe.resume'):gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', '')
       :gsub('/checkpoint$', '')
    local text = ck.read_file(run .. '/recipe.json')
    local ok, saved = pcall(ck.json_decode, text or '')
-   if not (text and ok and type(saved) == 'table') then return {} end
-   local changed, resolved = {}, train.resolve(r) -- (compared with the values the run would take)
-   local function walk(v, path)
-      local keys = {}
-      for k in pairs(v) do if type(k) == 'string' then keys[#keys + 1] = k end end
-      table.sort(keys)
-      for _, k in ipairs(keys) do
-         local x, p = v[k], path and (path .. '.' .. k) or k
-         if not NOT_RESUMED[p] and not set_paths[p] and not (p == 'data.root' and set_paths['data.dataset']) then
-            if type(x) == 'table' then
-               if x[1] == nil then walk(x, p) end -- (lists such as milestones stay the recipe's)
-            else
-               local ty = field_type(r, p)
-               local fits = ty == type(x) or (ty == 'integer' and type(x) == 'number' and x == math.floor(x))
-               if fits and get_path(resolved, p) ~= x then
-                  set_path(r, p, x)
-                  changed[#changed + 1] = p .. ' ' .. tostring(x)
-               end
-            end
-         end
-      end
+   if not (text and ok and type(saved) == 'table' and saved[1] == nil) then
+      return recipe, nil, string.format('%s/recipe.json is missing or damaged: the recipe file\'s settings and the '
+         .. 'flags given now are used', run)
    end
-   walk(saved, nil)
-   return changed
+   local base = {}
+   for k, v in pairs(recipe) do base[k] = v end
+   for k, v in pairs(saved) do
+      if type(k) == 'string' then base[k] = restore(recipe[k], v, k) end
+   end
+   local before, after = flatten(train.resolve(recipe), nil, {}), flatten(train.resolve(base), nil, {})
+   local changed = {}
+   for p, v in pairs(after) do
+      if before[p] ~= v and not (type(v) == 'string' and v:match('^<.*>$')) then changed[#changed + 1] = p .. ' ' .. tostring(v) end
+   end
+   table.sort(changed)
+   return base, changed
 end
 
 -- run(tbl, args, path): the CLI entry for recipe files. Returns the summary (nil for --help).
 function M.run(recipe, args, path)
-   local r, what, set_paths = M.apply(recipe, args)
+   local r, what = M.apply(recipe, args)
    if what == 'help' then
       io.write(M.help(recipe, path), '\n')
       return nil
    end
-   local resumed = M.resume_settings(r, set_paths)
-   if #resumed > 0 then
-      io.write(string.format('resume: the run\'s own settings from its recipe.json: %s (flags given now override)\n',
-         table.concat(resumed, ', ')))
+   if type(r.resume) == 'string' then
+      local base, changed, note = M.resume_base(recipe, r.resume)
+      if note then io.write('resume: ', note, '\n') end
+      if changed and #changed > 0 then
+         io.write(string.format('resume: the run\'s own settings from its recipe.json: %s (flags given now override)\n',
+            table.concat(changed, ', ')))
+         r = M.apply(base, args)
+      end
    end
    if r.name == nil and path then r.name = path:match('([^/]+)%.lua$') or path end
    local summary = train.train(r)

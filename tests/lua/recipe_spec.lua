@@ -85,18 +85,31 @@ describe('nr.recipe', function()
    it('--resume DIR takes the run\'s own settings from DIR/recipe.json; flags given now override', function()
       local dir = TMP .. '/resumed'
       ck.mkdirs(dir)
+      -- what a run started with --epochs 7 --lr 0.3 --dataset cifar100 --augment off --nr off left
       ck.write_atomic(dir .. '/recipe.json', ck.json_encode({epochs = 7, out = '/elsewhere', name = 'other',
-         optim = {lr = 0.3, momentum = 0.5}, data = {batch = 32, dataset = 'fashion-mnist'}, model = '<function>',
+         optim = {name = 'sgd', lr = 0.3, momentum = 0.5, nesterov = false}, model = '<function>', nr = false,
+         data = {batch = 32, dataset = 'cifar100', augment = false}, device = 'cuda', threads = 7,
          schedule = {name = 'step', milestones = {1, 2}}}))
-      local r, _, set = R.apply(BASE, {'--resume', dir, '--lr', '0.01'})
-      local changed = R.resume_settings(r, set)
+      local base, changed = R.resume_base(BASE, dir)
+      local r = R.apply(base, {'--resume', dir, '--lr', '0.01'})
       assert.equal(7, r.epochs); assert.equal(32, r.data.batch); assert.equal(0.5, r.optim.momentum)
-      assert.equal('step', r.schedule.name)
-      assert.equal(0.01, r.optim.lr)                         -- given now
-      assert.is_nil(r.out); assert.not_equal('other', r.name) -- never the run's folder or name
-      assert.same({150, 225}, r.schedule.milestones)          -- lists stay the recipe's
-      assert.is_true(#changed >= 4)
-      assert.same({}, R.resume_settings(R.apply(BASE, {'--epochs', '2'}), {}))   -- no --resume: nothing
+      assert.is_false(r.optim.nesterov); assert.is_false(r.data.augment); assert.is_false(r.nr)
+      assert.same({1, 2}, r.schedule.milestones)
+      assert.is_nil(r.data.root)                              -- the run had none: the recipe's is not added
+      assert.equal(0.01, r.optim.lr)                          -- given now
+      assert.same(BASE.model, r.model)                        -- code comes from the recipe file
+      assert.is_nil(r.out); assert.is_nil(r.device); assert.is_nil(r.threads) -- never the folder or the machine's
+      assert.not_equal('other', r.name)
+      assert.truthy(table.concat(changed, ', '):find('epochs 7', 1, true))
+      -- the run's NR settings come back too, and --nr on at resume keeps them
+      ck.write_atomic(dir .. '/recipe.json', ck.json_encode({nr = {enabled = true, target = 0.3, lambda = {dt = 7}}}))
+      r = R.apply(R.resume_base({epochs = 1, nr = false}, dir), {'--resume', dir})
+      assert.equal(0.3, r.nr.target); assert.equal(7, r.nr.lambda.dt)
+      -- a damaged recipe.json is said, and the recipe file's settings are used
+      ck.write_atomic(dir .. '/recipe.json', '[1, 2]')
+      local same, none, note = R.resume_base(BASE, dir)
+      assert.equal(BASE, same); assert.is_nil(none)
+      assert.truthy(note:find('recipe.json is missing or damaged', 1, true))
    end)
 
    it('names the flag in every error', function()
