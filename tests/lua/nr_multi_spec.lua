@@ -173,14 +173,18 @@ describe('nr.rejuvenate repeated and detailed', function()
       opt:refresh()
       opt:step()
       -- custom parameter groups over the model follow the replaced layers to the new ones
+      -- (an optimizer with two groups: the Linear layers at 10x the LR, everything else)
+      local function grouped_sgd(model)
+         local rest, linear = {params = {}}, {params = {}, lr_mult = 10}
+         for _, entry in ipairs(model:namedParameters()) do
+            local g = entry.module:typename() == 'Linear' and linear or rest
+            g.params[#g.params + 1] = entry
+         end
+         return nr.optim.SGD({model = model, rest, linear}, {lr = 0.1})
+      end
       nr.manual_seed(15)
       local m2 = net()
-      local g1, g2 = {params = {}}, {params = {}, lr_mult = 10}
-      for _, entry in ipairs(m2:namedParameters()) do
-         local g = entry.module:typename() == 'Linear' and g2 or g1
-         g.params[#g.params + 1] = entry
-      end
-      local gopt = nr.optim.SGD({model = m2, g1, g2}, {lr = 0.1})
+      local gopt = grouped_sgd(m2)
       kill(m2, 0.3)
       nr.rejuvenate(m2, {input_shape = SHAPE, optimizer = gopt})
       local conv = m2:findModules('Conv2d')[2]
@@ -195,12 +199,7 @@ describe('nr.rejuvenate repeated and detailed', function()
       -- ... also into NRConv2d blocks (CR), and from blocks into the modules that replace them
       nr.manual_seed(17)
       local m3 = net()
-      local h1, h2 = {params = {}}, {params = {}, lr_mult = 10}
-      for _, entry in ipairs(m3:namedParameters()) do
-         local g = entry.module:typename() == 'Linear' and h2 or h1
-         g.params[#g.params + 1] = entry
-      end
-      local copt = nr.optim.SGD({model = m3, h1, h2}, {lr = 0.1})
+      local copt = grouped_sgd(m3)
       for round = 1, 2 do
          kill(m3, 0.3)
          nr.rejuvenate(m3, {input_shape = SHAPE, scheme = 'CR', optimizer = copt, budget = 2})
