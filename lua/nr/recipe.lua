@@ -329,8 +329,7 @@ end
 -- "path value" it changed, or the recipe as it was and a note when recipe.json cannot be used.
 function M.resume_base(recipe, dir)
    local ck = require 'nr.checkpoint'
-   local run = train.expand_path(dir, 'recipe.resume'):gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', '')
-      :gsub('/checkpoint$', '')
+   local run = train.run_folder_of(train.expand_path(dir, 'recipe.resume'))
    local text = ck.read_file(run .. '/recipe.json')
    local ok, saved = pcall(ck.json_decode, text or '')
    if not (text and ok and type(saved) == 'table' and saved[1] == nil) then

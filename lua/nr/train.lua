@@ -177,6 +177,13 @@ local function expand_path(p, what)
 end
 M.expand_path = expand_path
 
+-- The run folder a --resume path names: the folder itself, or the run of its checkpoint/ or
+-- checkpoint/step-N (trailing slashes dropped).
+local function run_folder_of(path)
+   return (path:gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', ''))
+end
+M.run_folder_of = run_folder_of
+
 local function pick_device(dev)
    if dev == nil or dev == 'auto' then
       local ok, cuda = pcall(require, 'nr.cuda')
@@ -776,7 +783,7 @@ function M.new(recipe)
    if rc.resume and not ck.is_dir(rc.resume) then
       error(string.format('nr.train: resume: no run folder %s (give the folder of the run to continue)', rc.resume), 0)
    end
-   local resume_run = rc.resume and rc.resume:gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', '')
+   local resume_run = rc.resume and run_folder_of(rc.resume)
    tr.out = expand_path(rc.out, 'recipe.out') or resume_run or ('runs/' .. name .. '-' .. date_tag())
    rc.out = tr.out
    ck.mkdirs(tr.out)
@@ -1141,7 +1148,7 @@ local function resumable(tr, path)
    if found then return true end
    local function norm(p) return (p:gsub('/+$', ''):gsub('^%./+', '')) end
    local named = norm(path)
-   local run = named:gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', '')
+   local run = run_folder_of(named)
    local out = norm(tr.out)
    local own_rank = out:sub(1, #run + 7) == run .. '/ranks/' and out:match('/ranks/%d+$') ~= nil
    local function refuse(what)
