@@ -123,8 +123,9 @@ describe('nr.rejuvenate repeated and detailed', function()
       end)
    end
 
-   it('remaps optimizer momentum: survivors gathered, new entries zero; or drops it', function()
-      nr.manual_seed(11)
+   -- net() after one SGD step with momentum on input x (so every parameter has a momentum buffer)
+   local function stepped_net(seed)
+      nr.manual_seed(seed)
       local m = net()
       local opt = nr.optim.SGD(m, {lr = 0.1, momentum = 0.9})
       local x = nr.randn({2, 3, 4, 4})
@@ -132,6 +133,11 @@ describe('nr.rejuvenate repeated and detailed', function()
       m:zeroGradParameters()
       m:backward(x, nr.randn(y:shape()))
       opt:step()
+      return m, opt, x
+   end
+
+   it('remaps optimizer momentum: survivors gathered, new entries zero; or drops it', function()
+      local m, opt, x = stepped_net(11)
       local conv = m:findModules('Conv2d')[2]          -- a1: 8 -> 12, input fixed (all live)
       local bn = m:findModules('BatchNorm2d')[2]
       for i = 1, 12, 3 do bn.weight:set(i, 0) end      -- kill channels 1, 4, 7, 10 (0-based 0, 3, 6, 9)
@@ -226,14 +232,7 @@ describe('nr.rejuvenate repeated and detailed', function()
    it('rescaling transforms momentum as the gradients (γ, β: / s; consumer columns: × s)', function()
       -- the same run twice (same seed), without and with rescaling: they differ only by s
       local function run(rescale)
-         nr.manual_seed(12)
-         local m = net()
-         local opt = nr.optim.SGD(m, {lr = 0.1, momentum = 0.9})
-         local x = nr.randn({2, 3, 4, 4})
-         local y = m:forward(x)
-         m:zeroGradParameters()
-         m:backward(x, nr.randn(y:shape()))
-         opt:step()
+         local m, opt = stepped_net(12)
          local bn = m:findModules('BatchNorm2d')[2]      -- a1's BN: through ReLU to a2, rescalable
          bn.weight:set(1, 0)
          bn.weight:set(4, 0)
