@@ -1,4 +1,4 @@
-/* io.c — NumPy .npy load/save and atomic file writes.
+/* io.c — NumPy .npy load/save, atomic file writes and single-writer locks.
  * Atomic write: data goes to "<path>.tmp.<pid>", is fsync'd, renamed over path, and the
  * directory is fsync'd, so a crash leaves either the old file or the new one, never a torn one. */
 #include "internal.h"
@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 static nr_status write_all(int fd, const void *bytes, int64_t len, const char *path)
@@ -58,6 +59,45 @@ nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len)
 {
    if (len < 0 || (len > 0 && !bytes)) return NR_FAIL(NR_E_ARG, "bad buffer");
    return write_atomic2(path, bytes, len, NULL, 0);
+}
+
+nr_status nr_file_lock(const char *path, int32_t *fd, int64_t *holder)
+{
+   if (holder) *holder = -1;
+   if (!fd) return NR_FAIL(NR_E_ARG, "fd is NULL");
+   *fd = -1;
+   if (!path || !*path) return NR_FAIL(NR_E_ARG, "empty path");
+   int f = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+   if (f < 0) return NR_FAIL(NR_E_IO, "cannot open %s: %s", path, strerror(errno));
+   int rc;
+   while ((rc = flock(f, LOCK_EX | LOCK_NB)) != 0 && errno == EINTR) {}
+   if (rc != 0) {
+      int e = errno;
+      long long pid = 0;
+      if (e == EWOULDBLOCK) {
+         char buf[32] = {0};
+         if (pread(f, buf, sizeof buf - 1, 0) > 0) pid = strtoll(buf, NULL, 10);
+      }
+      close(f);
+      if (e != EWOULDBLOCK) return NR_FAIL(NR_E_IO, "cannot lock %s: %s", path, strerror(e));
+      if (holder) *holder = pid > 0 ? pid : 0;
+      if (pid > 0) return NR_FAIL(NR_E_IO, "%s is locked by process %lld", path, pid);
+      return NR_FAIL(NR_E_IO, "%s is locked by another process", path);
+   }
+   char buf[32];
+   int n = snprintf(buf, sizeof buf, "%lld\n", (long long)getpid());
+   if (ftruncate(f, 0) != 0 || pwrite(f, buf, (size_t)n, 0) != n) {
+      int e = errno;
+      close(f);
+      return NR_FAIL(NR_E_IO, "writing %s: %s", path, strerror(e));
+   }
+   *fd = f;
+   return NR_OK;
+}
+
+void nr_file_unlock(int32_t fd)
+{
+   if (fd >= 0) close(fd);
 }
 
 static const char *npy_descr(int32_t dtype)

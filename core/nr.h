@@ -199,6 +199,14 @@ nr_tensor *nr_npy_load(const char *path);
 nr_status nr_npy_save(const nr_tensor *t, const char *path);
 /* Writes len bytes to path atomically: path.tmp, fsync, rename, fsync of the directory. */
 nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len);
+/* One writer per file: opens (creating) path and takes an exclusive advisory lock on it
+ * (flock, non-blocking), writes this process's id into it and gives the open descriptor in *fd;
+ * the lock lasts until nr_file_unlock(*fd) or the process ends, however it ends. A lock held
+ * elsewhere is NR_E_IO "... is locked by process N", with N (0 when not yet written) in *holder;
+ * *holder is -1 otherwise (locked here, or another error).
+ * Two opens of one file in one process are two holders. The descriptor is close-on-exec. */
+nr_status nr_file_lock(const char *path, int32_t *fd, int64_t *holder);
+void nr_file_unlock(int32_t fd);
 
 /* ---------------------------------------------------------------- nn kernels (CPU/CUDA) */
 /* (section: layers) */

@@ -235,6 +235,42 @@ function M.write_atomic(path, text)
    check.status(C.nr_file_write_atomic(path, text, #text), 'nr.checkpoint', 3)
 end
 
+-- ---- one writer per folder -----------------------------------------------------------------------
+-- M.lock(path) takes the exclusive lock on the file path (nr_file_lock: flock) and returns its
+-- handle; the lock lasts until handle:release(), until this process locks the same file again, or
+-- until the process ends, however it ends. When another process holds it: nil and that process's
+-- id (0 if unknown). A new lock in this process takes the file over from the earlier handle: one
+-- Lua state runs one writer at a time, and an earlier one that stopped on an error never released.
+local ffi = nrffi.ffi
+pcall(ffi.cdef, 'char *realpath(const char *path, char *resolved_path);')
+local held = {}   -- canonical path -> this process's handle
+local Lock = {}
+Lock.__index = Lock
+function Lock:release()
+   if self.fd >= 0 then C.nr_file_unlock(self.fd) end
+   self.fd = -1
+   if held[self.key] == self then held[self.key] = nil end
+end
+
+local function canonical(path)
+   local buf = ffi.new('char[?]', 8192)
+   local p = ffi.C.realpath(path, buf)
+   return p ~= nil and ffi.string(p) or path
+end
+
+function M.lock(path)
+   check.type(path, 'string', 'nr.checkpoint.lock', 'path')
+   local fd, holder = ffi.new('int32_t[1]'), ffi.new('int64_t[1]')
+   local key = canonical(path)
+   if held[key] then held[key]:release() end
+   local st = C.nr_file_lock(path, fd, holder)
+   if st ~= 0 and holder[0] >= 0 then return nil, tonumber(holder[0]) end
+   check.status(st, 'nr.checkpoint.lock', 3)
+   local h = setmetatable({fd = fd[0], key = canonical(path), path = path}, Lock)
+   held[h.key] = h
+   return h
+end
+
 -- ---- tensors inside a state table ----------------------------------------------------------------
 
 -- Copies a state table, replacing tensors by {"$tensor" = key}; returns the copy and key -> tensor,

@@ -1169,9 +1169,24 @@ local function resumable(tr, path)
    return false
 end
 
+-- One writer per run folder: a second run into the same folder (a job started twice, another
+-- terminal, another machine on a shared file system) would interleave its checkpoints and metrics
+-- with this one's, or clear them (--overwrite). The lock (<out>/.nrlua.lock, flock) is taken before
+-- anything in the folder is read or written and lasts until the run ends, or its process does.
+function Trainer:_lock_out()
+   if self.out_lock then self.out_lock:release() end
+   local h, holder = ck.lock(self.out .. '/.nrlua.lock')
+   if not h then
+      error(string.format('nr.train: %s is in use by another run (%s): wait for it to end, or give another --out',
+         self.out, holder > 0 and ('process ' .. holder) or 'its process has just started'), 0)
+   end
+   self.out_lock = h
+end
+
 -- Runs the remaining epochs; returns the summary.
 function Trainer:run()
    local rc = self.recipe
+   self:_lock_out()
    local resume = rc.resume and resumable(self, rc.resume)
    if resume then
       local dir = self:load_checkpoint(rc.resume)
@@ -1287,6 +1302,8 @@ function Trainer:run()
       math.floor(summary.images_per_s + 0.5), self.out))
    self.metrics:close()
    self.metrics = nil
+   self.out_lock:release()
+   self.out_lock = nil
    return summary
 end
 

@@ -137,6 +137,47 @@ describe('nr.checkpoint', function()
       assert.equal(1 / 3, ck.json_decode(s).d)
    end)
 
+   it('lock: one holder per file; a new lock in this process takes it over; release unlocks', function()
+      local ffi = require 'ffi'
+      local C = require('nr.ffi').C
+      pcall(ffi.cdef, 'int getpid(void);')
+      local me = ffi.C.getpid()
+      ck.mkdirs(TMP)
+      local path = TMP .. '/run.lock'
+      -- another holder's attempt (a second open of the file is a second holder, as another process)
+      local function probe()
+         local fd, holder = ffi.new('int32_t[1]', 7), ffi.new('int64_t[1]')
+         if C.nr_file_lock(path, fd, holder) == 0 then
+            C.nr_file_unlock(fd[0])
+            return 'free'
+         end
+         assert.equal(-1, fd[0])
+         local msg = ffi.string(C.nr_last_error())
+         assert.truthy(msg:find(path .. ' is locked by process ' .. tonumber(holder[0]), 1, true), msg)
+         return tonumber(holder[0])
+      end
+      assert.equal('free', probe())
+      local h = ck.lock(path)
+      assert.equal(me, probe())                       -- held, and the file names this process
+      assert.equal(me .. '\n', ck.read_file(path))
+      local h2 = assert(ck.lock(path))                -- this process again: taken over, not refused
+      h:release()                                      -- the old handle no longer unlocks it
+      assert.equal(me, probe())
+      h2:release()
+      assert.equal('free', probe())
+      h2:release()                                     -- twice is harmless
+      assert.equal('free', probe())
+      ck.lock(path)                                    -- a handle dropped without release keeps it
+      collectgarbage(); collectgarbage()
+      assert.equal(me, probe())
+      ck.lock(path):release()
+      assert.equal('free', probe())
+      local ok, e = pcall(ck.lock, TMP .. '/no/such/folder/run.lock')
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('nr.checkpoint.lock: .*cannot open ' .. TMP:gsub('%p', '%%%0')
+         .. '/no/such/folder/run.lock'), tostring(e))
+   end)
+
    it('round-trips weights and a state holding tensors', function()
       local dir = TMP .. '/rt'
       local w = {['0.weight'] = nr.randn({3, 2}), ['0.bias'] = nr.zeros({3})}

@@ -2,23 +2,8 @@
 -- REPL fed from a pipe (expressions print, multi-line statements, errors do not end the session).
 local nrffi = require 'nr.ffi'
 
-local function nrlua()
-   -- the binary running this spec (nrlua runs the specs through tests/run_busted.lua)
-   local ffi = require 'ffi'
-   pcall(ffi.cdef, 'int getpid(void);')
-   local p = io.popen('readlink /proc/' .. ffi.C.getpid() .. '/exe')
-   local exe = p:read('*l')
-   p:close()
-   return exe
-end
-
-local function run(cmd)
-   local p = io.popen(cmd .. ' 2>&1; echo "::rc=$?"')
-   local out = p:read('*a')
-   p:close()
-   local rc = tonumber(out:match('::rc=(%d+)%s*$'))
-   return out:gsub('::rc=%d+%s*$', ''), rc
-end
+local util = require 'tests.lua.spec_util'
+local nrlua, run = util.nrlua, util.run
 
 local tmp = os.getenv('NR_TEST_TMP') or '/tmp'
 os.execute('mkdir -p ' .. tmp)

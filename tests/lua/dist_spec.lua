@@ -16,23 +16,10 @@ local nrffi = require 'nr.ffi'
 local ffi = require 'ffi'
 
 pcall(ffi.cdef, 'int getpid(void);')
+local util = require 'tests.lua.spec_util'
+local sh = util.run
 
-local function sh(cmd)
-   local p = io.popen('{ ' .. cmd .. '; } 2>&1; echo "::rc=$?"')
-   local out = p:read('*a')
-   p:close()
-   local rc = tonumber(out:match('::rc=(%d+)%s*$'))
-   return out:gsub('::rc=%d+%s*$', ''), rc
-end
-
-local function exe()
-   local p = io.popen('readlink /proc/' .. ffi.C.getpid() .. '/exe')
-   local e = p:read('*l')
-   p:close()
-   return e
-end
-
-local NRLUA = exe()
+local NRLUA = util.nrlua()
 local libdir = (nrffi.libpath or ''):match('^(.*)/[^/]*$') or (nrffi.home .. '/build')
 local have_mpirun = select(2, sh('command -v mpirun >/dev/null')) == 0
 local have_lib = io.open(libdir .. '/libnr_dist.so') ~= nil

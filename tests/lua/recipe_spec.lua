@@ -146,10 +146,7 @@ describe('nr.recipe', function()
    end)
 
    it('runs a recipe file through nrlua, logs plainly to a file, and resumes with --resume', function()
-      -- the nrlua running this spec
-      local p = io.popen('readlink /proc/$PPID/exe')
-      local exe = p:read('*l'); p:close()
-      assert(exe and exe:match('nrlua$'), 'cannot find the nrlua executable: ' .. tostring(exe))
+      local exe = require('tests.lua.spec_util').nrlua()
       local file = TMP .. '/tiny.lua'
       local w = assert(io.open(file, 'w'))
       w:write([[

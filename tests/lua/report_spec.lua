@@ -33,7 +33,7 @@ describe('nr.report', function()
          out = dir, progress = {stream = sink, tty = false},
       }
       -- through the tool, as a user runs it
-      local p = io.popen('readlink /proc/$PPID/exe'); local exe = p:read('*l'); p:close()
+      local exe = require('tests.lua.spec_util').nrlua()
       local home = require('nr.ffi').home
       local rc = os.execute(string.format('%s %s/tools/report.lua %s > %s/tool.txt 2>&1', exe, home, dir, TMP))
       assert(rc == 0 or rc == true, ck.read_file(TMP .. '/tool.txt'))

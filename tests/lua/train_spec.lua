@@ -287,6 +287,46 @@ describe('nr.train', function()
       assert.is_true(ck.is_link(linked .. '/checkpoint'))
    end)
 
+   it('one writer per run folder: while another process writes into it, a run, --overwrite and --resume are refused', function()
+      local util = require 'tests.lua.spec_util'
+      local dir = TMP .. '/busy'
+      nr.train(held_recipe(dir, {epochs = 1}))       -- finished: its lock is released (the holder below gets it)
+      local metrics = ck.read_file(dir .. '/metrics.jsonl')
+      -- a second nrlua holds the folder's lock as a running training does, until told to stop
+      local script = TMP .. '/hold_lock.lua'
+      ck.write_atomic(script, [[
+local ck = require 'nr.checkpoint'
+local dir = arg[1]
+local h = assert(ck.lock(dir .. '/.nrlua.lock'))
+ck.write_atomic(dir .. '/holder.ready', 'ready')
+local t0 = os.time()
+while not ck.exists(dir .. '/holder.stop') and os.time() - t0 < 60 do os.execute('sleep 0.05') end
+h:release()
+]])
+      os.execute(string.format('%s %s %s > %s/holder.log 2>&1 &', util.nrlua(), script, dir, TMP))
+      local t0 = os.time()
+      while not ck.exists(dir .. '/holder.ready') and os.time() - t0 < 30 do os.execute('sleep 0.05') end
+      assert.truthy(ck.exists(dir .. '/holder.ready'), ck.read_file(TMP .. '/holder.log'))
+      local pid = tonumber(ck.read_file(dir .. '/.nrlua.lock'))
+      for _, extra in ipairs({{epochs = 1}, {epochs = 1, overwrite = true}, {epochs = 2, resume = dir}}) do
+         local ok, e = pcall(nr.train, held_recipe(dir, extra))
+         assert.is_false(ok)
+         assert.equal(string.format('nr.train: %s is in use by another run (process %d): wait for it to end, or give '
+            .. 'another --out', dir, pid), e)
+      end
+      assert.equal(metrics, ck.read_file(dir .. '/metrics.jsonl'))   -- nothing touched
+      ck.write_atomic(dir .. '/holder.stop', 'stop')
+      local free
+      t0 = os.time()
+      repeat
+         free = ck.lock(dir .. '/.nrlua.lock')
+         if not free then os.execute('sleep 0.05') end
+      until free or os.time() - t0 > 30
+      assert.truthy(free, 'the holder ended')
+      free:release()
+      assert.equal(2, nr.train(held_recipe(dir, {epochs = 2, resume = dir})).epochs)
+   end)
+
    it('refuses a seed or thread count that would wrap at the FFI', function()
       for _, c in ipairs({{{seed = 1.5}, 'seed'}, {{seed = -1}, 'seed'}, {{threads = 2 ^ 31}, 'threads'},
                           {{threads = -2}, 'threads'}}) do
