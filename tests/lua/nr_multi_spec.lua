@@ -306,15 +306,36 @@ describe('nr.rejuvenate repeated and detailed', function()
       local ok, err = pcall(nr.utilization, bad, {3, 8, 8})
       assert.is_false(ok)
       assert.is_truthy(tostring(err):find('expects 5 channels but the graph carries 4', 1, true))
-      local grouped = nn.Sequential{nn.Conv2d(3, 4, 1, {bias = false}), nn.BatchNorm2d(4),
-                                    nn.Conv2d(4, 4, 3, {groups = 2, bias = false}), nn.BatchNorm2d(4)}
-      local u = nr.utilization(grouped, {3, 4, 4})
-      assert.are.equal(3 * 4 + 2 * 2 * 2 * 9, u.params_all)
-      grouped:findModules('BatchNorm2d')[1].weight:set(1, 0)
-      u = nr.utilization(grouped, {3, 4, 4})
-      assert.are.equal(3 * 3 + (1 * 2 + 2 * 2) * 9, u.params_live)
-      local ok2, err2 = pcall(nr.rejuvenate, grouped, {input_shape = {3, 4, 4}})
-      assert.is_false(ok2)
-      assert.is_truthy(tostring(err2):find('grouped convs', 1, true))
+   end)
+
+   it('keeps a grouped conv (1 < groups < channels) and the sets it reads and writes at their widths', function()
+      -- the grouped conv's weight cannot be resized channel by channel: its input set (the stem) and
+      -- its output are fixed, unpenalised and all live; the conv after it is rejuvenated as usual
+      local stem, grouped, last = nn.Conv2d(3, 4, 1, {bias = false}), nn.Conv2d(4, 4, 3, {groups = 2, padding = 1, bias = false}),
+                                  nn.Conv2d(4, 6, 3, {padding = 1, bias = false})
+      local m = nn.Sequential{stem, nn.BatchNorm2d(4), nn.ReLU(), grouped, nn.BatchNorm2d(4), nn.ReLU(),
+                              last, nn.BatchNorm2d(6), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(6, 2)}
+      m:evaluate()
+      local bns = m:findModules('BatchNorm2d')
+      for _, bn in ipairs(bns) do
+         bn.running_mean:copy(nr.randn({bn.num_features}):mul_(0.1))
+         bn.bias:copy(nr.randn({bn.num_features}):mul_(0.1))
+      end
+      assert.same({bns[3]}, R.penalized(m, SHAPE))
+      bns[1].weight:set(1, 0)                       -- would be dead, but the stem's set cannot lose it
+      bns[3].weight:set(2, 0)                       -- dead, and removable
+      bns[3].bias:set(2, 0)
+      local u = nr.utilization(m, SHAPE)
+      assert.are.equal(3 * 4 + 2 * 2 * 2 * 9 + 4 * 5 * 9, u.params_live)   -- convs (the head is not counted)
+      local x = nr.randn({2, 3, 4, 4})
+      local before = m:forward(x):clone()
+      local rep = nr.rejuvenate(m, {input_shape = SHAPE, budget = 1.5})
+      assert.are.equal(4, m:get(1).out_channels)
+      assert.are.equal(grouped, m:get(4))           -- untouched
+      assert.is_true(m:get(7).out_channels > 5)     -- the free layer grew back toward the budget
+      assert.is_true(rep.cost <= 1.5 * u.params_all and rep.cost > u.params_all, rep.cost)
+      local after = m:forward(x)
+      local err = after:clone():sub_(before):abs():max() / before:abs():max()
+      assert.is_true(err < 1e-4, 'function changed: ' .. err)
    end)
 end)

@@ -270,10 +270,32 @@ function M.build(model, input_shape)
    for _, cs in ipairs(g.sets) do
       if cs:root() == cs then g.roots[#g.roots + 1] = cs end
    end
-   -- a CS is rescalable only through its single producer; coupled sets never
+   -- A grouped conv (1 < groups < channels) keeps its widths: its weight's group structure cannot
+   -- be resized channel by channel, so the sets it reads and writes are fixed and pinned (not
+   -- offered to the reallocation: they keep every channel and their width).
+   for _, u in ipairs(g.units) do
+      if u.kind == 'group' then
+         u.fixed = true
+         u.out:root().pinned = true
+         for _, s in ipairs(u.in_desc.segs) do
+            local r = s.cs:root()
+            r.fixed, r.pinned = true, true
+         end
+      end
+   end
    for _, u in ipairs(g.units) do
       if u.fixed and u.out then u.out:root().fixed = true end
    end
+   -- A fixed set never loses a channel, so every conv writing it (residual partners, a depthwise
+   -- conv on it) is fixed too: no L1 on γ of channels that cannot go (it would only kill them),
+   -- all of them live.
+   for _, r in ipairs(g.roots) do
+      if r.fixed then
+         for _, u in ipairs(r.or_members) do u.fixed = true end
+         for _, e in ipairs(r.and_members) do e.unit.fixed = true end
+      end
+   end
+   -- a CS is rescalable only through its single producer; coupled sets never
    for _, u in ipairs(g.units) do
       if not u.bn or u.fixed or u.kind == 'group' then u.rescalable = false end
       if u.out and u.out:root().coupled then u.rescalable = false end

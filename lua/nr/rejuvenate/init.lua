@@ -187,7 +187,7 @@ function M.rejuvenate(model, opts)
    -- the resizable channel sets, as the policy sees them
    local layers, root_of = {}, {}
    for _, r in ipairs(g.roots) do
-      if r.kind == 'unit' then
+      if r.kind == 'unit' and not r.pinned then
          local id = #layers + 1
          local names, gsum, gn = {}, 0, 0
          for _, u in ipairs(r.or_members) do names[#names + 1] = u.conv:path() end

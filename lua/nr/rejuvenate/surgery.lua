@@ -403,7 +403,7 @@ function M.apply(g, plans, ctx)
       elseif u.kind == 'group' then
          local p = plans[u.out:root()]
          if inmap.width ~= inmap.old_width or p.w ~= p.old_w or #inmap.keep ~= inmap.old_width or #p.keep ~= p.old_w then
-            fail('%s: grouped convs (1 < groups < channels) cannot be resized; mark them nr_fixed or give their sets fixed widths', m:where())
+            fail('%s: a grouped conv (1 < groups < channels) cannot be resized (its sets are pinned)', m:where())
          end
       else
          local p = plans[u.out:root()]
