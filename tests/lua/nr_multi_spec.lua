@@ -165,6 +165,43 @@ describe('nr.rejuvenate repeated and detailed', function()
       assert.is_nil(opt2:state_of(m2:findModules('Conv2d')[2].weight))
    end)
 
+   it('remaps conv bias momentum into CR / CA blocks and back out of them', function()
+      for _, scheme in ipairs({'CR', 'CA'}) do
+         nr.manual_seed(21)
+         local m = nn.Sequential{
+            nn.Conv2d(3, 6, 3, {padding = 1, bias = false}), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(6, 6, 3, {padding = 1}), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.GlobalAvgPool2d(), nn.Linear(6, 2)}
+         local opt = nr.optim.SGD(m, {lr = 0.1, momentum = 0.9})
+         -- the bias momentum of the second conv as one vector (blocks: their dense view)
+         local function bias_mom()
+            local c = m.modules[4]
+            if c:typename() ~= 'NRConv2d' then return opt:state_of(c.bias).momentum:totable() end
+            return c:dense_bias(function(b) local st = opt:state_of(b.conv.bias); return st and st.momentum end):totable()
+         end
+         local types = {}
+         for round = 1, 2 do
+            local c = m.modules[4]
+            local with_bias = c:typename() == 'NRConv2d' and {} or {c}
+            if #with_bias == 0 then for _, b in ipairs(c.blocks) do if b.conv.bias then with_bias[#with_bias + 1] = b.conv end end end
+            for k, conv in ipairs(with_bias) do
+               opt:set_state_of(conv.bias, {momentum = nr.arange(conv.bias:numel()):add_(1 + 10 * k)})
+            end
+            local old = bias_mom()
+            m.modules[2].weight:set(2, 0)          -- an input channel dies (the blocks split by generation)
+            m.modules[5].weight:set(3, 0)          -- and output channel 3
+            nr.rejuvenate(m, {input_shape = {3, 6, 6}, scheme = scheme, optimizer = opt, budget = 1.2})
+            types[round] = m.modules[4]:typename()
+            local new, want = bias_mom(), {}
+            for i = 1, #old do if i ~= 3 then want[#want + 1] = old[i] end end
+            for _ = #want + 1, #new do want[#want + 1] = 0 end
+            assert.same(want, new, scheme .. ' round ' .. round)
+         end
+         -- into blocks in round 1; CR's merged generations make it dense again in round 2
+         assert.same(scheme == 'CR' and {'NRConv2d', 'Conv2d'} or {'NRConv2d', 'NRConv2d'}, types)
+      end
+   end)
+
    it('an optimizer not given to nr.rejuvenate refuses to step the replaced layers until refreshed', function()
       nr.manual_seed(14)
       local m = net()
@@ -251,6 +288,28 @@ describe('nr.rejuvenate repeated and detailed', function()
       assert.is_true(rel(b.mg, a.mg:div(s)) <= 1e-6)
       assert.is_true(rel(b.mb, a.mb:div(s)) <= 1e-6)
       assert.is_true(rel(b.mw, a.mw:mul(s:reshape(1, s:size(1), 1, 1))) <= 1e-6)
+   end)
+
+   it('rescaling through a depthwise conv that reads a concat: each consumer scaled on the channels it reads', function()
+      -- the depthwise unit passes two sets through; its consumer reads them at offsets 0 and 4
+      local m = nn.Sequential{
+         nn.Conv2d(3, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4), nn.ReLU(),
+         nn.Concat{nn.Identity(), nn.Sequential{nn.Conv2d(4, 2, 3, {padding = 1, bias = false}), nn.BatchNorm2d(2), nn.ReLU()}},
+         nn.Conv2d(6, 6, 3, {padding = 1, groups = 6, bias = false}), nn.BatchNorm2d(6), nn.ReLU(),
+         nn.Conv2d(6, 3, 1, {bias = false}), nn.BatchNorm2d(3), nn.ReLU(),
+         nn.GlobalAvgPool2d(), nn.Linear(3, 2)}
+      local bns = m:findModules('BatchNorm2d')
+      for _, bn in ipairs(bns) do bn.weight:copy(nr.rand({bn.num_features}):mul_(0.4):add_(0.1)) end
+      m:evaluate()
+      local x = nr.randn({2, 3, 6, 6})
+      local before = m:forward(x):clone()
+      local last = m:findModules('Conv2d')[4].weight:clone()
+      local rep = nr.rejuvenate(m, {input_shape = {3, 6, 6}, budget = 0, rescale = true, gamma0 = 1})
+      assert.is_true(rep.rescaled >= 6)
+      local g = m:findModules('BatchNorm2d')[3].weight  -- the depthwise conv's BN: every |γ| now 1
+      assert.is_true(rel(g:clone():abs(), nr.ones({6})) <= 1e-6)
+      assert.is_true(rel(m:findModules('Conv2d')[4].weight, last:mul(bns[3].weight:clone():reshape(1, 6, 1, 1))) <= 1e-6)
+      assert.is_true(rel(m:forward(x), before) <= 1e-5)
    end)
 
    it('classifier columns of new channels: zero by default, N(0, 0.01) with linear_init = normal', function()

@@ -10,9 +10,11 @@
 --     CS(s), and it joins them as an AND member (a channel lives only if the producer's channel
 --     and the depthwise channel both live). The image is the 'input' CS (never resized); a
 --     Linear's output is a 'terminal' CS.
---   * descriptors: the channels of a tensor as an ordered list of segments {cs = CS, src = unit}
---     (Concat concatenates segments); src is the unit whose BN last scaled those channels
---     (nil when a non positively-homogeneous op or an add came in between: no rescaling then);
+--   * descriptors: the channels of a tensor as an ordered list of segments {cs = CS, src = unit,
+--     src_off} (Concat concatenates segments); src is the unit whose BN last scaled those channels
+--     (nil when a non positively-homogeneous op or an add came in between: no rescaling then),
+--     and src_off where they start among its output channels (a depthwise conv passes several
+--     segments through, one unit);
 --   * consumers: the Linear classifiers (with the flatten factor) and the standalone BatchNorms
 --     (a BN not directly after a conv, e.g. pre-activation ResNet), sliced at surgery.
 -- What it is not: masks, counts or surgery (monitor.lua, surgery.lua).
@@ -113,7 +115,7 @@ local function add_consumer(desc, consumer)
    for i, s in ipairs(desc.segs) do
       if s.src then
          local c = s.src.consumers
-         c[#c + 1] = {module = consumer, offset = offs[i], sf = desc.sf or 1}
+         c[#c + 1] = {module = consumer, offset = offs[i], sf = desc.sf or 1, src_off = s.src_off, width = s.cs.width}
       end
    end
 end
@@ -128,7 +130,7 @@ local function conv_unit(g, m, desc, shape)
    local u = {id = #g.units + 1, conv = m, kh = kh, kw = kw, oh = oh, ow = ow, groups = groups,
               in_desc = {segs = {}}, consumers = {}, rescalable = true,
               fixed = m.nr_fixed == true, split = m:typename() == 'NRConv2d'}
-   for i, s in ipairs(desc.segs) do u.in_desc.segs[i] = {cs = s.cs, src = s.src} end
+   for i, s in ipairs(desc.segs) do u.in_desc.segs[i] = {cs = s.cs, src = s.src, src_off = s.src_off} end
    add_consumer(desc, u)
    g.units[#g.units + 1] = u
    g.by_module[m] = u
@@ -141,14 +143,14 @@ local function conv_unit(g, m, desc, shape)
       for i, s in ipairs(desc.segs) do
          local r = s.cs:root()
          r.and_members[#r.and_members + 1] = {unit = u, offset = offs[i]}
-         out.segs[i] = {cs = s.cs, src = u}
+         out.segs[i] = {cs = s.cs, src = u, src_off = offs[i]}
       end
    else
       u.kind = groups > 1 and 'group' or 'conv'
       local cs = new_cs(g, m.out_channels, 'unit')
       cs.or_members[1] = u
       u.out = cs
-      out = {segs = {{cs = cs, src = u}}}
+      out = {segs = {{cs = cs, src = u, src_off = 0}}}
    end
    u.out_segs = out.segs
    g.pending = u   -- a BatchNorm2d right after this conv becomes its liveliness source
@@ -246,7 +248,7 @@ walk = function(g, m, desc, shape)
       for _, c in ipairs(m.modules) do
          g.pending = nil
          local d, s = walk(g, c, desc, shape)
-         for _, sg in ipairs(d.segs) do segs[#segs + 1] = {cs = sg.cs, src = sg.src} end
+         for _, sg in ipairs(d.segs) do segs[#segs + 1] = {cs = sg.cs, src = sg.src, src_off = sg.src_off} end
          if not out_shape then out_shape = {unpack(s)} else out_shape[1] = out_shape[1] + s[1] end
       end
       g.pending = nil

@@ -414,13 +414,18 @@ function M.apply(g, plans, ctx)
          if u.split then
             W_old = m:dense()
             B_old = m:dense_bias()
-            local any = false
-            Wm_old = m:dense(function(b)
-               local s = state_of(ctx.opt, b.conv.weight)
-               any = any or s ~= nil
-               return s
-            end)
-            if not any then Wm_old = nil end
+            -- momentum as one dense tensor, where any block has it (the blocks without count as zero)
+            local function dense_state(dense, param_of)
+               local any = false
+               local t = dense(m, function(b)
+                  local st = param_of(b) and state_of(ctx.opt, param_of(b))
+                  any = any or st ~= nil
+                  return st
+               end)
+               return any and t or nil
+            end
+            Wm_old = dense_state(m.dense, function(b) return b.conv.weight end)
+            Bm_old = B_old and dense_state(m.dense_bias, function(b) return b.conv.bias end)
          else
             W_old, B_old = m.weight, m.bias
             Wm_old, Bm_old = state_of(ctx.opt, m.weight), state_of(ctx.opt, m.bias)
@@ -463,13 +468,17 @@ function M.apply(g, plans, ctx)
             local W = put_new(W_old, {wout, win, kh, kw}, m1, m2, 0, blk)
             local B = B_old and put_new(B_old, {wout}, m1)
             local Wm = Wm_old and put_new(Wm_old, {wout, win, kh, kw}, m1, m2)
+            local Bm = Bm_old and put_new(Bm_old, {wout}, m1)
             nc = on_device(nn.NRConv2d(spec), dev)
             for _, b in ipairs(nc.blocks) do
                local rows = {keep = range(b.out_first, b.out_n), dst = range(0, b.out_n)}
                local cols = {keep = b.in_idx, dst = range(0, #b.in_idx)}
                put2(b.conv.weight, W, rows, cols)
                if Wm then mom(b.conv.weight, put2(T.empty(b.conv.weight:shape(), {device = dev}), Wm, rows, cols)) end
-               if b.conv.bias then put2(b.conv.bias, B, rows) end
+               if b.conv.bias then
+                  put2(b.conv.bias, B, rows)
+                  if Bm then mom(b.conv.bias, put2(T.empty(b.conv.bias:shape(), {device = dev}), Bm, rows)) end
+               end
             end
          else
             nc = conv_shell(m, win, wout, {kh, kw}, 1, B_old ~= nil, dev)
@@ -560,24 +569,27 @@ function M.rescale(g, gamma0, opt)
             for i = 1, #s do invt[i] = 1 / s[i] end
             local st = T.tensor(s):to(dev)
             local inv = T.tensor(invt):to(dev)
-            -- values of the unit: × s; their momentum (a gradient sum): / s. Consumers: the reverse.
+            -- values of the unit: × s; their momentum (a gradient sum): / s. Consumers: the reverse,
+            -- each on the channels it reads (a segment of the unit's output, at its own offset)
             local function unit_scale(t, is_mom) t:mul_(is_mom and inv or st) end
             both(u.bn.weight, unit_scale)
             both(u.bn.bias, unit_scale)
             for _, c in ipairs(u.consumers) do
                local cm = c.module
+               local lo, w = c.src_off, c.width
+               local cst, cinv = st:narrow(1, lo + 1, w), inv:narrow(1, lo + 1, w)
                if cm.conv then
                   local conv = cm.conv
                   if cm.kind == 'dw' then
                      both(conv.weight, function(t, is_mom)
-                        t:narrow(1, c.offset + 1, #s):mul_((is_mom and st or inv):reshape(#s, 1, 1, 1))
+                        t:narrow(1, c.offset + 1, w):mul_((is_mom and cst or cinv):reshape(w, 1, 1, 1))
                      end)
                   elseif cm.split then
                      -- the blocks as one dense weight (and one dense momentum, where blocks have it)
                      for k, get in ipairs({function(b) return b.conv.weight end,
                                            function(b) return state_of(opt, b.conv.weight) end}) do
                         local W = conv:dense(get)
-                        W:narrow(2, c.offset + 1, #s):mul_((k == 2 and st or inv):reshape(1, #s, 1, 1))
+                        W:narrow(2, c.offset + 1, w):mul_((k == 2 and cst or cinv):reshape(1, w, 1, 1))
                         conv:scatter(W, function(b, slice)
                            local t = get(b)
                            if t then t:copy(slice) end
@@ -585,14 +597,14 @@ function M.rescale(g, gamma0, opt)
                      end
                   else
                      both(conv.weight, function(t, is_mom)
-                        t:narrow(2, c.offset + 1, #s):mul_((is_mom and st or inv):reshape(1, #s, 1, 1))
+                        t:narrow(2, c.offset + 1, w):mul_((is_mom and cst or cinv):reshape(1, w, 1, 1))
                      end)
                   end
                else
                   local lin = cm.module
                   local sf = c.sf or 1
                   local v, vm = {}, {}
-                  for i = 1, #s do for _ = 1, sf do v[#v + 1] = 1 / s[i]; vm[#vm + 1] = s[i] end end
+                  for i = lo + 1, lo + w do for _ = 1, sf do v[#v + 1] = 1 / s[i]; vm[#vm + 1] = s[i] end end
                   local vt, vmt = T.tensor(v):reshape(1, #v), T.tensor(vm):reshape(1, #vm)
                   if dev ~= 'cpu' then vt, vmt = vt:to(dev), vmt:to(dev) end
                   both(lin.weight, function(t, is_mom) t:narrow(2, c.offset * sf + 1, #v):mul_(is_mom and vmt or vt) end)
