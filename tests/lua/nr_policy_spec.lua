@@ -61,6 +61,36 @@ describe('nr.rejuvenate policies', function()
       assert.is_nil(rep.alpha)
    end)
 
+   it('budget.cost prices what surgery builds: a set left out keeps its live channels; shrinking keeps the largest |γ|', function()
+      nr.manual_seed(1)
+      local m = small_net()
+      kill_half(m)
+      local seen = {}
+      local rep = nr.rejuvenate(m, {input_shape = {3, 8, 8}, policy = {reallocate = function(layers, budget)
+         seen.partial = budget.cost({[2] = 20})
+         seen.explicit = budget.cost({[1] = layers[1].live, [2] = 20, [3] = layers[3].live})
+         return {[2] = 20}
+      end}})
+      assert.are.equal(seen.explicit, seen.partial)
+      assert.are.equal(seen.partial, rep.planned_cost)
+      assert.are.equal(rep.planned_cost, rep.cost)
+      -- CR with kept generations, then a budget below the live cost where the strongest channels are
+      -- the new generation's: the planned cost (the solver's) is the built one
+      nr.manual_seed(2)
+      local net = small_net()
+      kill_half(net)
+      local r1 = nr.rejuvenate(net, {input_shape = {3, 8, 8}, scheme = 'CR', generations = 'keep'})
+      for _, bn in ipairs(net:findModules('BatchNorm2d')) do
+         local old = #bn.weight:totable()
+         for c = 1, old do bn.weight:set(c, c <= old / 2 and 0.2 or 1.0) end
+      end
+      local rep2 = nr.rejuvenate(net, {input_shape = {3, 8, 8}, scheme = 'CR', generations = 'keep', budget = 0.4,
+                                       constraint_value = r1.target_cost})
+      assert.is_true(rep2.alpha < 1)
+      assert.are.equal(rep2.planned_cost, rep2.cost)
+      assert.is_true(rep2.cost <= rep2.target_cost)
+   end)
+
    it('rejects bad policy output and unknown policies with clear errors', function()
       local m = small_net()
       assert.has_error(function()

@@ -311,38 +311,72 @@ function M.survivors(r, st)
    return out
 end
 
--- A cost function over planned widths: cost(widths) where widths[root] = new width for every
--- resizable root (others keep theirs). scheme 'CR' counts only the blocks NRConv2d computes.
+-- The layout a resizable CS gets at width w (as surgery builds it and the cost function prices
+-- it): the positions it keeps, in their order, and its generations [{gen, n}]. It keeps its
+-- survivors (surv: M.survivors(r, st)); one stub channel when there are none; when w is below
+-- their count, the w with the largest |γ| (sc: M.scores(r); ties: the first). The survivors
+-- keep their generations (all 0 with merge), then w - #keep new channels of next_gen.
+function M.layout(r, surv, sc, w, next_gen, merge)
+   local keep, owner = {}, {}
+   for _, x in ipairs(surv) do
+      for _, p in ipairs(x.keep) do keep[#keep + 1] = p; owner[p] = x.gen end
+   end
+   if #keep == 0 then
+      local best, gen = M.stub_of(r)
+      keep = {best}
+      owner[best] = gen
+   end
+   if w < #keep then
+      local order = {}
+      for i, p in ipairs(keep) do order[i] = p end
+      table.sort(order, function(a, b)
+         local x, y = sc and sc[a] or 0, sc and sc[b] or 0
+         if x ~= y then return x > y end
+         return a < b
+      end)
+      local chosen = {}
+      for i = 1, w do chosen[order[i]] = true end
+      local k2 = {}
+      for _, p in ipairs(keep) do if chosen[p] then k2[#k2 + 1] = p end end
+      keep = k2
+   end
+   local gens, last = {}, nil
+   for _, p in ipairs(keep) do
+      local gen = merge and 0 or owner[p]
+      if last and last.gen == gen then last.n = last.n + 1
+      else last = {gen = gen, n = 1}; gens[#gens + 1] = last end
+   end
+   if w > #keep then gens[#gens + 1] = {gen = next_gen, n = w - #keep} end
+   return keep, gens
+end
+
+-- A cost function over planned widths: cost(widths) where widths[root] = new width of a
+-- resizable root (one left out keeps its live channels, as surgery builds it; the others keep
+-- theirs). scheme 'CR' counts only the blocks NRConv2d computes.
 -- Returns fn(widths) -> params, flops.
 function M.cost_fn(g, st, opts)
    local count = merged_count(opts.count)
    local scheme = opts.scheme or 'NR'
    local next_gen = opts.next_gen or 1
-   local surv = {}
-   for _, r in ipairs(g.roots) do surv[r] = M.survivors(r, st) end
-   -- planned generation layout of a root: survivors (non-empty) + the new generation; with
-   -- opts.merge every survivor is generation 0 (the paper's S), as surgery.plans lays them out
+   local surv, sc = {}, {}
+   for _, r in ipairs(g.roots) do
+      surv[r] = M.survivors(r, st)
+      sc[r] = surv[r] and M.scores(r)
+   end
+   -- planned generation layout of a root at width w, as surgery.plans lays it out
    local function plan_gens(r, w)
-      local s = surv[r]
-      if not s then return nil end
-      local out, kept = {}, 0
-      local n = 0
-      for _, x in ipairs(s) do n = n + x.n end
-      if n == 0 then
-         -- dead as a whole: surgery keeps one stub channel (stub_of), in its generation
-         local _, gen = M.stub_of(r)
-         s = {{gen = opts.merge and 0 or gen, n = 1}}
-      elseif opts.merge then
-         s = {{gen = 0, n = n}}
-      end
-      for _, x in ipairs(s) do
-         if x.n > 0 then out[#out + 1] = {gen = x.gen, n = math.min(x.n, w - kept)}; kept = kept + out[#out].n end
-      end
-      if w > kept then out[#out + 1] = {gen = next_gen, n = w - kept} end
-      return out
+      if not surv[r] then return nil end
+      local _, gens = M.layout(r, surv[r], sc[r], w, next_gen, opts.merge)
+      return gens
+   end
+   -- the width surgery.plans gives a root the widths leave out: a resizable set keeps its live
+   -- channels (one stub channel when none is live), the others keep all of theirs
+   local function kept(r)
+      if r.kind ~= 'unit' then return r.width end
+      return math.max(1, st.cs_live[r])
    end
    return function(widths)
-      local function W(r) local w = widths[r]; return w or r.width end
+      local function W(r) return widths[r] or kept(r) end
       local params, flops = 0, 0
       local gens_cache = {}
       local function gens_of(r)

@@ -158,37 +158,11 @@ function M.plans(g, st, widths, next_gen, merge)
          plans[r] = {keep = range(0, r.width), w = r.width, old_w = r.width}
       else
          local surv = monitor.survivors(r, st)
-         local keep, owner = {}, {}
-         for _, x in ipairs(surv) do
-            for _, p in ipairs(x.keep) do keep[#keep + 1] = p; owner[p] = x.gen end
-         end
-         local sc = scores(r)
-         if #keep == 0 then
-            -- a set dead as a whole keeps one stub channel (its best γ): widths never reach 0
-            local best, gen = monitor.stub_of(r)
-            keep = {best}
-            owner[best] = gen
-         end
-         local w = widths[r] or #keep
+         local live = 0
+         for _, x in ipairs(surv) do live = live + x.n end
+         local w = widths[r] or math.max(1, live)
          if w < 1 then fail('%s: width %d requested (at least 1)', r.or_members[1].conv:path(), w) end
-         if w < #keep then
-            -- the policy asked for fewer channels than live: keep the w with the largest |γ|
-            local order = {}
-            for i, p in ipairs(keep) do order[i] = p end
-            table.sort(order, function(a, b) return (sc and sc[a] or 0) > (sc and sc[b] or 0) end)
-            local chosen = {}
-            for i = 1, w do chosen[order[i]] = true end
-            local k2 = {}
-            for _, p in ipairs(keep) do if chosen[p] then k2[#k2 + 1] = p end end
-            keep = k2
-         end
-         if merge then for _, p in ipairs(keep) do owner[p] = 0 end end
-         local gens, last = {}, nil
-         for _, p in ipairs(keep) do
-            if last and last.gen == owner[p] then last.n = last.n + 1
-            else last = {gen = owner[p], n = 1}; gens[#gens + 1] = last end
-         end
-         if w > #keep then gens[#gens + 1] = {gen = next_gen, n = w - #keep} end
+         local keep, gens = monitor.layout(r, surv, scores(r), w, next_gen, merge)
          plans[r] = {keep = keep, w = w, gens = gens, old_w = r.width}
       end
    end
