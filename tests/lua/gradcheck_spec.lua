@@ -195,6 +195,48 @@ describe('gradcheck: containers', function()
       local m2 = nn.Residual(nn.Sequential{nn.Conv2d(3, 3, 3, {padding = 1}), nn.Sigmoid()})
       assert.is_true(gradcheck(m2, input({2, 3, 4, 4})))
    end)
+   it('a module at two places: weight tying, and one activation or pool called twice', function()
+      -- the second place holds a twin (same parameter tensors, own forward state); its gradients
+      -- are the sum over both uses, which the finite differences of the shared tensor measure
+      nr.manual_seed(5)
+      local lin = nn.Linear(4, 4)
+      local m = nn.Sequential{lin, lin}
+      assert.are.equal(lin.weight, m:get(2).weight)
+      assert.are.equal(2, #m:parameters())
+      assert.is_true(gradcheck(m, input({3, 4})))
+      local c1 = nn.Conv2d(4, 4, 1)
+      assert.is_true(gradcheck(nn.Sequential{c1, c1}, input({2, 4, 5, 5})))
+      local c3 = nn.Conv2d(3, 3, 3, {padding = 1})
+      assert.is_true(gradcheck(nn.Sequential{c3, nn.Conv2d(3, 3, 1), c3}, input({2, 3, 5, 5})))
+      assert.is_true(gradcheck(nn.Sequential{c3, nn.BatchNorm2d(3), c3}, input({2, 3, 5, 5})))
+      local sig = nn.Sigmoid()
+      assert.is_true(gradcheck(nn.Sequential{nn.Conv2d(3, 4, 3, {padding = 1}), sig, nn.Conv2d(4, 4, 3, {padding = 1}), sig},
+         input({2, 3, 6, 6})))
+      -- ReLU and max pooling (kinks and ties make finite differences unreliable): one module called
+      -- twice gives exactly what two separate ones give (the same convs: their twins)
+      for _, make in ipairs({function() return nn.ReLU() end, function() return nn.MaxPool2d(3, {stride = 1, padding = 1}) end}) do
+         local a1, a2 = nn.Conv2d(3, 4, 3, {padding = 1}), nn.Conv2d(4, 4, 3, {padding = 1})
+         local act = make()
+         local once = nn.Sequential{a1, act, a2, act}
+         local apart = nn.Sequential{a1, make(), a2, make()}
+         local x = input({2, 3, 6, 6})
+         local r = nr.randn({2, 4, 6, 6})
+         local got = {}
+         for k, m in ipairs({once, apart}) do
+            m:zeroGradParameters()
+            local y = m:forward(x):clone()
+            local gx = m:backward(x, r):clone()
+            got[k] = {y, gx, a1.gradWeight:clone(), a2.gradWeight:clone(), a1.gradBias:clone()}
+         end
+         for i = 1, #got[1] do assert.are.equal(0, got[1][i]:clone():sub_(got[2][i]):abs():max()) end
+      end
+      -- a device move keeps the twins' tensors shared (each converted once)
+      local moved = nn.Sequential{lin, nn.ReLU(), lin}
+      moved:_apply(function(t) return t:clone() end)
+      assert.are.equal(moved:get(1).weight, moved:get(3).weight)
+      assert.are.equal(moved:get(1).gradBias, moved:get(3).gradBias)
+      assert.are_not.equal(lin.weight, moved:get(1).weight)
+   end)
    it('Concat of two branches (DenseNet style)', function()
       nr.manual_seed(4)
       local m = nn.Concat{nn.Identity(), nn.Sequential{nn.BatchNorm2d(3), nn.Sigmoid(), nn.Conv2d(3, 2, 3, {padding = 1})}}

@@ -365,6 +365,11 @@ describe('nr.rejuvenate repeated and detailed', function()
       local ok, err = pcall(nr.utilization, bad, {3, 8, 8})
       assert.is_false(ok)
       assert.is_truthy(tostring(err):find('expects 5 channels but the graph carries 4', 1, true))
+      local c = nn.Conv2d(4, 4, 3, {padding = 1, bias = false})
+      local tied = nn.Sequential{nn.Conv2d(3, 4, 1, {bias = false}), nn.BatchNorm2d(4), c, nn.BatchNorm2d(4), c, nn.BatchNorm2d(4)}
+      local ok3, err3 = pcall(nr.rejuvenate, tied, {input_shape = {3, 4, 4}})
+      assert.is_false(ok3)
+      assert.is_truthy(tostring(err3):find('4 (Conv2d 4->4 3x3 p1 nobias): shares its parameters with 2 (weight tying)', 1, true), tostring(err3))
    end)
 
    it('keeps a grouped conv (1 < groups < channels) and the sets it reads and writes at their widths', function()

@@ -15,6 +15,13 @@ local function need(cond, parent, fmt, ...)
    if not cond then error(parent.__typename .. ': ' .. string.format(fmt, ...), 5) end
 end
 
+-- A module already placed (here or in another container) goes in as its twin (Module:twin:
+-- the same parameters, its own forward state); parameter names keep its first place, as PyTorch.
+local function placed(m)
+   if rawget(m, '_parent') then return m:twin() end
+   return m
+end
+
 -- modules: a list of modules, or nil; a module given where the list belongs is an error (a
 -- silently empty container would compute the identity). nonempty: at least one child is required.
 local function adopt(parent, modules, nonempty)
@@ -30,8 +37,8 @@ local function adopt(parent, modules, nonempty)
       local m = modules[i]
       need(m ~= nil, parent, 'child %d is nil (an unassigned variable?); %d children were given', i, n)
       need(type(m) == 'table' and m.forward, parent, 'child %d is not a module', i)
-      -- a module at two places (weight tying) keeps its first position as its name, as PyTorch
-      if m._parent ~= parent then m._parent, m._key = parent, i - 1 end
+      m = placed(m)
+      m._parent, m._key = parent, i - 1
       parent.modules[i] = m
    end
 end
@@ -68,8 +75,9 @@ function Sequential:__init(modules, ...)
 end
 
 function Sequential:add(m)
+   m = placed(m)
    self.modules[#self.modules + 1] = m
-   if m._parent ~= self then m._parent, m._key = self, #self.modules - 1 end
+   m._parent, m._key = self, #self.modules - 1
    return self
 end
 

@@ -204,17 +204,21 @@ end
 
 -- Fields holding tensors owned by this module (parameters, grads, buffers). Scratch buffers
 -- (output, gradInput, anything starting with '_') are dropped on device moves and clones.
-function Module:_apply(fn)
+-- A tensor shared by twins (Module:twin) is converted once and stays shared (memo: old -> new).
+function Module:_apply(fn, memo)
+   memo = memo or {}
    for k, v in pairs(self) do
       if type(v) == 'table' and getmetatable(v) and v.__typename == 'nr.Tensor' then
          if k == 'output' or k == 'gradInput' or (type(k) == 'string' and k:sub(1, 1) == '_') then
             self[k] = nil
          else
-            self[k] = fn(v)
+            local new = memo[v] or fn(v)
+            memo[v] = new
+            self[k] = new
          end
       end
    end
-   if self.modules then for _, m in ipairs(self.modules) do m:_apply(fn) end end
+   if self.modules then for _, m in ipairs(self.modules) do m:_apply(fn, memo) end end
    return self
 end
 
@@ -225,9 +229,11 @@ end
 function Module:cuda() return self:to('cuda') end
 function Module:cpu() return self:to('cpu') end
 
--- Deep copy: tensors cloned, scratch buffers dropped, parent links rebuilt.
-function Module:clone()
+-- Deep copy: tensors cloned, scratch buffers dropped, parent links rebuilt. share: tensors the
+-- copy keeps as they are (the same objects), e.g. for a twin.
+function Module:clone(share)
    local seen = {}
+   for _, t in ipairs(share or {}) do seen[t] = t end
    local function copy(v, parent_is_module)
       if type(v) ~= 'table' then return v end
       if seen[v] then return seen[v] end
@@ -254,6 +260,22 @@ function Module:clone()
    local c = copy(self)
    c:_relink()
    return c
+end
+
+-- The module a container places where this one already sits (weight tying, or one ReLU used
+-- twice as PyTorch's self.relu): a copy sharing its parameters, their gradients and its buffers
+-- (the same tensors: one set, summed gradients, stepped once), with forward state of its own.
+-- One object at two places would not work: a module keeps what its backward reads (its output,
+-- pooling indices, batch statistics), and its second forward would overwrite the first one's.
+function Module:twin()
+   local share = {}
+   local params, grads = self:parameters()
+   for _, t in ipairs(params) do share[#share + 1] = t end
+   for _, t in ipairs(grads) do share[#share + 1] = t end
+   for _, b in ipairs(self:namedBuffers()) do share[#share + 1] = b.tensor end
+   local t = self:clone(share)
+   rawset(t, '_twin_of', rawget(self, '_twin_of') or self)
+   return t
 end
 
 -- Re-establishes _parent/_key on children (after clones and structural edits).

@@ -159,6 +159,16 @@ end
 
 local function leaf(g, m, desc, shape)
    local t = m:typename()
+   -- a module at two places (weight tying: twins share the tensors) cannot be resized at one of
+   -- them alone
+   local p = m:parameters()[1]
+   if p then
+      if g.owner_of[p] then
+         fail(m, 'shares its parameters with %s (weight tying); NR cannot resize a layer used at two places',
+            g.owner_of[p]:path())
+      end
+      g.owner_of[p] = m
+   end
    if CUSTOM[t] then return CUSTOM[t](g, m, desc, shape) end
    if t == 'Conv2d' or t == 'NRConv2d' then return conv_unit(g, m, desc, shape) end
    local pending = g.pending
@@ -261,7 +271,7 @@ end
 function M.build(model, input_shape)
    assert(type(input_shape) == 'table' and #input_shape >= 1, FNAME .. ': input_shape must be a table like {3, 32, 32}')
    local g = {model = model, input_shape = input_shape, units = {}, sets = {}, linears = {}, chanwise = {},
-              by_module = {}}
+              by_module = {}, owner_of = {}}
    local input = new_cs(g, input_shape[1], 'input')
    local desc, shape = walk(g, model, {segs = {{cs = input}}}, input_shape)
    g.input = input
