@@ -123,6 +123,29 @@ describe('nr.rejuvenate policies', function()
          for _, l in ipairs(layers) do w[l.id] = math.huge end
          return w
       end}}):find('must be an integer in [1, 2^20]', 1, true))
+      -- a reallocation's info is checked before the surgery (the model is left as it was)
+      local k = small_net()
+      kill_half(k)
+      local widths_before = k:findModules('Conv2d')[2].out_channels
+      for _, info in ipairs({5, 'x'}) do
+         local e = err(function() nr.rejuvenate(k, {input_shape = {3, 8, 8}, policy = {reallocate = function(layers, budget)
+            local w = {}
+            for _, l in ipairs(layers) do w[l.id] = l.live end
+            return w, info
+         end}}) end)
+         assert.truthy(e:find('its second result (info) must be a table or nil', 1, true), e)
+      end
+      assert.are.equal(widths_before, k:findModules('Conv2d')[2].out_channels)
+      assert.are.equal(0, k:findModules('BatchNorm2d')[1].weight:get(1))
+      -- budget.cost and budget.solve name a wrong argument
+      assert.truthy(rej({policy = {reallocate = function(_, b) return b.cost('x') end}})
+         :find('budget.cost: widths must be a table {[layer id] = width}, got "x"', 1, true))
+      assert.truthy(rej({policy = {reallocate = function(_, b) return b.cost({[1] = 2.5}) end}})
+         :find('budget.cost: width of layer 1 must be a whole number, got 2.5', 1, true))
+      assert.truthy(rej({policy = {reallocate = function(_, b) return b.solve(nil) end}})
+         :find('budget.solve: widths_of must be a function', 1, true))
+      assert.truthy(rej({policy = {rescale = function() return 'yes' end}})
+         :find('policy.rescale: must return true or false, got "yes"', 1, true))
       -- attach checks the whole configuration at once, before any training
       local function att(cfg)
          cfg.input_shape = {3, 8, 8}
@@ -138,6 +161,11 @@ describe('nr.rejuvenate policies', function()
       R.attach(tr, {input_shape = {3, 8, 8}, target = 0.01, policy = {lambda = function() return 0 / 0 end}})
       tr:call('train_begin')
       assert.truthy(err(function() tr:call('epoch_end') end):find('policy.lambda: must return a finite number >= 0', 1, true))
+      -- when must say yes or no (a 0 or "no" is true in Lua: it would rejuvenate)
+      local tr2 = fake_trainer(small_net())
+      R.attach(tr2, {input_shape = {3, 8, 8}, target = 0.01, policy = {when = function() return 0 end}})
+      tr2:call('train_begin')
+      assert.truthy(err(function() tr2:call('epoch_end') end):find('policy.when: must return true or false, got 0', 1, true))
    end)
 
    it('rejects bad constraint_value, count, optimizer, input_shape and a non-finite γ, naming the option and value', function()

@@ -146,6 +146,13 @@ local function summary(rep)
            flops_all = rep.flops_all, r_params = rep.r_params, r_flops = rep.r_flops}
 end
 
+-- The rescale policy's answer, which must be a boolean (nil: no).
+function M.ask_rescale(pol, ctx)
+   local v = pol.rescale(ctx)
+   check.arg(v == nil or type(v) == 'boolean', 'nr.rejuvenate policy.rescale', 'must return true or false, got %s', check.show(v))
+   return v == true
+end
+
 -- opts: input_shape, threshold, abs_min, count (as utilization); constraint ('params' | 'flops');
 -- budget (fraction of C, default 1 = keep the cost; 0.5 = compression mode, Table 4; 0 = prune
 -- only; a budget below the live cost shrinks live widths too, dropping the lowest |γ|);
@@ -220,6 +227,12 @@ function M.rejuvenate(model, opts)
       return w
    end
    local function cost(widths)
+      check.arg(type(widths) == 'table', 'nr.rejuvenate budget.cost', 'widths must be a table {[layer id] = width}, got %s',
+         check.show(widths))
+      for id, w in pairs(widths) do
+         check.arg(type(w) == 'number' and w >= 0 and w == math.floor(w), 'nr.rejuvenate budget.cost',
+            'width of layer %s must be a whole number, got %s', tostring(id), check.show(w))
+      end
       local p, f = cost_fn(by_root(widths))
       return key == 'params' and p or f
    end
@@ -234,6 +247,8 @@ function M.rejuvenate(model, opts)
    end
    rinfo = rinfo or {}
    check.arg(type(widths) == 'table', FN, 'reallocate must return a table of widths by layer id')
+   -- its info goes into the report and the run's log: checked before anything is changed
+   check.arg(type(rinfo) == 'table', FN, 'reallocate: its second result (info) must be a table or nil, got %s', check.show(rinfo))
    for id, w in pairs(widths) do
       check.arg(type(w) == 'number' and w >= 1 and w == math.floor(w) and w <= MAX_WIDTH, FN,
          'reallocate: width of layer %s must be an integer in [1, 2^20], got %s', tostring(id), tostring(w))
@@ -256,7 +271,7 @@ function M.rejuvenate(model, opts)
 
    local rescaled = 0
    local do_rescale = opts.rescale
-   if do_rescale == nil then do_rescale = pol.rescale({cfg = {rescale = false}, model = model}) end
+   if do_rescale == nil then do_rescale = M.ask_rescale(pol, {cfg = {rescale = false}, model = model}) end
    if do_rescale then rescaled = surgery.rescale(monitor.graph_of(model, input_shape), gamma0, opt) end
 
    local after = monitor.report(monitor.graph_of(model, input_shape), mo)
@@ -368,14 +383,16 @@ function M.attach(tr, cfg)
          tr:log({kind = 'nr', event = 'check', epoch = tr.epoch, step = tr.step, r_params = u.r_params,
                  r_flops = u.r_flops, lambda = ctl.lambda})
       end
-      if pol.when(ctx) then
+      local go = pol.when(ctx)
+      check.arg(go == nil or type(go) == 'boolean', 'nr.rejuvenate policy.when', 'must return true or false, got %s', check.show(go))
+      if go then
          if not ctl.C then
             ctl.C = c.constraint == 'flops' and u.flops_all or u.params_all
          end
          local rep = M.rejuvenate(tr.model, {
             input_shape = shape(), threshold = c.threshold, abs_min = c.abs_min, count = c.count,
             constraint = c.constraint, constraint_value = ctl.C, budget = c.budget or 1, scheme = c.scheme or 'NR',
-            rescale = pol.rescale(ctx), gamma0 = c.gamma0, optimizer = tr.optimizer,
+            rescale = M.ask_rescale(pol, ctx), gamma0 = c.gamma0, optimizer = tr.optimizer,
             optim_state = c.optim_state, linear_init = c.linear_init, generations = c.generations,
             policy = {reallocate = pol.reallocate, init = pol.init},
          })

@@ -90,6 +90,12 @@ function M.rescale(ctx) return ctx.cfg.rescale == true end
 -- even lo is over the target.
 function M.make_solver(cost, target)
    return function(widths_of, lo)
+      if type(widths_of) ~= 'function' then
+         error('nr.rejuvenate budget.solve: widths_of must be a function t -> widths, got ' .. type(widths_of), 2)
+      end
+      if lo ~= nil and (type(lo) ~= 'number' or lo ~= lo or lo < 0) then
+         error('nr.rejuvenate budget.solve: lo must be a number >= 0, got ' .. tostring(lo), 2)
+      end
       lo = lo or 0
       if cost(widths_of(lo)) > target then return lo, nil end
       local hi = math.max(lo * 2, lo + 1)
