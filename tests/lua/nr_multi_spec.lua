@@ -202,6 +202,41 @@ describe('nr.rejuvenate repeated and detailed', function()
       end
    end)
 
+   it('CA: a gated output generation whose inputs all died keeps its function (its gate 2σ(bias) folded in)', function()
+      for _, bias in ipairs({false, true}) do
+         nr.manual_seed(3)
+         local m = nn.Sequential{
+            nn.Conv2d(3, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, {padding = 1, bias = bias}), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.GlobalAvgPool2d(), nn.Linear(4, 3)}
+         m.modules[2].weight:set(1, 0)
+         m.modules[5].weight:set(1, 0)
+         nr.rejuvenate(m, {input_shape = {3, 6, 6}, scheme = 'CA', generations = 'keep'})   -- gens 0 | 1
+         -- as after training: cross blocks, biases and the new classifier columns non-zero
+         for _, b in ipairs(m.modules[4].blocks) do
+            b.conv.weight:add_(nr.randn(b.conv.weight:shape()):mul_(0.3))
+            if b.conv.bias then b.conv.bias:copy(nr.randn(b.conv.bias:shape())) end
+         end
+         m.modules[8].weight:copy(nr.randn(m.modules[8].weight:shape()))
+         m:evaluate()
+         -- every generation-1 channel of the first conv dies: the second conv's generation-1 outputs
+         -- lose their own inputs (the reference: those channels' γ and β zeroed)
+         local n0 = m.modules[1].nr_gens[1].n
+         local ref = m:clone()
+         for c = n0 + 1, m.modules[2].num_features do
+            m.modules[2].weight:set(c, 0)
+            ref.modules[2].weight:set(c, 0)
+            ref.modules[2].bias:set(c, 0)
+         end
+         local x = nr.randn({2, 3, 6, 6})
+         local want = ref:forward(x):clone()
+         nr.rejuvenate(m, {input_shape = {3, 6, 6}, scheme = 'CA', generations = 'keep', budget = 0})
+         m:evaluate()
+         assert.truthy(m.modules[4]:extra():find('|1:', 1, true))    -- generation 1 still has outputs
+         assert.is_true(rel(m:forward(x), want) <= 1e-5, 'bias ' .. tostring(bias))
+      end
+   end)
+
    it('an optimizer not given to nr.rejuvenate refuses to step the replaced layers until refreshed', function()
       nr.manual_seed(14)
       local m = net()

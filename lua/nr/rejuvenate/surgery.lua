@@ -295,6 +295,34 @@ local function fresh_block(ctx, shape, info, rows, cols)
    return {t = R, rows = rows, cols = cols}
 end
 
+-- CA: an output channel gated by its generation's own response A (O = A + 2σ(A)·B) whose
+-- generation has no input channel left becomes a plain block reading every input (O = A + B,
+-- an "orphan"). A is then its bias alone, a constant, so the gate 2σ(b) is folded into the
+-- channel's weight row (its momentum, a gradient sum, / the same factor): the function is kept.
+-- m: the old NRConv2d; keep: old positions in new order; W, Wm, B: m's dense weight, momentum
+-- (or nil) and bias, fresh tensors changed in place.
+local function fold_orphan_gates(m, spec, keep, W, Wm, B)
+   local has_in, gen_at, gated = {}, {}, {}
+   for _, ig in ipairs(spec.in_groups) do has_in[ig.gen] = true end
+   for _, og in ipairs(spec.out_groups) do
+      for k = og.first, og.first + og.n - 1 do gen_at[k] = og.gen end
+   end
+   for j, plan in ipairs(m.out_plan) do
+      if plan.diag then
+         local og = m.spec.out_groups[j]
+         for q = og.first, og.first + og.n - 1 do gated[q] = true end
+      end
+   end
+   local b = B:totable()
+   for k, q in ipairs(keep) do   -- new position k - 1 holds old channel q
+      if gated[q] and not has_in[gen_at[k - 1]] then
+         local f = 2 / (1 + math.exp(-b[q + 1]))
+         W:narrow(1, q + 1, 1):mul_(f)
+         if Wm then Wm:narrow(1, q + 1, 1):mul_(1 / f) end
+      end
+   end
+end
+
 -- Applies the plans. ctx = {opt, optim_state ('remap' | 'drop'), gamma0, scheme, init = fn}.
 -- Returns the list of replaced modules {old, new} and pending momentum {param, momentum}.
 -- Every new tensor is written once by nr_surgery_place from the old tensor, the init policy's
@@ -438,6 +466,9 @@ function M.apply(g, plans, ctx)
          end
          local nc
          if spec then
+            if ctx.scheme == 'CA' and u.split and m.scheme == 'CA' and B_old then
+               fold_orphan_gates(m, spec, p.keep, W_old, Wm_old, B_old)
+            end
             -- the dense new weight (temporary), then each block gathered from it
             local W = put_new(W_old, {wout, win, kh, kw}, m1, m2, 0, blk)
             local B = B_old and put_new(B_old, {wout}, m1)
