@@ -222,10 +222,10 @@ describe('gradcheck: containers', function()
          local x = input({2, 3, 6, 6})
          local r = nr.randn({2, 4, 6, 6})
          local got = {}
-         for k, m in ipairs({once, apart}) do
-            m:zeroGradParameters()
-            local y = m:forward(x):clone()
-            local gx = m:backward(x, r):clone()
+         for k, net in ipairs({once, apart}) do
+            net:zeroGradParameters()
+            local y = net:forward(x):clone()
+            local gx = net:backward(x, r):clone()
             got[k] = {y, gx, a1.gradWeight:clone(), a2.gradWeight:clone(), a1.gradBias:clone()}
          end
          for i = 1, #got[1] do assert.are.equal(0, got[1][i]:clone():sub_(got[2][i]):abs():max()) end

@@ -572,6 +572,31 @@ describe('buffers and modes', function()
       end
    end)
 
+   it('backward\'s scale reaches every layer inside containers (Sequential, Residual, Concat, NRConv2d)', function()
+      nr.manual_seed(13)
+      local ca = nn.NRConv2d({in_channels = 6, out_channels = 4, kernel_size = 1, bias = true, scheme = 'CA',
+                              in_groups = {{gen = 0, idx = {0, 1, 2, 3}}, {gen = 1, idx = {4, 5}}},
+                              out_groups = {{gen = 0, first = 0, n = 3}, {gen = 1, first = 3, n = 1}}})
+      local net = nn.Sequential{nn.Conv2d(3, 4, 3, {padding = 1}), nn.BatchNorm2d(4), nn.ReLU(),
+                                nn.Residual(nn.Sequential{nn.Conv2d(4, 4, 3, {padding = 1}), nn.BatchNorm2d(4)}),
+                                nn.Concat{nn.Identity(), nn.Conv2d(4, 2, 1)}, ca,
+                                nn.GlobalAvgPool2d(), nn.Linear(4, 3)}
+      local x = nr.randn({2, 3, 5, 5})
+      local gy = nr.randn(net:forward(x):shape())
+      net:zeroGradParameters()
+      local gx = net:backward(x, gy):clone()
+      local params, grads = net:parameters()
+      local once = {}
+      for i, g in ipairs(grads) do once[i] = g:clone() end
+      net:forward(x)
+      local gx2 = net:backward(x, gy, 0.5)            -- parameter gradients now 1.5 x; the input's as before
+      assert.are.equal(0, max_abs_diff(gx, gx2))
+      assert.are.equal(#params, #once)
+      for i, g in ipairs(grads) do
+         assert.is_true(max_abs_diff(g, once[i]:mul(1.5)) <= 1e-5 * math.max(1, once[i]:abs():max()), 'parameter ' .. i)
+      end
+   end)
+
    it('clone() copies parameters and gives the same output', function()
       nr.manual_seed(6)
       local net = nn.Sequential{nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()}

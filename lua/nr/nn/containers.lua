@@ -135,7 +135,7 @@ function Sequential:updateGradInput(x, g)
       local input = i > 1 and mods[i - 1].output or x
       local m = mods[i]
       if i == 1 and no_input and m.paramsOnlyBackward then m._skipInputGrad = true end
-      local gi = m:backward(input, g)
+      local gi = m:backward(input, g, rawget(self, '_gscale'))
       if g ~= outer then GP.release(g, gi, outer) end
       g = gi
    end
@@ -156,10 +156,8 @@ function Sequential:setInputGrad(on)
    return self
 end
 
-function Sequential:backward(x, g, scale)
-   if rawget(self, '_parent') then return self:updateGradInput(x, g) end
-   return Module.backward(self, x, g, scale)
-end
+Sequential.backward = Module.composite_backward
+Sequential.gradients = Module.composite_gradients
 function Sequential:accGradParameters() end
 Sequential.parameters = params_of
 
@@ -204,8 +202,9 @@ end
 -- The sum lands in place in a branch's pooled gradient when one is free to overwrite (not g,
 -- which the caller owns); the other branch's block goes back to the pool.
 function Residual:updateGradInput(x, g)
-   local gm = self.modules[1]:backward(x, g)
-   local gs = self.modules[2] and self.modules[2]:backward(x, g) or g
+   local scale = rawget(self, '_gscale')
+   local gm = self.modules[1]:backward(x, g, scale)
+   local gs = self.modules[2] and self.modules[2]:backward(x, g, scale) or g
    local function writable(t) return not t:same_storage(g) and GP.owned(t) end
    local out
    if writable(gm) then
@@ -220,10 +219,8 @@ function Residual:updateGradInput(x, g)
    self.gradInput = out
    return out
 end
-function Residual:backward(x, g, scale)
-   if rawget(self, '_parent') then return self:updateGradInput(x, g) end
-   return Module.backward(self, x, g, scale)
-end
+Residual.backward = Module.composite_backward
+Residual.gradients = Module.composite_gradients
 function Residual:accGradParameters() end
 Residual.parameters = params_of
 function Residual:outputShape(s) return self.modules[1]:outputShape(s) end
@@ -295,7 +292,7 @@ function Concat:updateGradInput(x, g_in)
       end
       local part = GP.buffer(holder, view:shape(), g)
       part:copy(view)
-      local gi = m:backward(x, part)
+      local gi = m:backward(x, part, rawget(self, '_gscale'))
       if i == 1 then
          sum = GP.buffer(self, gi:shape(), gi)
          sum:copy(gi)
@@ -309,10 +306,8 @@ function Concat:updateGradInput(x, g_in)
    self.gradInput = sum
    return sum
 end
-function Concat:backward(x, g, scale)
-   if rawget(self, '_parent') then return self:updateGradInput(x, g) end
-   return Module.backward(self, x, g, scale)
-end
+Concat.backward = Module.composite_backward
+Concat.gradients = Module.composite_gradients
 function Concat:accGradParameters() end
 Concat.parameters = params_of
 function Concat:outputShape(s)

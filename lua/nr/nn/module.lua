@@ -105,6 +105,21 @@ end
 
 function Module:__call(x) return self:forward(x) end
 
+-- Composite modules (containers, NRConv2d) run backward on their children inside their own
+-- updateGradInput; backward's scale (parameter gradients accumulate scale · ∂L/∂θ, as Torch7)
+-- reaches the children through self._gscale while it runs. A composite sets
+-- Type.gradients = Module.composite_gradients and backward(x, g, scale) = composite_backward.
+function Module:composite_gradients(x, g, scale)
+   self._gscale = scale
+   local gi = self:updateGradInput(x, g)
+   self._gscale = nil
+   return gi
+end
+function Module:composite_backward(x, g, scale)
+   if rawget(self, '_parent') then return self:composite_gradients(x, g, scale) end
+   return Module.backward(self, x, g, scale)
+end
+
 -- gradInput and the parameter gradients of one backward; a leaf that computes both in one pass
 -- over its data overrides this (BatchNorm2d).
 -- _skipInputGrad (set by a Sequential whose input gradient is off, for this one call, on a first

@@ -254,7 +254,7 @@ function NRConv2d:updateGradInput(x, gradOutput)
    local gall
    local function acc(b, g)
       local input = b.inp and self._xin[b.inp] or self._x
-      local r = b.conv:backward(input, g)
+      local r = b.conv:backward(input, g, rawget(self, '_gscale'))
       if b.inp then
          gx[b.inp]:add_(r)
       else
@@ -295,10 +295,8 @@ end
 
 function NRConv2d:accGradParameters() end  -- done by the blocks' backward in updateGradInput
 
-function NRConv2d:backward(x, g, scale)
-   if rawget(self, '_parent') then return self:updateGradInput(x, g) end
-   return Module.backward(self, x, g, scale)
-end
+NRConv2d.backward = Module.composite_backward
+NRConv2d.gradients = Module.composite_gradients
 
 -- ---- dense view (surgery, tests) ------------------------------------------------------------------
 
