@@ -3,7 +3,7 @@
 --   apt-get install dataset-fashion-mnist        # Debian's package: /usr/share/datasets/fashion-mnist
 --   nrlua recipes/fashion_mnist.lua               # ~92% test top-1 in 3 epochs on 2 cores
 --   nrlua recipes/fashion_mnist.lua --help        # every field; override any: --epochs 8 --lr 0.05
---   nrlua tools/report.lua runs/fashion_mnist-*   # HTML report of the run
+--   nrlua tools/report.lua runs/fashion_mnist-<date>   # HTML report of the run (its folder)
 --
 -- The model is defined here with nr.nn (a function, so it is built after nr.manual_seed):
 -- three conv3x3 + BatchNorm + ReLU stages with 2x2 max pooling (28 -> 14 -> 7 -> 3), then a
