@@ -11,7 +11,9 @@
 -- is already normalised); GAP and one FC close the net.
 -- ImageNet: depth 121/169/201 (blocks 6-12-24-16 / 6-12-32-32 / 6-12-48-32), 64 initial features,
 -- stem conv7x7/2 BN ReLU max-pool 3x3/2. CIFAR: depth 6n+4 (n bottleneck layers per block, 3
--- blocks), stem conv3x3 3 -> 2k, growth default 40 (the paper's DenseNet-100-40).
+-- blocks), stem conv3x3 3 -> 2k, growth default 40 (the paper's DenseNet-100-40). Every CIFAR
+-- DenseNet here is the BC variant (bottleneck + compression): depth 40 is DenseNet-BC-40
+-- (0.17M parameters at growth 12), not Huang et al.'s plain DenseNet-40.
 -- No conv is NR-fixed. Init: convs Kaiming normal fan_out, BN γ = 1, β = 0, classifier
 -- N(0, 0.01), bias 0. Convs have bias = false.
 local nn = require 'nr.nn'
@@ -54,7 +56,7 @@ function M.build(opts)
    if cifar then
       o.depth = o.depth or 100
       if type(o.depth) ~= 'number' or o.depth < 10 or (o.depth - 4) % 6 ~= 0 then
-         error(string.format('%s: unknown depth %s for %s (valid: 6n+4 with n >= 1, e.g. 40, 100, 190)',
+         error(string.format('%s: unknown depth %s for %s (valid: 6n+4 with n >= 1, e.g. 100, 190; DenseNet-BC)',
             FNAME, tostring(o.depth), o.dataset), 2)
       end
       o.growth = o.growth or 40

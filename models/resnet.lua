@@ -11,9 +11,10 @@
 -- CIFAR ResNet-164: 3 stages x 18 bottlenecks (planes 16/32/64, expansion 4, outputs
 -- 64/128/256). Default: post-activation bottlenecks (conv-BN-ReLU x2, conv-BN, add, ReLU;
 -- projection conv+BN), as the paper's [23] and the authors' code, and as NR assumes (every conv
--- directly followed by its BN). preact = true: the pre-activation bottleneck of He et al. 2016
--- (BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1, identity add; projection = conv1x1; a final
--- BN-ReLU before the pool), Network Slimming's ResNet-164.
+-- directly followed by its BN). preact = true: Network Slimming's pre-activation ResNet-164
+-- (BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1, identity add; projection = conv1x1 on the
+-- block's raw input, not He et al.'s "both_preact"; a final BN-ReLU before the pool; γ starts at 1,
+-- where Network Slimming starts it at 0.5).
 -- A block is Sequential{Residual(main, shortcut | nil), ReLU} (post-activation) or
 -- Residual(main, shortcut | nil) (pre-activation); shortcut nil is identity.
 -- NR flags: `nr_fixed = true` on every main-stream conv — the stem, each block's last conv and
