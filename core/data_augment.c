@@ -256,6 +256,14 @@ static void bytes_to_f32(const uint8_t *p, int64_t n, float scale, float bias, f
    for (int64_t k = 0; k < n; k++) o[k] = (float)p[k] * scale + bias;
 }
 
+/* Offset of a centred window of S in a side of n, as torchvision's center_crop: round((n - S) / 2)
+ * with Python's ties to even when S <= n; a larger window pads floor((S - n) / 2) before. */
+static int center_offset(int n, int S)
+{
+   if (S <= n) return (int)nearbyint((n - S) / 2.0);
+   return -((S - n) / 2);
+}
+
 nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t key, int32_t out_c,
                        int32_t out_h, int32_t out_w, nr_aug_scratch *s, void *out, const char *path)
 {
@@ -288,7 +296,7 @@ nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t 
       if (oh != cur.h || ow != cur.w) {
          int S = cfg->center_crop;
          if (S > 0 && S <= oh && S <= ow) { /* resample only the center crop's window */
-            int top = (int)nearbyint((oh - S) / 2.0), left = (int)nearbyint((ow - S) / 2.0);
+            int top = center_offset(oh, S), left = center_offset(ow, S);
             NR_TRY(resample(&cur, 0, 0, cur.w, cur.h, oh, ow, top, left, S, S, s));
          } else {
             NR_TRY(resample(&cur, 0, 0, cur.w, cur.h, oh, ow, 0, 0, oh, ow, s));
@@ -299,14 +307,17 @@ nr_status nr_aug_apply(const nr_loader_config *cfg, const nr_img *src, uint64_t 
    int wx = 0, wy = 0, ww = cur.w, wh = cur.h;
    if (cfg->center_crop > 0) {
       int S = cfg->center_crop;
-      wy += (int)nearbyint((wh - S) / 2.0);
-      wx += (int)nearbyint((ww - S) / 2.0);
+      wy += center_offset(wh, S);
+      wx += center_offset(ww, S);
       wh = ww = S;
    }
    if (cfg->crop > 0 || cfg->pad > 0) {
       int Sh = cfg->crop > 0 ? cfg->crop : wh, Sw = cfg->crop > 0 ? cfg->crop : ww, p = cfg->pad;
       /* positions of the crop in the padded picture; int64 as a guard (sides <= NR_AUG_MAX_SIDE) */
       int64_t rh = (int64_t)wh + 2 * (int64_t)p - Sh + 1, rw = (int64_t)ww + 2 * (int64_t)p - Sw + 1;
+      if (rh < 1 || rw < 1) /* torchvision's RandomCrop refuses it too (pad_if_needed aside) */
+         return NR_FAIL(NR_E_ARG, "%s: crop %dx%d is larger than the image (%dx%d, padded by %d): lower crop or raise pad",
+                        path, Sh, Sw, wh, ww, p);
       int i = rh > 1 ? (int)nr_drng_below(&r, rh) : 0;
       int j = rw > 1 ? (int)nr_drng_below(&r, rw) : 0;
       wy += i - p;

@@ -59,6 +59,11 @@ nr_dataset *nr_dataset_open_cifar(const char *root, int32_t kind, int32_t train,
          NR_FAIL(NR_E_IO, "CIFAR-%d: missing %s: %s", kind, path, strerror(errno));
          return NULL;
       }
+      if (!S_ISREG(st.st_mode)) {
+         NR_FAIL(NR_E_IO, "CIFAR-%d: %s is a %s, not a CIFAR binary file", kind, path,
+                 S_ISDIR(st.st_mode) ? "directory" : "special file");
+         return NULL;
+      }
       if (st.st_size == 0 || st.st_size % rec != 0) {
          NR_FAIL(NR_E_FORMAT, "%s: size %lld bytes is not a whole number of %lld-byte records (truncated or not "
                  "CIFAR-%d binary)", path, (long long)st.st_size, (long long)rec, kind);

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <zlib.h>
 
 /* zlib's message without the "path: " prefix gzerror adds. */
@@ -112,6 +113,18 @@ nr_dataset *nr_dataset_open_idx(const char *images_path, const char *labels_path
       NR_FAIL(NR_E_FORMAT, "%s: header claims %lld images of %lldx%lld (over 64 GiB): corrupt header?", images_path,
               (long long)idims[0], (long long)idims[1], (long long)idims[2]);
       goto fail;
+   }
+   {
+      /* the header's claim against what the file can hold (deflate expands at most ~1032:1):
+       * a corrupt header is said as such, before gigabytes are allocated for it */
+      struct stat sb;
+      double claim = (double)idims[0] * idims[1] * idims[2] + 16;
+      if (stat(images_path, &sb) == 0 && claim > (gzdirect(fi) ? (double)sb.st_size : 1100.0 * sb.st_size + 1e6)) {
+         NR_FAIL(NR_E_FORMAT, "%s: header claims %lld images of %lldx%lld (%.0f bytes) but the file (%lld bytes%s) "
+                 "cannot hold them: truncated file or corrupt header", images_path, (long long)idims[0],
+                 (long long)idims[1], (long long)idims[2], claim, (long long)sb.st_size, gzdirect(fi) ? "" : ", gzip");
+         goto fail;
+      }
    }
    if (idims[1] == 0 || idims[2] == 0) {
       NR_FAIL(NR_E_FORMAT, "%s: empty image size %lldx%lld", images_path, (long long)idims[1], (long long)idims[2]);

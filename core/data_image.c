@@ -3,7 +3,10 @@
  *
  * Invariants: the format is recognised by content (magic bytes), not by extension; decoded
  * pixels are HWC uint8 in the decoder's grow-only buffers (no allocation per image once they
- * are large enough); conversions follow PIL (alpha dropped, not composited; RGB -> gray with
+ * are large enough); PNG samples are the stored values as PIL gives them (16-bit: the high byte;
+ * gAMA / sRGB chunks ignored; palettes and low bit depths expanded; libpng's classic API, whose
+ * simplified API would convert 16-bit and gAMA-tagged files to sRGB); conversions follow PIL
+ * (alpha dropped, not composited; RGB -> gray with
  * ITU-R 601 luma; Adobe CMYK -> RGB); a truncated JPEG (libjpeg's warning "Premature end of
  * JPEG file": the rest of the picture would silently be grey) is an error naming the file, as
  * PIL's "image file is truncated"; libjpeg's other warnings (extraneous bytes, a damaged entropy
@@ -21,7 +24,9 @@
 #include <sys/stat.h>
 #include <turbojpeg.h>
 
-#define NR_MAX_PIXELS (1ll << 28) /* 268 Mpixels: larger is treated as a corrupt header */
+/* Pillow's decompression-bomb limit (DecompressionBombError past 2 x 89478485 pixels): a header
+ * claiming more is refused, as a PyTorch user's loader would, before its buffers are allocated */
+#define NR_MAX_PIXELS 178956970ll
 
 nr_status nr_data_grow(void **buf, size_t *cap, size_t n)
 {
@@ -91,36 +96,86 @@ static void convert_pixels(const uint8_t *s, int sc, uint8_t *o, int dc, int64_t
    }
 }
 
+/* libpng reads from the file in memory; its errors end in png_longjmp with the message kept. */
+typedef struct {
+   const uint8_t *p;
+   size_t n, at;
+   char msg[200];
+} png_src;
+
+static void png_read_mem(png_structp png, png_bytep out, png_size_t len)
+{
+   png_src *s = png_get_io_ptr(png);
+   if (len > s->n - s->at) png_error(png, "the file ends before the image does (truncated)");
+   memcpy(out, s->p + s->at, len);
+   s->at += len;
+}
+
+static void png_on_error(png_structp png, png_const_charp msg)
+{
+   png_src *s = png_get_error_ptr(png);
+   snprintf(s->msg, sizeof s->msg, "%s", msg);
+   png_longjmp(png, 1);
+}
+
+static void png_on_warning(png_structp png, png_const_charp msg)
+{
+   (void)png;
+   (void)msg; /* ancillary-chunk trouble: the pixels are fine, as PIL reads them */
+}
+
 static nr_status decode_png(nr_decoder *d, const char *path, size_t size, int32_t want, nr_img *out)
 {
-   png_image im;
-   memset(&im, 0, sizeof im);
-   im.version = PNG_IMAGE_VERSION;
-   if (!png_image_begin_read_from_memory(&im, d->file, size))
-      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: %s", path, im.message);
-   int color = (im.format & PNG_FORMAT_FLAG_COLOR) != 0, alpha = (im.format & PNG_FORMAT_FLAG_ALPHA) != 0;
-   im.format = (color ? PNG_FORMAT_RGB : PNG_FORMAT_GRAY) | (alpha ? PNG_FORMAT_FLAG_ALPHA : 0);
-   int sc = (color ? 3 : 1) + alpha;
-   int dc = want ? want : sc == 2 ? 1 : sc;
-   int64_t npix = (int64_t)im.width * im.height;
-   if (npix <= 0 || npix > NR_MAX_PIXELS) {
-      png_image_free(&im);
-      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: header gives size %ux%u (corrupt)", path, im.width, im.height);
+   png_src src = {d->file, size, 0, {0}};
+   png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &src, png_on_error, png_on_warning);
+   png_infop info = png ? png_create_info_struct(png) : NULL;
+   if (!info) {
+      png_destroy_read_struct(&png, NULL, NULL);
+      return NR_FAIL(NR_E_OOM, "%s: out of memory for libpng", path);
    }
+   png_bytep *volatile rows = NULL;
+   if (setjmp(png_jmpbuf(png))) {
+      free(rows);
+      png_destroy_read_struct(&png, &info, NULL);
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: %s", path, src.msg);
+   }
+   png_set_read_fn(png, &src, png_read_mem);
+   png_read_info(png, info);
+   png_uint_32 w = png_get_image_width(png, info), h = png_get_image_height(png, info);
+   int64_t npix = (int64_t)w * h;
+   if (npix <= 0 || npix > NR_MAX_PIXELS) {
+      png_destroy_read_struct(&png, &info, NULL);
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: header gives size %ux%u (corrupt, or over %lld pixels)", path,
+                     w, h, NR_MAX_PIXELS);
+   }
+   png_set_strip_16(png); /* the high byte, as PIL */
+   png_set_expand(png);   /* palette -> RGB, gray < 8 bits -> 8, tRNS -> alpha */
+   png_set_interlace_handling(png);
+   png_read_update_info(png, info);
+   int sc = png_get_channels(png, info);
+   if (sc < 1 || sc > 4 || png_get_rowbytes(png, info) != (png_size_t)w * sc) {
+      png_destroy_read_struct(&png, &info, NULL);
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: unexpected layout (%d channels)", path, sc);
+   }
+   int dc = want ? want : sc == 2 ? 1 : sc;
    uint8_t **dst = sc == dc ? &d->pix : &d->aux;
    size_t *cap = sc == dc ? &d->pix_cap : &d->aux_cap;
    nr_status st = nr_data_grow((void **)dst, cap, (size_t)(npix * sc));
+   if (!st && !(rows = malloc(sizeof(png_bytep) * h))) st = NR_FAIL(NR_E_OOM, "%s: out of memory", path);
    if (st) {
-      png_image_free(&im);
+      png_destroy_read_struct(&png, &info, NULL);
       return st;
    }
-   if (!png_image_finish_read(&im, NULL, *dst, 0, NULL))
-      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: %s", path, im.message);
+   for (png_uint_32 y = 0; y < h; y++) rows[y] = *dst + (size_t)y * w * sc;
+   png_read_image(png, rows);
+   free(rows);
+   rows = NULL;
+   png_destroy_read_struct(&png, &info, NULL);
    if (sc != dc) {
       NR_TRY(nr_data_grow((void **)&d->pix, &d->pix_cap, (size_t)(npix * dc)));
       convert_pixels(d->aux, sc, d->pix, dc, npix);
    }
-   *out = (nr_img){d->pix, (int32_t)im.height, (int32_t)im.width, dc, (int64_t)im.width * dc, dc, 1, 0, 0};
+   *out = (nr_img){d->pix, (int32_t)h, (int32_t)w, dc, (int64_t)w * dc, dc, 1, 0, 0};
    return NR_OK;
 }
 
@@ -128,8 +183,8 @@ static nr_status decode_png(nr_decoder *d, const char *path, size_t size, int32_
 static int jpeg_truncated(const char *msg) { return strstr(msg, "Premature end of JPEG file") != NULL; }
 
 /* cfg != NULL: decode reduced by the smallest of 1/2, 1/4, 1/8 that is >= nr_aug_min_scale. */
-static nr_status decode_jpeg(nr_decoder *d, const char *path, size_t size, int32_t want, const nr_loader_config *cfg,
-                             uint64_t key, nr_img *out)
+static nr_status decode_jpeg(nr_decoder *d, const char *path, size_t size, int32_t want,
+                             const nr_loader_config *cfg, uint64_t key, nr_img *out)
 {
    if (!d->tj && !(d->tj = tjInitDecompress())) return NR_FAIL(NR_E_INTERNAL, "tjInitDecompress failed");
    int w = 0, h = 0, subsamp = 0, cs = 0;
@@ -137,7 +192,8 @@ static nr_status decode_jpeg(nr_decoder *d, const char *path, size_t size, int32
       return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: %s", path, tjGetErrorStr2(d->tj));
    int64_t npix = (int64_t)w * h;
    if (w <= 0 || h <= 0 || npix > NR_MAX_PIXELS)
-      return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: header gives size %dx%d (truncated or corrupt)", path, w, h);
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: header gives size %dx%d (truncated, corrupt, or over %lld pixels)",
+                     path, w, h, NR_MAX_PIXELS);
    const int full_w = w, full_h = h;
    if (cfg) {
       double need = nr_aug_min_scale(cfg, key, h, w);
@@ -186,6 +242,19 @@ static nr_status decode_jpeg(nr_decoder *d, const char *path, size_t size, int32
    return NR_OK;
 }
 
+/* A TurboJPEG handle that failed mid-decode keeps libjpeg's state: the next file it decodes
+ * would fail too (with a wrong message naming a good file). It is dropped and made anew. */
+static nr_status decode_jpeg_or_reset(nr_decoder *d, const char *path, size_t size, int32_t want,
+                                      const nr_loader_config *cfg, uint64_t key, nr_img *out)
+{
+   nr_status st = decode_jpeg(d, path, size, want, cfg, key, out);
+   if (st && d->tj) {
+      tjDestroy(d->tj);
+      d->tj = NULL;
+   }
+   return st;
+}
+
 static nr_status decode_file(nr_decoder *d, const char *path, int32_t channels, const nr_loader_config *cfg,
                              uint64_t key, nr_img *out)
 {
@@ -196,7 +265,7 @@ static nr_status decode_file(nr_decoder *d, const char *path, int32_t channels, 
    const uint8_t *b = d->file;
    if (size >= 8 && !memcmp(b, "\x89PNG\r\n\x1a\n", 8)) return decode_png(d, path, size, channels, out);
    if (size >= 3 && b[0] == 0xff && b[1] == 0xd8 && b[2] == 0xff)
-      return decode_jpeg(d, path, size, channels, cfg, key, out);
+      return decode_jpeg_or_reset(d, path, size, channels, cfg, key, out);
    return NR_FAIL(NR_E_FORMAT, "%s: undecodable image: not a PNG or JPEG file (first bytes %02x %02x %02x %02x)",
                   path, b[0], size > 1 ? b[1] : 0, size > 2 ? b[2] : 0, size > 3 ? b[3] : 0);
 }

@@ -75,6 +75,45 @@ local function cifar_records(first, n, labels_fn)
 end
 
 -- uint8 (C, H, W) tensor with fn(c, y, x)
+-- A PNG file's bytes (stored deflate blocks, real CRCs): w x h, bit depth, colour type (0 gray,
+-- 2 RGB), rows of samples (numbers, 16-bit big endian when depth = 16), extra ancillary chunks.
+local function png_file(w, h, depth, ctype, samples, chunks)
+   local bit = require 'bit'
+   local crc_table = {}
+   for n = 0, 255 do
+      local c = n
+      for _ = 1, 8 do c = bit.band(c, 1) ~= 0 and bit.bxor(0xedb88320, bit.rshift(c, 1)) or bit.rshift(c, 1) end
+      crc_table[n] = c
+   end
+   local function crc(str)
+      local c = 0xffffffff
+      for i = 1, #str do c = bit.bxor(crc_table[bit.band(bit.bxor(c, str:byte(i)), 0xff)], bit.rshift(c, 8)) end
+      return bit.bxor(c, 0xffffffff)
+   end
+   local function u32(n) return string.char(bit.band(bit.rshift(n, 24), 255), bit.band(bit.rshift(n, 16), 255),
+                                            bit.band(bit.rshift(n, 8), 255), bit.band(n, 255)) end
+   local function chunk(kind, data) return u32(#data) .. kind .. data .. u32(crc(kind .. data)) end
+   local raw = {}
+   local per_row = w * (ctype == 2 and 3 or 1)
+   for y = 0, h - 1 do
+      raw[#raw + 1] = '\0'   -- filter: none
+      for i = 1, per_row do
+         local v = samples[y * per_row + i]
+         raw[#raw + 1] = depth == 16 and string.char(math.floor(v / 256), v % 256) or string.char(v)
+      end
+   end
+   raw = table.concat(raw)
+   local a, b = 1, 0
+   for i = 1, #raw do a = (a + raw:byte(i)) % 65521; b = (b + a) % 65521 end
+   local zdata = '\120\1\1' .. string.char(#raw % 256, math.floor(#raw / 256), 255 - #raw % 256, 255 - math.floor(#raw / 256))
+      .. raw .. u32(b * 65536 + a)
+   local out = {'\137PNG\r\n\26\n', chunk('IHDR', u32(w) .. u32(h) .. string.char(depth, ctype, 0, 0, 0))}
+   for _, c in ipairs(chunks or {}) do out[#out + 1] = chunk(c[1], c[2]) end
+   out[#out + 1] = chunk('IDAT', zdata)
+   out[#out + 1] = chunk('IEND', '')
+   return table.concat(out)
+end
+
 local function image(c, h, w, fn)
    local t = nr.empty({c, h, w}, {dtype = 'uint8'})
    local p = t:data()
@@ -448,6 +487,22 @@ describe('nr.data', function()
             assert.is_true(x:min() >= 0 and x:max() <= 1)
          end
          l:close(); f:close(); c:close(); r:close()
+         -- a center crop larger than the image pads floor((S - n) / 2) before it, as torchvision
+         for _, S in ipairs({9, 11, 13}) do
+            local cc = nr.data.loader(ds, {batch = 1, augment = {center_crop = S}, output = 'uint8'})
+            local x = cc:epoch(1)()
+            local before = math.floor((S - W) / 2)
+            assert.equal(pix(0, 0, 0), x:get(1, 1, before + 1, before + 1), 'center_crop ' .. S)
+            assert.equal(pix(0, H - 1, W - 1), x:get(1, 1, before + H, before + W), 'center_crop ' .. S)
+            assert.equal(0, x:get(1, 1, S, S))
+            if before > 0 then assert.equal(0, x:get(1, 1, before, before)) end
+            cc:close()
+         end
+         -- a crop larger than the padded image is an error naming it (torchvision's RandomCrop too)
+         local big = nr.data.loader(ds, {batch = 2, augment = {pad = 1, crop = 11}})
+         local e = err_of(function() for _ in big:epoch(1) do end end)
+         assert.matches('crop 11x11 is larger than the image %(8x8, padded by 1%)', e)
+         big:close()
       end)
 
       it('resamples as PIL bilinear (antialiased), crops windows consistently, makes luma', function()
@@ -685,6 +740,13 @@ describe('nr.data', function()
          err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
          assert.matches('truncated', err)
 
+         -- a header claiming far more than the file holds: said before anything is allocated
+         dir = make_idx(BASE .. '/bigclaim', {images = idx_images(N, H, W):sub(1, 4) .. be32(N) .. be32(2000)
+                                                        .. be32(2000) .. idx_images(N, H, W):sub(17)})
+         err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+         assert.matches('bigclaim/train%-images%-idx3%-ubyte: header claims 50 images of 2000x2000', err)
+         assert.matches('cannot hold them', err)
+
          dir = make_idx(BASE .. '/count', {labels = idx_labels(N - 1)})
          err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
          assert.matches('50 images', err)
@@ -716,6 +778,11 @@ describe('nr.data', function()
          write(d .. '/test_batch.bin', cifar_records(0, 2, function(r) return r == 1 and '\12' or '\1' end))
          err = err_of(nr.data.dataset, {name = 'cifar10', root = d, split = 'test'})
          assert.matches('record 1 has label 12, out of range 0..9', err)
+         local dirbin = BASE .. '/cifar_dir'
+         mkdir(dirbin .. '/data_batch_2.bin')
+         write(dirbin .. '/data_batch_1.bin', cifar_records(0, 2, function() return '\1' end))
+         err = err_of(nr.data.dataset, {name = 'cifar10', root = dirbin, split = 'train'})
+         assert.matches('data_batch_2%.bin is a directory, not a CIFAR binary file', err)
          err = err_of(nr.data.dataset, {name = 'imagefolder', root = BASE .. '/nowhere'})
          assert.matches('does not exist', err)
          err = err_of(nr.data.dataset, {name = 'imagenet', root = BASE})
@@ -776,6 +843,68 @@ describe('nr.data', function()
             assert.matches('Premature end of JPEG file', err)
             l:close()
          end
+      end)
+
+      it('PNG samples are the stored values, as PIL reads them (16-bit: the high byte; gAMA ignored)', function()
+         local dir = BASE .. '/pngdepth'
+         mkdir(dir)
+         local rgb16 = {29137, 65535, 0, 256, 511, 12345, 40000, 1, 65280, 300, 5000, 60000}   -- 2 x 2 RGB
+         write(dir .. '/rgb16.png', png_file(2, 2, 16, 2, rgb16))
+         local gray16 = {29137, 255, 65535, 32768}
+         write(dir .. '/gray16.png', png_file(2, 2, 16, 0, gray16))
+         local rgb8 = {10, 60, 120, 200, 250, 3, 77, 128, 190, 0, 255, 33}
+         write(dir .. '/gamma1.png', png_file(2, 2, 8, 2, rgb8, {{'gAMA', '\0\1\134\160'}}))   -- gamma 1.0
+         local function planes(samples, c, hi)
+            local t = {}
+            for k = 1, c do
+               t[k] = {}
+               for y = 1, 2 do
+                  t[k][y] = {}
+                  for x = 1, 2 do
+                     local v = samples[((y - 1) * 2 + (x - 1)) * c + k]
+                     t[k][y][x] = hi and math.floor(v / 256) or v
+                  end
+               end
+            end
+            return t
+         end
+         assert.same(planes(rgb16, 3, true), nr.data.read_image(dir .. '/rgb16.png'):totable())
+         assert.same(planes(gray16, 1, true), nr.data.read_image(dir .. '/gray16.png'):totable())
+         assert.same(planes(rgb8, 3, false), nr.data.read_image(dir .. '/gamma1.png'):totable())
+         -- a damaged chunk is an error naming the file
+         local bytes = png_file(2, 2, 8, 2, rgb8)
+         write(dir .. '/crc.png', bytes:sub(1, 40) .. string.char((bytes:byte(41) + 1) % 256) .. bytes:sub(42))
+         assert.matches('crc%.png: undecodable PNG', err_of(nr.data.read_image, dir .. '/crc.png'))
+         write(dir .. '/cut.png', bytes:sub(1, 50))
+         assert.matches('cut%.png: undecodable PNG', err_of(nr.data.read_image, dir .. '/cut.png'))
+      end)
+
+      it('a JPEG that fails leaves the decoder usable: the good files after it decode', function()
+         local dir = BASE .. '/badheader'
+         mkdir(dir .. '/train/a'); mkdir(dir .. '/train/b')
+         for k = 1, 3 do nr.data.write_jpeg(image(3, 16, 12, smooth_fn), dir .. '/train/a/ok' .. k .. '.jpg', 90) end
+         -- a frame header of height 0 (libjpeg fails inside the decode, with its state half set up)
+         local bytes = read(dir .. '/train/a/ok1.jpg')
+         local sof = bytes:find('\255\192', 1, true)
+         assert.truthy(sof)
+         write(dir .. '/train/b/zero.jpg', bytes:sub(1, sof + 4) .. '\0\0' .. bytes:sub(sof + 7))
+         -- a header claiming more pixels than Pillow's decompression-bomb limit is refused unread
+         write(BASE .. '/bomb.jpg', bytes:sub(1, sof + 4) .. '\54\176\54\176' .. bytes:sub(sof + 9))  -- 14000 x 14000
+         assert.matches('bomb%.jpg: undecodable JPEG: header gives size 14000x14000 %(truncated, corrupt, or over 178956970 pixels%)',
+            err_of(nr.data.read_image, BASE .. '/bomb.jpg'))
+         local ds = nr.data.dataset{name = 'imagefolder', root = dir}
+         local first = err_of(function() return ds:get(4) end)
+         assert.matches('b/zero%.jpg', first)
+         assert.equal(3, ds:get(1):size(1))
+         assert.equal(first, err_of(function() return ds:get(4) end))
+         local l = nr.data.loader(ds, {batch = 1, threads = 1, prefetch = 1, augment = {resize = {8, 8}}})
+         for epoch = 1, 3 do
+            local got = 0
+            local err = err_of(function() for _ in l:epoch(epoch) do got = got + 1 end end)
+            assert.matches('b/zero%.jpg', err)
+            assert.equal(3, got, 'epoch ' .. epoch)
+         end
+         l:close()
       end)
 
       it('survives corrupted PNG and JPEG bytes: decodes or fails naming the file', function()

@@ -295,7 +295,9 @@ end
 
 -- ---- images --------------------------------------------------------------------------------
 
--- uint8 (C, H, W) tensor from a PNG or JPEG file; channels 0 (as stored), 1, 3 or 4.
+-- uint8 (C, H, W) tensor from a PNG or JPEG file; channels 0 (as stored), 1, 3 or 4. Values as
+-- PIL gives them (16-bit PNG: the high byte; gAMA ignored); a header over Pillow's
+-- decompression-bomb limit (178956970 pixels) is an error.
 function M.read_image(path, channels)
    check.type(path, 'string', 'nr.data.read_image', 'path')
    if channels ~= nil then check.int32(channels, 'nr.data.read_image', 'channels', 0, 4) end
@@ -433,8 +435,10 @@ end
 --   loader:normalize(x, out) finishes them (exactly the values 'float32' gives). nr.train uses it
 --   on a GPU: a batch is copied to the device at a quarter of the size and finished there.
 -- augment: pad = P, crop = S (random crop after zero padding P; crop defaults to the input
---   size), flip = true, resize = N (shorter side) | {h, w}, random_resized_crop = S (with
---   scale = {0.08, 1}, ratio = {3/4, 4/3}), center_crop = S, channels = 1|3 (1 -> 3 replicates),
+--   size; larger than the padded image is an error, as torchvision's RandomCrop), flip = true,
+--   resize = N (shorter side) | {h, w}, random_resized_crop = S (with scale = {0.08, 1},
+--   ratio = {3/4, 4/3}), center_crop = S (larger than the image: zero borders, floor((S - n)/2)
+--   before, as torchvision), channels = 1|3 (1 -> 3 replicates),
 --   normalize = true (nr.data.stats of the dataset) | {mean = {...}, std = {...}} (one value
 --   applies to every channel), fast_decode = true (JPEGs decode reduced by DCT scaling when the
 --   resize / random-resized crop shrinks them anyway: several times faster for small outputs such
