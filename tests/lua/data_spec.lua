@@ -78,7 +78,6 @@ end
 -- A PNG file's bytes (stored deflate blocks, real CRCs): w x h, bit depth, colour type (0 gray,
 -- 2 RGB), rows of samples (numbers, 16-bit big endian when depth = 16), extra ancillary chunks.
 local function png_file(w, h, depth, ctype, samples, chunks)
-   local bit = require 'bit'
    local crc_table = {}
    for n = 0, 255 do
       local c = n
