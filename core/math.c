@@ -298,9 +298,22 @@ nr_status nr_matmul(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int3
                      trans_a ? "^T" : "", nr_tensor_describe(b, db, sizeof db), trans_b ? "^T" : "",
                      nr_tensor_describe(out, dc, sizeof dc));
    }
-   if ((a->shape[1] > 1 && a->stride[1] != 1) || (b->shape[1] > 1 && b->stride[1] != 1) ||
-       (out->shape[1] > 1 && out->stride[1] != 1))
-      return NR_FAIL(NR_E_ARG, "matmul operands need contiguous rows (stride[1] == 1)");
+   /* a BLAS layout: rows contiguous, and each row starting at or past the previous one's end
+    * (a row stride below the row length, zero or negative would read or write out of the
+    * tensor's memory, or have rows share elements) */
+   const nr_tensor *ops[3] = {a, b, out};
+   static const char *names[3] = {"a", "b", "out"};
+   for (int i = 0; i < 3; i++) {
+      const nr_tensor *t = ops[i];
+      if ((t->shape[1] > 1 && t->stride[1] != 1) ||
+          (t->shape[0] > 1 && (t->stride[0] < t->shape[1] || t->stride[0] < 1 || t->stride[0] > INT32_MAX))) {
+         char d[128];
+         return NR_FAIL(NR_E_ARG, "%s %s is not a matrix layout BLAS takes (rows contiguous, stride[0] >= the row "
+                        "length, strides %lld, %lld): %s", names[i], nr_tensor_describe(t, d, sizeof d),
+                        (long long)t->stride[0], (long long)t->stride[1],
+                        t == out ? "write into a contiguous out" : "pass a contiguous copy");
+      }
+   }
    NR_TRY(nr_check_no_overlap(__func__, "out", out, "a", a)); /* GEMM reads a and b while writing out */
    NR_TRY(nr_check_no_overlap(__func__, "out", out, "b", b));
    NR_ON_CUDA(a, nr_cuda_matmul(a, b, out, trans_a, trans_b, alpha, beta));

@@ -835,12 +835,22 @@ function Tensor:matmul(b, opts)
    check.arg((opts.beta or 0) == 0 or opts.out ~= nil, 'Tensor:matmul', 'beta %s needs opts.out (the matrix to accumulate into)',
       tostring(opts.beta))
    local ta, tb = opts.trans_a and 1 or 0, opts.trans_b and 1 or 0
+   -- operands in a layout BLAS does not take (a transposed view, overlapping or reversed rows)
+   -- are read through a contiguous copy, as PyTorch does; out must be one (it is written)
+   local function blas_ready(t)
+      if t:dim() ~= 2 then return true end   -- nr_matmul names the wrong rank
+      local st = t:stride()
+      return (t:size(2) <= 1 or st[2] == 1) and (t:size(1) <= 1 or (st[1] >= math.max(1, t:size(2)) and st[1] < 2 ^ 31))
+   end
+   local a = self
+   if not blas_ready(a) then a = a:contiguous() end
+   if not blas_ready(b) then b = b:contiguous() end
    local m = ta == 1 and self:size(2) or self:size(1)
    local n = tb == 1 and b:size(1) or b:size(2)
    -- a bf16 operand makes a bf16 product (mixed precision, CUDA), else f32
    local half = self:dtype() == 'bfloat16' or b:dtype() == 'bfloat16'
    local out = opts.out or M.empty({m, n}, {device = self:device(), dtype = half and 'bfloat16' or 'float32'})
-   check.status(C.nr_matmul(live(self), live(b), live(out), ta, tb, opts.alpha or 1, opts.beta or 0), 'Tensor:matmul')
+   check.status(C.nr_matmul(live(a), live(b), live(out), ta, tb, opts.alpha or 1, opts.beta or 0), 'Tensor:matmul')
    return out
 end
 

@@ -112,6 +112,28 @@ describe('nr.Tensor', function()
       end
    end)
 
+   it('matmul reads any strided operand (a copy where BLAS cannot) and refuses an out BLAS cannot write', function()
+      local base = nr.tensor({1, 2, 3, 4, 5, 6, 7, 8, 9})
+      local cases = {
+         {base:as_strided({1000, 4}, {0, 1}, 0), 'rows sharing one row (stride 0)'},
+         {base:as_strided({3, 4}, {1, 1}, 0), 'overlapping rows'},
+         {base:as_strided({3, 3}, {-3, 1}, 6), 'reversed rows'},
+         {base:as_strided({3, 3}, {1, 3}, 0), 'a transposed view'},
+      }
+      for _, c in ipairs(cases) do
+         local a = c[1]
+         local b = nr.randn({a:size(2), 8})
+         local want = a:contiguous():matmul(b)
+         assert.are.equal(0, (a:matmul(b) - want):abs():max(), c[2])
+         assert.are.equal(0, (b:t():matmul(a, {trans_b = true}) - want:t()):abs():max(), c[2] .. ' as b')
+      end
+      local out = nr.zeros({8}):as_strided({1000, 8}, {0, 1}, 0)
+      local ok, e = pcall(function() return nr.ones({1000, 4}):matmul(nr.ones({4, 8}), {out = out}) end)
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('out f32 cpu (1000, 8) is not a matrix layout BLAS takes', 1, true), tostring(e))
+      assert.truthy(tostring(e):find('write into a contiguous out', 1, true))
+   end)
+
    it('selects and copies along a dimension (channel surgery)', function()
       local w = nr.tensor({{1, 2, 3}, {4, 5, 6}, {7, 8, 9}})
       local s = w:index_select(1, {2, 0})
