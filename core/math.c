@@ -84,6 +84,8 @@ nr_status nr_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int3
    NR_TRY(nr_check_same_device(__func__, a, b));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(same_shape(__func__, "a", a, "out", out));
+   NR_TRY(nr_check_elementwise(__func__, "out", out, "a", a));
+   NR_TRY(nr_check_elementwise(__func__, "out", out, "b", b));
    int64_t nb = nr_tensor_numel(b), n = nr_tensor_numel(a);
    bool scalar = nb == 1, bcast = false;
    if (!scalar && same_shape(__func__, "a", a, "b", b) != NR_OK) {
@@ -116,6 +118,7 @@ nr_status nr_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, int32_t
    NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(same_shape(__func__, "a", a, "out", out));
+   NR_TRY(nr_check_elementwise(__func__, "out", out, "a", a));
    NR_ON_CUDA(a, nr_cuda_binary_scalar(a, s, out, op));
    int64_t n = nr_tensor_numel(a);
    const float *pa = a->data;
@@ -152,6 +155,7 @@ nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
    NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(same_shape(__func__, "a", a, "out", out));
+   NR_TRY(nr_check_elementwise(__func__, "out", out, "a", a));
    NR_ON_CUDA(a, nr_cuda_unary(a, out, op));
    int64_t n = nr_tensor_numel(a);
    const float *pa = a->data;
@@ -176,6 +180,7 @@ nr_status nr_axpy(const nr_tensor *x, nr_tensor *y, double alpha)
    NR_TRY(nr_check_same_dtype(__func__, "x", x, "y", y));
    NR_TRY(nr_check_same_device(__func__, x, y));
    NR_TRY(same_shape(__func__, "x", x, "y", y));
+   NR_TRY(nr_check_elementwise(__func__, "y", y, "x", x));
    NR_ON_CUDA(x, nr_cuda_axpy(x, y, alpha));
    int64_t n = nr_tensor_numel(x);
    const float *px = x->data;

@@ -421,6 +421,51 @@ nr_status nr_check_no_overlap(const char *func, const char *out_name, const nr_t
                      out_name, in_name);
 }
 
+/* Whether some elements of t share memory (stride 0 along a dimension of size > 1, or windows that
+ * slide over each other): sorted by |stride|, each stride must pass the extent of the inner ones.
+ * (Exotic interleavings that share nothing yet fail this are reported as sharing.) */
+static bool has_internal_overlap(const nr_tensor *t)
+{
+   int idx[8], m = 0; /* views have at most 8 dimensions */
+   for (int d = 0; d < t->ndim; d++)
+      if (t->shape[d] > 1) idx[m++] = d;
+   for (int i = 1; i < m; i++)
+      for (int j = i; j > 0 && llabs(t->stride[idx[j - 1]]) > llabs(t->stride[idx[j]]); j--) {
+         const int k = idx[j];
+         idx[j] = idx[j - 1];
+         idx[j - 1] = k;
+      }
+   int64_t extent = 0; /* elements spanned by the inner dimensions, minus one */
+   for (int i = 0; i < m; i++) {
+      int64_t s = llabs(t->stride[idx[i]]);
+      if (s <= extent) return true;
+      extent += s * (t->shape[idx[i]] - 1);
+   }
+   return false;
+}
+
+nr_status nr_check_elementwise(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
+                               const nr_tensor *in)
+{
+   if (!out || nr_tensor_numel(out) == 0) return NR_OK;
+   char d_out[128], d_in[128];
+   if (has_internal_overlap(out))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "%s %s has elements that share memory (stride %s), so one result would overwrite another; "
+                        "write into a contiguous tensor", out_name, nr_tensor_describe(out, d_out, sizeof d_out),
+                        "0 or overlapping windows");
+   if (!in || nr_tensor_numel(in) == 0 || !spans_intersect(out, in)) return NR_OK;
+   bool same_view = out->data == in->data && out->dtype == in->dtype && out->ndim == in->ndim;
+   for (int d = 0; same_view && d < out->ndim; d++)
+      same_view = out->shape[d] == in->shape[d] && (out->shape[d] < 2 || out->stride[d] == in->stride[d]);
+   if (same_view) return NR_OK; /* in place: each element is read before it is written */
+   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                     "%s %s and %s %s share memory without being the same view, so %s would be read after being "
+                     "overwritten; write into another tensor (or pass a clone of %s)", out_name,
+                     nr_tensor_describe(out, d_out, sizeof d_out), in_name, nr_tensor_describe(in, d_in, sizeof d_in),
+                     in_name, in_name);
+}
+
 /* Non-overlapping and dense (PyTorch's is_non_overlapping_and_dense): the elements fill their
  * byte span exactly, each once, in some order of the dimensions (contiguous, channels-last, a
  * transpose or permutation of either). */
