@@ -46,6 +46,26 @@ static inline double uniform01(void) { return (double)(nr_rng_next() >> 11) * 0x
 
 /* Fills through a contiguous host staging copy when t is on a device or strided; a bf16 tensor
  * through an f32 one (the same draws as f32, then rounded). */
+/* One uniform draw in [a, b) for the target dtype: float32's rounding of a + (b - a)·u can land on
+ * b (u within 2^-25 of 1), and bfloat16's (8 bits) often does, so a draw that rounds to b or
+ * past it becomes the largest value of the dtype below b (PyTorch's rand is half-open too). */
+static float uniform_draw(double a, double b, int bf16)
+{
+   float v = (float)(a + (b - a) * uniform01());
+   if (bf16) {
+      float r = nr_bf16_to_f32(nr_f32_to_bf16(v));
+      if (r >= (float)b && b > a) {
+         uint16_t h = nr_f32_to_bf16((float)b);
+         /* the bf16 just below b (b > 0: one step down in magnitude; b <= 0: one step up) */
+         h = (float)b > 0 ? (uint16_t)(h - 1) : (float)b < 0 ? (uint16_t)(h + 1) : (uint16_t)0x8001;
+         return nr_bf16_to_f32(h);
+      }
+      return r;
+   }
+   if (v >= (float)b && b > a) v = nextafterf((float)b, -INFINITY);
+   return v;
+}
+
 static nr_status fill_with(nr_tensor *t, int kind, double a, double b)
 {
    int64_t n = nr_tensor_numel(t);
@@ -57,8 +77,10 @@ static nr_status fill_with(nr_tensor *t, int kind, double a, double b)
    }
    if (host->dtype == NR_F32) {
       float *p = host->data;
-      if (kind == 0)
-         for (int64_t i = 0; i < n; i++) p[i] = (float)(a + (b - a) * uniform01());
+      if (kind == 0) {
+         const int bf16 = t->dtype == NR_BF16;
+         for (int64_t i = 0; i < n; i++) p[i] = uniform_draw(a, b, bf16);
+      }
       else if (kind == 1) {
          for (int64_t i = 0; i < n; i += 2) {
             double u1 = uniform01(), u2 = uniform01();
@@ -69,14 +91,14 @@ static nr_status fill_with(nr_tensor *t, int kind, double a, double b)
       } else
          for (int64_t i = 0; i < n; i++) p[i] = uniform01() < a ? 1.0f : 0.0f;
    } else {
+      /* integers: lo + k in int64 (a double sum would round k past 2^53 to even) */
+      const int64_t lo = kind == 0 ? (int64_t)a : 0;
+      const uint64_t span = kind == 0 ? (uint64_t)((int64_t)b - lo) : 0;
       for (int64_t i = 0; i < n; i++) {
-         double v;
-         if (kind == 0) {
-            uint64_t span = (uint64_t)(b - a);
-            v = a + (double)(nr_rng_next() % (span ? span : 1));
-         } else
-            v = uniform01() < a ? 1 : 0;
-         if (host->dtype == NR_I64) ((int64_t *)host->data)[i] = (int64_t)v;
+         int64_t v;
+         if (kind == 0) v = lo + (int64_t)(nr_rng_next() % (span ? span : 1));
+         else v = uniform01() < a ? 1 : 0;
+         if (host->dtype == NR_I64) ((int64_t *)host->data)[i] = v;
          else ((uint8_t *)host->data)[i] = (uint8_t)v;
       }
    }

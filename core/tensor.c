@@ -320,13 +320,32 @@ static inline double load_as_double(const void *base, int32_t dtype, int64_t off
    }
 }
 
+/* double -> int64 without C's undefined cases: NaN and values outside int64 give INT64_MIN (what
+ * x86's conversion, and so PyTorch on it, gives); in range it truncates toward zero. */
+static inline int64_t double_to_i64(double v)
+{
+   return v >= -0x1p63 && v < 0x1p63 ? (int64_t)v : INT64_MIN;
+}
+
 static inline void store_double(void *base, int32_t dtype, int64_t off, double v)
 {
    switch (dtype) {
    case NR_F32: ((float *)base)[off] = (float)v; break;
-   case NR_I64: ((int64_t *)base)[off] = (int64_t)v; break;
+   case NR_I64: ((int64_t *)base)[off] = double_to_i64(v); break;
    case NR_BF16: ((uint16_t *)base)[off] = nr_f32_to_bf16((float)v); break;
-   default: ((uint8_t *)base)[off] = (uint8_t)v; break;
+   default: ((uint8_t *)base)[off] = (uint8_t)(uint64_t)double_to_i64(v); break; /* wraps mod 256 */
+   }
+}
+
+/* From int64 directly: through a double, values past 2^53 would round twice (int64 -> double ->
+ * float) and large ones would reach uint8 through an undefined cast. */
+static inline void store_i64(void *base, int32_t dtype, int64_t off, int64_t v)
+{
+   switch (dtype) {
+   case NR_F32: ((float *)base)[off] = (float)v; break;
+   case NR_I64: ((int64_t *)base)[off] = v; break;
+   case NR_BF16: ((uint16_t *)base)[off] = nr_f32_to_bf16((float)v); break;
+   default: ((uint8_t *)base)[off] = (uint8_t)(uint64_t)v; break; /* wraps mod 256, as PyTorch */
    }
 }
 
@@ -421,27 +440,26 @@ nr_status nr_check_no_overlap(const char *func, const char *out_name, const nr_t
                      out_name, in_name);
 }
 
-/* Whether some elements of t share memory (stride 0 along a dimension of size > 1, or windows that
- * slide over each other): sorted by |stride|, each stride must pass the extent of the inner ones.
+/* Whether no two elements of a view (nd dims of shape, strides in elements) share an address:
+ * sorted by |stride|, each dimension of size > 1 steps past everything the smaller ones span.
  * (Exotic interleavings that share nothing yet fail this are reported as sharing.) */
-static bool has_internal_overlap(const nr_tensor *t)
+static bool elements_disjoint(int nd, const int64_t *shape, const int64_t *stride)
 {
    int idx[8], m = 0; /* views have at most 8 dimensions */
-   for (int d = 0; d < t->ndim; d++)
-      if (t->shape[d] > 1) idx[m++] = d;
-   for (int i = 1; i < m; i++)
-      for (int j = i; j > 0 && llabs(t->stride[idx[j - 1]]) > llabs(t->stride[idx[j]]); j--) {
+   for (int d = 0; d < nd; d++)
+      if (shape[d] > 1) idx[m++] = d;
+   for (int i = 1; i < m; i++) /* by |stride|, ascending */
+      for (int j = i; j > 0 && llabs(stride[idx[j - 1]]) > llabs(stride[idx[j]]); j--) {
          const int k = idx[j];
-         idx[j] = idx[j - 1];
-         idx[j - 1] = k;
+         idx[j] = idx[j - 1], idx[j - 1] = k;
       }
-   int64_t extent = 0; /* elements spanned by the inner dimensions, minus one */
+   int64_t reach = 0; /* how far the smaller dimensions span */
    for (int i = 0; i < m; i++) {
-      int64_t s = llabs(t->stride[idx[i]]);
-      if (s <= extent) return true;
-      extent += s * (t->shape[idx[i]] - 1);
+      const int64_t a = llabs(stride[idx[i]]);
+      if (a <= reach) return false;
+      reach += (shape[idx[i]] - 1) * a;
    }
-   return false;
+   return true;
 }
 
 nr_status nr_check_elementwise(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
@@ -449,7 +467,7 @@ nr_status nr_check_elementwise(const char *func, const char *out_name, const nr_
 {
    if (!out || nr_tensor_numel(out) == 0) return NR_OK;
    char d_out[128], d_in[128];
-   if (has_internal_overlap(out))
+   if (!elements_disjoint(out->ndim, out->shape, out->stride))
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
                         "%s %s has elements that share memory (stride %s), so one result would overwrite another; "
                         "write into a contiguous tensor", out_name, nr_tensor_describe(out, d_out, sizeof d_out),
@@ -574,29 +592,16 @@ static void contiguous_strides(int32_t ndim, const int64_t *shape, int64_t *stri
 
 /* Whether no two elements of the walk's destination share an address (then its pieces may be
  * written in parallel): by stride, each dimension steps past everything the smaller ones span. */
-static bool walk_dst_disjoint(const walk *w)
-{
-   int idx[8];
-   for (int i = 0; i < w->nd; i++) idx[i] = i;
-   for (int i = 1; i < w->nd; i++) /* by |stride|, ascending */
-      for (int j = i; j > 0 && llabs(w->sd[idx[j - 1]]) > llabs(w->sd[idx[j]]); j--) {
-         const int k = idx[j];
-         idx[j] = idx[j - 1], idx[j - 1] = k;
-      }
-   int64_t reach = 0; /* how far the smaller dimensions span */
-   for (int i = 0; i < w->nd; i++) {
-      const int64_t a = llabs(w->sd[idx[i]]);
-      if (a <= reach) return false;
-      reach += (w->shape[idx[i]] - 1) * a;
-   }
-   return true;
-}
+static bool walk_dst_disjoint(const walk *w) { return elements_disjoint(w->nd, w->shape, w->sd); }
 
 /* n elements from s (stride ss) to d (stride sd): same dtype as its bytes, else through double. */
 static void copy_run(char *d, int32_t dt, int64_t sd, const char *s, int32_t st, int64_t ss, int64_t n)
 {
    if (dt != st) {
-      for (int64_t k = 0; k < n; k++) store_double(d, dt, k * sd, load_as_double(s, st, k * ss));
+      if (st == NR_I64)
+         for (int64_t k = 0; k < n; k++) store_i64(d, dt, k * sd, ((const int64_t *)s)[k * ss]);
+      else
+         for (int64_t k = 0; k < n; k++) store_double(d, dt, k * sd, load_as_double(s, st, k * ss));
       return;
    }
 #define NR_COPY_RUN(T)                                                                          \
@@ -733,7 +738,7 @@ nr_status nr_tensor_fill(nr_tensor *t, double value)
    }
    const int64_t n = nr_tensor_numel(t);
    if (n == 0) return NR_OK;
-   if (nr_tensor_is_contiguous(t) && (value == 0.0 || t->dtype == NR_U8)) {
+   if (nr_tensor_is_contiguous(t) && ((value == 0.0 && !signbit(value)) || t->dtype == NR_U8)) { /* -0.0 keeps its sign */
       memset(t->data, t->dtype == NR_U8 ? (int)(uint8_t)value : 0, (size_t)(n * nr_dtype_size(t->dtype)));
       return NR_OK;
    }

@@ -556,15 +556,6 @@ end
 
 -- reshape(d1, d2, ...) or reshape{d1, d2, ...}; one size may be -1. A view when self is
 -- contiguous, else a copy (as PyTorch's reshape); view() never copies.
-function Tensor:reshape(...)
-   local shape = target_shape(self, 'Tensor:reshape', ...)
-   local src = self:contiguous()
-   local stride, acc = {}, 1
-   for i = #shape, 1, -1 do stride[i] = acc; acc = acc * shape[i] end
-   local v = make_view(src, shape, stride, tonumber(live(src).offset), 'Tensor:reshape')
-   return v
-end
-
 -- Strides that view old (shape, stride) as new shape without moving data, or nil when no view
 -- exists (PyTorch's computeStride): each run of old dimensions that is contiguous within itself
 -- (a "chunk") may be split or merged, but no new dimension may span two chunks.
@@ -615,6 +606,22 @@ function Tensor:view(...)
          "instead (it copies when no view exists)", self:describe(), table.concat(ostride, ', '), table.concat(shape, ', ')), 2)
    end
    local v = make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:view')
+   return v
+end
+
+-- reshape: a view when the strides allow one (as view; writes through it reach self), else a
+-- contiguous copy reshaped, as PyTorch.
+function Tensor:reshape(...)
+   local shape = target_shape(self, 'Tensor:reshape', ...)
+   local stride = view_strides(self:shape(), self:stride(), shape, self:numel())
+   local src = self
+   if not stride then
+      src = self:contiguous()
+      stride = {}
+      local acc = 1
+      for i = #shape, 1, -1 do stride[i] = acc; acc = acc * shape[i] end
+   end
+   local v = make_view(src, shape, stride, tonumber(live(src).offset), 'Tensor:reshape')
    return v
 end
 

@@ -444,8 +444,14 @@ describe('nr.Tensor', function()
       assert.truthy(tostring(err):find("view size is not compatible with input tensor's size and stride", 1, true), err)
       assert.truthy(tostring(err):find('[3 x 2] (strides {1, 3}) as {6}', 1, true), err)
       assert.truthy(tostring(err):find(':reshape', 1, true), err)
-      assert.same({{0, 0}, {0, 0}, {0, 0}}, a:t():reshape(3, 2):totable())   -- reshape still copies
+      assert.same({{0, 0}, {0, 0}, {0, 0}}, a:t():reshape(3, 2):totable())
       assert.same({6}, a:t():reshape(6):shape())
+      assert.is_false(a:t():reshape(6):same_storage(a))                       -- no view exists: a copy
+      -- where a view exists reshape is one, as PyTorch: writes through it reach the tensor
+      local x = nr.zeros({4, 4})
+      x:narrow(2, 1, 3):reshape(4, 3, 1):fill(7)
+      assert.equal(84, x:sum())
+      assert.is_true(x:t():reshape(4, 4):same_storage(x))
       -- views that exist on non-contiguous tensors: split or merge within a contiguous run
       local b = nr.zeros({4, 6})
       local n = b:narrow(2, 2, 4)                                   -- (4, 4), strides (6, 1)
@@ -690,6 +696,45 @@ describe('hostile input', function()
       for _, v in ipairs(nr.randint(0, 256, {1000}, u8):totable()) do lo, hi = math.min(lo, v), math.max(hi, v) end
       assert.is_true(lo >= 0 and hi <= 255 and hi > 200)
       for _, v in ipairs(nr.randint(-2 ^ 53, 2 ^ 53, {100}):totable()) do assert.is_true(v >= -2 ^ 53 and v < 2 ^ 53) end
+      -- past 2^53 the draw is still uniform over integers: odd values occur on both sides of 0
+      local wide = nr.randint(-2 ^ 53, 2 ^ 53, {4000})
+      local p, odd = wide:data(), {pos = 0, neg = 0}
+      for i = 0, 3999 do
+         if p[i] % 2 ~= 0 then local side = p[i] >= 0 and 'pos' or 'neg'; odd[side] = odd[side] + 1 end
+      end
+      assert.is_true(odd.pos > 700 and odd.neg > 700, string.format('odd draws: %d >= 0, %d < 0', odd.pos, odd.neg))
+   end)
+
+   it('int64 converts directly: one rounding to float32, wrapping into uint8 (as PyTorch)', function()
+      local t = nr.empty({3}, {dtype = 'int64'})
+      local p = t:data()
+      p[0] = 0x1000001000000001LL                                 -- 2^60 + 2^36 + 1: just past a float32 tie
+      p[1] = 0x10000000005LL                                      -- 2^40 + 5
+      p[2] = -1LL
+      assert.equal(2 ^ 60 + 2 ^ 37, t:float():get(1))           -- through a double it tied down to 2^60
+      assert.same({1, 5, 255}, t:to('cpu', 'uint8'):totable())   -- mod 256
+      -- NaN and out-of-range floats into int64 give INT64_MIN (x86's value), never C's undefined cast
+      local f = nr.tensor({0 / 0, 1e30, -2.5})
+      local i = f:to('cpu', 'int64')
+      assert.equal(-2 ^ 63, i:get(1))
+      assert.equal(-2 ^ 63, i:get(2))
+      assert.equal(-2, i:get(3))
+      -- a fill with -0.0 keeps the sign (a contiguous fill used to memset +0)
+      assert.equal(-math.huge, 1 / nr.full({4}, -0.0):get(1))
+      assert.equal(-math.huge, 1 / nr.zeros({4}, {dtype = 'bfloat16'}):fill(-0.0):float():get(2))
+   end)
+
+   it('uniform draws stay in [lo, hi) after rounding to the dtype (float32 and bfloat16)', function()
+      local b = nr.rand({20000}, {dtype = 'bfloat16'})
+      assert.is_true(b:float():max() < 1, 'a bfloat16 draw rounded to 1')
+      -- a range one float32 step wide: every draw rounds to lo or hi; none may be hi
+      local C = require('nr.ffi').C
+      local t = nr.empty({1000})
+      assert.equal(0, C.nr_rng_uniform(t.c, 1, 1 + 2 ^ -23))
+      assert.equal(1, t:max())
+      local tb = nr.empty({1000}, {dtype = 'bfloat16'})
+      assert.equal(0, C.nr_rng_uniform(tb.c, -2, -1.9921875))      -- one bfloat16 step below -1.9921875
+      assert.equal(-2, tb:float():max())
    end)
 
    it('wrong Lua types are errors naming the function and argument, not LuaJIT/FFI internals', function()
