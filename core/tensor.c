@@ -261,6 +261,9 @@ nr_tensor *nr_tensor_view(const nr_tensor *src, int32_t ndim, const int64_t *sha
    if (check_geometry(ndim, shape) || check_numel(__func__, ndim, shape, &numel)) return NULL;
    int32_t es = nr_dtype_size(src->dtype);
    int64_t capacity = src->storage->bytes / es, lo, hi;
+   /* a view of no element reads nothing: any offset will do (narrowing an empty view whose
+    * strides step past its empty storage, as PyTorch allows) */
+   if (numel == 0 && offset > capacity) offset = capacity;
    if (offset < 0 || offset > capacity) {
       NR_FAIL(NR_E_ARG, "offset %lld lies outside its storage of %lld elements", (long long)offset,
               (long long)capacity);

@@ -452,6 +452,10 @@ describe('nr.Tensor', function()
       x:narrow(2, 1, 3):reshape(4, 3, 1):fill(7)
       assert.equal(84, x:sum())
       assert.is_true(x:t():reshape(4, 4):same_storage(x))
+      -- an empty view narrows and selects as an empty tensor does
+      local e = nr.empty({0}):view(4, 0)
+      assert.same({1, 0}, e:narrow(1, 4, 1):shape())
+      assert.same({0}, e:select(1, 3):shape())
       -- views that exist on non-contiguous tensors: split or merge within a contiguous run
       local b = nr.zeros({4, 6})
       local n = b:narrow(2, 2, 4)                                   -- (4, 4), strides (6, 1)
