@@ -442,7 +442,9 @@ end
 --   normalize = true (nr.data.stats of the dataset) | {mean = {...}, std = {...}} (one value
 --   applies to every channel), fast_decode = true (JPEGs decode reduced by DCT scaling when the
 --   resize / random-resized crop shrinks them anyway: several times faster for small outputs such
---   as 128, close to but not bitwise equal to the full decode). Order: random_resized_crop |
+--   as 128; not the full decode's pixels: a different reduction filter, measured at a mean
+--   |difference| of 6-7 of 255 on 150-500 px JPEGs resized to 64, up to ~90 at sharp edges).
+--   Order: random_resized_crop |
 --   resize, center_crop, pad + crop, flip, channels, /255, normalize.
 function M.loader(ds, opts)
    local fname = 'nr.data.loader'
