@@ -51,6 +51,8 @@ return {
    nr       = {
       target = 0.5, budget = 1.0, constraint = 'params', scheme = 'NR', rescale = true, times = 1,
       hold_schedule = true, extend_epochs = true,
+      -- the paper's adaptive rule, checked every 100 steps with a 4x step (Δλ 2e-4): with the
+      -- default once-an-epoch checks at Δλ 5e-5, r would not fall below T_r within this short run
       lambda = {mode = 'adaptive', init = 0, dt = 100, dr = 0.01, dl = 2e-4},
       policy = {},
    },

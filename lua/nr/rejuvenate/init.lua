@@ -286,7 +286,8 @@ function M.rejuvenate(model, opts)
       before = summary(before), after = summary(after), constraint = constraint, scheme = scheme,
       constraint_value = Cval, budget = opts.budget or 1, target_cost = target, planned_cost = planned,
       cost = new_cost, cost_error = target > 0 and (new_cost - target) / target or nil,
-      alpha = rinfo.alpha, alpha_sqrt = live_now > 0 and math.sqrt(target / live_now) or nil,
+      -- the authors' rule: sqrt(all / live) of the model's current full cost, whatever the budget
+      alpha = rinfo.alpha, alpha_sqrt = live_now > 0 and math.sqrt(all_now / live_now) or nil,
       policy_info = rinfo, layers = out_layers, rescaled = rescaled, generation = generation,
    }
 end
