@@ -6,6 +6,7 @@
  * weighted 0 by label_smoothing is skipped, so -inf logits (masks) give a finite loss.
  */
 #include "nn_internal.h"
+#include "nn_rank.h"
 
 #include <math.h>
 
@@ -137,7 +138,7 @@ nr_status nr_batch_metrics_add(const nr_tensor *logits, const nr_tensor *labels,
       if (y < 0 || y >= k) continue;
       const float *x = px + i * k, sy = x[y];
       int64_t above = 0; /* classes ranked before the label */
-      for (int64_t j = 0; j < k && above < 5; j++) above += x[j] > sy || (x[j] == sy && j < y);
+      for (int64_t j = 0; j < k && above < 5; j++) above += nr_ranks_before(x[j], j, sy, y);
       h1 += above == 0;
       h5 += above < 5;
    }

@@ -18,6 +18,7 @@
  * the live count).
  */
 #include "kernel_util.cuh"
+#include "../nn_rank.h"
 
 #include <cuda_runtime.h>
 #include <math.h>
@@ -746,7 +747,7 @@ __global__ void k_batch_metrics(const T *x, const int64_t *labels, const float *
       int above = 0;
       for (int64_t j = lane; j < k; j += 32) {
          const float v = ld(xr + j);
-         above += v > sy || (v == sy && j < y);
+         above += nr_ranks_before(v, j, sy, y);
       }
       for (int o = 16; o > 0; o >>= 1) above += __shfl_down_sync(0xffffffffu, above, o);
       if (lane == 0) {

@@ -570,11 +570,14 @@ describe('layer kernels on the GPU', function()
          assert(lg:cpu():get(1) == lg:cpu():get(1), 'the loss is a number')
       end)
 
-      it(h.name .. ' batch metrics (loss sum, top-1 / top-5 hits) match the CPU, ties included', function()
+      it(h.name .. ' batch metrics (loss sum, top-1 / top-5 hits) match the CPU, ties and NaNs included', function()
          local x = randn({37, 12})
          -- ties: row 1 all equal (label 0 wins the tie, label 11 loses it); row 3 ties its label with 4 others
          for j = 1, 12 do x:set(j, 0.5); x:set(12 + j, 0.5) end -- get / set index the flat elements
          for j = 1, 5 do x:set(24 + j, 2) end
+         -- NaNs rank above every number: row 4 all NaN, row 5 one NaN beside its label's logit
+         for j = 1, 12 do x:set(36 + j, 0 / 0) end
+         x:set(48 + 3, 0 / 0)
          local logits = h.ref(x)
          local ids = {}
          for i = 1, 37 do ids[i] = (i * 7) % 12 end

@@ -736,6 +736,26 @@ h:release()
       -- the device sums start over after a reset
       meter:reset()
       assert.equal(0, meter.acc:get(4))
+      -- NaN logits rank above every number (PyTorch's argmax / topk): a NaN model is not 100% right
+      local nan = 0 / 0
+      local logits = nr.tensor({
+         {nan, nan, nan, nan, nan, nan},       -- label 0: the first NaN is the argmax, a hit
+         {nan, nan, nan, nan, nan, nan},       -- label 3: three NaNs before it, a top-5 hit only
+         {1, nan, 9, 2, 3, 4},                 -- label 2: the NaN ranks first, a top-5 hit only
+         {1, 5, 5, 2, nan, nan},               -- label 2: class 1 ties it and two NaNs lead, a top-5 hit
+         {1, 2, 3, 4, 5, 6},                   -- label 5: a plain hit
+      })
+      local labels = nr.tensor({0, 3, 2, 2, 5}, {dtype = 'int64'})
+      local m2 = train.meter('cpu')
+      m2:add(logits, labels, nr.tensor({0}), 1)
+      m2:read('NaN logits')
+      assert.equal(2, m2.top1)
+      assert.equal(5, m2.top5)
+      local m3 = train.meter('cpu')
+      m3:add(nr.tensor({{nan, nan, nan, nan, nan, nan, nan}}), nr.tensor({6}, {dtype = 'int64'}), nr.tensor({0}), 1)
+      m3:read('NaN logits')
+      assert.equal(0, m3.top1)
+      assert.equal(0, m3.top5)                -- six NaNs before it
    end)
 
    it('cleans up', function()
