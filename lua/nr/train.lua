@@ -74,7 +74,7 @@ M.DEFAULTS = {
    overwrite = false,      -- start afresh in an out folder that already holds a run (else an error)
    log_every = 50,         -- steps between metrics records and plain progress lines
    eval_every = 1,         -- epochs between evaluations (the last epoch is always evaluated)
-   checkpoint_every = 1,   -- epochs between checkpoints (the last epoch always); 0: none
+   checkpoint_every = 1,   -- epochs between checkpoints (the last epoch and a new best always); 0: none
    keep = 2,               -- complete checkpoints kept
    nr = nil,               -- Neural Rejuvenation (nr.rejuvenate); false or {enabled = false}: off
    dist = nil,             -- data parallelism options for nr.dist.attach (under mpirun)
@@ -643,6 +643,12 @@ local function recipe_json(rc)
    end
    local r = conv(rc, {})
    r.progress = nil
+   -- ready-made loaders: their batch sizes are the run's, not the recipe's defaults
+   local d = rc.data
+   if type(d) == 'table' and type(r.data) == 'table' then
+      if type(d.train) == 'table' and type(d.train.batch) == 'number' then r.data.batch = d.train.batch end
+      if type(d.val) == 'table' and type(d.val.batch) == 'number' then r.data.eval_batch = d.val.batch end
+   end
    return r
 end
 M.recipe_json = recipe_json
@@ -888,6 +894,11 @@ function Trainer:load_checkpoint(path)
    end
    if self.schedule and s.schedule then
       self.schedule:load_state({name = s.schedule.name, epoch = s.schedule.epoch, iter = s.schedule.iter})
+   elseif self.schedule and (s.epoch or 0) > 0 then
+      -- its position is unknown: it would start from its beginning in the middle of the run
+      error(string.format('nr.train: %s was trained without a schedule; resuming with schedule %q would start it '
+         .. 'from its first epoch at epoch %d: resume without it, or start a new run (--out) from these weights',
+         r.dir, self.schedule.name, (s.epoch or 0) + 1), 0)
    end
    self.schedule_hold = s.schedule_hold or false
    if s.rng then set_rng_state(s.rng) end
@@ -1274,7 +1285,11 @@ function Trainer:run()
                 images_per_s = ips, schedule_hold = self.schedule_hold or nil, held = held or nil,
                 epochs_planned = planned, held_epochs = self.held_epochs > 0 and self.held_epochs or nil})
       local every = rc.checkpoint_every or 1
-      if every > 0 and (epoch % every == 0 or last or epoch >= self:planned_epochs()) then self:save_checkpoint({best = best}) end
+      -- an epoch that improves on the best evaluation is saved whatever checkpoint_every says, so
+      -- checkpoint/best always holds the best weights (as Lightning's ModelCheckpoint on a metric)
+      if every > 0 and (epoch % every == 0 or last or epoch >= self:planned_epochs() or best) then
+         self:save_checkpoint({best = best})
+      end
    end
    -- the cap cut the extension: the schedule did not complete (e.g. NR never reached T_r)
    local capped = self.extend_held and rc.epochs + self.held_epochs > self:max_epochs() and self.epoch >= self:max_epochs()

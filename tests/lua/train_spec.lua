@@ -109,6 +109,8 @@ describe('nr.train', function()
       assert.equal('spec', rj.name)
       assert.equal(0.05, rj.optim.lr)
       assert.equal('cpu', rj.device_resolved)
+      assert.equal(32, rj.data.batch)          -- the ready-made loaders' batch sizes, not the defaults
+      assert.equal(64, rj.data.eval_batch)
       local kinds, epochs = {}, {}
       for line in ck.read_file(dir .. '/metrics.jsonl'):gmatch('[^\n]+') do
          local rec = ck.json_decode(line)
@@ -325,6 +327,35 @@ h:release()
       assert.truthy(free, 'the holder ended')
       free:release()
       assert.equal(2, nr.train(held_recipe(dir, {epochs = 2, resume = dir})).epochs)
+   end)
+
+   it('checkpoint/best holds the best evaluation also when checkpoint_every skips its epoch', function()
+      local dir = TMP .. '/best_every'
+      -- a validation set the model can only partly fit: its top-1 goes up and down between epochs
+      local vx, vy = synthetic(64, 9)
+      local flip = vy:data()
+      for i = 0, 63, 3 do flip[i] = (flip[i] + 1) % 4 end
+      local s = nr.train(recipe(dir, {epochs = 5, checkpoint_every = 4, lr = nil,
+         data = {train = train.memory_loader(X, Y, {batch = 32, shuffle = true, seed = 3}),
+                 val = train.memory_loader(vx, vy, {batch = 64})}}))
+      local best_epoch, best = nil, -1
+      for line in ck.read_file(dir .. '/metrics.jsonl'):gmatch('[^\n]+') do
+         local rec = ck.json_decode(line)
+         if rec.kind == 'epoch' and rec.val.top1 > best then best, best_epoch = rec.val.top1, rec.epoch end
+      end
+      assert.equal(best_epoch, s.best_epoch)
+      local saved = ck.load(dir .. '/checkpoint/' .. ck.read_file(dir .. '/checkpoint/best'):match('[^\n]+'))
+      assert.equal(best_epoch, saved.state.epoch)
+   end)
+
+   it('resuming with a schedule the run did not have is refused (it would start mid-run)', function()
+      local dir = TMP .. '/sched_add'
+      nr.train(recipe(dir, {epochs = 2, schedule = false}))
+      local ok, e = pcall(nr.train, recipe(dir, {epochs = 4, resume = dir}))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('was trained without a schedule; resuming with schedule "cosine" would start it '
+         .. 'from its first epoch at epoch 3', 1, true), tostring(e))
+      assert.equal(4, nr.train(recipe(dir, {epochs = 4, resume = dir, schedule = false})).epochs)
    end)
 
    it('refuses a seed or thread count that would wrap at the FFI', function()
