@@ -3,7 +3,7 @@
 -- adaptive L1 on γ until r < T_r = 0.5, then rejuvenated back to its parameter budget (shared α),
 -- with neural rescaling, and trained on.
 --
---   nrlua recipes/nr_fashion_mnist.lua                 # ~11 min on 2 quiet cores (11 epochs)
+--   nrlua recipes/nr_fashion_mnist.lua                 # ~6 min on 2 quiet cores (12 epochs)
 --   nrlua recipes/nr_fashion_mnist.lua --nr.scheme CA  # cross attention (NR-CA)
 --
 -- Length: epochs = 6 is the cosine schedule's length. The schedule is held at lr 0.1 while the
@@ -12,10 +12,10 @@
 -- full schedule runs after the rejuvenation. Measured at a fixed 6 epochs (2026-11-26, 2 cores):
 -- r_params fell below 0.5 at step 2600 (epoch 6; λ had risen to 2.2e-3), α = 1.42 (authors' sqrt
 -- 1.416), cost within 0.6% of the budget, and with no training left after the rejuvenation
--- 88.4% test top-1 (the plain quickstart reaches 92%). With the extension (same day, these
--- defaults): the same rejuvenation (step 2600, epoch 6, α 1.42, cost +0.58%), then 5 held + 6 =
--- 11 epochs with the cosine schedule run to its end (lr 0.1 -> 3e-8): 92.30% test top-1, ~55-60 s
--- per epoch on quiet cores (about 11 min; 29:43 under load from other jobs).
+-- 88.4% test top-1 (the plain quickstart reaches 92%). With the extension and these defaults
+-- (2026-12-05, the AVX-512 Xeon): the rejuvenation at step 2700 (epoch 6, α 1.45, cost 0.83% under
+-- the budget), then 6 held + 6 = 12 epochs with the cosine schedule run to its end (lr 0.1 ->
+-- 3e-8): 92.46% test top-1, 5:32-5:50 on quiet cores.
 -- --nr.extend_epochs false restores the fixed count; --max_epochs N moves the cap.
 --
 -- recipes/nr_policy_gamma.lua and recipes/nr_policy_uniform.lua extend this recipe with other
