@@ -3,9 +3,10 @@
  *
  * Invariants: the format is recognised by content (magic bytes), not by extension; decoded
  * pixels are HWC uint8 in the decoder's grow-only buffers (no allocation per image once they
- * are large enough); PNG samples are the stored values as PIL gives them (16-bit: the high byte;
- * gAMA / sRGB chunks ignored; palettes and low bit depths expanded; libpng's classic API, whose
- * simplified API would convert 16-bit and gAMA-tagged files to sRGB); conversions follow PIL
+ * are large enough); PNG samples are the stored values (gAMA / sRGB chunks ignored, as PIL;
+ * palettes and low bit depths expanded; 16-bit samples give their high byte, as PIL does for
+ * 16-bit colour — PIL clips 16-bit grey to 255 instead, which is not copied; libpng's classic
+ * API, whose simplified API would convert 16-bit and gAMA-tagged files to sRGB); conversions follow PIL
  * (alpha dropped, not composited; RGB -> gray with
  * ITU-R 601 luma; Adobe CMYK -> RGB); a truncated JPEG (libjpeg's warning "Premature end of
  * JPEG file": the rest of the picture would silently be grey) is an error naming the file, as
@@ -100,7 +101,7 @@ static void convert_pixels(const uint8_t *s, int sc, uint8_t *o, int dc, int64_t
 typedef struct {
    const uint8_t *p;
    size_t n, at;
-   char msg[200];
+   char *msg, *msg_end; /* the decoder's png_error: not in decode_png's frame, which longjmp leaves */
 } png_src;
 
 static void png_read_mem(png_structp png, png_bytep out, png_size_t len)
@@ -114,7 +115,7 @@ static void png_read_mem(png_structp png, png_bytep out, png_size_t len)
 static void png_on_error(png_structp png, png_const_charp msg)
 {
    png_src *s = png_get_error_ptr(png);
-   snprintf(s->msg, sizeof s->msg, "%s", msg);
+   snprintf(s->msg, (size_t)(s->msg_end - s->msg), "%s", msg);
    png_longjmp(png, 1);
 }
 
@@ -126,7 +127,8 @@ static void png_on_warning(png_structp png, png_const_charp msg)
 
 static nr_status decode_png(nr_decoder *d, const char *path, size_t size, int32_t want, nr_img *out)
 {
-   png_src src = {d->file, size, 0, {0}};
+   d->png_error[0] = 0;
+   png_src src = {d->file, size, 0, d->png_error, d->png_error + sizeof d->png_error};
    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &src, png_on_error, png_on_warning);
    png_infop info = png ? png_create_info_struct(png) : NULL;
    if (!info) {
@@ -137,7 +139,7 @@ static nr_status decode_png(nr_decoder *d, const char *path, size_t size, int32_
    if (setjmp(png_jmpbuf(png))) {
       free(rows);
       png_destroy_read_struct(&png, &info, NULL);
-      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: %s", path, src.msg);
+      return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: %s", path, d->png_error);
    }
    png_set_read_fn(png, &src, png_read_mem);
    png_read_info(png, info);

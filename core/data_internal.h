@@ -54,6 +54,7 @@ typedef struct nr_decoder {
    size_t pix_cap;
    uint8_t *aux;       /* conversions (CMYK, alpha drop) */
    size_t aux_cap;
+   char png_error[200]; /* libpng's message, kept outside decode_png's frame (it longjmps) */
 } nr_decoder;
 
 void nr_decoder_release(nr_decoder *d);

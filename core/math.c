@@ -310,6 +310,7 @@ nr_status nr_matmul(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int3
    static const char *names[3] = {"a", "b", "out"};
    for (int i = 0; i < 3; i++) {
       const nr_tensor *t = ops[i];
+      if (nr_tensor_numel(t) == 0) continue; /* nothing is read or written through it */
       if ((t->shape[1] > 1 && t->stride[1] != 1) ||
           (t->shape[0] > 1 && (t->stride[0] < t->shape[1] || t->stride[0] < 1 || t->stride[0] > INT32_MAX))) {
          char d[128];

@@ -58,11 +58,16 @@ static float uniform_draw(double a, double b, int bf16)
          uint16_t h = nr_f32_to_bf16((float)b);
          /* the bf16 just below b (b > 0: one step down in magnitude; b <= 0: one step up) */
          h = (float)b > 0 ? (uint16_t)(h - 1) : (float)b < 0 ? (uint16_t)(h + 1) : (uint16_t)0x8001;
-         return nr_bf16_to_f32(h);
+         const float below = nr_bf16_to_f32(h);
+         /* a range narrower than one bfloat16 step holds none: a, rounded */
+         return below < (float)a ? nr_bf16_to_f32(nr_f32_to_bf16((float)a)) : below;
       }
       return r;
    }
-   if (v >= (float)b && b > a) v = nextafterf((float)b, -INFINITY);
+   if (v >= (float)b && b > a) {
+      v = nextafterf((float)b, -INFINITY);
+      if (v < (float)a) v = (float)a; /* a range narrower than one float step */
+   }
    return v;
 }
 
@@ -91,12 +96,14 @@ static nr_status fill_with(nr_tensor *t, int kind, double a, double b)
       } else
          for (int64_t i = 0; i < n; i++) p[i] = uniform01() < a ? 1.0f : 0.0f;
    } else {
-      /* integers: lo + k in int64 (a double sum would round k past 2^53 to even) */
-      const int64_t lo = kind == 0 ? (int64_t)a : 0;
-      const uint64_t span = kind == 0 ? (uint64_t)((int64_t)b - lo) : 0;
+      /* integers: lo + k, in unsigned 64-bit arithmetic (wraps, never overflows; a double sum
+       * would round k past 2^53 to even); bounds are whole and within int64 (nr_rng_uniform) */
+      const uint64_t lo = kind == 0 ? (uint64_t)(int64_t)a : 0;
+      const uint64_t hi = kind == 0 ? (b >= 0x1p63 ? (uint64_t)1 << 63 : (uint64_t)(int64_t)b) : 0;
+      const uint64_t span = hi - lo; /* 0 only for the full 2^64 range */
       for (int64_t i = 0; i < n; i++) {
          int64_t v;
-         if (kind == 0) v = lo + (int64_t)(nr_rng_next() % (span ? span : 1));
+         if (kind == 0) v = (int64_t)(lo + (span ? nr_rng_next() % span : nr_rng_next()));
          else v = uniform01() < a ? 1 : 0;
          if (host->dtype == NR_I64) ((int64_t *)host->data)[i] = v;
          else ((uint8_t *)host->data)[i] = (uint8_t)v;
@@ -114,8 +121,12 @@ nr_status nr_rng_uniform(nr_tensor *t, double lo, double hi)
 {
    NR_CHECK_T("t", t, -1, -1, -1, NULL);
    if (!(hi >= lo)) return NR_FAIL(NR_E_ARG, "empty range [%g, %g)", lo, hi);
-   if (t->dtype != NR_F32 && t->dtype != NR_BF16 && !(hi > lo))
-      return NR_FAIL(NR_E_ARG, "empty integer range [%g, %g)", lo, hi);
+   if (t->dtype != NR_F32 && t->dtype != NR_BF16) {
+      if (!(hi > lo)) return NR_FAIL(NR_E_ARG, "empty integer range [%g, %g)", lo, hi);
+      /* whole numbers an int64 holds (hi itself may be 2^63: it is never drawn) */
+      if (lo != floor(lo) || hi != floor(hi) || lo < -0x1p63 || hi > 0x1p63)
+         return NR_FAIL(NR_E_ARG, "integer range [%g, %g) needs whole bounds within int64", lo, hi);
+   }
    return fill_with(t, 0, lo, hi);
 }
 

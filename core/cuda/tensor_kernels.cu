@@ -67,15 +67,29 @@ __device__ __forceinline__ int64_t goff(const geo &g, int64_t i)
 
 /* ---------------------------------------------------------------- copy, set, fill */
 
+/* Conversions as the CPU's (core/tensor.c store_double / store_i64): into int64, NaN and values
+ * outside int64 give INT64_MIN; into uint8, the int64 value wraps mod 256; from int64, one
+ * rounding (not through a double, which rounds twice past 2^53). */
 template <typename T> __device__ __forceinline__ double to_d(T v) { return (double)v; }
 template <typename T> __device__ __forceinline__ T from_d(double v) { return (T)v; }
 template <> __device__ __forceinline__ double to_d<bf16>(bf16 v) { return (double)__bfloat162float(v); }
 template <> __device__ __forceinline__ bf16 from_d<bf16>(double v) { return __float2bfloat16_rn((float)v); }
+template <> __device__ __forceinline__ int64_t from_d<int64_t>(double v)
+{
+   return v >= -0x1p63 && v < 0x1p63 ? (int64_t)v : INT64_MIN;
+}
+template <> __device__ __forceinline__ uint8_t from_d<uint8_t>(double v) { return (uint8_t)(uint64_t)from_d<int64_t>(v); }
+
+template <typename TD, typename TS> __device__ __forceinline__ TD convert(TS v) { return from_d<TD>(to_d<TS>(v)); }
+template <> __device__ __forceinline__ float convert<float, int64_t>(int64_t v) { return (float)v; }
+template <> __device__ __forceinline__ bf16 convert<bf16, int64_t>(int64_t v) { return __float2bfloat16_rn((float)v); }
+template <> __device__ __forceinline__ uint8_t convert<uint8_t, int64_t>(int64_t v) { return (uint8_t)(uint64_t)v; }
+template <> __device__ __forceinline__ int64_t convert<int64_t, int64_t>(int64_t v) { return v; }
 
 template <typename TD, typename TS>
 __global__ void k_copy(TD *dst, geo gd, const TS *src, geo gs, int64_t n)
 {
-   GRID_LOOP(i, n) dst[goff(gd, i)] = from_d<TD>(to_d<TS>(src[goff(gs, i)]));
+   GRID_LOOP(i, n) dst[goff(gd, i)] = convert<TD, TS>(src[goff(gs, i)]);
 }
 
 template <typename TD>
@@ -428,7 +442,7 @@ nr_status nr_cuda_fill(nr_tensor *t, double value)
    NR_TRY(nr_cuda_ctx_get(t->device_index, &ctx));
    int64_t n = nr_tensor_numel(t);
    if (n == 0) return NR_OK;
-   if (value == 0.0 && (nr_tensor_is_contiguous(t) || nr_tensor_is_channels_last(t))) { /* dense */
+   if (value == 0.0 && !signbit(value) && (nr_tensor_is_contiguous(t) || nr_tensor_is_channels_last(t))) { /* dense; -0.0 keeps its sign */
       NR_CU(cudaMemsetAsync(t->data, 0, (size_t)(n * nr_dtype_size(t->dtype)), ctx->stream), "fill %s with 0", NR_DESC(t));
       return NR_OK;
    }

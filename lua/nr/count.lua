@@ -119,11 +119,12 @@ local function walk(m, s, acc)
    local t = m:typename()
    if not m.modules or (not CONTAINERS[t] and m.cost ~= Module.cost) then
       local out, params, macs = leaf(m, s)
-      -- a module at two places (weight tying: its twin shares the tensors) computes twice but
-      -- holds its parameters once
-      local key = m:parameters()[1] or m
-      if acc.seen[key] then params = 0 end
-      acc.seen[key] = true
+      -- a tensor held by two modules (weight tying: a twin, or a weight assigned by hand) is
+      -- computed with twice but counted once
+      for _, p in ipairs((m:parameters())) do
+         if acc.seen[p] then params = math.max(0, params - p:numel()) end
+         acc.seen[p] = true
+      end
       acc.layers[#acc.layers + 1] = {path = m:path(), type = t, extra = m:extra(), input = {unpack(s)},
                                      output = out, params = params, macs = macs, module = m}
       local bt = acc.by_type[t] or {n = 0, params = 0, macs = 0}

@@ -737,7 +737,18 @@ function Reducer:build()
    end
    self.rebuilds = self.rebuilds + 1
    self:_reset()
-   if self.overlap then self:_hook() end
+   if self.overlap then
+      -- a twin (a module placed twice: weight tying) adds to the shared gradient after its first
+      -- place's hook would already have sent it
+      for _, m in ipairs(self.model:listModules()) do
+         local first = rawget(m, '_twin_of')
+         if first then
+            error(string.format('nr.dist.GradReducer: overlap needs each module used once per step, but %s is a '
+               .. 'second place of %s (weight tying); use overlap = false', m:path(), first:path()), 0)
+         end
+      end
+      self:_hook()
+   end
 end
 
 -- Layout summary, the same on every rank for the same model.

@@ -157,7 +157,7 @@ function M.rand(shape, opts)
    return t
 end
 -- Integers in [lo, hi): lo and hi are integers with every value in the dtype's range (uint8: 0 <= lo <
--- hi <= 256; int64: |lo|, |hi| <= 2^53, since C draws lo + k in doubles, exact up to there).
+-- hi <= 256; int64: |lo|, |hi| <= 2^53, where Lua numbers hold every integer bound exactly).
 -- Floating dtypes get integer values as in PyTorch: drawn as int64, then converted; their
 -- range is where every integer is exact (2^24 for float32, 2^8 for bfloat16), so no draw rounds
 -- out of [lo, hi).
@@ -554,8 +554,6 @@ local function target_shape(self, fname, ...)
    return shape
 end
 
--- reshape(d1, d2, ...) or reshape{d1, d2, ...}; one size may be -1. A view when self is
--- contiguous, else a copy (as PyTorch's reshape); view() never copies.
 -- Strides that view old (shape, stride) as new shape without moving data, or nil when no view
 -- exists (PyTorch's computeStride): each run of old dimensions that is contiguous within itself
 -- (a "chunk") may be split or merged, but no new dimension may span two chunks.
@@ -609,8 +607,9 @@ function Tensor:view(...)
    return v
 end
 
--- reshape: a view when the strides allow one (as view; writes through it reach self), else a
--- contiguous copy reshaped, as PyTorch.
+-- reshape(d1, d2, ...) or reshape{d1, d2, ...}; one size may be -1. A view when the strides
+-- allow one (as view(); writes through it reach self), else a contiguous copy reshaped, as
+-- PyTorch's reshape; view() never copies.
 function Tensor:reshape(...)
    local shape = target_shape(self, 'Tensor:reshape', ...)
    local stride = view_strides(self:shape(), self:stride(), shape, self:numel())
@@ -845,7 +844,7 @@ function Tensor:matmul(b, opts)
    -- operands in a layout BLAS does not take (a transposed view, overlapping or reversed rows)
    -- are read through a contiguous copy, as PyTorch does; out must be one (it is written)
    local function blas_ready(t)
-      if t:dim() ~= 2 then return true end   -- nr_matmul names the wrong rank
+      if t:dim() ~= 2 or t:numel() == 0 then return true end   -- nr_matmul names a wrong rank
       local st = t:stride()
       return (t:size(2) <= 1 or st[2] == 1) and (t:size(1) <= 1 or (st[1] >= math.max(1, t:size(2)) and st[1] < 2 ^ 31))
    end

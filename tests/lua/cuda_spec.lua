@@ -170,6 +170,17 @@ describe('nr.cuda runtime', function()
       assert(g:get(3) == 42 and g:cpu():get(3) == 42)
       local big = nr.randn({3, 1000, 1000})
       close('large copy (staged in chunks)', big, big:cuda())
+      -- conversions as the CPU's: int64 -> float32 rounded once, int64 -> uint8 wrapped, NaN and
+      -- out-of-range floats -> int64 give INT64_MIN
+      local li = nr.empty({3}, {dtype = 'int64'})
+      local lp = li:data()
+      lp[0], lp[1], lp[2] = 0x1000001000000001LL, 0x10000000005LL, -1LL
+      local ld = li:cuda()
+      close('int64 -> f32 on the device', li:to('cpu', 'float32'), ld:to('cuda', 'float32'), 0)
+      close('int64 -> u8 on the device', li:to('cpu', 'uint8'), ld:to('cuda', 'uint8'), 0)
+      local fl = nr.tensor({0 / 0, 1e30, -2.5, 300})
+      close('f32 -> int64 on the device', fl:to('cpu', 'int64'), fl:cuda():to('cuda', 'int64'), 0)
+      close('f32 -> u8 on the device', fl:narrow(1, 3, 2):to('cpu', 'uint8'), fl:narrow(1, 3, 2):cuda():to('cuda', 'uint8'), 0)
    end)
 
    it('fills and draws the same random numbers as the CPU', function()
@@ -179,6 +190,8 @@ describe('nr.cuda runtime', function()
       local c, d = pair({3, 4}, 'int64')
       c:fill(7); d:fill(7)
       close('fill int64', c, d)
+      a:fill(-0.0); b:fill(-0.0)                   -- the sign of zero survives a dense fill
+      assert(1 / b:cpu():get(1) == -math.huge, 'fill(-0.0) on the GPU stored +0')
       nr.manual_seed(5)
       local x = nr.randn({100})
       nr.manual_seed(5)

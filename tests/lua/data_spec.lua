@@ -844,7 +844,7 @@ describe('nr.data', function()
          end
       end)
 
-      it('PNG samples are the stored values, as PIL reads them (16-bit: the high byte; gAMA ignored)', function()
+      it('PNG samples are the stored values (16-bit: the high byte, as PIL for colour; gAMA ignored)', function()
          local dir = BASE .. '/pngdepth'
          mkdir(dir)
          local rgb16 = {29137, 65535, 0, 256, 511, 12345, 40000, 1, 65280, 300, 5000, 60000}   -- 2 x 2 RGB

@@ -80,6 +80,15 @@ describe('nr.dist in one process (no launcher)', function()
       r:reduce()
       dist.broadcast_model(m)
       assert.matches('^%x+$', dist.assert_same(m))
+      -- overlap sends a gradient when its module's backward ends: a module placed twice (its twin
+      -- adds to the shared gradient later) is refused, with the two places named
+      local lin = nr.nn.Linear(3, 3)
+      local tied = nr.nn.Sequential{lin, nr.nn.ReLU(), lin}
+      local ok, e = pcall(dist.GradReducer, tied, {overlap = true})
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('overlap needs each module used once per step, but 2 is a second place of 0', 1, true),
+         tostring(e))
+      dist.GradReducer(tied):reduce()
    end)
 
    it('attaches to a trainer as rank 0 of 1 and shards nothing', function()

@@ -232,6 +232,10 @@ describe('nr.nn.NRConv2d', function()
       assert.equal(2, #tied:parameters())
       assert.equal(12, nr.count(tied, {3}).params)                 -- held once, computed twice
       assert.equal(18, nr.count(tied, {3}).flops)
+      -- a weight shared by hand, each layer with its own bias: the shared tensor once, both biases
+      local l1, l2 = nn.Linear(3, 3), nn.Linear(3, 3)
+      l2.weight, l2.gradWeight = l1.weight, l1.gradWeight
+      assert.equal(9 + 3 + 3, nr.count(nn.Sequential{l1, nn.ReLU(), l2}, {3}).params)
       tied:zeroGradParameters()
       lin.gradWeight:fill(1)
       local w0 = lin.weight:clone()

@@ -132,6 +132,12 @@ describe('nr.Tensor', function()
       assert.is_false(ok)
       assert.truthy(tostring(e):find('out f32 cpu (1000, 8) is not a matrix layout BLAS takes', 1, true), tostring(e))
       assert.truthy(tostring(e):find('write into a contiguous out', 1, true))
+      -- empty operands: an empty product, or zeros when the inner dimension is empty (as PyTorch)
+      local z = nr.full({3, 4}, 7)
+      nr.zeros({3, 0}):matmul(nr.zeros({0, 4}), {out = z})
+      assert.equal(0, z:abs():max())
+      assert.same({3, 0}, nr.ones({3, 2}):matmul(nr.ones({2, 0})):shape())
+      assert.same({0, 4}, nr.zeros({0, 3}):matmul(nr.zeros({3, 4})):shape())
    end)
 
    it('elementwise ops refuse an out that shares memory with an input other than as the same view', function()
@@ -739,6 +745,17 @@ describe('hostile input', function()
       local tb = nr.empty({1000}, {dtype = 'bfloat16'})
       assert.equal(0, C.nr_rng_uniform(tb.c, -2, -1.9921875))      -- one bfloat16 step below -1.9921875
       assert.equal(-2, tb:float():max())
+      assert.equal(0, C.nr_rng_uniform(t.c, 1, 1 + 1e-12))           -- narrower than a float32 step
+      assert.equal(1, t:min())
+      -- integer draws over the whole int64 range (the C API; Lua bounds stop at 2^53), and bounds
+      -- that are not whole int64 values are refused
+      local wide = nr.empty({200}, {dtype = 'int64'})
+      assert.equal(0, C.nr_rng_uniform(wide.c, -2 ^ 63, 2 ^ 63))
+      local p, neg, pos = wide:data(), 0, 0
+      for i = 0, 199 do if p[i] < 0 then neg = neg + 1 else pos = pos + 1 end end
+      assert.is_true(neg > 50 and pos > 50, neg .. ' negative, ' .. pos .. ' non-negative')
+      assert.are_not.equal(0, C.nr_rng_uniform(wide.c, 0.5, 3))
+      assert.are_not.equal(0, C.nr_rng_uniform(wide.c, 0, 2 ^ 64))
    end)
 
    it('wrong Lua types are errors naming the function and argument, not LuaJIT/FFI internals', function()

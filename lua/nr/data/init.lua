@@ -295,9 +295,10 @@ end
 
 -- ---- images --------------------------------------------------------------------------------
 
--- uint8 (C, H, W) tensor from a PNG or JPEG file; channels 0 (as stored), 1, 3 or 4. Values as
--- PIL gives them (16-bit PNG: the high byte; gAMA ignored); a header over Pillow's
--- decompression-bomb limit (178956970 pixels) is an error.
+-- uint8 (C, H, W) tensor from a PNG or JPEG file; channels 0 (as stored), 1, 3 or 4. The stored
+-- values (gAMA ignored, as PIL); 16-bit PNG samples give their high byte (as PIL for colour; PIL
+-- clips 16-bit grey to 255, not copied here). A header over Pillow's decompression-bomb limit
+-- (178956970 pixels) is an error.
 function M.read_image(path, channels)
    check.type(path, 'string', 'nr.data.read_image', 'path')
    if channels ~= nil then check.int32(channels, 'nr.data.read_image', 'channels', 0, 4) end
