@@ -224,6 +224,7 @@ nr_status nr_reduce(const nr_tensor *a, int32_t dim, nr_tensor *out, int32_t op)
    NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(check_reduce_out(__func__, a, dim, out));
+   NR_TRY(nr_check_no_overlap(__func__, "out", out, "a", a)); /* a is read while out is written */
    NR_ON_CUDA(a, nr_cuda_reduce(a, dim, out, op));
    int64_t n = nr_tensor_numel(a), outer = 1, len = n, inner = 1;
    if (dim >= 0) {

@@ -253,12 +253,9 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
          const int64_t off = (n * g.c + c) * g.hw;
          const float *d = pdy + off, *r = pr ? pr + off : NULL;
          float *o = pdx + off;
-         if (r) {
+         if (r) { /* dy masked first, as the GPU and an unfused ReLU: an inf/NaN k then gives NaN there */
 #pragma omp simd
-            for (int64_t i = 0; i < g.hw; i++) {
-               const float kd = k * d[i];
-               o[i] = r[i] > 0.0f ? kd : 0.0f;
-            }
+            for (int64_t i = 0; i < g.hw; i++) o[i] = k * (r[i] > 0.0f ? d[i] : 0.0f);
          } else {
 #pragma omp simd
             for (int64_t i = 0; i < g.hw; i++) o[i] = k * d[i];

@@ -391,7 +391,9 @@ nr_status nr_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *moment
                       float momentum, float weight_decay, int32_t nesterov);
 /* nr_sgd_step for n parameters with the same settings (one parameter group) in one call: every
  * job is checked before any parameter changes (a message names the job), all on one device; on
- * CUDA one kernel launch updates them all. Each job's result equals nr_sgd_step's bit for bit. */
+ * CUDA one kernel launch updates them all. Each job's result equals nr_sgd_step's bit for bit.
+ * No two jobs may share a parameter or momentum buffer (nr.optim.SGD refuses a tensor listed
+ * twice): the CUDA launch would update it from two blocks at once. */
 typedef struct nr_sgd_job {
    nr_tensor *param;
    const nr_tensor *grad;

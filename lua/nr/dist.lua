@@ -889,7 +889,23 @@ function M.shard_loader(inner, rank, size)
    return setmetatable({inner = inner, rank = rank or S.rank, nranks = size or S.size, dist_sharded = true}, Sharded)
 end
 
-function Sharded:nbatches() return math.floor(self.inner:nbatches() / self.nranks) end
+-- Whether a loader's last batch may hold fewer samples than the others (an unknown loader: may).
+local function last_batch_short(l)
+   local b = tonumber(l.batch)
+   local n = (type(l.samples) == 'function' and l:samples()) or (T.is_tensor(l.x) and l.x:size(1)) or nil
+   if not b or not n then return true end
+   return l:nbatches() * b > n
+end
+
+-- Whole, equal batches only, the same count on every rank: each step's gradient is then the mean
+-- over ranks of equally sized batch means, i.e. the combined batch's. A short last batch would
+-- weigh its few samples like a full batch's, and batches past a multiple of the ranks would
+-- leave some ranks without one, so both are skipped (self:skipped() says how many).
+function Sharded:nbatches()
+   local usable = self.inner:nbatches() - (last_batch_short(self.inner) and 1 or 0)
+   return math.floor(math.max(0, usable) / self.nranks)
+end
+function Sharded:skipped() return self.inner:nbatches() - self:nbatches() * self.nranks end
 
 function Sharded:epoch(e)
    local it, nb, taken, seen = self.inner:epoch(e), self:nbatches(), 0, 0
@@ -1197,6 +1213,13 @@ function M.attach(tr, opts)
             opts.bucket_mb or 25, opts.overlap and ', overlapped with backward' or '',
             opts.sync_bn and 'synchronized' or 'per-rank',
             batch and string.format(', batch %d per rank = %d per step', batch, batch * size) or ''))
+         local sl = t.train_loader
+         if type(sl) == 'table' and getmetatable(sl) == Sharded and sl:skipped() > 0 then
+            t:print(string.format('nr.dist: the ready-made training loader gives %d batches; %d ranks train on %d whole '
+               .. 'batches each per epoch and skip the other %d (a short last batch, or ones past a multiple of the '
+               .. 'ranks); recipe.data with a dataset shards by sample instead', sl.inner:nbatches(), size,
+               sl:nbatches(), sl:skipped()))
+         end
       end
    end)
    tr:add_hook('epoch_begin', sync_if_changed)

@@ -91,6 +91,28 @@ describe('nr.dist in one process (no launcher)', function()
       dist.GradReducer(tied):reduce()
    end)
 
+   it('shards a ready-made loader into whole, equal batches, the same count on every rank', function()
+      local train = require 'nr.train'
+      local function shards(n, drop_last)
+         local x, y = nr.randn({n, 3}), nr.zeros({n}, {dtype = 'int64'})
+         local inner = train.memory_loader(x, y, {batch = 8, drop_last = drop_last})
+         local out = {}
+         for r = 0, 1 do
+            local sl = dist.shard_loader(inner, r, 2)
+            local sizes = {}
+            for bx in sl:epoch(1) do sizes[#sizes + 1] = bx:size(1) end
+            assert.equal(sl:nbatches(), #sizes)
+            out[r + 1] = sizes
+            out.skipped = sl:skipped()
+         end
+         return out
+      end
+      assert.same({{8, 8}, {8, 8}, skipped = 0}, shards(32))
+      assert.same({{8}, {8}, skipped = 2}, shards(27))          -- 8, 8, 8, 3: the short batch and one more skipped
+      assert.same({{8}, {8}, skipped = 1}, shards(27, true))    -- drop_last: 3 whole batches, one left over
+      assert.same({{8, 8}, {8, 8}, skipped = 1}, shards(40))    -- 5 batches over 2 ranks
+   end)
+
    it('attaches to a trainer as rank 0 of 1 and shards nothing', function()
       local hooks = {}
       local tr = {recipe = {data = {batch = 4}}, add_hook = function(self, name, fn) hooks[#hooks + 1] = name end}

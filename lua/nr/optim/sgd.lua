@@ -113,6 +113,11 @@ local function build_groups(self, spec)
    for _, g in ipairs(groups) do
       for _, e in ipairs(g.params) do
          check.arg(self._by_name[e.name] == nil, 'nr.optim.SGD', 'parameter name %q appears twice', e.name)
+         -- one tensor stepped twice per step (PyTorch: "some parameters appear in more than one
+         -- parameter group"); on a GPU the two updates would also race in one launch
+         local prev = self._present[e.param]
+         check.arg(prev == nil, 'nr.optim.SGD', 'parameter %q is the same tensor as %q: list each parameter once',
+            e.name, prev and prev.name or '')
          self._by_name[e.name] = e
          self._present[e.param] = e
       end
