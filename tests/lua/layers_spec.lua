@@ -597,6 +597,17 @@ describe('buffers and modes', function()
       end
    end)
 
+   it('BN eval backward with its fused ReLU masks dy before scaling (a NaN γ gives NaN, as an unfused ReLU + BN)', function()
+      local x, dy, dx = nr.tensor({{{{0.5, -0.5}}}}), nr.ones({1, 1, 1, 2}), nr.zeros({1, 1, 1, 2})
+      local relu_y = nr.tensor({{{{0, 0.7}}}})                      -- the first position masked
+      local gamma, rm, rv = nr.tensor({0 / 0}), nr.zeros({1}), nr.ones({1})
+      assert.equal(0, C.nr_bn2d_backward_eval(x.c, dy.c, dx.c, nil, nil, gamma.c, rm.c, rv.c, 1e-5, 1, 0, relu_y.c))
+      for _, v in ipairs(dx:reshape(2):totable()) do assert.is_true(v ~= v, 'dx ' .. tostring(v)) end
+      gamma:fill(-2)                                                 -- a negative γ: the masked position is -0
+      assert.equal(0, C.nr_bn2d_backward_eval(x.c, dy.c, dx.c, nil, nil, gamma.c, rm.c, rv.c, 1e-5, 1, 0, relu_y.c))
+      assert.equal(-math.huge, 1 / dx:reshape(2):get(1))
+   end)
+
    it('clone() copies parameters and gives the same output', function()
       nr.manual_seed(6)
       local net = nn.Sequential{nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()}

@@ -125,6 +125,13 @@ describe('nr.optim.SGD', function()
       assert(math.abs(a:item() - 0.8) < 1e-7 and math.abs(b:item() - 0.9) < 1e-7)
    end)
 
+   it('refuses a tensor listed twice (it would be stepped twice per step)', function()
+      local w, g = nr.randn({3}), nr.zeros({3})
+      local ok, e = pcall(nr.optim.SGD, {{params = {w, w}, grads = {g, g}}}, {lr = 0.1})
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('is the same tensor as', 1, true), tostring(e))
+   end)
+
    it('round-trips state() / load_state() by parameter names', function()
       local m1 = Leaf({1, 2}, {3})
       local o1 = nr.optim.SGD(m1, {lr = 0.1, momentum = 0.9, nesterov = true})

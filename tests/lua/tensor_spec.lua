@@ -168,6 +168,15 @@ describe('nr.Tensor', function()
       assert.same({{3, 3, 3}, {3, 3, 3}}, z:totable())
    end)
 
+   it('a reduction refuses an out that overlaps its input', function()
+      local C = require('nr.ffi').C
+      local a = nr.tensor({{1, 2}, {3, 4}})
+      local out = a:as_strided({2, 1}, {1, 1}, 0)
+      assert.are_not.equal(0, C.nr_reduce(a.c, 1, out.c, C.NR_RED_SUM))
+      assert.truthy(require('ffi').string(C.nr_last_error()):find('overlaps', 1, true))
+      assert.same({{1, 2}, {3, 4}}, a:totable())
+   end)
+
    it('selects and copies along a dimension (channel surgery)', function()
       local w = nr.tensor({{1, 2, 3}, {4, 5, 6}, {7, 8, 9}})
       local s = w:index_select(1, {2, 0})
