@@ -21,7 +21,7 @@
 nr_status nr_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float threshold_rel, float abs_min,
                           int64_t *live)
 {
-   NR_ON_CUDA(gamma, nr_cuda_bn_live_mask(gamma, mask, threshold_rel, abs_min, live));
+   if (gamma) NR_ON_CUDA(gamma, nr_cuda_bn_live_mask(gamma, mask, threshold_rel, abs_min, live));
    NR_CHECK_T("gamma", gamma, NR_F32, NR_CPU, 1, NULL);
    int64_t c = gamma->shape[0];
    int64_t mshape[1] = {c};
@@ -54,7 +54,7 @@ nr_status nr_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float thresho
 
 nr_status nr_l1_sign_add(const nr_tensor *gamma, nr_tensor *grad, float lambda)
 {
-   NR_ON_CUDA(gamma, nr_cuda_l1_sign_add(gamma, grad, lambda));
+   if (gamma) NR_ON_CUDA(gamma, nr_cuda_l1_sign_add(gamma, grad, lambda));
    NR_CHECK_T("gamma", gamma, NR_F32, NR_CPU, 1, NULL);
    int64_t gshape[1] = {gamma->shape[0]};
    NR_CHECK_T("grad", grad, NR_F32, NR_CPU, 1, gshape);

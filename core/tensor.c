@@ -742,7 +742,9 @@ nr_status nr_tensor_fill(nr_tensor *t, double value)
    const int64_t n = nr_tensor_numel(t);
    if (n == 0) return NR_OK;
    if (nr_tensor_is_contiguous(t) && ((value == 0.0 && !signbit(value)) || t->dtype == NR_U8)) { /* -0.0 keeps its sign */
-      memset(t->data, t->dtype == NR_U8 ? (int)(uint8_t)value : 0, (size_t)(n * nr_dtype_size(t->dtype)));
+      uint8_t byte = 0;
+      if (t->dtype == NR_U8) store_double(&byte, NR_U8, 0, value); /* the strided fill's conversion */
+      memset(t->data, byte, (size_t)(n * nr_dtype_size(t->dtype)));
       return NR_OK;
    }
    uint64_t one; /* the value converted once, copied from with stride 0 */

@@ -647,9 +647,13 @@ template <typename T> __global__ void k_gap_b_cl(const T *dy, T *dx, int64_t nc,
 /* ---------------------------------------------------------------- softmax cross-entropy */
 
 /* Records the smallest bad position in *bad (initialised to ~0). */
-__global__ void k_label_check(const int64_t *labels, int64_t n, int64_t k, unsigned long long *bad)
+__global__ void k_label_check(const int64_t *labels, int64_t stride, int64_t n, int64_t k, unsigned long long *bad)
 {
-   GRID_LOOP(i, n) if (labels[i] < 0 || labels[i] >= k) atomicMin(bad, (unsigned long long)i);
+   GRID_LOOP(i, n)
+   {
+      const int64_t v = labels[i * stride]; /* strided labels, as the CPU check reads them */
+      if (v < 0 || v >= k) atomicMin(bad, (unsigned long long)i);
+   }
 }
 
 /* One block per row: probs = softmax(x); rowloss = (1-ls) * nll + ls * (lse - mean(x - mx)).
@@ -788,7 +792,7 @@ nr_status check_labels(nr_cuda_ctx *ctx, const char *func, const nr_tensor *labe
    NR_TRY(nr_cuda_scratch(ctx, 2, 8, &p));
    unsigned long long *bad = (unsigned long long *)p, got = 0;
    NR_CU(cudaMemsetAsync(bad, 0xff, 8, ctx->stream), "%s: label check flag", func);
-   k_label_check<<<grid_for(n), 256, 0, ctx->stream>>>((const int64_t *)labels->data, n, k, bad);
+   k_label_check<<<grid_for(n), 256, 0, ctx->stream>>>((const int64_t *)labels->data, labels->stride[0], n, k, bad);
    NR_CU_LAUNCHED("%s: label check %s", func, NR_DESC(labels));
    NR_CU(cudaMemcpyAsync(&got, bad, 8, cudaMemcpyDeviceToHost, ctx->stream), "%s: label check flag", func);
    NR_CU(cudaStreamSynchronize(ctx->stream), "%s: label check", func);
@@ -805,7 +809,9 @@ nr_status check_labels(nr_cuda_ctx *ctx, const char *func, const nr_tensor *labe
 
 /* ---------------------------------------------------------------- SGD and NR primitives */
 
-/* One element of the SGD update, in the CPU's order of operations (core/optim.c). */
+/* One element of the SGD update, in the CPU's order of operations (core/optim.c); nvcc may fuse
+ * a multiply and an add into one FMA (its default), so a result can differ from the CPU's in
+ * the last bit per step (cuda_spec compares within 1e-4, not bit for bit). */
 __device__ __forceinline__ void sgd_elem(float *p, const float *g, float *b, int64_t i, float lr, float mu, float wd,
                                          int nesterov)
 {
@@ -1229,8 +1235,7 @@ nr_status nr_cuda_softmax_xent_backward(const nr_tensor *probs, const nr_tensor 
 
 nr_status nr_cuda_check_class_ids(const char *func, const nr_tensor *labels, int64_t num_classes)
 {
-   NR_TRY(nr_check_contiguous(func, "labels", labels));
-   nr_cuda_ctx *ctx;
+   nr_cuda_ctx *ctx; /* any stride, as the CPU check */
    NR_TRY(nr_cuda_ctx_get(labels->device_index, &ctx));
    return check_labels(ctx, func, labels, num_classes);
 }

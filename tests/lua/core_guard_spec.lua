@@ -208,6 +208,21 @@ describe('core guards', function()
          local r = nr.zeros({6})
          r:as_strided({3}, {-2}, 5):fill(1)
          assert.same({0, 1, 0, 1, 0, 1}, r:totable())
+         -- through the C API (Lua checks 0..255): a uint8 fill wraps the integer mod 256 whether the
+         -- tensor is contiguous (one memset) or strided, never a cast past int's range
+         local C = require('nr.ffi').C
+         local u = nr.zeros({4}, {dtype = 'uint8'})
+         assert.equal(0, C.nr_tensor_fill(u.c, 4294967297))
+         assert.same({1, 1, 1, 1}, u:totable())
+         assert.equal(0, C.nr_tensor_fill(u:as_strided({2}, {2}, 0).c, 4294967298))
+         assert.same({2, 1, 2, 1}, u:totable())
       end)
+   end)
+
+   it('NR primitives refuse a NULL gamma with an error, not a crash', function()
+      local C = require('nr.ffi').C
+      local live = require('ffi').new('int64_t[1]')
+      assert.are_not.equal(0, C.nr_bn_live_mask(nil, nr.zeros({2}, {dtype = 'uint8'}).c, 0.01, 1e-3, live))
+      assert.are_not.equal(0, C.nr_l1_sign_add(nil, nr.zeros({2}).c, 0.1))
    end)
 end)
