@@ -738,13 +738,19 @@ function Reducer:build()
    self.rebuilds = self.rebuilds + 1
    self:_reset()
    if self.overlap then
-      -- a twin (a module placed twice: weight tying) adds to the shared gradient after its first
-      -- place's hook would already have sent it
+      -- a gradient two modules add to (weight tying: a twin, or a weight assigned to two layers)
+      -- may be sent when the first one's backward ends, before the other has added its part
+      local holder = {}
       for _, m in ipairs(self.model:listModules()) do
-         local first = rawget(m, '_twin_of')
-         if first then
-            error(string.format('nr.dist.GradReducer: overlap needs each module used once per step, but %s is a '
-               .. 'second place of %s (weight tying); use overlap = false', m:path(), first:path()), 0)
+         if not m.modules then
+            local _, grads = m:parameters()
+            for _, g in ipairs(grads) do
+               if holder[g] and holder[g] ~= m then
+                  error(string.format('nr.dist.GradReducer: overlap needs each gradient written by one layer, but %s '
+                     .. 'and %s share one (weight tying); use overlap = false', holder[g]:path(), m:path()), 0)
+               end
+               holder[g] = m
+            end
          end
       end
       self:_hook()
@@ -878,8 +884,8 @@ end
 -- ---- trainer integration ---------------------------------------------------------------------
 
 -- Ready-made loaders (recipe.data.train: anything with nbatches() and epoch(e)) are sharded by
--- batches: rank r takes batches r, r + N, r + 2N, ... of the same epoch order, and every rank
--- runs floor(nbatches / N) steps, so the N batches of a step form the combined batch.
+-- batches: rank r takes batches r, r + N, r + 2N, ... of the same epoch order, whole and equal
+-- ones only (Sharded:nbatches below), so the N batches of a step form the combined batch.
 local Sharded = {}
 Sharded.__index = Sharded
 
@@ -1108,6 +1114,11 @@ function M.attach(tr, opts)
       end
       if data.train and not data.train.dist_sharded then
          data.train = M.shard_loader(data.train, rank, size)
+         if data.train:nbatches() < 1 then
+            error(string.format('nr.dist.attach: the ready-made training loader gives %d batches, not one whole batch '
+               .. 'for each of %d ranks (a short last batch is not used): use smaller batches or fewer ranks',
+               data.train.inner:nbatches(), size), 0)
+         end
       elseif not data.train and data.shard == nil then
          data.shard = {rank = rank, size = size}
       end
