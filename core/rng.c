@@ -126,6 +126,8 @@ nr_status nr_rng_uniform(nr_tensor *t, double lo, double hi)
       /* whole numbers an int64 holds (hi itself may be 2^63: it is never drawn) */
       if (lo != floor(lo) || hi != floor(hi) || lo < -0x1p63 || hi > 0x1p63)
          return NR_FAIL(NR_E_ARG, "integer range [%g, %g) needs whole bounds within int64", lo, hi);
+      if (t->dtype == NR_U8 && (lo < 0 || hi > 256))
+         return NR_FAIL(NR_E_ARG, "uint8 range [%g, %g) reaches outside 0..255", lo, hi);
    }
    return fill_with(t, 0, lo, hi);
 }

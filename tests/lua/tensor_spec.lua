@@ -765,6 +765,7 @@ describe('hostile input', function()
       assert.is_true(neg > 50 and pos > 50, neg .. ' negative, ' .. pos .. ' non-negative')
       assert.are_not.equal(0, C.nr_rng_uniform(wide.c, 0.5, 3))
       assert.are_not.equal(0, C.nr_rng_uniform(wide.c, 0, 2 ^ 64))
+      assert.are_not.equal(0, C.nr_rng_uniform(nr.empty({4}, {dtype = 'uint8'}).c, 250, 260))
    end)
 
    it('wrong Lua types are errors naming the function and argument, not LuaJIT/FFI internals', function()
