@@ -1037,13 +1037,21 @@ function Trainer:evaluate(loader)
    local model, crit = self.model, self.criterion
    local limit = self.recipe.data.val_batches
    local meter = self:meter('eval')
+   -- a shard of a sharded dataset loader ends with repeats (nr.data's Loader:unique_samples): not counted
+   local unique = type(loader.unique_samples) == 'function' and loader:unique_samples() or nil
    local function pass()
-      local b = 0
+      local b, counted = 0, 0
       for xd, yd, _, checked in self:device_batches(loader, 1, limit, 'eval') do
          b = b + 1
          local out = model:forward(xd)
          self._classes = out:size(2)
-         meter:add(out, yd, crit:loss_tensor(out, yd, checked), b)
+         local rows = out:size(1)
+         if unique and counted + rows > unique then rows = math.max(0, unique - counted) end
+         if rows > 0 then
+            if rows < out:size(1) then out, yd = out:narrow(1, 1, rows), yd:narrow(1, 1, rows) end
+            meter:add(out, yd, crit:loss_tensor(out, yd, checked), b)
+            counted = counted + rows
+         end
          if meter:due() then meter:read('the evaluation') end
       end
       meter:read('the evaluation')

@@ -673,6 +673,7 @@ describe('nr.data', function()
          for rank = 0, 2 do
             local l = nr.data.loader(ds, {batch = 4, shuffle = true, seed = 9, shard = {rank = rank, size = 3}, threads = 1})
             assert.equal(17, l:samples())
+            assert.equal(rank == 2 and 16 or 17, l:unique_samples())   -- the repeat is rank 2's last sample
             for _, i in ipairs(l:indices(1):totable()) do seen[i] = (seen[i] or 0) + 1; total = total + 1 end
             l:close()
          end

@@ -348,6 +348,18 @@ h:release()
       assert.equal(best_epoch, saved.state.epoch)
    end)
 
+   it('an evaluation counts a shard\'s own samples only (the repeats that pad a shard are left out)', function()
+      local tr = train.new(recipe(TMP .. '/eval_unique', {}))
+      local vx, vy = synthetic(6, 5)
+      local whole = tr:evaluate(train.memory_loader(vx:narrow(1, 1, 5), vy:narrow(1, 1, 5), {batch = 4}))
+      local padded = train.memory_loader(vx, vy, {batch = 4})    -- 5 samples + 1 repeat
+      padded.unique_samples = function() return 5 end
+      local got = tr:evaluate(padded)
+      assert.equal(5, got.n)
+      assert.equal(whole.top1, got.top1)
+      assert.is_true(math.abs(whole.loss - got.loss) <= 1e-6 * math.abs(whole.loss))
+   end)
+
    it('resuming with a schedule the run did not have is refused (it would start mid-run)', function()
       local dir = TMP .. '/sched_add'
       nr.train(recipe(dir, {epochs = 2, schedule = false}))

@@ -554,6 +554,16 @@ function Loader:nbatches() return tonumber(C.nr_loader_nbatches(live_loader(self
 -- Samples per epoch seen by this shard (before drop_last).
 function Loader:samples() return tonumber(C.nr_loader_samples(live_loader(self))) end
 
+-- Samples of this shard that are not repeats: a shard of a sharded loader holds ceil(n/size)
+-- samples, and the last one of some shards wraps around to the start of the order (as PyTorch's
+-- DistributedSampler pads), so only ceil((n - rank) / size) of them are the shard's own. An
+-- evaluation counts these, so every sample counts once over the ranks.
+function Loader:unique_samples()
+   local rank, size = self._cfg.shard_rank or 0, self._cfg.shard_size or 1
+   if size <= 1 then return self:samples() end
+   return math.min(self:samples(), math.max(0, math.ceil((self.dataset:size() - rank) / size)))
+end
+
 -- The epoch's order for this shard: int64 tensor of 0-based dataset indices.
 function Loader:indices(e)
    local c = live_loader(self)
