@@ -106,12 +106,13 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
    for (int64_t c = 0; c < g.c; c++) {
       /* one pass over memory: each plane's mean and squared deviations (its second loop runs on
        * the cache-resident plane), merged across planes in double (Chan et al.) */
-      double mean = 0, m2 = 0;
+      double mean = 0, m2 = 0, total = 0; /* total: the plain sum, for inputs holding inf (below) */
       for (int64_t n = 0; n < g.n; n++) {
          const float *p = px + (n * g.c + c) * g.hw;
          float part = 0;
 #pragma omp simd reduction(+ : part)
          for (int64_t i = 0; i < g.hw; i++) part += p[i];
+         total += part;
          const float pm = part / (float)g.hw;
          float dev = 0;
 #pragma omp simd reduction(+ : dev)
@@ -123,6 +124,9 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
          mean += delta * nb / (na + nb);
          m2 += (double)dev + delta * delta * na * nb / (na + nb);
       }
+      /* an inf in the plane makes Chan's merge compute inf - inf: the mean is then the plain
+       * sum's (inf, as PyTorch and the GPU give), whichever sample held it */
+      if (!isfinite(mean) && !isnan(total)) mean = total / (double)m;
       const float meanf = (float)mean;
       const double var = m2 / (double)m;
       const float invstd = (float)(1.0 / sqrt(var + (double)eps));

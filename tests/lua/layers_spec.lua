@@ -608,6 +608,16 @@ describe('buffers and modes', function()
       assert.equal(-math.huge, 1 / dx:reshape(2):get(1))
    end)
 
+   it('BN batch statistics of an input holding inf: the mean is inf wherever the inf sits (as PyTorch)', function()
+      for _, pos in ipairs({1, 16}) do                             -- the first sample, the last sample
+         local bn = nn.BatchNorm2d(1)
+         local x = nr.ones({4, 1, 2, 2})
+         x:set(pos, math.huge)
+         bn:forward(x)
+         assert.equal(math.huge, bn.running_mean:get(1), 'inf at ' .. pos)
+      end
+   end)
+
    it('clone() copies parameters and gives the same output', function()
       nr.manual_seed(6)
       local net = nn.Sequential{nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()}
