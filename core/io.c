@@ -74,6 +74,12 @@ nr_status nr_file_lock(const char *path, int32_t *fd, int64_t *holder)
    if (rc != 0) {
       int e = errno;
       long long pid = 0;
+      if (e == ENOLCK || e == ENOSYS || e == EOPNOTSUPP || e == EINVAL) {
+         /* a file system without flock (NFS without a lock daemon, Lustre mounted noflock) */
+         close(f);
+         if (holder) *holder = -2;
+         return NR_FAIL(NR_E_IO, "cannot lock %s: %s (the file system does not support locks)", path, strerror(e));
+      }
       if (e == EWOULDBLOCK) {
          char buf[32] = {0};
          if (pread(f, buf, sizeof buf - 1, 0) > 0) pid = strtoll(buf, NULL, 10);

@@ -203,7 +203,8 @@ nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len)
  * (flock, non-blocking), writes this process's id into it and gives the open descriptor in *fd;
  * the lock lasts until nr_file_unlock(*fd) or the process ends, however it ends. A lock held
  * elsewhere is NR_E_IO "... is locked by process N", with N (0 when not yet written) in *holder;
- * *holder is -1 otherwise (locked here, or another error).
+ * *holder is -2 when the file system does not support locks (NR_E_IO), -1 otherwise (locked
+ * here, or another error).
  * Two opens of one file in one process are two holders. The descriptor is close-on-exec. */
 nr_status nr_file_lock(const char *path, int32_t *fd, int64_t *holder);
 void nr_file_unlock(int32_t fd);

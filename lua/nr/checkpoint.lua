@@ -239,7 +239,8 @@ end
 -- M.lock(path) takes the exclusive lock on the file path (nr_file_lock: flock) and returns its
 -- handle; the lock lasts until handle:release(), until this process locks the same file again, or
 -- until the process ends, however it ends. When another process holds it: nil and that process's
--- id (0 if unknown). A new lock in this process takes the file over from the earlier handle: one
+-- id (0 if unknown). On a file system without locks the handle holds none
+-- (handle.unsupported). A new lock in this process takes the file over from the earlier handle: one
 -- Lua state runs one writer at a time, and an earlier one that stopped on an error never released.
 local ffi = nrffi.ffi
 pcall(ffi.cdef, 'char *realpath(const char *path, char *resolved_path);')
@@ -265,6 +266,12 @@ function M.lock(path)
    if held[key] then held[key]:release() end
    local st = C.nr_file_lock(path, fd, holder)
    if st ~= 0 and holder[0] >= 0 then return nil, tonumber(holder[0]) end
+   if st ~= 0 and holder[0] == -2 then
+      -- no locks on this file system: the handle guards nothing, and says so once
+      local h = setmetatable({fd = -1, key = key, path = path, unsupported = true}, Lock)
+      held[key] = h
+      return h
+   end
    check.status(st, 'nr.checkpoint.lock', 3)
    local h = setmetatable({fd = fd[0], key = canonical(path), path = path}, Lock)
    held[h.key] = h

@@ -1199,6 +1199,10 @@ function Trainer:_lock_out()
       error(string.format('nr.train: %s is in use by another run (%s): wait for it to end, or give another --out',
          self.out, holder > 0 and ('process ' .. holder) or 'its process has just started'), 0)
    end
+   if h.unsupported then
+      self:print(string.format('note: %s is on a file system without file locks: a second run into it would not be '
+         .. 'refused', self.out))
+   end
    self.out_lock = h
 end
 

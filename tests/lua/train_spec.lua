@@ -370,6 +370,33 @@ h:release()
       assert.equal(4, nr.train(recipe(dir, {epochs = 4, resume = dir, schedule = false})).epochs)
    end)
 
+   it('a file system without locks: the run goes on, and says the folder is not guarded', function()
+      -- flock failing with ENOSYS (Lustre mounted noflock, NFS without a lock daemon), by a preload
+      local util = require 'tests.lua.spec_util'
+      local shim_c, shim = TMP .. '/noflock.c', TMP .. '/noflock.so'
+      ck.write_atomic(shim_c, '#include <errno.h>\nint flock(int fd, int op) { (void)fd; (void)op; errno = ENOSYS; return -1; }\n')
+      local _, rc = util.run(string.format('cc -shared -fPIC -o %s %s', shim, shim_c))
+      assert.equal(0, rc, 'cc could not build the flock shim')
+      local script = TMP .. '/nolock_run.lua'
+      ck.write_atomic(script, string.format([[
+local nr = require 'nr'
+local train = require 'nr.train'
+local x, y = nr.randn({32, 4}), nr.zeros({32}, {dtype = 'int64'})
+local s = nr.train{name = 'nolock', model = function() return nr.nn.Sequential{nr.nn.Linear(4, 2)} end,
+   data = {train = train.memory_loader(x, y, {batch = 16}), val = train.memory_loader(x, y, {batch = 16})},
+   optim = {lr = 0.1}, epochs = 1, out = %q}
+print('epochs', s.epochs)
+]], TMP .. '/nolock'))
+      -- (a sanitizer build's runtime must come first in the preload list)
+      local exe = util.nrlua()
+      local asan = util.run(string.format("ldd %s | awk '/libasan/ {print $3}'", exe)):match('%S+')
+      local preload = asan and (asan .. ':' .. shim) or shim
+      local out, code = util.run(string.format('LD_PRELOAD=%s %s %s', preload, exe, script))
+      assert.equal(0, code, out)
+      assert.truthy(out:find('is on a file system without file locks', 1, true), out)
+      assert.truthy(out:find('epochs\t1', 1, true), out)
+   end)
+
    it('refuses a seed or thread count that would wrap at the FFI', function()
       for _, c in ipairs({{{seed = 1.5}, 'seed'}, {{seed = -1}, 'seed'}, {{threads = 2 ^ 31}, 'threads'},
                           {{threads = -2}, 'threads'}}) do
