@@ -109,10 +109,12 @@ nr_tensor *nr_tensor_new_at(int32_t dtype, int32_t device, int32_t device_index,
 /* NR_E_ARG naming func, both tensors and their roles when out and in are non-empty views of one
  * storage whose byte spans intersect: for ops that write out while still reading in (matmul,
  * index select/copy), where overlap would silently give wrong values. */
-/* Elementwise ops (out[i] = f(in[i], ...)): out may be in itself (the same view: in place), but
- * not a view sharing memory with in otherwise, and not one whose elements share memory. */
-nr_status nr_check_elementwise(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
-                               const nr_tensor *in);
+/* Elementwise ops (out[i] = f(in[i], ...)): the input to read, *src. out's elements must not share
+ * memory; out may be in itself (the same view: in place); two dense views that overlap otherwise
+ * are refused (as PyTorch); strided views whose memory ranges meet are read through a copy
+ * (*tmp, the caller frees it). */
+nr_status nr_elementwise_source(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
+                                const nr_tensor *in, const nr_tensor **src, nr_tensor **tmp);
 nr_status nr_check_no_overlap(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
                               const nr_tensor *in);
 

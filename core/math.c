@@ -73,6 +73,9 @@ static inline int64_t broadcast_offset(const nr_tensor *a, const nr_tensor *b, i
    return off;
 }
 
+static nr_status binary_run(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t op);
+static nr_status broadcast_of(const char *func, const nr_tensor *a, const nr_tensor *b, bool *bcast);
+
 nr_status nr_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t op)
 {
    NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
@@ -84,17 +87,40 @@ nr_status nr_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int3
    NR_TRY(nr_check_same_device(__func__, a, b));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(same_shape(__func__, "a", a, "out", out));
-   NR_TRY(nr_check_elementwise(__func__, "out", out, "a", a));
-   NR_TRY(nr_check_elementwise(__func__, "out", out, "b", b));
-   int64_t nb = nr_tensor_numel(b), n = nr_tensor_numel(a);
-   bool scalar = nb == 1, bcast = false;
-   if (!scalar && same_shape(__func__, "a", a, "b", b) != NR_OK) {
-      bool ok = a->ndim == b->ndim;
-      for (int d = 0; ok && d < a->ndim; d++) ok = b->shape[d] == a->shape[d] || b->shape[d] == 1;
-      if (!ok) return same_shape(__func__, "a", a, "b", b);
-      bcast = true;
+   bool bcast;
+   NR_TRY(broadcast_of(__func__, a, b, &bcast)); /* before any copy is made */
+   const nr_tensor *sa, *sb;
+   nr_tensor *ta = NULL, *tb = NULL;
+   nr_status st = nr_elementwise_source(__func__, "out", out, "a", a, &sa, &ta);
+   if (!st) st = nr_elementwise_source(__func__, "out", out, "b", b, &sb, &tb);
+   if (!st) st = binary_run(sa, sb, out, op);
+   nr_tensor_free(ta);
+   nr_tensor_free(tb);
+   return st;
+}
+
+/* Whether b broadcasts over a (same rank, each size equal or 1), b not one element; else an error
+ * naming func when the shapes differ otherwise. */
+static nr_status broadcast_of(const char *func, const nr_tensor *a, const nr_tensor *b, bool *bcast)
+{
+   *bcast = false;
+   if (nr_tensor_numel(b) == 1 || same_shape(func, "a", a, "b", b) == NR_OK) {
+      nr_clear_error();
+      return NR_OK;
    }
+   bool ok = a->ndim == b->ndim;
+   for (int d = 0; ok && d < a->ndim; d++) ok = b->shape[d] == a->shape[d] || b->shape[d] == 1;
+   if (!ok) return same_shape(func, "a", a, "b", b);
    nr_clear_error();
+   *bcast = true;
+   return NR_OK;
+}
+
+static nr_status binary_run(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int32_t op)
+{
+   int64_t nb = nr_tensor_numel(b), n = nr_tensor_numel(a);
+   bool scalar = nb == 1, bcast;
+   NR_TRY(broadcast_of("nr_binary", a, b, &bcast));
    NR_ON_CUDA(a, nr_cuda_binary(a, b, out, op));
    const float *pa = a->data, *pb = b->data;
    float *po = out->data;
@@ -110,6 +136,8 @@ nr_status nr_binary(const nr_tensor *a, const nr_tensor *b, nr_tensor *out, int3
    return NR_OK;
 }
 
+static nr_status binary_scalar_run(const nr_tensor *a, double s, nr_tensor *out, int32_t op);
+
 nr_status nr_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, int32_t op)
 {
    NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
@@ -118,7 +146,16 @@ nr_status nr_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, int32_t
    NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(same_shape(__func__, "a", a, "out", out));
-   NR_TRY(nr_check_elementwise(__func__, "out", out, "a", a));
+   const nr_tensor *sa;
+   nr_tensor *ta = NULL;
+   NR_TRY(nr_elementwise_source(__func__, "out", out, "a", a, &sa, &ta));
+   nr_status st = binary_scalar_run(sa, s, out, op);
+   nr_tensor_free(ta);
+   return st;
+}
+
+static nr_status binary_scalar_run(const nr_tensor *a, double s, nr_tensor *out, int32_t op)
+{
    NR_ON_CUDA(a, nr_cuda_binary_scalar(a, s, out, op));
    int64_t n = nr_tensor_numel(a);
    const float *pa = a->data;
@@ -147,6 +184,8 @@ static inline float apply_unary(float x, int op)
    }
 }
 
+static nr_status unary_run(const nr_tensor *a, nr_tensor *out, int32_t op);
+
 nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
 {
    NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
@@ -155,7 +194,16 @@ nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
    NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
    NR_TRY(nr_check_same_device(__func__, a, out));
    NR_TRY(same_shape(__func__, "a", a, "out", out));
-   NR_TRY(nr_check_elementwise(__func__, "out", out, "a", a));
+   const nr_tensor *sa;
+   nr_tensor *ta = NULL;
+   NR_TRY(nr_elementwise_source(__func__, "out", out, "a", a, &sa, &ta));
+   nr_status st = unary_run(sa, out, op);
+   nr_tensor_free(ta);
+   return st;
+}
+
+static nr_status unary_run(const nr_tensor *a, nr_tensor *out, int32_t op)
+{
    NR_ON_CUDA(a, nr_cuda_unary(a, out, op));
    int64_t n = nr_tensor_numel(a);
    const float *pa = a->data;
@@ -173,6 +221,8 @@ nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
    return NR_OK;
 }
 
+static nr_status axpy_run(const nr_tensor *x, nr_tensor *y, double alpha);
+
 nr_status nr_axpy(const nr_tensor *x, nr_tensor *y, double alpha)
 {
    NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, -1, NULL);
@@ -180,7 +230,16 @@ nr_status nr_axpy(const nr_tensor *x, nr_tensor *y, double alpha)
    NR_TRY(nr_check_same_dtype(__func__, "x", x, "y", y));
    NR_TRY(nr_check_same_device(__func__, x, y));
    NR_TRY(same_shape(__func__, "x", x, "y", y));
-   NR_TRY(nr_check_elementwise(__func__, "y", y, "x", x));
+   const nr_tensor *sx;
+   nr_tensor *tx = NULL;
+   NR_TRY(nr_elementwise_source(__func__, "y", y, "x", x, &sx, &tx));
+   nr_status st = axpy_run(sx, y, alpha);
+   nr_tensor_free(tx);
+   return st;
+}
+
+static nr_status axpy_run(const nr_tensor *x, nr_tensor *y, double alpha)
+{
    NR_ON_CUDA(x, nr_cuda_axpy(x, y, alpha));
    int64_t n = nr_tensor_numel(x);
    const float *px = x->data;

@@ -465,26 +465,43 @@ static bool elements_disjoint(int nd, const int64_t *shape, const int64_t *strid
    return true;
 }
 
-nr_status nr_check_elementwise(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
-                               const nr_tensor *in)
+static bool dense_in_some_order(const nr_tensor *t);
+
+nr_status nr_elementwise_source(const char *func, const char *out_name, const nr_tensor *out, const char *in_name,
+                                const nr_tensor *in, const nr_tensor **src, nr_tensor **tmp)
 {
+   *src = in;
+   *tmp = NULL;
    if (!out || nr_tensor_numel(out) == 0) return NR_OK;
    char d_out[128], d_in[128];
    if (!elements_disjoint(out->ndim, out->shape, out->stride))
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
-                        "%s %s has elements that share memory (stride %s), so one result would overwrite another; "
-                        "write into a contiguous tensor", out_name, nr_tensor_describe(out, d_out, sizeof d_out),
-                        "0 or overlapping windows");
+                        "%s %s has elements that share memory (stride 0 or overlapping windows), so one result "
+                        "would overwrite another; write into a contiguous tensor", out_name,
+                        nr_tensor_describe(out, d_out, sizeof d_out));
    if (!in || nr_tensor_numel(in) == 0 || !spans_intersect(out, in)) return NR_OK;
    bool same_view = out->data == in->data && out->dtype == in->dtype && out->ndim == in->ndim;
    for (int d = 0; same_view && d < out->ndim; d++)
       same_view = out->shape[d] == in->shape[d] && (out->shape[d] < 2 || out->stride[d] == in->stride[d]);
    if (same_view) return NR_OK; /* in place: each element is read before it is written */
-   return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
-                     "%s %s and %s %s share memory without being the same view, so %s would be read after being "
-                     "overwritten; write into another tensor (or pass a clone of %s)", out_name,
-                     nr_tensor_describe(out, d_out, sizeof d_out), in_name, nr_tensor_describe(in, d_in, sizeof d_in),
-                     in_name, in_name);
+   if (dense_in_some_order(out) && dense_in_some_order(in))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "%s %s and %s %s overlap in memory without being the same view, so %s would be read after "
+                        "being overwritten; write into another tensor (or pass a clone of %s)", out_name,
+                        nr_tensor_describe(out, d_out, sizeof d_out), in_name, nr_tensor_describe(in, d_in, sizeof d_in),
+                        in_name, in_name);
+   /* strided views whose spans meet (columns of one matrix, interleaved rows): they may share no
+    * element at all, so this is not refused (PyTorch computes them too); the input is read
+    * through a copy, so the result is right either way */
+   nr_tensor *t = nr_tensor_new_at(in->dtype, in->device, in->device_index, in->ndim, in->shape);
+   if (!t) return NR_E_OOM; /* nr_tensor_new_at set the message */
+   nr_status st = nr_tensor_copy(t, in);
+   if (st) {
+      nr_tensor_free(t);
+      return st;
+   }
+   *src = *tmp = t;
+   return NR_OK;
 }
 
 /* Non-overlapping and dense (PyTorch's is_non_overlapping_and_dense): the elements fill their

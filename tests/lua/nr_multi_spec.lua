@@ -405,6 +405,13 @@ describe('nr.rejuvenate repeated and detailed', function()
       local ok3, err3 = pcall(nr.rejuvenate, tied, {input_shape = {3, 4, 4}})
       assert.is_false(ok3)
       assert.is_truthy(tostring(err3):find('4 (Conv2d 4->4 3x3 p1 nobias): shares its parameters with 2 (weight tying)', 1, true), tostring(err3))
+      -- a bias alone shared by assignment is tying too
+      local c1, c2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+      c2.bias, c2.gradBias = c1.bias, c1.gradBias
+      local bias_tied = nn.Sequential{c1, nn.BatchNorm2d(4), c2, nn.BatchNorm2d(4)}
+      local ok4, err4 = pcall(nr.rejuvenate, bias_tied, {input_shape = {3, 4, 4}})
+      assert.is_false(ok4)
+      assert.is_truthy(tostring(err4):find('shares its parameters with 0', 1, true), tostring(err4))
    end)
 
    it('keeps a grouped conv (1 < groups < channels) and the sets it reads and writes at their widths', function()

@@ -161,9 +161,8 @@ local function leaf(g, m, desc, shape)
    local t = m:typename()
    -- a module at two places (weight tying: twins share the tensors) cannot be resized at one of
    -- them alone
-   local p = m:parameters()[1]
-   if p then
-      if g.owner_of[p] then
+   for _, p in ipairs((m:parameters())) do   -- every parameter: a bias alone may be shared
+      if g.owner_of[p] and g.owner_of[p] ~= m then
          fail(m, 'shares its parameters with %s (weight tying); NR cannot resize a layer used at two places',
             g.owner_of[p]:path())
       end
