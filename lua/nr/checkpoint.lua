@@ -253,10 +253,13 @@ function Lock:release()
    if held[self.key] == self then held[self.key] = nil end
 end
 
+-- The file's path through its folder's real path (the folder exists; the file may not yet).
 local function canonical(path)
+   local dir, name = path:match('^(.*)/([^/]*)$')
+   if not dir then dir, name = '.', path elseif dir == '' then dir = '/' end
    local buf = ffi.new('char[?]', 8192)
-   local p = ffi.C.realpath(path, buf)
-   return p ~= nil and ffi.string(p) or path
+   local p = ffi.C.realpath(dir, buf)
+   return (p ~= nil and ffi.string(p) or dir) .. '/' .. name
 end
 
 function M.lock(path)
@@ -266,15 +269,12 @@ function M.lock(path)
    if held[key] then held[key]:release() end
    local st = C.nr_file_lock(path, fd, holder)
    if st ~= 0 and holder[0] >= 0 then return nil, tonumber(holder[0]) end
-   if st ~= 0 and holder[0] == -2 then
-      -- no locks on this file system: the handle guards nothing, and says so once
-      local h = setmetatable({fd = -1, key = key, path = path, unsupported = true}, Lock)
-      held[key] = h
-      return h
-   end
-   check.status(st, 'nr.checkpoint.lock', 3)
-   local h = setmetatable({fd = fd[0], key = canonical(path), path = path}, Lock)
-   held[h.key] = h
+   -- no locks on this file system (holder -2): the handle guards nothing and says so
+   local unsupported = st ~= 0 and holder[0] == -2
+   if not unsupported then check.status(st, 'nr.checkpoint.lock', 3) end
+   local h = setmetatable({fd = unsupported and -1 or fd[0], key = key, path = path, unsupported = unsupported or nil},
+                          Lock)
+   held[key] = h
    return h
 end
 
