@@ -209,6 +209,29 @@ nr_tensor *nr_npy_load(const char *path)
       shape[ndim++] = v;
       p = end;
    }
+   /* The data the header promises must be in the file before memory is taken for it: a corrupt
+    * or truncated header (shape (4000000000,) over 16 bytes) would allocate gigabytes first and
+    * then fail as "out of host memory" on a small machine. */
+   long here = ftell(f);
+   if (here < 0 || fseek(f, 0, SEEK_END) != 0) {
+      NR_FAIL(NR_E_IO, "%s: cannot seek: %s", path, strerror(errno));
+      goto done;
+   }
+   uint64_t have = (uint64_t)(ftell(f) - here), need = nr_dtype_size(dtype);
+   fseek(f, here, SEEK_SET);
+   for (int d = 0; d < ndim; d++)
+      if (shape[d] == 0) need = 0;
+   for (int d = 0; d < ndim && need > 0 && need <= have; d++)
+      need = (uint64_t)shape[d] > have / need ? have + 1 : need * (uint64_t)shape[d];
+   if (need > have) {
+      char dims[160];
+      int len = 0;
+      for (int d = 0; d < ndim && len < (int)sizeof dims - 24; d++)
+         len += snprintf(dims + len, sizeof dims - (size_t)len, "%s%lld", d ? ", " : "", (long long)shape[d]);
+      NR_FAIL(NR_E_FORMAT, "%s: truncated data: the header's shape (%s) needs more than the %llu bytes after it", path,
+              dims, (unsigned long long)have);
+      goto done;
+   }
    t = nr_tensor_new(dtype, NR_CPU, ndim, shape);
    if (!t) goto done;
    size_t bytes = (size_t)(nr_tensor_numel(t) * nr_dtype_size(dtype));

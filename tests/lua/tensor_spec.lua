@@ -254,6 +254,31 @@ describe('nr.Tensor', function()
       assert.matches('does%-not%-exist%.npy', err)
    end)
 
+   it('refuses a .npy header promising more data than the file holds, before allocating it', function()
+      -- found by fuzzing nr.load: a 96-byte file with shape (4000000000,) allocated 32 GB first
+      -- ("out of host memory" on a small machine, the memory taken for nothing on a big one)
+      local dir = os.getenv('NR_TEST_TMP') or '/tmp'
+      os.execute('mkdir -p ' .. dir)
+      local path = dir .. '/lying_header.npy'
+      local function write(shape)
+         local h = "{'descr': '<i8', 'fortran_order': False, 'shape': " .. shape .. ", }"
+         h = h .. string.rep(' ', (64 - (10 + #h + 1) % 64) % 64) .. '\n'
+         local f = assert(io.open(path, 'wb'))
+         f:write('\147NUMPY\1\0', string.char(#h % 256, math.floor(#h / 256)), h, string.rep('\0', 16))
+         f:close()
+      end
+      write('(4000000000,)')
+      local peak = nr.memory().cpu.peak
+      local ok, err = pcall(nr.load, path)
+      assert.is_false(ok)
+      assert.matches('truncated data: the header\'s shape %(4000000000%) needs more than the 16 bytes after it', err)
+      assert.equals(peak, nr.memory().cpu.peak)
+      write('(0, 1000000000000)') -- an empty array needs no bytes, whatever its other sizes
+      assert.same({0, 1000000000000}, nr.load(path):shape())
+      write('(2,)')
+      assert.same({0, 0}, nr.load(path):totable())
+   end)
+
    it('releases memory on free and reports it', function()
       local before = nr.memory().cpu.in_use
       local t = nr.empty({1024, 1024})
