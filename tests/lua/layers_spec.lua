@@ -110,6 +110,16 @@ describe('errors on bad input and bad options', function()
       assert.truthy(e:find('child 2 is nil (an unassigned variable?); 3 children were given', 1, true), e)
       e = err_of(nn.Sequential, a, nil, b)
       assert.truthy(e:find('child 2 is nil', 1, true), e)
+      -- seq:add checks as the constructor does (found by fuzzing: add({}) was accepted and failed
+      -- later in forward or print, add(5) as "bad argument #1 to 'rawget'")
+      local s = nn.Sequential()
+      for _, bad in ipairs({5, {}, 'relu'}) do
+         local ok, err = pcall(function() s:add(bad) end)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find('layers_spec.lua:%d+: Sequential:add: expected a module, got ' .. type(bad)), err)
+      end
+      assert.are.equal(0, #s.modules)
+      assert.are.equal(1, #s:add(nn.ReLU()).modules)
    end)
 
    it('Concat and Residual need their module children; Concat checks gradOutput; Flatten checks x in backward', function()

@@ -75,6 +75,8 @@ function Sequential:__init(modules, ...)
 end
 
 function Sequential:add(m)
+   -- as the constructor: a non-module failed later as "attempt to call method 'forward'"
+   if not (type(m) == 'table' and m.forward) then error('Sequential:add: expected a module, got ' .. type(m), 2) end
    m = placed(m)
    self.modules[#self.modules + 1] = m
    m._parent, m._key = self, #self.modules - 1
