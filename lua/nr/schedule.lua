@@ -142,6 +142,13 @@ end
 function Schedule:load_state(t)
    check.arg(type(t) == 'table', 'Schedule:load_state', 'state must be a table')
    check.arg(t.name == nil or t.name == self.name, 'Schedule:load_state', 'state is for schedule %q, this one is %q', tostring(t.name), self.name)
+   -- checked as build checks its settings: a NaN base_lr gave NaN LRs, a NaN or negative position
+   -- a wrong LR, and a string failed later in lr() as "attempt to perform arithmetic"
+   for _, k in ipairs({'epoch', 'iter'}) do
+      if t[k] ~= nil then check.int(t[k], 'Schedule:load_state', 'state.' .. k, 0) end
+   end
+   check.arg(t.base_lr == nil or finite(t.base_lr) and t.base_lr >= 0, 'Schedule:load_state',
+      'state.base_lr must be a finite number >= 0, got %s', show(t.base_lr))
    self.epoch = t.epoch or 0
    self.iter = t.iter or 0
    if t.base_lr then self.base_lr = t.base_lr end

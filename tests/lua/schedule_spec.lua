@@ -79,6 +79,18 @@ describe('nr.schedule', function()
       assert.equal(s:lr(), r:lr())
       assert.equal(3, r.epoch); assert.equal(4, r.iter)
       assert.has_error(function() S.build({name = 'step'}, {base_lr = 1}):load_state(st) end)
+      -- a corrupt state is refused by name (found by fuzzing: base_lr = NaN gave NaN LRs, epoch = NaN
+      -- or -3 a wrong LR, iter = 'x' an arithmetic error from inside lr())
+      for _, bad in ipairs({{epoch = 0 / 0, what = 'state.epoch'}, {epoch = -3, what = 'state.epoch'}, {iter = 1.5, what = 'state.iter'},
+                            {iter = 'x', what = 'state.iter'}, {base_lr = 0 / 0, what = 'state.base_lr'},
+                            {base_lr = -1, what = 'state.base_lr'}}) do
+         local what = bad.what
+         bad.what = nil
+         local ok, err = pcall(r.load_state, r, bad)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find('Schedule:load_state: ' .. what .. ' must be', 1, true), err)
+      end
+      assert.equal(s:lr(), r:lr())
    end)
 
    it('rejects unknown names, keys and bad milestones', function()
