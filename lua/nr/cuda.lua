@@ -67,7 +67,11 @@ function M.set_deterministic(on) C.nr_cuda_set_deterministic(on and 1 or 0) end
 function M.deterministic() return C.nr_cuda_get_deterministic() == 1 end
 -- The largest activation (elements) one cuDNN convolution call takes; larger batches run as
 -- several calls on slices of their samples. Default (and nil) 2^31 - 1, cuDNN's 32-bit limit.
-function M.set_conv_max_elements(n) C.nr_cuda_set_conv_max_elements(n or 0) end
+function M.set_conv_max_elements(n)
+   -- checked before the FFI: a table was a raw "cannot convert 'table' to 'int64_t'", NaN undefined
+   if n ~= nil then check.int(n, 'nr.cuda.set_conv_max_elements', 'n', 0) end
+   C.nr_cuda_set_conv_max_elements(n or 0)
+end
 function M.conv_max_elements() return tonumber(C.nr_cuda_get_conv_max_elements()) end
 -- Convolution plans made so far (distinct shapes; each ran cuDNN's algorithm search once).
 function M.conv_plans() return tonumber(C.nr_cuda_conv_plan_count()) end

@@ -50,6 +50,14 @@ describe('FFI contract', function()
          cuda.set_allow_tf32(on); assert.equal(on and cuda.built(), cuda.allow_tf32())
          cuda.set_deterministic(on); assert.equal(on and cuda.built(), cuda.deterministic())
       end
+      -- found by fuzzing: a table reached the FFI as "cannot convert 'table' to 'int64_t'"
+      for _, bad in ipairs({{}, 'x', 0 / 0, 1.5, -1}) do
+         local ok, err = pcall(cuda.set_conv_max_elements, bad)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find('nr.cuda.set_conv_max_elements: n must be a non-negative integer', 1, true), err)
+      end
+      cuda.set_conv_max_elements(nil)
+      assert.equal(2 ^ 31 - 1, cuda.conv_max_elements())
    end)
 
    it('keeps the FFI block free of preprocessor lines', function()
