@@ -37,6 +37,7 @@ end
 function nr.set_grad_enabled(on) return require('nr.nn.module').set_grad_enabled(on) end
 function nr.is_grad_enabled() return require('nr.nn.module').is_grad_enabled() end
 function nr.no_grad(fn, ...)
+   check.type(fn, 'function', 'nr.no_grad', 'fn') -- else "attempt to call a table value", no name
    local prev = nr.set_grad_enabled(false)
    local res = {pcall(fn, ...)}
    nr.set_grad_enabled(prev)

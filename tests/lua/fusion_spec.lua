@@ -116,6 +116,11 @@ describe('inference folding (nr.no_grad)', function()
       m:backward(x, g)   -- fine again
       assert.is_true(nr.set_grad_enabled(false))
       assert.is_false(nr.set_grad_enabled(true))
+      -- found by fuzzing: a non-function failed as "attempt to call a table value"
+      ok, err = pcall(nr.no_grad, m)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('nr.no_grad: fn must be a function, got table', 1, true), err)
+      assert.is_true(nr.is_grad_enabled())
    end)
 
    it('nr_conv2d_forward_bn checks its BN arguments', function()
