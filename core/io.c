@@ -144,6 +144,21 @@ nr_status nr_npy_save(const nr_tensor *t, const char *path)
    return st;
 }
 
+/* The value of 'key' in a .npy header dict (numpy writes {'descr': '<f4', 'fortran_order': False,
+ * 'shape': (2, 3), }): the first character after the key's colon and any spaces, or NULL. */
+static const char *npy_field(const char *header, const char *key)
+{
+   char quoted[32];
+   snprintf(quoted, sizeof quoted, "'%s'", key);
+   const char *at = strstr(header, quoted);
+   if (!at) return NULL;
+   at += strlen(quoted);
+   while (*at == ' ') at++;
+   if (*at++ != ':') return NULL;
+   while (*at == ' ') at++;
+   return at;
+}
+
 nr_tensor *nr_npy_load(const char *path)
 {
    FILE *f = fopen(path, "rb");
@@ -176,27 +191,29 @@ nr_tensor *nr_npy_load(const char *path)
       NR_FAIL(NR_E_FORMAT, "%s: truncated header", path);
       goto done;
    }
+   /* Each key's value is read where the key is (a substring search elsewhere in the header read
+    * 'fortran_order':True without numpy's space as C order, and a '<f4' anywhere as the dtype). */
+   const char *descr = npy_field(header, "descr"), *order = npy_field(header, "fortran_order");
+   const char *open_p = npy_field(header, "shape");
    int32_t dtype;
-   if (strstr(header, "'<f4'")) dtype = NR_F32;
-   else if (strstr(header, "'<i8'")) dtype = NR_I64;
-   else if (strstr(header, "'|u1'") || strstr(header, "'<u1'")) dtype = NR_U8;
+   if (!descr || !order || !open_p || *open_p != '(') {
+      NR_FAIL(NR_E_FORMAT, "%s: header %s lacks 'descr', 'fortran_order' or 'shape'", path, header);
+      goto done;
+   }
+   if (!strncmp(descr, "'<f4'", 5)) dtype = NR_F32;
+   else if (!strncmp(descr, "'<i8'", 5)) dtype = NR_I64;
+   else if (!strncmp(descr, "'|u1'", 5) || !strncmp(descr, "'<u1'", 5)) dtype = NR_U8;
    else {
       NR_FAIL(NR_E_FORMAT, "%s: unsupported dtype in header %s (nrlua reads <f4, <i8, |u1)", path, header);
       goto done;
    }
-   if (strstr(header, "'fortran_order': True")) {
+   if (strncmp(order, "False", 5) != 0) {
       NR_FAIL(NR_E_FORMAT, "%s: Fortran-ordered arrays are not supported", path);
-      goto done;
-   }
-   char *sh = strstr(header, "'shape':");
-   char *open_p = sh ? strchr(sh, '(') : NULL;
-   if (!open_p) {
-      NR_FAIL(NR_E_FORMAT, "%s: no shape in header", path);
       goto done;
    }
    int64_t shape[8];
    int ndim = 0;
-   char *p = open_p + 1;
+   const char *p = open_p + 1;
    while (*p && *p != ')') {
       while (*p == ' ' || *p == ',') p++;
       if (*p == ')') break;

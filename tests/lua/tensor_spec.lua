@@ -279,6 +279,35 @@ describe('nr.Tensor', function()
       assert.same({0, 0}, nr.load(path):totable())
    end)
 
+   it('reads each .npy header key at its own value', function()
+      -- the header was searched for substrings: 'fortran_order':True without numpy's space read as
+      -- C order, and a '<f4' anywhere in the header (another key) made a float16 file float32
+      local dir = os.getenv('NR_TEST_TMP') or '/tmp'
+      os.execute('mkdir -p ' .. dir)
+      local path = dir .. '/header_keys.npy'
+      local function load(header, data)
+         local h = header .. string.rep(' ', (64 - (10 + #header + 1) % 64) % 64) .. '\n'
+         local f = assert(io.open(path, 'wb'))
+         f:write('\147NUMPY\1\0', string.char(#h % 256, math.floor(#h / 256)), h, data)
+         f:close()
+         return pcall(nr.load, path)
+      end
+      local two_f32 = '\0\0\128\63\0\0\0\64' -- 1.0, 2.0
+      local ok, t = load("{'descr':'<f4','fortran_order':False,'shape':(2,),}", two_f32)
+      assert.is_true(ok, t)
+      assert.same({1, 2}, t:totable())
+      local err
+      ok, err = load("{'descr': '<f4', 'fortran_order':True, 'shape': (2,), }", two_f32)
+      assert.is_false(ok)
+      assert.matches('Fortran%-ordered arrays are not supported', err)
+      ok, err = load("{'descr': '<f2', 'fortran_order': False, 'shape': (4,), 'note': '<f4', }", two_f32)
+      assert.is_false(ok)
+      assert.matches("unsupported dtype in header {'descr': '<f2'", err)
+      ok, err = load("{'descr': '<f4', 'shape': (2,), }", two_f32)
+      assert.is_false(ok)
+      assert.matches("lacks 'descr', 'fortran_order' or 'shape'", err)
+   end)
+
    it('releases memory on free and reports it', function()
       local before = nr.memory().cpu.in_use
       local t = nr.empty({1024, 1024})
