@@ -191,6 +191,8 @@ describe('nr.optim.SGD', function()
       assert.truthy(msg(function() opt:load_state({params = {nope = {momentum = nr.zeros({1})}}}) end):find('nope', 1, true))
       assert.truthy(msg(function() opt:load_state({params = {weight = {momentum = nr.zeros({2})}}}) end):find('weight', 1, true))
       assert.truthy(msg(function() opt:set_state_of(m.weight, {momentum = nr.zeros({3})}) end):find('shape', 1, true))
+      assert.truthy(msg(function() opt:load_state({t = 'x'}) end):find('state.t', 1, true))
+      assert.truthy(msg(function() opt:load_state({t = 0 / 0}) end):find('state.t', 1, true))
       assert.truthy(msg(function() nr.optim.build({name = 'adamw', lr = 1}, m) end):find('adamw', 1, true))
    end)
 

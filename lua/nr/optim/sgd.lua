@@ -399,6 +399,8 @@ function SGD:load_state(s)
          if g then for k, v in pairs(gs) do g[k] = v end end
       end
    end
+   -- a string or NaN failed at the next step as "attempt to perform arithmetic on field 't'"
+   if s.t ~= nil then check.int(s.t, 'SGD:load_state', 'state.t', 0) end
    self.t = s.t or 0
    self.state_ = {}
    for name, st in pairs(s.params or {}) do
