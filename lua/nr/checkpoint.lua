@@ -461,7 +461,10 @@ end
 -- ---- models ----------------------------------------------------------------------------------------
 
 -- name -> tensor for a module's parameters and buffers (live tensors, not copies).
-function M.model_tensors(model)
+function M.model_tensors(model, fname)
+   -- named for the caller: a non-module failed as "attempt to call method 'namedParameters'"
+   check.arg(type(model) == 'table' and type(model.namedParameters) == 'function', fname or 'nr.checkpoint.model_tensors',
+      'model must be a module, got %s', check.show(model))
    local out = {}
    for _, e in ipairs(model:namedParameters()) do out[e.name] = e.param end
    for _, e in ipairs(model:namedBuffers()) do out[e.name] = e.tensor end
@@ -474,7 +477,7 @@ function M.load_into(model, weights, where)
    where = where or 'checkpoint'
    check.arg(type(weights) == 'table', 'nr.checkpoint.load_into', 'weights must be a table of name -> tensor, got %s',
       type(weights))
-   local targets = M.model_tensors(model)
+   local targets = M.model_tensors(model, 'nr.checkpoint.load_into')
    local missing, unexpected = {}, {}
    for name in pairs(targets) do if not weights[name] then missing[#missing + 1] = name end end
    for name in pairs(weights) do if not targets[name] then unexpected[#unexpected + 1] = name end end
@@ -513,7 +516,7 @@ end
 
 -- Saves just a model's weights (and buffers) to a safetensors file PyTorch can read.
 function M.save_weights(model, path, metadata)
-   safetensors.save(path, M.model_tensors(model), metadata)
+   safetensors.save(path, M.model_tensors(model, 'nr.checkpoint.save_weights'), metadata)
 end
 
 return M

@@ -267,6 +267,11 @@ describe('nr.checkpoint', function()
       assert.truthy(e:find('checkpoint_spec.lua:%d+: nr.checkpoint.load_into: weights must be a table of name %-> tensor, got nil'), e)
       e = msg(function() ck.load_into(m, {weight = m.weight:clone(), bias = 5}) end)
       assert.truthy(e:find('nr.checkpoint: checkpoint: bias must be a tensor, got number', 1, true), e)
+      -- a non-module, where the weights go or come from (it failed as "attempt to call method")
+      e = msg(function() ck.load_into({}, {}) end)
+      assert.truthy(e:find('nr.checkpoint.load_into: model must be a module, got table', 1, true), e)
+      e = msg(function() ck.save_weights('m.safetensors', (os.getenv('NR_TEST_TMP') or '/tmp') .. '/w.safetensors') end)
+      assert.truthy(e:find('nr.checkpoint.save_weights: model must be a module, got "m.safetensors"', 1, true), e)
       -- int64 or uint8 values would otherwise be cast into the float32 weights without a word
       for _, dt in ipairs({'int64', 'uint8'}) do
          e = msg(function() ck.load_into(m, {weight = m.weight:to('cpu', dt), bias = m.bias:clone()}) end)
