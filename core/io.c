@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <unistd.h>
+#include <zlib.h>
 
 static nr_status write_all(int fd, const void *bytes, int64_t len, const char *path)
 {
@@ -261,4 +262,20 @@ done:
    free(header);
    fclose(f);
    return t;
+}
+
+nr_status nr_file_crc32(const char *path, uint32_t *crc)
+{
+   if (!path || !crc) return NR_FAIL(NR_E_ARG, "path or crc is NULL");
+   FILE *f = fopen(path, "rb");
+   if (!f) return NR_FAIL(NR_E_IO, "cannot open %s: %s", path, strerror(errno));
+   unsigned char buf[1 << 16];
+   uLong c = crc32(0L, Z_NULL, 0);
+   size_t n;
+   while ((n = fread(buf, 1, sizeof buf, f)) > 0) c = crc32(c, buf, (uInt)n);
+   int failed = ferror(f);
+   fclose(f);
+   if (failed) return NR_FAIL(NR_E_IO, "cannot read %s", path);
+   *crc = (uint32_t)c;
+   return NR_OK;
 }

@@ -208,6 +208,9 @@ nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len)
  * Two opens of one file in one process are two holders. The descriptor is close-on-exec. */
 nr_status nr_file_lock(const char *path, int32_t *fd, int64_t *holder);
 void nr_file_unlock(int32_t fd);
+/* CRC-32 (zlib's, as gzip and PNG) of a whole file into *crc: checkpoints record it so a file
+ * changed after it was written (disk or copy corruption) is found before it is loaded. */
+nr_status nr_file_crc32(const char *path, uint32_t *crc);
 
 /* ---------------------------------------------------------------- nn kernels (CPU/CUDA) */
 /* (section: layers) */

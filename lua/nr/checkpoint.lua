@@ -145,6 +145,13 @@ local function file_size(path)
    return n
 end
 
+-- CRC-32 of a file as a number, or nil and the reason.
+local function file_crc32(path)
+   local crc = nrffi.ffi.new('uint32_t[1]')
+   if C.nr_file_crc32(path, crc) ~= 0 then return nil, nrffi.ffi.string(C.nr_last_error()) end
+   return tonumber(crc[0])
+end
+
 -- Without lua-filesystem (scripts/setup.sh installs it) the folder operations go through the
 -- shell; every path is quoted by shell.quote, so a path holding $(...), quotes or spaces is
 -- only ever a path. Exposed for the specs.
@@ -324,8 +331,9 @@ end
 
 local function step_name(step) return string.format('step-%08d', step) end
 
--- Checks a step folder: returns state (decoded, tensors not yet loaded) or nil, reason.
-local function validate(dir)
+-- Checks a step folder: returns state (decoded, tensors not yet loaded) or nil, reason. deep: the
+-- files' CRC-32 too (a load reads every byte; pruning trusts sizes and headers).
+local function validate(dir, deep)
    local text = read_file(dir .. '/state.json')
    if not text then return nil, 'no state.json (incomplete checkpoint)' end
    local ok, st = pcall(M.json_decode, text)
@@ -347,6 +355,16 @@ local function validate(dir)
          end
          local hok, herr = pcall(safetensors.read_header, dir .. '/' .. f)
          if not hok then return nil, tostring(herr) end
+         -- a file changed after it was written (disk or copy corruption) keeps its size; checkpoints
+         -- written before the CRC was recorded have none
+         if deep and want.crc32 ~= nil then
+            local crc, why = file_crc32(dir .. '/' .. f)
+            if not crc then return nil, why end
+            if crc ~= want.crc32 then
+               return nil, string.format('%s has CRC-32 %08x, state.json says %08x: the file changed after it was written '
+                  .. '(disk or copy corruption)', f, crc, tonumber(want.crc32) or 0)
+            end
+         end
       end
    end
    return st
@@ -373,10 +391,10 @@ function M.save(ckdir, opts)
    for k, v in pairs(opts.metadata or {}) do meta[k] = tostring(v) end
    safetensors.save(dir .. '/model.safetensors', opts.weights or {}, meta)
    safetensors.save(dir .. '/state.safetensors', tensors, {format = 'nrlua'})
-   state.files = {
-      ['model.safetensors'] = {bytes = file_size(dir .. '/model.safetensors')},
-      ['state.safetensors'] = {bytes = file_size(dir .. '/state.safetensors')},
-   }
+   state.files = {}
+   for _, f in ipairs({'model.safetensors', 'state.safetensors'}) do
+      state.files[f] = {bytes = file_size(dir .. '/' .. f), crc32 = assert(file_crc32(dir .. '/' .. f))}
+   end
    state.checkpoint = {name = name, step = opts.step, time = os.time()}
    M.write_atomic(dir .. '/state.json', M.json_encode(state, true) .. '\n')
    M.write_atomic(ckdir .. '/latest', name .. '\n')
@@ -422,7 +440,7 @@ function M.find(path)
    check.type(path, 'string', 'nr.checkpoint.find', 'path')
    path = path:gsub('/+$', '')
    if exists(path .. '/state.json') then
-      local st, why = validate(path)
+      local st, why = validate(path, true)
       if not st then return nil, path .. ': ' .. why end
       return path, st
    end
@@ -431,7 +449,7 @@ function M.find(path)
    local tried = {}
    local latest = pointer(ckdir, 'latest')
    if latest then
-      local st, why = validate(ckdir .. '/' .. latest)
+      local st, why = validate(ckdir .. '/' .. latest, true)
       if st then return ckdir .. '/' .. latest, st end
       tried[#tried + 1] = latest .. ': ' .. why
    end
@@ -440,7 +458,7 @@ function M.find(path)
    table.sort(steps, function(a, b) return a > b end)
    for _, n in ipairs(steps) do
       if n ~= latest then
-         local st, why = validate(ckdir .. '/' .. n)
+         local st, why = validate(ckdir .. '/' .. n, true)
          if st then return ckdir .. '/' .. n, st end
          tried[#tried + 1] = n .. ': ' .. why
       end
