@@ -1152,6 +1152,27 @@ function Trainer:train_epoch(epoch)
    return {loss = n > 0 and meter.loss / n or nil, top1 = n > 0 and 100 * meter.top1 / n or nil, images = n, time = dt}
 end
 
+-- The loss check catches a step that diverges before the next forward; the epoch's last step has
+-- no next forward in the epoch, so NaN / inf weights it made were evaluated, reported as a
+-- finished epoch and checkpointed as the latest (even the best) weights. Checked once an epoch.
+function Trainer:check_weights(epoch)
+   local function bad(list, what)
+      for _, e in ipairs(list) do
+         if not e.t:all_finite() then
+            local last = self.last_checkpoint and ('; the last checkpoint is ' .. self.last_checkpoint) or ''
+            error(string.format('nr.train: the run diverged in epoch %d: %s %s holds NaN or inf after step %d (lr %g), '
+               .. 'though the losses were finite; nothing of this epoch is evaluated or checkpointed%s; lower the '
+               .. 'learning rate?', epoch, what, e.name, self.step, self.optimizer.config.lr, last), 0)
+         end
+      end
+   end
+   local params, buffers = {}, {}
+   for _, e in ipairs(self.model:namedParameters()) do params[#params + 1] = {name = e.name, t = e.param} end
+   for _, e in ipairs(self.model:namedBuffers()) do buffers[#buffers + 1] = {name = e.name, t = e.tensor} end
+   bad(params, 'parameter')
+   bad(buffers, 'buffer')
+end
+
 local function fmt(v, f) return v and string.format(f, v) or '-' end
 
 -- --resume of a run that stopped before writing its first checkpoint (killed in epoch 1): the
@@ -1246,6 +1267,7 @@ function Trainer:run()
       if self.schedule then self.optimizer.config.lr = self.schedule:lr() end
       local lr = self.optimizer.config.lr   -- the LR this epoch starts with
       local train = self:train_epoch(epoch)
+      self:check_weights(epoch)
       self.train_images = self.train_images + train.images
       self.train_time = self.train_time + train.time
       -- held at its end = not a schedule epoch; counted before the hooks (NR releases the hold there).

@@ -727,6 +727,24 @@ print('epochs', s.epochs)
       for i = 1, w:numel() do assert(w:get(i) == w:get(i), 'step 4 reached the first layer\'s weights') end
    end)
 
+   it('stops when the last step of an epoch made the weights NaN: no evaluation, no checkpoint of them', function()
+      local dir = TMP .. '/nan_last'
+      -- epoch 2's last step (8 steps of 32) diverges: its loss was finite, no later step reads one
+      local r = recipe(dir, {epochs = 3, hooks = {after_step = function(t)
+         if t.step == 16 then t.model:get(6).bias:fill(0 / 0) end
+      end}})
+      local ok, err = pcall(nr.train, r)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('the run diverged in epoch 2: parameter 5.bias holds NaN or inf after step 16', 1, true), err)
+      assert.truthy(tostring(err):find('the last checkpoint is ' .. dir .. '/checkpoint/step-00000008', 1, true), err)
+      -- latest and best stay at epoch 1's weights, which load
+      assert.equal('step-00000008', (ck.read_file(dir .. '/checkpoint/latest'):gsub('%s+$', '')))
+      assert.equal('step-00000008', (ck.read_file(dir .. '/checkpoint/best'):gsub('%s+$', '')))
+      assert.is_nil(ck.exists(dir .. '/checkpoint/step-00000016') or nil)
+      local loaded = ck.load(dir)
+      for name, t in pairs(loaded.weights) do assert.is_true(t:all_finite(), name) end
+   end)
+
    it('names a label outside the classes before anything is computed with it', function()
       local y = Y:clone()
       y:set(37, 4)
