@@ -1044,7 +1044,7 @@ function Trainer:evaluate(loader)
       for xd, yd, _, checked in self:device_batches(loader, 1, limit, 'eval') do
          b = b + 1
          local out = model:forward(xd)
-         self._classes = out:size(2)
+         self:note_outputs(out)
          local rows = out:size(1)
          if unique and counted + rows > unique then rows = math.max(0, unique - counted) end
          if rows > 0 then
@@ -1106,7 +1106,7 @@ function Trainer:train_epoch(epoch)
       self.step = self.step + 1
       if sched then opt.config.lr = sched:lr() end
       local out = model:forward(xd)
-      self._classes = out:size(2)
+      self:note_outputs(out)
       local loss_t = crit:loss_tensor(out, yd, checked)
       meter:add(out, yd, loss_t, self.step)
       -- the loss is checked before the step changes any weight wherever reading it is free
@@ -1171,6 +1171,21 @@ function Trainer:check_weights(epoch)
    for _, e in ipairs(self.model:namedBuffers()) do buffers[#buffers + 1] = {name = e.name, t = e.tensor} end
    bad(params, 'parameter')
    bad(buffers, 'buffer')
+end
+
+-- The user's own model (the zoo's is checked before the run, check_model_fits_data) against the
+-- dataset's classes, at its first forward: more outputs than classes trained silently (the extra
+-- ones are never a label, yet count in top-1 / top-5), fewer failed only at the first label past
+-- them. Ready-made loaders name no classes: not checked.
+function Trainer:note_outputs(out)
+   local k = out:size(2)
+   local ds = self.train_set
+   if rawget(self, '_classes') == nil and ds and type(ds.classes) == 'number' and ds.classes > 0 and k ~= ds.classes then
+      error(string.format('nr.train: the model gives %d outputs per sample but the %s dataset has %d classes: its last '
+         .. 'layer should have %d outputs (class ids 0..%d)', k, tostring(ds.name or 'training'), ds.classes, ds.classes,
+         ds.classes - 1), 0)
+   end
+   self._classes = k
 end
 
 local function fmt(v, f) return v and string.format(f, v) or '-' end

@@ -683,6 +683,23 @@ print('epochs', s.epochs)
       assert.truthy(e:find("the model does not take the data's samples (3 x 112 x 112)", 1, true), e)
    end)
 
+   it("the user's own model is checked against the dataset's classes at its first forward (more outputs trained silently)", function()
+      local root = '/usr/share/datasets/fashion-mnist'
+      if not ck.exists(root .. '/train-images-idx3-ubyte.gz') then pending('dataset-fashion-mnist is not installed'); return end
+      local function run(k, dir)
+         return pcall(nr.train, {model = function() return nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(784, k)} end,
+            epochs = 1, out = TMP .. '/' .. dir, progress = {stream = sink(), tty = false},
+            data = {dataset = 'fashion-mnist', root = root, batch = 8, threads = 1, train_batches = 1, val_batches = 1}})
+      end
+      for _, k in ipairs({12, 4}) do
+         local ok, err = run(k, 'own' .. k)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(string.format('the model gives %d outputs per sample but the fashion-mnist dataset has '
+            .. '10 classes: its last layer should have 10 outputs (class ids 0..9)', k), 1, true), err)
+      end
+      assert.is_true((run(10, 'own10')))
+   end)
+
    it("loader threads: the recipe's, else nr.data's default on the CPU and the host's free cores on a GPU", function()
       local C = require('nr.ffi').C
       assert.equal(3, train.data_threads({threads = 3}, 'cuda'))
