@@ -757,6 +757,12 @@ function M.new(recipe)
       rc.model_built = {module = tr.model:typename(), params = tr.model:nParameters(), tree = ok and tree or nil}
    end
    local nn = require 'nr.nn'
+   -- as recipe.data's keys: a misspelt option (label_smooth) trained without smoothing, silently
+   for k in pairs(rc.loss) do
+      if k ~= 'label_smoothing' then
+         error(string.format('nr.train: recipe.loss has no option %s (options: label_smoothing)', check.show(k)), 0)
+      end
+   end
    tr.criterion = nn.CrossEntropyLoss({label_smoothing = rc.loss.label_smoothing or 0})
    if tr.device ~= 'cpu' and tr.criterion.to then tr.criterion:to(tr.device) end
 

@@ -430,6 +430,8 @@ print('epochs', s.epochs)
       -- sections of the wrong type are named (they failed inside the trainer as raw Lua errors)
       for _, c in ipairs({{{loss = 5}, 'recipe.loss must be a table, got 5'}, {{optim = 'sgd'}, 'recipe.optim must be a table'},
                           {{data = {train = {}}}, 'recipe.data.train must be a loader'},
+                          -- a misspelt loss option trained without label smoothing, silently
+                          {{loss = {label_smooth = 0.1}}, 'recipe.loss has no option "label_smooth" (options: label_smoothing)'},
                           {{nr = {policy = 'x'}}, 'recipe.nr.policy must be a table of functions, got "x"'}}) do
          local ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_table', c[1]))
          assert.is_false(ok)
