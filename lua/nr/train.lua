@@ -785,6 +785,12 @@ function M.new(recipe)
    if type(name) ~= 'string' or name == '' or name:find('/', 1, true) or name == '.' or name == '..' then
       error(string.format('nr.train: name must be a plain folder name (no /), got %s', check.show(name)), 0)
    end
+   -- folder names are strings (out = 5 failed deep in nr.checkpoint as a raw Lua error)
+   for _, k in ipairs({'out', 'resume'}) do
+      if rc[k] ~= nil and type(rc[k]) ~= 'string' then
+         error(string.format('nr.train: %s must be a folder name (a string), got %s', k, check.show(rc[k])), 0)
+      end
+   end
    rc.resume = expand_path(rc.resume, 'recipe.resume')
    -- an empty folder name (--out '' or an unset $VAR) would put the run in the current folder or /
    for _, k in ipairs({'out', 'resume'}) do

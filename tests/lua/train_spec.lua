@@ -408,6 +408,8 @@ print('epochs', s.epochs)
       for _, c in ipairs({{{epochs = 1e300}, 'epochs must be an integer in %[1, 2%^31 %- 1%]'},
                           {{checkpoint_every = -1}, 'checkpoint_every must be'}, {{log_every = 0}, 'log_every must be'},
                           {{keep = 0}, 'keep must be'}, {{out = ''}, 'out is an empty folder name'},
+                          {{out = 5}, 'out must be a folder name %(a string%), got 5'},
+                          {{resume = true}, 'resume must be a folder name %(a string%), got true'},
                           {{name = '../../x'}, 'name must be a plain folder name %(no /%), got "%.%./%.%./x"'}}) do
          local ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_count', c[1]))
          assert.is_false(ok)
