@@ -676,6 +676,14 @@ end
 -- function may read rc.width); a near miss of one it reads (epoch, checkpoint_evry), or a
 -- command-line alias written at the top (lr for optim.lr), would silently train with the default:
 -- said once on the console.
+-- PyTorch / Lightning / timm names for fields nr.train reads elsewhere (learning_rate = 0.3 at the
+-- top trained at optim.lr's default: too far from every field for the near-miss test)
+local FOREIGN_NAMES = {learning_rate = 'optim.lr', batch_size = 'data.batch', weight_decay = 'optim.weight_decay',
+                       num_epochs = 'epochs', n_epochs = 'epochs', max_epoch = 'max_epochs', nesterov = 'optim.nesterov',
+                       num_workers = 'data.threads', label_smoothing = 'loss.label_smoothing', warmup = 'schedule.warmup',
+                       warmup_epochs = 'schedule.warmup', milestones = 'schedule.milestones', optimizer = 'optim',
+                       scheduler = 'schedule', lr_scheduler = 'schedule', drop_last = 'data.drop_last'}
+
 local function typo_warnings(tr, recipe)
    local fields, names = {}, {}
    for f in pairs(TOP_FIELDS) do fields[#fields + 1] = f end
@@ -684,7 +692,7 @@ local function typo_warnings(tr, recipe)
    table.sort(names)
    local aliases = require('nr.recipe').ALIASES
    for _, k in ipairs(names) do
-      local guess = aliases[k]
+      local guess = aliases[k] or FOREIGN_NAMES[k]
       for _, f in ipairs(fields) do
          if not guess and #k >= 5 and distance(k, f) <= (#k >= 8 and 2 or 1) then guess = f end
       end

@@ -422,6 +422,11 @@ print('epochs', s.epochs)
       assert.truthy(out:text():find('recipe.epoch is not a field nr.train reads (did you mean epochs?)', 1, true), out:text())
       assert.truthy(out:text():find('recipe.lr is not a field nr.train reads (did you mean optim.lr?)', 1, true))
       assert.falsy(out:text():find('recipe.width', 1, true))
+      -- other frameworks' names (learning_rate trained at optim.lr's default without a word)
+      out = sink()
+      nr.train(held_recipe(TMP .. '/typo2', {epochs = 1, learning_rate = 9, batch_size = 4, progress = {stream = out, tty = false}}))
+      assert.truthy(out:text():find('recipe.learning_rate is not a field nr.train reads (did you mean optim.lr?)', 1, true), out:text())
+      assert.truthy(out:text():find('recipe.batch_size is not a field nr.train reads (did you mean data.batch?)', 1, true))
       -- an unknown dataset is named first (not as a split it cannot open); data.size within the loader's limit
       for _, c in ipairs({{{dataset = 'foo'}, 'nr.train: unknown dataset "foo" (fashion-mnist'},
                           {{dataset = 'fashion-mnist', size = 2 ^ 21}, 'nr.train: data.size must be an integer in'}}) do
