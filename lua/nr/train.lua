@@ -391,6 +391,9 @@ MemoryLoader.__index = MemoryLoader
 function M.memory_loader(x, y, opts)
    opts = check.options(opts, {batch = true, shuffle = true, seed = true, drop_last = true}, 'nr.train.memory_loader')
    check.arg(T.is_tensor(x) and T.is_tensor(y) and x:size(1) == y:size(1), 'nr.train.memory_loader', 'x and y must be tensors with the same first dimension')
+   -- batch 0 gave inf batches per epoch, named only by the schedule ("iters_per_epoch ... got inf")
+   if opts.batch ~= nil then check.int32(opts.batch, 'nr.train.memory_loader', 'batch', 1) end
+   if opts.seed ~= nil then check.int(opts.seed, 'nr.train.memory_loader', 'seed', 0, 2 ^ 53) end
    return setmetatable({x = x, y = y, batch = opts.batch or 32, shuffle = opts.shuffle or false,
                         seed = opts.seed or 1, drop_last = opts.drop_last or false}, MemoryLoader)
 end

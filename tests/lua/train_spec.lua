@@ -771,6 +771,16 @@ print('epochs', s.epochs)
       for name, t in pairs(loaded.weights) do assert.is_true(t:all_finite(), name) end
    end)
 
+   it('memory_loader checks its batch and seed (batch 0 was named by the schedule as inf iterations)', function()
+      for _, c in ipairs({{{batch = 0}, 'batch must be an integer in [1, 2^31 - 1], got 0'},
+                          {{batch = 1.5}, 'batch must be an integer in [1, 2^31 - 1], got 1.5'},
+                          {{seed = -1}, 'seed must be a non-negative integer'}}) do
+         local ok, e = pcall(train.memory_loader, X, Y, c[1])
+         assert.is_false(ok)
+         assert.truthy(tostring(e):find('nr.train.memory_loader: ' .. c[2], 1, true), tostring(e))
+      end
+   end)
+
    it('names a label outside the classes before anything is computed with it', function()
       local y = Y:clone()
       y:set(37, 4)
