@@ -61,6 +61,12 @@ function M.build(cfg, ctx)
       check.arg(finite(v) and (v > lo or v == lo and not open) and (not int or v == math.floor(v)), 'nr.schedule',
          '%s must be a finite %s %s %g, got %s', k, int and 'integer' or 'number', open and '>' or '>=', lo, show(v))
    end
+   -- values that make no schedule: a warm-up as long as the run never reaches base_lr (and leaves
+   -- no time to decay), a floor above base_lr turns the decay into a rise; both ran silently
+   check.arg(s.warmup == 0 or s.warmup < s.epochs, 'nr.schedule', 'warmup (%s epochs) must be shorter than the schedule '
+      .. '(%s epochs): the LR would never reach base_lr', show(s.warmup), show(s.epochs))
+   check.arg(not (name == 'cosine' or name == 'linear') or s.min_lr <= s.base_lr, 'nr.schedule',
+      'min_lr (%s) must not exceed base_lr (%s): the %s decay would rise', show(s.min_lr), show(s.base_lr), name)
    if name == 'step' or name == 'multistep' then
       if s.milestones == nil and s.step_size == nil then
          -- torch-style default for CIFAR recipes: ×0.1 at 50% and 75% (none before the first

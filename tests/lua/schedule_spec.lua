@@ -116,6 +116,11 @@ describe('nr.schedule', function()
          {{name = 'linear'}, {base_lr = inf}, 'base_lr must be a finite number >= 0, got inf'},
          {{name = 'step', step_size = inf}, {}, 'step_size must be a finite number > 0, got inf'},
          {{name = 'step', milestones = {1, nan}}, {}, 'milestones must be increasing finite numbers (entry 2 is nan)'},
+         -- no schedule as written: a warm-up the length of the run, a cosine / linear floor above base_lr
+         {{name = 'cosine', warmup = 5}, {}, 'warmup (5 epochs) must be shorter than the schedule (4 epochs)'},
+         {{name = 'step', warmup = 4}, {}, 'warmup (4 epochs) must be shorter than the schedule (4 epochs)'},
+         {{name = 'cosine', min_lr = 0.5}, {}, 'min_lr (0.5) must not exceed base_lr (0.1): the cosine decay would rise'},
+         {{name = 'linear', min_lr = 0.2}, {}, 'min_lr (0.2) must not exceed base_lr (0.1): the linear decay would rise'},
       }) do
          local ctx = {base_lr = 0.1, epochs = 4}
          for k, v in pairs(c[2]) do ctx[k] = v end
