@@ -554,6 +554,16 @@ local function build_data(tr, rc)
          error(string.format('nr.train: recipe.data has no option %q (options: %s)', tostring(k), table.concat(names, ', ')), 0)
       end
    end
+   -- names and switches of the wrong type: root = true failed in nr.checkpoint as a raw Lua error,
+   -- dataset = 5 was reported as not set, drop_last = 'yes' meant true
+   for _, f in ipairs({{'dataset', 'string'}, {'root', 'string'}, {'train_split', 'string'}, {'val_split', 'string'},
+                       {'drop_last', 'boolean'}}) do
+      local v = d[f[1]]
+      if v ~= nil and type(v) ~= f[2] and not (f[1] == 'val_split' and v == false) then
+         error(string.format('nr.train: recipe.data.%s must be a %s%s, got %s', f[1], f[2],
+            f[1] == 'val_split' and ' or false (no evaluation)' or '', check.show(v)), 0)
+      end
+   end
    -- no batches per epoch would only fail deep inside (the schedule's iters_per_epoch)
    local tb = d.train_batches
    if not (tb == nil or (type(tb) == 'number' and tb >= 1 and tb == math.floor(tb))) then
@@ -592,8 +602,10 @@ local function build_data(tr, rc)
       local ok, ds = pcall(data.dataset, {name = d.dataset, root = root, split = split, classes = classes})
       if not ok then
          local msg = tostring(ds)
+         -- how to get the dataset is no answer to a split it does not have
          local helpful = msg:find('--data', 1, true) or msg:find('apt-get', 1, true) or msg:find('given classes', 1, true)
-         error(string.format('nr.train: cannot open the %s split of %s in %s: %s%s', split, d.dataset, tostring(root),
+            or msg:find('split must be', 1, true)
+         error(string.format('nr.train: cannot open the %s split of %s in %s: %s%s', split, d.dataset, root or 'its default folder',
             msg, (hint and not helpful) and ('\n  To get it: ' .. hint .. '.') or ''), 0)
       end
       return ds

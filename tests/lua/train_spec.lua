@@ -434,9 +434,21 @@ print('epochs', s.epochs)
          assert.is_false(ok)
          assert.truthy(tostring(e):find(c[2], 1, true), tostring(e))
       end
+      -- a split the dataset lacks: where it looked ("in nil" before) and no advice to install the dataset
+      if ck.exists('/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz') then
+         local ok, e = pcall(nr.train, held_recipe(TMP .. '/bad_split', {data = {dataset = 'fashion-mnist', train_split = 'valid'}}))
+         assert.is_false(ok)
+         assert.truthy(tostring(e):find('cannot open the valid split of fashion-mnist in its default folder: nr.data.dataset: '
+            .. 'split must be train or test, got "valid"', 1, true), tostring(e))
+         assert.falsy(tostring(e):find('To get it', 1, true), tostring(e))
+      end
       -- sections of the wrong type are named (they failed inside the trainer as raw Lua errors)
       for _, c in ipairs({{{loss = 5}, 'recipe.loss must be a table, got 5'}, {{optim = 'sgd'}, 'recipe.optim must be a table'},
                           {{data = {train = {}}}, 'recipe.data.train must be a loader'},
+                          -- data fields of the wrong type (root = true: a raw Lua error in nr.checkpoint)
+                          {{data = {root = true}}, 'recipe.data.root must be a string, got true'},
+                          {{data = {dataset = 5}}, 'recipe.data.dataset must be a string, got 5'},
+                          {{data = {drop_last = 'yes'}}, 'recipe.data.drop_last must be a boolean, got "yes"'},
                           -- a misspelt loss option trained without label smoothing, silently
                           {{loss = {label_smooth = 0.1}}, 'recipe.loss has no option "label_smooth" (options: label_smoothing)'},
                           {{nr = {policy = 'x'}}, 'recipe.nr.policy must be a table of functions, got "x"'}}) do
