@@ -582,6 +582,11 @@ local function build_data(tr, rc)
       if tr.train_loader:nbatches() < 1 then
          error('nr.train: the training data (recipe.data.train, a ready-made loader) is empty: it gives 0 batches per epoch', 0)
       end
+      -- an empty one evaluated nothing, silently: every epoch's val columns and the summary stayed empty
+      if tr.val_loader and tr.val_loader:nbatches() < 1 then
+         error('nr.train: the evaluation data (recipe.data.val, a ready-made loader) is empty: it gives 0 batches '
+            .. '(leave data.val out to train without evaluation)', 0)
+      end
       return
    end
    check.arg(type(d.dataset) == 'string', 'nr.train', 'recipe.data.dataset is not set (e.g. --dataset fashion-mnist)')

@@ -445,6 +445,8 @@ print('epochs', s.epochs)
       -- sections of the wrong type are named (they failed inside the trainer as raw Lua errors)
       for _, c in ipairs({{{loss = 5}, 'recipe.loss must be a table, got 5'}, {{optim = 'sgd'}, 'recipe.optim must be a table'},
                           {{data = {train = {}}}, 'recipe.data.train must be a loader'},
+                          {{data = {train = train.memory_loader(X, Y), val = train.memory_loader(X:narrow(1, 1, 0), Y:narrow(1, 1, 0))}},
+                           'the evaluation data (recipe.data.val, a ready-made loader) is empty: it gives 0 batches'},
                           -- data fields of the wrong type (root = true: a raw Lua error in nr.checkpoint)
                           {{data = {root = true}}, 'recipe.data.root must be a string, got true'},
                           {{data = {dataset = 5}}, 'recipe.data.dataset must be a string, got 5'},
