@@ -618,6 +618,13 @@ local function build_data(tr, rc)
    local seed = d.seed or rc.seed
    tr.train_set = open(d.train_split or 'train')
    tr.train_loader = data.loader(tr.train_set, loader_opts(d, true, seed, tr.model, tr.train_set, tr.device))
+   -- a batch larger than the split with drop_last: no step at all (said by the schedule as
+   -- "iters_per_epoch must be a finite integer >= 1, got 0")
+   if tr.train_loader:nbatches() < 1 then
+      error(string.format('nr.train: the %s split of %s gives no batch per epoch: %d samples%s, batch %d with drop_last '
+         .. '(lower data.batch, or data.drop_last = false keeps the partial batch)', tr.train_set.split, d.dataset,
+         tr.train_loader:samples(), d.shard and ' in this shard' or '', tr.train_loader.batch), 0)
+   end
    if d.val_split then
       tr.val_set = open(d.val_split, d.dataset == 'imagefolder' and tr.train_set or nil)
       tr.val_loader = data.loader(tr.val_set, loader_opts(d, false, seed, tr.model, tr.val_set, tr.device))

@@ -687,6 +687,11 @@ print('epochs', s.epochs)
       assert.truthy(tostring(err):find('recipe.data has no option "bacth"', 1, true))
       assert.equal(9, train.new(data_recipe({batch = 7000})).iters_per_epoch)              -- 60000 / 7000 = 8.6
       assert.equal(8, train.new(data_recipe({batch = 7000, drop_last = true})).iters_per_epoch)
+      -- a batch past the split with drop_last: no step at all, said as such (the schedule said "got 0")
+      local ok2, err2 = pcall(train.new, data_recipe({batch = 70000, drop_last = true}))
+      assert.is_false(ok2)
+      assert.truthy(tostring(err2):find('the train split of fashion-mnist gives no batch per epoch: 60000 samples, batch 70000 '
+         .. 'with drop_last', 1, true), tostring(err2))
    end)
 
    it('a zoo model that does not fit the data is refused before the run (classes, sample size)', function()
