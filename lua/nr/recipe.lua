@@ -27,7 +27,7 @@ M.TYPES = {
    ['data.dataset'] = 'string', ['data.root'] = 'string', ['data.batch'] = 'integer',
    ['data.eval_batch'] = 'integer', ['data.threads'] = 'integer', ['data.size'] = 'integer',
    ['data.train_batches'] = 'integer', ['data.val_batches'] = 'integer', ['data.seed'] = 'integer',
-   ['data.train_split'] = 'string', ['data.val_split'] = 'string', ['data.augment'] = 'augment',
+   ['data.train_split'] = 'string', ['data.val_split'] = 'split_or_off', ['data.augment'] = 'augment',
    ['data.output'] = 'string', ['data.drop_last'] = 'boolean',
    -- data parallelism (nr.dist.attach's options; docs/DISTRIBUTED.md), also where the recipe has no dist table
    ['dist.timeout'] = 'number', ['dist.algo'] = 'string', ['dist.bucket_mb'] = 'number', ['dist.overlap'] = 'boolean',
@@ -81,7 +81,7 @@ local function field_type(recipe, path)
    if v ~= nil then
       local t = type_of_value(v)
       if known == 'integer' and t == 'number' then return 'integer' end
-      if known == 'switch' or known == 'augment' or known == 'epoch_or_steps' then return known end
+      if known == 'switch' or known == 'augment' or known == 'epoch_or_steps' or known == 'split_or_off' then return known end
       if (t == 'table' or t == 'list') and known == 'list' then return 'list' end
       return t
    end
@@ -126,6 +126,10 @@ local function parse_value(flag, ty, s, current)
       local n = tonumber(s)
       if not n or n ~= math.floor(n) or n < 1 then bad('"epoch" or a number of steps >= 1') end
       return n
+   elseif ty == 'split_or_off' then
+      -- a split name, or off / false / none for no evaluation ("false" was taken as a split name)
+      if BOOL[s:lower()] == false or s == 'none' then return false end
+      return s
    elseif ty == 'augment' then
       local b = BOOL[s:lower()]
       if b == false or s == 'none' then return false end

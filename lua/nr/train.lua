@@ -50,7 +50,7 @@ M.DEFAULTS = {
                            -- host's free cores on a GPU (data_threads)
       size = nil,          -- input side; images are resized when the dataset's differs
       augment = nil,       -- nil: the dataset's default; false: none; or a table of loader options
-      train_split = 'train', val_split = 'test',
+      train_split = 'train', val_split = 'test',  -- val_split false (--data.val_split off): no evaluation
       train_batches = nil, val_batches = nil,  -- cap batches per epoch (quick runs, tests)
       output = nil,        -- images from the loaders: 'uint8' (finished, /255 and normalize, on the
                            -- device: a quarter of the bytes to copy) or 'float32'; nil: uint8 on CUDA
@@ -497,8 +497,8 @@ local EVAL_KEYS = {resize = true, center_crop = true, channels = true, normalize
 -- an ImageNet run there).
 local function data_threads(d, device)
    if d.threads then return d.threads end
-   local env = tonumber(os.getenv('NR_DATA_THREADS') or '')
-   if env and env >= 1 then return math.floor(env) end
+   local env = require('nr.data').env_threads()
+   if env then return env end
    if device == 'cpu' then return 2 end
    local avail, online = C.nr_cpu_available(), C.nr_cpu_online()
    local dist = package.loaded['nr.dist']

@@ -173,6 +173,23 @@ describe('nr.data', function()
          end
       end)
 
+      it('takes NR_DATA_THREADS when no threads are given, and names it when it is not a thread count', function()
+         -- 0 and "abc" were ignored without a word, 2000 refused as "threads"
+         local code = string.format([[local nr = require 'nr'
+            local ds = nr.data.dataset{name = 'mnist', root = %q}
+            print('threads=' .. nr.data.loader(ds, {batch = 16}).threads)]], BASE .. '/idx_raw')
+         local script = BASE .. '/env_threads.lua'
+         local f = assert(io.open(script, 'w')); f:write(code); f:close()
+         local out, rc = util.run('NR_DATA_THREADS=3 ' .. util.nrlua() .. ' ' .. script)
+         assert.equal(0, rc, out)
+         assert.truthy(out:find('threads=3', 1, true), out)
+         for _, bad in ipairs({'abc', '0', '2000', '1.5'}) do
+            out, rc = util.run('NR_DATA_THREADS=' .. bad .. ' ' .. util.nrlua() .. ' ' .. script)
+            assert.is_not.equal(0, rc, out)
+            assert.truthy(out:find('NR_DATA_THREADS must be a whole number of loader threads, 1..1024, got "' .. bad .. '"', 1, true), out)
+         end
+      end)
+
       it('loads batches in order as x/255 with int64 labels, last batch partial', function()
          local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
          local l = nr.data.loader(ds, {batch = 16, threads = 2})

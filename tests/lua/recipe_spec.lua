@@ -73,6 +73,12 @@ describe('nr.recipe', function()
       local r = R.apply({epochs = 1}, {'--dist.timeout', '5', '--dist.sync_bn', '--dist.algo', 'ring', '--data.drop_last'})
       assert.equal(5, r.dist.timeout); assert.is_true(r.dist.sync_bn); assert.equal('ring', r.dist.algo)
       assert.is_true(r.data.drop_last)
+      -- evaluation off from the command line ("false" was taken as the name of a split)
+      for _, off in ipairs({'false', 'off', 'none'}) do
+         assert.is_false(R.apply(BASE, {'--data.val_split', off}).data.val_split)
+         assert.is_false(R.apply({epochs = 1}, {'--data.val_split', off}).data.val_split)
+      end
+      assert.equal('val', R.apply(BASE, {'--data.val_split', 'val'}).data.val_split)
    end)
 
    it('a boolean flag alone means true (--overwrite, --optim.nesterov)', function()

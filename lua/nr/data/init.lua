@@ -420,10 +420,22 @@ end
 -- Decoding threads a loader may start (each is a pthread with its own decoder).
 local MAX_THREADS = 1024
 
+-- $NR_DATA_THREADS as a number, or nil when unset or empty; anything else names the variable
+-- (0 or "abc" were ignored without a word, 2000 refused as "threads").
+function M.env_threads()
+   local s = os.getenv('NR_DATA_THREADS')
+   if s == nil or s:match('^%s*$') then return nil end
+   local n = tonumber(s)
+   if not (n and n >= 1 and n <= MAX_THREADS and n == math.floor(n)) then
+      error(string.format('NR_DATA_THREADS must be a whole number of loader threads, 1..%d, got %q', MAX_THREADS, s), 0)
+   end
+   return n
+end
+
 -- $NR_DATA_THREADS, else half the compute threads, at least 2 and at most 8.
 local function default_threads()
-   local env = tonumber(os.getenv('NR_DATA_THREADS') or '')
-   if env and env >= 1 then return math.floor(env) end
+   local env = M.env_threads()
+   if env then return env end
    return math.max(2, math.min(8, math.floor(C.nr_get_num_threads() / 2)))
 end
 
