@@ -55,7 +55,11 @@ export NRLUA_HOME="$ROOT" LUA_CPATH="$T/nrgpu/lua51/?.so;;" NR_THREADS="${NR_THR
   echo "libnr dependencies not found:"; ldd "$T/nrgpu/bin/libnr.so" | grep 'not found' || echo "  (none)"
   # loaded against built-with library versions (a cuDNN older than the headers is not guaranteed)
   timeout -k 5 40 "$NRLUA" -e 'local nr = require "nr"; print("nrlua: cuda available", nr.cuda.available(), nr.cuda.device_name(0), nr.cuda.unavailable_reason())
-    local v = nr.cuda.versions() or {}; print(string.format("versions: runtime %s driver %s cuDNN %s (built %s) cuBLAS %s (built %s)%s", v.runtime, v.driver, v.cudnn, v.cudnn_built, v.cublas, v.cublas_built, (v.cudnn or 0) < (v.cudnn_built or 0) and "  WARNING: cuDNN older than the build" or ""))' 2>&1
+    local v = nr.cuda.versions() or {}; print(string.format("versions: runtime %s driver %s cuDNN %s (built %s) cuBLAS %s (built %s)%s", v.runtime, v.driver, v.cudnn, v.cudnn_built, v.cublas, v.cublas_built, (v.cudnn or 0) < (v.cudnn_built or 0) and "  WARNING: cuDNN older than the build" or ""))
+    if nr.cuda.available() then
+      local ok, err = pcall(function() local t = nr.zeros({4}, {device = "cuda"}); assert(t:add(1):sum() == 4, "wrong sum") end)
+      print("nrlua: kernel probe " .. (ok and "ok" or ("FAILED: " .. tostring(err))))
+    end' 2>&1
   echo "nrlua probe exit status $?"
 } >> "$OUT/env.txt"
 cat "$OUT/env.txt"
@@ -63,9 +67,10 @@ cat "$OUT/env.txt"
 # 0. nothing below can work when nrlua does not load or sees no GPU (libnr needs libcublas.so.13 and
 #    libcudnn.so.9, and its static CUDA 13 runtime a driver >= 580): say so once, here, and stop
 #    instead of failing every spec and benchmark for the same reason
-if ! grep -qE '^nrlua: cuda available[[:space:]]+true' "$OUT/env.txt"; then
-  log "STOP: nrlua cannot use the GPU (see the nrlua lines above: a library not found, or cudaGetDeviceCount's reason;"
-  log "  cudaErrorInsufficientDriver: no driver, or one older than libnr's static CUDA 13 runtime needs, >= 580)"
+if ! grep -qE '^nrlua: cuda available[[:space:]]+true' "$OUT/env.txt" || ! grep -q '^nrlua: kernel probe ok' "$OUT/env.txt"; then
+  log "STOP: nrlua cannot use the GPU (see the nrlua lines above: a library not found, cudaGetDeviceCount's reason"
+  log "  (cudaErrorInsufficientDriver: no driver, or one older than libnr's static CUDA 13 runtime needs, >= 580), or"
+  log "  a first kernel that failed (cudaErrorNoKernelImageForDevice: libnr has sm_80 and sm_90 code only))"
   { echo "# nrlua GPU check"; echo; echo "STOPPED before the specs: nrlua cannot use the GPU."; echo; echo '```'
     cat "$OUT/env.txt"; echo '```'; } > "$OUT/report.md"
   rm -rf "$T"
@@ -80,7 +85,7 @@ fi
 #    reported by its own launch check, naming the op; specs_blocking.log), then the specs resume
 #    in a fresh process after it, all within the phase's 180 s.
 : > "$OUT/specs.log"
-SPEC_RCS="" AFTER="" SPEC_T0=$SECONDS
+SPEC_RCS="" AFTER="" SPEC_T0=$SECONDS RESUMES=0
 while :; do
   left=$((180 - (SECONDS - SPEC_T0)))
   [ "$left" -ge 10 ] || { log "spec phase: out of time (180 s), the remaining tests did not run"; break; }
@@ -98,6 +103,8 @@ while :; do
     break
   fi
   [ -n "$bad" ] && [ "$bad" != "$AFTER" ] || break
+  RESUMES=$((RESUMES + 1))
+  [ "$RESUMES" -le 4 ] || { log "spec phase: the GPU broke 5 times, no further resume (the rest did not run)"; break; }
   left=$((180 - (SECONDS - SPEC_T0)))
   if [ "$left" -ge 15 ]; then
     lim=$((left / 3 < 60 ? left / 3 : 60))
