@@ -289,6 +289,33 @@ static nr_status no_algorithm(const plan *p, const char *what, const char *dir)
                      : p->key[18] ? " that is deterministic (nr.cuda.set_deterministic(false) allows the others)" : "");
 }
 
+/* The math type direction dir runs with, given the one its algorithm was chosen with (f32: exact
+ * unless TF32 is allowed; bf16: always the algorithm's, tensor cores). */
+static cudnnMathType_t run_math(const plan *p, cudnnMathType_t m)
+{
+   return base_math(p->key) == CUDNN_FMA_MATH ? CUDNN_FMA_MATH : m; /* exact fp32 stays exact */
+}
+
+/* The workspace of the chosen algorithm: what the search reported, or cuDNN's own query under the
+ * math type the call will run with when that is larger (reports and queries have differed across
+ * math types and cuDNN versions; a workspace too small fails every call). A failed query keeps
+ * the report. Leaves the descriptor at the plan's base math type, as the search expects. */
+static size_t checked_ws(nr_cuda_ctx *ctx, plan *p, int dir, int algo, cudnnMathType_t m, size_t reported)
+{
+   size_t q = 0;
+   cudnnStatus_t st = cudnnSetConvolutionMathType(p->cd, run_math(p, m));
+   if (st == CUDNN_STATUS_SUCCESS && dir == 0)
+      st = cudnnGetConvolutionForwardWorkspaceSize(ctx->dnn, p->xd, p->wd, p->cd, p->yd, (cudnnConvolutionFwdAlgo_t)algo, &q);
+   else if (st == CUDNN_STATUS_SUCCESS && dir == 1)
+      st = cudnnGetConvolutionBackwardDataWorkspaceSize(ctx->dnn, p->wd, p->yd, p->cd, p->xd,
+                                                        (cudnnConvolutionBwdDataAlgo_t)algo, &q);
+   else if (st == CUDNN_STATUS_SUCCESS)
+      st = cudnnGetConvolutionBackwardFilterWorkspaceSize(ctx->dnn, p->xd, p->yd, p->cd, p->wd,
+                                                          (cudnnConvolutionBwdFilterAlgo_t)algo, &q);
+   cudnnSetConvolutionMathType(p->cd, base_math(p->key));
+   return st == CUDNN_STATUS_SUCCESS && q > reported ? q : reported;
+}
+
 static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const void *w, const void *y,
                         const char *what, int find, void *ws, size_t budget)
 {
@@ -306,7 +333,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
       for (int i = 0; i < got; i++)
          if (usable(p, perf[i].status, perf[i].memory, perf[i].determinism, budget)) {
             p->fwd = perf[i].algo;
-            p->fwd_ws = perf[i].memory;
+            p->fwd_ws = checked_ws(ctx, p, 0, (int)perf[i].algo, perf[i].mathType, perf[i].memory);
             p->fwd_math = perf[i].mathType;
             p->fwd_ready = 1;
             break;
@@ -326,7 +353,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
       for (int i = 0; i < got; i++)
          if (usable(p, perf[i].status, perf[i].memory, perf[i].determinism, budget)) {
             p->bwdd = perf[i].algo;
-            p->bwdd_ws = perf[i].memory;
+            p->bwdd_ws = checked_ws(ctx, p, 1, (int)perf[i].algo, perf[i].mathType, perf[i].memory);
             p->bwdd_math = perf[i].mathType;
             p->bwdd_ready = 1;
             break;
@@ -346,7 +373,7 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
       for (int i = 0; i < got; i++)
          if (usable(p, perf[i].status, perf[i].memory, perf[i].determinism, budget)) {
             p->bwdf = perf[i].algo;
-            p->bwdf_ws = perf[i].memory;
+            p->bwdf_ws = checked_ws(ctx, p, 2, (int)perf[i].algo, perf[i].mathType, perf[i].memory);
             p->bwdf_math = perf[i].mathType;
             p->bwdf_ready = 1;
             break;
@@ -376,7 +403,8 @@ static nr_status plan_workspace(nr_cuda_ctx *ctx, plan *p, int dir, const char *
                         what, dir_name(dir), *need);
    }
    *ws = NULL;
-   return NR_OK;
+   /* an algorithm reported without workspace may need one after all (checked_ws) */
+   return *need ? nr_cuda_scratch(ctx, 4, (int64_t)*need, ws) : NR_OK;
 }
 
 /* The weight as cuDNN reads it: in the activations' dtype and, for channels-last, KRSC (a copy
@@ -394,12 +422,10 @@ static nr_status conv_weight(nr_cuda_ctx *ctx, const nr_tensor *w, int32_t dtype
    return nr_cuda_launch_copy(ctx, out, w);
 }
 
-/* Sets the convolution's math type to the one the chosen algorithm was measured with (f32: exact
- * unless TF32 is allowed; bf16: always the algorithm's, tensor cores). */
+/* Sets the convolution's math type to the one the chosen algorithm runs with (run_math). */
 static nr_status set_math(plan *p, cudnnMathType_t m, const char *what)
 {
-   if (base_math(p->key) == CUDNN_FMA_MATH) m = CUDNN_FMA_MATH; /* exact fp32 stays exact */
-   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, m), "%s: cudnnSetConvolutionMathType", what);
+   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, run_math(p, m)), "%s: cudnnSetConvolutionMathType", what);
    return NR_OK;
 }
 

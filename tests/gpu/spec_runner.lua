@@ -7,6 +7,13 @@
 -- test here) ends the run with 77.
 -- NR_SPEC_FILTER=TEXT runs only the tests whose full name contains TEXT (plain text; several
 -- separated by '|'), e.g. to rerun what failed on a GPU without the rest.
+-- A failed test is followed by a probe of the GPU (synchronise, then a tiny kernel and read-back):
+-- when the GPU no longer works (a sticky CUDA error such as an illegal address poisons the
+-- process's context, so every later test would fail with it), the runner prints
+-- 'STICKY  <test>: <probe error>', runs nothing more and exits with 3; tests/gpu/run.sh then
+-- resumes in a fresh process with NR_SPEC_AFTER='<test>' (the tests up to and including that
+-- one are skipped). NR_SPEC_TRACE=1 prints 'start <test>' before each test, so a hang or a crash
+-- names its test (the last line of the log).
 local specs = {...}
 local passed, failed, skipped, failures = 0, 0, 0, {}
 local filters = {}
@@ -17,6 +24,22 @@ local function wanted(full)
    return false
 end
 local stack, before = {}, {}
+local after = os.getenv('NR_SPEC_AFTER')
+if after == '' then after = nil end
+local trace = os.getenv('NR_SPEC_TRACE') == '1'
+local resumed_skips, broken = 0, nil -- broken: the test after which the GPU stopped working
+
+-- nil when the GPU (if any) still works, else the error that shows it does not.
+local function gpu_broken()
+   local okr, nr = pcall(require, 'nr')
+   if not okr or type(nr) ~= 'table' or not nr.cuda or not nr.cuda.available() then return nil end
+   local okp, err = pcall(function()
+      nr.cuda.synchronize()
+      local t = nr.zeros({4}, {device = 'cuda'})
+      if t:add(1):sum() ~= 4 then error('a 4-element sum on the GPU is wrong') end
+   end)
+   if not okp then return tostring(err) end
+end
 
 local function same(a, b)
    if type(a) ~= 'table' or type(b) ~= 'table' then return a == b end
@@ -57,6 +80,15 @@ _G.it = function(name, fn)
       skipped = skipped + 1
       return
    end
+   if after or broken then -- before the resume point, or after the GPU broke
+      if after and full == after then after = nil end
+      resumed_skips = resumed_skips + 1
+      return
+   end
+   if trace then
+      io.write('start ' .. full .. '\n')
+      io.flush()
+   end
    local t0 = os.clock()
    local ok, err = xpcall(function()
       for _, b in ipairs(before) do b() end
@@ -69,6 +101,12 @@ _G.it = function(name, fn)
       failed = failed + 1
       failures[#failures + 1] = full .. '\n' .. tostring(err)
       io.write(string.format('FAIL  %s\n%s\n', full, tostring(err)))
+      local why = gpu_broken()
+      if why then
+         broken = full
+         io.write(string.format('STICKY  %s: the GPU no longer works after this test (%s); no later test runs here\n',
+                                full, (why:gsub('\n.*', ''))))
+      end
    end
    io.flush()
 end
@@ -90,10 +128,17 @@ for _, path in ipairs(specs) do
       end
    end
 end
-io.write(string.format('%d passed, %d failed%s\n', passed, failed,
-   skipped > 0 and string.format(', %d not selected by NR_SPEC_FILTER', skipped) or ''))
+io.write(string.format('%d passed, %d failed%s%s\n', passed, failed,
+   skipped > 0 and string.format(', %d not selected by NR_SPEC_FILTER', skipped) or '',
+   resumed_skips > 0 and string.format(', %d not run (%s)', resumed_skips,
+                                       broken and 'after the GPU broke' or 'before NR_SPEC_AFTER') or ''))
+if after then
+   io.write('NR_SPEC_AFTER=' .. after .. ' names no test\n')
+   os.exit(1)
+end
 if #filters > 0 and passed + failed == 0 then
    io.write('NR_SPEC_FILTER=' .. os.getenv('NR_SPEC_FILTER') .. ' selected no test (a typo?)\n')
    os.exit(1)
 end
+if broken then os.exit(3) end
 os.exit(failed == 0 and 0 or 1)

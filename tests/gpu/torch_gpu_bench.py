@@ -11,7 +11,8 @@ Synthetic fixed batch on the GPU (no data loading). torch.backends.cudnn.benchma
 channels_last memory format, as asked; precision fp32 (PyTorch defaults: TF32 allowed for cuDNN
 convolutions, not for matmuls) or bf16 (torch.autocast, fp32 master weights).
 Timing: CUDA events around `--steps` steps after `--warmup` steps; images/s = batch * steps / time.
-Writes one JSON object per configuration (a list) to --json.
+Writes {"env", "results", "complete"} to --json, again after each configuration (complete false
+until the last), so a run stopped by run.sh's time limit still leaves the configurations it finished.
 """
 import argparse
 import json
@@ -125,22 +126,29 @@ def bench(name, precision, batch):
 def main():
     torch.backends.cudnn.benchmark = True
     batches = dict(kv.split("=") for kv in args.batch.split(","))
-    out = []
-    for name in args.models.split(","):
-        for prec in args.precisions.split(","):
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                r = bench(name, prec, int(batches[name]))
-            except Exception as e:  # report and go on: one failure must not hide the others
-                r = {"side": "pytorch", "model": name, "precision": prec, "error": repr(e)}
-            print(json.dumps(r), flush=True)
-            out.append(r)
-            torch.cuda.empty_cache()
+    try:
+        device = torch.cuda.get_device_name(0)
+    except Exception as e:  # no usable GPU: every configuration below says why
+        device = "none: " + repr(e)
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-           "device": torch.cuda.get_device_name(0), "cudnn_benchmark": True, "channels_last": True,
+           "device": device, "cudnn_benchmark": True, "channels_last": True,
            "tf32_conv": torch.backends.cudnn.allow_tf32, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
-    with open(args.json, "w") as f:
-        json.dump({"env": env, "results": out}, f, indent=1)
+    out = []
+    configs = [(n, p) for n in args.models.split(",") for p in args.precisions.split(",")]
+    for i, (name, prec) in enumerate(configs):
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            r = bench(name, prec, int(batches[name]))
+        except Exception as e:  # report and go on: one failure must not hide the others
+            r = {"side": "pytorch", "model": name, "precision": prec, "error": repr(e)}
+        print(json.dumps(r), flush=True)
+        out.append(r)
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "results": out, "complete": i + 1 == len(configs)}, f, indent=1)
+        try:
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
     return 0
 
 
