@@ -244,6 +244,13 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
       cudaError_t e = cudaFree(ws);
       if (e != cudaSuccess && !st) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "%s: freeing the search workspace", what);
    }
+   /* a measured search that failed as a whole (cuDNN refusing the Find call, or no measured
+    * algorithm usable) falls back to cuDNN's heuristics, which run nothing, instead of failing the
+    * layer; a sticky CUDA error is not hidden: the layer's own call reports it */
+   if (st != NR_OK && find && cudaPeekAtLastError() == cudaSuccess) {
+      NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
+      st = search(ctx, p, dir, NULL, NULL, NULL, what, 0, NULL, budget);
+   }
    return st;
 }
 
