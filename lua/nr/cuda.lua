@@ -76,7 +76,9 @@ function M.conv_max_elements() return tonumber(C.nr_cuda_get_conv_max_elements()
 -- Convolution plans made so far (distinct shapes; each ran cuDNN's algorithm search once).
 function M.conv_plans() return tonumber(C.nr_cuda_conv_plan_count()) end
 
--- {in_use, peak, allocations, cached, free, total} in bytes; free/total are nil without a GPU.
+-- {in_use, peak, allocations, cached, free, total} in bytes: in_use, peak, allocations and cached
+-- count all of this process's GPUs; free and total are the driver's for `device` (default the current
+-- one), nil without a GPU.
 function M.memory(device)
    local dev = device or M.current_device()
    local out = {
