@@ -1156,8 +1156,9 @@ local function fmt(v, f) return v and string.format(f, v) or '-' end
 
 -- --resume of a run that stopped before writing its first checkpoint (killed in epoch 1): the
 -- folder holds the run (recipe.json / metrics.jsonl) but no checkpoint, so there is nothing to
--- continue and the run starts from the beginning, its partial files replaced (as Lightning's
--- resume from a missing last checkpoint). Decided from files every rank of nr.dist sees alike;
+-- continue (a step folder without state.json, a first save cut short, is none) and the run starts
+-- from the beginning, its partial files replaced (as Lightning's resume from a missing last
+-- checkpoint). Decided from files every rank of nr.dist sees alike;
 -- a rank's own folder under the run (<run>/ranks/<r>) is not checked again, as rank 0 may be
 -- clearing the run's files meanwhile. A folder that holds no run, checkpoints that exist but fail
 -- validation, or another --out than the run stay errors: nothing is discarded silently.
@@ -1174,11 +1175,13 @@ local function resumable(tr, path)
       error(string.format('nr.train: cannot resume %s: %s', path, what), 0)
    end
    if out ~= run and not own_rank then refuse(why .. ' (a run restarts only in its own folder: drop --out)') end
-   local names = ck.list(run .. '/checkpoint')
-   if named:match('step%-%d+$') or ck.exists(named .. '/state.json') then names = {'step-0'} end -- one named checkpoint
-   for _, name in ipairs(names) do
-      if name:match('^step%-%d+$') then refuse(why .. '; --overwrite starts the run again from the beginning') end
+   local damaged = named:match('step%-%d+$') or ck.exists(named .. '/state.json')   -- one named checkpoint
+   -- a step folder without state.json is a save that never completed (killed, or a full disk, during
+   -- the first checkpoint; nr.checkpoint ignores and prunes it): no checkpoint yet. One with it is damaged.
+   for _, name in ipairs(ck.list(run .. '/checkpoint')) do
+      damaged = damaged or (name:match('^step%-%d+$') and ck.exists(run .. '/checkpoint/' .. name .. '/state.json'))
    end
+   if damaged then refuse(why .. '; --overwrite starts the run again from the beginning') end
    if not own_rank and not (ck.exists(run .. '/recipe.json') or ck.exists(run .. '/metrics.jsonl')) then
       refuse('it holds no run (no checkpoint, recipe.json or metrics.jsonl)')
    end

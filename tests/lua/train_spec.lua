@@ -606,6 +606,22 @@ print('epochs', s.epochs)
       assert.truthy(tostring(e):find('--overwrite starts the run again from the beginning', 1, true), tostring(e))
    end)
 
+   it('resume: a run whose first checkpoint was cut short (no state.json: killed, a full disk) starts again', function()
+      local ref = nr.train(held_recipe(TMP .. '/cut_ref', {epochs = 1}))
+      -- what a full disk (or a kill) during the first save leaves: the step folder without state.json
+      local dir = TMP .. '/cut'
+      ck.mkdirs(dir .. '/checkpoint/step-00000008')
+      ck.write_atomic(dir .. '/recipe.json', '{}\n')
+      ck.write_atomic(dir .. '/metrics.jsonl', '{"kind":"run","event":"begin"}\n{"kind":"epoch","epoch":1,"step":8}\n')
+      ck.write_atomic(dir .. '/checkpoint/step-00000008/model.safetensors', 'half')
+      local out = sink()
+      local s = nr.train(held_recipe(dir, {epochs = 1, resume = dir, progress = {stream = out, tty = false}}))
+      assert.truthy(out:text():find('no checkpoint in ' .. dir .. ' yet', 1, true), out:text())
+      assert.equal(ref.final_top1, s.final_top1); assert.equal(ref.final_loss, s.final_loss)
+      assert.equal(1, #epoch_records(dir))                       -- the cut run's records went
+      assert.equal(TMP .. '/cut/checkpoint/step-00000008', (ck.find(dir)))
+   end)
+
    it('resumes exactly across the extension: killed while held and after it, bit for bit', function()
       for _, kill in ipairs({2, 4}) do
          local dir = TMP .. '/xr' .. kill
