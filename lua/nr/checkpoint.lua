@@ -352,6 +352,11 @@ local function validate(dir)
    return st
 end
 
+local function pointer(ckdir, which)
+   local s = read_file(ckdir .. '/' .. which)
+   return s and s:match('^%s*(step%-%d+)%s*$')
+end
+
 -- save(ckdir, {step = n, weights = {name = T}, state = table, keep = 2, metadata = {...}})
 -- -> the step folder's path. Older complete step folders beyond `keep` are pruned (never the
 -- one named by `best`, when that pointer exists).
@@ -371,23 +376,26 @@ function M.save(ckdir, opts)
    M.mkdirs(dir)
    local meta = {format = 'nrlua'}
    for k, v in pairs(opts.metadata or {}) do meta[k] = tostring(v) end
-   safetensors.save(dir .. '/model.safetensors', opts.weights or {}, meta)
-   safetensors.save(dir .. '/state.safetensors', tensors, {format = 'nrlua'})
-   state.files = {
-      ['model.safetensors'] = {bytes = file_size(dir .. '/model.safetensors')},
-      ['state.safetensors'] = {bytes = file_size(dir .. '/state.safetensors')},
-   }
-   state.checkpoint = {name = name, step = opts.step, time = os.time()}
-   M.write_atomic(dir .. '/state.json', M.json_encode(state, true) .. '\n')
-   M.write_atomic(ckdir .. '/latest', name .. '\n')
+   local ok, err = pcall(function()
+      safetensors.save(dir .. '/model.safetensors', opts.weights or {}, meta)
+      safetensors.save(dir .. '/state.safetensors', tensors, {format = 'nrlua'})
+      state.files = {
+         ['model.safetensors'] = {bytes = file_size(dir .. '/model.safetensors')},
+         ['state.safetensors'] = {bytes = file_size(dir .. '/state.safetensors')},
+      }
+      state.checkpoint = {name = name, step = opts.step, time = os.time()}
+      M.write_atomic(dir .. '/state.json', M.json_encode(state, true) .. '\n')
+      M.write_atomic(ckdir .. '/latest', name .. '\n')
+   end)
+   -- a failed write (a full disk): `latest` still names the previous checkpoint; the unfinished
+   -- folder goes, so its space is free again (not when a Ctrl-C came just after `latest` moved)
+   if not ok then
+      if pointer(ckdir, 'latest') ~= name then remove_tree(dir) end
+      error(err, 0)
+   end
    if opts.best then M.write_atomic(ckdir .. '/best', name .. '\n') end
    M.prune(ckdir, opts.keep or 2)
    return dir
-end
-
-local function pointer(ckdir, which)
-   local s = read_file(ckdir .. '/' .. which)
-   return s and s:match('^%s*(step%-%d+)%s*$')
 end
 
 -- Removes step folders other than the `keep` newest complete ones, `latest` and `best`;

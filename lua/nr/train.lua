@@ -845,8 +845,16 @@ function Trainer:save_checkpoint(opts)
       threads = C.nr_get_num_threads(),
       device = self.device,
    }
-   local dir = ck.save(self.out .. '/checkpoint', {step = self.step, weights = ck.model_tensors(self.model), state = state,
-                                                   keep = rc.keep, best = opts.best, metadata = {epoch = self.epoch, step = self.step}})
+   local ckdir = self.out .. '/checkpoint'
+   local ok, dir = pcall(ck.save, ckdir, {step = self.step, weights = ck.model_tensors(self.model), state = state,
+                                          keep = rc.keep, best = opts.best, metadata = {epoch = self.epoch, step = self.step}})
+   if not ok then
+      -- a full disk: said with what is left to continue from, not as a position inside nr.checkpoint
+      local prev = ck.find(ckdir)
+      error(string.format('nr.train: cannot write the checkpoint of epoch %d (step %d) into %s: %s\n  %s', self.epoch,
+         self.step, ckdir, (tostring(dir):gsub('^[^\n]-%.lua:%d+: ', '')), prev and string.format('The last complete '
+         .. 'checkpoint, %s, is intact: --resume %s continues from it.', prev, self.out) or 'No earlier checkpoint exists.'), 0)
+   end
    self.last_checkpoint = dir
    return dir
 end

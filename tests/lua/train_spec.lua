@@ -622,6 +622,35 @@ print('epochs', s.epochs)
       assert.equal(TMP .. '/cut/checkpoint/step-00000008', (ck.find(dir)))
    end)
 
+   it('a checkpoint write that fails (a full disk) says so, removes its folder and keeps the previous one', function()
+      local dir = TMP .. '/full'
+      local sts = require 'nr.safetensors'
+      local save = sts.save
+      local r = held_recipe(dir, {epochs = 2})
+      r.hooks = {epoch_begin = function(_, info)
+         if info.epoch == 2 then
+            sts.save = function(path, ...)
+               if path:match('state%.safetensors$') then
+                  error('/x/nr/safetensors.lua:112: nr.safetensors.save: writing ' .. path .. '.tmp.1: No space left on device', 0)
+               end
+               return save(path, ...)
+            end
+         end
+      end}
+      local ok, err = pcall(nr.train, r)
+      sts.save = save
+      assert.is_false(ok)
+      err = tostring(err)
+      assert.truthy(err:find('nr.train: cannot write the checkpoint of epoch 2 (step 16) into ' .. dir .. '/checkpoint: '
+         .. 'nr.safetensors.save: writing ' .. dir .. '/checkpoint/step-00000016/state.safetensors.tmp.1: No space left', 1, true), err)
+      assert.truthy(err:find('The last complete checkpoint, ' .. dir .. '/checkpoint/step-00000008, is intact: --resume '
+         .. dir .. ' continues from it.', 1, true), err)
+      assert.is_false(ck.is_dir(dir .. '/checkpoint/step-00000016'))   -- its space is free again
+      assert.equal(dir .. '/checkpoint/step-00000008', (ck.find(dir)))
+      local s = nr.train(held_recipe(dir, {epochs = 2, resume = dir}))
+      assert.equal(16, s.steps)
+   end)
+
    it('resumes exactly across the extension: killed while held and after it, bit for bit', function()
       for _, kill in ipairs({2, 4}) do
          local dir = TMP .. '/xr' .. kill
