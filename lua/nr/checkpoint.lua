@@ -253,13 +253,18 @@ function Lock:release()
    if held[self.key] == self then held[self.key] = nil end
 end
 
+-- An existing path's real path (links and . / .. resolved), or the path as given when it has none.
+function M.realpath(path)
+   local buf = ffi.new('char[?]', 8192)
+   local p = ffi.C.realpath(path, buf)
+   return p ~= nil and ffi.string(p) or path
+end
+
 -- The file's path through its folder's real path (the folder exists; the file may not yet).
 local function canonical(path)
    local dir, name = path:match('^(.*)/([^/]*)$')
    if not dir then dir, name = '.', path elseif dir == '' then dir = '/' end
-   local buf = ffi.new('char[?]', 8192)
-   local p = ffi.C.realpath(dir, buf)
-   return (p ~= nil and ffi.string(p) or dir) .. '/' .. name
+   return M.realpath(dir) .. '/' .. name
 end
 
 function M.lock(path)

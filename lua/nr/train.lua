@@ -1171,18 +1171,24 @@ local function fmt(v, f) return v and string.format(f, v) or '-' end
 -- clearing the run's files meanwhile. A folder that holds no run, checkpoints that exist but fail
 -- validation, or another --out than the run stay errors: nothing is discarded silently.
 -- Returns true when the run can be resumed.
+-- The run a resume path names (trailing slashes dropped), whether tr.out is that run's own folder
+-- (compared as real paths) and whether it is, under nr.dist, a rank's own folder in it.
+local function resume_target(tr, path)
+   local named = (path:gsub('/+$', ''):gsub('^%./+', ''))
+   local run = run_folder_of(named)
+   local real_run, out = ck.realpath(run), ck.realpath(tr.out)
+   local own_rank = out:sub(1, #real_run + 7) == real_run .. '/ranks/' and out:match('/ranks/%d+$') ~= nil
+   return named, run, out == real_run, own_rank
+end
+
 local function resumable(tr, path)
    local found, why = ck.find(path)
    if found then return true end
-   local function norm(p) return (p:gsub('/+$', ''):gsub('^%./+', '')) end
-   local named = norm(path)
-   local run = run_folder_of(named)
-   local out = norm(tr.out)
-   local own_rank = out:sub(1, #run + 7) == run .. '/ranks/' and out:match('/ranks/%d+$') ~= nil
+   local named, run, own, own_rank = resume_target(tr, path)
    local function refuse(what)
       error(string.format('nr.train: cannot resume %s: %s', path, what), 0)
    end
-   if out ~= run and not own_rank then refuse(why .. ' (a run restarts only in its own folder: drop --out)') end
+   if not own and not own_rank then refuse(why .. ' (a run restarts only in its own folder: drop --out)') end
    local damaged = named:match('step%-%d+$') or ck.exists(named .. '/state.json')   -- one named checkpoint
    -- a step folder without state.json is a save that never completed (killed, or a full disk, during
    -- the first checkpoint; nr.checkpoint ignores and prunes it): no checkpoint yet. One with it is damaged.
@@ -1223,6 +1229,10 @@ function Trainer:run()
    self:_lock_out()
    local resume = rc.resume and resumable(self, rc.resume)
    if resume then
+      -- continued into another folder (--resume A --out B): B is a new run's, so another run there
+      -- is refused unless --overwrite (its metrics and checkpoints were mixed with this one's)
+      local _, _, own, own_rank = resume_target(self, rc.resume)
+      if not own and not own_rank then claim_run_folder(self.out, rc.overwrite) end
       local dir = self:load_checkpoint(rc.resume)
       self:print(string.format('resumed from %s (epoch %d, step %d%s)', dir, self.epoch, self.step,
          self.held_epochs > 0 and string.format(', %d held', self.held_epochs) or ''))

@@ -289,6 +289,26 @@ describe('nr.train', function()
       assert.is_true(ck.is_link(linked .. '/checkpoint'))
    end)
 
+   it('resume into another folder (--resume A --out B): refused where B holds another run, unless overwrite', function()
+      local a, b, c = TMP .. '/fork_a', TMP .. '/fork_b', TMP .. '/fork_c'
+      nr.train(held_recipe(a, {epochs = 1}))
+      nr.train(held_recipe(b, {epochs = 1, seed = 5}))
+      local ok, e = pcall(nr.train, held_recipe(b, {epochs = 2, resume = a}))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find(b .. ' already holds a run', 1, true), tostring(e))
+      assert.equal(1, #epoch_records(b))                          -- B untouched
+      assert.equal(b .. '/checkpoint/step-00000008', (ck.find(b)))
+      -- overwrite: B holds A's continuation only; an empty folder is simply a new run's
+      local s = nr.train(held_recipe(b, {epochs = 2, resume = a, overwrite = true}))
+      assert.equal(16, s.steps)
+      assert.is_false(ck.is_dir(b .. '/checkpoint/step-00000008'))   -- B's own run went
+      local recs = epoch_records(b)
+      assert.equal(1, #recs); assert.equal(2, recs[1].epoch)
+      assert.equal(16, nr.train(held_recipe(c, {epochs = 2, resume = a})).steps)
+      -- the run's own folder by another spelling is the run itself, not another folder
+      assert.equal(16, nr.train(held_recipe(a .. '/', {epochs = 2, resume = a .. '/../fork_a'})).steps)
+   end)
+
    it('one writer per run folder: while another process writes into it, a run, --overwrite and --resume are refused', function()
       local util = require 'tests.lua.spec_util'
       local dir = TMP .. '/busy'
