@@ -430,7 +430,7 @@ end
 
 -- Finds the checkpoint to resume from: `latest` when it is complete, else the newest complete
 -- step folder. Accepts a run folder (uses its checkpoint/), a checkpoint folder or a step folder.
--- Returns dir, state (without tensors) or nil, message.
+-- Returns dir, state (without tensors) [, why the folder `latest` names was passed over] or nil, message.
 function M.find(path)
    check.type(path, 'string', 'nr.checkpoint.find', 'path')
    path = path:gsub('/+$', '')
@@ -454,21 +454,22 @@ function M.find(path)
    for _, n in ipairs(steps) do
       if n ~= latest then
          local st, why = validate(ckdir .. '/' .. n)
-         if st then return ckdir .. '/' .. n, st end
+         if st then return ckdir .. '/' .. n, st, latest and tried[1] or nil end
          tried[#tried + 1] = n .. ': ' .. why
       end
    end
    return nil, 'no complete checkpoint in ' .. ckdir .. (#tried > 0 and (' (' .. table.concat(tried, '; ') .. ')') or '')
 end
 
--- load(path) -> {dir, weights = {name = CPU tensor}, state = table with tensors restored}.
+-- load(path) -> {dir, weights = {name = CPU tensor}, state = table with tensors restored, passed_over =
+-- nil or why the folder `latest` names was not used}.
 function M.load(path)
-   local dir, st = M.find(path)
+   local dir, st, passed_over = M.find(path)
    if not dir then error('nr.checkpoint: ' .. st, 2) end
    local weights = safetensors.load(dir .. '/model.safetensors')
    local tensors = exists(dir .. '/state.safetensors') and safetensors.load(dir .. '/state.safetensors') or {}
    restore_tensors(st, tensors, dir .. '/state.json')
-   return {dir = dir, weights = weights, state = st}
+   return {dir = dir, weights = weights, state = st, passed_over = passed_over}
 end
 
 -- ---- models ----------------------------------------------------------------------------------------

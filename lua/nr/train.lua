@@ -863,6 +863,10 @@ end
 function Trainer:load_checkpoint(path)
    local r = ck.load(path)
    local s = r.state
+   if r.passed_over then
+      -- the epochs after this checkpoint are trained again: said, not left to the step count
+      self:print(string.format('note: checkpoint/latest names a damaged checkpoint (%s): continuing from %s', r.passed_over, r.dir))
+   end
    if type(s.epoch) ~= 'number' or type(s.step) ~= 'number' then
       error(string.format('nr.train: %s/state.json has no epoch and step: not a checkpoint of nr.train', r.dir), 0)
    end

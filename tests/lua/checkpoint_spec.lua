@@ -210,6 +210,7 @@ describe('nr.checkpoint', function()
       write(dir .. '/step-00000002/model.safetensors', good2:sub(1, #good2 - 4))
       r = ck.load(dir)
       assert.equal(1, r.state.epoch)
+      assert.equal('step-00000002: model.safetensors has ' .. (#good2 - 4) .. ' bytes, state.json says ' .. #good2, r.passed_over)
       -- a newer folder with state.json but a short weights file is skipped too
       write(dir .. '/step-00000002/model.safetensors', good2)
       ck.mkdirs(dir .. '/step-00000004')
@@ -218,6 +219,7 @@ describe('nr.checkpoint', function()
       os.remove(dir .. '/latest')
       r = ck.load(dir)
       assert.equal(2, r.state.epoch)
+      assert.is_nil(r.passed_over)                       -- no latest: nothing it named was passed over
       -- the next save prunes the debris and keeps `keep` complete checkpoints
       ck.save(dir, {step = 5, weights = {x = nr.full({4}, 5)}, state = {epoch = 5}, keep = 2})
       local names = ck.list(dir)
