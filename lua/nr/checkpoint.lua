@@ -390,15 +390,18 @@ function M.save(ckdir, opts)
       }
       state.checkpoint = {name = name, step = opts.step, time = os.time()}
       M.write_atomic(dir .. '/state.json', M.json_encode(state, true) .. '\n')
+      -- best before latest: a kill between the two leaves best naming this complete folder, which
+      -- the resumed run (from the previous one) writes again; the other way round best kept
+      -- naming an older step for good
+      if opts.best then M.write_atomic(ckdir .. '/best', name .. '\n') end
       M.write_atomic(ckdir .. '/latest', name .. '\n')
    end)
    -- a failed write (a full disk): `latest` still names the previous checkpoint; the unfinished
-   -- folder goes, so its space is free again (not when a Ctrl-C came just after `latest` moved)
+   -- folder goes, so its space is free again (not when a Ctrl-C came just after a pointer moved)
    if not ok then
-      if pointer(ckdir, 'latest') ~= name then remove_tree(dir) end
+      if pointer(ckdir, 'latest') ~= name and pointer(ckdir, 'best') ~= name then remove_tree(dir) end
       error(err, 0)
    end
-   if opts.best then M.write_atomic(ckdir .. '/best', name .. '\n') end
    M.prune(ckdir, opts.keep or 2)
    return dir
 end

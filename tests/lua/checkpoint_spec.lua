@@ -226,6 +226,22 @@ describe('nr.checkpoint', function()
       assert.same({'latest', 'step-00000002', 'step-00000005'}, names)
    end)
 
+   it('a kill between the pointers leaves best naming a complete checkpoint (written before latest)', function()
+      local dir = TMP .. '/pointers'
+      ck.save(dir, {step = 1, weights = {x = nr.full({4}, 1)}, state = {epoch = 1}, best = true})
+      local write_atomic = ck.write_atomic
+      ck.write_atomic = function(path, text)
+         if path:match('/latest$') then error('killed', 0) end
+         return write_atomic(path, text)
+      end
+      local ok = pcall(ck.save, dir, {step = 2, weights = {x = nr.full({4}, 2)}, state = {epoch = 2}, best = true})
+      ck.write_atomic = write_atomic
+      assert.is_false(ok)
+      assert.equal('step-00000001\n', ck.read_file(dir .. '/latest'))     -- the resume starts from step 1 ...
+      assert.equal('step-00000002\n', ck.read_file(dir .. '/best'))       -- ... and step 2, the best, is kept
+      assert.equal(2, ck.load(dir .. '/step-00000002').state.epoch)
+   end)
+
    it('reports a clear error when nothing is loadable', function()
       local ok, err = pcall(ck.load, TMP .. '/nothing-here')
       assert.is_false(ok)
