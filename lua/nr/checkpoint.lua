@@ -260,13 +260,18 @@ function Lock:release()
    if held[self.key] == self then held[self.key] = nil end
 end
 
+-- An existing path's real path (links and . / .. resolved), or the path as given when it has none.
+function M.realpath(path)
+   local buf = ffi.new('char[?]', 8192)
+   local p = ffi.C.realpath(path, buf)
+   return p ~= nil and ffi.string(p) or path
+end
+
 -- The file's path through its folder's real path (the folder exists; the file may not yet).
 local function canonical(path)
    local dir, name = path:match('^(.*)/([^/]*)$')
    if not dir then dir, name = '.', path elseif dir == '' then dir = '/' end
-   local buf = ffi.new('char[?]', 8192)
-   local p = ffi.C.realpath(dir, buf)
-   return (p ~= nil and ffi.string(p) or dir) .. '/' .. name
+   return M.realpath(dir) .. '/' .. name
 end
 
 function M.lock(path)
@@ -370,6 +375,11 @@ local function validate(dir, deep)
    return st
 end
 
+local function pointer(ckdir, which)
+   local s = read_file(ckdir .. '/' .. which)
+   return s and s:match('^%s*(step%-%d+)%s*$')
+end
+
 -- save(ckdir, {step = n, weights = {name = T}, state = table, keep = 2, metadata = {...}})
 -- -> the step folder's path. Older complete step folders beyond `keep` are pruned (never the
 -- one named by `best`, when that pointer exists).
@@ -389,23 +399,29 @@ function M.save(ckdir, opts)
    M.mkdirs(dir)
    local meta = {format = 'nrlua'}
    for k, v in pairs(opts.metadata or {}) do meta[k] = tostring(v) end
-   safetensors.save(dir .. '/model.safetensors', opts.weights or {}, meta)
-   safetensors.save(dir .. '/state.safetensors', tensors, {format = 'nrlua'})
-   state.files = {}
-   for _, f in ipairs({'model.safetensors', 'state.safetensors'}) do
-      state.files[f] = {bytes = file_size(dir .. '/' .. f), crc32 = assert(file_crc32(dir .. '/' .. f))}
+   local ok, err = pcall(function()
+      safetensors.save(dir .. '/model.safetensors', opts.weights or {}, meta)
+      safetensors.save(dir .. '/state.safetensors', tensors, {format = 'nrlua'})
+      state.files = {}
+      for _, f in ipairs({'model.safetensors', 'state.safetensors'}) do
+         state.files[f] = {bytes = file_size(dir .. '/' .. f), crc32 = assert(file_crc32(dir .. '/' .. f))}
+      end
+      state.checkpoint = {name = name, step = opts.step, time = os.time()}
+      M.write_atomic(dir .. '/state.json', M.json_encode(state, true) .. '\n')
+      -- best before latest: a kill between the two leaves best naming this complete folder, which
+      -- the resumed run (from the previous one) writes again; the other way round best kept
+      -- naming an older step for good
+      if opts.best then M.write_atomic(ckdir .. '/best', name .. '\n') end
+      M.write_atomic(ckdir .. '/latest', name .. '\n')
+   end)
+   -- a failed write (a full disk): `latest` still names the previous checkpoint; the unfinished
+   -- folder goes, so its space is free again (not when a Ctrl-C came just after a pointer moved)
+   if not ok then
+      if pointer(ckdir, 'latest') ~= name and pointer(ckdir, 'best') ~= name then remove_tree(dir) end
+      error(err, 0)
    end
-   state.checkpoint = {name = name, step = opts.step, time = os.time()}
-   M.write_atomic(dir .. '/state.json', M.json_encode(state, true) .. '\n')
-   M.write_atomic(ckdir .. '/latest', name .. '\n')
-   if opts.best then M.write_atomic(ckdir .. '/best', name .. '\n') end
    M.prune(ckdir, opts.keep or 2)
    return dir
-end
-
-local function pointer(ckdir, which)
-   local s = read_file(ckdir .. '/' .. which)
-   return s and s:match('^%s*(step%-%d+)%s*$')
 end
 
 -- Removes step folders other than the `keep` newest complete ones, `latest` and `best`;
@@ -435,7 +451,7 @@ end
 
 -- Finds the checkpoint to resume from: `latest` when it is complete, else the newest complete
 -- step folder. Accepts a run folder (uses its checkpoint/), a checkpoint folder or a step folder.
--- Returns dir, state (without tensors) or nil, message.
+-- Returns dir, state (without tensors) [, why the folder `latest` names was passed over] or nil, message.
 function M.find(path)
    check.type(path, 'string', 'nr.checkpoint.find', 'path')
    path = path:gsub('/+$', '')
@@ -459,21 +475,22 @@ function M.find(path)
    for _, n in ipairs(steps) do
       if n ~= latest then
          local st, why = validate(ckdir .. '/' .. n, true)
-         if st then return ckdir .. '/' .. n, st end
+         if st then return ckdir .. '/' .. n, st, latest and tried[1] or nil end
          tried[#tried + 1] = n .. ': ' .. why
       end
    end
    return nil, 'no complete checkpoint in ' .. ckdir .. (#tried > 0 and (' (' .. table.concat(tried, '; ') .. ')') or '')
 end
 
--- load(path) -> {dir, weights = {name = CPU tensor}, state = table with tensors restored}.
+-- load(path) -> {dir, weights = {name = CPU tensor}, state = table with tensors restored, passed_over =
+-- nil or why the folder `latest` names was not used}.
 function M.load(path)
-   local dir, st = M.find(path)
+   local dir, st, passed_over = M.find(path)
    if not dir then error('nr.checkpoint: ' .. st, 2) end
    local weights = safetensors.load(dir .. '/model.safetensors')
    local tensors = exists(dir .. '/state.safetensors') and safetensors.load(dir .. '/state.safetensors') or {}
    restore_tensors(st, tensors, dir .. '/state.json')
-   return {dir = dir, weights = weights, state = st}
+   return {dir = dir, weights = weights, state = st, passed_over = passed_over}
 end
 
 -- ---- models ----------------------------------------------------------------------------------------

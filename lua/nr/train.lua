@@ -892,8 +892,16 @@ function Trainer:save_checkpoint(opts)
       threads = C.nr_get_num_threads(),
       device = self.device,
    }
-   local dir = ck.save(self.out .. '/checkpoint', {step = self.step, weights = ck.model_tensors(self.model), state = state,
-                                                   keep = rc.keep, best = opts.best, metadata = {epoch = self.epoch, step = self.step}})
+   local ckdir = self.out .. '/checkpoint'
+   local ok, dir = pcall(ck.save, ckdir, {step = self.step, weights = ck.model_tensors(self.model), state = state,
+                                          keep = rc.keep, best = opts.best, metadata = {epoch = self.epoch, step = self.step}})
+   if not ok then
+      -- a full disk: said with what is left to continue from, not as a position inside nr.checkpoint
+      local prev = ck.find(ckdir)
+      error(string.format('nr.train: cannot write the checkpoint of epoch %d (step %d) into %s: %s\n  %s', self.epoch,
+         self.step, ckdir, (tostring(dir):gsub('^[^\n]-%.lua:%d+: ', '')), prev and string.format('The last complete '
+         .. 'checkpoint, %s, is intact: --resume %s continues from it.', prev, self.out) or 'No earlier checkpoint exists.'), 0)
+   end
    self.last_checkpoint = dir
    return dir
 end
@@ -902,6 +910,10 @@ end
 function Trainer:load_checkpoint(path)
    local r = ck.load(path)
    local s = r.state
+   if r.passed_over then
+      -- the epochs after this checkpoint are trained again: said, not left to the step count
+      self:print(string.format('note: checkpoint/latest names a damaged checkpoint (%s): continuing from %s', r.passed_over, r.dir))
+   end
    if type(s.epoch) ~= 'number' or type(s.step) ~= 'number' then
       error(string.format('nr.train: %s/state.json has no epoch and step: not a checkpoint of nr.train', r.dir), 0)
    end
@@ -1239,29 +1251,38 @@ local function fmt(v, f) return v and string.format(f, v) or '-' end
 
 -- --resume of a run that stopped before writing its first checkpoint (killed in epoch 1): the
 -- folder holds the run (recipe.json / metrics.jsonl) but no checkpoint, so there is nothing to
--- continue and the run starts from the beginning, its partial files replaced (as Lightning's
--- resume from a missing last checkpoint). Decided from files every rank of nr.dist sees alike;
+-- continue (a step folder without state.json, a first save cut short, is none) and the run starts
+-- from the beginning, its partial files replaced (as Lightning's resume from a missing last
+-- checkpoint). Decided from files every rank of nr.dist sees alike;
 -- a rank's own folder under the run (<run>/ranks/<r>) is not checked again, as rank 0 may be
 -- clearing the run's files meanwhile. A folder that holds no run, checkpoints that exist but fail
 -- validation, or another --out than the run stay errors: nothing is discarded silently.
 -- Returns true when the run can be resumed.
+-- The run a resume path names (trailing slashes dropped), whether tr.out is that run's own folder
+-- (compared as real paths) and whether it is, under nr.dist, a rank's own folder in it.
+local function resume_target(tr, path)
+   local named = (path:gsub('/+$', ''):gsub('^%./+', ''))
+   local run = run_folder_of(named)
+   local real_run, out = ck.realpath(run), ck.realpath(tr.out)
+   local own_rank = out:sub(1, #real_run + 7) == real_run .. '/ranks/' and out:match('/ranks/%d+$') ~= nil
+   return named, run, out == real_run, own_rank
+end
+
 local function resumable(tr, path)
    local found, why = ck.find(path)
    if found then return true end
-   local function norm(p) return (p:gsub('/+$', ''):gsub('^%./+', '')) end
-   local named = norm(path)
-   local run = run_folder_of(named)
-   local out = norm(tr.out)
-   local own_rank = out:sub(1, #run + 7) == run .. '/ranks/' and out:match('/ranks/%d+$') ~= nil
+   local named, run, own, own_rank = resume_target(tr, path)
    local function refuse(what)
       error(string.format('nr.train: cannot resume %s: %s', path, what), 0)
    end
-   if out ~= run and not own_rank then refuse(why .. ' (a run restarts only in its own folder: drop --out)') end
-   local names = ck.list(run .. '/checkpoint')
-   if named:match('step%-%d+$') or ck.exists(named .. '/state.json') then names = {'step-0'} end -- one named checkpoint
-   for _, name in ipairs(names) do
-      if name:match('^step%-%d+$') then refuse(why .. '; --overwrite starts the run again from the beginning') end
+   if not own and not own_rank then refuse(why .. ' (a run restarts only in its own folder: drop --out)') end
+   local damaged = named:match('step%-%d+$') or ck.exists(named .. '/state.json')   -- one named checkpoint
+   -- a step folder without state.json is a save that never completed (killed, or a full disk, during
+   -- the first checkpoint; nr.checkpoint ignores and prunes it): no checkpoint yet. One with it is damaged.
+   for _, name in ipairs(ck.list(run .. '/checkpoint')) do
+      damaged = damaged or (name:match('^step%-%d+$') and ck.exists(run .. '/checkpoint/' .. name .. '/state.json'))
    end
+   if damaged then refuse(why .. '; --overwrite starts the run again from the beginning') end
    if not own_rank and not (ck.exists(run .. '/recipe.json') or ck.exists(run .. '/metrics.jsonl')) then
       refuse('it holds no run (no checkpoint, recipe.json or metrics.jsonl)')
    end
@@ -1295,6 +1316,10 @@ function Trainer:run()
    self:_lock_out()
    local resume = rc.resume and resumable(self, rc.resume)
    if resume then
+      -- continued into another folder (--resume A --out B): B is a new run's, so another run there
+      -- is refused unless --overwrite (its metrics and checkpoints were mixed with this one's)
+      local _, _, own, own_rank = resume_target(self, rc.resume)
+      if not own and not own_rank then claim_run_folder(self.out, rc.overwrite) end
       local dir = self:load_checkpoint(rc.resume)
       self:print(string.format('resumed from %s (epoch %d, step %d%s)', dir, self.epoch, self.step,
          self.held_epochs > 0 and string.format(', %d held', self.held_epochs) or ''))

@@ -210,6 +210,7 @@ describe('nr.checkpoint', function()
       write(dir .. '/step-00000002/model.safetensors', good2:sub(1, #good2 - 4))
       r = ck.load(dir)
       assert.equal(1, r.state.epoch)
+      assert.equal('step-00000002: model.safetensors has ' .. (#good2 - 4) .. ' bytes, state.json says ' .. #good2, r.passed_over)
       -- a newer folder with state.json but a short weights file is skipped too
       write(dir .. '/step-00000002/model.safetensors', good2)
       ck.mkdirs(dir .. '/step-00000004')
@@ -218,6 +219,7 @@ describe('nr.checkpoint', function()
       os.remove(dir .. '/latest')
       r = ck.load(dir)
       assert.equal(2, r.state.epoch)
+      assert.is_nil(r.passed_over)                       -- no latest: nothing it named was passed over
       -- the next save prunes the debris and keeps `keep` complete checkpoints
       ck.save(dir, {step = 5, weights = {x = nr.full({4}, 5)}, state = {epoch = 5}, keep = 2})
       local names = ck.list(dir)
@@ -242,6 +244,22 @@ describe('nr.checkpoint', function()
          write(path, good)
       end
       assert.equal(2, ck.load(dir).state.epoch)
+   end)
+
+   it('a kill between the pointers leaves best naming a complete checkpoint (written before latest)', function()
+      local dir = TMP .. '/pointers'
+      ck.save(dir, {step = 1, weights = {x = nr.full({4}, 1)}, state = {epoch = 1}, best = true})
+      local write_atomic = ck.write_atomic
+      ck.write_atomic = function(path, text)
+         if path:match('/latest$') then error('killed', 0) end
+         return write_atomic(path, text)
+      end
+      local ok = pcall(ck.save, dir, {step = 2, weights = {x = nr.full({4}, 2)}, state = {epoch = 2}, best = true})
+      ck.write_atomic = write_atomic
+      assert.is_false(ok)
+      assert.equal('step-00000001\n', ck.read_file(dir .. '/latest'))     -- the resume starts from step 1 ...
+      assert.equal('step-00000002\n', ck.read_file(dir .. '/best'))       -- ... and step 2, the best, is kept
+      assert.equal(2, ck.load(dir .. '/step-00000002').state.epoch)
    end)
 
    it('reports a clear error when nothing is loadable', function()

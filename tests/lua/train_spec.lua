@@ -289,6 +289,26 @@ describe('nr.train', function()
       assert.is_true(ck.is_link(linked .. '/checkpoint'))
    end)
 
+   it('resume into another folder (--resume A --out B): refused where B holds another run, unless overwrite', function()
+      local a, b, c = TMP .. '/fork_a', TMP .. '/fork_b', TMP .. '/fork_c'
+      nr.train(held_recipe(a, {epochs = 1}))
+      nr.train(held_recipe(b, {epochs = 1, seed = 5}))
+      local ok, e = pcall(nr.train, held_recipe(b, {epochs = 2, resume = a}))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find(b .. ' already holds a run', 1, true), tostring(e))
+      assert.equal(1, #epoch_records(b))                          -- B untouched
+      assert.equal(b .. '/checkpoint/step-00000008', (ck.find(b)))
+      -- overwrite: B holds A's continuation only; an empty folder is simply a new run's
+      local s = nr.train(held_recipe(b, {epochs = 2, resume = a, overwrite = true}))
+      assert.equal(16, s.steps)
+      assert.is_false(ck.is_dir(b .. '/checkpoint/step-00000008'))   -- B's own run went
+      local recs = epoch_records(b)
+      assert.equal(1, #recs); assert.equal(2, recs[1].epoch)
+      assert.equal(16, nr.train(held_recipe(c, {epochs = 2, resume = a})).steps)
+      -- the run's own folder by another spelling is the run itself, not another folder
+      assert.equal(16, nr.train(held_recipe(a .. '/', {epochs = 2, resume = a .. '/../fork_a'})).steps)
+   end)
+
    it('one writer per run folder: while another process writes into it, a run, --overwrite and --resume are refused', function()
       local util = require 'tests.lua.spec_util'
       local dir = TMP .. '/busy'
@@ -627,6 +647,51 @@ print('epochs', s.epochs)
       assert.is_false(ok)
       assert.truthy(tostring(e):find('nr.train: cannot resume ' .. dir .. ': ', 1, true), tostring(e))
       assert.truthy(tostring(e):find('--overwrite starts the run again from the beginning', 1, true), tostring(e))
+   end)
+
+   it('resume: a run whose first checkpoint was cut short (no state.json: killed, a full disk) starts again', function()
+      local ref = nr.train(held_recipe(TMP .. '/cut_ref', {epochs = 1}))
+      -- what a full disk (or a kill) during the first save leaves: the step folder without state.json
+      local dir = TMP .. '/cut'
+      ck.mkdirs(dir .. '/checkpoint/step-00000008')
+      ck.write_atomic(dir .. '/recipe.json', '{}\n')
+      ck.write_atomic(dir .. '/metrics.jsonl', '{"kind":"run","event":"begin"}\n{"kind":"epoch","epoch":1,"step":8}\n')
+      ck.write_atomic(dir .. '/checkpoint/step-00000008/model.safetensors', 'half')
+      local out = sink()
+      local s = nr.train(held_recipe(dir, {epochs = 1, resume = dir, progress = {stream = out, tty = false}}))
+      assert.truthy(out:text():find('no checkpoint in ' .. dir .. ' yet', 1, true), out:text())
+      assert.equal(ref.final_top1, s.final_top1); assert.equal(ref.final_loss, s.final_loss)
+      assert.equal(1, #epoch_records(dir))                       -- the cut run's records went
+      assert.equal(TMP .. '/cut/checkpoint/step-00000008', (ck.find(dir)))
+   end)
+
+   it('a checkpoint write that fails (a full disk) says so, removes its folder and keeps the previous one', function()
+      local dir = TMP .. '/full'
+      local sts = require 'nr.safetensors'
+      local save = sts.save
+      local r = held_recipe(dir, {epochs = 2})
+      r.hooks = {epoch_begin = function(_, info)
+         if info.epoch == 2 then
+            sts.save = function(path, ...)
+               if path:match('state%.safetensors$') then
+                  error('/x/nr/safetensors.lua:112: nr.safetensors.save: writing ' .. path .. '.tmp.1: No space left on device', 0)
+               end
+               return save(path, ...)
+            end
+         end
+      end}
+      local ok, err = pcall(nr.train, r)
+      sts.save = save
+      assert.is_false(ok)
+      err = tostring(err)
+      assert.truthy(err:find('nr.train: cannot write the checkpoint of epoch 2 (step 16) into ' .. dir .. '/checkpoint: '
+         .. 'nr.safetensors.save: writing ' .. dir .. '/checkpoint/step-00000016/state.safetensors.tmp.1: No space left', 1, true), err)
+      assert.truthy(err:find('The last complete checkpoint, ' .. dir .. '/checkpoint/step-00000008, is intact: --resume '
+         .. dir .. ' continues from it.', 1, true), err)
+      assert.is_false(ck.is_dir(dir .. '/checkpoint/step-00000016'))   -- its space is free again
+      assert.equal(dir .. '/checkpoint/step-00000008', (ck.find(dir)))
+      local s = nr.train(held_recipe(dir, {epochs = 2, resume = dir}))
+      assert.equal(16, s.steps)
    end)
 
    it('resumes exactly across the extension: killed while held and after it, bit for bit', function()
