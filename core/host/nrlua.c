@@ -281,16 +281,20 @@ static char **complete(const char *text, int start, int end)
    return rl_completion_matches(text, completion_generator);
 }
 
+/* The session's history is saved however it ends: Ctrl-D, or exit() / os.exit() from Lua. */
+static char history_path[PATH_MAX];
+static void save_history(void) { write_history(history_path); }
+
 /* Returns the exit status: 0, or 1 when stdin is not a terminal and an input failed (a piped
  * session is a script: its errors must reach the caller). */
 static int repl(lua_State *L)
 {
    int tty = isatty(0);
    if (tty) {
-      char hist[PATH_MAX];
       const char *h = getenv("HOME");
-      snprintf(hist, sizeof hist, "%s/.nrlua_history", h ? h : ".");
-      read_history(hist);
+      snprintf(history_path, sizeof history_path, "%s/.nrlua_history", h ? h : ".");
+      read_history(history_path);
+      atexit(save_history);
       rl_attempted_completion_function = complete;
       rl_catch_signals = 0; /* SIGINT at the prompt: on_prompt_sigint */
       rl_getc_function = getc_interruptible;
@@ -334,7 +338,6 @@ static int repl(lua_State *L)
          }
          lua_settop(L, 0);
       }
-      write_history(hist);
       printf("\n");
    } else {
       /* not a terminal: the same evaluator, statement by statement, echoing results */

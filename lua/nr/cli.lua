@@ -189,6 +189,14 @@ for k in pairs(_G) do STARTUP[k] = true end
 M.env = setmetatable({}, {__index = _G, __newindex = function(t, k, v)
    if STARTUP[k] then rawset(t, k, v) else _G[k] = v end
 end})
+-- `exit` / `quit` as Python's REPL has them: called, they end the session (os.exit(code)); typed
+-- alone, they say how (a bare `exit` printed nil)
+for _, name in ipairs({'exit', 'quit'}) do
+   rawset(M.env, name, setmetatable({}, {
+      __call = function(_, code) os.exit(code == nil and 0 or code) end,
+      __tostring = function() return 'use ' .. name .. '() or Ctrl-D to leave nrlua' end,
+   }))
+end
 
 -- final: no more input will come, so an incomplete statement is an error, not a request for more.
 -- `=expr` prints expr, as in the standard Lua REPL.

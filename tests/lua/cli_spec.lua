@@ -120,6 +120,11 @@ describe('nrlua', function()
       local o6, rc6 = piped(exe, 'error(setmetatable({}, {__tostring = function() error("bad") end}))\nprint("after")\n')
       assert.equal(1, rc6)                                        -- an error object that cannot be shown
       assert.truthy(o6:find('an error object whose __tostring failed', 1, true) and o6:find('after', 1, true), o6)
+      -- exit / quit as in Python's REPL: alone they say how to leave, called they leave
+      local o7, rc7 = piped(exe, 'exit\nquit\nprint("still here")\nexit(3)\nprint("gone")\n')
+      assert.equal(3, rc7)
+      assert.truthy(o7:find('use exit() or Ctrl-D to leave nrlua\nuse quit() or Ctrl-D to leave nrlua\nstill here\n', 1, true), o7)
+      assert.is_nil(o7:find('gone', 1, true), o7)
       local o5, rc5 = piped(exe, 'setmetatable({}, {__tostring = function() error("bad tostring") end})\nprint("after")\n')
       assert.equal(1, rc5)                                        -- printing the value failed
       assert.truthy(o5:find('bad tostring', 1, true) and o5:find('after', 1, true), o5)
