@@ -308,7 +308,9 @@ local LAMBDA_KEYS = {mode = true, init = true, dt = true, dr = true, dl = true, 
 --   the trainer's loader),
 --   lambda = {mode = 'adaptive' | 'constant', init = 0, dt = 'epoch' | N steps, dr = 0.01,
 --             dl = 5e-5, value}, policy = {when, lambda, reallocate, init, rescale}.
--- Returns the controller (its fields: lambda, r_hist, lambda_hist, rejuvenations, reports).
+-- Returns the controller (its fields: lambda, r_hist, lambda_hist, rejuvenations (all, restored on
+-- --resume), reports (this process's rejuvenations; the run's metrics.jsonl has an 'nr' event for each
+-- one, those before a resume included)).
 function M.attach(tr, cfg)
    local FN = 'nr.rejuvenate.attach'
    cfg = check.options(cfg or {}, CFG_KEYS, FN)
