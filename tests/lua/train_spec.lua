@@ -901,6 +901,31 @@ print('epochs', s.epochs)
       assert.equal(0, m3.top5)                -- six NaNs before it
    end)
 
+   it('a long run keeps no per-step Lua state: the tables the trainer reaches stay the same from epoch to epoch', function()
+      -- every table reachable from the trainer (keys, values), counted at each epoch's end
+      local function reachable(root)
+         local seen, n, stack = {}, 0, {root}
+         while #stack > 0 do
+            local t = table.remove(stack)
+            if not seen[t] then
+               seen[t], n = true, n + 1
+               for k, v in pairs(t) do
+                  if type(k) == 'table' then stack[#stack + 1] = k end
+                  if type(v) == 'table' then stack[#stack + 1] = v end
+               end
+            end
+         end
+         return n
+      end
+      local counts = {}
+      -- log_every = 1 and an evaluation every epoch: a record per step (a list of every record grew by
+      -- one table per step for the whole run)
+      train.train(recipe(TMP .. '/soak', {epochs = 6, log_every = 1, eval_every = 1,
+         hooks = {epoch_end = function(tr) counts[#counts + 1] = reachable(tr) end}}))
+      assert.equal(6, #counts)
+      for e = 3, 6 do assert.equal(counts[2], counts[e], 'epoch ' .. e .. ': ' .. table.concat(counts, ' ')) end
+   end)
+
    it('cleans up', function()
       ck.remove_tree(TMP)
    end)
