@@ -1416,6 +1416,9 @@ function Trainer:run()
    self.metrics = nil
    self.out_lock:release()
    self.out_lock = nil
+   -- the run is over: M.running kept the whole trainer (model, optimizer, loaders with their threads and
+   -- batch buffers) alive after nr.train returned, until the next run
+   if M.running == self then M.running = nil end
    return summary
 end
 

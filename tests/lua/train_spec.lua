@@ -926,6 +926,22 @@ print('epochs', s.epochs)
       for e = 3, 6 do assert.equal(counts[2], counts[e], 'epoch ' .. e .. ': ' .. table.concat(counts, ' ')) end
    end)
 
+   it('a finished run is not kept alive: its trainer and model are collected once the caller drops them', function()
+      -- train.running (what a Ctrl-C names) held the last trainer, with its model, optimizer state and loaders
+      -- (their threads and batch buffers), after nr.train had returned
+      local alive = setmetatable({}, {__mode = 'k'})
+      local function run()
+         local _, tr = train.train(recipe(TMP .. '/dropped', {epochs = 1}))
+         alive[tr], alive[tr.model] = 'trainer', 'model'
+      end
+      run()
+      collectgarbage(); collectgarbage()
+      local left = {}
+      for _, what in pairs(alive) do left[#left + 1] = what end
+      assert.same({}, left)
+      assert.is_nil(train.running)
+   end)
+
    it('cleans up', function()
       ck.remove_tree(TMP)
    end)
