@@ -1294,6 +1294,11 @@ end
 function Trainer:run()
    local rc = self.recipe
    self:_lock_out()
+   -- a kill inside an atomic write (recipe.json; metrics.jsonl, rewritten whole by a resume) leaves
+   -- <file>.tmp.<pid> behind, which nothing removed; the folder is this run's now (locked)
+   for _, n in ipairs(ck.list(self.out)) do
+      if n:match('^recipe%.json%.tmp%.%d+$') or n:match('^metrics%.jsonl%.tmp%.%d+$') then os.remove(self.out .. '/' .. n) end
+   end
    local resume = rc.resume and resumable(self, rc.resume)
    if resume then
       local dir = self:load_checkpoint(rc.resume)

@@ -942,6 +942,21 @@ print('epochs', s.epochs)
       assert.is_nil(train.running)
    end)
 
+   it("a run removes the temp files a kill inside an atomic write left in its folder (not the user's)", function()
+      local dir = TMP .. '/stale'
+      ck.mkdirs(dir)
+      local stale = {'recipe.json.tmp.4242', 'metrics.jsonl.tmp.4243'}
+      for _, n in ipairs(stale) do ck.write_atomic(dir .. '/' .. n, '{"half": ') end
+      ck.write_atomic(dir .. '/notes.txt.tmp.7', 'mine')
+      train.train(recipe(dir, {epochs = 1}))
+      for _, n in ipairs(stale) do assert.is_false(ck.exists(dir .. '/' .. n), n) end
+      assert.is_true(ck.exists(dir .. '/notes.txt.tmp.7'))
+      -- and on --resume, whose trim of metrics.jsonl is such a write
+      for _, n in ipairs(stale) do ck.write_atomic(dir .. '/' .. n, '{"half": ') end
+      train.train(recipe(dir, {epochs = 2, resume = dir}))
+      for _, n in ipairs(stale) do assert.is_false(ck.exists(dir .. '/' .. n), n) end
+   end)
+
    it('cleans up', function()
       ck.remove_tree(TMP)
    end)
