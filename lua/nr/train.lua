@@ -464,7 +464,8 @@ function Trainer:log(record)
       if ok then ok, err = self.metrics:flush() end
       if not ok then error(string.format('nr.train: cannot write %s/metrics.jsonl: %s', self.out, tostring(err)), 0) end
    end
-   self.records[#self.records + 1] = r
+   -- not kept in memory as well: a list of every record grew by one table per log_every steps for
+   -- the whole run (metrics.jsonl is the history)
 end
 
 function Trainer:print(text) self.progress:line(text) end
@@ -732,7 +733,7 @@ end
 -- Creates the trainer (model, data, optimizer, schedule, run folder); does not train.
 function M.new(recipe)
    local rc = M.resolve(recipe)
-   local tr = setmetatable({recipe = rc, hooks = {}, states = {}, state_order = {}, records = {},
+   local tr = setmetatable({recipe = rc, hooks = {}, states = {}, state_order = {},
                             schedule_hold = false, extend_held = false, held_epochs = 0, epoch = 0, step = 0, best_top1 = nil,
                             train_images = 0, train_time = 0}, Trainer)
    for h in pairs(HOOKS) do tr.hooks[h] = {} end
@@ -1314,6 +1315,11 @@ end
 function Trainer:run()
    local rc = self.recipe
    self:_lock_out()
+   -- a kill inside an atomic write (recipe.json; metrics.jsonl, rewritten whole by a resume) leaves
+   -- <file>.tmp.<pid> behind, which nothing removed; the folder is this run's now (locked)
+   for _, n in ipairs(ck.list(self.out)) do
+      if n:match('^recipe%.json%.tmp%.%d+$') or n:match('^metrics%.jsonl%.tmp%.%d+$') then os.remove(self.out .. '/' .. n) end
+   end
    local resume = rc.resume and resumable(self, rc.resume)
    if resume then
       -- continued into another folder (--resume A --out B): B is a new run's, so another run there
@@ -1440,6 +1446,9 @@ function Trainer:run()
    self.metrics = nil
    self.out_lock:release()
    self.out_lock = nil
+   -- the run is over: M.running kept the whole trainer (model, optimizer, loaders with their threads and
+   -- batch buffers) alive after nr.train returned, until the next run
+   if M.running == self then M.running = nil end
    return summary
 end
 

@@ -362,7 +362,7 @@ describe('nr.checkpoint', function()
    it('nr.train: a failing metrics.jsonl write (a full disk) is an error naming the file', function()
       local Trainer = require('nr.train').Trainer
       local function trainer(metrics)
-         return setmetatable({metrics = metrics, out = 'runs/full', epoch = 1, step = 2, t_start = 0, records = {}},
+         return setmetatable({metrics = metrics, out = 'runs/full', epoch = 1, step = 2, t_start = 0},
             {__index = Trainer})
       end
       -- /dev/full: writes fail with ENOSPC (buffered: at the flush)

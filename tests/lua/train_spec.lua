@@ -966,6 +966,62 @@ print('epochs', s.epochs)
       assert.equal(0, m3.top5)                -- six NaNs before it
    end)
 
+   it('a long run keeps no per-step Lua state: the tables the trainer reaches stay the same from epoch to epoch', function()
+      -- every table reachable from the trainer (keys, values), counted at each epoch's end
+      local function reachable(root)
+         local seen, n, stack = {}, 0, {root}
+         while #stack > 0 do
+            local t = table.remove(stack)
+            if not seen[t] then
+               seen[t], n = true, n + 1
+               for k, v in pairs(t) do
+                  if type(k) == 'table' then stack[#stack + 1] = k end
+                  if type(v) == 'table' then stack[#stack + 1] = v end
+               end
+            end
+         end
+         return n
+      end
+      local counts = {}
+      -- log_every = 1 and an evaluation every epoch: a record per step (a list of every record grew by
+      -- one table per step for the whole run)
+      train.train(recipe(TMP .. '/soak', {epochs = 6, log_every = 1, eval_every = 1,
+         hooks = {epoch_end = function(tr) counts[#counts + 1] = reachable(tr) end}}))
+      assert.equal(6, #counts)
+      for e = 3, 6 do assert.equal(counts[2], counts[e], 'epoch ' .. e .. ': ' .. table.concat(counts, ' ')) end
+   end)
+
+   it('a finished run is not kept alive: its trainer and model are collected once the caller drops them', function()
+      -- train.running (what a Ctrl-C names) held the last trainer, with its model, optimizer state and loaders
+      -- (their threads and batch buffers), after nr.train had returned
+      local alive = setmetatable({}, {__mode = 'k'})
+      local function run()
+         local _, tr = train.train(recipe(TMP .. '/dropped', {epochs = 1}))
+         alive[tr], alive[tr.model] = 'trainer', 'model'
+      end
+      run()
+      collectgarbage(); collectgarbage()
+      local left = {}
+      for _, what in pairs(alive) do left[#left + 1] = what end
+      assert.same({}, left)
+      assert.is_nil(train.running)
+   end)
+
+   it("a run removes the temp files a kill inside an atomic write left in its folder (not the user's)", function()
+      local dir = TMP .. '/stale'
+      ck.mkdirs(dir)
+      local stale = {'recipe.json.tmp.4242', 'metrics.jsonl.tmp.4243'}
+      for _, n in ipairs(stale) do ck.write_atomic(dir .. '/' .. n, '{"half": ') end
+      ck.write_atomic(dir .. '/notes.txt.tmp.7', 'mine')
+      train.train(recipe(dir, {epochs = 1}))
+      for _, n in ipairs(stale) do assert.is_false(ck.exists(dir .. '/' .. n), n) end
+      assert.is_true(ck.exists(dir .. '/notes.txt.tmp.7'))
+      -- and on --resume, whose trim of metrics.jsonl is such a write
+      for _, n in ipairs(stale) do ck.write_atomic(dir .. '/' .. n, '{"half": ') end
+      train.train(recipe(dir, {epochs = 2, resume = dir}))
+      for _, n in ipairs(stale) do assert.is_false(ck.exists(dir .. '/' .. n), n) end
+   end)
+
    it('cleans up', function()
       ck.remove_tree(TMP)
    end)
