@@ -1433,8 +1433,10 @@ function Trainer:run()
    }
    self:call('train_end', summary)
    self:log({kind = 'summary', summary = summary})
-   self:print(string.format('done: top1 %s%% (best %s%% at epoch %s), %s, %d img/s -> %s', fmt(summary.final_top1, '%.2f'),
-      fmt(summary.best_top1, '%.2f'), tostring(summary.best_epoch), progress.format_duration(summary.time_s),
+   -- a run without evaluation (--data.val_split off) has no top-1: said so, not as "-% (best -% at epoch nil)"
+   local result = not self.val_loader and 'no evaluation' or string.format('top1 %s%% (best %s%% at epoch %s)',
+      fmt(summary.final_top1, '%.2f'), fmt(summary.best_top1, '%.2f'), summary.best_epoch and tostring(summary.best_epoch) or '-')
+   self:print(string.format('done: %s, %s, %d img/s -> %s', result, progress.format_duration(summary.time_s),
       math.floor(summary.images_per_s + 0.5), self.out))
    self.metrics:close()
    self.metrics = nil

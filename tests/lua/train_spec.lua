@@ -101,6 +101,13 @@ describe('nr.train', function()
       assert.same({4, 8}, steps)
       assert.truthy(text:find('epoch 1/1  train loss %d+%.%d+ top1 %d+%.%d+%%  |  val loss %d+%.%d+ top1 %d+%.%d+%% top5 100%.00%%'))
       assert.truthy(text:find('done: top1', 1, true))
+      -- without evaluation (no data.val; --data.val_split off) the summary line said "top1 -% (best -% at epoch nil)"
+      r = recipe(TMP .. '/p_noval', {epochs = 1})
+      r.data.val = nil
+      nr.train(r)
+      text = r.progress.stream:text()
+      assert.truthy(text:find('done: no evaluation, ', 1, true), text)
+      assert.is_nil(text:find('nil', 1, true), text)
    end)
 
    it('writes recipe.json, metrics.jsonl and a checkpoint into the run folder', function()
