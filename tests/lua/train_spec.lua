@@ -672,6 +672,24 @@ print('epochs', s.epochs)
       assert.equal(TMP .. '/cut/checkpoint/step-00000008', (ck.find(dir)))
    end)
 
+   it('resume into another folder from a damaged checkpoint names the damage, not "drop --out"', function()
+      local dir = TMP .. '/crc_src'
+      nr.train(held_recipe(dir, {epochs = 1}))
+      local step = ck.find(dir)
+      -- one bit flipped on disk: the CRC-32 check refuses the only checkpoint
+      local bytes = ck.read_file(step .. '/model.safetensors')
+      local at = #bytes - 3
+      ck.write_atomic(step .. '/model.safetensors', bytes:sub(1, at - 1) .. string.char((bytes:byte(at) + 1) % 256) .. bytes:sub(at + 1))
+      for _, resume in ipairs({dir, step}) do
+         local ok, err = pcall(nr.train, held_recipe(TMP .. '/crc_dst', {epochs = 2, resume = resume}))
+         assert.is_false(ok)
+         err = tostring(err)
+         assert.truthy(err:find('CRC-32', 1, true), err)
+         -- a restart in the run's own folder would not help: the checkpoint exists, it is damaged
+         assert.is_nil(err:find('drop --out', 1, true), err)
+      end
+   end)
+
    it('a checkpoint write that fails (a full disk) says so, removes its folder and keeps the previous one', function()
       local dir = TMP .. '/full'
       local sts = require 'nr.safetensors'
