@@ -37,7 +37,10 @@ end
 function nr.set_grad_enabled(on) return require('nr.nn.module').set_grad_enabled(on) end
 function nr.is_grad_enabled() return require('nr.nn.module').is_grad_enabled() end
 function nr.no_grad(fn, ...)
-   check.type(fn, 'function', 'nr.no_grad', 'fn') -- else "attempt to call a table value", no name
+   -- else "attempt to call a table value", no name; a callable (a module: nr.no_grad(model, x)) is fine
+   local mt = type(fn) ~= 'function' and getmetatable(fn)
+   check.arg(type(fn) == 'function' or type(mt) == 'table' and mt.__call ~= nil, 'nr.no_grad',
+      'fn must be a function (or callable), got %s', type(fn))
    local prev = nr.set_grad_enabled(false)
    local res = {pcall(fn, ...)}
    nr.set_grad_enabled(prev)

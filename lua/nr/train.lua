@@ -1276,14 +1276,15 @@ local function resumable(tr, path)
    local function refuse(what)
       error(string.format('nr.train: cannot resume %s: %s', path, what), 0)
    end
-   if not own and not own_rank then refuse(why .. ' (a run restarts only in its own folder: drop --out)') end
    local damaged = named:match('step%-%d+$') or ck.exists(named .. '/state.json')   -- one named checkpoint
    -- a step folder without state.json is a save that never completed (killed, or a full disk, during
    -- the first checkpoint; nr.checkpoint ignores and prunes it): no checkpoint yet. One with it is damaged.
    for _, name in ipairs(ck.list(run .. '/checkpoint')) do
       damaged = damaged or (name:match('^step%-%d+$') and ck.exists(run .. '/checkpoint/' .. name .. '/state.json'))
    end
-   if damaged then refuse(why .. '; --overwrite starts the run again from the beginning') end
+   -- damaged checkpoints first: "drop --out" (a restart) is no answer to them
+   if damaged then refuse(why .. ((own or own_rank) and '; --overwrite starts the run again from the beginning' or '')) end
+   if not own and not own_rank then refuse(why .. ' (a run restarts only in its own folder: drop --out)') end
    if not own_rank and not (ck.exists(run .. '/recipe.json') or ck.exists(run .. '/metrics.jsonl')) then
       refuse('it holds no run (no checkpoint, recipe.json or metrics.jsonl)')
    end
@@ -1439,8 +1440,10 @@ function Trainer:run()
    }
    self:call('train_end', summary)
    self:log({kind = 'summary', summary = summary})
-   self:print(string.format('done: top1 %s%% (best %s%% at epoch %s), %s, %d img/s -> %s', fmt(summary.final_top1, '%.2f'),
-      fmt(summary.best_top1, '%.2f'), tostring(summary.best_epoch), progress.format_duration(summary.time_s),
+   -- a run without evaluation (--data.val_split off) has no top-1: said so, not as "-% (best -% at epoch nil)"
+   local result = not self.val_loader and 'no evaluation' or string.format('top1 %s%% (best %s%% at epoch %s)',
+      fmt(summary.final_top1, '%.2f'), fmt(summary.best_top1, '%.2f'), summary.best_epoch and tostring(summary.best_epoch) or '-')
+   self:print(string.format('done: %s, %s, %d img/s -> %s', result, progress.format_duration(summary.time_s),
       math.floor(summary.images_per_s + 0.5), self.out))
    self.metrics:close()
    self.metrics = nil

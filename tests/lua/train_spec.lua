@@ -101,6 +101,13 @@ describe('nr.train', function()
       assert.same({4, 8}, steps)
       assert.truthy(text:find('epoch 1/1  train loss %d+%.%d+ top1 %d+%.%d+%%  |  val loss %d+%.%d+ top1 %d+%.%d+%% top5 100%.00%%'))
       assert.truthy(text:find('done: top1', 1, true))
+      -- without evaluation (no data.val; --data.val_split off) the summary line said "top1 -% (best -% at epoch nil)"
+      r = recipe(TMP .. '/p_noval', {epochs = 1})
+      r.data.val = nil
+      nr.train(r)
+      text = r.progress.stream:text()
+      assert.truthy(text:find('done: no evaluation, ', 1, true), text)
+      assert.is_nil(text:find('nil', 1, true), text)
    end)
 
    it('writes recipe.json, metrics.jsonl and a checkpoint into the run folder', function()
@@ -663,6 +670,24 @@ print('epochs', s.epochs)
       assert.equal(ref.final_top1, s.final_top1); assert.equal(ref.final_loss, s.final_loss)
       assert.equal(1, #epoch_records(dir))                       -- the cut run's records went
       assert.equal(TMP .. '/cut/checkpoint/step-00000008', (ck.find(dir)))
+   end)
+
+   it('resume into another folder from a damaged checkpoint names the damage, not "drop --out"', function()
+      local dir = TMP .. '/crc_src'
+      nr.train(held_recipe(dir, {epochs = 1}))
+      local step = ck.find(dir)
+      -- one bit flipped on disk: the CRC-32 check refuses the only checkpoint
+      local bytes = ck.read_file(step .. '/model.safetensors')
+      local at = #bytes - 3
+      ck.write_atomic(step .. '/model.safetensors', bytes:sub(1, at - 1) .. string.char((bytes:byte(at) + 1) % 256) .. bytes:sub(at + 1))
+      for _, resume in ipairs({dir, step}) do
+         local ok, err = pcall(nr.train, held_recipe(TMP .. '/crc_dst', {epochs = 2, resume = resume}))
+         assert.is_false(ok)
+         err = tostring(err)
+         assert.truthy(err:find('CRC-32', 1, true), err)
+         -- a restart in the run's own folder would not help: the checkpoint exists, it is damaged
+         assert.is_nil(err:find('drop --out', 1, true), err)
+      end
    end)
 
    it('a checkpoint write that fails (a full disk) says so, removes its folder and keeps the previous one', function()
