@@ -246,10 +246,15 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
    }
    /* a measured search that failed as a whole (cuDNN refusing the Find call, or no measured
     * algorithm usable) falls back to cuDNN's heuristics, which run nothing, instead of failing the
-    * layer; a sticky CUDA error is not hidden: the layer's own call reports it */
-   if (st != NR_OK && find && cudaPeekAtLastError() == cudaSuccess) {
-      NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
-      st = search(ctx, p, dir, NULL, NULL, NULL, what, 0, NULL, budget);
+    * layer; a recoverable error the search left (out of memory) is cleared first, while a sticky
+    * one (the context is lost) still shows in the stream's state and is not hidden */
+   if (st != NR_OK && find) {
+      (void)cudaGetLastError();
+      cudaError_t live = cudaStreamQuery(ctx->stream); /* NotReady: still running, which is fine */
+      if (live == cudaSuccess || live == cudaErrorNotReady) {
+         NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
+         st = search(ctx, p, dir, NULL, NULL, NULL, what, 0, NULL, budget);
+      }
    }
    return st;
 }

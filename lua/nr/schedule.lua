@@ -63,7 +63,9 @@ function M.build(cfg, ctx)
    end
    -- values that make no schedule: a warm-up as long as the run never reaches base_lr (and leaves
    -- no time to decay), a floor above base_lr turns the decay into a rise; both ran silently
-   check.arg(s.warmup == 0 or s.warmup < s.epochs, 'nr.schedule', 'warmup (%s epochs) must be shorter than the schedule '
+   -- (only where the length was given: a direct build without epochs defaults it to 1)
+   local known_length = cfg.epochs ~= nil or ctx.epochs ~= nil
+   check.arg(s.warmup == 0 or not known_length or s.warmup < s.epochs, 'nr.schedule', 'warmup (%s epochs) must be shorter than the schedule '
       .. '(%s epochs): the LR would never reach base_lr', show(s.warmup), show(s.epochs))
    check.arg(not (name == 'cosine' or name == 'linear') or s.min_lr <= s.base_lr, 'nr.schedule',
       'min_lr (%s) must not exceed base_lr (%s): the %s decay would rise', show(s.min_lr), show(s.base_lr), name)

@@ -129,5 +129,7 @@ describe('nr.schedule', function()
          assert.truthy(e:find(c[3], 1, true), e)
       end
       assert.truthy(msg(function() S.build({}, 5) end):find('nr.schedule: ctx must be a table', 1, true))
+      -- a direct build that gives no length (it defaults to 1 epoch) keeps any warm-up
+      assert.equal(0.1, S.build({name = 'step', warmup = 2}, {base_lr = 0.1, iters_per_epoch = 1}).base_lr)
    end)
 end)
