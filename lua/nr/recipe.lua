@@ -214,7 +214,9 @@ function M.help(recipe, path)
          if ty == 'function' or ty == 'module' then
             lines[#lines + 1] = string.format('  %-30s %-9s %s', f.path, 'code', '(defined in the recipe file; not a flag)')
          else
-            lines[#lines + 1] = string.format('  --%-28s %-9s %s', f.path, ty, show(f.value))
+            -- the internal type name split_or_off (10 characters) pushed its value out of the column
+            lines[#lines + 1] = string.format('  --%-28s %-9s %s', f.path, ty == 'split_or_off' and 'split|off' or ty,
+               show(f.value))
          end
       end
    end
@@ -225,6 +227,7 @@ function M.help(recipe, path)
    table.sort(names)
    for _, k in ipairs(names) do lines[#lines + 1] = string.format('  --%-12s = --%s', k, M.ALIASES[k]) end
    lines[#lines + 1] = '  --nr off|on      switch Neural Rejuvenation (nr.enabled)'
+   lines[#lines + 1] = '  --data.val_split off   train without evaluation (no best checkpoint)'
    lines[#lines + 1] = '  --resume DIR     continue a run from its last complete checkpoint, with its own settings'
    lines[#lines + 1] = '                   (DIR/recipe.json) where no flag is given now'
    lines[#lines + 1] = '  --overwrite      start afresh in an out folder that holds a run (its checkpoints and metrics go)'

@@ -149,6 +149,9 @@ describe('nr.recipe', function()
       assert.truthy(h:find('%-%-nr%.lambda%.value%s+number%s+0%.00015\n'))
       assert.truthy(h:find('%-%-data%.eval_batch%s+integer%s+%(unset%)\n'))
       assert.truthy(h:find('%-%-lr%s+= %-%-optim%.lr'))
+      -- val_split takes a split name or off: said in the type column and under the short flags
+      assert.truthy(h:find('\n  %-%-data%.val_split +split|off test\n'))
+      assert.truthy(h:find('--data.val_split off', 1, true))
    end)
 
    it('runs a recipe file through nrlua, logs plainly to a file, and resumes with --resume', function()
