@@ -1478,7 +1478,8 @@ end
 -- in a recipe's model function, say) is raised again as it came, with its position.
 local function recipe_error(e)
    if type(e) ~= 'string' then return e end
-   local rest = e:match('^[^\n]-/lua/nr/[^:\n]+%.lua:%d+: (.*)$')
+   -- (the zoo, models/*.lua, says what is wrong with a recipe's model table the same way)
+   local rest = e:match('^[^\n]-/lua/nr/[^:\n]+%.lua:%d+: (.*)$') or e:match('^[^\n]-models/[%w_]+%.lua:%d+: (nr%.models%..*)$')
    if rest and rest:match('^nr%.[%w_.]+: ') then return rest end
    return e
 end
