@@ -1325,8 +1325,14 @@ function Trainer:run()
    if resume then
       -- continued into another folder (--resume A --out B): B is a new run's, so another run there
       -- is refused unless --overwrite (its metrics and checkpoints were mixed with this one's)
-      local _, _, own, own_rank = resume_target(self, rc.resume)
-      if not own and not own_rank then claim_run_folder(self.out, rc.overwrite) end
+      local _, run, own, own_rank = resume_target(self, rc.resume)
+      if not own and not own_rank then
+         claim_run_folder(self.out, rc.overwrite)
+         -- B's history starts with A's (trimmed to the checkpoint below): its report and --resume
+         -- of B show the whole run, not only what came after the fork
+         local history = ck.read_file(run .. '/metrics.jsonl')
+         if history then ck.write_atomic(self.out .. '/metrics.jsonl', history) end
+      end
       local dir = self:load_checkpoint(rc.resume)
       self:print(string.format('resumed from %s (epoch %d, step %d%s)', dir, self.epoch, self.step,
          self.held_epochs > 0 and string.format(', %d held', self.held_epochs) or ''))

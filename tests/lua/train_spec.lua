@@ -305,13 +305,18 @@ describe('nr.train', function()
       assert.truthy(tostring(e):find(b .. ' already holds a run', 1, true), tostring(e))
       assert.equal(1, #epoch_records(b))                          -- B untouched
       assert.equal(b .. '/checkpoint/step-00000008', (ck.find(b)))
-      -- overwrite: B holds A's continuation only; an empty folder is simply a new run's
+      -- overwrite: B holds A's run up to its checkpoint and the continuation (B's own run went);
+      -- an empty folder is simply a new run's, with A's history too (it started with none)
+      local a_epoch1 = epoch_records(a)[1]
       local s = nr.train(held_recipe(b, {epochs = 2, resume = a, overwrite = true}))
       assert.equal(16, s.steps)
-      assert.is_false(ck.is_dir(b .. '/checkpoint/step-00000008'))   -- B's own run went
+      assert.is_false(ck.is_dir(b .. '/checkpoint/step-00000008'))
       local recs = epoch_records(b)
-      assert.equal(1, #recs); assert.equal(2, recs[1].epoch)
+      assert.equal(2, #recs); assert.same(a_epoch1, recs[1]); assert.equal(2, recs[2].epoch)
       assert.equal(16, nr.train(held_recipe(c, {epochs = 2, resume = a})).steps)
+      recs = epoch_records(c)
+      assert.equal(2, #recs); assert.same(a_epoch1, recs[1]); assert.equal(2, recs[2].epoch)
+      assert.equal(1, #epoch_records(a))                          -- A itself is untouched
       -- the run's own folder by another spelling is the run itself, not another folder
       assert.equal(16, nr.train(held_recipe(a .. '/', {epochs = 2, resume = a .. '/../fork_a'})).steps)
    end)
