@@ -1329,8 +1329,9 @@ function Trainer:run()
       if not own and not own_rank then
          claim_run_folder(self.out, rc.overwrite)
          -- B's history starts with A's (trimmed to the checkpoint below): its report and --resume
-         -- of B show the whole run, not only what came after the fork
-         local history = ck.read_file(run .. '/metrics.jsonl')
+         -- of B show the whole run, not only what came after the fork (rank 0's: nr.dist's other
+         -- ranks keep their own folders' records)
+         local history = not self.out:match('/ranks/%d+$') and ck.read_file(run .. '/metrics.jsonl')
          if history then ck.write_atomic(self.out .. '/metrics.jsonl', history) end
       end
       local dir = self:load_checkpoint(rc.resume)
