@@ -17,6 +17,20 @@ static nr_status same_shape(const char *func, const char *an, const nr_tensor *a
                      nr_tensor_describe(a, da, sizeof da), bn, nr_tensor_describe(b, db, sizeof db));
 }
 
+/* The checks of an op that reads one activation `in` into `out` of its shape (same dtype and
+ * device), and where to read `in` from (nr_elementwise_source: a copy when the two meet in
+ * memory; *tmp, when set, is that copy, for the caller to free). */
+static nr_status one_input(const char *func, const char *in_name, const nr_tensor *in, const char *out_name,
+                           nr_tensor *out, const nr_tensor **src, nr_tensor **tmp)
+{
+   NR_TRY(nr_check_tensor(func, in_name, in, NR_DTYPE_ACT, -1, -1, NULL));
+   NR_TRY(nr_check_tensor(func, out_name, out, NR_DTYPE_ACT, -1, -1, NULL));
+   NR_TRY(nr_check_same_dtype(func, in_name, in, out_name, out));
+   NR_TRY(nr_check_same_device(func, in, out));
+   NR_TRY(same_shape(func, in_name, in, out_name, out));
+   return nr_elementwise_source(func, out_name, out, in_name, in, src, tmp);
+}
+
 static inline float apply_binary(float x, float y, int op)
 {
    switch (op) {
@@ -140,15 +154,10 @@ static nr_status binary_scalar_run(const nr_tensor *a, double s, nr_tensor *out,
 
 nr_status nr_binary_scalar(const nr_tensor *a, double s, nr_tensor *out, int32_t op)
 {
-   NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
-   NR_CHECK_T("out", out, NR_DTYPE_ACT, -1, -1, NULL);
    if (op < NR_OP_ADD || op > NR_OP_MIN) return NR_FAIL(NR_E_ARG, "unknown binary op %d", op);
-   NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
-   NR_TRY(nr_check_same_device(__func__, a, out));
-   NR_TRY(same_shape(__func__, "a", a, "out", out));
    const nr_tensor *sa;
    nr_tensor *ta = NULL;
-   NR_TRY(nr_elementwise_source(__func__, "out", out, "a", a, &sa, &ta));
+   NR_TRY(one_input(__func__, "a", a, "out", out, &sa, &ta));
    nr_status st = binary_scalar_run(sa, s, out, op);
    nr_tensor_free(ta);
    return st;
@@ -188,15 +197,10 @@ static nr_status unary_run(const nr_tensor *a, nr_tensor *out, int32_t op);
 
 nr_status nr_unary(const nr_tensor *a, nr_tensor *out, int32_t op)
 {
-   NR_CHECK_T("a", a, NR_DTYPE_ACT, -1, -1, NULL);
-   NR_CHECK_T("out", out, NR_DTYPE_ACT, -1, -1, NULL);
    if (op < NR_OP_NEG || op > NR_OP_SQUARE) return NR_FAIL(NR_E_ARG, "unknown unary op %d", op);
-   NR_TRY(nr_check_same_dtype(__func__, "a", a, "out", out));
-   NR_TRY(nr_check_same_device(__func__, a, out));
-   NR_TRY(same_shape(__func__, "a", a, "out", out));
    const nr_tensor *sa;
    nr_tensor *ta = NULL;
-   NR_TRY(nr_elementwise_source(__func__, "out", out, "a", a, &sa, &ta));
+   NR_TRY(one_input(__func__, "a", a, "out", out, &sa, &ta));
    nr_status st = unary_run(sa, out, op);
    nr_tensor_free(ta);
    return st;
@@ -225,14 +229,9 @@ static nr_status axpy_run(const nr_tensor *x, nr_tensor *y, double alpha);
 
 nr_status nr_axpy(const nr_tensor *x, nr_tensor *y, double alpha)
 {
-   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, -1, NULL);
-   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, -1, NULL);
-   NR_TRY(nr_check_same_dtype(__func__, "x", x, "y", y));
-   NR_TRY(nr_check_same_device(__func__, x, y));
-   NR_TRY(same_shape(__func__, "x", x, "y", y));
    const nr_tensor *sx;
    nr_tensor *tx = NULL;
-   NR_TRY(nr_elementwise_source(__func__, "y", y, "x", x, &sx, &tx));
+   NR_TRY(one_input(__func__, "x", x, "y", y, &sx, &tx));
    nr_status st = axpy_run(sx, y, alpha);
    nr_tensor_free(tx);
    return st;
