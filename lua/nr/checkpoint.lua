@@ -483,9 +483,12 @@ function M.find(path)
 end
 
 -- load(path) -> {dir, weights = {name = CPU tensor}, state = table with tensors restored, passed_over =
--- nil or why the folder `latest` names was not used}.
-function M.load(path)
-   local dir, st, passed_over = M.find(path)
+-- nil or why the folder `latest` names was not used}. load(path, found) takes M.find's result as found.
+function M.load(path, found)
+   -- found: what M.find(path) returned, {dir, state, passed_over}, when the caller has it (a
+   -- second find would read every byte again for the CRC)
+   local dir, st, passed_over
+   if found then dir, st, passed_over = found.dir, found.state, found.passed_over else dir, st, passed_over = M.find(path) end
    if not dir then error('nr.checkpoint: ' .. st, 2) end
    local weights = safetensors.load(dir .. '/model.safetensors')
    local tensors = exists(dir .. '/state.safetensors') and safetensors.load(dir .. '/state.safetensors') or {}

@@ -908,8 +908,8 @@ function Trainer:save_checkpoint(opts)
 end
 
 -- Restores everything from a checkpoint (path: a run folder, its checkpoint/ or a step folder).
-function Trainer:load_checkpoint(path)
-   local r = ck.load(path)
+function Trainer:load_checkpoint(path, found)
+   local r = ck.load(path, found)
    local s = r.state
    if r.passed_over then
       -- the epochs after this checkpoint are trained again: said, not left to the step count
@@ -1258,7 +1258,7 @@ local function fmt(v, f) return v and string.format(f, v) or '-' end
 -- a rank's own folder under the run (<run>/ranks/<r>) is not checked again, as rank 0 may be
 -- clearing the run's files meanwhile. A folder that holds no run, checkpoints that exist but fail
 -- validation, or another --out than the run stay errors: nothing is discarded silently.
--- Returns true when the run can be resumed.
+-- Returns true and what ck.find found (for ck.load) when the run can be resumed.
 -- The run a resume path names (trailing slashes dropped), whether tr.out is that run's own folder
 -- (compared as real paths) and whether it is, under nr.dist, a rank's own folder in it.
 local function resume_target(tr, path)
@@ -1270,8 +1270,8 @@ local function resume_target(tr, path)
 end
 
 local function resumable(tr, path)
-   local found, why = ck.find(path)
-   if found then return true end
+   local found, why, passed_over = ck.find(path)
+   if found then return true, {dir = found, state = why, passed_over = passed_over} end
    local named, run, own, own_rank = resume_target(tr, path)
    local function refuse(what)
       error(string.format('nr.train: cannot resume %s: %s', path, what), 0)
@@ -1321,7 +1321,8 @@ function Trainer:run()
    for _, n in ipairs(ck.list(self.out)) do
       if n:match('^recipe%.json%.tmp%.%d+$') or n:match('^metrics%.jsonl%.tmp%.%d+$') then os.remove(self.out .. '/' .. n) end
    end
-   local resume = rc.resume and resumable(self, rc.resume)
+   local resume, found = false, nil
+   if rc.resume then resume, found = resumable(self, rc.resume) end
    if resume then
       -- continued into another folder (--resume A --out B): B is a new run's, so another run there
       -- is refused unless --overwrite (its metrics and checkpoints were mixed with this one's)
@@ -1334,7 +1335,7 @@ function Trainer:run()
          local history = not self.out:match('/ranks/%d+$') and ck.read_file(run .. '/metrics.jsonl')
          if history then ck.write_atomic(self.out .. '/metrics.jsonl', history) end
       end
-      local dir = self:load_checkpoint(rc.resume)
+      local dir = self:load_checkpoint(rc.resume, found)
       self:print(string.format('resumed from %s (epoch %d, step %d%s)', dir, self.epoch, self.step,
          self.held_epochs > 0 and string.format(', %d held', self.held_epochs) or ''))
       -- drop metrics written after that checkpoint (a run killed mid-epoch)
