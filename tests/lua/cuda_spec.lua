@@ -483,7 +483,7 @@ describe('layer kernels on the GPU', function()
             h.check(k[1] .. ' forward', yc, yg)
             local dc, dg = h.pair({3, 4, 5, 2})
             -- the backward reads the forward output: give the CPU the GPU's (rounded) one
-            local yr = yg:to('cpu', 'float32')
+            local yr = yg:to('cpu', 'float32'):contiguous() -- NCHW: CPU kernels take no channels-last
             ok(k[3](yr.c, dy.c, dc.c), k[1]); ok(k[3](yg.c, h.dev(dy).c, dg.c), k[1])
             h.check(k[1] .. ' backward', dc, dg)
          end
@@ -626,7 +626,7 @@ describe('layer kernels on the GPU', function()
          h.check('cross attention out', oc, og); h.check('cross attention gate', sc, sg)
          local dac, dag = h.pair({2, 5, 4, 3})
          local dbc, dbg = h.pair({2, 5, 4, 3})
-         local sr = sg:to('cpu', 'float32') -- the GPU's (rounded) gate on both sides
+         local sr = sg:to('cpu', 'float32'):contiguous() -- the GPU's (rounded) gate on both sides, NCHW
          ok(C.nr_cross_attention_backward(sr.c, b.c, g.c, dac.c, dbc.c), 'cpu')
          ok(C.nr_cross_attention_backward(sg.c, h.dev(b).c, h.dev(g).c, dag.c, dbg.c), 'gpu')
          h.check('cross attention da', dac, dag); h.check('cross attention db', dbc, dbg)
