@@ -450,6 +450,11 @@ nr_status nr_cuda_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tens
    NR_TRY(nr_cuda_check_on(__func__, "w", w, dev));
    if (b) NR_TRY(nr_cuda_check_on(__func__, "b", b, dev));
    if (nr_tensor_numel(y) == 0) return NR_OK;
+   if (nr_tensor_numel(x) == 0) { /* no input channels: y is the bias alone, as on the CPU (cuDNN
+                                    * refuses a dimension of 0) */
+      NR_TRY(nr_cuda_fill(y, 0.0));
+      return b ? nr_cuda_bias_add(y, b) : NR_OK;
+   }
    const int64_t chunk = batch_chunk(x, y);
    if (chunk < x->shape[0]) {
       for (int64_t n0 = 0; n0 < x->shape[0]; n0 += chunk) {

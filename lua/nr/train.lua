@@ -332,8 +332,8 @@ end
 
 -- Copies host tensor h ahead to the device (nr_cuda_prefetch): into `full` (a device buffer
 -- reused while h fits its shape; a smaller last batch takes a leading slice of it) or a new
--- one. Returns {t = the device view, ticket = the copy's ticket or nil}, and the buffer. Without
--- a real GPU (the specs' dry run maps 'cuda' to the CPU) it copies at once.
+-- one. Returns {t = the device view, ticket = the copy's ticket or nil}, and the buffer. A CPU
+-- destination is a plain copy.
 function M.prefetch(h, full, device)
    if h:is_cuda() then return {t = h}, full end -- a loader that yields device tensors
    if not h:is_contiguous() then h = h:contiguous() end

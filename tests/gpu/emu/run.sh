@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# run.sh — the GPU spec (tests/lua/cuda_spec.lua) on the CUDA emulator, on a machine without a GPU:
+# builds nrlua with -DNR_CUDA_EMU=ON (the CUDA backend's own sources, kernels included, linked with
+# the CPU versions of the CUDA runtime, cuBLAS and cuDNN in this folder) and runs the spec on it.
+#   tests/gpu/emu/run.sh [build dir]          (default build-emu; configured when it is not)
+# ctest runs it as gpu/cuda_spec_emu (build dir: the ctest build's emu/ subfolder).
+# Environment: NR_SPEC_FILTER / NR_SPEC_TRACE as for tests/gpu/spec_runner.lua; NR_EMU_DEVICES,
+# NR_EMU_DEVICE_MEMORY and NR_EMU_PROTECT=0 as in cudart_emu.cpp.
+# What it is not: a GPU run. It checks the backend's logic (indexing, reductions, barriers, launch
+# configurations, library arguments, host/device pointer use) against the CPU twins; speed,
+# asynchrony, the real libraries' numerics and their algorithm choices need tests/gpu/run.sh.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+B="${1:-build-emu}"
+if [ ! -f "$B/CMakeCache.txt" ]; then
+  cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DNR_CUDA_EMU=ON > "$B.configure.log" 2>&1 ||
+    { cat "$B.configure.log"; echo "emu/run.sh: configuring $B failed"; exit 2; }
+fi
+cmake --build "$B" -j "$(nproc)" --target nrlua > "$B.build.log" 2>&1 ||
+  { tail -n 40 "$B.build.log"; echo "emu/run.sh: building $B failed"; exit 2; }
+"$B/nrlua" -e 'local nr = require "nr"; assert(nr.cuda.available(), "the emulated GPU is not available")'
+exec "$B/nrlua" tests/gpu/spec_runner.lua tests/lua/cuda_spec.lua
