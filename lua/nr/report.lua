@@ -12,6 +12,7 @@
 -- Invariants: the x axis of the curves is in epochs (step records at fractional epochs);
 -- unknown record kinds are ignored; a missing or partial metrics file still renders.
 local ck = require 'nr.checkpoint'
+local check = require 'nr.check'
 
 local M = {}
 
@@ -59,6 +60,8 @@ end
 -- chart{title, xlabel, ylabel, series = {{name, points = {{x, y}, ...}, color, width, dash, opacity, dots}},
 --       vlines = {{x, label}}, width = 560, height = 300, ymin, ymax} -> SVG string
 function M.chart(c)
+   check.type(c, 'table', 'nr.report.chart', 'the chart')
+   check.type(c.series, 'table', 'nr.report.chart', 'series')
    local named = 0
    for _, s in ipairs(c.series) do if s.name then named = named + 1 end end
    local W = c.width or 560
@@ -152,6 +155,8 @@ end
 
 -- Horizontal grouped bars of per-layer widths: layers = {{name, before, live, after}}.
 function M.width_bars(title, layers)
+   check.type(title, 'string', 'nr.report.width_bars', 'title')
+   check.type(layers, 'table', 'nr.report.width_bars', 'layers')
    local rowh, L, W = 16, 170, 560
    local H = 40 + #layers * (rowh + 4) + 20
    local maxw = 1
@@ -240,6 +245,7 @@ local function well_formed(r)
 end
 
 function M.read_run(dir)
+   check.type(dir, 'string', 'nr.report.read_run', 'the run folder')
    local run = {dir = dir, records = {}, bad_lines = 0}
    local rtext = ck.read_file(dir .. '/recipe.json')
    if rtext then
@@ -306,6 +312,7 @@ pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:auto;max-height:420p
 
 -- render(dir) -> HTML string
 function M.render(dir)
+   check.type(dir, 'string', 'nr.report.render', 'the run folder')
    local run = M.read_run(dir)
    local rc = type(run.recipe) == 'table' and run.recipe or {}
    local steps, epochs, nrs = by_kind(run, 'step'), by_kind(run, 'epoch'), by_kind(run, 'nr')
@@ -519,6 +526,8 @@ end
 
 -- write(dir [, path]) -> path of the written report (default dir/report.html).
 function M.write(dir, path)
+   check.type(dir, 'string', 'nr.report.write', 'the run folder')
+   if path ~= nil then check.type(path, 'string', 'nr.report.write', 'path') end
    dir = dir:gsub('/+$', '')
    path = path or (dir .. '/report.html')
    ck.write_atomic(path, M.render(dir))

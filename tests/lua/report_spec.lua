@@ -138,5 +138,19 @@ describe('nr.report', function()
       assert.truthy(tostring(err):find('is it a run folder', 1, true))
    end)
 
+   it('names the argument of the wrong type', function()
+      for _, c in ipairs({{report.chart, {5}, 'nr.report.chart: the chart must be a table, got number'},
+                          {report.chart, {{}}, 'nr.report.chart: series must be a table, got nil'},
+                          {report.width_bars, {'t', 5}, 'nr.report.width_bars: layers must be a table, got number'},
+                          {report.read_run, {5}, 'nr.report.read_run: the run folder must be a string, got number'},
+                          {report.render, {{}}, 'nr.report.render: the run folder must be a string, got table'},
+                          {report.write, {}, 'nr.report.write: the run folder must be a string, got nil'},
+                          {report.write, {TMP, 3}, 'nr.report.write: path must be a string, got number'}}) do
+         local ok, err = pcall(c[1], unpack(c[2]))
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(c[3], 1, true), tostring(err))
+      end
+   end)
+
    it('cleans up', function() ck.remove_tree(TMP) end)
 end)
