@@ -64,6 +64,21 @@ describe('layer construction and shapes', function()
       assert.same({3}, l:outputShape({10}))
    end)
 
+   it('outputShape and tree name a shape argument that is not one', function()
+      local m = nn.Sequential{nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)}
+      local res = nn.Residual(nn.Sequential{nn.ReLU()})
+      for _, c in ipairs({{m.outputShape, m, 'x', 'Sequential:outputShape: the input shape must be a table of integers >= 0'},
+                          {m.outputShape, m, {3, 2.5, 3}, 'got {3, 2.5, 3}'},
+                          {res.outputShape, res, 7, 'Residual:outputShape: the input shape must be'},
+                          {m.tree, m, 5, 'Module:tree: the input shape must be a table of integers >= 0'},
+                          {m.modules[4].outputShape, m.modules[4], 'x', 'got "x"'}}) do
+         local ok, err = pcall(c[1], c[2], c[3])
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(c[4], 1, true), tostring(err))
+      end
+      assert.truthy(m:tree({3, 3, 3}):find('Linear 4->2 -> [2]', 1, true)) -- shapes still print
+   end)
+
    it('initialises as PyTorch (bounded uniform, BN ones/zeros) and reproduces with the seed', function()
       nr.manual_seed(42)
       local a = nn.Conv2d(16, 8, 3)

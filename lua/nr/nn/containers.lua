@@ -164,6 +164,7 @@ function Sequential:accGradParameters() end
 Sequential.parameters = params_of
 
 function Sequential:outputShape(s)
+   U.check_shape(s, 'Sequential:outputShape')
    for _, m in ipairs(self.modules) do s = m:outputShape(s) end
    return s
 end
@@ -225,7 +226,10 @@ Residual.backward = Module.composite_backward
 Residual.gradients = Module.composite_gradients
 function Residual:accGradParameters() end
 Residual.parameters = params_of
-function Residual:outputShape(s) return self.modules[1]:outputShape(s) end
+function Residual:outputShape(s)
+   U.check_shape(s, 'Residual:outputShape')
+   return self.modules[1]:outputShape(s)
+end
 function Residual:_treeChildren(walk, indent, shape)
    local out = walk(self.modules[1], indent, 'main', shape)
    if self.modules[2] then walk(self.modules[2], indent, 'shortcut', shape) end
@@ -313,6 +317,7 @@ Concat.gradients = Module.composite_gradients
 function Concat:accGradParameters() end
 Concat.parameters = params_of
 function Concat:outputShape(s)
+   U.check_shape(s, 'Concat:outputShape')
    local out
    for _, m in ipairs(self.modules) do
       local o = m:outputShape(s)

@@ -10,7 +10,23 @@ local C = nrffi.C
 
 local U = {}
 
-function U.shape_str(s) return '[' .. table.concat(s, ' x ') .. ']' end
+function U.shape_str(s)
+   if type(s) ~= 'table' then return check.show(s) end -- a message about a wrong argument
+   return '[' .. table.concat(s, ' x ') .. ']'
+end
+
+-- A per-sample shape as outputShape and tree take it: a non-empty table of integers >= 0.
+function U.check_shape(s, fname)
+   local ok, shown = type(s) == 'table' and #s > 0, {}
+   for i, v in ipairs(type(s) == 'table' and s or {}) do
+      ok = ok and type(v) == 'number' and v >= 0 and v == math.floor(v)
+      shown[i] = check.show(v)
+   end
+   if not ok then
+      error(string.format('%s: the input shape must be a table of integers >= 0 (one sample, e.g. {3, 32, 32}), got %s',
+                          fname, type(s) == 'table' and '{' .. table.concat(shown, ', ') .. '}' or check.show(s)), 3)
+   end
+end
 
 -- number or {h, w} -> h, w (integers >= min that C takes as int32: a stride of 2^32 + 1 or inf was
 -- wrapped at the FFI and reported as stride -2147483648). Errors name the element: stride[2].

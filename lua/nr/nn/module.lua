@@ -349,6 +349,7 @@ end
 
 -- Tree with output shapes (when in_shape is given) and parameter counts.
 function Module:tree(in_shape)
+   if in_shape ~= nil then require('nr.nn.layer_util').check_shape(in_shape, 'Module:tree') end
    local lines = {}
    local function walk(m, indent, key, shape)
       local out_shape
