@@ -6,7 +6,8 @@
 # ctest runs it as gpu/cuda_spec_emu (build dir: the ctest build's emu-build/ subfolder). After the
 # spec, the benchmark runs of tests/gpu/run.sh at a batch of 2 (the script, not the speed).
 # Environment: NR_SPEC_FILTER / NR_SPEC_TRACE as for tests/gpu/spec_runner.lua; NR_EMU_DEVICES,
-# NR_EMU_DEVICE_MEMORY and NR_EMU_PROTECT=0 as in cudart_emu.cpp.
+# NR_EMU_DEVICE_MEMORY and NR_EMU_PROTECT=0 as in cudart_emu.cpp; NR_EMU_CMAKE_ARGS, more options
+# for configuring the build dir (-DNR_SANITIZE=ON: the backend's host code under ASan + UBSan).
 # What it is not: a GPU run. It checks the backend's logic (indexing, reductions, barriers, launch
 # configurations, library arguments, host/device pointer use) against the CPU twins; speed,
 # asynchrony, the real libraries' numerics and their algorithm choices need tests/gpu/run.sh.
@@ -14,7 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 B="${1:-build-emu}"
 if [ ! -f "$B/CMakeCache.txt" ]; then
-  cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DNR_CUDA_EMU=ON > "$B.configure.log" 2>&1 ||
+  # shellcheck disable=SC2086 # NR_EMU_CMAKE_ARGS is a list of options
+  cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DNR_CUDA_EMU=ON ${NR_EMU_CMAKE_ARGS:-} > "$B.configure.log" 2>&1 ||
     { cat "$B.configure.log"; echo "emu/run.sh: configuring $B failed"; exit 2; }
 fi
 cmake --build "$B" -j "$(nproc)" --target nrlua > "$B.build.log" 2>&1 ||
