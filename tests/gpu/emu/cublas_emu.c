@@ -43,12 +43,10 @@ static int handle_ok(cublasHandle_t h) { return h && h->magic == HANDLE_MAGIC; }
 
 __attribute__((format(printf, 3, 4))) static cublasStatus_t fail(cublasStatus_t st, const char *func, const char *fmt, ...)
 {
-   char msg[1024];
    va_list ap;
    va_start(ap, fmt);
-   vsnprintf(msg, sizeof msg, fmt, ap);
+   nr_emu_vreport(func, fmt, ap);
    va_end(ap);
-   nr_emu_report(func, "%s", msg);
    return st;
 }
 

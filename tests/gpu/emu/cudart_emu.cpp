@@ -37,15 +37,20 @@
 
 static char g_last_message[512];
 
-extern "C" void nr_emu_report(const char *func, const char *fmt, ...)
+extern "C" void nr_emu_vreport(const char *func, const char *fmt, va_list ap)
 {
    char msg[400];
-   va_list ap;
-   va_start(ap, fmt);
    vsnprintf(msg, sizeof msg, fmt, ap);
-   va_end(ap);
    snprintf(g_last_message, sizeof g_last_message, "%s: %s", func, msg);
    fprintf(stderr, "nrlua CUDA emulator: %s\n", g_last_message);
+}
+
+extern "C" void nr_emu_report(const char *func, const char *fmt, ...)
+{
+   va_list ap;
+   va_start(ap, fmt);
+   nr_emu_vreport(func, fmt, ap);
+   va_end(ap);
 }
 
 extern "C" const char *nr_emu_last_message(void) { return g_last_message; }
@@ -233,12 +238,10 @@ static void install_fault_handler()
 static cudaError_t fail(cudaError_t e, const char *func, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static cudaError_t fail(cudaError_t e, const char *func, const char *fmt, ...)
 {
-   char msg[300];
    va_list ap;
    va_start(ap, fmt);
-   vsnprintf(msg, sizeof msg, fmt, ap);
+   nr_emu_vreport(func, fmt, ap);
    va_end(ap);
-   nr_emu_report(func, "%s", msg);
    t_last_error = e;
    return e;
 }

@@ -41,13 +41,11 @@ static _Thread_local char g_last_error[1024];
 /* Reports "func: message" (nr_emu_report and cudnnGetLastErrorString) and returns st. */
 __attribute__((format(printf, 3, 4))) static cudnnStatus_t fail(cudnnStatus_t st, const char *func, const char *fmt, ...)
 {
-   char msg[sizeof g_last_error - 128];
    va_list ap;
    va_start(ap, fmt);
-   vsnprintf(msg, sizeof msg, fmt, ap);
+   nr_emu_vreport(func, fmt, ap);
    va_end(ap);
-   snprintf(g_last_error, sizeof g_last_error, "%s: %s", func, msg);
-   nr_emu_report(func, "%s", msg);
+   snprintf(g_last_error, sizeof g_last_error, "%s", nr_emu_last_message());
    return st;
 }
 

@@ -15,6 +15,7 @@
 #ifndef NR_EMU_INTERNAL_H
 #define NR_EMU_INTERNAL_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -36,6 +37,9 @@ int nr_emu_current_device(void);
 /* A diagnostic on stderr: "nrlua CUDA emulator: <func>: <message>". For misuse that the real
  * library would reject, the entry point also returns the library's error status. */
 void nr_emu_report(const char *func, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void nr_emu_vreport(const char *func, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
+/* The last diagnostic, "<func>: <message>" (for cudnnGetLastErrorString). */
+const char *nr_emu_last_message(void);
 
 /* ---- number formats of the emulated libraries (bf16 storage, TF32 tensor-core inputs) */
 static inline float bf16_to_float(uint16_t h)
