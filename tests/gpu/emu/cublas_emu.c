@@ -231,7 +231,7 @@ cublasStatus_t CUBLASWINAPI cublasGemmEx(cublasHandle_t handle, cublasOperation_
          return fail(CUBLAS_STATUS_ALLOC_FAILED, func, "out of host memory");
       }
    }
-   nr_emu_device_enter();
+   nr_emu_device_enter(handle->stream);
    if (product) {
       gather(&a, ta, m, k, rnd, pa); /* pa[i, l] = op(A)(i, l) */
       gather(&b, !tb, n, k, rnd, pb); /* pb[j, l] = op(B)(l, j) */

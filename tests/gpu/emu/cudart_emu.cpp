@@ -159,13 +159,15 @@ static void close_devices()
    }
 }
 
+struct Stream;
+static Stream *stream_of(cudaStream_t s, const char *func);
+static void order_before(Stream *st);
 static void flush_all();
-/* cuBLAS and cuDNN calls: after all queued work (conservative: their stream is not passed here). */
-extern "C" void nr_emu_device_enter(void)
+extern "C" void nr_emu_device_enter(cudaStream_t stream)
 {
    g_mutex.lock();
    init_devices();
-   flush_all();
+   if (Stream *st = stream_of(stream, "cuBLAS / cuDNN call")) order_before(st);
    open_devices(-1);
 }
 extern "C" void nr_emu_device_leave(void)
@@ -451,7 +453,6 @@ static bool is_pinned(const void *p, size_t bytes)
    return (const char *)p + bytes <= it->first + it->second;
 }
 
-static void flush_all();
 
 extern "C" cudaError_t cudaHostAlloc(void **ptr, size_t bytes, unsigned int flags)
 {

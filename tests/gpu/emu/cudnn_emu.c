@@ -701,7 +701,7 @@ static cudnnStatus_t compute(const char *func, int dir, const conv_args *a, cons
    int ok = 1;
    for (int r = 0; r < NROLES; r++) ok &= (arr[r] = calloc((size_t)numel(&g->op[r]), sizeof(double))) != NULL;
    if (ok) {
-      nr_emu_device_enter();
+      nr_emu_device_enter(a->handle->stream);
       for (int r = 0; r < NROLES; r++)
          if (r != out) load(&g->op[r], a->p[r], g->dtype, g->tf32, arr[r]);
       if (ws_used) memset(ws, 0xa5, ws_used);
@@ -811,7 +811,7 @@ static cudnnStatus_t search(const char *func, int dir, const conv_args *a, int m
       for (int i = 0; i < n; i++)
          if (rows[i].status == CUDNN_STATUS_SUCCESS && rows[i].memory > used) used = rows[i].memory;
       const int out = k_dirs[dir].out;
-      nr_emu_device_enter();
+      nr_emu_device_enter(a->handle->stream);
       memset(a->p[out], 0xff, role_bytes(&g, out));
       if (used) memset(ws, 0xa5, used);
       nr_emu_device_leave();

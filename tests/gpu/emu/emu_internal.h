@@ -15,6 +15,8 @@
 #ifndef NR_EMU_INTERNAL_H
 #define NR_EMU_INTERNAL_H
 
+#include <cuda_runtime_api.h>
+
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -24,8 +26,10 @@
 extern "C" {
 #endif
 
-/* Makes device memory readable and writable for emulated device work; nestable. */
-void nr_emu_device_enter(void);
+/* Makes device memory readable and writable for emulated library work on `stream` (the handle's),
+ * after the work queued before it there and on the streams the legacy default stream orders it
+ * with; nestable. */
+void nr_emu_device_enter(cudaStream_t stream);
 void nr_emu_device_leave(void);
 /* 1 when [p, p + bytes) lies inside one live allocation of device `device` (bytes 0: p inside or
  * one past the end), else 0. */
