@@ -632,15 +632,36 @@ local function build_data(tr, rc)
    end
 end
 
--- A zoo model against the data, before the run starts: one sample's shape through the model
--- (a VGG pool head sized for another input fails here, not at the first forward) and its
--- outputs against the dataset's classes (a mismatch otherwise surfaced as a bad label at the
--- first step). Models without nr_info (the user's own) are left to the first step.
+-- The error for a model with k outputs per sample on dataset ds, or nil when they agree (or ds
+-- does not say how many classes it has).
+local function outputs_mismatch(k, ds)
+   if not (ds and type(ds.classes) == 'number' and ds.classes > 0 and k ~= ds.classes) then return nil end
+   return string.format('nr.train: the model gives %d outputs per sample but the %s dataset has %d classes: its last '
+      .. 'layer should have %d outputs (class ids 0..%d)', k, tostring(ds.name or 'training'), ds.classes, ds.classes,
+      ds.classes - 1)
+end
+
+-- The model against the data, before the run starts (and before its folder is claimed): one
+-- sample's shape through the model (a VGG pool head sized for another input fails here, not at
+-- the first forward) and its outputs against the dataset's classes (a mismatch otherwise surfaced
+-- as a bad label at the first step). The user's own model (no nr_info) is checked where every one
+-- of its modules computes its shape; else at its first forward (Trainer:note_outputs).
 local function check_model_fits_data(tr)
    local info, l, ds = rawget(tr.model, 'nr_info'), tr.train_loader, tr.train_set
-   if type(info) ~= 'table' or not (l and type(l.shape) == 'table' and #l.shape == 4) then return end
+   if not (l and type(l.shape) == 'table' and #l.shape == 4) then return end
    local sample = {l.shape[2], l.shape[3], l.shape[4]}
    local ok, out = pcall(tr.model.outputShape, tr.model, sample)
+   if type(info) ~= 'table' then
+      -- trusted only when every module computes its own shape: a custom module without
+      -- outputShape inherits the identity, which may not be what its forward does
+      local default = require('nr.nn.module').outputShape
+      for _, m in ipairs(tr.model:listModules()) do
+         if m.outputShape == default then return end
+      end
+      local msg = ok and type(out) == 'table' and #out == 1 and type(out[1]) == 'number' and outputs_mismatch(out[1], ds)
+      if msg then error(msg, 0) end
+      return
+   end
    if not ok then
       error(string.format('nr.train: the model does not take the data\'s samples (%s): %s\n  Set --model.input (the model) '
          .. 'or --data.size (the data) so that they agree.', table.concat(sample, ' x '), tostring(out)), 0)
@@ -1239,12 +1260,8 @@ end
 -- them. Ready-made loaders name no classes: not checked.
 function Trainer:note_outputs(out)
    local k = out:size(2)
-   local ds = self.train_set
-   if rawget(self, '_classes') == nil and ds and type(ds.classes) == 'number' and ds.classes > 0 and k ~= ds.classes then
-      error(string.format('nr.train: the model gives %d outputs per sample but the %s dataset has %d classes: its last '
-         .. 'layer should have %d outputs (class ids 0..%d)', k, tostring(ds.name or 'training'), ds.classes, ds.classes,
-         ds.classes - 1), 0)
-   end
+   local msg = rawget(self, '_classes') == nil and outputs_mismatch(k, self.train_set)
+   if msg then error(msg, 0) end
    self._classes = k
 end
 

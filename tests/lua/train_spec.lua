@@ -810,21 +810,36 @@ print('epochs', s.epochs)
       assert.truthy(e:find("the model does not take the data's samples (3 x 112 x 112)", 1, true), e)
    end)
 
-   it("the user's own model is checked against the dataset's classes at its first forward (more outputs trained silently)", function()
+   it("the user's own model is checked against the dataset's classes: before the run where its shapes can be computed, "
+      .. "else at its first forward (more outputs trained silently)", function()
       local root = '/usr/share/datasets/fashion-mnist'
       if not ck.exists(root .. '/train-images-idx3-ubyte.gz') then pending('dataset-fashion-mnist is not installed'); return end
-      local function run(k, dir)
-         return pcall(nr.train, {model = function() return nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(784, k)} end,
+      local function run(k, dir, opaque)
+         return pcall(nr.train, {model = function()
+               local m = nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(784, k)}
+               if opaque == 'error' then m.modules[2].outputShape = function() error('no shapes here') end end
+               if opaque == 'default' then -- a module with Module's default outputShape (the identity): not trusted
+                  local r = nr.nn.ReLU()
+                  r.outputShape = require('nr.nn.module').outputShape
+                  m:add(r)
+               end
+               return m
+            end,
             epochs = 1, out = TMP .. '/' .. dir, progress = {stream = sink(), tty = false},
             data = {dataset = 'fashion-mnist', root = root, batch = 8, threads = 1, train_batches = 1, val_batches = 1}})
       end
-      for _, k in ipairs({12, 4}) do
-         local ok, err = run(k, 'own' .. k)
+      for _, c in ipairs({{12, false}, {4, false}, {12, 'error'}, {12, 'default'}}) do
+         local k, opaque = c[1], c[2]
+         local dir = 'own' .. k .. (opaque or '')
+         local ok, err = run(k, dir, opaque)
          assert.is_false(ok)
          assert.truthy(tostring(err):find(string.format('the model gives %d outputs per sample but the fashion-mnist dataset has '
             .. '10 classes: its last layer should have 10 outputs (class ids 0..9)', k), 1, true), err)
+         -- with computable shapes nothing of a run was written (a rerun needs no --overwrite)
+         assert.equal(opaque ~= false, ck.exists(TMP .. '/' .. dir .. '/metrics.jsonl'), dir)
       end
       assert.is_true((run(10, 'own10')))
+      assert.is_true((run(10, 'own10error', 'error')))
    end)
 
    it("loader threads: the recipe's, else nr.data's default on the CPU and the host's free cores on a GPU", function()
