@@ -198,7 +198,8 @@ extern "C" int nr_emu_is_device_span(int device, const void *p, size_t bytes)
    return off + bytes <= it->first + it->second && (bytes > 0 || off <= it->first + it->second);
 }
 
-/* ---- the fault handler: host code touching device memory, or a kernel overflowing its stack */
+/* ---- the fault handler: names a fault on device memory (host code touching it, or a kernel
+ * another device's); any other fault (a fiber's stack guard page, say) is left as it is */
 
 static char g_altstack[1 << 16];
 static void on_fault(int sig, siginfo_t *si, void *)
@@ -428,8 +429,14 @@ extern "C" cudaError_t cudaFree(void *ptr)
       dv.free_runs.erase(next);
    }
    auto prev = dv.free_runs.lower_bound(off);
-   if (prev != dv.free_runs.begin() && (--prev)->first + prev->second == off) prev->second += bytes;
-   else dv.free_runs[off] = bytes;
+   if (prev != dv.free_runs.begin()) {
+      --prev;
+      if (prev->first + prev->second == off) {
+         prev->second += bytes;
+         return cudaSuccess;
+      }
+   }
+   dv.free_runs[off] = bytes;
    return cudaSuccess;
 }
 
@@ -452,7 +459,6 @@ static bool is_pinned(const void *p, size_t bytes)
    --it;
    return (const char *)p + bytes <= it->first + it->second;
 }
-
 
 extern "C" cudaError_t cudaHostAlloc(void **ptr, size_t bytes, unsigned int flags)
 {
@@ -813,9 +819,15 @@ struct Thread {
    bool done;
 };
 
-struct Warp {
+/* A barrier of `live` threads: the last to arrive, or the exit that leaves all live ones
+ * arrived, opens it (a new generation). The block's (__syncthreads) and each warp's (shuffles). */
+struct Barrier {
    int live, arrived;
    uint64_t gen;
+};
+
+struct Warp {
+   Barrier bar;
    uint64_t slot[32];
    bool present[32];
 };
@@ -828,8 +840,8 @@ static struct {
    std::vector<uint3> idx; /* threadIdx of each thread of a block (the same for every block) */
    std::vector<Warp> warps;
    std::vector<char *> free_stacks;
-   int live, arrived;
-   uint64_t gen, events;
+   Barrier block;
+   uint64_t events; /* arrivals and exits: a pass of the scheduler without one is a deadlock */
    int current;
    fiber scheduler;
    /* the sweep: one fiber that calls the threads one after another (cheap for kernels that never
@@ -858,23 +870,25 @@ static char *take_stack()
    return m + PAGE;
 }
 
+static void open_if_complete(Barrier &b)
+{
+   if (b.arrived > 0 && b.arrived == b.live) {
+      b.arrived = 0;
+      b.gen++;
+   }
+}
+
 /* Bookkeeping of thread i's exit: a barrier the others wait at may now be complete. */
 static void finish_thread(unsigned i)
 {
    S.threads[i].done = true;
-   S.live--;
    S.events++;
    Warp &w = S.warps[i / 32];
-   w.live--;
    w.present[i % 32] = false;
-   if (S.arrived > 0 && S.arrived == S.live) {
-      S.arrived = 0;
-      S.gen++;
-   }
-   if (w.arrived > 0 && w.arrived == w.live) {
-      w.arrived = 0;
-      w.gen++;
-   }
+   S.block.live--;
+   w.bar.live--;
+   open_if_complete(S.block);
+   open_if_complete(w.bar);
 }
 
 /* A thread started on its own fiber (after the sweep stopped). */
@@ -922,29 +936,16 @@ static void yield_to_scheduler()
    fiber_switch(&t.f, &S.scheduler);
 }
 
-void sync_block()
+static void arrive_and_wait(Barrier &b)
 {
-   const uint64_t gen = S.gen;
+   const uint64_t gen = b.gen;
    S.events++;
-   if (++S.arrived == S.live) {
-      S.arrived = 0;
-      S.gen++;
-      return;
-   }
-   while (S.gen == gen) yield_to_scheduler();
+   b.arrived++;
+   open_if_complete(b);
+   while (b.gen == gen) yield_to_scheduler();
 }
 
-static void sync_warp(Warp &w)
-{
-   const uint64_t gen = w.gen;
-   S.events++;
-   if (++w.arrived == w.live) {
-      w.arrived = 0;
-      w.gen++;
-      return;
-   }
-   while (w.gen == gen) yield_to_scheduler();
-}
+void sync_block() { arrive_and_wait(S.block); }
 
 uint64_t shfl_down(unsigned mask, uint64_t v, unsigned delta, int width)
 {
@@ -955,7 +956,7 @@ uint64_t shfl_down(unsigned mask, uint64_t v, unsigned delta, int width)
    if (width < 1 || width > 32 || (width & (width - 1)))
       fatal("kernel %s: __shfl_down_sync width %d is not a power of 2 up to 32", S.kernel, width);
    w.slot[lane] = v;
-   sync_warp(w);
+   arrive_and_wait(w.bar);
    const int src = lane + (int)delta;
    uint64_t out = v;
    if ((lane % width) + (int)delta < width && src < 32) {
@@ -964,7 +965,7 @@ uint64_t shfl_down(unsigned mask, uint64_t v, unsigned delta, int width)
                src, mask);
       out = w.slot[src];
    }
-   sync_warp(w);
+   arrive_and_wait(w.bar);
    return out;
 }
 
@@ -981,12 +982,12 @@ static void run_block(unsigned n)
    }
    for (unsigned w = 0; w < nwarps; w++) {
       Warp &wp = S.warps[w];
-      wp.live = (int)(n - 32 * w < 32 ? n - 32 * w : 32);
-      wp.arrived = 0;
-      for (int l = 0; l < 32; l++) wp.present[l] = l < wp.live;
+      wp.bar.live = (int)(n - 32 * w < 32 ? n - 32 * w : 32);
+      wp.bar.arrived = 0;
+      for (int l = 0; l < 32; l++) wp.present[l] = l < wp.bar.live;
    }
-   S.live = (int)n;
-   S.arrived = 0;
+   S.block.live = (int)n;
+   S.block.arrived = 0;
    /* the sweep first; a sweep fiber stays allocated for the next blocks unless a thread took it */
    if (!S.sweep_stack) {
       S.sweep_stack = take_stack();
@@ -997,9 +998,9 @@ static void run_block(unsigned n)
    S.sweep_taken = false;
    fiber_switch(&S.scheduler, &S.sweep);
    if (S.sweep_taken) S.sweep_stack = nullptr; /* owned by the thread that waited */
-   while (S.live > 0) {
+   while (S.block.live > 0) {
       const uint64_t before = S.events;
-      const uint64_t gen_before = S.gen;
+      const uint64_t gen_before = S.block.gen;
       for (unsigned i = 0; i < n; i++) {
          Thread &t = S.threads[i];
          if (t.done) continue;
@@ -1012,10 +1013,10 @@ static void run_block(unsigned n)
          fiber_switch(&S.scheduler, &t.f);
          if (t.done) S.free_stacks.push_back(t.stack);
       }
-      if (S.live > 0 && S.events == before && S.gen == gen_before)
+      if (S.block.live > 0 && S.events == before && S.block.gen == gen_before)
          fatal("kernel %s: deadlock in block (%u, %u, %u): %d of %d live threads wait at __syncthreads and the "
                "rest can never get there (a barrier under a condition that differs between threads?)",
-               S.kernel, block_idx.x, block_idx.y, block_idx.z, S.arrived, S.live);
+               S.kernel, block_idx.x, block_idx.y, block_idx.z, S.block.arrived, S.block.live);
    }
 }
 
