@@ -6,7 +6,10 @@
  * (plain C) calls in tensor_kernels.cu.
  * What it is not: public API (core/nr.h) or the entry points the core C files call (cuda_internal.h).
  * Invariants: all device work of a GPU goes to its one compute stream, so a block returned to
- * the caching allocator may be reused by later work without synchronisation; the format
+ * the caching allocator may be reused by later work without synchronisation; one host thread at
+ * a time issues a GPU's work (nrlua's Lua thread: the loader threads never touch the device), as
+ * the context's scratch buffers, cuBLAS / cuDNN handles and a convolution plan's descriptors
+ * (whose math type is set per call) are shared without locks; the format
  * arguments of the checking macros are evaluated only on failure, so describing shapes there
  * costs nothing on the hot path.
  */

@@ -21,6 +21,7 @@
  * (nr_cuda_ctx_get), the user's choice for new tensors is a separate thread-local.
  */
 #include "cuda_common.h"
+#include "side.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -846,4 +847,81 @@ nr_status nr_cuda_copy(nr_tensor *dst, const nr_tensor *src)
    }
    if (dst->device == NR_CUDA) return copy_h2d(dst, src);
    return copy_d2h(dst, src);
+}
+
+/* ---------------------------------------------------------------- side streams (side.h) */
+
+nr_status nr_cuda_side_stream_create(int32_t device_index, void **stream)
+{
+   nr_cuda_ctx *ctx; /* the compute stream exists before anything is ordered after it */
+   NR_TRY(nr_cuda_ctx_get(device_index, &ctx));
+   cudaStream_t s;
+   NR_CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "a side stream on cuda:%d", device_index);
+   *stream = s;
+   return NR_OK;
+}
+
+nr_status nr_cuda_side_stream_destroy(void *stream)
+{
+   NR_CU(cudaStreamSynchronize((cudaStream_t)stream), "finishing a side stream's work");
+   NR_CU(cudaStreamDestroy((cudaStream_t)stream), "destroying a side stream");
+   return NR_OK;
+}
+
+/* `waiter` waits for the work queued so far on `after`, through a one-use event. */
+static nr_status stream_after(cudaStream_t waiter, cudaStream_t after, const char *what, int32_t device_index)
+{
+   cudaEvent_t ev;
+   NR_CU(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "%s on cuda:%d", what, device_index);
+   cudaError_t e = cudaEventRecord(ev, after);
+   if (e == cudaSuccess) e = cudaStreamWaitEvent(waiter, ev, 0);
+   cudaEventDestroy(ev); /* released once its work completes */
+   NR_CU(e, "%s on cuda:%d", what, device_index);
+   return NR_OK;
+}
+
+nr_status nr_cuda_side_after_compute(int32_t device_index, void *stream)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(device_index, &ctx));
+   return stream_after((cudaStream_t)stream, ctx->stream, "ordering a side stream after the compute stream", device_index);
+}
+
+nr_status nr_cuda_side_record(void *stream, void **event)
+{
+   cudaEvent_t ev;
+   NR_CU(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "an event on a side stream");
+   cudaError_t e = cudaEventRecord(ev, (cudaStream_t)stream);
+   if (e != cudaSuccess) {
+      cudaEventDestroy(ev);
+      NR_CU(e, "recording an event on a side stream");
+   }
+   *event = ev;
+   return NR_OK;
+}
+
+nr_status nr_cuda_side_query(void *event, int32_t *done)
+{
+   cudaError_t e = cudaEventQuery((cudaEvent_t)event);
+   *done = e == cudaSuccess;
+   if (e == cudaErrorNotReady) {
+      cudaGetLastError(); /* not an error: leave no sticky "not ready" behind */
+      return NR_OK;
+   }
+   NR_CU(e, "querying a side stream's event");
+   return NR_OK;
+}
+
+nr_status nr_cuda_side_join(int32_t device_index, void *event)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(device_index, &ctx));
+   NR_CU(cudaStreamWaitEvent(ctx->stream, (cudaEvent_t)event, 0), "the compute stream of cuda:%d joining a side stream",
+         device_index);
+   return NR_OK;
+}
+
+void nr_cuda_side_event_destroy(void *event)
+{
+   if (event) cudaEventDestroy((cudaEvent_t)event);
 }

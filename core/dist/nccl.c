@@ -4,16 +4,19 @@
  * What it is: nr_dist_nccl_init (rank 0 draws the ncclUniqueId, MPI_Bcast hands it to every rank,
  * ncclCommInitRank on the rank's GPU), in-place allreduce/broadcast of contiguous f32/int64 CUDA
  * tensors. What it is not: the CPU path (dist.c) or bucketing (lua/nr/dist.lua).
- * Built only with NR_DIST_WITH_NCCL (CMake: CUDA on and nccl.h/libnccl found); otherwise the same entry
- * points fail with a message saying how to get NCCL.
+ * Built only with NR_DIST_WITH_NCCL (CMake: CUDA on and nccl.h/libnccl found, or the CUDA
+ * emulator's NCCL, tests/gpu/emu/nccl_emu.c); otherwise the same entry points fail with a message
+ * saying how to get NCCL.
  *
  * Invariants
- *  - Ordering with compute: the CUDA backend's compute stream is a blocking stream, ordered with
- *    the legacy default stream (cudaStreamLegacy); an allreduce records an event there, makes the communication stream wait for it, runs NCCL on the
- *    communication stream and records a completion event. nr_dist_wait makes the default stream
- *    wait for that event and synchronises it, so Lua sees the result as with the CPU path, while
- *    buckets started during backward overlap with the kernels that follow them.
- *  - Waits poll cudaEventQuery and ncclCommGetAsyncError with the job's timeout; on a timeout or a
+ *  - No CUDA runtime of its own: streams and events come from libnr's backend (core/cuda/side.h),
+ *    whose runtime is linked into libnr statically; NCCL takes its streams as they are.
+ *  - Ordering with compute: an allreduce makes the communication stream wait for the work queued
+ *    so far on the GPU's compute stream, runs NCCL there and records a completion event;
+ *    nr_dist_nccl_wait polls that event and then makes the compute stream wait for it, so Lua
+ *    sees the result as with the CPU path, while buckets started during backward overlap with the
+ *    kernels that follow them.
+ *  - Waits poll the event and ncclCommGetAsyncError with the job's timeout; on a timeout or a
  *    NCCL error the communicator is aborted (ncclCommAbort) so no kernel spins forever.
  *  - NCCL's ring allreduce reduces each chunk once and copies it to every rank, so all ranks get
  *    the same bits; run to run it is reproducible for a fixed topology and NCCL_ALGO/NCCL_PROTO.
@@ -26,19 +29,14 @@
 
 #ifdef NR_DIST_WITH_NCCL
 
-#include <cuda_runtime.h>
+#include "cuda/side.h"
+
 #include <nccl.h>
 
 static ncclComm_t g_comm;
-static cudaStream_t g_stream;
+static void *g_stream; /* the communication stream (a cudaStream_t of libnr's runtime) */
 static int g_device = -1;
 
-#define CUDA_TRY(call)                                                                          \
-   do {                                                                                         \
-      cudaError_t e_ = (call);                                                                  \
-      if (e_ != cudaSuccess)                                                                    \
-         return NR_FAIL(NR_E_DEVICE, "%s: %s", #call, cudaGetErrorString(e_));                  \
-   } while (0)
 #define NCCL_TRY(call)                                                                          \
    do {                                                                                         \
       ncclResult_t r_ = (call);                                                                 \
@@ -47,7 +45,7 @@ static int g_device = -1;
    } while (0)
 
 typedef struct {
-   cudaEvent_t done;
+   void *done; /* completion event */
    double started;
 } nccl_op;
 
@@ -61,28 +59,40 @@ nr_status nr_dist_nccl_init(int32_t device_index)
       if (g_device == device_index) return NR_OK;
       return NR_FAIL(NR_E_ARG, "NCCL already set up on GPU %d, asked for GPU %d", g_device, device_index);
    }
-   int count = 0;
-   CUDA_TRY(cudaGetDeviceCount(&count));
+   int count = nr_cuda_device_count();
    if (device_index < 0 || device_index >= count)
       return NR_FAIL(NR_E_DEVICE, "GPU %d does not exist (this machine has %d); use one rank per GPU", device_index, count);
-   CUDA_TRY(cudaSetDevice(device_index));
+   /* the stream first: it also makes the GPU current for ncclCommInitRank */
+   void *stream = NULL;
+   NR_TRY(nr_cuda_side_stream_create(device_index, &stream));
    int rank = nr_dist_rank(), size = nr_dist_size();
    ncclUniqueId id;
-   if (rank == 0) NCCL_TRY(ncclGetUniqueId(&id));
+   nr_status st = NR_OK;
+   ncclResult_t r = rank == 0 ? ncclGetUniqueId(&id) : ncclSuccess;
+   if (r != ncclSuccess) st = NR_FAIL(NR_E_DEVICE, "ncclGetUniqueId: %s (%s)", ncclGetErrorString(r), ncclGetLastError(NULL));
    MPI_Request req;
-   int rc = MPI_Ibcast(&id, (int)sizeof id, MPI_BYTE, 0, nr_dist_comm(), &req);
-   if (rc != MPI_SUCCESS) return NR_FAIL(NR_E_INTERNAL, "MPI_Ibcast of the NCCL id failed (code %d)", rc);
+   int rc = st ? MPI_SUCCESS : MPI_Ibcast(&id, (int)sizeof id, MPI_BYTE, 0, nr_dist_comm(), &req);
+   if (!st && rc != MPI_SUCCESS) st = NR_FAIL(NR_E_INTERNAL, "MPI_Ibcast of the NCCL id failed (code %d)", rc);
    double t0 = MPI_Wtime();
    int64_t polls = 0;
-   for (int flag = 0; !flag;) {
-      if (MPI_Test(&req, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS) return NR_FAIL(NR_E_INTERNAL, "MPI_Test failed");
+   for (int flag = 0; !st && !flag;) {
+      if (MPI_Test(&req, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+         st = NR_FAIL(NR_E_INTERNAL, "MPI_Test failed");
+         break;
+      }
       double w = MPI_Wtime() - t0;
       if (!flag && nr_dist_timeout() > 0 && w > nr_dist_timeout())
-         return NR_FAIL(NR_E_INTERNAL, "broadcast of the NCCL id timed out after %.0f s on rank %d", w, rank);
-      if (!flag) nr_dist_backoff(w, ++polls);
+         st = NR_FAIL(NR_E_INTERNAL, "broadcast of the NCCL id timed out after %.0f s on rank %d", w, rank);
+      else if (!flag) nr_dist_backoff(w, ++polls);
    }
-   NCCL_TRY(ncclCommInitRank(&g_comm, size, id, rank));
-   CUDA_TRY(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+   if (!st && (r = ncclCommInitRank(&g_comm, size, id, rank)) != ncclSuccess)
+      st = NR_FAIL(NR_E_DEVICE, "ncclCommInitRank(rank %d of %d, GPU %d): %s (%s)", rank, size, device_index,
+                   ncclGetErrorString(r), ncclGetLastError(NULL));
+   if (st) {
+      nr_cuda_side_stream_destroy(stream);
+      return st;
+   }
+   g_stream = stream;
    g_device = device_index;
    return NR_OK;
 }
@@ -95,15 +105,18 @@ static nr_status check_tensor(const nr_tensor *t)
    return NR_OK;
 }
 
-/* Makes the communication stream wait for the work queued so far on the legacy stream. */
-static nr_status after_compute(void)
+/* Records the completion of the work queued on the communication stream into a new op. */
+static nr_status new_op(nccl_op **out)
 {
-   cudaEvent_t ready;
-   CUDA_TRY(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-   cudaError_t e = cudaEventRecord(ready, cudaStreamLegacy);
-   if (e == cudaSuccess) e = cudaStreamWaitEvent(g_stream, ready, 0);
-   cudaEventDestroy(ready);
-   CUDA_TRY(e);
+   nccl_op *o = calloc(1, sizeof *o);
+   if (!o) return NR_FAIL(NR_E_OOM, "cannot allocate an NCCL operation");
+   nr_status st = nr_cuda_side_record(g_stream, &o->done);
+   if (st) {
+      free(o);
+      return st;
+   }
+   o->started = MPI_Wtime();
+   *out = o;
    return NR_OK;
 }
 
@@ -112,7 +125,7 @@ nr_status nr_dist_nccl_start(nr_tensor *t, int32_t op, double scale, void **toke
    NR_TRY(check_tensor(t));
    ncclDataType_t type = t->dtype == NR_F32 ? ncclFloat32 : ncclInt64;
    size_t n = (size_t)nr_tensor_numel(t);
-   NR_TRY(after_compute());
+   NR_TRY(nr_cuda_side_after_compute(g_device, g_stream));
    ncclRedOp_t rop = op == NR_DIST_MAX ? ncclMax : op == NR_DIST_MIN ? ncclMin : ncclSum;
    int custom = 0;
    if (op == NR_DIST_SUM && scale != 1.0 && t->dtype == NR_F32) {
@@ -120,19 +133,11 @@ nr_status nr_dist_nccl_start(nr_tensor *t, int32_t op, double scale, void **toke
       NCCL_TRY(ncclRedOpCreatePreMulSum(&rop, &s, ncclFloat32, ncclScalarHostImmediate, g_comm));
       custom = 1;
    }
-   ncclResult_t r = ncclAllReduce(t->data, t->data, n, type, rop, g_comm, g_stream);
+   ncclResult_t r = ncclAllReduce(t->data, t->data, n, type, rop, g_comm, (cudaStream_t)g_stream);
    if (custom) ncclRedOpDestroy(rop, g_comm);
    NCCL_TRY(r);
-   nccl_op *o = calloc(1, sizeof *o);
-   if (!o) return NR_FAIL(NR_E_OOM, "cannot allocate an NCCL operation");
-   cudaError_t e = cudaEventCreateWithFlags(&o->done, cudaEventDisableTiming);
-   if (e == cudaSuccess) e = cudaEventRecord(o->done, g_stream);
-   if (e != cudaSuccess) {
-      if (o->done) cudaEventDestroy(o->done);
-      free(o);
-      CUDA_TRY(e);
-   }
-   o->started = MPI_Wtime();
+   nccl_op *o = NULL;
+   NR_TRY(new_op(&o));
    *token = o;
    return NR_OK;
 }
@@ -140,14 +145,7 @@ nr_status nr_dist_nccl_start(nr_tensor *t, int32_t op, double scale, void **toke
 nr_status nr_dist_nccl_test(void *token, int32_t *done)
 {
    nccl_op *o = token;
-   cudaError_t e = cudaEventQuery(o->done);
-   if (e == cudaErrorNotReady) {
-      *done = 0;
-      return NR_OK;
-   }
-   CUDA_TRY(e);
-   *done = 1;
-   return NR_OK;
+   return nr_cuda_side_query(o->done, done);
 }
 
 nr_status nr_dist_nccl_wait(void *token, const char *what)
@@ -155,9 +153,9 @@ nr_status nr_dist_nccl_wait(void *token, const char *what)
    nccl_op *o = token;
    int64_t polls = 0;
    for (;;) {
-      cudaError_t e = cudaEventQuery(o->done);
-      if (e == cudaSuccess) break;
-      if (e != cudaErrorNotReady) CUDA_TRY(e);
+      int32_t done = 0;
+      NR_TRY(nr_cuda_side_query(o->done, &done));
+      if (done) break;
       ncclResult_t async = ncclSuccess;
       ncclCommGetAsyncError(g_comm, &async);
       double w = MPI_Wtime() - o->started;
@@ -174,15 +172,14 @@ nr_status nr_dist_nccl_wait(void *token, const char *what)
       }
       nr_dist_backoff(w, ++polls);
    }
-   CUDA_TRY(cudaStreamWaitEvent(cudaStreamLegacy, o->done, 0));
-   return NR_OK;
+   return nr_cuda_side_join(g_device, o->done);
 }
 
 void nr_dist_nccl_release(void *token)
 {
    nccl_op *o = token;
    if (!o) return;
-   cudaEventDestroy(o->done);
+   nr_cuda_side_event_destroy(o->done);
    free(o);
 }
 
@@ -190,25 +187,21 @@ nr_status nr_dist_nccl_broadcast(nr_tensor *t, int32_t root)
 {
    NR_TRY(check_tensor(t));
    size_t bytes = (size_t)nr_tensor_numel(t) * (size_t)nr_dtype_size(t->dtype);
-   nccl_op o = {0};
-   NR_TRY(after_compute());
-   NCCL_TRY(ncclBroadcast(t->data, t->data, bytes, ncclUint8, root, g_comm, g_stream));
-   CUDA_TRY(cudaEventCreateWithFlags(&o.done, cudaEventDisableTiming));
-   cudaError_t e = cudaEventRecord(o.done, g_stream);
-   if (e != cudaSuccess) cudaEventDestroy(o.done);
-   CUDA_TRY(e);
-   o.started = MPI_Wtime();
-   nr_status st = nr_dist_nccl_wait(&o, "NCCL broadcast");
-   cudaEventDestroy(o.done);
+   NR_TRY(nr_cuda_side_after_compute(g_device, g_stream));
+   NCCL_TRY(ncclBroadcast(t->data, t->data, bytes, ncclUint8, root, g_comm, (cudaStream_t)g_stream));
+   nccl_op *o = NULL;
+   NR_TRY(new_op(&o));
+   nr_status st = nr_dist_nccl_wait(o, "NCCL broadcast");
+   nr_dist_nccl_release(o);
    return st;
 }
 
 void nr_dist_nccl_shutdown(void)
 {
    if (g_device < 0) return;
-   cudaStreamSynchronize(g_stream);
+   nr_cuda_side_stream_destroy(g_stream); /* waits for its work */
    ncclCommDestroy(g_comm);
-   cudaStreamDestroy(g_stream);
+   g_stream = NULL;
    g_device = -1;
 }
 

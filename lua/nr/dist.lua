@@ -137,7 +137,13 @@ function M.init(opts)
       check.arg(tostring(opts.device):match('^cuda'), 'nr.dist.init', 'device must be "cpu" or "cuda", got %s', tostring(opts.device))
       local gpu, cuda = gpu_of_rank()
       if cuda and type(cuda.set_device) == 'function' then cuda.set_device(gpu) end
-      ok(D.nr_dist_nccl_init(gpu), 'nr.dist.init')
+      if D.nr_dist_nccl_init(gpu) ~= 0 then
+         -- NCCL needs a GPU of its own per rank: say which one this rank took and why
+         local visible = cuda and type(cuda.device_count) == 'function' and cuda.device_count() or 0
+         error(string.format('nr.dist.init (%s): %s [this rank took cuda:%d: local rank %d of %d on this host, %d GPU%s ' ..
+            'visible; NCCL needs one GPU per rank]', where(), ffi.string(nrffi.C.nr_last_error()), gpu, S.local_rank,
+            S.local_size, visible, visible == 1 and '' or 's'), 2)
+      end
       S.device, S.gpu = 'cuda', gpu
    end
    return S.rank, S.size

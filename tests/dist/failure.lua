@@ -7,8 +7,10 @@
 --          hook aborts the job instead of finalizing MPI while rank 0 waits in a reduction)
 --   caught every rank's nr.train raises at step 2 and the script handles it and ends normally:
 --          a clean job (the error took the mid-training mark with it), status 0
+-- DEVICE (optional second argument, kill / error / hang): 'cuda' reduces a tensor on each rank's
+-- GPU through NCCL instead (a hang then times out in NCCL's wait, which aborts the communicator).
 -- The spec checks the status is non-zero, the time is bounded and the messages name the ranks.
--- Run: mpirun -np 2 nrlua tests/dist/failure.lua kill
+-- Run: mpirun -np 2 nrlua tests/dist/failure.lua kill [cuda]
 local ffi = require 'ffi'
 local nr = require 'nr'
 local dist = require 'nr.dist'
@@ -20,7 +22,8 @@ int usleep(unsigned int usec);
 ]]
 
 local mode = arg and arg[1] or 'kill'
-local rank = dist.init{timeout = (mode == 'exit0' or mode == 'caught') and 60 or 3}
+local device = arg and arg[2] or 'cpu'
+local rank = dist.init{timeout = (mode == 'exit0' or mode == 'caught') and 60 or 3, device = device}
 if mode == 'exit0' or mode == 'caught' then
    local train = require 'nr.train'
    local x, y = nr.randn({256, 8}), nr.randint(0, 3, {256})
@@ -43,7 +46,7 @@ if mode == 'exit0' or mode == 'caught' then
    io.stdout:flush()
    os.exit(0)
 end
-local t = nr.ones({100000})
+local t = nr.ones({100000}):to(device == 'cuda' and 'cuda:' .. nr.cuda.current_device() or 'cpu')
 for step = 1, 1000000 do
    if rank == 1 and step == 4 then
       io.stdout:write(string.format('rank 1: simulating failure "%s" at step %d\n', mode, step))

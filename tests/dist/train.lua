@@ -14,6 +14,8 @@ local train = require 'nr.train'
 local out, epochs, resume = arg[1], tonumber(arg[2] or '2'), arg[3]
 assert(out and epochs, 'usage: train.lua OUT EPOCHS [RESUME]')
 local root = os.getenv('NR_FASHION') or '/usr/share/datasets/fashion-mnist'
+-- NR_DIST_TEST_DEVICE=cuda: each rank trains on its GPU (tests/gpu/emu/run.sh, on the emulator)
+local DEVICE = os.getenv('NR_DIST_TEST_DEVICE') or 'cpu'
 
 local rank, size = dist.init{timeout = 120}
 local recipe = {
@@ -25,7 +27,7 @@ local recipe = {
    data = {dataset = 'fashion-mnist', root = root, batch = 64 / size, train_batches = 8, val_batches = 4, threads = 1},
    optim = {name = 'sgd', lr = 0.05, momentum = 0.9, weight_decay = 5e-4},
    schedule = false, -- constant LR: a run stopped after epoch k and resumed equals an uninterrupted one
-   epochs = epochs, seed = 1, device = 'cpu', out = out, resume = resume, log_every = 4,
+   epochs = epochs, seed = 1, device = DEVICE, out = out, resume = resume, log_every = 4,
 }
 local tr = train.new(recipe)
 assert(tr.world_size == size and tr.rank == rank, 'nr.train did not attach nr.dist')

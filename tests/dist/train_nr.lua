@@ -19,6 +19,8 @@ local train = require 'nr.train'
 local out = assert(arg[1], 'usage: train_nr.lua OUT [steps]')
 local by_steps = arg[2] == 'steps'
 local root = os.getenv('NR_FASHION') or '/usr/share/datasets/fashion-mnist'
+-- NR_DIST_TEST_DEVICE=cuda: each rank trains on its GPU (tests/gpu/emu/run.sh, on the emulator)
+local DEVICE = os.getenv('NR_DIST_TEST_DEVICE') or 'cpu'
 local rank, size = dist.init{timeout = 120}
 
 local calls = {when = 0}
@@ -33,7 +35,7 @@ local recipe = {
    end,
    data = {dataset = 'fashion-mnist', root = root, batch = 64 / size, train_batches = 6, val_batches = 2, threads = 1},
    optim = {name = 'sgd', lr = 0.05, momentum = 0.9, weight_decay = 0},
-   schedule = false, epochs = 2, seed = 1, device = 'cpu', out = out, log_every = 3,
+   schedule = false, epochs = 2, seed = 1, device = DEVICE, out = out, log_every = 3,
    nr = {target = 0.5, input_shape = {1, 28, 28}, lambda = {mode = 'constant', value = 0, dt = by_steps and 2 or nil},
          policy = {when = function(ctx)
             calls.when = calls.when + 1

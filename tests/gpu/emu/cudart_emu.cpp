@@ -5,8 +5,10 @@
  * cuda_runtime_api.h), checking their arguments as the runtime documents; devices are arenas of
  * host address space (NR_EMU_DEVICES of them, default 2, NR_EMU_DEVICE_MEMORY bytes each,
  * default 4 GiB) that are inaccessible to host code outside device work.
- * What it is not: asynchronous. Streams and events are bookkeeping; every copy and kernel has
- * finished when its call returns.
+ * What it is not: a model of timing or of concurrency. Asynchrony is emulated only as lateness:
+ * copies and memsets wait in their stream's queue until something must see them, and the
+ * collectives of the emulated NCCL (nccl_emu.c) until their peers have joined; kernels and
+ * cuBLAS / cuDNN calls run when they are launched, after their stream's queue.
  * Invariants: fresh device memory (its first 64 MiB) is filled with the 16-bit pattern 0x7fc0 (NaN
  * as f32 and as bf16, huge as integers; positive, since LuaJIT reads a float NaN with the sign bit
  * and a payload as nil), so a result that depends on memory nobody wrote shows; a kernel runs with only its
@@ -498,6 +500,7 @@ struct Work {
    std::vector<char> copy; /* a pageable host source, read when the copy was queued */
    size_t bytes;
    int value;
+   nr_emu_async *async = nullptr; /* set: an operation of another emulated library (dst etc. unused) */
 };
 struct Stream {
    int device;
@@ -531,21 +534,32 @@ static Stream *stream_of(cudaStream_t s, const char *func)
 }
 static bool is_legacy(const Stream *st) { return st >= g_legacy && st < g_legacy + MAX_DEVICES; }
 
-/* Runs st's queued work with seq <= upto. */
-static void flush(Stream *st, uint64_t upto = UINT64_MAX)
+/* Runs st's queued work with seq <= upto. An async operation (nr_emu_async) that cannot finish
+ * yet stops the stream there unless wait (then it blocks until it can); returns whether all of it
+ * ran. */
+static bool flush(Stream *st, uint64_t upto = UINT64_MAX, bool wait = true)
 {
    size_t n = 0;
    while (n < st->queue.size() && st->queue[n].seq <= upto) n++;
-   if (!n) return;
+   if (!n) return true;
    open_devices(-1);
-   for (size_t i = 0; i < n; i++) {
-      Work &w = st->queue[i];
-      if (w.src) memmove(w.dst, w.src, w.bytes);
-      else if (!w.copy.empty()) memcpy(w.dst, w.copy.data(), w.bytes);
-      else memset(w.dst, w.value, w.bytes);
+   size_t done = 0;
+   for (; done < n; done++) {
+      Work &w = st->queue[done];
+      if (w.async) {
+         if (!w.async->finish(w.async, wait)) break;
+         w.async->release(w.async);
+      } else if (w.src) {
+         memmove(w.dst, w.src, w.bytes);
+      } else if (!w.copy.empty()) {
+         memcpy(w.dst, w.copy.data(), w.bytes);
+      } else {
+         memset(w.dst, w.value, w.bytes);
+      }
    }
    close_devices();
-   st->queue.erase(st->queue.begin(), st->queue.begin() + (ptrdiff_t)n);
+   st->queue.erase(st->queue.begin(), st->queue.begin() + (ptrdiff_t)done);
+   return done == n;
 }
 
 static void flush_device(int device)
@@ -585,6 +599,31 @@ static void enqueue(Stream *st, Work w)
    st->queue.push_back(std::move(w));
 }
 
+/* An operation of another emulated library: it starts now, after the work it is ordered after
+ * (as a kernel would), and finishes when a flush reaches it and its peers allow. */
+extern "C" cudaError_t nr_emu_enqueue_async(cudaStream_t s, nr_emu_async *op)
+{
+   LOCKED();
+   Stream *st = stream_of(s, "nr_emu_enqueue_async");
+   if (!st) return cudaErrorInvalidResourceHandle;
+   order_before(st);
+   open_devices(st->device);
+   op->start(op);
+   close_devices();
+   Work w{};
+   w.async = op;
+   w.seq = ++st->seq;
+   st->queue.push_back(std::move(w));
+   return cudaSuccess;
+}
+
+extern "C" int nr_emu_stream_device(cudaStream_t s)
+{
+   LOCKED();
+   Stream *st = stream_of(s, "nr_emu_stream_device");
+   return st ? st->device : -1;
+}
+
 extern "C" cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags)
 {
    LOCKED();
@@ -616,14 +655,16 @@ extern "C" cudaError_t cudaStreamSynchronize(cudaStream_t s)
    order_before(st);
    return cudaSuccess;
 }
-/* Pending work answers "not ready" once, and then has finished. */
+/* Pending work answers "not ready" once, and then has finished (an async operation: until its
+ * peers have joined). */
 extern "C" cudaError_t cudaStreamQuery(cudaStream_t s)
 {
    LOCKED();
    Stream *st = stream_of(s, __func__);
    if (!st) return cudaErrorInvalidResourceHandle;
    bool pending = !st->queue.empty();
-   order_before(st);
+   if (!flush(st, UINT64_MAX, false)) return cudaErrorNotReady; /* an async operation waits for its peers */
+   flush_peers(st);
    return pending ? cudaErrorNotReady : cudaSuccess;
 }
 extern "C" cudaError_t cudaDeviceSynchronize(void)
@@ -687,7 +728,7 @@ extern "C" cudaError_t cudaEventQuery(cudaEvent_t e)
    Event *ev = event_ok(e, __func__);
    if (!ev) return cudaErrorInvalidResourceHandle;
    bool pending = event_pending(ev);
-   if (ev->stream) flush(ev->stream, ev->seq);
+   if (ev->stream && !flush(ev->stream, ev->seq, false)) return cudaErrorNotReady;
    return pending ? cudaErrorNotReady : cudaSuccess;
 }
 extern "C" cudaError_t cudaEventSynchronize(cudaEvent_t e)

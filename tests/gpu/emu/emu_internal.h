@@ -6,8 +6,9 @@
  * implemented here on the CPU (cudart_emu.cpp, cublas_emu.c, cudnn_emu.c), validating their
  * arguments as the real libraries document. A build with -DNR_CUDA_EMU=ON links these instead of
  * the NVIDIA libraries.
- * What it is not: a GPU, or a model of its timing, streams or asynchrony: every operation runs
- * to completion when it is called, so a missing stream wait cannot be seen here.
+ * What it is not: a GPU, or a model of its timing or concurrency. Asynchrony is emulated as
+ * lateness only (cudart_emu.cpp): a queued copy runs when something must see it, so a missing
+ * stream wait shows as stale data; kernels and library calls run when launched.
  * Invariants: device memory lives in per-device arenas that are PROT_NONE except while emulated
  * device work runs (nr_emu_device_enter .. nr_emu_device_leave), so host code that dereferences a
  * device pointer faults, as it would with a real GPU, and the fault handler names the address.
@@ -44,6 +45,22 @@ void nr_emu_report(const char *func, const char *fmt, ...) __attribute__((format
 void nr_emu_vreport(const char *func, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 /* The last diagnostic, "<func>: <message>" (for cudnnGetLastErrorString). */
 const char *nr_emu_last_message(void);
+
+/* An operation of another emulated library that runs on a stream and may finish only when
+ * something outside this process allows it (the emulated NCCL's collectives: their peers).
+ * start runs when it is enqueued, after the work it is ordered after, with the stream's device
+ * memory open (it reads its inputs then); finish runs when a flush of the stream reaches it, all
+ * device memory open: it returns 1 once done (outputs written), 0 when it cannot finish yet
+ * (only when wait is 0; with wait 1 it blocks until done); release frees it after it finished. A
+ * stream with an unfinished operation answers "not ready" to queries of its later work. */
+typedef struct nr_emu_async {
+   void (*start)(struct nr_emu_async *op);
+   int (*finish)(struct nr_emu_async *op, int wait);
+   void (*release)(struct nr_emu_async *op);
+} nr_emu_async;
+cudaError_t nr_emu_enqueue_async(cudaStream_t stream, nr_emu_async *op);
+/* The device stream belongs to (-1 after recording cudaErrorInvalidResourceHandle). */
+int nr_emu_stream_device(cudaStream_t stream);
 
 /* ---- number formats of the emulated libraries (bf16 storage, TF32 tensor-core inputs) */
 static inline float bf16_to_float(uint16_t h)
