@@ -65,6 +65,9 @@ int64_t nr_memory_in_use(int32_t device);
 int64_t nr_memory_peak(int32_t device);
 int64_t nr_memory_alloc_count(int32_t device);
 void nr_memory_reset_peak(int32_t device);
+/* The same three for one GPU (cuda:device_index); reset_peak(NR_CUDA) resets every GPU's too. */
+nr_status nr_memory_of_gpu(int32_t device_index, int64_t *in_use, int64_t *peak, int64_t *allocations);
+void nr_memory_reset_peak_of_gpu(int32_t device_index);
 
 /* ---------------------------------------------------------------- tensors */
 

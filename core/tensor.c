@@ -25,24 +25,55 @@ struct nr_storage {
 
 /* ---- memory accounting ---------------------------------------------------------------- */
 
-static atomic_llong g_in_use[2], g_peak[2], g_allocs[2];
+typedef struct {
+   atomic_llong in_use, peak, allocs;
+} mem_stats;
+enum { MAX_GPUS = 16 }; /* as the CUDA backend's NR_CUDA_MAX_DEVICES */
+static mem_stats g_kind[2];        /* NR_CPU, NR_CUDA (every GPU) */
+static mem_stats g_gpu[MAX_GPUS];  /* each GPU */
 
-static void account(int32_t device, int64_t delta)
+static void count(mem_stats *m, int64_t delta)
 {
-   long long now = atomic_fetch_add(&g_in_use[device], delta) + delta;
+   long long now = atomic_fetch_add(&m->in_use, delta) + delta;
    if (delta > 0) {
-      atomic_fetch_add(&g_allocs[device], 1);
-      long long p = atomic_load(&g_peak[device]);
-      while (now > p && !atomic_compare_exchange_weak(&g_peak[device], &p, now)) {}
+      atomic_fetch_add(&m->allocs, 1);
+      long long p = atomic_load(&m->peak);
+      while (now > p && !atomic_compare_exchange_weak(&m->peak, &p, now)) {}
    }
 }
 
-int64_t nr_memory_in_use(int32_t device) { return (device == 0 || device == 1) ? g_in_use[device] : 0; }
-int64_t nr_memory_peak(int32_t device) { return (device == 0 || device == 1) ? g_peak[device] : 0; }
-int64_t nr_memory_alloc_count(int32_t device) { return (device == 0 || device == 1) ? g_allocs[device] : 0; }
+static void account(int32_t device, int32_t device_index, int64_t delta)
+{
+   count(&g_kind[device], delta);
+   if (device == NR_CUDA && device_index >= 0 && device_index < MAX_GPUS) count(&g_gpu[device_index], delta);
+}
+
+static void reset_peak(mem_stats *m) { atomic_store(&m->peak, atomic_load(&m->in_use)); }
+
+int64_t nr_memory_in_use(int32_t device) { return (device == 0 || device == 1) ? g_kind[device].in_use : 0; }
+int64_t nr_memory_peak(int32_t device) { return (device == 0 || device == 1) ? g_kind[device].peak : 0; }
+int64_t nr_memory_alloc_count(int32_t device) { return (device == 0 || device == 1) ? g_kind[device].allocs : 0; }
 void nr_memory_reset_peak(int32_t device)
 {
-   if (device == 0 || device == 1) atomic_store(&g_peak[device], atomic_load(&g_in_use[device]));
+   if (device != 0 && device != 1) return;
+   reset_peak(&g_kind[device]);
+   if (device == NR_CUDA)
+      for (int i = 0; i < MAX_GPUS; i++) reset_peak(&g_gpu[i]);
+}
+
+nr_status nr_memory_of_gpu(int32_t device_index, int64_t *in_use, int64_t *peak, int64_t *allocations)
+{
+   if (device_index < 0 || device_index >= MAX_GPUS)
+      return NR_FAIL(NR_E_ARG, "no GPU index %d (0..%d)", device_index, MAX_GPUS - 1);
+   *in_use = g_gpu[device_index].in_use;
+   *peak = g_gpu[device_index].peak;
+   *allocations = g_gpu[device_index].allocs;
+   return NR_OK;
+}
+
+void nr_memory_reset_peak_of_gpu(int32_t device_index)
+{
+   if (device_index >= 0 && device_index < MAX_GPUS) reset_peak(&g_gpu[device_index]);
 }
 
 /* Host buffers of NR_MAP_MIN bytes and more are mapped and unmapped directly, not malloc'd: once
@@ -77,7 +108,7 @@ void *nr_mem_alloc(int32_t device, int32_t device_index, int64_t bytes)
       }
       if (!p) {
          NR_FAIL(NR_E_OOM, "out of host memory allocating %lld bytes (%lld in use)",
-                 (long long)bytes, (long long)g_in_use[0]);
+                 (long long)bytes, (long long)g_kind[NR_CPU].in_use);
          return NULL;
       }
    } else if (device == NR_CUDA) {
@@ -93,7 +124,7 @@ void *nr_mem_alloc(int32_t device, int32_t device_index, int64_t bytes)
       NR_FAIL(NR_E_ARG, "unknown device %d", device);
       return NULL;
    }
-   account(device, rounded);
+   account(device, device_index, rounded);
    return p;
 }
 
@@ -110,7 +141,7 @@ void nr_mem_free(int32_t device, int32_t device_index, void *ptr, int64_t bytes)
 #else
    (void)device_index;
 #endif
-   account(device, -rounded);
+   account(device, device_index, -rounded);
 }
 
 /* ---- threads ---------------------------------------------------------------------------- */

@@ -76,16 +76,26 @@ function M.conv_max_elements() return tonumber(C.nr_cuda_get_conv_max_elements()
 -- Convolution plans made so far (distinct shapes; each ran cuDNN's algorithm search once).
 function M.conv_plans() return tonumber(C.nr_cuda_conv_plan_count()) end
 
--- {in_use, peak, allocations, cached, free, total} in bytes: in_use, peak, allocations and cached
--- count all of this process's GPUs; free and total are the driver's for `device` (default the current
--- one), nil without a GPU.
+-- One GPU's memory, as torch.cuda.memory_allocated / max_memory_allocated / memory_reserved
+-- report it: {in_use, peak, allocations, cached, free, total} in bytes for cuda:device (default
+-- the current GPU): tensor storage in use, its peak since start or reset_peak_memory, allocations
+-- made, blocks the caching allocator holds, and the driver's free and total (nil without a GPU).
+-- nr.memory().cuda has the first three summed over all GPUs.
+local function gpu_index(device, fname)
+   if device == nil then return M.current_device() end
+   check.int(device, fname, 'device', 0)
+   local n = M.device_count()
+   check.arg(n == 0 or device < n, fname, 'no device cuda:%d (%d visible)', device, n)
+   return device
+end
+
 function M.memory(device)
-   local dev = device or M.current_device()
+   local dev = gpu_index(device, 'nr.cuda.memory')
+   local v = ffi.new('int64_t[3]')
+   check.status(C.nr_memory_of_gpu(dev, v, v + 1, v + 2), 'nr.cuda.memory')
    local out = {
-      in_use = tonumber(C.nr_memory_in_use(C.NR_CUDA)),
-      peak = tonumber(C.nr_memory_peak(C.NR_CUDA)),
-      allocations = tonumber(C.nr_memory_alloc_count(C.NR_CUDA)),
-      cached = tonumber(C.nr_cuda_memory_cached(-1)),
+      in_use = tonumber(v[0]), peak = tonumber(v[1]), allocations = tonumber(v[2]),
+      cached = tonumber(C.nr_cuda_memory_cached(dev)),
    }
    if M.available() then
       local fr, tot = ffi.new('int64_t[1]'), ffi.new('int64_t[1]')
@@ -94,6 +104,11 @@ function M.memory(device)
       end
    end
    return out
+end
+
+-- Starts cuda:device's peak (default the current GPU) again from what is in use now.
+function M.reset_peak_memory(device)
+   C.nr_memory_reset_peak_of_gpu(gpu_index(device, 'nr.cuda.reset_peak_memory'))
 end
 
 return M

@@ -77,6 +77,33 @@ describe('nr.cuda runtime', function()
       nr.cuda.synchronize()
    end)
 
+   it('reports memory per GPU (nr.cuda.memory(i)) and summed over GPUs (nr.memory().cuda)', function()
+      local n, MiB4 = nr.cuda.device_count(), 4 * 1024 * 1024
+      local last = n - 1 -- a GPU other than the current one where there are two
+      local before = {}
+      for i = 0, last do before[i] = nr.cuda.memory(i) end
+      local total = nr.memory().cuda.in_use
+      local t = nr.empty({1024, 1024}, {device = 'cuda:' .. last})
+      for i = 0, last do
+         local m = nr.cuda.memory(i)
+         assert(m.in_use - before[i].in_use == (i == last and MiB4 or 0),
+            string.format('cuda:%d in_use grew by %d after a 4 MiB tensor on cuda:%d', i, m.in_use - before[i].in_use, last))
+         assert(m.allocations - before[i].allocations == (i == last and 1 or 0), 'allocations of cuda:' .. i)
+         assert(m.peak >= m.in_use and m.total > 0)
+      end
+      assert(nr.memory().cuda.in_use - total == MiB4, 'nr.memory().cuda sums the GPUs')
+      t:free()
+      assert(nr.cuda.memory(last).in_use == before[last].in_use)
+      assert(nr.cuda.memory(last).peak >= before[last].in_use + MiB4)
+      nr.cuda.reset_peak_memory(last)
+      assert(nr.cuda.memory(last).peak == before[last].in_use, 'reset_peak_memory starts the peak from in_use')
+      assert(nr.cuda.memory().in_use == nr.cuda.memory(nr.cuda.current_device()).in_use, 'default: the current GPU')
+      local okm, errm = pcall(nr.cuda.memory, n)
+      assert(not okm and tostring(errm):find('no device cuda:' .. n, 1, true), tostring(errm))
+      okm, errm = pcall(nr.cuda.memory, 'x')
+      assert(not okm and tostring(errm):find('nr.cuda.memory', 1, true), tostring(errm))
+   end)
+
    it('caches freed blocks, empties the cache, and reports out-of-memory with sizes', function()
       local t = nr.empty({1024, 1024}, {device = 'cuda'})
       t:free()
