@@ -1,6 +1,8 @@
-/* io.c — NumPy .npy load/save, atomic file writes and single-writer locks.
+/* io.c — NumPy .npy load/save, atomic file writes, atomic folder replacement and single-writer
+ * locks.
  * Atomic write: data goes to "<path>.tmp.<pid>", is fsync'd, renamed over path, and the
  * directory is fsync'd, so a crash leaves either the old file or the new one, never a torn one. */
+#define _GNU_SOURCE /* renameat2 */
 #include "internal.h"
 
 #include <errno.h>
@@ -28,6 +30,18 @@ static nr_status write_all(int fd, const void *bytes, int64_t len, const char *p
    return NR_OK;
 }
 
+/* Makes a rename in path's folder durable. */
+static void fsync_parent(const char *path)
+{
+   char dir[4096];
+   snprintf(dir, sizeof dir, "%s", path);
+   int dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+   if (dfd >= 0) {
+      fsync(dfd);
+      close(dfd);
+   }
+}
+
 /* Writes header then body (either may be empty) atomically to path. */
 static nr_status write_atomic2(const char *path, const void *head, int64_t head_len, const void *body,
                                int64_t body_len)
@@ -46,13 +60,7 @@ static nr_status write_atomic2(const char *path, const void *head, int64_t head_
       unlink(tmp);
       return st;
    }
-   char dir[4096];
-   snprintf(dir, sizeof dir, "%s", path);
-   int dfd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-   if (dfd >= 0) {
-      fsync(dfd);
-      close(dfd);
-   }
+   fsync_parent(path);
    return NR_OK;
 }
 
@@ -60,6 +68,38 @@ nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len)
 {
    if (len < 0 || (len > 0 && !bytes)) return NR_FAIL(NR_E_ARG, "bad buffer");
    return write_atomic2(path, bytes, len, NULL, 0);
+}
+
+/* Puts the folder `staged` at `target`, replacing a folder already there in one step: the two are
+ * exchanged (renameat2 RENAME_EXCHANGE), so `target` names a complete folder at every moment,
+ * and the old one ends up at `staged` for the caller to remove. A file system without the
+ * exchange (EINVAL, ENOSYS) gets two renames: the old folder to `staged`.old, the new one in. */
+nr_status nr_dir_replace(const char *staged, const char *target)
+{
+   if (!staged || !*staged || !target || !*target) return NR_FAIL(NR_E_ARG, "empty path");
+   if (rename(staged, target) == 0) { /* no folder at target, or an empty one */
+      fsync_parent(target);
+      return NR_OK;
+   }
+   if (errno != EEXIST && errno != ENOTEMPTY)
+      return NR_FAIL(NR_E_IO, "rename %s -> %s: %s", staged, target, strerror(errno));
+   if (renameat2(AT_FDCWD, staged, AT_FDCWD, target, RENAME_EXCHANGE) == 0) {
+      fsync_parent(target);
+      return NR_OK;
+   }
+   if (errno != EINVAL && errno != ENOSYS)
+      return NR_FAIL(NR_E_IO, "exchanging %s and %s: %s", staged, target, strerror(errno));
+   char old[4096];
+   snprintf(old, sizeof old, "%s.old", staged);
+   if (rename(target, old) != 0) return NR_FAIL(NR_E_IO, "rename %s -> %s: %s", target, old, strerror(errno));
+   if (rename(staged, target) != 0) {
+      int e = errno;
+      rename(old, target); /* put the old one back */
+      return NR_FAIL(NR_E_IO, "rename %s -> %s: %s", staged, target, strerror(e));
+   }
+   fsync_parent(target);
+   if (rename(old, staged) != 0) return NR_FAIL(NR_E_IO, "rename %s -> %s: %s", old, staged, strerror(errno));
+   return NR_OK;
 }
 
 nr_status nr_file_lock(const char *path, int32_t *fd, int64_t *holder)
@@ -222,6 +262,10 @@ nr_tensor *nr_npy_load(const char *path)
       long long v = strtoll(p, &end, 10);
       if (end == p || v < 0 || ndim == 8) {
          NR_FAIL(NR_E_FORMAT, "%s: bad shape in header", path);
+         goto done;
+      }
+      if (v > (INT64_C(1) << 40)) { /* no tensor has such a dimension, even an empty one */
+         NR_FAIL(NR_E_FORMAT, "%s: bad shape in header: size %lld of dimension %d is more than 2^40", path, v, ndim + 1);
          goto done;
       }
       shape[ndim++] = v;

@@ -202,6 +202,10 @@ nr_tensor *nr_npy_load(const char *path);
 nr_status nr_npy_save(const nr_tensor *t, const char *path);
 /* Writes len bytes to path atomically: path.tmp, fsync, rename, fsync of the directory. */
 nr_status nr_file_write_atomic(const char *path, const void *bytes, int64_t len);
+/* Puts the folder staged at target in one step, exchanging it with a folder already there
+ * (renameat2 RENAME_EXCHANGE; two renames where the file system lacks it): target names a
+ * complete folder throughout, and the old one is left at staged for the caller to remove. */
+nr_status nr_dir_replace(const char *staged, const char *target);
 /* One writer per file: opens (creating) path and takes an exclusive advisory lock on it
  * (flock, non-blocking), writes this process's id into it and gives the open descriptor in *fd;
  * the lock lasts until nr_file_unlock(*fd) or the process ends, however it ends. A lock held

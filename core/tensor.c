@@ -221,18 +221,23 @@ static nr_status check_geometry(int32_t ndim, const int64_t *shape)
 }
 
 /* Tensors and views hold at most 2^40 elements: numel, and numel times the element size, then
- * never overflow int64 (nor does anything that iterates over them). */
+ * never overflow int64 (nor does anything that iterates over them). Each dimension is bounded
+ * the same way even where another is 0 (an empty (0, 2^62) was accepted, then every op that
+ * copies its shape refused it). */
 #define NR_MAX_NUMEL (INT64_C(1) << 40)
 
 static nr_status check_numel(const char *func, int32_t ndim, const int64_t *shape, int64_t *numel)
 {
    int64_t n = 1;
    for (int d = 0; d < ndim; d++) {
-      if (shape[d] > 0 && n > NR_MAX_NUMEL / shape[d]) {
+      if (shape[d] > NR_MAX_NUMEL || (shape[d] > 0 && n > NR_MAX_NUMEL / shape[d])) {
          char buf[160];
          int len = 0;
          for (int e = 0; e < ndim && len < (int)sizeof buf - 24; e++)
             len += snprintf(buf + len, sizeof buf - (size_t)len, "%s%lld", e ? "x" : "", (long long)shape[e]);
+         if (shape[d] > NR_MAX_NUMEL)
+            return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensor too large: shape %s: size %lld of dimension %d "
+                              "is more than 2^40", buf, (long long)shape[d], d + 1);
          return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "tensor too large: shape %s has more than 2^40 elements",
                            buf);
       }

@@ -9,8 +9,9 @@
 --   best                              the same for the best evaluation's step folder (nr.train's
 --                                     best = true), kept when older steps are pruned
 -- Invariants: every file is written with nr_file_write_atomic (temp + fsync + rename); the
--- `latest` pointer is swapped only after a step folder is complete, so a kill at any moment
--- leaves `latest` naming a readable checkpoint. Loading checks sizes and headers, and falls back
+-- `latest` pointer is swapped only after a step folder is complete, and a step saved again is
+-- written to step-N.new and exchanged with step-N in one rename (nr_dir_replace), so a kill at
+-- any moment leaves `latest` naming a readable checkpoint. Loading checks sizes and headers, and falls back
 -- to the newest complete step folder when `latest` is missing or names a damaged one; leftover
 -- *.tmp.* files and half-written newer folders are ignored (and pruned on the next save).
 -- What it is not: the policy of what goes into a state (nr.train builds it) — this module only
@@ -395,19 +396,31 @@ function M.save(ckdir, opts)
    M.mkdirs(ckdir)
    local name = step_name(opts.step)
    local dir = ckdir .. '/' .. name
-   if is_dir(dir) then remove_tree(dir) end   -- an older incomplete attempt at the same step
-   M.mkdirs(dir)
+   -- a folder of this step exists (the step saved again, or an earlier attempt): the new one is
+   -- written beside it and swapped in once complete, so the folder `latest` or `best` names is
+   -- never half-written (it used to be removed first: a kill then lost that checkpoint)
+   local staged = is_dir(dir) and dir .. '.new' or nil
+   local wdir = staged or dir
+   if staged then
+      remove_tree(staged)
+      remove_tree(staged .. '.old')
+   end
+   M.mkdirs(wdir)
    local meta = {format = 'nrlua'}
    for k, v in pairs(opts.metadata or {}) do meta[k] = tostring(v) end
    local ok, err = pcall(function()
-      safetensors.save(dir .. '/model.safetensors', opts.weights or {}, meta)
-      safetensors.save(dir .. '/state.safetensors', tensors, {format = 'nrlua'})
+      safetensors.save(wdir .. '/model.safetensors', opts.weights or {}, meta)
+      safetensors.save(wdir .. '/state.safetensors', tensors, {format = 'nrlua'})
       state.files = {}
       for _, f in ipairs({'model.safetensors', 'state.safetensors'}) do
-         state.files[f] = {bytes = file_size(dir .. '/' .. f), crc32 = assert(file_crc32(dir .. '/' .. f))}
+         state.files[f] = {bytes = file_size(wdir .. '/' .. f), crc32 = assert(file_crc32(wdir .. '/' .. f))}
       end
       state.checkpoint = {name = name, step = opts.step, time = os.time()}
-      M.write_atomic(dir .. '/state.json', M.json_encode(state, true) .. '\n')
+      M.write_atomic(wdir .. '/state.json', M.json_encode(state, true) .. '\n')
+      if staged then
+         check.status(C.nr_dir_replace(staged, dir), 'nr.checkpoint.save')
+         remove_tree(staged) -- the replaced folder
+      end
       -- best before latest: a kill between the two leaves best naming this complete folder, which
       -- the resumed run (from the previous one) writes again; the other way round best kept
       -- naming an older step for good
@@ -417,7 +430,8 @@ function M.save(ckdir, opts)
    -- a failed write (a full disk): `latest` still names the previous checkpoint; the unfinished
    -- folder goes, so its space is free again (not when a Ctrl-C came just after a pointer moved)
    if not ok then
-      if pointer(ckdir, 'latest') ~= name and pointer(ckdir, 'best') ~= name then remove_tree(dir) end
+      if staged then remove_tree(staged)
+      elseif pointer(ckdir, 'latest') ~= name and pointer(ckdir, 'best') ~= name then remove_tree(dir) end
       error(err, 0)
    end
    M.prune(ckdir, opts.keep or 2)
@@ -431,7 +445,8 @@ function M.prune(ckdir, keep)
    local steps = {}
    for _, n in ipairs(M.list(ckdir)) do
       if n:match('^step%-%d+$') then steps[#steps + 1] = n
-      elseif n:match('%.tmp%.%d+$') then os.remove(ckdir .. '/' .. n) end
+      elseif n:match('%.tmp%.%d+$') then os.remove(ckdir .. '/' .. n)
+      elseif n:match('^step%-%d+%.new') then remove_tree(ckdir .. '/' .. n) end -- a re-save's leftovers
    end
    table.sort(steps, function(a, b) return a > b end)
    local kept = 0

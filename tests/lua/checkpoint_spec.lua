@@ -6,6 +6,8 @@
 local nr = require 'nr'
 local st = require 'nr.safetensors'
 local ck = require 'nr.checkpoint'
+local nrffi = require 'nr.ffi'
+local ffi, C = nrffi.ffi, nrffi.C
 
 local TMP = (os.getenv('NR_TEST_TMP') or '/tmp') .. '/nr_checkpoint_spec_' .. tostring(os.time()) .. '_' .. tostring(math.random(1e6))
 ck.mkdirs(TMP)
@@ -260,6 +262,46 @@ describe('nr.checkpoint', function()
       assert.equal('step-00000001\n', ck.read_file(dir .. '/latest'))     -- the resume starts from step 1 ...
       assert.equal('step-00000002\n', ck.read_file(dir .. '/best'))       -- ... and step 2, the best, is kept
       assert.equal(2, ck.load(dir .. '/step-00000002').state.epoch)
+   end)
+
+   it('a step saved again replaces its folder in one step: a kill mid-write keeps the old one whole', function()
+      local dir = TMP .. '/resave'
+      ck.save(dir, {step = 3, weights = {x = nr.full({4}, 1)}, state = {epoch = 1}, best = true})
+      -- the second save of step 3 is killed after its weights are written (before state.json)
+      local write_atomic = ck.write_atomic
+      ck.write_atomic = function(path, text)
+         if path:match('state%.json$') then error('killed', 0) end
+         return write_atomic(path, text)
+      end
+      local ok = pcall(ck.save, dir, {step = 3, weights = {x = nr.full({4}, 2)}, state = {epoch = 2}, best = true})
+      ck.write_atomic = write_atomic
+      assert.is_false(ok)
+      local r = ck.load(dir) -- latest and best still name a complete step 3: the first save's
+      assert.equal(1, r.state.epoch)
+      assert.same({1, 1, 1, 1}, r.weights.x:totable())
+      assert.is_nil(r.passed_over)
+      assert.same({'best', 'latest', 'step-00000003'}, ck.list(dir)) -- the attempt's folder is gone
+      -- a kill after the new folder's files are complete, before the exchange: still the old one
+      ck.mkdirs(dir .. '/step-00000003.new')
+      write(dir .. '/step-00000003.new/model.safetensors', 'partial')
+      assert.equal(1, ck.load(dir).state.epoch)
+      -- the save that completes replaces it (and removes the debris)
+      local path = ck.save(dir, {step = 3, weights = {x = nr.full({4}, 3)}, state = {epoch = 3}, best = true})
+      assert.equal(dir .. '/step-00000003', path)
+      assert.equal(3, ck.load(dir).state.epoch)
+      assert.same({3, 3, 3, 3}, ck.load(dir).weights.x:totable())
+      assert.same({'best', 'latest', 'step-00000003'}, ck.list(dir))
+      -- the exchange itself: folder contents swap, a missing target is a plain rename
+      ck.mkdirs(dir .. '/a'); write(dir .. '/a/f', 'A')
+      ck.mkdirs(dir .. '/b'); write(dir .. '/b/f', 'B')
+      assert.equal(0, C.nr_dir_replace(dir .. '/a', dir .. '/b'))
+      assert.equal('A', ck.read_file(dir .. '/b/f'))
+      assert.equal('B', ck.read_file(dir .. '/a/f'))
+      assert.equal(0, C.nr_dir_replace(dir .. '/a', dir .. '/c'))
+      assert.equal('B', ck.read_file(dir .. '/c/f'))
+      assert.is_false(ck.is_dir(dir .. '/a'))
+      assert.is_true(C.nr_dir_replace(dir .. '/missing', dir .. '/c') ~= 0)
+      assert.truthy(ffi.string(C.nr_last_error()):find('missing', 1, true))
    end)
 
    it('reports a clear error when nothing is loadable', function()

@@ -274,7 +274,14 @@ describe('nr.Tensor', function()
       assert.matches('truncated data: the header\'s shape %(4000000000%) needs more than the 16 bytes after it', err)
       assert.equals(peak, nr.memory().cpu.peak)
       write('(0, 1000000000000)') -- an empty array needs no bytes, whatever its other sizes
-      assert.same({0, 1000000000000}, nr.load(path):shape())
+      local e = nr.load(path)
+      assert.same({0, 1000000000000}, e:shape())
+      assert.same({0, 1000000000000}, e:clone():shape()) -- and is a tensor like any other
+      -- ... up to 2^40 per dimension, as nr.empty: a larger size loaded, then every copy refused it
+      write('(0, 4611686018427387904)')
+      ok, err = pcall(nr.load, path)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find(path .. ': bad shape in header: size 4611686018427387904 of dimension 2 is more than 2^40', 1, true), err)
       write('(2,)')
       assert.same({0, 0}, nr.load(path):totable())
    end)
