@@ -22,6 +22,9 @@
  */
 #include "cuda_common.h"
 #include "side.h"
+#ifdef NR_CUDA_EMU
+#include "emu_internal.h" /* tests only: nr_emu_poison_async */
+#endif
 
 #include <pthread.h>
 #include <stdio.h>
@@ -413,6 +416,10 @@ void nr_cuda_free(int32_t device_index, void *ptr, int64_t bytes)
    d->free_list[c] = b;
    d->in_use -= cb;
    d->cached += cb;
+#ifdef NR_CUDA_EMU
+   /* the emulator fills the block with NaN after the work ordered before its reuse */
+   if (d->ctx_ready) nr_emu_poison_async(ptr, (size_t)cb, d->ctx.stream);
+#endif
    pthread_mutex_unlock(&g_lock);
 }
 

@@ -211,6 +211,15 @@ describe('nr.cuda runtime', function()
       local fl = nr.tensor({0 / 0, 1e30, -2.5, 300})
       close('f32 -> int64 on the device', fl:to('cpu', 'int64'), fl:cuda():to('cuda', 'int64'), 0)
       close('f32 -> u8 on the device', fl:narrow(1, 3, 2):to('cpu', 'uint8'), fl:narrow(1, 3, 2):cuda():to('cuda', 'uint8'), 0)
+      -- copy() from the host into a device tensor of another dtype: uploaded to a temporary block,
+      -- converted there (the emulator poisons a freed block in stream order: freeing it before
+      -- the conversion ran reads NaN)
+      local into = nr.empty({3}, {device = 'cuda'})
+      into:copy(li)
+      close('copy int64 host -> f32 device', li:to('cpu', 'float32'), into, 0)
+      local into16 = nr.empty({5, 7}, {device = 'cuda', dtype = 'bfloat16'})
+      into16:copy(h)
+      close('copy f32 host -> bf16 device', h:cuda():bfloat16():float(), into16:float(), 0)
    end)
 
    it('fills and draws the same random numbers as the CPU', function()

@@ -501,6 +501,7 @@ struct Work {
    size_t bytes;
    int value;
    nr_emu_async *async = nullptr; /* set: an operation of another emulated library (dst etc. unused) */
+   bool poison = false;           /* a freed block's NaN pattern (nr_emu_poison_async) */
 };
 struct Stream {
    int device;
@@ -549,6 +550,8 @@ static bool flush(Stream *st, uint64_t upto = UINT64_MAX, bool wait = true)
       if (w.async) {
          if (!w.async->finish(w.async, wait)) break;
          w.async->release(w.async);
+      } else if (w.poison) {
+         poison((char *)w.dst, w.bytes);
       } else if (w.src) {
          memmove(w.dst, w.src, w.bytes);
       } else if (!w.copy.empty()) {
@@ -615,6 +618,20 @@ extern "C" cudaError_t nr_emu_enqueue_async(cudaStream_t s, nr_emu_async *op)
    w.seq = ++st->seq;
    st->queue.push_back(std::move(w));
    return cudaSuccess;
+}
+
+/* A block the caching allocator took back: NaN from here on in stream order (its first MiB:
+ * enough to show a read of a freed tensor, cheap enough for every free). */
+extern "C" void nr_emu_poison_async(void *p, size_t bytes, cudaStream_t s)
+{
+   LOCKED();
+   Stream *st = stream_of(s, "nr_emu_poison_async");
+   if (!st || !nr_emu_is_device_span(st->device, p, bytes)) return;
+   Work w{};
+   w.dst = p;
+   w.bytes = (bytes < ((size_t)1 << 20) ? bytes : ((size_t)1 << 20)) & ~(size_t)7;
+   w.poison = true;
+   enqueue(st, std::move(w));
 }
 
 extern "C" int nr_emu_stream_device(cudaStream_t s)

@@ -59,6 +59,11 @@ typedef struct nr_emu_async {
    void (*release)(struct nr_emu_async *op);
 } nr_emu_async;
 cudaError_t nr_emu_enqueue_async(cudaStream_t stream, nr_emu_async *op);
+/* Fills the first MiB of [p, p + bytes) with NaN once the work queued before on stream has run:
+ * the CUDA backend's caching allocator calls it for each block it takes back (runtime.c), so a
+ * kernel that reads a freed tensor, or a copy that lands in a block after its reuse was ordered,
+ * shows. */
+void nr_emu_poison_async(void *p, size_t bytes, cudaStream_t stream);
 /* The device stream belongs to (-1 after recording cudaErrorInvalidResourceHandle). */
 int nr_emu_stream_device(cudaStream_t stream);
 
