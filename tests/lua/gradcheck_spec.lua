@@ -155,6 +155,7 @@ describe('gradcheck: normalisation, activations, pools, linear, dropout', functi
       nr.manual_seed(2)
       assert.is_true(gradcheck(nn.Linear(5, 4), input({3, 5})))
       assert.is_true(gradcheck(nn.Linear(5, 4, {bias = false}), input({3, 5})))
+      assert.is_true(gradcheck(nn.Linear(5, 4), input({2, 3, 5}))) -- (*, in): leading dimensions
    end)
    it('Dropout (training; mask fixed by re-seeding)', function()
       assert.is_true(gradcheck(nn.Dropout(0.3), input({4, 10}), {reseed = 11}))
