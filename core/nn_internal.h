@@ -45,6 +45,17 @@ static inline int64_t nn_out_size(int64_t in, int64_t k, int64_t stride, int64_t
    return (in + 2 * pad - span) / stride + 1;
 }
 
+/* Output size of a pool along one axis (no dilation); <= 0 when the geometry is impossible.
+ * ceil_mode: the last window may run past the input (clipped), as PyTorch's ceil_mode, which
+ * also drops a last window that would start beyond the input and its left padding. */
+static inline int64_t nn_pool_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int32_t ceil_mode)
+{
+   if (in + 2 * pad < k) return 0;
+   int64_t n = (in + 2 * pad - k + (ceil_mode ? stride - 1 : 0)) / stride + 1;
+   if (ceil_mode && (n - 1) * stride >= in + pad) n--;
+   return n;
+}
+
 /* The geometry of one convolution call (core/nn_conv.c fills it after checking the arguments):
  * input (n, cin, h, w), output (n, cout, ho, wo), kernel kh x kw, cg / og input / output channels
  * per group, k = cg*kh*kw, p = ho*wo; stride, padding, dilation, groups. */

@@ -16,7 +16,7 @@ typedef struct {
 
 static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xname, const nr_tensor *y,
                             const char *yname, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
-                            int32_t pw, pool_geom *g)
+                            int32_t pw, int32_t ceil_mode, pool_geom *g)
 {
    NR_TRY(nn_check(func, xname, x, NR_DTYPE_ACT, 4, NULL, NULL));
    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || ph > kh / 2 || pw > kw / 2)
@@ -25,8 +25,10 @@ static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xn
                         sh, sw, ph, pw);
    g->nc = x->shape[0] * x->shape[1], g->h = x->shape[2], g->w = x->shape[3];
    g->kh = kh, g->kw = kw, g->sh = sh, g->sw = sw, g->ph = ph, g->pw = pw;
-   g->ho = nn_out_size(g->h, kh, sh, ph, 1);
-   g->wo = nn_out_size(g->w, kw, sw, pw, 1);
+   if (ceil_mode != 0 && ceil_mode != 1)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "ceil_mode must be 0 or 1, got %d", ceil_mode);
+   g->ho = nn_pool_out_size(g->h, kh, sh, ph, ceil_mode);
+   g->wo = nn_pool_out_size(g->w, kw, sw, pw, ceil_mode);
    if (g->ho < 1 || g->wo < 1)
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "input %lldx%lld is too small for kernel %dx%d with padding %dx%d",
                         (long long)g->h, (long long)g->w, kh, kw, ph, pw);
@@ -36,14 +38,16 @@ static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xn
 }
 
 nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, int32_t kernel_h,
-                               int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w)
+                               int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                               int32_t ceil_mode)
 {
    NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
    NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
-   NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
+   NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode, &g));
    NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, y));
-   NR_ON_CUDA(x, nr_cuda_maxpool2d_forward(x, y, indices, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w));
+   NR_ON_CUDA(x, nr_cuda_maxpool2d_forward(x, y, indices, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                           ceil_mode));
    const float *px = x->data;
    float *py = y->data;
    int64_t *pi = indices->data;
@@ -60,7 +64,8 @@ nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indi
             int64_t w0 = ow * g.sw - g.pw, w1 = w0 + g.kw;
             if (w0 < 0) w0 = 0;
             if (w1 > g.w) w1 = g.w;
-            /* padding <= kernel/2 guarantees every window holds at least one input element;
+            /* padding <= kernel/2 (and, in ceil mode, the rule that drops a last window starting
+             * past the input) guarantees every window holds at least one input element;
              * PyTorch's rule (take v when v > best or v is NaN), written without branches */
             /* (masks instead of ?: because compilers turn the selects back into branches, which
              * mispredict on half of the elements of random data) */
@@ -86,14 +91,17 @@ nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indi
 }
 
 nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx, int32_t kernel_h,
-                                int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w)
+                                int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                int32_t ceil_mode)
 {
    NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
    NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
-   NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
+   NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode,
+                     &g));
    NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, dy));
-   NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w));
+   NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                             ceil_mode));
    const int64_t nc = dy->shape[0] * dy->shape[1], po = dy->shape[2] * dy->shape[3], pin = dx->shape[2] * dx->shape[3];
    const float *pdy = dy->data;
    const int64_t *pi = indices->data;
@@ -135,14 +143,15 @@ static inline float avg_divisor(const pool_geom *g, int64_t h0, int64_t w0, int3
 }
 
 nr_status nr_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
-                               int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t count_include_pad)
+                               int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t count_include_pad,
+                               int32_t ceil_mode)
 {
    NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
    NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
-   NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
+   NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode, &g));
    NR_ON_CUDA(x, nr_cuda_avgpool2d_forward(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                                           count_include_pad));
+                                           count_include_pad, ceil_mode));
    const float *px = x->data;
    float *py = y->data;
 #pragma omp parallel for if (nr_parallel_worth(g.nc, g.ho * g.wo * g.kh * g.kw))
@@ -165,14 +174,15 @@ nr_status nr_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_
 
 nr_status nr_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kernel_h, int32_t kernel_w,
                                 int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                int32_t count_include_pad)
+                                int32_t count_include_pad, int32_t ceil_mode)
 {
    NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
    NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
-   NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, &g));
+   NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode,
+                     &g));
    NR_ON_CUDA(dy, nr_cuda_avgpool2d_backward(dy, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                                             count_include_pad));
+                                             count_include_pad, ceil_mode));
    const float *pdy = dy->data;
    float *pdx = dx->data;
 #pragma omp parallel for if (nr_parallel_worth(g.nc, g.ho * g.wo * g.kh * g.kw))

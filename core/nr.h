@@ -315,12 +315,15 @@ nr_status nr_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *d
 nr_status nr_sigmoid_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
 
-/* Max pooling (PyTorch MaxPool2d, dilation 1, floor mode; padding counts as -inf and must be
- * <= kernel / 2). x (N, C, H, W); y (N, C, Ho, Wo); indices (N, C, Ho, Wo) int64 <- argmax
- * position h * W + w inside x's (H, W) plane (PyTorch's convention; first max on ties). */
+/* Max pooling (PyTorch MaxPool2d, dilation 1; padding counts as -inf and must be <= kernel / 2).
+ * ceil_mode 0: Ho = floor((H + 2*pad_h - kernel_h) / stride_h) + 1; 1: PyTorch's ceil_mode (ceil
+ * instead of floor, the last window clipped to the input, and dropped when it would start past
+ * the input and its left padding); likewise Wo. x (N, C, H, W); y (N, C, Ho, Wo); indices
+ * (N, C, Ho, Wo) int64 <- argmax position h * W + w inside x's (H, W) plane (PyTorch's
+ * convention; first max on ties). */
 nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices,
                                int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
-                               int32_t stride_w, int32_t pad_h, int32_t pad_w);
+                               int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t ceil_mode);
 /* dy (N, C, Ho, Wo); indices (N, C, Ho, Wo) int64 from the forward with the same geometry (dy's
  * size is checked against it); dx (N, C, H, W) overwritten: zero except at the argmax positions,
  * where the dy of every window choosing it is summed in window order (the same bits on both
@@ -329,17 +332,19 @@ nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indi
  * device-to-host read every step). */
 nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx,
                                 int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
-                                int32_t stride_w, int32_t pad_h, int32_t pad_w);
-/* Average pooling (PyTorch AvgPool2d, floor mode; padding <= kernel / 2). count_include_pad = 1
- * (PyTorch's default): divide by kernel_h * kernel_w clipped to the padded input; 0: divide by
- * the number of real input elements in the window. x (N, C, H, W); y (N, C, Ho, Wo). */
+                                int32_t stride_w, int32_t pad_h, int32_t pad_w, int32_t ceil_mode);
+/* Average pooling (PyTorch AvgPool2d; padding <= kernel / 2; ceil_mode as max pooling's).
+ * count_include_pad = 1 (PyTorch's default): divide by kernel_h * kernel_w clipped to the padded
+ * input; 0: divide by the number of real input elements in the window. x (N, C, H, W);
+ * y (N, C, Ho, Wo). */
 nr_status nr_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h,
                                int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h,
-                               int32_t pad_w, int32_t count_include_pad);
+                               int32_t pad_w, int32_t count_include_pad, int32_t ceil_mode);
 /* dy (N, C, Ho, Wo); dx (N, C, H, W) overwritten. Arguments as in the forward. */
 nr_status nr_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kernel_h,
                                 int32_t kernel_w, int32_t stride_h, int32_t stride_w,
-                                int32_t pad_h, int32_t pad_w, int32_t count_include_pad);
+                                int32_t pad_h, int32_t pad_w, int32_t count_include_pad,
+                                int32_t ceil_mode);
 /* Global average pooling: x (N, C, H, W) -> y (N, C), the mean over (H, W). */
 nr_status nr_global_avgpool_forward(const nr_tensor *x, nr_tensor *y);
 /* dy (N, C); dx (N, C, H, W) <- dy / (H * W) broadcast, overwritten. */

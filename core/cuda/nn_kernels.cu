@@ -1085,7 +1085,8 @@ nr_status nr_cuda_bias_backward(const nr_tensor *dy, nr_tensor *db, float scale,
 /* ---- pooling */
 
 nr_status nr_cuda_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, int32_t kernel_h,
-                                    int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w)
+                                    int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                    int32_t ceil_mode)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
@@ -1101,7 +1102,8 @@ nr_status nr_cuda_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor 
 }
 
 nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx, int32_t kernel_h,
-                                     int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w)
+                                     int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                     int32_t ceil_mode)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
@@ -1118,7 +1120,7 @@ nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indic
 
 nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w,
                                     int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                    int32_t count_include_pad)
+                                    int32_t count_include_pad, int32_t ceil_mode)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
@@ -1135,7 +1137,7 @@ nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t ke
 
 nr_status nr_cuda_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kernel_h, int32_t kernel_w,
                                      int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                     int32_t count_include_pad)
+                                     int32_t count_include_pad, int32_t ceil_mode)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));

@@ -140,8 +140,6 @@ describe('nr.checkpoint', function()
    end)
 
    it('lock: one holder per file; a new lock in this process takes it over; release unlocks', function()
-      local ffi = require 'ffi'
-      local C = require('nr.ffi').C
       pcall(ffi.cdef, 'int getpid(void);')
       local me = ffi.C.getpid()
       ck.mkdirs(TMP)

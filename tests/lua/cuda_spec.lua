@@ -582,26 +582,33 @@ describe('layer kernels on the GPU', function()
       it(h.name .. ' max, average and global pooling', function()
          local x = h.ref(randn({2, 3, 9, 8}))
          local xg = h.dev(x)
-         local function geo(k, s, pd) return math.floor((9 + 2 * pd - k) / s) + 1, math.floor((8 + 2 * pd - k) / s) + 1 end
-         for _, cfg in ipairs({{3, 2, 1}, {2, 2, 0}, {3, 1, 1}}) do
-            local k, s, pd = cfg[1], cfg[2], cfg[3]
-            local ho, wo = geo(k, s, pd)
+         -- ceil mode (PyTorch's rule: a last window that would start past the input and its left
+         -- padding is dropped): 9x8 with {3, 3, 1} gives 4 rows but 3 columns, the others one more
+         -- row or column than floor mode
+         local function side(n, k, s, pd, cm)
+            local o = (cm == 1 and math.ceil or math.floor)((n + 2 * pd - k) / s) + 1
+            if cm == 1 and (o - 1) * s >= n + pd then o = o - 1 end
+            return o
+         end
+         for _, cfg in ipairs({{3, 2, 1, 0}, {2, 2, 0, 0}, {3, 1, 1, 0}, {3, 2, 1, 1}, {2, 2, 0, 1}, {3, 3, 1, 1}}) do
+            local k, s, pd, cm = cfg[1], cfg[2], cfg[3], cfg[4]
+            local ho, wo = side(9, k, s, pd, cm), side(8, k, s, pd, cm)
             local yc, yg = h.pair({2, 3, ho, wo})
             local ic, ig = nr.zeros({2, 3, ho, wo}, {dtype = 'int64'}), h.gpu({2, 3, ho, wo}, 'int64')
-            ok(C.nr_maxpool2d_forward(x.c, yc.c, ic.c, k, k, s, s, pd, pd), 'max cpu')
-            ok(C.nr_maxpool2d_forward(xg.c, yg.c, ig.c, k, k, s, s, pd, pd), 'max gpu')
-            h.check('maxpool y', yc, yg); close('maxpool indices', ic, ig)
+            ok(C.nr_maxpool2d_forward(x.c, yc.c, ic.c, k, k, s, s, pd, pd, cm), 'max cpu')
+            ok(C.nr_maxpool2d_forward(xg.c, yg.c, ig.c, k, k, s, s, pd, pd, cm), 'max gpu')
+            h.check('maxpool y ceil ' .. cm, yc, yg); close('maxpool indices', ic, ig)
             local dy = h.ref(randn({2, 3, ho, wo}))
             local dc, dg = h.pair({2, 3, 9, 8})
-            ok(C.nr_maxpool2d_backward(dy.c, ic.c, dc.c, k, k, s, s, pd, pd), 'cpu')
-            ok(C.nr_maxpool2d_backward(h.dev(dy).c, ig.c, dg.c, k, k, s, s, pd, pd), 'gpu')
+            ok(C.nr_maxpool2d_backward(dy.c, ic.c, dc.c, k, k, s, s, pd, pd, cm), 'cpu')
+            ok(C.nr_maxpool2d_backward(h.dev(dy).c, ig.c, dg.c, k, k, s, s, pd, pd, cm), 'gpu')
             h.check('maxpool backward', dc, dg)
             for inc = 0, 1 do
-               ok(C.nr_avgpool2d_forward(x.c, yc.c, k, k, s, s, pd, pd, inc), 'avg cpu')
-               ok(C.nr_avgpool2d_forward(xg.c, yg.c, k, k, s, s, pd, pd, inc), 'avg gpu')
+               ok(C.nr_avgpool2d_forward(x.c, yc.c, k, k, s, s, pd, pd, inc, cm), 'avg cpu')
+               ok(C.nr_avgpool2d_forward(xg.c, yg.c, k, k, s, s, pd, pd, inc, cm), 'avg gpu')
                h.check('avgpool y inc ' .. inc, yc, yg)
-               ok(C.nr_avgpool2d_backward(dy.c, dc.c, k, k, s, s, pd, pd, inc), 'cpu')
-               ok(C.nr_avgpool2d_backward(h.dev(dy).c, dg.c, k, k, s, s, pd, pd, inc), 'gpu')
+               ok(C.nr_avgpool2d_backward(dy.c, dc.c, k, k, s, s, pd, pd, inc, cm), 'cpu')
+               ok(C.nr_avgpool2d_backward(h.dev(dy).c, dg.c, k, k, s, s, pd, pd, inc, cm), 'gpu')
                h.check('avgpool backward inc ' .. inc, dc, dg)
             end
          end
@@ -758,12 +765,12 @@ describe('mixed precision (bf16) on the GPU', function()
       local x = h.ref(randn({2, 4, 15, 15}))
       local yg = nr.zeros({2, 4, 7, 7}, {dtype = 'bfloat16', device = 'cuda'})
       local ig = nr.zeros({2, 4, 7, 7}, {dtype = 'int64', device = 'cuda'})
-      ok(C.nr_maxpool2d_forward(h.dev(x).c, yg.c, ig.c, 3, 3, 2, 2, 0, 0), 'forward')
+      ok(C.nr_maxpool2d_forward(h.dev(x).c, yg.c, ig.c, 3, 3, 2, 2, 0, 0, 0), 'forward')
       local dy = h.dev(randn({2, 4, 7, 7}))
       local dg = nr.zeros({2, 4, 15, 15}, {dtype = 'bfloat16', device = 'cuda'})
-      ok(C.nr_maxpool2d_backward(dy.c, ig.c, dg.c, 3, 3, 2, 2, 0, 0), 'gpu')
+      ok(C.nr_maxpool2d_backward(dy.c, ig.c, dg.c, 3, 3, 2, 2, 0, 0, 0), 'gpu')
       local dc = nr.zeros({2, 4, 15, 15})
-      ok(C.nr_maxpool2d_backward(dy:to('cpu', 'float32').c, ig:cpu().c, dc.c, 3, 3, 2, 2, 0, 0), 'cpu')
+      ok(C.nr_maxpool2d_backward(dy:to('cpu', 'float32').c, ig:cpu().c, dc.c, 3, 3, 2, 2, 0, 0, 0), 'cpu')
       -- one rounding of the f32 sum: at most half an ulp, 2^-8 relative; 2^-7 leaves room for the
       -- order of the f32 additions (still tighter than RTOL16)
       close('bf16 maxpool backward vs CPU', dc, dg, 2 ^ -7)
@@ -965,7 +972,7 @@ describe('channels-last (NHWC) activations on the GPU', function()
       assert(C.nr_conv2d_forward(x.c, yc.c, w.c, nil, 1, 1, 0, 0, 1, 1, 1) ~= 0, 'conv with mixed formats was accepted')
       local idx = nr.zeros({2, 3, 2, 2}, {dtype = 'int64', device = 'cuda'})
       local yp = nr.zeros({2, 3, 2, 2}, {device = 'cuda', memory_format = 'channels_last'})
-      assert(C.nr_maxpool2d_forward(x.c, yp.c, idx.c, 2, 2, 2, 2, 0, 0) ~= 0, 'NCHW indices for NHWC y were accepted')
+      assert(C.nr_maxpool2d_forward(x.c, yp.c, idx.c, 2, 2, 2, 2, 0, 0, 0) ~= 0, 'NCHW indices for NHWC y were accepted')
       assert(ffi.string(C.nr_last_error()):find('indices'), ffi.string(C.nr_last_error()))
    end)
 

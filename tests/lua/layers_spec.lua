@@ -266,6 +266,9 @@ describe('errors on bad input and bad options', function()
       assert.truthy(opt_err(function() nn.Conv2d(3, 4, 3, {bias = 'no'}) end):find('bias must be a boolean', 1, true))
       assert.truthy(opt_err(function() nn.Conv2d(0, 4, 3) end):find('in_channels', 1, true))
       assert.truthy(opt_err(function() nn.MaxPool2d(2, {padding = 2}) end):find('at most half the kernel', 1, true))
+      assert.truthy(opt_err(function() nn.AvgPool2d(2, {ceil_mode = 1}) end):find('ceil_mode must be a boolean', 1, true))
+      assert.equal('nr.nn.MaxPool2d 3x3 s2 ceil', tostring(nn.MaxPool2d(3, {stride = 2, ceil_mode = true})))
+      assert.same({4, 3, 3}, nn.MaxPool2d(2, {ceil_mode = true}):outputShape({4, 5, 6}))
       assert.truthy(opt_err(function() nn.BatchNorm2d(4, {eps = 0}) end):find('eps', 1, true))
       assert.truthy(opt_err(function() nn.BatchNorm2d(4, {momentum = 2}) end):find('momentum', 1, true))
       assert.truthy(opt_err(function() nn.Dropout(1) end):find('p must be < 1', 1, true))
@@ -290,11 +293,11 @@ describe('errors on bad input and bad options', function()
       assert.are_not.equal(0, C.nr_relu_forward(nc.c, nr.empty({1, 3, 5, 5}).c))
       assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('contiguous', 1, true))
       assert.are_not.equal(0, C.nr_maxpool2d_backward(nr.randn({1, 1, 2, 2}).c, nr.full({1, 1, 2, 2}, 99, {dtype = 'int64'}).c,
-         nr.empty({1, 1, 4, 4}).c, 2, 2, 2, 2, 0, 0))
+         nr.empty({1, 1, 4, 4}).c, 2, 2, 2, 2, 0, 0, 0))
       assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('outside the input plane', 1, true))
       -- the geometry must be the forward's: a dy of the wrong size for it is named
       assert.are_not.equal(0, C.nr_maxpool2d_backward(nr.randn({1, 1, 2, 2}).c, nr.zeros({1, 1, 2, 2}, {dtype = 'int64'}).c,
-         nr.empty({1, 1, 4, 4}).c, 3, 3, 1, 1, 1, 1))
+         nr.empty({1, 1, 4, 4}).c, 3, 3, 1, 1, 1, 1, 0))
       assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('dy', 1, true))
       assert.are_not.equal(0, C.nr_bn2d_forward_train(nr.randn({1, 2, 1, 1}).c, nr.empty({1, 2, 1, 1}).c, nr.empty({2}).c,
          nr.empty({2}).c, nil, nil, nr.zeros({2}).c, nr.ones({2}).c, 0.1, 1e-5, 0))

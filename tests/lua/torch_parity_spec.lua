@@ -112,6 +112,18 @@ describe('PyTorch parity: other layers', function()
       assert.is_true(check_module('maxpool', m))
       assert.same(load('maxpool', 'idx'):totable(), m._indices:totable())
    end)
+   it('ceil_mode: MaxPool2d and AvgPool2d (clipped last windows, the dropped one, both divisors)', function()
+      for _, c in ipairs({{'maxpool_ceil', 2}, {'maxpool_ceil_drop', 3}}) do
+         local m = nn.MaxPool2d(3, {stride = c[2], padding = 1, ceil_mode = true})
+         assert.is_true(check_module(c[1], m))
+         assert.same(load(c[1], 'idx'):totable(), m._indices:totable())
+      end
+      assert.same({1, 2, 2, 4}, load('maxpool_ceil_drop', 'y'):shape()) -- floor mode's size: the 3rd row dropped
+      assert.is_true(check_module('avgpool_ceil', nn.AvgPool2d(3, {stride = 2, padding = 1, ceil_mode = true})))
+      assert.is_true(check_module('avgpool_ceil_nopad',
+         nn.AvgPool2d(3, {stride = 2, padding = 1, ceil_mode = true, count_include_pad = false})))
+      assert.is_true(check_module('avgpool_ceil_k2', nn.AvgPool2d(2, {stride = 2, ceil_mode = true})))
+   end)
    it('GlobalAvgPool2d', function()
       assert.is_true(check_module('gap', nn.GlobalAvgPool2d()))
    end)

@@ -1,6 +1,7 @@
 -- nr.nn MaxPool2d, AvgPool2d, GlobalAvgPool2d — pooling on nr_maxpool2d_*, nr_avgpool2d_*,
--- nr_global_avgpool_* (core/nn_pool.c). PyTorch semantics: floor mode, padding <= kernel/2,
--- AvgPool2d count_include_pad = true by default; GlobalAvgPool2d gives (N, C).
+-- nr_global_avgpool_* (core/nn_pool.c). PyTorch semantics: floor mode (ceil_mode = true: PyTorch's
+-- ceil mode), padding <= kernel/2, AvgPool2d count_include_pad = true by default; GlobalAvgPool2d
+-- gives (N, C).
 -- Invariants: kernel_size, stride, padding are {h, w}; MaxPool2d keeps the argmax indices of the
 -- last forward (_indices, int64) for its backward; buffers are reused while shapes stay the same.
 local class = require 'nr.class'
@@ -10,7 +11,7 @@ local U = require 'nr.nn.layer_util'
 local C = require('nr.ffi').C
 
 local function init_window(self, name, k, opts, extra_opts)
-   local allowed = {stride = true, padding = true}
+   local allowed = {stride = true, padding = true, ceil_mode = true}
    for key in pairs(extra_opts or {}) do allowed[key] = true end
    local fn = 'nr.nn.' .. name
    opts = check.options(opts, allowed, fn)
@@ -21,13 +22,23 @@ local function init_window(self, name, k, opts, extra_opts)
       error(string.format('%s: padding %dx%d must be at most half the kernel %dx%d', fn, ph, pw, kh, kw), 4)
    end
    self.kernel_size, self.stride, self.padding = {kh, kw}, {sh, sw}, {ph, pw}
+   self.ceil_mode = U.opt_bool(opts.ceil_mode, 'ceil_mode', fn, false)
    return opts
+end
+
+-- One side of the output (core/nn_internal.h's nn_pool_out_size): floor, or PyTorch's ceil mode,
+-- whose last window may run past the input but must start inside it or its left padding.
+local function out_side(n, k, s, p, ceil)
+   if n + 2 * p < k then return 0 end
+   local o = (ceil and math.ceil or math.floor)((n + 2 * p - k) / s) + 1
+   if ceil and (o - 1) * s >= n + p then o = o - 1 end
+   return o
 end
 
 local function out_hw(self, h, w)
    local k, s, p = self.kernel_size, self.stride, self.padding
-   local ho = math.floor((h + 2 * p[1] - k[1]) / s[1]) + 1
-   local wo = math.floor((w + 2 * p[2] - k[2]) / s[2]) + 1
+   local ho = out_side(h, k[1], s[1], p[1], self.ceil_mode)
+   local wo = out_side(w, k[2], s[2], p[2], self.ceil_mode)
    if ho < 1 or wo < 1 then
       error(string.format('input %dx%d is too small for kernel %dx%d (padding %dx%d)', h, w, k[1], k[2], p[1], p[2]), 0)
    end
@@ -45,13 +56,14 @@ local function window_extra(self)
    local e = string.format('%dx%d', k[1], k[2])
    if s[1] ~= k[1] or s[2] ~= k[2] then e = e .. (s[1] == s[2] and (' s' .. s[1]) or string.format(' s%dx%d', s[1], s[2])) end
    if p[1] ~= 0 or p[2] ~= 0 then e = e .. (p[1] == p[2] and (' p' .. p[1]) or string.format(' p%dx%d', p[1], p[2])) end
-   return e
+   return e .. (self.ceil_mode and ' ceil' or '')
 end
 
 local function geom(self)
    local k, s, p = self.kernel_size, self.stride, self.padding
    return k[1], k[2], s[1], s[2], p[1], p[2]
 end
+local function ceil_flag(self) return self.ceil_mode and 1 or 0 end
 
 -- ---- MaxPool2d -------------------------------------------------------------------------------
 local MaxPool2d = class('MaxPool2d', Module)
@@ -65,14 +77,16 @@ function MaxPool2d:updateOutput(x)
    local shape = {x:size(1), x:size(2), ho, wo}
    local y = U.act_buffer(self, 'output', shape, x)
    local idx = U.buffer(self, '_indices', shape, x, 'int64')
-   U.call(C.nr_maxpool2d_forward(x.c, y.c, idx.c, geom(self)))
+   local kh, kw, sh, sw, ph, pw = geom(self)
+   U.call(C.nr_maxpool2d_forward(x.c, y.c, idx.c, kh, kw, sh, sw, ph, pw, ceil_flag(self)))
    return y
 end
 function MaxPool2d:updateGradInput(x, gradOutput)
    x = U.input(x, 4, nil, '(N, C, H, W)')
    local g = U.grad(gradOutput, self.output)
    local gi = U.grad_buffer(self, x:shape(), x)
-   U.call(C.nr_maxpool2d_backward(g.c, self._indices.c, gi.c, geom(self)))
+   local kh, kw, sh, sw, ph, pw = geom(self)
+   U.call(C.nr_maxpool2d_backward(g.c, self._indices.c, gi.c, kh, kw, sh, sw, ph, pw, ceil_flag(self)))
    return gi
 end
 MaxPool2d.outputShape = window_shape
@@ -90,7 +104,7 @@ function AvgPool2d:updateOutput(x)
    local ho, wo = out_hw(self, x:size(3), x:size(4))
    local y = U.act_buffer(self, 'output', {x:size(1), x:size(2), ho, wo}, x)
    local kh, kw, sh, sw, ph, pw = geom(self)
-   U.call(C.nr_avgpool2d_forward(x.c, y.c, kh, kw, sh, sw, ph, pw, self.count_include_pad and 1 or 0))
+   U.call(C.nr_avgpool2d_forward(x.c, y.c, kh, kw, sh, sw, ph, pw, self.count_include_pad and 1 or 0, ceil_flag(self)))
    return y
 end
 function AvgPool2d:updateGradInput(x, gradOutput)
@@ -98,7 +112,7 @@ function AvgPool2d:updateGradInput(x, gradOutput)
    local g = U.grad(gradOutput, self.output)
    local gi = U.grad_buffer(self, x:shape(), x)
    local kh, kw, sh, sw, ph, pw = geom(self)
-   U.call(C.nr_avgpool2d_backward(g.c, gi.c, kh, kw, sh, sw, ph, pw, self.count_include_pad and 1 or 0))
+   U.call(C.nr_avgpool2d_backward(g.c, gi.c, kh, kw, sh, sw, ph, pw, self.count_include_pad and 1 or 0, ceil_flag(self)))
    return gi
 end
 AvgPool2d.outputShape = window_shape
