@@ -37,14 +37,7 @@ dist.broadcast_model(model, {optimizer = opt})
 local function train(steps, seed)
    nr.manual_seed(seed + rank) -- each rank its own data
    for _ = 1, steps do
-      local x = nr.randn({6, 3, 8, 8})
-      local y = nr.randint(0, CLASSES, {6})
-      local out = model:forward(x)
-      crit:forward(out, y)
-      model:zeroGradParameters()
-      model:backward(x, crit:backward(out, y))
-      reducer:reduce()
-      opt:step()
+      H.step(model, crit, opt, nr.randn({6, 3, 8, 8}), nr.randint(0, CLASSES, {6}), reducer)
    end
 end
 
