@@ -50,8 +50,9 @@ static inline int64_t nn_out_size(int64_t in, int64_t k, int64_t stride, int64_t
  * also drops a last window that would start beyond the input and its left padding. */
 static inline int64_t nn_pool_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int32_t ceil_mode)
 {
-   if (in + 2 * pad < k) return 0;
-   int64_t n = (in + 2 * pad - k + (ceil_mode ? stride - 1 : 0)) / stride + 1;
+   const int64_t span = in + 2 * pad - k + (ceil_mode ? stride - 1 : 0); /* < 0: not one window */
+   if (span < 0) return 0;
+   int64_t n = span / stride + 1;
    if (ceil_mode && (n - 1) * stride >= in + pad) n--;
    return n;
 }

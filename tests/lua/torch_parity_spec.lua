@@ -123,6 +123,8 @@ describe('PyTorch parity: other layers', function()
       assert.is_true(check_module('avgpool_ceil_nopad',
          nn.AvgPool2d(3, {stride = 2, padding = 1, ceil_mode = true, count_include_pad = false})))
       assert.is_true(check_module('avgpool_ceil_k2', nn.AvgPool2d(2, {stride = 2, ceil_mode = true})))
+      assert.is_true(check_module('avgpool_ceil_small', nn.AvgPool2d(2, {stride = 2, ceil_mode = true})))
+      assert.same({1, 2, 2, 1}, load('avgpool_ceil_small', 'y'):shape())
    end)
    it('GlobalAvgPool2d', function()
       assert.is_true(check_module('gap', nn.GlobalAvgPool2d()))

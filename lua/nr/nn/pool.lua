@@ -29,8 +29,7 @@ end
 -- One side of the output (core/nn_internal.h's nn_pool_out_size): floor, or PyTorch's ceil mode,
 -- whose last window may run past the input but must start inside it or its left padding.
 local function out_side(n, k, s, p, ceil)
-   if n + 2 * p < k then return 0 end
-   local o = (ceil and math.ceil or math.floor)((n + 2 * p - k) / s) + 1
+   local o = math.floor((n + 2 * p - k + (ceil and s - 1 or 0)) / s) + 1
    if ceil and (o - 1) * s >= n + p then o = o - 1 end
    return o
 end
