@@ -465,8 +465,8 @@ nr_status nr_cuda_ctx_get(int32_t device_index, nr_cuda_ctx **out)
       nr_cuda_ctx *c = &d->ctx;
       memset(c, 0, sizeof *c);
       c->device = device_index;
-      /* a blocking stream: work on the legacy default stream (NCCL's hand-off in core/dist/nccl.c,
-       * plain cudaMemcpy by other code) is ordered with it both ways */
+      /* a blocking stream: work on the legacy default stream (a plain cudaMemcpy by other code)
+       * is ordered with it both ways; side streams (side.h: NCCL's) join it by events */
       cudaError_t e = cudaStreamCreateWithFlags(&c->stream, cudaStreamDefault);
       if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "cudaStreamCreate on cuda:%d", device_index);
       for (int i = 0; !st && i < 2 * NR_STAGING_SLOTS; i++) {
