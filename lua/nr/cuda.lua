@@ -83,9 +83,10 @@ function M.conv_plans() return tonumber(C.nr_cuda_conv_plan_count()) end
 -- nr.memory().cuda has the first three summed over all GPUs.
 local function gpu_index(device, fname)
    if device == nil then return M.current_device() end
-   check.int(device, fname, 'device', 0)
+   check.int(device, fname, 'device', 0, nil, 3) -- errors name the caller's line
    local n = M.device_count()
-   check.arg(n == 0 or device < n, fname, 'no device cuda:%d (%d visible)', device, n)
+   -- without a GPU, cuda:0 answers zeros (as every nr.cuda function works there)
+   if device >= math.max(n, 1) then error(string.format('%s: no device cuda:%d (%d visible)', fname, device, n), 3) end
    return device
 end
 
