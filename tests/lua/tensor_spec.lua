@@ -375,6 +375,21 @@ describe('nr.Tensor', function()
       assert.is_true(v.driver >= 0)
    end)
 
+   it('nr.cuda.memory works without a GPU (zeros for cuda:0) and names a device that is not there', function()
+      local n = nr.cuda.device_count()
+      local m = nr.cuda.memory()
+      assert.is_true(m.in_use >= 0 and m.peak >= m.in_use and m.cached >= 0)
+      if n == 0 then assert.same({0, 0, 0}, {m.in_use, m.allocations, m.cached}) end
+      for _, bad in ipairs({math.max(n, 1), 2 ^ 40}) do -- 2^40 was truncated to int32 by the FFI: cuda:0
+         local ok, err = pcall(nr.cuda.memory, bad)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(string.format('no device cuda:%d (%d visible)', bad, n), 1, true), err)
+      end
+      local ok, err = pcall(nr.cuda.reset_peak_memory, -1)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('nr.cuda.reset_peak_memory: device must be a non-negative integer', 1, true), err)
+   end)
+
    it('copy refuses dense views of one memory that overlap, as PyTorch does', function()
       local t = nr.tensor({0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
       local ok, err = pcall(function() t:narrow(1, 2, 9):copy(t:narrow(1, 1, 9)) end)
