@@ -11,7 +11,8 @@
  * comes back KRSC (scratch slot 5) and is folded into the KCRS dw, as for bf16.
  * Batches whose input or output would reach 2^31 elements (the legacy API's 32-bit indexing;
  * nr_cuda_set_conv_max_elements lowers the bound) run as calls on consecutive slices of their
- * samples, the weight gradient summed over them.
+ * samples (each slice 256-byte aligned where the sample size allows), the weight gradient summed
+ * over them.
  * Invariants: activations (x, y, dx, dy) f32 or bf16, weights and their gradients always
  * f32 (the master copy). f32: math mode CUDNN_FMA_MATH (exact fp32) unless TF32 is allowed
  * (nr_cuda_set_allow_tf32), in which case the algorithm's own math type is used; backward filter
@@ -266,14 +267,29 @@ static int64_t g_max_elements = INT32_MAX;
 void nr_cuda_set_conv_max_elements(int64_t n) { g_max_elements = n <= 0 || n > INT32_MAX ? INT32_MAX : n; }
 int64_t nr_cuda_get_conv_max_elements(void) { return g_max_elements; }
 
+/* Samples whose bytes in t are a multiple of 256 (a power of two up to 256). */
+static int64_t aligned_samples(const nr_tensor *t)
+{
+   int64_t bytes = t->stride[0] * nr_dtype_size(t->dtype), m = 256;
+   while (m > 1 && bytes % 2 == 0) bytes /= 2, m /= 2;
+   return m;
+}
+
 /* Samples per cuDNN call of a convolution over n samples whose activations (input and output)
- * are a and b: all n while both stay within the limit, else as many as fit (at least one). */
+ * are a and b: all n while both stay within the limit, else as many as fit (at least one),
+ * rounded down to a multiple of the samples that keep every slice 256-byte aligned in both
+ * (tensor-core kernels want 16-byte aligned pointers, and each slice shape's algorithm is
+ * chosen on its first slice, which is aligned; bf16 samples of an odd number of elements would
+ * otherwise start slices 2 bytes apart). Only samples so large that one call holds fewer than
+ * that multiple (16M elements each in bf16) stay unaligned. */
 static int64_t batch_chunk(const nr_tensor *a, const nr_tensor *b)
 {
    const int64_t n = a->shape[0], big = nr_tensor_numel(a) > nr_tensor_numel(b) ? nr_tensor_numel(a) : nr_tensor_numel(b);
    if (n <= 1 || big <= g_max_elements) return n;
    const int64_t per = big / n, c = g_max_elements / per;
-   return c < 1 ? 1 : c;
+   if (c < 1) return 1;
+   const int64_t ma = aligned_samples(a), mb = aligned_samples(b), m = ma > mb ? ma : mb; /* powers of two */
+   return c >= m ? c - c % m : c;
 }
 
 /* Samples [n0, n0 + nb) of a 4-d activation, viewing t's memory (N is the outermost dimension

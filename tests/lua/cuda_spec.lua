@@ -529,6 +529,20 @@ describe('layer kernels on the GPU', function()
          assert(nr.cuda.conv_plans() >= plans + 4, 'the batch was not split: ' .. (nr.cuda.conv_plans() - plans) .. ' new plans')
       end)
 
+      it(h.name .. ' conv2d: split batches keep every slice 256-byte aligned where the samples allow', function()
+         -- 8 samples of 2 x 4 x 4 = 32 elements (64 bytes each in bf16, 128 in f32): a limit of 5
+         -- samples per call becomes calls of 4, so every slice starts on a 256-byte boundary: one
+         -- new plan (slices of 5 and 3 were two, the second 64 or 128 bytes off alignment)
+         local was = nr.cuda.conv_max_elements()
+         nr.cuda.set_conv_max_elements(5 * 32)
+         local plans = nr.cuda.conv_plans()
+         local okr, err = pcall(conv_case, h, 8, 2, 4, 4, 2, 3, 1, 1, 1, 1, false, {4, 4})
+         local made = nr.cuda.conv_plans() - plans
+         nr.cuda.set_conv_max_elements(was)
+         assert(okr, tostring(err))
+         assert(made == 1, made .. ' new plans: the slices were not all of one aligned size')
+      end)
+
       it(h.name .. ' conv2d: no input channels gives the bias alone, as on the CPU', function()
          local x, w, b = nr.zeros({2, 0, 5, 5}), nr.zeros({4, 0, 3, 3}), randn({4})
          local yc, yg = h.pair({2, 4, 3, 3})
