@@ -15,7 +15,8 @@
  * input when enqueued, after the stream's earlier work, and writes its output when a flush of the
  * stream reaches it after every rank has joined; until then an event recorded after it answers
  * "not ready", so the host's polling loop (and its timeout) sees a peer that never comes, as with
- * NCCL's kernels. NCCL rank r is MPI_COMM_WORLD rank r. A communicator lives until it is
+ * NCCL's kernels. NCCL rank r is MPI_COMM_WORLD rank r. NR_EMU_NCCL_FAIL=k makes the k-th
+ * collective fail in transport (ncclCommGetAsyncError reports it; the collective never ends). A communicator lives until it is
  * destroyed or aborted and its last queued collective has finished.
  */
 #define _GNU_SOURCE
@@ -295,10 +296,26 @@ typedef struct {
    int failed;          /* the MPI side failed: async error, no output */
 } collective;
 
+/* NR_EMU_NCCL_FAIL=k: the k-th collective of this process fails in transport (a test of the
+ * callers' async-error path; every rank given the same k fails the same collective). */
+static int injected_failure(void)
+{
+   static long n, at = -1;
+   if (at < 0) {
+      const char *e = getenv("NR_EMU_NCCL_FAIL");
+      at = e && *e ? strtol(e, NULL, 10) : 0;
+   }
+   return at > 0 && ++n == at;
+}
+
 static void coll_start(nr_emu_async *base)
 {
    collective *c = (collective *)base;
    struct ncclComm *m = c->comm;
+   if (injected_failure()) {
+      c->failed = 1;
+      return;
+   }
    c->stage = malloc(c->bytes ? c->bytes : 1);
    if (!c->broadcast) c->gathered = malloc(c->bytes * (size_t)m->nranks + 1);
    if (!c->stage || (!c->broadcast && !c->gathered)) {
@@ -351,22 +368,29 @@ static void reduce(collective *c)
    }
 }
 
+/* A collective whose transport failed: as NCCL's kernel it never finishes, and the communicator
+ * reports the error (ncclCommGetAsyncError) until it is aborted; a blocking wait cannot be
+ * served that way here, so it gets a diagnostic and no output. */
+static int failed(collective *c, ncclResult_t r, int wait, const char *why)
+{
+   c->comm->async_error = r;
+   snprintf(g_last_error, sizeof g_last_error, "%s", why);
+   if (!wait) return 0;
+   nr_emu_report("NCCL collective", "%s; a synchronisation waited for it: it ends without output", why);
+   return 1;
+}
+
 static int coll_finish(nr_emu_async *base, int wait)
 {
    collective *c = (collective *)base;
    struct ncclComm *m = c->comm;
    if (m->aborted) return 1;
-   if (c->failed) {
-      m->async_error = ncclSystemError;
-      snprintf(g_last_error, sizeof g_last_error, "the emulated collective's MPI operation failed");
-      return 1;
-   }
+   if (c->failed) return failed(c, ncclSystemError, wait, "the emulated collective's MPI transfer failed");
    int done = 0;
    int rc = wait ? MPI_Wait(&c->req, MPI_STATUS_IGNORE) : MPI_Test(&c->req, &done, MPI_STATUS_IGNORE);
    if (rc != MPI_SUCCESS) {
-      m->async_error = ncclRemoteError;
-      snprintf(g_last_error, sizeof g_last_error, "the emulated collective's MPI operation failed (code %d)", rc);
-      return 1;
+      c->failed = 1;
+      return failed(c, ncclRemoteError, wait, "the emulated collective's MPI transfer failed");
    }
    if (!wait && !done) return 0;
    if (c->broadcast) memcpy(c->recv, c->stage, c->bytes);

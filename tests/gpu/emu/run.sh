@@ -7,8 +7,9 @@
 # spec, the benchmark runs of tests/gpu/run.sh at a batch of 2 (the script, not the speed), then,
 # where mpirun and libnr_dist are, nr.dist on GPUs under `mpirun -np 2` (each rank emulates its
 # GPUs and takes cuda:<rank>; the emulator's NCCL, nccl_emu.c, carries the collectives over MPI):
-# tests/dist/gpu.lua, a hung rank timing out in NCCL's wait (failure.lua hang cuda), nr.train on
-# 2 ranks' GPUs against 1 process (train.lua) and with Neural Rejuvenation (train_nr.lua).
+# tests/dist/gpu.lua, a hung rank timing out in NCCL's wait (failure.lua hang cuda), a failed
+# transfer (NR_EMU_NCCL_FAIL), 2 ranks on 1 GPU, nr.train on 2 ranks' GPUs against 1 process
+# (train.lua) and with Neural Rejuvenation (train_nr.lua).
 # Environment: NR_SPEC_FILTER / NR_SPEC_TRACE as for tests/gpu/spec_runner.lua; NR_EMU_DEVICES,
 # NR_EMU_DEVICE_MEMORY and NR_EMU_PROTECT=0 as in cudart_emu.cpp; NR_EMU_CMAKE_ARGS, more options
 # for configuring the build dir (-DNR_SANITIZE=ON: the backend's host code under ASan + UBSan);
@@ -76,6 +77,12 @@ if "${MPIRUN[@]}" -np 2 "$B/nrlua" tests/dist/failure.lua hang cuda > "$tmp/out"
 grep -q 'nr.dist.allreduce (rank 0/2).*timed out after 3 s on rank 0 of 2 (NCCL communicator aborted)' "$tmp/out" ||
   dist_fail "failure.lua hang cuda: no NCCL timeout message"
 echo "ok    a hung rank: NCCL's wait times out and aborts the communicator"
+if NR_EMU_NCCL_FAIL=3 "${MPIRUN[@]}" -np 2 "$B/nrlua" tests/dist/gpu.lua > "$tmp/out" 2>&1; then
+  dist_fail "a failed NCCL transfer went unnoticed"
+fi
+grep -q 'nr.dist.allreduce (rank [01]/2).*NCCL reported unhandled system error .* on rank [01]' "$tmp/out" ||
+  dist_fail "a failed NCCL transfer: no async-error message"
+echo "ok    a failed NCCL transfer (NR_EMU_NCCL_FAIL): ncclCommGetAsyncError is reported and the job ends"
 if NR_EMU_DEVICES=1 "${MPIRUN[@]}" -np 2 "$B/nrlua" tests/dist/gpu.lua > "$tmp/out" 2>&1; then dist_fail "2 ranks on 1 GPU started"; fi
 grep -q 'Duplicate GPU detected.*local rank 1 of 2 on this host, 1 GPU visible; NCCL needs one GPU per rank' "$tmp/out" ||
   dist_fail "2 ranks on 1 GPU: no clear error"
