@@ -36,6 +36,10 @@ const char *nr_dtype_name(int32_t dtype);
  * tensor math): f32 anywhere, or bf16 on CUDA (mixed precision computes on the GPU only). */
 enum { NR_DTYPE_ACT = -2 };
 
+/* Tensors and views hold at most 2^40 elements, and no dimension is larger, even where another
+ * is 0 (core/tensor.c checks both; the .npy reader names a larger header size with its file). */
+#define NR_MAX_NUMEL (INT64_C(1) << 40)
+
 /* Checks a tensor argument. ndim < 0: any; shape == NULL: any shape; a shape entry < 0: any.
  * dtype -1: any, NR_DTYPE_ACT: an activation; device < 0: any. name is used in the message. */
 nr_status nr_check_tensor(const char *func, const char *name, const nr_tensor *t, int32_t dtype,

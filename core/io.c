@@ -264,7 +264,7 @@ nr_tensor *nr_npy_load(const char *path)
          NR_FAIL(NR_E_FORMAT, "%s: bad shape in header", path);
          goto done;
       }
-      if (v > (INT64_C(1) << 40)) { /* no tensor has such a dimension, even an empty one */
+      if (v > NR_MAX_NUMEL) { /* no tensor has such a dimension, even an empty one */
          NR_FAIL(NR_E_FORMAT, "%s: bad shape in header: size %lld of dimension %d is more than 2^40", path, v, ndim + 1);
          goto done;
       }

@@ -220,11 +220,10 @@ static nr_status check_geometry(int32_t ndim, const int64_t *shape)
    return NR_OK;
 }
 
-/* Tensors and views hold at most 2^40 elements: numel, and numel times the element size, then
- * never overflow int64 (nor does anything that iterates over them). Each dimension is bounded
- * the same way even where another is 0 (an empty (0, 2^62) was accepted, then every op that
- * copies its shape refused it). */
-#define NR_MAX_NUMEL (INT64_C(1) << 40)
+/* Tensors and views hold at most NR_MAX_NUMEL (2^40) elements: numel, and numel times the element
+ * size, then never overflow int64 (nor does anything that iterates over them). Each dimension is
+ * bounded the same way even where another is 0 (an empty (0, 2^62) was accepted, then every op
+ * that copies its shape refused it). */
 
 static nr_status check_numel(const char *func, int32_t ndim, const int64_t *shape, int64_t *numel)
 {
