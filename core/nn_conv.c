@@ -305,7 +305,11 @@ static nr_status forward_setup(const char *func, const nr_tensor *x, const nr_te
    NR_TRY(nr_check_tensor(func, "w", w, NR_F32, -1, 4, NULL));
    NR_TRY(conv_setup(func, x, "x", y, "y", w, "w", sh, sw, ph, pw, dh, dw, groups, g));
    int64_t bs[1] = {g->cout};
-   return b ? nn_check(func, "b", b, NR_F32, 1, bs, x) : NR_OK;
+   if (b) NR_TRY(nn_check(func, "b", b, NR_F32, 1, bs, x));
+   /* y is written while x, w and b are still read (a module applied to its own output) */
+   NR_TRY(nr_check_no_overlap(func, "y", y, "x", x));
+   NR_TRY(nr_check_no_overlap(func, "y", y, "w", w));
+   return nr_check_no_overlap(func, "y", y, "b", b);
 }
 
 nr_status nr_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
@@ -360,6 +364,8 @@ nr_status nr_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const nr_t
    NR_CHECK_T("w", w, NR_F32, -1, 4, NULL);
    conv_geom g;
    NR_TRY(conv_setup(__func__, dx, "dx", dy, "dy", w, "w", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
+   NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "dy", dy));
+   NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "w", w));
    NR_ON_CUDA(dy, nr_cuda_conv2d_backward_data(dy, dx, w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups));
    if (g.n == 0) return NR_OK;
    if (conv_winograd(&g)) return nn_winograd_backward_data(dy->data, dx->data, w->data, &g);
@@ -424,6 +430,8 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
    NR_CHECK_T("dw", dw, NR_F32, -1, 4, NULL);
    conv_geom g;
    NR_TRY(conv_setup(__func__, x, "x", dy, "dy", dw, "dw", stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, &g));
+   NR_TRY(nr_check_no_overlap(__func__, "dw", dw, "x", x));
+   NR_TRY(nr_check_no_overlap(__func__, "dw", dw, "dy", dy));
    if (db) {
       int64_t bs[1] = {g.cout};
       NN_CHECK("db", db, NR_F32, 1, bs, x);

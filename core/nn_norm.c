@@ -94,6 +94,10 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
    if (!(eps > 0) || !(momentum >= 0 && momentum <= 1))
       return NR_FAIL(NR_E_ARG, "eps must be > 0 (got %g) and momentum in [0, 1] (got %g)", eps, momentum);
    const int64_t m = g.n * g.hw;
+   if (m == 0) { /* an empty batch (as PyTorch): no output, running statistics untouched */
+      NR_TRY(nr_tensor_fill(save_mean, 0));
+      return nr_tensor_fill(save_invstd, 0);
+   }
    if (m < 2)
       return NR_FAIL(NR_E_ARG, "training needs more than one value per channel (input %lld x %lld x %lld x %lld)",
                      (long long)x->shape[0], (long long)x->shape[1], (long long)x->shape[2], (long long)x->shape[3]);
@@ -174,6 +178,17 @@ static nr_status bn_backward_setup(const char *func, const nr_tensor *x, const n
    return NR_OK;
 }
 
+/* The backward of an empty batch: no dx, and each parameter gradient d <- acc * d + scale * 0. */
+static nr_status backward_empty(nr_tensor *dgamma, nr_tensor *dbeta, float acc)
+{
+   nr_tensor *d[2] = {dgamma, dbeta};
+   for (int i = 0; i < 2; i++) {
+      if (!d[i] || acc == 1) continue;
+      NR_TRY(acc == 0 ? nr_tensor_fill(d[i], 0) : nr_binary_scalar(d[i], acc, d[i], NR_OP_MUL));
+   }
+   return NR_OK;
+}
+
 nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *dx, nr_tensor *dgamma,
                            nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
                            const nr_tensor *save_invstd, float scale, float acc, const nr_tensor *relu_y)
@@ -185,6 +200,7 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
    NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
    NR_TRY(vec_check(__func__, "save_invstd", save_invstd, x));
    NR_TRY(relu_y_check(__func__, relu_y, x));
+   if (g.n * g.hw == 0) return backward_empty(dgamma, dbeta, acc);
    NR_ON_CUDA(x,
               nr_cuda_bn2d_backward(x, dy, dx, dgamma, dbeta, gamma, save_mean, save_invstd, scale, acc, relu_y));
    const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *sm = save_mean->data,
@@ -236,6 +252,7 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
    NR_TRY(vec_check(__func__, "running_var", running_var, x));
    if (!(eps > 0)) return NR_FAIL(NR_E_ARG, "eps must be > 0, got %g", eps);
    NR_TRY(relu_y_check(__func__, relu_y, x));
+   if (g.n * g.hw == 0) return backward_empty(dgamma, dbeta, acc);
    NR_ON_CUDA(x, nr_cuda_bn2d_backward_eval(x, dy, dx, dgamma, dbeta, gamma, running_mean, running_var, eps, scale,
                                             acc, relu_y));
    const float *px = x->data, *pdy = dy->data, *pg = gamma ? gamma->data : NULL, *rm = running_mean->data,

@@ -45,6 +45,7 @@ nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indi
    NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
    NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode, &g));
+   NR_TRY(nr_check_no_overlap(__func__, "y", y, "x", x)); /* y is written while x is read */
    NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, y));
    NR_ON_CUDA(x, nr_cuda_maxpool2d_forward(x, y, indices, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                            ceil_mode));
@@ -99,6 +100,7 @@ nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, n
    pool_geom g;
    NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode,
                      &g));
+   NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "dy", dy)); /* dx is written while dy is read */
    NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, dy));
    NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                              ceil_mode));
@@ -150,6 +152,7 @@ nr_status nr_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_
    NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
    pool_geom g;
    NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode, &g));
+   NR_TRY(nr_check_no_overlap(__func__, "y", y, "x", x)); /* y is written while x is read */
    NR_ON_CUDA(x, nr_cuda_avgpool2d_forward(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                            count_include_pad, ceil_mode));
    const float *px = x->data;
@@ -181,6 +184,7 @@ nr_status nr_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kern
    pool_geom g;
    NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode,
                      &g));
+   NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "dy", dy)); /* dx is written while dy is read */
    NR_ON_CUDA(dy, nr_cuda_avgpool2d_backward(dy, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                              count_include_pad, ceil_mode));
    const float *pdy = dy->data;
@@ -209,6 +213,7 @@ nr_status nr_global_avgpool_forward(const nr_tensor *x, nr_tensor *y)
    NN_CHECK("x", x, NR_DTYPE_ACT, 4, NULL, NULL);
    int64_t ys[2] = {x->shape[0], x->shape[1]};
    NN_CHECK("y", y, NR_DTYPE_ACT, 2, ys, x);
+   NR_TRY(nr_check_no_overlap(__func__, "y", y, "x", x));
    NR_ON_CUDA(x, nr_cuda_global_avgpool_forward(x, y));
    const int64_t nc = ys[0] * ys[1], hw = x->shape[2] * x->shape[3];
    if (hw == 0 && nc > 0) return NR_FAIL(NR_E_ARG, "x: empty spatial size");
@@ -232,6 +237,7 @@ nr_status nr_global_avgpool_backward(const nr_tensor *dy, nr_tensor *dx)
    NN_CHECK("dy", dy, NR_DTYPE_ACT, 2, NULL, NULL);
    int64_t xs[4] = {dy->shape[0], dy->shape[1], -1, -1};
    NN_CHECK("dx", dx, NR_DTYPE_ACT, 4, xs, dy);
+   NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "dy", dy));
    NR_ON_CUDA(dy, nr_cuda_global_avgpool_backward(dy, dx));
    const int64_t nc = dy->shape[0] * dy->shape[1], hw = dx->shape[2] * dx->shape[3];
    const float *pdy = dy->data;

@@ -237,6 +237,9 @@ nr_status nr_file_crc32(const char *path, uint32_t *crc);
  *    Torch7's accGradParameters scale (1 normally). Input gradients (dx) are always overwritten.
  *  - Results do not depend on the thread count except for float summation order in reductions
  *    over the batch (which is fixed per thread count).
+ *  - Convolutions and pools refuse (NR_E_ARG) an output that overlaps in memory a tensor they
+ *    read (a module's output buffer passed back as its input); elementwise layers (ReLU, BN in
+ *    evaluation mode) may run in place where stated.
  */
 
 /* 2-d convolution (cross-correlation, as PyTorch), with groups.
@@ -276,7 +279,9 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
  * momentum * stat, with the unbiased variance (n / (n - 1), n = N*H*W) for running_var.
  * y = (x - mean) * invstd * gamma + beta; relu != 0: the ReLU of that (nr_relu_forward's, NaN
  * kept) in the same pass (BN and a ReLU after it fused, one pass over the data instead of two).
- * Needs N*H*W >= 2 (NR_E_ARG otherwise, as PyTorch). */
+ * Needs N*H*W >= 2 (NR_E_ARG otherwise, as PyTorch), except an empty batch (N*H*W = 0): nothing
+ * to compute, running statistics untouched, save_mean / save_invstd zeros (its backward leaves dx
+ * empty and the parameter gradients at acc * d). */
 nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean,
                                 nr_tensor *save_invstd, const nr_tensor *gamma,
                                 const nr_tensor *beta, nr_tensor *running_mean,

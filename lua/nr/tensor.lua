@@ -376,12 +376,21 @@ local function position(t, fname, idx, n)
    return pos
 end
 
+-- The 0-based position of flat 1-based position i (row-major), checked against t's elements.
+local function flat_position(t, fname, i)
+   int_arg(i, fname, 'position', 4)
+   local n = tonumber(C.nr_tensor_numel(live(t)))
+   if i < 1 or i > n then
+      error(string.format('%s: position %d is outside 1..%d (%d elements)', fname, i, n, n), 3)
+   end
+   return i - 1
+end
+
 -- t:get(pos) (1-based flat position, row-major) or t:get(i, j, ...) (one index per dimension).
 function Tensor:get(i, ...)
    local p
    if select('#', ...) == 0 then -- the common case, without a table
-      int_arg(i, 'Tensor:get', 'position')
-      p = i - 1
+      p = flat_position(self, 'Tensor:get', i)
    else
       p = position(self, 'Tensor:get', {i, ...}, select('#', ...) + 1)
    end
@@ -392,8 +401,7 @@ end
 function Tensor:set(i, v, ...)
    local p
    if select('#', ...) == 0 then
-      int_arg(i, 'Tensor:set', 'position')
-      p = i - 1
+      p = flat_position(self, 'Tensor:set', i)
    else
       local args = {i, v, ...}
       local n = select('#', ...) + 2 -- a trailing nil value counts: it is not taken for an index
@@ -840,6 +848,12 @@ function Tensor:matmul(b, opts)
    end
    check.arg((opts.beta or 0) == 0 or opts.out ~= nil, 'Tensor:matmul', 'beta %s needs opts.out (the matrix to accumulate into)',
       tostring(opts.beta))
+   for _, o in ipairs({{'a', self}, {'b', b}}) do
+      if o[2]:dim() ~= 2 then
+         error(string.format('Tensor:matmul: %s must be a matrix (2-d), got %s%s', o[1], o[2]:describe(),
+            o[2]:dim() == 1 and ' (a vector: reshape it to (n, 1) or (1, n))' or ''), 2)
+      end
+   end
    local ta, tb = opts.trans_a and 1 or 0, opts.trans_b and 1 or 0
    -- operands in a layout BLAS does not take (a transposed view, overlapping or reversed rows)
    -- are read through a contiguous copy, as PyTorch does; out must be one (it is written)

@@ -682,6 +682,66 @@ describe('buffers and modes', function()
    end)
 end)
 
+describe('a module applied to its own output, and empty batches', function()
+   it('m:forward(m:forward(x)) equals applying it to a copy (the buffer is not read while written)', function()
+      nr.manual_seed(2)
+      local mods = {
+         {'Conv2d 1x1', nn.Conv2d(4, 4, 1)}, {'Conv2d 3x3', nn.Conv2d(4, 4, 3, {padding = 1})},
+         {'depthwise', nn.Conv2d(4, 4, 3, {padding = 1, groups = 4})},
+         {'MaxPool2d', nn.MaxPool2d(3, {stride = 1, padding = 1})}, {'AvgPool2d', nn.AvgPool2d(3, {stride = 1, padding = 1})},
+         {'BatchNorm2d', nn.BatchNorm2d(4)}, {'ReLU', nn.ReLU()}, {'Sigmoid', nn.Sigmoid()}, {'Linear', nn.Linear(4, 4)},
+      }
+      for _, c in ipairs(mods) do
+         local name, m = c[1], c[2]
+         local x = name == 'Linear' and nr.randn({3, 4}) or nr.randn({2, 4, 6, 6})
+         for round = 1, 3 do -- the buffers alternate from the second round on
+            local want = m:forward(m:forward(x):clone()):clone()
+            local got = m:forward(m:forward(x))
+            assert(max_abs_diff(got, want) == 0, string.format('%s round %d: differs by %g', name, round, max_abs_diff(got, want)))
+         end
+      end
+      -- the kernels refuse an output overlapping their input instead of computing garbage
+      local x, w = nr.randn({1, 4, 6, 6}), nr.randn({4, 4, 1, 1})
+      assert.equal(1, C.nr_conv2d_forward(x.c, x.c, w.c, nil, 1, 1, 0, 0, 1, 1, 1))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('y f32 cpu (1, 4, 6, 6) overlaps x', 1, true))
+      assert.equal(1, C.nr_avgpool2d_forward(x.c, x.c, 3, 3, 1, 1, 1, 1, 1, 0))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('overlaps x', 1, true))
+      assert.equal(1, C.nr_conv2d_backward_data(x.c, x.c, w.c, 1, 1, 0, 0, 1, 1, 1))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('dx f32 cpu (1, 4, 6, 6) overlaps dy', 1, true))
+   end)
+
+   it('an empty batch (N = 0) passes through every layer in training, as PyTorch: no change to running statistics', function()
+      local net = nn.Sequential{nn.Conv2d(3, 4, 3, {padding = 1}), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+         nn.Flatten(), nn.Linear(16, 3)}
+      local x = nr.randn({0, 3, 4, 4})
+      local y = net:forward(x)
+      assert.same({0, 3}, y:shape())
+      local _, grads = net:parameters()
+      for _, g in ipairs(grads) do g:fill(7) end
+      net:backward(x, nr.zeros({0, 3}))
+      for i, g in ipairs(grads) do assert.equal(7 * g:numel(), g:sum(), 'gradient ' .. i .. ' changed') end
+      local bn = net:get(2)
+      assert.same({0, 0, 0, 0}, bn.running_mean:totable())
+      assert.same({1, 1, 1, 1}, bn.running_var:totable())
+      -- acc = 0 overwrites the parameter gradients with zeros, as for any batch
+      local dg, db = nr.full({4}, 0 / 0), nr.full({4}, 5)
+      local sm, si = nr.empty({4}), nr.empty({4})
+      local z = nr.empty({0, 4, 2, 2})
+      assert.equal(0, C.nr_bn2d_forward_train(z.c, z.c, sm.c, si.c, bn.weight.c, bn.bias.c, bn.running_mean.c,
+         bn.running_var.c, 0.1, 1e-5, 0))
+      assert.equal(0, C.nr_bn2d_backward(z.c, z.c, z.c, dg.c, db.c, bn.weight.c, sm.c, si.c, 1, 0, nil))
+      assert.same({0, 0, 0, 0}, dg:totable())
+      assert.same({0, 0, 0, 0}, db:totable())
+      -- one value per channel still cannot be normalised
+      assert.truthy(err_of(function() return nn.BatchNorm2d(2):forward(nr.randn({1, 2, 1, 1})) end)
+         :find('more than one value per channel', 1, true))
+   end)
+
+   it('Dropout takes p only', function()
+      assert.truthy(err_of(function() return nn.Dropout(0.5, {inplace = true}) end):find('Dropout: takes p only', 1, true))
+   end)
+end)
+
 describe('a small model through Sequential', function()
    it('learns a fixed batch (loss decreases with plain SGD on the gradients)', function()
       nr.manual_seed(1)
@@ -726,6 +786,17 @@ describe('ReLU{inplace = true}', function()
       assert.same(gi_ref:totable(), gi:totable())
       assert.is_false(gi:same_storage(g))
       assert.has_error(function() nr.nn.ReLU{inplce = true} end)
+   end)
+
+   it('overwrites a strided input too (a transposed view): computed on a copy and written back', function()
+      local t = nr.tensor({{-1, 2}, {3, -4}})
+      local relu = nr.nn.ReLU{inplace = true}
+      local y = relu:forward(t:t())
+      assert.same({{0, 2}, {3, 0}}, t:totable())
+      assert.is_true(y:same_storage(t))
+      assert.same({{0, 3}, {2, 0}}, y:totable())
+      -- the gradient is masked where the (transposed) output is 0
+      assert.same({{0, 1}, {1, 0}}, relu:backward(t:t(), nr.ones({2, 2})):totable())
    end)
 
    it('trains a conv-BN-ReLU stack to the same weights as out-of-place ReLU', function()

@@ -51,6 +51,13 @@ describe('nr.Tensor', function()
       assert.same({{4, 5}, {10, 11}}, a:matmul(b):totable())
       assert.same({{17, 22, 27}, {22, 29, 36}, {27, 36, 45}}, a:matmul(a, {trans_a = true}):totable())
       assert.has_error(function() a:matmul(a) end, nil)
+      -- operands of another rank are named (a vector b used to fail inside the size lookup)
+      local function err(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      assert.truthy(err(function() return a:matmul(nr.ones({3})) end)
+         :find('Tensor:matmul: b must be a matrix (2-d), got float32 cpu [3] (a vector: reshape it', 1, true))
+      assert.truthy(err(function() return nr.ones({2}):matmul(b, {trans_a = true}) end)
+         :find('Tensor:matmul: a must be a matrix (2-d)', 1, true))
+      assert.truthy(err(function() return a:matmul(nr.ones({3, 2, 1})) end):find('b must be a matrix (2-d), got float32 cpu [3 x 2 x 1]', 1, true))
    end)
 
    it('matmul on every path (narrow own kernel, OpenBLAS, split over threads) matches a double reference', function()
@@ -600,6 +607,10 @@ describe('nr.Tensor', function()
       assert.truthy(err(function() return t:set(2, 3, nil) end):find('must be a number, got nil', 1, true))
       t:set(1, 2, 5LL)                                                    -- an int64 cdata value converts
       assert.equal(5, t:get(1, 2))
+      -- a flat position out of range is named as given (1-based) with the valid range
+      assert.truthy(err(function() return t:get(7) end):find('Tensor:get: position 7 is outside 1..6 (6 elements)', 1, true))
+      assert.truthy(err(function() return t:get(0) end):find('Tensor:get: position 0 is outside 1..6', 1, true))
+      assert.truthy(err(function() return t:set(-1, 3) end):find('Tensor:set: position -1 is outside 1..6', 1, true))
    end)
 
    it('positions and dimensions must be integers: 1.5 is an error naming the argument, never floored', function()

@@ -27,10 +27,17 @@ local function make(name, fwd, bwd, inplace_ok)
       end
    end
    function cls:updateOutput(x)
+      local given = x
       x = U.float_input(x)
       self._fused = false
       local y = self.inplace and x or U.act_buffer(self, 'output', x:shape(), x)
       U.call(fwd(x.c, y.c))
+      -- in place on a view the kernel does not take (transposed, ...): computed on a dense copy,
+      -- written back, so the input is overwritten as promised
+      if self.inplace and x ~= given then
+         given:copy(y)
+         y = given
+      end
       self.output = y
       return y
    end
@@ -51,9 +58,10 @@ local function make(name, fwd, bwd, inplace_ok)
          return self.gradInput
       end
       x = U.float_input(x)
-      local g = U.grad(gradOutput, self.output)
+      local out = U.float_input(self.output) -- dense (an in-place output may be a strided view)
+      local g = U.grad(gradOutput, out)
       local gi = U.grad_buffer(self, x:shape(), x)
-      U.call(bwd(self.output.c, g.c, gi.c))
+      U.call(bwd(out.c, g.c, gi.c))
       return gi
    end
    function cls:outputShape(s) return s end

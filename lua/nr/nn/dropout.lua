@@ -9,8 +9,9 @@ local C = require('nr.ffi').C
 
 local Dropout = class('Dropout', Module)
 
-function Dropout:__init(p)
+function Dropout:__init(p, extra)
    Module.__init(self)
+   if extra ~= nil then error('nr.nn.Dropout: takes p only (no inplace or other options), got a second argument', 3) end
    self.p = U.opt_num(p, 'p', 'nr.nn.Dropout', 0.5, 0, 1)
    if self.p >= 1 then error('nr.nn.Dropout: p must be < 1, got ' .. tostring(p), 3) end
 end

@@ -19,7 +19,9 @@ end
 function Flatten:updateOutput(x)
    tensor_input(x)
    if x:dim() < 1 then error('expected an input with a batch dimension, got a 0-d tensor', 0) end
-   self.output = x:reshape(x:size(1), -1)
+   local rest = 1 -- not -1: an empty batch (N = 0) has nothing to infer it from
+   for d = 2, x:dim() do rest = rest * x:size(d) end
+   self.output = x:reshape(x:size(1), rest)
    return self.output
 end
 

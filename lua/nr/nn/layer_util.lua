@@ -111,14 +111,28 @@ function U.has_format(t, fmt)
 end
 
 -- self[key] as a tensor of the given shape on like's device (dtype default float32) in
--- U.format_for(shape, like); reused while shape, dtype, device and format match.
+-- U.format_for(shape, like); reused while shape, dtype, device and format match. like is the input
+-- the buffer is computed from: when it is (a view of) the buffer itself, as for a module applied
+-- to its own output (m:forward(m:forward(x)), PyTorch's loops over one layer), the kernel would
+-- read what it writes, so a second buffer (self['_spare_' .. key]) takes over and the two
+-- alternate from then on.
 function U.buffer(self, key, shape, like, dtype)
    dtype = dtype or 'float32'
    local dev, fmt = like:device(), U.format_for(shape, like)
+   local function fits(b)
+      return b and rawget(b, 'c') and b:dtype() == dtype and b:device() == dev and T.same_shape(b:shape(), shape)
+         and U.has_format(b, fmt)
+   end
    local b = rawget(self, key)
-   if b and rawget(b, 'c') and b:dtype() == dtype and b:device() == dev and T.same_shape(b:shape(), shape)
-      and U.has_format(b, fmt) then
-      return b
+   if fits(b) then
+      if not b:same_storage(like) then return b end
+      local spare_key = '_spare_' .. key
+      local s = rawget(self, spare_key)
+      self[spare_key] = b
+      if fits(s) and not s:same_storage(like) then
+         self[key] = s
+         return s
+      end
    end
    b = T.empty(shape, {dtype = dtype, device = dev, memory_format = fmt})
    self[key] = b
