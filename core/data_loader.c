@@ -196,7 +196,8 @@ nr_loader *nr_loader_new(nr_dataset *ds, const nr_loader_config *cfg)
    nr_loader_config c = *cfg;
 #define BAD(...) do { NR_FAIL(NR_E_ARG, __VA_ARGS__); return NULL; } while (0)
    if (c.batch < 1) BAD("batch must be >= 1, got %d", c.batch);
-   if (c.threads < 1 || c.threads > 256) BAD("threads must be in 1..256, got %d", c.threads);
+   if (c.threads < 1 || c.threads > NR_LOADER_MAX_THREADS)
+      BAD("threads must be in 1..%d, got %d", NR_LOADER_MAX_THREADS, c.threads);
    if (c.prefetch < 1 || c.prefetch > 1024) BAD("prefetch must be in 1..1024, got %d", c.prefetch);
    if (c.shard_size < 1 || c.shard_rank < 0 || c.shard_rank >= c.shard_size)
       BAD("shard rank %d must lie in 0..size-1 (size %d)", c.shard_rank, c.shard_size);

@@ -483,11 +483,12 @@ nr_status nr_image_write_jpeg(const nr_tensor *img, const char *path, int32_t qu
  * With output_u8 the last step is left to the consumer: the batch holds the bytes 0..255 and
  * nr_images_normalize turns it into exactly the f32 the loader would have made (on a GPU after a
  * copy a quarter the size). */
+enum { NR_LOADER_MAX_THREADS = 1024 }; /* worker threads a loader may start */
 typedef struct nr_loader_config {
    int32_t batch;              /* samples per batch, >= 1 */
    int32_t shuffle;            /* 1: permute each epoch */
    int32_t drop_last;          /* 1: drop the last incomplete batch */
-   int32_t threads;            /* worker threads, >= 1 */
+   int32_t threads;            /* worker threads, 1..NR_LOADER_MAX_THREADS */
    int32_t prefetch;           /* batches decoded ahead, >= 1 */
    int32_t shard_rank;         /* distributed sampler: this rank, 0..shard_size-1 */
    int32_t shard_size;         /* ranks, >= 1; each gets ceil(N / size) samples (wrapping) */

@@ -438,6 +438,28 @@ function M.save(ckdir, opts)
    return dir
 end
 
+-- After a run resumed from the checkpoint of `step`: `best` must name this run's best weights,
+-- best_name (the step folder the checkpoint's state recorded, or nil). A `best` written by epochs
+-- after `step` (the run resumed from an earlier checkpoint) names a folder the continued run will
+-- overwrite with other weights: it is pointed at best_name when that folder is complete, else
+-- removed (the next improving epoch writes it again). Returns the name `best` holds afterwards.
+function M.resumed(ckdir, step, best_name)
+   local cur = pointer(ckdir, 'best')
+   if best_name ~= nil and (type(best_name) ~= 'string' or not best_name:match('^step%-%d+$')) then best_name = nil end
+   if best_name and cur ~= best_name and validate(ckdir .. '/' .. best_name) then
+      M.write_atomic(ckdir .. '/best', best_name .. '\n')
+      return best_name
+   end
+   if cur and cur ~= best_name and tonumber(cur:match('%d+')) > step then
+      os.remove(ckdir .. '/best')
+      return nil
+   end
+   return cur
+end
+
+-- The folder name of a step's checkpoint (step-00000042).
+M.step_name = step_name
+
 -- Removes step folders other than the `keep` newest complete ones, `latest` and `best`;
 -- removes incomplete folders older than the newest complete one and stray temp files.
 function M.prune(ckdir, keep)

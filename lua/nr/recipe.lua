@@ -144,8 +144,17 @@ local function set_path(recipe, path, value)
    for part in path:gmatch('[^.]+') do parts[#parts + 1] = part end
    local t = recipe
    for i = 1, #parts - 1 do
-      if t[parts[i]] == nil then t[parts[i]] = {} end
-      t = t[parts[i]]
+      local v = t[parts[i]]
+      -- a section that is off (false, e.g. schedule = false for a constant LR) is turned on by
+      -- setting one of its fields
+      if v == nil or v == false then
+         v = {}
+         t[parts[i]] = v
+      elseif type(v) ~= 'table' then
+         error(string.format('--%s: %s is a %s in the recipe, not a table of fields', path,
+            table.concat(parts, '.', 1, i), type(v)), 0)
+      end
+      t = v
    end
    t[parts[#parts]] = value
 end
@@ -285,7 +294,7 @@ function M.apply(recipe, args)
    -- A new dataset without a new root: the recipe's root belonged to the old dataset (e.g.
    -- $NR_DATA/imagenet), so fall back to the new dataset's default location.
    if set_paths['data.dataset'] and not set_paths['data.root'] and type(r.data) == 'table'
-      and r.data.dataset ~= recipe.data.dataset then
+      and r.data.dataset ~= (type(recipe.data) == 'table' and recipe.data.dataset or nil) then
       r.data.root = nil
    end
    return r

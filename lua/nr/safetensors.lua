@@ -180,7 +180,9 @@ function M.read_header(path)
       end
       spans[#spans + 1] = o
    end
-   table.sort(spans, function(a, b) return a[1] < b[1] end)
+   -- by begin, then end: an empty tensor [k, k] goes before the one starting at k (sorting by
+   -- begin alone left their order to pairs, and a file with an empty tensor failed at random)
+   table.sort(spans, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
    local at = 0
    for _, o in ipairs(spans) do
       if o[1] ~= at then bad('tensor data overlaps or leaves holes') end

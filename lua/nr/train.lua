@@ -908,6 +908,8 @@ function Trainer:save_checkpoint(opts)
       schedule_hold = self.schedule_hold,
       rng = rng_state(),
       trainer = {best_top1 = self.best_top1, best_epoch = self.best_epoch, train_images = self.train_images,
+                 -- the folder holding the best weights: `best` is set back to it on resume
+                 best_checkpoint = opts.best and ck.step_name(self.step) or self.best_checkpoint,
                  held_epochs = self.held_epochs, last_val = self.last_val,
                  train_time = self.train_time, time = progress.now() - self.t_start + (self.time_offset or 0)},
       states = states,
@@ -924,6 +926,7 @@ function Trainer:save_checkpoint(opts)
          self.step, ckdir, (tostring(dir):gsub('^[^\n]-%.lua:%d+: ', '')), prev and string.format('The last complete '
          .. 'checkpoint, %s, is intact: --resume %s continues from it.', prev, self.out) or 'No earlier checkpoint exists.'), 0)
    end
+   if opts.best then self.best_checkpoint = ck.step_name(self.step) end
    self.last_checkpoint = dir
    return dir
 end
@@ -986,6 +989,7 @@ function Trainer:load_checkpoint(path, found)
    self.epoch, self.step = s.epoch or 0, s.step or 0
    local t = s.trainer or {}
    self.best_top1, self.best_epoch = t.best_top1, t.best_epoch
+   self.best_checkpoint = type(t.best_checkpoint) == 'string' and t.best_checkpoint or nil
    -- the latest evaluation, for the summary of a run resumed after its last epoch
    self.last_val = type(t.last_val) == 'table' and t.last_val or nil
    self.train_images, self.train_time = t.train_images or 0, t.train_time or 0
@@ -1353,6 +1357,8 @@ function Trainer:run()
          if history then ck.write_atomic(self.out .. '/metrics.jsonl', history) end
       end
       local dir = self:load_checkpoint(rc.resume, found)
+      -- this run's `best` pointer, when it names weights of epochs after the checkpoint
+      self.best_checkpoint = ck.resumed(self.out .. '/checkpoint', self.step, self.best_checkpoint)
       self:print(string.format('resumed from %s (epoch %d, step %d%s)', dir, self.epoch, self.step,
          self.held_epochs > 0 and string.format(', %d held', self.held_epochs) or ''))
       -- drop metrics written after that checkpoint (a run killed mid-epoch)

@@ -204,6 +204,14 @@ return {
       r = R.apply(base, {'--dataset', 'fashion-mnist', '--data', '/elsewhere'})
       assert.equal('/elsewhere', r.data.root)
       assert.equal('/data/imagenet', base.data.root)
+      -- a recipe without a data table (its loaders come from defaults) takes --dataset too
+      assert.equal('fashion-mnist', R.apply({epochs = 1}, {'--dataset', 'fashion-mnist'}).data.dataset)
+   end)
+
+   it('a section that is off (false) is turned on by setting one of its fields', function()
+      local r = R.apply({epochs = 1, schedule = false, nr = false}, {'--schedule', 'cosine', '--nr.target', '0.5'})
+      assert.equal('cosine', r.schedule.name)
+      assert.equal(0.5, r.nr.target)
    end)
 
    it('cleans up', function() ck.remove_tree(TMP) end)

@@ -380,6 +380,34 @@ h:release()
       assert.equal(best_epoch, saved.state.epoch)
    end)
 
+   it('resumed from an earlier checkpoint, checkpoint/best names this run\'s best, not the abandoned epochs\'', function()
+      local dir = TMP .. '/best_resume'
+      local function fresh(extra) return recipe(dir, extra) end
+      nr.train(fresh({epochs = 4, keep = 10}))
+      local ckdir = dir .. '/checkpoint'
+      local function named(p) return (ck.read_file(ckdir .. '/' .. p) or ''):match('step%-%d+') end
+      local at2 = ck.load(ckdir .. '/step-00000016').state
+      assert.equal(2, at2.epoch)
+      -- the first run's best lies after epoch 2 (written here as if its last epoch had been the best)
+      ck.write_atomic(ckdir .. '/best', 'step-00000032\n')
+      -- continued from epoch 2 without learning: epochs 3-4 do not beat epoch 2's best and re-save
+      -- step-24 and step-32 with other weights
+      local s = nr.train(fresh({epochs = 4, keep = 10, resume = ckdir .. '/step-00000016', lr = 1e-12,
+                                optim = {lr = 1e-12, momentum = 0}}))
+      assert.equal(at2.trainer.best_epoch, s.best_epoch)
+      local best = ck.load(ckdir .. '/' .. named('best')).state
+      assert.equal(s.best_epoch, best.epoch)
+      assert.equal(at2.trainer.best_checkpoint, named('best'))
+      -- nr.checkpoint.resumed alone: a later best without a recorded one is removed, an earlier one kept
+      ck.write_atomic(ckdir .. '/best', 'step-00000032\n')
+      assert.is_nil(ck.resumed(ckdir, 16, nil))
+      assert.is_nil(named('best'))
+      ck.write_atomic(ckdir .. '/best', 'step-00000008\n')
+      assert.equal('step-00000008', ck.resumed(ckdir, 16, nil))
+      assert.equal('step-00000016', ck.resumed(ckdir, 24, 'step-00000016'))
+      assert.equal('step-00000016', named('best'))
+   end)
+
    it('an evaluation counts a shard\'s own samples only (the repeats that pad a shard are left out)', function()
       local tr = train.new(recipe(TMP .. '/eval_unique', {}))
       local vx, vy = synthetic(6, 5)

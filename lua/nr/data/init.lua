@@ -418,7 +418,7 @@ local function bool_opt(v, fname, name, what)
 end
 
 -- Decoding threads a loader may start (each is a pthread with its own decoder).
-local MAX_THREADS = 1024
+local MAX_THREADS = C.NR_LOADER_MAX_THREADS
 
 -- $NR_DATA_THREADS as a number, or nil when unset or empty; anything else names the variable
 -- (0 or "abc" were ignored without a word, 2000 refused as "threads").
