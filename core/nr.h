@@ -627,9 +627,11 @@ nr_status nr_cuda_empty_cache(void);
  * 1e-3 relative error; PyTorch's default for convolutions); 0 (the default): full fp32. */
 void nr_cuda_set_allow_tf32(int32_t allow);
 int32_t nr_cuda_get_allow_tf32(void);
-/* on = 1: cuDNN convolutions use only algorithms that give the same bits on every run
- * (PyTorch's cudnn.deterministic; perhaps slower); the own kernels are deterministic anyway, so
- * a GPU run with the same seed and data order is then reproducible. 0 (the default): any. */
+/* on = 1: cuDNN convolutions use only algorithms that give the same bits on every run, chosen
+ * by cuDNN's heuristics instead of a timed search (timings differ from run to run, and so would
+ * the algorithm: PyTorch's cudnn.deterministic with cudnn.benchmark off; perhaps slower); the own
+ * kernels are deterministic anyway, so a GPU run with the same seed and data order is then
+ * reproducible on the same GPU and cuDNN version. 0 (the default): any, timed. */
 void nr_cuda_set_deterministic(int32_t on);
 int32_t nr_cuda_get_deterministic(void);
 /* The largest activation (elements) one cuDNN convolution call takes; a batch whose input or

@@ -222,9 +222,15 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
    /* search under the plan's base math type: set_math left the shared descriptor at the math of
     * the last direction run, which may exclude tensor-core algorithms */
    NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
-   size_t budget = find_budget(ctx);
+   /* deterministic plans (nr.cuda.set_deterministic) take cuDNN's heuristics under a fixed budget:
+    * a measured search picks the fastest of the deterministic algorithms by timings (and a budget
+    * from free memory) that differ from run to run, and different algorithms give different bits;
+    * the heuristics are a function of the GPU, the cuDNN version and the shape (as PyTorch, whose
+    * deterministic mode also needs cudnn.benchmark off) */
+   const int deterministic = p->key[18] != 0;
+   size_t budget = deterministic ? (size_t)FIND_BUDGET_MAX : find_budget(ctx);
    void *ws = NULL;
-   const int find = use_find();
+   const int find = use_find() && !deterministic;
    /* the search workspace comes straight from the driver and goes back at once, so a large
     * one-off budget does not stay in the allocator's cache; the budget counted cached blocks as
     * free, so when the driver says no they are handed back to it once before the budget shrinks
@@ -252,6 +258,7 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
    if (st != NR_OK && find) {
       (void)cudaGetLastError();
       cudaError_t live = cudaStreamQuery(ctx->stream); /* NotReady: still running, which is fine */
+      if (live == cudaErrorNotReady) (void)cudaGetLastError(); /* not left for the next launch check */
       if (live == cudaSuccess || live == cudaErrorNotReady) {
          NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
          st = search(ctx, p, dir, NULL, NULL, NULL, what, 0, NULL, budget);

@@ -53,6 +53,10 @@ nr_status nr_cuda_ctx_get(int32_t device_index, nr_cuda_ctx **out);
 /* A device buffer of at least bytes in slot (0..NR_CUDA_SCRATCH_SLOTS-1); contents unspecified;
  * valid until the next call for the same slot. */
 nr_status nr_cuda_scratch(nr_cuda_ctx *ctx, int slot, int64_t bytes, void **out);
+/* Host bytes -> device, in order on the compute stream, through the pinned staging ring: returns
+ * once src may be changed or freed (without the host wait a pageable cudaMemcpyAsync may add:
+ * the driver can synchronise with the stream before staging pageable memory). */
+nr_status nr_cuda_upload(nr_cuda_ctx *ctx, void *dst, const void *src, int64_t bytes);
 /* 1 when cuDNN convolutions and cuBLAS matmuls may use TF32 tensor cores (nr_cuda_set_allow_tf32). */
 int32_t nr_cuda_tf32_allowed(void);
 

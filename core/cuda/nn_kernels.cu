@@ -1288,7 +1288,7 @@ nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *m
 }
 
 /* Every parameter cut into chunks of SGD_CHUNK elements, one block each; the chunk table goes to
- * scratch slot 3 (from pageable memory: staged before cudaMemcpyAsync returns). */
+ * scratch slot 3 through the pinned staging ring (no host wait for the queued step). */
 nr_status nr_cuda_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
                                 int32_t nesterov)
 {
@@ -1314,10 +1314,7 @@ nr_status nr_cuda_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, flo
    }
    void *dev = NULL;
    nr_status st = nr_cuda_scratch(ctx, 3, nchunks * (int64_t)sizeof *host, &dev);
-   if (st == NR_OK) {
-      cudaError_t e = cudaMemcpyAsync(dev, host, (size_t)nchunks * sizeof *host, cudaMemcpyHostToDevice, ctx->stream);
-      if (e != cudaSuccess) st = nr_cuda_fail_rt(e, __func__, __FILE__, __LINE__, "the chunk table of %lld parameters", (long long)n);
-   }
+   if (st == NR_OK) st = nr_cuda_upload(ctx, dev, host, nchunks * (int64_t)sizeof *host);
    free(host);
    NR_TRY(st);
    k_sgd_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>((const sgd_chunk *)dev, lr, momentum, weight_decay, nesterov != 0);

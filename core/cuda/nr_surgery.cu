@@ -59,9 +59,9 @@ nr_status launch_job(const char *func, const nr_place_job *j, const nr_place_pla
    void *scr = NULL;
    int64_t bytes = (2 * p->d0 + 2 * p->d1) * (int64_t)sizeof(int64_t);
    NR_TRY(nr_cuda_scratch(ctx, 3, bytes, &scr));
-   /* from pageable memory: returns once the maps are staged, so p->inv may be freed after */
-   cudaError_t e = cudaMemcpyAsync(scr, p->inv, (size_t)bytes, cudaMemcpyHostToDevice, ctx->stream);
-   if (e != cudaSuccess) return nr_cuda_fail_rt(e, func, __FILE__, __LINE__, "index maps to the device");
+   /* staged: p->inv may be freed once this returns */
+   NR_TRY(nr_cuda_upload(ctx, scr, p->inv, bytes));
+   cudaError_t e;
    int64_t blocks = (n + 255) / 256;
    if (blocks > 65535LL * 16) blocks = 65535LL * 16;
    k_place<<<(unsigned)blocks, 256, 0, ctx->stream>>>(

@@ -293,13 +293,20 @@ static int size_class(int64_t bytes, int64_t *class_bytes)
    return idx < NCLASSES ? idx : NCLASSES - 1;
 }
 
+/* Makes dev current where a failure has nothing to report (restoring the caller's device, a
+ * retry after its first switch worked): the error is not left for the next launch check. */
+static void set_device_quiet(int dev)
+{
+   if (cudaSetDevice(dev) != cudaSuccess) (void)cudaGetLastError();
+}
+
 /* Releases the cached blocks of one device; call with g_lock held. */
 static void release_cached(int dev)
 {
    devstate *d = &g_dev[dev];
    int cur = -1;
    if (cudaGetDevice(&cur) != cudaSuccess) cur = -1;
-   if (cur != dev) cudaSetDevice(dev);
+   if (cur != dev) set_device_quiet(dev);
    for (int c = 0; c < NCLASSES; c++) {
       while (d->free_list[c]) {
          block *b = d->free_list[c];
@@ -311,7 +318,7 @@ static void release_cached(int dev)
    }
    d->cached = 0;
    cudaGetLastError();
-   if (cur >= 0 && cur != dev) cudaSetDevice(cur);
+   if (cur >= 0 && cur != dev) set_device_quiet(cur);
 }
 
 void *nr_cuda_alloc(int32_t device_index, int64_t bytes)
@@ -336,14 +343,20 @@ void *nr_cuda_alloc(int32_t device_index, int64_t bytes)
    if (c == NCLASSES - 1) cb = bytes;
    int cur = -1;
    if (cudaGetDevice(&cur) != cudaSuccess) cur = -1;
-   if (cur != device_index) cudaSetDevice(device_index);
+   if (cur != device_index && cudaSetDevice(device_index) != cudaSuccess) {
+      cudaError_t se = cudaGetLastError();
+      pthread_mutex_unlock(&g_lock);
+      NR_FAIL(NR_E_DEVICE, "cannot make cuda:%d current to allocate %lld bytes: %s", device_index, (long long)bytes,
+              cudaGetErrorString(se));
+      return NULL;
+   }
    void *p = NULL;
    cudaError_t e = cudaMalloc(&p, (size_t)cb);
    if (e != cudaSuccess) {
       cudaGetLastError();
       int64_t cached = d->cached;
       release_cached(device_index);
-      cudaSetDevice(device_index);
+      set_device_quiet(device_index);
       e = cudaMalloc(&p, (size_t)cb);
       if (e != cudaSuccess) {
          cudaGetLastError();
@@ -352,7 +365,7 @@ void *nr_cuda_alloc(int32_t device_index, int64_t bytes)
          cudaGetLastError();
          int64_t in_use = d->in_use;
          pthread_mutex_unlock(&g_lock);
-         if (cur >= 0 && cur != device_index) cudaSetDevice(cur);
+         if (cur >= 0 && cur != device_index) set_device_quiet(cur);
          NR_FAIL(NR_E_OOM,
                  "out of GPU memory on cuda:%d allocating %lld bytes (%.1f MiB): %.1f MiB in use by nrlua, "
                  "%.1f MiB were cached (released and retried), device has %.1f MiB free of %.1f MiB (%s)",
@@ -363,7 +376,7 @@ void *nr_cuda_alloc(int32_t device_index, int64_t bytes)
    }
    d->in_use += cb;
    pthread_mutex_unlock(&g_lock);
-   if (cur >= 0 && cur != device_index) cudaSetDevice(cur);
+   if (cur >= 0 && cur != device_index) set_device_quiet(cur);
    return p;
 }
 
@@ -614,7 +627,7 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *sr
          s->pending = 0;
       }
       if (s->bytes < n) {
-         if (s->ptr) cudaFreeHost(s->ptr);
+         if (s->ptr && cudaFreeHost(s->ptr) != cudaSuccess) (void)cudaGetLastError();
          s->ptr = NULL;
          s->bytes = 0;
          int64_t want = n < (1 << 20) ? (1 << 20) : n;
@@ -645,6 +658,11 @@ static nr_status stage_h2d(nr_cuda_ctx *ctx, int ring, void *dst, const void *sr
       cudaGetLastError();
    }
    return st;
+}
+
+nr_status nr_cuda_upload(nr_cuda_ctx *ctx, void *dst, const void *src, int64_t bytes)
+{
+   return stage_h2d(ctx, STAGE_COMPUTE, dst, src, bytes);
 }
 
 /* A contiguous tensor header over raw memory (no storage), shaped like `like` (equal numel). */

@@ -329,12 +329,12 @@ nr_status index_op(const char *func, nr_tensor *big, int32_t dim, const nr_tenso
             return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "index %lld out of range 0..%lld (position %lld)",
                               (long long)h[i], (long long)s - 1, (long long)i);
       int64_t *dix = (int64_t *)((char *)scr + 8);
-      NR_CU(cudaMemcpyAsync(dix, h, (size_t)(k * 8), cudaMemcpyHostToDevice, ctx->stream), "index to device");
+      NR_TRY(nr_cuda_upload(ctx, dix, h, k * 8));
       ix = dix;
    } else {
       ix = (const int64_t *)index->data;
-      unsigned long long none = ~0ULL, got = 0;
-      NR_CU(cudaMemcpyAsync(bad, &none, 8, cudaMemcpyHostToDevice, ctx->stream), "index check flag");
+      unsigned long long got = 0;
+      NR_CU(cudaMemsetAsync(bad, 0xff, 8, ctx->stream), "index check flag"); /* ~0: no bad position */
       k_index_check<<<grid_for(k), 256, 0, ctx->stream>>>(ix, k, s, bad);
       NR_CU_LAUNCHED("index check");
       NR_CU(cudaMemcpyAsync(&got, bad, 8, cudaMemcpyDeviceToHost, ctx->stream), "index check flag");

@@ -36,6 +36,10 @@
 static ncclComm_t g_comm;
 static void *g_stream; /* the communication stream (a cudaStream_t of libnr's runtime) */
 static int g_device = -1;
+/* Why the communicator was aborted (a timeout, an asynchronous NCCL error), or "". ncclCommAbort
+ * frees the communicator: every later call fails with this instead of reaching NCCL (other
+ * buckets still in flight are waited on or tested after the abort). */
+static char g_aborted[256];
 
 #define NCCL_TRY(call)                                                                          \
    do {                                                                                         \
@@ -52,9 +56,32 @@ typedef struct {
 int32_t nr_dist_has_nccl(void) { return 1; }
 int32_t nr_dist_nccl_ready(void) { return g_device >= 0; }
 
+static nr_status aborted(const char *func)
+{
+   return nr_fail_at(NR_E_DEVICE, func, __FILE__, __LINE__,
+                     "the NCCL communicator of this rank was aborted after an earlier failure (%s); "
+                     "the job cannot continue on GPUs", g_aborted);
+}
+#define NR_NOT_ABORTED()                           \
+   do {                                            \
+      if (g_aborted[0]) return aborted(__func__);  \
+   } while (0)
+
+/* Aborts the communicator for good (see g_aborted). Its stream is left as it is: work stuck in
+ * a failed transfer may never end, and destroying the stream would wait for it. */
+static void abort_comm(const char *why)
+{
+   snprintf(g_aborted, sizeof g_aborted, "%s", why);
+   ncclCommAbort(g_comm);
+   g_comm = NULL;
+   g_stream = NULL;
+   g_device = -1;
+}
+
 nr_status nr_dist_nccl_init(int32_t device_index)
 {
    if (nr_dist_comm() == MPI_COMM_NULL) return NR_FAIL(NR_E_ARG, "call nr_dist_init before nr_dist_nccl_init");
+   NR_NOT_ABORTED();
    if (g_device >= 0) {
       if (g_device == device_index) return NR_OK;
       return NR_FAIL(NR_E_ARG, "NCCL already set up on GPU %d, asked for GPU %d", g_device, device_index);
@@ -99,6 +126,7 @@ nr_status nr_dist_nccl_init(int32_t device_index)
 
 static nr_status check_tensor(const nr_tensor *t)
 {
+   NR_NOT_ABORTED();
    if (g_device < 0) return NR_FAIL(NR_E_ARG, "NCCL is not set up (nr.dist.init{device='cuda'} calls nr_dist_nccl_init)");
    if (t->device_index != g_device)
       return NR_FAIL(NR_E_ARG, "t lives on GPU %d but this rank's NCCL communicator uses GPU %d", t->device_index, g_device);
@@ -145,6 +173,7 @@ nr_status nr_dist_nccl_start(nr_tensor *t, int32_t op, double scale, void **toke
 nr_status nr_dist_nccl_test(void *token, int32_t *done)
 {
    nccl_op *o = token;
+   NR_NOT_ABORTED();
    return nr_cuda_side_query(o->done, done);
 }
 
@@ -153,22 +182,23 @@ nr_status nr_dist_nccl_wait(void *token, const char *what)
    nccl_op *o = token;
    int64_t polls = 0;
    for (;;) {
+      NR_NOT_ABORTED();
       int32_t done = 0;
       NR_TRY(nr_cuda_side_query(o->done, &done));
       if (done) break;
       ncclResult_t async = ncclSuccess;
       ncclCommGetAsyncError(g_comm, &async);
       double w = MPI_Wtime() - o->started;
+      char why[200];
       if (async != ncclSuccess) {
-         ncclCommAbort(g_comm);
-         g_device = -1;
-         return NR_FAIL(NR_E_DEVICE, "%s: NCCL reported %s on rank %d", what, ncclGetErrorString(async), nr_dist_rank());
+         snprintf(why, sizeof why, "%s: NCCL reported %s on rank %d", what, ncclGetErrorString(async), nr_dist_rank());
+         abort_comm(why);
+         return NR_FAIL(NR_E_DEVICE, "%s", why);
       }
       if (nr_dist_timeout() > 0 && w > nr_dist_timeout()) {
-         ncclCommAbort(g_comm);
-         g_device = -1;
-         return NR_FAIL(NR_E_DEVICE, "%s timed out after %.0f s on rank %d of %d (NCCL communicator aborted)",
-                        what, w, nr_dist_rank(), nr_dist_size());
+         snprintf(why, sizeof why, "%s timed out after %.0f s on rank %d of %d", what, w, nr_dist_rank(), nr_dist_size());
+         abort_comm(why);
+         return NR_FAIL(NR_E_DEVICE, "%s (NCCL communicator aborted)", why);
       }
       nr_dist_backoff(w, ++polls);
    }

@@ -149,6 +149,9 @@ function M.init(opts)
    return S.rank, S.size
 end
 
+-- libnr_dist's FFI namespace (core/nr.h's nr_dist_* entry points), nil before MPI is up: for
+-- tests and for code that drives the started collectives (nr_dist_allreduce_start) itself.
+function M.lib() return D end
 function M.initialized() return S.mode ~= nil end
 function M.active() return S.mode == 'mpi' and S.size > 1 end
 function M.rank() return S.rank end

@@ -47,6 +47,29 @@ if mode == 'exit0' or mode == 'caught' then
    os.exit(0)
 end
 local t = nr.ones({100000}):to(device == 'cuda' and 'cuda:' .. nr.cuda.current_device() or 'cpu')
+-- on GPUs, two collectives in flight per step (as GradReducer's buckets): when the first one's
+-- wait fails and aborts the communicator, the second one's wait must fail at once, naming the
+-- abort, without touching the freed communicator
+local reduce = function() dist.allreduce(t, {op = 'mean'}) end
+if device == 'cuda' then
+   local C = dist.lib()
+   local t2 = t:clone()
+   local h1, h2 = ffi.new('int32_t[1]'), ffi.new('int32_t[1]')
+   local function err() return ffi.string(C.nr_last_error()) end
+   reduce = function()
+      assert(C.nr_dist_allreduce_start(t.c, 0, 2, 0.5, h1) == 0, err())
+      assert(C.nr_dist_allreduce_start(t2.c, 0, 2, 0.5, h2) == 0, err())
+      if C.nr_dist_wait(h1[0]) ~= 0 then
+         local first = err()
+         local t0 = dist.time()
+         local second = C.nr_dist_wait(h2[0]) ~= 0 and err() or 'the second wait succeeded'
+         io.stdout:write(string.format('rank %d: second collective after the abort (%.1f s): %s\n', rank, dist.time() - t0, second))
+         io.stdout:flush()
+         error(first, 0)
+      end
+      assert(C.nr_dist_wait(h2[0]) == 0, err())
+   end
+end
 for step = 1, 1000000 do
    if rank == 1 and step == 4 then
       io.stdout:write(string.format('rank 1: simulating failure "%s" at step %d\n', mode, step))
@@ -59,6 +82,6 @@ for step = 1, 1000000 do
          for _ = 1, 600 do ffi.C.usleep(100000) end
       end
    end
-   dist.allreduce(t, {op = 'mean'})
+   reduce()
    if step % 1000 == 0 then ffi.C.usleep(1000) end
 end

@@ -501,6 +501,7 @@ struct Work {
    size_t bytes;
    int value;
    nr_emu_async *async = nullptr; /* set: an operation of another emulated library (dst etc. unused) */
+   bool async_started = false;    /* its start ran (it reads its input there) */
    bool poison = false;           /* a freed block's NaN pattern (nr_emu_poison_async) */
 };
 struct Stream {
@@ -548,6 +549,10 @@ static bool flush(Stream *st, uint64_t upto = UINT64_MAX, bool wait = true)
    for (; done < n; done++) {
       Work &w = st->queue[done];
       if (w.async) {
+         if (!w.async_started) { /* the stream reached it: it reads its input now */
+            w.async->start(w.async);
+            w.async_started = true;
+         }
          if (!w.async->finish(w.async, wait)) break;
          w.async->release(w.async);
       } else if (w.poison) {
@@ -602,19 +607,26 @@ static void enqueue(Stream *st, Work w)
    st->queue.push_back(std::move(w));
 }
 
-/* An operation of another emulated library: it starts now, after the work it is ordered after
- * (as a kernel would), and finishes when a flush reaches it and its peers allow. */
+/* An operation of another emulated library: it starts (reads its input) once the work it is
+ * ordered after has run, as a kernel would: now, or, behind an earlier operation of the stream
+ * still waiting for its peers, when a flush reaches it; enqueueing never waits for peers (as
+ * NCCL's launches: a rank can queue a second collective while the first waits for a hung peer).
+ * It finishes when a flush reaches it and its peers allow. */
 extern "C" cudaError_t nr_emu_enqueue_async(cudaStream_t s, nr_emu_async *op)
 {
    LOCKED();
    Stream *st = stream_of(s, "nr_emu_enqueue_async");
    if (!st) return cudaErrorInvalidResourceHandle;
-   order_before(st);
-   open_devices(st->device);
-   op->start(op);
-   close_devices();
+   flush(st, UINT64_MAX, false);
+   flush_peers(st);
    Work w{};
    w.async = op;
+   if (st->queue.empty()) {
+      open_devices(st->device);
+      op->start(op);
+      close_devices();
+      w.async_started = true;
+   }
    w.seq = ++st->seq;
    st->queue.push_back(std::move(w));
    return cudaSuccess;

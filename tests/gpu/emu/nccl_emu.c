@@ -12,7 +12,8 @@
  * gathers every rank's input (MPI_Iallgather) and each rank reduces them in rank order, so all
  * ranks get the same bits, as with NCCL, but not NCCL's bits.
  * Invariants: a collective is an operation of its stream (nr_emu_enqueue_async): it reads its
- * input when enqueued, after the stream's earlier work, and writes its output when a flush of the
+ * input once the stream's earlier work has run (at once, or behind a collective still waiting
+ * for its peers when a flush reaches it), and writes its output when a flush of the
  * stream reaches it after every rank has joined; until then an event recorded after it answers
  * "not ready", so the host's polling loop (and its timeout) sees a peer that never comes, as with
  * NCCL's kernels. NCCL rank r is MPI_COMM_WORLD rank r. NR_EMU_NCCL_FAIL=k makes the k-th
@@ -41,6 +42,7 @@ struct ncclComm {
    int rank, nranks, device;
    int refs;                 /* the user's handle + queued collectives */
    int aborted;
+   int released;             /* the user's handle is gone (destroyed or aborted) */
    ncclResult_t async_error; /* what ncclCommGetAsyncError reports */
    struct {
       int live;
@@ -60,6 +62,17 @@ static ncclResult_t fail(ncclResult_t r, const char *func, const char *fmt, ...)
    va_end(ap);
    nr_emu_report(func, "%s", g_last_error);
    return r;
+}
+
+/* NCCL frees a communicator in ncclCommDestroy / ncclCommAbort: a later call with it reads freed
+ * memory. The emulator keeps it while collectives are queued, so such a call is caught here (as a
+ * sanitizer would) instead of quietly working. */
+static void check_live(const struct ncclComm *c, const char *func)
+{
+   if (c && c->released) {
+      nr_emu_report(func, "the communicator was used after ncclCommDestroy / ncclCommAbort freed it");
+      abort();
+   }
 }
 
 static void release_comm(struct ncclComm *c)
@@ -97,6 +110,7 @@ ncclResult_t ncclGetVersion(int *version)
 
 ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *async_error)
 {
+   check_live(comm, __func__);
    if (!comm || !async_error) return fail(ncclInvalidArgument, __func__, "comm or asyncError is NULL");
    *async_error = comm->async_error;
    return ncclSuccess;
@@ -183,6 +197,8 @@ ncclResult_t ncclCommInitRank(ncclComm_t *out, int nranks, ncclUniqueId id, int 
 ncclResult_t ncclCommDestroy(ncclComm_t comm)
 {
    if (!comm) return fail(ncclInvalidArgument, __func__, "comm is NULL");
+   check_live(comm, __func__);
+   comm->released = 1;
    release_comm(comm);
    return ncclSuccess;
 }
@@ -191,13 +207,15 @@ ncclResult_t ncclCommDestroy(ncclComm_t comm)
 ncclResult_t ncclCommAbort(ncclComm_t comm)
 {
    if (!comm) return ncclSuccess;
-   comm->aborted = 1;
+   check_live(comm, __func__);
+   comm->aborted = comm->released = 1;
    release_comm(comm);
    return ncclSuccess;
 }
 
 ncclResult_t ncclCommCount(const ncclComm_t comm, int *count)
 {
+   check_live(comm, __func__);
    if (!comm || !count) return fail(ncclInvalidArgument, __func__, "comm or count is NULL");
    *count = comm->nranks;
    return ncclSuccess;
@@ -205,6 +223,7 @@ ncclResult_t ncclCommCount(const ncclComm_t comm, int *count)
 
 ncclResult_t ncclCommUserRank(const ncclComm_t comm, int *rank)
 {
+   check_live(comm, __func__);
    if (!comm || !rank) return fail(ncclInvalidArgument, __func__, "comm or rank is NULL");
    *rank = comm->rank;
    return ncclSuccess;
@@ -212,6 +231,7 @@ ncclResult_t ncclCommUserRank(const ncclComm_t comm, int *rank)
 
 ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device)
 {
+   check_live(comm, __func__);
    if (!comm || !device) return fail(ncclInvalidArgument, __func__, "comm or device is NULL");
    *device = comm->device;
    return ncclSuccess;
@@ -240,6 +260,7 @@ static int reducible(ncclDataType_t t)
 ncclResult_t ncclRedOpCreatePreMulSum(ncclRedOp_t *op, void *scalar, ncclDataType_t datatype,
                                       ncclScalarResidence_t residence, ncclComm_t comm)
 {
+   check_live(comm, __func__);
    if (!op || !scalar || !comm) return fail(ncclInvalidArgument, __func__, "op, scalar or comm is NULL");
    if (!type_size(datatype)) return fail(ncclInvalidArgument, __func__, "datatype %d", (int)datatype);
    if (!reducible(datatype)) return fail(ncclInvalidArgument, __func__, "datatype %d is not emulated", (int)datatype);
@@ -269,6 +290,7 @@ ncclResult_t ncclRedOpCreatePreMulSum(ncclRedOp_t *op, void *scalar, ncclDataTyp
 
 ncclResult_t ncclRedOpDestroy(ncclRedOp_t op, ncclComm_t comm)
 {
+   check_live(comm, __func__);
    int i = (int)op - ncclNumOps;
    if (!comm || i < 0 || i >= MAX_CUSTOM_OPS || !comm->custom[i].live)
       return fail(ncclInvalidArgument, __func__, "op %d is not a live operator of this communicator", (int)op);
@@ -312,6 +334,7 @@ static void coll_start(nr_emu_async *base)
 {
    collective *c = (collective *)base;
    struct ncclComm *m = c->comm;
+   if (m->aborted) return; /* queued behind a collective that never ended: it never runs */
    if (injected_failure()) {
       c->failed = 1;
       return;
@@ -418,6 +441,7 @@ static ncclResult_t check_buffer(const char *func, const char *what, const void 
 static ncclResult_t enqueue(const char *func, collective *c, cudaStream_t stream)
 {
    struct ncclComm *m = c->comm;
+   check_live(m, func);
    ncclResult_t r = ncclSuccess;
    int sd = nr_emu_stream_device(stream);
    if (m->aborted) r = fail(ncclInvalidUsage, func, "the communicator was aborted");
