@@ -422,6 +422,9 @@ typedef struct nr_sgd_job {
 } nr_sgd_job;
 nr_status nr_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
                            int32_t nesterov);
+/* The checks of nr_sgd_step_many alone, changing nothing: an optimizer with several groups
+ * checks every group before it steps any, so a refused step leaves all parameters as they were. */
+nr_status nr_sgd_check_many(const nr_sgd_job *jobs, int64_t n, float momentum, float weight_decay, int32_t nesterov);
 
 /* ---------------------------------------------------------------- data */
 /* (section: data) */

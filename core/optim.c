@@ -88,18 +88,31 @@ nr_status nr_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *moment
    return NR_OK;
 }
 
-nr_status nr_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
-                           int32_t nesterov)
+static nr_status check_many(const char *func, const nr_sgd_job *jobs, int64_t n, float momentum, float weight_decay,
+                            int32_t nesterov)
 {
-   if (n < 0 || (n > 0 && !jobs)) return NR_FAIL(NR_E_ARG, "jobs: expected an array of n >= 0 jobs, got n = %lld",
-                                                 (long long)n);
+   if (n < 0 || (n > 0 && !jobs))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "jobs: expected an array of n >= 0 jobs, got n = %lld",
+                        (long long)n);
    char where[64];
-   for (int64_t k = 0; k < n; k++) { /* all checked before any is updated */
-      snprintf(where, sizeof where, "nr_sgd_step_many (job %lld)", (long long)k);
+   for (int64_t k = 0; k < n; k++) {
+      snprintf(where, sizeof where, "%s (job %lld)", func, (long long)k);
       const nr_sgd_job *j = &jobs[k];
       NR_TRY(sgd_check(where, j->param, j->grad, j->momentum_buf, momentum, weight_decay, nesterov));
       if (k > 0) NR_TRY(nr_check_same_device(where, jobs[0].param, j->param));
    }
+   return NR_OK;
+}
+
+nr_status nr_sgd_check_many(const nr_sgd_job *jobs, int64_t n, float momentum, float weight_decay, int32_t nesterov)
+{
+   return check_many(__func__, jobs, n, momentum, weight_decay, nesterov);
+}
+
+nr_status nr_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
+                           int32_t nesterov)
+{
+   NR_TRY(check_many(__func__, jobs, n, momentum, weight_decay, nesterov)); /* all before any is updated */
    if (n == 0) return NR_OK;
    NR_ON_CUDA(jobs[0].param, nr_cuda_sgd_step_many(jobs, n, lr, momentum, weight_decay, nesterov));
    for (int64_t k = 0; k < n; k++)

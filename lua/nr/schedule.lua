@@ -54,6 +54,8 @@ function M.build(cfg, ctx)
       granularity = cfg.granularity or ((name == 'cosine' or name == 'linear') and 'iter' or 'epoch'),
       epoch = 0, iter = 0,
    }, Schedule)
+   check.arg(not finite(s.warmup_start) or s.warmup_start <= 1, 'nr.schedule',
+      'warmup_start must be a fraction of base_lr in [0, 1], got %s', show(s.warmup_start))
    check.arg(s.granularity == 'iter' or s.granularity == 'epoch', 'nr.schedule', 'granularity must be "iter" or "epoch", got %q', tostring(s.granularity))
    for _, o in ipairs(NUMERIC) do
       local k, lo, open, int = o[1], o[2], o[3], o[4]
@@ -79,11 +81,17 @@ function M.build(cfg, ctx)
             if m >= 1 then s.milestones[#s.milestones + 1] = m end
          end
       end
+      check.arg(cfg.milestones == nil or cfg.step_size == nil, 'nr.schedule',
+         'give milestones or step_size, not both (step_size would be ignored)')
       if s.milestones then
-         check.arg(type(s.milestones) == 'table', 'nr.schedule', 'milestones must be a list of epochs')
-         local prev = -math.huge
+         local n = 0
+         if type(s.milestones) == 'table' then for _ in pairs(s.milestones) do n = n + 1 end end
+         check.arg(type(s.milestones) == 'table' and n == #s.milestones, 'nr.schedule',
+            'milestones must be a list of epochs, got %s', show(s.milestones))
+         local prev = 0
          for i, m in ipairs(s.milestones) do
-            check.arg(finite(m) and m >= prev, 'nr.schedule', 'milestones must be increasing finite numbers (entry %d is %s)', i, show(m))
+            check.arg(finite(m) and m >= prev, 'nr.schedule',
+               'milestones must be increasing finite numbers >= 0 (entry %d is %s)', i, show(m))
             prev = m
          end
       else

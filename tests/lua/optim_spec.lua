@@ -263,6 +263,56 @@ describe('nr.optim.SGD', function()
       assert.equal(0, C.nr_sgd_step_many(jobs, 0, 0.1, 0, 0, 0))
    end)
 
+   it('a refused step or state changes nothing (every group and the whole state checked first)', function()
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      -- group 2's settings are bad: group 1 must not have stepped, nor the step count moved
+      local p1, g1, p2, g2 = nr.tensor({1, 1}), nr.tensor({1, 1}), nr.tensor({1, 1}), nr.tensor({1, 1})
+      local o = nr.optim.SGD({{params = {p1}, grads = {g1}}, {params = {p2}, grads = {g2}}}, {lr = 0.1})
+      o.groups[2].lr = -1
+      assert.truthy(msg(function() o:step() end):find('group 2: lr must be', 1, true))
+      assert.same({1, 1}, p1:totable())
+      assert.equal(0, o.t)
+      -- group 2's tensors fail C's checks (a gradient of another shape): likewise
+      o.groups[2].lr = nil
+      local p3 = nr.tensor({1, 1, 1})
+      local o2 = nr.optim.SGD({{params = {p1}, grads = {g1}}, {params = {p3}, grads = {nr.tensor({1, 1})}}}, {lr = 0.1})
+      assert.truthy(msg(function() o2:step() end):find('SGD:step (group2.1)', 1, true))
+      assert.same({1, 1}, p1:totable())
+      -- a rejected state leaves config, groups, step count and momentum as they were
+      local q1, h1, q2, h2 = nr.ones({5}), nr.ones({5}), nr.ones({3}), nr.ones({3})
+      local opt = nr.optim.SGD({{params = {q1}, grads = {h1}}, {params = {q2}, grads = {h2}}}, {lr = 0.1, momentum = 0.9})
+      opt:step()
+      local mom = opt:state_of(q2).momentum:totable()
+      assert.truthy(msg(function()
+         opt:load_state({t = 99, config = {lr = 5, momentum = 0.1, weight_decay = 0}, groups = {{lr_mult = 3}, {}},
+                         params = {['group1.1'] = {momentum = nr.zeros({2, 2})}}})
+      end):find('group1.1: momentum has shape [2 x 2] but the parameter is [5]', 1, true))
+      assert.equal(0.1, opt.config.lr); assert.equal(0.9, opt.config.momentum); assert.equal(1, opt.t)
+      assert.is_nil(opt.groups[1].lr_mult)
+      assert.same(mom, opt:state_of(q2).momentum:totable())
+      -- groups must be this optimizer's: their number and the parameters each one's settings belong to
+      local net = nr.nn.Sequential{nr.nn.Linear(3, 3), nr.nn.Linear(3, 2)}
+      local e = net:namedParameters()
+      local A = nr.optim.SGD({{params = {e[1], e[2]}, lr = 0.5}, {params = {e[3], e[4]}}}, {lr = 0.1, momentum = 0.9})
+      local B = nr.optim.SGD({{params = {e[3]}}, {params = {e[1], e[2], e[4]}}}, {lr = 0.1, momentum = 0.9})
+      assert.truthy(msg(function() B:load_state(A:state()) end):find('group 1 holds 1 parameters, the state\'s 2', 1, true))
+      local B3 = nr.optim.SGD({{params = {e[1], e[3]}}, {params = {e[2], e[4]}}}, {lr = 0.1, momentum = 0.9})
+      assert.truthy(msg(function() B3:load_state(A:state()) end):find('group 1, parameter 2 is 1.weight, the state\'s is 0.bias', 1, true))
+      local one = nr.optim.SGD(net, {lr = 0.1})
+      assert.truthy(msg(function() one:load_state(A:state()) end):find('state has 2 parameter groups, this optimizer 1', 1, true))
+      local same = nr.optim.SGD({{params = {e[1], e[2]}}, {params = {e[3], e[4]}}}, {lr = 0.1, momentum = 0.9})
+      same:load_state(A:state())
+      assert.equal(0.5, same:lr(1)); assert.equal(0.1, same:lr(2))
+   end)
+
+   it('a group without momentum under a nesterov config steps as plain SGD (as PyTorch)', function()
+      local p, g = nr.tensor({1, 2}), nr.tensor({1, 1})
+      local o = nr.optim.SGD({{params = {p}, grads = {g}, momentum = 0}}, {lr = 0.1, momentum = 0.9, nesterov = true})
+      o:step()
+      -- torch.optim.SGD([{'params': [p], 'momentum': 0}], lr=0.1, momentum=0.9, nesterov=True): [0.9, 1.9]
+      assert.is_true(math.abs(p:get(1) - 0.9) < 1e-7 and math.abs(p:get(2) - 1.9) < 1e-7)
+   end)
+
    it('checks shapes in C and names the parameter', function()
       local m = Leaf({1, 2})
       m.gradWeight = nr.zeros({3})
@@ -270,7 +320,7 @@ describe('nr.optim.SGD', function()
       local ok, err = pcall(opt.step, opt)
       assert.is_false(ok)
       assert.truthy(tostring(err):find('weight', 1, true))
-      assert.truthy(tostring(err):find('nr_sgd_step', 1, true))
+      assert.truthy(tostring(err):find('nr_sgd_check_many (job 0): grad', 1, true))
       assert.truthy(tostring(err):find('SGD:step (weight)', 1, true))
    end)
 end)

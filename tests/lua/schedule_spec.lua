@@ -99,6 +99,17 @@ describe('nr.schedule', function()
       assert.truthy(msg(function() S.build({name = 'step', milestone = {1}}, {base_lr = 1}) end):find('milestone', 1, true))
       assert.truthy(msg(function() S.build({name = 'step', milestones = {5, 2}}, {base_lr = 1}) end):find('increasing', 1, true))
       assert.truthy(msg(function() S.build({name = 'cosine'}, {}) end):find('base_lr', 1, true))
+      -- torch's MultiStepLR ignores a negative milestone; here it decayed from the start: refused
+      assert.truthy(msg(function() S.build({name = 'step', milestones = {-1, 2}}, {base_lr = 1}) end)
+         :find('increasing finite numbers >= 0 (entry 1 is -1)', 1, true))
+      assert.truthy(msg(function() S.build({name = 'step', milestones = {a = 1}}, {base_lr = 1}) end)
+         :find('milestones must be a list of epochs', 1, true))
+      assert.truthy(msg(function() S.build({name = 'step', milestones = {2}, step_size = 3}, {base_lr = 1}) end)
+         :find('milestones or step_size, not both', 1, true))
+      -- LinearLR's start_factor range: a "warm-up" from 5 x base_lr went down
+      assert.truthy(msg(function() S.build({name = 'cosine', warmup = 1, warmup_start = 5}, {base_lr = 1, epochs = 4}) end)
+         :find('warmup_start must be a fraction of base_lr in [0, 1], got 5', 1, true))
+      assert.equal(0.5, S.build({name = 'constant', warmup = 1, warmup_start = 0.5}, {base_lr = 1, epochs = 4}):at(0))
    end)
 
    it('rejects options of the wrong type or not finite, naming the option and the value', function()
@@ -115,7 +126,7 @@ describe('nr.schedule', function()
          {{name = 'linear'}, {iters_per_epoch = inf}, 'iters_per_epoch must be a finite integer >= 1, got inf'},
          {{name = 'linear'}, {base_lr = inf}, 'base_lr must be a finite number >= 0, got inf'},
          {{name = 'step', step_size = inf}, {}, 'step_size must be a finite number > 0, got inf'},
-         {{name = 'step', milestones = {1, nan}}, {}, 'milestones must be increasing finite numbers (entry 2 is nan)'},
+         {{name = 'step', milestones = {1, nan}}, {}, 'milestones must be increasing finite numbers >= 0 (entry 2 is nan)'},
          -- no schedule as written: a warm-up the length of the run, a cosine / linear floor above base_lr
          {{name = 'cosine', warmup = 5}, {}, 'warmup (5 epochs) must be shorter than the schedule (4 epochs)'},
          {{name = 'step', warmup = 4}, {}, 'warmup (4 epochs) must be shorter than the schedule (4 epochs)'},

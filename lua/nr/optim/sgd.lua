@@ -188,7 +188,9 @@ local function settings(self, g)
    local wd = g.weight_decay or c.weight_decay
    local nest = g.nesterov
    if nest == nil then nest = c.nesterov end
-   return lr, mom, wd, nest and 1 or 0
+   -- without momentum there is no Nesterov term (PyTorch: a group with momentum 0 under a
+   -- nesterov config steps as plain SGD)
+   return lr, mom, wd, (nest and mom > 0) and 1 or 0
 end
 
 local function resolve(e)
@@ -219,6 +221,20 @@ end
 local JOBS = setmetatable({}, {__mode = 'k'})
 local job_array = nrffi.ffi.typeof('nr_sgd_job[?]')
 
+-- Raises the C message of group g's failed check or step, naming the parameter of its job.
+local function step_error(g)
+   local msg = nrffi.ffi.string(C.nr_last_error())
+   -- job k is the (k+1)-th entry that has a gradient: name it
+   local k, name = tonumber(msg:match('%(job (%d+)%)')), nil
+   for _, e in ipairs(g.params) do
+      if k and select(2, resolve(e)) then
+         if k == 0 then name = e.name break end
+         k = k - 1
+      end
+   end
+   error('SGD:step' .. (name and (' (' .. name .. ')') or '') .. ': ' .. msg, 3)
+end
+
 function SGD:step()
    validate_config(self.config, 'SGD:step')
    -- surgery (nr.rejuvenate) replaced the model's layers: stepping the old tensors would train nothing
@@ -226,6 +242,9 @@ function SGD:step()
       error('SGD:step: the model\'s layers were replaced (nr.rejuvenate) after this optimizer read them; pass '
          .. 'optimizer = opt to nr.rejuvenate (remaps momentum) or call opt:refresh()', 2)
    end
+   -- every group is checked (its settings, then C's checks of its tensors) before any steps, so a
+   -- refused step leaves every parameter, buffer and the step count as they were
+   local plan = {}
    for gi, g in ipairs(self.groups) do
       validate_settings(g, string.format('group %d: ', gi), 'SGD:step')   -- opt.groups[i] is writable too
       local lr, mom, wd, nest = settings(self, g)
@@ -243,19 +262,12 @@ function SGD:step()
             n = n + 1
          end
       end
-      local st = C.nr_sgd_step_many(arr, n, lr, mom, wd, nest)
-      if st ~= 0 then
-         local msg = nrffi.ffi.string(C.nr_last_error())
-         -- job k is the (k+1)-th entry that has a gradient: name it
-         local k, name = tonumber(msg:match('%(job (%d+)%)')), nil
-         for _, e in ipairs(g.params) do
-            if k and select(2, resolve(e)) then
-               if k == 0 then name = e.name break end
-               k = k - 1
-            end
-         end
-         error('SGD:step' .. (name and (' (' .. name .. ')') or '') .. ': ' .. msg, 2)
-      end
+      if C.nr_sgd_check_many(arr, n, mom, wd, nest) ~= 0 then step_error(g) end
+      plan[gi] = {arr, n, lr, mom, wd, nest}
+   end
+   for gi, g in ipairs(self.groups) do
+      local q = plan[gi]
+      if C.nr_sgd_step_many(q[1], q[2], q[3], q[4], q[5], q[6]) ~= 0 then step_error(g) end
    end
    self.t = self.t + 1
 end
@@ -363,15 +375,16 @@ end
 
 -- ---- serialization ------------------------------------------------------------------------------
 
--- {name='sgd', t=, config={...}, groups={{settings}}, params={[name]={momentum=T}}}. Tensors are
--- the live buffers (the checkpoint writer copies them out).
+-- {name='sgd', t=, config={...}, groups={{settings..., param_names = {...}}},
+-- params={[name]={momentum=T}}}. Tensors are the live buffers (the checkpoint writer copies them out).
 function SGD:state()
    local cfg = {}
    for k, v in pairs(self.config) do cfg[k] = v end
    local groups = {}
    for i, g in ipairs(self.groups) do
-      local s = {}
+      local s = {param_names = {}} -- which parameters the settings belong to (checked on load)
       for k, v in pairs(g) do if k ~= 'params' then s[k] = v end end
+      for j, e in ipairs(g.params) do s.param_names[j] = e.name end
       groups[i] = s
    end
    local params = {}
@@ -385,35 +398,78 @@ function SGD:state()
 end
 
 -- Restores a state() table. Momentum buffers are copied into fresh tensors on each parameter's
--- device; a name missing from the model or a shape mismatch is an error naming the parameter.
+-- device. Everything is checked before anything changes (as PyTorch's load_state_dict), so a
+-- refused state leaves the optimizer as it was: a name missing from the model, a shape
+-- mismatch, groups that do not match this optimizer's (their number, or the parameters a
+-- group's settings belong to) are errors naming what differs.
 function SGD:load_state(s)
-   check.arg(type(s) == 'table', 'SGD:load_state', 'state must be a table')
-   check.arg(s.name == nil or s.name == 'sgd', 'SGD:load_state', 'state is for optimizer %q, not sgd', tostring(s.name))
-   if s.config then
-      for k, v in pairs(s.config) do self.config[k] = v end
-      validate_config(self.config, 'SGD:load_state')
+   local F = 'SGD:load_state'
+   check.arg(type(s) == 'table', F, 'state must be a table')
+   check.arg(s.name == nil or s.name == 'sgd', F, 'state is for optimizer %q, not sgd', tostring(s.name))
+   local config
+   if s.config ~= nil then
+      check.arg(type(s.config) == 'table', F, 'state.config must be a table, got %s', type(s.config))
+      config = {}
+      for k, v in pairs(self.config) do config[k] = v end
+      for k, v in pairs(s.config) do config[k] = v end
+      validate_config(config, F)
    end
-   if s.groups then
+   local groups
+   if s.groups ~= nil then
+      check.arg(type(s.groups) == 'table' and #s.groups == #self.groups, F,
+         'state has %s parameter groups, this optimizer %d', type(s.groups) == 'table' and #s.groups or '?', #self.groups)
+      groups = {}
       for i, gs in ipairs(s.groups) do
-         local g = self.groups[i]
-         if g then for k, v in pairs(gs) do g[k] = v end end
+         check.arg(type(gs) == 'table', F, 'state.groups[%d] must be a table', i)
+         local g, names = self.groups[i], gs.param_names
+         if names ~= nil then
+            check.arg(type(names) == 'table' and #names == #g.params, F, 'group %d holds %d parameters, the state\'s %s',
+               i, #g.params, type(names) == 'table' and #names or '?')
+            for j, e in ipairs(g.params) do
+               check.arg(names[j] == e.name, F, 'group %d, parameter %d is %s, the state\'s is %s', i, j, e.name,
+                  tostring(names[j]))
+            end
+         end
+         local merged = {}
+         for k, v in pairs(g) do if k ~= 'params' then merged[k] = v end end
+         for k, v in pairs(gs) do
+            if k ~= 'param_names' then
+               check.arg(GROUP_KEYS[k] ~= nil and k ~= 'params' and k ~= 'grads', F, 'state.groups[%d]: unknown setting %q', i,
+                  tostring(k))
+               merged[k] = v
+            end
+         end
+         validate_settings(merged, string.format('group %d: ', i), F)
+         groups[i] = merged
       end
    end
    -- a string or NaN failed at the next step as "attempt to perform arithmetic on field 't'"
-   if s.t ~= nil then check.int(s.t, 'SGD:load_state', 'state.t', 0) end
-   self.t = s.t or 0
-   self.state_ = {}
+   if s.t ~= nil then check.int(s.t, F, 'state.t', 0) end
+   check.arg(s.params == nil or type(s.params) == 'table', F, 'state.params must be a table, got %s', type(s.params))
    for name, st in pairs(s.params or {}) do
       local e = self._by_name[name]
-      check.arg(e ~= nil, 'SGD:load_state', 'saved state for parameter %q, which the model does not have', name)
-      if st.momentum then
-         local m = st.momentum
-         check.arg(T.is_tensor(m) and T.same_shape(m:shape(), e.param:shape()), 'SGD:load_state',
-            '%s: momentum has shape [%s] but the parameter is [%s]', name,
-            T.is_tensor(m) and table.concat(m:shape(), ' x ') or '?', table.concat(e.param:shape(), ' x '))
-         self.state_[e.param] = {momentum = T.empty(e.param:shape(), {device = e.param:device()}):copy(m)}
+      check.arg(e ~= nil, F, 'saved state for parameter %q, which the model does not have', name)
+      check.arg(type(st) == 'table', F, '%s: state must be a table, got %s', name, type(st))
+      local m = st.momentum
+      check.arg(m == nil or (T.is_tensor(m) and T.same_shape(m:shape(), e.param:shape())), F,
+         '%s: momentum has shape [%s] but the parameter is [%s]', name,
+         T.is_tensor(m) and table.concat(m:shape(), ' x ') or '?', table.concat(e.param:shape(), ' x '))
+   end
+   -- checked: now change
+   local fresh = {}
+   for name, st in pairs(s.params or {}) do
+      local e = self._by_name[name]
+      if st.momentum then fresh[e.param] = {momentum = T.empty(e.param:shape(), {device = e.param:device()}):copy(st.momentum)} end
+   end
+   if config then for k, v in pairs(config) do self.config[k] = v end end -- the same table (others hold it)
+   if groups then
+      for i, merged in ipairs(groups) do
+         local g = self.groups[i]
+         for k, v in pairs(merged) do g[k] = v end
       end
    end
+   self.t = s.t or 0
+   self.state_ = fresh
 end
 
 return SGD
