@@ -64,6 +64,7 @@ function M.build(opts)
       local n = (o.depth - 4) / 6
       blocks = {n, n, n}
       o.init_features = o.init_features or 2 * o.growth
+      check_int(o.init_features, 'init_features', 1) -- before the stem is built with it
       o.input = o.input or 32
       stem = util.conv_bn(3, o.init_features, 3, {padding = 1})
    else
@@ -72,15 +73,15 @@ function M.build(opts)
       check_int(o.growth, 'growth', 1)
       blocks = BLOCKS[o.depth]
       o.init_features = o.init_features or 64
+      check_int(o.init_features, 'init_features', 1)
       o.input = o.input or 224
       stem = util.conv_bn(3, o.init_features, 7, {stride = 2, padding = 3})
       stem[#stem + 1] = nn.MaxPool2d(3, {stride = 2, padding = 1})
    end
-   check_int(o.init_features, 'init_features', 1)
    o.bn_size = o.bn_size or 4
    check_int(o.bn_size, 'bn_size', 1)
    o.compression = o.compression or 0.5
-   if type(o.compression) ~= 'number' or o.compression <= 0 or o.compression > 1 then
+   if type(o.compression) ~= 'number' or not (o.compression > 0 and o.compression <= 1) then -- NaN too
       error(FNAME .. ': compression must be in (0, 1], got ' .. tostring(o.compression), 2)
    end
    local parts = {{'stem', nn.Sequential(stem)}}
@@ -94,6 +95,10 @@ function M.build(opts)
       parts[#parts + 1] = {'block' .. b, nn.Sequential(layers)}
       if b < #blocks then
          local cout = math.floor(c * o.compression)
+         if cout < 1 then
+            error(string.format('%s: compression %s leaves no channel after dense block %d (%d channels)', FNAME,
+               tostring(o.compression), b, c), 2)
+         end
          parts[#parts + 1] = {'trans' .. b, transition(c, cout)}
          c = cout
       end

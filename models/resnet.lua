@@ -156,6 +156,9 @@ end
 
 function M.build(opts)
    local o = util.common(opts, {depth = true, preact = true}, FNAME)
+   if o.preact ~= nil and type(o.preact) ~= 'boolean' then
+      error(string.format('%s: preact must be true or false, got %s', FNAME, tostring(o.preact)), 2)
+   end
    local cifar = o.dataset ~= 'imagenet'
    local model
    if cifar then

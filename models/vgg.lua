@@ -91,7 +91,8 @@ function M.build(opts)
       }
       info = {gamma0 = o.gamma0 or 1}
    end
-   if type(info.gamma0) ~= 'number' or info.gamma0 <= 0 then
+   local g0 = info.gamma0
+   if type(g0) ~= 'number' or not (g0 > 0 and g0 < math.huge) then -- NaN and inf too
       error(FNAME .. ': gamma0 must be a positive number', 2)
    end
    util.init(model, info.gamma0)

@@ -33,6 +33,13 @@ local function fail(m, fmt, ...)
    error(string.format('%s: %s: %s', FNAME, m:where(), string.format(fmt, ...)), 0)
 end
 
+-- m:outputShape(s), its error named with the module (as nr.count's own checks are).
+local function shape_of(m, s)
+   local ok, out = pcall(m.outputShape, m, s)
+   if not ok then fail(m, '%s', (tostring(out):gsub('^[^\n]-%.lua:%d+: ', ''))) end
+   return out
+end
+
 local function pair(v)
    if type(v) == 'table' then return v[1], v[2] or v[1] end
    return v, v
@@ -67,7 +74,7 @@ local function leaf(m, s)
    if not KNOWN[t] and not SAME[t] and m.cost ~= Module.cost then
       -- a layer that counts itself (e.g. a split conv after rejuvenation)
       local params, macs = m:cost(s)
-      return m:outputShape(s), params, macs or 0
+      return shape_of(m, s), params, macs or 0
    end
    local convlike = t == 'Conv2d' or (m.in_channels and m.out_channels and m.kernel_size and m.weight)
    if convlike then
@@ -77,7 +84,7 @@ local function leaf(m, s)
       local sh, sw = pair(m.stride or 1)
       local ph, pw = pair(m.padding or 0)
       local dh, dw = pair(m.dilation or 1)
-      local out = own_shape and m:outputShape(s) or
+      local out = own_shape and shape_of(m, s) or
          {m.out_channels, window(m, s[2], kh, sh, ph, dh), window(m, s[3], kw, sw, pw, dw)}
       local groups = m.groups or 1
       local macs = m.out_channels * (m.in_channels / groups) * kh * kw * out[2] * out[3]
@@ -92,25 +99,26 @@ local function leaf(m, s)
       local kh, kw = pair(m.kernel_size)
       local sh, sw = pair(m.stride or m.kernel_size)
       local ph, pw = pair(m.padding or 0)
-      local out = own_shape and m:outputShape(s) or {s[1], window(m, s[2], kh, sh, ph, 1), window(m, s[3], kw, sw, pw, 1)}
+      local out = own_shape and shape_of(m, s) or {s[1], window(m, s[2], kh, sh, ph, 1), window(m, s[3], kw, sw, pw, 1)}
       return out, 0, 0
    elseif t == 'GlobalAvgPool2d' then
       if #s ~= 3 then fail(m, 'expects a (C, H, W) input, got %s', shape_str(s)) end
-      return own_shape and m:outputShape(s) or {s[1]}, 0, 0
+      return own_shape and shape_of(m, s) or {s[1]}, 0, 0
    elseif t == 'Flatten' then
-      return own_shape and m:outputShape(s) or {prod(s)}, 0, 0
+      return own_shape and shape_of(m, s) or {prod(s)}, 0, 0
    elseif t == 'BatchNorm2d' then
+      if #s ~= 3 then fail(m, 'expects a (C, H, W) input, got %s', shape_str(s)) end
       if s[1] ~= m.num_features then fail(m, 'expects %d channels, got %s', m.num_features, shape_str(s)) end
       return {unpack(s)}, numel_of(m.weight) + numel_of(m.bias), 0
    elseif SAME[t] then
-      return own_shape and m:outputShape(s) or {unpack(s)}, m:nParameters(), 0
+      return own_shape and shape_of(m, s) or {unpack(s)}, m:nParameters(), 0
    end
    -- another leaf without a cost of its own: parameter-free layers pass the shape on through
    -- their outputShape; a layer with parameters cannot be counted silently
    if m:nParameters() > 0 then
       fail(m, 'unknown layer type %s: define :outputShape(in_shape) and :cost(in_shape)', t)
    end
-   return m:outputShape(s), 0, 0
+   return shape_of(m, s), 0, 0
 end
 
 local CONTAINERS = {Sequential = true, Residual = true, Concat = true}
@@ -151,9 +159,9 @@ local function walk(m, s, acc)
          if not out then
             out = {unpack(o)}
          else
-            for d = 2, #o do
-               if o[d] ~= out[d] then fail(m, 'branch 1 gives %s but branch %d gives %s', shape_str(out), i, shape_str(o)) end
-            end
+            local same = #o == #out -- the same rank, then the same sizes past the channels
+            for d = 2, #o do same = same and o[d] == out[d] end
+            if not same then fail(m, 'branch 1 gives %s but branch %d gives %s', shape_str(out), i, shape_str(o)) end
             out[1] = out[1] + o[1]
          end
       end

@@ -70,10 +70,12 @@ function util.common(opts, allowed, fname)
       error(string.format('%s: unknown dataset %q (known: cifar10, cifar100, imagenet)', fname, tostring(o.dataset)), 3)
    end
    o.classes = o.classes or DATASET_CLASSES[o.dataset]
-   if type(o.classes) ~= 'number' or o.classes ~= math.floor(o.classes) or o.classes < 1 then
+   -- 2^31: the layers take int32 sizes (inf equals its floor and passed, to fail inside nr.nn)
+   local function whole(v) return type(v) == 'number' and v == math.floor(v) and v >= 1 and v < 2 ^ 31 end
+   if not whole(o.classes) then
       error(string.format('%s: classes must be a positive integer, got %s', fname, tostring(o.classes)), 3)
    end
-   if o.input ~= nil and (type(o.input) ~= 'number' or o.input ~= math.floor(o.input) or o.input < 1) then
+   if o.input ~= nil and not whole(o.input) then
       error(string.format('%s: input must be a positive integer (image side in pixels), got %s', fname, tostring(o.input)), 3)
    end
    return o

@@ -206,7 +206,28 @@ describe('nr.count', function()
       assert.truthy(tostring(err):find('expects 4 input channels', 1, true), err)
       ok, err = pcall(nr.count, nn.Sequential{nn.Conv2d(3, 8, 5)}, {3, 2, 2})
       assert.is_false(ok)
-      assert.truthy(tostring(err):find('too small', 1, true), err)
+      assert.truthy(tostring(err):find('nr.count: 0 (Conv2d 3->8 5x5): input 2x2 is too small', 1, true), err)
+      -- what forward refuses, counting refuses too: branches of another rank, BN on a vector, a
+      -- split NR conv on the wrong channels
+      for _, c in ipairs({
+         {nn.Concat{nn.Identity(), nn.Flatten()}, {3, 4, 4}, 'branch 1 gives [3 x 4 x 4] but branch 2 gives [48]'},
+         {nn.Sequential{nn.Flatten(), nn.BatchNorm2d(48)}, {3, 4, 4}, '1 (BatchNorm2d 48): expects a (C, H, W) input'},
+         {nn.Sequential{nn.MaxPool2d(4)}, {3, 2, 2}, 'nr.count: 0 (MaxPool2d'},
+      }) do
+         ok, err = pcall(nr.count, c[1], c[2])
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(c[3], 1, true), err)
+      end
+      local spec = {in_channels = 4, out_channels = 6, kernel_size = 3, scheme = 'CR',
+                    in_groups = {{gen = 0, idx = {0, 1}}, {gen = 1, idx = {2, 3}}},
+                    out_groups = {{gen = 0, first = 0, n = 3}, {gen = 1, first = 3, n = 3}}}
+      assert.equal(6 * 4 * 9 / 2, nr.count(nn.Sequential{nn.NRConv2d(spec)}, {4, 5, 5}).params) -- 2 diagonal blocks
+      for _, c in ipairs({{{7, 5, 5}, 'expected a (4, H, W) input, got [7 x 5 x 5]'}, {{4, 2, 2}, 'input 2x2 is too small'},
+                          {{4, 2}, 'expected a (4, H, W) input, got [4 x 2]'}}) do
+         ok, err = pcall(nr.count, nn.Sequential{nn.NRConv2d(spec)}, c[1])
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(c[2], 1, true), err)
+      end
    end)
 end)
 
@@ -376,5 +397,20 @@ describe('nr.models', function()
       assert.truthy(e:find('unknown model', 1, true), e)
       e = err_of(nr.models.resnet, {depth = 50, preact = true})
       assert.truthy(e:find('preact', 1, true), e)
+      -- options the zoo's own checks let through (they failed later, inside nr.nn, or built a
+      -- model other than the one asked for)
+      for _, c in ipairs({
+         {nr.models.resnet, {depth = 164, dataset = 'cifar10', preact = 'no'}, 'preact must be true or false, got no'},
+         {nr.models.vgg, {gamma0 = 0 / 0}, 'gamma0 must be a positive number'},
+         {nr.models.vgg, {gamma0 = math.huge}, 'gamma0 must be a positive number'},
+         {nr.models.densenet, {dataset = 'cifar10', depth = 40, growth = 12, init_features = 0}, 'init_features must be an integer >= 1'},
+         {nr.models.densenet, {dataset = 'cifar10', depth = 40, growth = 12, compression = 0 / 0}, 'compression must be in (0, 1]'},
+         {nr.models.densenet, {dataset = 'cifar10', depth = 40, growth = 2, compression = 0.01}, 'leaves no channel after dense block 1'},
+         {nr.models.vgg, {classes = math.huge}, 'classes must be a positive integer, got inf'},
+         {nr.models.vgg, {input = math.huge}, 'input must be a positive integer'},
+      }) do
+         e = err_of(c[1], c[2])
+         assert.truthy(e:find(c[3], 1, true), e)
+      end
    end)
 end)

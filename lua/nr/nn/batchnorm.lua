@@ -117,8 +117,8 @@ function BatchNorm2d:gradients(x, gradOutput, scale)
 end
 
 function BatchNorm2d:outputShape(s)
-   if s[1] ~= self.num_features then
-      error(string.format('expected input with %d channels, got %s', self.num_features, U.shape_str(s)), 0)
+   if #s ~= 3 or s[1] ~= self.num_features then
+      error(string.format('expected a (%d, H, W) input, got %s', self.num_features, U.shape_str(s)), 0)
    end
    return s
 end

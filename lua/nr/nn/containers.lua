@@ -319,9 +319,18 @@ Concat.parameters = params_of
 function Concat:outputShape(s)
    U.check_shape(s, 'Concat:outputShape')
    local out
-   for _, m in ipairs(self.modules) do
+   for i, m in ipairs(self.modules) do
       local o = m:outputShape(s)
-      if not out then out = {unpack(o)} else out[1] = out[1] + o[1] end
+      if not out then
+         out = {unpack(o)}
+      else
+         local same = #o == #out -- as forward checks: the same rank and sizes past the channels
+         for d = 2, #o do same = same and o[d] == out[d] end
+         if not same then
+            error(string.format('branch 1 gives %s but branch %d gives %s', U.shape_str(out), i, U.shape_str(o)), 0)
+         end
+         out[1] = out[1] + o[1]
+      end
    end
    return out
 end

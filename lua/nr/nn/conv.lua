@@ -44,16 +44,7 @@ function Conv2d:reset()
    return self
 end
 
-local function out_hw(self, h, w)
-   local k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
-   local ho = math.floor((h + 2 * p[1] - d[1] * (k[1] - 1) - 1) / s[1]) + 1
-   local wo = math.floor((w + 2 * p[2] - d[2] * (k[2] - 1) - 1) / s[2]) + 1
-   if ho < 1 or wo < 1 then
-      error(string.format('input %dx%d is too small for kernel %dx%d (stride %dx%d, padding %dx%d, dilation %dx%d)',
-         h, w, k[1], k[2], s[1], s[2], p[1], p[2], d[1], d[2]), 0)
-   end
-   return ho, wo
-end
+local out_hw = U.conv_out_hw
 
 local function geom(self)
    local s, p, d = self.stride, self.padding, self.dilation
@@ -101,13 +92,7 @@ function Conv2d:accGradParameters(x, gradOutput, scale)
       sh, sw, ph, pw, dh, dw, groups, scale or 1, 1))
 end
 
-function Conv2d:outputShape(s)
-   if #s ~= 3 or s[1] ~= self.in_channels then
-      error(string.format('expected a (%d, H, W) input, got %s', self.in_channels, U.shape_str(s)), 0)
-   end
-   local ho, wo = out_hw(self, s[2], s[3])
-   return {self.out_channels, ho, wo}
-end
+Conv2d.outputShape = U.conv_output_shape
 
 function Conv2d:cost(s)
    local o = self:outputShape(s)

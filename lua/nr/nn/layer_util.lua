@@ -160,6 +160,28 @@ function U.default_init(weight, bias, fan_in)
    if bias then U.uniform_(bias, bound) end
 end
 
+-- The output size (ho, wo) of a convolution module (kernel_size, stride, padding, dilation as
+-- {h, w}) on an h x w input; an error when the input is too small.
+function U.conv_out_hw(self, h, w)
+   local k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
+   local ho = math.floor((h + 2 * p[1] - d[1] * (k[1] - 1) - 1) / s[1]) + 1
+   local wo = math.floor((w + 2 * p[2] - d[2] * (k[2] - 1) - 1) / s[2]) + 1
+   if ho < 1 or wo < 1 then
+      error(string.format('input %dx%d is too small for kernel %dx%d (stride %dx%d, padding %dx%d, dilation %dx%d)',
+         h, w, k[1], k[2], s[1], s[2], p[1], p[2], d[1], d[2]), 0)
+   end
+   return ho, wo
+end
+
+-- outputShape of a convolution module (Conv2d, NRConv2d): (in_channels, H, W) -> (out_channels, Ho, Wo).
+function U.conv_output_shape(self, s)
+   if type(s) ~= 'table' or #s ~= 3 or s[1] ~= self.in_channels then
+      error(string.format('expected a (%d, H, W) input, got %s', self.in_channels, U.shape_str(s)), 0)
+   end
+   local ho, wo = U.conv_out_hw(self, s[2], s[3])
+   return {self.out_channels, ho, wo}
+end
+
 -- Raises the C message of a failed call (Module:forward adds the module's path).
 function U.call(status)
    if status ~= 0 then error(require('nr.ffi').ffi.string(C.nr_last_error()), 0) end

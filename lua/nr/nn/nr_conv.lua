@@ -154,12 +154,7 @@ function NRConv2d:parameters()
    return p, g
 end
 
-function NRConv2d:outputShape(s)
-   local k, st, pd, dl = self.kernel_size, self.stride, self.padding, self.dilation
-   local oh = math.floor((s[2] + 2 * pd[1] - dl[1] * (k[1] - 1) - 1) / st[1]) + 1
-   local ow = math.floor((s[3] + 2 * pd[2] - dl[2] * (k[2] - 1) - 1) / st[2]) + 1
-   return {self.out_channels, oh, ow}
-end
+NRConv2d.outputShape = U.conv_output_shape -- as Conv2d's: channels and size checked
 
 -- params, multiply-adds (per sample) of the computed blocks only; the CA gate's elementwise
 -- work is not a multiply-add of a weight and is not counted (as BN/ReLU are not).
