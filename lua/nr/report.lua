@@ -485,7 +485,7 @@ function M.render(dir)
             if r.r_after then kv('r after', esc(string.format('params %s, FLOPs %s', fnum(r.r_after.params), fnum(r.r_after.flops)))) end
             if r.cost then kv('cost', esc(string.format('%s (target %s, error %s)', fnum(r.cost), fnum(r.target_cost), fnum(r.cost_error)))) end
             if r.alpha then
-               kv('expansion rate α', esc(fnum(r.alpha, 4) .. (r.alpha_sqrt and (' (sqrt(target / live cost) = '
+               kv('expansion rate α', esc(fnum(r.alpha, 4) .. (r.alpha_sqrt and (' (the authors\' sqrt(cost / live cost) = '
                   .. fnum(r.alpha_sqrt, 4) .. ')') or '')))
             end
             if r.size_before and r.size_after then

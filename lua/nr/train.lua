@@ -963,6 +963,11 @@ function Trainer:load_checkpoint(path, found)
       local spec = self.states[name]
       if spec.before_weights and s.states and s.states[name] ~= nil then spec.load(s.states[name]) end
    end
+   -- a rejuvenated run resumed with NR off (--nr off): its model is the rejuvenated one all the same
+   local nr_state = type(s.states) == 'table' and s.states.nr
+   if not self.states.nr and type(nr_state) == 'table' and nr_state.arch then
+      require('nr.rejuvenate').restore_arch(self, nr_state.arch)
+   end
    local weights = r.weights
    if self.device ~= 'cpu' then
       for k, w in pairs(weights) do weights[k] = w:to(self.device) end
@@ -984,7 +989,8 @@ function Trainer:load_checkpoint(path, found)
          .. 'from its first epoch at epoch %d: resume without it, or start a new run (--out) from these weights',
          r.dir, self.schedule.name, (s.epoch or 0) + 1), 0)
    end
-   self.schedule_hold = s.schedule_hold or false
+   -- the hold is NR's (it releases it): resumed with NR off, nothing would release it
+   self.schedule_hold = self.states.nr ~= nil and s.schedule_hold or false
    if s.rng then set_rng_state(s.rng) end
    self.epoch, self.step = s.epoch or 0, s.step or 0
    local t = s.trainer or {}

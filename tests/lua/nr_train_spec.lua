@@ -218,6 +218,52 @@ describe('held schedule epochs extend nr.train', function()
       assert.has_error(function() train.new((rc(base .. '/bad', nil, {extend_epochs = 'yes'}))) end)
    end)
 
+   it('active_epochs: the epoch after the last active one trains with its schedule running (not held)', function()
+      local tr = train.new((rc(base .. '/active', {max_epochs = 6},
+         {active_epochs = 1, policy = {when = function() return false end}})))
+      local s = tr:run()
+      -- epoch 1 held (sparsifying), epochs 2-3 the whole 2-epoch schedule; the hold used to last
+      -- through epoch 2 as well (released only at the check that found NR inactive)
+      assert.are.equal(1, s.held_epochs); assert.are.equal(3, s.epochs)
+      assert.are.equal(2, tr.schedule.epoch)
+      assert.are.equal(0, tr.nr.lambda)
+   end)
+
+   it('resumed with NR off or under another constraint: the checkpoint\'s model, no hold, the budget measured again', function()
+      -- after the rejuvenation (run a, NR-CA): --nr off still rebuilds the split model
+      local off = train.new((rc(base .. '/a', {nr = false})))
+      off:load_checkpoint(base .. '/a')
+      assert.are.equal(1, #off.model:findModules('NRConv2d'))
+      assert.is_false(off.schedule_hold)
+      -- under another constraint after a rejuvenation: refused (C was a parameter count)
+      local flops = train.new((rc(base .. '/a', nil, {constraint = 'flops'})))
+      local ok, err = pcall(flops.load_checkpoint, flops, base .. '/a')
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('rejuvenated under constraint params; resuming it under flops', 1, true), err)
+      -- in the λ phase (epoch 1 held): NR off releases the hold; flops measures C again
+      local dir = base .. '/lam'
+      local r = rc(dir, {max_epochs = 6})
+      r.hooks.epoch_begin = function(_, info) if info.epoch == 2 then error('simulated kill', 0) end end
+      assert.is_false((pcall(train.train, r)))
+      local held = train.new((rc(dir, {resume = dir})))
+      held:load_checkpoint(dir)
+      assert.is_true(held.schedule_hold)
+      local free = train.new((rc(dir, {nr = false})))
+      free:load_checkpoint(dir)
+      assert.is_false(free.schedule_hold)
+      local tf = train.new((rc(dir, {max_epochs = 3, resume = dir}, {constraint = 'flops'})))
+      tf:load_checkpoint(dir)
+      assert.is_nil(tf.nr.C)
+      assert.are.equal(nr.utilization(tf.model, {1, 28, 28}).flops_all,
+         (function() tf:call('train_begin', {}); return tf.nr.C end)())
+   end)
+
+   it('a constant λ needs its value', function()
+      local ok, err = pcall(train.new, (rc(base .. '/const', nil, {lambda = {mode = 'constant', dt = 'epoch'}})))
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('lambda.mode "constant" needs lambda.value', 1, true), err)
+   end)
+
    it('a run killed while held or after the rejuvenation resumes to the same weights, bit for bit', function()
       local ref = ck.load(base .. '/a').weights
       for _, kill in ipairs({3, 5}) do

@@ -311,6 +311,17 @@ local LAMBDA_KEYS = {mode = true, init = true, dt = true, dr = true, dl = true, 
 -- Returns the controller (its fields: lambda, r_hist, lambda_hist, rejuvenations (all, restored on
 -- --resume), reports (this process's rejuvenations; the run's metrics.jsonl has an 'nr' event for each
 -- one, those before a resume included)).
+-- Rebuilds a trainer's model to a rejuvenated architecture recorded in a checkpoint
+-- (states.nr.arch): widths and split layers, before the weights are loaded. Used by attach's
+-- state and by nr.train for a run resumed with NR off (--nr off), whose model is still the one
+-- the checkpoint holds.
+function M.restore_arch(tr, arch)
+   surgery.apply_arch(tr.model, arch)
+   monitor.invalidate(tr.model)
+   tr.model:transient().nr_l1 = nil
+   if tr.optimizer and tr.optimizer.refresh then tr.optimizer:refresh() end
+end
+
 function M.attach(tr, cfg)
    local FN = 'nr.rejuvenate.attach'
    cfg = check.options(cfg or {}, CFG_KEYS, FN)
@@ -329,6 +340,8 @@ function M.attach(tr, cfg)
    check.arg(c.active_epochs == nil or (type(c.active_epochs) == 'number' and c.active_epochs >= 1), FN,
       'active_epochs must be a number of epochs >= 1, got %s', tostring(c.active_epochs))
    check.arg(c.lambda.mode == 'adaptive' or c.lambda.mode == 'constant', FN, 'lambda.mode must be "adaptive" or "constant"')
+   -- without a value a constant λ was 0: no sparsification, the run held until max_epochs
+   check.arg(c.lambda.mode ~= 'constant' or c.lambda.value ~= nil, FN, 'lambda.mode "constant" needs lambda.value (the λ)')
    for _, k in ipairs({'init', 'dr', 'dl', 'value'}) do
       local v = c.lambda[k]
       check.arg(v == nil or (finite(v) and v >= 0), FN, 'lambda.%s must be a number >= 0, got %s', k, tostring(v))
@@ -356,13 +369,14 @@ function M.attach(tr, cfg)
       end
       return input_shape_of(tr.model, nil, FN)
    end
-   local function active()
+   -- NR acts in epoch `epoch` (default: the one training now)
+   local function active(epoch)
       if c.enabled == false then return false end
-      if c.active_epochs and (tr.epoch or 1) > c.active_epochs then return false end
+      if c.active_epochs and (epoch or tr.epoch or 1) > c.active_epochs then return false end
       return ctl.rejuvenations < c.times
    end
-   local function set_hold()
-      if c.hold_schedule ~= false then tr.schedule_hold = active() end
+   local function set_hold(epoch)
+      if c.hold_schedule ~= false then tr.schedule_hold = active(epoch) end
    end
    -- the authors shift the schedule by the sparsification epochs: the run grows by the held ones
    tr.extend_held = c.hold_schedule ~= false and c.extend_epochs ~= false
@@ -428,7 +442,7 @@ function M.attach(tr, cfg)
          ctl.r_hist = {}
       else
          local l = pol.lambda(ctx)
-         check.arg(finite(l) and l >= 0, 'nr.rejuvenate policy.lambda', 'must return a finite number >= 0, got %s', tostring(l))
+         check.arg(finite(l) and l >= 0, 'nr.rejuvenate policy.lambda', 'must return a finite number >= 0, got %s', check.show(l))
          ctl.lambda = l
          ctl.r_prev = r
       end
@@ -441,7 +455,7 @@ function M.attach(tr, cfg)
          local u = M.utilization(tr.model, shape(), {threshold = c.threshold, abs_min = c.abs_min, count = c.count})
          ctl.C = c.constraint == 'flops' and u.flops_all or u.params_all
       end
-      set_hold()
+      set_hold((tr.epoch or 0) + 1) -- the epoch about to train (tr.epoch: the last one done)
    end)
    tr:add_hook('after_backward', function()
       if ctl.lambda ~= 0 and active() then M.l1(tr.model, ctl.lambda, shape()) end
@@ -453,27 +467,34 @@ function M.attach(tr, cfg)
    end)
    tr:add_hook('epoch_end', function()
       if c.lambda.dt == 'epoch' then check_point() end
+      -- the last epoch of active_epochs ended: the next one trains without the penalty, its
+      -- schedule running (checked there, the hold held that whole epoch too)
+      local nxt = (tr.epoch or 0) + 1
+      if not active(nxt) then ctl.lambda = 0 end
+      set_hold(nxt)
    end)
    if tr.register_state then
       tr:register_state('nr', {
          before_weights = true,
          save = function()
             return {lambda = ctl.lambda, r_prev = ctl.r_prev, r_hist = ctl.r_hist, lambda_hist = ctl.lambda_hist,
-                    rejuvenations = ctl.rejuvenations, C = ctl.C,
+                    rejuvenations = ctl.rejuvenations, C = ctl.C, constraint = c.constraint,
                     arch = ctl.rejuvenations > 0 and surgery.arch_state(tr.model) or nil}
          end,
          load = function(s)
             ctl.lambda, ctl.r_prev = s.lambda or ctl.lambda, s.r_prev or 1
             ctl.r_hist, ctl.lambda_hist = s.r_hist or {}, s.lambda_hist or {}
             ctl.rejuvenations, ctl.C = s.rejuvenations or 0, s.C
-            if ctl.rejuvenations > 0 then tr.model.nr_generation = ctl.rejuvenations end
-            if s.arch then
-               surgery.apply_arch(tr.model, s.arch)
-               monitor.invalidate(tr.model)
-               tr.model:transient().nr_l1 = nil
-               if tr.optimizer and tr.optimizer.refresh then tr.optimizer:refresh() end
+            -- C (the budget: the cost at the start) was measured under the run's constraint; a
+            -- resume under the other one would compare FLOPs with a parameter count
+            if s.constraint ~= nil and s.constraint ~= c.constraint then
+               check.arg(ctl.rejuvenations == 0, FN, 'this run rejuvenated under constraint %s; resuming it under %s '
+                  .. 'would need the cost of the model it started from: keep --nr.constraint %s (or start a new run)',
+                  tostring(s.constraint), tostring(c.constraint), tostring(s.constraint))
+               ctl.C = nil -- the model is still the one it started as: measured again at train_begin
             end
-            set_hold()
+            if ctl.rejuvenations > 0 then tr.model.nr_generation = ctl.rejuvenations end
+            if s.arch then M.restore_arch(tr, s.arch) end
          end,
       })
    end
