@@ -162,7 +162,7 @@ function M.build(opts)
    local cifar = o.dataset ~= 'imagenet'
    local model
    if cifar then
-      o.depth = util.choice(o.depth or 164, M.depths.cifar, FNAME, 'depth for ' .. o.dataset)
+      o.depth = util.choice(o.depth or 164, M.depths.cifar, FNAME, 'depth', o.dataset)
       o.input = o.input or 32
       if o.depth == 164 then
          if o.preact == nil then o.preact = false end

@@ -57,7 +57,7 @@ function M.build(opts)
    local cifar = o.dataset ~= 'imagenet'
    local model, info
    if cifar then
-      o.depth = util.choice(o.depth or 19, M.depths.cifar, FNAME, 'depth for ' .. o.dataset)
+      o.depth = util.choice(o.depth or 19, M.depths.cifar, FNAME, 'depth', o.dataset)
       if o.head ~= nil then error(FNAME .. ': head applies to ImageNet VGG only', 2) end
       o.input = o.input or 32
       local feats, c = features(CFG_CIFAR[o.depth], false)

@@ -13,7 +13,7 @@
 return {
    name     = 'densenet100_cifar',
    model    = {name = 'densenet', depth = 100, growth = 40, dataset = 'cifar10', classes = 10, input = 32},
-   data     = {dataset = 'cifar10', root = (os.getenv('NR_DATA') or 'data') .. '/cifar10', batch = 64, size = 32},
+   data     = {dataset = 'cifar10', root = require('nr.data').root('cifar10'), batch = 64, size = 32},
    optim    = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 1e-4, nesterov = false},
    schedule = {name = 'step', milestones = {150, 225}, gamma = 0.1, warmup = 0},
    epochs   = 300,

@@ -15,7 +15,7 @@
 return {
    name     = 'densenet121',
    model    = {name = 'densenet', depth = 121, classes = 1000, input = 224},
-   data     = {dataset = 'imagefolder', root = (os.getenv('NR_DATA') or 'data') .. '/imagenet', batch = 256, size = 224},
+   data     = {dataset = 'imagefolder', root = require('nr.data').root('imagenet'), batch = 256, size = 224},
    optim    = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 1e-4, nesterov = false},
    schedule = {name = 'step', milestones = {30, 60, 90}, gamma = 0.1, warmup = 0},
    epochs   = 90,

@@ -16,7 +16,7 @@
 return {
    name     = 'mobilenet050',
    model    = {name = 'mobilenet', width = 0.5, classes = 1000, input = 128},
-   data     = {dataset = 'imagefolder', root = (os.getenv('NR_DATA') or 'data') .. '/imagenet', batch = 256, size = 128},
+   data     = {dataset = 'imagefolder', root = require('nr.data').root('imagenet'), batch = 256, size = 128},
    optim    = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 4e-5, nesterov = false},
    schedule = {name = 'cosine', warmup = 0},
    epochs   = 150,

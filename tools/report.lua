@@ -25,5 +25,6 @@ while i <= #args do
    end
 end
 if not dir then error('usage: nrlua tools/report.lua RUN_DIR [--out FILE]', 0) end
-local path = report.write(dir, out)
+local ok, path = pcall(report.write, dir, out)
+if not ok then error((tostring(path):gsub('^[^\n]-%.lua:%d+: ', '')), 0) end -- the message, without a traceback
 io.write('wrote ', path, '\n')

@@ -1,7 +1,8 @@
 /* nrlua.c — the nrlua executable: LuaJIT embedded, package paths set, files, -e, and a REPL.
  *
  *   nrlua FILE.lua [args...]   run a file (script args in `arg`); a file that returns a table
- *                              is a recipe and is run with nr.recipe.run(table, args)
+ *                              is a recipe and is run with nr.recipe.run(table, args); FILE "-"
+ *                              is standard input; -i before FILE: the REPL after it
  *   nrlua -e CODE              run a chunk
  *   nrlua [-i]                 interactive REPL (readline history, multi-line, completion);
  *                              statements are read from stdin when it is not a terminal
@@ -84,7 +85,15 @@ static int locate(char *home, char *lib, size_t n)
    const char *candidates[4];
    char c1[PATH_MAX + 32], c2[PATH_MAX + 32];
    int k = 0;
-   if (env && *env) candidates[k++] = env;
+   if (env && *env) {
+      /* the home asked for, or an error: another tree standing in for it would go unnoticed */
+      snprintf(probe, sizeof probe, "%s/lua/nr/init.lua", env);
+      if (!file_exists(probe)) {
+         fprintf(stderr, "nrlua: NRLUA_HOME=%s has no lua/nr/init.lua\n", env);
+         return -2;
+      }
+      candidates[k++] = env;
+   }
    snprintf(c1, sizeof c1, "%s/..", dir);
    snprintf(c2, sizeof c2, "%s/../share/nrlua", dir);
    candidates[k++] = c1;
@@ -404,7 +413,8 @@ static void usage(FILE *f)
            "  FILE.lua [args]  run a script, or a recipe (a file returning a table) with\n"
            "                   --field value overrides; FILE.lua --help lists a recipe's fields\n"
            "  -e CODE          run CODE\n"
-           "  -i               interactive REPL (the default with no FILE)\n"
+           "  -i               interactive REPL (the default with no FILE; after FILE when given)\n"
+           "  -                as FILE: the script from standard input\n"
            "  -v, --version    print the version\n"
            "  -h, --help       this help\n"
            "environment: NR_THREADS (CPU threads), NRLUA_HOME, NRLUA_LIB, NR_DATA (datasets root)\n");
@@ -440,8 +450,9 @@ int main(int argc, char **argv)
          break;
       }
    }
-   if (locate(home, lib, sizeof home) != 0) {
-      fprintf(stderr, "nrlua: cannot find the nrlua Lua package (lua/nr/init.lua); set NRLUA_HOME\n");
+   int where = locate(home, lib, sizeof home);
+   if (where != 0) {
+      if (where == -1) fprintf(stderr, "nrlua: cannot find the nrlua Lua package (lua/nr/init.lua); set NRLUA_HOME\n");
       return 1;
    }
    lua_State *L = luaL_newstate();
@@ -491,6 +502,7 @@ int main(int argc, char **argv)
          goto sigint;
       }
       report(L, status);
+      if (!status && interactive) status = repl(L); /* -i FILE: the REPL after the script, as lua -i */
    } else if (interactive || !code) {
       status = repl(L);
    }

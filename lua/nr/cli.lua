@@ -6,11 +6,18 @@
 -- history and the SIGINT hook; this file owns Lua semantics so it can be tested without a terminal.
 local M = {}
 
--- Loads and runs a file; recipes (returning a table) go to nr.recipe.run.
+-- An error shown as its message alone: the host adds a traceback to messages that start with a
+-- position, and a syntax error's position is in the user's file, not in a call chain worth showing.
+local function plain_error(msg)
+   error(setmetatable({}, {__tostring = function() return msg end}), 0)
+end
+
+-- Loads and runs a file ('-': standard input, as lua and luajit); recipes (returning a table)
+-- go to nr.recipe.run.
 function M.run_file(path, args)
    M.args = args or {}   -- for the --resume hint after a Ctrl-C
-   local chunk, err = loadfile(path)
-   if not chunk then error(err, 0) end
+   local chunk, err = loadfile(path ~= '-' and path or nil)
+   if not chunk then plain_error(err) end
    local results = {chunk(unpack(args or {}))}
    local r = results[1]
    if type(r) == 'table' and select('#', unpack(results)) == 1 and not getmetatable(r) then

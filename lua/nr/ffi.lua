@@ -33,9 +33,14 @@ ffi.cdef(M.cdef_text)
 local function load_lib()
    local tried = {}
    local candidates = {}
-   if _NRLUA and _NRLUA.lib then candidates[#candidates + 1] = _NRLUA.lib end
    local env = os.getenv('NRLUA_LIB')
-   if env and env ~= '' then candidates[#candidates + 1] = env end
+   if env and env ~= '' then
+      -- the library asked for, or an error: another build standing in for it would go unnoticed
+      local ok, lib = pcall(ffi.load, env)
+      if not ok then error('nr: cannot load NRLUA_LIB=' .. env .. ': ' .. tostring(lib), 0) end
+      return lib, env
+   end
+   if _NRLUA and _NRLUA.lib then candidates[#candidates + 1] = _NRLUA.lib end
    candidates[#candidates + 1] = M.home .. '/build/libnr.so'
    candidates[#candidates + 1] = 'nr'
    for _, c in ipairs(candidates) do
@@ -59,7 +64,7 @@ M.ffi = ffi
 M.MAX_THREADS = 4096
 do
    local env = os.getenv('NR_THREADS')
-   local n = tonumber(env or '')
+   local n = (env or ''):match('^%s*%d+%s*$') and tonumber(env) -- decimal digits only (tonumber took 0x2, 1e1)
    if env and env ~= '' and not (n and n >= 0 and n == math.floor(n) and n <= M.MAX_THREADS) then
       error(string.format('nr: NR_THREADS must be a whole number of threads in 0..%d (0 = all cores), got %q',
          M.MAX_THREADS, env), 0)

@@ -82,11 +82,12 @@ function util.common(opts, allowed, fname)
 end
 
 -- Error for a value outside a list: "fname: unknown depth 20 (valid: 18, 34, 50)".
-function util.choice(value, valid, fname, what)
+function util.choice(value, valid, fname, what, where)
    for _, v in ipairs(valid) do if v == value then return value end end
    local names = {}
    for i, v in ipairs(valid) do names[i] = tostring(v) end
-   error(string.format('%s: unknown %s %s (valid: %s)', fname, what, tostring(value), table.concat(names, ', ')), 3)
+   error(string.format('%s: unknown %s %s%s (valid: %s)', fname, what, check.show(value), where and (' for ' .. where) or '',
+      table.concat(names, ', ')), 3)
 end
 
 -- t <- N(0, std) drawn from the global generator (in place, one pass: nr_rng_normal).

@@ -218,6 +218,14 @@ end
 -- Validation / test splits of an image folder should pass classes = the training split: class ids
 -- otherwise follow this split's own folders, which differ when it lacks a class.
 -- An empty dataset (no samples) is an error naming it.
+-- The folder of dataset `name` under the datasets root: $NR_DATA/name, or data/name when NR_DATA
+-- is unset or empty (the recipes' default; an empty NR_DATA meant /name in some places).
+function M.root(name)
+   check.type(name, 'string', 'nr.data.root', 'name')
+   local env = os.getenv('NR_DATA')
+   return ((env and env ~= '') and env or 'data') .. '/' .. name
+end
+
 function M.dataset(opts)
    local fname = 'nr.data.dataset'
    check.arg(type(opts) == 'table', fname, 'expected a table {name = ..., root = ..., split = ...}')
@@ -425,7 +433,7 @@ local MAX_THREADS = C.NR_LOADER_MAX_THREADS
 function M.env_threads()
    local s = os.getenv('NR_DATA_THREADS')
    if s == nil or s:match('^%s*$') then return nil end
-   local n = tonumber(s)
+   local n = s:match('^%s*%d+%s*$') and tonumber(s) -- decimal digits only (tonumber took 0x2, 1e1)
    if not (n and n >= 1 and n <= MAX_THREADS and n == math.floor(n)) then
       error(string.format('NR_DATA_THREADS must be a whole number of loader threads, 1..%d, got %q', MAX_THREADS, s), 0)
    end
