@@ -989,8 +989,10 @@ function Trainer:load_checkpoint(path, found)
          .. 'from its first epoch at epoch %d: resume without it, or start a new run (--out) from these weights',
          r.dir, self.schedule.name, (s.epoch or 0) + 1), 0)
    end
-   -- the hold is NR's (it releases it): resumed with NR off, nothing would release it
-   self.schedule_hold = self.states.nr ~= nil and s.schedule_hold or false
+   -- a hold of a run that had NR was NR's (it releases it): resumed with NR off, nothing would
+   -- release it; a hold a hook of the user's set is restored
+   local nr_dropped = type(s.states) == 'table' and s.states.nr ~= nil and self.states.nr == nil
+   self.schedule_hold = not nr_dropped and s.schedule_hold or false
    if s.rng then set_rng_state(s.rng) end
    self.epoch, self.step = s.epoch or 0, s.step or 0
    local t = s.trainer or {}
@@ -1216,7 +1218,16 @@ function Trainer:train_epoch(epoch)
          and not sched:in_warmup() then
          self.release_iter = sched.iter
       end
-      if sched and (not self.schedule_hold or sched:in_warmup()) then sched:step() end
+      if sched and (not self.schedule_hold or sched:in_warmup()) then
+         sched:step()
+         -- a warm-up that ran while held left the schedule part way into an epoch: it crosses
+         -- that epoch's end inside this one (the epoch's end then does not advance it again);
+         -- left to the epoch's end, its LR stood still for the rest of this epoch
+         if not self.schedule_hold and not self.schedule_rolled and i < total and sched.iter >= sched.iters_per_epoch then
+            sched:next_epoch()
+            self.schedule_rolled = true
+         end
+      end
       n = n + bn
       local log_now = i % log_every == 0 or i == total
       local show = self.progress:due(i)
@@ -1420,7 +1431,8 @@ function Trainer:run()
       if last or (rc.eval_every and rc.eval_every > 0 and epoch % rc.eval_every == 0) then
          val = self:evaluate()
       end
-      if self.schedule and not held then self.schedule:next_epoch() end
+      if self.schedule and not held and not self.schedule_rolled then self.schedule:next_epoch() end
+      self.schedule_rolled = nil
       local best = false
       if val then
          self.last_val = {top1 = val.top1, top5 = val.top5, loss = val.loss, epoch = epoch}

@@ -562,6 +562,11 @@ print('epochs', s.epochs)
       for i = 2, 4 do assert.is_true(lrs[i] > lrs[i - 1] and lrs[i] < 0.05) end
       for i = 5, 16 do assert.equal(0.05, lrs[i]) end
       assert.equal(2, summary.held_epochs); assert.equal(5, summary.epochs); assert.equal(3, tr.schedule.epoch)
+      -- released, the schedule goes on from half way into its first epoch: it decays at every step,
+      -- across its epoch ends inside the trainer's epochs (it stood still for half an epoch at each
+      -- end before), and the half epoch the warm-up ran while held ends the run at the final LR
+      for i = 18, 36 do assert.is_true(lrs[i] < lrs[i - 1], 'step ' .. i .. ': ' .. lrs[i] .. ' after ' .. lrs[i - 1]) end
+      for i = 37, 40 do assert.is_true(lrs[i] < 1e-12) end
       -- a warm-up longer than the first held epoch: that epoch is a schedule epoch
       local r2 = held_recipe(TMP .. '/w2', {schedule = {name = 'cosine', warmup = 1.5}, hooks = {epoch_begin = hold_first(2)}})
       local tr2 = train.new(r2)
