@@ -6,8 +6,10 @@
 #include <string.h>
 
 static _Thread_local char g_error[2048];
+static _Thread_local nr_status g_status; /* the code of that failure */
 
 const char *nr_last_error(void) { return g_error[0] ? g_error : "no error"; }
+nr_status nr_last_status(void) { return g_error[0] ? g_status : NR_OK; }
 void nr_clear_error(void) { g_error[0] = 0; }
 const char *nr_version(void) { return "0.1.0"; }
 int32_t nr_has_cuda(void)
@@ -29,6 +31,7 @@ nr_status nr_fail_at(nr_status code, const char *func, const char *file, int lin
    va_end(ap);
    const char *base = strrchr(file, '/');
    snprintf(g_error, sizeof g_error, "%s: %s (%s:%d)", func, msg, base ? base + 1 : file, line);
+   g_status = code;
    return code;
 }
 
@@ -37,6 +40,7 @@ nr_status nr_fail_wrap(nr_status code, const char *func)
    char inner[sizeof g_error];
    memcpy(inner, g_error, sizeof inner);
    snprintf(g_error, sizeof g_error, "%s: %s", func, inner);
+   g_status = code;
    return code;
 }
 

@@ -45,6 +45,8 @@ enum {
 
 /* Message of the last failure on this thread: "function: message (file:line)". */
 const char *nr_last_error(void);
+/* The status of that failure (NR_E_OOM: an allocation failed), NR_OK when there is none. */
+nr_status nr_last_status(void);
 /* Clears the message (tests use it). */
 void nr_clear_error(void);
 /* Library version string, e.g. "0.1.0". */

@@ -33,6 +33,8 @@ end
 
 -- Normalizes the tensors argument: a map name -> tensor, or a list of {name, tensor}.
 local function entries_of(tensors)
+   check.arg(type(tensors) == 'table', 'nr.safetensors.save', 'tensors must be a table (name -> tensor, or a list of '
+      .. '{name, tensor}), got %s', check.show(tensors))
    local list = {}
    if #tensors > 0 then
       for i, e in ipairs(tensors) do

@@ -106,6 +106,34 @@ local function parse_format(fmt, ndim, fname)
    return fmt
 end
 
+-- Tensor memory lives in C, where LuaJIT's collector does not see it: a loop that drops a large
+-- tensor per iteration grows a small Lua heap only, and the collector may not run before the
+-- machine's memory is gone. So, as Go's GOGC = 100: a full collection once the bytes allocated
+-- since the last one exceed what was in use after it (at least GC_MIN_BYTES); and an allocation
+-- that fails for lack of memory collects twice (finalizers of the first may free more), empties
+-- the GPU cache and retries once. Steady-state training allocates nothing, so none of this runs.
+local GC_MIN_BYTES = 256 * 2 ^ 20
+local gc = {since = 0, live = 0}
+local function in_use() return tonumber(C.nr_memory_in_use(C.NR_CPU)) + tonumber(C.nr_memory_in_use(C.NR_CUDA)) end
+local function allocate(dt, dev, n, arr)
+   local bytes = tonumber(C.nr_dtype_size(dt))
+   for i = 0, n - 1 do bytes = bytes * tonumber(arr[i]) end
+   gc.since = gc.since + bytes
+   if gc.since > math.max(GC_MIN_BYTES, gc.live) then
+      collectgarbage('collect')
+      gc.since, gc.live = 0, in_use()
+   end
+   local p = C.nr_tensor_new(dt, dev, n, arr)
+   if p == nil and C.nr_last_status() == C.NR_E_OOM then
+      collectgarbage('collect')
+      collectgarbage('collect')
+      if dev == C.NR_CUDA then C.nr_cuda_empty_cache() end
+      gc.since, gc.live = 0, in_use()
+      p = C.nr_tensor_new(dt, dev, n, arr)
+   end
+   return p
+end
+
 local function new(shape, opts, fname)
    fname = fname or 'nr.empty'
    opts = check.options(opts, {dtype = true, device = true, memory_format = true}, fname)
@@ -117,13 +145,13 @@ local function new(shape, opts, fname)
       return on_gpu(idx, fname, function() return new(shape, here, fname) end)
    end
    if parse_format(opts.memory_format, n, fname) == 'contiguous' then
-      return wrap(check.pointer(C.nr_tensor_new(dt, dev, n, arr), fname, 3))
+      return wrap(check.pointer(allocate(dt, dev, n, arr), fname, 3))
    end
    -- channels_last: an (N, H, W, C) block viewed as (N, C, H, W)
    local nn, c, h, w = arr[0], arr[1], arr[2], arr[3]
    local block = int64_arr()
    block[0], block[1], block[2], block[3] = nn, h, w, c
-   local base = wrap(check.pointer(C.nr_tensor_new(dt, dev, 4, block), fname, 3))
+   local base = wrap(check.pointer(allocate(dt, dev, 4, block), fname, 3))
    local stride = int64_arr()
    stride[0], stride[1], stride[2], stride[3] = h * w * c, 1, w * c, c
    local p = C.nr_tensor_view(base.c, 4, arr, stride, 0)
@@ -320,13 +348,18 @@ function Tensor:memory_format()
    return 'strided'
 end
 function Tensor:is_cuda() return live(self).device == C.NR_CUDA end
--- Raw pointer to element 0 (CPU tensors; typed by dtype, bf16 as uint16_t bits). Valid while the
--- tensor lives. Reading a float NaN through it can give a non-number in LuaJIT (NaN payloads are
--- its type tags): read values with get/totable, which canonicalise NaN.
+-- Raw pointer to element 0 (CPU tensors; typed by dtype, bf16 as uint16_t bits). The pointer
+-- keeps its tensor alive while it is reachable (nr.ones({n}):data() held alone was freed by the
+-- next collection, and reading it crashed); :free() still frees the memory. Reading a float NaN
+-- through it can give a non-number in LuaJIT (NaN payloads are its type tags): read values with
+-- get/totable, which canonicalise NaN.
+local ANCHOR = setmetatable({}, {__mode = 'k'}) -- pointer cdata -> its tensor
 function Tensor:data()
    local c = live(self)
    check.arg(c.device == C.NR_CPU, 'Tensor:data', 'tensor is on %s; call :cpu() first', self:device())
-   return ffi.cast(CTYPE_PTR[c.dtype], c.data)
+   local p = ffi.cast(CTYPE_PTR[c.dtype], c.data)
+   ANCHOR[p] = self
+   return p
 end
 function Tensor:same_storage(other)
    return C.nr_tensor_same_storage(live(self), live(other, 'Tensor:same_storage', 'other')) == 1
@@ -756,19 +789,32 @@ for name, op in pairs(BIN) do
    end
    Tensor[name .. '_'] = function(a, b) return apply(a, b, a) end
 end
+-- Operands of an arithmetic operator: a tensor and a tensor or a number (a string, table or nil
+-- failed as "attempt to call method 'add'").
+local function operands(a, b, op)
+   for _, v in ipairs({a, b}) do
+      if not (is_tensor(v) or type(v) == 'number') then
+         error(string.format('Tensor %s: operands must be tensors or numbers, got %s', op, check.show(v)), 3)
+      end
+   end
+end
 Tensor.__add = function(a, b)
+   operands(a, b, '+')
    if type(a) == 'number' then return b:add(a) end
    return a:add(b)
 end
 Tensor.__sub = function(a, b)
+   operands(a, b, '-')
    if type(a) == 'number' then return b:neg():add(a) end
    return a:sub(b)
 end
 Tensor.__mul = function(a, b)
+   operands(a, b, '*')
    if type(a) == 'number' then return b:mul(a) end
    return a:mul(b)
 end
 Tensor.__div = function(a, b)
+   operands(a, b, '/')
    check.arg(type(a) ~= 'number', 'Tensor:__div', 'number / tensor is not supported')
    return a:div(b)
 end

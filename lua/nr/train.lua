@@ -1179,13 +1179,24 @@ end
 
 -- One epoch of training: returns {loss, top1, images, time}.
 function Trainer:train_epoch(epoch)
-   local rc = self.recipe
-   local model, crit, opt, sched = self.model, self.criterion, self.optimizer, self.schedule
+   local model = self.model
    model:training()
    -- nothing here reads the gradient for the input batch: its first layer skips it (as PyTorch
    -- does for inputs that do not require grad); the model's own setting is back after the epoch
    local input_grad_was = model.setInputGrad and not rawget(model, '_noInputGrad')
    if model.setInputGrad then model:setInputGrad(false) end
+   -- also when the epoch fails (a hook's error, the NaN-loss stop, Ctrl-C): a model used after the
+   -- run (its error caught) kept returning nil from backward
+   local ok, res = pcall(self._train_steps, self, epoch)
+   if model.setInputGrad then model:setInputGrad(input_grad_was) end
+   if not ok then error(res, 0) end
+   return res
+end
+
+-- The steps of train_epoch (which restores the model's input-gradient setting around them).
+function Trainer:_train_steps(epoch)
+   local rc = self.recipe
+   local model, crit, opt, sched = self.model, self.criterion, self.optimizer, self.schedule
    local total = self.iters_per_epoch
    self.progress:begin_epoch(epoch, self:planned_epochs(self.schedule_hold), total)
    local t0 = progress.now()
@@ -1249,7 +1260,6 @@ function Trainer:train_epoch(epoch)
    end
    meter:read(what, opt.config.lr)
    local dt = progress.now() - t0
-   if model.setInputGrad then model:setInputGrad(input_grad_was) end
    n = meter.n
    return {loss = n > 0 and meter.loss / n or nil, top1 = n > 0 and 100 * meter.top1 / n or nil, images = n, time = dt}
 end

@@ -140,3 +140,107 @@ describe('steady-state allocation', function()
       assert.is_true(grew < 2 ^ 20, string.format('the malloc heap grew by %d bytes', grew))
    end)
 end)
+
+-- Tensor memory is C memory the Lua collector does not see: tensors nobody holds are collected by
+-- allocation pressure (a collection once the bytes allocated since the last one exceed the live
+-- set), and an allocation that fails for lack of memory collects and retries once.
+describe('C memory and the Lua collector', function()
+   local util = require 'tests.lua.spec_util'
+
+   it('dropped tensors do not pile up: in use stays near the live set plus one collection interval', function()
+      collectgarbage('collect')
+      require('nr.ffi').C.nr_memory_reset_peak(0) -- the CPU's
+      local base = nr.memory().cpu.in_use
+      for _ = 1, 40 do nr.empty({25 * 2 ^ 20}) end   -- 100 MiB each, dropped (4 GiB in all)
+      local peak = nr.memory().cpu.peak - base
+      assert.is_true(peak < 700 * 2 ^ 20, string.format('peak %.0f MiB above the start', peak / 2 ^ 20))
+   end)
+
+   it('an allocation that fails for lack of memory collects garbage and retries', function()
+      -- a child process limited to its current size + 1.6 GiB keeps 1 GiB and drops 300 MiB
+      -- tensors: the third fails unless the dropped ones are collected (pressure alone does not
+      -- collect yet: 900 MiB allocated since the last collection is below the 1 GiB live set)
+      local path = os.tmpname()
+      local f = assert(io.open(path, 'w'))
+      f:write([[
+local ffi = require 'ffi'
+ffi.cdef('struct nr_rl { unsigned long cur, max; }; int setrlimit(int, const struct nr_rl *);')
+local nr = require 'nr'
+local vm = tonumber(io.open('/proc/self/status'):read('*a'):match('VmSize:%s*(%d+) kB')) * 1024
+assert(ffi.C.setrlimit(9, ffi.new('struct nr_rl', vm + 1.6 * 2 ^ 30, vm + 1.6 * 2 ^ 30)) == 0) -- RLIMIT_AS
+local keep = nr.empty({256 * 2 ^ 20})
+for i = 1, 12 do nr.empty({75 * 2 ^ 20}):fill(i) end
+print('survived', keep:numel())
+]])
+      f:close()
+      local out, rc = util.run('NR_THREADS=1 ' .. util.nrlua() .. ' ' .. path)
+      os.remove(path)
+      assert.equal(0, rc, out)
+      assert.truthy(out:find('survived\t268435456', 1, true), out)
+   end)
+
+   it('freed tensors: named when a module reads them, made again where the library hands them out', function()
+      local function err(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      -- a freed optional bias or BN weight was taken for "none" (the output silently changed)
+      local conv = nn.Conv2d(1, 1, 1)
+      conv.bias:free()
+      assert.truthy(err(function() return conv:forward(nr.ones({1, 1, 2, 2})) end):find('bias: use of a freed tensor', 1, true))
+      local bn = nn.BatchNorm2d(1)
+      bn.weight:free()
+      assert.truthy(err(function() return bn:forward(nr.ones({2, 1, 2, 2})) end):find('weight: use of a freed tensor', 1, true))
+      local lin = nn.Linear(2, 2)
+      lin.weight = 'oops'
+      assert.truthy(err(function() return lin:forward(nr.ones({1, 2})) end):find('weight must be a tensor, got "oops"', 1, true))
+      -- a raw data pointer keeps its tensor alive
+      local p = nr.ones({1e5}):data()
+      collectgarbage('collect'); collectgarbage('collect')
+      assert.equal(1, p[99999])
+      -- the gradInput a backward returned, freed: the next backward makes its view again
+      local m = nn.Sequential{nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)}
+      local x = nr.randn({2, 5})
+      m:forward(x)
+      m:backward(x, nr.ones({2, 3})):free()
+      m:forward(x)
+      assert.same({2, 5}, m:backward(x, nr.ones({2, 3})):shape())
+      -- a freed momentum buffer starts again from zero
+      local l2 = nn.Linear(2, 1)
+      local opt = nr.optim.SGD(l2, {lr = 1, momentum = 0.9})
+      opt:step()
+      opt:state_of(l2.weight).momentum:free()
+      opt:step()
+      -- arithmetic operators name a bad operand
+      assert.truthy(err(function() return '1' + nr.ones({2}) end):find('Tensor +: operands must be tensors or numbers, got "1"', 1, true))
+   end)
+
+   it('a loader batch freed by its user: that slot\'s next batches are made again', function()
+      local n = 64
+      local path = os.tmpname()
+      os.remove(path)
+      os.execute('mkdir -p ' .. path)
+      -- an IDX dataset on disk (the loader needs a dataset)
+      local data = require 'nr.data'
+      local imgs, labels = {}, {}
+      for i = 1, n do imgs[i] = string.char((i * 7) % 256):rep(16); labels[i] = string.char(i % 10) end
+      local function idx(name, magic, dims, body)
+         local g = assert(io.open(path .. '/' .. name, 'wb'))
+         local hdr = string.char(0, 0, 8, magic)
+         for _, d in ipairs(dims) do hdr = hdr .. string.char(0, 0, math.floor(d / 256), d % 256) end
+         g:write(hdr .. body); g:close()
+      end
+      idx('train-images-idx3-ubyte', 3, {n, 4, 4}, table.concat(imgs))
+      idx('train-labels-idx1-ubyte', 1, {n}, table.concat(labels))
+      local ds = data.dataset{name = 'mnist', root = path}
+      local l = data.loader(ds, {batch = 16, threads = 1, prefetch = 1})
+      local seen = 0
+      for e = 1, 2 do
+         for bx, by in l:epoch(e) do
+            assert.equal(16, bx:size(1))
+            seen = seen + by:numel()
+            bx:free(); by:free()
+         end
+      end
+      assert.equal(2 * n, seen)
+      l:close(); ds:close()
+      os.execute('rm -rf ' .. path)
+   end)
+end)

@@ -408,6 +408,24 @@ h:release()
       assert.equal('step-00000016', named('best'))
    end)
 
+   it('a failed epoch gives the model its input gradient back (a hook\'s error)', function()
+      local calls = 0
+      local r = recipe(TMP .. '/hookerr', {epochs = 1, hooks = {after_backward = function()
+         calls = calls + 1
+         if calls == 3 then error('hook boom', 0) end
+      end}})
+      local model = convnet()
+      r.model = model
+      local ok, err = pcall(train.train, r)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('hook boom', 1, true))
+      local x = nr.randn({4, 1, 8, 8})
+      model:forward(x)
+      local gi = model:backward(x, nr.ones({4, 4}))
+      assert.is_truthy(gi, 'backward returned nil: the input gradient stayed off')
+      assert.same({4, 1, 8, 8}, gi:shape())
+   end)
+
    it('an evaluation counts a shard\'s own samples only (the repeats that pad a shard are left out)', function()
       local tr = train.new(recipe(TMP .. '/eval_unique', {}))
       local vx, vy = synthetic(6, 5)

@@ -467,6 +467,19 @@ end
 --   |difference| of 6-7 of 255 on 150-500 px JPEGs resized to 64, up to ~90 at sharp edges).
 --   Order: random_resized_crop |
 --   resize, center_crop, pad + crop, flip, channels, /255, normalize.
+-- l._x[s], l._y[s]: tensors viewing the loader's batch buffers of slot s (1-based), the batches
+-- its epochs yield. Made again when the user freed the ones handed out (the buffers stay the
+-- loader's; a freed view had poisoned the slot for the loader's life).
+local function slot_views(l, s, fname)
+   local p = l.c
+   local x, y = C.nr_loader_buffer(p, s - 1, 0), C.nr_loader_buffer(p, s - 1, 1)
+   local z4, z1 = ffi.new('int64_t[4]'), ffi.new('int64_t[1]', 1)
+   for d = 0, 3 do z4[d] = x.stride[d] end
+   l._x[s] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(x, 4, x.shape, z4, 0), fname, 3))
+   l._y[s] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(y, 1, y.shape, z1, 0), fname, 3))
+   l._part[s] = nil
+end
+
 function M.loader(ds, opts)
    local fname = 'nr.data.loader'
    check.arg(getmetatable(ds) == Dataset, fname, 'first argument must be a dataset from nr.data.dataset')
@@ -553,14 +566,7 @@ function M.loader(ds, opts)
    local shape = ffi.new('int64_t[4]')
    C.nr_loader_output_shape(p, shape)
    l.shape = {tonumber(shape[0]), tonumber(shape[1]), tonumber(shape[2]), tonumber(shape[3])}
-   local z4, z1 = ffi.new('int64_t[4]'), ffi.new('int64_t[1]')
-   for s = 0, C.nr_loader_nslots(p) - 1 do
-      local x, y = C.nr_loader_buffer(p, s, 0), C.nr_loader_buffer(p, s, 1)
-      for d = 0, 3 do z4[d] = x.stride[d] end
-      z1[0] = 1
-      l._x[s + 1] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(x, 4, x.shape, z4, 0), fname, 2))
-      l._y[s + 1] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(y, 1, y.shape, z1, 0), fname, 2))
-   end
+   for s = 1, C.nr_loader_nslots(p) do slot_views(l, s, fname) end
    return l
 end
 
@@ -617,9 +623,10 @@ function Loader:epoch(e)
          return nil
       end
       local s = slot[0] + 1
+      if not (rawget(self._x[s], 'c') and rawget(self._y[s], 'c')) then slot_views(self, s, 'Loader:epoch') end
       if n == B then return self._x[s], self._y[s] end
       local part = self._part[s]
-      if not part or part.n ~= n then
+      if not part or part.n ~= n or not (rawget(part.x, 'c') and rawget(part.y, 'c')) then
          part = {n = n, x = self._x[s]:narrow(1, 1, n), y = self._y[s]:narrow(1, 1, n)}
          self._part[s] = part
       end

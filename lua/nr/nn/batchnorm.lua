@@ -44,7 +44,7 @@ function BatchNorm2d:reset()
    return self
 end
 
-local function opt_c(t) return t and t.c or nil end
+local function opt_c(t, what) return U.tensor_c(t, what, true) end
 
 -- A parent Sequential whose next child is an in-place ReLU sets _fuse_relu just before calling
 -- forward: the ReLU is then applied here in the same pass (and its backward here too, from the
@@ -71,12 +71,14 @@ function BatchNorm2d:updateOutput(x)
    if self.train then
       local c = {self.num_features}
       local sm, si = U.buffer(self, '_save_mean', c, x), U.buffer(self, '_save_invstd', c, x)
-      U.call(C.nr_bn2d_forward_train(x.c, y.c, sm.c, si.c, opt_c(self.weight), opt_c(self.bias),
-         self.running_mean.c, self.running_var.c, self.momentum, self.eps, relu and 1 or 0))
+      U.call(C.nr_bn2d_forward_train(x.c, y.c, sm.c, si.c, opt_c(self.weight, 'weight'), opt_c(self.bias, 'bias'),
+         U.tensor_c(self.running_mean, 'running_mean'), U.tensor_c(self.running_var, 'running_var'), self.momentum,
+         self.eps, relu and 1 or 0))
       self._stats_from_batch = true
    else
-      U.call(C.nr_bn2d_forward_eval(x.c, y.c, opt_c(self.weight), opt_c(self.bias), self.running_mean.c,
-         self.running_var.c, self.eps, relu and 1 or 0))
+      U.call(C.nr_bn2d_forward_eval(x.c, y.c, opt_c(self.weight, 'weight'), opt_c(self.bias, 'bias'),
+         U.tensor_c(self.running_mean, 'running_mean'), U.tensor_c(self.running_var, 'running_var'), self.eps,
+         relu and 1 or 0))
       self._stats_from_batch = false
    end
    return y
@@ -92,11 +94,13 @@ local function backward(self, x, gradOutput, dx, dgamma, dbeta, scale)
    if dx == true then dx = U.grad_buffer(self, x:shape(), x) end
    local relu_y = self._relu_fused and self.output.c or nil
    if self._stats_from_batch then
-      U.call(C.nr_bn2d_backward(x.c, g.c, opt_c(dx), opt_c(dgamma), opt_c(dbeta), opt_c(self.weight),
+      U.call(C.nr_bn2d_backward(x.c, g.c, opt_c(dx, 'gradInput'), opt_c(dgamma, 'gradWeight'), opt_c(dbeta, 'gradBias'),
+         opt_c(self.weight, 'weight'),
          self._save_mean.c, self._save_invstd.c, scale, 1, relu_y))
    else
-      U.call(C.nr_bn2d_backward_eval(x.c, g.c, opt_c(dx), opt_c(dgamma), opt_c(dbeta), opt_c(self.weight),
-         self.running_mean.c, self.running_var.c, self.eps, scale, 1, relu_y))
+      U.call(C.nr_bn2d_backward_eval(x.c, g.c, opt_c(dx, 'gradInput'), opt_c(dgamma, 'gradWeight'),
+         opt_c(dbeta, 'gradBias'), opt_c(self.weight, 'weight'), U.tensor_c(self.running_mean, 'running_mean'),
+         U.tensor_c(self.running_var, 'running_var'), self.eps, scale, 1, relu_y))
    end
    return dx
 end
@@ -117,6 +121,7 @@ function BatchNorm2d:gradients(x, gradOutput, scale)
 end
 
 function BatchNorm2d:outputShape(s)
+   U.check_shape(s, 'BatchNorm2d:outputShape')
    if #s ~= 3 or s[1] ~= self.num_features then
       error(string.format('expected a (%d, H, W) input, got %s', self.num_features, U.shape_str(s)), 0)
    end

@@ -61,15 +61,16 @@ function Conv2d:updateOutput(x)
    self._fold_bn, self._fold_relu = nil, nil
    local ho, wo = out_hw(self, x:size(3), x:size(4))
    local y = U.act_buffer(self, 'output', {x:size(1), self.out_channels, ho, wo}, x)
-   local b = self.bias and self.bias.c or nil
+   local w, b = U.tensor_c(self.weight, 'weight'), U.tensor_c(self.bias, 'bias', true)
    if bn then
       local sh, sw, ph, pw, dh, dw, groups = geom(self)
-      U.call(C.nr_conv2d_forward_bn(x.c, y.c, self.weight.c, b, sh, sw, ph, pw, dh, dw, groups,
-         bn.weight and bn.weight.c or nil, bn.bias and bn.bias.c or nil, bn.running_mean.c, bn.running_var.c, bn.eps,
+      U.call(C.nr_conv2d_forward_bn(x.c, y.c, w, b, sh, sw, ph, pw, dh, dw, groups,
+         U.tensor_c(bn.weight, 'folded BN weight', true), U.tensor_c(bn.bias, 'folded BN bias', true),
+         U.tensor_c(bn.running_mean, 'folded BN running_mean'), U.tensor_c(bn.running_var, 'folded BN running_var'), bn.eps,
          relu and 1 or 0))
       self._fold_done = true
    else
-      U.call(C.nr_conv2d_forward(x.c, y.c, self.weight.c, b, geom(self)))
+      U.call(C.nr_conv2d_forward(x.c, y.c, w, b, geom(self)))
    end
    return y
 end
@@ -78,7 +79,7 @@ function Conv2d:updateGradInput(x, gradOutput)
    x = U.input(x, 4, self.in_channels, '(N, C, H, W)')
    local g = U.grad(gradOutput, self.output)
    local gi = U.grad_buffer(self, x:shape(), x)
-   U.call(C.nr_conv2d_backward_data(g.c, gi.c, self.weight.c, geom(self)))
+   U.call(C.nr_conv2d_backward_data(g.c, gi.c, U.tensor_c(self.weight, 'weight'), geom(self)))
    return gi
 end
 
@@ -88,7 +89,8 @@ function Conv2d:accGradParameters(x, gradOutput, scale)
    x = U.input(x, 4, self.in_channels, '(N, C, H, W)')
    local g = U.grad(gradOutput, self.output)
    local sh, sw, ph, pw, dh, dw, groups = geom(self)
-   U.call(C.nr_conv2d_backward_weight(x.c, g.c, self.gradWeight.c, self.gradBias and self.gradBias.c or nil,
+   U.call(C.nr_conv2d_backward_weight(x.c, g.c, U.tensor_c(self.gradWeight, 'gradWeight'),
+      U.tensor_c(self.gradBias, 'gradBias', self.bias == nil),
       sh, sw, ph, pw, dh, dw, groups, scale or 1, 1))
 end
 

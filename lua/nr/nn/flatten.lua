@@ -3,6 +3,7 @@
 local class = require 'nr.class'
 local Module = require 'nr.nn.module'
 local T = require 'nr.tensor'
+local U = require 'nr.nn.layer_util'
 
 local Flatten = class('Flatten', Module)
 
@@ -35,6 +36,7 @@ function Flatten:updateGradInput(x, gradOutput)
 end
 
 function Flatten:outputShape(s)
+   U.check_shape(s, 'Flatten:outputShape')
    local n = 1
    for i = 1, #s do n = n * s[i] end
    return {n}

@@ -25,7 +25,11 @@ Pool.__index = Pool
 
 function GP.new() return setmetatable({blocks = {}, by_ptr = {}}, Pool) end
 
-local function ptr(t) return tonumber(ffi.cast('uintptr_t', t.c.data)) end
+-- The address of t's first element; 0 for a freed tensor (no block starts there).
+local function ptr(t)
+   local c = rawget(t, 'c')
+   return c and tonumber(ffi.cast('uintptr_t', c.data)) or 0
+end
 
 -- Starts a pass: every block free; blocks nobody used in the previous pass are dropped.
 function Pool:begin()
@@ -91,7 +95,8 @@ function GP.buffer(owner, shape, like)
    b.busy, b.used = true, true
    local v = tr.gp_view
    local fmt = require('nr.nn.layer_util').format_for(shape, like)
-   if last ~= b or not v or not T.same_shape(v:shape(), shape) or tr.gp_fmt ~= fmt then
+   -- (the view handed out last time may have been freed by its user: made again)
+   if last ~= b or not (v and rawget(v, 'c')) or not T.same_shape(v:shape(), shape) or tr.gp_fmt ~= fmt then
       if fmt == 'channels_last' then v = b.t:as_strided(shape, T.channels_last_stride(shape))
       else v = b.t:narrow(1, 1, n):reshape(shape) end
       tr.gp_view, tr.gp_fmt = v, fmt

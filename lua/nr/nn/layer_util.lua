@@ -182,6 +182,17 @@ function U.conv_output_shape(self, s)
    return {self.out_channels, ho, wo}
 end
 
+-- The C handle of a module's tensor field (what names it: 'weight', 'bias', ...): an error
+-- (level 0: Module adds the path) when it is freed or not a tensor; nil when optional and absent.
+-- (A freed optional bias passed NULL, which C takes for "no bias": the output silently lost it.)
+function U.tensor_c(t, what, optional)
+   if t == nil and optional then return nil end
+   if not T.is_tensor(t) then error(string.format('%s must be a tensor, got %s', what, check.show(t)), 0) end
+   local c = rawget(t, 'c')
+   if not c then error(what .. ': use of a freed tensor', 0) end
+   return c
+end
+
 -- Raises the C message of a failed call (Module:forward adds the module's path).
 function U.call(status)
    if status ~= 0 then error(require('nr.ffi').ffi.string(C.nr_last_error()), 0) end

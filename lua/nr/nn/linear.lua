@@ -64,8 +64,8 @@ function Linear:updateOutput(x)
    local x2, lead = input(self, x)
    local key = lead and '_output2d' or 'output'
    local y = U.act_buffer(self, key, {x2:size(1), self.out_features}, x2)
-   U.call(C.nr_matmul(x2.c, self.weight.c, y.c, 0, 1, 1, 0))
-   if self.bias then U.call(C.nr_bias_add(y.c, self.bias.c)) end
+   U.call(C.nr_matmul(x2.c, U.tensor_c(self.weight, 'weight'), y.c, 0, 1, 1, 0))
+   if self.bias then U.call(C.nr_bias_add(y.c, U.tensor_c(self.bias, 'bias'))) end
    self.output = lead and y:reshape(with_last(lead, self.out_features)) or y
    return self.output
 end
@@ -80,7 +80,7 @@ function Linear:updateGradInput(x, gradOutput)
    local x2 = input(self, x)
    local g = grad_rows(self, gradOutput)
    local gi = U.grad_buffer(self, x:shape(), x2)
-   U.call(C.nr_matmul(g.c, self.weight.c, (gi:dim() == 2 and gi or gi:reshape(x2:shape())).c, 0, 0, 1, 0))
+   U.call(C.nr_matmul(g.c, U.tensor_c(self.weight, 'weight'), (gi:dim() == 2 and gi or gi:reshape(x2:shape())).c, 0, 0, 1, 0))
    return gi
 end
 
@@ -90,11 +90,12 @@ function Linear:accGradParameters(x, gradOutput, scale)
    x = input(self, x)
    local g = grad_rows(self, gradOutput)
    scale = scale or 1
-   U.call(C.nr_matmul(g.c, x.c, self.gradWeight.c, 1, 0, scale, 1))
-   if self.bias then U.call(C.nr_bias_backward(g.c, self.gradBias.c, scale, 1)) end
+   U.call(C.nr_matmul(g.c, x.c, U.tensor_c(self.gradWeight, 'gradWeight'), 1, 0, scale, 1))
+   if self.bias then U.call(C.nr_bias_backward(g.c, U.tensor_c(self.gradBias, 'gradBias'), scale, 1)) end
 end
 
 function Linear:outputShape(s)
+   U.check_shape(s, 'Linear:outputShape')
    if #s < 1 or s[#s] ~= self.in_features then
       error(string.format('expected a (*, %d) input, got %s', self.in_features, U.shape_str(s)), 0)
    end

@@ -45,6 +45,7 @@ local function out_hw(self, h, w)
 end
 
 local function window_shape(self, s)
+   U.check_shape(s, self:typename() .. ':outputShape')
    if #s ~= 3 then error('expected a (C, H, W) input, got ' .. U.shape_str(s), 0) end
    local ho, wo = out_hw(self, s[2], s[3])
    return {s[1], ho, wo}
@@ -139,6 +140,7 @@ function GlobalAvgPool2d:updateGradInput(x, gradOutput)
    return gi
 end
 function GlobalAvgPool2d:outputShape(s)
+   U.check_shape(s, 'GlobalAvgPool2d:outputShape')
    if #s ~= 3 then error('expected a (C, H, W) input, got ' .. U.shape_str(s), 0) end
    return {s[1]}
 end

@@ -210,7 +210,7 @@ local function buffer_for(self, p)
       st = {}
       self.state_[p] = st
    end
-   if not st.momentum then
+   if not (st.momentum and rawget(st.momentum, 'c')) then -- none yet, or freed by its user: start again
       st.momentum = T.zeros(p:shape(), {device = p:device()})
    end
    return st.momentum
