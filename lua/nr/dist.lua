@@ -49,6 +49,15 @@ function M.launched()
    return false
 end
 
+-- Raises when this process runs under an MPI launcher but nr.dist.init has not run: every
+-- collective would act as the single process it is not (each rank its own rank 0 of 1).
+local function need_init(fname)
+   if S.mode == nil and M.launched() then
+      error(fname .. ': this process was started by an MPI launcher; call nr.dist.init() first (before it, '
+         .. 'every rank acts as rank 0 of 1 and no collective reaches the others)', 3)
+   end
+end
+
 -- ---- loading libnr_dist --------------------------------------------------------------------
 
 local function candidates()
@@ -174,6 +183,7 @@ function M.set_timeout(seconds)
 end
 
 function M.barrier()
+   need_init('nr.dist.barrier')
    if S.mode == 'mpi' then ok(D.nr_dist_barrier(), 'nr.dist.barrier') end
 end
 
@@ -207,15 +217,30 @@ local function algo_for(t, algo)
    return ALGOS[algo], false
 end
 
--- t <- op over ranks of t, in place. opts: op = 'sum' | 'mean' (default) | 'max' | 'min',
--- algo = 'ordered' | 'mpi' (CPU) | 'nccl' (GPU; 'ordered' on a GPU tensor stages through the host).
-function M.allreduce(t, opts)
-   check.arg(T.is_tensor(t), 'nr.dist.allreduce', 'expected a tensor, got %s', type(t))
-   opts = check.options(opts, {op = true, algo = true}, 'nr.dist.allreduce')
-   local op = opts.op or 'mean'
-   check.arg(OPS[op] ~= nil, 'nr.dist.allreduce', 'op must be sum, mean, max or min, got %s', tostring(op))
+-- Every rank's list (the same length on every rank) as rows, rank 0 first; fname names the
+-- caller in errors (a timeout says which collective a rank waited in).
+local function gather_rows(list, fname)
+   local n = #list
+   local inb = ffi.new('double[?]', math.max(n, 1))
+   local out = ffi.new('double[?]', math.max(n, 1) * S.size)
+   for i = 1, n do inb[i - 1] = list[i] end
+   ok(D.nr_dist_allgather_f64(inb, n, out), fname)
+   local res = {}
+   for r = 0, S.size - 1 do
+      local row = {}
+      for i = 1, n do row[i] = out[r * n + i - 1] end
+      res[r + 1] = row
+   end
+   return res
+end
+
+local DTYPE_CODE = {float32 = 0, int64 = 1}
+
+-- The reduction of allreduce, without its agreement check (SyncBN and sync_buffers reduce
+-- tensors whose sizes agree by construction, every step).
+local function reduce(t, op, algo_name)
    if S.mode ~= 'mpi' or S.size == 1 then return t end
-   local algo, stage = algo_for(t, opts.algo)
+   local algo, stage = algo_for(t, algo_name)
    local x = t
    if stage then x = t:cpu() elseif not t:is_contiguous() then x = t:clone() end
    local scale = (op == 'mean') and 1 / S.size or 1
@@ -224,12 +249,43 @@ function M.allreduce(t, opts)
    return t
 end
 
+-- t <- op over ranks of t, in place. opts: op = 'sum' | 'mean' (default) | 'max' | 'min',
+-- algo = 'ordered' | 'mpi' (CPU) | 'nccl' (GPU; 'ordered' on a GPU tensor stages through the host).
+-- Every rank's tensor must have the same number of elements and dtype: checked first (one small
+-- collective), so a mismatch is the same error on every rank (it truncated on one rank and gave
+-- another garbage). The checks of a run on N ranks hold in one process too.
+function M.allreduce(t, opts)
+   check.arg(T.is_tensor(t), 'nr.dist.allreduce', 'expected a tensor, got %s', type(t))
+   opts = check.options(opts, {op = true, algo = true}, 'nr.dist.allreduce')
+   local op = opts.op or 'mean'
+   check.arg(OPS[op] ~= nil, 'nr.dist.allreduce', 'op must be sum, mean, max or min, got %s', tostring(op))
+   local code = DTYPE_CODE[t:dtype()]
+   check.arg(code ~= nil, 'nr.dist.allreduce', 'takes float32 or int64 tensors, got %s', t:dtype())
+   check.arg(not (code == 1 and op == 'mean'), 'nr.dist.allreduce',
+      'an int64 tensor takes op sum, max or min (its mean would not be an integer)')
+   need_init('nr.dist.allreduce')
+   if S.mode ~= 'mpi' or S.size == 1 then return t end
+   local rows = gather_rows({t:numel(), code}, 'nr.dist.allreduce')
+   for r = 2, #rows do
+      if rows[r][1] ~= rows[1][1] or rows[r][2] ~= rows[1][2] then
+         local parts = {}
+         for q, row in ipairs(rows) do
+            parts[q] = string.format('rank %d %d elements (%s)', q - 1, row[1], row[2] == 1 and 'int64' or 'float32')
+         end
+         error('nr.dist.allreduce: the ranks\' tensors differ: ' .. table.concat(parts, ', '), 2)
+      end
+   end
+   return reduce(t, op, opts.algo)
+end
+
 -- t <- root's t, in place (same shape and dtype on every rank).
 function M.broadcast(t, root)
    check.arg(T.is_tensor(t), 'nr.dist.broadcast', 'expected a tensor, got %s', type(t))
    root = root or 0
+   need_init('nr.dist.broadcast')
+   check.arg(type(root) == 'number' and root >= 0 and root < S.size and root == math.floor(root), 'nr.dist.broadcast',
+      'root %s outside 0..%d', tostring(root), S.size - 1)
    if S.mode ~= 'mpi' or S.size == 1 then return t end
-   check.arg(root >= 0 and root < S.size, 'nr.dist.broadcast', 'root %s outside 0..%d', tostring(root), S.size - 1)
    local x = t:is_contiguous() and t or t:clone()
    if x:is_cuda() and not M.has_nccl() then x = x:cpu() end
    ok(D.nr_dist_broadcast(x.c, root), 'nr.dist.broadcast')
@@ -240,21 +296,30 @@ end
 -- ---- collectives on Lua values -------------------------------------------------------------
 
 -- Every rank's list of numbers: {[1] = rank 0's list, [2] = rank 1's, ...}.
+local gather_n = ffi.new('double[1]')
+
+
 function M.allgather_numbers(list)
    check.type(list, 'table', 'nr.dist.allgather_numbers', 'list')
    local n = #list
-   if S.mode ~= 'mpi' or S.size == 1 then return {{unpack(list)}} end
-   local inb = ffi.new('double[?]', math.max(n, 1))
-   local out = ffi.new('double[?]', math.max(n, 1) * S.size)
-   for i = 1, n do inb[i - 1] = list[i] end
-   ok(D.nr_dist_allgather_f64(inb, n, out), 'nr.dist.allgather_numbers')
-   local res = {}
-   for r = 0, S.size - 1 do
-      local row = {}
-      for i = 1, n do row[i] = out[r * n + i - 1] end
-      res[r + 1] = row
+   for i = 1, n do
+      check.arg(type(list[i]) == 'number', 'nr.dist.allgather_numbers', 'list[%d] is a %s, not a number', i, type(list[i]))
    end
-   return res
+   need_init('nr.dist.allgather_numbers')
+   if S.mode ~= 'mpi' or S.size == 1 then return {{unpack(list)}} end
+   -- the lengths first: lists of different lengths misread each other's numbers on some ranks and
+   -- truncated on others; now every rank raises the same error
+   gather_n[0] = n
+   local lens = ffi.new('double[?]', S.size)
+   ok(D.nr_dist_allgather_f64(gather_n, 1, lens), 'nr.dist.allgather_numbers')
+   for r = 1, S.size - 1 do
+      if lens[r] ~= lens[0] then
+         local parts = {}
+         for q = 0, S.size - 1 do parts[q + 1] = string.format('rank %d %d', q, lens[q]) end
+         error('nr.dist.allgather_numbers: the ranks\' lists differ in length: ' .. table.concat(parts, ', '), 0)
+      end
+   end
+   return gather_rows(list, 'nr.dist.allgather_numbers')
 end
 
 -- Element-wise reduction of a list of numbers over ranks, in rank order (deterministic).
@@ -317,15 +382,27 @@ local len_buf = ffi.new('int64_t[1]')
 -- Root's value of obj (plain Lua data), on every rank; the other ranks' obj is ignored.
 function M.broadcast_object(obj, root)
    root = root or 0
-   if S.mode ~= 'mpi' or S.size == 1 then return obj end
-   local text = ''
-   if S.rank == root then text = 'return ' .. serialize(obj, {}, 'object') end
-   len_buf[0] = #text
+   need_init('nr.dist.broadcast_object')
+   if S.mode ~= 'mpi' or S.size == 1 then
+      serialize(obj, {}, 'object') -- what would not travel on N ranks is refused in one process too
+      return obj
+   end
+   -- the root's text, or its error: a value that cannot travel is the same error on every rank
+   -- (a negative length carries it), not a timeout on the others
+   local text, failed = '', false
+   if S.rank == root then
+      local okay, res = pcall(serialize, obj, {}, 'object')
+      text, failed = okay and ('return ' .. res) or tostring(res), not okay
+   end
+   len_buf[0] = failed and -#text or #text
    ok(D.nr_dist_broadcast_bytes(len_buf, 8, root), 'nr.dist.broadcast_object')
    local n = tonumber(len_buf[0])
+   local bad = n < 0
+   n = math.abs(n)
    local buf = ffi.new('uint8_t[?]', math.max(n, 1))
    if S.rank == root then ffi.copy(buf, text, n) end
    ok(D.nr_dist_broadcast_bytes(buf, n, root), 'nr.dist.broadcast_object')
+   if bad then error(ffi.string(buf, n) .. (S.rank ~= root and (' (on rank ' .. root .. ')') or ''), 2) end
    if S.rank == root then return obj end
    local chunk, err = loadstring(ffi.string(buf, n), '=broadcast')
    if not chunk then error('nr.dist.broadcast_object: cannot read rank ' .. root .. "'s value: " .. tostring(err), 2) end
@@ -338,6 +415,7 @@ end
 -- raises on rank 0, every rank raises the same error, so no rank is left waiting.
 function M.decide(fn, ...)
    check.type(fn, 'function', 'nr.dist.decide', 'fn')
+   need_init('nr.dist.decide')
    if S.mode ~= 'mpi' or S.size == 1 then return fn(...) end
    local payload
    if S.rank == 0 then
@@ -394,6 +472,7 @@ function M.broadcast_model(model, opts)
    check.arg(type(model) == 'table' and type(model.namedParameters) == 'function', 'nr.dist.broadcast_model', 'model must be an nr.nn module')
    opts = check.options(opts, {root = true, optimizer = true}, 'nr.dist.broadcast_model')
    local root = opts.root or 0
+   need_init('nr.dist.broadcast_model')
    if S.mode ~= 'mpi' or S.size == 1 then return model end
    local mine = state_tensors(model, nil)
    local sig = {}
@@ -457,10 +536,11 @@ end
 function M.sync_buffers(model, mode)
    mode = mode or 'mean'
    check.arg(mode == 'mean' or mode == 'broadcast', 'nr.dist.sync_buffers', 'mode must be "mean" or "broadcast", got %s', tostring(mode))
+   need_init('nr.dist.sync_buffers')
    if S.mode ~= 'mpi' or S.size == 1 then return model end
    for _, e in ipairs(model:namedBuffers()) do
       if mode == 'mean' and e.tensor:dtype() == 'float32' then
-         M.allreduce(e.tensor, {op = 'mean', algo = 'ordered'})
+         reduce(e.tensor, 'mean', 'ordered')
       else
          M.broadcast(e.tensor, 0)
       end
@@ -577,7 +657,7 @@ local function syncbn_class()
       local buf = T.empty({c + #extra})
       buf:narrow(1, 1, c):copy(s)
       for i, v in ipairs(extra) do buf:set(c + i, v) end
-      M.allreduce(buf, {op = 'sum', algo = 'ordered'})
+      reduce(buf, 'sum', 'ordered')
       return buf:totable()
    end
 
@@ -630,7 +710,7 @@ local function syncbn_class()
       local c2 = T.empty({2 * c})
       c2:narrow(1, 1, c):copy(self._dbeta)
       c2:narrow(1, c + 1, c):copy(self._dgamma)
-      M.allreduce(c2, {op = 'sum', algo = 'ordered'})
+      reduce(c2, 'sum', 'ordered')
       local v = c2:totable()
       local a, b = {}, {}
       for i = 1, c do a[i], b[i] = v[i] / m, v[c + i] / m end
@@ -862,6 +942,7 @@ end
 -- Averages (or sums, average = false) the gradients over ranks, in place. Call once per step,
 -- after backward and before the optimizer step.
 function Reducer:reduce()
+   need_init('nr.dist.GradReducer:reduce')
    if S.mode ~= 'mpi' or S.size == 1 then return end
    if self.broken or self:stale() then
       for _, b in ipairs(self.buckets) do
@@ -1227,7 +1308,11 @@ function M.attach(tr, opts)
          step_hooked = true
       end
       if rank == 0 then
-         local batch = type(data) == 'table' and data.batch
+         -- the training loader's own batch (ready-made loaders have theirs; data.batch is the default)
+         local tl = t.train_loader
+         local inner = type(tl) == 'table' and getmetatable(tl) == Sharded and tl.inner or tl
+         local batch = type(inner) == 'table' and type(inner.batch) == 'number' and inner.batch
+            or type(data) == 'table' and data.batch
          t:print(string.format('nr.dist: %d ranks (%d on this machine), %s reduction, buckets of %g MiB%s, %s BatchNorm%s',
             size, S.local_size, t.device and tostring(t.device):match('^cuda') and 'NCCL' or (opts.algo or S.algo),
             opts.bucket_mb or 25, opts.overlap and ', overlapped with backward' or '',

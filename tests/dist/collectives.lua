@@ -8,7 +8,10 @@ local nr = require 'nr'
 local dist = require 'nr.dist'
 local H = require 'tests.dist.common'
 
+-- before init, under a launcher, a collective is refused (each rank was its own rank 0 of 1)
+local okp, errp = pcall(dist.allreduce, nr.ones({2}), {op = 'sum'})
 local rank, size = dist.init{timeout = 60}
+if okp or not tostring(errp):find('call nr.dist.init() first', 1, true) then H.fail('allreduce before init: %s', tostring(errp)) end
 if not dist.active() then H.fail('expected an MPI launch with more than one rank (size %d)', size) end
 
 for _, algo in ipairs({'ordered', 'mpi'}) do H.check_allreduce(algo) end
@@ -73,8 +76,26 @@ H.pass('numbers and barrier')
 
 -- errors are clear and raised (not hangs): wrong arguments
 local okw, errw = pcall(dist.allreduce, nr.zeros({3}, {dtype = 'uint8'}))
-if okw or not tostring(errw):match('f32 or int64') then H.fail('uint8 allreduce: %s', tostring(errw)) end
+if okw or not tostring(errw):match('float32 or int64') then H.fail('uint8 allreduce: %s', tostring(errw)) end
 H.pass('argument errors')
+
+-- ranks that disagree get the same error on every rank (one rank truncated, another got garbage)
+local oks, errs = pcall(dist.allreduce, nr.ones({rank == 0 and 4 or 6}), {op = 'sum'})
+if oks or not tostring(errs):find('the ranks\' tensors differ: rank 0 4 elements (float32), rank 1 6 elements', 1, true) then
+   H.fail('allreduce of different sizes: %s', tostring(errs))
+end
+local okl, errl = pcall(dist.allreduce_numbers, rank == 0 and {1, 2} or {1, 2, 3}, 'sum')
+if okl or not tostring(errl):find('lists differ in length: rank 0 2, rank 1 3', 1, true) then
+   H.fail('allreduce_numbers of different lengths: %s', tostring(errl))
+end
+local oko, erro = pcall(dist.broadcast_object, rank == 0 and {f = print} or {}, 0)
+if oko or not tostring(erro):find('object.f is a function', 1, true) then
+   H.fail('broadcast_object of a function: %s', tostring(erro))
+end
+local x = nr.tensor({rank + 1}) -- and the collectives still work after those errors
+dist.allreduce(x, {op = 'sum'})
+if x:get(1) ~= size * (size + 1) / 2 then H.fail('allreduce after the refused ones: %g', x:get(1)) end
+H.pass('disagreeing ranks refused together')
 
 -- a recipe that names one GPU ('cuda:N') is refused under several ranks (every rank would take
 -- that GPU); checked before any GPU is touched, so it runs on a machine without one

@@ -75,6 +75,18 @@ describe('nr.dist in one process (no launcher)', function()
       assert.same({1, 2, 3}, t:totable())
       assert.same({4, 5}, {dist.decide(function(a) return a, 5 end, 4)})
       assert.same({{7}}, dist.allgather_numbers({7}))
+      -- what N ranks refuse, one process refuses too
+      for _, c in ipairs({
+         {function() dist.allreduce(nr.tensor({1}, {dtype = 'uint8'})) end, 'takes float32 or int64 tensors, got uint8'},
+         {function() dist.allreduce(nr.tensor({1}, {dtype = 'int64'})) end, 'an int64 tensor takes op sum, max or min'},
+         {function() dist.broadcast(nr.tensor({1}), 5) end, 'root 5 outside 0..0'},
+         {function() dist.broadcast_object({f = print}) end, 'object.f is a function'},
+      }) do
+         local okc, ec = pcall(c[1])
+         assert.is_false(okc)
+         assert.truthy(tostring(ec):find(c[2], 1, true), tostring(ec))
+      end
+      assert.equal(3, dist.allreduce(nr.tensor({3}, {dtype = 'int64'}), {op = 'sum'}):get(1))
       local m = nr.nn.Sequential{nr.nn.Linear(3, 2)}
       local r = dist.GradReducer(m)
       r:reduce()
@@ -179,7 +191,7 @@ describe('nr.dist under mpirun -np 2', function()
    it('(a) reduces and broadcasts correctly on every rank', function()
       local out, rc = mpirun('collectives.lua', 2)
       assert.equal(0, rc, out)
-      assert.equal(16, count(out, 'PASS [^\n]* rank %d/2'), out)
+      assert.equal(18, count(out, 'PASS [^\n]* rank %d/2'), out)
    end)
 
    it('(b) 2 ranks x 8 samples give the weights of 1 process x 16 samples within 1e-5 (TCP loopback; MLP, conv, conv+synchronized BN)', function()
