@@ -28,6 +28,7 @@ function M.compare(a, b, tol, what)
    for i = 0, n - 1 do
       scale = math.max(scale, math.abs(pb[i]))
       local d = math.abs(pa[i] - pb[i])
+      if d ~= d then d = math.huge end -- NaN on either side: the worst difference (">" skipped it)
       if d > diff then diff, at = d, i end
    end
    local rel = diff / math.max(scale, 1e-30)

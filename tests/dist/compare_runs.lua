@@ -22,6 +22,7 @@ for _, k in ipairs(names) do
    for i = 0, x:numel() - 1 do
       scale = math.max(scale, math.abs(py[i]))
       local d = math.abs(px[i] - py[i])
+      if d ~= d then d = math.huge end -- NaN on either side: the worst difference (">" skipped it)
       if d > diff then diff, at = d, i end
    end
    local rel = diff / math.max(scale, 1e-30)

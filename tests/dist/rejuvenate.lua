@@ -124,8 +124,8 @@ H.pass('replicas identical after training past the rejuvenation')
 -- reallocation policy runs inside nr.dist.decide (what nr.dist.attach does for recipe.nr), the
 -- surgery runs everywhere, the fresh channels are drawn from per-rank generators, and the
 -- broadcast makes every rank hold rank 0's result.
-local okr, rej = pcall(require, 'nr.rejuvenate')
-if okr and type(rej.rejuvenate) == 'function' then
+local rej = require 'nr.rejuvenate' -- a plain require: a failure to load fails the test
+do
    local pol = require 'nr.rejuvenate.policy'
    nr.manual_seed(5)
    local m2 = nr.nn.Sequential{nr.nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nr.nn.BatchNorm2d(8), nr.nn.ReLU(),
@@ -161,6 +161,4 @@ if okr and type(rej.rejuvenate) == 'function' then
    dist.sync_buffers(model)
    dist.assert_same(model, 'after training past nr.rejuvenate', {optimizer = opt})
    H.pass('replicas identical after training past nr.rejuvenate')
-else
-   if rank == 0 then print('nr.rejuvenate not available: only the manual rejuvenation was checked') end
 end

@@ -45,7 +45,8 @@ local function compare(loss_fn, t, ana, skip, eps)
          local lm = loss_fn()
          p[i] = v
          local num, a = (lp - lm) / (2 * eps), g[i]
-         if math.abs(num - a) > ATOL + RTOL * math.max(math.abs(num), math.abs(a)) then
+         -- "not <=": a NaN on either side is a mismatch (with ">" it passed as a match)
+         if not (math.abs(num - a) <= ATOL + RTOL * math.max(math.abs(num), math.abs(a))) then -- luacheck: ignore 581
             bad[#bad + 1] = {i, num, a}
          end
       end

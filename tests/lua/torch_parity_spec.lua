@@ -55,6 +55,13 @@ end
 
 -- Runs module m on a fixture case and compares everything stored for it.
 local function check_module(case, m)
+   -- what the fixture script stores for such a module must be there: a missing gradient file
+   -- would otherwise drop that comparison without a word
+   local want = {'x', 'y', 'gy', 'gx'}
+   if m.weight then want[#want + 1] = 'w'; want[#want + 1] = 'gw' end
+   if m.bias then want[#want + 1] = 'b'; want[#want + 1] = 'gb' end
+   if m.running_mean then for _, k in ipairs({'rm0', 'rv0', 'rm', 'rv'}) do want[#want + 1] = k end end
+   for _, k in ipairs(want) do assert(exists(case, k), case .. ': fixture ' .. k .. '.npy is missing') end
    local x = load(case, 'x')
    if exists(case, 'w') then m.weight:copy(load(case, 'w')) end
    if exists(case, 'b') then m.bias:copy(load(case, 'b')) end
