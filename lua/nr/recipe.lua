@@ -382,6 +382,15 @@ function M.run(recipe, args, path)
          r = M.apply(base, args)
       end
    end
+   -- --resume DIR continues in DIR: the recipe file's own out (the zoo's runs/<name>) is for new
+   -- runs; it used to win, so the resumed run went on in another folder (--out DIR still moves it)
+   if type(r.resume) == 'string' then
+      local out_given = false
+      for _, a in ipairs(args or {}) do
+         if a == '--out' or tostring(a):match('^%-%-out=') then out_given = true end
+      end
+      if not out_given then r.out = nil end
+   end
    if r.name == nil and path then r.name = path:match('([^/]+)%.lua$') or path end
    local summary = train.train(r)
    return summary

@@ -1427,8 +1427,9 @@ function Trainer:run()
       -- default): an epoch that ends still inside it was a schedule epoch.
       local held = self.schedule_hold and not (self.schedule and self.schedule:in_warmup())
       -- released mid-epoch: the epoch was not a whole schedule epoch, so it counts as held and the
-      -- schedule goes back to where the release found it (its steps since ran at the schedule's
-      -- start LR); counted as a schedule epoch, the schedule's first epoch would have been skipped
+      -- schedule goes back to where the release found it (the steps since ran the schedule's first
+      -- part, which the next epoch runs again from the start); counted as a schedule epoch, the
+      -- schedule's first epoch would have been skipped
       if self.release_iter then
          held = true
          self.schedule.iter = self.release_iter

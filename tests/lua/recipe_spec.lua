@@ -190,6 +190,19 @@ return {
       assert.truthy(text:find('resumed from', 1, true), text)
       assert.is_nil(text:find('epoch 3/5', 1, true))
       assert.truthy(text:find('epoch 5/5  train loss', 1, true), text)
+      -- a recipe with its own out (as the zoo's runs/<name>): --resume DIR continues in DIR
+      local with_out = TMP .. '/tiny_out.lua'
+      local src = ck.read_file(file):gsub('optim = {lr = 0.1}', 'out = ' .. string.format('%q', TMP .. '/default_out') .. ', optim = {lr = 0.1}')
+      w = assert(io.open(with_out, 'w')); w:write(src); w:close()
+      local run2 = TMP .. '/run2'
+      rc = os.execute(string.format('%s %s --threads 1 --out %s > %s 2>&1', exe, with_out, run2, log))
+      assert(rc == 0 or rc == true, 'nrlua failed: ' .. (ck.read_file(log) or ''))
+      rc = os.execute(string.format('%s %s --epochs 3 --threads 1 --resume %s > %s 2>&1', exe, with_out, run2, log))
+      text = ck.read_file(log) or ''
+      assert(rc == 0 or rc == true, 'resume failed: ' .. text)
+      assert.truthy(text:find('-> ' .. run2, 1, true), text)
+      assert.is_nil(ck.read_file(TMP .. '/default_out/recipe.json'), 'the resumed run went on in the recipe\'s own out')
+      assert.equal(3, ck.json_decode(ck.read_file(run2 .. '/recipe.json')).epochs)
       -- a bad flag fails with a message naming it
       rc = os.execute(string.format('%s %s --epoch 5 > %s 2>&1', exe, file, log))
       assert(rc ~= 0 and rc ~= true)
