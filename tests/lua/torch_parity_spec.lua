@@ -150,3 +150,37 @@ describe('PyTorch parity: other layers', function()
       end)
    end
 end)
+
+-- NRConv2d (CR and CA) against the same layer written in PyTorch from its blocks: three
+-- generations, input groups that are index lists (the gather), the cross-attention gate.
+describe('PyTorch parity: NRConv2d', function()
+   local spec = {in_channels = 6, out_channels = 7, kernel_size = 3, padding = 1, bias = true,
+                 in_groups = {{gen = 0, idx = {0, 3, 5}}, {gen = 1, idx = {1, 4}}, {gen = 2, idx = {2}}},
+                 out_groups = {{gen = 0, first = 0, n = 3}, {gen = 1, first = 3, n = 2}, {gen = 2, first = 5, n = 2}}}
+   for _, c in ipairs({{'nrconv_cr', 'CR', 3}, {'nrconv_ca', 'CA', 9}}) do
+      local case, scheme, nblocks = c[1], c[2], c[3]
+      it(scheme .. ': output, input gradient and every block\'s weight and bias gradients', function()
+         local sp = {}
+         for k, v in pairs(spec) do sp[k] = v end
+         sp.scheme = scheme
+         local m = nn.NRConv2d(sp)
+         assert.equal(nblocks, #m.blocks)
+         for _, b in ipairs(m.blocks) do
+            local key = b.conv._key
+            assert(exists(case, key .. '.w'), case .. ': no fixture for block ' .. key)
+            b.conv.weight:copy(load(case, key .. '.w'))
+            assert.equal(b.diag, b.conv.bias ~= nil, key .. ': bias on the diagonal blocks only')
+            if b.conv.bias then b.conv.bias:copy(load(case, key .. '.b')) end
+         end
+         local x = load(case, 'x')
+         compare(case .. ' y', m:forward(x), load(case, 'y'))
+         m:zeroGradParameters()
+         compare(case .. ' gx', m:backward(x, load(case, 'gy')), load(case, 'gx'))
+         for _, b in ipairs(m.blocks) do
+            local key = b.conv._key
+            compare(case .. ' ' .. key .. ' gw', b.conv.gradWeight, load(case, key .. '.gw'))
+            if b.conv.bias then compare(case .. ' ' .. key .. ' gb', b.conv.gradBias, load(case, key .. '.gb')) end
+         end
+      end)
+   end
+end)
