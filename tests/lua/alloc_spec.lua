@@ -157,6 +157,15 @@ describe('C memory and the Lua collector', function()
    end)
 
    it('an allocation that fails for lack of memory collects garbage and retries', function()
+      -- AddressSanitizer reserves terabytes of address space and aborts on an allocation a memory
+      -- limit refuses: this check belongs to the plain build (scripts/test.sh), not NR_SANITIZE=1
+      local f0 = io.open('/proc/self/maps')
+      local sanitized = f0 and f0:read('*a'):find('libasan', 1, true)
+      if f0 then f0:close() end
+      if sanitized then
+         pending('under AddressSanitizer (memory limits and its allocator do not mix); the plain build runs it')
+         return
+      end
       -- a child process limited to its current size + 1.6 GiB keeps 1 GiB and drops 300 MiB
       -- tensors: the third fails unless the dropped ones are collected (pressure alone does not
       -- collect yet: 900 MiB allocated since the last collection is below the 1 GiB live set)
