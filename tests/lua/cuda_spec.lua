@@ -1299,12 +1299,7 @@ describe('NaN propagates on the GPU as on the CPU', function()
    local nn = nr.nn
    local nan = 0 / 0
    local function is_nan(v) return v ~= v end
-   -- positions (1-based, row-major) of the NaNs of t
-   local function nan_positions(t)
-      local out, flat = {}, t:contiguous():reshape(-1):totable()
-      for i, v in ipairs(flat) do if is_nan(v) then out[#out + 1] = i end end
-      return out
-   end
+   local nan_positions = require('tests.lua.spec_util').nan_positions
    local function same(want, got, what)
       if table.concat(want, ',') ~= table.concat(got, ',') then
          error(string.format('%s: NaN at {%s} on the CPU, {%s} on the GPU', what, table.concat(want, ','), table.concat(got, ',')), 2)

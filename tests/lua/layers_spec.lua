@@ -891,13 +891,7 @@ end)
 -- (the GPU's NaN rule is checked in tests/lua/cuda_spec.lua, which also runs on the CUDA emulator)
 describe('NaN propagates through ReLU (as PyTorch), so a diverging run reaches the loss check', function()
    local nan = 0 / 0
-   local function is_nan(v) return v ~= v end
-   -- positions (1-based, row-major) of the NaNs of t
-   local function nan_positions(t)
-      local out, flat = {}, t:contiguous():reshape(-1):totable()
-      for i, v in ipairs(flat) do if is_nan(v) then out[#out + 1] = i end end
-      return out
-   end
+   local nan_positions = require('tests.lua.spec_util').nan_positions
 
    it('ReLU and ReLU{inplace = true}: NaN in, NaN out; the backward passes no gradient there (mask y > 0)', function()
       local x = nr.tensor({nan, 1, -1, 0, nan, 2}):reshape(1, 1, 2, 3)

@@ -1,5 +1,5 @@
--- Helpers shared by specs that work with files (require 'tests.lua.spec_util'): a unique
--- temporary folder per run and shell commands that must succeed.
+-- Helpers shared by specs (require 'tests.lua.spec_util'): a unique temporary folder per run,
+-- shell commands that must succeed, the NaN positions of a tensor.
 local M = {}
 
 -- A unique folder name per run under NR_TEST_TMP (or /tmp), not yet created: os.tmpname makes
@@ -33,6 +33,13 @@ end
 function M.sh(cmd)
    local ok = os.execute(cmd)
    assert(ok == 0 or ok == true, 'command failed: ' .. cmd)
+end
+
+-- Positions (1-based, row-major) of the NaNs of tensor t (specs of NaN propagation, CPU and GPU).
+function M.nan_positions(t)
+   local out, flat = {}, t:contiguous():reshape(-1):totable()
+   for i, v in ipairs(flat) do if v ~= v then out[#out + 1] = i end end
+   return out
 end
 
 return M
