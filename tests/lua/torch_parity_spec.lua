@@ -93,6 +93,7 @@ describe('PyTorch parity: Conv2d', function()
       {'conv_1x1', 8, 4, 1, {}},
       {'conv_rect', 3, 5, {3, 2}, {stride = {2, 1}, padding = {1, 0}}},
       {'conv_big', 16, 32, 3, {padding = 1}},
+      {'conv_chmult', 3, 6, 3, {padding = 1, groups = 3}},
    }
    for _, c in ipairs(cases) do
       it(c[1], function() assert.is_true(check_module(c[1], nn.Conv2d(c[2], c[3], c[4], c[5]))) end)
@@ -105,6 +106,14 @@ describe('PyTorch parity: other layers', function()
    end)
    it('BatchNorm2d evaluation mode', function()
       assert.is_true(check_module('bn_eval', nn.BatchNorm2d(4):evaluate()))
+   end)
+   it('BatchNorm2d without affine parameters, and with another eps and momentum', function()
+      assert.is_true(check_module('bn_noaffine', nn.BatchNorm2d(4, {affine = false})))
+      assert.is_true(check_module('bn_momentum', nn.BatchNorm2d(4, {eps = 1e-3, momentum = 0.3})))
+   end)
+   it('Linear over leading dimensions, and non-overlapping MaxPool2d', function()
+      assert.is_true(check_module('linear_3d', nn.Linear(10, 5)))
+      assert.is_true(check_module('maxpool_2', nn.MaxPool2d(2)))
    end)
    it('ReLU and Sigmoid', function()
       assert.is_true(check_module('relu', nn.ReLU()))
