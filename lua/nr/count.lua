@@ -22,6 +22,7 @@
 -- other layer with parameters, or another container, is an error naming it. Not a profiler:
 -- nothing is run, no tensor is touched.
 local Module = require 'nr.nn.module'
+local U = require 'nr.nn.layer_util'
 
 local M = {}
 
@@ -159,9 +160,7 @@ local function walk(m, s, acc)
          if not out then
             out = {unpack(o)}
          else
-            local same = #o == #out -- the same rank, then the same sizes past the channels
-            for d = 2, #o do same = same and o[d] == out[d] end
-            if not same then fail(m, 'branch 1 gives %s but branch %d gives %s', shape_str(out), i, shape_str(o)) end
+            if not U.concatenable(out, o) then fail(m, 'branch 1 gives %s but branch %d gives %s', shape_str(out), i, shape_str(o)) end
             out[1] = out[1] + o[1]
          end
       end

@@ -296,9 +296,6 @@ end
 -- ---- collectives on Lua values -------------------------------------------------------------
 
 -- Every rank's list of numbers: {[1] = rank 0's list, [2] = rank 1's, ...}.
-local gather_n = ffi.new('double[1]')
-
-
 function M.allgather_numbers(list)
    check.type(list, 'table', 'nr.dist.allgather_numbers', 'list')
    local n = #list
@@ -309,13 +306,11 @@ function M.allgather_numbers(list)
    if S.mode ~= 'mpi' or S.size == 1 then return {{unpack(list)}} end
    -- the lengths first: lists of different lengths misread each other's numbers on some ranks and
    -- truncated on others; now every rank raises the same error
-   gather_n[0] = n
-   local lens = ffi.new('double[?]', S.size)
-   ok(D.nr_dist_allgather_f64(gather_n, 1, lens), 'nr.dist.allgather_numbers')
-   for r = 1, S.size - 1 do
-      if lens[r] ~= lens[0] then
+   local lens = gather_rows({n}, 'nr.dist.allgather_numbers')
+   for r = 2, #lens do
+      if lens[r][1] ~= lens[1][1] then
          local parts = {}
-         for q = 0, S.size - 1 do parts[q + 1] = string.format('rank %d %d', q, lens[q]) end
+         for q, row in ipairs(lens) do parts[q] = string.format('rank %d %d', q - 1, row[1]) end
          error('nr.dist.allgather_numbers: the ranks\' lists differ in length: ' .. table.concat(parts, ', '), 0)
       end
    end

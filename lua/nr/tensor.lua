@@ -791,12 +791,14 @@ for name, op in pairs(BIN) do
 end
 -- Operands of an arithmetic operator: a tensor and a tensor or a number (a string, table or nil
 -- failed as "attempt to call method 'add'").
-local function operands(a, b, op)
-   for _, v in ipairs({a, b}) do
-      if not (is_tensor(v) or type(v) == 'number') then
-         error(string.format('Tensor %s: operands must be tensors or numbers, got %s', op, check.show(v)), 3)
-      end
+local function operand(v, op)
+   if not (is_tensor(v) or type(v) == 'number') then
+      error(string.format('Tensor %s: operands must be tensors or numbers, got %s', op, check.show(v)), 4)
    end
+end
+local function operands(a, b, op)
+   operand(a, op)
+   operand(b, op)
 end
 Tensor.__add = function(a, b)
    operands(a, b, '+')

@@ -899,6 +899,7 @@ function Trainer:save_checkpoint(opts)
    for _, name in ipairs(self.state_order) do states[name] = self.states[name].save() end
    local arch = {shapes = shapes_of(self.model)}
    if type(rc.model) == 'table' and not is_module(rc.model) then arch.model = recipe_json(rc.model) end
+   if opts.best then self.best_checkpoint = ck.step_name(self.step) end
    local state = {
       version = 1,
       epoch = self.epoch, step = self.step,
@@ -909,7 +910,7 @@ function Trainer:save_checkpoint(opts)
       rng = rng_state(),
       trainer = {best_top1 = self.best_top1, best_epoch = self.best_epoch, train_images = self.train_images,
                  -- the folder holding the best weights: `best` is set back to it on resume
-                 best_checkpoint = opts.best and ck.step_name(self.step) or self.best_checkpoint,
+                 best_checkpoint = self.best_checkpoint,
                  held_epochs = self.held_epochs, last_val = self.last_val,
                  train_time = self.train_time, time = progress.now() - self.t_start + (self.time_offset or 0)},
       states = states,
@@ -926,7 +927,6 @@ function Trainer:save_checkpoint(opts)
          self.step, ckdir, (tostring(dir):gsub('^[^\n]-%.lua:%d+: ', '')), prev and string.format('The last complete '
          .. 'checkpoint, %s, is intact: --resume %s continues from it.', prev, self.out) or 'No earlier checkpoint exists.'), 0)
    end
-   if opts.best then self.best_checkpoint = ck.step_name(self.step) end
    self.last_checkpoint = dir
    return dir
 end

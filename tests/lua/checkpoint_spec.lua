@@ -20,6 +20,19 @@ end
 
 local function write(path, s) local f = assert(io.open(path, 'wb')); f:write(s); f:close() end
 
+-- ck.save(dir, opts) killed at the atomic write of the first path matching pattern (a process
+-- killed mid-save); returns pcall's status.
+local function save_killed(pattern, dir, opts)
+   local write_atomic = ck.write_atomic
+   ck.write_atomic = function(path, text)
+      if path:match(pattern) then error('killed', 0) end
+      return write_atomic(path, text)
+   end
+   local ok = pcall(ck.save, dir, opts)
+   ck.write_atomic = write_atomic
+   return ok
+end
+
 describe('nr.safetensors', function()
    it('writes the documented layout: u64 header length, JSON header, packed data', function()
       local a = nr.tensor({{1, 2, 3}, {4, 5, 6}})
@@ -264,13 +277,7 @@ describe('nr.checkpoint', function()
    it('a kill between the pointers leaves best naming a complete checkpoint (written before latest)', function()
       local dir = TMP .. '/pointers'
       ck.save(dir, {step = 1, weights = {x = nr.full({4}, 1)}, state = {epoch = 1}, best = true})
-      local write_atomic = ck.write_atomic
-      ck.write_atomic = function(path, text)
-         if path:match('/latest$') then error('killed', 0) end
-         return write_atomic(path, text)
-      end
-      local ok = pcall(ck.save, dir, {step = 2, weights = {x = nr.full({4}, 2)}, state = {epoch = 2}, best = true})
-      ck.write_atomic = write_atomic
+      local ok = save_killed('/latest$', dir, {step = 2, weights = {x = nr.full({4}, 2)}, state = {epoch = 2}, best = true})
       assert.is_false(ok)
       assert.equal('step-00000001\n', ck.read_file(dir .. '/latest'))     -- the resume starts from step 1 ...
       assert.equal('step-00000002\n', ck.read_file(dir .. '/best'))       -- ... and step 2, the best, is kept
@@ -281,13 +288,7 @@ describe('nr.checkpoint', function()
       local dir = TMP .. '/resave'
       ck.save(dir, {step = 3, weights = {x = nr.full({4}, 1)}, state = {epoch = 1}, best = true})
       -- the second save of step 3 is killed after its weights are written (before state.json)
-      local write_atomic = ck.write_atomic
-      ck.write_atomic = function(path, text)
-         if path:match('state%.json$') then error('killed', 0) end
-         return write_atomic(path, text)
-      end
-      local ok = pcall(ck.save, dir, {step = 3, weights = {x = nr.full({4}, 2)}, state = {epoch = 2}, best = true})
-      ck.write_atomic = write_atomic
+      local ok = save_killed('state%.json$', dir, {step = 3, weights = {x = nr.full({4}, 2)}, state = {epoch = 2}, best = true})
       assert.is_false(ok)
       local r = ck.load(dir) -- latest and best still name a complete step 3: the first save's
       assert.equal(1, r.state.epoch)

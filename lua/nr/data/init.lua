@@ -208,6 +208,19 @@ local function given_classes(classes, fname)
    return classes, 'the classes given'
 end
 
+-- $NR_DATA, the datasets root, or nil when unset or empty.
+local function nr_data()
+   local env = os.getenv('NR_DATA')
+   return env ~= '' and env or nil
+end
+
+-- The folder of dataset `name` under the datasets root: $NR_DATA/name, or data/name when NR_DATA
+-- is unset or empty (the recipes' default; an empty NR_DATA meant /name in some places).
+function M.root(name)
+   check.type(name, 'string', 'nr.data.root', 'name')
+   return (nr_data() or 'data') .. '/' .. name
+end
+
 -- nr.data.dataset{name = 'fashion-mnist'|'mnist'|'cifar10'|'cifar100'|'imagefolder', root = DIR,
 --                 split = 'train'|'test' (imagefolder: any subfolder, 'test' falls back to 'val'),
 --                 coarse = false (CIFAR-100: the 20 coarse labels instead of the 100 fine),
@@ -218,14 +231,6 @@ end
 -- Validation / test splits of an image folder should pass classes = the training split: class ids
 -- otherwise follow this split's own folders, which differ when it lacks a class.
 -- An empty dataset (no samples) is an error naming it.
--- The folder of dataset `name` under the datasets root: $NR_DATA/name, or data/name when NR_DATA
--- is unset or empty (the recipes' default; an empty NR_DATA meant /name in some places).
-function M.root(name)
-   check.type(name, 'string', 'nr.data.root', 'name')
-   local env = os.getenv('NR_DATA')
-   return ((env and env ~= '') and env or 'data') .. '/' .. name
-end
-
 function M.dataset(opts)
    local fname = 'nr.data.dataset'
    check.arg(type(opts) == 'table', fname, 'expected a table {name = ..., root = ..., split = ...}')
@@ -241,7 +246,7 @@ function M.dataset(opts)
    local root = opts.root
    if root == nil then
       if name == 'fashion-mnist' then root = FASHION_ROOT
-      elseif os.getenv('NR_DATA') and os.getenv('NR_DATA') ~= '' then root = os.getenv('NR_DATA') .. '/' .. name
+      elseif nr_data() then root = nr_data() .. '/' .. name
       else error(string.format('%s: %s needs root = DIR (or set NR_DATA, then $NR_DATA/%s is used)', fname, name, name), 2) end
    end
    check.arg(type(root) == 'string', fname, 'root must be a string')
@@ -447,6 +452,19 @@ local function default_threads()
    return math.max(2, math.min(8, math.floor(C.nr_get_num_threads() / 2)))
 end
 
+-- l._x[s], l._y[s]: tensors viewing the loader's batch buffers of slot s (1-based), the batches
+-- its epochs yield. Made again when the user freed the ones handed out (the buffers stay the
+-- loader's; a freed view had poisoned the slot for the loader's life).
+local function slot_views(l, s, fname)
+   local p = l.c
+   local x, y = C.nr_loader_buffer(p, s - 1, 0), C.nr_loader_buffer(p, s - 1, 1)
+   local z4, z1 = ffi.new('int64_t[4]'), ffi.new('int64_t[1]', 1)
+   for d = 0, 3 do z4[d] = x.stride[d] end
+   l._x[s] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(x, 4, x.shape, z4, 0), fname, 3))
+   l._y[s] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(y, 1, y.shape, z1, 0), fname, 3))
+   l._part[s] = nil
+end
+
 -- nr.data.loader(ds, {batch = 128, shuffle = false, drop_last = false, seed = 0, threads = (see
 --   default_threads), prefetch = 4, augment = {...}, shard = {rank = 0, size = 1},
 --   output = 'float32'})
@@ -467,19 +485,6 @@ end
 --   |difference| of 6-7 of 255 on 150-500 px JPEGs resized to 64, up to ~90 at sharp edges).
 --   Order: random_resized_crop |
 --   resize, center_crop, pad + crop, flip, channels, /255, normalize.
--- l._x[s], l._y[s]: tensors viewing the loader's batch buffers of slot s (1-based), the batches
--- its epochs yield. Made again when the user freed the ones handed out (the buffers stay the
--- loader's; a freed view had poisoned the slot for the loader's life).
-local function slot_views(l, s, fname)
-   local p = l.c
-   local x, y = C.nr_loader_buffer(p, s - 1, 0), C.nr_loader_buffer(p, s - 1, 1)
-   local z4, z1 = ffi.new('int64_t[4]'), ffi.new('int64_t[1]', 1)
-   for d = 0, 3 do z4[d] = x.stride[d] end
-   l._x[s] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(x, 4, x.shape, z4, 0), fname, 3))
-   l._y[s] = T.Tensor._wrap(check.pointer(C.nr_tensor_view(y, 1, y.shape, z1, 0), fname, 3))
-   l._part[s] = nil
-end
-
 function M.loader(ds, opts)
    local fname = 'nr.data.loader'
    check.arg(getmetatable(ds) == Dataset, fname, 'first argument must be a dataset from nr.data.dataset')

@@ -324,9 +324,7 @@ function Concat:outputShape(s)
       if not out then
          out = {unpack(o)}
       else
-         local same = #o == #out -- as forward checks: the same rank and sizes past the channels
-         for d = 2, #o do same = same and o[d] == out[d] end
-         if not same then
+         if not U.concatenable(out, o) then -- as forward checks
             error(string.format('branch 1 gives %s but branch %d gives %s', U.shape_str(out), i, U.shape_str(o)), 0)
          end
          out[1] = out[1] + o[1]

@@ -182,6 +182,14 @@ function U.conv_output_shape(self, s)
    return {self.out_channels, ho, wo}
 end
 
+-- Whether two per-sample shapes can be concatenated on channels (Concat): the same rank and the
+-- same sizes past the first.
+function U.concatenable(a, b)
+   if #a ~= #b then return false end
+   for d = 2, #a do if a[d] ~= b[d] then return false end end
+   return true
+end
+
 -- The C handle of a module's tensor field (what names it: 'weight', 'bias', ...): an error
 -- (level 0: Module adds the path) when it is freed or not a tensor; nil when optional and absent.
 -- (A freed optional bias passed NULL, which C takes for "no bias": the output silently lost it.)

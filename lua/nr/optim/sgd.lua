@@ -244,7 +244,6 @@ function SGD:step()
    end
    -- every group is checked (its settings, then C's checks of its tensors) before any steps, so a
    -- refused step leaves every parameter, buffer and the step count as they were
-   local plan = {}
    for gi, g in ipairs(self.groups) do
       validate_settings(g, string.format('group %d: ', gi), 'SGD:step')   -- opt.groups[i] is writable too
       local lr, mom, wd, nest = settings(self, g)
@@ -263,11 +262,11 @@ function SGD:step()
          end
       end
       if C.nr_sgd_check_many(arr, n, mom, wd, nest) ~= 0 then step_error(g) end
-      plan[gi] = {arr, n, lr, mom, wd, nest}
+      jb.n, jb.lr, jb.mom, jb.wd, jb.nest = n, lr, mom, wd, nest -- this step's, for the pass below
    end
-   for gi, g in ipairs(self.groups) do
-      local q = plan[gi]
-      if C.nr_sgd_step_many(q[1], q[2], q[3], q[4], q[5], q[6]) ~= 0 then step_error(g) end
+   for _, g in ipairs(self.groups) do
+      local jb = JOBS[g]
+      if C.nr_sgd_step_many(jb.arr, jb.n, jb.lr, jb.mom, jb.wd, jb.nest) ~= 0 then step_error(g) end
    end
    self.t = self.t + 1
 end

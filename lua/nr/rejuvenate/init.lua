@@ -300,17 +300,6 @@ local CFG_KEYS = {enabled = true, target = true, budget = true, constraint = tru
                   extend_epochs = true, input_shape = true, linear_init = true, generations = true}
 local LAMBDA_KEYS = {mode = true, init = true, dt = true, dr = true, dl = true, value = true}
 
--- attach(tr, cfg): cfg is the recipe's nr table:
---   target (T_r, 0.5), budget (1.0), constraint ('params'), scheme ('NR'), rescale (false),
---   times (1), active_epochs (nil = always), hold_schedule (true), extend_epochs (true: the held
---   epochs lengthen the run, tr.extend_held, up to the recipe's max_epochs), gamma0, threshold, abs_min,
---   count, optim_state ('remap'), linear_init ('zero'), input_shape (default: model.nr_info, else
---   the trainer's loader),
---   lambda = {mode = 'adaptive' | 'constant', init = 0, dt = 'epoch' | N steps, dr = 0.01,
---             dl = 5e-5, value}, policy = {when, lambda, reallocate, init, rescale}.
--- Returns the controller (its fields: lambda, r_hist, lambda_hist, rejuvenations (all, restored on
--- --resume), reports (this process's rejuvenations; the run's metrics.jsonl has an 'nr' event for each
--- one, those before a resume included)).
 -- Rebuilds a trainer's model to a rejuvenated architecture recorded in a checkpoint
 -- (states.nr.arch): widths and split layers, before the weights are loaded. Used by attach's
 -- state and by nr.train for a run resumed with NR off (--nr off), whose model is still the one
@@ -322,6 +311,17 @@ function M.restore_arch(tr, arch)
    if tr.optimizer and tr.optimizer.refresh then tr.optimizer:refresh() end
 end
 
+-- attach(tr, cfg): cfg is the recipe's nr table:
+--   target (T_r, 0.5), budget (1.0), constraint ('params'), scheme ('NR'), rescale (false),
+--   times (1), active_epochs (nil = always), hold_schedule (true), extend_epochs (true: the held
+--   epochs lengthen the run, tr.extend_held, up to the recipe's max_epochs), gamma0, threshold, abs_min,
+--   count, optim_state ('remap'), linear_init ('zero'), input_shape (default: model.nr_info, else
+--   the trainer's loader),
+--   lambda = {mode = 'adaptive' | 'constant', init = 0, dt = 'epoch' | N steps, dr = 0.01,
+--             dl = 5e-5, value}, policy = {when, lambda, reallocate, init, rescale}.
+-- Returns the controller (its fields: lambda, r_hist, lambda_hist, rejuvenations (all, restored on
+-- --resume), reports (this process's rejuvenations; the run's metrics.jsonl has an 'nr' event for each
+-- one, those before a resume included)).
 function M.attach(tr, cfg)
    local FN = 'nr.rejuvenate.attach'
    cfg = check.options(cfg or {}, CFG_KEYS, FN)
