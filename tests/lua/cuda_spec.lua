@@ -1256,6 +1256,54 @@ describe('SGD and NR primitives on the GPU', function()
       close('place_many wrote nothing', nr.zeros({24, 18, 3, 3}), d0, 0)
    end)
 
+   it('surgery placement: a batch of jobs (shapes, fills, given and random blocks) equals the CPU batch', function()
+      local fixtures = require 'tests.lua.nr_zoo'
+      local pick, without = fixtures.pick, fixtures.without
+      local function i64(list) return nr.tensor(list, {dtype = 'int64'}) end
+      nr.manual_seed(31)
+      local shapes = {{20, 16, 3, 3}, {40, 7}, {33}, {12, 1, 3, 3}}
+      local n = #shapes
+      local jc, jg = ffi.new('nr_place_job[?]', n), ffi.new('nr_place_job[?]', n)
+      local hold, dsts = {}, {}
+      for i, s in ipairs(shapes) do
+         -- grow dims 0 and 1 (the only ones surgery changes): survivors scattered among new ones
+         local s0, s1 = s[1], s[2] or 1
+         local d0, d1 = s0 + 4, #s > 1 and s[2] + (s[2] > 1 and 3 or 0) or 1
+         local dshape = {d0}
+         for k = 2, #s do dshape[k] = s[k] end
+         if #s > 1 then dshape[2] = d1 end
+         local rk, rd = pick(s0 - 2, s0), pick(s0 - 2, d0)
+         local ck, cd = pick(math.max(s1 - 1, 1), s1), pick(math.max(s1 - 1, 1), d1)
+         local br, bc = without(d0, rd), without(d1, cd)
+         local a = randn(s)
+         local bshape = {#br}
+         for k = 2, #dshape do bshape[k] = dshape[k] end
+         if #s > 1 then bshape[2] = #bc end
+         local b = (i % 2 == 1 and #bc > 0) and randn(bshape) or nil
+         local ag, bg = a:cuda(), b and b:cuda()
+         local t = {nr.tensor({rk, rd}, {dtype = 'int64'}), nr.tensor({ck, cd}, {dtype = 'int64'}), i64(br), i64(bc),
+                    a, ag, b, bg}
+         hold[i] = t
+         dsts[i] = {pair(dshape)}
+         for side, j in ipairs({jc, jg}) do
+            local e = j[i - 1]
+            e.dst = dsts[i][side].c
+            e.a = (side == 1 and a or ag).c
+            -- a 1-d dst (a bias) has rows only
+            e.a_rows, e.b_rows = t[1].c, t[3].c
+            if #s > 1 then e.a_cols, e.b_cols = t[2].c, t[4].c end
+            e.b = b and (side == 1 and b or bg).c or nil
+            e.fill, e.b_std, e.b_seed = i % 3 == 0 and 1 or 0, b and 0 or 0.2, 500 + i
+         end
+      end
+      ok(C.nr_surgery_place_many(jc, n), 'cpu batch')
+      ok(C.nr_surgery_place_many(jg, n), 'gpu batch')
+      for i = 1, n do
+         -- the random blocks: device logf/cosf/sinf may differ from glibc's by an ulp or two
+         close('batched surgery job ' .. i, dsts[i][1], dsts[i][2], hold[i][7] and 0 or RTOL)
+      end
+   end)
+
    it('sgd_step_many: one launch for a group of parameters (one spans several chunks) equals the CPU', function()
       local shapes = {{7, 3}, {300000}, {1}, {16, 8, 3, 3}}
       local pc, pg, bc, bg, gs = {}, {}, {}, {}, {}
