@@ -160,6 +160,51 @@ describe('PyTorch parity: other layers', function()
    end
 end)
 
+-- The containers (Sequential, Residual with identity and projection shortcuts, Concat) carrying
+-- conv / BN / ReLU / pools / Linear and the cross-entropy, against the same network in PyTorch
+-- (containers_net in the fixture script; parameters matched by name): a training step, then the
+-- evaluation-mode output with gradients on and off (off folds Conv + BN + ReLU and sums residuals
+-- in place).
+describe('PyTorch parity: containers', function()
+   local function net()
+      return nn.Sequential(
+         nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+         nn.Residual(nn.Sequential(nn.Conv2d(8, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8))),
+         nn.ReLU(),
+         nn.Residual(nn.Sequential(nn.Conv2d(8, 12, 3, {stride = 2, padding = 1, bias = false}), nn.BatchNorm2d(12)),
+                     nn.Sequential(nn.Conv2d(8, 12, 1, {stride = 2, bias = false}), nn.BatchNorm2d(12))),
+         nn.ReLU(),
+         nn.Concat(nn.Conv2d(12, 4, 1), nn.Sequential(nn.MaxPool2d(3, {stride = 1, padding = 1}), nn.Conv2d(12, 4, 1))),
+         nn.GlobalAvgPool2d(), nn.Linear(8, 5))
+   end
+
+   it('a training step (loss, input and parameter gradients, running statistics), then evaluation', function()
+      local m = net()
+      local params, buffers = m:namedParameters(), m:namedBuffers()
+      assert.equal(21, #params)
+      for _, e in ipairs(params) do
+         assert(exists('net', 'p.' .. e.name), 'no fixture for parameter ' .. e.name)
+         e.param:copy(load('net', 'p.' .. e.name))
+      end
+      local x, labels = load('net', 'x'), load('net', 'labels')
+      local crit = nn.CrossEntropyLoss()
+      m:zeroGradParameters()
+      local loss = crit:forward(m:forward(x), labels)
+      compare('net loss', nr.tensor({loss}), load('net', 'loss'))
+      compare('net gx', m:backward(x, crit:backward(m.output, labels)), load('net', 'gx'))
+      for _, e in ipairs(params) do compare('net grad ' .. e.name, e.grad, load('net', 'g.' .. e.name)) end
+      assert.equal(10, #buffers)
+      for _, e in ipairs(buffers) do
+         assert(exists('net', 'buf.' .. e.name), 'no fixture for buffer ' .. e.name)
+         compare('net ' .. e.name, e.tensor, load('net', 'buf.' .. e.name))
+      end
+      m:evaluate()
+      compare('net eval y', m:forward(x), load('net', 'y_eval'))
+      compare('net eval y (no_grad: folded)', nr.no_grad(m, x), load('net', 'y_eval'))
+   end)
+end)
+
 -- NRConv2d (CR and CA) against the same layer written in PyTorch from its blocks: three
 -- generations, input groups that are index lists (the gather), the cross-attention gate.
 describe('PyTorch parity: NRConv2d', function()
