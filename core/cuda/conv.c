@@ -34,12 +34,14 @@ typedef struct plan {
    int32_t key[KEY_LEN];
    cudnnTensorDescriptor_t xd, yd;
    cudnnFilterDescriptor_t wd;
-   cudnnConvolutionDescriptor_t cd;
+   /* one convolution descriptor per direction (0 forward, 1 backward data, 2 backward filter):
+    * at the plan's base math type while its algorithm is searched, then at the math type that
+    * algorithm runs with, so a call never changes a descriptor another direction shares */
+   cudnnConvolutionDescriptor_t cd[3];
    int fwd_ready, bwdd_ready, bwdf_ready;
    cudnnConvolutionFwdAlgo_t fwd;
    cudnnConvolutionBwdDataAlgo_t bwdd;
    cudnnConvolutionBwdFilterAlgo_t bwdf;
-   cudnnMathType_t fwd_math, bwdd_math, bwdf_math;
    size_t fwd_ws, bwdd_ws, bwdf_ws;
    struct plan *next;
 } plan;
@@ -114,27 +116,30 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
    DN(cudnnCreateTensorDescriptor(&p->xd));
    DN(cudnnCreateTensorDescriptor(&p->yd));
    DN(cudnnCreateFilterDescriptor(&p->wd));
-   DN(cudnnCreateConvolutionDescriptor(&p->cd));
+   for (int d = 0; d < 3; d++) DN(cudnnCreateConvolutionDescriptor(&p->cd[d]));
    if (!st) {
       /* key: 0 dev, 1 n, 2 cin, 3 h, 4 w, 5 cout, 6 kh, 7 kw, 8 tf32, 9 groups, 10 sh, 11 sw,
        * 12 ph, 13 pw, 14 dh, 15 dw, 16 activation dtype (NR_F32 or NR_BF16), 17 channels-last,
        * 18 deterministic algorithms only */
       DN(cudnnSetTensor4dDescriptor(p->xd, fmt, dt, k[1], k[2], k[3], k[4]));
       DN(cudnnSetFilter4dDescriptor(p->wd, dt, fmt, k[5], k[2] / k[9], k[6], k[7]));
-      DN(cudnnSetConvolution2dDescriptor(p->cd, k[12], k[13], k[10], k[11], k[14], k[15], CUDNN_CROSS_CORRELATION,
-                                         CUDNN_DATA_FLOAT));
-      DN(cudnnSetConvolutionGroupCount(p->cd, k[9]));
-      DN(cudnnSetConvolutionMathType(p->cd, base_math(k)));
+      for (int d = 0; d < 3; d++) {
+         DN(cudnnSetConvolution2dDescriptor(p->cd[d], k[12], k[13], k[10], k[11], k[14], k[15],
+                                            CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
+         DN(cudnnSetConvolutionGroupCount(p->cd[d], k[9]));
+         DN(cudnnSetConvolutionMathType(p->cd[d], base_math(k)));
+      }
    }
    int on = 0, oc = 0, oh = 0, ow = 0;
-   if (!st) DN(cudnnGetConvolution2dForwardOutputDim(p->cd, p->xd, p->wd, &on, &oc, &oh, &ow));
+   if (!st) DN(cudnnGetConvolution2dForwardOutputDim(p->cd[0], p->xd, p->wd, &on, &oc, &oh, &ow));
    if (!st) DN(cudnnSetTensor4dDescriptor(p->yd, fmt, dt, on, oc, oh, ow));
 #undef DN
    if (st) {
       if (p->xd) cudnnDestroyTensorDescriptor(p->xd);
       if (p->yd) cudnnDestroyTensorDescriptor(p->yd);
       if (p->wd) cudnnDestroyFilterDescriptor(p->wd);
-      if (p->cd) cudnnDestroyConvolutionDescriptor(p->cd);
+      for (int d = 0; d < 3; d++)
+         if (p->cd[d]) cudnnDestroyConvolutionDescriptor(p->cd[d]);
       free(p);
       return st;
    }
@@ -219,9 +224,9 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
 static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const void *w, const void *y,
                              const char *what)
 {
-   /* search under the plan's base math type: set_math left the shared descriptor at the math of
-    * the last direction run, which may exclude tensor-core algorithms */
-   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
+   /* search under the plan's base math type (a direction chosen again, by plan_workspace, left
+    * its descriptor at its old algorithm's math type, which may exclude tensor-core algorithms) */
+   NR_CUDNN(cudnnSetConvolutionMathType(p->cd[dir], base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
    /* deterministic plans (nr.cuda.set_deterministic) take cuDNN's heuristics under a fixed budget:
     * a measured search picks the fastest of the deterministic algorithms by timings (and a budget
     * from free memory) that differ from run to run, and different algorithms give different bits;
@@ -260,7 +265,8 @@ static nr_status choose_algo(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, 
       cudaError_t live = cudaStreamQuery(ctx->stream); /* NotReady: still running, which is fine */
       if (live == cudaErrorNotReady) (void)cudaGetLastError(); /* not left for the next launch check */
       if (live == cudaSuccess || live == cudaErrorNotReady) {
-         NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
+         NR_CUDNN(cudnnSetConvolutionMathType(p->cd[dir], base_math(p->key)), "%s: cudnnSetConvolutionMathType",
+                  what);
          st = search(ctx, p, dir, NULL, NULL, NULL, what, 0, NULL, budget);
       }
    }
@@ -331,24 +337,29 @@ static cudnnMathType_t run_math(const plan *p, cudnnMathType_t m)
    return base_math(p->key) == CUDNN_FMA_MATH ? CUDNN_FMA_MATH : m; /* exact fp32 stays exact */
 }
 
-/* The workspace of the chosen algorithm: what the search reported, or cuDNN's own query under the
- * math type the call will run with when that is larger (reports and queries have differed across
+/* Sets direction dir's descriptor to the math type its chosen algorithm (found under math type m)
+ * runs with, and *ws to that algorithm's workspace: what the search reported, or cuDNN's own
+ * query under the run math type when that is larger (reports and queries have differed across
  * math types and cuDNN versions; a workspace too small fails every call). A failed query keeps
- * the report. Leaves the descriptor at the plan's base math type, as the search expects. */
-static size_t checked_ws(nr_cuda_ctx *ctx, plan *p, int dir, int algo, cudnnMathType_t m, size_t reported)
+ * the report. */
+static nr_status adopt_algo(nr_cuda_ctx *ctx, plan *p, int dir, int algo, cudnnMathType_t m, size_t reported,
+                            const char *what, size_t *ws)
 {
+   cudnnConvolutionDescriptor_t cd = p->cd[dir];
+   NR_CUDNN(cudnnSetConvolutionMathType(cd, run_math(p, m)), "%s: cudnnSetConvolutionMathType", what);
    size_t q = 0;
-   cudnnStatus_t st = cudnnSetConvolutionMathType(p->cd, run_math(p, m));
-   if (st == CUDNN_STATUS_SUCCESS && dir == 0)
-      st = cudnnGetConvolutionForwardWorkspaceSize(ctx->dnn, p->xd, p->wd, p->cd, p->yd, (cudnnConvolutionFwdAlgo_t)algo, &q);
-   else if (st == CUDNN_STATUS_SUCCESS && dir == 1)
-      st = cudnnGetConvolutionBackwardDataWorkspaceSize(ctx->dnn, p->wd, p->yd, p->cd, p->xd,
+   cudnnStatus_t st;
+   if (dir == 0)
+      st = cudnnGetConvolutionForwardWorkspaceSize(ctx->dnn, p->xd, p->wd, cd, p->yd, (cudnnConvolutionFwdAlgo_t)algo,
+                                                   &q);
+   else if (dir == 1)
+      st = cudnnGetConvolutionBackwardDataWorkspaceSize(ctx->dnn, p->wd, p->yd, cd, p->xd,
                                                         (cudnnConvolutionBwdDataAlgo_t)algo, &q);
-   else if (st == CUDNN_STATUS_SUCCESS)
-      st = cudnnGetConvolutionBackwardFilterWorkspaceSize(ctx->dnn, p->xd, p->yd, p->cd, p->wd,
+   else
+      st = cudnnGetConvolutionBackwardFilterWorkspaceSize(ctx->dnn, p->xd, p->yd, cd, p->wd,
                                                           (cudnnConvolutionBwdFilterAlgo_t)algo, &q);
-   cudnnSetConvolutionMathType(p->cd, base_math(p->key));
-   return st == CUDNN_STATUS_SUCCESS && q > reported ? q : reported;
+   *ws = st == CUDNN_STATUS_SUCCESS && q > reported ? q : reported;
+   return NR_OK;
 }
 
 static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const void *w, const void *y,
@@ -358,18 +369,17 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
    if (dir == 0) {
       cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
       if (find)
-         NR_CUDNN(cudnnFindConvolutionForwardAlgorithmEx(ctx->dnn, p->xd, x, p->wd, w, p->cd, p->yd, (void *)y,
+         NR_CUDNN(cudnnFindConvolutionForwardAlgorithmEx(ctx->dnn, p->xd, x, p->wd, w, p->cd[0], p->yd, (void *)y,
                                                          CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &got, perf, ws, budget),
                   "%s: cudnnFindConvolutionForwardAlgorithmEx", what);
       else
-         NR_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(ctx->dnn, p->xd, p->wd, p->cd, p->yd,
+         NR_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(ctx->dnn, p->xd, p->wd, p->cd[0], p->yd,
                                                          CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &got, perf),
                   "%s: cudnnGetConvolutionForwardAlgorithm_v7", what);
       for (int i = 0; i < got; i++)
          if (usable(p, perf[i].status, perf[i].memory, perf[i].determinism, budget)) {
             p->fwd = perf[i].algo;
-            p->fwd_ws = checked_ws(ctx, p, 0, (int)perf[i].algo, perf[i].mathType, perf[i].memory);
-            p->fwd_math = perf[i].mathType;
+            NR_TRY(adopt_algo(ctx, p, 0, (int)perf[i].algo, perf[i].mathType, perf[i].memory, what, &p->fwd_ws));
             p->fwd_ready = 1;
             break;
          }
@@ -377,19 +387,18 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
    } else if (dir == 1) {
       cudnnConvolutionBwdDataAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
       if (find)
-         NR_CUDNN(cudnnFindConvolutionBackwardDataAlgorithmEx(ctx->dnn, p->wd, w, p->yd, y, p->cd, p->xd, (void *)x,
+         NR_CUDNN(cudnnFindConvolutionBackwardDataAlgorithmEx(ctx->dnn, p->wd, w, p->yd, y, p->cd[1], p->xd, (void *)x,
                                                               CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &got, perf, ws,
                                                               budget),
                   "%s: cudnnFindConvolutionBackwardDataAlgorithmEx", what);
       else
-         NR_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(ctx->dnn, p->wd, p->yd, p->cd, p->xd,
+         NR_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(ctx->dnn, p->wd, p->yd, p->cd[1], p->xd,
                                                               CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &got, perf),
                   "%s: cudnnGetConvolutionBackwardDataAlgorithm_v7", what);
       for (int i = 0; i < got; i++)
          if (usable(p, perf[i].status, perf[i].memory, perf[i].determinism, budget)) {
             p->bwdd = perf[i].algo;
-            p->bwdd_ws = checked_ws(ctx, p, 1, (int)perf[i].algo, perf[i].mathType, perf[i].memory);
-            p->bwdd_math = perf[i].mathType;
+            NR_TRY(adopt_algo(ctx, p, 1, (int)perf[i].algo, perf[i].mathType, perf[i].memory, what, &p->bwdd_ws));
             p->bwdd_ready = 1;
             break;
          }
@@ -397,19 +406,19 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
    } else {
       cudnnConvolutionBwdFilterAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
       if (find)
-         NR_CUDNN(cudnnFindConvolutionBackwardFilterAlgorithmEx(ctx->dnn, p->xd, x, p->yd, y, p->cd, p->wd, (void *)w,
+         NR_CUDNN(cudnnFindConvolutionBackwardFilterAlgorithmEx(ctx->dnn, p->xd, x, p->yd, y, p->cd[2], p->wd,
+                                                                (void *)w,
                                                                 CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &got, perf,
                                                                 ws, budget),
                   "%s: cudnnFindConvolutionBackwardFilterAlgorithmEx", what);
       else
-         NR_CUDNN(cudnnGetConvolutionBackwardFilterAlgorithm_v7(ctx->dnn, p->xd, p->yd, p->cd, p->wd,
+         NR_CUDNN(cudnnGetConvolutionBackwardFilterAlgorithm_v7(ctx->dnn, p->xd, p->yd, p->cd[2], p->wd,
                                                                 CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &got, perf),
                   "%s: cudnnGetConvolutionBackwardFilterAlgorithm_v7", what);
       for (int i = 0; i < got; i++)
          if (usable(p, perf[i].status, perf[i].memory, perf[i].determinism, budget)) {
             p->bwdf = perf[i].algo;
-            p->bwdf_ws = checked_ws(ctx, p, 2, (int)perf[i].algo, perf[i].mathType, perf[i].memory);
-            p->bwdf_math = perf[i].mathType;
+            NR_TRY(adopt_algo(ctx, p, 2, (int)perf[i].algo, perf[i].mathType, perf[i].memory, what, &p->bwdf_ws));
             p->bwdf_ready = 1;
             break;
          }
@@ -430,7 +439,7 @@ static nr_status plan_workspace(nr_cuda_ctx *ctx, plan *p, int dir, const char *
    nr_status st = nr_cuda_scratch(ctx, 4, (int64_t)*need, ws);
    if (st != NR_E_OOM) return st;
    *(dir == 0 ? &p->fwd_ready : dir == 1 ? &p->bwdd_ready : &p->bwdf_ready) = 0;
-   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
+   NR_CUDNN(cudnnSetConvolutionMathType(p->cd[dir], base_math(p->key)), "%s: cudnnSetConvolutionMathType", what);
    if (search(ctx, p, dir, NULL, NULL, NULL, what, 0, NULL, 0)) {
       /* none either: report the allocation that failed */
       return nr_fail_at(NR_E_OOM, __func__, __FILE__, __LINE__,
@@ -438,7 +447,7 @@ static nr_status plan_workspace(nr_cuda_ctx *ctx, plan *p, int dir, const char *
                         what, dir_name(dir), *need);
    }
    *ws = NULL;
-   /* an algorithm reported without workspace may need one after all (checked_ws) */
+   /* an algorithm reported without workspace may need one after all (adopt_algo) */
    return *need ? nr_cuda_scratch(ctx, 4, (int64_t)*need, ws) : NR_OK;
 }
 
@@ -455,13 +464,6 @@ static nr_status conv_weight(nr_cuda_ctx *ctx, const nr_tensor *w, int32_t dtype
    out->data = p;
    nr_make_channels_last(out);
    return nr_cuda_launch_copy(ctx, out, w);
-}
-
-/* Sets the convolution's math type to the one the chosen algorithm runs with (run_math). */
-static nr_status set_math(plan *p, cudnnMathType_t m, const char *what)
-{
-   NR_CUDNN(cudnnSetConvolutionMathType(p->cd, run_math(p, m)), "%s: cudnnSetConvolutionMathType", what);
-   return NR_OK;
 }
 
 nr_status nr_cuda_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tensor *w, const nr_tensor *b,
@@ -499,10 +501,9 @@ nr_status nr_cuda_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tens
    if (!p->fwd_ready) NR_TRY(choose_algo(ctx, p, 0, x->data, wc.data, y->data, what));
    void *ws;
    NR_TRY(plan_workspace(ctx, p, 0, what, &ws));
-   NR_TRY(set_math(p, p->fwd_math, what));
    const float one = 1.0f, zero = 0.0f;
-   NR_CUDNN(cudnnConvolutionForward(ctx->dnn, &one, p->xd, x->data, p->wd, wc.data, p->cd, p->fwd, ws, p->fwd_ws, &zero,
-                                    p->yd, y->data),
+   NR_CUDNN(cudnnConvolutionForward(ctx->dnn, &one, p->xd, x->data, p->wd, wc.data, p->cd[0], p->fwd, ws, p->fwd_ws,
+                                    &zero, p->yd, y->data),
             "%s: cudnnConvolutionForward (algo %d)", what, (int)p->fwd);
    return b ? nr_cuda_bias_add(y, b) : NR_OK;
 }
@@ -541,10 +542,9 @@ nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const
    if (!p->bwdd_ready) NR_TRY(choose_algo(ctx, p, 1, dx->data, wc.data, dy->data, what));
    void *ws;
    NR_TRY(plan_workspace(ctx, p, 1, what, &ws));
-   NR_TRY(set_math(p, p->bwdd_math, what));
    const float one = 1.0f, zero = 0.0f;
-   NR_CUDNN(cudnnConvolutionBackwardData(ctx->dnn, &one, p->wd, wc.data, p->yd, dy->data, p->cd, p->bwdd, ws, p->bwdd_ws,
-                                         &zero, p->xd, dx->data),
+   NR_CUDNN(cudnnConvolutionBackwardData(ctx->dnn, &one, p->wd, wc.data, p->yd, dy->data, p->cd[1], p->bwdd, ws,
+                                         p->bwdd_ws, &zero, p->xd, dx->data),
             "%s: cudnnConvolutionBackwardData (algo %d)", what, (int)p->bwdd);
    return NR_OK;
 }
@@ -599,9 +599,8 @@ static nr_status filter_grad(nr_cuda_ctx *ctx, const nr_tensor *x, const nr_tens
    const char *what = conv_desc(x, dw, p->key);
    void *ws;
    NR_TRY(plan_workspace(ctx, p, 2, what, &ws));
-   NR_TRY(set_math(p, p->bwdf_math, what));
    const float one = 1.0f, zero = 0.0f;
-   NR_CUDNN(cudnnConvolutionBackwardFilter(ctx->dnn, staged ? &one : &scale, p->xd, x->data, p->yd, dy->data, p->cd,
+   NR_CUDNN(cudnnConvolutionBackwardFilter(ctx->dnn, staged ? &one : &scale, p->xd, x->data, p->yd, dy->data, p->cd[2],
                                            p->bwdf, ws, p->bwdf_ws, staged ? &zero : &acc, p->wd, staged ? dws : dw->data),
             "%s: cudnnConvolutionBackwardFilter (algo %d)", what, (int)p->bwdf);
    if (!staged) return NR_OK;
