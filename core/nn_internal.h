@@ -65,14 +65,15 @@ typedef struct {
    int64_t sh, sw, ph, pw, dh, dw, groups;
 } conv_geom;
 
-/* BatchNorm2d evaluation as y = x * a + b for channel c: the one expression both the BN kernel
- * and the conv epilogue use, so a folded BN gives the same bits as a separate one. */
+/* BatchNorm2d evaluation as y = (x - m) * a + b for channel c: the one expression both the BN
+ * kernel and the conv epilogue use, so a folded BN gives the same bits as a separate one. */
 static inline void nn_bn_eval_ab(const float *gamma, const float *beta, const float *rm, const float *rv,
-                                 float eps, int64_t c, float *a, float *b)
+                                 float eps, int64_t c, float *m, float *a, float *b)
 {
    const float invstd = (float)(1.0 / sqrt((double)rv[c] + (double)eps));
+   *m = rm[c];
    *a = invstd * (gamma ? gamma[c] : 1.0f);
-   *b = (beta ? beta[c] : 0.0f) - rm[c] * *a;
+   *b = beta ? beta[c] : 0.0f;
 }
 
 /* ReLU as PyTorch's (clamp_min(x, 0)): x when x > 0, 0 when x <= 0 (-0 included), and a NaN stays
@@ -82,16 +83,18 @@ static inline void nn_bn_eval_ab(const float *gamma, const float *beta, const fl
  * Tensor:relu (math.c, tensor_kernels.cu) use the same expression. */
 static inline float nn_relu(float v) { return v <= 0.0f ? 0.0f : v; }
 
-/* o = p * a + b over one plane, then nn_relu when relu (the ReLU's own expression, so fused
- * and separate forwards agree bit for bit, NaN included). o may be p. */
-static inline void nn_affine_plane(const float *p, float *o, int64_t hw, float a, float b, int relu)
+/* o = (p - m) * a + b over one plane (BatchNorm's normalisation: centring first keeps the
+ * rounding on the scale of the spread; p * a + (b - m * a) loses the digits that x and the mean
+ * share when the mean is large against the spread), then nn_relu when relu (the ReLU's own
+ * expression, so fused and separate forwards agree bit for bit, NaN included). o may be p. */
+static inline void nn_affine_plane(const float *p, float *o, int64_t hw, float m, float a, float b, int relu)
 {
    if (relu) {
 #pragma omp simd
-      for (int64_t i = 0; i < hw; i++) o[i] = nn_relu(p[i] * a + b);
+      for (int64_t i = 0; i < hw; i++) o[i] = nn_relu((p[i] - m) * a + b);
    } else {
 #pragma omp simd
-      for (int64_t i = 0; i < hw; i++) o[i] = p[i] * a + b;
+      for (int64_t i = 0; i < hw; i++) o[i] = (p[i] - m) * a + b;
    }
 }
 
@@ -105,9 +108,9 @@ typedef struct {
 
 static inline void nn_epilogue_plane(const nn_epilogue *e, int64_t c, float *y, int64_t hw)
 {
-   float a, b;
-   nn_bn_eval_ab(e->gamma, e->beta, e->rm, e->rv, e->eps, c, &a, &b);
-   nn_affine_plane(y, y, hw, a, b, e->relu);
+   float m, a, b;
+   nn_bn_eval_ab(e->gamma, e->beta, e->rm, e->rv, e->eps, c, &m, &a, &b);
+   nn_affine_plane(y, y, hw, m, a, b, e->relu);
 }
 
 /* The epilogue on every plane of y (nc planes of hw floats, channel = plane % c), for paths that

@@ -5,7 +5,8 @@
  * masking dy on the fly), so a BatchNorm2d followed by an in-place ReLU costs one pass over the
  * data each way instead of two (forward bit-identical to running them one after the other; the
  * backward's per-channel sums may round differently, ~1e-7 relative).
- * Invariants: per-channel sums accumulate in double (per-plane partial sums in float), each
+ * Invariants: per-channel sums accumulate in double (the training forward's per-plane sums too;
+ * the backward's per-plane partial sums in float), each
  * channel is handled by one thread, so results do not depend on the thread count; y may alias x
  * and dx may alias dy (every element is read before it is written).
  */
@@ -113,20 +114,35 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
       double mean = 0, m2 = 0, total = 0; /* total: the plain sum, for inputs holding inf (below) */
       for (int64_t n = 0; n < g.n; n++) {
          const float *p = px + (n * g.c + c) * g.hw;
-         float part = 0;
+         /* the plane's sum, taken in float around its first value k (a sample, so within the
+          * spread of the mean; 0 when not finite): a plain float sum is off by a few ulps of
+          * the mean over large planes, and that error reaches every output when the mean is
+          * large against the spread (x - mean cancels); around k the rounding is on the scale
+          * of the spread, and the mean comes within half an ulp, as PyTorch's */
+         const float k = isfinite(p[0]) ? p[0] : 0.0f;
+         float shifted = 0;
+#pragma omp simd reduction(+ : shifted)
+         for (int64_t i = 0; i < g.hw; i++) shifted += p[i] - k;
+         double part = (double)shifted + (double)k * (double)g.hw;
+         if (!isfinite(shifted)) { /* an inf / NaN in the plane, or values near FLT_MAX apart */
+            part = 0;
 #pragma omp simd reduction(+ : part)
-         for (int64_t i = 0; i < g.hw; i++) part += p[i];
+            for (int64_t i = 0; i < g.hw; i++) part += (double)p[i];
+         }
          total += part;
-         const float pm = part / (float)g.hw;
+         /* deviations from the float-rounded plane mean pf, less what that rounding adds
+          * (hw * (pm - pf)^2); the merge takes the double mean */
+         const double pm = part / (double)g.hw;
+         const float pf = (float)pm;
          float dev = 0;
 #pragma omp simd reduction(+ : dev)
          for (int64_t i = 0; i < g.hw; i++) {
-            const float d = p[i] - pm;
+            const float d = p[i] - pf;
             dev += d * d;
          }
-         const double na = (double)(n * g.hw), nb = (double)g.hw, delta = (double)pm - mean;
+         const double na = (double)(n * g.hw), nb = (double)g.hw, delta = pm - mean, off = pm - (double)pf;
          mean += delta * nb / (na + nb);
-         m2 += (double)dev + delta * delta * na * nb / (na + nb);
+         m2 += (double)dev - nb * off * off + delta * delta * na * nb / (na + nb);
       }
       /* an inf in the plane makes Chan's merge compute inf - inf: the mean is then the plain
        * sum's (inf, as PyTorch and the GPU give), whichever sample held it */
@@ -138,8 +154,9 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
       si[c] = invstd;
       rm[c] = (1.0f - momentum) * rm[c] + momentum * meanf;
       rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * (double)m / (double)(m - 1));
-      const float a = invstd * (pg ? pg[c] : 1.0f), b = (pb ? pb[c] : 0.0f) - meanf * a;
-      for (int64_t n = 0; n < g.n; n++) nn_affine_plane(px + (n * g.c + c) * g.hw, py + (n * g.c + c) * g.hw, g.hw, a, b, relu);
+      const float a = invstd * (pg ? pg[c] : 1.0f), b = pb ? pb[c] : 0.0f;
+      for (int64_t n = 0; n < g.n; n++)
+         nn_affine_plane(px + (n * g.c + c) * g.hw, py + (n * g.c + c) * g.hw, g.hw, meanf, a, b, relu);
    }
    return NR_OK;
 }
@@ -160,9 +177,9 @@ nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor
    const int64_t nc = g.n * g.c;
 #pragma omp parallel for if (nr_parallel_worth(nc, g.hw))
    for (int64_t q = 0; q < nc; q++) {
-      float a, b;
-      nn_bn_eval_ab(pg, pb, rm, rv, eps, q % g.c, &a, &b);
-      nn_affine_plane(px + q * g.hw, py + q * g.hw, g.hw, a, b, relu);
+      float m, a, b;
+      nn_bn_eval_ab(pg, pb, rm, rv, eps, q % g.c, &m, &a, &b);
+      nn_affine_plane(px + q * g.hw, py + q * g.hw, g.hw, m, a, b, relu);
    }
    return NR_OK;
 }

@@ -400,6 +400,51 @@ describe('buffers and modes', function()
       end
    end)
 
+   it('BatchNorm2d on large planes far from zero: the batch mean within half an ulp, outputs as exact as fp32 allows', function()
+      -- mean 100, std 1, 112 x 112 planes: a float sum per plane is off by a few ulps of the mean,
+      -- and x * a + (beta - mean * a) loses what x and the mean share (either one puts outputs
+      -- ~1e-5 off); PyTorch's mean is correctly rounded
+      nr.manual_seed(21)
+      local N, Cn, HW = 4, 2, 112 * 112
+      local x = nr.randn({N, Cn, 112, 112}):add_(100)
+      for _, eval in ipairs({false, true}) do
+         local bn = nn.BatchNorm2d(Cn)
+         if eval then -- the running statistics set to the batch's, for the evaluation formula
+            local t = nn.BatchNorm2d(Cn, {momentum = 1})
+            t:forward(x)
+            bn.running_mean:copy(t._save_mean)
+            bn.running_var:copy(t.running_var)
+            bn:evaluate()
+         end
+         local y = bn:forward(x):contiguous()
+         local px, py = x:data(), y:data()
+         local worst = 0
+         for c = 0, Cn - 1 do
+            local s = 0
+            for n = 0, N - 1 do for i = 0, HW - 1 do s = s + px[(n * Cn + c) * HW + i] end end
+            local mean = s / (N * HW)
+            local ss = 0
+            for n = 0, N - 1 do for i = 0, HW - 1 do ss = ss + (px[(n * Cn + c) * HW + i] - mean) ^ 2 end end
+            local var = ss / (N * HW)
+            if eval then mean, var = bn.running_mean:get(c + 1), bn.running_var:get(c + 1) end -- what evaluation uses
+            if not eval then
+               local half_ulp = 2 ^ (math.floor(math.log(mean) / math.log(2)) - 24)
+               local err = math.abs(bn._save_mean:get(c + 1) - mean)
+               assert(err <= half_ulp, string.format('channel %d: batch mean off by %.3g ulps', c, err / (2 * half_ulp)))
+            end
+            local inv = 1 / math.sqrt(var + 1e-5)
+            for n = 0, N - 1 do
+               for i = 0, HW - 1 do
+                  local k = (n * Cn + c) * HW + i
+                  worst = math.max(worst, math.abs(py[k] - (px[k] - mean) * inv))
+               end
+            end
+         end
+         -- the float mean's own rounding (half an ulp of 100: 3.8e-6) and the output's
+         assert(worst <= 5e-6, string.format('%s: output off by %.3g from the double reference', eval and 'eval' or 'train', worst))
+      end
+   end)
+
    it('depthwise conv (own kernels) equals per-channel dense convs (im2col): forward, input and weight gradients', function()
       -- the polyphase kernels (core/nn_depthwise.c) for every stride, padding (also beyond
       -- (k - 1) * dilation), dilation, odd/even sizes, the 3x3 one-pass kernels and the general ones
