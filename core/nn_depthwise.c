@@ -18,6 +18,7 @@
  */
 #include "nn_internal.h"
 
+#include <math.h>
 #include <string.h>
 
 typedef struct {
@@ -180,6 +181,81 @@ static nr_status dw_oom(const char *what, const dw_layout *q)
                   (long long)(q->nphase * q->phase + q->L));
 }
 
+/* ---- exact fallbacks for non-finite values. The fast loops multiply the padding's zeros and
+ * run over whole pitched rows (the dropped columns pair zeros with real values): 0 * inf or
+ * 0 * NaN there would put a NaN into outputs, taps and positions that no real (output, tap) pair
+ * reaches. The few channels where a non-finite value can meet such a zero are computed again
+ * over the real pairs only, giving PyTorch's result (a diverging run is rare; finite data never
+ * takes these paths). */
+
+/* dx plane p (channel c's kernel wc) <- sum over the real pairs of w * dy. */
+static void dw_plane_data_exact(const float *dyp, float *dxp, const float *wc, const conv_geom *g)
+{
+   memset(dxp, 0, sizeof(float) * (size_t)(g->h * g->w));
+   for (int64_t oh = 0; oh < g->ho; oh++)
+      for (int64_t ow = 0; ow < g->wo; ow++) {
+         const float d = dyp[oh * g->wo + ow];
+         for (int64_t i = 0; i < g->kh; i++) {
+            const int64_t ih = oh * g->sh - g->ph + i * g->dh;
+            if (ih < 0 || ih >= g->h) continue;
+            for (int64_t j = 0; j < g->kw; j++) {
+               const int64_t iw = ow * g->sw - g->pw + j * g->dw;
+               if (iw >= 0 && iw < g->w) dxp[ih * g->w + iw] += wc[i * g->kw + j] * d;
+            }
+         }
+      }
+}
+
+/* sums[tap] <- sum over samples and real pairs of dy * x, for channel c. */
+static void dw_channel_weight_exact(const float *x, const float *dy, double *sums, const conv_geom *g, int64_t c)
+{
+   const int64_t kk = g->kh * g->kw;
+   for (int64_t t = 0; t < kk; t++) sums[t] = 0;
+   for (int64_t n = 0; n < g->n; n++) {
+      const float *xp = x + (n * g->cin + c) * g->h * g->w, *dyp = dy + (n * g->cin + c) * g->p;
+      for (int64_t oh = 0; oh < g->ho; oh++)
+         for (int64_t ow = 0; ow < g->wo; ow++) {
+            const double d = dyp[oh * g->wo + ow];
+            for (int64_t i = 0; i < g->kh; i++) {
+               const int64_t ih = oh * g->sh - g->ph + i * g->dh;
+               if (ih < 0 || ih >= g->h) continue;
+               for (int64_t j = 0; j < g->kw; j++) {
+                  const int64_t iw = ow * g->sw - g->pw + j * g->dw;
+                  if (iw >= 0 && iw < g->w) sums[i * g->kw + j] += d * xp[ih * g->w + iw];
+               }
+            }
+         }
+   }
+}
+
+/* y plane (channel c's kernel wc, bias) <- bias + sum over the real pairs of w * x. */
+static void dw_plane_forward_exact(const float *xp, float *yp, const float *wc, float bias, const conv_geom *g)
+{
+   for (int64_t oh = 0; oh < g->ho; oh++)
+      for (int64_t ow = 0; ow < g->wo; ow++) {
+         float a = bias;
+         for (int64_t i = 0; i < g->kh; i++) {
+            const int64_t ih = oh * g->sh - g->ph + i * g->dh;
+            if (ih < 0 || ih >= g->h) continue;
+            for (int64_t j = 0; j < g->kw; j++) {
+               const int64_t iw = ow * g->sw - g->pw + j * g->dw;
+               if (iw >= 0 && iw < g->w) a += wc[i * g->kw + j] * xp[ih * g->w + iw];
+            }
+         }
+         yp[oh * g->wo + ow] = a;
+      }
+}
+
+/* Whether channel c's kernel holds an inf or NaN: the one way the fast forward and
+ * backward-data loops meet a non-finite value with a padding or dropped-column zero (x's and
+ * dy's zeros of the padding and the pitch multiply w; a finite w times a zero adds nothing). */
+static bool dw_kernel_finite(const float *w, int64_t c, int64_t kk)
+{
+   bool finite = true;
+   for (int64_t t = 0; t < kk; t++) finite = finite && isfinite(w[c * kk + t]);
+   return finite;
+}
+
 nr_status nn_dw_forward(const float *x, float *y, const float *w, const float *b, const conv_geom *g,
                         const nn_epilogue *epi)
 {
@@ -205,10 +281,19 @@ nr_status nn_dw_forward(const float *x, float *y, const float *w, const float *b
          if (epi) nn_epilogue_plane(epi, c, yp, g->p);
       }
    }
-   return oom ? dw_oom("forward", &q) : NR_OK;
+   if (oom) return dw_oom("forward", &q);
+   for (int64_t c = 0; c < g->cin; c++) {
+      if (dw_kernel_finite(w, c, kk)) continue;
+      for (int64_t n = 0; n < g->n; n++) {
+         const int64_t p = n * g->cin + c;
+         dw_plane_forward_exact(x + p * g->h * g->w, y + p * g->p, w + c * kk, b ? b[c] : 0.0f, g);
+         if (epi) nn_epilogue_plane(epi, c, y + p * g->p, g->p);
+      }
+   }
+   return NR_OK;
 }
 
-nr_status nn_dw_backward_data(const float *dy, float *dx, const float *w, const conv_geom *g)
+static nr_status dw_backward_data_fast(const float *dy, float *dx, const float *w, const conv_geom *g)
 {
    /* stride 1: dx is the forward of dy with every kernel rotated by 180 degrees and padding
     * (k - 1) * d - p (needs p <= (k - 1) * d: "same" and "valid" convs), which gathers all taps
@@ -246,6 +331,20 @@ nr_status nn_dw_backward_data(const float *dy, float *dx, const float *w, const 
    return oom ? dw_oom("backward-data", &q) : NR_OK;
 }
 
+nr_status nn_dw_backward_data(const float *dy, float *dx, const float *w, const conv_geom *g)
+{
+   NR_TRY(dw_backward_data_fast(dy, dx, w, g));
+   const int64_t kk = g->kh * g->kw;
+   for (int64_t c = 0; c < g->cin; c++) {
+      if (dw_kernel_finite(w, c, kk)) continue;
+      for (int64_t n = 0; n < g->n; n++) {
+         const int64_t p = n * g->cin + c;
+         dw_plane_data_exact(dy + p * g->p, dx + p * g->h * g->w, w + c * kk, g);
+      }
+   }
+   return NR_OK;
+}
+
 nr_status nn_dw_backward_weight(const float *x, const float *dy, float *dw, const conv_geom *g, float scale,
                                 float acc)
 {
@@ -265,12 +364,17 @@ nr_status nn_dw_backward_weight(const float *x, const float *dy, float *dw, cons
       for (int64_t c = 0; c < g->cin; c++) {
          if (!ok) continue;
          for (int64_t t = 0; t < kk; t++) sums[t] = 0;
+         bool finite = true;
          for (int64_t n = 0; n < g->n; n++) {
             const int64_t p = n * g->cin + c;
             dw_move(ph, (float *)(x + p * g->h * g->w), g, &q, true);
             dw_pitch(dy + p * g->p, dyq, g, &q);
             dw_plane_weight(ph, dyq, sums, g, &q);
          }
+         /* a non-finite sum may hold 0 * inf from the padding or a dropped column (a finite one
+          * cannot) */
+         for (int64_t t = 0; t < kk; t++) finite = finite && isfinite(sums[t]);
+         if (!finite) dw_channel_weight_exact(x, dy, sums, g, c);
          float *o = dw + c * kk;
          for (int64_t t = 0; t < kk; t++) o[t] = (acc == 0 ? 0.0f : acc * o[t]) + (float)(scale * sums[t]);
       }

@@ -954,6 +954,65 @@ describe('NaN propagates through ReLU (as PyTorch), so a diverging run reaches t
       assert.same({1, 777, big:numel()}, nan_positions(nn.ReLU():forward(big)))
    end)
 
+   it('depthwise conv: an inf or NaN reaches only the outputs, taps and positions of its real pairs (as PyTorch)', function()
+      -- the polyphase kernels multiply padding and dropped-column zeros, and 0 * inf is NaN:
+      -- compared with a direct loop over the real (output, tap) pairs, NaN positions and values
+      local function ref(x, w, dy, st, pd)
+         local N, Cn, H, W = unpack(x:shape())
+         local K = w:size(3)
+         local Ho, Wo = math.floor((H + 2 * pd - K) / st) + 1, math.floor((W + 2 * pd - K) / st) + 1
+         local y, gx, gw = nr.zeros({N, Cn, Ho, Wo}), nr.zeros({N, Cn, H, W}), nr.zeros({Cn, 1, K, K})
+         local px, pw, pdy = x:data(), w:data(), dy:data()
+         local py, pgx, pgw = y:data(), gx:data(), gw:data()
+         for n = 0, N - 1 do for c = 0, Cn - 1 do for oh = 0, Ho - 1 do for ow = 0, Wo - 1 do
+            local o = ((n * Cn + c) * Ho + oh) * Wo + ow
+            for i = 0, K - 1 do for j = 0, K - 1 do
+               local ih, iw = oh * st - pd + i, ow * st - pd + j
+               if ih >= 0 and ih < H and iw >= 0 and iw < W then
+                  local xi, wi = ((n * Cn + c) * H + ih) * W + iw, (c * K + i) * K + j
+                  py[o] = py[o] + pw[wi] * px[xi]
+                  pgx[xi] = pgx[xi] + pw[wi] * pdy[o]
+                  pgw[wi] = pgw[wi] + pdy[o] * px[xi]
+               end
+            end end
+         end end end end
+         return y, gx, gw
+      end
+      local function same(what, got, want)
+         assert.same(nan_positions(want), nan_positions(got), what .. ': NaN positions')
+         local pg, pw = got:contiguous():data(), want:contiguous():data()
+         for i = 0, want:numel() - 1 do
+            local a, b = pg[i], pw[i]
+            assert(a ~= a or a == b or math.abs(a - b) <= 1e-5 * math.max(1, math.abs(b)),
+               string.format('%s [%d]: %g vs %g', what, i, a, b))
+         end
+      end
+      for _, geo in ipairs({{3, 1, 1}, {3, 2, 1}, {2, 1, 0}, {3, 1, 2}}) do
+         local K, st, pd = unpack(geo)
+         for _, where in ipairs({'x', 'w', 'dy'}) do
+            for _, bad in ipairs({1 / 0, nan}) do
+               nr.manual_seed(5)
+               local conv = nn.Conv2d(3, 3, K, {groups = 3, stride = st, padding = pd, bias = false})
+               local x = nr.randn({2, 3, 6, 8})
+               local ys = conv:outputShape({3, 6, 8})
+               local dy = nr.randn({2, ys[1], ys[2], ys[3]})
+               local t = ({x = x, w = conv.weight, dy = dy})[where]
+               t:set(1, bad) -- the first and last elements (corners) and one inside
+               t:set(t:numel(), bad)
+               t:set(math.floor(t:numel() / 2) + 1, bad)
+               local y = conv:forward(x)
+               conv:zeroGradParameters()
+               local gx = conv:backward(x, dy)
+               local ry, rgx, rgw = ref(x, conv.weight, dy, st, pd)
+               local what = string.format('k%d s%d p%d, %s in %s', K, st, pd, tostring(bad), where)
+               same(what .. ' y', y, ry)
+               same(what .. ' gx', gx, rgx)
+               same(what .. ' gw', conv.gradWeight, rgw)
+            end
+         end
+      end
+   end)
+
    for _, mode in ipairs({'training', 'evaluate'}) do
       it('BatchNorm2d + in-place ReLU, fused and separate, keep the NaN (' .. mode .. ')', function()
          nr.manual_seed(3)
