@@ -17,6 +17,7 @@
 -- No conv is NR-fixed. Init: convs Kaiming normal fan_out, BN γ = 1, β = 0, classifier
 -- N(0, 0.01), bias 0. Convs have bias = false.
 local nn = require 'nr.nn'
+local check = require 'nr.check'
 local models = require 'nr.models'
 local util = models.util
 
@@ -44,7 +45,7 @@ end
 
 local function check_int(v, what, min)
    if type(v) ~= 'number' or v ~= math.floor(v) or v < min then
-      error(string.format('%s: %s must be an integer >= %d, got %s', FNAME, what, min, tostring(v)), 3)
+      error(string.format('%s: %s must be an integer >= %d, got %s', FNAME, what, min, check.show(v)), 3)
    end
 end
 
@@ -82,7 +83,7 @@ function M.build(opts)
    check_int(o.bn_size, 'bn_size', 1)
    o.compression = o.compression or 0.5
    if type(o.compression) ~= 'number' or not (o.compression > 0 and o.compression <= 1) then -- NaN too
-      error(FNAME .. ': compression must be in (0, 1], got ' .. tostring(o.compression), 2)
+      error(FNAME .. ': compression must be in (0, 1], got ' .. check.show(o.compression), 2)
    end
    local parts = {{'stem', nn.Sequential(stem)}}
    local c = o.init_features

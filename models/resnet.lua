@@ -23,6 +23,7 @@
 -- final BN). These are never pruned and get no L1 (paper 4.3). Convs have bias = false.
 -- Init: convs Kaiming normal fan_out, BN γ = 1, β = 0, classifier N(0, 0.01), bias 0.
 local nn = require 'nr.nn'
+local check = require 'nr.check'
 local models = require 'nr.models'
 local util = models.util
 
@@ -157,7 +158,7 @@ end
 function M.build(opts)
    local o = util.common(opts, {depth = true, preact = true}, FNAME)
    if o.preact ~= nil and type(o.preact) ~= 'boolean' then
-      error(string.format('%s: preact must be true or false, got %s', FNAME, tostring(o.preact)), 2)
+      error(string.format('%s: preact must be true or false, got %s', FNAME, check.show(o.preact)), 2)
    end
    local cifar = o.dataset ~= 'imagenet'
    local model

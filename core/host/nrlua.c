@@ -145,10 +145,32 @@ static int has_position(const char *msg)
    return d > c + 1 && *d == ':';
 }
 
+/* The text after the position when msg is one of the package's argument checks raised inside
+ * the package itself ("/.../lua/nr/train.lua:882: nr.rejuvenate.attach (lambda): unknown option
+ * ..."): a check nested in the library (a recipe's section checked by nr.train) points into it,
+ * not at the user's code; else NULL. Checks name their function first ("nr." or "Trainer:"). */
+static const char *library_check(const char *msg)
+{
+   const char *c = strchr(msg, ':');
+   if (!has_position(msg)) return NULL;
+   const char *file_end = c;
+   const char *text = c + 1;
+   while (*text >= '0' && *text <= '9') text++;
+   text++; /* the second ':' */
+   if (*text == ' ') text++;
+   static const char own[] = "/lua/nr/";
+   const size_t n = sizeof own - 1;
+   int inside = 0;
+   for (const char *p = msg; p + n <= file_end && !inside; p++) inside = strncmp(p, own, n) == 0;
+   if (!inside) return NULL;
+   return strncmp(text, "nr.", 3) == 0 || strncmp(text, "Trainer:", 8) == 0 ? text : NULL;
+}
+
 /* Error handler: message plus traceback. A message without a position (error(msg, 0): the
  * library's messages about the user's configuration, e.g. "nr.train: the model has 10 outputs
- * but ...") is shown alone, a traceback would only point into the library; NR_TRACEBACK=1
- * always adds it. */
+ * but ...") is shown alone, a traceback would only point into the library; so is one of the
+ * library's argument checks raised inside the library (library_check, shown without that
+ * position). NR_TRACEBACK=1 always adds the position and traceback. */
 static int traceback(lua_State *L)
 {
    const char *msg = lua_tostring(L, 1);
@@ -157,7 +179,13 @@ static int traceback(lua_State *L)
       msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
    }
    const char *always = getenv("NR_TRACEBACK");
-   if (!has_position(msg) && !(always && always[0] == '1')) {
+   const int full = always && always[0] == '1';
+   const char *check = full ? NULL : library_check(msg);
+   if (check) {
+      lua_pushstring(L, check);
+      return 1;
+   }
+   if (!has_position(msg) && !full) {
       lua_pushstring(L, msg);
       return 1;
    }

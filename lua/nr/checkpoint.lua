@@ -589,9 +589,42 @@ function M.load_into(model, weights, where)
    for _, name in ipairs(names) do targets[name]:copy(weights[name]) end
 end
 
--- Saves just a model's weights (and buffers) to a safetensors file PyTorch can read.
+-- A model's layer sizes as nr.rejuvenate left them, as safetensors metadata: {nr_arch = JSON of
+-- the architecture record nr.rejuvenate's checkpoints keep}. load_weights rebuilds a freshly
+-- built model to it, so a rejuvenated model loads without its training run.
+function M.arch_metadata(model)
+   return {nr_arch = M.json_encode(require('nr.rejuvenate.surgery').arch_state(model))}
+end
+
+-- Saves a model's weights (and buffers) to a safetensors file PyTorch can read, with the layer
+-- sizes (arch_metadata) beside any metadata given.
 function M.save_weights(model, path, metadata)
-   safetensors.save(path, M.model_tensors(model, 'nr.checkpoint.save_weights'), metadata)
+   local tensors = M.model_tensors(model, 'nr.checkpoint.save_weights')
+   local meta = M.arch_metadata(model)
+   for k, v in pairs(metadata or {}) do meta[k] = v end
+   safetensors.save(path, tensors, meta)
+end
+
+-- Loads a file save_weights wrote (or a run's checkpoint/<step>/model.safetensors) into model, a
+-- freshly built model of the same kind: layers a rejuvenation resized or split are first rebuilt
+-- to the recorded sizes, then every weight and buffer is loaded (load_into's checks). Returns
+-- model. As PyTorch's load_state_dict, without the architecture it would need the recipe's run.
+function M.load_weights(model, path)
+   check.arg(type(path) == 'string', 'nr.checkpoint.load_weights', 'path must be a string, got %s', check.show(path))
+   M.model_tensors(model, 'nr.checkpoint.load_weights') -- the model is a module
+   local weights, meta = safetensors.load(path)
+   if meta.nr_arch then
+      local ok, arch = pcall(M.json_decode, meta.nr_arch)
+      check.arg(ok and type(arch) == 'table', 'nr.checkpoint.load_weights', '%s: its nr_arch metadata is damaged', path)
+      local applied, err = pcall(require('nr.rejuvenate.surgery').apply_arch, model, arch)
+      if not applied then -- another kind of model: said for this call, not as nr.rejuvenate's
+         error(string.format('nr.checkpoint.load_weights: %s does not fit the model: %s', path,
+            (tostring(err):gsub('^nr%.rejuvenate: ', ''))), 2)
+      end
+      require('nr.rejuvenate.monitor').invalidate(model)
+   end
+   M.load_into(model, weights, path)
+   return model
 end
 
 return M

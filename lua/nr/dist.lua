@@ -1020,7 +1020,7 @@ function Sharded:normalize(x, out)
    return self.inner:normalize(x, out)
 end
 
-local NULL_STREAM = {write = function() end, flush = function() end}
+local NULL_STREAM = require('nr.progress').NULL_STREAM
 
 -- ---- recipe agreement ------------------------------------------------------------------------
 

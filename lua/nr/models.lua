@@ -159,4 +159,11 @@ function util.fix(...)
    for _, m in ipairs({...}) do m.nr_fixed = true end
 end
 
+-- nr.models.resnett{...}: a misspelt name is an error that lists the models, not "attempt to call
+-- a nil value" (rawget(nr.models, name) asks without raising).
+setmetatable(M, {__index = function(_, k)
+   error(string.format('nr.models: no model or field %s (models: %s; nr.models.build{name = ...} builds from a '
+      .. 'recipe\'s model table)', check.show(k), table.concat(M.names, ', ')), 2)
+end})
+
 return M

@@ -53,6 +53,9 @@ local Progress = {}
 Progress.__index = Progress
 
 -- Progress.new{stream = io.stdout, tty = nil (auto), every = 50, width = 24}
+-- A stream that drops what is written: recipe.progress = false, and the ranks other than 0.
+M.NULL_STREAM = {write = function() end, flush = function() end}
+
 function M.new(opts)
    opts = opts or {}
    local stream = opts.stream or io.stdout

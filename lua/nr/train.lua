@@ -482,10 +482,7 @@ local function build_model(rc)
    end
    check.arg(type(m) == 'table' and type(m.name) == 'string', 'nr.train',
       'recipe.model must be a module, a function returning one, or a table {name = ..., ...} for nr.models')
-   local models = require 'nr.models'
-   if type(models.build) == 'function' then return models.build(m) end
-   check.arg(type(models[m.name]) == 'function', 'nr.train', 'unknown model %q', m.name)
-   return models[m.name](m)
+   return require('nr.models').build(m)
 end
 
 -- Keys of an augment table that are deterministic (kept for evaluation).
@@ -515,7 +512,7 @@ M.data_threads = data_threads
 -- native size differs; grey images are replicated when the model wants 3 channels.
 local function loader_opts(d, train, seed, model, ds, device)
    check.arg(d.output == nil or d.output == 'uint8' or d.output == 'float32', 'nr.train',
-      'data.output must be "uint8" or "float32", got %s', tostring(d.output))
+      'data.output must be "uint8" or "float32", got %s', check.show(d.output))
    local o = {batch = train and d.batch or (d.eval_batch or d.batch), shuffle = train, seed = seed,
               threads = data_threads(d, device), drop_last = train and d.drop_last or nil,
               output = d.output or (device ~= 'cpu' and 'uint8' or 'float32')}
@@ -568,7 +565,7 @@ local function build_data(tr, rc)
    -- no batches per epoch would only fail deep inside (the schedule's iters_per_epoch)
    local tb = d.train_batches
    if not (tb == nil or (type(tb) == 'number' and tb >= 1 and tb == math.floor(tb))) then
-      error('nr.train: data.train_batches must be an integer >= 1 (a cap on batches per epoch), got ' .. tostring(tb), 0)
+      error('nr.train: data.train_batches must be an integer >= 1 (a cap on batches per epoch), got ' .. check.show(tb), 0)
    end
    if d.train then
       -- ready-made loaders (objects with nbatches() and epoch(e))
@@ -758,7 +755,7 @@ function M.new(recipe)
                             schedule_hold = false, extend_held = false, held_epochs = 0, epoch = 0, step = 0, best_top1 = nil,
                             train_images = 0, train_time = 0}, Trainer)
    for h in pairs(HOOKS) do tr.hooks[h] = {} end
-   check.arg(type(rc.epochs) == 'number' and rc.epochs >= 1, 'nr.train', 'epochs must be >= 1, got %s', tostring(rc.epochs))
+   check.arg(type(rc.epochs) == 'number' and rc.epochs >= 1, 'nr.train', 'epochs must be >= 1, got %s', check.show(rc.epochs))
    -- counts are whole numbers in range: 1e300 epochs ran for ever, checkpoint_every -1 wrote no
    -- checkpoint at all, val_batches 0 skipped evaluation (0 means none only where documented)
    for _, f in ipairs({{'epochs', 1}, {'log_every', 1}, {'eval_every', 0}, {'checkpoint_every', 0}, {'keep', 1}}) do
@@ -768,7 +765,7 @@ function M.new(recipe)
       check.int32(rc.data.val_batches, 'nr.train', 'data.val_batches', 1)
    end
    check.arg(rc.max_epochs == nil or (type(rc.max_epochs) == 'number' and rc.max_epochs >= rc.epochs), 'nr.train',
-      'max_epochs must be >= epochs (%s), got %s', tostring(rc.epochs), tostring(rc.max_epochs))
+      'max_epochs must be >= epochs (%s), got %s', tostring(rc.epochs), check.show(rc.max_epochs))
    -- the bounds of nr.set_num_threads and nr.manual_seed, so a recipe value cannot wrap at the FFI
    if rc.threads ~= nil then check.int32(rc.threads, 'nr.train', 'threads', 0, nrffi.MAX_THREADS) end
    if rc.seed ~= nil then check.int(rc.seed, 'nr.train', 'seed', 0, 2 ^ 53) end
@@ -780,7 +777,7 @@ function M.new(recipe)
    local gpu = tr.device:match('^cuda:(%d+)$')
    if gpu then require('nr.cuda').set_device(tonumber(gpu)) end
    check.arg(rc.precision == 'fp32' or rc.precision == 'bf16', 'nr.train', 'precision must be "fp32" or "bf16", got %s',
-      tostring(rc.precision))
+      check.show(rc.precision))
    if rc.precision == 'bf16' and tr.device == 'cpu' then
       error(string.format('nr.train: precision = "bf16" computes on CUDA only, but the device is %s%s', tr.device,
          rc.device == 'auto' and ' (no GPU found)' or ''), 0)
@@ -789,7 +786,7 @@ function M.new(recipe)
    local fmt = rc.memory_format
    if fmt == nil then fmt = (rc.precision == 'bf16' and 'channels_last' or 'contiguous') end
    check.arg(fmt == 'contiguous' or fmt == 'channels_last', 'nr.train',
-      'memory_format must be "contiguous" or "channels_last", got %s', tostring(fmt))
+      'memory_format must be "contiguous" or "channels_last", got %s', check.show(fmt))
    if fmt == 'channels_last' and tr.device == 'cpu' then
       error(string.format('nr.train: memory_format = "channels_last" is a CUDA layout, but the device is %s%s', tr.device,
          rc.device == 'auto' and ' (no GPU found)' or ''), 0)
@@ -862,8 +859,10 @@ function M.new(recipe)
    tr.out = expand_path(rc.out, 'recipe.out') or resume_run or ('runs/' .. name .. '-' .. date_tag())
    rc.out = tr.out
    ck.mkdirs(tr.out)
-   tr.progress = progress.new({stream = rc.progress and rc.progress.stream or io.stdout,
-                               tty = rc.progress and rc.progress.tty, every = rc.progress and rc.progress.every or rc.log_every})
+   -- progress = false: nothing on the console (the run's folder still gets its log)
+   local popts = rc.progress or {}
+   if rc.progress == false then popts = {stream = progress.NULL_STREAM, tty = false} end
+   tr.progress = progress.new({stream = popts.stream or io.stdout, tty = popts.tty, every = popts.every or rc.log_every})
    typo_warnings(tr, recipe)
 
    -- user hooks, then NR (which registers its hooks and states)
@@ -892,6 +891,14 @@ local function shapes_of(model)
 end
 
 -- Writes a checkpoint of the current state into <out>/checkpoint.
+-- model.safetensors' metadata: the epoch, the step and the layer sizes (nr.checkpoint.load_weights
+-- loads the file into a freshly built model, rejuvenated or not).
+function Trainer:checkpoint_metadata()
+   local meta = ck.arch_metadata(self.model)
+   meta.epoch, meta.step = self.epoch, self.step
+   return meta
+end
+
 function Trainer:save_checkpoint(opts)
    opts = opts or {}
    local rc = self.recipe
@@ -919,7 +926,7 @@ function Trainer:save_checkpoint(opts)
    }
    local ckdir = self.out .. '/checkpoint'
    local ok, dir = pcall(ck.save, ckdir, {step = self.step, weights = ck.model_tensors(self.model), state = state,
-                                          keep = rc.keep, best = opts.best, metadata = {epoch = self.epoch, step = self.step}})
+                                          keep = rc.keep, best = opts.best, metadata = self:checkpoint_metadata()})
    if not ok then
       -- a full disk: said with what is left to continue from, not as a position inside nr.checkpoint
       local prev = ck.find(ckdir)

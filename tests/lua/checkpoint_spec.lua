@@ -353,6 +353,43 @@ describe('nr.checkpoint', function()
       assert.same({{1, 1}, {1, 1}}, m.weight:totable())
    end)
 
+   it('save_weights / load_weights: a rejuvenated model (CA, widths changed) loads into a freshly built one', function()
+      local nn = nr.nn
+      local function build()
+         return nn.Sequential(nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 12, 3, {padding = 1, bias = false}), nn.BatchNorm2d(12), nn.ReLU(),
+            nn.GlobalAvgPool2d(), nn.Linear(12, 5))
+      end
+      nr.manual_seed(6)
+      local m = build()
+      for _, bn in ipairs(m:findModules('BatchNorm2d')) do
+         for i = 1, bn.num_features, 3 do bn.weight:set(i, 0) end
+      end
+      nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = 'CA', policy = {reallocate = function(layers)
+         local w = {}
+         for _, l in ipairs(layers) do w[l.id] = l.live + 5 end -- widths no fresh model has
+         return w
+      end}})
+      m:evaluate()
+      local x = nr.randn({2, 3, 8, 8})
+      local y = m:forward(x):clone()
+      local path = TMP .. '/rejuvenated.safetensors'
+      ck.save_weights(m, path, {note = 'by hand'})
+      local fresh = build()
+      assert.are.equal(fresh, ck.load_weights(fresh, path))
+      fresh:evaluate()
+      assert.are.equal(0, fresh:forward(x):clone():sub_(y):abs_():max())
+      local cm, cf = nr.count(m, {3, 8, 8}), nr.count(fresh, {3, 8, 8})
+      assert.same({cm.params, cm.flops}, {cf.params, cf.flops})
+      assert.are.equal('NRConv2d', fresh:get(4):typename())
+      local _, meta = require('nr.safetensors').load(path)
+      assert.are.equal('by hand', meta.note)
+      -- another kind of model: the file and the mismatch are named
+      local ok, err = pcall(ck.load_weights, nn.Sequential(nn.Linear(4, 2)), path)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('nr.checkpoint.load_weights: ' .. path .. ' does not fit the model', 1, true), tostring(err))
+   end)
+
    it('load_into refuses a missing weights table, non-tensor weights and a dtype other than the parameter\'s', function()
       local m = nr.nn.Linear(3, 2)
       local before = m.weight:totable()

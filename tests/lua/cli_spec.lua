@@ -91,6 +91,20 @@ describe('nrlua', function()
       assert.equal(1, rc)
       assert.truthy(out:find('syn.lua:1: unexpected symbol near', 1, true), out)
       assert.is_nil(out:find('stack traceback', 1, true), out)
+      -- a check of the library raised inside the library (a recipe section nr.train hands on):
+      -- the message alone, not a position inside nrlua and a traceback through it
+      local rec = tmp .. '/badopt.lua'
+      f = io.open(rec, 'w')
+      f:write("local nr, train = require 'nr', require 'nr.train'\n"
+         .. "local l = train.memory_loader(nr.randn({8, 1, 4, 4}), nr.zeros({8}, {dtype = 'int64'}), {batch = 4})\n"
+         .. "return {model = nr.nn.Sequential(nr.nn.Conv2d(1, 2, 3), nr.nn.BatchNorm2d(2), nr.nn.GlobalAvgPool2d()),\n"
+         .. "   data = {train = l}, classes = 2, nr = {lambda = {dL = 1}}}\n")
+      f:close()
+      out, rc = run(exe .. ' ' .. rec .. ' --out ' .. tmp .. '/badopt')
+      assert.equal(1, rc)
+      assert.truthy(out:find('nrlua: nr.rejuvenate.attach (lambda): unknown option "dL"', 1, true), out)
+      assert.is_nil(out:find('stack traceback', 1, true), out)
+      assert.is_nil(out:find('/lua/nr/', 1, true), out)
    end)
 
    it('-i FILE runs the REPL after the script; - reads the script from stdin', function()
@@ -246,6 +260,31 @@ describe('nrlua', function()
       assert(ok, msg)
       assert.equal(string.format("interrupted at epoch 1 step 5; %s resumes from its last checkpoint (step-00000003): "
          .. "nrlua recipes/x.lua --epochs 3 --data.train_batches 30 --lr=0.1 --resume '%s'", dir, dir), msg)
+   end)
+
+   it('a recipe with progress = false prints nothing; the run folder still has its log', function()
+      local dir = tmp .. '/quiet'
+      os.execute(string.format("mkdir -p '%s'", dir))
+      local f = assert(io.open(dir .. '/quiet.lua', 'w'))
+      f:write([[
+local nr = require 'nr'
+local train = require 'nr.train'
+nr.manual_seed(1)
+local x, y = nr.randn({64, 1, 8, 8}), nr.randint(0, 3, {64}, {dtype = 'int64'})
+return {
+   model = nr.nn.Sequential(nr.nn.Conv2d(1, 4, 3, {padding = 1}), nr.nn.ReLU(), nr.nn.GlobalAvgPool2d(),
+      nr.nn.Linear(4, 3)),
+   data = {train = train.memory_loader(x, y, {batch = 16}), val = train.memory_loader(x, y, {batch = 32})},
+   classes = 3, epochs = 1, device = 'cpu', log_every = 1, progress = false,
+}
+]])
+      f:close()
+      local out, rc = run(string.format("%s '%s/quiet.lua' --out '%s/run' --overwrite", nrlua(), dir, dir))
+      assert.equal(0, rc, out)
+      assert.equal('', out)
+      local m = assert(io.open(dir .. '/run/metrics.jsonl'))
+      assert.truthy(m:read('*a'):find('"kind":"epoch"', 1, true))
+      m:close()
    end)
 
    it('cancels the running REPL input on SIGINT and goes on', function()

@@ -400,7 +400,7 @@ describe('nr.models', function()
       -- options the zoo's own checks let through (they failed later, inside nr.nn, or built a
       -- model other than the one asked for)
       for _, c in ipairs({
-         {nr.models.resnet, {depth = 164, dataset = 'cifar10', preact = 'no'}, 'preact must be true or false, got no'},
+         {nr.models.resnet, {depth = 164, dataset = 'cifar10', preact = 'no'}, 'preact must be true or false, got "no"'},
          {nr.models.vgg, {gamma0 = 0 / 0}, 'gamma0 must be a positive number'},
          {nr.models.vgg, {gamma0 = math.huge}, 'gamma0 must be a positive number'},
          {nr.models.densenet, {dataset = 'cifar10', depth = 40, growth = 12, init_features = 0}, 'init_features must be an integer >= 1'},
@@ -412,5 +412,8 @@ describe('nr.models', function()
          e = err_of(c[1], c[2])
          assert.truthy(e:find(c[3], 1, true), e)
       end
+      -- a misspelt model: named with the list, not "attempt to call a nil value"
+      e = err_of(function() return nr.models.resnett{depth = 18} end)
+      assert.truthy(e:find('nr.models: no model or field "resnett" (models: vgg, resnet, densenet, mobilenet', 1, true), e)
    end)
 end)

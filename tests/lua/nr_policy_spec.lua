@@ -116,7 +116,7 @@ describe('nr.rejuvenate policies', function()
       assert.truthy(err(function() nr.rejuvenate(dead, {input_shape = {3, 8, 8}}) end)
          :find('no live channel in any resizable layer', 1, true))
       assert.truthy(rej({budget = 0 / 0}):find('budget must be a number >= 0', 1, true))
-      assert.truthy(rej({constraint = 'flop'}):find('constraint must be "params" or "flops", got flop', 1, true))
+      assert.truthy(rej({constraint = 'flop'}):find('constraint must be "params" or "flops", got "flop"', 1, true))
       assert.truthy(rej({policy = {init = function(_, s) return nr.full(s, 0 / 0) end}}):find('policy.init returned non-finite', 1, true))
       assert.truthy(rej({policy = {reallocate = function(layers)
          local w = {}
@@ -146,6 +146,23 @@ describe('nr.rejuvenate policies', function()
          :find('budget.solve: widths_of must be a function', 1, true))
       assert.truthy(rej({policy = {rescale = function() return 'yes' end}})
          :find('policy.rescale: must return true or false, got "yes"', 1, true))
+      -- a value of the wrong type is shown as what it is (a string '0.5' read "got 0.5")
+      assert.truthy(rej({gamma0 = '0.5'}):find('gamma0 must be a number > 0, got "0.5"', 1, true))
+      assert.truthy(rej({rescale = 'true'}):find('rescale must be true or false, got "true"', 1, true))
+      -- a policy that is not a table (a name), and unknown ids: blamed on who handed them over
+      assert.truthy(rej({policy = 'gamma'}):find('nr.rejuvenate: policy must be a table of functions', 1, true))
+      assert.truthy(rej({policy = {reallocate = function(_, b) return b.cost({foo = 3}) end}})
+         :find('budget.cost got a width for unknown layer id "foo" (widths are keyed by layers[i].id, e.g. ', 1, true))
+      assert.truthy(rej({policy = {reallocate = function(layers)
+         local w = {}
+         for _, l in ipairs(layers) do w[l.id] = l.live end
+         w['0'] = 3 -- a layer's name, not its id
+         return w
+      end}}):find('reallocate returned a width for unknown layer id "0"', 1, true))
+      -- nr.utilization's graph errors name nr.utilization
+      local one_channel = nn.Sequential(nn.Conv2d(1, 4, 3, {bias = false}), nn.BatchNorm2d(4))
+      assert.truthy(err(function() return nr.utilization(one_channel, {3, 8, 8}) end)
+         :find('^[^\n]*nr%.utilization: 0 %(Conv2d'))
       -- attach checks the whole configuration at once, before any training
       local function att(cfg)
          cfg.input_shape = {3, 8, 8}
@@ -179,15 +196,15 @@ describe('nr.rejuvenate policies', function()
       for _, v in ipairs({-1, 0, 0 / 0, math.huge, 'x'}) do
          -- -1 shrank the model to width 1 without a word; NaN blamed the policy
          assert.truthy(rej({constraint_value = v}):find('nr.rejuvenate: constraint_value must be a finite number > 0 (the cost C), got '
-            .. tostring(v), 1, true))
+            .. (type(v) == 'string' and '"' .. v .. '"' or tostring(v)), 1, true))
       end
-      assert.truthy(rej({count = 'x'}):find('nr.rejuvenate: count must be a table such as {conv = true, bn = false}, got x', 1, true))
+      assert.truthy(rej({count = 'x'}):find('nr.rejuvenate: count must be a table such as {conv = true, bn = false}, got "x"', 1, true))
       assert.truthy(rej({count = {conv = 1}}):find('nr.rejuvenate: count.conv must be true or false, got 1', 1, true))
       assert.truthy(rej({count = {convs = true}}):find('nr.rejuvenate: unknown count key convs', 1, true))
       assert.truthy(rej({optimizer = {}}):find('nr.rejuvenate: optimizer must be an nr.optim optimizer, got a table without :state_of()', 1, true))
       assert.truthy(rej({optimizer = 5}):find('nr.rejuvenate: optimizer must be an nr.optim optimizer, got number', 1, true))
       assert.truthy(rej({input_shape = {3, -8, 8}}):find('nr_policy_spec.lua:%d+: nr.rejuvenate: input_shape%[2%] must be a positive integer, got %-8'))
-      assert.truthy(rej({input_shape = {'a', 8, 8}}):find('nr.rejuvenate: input_shape[1] must be a positive integer, got a', 1, true))
+      assert.truthy(rej({input_shape = {'a', 8, 8}}):find('nr.rejuvenate: input_shape[1] must be a positive integer, got "a"', 1, true))
       -- an inf γ made every other channel of its layer look dead; NaN too
       for _, v in ipairs({math.huge, 0 / 0}) do
          local m = small_net()

@@ -128,6 +128,12 @@ describe('nr.rejuvenate.attach in nr.train', function()
       local b = fresh.model:forward(x)
       assert.is_true(a:sub(b):abs():max() <= 1e-5 * math.max(1, a:abs():max()))
       assert.are.equal(1, fresh.nr.rejuvenations)
+      -- without a trainer: the checkpoint's model.safetensors records the layer sizes, so a
+      -- freshly built model loads it (nr.checkpoint.load_weights)
+      local ck = require 'nr.checkpoint'
+      local bare = ck.load_weights(model(), ck.find(out) .. '/model.safetensors')
+      bare:evaluate()
+      assert.are.equal(0, a:sub(bare:forward(x)):abs():max())
    end)
 end)
 

@@ -97,7 +97,7 @@ Dataset.__len = Dataset.size
 function Dataset:label(i)
    local c = live_ds(self)
    check.arg(type(i) == 'number' and i >= 1 and i <= self:size() and i == math.floor(i), 'Dataset:label',
-      'sample must be a whole number in 1..%d, got %s', self:size(), tostring(i))
+      'sample must be a whole number in 1..%d, got %s', self:size(), check.show(i))
    return tonumber(C.nr_dataset_label(c, i - 1))
 end
 
@@ -112,7 +112,7 @@ end
 function Dataset:get(i)
    local c = live_ds(self)
    check.arg(type(i) == 'number' and i >= 1 and i <= self:size() and i == math.floor(i), 'Dataset:get',
-      'sample must be a whole number in 1..%d, got %s', self:size(), tostring(i))
+      'sample must be a whole number in 1..%d, got %s', self:size(), check.show(i))
    local p = C.nr_dataset_image(c, i - 1)
    if p == nil then c_error('Dataset:get', 2) end
    return T.Tensor._wrap(p), tonumber(C.nr_dataset_label(c, i - 1))
@@ -197,11 +197,11 @@ local function given_classes(classes, fname)
       return classes.class_names, string.format('the classes of the %s split %s', classes.split, classes.dir or classes.root)
    end
    if not (type(classes) == 'table' and #classes >= 1) then
-      bad('expected a dataset (the training split) or a list of class names, got %s', tostring(classes))
+      bad('expected a dataset (the training split) or a list of class names, got %s', check.show(classes))
    end
    local seen = {}
    for k, c in ipairs(classes) do
-      if not (type(c) == 'string' and c ~= '') then bad('entry %d must be a non-empty string, got %s', k, tostring(c)) end
+      if not (type(c) == 'string' and c ~= '') then bad('entry %d must be a non-empty string, got %s', k, check.show(c)) end
       if seen[c] then bad('%q is listed twice', c) end
       seen[c] = true
    end
@@ -353,8 +353,8 @@ local function stats_into(stats, c, mean_out, std_out, fname, what)
       local im, is = nm == 1 and 1 or k, ns == 1 and 1 or k
       local m, sd = stats.mean[im], stats.std[is]
       if type(m) ~= 'number' or type(sd) ~= 'number' then bad('bad mean/std for channel %d', k) end
-      if not (m == m and math.abs(m) < math.huge) then bad('mean[%d] must be finite, got %s', im, tostring(m)) end
-      if not (sd > 0 and sd < math.huge) then bad('std[%d] must be > 0 and finite, got %s', is, tostring(sd)) end
+      if not (m == m and math.abs(m) < math.huge) then bad('mean[%d] must be finite, got %s', im, check.show(m)) end
+      if not (sd > 0 and sd < math.huge) then bad('std[%d] must be > 0 and finite, got %s', is, check.show(sd)) end
       -- x / 255 is in [0, 1], so |out| <= (1 + |mean|) / std: past float32 it is inf (mean 1e30 with
       -- std 1e-30 gave inf batches); 1e38 leaves room for mean and std rounded to float
       local reach = (1 + math.abs(m)) / sd
@@ -537,7 +537,7 @@ function M.loader(ds, opts)
       cfg.ratio_lo, cfg.ratio_hi = range_opt(aug.ratio, fname, 'ratio', math.huge, 'aspect ratios width / height')
    end
    local channels = aug.channels or ds.channels
-   check.arg(channels == 1 or channels == 3, fname, 'augment.channels must be 1 or 3, got %s', tostring(channels))
+   check.arg(channels == 1 or channels == 3, fname, 'augment.channels must be 1 or 3, got %s', check.show(channels))
    cfg.channels = channels
    local norm = aug.normalize
    if norm == true then
@@ -551,7 +551,7 @@ function M.loader(ds, opts)
       stats_into(norm, channels, cfg.mean, cfg.std, fname, 'augment.normalize')
    end
    local output = opts.output or 'float32'
-   check.arg(output == 'float32' or output == 'uint8', fname, 'output must be "float32" or "uint8", got %s', tostring(output))
+   check.arg(output == 'float32' or output == 'uint8', fname, 'output must be "float32" or "uint8", got %s', check.show(output))
    cfg.output_u8 = output == 'uint8' and 1 or 0
    local p = C.nr_loader_new(live_ds(ds), cfg)
    if p == nil then

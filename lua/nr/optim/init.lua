@@ -15,7 +15,7 @@ local BUILDERS = {sgd = SGD}
 
 function M.build(cfg, model)
    check.arg(type(cfg) == 'table', 'nr.optim.build', 'optim config must be a table')
-   check.arg(cfg.name == nil or type(cfg.name) == 'string', 'nr.optim.build', 'name must be a string, got %s', tostring(cfg.name))
+   check.arg(cfg.name == nil or type(cfg.name) == 'string', 'nr.optim.build', 'name must be a string, got %s', check.show(cfg.name))
    local name = (cfg.name or 'sgd'):lower()
    local cls = BUILDERS[name]
    if not cls then

@@ -127,7 +127,7 @@ end
 local function validate_config(cfg, fname)
    check.options(cfg, CONFIG_KEYS, fname)
    validate_settings(cfg, 'config.', fname, REQUIRED)
-   check.arg((cfg.dampening or 0) == 0, fname, 'config.dampening: only 0 is supported, got %s', tostring(cfg.dampening))
+   check.arg((cfg.dampening or 0) == 0, fname, 'config.dampening: only 0 is supported, got %s', check.show(cfg.dampening))
    check.arg(not cfg.nesterov or cfg.momentum > 0, fname, 'config.nesterov needs momentum > 0')
 end
 

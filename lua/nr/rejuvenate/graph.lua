@@ -22,6 +22,7 @@
 -- Unknown module types are an error naming the path, unless registered with graph.register.
 local M = {}
 
+-- The public function a graph is built for (graph.build's fname), named in its errors.
 local FNAME = 'nr.rejuvenate'
 
 -- Pass-through leaves: channels and their meaning unchanged. homog = positively homogeneous
@@ -266,8 +267,10 @@ walk = function(g, m, desc, shape)
    return leaf(g, m, desc, shape)
 end
 
--- graph.build(model, input_shape) -> g. input_shape: one sample's shape, e.g. {3, 32, 32}.
-function M.build(model, input_shape)
+-- graph.build(model, input_shape [, fname]) -> g. input_shape: one sample's shape, e.g. {3, 32, 32};
+-- fname: the public function errors name (default nr.rejuvenate).
+function M.build(model, input_shape, fname)
+   FNAME = fname or 'nr.rejuvenate'
    assert(type(input_shape) == 'table' and #input_shape >= 1, FNAME .. ': input_shape must be a table like {3, 32, 32}')
    local g = {model = model, input_shape = input_shape, units = {}, sets = {}, linears = {}, chanwise = {},
               by_module = {}, owner_of = {}}

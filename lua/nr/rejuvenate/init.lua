@@ -26,7 +26,7 @@ local function input_shape_of(model, given, fname)
       -- as nr.count requires: a negative or fractional size gave a cost of 0, a string a raw error
       for i, v in ipairs(given) do
          if type(v) ~= 'number' or v < 1 or v >= 2 ^ 31 or v ~= math.floor(v) then
-            error(string.format('%s: input_shape[%d] must be a positive integer, got %s', fname, i, tostring(v)), 3)
+            error(string.format('%s: input_shape[%d] must be a positive integer, got %s', fname, i, check.show(v)), 3)
          end
       end
       return given
@@ -44,25 +44,25 @@ local MON_KEYS = {threshold = true, abs_min = true, count = true}
 local finite = check.finite
 local function check_common(o, FN)
    local function is(v, set) return v == nil or set[v] == true end
-   check.arg(is(o.constraint, {params = true, flops = true}), FN, 'constraint must be "params" or "flops", got %s', tostring(o.constraint))
-   check.arg(is(o.scheme, {NR = true, CR = true, CA = true}), FN, 'scheme must be "NR", "CR" or "CA", got %s', tostring(o.scheme))
-   check.arg(is(o.optim_state, {remap = true, drop = true}), FN, 'optim_state must be "remap" or "drop", got %s', tostring(o.optim_state))
-   check.arg(is(o.linear_init, {zero = true, normal = true}), FN, 'linear_init must be "zero" or "normal", got %s', tostring(o.linear_init))
-   check.arg(is(o.generations, {merge = true, keep = true}), FN, 'generations must be "merge" or "keep", got %s', tostring(o.generations))
-   check.arg(o.budget == nil or (finite(o.budget) and o.budget >= 0), FN, 'budget must be a number >= 0 (a fraction of the cost C), got %s', tostring(o.budget))
-   check.arg(o.gamma0 == nil or (finite(o.gamma0) and o.gamma0 > 0), FN, 'gamma0 must be a number > 0, got %s', tostring(o.gamma0))
+   check.arg(is(o.constraint, {params = true, flops = true}), FN, 'constraint must be "params" or "flops", got %s', check.show(o.constraint))
+   check.arg(is(o.scheme, {NR = true, CR = true, CA = true}), FN, 'scheme must be "NR", "CR" or "CA", got %s', check.show(o.scheme))
+   check.arg(is(o.optim_state, {remap = true, drop = true}), FN, 'optim_state must be "remap" or "drop", got %s', check.show(o.optim_state))
+   check.arg(is(o.linear_init, {zero = true, normal = true}), FN, 'linear_init must be "zero" or "normal", got %s', check.show(o.linear_init))
+   check.arg(is(o.generations, {merge = true, keep = true}), FN, 'generations must be "merge" or "keep", got %s', check.show(o.generations))
+   check.arg(o.budget == nil or (finite(o.budget) and o.budget >= 0), FN, 'budget must be a number >= 0 (a fraction of the cost C), got %s', check.show(o.budget))
+   check.arg(o.gamma0 == nil or (finite(o.gamma0) and o.gamma0 > 0), FN, 'gamma0 must be a number > 0, got %s', check.show(o.gamma0))
    check.arg(o.threshold == nil or (finite(o.threshold) and o.threshold >= 0 and o.threshold < 1), FN,
-      'threshold must be a fraction in [0, 1) of the layer\'s max |γ|, got %s', tostring(o.threshold))
-   check.arg(o.abs_min == nil or (finite(o.abs_min) and o.abs_min >= 0), FN, 'abs_min must be a number >= 0, got %s', tostring(o.abs_min))
-   check.arg(o.rescale == nil or type(o.rescale) == 'boolean', FN, 'rescale must be true or false, got %s', tostring(o.rescale))
+      'threshold must be a fraction in [0, 1) of the layer\'s max |γ|, got %s', check.show(o.threshold))
+   check.arg(o.abs_min == nil or (finite(o.abs_min) and o.abs_min >= 0), FN, 'abs_min must be a number >= 0, got %s', check.show(o.abs_min))
+   check.arg(o.rescale == nil or type(o.rescale) == 'boolean', FN, 'rescale must be true or false, got %s', check.show(o.rescale))
    -- C: -1 shrank the model to width 1, NaN reached the policy as an absurd width
    check.arg(o.constraint_value == nil or (finite(o.constraint_value) and o.constraint_value > 0), FN,
-      'constraint_value must be a finite number > 0 (the cost C), got %s', tostring(o.constraint_value))
+      'constraint_value must be a finite number > 0 (the cost C), got %s', check.show(o.constraint_value))
    check.arg(o.count == nil or type(o.count) == 'table', FN, 'count must be a table such as {conv = true, bn = false}, got %s',
-      tostring(o.count))
+      check.show(o.count))
    for k, v in pairs(o.count or {}) do
       check.arg(monitor.DEFAULT_COUNT[k] ~= nil, FN, 'unknown count key %s (conv, linear, bn, bias)', tostring(k))
-      check.arg(type(v) == 'boolean', FN, 'count.%s must be true or false, got %s', tostring(k), tostring(v))
+      check.arg(type(v) == 'boolean', FN, 'count.%s must be true or false, got %s', tostring(k), check.show(v))
    end
    local opt = o.optimizer
    for _, method in ipairs({'state_of', 'set_state_of', 'refresh'}) do
@@ -85,7 +85,7 @@ function M.utilization(model, input_shape, opts)
    opts = check.options(opts, MON_KEYS, 'nr.utilization')
    check_common(opts, 'nr.utilization')
    input_shape = input_shape_of(model, input_shape, 'nr.utilization')
-   local g = monitor.graph_of(model, input_shape)
+   local g = monitor.graph_of(model, input_shape, 'nr.utilization')
    return (monitor.report(g, mon_opts(opts)))
 end
 
@@ -108,7 +108,7 @@ M.penalized = penalized
 function M.l1(model, lambda, input_shape)
    -- NaN would make every BN gradient NaN
    check.arg(type(lambda) == 'number' and lambda >= 0 and lambda < math.huge, 'nr.rejuvenate.l1',
-      'lambda must be a finite number >= 0, got %s', tostring(lambda))
+      'lambda must be a finite number >= 0, got %s', check.show(lambda))
    if lambda == 0 then return 0 end
    input_shape = input_shape_of(model, input_shape, 'nr.rejuvenate.l1')
    local list = penalized(model, input_shape)
@@ -129,6 +129,8 @@ local REJ_KEYS = {input_shape = true, threshold = true, abs_min = true, count = 
                   gamma0 = true, optimizer = true, optim_state = true, policy = true, linear_init = true}
 
 local function merged_policy(p)
+   check.arg(p == nil or type(p) == 'table', 'nr.rejuvenate', 'policy must be a table of functions '
+      .. '{when, lambda, reallocate, init, rescale}, got %s', check.show(p))
    local out = {}
    for k, v in pairs(policy) do out[k] = v end
    for k, v in pairs(p or {}) do
@@ -217,11 +219,13 @@ function M.rejuvenate(model, opts)
    check.arg(any_live or (opts.budget or 1) == 0, FN,
       'no live channel in any resizable layer (every |γ| is below the liveliness threshold), so there is nothing '
       .. 'to rejuvenate from; the L1 penalty (lambda) was too strong or training diverged')
-   local function by_root(widths)
+   -- whose: who handed widths over, for the message ("reallocate returned", "budget.cost got")
+   local function by_root(widths, whose)
       local w = {}
       for id, v in pairs(widths) do
          local r = root_of[id]
-         check.arg(r ~= nil, FN, 'reallocate returned a width for unknown layer id %s', tostring(id))
+         check.arg(r ~= nil, FN, '%s a width for unknown layer id %s (widths are keyed by layers[i].id%s)', whose,
+            check.show(id), layers[1] and (', e.g. ' .. check.show(layers[1].id)) or '')
          w[r] = v
       end
       return w
@@ -231,9 +235,9 @@ function M.rejuvenate(model, opts)
          check.show(widths))
       for id, w in pairs(widths) do
          check.arg(type(w) == 'number' and w >= 0 and w == math.floor(w), 'nr.rejuvenate budget.cost',
-            'width of layer %s must be a whole number, got %s', tostring(id), check.show(w))
+            'width of layer %s must be a whole number, got %s', check.show(id), check.show(w))
       end
-      local p, f = cost_fn(by_root(widths))
+      local p, f = cost_fn(by_root(widths, 'budget.cost got'))
       return key == 'params' and p or f
    end
    local budget = {target = target, constraint = constraint, cost = cost, live_cost = live_now, all_cost = all_now,
@@ -251,13 +255,14 @@ function M.rejuvenate(model, opts)
    check.arg(type(rinfo) == 'table', FN, 'reallocate: its second result (info) must be a table or nil, got %s', check.show(rinfo))
    for id, w in pairs(widths) do
       check.arg(type(w) == 'number' and w >= 1 and w == math.floor(w) and w <= MAX_WIDTH, FN,
-         'reallocate: width of layer %s must be an integer in [1, 2^20], got %s', tostring(id), tostring(w))
+         'reallocate: width of layer %s must be an integer in [1, 2^20], got %s', check.show(id), check.show(w))
    end
+   local root_widths = by_root(widths, 'reallocate returned')
    local planned = cost(widths)
 
    -- surgery
    local opt = opts.optimizer
-   local plans = surgery.plans(g, st, by_root(widths), next_gen, merge)
+   local plans = surgery.plans(g, st, root_widths, next_gen, merge)
    local ctx = {opt = opt, optim_state = opts.optim_state or 'remap', gamma0 = gamma0, scheme = scheme,
                 init = pol.init, linear_init = opts.linear_init or 'zero'}
    local _, moms = surgery.apply(g, plans, ctx)
@@ -334,22 +339,22 @@ function M.attach(tr, cfg)
    c.lambda = {mode = lam.mode or 'adaptive', init = lam.init or 0, dt = lam.dt or 'epoch', dr = lam.dr or 0.01,
                dl = lam.dl or 5e-5, value = lam.value}
    check_common(c, FN)
-   check.arg(finite(c.target) and c.target > 0 and c.target <= 1, FN, 'target (T_r) must be in (0, 1], got %s', tostring(c.target))
+   check.arg(finite(c.target) and c.target > 0 and c.target <= 1, FN, 'target (T_r) must be in (0, 1], got %s', check.show(c.target))
    check.arg(type(c.times) == 'number' and c.times >= 1 and c.times == math.floor(c.times), FN,
-      'times must be an integer >= 1, got %s', tostring(c.times))
+      'times must be an integer >= 1, got %s', check.show(c.times))
    check.arg(c.active_epochs == nil or (type(c.active_epochs) == 'number' and c.active_epochs >= 1), FN,
-      'active_epochs must be a number of epochs >= 1, got %s', tostring(c.active_epochs))
+      'active_epochs must be a number of epochs >= 1, got %s', check.show(c.active_epochs))
    check.arg(c.lambda.mode == 'adaptive' or c.lambda.mode == 'constant', FN, 'lambda.mode must be "adaptive" or "constant"')
    -- without a value a constant λ was 0: no sparsification, the run held until max_epochs
    check.arg(c.lambda.mode ~= 'constant' or c.lambda.value ~= nil, FN, 'lambda.mode "constant" needs lambda.value (the λ)')
    for _, k in ipairs({'init', 'dr', 'dl', 'value'}) do
       local v = c.lambda[k]
-      check.arg(v == nil or (finite(v) and v >= 0), FN, 'lambda.%s must be a number >= 0, got %s', k, tostring(v))
+      check.arg(v == nil or (finite(v) and v >= 0), FN, 'lambda.%s must be a number >= 0, got %s', k, check.show(v))
    end
    check.arg(c.lambda.dt == 'epoch' or (type(c.lambda.dt) == 'number' and c.lambda.dt >= 1), FN,
       'lambda.dt must be "epoch" or a number of steps >= 1')
    check.arg(c.extend_epochs == nil or type(c.extend_epochs) == 'boolean', FN, 'extend_epochs must be true or false, got %s',
-      tostring(c.extend_epochs))
+      check.show(c.extend_epochs))
    local pol = merged_policy(c.policy)
    local ctl = {cfg = c, lambda = c.lambda.mode == 'constant' and (c.lambda.value or 0) or c.lambda.init,
                 r_prev = 1, r_hist = {}, lambda_hist = {}, rejuvenations = 0, reports = {},

@@ -35,12 +35,13 @@ local live_n = ffi.new('int64_t[1]')
 
 -- The graph of a model, cached in the model's transient scratch (never cloned or checkpointed)
 -- with a structural snapshot and the input shape; rebuilt after surgery, flag changes or a device move.
-function M.graph_of(model, input_shape)
+-- fname: the public function that asked, named in the graph's errors.
+function M.graph_of(model, input_shape, fname)
    local key = table.concat(input_shape, 'x')
    local scratch = model:transient()
    local cache = scratch.nr_graph
    if cache and cache.key == key and graph.unchanged(model, cache.snap) then return cache.g end
-   local g = graph.build(model, input_shape)
+   local g = graph.build(model, input_shape, fname)
    scratch.nr_graph = {snap = graph.snapshot(model), key = key, g = g}
    return g
 end

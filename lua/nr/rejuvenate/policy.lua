@@ -26,6 +26,7 @@
 -- over the budget (the report's cost_error shows it; nr.train prints a line past 1%). New
 -- classifier columns (a Linear after a grown set) follow opts.linear_init, not init.
 local T = require 'nr.tensor'
+local check = require 'nr.check'
 
 local M = {}
 
@@ -94,7 +95,7 @@ function M.make_solver(cost, target)
          error('nr.rejuvenate budget.solve: widths_of must be a function t -> widths, got ' .. type(widths_of), 2)
       end
       if lo ~= nil and (type(lo) ~= 'number' or lo ~= lo or lo < 0) then
-         error('nr.rejuvenate budget.solve: lo must be a number >= 0, got ' .. tostring(lo), 2)
+         error('nr.rejuvenate budget.solve: lo must be a number >= 0, got ' .. check.show(lo), 2)
       end
       lo = lo or 0
       if cost(widths_of(lo)) > target then return lo, nil end
