@@ -262,28 +262,29 @@ __global__ void k_bn_var(const double *part, int S, int64_t C, double m, float e
    }
 }
 
-/* Per channel: coef = {a_c, b_c} with a_c = invstd_c * gamma_c, b_c = beta_c - mean_c * a_c;
- * eval = 1: invstd_c = 1 / sqrt(var_c + eps) from the running variance passed as `invstd`. */
+/* Per channel: coef = {mean_c, a_c, beta_c} with a_c = invstd_c * gamma_c; eval = 1: invstd_c =
+ * 1 / sqrt(var_c + eps) from the running variance passed as `invstd`. */
 __global__ void k_bn_coef(int64_t C, const float *mean, const float *invstd, const float *gamma, const float *beta,
                           int eval, float eps, float *coef)
 {
    GRID_LOOP(c, C)
    {
       float is = eval ? (float)(1.0 / sqrt((double)invstd[c] + (double)eps)) : invstd[c];
-      float a = is * (gamma ? gamma[c] : 1.0f), b = (beta ? beta[c] : 0.0f) - mean[c] * a;
-      coef[2 * c] = a;
-      coef[2 * c + 1] = b;
+      coef[3 * c] = mean[c];
+      coef[3 * c + 1] = is * (gamma ? gamma[c] : 1.0f);
+      coef[3 * c + 2] = beta ? beta[c] : 0.0f;
    }
 }
 
-/* y = x * a_c + b_c (y may be x), then relu_of when relu: the fused ReLU in the same pass instead
- * of a second one over the activation. */
+/* y = (x - mean_c) * a_c + beta_c (y may be x; centred first, as the CPU's nn_affine_plane, so a
+ * mean large against the spread costs no digits), then relu_of when relu: the fused ReLU in the
+ * same pass instead of a second one over the activation. */
 template <typename T> __global__ void k_bn_affine(const T *x, T *y, int64_t n, chandiv cd, const float *coef, int relu)
 {
    GRID_LOOP(i, n)
    {
       int64_t c = chan_of(cd, i);
-      float v = ld(x + i) * coef[2 * c] + coef[2 * c + 1];
+      float v = (ld(x + i) - coef[3 * c]) * coef[3 * c + 1] + coef[3 * c + 2];
       st(y + i, relu ? relu_of(v) : v);
    }
 }
@@ -918,7 +919,7 @@ nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_te
    int64_t n = g.n * g.c * g.r;
    if (n == 0 || g.c == 0) return NR_OK;
    void *coef;
-   NR_TRY(nr_cuda_scratch(ctx, 1, (int64_t)sizeof(float) * 2 * g.c, &coef));
+   NR_TRY(nr_cuda_scratch(ctx, 1, (int64_t)sizeof(float) * 3 * g.c, &coef));
    k_bn_coef<<<grid_for(g.c), 256, 0, ctx->stream>>>(g.c, mean, invstd, fp(gamma), fp(beta), eval, eps, (float *)coef);
    NR_CU_LAUNCHED("%s: coefficients %s", func, NR_DESC(x));
    with_act_type(x, [&](auto tag) {

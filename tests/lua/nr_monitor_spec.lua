@@ -170,7 +170,7 @@ describe('nr monitoring', function()
       e = err(function() local u = nr.utilization(model, {3, 8, 0.5}); return u end)
       assert.truthy(e:find('nr.utilization: input_shape[3] must be a positive integer, got 0.5', 1, true), e)
       e = err(function() local u = nr.utilization(model, {3, 8, 8}, {count = 'x'}); return u end)
-      assert.truthy(e:find('nr.utilization: count must be a table such as {conv = true, bn = false}, got x', 1, true), e)
+      assert.truthy(e:find('nr.utilization: count must be a table such as {conv = true, bn = false}, got "x"', 1, true), e)
       e = err(function() local u = nr.utilization(model, {3, 8, 8}, {threshold = 0 / 0}); return u end)
       assert.truthy(e:find('nr.utilization: threshold must be a fraction in [0, 1)', 1, true), e)
       -- a NaN λ made every BN gradient NaN
@@ -178,7 +178,7 @@ describe('nr monitoring', function()
       for _, v in ipairs({0 / 0, -1, math.huge, 'x'}) do
          e = err(function() local n = R.l1(model, v, {3, 8, 8}); return n end)
          assert.truthy(e:find('nr_monitor_spec.lua:%d+: nr.rejuvenate.l1: '), e)
-         assert.truthy(e:find('lambda must be a finite number >= 0, got ' .. tostring(v), 1, true), e)
+         assert.truthy(e:find('lambda must be a finite number >= 0, got ' .. require('nr.check').show(v), 1, true), e)
       end
       assert.equal(0, model:findModules('BatchNorm2d')[1].gradWeight:abs():sum())
    end)
