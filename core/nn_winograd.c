@@ -13,7 +13,9 @@
  * Not here: strides, dilation, groups, the weight gradient (core/nn_conv.c's other paths).
  * Invariants: per-thread scratch only (nn_scratch slots 0 and 1; the transformed weights in the
  * calling thread's slot 2, shared read-only); results differ from the direct convolution by
- * float rounding only (the transforms use 0.5 and +-1 coefficients).
+ * float rounding only (the transforms use 0.5 and +-1 coefficients). Non-finite inputs: an inf
+ * reaches the same outputs, but the transforms' differences (inf - inf) turn some of them NaN
+ * where the direct convolution gives inf (oneDNN's Winograd does the same); NaN stays NaN.
  */
 #include "nn_internal.h"
 
