@@ -148,7 +148,8 @@ static int has_position(const char *msg)
 /* The text after the position when msg is one of the package's argument checks raised inside
  * the package itself ("/.../lua/nr/train.lua:882: nr.rejuvenate.attach (lambda): unknown option
  * ..."): a check nested in the library (a recipe's section checked by nr.train) points into it,
- * not at the user's code; else NULL. Checks name their function first ("nr." or "Trainer:"). */
+ * not at the user's code; else NULL. Checks name their function first ("nr." or "Trainer:").
+ * The handler shows it at the user's calling line instead, when there is one. */
 static const char *library_check(const char *msg)
 {
    const char *c = strchr(msg, ':');
@@ -169,8 +170,8 @@ static const char *library_check(const char *msg)
 /* Error handler: message plus traceback. A message without a position (error(msg, 0): the
  * library's messages about the user's configuration, e.g. "nr.train: the model has 10 outputs
  * but ...") is shown alone, a traceback would only point into the library; so is one of the
- * library's argument checks raised inside the library (library_check, shown without that
- * position). NR_TRACEBACK=1 always adds the position and traceback. */
+ * library's argument checks raised inside the library (library_check), at the position of the
+ * user's code that called the library. NR_TRACEBACK=1 always adds the position and traceback. */
 static int traceback(lua_State *L)
 {
    const char *msg = lua_tostring(L, 1);
@@ -182,6 +183,16 @@ static int traceback(lua_State *L)
    const int full = always && always[0] == '1';
    const char *check = full ? NULL : library_check(msg);
    if (check) {
+      /* the position of the user's code that called into the library, when it is on the stack
+       * (a direct call such as nr.utilization(m, shape, {threshold = 'x'})); none when the
+       * library runs the user's configuration itself (a recipe's section) */
+      lua_Debug ar;
+      for (int level = 1; lua_getstack(L, level, &ar); level++) {
+         if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0 || strcmp(ar.what, "C") == 0) continue;
+         if (strstr(ar.source, "/lua/nr/")) continue;
+         lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, check);
+         return 1;
+      }
       lua_pushstring(L, check);
       return 1;
    }

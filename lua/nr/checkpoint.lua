@@ -589,11 +589,14 @@ function M.load_into(model, weights, where)
    for _, name in ipairs(names) do targets[name]:copy(weights[name]) end
 end
 
--- A model's layer sizes as nr.rejuvenate left them, as safetensors metadata: {nr_arch = JSON of
--- the architecture record nr.rejuvenate's checkpoints keep}. load_weights rebuilds a freshly
--- built model to it, so a rejuvenated model loads without its training run.
+-- A rejuvenated model's layer sizes, as safetensors metadata: {nr_arch = JSON of the
+-- architecture record nr.rejuvenate's checkpoints keep}; {} for a model no rejuvenation changed
+-- (it loads strictly). load_weights rebuilds a freshly built model to it, so a rejuvenated model
+-- loads without its training run.
 function M.arch_metadata(model)
-   return {nr_arch = M.json_encode(require('nr.rejuvenate.surgery').arch_state(model))}
+   local surgery = require 'nr.rejuvenate.surgery'
+   if not surgery.rejuvenated(model) then return {} end
+   return {nr_arch = M.json_encode(surgery.arch_state(model))}
 end
 
 -- Saves a model's weights (and buffers) to a safetensors file PyTorch can read, with the layer
@@ -606,9 +609,10 @@ function M.save_weights(model, path, metadata)
 end
 
 -- Loads a file save_weights wrote (or a run's checkpoint/<step>/model.safetensors) into model, a
--- freshly built model of the same kind: layers a rejuvenation resized or split are first rebuilt
--- to the recorded sizes, then every weight and buffer is loaded (load_into's checks). Returns
--- model. As PyTorch's load_state_dict, without the architecture it would need the recipe's run.
+-- freshly built model of the same kind: when the file comes from a rejuvenated model, the layers
+-- a rejuvenation resized or split are first rebuilt to the recorded sizes (what no rejuvenation
+-- changes, a classifier's outputs and the first conv's inputs, must already match), then every
+-- weight and buffer is loaded with load_into's strict checks. Returns model.
 function M.load_weights(model, path)
    check.arg(type(path) == 'string', 'nr.checkpoint.load_weights', 'path must be a string, got %s', check.show(path))
    M.model_tensors(model, 'nr.checkpoint.load_weights') -- the model is a module
@@ -616,7 +620,7 @@ function M.load_weights(model, path)
    if meta.nr_arch then
       local ok, arch = pcall(M.json_decode, meta.nr_arch)
       check.arg(ok and type(arch) == 'table', 'nr.checkpoint.load_weights', '%s: its nr_arch metadata is damaged', path)
-      local applied, err = pcall(require('nr.rejuvenate.surgery').apply_arch, model, arch)
+      local applied, err = pcall(require('nr.rejuvenate.surgery').apply_arch, model, arch, true)
       if not applied then -- another kind of model: said for this call, not as nr.rejuvenate's
          error(string.format('nr.checkpoint.load_weights: %s does not fit the model: %s', path,
             (tostring(err):gsub('^nr%.rejuvenate: ', ''))), 2)

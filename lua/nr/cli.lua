@@ -66,11 +66,17 @@ function M.run_code(code)
    chunk()
 end
 
+-- Whether v is an nr.nn module (asked under pcall: nr.models raises for names it does not have).
+local function is_module(v)
+   local ok, yes = pcall(function() return type(v.forward) == 'function' and type(v.tree) == 'function' end)
+   return ok and yes
+end
+
 -- Readable rendering of a REPL result.
 local function show(v)
    local mt = type(v) == 'table' and getmetatable(v)
    if mt and mt.__typename == 'nr.Tensor' then return tostring(v) end
-   if type(v) == 'table' and v.forward and v.tree then return v:tree() end
+   if type(v) == 'table' and is_module(v) then return v:tree() end
    if type(v) == 'table' and not (mt and mt.__tostring) then
       local parts, n = {}, 0
       for k, x in pairs(v) do

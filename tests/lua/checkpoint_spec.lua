@@ -384,10 +384,42 @@ describe('nr.checkpoint', function()
       assert.are.equal('NRConv2d', fresh:get(4):typename())
       local _, meta = require('nr.safetensors').load(path)
       assert.are.equal('by hand', meta.note)
-      -- another kind of model: the file and the mismatch are named
-      local ok, err = pcall(ck.load_weights, nn.Sequential(nn.Linear(4, 2)), path)
+      -- another kind of model: the file and the mismatch are named, and the model is left as it was
+      local function refused(target, want)
+         local before = target:nParameters()
+         local ok, err = pcall(ck.load_weights, target, path)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find('nr.checkpoint.load_weights: ' .. path .. ' does not fit the model: ' .. want,
+            1, true), tostring(err))
+         assert.are.equal(before, target:nParameters())
+      end
+      refused(nn.Sequential(nn.Linear(4, 2)), 'checkpoint architecture has a Conv2d at 0, where the model has a Linear')
+      refused(nn.Sequential(nn.Conv2d(3, 8, 3)), 'checkpoint architecture names 1, which the model does not have')
+      refused(nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 3), nn.BatchNorm2d(12),
+         nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(12, 5)), 'checkpoint architecture has a Conv2d at 0, where the model has a BatchNorm2d')
+      -- what a rejuvenation never changes must match: the classes, the input channels
+      local function variant(cin, classes)
+         return nn.Sequential(nn.Conv2d(cin, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 12, 3, {padding = 1, bias = false}), nn.BatchNorm2d(12), nn.ReLU(),
+            nn.GlobalAvgPool2d(), nn.Linear(12, classes))
+      end
+      refused(variant(3, 7), '7 gives 5 outputs in the checkpoint but 7 in the model')
+      refused(variant(1, 5), '0 reads 3 input channels in the checkpoint but 1 in the model')
+      -- a model no rejuvenation changed records no architecture: it loads strictly (load_into)
+      local plain = build()
+      ck.save_weights(plain, path)
+      local _, pmeta = require('nr.safetensors').load(path)
+      assert.is_nil(pmeta.nr_arch)
+      local ok, err = pcall(ck.load_weights, variant(3, 7), path)
       assert.is_false(ok)
-      assert.truthy(tostring(err):find('nr.checkpoint.load_weights: ' .. path .. ' does not fit the model', 1, true), tostring(err))
+      assert.truthy(tostring(err):find('7.bias has shape [5] in the checkpoint but [7] in the model', 1, true),
+         tostring(err))
+      -- a submodule saved on its own loads into a fresh copy of that submodule (paths below it)
+      local outer = nn.Sequential(m, nn.Identity())
+      ck.save_weights(outer:get(1), path)
+      local again = ck.load_weights(build(), path)
+      again:evaluate()
+      assert.are.equal(0, again:forward(x):clone():sub_(y):abs_():max())
    end)
 
    it('load_into refuses a missing weights table, non-tensor weights and a dtype other than the parameter\'s', function()

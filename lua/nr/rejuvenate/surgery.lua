@@ -623,40 +623,101 @@ end
 
 -- ---- architecture state (checkpoints of rejuvenated models) ---------------------------------------
 
--- Plain-data description of every conv / BN / Linear whose shape may differ from a freshly built
--- model: {path = {type, ...sizes, spec | nil, nr_gens}}.
-function M.arch_state(model)
+-- m's path below root ("3.main.0"): the names of the children of root down to m.
+local function path_below(m, root)
+   local parts = {}
+   while m ~= root and rawget(m, '_parent') do
+      table.insert(parts, 1, tostring(m._key))
+      m = m._parent
+   end
+   return table.concat(parts, '.')
+end
+
+-- The modules below model (not model itself, nor an NRConv2d's own blocks) that an arch_state
+-- describes, by path below model.
+local function arch_modules(model)
    local out = {}
    for _, m in ipairs(model:listModules()) do
-      local t = m:typename()
       local parent = rawget(m, '_parent')
-      if parent and parent:typename() ~= 'NRConv2d' then
-         if t == 'Conv2d' then
-            out[m:path()] = {type = t, in_channels = m.in_channels, out_channels = m.out_channels,
-                             groups = m.groups or 1, bias = m.bias ~= nil, nr_gens = m.nr_gens}
-         elseif t == 'NRConv2d' then
-            out[m:path()] = {type = t, spec = m.spec, nr_gens = m.nr_gens}
-         elseif t == 'BatchNorm2d' then
-            out[m:path()] = {type = t, num_features = m.num_features}
-         elseif t == 'Linear' then
-            out[m:path()] = {type = t, in_features = m.in_features, out_features = m.out_features, bias = m.bias ~= nil}
-         end
+      local t = m:typename()
+      if m ~= model and parent and parent:typename() ~= 'NRConv2d'
+         and (t == 'Conv2d' or t == 'NRConv2d' or t == 'BatchNorm2d' or t == 'Linear') then
+         out[#out + 1] = {path = path_below(m, model), m = m}
       end
    end
    return out
 end
 
--- Rebuilds modules of a freshly built model to match an arch_state (weights are then loaded).
-function M.apply_arch(model, arch)
-   local nn = require 'nr.nn'
-   local by_path = {}
+-- Plain-data description of every conv / BN / Linear whose shape may differ from a freshly built
+-- model: {path = {type, ...sizes, spec | nil, nr_gens}}, paths below model (a submodule saved on
+-- its own loads into a fresh copy of that submodule).
+function M.arch_state(model)
+   local out = {}
+   for _, e in ipairs(arch_modules(model)) do
+      local m, t = e.m, e.m:typename()
+      if t == 'Conv2d' then
+         out[e.path] = {type = t, in_channels = m.in_channels, out_channels = m.out_channels,
+                        groups = m.groups or 1, bias = m.bias ~= nil, nr_gens = m.nr_gens}
+      elseif t == 'NRConv2d' then
+         out[e.path] = {type = t, spec = m.spec, nr_gens = m.nr_gens}
+      elseif t == 'BatchNorm2d' then
+         out[e.path] = {type = t, num_features = m.num_features}
+      else
+         out[e.path] = {type = t, in_features = m.in_features, out_features = m.out_features, bias = m.bias ~= nil}
+      end
+   end
+   return out
+end
+
+-- Whether a rejuvenation has changed model (a conv carries its generations).
+function M.rejuvenated(model)
    for _, m in ipairs(model:listModules()) do
-      if rawget(m, '_parent') then by_path[m:path()] = m end
+      if rawget(m, 'nr_gens') ~= nil then return true end
+   end
+   return false
+end
+
+-- A conv's input channels, from its arch entry or the module.
+local function conv_in(a_or_m)
+   return a_or_m.spec and a_or_m.spec.in_channels or a_or_m.in_channels
+end
+
+-- Rebuilds modules of a freshly built model to match an arch_state (weights are then loaded).
+-- Every entry is checked before anything is replaced (a mismatch leaves the model as it was):
+-- the path exists with a kind a rejuvenation can give it (Conv2d and NRConv2d are one kind).
+-- strict (a file loaded by hand): also what no rejuvenation changes, so another model is an
+-- error rather than rebuilt to the file: a Linear's outputs and the first conv's inputs.
+function M.apply_arch(model, arch, strict)
+   local nn = require 'nr.nn'
+   local by_path, first_conv = {}, nil
+   for _, e in ipairs(arch_modules(model)) do
+      by_path[e.path] = e.m
+      local t = e.m:typename()
+      if not first_conv and (t == 'Conv2d' or t == 'NRConv2d') then first_conv = e end
+   end
+   local KIND = {Conv2d = 'conv', NRConv2d = 'conv', BatchNorm2d = 'bn', Linear = 'linear'}
+   local paths = {}
+   for path in pairs(arch) do paths[#paths + 1] = path end
+   table.sort(paths) -- the first mismatch named is the same every time
+   for _, path in ipairs(paths) do
+      local a, m = arch[path], by_path[path]
+      if not m then fail('checkpoint architecture names %s, which the model does not have', path) end
+      if type(a) ~= 'table' or not KIND[a.type] or KIND[a.type] ~= KIND[m:typename()] then
+         fail('checkpoint architecture has a %s at %s, where the model has a %s', type(a) == 'table' and tostring(a.type)
+            or type(a), path, m:typename())
+      end
+      if strict and a.type == 'Linear' and a.out_features ~= m.out_features then
+         fail('%s gives %s outputs in the checkpoint but %d in the model (another model: a rejuvenation keeps them)',
+            path, tostring(a.out_features), m.out_features)
+      end
+      if strict and first_conv and path == first_conv.path and conv_in(a) ~= conv_in(m) then
+         fail('%s reads %s input channels in the checkpoint but %d in the model (another model: a rejuvenation '
+            .. 'keeps them)', path, tostring(conv_in(a)), conv_in(m))
+      end
    end
    local n = 0
-   for path, a in pairs(arch) do
-      local m = by_path[path]
-      if not m then fail('checkpoint architecture names %s, which the model does not have', path) end
+   for _, path in ipairs(paths) do
+      local a, m = arch[path], by_path[path]
       local dev = (m.weight or m.running_mean or (m.blocks and m.blocks[1].conv.weight))
       dev = dev and dev:device() or 'cpu'
       local new
