@@ -83,12 +83,25 @@ static inline void nn_bn_eval_ab(const float *gamma, const float *beta, const fl
  * Tensor:relu (math.c, tensor_kernels.cu) use the same expression. */
 static inline float nn_relu(float v) { return v <= 0.0f ? 0.0f : v; }
 
-/* o = (p - m) * a + b over one plane (BatchNorm's normalisation: centring first keeps the
- * rounding on the scale of the spread; p * a + (b - m * a) loses the digits that x and the mean
- * share when the mean is large against the spread), then nn_relu when relu (the ReLU's own
- * expression, so fused and separate forwards agree bit for bit, NaN included). o may be p. */
+/* o = (p - m) * a + b over one plane (BatchNorm's normalisation), then nn_relu when relu (the
+ * ReLU's own expression, so fused and separate forwards agree bit for bit, NaN included). o may
+ * be p. When |m * a| <= 1 it runs as p * a + (b - m * a), one multiply-add per element, within
+ * an ulp or two of max(|o|, 1); beyond, x and the mean share digits that form would lose (a mean
+ * large against the spread), so the plane is centred first. The choice is per channel and the
+ * same wherever the BN runs (its own kernel or a conv's epilogue). */
 static inline void nn_affine_plane(const float *p, float *o, int64_t hw, float m, float a, float b, int relu)
 {
+   if (fabsf(m * a) <= 1.0f) {
+      const float b2 = b - m * a;
+      if (relu) {
+#pragma omp simd
+         for (int64_t i = 0; i < hw; i++) o[i] = nn_relu(p[i] * a + b2);
+      } else {
+#pragma omp simd
+         for (int64_t i = 0; i < hw; i++) o[i] = p[i] * a + b2;
+      }
+      return;
+   }
    if (relu) {
 #pragma omp simd
       for (int64_t i = 0; i < hw; i++) o[i] = nn_relu((p[i] - m) * a + b);

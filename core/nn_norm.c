@@ -110,8 +110,11 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
 #pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
    for (int64_t c = 0; c < g.c; c++) {
       /* one pass over memory: each plane's mean and squared deviations (its second loop runs on
-       * the cache-resident plane), merged across planes in double (Chan et al.) */
-      double mean = 0, m2 = 0, total = 0; /* total: the plain sum, for inputs holding inf (below) */
+       * the cache-resident plane), combined in double: the sum of squares about the channel mean
+       * is the planes' own plus hw * sum (pm_j - mean)^2, taken about the first plane's mean K
+       * (s1, s2: sums of pm_j - K and its square), so no cancellation and no division per plane */
+      const double hw = (double)g.hw, inv_hw = 1.0 / hw;
+      double K = 0, s1 = 0, s2 = 0, devs = 0, total = 0; /* total: the plain sum, for inputs holding inf */
       for (int64_t n = 0; n < g.n; n++) {
          const float *p = px + (n * g.c + c) * g.hw;
          /* the plane's sum, taken in float around its first value k (a sample, so within the
@@ -123,7 +126,7 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
          float shifted = 0;
 #pragma omp simd reduction(+ : shifted)
          for (int64_t i = 0; i < g.hw; i++) shifted += p[i] - k;
-         double part = (double)shifted + (double)k * (double)g.hw;
+         double part = (double)shifted + (double)k * hw;
          if (!isfinite(shifted)) { /* an inf / NaN in the plane, or values near FLT_MAX apart */
             part = 0;
 #pragma omp simd reduction(+ : part)
@@ -131,8 +134,8 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
          }
          total += part;
          /* deviations from the float-rounded plane mean pf, less what that rounding adds
-          * (hw * (pm - pf)^2); the merge takes the double mean */
-         const double pm = part / (double)g.hw;
+          * (hw * (pm - pf)^2) */
+         const double pm = part * inv_hw;
          const float pf = (float)pm;
          float dev = 0;
 #pragma omp simd reduction(+ : dev)
@@ -140,10 +143,14 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
             const float d = p[i] - pf;
             dev += d * d;
          }
-         const double na = (double)(n * g.hw), nb = (double)g.hw, delta = pm - mean, off = pm - (double)pf;
-         mean += delta * nb / (na + nb);
-         m2 += (double)dev - nb * off * off + delta * delta * na * nb / (na + nb);
+         if (n == 0) K = pm;
+         const double q = pm - K, off = pm - (double)pf;
+         s1 += q;
+         s2 += q * q;
+         devs += (double)dev - hw * off * off;
       }
+      double mean = K + s1 / (double)g.n;
+      const double m2 = devs + hw * (s2 - s1 * s1 / (double)g.n);
       /* an inf in the plane makes Chan's merge compute inf - inf: the mean is then the plain
        * sum's (inf, as PyTorch and the GPU give), whichever sample held it */
       if (!isfinite(mean) && !isnan(total)) mean = total / (double)m;
