@@ -58,6 +58,11 @@ static nr_status check_end(gzFile f, const char *path)
    int r = gzread(f, &extra, 1);
    if (r < 0) return NR_FAIL(NR_E_FORMAT, "%s: corrupt gzip data: %s", path, gz_message(f, path));
    if (r > 0) return NR_FAIL(NR_E_FORMAT, "%s: file is longer than its header says (trailing bytes)", path);
+   /* a clean end says Z_OK; a gzip stream cut before its trailer (CRC and length) ends with
+    * "unexpected end of file", which gzread reports as 0 bytes read */
+   int err = Z_OK;
+   const char *msg = gzerror(f, &err);
+   if (err != Z_OK) return NR_FAIL(NR_E_FORMAT, "%s: truncated or corrupt gzip data: %s", path, msg);
    return NR_OK;
 }
 

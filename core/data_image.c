@@ -12,18 +12,23 @@
  * JPEG file": the rest of the picture would silently be grey) is an error naming the file, as
  * PIL's "image file is truncated"; libjpeg's other warnings (extraneous bytes, a damaged entropy
  * segment in a complete file) pass, as in PIL, so one damaged image in a dataset of millions does
- * not end a run. TurboJPEG reports only the first warning of a decode. Errors fail naming the
- * file. Thread-safe: one decoder per thread.
+ * not end a run. TurboJPEG reports only the first warning of a decode, and a fatal error after
+ * a warning as a warning: only libjpeg's own warning messages pass (jpeg_warning), and a decode
+ * that warned must end with the file's EOI marker (jpeg_has_eoi). A PNG whose image data fails
+ * its zlib check is an error too. Errors fail naming the file. Thread-safe: one decoder per
+ * thread.
  */
 #include "data_internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <png.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <turbojpeg.h>
+#include <unistd.h>
 
 /* Pillow's decompression-bomb limit (DecompressionBombError past 2 x 89478485 pixels): a header
  * claiming more is refused, as a PyTorch user's loader would, before its buffers are allocated */
@@ -55,8 +60,15 @@ void nr_decoder_release(nr_decoder *d)
 
 static nr_status read_file(nr_decoder *d, const char *path, size_t *size)
 {
-   FILE *f = fopen(path, "rb");
-   if (!f) return NR_FAIL(NR_E_IO, "cannot open %s: %s", path, strerror(errno));
+   /* O_NONBLOCK: opening a FIFO named like an image would wait for a writer forever; this way
+    * it opens at once and fstat below refuses it (no effect on regular files) */
+   int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+   FILE *f = fd >= 0 ? fdopen(fd, "rb") : NULL;
+   if (!f) {
+      nr_status st = NR_FAIL(NR_E_IO, "cannot open %s: %s", path, strerror(errno));
+      if (fd >= 0) close(fd);
+      return st;
+   }
    nr_status st = NR_OK;
    struct stat sb;
    long len = -1;
@@ -119,10 +131,14 @@ static void png_on_error(png_structp png, png_const_charp msg)
    png_longjmp(png, 1);
 }
 
+/* Warnings are ancillary-chunk trouble (the pixels are fine, as PIL reads them), except a failed
+ * zlib check of the image data: libpng downgrades it to a warning when it comes after the last
+ * row, but the pixels then decoded from a damaged stream (kept as the error that ends decode_png). */
 static void png_on_warning(png_structp png, png_const_charp msg)
 {
-   (void)png;
-   (void)msg; /* ancillary-chunk trouble: the pixels are fine, as PIL reads them */
+   png_src *s = png_get_error_ptr(png);
+   if (strstr(msg, "data check") && !s->msg[0])
+      snprintf(s->msg, (size_t)(s->msg_end - s->msg), "corrupt image data (%s)", msg);
 }
 
 static nr_status decode_png(nr_decoder *d, const char *path, size_t size, int32_t want, nr_img *out)
@@ -173,6 +189,7 @@ static nr_status decode_png(nr_decoder *d, const char *path, size_t size, int32_
    free(rows);
    rows = NULL;
    png_destroy_read_struct(&png, &info, NULL);
+   if (d->png_error[0]) return NR_FAIL(NR_E_FORMAT, "%s: undecodable PNG: %s", path, d->png_error); /* png_on_warning */
    if (sc != dc) {
       NR_TRY(nr_data_grow((void **)&d->pix, &d->pix_cap, (size_t)(npix * dc)));
       convert_pixels(d->aux, sc, d->pix, dc, npix);
@@ -184,14 +201,59 @@ static nr_status decode_png(nr_decoder *d, const char *path, size_t size, int32_
 /* Whether libjpeg's warning msg says the file ended before the image did (JWRN_JPEG_EOF). */
 static int jpeg_truncated(const char *msg) { return strstr(msg, "Premature end of JPEG file") != NULL; }
 
+/* Whether msg is one of libjpeg's warnings (its JWRN_* messages): the decode went on. TurboJPEG
+ * reports a fatal error that follows an earlier warning as a warning too, with the fatal
+ * message (a progressive file cut inside a table between scans: "Bogus Huffman table
+ * definition", nothing decoded), so any other message is an error. */
+static int jpeg_warning(const char *msg)
+{
+   static const char *const known[] = {
+      "Corrupt JPEG data",                  /* extraneous bytes, premature end of segment, bad codes, RST */
+      "Premature end of JPEG file",         /* the caller's truncation check comes first */
+      "Inconsistent progression sequence",  /* JWRN_BOGUS_PROGRESSION */
+      "Invalid SOS parameters for sequential JPEG",
+      "Unknown Adobe color transform code", /* JWRN_ADOBE_XFORM */
+      "Warning: unknown JFIF revision",     /* JWRN_JFIF_MAJOR */
+      "Warning: thumbnail image size does not match data length",
+      "Application transferred too many scanlines",
+   };
+   for (size_t i = 0; i < sizeof known / sizeof *known; i++)
+      if (strncmp(msg, known[i], strlen(known[i])) == 0) return 1;
+   return 0;
+}
+
+/* Whether the file ends with its image: an EOI marker (FF D9) after the last scan's SOS (FF DA).
+ * Entropy-coded data stuffs every FF (FF 00), so neither marker can occur inside a scan, and an
+ * embedded thumbnail's EOI comes before the first SOS. Asked only when a decode warned: a later
+ * "Premature end of JPEG file" is not reported after a first warning. */
+static int jpeg_has_eoi(const uint8_t *p, size_t n)
+{
+   size_t sos = 0;
+   for (size_t i = n; i-- > 1;)
+      if (p[i - 1] == 0xFF && p[i] == 0xDA) {
+         sos = i;
+         break;
+      }
+   for (size_t i = sos + 1; i < n; i++)
+      if (p[i - 1] == 0xFF && p[i] == 0xD9) return 1;
+   return 0;
+}
+
 /* cfg != NULL: decode reduced by the smallest of 1/2, 1/4, 1/8 that is >= nr_aug_min_scale. */
 static nr_status decode_jpeg(nr_decoder *d, const char *path, size_t size, int32_t want,
                              const nr_loader_config *cfg, uint64_t key, nr_img *out)
 {
    if (!d->tj && !(d->tj = tjInitDecompress())) return NR_FAIL(NR_E_INTERNAL, "tjInitDecompress failed");
-   int w = 0, h = 0, subsamp = 0, cs = 0;
-   if (tjDecompressHeader3(d->tj, d->file, (unsigned long)size, &w, &h, &subsamp, &cs) != 0)
-      return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: %s", path, tjGetErrorStr2(d->tj));
+   int w = 0, h = 0, subsamp = -1, cs = -1;
+   if (tjDecompressHeader3(d->tj, d->file, (unsigned long)size, &w, &h, &subsamp, &cs) != 0) {
+      /* a warning in the header (stray bytes before a marker, as PIL reads) leaves the sizes
+       * read, and so does a sampling TurboJPEG has no name for (libjpeg decodes it) */
+      const char *msg = tjGetErrorStr2(d->tj);
+      const int go_on = w > 0 && h > 0 && cs >= 0 &&
+                        ((tjGetErrorCode(d->tj) == TJERR_WARNING && jpeg_warning(msg) && !jpeg_truncated(msg)) ||
+                         strstr(msg, "Could not determine subsampling type") != NULL);
+      if (!go_on) return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: %s", path, msg);
+   }
    int64_t npix = (int64_t)w * h;
    if (w <= 0 || h <= 0 || npix > NR_MAX_PIXELS)
       return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: header gives size %dx%d (truncated, corrupt, or over %lld pixels)",
@@ -223,8 +285,10 @@ static nr_status decode_jpeg(nr_decoder *d, const char *path, size_t size, int32
    if (tjDecompress2(d->tj, d->file, (unsigned long)size, *dst, w, w * sc, h, pf, 0) != 0) {
       int warning = tjGetErrorCode(d->tj) == TJERR_WARNING;
       const char *msg = tjGetErrorStr2(d->tj);
-      if (!warning) return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: %s", path, msg);
-      if (jpeg_truncated(msg)) return NR_FAIL(NR_E_FORMAT, "%s: truncated JPEG: libjpeg: %s", path, msg);
+      if (jpeg_truncated(msg) || (warning && jpeg_warning(msg) && !jpeg_has_eoi(d->file, size)))
+         return NR_FAIL(NR_E_FORMAT, "%s: truncated JPEG: libjpeg: %s", path,
+                        jpeg_truncated(msg) ? msg : "Premature end of JPEG file (after an earlier warning)");
+      if (!warning || !jpeg_warning(msg)) return NR_FAIL(NR_E_FORMAT, "%s: undecodable JPEG: %s", path, msg);
    }
    if (cmyk) { /* Adobe CMYK is stored inverted: R = C * K / 255 */
       uint8_t *p = d->aux;

@@ -659,7 +659,7 @@ describe('nr.data', function()
          -- the function behind loader:normalize, with any statistics
          local g = nr.data.normalize(x, nr.empty(x:shape()), {mean = {0.5}, std = {0.25}})
          assert.is_true((g - (x:float() / 255 - 0.5) / 0.25):abs():max() < 1e-5)
-         assert.matches('need 1 or 1 values', err_of(nr.data.normalize, x, nr.empty(x:shape()), {mean = {0, 0}, std = {1, 1}}))
+         assert.matches('need 1 value each for 1 channel', err_of(nr.data.normalize, x, nr.empty(x:shape()), {mean = {0, 0}, std = {1, 1}}))
          assert.matches('std%[1%] must be > 0', err_of(nr.data.normalize, x, nr.empty(x:shape()), {mean = {0}, std = {0}}))
          local five = nr.zeros({2, 5, 3, 3}, {dtype = 'uint8'})
          assert.matches('at most 4 channels', err_of(nr.data.normalize, five, nr.empty({2, 5, 3, 3})))
@@ -756,6 +756,17 @@ describe('nr.data', function()
          err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
          assert.matches('corrupt_gz/train%-images%-idx3%-ubyte%.gz', err)
          assert.matches('gzip', err)
+
+         -- a gzip stream cut inside its trailer (CRC32 and length): the data is all there, but
+         -- unchecked (a flipped byte would pass), so it is as truncated as any other cut
+         for cut = 1, 8 do
+            dir = make_idx(BASE .. '/trailer_gz' .. cut, {gz = true})
+            gzpath = dir .. '/train-images-idx3-ubyte.gz'
+            bytes = read(gzpath)
+            write(gzpath, bytes:sub(1, #bytes - cut))
+            err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+            assert.matches('trailer_gz' .. cut .. '/train%-images%-idx3%-ubyte%.gz: truncated or corrupt gzip data', err)
+         end
 
          dir = make_idx(BASE .. '/trunc_raw', {images = idx_images(N, H, W):sub(1, 200)})
          err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
@@ -864,6 +875,81 @@ describe('nr.data', function()
             assert.matches('Premature end of JPEG file', err)
             l:close()
          end
+      end)
+
+      it('JPEG: a fatal error after a warning and a truncation after a warning are errors; what PIL opens opens', function()
+         -- TurboJPEG reports a fatal error that follows a warning as a warning (its message the
+         -- fatal one), and only the first warning of a decode: a progressive file cut inside the
+         -- table before its 2nd scan decoded "fine" to whatever the buffer held
+         local dir = BASE .. '/progjpg'
+         mkdir(dir .. '/train/a'); mkdir(dir .. '/train/b')
+         local fx = (debug.getinfo(1, 'S').source:sub(2):match('^(.*)/lua/[^/]*$') or 'tests') .. '/fixtures/images/'
+         local prog = read(fx .. 'progressive.jpg')          -- 64 x 48, progressive (Pillow)
+         local good = nr.data.read_image(fx .. 'progressive.jpg')
+         assert.same({3, 48, 64}, good:shape())
+         local sos1 = prog:find('\255\218', 1, true)
+         local dht2 = prog:find('\255\196', sos1, true)
+         write(dir .. '/train/b/cut.jpg', prog:sub(1, dht2 + 5))
+         write(dir .. '/train/a/good.jpg', prog)
+         local err = err_of(nr.data.read_image, dir .. '/train/b/cut.jpg')
+         assert.matches('b/cut%.jpg: undecodable JPEG', err)
+         local ds = nr.data.dataset{name = 'imagefolder', root = dir}
+         local l = nr.data.loader(ds, {batch = 1, threads = 1, augment = {center_crop = 32}, output = 'uint8'})
+         assert.matches('cut%.jpg', err_of(function() for _ in l:epoch(1) do end end))
+         l:close()
+         -- three stray bytes before the 2nd scan's table (a warning libjpeg and PIL read through),
+         -- then the file cut inside a later scan: the truncation warning is not reported, the
+         -- missing end marker is
+         local stray = prog:sub(1, dht2 - 1) .. '\1\2\3' .. prog:sub(dht2)
+         write(dir .. '/stray.jpg', stray)
+         assert.same({3, 48, 64}, nr.data.read_image(dir .. '/stray.jpg'):shape())
+         local last_sos = 0
+         for i = 1, #stray - 1 do if stray:sub(i, i + 1) == '\255\218' then last_sos = i end end
+         write(dir .. '/stray_cut.jpg', stray:sub(1, last_sos + 20))
+         assert.matches('stray_cut%.jpg: truncated JPEG', err_of(nr.data.read_image, dir .. '/stray_cut.jpg'))
+         -- stray bytes inside the header, and a sampling TurboJPEG has no name for (luma 1x1,
+         -- chroma 2x2): PIL opens both, so do we (the latter's mean as PIL's, 124.32)
+         local base = read(dir .. '/train/a/good.jpg')
+         local at = base:find('\255\196', 1, true)
+         write(dir .. '/hdr_stray.jpg', base:sub(1, at - 1) .. '\0\1\2' .. base:sub(at))
+         assert.same({3, 48, 64}, nr.data.read_image(dir .. '/hdr_stray.jpg'):shape())
+         local odd = nr.data.read_image(fx .. 'chroma_2x2_luma_1x1.jpg')
+         assert.same({3, 30, 40}, odd:shape())
+         assert.is_true(math.abs(odd:float():mean() - 124.32) < 0.01, tostring(odd:float():mean()))
+      end)
+
+      it('PNG: image data failing its zlib check is an error (libpng only warns); a FIFO is refused, not waited on', function()
+         local dir = BASE .. '/pngcheck'
+         mkdir(dir)
+         nr.data.write_png(image(3, 12, 16, rgb_fn), dir .. '/ok.png')
+         local bytes = read(dir .. '/ok.png')
+         -- the IDAT chunk: flip a bit of its zlib checksum (its last 4 bytes) and fix the chunk CRC
+         local at = bytes:find('IDAT', 1, true)
+         local len = bytes:byte(at - 4) * 16777216 + bytes:byte(at - 3) * 65536 + bytes:byte(at - 2) * 256 + bytes:byte(at - 1)
+         local data = bytes:sub(at + 4, at + 3 + len)
+         local k = #data - 1
+         data = data:sub(1, k - 1) .. string.char(bit.bxor(data:byte(k), 1)) .. data:sub(k + 1)
+         local crc = bit.bnot(0)
+         for c in ('IDAT' .. data):gmatch('.') do
+            crc = bit.bxor(crc, c:byte())
+            for _ = 1, 8 do crc = bit.band(crc, 1) ~= 0 and bit.bxor(bit.rshift(crc, 1), 0xEDB88320) or bit.rshift(crc, 1) end
+         end
+         write(dir .. '/flip.png', bytes:sub(1, at + 3) .. data .. be32(bit.bnot(crc)) .. bytes:sub(at + 8 + len))
+         assert.same({3, 12, 16}, nr.data.read_image(dir .. '/ok.png'):shape())
+         assert.matches('flip%.png: undecodable PNG: IDAT: incorrect data check', err_of(nr.data.read_image, dir .. '/flip.png'))
+         -- a flipped bit of the compressed data whose check fails only after the last row: libpng
+         -- warns, and the pixels are wrong (a reviewer's fuzz found 48 of 4712 such flips)
+         local fx = (debug.getinfo(1, 'S').source:sub(2):match('^(.*)/lua/[^/]*$') or 'tests') .. '/fixtures/images/'
+         assert.matches('png_data_check_late%.png: undecodable PNG: corrupt image data %(IDAT: incorrect data check%)',
+            err_of(nr.data.read_image, fx .. 'png_data_check_late.png'))
+         -- a FIFO named like an image: fopen waited for a writer forever
+         local fifo = dir .. '/pipe.png'
+         sh('mkfifo "' .. fifo .. '"')
+         local out, rc = require('tests.lua.spec_util').run(string.format(
+            "timeout 20 '%s' -e \"print(select(2, pcall(require('nr').data.read_image, '%s')))\"",
+            require('tests.lua.spec_util').nrlua(), fifo))
+         assert.equal(0, rc, out)
+         assert.truthy(out:find('pipe.png is not a regular file', 1, true), out)
       end)
 
       it('PNG samples are the stored values (16-bit: the high byte, as PIL for colour; gAMA ignored)', function()
@@ -1006,11 +1092,17 @@ describe('nr.data', function()
             {{resize = {}}, 'augment%.resize', '{nil}'},
             {{resize = {8}}, 'augment%.resize', '{8}'},
             {{resize = {8, 0}}, 'augment%.resize%[2%]', 'got 0'},
-            {{normalize = {mean = {0, 0}, std = {1, 1}}}, 'augment%.normalize', 'need 1 or 1 values, got 2 and 2'},
+            {{normalize = {mean = {0, 0}, std = {1, 1}}}, 'augment%.normalize', 'need 1 value each for 1 channel, got 2 and 2'},
             {{normalize = {mean = {0}, std = {1, 1}}}, 'augment%.normalize', 'got 1 and 2'},
-            {{normalize = {mean = {nan}, std = {1}}}, 'augment%.normalize', 'mean%[1%] must be finite, got nan'},
-            {{normalize = {mean = {0}, std = {inf}}}, 'augment%.normalize', 'std%[1%] must be > 0 and finite, got inf'},
-            {{normalize = {mean = {0}, std = {-1}}}, 'augment%.normalize', 'std%[1%] must be > 0 and finite, got %-1'},
+            {{normalize = {mean = {nan}, std = {1}}}, 'augment%.normalize', 'mean%[1%] must be finite within float32, got nan'},
+            {{normalize = {mean = {0}, std = {inf}}}, 'augment%.normalize',
+             'std%[1%] must be > 0 and finite within float32, got inf'},
+            -- past float32 (the C side's type): 1e-50 became 0, read as "not set"; 1e300 inf
+            {{normalize = {mean = {1e39}, std = {10}}}, 'augment%.normalize', 'mean%[1%] must be finite within float32'},
+            {{normalize = {mean = {0}, std = {1e-50}}}, 'augment%.normalize', 'std%[1%] must be > 0 and finite within float32'},
+            {{random_resized_crop = 4, scale = {1e-50, 1e-50}}, 'augment%.scale', 'both within float32'},
+            {{random_resized_crop = 4, ratio = {0.5, 1e300}}, 'augment%.ratio', 'both within float32'},
+            {{normalize = {mean = {0}, std = {-1}}}, 'augment%.normalize', 'std%[1%] must be > 0 and finite within float32, got %-1'},
          }
          for _, c in ipairs(cases) do
             local ok, err = pcall(nr.data.loader, ds, {batch = 2, threads = 1, augment = c[1]})
@@ -1124,8 +1216,8 @@ describe('nr.data', function()
          assert.truthy(err:find('nr.data.loader: augment.normalize: mean[1] = 1e+30 with std[1] = 1e-30 gives values up to 1e+60, '
             .. 'past float32', 1, true), err)
          local x = nr.zeros({1, 1, 2, 2}, {dtype = 'uint8'})
-         err = err_of(nr.data.normalize, x, nr.empty({1, 1, 2, 2}), {mean = {0}, std = {1e-39}})
-         assert.truthy(err:find('std[1] = 1e-39 gives values up to 1e+39', 1, true), err)
+         err = err_of(nr.data.normalize, x, nr.empty({1, 1, 2, 2}), {mean = {10}, std = {2e-38}})
+         assert.truthy(err:find('std[1] = 2e-38 gives values up to 5.5e+38', 1, true), err)
          -- extreme but representable statistics still work, and the values are finite
          local l = nr.data.loader(ds, {batch = 2, threads = 1, augment = {normalize = {mean = {1e6}, std = {1e-6}}}})
          local xb = l:epoch(1)()

@@ -336,6 +336,10 @@ function M.write_jpeg(img, path, quality)
    check.status(C.nr_image_write_jpeg(img.c, path, quality), 'nr.data.write_jpeg')
 end
 
+-- float32's smallest normal and largest values: options the C side holds as float must stay
+-- within them (1e-50 became 0, which C reads as "not set"; 1e300 became inf).
+local FLT_MIN, FLT_MAX = 2 ^ -126, 3.4028234663852886e38
+
 -- nr.data.normalize(x, out [, {mean = {...}, std = {...}}]): images as a model takes them from
 -- uint8 (B, C, H, W) x (contiguous, C <= 4, on the CPU or a GPU): out <- (x / 255 - mean[c]) /
 -- std[c] per channel (one value applies to every channel), or x / 255 without statistics, with
@@ -348,13 +352,20 @@ end
 local function stats_into(stats, c, mean_out, std_out, fname, what)
    local function bad(fmt, ...) error(string.format('%s: %s: ' .. fmt, fname, what, ...), 4) end -- at the user's call
    local nm, ns = #stats.mean, #stats.std
-   if not (nm == ns and (nm == 1 or nm == c)) then bad('mean and std need 1 or %d values, got %d and %d', c, nm, ns) end
+   if not (nm == ns and (nm == 1 or nm == c)) then
+      bad('mean and std need %s for %d channel%s, got %d and %d', c == 1 and '1 value each' or ('1 or ' .. c .. ' values'),
+         c, c == 1 and '' or 's', nm, ns)
+   end
    for k = 1, math.min(c, 4) do
       local im, is = nm == 1 and 1 or k, ns == 1 and 1 or k
       local m, sd = stats.mean[im], stats.std[is]
       if type(m) ~= 'number' or type(sd) ~= 'number' then bad('bad mean/std for channel %d', k) end
-      if not (m == m and math.abs(m) < math.huge) then bad('mean[%d] must be finite, got %s', im, check.show(m)) end
-      if not (sd > 0 and sd < math.huge) then bad('std[%d] must be > 0 and finite, got %s', is, check.show(sd)) end
+      if not (m == m and math.abs(m) <= FLT_MAX) then
+         bad('mean[%d] must be finite within float32, got %s', im, check.show(m))
+      end
+      if not (sd >= FLT_MIN and sd <= FLT_MAX) then
+         bad('std[%d] must be > 0 and finite within float32, got %s', is, check.show(sd))
+      end
       -- x / 255 is in [0, 1], so |out| <= (1 + |mean|) / std: past float32 it is inf (mean 1e30 with
       -- std 1e-30 gave inf batches); 1e38 leaves room for mean and std rounded to float
       local reach = (1 + math.abs(m)) / sd
@@ -411,13 +422,13 @@ local function size_opt(v, fname, name)
    return v
 end
 
--- {lo, hi} with 0 < lo <= hi <= max, finite (random_resized_crop's scale and ratio).
+-- {lo, hi} with 0 < lo <= hi <= max, both within float32 (random_resized_crop's scale and ratio).
 local function range_opt(v, fname, name, max, what)
    local lo, hi = type(v) == 'table' and v[1], type(v) == 'table' and v[2]
-   if not (type(v) == 'table' and #v == 2 and type(lo) == 'number' and type(hi) == 'number' and lo > 0 and lo <= hi
-           and hi <= max and hi < math.huge) then
-      error(string.format('%s: augment.%s must be {lo, hi} with 0 < lo <= hi%s (%s), got %s', fname, name,
-         max < math.huge and (' <= ' .. max) or ' < inf', what, show(v)), 3)
+   if not (type(v) == 'table' and #v == 2 and type(lo) == 'number' and type(hi) == 'number' and lo >= FLT_MIN
+           and lo <= hi and hi <= max and hi <= FLT_MAX) then
+      error(string.format('%s: augment.%s must be {lo, hi} with 0 < lo <= hi%s, both within float32 (%s), got %s',
+         fname, name, max < math.huge and (' <= ' .. max) or '', what, show(v)), 3)
    end
    return lo, hi
 end
