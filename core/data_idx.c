@@ -69,6 +69,13 @@ static nr_status check_end(gzFile f, const char *path)
 /* Opens an IDX file and checks its magic; dims[ndim] <- the sizes. */
 static gzFile idx_open(const char *path, uint32_t magic, int ndim, int64_t *dims)
 {
+   /* a directory opened as a gzip stream failed as "corrupt gzip data", and opening a FIFO would
+    * wait for a writer forever */
+   struct stat sb;
+   if (stat(path, &sb) == 0 && !S_ISREG(sb.st_mode)) {
+      NR_FAIL(NR_E_IO, "%s is %s, not an IDX file", path, S_ISDIR(sb.st_mode) ? "a directory" : "not a regular file");
+      return NULL;
+   }
    gzFile f = gzopen(path, "rb");
    if (!f) {
       NR_FAIL(NR_E_IO, "cannot open %s: %s", path, errno ? strerror(errno) : "zlib could not open it");

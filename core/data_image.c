@@ -58,6 +58,20 @@ void nr_decoder_release(nr_decoder *d)
  * pixels takes at most about 4 bytes a pixel (an uncompressed RGBA PNG) plus its headers. */
 #define NR_MAX_IMAGE_FILE (8 * NR_MAX_PIXELS)
 
+/* The format of an encoded image from its first bytes: 1 PNG, 2 JPEG, 0 neither. */
+static int image_magic(const uint8_t *b, size_t n)
+{
+   if (n >= 8 && !memcmp(b, "\x89PNG\r\n\x1a\n", 8)) return 1;
+   if (n >= 3 && b[0] == 0xff && b[1] == 0xd8 && b[2] == 0xff) return 2;
+   return 0;
+}
+
+static nr_status not_an_image(const char *path, const uint8_t *b, size_t n)
+{
+   return NR_FAIL(NR_E_FORMAT, "%s: undecodable image: not a PNG or JPEG file (first bytes %02x %02x %02x %02x)", path,
+                  n > 0 ? b[0] : 0, n > 1 ? b[1] : 0, n > 2 ? b[2] : 0, n > 3 ? b[3] : 0);
+}
+
 static nr_status read_file(nr_decoder *d, const char *path, size_t *size)
 {
    /* O_NONBLOCK: opening a FIFO named like an image would wait for a writer forever; this way
@@ -84,8 +98,13 @@ static nr_status read_file(nr_decoder *d, const char *path, size_t *size)
       return st;
    }
    if (fseek(f, 0, SEEK_END) == 0) len = ftell(f);
+   /* the first bytes say whether it is an image at all before a large file is read whole */
+   uint8_t head[8];
+   size_t nh = 0;
+   if (len > 0 && fseek(f, 0, SEEK_SET) == 0) nh = fread(head, 1, sizeof head, f);
    if (len < 0 || fseek(f, 0, SEEK_SET) != 0) st = NR_FAIL(NR_E_IO, "cannot read %s: %s", path, strerror(errno));
    else if (len == 0) st = NR_FAIL(NR_E_FORMAT, "%s: empty file, not an image", path);
+   else if (!image_magic(head, nh)) st = not_an_image(path, head, nh);
    else if (!(st = nr_data_grow((void **)&d->file, &d->file_cap, (size_t)len)) &&
             fread(d->file, 1, (size_t)len, f) != (size_t)len)
       st = NR_FAIL(NR_E_IO, "cannot read %s: %s", path, strerror(errno));
@@ -328,12 +347,11 @@ static nr_status decode_file(nr_decoder *d, const char *path, int32_t channels, 
       return NR_FAIL(NR_E_ARG, "channels must be 0, 1, 3 or 4, got %d", channels);
    size_t size = 0;
    NR_TRY(read_file(d, path, &size));
-   const uint8_t *b = d->file;
-   if (size >= 8 && !memcmp(b, "\x89PNG\r\n\x1a\n", 8)) return decode_png(d, path, size, channels, out);
-   if (size >= 3 && b[0] == 0xff && b[1] == 0xd8 && b[2] == 0xff)
-      return decode_jpeg_or_reset(d, path, size, channels, cfg, key, out);
-   return NR_FAIL(NR_E_FORMAT, "%s: undecodable image: not a PNG or JPEG file (first bytes %02x %02x %02x %02x)",
-                  path, b[0], size > 1 ? b[1] : 0, size > 2 ? b[2] : 0, size > 3 ? b[3] : 0);
+   switch (image_magic(d->file, size)) {
+   case 1: return decode_png(d, path, size, channels, out);
+   case 2: return decode_jpeg_or_reset(d, path, size, channels, cfg, key, out);
+   default: return not_an_image(path, d->file, size);
+   }
 }
 
 nr_status nr_image_decode_file(nr_decoder *d, const char *path, int32_t channels, nr_img *out)

@@ -768,6 +768,13 @@ describe('nr.data', function()
             assert.matches('trailer_gz' .. cut .. '/train%-images%-idx3%-ubyte%.gz: truncated or corrupt gzip data', err)
          end
 
+         -- a directory named like the file: said so (it read as "corrupt gzip data")
+         dir = make_idx(BASE .. '/dir_idx')
+         os.remove(dir .. '/train-images-idx3-ubyte')
+         mkdir(dir .. '/train-images-idx3-ubyte')
+         err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
+         assert.matches('dir_idx/train%-images%-idx3%-ubyte is a directory, not an IDX file', err)
+
          dir = make_idx(BASE .. '/trunc_raw', {images = idx_images(N, H, W):sub(1, 200)})
          err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
          assert.matches('truncated', err)
@@ -942,6 +949,19 @@ describe('nr.data', function()
          local fx = (debug.getinfo(1, 'S').source:sub(2):match('^(.*)/lua/[^/]*$') or 'tests') .. '/fixtures/images/'
          assert.matches('png_data_check_late%.png: undecodable PNG: corrupt image data %(IDAT: incorrect data check%)',
             err_of(nr.data.read_image, fx .. 'png_data_check_late.png'))
+         -- a large file that is no image is refused from its first bytes, not read whole first
+         -- (a sparse 1 GiB file: reading it would take the process's peak memory past 1 GiB)
+         local big = dir .. '/big.png'
+         sh('truncate -s 1G "' .. big .. '"')
+         local util = require 'tests.lua.spec_util'
+         local out0, rc0 = util.run(string.format("'%s' -e \"local ok, e = pcall(require('nr').data.read_image, '%s'); "
+            .. "print(e); for l in io.lines('/proc/self/status') do if l:match('^VmHWM') then print(l) end end\"",
+            util.nrlua(), big))
+         os.remove(big)
+         assert.equal(0, rc0, out0)
+         assert.truthy(out0:find('big.png: undecodable image: not a PNG or JPEG file', 1, true), out0)
+         local hwm_kb = tonumber(out0:match('VmHWM:%s*(%d+)'))
+         assert.is_true(hwm_kb ~= nil and hwm_kb < 512 * 1024, out0)
          -- a FIFO named like an image: fopen waited for a writer forever
          local fifo = dir .. '/pipe.png'
          sh('mkfifo "' .. fifo .. '"')
