@@ -188,61 +188,31 @@ static nr_status dw_oom(const char *what, const dw_layout *q)
  * over the real pairs only, giving PyTorch's result (a diverging run is rare; finite data never
  * takes these paths). */
 
-/* dx plane p (channel c's kernel wc) <- sum over the real pairs of w * dy. */
-static void dw_plane_data_exact(const float *dyp, float *dxp, const float *wc, const conv_geom *g)
+enum { DW_FORWARD, DW_DATA, DW_WEIGHT };
+
+/* One plane over its real (output, tap) pairs only: every output (oh, ow) and tap (i, j) whose
+ * input position (ih, iw) lies inside the plane. DW_FORWARD: out (y) = bias + sum w * x;
+ * DW_DATA: out (dx) = sum w * dy; DW_WEIGHT: sums[tap] += dy * x (in double). */
+static void dw_plane_exact(int mode, const float *xp, const float *dyp, float *out, const float *wc, float bias,
+                           double *sums, const conv_geom *g)
 {
-   memset(dxp, 0, sizeof(float) * (size_t)(g->h * g->w));
+   if (mode == DW_DATA) memset(out, 0, sizeof(float) * (size_t)(g->h * g->w));
    for (int64_t oh = 0; oh < g->ho; oh++)
       for (int64_t ow = 0; ow < g->wo; ow++) {
-         const float d = dyp[oh * g->wo + ow];
+         const int64_t o = oh * g->wo + ow;
+         float acc = bias;
          for (int64_t i = 0; i < g->kh; i++) {
             const int64_t ih = oh * g->sh - g->ph + i * g->dh;
             if (ih < 0 || ih >= g->h) continue;
             for (int64_t j = 0; j < g->kw; j++) {
-               const int64_t iw = ow * g->sw - g->pw + j * g->dw;
-               if (iw >= 0 && iw < g->w) dxp[ih * g->w + iw] += wc[i * g->kw + j] * d;
+               const int64_t iw = ow * g->sw - g->pw + j * g->dw, t = i * g->kw + j, at = ih * g->w + iw;
+               if (iw < 0 || iw >= g->w) continue;
+               if (mode == DW_FORWARD) acc += wc[t] * xp[at];
+               else if (mode == DW_DATA) out[at] += wc[t] * dyp[o];
+               else sums[t] += (double)dyp[o] * xp[at];
             }
          }
-      }
-}
-
-/* sums[tap] <- sum over samples and real pairs of dy * x, for channel c. */
-static void dw_channel_weight_exact(const float *x, const float *dy, double *sums, const conv_geom *g, int64_t c)
-{
-   const int64_t kk = g->kh * g->kw;
-   for (int64_t t = 0; t < kk; t++) sums[t] = 0;
-   for (int64_t n = 0; n < g->n; n++) {
-      const float *xp = x + (n * g->cin + c) * g->h * g->w, *dyp = dy + (n * g->cin + c) * g->p;
-      for (int64_t oh = 0; oh < g->ho; oh++)
-         for (int64_t ow = 0; ow < g->wo; ow++) {
-            const double d = dyp[oh * g->wo + ow];
-            for (int64_t i = 0; i < g->kh; i++) {
-               const int64_t ih = oh * g->sh - g->ph + i * g->dh;
-               if (ih < 0 || ih >= g->h) continue;
-               for (int64_t j = 0; j < g->kw; j++) {
-                  const int64_t iw = ow * g->sw - g->pw + j * g->dw;
-                  if (iw >= 0 && iw < g->w) sums[i * g->kw + j] += d * xp[ih * g->w + iw];
-               }
-            }
-         }
-   }
-}
-
-/* y plane (channel c's kernel wc, bias) <- bias + sum over the real pairs of w * x. */
-static void dw_plane_forward_exact(const float *xp, float *yp, const float *wc, float bias, const conv_geom *g)
-{
-   for (int64_t oh = 0; oh < g->ho; oh++)
-      for (int64_t ow = 0; ow < g->wo; ow++) {
-         float a = bias;
-         for (int64_t i = 0; i < g->kh; i++) {
-            const int64_t ih = oh * g->sh - g->ph + i * g->dh;
-            if (ih < 0 || ih >= g->h) continue;
-            for (int64_t j = 0; j < g->kw; j++) {
-               const int64_t iw = ow * g->sw - g->pw + j * g->dw;
-               if (iw >= 0 && iw < g->w) a += wc[i * g->kw + j] * xp[ih * g->w + iw];
-            }
-         }
-         yp[oh * g->wo + ow] = a;
+         if (mode == DW_FORWARD) out[o] = acc;
       }
 }
 
@@ -286,7 +256,7 @@ nr_status nn_dw_forward(const float *x, float *y, const float *w, const float *b
       if (dw_kernel_finite(w, c, kk)) continue;
       for (int64_t n = 0; n < g->n; n++) {
          const int64_t p = n * g->cin + c;
-         dw_plane_forward_exact(x + p * g->h * g->w, y + p * g->p, w + c * kk, b ? b[c] : 0.0f, g);
+         dw_plane_exact(DW_FORWARD, x + p * g->h * g->w, NULL, y + p * g->p, w + c * kk, b ? b[c] : 0.0f, NULL, g);
          if (epi) nn_epilogue_plane(epi, c, y + p * g->p, g->p);
       }
    }
@@ -339,7 +309,7 @@ nr_status nn_dw_backward_data(const float *dy, float *dx, const float *w, const 
       if (dw_kernel_finite(w, c, kk)) continue;
       for (int64_t n = 0; n < g->n; n++) {
          const int64_t p = n * g->cin + c;
-         dw_plane_data_exact(dy + p * g->p, dx + p * g->h * g->w, w + c * kk, g);
+         dw_plane_exact(DW_DATA, NULL, dy + p * g->p, dx + p * g->h * g->w, w + c * kk, 0.0f, NULL, g);
       }
    }
    return NR_OK;
@@ -374,7 +344,13 @@ nr_status nn_dw_backward_weight(const float *x, const float *dy, float *dw, cons
          /* a non-finite sum may hold 0 * inf from the padding or a dropped column (a finite one
           * cannot) */
          for (int64_t t = 0; t < kk; t++) finite = finite && isfinite(sums[t]);
-         if (!finite) dw_channel_weight_exact(x, dy, sums, g, c);
+         if (!finite) {
+            for (int64_t t = 0; t < kk; t++) sums[t] = 0;
+            for (int64_t n = 0; n < g->n; n++) {
+               const int64_t p = n * g->cin + c;
+               dw_plane_exact(DW_WEIGHT, x + p * g->h * g->w, dy + p * g->p, NULL, NULL, 0.0f, sums, g);
+            }
+         }
          float *o = dw + c * kk;
          for (int64_t t = 0; t < kk; t++) o[t] = (acc == 0 ? 0.0f : acc * o[t]) + (float)(scale * sums[t]);
       }
