@@ -196,7 +196,9 @@ static int traceback(lua_State *L)
       lua_pushstring(L, check);
       return 1;
    }
-   if (!has_position(msg) && !full) {
+   /* no position, or a traceback already (kept from where the error happened by a handler that
+    * raised it again, nr.train's user_traceback) */
+   if ((!has_position(msg) || strstr(msg, "\nstack traceback:")) && !full) {
       lua_pushstring(L, msg);
       return 1;
    }

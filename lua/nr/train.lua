@@ -129,6 +129,21 @@ M.deep_copy = deep_copy
 
 local function is_module(x) return type(x) == 'table' and type(x.forward) == 'function' and type(x.parameters) == 'function' end
 
+-- Message handler of the trainer's own pcalls (an epoch, an evaluation), which restore state and
+-- raise the error again: an error raised in the user's code (a hook, a policy, a model's forward;
+-- its position outside nrlua's package) keeps the traceback of where it happened, which the
+-- re-raise would otherwise replace with the trainer's frames (the host shows a message that
+-- already has a traceback as it is).
+function M.user_traceback(e)
+   if type(e) ~= 'string' or e:find('\nstack traceback:', 1, true) then return e end
+   local file = e:match('^([^\n]-):%d+: ')
+   if not file or file:find('/lua/nr/', 1, true) then return e end
+   -- from the frame that raised it (LuaJIT's levels here: 1 that frame, or the C error() the user's
+   -- frame called, which is skipped)
+   local raised_by_error = debug.getinfo(2, 'S').what == 'C'
+   return debug.traceback(e, raised_by_error and 2 or 1)
+end
+
 -- Fills defaults into a copy of the recipe (tables merged one level deep).
 function M.resolve(recipe)
    check.arg(type(recipe) == 'table', 'nr.train', 'recipe must be a table, got %s', type(recipe))
@@ -1160,7 +1175,7 @@ function Trainer:evaluate(loader)
    -- gradients off, as torch.no_grad(): lets the model fold Conv2d + BN + ReLU for inference
    local grad_mode = require('nr.nn.module')
    local grad_was = grad_mode.set_grad_enabled(false)
-   local ok, err = pcall(pass)
+   local ok, err = xpcall(pass, M.user_traceback)
    grad_mode.set_grad_enabled(grad_was)
    model:training()
    if not ok then error(err, 0) end
@@ -1194,7 +1209,7 @@ function Trainer:train_epoch(epoch)
    if model.setInputGrad then model:setInputGrad(false) end
    -- also when the epoch fails (a hook's error, the NaN-loss stop, Ctrl-C): a model used after the
    -- run (its error caught) kept returning nil from backward
-   local ok, res = pcall(self._train_steps, self, epoch)
+   local ok, res = xpcall(self._train_steps, M.user_traceback, self, epoch)
    if model.setInputGrad then model:setInputGrad(input_grad_was) end
    if not ok then error(res, 0) end
    return res
@@ -1553,7 +1568,7 @@ end
 
 -- nr.train(recipe) -> summary {final_top1, best_top1, time_s, images_per_s, ...}
 function M.train(recipe)
-   local ok, tr = pcall(M.new, recipe)
+   local ok, tr = xpcall(M.new, M.user_traceback, recipe)
    if not ok then error(recipe_error(tr), 0) end
    return tr:run(), tr
 end

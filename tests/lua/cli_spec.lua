@@ -115,6 +115,23 @@ describe('nrlua', function()
       assert.equal(1, rc)
       assert.truthy(out:find('direct.lua:3: nr.utilization: threshold must be', 1, true), out)
       assert.is_nil(out:find('stack traceback', 1, true), out)
+      -- an error in the recipe's own code inside the training loop (a hook): the traceback is
+      -- the one from where it happened (the trainer's catch-and-raise replaced it with its own)
+      local hook = tmp .. '/hookerr.lua'
+      f = io.open(hook, 'w')
+      f:write("local nr, train = require 'nr', require 'nr.train'\n"
+         .. "local l = train.memory_loader(nr.randn({8, 1, 4, 4}), nr.zeros({8}, {dtype = 'int64'}), {batch = 4})\n"
+         .. "local function my_check(tr) if tr.step == 2 then error('my hook failed') end end\n"
+         .. "return {model = nr.nn.Sequential(nr.nn.Conv2d(1, 2, 3), nr.nn.GlobalAvgPool2d()), data = {train = l},\n"
+         .. "   classes = 2, epochs = 1, device = 'cpu', progress = false,\n"
+         .. "   hooks = {after_step = function(tr) my_check(tr) end}}\n")
+      f:close()
+      out, rc = run(exe .. ' ' .. hook .. ' --overwrite --out ' .. tmp .. '/hookrun')
+      assert.equal(1, rc)
+      assert.truthy(out:find('hookerr.lua:3: my hook failed\nstack traceback:\n\t[^\n]*hookerr.lua:3: in function \'my_check\''), out)
+      assert.truthy(out:find('hookerr.lua:6: in function', 1, true), out)
+      local _, n = out:gsub('stack traceback:', '')
+      assert.equal(1, n, out)
    end)
 
    it('-i FILE runs the REPL after the script; - reads the script from stdin', function()

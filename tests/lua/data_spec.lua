@@ -953,7 +953,6 @@ describe('nr.data', function()
          -- (a sparse 1 GiB file: reading it would take the process's peak memory past 1 GiB)
          local big = dir .. '/big.png'
          sh('truncate -s 1G "' .. big .. '"')
-         local util = require 'tests.lua.spec_util'
          local out0, rc0 = util.run(string.format("'%s' -e \"local ok, e = pcall(require('nr').data.read_image, '%s'); "
             .. "print(e); for l in io.lines('/proc/self/status') do if l:match('^VmHWM') then print(l) end end\"",
             util.nrlua(), big))
@@ -965,9 +964,8 @@ describe('nr.data', function()
          -- a FIFO named like an image: fopen waited for a writer forever
          local fifo = dir .. '/pipe.png'
          sh('mkfifo "' .. fifo .. '"')
-         local out, rc = require('tests.lua.spec_util').run(string.format(
-            "timeout 20 '%s' -e \"print(select(2, pcall(require('nr').data.read_image, '%s')))\"",
-            require('tests.lua.spec_util').nrlua(), fifo))
+         local out, rc = util.run(string.format(
+            "timeout 20 '%s' -e \"print(select(2, pcall(require('nr').data.read_image, '%s')))\"", util.nrlua(), fifo))
          assert.equal(0, rc, out)
          assert.truthy(out:find('pipe.png is not a regular file', 1, true), out)
       end)
