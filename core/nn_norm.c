@@ -5,10 +5,9 @@
  * masking dy on the fly), so a BatchNorm2d followed by an in-place ReLU costs one pass over the
  * data each way instead of two (forward bit-identical to running them one after the other; the
  * backward's per-channel sums may round differently, ~1e-7 relative).
- * Invariants: per-channel sums accumulate in double (the training forward's per-plane sums too;
- * the backward's per-plane partial sums in float), each
- * channel is handled by one thread, so results do not depend on the thread count; y may alias x
- * and dx may alias dy (every element is read before it is written).
+ * Invariants: per-channel sums accumulate in double (per-plane partial sums in float over blocks
+ * of BN_BLOCK elements), each channel is handled by one thread, so results do not depend on the
+ * thread count; y may alias x and dx may alias dy (every element is read before it is written).
  */
 #include "nn_internal.h"
 
@@ -38,27 +37,37 @@ static nr_status vec_check(const char *func, const char *name, const nr_tensor *
    return nn_check(func, name, v, NR_F32, 1, cs, x);
 }
 
+/* Elements per float partial sum of a plane: the partial sums are added in double, so a large
+ * plane's sums do not lose ~sqrt(hw) ulps to one float running sum (more without vectorised
+ * lanes, as in a -O2 build), at no cost the loops notice. */
+enum { BN_BLOCK = 256 };
+
 /* Per-plane sums of dy' and dy' * (x - mean), dy' = dy masked by r > 0 when r is given. */
-static inline void plane_sums(const float *p, const float *d, const float *r, int64_t hw, float mean, float *sa,
-                              float *sb)
+static inline void plane_sums(const float *p, const float *d, const float *r, int64_t hw, float mean, double *sa,
+                              double *sb)
 {
-   float a = 0, b = 0;
-   if (r) {
+   double sa_ = 0, sb_ = 0;
+   for (int64_t b0 = 0; b0 < hw; b0 += BN_BLOCK) {
+      const int64_t b1 = b0 + BN_BLOCK < hw ? b0 + BN_BLOCK : hw;
+      float a = 0, b = 0;
+      if (r) {
 #pragma omp simd reduction(+ : a, b)
-      for (int64_t i = 0; i < hw; i++) {
-         const float dd = d[i]; /* loaded unconditionally: the select becomes a blend, not a branch */
-         const float dv = r[i] > 0.0f ? dd : 0.0f;
-         a += dv;
-         b += dv * (p[i] - mean);
-      }
-   } else {
+         for (int64_t i = b0; i < b1; i++) {
+            const float dd = d[i]; /* loaded unconditionally: the select becomes a blend, not a branch */
+            const float dv = r[i] > 0.0f ? dd : 0.0f;
+            a += dv;
+            b += dv * (p[i] - mean);
+         }
+      } else {
 #pragma omp simd reduction(+ : a, b)
-      for (int64_t i = 0; i < hw; i++) {
-         a += d[i];
-         b += d[i] * (p[i] - mean);
+         for (int64_t i = b0; i < b1; i++) {
+            a += d[i];
+            b += d[i] * (p[i] - mean);
+         }
       }
+      sa_ += a, sb_ += b;
    }
-   *sa = a, *sb = b;
+   *sa = sa_, *sb = sb_;
 }
 
 /* Sums of dy' and dy' * (x - mean) over channel c of every sample, in double. */
@@ -68,7 +77,7 @@ static void channel_sums(const float *px, const float *pdy, const float *pr, con
    double s1 = 0, s2 = 0;
    for (int64_t n = 0; n < g->n; n++) {
       const int64_t off = (n * g->c + c) * g->hw;
-      float a, b;
+      double a, b;
       plane_sums(px + off, pdy + off, pr ? pr + off : NULL, g->hw, mean, &a, &b);
       s1 += a;
       s2 += b;
@@ -123,10 +132,18 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
           * large against the spread (x - mean cancels); around k the rounding is on the scale
           * of the spread, and the mean comes within half an ulp, as PyTorch's */
          const float k = isfinite(p[0]) ? p[0] : 0.0f;
-         float shifted = 0;
-#pragma omp simd reduction(+ : shifted)
-         for (int64_t i = 0; i < g.hw; i++) shifted += p[i] - k;
-         double part = (double)shifted + (double)k * hw;
+         /* in blocks of BN_BLOCK summed in double: k is one sample, so the shifted values keep a
+          * bias of up to a few spreads, and one float running sum over a large plane grows with
+          * it (without vectorised lanes, as in a -O2 build, that cost more than half an ulp) */
+         double shifted = 0;
+         for (int64_t b0 = 0; b0 < g.hw; b0 += BN_BLOCK) {
+            const int64_t b1 = b0 + BN_BLOCK < g.hw ? b0 + BN_BLOCK : g.hw;
+            float sb = 0;
+#pragma omp simd reduction(+ : sb)
+            for (int64_t i = b0; i < b1; i++) sb += p[i] - k;
+            shifted += sb;
+         }
+         double part = shifted + (double)k * hw;
          if (!isfinite(shifted)) { /* an inf / NaN in the plane, or values near FLT_MAX apart */
             part = 0;
 #pragma omp simd reduction(+ : part)
@@ -137,17 +154,22 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
           * (hw * (pm - pf)^2) */
          const double pm = part * inv_hw;
          const float pf = (float)pm;
-         float dev = 0;
-#pragma omp simd reduction(+ : dev)
-         for (int64_t i = 0; i < g.hw; i++) {
-            const float d = p[i] - pf;
-            dev += d * d;
+         double dev = 0; /* in blocks too: a float running sum of hw positive terms loses ~sqrt(hw) ulps */
+         for (int64_t b0 = 0; b0 < g.hw; b0 += BN_BLOCK) {
+            const int64_t b1 = b0 + BN_BLOCK < g.hw ? b0 + BN_BLOCK : g.hw;
+            float db = 0;
+#pragma omp simd reduction(+ : db)
+            for (int64_t i = b0; i < b1; i++) {
+               const float d = p[i] - pf;
+               db += d * d;
+            }
+            dev += db;
          }
          if (n == 0) K = pm;
          const double q = pm - K, off = pm - (double)pf;
          s1 += q;
          s2 += q * q;
-         devs += (double)dev - hw * off * off;
+         devs += dev - hw * off * off;
       }
       double mean = K + s1 / (double)g.n;
       const double m2 = devs + hw * (s2 - s1 * s1 / (double)g.n);
