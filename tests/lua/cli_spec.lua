@@ -84,50 +84,42 @@ describe('nrlua', function()
       out, rc = run('NR_TRACEBACK=1 ' .. exe .. ' ' .. cfg)
       assert.equal(1, rc)
       assert.truthy(out:find('stack traceback', 1, true))
+      -- a script written to tmp/name and run (with args): it fails; its output
+      local function fails(name, text, args)
+         local fh = io.open(tmp .. '/' .. name, 'w')
+         fh:write(text)
+         fh:close()
+         local o, r = run(exe .. ' ' .. tmp .. '/' .. name .. (args and (' ' .. args) or ''))
+         assert.equal(1, r, o)
+         return o
+      end
       -- a syntax error: its position is in the user's file; no traceback into nrlua's loader
-      local syn = tmp .. '/syn.lua'
-      f = io.open(syn, 'w'); f:write('local x = = 1\n'); f:close()
-      out, rc = run(exe .. ' ' .. syn)
-      assert.equal(1, rc)
+      out = fails('syn.lua', 'local x = = 1\n')
       assert.truthy(out:find('syn.lua:1: unexpected symbol near', 1, true), out)
       assert.is_nil(out:find('stack traceback', 1, true), out)
       -- a check of the library raised inside the library (a recipe section nr.train hands on):
       -- the message alone, not a position inside nrlua and a traceback through it
-      local rec = tmp .. '/badopt.lua'
-      f = io.open(rec, 'w')
-      f:write("local nr, train = require 'nr', require 'nr.train'\n"
+      local loader = "local nr, train = require 'nr', require 'nr.train'\n"
          .. "local l = train.memory_loader(nr.randn({8, 1, 4, 4}), nr.zeros({8}, {dtype = 'int64'}), {batch = 4})\n"
+      out = fails('badopt.lua', loader
          .. "return {model = nr.nn.Sequential(nr.nn.Conv2d(1, 2, 3), nr.nn.BatchNorm2d(2), nr.nn.GlobalAvgPool2d()),\n"
-         .. "   data = {train = l}, classes = 2, nr = {lambda = {dL = 1}}}\n")
-      f:close()
-      out, rc = run(exe .. ' ' .. rec .. ' --out ' .. tmp .. '/badopt')
-      assert.equal(1, rc)
+         .. "   data = {train = l}, classes = 2, nr = {lambda = {dL = 1}}}\n", '--out ' .. tmp .. '/badopt')
       assert.truthy(out:find('nrlua: nr.rejuvenate.attach (lambda): unknown option "dL"', 1, true), out)
       assert.is_nil(out:find('stack traceback', 1, true), out)
       assert.is_nil(out:find('/lua/nr/', 1, true), out)
       -- called from the user's code: shown at the user's line (still no traceback into nrlua)
-      local direct = tmp .. '/direct.lua'
-      f = io.open(direct, 'w')
-      f:write("local nr = require 'nr'\nlocal m = nr.nn.Sequential(nr.nn.Conv2d(3, 4, 3), nr.nn.BatchNorm2d(4))\n"
+      out = fails('direct.lua', "local nr = require 'nr'\n"
+         .. "local m = nr.nn.Sequential(nr.nn.Conv2d(3, 4, 3), nr.nn.BatchNorm2d(4))\n"
          .. "local u = nr.utilization(m, {3, 8, 8}, {threshold = 'x'})\n")
-      f:close()
-      out, rc = run(exe .. ' ' .. direct)
-      assert.equal(1, rc)
       assert.truthy(out:find('direct.lua:3: nr.utilization: threshold must be', 1, true), out)
       assert.is_nil(out:find('stack traceback', 1, true), out)
       -- an error in the recipe's own code inside the training loop (a hook): the traceback is
       -- the one from where it happened (the trainer's catch-and-raise replaced it with its own)
-      local hook = tmp .. '/hookerr.lua'
-      f = io.open(hook, 'w')
-      f:write("local nr, train = require 'nr', require 'nr.train'\n"
-         .. "local l = train.memory_loader(nr.randn({8, 1, 4, 4}), nr.zeros({8}, {dtype = 'int64'}), {batch = 4})\n"
+      out = fails('hookerr.lua', loader
          .. "local function my_check(tr) if tr.step == 2 then error('my hook failed') end end\n"
          .. "return {model = nr.nn.Sequential(nr.nn.Conv2d(1, 2, 3), nr.nn.GlobalAvgPool2d()), data = {train = l},\n"
          .. "   classes = 2, epochs = 1, device = 'cpu', progress = false,\n"
-         .. "   hooks = {after_step = function(tr) my_check(tr) end}}\n")
-      f:close()
-      out, rc = run(exe .. ' ' .. hook .. ' --overwrite --out ' .. tmp .. '/hookrun')
-      assert.equal(1, rc)
+         .. "   hooks = {after_step = function(tr) my_check(tr) end}}\n", '--overwrite --out ' .. tmp .. '/hookrun')
       assert.truthy(out:find('hookerr.lua:3: my hook failed\nstack traceback:\n\t[^\n]*hookerr.lua:3: in function \'my_check\''), out)
       assert.truthy(out:find('hookerr.lua:6: in function', 1, true), out)
       local _, n = out:gsub('stack traceback:', '')
