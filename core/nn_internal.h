@@ -83,32 +83,47 @@ static inline void nn_bn_eval_ab(const float *gamma, const float *beta, const fl
  * Tensor:relu (math.c, tensor_kernels.cu) use the same expression. */
 static inline float nn_relu(float v) { return v <= 0.0f ? 0.0f : v; }
 
-/* o = (p - m) * a + b over one plane (BatchNorm's normalisation), then nn_relu when relu (the
- * ReLU's own expression, so fused and separate forwards agree bit for bit, NaN included). o may
- * be p. When |m * a| <= 1 it runs as p * a + (b - m * a), one multiply-add per element, within
- * an ulp or two of max(|o|, 1); beyond, x and the mean share digits that form would lose (a mean
- * large against the spread), so the plane is centred first. The choice is per channel and the
- * same wherever the BN runs (its own kernel or a conv's epilogue). */
-static inline void nn_affine_plane(const float *p, float *o, int64_t hw, float m, float a, float b, int relu)
+/* o = (p - m) * a + b over np planes of hw floats, stride apart (the planes of one channel), then
+ * nn_relu when relu (the ReLU's own expression, so fused and separate forwards agree bit for
+ * bit, NaN included). o may be p. When |m * a| <= 1 it runs as p * a + (b - m * a), one
+ * multiply-add per element, within an ulp or two of max(|o|, 1); beyond, x and the mean share
+ * digits that form would lose (a mean large against the spread), so the planes are centred
+ * first. The choice is per channel, made once for its planes (per plane it cost a third of a
+ * 4x4 plane's time), and the same wherever the BN runs (its own kernel or a conv's epilogue). */
+static inline void nn_affine_planes(const float *p, float *o, int64_t np, int64_t stride, int64_t hw, float m, float a,
+                                    float b, int relu)
 {
+   const int64_t n = np * stride; /* planes k * stride .. k * stride + hw */
    if (fabsf(m * a) <= 1.0f) {
       const float b2 = b - m * a;
       if (relu) {
+         for (int64_t k = 0; k < n; k += stride) {
 #pragma omp simd
-         for (int64_t i = 0; i < hw; i++) o[i] = nn_relu(p[i] * a + b2);
+            for (int64_t i = k; i < k + hw; i++) o[i] = nn_relu(p[i] * a + b2);
+         }
       } else {
+         for (int64_t k = 0; k < n; k += stride) {
 #pragma omp simd
-         for (int64_t i = 0; i < hw; i++) o[i] = p[i] * a + b2;
+            for (int64_t i = k; i < k + hw; i++) o[i] = p[i] * a + b2;
+         }
       }
-      return;
-   }
-   if (relu) {
+   } else if (relu) {
+      for (int64_t k = 0; k < n; k += stride) {
 #pragma omp simd
-      for (int64_t i = 0; i < hw; i++) o[i] = nn_relu((p[i] - m) * a + b);
+         for (int64_t i = k; i < k + hw; i++) o[i] = nn_relu((p[i] - m) * a + b);
+      }
    } else {
+      for (int64_t k = 0; k < n; k += stride) {
 #pragma omp simd
-      for (int64_t i = 0; i < hw; i++) o[i] = (p[i] - m) * a + b;
+         for (int64_t i = k; i < k + hw; i++) o[i] = (p[i] - m) * a + b;
+      }
    }
+}
+
+/* nn_affine_planes on one plane. */
+static inline void nn_affine_plane(const float *p, float *o, int64_t hw, float m, float a, float b, int relu)
+{
+   nn_affine_planes(p, o, 1, hw, hw, m, a, b, relu);
 }
 
 /* A BatchNorm2d in evaluation mode (and optionally the in-place ReLU after it) folded into the

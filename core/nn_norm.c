@@ -42,6 +42,37 @@ static nr_status vec_check(const char *func, const char *name, const nr_tensor *
  * lanes, as in a -O2 build), at no cost the loops notice. */
 enum { BN_BLOCK = 256 };
 
+/* sum of p[i] - k over n elements: float partial sums of BN_BLOCK elements added in double. */
+static inline double shifted_sum(const float *p, int64_t n, float k)
+{
+   double s = 0;
+   for (int64_t b0 = 0; b0 < n; b0 += BN_BLOCK, p += BN_BLOCK) {
+      const int64_t len = n - b0 < BN_BLOCK ? n - b0 : BN_BLOCK;
+      float sb = 0;
+#pragma omp simd reduction(+ : sb)
+      for (int64_t i = 0; i < len; i++) sb += p[i] - k;
+      s += sb;
+   }
+   return s;
+}
+
+/* sum of (p[i] - k)^2 over n elements, blocked as shifted_sum. */
+static inline double squares_about(const float *p, int64_t n, float k)
+{
+   double s = 0;
+   for (int64_t b0 = 0; b0 < n; b0 += BN_BLOCK, p += BN_BLOCK) {
+      const int64_t len = n - b0 < BN_BLOCK ? n - b0 : BN_BLOCK;
+      float sb = 0;
+#pragma omp simd reduction(+ : sb)
+      for (int64_t i = 0; i < len; i++) {
+         const float d = p[i] - k;
+         sb += d * d;
+      }
+      s += sb;
+   }
+   return s;
+}
+
 /* Per-plane sums of dy' and dy' * (x - mean), dy' = dy masked by r > 0 when r is given. */
 static inline void plane_sums(const float *p, const float *d, const float *r, int64_t hw, float mean, double *sa,
                               double *sb)
@@ -123,58 +154,45 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
        * is the planes' own plus hw * sum (pm_j - mean)^2, taken about the first plane's mean K
        * (s1, s2: sums of pm_j - K and its square), so no cancellation and no division per plane */
       const double hw = (double)g.hw, inv_hw = 1.0 / hw;
-      double K = 0, s1 = 0, s2 = 0, devs = 0, total = 0; /* total: the plain sum, for inputs holding inf */
+      /* each plane's sum is taken in float about k, the channel's first value (a sample, so
+       * within the spread of the mean; 0 when not finite): a plain float sum is off by a few ulps
+       * of the mean over large planes, and that error reaches every output when the mean is
+       * large against the spread (x - mean cancels); about k the rounding is on the scale of the
+       * spread, and the mean comes within half an ulp, as PyTorch's. In blocks of BN_BLOCK
+       * added in double: k keeps a bias of up to a few spreads, and one float running sum over
+       * a large plane grows with it (without vectorised lanes, as in a -O2 build, past half an
+       * ulp). A channel holding inf / NaN (or values near FLT_MAX apart) is summed again in
+       * double below. */
+      const float k0 = px[c * g.hw], k = isfinite(k0) ? k0 : 0.0f;
+      double K = 0, s1 = 0, s2 = 0, devs = 0;
       for (int64_t n = 0; n < g.n; n++) {
          const float *p = px + (n * g.c + c) * g.hw;
-         /* the plane's sum, taken in float around its first value k (a sample, so within the
-          * spread of the mean; 0 when not finite): a plain float sum is off by a few ulps of
-          * the mean over large planes, and that error reaches every output when the mean is
-          * large against the spread (x - mean cancels); around k the rounding is on the scale
-          * of the spread, and the mean comes within half an ulp, as PyTorch's */
-         const float k = isfinite(p[0]) ? p[0] : 0.0f;
-         /* in blocks of BN_BLOCK summed in double: k is one sample, so the shifted values keep a
-          * bias of up to a few spreads, and one float running sum over a large plane grows with
-          * it (without vectorised lanes, as in a -O2 build, that cost more than half an ulp) */
-         double shifted = 0;
-         for (int64_t b0 = 0; b0 < g.hw; b0 += BN_BLOCK) {
-            const int64_t b1 = b0 + BN_BLOCK < g.hw ? b0 + BN_BLOCK : g.hw;
-            float sb = 0;
-#pragma omp simd reduction(+ : sb)
-            for (int64_t i = b0; i < b1; i++) sb += p[i] - k;
-            shifted += sb;
-         }
-         double part = shifted + (double)k * hw;
-         if (!isfinite(shifted)) { /* an inf / NaN in the plane, or values near FLT_MAX apart */
-            part = 0;
-#pragma omp simd reduction(+ : part)
-            for (int64_t i = 0; i < g.hw; i++) part += (double)p[i];
-         }
-         total += part;
          /* deviations from the float-rounded plane mean pf, less what that rounding adds
-          * (hw * (pm - pf)^2) */
-         const double pm = part * inv_hw;
+          * (hw * (pm - pf)^2); blocked too (a float running sum of hw positive terms loses
+          * ~sqrt(hw) ulps) */
+         const double pm = (double)k + shifted_sum(p, g.hw, k) * inv_hw;
          const float pf = (float)pm;
-         double dev = 0; /* in blocks too: a float running sum of hw positive terms loses ~sqrt(hw) ulps */
-         for (int64_t b0 = 0; b0 < g.hw; b0 += BN_BLOCK) {
-            const int64_t b1 = b0 + BN_BLOCK < g.hw ? b0 + BN_BLOCK : g.hw;
-            float db = 0;
-#pragma omp simd reduction(+ : db)
-            for (int64_t i = b0; i < b1; i++) {
-               const float d = p[i] - pf;
-               db += d * d;
-            }
-            dev += db;
-         }
+         const double dev = squares_about(p, g.hw, pf);
          if (n == 0) K = pm;
          const double q = pm - K, off = pm - (double)pf;
          s1 += q;
          s2 += q * q;
          devs += dev - hw * off * off;
       }
+      double total = 0; /* the plain sum when the shifted sums were not finite (inputs holding inf) */
+      if (!isfinite(s1) || !isfinite(devs)) {
+         for (int64_t n = 0; n < g.n; n++) {
+            const float *p = px + (n * g.c + c) * g.hw;
+            double part = 0;
+#pragma omp simd reduction(+ : part)
+            for (int64_t i = 0; i < g.hw; i++) part += (double)p[i];
+            total += part;
+         }
+      }
       double mean = K + s1 / (double)g.n;
       const double m2 = devs + hw * (s2 - s1 * s1 / (double)g.n);
-      /* an inf in the plane makes Chan's merge compute inf - inf: the mean is then the plain
-       * sum's (inf, as PyTorch and the GPU give), whichever sample held it */
+      /* an inf makes the shifted sums inf - inf: the mean is then the plain sum's (inf, as
+       * PyTorch and the GPU give), whichever sample held it */
       if (!isfinite(mean) && !isnan(total)) mean = total / (double)m;
       const float meanf = (float)mean;
       const double var = m2 / (double)m;
@@ -184,8 +202,7 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
       rm[c] = (1.0f - momentum) * rm[c] + momentum * meanf;
       rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * (double)m / (double)(m - 1));
       const float a = invstd * (pg ? pg[c] : 1.0f), b = pb ? pb[c] : 0.0f;
-      for (int64_t n = 0; n < g.n; n++)
-         nn_affine_plane(px + (n * g.c + c) * g.hw, py + (n * g.c + c) * g.hw, g.hw, meanf, a, b, relu);
+      nn_affine_planes(px + c * g.hw, py + c * g.hw, g.n, g.c * g.hw, g.hw, meanf, a, b, relu);
    }
    return NR_OK;
 }
