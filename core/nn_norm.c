@@ -42,22 +42,9 @@ static nr_status vec_check(const char *func, const char *name, const nr_tensor *
  * lanes, as in a -O2 build), at no cost the loops notice. */
 enum { BN_BLOCK = 256 };
 
-/* sum of p[i] - k over n elements: float partial sums of BN_BLOCK elements added in double. */
-static inline double shifted_sum(const float *p, int64_t n, float k)
-{
-   double s = 0;
-   for (int64_t b0 = 0; b0 < n; b0 += BN_BLOCK, p += BN_BLOCK) {
-      const int64_t len = n - b0 < BN_BLOCK ? n - b0 : BN_BLOCK;
-      float sb = 0;
-#pragma omp simd reduction(+ : sb)
-      for (int64_t i = 0; i < len; i++) sb += p[i] - k;
-      s += sb;
-   }
-   return s;
-}
-
-/* sum of (p[i] - k)^2 over n elements, blocked as shifted_sum. */
-static inline double squares_about(const float *p, int64_t n, float k)
+/* sum of p[i] - k (square: of (p[i] - k)^2) over n elements: float partial sums of BN_BLOCK
+ * elements added in double (square is a constant at each call, so the loop has no branch). */
+static inline double blocked_sum(const float *p, int64_t n, float k, int square)
 {
    double s = 0;
    for (int64_t b0 = 0; b0 < n; b0 += BN_BLOCK, p += BN_BLOCK) {
@@ -66,7 +53,7 @@ static inline double squares_about(const float *p, int64_t n, float k)
 #pragma omp simd reduction(+ : sb)
       for (int64_t i = 0; i < len; i++) {
          const float d = p[i] - k;
-         sb += d * d;
+         sb += square ? d * d : d;
       }
       s += sb;
    }
@@ -170,9 +157,9 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
          /* deviations from the float-rounded plane mean pf, less what that rounding adds
           * (hw * (pm - pf)^2); blocked too (a float running sum of hw positive terms loses
           * ~sqrt(hw) ulps) */
-         const double pm = (double)k + shifted_sum(p, g.hw, k) * inv_hw;
+         const double pm = (double)k + blocked_sum(p, g.hw, k, 0) * inv_hw;
          const float pf = (float)pm;
-         const double dev = squares_about(p, g.hw, pf);
+         const double dev = blocked_sum(p, g.hw, pf, 1);
          if (n == 0) K = pm;
          const double q = pm - K, off = pm - (double)pf;
          s1 += q;
