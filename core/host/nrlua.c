@@ -135,15 +135,23 @@ static void setup_paths(lua_State *L, const char *home, const char *lib)
    lua_setglobal(L, "_NRLUA");
 }
 
-/* Whether msg starts with a "chunk:line:" position, as errors raised at a code location do. */
-static int has_position(const char *msg)
+/* The text after msg's leading "chunk:line:" position (and one space), as errors raised at a
+ * code location start; NULL without one. *file_end: where the chunk name ends. */
+static const char *after_position(const char *msg, const char **file_end)
 {
    const char *c = strchr(msg, ':');
-   if (!c || c == msg || memchr(msg, '\n', (size_t)(c - msg))) return 0;
+   if (!c || c == msg || memchr(msg, '\n', (size_t)(c - msg))) return NULL;
    const char *d = c + 1;
    while (*d >= '0' && *d <= '9') d++;
-   return d > c + 1 && *d == ':';
+   if (d == c + 1 || *d != ':') return NULL;
+   if (file_end) *file_end = c;
+   return d[1] == ' ' ? d + 2 : d + 1;
 }
+
+static int has_position(const char *msg) { return after_position(msg, NULL) != NULL; }
+
+/* The package's own Lua files: a chunk name holding this is library code. */
+static const char OWN_LUA[] = "/lua/nr/";
 
 /* The text after the position when msg is one of the package's argument checks raised inside
  * the package itself ("/.../lua/nr/train.lua:882: nr.rejuvenate.attach (lambda): unknown option
@@ -152,17 +160,11 @@ static int has_position(const char *msg)
  * The handler shows it at the user's calling line instead, when there is one. */
 static const char *library_check(const char *msg)
 {
-   const char *c = strchr(msg, ':');
-   if (!has_position(msg)) return NULL;
-   const char *file_end = c;
-   const char *text = c + 1;
-   while (*text >= '0' && *text <= '9') text++;
-   text++; /* the second ':' */
-   if (*text == ' ') text++;
-   static const char own[] = "/lua/nr/";
-   const size_t n = sizeof own - 1;
+   const char *file_end = NULL, *text = after_position(msg, &file_end);
+   if (!text) return NULL;
+   const size_t n = sizeof OWN_LUA - 1;
    int inside = 0;
-   for (const char *p = msg; p + n <= file_end && !inside; p++) inside = strncmp(p, own, n) == 0;
+   for (const char *p = msg; p + n <= file_end && !inside; p++) inside = strncmp(p, OWN_LUA, n) == 0;
    if (!inside) return NULL;
    return strncmp(text, "nr.", 3) == 0 || strncmp(text, "Trainer:", 8) == 0 ? text : NULL;
 }
@@ -189,7 +191,7 @@ static int traceback(lua_State *L)
       lua_Debug ar;
       for (int level = 1; lua_getstack(L, level, &ar); level++) {
          if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0 || strcmp(ar.what, "C") == 0) continue;
-         if (strstr(ar.source, "/lua/nr/")) continue;
+         if (strstr(ar.source, OWN_LUA)) continue;
          lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, check);
          return 1;
       }
