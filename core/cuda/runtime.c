@@ -16,8 +16,9 @@
  * What it is not: kernels (tensor_kernels.cu, nn_kernels.cu), cuDNN/cuBLAS ops (conv.c, blas.c).
  * Invariants: all work on a GPU is ordered on its compute stream (a prefetch is joined to it by its
  * ticket's wait, or at the latest when its destination is freed), so a freed block is safe to hand
- * out again at once; the allocator lock is never held across a call that waits for the GPU
- * except cudaFree in nr_cuda_empty_cache; the CUDA runtime's current device is set per op
+ * out again at once; the allocator lock is held across a call that waits for the GPU only where
+ * cached blocks go back to the driver (cudaFree waits for the whole device): nr_cuda_empty_cache
+ * and the one retry after an out-of-memory; the CUDA runtime's current device is set per op
  * (nr_cuda_ctx_get), the user's choice for new tensors is a separate thread-local.
  */
 #include "cuda_common.h"
