@@ -26,6 +26,7 @@ local M = {}
 local FNAME = 'nr.models.densenet'
 
 local BLOCKS = {[121] = {6, 12, 24, 16}, [169] = {6, 12, 32, 32}, [201] = {6, 12, 48, 32}}
+local MAX_CIFAR_DEPTH = 1000
 M.depths = {imagenet = {121, 169, 201}}
 
 local function splice(list, mods) for _, m in ipairs(mods) do list[#list + 1] = m end end
@@ -44,8 +45,8 @@ local function transition(cin, cout)
 end
 
 local function check_int(v, what, min)
-   if type(v) ~= 'number' or v ~= math.floor(v) or v < min then
-      error(string.format('%s: %s must be an integer >= %d, got %s', FNAME, what, min, check.show(v)), 3)
+   if type(v) ~= 'number' or v ~= math.floor(v) or v < min or v >= 2 ^ 31 then -- inf equals its floor
+      error(string.format('%s: %s must be an integer in [%d, 2^31 - 1], got %s', FNAME, what, min, check.show(v)), 3)
    end
 end
 
@@ -56,9 +57,11 @@ function M.build(opts)
    local blocks, stem
    if cifar then
       o.depth = o.depth or 100
-      if type(o.depth) ~= 'number' or o.depth < 10 or (o.depth - 4) % 6 ~= 0 then
-         error(string.format('%s: unknown depth %s for %s (valid: 6n+4 with n >= 1, e.g. 100, 190; DenseNet-BC)',
-            FNAME, tostring(o.depth), o.dataset), 2)
+      -- at most 1000 layers deep (DenseNet-BC-190 is the largest in use; a depth of 1e17 built
+      -- layers until memory ran out)
+      if type(o.depth) ~= 'number' or o.depth < 10 or o.depth > MAX_CIFAR_DEPTH or (o.depth - 4) % 6 ~= 0 then
+         error(string.format('%s: unknown depth %s for %s (valid: 6n+4 with n >= 1, up to %d, e.g. 100, 190; DenseNet-BC)',
+            FNAME, check.show(o.depth), o.dataset, MAX_CIFAR_DEPTH), 2)
       end
       o.growth = o.growth or 40
       check_int(o.growth, 'growth', 1)
@@ -98,7 +101,7 @@ function M.build(opts)
          local cout = math.floor(c * o.compression)
          if cout < 1 then
             error(string.format('%s: compression %s leaves no channel after dense block %d (%d channels)', FNAME,
-               tostring(o.compression), b, c), 2)
+               check.show(o.compression), b, c), 2)
          end
          parts[#parts + 1] = {'trans' .. b, transition(c, cout)}
          c = cout

@@ -118,6 +118,9 @@ static int locate(char *home, char *lib, size_t n)
    return home[0] ? 0 : -1;
 }
 
+/* The model zoo's files, "@<home>/models/" as their chunk names start (set by setup_paths). */
+static char g_zoo_chunk[PATH_MAX + 16];
+
 static void setup_paths(lua_State *L, const char *home, const char *lib)
 {
    lua_getglobal(L, "package");
@@ -128,6 +131,7 @@ static void setup_paths(lua_State *L, const char *home, const char *lib)
    lua_newtable(L);
    lua_pushstring(L, home);
    lua_setfield(L, -2, "home");
+   snprintf(g_zoo_chunk, sizeof g_zoo_chunk, "@%s/models/", home);
    lua_pushstring(L, lib);
    lua_setfield(L, -2, "lib");
    lua_pushstring(L, NR_VERSION);
@@ -153,10 +157,28 @@ static int has_position(const char *msg) { return after_position(msg, NULL) != N
 /* The package's own Lua files: a chunk name holding this is library code. */
 static const char OWN_LUA[] = "/lua/nr/";
 
+/* A function of the package (lua/nr or the zoo) by its full chunk name. */
+static int package_source(const char *source)
+{
+   return strstr(source, OWN_LUA) || (g_zoo_chunk[0] && !strncmp(source, g_zoo_chunk, strlen(g_zoo_chunk)));
+}
+
+/* A message the package's argument checks write: it names its function first, "nr.utilization: ..."
+ * or a method as "Tensor:add: ..." / "Trainer:fit: ..." (a capitalised class name, then ':' or '.'
+ * and the method's lower-case name); Lua's own runtime errors ("attempt to ...") do not. */
+static int check_text(const char *text)
+{
+   if (!strncmp(text, "nr.", 3)) return 1;
+   if (!(*text >= 'A' && *text <= 'Z')) return 0;
+   const char *p = text + 1;
+   while ((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_') p++;
+   return (*p == ':' || *p == '.') && ((p[1] >= 'a' && p[1] <= 'z') || p[1] == '_');
+}
+
 /* The text after the position when msg is one of the package's argument checks raised inside
  * the package itself ("/.../lua/nr/train.lua:882: nr.rejuvenate.attach (lambda): unknown option
  * ..."): a check nested in the library (a recipe's section checked by nr.train) points into it,
- * not at the user's code; else NULL. Checks name their function first ("nr." or "Trainer:").
+ * not at the user's code; else NULL. Checks name their function first (check_text).
  * The handler shows it at the user's calling line instead, when there is one. */
 static const char *library_check(const char *msg)
 {
@@ -166,7 +188,23 @@ static const char *library_check(const char *msg)
    int inside = 0;
    for (const char *p = msg; p + n <= file_end && !inside; p++) inside = strncmp(p, OWN_LUA, n) == 0;
    if (!inside) return NULL;
-   return strncmp(text, "nr.", 3) == 0 || strncmp(text, "Trainer:", 8) == 0 ? text : NULL;
+   return check_text(text) ? text : NULL;
+}
+
+/* 1 when msg is one of the package's argument checks already placed at the user's line (the
+ * check raised it a level up, "script.lua:2: nr.models.resnet: unknown depth 20 ..."): the frame
+ * that raised it is the package's, so a traceback would show only the library's own frames on
+ * top of the line the message names. */
+static int placed_check(lua_State *L, const char *msg)
+{
+   const char *text = after_position(msg, NULL);
+   if (!text || !check_text(text)) return 0;
+   lua_Debug ar;
+   for (int level = 1; lua_getstack(L, level, &ar); level++) {
+      if (!lua_getinfo(L, "S", &ar) || strcmp(ar.what, "C") == 0) continue;
+      return package_source(ar.source);
+   }
+   return 0;
 }
 
 /* Error handler: message plus traceback. A message without a position (error(msg, 0): the
@@ -191,7 +229,7 @@ static int traceback(lua_State *L)
       lua_Debug ar;
       for (int level = 1; lua_getstack(L, level, &ar); level++) {
          if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0 || strcmp(ar.what, "C") == 0) continue;
-         if (strstr(ar.source, OWN_LUA)) continue;
+         if (package_source(ar.source)) continue;
          lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, check);
          return 1;
       }
@@ -200,7 +238,7 @@ static int traceback(lua_State *L)
    }
    /* no position, or a traceback already (kept from where the error happened by a handler that
     * raised it again, nr.train's user_traceback) */
-   if ((!has_position(msg) || strstr(msg, "\nstack traceback:")) && !full) {
+   if ((!has_position(msg) || strstr(msg, "\nstack traceback:") || placed_check(L, msg)) && !full) {
       lua_pushstring(L, msg);
       return 1;
    }

@@ -100,15 +100,16 @@ function M.int32(value, fname, argname, min, max, level)
 end
 
 -- Checks an options table against the allowed keys; unknown keys are errors (catch typos).
-function M.options(opts, allowed, fname)
+function M.options(opts, allowed, fname, level)
+   level = (level or 2) + 1 -- the function that called the one checking its options, by default
    if opts == nil then return {} end
-   if type(opts) ~= 'table' then error(fname .. ': options must be a table, got ' .. type(opts), 3) end
+   if type(opts) ~= 'table' then error(fname .. ': options must be a table, got ' .. type(opts), level) end
    for k in pairs(opts) do
       if allowed[k] == nil then
          local names = {}
          for a in pairs(allowed) do names[#names + 1] = a end
          table.sort(names)
-         error(string.format('%s: unknown option %q (allowed: %s)', fname, tostring(k), table.concat(names, ', ')), 3)
+         error(string.format('%s: unknown option %q (allowed: %s)', fname, tostring(k), table.concat(names, ', ')), level)
       end
    end
    return opts

@@ -59,24 +59,25 @@ util.DATASET_CLASSES = DATASET_CLASSES
 -- Validates the options common to every model: returns opts with dataset, classes filled in.
 -- allowed: table of extra allowed keys (true) for this family.
 function util.common(opts, allowed, fname)
-   check.arg(type(opts) == 'table', fname, 'options must be a table, got %s', type(opts))
+   -- errors at level 3: the user's line that called the model's build (nr.models.NAME tail-calls it)
+   if type(opts) ~= 'table' then error(string.format('%s: options must be a table, got %s', fname, check.show(opts)), 3) end
    local keys = {dataset = true, classes = true, input = true}
    for k in pairs(allowed) do keys[k] = true end
-   check.options(opts, keys, fname)
+   check.options(opts, keys, fname, 3)
    local o = {}
    for k, v in pairs(opts) do o[k] = v end
    o.dataset = o.dataset or 'imagenet'
    if not DATASET_CLASSES[o.dataset] then
-      error(string.format('%s: unknown dataset %q (known: cifar10, cifar100, imagenet)', fname, tostring(o.dataset)), 3)
+      error(string.format('%s: unknown dataset %s (known: cifar10, cifar100, imagenet)', fname, check.show(o.dataset)), 3)
    end
    o.classes = o.classes or DATASET_CLASSES[o.dataset]
    -- 2^31: the layers take int32 sizes (inf equals its floor and passed, to fail inside nr.nn)
    local function whole(v) return type(v) == 'number' and v == math.floor(v) and v >= 1 and v < 2 ^ 31 end
    if not whole(o.classes) then
-      error(string.format('%s: classes must be a positive integer, got %s', fname, tostring(o.classes)), 3)
+      error(string.format('%s: classes must be a positive integer, got %s', fname, check.show(o.classes)), 3)
    end
    if o.input ~= nil and not whole(o.input) then
-      error(string.format('%s: input must be a positive integer (image side in pixels), got %s', fname, tostring(o.input)), 3)
+      error(string.format('%s: input must be a positive integer (image side in pixels), got %s', fname, check.show(o.input)), 3)
    end
    return o
 end

@@ -783,11 +783,16 @@ for name, op in pairs(BIN) do
       return out
    end
    -- a:add(b [, out]): into out when given (as torch.add(a, b, out=out)), else a new tensor
+   -- (not tail calls: apply's errors are raised 4 levels up, the caller of these)
    Tensor[name] = function(a, b, out)
       if out ~= nil then live(out, fname, 'out') end
-      return apply(a, b, out or M.empty_like(a))
+      local r = apply(a, b, out or M.empty_like(a))
+      return r
    end
-   Tensor[name .. '_'] = function(a, b) return apply(a, b, a) end
+   Tensor[name .. '_'] = function(a, b)
+      local r = apply(a, b, a)
+      return r
+   end
 end
 -- Operands of an arithmetic operator: a tensor and a tensor or a number (a string, table or nil
 -- failed as "attempt to call method 'add'").

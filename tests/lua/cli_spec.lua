@@ -65,12 +65,23 @@ describe('nrlua', function()
    it('reports script errors with a traceback and a non-zero status', function()
       local path = tmp .. '/err.lua'
       local f = io.open(path, 'w')
-      f:write("local nr = require 'nr'\nlocal a = nr.zeros({2, 3})\nlocal b = a:add(nr.zeros({4}))\n")
+      f:write("local nr = require 'nr'\nlocal function f(t) return t.x.y end\nf({})\n")
       f:close()
       local out, rc = run(exe .. ' ' .. path)
       assert.equal(1, rc)
-      assert.matches('shape mismatch', out)
+      assert.truthy(out:find("err.lua:2: attempt to index field 'x'", 1, true), out)
       assert.matches('stack traceback', out)
+      -- a tensor method's check (a shape mismatch), called as a method or through an operator:
+      -- at the user's line, the method named, no traceback through the library
+      for _, expr in ipairs({'a:add(nr.zeros({4}))', 'a + nr.zeros({4})', 'a:mul_(nr.zeros({4}))'}) do
+         f = io.open(path, 'w')
+         f:write("local nr = require 'nr'\nlocal a = nr.zeros({2, 3})\nlocal b = " .. expr .. "\n")
+         f:close()
+         out, rc = run(exe .. ' ' .. path)
+         assert.equal(1, rc)
+         assert.truthy(out:find('err.lua:3: Tensor:' .. (expr:match(':(%a+)') or 'add') .. ': nr_binary: shape mismatch', 1, true), out)
+         assert.is_nil(out:find('stack traceback', 1, true), out)
+      end
       -- a message without a code position (the library about the user's configuration) comes
       -- alone, unless NR_TRACEBACK=1
       local cfg = tmp .. '/cfg.lua'
@@ -113,6 +124,13 @@ describe('nrlua', function()
          .. "local u = nr.utilization(m, {3, 8, 8}, {threshold = 'x'})\n")
       assert.truthy(out:find('direct.lua:3: nr.utilization: threshold must be', 1, true), out)
       assert.is_nil(out:find('stack traceback', 1, true), out)
+      -- the zoo's checks (models/*.lua, its own and those of the shared helpers) the same way
+      for _, call in ipairs({'nr.models.resnet{depht = 50}', 'nr.models.resnet{depth = 20}',
+                             "nr.models.densenet{dataset = 'cifar10', growth = 1/0}"}) do
+         out = fails('zoo.lua', "local nr = require 'nr'\n\nlocal m = " .. call .. "\n")
+         assert.truthy(out:find('nrlua: [^\n]*zoo.lua:3: nr.models.%a+: '), out)
+         assert.is_nil(out:find('stack traceback', 1, true), out)
+      end
       -- an error in the recipe's own code inside the training loop (a hook): the traceback is
       -- the one from where it happened (the trainer's catch-and-raise replaced it with its own)
       out = fails('hookerr.lua', loader

@@ -349,6 +349,14 @@ describe('nr.Tensor', function()
       assert.is_false(ok)
       assert.matches('shape mismatch', err)
       assert.matches('%(2, 3%)', err)
+      -- raised at the caller's line (the method, the in-place one and the operator alike)
+      for _, f in ipairs({function() local r = a:add(nr.zeros({3, 2})); return r end,
+                          function() local r = a:mul_(nr.zeros({3, 2})); return r end,
+                          function() local r = a - nr.zeros({3, 2}); return r end}) do
+         local line = debug.getinfo(f, 'S').linedefined
+         ok, err = pcall(f)
+         assert.truthy(err:find('tensor_spec.lua:' .. line .. ': Tensor:%a+: nr_binary: shape mismatch'), err)
+      end
       ok, err = pcall(nr.zeros, {2, -1})
       assert.is_false(ok)
       assert.matches('non%-negative', err)
