@@ -63,6 +63,45 @@ describe('nr.rejuvenate on the zoo', function()
       end)
 
    end
+
+   it('CR: a layer that gains no channel while its input does reads the new ones (zero at first), at the planned cost', function()
+      nr.manual_seed(11)
+      local nn = nr.nn
+      local L = {}
+      for _, b in ipairs({{3, 32}, {32, 8}, {8, 32}}) do
+         L[#L + 1] = nn.Conv2d(b[1], b[2], 3, {padding = 1, bias = false}); L[#L + 1] = nn.BatchNorm2d(b[2]); L[#L + 1] = nn.ReLU()
+      end
+      L[#L + 1] = nn.GlobalAvgPool2d(); L[#L + 1] = nn.Linear(32, 5)
+      local m = nn.Sequential(L)
+      local bns = m:findModules('BatchNorm2d')
+      for _, bn in ipairs(bns) do
+         bn.weight:copy(nr.rand({bn.num_features}):add_(0.5))
+         bn.bias:zero()  -- the dead channels' constant outputs are zero: nothing but the surgery changes y
+      end
+      for _, d in ipairs({{1, 16}, {2, 5}, {3, 16}}) do
+         for c = 1, d[2] do bns[d[1]].weight:set(c, 0) end  -- live 16 / 3 / 16
+      end
+      m:evaluate()
+      local x = nr.randn({2, 3, 8, 8})
+      local y0 = m:forward(x):clone()
+      local rep = nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = 'CR', budget = 0.26})
+      -- the middle layer keeps its 3 live channels, the first grows: its new channels are read
+      assert.are.same({17, 3, 18}, {rep.layers[1].width_after, rep.layers[2].width_after, rep.layers[3].width_after})
+      local mid = m.modules[4]
+      local unread
+      for _, b in ipairs(mid.blocks) do if b.conv._key == 'o0_i1' then unread = b end end
+      assert.is_not_nil(unread, tostring(mid))
+      assert.are.equal(0, unread.conv.weight:abs():max())
+      assert.are.equal(rep.planned_cost, rep.cost)
+      assert.is_true(rep.cost <= rep.target_cost)
+      assert.is_true(rel_err(m:forward(x), y0) <= TOL)
+      -- and it learns: its weights get a gradient from the first backward
+      m:training()
+      local y = m:forward(x)
+      m:zeroGradParameters()
+      m:backward(x, nr.randn(y:shape()))
+      assert.is_true(unread.conv.gradWeight:abs():max() > 0)
+   end)
 end)
 
 -- ---- nr_surgery_place: the one-pass C primitive the surgery builds every new tensor with ---------

@@ -11,6 +11,9 @@
 -- σ is applied to the receiving group's own pre-BN response A_j and is not detached: gradients
 -- flow into W_jj through the gate. An output group whose generation has no input channels (an
 -- "orphan", e.g. after the input's group died out) reads the whole input with a plain block.
+-- Under CR, an input group whose generation has no output group ("unread": the layer gained no
+-- channels while its input did) is read by the newest output group through a plain cross block
+-- added to its output; without it those input channels would feed nothing and never learn.
 -- With two groups this is exactly the paper's S/R formulation.
 -- What it is not: the policy of when to split (lua/nr/rejuvenate/surgery.lua does that).
 -- Invariants: output groups are contiguous ranges in generation order; input groups are index
@@ -134,6 +137,26 @@ function NRConv2d:__init(spec)
       end
       self.out_plan[j] = plan
    end
+   if self.scheme == 'CR' then
+      local outgen, orphan = {}, false
+      for j, og in ipairs(spec.out_groups) do
+         outgen[og.gen] = true
+         orphan = orphan or not ingen[og.gen]
+      end
+      if not orphan then -- (an orphan reads every input channel already)
+         local newest = 1
+         for j, og in ipairs(spec.out_groups) do
+            if og.gen > spec.out_groups[newest].gen then newest = j end
+         end
+         local plan = self.out_plan[newest]
+         for i, ig in ipairs(spec.in_groups) do
+            if not outgen[ig.gen] and #ig.idx > 0 then
+               plan.unread = plan.unread or {}
+               plan.unread[#plan.unread + 1] = add_block(newest, i, false)
+            end
+         end
+      end
+   end
    self.in_range = {}
    for i, ig in ipairs(spec.in_groups) do self.in_range[i] = is_range(ig.idx) and #ig.idx > 0 end
 end
@@ -222,6 +245,7 @@ function NRConv2d:updateOutput(x)
       local dst = out:narrow(2, og.first + 1, og.n)
       if plan.plain then
          dst:copy(plan.plain.conv:forward(input_of(plan.plain)))
+         for _, b in ipairs(plan.unread or {}) do dst:add_(b.conv:forward(input_of(b))) end
       else
          local A = plan.diag.conv:forward(input_of(plan.diag))
          local sh = A:shape()
@@ -264,6 +288,7 @@ function NRConv2d:updateGradInput(x, gradOutput)
       G:copy(gradOutput:narrow(2, og.first + 1, og.n))
       if plan.plain then
          acc(plan.plain, G)
+         for _, b in ipairs(plan.unread or {}) do acc(b, G) end
       else
          local S, B = rawget(self, '_S' .. j), rawget(self, '_B' .. j)
          local sh = S:shape()
