@@ -64,6 +64,28 @@ describe('nr.rejuvenate on the zoo', function()
 
    end
 
+   it('a layer dead as a whole on every path to the output is an error naming it (the output no longer depends on the input)', function()
+      nr.manual_seed(12)
+      local nn = nr.nn
+      local function chain()
+         local m = nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(8, 3)}
+         for _, bn in ipairs(m:findModules('BatchNorm2d')) do bn.weight:copy(nr.rand({8}):add_(0.5)) end
+         return m
+      end
+      local m = chain()
+      m.modules[5].weight:zero()
+      local ok, err = pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}})
+      assert.is_false(ok)
+      assert.truthy(err:find('no live channel reaches the model\'s output: layer "3" has no live channel', 1, true), err)
+      -- a pure prune (budget 0) of it is still allowed; a model with a live path is not refused
+      assert.is_true(pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}, budget = 0}))
+      m = chain()
+      for c = 1, 4 do m.modules[5].weight:set(c, 0) end
+      assert.is_true(pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}}))
+   end)
+
    it('CR: a layer that gains no channel while its input does reads the new ones (zero at first), at the planned cost', function()
       nr.manual_seed(11)
       local nn = nr.nn

@@ -161,6 +161,27 @@ end
 -- constraint_value (C; default the model's current full cost); scheme ('NR' | 'CR' | 'CA');
 -- rescale (bool); gamma0 (default model.nr_info.gamma0 or 1); optimizer (remaps its momentum);
 -- optim_state ('remap' | 'drop'); linear_init ('zero' | 'normal'); policy ({reallocate, init, ...}).
+-- The layers whose death cut the model's output off its input (every channel feeding the
+-- classifiers, or the output when there is none, is dead), named in forward order (at most 3, the
+-- ones dead by their own γ); nil when live channels reach it.
+local function cut_by(g, st)
+   local feeding = {}
+   if #g.linears > 0 then
+      for _, l in ipairs(g.linears) do for _, sg in ipairs(l.desc.segs) do feeding[#feeding + 1] = sg.cs:root() end end
+   else
+      for _, sg in ipairs(g.output_desc.segs) do feeding[#feeding + 1] = sg.cs:root() end
+   end
+   for _, r in ipairs(feeding) do
+      if (st.cs_live[r] or r.width) > 0 then return nil end
+   end
+   local names = {}
+   for _, u in ipairs(g.units) do
+      if st.own_live[u] == 0 and #names < 3 then names[#names + 1] = string.format('%q', u.conv:path()) end
+   end
+   if #names == 0 then names[1] = '(one of them)' end
+   return names
+end
+
 function M.rejuvenate(model, opts)
    local FN = 'nr.rejuvenate'
    check.arg(type(model) == 'table' and model.listModules, FN, 'model must be an nr.nn module')
@@ -219,6 +240,15 @@ function M.rejuvenate(model, opts)
    check.arg(any_live or (opts.budget or 1) == 0, FN,
       'no live channel in any resizable layer (every |γ| is below the liveliness threshold), so there is nothing '
       .. 'to rejuvenate from; the L1 penalty (lambda) was too strong or training diverged')
+   -- every channel that feeds the classifiers (or the output) dead: a layer on every path died as
+   -- a whole, the model's output no longer depends on its input, and a reallocation would grow the
+   -- layers before that cut and leave one-channel stubs after it (the authors' code breaks there)
+   local cut = cut_by(g, st)
+   check.arg(not cut or (opts.budget or 1) == 0, FN,
+      'no live channel reaches the model\'s output: %s %s no live channel, so every layer after it on every path is '
+      .. 'dead and the output no longer depends on the input; a rejuvenation would keep one-channel stubs there. '
+      .. 'The L1 penalty (lambda) was too strong for this model (lower lambda.dl or raise target)',
+      cut and ((#cut > 1 and 'layers ' or 'layer ') .. table.concat(cut, ', ')), cut and (#cut > 1 and 'have' or 'has'))
    -- whose: who handed widths over, for the message ("reallocate returned", "budget.cost got")
    local function by_root(widths, whose)
       local w = {}
