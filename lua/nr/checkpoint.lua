@@ -596,7 +596,9 @@ end
 function M.arch_metadata(model)
    local surgery = require 'nr.rejuvenate.surgery'
    if not surgery.rejuvenated(model) then return {} end
-   return {nr_arch = M.json_encode(surgery.arch_state(model))}
+   -- and the rejuvenations so far (with merged generations the layout no longer counts them)
+   local gen = rawget(model, 'nr_generation')
+   return {nr_arch = M.json_encode(surgery.arch_state(model)), nr_generation = gen and tostring(gen) or nil}
 end
 
 -- Saves a model's weights (and buffers) to a safetensors file PyTorch can read, with the layer
@@ -626,6 +628,8 @@ function M.load_weights(model, path)
             (tostring(err):gsub('^nr%.rejuvenate: ', ''))), 2)
       end
       require('nr.rejuvenate.monitor').invalidate(model)
+      local gen = tonumber(meta.nr_generation)
+      model.nr_generation = gen and gen >= 1 and gen == math.floor(gen) and gen or nil
    end
    M.load_into(model, weights, path)
    return model

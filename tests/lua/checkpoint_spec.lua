@@ -384,6 +384,15 @@ describe('nr.checkpoint', function()
       assert.are.equal('NRConv2d', fresh:get(4):typename())
       local _, meta = require('nr.safetensors').load(path)
       assert.are.equal('by hand', meta.note)
+      -- the rejuvenations so far come along (the merged layout does not count them): a second
+      -- rejuvenation of either is the model's second
+      assert.are.equal(1, fresh.nr_generation)
+      local again = {nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = 'CA'}),
+                     nr.rejuvenate(fresh, {input_shape = {3, 8, 8}, scheme = 'CA'})}
+      assert.are.same({2, 2}, {again[1].generation, again[2].generation})
+      ck.save_weights(m, path)
+      local third = ck.load_weights(build(), path)
+      assert.are.equal(3, nr.rejuvenate(third, {input_shape = {3, 8, 8}, scheme = 'CA'}).generation)
       -- another kind of model: the file and the mismatch are named, and the model is left as it was
       local function refused(target, want)
          local before = target:nParameters()
