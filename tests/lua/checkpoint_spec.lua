@@ -387,9 +387,9 @@ describe('nr.checkpoint', function()
       -- the rejuvenations so far come along (the merged layout does not count them): a second
       -- rejuvenation of either is the model's second
       assert.are.equal(1, fresh.nr_generation)
-      local again = {nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = 'CA'}),
+      local twice = {nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = 'CA'}),
                      nr.rejuvenate(fresh, {input_shape = {3, 8, 8}, scheme = 'CA'})}
-      assert.are.same({2, 2}, {again[1].generation, again[2].generation})
+      assert.are.same({2, 2}, {twice[1].generation, twice[2].generation})
       ck.save_weights(m, path)
       local third = ck.load_weights(build(), path)
       assert.are.equal(3, nr.rejuvenate(third, {input_shape = {3, 8, 8}, scheme = 'CA'}).generation)
