@@ -67,6 +67,9 @@ local ZOO = {
     classes = 10, paper = {8.27}, fwd = 8},
    {key = 'densenet100-c100', opts = {name = 'densenet', depth = 100, growth = 40, dataset = 'cifar100'}, input = 32,
     classes = 100, paper = {8.37}, fwd = nil},
+   -- DenseNet-BC-100 with k = 12, post-activation as the paper's (Huang et al.'s pre-activation: 769,162)
+   {key = 'densenet100k12-c10', opts = {name = 'densenet', depth = 100, growth = 12, dataset = 'cifar10'}, input = 32,
+    classes = 10, exact = {751498, 287929692}, fwd = nil},
    {key = 'resnet18-c10', opts = {name = 'resnet', depth = 18, dataset = 'cifar10'}, input = 32, classes = 10,
     exact = {11173962, 555422720}, fwd = 8, fixed = 12},
    {key = 'mobilenet025', opts = {name = 'mobilenet', width = 0.25, input = 128}, input = 128, classes = 1000,
