@@ -372,8 +372,6 @@ local function serialize(v, seen, path)
 end
 M._serialize = serialize
 
-local len_buf = ffi.new('int64_t[1]')
-
 -- Root's value of obj (plain Lua data), on every rank; the other ranks' obj is ignored.
 function M.broadcast_object(obj, root)
    root = root or 0
@@ -389,7 +387,8 @@ function M.broadcast_object(obj, root)
       local okay, res = pcall(serialize, obj, {}, 'object')
       text, failed = okay and ('return ' .. res) or tostring(res), not okay
    end
-   len_buf[0] = failed and -#text or #text
+   -- (out-parameters are fresh per call: see nr.tensor's double1)
+   local len_buf = ffi.new('int64_t[1]', failed and -#text or #text)
    ok(D.nr_dist_broadcast_bytes(len_buf, 8, root), 'nr.dist.broadcast_object')
    local n = tonumber(len_buf[0])
    local bad = n < 0
@@ -543,7 +542,6 @@ function M.sync_buffers(model, mode)
    return model
 end
 
-local hash_buf = ffi.new('uint64_t[1]')
 
 local have_lib -- libnr_dist loadable (for hashing without MPI running)
 
@@ -562,6 +560,7 @@ local function fingerprint_of(t)
       end
       return hi, lo
    end
+   local hash_buf = ffi.new('uint64_t[1]')
    ok(D.nr_dist_fingerprint(x.c, hash_buf), 'nr.dist.fingerprint', 3)
    local h = hash_buf[0]
    -- two exact halves (doubles hold 53 bits)
@@ -762,8 +761,6 @@ Reducer.__index = Reducer
 
 local HOOKED = setmetatable({}, {__mode = 'k'}) -- module -> reducer (weak: clones are not hooked)
 
-local handle_buf = ffi.new('int32_t[1]')
-local done_buf = ffi.new('int32_t[1]')
 
 -- nr.dist.GradReducer(model, {bucket_mb = 25, algo = 'ordered'|'mpi'|'nccl', overlap = false,
 -- average = true})
@@ -902,6 +899,7 @@ function Reducer:_start(b)
    for _, s in ipairs(b.slots) do s.view:copy(s.grad) end
    local x = b.stage and b.host:copy(b.flat) or b.flat
    local scale = self.average and 1 / S.size or 1
+   local handle_buf = ffi.new('int32_t[1]')
    ok(D.nr_dist_allreduce_start(x.c, OPS.sum, b.algo, scale, handle_buf), 'nr.dist.GradReducer', 3)
    b.handle = handle_buf[0]
 end
@@ -924,7 +922,7 @@ function Reducer:_ready(m)
    -- buckets start in index order on every rank (MPI collectives must match)
    for _, b in ipairs(self.buckets) do
       if b.handle then
-         ok(D.nr_dist_test(b.handle, done_buf), 'nr.dist.GradReducer', 3) -- progress transfers
+         ok(D.nr_dist_test(b.handle, ffi.new('int32_t[1]')), 'nr.dist.GradReducer', 3) -- progress transfers
       elseif b.remaining == 0 then
          self:_start(b)
          self.started_in_backward = self.started_in_backward + 1

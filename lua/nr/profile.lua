@@ -27,8 +27,9 @@ pcall(ffi.cdef, [[
 typedef struct { long tv_sec; long tv_nsec; } nrprof_timespec;
 int clock_gettime(int clk, nrprof_timespec *ts);
 ]])
-local tsbuf = ffi.new('nrprof_timespec')
+local timespec = ffi.typeof('nrprof_timespec')
 local function now()
+   local tsbuf = timespec() -- (out-parameters are fresh per call: see nr.tensor's double1)
    ffi.C.clock_gettime(1, tsbuf) -- CLOCK_MONOTONIC
    return tonumber(tsbuf.tv_sec) + tonumber(tsbuf.tv_nsec) * 1e-9
 end

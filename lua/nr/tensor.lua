@@ -387,7 +387,11 @@ end
 -- Values come from C as doubles with any NaN canonical (nr_tensor_get): read straight from a
 -- float/bf16 pointer, a NaN with some payloads becomes a non-number in LuaJIT (see core/tensor.c),
 -- so everything here (get, item, totable, reductions, printing) reads through it.
-local dbl = ffi.new('double[1]')
+-- Out-parameters are fresh per call (never one buffer shared by every call): LuaJIT may fuse the
+-- load of a returned value into the instruction that uses it, after a later call has rewritten
+-- the buffer (Debian's 2.1.0-beta3 did: in a hot loop, a:get(i) == b:get(i) compared b's value
+-- with itself, and an accuracy loop built on it reported 99.98% for 81.86%).
+local double1 = ffi.typeof('double[1]')
 -- Flat (row-major) element i, 1-based.
 -- The 0-based row-major position of t's element at the 1-based indices idx[1..n], n >= 2 (get and
 -- set handle one flat position themselves): one index per dimension (t:get(i, j) as t[i][j] in
@@ -427,8 +431,9 @@ function Tensor:get(i, ...)
    else
       p = position(self, 'Tensor:get', {i, ...}, select('#', ...) + 1)
    end
-   check.status(C.nr_tensor_get(live(self), p, dbl), 'Tensor:get')
-   return dbl[0]
+   local v = double1()
+   check.status(C.nr_tensor_get(live(self), p, v), 'Tensor:get')
+   return v[0]
 end
 -- t:set(pos, v) or t:set(i, j, ..., v): the value is the last argument.
 function Tensor:set(i, v, ...)
@@ -457,7 +462,7 @@ end
 function Tensor:totable()
    local t = self:is_cuda() and self:cpu() or self
    local shape, n = t:shape(), t:numel()
-   local vals = {}
+   local vals, dbl = {}, double1() -- (each value is stored before the next call rewrites it)
    for i = 1, n do
       C.nr_tensor_get(t.c, i - 1, dbl)
       vals[i] = dbl[0]
@@ -958,6 +963,7 @@ function Tensor:__tostring()
    local lo, hi, sum, bad = math.huge, -math.huge, 0, 0
    local sample = {}
    local step = n > 1e6 and math.floor(n / 1e6) or 1
+   local dbl = double1() -- (each value is used before the next call rewrites it)
    for i = 0, n - 1, step do
       C.nr_tensor_get(host.c, i, dbl)
       local v = dbl[0]

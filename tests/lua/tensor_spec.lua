@@ -343,6 +343,30 @@ describe('nr.Tensor', function()
       assert(ok, err)
    end)
 
+   it('get keeps each value when compiled into a hot loop (two reads in one expression)', function()
+      -- values read back through one shared buffer came out as the last read's once LuaJIT
+      -- compiled the loop: a:get(i) == b:get(i) held for a ~= b, math.max(a, b) gave b's
+      local a = nr.tensor({1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, {dtype = 'int64'})
+      local b = nr.zeros({10}, {dtype = 'int64'})
+      local f = nr.tensor({0.5, 1.5, 2.5, 3.5})
+      local equal, sum, pairs_ok = 0, 0, true
+      for _ = 1, 200 do
+         for i = 1, 10 do
+            if a:get(i) == b:get(i) then equal = equal + 1 end
+         end
+      end
+      for _ = 1, 200 do
+         for i = 1, 10 do sum = sum + math.max(a:get(i), b:get(i)) end
+      end
+      for _ = 1, 200 do
+         local u, v, w, x = f:get(1), f:get(2), f:get(3), f:get(4)
+         pairs_ok = pairs_ok and u == 0.5 and v == 1.5 and w == 2.5 and x == 3.5
+      end
+      assert.are.equal(0, equal)
+      assert.are.equal(200 * 55, sum)
+      assert.is_true(pairs_ok)
+   end)
+
    it('gives clear errors on bad input', function()
       local a = nr.zeros({2, 3})
       local ok, err = pcall(function() return a:add(nr.zeros({3, 2})) end)

@@ -577,7 +577,7 @@ function M.loader(ds, opts)
    end
    -- _cfg: the copy of the config whose mean / std Loader:normalize hands to C (kept alive here)
    local l = setmetatable({dataset = ds, c = ffi.gc(p, C.nr_loader_free), batch = batch, threads = threads, output = output,
-                           _cfg = cfg, _slot = ffi.new('int32_t[1]'), _count = ffi.new('int32_t[1]'), _x = {}, _y = {},
+                           _cfg = cfg, _x = {}, _y = {},
                            _part = {}}, Loader)
    local shape = ffi.new('int64_t[4]')
    C.nr_loader_output_shape(p, shape)
@@ -622,12 +622,14 @@ function Loader:epoch(e)
    check.status(C.nr_loader_start(c, e), 'Loader:epoch')
    local run = (self._run or 0) + 1
    self._run = run
-   local slot, count, B = self._slot, self._count, self.batch
+   local B = self.batch
    local done = false
    return function()
       if done then return nil end
       if rawget(self, 'c') == nil then error('nr.data.Loader: the loader was closed during its epoch', 2) end
       if self._run ~= run then error('nr.data.Loader: this epoch was replaced by a later loader:epoch() call', 2) end
+      -- (out-parameters are fresh per call: see nr.tensor's double1)
+      local slot, count = ffi.new('int32_t[1]'), ffi.new('int32_t[1]')
       local st = C.nr_loader_next(c, slot, count)
       if st ~= 0 then
          done = true

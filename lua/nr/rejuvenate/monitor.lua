@@ -31,7 +31,6 @@ local FNAME = 'nr.utilization'
 M.DEFAULT_COUNT = {conv = true, linear = false, bn = false, bias = false}
 
 local u8arr = ffi.typeof('uint8_t[?]')
-local live_n = ffi.new('int64_t[1]')
 
 -- The graph of a model, cached in the model's transient scratch (never cloned or checkpointed)
 -- with a structural snapshot and the input shape; rebuilt after surgery, flag changes or a device move.
@@ -60,6 +59,7 @@ local function own_mask(u, opts)
       u._mask_t = T.empty({c}, {dtype = 'uint8', device = gamma:device()})
       u._mask_h = gamma:is_cuda() and T.empty({c}, {dtype = 'uint8'}) or u._mask_t
    end
+   local live_n = ffi.new('int64_t[1]') -- (out-parameters are fresh per call: see nr.tensor's double1)
    local st = C.nr_bn_live_mask(gamma.c, u._mask_t.c, opts.threshold, opts.abs_min, live_n)
    if st ~= 0 then require('nr.check').status(st, FNAME .. ' (' .. u.conv:where() .. ')') end
    if u._mask_h ~= u._mask_t then u._mask_h:copy(u._mask_t) end
