@@ -485,6 +485,13 @@ end
 
 function Trainer:print(text) self.progress:line(text) end
 
+-- Adds fn(trainer) -> text or nil to the end of every epoch's console line (after the LR and
+-- ETA, "  |  text"): NR shows its utilization and λ there while it sparsifies.
+function Trainer:add_status(fn)
+   check.type(fn, 'function', 'Trainer:add_status', 'fn')
+   self.status[#self.status + 1] = fn
+end
+
 -- Builds the model from recipe.model: a module, a function(recipe) -> module, or a table for
 -- nr.models ({name = 'resnet', depth = 18, ...}).
 local function build_model(rc)
@@ -766,7 +773,7 @@ end
 -- Creates the trainer (model, data, optimizer, schedule, run folder); does not train.
 function M.new(recipe)
    local rc = M.resolve(recipe)
-   local tr = setmetatable({recipe = rc, hooks = {}, states = {}, state_order = {},
+   local tr = setmetatable({recipe = rc, hooks = {}, states = {}, state_order = {}, status = {},
                             schedule_hold = false, extend_held = false, held_epochs = 0, epoch = 0, step = 0, best_top1 = nil,
                             train_images = 0, train_time = 0}, Trainer)
    for h in pairs(HOOKS) do tr.hooks[h] = {} end
@@ -1484,10 +1491,15 @@ function Trainer:run()
          extra = planned < rc.epochs + self.held_epochs and string.format(' (+%d held, max %d)', self.held_epochs, planned)
             or string.format(' (+%d held)', self.held_epochs)
       end
-      self.progress:end_epoch(string.format('epoch %d/%d%s  train loss %s top1 %s%%  |  val loss %s top1 %s%% top5 %s%%  |  %.1fs %d img/s lr %s  eta %s',
+      local notes = {}
+      for _, fn in ipairs(self.status) do
+         local text = fn(self)
+         if text ~= nil then notes[#notes + 1] = '  |  ' .. tostring(text) end
+      end
+      self.progress:end_epoch(string.format('epoch %d/%d%s  train loss %s top1 %s%%  |  val loss %s top1 %s%% top5 %s%%  |  %.1fs %d img/s lr %s  eta %s%s',
          epoch, planned, extra, fmt(train.loss, '%.4f'), fmt(train.top1, '%.2f'), fmt(val and val.loss, '%.4f'),
          fmt(val and val.top1, '%.2f'), fmt(val and val.top5, '%.2f'), train.time, math.floor(ips + 0.5), lr_text,
-         progress.format_duration(eta)))
+         progress.format_duration(eta), table.concat(notes)))
       local info = {epoch = epoch, train = {loss = train.loss, top1 = train.top1}, val = val,
                     lr = lr, time = train.time, images_per_s = ips}
       self:call('epoch_end', info)

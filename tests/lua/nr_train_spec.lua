@@ -63,9 +63,12 @@ describe('nr.rejuvenate.attach in nr.train', function()
 
    it('reaches T_r within the bound, rejuvenates once, keeps training', function()
       local train = require 'nr.train'
-      tr = train.new(recipe(out, nrcfg))
+      local rc = recipe(out, nrcfg)
+      rc.progress = {stream = assert(io.open(out .. '.console', 'w'))}
+      tr = train.new(rc)
       assert.is_true(tr.schedule_hold == false)
       summary = tr:run()
+      rc.progress.stream:close()
       local ctl = tr.nr
       assert.are.equal(1, ctl.rejuvenations)
       local rep = ctl.reports[1]
@@ -113,6 +116,15 @@ describe('nr.rejuvenate.attach in nr.train', function()
       assert.equal(tr.model:nParameters(), found.model_params)
       assert.is_true(found.size_after.params > 0 and found.size_before.flops > 0)
       assert.equal(found.alpha, found.policy_info.alpha)
+      -- the console: a line for the rejuvenation, r and λ on the epoch lines while NR sparsifies
+      f = assert(io.open(out .. '.console'))
+      local console = f:read('*a')
+      f:close()
+      local line = console:match('nr: rejuvenation 1 in epoch %d+, step ' .. rep.step .. ' %(CA%)[^\n]*')
+      assert.is_truthy(line, console)
+      assert.truthy(line:find(string.format('r_params %.3f -> %.3f, alpha %.3g', rep.before.r_params, rep.after.r_params,
+         rep.alpha), 1, true), line)
+      assert.truthy(console:find('eta [%d:]+  |  nr r_params 0%.%d+ %(target 0%.5%) lambda '), console)
    end)
 
    it('a checkpoint of the rejuvenated model is rebuilt from the recipe and loaded', function()

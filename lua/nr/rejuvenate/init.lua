@@ -327,6 +327,34 @@ function M.rejuvenate(model, opts)
    }
 end
 
+-- One console line for a rejuvenation report (nr.rejuvenate's result): index (the run's count),
+-- epoch and step when it ran in training.
+function M.describe(rep, index, epoch, step)
+   local key = rep.constraint == 'flops' and 'flops' or 'params'
+   local function size(v)
+      if key == 'params' then return v >= 1e6 and string.format('%.3gM', v / 1e6) or string.format('%.4gk', v / 1e3) end
+      return v >= 1e9 and string.format('%.3gG', v / 1e9) or string.format('%.4gM', v / 1e6)
+   end
+   local widths
+   if #rep.layers <= 8 then
+      local a, b = {}, {}
+      for i, l in ipairs(rep.layers) do a[i], b[i] = l.width_before, l.width_after end
+      widths = string.format('widths %s -> %s', table.concat(a, '/'), table.concat(b, '/'))
+   else
+      local grew, shrank = 0, 0
+      for _, l in ipairs(rep.layers) do
+         if l.width_after > l.width_before then grew = grew + 1 elseif l.width_after < l.width_before then shrank = shrank + 1 end
+      end
+      widths = string.format('%d of %d layers wider, %d narrower', grew, #rep.layers, shrank)
+   end
+   local e = rep.cost_error or 0
+   return string.format('nr: rejuvenation %d%s (%s): r_%s %.3f -> %.3f, alpha %s, %s %s -> %s (%.2f%% %s the budget), %s%s',
+      index or 1, epoch and string.format(' in epoch %d, step %d', epoch, step or 0) or '', rep.scheme, key,
+      rep.before['r_' .. key], rep.after['r_' .. key], rep.alpha and string.format('%.3g', rep.alpha) or '-', key,
+      size(rep.before[key .. '_all']), size(rep.cost), 100 * math.abs(e), e > 0 and 'over' or 'under',
+      widths, (rep.rescaled or 0) > 0 and string.format(', %d channels rescaled', rep.rescaled) or '')
+end
+
 -- ---- trainer integration -------------------------------------------------------------------------------
 
 local CFG_KEYS = {enabled = true, target = true, budget = true, constraint = true, scheme = true, rescale = true,
@@ -465,6 +493,7 @@ function M.attach(tr, cfg)
                     model_params = tr.model:nParameters(),
                     policy_info = next(rep.policy_info or {}) and rep.policy_info or nil})
          end
+         if tr.print then tr:print(M.describe(rep, ctl.rejuvenations, tr.epoch, tr.step)) end
          -- the default reallocation stays within the budget; a replaced one is applied as it
          -- returned, so a cost well past the target is worth a line on the console
          if rep.cost_error and rep.cost_error > 0.01 and tr.print then
@@ -485,6 +514,14 @@ function M.attach(tr, cfg)
    end
    ctl.check = check_point
 
+   -- the epoch's console line: utilization against the target and λ, while NR sparsifies
+   if tr.add_status then
+      tr:add_status(function()
+         if not active() then return nil end
+         local u = M.utilization(tr.model, shape(), {threshold = c.threshold, abs_min = c.abs_min, count = c.count})
+         return string.format('nr %s %.3f (target %g) lambda %.3g', key, u[key], c.target, ctl.lambda)
+      end)
+   end
    tr:add_hook('train_begin', function()
       if not ctl.C then
          local u = M.utilization(tr.model, shape(), {threshold = c.threshold, abs_min = c.abs_min, count = c.count})
