@@ -116,6 +116,20 @@ describe('nr.rejuvenate.attach in nr.train', function()
       assert.equal(tr.model:nParameters(), found.model_params)
       assert.is_true(found.size_after.params > 0 and found.size_before.flops > 0)
       assert.equal(found.alpha, found.policy_info.alpha)
+      -- the LR after the rejuvenation (mid-epoch: Δt in steps): held to the end of that epoch, then
+      -- the schedule from where the hold kept it, never rising again (released at once, the cosine
+      -- ran for the rest of the epoch and went back up where the release had found it)
+      local lrs = {}
+      for l in text:gmatch('[^\n]+') do
+         local r = ck.json_decode(l)
+         if r.kind == 'step' and r.step > rep.step then lrs[#lrs + 1] = {step = r.step, lr = r.lr} end
+      end
+      assert.is_true(#lrs >= 4)
+      for i, e in ipairs(lrs) do
+         if e.step <= held * tr.iters_per_epoch then assert.are.equal(0.05, e.lr) end
+         if i > 1 then assert.is_true(e.lr <= lrs[i - 1].lr, 'the LR rose at step ' .. e.step) end
+      end
+      assert.is_true(lrs[#lrs].lr < 0.05)
       -- the console: a line for the rejuvenation, r and λ on the epoch lines while NR sparsifies
       f = assert(io.open(out .. '.console'))
       local console = f:read('*a')

@@ -441,13 +441,19 @@ function M.attach(tr, cfg)
    local function set_hold(epoch)
       if c.hold_schedule ~= false then tr.schedule_hold = active(epoch) end
    end
+   -- in a check: the hold is taken at once but released only where an epoch ends (epoch_end,
+   -- train_begin), so after a rejuvenation mid-epoch (Δt in steps) the rest of that epoch trains
+   -- at the held LR and the schedule runs from the next one (released at once, it ran for the
+   -- rest of the epoch and went back where the release found it: a cosine LR fell, then rose)
+   local function keep_hold()
+      if c.hold_schedule ~= false and active() then tr.schedule_hold = true end
+   end
    -- the authors shift the schedule by the sparsification epochs: the run grows by the held ones
    tr.extend_held = c.hold_schedule ~= false and c.extend_epochs ~= false
 
    local function check_point()
       if not active() then
          ctl.lambda = 0
-         set_hold()
          return
       end
       local t0 = now()
@@ -510,7 +516,7 @@ function M.attach(tr, cfg)
          ctl.lambda = l
          ctl.r_prev = r
       end
-      set_hold()
+      keep_hold()
    end
    ctl.check = check_point
 
