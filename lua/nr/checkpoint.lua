@@ -615,9 +615,33 @@ end
 -- a rejuvenation resized or split are first rebuilt to the recorded sizes (what no rejuvenation
 -- changes, a classifier's outputs and the first conv's inputs, must already match), then every
 -- weight and buffer is loaded with load_into's strict checks. Returns model.
+-- path: a safetensors file; a step folder (its model.safetensors); a run folder or its checkpoint
+-- folder (the checkpoint `best` names, else the newest complete one); or the `best` / `latest`
+-- pointer file itself.
+local function weights_file(path)
+   local FN = 'nr.checkpoint.load_weights'
+   local p = path:gsub('/+$', '')
+   if is_dir(p) then
+      if exists(p .. '/model.safetensors') then return p .. '/model.safetensors' end
+      local ckdir = is_dir(p .. '/checkpoint') and (p .. '/checkpoint') or p
+      local best = pointer(ckdir, 'best')
+      if best and validate(ckdir .. '/' .. best, false) then return ckdir .. '/' .. best .. '/model.safetensors' end
+      local dir, why = M.find(p)
+      if dir then return dir .. '/model.safetensors' end
+      error(string.format('%s: %s is a folder without model.safetensors, and no run checkpoint in it (%s)', FN, path, why), 3)
+   end
+   local size = file_size(p)
+   if size and size < 64 then -- a `best` / `latest` pointer: one line naming a step folder beside it
+      local step = pointer(p:match('^(.*)/[^/]*$') or '.', p:match('([^/]*)$'))
+      if step then return (p:match('^(.*)/[^/]*$') or '.') .. '/' .. step .. '/model.safetensors' end
+   end
+   return path
+end
+
 function M.load_weights(model, path)
    check.arg(type(path) == 'string', 'nr.checkpoint.load_weights', 'path must be a string, got %s', check.show(path))
    M.model_tensors(model, 'nr.checkpoint.load_weights') -- the model is a module
+   path = weights_file(path)
    local weights, meta = safetensors.load(path)
    if meta.nr_arch then
       local ok, arch = pcall(M.json_decode, meta.nr_arch)

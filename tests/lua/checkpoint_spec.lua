@@ -353,6 +353,31 @@ describe('nr.checkpoint', function()
       assert.same({{1, 1}, {1, 1}}, m.weight:totable())
    end)
 
+   it('load_weights takes a run folder, its checkpoint folder, a step folder or the best / latest pointer', function()
+      local nn = nr.nn
+      local function build() return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.GlobalAvgPool2d(), nn.Linear(2, 3)) end
+      local run = TMP .. '/lw_run'
+      local ckdir = run .. '/checkpoint'
+      local w = {}
+      for step = 1, 2 do
+         nr.manual_seed(step)
+         w[step] = build()
+         ck.save(ckdir, {step = step, weights = ck.model_tensors(w[step]), best = step == 1})
+      end
+      local function loaded_from(path)
+         local m = ck.load_weights(build(), path)
+         for step = 1, 2 do
+            if m:get(4).weight:sub(w[step]:get(4).weight):abs():max() == 0 then return step end
+         end
+      end
+      -- a run or checkpoint folder: the best checkpoint (step 1), not the latest
+      assert.are.same({1, 1, 1, 2, 2, 1}, {loaded_from(run), loaded_from(run .. '/'), loaded_from(ckdir),
+         loaded_from(ckdir .. '/latest'), loaded_from(ckdir .. '/step-00000002'), loaded_from(ckdir .. '/best')})
+      local ok, err = pcall(ck.load_weights, build(), TMP)
+      assert.is_false(ok)
+      assert.truthy(err:find('is a folder without model.safetensors, and no run checkpoint in it', 1, true), err)
+   end)
+
    it('save_weights / load_weights: a rejuvenated model (CA, widths changed) loads into a freshly built one', function()
       local nn = nr.nn
       local function build()
