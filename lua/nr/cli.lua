@@ -36,7 +36,6 @@ function M.interrupted(path)
       local latest = f and f:read('*l')
       if f then f:close() end
       local at = string.format('interrupted at epoch %s step %s; ', tostring(run.epoch), tostring(run.step))
-      if not latest then return at .. run.out .. ' has no checkpoint yet (the first is written at the end of an epoch)' end
       -- the same command with its flags (the recipe is rebuilt from them), --resume in place of --out
       local quote, args, skip = require('nr.checkpoint').shell.quote, {}, {['--out'] = 1, ['--resume'] = 1, ['--overwrite'] = 0}
       local function q(a) return a:match('^[%w_./:=+%-]+$') and a or quote(a) end
@@ -53,8 +52,12 @@ function M.interrupted(path)
          end
       end
       args[#args + 1] = '--resume ' .. q(run.out)
-      return string.format('%s%s resumes from its last checkpoint (%s): nrlua %s %s', at, run.out, latest, q(path),
-         table.concat(args, ' '))
+      local command = string.format('nrlua %s %s', q(path), table.concat(args, ' '))
+      if not latest then
+         return string.format('%s%s has no checkpoint yet (the first is written at the end of an epoch); %s starts it '
+            .. 'again from the beginning', at, run.out, command)
+      end
+      return string.format('%s%s resumes from its last checkpoint (%s): %s', at, run.out, latest, command)
    end
    if type(tr) == 'table' then return 'interrupted (a run folder resumes from its last checkpoint: --resume DIR)' end
    return 'interrupted'

@@ -345,8 +345,18 @@ end
 -- "path value" it changed, or the recipe as it was and a note when recipe.json cannot be used.
 function M.resume_base(recipe, dir)
    local ck = require 'nr.checkpoint'
-   local run = train.run_folder_of(train.expand_path(dir, 'recipe.resume'))
+   local path = train.expand_path(dir, 'recipe.resume')
+   -- not a run folder: said as that, not as a recipe.json that will be done without
+   if not ck.is_dir(path) then
+      local parent = path:match('^(.*)/[^/]+$')
+      error(string.format('nr.train: resume: no run folder %s (give the folder of the run to continue%s)', path,
+         ck.exists(path) and parent and (', e.g. ' .. train.run_folder_of(parent)) or ''), 0)
+   end
+   local run = train.run_folder_of(path)
    local text = ck.read_file(run .. '/recipe.json')
+   if not text and not ck.exists(run .. '/metrics.jsonl') and not ck.is_dir(run .. '/checkpoint') then
+      error(string.format('nr.train: cannot resume %s: it holds no run (no checkpoint, recipe.json or metrics.jsonl)', run), 0)
+   end
    local ok, saved = pcall(ck.json_decode, text or '')
    if not (text and ok and type(saved) == 'table' and saved[1] == nil) then
       return recipe, nil, string.format('%s/recipe.json is missing or damaged: the recipe file\'s settings and the '
@@ -363,7 +373,13 @@ function M.resume_base(recipe, dir)
       if before[p] ~= v and not (type(v) == 'string' and v:match('^<.*>$')) then changed[#changed + 1] = p .. ' ' .. tostring(v) end
    end
    table.sort(changed)
-   return base, changed
+   -- another recipe file than the run's: its model will not fit the checkpoint, said up front
+   local note, name = nil, recipe.name or 'run' -- (nr.train's name for a recipe without one)
+   if type(saved.name) == 'string' and saved.name ~= name then
+      note = string.format('%s was made by the recipe named "%s", and this one is "%s" (its model may not fit the '
+         .. 'checkpoint: resume with the recipe file that made the run)', run, saved.name, tostring(name))
+   end
+   return base, changed, note
 end
 
 -- run(tbl, args, path): the CLI entry for recipe files. Returns the summary (nil for --help).

@@ -1434,12 +1434,17 @@ function Trainer:run()
    local plan = tostring(rc.epochs)
    if self.extend_held then plan = string.format('%d (+ held ones, at most %d)', rc.epochs, self:max_epochs()) end
    local loading = rawget(self.train_loader, 'threads')
-   self:print(string.format('nrlua: %s on %s%s, %d threads%s, %d parameters, %s epochs of %d steps -> %s', rc.name or 'run',
+   local threads = C.nr_get_num_threads()
+   self:print(string.format('nrlua: %s on %s%s, %d thread%s%s, %d parameters, %s epoch%s of %d steps -> %s', rc.name or 'run',
       self.device, (self.precision == 'bf16' and ' (bf16 mixed precision)' or '') ..
-         (self.memory_format == 'channels_last' and ' (channels-last)' or ''), C.nr_get_num_threads(),
+         (self.memory_format == 'channels_last' and ' (channels-last)' or ''), threads, threads == 1 and '' or 's',
       type(loading) == 'number' and string.format(' (+%d loading)', loading) or '', self.model:nParameters(), plan,
-      self.iters_per_epoch, self.out))
+      (rc.epochs == 1 and not self.extend_held) and '' or 's', self.iters_per_epoch, self.out))
    self:call('train_begin', {})
+   if resume and self.epoch >= self:planned_epochs() then
+      self:print(string.format('the run has trained %d epoch%s, which covers the %d planned: nothing to train (a larger '
+         .. '--epochs continues it)', self.epoch, self.epoch == 1 and '' or 's', self:planned_epochs()))
+   end
    -- a while loop: with tr.extend_held every held epoch adds one to the planned total
    while self.epoch < self:planned_epochs() do
       local epoch = self.epoch + 1

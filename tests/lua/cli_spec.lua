@@ -301,6 +301,15 @@ describe('nrlua', function()
       assert(ok, msg)
       assert.equal(string.format("interrupted at epoch 1 step 5; %s resumes from its last checkpoint (step-00000003): "
          .. "nrlua recipes/x.lua --epochs 3 --data.train_batches 30 --lr=0.1 --resume '%s'", dir, dir), msg)
+      -- before the first checkpoint: the same command starts it again
+      os.remove(dir .. '/checkpoint/latest')
+      cli.args = {'--out', dir, '--epochs', '1'}
+      package.loaded['nr.train'] = {running = {metrics = true, out = dir, epoch = 1, step = 2}}
+      ok, msg = pcall(cli.interrupted, 'recipes/x.lua')
+      cli.args, package.loaded['nr.train'] = was_args, was_train
+      assert(ok, msg)
+      assert.equal(string.format("interrupted at epoch 1 step 2; %s has no checkpoint yet (the first is written at the end "
+         .. "of an epoch); nrlua recipes/x.lua --epochs 1 --resume '%s' starts it again from the beginning", dir, dir), msg)
    end)
 
    it('a recipe with progress = false prints nothing; the run folder still has its log', function()

@@ -107,6 +107,9 @@ describe('nr.recipe', function()
       assert.is_nil(r.out); assert.is_nil(r.device); assert.is_nil(r.threads) -- never the folder or the machine's
       assert.not_equal('other', r.name)
       assert.truthy(table.concat(changed, ', '):find('epochs 7', 1, true))
+      -- made by another recipe file ('other'): said before its model meets the checkpoint
+      local _, _, other = R.resume_base(BASE, dir)
+      assert.truthy(other and other:find('was made by the recipe named "other", and this one is "run"', 1, true), other)
       -- the run's NR settings come back too, and --nr on at resume keeps them
       ck.write_atomic(dir .. '/recipe.json', ck.json_encode({nr = {enabled = true, target = 0.3, lambda = {dt = 7}}}))
       r = R.apply(R.resume_base({epochs = 1, nr = false}, dir), {'--resume', dir})
@@ -116,6 +119,19 @@ describe('nr.recipe', function()
       local same, none, note = R.resume_base(BASE, dir)
       assert.equal(BASE, same); assert.is_nil(none)
       assert.truthy(note:find('recipe.json is missing or damaged', 1, true))
+      -- no run there: said as that (it was "recipe.json is missing ... used", then a failure)
+      local function refused(path)
+         local ok, err = pcall(R.resume_base, BASE, path)
+         assert.is_false(ok)
+         return err
+      end
+      ck.mkdirs(TMP .. '/not_a_run')
+      assert.equal('nr.train: resume: no run folder ' .. TMP .. '/nope (give the folder of the run to continue)',
+         refused(TMP .. '/nope'))
+      assert.equal('nr.train: resume: no run folder ' .. dir .. '/recipe.json (give the folder of the run to continue, e.g. '
+         .. dir .. ')', refused(dir .. '/recipe.json'))
+      assert.equal('nr.train: cannot resume ' .. TMP .. '/not_a_run: it holds no run (no checkpoint, recipe.json or '
+         .. 'metrics.jsonl)', refused(TMP .. '/not_a_run'))
    end)
 
    it('names the flag in every error', function()

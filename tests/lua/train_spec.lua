@@ -167,10 +167,14 @@ describe('nr.train', function()
       assert.same({widths = {8, 4}}, st.states.probe)
       assert.is_true(st.schedule_hold)
       -- a resumed trainer hands the state back to its loader
-      local tr2 = train.new(recipe(TMP .. '/h', {epochs = 2, resume = TMP .. '/h'}))
+      local r2 = recipe(TMP .. '/h', {epochs = 2, resume = TMP .. '/h'})
+      local tr2 = train.new(r2)
       tr2:register_state('probe', {save = function() return {} end, load = function(t) saved = t end, before_weights = true})
       tr2:run()
       assert.same({widths = {8, 4}}, saved)
+      -- (its 2 epochs are done: said, not a silent "done")
+      assert.truthy(r2.progress.stream:text():find('the run has trained 2 epochs, which covers the 2 planned: nothing to '
+         .. 'train', 1, true), r2.progress.stream:text())
       assert.is_true(tr2.schedule_hold)
    end)
 
