@@ -90,6 +90,26 @@ local function field_type(recipe, path)
    return nil, exists and 'not a field of this recipe' or 'not a field of this recipe'
 end
 
+-- Every flag path a recipe takes (the typed ones, nr.train's defaults, the recipe's own fields),
+-- sorted: the candidates an unknown flag is matched against.
+local function known_paths(recipe)
+   local seen, out = {}, {}
+   local function add(p) if not seen[p] then seen[p] = true; out[#out + 1] = p end end
+   for p in pairs(M.TYPES) do add(p) end
+   local function walk(t, prefix, depth)
+      for k, v in pairs(t) do
+         if type(k) == 'string' then
+            local p = prefix and (prefix .. '.' .. k) or k
+            if type(v) == 'table' and not is_module(v) and depth < 3 then walk(v, p, depth + 1) else add(p) end
+         end
+      end
+   end
+   walk(train.DEFAULTS, nil, 1)
+   walk(recipe, nil, 1)
+   table.sort(out)
+   return out
+end
+
 local function parse_value(flag, ty, s, current)
    local function bad(what)
       error(string.format('%s: expected %s, got %q', flag, what, s), 0)
@@ -237,6 +257,7 @@ function M.help(recipe, path)
    for _, k in ipairs(names) do lines[#lines + 1] = string.format('  --%-12s = --%s', k, M.ALIASES[k]) end
    lines[#lines + 1] = '  --nr off|on      switch Neural Rejuvenation (nr.enabled)'
    lines[#lines + 1] = '  --data.val_split off   train without evaluation (no best checkpoint)'
+   lines[#lines + 1] = '  --schedule off   a constant learning rate (schedule = false)'
    lines[#lines + 1] = '  --resume DIR     continue a run from its last complete checkpoint, with its own settings'
    lines[#lines + 1] = '                   (DIR/recipe.json) where no flag is given now'
    lines[#lines + 1] = '  --overwrite      start afresh in an out folder that holds a run (its checkpoints and metrics go)'
@@ -271,7 +292,16 @@ function M.apply(recipe, args)
       end
       local ty, why = field_type(r, path)
       if not ty then
-         error(string.format('%s: unknown flag (%s is %s; see --help)', flag, path, why or 'not a field of this recipe'), 0)
+         local guess = train.guess_field(path, known_paths(r))
+         error(string.format('%s: unknown flag (%s is %s; %ssee --help)', flag, path, why or 'not a field of this recipe',
+            guess and string.format('did you mean --%s? ', guess) or ''), 0)
+      end
+      -- --schedule off (or false, none): a constant LR, as schedule = false in a recipe
+      if path == 'schedule.name' and (value or args[i]) and ({off = true, ['false'] = true, none = true})[value or args[i]] then
+         if not value then i = i + 1 end
+         r.schedule = false
+         set_paths[path] = true
+         goto continue
       end
       if bare then
          -- a boolean flag alone means true (--overwrite); otherwise the next argument is the value
@@ -290,6 +320,7 @@ function M.apply(recipe, args)
       if ty == 'function' then error(string.format('%s: %s is code in the recipe file', flag, path), 0) end
       set_path(r, path, parse_value(flag, ty, value, get_path(r, path)))
       set_paths[path] = true
+      ::continue::
    end
    -- A new dataset without a new root: the recipe's root belonged to the old dataset (e.g.
    -- $NR_DATA/imagenet), so fall back to the new dataset's default location.

@@ -752,6 +752,16 @@ local FOREIGN_NAMES = {learning_rate = 'optim.lr', batch_size = 'data.batch', we
                        warmup_epochs = 'schedule.warmup', milestones = 'schedule.milestones', optimizer = 'optim',
                        scheduler = 'schedule', lr_scheduler = 'schedule', drop_last = 'data.drop_last'}
 
+-- The field a name k probably meant: nrlua's field for a PyTorch / Lightning / timm name, else
+-- a near miss among fields (a list of names, tried in order); nil when none is close.
+function M.guess_field(k, fields)
+   if FOREIGN_NAMES[k] then return FOREIGN_NAMES[k] end
+   if #k < 5 then return nil end
+   for _, f in ipairs(fields) do
+      if distance(k, f) <= (#k >= 8 and 2 or 1) then return f end
+   end
+end
+
 local function typo_warnings(tr, recipe)
    local fields, names = {}, {}
    for f in pairs(TOP_FIELDS) do fields[#fields + 1] = f end
@@ -760,10 +770,7 @@ local function typo_warnings(tr, recipe)
    table.sort(names)
    local aliases = require('nr.recipe').ALIASES
    for _, k in ipairs(names) do
-      local guess = aliases[k] or FOREIGN_NAMES[k]
-      for _, f in ipairs(fields) do
-         if not guess and #k >= 5 and distance(k, f) <= (#k >= 8 and 2 or 1) then guess = f end
-      end
+      local guess = aliases[k] or M.guess_field(k, fields)
       if guess then
          tr:print(string.format('nr.train: recipe.%s is not a field nr.train reads (did you mean %s?)', k, guess))
       end

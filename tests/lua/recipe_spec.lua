@@ -136,6 +136,11 @@ describe('nr.recipe', function()
 
    it('names the flag in every error', function()
       assert.truthy(err_of({'--epochz', '3'}):find('--epochz: unknown flag', 1, true))
+      -- a near miss or a PyTorch name gets the flag it probably meant
+      assert.truthy(err_of({'--epoch', '3'}):find('did you mean --epochs?', 1, true))
+      assert.truthy(err_of({'--learning_rate', '3'}):find('did you mean --optim.lr?', 1, true))
+      assert.truthy(err_of({'--optim.lrr', '3'}):find('did you mean --optim.lr?', 1, true))
+      assert.is_nil(err_of({'--zzz', '3'}):find('did you mean', 1, true))
       assert.truthy(err_of({'--optim.lrr', '3'}):find('--optim.lrr', 1, true))
       assert.truthy(err_of({'--epochs', 'many'}):find('--epochs: expected an integer, got "many"', 1, true))
       assert.truthy(err_of({'--epochs', '2.5'}):find('--epochs: expected an integer', 1, true))
@@ -241,6 +246,12 @@ return {
       local r = R.apply({epochs = 1, schedule = false, nr = false}, {'--schedule', 'cosine', '--nr.target', '0.5'})
       assert.equal('cosine', r.schedule.name)
       assert.equal(0.5, r.nr.target)
+      -- and --schedule off (false, none) turns the schedule off: a constant LR
+      for _, args in ipairs({{'--schedule', 'off'}, {'--schedule=false'}, {'--schedule', 'none', '--epochs', '2'}}) do
+         r = R.apply(BASE, args)
+         assert.is_false(r.schedule)
+      end
+      assert.equal(2, R.apply(BASE, {'--schedule', 'none', '--epochs', '2'}).epochs)
    end)
 
    it('cleans up', function() ck.remove_tree(TMP) end)
