@@ -14,6 +14,13 @@ local ffi, C = nrffi.ffi, nrffi.C
 
 local Tensor = {}
 Tensor.__index = Tensor
+-- t[i] is not element access here (LuaJIT tables): said, instead of a nil that fails later
+setmetatable(Tensor, {__index = function(_, k)
+   if type(k) == 'number' then
+      error(string.format('Tensor: t[%s] is not indexing; use t:get(i) (a value, 1-based), t:select(1, i) (a slice) or '
+         .. 't:narrow(dim, start, n)', tostring(k)), 2)
+   end
+end})
 Tensor.__typename = 'nr.Tensor'
 
 local DTYPES = {float32 = C.NR_F32, f32 = C.NR_F32, float = C.NR_F32,

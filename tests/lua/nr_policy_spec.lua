@@ -312,8 +312,11 @@ describe('nr.rejuvenate policies', function()
       assert.are.equal('rejuvenate', rec.event)
       assert.is_true(rec.cost_error > 1)
       assert.same({why = 'four times'}, rec.policy_info)
-      assert.truthy(lines[1] and lines[1]:find('nr: the reallocation costs %d+%.%d%% more than the target %(params'),
+      -- the rejuvenation's line, then the warning
+      assert.truthy(lines[1] and lines[1]:find('^nr: rejuvenation 1 .* %(1452%.00%% over the budget%), widths 16/24/32 %-> 64/96/128$'),
          tostring(lines[1]))
+      assert.truthy(lines[2] and lines[2]:find('nr: the reallocation costs %d+%.%d%% more than the target %(params'),
+         tostring(lines[2]))
    end)
 
    it('a check every N steps runs after the optimizer step (Algorithm 1: update, then check)', function()

@@ -384,6 +384,17 @@ describe('nr.Tensor', function()
       ok, err = pcall(nr.zeros, {2, -1})
       assert.is_false(ok)
       assert.matches('non%-negative', err)
+      -- t[i] from a PyTorch habit: said (it gave nil), other fields still look up as before
+      ok, err = pcall(function() return a[1] end)
+      assert.is_false(ok)
+      assert.truthy(err:find('Tensor: t[1] is not indexing; use t:get(i)', 1, true), err)
+      assert.is_nil(a.no_such_field)
+      local s = nr.nn.Sequential{nr.nn.ReLU(), nr.nn.Identity()}
+      assert.are.equal('Identity', s:get(2):typename())
+      for _, i in ipairs({0, 3, 1.5}) do
+         ok, err = pcall(s.get, s, i)
+         assert.truthy(err:find('Sequential:get: index ' .. i .. ' is outside 1..2 (modules are numbered from 1 here', 1, true), err)
+      end
       ok, err = pcall(nr.zeros, {2}, {dtype = 'float16'})
       assert.is_false(ok)
       assert.matches('unknown dtype', err)

@@ -83,7 +83,16 @@ function Sequential:add(m)
    return self
 end
 
-function Sequential:get(i) return self.modules[i] end
+-- The i-th module, 1-based as Torch7's (printed paths are 0-based, as PyTorch's); an index outside
+-- 1..size is an error (seq:get(0) from a PyTorch habit returned nil, to fail somewhere later).
+function Sequential:get(i)
+   local n = #self.modules
+   if type(i) ~= 'number' or i ~= math.floor(i) or i < 1 or i > n then
+      error(string.format('Sequential:get: index %s is outside 1..%d (modules are numbered from 1 here; the printed '
+         .. 'paths count from 0, as PyTorch\'s)', type(i) == 'number' and tostring(i) or type(i), n), 2)
+   end
+   return self.modules[i]
+end
 function Sequential:size() return #self.modules end
 
 -- Fusion (off with seq.noFusion = true):
