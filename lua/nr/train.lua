@@ -1508,10 +1508,12 @@ function Trainer:run()
          local text = fn(self)
          if text ~= nil then notes[#notes + 1] = '  |  ' .. tostring(text) end
       end
-      self.progress:end_epoch(string.format('epoch %d/%d%s  train loss %s top1 %s%%  |  val loss %s top1 %s%% top5 %s%%  |  %.1fs %d img/s lr %s  eta %s%s',
-         epoch, planned, extra, fmt(train.loss, '%.4f'), fmt(train.top1, '%.2f'), fmt(val and val.loss, '%.4f'),
-         fmt(val and val.top1, '%.2f'), fmt(val and val.top5, '%.2f'), train.time, math.floor(ips + 0.5), lr_text,
-         progress.format_duration(eta), table.concat(notes)))
+      -- an epoch without evaluation (data.val_split off, or between eval_every epochs) says so
+      local val_text = val and string.format('val loss %s top1 %s%% top5 %s%%', fmt(val.loss, '%.4f'), fmt(val.top1, '%.2f'),
+         fmt(val.top5, '%.2f')) or (self.val_loader and 'not evaluated this epoch' or 'no evaluation')
+      self.progress:end_epoch(string.format('epoch %d/%d%s  train loss %s top1 %s%%  |  %s  |  %.1fs %d img/s lr %s  eta %s%s',
+         epoch, planned, extra, fmt(train.loss, '%.4f'), fmt(train.top1, '%.2f'), val_text, train.time,
+         math.floor(ips + 0.5), lr_text, progress.format_duration(eta), table.concat(notes)))
       local info = {epoch = epoch, train = {loss = train.loss, top1 = train.top1}, val = val,
                     lr = lr, time = train.time, images_per_s = ips}
       self:call('epoch_end', info)
