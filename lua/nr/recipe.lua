@@ -270,6 +270,7 @@ function M.apply(recipe, args)
    for k, v in pairs(recipe) do r[k] = train.deep_copy(v) end
    local i = 1
    local set_paths = {}
+   local schedule_off -- the flag that turned the schedule off (--schedule off)
    args = args or {}
    while i <= #args do
       local a = args[i]
@@ -293,6 +294,8 @@ function M.apply(recipe, args)
       local ty, why = field_type(r, path)
       if not ty then
          local guess = train.guess_field(path, known_paths(r))
+         -- a section (--optimizer: optim) is set through its fields: its name, where it has one
+         if guess and field_type(r, guess) == 'table' then guess = field_type(r, guess .. '.name') and (guess .. '.name') or nil end
          error(string.format('%s: unknown flag (%s is %s; %ssee --help)', flag, path, why or 'not a field of this recipe',
             guess and string.format('did you mean --%s? ', guess) or ''), 0)
       end
@@ -300,7 +303,7 @@ function M.apply(recipe, args)
       if path == 'schedule.name' and (value or args[i]) and ({off = true, ['false'] = true, none = true})[value or args[i]] then
          if not value then i = i + 1 end
          r.schedule = false
-         set_paths[path] = true
+         set_paths[path], schedule_off = true, flag
          goto continue
       end
       if bare then
@@ -321,6 +324,14 @@ function M.apply(recipe, args)
       set_path(r, path, parse_value(flag, ty, value, get_path(r, path)))
       set_paths[path] = true
       ::continue::
+   end
+   if schedule_off then
+      for p in pairs(set_paths) do
+         if p:match('^schedule%.') and p ~= 'schedule.name' then
+            error(string.format('--%s: the schedule is off (%s off: a constant LR), so it has no %s', p, schedule_off, p), 0)
+         end
+      end
+      r.schedule = false
    end
    -- A new dataset without a new root: the recipe's root belonged to the old dataset (e.g.
    -- $NR_DATA/imagenet), so fall back to the new dataset's default location.
@@ -404,13 +415,7 @@ function M.resume_base(recipe, dir)
       if before[p] ~= v and not (type(v) == 'string' and v:match('^<.*>$')) then changed[#changed + 1] = p .. ' ' .. tostring(v) end
    end
    table.sort(changed)
-   -- another recipe file than the run's: its model will not fit the checkpoint, said up front
-   local note, name = nil, recipe.name or 'run' -- (nr.train's name for a recipe without one)
-   if type(saved.name) == 'string' and saved.name ~= name then
-      note = string.format('%s was made by the recipe named "%s", and this one is "%s" (its model may not fit the '
-         .. 'checkpoint: resume with the recipe file that made the run)', run, saved.name, tostring(name))
-   end
-   return base, changed, note
+   return base, changed
 end
 
 -- run(tbl, args, path): the CLI entry for recipe files. Returns the summary (nil for --help).

@@ -235,6 +235,8 @@ function M.tensor(values, opts)
       return t
    end
    check.arg(type(values) == 'table', 'nr.tensor', 'values must be a number or a table, got %s', type(values))
+   check.arg(not M.is_tensor(values), 'nr.tensor', 'values is a tensor already (t:clone() copies it, t:to(dtype or '
+      .. 'device) converts it)')
    local shape, v = {}, values
    while type(v) == 'table' do
       shape[#shape + 1] = #v
@@ -789,7 +791,8 @@ for name, op in pairs(BIN) do
       if type(b) == 'number' then
          check.status(C.nr_binary_scalar(live(a), b, live(out), op), fname, 4)
       else
-         check.arg(is_tensor(b), fname, 'operand must be a number or a tensor')
+         -- (raised at the caller of Tensor:add and its twins, as the status below)
+         if not is_tensor(b) then error(fname .. ': operand must be a number or a tensor, got ' .. check.show(b), 3) end
          check.status(C.nr_binary(live(a), live(b), live(out), op), fname, 4)
       end
       return out

@@ -1008,7 +1008,18 @@ function Trainer:load_checkpoint(path, found)
    if self.device ~= 'cpu' then
       for k, w in pairs(weights) do weights[k] = w:to(self.device) end
    end
-   ck.load_into(self.model, weights, r.dir)
+   local loaded, err = pcall(ck.load_into, self.model, weights, r.dir)
+   if not loaded then
+      -- weights that do not fit: most often another recipe file than the run's (its name says)
+      local saved = ck.read_file(run_folder_of(r.dir) .. '/recipe.json')
+      local ok, rec = pcall(ck.json_decode, saved or '')
+      local was = ok and type(rec) == 'table' and type(rec.name) == 'string' and rec.name
+      if was and was ~= (self.recipe.name or 'run') then
+         err = string.format('%s (the run was made by the recipe named "%s", this one is "%s": resume it with the recipe '
+            .. 'file that made it)', tostring(err), was, tostring(self.recipe.name or 'run'))
+      end
+      error(err, 0)
+   end
    self.optimizer:refresh()
    -- state (momentum, step count, schedule position) comes from the checkpoint; hyperparameters
    -- (lr, momentum, weight decay, base LR) from the recipe, so `--resume DIR --lr 0.01` means it

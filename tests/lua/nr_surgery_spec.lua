@@ -67,18 +67,23 @@ describe('nr.rejuvenate on the zoo', function()
    it('a layer dead as a whole on every path to the output is an error naming it (the output no longer depends on the input)', function()
       nr.manual_seed(12)
       local nn = nr.nn
-      local function chain()
+      local function chain(mlp)
          local m = nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(),
             nn.Conv2d(8, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(),
             nn.Conv2d(8, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(8, 3)}
+         if mlp then m:add(nn.ReLU()); m:add(nn.Linear(3, 2)) end -- a head of two Linears
          for _, bn in ipairs(m:findModules('BatchNorm2d')) do bn.weight:copy(nr.rand({8}):add_(0.5)) end
          return m
       end
+      for _, mlp in ipairs({false, true}) do
+         local m = chain(mlp)
+         m.modules[5].weight:zero()
+         local ok, err = pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}})
+         assert.is_false(ok)
+         assert.truthy(err:find('no live channel reaches the model\'s output: layer "3" has no live channel', 1, true), err)
+      end
       local m = chain()
       m.modules[5].weight:zero()
-      local ok, err = pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}})
-      assert.is_false(ok)
-      assert.truthy(err:find('no live channel reaches the model\'s output: layer "3" has no live channel', 1, true), err)
       -- a pure prune (budget 0) of it is still allowed; a model with a live path is not refused
       assert.is_true(pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}, budget = 0}))
       m = chain()
@@ -89,12 +94,15 @@ describe('nr.rejuvenate on the zoo', function()
    it('CR: a layer that gains no channel while its input does reads the new ones (zero at first), at the planned cost', function()
       nr.manual_seed(11)
       local nn = nr.nn
-      local L = {}
-      for _, b in ipairs({{3, 32}, {32, 8}, {8, 32}}) do
-         L[#L + 1] = nn.Conv2d(b[1], b[2], 3, {padding = 1, bias = false}); L[#L + 1] = nn.BatchNorm2d(b[2]); L[#L + 1] = nn.ReLU()
+      local function chain()
+         local L = {}
+         for _, b in ipairs({{3, 32}, {32, 8}, {8, 32}}) do
+            L[#L + 1] = nn.Conv2d(b[1], b[2], 3, {padding = 1, bias = false}); L[#L + 1] = nn.BatchNorm2d(b[2]); L[#L + 1] = nn.ReLU()
+         end
+         L[#L + 1] = nn.GlobalAvgPool2d(); L[#L + 1] = nn.Linear(32, 5)
+         return nn.Sequential(L)
       end
-      L[#L + 1] = nn.GlobalAvgPool2d(); L[#L + 1] = nn.Linear(32, 5)
-      local m = nn.Sequential(L)
+      local m = chain()
       local bns = m:findModules('BatchNorm2d')
       for _, bn in ipairs(bns) do
          bn.weight:copy(nr.rand({bn.num_features}):add_(0.5))
@@ -117,12 +125,62 @@ describe('nr.rejuvenate on the zoo', function()
       assert.are.equal(rep.planned_cost, rep.cost)
       assert.is_true(rep.cost <= rep.target_cost)
       assert.is_true(rel_err(m:forward(x), y0) <= TOL)
+      -- a file written before such blocks existed (without it) loads, the block zero
+      local ck = require 'nr.checkpoint'
+      local old = {}
+      for k, v in pairs(ck.model_tensors(m)) do if not k:find('o0_i1', 1, true) then old[k] = v end end
+      local path = os.tmpname()
+      require('nr.safetensors').save(path, old, ck.arch_metadata(m))
+      local fresh = chain()
+      ck.load_weights(fresh, path)
+      os.remove(path)
+      fresh:evaluate()
+      assert.is_true(rel_err(fresh:forward(x), y0) <= TOL)
       -- and it learns: its weights get a gradient from the first backward
       m:training()
       local y = m:forward(x)
       m:zeroGradParameters()
       m:backward(x, nr.randn(y:shape()))
       assert.is_true(unread.conv.gradWeight:abs():max() > 0)
+   end)
+
+   it('CR with kept generations: a trained unread block survives the next rejuvenation (the function is kept)', function()
+      nr.manual_seed(11)
+      local nn = nr.nn
+      local L = {}
+      for _, b in ipairs({{3, 32}, {32, 8}, {8, 32}}) do
+         L[#L + 1] = nn.Conv2d(b[1], b[2], 3, {padding = 1, bias = false}); L[#L + 1] = nn.BatchNorm2d(b[2]); L[#L + 1] = nn.ReLU()
+      end
+      L[#L + 1] = nn.GlobalAvgPool2d(); L[#L + 1] = nn.Linear(32, 5)
+      local m = nn.Sequential(L)
+      local bns = m:findModules('BatchNorm2d')
+      for _, bn in ipairs(bns) do bn.weight:copy(nr.rand({bn.num_features}):add_(0.5)); bn.bias:zero() end
+      for _, d in ipairs({{1, 16}, {2, 5}, {3, 16}}) do
+         for c = 1, d[2] do bns[d[1]].weight:set(c, 0) end
+      end
+      local opts = {input_shape = {3, 8, 8}, scheme = 'CR', budget = 0.26, generations = 'keep'}
+      nr.rejuvenate(m, opts)
+      local function unread_of(layer)
+         for _, b in ipairs(layer.blocks) do if b.unread then return b end end
+      end
+      local u = unread_of(m.modules[4])
+      assert.are.equal('o0_i1', u.conv._key)
+      u.conv.weight:copy(nr.randn(u.conv.weight:shape()))  -- as training leaves it
+      local trained = u.conv.weight:clone()
+      -- the next round grows a new generation in the middle layer
+      bns = m:findModules('BatchNorm2d')
+      for c = 1, 6 do bns[3].weight:set(c, 0) end
+      m:evaluate()
+      local x = nr.randn({2, 3, 8, 8})
+      local y0 = m:forward(x):clone()
+      opts.budget = 1.3
+      local rep = nr.rejuvenate(m, opts)
+      assert.is_true(rep.layers[2].width_after > 3)
+      u = unread_of(m.modules[4])
+      assert.are.equal('o0_i1', u.conv._key)
+      assert.are.equal(0, u.conv.weight:sub(trained):abs():max())
+      assert.is_true(rel_err(m:forward(x), y0) <= TOL)
+      assert.are.equal(rep.planned_cost, rep.cost)
    end)
 end)
 

@@ -107,9 +107,6 @@ describe('nr.recipe', function()
       assert.is_nil(r.out); assert.is_nil(r.device); assert.is_nil(r.threads) -- never the folder or the machine's
       assert.not_equal('other', r.name)
       assert.truthy(table.concat(changed, ', '):find('epochs 7', 1, true))
-      -- made by another recipe file ('other'): said before its model meets the checkpoint
-      local _, _, other = R.resume_base(BASE, dir)
-      assert.truthy(other and other:find('was made by the recipe named "other", and this one is "run"', 1, true), other)
       -- the run's NR settings come back too, and --nr on at resume keeps them
       ck.write_atomic(dir .. '/recipe.json', ck.json_encode({nr = {enabled = true, target = 0.3, lambda = {dt = 7}}}))
       r = R.apply(R.resume_base({epochs = 1, nr = false}, dir), {'--resume', dir})
@@ -141,6 +138,7 @@ describe('nr.recipe', function()
       assert.truthy(err_of({'--learning_rate', '3'}):find('did you mean --optim.lr?', 1, true))
       assert.truthy(err_of({'--optim.lrr', '3'}):find('did you mean --optim.lr?', 1, true))
       assert.is_nil(err_of({'--zzz', '3'}):find('did you mean', 1, true))
+      assert.truthy(err_of({'--optimizer', 'sgd'}):find('did you mean --optim.name?', 1, true))
       assert.truthy(err_of({'--optim.lrr', '3'}):find('--optim.lrr', 1, true))
       assert.truthy(err_of({'--epochs', 'many'}):find('--epochs: expected an integer, got "many"', 1, true))
       assert.truthy(err_of({'--epochs', '2.5'}):find('--epochs: expected an integer', 1, true))
@@ -252,6 +250,13 @@ return {
          assert.is_false(r.schedule)
       end
       assert.equal(2, R.apply(BASE, {'--schedule', 'none', '--epochs', '2'}).epochs)
+      -- with a field of the schedule, before or after it: a contradiction, said
+      for _, args in ipairs({{'--schedule', 'off', '--schedule.warmup', '1'}, {'--schedule.warmup', '1', '--schedule=off'}}) do
+         local ok, err = pcall(R.apply, BASE, args)
+         assert.is_false(ok)
+         assert.truthy(err:find('--schedule.warmup: the schedule is off (--schedule off: a constant LR), so it has no '
+            .. 'schedule.warmup', 1, true), err)
+      end
    end)
 
    it('cleans up', function() ck.remove_tree(TMP) end)

@@ -384,6 +384,11 @@ describe('nr.Tensor', function()
       ok, err = pcall(nr.zeros, {2, -1})
       assert.is_false(ok)
       assert.matches('non%-negative', err)
+      local line = debug.getinfo(1, 'l').currentline + 1
+      ok, err = pcall(function() local r = a:add('x'); return r end)
+      assert.truthy(err:find('tensor_spec.lua:' .. line .. ': Tensor:add: operand must be a number or a tensor, got "x"', 1, true), err)
+      ok, err = pcall(nr.tensor, a)
+      assert.truthy(err:find('nr.tensor: values is a tensor already', 1, true), err)
       -- t[i] from a PyTorch habit: said (it gave nil), other fields still look up as before
       ok, err = pcall(function() return a[1] end)
       assert.is_false(ok)

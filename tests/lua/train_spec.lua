@@ -178,6 +178,20 @@ describe('nr.train', function()
       assert.is_true(tr2.schedule_hold)
    end)
 
+   it('resuming with another recipe whose model does not fit names the run\'s recipe', function()
+      local dir = TMP .. '/other_recipe'
+      nr.train(recipe(dir, {name = 'first', epochs = 1}))
+      local wider = function()
+         local nn = nr.nn
+         return nn.Sequential{nn.Conv2d(1, 6, 3, {padding = 1, bias = false}), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(6 * 4 * 4, 4)}
+      end
+      local ok, err = pcall(nr.train, recipe(dir, {name = 'second', model = wider, epochs = 2, resume = dir}))
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('in the checkpoint but [6 x 1 x 3 x 3] in the model (the run was made by the recipe '
+         .. 'named "first", this one is "second": resume it with the recipe file that made it)', 1, true), err)
+   end)
+
    it('resumes exactly: stopped after epoch 2 and resumed equals uninterrupted, bit for bit', function()
       local dir = TMP .. '/b'
       local r = recipe(dir, {hooks = {epoch_begin = function(_, info)

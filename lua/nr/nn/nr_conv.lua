@@ -12,8 +12,10 @@
 -- flow into W_jj through the gate. An output group whose generation has no input channels (an
 -- "orphan", e.g. after the input's group died out) reads the whole input with a plain block.
 -- Under CR, an input group whose generation has no output group ("unread": the layer gained no
--- channels while its input did) is read by the newest output group through a plain cross block
--- added to its output; without it those input channels would feed nothing and never learn.
+-- channels while its input did) is read by the oldest output group through a plain cross block
+-- added to its output; without it those input channels would feed nothing and never learn. (The
+-- oldest: later rejuvenations add newer groups, never older ones, so the block keeps its name and
+-- its trained weights; read by the newest, a later group took the read over and dropped them.)
 -- With two groups this is exactly the paper's S/R formulation.
 -- What it is not: the policy of when to split (lua/nr/rejuvenate/surgery.lua does that).
 -- Invariants: output groups are contiguous ranges in generation order; input groups are index
@@ -144,15 +146,17 @@ function NRConv2d:__init(spec)
          orphan = orphan or not ingen[og.gen]
       end
       if not orphan then -- (an orphan reads every input channel already)
-         local newest = 1
+         local oldest = 1
          for j, og in ipairs(spec.out_groups) do
-            if og.gen > spec.out_groups[newest].gen then newest = j end
+            if og.gen < spec.out_groups[oldest].gen then oldest = j end
          end
-         local plan = self.out_plan[newest]
+         local plan = self.out_plan[oldest]
          for i, ig in ipairs(spec.in_groups) do
             if not outgen[ig.gen] and #ig.idx > 0 then
                plan.unread = plan.unread or {}
-               plan.unread[#plan.unread + 1] = add_block(newest, i, false)
+               local b = add_block(oldest, i, false)
+               b.unread = true
+               plan.unread[#plan.unread + 1] = b
             end
          end
       end

@@ -171,9 +171,15 @@ local function cut_by(g, st)
    else
       for _, sg in ipairs(g.output_desc.segs) do feeding[#feeding + 1] = sg.cs:root() end
    end
+   -- (a Linear reading another's output, an MLP head: its input is judged at the first Linear)
+   local judged = false
    for _, r in ipairs(feeding) do
-      if (st.cs_live[r] or r.width) > 0 then return nil end
+      if r.kind ~= 'terminal' then
+         judged = true
+         if (st.cs_live[r] or r.width) > 0 then return nil end
+      end
    end
+   if not judged then return nil end
    local names = {}
    for _, u in ipairs(g.units) do
       if st.own_live[u] == 0 and #names < 3 then names[#names + 1] = string.format('%q', u.conv:path()) end

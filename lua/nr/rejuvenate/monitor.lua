@@ -412,18 +412,18 @@ function M.cost_fn(g, st, opts)
                else
                   -- as NRConv2d lays the blocks out: each output generation reads its own input
                   -- generation (an orphan reads all); without an orphan, the input generations no
-                  -- output generation has are read by the newest one
+                  -- output generation has are read by the oldest one
                   wts = 0
-                  local outgen, orphan, newest = {}, false, og[1]
+                  local outgen, orphan, oldest = {}, false, og[1]
                   for _, x in ipairs(og) do
                      wts = wts + x.n * (ig[x.gen] or in_w) * k
                      outgen[x.gen] = true
                      orphan = orphan or not ig[x.gen]
-                     if x.gen > newest.gen then newest = x end
+                     if x.gen < oldest.gen then oldest = x end
                   end
                   if not orphan then
                      for gen, n in pairs(ig) do
-                        if not outgen[gen] then wts = wts + newest.n * n * k end
+                        if not outgen[gen] then wts = wts + oldest.n * n * k end
                      end
                   end
                end
