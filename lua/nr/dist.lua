@@ -552,7 +552,7 @@ local function fingerprint_of(t)
       -- no libnr_dist (built without MPI): the same hash in Lua, over 32-bit words
       local c = x:contiguous()
       local n, es = c:numel(), ({float32 = 4, int64 = 8, uint8 = 1})[c:dtype()]
-      local p = ffi.cast('uint8_t *', c.c.data)
+      local p = ffi.cast('uint8_t *', c:data()) -- (c:data() keeps c alive while p is reachable)
       local hi, lo = 0x12345, n % 4294967296
       for i = 0, n * es - 1 do
          lo = (lo * 31 + p[i]) % 4294967296

@@ -294,6 +294,30 @@ describe('nr.rejuvenate policies', function()
       assert.is_true(m2:findModules('BatchNorm2d')[1].gradWeight:abs():max() == 1)
    end)
 
+   it('a policy that measures the model again (nr.utilization) does not change what the rejuvenation keeps', function()
+      -- the report's masks were refilled in place by the policy's own measurement: live channels went
+      local nn = nr.nn
+      local function run(ask)
+         nr.manual_seed(1)
+         local m = nn.Sequential{nn.Conv2d(1, 16, 3, {padding = 1, bias = false}), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(8, 3)}
+         local bn = m:findModules('BatchNorm2d')
+         for c = 1, 16 do bn[1].weight:set(c, c <= 8 and 1 or (c <= 12 and 0.3 + c * 0.01 or 0)) end
+         bn[2].weight:fill(1)
+         nr.rejuvenate(m, {input_shape = {1, 8, 8}, rescale = false, policy = {reallocate = function(layers)
+            if ask then nr.utilization(m, {1, 8, 8}, {threshold = 0.5}) end
+            local w = {}
+            for _, l in ipairs(layers) do w[l.id] = l.live end -- keep the live, grow nothing
+            return w
+         end}})
+         return m:findModules('BatchNorm2d')[1].weight:totable()
+      end
+      local plain, asked = run(false), run(true)
+      assert.are.equal(12, #plain)
+      assert.are.same(plain, asked)
+      assert.is_true(math.abs(asked[12] - 0.42) < 1e-6)
+   end)
+
    it('a custom reallocation far over the budget is applied as returned, logged and reported on the console', function()
       local m = small_net()
       local tr = fake_trainer(m)

@@ -209,6 +209,7 @@ function M.rejuvenate(model, opts)
          .. 'resume from an earlier checkpoint', gamma and u.bn:where())
    end
    local before, st = monitor.report(g, mo)
+   st = monitor.detach(st) -- its masks stay these while the policy runs (it may measure the model again)
    local key = constraint == 'params' and 'params' or 'flops'
    local all_now, live_now = before[key .. '_all'], before[key .. '_live']
    local Cval = opts.constraint_value or all_now

@@ -125,6 +125,25 @@ function M.masks(g, opts)
    return {own = own, own_live = own_live, dead = dead, cs = csm, cs_live = csl}
 end
 
+-- A copy of masks' state that owns its arrays: the masks are refilled in place by the next
+-- masks() call on the graph (each set's r._mask, each unit's mask tensor), which a policy asking
+-- nr.utilization in the middle of a rejuvenation makes (it then removed live channels).
+function M.detach(st)
+   local function copy(t) local o = {}; for k, v in pairs(t) do o[k] = v end; return o end
+   local own, cs = {}, {}
+   for u, a in pairs(st.own) do
+      local n = u.bn.weight:numel()
+      own[u] = u8arr(n)
+      ffi.copy(own[u], a, n)
+   end
+   for r, a in pairs(st.cs) do
+      local n = math.max(1, r.width)
+      cs[r] = u8arr(n)
+      ffi.copy(cs[r], a, n)
+   end
+   return {own = own, own_live = copy(st.own_live), dead = copy(st.dead), cs = cs, cs_live = copy(st.cs_live)}
+end
+
 -- Concatenated mask of a descriptor (Lua table of 0/1, 0-based positions) — used for blocks.
 local function desc_mask(desc, st)
    local out, p = {}, 0
