@@ -430,7 +430,9 @@ static nr_status search(nr_cuda_ctx *ctx, plan *p, int dir, const void *x, const
 /* The workspace of direction dir's chosen algorithm (scratch slot 4). When the device cannot give
  * it (memory is tighter than when the algorithm was chosen), the direction is chosen again by
  * cuDNN's heuristics among algorithms that need no workspace, so the step runs (perhaps slower)
- * instead of failing at every step; the heuristics touch no buffer, so no gradient is clobbered. */
+ * instead of failing at every step; the heuristics touch no buffer, so no gradient is clobbered.
+ * Under nr.cuda.set_deterministic the new choice is deterministic too, but another algorithm: a
+ * run short of memory then differs in its bits from one that had the workspace. */
 static nr_status plan_workspace(nr_cuda_ctx *ctx, plan *p, int dir, const char *what, void **ws)
 {
    size_t *need = dir == 0 ? &p->fwd_ws : dir == 1 ? &p->bwdd_ws : &p->bwdf_ws;

@@ -296,7 +296,6 @@ describe('nr.rejuvenate policies', function()
 
    it('a policy that measures the model again (nr.utilization) does not change what the rejuvenation keeps', function()
       -- the report's masks were refilled in place by the policy's own measurement: live channels went
-      local nn = nr.nn
       local function run(ask)
          nr.manual_seed(1)
          local m = nn.Sequential{nn.Conv2d(1, 16, 3, {padding = 1, bias = false}), nn.BatchNorm2d(16), nn.ReLU(),
