@@ -144,6 +144,55 @@ describe('nr.rejuvenate on the zoo', function()
       assert.is_true(unread.conv.gradWeight:abs():max() > 0)
    end)
 
+   it('CR with kept generations: a newer orphan group does not take over the oldest group\'s trained read', function()
+      -- (found by a fuzz: round 2 gave the middle layer a generation its input lacks, an orphan
+      -- reading every input, and the oldest group's trained read of input generation 1 was dropped)
+      nr.manual_seed(7)
+      local nn = nr.nn
+      local m = nn.Sequential{nn.Conv2d(3, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4), nn.ReLU(),
+         nn.Conv2d(4, 2, 1, {bias = false}), nn.BatchNorm2d(2), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(2, 3)}
+      local function widths(a, b)
+         return {reallocate = function(layers)
+            local w = {}
+            for _, l in ipairs(layers) do w[l.id] = l.name == '0' and a or b end
+            return w
+         end}
+      end
+      local opts = {input_shape = {3, 8, 8}, scheme = 'CR', generations = 'keep', policy = widths(6, 2)}
+      nr.rejuvenate(m, opts)
+      for _, mm in ipairs(m:listModules()) do  -- as training leaves it: every block non-zero
+         if mm.weight and mm:typename() ~= 'BatchNorm2d' then mm.weight:copy(nr.randn(mm.weight:shape()):mul_(0.5)) end
+         if mm:typename() == 'BatchNorm2d' then mm.weight:copy(nr.rand({mm.num_features}):add_(0.5)) end
+      end
+      m:evaluate()
+      local x = nr.randn({2, 3, 8, 8})
+      local y0 = m:forward(x):clone()
+      opts.policy = widths(6, 3)
+      nr.rejuvenate(m, opts)
+      local keys = {}
+      for _, b in ipairs(m.modules[4].blocks) do keys[#keys + 1] = b.conv._key end
+      assert.are.same({'o0_i0', 'o2_all', 'o0_i1'}, keys)
+      assert.is_true(rel_err(m:forward(x), y0) <= TOL)
+   end)
+
+   it('a dead depthwise channel whose input is read elsewhere too (Residual, Concat) removes nothing', function()
+      local nn = nr.nn
+      for _, wrap in ipairs({'Residual', 'Concat'}) do
+         nr.manual_seed(1)
+         local dw = nn.Sequential{nn.Conv2d(4, 4, 3, {padding = 1, groups = 4, bias = false}), nn.BatchNorm2d(4)}
+         local block = wrap == 'Residual' and nn.Residual(dw) or nn.Concat{nn.Identity(), dw}
+         local m = nn.Sequential{nn.Conv2d(3, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4), nn.ReLU(), block,
+            nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(wrap == 'Residual' and 4 or 8, 3)}
+         dw.modules[2].weight:set(2, 0); dw.modules[2].bias:set(2, 0)  -- depthwise channel 2 dead: outputs 0
+         m:evaluate()
+         local x = nr.randn({2, 3, 8, 8})
+         local y0 = m:forward(x):clone()
+         nr.rejuvenate(m, {input_shape = {3, 8, 8}, budget = 0})
+         assert.are.equal(4, m.modules[1].out_channels, wrap)   -- the producer's channel 2 is read by the other side
+         assert.is_true(rel_err(m:forward(x), y0) <= TOL, wrap)
+      end
+   end)
+
    it('CR with kept generations: a trained unread block survives the next rejuvenation (the function is kept)', function()
       nr.manual_seed(11)
       local nn = nr.nn

@@ -140,16 +140,14 @@ function NRConv2d:__init(spec)
       self.out_plan[j] = plan
    end
    if self.scheme == 'CR' then
-      local outgen, orphan = {}, false
+      local outgen, oldest = {}, 1
       for j, og in ipairs(spec.out_groups) do
          outgen[og.gen] = true
-         orphan = orphan or not ingen[og.gen]
+         if og.gen < spec.out_groups[oldest].gen then oldest = j end
       end
-      if not orphan then -- (an orphan reads every input channel already)
-         local oldest = 1
-         for j, og in ipairs(spec.out_groups) do
-            if og.gen < spec.out_groups[oldest].gen then oldest = j end
-         end
+      -- (an oldest group that is an orphan reads every input channel already; a newer orphan does
+      -- not take the oldest group's read over: that read's trained weights would be lost)
+      if ingen[spec.out_groups[oldest].gen] then
          local plan = self.out_plan[oldest]
          for i, ig in ipairs(spec.in_groups) do
             if not outgen[ig.gen] and #ig.idx > 0 then

@@ -138,12 +138,14 @@ local function conv_unit(g, m, desc, shape)
    local out
    if groups > 1 and groups == m.in_channels and groups == m.out_channels then
       u.kind = 'dw'
-      -- the output shares the input's CSs; this conv joins each as an AND member
+      -- the output shares the input's CSs; this conv joins each as an AND member, a "soft" one when
+      -- its input is read elsewhere too (a Residual's or Concat's other branch): its dead channel
+      -- then cannot take the producer's channel away from that other reader
       local offs = seg_offsets(desc)
       out = {segs = {}}
       for i, s in ipairs(desc.segs) do
          local r = s.cs:root()
-         r.and_members[#r.and_members + 1] = {unit = u, offset = offs[i]}
+         r.and_members[#r.and_members + 1] = {unit = u, offset = offs[i], soft = desc.shared}
          out.segs[i] = {cs = s.cs, src = u, src_off = offs[i]}
       end
    else
@@ -188,7 +190,7 @@ local function leaf(g, m, desc, shape)
       for i, s in ipairs(desc.segs) do segs[i] = {cs = s.cs} end
       g.chanwise[#g.chanwise + 1] = {module = m, desc = {segs = segs}}
       mark_no_rescale(desc)
-      return {segs = segs, sf = desc.sf}, shape
+      return {segs = segs, sf = desc.sf, shared = desc.shared}, shape
    elseif t == 'Linear' then
       local sf = desc.sf or 1
       local width = desc_width(desc) * sf
@@ -216,7 +218,7 @@ local function leaf(g, m, desc, shape)
          mark_no_rescale(desc)
          local segs = {}
          for i, s in ipairs(desc.segs) do segs[i] = {cs = s.cs} end
-         return {segs = segs, sf = desc.sf}, out_shape
+         return {segs = segs, sf = desc.sf, shared = desc.shared}, out_shape
       end
       return desc, out_shape
    end
@@ -236,6 +238,7 @@ walk = function(g, m, desc, shape)
       return desc, shape
    elseif t == 'Residual' then
       g.pending = nil
+      desc = {segs = desc.segs, sf = desc.sf, shared = true} -- (read by both sides)
       local a, sa = walk(g, m.modules[1], desc, shape)
       g.pending = nil
       local b = desc
@@ -254,6 +257,7 @@ walk = function(g, m, desc, shape)
       return {segs = segs, sf = a.sf}, sa
    elseif t == 'Concat' then
       g.pending = nil
+      if #m.modules > 1 then desc = {segs = desc.segs, sf = desc.sf, shared = true} end -- (read by every branch)
       local segs, out_shape = {}, nil
       for _, c in ipairs(m.modules) do
          g.pending = nil

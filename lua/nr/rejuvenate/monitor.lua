@@ -11,7 +11,9 @@
 --   * a CS channel is live iff (OR over the units whose outputs are added into it) AND (every
 --     depthwise conv that passes it through is live there). OR because a channel is physically
 --     removable only if every summand is dead; AND because a depthwise channel without its
---     producer (or the producer's channel without its depthwise consumer) does nothing;
+--     producer (or the producer's channel without its depthwise consumer) does nothing; except
+--     where the depthwise conv's input is read elsewhere too (the other branch of a Residual or
+--     Concat): there the producer's channel stays live for that reader whatever the depthwise's;
 --   * conv cost = live_in·live_out·kh·kw (×oh·ow for FLOPs); depthwise cost = live·kh·kw
 --     (linear, as MorphNet); grouped convs sum per group; a split NRConv2d sums its blocks;
 --   * what counts is configurable: count = {conv = true, linear = false, bn = false, bias = false}
@@ -101,7 +103,8 @@ function M.masks(g, opts)
             end
             for _, e in ipairs(r.and_members) do
                local d = e.unit
-               if dead[d] then
+               if e.soft then -- luacheck: ignore 542 (its input is read elsewhere too: it removes nothing)
+               elseif dead[d] then
                   fill(a, w, 0)
                elseif own[d] then
                   local o, off = own[d], e.offset
@@ -430,17 +433,16 @@ function M.cost_fn(g, st, opts)
                   wts = in_w * out_w * k
                else
                   -- as NRConv2d lays the blocks out: each output generation reads its own input
-                  -- generation (an orphan reads all); without an orphan, the input generations no
-                  -- output generation has are read by the oldest one
+                  -- generation (an orphan reads all); the input generations no output generation
+                  -- has are read by the oldest one, unless it is an orphan itself
                   wts = 0
-                  local outgen, orphan, oldest = {}, false, og[1]
+                  local outgen, oldest = {}, og[1]
                   for _, x in ipairs(og) do
                      wts = wts + x.n * (ig[x.gen] or in_w) * k
                      outgen[x.gen] = true
-                     orphan = orphan or not ig[x.gen]
                      if x.gen < oldest.gen then oldest = x end
                   end
-                  if not orphan then
+                  if ig[oldest.gen] then
                      for gen, n in pairs(ig) do
                         if not outgen[gen] then wts = wts + oldest.n * n * k end
                      end
