@@ -104,9 +104,9 @@ describe('nr.nn.NRConv2d', function()
       assert.is_true(worst <= 2e-2, worst)
       -- a newer orphan (gen 2, reading every input) does not take the oldest group's read over (its
       -- trained weights would go); an oldest group that is an orphan reads every input already
-      local function keys_of(m)
+      local function keys_of(conv)
          local k = {}
-         for _, b in ipairs(m.blocks) do k[#k + 1] = b.conv._key end
+         for _, b in ipairs(conv.blocks) do k[#k + 1] = b.conv._key end
          return k
       end
       local o = nn.NRConv2d{in_channels = 3, out_channels = 3, kernel_size = 1, scheme = 'CR',
