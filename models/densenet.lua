@@ -44,11 +44,8 @@ local function transition(cin, cout)
    return nn.Sequential(mods)
 end
 
-local function check_int(v, what, min)
-   if type(v) ~= 'number' or v ~= math.floor(v) or v < min or v >= 2 ^ 31 then -- inf equals its floor
-      error(string.format('%s: %s must be an integer in [%d, 2^31 - 1], got %s', FNAME, what, min, check.show(v)), 3)
-   end
-end
+-- a width (an int32 of the layers; inf, which equals its floor, refused too), at build's caller
+local function check_width(v, what) check.int32(v, FNAME, what, 1, nil, 3) end
 
 function M.build(opts)
    local o = util.common(opts, {depth = true, growth = true, bn_size = true, compression = true,
@@ -64,26 +61,26 @@ function M.build(opts)
             FNAME, check.show(o.depth), o.dataset, MAX_CIFAR_DEPTH), 2)
       end
       o.growth = o.growth or 40
-      check_int(o.growth, 'growth', 1)
+      check_width(o.growth, 'growth')
       local n = (o.depth - 4) / 6
       blocks = {n, n, n}
       o.init_features = o.init_features or 2 * o.growth
-      check_int(o.init_features, 'init_features', 1) -- before the stem is built with it
+      check_width(o.init_features, 'init_features') -- before the stem is built with it
       o.input = o.input or 32
       stem = util.conv_bn(3, o.init_features, 3, {padding = 1})
    else
       o.depth = util.choice(o.depth or 121, M.depths.imagenet, FNAME, 'depth')
       o.growth = o.growth or 32
-      check_int(o.growth, 'growth', 1)
+      check_width(o.growth, 'growth')
       blocks = BLOCKS[o.depth]
       o.init_features = o.init_features or 64
-      check_int(o.init_features, 'init_features', 1)
+      check_width(o.init_features, 'init_features')
       o.input = o.input or 224
       stem = util.conv_bn(3, o.init_features, 7, {stride = 2, padding = 3})
       stem[#stem + 1] = nn.MaxPool2d(3, {stride = 2, padding = 1})
    end
    o.bn_size = o.bn_size or 4
-   check_int(o.bn_size, 'bn_size', 1)
+   check_width(o.bn_size, 'bn_size')
    o.compression = o.compression or 0.5
    if type(o.compression) ~= 'number' or not (o.compression > 0 and o.compression <= 1) then -- NaN too
       error(FNAME .. ': compression must be in (0, 1], got ' .. check.show(o.compression), 2)
