@@ -644,8 +644,10 @@ local function weights_file(path)
    end
    local size = file_size(p)
    if size and size < 64 then -- a `best` / `latest` pointer: one line naming a step folder beside it
-      local step = pointer(p:match('^(.*)/[^/]*$') or '.', p:match('([^/]*)$'))
-      if step then return (p:match('^(.*)/[^/]*$') or '.') .. '/' .. step .. '/model.safetensors' end
+      local dir, name = p:match('^(.*)/([^/]*)$')
+      dir, name = dir or '.', name or p
+      local step = pointer(dir, name)
+      if step then return dir .. '/' .. step .. '/model.safetensors' end
    end
    return path
 end

@@ -389,11 +389,7 @@ function M.resume_base(recipe, dir)
    local ck = require 'nr.checkpoint'
    local path = train.expand_path(dir, 'recipe.resume')
    -- not a run folder: said as that, not as a recipe.json that will be done without
-   if not ck.is_dir(path) then
-      local parent = path:match('^(.*)/[^/]+$')
-      error(string.format('nr.train: resume: no run folder %s (give the folder of the run to continue%s)', path,
-         ck.exists(path) and parent and (', e.g. ' .. train.run_folder_of(parent)) or ''), 0)
-   end
+   train.need_run_folder(path)
    local run = train.run_folder_of(path)
    local text = ck.read_file(run .. '/recipe.json')
    if not text and not ck.exists(run .. '/metrics.jsonl') and not ck.is_dir(run .. '/checkpoint') then

@@ -199,6 +199,14 @@ local function run_folder_of(path)
 end
 M.run_folder_of = run_folder_of
 
+-- A --resume path that is no folder is an error (a file in a run folder: that folder named).
+function M.need_run_folder(path)
+   if ck.is_dir(path) then return end
+   local parent = path:match('^(.*)/[^/]+$')
+   error(string.format('nr.train: resume: no run folder %s (give the folder of the run to continue%s)', path,
+      ck.exists(path) and parent and (', e.g. ' .. run_folder_of(parent)) or ''), 0)
+end
+
 local function pick_device(dev)
    if dev == nil or dev == 'auto' then
       local ok, cuda = pcall(require, 'nr.cuda')
@@ -881,9 +889,7 @@ function M.new(recipe)
          error(string.format('nr.train: %s is an empty folder name', k), 0)
       end
    end
-   if rc.resume and not ck.is_dir(rc.resume) then
-      error(string.format('nr.train: resume: no run folder %s (give the folder of the run to continue)', rc.resume), 0)
-   end
+   if rc.resume then M.need_run_folder(rc.resume) end
    local resume_run = rc.resume and run_folder_of(rc.resume)
    tr.out = expand_path(rc.out, 'recipe.out') or resume_run or ('runs/' .. name .. '-' .. date_tag())
    rc.out = tr.out
