@@ -42,6 +42,28 @@ local NRConv2d = class('NRConv2d', Module)
 NRConv2d.__tostring = Module.__tostring
 NRConv2d.__call = Module.__call
 
+-- The blocks a CR layer computes: out_gens = its output groups' generations in order; in_groups =
+-- its input groups in order, {gen, n (channels)}. Returns a list of {out = j, inp = i (nil: the
+-- whole input), unread = bool}: each output group reads its own generation's input (an orphan,
+-- with none, reads it all), then the oldest output group, unless it is an orphan, reads every
+-- non-empty input generation no output group has. NRConv2d builds these; the reallocation's cost
+-- (nr.rejuvenate.monitor) prices them.
+function M.cr_layout(out_gens, in_groups)
+   local ingen, outgen, oldest, blocks = {}, {}, 1, {}
+   for i, ig in ipairs(in_groups) do ingen[ig.gen] = i end
+   for j, gen in ipairs(out_gens) do
+      outgen[gen] = true
+      if gen < out_gens[oldest] then oldest = j end
+      blocks[j] = {out = j, inp = ingen[gen]}
+   end
+   if ingen[out_gens[oldest]] then
+      for i, ig in ipairs(in_groups) do
+         if not outgen[ig.gen] and ig.n > 0 then blocks[#blocks + 1] = {out = oldest, inp = i, unread = true} end
+      end
+   end
+   return blocks
+end
+
 local function is_range(idx)
    for k = 2, #idx do if idx[k] ~= idx[1] + k - 1 then return false end end
    return true
@@ -122,41 +144,37 @@ function NRConv2d:__init(spec)
       self.blocks[#self.blocks + 1] = b
       return b
    end
-   for j, og in ipairs(spec.out_groups) do
-      local i = ingen[og.gen]
-      local plan = {j = j}
-      if not i then
-         plan.plain = add_block(j, nil, true)
-      elseif self.scheme == 'CR' then
-         plan.plain = add_block(j, i, true)
-      else
-         plan.diag = add_block(j, i, true)
-         plan.cross = {}
-         for i2 = 1, #spec.in_groups do
-            if i2 ~= i then plan.cross[#plan.cross + 1] = add_block(j, i2, false) end
-         end
-         if #plan.cross == 0 then plan.plain, plan.diag, plan.cross = plan.diag, nil, nil end
-      end
-      self.out_plan[j] = plan
-   end
    if self.scheme == 'CR' then
-      local outgen, oldest = {}, 1
-      for j, og in ipairs(spec.out_groups) do
-         outgen[og.gen] = true
-         if og.gen < spec.out_groups[oldest].gen then oldest = j end
-      end
-      -- (an oldest group that is an orphan reads every input channel already; a newer orphan does
-      -- not take the oldest group's read over: that read's trained weights would be lost)
-      if ingen[spec.out_groups[oldest].gen] then
-         local plan = self.out_plan[oldest]
-         for i, ig in ipairs(spec.in_groups) do
-            if not outgen[ig.gen] and #ig.idx > 0 then
-               plan.unread = plan.unread or {}
-               local b = add_block(oldest, i, false)
-               b.unread = true
-               plan.unread[#plan.unread + 1] = b
-            end
+      local out_gens, in_sizes = {}, {}
+      for j, og in ipairs(spec.out_groups) do out_gens[j] = og.gen end
+      for i, ig in ipairs(spec.in_groups) do in_sizes[i] = {gen = ig.gen, n = #ig.idx} end
+      for j = 1, #spec.out_groups do self.out_plan[j] = {j = j} end
+      for _, l in ipairs(M.cr_layout(out_gens, in_sizes)) do
+         local plan = self.out_plan[l.out]
+         if l.unread then
+            local b = add_block(l.out, l.inp, false)
+            b.unread = true
+            plan.unread = plan.unread or {}
+            plan.unread[#plan.unread + 1] = b
+         else
+            plan.plain = add_block(l.out, l.inp, true)
          end
+      end
+   else -- CA: every output group reads its own generation (gated) and all others
+      for j, og in ipairs(spec.out_groups) do
+         local i = ingen[og.gen]
+         local plan = {j = j}
+         if not i then
+            plan.plain = add_block(j, nil, true)
+         else
+            plan.diag = add_block(j, i, true)
+            plan.cross = {}
+            for i2 = 1, #spec.in_groups do
+               if i2 ~= i then plan.cross[#plan.cross + 1] = add_block(j, i2, false) end
+            end
+            if #plan.cross == 0 then plan.plain, plan.diag, plan.cross = plan.diag, nil, nil end
+         end
+         self.out_plan[j] = plan
       end
    end
    self.in_range = {}

@@ -155,12 +155,6 @@ function M.ask_rescale(pol, ctx)
    return v == true
 end
 
--- opts: input_shape, threshold, abs_min, count (as utilization); constraint ('params' | 'flops');
--- budget (fraction of C, default 1 = keep the cost; 0.5 = compression mode, Table 4; 0 = prune
--- only; a budget below the live cost shrinks live widths too, dropping the lowest |γ|);
--- constraint_value (C; default the model's current full cost); scheme ('NR' | 'CR' | 'CA');
--- rescale (bool); gamma0 (default model.nr_info.gamma0 or 1); optimizer (remaps its momentum);
--- optim_state ('remap' | 'drop'); linear_init ('zero' | 'normal'); policy ({reallocate, init, ...}).
 -- The layers whose death cut the model's output off its input (every channel feeding the
 -- classifiers, or the output when there is none, is dead), named in forward order (at most 3, the
 -- ones dead by their own γ); nil when live channels reach it.
@@ -188,6 +182,12 @@ local function cut_by(g, st)
    return names
 end
 
+-- opts: input_shape, threshold, abs_min, count (as utilization); constraint ('params' | 'flops');
+-- budget (fraction of C, default 1 = keep the cost; 0.5 = compression mode, Table 4; 0 = prune
+-- only; a budget below the live cost shrinks live widths too, dropping the lowest |γ|);
+-- constraint_value (C; default the model's current full cost); scheme ('NR' | 'CR' | 'CA');
+-- rescale (bool); gamma0 (default model.nr_info.gamma0 or 1); optimizer (remaps its momentum);
+-- optim_state ('remap' | 'drop'); linear_init ('zero' | 'normal'); policy ({reallocate, init, ...}).
 function M.rejuvenate(model, opts)
    local FN = 'nr.rejuvenate'
    check.arg(type(model) == 'table' and model.listModules, FN, 'model must be an nr.nn module')

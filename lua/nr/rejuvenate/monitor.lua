@@ -33,6 +33,7 @@ local FNAME = 'nr.utilization'
 M.DEFAULT_COUNT = {conv = true, linear = false, bn = false, bias = false}
 
 local u8arr = ffi.typeof('uint8_t[?]')
+local cr_layout = require('nr.nn.nr_conv').cr_layout
 
 -- The graph of a model, cached in the model's transient scratch (never cloned or checkpointed)
 -- with a structural snapshot and the input shape; rebuilt after surgery, flag changes or a device move.
@@ -432,20 +433,14 @@ function M.cost_fn(g, st, opts)
                if shared or not og then
                   wts = in_w * out_w * k
                else
-                  -- as NRConv2d lays the blocks out: each output generation reads its own input
-                  -- generation (an orphan reads all); the input generations no output generation
-                  -- has are read by the oldest one, unless it is an orphan itself
+                  -- the blocks NRConv2d will compute for these generations
+                  local out_gens, in_groups = {}, {}
+                  for j, x in ipairs(og) do out_gens[j] = x.gen end
+                  for gen, n in pairs(ig) do in_groups[#in_groups + 1] = {gen = gen, n = n} end
+                  table.sort(in_groups, function(a, b) return a.gen < b.gen end)
                   wts = 0
-                  local outgen, oldest = {}, og[1]
-                  for _, x in ipairs(og) do
-                     wts = wts + x.n * (ig[x.gen] or in_w) * k
-                     outgen[x.gen] = true
-                     if x.gen < oldest.gen then oldest = x end
-                  end
-                  if ig[oldest.gen] then
-                     for gen, n in pairs(ig) do
-                        if not outgen[gen] then wts = wts + oldest.n * n * k end
-                     end
+                  for _, l in ipairs(cr_layout(out_gens, in_groups)) do
+                     wts = wts + og[l.out].n * (l.inp and in_groups[l.inp].n or in_w) * k
                   end
                end
             else
