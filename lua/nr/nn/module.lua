@@ -29,10 +29,11 @@ end
 function Module:typename() return self.__typename or 'Module' end
 function Module:extra() return '' end
 
--- Path from the root, e.g. "features.3"; the root's path is its name or the type name.
-function Module:path()
+-- Path from the root, e.g. "features.3"; the root's path is its name or the type name. With
+-- below (an ancestor), the path from there ("3.main.0" below a submodule).
+function Module:path(below)
    local parts, m = {}, self
-   while rawget(m, '_parent') do
+   while m ~= below and rawget(m, '_parent') do
       table.insert(parts, 1, tostring(m._key))
       m = m._parent
    end

@@ -623,16 +623,6 @@ end
 
 -- ---- architecture state (checkpoints of rejuvenated models) ---------------------------------------
 
--- m's path below root ("3.main.0"): the names of the children of root down to m.
-local function path_below(m, root)
-   local parts = {}
-   while m ~= root and rawget(m, '_parent') do
-      table.insert(parts, 1, tostring(m._key))
-      m = m._parent
-   end
-   return table.concat(parts, '.')
-end
-
 -- The modules below model (not model itself, nor an NRConv2d's own blocks) that an arch_state
 -- describes, by path below model.
 local function arch_modules(model)
@@ -642,7 +632,7 @@ local function arch_modules(model)
       local t = m:typename()
       if m ~= model and parent and parent:typename() ~= 'NRConv2d'
          and (t == 'Conv2d' or t == 'NRConv2d' or t == 'BatchNorm2d' or t == 'Linear') then
-         out[#out + 1] = {path = path_below(m, model), m = m}
+         out[#out + 1] = {path = m:path(model), m = m}
       end
    end
    return out
