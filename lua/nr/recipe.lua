@@ -391,12 +391,11 @@ function M.resume_base(recipe, dir)
    -- not a run folder: said as that, not as a recipe.json that will be done without
    train.need_run_folder(path)
    local run = train.run_folder_of(path)
-   local text = ck.read_file(run .. '/recipe.json')
-   if not text and not ck.exists(run .. '/metrics.jsonl') and not ck.is_dir(run .. '/checkpoint') then
+   if not ck.exists(run .. '/recipe.json') and not ck.exists(run .. '/metrics.jsonl') and not ck.is_dir(run .. '/checkpoint') then
       error(string.format('nr.train: cannot resume %s: it holds no run (no checkpoint, recipe.json or metrics.jsonl)', run), 0)
    end
-   local ok, saved = pcall(ck.json_decode, text or '')
-   if not (text and ok and type(saved) == 'table' and saved[1] == nil) then
+   local saved = train.run_recipe(run)
+   if not saved then
       return recipe, nil, string.format('%s/recipe.json is missing or damaged: the recipe file\'s settings and the '
          .. 'flags given now are used', run)
    end

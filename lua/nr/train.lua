@@ -199,6 +199,13 @@ local function run_folder_of(path)
 end
 M.run_folder_of = run_folder_of
 
+-- The recipe a run folder recorded (its recipe.json, decoded), or nil when missing or damaged.
+function M.run_recipe(run)
+   local text = ck.read_file(run .. '/recipe.json')
+   local ok, saved = pcall(ck.json_decode, text or '')
+   if text and ok and type(saved) == 'table' and saved[1] == nil then return saved end
+end
+
 -- A --resume path that is no folder is an error (a file in a run folder: that folder named).
 function M.need_run_folder(path)
    if ck.is_dir(path) then return end
@@ -1017,9 +1024,8 @@ function Trainer:load_checkpoint(path, found)
    local loaded, err = pcall(ck.load_into, self.model, weights, r.dir)
    if not loaded then
       -- weights that do not fit: most often another recipe file than the run's (its name says)
-      local saved = ck.read_file(run_folder_of(r.dir) .. '/recipe.json')
-      local ok, rec = pcall(ck.json_decode, saved or '')
-      local was = ok and type(rec) == 'table' and type(rec.name) == 'string' and rec.name
+      local rec = M.run_recipe(run_folder_of(r.dir))
+      local was = rec and type(rec.name) == 'string' and rec.name
       if was and was ~= (self.recipe.name or 'run') then
          err = string.format('%s (the run was made by the recipe named "%s", this one is "%s": resume it with the recipe '
             .. 'file that made it)', tostring(err), was, tostring(self.recipe.name or 'run'))
