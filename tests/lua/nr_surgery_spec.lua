@@ -177,6 +177,34 @@ describe('nr.rejuvenate on the zoo', function()
 
    it('a dead depthwise channel whose input is read elsewhere too (Residual, Concat) removes nothing', function()
       local nn = nr.nn
+      -- the producer's channels reach the depthwise conv through a Concat beside a conv that reads
+      -- them too; or the depthwise output is added to another conv's channels (a residual after it);
+      -- or the depthwise conv reads them twice (beside another depthwise conv's copy of them)
+      local function conv(i, o, groups) return nn.Conv2d(i, o, 3, {padding = 1, groups = groups, bias = false}) end
+      for _, case in ipairs({'reader beside', 'add after', 'read twice'}) do
+         nr.manual_seed(3)
+         local m
+         if case == 'reader beside' then
+            m = nn.Sequential{conv(3, 4), nn.BatchNorm2d(4), nn.ReLU(),
+               nn.Concat{nn.Identity(), nn.Sequential{conv(4, 4), nn.BatchNorm2d(4)}},
+               conv(8, 8, 8), nn.BatchNorm2d(8), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(8, 3)}
+         elseif case == 'add after' then
+            m = nn.Sequential{conv(3, 4), nn.BatchNorm2d(4), nn.ReLU(), conv(4, 4, 4), nn.BatchNorm2d(4),
+               nn.Residual(nn.Sequential{conv(4, 4), nn.BatchNorm2d(4)}), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(4, 3)}
+         else
+            m = nn.Sequential{conv(3, 4), nn.BatchNorm2d(4), nn.ReLU(),
+               nn.Concat{nn.Identity(), nn.Sequential{conv(4, 4, 4), nn.BatchNorm2d(4)}},
+               conv(8, 8, 8), nn.BatchNorm2d(8), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(8, 3)}
+         end
+         local dwbn = m.modules[case == 'add after' and 5 or 6]
+         dwbn.weight:set(1, 0); dwbn.bias:set(1, 0)   -- depthwise channel 1 (on the producer's part) dead
+         m:evaluate()
+         local x = nr.randn({2, 3, 8, 8})
+         local y0 = m:forward(x):clone()
+         nr.rejuvenate(m, {input_shape = {3, 8, 8}, budget = 0})
+         assert.are.equal(4, m.modules[1].out_channels, case)
+         assert.is_true(rel_err(m:forward(x), y0) <= TOL, case)
+      end
       for _, wrap in ipairs({'Residual', 'Concat'}) do
          nr.manual_seed(1)
          local dw = nn.Sequential{nn.Conv2d(4, 4, 3, {padding = 1, groups = 4, bias = false}), nn.BatchNorm2d(4)}

@@ -8,13 +8,19 @@
 --     A conv's output is one CS. A residual add unions the CSs of its two sides (union-find);
 --     a depthwise conv (groups == in == out) does not create a CS: its output IS its input's
 --     CS(s), and it joins them as an AND member (a channel lives only if the producer's channel
---     and the depthwise channel both live). The image is the 'input' CS (never resized); a
---     Linear's output is a 'terminal' CS.
+--     and the depthwise channel both live). The AND is "hard" only when every reader of the set
+--     (a conv, a Linear, a residual add, the model's output) reads it through that depthwise
+--     conv; otherwise ("soft") its dead channel removes nothing, since another reader still
+--     sees the producer's channel. The image is the 'input' CS (never resized); a Linear's
+--     output is a 'terminal' CS.
 --   * descriptors: the channels of a tensor as an ordered list of segments {cs = CS, src = unit,
---     src_off} (Concat concatenates segments); src is the unit whose BN last scaled those channels
---     (nil when a non positively-homogeneous op or an add came in between: no rescaling then),
---     and src_off where they start among its output channels (a depthwise conv passes several
---     segments through, one unit);
+--     src_off, via} (Concat concatenates segments); src is the unit whose BN last scaled those
+--     channels (nil when a non positively-homogeneous op or an add came in between: no rescaling
+--     then), src_off where they start among its output channels (a depthwise conv passes several
+--     segments through, one unit), via the depthwise convs the channels passed through since
+--     their set was written (the last one's AND member, linked to the earlier ones by prev; nil
+--     for none; a member, not a unit: a depthwise conv may read one set at two offsets);
+--   * reads: each reader's (cs, via) pairs, from which the AND members' hardness is derived;
 --   * consumers: the Linear classifiers (with the flatten factor) and the standalone BatchNorms
 --     (a BN not directly after a conv, e.g. pre-activation ResNet), sliced at surgery.
 -- What it is not: masks, counts or surgery (monitor.lua, surgery.lua).
@@ -121,6 +127,37 @@ local function add_consumer(desc, consumer)
    end
 end
 
+-- A reader of desc's channels (a conv that is not depthwise, a Linear, an add, the output).
+local function read_desc(g, desc)
+   for _, s in ipairs(desc.segs) do g.reads[#g.reads + 1] = {cs = s.cs, via = s.via} end
+end
+
+local function passes_through(via, e)
+   while via do
+      if via == e then return true end
+      via = via.prev
+   end
+   return false
+end
+
+-- An AND member is hard only when every read of its set goes through its depthwise conv.
+local function mark_soft_and_members(g)
+   local reads_of = {}
+   for _, rd in ipairs(g.reads) do
+      local r = rd.cs:root()
+      reads_of[r] = reads_of[r] or {}
+      table.insert(reads_of[r], rd.via or false)
+   end
+   for _, r in ipairs(g.roots) do
+      for _, e in ipairs(r.and_members) do
+         e.soft = false
+         for _, via in ipairs(reads_of[r] or {}) do
+            if not passes_through(via or nil, e) then e.soft = true; break end
+         end
+      end
+   end
+end
+
 local function conv_unit(g, m, desc, shape)
    if #shape ~= 3 then fail(m, 'expects a (C, H, W) input, got [%s]', table.concat(shape, ' x ')) end
    local cin = desc_width(desc)
@@ -138,17 +175,18 @@ local function conv_unit(g, m, desc, shape)
    local out
    if groups > 1 and groups == m.in_channels and groups == m.out_channels then
       u.kind = 'dw'
-      -- the output shares the input's CSs; this conv joins each as an AND member, a "soft" one when
-      -- its input is read elsewhere too (a Residual's or Concat's other branch): its dead channel
-      -- then cannot take the producer's channel away from that other reader
+      -- the output shares the input's CSs; this conv joins each as an AND member (hard or soft:
+      -- mark_soft_and_members, once every reader is known)
       local offs = seg_offsets(desc)
       out = {segs = {}}
       for i, s in ipairs(desc.segs) do
          local r = s.cs:root()
-         r.and_members[#r.and_members + 1] = {unit = u, offset = offs[i], soft = desc.shared}
-         out.segs[i] = {cs = s.cs, src = u, src_off = offs[i]}
+         local e = {unit = u, offset = offs[i], prev = s.via}
+         r.and_members[#r.and_members + 1] = e
+         out.segs[i] = {cs = s.cs, src = u, src_off = offs[i], via = e}
       end
    else
+      read_desc(g, desc)
       u.kind = groups > 1 and 'group' or 'conv'
       local cs = new_cs(g, m.out_channels, 'unit')
       cs.or_members[1] = u
@@ -171,7 +209,10 @@ local function leaf(g, m, desc, shape)
       end
       g.owner_of[p] = m
    end
-   if CUSTOM[t] then return CUSTOM[t](g, m, desc, shape) end
+   if CUSTOM[t] then
+      read_desc(g, desc)   -- (what it does with the channels is its own: counted as a reader)
+      return CUSTOM[t](g, m, desc, shape)
+   end
    if t == 'Conv2d' or t == 'NRConv2d' then return conv_unit(g, m, desc, shape) end
    local pending = g.pending
    g.pending = nil
@@ -187,10 +228,10 @@ local function leaf(g, m, desc, shape)
       end
       -- standalone BN: per-channel affine on the descriptor's channels; sliced at surgery
       local segs = {}
-      for i, s in ipairs(desc.segs) do segs[i] = {cs = s.cs} end
+      for i, s in ipairs(desc.segs) do segs[i] = {cs = s.cs, via = s.via} end
       g.chanwise[#g.chanwise + 1] = {module = m, desc = {segs = segs}}
       mark_no_rescale(desc)
-      return {segs = segs, sf = desc.sf, shared = desc.shared}, shape
+      return {segs = segs, sf = desc.sf}, shape
    elseif t == 'Linear' then
       local sf = desc.sf or 1
       local width = desc_width(desc) * sf
@@ -202,6 +243,7 @@ local function leaf(g, m, desc, shape)
       local lin = {module = m, desc = {segs = segs, sf = sf}}
       g.linears[#g.linears + 1] = lin
       add_consumer(desc, lin)
+      read_desc(g, desc)
       local cs = new_cs(g, m.out_features, 'terminal')
       local out = {unpack(shape)}
       out[#out] = m.out_features
@@ -217,8 +259,8 @@ local function leaf(g, m, desc, shape)
       if PASS[t] == false then
          mark_no_rescale(desc)
          local segs = {}
-         for i, s in ipairs(desc.segs) do segs[i] = {cs = s.cs} end
-         return {segs = segs, sf = desc.sf, shared = desc.shared}, out_shape
+         for i, s in ipairs(desc.segs) do segs[i] = {cs = s.cs, via = s.via} end
+         return {segs = segs, sf = desc.sf}, out_shape
       end
       return desc, out_shape
    end
@@ -238,7 +280,6 @@ walk = function(g, m, desc, shape)
       return desc, shape
    elseif t == 'Residual' then
       g.pending = nil
-      desc = {segs = desc.segs, sf = desc.sf, shared = true} -- (read by both sides)
       local a, sa = walk(g, m.modules[1], desc, shape)
       g.pending = nil
       local b = desc
@@ -247,6 +288,8 @@ walk = function(g, m, desc, shape)
       if #a.segs ~= #b.segs then
          fail(m, 'residual add of differently segmented channels (%d vs %d segments) is not supported', #a.segs, #b.segs)
       end
+      read_desc(g, a)   -- the add reads both sides
+      read_desc(g, b)
       local segs = {}
       for i = 1, #a.segs do
          local r = union(g, a.segs[i].cs, b.segs[i].cs, m)
@@ -257,12 +300,11 @@ walk = function(g, m, desc, shape)
       return {segs = segs, sf = a.sf}, sa
    elseif t == 'Concat' then
       g.pending = nil
-      if #m.modules > 1 then desc = {segs = desc.segs, sf = desc.sf, shared = true} end -- (read by every branch)
       local segs, out_shape = {}, nil
       for _, c in ipairs(m.modules) do
          g.pending = nil
          local d, s = walk(g, c, desc, shape)
-         for _, sg in ipairs(d.segs) do segs[#segs + 1] = {cs = sg.cs, src = sg.src, src_off = sg.src_off} end
+         for _, sg in ipairs(d.segs) do segs[#segs + 1] = {cs = sg.cs, src = sg.src, src_off = sg.src_off, via = sg.via} end
          if not out_shape then out_shape = {unpack(s)} else out_shape[1] = out_shape[1] + s[1] end
       end
       g.pending = nil
@@ -277,7 +319,7 @@ function M.build(model, input_shape, fname)
    FNAME = fname or 'nr.rejuvenate'
    assert(type(input_shape) == 'table' and #input_shape >= 1, FNAME .. ': input_shape must be a table like {3, 32, 32}')
    local g = {model = model, input_shape = input_shape, units = {}, sets = {}, linears = {}, chanwise = {},
-              by_module = {}, owner_of = {}}
+              by_module = {}, owner_of = {}, reads = {}}
    local input = new_cs(g, input_shape[1], 'input')
    local desc, shape = walk(g, model, {segs = {{cs = input}}}, input_shape)
    g.input = input
@@ -288,6 +330,8 @@ function M.build(model, input_shape, fname)
    for _, cs in ipairs(g.sets) do
       if cs:root() == cs then g.roots[#g.roots + 1] = cs end
    end
+   read_desc(g, desc)   -- the model's output reads what reaches it
+   mark_soft_and_members(g)
    -- A grouped conv (1 < groups < channels) keeps its widths: its weight's group structure cannot
    -- be resized channel by channel, so the sets it reads and writes are fixed and pinned (not
    -- offered to the reallocation: they keep every channel and their width).
