@@ -428,6 +428,27 @@ nr_status nr_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float mo
  * checks every group before it steps any, so a refused step leaves all parameters as they were. */
 nr_status nr_sgd_check_many(const nr_sgd_job *jobs, int64_t n, float momentum, float weight_decay, int32_t nesterov);
 
+/* One Adam or AdamW step (torch.optim.Adam / AdamW semantics, amsgrad off) on each job's
+ * parameter, in place; decoupled = 0 is Adam (L2 decay through the gradient), 1 AdamW:
+ *   Adam:  d = grad + weight_decay * param          AdamW: param *= 1 - lr * weight_decay; d = grad
+ *   exp_avg = beta1 * exp_avg + (1 - beta1) * d;    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * d * d
+ *   param -= lr / (1 - beta1^step) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^step) + eps)
+ * step is the job's step number counting this one (>= 1; per parameter, as PyTorch's
+ * state['step']). exp_avg and exp_avg_sq: f32 of the parameter's shape, contiguous, zero-filled
+ * before a parameter's first step. Checks, devices and the one CUDA launch as nr_sgd_step_many. */
+typedef struct nr_adam_job {
+   nr_tensor *param;
+   const nr_tensor *grad;
+   nr_tensor *exp_avg;
+   nr_tensor *exp_avg_sq;
+   int64_t step;
+} nr_adam_job;
+nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
+                            float weight_decay, int32_t decoupled);
+/* The checks of nr_adam_step_many alone, changing nothing. */
+nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
+                             float weight_decay);
+
 /* ---------------------------------------------------------------- data */
 /* (section: data) */
 /* Datasets (core/data_dataset.c, data_idx.c, data_cifar.c, data_image.c). Samples are uint8 in C

@@ -2,13 +2,15 @@
  *
  * What it is: nr_sgd_step, one pass over a parameter that applies weight decay, momentum
  * (dampening 0, optionally Nesterov) and the update, with PyTorch's torch.optim.SGD semantics;
- * nr_sgd_step_many, the same for a list of parameters in one call (one kernel launch on CUDA).
+ * nr_sgd_step_many, the same for a list of parameters in one call (one kernel launch on CUDA);
+ * nr_adam_step_many, Adam and AdamW (torch.optim.Adam / AdamW) in one pass per parameter.
  * What it is not: parameter groups, schedules or state bookkeeping (lua/nr/optim does those).
  * Invariants: elementwise and in float32 in the same order as PyTorch, so results do not depend
  * on the thread count; the first step's "buf = grad" is obtained from a zero-initialised buffer
  * (momentum * 0 + g == g exactly), so C needs no first-step flag.
  */
 #include "internal.h"
+#include "adam_coef.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -118,5 +120,101 @@ nr_status nr_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float mo
    for (int64_t k = 0; k < n; k++)
       sgd_apply(jobs[k].param->data, jobs[k].grad->data, momentum != 0.0f ? jobs[k].momentum_buf->data : NULL,
                 nr_tensor_numel(jobs[k].param), lr, momentum, weight_decay, nesterov);
+   return NR_OK;
+}
+
+/* ---------------------------------------------------------------- Adam / AdamW */
+
+static nr_status adam_check(const char *func, const nr_adam_job *j, float lr, float beta1, float beta2, float eps,
+                            float weight_decay)
+{
+   if (!j->param) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "param: NULL tensor");
+   NR_TRY(nr_check_tensor(func, "param", j->param, NR_F32, -1, -1, NULL));
+   NR_TRY(nr_check_contiguous(func, "param", j->param));
+   const nr_tensor *pairs[3] = {j->grad, j->exp_avg, j->exp_avg_sq};
+   const char *names[3] = {"grad", "exp_avg", "exp_avg_sq"};
+   for (int i = 0; i < 3; i++) {
+      if (!pairs[i]) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: NULL tensor", names[i]);
+      NR_TRY(check_pair(func, names[i], pairs[i], j->param));
+   }
+   if (j->step < 1)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "step must be >= 1 (counting this one), got %lld",
+                        (long long)j->step);
+   if (!(lr >= 0.0f) || !(weight_decay >= 0.0f) || !(eps >= 0.0f))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "lr, eps and weight_decay must be >= 0, got %g, %g, %g",
+                        (double)lr, (double)eps, (double)weight_decay);
+   if (!(beta1 >= 0.0f && beta1 < 1.0f) || !(beta2 >= 0.0f && beta2 < 1.0f))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "betas must be in [0, 1), got %g, %g", (double)beta1,
+                        (double)beta2);
+   return NR_OK;
+}
+
+static nr_status adam_check_many(const char *func, const nr_adam_job *jobs, int64_t n, float lr, float beta1,
+                                 float beta2, float eps, float weight_decay)
+{
+   if (n < 0 || (n > 0 && !jobs))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "jobs: expected an array of n >= 0 jobs, got n = %lld",
+                        (long long)n);
+   char where[64];
+   for (int64_t k = 0; k < n; k++) {
+      snprintf(where, sizeof where, "%s (job %lld)", func, (long long)k);
+      NR_TRY(adam_check(where, &jobs[k], lr, beta1, beta2, eps, weight_decay));
+      if (k > 0) NR_TRY(nr_check_same_device(where, jobs[0].param, jobs[k].param));
+   }
+   return NR_OK;
+}
+
+nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
+                             float weight_decay)
+{
+   return adam_check_many(__func__, jobs, n, lr, beta1, beta2, eps, weight_decay);
+}
+
+/* Elements [lo, hi) of one parameter's update in PyTorch's order of operations
+ * (torch/optim/adam.py, adamw.py, _single_tensor_*): the L2 term or the decoupled decay, the two
+ * moments, then addcdiv. Cloned for AVX2 (the sqrt and divisions vectorize: this file is built
+ * with -fno-math-errno, exp_avg_sq is never negative). */
+NR_SIMD_CLONES
+static void adam_range(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t lo,
+                       int64_t hi, nr_adam_coef c, float beta1, float beta2, float eps, float l2)
+{
+   for (int64_t i = lo; i < hi; i++) {
+      float d = g[i];
+      float pi = p[i];
+      if (l2 != 0.0f) d = d + l2 * pi;
+      pi = pi * c.decay;
+      float mi = m[i] * beta1 + d * c.one_minus_beta1;
+      float vi = v[i] * beta2 + c.one_minus_beta2 * d * d;
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = pi + c.neg_step_size * (mi / (sqrtf(vi) / c.bc2_sqrt + eps));
+   }
+}
+
+enum { ADAM_BLOCK = 1 << 14 };
+
+static void adam_apply(float *p, const float *g, float *m, float *v, int64_t n, nr_adam_coef c, float beta1, float beta2,
+                       float eps, float l2)
+{
+   const int64_t nblocks = (n + ADAM_BLOCK - 1) / ADAM_BLOCK;
+#pragma omp parallel for schedule(static) if (nblocks > 1 && nr_parallel_worth(n, 8))
+   for (int64_t b = 0; b < nblocks; b++) {
+      int64_t lo = b * ADAM_BLOCK, hi = lo + ADAM_BLOCK < n ? lo + ADAM_BLOCK : n;
+      adam_range(p, g, m, v, lo, hi, c, beta1, beta2, eps, l2);
+   }
+}
+
+nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
+                            float weight_decay, int32_t decoupled)
+{
+   NR_TRY(adam_check_many(__func__, jobs, n, lr, beta1, beta2, eps, weight_decay)); /* all before any is updated */
+   if (n == 0) return NR_OK;
+   NR_ON_CUDA(jobs[0].param, nr_cuda_adam_step_many(jobs, n, lr, beta1, beta2, eps, weight_decay, decoupled));
+   for (int64_t k = 0; k < n; k++) {
+      const nr_adam_job *j = &jobs[k];
+      nr_adam_coef c = nr_adam_coef_of(j->step, lr, beta1, beta2, weight_decay, decoupled);
+      adam_apply(j->param->data, j->grad->data, j->exp_avg->data, j->exp_avg_sq->data, nr_tensor_numel(j->param), c,
+                 beta1, beta2, eps, decoupled ? 0.0f : weight_decay);
+   }
    return NR_OK;
 }

@@ -18,6 +18,7 @@
  * the live count).
  */
 #include "kernel_util.cuh"
+#include "../adam_coef.h"
 #include "../nn_rank.h"
 
 #include <cuda_runtime.h>
@@ -847,6 +848,33 @@ __global__ void k_sgd_many(const sgd_chunk *chunks, float lr, float mu, float wd
    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) sgd_elem(c.p, c.g, c.b, i, lr, mu, wd, nesterov);
 }
 
+/* Adam / AdamW: block k updates elements [begin, end) of its chunk's parameter, with that
+ * parameter's step scalars (adam_coef.h); the same order of operations as core/optim.c. */
+struct adam_chunk {
+   float *p;
+   const float *g;
+   float *m, *v;
+   int64_t begin, end;
+   nr_adam_coef c;
+};
+
+__global__ void k_adam_many(const adam_chunk *chunks, float beta1, float beta2, float eps, float l2)
+{
+   const adam_chunk ch = chunks[blockIdx.x];
+   const nr_adam_coef c = ch.c;
+   for (int64_t i = ch.begin + threadIdx.x; i < ch.end; i += blockDim.x) {
+      float d = ch.g[i];
+      float pi = ch.p[i];
+      if (l2 != 0.0f) d = d + l2 * pi;
+      pi = pi * c.decay;
+      float mi = ch.m[i] * beta1 + d * c.one_minus_beta1;
+      float vi = ch.v[i] * beta2 + c.one_minus_beta2 * d * d;
+      ch.m[i] = mi;
+      ch.v[i] = vi;
+      ch.p[i] = pi + c.neg_step_size * (mi / (sqrtf(vi) / c.bc2_sqrt + eps));
+   }
+}
+
 /* One block: max |gamma| ignoring NaN, then mask and live count into *live. */
 __global__ void k_live_mask(const float *g, int64_t gs, uint8_t *m, int64_t ms, int64_t c, float rel, float abs_min,
                             long long *live)
@@ -1320,6 +1348,45 @@ nr_status nr_cuda_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, flo
    NR_TRY(st);
    k_sgd_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>((const sgd_chunk *)dev, lr, momentum, weight_decay, nesterov != 0);
    NR_CU_LAUNCHED("sgd_step_many over %lld parameters", (long long)n);
+   return NR_OK;
+}
+
+/* As nr_cuda_sgd_step_many: chunks of SGD_CHUNK elements, one block each, the table through the
+ * staging ring into scratch slot 3. */
+nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
+                                 float weight_decay, int32_t decoupled)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(jobs[0].param->device_index, &ctx));
+   int64_t nchunks = 0;
+   for (int64_t k = 0; k < n; k++) nchunks += (nr_tensor_numel(jobs[k].param) + SGD_CHUNK - 1) / SGD_CHUNK;
+   if (nchunks == 0) return NR_OK;
+   if (nchunks > INT32_MAX) return NR_FAIL(NR_E_ARG, "%lld parameter chunks exceed one launch", (long long)nchunks);
+   adam_chunk *host = (adam_chunk *)malloc((size_t)nchunks * sizeof *host);
+   if (!host) return NR_FAIL(NR_E_OOM, "out of host memory for %lld Adam chunks", (long long)nchunks);
+   int64_t c = 0;
+   for (int64_t k = 0; k < n; k++) {
+      const nr_adam_job *j = &jobs[k];
+      const nr_adam_coef coef = nr_adam_coef_of(j->step, lr, beta1, beta2, weight_decay, decoupled);
+      int64_t numel = nr_tensor_numel(j->param);
+      for (int64_t at = 0; at < numel; at += SGD_CHUNK, c++) {
+         host[c].p = fpm(j->param);
+         host[c].g = fp(j->grad);
+         host[c].m = fpm(j->exp_avg);
+         host[c].v = fpm(j->exp_avg_sq);
+         host[c].begin = at;
+         host[c].end = at + SGD_CHUNK < numel ? at + SGD_CHUNK : numel;
+         host[c].c = coef;
+      }
+   }
+   void *dev = NULL;
+   nr_status st = nr_cuda_scratch(ctx, 3, nchunks * (int64_t)sizeof *host, &dev);
+   if (st == NR_OK) st = nr_cuda_upload(ctx, dev, host, nchunks * (int64_t)sizeof *host);
+   free(host);
+   NR_TRY(st);
+   k_adam_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>((const adam_chunk *)dev, beta1, beta2, eps,
+                                                           decoupled ? 0.0f : weight_decay);
+   NR_CU_LAUNCHED("adam_step_many over %lld parameters", (long long)n);
    return NR_OK;
 }
 

@@ -34,6 +34,7 @@ M.TYPES = {
    ['dist.check_every'] = 'integer', ['dist.buffers'] = 'string', ['dist.enabled'] = 'boolean', ['dist.sync_bn'] = 'boolean',
    ['optim.name'] = 'string', ['optim.lr'] = 'number', ['optim.momentum'] = 'number',
    ['optim.weight_decay'] = 'number', ['optim.nesterov'] = 'boolean', ['optim.no_decay_bn_bias'] = 'boolean',
+   ['optim.betas'] = 'list', ['optim.eps'] = 'number',
    ['schedule.name'] = 'string', ['schedule.warmup'] = 'number', ['schedule.milestones'] = 'list',
    ['schedule.gamma'] = 'number', ['schedule.step_size'] = 'number', ['schedule.min_lr'] = 'number',
    ['schedule.warmup_start'] = 'number', ['schedule.epochs'] = 'number', ['schedule.granularity'] = 'string',
@@ -339,7 +340,32 @@ function M.apply(recipe, args)
       and r.data.dataset ~= (type(recipe.data) == 'table' and recipe.data.dataset or nil) then
       r.data.root = nil
    end
-   return r
+   -- Another optimizer (--optim.name adamw on an sgd recipe): the recipe's optim settings were
+   -- tuned for its own (sgd's lr 0.1 and momentum), so the new one starts from its defaults
+   -- (nr.optim.RECIPE_DEFAULTS) plus the optim flags given; no_decay_bn_bias (which parameters
+   -- decay, not how) stays.
+   local notes = {}
+   local old_optim = type(recipe.optim) == 'table' and recipe.optim or {}
+   if set_paths['optim.name'] and type(r.optim) == 'table' and type(r.optim.name) == 'string'
+      and r.optim.name:lower() ~= tostring(old_optim.name or 'sgd'):lower() then
+      local o = {name = r.optim.name, no_decay_bn_bias = old_optim.no_decay_bn_bias}
+      local dropped = {}
+      for k in pairs(old_optim) do
+         if k ~= 'name' and k ~= 'no_decay_bn_bias' and not set_paths['optim.' .. k] then dropped[#dropped + 1] = k end
+      end
+      for p in pairs(set_paths) do
+         local k = p:match('^optim%.(.+)$')
+         if k then o[k] = r.optim[k] end
+      end
+      r.optim = o
+      if #dropped > 0 then
+         table.sort(dropped)
+         notes[#notes + 1] = string.format('--optim.name %s: the recipe\'s %s settings (%s) are not used; %s starts from its '
+            .. 'defaults (set them with --optim.FIELD)', r.optim.name, tostring(old_optim.name or 'sgd'), table.concat(dropped, ', '),
+            r.optim.name)
+      end
+   end
+   return r, nil, notes
 end
 
 -- --resume DIR from the command line: the run's own settings (DIR/recipe.json, the resolved
@@ -415,11 +441,12 @@ end
 
 -- run(tbl, args, path): the CLI entry for recipe files. Returns the summary (nil for --help).
 function M.run(recipe, args, path)
-   local r, what = M.apply(recipe, args)
+   local r, what, notes = M.apply(recipe, args)
    if what == 'help' then
       io.write(M.help(recipe, path), '\n')
       return nil
    end
+   for _, n in ipairs(notes) do io.write(n, '\n') end
    if type(r.resume) == 'string' then
       local base, changed, note = M.resume_base(recipe, r.resume)
       if note then io.write('resume: ', note, '\n') end

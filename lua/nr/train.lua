@@ -57,7 +57,7 @@ M.DEFAULTS = {
       drop_last = false,   -- training loader: drop the last partial batch (as PyTorch's DataLoader)
    },
    optim = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 5e-4, nesterov = false,
-            no_decay_bn_bias = false},
+            no_decay_bn_bias = false},   -- sgd's; another optim.name gets nr.optim.RECIPE_DEFAULTS[name]
    schedule = {name = 'cosine', warmup = 0},
    loss = {label_smoothing = 0},
    epochs = 10,            -- schedule epochs (epochs the run trains unless held epochs extend it)
@@ -165,7 +165,13 @@ function M.resolve(recipe)
    end
    local r = {}
    for k, v in pairs(recipe) do r[k] = deep_copy(v) end
-   for k, d in pairs(M.DEFAULTS) do
+   -- the optimizer's defaults are those of the one the recipe names (sgd's momentum would be an
+   -- unknown setting for adamw)
+   local optim_name = type(r.optim) == 'table' and type(r.optim.name) == 'string' and r.optim.name:lower() or 'sgd'
+   local defaults = setmetatable({optim = require('nr.optim').RECIPE_DEFAULTS[optim_name] or M.DEFAULTS.optim},
+                                 {__index = M.DEFAULTS})
+   for k in pairs(M.DEFAULTS) do
+      local d = defaults[k]
       if r[k] == nil then
          r[k] = deep_copy(d)
       elseif type(d) == 'table' and type(r[k]) == 'table' and not is_module(r[k]) then

@@ -123,11 +123,19 @@ describe('nr.rejuvenate repeated and detailed', function()
       end)
    end
 
-   -- net() after one SGD step with momentum on input x (so every parameter has a momentum buffer)
-   local function stepped_net(seed)
+   -- The optimizers whose state surgery carries: SGD's momentum (a gradient sum), AdamW's moments
+   -- (exp_avg a gradient average, exp_avg_sq of squares) and per-parameter step.
+   local OPTIMIZERS = {
+      {name = 'SGD', keys = {momentum = 1}, make = function(m) return nr.optim.SGD(m, {lr = 0.1, momentum = 0.9}) end},
+      {name = 'AdamW', keys = {exp_avg = 1, exp_avg_sq = 2}, make = function(m) return nr.optim.AdamW(m, {lr = 0.01}) end},
+   }
+
+   -- net() after one step of optimizer o (default SGD with momentum) on input x (so every parameter
+   -- has its state)
+   local function stepped_net(seed, o)
       nr.manual_seed(seed)
       local m = net()
-      local opt = nr.optim.SGD(m, {lr = 0.1, momentum = 0.9})
+      local opt = (o or OPTIMIZERS[1]).make(m)
       local x = nr.randn({2, 3, 4, 4})
       local y = m:forward(x)
       m:zeroGradParameters()
@@ -136,26 +144,34 @@ describe('nr.rejuvenate repeated and detailed', function()
       return m, opt, x
    end
 
-   it('remaps optimizer momentum: survivors gathered, new entries zero; or drops it', function()
-      local m, opt, x = stepped_net(11)
+   for _, o in ipairs(OPTIMIZERS) do
+   it(o.name .. ': remaps the optimizer state: survivors gathered, new entries zero; or drops it', function()
+      local m, opt, x = stepped_net(11, o)
       local conv = m:findModules('Conv2d')[2]          -- a1: 8 -> 12, input fixed (all live)
       local bn = m:findModules('BatchNorm2d')[2]
       for i = 1, 12, 3 do bn.weight:set(i, 0) end      -- kill channels 1, 4, 7, 10 (0-based 0, 3, 6, 9)
-      local old = opt:state_of(conv.weight).momentum:clone()
+      local olds = {}
+      for key in pairs(o.keys) do olds[key] = opt:state_of(conv.weight)[key]:clone() end
+      local old_step = opt:state_of(conv.weight).step
       nr.rejuvenate(m, {input_shape = SHAPE, optimizer = opt})
       local nc = m:findModules('Conv2d')[2]
-      local mom = opt:state_of(nc.weight).momentum
-      assert.are.equal(nc.weight:size(1), mom:size(1))
-      -- survivor k = 1 is old channel 1 (0-based); input channels: the 8 old ones come first
-      local a = mom:narrow(1, 1, 1):narrow(2, 1, 8)
-      local b = old:narrow(1, 2, 1)
-      assert.is_true(a:sub(b):abs():max() == 0)
-      local fresh = mom:narrow(1, 9, nc.weight:size(1) - 8)
-      assert.are.equal(0, fresh:abs():max())
+      for key, old in pairs(olds) do
+         local mom = opt:state_of(nc.weight)[key]
+         assert.are.equal(nc.weight:size(1), mom:size(1))
+         -- survivor k = 1 is old channel 1 (0-based); input channels: the 8 old ones come first
+         local a = mom:narrow(1, 1, 1):narrow(2, 1, 8)
+         local b = old:narrow(1, 2, 1)
+         assert.is_true(b:abs():max() > 0 and a:sub(b):abs():max() == 0, key)
+         local fresh = mom:narrow(1, 9, nc.weight:size(1) - 8)
+         assert.are.equal(0, fresh:abs():max())
+      end
+      -- the step count goes with the state (Adam's bias corrections)
+      assert.are.equal(old_step, opt:state_of(nc.weight).step)
+      if o.name ~= 'SGD' then assert.are.equal(1, old_step) end
       opt:step()   -- the optimizer works on the new parameters
       -- dropping
       local m2 = net()
-      local opt2 = nr.optim.SGD(m2, {lr = 0.1, momentum = 0.9})
+      local opt2 = o.make(m2)
       local y2 = m2:forward(x)
       m2:zeroGradParameters()
       m2:backward(x, nr.randn(y2:shape()))
@@ -164,20 +180,23 @@ describe('nr.rejuvenate repeated and detailed', function()
       nr.rejuvenate(m2, {input_shape = SHAPE, optimizer = opt2, optim_state = 'drop'})
       assert.is_nil(opt2:state_of(m2:findModules('Conv2d')[2].weight))
    end)
+   end
 
-   it('remaps conv bias momentum into CR / CA blocks and back out of them', function()
-      for _, scheme in ipairs({'CR', 'CA'}) do
+   it('remaps conv bias state into CR / CA blocks and back out of them (SGD momentum, AdamW moments)', function()
+      for _, case in ipairs({{'CR', OPTIMIZERS[1]}, {'CA', OPTIMIZERS[1]}, {'CR', OPTIMIZERS[2]}, {'CA', OPTIMIZERS[2]}}) do
+         local scheme, o = case[1], case[2]
+         local key = o.name == 'SGD' and 'momentum' or 'exp_avg_sq'
          nr.manual_seed(21)
          local m = nn.Sequential{
             nn.Conv2d(3, 6, 3, {padding = 1, bias = false}), nn.BatchNorm2d(6), nn.ReLU(),
             nn.Conv2d(6, 6, 3, {padding = 1}), nn.BatchNorm2d(6), nn.ReLU(),
             nn.GlobalAvgPool2d(), nn.Linear(6, 2)}
-         local opt = nr.optim.SGD(m, {lr = 0.1, momentum = 0.9})
-         -- the bias momentum of the second conv as one vector (blocks: their dense view)
+         local opt = o.make(m)
+         -- the bias state of the second conv as one vector (blocks: their dense view)
          local function bias_mom()
             local c = m.modules[4]
-            if c:typename() ~= 'NRConv2d' then return opt:state_of(c.bias).momentum:totable() end
-            return c:dense_bias(function(b) local st = opt:state_of(b.conv.bias); return st and st.momentum end):totable()
+            if c:typename() ~= 'NRConv2d' then return opt:state_of(c.bias)[key]:totable() end
+            return c:dense_bias(function(b) local st = opt:state_of(b.conv.bias); return st and st[key] end):totable()
          end
          local types = {}
          for round = 1, 2 do
@@ -185,7 +204,8 @@ describe('nr.rejuvenate repeated and detailed', function()
             local with_bias = c:typename() == 'NRConv2d' and {} or {c}
             if #with_bias == 0 then for _, b in ipairs(c.blocks) do if b.conv.bias then with_bias[#with_bias + 1] = b.conv end end end
             for k, conv in ipairs(with_bias) do
-               opt:set_state_of(conv.bias, {momentum = nr.arange(conv.bias:numel()):add_(1 + 10 * k)})
+               local t = nr.arange(conv.bias:numel()):add_(1 + 10 * k)
+               opt:set_state_of(conv.bias, o.name == 'SGD' and {momentum = t} or {exp_avg = t:clone(), exp_avg_sq = t, step = 7})
             end
             local old = bias_mom()
             m.modules[2].weight:set(2, 0)          -- an input channel dies (the blocks split by generation)
@@ -196,6 +216,11 @@ describe('nr.rejuvenate repeated and detailed', function()
             for i = 1, #old do if i ~= 3 then want[#want + 1] = old[i] end end
             for _ = #want + 1, #new do want[#want + 1] = 0 end
             assert.same(want, new, scheme .. ' round ' .. round)
+            if o.name ~= 'SGD' then
+               local c2 = m.modules[4]
+               local p = c2:typename() == 'NRConv2d' and c2.blocks[1].conv.bias or c2.bias
+               assert.are.equal(7, opt:state_of(p).step)
+            end
          end
          -- into blocks in round 1; CR's merged generations make it dense again in round 2
          assert.same(scheme == 'CR' and {'NRConv2d', 'Conv2d'} or {'NRConv2d', 'NRConv2d'}, types)
@@ -230,10 +255,37 @@ describe('nr.rejuvenate repeated and detailed', function()
          end
          local x = nr.randn({2, 3, 6, 6})
          local want = ref:forward(x):clone()
-         nr.rejuvenate(m, {input_shape = {3, 6, 6}, scheme = 'CA', generations = 'keep', budget = 0})
+         -- AdamW state of every block: all ones, so a folded row reads 1 / f (exp_avg, a gradient
+         -- average) and 1 / f² (exp_avg_sq, of squares)
+         local opt = nr.optim.AdamW(m, {lr = 0.01})
+         for _, b in ipairs(m.modules[4].blocks) do
+            local sh = b.conv.weight:shape()
+            opt:set_state_of(b.conv.weight, {exp_avg = nr.ones(sh), exp_avg_sq = nr.ones(sh), step = 3})
+         end
+         local B = bias and m.modules[4]:dense_bias():totable()
+         nr.rejuvenate(m, {input_shape = {3, 6, 6}, scheme = 'CA', generations = 'keep', budget = 0, optimizer = opt})
          m:evaluate()
          assert.truthy(m.modules[4]:extra():find('|1:', 1, true))    -- generation 1 still has outputs
          assert.is_true(rel(m:forward(x), want) <= 1e-5, 'bias ' .. tostring(bias))
+         local function dense_state(key)
+            local c = m.modules[4]
+            local get = function(b) local st = opt:state_of(b.conv.weight); return st and st[key] end
+            return c.dense and c:dense(get) or opt:state_of(c.weight)[key]
+         end
+         local E1, E2 = dense_state('exp_avg'), dense_state('exp_avg_sq')
+         local folded = 0
+         for q = 1, E1:size(1) do
+            local v1, v2 = E1:narrow(1, q, 1):abs():max(), E2:narrow(1, q, 1):abs():max()
+            assert.is_true(math.abs(v2 - v1 * v1) <= 1e-6 * v2, 'row ' .. q)
+            if math.abs(v1 - 1) > 1e-6 then
+               folded = folded + 1
+               assert.is_true(math.abs(v1 - (1 + math.exp(-B[q])) / 2) <= 1e-6, 'row ' .. q .. ': 1 / 2σ(b)')
+            end
+         end
+         local gen1 = 0   -- the second conv's generation-1 outputs: the orphans
+         for _, gg in ipairs(m.modules[4].nr_gens) do if gg.gen ~= 0 then gen1 = gen1 + gg.n end end
+         assert.is_true(gen1 > 0)
+         assert.are.equal(bias and gen1 or 0, folded)
       end
    end)
 
@@ -301,28 +353,39 @@ describe('nr.rejuvenate repeated and detailed', function()
       assert.has_error(function() oopt:step() end)
    end)
 
-   it('rescaling transforms momentum as the gradients (γ, β: / s; consumer columns: × s)', function()
-      -- the same run twice (same seed), without and with rescaling: they differ only by s
-      local function run(rescale)
-         local m, opt = stepped_net(12)
-         local bn = m:findModules('BatchNorm2d')[2]      -- a1's BN: through ReLU to a2, rescalable
-         bn.weight:set(1, 0)
-         bn.weight:set(4, 0)
-         nr.rejuvenate(m, {input_shape = SHAPE, optimizer = opt, rescale = rescale})
-         bn = m:findModules('BatchNorm2d')[2]
-         local a2 = m:findModules('Conv2d')[3]
-         return {g = bn.weight:clone(), mg = opt:state_of(bn.weight).momentum:clone(),
-                 mb = opt:state_of(bn.bias).momentum:clone(), mw = opt:state_of(a2.weight).momentum:clone()}
+   it('rescaling transforms optimizer state as the gradients (γ, β: / s; consumer columns: × s; squares: s²)', function()
+      for _, o in ipairs(OPTIMIZERS) do
+         -- the same run twice (same seed), without and with rescaling: they differ only by s
+         local function run(rescale)
+            local m, opt = stepped_net(12, o)
+            local bn = m:findModules('BatchNorm2d')[2]      -- a1's BN: through ReLU to a2, rescalable
+            bn.weight:set(1, 0)
+            bn.weight:set(4, 0)
+            nr.rejuvenate(m, {input_shape = SHAPE, optimizer = opt, rescale = rescale})
+            bn = m:findModules('BatchNorm2d')[2]
+            local a2 = m:findModules('Conv2d')[3]
+            local out = {g = bn.weight:clone()}
+            for key in pairs(o.keys) do
+               out[key] = {g = opt:state_of(bn.weight)[key]:clone(), b = opt:state_of(bn.bias)[key]:clone(),
+                           w = opt:state_of(a2.weight)[key]:clone()}
+            end
+            return out
+         end
+         local a, b = run(false), run(true)
+         local s = b.g:div(a.g)                              -- γ of every channel is nonzero here
+         local n_scaled = 0
+         for j = 1, s:size(1) do if math.abs(s:get(j) - 1) > 1e-6 then n_scaled = n_scaled + 1 end end
+         assert.is_true(n_scaled >= 2)
+         for key, power in pairs(o.keys) do
+            local sp = s:clone()
+            if power == 2 then sp:mul_(s) end
+            local A, B = a[key], b[key]
+            assert.is_true(A.g:abs():max() > 0 and A.w:abs():max() > 0, o.name .. ' ' .. key)
+            assert.is_true(rel(B.g, A.g:div(sp)) <= 1e-6, o.name .. ' ' .. key)
+            assert.is_true(rel(B.b, A.b:div(sp)) <= 1e-6, o.name .. ' ' .. key)
+            assert.is_true(rel(B.w, A.w:mul(sp:reshape(1, s:size(1), 1, 1))) <= 1e-6, o.name .. ' ' .. key)
+         end
       end
-      local a, b = run(false), run(true)
-      local s = b.g:div(a.g)                              -- γ of every channel is nonzero here
-      local n_scaled = 0
-      for j = 1, s:size(1) do if math.abs(s:get(j) - 1) > 1e-6 then n_scaled = n_scaled + 1 end end
-      assert.is_true(n_scaled >= 2)
-      assert.is_true(a.mg:abs():max() > 0 and a.mw:abs():max() > 0)
-      assert.is_true(rel(b.mg, a.mg:div(s)) <= 1e-6)
-      assert.is_true(rel(b.mb, a.mb:div(s)) <= 1e-6)
-      assert.is_true(rel(b.mw, a.mw:mul(s:reshape(1, s:size(1), 1, 1))) <= 1e-6)
    end)
 
    it('rescaling through a depthwise conv that reads a concat: each consumer scaled on the channels it reads', function()

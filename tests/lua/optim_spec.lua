@@ -193,7 +193,7 @@ describe('nr.optim.SGD', function()
       assert.truthy(msg(function() opt:set_state_of(m.weight, {momentum = nr.zeros({3})}) end):find('shape', 1, true))
       assert.truthy(msg(function() opt:load_state({t = 'x'}) end):find('state.t', 1, true))
       assert.truthy(msg(function() opt:load_state({t = 0 / 0}) end):find('state.t', 1, true))
-      assert.truthy(msg(function() nr.optim.build({name = 'adamw', lr = 1}, m) end):find('adamw', 1, true))
+      assert.truthy(msg(function() nr.optim.build({name = 'adagrad', lr = 1}, m) end):find('unknown optimizer "adagrad"', 1, true))
    end)
 
    it('refuses settings that are not finite numbers >= 0 (config and groups, at construction and step), a non-boolean nesterov and a non-string name', function()
@@ -322,5 +322,154 @@ describe('nr.optim.SGD', function()
       assert.truthy(tostring(err):find('weight', 1, true))
       assert.truthy(tostring(err):find('nr_sgd_check_many (job 0): grad', 1, true))
       assert.truthy(tostring(err):find('SGD:step (weight)', 1, true))
+   end)
+end)
+
+-- Adam / AdamW against torch.optim.Adam / AdamW (PyTorch 1.13, /usr/bin/python3):
+--   p0 = [1.0, -2.0, 0.5, 3.0, 0.0]
+--   grads = [[0.1, -0.2, 0.3, -0.4, 0.0], [0.5, 0.25, -0.125, 1.0, 1e-7], [-0.3, 0.7, 0.2, -0.1, -2.0],
+--            [0.05, 0.0, -0.6, 0.4, 0.3]]
+--   for name, cfg in ADAM_GOLDEN's cases:
+--       p = torch.tensor(p0, dtype=torch.float32, requires_grad=True)
+--       opt = getattr(torch.optim, name)([p], **cfg)
+--       for g in grads:
+--           p.grad = torch.tensor(g, dtype=torch.float32); opt.step(); print(p.tolist())
+local ADAM_P0 = {1.0, -2.0, 0.5, 3.0, 0.0}
+local ADAM_GRADS = {{0.1, -0.2, 0.3, -0.4, 0.0}, {0.5, 0.25, -0.125, 1.0, 1e-7}, {-0.3, 0.7, 0.2, -0.1, -2.0},
+                    {0.05, 0.0, -0.6, 0.4, 0.3}}
+local ADAM_GOLDEN = {
+   {'Adam', {lr = 0.1},
+    {{0.899999976, -1.89999998, 0.400000006, 3.0999999, 0},
+     {0.813895345, -1.91627324, 0.366785914, 3.0557785, -0.0651958957},
+     {0.788942516, -1.97960281, 0.311422944, 3.02765083, -0.00131454319},
+     {0.76367712, -2.03147864, 0.336157352, 2.98586845, 0.0418089665}}},
+   {'Adam', {lr = 0.05, weight_decay = 1e-2, betas = {0.8, 0.99}, eps = 1e-6},
+    {{0.950000465, -1.95000029, 0.450000167, 3.04999995, 0},
+     {0.905072093, -1.95671856, 0.435179085, 3.02369809, -0.00259390078},
+     {0.893961787, -1.99079537, 0.407285124, 3.00693631, 0.0327215977},
+     {0.88216579, -2.01597476, 0.424072891, 2.98262405, 0.0544346422}}},
+   {'AdamW', {lr = 0.1, weight_decay = 0.1},
+    {{0.889999986, -1.88, 0.395000011, 3.06999993, 0},
+     {0.794995368, -1.87747324, 0.357835919, 2.99507856, -0.0651958957},
+     {0.76209259, -1.92202806, 0.298894584, 2.93700004, -0.000662587583},
+     {0.729206264, -1.95468354, 0.320640057, 2.86584759, 0.0424675494}}},
+   {'AdamW', {lr = 0.01, weight_decay = 1e-2, betas = {0.5, 0.9}, eps = 1e-3},
+    {{0.989998996, -1.98984969, 0.489983201, 3.00967503, 0},
+     {0.979995668, -1.99402344, 0.489198416, 3.00250959, -6.66618291e-07},
+     {0.980310202, -2.00338721, 0.483565211, 2.99944592, 0.00939849764},
+     {0.979529619, -2.00848413, 0.490588844, 2.99395823, 0.0129982047}}},
+}
+
+-- |got - want| within 1e-6 relative to max(1, |want|), and within 1e-6 absolute of the tiny ones
+local function adam_differ(got, want)
+   return differ(got, want, 1e-6)
+end
+
+describe('nr.optim.Adam and AdamW', function()
+   for k, case in ipairs(ADAM_GOLDEN) do
+      it(string.format('matches torch.optim.%s (case %d)', case[1], k), function()
+         local m = Leaf(ADAM_P0)
+         local opt = nr.optim[case[1]](m, case[2])
+         for s = 1, 4 do
+            m.gradWeight:copy(nr.tensor(ADAM_GRADS[s]))
+            opt:step()
+            local d = adam_differ(m.weight:totable(), case[3][s])
+            assert(d == nil, 'step ' .. s .. ': ' .. tostring(d))
+         end
+         assert.equal(4, opt:state_of(m.weight).step)
+      end)
+   end
+
+   it('round-trips state() / load_state() (moments and the per-parameter step) and continues as PyTorch', function()
+      local case = ADAM_GOLDEN[3]
+      local m1 = Leaf(ADAM_P0)
+      local o1 = nr.optim.AdamW(m1, case[2])
+      for s = 1, 2 do m1.gradWeight:copy(nr.tensor(ADAM_GRADS[s])); o1:step() end
+      local st = o1:state()
+      assert.equal('adamw', st.name)
+      assert.equal(2, st.params.weight.step)
+      assert.truthy(nr.is_tensor(st.params.weight.exp_avg) and nr.is_tensor(st.params.weight.exp_avg_sq))
+      local m2 = Leaf(ADAM_P0)
+      m2.weight:copy(m1.weight)
+      local o2 = nr.optim.AdamW(m2, {lr = 0.5})
+      o2:load_state(st)
+      for s = 3, 4 do m2.gradWeight:copy(nr.tensor(ADAM_GRADS[s])); o2:step() end
+      assert.is_nil(adam_differ(m2.weight:totable(), case[3][4]))
+      -- another optimizer's state is refused by name
+      local sgd = nr.optim.SGD(Leaf(ADAM_P0), {lr = 0.1, momentum = 0.9})
+      local ok, e = pcall(sgd.load_state, sgd, st)
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('state is for optimizer "adamw", not sgd', 1, true), tostring(e))
+      ok, e = pcall(o2.load_state, o2, {params = {weight = {momentum = nr.zeros({5})}}})
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('weight: unknown state "momentum" for AdamW (it keeps: exp_avg, exp_avg_sq, step)', 1, true),
+         tostring(e))
+      ok, e = pcall(o2.load_state, o2, {params = {weight = {step = -1}}})
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('weight.step', 1, true), tostring(e))
+   end)
+
+   it('dropping a parameter\'s state restarts its moments and bias corrections (a fresh Adam from there)', function()
+      local m1 = Leaf(ADAM_P0)
+      local o1 = nr.optim.Adam(m1, {lr = 0.1})
+      for s = 1, 2 do m1.gradWeight:copy(nr.tensor(ADAM_GRADS[s])); o1:step() end
+      o1:set_state_of(m1.weight, nil)
+      local m2 = Leaf(m1.weight:totable())
+      local o2 = nr.optim.Adam(m2, {lr = 0.1})
+      for s = 3, 4 do
+         for _, m in ipairs({m1, m2}) do m.gradWeight:copy(nr.tensor(ADAM_GRADS[s])) end
+         o1:step(); o2:step()
+      end
+      assert.same(m2.weight:totable(), m1.weight:totable())
+      assert.equal(2, o1:state_of(m1.weight).step)
+   end)
+
+   it('refuses bad settings with clear errors', function()
+      local m = Leaf({1})
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      for _, c in ipairs({
+         {{lr = 0.1, betas = {0.9, 1}}, 'config.betas must be two numbers in [0, 1)'},
+         {{lr = 0.1, betas = 0.9}, 'config.betas must be two numbers in [0, 1)'},
+         {{lr = 0.1, eps = -1}, 'config.eps must be a finite number >= 0, got -1'},
+         {{lr = 0 / 0}, 'config.lr must be a finite number >= 0, got nan'},
+         {{lr = 0.1, momentum = 0.9}, 'momentum'},
+      }) do
+         local e = msg(function() nr.optim.AdamW(m, c[1]) end)
+         assert.truthy(e:find(c[2], 1, true), e)
+         assert.truthy(e:find('nr.optim.AdamW', 1, true), e)
+      end
+      -- a recipe's sgd settings under --optim.name adamw: named as sgd's
+      local e = msg(function() nr.optim.build({name = 'adamw', lr = 1e-3, momentum = 0.9, nesterov = false}, m) end)
+      assert.truthy(e:find("nr.optim: adamw takes no momentum (sgd's), nesterov (sgd's); remove them from the optim table", 1, true), e)
+      -- the trainer fills the named optimizer's defaults, not sgd's
+      local r = require('nr.train').resolve({optim = {name = 'adamw'}})
+      assert.same({0.9, 0.999}, r.optim.betas)
+      assert.is_nil(r.optim.momentum)
+      assert.equal(1e-2, r.optim.weight_decay)
+      local opt = nr.optim.build(r.optim, m)
+      assert.equal('AdamW', opt.NAME)
+      assert.equal(1e-2, opt.config.weight_decay)
+   end)
+
+   it('nr_adam_step_many checks every job first and names the bad one', function()
+      local ffi, C = require('ffi'), require('nr.ffi').C
+      local p0, p1 = nr.randn({4}), nr.randn({3})
+      local before = p0:clone()
+      local jobs = ffi.new('nr_adam_job[2]')
+      jobs[0].param, jobs[0].grad, jobs[0].exp_avg, jobs[0].exp_avg_sq, jobs[0].step = p0.c, nr.randn({4}).c, nr.zeros({4}).c,
+         nr.zeros({4}).c, 1
+      jobs[1].param, jobs[1].grad, jobs[1].exp_avg, jobs[1].exp_avg_sq, jobs[1].step = p1.c, nr.randn({3}).c, nr.zeros({3}).c,
+         nr.zeros({2}).c, 1
+      assert.are_not.equal(0, C.nr_adam_step_many(jobs, 2, 0.1, 0.9, 0.999, 1e-8, 0, 1))
+      assert.truthy(ffi.string(C.nr_last_error()):find('nr_adam_step_many (job 1): exp_avg_sq: expected', 1, true))
+      assert.equal(0, before:sub(p0):abs():max())
+      jobs[1].exp_avg_sq = nr.zeros({3}).c
+      jobs[1].step = 0
+      assert.are_not.equal(0, C.nr_adam_step_many(jobs, 2, 0.1, 0.9, 0.999, 1e-8, 0, 1))
+      assert.truthy(ffi.string(C.nr_last_error()):find('step must be >= 1', 1, true))
+      jobs[1].step = 1
+      assert.are_not.equal(0, C.nr_adam_step_many(jobs, 2, 0.1, 1.0, 0.999, 1e-8, 0, 1))
+      assert.truthy(ffi.string(C.nr_last_error()):find('betas must be in [0, 1)', 1, true))
+      assert.equal(0, before:sub(p0):abs():max())
    end)
 end)

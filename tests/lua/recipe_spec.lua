@@ -240,6 +240,21 @@ return {
       assert.equal('fashion-mnist', R.apply({epochs = 1}, {'--dataset', 'fashion-mnist'}).data.dataset)
    end)
 
+   it('--optim.name switching the optimizer starts it from its defaults plus the optim flags given', function()
+      local base = {optim = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 1e-4, nesterov = true, no_decay_bn_bias = true}}
+      local r, _, notes = R.apply(base, {'--optim.name', 'adamw', '--lr', '3e-4', '--optim.betas', '0.9,0.98'})
+      assert.same({name = 'adamw', lr = 3e-4, betas = {0.9, 0.98}, no_decay_bn_bias = true}, r.optim)
+      assert.equal(1, #notes)
+      assert.truthy(notes[1]:find("the recipe's sgd settings (momentum, nesterov, weight_decay) are not used", 1, true), notes[1])
+      local resolved = require('nr.train').resolve(r)
+      assert.equal(1e-8, resolved.optim.eps)
+      assert.equal(1e-2, resolved.optim.weight_decay)
+      require('nr.optim').build(resolved.optim, require('nr.nn').Linear(2, 2))   -- builds: no sgd setting left over
+      -- the same optimizer named again keeps the recipe's settings
+      r = R.apply(base, {'--optim.name', 'SGD'})
+      assert.equal(0.9, r.optim.momentum)
+   end)
+
    it('a section that is off (false) is turned on by setting one of its fields', function()
       local r = R.apply({epochs = 1, schedule = false, nr = false}, {'--schedule', 'cosine', '--nr.target', '0.5'})
       assert.equal('cosine', r.schedule.name)

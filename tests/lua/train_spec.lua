@@ -219,6 +219,26 @@ describe('nr.train', function()
       assert.equal(4, n)
    end)
 
+   it('resumes AdamW exactly (its moments and per-parameter steps go through the checkpoint)', function()
+      local adamw = {name = 'adamw', lr = 2e-3, weight_decay = 1e-2}
+      local whole = nr.train(recipe(TMP .. '/adamw_a', {optim = adamw, epochs = 2}))
+      local dir = TMP .. '/adamw_b'
+      local ok, err = pcall(nr.train, recipe(dir, {optim = adamw, epochs = 2, hooks = {epoch_begin = function(_, info)
+         if info.epoch == 2 then error('simulated kill before epoch 2', 0) end
+      end}}))
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('simulated kill', 1, true))
+      local _, st = weights_of(dir)
+      assert.equal('adamw', st.optimizer.name)
+      local any = next(st.optimizer.params)
+      assert.equal(8, st.optimizer.params[any].step)   -- 256 samples / 32 per batch, one epoch
+      local summary = nr.train(recipe(dir, {optim = adamw, epochs = 2, resume = dir}))
+      assert.equal(16, summary.steps)
+      local d = first_difference(weights_of(TMP .. '/adamw_a'), weights_of(dir))
+      assert(d == nil, 'resumed run differs from the uninterrupted one: ' .. tostring(d))
+      assert.equal(whole.final_top1, summary.final_top1)
+   end)
+
    -- Held epochs extend the run (tr.extend_held, the generic mechanism NR switches on): a hook
    -- holds the schedule during epochs 1-2 of a 3-epoch recipe (warm-up off, so the held LR is the
    -- base LR).

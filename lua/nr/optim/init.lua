@@ -1,17 +1,31 @@
--- nr.optim — optimizers. nr.optim.SGD(module_or_groups, config) (lua/nr/optim/sgd.lua);
+-- nr.optim — optimizers. nr.optim.SGD(module_or_groups, config) (lua/nr/optim/sgd.lua),
+-- nr.optim.Adam and nr.optim.AdamW (adam.lua), all nr.optim.Optimizer (optimizer.lua);
 -- nr.optim.param_groups(model, {no_decay_bn_bias = true}) builds groups (no weight decay on
 -- biases and normalization parameters); nr.optim.build(cfg, model) makes the optimizer a
 -- recipe's `optim` table names ({name = 'sgd', lr = ..., ...}).
 -- Every optimizer offers: step(), zero_grad(), config (writable), state()/load_state(t) keyed by
 -- parameter names, state_of(p)/set_state_of(p, t), refresh() (docs/ARCHITECTURE.md).
 local check = require 'nr.check'
+local Optimizer = require 'nr.optim.optimizer'
 local SGD = require 'nr.optim.sgd'
+local adam = require 'nr.optim.adam'
 
 local M = {}
+M.Optimizer = Optimizer
 M.SGD = SGD
-M.param_groups = SGD.param_groups
+M.Adam = adam.Adam
+M.AdamW = adam.AdamW
+M.param_groups = Optimizer.param_groups
 
-local BUILDERS = {sgd = SGD}
+local BUILDERS = {sgd = SGD, adam = adam.Adam, adamw = adam.AdamW}
+
+-- A recipe's optim table is filled from these when it names the optimizer (nr.train.resolve):
+-- sgd as the paper trains (momentum 0.9), Adam and AdamW as PyTorch's defaults.
+M.RECIPE_DEFAULTS = {
+   sgd = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 5e-4, nesterov = false, no_decay_bn_bias = false},
+   adam = {name = 'adam', lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = 0, no_decay_bn_bias = false},
+   adamw = {name = 'adamw', lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = 1e-2, no_decay_bn_bias = false},
+}
 
 function M.build(cfg, model)
    check.arg(type(cfg) == 'table', 'nr.optim.build', 'optim config must be a table')
@@ -24,8 +38,21 @@ function M.build(cfg, model)
       table.sort(names)
       error(string.format('nr.optim: unknown optimizer %q (available: %s)', name, table.concat(names, ', ')), 2)
    end
-   local c = {}
-   for k, v in pairs(cfg) do if k ~= 'name' then c[k] = v end end
+   local c, foreign = {}, {}
+   for k, v in pairs(cfg) do
+      if k ~= 'name' then c[k] = v end
+      if not cls.CONFIG_KEYS[k] then
+         for other, ocls in pairs(BUILDERS) do
+            if ocls.CONFIG_KEYS[k] then foreign[#foreign + 1] = string.format('%s (%s\'s)', k, other); break end
+         end
+      end
+   end
+   -- e.g. --optim.name adamw on a recipe that sets sgd's momentum: say so, not "unknown option"
+   if #foreign > 0 then
+      table.sort(foreign)
+      error(string.format('nr.optim: %s takes no %s; remove %s from the optim table', name, table.concat(foreign, ', '),
+         #foreign > 1 and 'them' or 'it'), 2)
+   end
    return cls(model, c)
 end
 

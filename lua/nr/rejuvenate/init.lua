@@ -186,7 +186,7 @@ end
 -- budget (fraction of C, default 1 = keep the cost; 0.5 = compression mode, Table 4; 0 = prune
 -- only; a budget below the live cost shrinks live widths too, dropping the lowest |γ|);
 -- constraint_value (C; default the model's current full cost); scheme ('NR' | 'CR' | 'CA');
--- rescale (bool); gamma0 (default model.nr_info.gamma0 or 1); optimizer (remaps its momentum);
+-- rescale (bool); gamma0 (default model.nr_info.gamma0 or 1); optimizer (remaps its state: momentum, Adam's moments);
 -- optim_state ('remap' | 'drop'); linear_init ('zero' | 'normal'); policy ({reallocate, init, ...}).
 function M.rejuvenate(model, opts)
    local FN = 'nr.rejuvenate'
@@ -305,7 +305,7 @@ function M.rejuvenate(model, opts)
    local _, moms = surgery.apply(g, plans, ctx)
    if opt then
       opt:refresh()
-      for _, e in ipairs(moms) do opt:set_state_of(e.param, {momentum = e.momentum}) end
+      for _, e in ipairs(moms) do opt:set_state_of(e.param, e.state) end
    end
    monitor.invalidate(model)
    model:transient().nr_l1 = nil

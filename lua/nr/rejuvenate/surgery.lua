@@ -12,11 +12,11 @@
 --   * new BN channels γ = γ0, β = 0, running mean 0, var 1; survivors keep theirs; standalone BNs
 --     (pre-activation) are sliced the same way;
 --   * Linear input columns remapped, new columns zero (function exact; see docs/NR.md);
---   * optimizer momentum gathered with the same index maps (new entries 0), or dropped;
+--   * optimizer state (momentum; Adam's moments) gathered with the same index maps (new entries 0), or dropped;
 --   * scheme 'CR' / 'CA': a groups=1 conv whose input carries generations becomes an NRConv2d
 --     with the dense weight's blocks (cross blocks: dropped for CR, kept for CA);
 --   * neural rescaling: |γ'| = max(|γ|, γ0), β scaled alike, consumers' input weights divided.
--- How: every new tensor (weight, bias, BN vector, gradient, momentum buffer) is written once, in
+-- How: every new tensor (weight, bias, BN vector, gradient, optimizer buffer) is written once, in
 -- C: the placements are queued and run by one nr_surgery_place_many call (survivors gathered by
 -- the index maps, the fresh block, a fill value; one OpenMP region), with index maps converted
 -- once per channel map; new modules are shells (constructor at the smallest size, no random
@@ -271,10 +271,28 @@ M.linear_shell = linear_shell
 
 -- ---- surgery --------------------------------------------------------------------------------------
 
+-- The optimizer's state of parameter p ({key = tensor, ..., step = n}: SGD's momentum, Adam's
+-- exp_avg, exp_avg_sq and step), or nil.
 local function state_of(opt, p)
    if not opt or not p then return nil end
-   local s = opt:state_of(p)
-   return s and s.momentum
+   return opt:state_of(p)
+end
+
+-- How each state tensor scales with its parameter's gradient (1: a gradient sum, 2: of squares);
+-- an optimizer that does not say is taken as holding gradient sums.
+local function powers_of(opt)
+   local pw = opt and opt.state_powers and opt:state_powers() or {}
+   return setmetatable(pw, {__index = function() return 1 end})
+end
+
+-- A state table with f(tensor, key) for each tensor (numbers kept), or nil for nil.
+local function map_state(st, f)
+   if not st then return nil end
+   local out = {}
+   for k, v in pairs(st) do
+      if T.is_tensor(v) then out[k] = f(v, k) else out[k] = v end
+   end
+   return out
 end
 
 -- A fresh block {t = tensor | std = number, rows = positions, cols = positions | nil (every
@@ -298,10 +316,10 @@ end
 -- CA: an output channel gated by its generation's own response A (O = A + 2σ(A)·B) whose
 -- generation has no input channel left becomes a plain block reading every input (O = A + B,
 -- an "orphan"). A is then its bias alone, a constant, so the gate 2σ(b) is folded into the
--- channel's weight row (its momentum, a gradient sum, / the same factor): the function is kept.
--- m: the old NRConv2d; keep: old positions in new order; W, Wm, B: m's dense weight, momentum
--- (or nil) and bias, fresh tensors changed in place.
-local function fold_orphan_gates(m, spec, keep, W, Wm, B)
+-- channel's weight row (its optimizer state, gradient sums (of squares), / the factor (squared)):
+-- the function is kept. m: the old NRConv2d; keep: old positions in new order; W, Wst, B: m's
+-- dense weight, optimizer state (or nil) and bias, fresh tensors changed in place; pw: powers_of.
+local function fold_orphan_gates(m, spec, keep, W, Wst, B, pw)
    local has_in, gen_at, gated = {}, {}, {}
    for _, ig in ipairs(spec.in_groups) do has_in[ig.gen] = true end
    for _, og in ipairs(spec.out_groups) do
@@ -318,13 +336,13 @@ local function fold_orphan_gates(m, spec, keep, W, Wm, B)
       if gated[q] and not has_in[gen_at[k - 1]] then
          local f = 2 / (1 + math.exp(-b[q + 1]))
          W:narrow(1, q + 1, 1):mul_(f)
-         if Wm then Wm:narrow(1, q + 1, 1):mul_(1 / f) end
+         map_state(Wst, function(t, key) return t:narrow(1, q + 1, 1):mul_(f ^ -pw[key]) end)
       end
    end
 end
 
 -- Applies the plans. ctx = {opt, optim_state ('remap' | 'drop'), gamma0, scheme, init = fn}.
--- Returns the list of replaced modules {old, new} and pending momentum {param, momentum}.
+-- Returns the list of replaced modules {old, new} and pending optimizer state {param, state}.
 -- Every new tensor is written once by nr_surgery_place from the old tensor, the init policy's
 -- block and a fill value; the init policy is asked only for the block that is not zero: the new
 -- rows' columns of new input channels (W_R→R), or every column when the input has no new
@@ -354,7 +372,12 @@ function M.apply(g, plans, ctx)
    end
    local reps, moms = {}, {}
    local remap = ctx.opt and ctx.optim_state ~= 'drop'
-   local function mom(p, m) if remap and m then moms[#moms + 1] = {param = p, momentum = m} end end
+   local pw = powers_of(ctx.opt)
+   -- new parameter p takes old parameter q's optimizer state, each tensor through f(tensor)
+   local function carry(p, q, f)
+      local st = remap and map_state(state_of(ctx.opt, q), f)
+      if st then moms[#moms + 1] = {param = p, state = st} end
+   end
    local gamma0 = ctx.gamma0
 
    local function zero(t) if t then put(t, nil, nil, nil, 0) end end
@@ -367,8 +390,8 @@ function M.apply(g, plans, ctx)
          put(nb.bias, bn.bias, map, nil, 0)
          zero(nb.gradWeight)
          zero(nb.gradBias)
-         mom(nb.weight, state_of(ctx.opt, bn.weight) and put_new(state_of(ctx.opt, bn.weight), {n_new}, map))
-         mom(nb.bias, state_of(ctx.opt, bn.bias) and put_new(state_of(ctx.opt, bn.bias), {n_new}, map))
+         carry(nb.weight, bn.weight, function(t) return put_new(t, {n_new}, map) end)
+         carry(nb.bias, bn.bias, function(t) return put_new(t, {n_new}, map) end)
       end
       put(nb.running_mean, bn.running_mean, map, nil, 0)
       put(nb.running_var, bn.running_var, map, nil, 1)
@@ -394,11 +417,11 @@ function M.apply(g, plans, ctx)
          end
          put(nc.weight, m.weight, m1, nil, 0, blk)
          zero(nc.gradWeight)
-         mom(nc.weight, state_of(ctx.opt, m.weight) and put_new(state_of(ctx.opt, m.weight), {w, 1, kh, kw}, m1))
+         carry(nc.weight, m.weight, function(t) return put_new(t, {w, 1, kh, kw}, m1) end)
          if m.bias then
             put(nc.bias, m.bias, m1, nil, 0)
             zero(nc.gradBias)
-            mom(nc.bias, state_of(ctx.opt, m.bias) and put_new(state_of(ctx.opt, m.bias), {w}, m1))
+            carry(nc.bias, m.bias, function(t) return put_new(t, {w}, m1) end)
          end
          reps[#reps + 1] = {old = m, new = nc}
          if u.bn then rebuild_bn(u.bn, m1, w) end
@@ -412,25 +435,29 @@ function M.apply(g, plans, ctx)
          local wout, win = p.w, inmap.width
          local m1 = {keep = p.keep, dst = range(0, #p.keep)}
          local m2 = {keep = inmap.keep, dst = inmap.dst}
-         local W_old, B_old, Wm_old, Bm_old
+         local W_old, B_old, Wst_old, Bst_old
          if u.split then
             W_old = m:dense()
             B_old = m:dense_bias()
-            -- momentum as one dense tensor, where any block has it (the blocks without count as zero)
+            -- the optimizer state as one dense tensor per key, where any block has it (the blocks
+            -- without count as zero; the blocks step together, so any one's numbers are all's)
             local function dense_state(dense, param_of)
-               local any = false
-               local t = dense(m, function(b)
-                  local st = param_of(b) and state_of(ctx.opt, param_of(b))
-                  any = any or st ~= nil
-                  return st
+               local st
+               for _, b in ipairs(m.blocks) do
+                  st = st or (param_of(b) and state_of(ctx.opt, param_of(b)))
+               end
+               return map_state(st, function(_, k)
+                  return dense(m, function(b)
+                     local bst = param_of(b) and state_of(ctx.opt, param_of(b))
+                     return bst and bst[k]
+                  end)
                end)
-               return any and t or nil
             end
-            Wm_old = dense_state(m.dense, function(b) return b.conv.weight end)
-            Bm_old = B_old and dense_state(m.dense_bias, function(b) return b.conv.bias end)
+            Wst_old = dense_state(m.dense, function(b) return b.conv.weight end)
+            Bst_old = B_old and dense_state(m.dense_bias, function(b) return b.conv.bias end)
          else
             W_old, B_old = m.weight, m.bias
-            Wm_old, Bm_old = state_of(ctx.opt, m.weight), state_of(ctx.opt, m.bias)
+            Wst_old, Bst_old = state_of(ctx.opt, m.weight), state_of(ctx.opt, m.bias)
          end
          local n_f = wout - #p.keep
          local blk
@@ -467,33 +494,44 @@ function M.apply(g, plans, ctx)
          local nc
          if spec then
             if ctx.scheme == 'CA' and u.split and m.scheme == 'CA' and B_old then
-               fold_orphan_gates(m, spec, p.keep, W_old, Wm_old, B_old)
+               fold_orphan_gates(m, spec, p.keep, W_old, remap and Wst_old, B_old, pw)
             end
             -- the dense new weight (temporary), then each block gathered from it
             local W = put_new(W_old, {wout, win, kh, kw}, m1, m2, 0, blk)
             local B = B_old and put_new(B_old, {wout}, m1)
-            local Wm = Wm_old and put_new(Wm_old, {wout, win, kh, kw}, m1, m2)
-            local Bm = Bm_old and put_new(Bm_old, {wout}, m1)
+            local Wst = remap and map_state(Wst_old, function(t) return put_new(t, {wout, win, kh, kw}, m1, m2) end)
+            local Bst = remap and map_state(Bst_old, function(t) return put_new(t, {wout}, m1) end)
             nc = on_device(nn.NRConv2d(spec), dev)
             for _, b in ipairs(nc.blocks) do
                local rows = {keep = range(b.out_first, b.out_n), dst = range(0, b.out_n)}
                local cols = {keep = b.in_idx, dst = range(0, #b.in_idx)}
                put2(b.conv.weight, W, rows, cols)
-               if Wm then mom(b.conv.weight, put2(T.empty(b.conv.weight:shape(), {device = dev}), Wm, rows, cols)) end
+               local function block_state(bp, st, c)
+                  if st then
+                     moms[#moms + 1] = {param = bp, state = map_state(st, function(t)
+                        return put2(T.empty(bp:shape(), {device = dev}), t, rows, c)
+                     end)}
+                  end
+               end
+               block_state(b.conv.weight, Wst, cols)
                if b.conv.bias then
                   put2(b.conv.bias, B, rows)
-                  if Bm then mom(b.conv.bias, put2(T.empty(b.conv.bias:shape(), {device = dev}), Bm, rows)) end
+                  block_state(b.conv.bias, Bst, nil)
                end
             end
          else
             nc = conv_shell(m, win, wout, {kh, kw}, 1, B_old ~= nil, dev)
             put(nc.weight, W_old, m1, m2, 0, blk)
             zero(nc.gradWeight)
-            mom(nc.weight, Wm_old and put_new(Wm_old, {wout, win, kh, kw}, m1, m2))
+            if remap and Wst_old then
+               moms[#moms + 1] = {param = nc.weight, state = map_state(Wst_old, function(t) return put_new(t, {wout, win, kh, kw}, m1, m2) end)}
+            end
             if B_old then
                put(nc.bias, B_old, m1, nil, 0)
                zero(nc.gradBias)
-               mom(nc.bias, Bm_old and put_new(Bm_old, {wout}, m1))
+               if remap and Bst_old then
+                  moms[#moms + 1] = {param = nc.bias, state = map_state(Bst_old, function(t) return put_new(t, {wout}, m1) end)}
+               end
             end
          end
          nc.nr_gens = p.gens
@@ -528,11 +566,11 @@ function M.apply(g, plans, ctx)
       end
       put(nl.weight, m.weight, rows, cols, 0, blk)
       zero(nl.gradWeight)
-      mom(nl.weight, state_of(ctx.opt, m.weight) and put_new(state_of(ctx.opt, m.weight), {nout, nin}, rows, cols))
+      carry(nl.weight, m.weight, function(t) return put_new(t, {nout, nin}, rows, cols) end)
       if m.bias then
          put(nl.bias, m.bias, rows, nil, 0)
          zero(nl.gradBias)
-         mom(nl.bias, state_of(ctx.opt, m.bias) and state_of(ctx.opt, m.bias):clone())
+         carry(nl.bias, m.bias, function(t) return t:clone() end)
       end
       reps[#reps + 1] = {old = m, new = nl}
    end
@@ -547,17 +585,19 @@ end
 -- Rescales every rescalable unit of graph g (built on the current model): s = max(|γ|, γ0)/|γ|,
 -- γ, β ← s·γ, s·β; every consumer's weights for those channels ← w / s. Exact in eval mode
 -- through ReLU / pools (positively homogeneous). With the optimizer opt, every rescaled value's
--- momentum is transformed as its gradient is: SGD's buffer is a running sum of gradients, and
+-- state is transformed as its gradient is: SGD's momentum is a running sum of gradients, and
 -- γ' = s·γ has gradient ∂L/∂γ / s while w' = w / s has s·∂L/∂w, so the buffers become v_γ / s
 -- (β alike) and s·v_w: what the gradients of the rescaled net would have accumulated, so later
 -- gradients and the buffer agree (an unchanged buffer would be off by s, scaled as the values
--- by s²). Returns the number of channels rescaled.
+-- by s²); a sum of squared gradients (Adam's exp_avg_sq) by the square. Returns the number of
+-- channels rescaled.
 function M.rescale(g, gamma0, opt)
-   -- f(t, false) on a parameter, f(m, true) on its momentum buffer when opt holds one
+   local pw = powers_of(opt)
+   -- f(t, 0) on a parameter, f(buf, power) on each state tensor opt holds for it: the value
+   -- scales by x, its state by x^-power
    local function both(p, f)
-      f(p, false)
-      local m = state_of(opt, p)
-      if m then f(m, true) end
+      f(p, 0)
+      map_state(state_of(opt, p), function(t, k) return f(t, pw[k]) end)
    end
    local n = 0
    for _, u in ipairs(g.units) do
@@ -570,49 +610,69 @@ function M.rescale(g, gamma0, opt)
          end
          if any then
             local dev = u.bn.weight:device()
-            local invt = {}
-            for i = 1, #s do invt[i] = 1 / s[i] end
-            local st = T.tensor(s):to(dev)
-            local inv = T.tensor(invt):to(dev)
-            -- values of the unit: × s; their momentum (a gradient sum): / s. Consumers: the reverse,
-            -- each on the channels it reads (a segment of the unit's output, at its own offset)
-            local function unit_scale(t, is_mom) t:mul_(is_mom and inv or st) end
+            -- s^e as a tensor on the device, per exponent e
+            local pow_cache = {}
+            local function s_pow(e)
+               if not pow_cache[e] then
+                  local v = {}
+                  for i = 1, #s do v[i] = s[i] ^ e end
+                  pow_cache[e] = T.tensor(v):to(dev)
+               end
+               return pow_cache[e]
+            end
+            -- values of the unit: × s; their state: × s^-power. Consumers: the reverse, each on
+            -- the channels it reads (a segment of the unit's output, at its own offset)
+            local function unit_scale(t, power) t:mul_(s_pow(power == 0 and 1 or -power)) end
             both(u.bn.weight, unit_scale)
             both(u.bn.bias, unit_scale)
             for _, c in ipairs(u.consumers) do
                local cm = c.module
                local lo, w = c.src_off, c.width
-               local cst, cinv = st:narrow(1, lo + 1, w), inv:narrow(1, lo + 1, w)
+               -- a consumer's value × 1/s, its state × s^power, on the channels it reads
+               local function cpow(power) return s_pow(power == 0 and -1 or power):narrow(1, lo + 1, w) end
                if cm.conv then
                   local conv = cm.conv
                   if cm.kind == 'dw' then
-                     both(conv.weight, function(t, is_mom)
-                        t:narrow(1, c.offset + 1, w):mul_((is_mom and cst or cinv):reshape(w, 1, 1, 1))
+                     both(conv.weight, function(t, power)
+                        t:narrow(1, c.offset + 1, w):mul_(cpow(power):reshape(w, 1, 1, 1))
                      end)
                   elseif cm.split then
-                     -- the blocks as one dense weight (and one dense momentum, where blocks have it)
-                     for k, get in ipairs({function(b) return b.conv.weight end,
-                                           function(b) return state_of(opt, b.conv.weight) end}) do
+                     -- the blocks as one dense weight (and one dense tensor per state key, where
+                     -- blocks have it)
+                     local gets = {{0, function(b) return b.conv.weight end}}
+                     local st0
+                     for _, b in ipairs(conv.blocks) do st0 = st0 or state_of(opt, b.conv.weight) end
+                     map_state(st0, function(_, k)
+                        gets[#gets + 1] = {pw[k], function(b)
+                           local bst = state_of(opt, b.conv.weight)
+                           return bst and bst[k]
+                        end}
+                     end)
+                     for _, pg in ipairs(gets) do
+                        local power, get = pg[1], pg[2]
                         local W = conv:dense(get)
-                        W:narrow(2, c.offset + 1, w):mul_((k == 2 and cst or cinv):reshape(1, w, 1, 1))
+                        W:narrow(2, c.offset + 1, w):mul_(cpow(power):reshape(1, w, 1, 1))
                         conv:scatter(W, function(b, slice)
                            local t = get(b)
                            if t then t:copy(slice) end
                         end)
                      end
                   else
-                     both(conv.weight, function(t, is_mom)
-                        t:narrow(2, c.offset + 1, w):mul_((is_mom and cst or cinv):reshape(1, w, 1, 1))
+                     both(conv.weight, function(t, power)
+                        t:narrow(2, c.offset + 1, w):mul_(cpow(power):reshape(1, w, 1, 1))
                      end)
                   end
                else
                   local lin = cm.module
                   local sf = c.sf or 1
-                  local v, vm = {}, {}
-                  for i = lo + 1, lo + w do for _ = 1, sf do v[#v + 1] = 1 / s[i]; vm[#vm + 1] = s[i] end end
-                  local vt, vmt = T.tensor(v):reshape(1, #v), T.tensor(vm):reshape(1, #vm)
-                  if dev ~= 'cpu' then vt, vmt = vt:to(dev), vmt:to(dev) end
-                  both(lin.weight, function(t, is_mom) t:narrow(2, c.offset * sf + 1, #v):mul_(is_mom and vmt or vt) end)
+                  both(lin.weight, function(t, power)
+                     local e = power == 0 and -1 or power
+                     local v = {}
+                     for i = lo + 1, lo + w do for _ = 1, sf do v[#v + 1] = s[i] ^ e end end
+                     local vt = T.tensor(v):reshape(1, #v)
+                     if dev ~= 'cpu' then vt = vt:to(dev) end
+                     t:narrow(2, c.offset * sf + 1, #v):mul_(vt)
+                  end)
                end
             end
          end

@@ -1,0 +1,88 @@
+-- bench/optim_bench.lua — time of one optimizer step (SGD with momentum, Adam, AdamW) over the
+-- parameters of a zoo model, against PyTorch's torch.optim on the same shapes (optim_bench.py).
+--
+--   NR_THREADS=2 ./build/nrlua bench/optim_bench.lua [--model resnet18_cifar] [--steps 50] [--rounds 3]
+--
+-- Each round times --steps steps of each optimizer on random gradients (after 3 warm-up steps),
+-- first nrlua's (nr.optim, one fused C call per group), then PyTorch's (optim_bench.py in a
+-- subprocess, --threads the same; its single-tensor loop and its foreach path), alternating so
+-- machine load lands on both alike. Prints ms/step per optimizer and side, and the ratio
+-- PyTorch best / nrlua (> 1: nrlua faster), median over rounds.
+local nr = require 'nr'
+local models = dofile((debug.getinfo(1, 'S').source:match('^@(.*/)') or './') .. 'models.lua')
+local now = require('nr.progress').now
+local json = require 'cjson'
+
+local opt = {model = 'resnet18_cifar', steps = 50, rounds = 3, python = '/usr/bin/python3'}
+do
+   local args = {...}
+   for i = 1, #args, 2 do
+      local k = args[i]:match('^%-%-(.+)$')
+      assert(k and opt[k] ~= nil and args[i + 1], 'optim_bench: unknown or incomplete option ' .. tostring(args[i]))
+      opt[k] = tonumber(args[i + 1]) or args[i + 1]
+   end
+end
+
+local spec = assert(models.models[opt.model], 'optim_bench: unknown model ' .. opt.model)
+local model = spec.build()
+local shapes, n = {}, 0
+for _, e in ipairs(model:namedParameters()) do
+   shapes[#shapes + 1] = e.param:shape()
+   n = n + e.param:numel()
+end
+local shape_file = os.tmpname()
+local f = assert(io.open(shape_file, 'w'))
+f:write(json.encode(shapes))
+f:close()
+
+local CONFIGS = {
+   {name = 'sgd', cls = nr.optim.SGD, cfg = {lr = 0.01, momentum = 0.9, weight_decay = 5e-4}},
+   {name = 'adam', cls = nr.optim.Adam, cfg = {lr = 1e-3, weight_decay = 1e-4}},
+   {name = 'adamw', cls = nr.optim.AdamW, cfg = {lr = 1e-3, weight_decay = 1e-2}},
+}
+
+local function time_nrlua(c)
+   for _, e in ipairs(model:namedParameters()) do e.grad:copy(nr.randn(e.param:shape()):mul_(1e-2)) end
+   local o = c.cls(model, c.cfg)
+   for _ = 1, 3 do o:step() end
+   local t0 = now()
+   for _ = 1, opt.steps do o:step() end
+   return (now() - t0) / opt.steps * 1e3
+end
+
+local here = debug.getinfo(1, 'S').source:match('^@(.*/)') or './'
+local function time_torch()
+   local cmd = string.format('%s %soptim_bench.py --shapes %s --steps %d --threads %d', opt.python, here, shape_file, opt.steps,
+      nr.get_num_threads and nr.get_num_threads() or 2)
+   local p = assert(io.popen(cmd))
+   local out = p:read('*a')
+   p:close()
+   return json.decode(out)
+end
+
+local function median(t)
+   table.sort(t)
+   return t[math.floor((#t + 1) / 2)]
+end
+
+print(string.format('%s: %d parameter tensors, %.2fM values; %d steps per timing, %d rounds', opt.model, #shapes, n / 1e6,
+   opt.steps, opt.rounds))
+local ours, theirs = {}, {}
+for _ = 1, opt.rounds do
+   for _, c in ipairs(CONFIGS) do
+      ours[c.name] = ours[c.name] or {}
+      table.insert(ours[c.name], time_nrlua(c))
+   end
+   local t = time_torch()
+   for k, v in pairs(t) do
+      theirs[k] = theirs[k] or {}
+      table.insert(theirs[k], v)
+   end
+end
+print(string.format('%-6s %12s %18s %18s %8s', 'optim', 'nrlua ms', 'torch loop ms', 'torch foreach ms', 'ratio'))
+for _, c in ipairs(CONFIGS) do
+   local a = median(ours[c.name])
+   local loop, fe = median(theirs[c.name .. '_loop']), median(theirs[c.name .. '_foreach'])
+   print(string.format('%-6s %12.2f %18.2f %18.2f %8.2f', c.name, a, loop, fe, math.min(loop, fe) / a))
+end
+os.remove(shape_file)

@@ -1,0 +1,92 @@
+-- nr.optim.Adam and nr.optim.AdamW — Adam (Kingma & Ba) with PyTorch's torch.optim.Adam / AdamW
+-- semantics (amsgrad off): Adam adds weight_decay * param to the gradient (L2), AdamW decays the
+-- parameter itself (param *= 1 - lr * weight_decay, Loshchilov & Hutter). One fused C call per
+-- parameter group (nr_adam_step_many, core/optim.c; one kernel launch on CUDA).
+--
+-- What it is: the settings and the step; groups, state, serialization and the surgery API are
+-- nr.optim.Optimizer's (optimizer.lua). State per parameter, as PyTorch's: exp_avg (a running
+-- average of gradients), exp_avg_sq (of their squares) and step (the parameter's own count, for
+-- the bias corrections; it restarts when the state is dropped).
+-- NR note: after nr.rejuvenate with optim_state = 'remap' the surviving channels keep their
+-- moments and step; new channels start with zero moments under the parameter's step count, so
+-- their first updates are larger than a fresh Adam's (up to ~(1 - beta1) / sqrt(1 - beta2) x lr
+-- and more while exp_avg_sq warms up); optim_state = 'drop' restarts every moment and step.
+local Optimizer = require 'nr.optim.optimizer'
+local check = require 'nr.check'
+local nrffi = require 'nr.ffi'
+local C = nrffi.C
+
+local SPEC = {
+   CONFIG_KEYS = {name = true, lr = true, betas = true, eps = true, weight_decay = true, no_decay_bn_bias = true},
+   GROUP_KEYS = {params = true, grads = true, lr = true, lr_mult = true, betas = true, eps = true,
+                 weight_decay = true, name = true},
+   SETTINGS = {'lr', 'lr_mult', 'eps', 'weight_decay'},
+   REQUIRED = {lr = true, eps = true, weight_decay = true},
+   STATE = {{key = 'exp_avg', power = 1}, {key = 'exp_avg_sq', power = 2}},
+   SCALARS = {step = true},
+}
+
+local function make(name, key, decoupled, weight_decay)
+   local spec = {DEFAULTS = {lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = weight_decay},
+                 DECOUPLED = decoupled and 1 or 0}
+   for k, v in pairs(SPEC) do spec[k] = v end
+   local cls = Optimizer.subclass(name, key, spec)
+
+   function cls:validate_extra(t, prefix, fname)
+      local b = t.betas
+      if b ~= nil then
+         check.arg(type(b) == 'table' and #b == 2 and type(b[1]) == 'number' and type(b[2]) == 'number'
+            and b[1] >= 0 and b[1] < 1 and b[2] >= 0 and b[2] < 1, fname,
+            '%sbetas must be two numbers in [0, 1) such as {0.9, 0.999}, got %s', prefix, check.show(b))
+      end
+   end
+
+   function cls:settings(g)
+      local c = self.config
+      local b = g.betas or c.betas
+      return {lr = g.lr or c.lr * (g.lr_mult or 1), beta1 = b[1], beta2 = b[2], eps = g.eps or c.eps,
+              weight_decay = g.weight_decay or c.weight_decay}
+   end
+
+   local JOBS = setmetatable({}, {__mode = 'k'})
+   local job_array = nrffi.ffi.typeof('nr_adam_job[?]')
+
+   function cls:check_group(g, s)
+      local jb = JOBS[g]
+      if not jb or jb.cap < #g.params then
+         jb = {cap = #g.params, arr = job_array(math.max(1, #g.params)), states = {}}
+         JOBS[g] = jb
+      end
+      local arr, n = jb.arr, 0
+      self:each_stepped(g, function(p, grad)
+         local m, v = self:buffer(p, 'exp_avg'), self:buffer(p, 'exp_avg_sq')
+         local st = self:state_table(p)
+         arr[n].param, arr[n].grad, arr[n].exp_avg, arr[n].exp_avg_sq = p.c, grad.c, m.c, v.c
+         arr[n].step = (st.step or 0) + 1
+         n = n + 1
+         jb.states[n] = st
+      end)
+      if C.nr_adam_check_many(arr, n, s.lr, s.beta1, s.beta2, s.eps, s.weight_decay) ~= 0 then self:step_error(g, 4) end
+      jb.n = n
+      return jb
+   end
+
+   function cls:run_group(jb, s)
+      local rc = C.nr_adam_step_many(jb.arr, jb.n, s.lr, s.beta1, s.beta2, s.eps, s.weight_decay, self.DECOUPLED)
+      if rc == 0 then
+         for k = 1, jb.n do jb.states[k].step = tonumber(jb.arr[k - 1].step) end
+      end
+      for k = 1, jb.n do jb.states[k] = nil end   -- (the array outlives the step: drop its references)
+      return rc
+   end
+
+   return cls
+end
+
+-- Adam(module_or_groups, config): lr (1e-3), betas ({0.9, 0.999}), eps (1e-8), weight_decay (0,
+-- L2 through the gradient), no_decay_bn_bias (false; with a module).
+local M = {}
+M.Adam = make('Adam', 'adam', false, 0)
+-- AdamW(module_or_groups, config): as Adam, weight_decay (1e-2) decoupled.
+M.AdamW = make('AdamW', 'adamw', true, 1e-2)
+return M

@@ -1,0 +1,499 @@
+-- nr.optim.Optimizer — what every optimizer shares: parameter groups with their own settings,
+-- per-parameter state, serialization keyed by parameter names, and the surgery API NR relies on
+-- (state_of / set_state_of / refresh). SGD (sgd.lua) and Adam / AdamW (adam.lua) are subclasses
+-- that say which settings they take and how one group steps (one fused C call per group).
+--
+-- A subclass defines:
+--   NAME ('SGD'), KEY ('sgd': the recipe's optim.name and the state's name), DEFAULTS (config
+--   values filled in when absent), CONFIG_KEYS / GROUP_KEYS (what config and a group may hold),
+--   SETTINGS (numeric settings checked as finite >= 0; REQUIRED among them for config),
+--   STATE = {{key = 'momentum', power = 1}, ...}: the per-parameter buffers (the parameter's
+--   shape), with power = how the buffer scales with the gradient (a gradient sum 1, a sum of
+--   squares 2: surgery rescales and folds them by that power); SCALARS = {step = true}: number
+--   state per parameter;
+--   validate_extra(t, prefix, fname, is_config) for checks beyond SETTINGS; settings(g) -> s;
+--   check_group(g, s) -> job batch or raises; run_group(batch, s) -> nr_status.
+-- Invariants:
+--   * opt.config is read at every step, so writing opt.config.lr (or any field) takes effect at
+--     the next step. A group's own setting overrides config; a group's lr_mult scales config.lr.
+--   * every group is checked (its settings, then C's checks of its tensors) before any steps, so
+--     a refused step leaves every parameter, buffer and the step count as they were.
+--   * state is keyed by the parameter tensor object; buffers are zero-filled when created.
+--   * if the model's parameter tensors change (surgery) the next step raises an error asking
+--     for opt:refresh() instead of silently updating stale tensors.
+local class = require 'nr.class'
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+local nrffi = require 'nr.ffi'
+local C = nrffi.C
+
+local Optimizer = class('Optimizer')
+
+local GRAD_FIELD = {weight = 'gradWeight', bias = 'gradBias'}
+
+local function is_module(x) return type(x) == 'table' and type(x.namedParameters) == 'function' end
+
+-- Parameters that get no weight decay under no_decay_bn_bias: every bias and the affine
+-- parameters (γ, β) of normalization layers.
+local function is_bn_or_bias(e)
+   if e.field == 'bias' then return true end
+   local tn = e.module and e.module.typename and e.module:typename() or ''
+   return tn:match('Norm') ~= nil
+end
+
+-- nr.optim.param_groups(model, {no_decay_bn_bias = true}) -> groups usable by any optimizer; the
+-- groups remember the model and the rule, so opt:refresh() can re-derive them after surgery.
+function Optimizer.param_groups(model, opts)
+   check.arg(is_module(model), 'nr.optim.param_groups', 'model must be an nr.nn module')
+   opts = check.options(opts, {no_decay_bn_bias = true}, 'nr.optim.param_groups')
+   local rule
+   if opts.no_decay_bn_bias then
+      rule = function(e) return is_bn_or_bias(e) and 2 or 1 end
+   else
+      rule = function() return 1 end
+   end
+   local groups = {model = model, rule = rule, {params = {}, name = 'decay'}}
+   if opts.no_decay_bn_bias then groups[2] = {params = {}, weight_decay = 0, name = 'no_decay'} end
+   for _, e in ipairs(model:namedParameters()) do
+      local g = groups[rule(e)]
+      g.params[#g.params + 1] = e
+   end
+   return groups
+end
+local param_groups = Optimizer.param_groups
+
+-- A finite number >= 0: an inf or NaN lr, momentum, weight decay or lr_mult turns the weights
+-- into inf/NaN at the first step.
+local function nonneg(v) return type(v) == 'number' and v >= 0 and v < math.huge end
+local show = check.show
+
+-- Checks the settings of t: opt.config (prefix "config.", is_config: the REQUIRED ones must be
+-- there) or a group's own (prefix "group N: ", each optional).
+function Optimizer:validate_settings(t, prefix, fname, is_config)
+   for _, k in ipairs(self.SETTINGS) do
+      local v = t[k]
+      if v ~= nil or (is_config and self.REQUIRED[k]) then
+         check.arg(nonneg(v), fname, '%s%s must be a finite number >= 0, got %s', prefix, k, show(v))
+      end
+   end
+   self:validate_extra(t, prefix, fname, is_config)
+end
+
+function Optimizer:validate_config(cfg, fname)
+   check.options(cfg, self.CONFIG_KEYS, fname)
+   self:validate_settings(cfg, 'config.', fname, true)
+end
+
+-- Normalizes one parameter entry into {name, param, grad | module+gfield}.
+local function entry_of(self, e, group, gi, pi)
+   if T.is_tensor(e) then
+      local grads = group.grads
+      check.arg(type(grads) == 'table' and T.is_tensor(grads[pi]), self.FNAME,
+         'group %d: parameter %d is a bare tensor; give its gradient in group.grads[%d] (or pass a module)', gi, pi, pi)
+      return {name = string.format('group%d.%d', gi, pi), param = e, grad = grads[pi]}
+   end
+   check.arg(type(e) == 'table' and T.is_tensor(e.param), self.FNAME,
+      'group %d: parameter %d must be a tensor or a namedParameters() entry', gi, pi)
+   local out = {name = e.name or string.format('group%d.%d', gi, pi), param = e.param, grad = e.grad,
+                module = e.module, field = e.field}
+   if e.module and e.field then out.gfield = GRAD_FIELD[e.field] or ('grad' .. e.field:sub(1, 1):upper() .. e.field:sub(2)) end
+   return out
+end
+
+local function build_groups(self, spec)
+   local groups = {}
+   for gi, g in ipairs(spec) do
+      check.arg(type(g) == 'table' and type(g.params) == 'table', self.FNAME, 'group %d must be a table with params = {...}', gi)
+      for k in pairs(g) do
+         check.arg(self.GROUP_KEYS[k] ~= nil, self.FNAME, 'group %d: unknown setting %q', gi, tostring(k))
+      end
+      self:validate_settings(g, string.format('group %d: ', gi), self.FNAME)
+      local out = {params = {}}
+      for k, v in pairs(g) do if k ~= 'params' and k ~= 'grads' then out[k] = v end end
+      for pi, e in ipairs(g.params) do out.params[pi] = entry_of(self, e, g, gi, pi) end
+      groups[gi] = out
+   end
+   self.groups = groups
+   self._by_name = {}
+   self._present = {}
+   for _, g in ipairs(groups) do
+      for _, e in ipairs(g.params) do
+         check.arg(self._by_name[e.name] == nil, self.FNAME, 'parameter name %q appears twice', e.name)
+         -- one tensor stepped twice per step (PyTorch: "some parameters appear in more than one
+         -- parameter group"); on a GPU the two updates would also race in one launch
+         local prev = self._present[e.param]
+         check.arg(prev == nil, self.FNAME, 'parameter %q is the same tensor as %q: list each parameter once',
+            e.name, prev and prev.name or '')
+         self._by_name[e.name] = e
+         self._present[e.param] = e
+      end
+   end
+end
+
+-- The module standing where m stood: m itself (replaced = false), or the replacement of m or of
+-- its nearest replaced ancestor (surgery sets _replaced_by on the module it swaps out; a swapped
+-- out NRConv2d's blocks are reached through their parent).
+local function replacement_of(m)
+   local node = m
+   while node do
+      if rawget(node, '_replaced_by') then
+         local r = node
+         while rawget(r, '_replaced_by') do r = rawget(r, '_replaced_by') end
+         return r, true
+      end
+      node = rawget(node, '_parent')
+   end
+   return m, false
+end
+
+-- How many times layers of the model's tree were replaced (nr.rejuvenate's surgery counts them on
+-- the root): a change means the parameters this optimizer read may be orphaned.
+local function structure_of(model)
+   return model and type(model.root) == 'function' and model:root():transient().structure or nil
+end
+
+-- Optimizer(module_or_groups, config): config as the subclass takes it (its DEFAULTS filled in);
+-- with a module, config.no_decay_bn_bias makes the two groups of param_groups.
+function Optimizer:__init(target, config)
+   config = config or {}
+   check.arg(type(config) == 'table', self.FNAME, 'config must be a table')
+   local cfg = {}
+   for k, v in pairs(config) do cfg[k] = v end
+   for k, v in pairs(self.DEFAULTS) do if cfg[k] == nil then cfg[k] = v end end
+   self:validate_config(cfg, self.FNAME)
+   self.config = cfg
+   self.t = 0          -- steps taken
+   self.state_ = {}    -- [param tensor] = {key = tensor or number}
+   if is_module(target) then
+      self.model = target
+      self.spec = param_groups(target, {no_decay_bn_bias = cfg.no_decay_bn_bias or nil})
+   else
+      check.arg(type(target) == 'table' and #target > 0, self.FNAME,
+         'first argument must be a module or a non-empty list of parameter groups')
+      self.model = target.model
+      self.spec = target
+   end
+   build_groups(self, self.spec)
+   self.structure = structure_of(self.model)
+end
+
+-- level: the error's level, counted from here (the user's call of step or zero_grad).
+local function resolve(self, e, level)
+   if e.module then
+      local p = e.module[e.field]
+      if p ~= e.param then
+         error(string.format('%s: parameter %s was replaced (model surgery?); call opt:refresh() first', self.FNAME, e.name),
+            level)
+      end
+      return p, e.module[e.gfield]
+   end
+   return e.param, e.grad
+end
+
+-- The parameters of group g that step (those with a gradient): fn(p, grad) for each. Called by
+-- a subclass's check_group (from step).
+function Optimizer:each_stepped(g, fn)
+   for _, e in ipairs(g.params) do
+      local p, grad = resolve(self, e, 5)
+      if grad then fn(p, grad) end
+   end
+end
+
+-- Parameter p's state table (created empty), and its buffer key (created zero-filled when absent
+-- or freed by its user).
+function Optimizer:state_table(p)
+   local st = self.state_[p]
+   if not st then
+      st = {}
+      self.state_[p] = st
+   end
+   return st
+end
+
+function Optimizer:buffer(p, key)
+   local st = self:state_table(p)
+   if not (st[key] and rawget(st[key], 'c')) then st[key] = T.zeros(p:shape(), {device = p:device()}) end
+   return st[key]
+end
+
+-- Raises the C message of group g's failed check or step, naming the parameter of its job;
+-- level as error's (default 3: step's caller, when step calls this).
+function Optimizer:step_error(g, level)
+   local msg = nrffi.ffi.string(C.nr_last_error())
+   -- job k is the (k+1)-th entry that has a gradient: name it
+   local k, name = tonumber(msg:match('%(job (%d+)%)')), nil
+   for _, e in ipairs(g.params) do
+      if k and select(2, resolve(self, e, 4)) then
+         if k == 0 then name = e.name break end
+         k = k - 1
+      end
+   end
+   error(self.NAME .. ':step' .. (name and (' (' .. name .. ')') or '') .. ': ' .. msg, level or 3)
+end
+
+function Optimizer:step()
+   local F = self.NAME .. ':step'
+   self:validate_config(self.config, F)
+   -- surgery (nr.rejuvenate) replaced the model's layers: stepping the old tensors would train nothing
+   if self.model and structure_of(self.model) ~= self.structure then
+      error(string.format('%s: the model\'s layers were replaced (nr.rejuvenate) after this optimizer read them; pass '
+         .. 'optimizer = opt to nr.rejuvenate (remaps its state) or call opt:refresh()', F), 2)
+   end
+   local batches = {}
+   for gi, g in ipairs(self.groups) do
+      self:validate_settings(g, string.format('group %d: ', gi), F)   -- opt.groups[i] is writable too
+      local s = self:settings(g)
+      batches[gi] = {self:check_group(g, s), s}
+   end
+   for gi, g in ipairs(self.groups) do
+      local b = batches[gi]
+      if self:run_group(b[1], b[2]) ~= 0 then self:step_error(g) end
+   end
+   self.t = self.t + 1
+end
+
+function Optimizer:zero_grad()
+   for _, g in ipairs(self.groups) do
+      for _, e in ipairs(g.params) do
+         local _, grad = resolve(self, e, 3)
+         if grad then grad:zero() end
+      end
+   end
+end
+
+-- Learning rate of group i (default 1) as the next step will use it.
+function Optimizer:lr(i)
+   local g = self.groups[i or 1]
+   return self:settings(g).lr
+end
+
+-- ---- per-parameter state (NR surgery) ----------------------------------------------------------
+
+-- How each state buffer scales with the gradient, by key (surgery's rescale and folds).
+function Optimizer:state_powers()
+   local out = {}
+   for _, s in ipairs(self.STATE) do out[s.key] = s.power end
+   return out
+end
+
+-- {key = tensor, ..., step = n} for a parameter (the live buffers), or nil when it has none yet.
+function Optimizer:state_of(param)
+   local st = self.state_[param]
+   if not st then return nil end
+   local out, any = {}, false
+   for _, s in ipairs(self.STATE) do
+      if st[s.key] then out[s.key] = st[s.key]; any = true end
+   end
+   if not any then return nil end
+   for k in pairs(self.SCALARS) do out[k] = st[k] end
+   return out
+end
+
+-- Checks one parameter's state table (set_state_of, load_state); what names it in messages.
+local function check_state(self, F, what, param, tbl)
+   check.arg(type(tbl) == 'table', F, '%s: state must be a table, got %s', what, type(tbl))
+   local powers = self:state_powers()
+   for k, v in pairs(tbl) do
+      if powers[k] then
+         check.arg(T.is_tensor(v) and T.same_shape(v:shape(), param:shape()), F, '%s: %s has shape [%s] but the parameter is [%s]',
+            what, tostring(k), T.is_tensor(v) and table.concat(v:shape(), ' x ') or type(v), table.concat(param:shape(), ' x '))
+      elseif self.SCALARS[k] then
+         check.int(v, F, what .. '.' .. k, 0)
+      else
+         local names = {}
+         for kk in pairs(powers) do names[#names + 1] = kk end
+         for kk in pairs(self.SCALARS) do names[#names + 1] = kk end
+         table.sort(names)
+         check.arg(false, F, '%s: unknown state %q for %s (it keeps: %s)', what, tostring(k), self.NAME, table.concat(names, ', '))
+      end
+   end
+end
+
+-- A copy of a checked state table owning fresh buffers on the parameter's device.
+local function fresh_state(self, param, tbl, always_copy)
+   local out = {}
+   for k, v in pairs(tbl) do
+      if T.is_tensor(v) then
+         if always_copy or v:device() ~= param:device() or v:dtype() ~= 'float32' or not v:is_contiguous() then
+            v = T.empty(param:shape(), {device = param:device()}):copy(v)
+         end
+      end
+      out[k] = v
+   end
+   return out
+end
+
+-- Sets a parameter's state (a table as state_of gives, or nil to drop it). The parameter need
+-- not be in the groups yet (call refresh() after surgery; order is free).
+function Optimizer:set_state_of(param, tbl)
+   local F = self.NAME .. ':set_state_of'
+   check.arg(T.is_tensor(param), F, 'param must be a tensor')
+   local any = false
+   if tbl ~= nil then
+      check_state(self, F, 'state', param, tbl)
+      for _, s in ipairs(self.STATE) do any = any or tbl[s.key] ~= nil end
+   end
+   self.state_[param] = any and fresh_state(self, param, tbl) or nil
+end
+
+-- Re-reads the model's parameters (after surgery); state of parameters no longer present is
+-- dropped. Groups given as plain lists (no model) are kept as they are.
+function Optimizer:refresh()
+   if self.model and self.spec.rule then
+      self.spec = param_groups(self.model, {no_decay_bn_bias = (self.spec[2] ~= nil) or nil})
+   elseif self.model then
+      -- custom groups over a model: re-resolve entries by module/field; an entry whose module (or
+      -- an ancestor: the blocks of a replaced NRConv2d) was replaced by surgery becomes the
+      -- same-field parameters of the replacement (a Conv2d's weight -> every block's weight of
+      -- the NRConv2d that replaced it), each once per group
+      for _, g in ipairs(self.spec) do
+         local params, seen = {}, {}
+         local function add(e)
+            if e.param == nil or not seen[e.param] then
+               if e.param ~= nil then seen[e.param] = true end
+               params[#params + 1] = e
+            end
+         end
+         for _, e in ipairs(g.params) do
+            if type(e) == 'table' and e.module and e.field then
+               local m, replaced = replacement_of(e.module)
+               if not replaced then
+                  add({name = e.name, param = m[e.field], grad = m[GRAD_FIELD[e.field] or e.field], module = m, field = e.field})
+               else
+                  for _, ne in ipairs(m:namedParameters()) do
+                     if ne.field == e.field then
+                        add({name = ne.module:path() .. '.' .. ne.field, param = ne.param, grad = ne.grad, module = ne.module,
+                             field = ne.field})
+                     end
+                  end
+               end
+            else
+               add(e)
+            end
+         end
+         g.params = params
+      end
+   end
+   -- keep group-level settings the user may have changed on opt.groups
+   local old = self.groups
+   build_groups(self, self.spec)
+   self.structure = structure_of(self.model)
+   for i, g in ipairs(self.groups) do
+      if old[i] then
+         for k, v in pairs(old[i]) do if k ~= 'params' then g[k] = v end end
+      end
+   end
+   for p in pairs(self.state_) do
+      if not self._present[p] then self.state_[p] = nil end
+   end
+end
+
+-- Names of the parameters, in group order.
+function Optimizer:names()
+   local out = {}
+   for _, g in ipairs(self.groups) do for _, e in ipairs(g.params) do out[#out + 1] = e.name end end
+   return out
+end
+
+-- ---- serialization ------------------------------------------------------------------------------
+
+-- {name = KEY, t =, config = {...}, groups = {{settings..., param_names = {...}}},
+-- params = {[name] = state_of(param)}}. Tensors are the live buffers (the checkpoint writer
+-- copies them out).
+function Optimizer:state()
+   local cfg = {}
+   for k, v in pairs(self.config) do cfg[k] = v end
+   local groups = {}
+   for i, g in ipairs(self.groups) do
+      local s = {param_names = {}} -- which parameters the settings belong to (checked on load)
+      for k, v in pairs(g) do if k ~= 'params' then s[k] = v end end
+      for j, e in ipairs(g.params) do s.param_names[j] = e.name end
+      groups[i] = s
+   end
+   local params = {}
+   for _, g in ipairs(self.groups) do
+      for _, e in ipairs(g.params) do params[e.name] = self:state_of(e.param) end
+   end
+   return {name = self.KEY, t = self.t, config = cfg, groups = groups, params = params}
+end
+
+-- Restores a state() table. Buffers are copied into fresh tensors on each parameter's device.
+-- Everything is checked before anything changes (as PyTorch's load_state_dict), so a refused
+-- state leaves the optimizer as it was: another optimizer's state, a name missing from the
+-- model, a shape mismatch, groups that do not match this optimizer's (their number, or the
+-- parameters a group's settings belong to) are errors naming what differs.
+function Optimizer:load_state(s)
+   local F = self.NAME .. ':load_state'
+   check.arg(type(s) == 'table', F, 'state must be a table')
+   check.arg(s.name == nil or s.name == self.KEY, F, 'state is for optimizer %q, not %s', tostring(s.name), self.KEY)
+   local config
+   if s.config ~= nil then
+      check.arg(type(s.config) == 'table', F, 'state.config must be a table, got %s', type(s.config))
+      config = {}
+      for k, v in pairs(self.config) do config[k] = v end
+      for k, v in pairs(s.config) do config[k] = v end
+      self:validate_config(config, F)
+   end
+   local groups
+   if s.groups ~= nil then
+      check.arg(type(s.groups) == 'table' and #s.groups == #self.groups, F,
+         'state has %s parameter groups, this optimizer %d', type(s.groups) == 'table' and #s.groups or '?', #self.groups)
+      groups = {}
+      for i, gs in ipairs(s.groups) do
+         check.arg(type(gs) == 'table', F, 'state.groups[%d] must be a table', i)
+         local g, names = self.groups[i], gs.param_names
+         if names ~= nil then
+            check.arg(type(names) == 'table' and #names == #g.params, F, 'group %d holds %d parameters, the state\'s %s',
+               i, #g.params, type(names) == 'table' and #names or '?')
+            for j, e in ipairs(g.params) do
+               check.arg(names[j] == e.name, F, 'group %d, parameter %d is %s, the state\'s is %s', i, j, e.name,
+                  tostring(names[j]))
+            end
+         end
+         local merged = {}
+         for k, v in pairs(g) do if k ~= 'params' then merged[k] = v end end
+         for k, v in pairs(gs) do
+            if k ~= 'param_names' then
+               check.arg(self.GROUP_KEYS[k] ~= nil and k ~= 'params' and k ~= 'grads', F, 'state.groups[%d]: unknown setting %q', i,
+                  tostring(k))
+               merged[k] = v
+            end
+         end
+         self:validate_settings(merged, string.format('group %d: ', i), F)
+         groups[i] = merged
+      end
+   end
+   -- a string or NaN failed at the next step as "attempt to perform arithmetic on field 't'"
+   if s.t ~= nil then check.int(s.t, F, 'state.t', 0) end
+   check.arg(s.params == nil or type(s.params) == 'table', F, 'state.params must be a table, got %s', type(s.params))
+   for name, st in pairs(s.params or {}) do
+      local e = self._by_name[name]
+      check.arg(e ~= nil, F, 'saved state for parameter %q, which the model does not have', name)
+      check_state(self, F, name, e.param, st)
+   end
+   -- checked: now change
+   local fresh = {}
+   for name, st in pairs(s.params or {}) do
+      local e = self._by_name[name]
+      fresh[e.param] = fresh_state(self, e.param, st, true)
+   end
+   if config then for k, v in pairs(config) do self.config[k] = v end end -- the same table (others hold it)
+   if groups then
+      for i, merged in ipairs(groups) do
+         local g = self.groups[i]
+         for k, v in pairs(merged) do g[k] = v end
+      end
+   end
+   self.t = s.t or 0
+   self.state_ = fresh
+end
+
+-- A subclass: class(name, Optimizer) with the tables the header lists.
+function Optimizer.subclass(name, key, spec)
+   local cls = class(name, Optimizer)
+   cls.NAME, cls.KEY, cls.FNAME = name, key, 'nr.optim.' .. name
+   for k, v in pairs(spec) do cls[k] = v end
+   return cls
+end
+
+return Optimizer
