@@ -439,7 +439,8 @@ local function sorted_keys(t)
    return ks
 end
 
--- {name, tensor, param?} for every parameter, buffer and (optionally) optimizer state tensor.
+-- {name, t = tensor, param?, key?} for every parameter, buffer and (optionally) optimizer state
+-- tensor; an optimizer's number state (Adam's per-parameter step) as {name, v = number, param, key}.
 local function state_tensors(model, optimizer)
    local out = {}
    for _, e in ipairs(model:namedParameters()) do out[#out + 1] = {name = e.name, t = e.param} end
@@ -449,7 +450,12 @@ local function state_tensors(model, optimizer)
          local st = optimizer:state_of(e.param)
          if st then
             for _, k in ipairs(sorted_keys(st)) do
-               if T.is_tensor(st[k]) then out[#out + 1] = {name = 'optim:' .. e.name .. '.' .. k, t = st[k], param = e.param, key = k} end
+               local v = st[k]
+               if T.is_tensor(v) then
+                  out[#out + 1] = {name = 'optim:' .. e.name .. '.' .. k, t = v, param = e.param, key = k}
+               elseif type(v) == 'number' then
+                  out[#out + 1] = {name = 'optim:' .. e.name .. '.' .. k, v = v, param = e.param, key = k}
+               end
             end
          end
       end
@@ -461,7 +467,8 @@ local function describe_entry(e) return string.format('%s %s [%s]', e.name, e.t:
 
 -- Rank root's parameters and buffers (and optimizer state with opts.optimizer) copied to every
 -- rank, in place. The structures must agree (names, shapes, dtypes): if not, every rank raises an
--- error naming the first difference. Optimizer state that only root has is created elsewhere.
+-- error naming the first difference. Optimizer state that only root has is created elsewhere;
+-- its numbers (Adam's step) are root's everywhere.
 function M.broadcast_model(model, opts)
    check.arg(type(model) == 'table' and type(model.namedParameters) == 'function', 'nr.dist.broadcast_model', 'model must be an nr.nn module')
    opts = check.options(opts, {root = true, optimizer = true}, 'nr.dist.broadcast_model')
@@ -474,7 +481,7 @@ function M.broadcast_model(model, opts)
    local opt_sig = {}
    if opts.optimizer then
       for _, e in ipairs(state_tensors(model, opts.optimizer)) do
-         if e.key then opt_sig[#opt_sig + 1] = {name = e.name, key = e.key, shape = e.t:shape()} end
+         if e.key then opt_sig[#opt_sig + 1] = {name = e.name, key = e.key, shape = e.t and e.t:shape(), value = e.v} end
       end
    end
    local theirs = M.broadcast_object({sig = sig, opt = opt_sig}, root)
@@ -508,16 +515,27 @@ function M.broadcast_model(model, opts)
          if not on_root[name] and opts.optimizer:state_of(p) then opts.optimizer:set_state_of(p, nil) end
       end
       for _, o in ipairs(theirs.opt) do
-         local p = params[o.name:sub(1, #o.name - #o.key - 1)]
-         local st = opts.optimizer:state_of(p) or {}
-         local t = st[o.key]
-         if not t then
-            t = T.zeros(o.shape, {device = p:device()})
-            st[o.key] = t
-            opts.optimizer:set_state_of(p, st)
-            t = opts.optimizer:state_of(p)[o.key]
+         if o.shape then
+            local p = params[o.name:sub(1, #o.name - #o.key - 1)]
+            local st = opts.optimizer:state_of(p) or {}
+            local t = st[o.key]
+            if not t then
+               t = T.zeros(o.shape, {device = p:device()})
+               st[o.key] = t
+               opts.optimizer:set_state_of(p, st)
+               t = opts.optimizer:state_of(p)[o.key]
+            end
+            M.broadcast(t, root)
          end
-         M.broadcast(t, root)
+      end
+      -- numbers after the tensors (a state is kept only with its buffers)
+      for _, o in ipairs(theirs.opt) do
+         if o.value ~= nil then
+            local p = params[o.name:sub(1, #o.name - #o.key - 1)]
+            local st = opts.optimizer:state_of(p)
+            st[o.key] = o.value
+            opts.optimizer:set_state_of(p, st)
+         end
       end
    end
    return model
@@ -567,11 +585,17 @@ local function fingerprint_of(t)
    return tonumber(h / 4294967296ULL), tonumber(h % 4294967296ULL)
 end
 
+-- An entry's hash pair: a tensor's fingerprint, a number itself (a whole step count < 2^32).
+local function entry_hash(e)
+   if e.t then return fingerprint_of(e.t) end
+   return e.v % 4294967296, 0
+end
+
 -- Hex fingerprint of a model's parameters and buffers (and optimizer state) on this rank.
 function M.fingerprint(model, optimizer)
    local hi, lo = 0, 0
    for _, e in ipairs(state_tensors(model, optimizer)) do
-      local a, b = fingerprint_of(e.t)
+      local a, b = entry_hash(e)
       hi = (hi * 31 + a) % 4294967296
       lo = (lo * 37 + b + #e.name) % 4294967296
    end
@@ -596,7 +620,7 @@ function M.assert_same(model, what, opts)
    local entries = state_tensors(model, opts.optimizer)
    local mine = {}
    for _, e in ipairs(entries) do
-      local a, b = fingerprint_of(e.t)
+      local a, b = entry_hash(e)
       mine[#mine + 1] = a
       mine[#mine + 1] = b
    end

@@ -162,3 +162,34 @@ do
    dist.assert_same(model, 'after training past nr.rejuvenate', {optimizer = opt})
    H.pass('replicas identical after training past nr.rejuvenate')
 end
+
+-- 6. AdamW's state: moments and the per-parameter step count. A rank whose step counts differ
+-- is caught by assert_same (the numbers are in the fingerprint); a rank without state (as after
+-- a resume where rank 0 loaded the checkpoint) gets rank 0's moments and steps by the broadcast.
+do
+   opt = nr.optim.AdamW(model, {lr = 1e-3})
+   dist.broadcast_model(model, {optimizer = opt})
+   train(3, 500)
+   dist.sync_buffers(model)
+   dist.assert_same(model, 'after 3 AdamW steps', {optimizer = opt})
+   local p = model:namedParameters()[1].param
+   if rank == 1 then
+      local st = opt:state_of(p)
+      st.step = 99
+      opt:set_state_of(p, st)
+   end
+   local ok, err = pcall(dist.assert_same, model, 'with a step count changed on rank 1', {optimizer = opt})
+   if size > 1 and (ok or not tostring(err):find('.step', 1, true)) then
+      H.fail('assert_same did not name the differing step count: %s', tostring(err))
+   end
+   if rank ~= 0 then
+      for _, e in ipairs(model:namedParameters()) do opt:set_state_of(e.param, nil) end
+   end
+   dist.broadcast_model(model, {optimizer = opt})
+   dist.assert_same(model, 'after broadcasting AdamW state', {optimizer = opt})
+   if opt:state_of(p).step ~= 3 then H.fail('rank %d: step %s after the broadcast, expected 3', rank, tostring(opt:state_of(p).step)) end
+   train(2, 600)
+   dist.sync_buffers(model)
+   dist.assert_same(model, 'after training on with AdamW', {optimizer = opt})
+   H.pass('AdamW moments and step counts identical on every rank, also after a broadcast to ranks without state')
+end

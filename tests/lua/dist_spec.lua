@@ -4,7 +4,7 @@
 --   (a) collectives.lua   allreduce / broadcast / decide correctness on every rank
 --   (b) equivalence.lua   k SGD steps on 2 ranks == 1 process with the combined batch (1e-5 rel.)
 --   (c) failure.lua       a killed / failing / hung rank ends the job, non-zero, within 30 s
---   (d) rejuvenate.lua    identical weights on all ranks after a rejuvenation (surgery)
+--   (d) rejuvenate.lua    identical weights on all ranks after a rejuvenation (surgery); AdamW state
 --   (e) train.lua         nr.train + nr.dist.attach: 2 ranks == 1 process, checkpoints compared
 --   (f) train.lua         --resume from a checkpoint written with another number of ranks
 --   (g) train_nr.lua      nr.train + NR: policy decisions on rank 0 only, replicas identical
@@ -197,7 +197,7 @@ describe('nr.dist under mpirun -np 2', function()
    it('(b) 2 ranks x 8 samples give the weights of 1 process x 16 samples within 1e-5 (TCP loopback; MLP, conv, conv+synchronized BN)', function()
       local out, rc = mpirun('equivalence.lua', 2, TCP)
       assert.equal(0, rc, out)
-      assert.equal(10, count(out, 'PASS [^\n]* rank %d/2'), out)
+      assert.equal(12, count(out, 'PASS [^\n]* rank %d/2'), out)
       for line in out:gmatch('[^\n]*max relative difference[^\n]*') do print('      ' .. line) end
    end)
 
@@ -317,7 +317,7 @@ describe('nr.dist under mpirun -np 2', function()
    it('(d) all ranks hold identical weights after a rejuvenation', function()
       local out, rc = mpirun('rejuvenate.lua', 2)
       assert.equal(0, rc, out)
-      assert.equal(10, count(out, 'PASS [^\n]* rank %d/2'), out)
+      assert.equal(12, count(out, 'PASS [^\n]* rank %d/2'), out)
       print('      ' .. (out:match('after rejuvenation[^\n]*') or ''))
       print('      ' .. (out:match('after nr%.rejuvenate[^\n]*') or ''))
    end)
