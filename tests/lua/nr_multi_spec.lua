@@ -289,6 +289,42 @@ describe('nr.rejuvenate repeated and detailed', function()
       end
    end)
 
+   it('with kept generations, a scheme switch that would change the function is refused (CA -> NR/CR, NR -> CR/CA)', function()
+      local refused = {['CA>NR'] = 'cross-attention gates', ['CA>CR'] = 'cross-attention gates',
+                       ['NR>CR'] = 'cross connections between generations would be dropped',
+                       ['NR>CA'] = 'cross connections between generations would be gated'}
+      for _, a in ipairs({'NR', 'CR', 'CA'}) do
+         for _, b in ipairs({'NR', 'CR', 'CA'}) do
+            nr.manual_seed(4)
+            local m = nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+               nn.Conv2d(8, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+               nn.Conv2d(8, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+               nn.GlobalAvgPool2d(), nn.Linear(8, 3)}
+            for _, bn in ipairs(m:findModules('BatchNorm2d')) do bn.weight:set(2, 0); bn.weight:set(5, 0) end
+            nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = a, generations = 'keep'})
+            for _, mm in ipairs(m:listModules()) do   -- as training leaves it: cross blocks trained
+               if mm.weight and mm:typename() ~= 'BatchNorm2d' then mm.weight:copy(nr.randn(mm.weight:shape()):mul_(0.3)) end
+               if mm:typename() == 'BatchNorm2d' then mm.weight:copy(nr.rand({mm.num_features}):add_(0.5)) end
+            end
+            m:evaluate()
+            local x = nr.randn({2, 3, 8, 8})
+            local y0 = m:forward(x):clone()
+            local ok, err = pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}, scheme = b, generations = 'keep', budget = 0})
+            local want = refused[a .. '>' .. b]
+            if want then
+               assert.is_false(ok, a .. ' -> ' .. b)
+               assert.truthy(tostring(err):find(want, 1, true), tostring(err))
+               assert.truthy(tostring(err):find("scheme = '" .. a .. "'", 1, true), tostring(err))
+               assert.equal(0, m:forward(x):clone():sub(y0):abs():max(), a .. ' -> ' .. b .. ': the refused call changed the model')
+            else
+               assert.is_true(ok, tostring(err))
+               m:evaluate()
+               assert.is_true(rel(m:forward(x), y0) <= 1e-5, a .. ' -> ' .. b)
+            end
+         end
+      end
+   end)
+
    it('an optimizer not given to nr.rejuvenate refuses to step the replaced layers until refreshed', function()
       nr.manual_seed(14)
       local m = net()

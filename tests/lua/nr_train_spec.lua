@@ -272,6 +272,16 @@ describe('held schedule epochs extend nr.train', function()
       local ok, err = pcall(flops.load_checkpoint, flops, base .. '/a')
       assert.is_false(ok)
       assert.truthy(tostring(err):find('rejuvenated under constraint params; resuming it under flops', 1, true), err)
+      -- rejuvenations to go with kept generations under a scheme that would change the function:
+      -- refused at the resume, not epochs later at the next rejuvenation
+      local other = train.new((rc(base .. '/a', nil, {scheme = 'NR', generations = 'keep', times = 2})))
+      ok, err = pcall(other.load_checkpoint, other, base .. '/a')
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("(resuming a run rejuvenated 1 time(s)): scheme 'NR' with generations = 'keep' on a "
+         .. "model rejuvenated with scheme 'CA'", 1, true), err)
+      local same = train.new((rc(base .. '/a', nil, {generations = 'keep', times = 2})))
+      same:load_checkpoint(base .. '/a')
+      assert.are.equal(1, same.nr.rejuvenations)
       -- in the λ phase (epoch 1 held): NR off releases the hold; flops measures C again
       local dir = base .. '/lam'
       local r = rc(dir, {max_epochs = 6})

@@ -72,6 +72,48 @@ local function check_common(o, FN)
    end
 end
 
+-- With kept generations the function survives a rejuvenation only under the scheme the model's
+-- generations were trained with, or from CR to another (its cross blocks are zero, not trained):
+-- CA's gates have no NR or CR form, and NR's trained cross blocks no CR form (nor an ungated CA
+-- one). The scheme a model was rejuvenated with shows in its layers: an NRConv2d carries it; a
+-- plain conv over several generations was made by NR.
+-- level: error's (where the message points); what: who asks ('nr.rejuvenate' or the resumed run).
+local function refuse_scheme_switch(g, scheme, level, what)
+   local prev
+   for _, u in ipairs(g.units) do
+      local m = u.conv
+      if m:typename() == 'NRConv2d' then
+         prev = (prev == 'CA' or m.scheme == 'CA') and 'CA' or 'CR'
+      elseif u.kind == 'conv' and m.nr_gens and #m.nr_gens > 1 then
+         prev = prev or 'NR-or-stem'
+      end
+   end
+   if prev == 'NR-or-stem' then
+      -- a plain conv over generations is also what CR and CA leave at the stem: NR only when no
+      -- NRConv2d exists and some such conv reads another conv's generations
+      prev = nil
+      for _, u in ipairs(g.units) do
+         local m = u.conv
+         if u.kind == 'conv' and m.nr_gens and #m.nr_gens > 1 then
+            for _, sg in ipairs(u.in_desc.segs) do
+               local src = sg.src and sg.src.conv
+               if src and src.nr_gens and #src.nr_gens > 1 then prev = 'NR' end
+            end
+         end
+      end
+   end
+   if prev == 'CA' and scheme ~= 'CA' then
+      error(string.format("%s: scheme '%s' with generations = 'keep' on a model rejuvenated with scheme 'CA': "
+         .. "its cross-attention gates would be dropped and its function would change; rejuvenate it with scheme = 'CA' "
+         .. '(a scheme is a per-run setting)', what, scheme), level)
+   elseif prev == 'NR' and scheme ~= 'NR' then
+      error(string.format("%s: scheme '%s' with generations = 'keep' on a model rejuvenated with scheme 'NR': "
+         .. "its trained cross connections between generations would be %s and its function would change; rejuvenate it "
+         .. "with scheme = 'NR' (a scheme is a per-run setting), or with generations = 'merge'", what, scheme,
+         scheme == 'CR' and 'dropped' or 'gated'), level)
+   end
+end
+
 local function mon_opts(opts)
    return {threshold = opts.threshold or 0.01, abs_min = opts.abs_min or 1e-3, count = opts.count}
 end
@@ -217,6 +259,7 @@ function M.rejuvenate(model, opts)
    -- generations: 'merge' (the paper's S and R: every survivor joins S, whichever rejuvenation
    -- made it) or 'keep' (each rejuvenation's channels stay a group of their own)
    local merge = (opts.generations or 'merge') == 'merge'
+   if not merge then refuse_scheme_switch(g, scheme, 3, FN) end
    local generation = (rawget(model, 'nr_generation') or surgery.max_gen(g)) + 1
    local next_gen = merge and 1 or generation
    local cost_fn = monitor.cost_fn(g, st, {count = opts.count, scheme = scheme, next_gen = next_gen, merge = merge})
@@ -580,6 +623,12 @@ function M.attach(tr, cfg)
             end
             if ctl.rejuvenations > 0 then tr.model.nr_generation = ctl.rejuvenations end
             if s.arch then M.restore_arch(tr, s.arch) end
+            -- a resumed run with rejuvenations to go under another scheme: refused now, not at
+            -- the next rejuvenation, epochs later
+            if s.arch and ctl.rejuvenations < c.times and c.generations == 'keep' then
+               refuse_scheme_switch(monitor.graph_of(tr.model, shape()), c.scheme or 'NR', 0,
+                  FN .. ' (resuming a run rejuvenated ' .. ctl.rejuvenations .. ' time(s))')
+            end
          end,
       })
    end
