@@ -329,6 +329,26 @@ describe('held schedule epochs extend nr.train', function()
             assert.are.equal(0, t:sub(u):abs():max(), name .. ' differs (killed before epoch ' .. kill .. ')')
          end
       end
+   end)
+
+   it('under AdamW too: its remapped moments and step counts go through the checkpoint (resumed bit for bit)', function()
+      local adamw = {optim = {name = 'adamw', lr = 2e-3, weight_decay = 1e-2}, max_epochs = 6}
+      local whole = train.new((rc(base .. '/aw', adamw)))
+      whole:run()
+      assert.are.equal(1, whole.nr.rejuvenations)
+      local some = whole.model:findModules('NRConv2d')[1].blocks[1].conv.weight
+      assert.are.equal(40, whole.optimizer:state_of(some).step)   -- carried through the surgery at step 24
+      local ref = ck.load(base .. '/aw').weights
+      local dir = base .. '/awk'
+      local r = rc(dir, adamw)
+      r.hooks.epoch_begin = function(_, info) if info.epoch == 5 then error('simulated kill', 0) end end
+      assert.is_false((pcall(train.train, r)))
+      local tr = train.new((rc(dir, {optim = adamw.optim, max_epochs = 6, resume = dir})))
+      tr:run()
+      local got = ck.load(dir).weights
+      for name, t in pairs(ref) do
+         assert.are.equal(0, t:sub(got[name]):abs():max(), name .. ' differs after the resume')
+      end
       os.execute('rm -rf ' .. base)
    end)
 end)
