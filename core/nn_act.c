@@ -1,8 +1,10 @@
-/* nn_act.c — elementwise layer kernels on the CPU: ReLU and Sigmoid (forward and backward from
- * the output) and inverted dropout (nr_relu_*, nr_sigmoid_*, nr_dropout_* in core/nr.h).
- * Invariants: every element depends only on the same element of the inputs, so outputs may alias
- * inputs (in place) and results do not depend on the thread count; dropout draws its mask from
- * the global generator (nr_rng_bernoulli), sequentially, so seeds reproduce.
+/* nn_act.c — activation kernels on the CPU: ReLU and Sigmoid (forward and backward from the
+ * output), inverted dropout, and softmax / log-softmax over the last dimension (nr_relu_*,
+ * nr_sigmoid_*, nr_dropout_*, nr_softmax_* in core/nr.h).
+ * Invariants: ReLU, Sigmoid and dropout are elementwise (every element depends only on the same
+ * element of the inputs, so outputs may alias inputs); softmax works row by row, each row on one
+ * thread, in a fixed order; results do not depend on the thread count; dropout draws its mask
+ * from the global generator (nr_rng_bernoulli), sequentially, so seeds reproduce.
  */
 #include "nn_internal.h"
 
@@ -114,5 +116,74 @@ nr_status nr_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_ten
    const float *pdy = dy->data, *pm = mask->data;
    float *pdx = dx->data;
    PAR_FOR(n) pdx[i] = pdy[i] * pm[i];
+   return NR_OK;
+}
+
+/* ---------------------------------------------------------------- softmax over the last dim */
+
+/* x, y (or y, dy, dx): f32 activations of one shape, row-major contiguous, ndim >= 1. */
+static nr_status rows_check(const char *func, const char *an, const nr_tensor *a, const char *bn, const nr_tensor *b)
+{
+   NR_TRY(pair_check(func, an, a, bn, b));
+   if (a->ndim < 1) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: expected ndim >= 1, got a scalar", an);
+   NR_TRY(nr_check_contiguous(func, an, a));
+   return nr_check_contiguous(func, bn, b);
+}
+
+nr_status nr_softmax_forward(const nr_tensor *x, nr_tensor *y, int32_t log_softmax)
+{
+   NR_TRY(rows_check(__func__, "x", x, "y", y));
+   NR_ON_CUDA(x, nr_cuda_softmax_forward(x, y, log_softmax));
+   const int64_t k = x->shape[x->ndim - 1], rows = k > 0 ? nr_tensor_numel(x) / k : 0;
+   const float *px = x->data;
+   float *py = y->data;
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * k > 32768)
+   for (int64_t r = 0; r < rows; r++) {
+      const float *xr = px + r * k;
+      float *yr = py + r * k;
+      float mx = -INFINITY;
+      bool nan = false;
+      for (int64_t j = 0; j < k; j++) {
+         if (xr[j] != xr[j]) nan = true;
+         else if (xr[j] > mx) mx = xr[j];
+      }
+      if (nan || mx == -INFINITY) { /* NaN in, or every logit -inf: NaN out (PyTorch) */
+         for (int64_t j = 0; j < k; j++) yr[j] = NAN;
+         continue;
+      }
+      double se = 0.0;
+      for (int64_t j = 0; j < k; j++) se += exp((double)(xr[j] - mx));
+      if (log_softmax) {
+         const float lse = (float)log(se);
+         for (int64_t j = 0; j < k; j++) yr[j] = (xr[j] - mx) - lse;
+      } else {
+         const double inv = 1.0 / se;
+         for (int64_t j = 0; j < k; j++) yr[j] = (float)(exp((double)(xr[j] - mx)) * inv);
+      }
+   }
+   return NR_OK;
+}
+
+nr_status nr_softmax_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx, int32_t log_softmax)
+{
+   NR_TRY(rows_check(__func__, "y", y, "dy", dy));
+   NR_TRY(rows_check(__func__, "y", y, "dx", dx));
+   NR_ON_CUDA(y, nr_cuda_softmax_backward(y, dy, dx, log_softmax));
+   const int64_t k = y->shape[y->ndim - 1], rows = k > 0 ? nr_tensor_numel(y) / k : 0;
+   const float *py = y->data, *pdy = dy->data;
+   float *pdx = dx->data;
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * k > 32768)
+   for (int64_t r = 0; r < rows; r++) {
+      const float *yr = py + r * k, *gr = pdy + r * k;
+      float *dr = pdx + r * k;
+      double s = 0.0;
+      if (log_softmax) {
+         for (int64_t j = 0; j < k; j++) s += gr[j];
+         for (int64_t j = 0; j < k; j++) dr[j] = gr[j] - expf(yr[j]) * (float)s;
+      } else {
+         for (int64_t j = 0; j < k; j++) s += (double)gr[j] * yr[j];
+         for (int64_t j = 0; j < k; j++) dr[j] = yr[j] * (gr[j] - (float)s);
+      }
+   }
    return NR_OK;
 }

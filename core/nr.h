@@ -321,6 +321,14 @@ nr_status nr_relu_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
 nr_status nr_sigmoid_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
+/* Softmax over the last dimension (PyTorch's softmax(x, dim=-1)), each row of K values:
+ * y = exp(x - max) / sum exp(x - max); log_softmax != 0: y = x - max - log sum exp(x - max).
+ * x: an activation (f32, or bf16 on CUDA), any shape with ndim >= 1, row-major contiguous; y the
+ * same. The sums are in double; a row with a NaN gives NaN, a row of -inf NaN (as PyTorch). */
+nr_status nr_softmax_forward(const nr_tensor *x, nr_tensor *y, int32_t log_softmax);
+/* Its backward from the forward's output y: softmax dx = y * (dy - sum_k dy * y); log-softmax
+ * dx = dy - exp(y) * sum_k dy. */
+nr_status nr_softmax_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx, int32_t log_softmax);
 
 /* Max pooling (PyTorch MaxPool2d, dilation 1; padding counts as -inf and must be <= kernel / 2).
  * ceil_mode 0: Ho = floor((H + 2*pad_h - kernel_h) / stride_h) + 1; 1: PyTorch's ceil_mode (ceil

@@ -710,6 +710,82 @@ __global__ void k_xent_f(const T *x, const int64_t *labels, float *probs, double
    }
 }
 
+/* Softmax / log-softmax over the last dimension, one block of 256 per row (grid-strided over
+ * rows): the max (NaN noticed), then the sum of exp in double, as core/nn_act.c. */
+template <typename T>
+__global__ void k_softmax_f(const T *x, T *y, int64_t rows, int64_t k, int take_log)
+{
+   __shared__ float smx[256];
+   __shared__ double sse[256];
+   __shared__ int snan;
+   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+      const T *xr = x + row * k;
+      T *yr = y + row * k;
+      if (threadIdx.x == 0) snan = 0;
+      __syncthreads();
+      float mx = -INFINITY;
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+         float v = ld(xr + j);
+         if (v != v) snan = 1;
+         else if (v > mx) mx = v;
+      }
+      smx[threadIdx.x] = mx;
+      __syncthreads();
+      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+         if ((int)threadIdx.x < s) smx[threadIdx.x] = smx[threadIdx.x + s] > smx[threadIdx.x] ? smx[threadIdx.x + s] : smx[threadIdx.x];
+         __syncthreads();
+      }
+      mx = smx[0];
+      if (snan || mx == -INFINITY) { /* NaN in, or every logit -inf: NaN out */
+         for (int64_t j = threadIdx.x; j < k; j += blockDim.x) st(yr + j, NAN);
+         __syncthreads();
+         continue;
+      }
+      double se = 0;
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) se += exp((double)(ld(xr + j) - mx));
+      sse[threadIdx.x] = se;
+      __syncthreads();
+      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+         if ((int)threadIdx.x < s) sse[threadIdx.x] += sse[threadIdx.x + s];
+         __syncthreads();
+      }
+      se = sse[0];
+      if (take_log) {
+         const float lse = (float)log(se);
+         for (int64_t j = threadIdx.x; j < k; j += blockDim.x) st(yr + j, (ld(xr + j) - mx) - lse);
+      } else {
+         const double inv = 1.0 / se;
+         for (int64_t j = threadIdx.x; j < k; j += blockDim.x) st(yr + j, (float)(exp((double)(ld(xr + j) - mx)) * inv));
+      }
+      __syncthreads();
+   }
+}
+
+/* Its backward, one block per row: the row sum (of dy, or of dy * y) in double. */
+template <typename T>
+__global__ void k_softmax_b(const T *y, const T *dy, T *dx, int64_t rows, int64_t k, int take_log)
+{
+   __shared__ double ss[256];
+   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+      const T *yr = y + row * k, *gr = dy + row * k;
+      T *dr = dx + row * k;
+      double s = 0;
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) s += take_log ? (double)ld(gr + j) : (double)ld(gr + j) * ld(yr + j);
+      ss[threadIdx.x] = s;
+      __syncthreads();
+      for (int h = blockDim.x / 2; h > 0; h >>= 1) {
+         if ((int)threadIdx.x < h) ss[threadIdx.x] += ss[threadIdx.x + h];
+         __syncthreads();
+      }
+      const float sf = (float)ss[0];
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+         const float yv = ld(yr + j), gv = ld(gr + j);
+         st(dr + j, take_log ? gv - expf(yv) * sf : yv * (gv - sf));
+      }
+      __syncthreads();
+   }
+}
+
 __global__ void k_xent_mean(const double *rowloss, int64_t n, float *loss)
 {
    __shared__ double sh[256];
@@ -1239,6 +1315,39 @@ nr_status nr_cuda_softmax_xent_forward(const nr_tensor *logits, const nr_tensor 
    }
    k_xent_mean<<<1, 256, 0, ctx->stream>>>((const double *)rl, n, fpm(loss));
    NR_CU_LAUNCHED("softmax_xent_forward mean %s", NR_DESC(logits));
+   return NR_OK;
+}
+
+/* ---- softmax over the last dimension */
+
+static inline unsigned softmax_grid(int64_t rows) { return (unsigned)(rows < 65535 * 16 ? rows : 65535 * 16); }
+
+nr_status nr_cuda_softmax_forward(const nr_tensor *x, nr_tensor *y, int32_t log_softmax)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
+   const int64_t k = x->shape[x->ndim - 1], rows = k > 0 ? nr_tensor_numel(x) / k : 0;
+   if (rows == 0) return NR_OK;
+   with_act_type(x, [&](auto tag) {
+      using T = decltype(tag);
+      k_softmax_f<T><<<softmax_grid(rows), 256, 0, ctx->stream>>>(cptr<T>(x), mptr<T>(y), rows, k, log_softmax != 0);
+   });
+   NR_CU_LAUNCHED("softmax_forward %s", NR_DESC(x));
+   return NR_OK;
+}
+
+nr_status nr_cuda_softmax_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx, int32_t log_softmax)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(y->device_index, &ctx));
+   const int64_t k = y->shape[y->ndim - 1], rows = k > 0 ? nr_tensor_numel(y) / k : 0;
+   if (rows == 0) return NR_OK;
+   with_act_type(y, [&](auto tag) {
+      using T = decltype(tag);
+      k_softmax_b<T><<<softmax_grid(rows), 256, 0, ctx->stream>>>(cptr<T>(y), cptr<T>(dy), mptr<T>(dx), rows, k,
+                                                                 log_softmax != 0);
+   });
+   NR_CU_LAUNCHED("softmax_backward %s", NR_DESC(y));
    return NR_OK;
 }
 

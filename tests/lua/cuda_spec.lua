@@ -607,6 +607,24 @@ describe('layer kernels on the GPU', function()
          h.check('bias_backward 70001 wide', wc, wg)
       end)
 
+      it(h.name .. ' softmax and log-softmax over the last dimension (a NaN row, a row wider than a block)', function()
+         for _, shape in ipairs({{5, 7}, {2, 3, 300}, {4}}) do
+            local x = h.ref(randn(shape):mul_(3))
+            if #shape == 2 then x:narrow(1, 2, 1):narrow(2, 3, 1):fill(0 / 0) end   -- row 2: NaN out, the others unchanged
+            local dy = h.ref(randn(shape))
+            for _, lg in ipairs({0, 1}) do
+               local tag = (lg == 1 and 'log_softmax ' or 'softmax ') .. table.concat(shape, 'x')
+               local yc, yg = h.pair(shape)
+               ok(C.nr_softmax_forward(x.c, yc.c, lg), tag); ok(C.nr_softmax_forward(h.dev(x).c, yg.c, lg), tag)
+               h.check(tag .. ' forward', yc, yg)
+               local dc, dg = h.pair(shape)
+               local yr = yg:to('cpu', 'float32')   -- the backward reads the forward output: the GPU's (rounded) one
+               ok(C.nr_softmax_backward(yr.c, dy.c, dc.c, lg), tag); ok(C.nr_softmax_backward(yg.c, h.dev(dy).c, dg.c, lg), tag)
+               h.check(tag .. ' backward', dc, dg)
+            end
+         end
+      end)
+
       it(h.name .. ' max, average and global pooling', function()
          local x = h.ref(randn({2, 3, 9, 8}))
          local xg = h.dev(x)

@@ -140,6 +140,12 @@ describe('gradcheck: normalisation, activations, pools, linear, dropout', functi
    it('Sigmoid', function()
       assert.is_true(gradcheck(nn.Sigmoid(), input({2, 3, 4, 4})))
    end)
+   it('Softmax and LogSoftmax (over the last dimension, 2-d and 3-d)', function()
+      for _, m in ipairs({nn.Softmax(), nn.LogSoftmax()}) do
+         assert.is_true(gradcheck(m, input({3, 6})))
+         assert.is_true(gradcheck(m, input({2, 3, 4})))
+      end
+   end)
    it('MaxPool2d (2x2, and 3x3 stride 2 padded)', function()
       assert.is_true(gradcheck(nn.MaxPool2d(2), input({2, 2, 6, 6})))
       assert.is_true(gradcheck(nn.MaxPool2d(3, {stride = 2, padding = 1}), input({2, 2, 7, 7})))

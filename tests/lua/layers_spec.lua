@@ -740,10 +740,11 @@ describe('a module applied to its own output, and empty batches', function()
          {'depthwise', nn.Conv2d(4, 4, 3, {padding = 1, groups = 4})},
          {'MaxPool2d', nn.MaxPool2d(3, {stride = 1, padding = 1})}, {'AvgPool2d', nn.AvgPool2d(3, {stride = 1, padding = 1})},
          {'BatchNorm2d', nn.BatchNorm2d(4)}, {'ReLU', nn.ReLU()}, {'Sigmoid', nn.Sigmoid()}, {'Linear', nn.Linear(4, 4)},
+         {'Softmax', nn.Softmax()}, {'LogSoftmax', nn.LogSoftmax()},
       }
       for _, c in ipairs(mods) do
          local name, m = c[1], c[2]
-         local x = name == 'Linear' and nr.randn({3, 4}) or nr.randn({2, 4, 6, 6})
+         local x = (name == 'Linear' or name:match('Softmax')) and nr.randn({3, 4}) or nr.randn({2, 4, 6, 6})
          for round = 1, 3 do -- the buffers alternate from the second round on
             local want = m:forward(m:forward(x):clone()):clone()
             local got = m:forward(m:forward(x))
@@ -1058,5 +1059,54 @@ describe('NaN propagates through ReLU (as PyTorch), so a diverging run reaches t
          assert.is_true(#plain > 0, c[1] .. ': no NaN in the unfolded output')
          assert.same(plain, folded, c[1])
       end
+   end)
+end)
+
+describe('Softmax and LogSoftmax', function()
+   it('rows sum to 1, large logits stay finite, a NaN or all -inf row gives NaN in that row only (as PyTorch)', function()
+      local inf = math.huge
+      local x = nr.tensor({{1, 2, 3}, {-1000, 0, 1000}, {0 / 0, 1, 2}, {-inf, -inf, -inf}, {-inf, 0, 0}})
+      local p = nn.Softmax():forward(x):clone()
+      local lp = nn.LogSoftmax():forward(x):clone()
+      local function row(t, i) return t:narrow(1, i, 1):contiguous():totable()[1] end
+      local r1 = row(p, 1)
+      assert.is_true(math.abs(r1[1] + r1[2] + r1[3] - 1) < 1e-6)
+      assert.is_true(math.abs(r1[3] - math.exp(3) / (math.exp(1) + math.exp(2) + math.exp(3))) < 1e-6)
+      assert.same({0, 0, 1}, row(p, 2))
+      assert.same({-2000, -1000, 0}, row(lp, 2))
+      for _, t in ipairs({p, lp}) do
+         for _, i in ipairs({3, 4}) do
+            for _, v in ipairs(row(t, i)) do assert.is_true(v ~= v, 'row ' .. i .. ' should be NaN') end
+         end
+      end
+      assert.same({0, 0.5, 0.5}, row(p, 5))
+      local l5 = row(lp, 5)
+      assert.is_true(l5[1] == -inf and math.abs(l5[2] - math.log(0.5)) < 1e-7)
+   end)
+
+   it('checks its input and its dim, and names the problem', function()
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      assert.truthy(msg(function() nn.Softmax({dim = 1}):forward(nr.randn({2, 3})) end)
+         :find('dim 1 is not the last dimension of the 2-d input [2 x 3]', 1, true))
+      assert.truthy(msg(function() nn.Softmax({dim = 0}) end):find('dim must be -1 or a dimension >= 1', 1, true))
+      assert.truthy(msg(function() nn.LogSoftmax({axis = 1}) end):find('unknown option "axis"', 1, true))
+      assert.truthy(msg(function() nn.Softmax():forward(nr.tensor({1, 2}, {dtype = 'int64'})) end):find('float32', 1, true))
+      assert.truthy(msg(function() nn.Softmax():backward(nr.randn({2, 3}), nr.randn({2, 3})) end):find('before forward', 1, true))
+      local m = nn.Softmax()
+      m:forward(nr.randn({2, 3}))
+      assert.truthy(msg(function() m:backward(nr.randn({2, 3}), nr.randn({3, 2})) end):find('does not match', 1, true))
+   end)
+
+   it('sits after a classifier in a model Neural Rejuvenation resizes (a pass-through of the logits)', function()
+      nr.manual_seed(3)
+      local m = nn.Sequential{nn.Conv2d(3, 6, 3, {padding = 1, bias = false}), nn.BatchNorm2d(6), nn.ReLU(),
+         nn.GlobalAvgPool2d(), nn.Linear(6, 4), nn.Softmax()}
+      m.modules[2].weight:set(2, 0)
+      m:evaluate()
+      local x = nr.randn({2, 3, 5, 5})
+      local y0 = m:forward(x):clone()
+      nr.rejuvenate(m, {input_shape = {3, 5, 5}, budget = 0})
+      assert.equal(5, m.modules[1].out_channels)
+      assert.is_true(m:forward(x):sub(y0):abs():max() < 1e-6)
    end)
 end)

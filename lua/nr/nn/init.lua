@@ -5,7 +5,8 @@ local nn = {}
 nn.Module = require 'nr.nn.module'
 
 -- Files under lua/nr/nn/, merged in this order.
-local FILES = {'containers', 'conv', 'batchnorm', 'activation', 'pool', 'linear', 'loss', 'dropout', 'flatten', 'nr_conv'}
+local FILES = {'containers', 'conv', 'batchnorm', 'activation', 'softmax', 'pool', 'linear', 'loss', 'dropout', 'flatten',
+               'nr_conv'}
 
 for _, f in ipairs(FILES) do
    for name, cls in pairs(require('nr.nn.' .. f)) do
