@@ -443,7 +443,9 @@ nr_status nr_sgd_check_many(const nr_sgd_job *jobs, int64_t n, float momentum, f
  *   param -= lr / (1 - beta1^step) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^step) + eps)
  * step is the job's step number counting this one (>= 1; per parameter, as PyTorch's
  * state['step']). exp_avg and exp_avg_sq: f32 of the parameter's shape, contiguous, zero-filled
- * before a parameter's first step. Checks, devices and the one CUDA launch as nr_sgd_step_many. */
+ * before a parameter's first step. Checks, devices and the one CUDA launch as nr_sgd_step_many.
+ * The settings are doubles, as PyTorch's Python floats: 1 - beta, the bias corrections and the
+ * step size are computed in double and rounded to float where they meet the tensors. */
 typedef struct nr_adam_job {
    nr_tensor *param;
    const nr_tensor *grad;
@@ -451,11 +453,11 @@ typedef struct nr_adam_job {
    nr_tensor *exp_avg_sq;
    int64_t step;
 } nr_adam_job;
-nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
-                            float weight_decay, int32_t decoupled);
+nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,
+                            double weight_decay, int32_t decoupled);
 /* The checks of nr_adam_step_many alone, changing nothing. */
-nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
-                             float weight_decay);
+nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,
+                             double weight_decay);
 
 /* ---------------------------------------------------------------- data */
 /* (section: data) */

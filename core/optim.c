@@ -125,8 +125,8 @@ nr_status nr_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float mo
 
 /* ---------------------------------------------------------------- Adam / AdamW */
 
-static nr_status adam_check(const char *func, const nr_adam_job *j, float lr, float beta1, float beta2, float eps,
-                            float weight_decay)
+static nr_status adam_check(const char *func, const nr_adam_job *j, double lr, double beta1, double beta2, double eps,
+                            double weight_decay)
 {
    if (!j->param) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "param: NULL tensor");
    NR_TRY(nr_check_tensor(func, "param", j->param, NR_F32, -1, -1, NULL));
@@ -140,17 +140,18 @@ static nr_status adam_check(const char *func, const nr_adam_job *j, float lr, fl
    if (j->step < 1)
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "step must be >= 1 (counting this one), got %lld",
                         (long long)j->step);
-   if (!(lr >= 0.0f) || !(weight_decay >= 0.0f) || !(eps >= 0.0f))
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "lr, eps and weight_decay must be >= 0, got %g, %g, %g",
-                        (double)lr, (double)eps, (double)weight_decay);
-   if (!(beta1 >= 0.0f && beta1 < 1.0f) || !(beta2 >= 0.0f && beta2 < 1.0f))
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "betas must be in [0, 1), got %g, %g", (double)beta1,
-                        (double)beta2);
+   const double fmax = 3.4028234663852886e38; /* each meets the tensors as a float */
+   if (!(lr >= 0.0 && lr <= fmax) || !(weight_decay >= 0.0 && weight_decay <= fmax) || !(eps >= 0.0 && eps <= fmax))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "lr, eps and weight_decay must be finite floats >= 0, got %g, %g, %g", lr, eps, weight_decay);
+   if (!(beta1 >= 0.0 && (float)beta1 < 1.0f) || !(beta2 >= 0.0 && (float)beta2 < 1.0f))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "betas must be in [0, 1) (as floats), got %.9g, %.9g", beta1,
+                        beta2);
    return NR_OK;
 }
 
-static nr_status adam_check_many(const char *func, const nr_adam_job *jobs, int64_t n, float lr, float beta1,
-                                 float beta2, float eps, float weight_decay)
+static nr_status adam_check_many(const char *func, const nr_adam_job *jobs, int64_t n, double lr, double beta1,
+                                 double beta2, double eps, double weight_decay)
 {
    if (n < 0 || (n > 0 && !jobs))
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "jobs: expected an array of n >= 0 jobs, got n = %lld",
@@ -164,8 +165,8 @@ static nr_status adam_check_many(const char *func, const nr_adam_job *jobs, int6
    return NR_OK;
 }
 
-nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
-                             float weight_decay)
+nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,
+                             double weight_decay)
 {
    return adam_check_many(__func__, jobs, n, lr, beta1, beta2, eps, weight_decay);
 }
@@ -176,45 +177,43 @@ nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, float lr, float
  * with -fno-math-errno, exp_avg_sq is never negative). */
 NR_SIMD_CLONES
 static void adam_range(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t lo,
-                       int64_t hi, nr_adam_coef c, float beta1, float beta2, float eps, float l2)
+                       int64_t hi, nr_adam_coef c)
 {
    for (int64_t i = lo; i < hi; i++) {
       float d = g[i];
       float pi = p[i];
-      if (l2 != 0.0f) d = d + l2 * pi;
+      if (c.l2 != 0.0f) d = d + c.l2 * pi;
       pi = pi * c.decay;
-      float mi = m[i] * beta1 + d * c.one_minus_beta1;
-      float vi = v[i] * beta2 + c.one_minus_beta2 * d * d;
+      float mi = m[i] * c.beta1 + d * c.one_minus_beta1;
+      float vi = v[i] * c.beta2 + c.one_minus_beta2 * d * d;
       m[i] = mi;
       v[i] = vi;
-      p[i] = pi + c.neg_step_size * (mi / (sqrtf(vi) / c.bc2_sqrt + eps));
+      p[i] = pi + c.neg_step_size * (mi / (sqrtf(vi) / c.bc2_sqrt + c.eps));
    }
 }
 
 enum { ADAM_BLOCK = 1 << 14 };
 
-static void adam_apply(float *p, const float *g, float *m, float *v, int64_t n, nr_adam_coef c, float beta1, float beta2,
-                       float eps, float l2)
+static void adam_apply(float *p, const float *g, float *m, float *v, int64_t n, nr_adam_coef c)
 {
    const int64_t nblocks = (n + ADAM_BLOCK - 1) / ADAM_BLOCK;
 #pragma omp parallel for schedule(static) if (nblocks > 1 && nr_parallel_worth(n, 8))
    for (int64_t b = 0; b < nblocks; b++) {
       int64_t lo = b * ADAM_BLOCK, hi = lo + ADAM_BLOCK < n ? lo + ADAM_BLOCK : n;
-      adam_range(p, g, m, v, lo, hi, c, beta1, beta2, eps, l2);
+      adam_range(p, g, m, v, lo, hi, c);
    }
 }
 
-nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
-                            float weight_decay, int32_t decoupled)
+nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,
+                            double weight_decay, int32_t decoupled)
 {
    NR_TRY(adam_check_many(__func__, jobs, n, lr, beta1, beta2, eps, weight_decay)); /* all before any is updated */
    if (n == 0) return NR_OK;
    NR_ON_CUDA(jobs[0].param, nr_cuda_adam_step_many(jobs, n, lr, beta1, beta2, eps, weight_decay, decoupled));
    for (int64_t k = 0; k < n; k++) {
       const nr_adam_job *j = &jobs[k];
-      nr_adam_coef c = nr_adam_coef_of(j->step, lr, beta1, beta2, weight_decay, decoupled);
-      adam_apply(j->param->data, j->grad->data, j->exp_avg->data, j->exp_avg_sq->data, nr_tensor_numel(j->param), c,
-                 beta1, beta2, eps, decoupled ? 0.0f : weight_decay);
+      nr_adam_coef c = nr_adam_coef_of(j->step, lr, beta1, beta2, eps, weight_decay, decoupled);
+      adam_apply(j->param->data, j->grad->data, j->exp_avg->data, j->exp_avg_sq->data, nr_tensor_numel(j->param), c);
    }
    return NR_OK;
 }

@@ -186,6 +186,8 @@ int64_t nr_tensor_numel(const nr_tensor *t)
 
 int32_t nr_tensor_is_contiguous(const nr_tensor *t)
 {
+   for (int d = 0; d < t->ndim; d++)
+      if (t->shape[d] == 0) return 1; /* no element: any strides (PyTorch's rule; a reshape of an empty one) */
    int64_t expect = 1;
    for (int d = t->ndim - 1; d >= 0; d--) {
       if (t->shape[d] != 1 && t->stride[d] != expect) return 0;

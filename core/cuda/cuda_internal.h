@@ -119,8 +119,8 @@ nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *m
                            float lr, float momentum, float weight_decay, int32_t nesterov);
 nr_status nr_cuda_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
                                 int32_t nesterov);
-nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
-                                 float weight_decay, int32_t decoupled);
+nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,
+                                 double weight_decay, int32_t decoupled);
 /* ---- NR primitives (nn_kernels.cu); these check every argument themselves, because their CPU
  * entry points dispatch before checking. */
 nr_status nr_cuda_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float threshold_rel,

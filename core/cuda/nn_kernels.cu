@@ -934,20 +934,20 @@ struct adam_chunk {
    nr_adam_coef c;
 };
 
-__global__ void k_adam_many(const adam_chunk *chunks, float beta1, float beta2, float eps, float l2)
+__global__ void k_adam_many(const adam_chunk *chunks)
 {
    const adam_chunk ch = chunks[blockIdx.x];
    const nr_adam_coef c = ch.c;
    for (int64_t i = ch.begin + threadIdx.x; i < ch.end; i += blockDim.x) {
       float d = ch.g[i];
       float pi = ch.p[i];
-      if (l2 != 0.0f) d = d + l2 * pi;
+      if (c.l2 != 0.0f) d = d + c.l2 * pi;
       pi = pi * c.decay;
-      float mi = ch.m[i] * beta1 + d * c.one_minus_beta1;
-      float vi = ch.v[i] * beta2 + c.one_minus_beta2 * d * d;
+      float mi = ch.m[i] * c.beta1 + d * c.one_minus_beta1;
+      float vi = ch.v[i] * c.beta2 + c.one_minus_beta2 * d * d;
       ch.m[i] = mi;
       ch.v[i] = vi;
-      ch.p[i] = pi + c.neg_step_size * (mi / (sqrtf(vi) / c.bc2_sqrt + eps));
+      ch.p[i] = pi + c.neg_step_size * (mi / (sqrtf(vi) / c.bc2_sqrt + c.eps));
    }
 }
 
@@ -1462,8 +1462,8 @@ nr_status nr_cuda_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, flo
 
 /* As nr_cuda_sgd_step_many: chunks of SGD_CHUNK elements, one block each, the table through the
  * staging ring into scratch slot 3. */
-nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, float lr, float beta1, float beta2, float eps,
-                                 float weight_decay, int32_t decoupled)
+nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,
+                                 double weight_decay, int32_t decoupled)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(jobs[0].param->device_index, &ctx));
@@ -1476,7 +1476,7 @@ nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, float lr, f
    int64_t c = 0;
    for (int64_t k = 0; k < n; k++) {
       const nr_adam_job *j = &jobs[k];
-      const nr_adam_coef coef = nr_adam_coef_of(j->step, lr, beta1, beta2, weight_decay, decoupled);
+      const nr_adam_coef coef = nr_adam_coef_of(j->step, lr, beta1, beta2, eps, weight_decay, decoupled);
       int64_t numel = nr_tensor_numel(j->param);
       for (int64_t at = 0; at < numel; at += SGD_CHUNK, c++) {
          host[c].p = fpm(j->param);
@@ -1493,8 +1493,7 @@ nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, float lr, f
    if (st == NR_OK) st = nr_cuda_upload(ctx, dev, host, nchunks * (int64_t)sizeof *host);
    free(host);
    NR_TRY(st);
-   k_adam_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>((const adam_chunk *)dev, beta1, beta2, eps,
-                                                           decoupled ? 0.0f : weight_decay);
+   k_adam_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>((const adam_chunk *)dev);
    NR_CU_LAUNCHED("adam_step_many over %lld parameters", (long long)n);
    return NR_OK;
 }

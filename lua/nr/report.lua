@@ -359,8 +359,15 @@ function M.render(dir)
       .. (held > 0 and string.format(' (%s schedule + %d held)', fnum(rc.epochs), held) or ''))
    kv('model', esc(model_s))
    kv('data', esc((data.dataset or '?') .. (data.root and (' (' .. data.root .. ')') or '') .. ', batch ' .. tostring(data.batch or '?')))
-   kv('optimizer', esc(string.format('%s lr %s momentum %s%s weight decay %s', optim.name or 'sgd', fnum(optim.lr), fnum(optim.momentum),
-      optim.nesterov and ' (Nesterov)' or '', fnum(optim.weight_decay))))
+   local oname = tostring(optim.name or 'sgd'):lower()
+   if oname == 'adam' or oname == 'adamw' then
+      local b = type(optim.betas) == 'table' and optim.betas or {}
+      kv('optimizer', esc(string.format('%s lr %s betas %s, %s eps %s weight decay %s', oname, fnum(optim.lr), fnum(b[1]), fnum(b[2]),
+         fnum(optim.eps), fnum(optim.weight_decay))))
+   else
+      kv('optimizer', esc(string.format('%s lr %s momentum %s%s weight decay %s', oname, fnum(optim.lr), fnum(optim.momentum),
+         optim.nesterov and ' (Nesterov)' or '', fnum(optim.weight_decay))))
+   end
    kv('schedule', esc((sched.name or '-') .. (sched.warmup and sched.warmup > 0 and (', warm-up ' .. sched.warmup .. ' epochs') or '')
       .. (sched.milestones and (', milestones ' .. table.concat(sched.milestones, ', ')) or '')))
    if summary then

@@ -1084,6 +1084,18 @@ describe('Softmax and LogSoftmax', function()
       assert.is_true(l5[1] == -inf and math.abs(l5[2] - math.log(0.5)) < 1e-7)
    end)
 
+   it('an empty last dimension (K = 0) or batch runs forward and backward (empty tensors are contiguous)', function()
+      assert.is_true(nr.empty({0}):reshape({3, 0}):is_contiguous())
+      for _, name in ipairs({'Softmax', 'LogSoftmax', 'ReLU'}) do
+         for _, shape in ipairs({{3, 0}, {0, 4}}) do
+            local m = nn[name]()
+            local x = nr.randn(shape)
+            assert.same(shape, m:forward(x):shape())
+            assert.same(shape, m:backward(x, nr.randn(shape)):shape())
+         end
+      end
+   end)
+
    it('checks its input and its dim, and names the problem', function()
       local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
       assert.truthy(msg(function() nn.Softmax({dim = 1}):forward(nr.randn({2, 3})) end)
@@ -1097,16 +1109,24 @@ describe('Softmax and LogSoftmax', function()
       assert.truthy(msg(function() m:backward(nr.randn({2, 3}), nr.randn({3, 2})) end):find('does not match', 1, true))
    end)
 
-   it('sits after a classifier in a model Neural Rejuvenation resizes (a pass-through of the logits)', function()
-      nr.manual_seed(3)
-      local m = nn.Sequential{nn.Conv2d(3, 6, 3, {padding = 1, bias = false}), nn.BatchNorm2d(6), nn.ReLU(),
-         nn.GlobalAvgPool2d(), nn.Linear(6, 4), nn.Softmax()}
-      m.modules[2].weight:set(2, 0)
-      m:evaluate()
-      local x = nr.randn({2, 3, 5, 5})
-      local y0 = m:forward(x):clone()
-      nr.rejuvenate(m, {input_shape = {3, 5, 5}, budget = 0})
-      assert.equal(5, m.modules[1].out_channels)
-      assert.is_true(m:forward(x):sub(y0):abs():max() < 1e-6)
+   it('in a model Neural Rejuvenation resizes: after the classifier, or across channels (those keep their width)', function()
+      -- after the Linear the conv's dead channel goes; a softmax over the pooled channels reads every
+      -- channel (a dead one still adds to its normalizer), so that conv keeps all of them
+      for _, case in ipairs({{'after Linear', 5}, {'over channels', 6}, {'over the width', 5}}) do
+         nr.manual_seed(3)
+         local sm = case[1] == 'after Linear' and {nn.GlobalAvgPool2d(), nn.Linear(6, 4), nn.Softmax()}
+            or case[1] == 'over channels' and {nn.GlobalAvgPool2d(), nn.LogSoftmax(), nn.Linear(6, 4)}
+            or {nn.LogSoftmax(), nn.GlobalAvgPool2d(), nn.Linear(6, 4)}
+         local m = nn.Sequential{nn.Conv2d(3, 6, 3, {padding = 1, bias = false}), nn.BatchNorm2d(6), nn.ReLU(), unpack(sm)}
+         m.modules[2].weight:set(2, 0)
+         m:evaluate()
+         local x = nr.randn({2, 3, 5, 5})
+         local y0 = m:forward(x):clone()
+         nr.rejuvenate(m, {input_shape = {3, 5, 5}, budget = 0})
+         assert.equal(case[2], m.modules[1].out_channels, case[1])
+         -- (over the width the dead channel's zeros become log(1/W), a constant the classifier
+         -- read: removing it changes the output, as a dead channel through a Sigmoid does)
+         if case[1] ~= 'over the width' then assert.is_true(m:forward(x):sub(y0):abs():max() < 1e-5, case[1]) end
+      end
    end)
 end)

@@ -293,12 +293,16 @@ describe('nr.rejuvenate repeated and detailed', function()
       local refused = {['CA>NR'] = 'cross-attention gates', ['CA>CR'] = 'cross-attention gates',
                        ['NR>CR'] = 'cross connections between generations would be dropped',
                        ['NR>CA'] = 'cross connections between generations would be gated'}
-      for _, a in ipairs({'NR', 'CR', 'CA'}) do
-         for _, b in ipairs({'NR', 'CR', 'CA'}) do
+      -- (Sigmoid: the convs' inputs carry no BN source, so the generations are read from the sets)
+      for _, case in ipairs({{'NR', 'NR', 'ReLU'}, {'NR', 'CR', 'ReLU'}, {'NR', 'CA', 'ReLU'}, {'CR', 'NR', 'ReLU'},
+                             {'CR', 'CR', 'ReLU'}, {'CR', 'CA', 'ReLU'}, {'CA', 'NR', 'ReLU'}, {'CA', 'CR', 'ReLU'},
+                             {'CA', 'CA', 'ReLU'}, {'NR', 'CR', 'Sigmoid'}, {'NR', 'NR', 'Sigmoid'}}) do
+         local a, b, act = case[1], case[2], case[3]
+         do
             nr.manual_seed(4)
-            local m = nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
-               nn.Conv2d(8, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
-               nn.Conv2d(8, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+            local m = nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn[act](),
+               nn.Conv2d(8, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn[act](),
+               nn.Conv2d(8, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn[act](),
                nn.GlobalAvgPool2d(), nn.Linear(8, 3)}
             for _, bn in ipairs(m:findModules('BatchNorm2d')) do bn.weight:set(2, 0); bn.weight:set(5, 0) end
             nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = a, generations = 'keep'})
@@ -312,15 +316,46 @@ describe('nr.rejuvenate repeated and detailed', function()
             local ok, err = pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}, scheme = b, generations = 'keep', budget = 0})
             local want = refused[a .. '>' .. b]
             if want then
-               assert.is_false(ok, a .. ' -> ' .. b)
+               assert.is_false(ok, a .. ' -> ' .. b .. ' ' .. act)
                assert.truthy(tostring(err):find(want, 1, true), tostring(err))
                assert.truthy(tostring(err):find("scheme = '" .. a .. "'", 1, true), tostring(err))
                assert.equal(0, m:forward(x):clone():sub(y0):abs():max(), a .. ' -> ' .. b .. ': the refused call changed the model')
             else
                assert.is_true(ok, tostring(err))
                m:evaluate()
-               assert.is_true(rel(m:forward(x), y0) <= 1e-5, a .. ' -> ' .. b)
+               assert.is_true(rel(m:forward(x), y0) <= 1e-5, a .. ' -> ' .. b .. ' ' .. act)
             end
+         end
+      end
+   end)
+
+   it('an optimizer over one layer, or over groups without their model, follows that layer\'s replacement', function()
+      local function conv_net()
+         return nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 10, 3, {padding = 1}), nn.BatchNorm2d(10), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(10, 3)}
+      end
+      for _, case in ipairs({{'one layer', function(m) return nr.optim.AdamW(m.modules[4], {lr = 1e-2}) end},
+                             {'groups without model', function(m) return nr.optim.SGD({{params = m:namedParameters()}}, {lr = 1e-2}) end}}) do
+         for _, pass in ipairs({true, false}) do
+            nr.manual_seed(1)
+            local m = conv_net()
+            local opt = case[2](m)
+            local x = nr.randn({2, 3, 6, 6})
+            local function fb() local y = m:forward(x); m:zeroGradParameters(); m:backward(x, nr.randn(y:shape())) end
+            fb(); opt:step()
+            m.modules[2].weight:set(1, 0); m.modules[5].weight:set(2, 0)
+            nr.rejuvenate(m, {input_shape = {3, 6, 6}, optimizer = pass and opt or nil})
+            fb()
+            if not pass then
+               -- stepping the replaced tensors would train nothing: refused until refreshed
+               local ok, err = pcall(opt.step, opt)
+               assert.is_false(ok, case[1])
+               assert.truthy(tostring(err):find('replaced', 1, true), tostring(err))
+               opt:refresh()
+            end
+            local before = m.modules[4].weight:clone()
+            opt:step()
+            assert.is_true(m.modules[4].weight:sub(before):abs():max() > 0, case[1] .. (pass and ' (passed)' or ' (refreshed)'))
          end
       end
    end)

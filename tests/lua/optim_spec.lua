@@ -473,3 +473,86 @@ describe('nr.optim.Adam and AdamW', function()
       assert.equal(0, before:sub(p0):abs():max())
    end)
 end)
+
+describe('nr.optim: state ownership, settings as floats, clear errors (review findings)', function()
+   local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+
+   it('each Adam owns its default betas (config and state() are copies, not the class table)', function()
+      local a, b = nr.optim.Adam(Leaf({1}), {lr = 0.1}), nr.optim.Adam(Leaf({1}), {lr = 0.1})
+      a.config.betas[1] = 0.5
+      assert.equal(0.9, b.config.betas[1])
+      assert.equal(0.9, nr.optim.Adam(Leaf({1}), {lr = 0.1}).config.betas[1])
+      b:state().config.betas[2] = 0.5
+      assert.equal(0.999, b.config.betas[2])
+   end)
+
+   it('set_state_of copies a tensor another parameter\'s state (or the same call) already uses; a step alone is no state', function()
+      local m1, m2 = Leaf({1, 2}), Leaf({3, 4})
+      local opt = nr.optim.SGD({{params = {m1.weight, m2.weight}, grads = {m1.gradWeight, m2.gradWeight}}}, {lr = 0.1, momentum = 0.9})
+      opt:set_state_of(m1.weight, {momentum = nr.tensor({1, 1})})
+      opt:set_state_of(m2.weight, opt:state_of(m1.weight))
+      assert.is_false(opt:state_of(m1.weight).momentum:same_storage(opt:state_of(m2.weight).momentum))
+      local t = nr.zeros({2})
+      local a = nr.optim.Adam({{params = {m1.weight}, grads = {m1.gradWeight}}}, {lr = 0.1})
+      a:set_state_of(m1.weight, {exp_avg = t, exp_avg_sq = t, step = 2})
+      local st = a:state_of(m1.weight)
+      assert.is_false(st.exp_avg:same_storage(st.exp_avg_sq))
+      -- a step count without moments: no state (set_state_of and load_state alike)
+      a:set_state_of(m1.weight, {step = 1000})
+      assert.is_nil(a:state_of(m1.weight))
+      a:load_state({params = {['group1.1'] = {step = 1000}}})
+      assert.is_nil(a:state_of(m1.weight))
+      m1.gradWeight:fill(1)
+      a:step()
+      assert.equal(1, a:state_of(m1.weight).step)
+   end)
+
+   it('settings are used as floats: past 3.4e38 (inf as a float), or a beta that rounds to 1, is refused at once', function()
+      local m = Leaf({1})
+      for _, c in ipairs({{'SGD', {lr = 1e39}, 'config.lr must be a finite number >= 0 (at most 3.4e38'},
+                          {'SGD', {lr = 0.1, momentum = 1e39}, 'config.momentum'},
+                          {'AdamW', {lr = 0.1, weight_decay = 1e39}, 'config.weight_decay'},
+                          {'Adam', {lr = 0.1, betas = {0.9, 0.99999999999}}, 'config.betas must be two numbers in [0, 1)'}}) do
+         local e = msg(function() nr.optim[c[1]](m, c[2]) end)
+         assert.truthy(e:find(c[3], 1, true), e)
+      end
+      -- 1 - beta and the bias corrections in double, as PyTorch: after one step with beta2 = 0.9999
+      -- the update is lr * g / (|g| + eps) exactly (float(1 - beta2) / (1 - beta2) cancels)
+      local l = Leaf({0, 0})
+      local o = nr.optim.Adam(l, {lr = 1, betas = {0.9, 0.9999}, eps = 0})
+      l.gradWeight:copy(nr.tensor({3, -0.5}))
+      o:step()
+      local w = l.weight:totable()
+      assert.is_true(math.abs(w[1] + 1) < 1e-6 and math.abs(w[2] - 1) < 1e-6, w[1] .. ' ' .. w[2])
+   end)
+
+   it('names what is wrong, at the caller\'s line', function()
+      local here = debug.getinfo(1, 'S').short_src
+      local m = Leaf({1, 2})
+      local sgd = nr.optim.SGD(m, {lr = 0.1, momentum = 0.9})
+      for _, c in ipairs({
+         {function() sgd:set_state_of(m.weight, {momentum = nr.zeros({3})}) end, 'momentum has shape [3] but the parameter is [2]'},
+         {function() sgd:set_state_of(m.weight, {momentum = 5}) end, 'momentum must be a tensor of the parameter\'s shape [2], got 5'},
+         {function() sgd:load_state({params = {weight = {momentum = nr.zeros({3})}}}) end, 'weight: momentum has shape [3]'},
+         {function() nr.optim.AdamW(m, {lr = 0.1, betas = {0.9}}) end, 'config.betas must be two numbers in [0, 1) such as {0.9, 0.999}, got {0.9}'},
+         {function() nr.optim.Adam({{params = m.weight}}, {lr = 0.1}) end, 'group 1: params must be a list of parameters, got one tensor'},
+         {function() nr.optim.AdamW(m, {lr = 0.1, no_decay_bn_bias = 'false'}) end, 'config.no_decay_bn_bias must be true or false, got "false"'},
+         {function() nr.optim.Adam(m, {lr = 0.1, name = 'sgd'}) end, 'config.name is "sgd", but this is Adam ("adam")'},
+         {function() sgd:lr(5) end, 'SGD:lr: group 5 does not exist (this optimizer has 1)'},
+      }) do
+         local e = msg(c[1])
+         assert.truthy(e:find(c[2], 1, true), e)
+         assert.equal(here, e:match('^(.-):%d+:'), e)
+      end
+      -- a setting or group key written later is checked at the step
+      local a = nr.optim.Adam(m, {lr = 0.1})
+      a.config.betas = nil
+      assert.truthy(msg(function() a:step() end):find('Adam:step: config.betas must be two numbers', 1, true))
+      local s2 = nr.optim.SGD(m, {lr = 0.1})
+      s2.groups[1].momentun = 0.9
+      assert.truthy(msg(function() s2:step() end):find('group 1: unknown setting "momentun"', 1, true))
+      m.gradWeight = 5
+      assert.truthy(msg(function() nr.optim.SGD(m, {lr = 0.1}):step() end)
+         :find('parameter weight: its gradient (gradWeight) is a number, not a tensor', 1, true))
+   end)
+end)

@@ -15,6 +15,15 @@ local Optimizer = require 'nr.optim.optimizer'
 local check = require 'nr.check'
 local nrffi = require 'nr.ffi'
 local C = nrffi.C
+local ffi = nrffi.ffi
+
+-- A value as the betas error shows it: a list's items, else check.show's form.
+local function show_list(v)
+   if type(v) ~= 'table' then return check.show(v) end
+   local parts = {}
+   for k, x in pairs(v) do parts[#parts + 1] = (type(k) == 'number' and '' or (tostring(k) .. ' = ')) .. check.show(x) end
+   return '{' .. table.concat(parts, ', ') .. '}'
+end
 
 local SPEC = {
    CONFIG_KEYS = {name = true, lr = true, betas = true, eps = true, weight_decay = true, no_decay_bn_bias = true},
@@ -32,12 +41,13 @@ local function make(name, key, decoupled, weight_decay)
    for k, v in pairs(SPEC) do spec[k] = v end
    local cls = Optimizer.subclass(name, key, spec)
 
-   function cls:validate_extra(t, prefix, fname)
+   function cls:validate_extra(t, prefix, fname, is_config)
       local b = t.betas
-      if b ~= nil then
-         check.arg(type(b) == 'table' and #b == 2 and type(b[1]) == 'number' and type(b[2]) == 'number'
-            and b[1] >= 0 and b[1] < 1 and b[2] >= 0 and b[2] < 1, fname,
-            '%sbetas must be two numbers in [0, 1) such as {0.9, 0.999}, got %s', prefix, check.show(b))
+      if b ~= nil or is_config then
+         -- each below 1 also as a float (the C step multiplies by float(beta): 0.99999999 is 1 there)
+         local function beta(v) return type(v) == 'number' and v >= 0 and v < 1 and tonumber(ffi.new('float', v)) < 1 end
+         check.arg(type(b) == 'table' and #b == 2 and next(b, 2) == nil and beta(b[1]) and beta(b[2]), fname,
+            '%sbetas must be two numbers in [0, 1) such as {0.9, 0.999}, got %s', prefix, show_list(b))
       end
    end
 

@@ -42,16 +42,19 @@ function M.build(cfg, model)
    for k, v in pairs(cfg) do
       if k ~= 'name' then c[k] = v end
       if not cls.CONFIG_KEYS[k] then
+         local owners = {}
          for other, ocls in pairs(BUILDERS) do
-            if ocls.CONFIG_KEYS[k] then foreign[#foreign + 1] = string.format('%s (%s\'s)', k, other); break end
+            if ocls.CONFIG_KEYS[k] then owners[#owners + 1] = other end
          end
+         table.sort(owners)
+         if #owners > 0 then foreign[#foreign + 1] = string.format('%s (%s)', k, table.concat(owners, '/') .. "'s") end
       end
    end
    -- e.g. --optim.name adamw on a recipe that sets sgd's momentum: say so, not "unknown option"
    if #foreign > 0 then
       table.sort(foreign)
-      error(string.format('nr.optim: %s takes no %s; remove %s from the optim table', name, table.concat(foreign, ', '),
-         #foreign > 1 and 'them' or 'it'), 2)
+      error(string.format('nr.optim: %s takes no %s; remove %s from the optim table (or the --optim flags)', name,
+         table.concat(foreign, ', '), #foreign > 1 and 'them' or 'it'), 2)
    end
    return cls(model, c)
 end

@@ -62,9 +62,22 @@ function Optimizer.param_groups(model, opts)
 end
 local param_groups = Optimizer.param_groups
 
--- A finite number >= 0: an inf or NaN lr, momentum, weight decay or lr_mult turns the weights
--- into inf/NaN at the first step.
-local function nonneg(v) return type(v) == 'number' and v >= 0 and v < math.huge end
+-- A number >= 0 that is finite as a float (the C step takes floats): an inf or NaN lr,
+-- momentum, weight decay or lr_mult, or one past 3.4e38 (inf as a float), turns the weights into
+-- inf/NaN at the first step.
+local FLT_MAX = 3.4028234663852886e38
+local function nonneg(v) return type(v) == 'number' and v >= 0 and v <= FLT_MAX end
+Optimizer.nonneg = nonneg
+
+-- Runs f(...) and raises its error at the line that called the public method, without the
+-- position inside lua/nr that check.arg's fixed level gives a check made a few calls deep.
+-- The methods tail-call this (their frame is gone), so level counts from here: 2 is the
+-- method's caller (3 for __init, which the class's constructor call runs).
+local function at_caller(level, f, ...)
+   local res = {pcall(f, ...)}
+   if not res[1] then error((tostring(res[2]):gsub('^[^\n]-%.lua:%d+: ', '', 1)), level) end
+   return unpack(res, 2, table.maxn(res))
+end
 local show = check.show
 
 -- Checks the settings of t: opt.config (prefix "config.", is_config: the REQUIRED ones must be
@@ -73,7 +86,9 @@ function Optimizer:validate_settings(t, prefix, fname, is_config)
    for _, k in ipairs(self.SETTINGS) do
       local v = t[k]
       if v ~= nil or (is_config and self.REQUIRED[k]) then
-         check.arg(nonneg(v), fname, '%s%s must be a finite number >= 0, got %s', prefix, k, show(v))
+         check.arg(nonneg(v), fname, '%s%s must be a finite number >= 0%s, got %s', prefix, k,
+            (type(v) == 'number' and v > FLT_MAX and v < math.huge) and ' (at most 3.4e38: the step computes in float)' or '',
+            show(v))
       end
    end
    self:validate_extra(t, prefix, fname, is_config)
@@ -82,6 +97,19 @@ end
 function Optimizer:validate_config(cfg, fname)
    check.options(cfg, self.CONFIG_KEYS, fname)
    self:validate_settings(cfg, 'config.', fname, true)
+   check.arg(cfg.no_decay_bn_bias == nil or type(cfg.no_decay_bn_bias) == 'boolean', fname,
+      'config.no_decay_bn_bias must be true or false, got %s', show(cfg.no_decay_bn_bias))
+   check.arg(cfg.name == nil or (type(cfg.name) == 'string' and cfg.name:lower() == self.KEY), fname,
+      'config.name is %s, but this is %s (%q)', show(cfg.name), self.NAME, self.KEY)
+end
+
+-- A group's own settings (its keys known to this optimizer, their values checked), as built and
+-- at every step (opt.groups[i] is writable).
+function Optimizer:validate_group(g, gi, fname)
+   for k in pairs(g) do
+      check.arg(self.GROUP_KEYS[k] ~= nil, fname, 'group %d: unknown setting %q', gi, tostring(k))
+   end
+   self:validate_settings(g, string.format('group %d: ', gi), fname)
 end
 
 -- Normalizes one parameter entry into {name, param, grad | module+gfield}.
@@ -104,10 +132,9 @@ local function build_groups(self, spec)
    local groups = {}
    for gi, g in ipairs(spec) do
       check.arg(type(g) == 'table' and type(g.params) == 'table', self.FNAME, 'group %d must be a table with params = {...}', gi)
-      for k in pairs(g) do
-         check.arg(self.GROUP_KEYS[k] ~= nil, self.FNAME, 'group %d: unknown setting %q', gi, tostring(k))
-      end
-      self:validate_settings(g, string.format('group %d: ', gi), self.FNAME)
+      check.arg(not T.is_tensor(g.params), self.FNAME, 'group %d: params must be a list of parameters, got one tensor '
+         .. '(write params = {t}, grads = {g})', gi)
+      self:validate_group(g, gi, self.FNAME)
       local out = {params = {}}
       for k, v in pairs(g) do if k ~= 'params' and k ~= 'grads' then out[k] = v end end
       for pi, e in ipairs(g.params) do out.params[pi] = entry_of(self, e, g, gi, pi) end
@@ -154,12 +181,14 @@ end
 
 -- Optimizer(module_or_groups, config): config as the subclass takes it (its DEFAULTS filled in);
 -- with a module, config.no_decay_bn_bias makes the two groups of param_groups.
-function Optimizer:__init(target, config)
+local function init_impl(self, target, config)
    config = config or {}
    check.arg(type(config) == 'table', self.FNAME, 'config must be a table')
    local cfg = {}
    for k, v in pairs(config) do cfg[k] = v end
-   for k, v in pairs(self.DEFAULTS) do if cfg[k] == nil then cfg[k] = v end end
+   for k, v in pairs(self.DEFAULTS) do
+      if cfg[k] == nil then cfg[k] = type(v) == 'table' and {unpack(v)} or v end   -- (a table each: config is writable)
+   end
    self:validate_config(cfg, self.FNAME)
    self.config = cfg
    self.t = 0          -- steps taken
@@ -176,16 +205,24 @@ function Optimizer:__init(target, config)
    build_groups(self, self.spec)
    self.structure = structure_of(self.model)
 end
+function Optimizer:__init(target, config) return at_caller(3, init_impl, self, target, config) end
 
 -- level: the error's level, counted from here (the user's call of step or zero_grad).
 local function resolve(self, e, level)
    if e.module then
       local p = e.module[e.field]
-      if p ~= e.param then
-         error(string.format('%s: parameter %s was replaced (model surgery?); call opt:refresh() first', self.FNAME, e.name),
-            level)
+      -- the parameter itself, or its layer (or a layer above: an NRConv2d's blocks) was replaced:
+      -- stepping the old tensor would train nothing
+      if p ~= e.param or select(2, replacement_of(e.module)) then
+         error(string.format('%s: parameter %s was replaced (nr.rejuvenate, or by hand); pass optimizer = opt to '
+            .. 'nr.rejuvenate (remaps its state) or call opt:refresh()', self.FNAME, e.name), level)
       end
-      return p, e.module[e.gfield]
+      local grad = e.module[e.gfield]
+      if grad ~= nil and not T.is_tensor(grad) then
+         error(string.format('%s: parameter %s: its gradient (%s) is a %s, not a tensor', self.FNAME, e.name, e.gfield,
+            type(grad)), level)
+      end
+      return p, grad
    end
    return e.param, e.grad
 end
@@ -231,7 +268,7 @@ function Optimizer:step_error(g, level)
    error(self.NAME .. ':step' .. (name and (' (' .. name .. ')') or '') .. ': ' .. msg, level or 3)
 end
 
-function Optimizer:step()
+local function step_impl(self)
    local F = self.NAME .. ':step'
    self:validate_config(self.config, F)
    -- surgery (nr.rejuvenate) replaced the model's layers: stepping the old tensors would train nothing
@@ -241,7 +278,7 @@ function Optimizer:step()
    end
    local batches = {}
    for gi, g in ipairs(self.groups) do
-      self:validate_settings(g, string.format('group %d: ', gi), F)   -- opt.groups[i] is writable too
+      self:validate_group(g, gi, F)   -- opt.groups[i] is writable too
       local s = self:settings(g)
       batches[gi] = {self:check_group(g, s), s}
    end
@@ -251,8 +288,9 @@ function Optimizer:step()
    end
    self.t = self.t + 1
 end
+function Optimizer:step() return at_caller(2, step_impl, self) end
 
-function Optimizer:zero_grad()
+local function zero_grad_impl(self)
    for _, g in ipairs(self.groups) do
       for _, e in ipairs(g.params) do
          local _, grad = resolve(self, e, 3)
@@ -260,12 +298,15 @@ function Optimizer:zero_grad()
       end
    end
 end
+function Optimizer:zero_grad() return at_caller(2, zero_grad_impl, self) end
 
 -- Learning rate of group i (default 1) as the next step will use it.
-function Optimizer:lr(i)
+local function lr_impl(self, i)
    local g = self.groups[i or 1]
+   check.arg(g ~= nil, self.NAME .. ':lr', 'group %s does not exist (this optimizer has %d)', show(i), #self.groups)
    return self:settings(g).lr
 end
+function Optimizer:lr(i) return at_caller(2, lr_impl, self, i) end
 
 -- ---- per-parameter state (NR surgery) ----------------------------------------------------------
 
@@ -290,33 +331,64 @@ function Optimizer:state_of(param)
 end
 
 -- Checks one parameter's state table (set_state_of, load_state); what names it in messages.
+-- Raises at the caller of set_state_of / load_state (their callee's callee: level 4).
 local function check_state(self, F, what, param, tbl)
-   check.arg(type(tbl) == 'table', F, '%s: state must be a table, got %s', what, type(tbl))
+   local function need(ok, fmt, ...)
+      if not ok then error(string.format('%s: ' .. fmt, F, ...), 4) end
+   end
+   need(type(tbl) == 'table', '%s: state must be a table, got %s', what, type(tbl))
    local powers = self:state_powers()
    for k, v in pairs(tbl) do
       if powers[k] then
-         check.arg(T.is_tensor(v) and T.same_shape(v:shape(), param:shape()), F, '%s: %s has shape [%s] but the parameter is [%s]',
-            what, tostring(k), T.is_tensor(v) and table.concat(v:shape(), ' x ') or type(v), table.concat(param:shape(), ' x '))
+         need(T.is_tensor(v), '%s: %s must be a tensor of the parameter\'s shape [%s], got %s', what, tostring(k),
+            table.concat(param:shape(), ' x '), show(v))
+         need(T.same_shape(v:shape(), param:shape()), '%s: %s has shape [%s] but the parameter is [%s]', what, tostring(k),
+            table.concat(v:shape(), ' x '), table.concat(param:shape(), ' x '))
       elseif self.SCALARS[k] then
-         check.int(v, F, what .. '.' .. k, 0)
+         need(type(v) == 'number' and v >= 0 and v == math.floor(v) and v < 2 ^ 53, '%s.%s must be an integer >= 0, got %s',
+            what, tostring(k), show(v))
       else
          local names = {}
          for kk in pairs(powers) do names[#names + 1] = kk end
          for kk in pairs(self.SCALARS) do names[#names + 1] = kk end
          table.sort(names)
-         check.arg(false, F, '%s: unknown state %q for %s (it keeps: %s)', what, tostring(k), self.NAME, table.concat(names, ', '))
+         need(false, '%s: unknown state %q for %s (it keeps: %s)', what, tostring(k), self.NAME, table.concat(names, ', '))
       end
    end
 end
 
--- A copy of a checked state table owning fresh buffers on the parameter's device.
+-- Whether tbl holds any state tensor (a state without its buffers is no state: its numbers, a
+-- step count, would apply to zero moments).
+local function has_buffers(self, tbl)
+   for _, st in ipairs(self.STATE) do if tbl[st.key] ~= nil then return true end end
+   return false
+end
+
+-- A checked state table as kept for param: its tensors on the parameter's device, float32,
+-- contiguous, and owned: a tensor is copied unless the caller hands over a fresh one (one that
+-- shares no storage with the parameter, another of tbl's tensors, or another parameter's state,
+-- which would make two buffers one). always_copy: copy every tensor (load_state).
 local function fresh_state(self, param, tbl, always_copy)
-   local out = {}
+   local out, taken = {}, {}
+   local function aliased(v)
+      if v:same_storage(param) then return true end
+      for _, t in ipairs(taken) do if v:same_storage(t) then return true end end
+      for p, st in pairs(self.state_) do
+         if p ~= param then
+            for _, s in ipairs(self.STATE) do
+               local t = st[s.key]
+               if t and rawget(t, 'c') and v:same_storage(t) then return true end
+            end
+         end
+      end
+      return false
+   end
    for k, v in pairs(tbl) do
       if T.is_tensor(v) then
-         if always_copy or v:device() ~= param:device() or v:dtype() ~= 'float32' or not v:is_contiguous() then
+         if always_copy or v:device() ~= param:device() or v:dtype() ~= 'float32' or not v:is_contiguous() or aliased(v) then
             v = T.empty(param:shape(), {device = param:device()}):copy(v)
          end
+         taken[#taken + 1] = v
       end
       out[k] = v
    end
@@ -325,23 +397,23 @@ end
 
 -- Sets a parameter's state (a table as state_of gives, or nil to drop it). The parameter need
 -- not be in the groups yet (call refresh() after surgery; order is free).
-function Optimizer:set_state_of(param, tbl)
+local function set_state_of_impl(self, param, tbl)
    local F = self.NAME .. ':set_state_of'
    check.arg(T.is_tensor(param), F, 'param must be a tensor')
-   local any = false
-   if tbl ~= nil then
-      check_state(self, F, 'state', param, tbl)
-      for _, s in ipairs(self.STATE) do any = any or tbl[s.key] ~= nil end
-   end
-   self.state_[param] = any and fresh_state(self, param, tbl) or nil
+   if tbl ~= nil then check_state(self, F, 'state', param, tbl) end
+   self.state_[param] = tbl ~= nil and has_buffers(self, tbl) and fresh_state(self, param, tbl) or nil
 end
+function Optimizer:set_state_of(param, tbl) return at_caller(2, set_state_of_impl, self, param, tbl) end
 
 -- Re-reads the model's parameters (after surgery); state of parameters no longer present is
--- dropped. Groups given as plain lists (no model) are kept as they are.
-function Optimizer:refresh()
+-- dropped. Groups of namedParameters() entries (with or without groups.model) follow their
+-- layers' replacements; bare tensors are kept as they are.
+local function refresh_impl(self)
+   -- built over one layer that surgery replaced: the replacement is the target now
+   if self.model then self.model = (replacement_of(self.model)) end
    if self.model and self.spec.rule then
       self.spec = param_groups(self.model, {no_decay_bn_bias = (self.spec[2] ~= nil) or nil})
-   elseif self.model then
+   else
       -- custom groups over a model: re-resolve entries by module/field; an entry whose module (or
       -- an ancestor: the blocks of a replaced NRConv2d) was replaced by surgery becomes the
       -- same-field parameters of the replacement (a Conv2d's weight -> every block's weight of
@@ -387,6 +459,7 @@ function Optimizer:refresh()
       if not self._present[p] then self.state_[p] = nil end
    end
 end
+function Optimizer:refresh() return at_caller(2, refresh_impl, self) end
 
 -- Names of the parameters, in group order.
 function Optimizer:names()
@@ -402,11 +475,11 @@ end
 -- copies them out).
 function Optimizer:state()
    local cfg = {}
-   for k, v in pairs(self.config) do cfg[k] = v end
+   for k, v in pairs(self.config) do cfg[k] = type(v) == 'table' and {unpack(v)} or v end   -- (betas: a copy)
    local groups = {}
    for i, g in ipairs(self.groups) do
       local s = {param_names = {}} -- which parameters the settings belong to (checked on load)
-      for k, v in pairs(g) do if k ~= 'params' then s[k] = v end end
+      for k, v in pairs(g) do if k ~= 'params' then s[k] = type(v) == 'table' and {unpack(v)} or v end end
       for j, e in ipairs(g.params) do s.param_names[j] = e.name end
       groups[i] = s
    end
@@ -422,7 +495,7 @@ end
 -- state leaves the optimizer as it was: another optimizer's state, a name missing from the
 -- model, a shape mismatch, groups that do not match this optimizer's (their number, or the
 -- parameters a group's settings belong to) are errors naming what differs.
-function Optimizer:load_state(s)
+local function load_state_impl(self, s)
    local F = self.NAME .. ':load_state'
    check.arg(type(s) == 'table', F, 'state must be a table')
    check.arg(s.name == nil or s.name == self.KEY, F, 'state is for optimizer %q, not %s', tostring(s.name), self.KEY)
@@ -431,7 +504,7 @@ function Optimizer:load_state(s)
       check.arg(type(s.config) == 'table', F, 'state.config must be a table, got %s', type(s.config))
       config = {}
       for k, v in pairs(self.config) do config[k] = v end
-      for k, v in pairs(s.config) do config[k] = v end
+      for k, v in pairs(s.config) do config[k] = type(v) == 'table' and {unpack(v)} or v end   -- (betas: a copy)
       self:validate_config(config, F)
    end
    local groups
@@ -475,7 +548,7 @@ function Optimizer:load_state(s)
    local fresh = {}
    for name, st in pairs(s.params or {}) do
       local e = self._by_name[name]
-      fresh[e.param] = fresh_state(self, e.param, st, true)
+      if has_buffers(self, st) then fresh[e.param] = fresh_state(self, e.param, st, true) end
    end
    if config then for k, v in pairs(config) do self.config[k] = v end end -- the same table (others hold it)
    if groups then
@@ -487,6 +560,7 @@ function Optimizer:load_state(s)
    self.t = s.t or 0
    self.state_ = fresh
 end
+function Optimizer:load_state(s) return at_caller(2, load_state_impl, self, s) end
 
 -- A subclass: class(name, Optimizer) with the tables the header lists.
 function Optimizer.subclass(name, key, spec)

@@ -254,6 +254,23 @@ local function leaf(g, m, desc, shape)
       local n = 1
       for i = 1, #shape do n = n * shape[i] end
       return {segs = desc.segs, sf = (desc.sf or 1) * sf}, {n}
+   elseif t == 'Softmax' or t == 'LogSoftmax' then
+      -- over the last dimension: across the channels when a sample is a vector (after a global
+      -- pool, a Flatten or a Linear), where every output reads every channel: a dead channel
+      -- still adds to the normalizer and a new one would too, so the sets it reads keep their
+      -- channels and width (fixed, pinned); over the width of a (C, H, W) sample it is per channel
+      mark_no_rescale(desc)
+      if #shape == 1 then
+         read_desc(g, desc)
+         for _, sg in ipairs(desc.segs) do
+            local r = sg.cs:root()
+            if r.kind == 'unit' then r.fixed, r.pinned = true, true end
+         end
+         return {segs = {{cs = new_cs(g, shape[1], 'terminal')}}}, shape
+      end
+      local segs = {}
+      for i, sg in ipairs(desc.segs) do segs[i] = {cs = sg.cs, via = sg.via} end
+      return {segs = segs, sf = desc.sf}, shape
    elseif PASS[t] ~= nil then
       local out_shape = m:outputShape(shape)
       if PASS[t] == false then

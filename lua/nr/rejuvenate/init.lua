@@ -79,26 +79,31 @@ end
 -- plain conv over several generations was made by NR.
 -- level: error's (where the message points); what: who asks ('nr.rejuvenate' or the resumed run).
 local function refuse_scheme_switch(g, scheme, level, what)
+   -- the distinct generations of some sets' channels now (monitor.cs_gens: from their producers)
+   local function n_gens(sets)
+      local seen, n = {}, 0
+      for _, cs in ipairs(sets) do
+         for _, x in ipairs(monitor.cs_gens(cs:root()) or {}) do
+            if not seen[x.gen] then seen[x.gen], n = true, n + 1 end
+         end
+      end
+      return n
+   end
    local prev
    for _, u in ipairs(g.units) do
       local m = u.conv
       if m:typename() == 'NRConv2d' then
          prev = (prev == 'CA' or m.scheme == 'CA') and 'CA' or 'CR'
-      elseif u.kind == 'conv' and m.nr_gens and #m.nr_gens > 1 then
-         prev = prev or 'NR-or-stem'
       end
    end
-   if prev == 'NR-or-stem' then
-      -- a plain conv over generations is also what CR and CA leave at the stem: NR only when no
-      -- NRConv2d exists and some such conv reads another conv's generations
-      prev = nil
+   if not prev then
+      -- no NRConv2d: a plain conv reading several generations and writing several was made by NR
+      -- (CR and CA split such a conv; at the stem, reading the image, a plain conv is theirs too)
       for _, u in ipairs(g.units) do
-         local m = u.conv
-         if u.kind == 'conv' and m.nr_gens and #m.nr_gens > 1 then
-            for _, sg in ipairs(u.in_desc.segs) do
-               local src = sg.src and sg.src.conv
-               if src and src.nr_gens and #src.nr_gens > 1 then prev = 'NR' end
-            end
+         if u.kind == 'conv' and n_gens({u.out}) > 1 then
+            local ins = {}
+            for _, sg in ipairs(u.in_desc.segs) do ins[#ins + 1] = sg.cs end
+            if n_gens(ins) > 1 then prev = 'NR' end
          end
       end
    end
