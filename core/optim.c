@@ -90,20 +90,45 @@ nr_status nr_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *moment
    return NR_OK;
 }
 
-static nr_status check_many(const char *func, const nr_sgd_job *jobs, int64_t n, float momentum, float weight_decay,
-                            int32_t nesterov)
+/* The checks of a batch of n jobs of job_size bytes, each starting with its parameter (nr_sgd_job,
+ * nr_adam_job): n sane, check_one(where, job, settings) on each, where naming the job, and every
+ * parameter on the first one's device. */
+typedef nr_status (*job_check_fn)(const char *where, const void *job, const void *settings);
+
+static nr_status check_jobs(const char *func, const void *jobs, int64_t n, size_t job_size, job_check_fn check_one,
+                            const void *settings)
 {
    if (n < 0 || (n > 0 && !jobs))
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "jobs: expected an array of n >= 0 jobs, got n = %lld",
                         (long long)n);
    char where[64];
+   const char *base = jobs;
    for (int64_t k = 0; k < n; k++) {
       snprintf(where, sizeof where, "%s (job %lld)", func, (long long)k);
-      const nr_sgd_job *j = &jobs[k];
-      NR_TRY(sgd_check(where, j->param, j->grad, j->momentum_buf, momentum, weight_decay, nesterov));
-      if (k > 0) NR_TRY(nr_check_same_device(where, jobs[0].param, j->param));
+      const void *job = base + (size_t)k * job_size;
+      NR_TRY(check_one(where, job, settings));
+      if (k > 0) NR_TRY(nr_check_same_device(where, *(nr_tensor *const *)base, *(nr_tensor *const *)job));
    }
    return NR_OK;
+}
+
+typedef struct sgd_settings {
+   float momentum, weight_decay;
+   int32_t nesterov;
+} sgd_settings;
+
+static nr_status sgd_check_job(const char *where, const void *job, const void *settings)
+{
+   const nr_sgd_job *j = job;
+   const sgd_settings *s = settings;
+   return sgd_check(where, j->param, j->grad, j->momentum_buf, s->momentum, s->weight_decay, s->nesterov);
+}
+
+static nr_status check_many(const char *func, const nr_sgd_job *jobs, int64_t n, float momentum, float weight_decay,
+                            int32_t nesterov)
+{
+   const sgd_settings s = {momentum, weight_decay, nesterov};
+   return check_jobs(func, jobs, n, sizeof *jobs, sgd_check_job, &s);
 }
 
 nr_status nr_sgd_check_many(const nr_sgd_job *jobs, int64_t n, float momentum, float weight_decay, int32_t nesterov)
@@ -150,19 +175,21 @@ static nr_status adam_check(const char *func, const nr_adam_job *j, double lr, d
    return NR_OK;
 }
 
+typedef struct adam_settings {
+   double lr, beta1, beta2, eps, weight_decay;
+} adam_settings;
+
+static nr_status adam_check_job(const char *where, const void *job, const void *settings)
+{
+   const adam_settings *s = settings;
+   return adam_check(where, job, s->lr, s->beta1, s->beta2, s->eps, s->weight_decay);
+}
+
 static nr_status adam_check_many(const char *func, const nr_adam_job *jobs, int64_t n, double lr, double beta1,
                                  double beta2, double eps, double weight_decay)
 {
-   if (n < 0 || (n > 0 && !jobs))
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "jobs: expected an array of n >= 0 jobs, got n = %lld",
-                        (long long)n);
-   char where[64];
-   for (int64_t k = 0; k < n; k++) {
-      snprintf(where, sizeof where, "%s (job %lld)", func, (long long)k);
-      NR_TRY(adam_check(where, &jobs[k], lr, beta1, beta2, eps, weight_decay));
-      if (k > 0) NR_TRY(nr_check_same_device(where, jobs[0].param, jobs[k].param));
-   }
-   return NR_OK;
+   const adam_settings s = {lr, beta1, beta2, eps, weight_decay};
+   return check_jobs(func, jobs, n, sizeof *jobs, adam_check_job, &s);
 }
 
 nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,

@@ -658,6 +658,25 @@ __global__ void k_label_check(const int64_t *labels, int64_t stride, int64_t n, 
    }
 }
 
+/* A block-wide reduction of one value per thread with op (blockDim.x a power of two <= 256,
+ * every thread of the block calling; sh: shared scratch of blockDim.x values); every thread gets
+ * the result, and sh may be reused after it returns. */
+template <typename V, typename Op> __device__ V block_reduce(V v, V *sh, Op op)
+{
+   sh[threadIdx.x] = v;
+   __syncthreads();
+   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if ((int)threadIdx.x < s) sh[threadIdx.x] = op(sh[threadIdx.x], sh[threadIdx.x + s]);
+      __syncthreads();
+   }
+   const V r = sh[0];
+   __syncthreads();
+   return r;
+}
+/* the larger of a and b, b's NaN ignored (as the per-thread maxima) */
+__device__ __forceinline__ float max_of(float a, float b) { return b > a ? b : a; }
+__device__ __forceinline__ double sum_of(double a, double b) { return a + b; }
+
 /* One block per row: probs = softmax(x); rowloss = (1-ls) * nll + ls * (lse - mean(x - mx)).
  * x: the logits (T); probs f32. */
 template <typename T>
@@ -670,13 +689,7 @@ __global__ void k_xent_f(const T *x, const int64_t *labels, float *probs, double
       float *pr = probs + row * k;
       float mx = -INFINITY;
       for (int64_t j = threadIdx.x; j < k; j += blockDim.x) mx = ld(xr + j) > mx ? ld(xr + j) : mx;
-      smx[threadIdx.x] = mx;
-      __syncthreads();
-      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-         if ((int)threadIdx.x < s) smx[threadIdx.x] = smx[threadIdx.x + s] > smx[threadIdx.x] ? smx[threadIdx.x + s] : smx[threadIdx.x];
-         __syncthreads();
-      }
-      mx = smx[0];
+      mx = block_reduce(mx, smx, max_of);
       double se = 0, sx = 0;
       for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
          float e = expf(ld(xr + j) - mx);
@@ -684,18 +697,8 @@ __global__ void k_xent_f(const T *x, const int64_t *labels, float *probs, double
          se += e;
          sx += (double)ld(xr + j) - mx;
       }
-      sse[threadIdx.x] = se;
-      ssx[threadIdx.x] = sx;
-      __syncthreads();
-      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-         if ((int)threadIdx.x < s) {
-            sse[threadIdx.x] += sse[threadIdx.x + s];
-            ssx[threadIdx.x] += ssx[threadIdx.x + s];
-         }
-         __syncthreads();
-      }
-      se = sse[0];
-      sx = ssx[0];
+      se = block_reduce(se, sse, sum_of);
+      sx = block_reduce(sx, ssx, sum_of);
       float inv = (float)(1.0 / se);
       for (int64_t j = threadIdx.x; j < k; j += blockDim.x) pr[j] *= inv;
       if (threadIdx.x == 0) {
@@ -729,13 +732,7 @@ __global__ void k_softmax_f(const T *x, T *y, int64_t rows, int64_t k, int take_
          if (v != v) snan = 1;
          else if (v > mx) mx = v;
       }
-      smx[threadIdx.x] = mx;
-      __syncthreads();
-      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-         if ((int)threadIdx.x < s) smx[threadIdx.x] = smx[threadIdx.x + s] > smx[threadIdx.x] ? smx[threadIdx.x + s] : smx[threadIdx.x];
-         __syncthreads();
-      }
-      mx = smx[0];
+      mx = block_reduce(mx, smx, max_of); /* (its barriers also publish snan) */
       if (snan || mx == -INFINITY) { /* NaN in, or every logit -inf: NaN out */
          for (int64_t j = threadIdx.x; j < k; j += blockDim.x) st(yr + j, NAN);
          __syncthreads();
@@ -743,13 +740,7 @@ __global__ void k_softmax_f(const T *x, T *y, int64_t rows, int64_t k, int take_
       }
       double se = 0;
       for (int64_t j = threadIdx.x; j < k; j += blockDim.x) se += exp((double)(ld(xr + j) - mx));
-      sse[threadIdx.x] = se;
-      __syncthreads();
-      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-         if ((int)threadIdx.x < s) sse[threadIdx.x] += sse[threadIdx.x + s];
-         __syncthreads();
-      }
-      se = sse[0];
+      se = block_reduce(se, sse, sum_of);
       if (take_log) {
          const float lse = (float)log(se);
          for (int64_t j = threadIdx.x; j < k; j += blockDim.x) st(yr + j, (ld(xr + j) - mx) - lse);
@@ -771,13 +762,7 @@ __global__ void k_softmax_b(const T *y, const T *dy, T *dx, int64_t rows, int64_
       T *dr = dx + row * k;
       double s = 0;
       for (int64_t j = threadIdx.x; j < k; j += blockDim.x) s += take_log ? (double)ld(gr + j) : (double)ld(gr + j) * ld(yr + j);
-      ss[threadIdx.x] = s;
-      __syncthreads();
-      for (int h = blockDim.x / 2; h > 0; h >>= 1) {
-         if ((int)threadIdx.x < h) ss[threadIdx.x] += ss[threadIdx.x + h];
-         __syncthreads();
-      }
-      const float sf = (float)ss[0];
+      const float sf = (float)block_reduce(s, ss, sum_of);
       for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
          const float yv = ld(yr + j), gv = ld(gr + j);
          st(dr + j, take_log ? gv - expf(yv) * sf : yv * (gv - sf));
@@ -1038,6 +1023,35 @@ nr_status bn_apply(nr_cuda_ctx *ctx, const char *func, const nr_tensor *x, nr_te
 } // namespace
 
 /* ================================================================ entry points (C linkage) */
+
+/* The chunk table of a batched optimizer step: the n parameters (numel(k) elements each) cut into
+ * chunks of SGD_CHUNK elements, one block each, fill(chunk, k, begin, end) describing each; the
+ * table goes to scratch slot 3 through the pinned staging ring (no host wait for the queued
+ * step). *count is 0 (and *dev untouched) when there is no element. */
+template <typename Chunk, typename Numel, typename Fill>
+static nr_status chunk_table(nr_cuda_ctx *ctx, int64_t n, Numel numel, Fill fill, const char *what, const Chunk **dev,
+                             int64_t *count)
+{
+   int64_t nchunks = 0;
+   for (int64_t k = 0; k < n; k++) nchunks += (numel(k) + SGD_CHUNK - 1) / SGD_CHUNK;
+   *count = nchunks;
+   if (nchunks == 0) return NR_OK;
+   if (nchunks > INT32_MAX) return NR_FAIL(NR_E_ARG, "%lld parameter chunks exceed one launch", (long long)nchunks);
+   Chunk *host = (Chunk *)malloc((size_t)nchunks * sizeof *host);
+   if (!host) return NR_FAIL(NR_E_OOM, "out of host memory for %lld %s chunks", (long long)nchunks, what);
+   int64_t c = 0;
+   for (int64_t k = 0; k < n; k++) {
+      const int64_t m = numel(k);
+      for (int64_t at = 0; at < m; at += SGD_CHUNK, c++) fill(host[c], k, at, at + SGD_CHUNK < m ? at + SGD_CHUNK : m);
+   }
+   void *d = NULL;
+   nr_status st = nr_cuda_scratch(ctx, 3, nchunks * (int64_t)sizeof *host, &d);
+   if (st == NR_OK) st = nr_cuda_upload(ctx, d, host, nchunks * (int64_t)sizeof *host);
+   free(host);
+   NR_TRY(st);
+   *dev = (const Chunk *)d;
+   return NR_OK;
+}
 
 extern "C" {
 
@@ -1425,75 +1439,51 @@ nr_status nr_cuda_sgd_step(nr_tensor *param, const nr_tensor *grad, nr_tensor *m
    return NR_OK;
 }
 
-/* Every parameter cut into chunks of SGD_CHUNK elements, one block each; the chunk table goes to
- * scratch slot 3 through the pinned staging ring (no host wait for the queued step). */
 nr_status nr_cuda_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float momentum, float weight_decay,
                                 int32_t nesterov)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(jobs[0].param->device_index, &ctx));
+   const sgd_chunk *dev = NULL;
    int64_t nchunks = 0;
-   for (int64_t k = 0; k < n; k++) nchunks += (nr_tensor_numel(jobs[k].param) + SGD_CHUNK - 1) / SGD_CHUNK;
+   NR_TRY(chunk_table(
+       ctx, n, [&](int64_t k) { return nr_tensor_numel(jobs[k].param); },
+       [&](sgd_chunk &ch, int64_t k, int64_t begin, int64_t end) {
+          ch.p = fpm(jobs[k].param);
+          ch.g = fp(jobs[k].grad);
+          ch.b = momentum != 0.0f ? fpm(jobs[k].momentum_buf) : NULL;
+          ch.begin = begin;
+          ch.end = end;
+       },
+       "SGD", &dev, &nchunks));
    if (nchunks == 0) return NR_OK;
-   if (nchunks > INT32_MAX) return NR_FAIL(NR_E_ARG, "%lld parameter chunks exceed one launch", (long long)nchunks);
-   sgd_chunk *host = (sgd_chunk *)malloc((size_t)nchunks * sizeof *host);
-   if (!host) return NR_FAIL(NR_E_OOM, "out of host memory for %lld SGD chunks", (long long)nchunks);
-   int64_t c = 0;
-   for (int64_t k = 0; k < n; k++) {
-      const nr_sgd_job *j = &jobs[k];
-      int64_t numel = nr_tensor_numel(j->param);
-      for (int64_t at = 0; at < numel; at += SGD_CHUNK, c++) {
-         host[c].p = fpm(j->param);
-         host[c].g = fp(j->grad);
-         host[c].b = momentum != 0.0f ? fpm(j->momentum_buf) : NULL;
-         host[c].begin = at;
-         host[c].end = at + SGD_CHUNK < numel ? at + SGD_CHUNK : numel;
-      }
-   }
-   void *dev = NULL;
-   nr_status st = nr_cuda_scratch(ctx, 3, nchunks * (int64_t)sizeof *host, &dev);
-   if (st == NR_OK) st = nr_cuda_upload(ctx, dev, host, nchunks * (int64_t)sizeof *host);
-   free(host);
-   NR_TRY(st);
-   k_sgd_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>((const sgd_chunk *)dev, lr, momentum, weight_decay, nesterov != 0);
+   k_sgd_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>(dev, lr, momentum, weight_decay, nesterov != 0);
    NR_CU_LAUNCHED("sgd_step_many over %lld parameters", (long long)n);
    return NR_OK;
 }
 
-/* As nr_cuda_sgd_step_many: chunks of SGD_CHUNK elements, one block each, the table through the
- * staging ring into scratch slot 3. */
 nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,
                                  double weight_decay, int32_t decoupled)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(jobs[0].param->device_index, &ctx));
+   const adam_chunk *dev = NULL;
    int64_t nchunks = 0;
-   for (int64_t k = 0; k < n; k++) nchunks += (nr_tensor_numel(jobs[k].param) + SGD_CHUNK - 1) / SGD_CHUNK;
+   NR_TRY(chunk_table(
+       ctx, n, [&](int64_t k) { return nr_tensor_numel(jobs[k].param); },
+       [&](adam_chunk &ch, int64_t k, int64_t begin, int64_t end) {
+          const nr_adam_job *j = &jobs[k];
+          ch.p = fpm(j->param);
+          ch.g = fp(j->grad);
+          ch.m = fpm(j->exp_avg);
+          ch.v = fpm(j->exp_avg_sq);
+          ch.begin = begin;
+          ch.end = end;
+          ch.c = nr_adam_coef_of(j->step, lr, beta1, beta2, eps, weight_decay, decoupled);
+       },
+       "Adam", &dev, &nchunks));
    if (nchunks == 0) return NR_OK;
-   if (nchunks > INT32_MAX) return NR_FAIL(NR_E_ARG, "%lld parameter chunks exceed one launch", (long long)nchunks);
-   adam_chunk *host = (adam_chunk *)malloc((size_t)nchunks * sizeof *host);
-   if (!host) return NR_FAIL(NR_E_OOM, "out of host memory for %lld Adam chunks", (long long)nchunks);
-   int64_t c = 0;
-   for (int64_t k = 0; k < n; k++) {
-      const nr_adam_job *j = &jobs[k];
-      const nr_adam_coef coef = nr_adam_coef_of(j->step, lr, beta1, beta2, eps, weight_decay, decoupled);
-      int64_t numel = nr_tensor_numel(j->param);
-      for (int64_t at = 0; at < numel; at += SGD_CHUNK, c++) {
-         host[c].p = fpm(j->param);
-         host[c].g = fp(j->grad);
-         host[c].m = fpm(j->exp_avg);
-         host[c].v = fpm(j->exp_avg_sq);
-         host[c].begin = at;
-         host[c].end = at + SGD_CHUNK < numel ? at + SGD_CHUNK : numel;
-         host[c].c = coef;
-      }
-   }
-   void *dev = NULL;
-   nr_status st = nr_cuda_scratch(ctx, 3, nchunks * (int64_t)sizeof *host, &dev);
-   if (st == NR_OK) st = nr_cuda_upload(ctx, dev, host, nchunks * (int64_t)sizeof *host);
-   free(host);
-   NR_TRY(st);
-   k_adam_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>((const adam_chunk *)dev);
+   k_adam_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>(dev);
    NR_CU_LAUNCHED("adam_step_many over %lld parameters", (long long)n);
    return NR_OK;
 }

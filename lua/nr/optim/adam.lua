@@ -58,15 +58,8 @@ local function make(name, key, decoupled, weight_decay)
               weight_decay = g.weight_decay or c.weight_decay}
    end
 
-   local JOBS = setmetatable({}, {__mode = 'k'})
-   local job_array = nrffi.ffi.typeof('nr_adam_job[?]')
-
    function cls:check_group(g, s)
-      local jb = JOBS[g]
-      if not jb or jb.cap < #g.params then
-         jb = {cap = #g.params, arr = job_array(math.max(1, #g.params)), states = {}}
-         JOBS[g] = jb
-      end
+      local jb = self:job_batch(g, 'nr_adam_job')
       local arr, n = jb.arr, 0
       self:each_stepped(g, function(p, grad)
          local m, v = self:buffer(p, 'exp_avg'), self:buffer(p, 'exp_avg_sq')

@@ -253,6 +253,19 @@ function Optimizer:buffer(p, key)
    return st[key]
 end
 
+-- Group g's batch of C jobs: arr, an array of ctype ('nr_sgd_job', ...) of at least #g.params,
+-- reused while the group's size stays (weak keys: a dropped group takes its array with it);
+-- states, for a subclass to note what its run_group must update afterwards.
+local BATCHES = setmetatable({}, {__mode = 'k'})
+function Optimizer:job_batch(g, ctype)
+   local jb = BATCHES[g]
+   if not jb or jb.cap < #g.params or jb.ctype ~= ctype then
+      jb = {cap = #g.params, ctype = ctype, arr = nrffi.ffi.new(ctype .. '[?]', math.max(1, #g.params)), states = {}}
+      BATCHES[g] = jb
+   end
+   return jb
+end
+
 -- Raises the C message of group g's failed check or step, naming the parameter of its job;
 -- level as error's (default 3: step's caller, when step calls this).
 function Optimizer:step_error(g, level)

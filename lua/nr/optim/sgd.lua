@@ -46,17 +46,8 @@ function SGD:settings(g)
            nesterov = (nest and mom > 0) and 1 or 0}
 end
 
--- Per group: the nr_sgd_job array handed to C (reused while the group's size stays). Weak keys:
--- a dropped group takes its array with it.
-local JOBS = setmetatable({}, {__mode = 'k'})
-local job_array = nrffi.ffi.typeof('nr_sgd_job[?]')
-
 function SGD:check_group(g, s)
-   local jb = JOBS[g]
-   if not jb or jb.cap < #g.params then
-      jb = {cap = #g.params, arr = job_array(math.max(1, #g.params))}
-      JOBS[g] = jb
-   end
+   local jb = self:job_batch(g, 'nr_sgd_job')
    local arr, n = jb.arr, 0
    self:each_stepped(g, function(p, grad)
       local buf = s.momentum ~= 0 and self:buffer(p, 'momentum') or nil
