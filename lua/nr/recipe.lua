@@ -208,7 +208,11 @@ function M.fields(recipe)
    -- fields the trainer knows whose default is nil
    local seen = {}
    for _, f in ipairs(out) do seen[f.path] = true end
+   -- (another optimizer's settings are not this recipe's flags: betas under sgd, momentum under adam)
+   local optim_keys = require('nr.optim').config_keys(merged.optim and merged.optim.name)
    for path in pairs(M.TYPES) do
+      local okey = path:match('^optim%.(.+)$')
+      if okey and optim_keys and not optim_keys[okey] then seen[path] = true end
       if not seen[path] and get_path(merged, path) == nil then
          local parent = path:match('^(.*)%.[^.]+$')
          if not parent or type(get_path(merged, parent)) == 'table' then out[#out + 1] = {path = path, value = nil} end
@@ -265,17 +269,19 @@ function M.help(recipe, path)
    return table.concat(lines, '\n')
 end
 
--- apply(recipe, args) -> new recipe table with overrides, or nil, 'help' when --help was given.
+-- apply(recipe, args) -> new recipe table with overrides, what ('help' when --help was given: the
+-- table holds the flags before it), notes (lines for the console).
 function M.apply(recipe, args)
    local r = {}
    for k, v in pairs(recipe) do r[k] = train.deep_copy(v) end
    local i = 1
    local set_paths = {}
    local schedule_off -- the flag that turned the schedule off (--schedule off)
+   local help = false
    args = args or {}
    while i <= #args do
       local a = args[i]
-      if a == '--help' or a == '-h' then return nil, 'help' end
+      if a == '--help' or a == '-h' then help = true; break end   -- (the flags before it shape the listing)
       local name, value = a:match('^%-%-([%w_%.%-]+)=(.*)$')
       local bare = false
       if not name then
@@ -365,7 +371,7 @@ function M.apply(recipe, args)
             r.optim.name)
       end
    end
-   return r, nil, notes
+   return r, help and 'help' or nil, notes
 end
 
 -- --resume DIR from the command line: the run's own settings (DIR/recipe.json, the resolved
@@ -443,7 +449,7 @@ end
 function M.run(recipe, args, path)
    local r, what, notes = M.apply(recipe, args)
    if what == 'help' then
-      io.write(M.help(recipe, path), '\n')
+      io.write(M.help(r, path), '\n')   -- (with the flags given before --help: --optim.name adamw --help)
       return nil
    end
    for _, n in ipairs(notes) do io.write(n, '\n') end

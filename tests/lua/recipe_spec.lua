@@ -158,8 +158,14 @@ describe('nr.recipe', function()
    end)
 
    it('lists the fields with their values for --help', function()
-      local r, what = R.apply(BASE, {'--lr', '1', '--help'})
-      assert.is_nil(r); assert.equal('help', what)
+      local r, what = R.apply(BASE, {'--lr', '1', '--help', '--epochs', 'x'})
+      assert.equal('help', what)
+      assert.equal(1, r.optim.lr)   -- the flags before --help shape the listing; those after it are not read
+      -- another optimizer's listing: its own settings, not sgd's
+      local ha = R.help((R.apply(BASE, {'--optim.name', 'adamw', '--help'})), 'x.lua')
+      assert.truthy(ha:find('%-%-optim%.betas%s+list%s+0%.9,0%.999\n'), ha)
+      assert.falsy(ha:find('--optim.momentum ', 1, true))
+      assert.falsy(R.help(BASE, 'x.lua'):find('--optim.betas', 1, true))
       local h = R.help(BASE, 'recipes/vgg19_cifar.lua')
       assert.truthy(h:find('usage: nrlua recipes/vgg19_cifar.lua', 1, true))
       assert.truthy(h:find('%-%-optim%.lr%s+number%s+0%.1\n'))

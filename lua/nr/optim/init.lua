@@ -27,6 +27,12 @@ M.RECIPE_DEFAULTS = {
    adamw = {name = 'adamw', lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = 1e-2, no_decay_bn_bias = false},
 }
 
+-- The config keys of the optimizer named name (case-insensitive), or nil for an unknown name.
+function M.config_keys(name)
+   local cls = type(name) == 'string' and BUILDERS[name:lower()]
+   return cls and cls.CONFIG_KEYS or nil
+end
+
 function M.build(cfg, model)
    check.arg(type(cfg) == 'table', 'nr.optim.build', 'optim config must be a table')
    check.arg(cfg.name == nil or type(cfg.name) == 'string', 'nr.optim.build', 'name must be a string, got %s', check.show(cfg.name))
