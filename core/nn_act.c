@@ -1,7 +1,8 @@
 /* nn_act.c — activation kernels on the CPU: ReLU and Sigmoid (forward and backward from the
- * output), inverted dropout, and softmax / log-softmax over the last dimension (nr_relu_*,
- * nr_sigmoid_*, nr_dropout_*, nr_softmax_* in core/nr.h).
- * Invariants: ReLU, Sigmoid and dropout are elementwise (every element depends only on the same
+ * output), tanh, ReLU6 and leaky ReLU (nr_activation_*), inverted dropout, and softmax /
+ * log-softmax over the last dimension (nr_relu_*, nr_sigmoid_*, nr_dropout_*, nr_softmax_* in
+ * core/nr.h).
+ * Invariants: ReLU, Sigmoid, the nr_activation_* kinds and dropout are elementwise (every element depends only on the same
  * element of the inputs, so outputs may alias inputs); softmax works row by row, each row on one
  * thread, in a fixed order; results do not depend on the thread count; dropout draws its mask
  * from the global generator (nr_rng_bernoulli), sequentially, so seeds reproduce.
@@ -116,6 +117,55 @@ nr_status nr_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_ten
    const float *pdy = dy->data, *pm = mask->data;
    float *pdx = dx->data;
    PAR_FOR(n) pdx[i] = pdy[i] * pm[i];
+   return NR_OK;
+}
+
+/* ---------------------------------------------------------------- tanh, ReLU6, leaky ReLU */
+
+static nr_status kind_check(const char *func, int32_t kind, float alpha)
+{
+   if (kind != NR_ACT_TANH && kind != NR_ACT_RELU6 && kind != NR_ACT_LEAKY_RELU)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "kind must be NR_ACT_TANH, NR_ACT_RELU6 or NR_ACT_LEAKY_RELU, got %d",
+                        (int)kind);
+   if (kind == NR_ACT_LEAKY_RELU && !(alpha > -INFINITY && alpha < INFINITY))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "negative slope must be finite, got %g", (double)alpha);
+   return NR_OK;
+}
+
+nr_status nr_activation_forward(const nr_tensor *x, nr_tensor *y, int32_t kind, float alpha)
+{
+   NR_TRY(kind_check(__func__, kind, alpha));
+   NR_TRY(pair_check(__func__, "x", x, "y", y));
+   NR_ON_CUDA(x, nr_cuda_activation_forward(x, y, kind, alpha));
+   const int64_t n = nr_tensor_numel(x);
+   const float *px = x->data;
+   float *py = y->data;
+   if (kind == NR_ACT_TANH) {
+      PAR_FOR(n) py[i] = tanhf(px[i]);
+   } else if (kind == NR_ACT_RELU6) {
+      PAR_FOR(n) { const float v = px[i]; py[i] = v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v); } /* NaN: neither */
+   } else {
+      PAR_FOR(n) { const float v = px[i]; py[i] = v > 0.0f ? v : alpha * v; }
+   }
+   return NR_OK;
+}
+
+nr_status nr_activation_backward(const nr_tensor *saved, const nr_tensor *dy, nr_tensor *dx, int32_t kind, float alpha)
+{
+   NR_TRY(kind_check(__func__, kind, alpha));
+   NR_TRY(pair_check(__func__, "saved", saved, "dy", dy));
+   NR_TRY(pair_check(__func__, "saved", saved, "dx", dx));
+   NR_ON_CUDA(saved, nr_cuda_activation_backward(saved, dy, dx, kind, alpha));
+   const int64_t n = nr_tensor_numel(saved);
+   const float *ps = saved->data, *pdy = dy->data;
+   float *pdx = dx->data;
+   if (kind == NR_ACT_TANH) {
+      PAR_FOR(n) { const float v = ps[i]; pdx[i] = pdy[i] * (1.0f - v * v); }
+   } else if (kind == NR_ACT_RELU6) {
+      PAR_FOR(n) { const float d = pdy[i], v = ps[i]; pdx[i] = (v > 0.0f && v < 6.0f) ? d : 0.0f; }
+   } else {
+      PAR_FOR(n) { const float d = pdy[i]; pdx[i] = ps[i] > 0.0f ? d : alpha * d; }
+   }
    return NR_OK;
 }
 

@@ -321,6 +321,16 @@ nr_status nr_relu_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
 nr_status nr_sigmoid_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
+/* More elementwise activations, one entry point each way: kind NR_ACT_TANH (tanh),
+ * NR_ACT_RELU6 (min(max(x, 0), 6)), NR_ACT_LEAKY_RELU (x > 0 ? x : alpha * x); NaN stays NaN.
+ * x, y: activations (f32, or bf16 on CUDA) of one shape and memory format; y may be x. The
+ * backward reads `saved`: the forward's output y for tanh (dx = dy (1 - y^2)) and ReLU6 (dy where
+ * 0 < y < 6: 0 at the ends, as PyTorch's hardtanh, and for a NaN, as nr_relu_backward), its
+ * input x for leaky ReLU (dy where x > 0, else alpha dy; any alpha, as PyTorch). alpha is read by
+ * leaky ReLU only. */
+enum { NR_ACT_TANH = 1, NR_ACT_RELU6 = 2, NR_ACT_LEAKY_RELU = 3 };
+nr_status nr_activation_forward(const nr_tensor *x, nr_tensor *y, int32_t kind, float alpha);
+nr_status nr_activation_backward(const nr_tensor *saved, const nr_tensor *dy, nr_tensor *dx, int32_t kind, float alpha);
 /* Softmax over the last dimension (PyTorch's softmax(x, dim=-1)), each row of K values:
  * y = exp(x - max) / sum exp(x - max); log_softmax != 0: y = x - max - log sum exp(x - max).
  * x: an activation (f32, or bf16 on CUDA), any shape with ndim >= 1, row-major contiguous; y the

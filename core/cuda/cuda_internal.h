@@ -81,6 +81,8 @@ nr_status nr_cuda_relu_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_cuda_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
 nr_status nr_cuda_sigmoid_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_cuda_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
+nr_status nr_cuda_activation_forward(const nr_tensor *x, nr_tensor *y, int32_t kind, float alpha);
+nr_status nr_cuda_activation_backward(const nr_tensor *saved, const nr_tensor *dy, nr_tensor *dx, int32_t kind, float alpha);
 nr_status nr_cuda_softmax_forward(const nr_tensor *x, nr_tensor *y, int32_t log_softmax);
 nr_status nr_cuda_softmax_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx, int32_t log_softmax);
 /* pooling: the output size comes from y (dy), checked by the CPU entry point (ceil_mode included) */

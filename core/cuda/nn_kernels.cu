@@ -419,6 +419,25 @@ template <typename T> __global__ void k_sigm_b(const T *y, const T *dy, T *dx, i
       st(dx + i, ld(dy + i) * v * (1.0f - v));
    }
 }
+/* tanh, ReLU6, leaky ReLU (kind: NR_ACT_*, one per launch), as core/nn_act.c. */
+template <typename T> __global__ void k_act_f(const T *x, T *y, int kind, float alpha, int64_t n)
+{
+   GRID_LOOP(i, n)
+   {
+      const float v = ld(x + i);
+      st(y + i, kind == NR_ACT_TANH ? tanhf(v) : kind == NR_ACT_RELU6 ? (v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v))
+                                                                      : (v > 0.0f ? v : alpha * v));
+   }
+}
+template <typename T> __global__ void k_act_b(const T *s, const T *dy, T *dx, int kind, float alpha, int64_t n)
+{
+   GRID_LOOP(i, n)
+   {
+      const float v = ld(s + i), d = ld(dy + i);
+      st(dx + i, kind == NR_ACT_TANH ? d * (1.0f - v * v) : kind == NR_ACT_RELU6 ? ((v > 0.0f && v < 6.0f) ? d : 0.0f)
+                                                                                 : (v > 0.0f ? d : alpha * d));
+   }
+}
 /* The mask stays f32 (it is drawn by the global generator, as on the CPU). */
 template <typename T> __global__ void k_dropout_f(const T *x, T *y, float *mask, int64_t n, float keep, int identity)
 {
@@ -1125,6 +1144,14 @@ nr_status nr_cuda_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr
       return NR_OK;                                                                             \
    } while (0)
 
+nr_status nr_cuda_activation_forward(const nr_tensor *x, nr_tensor *y, int32_t kind, float alpha)
+{
+   ELEMWISE(k_act_f, x, "activation_forward", cptr<T>(x), mptr<T>(y), (int)kind, alpha);
+}
+nr_status nr_cuda_activation_backward(const nr_tensor *saved, const nr_tensor *dy, nr_tensor *dx, int32_t kind, float alpha)
+{
+   ELEMWISE(k_act_b, saved, "activation_backward", cptr<T>(saved), cptr<T>(dy), mptr<T>(dx), (int)kind, alpha);
+}
 nr_status nr_cuda_relu_forward(const nr_tensor *x, nr_tensor *y)
 {
    ELEMWISE(k_relu_f, x, "relu_forward", cptr<T>(x), mptr<T>(y));

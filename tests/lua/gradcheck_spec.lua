@@ -140,6 +140,12 @@ describe('gradcheck: normalisation, activations, pools, linear, dropout', functi
    it('Sigmoid', function()
       assert.is_true(gradcheck(nn.Sigmoid(), input({2, 3, 4, 4})))
    end)
+   it('Tanh, ReLU6 and LeakyReLU (a positive and a negative slope)', function()
+      assert.is_true(gradcheck(nn.Tanh(), input({2, 3, 4, 4})))
+      assert.is_true(gradcheck(nn.ReLU6(), input({2, 3, 4, 4}):mul_(4), {kink = 3 * EPS}))
+      assert.is_true(gradcheck(nn.LeakyReLU(0.1), input({2, 3, 4, 4}), {kink = 3 * EPS}))
+      assert.is_true(gradcheck(nn.LeakyReLU({negative_slope = -0.5}), input({2, 3, 4, 4}), {kink = 3 * EPS}))
+   end)
    it('Softmax and LogSoftmax (over the last dimension, 2-d and 3-d)', function()
       for _, m in ipairs({nn.Softmax(), nn.LogSoftmax()}) do
          assert.is_true(gradcheck(m, input({3, 6})))

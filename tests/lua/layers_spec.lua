@@ -740,7 +740,8 @@ describe('a module applied to its own output, and empty batches', function()
          {'depthwise', nn.Conv2d(4, 4, 3, {padding = 1, groups = 4})},
          {'MaxPool2d', nn.MaxPool2d(3, {stride = 1, padding = 1})}, {'AvgPool2d', nn.AvgPool2d(3, {stride = 1, padding = 1})},
          {'BatchNorm2d', nn.BatchNorm2d(4)}, {'ReLU', nn.ReLU()}, {'Sigmoid', nn.Sigmoid()}, {'Linear', nn.Linear(4, 4)},
-         {'Softmax', nn.Softmax()}, {'LogSoftmax', nn.LogSoftmax()},
+         {'Softmax', nn.Softmax()}, {'LogSoftmax', nn.LogSoftmax()}, {'Tanh', nn.Tanh()}, {'ReLU6', nn.ReLU6()},
+         {'LeakyReLU', nn.LeakyReLU(0.2)},
       }
       for _, c in ipairs(mods) do
          local name, m = c[1], c[2]
@@ -1128,5 +1129,35 @@ describe('Softmax and LogSoftmax', function()
          -- read: removing it changes the output, as a dead channel through a Sigmoid does)
          if case[1] ~= 'over the width' then assert.is_true(m:forward(x):sub(y0):abs():max() < 1e-5, case[1]) end
       end
+   end)
+end)
+
+describe('Tanh, ReLU6 and LeakyReLU', function()
+   it('values at the ends and for NaN, and their gradients (as PyTorch, NaN as ReLU)', function()
+      local x = nr.tensor({-3, 0, 2, 6, 9, 0 / 0})
+      local function run(m)
+         local y = m:forward(x):clone()
+         return y:totable(), m:backward(x, nr.ones({6})):totable()
+      end
+      local y, g = run(nn.ReLU6())
+      assert.same({0, 0, 2, 6, 6}, {y[1], y[2], y[3], y[4], y[5]}); assert.is_true(y[6] ~= y[6])
+      assert.same({0, 0, 1, 0, 0, 0}, g)
+      y, g = run(nn.LeakyReLU(0.1))
+      assert.is_true(math.abs(y[1] + 0.3) < 1e-7 and y[3] == 2 and y[6] ~= y[6])
+      assert.is_true(math.abs(g[1] - 0.1) < 1e-7 and math.abs(g[2] - 0.1) < 1e-7 and g[3] == 1)
+      y, g = run(nn.Tanh())
+      assert.is_true(math.abs(y[1] - math.tanh(-3)) < 1e-6 and y[2] == 0 and y[6] ~= y[6])
+      assert.is_true(math.abs(g[1] - (1 - math.tanh(-3) ^ 2)) < 1e-6 and g[2] == 1)
+   end)
+
+   it('checks its arguments', function()
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      assert.truthy(msg(function() nn.LeakyReLU(0 / 0) end):find('negative_slope must be a finite number', 1, true))
+      assert.truthy(msg(function() nn.LeakyReLU({slope = 0.1}) end):find('unknown option "slope"', 1, true))
+      assert.truthy(msg(function() nn.Tanh({inplace = true}) end):find('nr.nn.Tanh: takes no arguments', 1, true))
+      local C = require('nr.ffi').C
+      local t = nr.zeros({2})
+      assert.equal(1, C.nr_activation_forward(t.c, t.c, 99, 0))
+      assert.truthy(require('nr.ffi').ffi.string(C.nr_last_error()):find('kind must be NR_ACT_TANH', 1, true))
    end)
 end)
