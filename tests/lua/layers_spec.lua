@@ -1155,7 +1155,6 @@ describe('Tanh, ReLU6 and LeakyReLU', function()
       assert.truthy(msg(function() nn.LeakyReLU(0 / 0) end):find('negative_slope must be a finite number', 1, true))
       assert.truthy(msg(function() nn.LeakyReLU({slope = 0.1}) end):find('unknown option "slope"', 1, true))
       assert.truthy(msg(function() nn.Tanh({inplace = true}) end):find('nr.nn.Tanh: takes no arguments', 1, true))
-      local C = require('nr.ffi').C
       local t = nr.zeros({2})
       assert.equal(1, C.nr_activation_forward(t.c, t.c, 99, 0))
       assert.truthy(require('nr.ffi').ffi.string(C.nr_last_error()):find('kind must be NR_ACT_TANH', 1, true))
