@@ -446,10 +446,11 @@ nr_status nr_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, float mo
  * checks every group before it steps any, so a refused step leaves all parameters as they were. */
 nr_status nr_sgd_check_many(const nr_sgd_job *jobs, int64_t n, float momentum, float weight_decay, int32_t nesterov);
 
-/* One Adam or AdamW step (torch.optim.Adam / AdamW semantics, amsgrad off) on each job's
- * parameter, in place; decoupled = 0 is Adam (L2 decay through the gradient), 1 AdamW:
+/* One Adam or AdamW step (torch.optim.Adam / AdamW semantics) on each job's parameter, in place;
+ * decoupled = 0 is Adam (L2 decay through the gradient), 1 AdamW:
  *   Adam:  d = grad + weight_decay * param          AdamW: param *= 1 - lr * weight_decay; d = grad
  *   exp_avg = beta1 * exp_avg + (1 - beta1) * d;    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * d * d
+ *   amsgrad (a job with max_exp_avg_sq): max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq), used below
  *   param -= lr / (1 - beta1^step) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^step) + eps)
  * step is the job's step number counting this one (>= 1; per parameter, as PyTorch's
  * state['step']). exp_avg and exp_avg_sq: f32 of the parameter's shape, contiguous, zero-filled
@@ -461,6 +462,7 @@ typedef struct nr_adam_job {
    const nr_tensor *grad;
    nr_tensor *exp_avg;
    nr_tensor *exp_avg_sq;
+   nr_tensor *max_exp_avg_sq; /* amsgrad's running maximum of exp_avg_sq, or NULL (amsgrad off) */
    int64_t step;
 } nr_adam_job;
 nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,

@@ -156,9 +156,10 @@ static nr_status adam_check(const char *func, const nr_adam_job *j, double lr, d
    if (!j->param) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "param: NULL tensor");
    NR_TRY(nr_check_tensor(func, "param", j->param, NR_F32, -1, -1, NULL));
    NR_TRY(nr_check_contiguous(func, "param", j->param));
-   const nr_tensor *pairs[3] = {j->grad, j->exp_avg, j->exp_avg_sq};
-   const char *names[3] = {"grad", "exp_avg", "exp_avg_sq"};
-   for (int i = 0; i < 3; i++) {
+   const nr_tensor *pairs[4] = {j->grad, j->exp_avg, j->exp_avg_sq, j->max_exp_avg_sq};
+   const char *names[4] = {"grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+   for (int i = 0; i < 4; i++) {
+      if (i == 3 && !pairs[i]) break; /* (amsgrad off) */
       if (!pairs[i]) return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: NULL tensor", names[i]);
       NR_TRY(check_pair(func, names[i], pairs[i], j->param));
    }
@@ -203,8 +204,8 @@ nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, double lr, doub
  * moments, then addcdiv. Cloned for AVX2 (the sqrt and divisions vectorize: this file is built
  * with -fno-math-errno, exp_avg_sq is never negative). */
 NR_SIMD_CLONES
-static void adam_range(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t lo,
-                       int64_t hi, nr_adam_coef c)
+static void adam_range(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+                       float *restrict vmax, int64_t lo, int64_t hi, nr_adam_coef c)
 {
    for (int64_t i = lo; i < hi; i++) {
       float d = g[i];
@@ -215,19 +216,24 @@ static void adam_range(float *restrict p, const float *restrict g, float *restri
       float vi = v[i] * c.beta2 + c.one_minus_beta2 * d * d;
       m[i] = mi;
       v[i] = vi;
+      if (vmax) { /* amsgrad: the running maximum (torch.maximum: a NaN wins) */
+         const float mx = vmax[i];
+         vi = (vi > mx || vi != vi) ? vi : mx;
+         vmax[i] = vi;
+      }
       p[i] = pi + c.neg_step_size * (mi / (sqrtf(vi) / c.bc2_sqrt + c.eps));
    }
 }
 
 enum { ADAM_BLOCK = 1 << 14 };
 
-static void adam_apply(float *p, const float *g, float *m, float *v, int64_t n, nr_adam_coef c)
+static void adam_apply(float *p, const float *g, float *m, float *v, float *vmax, int64_t n, nr_adam_coef c)
 {
    const int64_t nblocks = (n + ADAM_BLOCK - 1) / ADAM_BLOCK;
 #pragma omp parallel for schedule(static) if (nblocks > 1 && nr_parallel_worth(n, 8))
    for (int64_t b = 0; b < nblocks; b++) {
       int64_t lo = b * ADAM_BLOCK, hi = lo + ADAM_BLOCK < n ? lo + ADAM_BLOCK : n;
-      adam_range(p, g, m, v, lo, hi, c);
+      adam_range(p, g, m, v, vmax, lo, hi, c);
    }
 }
 
@@ -240,7 +246,8 @@ nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, doubl
    for (int64_t k = 0; k < n; k++) {
       const nr_adam_job *j = &jobs[k];
       nr_adam_coef c = nr_adam_coef_of(j->step, lr, beta1, beta2, eps, weight_decay, decoupled);
-      adam_apply(j->param->data, j->grad->data, j->exp_avg->data, j->exp_avg_sq->data, nr_tensor_numel(j->param), c);
+      adam_apply(j->param->data, j->grad->data, j->exp_avg->data, j->exp_avg_sq->data,
+                 j->max_exp_avg_sq ? j->max_exp_avg_sq->data : NULL, nr_tensor_numel(j->param), c);
    }
    return NR_OK;
 }

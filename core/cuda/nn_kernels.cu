@@ -933,7 +933,7 @@ __global__ void k_sgd_many(const sgd_chunk *chunks, float lr, float mu, float wd
 struct adam_chunk {
    float *p;
    const float *g;
-   float *m, *v;
+   float *m, *v, *vmax; /* vmax: amsgrad's maximum, or NULL */
    int64_t begin, end;
    nr_adam_coef c;
 };
@@ -951,6 +951,11 @@ __global__ void k_adam_many(const adam_chunk *chunks)
       float vi = ch.v[i] * c.beta2 + c.one_minus_beta2 * d * d;
       ch.m[i] = mi;
       ch.v[i] = vi;
+      if (ch.vmax) { /* amsgrad, as core/optim.c */
+         const float mx = ch.vmax[i];
+         vi = (vi > mx || vi != vi) ? vi : mx;
+         ch.vmax[i] = vi;
+      }
       ch.p[i] = pi + c.neg_step_size * (mi / (sqrtf(vi) / c.bc2_sqrt + c.eps));
    }
 }
@@ -1504,6 +1509,7 @@ nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, 
           ch.g = fp(j->grad);
           ch.m = fpm(j->exp_avg);
           ch.v = fpm(j->exp_avg_sq);
+          ch.vmax = j->max_exp_avg_sq ? fpm(j->max_exp_avg_sq) : NULL;
           ch.begin = begin;
           ch.end = end;
           ch.c = nr_adam_coef_of(j->step, lr, beta1, beta2, eps, weight_decay, decoupled);

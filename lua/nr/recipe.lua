@@ -34,7 +34,7 @@ M.TYPES = {
    ['dist.check_every'] = 'integer', ['dist.buffers'] = 'string', ['dist.enabled'] = 'boolean', ['dist.sync_bn'] = 'boolean',
    ['optim.name'] = 'string', ['optim.lr'] = 'number', ['optim.momentum'] = 'number',
    ['optim.weight_decay'] = 'number', ['optim.nesterov'] = 'boolean', ['optim.no_decay_bn_bias'] = 'boolean',
-   ['optim.betas'] = 'list', ['optim.eps'] = 'number',
+   ['optim.betas'] = 'list', ['optim.eps'] = 'number', ['optim.amsgrad'] = 'boolean',
    ['schedule.name'] = 'string', ['schedule.warmup'] = 'number', ['schedule.milestones'] = 'list',
    ['schedule.gamma'] = 'number', ['schedule.step_size'] = 'number', ['schedule.min_lr'] = 'number',
    ['schedule.warmup_start'] = 'number', ['schedule.epochs'] = 'number', ['schedule.granularity'] = 'string',

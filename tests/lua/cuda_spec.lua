@@ -1361,14 +1361,16 @@ describe('SGD and NR primitives on the GPU', function()
       for i = 1, 4 do close('sgd_step_many param ' .. i, pc[i], pg[i]); close('sgd_step_many momentum ' .. i, bc[i], bg[i]) end
    end)
 
-   it('adam_step_many (Adam and AdamW, per-parameter steps, a parameter over several chunks) equals the CPU', function()
+   it('adam_step_many (Adam and AdamW, amsgrad, per-parameter steps, a parameter over several chunks) equals the CPU', function()
       local shapes = {{7, 3}, {300000}, {1}, {16, 8, 3, 3}}
-      for _, decoupled in ipairs({0, 1}) do
-         local pc, pg, mc, mg, vc, vg, gs, gg = {}, {}, {}, {}, {}, {}, {}, {}
+      for _, variant in ipairs({{0, false}, {1, false}, {0, true}}) do
+         local decoupled, ams = variant[1], variant[2]
+         local pc, pg, mc, mg, vc, vg, gs, gg, xc, xg = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
          for i, sh in ipairs(shapes) do
             pc[i], pg[i] = twin(randn(sh))
             mc[i], mg[i] = pair(sh)
             vc[i], vg[i] = pair(sh)
+            xc[i], xg[i] = pair(sh)
             gs[i] = randn(sh)
             gg[i] = gs[i]:cuda()
          end
@@ -1376,16 +1378,22 @@ describe('SGD and NR primitives on the GPU', function()
          for i = 1, 4 do
             jc[i - 1].param, jc[i - 1].grad, jc[i - 1].exp_avg, jc[i - 1].exp_avg_sq = pc[i].c, gs[i].c, mc[i].c, vc[i].c
             jg[i - 1].param, jg[i - 1].grad, jg[i - 1].exp_avg, jg[i - 1].exp_avg_sq = pg[i].c, gg[i].c, mg[i].c, vg[i].c
+            if ams then jc[i - 1].max_exp_avg_sq, jg[i - 1].max_exp_avg_sq = xc[i].c, xg[i].c end
          end
          for step = 1, 3 do
             for i = 1, 4 do jc[i - 1].step = step + i; jg[i - 1].step = step + i end   -- each parameter its own count
-            ok(C.nr_adam_step_many(jc, 4, 1e-2, 0.9, 0.999, 1e-8, 1e-2, decoupled), 'cpu')
-            ok(C.nr_adam_step_many(jg, 4, 1e-2, 0.9, 0.999, 1e-8, 1e-2, decoupled), 'gpu')
+            -- (amsgrad: a small beta2 lets exp_avg_sq fall below its maximum, so the maximum matters)
+            local beta2 = ams and 0.5 or 0.999
+            for _, g in ipairs(gs) do g:copy(randn(g:shape())) end
+            for i = 1, 4 do gg[i]:copy(gs[i]) end
+            ok(C.nr_adam_step_many(jc, 4, 1e-2, 0.9, beta2, 1e-8, 1e-2, decoupled), 'cpu')
+            ok(C.nr_adam_step_many(jg, 4, 1e-2, 0.9, beta2, 1e-8, 1e-2, decoupled), 'gpu')
          end
          for i = 1, 4 do
             close('adam_step_many param ' .. i, pc[i], pg[i])
             close('adam_step_many exp_avg ' .. i, mc[i], mg[i])
             close('adam_step_many exp_avg_sq ' .. i, vc[i], vg[i])
+            if ams then close('adam_step_many max_exp_avg_sq ' .. i, xc[i], xg[i]) end
          end
       end
    end)

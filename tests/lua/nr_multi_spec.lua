@@ -124,10 +124,11 @@ describe('nr.rejuvenate repeated and detailed', function()
    end
 
    -- The optimizers whose state surgery carries: SGD's momentum (a gradient sum), AdamW's moments
-   -- (exp_avg a gradient average, exp_avg_sq of squares) and per-parameter step.
+   -- (exp_avg a gradient average, exp_avg_sq and amsgrad's maximum of squares) and per-parameter step.
    local OPTIMIZERS = {
       {name = 'SGD', keys = {momentum = 1}, make = function(m) return nr.optim.SGD(m, {lr = 0.1, momentum = 0.9}) end},
-      {name = 'AdamW', keys = {exp_avg = 1, exp_avg_sq = 2}, make = function(m) return nr.optim.AdamW(m, {lr = 0.01}) end},
+      {name = 'AdamW', keys = {exp_avg = 1, exp_avg_sq = 2, max_exp_avg_sq = 2},
+       make = function(m) return nr.optim.AdamW(m, {lr = 0.01, amsgrad = true}) end},
    }
 
    -- net() after one step of optimizer o (default SGD with momentum) on input x (so every parameter

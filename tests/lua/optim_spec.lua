@@ -325,7 +325,7 @@ describe('nr.optim.SGD', function()
    end)
 end)
 
--- Adam / AdamW against torch.optim.Adam / AdamW (PyTorch 1.13, /usr/bin/python3):
+-- Adam / AdamW (also with amsgrad) against torch.optim.Adam / AdamW (PyTorch 1.13, /usr/bin/python3):
 --   p0 = [1.0, -2.0, 0.5, 3.0, 0.0]
 --   grads = [[0.1, -0.2, 0.3, -0.4, 0.0], [0.5, 0.25, -0.125, 1.0, 1e-7], [-0.3, 0.7, 0.2, -0.1, -2.0],
 --            [0.05, 0.0, -0.6, 0.4, 0.3]]
@@ -358,6 +358,17 @@ local ADAM_GOLDEN = {
      {0.979995668, -1.99402344, 0.489198416, 3.00250959, -6.66618291e-07},
      {0.980310202, -2.00338721, 0.483565211, 2.99944592, 0.00939849764},
      {0.979529619, -2.00848413, 0.490588844, 2.99395823, 0.0129982047}}},
+   -- amsgrad (the 4th step of the first case differs from plain Adam in its second element)
+   {'Adam', {lr = 0.1, amsgrad = true},
+    {{0.899999976, -1.89999998, 0.400000006, 3.0999999, 0},
+     {0.813895345, -1.91627324, 0.366785914, 3.0557785, -0.0651958957},
+     {0.788942516, -1.97960281, 0.311422944, 3.02765083, -0.00131454319},
+     {0.76367712, -2.03145266, 0.336157352, 2.98586845, 0.0418089665}}},
+   {'AdamW', {lr = 0.05, weight_decay = 0.1, betas = {0.8, 0.9}, amsgrad = true},
+    {{0.944999993, -1.94000006, 0.44749999, 3.03500009, 0},
+     {0.896638274, -1.94128001, 0.43109715, 2.99548221, -0.0336506106},
+     {0.882422268, -1.96580899, 0.401297092, 2.96650124, 0.000251404941},
+     {0.867997289, -1.98148167, 0.416002065, 2.92949104, 0.0206667352}}},
 }
 
 -- |got - want| within 1e-6 relative to max(1, |want|), and within 1e-6 absolute of the tiny ones
@@ -402,7 +413,7 @@ describe('nr.optim.Adam and AdamW', function()
       assert.truthy(tostring(e):find('state is for optimizer "adamw", not sgd', 1, true), tostring(e))
       ok, e = pcall(o2.load_state, o2, {params = {weight = {momentum = nr.zeros({5})}}})
       assert.is_false(ok)
-      assert.truthy(tostring(e):find('weight: unknown state "momentum" for AdamW (it keeps: exp_avg, exp_avg_sq, step)', 1, true),
+      assert.truthy(tostring(e):find('weight: unknown state "momentum" for AdamW (it keeps: exp_avg, exp_avg_sq, max_exp_avg_sq, step)', 1, true),
          tostring(e))
       ok, e = pcall(o2.load_state, o2, {params = {weight = {step = -1}}})
       assert.is_false(ok)

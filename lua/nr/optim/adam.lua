@@ -1,5 +1,5 @@
 -- nr.optim.Adam and nr.optim.AdamW — Adam (Kingma & Ba) with PyTorch's torch.optim.Adam / AdamW
--- semantics (amsgrad off): Adam adds weight_decay * param to the gradient (L2), AdamW decays the
+-- semantics (amsgrad too): Adam adds weight_decay * param to the gradient (L2), AdamW decays the
 -- parameter itself (param *= 1 - lr * weight_decay, Loshchilov & Hutter). One fused C call per
 -- parameter group (nr_adam_step_many, core/optim.c; one kernel launch on CUDA).
 --
@@ -26,17 +26,19 @@ local function show_list(v)
 end
 
 local SPEC = {
-   CONFIG_KEYS = {name = true, lr = true, betas = true, eps = true, weight_decay = true, no_decay_bn_bias = true},
+   CONFIG_KEYS = {name = true, lr = true, betas = true, eps = true, weight_decay = true, amsgrad = true,
+                  no_decay_bn_bias = true},
    GROUP_KEYS = {params = true, grads = true, lr = true, lr_mult = true, betas = true, eps = true,
-                 weight_decay = true, name = true},
+                 weight_decay = true, amsgrad = true, name = true},
    SETTINGS = {'lr', 'lr_mult', 'eps', 'weight_decay'},
    REQUIRED = {lr = true, eps = true, weight_decay = true},
-   STATE = {{key = 'exp_avg', power = 1}, {key = 'exp_avg_sq', power = 2}},
+   -- max_exp_avg_sq: amsgrad's running maximum of exp_avg_sq (only with amsgrad)
+   STATE = {{key = 'exp_avg', power = 1}, {key = 'exp_avg_sq', power = 2}, {key = 'max_exp_avg_sq', power = 2}},
    SCALARS = {step = true},
 }
 
 local function make(name, key, decoupled, weight_decay)
-   local spec = {DEFAULTS = {lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = weight_decay},
+   local spec = {DEFAULTS = {lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = weight_decay, amsgrad = false},
                  DECOUPLED = decoupled and 1 or 0}
    for k, v in pairs(SPEC) do spec[k] = v end
    local cls = Optimizer.subclass(name, key, spec)
@@ -49,13 +51,17 @@ local function make(name, key, decoupled, weight_decay)
          check.arg(type(b) == 'table' and #b == 2 and next(b, 2) == nil and beta(b[1]) and beta(b[2]), fname,
             '%sbetas must be two numbers in [0, 1) such as {0.9, 0.999}, got %s', prefix, show_list(b))
       end
+      check.arg(t.amsgrad == nil or type(t.amsgrad) == 'boolean', fname, '%samsgrad must be true or false, got %s', prefix,
+         check.show(t.amsgrad))
    end
 
    function cls:settings(g)
       local c = self.config
       local b = g.betas or c.betas
+      local ams = g.amsgrad
+      if ams == nil then ams = c.amsgrad end
       return {lr = g.lr or c.lr * (g.lr_mult or 1), beta1 = b[1], beta2 = b[2], eps = g.eps or c.eps,
-              weight_decay = g.weight_decay or c.weight_decay}
+              weight_decay = g.weight_decay or c.weight_decay, amsgrad = ams == true}
    end
 
    function cls:check_group(g, s)
@@ -65,6 +71,7 @@ local function make(name, key, decoupled, weight_decay)
          local m, v = self:buffer(p, 'exp_avg'), self:buffer(p, 'exp_avg_sq')
          local st = self:state_table(p)
          arr[n].param, arr[n].grad, arr[n].exp_avg, arr[n].exp_avg_sq = p.c, grad.c, m.c, v.c
+         arr[n].max_exp_avg_sq = s.amsgrad and self:buffer(p, 'max_exp_avg_sq').c or nil
          arr[n].step = (st.step or 0) + 1
          n = n + 1
          jb.states[n] = st
@@ -87,7 +94,7 @@ local function make(name, key, decoupled, weight_decay)
 end
 
 -- Adam(module_or_groups, config): lr (1e-3), betas ({0.9, 0.999}), eps (1e-8), weight_decay (0,
--- L2 through the gradient), no_decay_bn_bias (false; with a module).
+-- L2 through the gradient), amsgrad (false), no_decay_bn_bias (false; with a module).
 local M = {}
 M.Adam = make('Adam', 'adam', false, 0)
 -- AdamW(module_or_groups, config): as Adam, weight_decay (1e-2) decoupled.

@@ -23,8 +23,10 @@ local BUILDERS = {sgd = SGD, adam = adam.Adam, adamw = adam.AdamW}
 -- sgd as the paper trains (momentum 0.9), Adam and AdamW as PyTorch's defaults.
 M.RECIPE_DEFAULTS = {
    sgd = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 5e-4, nesterov = false, no_decay_bn_bias = false},
-   adam = {name = 'adam', lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = 0, no_decay_bn_bias = false},
-   adamw = {name = 'adamw', lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = 1e-2, no_decay_bn_bias = false},
+   adam = {name = 'adam', lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = 0, amsgrad = false,
+           no_decay_bn_bias = false},
+   adamw = {name = 'adamw', lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = 1e-2, amsgrad = false,
+            no_decay_bn_bias = false},
 }
 
 -- The config keys of the optimizer named name (case-insensitive), or nil for an unknown name.
