@@ -56,12 +56,9 @@ local function make(name, key, decoupled, weight_decay)
    end
 
    function cls:settings(g)
-      local c = self.config
-      local b = g.betas or c.betas
-      local ams = g.amsgrad
-      if ams == nil then ams = c.amsgrad end
-      return {lr = g.lr or c.lr * (g.lr_mult or 1), beta1 = b[1], beta2 = b[2], eps = g.eps or c.eps,
-              weight_decay = g.weight_decay or c.weight_decay, amsgrad = ams == true}
+      local b = self:setting(g, 'betas')
+      return {lr = self:group_lr(g), beta1 = b[1], beta2 = b[2], eps = self:setting(g, 'eps'),
+              weight_decay = self:setting(g, 'weight_decay'), amsgrad = self:setting(g, 'amsgrad') == true}
    end
 
    function cls:check_group(g, s)

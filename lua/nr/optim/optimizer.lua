@@ -227,6 +227,16 @@ local function resolve(self, e, level)
    return e.param, e.grad
 end
 
+-- Setting k of group g: the group's own, else config's (a group's false overrides a true config).
+function Optimizer:setting(g, k)
+   local v = g[k]
+   if v == nil then v = self.config[k] end
+   return v
+end
+
+-- The learning rate of group g: its own lr, else config.lr times its lr_mult.
+function Optimizer:group_lr(g) return g.lr or self.config.lr * (g.lr_mult or 1) end
+
 -- The parameters of group g that step (those with a gradient): fn(p, grad) for each. Called by
 -- a subclass's check_group (from step).
 function Optimizer:each_stepped(g, fn)

@@ -36,13 +36,10 @@ end
 
 -- Effective settings of group g at this step.
 function SGD:settings(g)
-   local c = self.config
-   local mom = g.momentum or c.momentum
-   local nest = g.nesterov
-   if nest == nil then nest = c.nesterov end
+   local mom, nest = self:setting(g, 'momentum'), self:setting(g, 'nesterov')
    -- without momentum there is no Nesterov term (PyTorch: a group with momentum 0 under a
    -- nesterov config steps as plain SGD)
-   return {lr = g.lr or c.lr * (g.lr_mult or 1), momentum = mom, weight_decay = g.weight_decay or c.weight_decay,
+   return {lr = self:group_lr(g), momentum = mom, weight_decay = self:setting(g, 'weight_decay'),
            nesterov = (nest and mom > 0) and 1 or 0}
 end
 
