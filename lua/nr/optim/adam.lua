@@ -73,7 +73,7 @@ local function make(name, key, decoupled, weight_decay)
          n = n + 1
          jb.states[n] = st
       end)
-      if C.nr_adam_check_many(arr, n, s.lr, s.beta1, s.beta2, s.eps, s.weight_decay) ~= 0 then self:step_error(g, 4) end
+      if C.nr_adam_check_many(arr, n, s.lr, s.beta1, s.beta2, s.eps, s.weight_decay) ~= 0 then self:step_error(g) end
       jb.n = n
       return jb
    end

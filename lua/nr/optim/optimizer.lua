@@ -67,12 +67,12 @@ local param_groups = Optimizer.param_groups
 -- inf/NaN at the first step.
 local FLT_MAX = 3.4028234663852886e38
 local function nonneg(v) return type(v) == 'number' and v >= 0 and v <= FLT_MAX end
-Optimizer.nonneg = nonneg
 
 -- Runs f(...) and raises its error at the line that called the public method, without the
--- position inside lua/nr that check.arg's fixed level gives a check made a few calls deep.
--- The methods tail-call this (their frame is gone), so level counts from here: 2 is the
--- method's caller (3 for __init, which the class's constructor call runs).
+-- position inside lua/nr that check.arg's fixed level gives a check made a few calls deep (so
+-- checks inside need no level of their own). The methods tail-call this (their frame is gone),
+-- so level counts from here: 2 is the method's caller (3 for __init, which the class's
+-- constructor call runs).
 local function at_caller(level, f, ...)
    local res = {pcall(f, ...)}
    if not res[1] then error((tostring(res[2]):gsub('^[^\n]-%.lua:%d+: ', '', 1)), level) end
@@ -207,20 +207,20 @@ local function init_impl(self, target, config)
 end
 function Optimizer:__init(target, config) return at_caller(3, init_impl, self, target, config) end
 
--- level: the error's level, counted from here (the user's call of step or zero_grad).
-local function resolve(self, e, level)
+-- (its errors reach the user through at_caller)
+local function resolve(self, e)
    if e.module then
       local p = e.module[e.field]
       -- the parameter itself, or its layer (or a layer above: an NRConv2d's blocks) was replaced:
       -- stepping the old tensor would train nothing
       if p ~= e.param or select(2, replacement_of(e.module)) then
          error(string.format('%s: parameter %s was replaced (nr.rejuvenate, or by hand); pass optimizer = opt to '
-            .. 'nr.rejuvenate (remaps its state) or call opt:refresh()', self.FNAME, e.name), level)
+            .. 'nr.rejuvenate (remaps its state) or call opt:refresh()', self.FNAME, e.name), 0)
       end
       local grad = e.module[e.gfield]
       if grad ~= nil and not T.is_tensor(grad) then
          error(string.format('%s: parameter %s: its gradient (%s) is a %s, not a tensor', self.FNAME, e.name, e.gfield,
-            type(grad)), level)
+            type(grad)), 0)
       end
       return p, grad
    end
@@ -241,7 +241,7 @@ function Optimizer:group_lr(g) return g.lr or self.config.lr * (g.lr_mult or 1) 
 -- a subclass's check_group (from step).
 function Optimizer:each_stepped(g, fn)
    for _, e in ipairs(g.params) do
-      local p, grad = resolve(self, e, 5)
+      local p, grad = resolve(self, e)
       if grad then fn(p, grad) end
    end
 end
@@ -276,19 +276,18 @@ function Optimizer:job_batch(g, ctype)
    return jb
 end
 
--- Raises the C message of group g's failed check or step, naming the parameter of its job;
--- level as error's (default 3: step's caller, when step calls this).
-function Optimizer:step_error(g, level)
+-- Raises the C message of group g's failed check or step, naming the parameter of its job.
+function Optimizer:step_error(g)
    local msg = nrffi.ffi.string(C.nr_last_error())
    -- job k is the (k+1)-th entry that has a gradient: name it
    local k, name = tonumber(msg:match('%(job (%d+)%)')), nil
    for _, e in ipairs(g.params) do
-      if k and select(2, resolve(self, e, 4)) then
+      if k and select(2, resolve(self, e)) then
          if k == 0 then name = e.name break end
          k = k - 1
       end
    end
-   error(self.NAME .. ':step' .. (name and (' (' .. name .. ')') or '') .. ': ' .. msg, level or 3)
+   error(self.NAME .. ':step' .. (name and (' (' .. name .. ')') or '') .. ': ' .. msg, 0)
 end
 
 local function step_impl(self)
@@ -297,7 +296,7 @@ local function step_impl(self)
    -- surgery (nr.rejuvenate) replaced the model's layers: stepping the old tensors would train nothing
    if self.model and structure_of(self.model) ~= self.structure then
       error(string.format('%s: the model\'s layers were replaced (nr.rejuvenate) after this optimizer read them; pass '
-         .. 'optimizer = opt to nr.rejuvenate (remaps its state) or call opt:refresh()', F), 2)
+         .. 'optimizer = opt to nr.rejuvenate (remaps its state) or call opt:refresh()', F), 0)
    end
    local batches = {}
    for gi, g in ipairs(self.groups) do
@@ -316,7 +315,7 @@ function Optimizer:step() return at_caller(2, step_impl, self) end
 local function zero_grad_impl(self)
    for _, g in ipairs(self.groups) do
       for _, e in ipairs(g.params) do
-         local _, grad = resolve(self, e, 3)
+         local _, grad = resolve(self, e)
          if grad then grad:zero() end
       end
    end
@@ -354,28 +353,24 @@ function Optimizer:state_of(param)
 end
 
 -- Checks one parameter's state table (set_state_of, load_state); what names it in messages.
--- Raises at the caller of set_state_of / load_state (their callee's callee: level 4).
 local function check_state(self, F, what, param, tbl)
-   local function need(ok, fmt, ...)
-      if not ok then error(string.format('%s: ' .. fmt, F, ...), 4) end
-   end
-   need(type(tbl) == 'table', '%s: state must be a table, got %s', what, type(tbl))
+   check.arg(type(tbl) == 'table', F, '%s: state must be a table, got %s', what, type(tbl))
    local powers = self:state_powers()
    for k, v in pairs(tbl) do
       if powers[k] then
-         need(T.is_tensor(v), '%s: %s must be a tensor of the parameter\'s shape [%s], got %s', what, tostring(k),
+         check.arg(T.is_tensor(v), F, '%s: %s must be a tensor of the parameter\'s shape [%s], got %s', what, tostring(k),
             table.concat(param:shape(), ' x '), show(v))
-         need(T.same_shape(v:shape(), param:shape()), '%s: %s has shape [%s] but the parameter is [%s]', what, tostring(k),
-            table.concat(v:shape(), ' x '), table.concat(param:shape(), ' x '))
+         check.arg(T.same_shape(v:shape(), param:shape()), F, '%s: %s has shape [%s] but the parameter is [%s]', what,
+            tostring(k), table.concat(v:shape(), ' x '), table.concat(param:shape(), ' x '))
       elseif self.SCALARS[k] then
-         need(type(v) == 'number' and v >= 0 and v == math.floor(v) and v < 2 ^ 53, '%s.%s must be an integer >= 0, got %s',
-            what, tostring(k), show(v))
+         check.arg(type(v) == 'number' and v >= 0 and v == math.floor(v) and v < 2 ^ 53, F,
+            '%s.%s must be an integer >= 0, got %s', what, tostring(k), show(v))
       else
          local names = {}
          for kk in pairs(powers) do names[#names + 1] = kk end
          for kk in pairs(self.SCALARS) do names[#names + 1] = kk end
          table.sort(names)
-         need(false, '%s: unknown state %q for %s (it keeps: %s)', what, tostring(k), self.NAME, table.concat(names, ', '))
+         check.arg(false, F, '%s: unknown state %q for %s (it keeps: %s)', what, tostring(k), self.NAME, table.concat(names, ', '))
       end
    end
 end

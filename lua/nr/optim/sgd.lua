@@ -51,7 +51,7 @@ function SGD:check_group(g, s)
       arr[n].param, arr[n].grad, arr[n].momentum_buf = p.c, grad.c, buf and buf.c or nil
       n = n + 1
    end)
-   if C.nr_sgd_check_many(arr, n, s.momentum, s.weight_decay, s.nesterov) ~= 0 then self:step_error(g, 4) end
+   if C.nr_sgd_check_many(arr, n, s.momentum, s.weight_decay, s.nesterov) ~= 0 then self:step_error(g) end
    jb.n = n
    return jb
 end
