@@ -56,8 +56,7 @@ M.DEFAULTS = {
                            -- device: a quarter of the bytes to copy) or 'float32'; nil: uint8 on CUDA
       drop_last = false,   -- training loader: drop the last partial batch (as PyTorch's DataLoader)
    },
-   optim = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 5e-4, nesterov = false,
-            no_decay_bn_bias = false},   -- sgd's; another optim.name gets nr.optim.RECIPE_DEFAULTS[name]
+   optim = require('nr.optim').RECIPE_DEFAULTS.sgd,   -- (sgd's; another optim.name gets nr.optim.RECIPE_DEFAULTS[name])
    schedule = {name = 'cosine', warmup = 0},
    loss = {label_smoothing = 0},
    epochs = 10,            -- schedule epochs (epochs the run trains unless held epochs extend it)

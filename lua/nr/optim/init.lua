@@ -19,15 +19,16 @@ M.param_groups = Optimizer.param_groups
 
 local BUILDERS = {sgd = SGD, adam = adam.Adam, adamw = adam.AdamW}
 
--- A recipe's optim table is filled from these when it names the optimizer (nr.train.resolve):
--- sgd as the paper trains (momentum 0.9), Adam and AdamW as PyTorch's defaults.
-M.RECIPE_DEFAULTS = {
-   sgd = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 5e-4, nesterov = false, no_decay_bn_bias = false},
-   adam = {name = 'adam', lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = 0, amsgrad = false,
-           no_decay_bn_bias = false},
-   adamw = {name = 'adamw', lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = 1e-2, amsgrad = false,
-            no_decay_bn_bias = false},
-}
+-- A recipe's optim table is filled from these when it names the optimizer (nr.train.resolve; sgd's
+-- are nr.train.DEFAULTS.optim): each class's own defaults (Adam and AdamW: PyTorch's) with its
+-- name, no_decay_bn_bias off, and sgd as the paper trains (lr 0.1, momentum 0.9, weight decay 5e-4).
+M.RECIPE_DEFAULTS = {}
+for key, cls in pairs(BUILDERS) do
+   local d = {name = key, no_decay_bn_bias = false}
+   for k, v in pairs(cls.DEFAULTS) do d[k] = v end
+   M.RECIPE_DEFAULTS[key] = d
+end
+for k, v in pairs({lr = 0.1, momentum = 0.9, weight_decay = 5e-4}) do M.RECIPE_DEFAULTS.sgd[k] = v end
 
 -- The config keys of the optimizer named name (case-insensitive), or nil for an unknown name.
 function M.config_keys(name)
