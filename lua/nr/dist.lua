@@ -452,9 +452,9 @@ local function state_tensors(model, optimizer)
             for _, k in ipairs(sorted_keys(st)) do
                local v = st[k]
                if T.is_tensor(v) then
-                  out[#out + 1] = {name = 'optim:' .. e.name .. '.' .. k, t = v, param = e.param, key = k}
+                  out[#out + 1] = {name = 'optim:' .. e.name .. '.' .. k, t = v, param = e.param, key = k, pname = e.name}
                elseif type(v) == 'number' then
-                  out[#out + 1] = {name = 'optim:' .. e.name .. '.' .. k, v = v, param = e.param, key = k}
+                  out[#out + 1] = {name = 'optim:' .. e.name .. '.' .. k, v = v, param = e.param, key = k, pname = e.name}
                end
             end
          end
@@ -481,7 +481,7 @@ function M.broadcast_model(model, opts)
    local opt_sig = {}
    if opts.optimizer then
       for _, e in ipairs(state_tensors(model, opts.optimizer)) do
-         if e.key then opt_sig[#opt_sig + 1] = {name = e.name, key = e.key, shape = e.t and e.t:shape(), value = e.v} end
+         if e.key then opt_sig[#opt_sig + 1] = {name = e.name, pname = e.pname, key = e.key, shape = e.t and e.t:shape(), value = e.v} end
       end
    end
    local theirs = M.broadcast_object({sig = sig, opt = opt_sig}, root)
@@ -507,16 +507,16 @@ function M.broadcast_model(model, opts)
    for _, e in ipairs(mine) do M.broadcast(e.t, root) end
    if opts.optimizer then
       local params = {}
-      for _, e in ipairs(model:namedParameters()) do params['optim:' .. e.name] = e.param end
+      for _, e in ipairs(model:namedParameters()) do params[e.name] = e.param end
       -- state that root does not have is dropped here
       local on_root = {}
-      for _, o in ipairs(theirs.opt) do on_root[o.name:sub(1, #o.name - #o.key - 1)] = true end
+      for _, o in ipairs(theirs.opt) do on_root[o.pname] = true end
       for name, p in pairs(params) do
          if not on_root[name] and opts.optimizer:state_of(p) then opts.optimizer:set_state_of(p, nil) end
       end
       for _, o in ipairs(theirs.opt) do
          if o.shape then
-            local p = params[o.name:sub(1, #o.name - #o.key - 1)]
+            local p = params[o.pname]
             local st = opts.optimizer:state_of(p) or {}
             local t = st[o.key]
             if not t then
@@ -531,7 +531,7 @@ function M.broadcast_model(model, opts)
       -- numbers after the tensors (a state is kept only with its buffers)
       for _, o in ipairs(theirs.opt) do
          if o.value ~= nil then
-            local p = params[o.name:sub(1, #o.name - #o.key - 1)]
+            local p = params[o.pname]
             local st = opts.optimizer:state_of(p)
             st[o.key] = o.value
             opts.optimizer:set_state_of(p, st)

@@ -146,13 +146,13 @@ local function mark_soft_and_members(g)
    for _, rd in ipairs(g.reads) do
       local r = rd.cs:root()
       reads_of[r] = reads_of[r] or {}
-      table.insert(reads_of[r], rd.via or false)
+      table.insert(reads_of[r], rd)
    end
    for _, r in ipairs(g.roots) do
       for _, e in ipairs(r.and_members) do
          e.soft = false
-         for _, via in ipairs(reads_of[r] or {}) do
-            if not passes_through(via or nil, e) then e.soft = true; break end
+         for _, rd in ipairs(reads_of[r] or {}) do
+            if not passes_through(rd.via, e) then e.soft = true; break end
          end
       end
    end
