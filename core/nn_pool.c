@@ -1,5 +1,6 @@
 /* nn_pool.c — pooling on the CPU: max pooling with saved argmax indices, average pooling
- * (count_include_pad as PyTorch) and global average pooling (nr_*pool* in core/nr.h).
+ * (count_include_pad as PyTorch), both also adaptive (the output size given, PyTorch's windows),
+ * and global average pooling (nr_*pool* in core/nr.h).
  * Invariants: each (n, c) plane is handled by one thread (parallel over N*C), so results do not
  * depend on the thread count; backward passes overwrite dx; max-pool indices are h * W + w
  * positions inside the input plane (PyTorch's convention), first maximum on ties; a NaN input
@@ -10,9 +11,42 @@
 #include <math.h>
 #include <string.h>
 
+/* Geometry of one pooling call: nc = N*C planes of h x w in, ho x wo out. Windowed pools
+ * (MaxPool2d, AvgPool2d) use the kernel, stride and padding; adaptive ones (PyTorch's
+ * AdaptiveMax/AvgPool2d) pool output row oh over input rows floor(oh*h/ho) .. ceil((oh+1)*h/ho)-1
+ * (likewise columns): windows that may differ in size and overlap, never empty. */
 typedef struct {
    int64_t nc, h, w, ho, wo, kh, kw, sh, sw, ph, pw;
+   int adaptive;
 } pool_geom;
+
+/* One output position's window along one side: its nominal start (padding counted, may be < 0)
+ * and the input range [lo, hi) it covers. */
+typedef struct {
+   int64_t start, lo, hi;
+} pool_span;
+
+static inline pool_span span_at(int64_t o, int64_t n, int64_t no, int64_t k, int64_t s, int64_t p, int adaptive)
+{
+   pool_span r;
+   if (adaptive) {
+      r.start = r.lo = o * n / no;
+      r.hi = ((o + 1) * n + no - 1) / no;
+      return r;
+   }
+   r.start = o * s - p;
+   r.lo = r.start < 0 ? 0 : r.start;
+   r.hi = r.start + k > n ? n : r.start + k;
+   return r;
+}
+static inline pool_span row_span(const pool_geom *g, int64_t oh)
+{
+   return span_at(oh, g->h, g->ho, g->kh, g->sh, g->ph, g->adaptive);
+}
+static inline pool_span col_span(const pool_geom *g, int64_t ow)
+{
+   return span_at(ow, g->w, g->wo, g->kw, g->sw, g->pw, g->adaptive);
+}
 
 static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xname, const nr_tensor *y,
                             const char *yname, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph,
@@ -24,7 +58,7 @@ static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xn
                         "bad geometry: kernel %dx%d (>= 1), stride %dx%d (>= 1), padding %dx%d (0..kernel/2)", kh, kw,
                         sh, sw, ph, pw);
    g->nc = x->shape[0] * x->shape[1], g->h = x->shape[2], g->w = x->shape[3];
-   g->kh = kh, g->kw = kw, g->sh = sh, g->sw = sw, g->ph = ph, g->pw = pw;
+   g->kh = kh, g->kw = kw, g->sh = sh, g->sw = sw, g->ph = ph, g->pw = pw, g->adaptive = 0;
    if (ceil_mode != 0 && ceil_mode != 1)
       return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "ceil_mode must be 0 or 1, got %d", ceil_mode);
    g->ho = nn_pool_out_size(g->h, kh, sh, ph, ceil_mode);
@@ -37,73 +71,63 @@ static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xn
    return NR_OK;
 }
 
-nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, int32_t kernel_h,
-                               int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                               int32_t ceil_mode)
+/* Adaptive pools: the output size is y's; both planes must be non-empty (PyTorch's rule). */
+static nr_status adaptive_setup(const char *func, const nr_tensor *x, const char *xname, const nr_tensor *y,
+                                const char *yname, pool_geom *g)
 {
-   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
-   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
-   pool_geom g;
-   NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode, &g));
-   NR_TRY(nr_check_no_overlap(__func__, "y", y, "x", x)); /* y is written while x is read */
-   NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, y));
-   NR_ON_CUDA(x, nr_cuda_maxpool2d_forward(x, y, indices, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                                           ceil_mode));
-   const float *px = x->data;
-   float *py = y->data;
-   int64_t *pi = indices->data;
-#pragma omp parallel for if (nr_parallel_worth(g.nc, g.ho * g.wo * g.kh * g.kw))
-   for (int64_t q = 0; q < g.nc; q++) {
-      const float *xp = px + q * g.h * g.w;
-      float *yp = py + q * g.ho * g.wo;
-      int64_t *ip = pi + q * g.ho * g.wo;
-      for (int64_t oh = 0; oh < g.ho; oh++) {
-         int64_t h0 = oh * g.sh - g.ph, h1 = h0 + g.kh;
-         if (h0 < 0) h0 = 0;
-         if (h1 > g.h) h1 = g.h;
-         for (int64_t ow = 0; ow < g.wo; ow++) {
-            int64_t w0 = ow * g.sw - g.pw, w1 = w0 + g.kw;
-            if (w0 < 0) w0 = 0;
-            if (w1 > g.w) w1 = g.w;
-            /* padding <= kernel/2 (and, in ceil mode, the rule that drops a last window starting
-             * past the input) guarantees every window holds at least one input element;
-             * PyTorch's rule (take v when v > best or v is NaN), written without branches */
-            /* (masks instead of ?: because compilers turn the selects back into branches, which
-             * mispredict on half of the elements of random data) */
+   NR_TRY(nn_check(func, xname, x, NR_DTYPE_ACT, 4, NULL, NULL));
+   int64_t ys[4] = {x->shape[0], x->shape[1], -1, -1};
+   NR_TRY(nn_check(func, yname, y, NR_DTYPE_ACT, 4, ys, x));
+   g->nc = x->shape[0] * x->shape[1], g->h = x->shape[2], g->w = x->shape[3];
+   g->ho = y->shape[2], g->wo = y->shape[3];
+   if (g->h < 1 || g->w < 1 || g->ho < 1 || g->wo < 1)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s plane %lldx%lld and %s plane %lldx%lld must both be non-empty",
+                        xname, (long long)g->h, (long long)g->w, yname, (long long)g->ho, (long long)g->wo);
+   /* the largest window's size (the work estimate of the parallel loops); no stride, no padding */
+   g->kh = (g->h + g->ho - 1) / g->ho + 1, g->kw = (g->w + g->wo - 1) / g->wo + 1;
+   g->sh = g->sw = 1, g->ph = g->pw = 0, g->adaptive = 1;
+   return NR_OK;
+}
+
+/* Max over each window (every window holds at least one input element: padding <= kernel/2, the
+ * ceil-mode rule that drops a last window starting past the input, adaptive windows never empty);
+ * PyTorch's rule (take v when v > best or v is NaN), written without branches (masks instead of
+ * ?: because compilers turn the selects back into branches, which mispredict on half of the
+ * elements of random data). */
+static void maxpool_run(const pool_geom *g, const float *px, float *py, int64_t *pi)
+{
+#pragma omp parallel for if (nr_parallel_worth(g->nc, g->ho * g->wo * g->kh * g->kw))
+   for (int64_t q = 0; q < g->nc; q++) {
+      const float *xp = px + q * g->h * g->w;
+      float *yp = py + q * g->ho * g->wo;
+      int64_t *ip = pi + q * g->ho * g->wo;
+      for (int64_t oh = 0; oh < g->ho; oh++) {
+         const pool_span r = row_span(g, oh);
+         for (int64_t ow = 0; ow < g->wo; ow++) {
+            const pool_span c = col_span(g, ow);
             float best = -INFINITY;
-            int64_t arg = h0 * g.w + w0;
-            for (int64_t ih = h0; ih < h1; ih++)
-               for (int64_t iw = w0; iw < w1; iw++) {
-                  const float v = xp[ih * g.w + iw];
+            int64_t arg = r.lo * g->w + c.lo;
+            for (int64_t ih = r.lo; ih < r.hi; ih++)
+               for (int64_t iw = c.lo; iw < c.hi; iw++) {
+                  const float v = xp[ih * g->w + iw];
                   const int64_t mask = -(int64_t)((v > best) | (v != v));
                   uint32_t vb, bb;
                   memcpy(&vb, &v, 4);
                   memcpy(&bb, &best, 4);
                   bb = (bb & ~(uint32_t)mask) | (vb & (uint32_t)mask);
                   memcpy(&best, &bb, 4);
-                  arg = (arg & ~mask) | ((ih * g.w + iw) & mask);
+                  arg = (arg & ~mask) | ((ih * g->w + iw) & mask);
                }
-            yp[oh * g.wo + ow] = best;
-            ip[oh * g.wo + ow] = arg;
+            yp[oh * g->wo + ow] = best;
+            ip[oh * g->wo + ow] = arg;
          }
       }
    }
-   return NR_OK;
 }
 
-nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx, int32_t kernel_h,
-                                int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                int32_t ceil_mode)
+/* dx <- zero except at the argmax positions, where each window's dy is added in window order. */
+static nr_status maxpool_scatter(const char *func, const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx)
 {
-   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
-   NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
-   pool_geom g;
-   NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode,
-                     &g));
-   NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "dy", dy)); /* dx is written while dy is read */
-   NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, dy));
-   NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                                             ceil_mode));
    const int64_t nc = dy->shape[0] * dy->shape[1], po = dy->shape[2] * dy->shape[3], pin = dx->shape[2] * dx->shape[3];
    const float *pdy = dy->data;
    const int64_t *pi = indices->data;
@@ -126,22 +150,119 @@ nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, n
       }
    }
    if (bad >= 0)
-      return NR_FAIL(NR_E_ARG, "indices: element %lld is %lld, outside the input plane 0..%lld (indices not from the forward?)",
-                     (long long)bad, (long long)pi[bad], (long long)pin - 1);
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "indices: element %lld is %lld, outside the input plane 0..%lld (indices not from the forward?)",
+                        (long long)bad, (long long)pi[bad], (long long)pin - 1);
    return NR_OK;
 }
 
-/* Divisor of the window at (oh, ow). */
-static inline float avg_divisor(const pool_geom *g, int64_t h0, int64_t w0, int32_t include_pad)
+nr_status nr_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, int32_t kernel_h,
+                               int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                               int32_t ceil_mode)
 {
-   int64_t h1 = h0 + g->kh, w1 = w0 + g->kw;
-   if (include_pad) {
-      /* PyTorch: the window clipped to the padded input */
-      int64_t he = h1 < g->h + g->ph ? h1 : g->h + g->ph, we = w1 < g->w + g->pw ? w1 : g->w + g->pw;
-      return (float)((he - h0) * (we - w0));
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
+   pool_geom g;
+   NR_TRY(pool_setup(__func__, x, "x", y, "y", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode, &g));
+   NR_TRY(nr_check_no_overlap(__func__, "y", y, "x", x)); /* y is written while x is read */
+   NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, y));
+   NR_ON_CUDA(x, nr_cuda_maxpool2d_forward(x, y, indices, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                           ceil_mode));
+   maxpool_run(&g, x->data, y->data, indices->data);
+   return NR_OK;
+}
+
+nr_status nr_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx, int32_t kernel_h,
+                                int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                int32_t ceil_mode)
+{
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
+   pool_geom g;
+   NR_TRY(pool_setup(__func__, dx, "dx", dy, "dy", kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ceil_mode,
+                     &g));
+   NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "dy", dy)); /* dx is written while dy is read */
+   NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, dy));
+   NR_ON_CUDA(dy, nr_cuda_maxpool2d_backward(dy, indices, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                             ceil_mode));
+   return maxpool_scatter(__func__, dy, indices, dx);
+}
+
+nr_status nr_adaptive_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices)
+{
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
+   pool_geom g;
+   NR_TRY(adaptive_setup(__func__, x, "x", y, "y", &g));
+   NR_TRY(nr_check_no_overlap(__func__, "y", y, "x", x));
+   NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, y));
+   NR_ON_CUDA(x, nr_cuda_adaptive_maxpool2d_forward(x, y, indices));
+   maxpool_run(&g, x->data, y->data, indices->data);
+   return NR_OK;
+}
+
+nr_status nr_adaptive_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx)
+{
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
+   pool_geom g;
+   NR_TRY(adaptive_setup(__func__, dx, "dx", dy, "dy", &g));
+   NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "dy", dy));
+   NR_TRY(nn_check_companion(__func__, "indices", indices, NR_I64, dy));
+   NR_ON_CUDA(dy, nr_cuda_adaptive_maxpool2d_backward(dy, indices, dx));
+   return maxpool_scatter(__func__, dy, indices, dx);
+}
+
+/* Divisor of the window (r, c): with include_pad (windowed pools only) PyTorch's kernel area
+ * clipped to the padded input, else the number of input elements the window covers. */
+static inline float avg_divisor(const pool_geom *g, pool_span r, pool_span c, int32_t include_pad)
+{
+   if (include_pad && !g->adaptive) {
+      int64_t he = r.start + g->kh < g->h + g->ph ? r.start + g->kh : g->h + g->ph;
+      int64_t we = c.start + g->kw < g->w + g->pw ? c.start + g->kw : g->w + g->pw;
+      return (float)((he - r.start) * (we - c.start));
    }
-   int64_t a = h0 < 0 ? 0 : h0, b = h1 > g->h ? g->h : h1, c = w0 < 0 ? 0 : w0, d = w1 > g->w ? g->w : w1;
-   return (float)((b - a) * (d - c));
+   return (float)((r.hi - r.lo) * (c.hi - c.lo));
+}
+
+static void avgpool_run(const pool_geom *g, const float *px, float *py, int32_t include_pad)
+{
+#pragma omp parallel for if (nr_parallel_worth(g->nc, g->ho * g->wo * g->kh * g->kw))
+   for (int64_t q = 0; q < g->nc; q++) {
+      const float *xp = px + q * g->h * g->w;
+      float *yp = py + q * g->ho * g->wo;
+      for (int64_t oh = 0; oh < g->ho; oh++) {
+         const pool_span r = row_span(g, oh);
+         for (int64_t ow = 0; ow < g->wo; ow++) {
+            const pool_span c = col_span(g, ow);
+            float s = 0;
+            for (int64_t ih = r.lo; ih < r.hi; ih++)
+               for (int64_t iw = c.lo; iw < c.hi; iw++) s += xp[ih * g->w + iw];
+            yp[oh * g->wo + ow] = s / avg_divisor(g, r, c, include_pad);
+         }
+      }
+   }
+}
+
+/* dx <- the sum, over the windows covering each element, of dy / divisor (scattered in window
+ * order, one thread per plane). */
+static void avgpool_back_run(const pool_geom *g, const float *pdy, float *pdx, int32_t include_pad)
+{
+#pragma omp parallel for if (nr_parallel_worth(g->nc, g->ho * g->wo * g->kh * g->kw))
+   for (int64_t q = 0; q < g->nc; q++) {
+      float *xp = pdx + q * g->h * g->w;
+      const float *yp = pdy + q * g->ho * g->wo;
+      memset(xp, 0, sizeof(float) * g->h * g->w);
+      for (int64_t oh = 0; oh < g->ho; oh++) {
+         const pool_span r = row_span(g, oh);
+         for (int64_t ow = 0; ow < g->wo; ow++) {
+            const pool_span c = col_span(g, ow);
+            float v = yp[oh * g->wo + ow] / avg_divisor(g, r, c, include_pad);
+            for (int64_t ih = r.lo; ih < r.hi; ih++)
+               for (int64_t iw = c.lo; iw < c.hi; iw++) xp[ih * g->w + iw] += v;
+         }
+      }
+   }
 }
 
 nr_status nr_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w, int32_t stride_h,
@@ -155,23 +276,7 @@ nr_status nr_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_
    NR_TRY(nr_check_no_overlap(__func__, "y", y, "x", x)); /* y is written while x is read */
    NR_ON_CUDA(x, nr_cuda_avgpool2d_forward(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                            count_include_pad, ceil_mode));
-   const float *px = x->data;
-   float *py = y->data;
-#pragma omp parallel for if (nr_parallel_worth(g.nc, g.ho * g.wo * g.kh * g.kw))
-   for (int64_t q = 0; q < g.nc; q++) {
-      const float *xp = px + q * g.h * g.w;
-      float *yp = py + q * g.ho * g.wo;
-      for (int64_t oh = 0; oh < g.ho; oh++)
-         for (int64_t ow = 0; ow < g.wo; ow++) {
-            int64_t h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
-            int64_t a = h0 < 0 ? 0 : h0, b = h0 + g.kh > g.h ? g.h : h0 + g.kh;
-            int64_t c = w0 < 0 ? 0 : w0, d = w0 + g.kw > g.w ? g.w : w0 + g.kw;
-            float s = 0;
-            for (int64_t ih = a; ih < b; ih++)
-               for (int64_t iw = c; iw < d; iw++) s += xp[ih * g.w + iw];
-            yp[oh * g.wo + ow] = s / avg_divisor(&g, h0, w0, count_include_pad);
-         }
-   }
+   avgpool_run(&g, x->data, y->data, count_include_pad);
    return NR_OK;
 }
 
@@ -187,23 +292,31 @@ nr_status nr_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kern
    NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "dy", dy)); /* dx is written while dy is read */
    NR_ON_CUDA(dy, nr_cuda_avgpool2d_backward(dy, dx, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                              count_include_pad, ceil_mode));
-   const float *pdy = dy->data;
-   float *pdx = dx->data;
-#pragma omp parallel for if (nr_parallel_worth(g.nc, g.ho * g.wo * g.kh * g.kw))
-   for (int64_t q = 0; q < g.nc; q++) {
-      float *xp = pdx + q * g.h * g.w;
-      const float *yp = pdy + q * g.ho * g.wo;
-      memset(xp, 0, sizeof(float) * g.h * g.w);
-      for (int64_t oh = 0; oh < g.ho; oh++)
-         for (int64_t ow = 0; ow < g.wo; ow++) {
-            int64_t h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
-            int64_t a = h0 < 0 ? 0 : h0, b = h0 + g.kh > g.h ? g.h : h0 + g.kh;
-            int64_t c = w0 < 0 ? 0 : w0, d = w0 + g.kw > g.w ? g.w : w0 + g.kw;
-            float v = yp[oh * g.wo + ow] / avg_divisor(&g, h0, w0, count_include_pad);
-            for (int64_t ih = a; ih < b; ih++)
-               for (int64_t iw = c; iw < d; iw++) xp[ih * g.w + iw] += v;
-         }
-   }
+   avgpool_back_run(&g, dy->data, dx->data, count_include_pad);
+   return NR_OK;
+}
+
+nr_status nr_adaptive_avgpool2d_forward(const nr_tensor *x, nr_tensor *y)
+{
+   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("y", y, NR_DTYPE_ACT, -1, 4, NULL);
+   pool_geom g;
+   NR_TRY(adaptive_setup(__func__, x, "x", y, "y", &g));
+   NR_TRY(nr_check_no_overlap(__func__, "y", y, "x", x));
+   NR_ON_CUDA(x, nr_cuda_adaptive_avgpool2d_forward(x, y));
+   avgpool_run(&g, x->data, y->data, 0);
+   return NR_OK;
+}
+
+nr_status nr_adaptive_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx)
+{
+   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_CHECK_T("dx", dx, NR_DTYPE_ACT, -1, 4, NULL);
+   pool_geom g;
+   NR_TRY(adaptive_setup(__func__, dx, "dx", dy, "dy", &g));
+   NR_TRY(nr_check_no_overlap(__func__, "dx", dx, "dy", dy));
+   NR_ON_CUDA(dy, nr_cuda_adaptive_avgpool2d_backward(dy, dx));
+   avgpool_back_run(&g, dy->data, dx->data, 0);
    return NR_OK;
 }
 

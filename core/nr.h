@@ -370,6 +370,17 @@ nr_status nr_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kern
                                 int32_t kernel_w, int32_t stride_h, int32_t stride_w,
                                 int32_t pad_h, int32_t pad_w, int32_t count_include_pad,
                                 int32_t ceil_mode);
+/* Adaptive pooling (PyTorch AdaptiveMaxPool2d / AdaptiveAvgPool2d): the output size is y's
+ * (Ho, Wo), any sizes >= 1 (Ho > H repeats rows); output row oh pools the input rows
+ * floor(oh*H/Ho) .. ceil((oh+1)*H/Ho) - 1, likewise columns, so windows may differ in size and
+ * overlap. x (N, C, H, W), H, W >= 1; y (N, C, Ho, Wo); indices as nr_maxpool2d_forward's; the
+ * average divides by the window's element count. Backwards: dx (N, C, H, W) overwritten, the max
+ * as nr_maxpool2d_backward (same sums in the same order on both devices). */
+nr_status nr_adaptive_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices);
+nr_status nr_adaptive_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices,
+                                         nr_tensor *dx);
+nr_status nr_adaptive_avgpool2d_forward(const nr_tensor *x, nr_tensor *y);
+nr_status nr_adaptive_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx);
 /* Global average pooling: x (N, C, H, W) -> y (N, C), the mean over (H, W). */
 nr_status nr_global_avgpool_forward(const nr_tensor *x, nr_tensor *y);
 /* dy (N, C); dx (N, C, H, W) <- dy / (H * W) broadcast, overwritten. */

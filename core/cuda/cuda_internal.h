@@ -98,6 +98,10 @@ nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t ke
 nr_status nr_cuda_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kernel_h,
                                      int32_t kernel_w, int32_t stride_h, int32_t stride_w,
                                      int32_t pad_h, int32_t pad_w, int32_t count_include_pad, int32_t ceil_mode);
+nr_status nr_cuda_adaptive_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices);
+nr_status nr_cuda_adaptive_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx);
+nr_status nr_cuda_adaptive_avgpool2d_forward(const nr_tensor *x, nr_tensor *y);
+nr_status nr_cuda_adaptive_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx);
 nr_status nr_cuda_global_avgpool_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_cuda_global_avgpool_backward(const nr_tensor *dy, nr_tensor *dx);
 nr_status nr_cuda_bias_add(nr_tensor *y, const nr_tensor *b);

@@ -1,6 +1,7 @@
 /* nn_kernels.cu — own CUDA kernels of the layer, optimizer and NR primitives: batch norm
- * (training, evaluation, both backwards), ReLU, sigmoid, max/avg/global pooling, bias add and
- * bias gradient, dropout, softmax cross-entropy, fused SGD, BN liveliness masks, L1 sign step.
+ * (training, evaluation, both backwards), ReLU, sigmoid, max/avg pooling (windowed and adaptive),
+ * global pooling, bias add and bias gradient, dropout, softmax cross-entropy, fused SGD, BN
+ * liveliness masks, L1 sign step.
  *
  * What it is: the GPU side of core/nn_*.c, core/optim.c and core/nr_ops.c, with the same
  * semantics as those CPU references (documented in core/nr.h). Layer kernels are templates over
@@ -464,10 +465,12 @@ __global__ void k_bias_finish(const double *part, int S, int64_t C, float *db, f
 
 /* ---------------------------------------------------------------- pooling */
 
-/* Input (N, C, h, w), output (N, C, ho, wo), nc = N*C planes; cl: both channels-last. */
+/* Input (N, C, h, w), output (N, C, ho, wo), nc = N*C planes; cl: both channels-last; ad:
+ * adaptive windows (PyTorch's AdaptiveMax/AvgPool2d: output row oh pools input rows
+ * floor(oh*h/ho) .. ceil((oh+1)*h/ho) - 1; kernel, stride and padding unused). */
 struct pool {
    int64_t nc, c, h, w, ho, wo;
-   int32_t kh, kw, sh, sw, ph, pw, cl;
+   int32_t kh, kw, sh, sw, ph, pw, cl, ad;
 };
 
 pool make_pool(const nr_tensor *x, const nr_tensor *y, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t ph, int32_t pw)
@@ -486,8 +489,37 @@ pool make_pool(const nr_tensor *x, const nr_tensor *y, int32_t kh, int32_t kw, i
    p.sw = sw;
    p.ph = ph;
    p.pw = pw;
+   p.ad = 0;
    return p;
 }
+
+pool make_adaptive_pool(const nr_tensor *x, const nr_tensor *y)
+{
+   pool p = make_pool(x, y, 1, 1, 1, 1, 0, 0);
+   p.ad = 1;
+   return p;
+}
+
+/* One output position's window along one side (n inputs, no outputs; kernel k, stride s,
+ * padding pd): its nominal start (padding counted, may be < 0) and the input range [lo, hi). */
+struct span {
+   int64_t start, lo, hi;
+};
+__device__ __forceinline__ span span_at(int ad, int64_t o, int64_t n, int64_t no, int64_t k, int64_t s, int64_t pd)
+{
+   span r;
+   if (ad) {
+      r.start = r.lo = o * n / no;
+      r.hi = ((o + 1) * n + no - 1) / no;
+      return r;
+   }
+   r.start = o * s - pd;
+   r.lo = r.start < 0 ? 0 : r.start;
+   r.hi = r.start + k > n ? n : r.start + k;
+   return r;
+}
+__device__ __forceinline__ span row_span(const pool &p, int64_t oh) { return span_at(p.ad, oh, p.h, p.ho, p.kh, p.sh, p.ph); }
+__device__ __forceinline__ span col_span(const pool &p, int64_t ow) { return span_at(p.ad, ow, p.w, p.wo, p.kw, p.sw, p.pw); }
 
 /* Element i (in memory order) of a tensor with planes of hh x ww pixels: its plane q = n*C + c
  * and pixel (y, x). NCHW runs x fastest, channels-last c. */
@@ -524,17 +556,13 @@ template <typename T> __global__ void k_maxpool_f(const T *x, T *y, int64_t *ind
    GRID_LOOP(i, p.nc * p.ho * p.wo)
    {
       pix o = pix_of(p, i, p.ho, p.wo);
-      int64_t h0 = o.y * p.sh - p.ph, h1 = h0 + p.kh, w0 = o.x * p.sw - p.pw, w1 = w0 + p.kw;
-      if (h0 < 0) h0 = 0;
-      if (h1 > p.h) h1 = p.h;
-      if (w0 < 0) w0 = 0;
-      if (w1 > p.w) w1 = p.w;
+      const span r = row_span(p, o.y), c = col_span(p, o.x);
       const T *xp = x + plane_base(p, o.q, p.h, p.w);
       float best = -INFINITY;
-      int64_t arg = h0 * p.w + w0;
+      int64_t arg = r.lo * p.w + c.lo;
       /* the CPU's (PyTorch's) rule: take v when v > best or v is NaN, so the last NaN wins */
-      for (int64_t ih = h0; ih < h1; ih++)
-         for (int64_t iw = w0; iw < w1; iw++) {
+      for (int64_t ih = r.lo; ih < r.hi; ih++)
+         for (int64_t iw = c.lo; iw < c.hi; iw++) {
             float v = ld(xp + (ih * p.w + iw) * step);
             if (v > best || isnan(v)) {
                best = v;
@@ -547,13 +575,21 @@ template <typename T> __global__ void k_maxpool_f(const T *x, T *y, int64_t *ind
 }
 
 /* The output windows (oh0..oh1, ow0..ow1) that cover input pixel (ih, iw): window oh covers ih iff
- * oh*sh - ph <= ih < oh*sh - ph + kh. */
+ * oh*sh - ph <= ih < oh*sh - ph + kh; an adaptive one iff floor(oh*h/ho) <= ih < ceil((oh+1)*h/ho),
+ * that is floor(ih*ho/h) <= oh <= floor(((ih+1)*ho - 1)/h). */
 struct cover {
    int64_t oh0, oh1, ow0, ow1;
 };
 __device__ __forceinline__ cover covering(const pool &p, int64_t ih, int64_t iw)
 {
    cover c;
+   if (p.ad) {
+      c.oh0 = ih * p.ho / p.h;
+      c.oh1 = ((ih + 1) * p.ho - 1) / p.h;
+      c.ow0 = iw * p.wo / p.w;
+      c.ow1 = ((iw + 1) * p.wo - 1) / p.w;
+      return c;
+   }
    int64_t nh = ih + p.ph - p.kh + 1, nw = iw + p.pw - p.kw + 1;
    c.oh0 = nh <= 0 ? 0 : (nh + p.sh - 1) / p.sh;
    c.oh1 = (ih + p.ph) / p.sh;
@@ -585,15 +621,16 @@ template <typename T> __global__ void k_maxpool_b(const T *dy, const int64_t *in
    }
 }
 
-__device__ __forceinline__ float avg_div(const pool &p, int64_t h0, int64_t w0, int inc)
+/* Divisor of the window (r, c), as the CPU's: with inc (count_include_pad, windowed pools only) the
+ * kernel area clipped to the padded input, else the number of input elements covered. */
+__device__ __forceinline__ float avg_div(const pool &p, const span &r, const span &c, int inc)
 {
-   int64_t h1 = h0 + p.kh, w1 = w0 + p.kw;
-   if (inc) {
-      int64_t he = h1 < p.h + p.ph ? h1 : p.h + p.ph, we = w1 < p.w + p.pw ? w1 : p.w + p.pw;
-      return (float)((he - h0) * (we - w0));
+   if (inc && !p.ad) {
+      int64_t he = r.start + p.kh < p.h + p.ph ? r.start + p.kh : p.h + p.ph;
+      int64_t we = c.start + p.kw < p.w + p.pw ? c.start + p.kw : p.w + p.pw;
+      return (float)((he - r.start) * (we - c.start));
    }
-   int64_t a = h0 < 0 ? 0 : h0, b = h1 > p.h ? p.h : h1, c = w0 < 0 ? 0 : w0, d = w1 > p.w ? p.w : w1;
-   return (float)((b - a) * (d - c));
+   return (float)((r.hi - r.lo) * (c.hi - c.lo));
 }
 
 template <typename T> __global__ void k_avgpool_f(const T *x, T *y, pool p, int inc)
@@ -602,19 +639,17 @@ template <typename T> __global__ void k_avgpool_f(const T *x, T *y, pool p, int 
    GRID_LOOP(i, p.nc * p.ho * p.wo)
    {
       pix o = pix_of(p, i, p.ho, p.wo);
-      int64_t h0 = o.y * p.sh - p.ph, w0 = o.x * p.sw - p.pw;
-      int64_t a = h0 < 0 ? 0 : h0, b = h0 + p.kh > p.h ? p.h : h0 + p.kh;
-      int64_t c = w0 < 0 ? 0 : w0, d = w0 + p.kw > p.w ? p.w : w0 + p.kw;
+      const span r = row_span(p, o.y), c = col_span(p, o.x);
       const T *xp = x + plane_base(p, o.q, p.h, p.w);
       float s = 0;
-      for (int64_t ih = a; ih < b; ih++)
-         for (int64_t iw = c; iw < d; iw++) s += ld(xp + (ih * p.w + iw) * step);
-      st(y + i, s / avg_div(p, h0, w0, inc));
+      for (int64_t ih = r.lo; ih < r.hi; ih++)
+         for (int64_t iw = c.lo; iw < c.hi; iw++) s += ld(xp + (ih * p.w + iw) * step);
+      st(y + i, s / avg_div(p, r, c, inc));
    }
 }
 
 /* A gather: each input element sums, in f32, dy / divisor over the windows that cover it (no
- * atomics, deterministic). Window oh covers ih iff oh*sh - ph <= ih < oh*sh - ph + kh. */
+ * atomics, deterministic). */
 template <typename T> __global__ void k_avgpool_b(const T *dy, T *dx, pool p, int inc)
 {
    const int64_t step = pix_step(p);
@@ -624,9 +659,11 @@ template <typename T> __global__ void k_avgpool_b(const T *dy, T *dx, pool p, in
       cover c = covering(p, at.y, at.x);
       const T *g = dy + plane_base(p, at.q, p.ho, p.wo);
       float s = 0;
-      for (int64_t oh = c.oh0; oh <= c.oh1; oh++)
+      for (int64_t oh = c.oh0; oh <= c.oh1; oh++) {
+         const span r = row_span(p, oh);
          for (int64_t ow = c.ow0; ow <= c.ow1; ow++)
-            s += ld(g + (oh * p.wo + ow) * step) / avg_div(p, oh * p.sh - p.ph, ow * p.sw - p.pw, inc);
+            s += ld(g + (oh * p.wo + ow) * step) / avg_div(p, r, col_span(p, ow), inc);
+      }
       st(dx + i, s);
    }
 }
@@ -1233,15 +1270,12 @@ nr_status nr_cuda_bias_backward(const nr_tensor *dy, nr_tensor *db, float scale,
    return NR_OK;
 }
 
-/* ---- pooling */
+/* ---- pooling: one launcher per kernel, shared by the windowed and the adaptive entry points */
 
-nr_status nr_cuda_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, int32_t kernel_h,
-                                    int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                    int32_t ceil_mode)
+static nr_status maxpool_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, pool p)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
-   pool p = make_pool(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
    int64_t n = p.nc * p.ho * p.wo;
    if (n == 0) return NR_OK;
    with_act_type(x, [&](auto tag) {
@@ -1252,13 +1286,10 @@ nr_status nr_cuda_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor 
    return NR_OK;
 }
 
-nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx, int32_t kernel_h,
-                                     int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                     int32_t ceil_mode)
+static nr_status maxpool_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx, pool p)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
-   pool p = make_pool(dx, dy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
    const int64_t nx = nr_tensor_numel(dx);
    if (nx == 0) return NR_OK;
    with_act_type(dy, [&](auto tag) {
@@ -1269,13 +1300,10 @@ nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indic
    return NR_OK;
 }
 
-nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w,
-                                    int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                    int32_t count_include_pad, int32_t ceil_mode)
+static nr_status avgpool_forward(const nr_tensor *x, nr_tensor *y, pool p, int32_t count_include_pad)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(x->device_index, &ctx));
-   pool p = make_pool(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
    int64_t n = p.nc * p.ho * p.wo;
    if (n == 0) return NR_OK;
    with_act_type(x, [&](auto tag) {
@@ -1286,13 +1314,10 @@ nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t ke
    return NR_OK;
 }
 
-nr_status nr_cuda_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kernel_h, int32_t kernel_w,
-                                     int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
-                                     int32_t count_include_pad, int32_t ceil_mode)
+static nr_status avgpool_backward(const nr_tensor *dy, nr_tensor *dx, pool p, int32_t count_include_pad)
 {
    nr_cuda_ctx *ctx;
    NR_TRY(nr_cuda_ctx_get(dy->device_index, &ctx));
-   pool p = make_pool(dx, dy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
    int64_t nx = nr_tensor_numel(dx);
    if (nx == 0) return NR_OK;
    with_act_type(dy, [&](auto tag) {
@@ -1301,6 +1326,55 @@ nr_status nr_cuda_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t
    });
    NR_CU_LAUNCHED("avgpool2d_backward %s -> %s", NR_DESC(dy), NR_DESC(dx));
    return NR_OK;
+}
+
+nr_status nr_cuda_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices, int32_t kernel_h,
+                                    int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                    int32_t ceil_mode)
+{
+   return maxpool_forward(x, y, indices, make_pool(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w));
+}
+
+nr_status nr_cuda_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx, int32_t kernel_h,
+                                     int32_t kernel_w, int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                     int32_t ceil_mode)
+{
+   return maxpool_backward(dy, indices, dx, make_pool(dx, dy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w));
+}
+
+nr_status nr_cuda_avgpool2d_forward(const nr_tensor *x, nr_tensor *y, int32_t kernel_h, int32_t kernel_w,
+                                    int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                    int32_t count_include_pad, int32_t ceil_mode)
+{
+   return avgpool_forward(x, y, make_pool(x, y, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w), count_include_pad);
+}
+
+nr_status nr_cuda_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx, int32_t kernel_h, int32_t kernel_w,
+                                     int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w,
+                                     int32_t count_include_pad, int32_t ceil_mode)
+{
+   return avgpool_backward(dy, dx, make_pool(dx, dy, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w),
+                           count_include_pad);
+}
+
+nr_status nr_cuda_adaptive_maxpool2d_forward(const nr_tensor *x, nr_tensor *y, nr_tensor *indices)
+{
+   return maxpool_forward(x, y, indices, make_adaptive_pool(x, y));
+}
+
+nr_status nr_cuda_adaptive_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *indices, nr_tensor *dx)
+{
+   return maxpool_backward(dy, indices, dx, make_adaptive_pool(dx, dy));
+}
+
+nr_status nr_cuda_adaptive_avgpool2d_forward(const nr_tensor *x, nr_tensor *y)
+{
+   return avgpool_forward(x, y, make_adaptive_pool(x, y), 0);
+}
+
+nr_status nr_cuda_adaptive_avgpool2d_backward(const nr_tensor *dy, nr_tensor *dx)
+{
+   return avgpool_backward(dy, dx, make_adaptive_pool(dx, dy), 0);
 }
 
 nr_status nr_cuda_global_avgpool_forward(const nr_tensor *x, nr_tensor *y)

@@ -643,7 +643,7 @@ describe('layer kernels on the GPU', function()
          end
       end)
 
-      it(h.name .. ' max, average and global pooling', function()
+      it(h.name .. ' max, average (windowed and adaptive) and global pooling', function()
          local x = h.ref(randn({2, 3, 9, 8}))
          local xg = h.dev(x)
          -- ceil mode (PyTorch's rule: a last window that would start past the input and its left
@@ -675,6 +675,26 @@ describe('layer kernels on the GPU', function()
                ok(C.nr_avgpool2d_backward(h.dev(dy).c, dg.c, k, k, s, s, pd, pd, inc, cm), 'gpu')
                h.check('avgpool backward inc ' .. inc, dc, dg)
             end
+         end
+         -- adaptive windows: uneven and overlapping (9x8 -> 4x3, 2x5), more outputs than inputs (13x11)
+         for _, size in ipairs({{4, 3}, {2, 5}, {1, 1}, {13, 11}}) do
+            local tag = ' adaptive ' .. size[1] .. 'x' .. size[2]
+            local yc, yg = h.pair({2, 3, size[1], size[2]})
+            local ic, ig = nr.zeros({2, 3, size[1], size[2]}, {dtype = 'int64'}), h.gpu({2, 3, size[1], size[2]}, 'int64')
+            ok(C.nr_adaptive_maxpool2d_forward(x.c, yc.c, ic.c), 'max cpu' .. tag)
+            ok(C.nr_adaptive_maxpool2d_forward(xg.c, yg.c, ig.c), 'max gpu' .. tag)
+            h.check('maxpool y' .. tag, yc, yg); close('maxpool indices' .. tag, ic, ig)
+            local dy = h.ref(randn({2, 3, size[1], size[2]}))
+            local dc, dg = h.pair({2, 3, 9, 8})
+            ok(C.nr_adaptive_maxpool2d_backward(dy.c, ic.c, dc.c), 'cpu' .. tag)
+            ok(C.nr_adaptive_maxpool2d_backward(h.dev(dy).c, ig.c, dg.c), 'gpu' .. tag)
+            h.check('maxpool backward' .. tag, dc, dg)
+            ok(C.nr_adaptive_avgpool2d_forward(x.c, yc.c), 'avg cpu' .. tag)
+            ok(C.nr_adaptive_avgpool2d_forward(xg.c, yg.c), 'avg gpu' .. tag)
+            h.check('avgpool y' .. tag, yc, yg)
+            ok(C.nr_adaptive_avgpool2d_backward(dy.c, dc.c), 'cpu' .. tag)
+            ok(C.nr_adaptive_avgpool2d_backward(h.dev(dy).c, dg.c), 'gpu' .. tag)
+            h.check('avgpool backward' .. tag, dc, dg)
          end
          local yc, yg = h.pair({2, 3})
          ok(C.nr_global_avgpool_forward(x.c, yc.c), 'cpu'); ok(C.nr_global_avgpool_forward(xg.c, yg.c), 'gpu')

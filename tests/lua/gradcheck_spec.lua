@@ -168,6 +168,12 @@ describe('gradcheck: normalisation, activations, pools, linear, dropout', functi
    it('GlobalAvgPool2d', function()
       assert.is_true(gradcheck(nn.GlobalAvgPool2d(), input({2, 3, 3, 5})))
    end)
+   it('AdaptiveAvgPool2d and AdaptiveMaxPool2d (overlapping uneven windows, and more outputs than inputs)', function()
+      for _, size in ipairs({{3, 2}, {4, 7}, 1}) do
+         assert.is_true(gradcheck(nn.AdaptiveAvgPool2d(size), input({2, 2, 7, 5})))
+         assert.is_true(gradcheck(nn.AdaptiveMaxPool2d(size), input({2, 2, 7, 5})))
+      end
+   end)
    it('Linear with and without bias', function()
       nr.manual_seed(2)
       assert.is_true(gradcheck(nn.Linear(5, 4), input({3, 5})))

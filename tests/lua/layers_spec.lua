@@ -55,7 +55,8 @@ describe('layer construction and shapes', function()
          nn.Conv2d(4, 6, 3), nn.Conv2d(4, 6, 3, {stride = 2, padding = 1}), nn.Conv2d(4, 4, 5, {groups = 4, padding = 2}),
          nn.Conv2d(4, 8, 1), nn.Conv2d(4, 2, 3, {dilation = 2}), nn.BatchNorm2d(4), nn.ReLU(), nn.Sigmoid(),
          nn.MaxPool2d(2), nn.MaxPool2d(3, {stride = 2, padding = 1}), nn.AvgPool2d(3, {stride = 1, padding = 1}),
-         nn.AvgPool2d({3, 2}), nn.GlobalAvgPool2d(), nn.Flatten(), nn.Dropout(0.5),
+         nn.AvgPool2d({3, 2}), nn.GlobalAvgPool2d(), nn.Flatten(), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1),
+         nn.AdaptiveAvgPool2d({4, 3}), nn.AdaptiveMaxPool2d(5), nn.AdaptiveMaxPool2d({12, 2}),
       }
       for _, m in ipairs(mods) do
          local y = m:forward(x)
@@ -280,6 +281,19 @@ describe('errors on bad input and bad options', function()
       assert.truthy(opt_err(function() nn.Dropout(-0.1) end):find('p must be', 1, true))
       assert.truthy(opt_err(function() nn.CrossEntropyLoss({label_smoothing = 1.5}) end):find('label_smoothing', 1, true))
       assert.truthy(opt_err(function() nn.Linear(3, 4, {bais = true}) end):find('unknown option "bais"', 1, true))
+      -- each names the line that called the constructor, not a line inside nrlua
+      local here = debug.getinfo(1, 'S').short_src
+      for i, make in ipairs({function() local m = nn.Conv2d(3, 4, 3, {strid = 2}) return m end,
+                             function() local m = nn.MaxPool2d(0) return m end,
+                             function() local m = nn.AvgPool2d(2, {stride = 0}) return m end,
+                             function() local m = nn.AvgPool2d(2, {ceil_mode = 1}) return m end,
+                             function() local m = nn.MaxPool2d(2, {pad = 1}) return m end,
+                             function() local m = nn.BatchNorm2d(4, {eps = 1e-5, mom = 1}) return m end,
+                             function() local m = nn.Linear(3, 4, 5) return m end,
+                             function() local m = nn.CrossEntropyLoss({smoothing = 0.1}) return m end}) do
+         local e = opt_err(make)
+         assert(e:sub(1, #here + 1) == here .. ':', 'case ' .. i .. ': ' .. e)
+      end
    end)
 
    it('C kernels return errors (not crashes) on NULL, wrong dtype or mismatched tensors', function()
@@ -741,7 +755,8 @@ describe('a module applied to its own output, and empty batches', function()
          {'MaxPool2d', nn.MaxPool2d(3, {stride = 1, padding = 1})}, {'AvgPool2d', nn.AvgPool2d(3, {stride = 1, padding = 1})},
          {'BatchNorm2d', nn.BatchNorm2d(4)}, {'ReLU', nn.ReLU()}, {'Sigmoid', nn.Sigmoid()}, {'Linear', nn.Linear(4, 4)},
          {'Softmax', nn.Softmax()}, {'LogSoftmax', nn.LogSoftmax()}, {'Tanh', nn.Tanh()}, {'ReLU6', nn.ReLU6()},
-         {'LeakyReLU', nn.LeakyReLU(0.2)},
+         {'LeakyReLU', nn.LeakyReLU(0.2)}, {'AdaptiveMaxPool2d', nn.AdaptiveMaxPool2d(6)},
+         {'AdaptiveAvgPool2d', nn.AdaptiveAvgPool2d(6)},
       }
       for _, c in ipairs(mods) do
          local name, m = c[1], c[2]
@@ -1158,5 +1173,130 @@ describe('Tanh, ReLU6 and LeakyReLU', function()
       local t = nr.zeros({2})
       assert.equal(1, C.nr_activation_forward(t.c, t.c, 99, 0))
       assert.truthy(require('nr.ffi').ffi.string(C.nr_last_error()):find('kind must be NR_ACT_TANH', 1, true))
+   end)
+end)
+
+describe('AdaptiveAvgPool2d and AdaptiveMaxPool2d', function()
+   -- PyTorch's windows, written out: output row o of n_out pools input rows
+   -- floor(o*n/n_out) .. ceil((o+1)*n/n_out) - 1 (0-based), likewise columns
+   local function window(o, n, no) return math.floor(o * n / no), math.ceil((o + 1) * n / no) - 1 end
+   local function reference(x, oh, ow)
+      local n, c, h, w = unpack(x:shape())
+      local xt = x:totable()
+      local avg, max, arg = {}, {}, {}
+      for i = 1, n do
+         avg[i], max[i], arg[i] = {}, {}, {}
+         for j = 1, c do
+            avg[i][j], max[i][j], arg[i][j] = {}, {}, {}
+            for a = 0, oh - 1 do
+               avg[i][j][a + 1], max[i][j][a + 1], arg[i][j][a + 1] = {}, {}, {}
+               local r0, r1 = window(a, h, oh)
+               for b = 0, ow - 1 do
+                  local c0, c1 = window(b, w, ow)
+                  local s, best, at = 0, -math.huge, nil
+                  for r = r0, r1 do
+                     for q = c0, c1 do
+                        local v = xt[i][j][r + 1][q + 1]
+                        s = s + v
+                        if v > best then best, at = v, r * w + q end
+                     end
+                  end
+                  avg[i][j][a + 1][b + 1] = s / ((r1 - r0 + 1) * (c1 - c0 + 1))
+                  max[i][j][a + 1][b + 1], arg[i][j][a + 1][b + 1] = best, at
+               end
+            end
+         end
+      end
+      return nr.tensor(avg), nr.tensor(max), arg
+   end
+
+   it('pool over PyTorch\'s windows (overlapping, uneven, and more outputs than inputs)', function()
+      nr.manual_seed(7)
+      local x = nr.randn({2, 3, 7, 5})
+      for _, size in ipairs({{3, 2}, {4, 4}, {1, 1}, {7, 5}, {9, 6}, {2, 5}}) do
+         local tag = size[1] .. 'x' .. size[2]
+         local avg, max, arg = reference(x, size[1], size[2])
+         local ma, mm = nn.AdaptiveAvgPool2d(size), nn.AdaptiveMaxPool2d(size)
+         assert(max_abs_diff(ma:forward(x), avg) < 1e-6, tag .. ' average: ' .. max_abs_diff(ma:forward(x), avg))
+         assert(max_abs_diff(mm:forward(x), max) == 0, tag .. ' max')
+         assert.same(arg, mm._indices:totable(), tag .. ' indices')
+      end
+      -- (7, 5) -> (7, 5) is the identity; an even split is the windowed pool; (1, 1) the global one
+      assert.equal(0, max_abs_diff(nn.AdaptiveMaxPool2d({7, 5}):forward(x), x))
+      local x8 = nr.randn({2, 3, 8, 6})
+      assert(max_abs_diff(nn.AdaptiveAvgPool2d({4, 3}):forward(x8), nn.AvgPool2d(2):forward(x8)) < 1e-6)
+      assert.equal(0, max_abs_diff(nn.AdaptiveMaxPool2d({4, 2}):forward(x8), nn.MaxPool2d({2, 3}):forward(x8)))
+      assert(max_abs_diff(nn.AdaptiveAvgPool2d(1):forward(x):reshape({2, 3}), nn.GlobalAvgPool2d():forward(x)) < 1e-6)
+   end)
+
+   it('backward: the average spreads dy / window size over each window, the max sends dy to its argmax', function()
+      nr.manual_seed(8)
+      -- 5 -> 3 rows: windows 0..1, 1..3, 3..4 overlap at rows 1 and 3
+      local x = nr.randn({1, 1, 5, 1})
+      local g = nr.tensor({{{{1}, {2}, {4}}}})
+      local ma = nn.AdaptiveAvgPool2d({3, 1})
+      ma:forward(x)
+      local gx = ma:backward(x, g)
+      local want = {1 / 2, 1 / 2 + 2 / 3, 2 / 3, 2 / 3 + 4 / 2, 4 / 2}
+      for i = 1, 5 do assert(math.abs(gx:totable()[1][1][i][1] - want[i]) < 1e-6, 'row ' .. i) end
+      local x2 = nr.tensor({{{{0}, {5}, {1}, {1}, {0}}}})
+      local m = nn.AdaptiveMaxPool2d({3, 1})
+      m:forward(x2)
+      local gm = m:backward(x2, nr.tensor({{{{1}, {2}, {4}}}})):totable()
+      -- rows 0..1 -> argmax row 1 (dy 1); rows 1..3 -> row 1 (dy 2); rows 3..4 -> row 3 (dy 4)
+      assert.same({{{{0}, {3}, {0}, {4}, {0}}}}, gm)
+   end)
+
+   it('check their arguments and inputs, naming the caller\'s line', function()
+      local here = debug.getinfo(1, 'S').short_src
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      local e = msg(function() local m = nn.AdaptiveAvgPool2d(0) return m end)
+      assert.truthy(e:find(here, 1, true) and e:find('output_size must be an integer in [1, 2^31 - 1], got 0', 1, true), e)
+      e = msg(function() local m = nn.AdaptiveMaxPool2d({2, 'a'}) return m end)
+      assert.truthy(e:find(here, 1, true) and e:find('output_size[2] must be an integer', 1, true), e)
+      e = msg(function() local m = nn.AdaptiveMaxPool2d() return m end)
+      assert.truthy(e:find(here, 1, true) and e:find('the output size (a number or a {h, w} pair) is required', 1, true), e)
+      e = msg(function() local m = nn.AdaptiveAvgPool2d(2, {stride = 1}) return m end)
+      assert.truthy(e:find('takes only the output size', 1, true), e)
+      assert.truthy(msg(function() nn.AdaptiveAvgPool2d(2):forward(nr.randn({2, 3, 4})) end)
+         :find('expected a 4-d input (N, C, H, W), got [2 x 3 x 4]', 1, true))
+      assert.truthy(msg(function() nn.AdaptiveMaxPool2d(2):forward(nr.randn({2, 3, 0, 4})) end)
+         :find('x plane 0x4 and y plane 2x2 must both be non-empty', 1, true))
+      assert.truthy(msg(function() nn.AdaptiveAvgPool2d(2):outputShape({3, 0, 4}) end):find('empty plane', 1, true))
+      assert.equal('nr.nn.AdaptiveAvgPool2d 7x3', tostring(nn.AdaptiveAvgPool2d({7, 3})))
+      -- the C kernels take the output size from y and check the rest
+      local x = nr.randn({1, 2, 4, 4})
+      assert.equal(1, C.nr_adaptive_avgpool2d_forward(x.c, nr.empty({1, 3, 2, 2}).c))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('y: expected', 1, true))
+      assert.equal(1, C.nr_adaptive_maxpool2d_forward(x.c, nr.empty({1, 2, 2, 2}).c, nr.empty({1, 2, 2, 2}).c))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('indices', 1, true))
+      assert.equal(1, C.nr_adaptive_maxpool2d_backward(nr.randn({1, 2, 2, 2}).c, nr.full({1, 2, 2, 2}, 16, {dtype = 'int64'}).c,
+         nr.empty({1, 2, 4, 4}).c))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('outside the input plane 0..15', 1, true))
+   end)
+
+   it('in a model Neural Rejuvenation removes dead channels across them and keeps the function', function()
+      nr.manual_seed(9)
+      local m = nn.Sequential{
+         nn.Conv2d(3, 6, 3, {padding = 1, bias = false}), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveMaxPool2d({5, 4}),
+         nn.Conv2d(6, 5, 3, {padding = 1, bias = false}), nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+         nn.Flatten(), nn.Linear(20, 4)}
+      -- one dead channel per BN, and small live γ for the rescaling to scale up
+      m.modules[2].weight:copy(nr.tensor({1, 0, 0.05, 0.8, 0.3, 1}))
+      m.modules[6].weight:copy(nr.tensor({0.2, 1, 0.9, 0, 0.04}))
+      m:evaluate()
+      local x = nr.randn({2, 3, 7, 7})
+      local y0 = m:forward(x):clone()
+      local pruned = m:clone()
+      nr.rejuvenate(pruned, {input_shape = {3, 7, 7}, budget = 0})
+      assert.same({5, 4, 16}, {pruned.modules[1].out_channels, pruned.modules[5].out_channels, pruned.modules[10].in_features})
+      assert(max_abs_diff(pruned:forward(x), y0) < 1e-5, 'pruned: ' .. max_abs_diff(pruned:forward(x), y0))
+      local grown = m:clone()
+      local rep = nr.rejuvenate(grown, {input_shape = {3, 7, 7}, rescale = true})
+      assert.is_true(rep.rescaled > 0)
+      assert(max_abs_diff(grown:forward(x), y0) < 1e-4, 'grown: ' .. max_abs_diff(grown:forward(x), y0))
+      -- (back at the cost it started from: the two convs regain their widths, the classifier its inputs)
+      assert.same({6, 5, 20}, {grown.modules[1].out_channels, grown.modules[5].out_channels, grown.modules[10].in_features})
+      assert.equal(rep.before.params_all, rep.after.params_all)
    end)
 end)

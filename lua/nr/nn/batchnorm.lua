@@ -18,7 +18,7 @@ local FN = 'nr.nn.BatchNorm2d'
 
 function BatchNorm2d:__init(c, opts)
    Module.__init(self)
-   opts = check.options(opts, {eps = true, momentum = true, affine = true}, FN)
+   opts = check.options(opts, {eps = true, momentum = true, affine = true}, FN, 3)
    U.posint(c, 'num_features', FN)
    self.num_features = c
    self.eps = U.opt_num(opts.eps, 'eps', FN, 1e-5, 0, math.huge, true)

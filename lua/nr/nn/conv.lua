@@ -15,7 +15,7 @@ local FN = 'nr.nn.Conv2d'
 
 function Conv2d:__init(cin, cout, k, opts)
    Module.__init(self)
-   opts = check.options(opts, {stride = true, padding = true, dilation = true, groups = true, bias = true}, FN)
+   opts = check.options(opts, {stride = true, padding = true, dilation = true, groups = true, bias = true}, FN, 3)
    U.posint(cin, 'in_channels', FN)
    U.posint(cout, 'out_channels', FN)
    local kh, kw = U.pair(k, 'kernel_size', FN, 1)

@@ -29,17 +29,20 @@ function U.check_shape(s, fname)
 end
 
 -- number or {h, w} -> h, w (integers >= min that C takes as int32: a stride of 2^32 + 1 or inf was
--- wrapped at the FFI and reported as stride -2147483648). Errors name the element: stride[2].
-function U.pair(v, name, fname, min)
+-- wrapped at the FFI and reported as stride -2147483648). Errors name the element: stride[2], and
+-- the line that called the layer's constructor: depth counts the helper frames between that
+-- constructor and this call (0 when the constructor calls U.pair itself).
+function U.pair(v, name, fname, min, depth)
+   local level = 4 + (depth or 0)
    if type(v) == 'number' then
-      check.int32(v, fname, name, min, nil, 4)
+      check.int32(v, fname, name, min, nil, level)
       return v, v
    elseif type(v) == 'table' and #v == 2 then
-      check.int32(v[1], fname, name .. '[1]', min, nil, 4)
-      check.int32(v[2], fname, name .. '[2]', min, nil, 4)
+      check.int32(v[1], fname, name .. '[1]', min, nil, level)
+      check.int32(v[2], fname, name .. '[2]', min, nil, level)
       return v[1], v[2]
    end
-   error(string.format('%s: %s must be a number or a {h, w} pair, got %s', fname, name, check.show(v)), 4)
+   error(string.format('%s: %s must be a number or a {h, w} pair, got %s', fname, name, check.show(v)), level)
 end
 
 -- A size or count given to C as an int32, >= min (default 1).
@@ -206,9 +209,12 @@ function U.call(status)
    if status ~= 0 then error(require('nr.ffi').ffi.string(C.nr_last_error()), 0) end
 end
 
-function U.opt_bool(v, name, fname, default)
+-- (depth as U.pair's)
+function U.opt_bool(v, name, fname, default, depth)
    if v == nil then return default end
-   if type(v) ~= 'boolean' then error(string.format('%s: %s must be a boolean, got %s', fname, name, tostring(v)), 4) end
+   if type(v) ~= 'boolean' then
+      error(string.format('%s: %s must be a boolean, got %s', fname, name, tostring(v)), 4 + (depth or 0))
+   end
    return v
 end
 

@@ -17,7 +17,7 @@ local FN = 'nr.nn.Linear'
 
 function Linear:__init(nin, nout, opts)
    Module.__init(self)
-   opts = check.options(opts, {bias = true}, FN)
+   opts = check.options(opts, {bias = true}, FN, 3)
    U.posint(nin, 'in_features', FN)
    U.posint(nout, 'out_features', FN)
    self.in_features, self.out_features = nin, nout

@@ -23,7 +23,7 @@ local FN = 'CrossEntropyLoss'
 
 function CrossEntropyLoss:__init(opts)
    Module.__init(self)
-   opts = check.options(opts, {label_smoothing = true}, 'nr.nn.CrossEntropyLoss')
+   opts = check.options(opts, {label_smoothing = true}, 'nr.nn.CrossEntropyLoss', 3)
    self.label_smoothing = U.opt_num(opts.label_smoothing, 'label_smoothing', 'nr.nn.CrossEntropyLoss', 0, 0, 1)
 end
 

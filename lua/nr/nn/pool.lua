@@ -1,8 +1,10 @@
--- nr.nn MaxPool2d, AvgPool2d, GlobalAvgPool2d — pooling on nr_maxpool2d_*, nr_avgpool2d_*,
--- nr_global_avgpool_* (core/nn_pool.c). PyTorch semantics: floor mode (ceil_mode = true: PyTorch's
--- ceil mode), padding <= kernel/2, AvgPool2d count_include_pad = true by default; GlobalAvgPool2d
--- gives (N, C).
--- Invariants: kernel_size, stride, padding are {h, w}; MaxPool2d keeps the argmax indices of the
+-- nr.nn MaxPool2d, AvgPool2d, AdaptiveMaxPool2d, AdaptiveAvgPool2d, GlobalAvgPool2d — pooling on
+-- nr_maxpool2d_*, nr_avgpool2d_*, nr_adaptive_*pool2d_*, nr_global_avgpool_* (core/nn_pool.c).
+-- PyTorch semantics: floor mode (ceil_mode = true: PyTorch's ceil mode), padding <= kernel/2,
+-- AvgPool2d count_include_pad = true by default; the adaptive pools take the output size (PyTorch's
+-- windows, which may overlap); GlobalAvgPool2d gives (N, C) (AdaptiveAvgPool2d(1) the same means
+-- as (N, C, 1, 1)).
+-- Invariants: kernel_size, stride, padding, output_size are {h, w}; the max pools keep the argmax indices of the
 -- last forward (_indices, int64) for its backward; buffers are reused while shapes stay the same.
 local class = require 'nr.class'
 local Module = require 'nr.nn.module'
@@ -14,15 +16,15 @@ local function init_window(self, name, k, opts, extra_opts)
    local allowed = {stride = true, padding = true, ceil_mode = true}
    for key in pairs(extra_opts or {}) do allowed[key] = true end
    local fn = 'nr.nn.' .. name
-   opts = check.options(opts, allowed, fn)
-   local kh, kw = U.pair(k, 'kernel_size', fn, 1)
-   local sh, sw = U.pair(opts.stride or {kh, kw}, 'stride', fn, 1)
-   local ph, pw = U.pair(opts.padding or 0, 'padding', fn, 0)
+   opts = check.options(opts, allowed, fn, 4)
+   local kh, kw = U.pair(k, 'kernel_size', fn, 1, 1)
+   local sh, sw = U.pair(opts.stride or {kh, kw}, 'stride', fn, 1, 1)
+   local ph, pw = U.pair(opts.padding or 0, 'padding', fn, 0, 1)
    if ph > math.floor(kh / 2) or pw > math.floor(kw / 2) then
       error(string.format('%s: padding %dx%d must be at most half the kernel %dx%d', fn, ph, pw, kh, kw), 4)
    end
    self.kernel_size, self.stride, self.padding = {kh, kw}, {sh, sw}, {ph, pw}
-   self.ceil_mode = U.opt_bool(opts.ceil_mode, 'ceil_mode', fn, false)
+   self.ceil_mode = U.opt_bool(opts.ceil_mode, 'ceil_mode', fn, false, 1)
    return opts
 end
 
@@ -120,6 +122,73 @@ function AvgPool2d:extra()
    return window_extra(self) .. (self.count_include_pad and '' or ' nopad')
 end
 
+-- ---- AdaptiveMaxPool2d, AdaptiveAvgPool2d: (N, C, H, W) -> (N, C, oh, ow) --------------------
+local function init_adaptive(self, name, size, opts)
+   local fn = 'nr.nn.' .. name
+   if opts ~= nil then error(fn .. ': takes only the output size', 4) end
+   if size == nil then error(fn .. ': the output size (a number or a {h, w} pair) is required', 4) end
+   local oh, ow = U.pair(size, 'output_size', fn, 1, 1)
+   self.output_size = {oh, ow}
+end
+local function adaptive_shape(self, s)
+   U.check_shape(s, self:typename() .. ':outputShape')
+   if #s ~= 3 then error('expected a (C, H, W) input, got ' .. U.shape_str(s), 0) end
+   if s[2] < 1 or s[3] < 1 then error('input ' .. U.shape_str(s) .. ' has an empty plane', 0) end
+   return {s[1], self.output_size[1], self.output_size[2]}
+end
+local function adaptive_out(self, x)
+   local o = self.output_size
+   return {x:size(1), x:size(2), o[1], o[2]}
+end
+local function adaptive_extra(self)
+   local o = self.output_size
+   return string.format('%dx%d', o[1], o[2])
+end
+
+local AdaptiveMaxPool2d = class('AdaptiveMaxPool2d', Module)
+function AdaptiveMaxPool2d:__init(size, opts)
+   Module.__init(self)
+   init_adaptive(self, 'AdaptiveMaxPool2d', size, opts)
+end
+function AdaptiveMaxPool2d:updateOutput(x)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local shape = adaptive_out(self, x)
+   local y = U.act_buffer(self, 'output', shape, x)
+   local idx = U.buffer(self, '_indices', shape, x, 'int64')
+   U.call(C.nr_adaptive_maxpool2d_forward(x.c, y.c, idx.c))
+   return y
+end
+function AdaptiveMaxPool2d:updateGradInput(x, gradOutput)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local g = U.grad(gradOutput, self.output)
+   local gi = U.grad_buffer(self, x:shape(), x)
+   U.call(C.nr_adaptive_maxpool2d_backward(g.c, self._indices.c, gi.c))
+   return gi
+end
+AdaptiveMaxPool2d.outputShape = adaptive_shape
+AdaptiveMaxPool2d.extra = adaptive_extra
+
+local AdaptiveAvgPool2d = class('AdaptiveAvgPool2d', Module)
+function AdaptiveAvgPool2d:__init(size, opts)
+   Module.__init(self)
+   init_adaptive(self, 'AdaptiveAvgPool2d', size, opts)
+end
+function AdaptiveAvgPool2d:updateOutput(x)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local y = U.act_buffer(self, 'output', adaptive_out(self, x), x)
+   U.call(C.nr_adaptive_avgpool2d_forward(x.c, y.c))
+   return y
+end
+function AdaptiveAvgPool2d:updateGradInput(x, gradOutput)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   local g = U.grad(gradOutput, self.output)
+   local gi = U.grad_buffer(self, x:shape(), x)
+   U.call(C.nr_adaptive_avgpool2d_backward(g.c, gi.c))
+   return gi
+end
+AdaptiveAvgPool2d.outputShape = adaptive_shape
+AdaptiveAvgPool2d.extra = adaptive_extra
+
 -- ---- GlobalAvgPool2d: (N, C, H, W) -> (N, C) -----------------------------------------------
 local GlobalAvgPool2d = class('GlobalAvgPool2d', Module)
 function GlobalAvgPool2d:__init(opts)
@@ -145,4 +214,5 @@ function GlobalAvgPool2d:outputShape(s)
    return {s[1]}
 end
 
-return {MaxPool2d = MaxPool2d, AvgPool2d = AvgPool2d, GlobalAvgPool2d = GlobalAvgPool2d}
+return {MaxPool2d = MaxPool2d, AvgPool2d = AvgPool2d, AdaptiveMaxPool2d = AdaptiveMaxPool2d,
+        AdaptiveAvgPool2d = AdaptiveAvgPool2d, GlobalAvgPool2d = GlobalAvgPool2d}

@@ -33,8 +33,9 @@ local FNAME = 'nr.rejuvenate'
 
 -- Pass-through leaves: channels and their meaning unchanged. homog = positively homogeneous
 -- (f(s·x) = s·f(x) for s > 0), which neural rescaling needs between a BN and its consumers.
-local PASS = {ReLU = true, MaxPool2d = true, AvgPool2d = true, Dropout = true, Identity = true,
-              GlobalAvgPool2d = true, ReLU6 = false, Sigmoid = false, Tanh = false, LeakyReLU = true}
+local PASS = {ReLU = true, MaxPool2d = true, AvgPool2d = true, AdaptiveMaxPool2d = true, AdaptiveAvgPool2d = true,
+              Dropout = true, Identity = true, GlobalAvgPool2d = true, ReLU6 = false, Sigmoid = false,
+              Tanh = false, LeakyReLU = true}
 M.PASS = PASS
 local CUSTOM = {}
 
