@@ -94,8 +94,9 @@ static nr_status adaptive_setup(const char *func, const nr_tensor *x, const char
  * PyTorch's rule (take v when v > best or v is NaN), written without branches (masks instead of
  * ?: because compilers turn the selects back into branches, which mispredict on half of the
  * elements of random data). */
-static void maxpool_run(const pool_geom *g, const float *px, float *py, int64_t *pi)
+static void maxpool_run(const pool_geom *geom, const float *px, float *py, int64_t *pi)
 {
+   const pool_geom gl = *geom, *g = &gl; /* a private copy: the output stores cannot alias it */
 #pragma omp parallel for if (nr_parallel_worth(g->nc, g->ho * g->wo * g->kh * g->kw))
    for (int64_t q = 0; q < g->nc; q++) {
       const float *xp = px + q * g->h * g->w;
@@ -225,8 +226,9 @@ static inline float avg_divisor(const pool_geom *g, pool_span r, pool_span c, in
    return (float)((r.hi - r.lo) * (c.hi - c.lo));
 }
 
-static void avgpool_run(const pool_geom *g, const float *px, float *py, int32_t include_pad)
+static void avgpool_run(const pool_geom *geom, const float *px, float *py, int32_t include_pad)
 {
+   const pool_geom gl = *geom, *g = &gl; /* a private copy: the output stores cannot alias it */
 #pragma omp parallel for if (nr_parallel_worth(g->nc, g->ho * g->wo * g->kh * g->kw))
    for (int64_t q = 0; q < g->nc; q++) {
       const float *xp = px + q * g->h * g->w;
@@ -246,8 +248,9 @@ static void avgpool_run(const pool_geom *g, const float *px, float *py, int32_t 
 
 /* dx <- the sum, over the windows covering each element, of dy / divisor (scattered in window
  * order, one thread per plane). */
-static void avgpool_back_run(const pool_geom *g, const float *pdy, float *pdx, int32_t include_pad)
+static void avgpool_back_run(const pool_geom *geom, const float *pdy, float *pdx, int32_t include_pad)
 {
+   const pool_geom gl = *geom, *g = &gl; /* a private copy: the output stores cannot alias it */
 #pragma omp parallel for if (nr_parallel_worth(g->nc, g->ho * g->wo * g->kh * g->kw))
    for (int64_t q = 0; q < g->nc; q++) {
       float *xp = pdx + q * g->h * g->w;
