@@ -1,6 +1,7 @@
-/* nn_norm.c — 2-d batch normalisation on the CPU (nr_bn2d_* in core/nr.h): training forward
- * (batch statistics, running-statistic update, saved mean/invstd), evaluation forward, and the
- * backward passes of both.
+/* nn_norm.c — batch normalisation on the CPU (nr_bn2d_* in core/nr.h; (N, C, H, W) for
+ * BatchNorm2d, (N, C) and (N, C, L) for BatchNorm1d): training forward (batch statistics,
+ * running-statistic update, saved mean/invstd), evaluation forward, and the backward passes of
+ * both.
  * Each takes an optional fused ReLU (forward: relu flag; backward: relu_y, the fused output,
  * masking dy on the fly), so a BatchNorm2d followed by an in-place ReLU costs one pass over the
  * data each way instead of two (forward bit-identical to running them one after the other; the
@@ -13,18 +14,32 @@
 
 #include <math.h>
 
+/* x as (N, C, hw): hw the product of the dimensions after C (1 for (N, C)). */
 typedef struct {
    int64_t n, c, hw;
 } bn_geom;
 
-/* x/dy (N, C, H, W) and the (C) vectors; gamma and beta may be NULL (both, or neither). */
+/* x (N, C), (N, C, L) or (N, C, H, W); name is x's or dy's. */
+static nr_status bn_input_check(const char *func, const char *name, const nr_tensor *x)
+{
+   NR_TRY(nr_check_tensor(func, name, x, NR_DTYPE_ACT, -1, -1, NULL));
+   if (x->ndim < 2 || x->ndim > 4) {
+      char got[256];
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: expected (N, C), (N, C, L) or (N, C, H, W), got %s", name,
+                        nr_tensor_describe(x, got, sizeof got));
+   }
+   return NR_OK;
+}
+
+/* x/dy and the (C) vectors; gamma and beta may be NULL (both, or neither). */
 static nr_status bn_setup(const char *func, const nr_tensor *x, const nr_tensor *y, const char *yname,
                           const nr_tensor *gamma, const nr_tensor *beta, const char *gname, const char *bname,
                           bn_geom *g)
 {
-   NR_TRY(nn_check(func, "x", x, NR_DTYPE_ACT, 4, NULL, NULL));
-   g->n = x->shape[0], g->c = x->shape[1], g->hw = x->shape[2] * x->shape[3];
-   if (y) NR_TRY(nn_check(func, yname, y, NR_DTYPE_ACT, 4, x->shape, x));
+   NR_TRY(nn_check(func, "x", x, NR_DTYPE_ACT, x->ndim, NULL, NULL));
+   g->n = x->shape[0], g->c = x->shape[1], g->hw = 1;
+   for (int d = 2; d < x->ndim; d++) g->hw *= x->shape[d];
+   if (y) NR_TRY(nn_check(func, yname, y, NR_DTYPE_ACT, x->ndim, x->shape, x));
    int64_t cs[1] = {g->c};
    if (gamma) NR_TRY(nn_check(func, gname, gamma, NR_F32, 1, cs, x));
    if (beta) NR_TRY(nn_check(func, bname, beta, NR_F32, 1, cs, x));
@@ -105,14 +120,14 @@ static void channel_sums(const float *px, const float *pdy, const float *pr, con
 
 static nr_status relu_y_check(const char *func, const nr_tensor *relu_y, const nr_tensor *x)
 {
-   return relu_y ? nn_check(func, "relu_y", relu_y, NR_DTYPE_ACT, 4, x->shape, x) : NR_OK;
+   return relu_y ? nn_check(func, "relu_y", relu_y, NR_DTYPE_ACT, x->ndim, x->shape, x) : NR_OK;
 }
 
 nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *save_mean, nr_tensor *save_invstd,
                                 const nr_tensor *gamma, const nr_tensor *beta, nr_tensor *running_mean,
                                 nr_tensor *running_var, float momentum, float eps, int32_t relu)
 {
-   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_TRY(bn_input_check(__func__, "x", x));
    bn_geom g;
    NR_TRY(bn_setup(__func__, x, y, "y", gamma, beta, "gamma", "beta", &g));
    NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
@@ -126,9 +141,11 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
       NR_TRY(nr_tensor_fill(save_mean, 0));
       return nr_tensor_fill(save_invstd, 0);
    }
-   if (m < 2)
-      return NR_FAIL(NR_E_ARG, "training needs more than one value per channel (input %lld x %lld x %lld x %lld)",
-                     (long long)x->shape[0], (long long)x->shape[1], (long long)x->shape[2], (long long)x->shape[3]);
+   if (m < 2) {
+      char got[256];
+      return NR_FAIL(NR_E_ARG, "training needs more than one value per channel (input %s)",
+                     nr_tensor_describe(x, got, sizeof got));
+   }
    NR_ON_CUDA(x, nr_cuda_bn2d_forward_train(x, y, save_mean, save_invstd, gamma, beta, running_mean, running_var,
                                             momentum, eps, relu));
    const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL;
@@ -197,7 +214,7 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
 nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor *gamma, const nr_tensor *beta,
                                const nr_tensor *running_mean, const nr_tensor *running_var, float eps, int32_t relu)
 {
-   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_TRY(bn_input_check(__func__, "x", x));
    bn_geom g;
    NR_TRY(bn_setup(__func__, x, y, "y", gamma, beta, "gamma", "beta", &g));
    NR_TRY(vec_check(__func__, "running_mean", running_mean, x));
@@ -223,7 +240,7 @@ static nr_status bn_backward_setup(const char *func, const nr_tensor *x, const n
                                    bn_geom *g)
 {
    NR_TRY(bn_setup(func, x, dy, "dy", dgamma, dbeta, "dgamma", "dbeta", g));
-   if (dx) NR_TRY(nn_check(func, "dx", dx, NR_DTYPE_ACT, 4, x->shape, x));
+   if (dx) NR_TRY(nn_check(func, "dx", dx, NR_DTYPE_ACT, x->ndim, x->shape, x));
    if (gamma) NR_TRY(vec_check(func, "gamma", gamma, x));
    return NR_OK;
 }
@@ -243,8 +260,8 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
                            nr_tensor *dbeta, const nr_tensor *gamma, const nr_tensor *save_mean,
                            const nr_tensor *save_invstd, float scale, float acc, const nr_tensor *relu_y)
 {
-   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
-   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_TRY(bn_input_check(__func__, "x", x));
+   NR_TRY(bn_input_check(__func__, "dy", dy));
    bn_geom g;
    NR_TRY(bn_backward_setup(__func__, x, dy, dx, dgamma, dbeta, gamma, &g));
    NR_TRY(vec_check(__func__, "save_mean", save_mean, x));
@@ -294,8 +311,8 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
                                 const nr_tensor *running_var, float eps, float scale, float acc,
                                 const nr_tensor *relu_y)
 {
-   NR_CHECK_T("x", x, NR_DTYPE_ACT, -1, 4, NULL);
-   NR_CHECK_T("dy", dy, NR_DTYPE_ACT, -1, 4, NULL);
+   NR_TRY(bn_input_check(__func__, "x", x));
+   NR_TRY(bn_input_check(__func__, "dy", dy));
    bn_geom g;
    NR_TRY(bn_backward_setup(__func__, x, dy, dx, dgamma, dbeta, gamma, &g));
    NR_TRY(vec_check(__func__, "running_mean", running_mean, x));

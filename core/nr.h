@@ -274,7 +274,9 @@ nr_status nr_conv2d_backward_weight(const nr_tensor *x, const nr_tensor *dy, nr_
                                     int32_t groups, float scale, float acc);
 
 /* Batch normalisation over (N, H, W) per channel, training mode (batch statistics).
- * x (N, C, H, W); y (N, C, H, W) (may be x itself: in place);
+ * x (N, C, H, W); y (N, C, H, W) (may be x itself: in place). Every nr_bn2d_* function also takes
+ * x, y, dy, dx as (N, C) or (N, C, L) (BatchNorm1d: statistics over N, or N and L; H*W below
+ * reads as L, or 1);
  * save_mean (C) <- batch mean; save_invstd (C) <- 1 / sqrt(biased batch var + eps) (both kept
  * by the caller for nr_bn2d_backward); gamma (C), beta (C): both NULL when affine = false;
  * running_mean, running_var (C), updated in place (PyTorch): r <- (1 - momentum) * r +

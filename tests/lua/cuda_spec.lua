@@ -453,20 +453,21 @@ end
 
 -- One batch-norm configuration (affine or not) in precision h: train, eval, both backwards, in
 -- place, and with the fused ReLU (forward relu = 1, backward masked by the fused output).
-local function bn_case(h, affine)
-   local x = h.ref(randn({4, 3, 5, 6}):mul(2):add(1))
+local function bn_case(h, affine, shape)
+   shape = shape or {4, 3, 5, 6} -- BatchNorm2d's; (N, C) and (N, C, L) are BatchNorm1d's
+   local x = h.ref(randn(shape):mul(2):add(1))
    local xg = h.dev(x)
    local gamma = affine and randn({3}) or nil
    local beta = affine and randn({3}) or nil
    local G = function(t) return t and t:cuda().c end
    local rmc, rmg = twin(randn({3}))
    local rvc, rvg = twin(randn({3}):abs():add(0.5))
-   local yc, yg = h.pair({4, 3, 5, 6})
+   local yc, yg = h.pair(shape)
    local smc, smg = pair({3})
    local sic, sig = pair({3})
-   local dy = h.ref(randn({4, 3, 5, 6}))
+   local dy = h.ref(randn(shape))
    local dyg = h.dev(dy)
-   local dxc, dxg = h.pair({4, 3, 5, 6})
+   local dxc, dxg = h.pair(shape)
    local dgc, dgg, dbc, dbg
    if affine then dgc, dgg = twin(randn({3})); dbc, dbg = twin(randn({3})) end
    for relu = 0, 1 do
@@ -569,6 +570,11 @@ describe('layer kernels on the GPU', function()
       it(h.name .. ' batch norm: train, eval, both backwards, fused ReLU, with and without affine', function()
          bn_case(h, true)
          bn_case(h, false)
+      end)
+
+      it(h.name .. ' batch norm over (N, C) and (N, C, L) (BatchNorm1d)', function()
+         bn_case(h, true, {24, 3})
+         bn_case(h, false, {4, 3, 7})
       end)
 
       it(h.name .. ' relu, sigmoid, dropout, bias', function()
@@ -1018,6 +1024,36 @@ describe('channels-last (NHWC) activations on the GPU', function()
       local net = fixtures.layout_net():to('cuda')
       local x = randn({4, 3, 8, 8}):cuda()
       matches_channels_last(net, x, net:clone(), x:contiguous('channels_last'))
+   end)
+
+   it('adaptive pools and a BatchNorm1d head equal the CPU (training forward, evaluation backward); channels-last kept', function()
+      nr.manual_seed(43)
+      local nn = nr.nn
+      local cpu = nn.Sequential{nn.Conv2d(3, 6, 3, {padding = 1}), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveMaxPool2d({5, 3}),
+         nn.Conv2d(6, 4, 1), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8),
+         nn.ReLU{inplace = true}, nn.Linear(8, 3)}
+      local gpu = cpu:clone():to('cuda')
+      local x, g = randn({8, 3, 9, 7}), randn({8, 3})
+      local xg = x:cuda()
+      -- training mode: outputs and the running statistics the forward updates
+      local y, yg = cpu:forward(x), gpu:forward(xg)
+      assert(nrel(yg, y) <= 1e-4, 'training outputs differ: ' .. nrel(yg, y))
+      local bc, bg = cpu.modules[9], gpu.modules[9]
+      assert(nrel(bg.running_mean, bc.running_mean) <= 1e-5 and nrel(bg.running_var, bc.running_var) <= 1e-5,
+         'BatchNorm1d running statistics differ')
+      -- gradients in evaluation mode (in training mode the BNs cancel the batch sums of the
+      -- gradients before them, and what is left of the earlier bias and β gradients is rounding)
+      cpu:evaluate(); gpu:evaluate()
+      y, yg = cpu:forward(x), gpu:forward(xg)
+      cpu:zeroGradParameters(); gpu:zeroGradParameters()
+      local gx, gxg = cpu:backward(x, g), gpu:backward(xg, g:cuda())
+      assert(nrel(yg, y) <= 1e-4, 'outputs differ: ' .. nrel(yg, y))
+      assert(nrel(gxg, gx) <= 1e-4, 'input gradients differ: ' .. nrel(gxg, gx))
+      local _, ga = cpu:parameters()
+      local _, gb = gpu:parameters()
+      for i = 1, #ga do assert(nrel(gb[i], ga[i]) <= 1e-4, 'parameter gradient ' .. i .. ': ' .. nrel(gb[i], ga[i])) end
+      gpu:training()
+      matches_channels_last(gpu, xg, gpu:clone(), xg:contiguous('channels_last'))
    end)
 
    it('channel gathers (index_select / index_copy) on channels-last tensors equal the NCHW ones', function()

@@ -1300,3 +1300,81 @@ describe('AdaptiveAvgPool2d and AdaptiveMaxPool2d', function()
       assert.equal(rep.before.params_all, rep.after.params_all)
    end)
 end)
+
+describe('BatchNorm1d', function()
+   it('takes (N, C) and (N, C, L), names a wrong input, and shares BatchNorm2d\'s fields and options', function()
+      local m = nn.BatchNorm1d(4, {eps = 1e-3, momentum = 0.2})
+      assert.same({m.num_features, m.eps, m.momentum}, {4, 1e-3, 0.2})
+      assert.same({4}, m:outputShape({4}))
+      assert.same({4, 7}, m:outputShape({4, 7}))
+      assert.equal('nr.nn.BatchNorm1d 4', tostring(m))
+      assert.equal('nr.nn.BatchNorm1d 4 noaffine', tostring(nn.BatchNorm1d(4, {affine = false})))
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      assert.truthy(msg(function() m:forward(nr.randn({2, 4, 3, 3})) end)
+         :find('expected a 2-d (N, C) or 3-d (N, C, L) input, got [2 x 4 x 3 x 3]', 1, true))
+      assert.truthy(msg(function() m:forward(nr.randn({2, 5})) end):find('expected input with 4 features, got [2 x 5]', 1, true))
+      assert.truthy(msg(function() m:forward(nr.randn({1, 4})) end):find('more than one value per channel', 1, true))
+      assert.truthy(msg(function() m:outputShape({4, 2, 2}) end):find('expected a (4) or (4, L) input', 1, true))
+      local here = debug.getinfo(1, 'S').short_src
+      local e = msg(function() local b = nn.BatchNorm1d(3, {mom = 1}) return b end)
+      assert.truthy(e:sub(1, #here + 1) == here .. ':' and e:find('nr.nn.BatchNorm1d: unknown option "mom"', 1, true), e)
+      -- the C kernels refuse other ranks with the layouts they take
+      assert.equal(1, C.nr_bn2d_forward_eval(nr.randn({4}).c, nr.empty({4}).c, nil, nil, nr.zeros({4}).c, nr.ones({4}).c, 1e-5, 0))
+      assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('expected (N, C), (N, C, L) or (N, C, H, W), got f32 cpu (4)', 1, true))
+   end)
+
+   it('after a Linear with an in-place ReLU: fused in one pass, equal to the unfused layers', function()
+      nr.manual_seed(4)
+      local function net(inplace)
+         return nn.Sequential{nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU{inplace = inplace}, nn.Linear(6, 3)}
+      end
+      local a, b = net(true), net(false)
+      local pb = b:parameters()
+      for i, p in ipairs(a:parameters()) do pb[i]:copy(p) end
+      local x, g = nr.randn({8, 5}), nr.randn({8, 3})
+      assert.is_true(max_abs_diff(a:forward(x), b:forward(x)) < 1e-6)
+      assert.is_true(a.modules[2]._relu_fused)
+      a:zeroGradParameters(); b:zeroGradParameters()
+      assert.is_true(max_abs_diff(a:backward(x, g), b:backward(x, g)) < 1e-6)
+      local _, ga = a:parameters()
+      local _, gb = b:parameters()
+      for i = 1, #ga do assert.is_true(max_abs_diff(ga[i], gb[i]) < 1e-5, 'gradient ' .. i) end
+      -- a conv never folds a BatchNorm1d into its output pass (it would accept a 4-d input the
+      -- layer refuses): the error is the same with gradients off
+      local c = nn.Sequential{nn.Conv2d(2, 3, 1), nn.BatchNorm1d(3)}
+      c:evaluate()
+      local ok, err = pcall(nr.no_grad, function() return c:forward(nr.randn({2, 2, 4, 4})) end)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('expected a 2-d (N, C) or 3-d (N, C, L) input', 1, true), tostring(err))
+   end)
+
+   it('Neural Rejuvenation slices it after a global pool, keeps it after a Linear, pins what it reads after a Flatten', function()
+      local S = require 'nr.rejuvenate.surgery'
+      for _, case in ipairs({{'global pool', 5, 5}, {'Flatten', 6, 24}, {'Linear', 5, 8}}) do
+         nr.manual_seed(5)
+         local head = case[1] == 'global pool' and {nn.GlobalAvgPool2d(), nn.BatchNorm1d(6), nn.Linear(6, 3)}
+            or case[1] == 'Flatten' and {nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.BatchNorm1d(24), nn.Linear(24, 3)}
+            or {nn.GlobalAvgPool2d(), nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)}
+         local m = nn.Sequential{nn.Conv2d(3, 6, 3, {padding = 1, bias = false}), nn.BatchNorm2d(6), nn.ReLU(), unpack(head)}
+         m.modules[2].weight:copy(nr.tensor({1, 0, 0.05, 0.8, 0.3, 1}))
+         local bn1 = m:findModules('BatchNorm1d')[1]
+         local f = bn1.num_features
+         bn1.running_mean:copy(nr.randn({f})); bn1.running_var:copy(nr.rand({f}):add(0.5))
+         bn1.weight:copy(nr.randn({f})); bn1.bias:copy(nr.randn({f}))
+         m:evaluate()
+         local x = nr.randn({2, 3, 6, 6})
+         local pruned, grown = m:clone(), m:clone()
+         nr.rejuvenate(pruned, {input_shape = {3, 6, 6}, budget = 0})
+         assert.same({case[2], case[3]}, {pruned.modules[1].out_channels, pruned:findModules('BatchNorm1d')[1].num_features},
+            case[1])
+         nr.rejuvenate(grown, {input_shape = {3, 6, 6}})
+         local y0 = pruned:forward(x)
+         assert(max_abs_diff(grown:forward(x), y0) < 1e-4, case[1] .. ': ' .. max_abs_diff(grown:forward(x), y0))
+         assert.equal('BatchNorm1d', grown:findModules('BatchNorm1d')[1]:typename())
+         -- a checkpoint's architecture rebuilds the pruned model's BatchNorm1d from a fresh one
+         local fresh = m:clone()
+         S.apply_arch(fresh, S.arch_state(pruned), true)
+         assert.equal(case[3], fresh:findModules('BatchNorm1d')[1].num_features, case[1])
+      end
+   end)
+end)

@@ -1,6 +1,9 @@
--- nr.nn BatchNorm2d — batch normalisation over (N, H, W) per channel, PyTorch semantics
--- (biased batch variance to normalise, unbiased in running_var, momentum 0.1, eps 1e-5), on the
--- kernels nr_bn2d_* (core/nn_norm.c, core/cuda/).
+-- nr.nn BatchNorm2d, BatchNorm1d — batch normalisation per channel over (N, H, W) (BatchNorm2d,
+-- (N, C, H, W) inputs) or over N, or N and L (BatchNorm1d, (N, C) or (N, C, L) inputs), PyTorch
+-- semantics (biased batch variance to normalise, unbiased in running_var, momentum 0.1, eps 1e-5),
+-- on the kernels nr_bn2d_* (core/nn_norm.c, core/cuda/), which take all three layouts.
+-- BatchNorm1d is BatchNorm2d with another input check: it is not a Neural Rejuvenation liveliness
+-- source (those are the BatchNorm2d after convolutions) and is never folded into a conv.
 -- Invariants: weight (γ, init 1) and bias (β, init 0) exist when affine; running_mean (init 0) and
 -- running_var (init 1) are buffers saved with the weights (_buffers); training mode normalises
 -- with batch statistics and updates the running ones, evaluation mode uses the running ones;
@@ -14,10 +17,11 @@ local C = require('nr.ffi').C
 
 local BatchNorm2d = class('BatchNorm2d', Module)
 BatchNorm2d._buffers = {'running_mean', 'running_var'}
-local FN = 'nr.nn.BatchNorm2d'
 
+-- (BatchNorm1d runs this too: FN names the class constructed)
 function BatchNorm2d:__init(c, opts)
    Module.__init(self)
+   local FN = 'nr.nn.' .. self:typename()
    opts = check.options(opts, {eps = true, momentum = true, affine = true}, FN, 3)
    U.posint(c, 'num_features', FN)
    self.num_features = c
@@ -46,6 +50,12 @@ end
 
 local function opt_c(t, what) return U.tensor_c(t, what, true) end
 
+-- The input, checked: (N, C, H, W) with C = num_features.
+function BatchNorm2d:input(x) return U.input(x, 4, self.num_features, '(N, C, H, W)') end
+
+-- A Conv2d before this may apply it in its output pass under nr.no_grad (Conv2d.canFoldBN).
+BatchNorm2d.canFoldIntoConv = true
+
 -- A parent Sequential whose next child is an in-place ReLU sets _fuse_relu just before calling
 -- forward: the ReLU is then applied here in the same pass (and its backward here too, from the
 -- fused output), and the ReLU module passes through.
@@ -61,7 +71,7 @@ function BatchNorm2d:foldedForward(y, relu)
 end
 
 function BatchNorm2d:updateOutput(x)
-   x = U.input(x, 4, self.num_features, '(N, C, H, W)')
+   x = self:input(x)
    local relu = rawget(self, '_fuse_relu') == true
    self._fuse_relu = nil
    self._relu_fused = relu
@@ -86,7 +96,7 @@ end
 
 -- dx, dgamma, dbeta (any of them nil) from the mode of the last forward.
 local function backward(self, x, gradOutput, dx, dgamma, dbeta, scale)
-   x = U.input(x, 4, self.num_features, '(N, C, H, W)')
+   x = self:input(x)
    local g = U.grad(gradOutput, self.output)
    if not T.same_shape(g:shape(), x:shape()) then
       error(string.format('gradOutput %s does not match the input %s', U.shape_str(g:shape()), U.shape_str(x:shape())), 0)
@@ -137,4 +147,28 @@ function BatchNorm2d:extra()
    return tostring(self.num_features) .. (self.affine and '' or ' noaffine')
 end
 
-return {BatchNorm2d = BatchNorm2d}
+-- ---- BatchNorm1d: (N, C) or (N, C, L) ---------------------------------------------------------
+local BatchNorm1d = class('BatchNorm1d', BatchNorm2d)
+BatchNorm1d.canFoldIntoConv = false
+
+function BatchNorm1d:input(x)
+   x = U.float_input(x, '(N, C) or (N, C, L)')
+   if x:dim() ~= 2 and x:dim() ~= 3 then
+      error('expected a 2-d (N, C) or 3-d (N, C, L) input, got ' .. U.shape_str(x:shape()), 0)
+   end
+   if x:size(2) ~= self.num_features then
+      error(string.format('expected input with %d features, got %s', self.num_features, U.shape_str(x:shape())), 0)
+   end
+   return x
+end
+
+function BatchNorm1d:outputShape(s)
+   U.check_shape(s, 'BatchNorm1d:outputShape')
+   if (#s ~= 1 and #s ~= 2) or s[1] ~= self.num_features then
+      error(string.format('expected a (%d) or (%d, L) input, got %s', self.num_features, self.num_features,
+         U.shape_str(s)), 0)
+   end
+   return s
+end
+
+return {BatchNorm2d = BatchNorm2d, BatchNorm1d = BatchNorm1d}

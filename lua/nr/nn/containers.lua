@@ -100,7 +100,8 @@ function Sequential:size() return #self.modules end
 --    in-place ReLU overwrites the BN output anyway, so nothing else can observe the difference);
 --  * with gradients off (nr.no_grad), a Conv2d followed by a BatchNorm2d in evaluation mode (and
 --    an in-place ReLU) runs as one conv with the BN and ReLU applied per output plane
---    (Conv2d.canFoldBN): the conv output is not kept, which only a backward would need.
+--    (Conv2d.canFoldBN, BatchNorm2d.canFoldIntoConv): the conv output is not kept, which only a
+--    backward would need.
 local function is_inplace_relu(m) return m ~= nil and m.fusedForward ~= nil and m.inplace == true end
 
 function Sequential:updateOutput(x)
@@ -108,7 +109,7 @@ function Sequential:updateOutput(x)
    local nograd = not Module.is_grad_enabled()
    while i <= #mods do
       local m, nxt = mods[i], mods[i + 1]
-      if fuse and nograd and m.canFoldBN and nxt ~= nil and nxt.canFuseReLU and not nxt.train then
+      if fuse and nograd and m.canFoldBN and nxt ~= nil and nxt.canFoldIntoConv and not nxt.train then
          local relu = is_inplace_relu(mods[i + 2]) and mods[i + 2] or nil
          m._fold_bn, m._fold_relu = nxt, relu ~= nil
          y = m:forward(y)

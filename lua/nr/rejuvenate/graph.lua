@@ -22,7 +22,8 @@
 --     for none; a member, not a unit: a depthwise conv may read one set at two offsets);
 --   * reads: each reader's (cs, via) pairs, from which the AND members' hardness is derived;
 --   * consumers: the Linear classifiers (with the flatten factor) and the standalone BatchNorms
---     (a BN not directly after a conv, e.g. pre-activation ResNet), sliced at surgery.
+--     (a BN not directly after a conv, e.g. pre-activation ResNet; a BatchNorm1d after a global
+--     pool), sliced at surgery.
 -- What it is not: masks, counts or surgery (monitor.lua, surgery.lua).
 -- Invariants: segments always cover whole CSs (never part of one); cs:root() resolves unions.
 -- Unknown module types are an error naming the path, unless registered with graph.register.
@@ -199,6 +200,25 @@ local function conv_unit(g, m, desc, shape)
    return out, {m.out_channels, oh, ow}
 end
 
+-- A reader of every channel of desc that keeps them all and their width (fixed, pinned).
+local function pin_read(g, desc)
+   read_desc(g, desc)
+   for _, sg in ipairs(desc.segs) do
+      local r = sg.cs:root()
+      if r.kind == 'unit' then r.fixed, r.pinned = true, true end
+   end
+end
+
+-- A BN that is not part of a unit (a BN not directly after a conv): per-channel affine on the
+-- descriptor's channels; sliced at surgery.
+local function standalone_bn(g, m, desc, shape)
+   local segs = {}
+   for i, s in ipairs(desc.segs) do segs[i] = {cs = s.cs, via = s.via} end
+   g.chanwise[#g.chanwise + 1] = {module = m, desc = {segs = segs}}
+   mark_no_rescale(desc)
+   return {segs = segs, sf = desc.sf}, shape
+end
+
 local function leaf(g, m, desc, shape)
    local t = m:typename()
    -- a module at two places (weight tying: twins share the tensors) cannot be resized at one of
@@ -227,12 +247,20 @@ local function leaf(g, m, desc, shape)
          if m.nr_fixed then pending.fixed = true end
          return desc, shape
       end
-      -- standalone BN: per-channel affine on the descriptor's channels; sliced at surgery
-      local segs = {}
-      for i, s in ipairs(desc.segs) do segs[i] = {cs = s.cs, via = s.via} end
-      g.chanwise[#g.chanwise + 1] = {module = m, desc = {segs = segs}}
+      return standalone_bn(g, m, desc, shape)
+   elseif t == 'BatchNorm1d' then
+      -- after a global pool (a vector sample, one feature per channel) or a Linear it is a
+      -- standalone BN on those channels; over features of several channels each (after a
+      -- Flatten) or over a (C, L) sample, the sets it reads keep their channels (pinned)
+      if #shape == 1 and (desc.sf or 1) == 1 then
+         if desc_width(desc) ~= m.num_features then
+            fail(m, 'expects %d features but the graph carries %d', m.num_features, desc_width(desc))
+         end
+         return standalone_bn(g, m, desc, shape)
+      end
       mark_no_rescale(desc)
-      return {segs = segs, sf = desc.sf}, shape
+      pin_read(g, desc)
+      return desc, shape
    elseif t == 'Linear' then
       local sf = desc.sf or 1
       local width = desc_width(desc) * sf
@@ -262,11 +290,7 @@ local function leaf(g, m, desc, shape)
       -- channels and width (fixed, pinned); over the width of a (C, H, W) sample it is per channel
       mark_no_rescale(desc)
       if #shape == 1 then
-         read_desc(g, desc)
-         for _, sg in ipairs(desc.segs) do
-            local r = sg.cs:root()
-            if r.kind == 'unit' then r.fixed, r.pinned = true, true end
-         end
+         pin_read(g, desc)
          return {segs = {{cs = new_cs(g, shape[1], 'terminal')}}}, shape
       end
       local segs = {}

@@ -251,7 +251,8 @@ M.conv_shell = conv_shell
 local function bn_shell(bn, c, dev)
    local nn = require 'nr.nn'
    local affine = bn.weight ~= nil
-   local nb = on_device(quiet_new(nn.BatchNorm2d, 1, {eps = bn.eps, momentum = bn.momentum, affine = affine}), dev)
+   -- (the class by name: a synchronized BatchNorm2d comes back plain, nr.dist converts it again)
+   local nb = on_device(quiet_new(nn[bn:typename()], 1, {eps = bn.eps, momentum = bn.momentum, affine = affine}), dev)
    nb.num_features = c
    if affine then nb.weight, nb.bias, nb.gradWeight, nb.gradBias = empty({c}, dev), empty({c}, dev), empty({c}, dev), empty({c}, dev) end
    nb.running_mean, nb.running_var = empty({c}, dev), empty({c}, dev)
@@ -691,7 +692,7 @@ local function arch_modules(model)
       local parent = rawget(m, '_parent')
       local t = m:typename()
       if m ~= model and parent and parent:typename() ~= 'NRConv2d'
-         and (t == 'Conv2d' or t == 'NRConv2d' or t == 'BatchNorm2d' or t == 'Linear') then
+         and (t == 'Conv2d' or t == 'NRConv2d' or t == 'BatchNorm2d' or t == 'BatchNorm1d' or t == 'Linear') then
          out[#out + 1] = {path = m:path(model), m = m}
       end
    end
@@ -710,7 +711,7 @@ function M.arch_state(model)
                         groups = m.groups or 1, bias = m.bias ~= nil, nr_gens = m.nr_gens}
       elseif t == 'NRConv2d' then
          out[e.path] = {type = t, spec = m.spec, nr_gens = m.nr_gens}
-      elseif t == 'BatchNorm2d' then
+      elseif t == 'BatchNorm2d' or t == 'BatchNorm1d' then
          out[e.path] = {type = t, num_features = m.num_features}
       else
          out[e.path] = {type = t, in_features = m.in_features, out_features = m.out_features, bias = m.bias ~= nil}
@@ -745,7 +746,7 @@ function M.apply_arch(model, arch, strict)
       local t = e.m:typename()
       if not first_conv and (t == 'Conv2d' or t == 'NRConv2d') then first_conv = e end
    end
-   local KIND = {Conv2d = 'conv', NRConv2d = 'conv', BatchNorm2d = 'bn', Linear = 'linear'}
+   local KIND = {Conv2d = 'conv', NRConv2d = 'conv', BatchNorm2d = 'bn', BatchNorm1d = 'bn1d', Linear = 'linear'}
    local paths = {}
    for path in pairs(arch) do paths[#paths + 1] = path end
    table.sort(paths) -- the first mismatch named is the same every time
@@ -780,9 +781,9 @@ function M.apply_arch(model, arch, strict)
             new = nn.Conv2d(a.in_channels, a.out_channels, k, {stride = m.stride, padding = m.padding,
                dilation = m.dilation, groups = a.groups, bias = a.bias})
          end
-      elseif a.type == 'BatchNorm2d' then
+      elseif a.type == 'BatchNorm2d' or a.type == 'BatchNorm1d' then
          if m.num_features ~= a.num_features then
-            new = nn.BatchNorm2d(a.num_features, {eps = m.eps, momentum = m.momentum, affine = m.weight ~= nil})
+            new = nn[a.type](a.num_features, {eps = m.eps, momentum = m.momentum, affine = m.weight ~= nil})
          end
       elseif a.type == 'Linear' then
          if m.in_features ~= a.in_features or m.out_features ~= a.out_features then
