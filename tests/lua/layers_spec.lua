@@ -1375,6 +1375,30 @@ describe('BatchNorm1d', function()
          local fresh = m:clone()
          S.apply_arch(fresh, S.arch_state(pruned), true)
          assert.equal(case[3], fresh:findModules('BatchNorm1d')[1].num_features, case[1])
+         -- its parameters count where it stands (nr.count's total, every kind counted)
+         local all = {conv = true, linear = true, bn = true, bias = true}
+         for _, mm in ipairs({m, pruned}) do
+            assert.equal(nr.count(mm, {3, 6, 6}).params, nr.utilization(mm, {3, 6, 6}, {count = all}).params_all, case[1])
+         end
       end
+   end)
+
+   it('a misplaced one is named by nr.count and nr.rejuvenate; a refused input leaves no fused ReLU behind', function()
+      local function msg(f, ...) local ok, e = pcall(f, ...); assert.is_false(ok); return tostring(e) end
+      local e = msg(nr.count, nn.Sequential{nn.Flatten(), nn.BatchNorm1d(3)}, {2, 2, 2})
+      assert.truthy(e:find('nr.count: 1 (BatchNorm1d 3): expected a (3) or (3, L) input, got [8]', 1, true), e)
+      local m = nn.Sequential{nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.BatchNorm1d(6), nn.GlobalAvgPool2d(), nn.Linear(6, 2)}
+      e = msg(nr.rejuvenate, m, {input_shape = {3, 8, 8}})
+      assert.truthy(e:find('2 (BatchNorm1d 6): expects a (6) or (6, L) sample but the graph carries (6, 6, 6)', 1, true), e)
+      e = msg(nr.utilization, nn.Sequential{nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.GlobalAvgPool2d(),
+         nn.AdaptiveAvgPool2d(2), nn.Linear(6, 2)}, {3, 8, 8})
+      assert.truthy(e:find('nr.utilization: 3 (AdaptiveAvgPool2d 2x2): expected a (C, H, W) input, got [6]', 1, true), e)
+      -- Sequential asks it for the in-place ReLU's work just before its forward; a refused input
+      -- must not leave that request for the next forward, called directly
+      local bn = nn.BatchNorm1d(3)
+      local seq = nn.Sequential{bn, nn.ReLU{inplace = true}}
+      msg(seq.forward, seq, nr.randn({2, 3, 4, 4}))
+      nr.manual_seed(3)
+      assert.is_true(bn:forward(nr.randn({8, 3})):min() < 0, 'a ReLU was applied')
    end)
 end)

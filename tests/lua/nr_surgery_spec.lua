@@ -175,6 +175,23 @@ describe('nr.rejuvenate on the zoo', function()
       assert.is_true(rel_err(m:forward(x), y0) <= TOL)
    end)
 
+   it('the model\'s output keeps its width: a dead channel that reaches it directly stays', function()
+      local nn = nr.nn
+      for _, tail in ipairs({{}, {nn.GlobalAvgPool2d()}, {nn.GlobalAvgPool2d(), nn.BatchNorm1d(6)}}) do
+         nr.manual_seed(7)
+         local m = nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 6, 3, {padding = 1, bias = false}), nn.BatchNorm2d(6), nn.ReLU(), unpack(tail)}
+         m.modules[2].weight:set(3, 0) -- a hidden channel: removed
+         m.modules[5].weight:set(2, 0) -- an output channel: kept
+         m:evaluate()
+         local x = nr.randn({2, 3, 6, 6})
+         local y0 = m:forward(x):clone()
+         nr.rejuvenate(m, {input_shape = {3, 6, 6}, budget = 0})
+         assert.same({7, 6}, {m.modules[1].out_channels, m.modules[4].out_channels}, #tail .. ' tail modules')
+         assert.same(y0:shape(), m:forward(x):shape())
+      end
+   end)
+
    it('a dead depthwise channel whose input is read elsewhere too (Residual, Concat) removes nothing', function()
       local nn = nr.nn
       -- the producer's channels reach the depthwise conv through a Concat beside a conv that reads

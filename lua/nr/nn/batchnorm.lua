@@ -71,9 +71,11 @@ function BatchNorm2d:foldedForward(y, relu)
 end
 
 function BatchNorm2d:updateOutput(x)
-   x = self:input(x)
+   -- (the parent's request is taken before the input is checked: a refused input must not leave
+   -- it set for the next forward, which would apply a ReLU nobody asked for)
    local relu = rawget(self, '_fuse_relu') == true
    self._fuse_relu = nil
+   x = self:input(x)
    self._relu_fused = relu
    -- own buffer under its own key: after a folded forward, output is the conv's buffer
    local y = U.act_buffer(self, '_out', x:shape(), x)

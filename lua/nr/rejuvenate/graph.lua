@@ -251,15 +251,16 @@ local function leaf(g, m, desc, shape)
    elseif t == 'BatchNorm1d' then
       -- after a global pool (a vector sample, one feature per channel) or a Linear it is a
       -- standalone BN on those channels; over features of several channels each (after a
-      -- Flatten) or over a (C, L) sample, the sets it reads keep their channels (pinned)
-      if #shape == 1 and (desc.sf or 1) == 1 then
-         if desc_width(desc) ~= m.num_features then
-            fail(m, 'expects %d features but the graph carries %d', m.num_features, desc_width(desc))
-         end
-         return standalone_bn(g, m, desc, shape)
+      -- Flatten) or over a (C, L) sample, the sets it reads keep their channels (pinned: it is
+      -- counted, never sliced)
+      if (#shape ~= 1 and #shape ~= 2) or shape[1] ~= m.num_features then
+         fail(m, 'expects a (%d) or (%d, L) sample but the graph carries %s', m.num_features, m.num_features,
+            '(' .. table.concat(shape, ', ') .. ')')
       end
+      if #shape == 1 and (desc.sf or 1) == 1 then return standalone_bn(g, m, desc, shape) end
       mark_no_rescale(desc)
       pin_read(g, desc)
+      g.chanwise[#g.chanwise + 1] = {module = m, desc = {segs = desc.segs, sf = desc.sf}, pinned = true}
       return desc, shape
    elseif t == 'Linear' then
       local sf = desc.sf or 1
@@ -297,7 +298,8 @@ local function leaf(g, m, desc, shape)
       for i, sg in ipairs(desc.segs) do segs[i] = {cs = sg.cs, via = sg.via} end
       return {segs = segs, sf = desc.sf}, shape
    elseif PASS[t] ~= nil then
-      local out_shape = m:outputShape(shape)
+      local ok, out_shape = pcall(m.outputShape, m, shape)
+      if not ok then fail(m, '%s', (tostring(out_shape):gsub('^[^\n]-%.lua:%d+: ', ''))) end
       if PASS[t] == false then
          mark_no_rescale(desc)
          local segs = {}
@@ -372,7 +374,9 @@ function M.build(model, input_shape, fname)
    for _, cs in ipairs(g.sets) do
       if cs:root() == cs then g.roots[#g.roots + 1] = cs end
    end
-   read_desc(g, desc)   -- the model's output reads what reaches it
+   -- the model's output reads what reaches it, and keeps its width (the classes of a model that
+   -- ends in a conv, a pool or a BN; a Linear's outputs are never resized anyway)
+   pin_read(g, desc)
    mark_soft_and_members(g)
    -- A grouped conv (1 < groups < channels) keeps its widths: its weight's group structure cannot
    -- be resized channel by channel, so the sets it reads and writes are fixed and pinned (not

@@ -268,7 +268,8 @@ function M.report(g, opts)
       for _, cw in ipairs(g.chanwise) do
          local m = cw.module
          if m.weight then
-            local n = 2 * desc_live(cw.desc, st)
+            -- (a pinned one reads sets that keep every channel: all its features count as live)
+            local n = cw.pinned and 2 * m.num_features or 2 * desc_live(cw.desc, st)
             add(n, 2 * m.num_features, 0, 0)
          end
       end
@@ -462,7 +463,9 @@ function M.cost_fn(g, st, opts)
       end
       if count.bn then
          for _, cw in ipairs(g.chanwise) do
-            if cw.module.weight then
+            if cw.module.weight and cw.pinned then
+               params = params + 2 * cw.module.num_features
+            elseif cw.module.weight then
                for _, s in ipairs(cw.desc.segs) do params = params + 2 * W(s.cs:root()) end
             end
          end

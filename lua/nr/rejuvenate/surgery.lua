@@ -542,8 +542,10 @@ function M.apply(g, plans, ctx)
    end
 
    for _, cw in ipairs(g.chanwise) do
-      local map = desc_map(cw.desc, plans)
-      rebuild_bn(cw.module, map, map.width)
+      if not cw.pinned then -- (a pinned one's sets keep their channels: nothing to slice)
+         local map = desc_map(cw.desc, plans)
+         rebuild_bn(cw.module, map, map.width)
+      end
    end
 
    for _, l in ipairs(g.linears) do
