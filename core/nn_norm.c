@@ -118,6 +118,200 @@ static void channel_sums(const float *px, const float *pdy, const float *pr, con
    *sdy = s1, *sdyx = s2;
 }
 
+/* ---- (N, C) inputs (BatchNorm1d after a Linear): one value per plane, so the per-channel loops
+ * above would stride through memory a float at a time. These run the same arithmetic on blocks
+ * of ROW_CB channels, row by row (contiguous, vectorised across the channels), with the same
+ * per-channel order of additions: the results are bit-identical to the plane loops' at hw = 1.
+ * A block's sums live on the stack; blocks run in parallel, each on its own channels. */
+enum { ROW_CB = 64 };
+
+/* The AVX2 clones below would fuse multiplies and adds (FMA) where the plane loops, compiled for
+ * the baseline target, round twice: contraction off keeps the two paths' bits equal. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+/* nn_affine_planes' two forms as one, (x - mc) * a + bc: centred (mc = m, bc = b) when |m * a| > 1,
+ * else mc = 0, bc = b - m * a (x - 0 is x, so both are its expressions exactly). */
+static inline void affine_coefs(float m, float a, float b, float *mc, float *ac, float *bc)
+{
+   const int centred = !(fabsf(m * a) <= 1.0f);
+   *mc = centred ? m : 0.0f;
+   *ac = a;
+   *bc = centred ? b : b - m * a;
+}
+
+/* y = (x - mc) * a + bc per channel over a block's rows, then nn_relu when relu. */
+NR_SIMD_CLONES
+static void rows_affine(const bn_geom *g, int64_t c0, int64_t nb, const float *px, float *py, const float *mc,
+                        const float *a, const float *bc, int relu)
+{
+   const int64_t C = g->c;
+   for (int64_t n = 0; n < g->n; n++) {
+      const float *x = px + n * C + c0;
+      float *y = py + n * C + c0;
+      if (relu) {
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) y[j] = nn_relu((x[j] - mc[j]) * a[j] + bc[j]);
+      } else {
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) y[j] = (x[j] - mc[j]) * a[j] + bc[j];
+      }
+   }
+}
+
+/* Training forward of channels c0 .. c0 + nb - 1 (the plane loop's statistics at hw = 1: each
+ * plane mean is the value, k the first row's, its deviations about the float-rounded mean). */
+NR_SIMD_CLONES
+static void rows_forward_train(const bn_geom *g, int64_t c0, int64_t nb, const float *px, float *py, float *sm,
+                               float *si, const float *pg, const float *pb, float *rm, float *rv, float momentum,
+                               float eps, int relu)
+{
+   const int64_t C = g->c, N = g->n;
+   float k[ROW_CB], mc[ROW_CB], aa[ROW_CB], bc[ROW_CB];
+   double K[ROW_CB], s1[ROW_CB], s2[ROW_CB], devs[ROW_CB];
+   for (int64_t j = 0; j < nb; j++) {
+      const float k0 = px[c0 + j];
+      k[j] = isfinite(k0) ? k0 : 0.0f;
+      s1[j] = s2[j] = devs[j] = 0;
+      K[j] = (double)k[j] + (double)(px[c0 + j] - k[j]);
+   }
+   for (int64_t n = 0; n < N; n++) {
+      const float *x = px + n * C + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < nb; j++) {
+         const double pm = (double)k[j] + (double)(x[j] - k[j]);
+         const float pf = (float)pm;
+         const float d = x[j] - pf;
+         const double q = pm - K[j], off = pm - (double)pf;
+         s1[j] += q;
+         s2[j] += q * q;
+         devs[j] += (double)(d * d) - off * off;
+      }
+   }
+   const double m = (double)N;
+   for (int64_t j = 0; j < nb; j++) {
+      const int64_t c = c0 + j;
+      double total = 0; /* the plain sum when the shifted sums were not finite (inputs holding inf) */
+      if (!isfinite(s1[j]) || !isfinite(devs[j]))
+         for (int64_t n = 0; n < N; n++) total += (double)px[n * C + c];
+      double mean = K[j] + s1[j] / m;
+      if (!isfinite(mean) && !isnan(total)) mean = total / m;
+      const double m2 = devs[j] + (s2[j] - s1[j] * s1[j] / m);
+      const float meanf = (float)mean;
+      const double var = m2 / m;
+      const float invstd = (float)(1.0 / sqrt(var + (double)eps));
+      sm[c] = meanf;
+      si[c] = invstd;
+      rm[c] = (1.0f - momentum) * rm[c] + momentum * meanf;
+      rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * m / (m - 1));
+      affine_coefs(meanf, invstd * (pg ? pg[c] : 1.0f), pb ? pb[c] : 0.0f, &mc[j], &aa[j], &bc[j]);
+   }
+   rows_affine(g, c0, nb, px, py, mc, aa, bc, relu);
+}
+
+/* Evaluation forward of a block: y = (x - mean) * invstd * gamma + beta, as nn_affine_planes. */
+static void rows_forward_eval(const bn_geom *g, int64_t c0, int64_t nb, const float *px, float *py, const float *pg,
+                              const float *pb, const float *rm, const float *rv, float eps, int relu)
+{
+   float mc[ROW_CB], aa[ROW_CB], bc[ROW_CB];
+   for (int64_t j = 0; j < nb; j++) {
+      float m, a, b;
+      nn_bn_eval_ab(pg, pb, rm, rv, eps, c0 + j, &m, &a, &b);
+      affine_coefs(m, a, b, &mc[j], &aa[j], &bc[j]);
+   }
+   rows_affine(g, c0, nb, px, py, mc, aa, bc, relu);
+}
+
+/* Sums of dy' and dy' * (x - mean) of a block (channel_sums at hw = 1), dy' masked by r > 0. */
+NR_SIMD_CLONES
+static void rows_sums(const bn_geom *g, int64_t c0, int64_t nb, const float *px, const float *pdy, const float *pr,
+                      const float *mean, double *sdy, double *sdyx)
+{
+   const int64_t C = g->c;
+   for (int64_t j = 0; j < nb; j++) sdy[j] = sdyx[j] = 0;
+   for (int64_t n = 0; n < g->n; n++) {
+      const float *x = px + n * C + c0, *d = pdy + n * C + c0;
+      if (pr) {
+         const float *r = pr + n * C + c0;
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) {
+            const float dd = d[j]; /* loaded unconditionally: the select becomes a blend */
+            const float dv = r[j] > 0.0f ? dd : 0.0f;
+            sdy[j] += (double)dv;
+            sdyx[j] += (double)(dv * (x[j] - mean[j]));
+         }
+      } else {
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) {
+            sdy[j] += (double)d[j];
+            sdyx[j] += (double)(d[j] * (x[j] - mean[j]));
+         }
+      }
+   }
+}
+
+/* dx of a block: k * (dy' - mdy - (x - mean) * mdyx) (train), or k * dy' (eval: mdy, mdyx NULL). */
+NR_SIMD_CLONES
+static void rows_dx(const bn_geom *g, int64_t c0, int64_t nb, const float *px, const float *pdy, const float *pr,
+                    float *pdx, const float *mean, const float *k, const float *mdy, const float *mdyx)
+{
+   const int64_t C = g->c;
+   for (int64_t n = 0; n < g->n; n++) {
+      const float *x = px + n * C + c0, *d = pdy + n * C + c0, *r = pr ? pr + n * C + c0 : NULL;
+      float *o = pdx + n * C + c0;
+      if (mdy && r) {
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) {
+            const float dd = d[j];
+            const float dv = r[j] > 0.0f ? dd : 0.0f;
+            o[j] = k[j] * (dv - mdy[j] - (x[j] - mean[j]) * mdyx[j]);
+         }
+      } else if (mdy) {
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) o[j] = k[j] * (d[j] - mdy[j] - (x[j] - mean[j]) * mdyx[j]);
+      } else if (r) {
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) {
+            const float dd = d[j];
+            o[j] = k[j] * (r[j] > 0.0f ? dd : 0.0f);
+         }
+      } else {
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) o[j] = k[j] * d[j];
+      }
+   }
+}
+
+/* Both backward passes of a block: parameter gradients (acc rule) and dx; running statistics
+ * (rm, rv, eps) for evaluation, else the saved batch mean / invstd (sm, si). */
+static void rows_backward(const bn_geom *g, int64_t c0, int64_t nb, const float *px, const float *pdy,
+                          const float *pr, float *pdx, float *dg, float *dbt, const float *pg, const float *sm,
+                          const float *si, const float *rm, const float *rv, float eps, float scale, float acc)
+{
+   float mean[ROW_CB] = {0}, k[ROW_CB], mdy[ROW_CB], mdyx[ROW_CB];
+   double sdy[ROW_CB] = {0}, sdyx[ROW_CB] = {0}; /* (zero when only dx is asked in evaluation) */
+   const int eval = rm != NULL;
+   const double m = (double)g->n;
+   for (int64_t j = 0; j < nb; j++) mean[j] = eval ? rm[c0 + j] : sm[c0 + j];
+   if (dg || dbt || !eval) rows_sums(g, c0, nb, px, pdy, pr, mean, sdy, sdyx);
+   for (int64_t j = 0; j < nb; j++) {
+      const int64_t c = c0 + j;
+      const float invstd = eval ? (float)(1.0 / sqrt((double)rv[c] + (double)eps)) : si[c];
+      const double sdyxhat = sdyx[j] * invstd;
+      /* (each pass's own order of the products, as the plane loops) */
+      if (dg) dg[c] = (acc == 0 ? 0.0f : acc * dg[c]) + (float)(eval ? scale * sdyx[j] * invstd : scale * sdyxhat);
+      if (dbt) dbt[c] = (acc == 0 ? 0.0f : acc * dbt[c]) + (float)(scale * sdy[j]);
+      k[j] = (pg ? pg[c] : 1.0f) * invstd;
+      if (!eval) {
+         mdy[j] = (float)(sdy[j] / m);
+         mdyx[j] = (float)(sdyxhat / m) * invstd;
+      }
+   }
+   if (pdx) rows_dx(g, c0, nb, px, pdy, pr, pdx, mean, k, eval ? NULL : mdy, eval ? NULL : mdyx);
+}
+
+#pragma GCC pop_options
+
 static nr_status relu_y_check(const char *func, const nr_tensor *relu_y, const nr_tensor *x)
 {
    return relu_y ? nn_check(func, "relu_y", relu_y, NR_DTYPE_ACT, x->ndim, x->shape, x) : NR_OK;
@@ -151,6 +345,15 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
    const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL;
    float *py = y->data, *sm = save_mean->data, *si = save_invstd->data, *rm = running_mean->data,
          *rv = running_var->data;
+   if (g.hw == 1) {
+      const int64_t nblk = (g.c + ROW_CB - 1) / ROW_CB;
+#pragma omp parallel for if (nr_parallel_worth(nblk, 3 * m * ROW_CB))
+      for (int64_t b = 0; b < nblk; b++) {
+         const int64_t c0 = b * ROW_CB, nb = g.c - c0 < ROW_CB ? g.c - c0 : ROW_CB;
+         rows_forward_train(&g, c0, nb, px, py, sm, si, pg, pb, rm, rv, momentum, eps, relu);
+      }
+      return NR_OK;
+   }
 #pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
    for (int64_t c = 0; c < g.c; c++) {
       /* one pass over memory: each plane's mean and squared deviations (its second loop runs on
@@ -224,6 +427,15 @@ nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor
    const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL,
                *rm = running_mean->data, *rv = running_var->data;
    float *py = y->data;
+   if (g.hw == 1) {
+      const int64_t nblk = (g.c + ROW_CB - 1) / ROW_CB;
+#pragma omp parallel for if (nr_parallel_worth(nblk, g.n * ROW_CB))
+      for (int64_t b = 0; b < nblk; b++) {
+         const int64_t c0 = b * ROW_CB, nb = g.c - c0 < ROW_CB ? g.c - c0 : ROW_CB;
+         rows_forward_eval(&g, c0, nb, px, py, pg, pb, rm, rv, eps, relu);
+      }
+      return NR_OK;
+   }
    const int64_t nc = g.n * g.c;
 #pragma omp parallel for if (nr_parallel_worth(nc, g.hw))
    for (int64_t q = 0; q < nc; q++) {
@@ -274,6 +486,15 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
                *si = save_invstd->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
    const int64_t m = g.n * g.hw;
+   if (g.hw == 1) {
+      const int64_t nblk = (g.c + ROW_CB - 1) / ROW_CB;
+#pragma omp parallel for if (nr_parallel_worth(nblk, 3 * m * ROW_CB))
+      for (int64_t b = 0; b < nblk; b++) {
+         const int64_t c0 = b * ROW_CB, nb = g.c - c0 < ROW_CB ? g.c - c0 : ROW_CB;
+         rows_backward(&g, c0, nb, px, pdy, pr, pdx, dg, dbt, pg, sm, si, NULL, NULL, 0, scale, acc);
+      }
+      return NR_OK;
+   }
 #pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
    for (int64_t c = 0; c < g.c; c++) {
       const float mean = sm[c], invstd = si[c];
@@ -326,6 +547,15 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
                *rv = running_var->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
    const int64_t m = g.n * g.hw;
+   if (g.hw == 1) {
+      const int64_t nblk = (g.c + ROW_CB - 1) / ROW_CB;
+#pragma omp parallel for if (nr_parallel_worth(nblk, 2 * m * ROW_CB))
+      for (int64_t b = 0; b < nblk; b++) {
+         const int64_t c0 = b * ROW_CB, nb = g.c - c0 < ROW_CB ? g.c - c0 : ROW_CB;
+         rows_backward(&g, c0, nb, px, pdy, pr, pdx, dg, dbt, pg, NULL, NULL, rm, rv, eps, scale, acc);
+      }
+      return NR_OK;
+   }
 #pragma omp parallel for if (nr_parallel_worth(g.c, 2 * m))
    for (int64_t c = 0; c < g.c; c++) {
       const float mean = rm[c], invstd = (float)(1.0 / sqrt((double)rv[c] + (double)eps));

@@ -1323,6 +1323,44 @@ describe('BatchNorm1d', function()
       assert.truthy(nrffi.ffi.string(C.nr_last_error()):find('expected (N, C), (N, C, L) or (N, C, H, W), got f32 cpu (4)', 1, true))
    end)
 
+   it('(N, C) runs on channel blocks: the same values as the per-plane loops on the transposed (1, C, N) batch', function()
+      -- (N, C) has one value per plane, so its kernels walk rows of channel blocks (64 channels);
+      -- a (1, C, N) input holds the same values per channel as one plane each
+      for _, c in ipairs({5, 130}) do
+         for _, relu in ipairs({false, true}) do
+            nr.manual_seed(c)
+            local x, g = nr.randn({37, c}):mul(3):add(2), nr.randn({37, c})
+            local function run(input, grad)
+               local bn = nn.BatchNorm1d(c)
+               bn.weight:copy(nr.randn({c}))
+               bn.bias:fill(0.25)
+               local m = nn.Sequential{bn, nn.ReLU{inplace = relu}}
+               local out = {m:forward(input):clone()}
+               out[2] = m:backward(input, grad):clone()
+               out[3], out[4], out[5], out[6] = bn.gradWeight:clone(), bn.gradBias:clone(), bn.running_mean:clone(),
+                  bn.running_var:clone()
+               m:evaluate()
+               out[7] = m:forward(input):clone()
+               m:zeroGradParameters()
+               out[8] = m:backward(input, grad):clone()
+               out[9] = bn.gradWeight:clone()
+               return out
+            end
+            local function planes(t) return t:transpose(1, 2):contiguous():reshape({1, c, 37}) end
+            local function rows(t) return t:reshape({c, 37}):transpose(1, 2):contiguous() end
+            nr.manual_seed(1)
+            local a = run(x, g)
+            nr.manual_seed(1)
+            local b = run(planes(x), planes(g))
+            for i = 1, 9 do
+               local bi = (i == 1 or i == 2 or i == 7 or i == 8) and rows(b[i]) or b[i]
+               local d = a[i]:sub(bi):abs():max() / math.max(1e-12, bi:abs():max())
+               assert(d < 1e-5, string.format('C = %d relu %s: result %d differs by %.3g', c, tostring(relu), i, d))
+            end
+         end
+      end
+   end)
+
    it('after a Linear with an in-place ReLU: fused in one pass, equal to the unfused layers', function()
       nr.manual_seed(4)
       local function net(inplace)
