@@ -90,11 +90,14 @@ static inline float nn_relu(float v) { return v <= 0.0f ? 0.0f : v; }
  * digits that form would lose (a mean large against the spread), so the planes are centred
  * first. The choice is per channel, made once for its planes (per plane it cost a third of a
  * 4x4 plane's time), and the same wherever the BN runs (its own kernel or a conv's epilogue). */
+/* Whether a channel's planes are centred first (the rule nn_affine_planes states). */
+static inline int nn_affine_centred(float m, float a) { return !(fabsf(m * a) <= 1.0f); }
+
 static inline void nn_affine_planes(const float *p, float *o, int64_t np, int64_t stride, int64_t hw, float m, float a,
                                     float b, int relu)
 {
    const int64_t n = np * stride; /* planes k * stride .. k * stride + hw */
-   if (fabsf(m * a) <= 1.0f) {
+   if (!nn_affine_centred(m, a)) {
       const float b2 = b - m * a;
       if (relu) {
          for (int64_t k = 0; k < n; k += stride) {

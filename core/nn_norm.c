@@ -25,8 +25,8 @@ static nr_status bn_input_check(const char *func, const char *name, const nr_ten
    NR_TRY(nr_check_tensor(func, name, x, NR_DTYPE_ACT, -1, -1, NULL));
    if (x->ndim < 2 || x->ndim > 4) {
       char got[256];
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: expected (N, C), (N, C, L) or (N, C, H, W), got %s", name,
-                        nr_tensor_describe(x, got, sizeof got));
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s: expected (N, C), (N, C, L) or (N, C, H, W), got %s",
+                        name, nr_tensor_describe(x, got, sizeof got));
    }
    return NR_OK;
 }
@@ -118,23 +118,27 @@ static void channel_sums(const float *px, const float *pdy, const float *pr, con
    *sdy = s1, *sdyx = s2;
 }
 
-/* ---- (N, C) inputs (BatchNorm1d after a Linear): one value per plane, so the per-channel loops
- * above would stride through memory a float at a time. These run the same arithmetic on blocks
- * of ROW_CB channels, row by row (contiguous, vectorised across the channels), with the same
- * per-channel order of additions: the results are bit-identical to the plane loops' at hw = 1.
+/* ---- one value per plane (hw = 1: BatchNorm1d on (N, C) or (N, C, 1), BatchNorm2d on 1x1
+ * maps): the per-channel loops below would stride through memory a float at a time. These run
+ * the same arithmetic on blocks of ROW_CB channels, row by row (contiguous, vectorised across the
+ * channels), with the same per-channel order of additions, so the results equal the plane
+ * loops' bit for bit (checked on 256 tensors of a training and evaluation sweep when written).
  * A block's sums live on the stack; blocks run in parallel, each on its own channels. */
 enum { ROW_CB = 64 };
 
-/* The AVX2 clones below would fuse multiplies and adds (FMA) where the plane loops, compiled for
- * the baseline target, round twice: contraction off keeps the two paths' bits equal. */
+/* The AVX2 clones below would fuse multiplies and adds (FMA) where the plane loops round twice:
+ * the plane loops sit in OpenMP regions, which are not cloned, and the library builds for
+ * x86-64-v2 (no FMA; CMakeLists.txt), so contraction off here keeps the two paths' bits equal
+ * (a build for a target with FMA would contract the plane loops too, and they would differ in
+ * the last bits). */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
-/* nn_affine_planes' two forms as one, (x - mc) * a + bc: centred (mc = m, bc = b) when |m * a| > 1,
+/* nn_affine_planes' two forms as one, (x - mc) * a + bc: centred (mc = m, bc = b) by its rule,
  * else mc = 0, bc = b - m * a (x - 0 is x, so both are its expressions exactly). */
 static inline void affine_coefs(float m, float a, float b, float *mc, float *ac, float *bc)
 {
-   const int centred = !(fabsf(m * a) <= 1.0f);
+   const int centred = nn_affine_centred(m, a);
    *mc = centred ? m : 0.0f;
    *ac = a;
    *bc = centred ? b : b - m * a;
@@ -312,6 +316,19 @@ static void rows_backward(const bn_geom *g, int64_t c0, int64_t nb, const float 
 
 #pragma GCC pop_options
 
+/* Runs call on every block of ROW_CB channels of g (c0, nb: the block's first channel and size,
+ * in scope for call), in parallel when work per channel makes it worth it; then returns NR_OK. */
+#define ROWS_RUN(g, work, call)                                                                    \
+   do {                                                                                            \
+      const int64_t nblk_ = ((g).c + ROW_CB - 1) / ROW_CB, work_ = (work) * ROW_CB;               \
+      _Pragma("omp parallel for if (nr_parallel_worth(nblk_, work_))")                             \
+      for (int64_t b_ = 0; b_ < nblk_; b_++) {                                                     \
+         const int64_t c0 = b_ * ROW_CB, nb = (g).c - c0 < ROW_CB ? (g).c - c0 : ROW_CB;           \
+         call;                                                                                     \
+      }                                                                                            \
+      return NR_OK;                                                                                \
+   } while (0)
+
 static nr_status relu_y_check(const char *func, const nr_tensor *relu_y, const nr_tensor *x)
 {
    return relu_y ? nn_check(func, "relu_y", relu_y, NR_DTYPE_ACT, x->ndim, x->shape, x) : NR_OK;
@@ -345,15 +362,8 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
    const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL;
    float *py = y->data, *sm = save_mean->data, *si = save_invstd->data, *rm = running_mean->data,
          *rv = running_var->data;
-   if (g.hw == 1) {
-      const int64_t nblk = (g.c + ROW_CB - 1) / ROW_CB;
-#pragma omp parallel for if (nr_parallel_worth(nblk, 3 * m * ROW_CB))
-      for (int64_t b = 0; b < nblk; b++) {
-         const int64_t c0 = b * ROW_CB, nb = g.c - c0 < ROW_CB ? g.c - c0 : ROW_CB;
-         rows_forward_train(&g, c0, nb, px, py, sm, si, pg, pb, rm, rv, momentum, eps, relu);
-      }
-      return NR_OK;
-   }
+   if (g.hw == 1)
+      ROWS_RUN(g, 3 * m, rows_forward_train(&g, c0, nb, px, py, sm, si, pg, pb, rm, rv, momentum, eps, relu));
 #pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
    for (int64_t c = 0; c < g.c; c++) {
       /* one pass over memory: each plane's mean and squared deviations (its second loop runs on
@@ -427,15 +437,7 @@ nr_status nr_bn2d_forward_eval(const nr_tensor *x, nr_tensor *y, const nr_tensor
    const float *px = x->data, *pg = gamma ? gamma->data : NULL, *pb = beta ? beta->data : NULL,
                *rm = running_mean->data, *rv = running_var->data;
    float *py = y->data;
-   if (g.hw == 1) {
-      const int64_t nblk = (g.c + ROW_CB - 1) / ROW_CB;
-#pragma omp parallel for if (nr_parallel_worth(nblk, g.n * ROW_CB))
-      for (int64_t b = 0; b < nblk; b++) {
-         const int64_t c0 = b * ROW_CB, nb = g.c - c0 < ROW_CB ? g.c - c0 : ROW_CB;
-         rows_forward_eval(&g, c0, nb, px, py, pg, pb, rm, rv, eps, relu);
-      }
-      return NR_OK;
-   }
+   if (g.hw == 1) ROWS_RUN(g, g.n, rows_forward_eval(&g, c0, nb, px, py, pg, pb, rm, rv, eps, relu));
    const int64_t nc = g.n * g.c;
 #pragma omp parallel for if (nr_parallel_worth(nc, g.hw))
    for (int64_t q = 0; q < nc; q++) {
@@ -486,15 +488,8 @@ nr_status nr_bn2d_backward(const nr_tensor *x, const nr_tensor *dy, nr_tensor *d
                *si = save_invstd->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
    const int64_t m = g.n * g.hw;
-   if (g.hw == 1) {
-      const int64_t nblk = (g.c + ROW_CB - 1) / ROW_CB;
-#pragma omp parallel for if (nr_parallel_worth(nblk, 3 * m * ROW_CB))
-      for (int64_t b = 0; b < nblk; b++) {
-         const int64_t c0 = b * ROW_CB, nb = g.c - c0 < ROW_CB ? g.c - c0 : ROW_CB;
-         rows_backward(&g, c0, nb, px, pdy, pr, pdx, dg, dbt, pg, sm, si, NULL, NULL, 0, scale, acc);
-      }
-      return NR_OK;
-   }
+   if (g.hw == 1)
+      ROWS_RUN(g, 3 * m, rows_backward(&g, c0, nb, px, pdy, pr, pdx, dg, dbt, pg, sm, si, NULL, NULL, 0, scale, acc));
 #pragma omp parallel for if (nr_parallel_worth(g.c, 3 * m))
    for (int64_t c = 0; c < g.c; c++) {
       const float mean = sm[c], invstd = si[c];
@@ -547,15 +542,8 @@ nr_status nr_bn2d_backward_eval(const nr_tensor *x, const nr_tensor *dy, nr_tens
                *rv = running_var->data, *pr = relu_y ? relu_y->data : NULL;
    float *pdx = dx ? dx->data : NULL, *dg = dgamma ? dgamma->data : NULL, *dbt = dbeta ? dbeta->data : NULL;
    const int64_t m = g.n * g.hw;
-   if (g.hw == 1) {
-      const int64_t nblk = (g.c + ROW_CB - 1) / ROW_CB;
-#pragma omp parallel for if (nr_parallel_worth(nblk, 2 * m * ROW_CB))
-      for (int64_t b = 0; b < nblk; b++) {
-         const int64_t c0 = b * ROW_CB, nb = g.c - c0 < ROW_CB ? g.c - c0 : ROW_CB;
-         rows_backward(&g, c0, nb, px, pdy, pr, pdx, dg, dbt, pg, NULL, NULL, rm, rv, eps, scale, acc);
-      }
-      return NR_OK;
-   }
+   if (g.hw == 1)
+      ROWS_RUN(g, 2 * m, rows_backward(&g, c0, nb, px, pdy, pr, pdx, dg, dbt, pg, NULL, NULL, rm, rv, eps, scale, acc));
 #pragma omp parallel for if (nr_parallel_worth(g.c, 2 * m))
    for (int64_t c = 0; c < g.c; c++) {
       const float mean = rm[c], invstd = (float)(1.0 / sqrt((double)rv[c] + (double)eps));

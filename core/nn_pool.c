@@ -81,9 +81,10 @@ static nr_status adaptive_setup(const char *func, const nr_tensor *x, const char
    g->nc = x->shape[0] * x->shape[1], g->h = x->shape[2], g->w = x->shape[3];
    g->ho = y->shape[2], g->wo = y->shape[3];
    if (g->h < 1 || g->w < 1 || g->ho < 1 || g->wo < 1)
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s plane %lldx%lld and %s plane %lldx%lld must both be non-empty",
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__,
+                        "%s plane %lldx%lld and %s plane %lldx%lld must both be non-empty",
                         xname, (long long)g->h, (long long)g->w, yname, (long long)g->ho, (long long)g->wo);
-   /* the largest window's size (the work estimate of the parallel loops); no stride, no padding */
+   /* a bound on the largest window's size (the work estimate of the parallel loops); no stride, no padding */
    g->kh = (g->h + g->ho - 1) / g->ho + 1, g->kw = (g->w + g->wo - 1) / g->wo + 1;
    g->sh = g->sw = 1, g->ph = g->pw = 0, g->adaptive = 1;
    return NR_OK;

@@ -518,8 +518,14 @@ __device__ __forceinline__ span span_at(int ad, int64_t o, int64_t n, int64_t no
    r.hi = r.start + k > n ? n : r.start + k;
    return r;
 }
-__device__ __forceinline__ span row_span(const pool &p, int64_t oh) { return span_at(p.ad, oh, p.h, p.ho, p.kh, p.sh, p.ph); }
-__device__ __forceinline__ span col_span(const pool &p, int64_t ow) { return span_at(p.ad, ow, p.w, p.wo, p.kw, p.sw, p.pw); }
+__device__ __forceinline__ span row_span(const pool &p, int64_t oh)
+{
+   return span_at(p.ad, oh, p.h, p.ho, p.kh, p.sh, p.ph);
+}
+__device__ __forceinline__ span col_span(const pool &p, int64_t ow)
+{
+   return span_at(p.ad, ow, p.w, p.wo, p.kw, p.sw, p.pw);
+}
 
 /* Element i (in memory order) of a tensor with planes of hh x ww pixels: its plane q = n*C + c
  * and pixel (y, x). NCHW runs x fastest, channels-last c. */

@@ -574,6 +574,8 @@ describe('layer kernels on the GPU', function()
 
       it(h.name .. ' batch norm over (N, C) and (N, C, L) (BatchNorm1d)', function()
          bn_case(h, true, {24, 3})
+         bn_case(h, false, {24, 3})
+         bn_case(h, true, {4, 3, 7})
          bn_case(h, false, {4, 3, 7})
       end)
 

@@ -1,7 +1,7 @@
 -- nr.rejuvenate.graph — the channel graph of a model, derived from its module tree.
 --
 -- What it is: one walk over the tree (Sequential, Residual, Concat, Identity, Conv2d,
--- BatchNorm2d, NRConv2d, pass-throughs, Flatten/Linear) that records
+-- BatchNorm2d, BatchNorm1d, NRConv2d, pass-throughs, Flatten/Linear, Softmax) that records
 --   * units: every conv (Conv2d or NRConv2d) with the BatchNorm2d that directly follows it (the
 --     source of liveliness, paper 3.1.1), its kernel and output size, and its input descriptor;
 --   * channel sets (CS): groups of channel positions that must keep the same width and layout.
@@ -23,7 +23,10 @@
 --   * reads: each reader's (cs, via) pairs, from which the AND members' hardness is derived;
 --   * consumers: the Linear classifiers (with the flatten factor) and the standalone BatchNorms
 --     (a BN not directly after a conv, e.g. pre-activation ResNet; a BatchNorm1d after a global
---     pool), sliced at surgery.
+--     pool or a Linear), sliced at surgery; a BatchNorm1d over several channels' features (after
+--     a Flatten) is listed with them as pinned: counted, never sliced;
+--   * pinned sets (kept whole: every channel, their width): those read by such a BatchNorm1d, by
+--     a Softmax across channels, by a grouped conv, and the ones reaching the model's output.
 -- What it is not: masks, counts or surgery (monitor.lua, surgery.lua).
 -- Invariants: segments always cover whole CSs (never part of one); cs:root() resolves unions.
 -- Unknown module types are an error naming the path, unless registered with graph.register.
@@ -249,15 +252,15 @@ local function leaf(g, m, desc, shape)
       end
       return standalone_bn(g, m, desc, shape)
    elseif t == 'BatchNorm1d' then
-      -- after a global pool (a vector sample, one feature per channel) or a Linear it is a
-      -- standalone BN on those channels; over features of several channels each (after a
-      -- Flatten) or over a (C, L) sample, the sets it reads keep their channels (pinned: it is
-      -- counted, never sliced)
+      -- where its features are the channels the graph carries (after a global pool or a Linear,
+      -- or a (C, L) sample of C channels) it is a standalone BN on them; over features of several
+      -- channels each (after a Flatten) or over another first dimension, the sets it reads keep
+      -- their channels (pinned: it is counted, never sliced)
       if (#shape ~= 1 and #shape ~= 2) or shape[1] ~= m.num_features then
          fail(m, 'expects a (%d) or (%d, L) sample but the graph carries %s', m.num_features, m.num_features,
             '(' .. table.concat(shape, ', ') .. ')')
       end
-      if #shape == 1 and (desc.sf or 1) == 1 then return standalone_bn(g, m, desc, shape) end
+      if (desc.sf or 1) == 1 and desc_width(desc) == m.num_features then return standalone_bn(g, m, desc, shape) end
       mark_no_rescale(desc)
       pin_read(g, desc)
       g.chanwise[#g.chanwise + 1] = {module = m, desc = {segs = desc.segs, sf = desc.sf}, pinned = true}

@@ -10,7 +10,8 @@
 --     when the layer has new input channels (else — the stem, or an input set that did not
 --     grow — the new rows read the survivors with fresh weights, as the authors' is_input path);
 --   * new BN channels γ = γ0, β = 0, running mean 0, var 1; survivors keep theirs; standalone BNs
---     (pre-activation) are sliced the same way;
+--     (pre-activation; a BatchNorm1d after a global pool or a Linear) are sliced the same way, as
+--     their own class (a pinned one is left as it is);
 --   * Linear input columns remapped, new columns zero (function exact; see docs/NR.md);
 --   * optimizer state (momentum; Adam's moments) gathered with the same index maps (new entries 0), or dropped;
 --   * scheme 'CR' / 'CA': a groups=1 conv whose input carries generations becomes an NRConv2d
