@@ -483,6 +483,17 @@ nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, doubl
 /* The checks of nr_adam_step_many alone, changing nothing. */
 nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,
                              double weight_decay);
+/* Gradient clipping by the norm of all gradients together (torch.nn.utils.clip_grad_norm_):
+ * total (1 element, f32, the grads' device) <- the norm over every element of grads[0..n-1]:
+ * norm_type 2 the square root of the sum of squares (summed in double over chunks of the
+ * gradients, combined in chunk order: the value does not depend on the thread count), 0 the
+ * largest |g| (PyTorch's norm_type = inf; a NaN gives NaN); then, unless max_norm is +inf, every
+ * gradient is scaled in place by min(1, (1 / (total + 1e-6)) * max_norm) in float, PyTorch's
+ * expression (a NaN total gives NaN gradients, an inf one zeros, as there). grads: f32,
+ * contiguous, on total's device, no tensor twice (it would be scaled twice); max_norm > 0. On
+ * CUDA nothing is read back: the scale is computed and applied on the device. */
+nr_status nr_clip_grad_norm(nr_tensor *const *grads, int64_t n, nr_tensor *total, double max_norm,
+                            int32_t norm_type);
 
 /* ---------------------------------------------------------------- data */
 /* (section: data) */

@@ -3,7 +3,8 @@
  * What it is: nr_sgd_step, one pass over a parameter that applies weight decay, momentum
  * (dampening 0, optionally Nesterov) and the update, with PyTorch's torch.optim.SGD semantics;
  * nr_sgd_step_many, the same for a list of parameters in one call (one kernel launch on CUDA);
- * nr_adam_step_many, Adam and AdamW (torch.optim.Adam / AdamW) in one pass per parameter.
+ * nr_adam_step_many, Adam and AdamW (torch.optim.Adam / AdamW) in one pass per parameter;
+ * nr_clip_grad_norm, gradient clipping by the norm of all gradients (torch.nn.utils.clip_grad_norm_).
  * What it is not: parameter groups, schedules or state bookkeeping (lua/nr/optim does those).
  * Invariants: elementwise and in float32 in the same order as PyTorch, so results do not depend
  * on the thread count; the first step's "buf = grad" is obtained from a zero-initialised buffer
@@ -12,7 +13,9 @@
 #include "internal.h"
 #include "adam_coef.h"
 
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static nr_status check_pair(const char *func, const char *name, const nr_tensor *t, const nr_tensor *param)
@@ -248,6 +251,101 @@ nr_status nr_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, doubl
       nr_adam_coef c = nr_adam_coef_of(j->step, lr, beta1, beta2, eps, weight_decay, decoupled);
       adam_apply(j->param->data, j->grad->data, j->exp_avg->data, j->exp_avg_sq->data,
                  j->max_exp_avg_sq ? j->max_exp_avg_sq->data : NULL, nr_tensor_numel(j->param), c);
+   }
+   return NR_OK;
+}
+
+/* ---------------------------------------------------------------- gradient clipping */
+
+/* The gradients cut into chunks of CLIP_CHUNK elements: chunk sums and maxima are combined in
+ * chunk order, so the norm does not depend on the thread count. */
+enum { CLIP_CHUNK = 1 << 16 };
+
+static nr_status clip_check(const char *func, nr_tensor *const *grads, int64_t n, const nr_tensor *total,
+                            double max_norm, int32_t norm_type)
+{
+   if (n < 0 || (n > 0 && !grads))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "grads: expected an array of n >= 0 tensors, got n = %lld",
+                        (long long)n);
+   if (!(max_norm > 0))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "max_norm must be > 0, got %g", max_norm);
+   if (norm_type != 2 && norm_type != 0)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "norm_type must be 2 or 0 (the largest |g|), got %d",
+                        norm_type);
+   NR_TRY(nr_check_tensor(func, "total", total, NR_F32, -1, -1, NULL));
+   if (nr_tensor_numel(total) != 1)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "total must hold one element, got %lld",
+                        (long long)nr_tensor_numel(total));
+   char where[64];
+   for (int64_t k = 0; k < n; k++) {
+      snprintf(where, sizeof where, "%s (grads[%lld])", func, (long long)k);
+      NR_TRY(nr_check_tensor(where, "grad", grads[k], NR_F32, -1, -1, NULL));
+      NR_TRY(nr_check_contiguous(where, "grad", grads[k]));
+      NR_TRY(nr_check_same_device(where, total, grads[k]));
+   }
+   return NR_OK;
+}
+
+/* Sum of squares (norm_type 2) or largest |g| (a NaN wins) of p[0..len). */
+NR_SIMD_CLONES
+static double chunk_norm(const float *restrict p, int64_t len, int32_t norm_type)
+{
+   if (norm_type == 2) {
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < len; i++) s += (double)p[i] * (double)p[i];
+      return s;
+   }
+   float m = 0;
+   int nan = 0;
+   for (int64_t i = 0; i < len; i++) {
+      const float a = fabsf(p[i]);
+      m = a > m ? a : m;
+      nan |= a != a;
+   }
+   return nan ? (double)NAN : (double)m;
+}
+
+nr_status nr_clip_grad_norm(nr_tensor *const *grads, int64_t n, nr_tensor *total, double max_norm, int32_t norm_type)
+{
+   NR_TRY(clip_check(__func__, grads, n, total, max_norm, norm_type));
+   NR_ON_CUDA(total, nr_cuda_clip_grad_norm(grads, n, total, max_norm, norm_type));
+   int64_t nchunks = 0;
+   for (int64_t k = 0; k < n; k++) nchunks += (nr_tensor_numel(grads[k]) + CLIP_CHUNK - 1) / CLIP_CHUNK;
+   double *part = malloc((size_t)(nchunks > 0 ? nchunks : 1) * sizeof *part);
+   int64_t *where = malloc((size_t)(nchunks > 0 ? nchunks : 1) * 2 * sizeof *where); /* (tensor, first element) */
+   if (!part || !where) {
+      free(part);
+      free(where);
+      return NR_FAIL(NR_E_OOM, "out of host memory for %lld gradient chunks", (long long)nchunks);
+   }
+   for (int64_t k = 0, c = 0; k < n; k++)
+      for (int64_t at = 0; at < nr_tensor_numel(grads[k]); at += CLIP_CHUNK, c++) where[2 * c] = k, where[2 * c + 1] = at;
+#pragma omp parallel for schedule(static) if (nr_parallel_worth(nchunks, CLIP_CHUNK))
+   for (int64_t c = 0; c < nchunks; c++) {
+      const nr_tensor *g = grads[where[2 * c]];
+      const int64_t at = where[2 * c + 1], m = nr_tensor_numel(g);
+      part[c] = chunk_norm((const float *)g->data + at, m - at < CLIP_CHUNK ? m - at : CLIP_CHUNK, norm_type);
+   }
+   double acc = 0;
+   for (int64_t c = 0; c < nchunks; c++) {
+      if (norm_type == 2) acc += part[c];
+      else if (part[c] != part[c] || part[c] > acc) acc = part[c]; /* a NaN wins */
+   }
+   free(part);
+   free(where);
+   const float tot = (float)(norm_type == 2 ? sqrt(acc) : acc);
+   *(float *)total->data = tot;
+   if (isinf(max_norm) || n == 0) return NR_OK;
+   /* PyTorch: clip_coef = max_norm / (total + 1e-6), which Tensor.__rtruediv__ computes as
+    * reciprocal(total + 1e-6) * max_norm in float; clamp(max = 1) keeps a NaN */
+   float coef = (1.0f / (tot + 1e-6f)) * (float)max_norm;
+   if (coef > 1.0f) coef = 1.0f;
+   for (int64_t k = 0; k < n; k++) {
+      float *p = grads[k]->data;
+      const int64_t m = nr_tensor_numel(grads[k]);
+#pragma omp parallel for simd schedule(static) if (nr_parallel_worth(m, 1))
+      for (int64_t i = 0; i < m; i++) p[i] *= coef;
    }
    return NR_OK;
 }

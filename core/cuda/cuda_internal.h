@@ -127,6 +127,8 @@ nr_status nr_cuda_sgd_step_many(const nr_sgd_job *jobs, int64_t n, float lr, flo
                                 int32_t nesterov);
 nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, double beta1, double beta2, double eps,
                                  double weight_decay, int32_t decoupled);
+nr_status nr_cuda_clip_grad_norm(nr_tensor *const *grads, int64_t n, nr_tensor *total, double max_norm,
+                                 int32_t norm_type);
 /* ---- NR primitives (nn_kernels.cu); these check every argument themselves, because their CPU
  * entry points dispatch before checking. */
 nr_status nr_cuda_bn_live_mask(const nr_tensor *gamma, nr_tensor *mask, float threshold_rel,

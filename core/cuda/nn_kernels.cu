@@ -1003,6 +1003,51 @@ __global__ void k_adam_many(const adam_chunk *chunks)
    }
 }
 
+/* Gradient clipping (core/optim.c's nr_clip_grad_norm): block k reduces chunk k's sum of squares
+ * (type 2) or largest |g| (type 0, a NaN wins) into part[k]; k_clip_finish (one block) combines
+ * the parts in a fixed order into the total and the scale; k_clip_scale multiplies every chunk by
+ * the scale, read on the device (nothing comes back to the host). */
+struct clip_chunk {
+   float *g;
+   int64_t begin, end;
+};
+
+__device__ __forceinline__ double nan_max_of(double a, double b) { return (a != a) ? a : ((b != b || b > a) ? b : a); }
+
+__global__ void k_clip_norm(const clip_chunk *chunks, double *part, int type)
+{
+   __shared__ double sh[256];
+   const clip_chunk c = chunks[blockIdx.x];
+   double v = 0;
+   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
+      const double x = c.g[i];
+      v = type == 2 ? v + x * x : nan_max_of(v, fabs(x));
+   }
+   v = type == 2 ? block_reduce(v, sh, sum_of) : block_reduce(v, sh, nan_max_of);
+   if (threadIdx.x == 0) part[blockIdx.x] = v;
+}
+
+__global__ void k_clip_finish(const double *part, int64_t nparts, float *total, float *scale, double max_norm, int type)
+{
+   __shared__ double sh[256];
+   double v = 0;
+   for (int64_t i = threadIdx.x; i < nparts; i += blockDim.x) v = type == 2 ? v + part[i] : nan_max_of(v, part[i]);
+   v = type == 2 ? block_reduce(v, sh, sum_of) : block_reduce(v, sh, nan_max_of);
+   if (threadIdx.x == 0) {
+      const float tot = (float)(type == 2 ? sqrt(v) : v);
+      *total = tot;
+      float coef = (1.0f / (tot + 1e-6f)) * (float)max_norm; /* PyTorch's expression, as the CPU */
+      *scale = coef > 1.0f ? 1.0f : coef;
+   }
+}
+
+__global__ void k_clip_scale(const clip_chunk *chunks, const float *scale)
+{
+   const clip_chunk c = chunks[blockIdx.x];
+   const float k = *scale;
+   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) c.g[i] *= k;
+}
+
 /* One block: max |gamma| ignoring NaN, then mask and live count into *live. */
 __global__ void k_live_mask(const float *g, int64_t gs, uint8_t *m, int64_t ms, int64_t c, float rel, float abs_min,
                             long long *live)
@@ -1598,6 +1643,32 @@ nr_status nr_cuda_adam_step_many(const nr_adam_job *jobs, int64_t n, double lr, 
    if (nchunks == 0) return NR_OK;
    k_adam_many<<<(unsigned)nchunks, 256, 0, ctx->stream>>>(dev);
    NR_CU_LAUNCHED("adam_step_many over %lld parameters", (long long)n);
+   return NR_OK;
+}
+
+nr_status nr_cuda_clip_grad_norm(nr_tensor *const *grads, int64_t n, nr_tensor *total, double max_norm,
+                                 int32_t norm_type)
+{
+   nr_cuda_ctx *ctx;
+   NR_TRY(nr_cuda_ctx_get(total->device_index, &ctx));
+   const clip_chunk *dev = NULL;
+   int64_t nchunks = 0;
+   NR_TRY(chunk_table(
+       ctx, n, [&](int64_t k) { return nr_tensor_numel(grads[k]); },
+       [&](clip_chunk &ch, int64_t k, int64_t begin, int64_t end) {
+          ch.g = fpm(grads[k]);
+          ch.begin = begin;
+          ch.end = end;
+       },
+       "gradient", &dev, &nchunks));
+   void *scr;
+   NR_TRY(nr_cuda_scratch(ctx, 1, (int64_t)sizeof(double) * (nchunks + 1), &scr));
+   double *part = (double *)scr;
+   float *scale = (float *)(part + nchunks);
+   if (nchunks > 0) k_clip_norm<<<(unsigned)nchunks, 256, 0, ctx->stream>>>(dev, part, norm_type);
+   k_clip_finish<<<1, 256, 0, ctx->stream>>>(part, nchunks, fpm(total), scale, max_norm, norm_type);
+   if (nchunks > 0 && !isinf(max_norm)) k_clip_scale<<<(unsigned)nchunks, 256, 0, ctx->stream>>>(dev, scale);
+   NR_CU_LAUNCHED("clip_grad_norm over %lld gradients", (long long)n);
    return NR_OK;
 }
 

@@ -38,7 +38,7 @@ M.TYPES = {
    ['schedule.name'] = 'string', ['schedule.warmup'] = 'number', ['schedule.milestones'] = 'list',
    ['schedule.gamma'] = 'number', ['schedule.step_size'] = 'number', ['schedule.min_lr'] = 'number',
    ['schedule.warmup_start'] = 'number', ['schedule.epochs'] = 'number', ['schedule.granularity'] = 'string',
-   ['loss.label_smoothing'] = 'number', max_epochs = 'integer', memory_format = 'string',
+   ['loss.label_smoothing'] = 'number', max_epochs = 'integer', memory_format = 'string', clip_grad_norm = 'number',
    -- Neural Rejuvenation (nr.rejuvenate.attach's options; docs/NR.md)
    nr = 'switch', ['nr.enabled'] = 'boolean', ['nr.target'] = 'number', ['nr.budget'] = 'number',
    ['nr.constraint'] = 'string', ['nr.scheme'] = 'string', ['nr.rescale'] = 'boolean', ['nr.times'] = 'integer',

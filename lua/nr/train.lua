@@ -61,6 +61,8 @@ M.DEFAULTS = {
    loss = {label_smoothing = 0},
    epochs = 10,            -- schedule epochs (epochs the run trains unless held epochs extend it)
    max_epochs = nil,       -- cap on all epochs when held epochs extend the run (tr.extend_held); nil: 2 x epochs
+   clip_grad_norm = nil,   -- a number > 0: each step scales the gradients so their total 2-norm is at most
+                           -- that (nr.optim.clip_grad_norm, after NR's L1 term and the ranks' averaging)
    device = 'auto',        -- 'auto' (CUDA when available), 'cpu', 'cuda'
    precision = 'fp32',     -- 'fp32', or 'bf16': mixed precision on CUDA (bf16 activations on tensor
                            -- cores; weights, gradients, BN statistics and the loss stay fp32)
@@ -743,7 +745,7 @@ M.recipe_json = recipe_json
 
 -- Top-level recipe fields the trainer reads (those with nil defaults are not keys of DEFAULTS).
 local TOP_FIELDS = {model = true, nr = true, dist = true, hooks = true, progress = true, out = true, resume = true,
-                    max_epochs = true, memory_format = true}
+                    max_epochs = true, memory_format = true, clip_grad_norm = true}
 for k in pairs(M.DEFAULTS) do TOP_FIELDS[k] = true end
 
 -- Edit distance between a and b (insertions, deletions, substitutions).
@@ -815,6 +817,8 @@ function M.new(recipe)
    end
    check.arg(rc.max_epochs == nil or (type(rc.max_epochs) == 'number' and rc.max_epochs >= rc.epochs), 'nr.train',
       'max_epochs must be >= epochs (%s), got %s', tostring(rc.epochs), check.show(rc.max_epochs))
+   check.arg(not rc.clip_grad_norm or (type(rc.clip_grad_norm) == 'number' and rc.clip_grad_norm > 0), 'nr.train',
+      'clip_grad_norm must be a number > 0 (or nil: no clipping), got %s', check.show(rc.clip_grad_norm))
    -- the bounds of nr.set_num_threads and nr.manual_seed, so a recipe value cannot wrap at the FFI
    if rc.threads ~= nil then check.int32(rc.threads, 'nr.train', 'threads', 0, nrffi.MAX_THREADS) end
    if rc.seed ~= nil then check.int(rc.seed, 'nr.train', 'seed', 0, 2 ^ 53) end
@@ -1241,6 +1245,18 @@ function Trainer:planned_epochs(pending)
    return math.min(rc.epochs + self.held_epochs + (pending and 1 or 0), self:max_epochs())
 end
 
+-- Scales the model's gradients so their total 2-norm is at most max_norm (recipe.clip_grad_norm):
+-- after the after_backward hooks (NR's L1 term, the ranks' averaging), before the step; the norm
+-- stays on the device (self.grad_norm, a one-element tensor: reading it waits for the GPU).
+function Trainer:clip_gradients(max_norm)
+   local t = rawget(self, 'grad_norm')
+   if not t then -- (on the run's device, where the model is)
+      t = require('nr.tensor').zeros({1}, {device = self.device})
+      self.grad_norm = t
+   end
+   require('nr.optim').clip_grad_norm(self.model, max_norm, {out = t})
+end
+
 -- One epoch of training: returns {loss, top1, images, time}.
 function Trainer:train_epoch(epoch)
    local model = self.model
@@ -1283,6 +1299,7 @@ function Trainer:_train_steps(epoch)
       local g = crit:backward(out, yd, 1, checked)
       model:backward(xd, g)
       self:call('after_backward', step_info(loss_t, bn))
+      if rc.clip_grad_norm then self:clip_gradients(rc.clip_grad_norm) end
       opt:step()
       local held_before = self.schedule_hold
       self:call('after_step', step_info(loss_t, bn))

@@ -1456,6 +1456,23 @@ describe('SGD and NR primitives on the GPU', function()
       end
    end)
 
+   it('clip_grad_norm (2-norm and the largest |g|; a gradient over several chunks; NaN) equals the CPU', function()
+      local shapes = {{7, 3}, {300000}, {1}, {16, 8, 3, 3}}
+      for _, case in ipairs({{2, 1.0}, {2, 1e6}, {math.huge, 0.5}, {2, 1.0, 'nan'}, {math.huge, 0.5, 'nan'}}) do
+         local gc, gg = {}, {}
+         for i, sh in ipairs(shapes) do gc[i], gg[i] = twin(randn(sh)) end
+         if case[3] then gc[2]:set(12345, 0 / 0); gg[2]:copy(gc[2]) end
+         local tc = nr.optim.clip_grad_norm(gc, case[2], {norm_type = case[1]})
+         local tg = nr.optim.clip_grad_norm(gg, case[2], {norm_type = case[1]})
+         assert(tg:is_cuda(), 'the total lives on the GPU')
+         close('clip_grad_norm total ' .. tostring(case[1]), tc, tg)
+         for i = 1, #shapes do close('clip_grad_norm grad ' .. i, gc[i], gg[i]) end
+      end
+      -- no gradient at all: the total is 0, nothing else happens
+      local t = nr.optim.clip_grad_norm({}, 1, {out = nr.zeros({1}, {device = 'cuda'})})
+      assert.equal(0, t:item())
+   end)
+
    it('bn_live_mask and l1_sign_add', function()
       local gamma = nr.tensor({0.5, -0.001, 0.2, 0, -0.9, 0.004})
       for _, cfg in ipairs({{0.01, 1e-3}, {0.5, 1e-3}, {0.01, 10}}) do

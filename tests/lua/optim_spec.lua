@@ -567,3 +567,86 @@ describe('nr.optim: state ownership, settings as floats, clear errors (review fi
          :find('parameter weight: its gradient (gradWeight) is a number, not a tensor', 1, true))
    end)
 end)
+
+describe('nr.optim.clip_grad_norm', function()
+   -- Golden values: /usr/bin/python3 with torch 1.13:
+   --   grads0 = [[0.1, -0.2, 0.3, -0.4], [[0.5, 0.25], [-0.125, 1.0]], [3.0, -4.0, 12.0]]
+   --   for max_norm, nt in [(1.0, 2.0), (20.0, 2.0), (0.5, float('inf'))]:
+   --       ps = [torch.zeros(torch.tensor(g).shape, requires_grad=True) for g in grads0]
+   --       for p, g in zip(ps, grads0): p.grad = torch.tensor(g, dtype=torch.float32)
+   --       tot = torch.nn.utils.clip_grad_norm_(ps, max_norm, norm_type=nt)
+   --       print(tot.item(), [p.grad.flatten().tolist() for p in ps])
+   local G0 = {{0.1, -0.2, 0.3, -0.4}, {{0.5, 0.25}, {-0.125, 1.0}}, {3.0, -4.0, 12.0}}
+   local CLIP_GOLDEN = {
+      {max_norm = 1.0, norm_type = 2, total = 13.062470436096191,
+       out = {{0.00765551953, -0.0153110391, 0.0229665581, -0.0306220781},
+              {0.0382775962, 0.0191387981, -0.00956939906, 0.0765551925}, {0.229665577, -0.30622077, 0.91866231}}},
+      {max_norm = 20.0, norm_type = 2, total = 13.062470436096191,
+       out = {{0.100000001, -0.200000003, 0.300000012, -0.400000006}, {0.5, 0.25, -0.125, 1.0}, {3.0, -4.0, 12.0}}},
+      {max_norm = 0.5, norm_type = math.huge, total = 12.0,
+       out = {{0.00416666642, -0.00833333284, 0.0125000002, -0.0166666657},
+              {0.0208333321, 0.010416666, -0.00520833302, 0.0416666642}, {0.124999993, -0.166666657, 0.49999997}}},
+   }
+   local function flat(t) return t:contiguous():reshape({t:numel()}):totable() end
+
+   it('matches torch.nn.utils.clip_grad_norm_ (2-norm clipped and not, the largest |g|)', function()
+      for ci, c in ipairs(CLIP_GOLDEN) do
+         local grads = {}
+         for i, g in ipairs(G0) do grads[i] = nr.tensor(g) end
+         local total = nr.optim.clip_grad_norm(grads, c.max_norm, {norm_type = c.norm_type})
+         assert(math.abs(total:item() - c.total) <= 1e-6 * c.total, 'case ' .. ci .. ' total ' .. total:item())
+         for i, g in ipairs(grads) do
+            local d = differ(flat(g), c.out[i], 1e-6)
+            assert(d == nil, string.format('case %d grad %d: %s', ci, i, tostring(d)))
+         end
+      end
+   end)
+
+   it('takes a module (its gradients once each) or an optimizer; the norm does not depend on the thread count', function()
+      nr.manual_seed(4)
+      local shared = nr.nn.Linear(300, 300)
+      local net = nr.nn.Sequential{shared, nr.nn.ReLU(), shared}   -- one layer at two places: one gradient
+      local x = nr.randn({8, 300})
+      net:forward(x)
+      net:zeroGradParameters()
+      net:backward(x, nr.randn({8, 300}))
+      local _, grads = shared:parameters()
+      local before = {grads[1]:clone(), grads[2]:clone()}
+      local sq = 0
+      for _, g in ipairs(before) do for _, v in ipairs(flat(g)) do sq = sq + v * v end end
+      local was = nr.get_num_threads()
+      local totals = {}
+      for i, threads in ipairs({1, 2}) do
+         nr.set_num_threads(threads)
+         grads[1]:copy(before[1]); grads[2]:copy(before[2])
+         totals[i] = nr.optim.clip_grad_norm(i == 1 and net or nr.optim.SGD(net, {lr = 0.1}), 0.5):item()
+      end
+      nr.set_num_threads(was)
+      assert.equal(totals[1], totals[2])
+      assert(math.abs(totals[1] - math.sqrt(sq)) <= 1e-6 * math.sqrt(sq), totals[1] .. ' vs ' .. math.sqrt(sq))
+      local k = (1 / (totals[1] + 1e-6)) * 0.5
+      local d = differ(flat(grads[1]), flat(before[1]:mul(k)), 1e-6)
+      assert(d == nil, tostring(d))
+   end)
+
+   it('writes into out, clips nothing at math.huge, and refuses bad arguments at the caller\'s line', function()
+      local g = nr.tensor({3, 4})
+      local out = nr.zeros({1})
+      assert.equal(out, nr.optim.clip_grad_norm({g}, math.huge, {out = out}))
+      assert.same({5, {3, 4}}, {out:item(), g:totable()})
+      local nan = nr.tensor({0 / 0, 1})
+      assert.is_true(nr.optim.clip_grad_norm({nan}, 1):item() ~= nr.optim.clip_grad_norm({nan}, 1):item())
+      local here = debug.getinfo(1, 'S').short_src
+      local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
+      for _, c in ipairs({{function() local t = nr.optim.clip_grad_norm({g}, 0) return t end, 'max_norm must be a number > 0, got 0'},
+                          {function() local t = nr.optim.clip_grad_norm({g}, 1, {norm_type = 1}) return t end, 'norm_type must be 2 or math.huge'},
+                          {function() local t = nr.optim.clip_grad_norm({g, 5}, 1) return t end, 'grads[2] must be a tensor, got 5'},
+                          {function() local t = nr.optim.clip_grad_norm('model', 1) return t end, 'expected a module, an optimizer'},
+                          {function() local t = nr.optim.clip_grad_norm({g}, 1, {out = nr.zeros({2})}) return t end, 'out must be a one-element tensor'},
+                          {function() local t = nr.optim.clip_grad_norm({nr.tensor({1}, {dtype = 'int64'})}, 1) return t end, 'grad: expected f32'},
+                          {function() local t = nr.optim.clip_grad_norm({g:narrow(1, 1, 1), nr.randn({2, 2}):transpose(1, 2)}, 1) return t end, 'contiguous'}}) do
+         local e = msg(c[1])
+         assert(e:sub(1, #here + 1) == here .. ':' and e:find(c[2], 1, true), e)
+      end
+   end)
+end)

@@ -964,6 +964,44 @@ print('epochs', s.epochs)
       assert.truthy(tostring(err):find('--data', 1, true))
    end)
 
+   it('clip_grad_norm scales the gradients after the after_backward hooks, and the step uses them', function()
+      local function norm(list)
+         local s = 0
+         for _, g in ipairs(list) do s = s + g:square():sum() end
+         return math.sqrt(s)
+      end
+      local before, moved, after, seen, lrs, w0 = {}, {}, {}, {}, {}, nil
+      -- plain SGD: a step moves the weights by lr times the gradient it used
+      local r = recipe(TMP .. '/clip', {epochs = 1, clip_grad_norm = 0.05, optim = {lr = 0.05, momentum = 0, weight_decay = 0},
+         hooks = {
+            after_backward = function(t)
+               local params, grads = t.model:parameters()
+               before[#before + 1] = norm(grads)
+               w0 = {}
+               for i, p in ipairs(params) do w0[i] = p:clone() end
+            end,
+            after_step = function(t)
+               local params, grads = t.model:parameters()
+               local d = {}
+               for i, p in ipairs(params) do d[i] = p:sub(w0[i]) end
+               moved[#moved + 1], after[#after + 1] = norm(d), norm(grads)
+               lrs[#lrs + 1], seen[#seen + 1] = t.optimizer.config.lr, t.grad_norm:item()
+            end}})
+      nr.train(r)
+      assert.equal(8, #before)
+      for i = 1, #before do
+         local want = math.min(before[i], 0.05)
+         assert(math.abs(seen[i] - before[i]) <= 1e-5 * before[i], 'step ' .. i .. ': the norm reported')
+         assert(math.abs(after[i] - want) <= 1e-4 * want, string.format('step %d: %g after, %g before', i, after[i], before[i]))
+         assert(math.abs(moved[i] - lrs[i] * want) <= 1e-3 * lrs[i] * want,
+            string.format('step %d moved the weights by %g, not lr x %g', i, moved[i], want))
+      end
+      assert.is_true(before[1] > 0.05, 'the gradients were not large enough to be clipped')
+      local ok, err = pcall(nr.train, recipe(TMP .. '/clip_bad', {clip_grad_norm = -1}))
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('clip_grad_norm must be a number > 0 (or nil: no clipping), got -1', 1, true), err)
+   end)
+
    it('stops at the step whose loss is not finite, before that step changes the weights', function()
       local model
       local r = recipe(TMP .. '/nan', {epochs = 1, hooks = {after_step = function(t)

@@ -2,7 +2,8 @@
 -- nr.optim.Adam and nr.optim.AdamW (adam.lua), all nr.optim.Optimizer (optimizer.lua);
 -- nr.optim.param_groups(model, {no_decay_bn_bias = true}) builds groups (no weight decay on
 -- biases and normalization parameters); nr.optim.build(cfg, model) makes the optimizer a
--- recipe's `optim` table names ({name = 'sgd', lr = ..., ...}).
+-- recipe's `optim` table names ({name = 'sgd', lr = ..., ...}); nr.optim.clip_grad_norm(target,
+-- max_norm) clips gradients by their total norm (clip.lua).
 -- Every optimizer offers: step(), zero_grad(), config (writable), state()/load_state(t) keyed by
 -- parameter names, state_of(p)/set_state_of(p, t), refresh() (docs/ARCHITECTURE.md).
 local check = require 'nr.check'
@@ -16,6 +17,7 @@ M.SGD = SGD
 M.Adam = adam.Adam
 M.AdamW = adam.AdamW
 M.param_groups = Optimizer.param_groups
+M.clip_grad_norm = require 'nr.optim.clip'
 
 local BUILDERS = {sgd = SGD, adam = adam.Adam, adamw = adam.AdamW}
 

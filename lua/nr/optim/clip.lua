@@ -1,0 +1,81 @@
+-- nr.optim.clip_grad_norm — gradient clipping by the norm of all gradients together, PyTorch's
+-- torch.nn.utils.clip_grad_norm_ (nr_clip_grad_norm, core/optim.c; one pass on CUDA that reads
+-- nothing back).
+--
+--   local total = nr.optim.clip_grad_norm(model, 1.0)          -- a module's gradients
+--   nr.optim.clip_grad_norm(opt, 1.0, {norm_type = math.huge})  -- an optimizer's (largest |g|)
+--   nr.optim.clip_grad_norm({g1, g2}, 5)                        -- gradient tensors
+--
+-- Returns the norm before clipping as a one-element tensor on the gradients' device (:item()
+-- reads it, which waits for the GPU). Every gradient is scaled in place by
+-- min(1, max_norm / (total + 1e-6)). opts: norm_type (2 or math.huge), out (a one-element f32
+-- tensor on that device to write the total into: no allocation per call).
+local T = require 'nr.tensor'
+local check = require 'nr.check'
+local nrffi = require 'nr.ffi'
+local C, ffi = nrffi.C, nrffi.ffi
+
+local FN = 'nr.optim.clip_grad_norm'
+
+-- (errors without a position: the exported function raises them at its caller's line)
+local function fail(fmt, ...) error(FN .. ': ' .. string.format(fmt, ...), 0) end
+
+-- The distinct gradient tensors of target (a module, an optimizer or a list of tensors).
+local function gradients(target)
+   local list = {}
+   if type(target) == 'table' and type(target.parameters) == 'function' and type(target.forward) == 'function' then
+      local _, grads = target:parameters()
+      for _, g in ipairs(grads) do list[#list + 1] = g end
+   elseif type(target) == 'table' and type(target.each_stepped) == 'function' then
+      for _, grp in ipairs(target.groups) do target:each_stepped(grp, function(_, g) list[#list + 1] = g end) end
+   elseif type(target) == 'table' and not getmetatable(target) then
+      for i, g in ipairs(target) do
+         if not T.is_tensor(g) then fail('grads[%d] must be a tensor, got %s', i, check.show(g)) end
+         list[#list + 1] = g
+      end
+   else
+      fail('expected a module, an optimizer or a list of gradient tensors, got %s', check.show(target))
+   end
+   local seen, out = {}, {}
+   for _, g in ipairs(list) do -- (a tensor shared by two layers is one gradient, scaled once)
+      if not seen[g] then
+         seen[g] = true
+         out[#out + 1] = g
+      end
+   end
+   return out
+end
+
+local OPTS = {norm_type = true, out = true}
+
+local function clip(target, max_norm, opts)
+   opts = opts or {}
+   if type(opts) ~= 'table' then fail('options must be a table, got %s', check.show(opts)) end
+   for k in pairs(opts) do
+      if not OPTS[k] then fail('unknown option %s (allowed: norm_type, out)', check.show(k)) end
+   end
+   if not (type(max_norm) == 'number' and max_norm > 0) then fail('max_norm must be a number > 0, got %s', check.show(max_norm)) end
+   local norm_type = opts.norm_type or 2
+   if not (norm_type == 2 or norm_type == math.huge) then
+      fail('norm_type must be 2 or math.huge (the largest |g|), got %s', check.show(norm_type))
+   end
+   local grads = gradients(target)
+   local total = opts.out
+   if total == nil then
+      total = T.zeros({1}, {device = grads[1] and grads[1]:device() or 'cpu'})
+   elseif not (T.is_tensor(total) and total:numel() == 1) then
+      fail('out must be a one-element tensor, got %s', check.show(total))
+   end
+   local arr = ffi.new('nr_tensor *[?]', math.max(#grads, 1))
+   for i, g in ipairs(grads) do arr[i - 1] = g.c end
+   if C.nr_clip_grad_norm(arr, #grads, total.c, max_norm, norm_type == 2 and 2 or 0) ~= 0 then
+      fail('%s', ffi.string(C.nr_last_error()))
+   end
+   return total
+end
+
+return function(target, max_norm, opts)
+   local ok, res = pcall(clip, target, max_norm, opts)
+   if not ok then error(res, 2) end
+   return res
+end
