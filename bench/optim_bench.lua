@@ -1,5 +1,6 @@
--- bench/optim_bench.lua — time of one optimizer step (SGD with momentum, Adam, AdamW) over the
--- parameters of a zoo model, against PyTorch's torch.optim on the same shapes (optim_bench.py).
+-- bench/optim_bench.lua — time of one optimizer step (SGD with momentum, Adam, AdamW) and of one
+-- gradient clipping (nr.optim.clip_grad_norm) over the parameters of a zoo model, against
+-- PyTorch's torch.optim and torch.nn.utils.clip_grad_norm_ on the same shapes (optim_bench.py).
 --
 --   NR_THREADS=2 ./build/nrlua bench/optim_bench.lua [--model resnet18_cifar] [--steps 50] [--rounds 3]
 --
@@ -39,6 +40,12 @@ local CONFIGS = {
    {name = 'sgd', cls = nr.optim.SGD, cfg = {lr = 0.01, momentum = 0.9, weight_decay = 5e-4}},
    {name = 'adam', cls = nr.optim.Adam, cfg = {lr = 1e-3, weight_decay = 1e-4}},
    {name = 'adamw', cls = nr.optim.AdamW, cfg = {lr = 1e-3, weight_decay = 1e-2}},
+   -- gradient clipping by the total 2-norm (nr.optim.clip_grad_norm; a max_norm no gradient
+   -- reaches, so every round times the same work: the norm and the scale by 1)
+   {name = 'clip', cls = function(m)
+      local out = nr.zeros({1})
+      return {step = function() nr.optim.clip_grad_norm(m, 1e9, {out = out}) end}
+   end},
 }
 
 local function time_nrlua(c)
@@ -82,7 +89,8 @@ end
 print(string.format('%-6s %12s %18s %18s %8s', 'optim', 'nrlua ms', 'torch loop ms', 'torch foreach ms', 'ratio'))
 for _, c in ipairs(CONFIGS) do
    local a = median(ours[c.name])
-   local loop, fe = median(theirs[c.name .. '_loop']), median(theirs[c.name .. '_foreach'])
-   print(string.format('%-6s %12.2f %18.2f %18.2f %8.2f', c.name, a, loop, fe, math.min(loop, fe) / a))
+   local loop, fe = median(theirs[c.name .. '_loop']), theirs[c.name .. '_foreach'] and median(theirs[c.name .. '_foreach'])
+   print(string.format('%-6s %12.2f %18.2f %18s %8.2f', c.name, a, loop, fe and string.format('%.2f', fe) or '-',
+      math.min(loop, fe or loop) / a))
 end
 os.remove(shape_file)

@@ -29,4 +29,15 @@ with torch.no_grad():
             for _ in range(a.steps):
                 o.step()
             out[name + '_' + mode] = (time.perf_counter() - t0) / a.steps * 1e3
+    # gradient clipping by the total 2-norm (its single-tensor and foreach paths)
+    for mode, fe in (('loop', False), ('foreach', True)):
+        kw = {'foreach': fe} if 'foreach' in torch.nn.utils.clip_grad_norm_.__code__.co_varnames else {}
+        if mode == 'foreach' and not kw:
+            continue  # (torch 1.13 has one path)
+        for _ in range(3):
+            torch.nn.utils.clip_grad_norm_(params, 1e9, **kw)
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            torch.nn.utils.clip_grad_norm_(params, 1e9, **kw)
+        out['clip_' + mode] = (time.perf_counter() - t0) / a.steps * 1e3
 print(json.dumps(out))

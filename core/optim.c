@@ -306,6 +306,12 @@ static double chunk_norm(const float *restrict p, int64_t len, int32_t norm_type
    return nan ? (double)NAN : (double)m;
 }
 
+NR_SIMD_CLONES
+static void chunk_scale(float *restrict p, int64_t len, float k)
+{
+   for (int64_t i = 0; i < len; i++) p[i] *= k;
+}
+
 nr_status nr_clip_grad_norm(nr_tensor *const *grads, int64_t n, nr_tensor *total, double max_norm, int32_t norm_type)
 {
    NR_TRY(clip_check(__func__, grads, n, total, max_norm, norm_type));
@@ -332,20 +338,21 @@ nr_status nr_clip_grad_norm(nr_tensor *const *grads, int64_t n, nr_tensor *total
       if (norm_type == 2) acc += part[c];
       else if (part[c] != part[c] || part[c] > acc) acc = part[c]; /* a NaN wins */
    }
-   free(part);
-   free(where);
    const float tot = (float)(norm_type == 2 ? sqrt(acc) : acc);
    *(float *)total->data = tot;
-   if (isinf(max_norm) || n == 0) return NR_OK;
-   /* PyTorch: clip_coef = max_norm / (total + 1e-6), which Tensor.__rtruediv__ computes as
-    * reciprocal(total + 1e-6) * max_norm in float; clamp(max = 1) keeps a NaN */
-   float coef = (1.0f / (tot + 1e-6f)) * (float)max_norm;
-   if (coef > 1.0f) coef = 1.0f;
-   for (int64_t k = 0; k < n; k++) {
-      float *p = grads[k]->data;
-      const int64_t m = nr_tensor_numel(grads[k]);
-#pragma omp parallel for simd schedule(static) if (nr_parallel_worth(m, 1))
-      for (int64_t i = 0; i < m; i++) p[i] *= coef;
+   if (!isinf(max_norm)) {
+      /* PyTorch: clip_coef = max_norm / (total + 1e-6), which Tensor.__rtruediv__ computes as
+       * reciprocal(total + 1e-6) * max_norm in float; clamp(max = 1) keeps a NaN */
+      float coef = (1.0f / (tot + 1e-6f)) * (float)max_norm;
+      if (coef > 1.0f) coef = 1.0f;
+#pragma omp parallel for schedule(static) if (nr_parallel_worth(nchunks, CLIP_CHUNK))
+      for (int64_t c = 0; c < nchunks; c++) {
+         const nr_tensor *g = grads[where[2 * c]];
+         const int64_t at = where[2 * c + 1], m = nr_tensor_numel(g);
+         chunk_scale((float *)g->data + at, m - at < CLIP_CHUNK ? m - at : CLIP_CHUNK, coef);
+      }
    }
+   free(part);
+   free(where);
    return NR_OK;
 }
