@@ -11,16 +11,9 @@ local nr = require 'nr'
 local nn = nr.nn
 local now = require('nr.progress').now
 local json = require 'cjson'
+local side = dofile((debug.getinfo(1, 'S').source:match('^@(.*/)') or './') .. 'side.lua')
 
-local opt = {reps = 20, rounds = 3, python = '/usr/bin/python3'}
-do
-   local args = {...}
-   for i = 1, #args, 2 do
-      local k = args[i]:match('^%-%-(.+)$')
-      assert(k and opt[k] ~= nil and args[i + 1], 'layer_bench: unknown or incomplete option ' .. tostring(args[i]))
-      opt[k] = tonumber(args[i + 1]) or args[i + 1]
-   end
-end
+local opt = side.options({reps = 20, rounds = 3, python = '/usr/bin/python3'}, {...}, 'layer_bench')
 
 -- name, input shape, the layer (nrlua), its PyTorch twin (a Python expression on torch.nn as nn)
 local CASES = {
@@ -50,7 +43,6 @@ local function time_nrlua(c)
    return {bf * 1e3, bb * 1e3}
 end
 
-local here = debug.getinfo(1, 'S').source:match('^@(.*/)') or './'
 local case_file = os.tmpname()
 do
    local list = {}
@@ -60,19 +52,9 @@ do
    f:close()
 end
 local function time_torch()
-   local cmd = string.format('%s %slayer_bench.py --cases %s --reps %d --threads %d', opt.python, here, case_file, opt.reps,
-      nr.get_num_threads and nr.get_num_threads() or 2)
-   local p = assert(io.popen(cmd))
-   local out = p:read('*a')
-   p:close()
-   return json.decode(out)
+   return side.torch('layer_bench.py', string.format('--cases %s --reps %d', case_file, opt.reps), opt.python)
 end
-
-local function median(t)
-   local s = {unpack(t)}
-   table.sort(s)
-   return s[math.floor((#s + 1) / 2)]
-end
+local median = side.median
 
 local ours, theirs = {}, {}
 for _ = 1, opt.rounds do

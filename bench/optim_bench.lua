@@ -10,19 +10,14 @@
 -- machine load lands on both alike. Prints ms/step per optimizer and side, and the ratio
 -- PyTorch best / nrlua (> 1: nrlua faster), median over rounds.
 local nr = require 'nr'
-local models = dofile((debug.getinfo(1, 'S').source:match('^@(.*/)') or './') .. 'models.lua')
+local here = debug.getinfo(1, 'S').source:match('^@(.*/)') or './'
+local models = dofile(here .. 'models.lua')
+local side = dofile(here .. 'side.lua')
 local now = require('nr.progress').now
 local json = require 'cjson'
 
-local opt = {model = 'resnet18_cifar', steps = 50, rounds = 3, python = '/usr/bin/python3'}
-do
-   local args = {...}
-   for i = 1, #args, 2 do
-      local k = args[i]:match('^%-%-(.+)$')
-      assert(k and opt[k] ~= nil and args[i + 1], 'optim_bench: unknown or incomplete option ' .. tostring(args[i]))
-      opt[k] = tonumber(args[i + 1]) or args[i + 1]
-   end
-end
+local opt = side.options({model = 'resnet18_cifar', steps = 50, rounds = 3, python = '/usr/bin/python3'}, {...},
+   'optim_bench')
 
 local spec = assert(models.models[opt.model], 'optim_bench: unknown model ' .. opt.model)
 local model = spec.build()
@@ -57,20 +52,10 @@ local function time_nrlua(c)
    return (now() - t0) / opt.steps * 1e3
 end
 
-local here = debug.getinfo(1, 'S').source:match('^@(.*/)') or './'
 local function time_torch()
-   local cmd = string.format('%s %soptim_bench.py --shapes %s --steps %d --threads %d', opt.python, here, shape_file, opt.steps,
-      nr.get_num_threads and nr.get_num_threads() or 2)
-   local p = assert(io.popen(cmd))
-   local out = p:read('*a')
-   p:close()
-   return json.decode(out)
+   return side.torch('optim_bench.py', string.format('--shapes %s --steps %d', shape_file, opt.steps), opt.python)
 end
-
-local function median(t)
-   table.sort(t)
-   return t[math.floor((#t + 1) / 2)]
-end
+local median = side.median
 
 print(string.format('%s: %d parameter tensors, %.2fM values; %d steps per timing, %d rounds', opt.model, #shapes, n / 1e6,
    opt.steps, opt.rounds))

@@ -7,45 +7,27 @@
  * wins its window (propagates, as PyTorch).
  */
 #include "nn_internal.h"
+#include "nn_pool_window.h"
 
 #include <math.h>
 #include <string.h>
 
-/* Geometry of one pooling call: nc = N*C planes of h x w in, ho x wo out. Windowed pools
- * (MaxPool2d, AvgPool2d) use the kernel, stride and padding; adaptive ones (PyTorch's
- * AdaptiveMax/AvgPool2d) pool output row oh over input rows floor(oh*h/ho) .. ceil((oh+1)*h/ho)-1
- * (likewise columns): windows that may differ in size and overlap, never empty. */
+/* Geometry of one pooling call: nc = N*C planes of h x w in, ho x wo out; windowed pools use the
+ * kernel, stride and padding, adaptive ones PyTorch's adaptive windows (nn_pool_window.h). */
 typedef struct {
    int64_t nc, h, w, ho, wo, kh, kw, sh, sw, ph, pw;
    int adaptive;
 } pool_geom;
 
-/* One output position's window along one side: its nominal start (padding counted, may be < 0)
- * and the input range [lo, hi) it covers. */
-typedef struct {
-   int64_t start, lo, hi;
-} pool_span;
+typedef nr_pool_span pool_span;
 
-static inline pool_span span_at(int64_t o, int64_t n, int64_t no, int64_t k, int64_t s, int64_t p, int adaptive)
-{
-   pool_span r;
-   if (adaptive) {
-      r.start = r.lo = o * n / no;
-      r.hi = ((o + 1) * n + no - 1) / no;
-      return r;
-   }
-   r.start = o * s - p;
-   r.lo = r.start < 0 ? 0 : r.start;
-   r.hi = r.start + k > n ? n : r.start + k;
-   return r;
-}
 static inline pool_span row_span(const pool_geom *g, int64_t oh)
 {
-   return span_at(oh, g->h, g->ho, g->kh, g->sh, g->ph, g->adaptive);
+   return nr_pool_span_at(oh, g->h, g->ho, g->kh, g->sh, g->ph, g->adaptive);
 }
 static inline pool_span col_span(const pool_geom *g, int64_t ow)
 {
-   return span_at(ow, g->w, g->wo, g->kw, g->sw, g->pw, g->adaptive);
+   return nr_pool_span_at(ow, g->w, g->wo, g->kw, g->sw, g->pw, g->adaptive);
 }
 
 static nr_status pool_setup(const char *func, const nr_tensor *x, const char *xname, const nr_tensor *y,
@@ -215,16 +197,9 @@ nr_status nr_adaptive_maxpool2d_backward(const nr_tensor *dy, const nr_tensor *i
    return maxpool_scatter(__func__, dy, indices, dx);
 }
 
-/* Divisor of the window (r, c): with include_pad (windowed pools only) PyTorch's kernel area
- * clipped to the padded input, else the number of input elements the window covers. */
 static inline float avg_divisor(const pool_geom *g, pool_span r, pool_span c, int32_t include_pad)
 {
-   if (include_pad && !g->adaptive) {
-      int64_t he = r.start + g->kh < g->h + g->ph ? r.start + g->kh : g->h + g->ph;
-      int64_t we = c.start + g->kw < g->w + g->pw ? c.start + g->kw : g->w + g->pw;
-      return (float)((he - r.start) * (we - c.start));
-   }
-   return (float)((r.hi - r.lo) * (c.hi - c.lo));
+   return nr_pool_avg_divisor(r, c, g->h, g->w, g->kh, g->kw, g->ph, g->pw, include_pad, g->adaptive);
 }
 
 static void avgpool_run(const pool_geom *geom, const float *px, float *py, int32_t include_pad)

@@ -21,6 +21,7 @@
 #include "kernel_util.cuh"
 #include "../adam_coef.h"
 #include "../nn_rank.h"
+#include "../nn_pool_window.h"
 
 #include <cuda_runtime.h>
 #include <math.h>
@@ -466,8 +467,7 @@ __global__ void k_bias_finish(const double *part, int S, int64_t C, float *db, f
 /* ---------------------------------------------------------------- pooling */
 
 /* Input (N, C, h, w), output (N, C, ho, wo), nc = N*C planes; cl: both channels-last; ad:
- * adaptive windows (PyTorch's AdaptiveMax/AvgPool2d: output row oh pools input rows
- * floor(oh*h/ho) .. ceil((oh+1)*h/ho) - 1; kernel, stride and padding unused). */
+ * adaptive windows (kernel, stride and padding unused; nn_pool_window.h). */
 struct pool {
    int64_t nc, c, h, w, ho, wo;
    int32_t kh, kw, sh, sw, ph, pw, cl, ad;
@@ -500,31 +500,14 @@ pool make_adaptive_pool(const nr_tensor *x, const nr_tensor *y)
    return p;
 }
 
-/* One output position's window along one side (n inputs, no outputs; kernel k, stride s,
- * padding pd): its nominal start (padding counted, may be < 0) and the input range [lo, hi). */
-struct span {
-   int64_t start, lo, hi;
-};
-__device__ __forceinline__ span span_at(int ad, int64_t o, int64_t n, int64_t no, int64_t k, int64_t s, int64_t pd)
-{
-   span r;
-   if (ad) {
-      r.start = r.lo = o * n / no;
-      r.hi = ((o + 1) * n + no - 1) / no;
-      return r;
-   }
-   r.start = o * s - pd;
-   r.lo = r.start < 0 ? 0 : r.start;
-   r.hi = r.start + k > n ? n : r.start + k;
-   return r;
-}
+typedef nr_pool_span span; /* (nn_pool_window.h: the CPU's windows) */
 __device__ __forceinline__ span row_span(const pool &p, int64_t oh)
 {
-   return span_at(p.ad, oh, p.h, p.ho, p.kh, p.sh, p.ph);
+   return nr_pool_span_at(oh, p.h, p.ho, p.kh, p.sh, p.ph, p.ad);
 }
 __device__ __forceinline__ span col_span(const pool &p, int64_t ow)
 {
-   return span_at(p.ad, ow, p.w, p.wo, p.kw, p.sw, p.pw);
+   return nr_pool_span_at(ow, p.w, p.wo, p.kw, p.sw, p.pw, p.ad);
 }
 
 /* Element i (in memory order) of a tensor with planes of hh x ww pixels: its plane q = n*C + c
@@ -627,16 +610,9 @@ template <typename T> __global__ void k_maxpool_b(const T *dy, const int64_t *in
    }
 }
 
-/* Divisor of the window (r, c), as the CPU's: with inc (count_include_pad, windowed pools only) the
- * kernel area clipped to the padded input, else the number of input elements covered. */
 __device__ __forceinline__ float avg_div(const pool &p, const span &r, const span &c, int inc)
 {
-   if (inc && !p.ad) {
-      int64_t he = r.start + p.kh < p.h + p.ph ? r.start + p.kh : p.h + p.ph;
-      int64_t we = c.start + p.kw < p.w + p.pw ? c.start + p.kw : p.w + p.pw;
-      return (float)((he - r.start) * (we - c.start));
-   }
-   return (float)((r.hi - r.lo) * (c.hi - c.lo));
+   return nr_pool_avg_divisor(r, c, p.h, p.w, p.kh, p.kw, p.ph, p.pw, inc, p.ad);
 }
 
 template <typename T> __global__ void k_avgpool_f(const T *x, T *y, pool p, int inc)
