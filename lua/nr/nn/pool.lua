@@ -4,8 +4,9 @@
 -- AvgPool2d count_include_pad = true by default; the adaptive pools take the output size (PyTorch's
 -- windows, which may overlap); GlobalAvgPool2d gives (N, C) (AdaptiveAvgPool2d(1) the same means
 -- as (N, C, 1, 1)).
--- Invariants: kernel_size, stride, padding, output_size are {h, w}; the max pools keep the argmax indices of the
--- last forward (_indices, int64) for its backward; buffers are reused while shapes stay the same.
+-- Invariants: kernel_size, stride, padding, output_size are {h, w}; the max pools keep the argmax
+-- indices of the last forward (_indices, int64) for its backward; buffers are reused while shapes
+-- stay the same.
 local class = require 'nr.class'
 local Module = require 'nr.nn.module'
 local check = require 'nr.check'
