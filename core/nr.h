@@ -487,9 +487,10 @@ nr_status nr_adam_check_many(const nr_adam_job *jobs, int64_t n, double lr, doub
  * total (1 element, f32, the grads' device) <- the norm over every element of grads[0..n-1]:
  * norm_type 2 the square root of the sum of squares (summed in double over chunks of the
  * gradients, combined in chunk order: the value does not depend on the thread count), 0 the
- * largest |g| (PyTorch's norm_type = inf; a NaN gives NaN); then, unless max_norm is +inf, every
- * gradient is scaled in place by min(1, (1 / (total + 1e-6)) * max_norm) in float, PyTorch's
- * expression (a NaN total gives NaN gradients, an inf one zeros, as there). grads: f32,
+ * largest |g| (PyTorch's norm_type = inf; a NaN gives NaN); then every gradient is scaled in
+ * place by min(1, (1 / (total + 1e-6)) * max_norm) in float, PyTorch's expression (a NaN total
+ * gives NaN gradients, an inf one zeros, or NaN under an inf max_norm, as there; a total past
+ * ~1.8e19, whose square overflows PyTorch 1.13's float sum to inf, is exact here). grads: f32,
  * contiguous, on total's device, no tensor twice (it would be scaled twice); max_norm > 0. On
  * CUDA nothing is read back: the scale is computed and applied on the device. */
 nr_status nr_clip_grad_norm(nr_tensor *const *grads, int64_t n, nr_tensor *total, double max_norm,

@@ -340,11 +340,12 @@ nr_status nr_clip_grad_norm(nr_tensor *const *grads, int64_t n, nr_tensor *total
    }
    const float tot = (float)(norm_type == 2 ? sqrt(acc) : acc);
    *(float *)total->data = tot;
-   if (!isinf(max_norm)) {
-      /* PyTorch: clip_coef = max_norm / (total + 1e-6), which Tensor.__rtruediv__ computes as
-       * reciprocal(total + 1e-6) * max_norm in float; clamp(max = 1) keeps a NaN */
-      float coef = (1.0f / (tot + 1e-6f)) * (float)max_norm;
-      if (coef > 1.0f) coef = 1.0f;
+   /* PyTorch: clip_coef = max_norm / (total + 1e-6), which Tensor.__rtruediv__ computes as
+    * reciprocal(total + 1e-6) * max_norm in float; clamp(max = 1) keeps a NaN (so an inf total
+    * under an inf max_norm gives NaN gradients, as there); a scale of 1 changes nothing */
+   float coef = (1.0f / (tot + 1e-6f)) * (float)max_norm;
+   if (coef > 1.0f) coef = 1.0f;
+   if (coef != 1.0f) {
 #pragma omp parallel for schedule(static) if (nr_parallel_worth(nchunks, CLIP_CHUNK))
       for (int64_t c = 0; c < nchunks; c++) {
          const nr_tensor *g = grads[where[2 * c]];

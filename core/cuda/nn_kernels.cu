@@ -1021,6 +1021,7 @@ __global__ void k_clip_scale(const clip_chunk *chunks, const float *scale)
 {
    const clip_chunk c = chunks[blockIdx.x];
    const float k = *scale;
+   if (k == 1.0f) return; /* (nothing to change: the usual step under a generous max_norm) */
    for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) c.g[i] *= k;
 }
 
@@ -1643,7 +1644,7 @@ nr_status nr_cuda_clip_grad_norm(nr_tensor *const *grads, int64_t n, nr_tensor *
    float *scale = (float *)(part + nchunks);
    if (nchunks > 0) k_clip_norm<<<(unsigned)nchunks, 256, 0, ctx->stream>>>(dev, part, norm_type);
    k_clip_finish<<<1, 256, 0, ctx->stream>>>(part, nchunks, fpm(total), scale, max_norm, norm_type);
-   if (nchunks > 0 && !isinf(max_norm)) k_clip_scale<<<(unsigned)nchunks, 256, 0, ctx->stream>>>(dev, scale);
+   if (nchunks > 0) k_clip_scale<<<(unsigned)nchunks, 256, 0, ctx->stream>>>(dev, scale);
    NR_CU_LAUNCHED("clip_grad_norm over %lld gradients", (long long)n);
    return NR_OK;
 }

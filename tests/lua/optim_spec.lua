@@ -636,6 +636,14 @@ describe('nr.optim.clip_grad_norm', function()
       assert.same({5, {3, 4}}, {out:item(), g:totable()})
       local nan = nr.tensor({0 / 0, 1})
       assert.is_true(nr.optim.clip_grad_norm({nan}, 1):item() ~= nr.optim.clip_grad_norm({nan}, 1):item())
+      -- an inf total under an inf max_norm: PyTorch's expression gives NaN gradients (inf x 0)
+      local inf = nr.tensor({math.huge, 1})
+      nr.optim.clip_grad_norm({inf}, math.huge)
+      assert.is_true(inf:totable()[2] ~= inf:totable()[2])
+      -- a total whose square overflows float (PyTorch 1.13 gives inf and zeros) is exact here
+      local big = nr.tensor({2e19, 1})
+      assert.is_true(math.abs(nr.optim.clip_grad_norm({big}, 1):item() - 2e19) <= 1e-6 * 2e19)
+      assert.is_true(math.abs(big:totable()[1] - 1) < 1e-6)
       local here = debug.getinfo(1, 'S').short_src
       local function msg(f) local ok, e = pcall(f); assert.is_false(ok); return tostring(e) end
       for _, c in ipairs({{function() local t = nr.optim.clip_grad_norm({g}, 0) return t end, 'max_norm must be a number > 0, got 0'},
@@ -643,10 +651,21 @@ describe('nr.optim.clip_grad_norm', function()
                           {function() local t = nr.optim.clip_grad_norm({g, 5}, 1) return t end, 'grads[2] must be a tensor, got 5'},
                           {function() local t = nr.optim.clip_grad_norm('model', 1) return t end, 'expected a module, an optimizer'},
                           {function() local t = nr.optim.clip_grad_norm({g}, 1, {out = nr.zeros({2})}) return t end, 'out must be a one-element tensor'},
-                          {function() local t = nr.optim.clip_grad_norm({nr.tensor({1}, {dtype = 'int64'})}, 1) return t end, 'grad: expected f32'},
-                          {function() local t = nr.optim.clip_grad_norm({g:narrow(1, 1, 1), nr.randn({2, 2}):transpose(1, 2)}, 1) return t end, 'contiguous'}}) do
+                          {function() local t = nr.optim.clip_grad_norm({g, nr.tensor({1}, {dtype = 'int64'})}, 1) return t end,
+                           'grads[2] must be a contiguous float32 tensor on cpu, like the first, got int64'},
+                          {function() local t = nr.optim.clip_grad_norm({g, g, nr.randn({2, 2}):transpose(1, 2)}, 1) return t end,
+                           'grads[3] must be a contiguous float32 tensor'},
+                          -- a list with a hole (ipairs would stop there), a table keyed by names
+                          {function() local t = nr.optim.clip_grad_norm({nil, g, g}, 1) return t end, 'grads[1] must be a tensor, got nil'},
+                          {function() local t = nr.optim.clip_grad_norm({weight = g}, 1) return t end,
+                           'grads must be a list of tensors, got a table with the key "weight"'}}) do
          local e = msg(c[1])
          assert(e:sub(1, #here + 1) == here .. ':' and e:find(c[2], 1, true), e)
       end
+      -- a module's gradient is named by its parameter
+      local net = nr.nn.Sequential{nr.nn.Linear(3, 2), nr.nn.ReLU(), nr.nn.Linear(2, 2)}
+      net:get(3).gradWeight = nr.zeros({2, 2}):transpose(1, 2)
+      local e = msg(function() local t = nr.optim.clip_grad_norm(net, 1) return t end)
+      assert.truthy(e:find('the gradient of parameter 2.weight must be a contiguous float32 tensor', 1, true), e)
    end)
 end)

@@ -9,7 +9,9 @@
 -- Returns the norm before clipping as a one-element tensor on the gradients' device (:item()
 -- reads it, which waits for the GPU). Every gradient is scaled in place by
 -- min(1, max_norm / (total + 1e-6)). opts: norm_type (2 or math.huge), out (a one-element f32
--- tensor on that device to write the total into: no allocation per call).
+-- tensor on that device to write the total into: no allocation per call). The 2-norm is summed
+-- in double: totals past ~1.8e19, whose squares overflow PyTorch 1.13's float sum to inf (and
+-- its gradients to 0), are exact here; otherwise the two agree to float rounding.
 local T = require 'nr.tensor'
 local check = require 'nr.check'
 local nrffi = require 'nr.ffi'
@@ -20,19 +22,41 @@ local FN = 'nr.optim.clip_grad_norm'
 -- (errors without a position: the exported function raises them at its caller's line)
 local function fail(fmt, ...) error(FN .. ': ' .. string.format(fmt, ...), 0) end
 
--- The distinct gradient tensors of target (a module, an optimizer or a list of tensors).
+-- The distinct gradient tensors of target (a module, an optimizer or a list of tensors), and
+-- what each is called in an error (the user's index in a list; a module's parameter name).
 local function gradients(target)
-   local list = {}
+   local list, names = {}, {}
    if type(target) == 'table' and type(target.parameters) == 'function' and type(target.forward) == 'function' then
       local _, grads = target:parameters()
       for _, g in ipairs(grads) do list[#list + 1] = g end
+      names = function(g) -- (looked up only for an error)
+         for _, e in ipairs(target:namedParameters()) do
+            if e.grad == g then return 'the gradient of parameter ' .. e.name end
+         end
+         return 'a gradient of the module'
+      end
    elseif type(target) == 'table' and type(target.each_stepped) == 'function' then
       for _, grp in ipairs(target.groups) do target:each_stepped(grp, function(_, g) list[#list + 1] = g end) end
-   elseif type(target) == 'table' and not getmetatable(target) then
-      for i, g in ipairs(target) do
-         if not T.is_tensor(g) then fail('grads[%d] must be a tensor, got %s', i, check.show(g)) end
-         list[#list + 1] = g
+      names = function(g)
+         for i, h in ipairs(list) do if h == g then return "the optimizer's gradient " .. i end end
       end
+   elseif type(target) == 'table' and not getmetatable(target) then
+      -- a list: every key 1..n (ipairs would stop at a hole, and a table keyed by names would
+      -- clip nothing, both without a word)
+      local n = 0
+      for k in pairs(target) do
+         if type(k) ~= 'number' or k < 1 or k % 1 ~= 0 then
+            fail('grads must be a list of tensors, got a table with the key %s', check.show(k))
+         end
+         n = math.max(n, k)
+      end
+      for i = 1, n do
+         if not T.is_tensor(target[i]) then fail('grads[%d] must be a tensor, got %s', i, check.show(target[i])) end
+         list[i] = target[i]
+         names[target[i]] = names[target[i]] or string.format('grads[%d]', i)
+      end
+      local tbl = names
+      names = function(g) return tbl[g] end
    else
       fail('expected a module, an optimizer or a list of gradient tensors, got %s', check.show(target))
    end
@@ -41,6 +65,13 @@ local function gradients(target)
       if not seen[g] then
          seen[g] = true
          out[#out + 1] = g
+      end
+   end
+   -- what the C call checks too, said here with the user's name for the tensor
+   for _, g in ipairs(out) do
+      if g:dtype() ~= 'float32' or not g:is_contiguous() or g:device() ~= out[1]:device() then
+         fail('%s must be a contiguous float32 tensor on %s, like the first, got %s', names(g), out[1]:device(),
+            g:describe())
       end
    end
    return out
