@@ -163,6 +163,18 @@ static void rows_affine(const bn_geom *g, int64_t c0, int64_t nb, const float *p
    }
 }
 
+/* One row's terms of a channel's statistics (the plane loop's at hw = 1): its plane mean pm
+ * about k, q = pm - K and the deviation about the float-rounded mean less that rounding's share. */
+static inline void row_terms(float x, float k, double K, double *q, double *e)
+{
+   const double pm = (double)k + (double)(x - k);
+   const float pf = (float)pm;
+   const float d = x - pf;
+   const double off = pm - (double)pf;
+   *q = pm - K;
+   *e = (double)(d * d) - off * off;
+}
+
 /* Training forward of channels c0 .. c0 + nb - 1 (the plane loop's statistics at hw = 1: each
  * plane mean is the value, k the first row's, its deviations about the float-rounded mean). */
 NR_SIMD_CLONES
@@ -179,17 +191,30 @@ static void rows_forward_train(const bn_geom *g, int64_t c0, int64_t nb, const f
       s1[j] = s2[j] = devs[j] = 0;
       K[j] = (double)k[j] + (double)(px[c0 + j] - k[j]);
    }
-   for (int64_t n = 0; n < N; n++) {
+   /* two rows per pass: each sum still takes row n's term before row n + 1's (the same bits),
+    * with half the loads and stores of the sums */
+   int64_t n = 0;
+   for (; n + 1 < N; n += 2) {
+      const float *x0 = px + n * C + c0, *x1 = x0 + C;
+#pragma omp simd
+      for (int64_t j = 0; j < nb; j++) {
+         double q0, e0, q1, e1;
+         row_terms(x0[j], k[j], K[j], &q0, &e0);
+         row_terms(x1[j], k[j], K[j], &q1, &e1);
+         s1[j] = s1[j] + q0 + q1;
+         s2[j] = s2[j] + q0 * q0 + q1 * q1;
+         devs[j] = devs[j] + e0 + e1;
+      }
+   }
+   for (; n < N; n++) {
       const float *x = px + n * C + c0;
 #pragma omp simd
       for (int64_t j = 0; j < nb; j++) {
-         const double pm = (double)k[j] + (double)(x[j] - k[j]);
-         const float pf = (float)pm;
-         const float d = x[j] - pf;
-         const double q = pm - K[j], off = pm - (double)pf;
+         double q, e;
+         row_terms(x[j], k[j], K[j], &q, &e);
          s1[j] += q;
          s2[j] += q * q;
-         devs[j] += (double)(d * d) - off * off;
+         devs[j] += e;
       }
    }
    const double m = (double)N;
