@@ -256,15 +256,37 @@ NR_SIMD_CLONES
 static void rows_sums(const bn_geom *g, int64_t c0, int64_t nb, const float *px, const float *pdy, const float *pr,
                       const float *mean, double *sdy, double *sdyx)
 {
-   const int64_t C = g->c;
+   const int64_t C = g->c, N = g->n;
    for (int64_t j = 0; j < nb; j++) sdy[j] = sdyx[j] = 0;
-   for (int64_t n = 0; n < g->n; n++) {
+   /* two rows per pass, row n's terms added before row n + 1's (as rows_forward_train); the mask
+    * r > 0 (dy loaded unconditionally: the select becomes a blend) or none */
+   int64_t n = 0;
+   for (; n + 1 < N; n += 2) {
+      const float *x0 = px + n * C + c0, *d0 = pdy + n * C + c0, *x1 = x0 + C, *d1 = d0 + C;
+      const float *r0 = pr ? pr + n * C + c0 : NULL, *r1 = pr ? r0 + C : NULL;
+      if (pr) {
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) {
+            const float e0 = d0[j], e1 = d1[j];
+            const float v0 = r0[j] > 0.0f ? e0 : 0.0f, v1 = r1[j] > 0.0f ? e1 : 0.0f;
+            sdy[j] = sdy[j] + (double)v0 + (double)v1;
+            sdyx[j] = sdyx[j] + (double)(v0 * (x0[j] - mean[j])) + (double)(v1 * (x1[j] - mean[j]));
+         }
+      } else {
+#pragma omp simd
+         for (int64_t j = 0; j < nb; j++) {
+            sdy[j] = sdy[j] + (double)d0[j] + (double)d1[j];
+            sdyx[j] = sdyx[j] + (double)(d0[j] * (x0[j] - mean[j])) + (double)(d1[j] * (x1[j] - mean[j]));
+         }
+      }
+   }
+   for (; n < N; n++) {
       const float *x = px + n * C + c0, *d = pdy + n * C + c0;
       if (pr) {
          const float *r = pr + n * C + c0;
 #pragma omp simd
          for (int64_t j = 0; j < nb; j++) {
-            const float dd = d[j]; /* loaded unconditionally: the select becomes a blend */
+            const float dd = d[j];
             const float dv = r[j] > 0.0f ? dd : 0.0f;
             sdy[j] += (double)dv;
             sdyx[j] += (double)(dv * (x[j] - mean[j]));
