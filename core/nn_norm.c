@@ -118,6 +118,28 @@ static void channel_sums(const float *px, const float *pdy, const float *pr, con
    *sdy = s1, *sdyx = s2;
 }
 
+/* A channel's statistics from its sums about K over n planes of hw values (s1: the plane means'
+ * offsets from K, s2 their squares, devs the deviations inside the planes; total: the plain sum
+ * where those are not finite, else 0): sm[c] <- the mean, si[c] <- 1 / sqrt(biased var + eps),
+ * and the running statistics' update (PyTorch's, with the unbiased variance). */
+static inline void channel_stats(double K, double s1, double s2, double devs, double total, int64_t n, int64_t hw,
+                                 float eps, float momentum, int64_t c, float *sm, float *si, float *rm, float *rv)
+{
+   const int64_t m = n * hw;
+   double mean = K + s1 / (double)n;
+   const double m2 = devs + (double)hw * (s2 - s1 * s1 / (double)n);
+   /* an inf makes the shifted sums inf - inf: the mean is then the plain sum's (inf, as PyTorch
+    * and the GPU give), whichever sample held it */
+   if (!isfinite(mean) && !isnan(total)) mean = total / (double)m;
+   const float meanf = (float)mean;
+   const double var = m2 / (double)m;
+   const float invstd = (float)(1.0 / sqrt(var + (double)eps));
+   sm[c] = meanf;
+   si[c] = invstd;
+   rm[c] = (1.0f - momentum) * rm[c] + momentum * meanf;
+   rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * (double)m / (double)(m - 1));
+}
+
 /* ---- one value per plane (hw = 1: BatchNorm1d on (N, C) or (N, C, 1), BatchNorm2d on 1x1
  * maps): the per-channel loops below would stride through memory a float at a time. These run
  * the same arithmetic on blocks of ROW_CB channels, row by row (contiguous, vectorised across the
@@ -217,23 +239,13 @@ static void rows_forward_train(const bn_geom *g, int64_t c0, int64_t nb, const f
          devs[j] += e;
       }
    }
-   const double m = (double)N;
    for (int64_t j = 0; j < nb; j++) {
       const int64_t c = c0 + j;
       double total = 0; /* the plain sum when the shifted sums were not finite (inputs holding inf) */
       if (!isfinite(s1[j]) || !isfinite(devs[j]))
          for (int64_t n = 0; n < N; n++) total += (double)px[n * C + c];
-      double mean = K[j] + s1[j] / m;
-      if (!isfinite(mean) && !isnan(total)) mean = total / m;
-      const double m2 = devs[j] + (s2[j] - s1[j] * s1[j] / m);
-      const float meanf = (float)mean;
-      const double var = m2 / m;
-      const float invstd = (float)(1.0 / sqrt(var + (double)eps));
-      sm[c] = meanf;
-      si[c] = invstd;
-      rm[c] = (1.0f - momentum) * rm[c] + momentum * meanf;
-      rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * m / (m - 1));
-      affine_coefs(meanf, invstd * (pg ? pg[c] : 1.0f), pb ? pb[c] : 0.0f, &mc[j], &aa[j], &bc[j]);
+      channel_stats(K[j], s1[j], s2[j], devs[j], total, N, 1, eps, momentum, c, sm, si, rm, rv);
+      affine_coefs(sm[c], si[c] * (pg ? pg[c] : 1.0f), pb ? pb[c] : 0.0f, &mc[j], &aa[j], &bc[j]);
    }
    rows_affine(g, c0, nb, px, py, mc, aa, bc, relu);
 }
@@ -263,8 +275,8 @@ static void rows_sums(const bn_geom *g, int64_t c0, int64_t nb, const float *px,
    int64_t n = 0;
    for (; n + 1 < N; n += 2) {
       const float *x0 = px + n * C + c0, *d0 = pdy + n * C + c0, *x1 = x0 + C, *d1 = d0 + C;
-      const float *r0 = pr ? pr + n * C + c0 : NULL, *r1 = pr ? r0 + C : NULL;
       if (pr) {
+         const float *r0 = pr + n * C + c0, *r1 = r0 + C;
 #pragma omp simd
          for (int64_t j = 0; j < nb; j++) {
             const float e0 = d0[j], e1 = d1[j];
@@ -453,20 +465,9 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
             total += part;
          }
       }
-      double mean = K + s1 / (double)g.n;
-      const double m2 = devs + hw * (s2 - s1 * s1 / (double)g.n);
-      /* an inf makes the shifted sums inf - inf: the mean is then the plain sum's (inf, as
-       * PyTorch and the GPU give), whichever sample held it */
-      if (!isfinite(mean) && !isnan(total)) mean = total / (double)m;
-      const float meanf = (float)mean;
-      const double var = m2 / (double)m;
-      const float invstd = (float)(1.0 / sqrt(var + (double)eps));
-      sm[c] = meanf;
-      si[c] = invstd;
-      rm[c] = (1.0f - momentum) * rm[c] + momentum * meanf;
-      rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * (double)m / (double)(m - 1));
-      const float a = invstd * (pg ? pg[c] : 1.0f), b = pb ? pb[c] : 0.0f;
-      nn_affine_planes(px + c * g.hw, py + c * g.hw, g.n, g.c * g.hw, g.hw, meanf, a, b, relu);
+      channel_stats(K, s1, s2, devs, total, g.n, g.hw, eps, momentum, c, sm, si, rm, rv);
+      const float a = si[c] * (pg ? pg[c] : 1.0f), b = pb ? pb[c] : 0.0f;
+      nn_affine_planes(px + c * g.hw, py + c * g.hw, g.n, g.c * g.hw, g.hw, sm[c], a, b, relu);
    }
    return NR_OK;
 }
