@@ -28,6 +28,7 @@ local nrffi = require 'nr.ffi'
 local ck = require 'nr.checkpoint'
 local progress = require 'nr.progress'
 local schedule = require 'nr.schedule'
+local clip_grad_norm = require('nr.optim').clip_grad_norm
 local ffi, C = nrffi.ffi, nrffi.C
 
 local M = {}
@@ -1251,10 +1252,10 @@ end
 function Trainer:clip_gradients(max_norm)
    local t = rawget(self, 'grad_norm')
    if not t then -- (on the run's device, where the model is)
-      t = require('nr.tensor').zeros({1}, {device = self.device})
+      t = T.zeros({1}, {device = self.device})
       self.grad_norm = t
    end
-   require('nr.optim').clip_grad_norm(self.model, max_norm, {out = t})
+   clip_grad_norm(self.model, max_norm, {out = t})
 end
 
 -- One epoch of training: returns {loss, top1, images, time}.

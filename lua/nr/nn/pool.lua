@@ -62,6 +62,13 @@ local function window_extra(self)
    return e .. (self.ceil_mode and ' ceil' or '')
 end
 
+-- What every pool's backward starts from: gradOutput checked against the output, and the
+-- gradInput buffer shaped like the checked input.
+local function grad_pair(self, x, gradOutput)
+   x = U.input(x, 4, nil, '(N, C, H, W)')
+   return U.grad(gradOutput, self.output), U.grad_buffer(self, x:shape(), x)
+end
+
 local function geom(self)
    local k, s, p = self.kernel_size, self.stride, self.padding
    return k[1], k[2], s[1], s[2], p[1], p[2]
@@ -85,9 +92,7 @@ function MaxPool2d:updateOutput(x)
    return y
 end
 function MaxPool2d:updateGradInput(x, gradOutput)
-   x = U.input(x, 4, nil, '(N, C, H, W)')
-   local g = U.grad(gradOutput, self.output)
-   local gi = U.grad_buffer(self, x:shape(), x)
+   local g, gi = grad_pair(self, x, gradOutput)
    local kh, kw, sh, sw, ph, pw = geom(self)
    U.call(C.nr_maxpool2d_backward(g.c, self._indices.c, gi.c, kh, kw, sh, sw, ph, pw, ceil_flag(self)))
    return gi
@@ -111,9 +116,7 @@ function AvgPool2d:updateOutput(x)
    return y
 end
 function AvgPool2d:updateGradInput(x, gradOutput)
-   x = U.input(x, 4, nil, '(N, C, H, W)')
-   local g = U.grad(gradOutput, self.output)
-   local gi = U.grad_buffer(self, x:shape(), x)
+   local g, gi = grad_pair(self, x, gradOutput)
    local kh, kw, sh, sw, ph, pw = geom(self)
    U.call(C.nr_avgpool2d_backward(g.c, gi.c, kh, kw, sh, sw, ph, pw, self.count_include_pad and 1 or 0, ceil_flag(self)))
    return gi
@@ -160,9 +163,7 @@ function AdaptiveMaxPool2d:updateOutput(x)
    return y
 end
 function AdaptiveMaxPool2d:updateGradInput(x, gradOutput)
-   x = U.input(x, 4, nil, '(N, C, H, W)')
-   local g = U.grad(gradOutput, self.output)
-   local gi = U.grad_buffer(self, x:shape(), x)
+   local g, gi = grad_pair(self, x, gradOutput)
    U.call(C.nr_adaptive_maxpool2d_backward(g.c, self._indices.c, gi.c))
    return gi
 end
@@ -181,9 +182,7 @@ function AdaptiveAvgPool2d:updateOutput(x)
    return y
 end
 function AdaptiveAvgPool2d:updateGradInput(x, gradOutput)
-   x = U.input(x, 4, nil, '(N, C, H, W)')
-   local g = U.grad(gradOutput, self.output)
-   local gi = U.grad_buffer(self, x:shape(), x)
+   local g, gi = grad_pair(self, x, gradOutput)
    U.call(C.nr_adaptive_avgpool2d_backward(g.c, gi.c))
    return gi
 end
@@ -203,9 +202,7 @@ function GlobalAvgPool2d:updateOutput(x)
    return y
 end
 function GlobalAvgPool2d:updateGradInput(x, gradOutput)
-   x = U.input(x, 4, nil, '(N, C, H, W)')
-   local g = U.grad(gradOutput, self.output)
-   local gi = U.grad_buffer(self, x:shape(), x)
+   local g, gi = grad_pair(self, x, gradOutput)
    U.call(C.nr_global_avgpool_backward(g.c, gi.c))
    return gi
 end
