@@ -155,6 +155,24 @@ local function cifar164(o)
    return util.named(parts)
 end
 
+-- torchvision's name for a tensor of this file's ImageNet ResNets ('layer1.0.0.main.3.weight' ->
+-- 'layer1.0.conv2.weight'; the main stream's slots 0/1, 3/4, 6/7 are conv1/bn1, conv2/bn2,
+-- conv3/bn3, the projection is downsample), nil for a name torchvision's has no twin of (the
+-- split layers of NR-CR / NR-CA, whose names carry one more part).
+local MAIN_SLOT = {['0'] = 'conv1', ['1'] = 'bn1', ['3'] = 'conv2', ['4'] = 'bn2', ['6'] = 'conv3', ['7'] = 'bn3'}
+function M.torchvision_name(name)
+   local head, field = name:match('^(.+)%.([%a_]+)$')
+   if not head then return nil end
+   if head == 'stem.0' then return 'conv1.' .. field end
+   if head == 'stem.1' then return 'bn1.' .. field end
+   if head == 'fc' then return 'fc.' .. field end
+   local stage, block, slot = head:match('^layer(%d)%.(%d+)%.0%.main%.(%d+)$')
+   if stage and MAIN_SLOT[slot] then return string.format('layer%s.%s.%s.%s', stage, block, MAIN_SLOT[slot], field) end
+   stage, block, slot = head:match('^layer(%d)%.(%d+)%.0%.shortcut%.([01])$')
+   if stage then return string.format('layer%s.%s.downsample.%s.%s', stage, block, slot, field) end
+   return nil
+end
+
 function M.build(opts)
    local o = util.common(opts, {depth = true, preact = true}, FNAME)
    if o.preact ~= nil and type(o.preact) ~= 'boolean' then

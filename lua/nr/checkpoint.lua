@@ -546,6 +546,33 @@ function M.model_tensors(model, fname)
    return out
 end
 
+-- The weights of NR-CR blocks reading an input generation no output group has (nr.nn.NRConv2d),
+-- as a set: they came on 2026-12-06, files written before lack them, and they start at zero, so a
+-- missing one is zero-filled rather than an error.
+local function unread_blocks(model)
+   local unread = {}
+   for _, m in ipairs(model:listModules()) do
+      for _, b in ipairs(rawget(m, 'blocks') or {}) do
+         if b.unread then unread[b.conv.weight] = true end
+      end
+   end
+   return unread
+end
+
+-- The error for names a file and a model do not share (lists sorted here); level: error's level as
+-- the function calling this would give it.
+local function mismatch(where, missing, unexpected, level, hint)
+   if #missing == 0 and #unexpected == 0 then return end
+   local function list(names) -- the first dozen: a whole other model would list hundreds
+      if #names == 0 then return 'none' end
+      table.sort(names)
+      local shown = table.concat(names, ', ', 1, math.min(#names, 12))
+      return #names > 12 and string.format('%s and %d more', shown, #names - 12) or shown
+   end
+   error(string.format('nr.checkpoint: %s does not match the model: missing %s; unexpected %s%s', where,
+      list(missing), list(unexpected), hint or ''), level + 1)
+end
+
 -- Copies weights (name -> tensor) into a model's parameters and buffers. Missing or unexpected
 -- names and shape mismatches are errors that list them (strict, so a wrong architecture fails).
 function M.load_into(model, weights, where)
@@ -553,14 +580,7 @@ function M.load_into(model, weights, where)
    check.arg(type(weights) == 'table', 'nr.checkpoint.load_into', 'weights must be a table of name -> tensor, got %s',
       type(weights))
    local targets = M.model_tensors(model, 'nr.checkpoint.load_into')
-   -- an NR-CR layer's block reading an input generation no output group has (nr.nn.NRConv2d) came
-   -- on 2026-12-06; files written before it lack that block, which starts at zero: zero-filled
-   local unread = {}
-   for _, m in ipairs(model:listModules()) do
-      for _, b in ipairs(rawget(m, 'blocks') or {}) do
-         if b.unread then unread[b.conv.weight] = true end
-      end
-   end
+   local unread = unread_blocks(model)
    local missing, unexpected = {}, {}
    for name, t in pairs(targets) do
       if not weights[name] then
@@ -568,11 +588,7 @@ function M.load_into(model, weights, where)
       end
    end
    for name in pairs(weights) do if not targets[name] then unexpected[#unexpected + 1] = name end end
-   table.sort(missing); table.sort(unexpected)
-   if #missing > 0 or #unexpected > 0 then
-      error(string.format('nr.checkpoint: %s does not match the model: missing %s; unexpected %s', where,
-         #missing > 0 and table.concat(missing, ', ') or 'none', #unexpected > 0 and table.concat(unexpected, ', ') or 'none'), 2)
-   end
+   mismatch(where, missing, unexpected, 2)
    local names = {}
    for name in pairs(targets) do if weights[name] then names[#names + 1] = name end end
    table.sort(names)
@@ -613,12 +629,55 @@ function M.arch_metadata(model)
    return {nr_arch = M.json_encode(surgery.arch_state(model)), nr_generation = gen and tostring(gen) or nil}
 end
 
+-- How a weights file names a model's tensors (save_weights / load_weights `names`): nil, the
+-- model's own paths; 'torchvision', nr.models.torchvision_names (the ImageNet ResNets); a table
+-- {model name -> file name} or a function(model name) -> file name, where nil keeps the name.
+-- Returns {model name -> file name}, or nil for the model's own names. level: the user's call.
+local function file_names(model, names, fname, level)
+   if names == nil then return nil end
+   if names == 'torchvision' then return require('nr.models').torchvision_names(model, fname, level + 1) end
+   if type(names) ~= 'table' and type(names) ~= 'function' then
+      error(string.format("%s: names must be 'torchvision', a table {model name -> file name} or a function, got %s",
+         fname, check.show(names)), level + 1)
+   end
+   local map, taken = {}, {}
+   local own = {}
+   for name in pairs(M.model_tensors(model, fname)) do own[#own + 1] = name end
+   table.sort(own)
+   for _, name in ipairs(own) do
+      local f
+      if type(names) == 'table' then f = names[name] else f = names(name) end
+      if f == nil then f = name end
+      if type(f) ~= 'string' or f == '' then
+         error(string.format('%s: names gives %s for %s; a file name must be a non-empty string', fname,
+            check.show(f), name), level + 1)
+      end
+      if taken[f] then
+         error(string.format('%s: names gives %s for both %s and %s', fname, f, taken[f], name), level + 1)
+      end
+      map[name], taken[f] = f, name
+   end
+   return map
+end
+
 -- Saves a model's weights (and buffers) to a safetensors file PyTorch can read, with the layer
--- sizes (arch_metadata) beside any metadata given.
-function M.save_weights(model, path, metadata)
-   local tensors = M.model_tensors(model, 'nr.checkpoint.save_weights')
+-- sizes (arch_metadata). opts: names (file_names above; 'torchvision' writes what a torchvision
+-- model's load_state_dict takes), metadata (string -> string, beside the layer sizes).
+function M.save_weights(model, path, opts)
+   local FN = 'nr.checkpoint.save_weights'
+   local tensors = M.model_tensors(model, FN)
+   check.type(path, 'string', FN, 'path')
+   opts = check.options(opts, {names = true, metadata = true}, FN)
+   local map = file_names(model, opts.names, FN, 2)
+   if map then
+      local renamed = {}
+      for name, t in pairs(tensors) do renamed[map[name]] = t end
+      tensors = renamed
+   end
    local meta = M.arch_metadata(model)
-   for k, v in pairs(metadata or {}) do meta[k] = v end
+   check.arg(opts.metadata == nil or type(opts.metadata) == 'table', FN, 'metadata must be a table of strings, got %s',
+      check.show(opts.metadata))
+   for k, v in pairs(opts.metadata or {}) do meta[k] = v end
    safetensors.save(path, tensors, meta)
 end
 
@@ -652,9 +711,12 @@ local function weights_file(path)
    return path
 end
 
-function M.load_weights(model, path)
-   check.arg(type(path) == 'string', 'nr.checkpoint.load_weights', 'path must be a string, got %s', check.show(path))
-   M.model_tensors(model, 'nr.checkpoint.load_weights') -- the model is a module
+function M.load_weights(model, path, opts)
+   local FN = 'nr.checkpoint.load_weights'
+   check.arg(type(path) == 'string', FN, 'path must be a string, got %s', check.show(path))
+   M.model_tensors(model, FN) -- the model is a module
+   opts = check.options(opts, {names = true}, FN)
+   if opts.names ~= nil then file_names(model, opts.names, FN, 2) end -- a wrong `names` before any work
    path = weights_file(path)
    local weights, meta = safetensors.load(path)
    if meta.nr_arch then
@@ -668,6 +730,30 @@ function M.load_weights(model, path)
       require('nr.rejuvenate.monitor').invalidate(model)
       local gen = tonumber(meta.nr_generation)
       model.nr_generation = gen and gen >= 1 and gen == math.floor(gen) and gen or nil
+   end
+   -- PyTorch's BatchNorm counts its batches (num_batches_tracked, an int64 scalar); nrlua's has no
+   -- such buffer and PyTorch's load_state_dict fills it in when missing, so it is passed over
+   for name, t in pairs(weights) do
+      if name:match('%.num_batches_tracked$') and t:dtype() == 'int64' and t:numel() == 1 then weights[name] = nil end
+   end
+   local map = file_names(model, opts.names, FN, 2) -- after apply_arch: the names of the rebuilt layers
+   if not map and weights['layer1.0.conv1.weight'] and not M.model_tensors(model, FN)['layer1.0.conv1.weight'] then
+      local targets, missing, unexpected = M.model_tensors(model, FN), {}, {}
+      for name in pairs(targets) do if not weights[name] then missing[#missing + 1] = name end end
+      for name in pairs(weights) do if not targets[name] then unexpected[#unexpected + 1] = name end end
+      mismatch(path, missing, unexpected, 2, " (the file names a torchvision ResNet's tensors: load it with "
+         .. "{names = 'torchvision'})")
+   end
+   if map then -- the file's names to the model's; what does not match is named as the file has it
+      local renamed, missing, unexpected = {}, {}, {}
+      local targets, unread = M.model_tensors(model, FN), unread_blocks(model)
+      for name, f in pairs(map) do
+         if weights[f] then renamed[name], weights[f] = weights[f], nil
+         elseif not unread[targets[name]] then missing[#missing + 1] = f end
+      end
+      for f in pairs(weights) do unexpected[#unexpected + 1] = f end
+      mismatch(path, missing, unexpected, 2)
+      weights = renamed
    end
    M.load_into(model, weights, path)
    return model

@@ -48,6 +48,40 @@ function M.build(spec)
    return family(spec.name).build(opts)
 end
 
+-- The names torchvision gives a zoo model's tensors: {nrlua name -> torchvision name} for every
+-- parameter and buffer (nr.checkpoint's `names = 'torchvision'` reads and writes them). Only the
+-- ImageNet ResNets have a torchvision twin; any other model is an error that says why.
+local NO_TORCHVISION = {
+   vgg = 'the ImageNet VGG-16 here is the NR paper\'s (BN, 1x1 convs in place of the FC layers), not torchvision\'s',
+   densenet = 'the DenseNets here are post-activation (the NR paper\'s), torchvision\'s are pre-activation',
+   mobilenet = 'torchvision has no MobileNet v1',
+}
+-- fname, level: the caller's name and error level (a function calling this for its own caller).
+function M.torchvision_names(model, fname, level)
+   fname, level = fname or 'nr.models.torchvision_names', (level or 1) + 1
+   local info = type(model) == 'table' and rawget(model, 'nr_info')
+   if type(info) ~= 'table' or type(info.name) ~= 'string' then
+      error(string.format('%s: not a model nr.models built (torchvision names exist for its ImageNet ResNets)', fname), level)
+   end
+   local kind = info.name:match('^%a+')
+   local why = NO_TORCHVISION[kind]
+      or (info.dataset ~= 'imagenet' and string.format('%s is the %s variant, which torchvision does not have', info.name,
+         tostring(info.dataset)))
+   if why then error(string.format('%s: no torchvision names for %s: %s', fname, info.name, why), level) end
+   local rename = family(kind).torchvision_name
+   local names = {}
+   for _, e in ipairs(model:namedParameters()) do names[#names + 1] = e.name end
+   for _, e in ipairs(model:namedBuffers()) do names[#names + 1] = e.name end
+   local map = {}
+   for _, name in ipairs(names) do
+      map[name] = rename(name)
+      if not map[name] then
+         error(string.format('%s: %s has no torchvision counterpart (a layer NR-CR / NR-CA split)', fname, name), level)
+      end
+   end
+   return map
+end
+
 -- ---- helpers shared by models/*.lua ------------------------------------------------------------
 
 local util = {}

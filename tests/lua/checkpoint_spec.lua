@@ -399,7 +399,7 @@ describe('nr.checkpoint', function()
       local x = nr.randn({2, 3, 8, 8})
       local y = m:forward(x):clone()
       local path = TMP .. '/rejuvenated.safetensors'
-      ck.save_weights(m, path, {note = 'by hand'})
+      ck.save_weights(m, path, {metadata = {note = 'by hand'}})
       local fresh = build()
       assert.are.equal(fresh, ck.load_weights(fresh, path))
       fresh:evaluate()
@@ -537,5 +537,95 @@ describe('nr.checkpoint', function()
       local ok, err = pcall(Trainer.log, trainer(bad), {kind = 'step'})
       assert.is_false(ok)
       assert.equal('nr.train: cannot write runs/full/metrics.jsonl: Disk quota exceeded', err)
+   end)
+end)
+
+describe('torchvision names (names = \'torchvision\')', function()
+   local SCRIPT = 'tests/fixtures/torchvision_resnet.py'
+   local function python(args)
+      local ok = os.execute('/usr/bin/python3 -c "import torch" >/dev/null 2>&1')
+      if ok ~= 0 and ok ~= true then return nil end
+      local status = os.execute('/usr/bin/python3 ' .. SCRIPT .. ' ' .. args)
+      assert.truthy(status == 0 or status == true, SCRIPT .. ' ' .. args .. ' failed')
+      return true
+   end
+   local function max_rel(a, b) return a:clone():sub_(b):abs_():max() / b:abs():max() end
+   setup(function() ck.mkdirs(TMP) end) -- the describe above removed it
+   teardown(function() ck.remove_tree(TMP) end)
+
+   for _, depth in ipairs({18, 50}) do
+      it('ResNet-' .. depth .. ': a torchvision state_dict loads and computes what torchvision computes, and back', function()
+         local w, io = TMP .. '/tv' .. depth .. '.safetensors', TMP .. '/tv_io' .. depth .. '.safetensors'
+         if not python(('export %d %s %s'):format(depth, w, io)) then pending('no /usr/bin/python3 with torch'); return end
+         local m = nr.models.resnet{depth = depth}
+         ck.load_weights(m, w, {names = 'torchvision'})
+         m:evaluate()
+         local ref = st.load(io)
+         assert.is_true(max_rel(m:forward(ref.x), ref.y) < 1e-5)
+         -- nrlua's own weights (other BN statistics too), written with torchvision's names: a
+         -- torchvision model's load_state_dict(strict = True) takes them and computes the same
+         nr.manual_seed(depth)
+         local mine = nr.models.resnet{depth = depth}
+         for _, bn in ipairs(mine:findModules('BatchNorm2d')) do
+            bn.running_mean:copy(nr.rand({bn.num_features}):mul_(0.2):add_(-0.1))
+            bn.running_var:copy(nr.rand({bn.num_features}):add_(0.5))
+            bn.bias:copy(nr.rand({bn.num_features}):mul_(0.2))
+         end
+         ck.save_weights(mine, w, {names = 'torchvision'})
+         local names = st.read_header(w)
+         assert.truthy(names['layer1.0.conv1.weight'] and names['fc.weight'] and not names['stem.0.weight'])
+         python(('check %d %s %s'):format(depth, w, io))
+         mine:evaluate()
+         assert.is_true(max_rel(mine:forward(ref.x), st.load(io).y) < 1e-5)
+      end)
+   end
+
+   it('says which models have no torchvision twin, and hints at the option for a torchvision file', function()
+      local function err(f, ...) local ok, e = pcall(f, ...); assert.is_false(ok); return tostring(e) end
+      local e = err(nr.models.torchvision_names, nr.models.vgg{depth = 16})
+      assert.truthy(e:find("no torchvision names for vgg16: the ImageNet VGG-16 here is the NR paper's", 1, true), e)
+      e = err(nr.models.torchvision_names, nr.models.resnet{depth = 18, dataset = 'cifar10'})
+      assert.truthy(e:find('no torchvision names for resnet18: resnet18 is the cifar10 variant', 1, true), e)
+      e = err(ck.save_weights, nr.nn.Linear(2, 2), TMP .. '/x.safetensors', {names = 'torchvision'})
+      assert.truthy(e:find('nr.checkpoint.save_weights: not a model nr.models built', 1, true), e)
+      -- a torchvision file loaded without the option: the names are listed (a dozen of each), and the option named
+      local r18 = nr.models.resnet{depth = 18}
+      local path = TMP .. '/tv_plain.safetensors'
+      ck.save_weights(r18, path, {names = 'torchvision'})
+      e = err(ck.load_weights, nr.models.resnet{depth = 18}, path)
+      assert.truthy(e:find("and 88 more; unexpected bn1.bias, bn1.running_mean", 1, true), e)
+      assert.truthy(e:find("(the file names a torchvision ResNet's tensors: load it with {names = 'torchvision'})", 1, true), e)
+      -- into a deeper ResNet: what the file lacks is named as torchvision names it
+      e = err(ck.load_weights, nr.models.resnet{depth = 34}, path, {names = 'torchvision'})
+      assert.truthy(e:find('does not match the model: missing layer1.2.bn1.bias, ', 1, true), e)
+   end)
+
+   it('names may be a table or a function; bad ones are refused before anything is written or loaded', function()
+      local nn = nr.nn
+      local function build() return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.GlobalAvgPool2d(), nn.Linear(2, 3)) end
+      nr.manual_seed(3)
+      local m = build()
+      local path = TMP .. '/renamed.safetensors'
+      local function rename(name) return (name:gsub('^0%.', 'features.conv.'):gsub('^3%.', 'head.')) end
+      ck.save_weights(m, path, {names = rename})
+      local hdr = st.read_header(path)
+      assert.truthy(hdr['features.conv.weight'] and hdr['head.bias'] and hdr['1.running_var'])
+      local back = ck.load_weights(build(), path, {names = rename})
+      assert.are.same(m:get(4).weight:totable(), back:get(4).weight:totable())
+      assert.are.same(m:get(1).weight:totable(), back:get(1).weight:totable())
+      -- a table: names not in it keep their own; a name the file lacks is said in the file's terms
+      local e = select(2, pcall(ck.load_weights, build(), path, {names = {['3.weight'] = 'head.weight'}}))
+      assert.truthy(tostring(e):find('missing 0.bias, 0.weight, 3.bias; unexpected features.conv.bias, features.conv.weight, head.bias', 1, true), tostring(e))
+      local function err(...) local ok, x = pcall(...); assert.is_false(ok); return tostring(x) end
+      e = err(ck.save_weights, m, path, {names = function() return 'same' end})
+      assert.truthy(e:find("nr.checkpoint.save_weights: names gives same for both 0.bias and 0.weight", 1, true), e)
+      e = err(ck.load_weights, m, path, {names = {['0.weight'] = 5}})
+      assert.truthy(e:find('nr.checkpoint.load_weights: names gives 5 for 0.weight; a file name must be a non-empty string', 1, true), e)
+      e = err(ck.load_weights, m, path, {names = 'pytorch'})
+      assert.truthy(e:find("names must be 'torchvision', a table {model name -> file name} or a function, got \"pytorch\"", 1, true), e)
+      e = err(ck.save_weights, m, path, {name = 'torchvision'})
+      assert.truthy(e:find('nr.checkpoint.save_weights: unknown option "name" (allowed: metadata, names)', 1, true), e)
+      -- the file written before the refused calls is intact
+      assert.are.same(m:get(4).weight:totable(), ck.load_weights(build(), path, {names = rename}):get(4).weight:totable())
    end)
 end)
