@@ -575,11 +575,13 @@ end
 
 -- Copies weights (name -> tensor) into a model's parameters and buffers. Missing or unexpected
 -- names and shape mismatches are errors that list them (strict, so a wrong architecture fails).
-function M.load_into(model, weights, where)
+-- skip: a set of the model's names left as they are (and absent from weights).
+function M.load_into(model, weights, where, skip)
    where = where or 'checkpoint'
    check.arg(type(weights) == 'table', 'nr.checkpoint.load_into', 'weights must be a table of name -> tensor, got %s',
       type(weights))
    local targets = M.model_tensors(model, 'nr.checkpoint.load_into')
+   for name in pairs(skip or {}) do targets[name] = nil end
    local unread = unread_blocks(model)
    local missing, unexpected = {}, {}
    for name, t in pairs(targets) do
@@ -660,6 +662,41 @@ local function file_names(model, names, fname, level)
    return map
 end
 
+-- load_weights' `skip`: module paths ('fc', 'layer4.1') whose tensors are left as the model has
+-- them (a new classifier when fine-tuning); returns the set of the model's names below them. A
+-- path naming nothing is an error (a misspelt one would load what it meant to skip).
+local function skipped_names(model, skip, fname, level)
+   if type(skip) == 'string' then skip = {skip} end
+   if type(skip) ~= 'table' then
+      error(string.format('%s: skip must be a list of module paths, got %s', fname, check.show(skip)), level + 1)
+   end
+   local names, set = M.model_tensors(model, fname), {}
+   for i, p in ipairs(skip) do
+      -- a Sequential's child is its index ('--init.skip 10' reads as a number)
+      if type(p) == 'number' and p >= 0 and p == math.floor(p) then p = string.format('%d', p) end
+      if type(p) ~= 'string' or p == '' then
+         error(string.format('%s: skip[%d] must be a module path such as "fc", got %s', fname, i, check.show(p)), level + 1)
+      end
+      local found = false
+      for name in pairs(names) do
+         if name == p or name:sub(1, #p + 1) == p .. '.' then set[name], found = true, true end
+      end
+      if not found then
+         local seen, paths = {}, {}
+         for name in pairs(names) do
+            local m = name:match('^(.*)%.[^.]+$') or name
+            if not seen[m] then seen[m] = true; paths[#paths + 1] = m end
+         end
+         local function key(m) return (m:gsub('%d+', function(d) return string.format('%010d', tonumber(d)) end)) end
+         table.sort(paths, function(a, b) return key(a) < key(b) end) -- 4 before 13
+         error(string.format('%s: skip names %s, which holds no parameter or buffer of the model (modules that do: %s%s)',
+            fname, p, table.concat(paths, ', ', 1, math.min(#paths, 12)),
+            #paths > 12 and string.format(' and %d more', #paths - 12) or ''), level + 1)
+      end
+   end
+   return set
+end
+
 -- Saves a model's weights (and buffers) to a safetensors file PyTorch can read, with the layer
 -- sizes (arch_metadata). opts: names (file_names above; 'torchvision' writes what a torchvision
 -- model's load_state_dict takes), metadata (string -> string, beside the layer sizes).
@@ -688,7 +725,10 @@ end
 -- weight and buffer is loaded with load_into's strict checks. Returns model.
 -- path: a safetensors file; a step folder (its model.safetensors); a run folder or its checkpoint
 -- folder (the checkpoint `best` names, else the newest complete one); or the `best` / `latest`
--- pointer file itself.
+-- pointer file itself. opts: names (how the file names the tensors: file_names above), skip
+-- (module paths left as the model has them: skipped_names above), rejuvenated = false (refuse a
+-- rejuvenated model's file rather than rebuild the model's layers: nr.train's `init`, whose
+-- optimizer already holds the layers).
 local function weights_file(path)
    local FN = 'nr.checkpoint.load_weights'
    local p = path:gsub('/+$', '')
@@ -701,8 +741,11 @@ local function weights_file(path)
       if dir then return dir .. '/model.safetensors' end
       error(string.format('%s: %s is a folder without model.safetensors, and no run checkpoint in it (%s)', FN, path, why), 3)
    end
-   local size = file_size(p)
-   if size and size < 64 then -- a `best` / `latest` pointer: one line naming a step folder beside it
+   local f, err = io.open(p, 'rb')
+   if not f then error(string.format('%s: cannot open %s', FN, err), 3) end
+   local size = f:seek('end')
+   f:close()
+   if size < 64 then -- a `best` / `latest` pointer: one line naming a step folder beside it
       local dir, name = p:match('^(.*)/([^/]*)$')
       dir, name = dir or '.', name or p
       local step = pointer(dir, name)
@@ -715,10 +758,15 @@ function M.load_weights(model, path, opts)
    local FN = 'nr.checkpoint.load_weights'
    check.arg(type(path) == 'string', FN, 'path must be a string, got %s', check.show(path))
    M.model_tensors(model, FN) -- the model is a module
-   opts = check.options(opts, {names = true}, FN)
+   opts = check.options(opts, {names = true, skip = true, rejuvenated = true}, FN)
    if opts.names ~= nil then file_names(model, opts.names, FN, 2) end -- a wrong `names` before any work
+   if opts.skip ~= nil then skipped_names(model, opts.skip, FN, 2) end
    path = weights_file(path)
    local weights, meta = safetensors.load(path)
+   if meta.nr_arch and opts.rejuvenated == false then
+      error(string.format("%s: %s holds a rejuvenated model's weights (layers resized or split), which a freshly "
+         .. 'built model does not fit', FN, path), 2)
+   end
    if meta.nr_arch then
       local ok, arch = pcall(M.json_decode, meta.nr_arch)
       check.arg(ok and type(arch) == 'table', 'nr.checkpoint.load_weights', '%s: its nr_arch metadata is damaged', path)
@@ -737,6 +785,8 @@ function M.load_weights(model, path, opts)
       if name:match('%.num_batches_tracked$') and t:dtype() == 'int64' and t:numel() == 1 then weights[name] = nil end
    end
    local map = file_names(model, opts.names, FN, 2) -- after apply_arch: the names of the rebuilt layers
+   local skip = opts.skip and skipped_names(model, opts.skip, FN, 2)
+   for name in pairs(skip or {}) do weights[map and map[name] or name] = nil end
    if not map and weights['layer1.0.conv1.weight'] and not M.model_tensors(model, FN)['layer1.0.conv1.weight'] then
       local targets, missing, unexpected = M.model_tensors(model, FN), {}, {}
       for name in pairs(targets) do if not weights[name] then missing[#missing + 1] = name end end
@@ -749,13 +799,13 @@ function M.load_weights(model, path, opts)
       local targets, unread = M.model_tensors(model, FN), unread_blocks(model)
       for name, f in pairs(map) do
          if weights[f] then renamed[name], weights[f] = weights[f], nil
-         elseif not unread[targets[name]] then missing[#missing + 1] = f end
+         elseif not unread[targets[name]] and not (skip and skip[name]) then missing[#missing + 1] = f end
       end
       for f in pairs(weights) do unexpected[#unexpected + 1] = f end
       mismatch(path, missing, unexpected, 2)
       weights = renamed
    end
-   M.load_into(model, weights, path)
+   M.load_into(model, weights, path, skip)
    return model
 end
 

@@ -39,6 +39,7 @@ M.TYPES = {
    ['schedule.gamma'] = 'number', ['schedule.step_size'] = 'number', ['schedule.min_lr'] = 'number',
    ['schedule.warmup_start'] = 'number', ['schedule.epochs'] = 'number', ['schedule.granularity'] = 'string',
    ['loss.label_smoothing'] = 'number', max_epochs = 'integer', memory_format = 'string', clip_grad_norm = 'number',
+   init = 'init', ['init.path'] = 'string', ['init.names'] = 'string', ['init.skip'] = 'list',
    -- Neural Rejuvenation (nr.rejuvenate.attach's options; docs/NR.md)
    nr = 'switch', ['nr.enabled'] = 'boolean', ['nr.target'] = 'number', ['nr.budget'] = 'number',
    ['nr.constraint'] = 'string', ['nr.scheme'] = 'string', ['nr.rescale'] = 'boolean', ['nr.times'] = 'integer',
@@ -82,7 +83,9 @@ local function field_type(recipe, path)
    if v ~= nil then
       local t = type_of_value(v)
       if known == 'integer' and t == 'number' then return 'integer' end
-      if known == 'switch' or known == 'augment' or known == 'epoch_or_steps' or known == 'split_or_off' then return known end
+      if known == 'switch' or known == 'augment' or known == 'epoch_or_steps' or known == 'split_or_off' or known == 'init' then
+         return known
+      end
       if (t == 'table' or t == 'list') and known == 'list' then return 'list' end
       return t
    end
@@ -142,6 +145,12 @@ local function parse_value(flag, ty, s, current)
          return t
       end
       return b and {enabled = true} or false
+   elseif ty == 'init' then
+      -- --init PATH: the path of the init table (a recipe's names and skip kept; --init.skip may follow)
+      local t = {}
+      for k, v in pairs(type(current) == 'table' and current or {}) do t[k] = v end
+      t.path = s
+      return t
    elseif ty == 'epoch_or_steps' then
       if s == 'epoch' then return s end
       local n = tonumber(s)
@@ -237,6 +246,9 @@ local function show(v)
    return tostring(v)
 end
 
+-- Types --help shows by another name than the parser's.
+local SHOWN_TYPE = {split_or_off = 'split|off', init = 'path'}
+
 function M.help(recipe, path)
    local lines = {}
    lines[#lines + 1] = string.format('usage: nrlua %s [--field value ...]', path or 'RECIPE.lua')
@@ -249,7 +261,7 @@ function M.help(recipe, path)
             lines[#lines + 1] = string.format('  %-30s %-9s %s', f.path, 'code', '(defined in the recipe file; not a flag)')
          else
             -- the internal type name split_or_off (10 characters) pushed its value out of the column
-            lines[#lines + 1] = string.format('  --%-28s %-9s %s', f.path, ty == 'split_or_off' and 'split|off' or ty,
+            lines[#lines + 1] = string.format('  --%-28s %-9s %s', f.path, SHOWN_TYPE[ty] or ty,
                show(f.value))
          end
       end

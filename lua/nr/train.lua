@@ -64,6 +64,9 @@ M.DEFAULTS = {
    max_epochs = nil,       -- cap on all epochs when held epochs extend the run (tr.extend_held); nil: 2 x epochs
    clip_grad_norm = nil,   -- a number > 0: each step scales the gradients so their total 2-norm is at most
                            -- that (nr.optim.clip_grad_norm, after NR's L1 term and the ranks' averaging)
+   init = nil,             -- weights a new run starts from: a path (as nr.checkpoint.load_weights takes) or
+                           -- {path = ..., names = 'torchvision' | table | function, skip = {'fc', ...}}
+                           -- (module paths left as built: a new classifier); a resumed run has its checkpoint
    device = 'auto',        -- 'auto' (CUDA when available), 'cpu', 'cuda'
    precision = 'fp32',     -- 'fp32', or 'bf16': mixed precision on CUDA (bf16 activations on tensor
                            -- cores; weights, gradients, BN statistics and the loss stay fp32)
@@ -746,7 +749,7 @@ M.recipe_json = recipe_json
 
 -- Top-level recipe fields the trainer reads (those with nil defaults are not keys of DEFAULTS).
 local TOP_FIELDS = {model = true, nr = true, dist = true, hooks = true, progress = true, out = true, resume = true,
-                    max_epochs = true, memory_format = true, clip_grad_norm = true}
+                    max_epochs = true, memory_format = true, clip_grad_norm = true, init = true}
 for k in pairs(M.DEFAULTS) do TOP_FIELDS[k] = true end
 
 -- Edit distance between a and b (insertions, deletions, substitutions).
@@ -800,6 +803,36 @@ local function typo_warnings(tr, recipe)
    end
 end
 
+-- recipe.init as {path, names, skip} (nil: none), its fields checked before anything is built.
+local function init_spec(init)
+   if init == nil or init == false then return nil end
+   if type(init) == 'string' then init = {path = init} end
+   check.arg(type(init) == 'table', 'nr.train', 'init must be a path or a table {path = ..., names = ..., skip = ...}, got %s',
+      check.show(init))
+   for k in pairs(init) do
+      check.arg(k == 'path' or k == 'names' or k == 'skip', 'nr.train', 'init has no field %s (fields: path, names, skip)',
+         check.show(k))
+   end
+   check.arg(type(init.path) == 'string' and init.path ~= '', 'nr.train', 'init.path must be a path, got %s',
+      check.show(init.path))
+   return {path = M.expand_path(init.path, 'recipe.init.path'), names = init.names, skip = init.skip}
+end
+
+-- Loads recipe.init into a new run's model (before its first step; the optimizer holds the same
+-- tensors, which are overwritten in place, so a rejuvenated model's file, whose layers differ, is
+-- refused: `--resume RUN --out NEW` continues such a run in a new folder).
+function Trainer:load_init()
+   local init = self.init
+   local ok, err = pcall(ck.load_weights, self.model, init.path, {names = init.names, skip = init.skip, rejuvenated = false})
+   if not ok then
+      error('nr.train: init: ' .. tostring(err):gsub('^[^:]*%.lua:%d+: ', ''):gsub('^nr%.checkpoint%.load_weights: ', ''), 0)
+   end
+   local skip = type(init.skip) == 'string' and {init.skip} or init.skip
+   self:print(string.format('initialized from %s%s%s', init.path,
+      init.names == 'torchvision' and ' (torchvision names)' or (init.names and ' (renamed)' or ''),
+      skip and #skip > 0 and ('; left as built: ' .. table.concat(skip, ', ')) or ''))
+end
+
 -- Creates the trainer (model, data, optimizer, schedule, run folder); does not train.
 function M.new(recipe)
    local rc = M.resolve(recipe)
@@ -820,6 +853,7 @@ function M.new(recipe)
       'max_epochs must be >= epochs (%s), got %s', tostring(rc.epochs), check.show(rc.max_epochs))
    check.arg(not rc.clip_grad_norm or (type(rc.clip_grad_norm) == 'number' and rc.clip_grad_norm > 0), 'nr.train',
       'clip_grad_norm must be a number > 0 (or nil: no clipping), got %s', check.show(rc.clip_grad_norm))
+   tr.init = init_spec(rc.init)
    -- the bounds of nr.set_num_threads and nr.manual_seed, so a recipe value cannot wrap at the FFI
    if rc.threads ~= nil then check.int32(rc.threads, 'nr.train', 'threads', 0, nrffi.MAX_THREADS) end
    if rc.seed ~= nil then check.int(rc.seed, 'nr.train', 'seed', 0, 2 ^ 53) end
@@ -1476,6 +1510,7 @@ function Trainer:run()
       -- each rank its own folder (nr.dist: rank 0 the run folder, the others <out>/ranks/<r>)
       claim_run_folder(self.out, rc.overwrite)
    end
+   if not resume and self.init then self:load_init() end
    ck.write_atomic(self.out .. '/recipe.json', ck.json_encode(recipe_json(rc), true) .. '\n')
    self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
    M.running = self   -- Ctrl-C names this run's folder (nr.cli.interrupted) while self.metrics is open

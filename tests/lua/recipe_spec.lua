@@ -52,6 +52,10 @@ describe('nr.recipe', function()
       assert.equal(0.25, r.nr.target)
       assert.is_true(R.apply(r, {'--nr', 'on'}).nr.enabled)
       assert.is_false(R.apply({epochs = 1}, {'--nr', 'off'}).nr)
+      -- --init PATH: init = PATH, or the path of a recipe's init table (its other fields kept)
+      assert.are.same({path = 'w.safetensors', skip = {'fc'}}, R.apply({epochs = 1}, {'--init', 'w.safetensors', '--init.skip', 'fc'}).init)
+      assert.are.same({path = 'b', names = 'torchvision', skip = {'fc'}},
+         R.apply({init = {path = 'a', names = 'torchvision'}}, {'--init', 'b', '--init.skip', 'fc'}).init)
    end)
 
    it('types every NR option, also those the recipe leaves out (Δt: "epoch" or a number of steps)', function()

@@ -1002,6 +1002,58 @@ print('epochs', s.epochs)
       assert.truthy(tostring(err):find('clip_grad_norm must be a number > 0 (or nil: no clipping), got -1', 1, true), err)
    end)
 
+   it('init: a new run starts from given weights, skip leaves layers as built, a resumed run does not read them again', function()
+      local src = ck.load_weights(convnet(), TMP .. '/a') -- the first test's run: its best checkpoint
+      local file = TMP .. '/init_src.safetensors'
+      ck.save_weights(src, file)
+      local function params(m)
+         local out = {}
+         for _, e in ipairs(m:namedParameters()) do out[e.name] = e.param:clone() end
+         return out
+      end
+      local at_start, built
+      local function capture(t) at_start = params(t.model) end
+      local function model() local m = convnet(); built = params(m); return m end
+      local out = sink()
+      nr.train(recipe(TMP .. '/init', {epochs = 1, init = TMP .. '/a', hooks = {train_begin = capture},
+         progress = {stream = out, tty = false}}))
+      assert.is_nil(first_difference(params(src), at_start))
+      assert.truthy(out:text():find('initialized from ' .. TMP .. '/a\n', 1, true), out:text())
+      -- the classifier (module 5) left as the model function built it, the rest from the file
+      nr.train(recipe(TMP .. '/init_skip', {epochs = 1, model = model, init = {path = file, skip = {'5'}},
+         hooks = {train_begin = capture}}))
+      for name, t in pairs(params(src)) do
+         local want = name:match('^5%.') and built[name] or t
+         assert.is_nil(first_difference({[name] = want}, {[name] = at_start[name]}), name)
+      end
+      assert.is_true(first_difference({w = src:get(6).weight}, {w = at_start['5.weight']}) ~= nil)
+      -- killed in epoch 2, then resumed after the init file is gone: the checkpoint is what it reads
+      local dir = TMP .. '/init_resume'
+      local ok = pcall(nr.train, recipe(dir, {epochs = 2, init = file, hooks = {epoch_begin = function(_, info)
+         if info.epoch == 2 then error('killed') end
+      end}}))
+      assert.is_false(ok)
+      os.remove(file)
+      local summary = nr.train(recipe(dir, {epochs = 2, init = file, resume = dir}))
+      assert.equal(16, summary.steps)
+      -- what is wrong with an init is said before the run trains
+      local function refused(init, want)
+         local okr, err = pcall(nr.train, recipe(TMP .. '/init_bad', {epochs = 1, init = init, overwrite = true}))
+         assert.is_false(okr)
+         assert.truthy(tostring(err):find(want, 1, true), tostring(err))
+      end
+      refused(file, 'nr.train: init: cannot open ' .. file .. ': No such file or directory')
+      refused({path = TMP .. '/a', skipp = {'5'}}, 'init has no field "skipp" (fields: path, names, skip)')
+      refused({path = TMP .. '/a', skip = {'9'}}, 'nr.train: init: skip names 9, which holds no parameter or buffer of the model (modules that do: 0, 1, 5)')
+      refused({path = TMP .. '/a', names = 'torchvision'}, 'nr.train: init: not a model nr.models built')
+      refused(5, 'init must be a path or a table {path = ..., names = ..., skip = ...}, got 5')
+      local m = convnet()
+      m:get(2).weight:narrow(1, 1, 4):zero()
+      nr.rejuvenate(m, {input_shape = {1, 8, 8}})
+      ck.save_weights(m, file)
+      refused(file, "holds a rejuvenated model's weights (layers resized or split), which a freshly built model does not fit")
+   end)
+
    it('stops at the step whose loss is not finite, before that step changes the weights', function()
       local model
       local r = recipe(TMP .. '/nan', {epochs = 1, hooks = {after_step = function(t)
