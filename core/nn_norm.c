@@ -140,6 +140,24 @@ static inline void channel_stats(double K, double s1, double s2, double devs, do
    rv[c] = (1.0f - momentum) * rv[c] + momentum * (float)(var * (double)m / (double)(m - 1));
 }
 
+/* A channel whose shifted sums overflowed although its values are finite (values near FLT_MAX
+ * apart: x - k overflows float) is summed again in double, two passes: K <- the mean, *devs <- the
+ * squared deviations about it, for channel_stats with s1 = s2 = 0. Its n planes of hw values
+ * start stride floats apart from p; total is their plain sum. */
+static void channel_moments_double(const float *p, int64_t n, int64_t stride, int64_t hw, double total, double *K,
+                                   double *devs)
+{
+   const double mean = total / (double)(n * hw);
+   double m2 = 0;
+   for (int64_t j = 0; j < n; j++)
+      for (int64_t i = 0; i < hw; i++) {
+         const double d = (double)p[j * stride + i] - mean;
+         m2 += d * d;
+      }
+   *K = mean;
+   *devs = m2;
+}
+
 /* ---- one value per plane (hw = 1: BatchNorm1d on (N, C) or (N, C, 1), BatchNorm2d on 1x1
  * maps): the per-channel loops below would stride through memory a float at a time. These run
  * the same arithmetic on blocks of ROW_CB channels, row by row (contiguous, vectorised across the
@@ -242,8 +260,13 @@ static void rows_forward_train(const bn_geom *g, int64_t c0, int64_t nb, const f
    for (int64_t j = 0; j < nb; j++) {
       const int64_t c = c0 + j;
       double total = 0; /* the plain sum when the shifted sums were not finite (inputs holding inf) */
-      if (!isfinite(s1[j]) || !isfinite(devs[j]))
+      if (!isfinite(s1[j]) || !isfinite(devs[j])) {
          for (int64_t n = 0; n < N; n++) total += (double)px[n * C + c];
+         if (isfinite(total)) {
+            channel_moments_double(px + c, N, C, 1, total, &K[j], &devs[j]);
+            s1[j] = s2[j] = 0;
+         }
+      }
       channel_stats(K[j], s1[j], s2[j], devs[j], total, N, 1, eps, momentum, c, sm, si, rm, rv);
       affine_coefs(sm[c], si[c] * (pg ? pg[c] : 1.0f), pb ? pb[c] : 0.0f, &mc[j], &aa[j], &bc[j]);
    }
@@ -437,8 +460,8 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
        * spread, and the mean comes within half an ulp, as PyTorch's. In blocks of BN_BLOCK
        * added in double: k keeps a bias of up to a few spreads, and one float running sum over
        * a large plane grows with it (without vectorised lanes, as in a -O2 build, past half an
-       * ulp). A channel holding inf / NaN (or values near FLT_MAX apart) is summed again in
-       * double below. */
+       * ulp). A channel holding inf / NaN is summed again in double below (its mean the plain
+       * sum's), one whose finite values lie near FLT_MAX apart wholly (channel_moments_double). */
       const float k0 = px[c * g.hw], k = isfinite(k0) ? k0 : 0.0f;
       double K = 0, s1 = 0, s2 = 0, devs = 0;
       for (int64_t n = 0; n < g.n; n++) {
@@ -463,6 +486,10 @@ nr_status nr_bn2d_forward_train(const nr_tensor *x, nr_tensor *y, nr_tensor *sav
 #pragma omp simd reduction(+ : part)
             for (int64_t i = 0; i < g.hw; i++) part += (double)p[i];
             total += part;
+         }
+         if (isfinite(total)) {
+            channel_moments_double(px + c * g.hw, g.n, g.c * g.hw, g.hw, total, &K, &devs);
+            s1 = s2 = 0;
          }
       }
       channel_stats(K, s1, s2, devs, total, g.n, g.hw, eps, momentum, c, sm, si, rm, rv);

@@ -743,6 +743,24 @@ describe('buffers and modes', function()
       end
    end)
 
+   it('BN batch statistics of finite values near FLT_MAX apart: exact (summed again in double), not NaN', function()
+      -- the float shift x - k overflows; PyTorch gives NaN or 0 here, the exact answer is below
+      local s3, s2 = math.sqrt(3), math.sqrt(2)
+      local cases = {
+         {nn.BatchNorm1d(1), nr.tensor({{{3e38, 0}}, {{0, 0}}}), {s3, -1 / s3, -1 / s3, -1 / s3}},  -- plane loops
+         {nn.BatchNorm2d(1), nr.tensor({{{{3e38, 0}}}, {{{0, 0}}}}), {s3, -1 / s3, -1 / s3, -1 / s3}},
+         {nn.BatchNorm1d(1), nr.tensor({{3e38}, {0}, {0}, {0}}), {s3, -1 / s3, -1 / s3, -1 / s3}},  -- channel blocks
+         {nn.BatchNorm1d(1), nr.tensor({{3e38}, {-3e38}, {0}, {0}}), {s2, -s2, 0, 0}},
+      }
+      for i, c in ipairs(cases) do
+         local y = c[1]:forward(c[2]):contiguous():reshape({4}):totable()
+         for j = 1, 4 do
+            assert(math.abs(y[j] - c[3][j]) <= 1e-6 * s3, string.format('case %d, value %d: %s, not %s', i, j, y[j], c[3][j]))
+         end
+         assert.equal(math.huge, c[1].running_var:get(1)) -- the unbiased variance overflows float, as PyTorch's
+      end
+   end)
+
    it('clone() copies parameters and gives the same output', function()
       nr.manual_seed(6)
       local net = nn.Sequential{nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()}
@@ -1254,6 +1272,16 @@ describe('AdaptiveAvgPool2d and AdaptiveMaxPool2d', function()
       local gm = m:backward(x2, nr.tensor({{{{1}, {2}, {4}}}})):totable()
       -- rows 0..1 -> argmax row 1 (dy 1); rows 1..3 -> row 1 (dy 2); rows 3..4 -> row 3 (dy 4)
       assert.same({{{{0}, {3}, {0}, {4}, {0}}}}, gm)
+      -- the max pools' argmax positions are the forward's: a backward over another plane size
+      -- with the same output size (which placed the gradients in the wrong cells) is refused
+      for _, c in ipairs({{nn.AdaptiveMaxPool2d(2), {1, 1, 4, 4}, {1, 1, 8, 8}},
+                          {nn.MaxPool2d(2), {1, 1, 4, 5}, {1, 1, 4, 4}}}) do
+         c[1]:forward(nr.randn(c[2]))
+         local ok, e = pcall(c[1].backward, c[1], nr.randn(c[3]), nr.ones({1, 1, 2, 2}))
+         assert.is_false(ok)
+         assert.truthy(tostring(e):find(string.format("backward: the input is %dx%d, the forward's was %dx%d", c[3][3], c[3][4],
+            c[2][3], c[2][4]), 1, true), tostring(e))
+      end
    end)
 
    it('check their arguments and inputs, naming the caller\'s line', function()

@@ -64,8 +64,15 @@ end
 
 -- What every pool's backward starts from: gradOutput checked against the output, and the
 -- gradInput buffer shaped like the checked input.
+-- (max pools: their argmax positions index the forward's planes, so the input must be that one's
+-- size; another with the same output size would route gradients to the wrong places)
 local function grad_pair(self, x, gradOutput)
    x = U.input(x, 4, nil, '(N, C, H, W)')
+   local h, w = rawget(self, '_in_h'), rawget(self, '_in_w')
+   if h and (x:size(3) ~= h or x:size(4) ~= w) then
+      error(string.format('backward: the input is %dx%d, the forward\'s was %dx%d (the argmax positions are the '
+         .. "forward's)", x:size(3), x:size(4), h, w), 0)
+   end
    return U.grad(gradOutput, self.output), U.grad_buffer(self, x:shape(), x)
 end
 
@@ -89,6 +96,7 @@ function MaxPool2d:updateOutput(x)
    local idx = U.buffer(self, '_indices', shape, x, 'int64')
    local kh, kw, sh, sw, ph, pw = geom(self)
    U.call(C.nr_maxpool2d_forward(x.c, y.c, idx.c, kh, kw, sh, sw, ph, pw, ceil_flag(self)))
+   self._in_h, self._in_w = x:size(3), x:size(4)
    return y
 end
 function MaxPool2d:updateGradInput(x, gradOutput)
@@ -160,6 +168,7 @@ function AdaptiveMaxPool2d:updateOutput(x)
    local y = U.act_buffer(self, 'output', shape, x)
    local idx = U.buffer(self, '_indices', shape, x, 'int64')
    U.call(C.nr_adaptive_maxpool2d_forward(x.c, y.c, idx.c))
+   self._in_h, self._in_w = x:size(3), x:size(4)
    return y
 end
 function AdaptiveMaxPool2d:updateGradInput(x, gradOutput)

@@ -4,7 +4,7 @@
 --
 --   local total = nr.optim.clip_grad_norm(model, 1.0)          -- a module's gradients
 --   nr.optim.clip_grad_norm(opt, 1.0, {norm_type = math.huge})  -- an optimizer's (largest |g|)
---   nr.optim.clip_grad_norm({g1, g2}, 5)                        -- gradient tensors
+--   nr.optim.clip_grad_norm({g1, g2}, 5)                        -- gradient tensors (or one)
 --
 -- Returns the norm before clipping as a one-element tensor on the gradients' device (:item()
 -- reads it, which waits for the GPU). Every gradient is scaled in place by
@@ -40,6 +40,9 @@ local function gradients(target)
       names = function(g)
          for i, h in ipairs(list) do if h == g then return "the optimizer's gradient " .. i end end
       end
+   elseif T.is_tensor(target) then -- one gradient tensor (PyTorch takes one too)
+      list[1] = target
+      names = function() return 'the gradient' end
    elseif type(target) == 'table' and not getmetatable(target) then
       -- a list: every key 1..n (ipairs would stop at a hole, and a table keyed by names would
       -- clip nothing, both without a word)
@@ -52,13 +55,14 @@ local function gradients(target)
       end
       for i = 1, n do
          if not T.is_tensor(target[i]) then fail('grads[%d] must be a tensor, got %s', i, check.show(target[i])) end
+         if rawget(target[i], 'c') == nil then fail('grads[%d] is a freed tensor', i) end
          list[i] = target[i]
          names[target[i]] = names[target[i]] or string.format('grads[%d]', i)
       end
       local tbl = names
       names = function(g) return tbl[g] end
    else
-      fail('expected a module, an optimizer or a list of gradient tensors, got %s', check.show(target))
+      fail('expected a module, an optimizer, a gradient tensor or a list of them, got %s', check.show(target))
    end
    local seen, out = {}, {}
    for _, g in ipairs(list) do -- (a tensor shared by two layers is one gradient, scaled once)
@@ -67,7 +71,13 @@ local function gradients(target)
          out[#out + 1] = g
       end
    end
-   -- what the C call checks too, said here with the user's name for the tensor
+   -- what the C call checks too, said here with the user's name for the tensor (a module's
+   -- gradient field set to a number, or a freed tensor, failed inside this file)
+   for _, g in ipairs(out) do
+      if not T.is_tensor(g) or rawget(g, 'c') == nil then
+         fail('%s is %s, not a live tensor', names(g), T.is_tensor(g) and 'a freed tensor' or check.show(g))
+      end
+   end
    for _, g in ipairs(out) do
       if g:dtype() ~= 'float32' or not g:is_contiguous() or g:device() ~= out[1]:device() then
          fail('%s must be a contiguous float32 tensor on %s, like the first, got %s', names(g), out[1]:device(),
