@@ -754,6 +754,8 @@ local function weights_file(path)
    return path
 end
 
+M.weights_file = weights_file -- (the file load_weights reads for a path: nr.train.evaluate names it)
+
 function M.load_weights(model, path, opts)
    local FN = 'nr.checkpoint.load_weights'
    check.arg(type(path) == 'string', FN, 'path must be a string, got %s', check.show(path))

@@ -10,6 +10,7 @@
 -- An unknown flag or a value of the wrong type is an error that names the flag.
 -- What it is not: the trainer (nr.train) or the place defaults live (nr.train.DEFAULTS).
 local train = require 'nr.train'
+local ck = require 'nr.checkpoint'
 
 local M = {}
 
@@ -39,7 +40,7 @@ M.TYPES = {
    ['schedule.gamma'] = 'number', ['schedule.step_size'] = 'number', ['schedule.min_lr'] = 'number',
    ['schedule.warmup_start'] = 'number', ['schedule.epochs'] = 'number', ['schedule.granularity'] = 'string',
    ['loss.label_smoothing'] = 'number', max_epochs = 'integer', memory_format = 'string', clip_grad_norm = 'number',
-   init = 'init', ['init.path'] = 'string', ['init.names'] = 'string', ['init.skip'] = 'list',
+   init = 'init', ['init.path'] = 'string', ['init.names'] = 'string', ['init.skip'] = 'list', eval = 'string',
    -- Neural Rejuvenation (nr.rejuvenate.attach's options; docs/NR.md)
    nr = 'switch', ['nr.enabled'] = 'boolean', ['nr.target'] = 'number', ['nr.budget'] = 'number',
    ['nr.constraint'] = 'string', ['nr.scheme'] = 'string', ['nr.rescale'] = 'boolean', ['nr.times'] = 'integer',
@@ -278,6 +279,10 @@ function M.help(recipe, path)
    lines[#lines + 1] = '  --resume DIR     continue a run from its last complete checkpoint, with its own settings'
    lines[#lines + 1] = '                   (DIR/recipe.json) where no flag is given now'
    lines[#lines + 1] = '  --overwrite      start afresh in an out folder that holds a run (its checkpoints and metrics go)'
+   lines[#lines + 1] = '  --eval PATH      evaluate a run\'s best checkpoint (or a step folder, a weights file) on the'
+   lines[#lines + 1] = '                   evaluation split, with the run\'s settings; trains and writes nothing'
+   lines[#lines + 1] = '  --init PATH      start a new run from these weights (also --init.names torchvision,'
+   lines[#lines + 1] = '                   --init.skip fc: modules left as built)'
    return table.concat(lines, '\n')
 end
 
@@ -430,7 +435,6 @@ end
 -- Returns the recipe to resume DIR with (the flags are applied to it afterwards) and the list of
 -- "path value" it changed, or the recipe as it was and a note when recipe.json cannot be used.
 function M.resume_base(recipe, dir)
-   local ck = require 'nr.checkpoint'
    local path = train.expand_path(dir, 'recipe.resume')
    -- not a run folder: said as that, not as a recipe.json that will be done without
    train.need_run_folder(path)
@@ -457,6 +461,29 @@ function M.resume_base(recipe, dir)
    return base, changed
 end
 
+-- --eval PATH: the run's own settings from its recipe.json (as --resume; flags given now
+-- override, e.g. --data.val_split train), its weights evaluated, one line printed.
+function M.evaluate(recipe, r, args, path)
+   local dir = r.eval
+   if type(dir) ~= 'string' or dir == '' then error('--eval: expected a run folder, checkpoint or weights file', 0) end
+   local run = train.expand_path(dir, 'eval'):gsub('/+$', '')
+   run = run:match('^(.*)/checkpoint/[^/]+$') or run:match('^(.*)/checkpoint$') or run
+   if ck.exists(run .. '/recipe.json') then
+      local base, changed = M.resume_base(recipe, run)
+      if changed and #changed > 0 then
+         io.write(string.format('eval: the run\'s own settings from its recipe.json: %s (flags given now override)\n',
+            table.concat(changed, ', ')))
+         r = M.apply(base, args)
+      end
+   end
+   r.eval = nil
+   if r.name == nil and path then r.name = path:match('([^/]+)%.lua$') or path end
+   local res = train.evaluate(r, dir)
+   io.write(string.format('eval: %s: loss %.4f, top-1 %.2f%%, top-5 %.2f%% on %d images of %s\n', res.weights, res.loss,
+      res.top1, res.top5, res.n, tostring(res.split)))
+   return res
+end
+
 -- run(tbl, args, path): the CLI entry for recipe files. Returns the summary (nil for --help).
 function M.run(recipe, args, path)
    local r, what, notes = M.apply(recipe, args)
@@ -465,6 +492,7 @@ function M.run(recipe, args, path)
       return nil
    end
    for _, n in ipairs(notes) do io.write(n, '\n') end
+   if r.eval ~= nil then return M.evaluate(recipe, r, args, path) end
    if type(r.resume) == 'string' then
       local base, changed, note = M.resume_base(recipe, r.resume)
       if note then io.write('resume: ', note, '\n') end

@@ -834,7 +834,8 @@ function Trainer:load_init()
 end
 
 -- Creates the trainer (model, data, optimizer, schedule, run folder); does not train.
-function M.new(recipe)
+-- evaluating: for M.evaluate, which writes nothing (the run folder is not created).
+function M.new(recipe, evaluating)
    local rc = M.resolve(recipe)
    local tr = setmetatable({recipe = rc, hooks = {}, states = {}, state_order = {}, status = {},
                             schedule_hold = false, extend_held = false, held_epochs = 0, epoch = 0, step = 0, best_top1 = nil,
@@ -944,7 +945,7 @@ function M.new(recipe)
    local resume_run = rc.resume and run_folder_of(rc.resume)
    tr.out = expand_path(rc.out, 'recipe.out') or resume_run or ('runs/' .. name .. '-' .. date_tag())
    rc.out = tr.out
-   ck.mkdirs(tr.out)
+   if not evaluating then ck.mkdirs(tr.out) end
    -- progress = false: nothing on the console (the run's folder still gets its log)
    local popts = rc.progress or {}
    if rc.progress == false then popts = {stream = progress.NULL_STREAM, tty = false} end
@@ -1678,6 +1679,36 @@ function M.train(recipe)
    local ok, tr = xpcall(M.new, M.user_traceback, recipe)
    if not ok then error(recipe_error(tr), 0) end
    return tr:run(), tr
+end
+
+-- Evaluates trained weights on the recipe's evaluation split (`nrlua RECIPE --eval PATH`): path
+-- as nr.checkpoint.load_weights takes it (a run folder: the checkpoint `best` names, else the
+-- newest; a step folder; a weights file), the model built by the recipe and, for a rejuvenated
+-- run, rebuilt to its layers. Writes nothing. Returns {loss, top1, top5, n, weights = the file,
+-- split}.
+function M.evaluate(recipe, path)
+   check.arg(type(path) == 'string' and path ~= '', 'nr.train.evaluate', 'path must be a run folder, checkpoint or weights '
+      .. 'file, got %s', check.show(path))
+   check.arg(type(recipe) == 'table', 'nr.train.evaluate', 'recipe must be a table, got %s', check.show(recipe))
+   local r = {}
+   for k, v in pairs(recipe) do r[k] = v end
+   path = expand_path(path, 'eval')
+   r.resume, r.init, r.out = nil, nil, path -- (not created: nothing is written)
+   local d = r.data
+   if type(d) == 'table' and d.val_split == false then
+      error('nr.train.evaluate: the recipe evaluates on no split (data.val_split off): give one, e.g. --data.val_split test', 0)
+   end
+   local ok, tr = xpcall(M.new, M.user_traceback, r, true)
+   if not ok then error(recipe_error(tr), 0) end
+   local loaded, err = pcall(ck.load_weights, tr.model, path)
+   if not loaded then
+      error('nr.train.evaluate: ' .. tostring(err):gsub('^[^:]*%.lua:%d+: ', ''):gsub('^nr%.checkpoint%.load_weights: ', ''), 0)
+   end
+   local file = ck.weights_file(path)
+   local res = tr:evaluate()
+   if not res then error('nr.train.evaluate: the evaluation split has no samples', 0) end
+   res.weights, res.split = file, tr.recipe.data.val_split
+   return res
 end
 
 setmetatable(M, {__call = function(_, recipe) return M.train(recipe) end})

@@ -160,6 +160,10 @@ describe('nr.rejuvenate.attach in nr.train', function()
       local bare = ck.load_weights(model(), ck.find(out) .. '/model.safetensors')
       bare:evaluate()
       assert.are.equal(0, a:sub(bare:forward(x)):abs():max())
+      -- `--eval out`: the best checkpoint, rebuilt and evaluated, gives the run's best evaluation
+      local res = train.evaluate(recipe(out, nrcfg), out)
+      assert.are.equal(summary.best_top1, res.top1)
+      assert.truthy(res.weights:find(out .. '/checkpoint/step-', 1, true), res.weights)
    end)
 end)
 

@@ -1002,6 +1002,25 @@ print('epochs', s.epochs)
       assert.truthy(tostring(err):find('clip_grad_norm must be a number > 0 (or nil: no clipping), got -1', 1, true), err)
    end)
 
+   it('evaluate (--eval): a run\'s best checkpoint on the evaluation split, writing nothing', function()
+      local where = TMP .. '/eval_out'
+      local res = train.evaluate(recipe(where), TMP .. '/a')
+      assert.are.equal(summary_a.best_top1, res.top1)
+      assert.are.equal(256, res.n)
+      assert.truthy(res.weights:match('/a/checkpoint/step%-%d+/model%.safetensors$'), res.weights)
+      assert.is_false(ck.is_dir(where))
+      local function refused(r, path, want)
+         local ok, err = pcall(train.evaluate, r, path)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(want, 1, true), tostring(err))
+      end
+      refused(recipe(where), TMP .. '/none', 'nr.train.evaluate: cannot open ' .. TMP .. '/none')
+      refused(recipe(where, {data = {dataset = 'fashion-mnist', val_split = false}}), TMP .. '/a',
+         'the recipe evaluates on no split (data.val_split off)')
+      refused(recipe(where, {model = function() return nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(64, 4)} end}),
+         TMP .. '/a', 'does not match the model')
+   end)
+
    it('init: a new run starts from given weights, skip leaves layers as built, a resumed run does not read them again', function()
       local src = ck.load_weights(convnet(), TMP .. '/a') -- the first test's run: its best checkpoint
       local file = TMP .. '/init_src.safetensors'
