@@ -91,6 +91,13 @@ describe('nr.rejuvenate on the zoo', function()
       assert.is_true(pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}}))
    end)
 
+   -- widths 17 / 3 / 18 for the three-conv chains below: the middle layer gains no channel
+   local function KEEP_MIDDLE(layers)
+      local w = {}
+      for i, l in ipairs(layers) do w[l.id] = ({17, 3, 18})[i] end
+      return w, {}
+   end
+
    it('CR: a layer that gains no channel while its input does reads the new ones (zero at first), at the planned cost', function()
       nr.manual_seed(11)
       local nn = nr.nn
@@ -114,8 +121,9 @@ describe('nr.rejuvenate on the zoo', function()
       m:evaluate()
       local x = nr.randn({2, 3, 8, 8})
       local y0 = m:forward(x):clone()
-      local rep = nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = 'CR', budget = 0.26})
-      -- the middle layer keeps its 3 live channels, the first grows: its new channels are read
+      -- the middle layer keeps its 3 live channels (a policy's choice: the default one would now
+      -- give it a fourth from what is left of the budget), the first grows: its new channels are read
+      local rep = nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = 'CR', budget = 0.26, policy = {reallocate = KEEP_MIDDLE}})
       assert.are.same({17, 3, 18}, {rep.layers[1].width_after, rep.layers[2].width_after, rep.layers[3].width_after})
       local mid = m.modules[4]
       local unread
@@ -252,8 +260,9 @@ describe('nr.rejuvenate on the zoo', function()
       for _, d in ipairs({{1, 16}, {2, 5}, {3, 16}}) do
          for c = 1, d[2] do bns[d[1]].weight:set(c, 0) end
       end
-      local opts = {input_shape = {3, 8, 8}, scheme = 'CR', budget = 0.26, generations = 'keep'}
+      local opts = {input_shape = {3, 8, 8}, scheme = 'CR', budget = 0.26, generations = 'keep', policy = {reallocate = KEEP_MIDDLE}}
       nr.rejuvenate(m, opts)
+      opts.policy = nil
       local function unread_of(layer)
          for _, b in ipairs(layer.blocks) do if b.unread then return b end end
       end

@@ -9,6 +9,7 @@
 --   reallocate(layers, budget)    one shared expansion rate α for every layer's live width,
 --     -> widths, info             solved by bisection on the exact cost so cost <= budget.target
 --                                 [3.2], then rounded up set by set while the budget allows
+--                                 (the next step's sets, then the rest, nearest first)
 --                                 (not called with budget = 0: that is a pure prune)
 --   init(kind, shape, info) -> T  fresh weights: Kaiming normal, fan-out (std = sqrt(2 / fan_out));
 --                                 kind 'depthwise' for a depthwise conv's new rows, else 'conv'
@@ -56,22 +57,34 @@ M.shared_widths = shared
 -- (a forced rejuvenation above the budget) α < 1 and the lowest-|γ| live channels go too.
 -- Integer widths make the cost a step function, and one step can be large (ResNet-164: every
 -- 16-wide set of a stage rounds up at the same α, 1.5% of the cost), so the sets that round up
--- at the next step do so one at a time, in layer order, while the cost stays within the budget:
--- every width stays round(α·live) or one more, and the cost lands just under the target.
+-- at the next step do so one at a time, in layer order, while the cost stays within the budget;
+-- then the other sets, those nearest to rounding up first (the α at which round(α·live) would
+-- give one more), each if the cost still fits (on small nets one step of the shared α skips
+-- several percent of the budget). Every width stays round(α·live) or one more, and the cost lands
+-- just under the target.
 function M.reallocate(layers, budget)
    local f = shared(layers)
    local a, a_next = budget.solve(f, budget.cost(f(1)) <= budget.target and 1 or 0)
    local w = f(a)
+   local base = f(a)
+   local function try_one_more(id)
+      local was = w[id]
+      w[id] = was + 1
+      if budget.cost(w) > budget.target then w[id] = was end
+   end
    if a_next then
       local up = f(a_next)
       for _, l in ipairs(layers) do
-         local id = l.id
-         if up[id] > w[id] then
-            local was = w[id]
-            w[id] = was + 1
-            if budget.cost(w) > budget.target then w[id] = was end
+         if up[l.id] > w[l.id] then try_one_more(l.id) end
+      end
+      local rest = {}
+      for i, l in ipairs(layers) do
+         if w[l.id] == base[l.id] and l.live > 0 then
+            rest[#rest + 1] = {id = l.id, at = (base[l.id] + 0.5) / l.live, order = i}
          end
       end
+      table.sort(rest, function(x, y) return x.at < y.at or (x.at == y.at and x.order < y.order) end)
+      for _, r in ipairs(rest) do try_one_more(r.id) end
    end
    return w, {alpha = a}
 end
