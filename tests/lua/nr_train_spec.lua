@@ -220,6 +220,31 @@ describe('held schedule epochs extend nr.train', function()
    end
    local base = tmpdir('extend')
 
+   it('measures costs at the data\'s sample shape; a model with nothing to resize, a `when` without return: errors', function()
+      -- nr_info.input_size 56 (as a zoo model built for other images) but 28x28 data: the data's FLOPs
+      local r = rc(base .. '/shape', {epochs = 1, model = function()
+         local m = tiny()
+         m.nr_info = {input_size = 56, input_channels = 1}
+         return m
+      end}, {constraint = 'flops', policy = {when = function(ctx) return ctx.rejuvenations == 0 end}})
+      r.nr.input_shape = nil
+      local tr = train.new(r)
+      tr:run()
+      local at28, at56 = nr.utilization(tiny(), {1, 28, 28}), nr.utilization(tiny(), {1, 56, 56})
+      assert.are.equal(at28.flops_all, tr.nr.reports[1].before.flops_all)
+      assert.is_true(at56.flops_all > at28.flops_all)
+      local function refused(rr, want, at_run)
+         local ok, err = pcall(function() local t = train.new(rr); if at_run then t:run() end end)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(want, 1, true), tostring(err))
+      end
+      refused(rc(base .. '/mlp', {model = function()
+         return nn.Sequential{nn.Flatten(), nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)}
+      end}), 'the model has no channels Neural Rejuvenation can resize')
+      refused(rc(base .. '/when', {epochs = 1}, {policy = {when = function() end}}),
+         'policy.when: must return true or false, got nil (a function that ends without return gives nil)', true)
+   end)
+
    it('runs epochs + held epochs: 2 schedule epochs after 3 held ones, the schedule completes', function()
       local r, lrs = rc(base .. '/a', {max_epochs = 6})
       local tr = train.new(r)

@@ -198,7 +198,8 @@ end
 -- The rescale policy's answer, which must be a boolean (nil: no).
 function M.ask_rescale(pol, ctx)
    local v = pol.rescale(ctx)
-   check.arg(v == nil or type(v) == 'boolean', 'nr.rejuvenate policy.rescale', 'must return true or false, got %s', check.show(v))
+   check.arg(type(v) == 'boolean', 'nr.rejuvenate policy.rescale', 'must return true or false, got %s%s', check.show(v),
+      v == nil and ' (a function that ends without return gives nil)' or '')
    return v == true
 end
 
@@ -433,8 +434,8 @@ end
 --   target (T_r, 0.5), budget (1.0), constraint ('params'), scheme ('NR'), rescale (false),
 --   times (1), active_epochs (nil = always), hold_schedule (true), extend_epochs (true: the held
 --   epochs lengthen the run, tr.extend_held, up to the recipe's max_epochs), gamma0, threshold, abs_min,
---   count, optim_state ('remap'), linear_init ('zero'), input_shape (default: model.nr_info, else
---   the trainer's loader),
+--   count, optim_state ('remap'), linear_init ('zero'), input_shape (default: the trainer's loader's
+--   sample shape, else model.nr_info),
 --   lambda = {mode = 'adaptive' | 'constant', init = 0, dt = 'epoch' | N steps, dr = 0.01,
 --             dl = 5e-5, value}, policy = {when, lambda, reallocate, init, rescale}.
 -- Returns the controller (its fields: lambda, r_hist, lambda_hist, rejuvenations (all, restored on
@@ -474,11 +475,11 @@ function M.attach(tr, cfg)
                 monitor_ms = 0, monitor_calls = 0}
    local key = c.constraint == 'flops' and 'r_flops' or 'r_params'
 
-   -- one sample's shape: cfg.input_shape, the model's nr_info, or the trainer's loader
+   -- one sample's shape: cfg.input_shape, else the trainer's loader (the data the model trains
+   -- on: a zoo model's nr_info.input_size may be another, e.g. 64 for 28x28 images), else the
+   -- model's nr_info
    local function shape()
-      if c.input_shape or (rawget(tr.model, 'nr_info') or {}).input_size then
-         return input_shape_of(tr.model, c.input_shape, FN)
-      end
+      if c.input_shape then return input_shape_of(tr.model, c.input_shape, FN) end
       local l = tr.train_loader
       if l and type(l.shape) == 'table' and #l.shape == 4 then return {l.shape[2], l.shape[3], l.shape[4]} end
       if l and type(l.x) == 'table' and l.x.shape then
@@ -505,6 +506,16 @@ function M.attach(tr, cfg)
    end
    -- the authors shift the schedule by the sparsification epochs: the run grows by the held ones
    tr.extend_held = c.hold_schedule ~= false and c.extend_epochs ~= false
+   -- NR reads liveliness from the BatchNorm scales of the channels it can resize: a model with
+   -- none (an MLP, only main-stream layers) kept r at 1 and its schedule held until max_epochs
+   if c.enabled ~= false then
+      local u = M.utilization(tr.model, shape(), {threshold = c.threshold, abs_min = c.abs_min, count = c.count})
+      if u.params_all == 0 then
+         error(string.format('%s: the model has no channels Neural Rejuvenation can resize (a Conv2d whose output '
+            .. 'channels a BatchNorm2d scales, outside the nr_fixed main stream): nothing to measure or prune; train it '
+            .. 'without NR (--nr off)', FN), 0)
+      end
+   end
 
    local function check_point()
       if not active() then
@@ -525,7 +536,9 @@ function M.attach(tr, cfg)
                  r_flops = u.r_flops, lambda = ctl.lambda})
       end
       local go = pol.when(ctx)
-      check.arg(go == nil or type(go) == 'boolean', 'nr.rejuvenate policy.when', 'must return true or false, got %s', check.show(go))
+      -- (nil too: a `when` without a return never rejuvenated, and the run stayed held to max_epochs)
+      check.arg(type(go) == 'boolean', 'nr.rejuvenate policy.when', 'must return true or false, got %s%s', check.show(go),
+         go == nil and ' (a function that ends without return gives nil)' or '')
       if go then
          if not ctl.C then
             ctl.C = c.constraint == 'flops' and u.flops_all or u.params_all
