@@ -1492,15 +1492,17 @@ function Trainer:run()
       -- continued into another folder (--resume A --out B): B is a new run's, so another run there
       -- is refused unless --overwrite (its metrics and checkpoints were mixed with this one's)
       local _, run, own, own_rank = resume_target(self, rc.resume)
-      if not own and not own_rank then
-         claim_run_folder(self.out, rc.overwrite)
+      local forked = not own and not own_rank
+      if forked then claim_run_folder(self.out, rc.overwrite) end
+      local dir = self:load_checkpoint(rc.resume, found)
+      if forked then
          -- B's history starts with A's (trimmed to the checkpoint below): its report and --resume
          -- of B show the whole run, not only what came after the fork (rank 0's: nr.dist's other
-         -- ranks keep their own folders' records)
+         -- ranks keep their own folders' records). Written once A's checkpoint has loaded: a
+         -- refused resume left A's metrics in B, which then refused a new run as "holds a run"
          local history = not self.out:match('/ranks/%d+$') and ck.read_file(run .. '/metrics.jsonl')
          if history then ck.write_atomic(self.out .. '/metrics.jsonl', history) end
       end
-      local dir = self:load_checkpoint(rc.resume, found)
       -- this run's `best` pointer, when it names weights of epochs after the checkpoint
       self.best_checkpoint = ck.resumed(self.out .. '/checkpoint', self.step, self.best_checkpoint)
       self:print(string.format('resumed from %s (epoch %d, step %d%s)', dir, self.epoch, self.step,

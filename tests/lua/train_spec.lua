@@ -357,6 +357,14 @@ describe('nr.train', function()
       assert.equal(1, #epoch_records(a))                          -- A itself is untouched
       -- the run's own folder by another spelling is the run itself, not another folder
       assert.equal(16, nr.train(held_recipe(a .. '/', {epochs = 2, resume = a .. '/../fork_a'})).steps)
+      -- a fork refused because A's weights do not fit leaves nothing of A in D: a new run goes there
+      local d = TMP .. '/fork_d'
+      local other = function() return nr.nn.Sequential{nr.nn.Flatten(), nr.nn.Linear(64, 4)} end
+      ok, e = pcall(nr.train, held_recipe(d, {epochs = 2, resume = a, model = other}))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find('does not match the model', 1, true), tostring(e))
+      assert.is_false(ck.exists(d .. '/metrics.jsonl'))
+      assert.equal(8, nr.train(held_recipe(d, {epochs = 1})).steps)
    end)
 
    it('one writer per run folder: while another process writes into it, a run, --overwrite and --resume are refused', function()
