@@ -99,6 +99,29 @@ function M.int32(value, fname, argname, min, max, level)
    return value
 end
 
+-- Edit distance between a and b (insertions, deletions, substitutions).
+local function distance(a, b)
+   local prev = {}
+   for j = 0, #b do prev[j] = j end
+   for i = 1, #a do
+      local cur = {[0] = i}
+      for j = 1, #b do
+         cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:sub(i, i) == b:sub(j, j) and 0 or 1))
+      end
+      prev = cur
+   end
+   return prev[#b]
+end
+
+-- The name among names (a list, tried in order) that k is a near miss of (a typo: one edit, two
+-- for names of 8 characters or more; none for names under 5), or nil.
+function M.near_miss(k, names)
+   if type(k) ~= 'string' or #k < 5 then return nil end
+   for _, n in ipairs(names) do
+      if distance(k, n) <= (#k >= 8 and 2 or 1) then return n end
+   end
+end
+
 -- Checks an options table against the allowed keys; unknown keys are errors (catch typos).
 function M.options(opts, allowed, fname, level)
    level = (level or 2) + 1 -- the function that called the one checking its options, by default
@@ -109,7 +132,9 @@ function M.options(opts, allowed, fname, level)
          local names = {}
          for a in pairs(allowed) do names[#names + 1] = a end
          table.sort(names)
-         error(string.format('%s: unknown option %q (allowed: %s)', fname, tostring(k), table.concat(names, ', ')), level)
+         local guess = M.near_miss(k, names)
+         error(string.format('%s: unknown option %q (%sallowed: %s)', fname, tostring(k),
+            guess and string.format('did you mean %q? ', guess) or '', table.concat(names, ', ')), level)
       end
    end
    return opts

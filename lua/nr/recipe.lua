@@ -48,7 +48,8 @@ M.TYPES = {
    ['nr.hold_schedule'] = 'boolean', ['nr.extend_epochs'] = 'boolean', ['nr.optim_state'] = 'string',
    ['nr.linear_init'] = 'string', ['nr.generations'] = 'string', ['nr.lambda.mode'] = 'string', ['nr.lambda.init'] = 'number',
    ['nr.lambda.value'] = 'number', ['nr.lambda.dt'] = 'epoch_or_steps', ['nr.lambda.dr'] = 'number',
-   ['nr.lambda.dl'] = 'number',
+   ['nr.lambda.dl'] = 'number', ['nr.input_shape'] = 'list', ['nr.count.conv'] = 'boolean', ['nr.count.linear'] = 'boolean',
+   ['nr.count.bn'] = 'boolean', ['nr.count.bias'] = 'boolean',
 }
 
 local BOOL = {['true'] = true, ['false'] = false, on = true, off = false, yes = true, no = false, ['1'] = true, ['0'] = false}
@@ -88,6 +89,10 @@ local function field_type(recipe, path)
          return known
       end
       if (t == 'table' or t == 'list') and known == 'list' then return 'list' end
+      -- a recipe value of another type than its field's (out = 5): the flag takes the field's type
+      -- (it was parsed as the wrong value's: "--out: expected a number")
+      local SCALAR = {string = true, number = true, integer = true, boolean = true}
+      if SCALAR[known] and SCALAR[t] then return known end
       return t
    end
    if known then return known end

@@ -752,20 +752,6 @@ local TOP_FIELDS = {model = true, nr = true, dist = true, hooks = true, progress
                     max_epochs = true, memory_format = true, clip_grad_norm = true, init = true}
 for k in pairs(M.DEFAULTS) do TOP_FIELDS[k] = true end
 
--- Edit distance between a and b (insertions, deletions, substitutions).
-local function distance(a, b)
-   local prev = {}
-   for j = 0, #b do prev[j] = j end
-   for i = 1, #a do
-      local cur = {[0] = i}
-      for j = 1, #b do
-         cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a:sub(i, i) == b:sub(j, j) and 0 or 1))
-      end
-      prev = cur
-   end
-   return prev[#b]
-end
-
 -- A top-level field nr.train does not read is left to the recipe's own functions (a model
 -- function may read rc.width); a near miss of one it reads (epoch, checkpoint_evry), or a
 -- command-line alias written at the top (lr for optim.lr), would silently train with the default:
@@ -782,9 +768,15 @@ local FOREIGN_NAMES = {learning_rate = 'optim.lr', batch_size = 'data.batch', we
 -- a near miss among fields (a list of names, tried in order); nil when none is close.
 function M.guess_field(k, fields)
    if FOREIGN_NAMES[k] then return FOREIGN_NAMES[k] end
-   if #k < 5 then return nil end
+   -- a field given without its section (--target for nr.target), or a near miss of one
    for _, f in ipairs(fields) do
-      if distance(k, f) <= (#k >= 8 and 2 or 1) then return f end
+      if f:sub(-#k - 1) == '.' .. k then return f end
+   end
+   local near = check.near_miss(k, fields)
+   if near or k:find('.', 1, true) then return near end
+   for _, f in ipairs(fields) do
+      local last = f:match('%.([^.]+)$')
+      if last and check.near_miss(k, {last}) then return f end
    end
 end
 

@@ -123,6 +123,18 @@ describe('nr.rejuvenate policies', function()
          for _, l in ipairs(layers) do w[l.id] = math.huge end
          return w
       end}}):find('must be an integer in [1, 2^20]', 1, true))
+      -- widths in range whose tensors cannot be built: said with the widths, the model as it was
+      local huge = small_net()
+      kill_half(huge)
+      local before = huge:nParameters()
+      local he = err(function() nr.rejuvenate(huge, {input_shape = {3, 8, 8}, policy = {reallocate = function(layers)
+         local w = {}
+         for _, l in ipairs(layers) do w[l.id] = 2 ^ 20 end
+         return w
+      end}}) end)
+      assert.truthy(he:find('nr.rejuvenate: building the new layers failed (the widths reallocate returned: planned cost', 1, true)
+         and he:find('with 1048576 channels): nr.empty: nr_tensor_new_at: tensor too large', 1, true), he)
+      assert.are.equal(before, huge:nParameters())
       -- a reallocation's info is checked before the surgery (the model is left as it was)
       local k = small_net()
       kill_half(k)

@@ -143,6 +143,18 @@ describe('nr.recipe', function()
       assert.truthy(err_of({'--optim.lrr', '3'}):find('did you mean --optim.lr?', 1, true))
       assert.is_nil(err_of({'--zzz', '3'}):find('did you mean', 1, true))
       assert.truthy(err_of({'--optimizer', 'sgd'}):find('did you mean --optim.name?', 1, true))
+      -- a field without its section
+      assert.truthy(err_of({'--target', '0.3'}):find('did you mean --nr.target?', 1, true))
+      assert.truthy(err_of({'--milestone', '3'}):find('did you mean --schedule.milestones?', 1, true))
+      -- a flag takes its field's type, not that of a wrong value in the recipe (out = 5)
+      assert.are.equal('/tmp/x', R.apply({epochs = 1, out = 5}, {'--out', '/tmp/x'}).out)
+      -- NR's options the recipe leaves out are typed too
+      local typed = R.apply({epochs = 1}, {'--nr.input_shape', '1,28,28', '--nr.count.linear', 'on'})
+      assert.are.same({{1, 28, 28}, true}, {typed.nr.input_shape, typed.nr.count.linear})
+      -- a near miss in an options table (a recipe's nr = {targt = ...}) names the key it meant
+      local aok, ae = pcall(require('nr.rejuvenate').attach, {}, {targt = 0.3})
+      assert.is_false(aok)
+      assert.truthy(tostring(ae):find('unknown option "targt" (did you mean "target"? allowed: ', 1, true), tostring(ae))
       assert.truthy(err_of({'--optim.lrr', '3'}):find('--optim.lrr', 1, true))
       assert.truthy(err_of({'--epochs', 'many'}):find('--epochs: expected an integer, got "many"', 1, true))
       assert.truthy(err_of({'--epochs', '2.5'}):find('--epochs: expected an integer', 1, true))

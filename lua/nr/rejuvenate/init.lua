@@ -351,7 +351,16 @@ function M.rejuvenate(model, opts)
    local plans = surgery.plans(g, st, root_widths, next_gen, merge)
    local ctx = {opt = opt, optim_state = opts.optim_state or 'remap', gamma0 = gamma0, scheme = scheme,
                 init = pol.init, linear_init = opts.linear_init or 'zero'}
-   local _, moms = surgery.apply(g, plans, ctx)
+   -- (the new tensors are built before any layer changes: a failure leaves the model as it was)
+   local built, moms = pcall(surgery.apply, g, plans, ctx)
+   if not built then
+      local big_id, big = nil, 0
+      for id, w in pairs(widths) do if w > big then big_id, big = id, w end end
+      -- (a library position is dropped; a policy.init error keeps the user's file and line)
+      error(string.format('%s: building the new layers failed (the widths reallocate returned: planned cost %s, the '
+         .. 'widest layer %s with %d channels): %s', FN, tostring(planned), check.show(big_id), big,
+         (tostring(moms):gsub('^[^:]*/lua/nr/[^:]*%.lua:%d+: ', ''))), 2)
+   end
    if opt then
       opt:refresh()
       for _, e in ipairs(moms) do opt:set_state_of(e.param, e.state) end
