@@ -181,6 +181,10 @@ describe('nr monitoring', function()
          assert.truthy(e:find('lambda must be a finite number >= 0, got ' .. require('nr.check').show(v), 1, true), e)
       end
       assert.equal(0, model:findModules('BatchNorm2d')[1].gradWeight:abs():sum())
+      -- the shape from nr_info: without input_channels, the first convolution's (not 3)
+      local grey = nn.Sequential{cbn(1, 8, 3)}
+      grey.nr_info = {input_size = 8}
+      assert.are.equal(nr.utilization(grey, {1, 8, 8}).params_all, nr.utilization(grey).params_all)
    end)
 
    it('monitoring costs well under 1% of a training step (ResNet-164, batch 8, 32x32, wall clock)', function()

@@ -33,7 +33,14 @@ local function input_shape_of(model, given, fname)
    end
    local info = rawget(model, 'nr_info')
    if info and info.input_size then
-      return {info.input_channels or 3, info.input_size, info.input_size}
+      -- without input_channels: the first convolution's (a 3 by default failed a grey-image model
+      -- with "expects 1 input channels but the graph carries 3")
+      local channels = info.input_channels
+      if not channels then
+         local first = model:findModules('Conv2d')[1]
+         channels = first and first.in_channels or 3
+      end
+      return {channels, info.input_size, info.input_size}
    end
    error(fname .. ': input_shape is required (e.g. {3, 32, 32}); the model has no nr_info.input_size', 3)
 end
@@ -352,14 +359,14 @@ function M.rejuvenate(model, opts)
    local ctx = {opt = opt, optim_state = opts.optim_state or 'remap', gamma0 = gamma0, scheme = scheme,
                 init = pol.init, linear_init = opts.linear_init or 'zero'}
    -- (the new tensors are built before any layer changes: a failure leaves the model as it was)
-   local built, moms = pcall(surgery.apply, g, plans, ctx)
+   local built, res, moms = pcall(surgery.apply, g, plans, ctx)
    if not built then
       local big_id, big = nil, 0
       for id, w in pairs(widths) do if w > big then big_id, big = id, w end end
       -- (a library position is dropped; a policy.init error keeps the user's file and line)
       error(string.format('%s: building the new layers failed (the widths reallocate returned: planned cost %s, the '
          .. 'widest layer %s with %d channels): %s', FN, tostring(planned), check.show(big_id), big,
-         (tostring(moms):gsub('^[^:]*/lua/nr/[^:]*%.lua:%d+: ', ''))), 2)
+         (tostring(res):gsub('^[^:]*/lua/nr/[^:]*%.lua:%d+: ', ''))), 2)
    end
    if opt then
       opt:refresh()
