@@ -420,10 +420,13 @@ function M.describe(rep, index, epoch, step)
       widths = string.format('%d of %d layers wider, %d narrower', grew, #rep.layers, shrank)
    end
    local e = rep.cost_error or 0
-   return string.format('nr: rejuvenation %d%s (%s): r_%s %.3f -> %.3f, alpha %s, %s %s -> %s (%.2f%% %s the budget), %s%s',
+   -- budget 0 prunes only: no budget to be under
+   local against = rep.budget == 0 and 'a pure prune'
+      or string.format('%.2f%% %s the budget', 100 * math.abs(e), e > 0 and 'over' or 'under')
+   return string.format('nr: rejuvenation %d%s (%s): r_%s %.3f -> %.3f, alpha %s, %s %s -> %s (%s), %s%s',
       index or 1, epoch and string.format(' in epoch %d, step %d', epoch, step or 0) or '', rep.scheme, key,
       rep.before['r_' .. key], rep.after['r_' .. key], rep.alpha and string.format('%.3g', rep.alpha) or '-', key,
-      size(rep.before[key .. '_all']), size(rep.cost), 100 * math.abs(e), e > 0 and 'over' or 'under',
+      size(rep.before[key .. '_all']), size(rep.cost), against,
       widths, (rep.rescaled or 0) > 0 and string.format(', %d channels rescaled', rep.rescaled) or '')
 end
 
