@@ -99,6 +99,25 @@ function M.int32(value, fname, argname, min, max, level)
    return value
 end
 
+-- Runs f(...) and raises its error at `level` as error() counts it from here, without a position
+-- inside lua/nr: a check made a few calls deep names the library's line, where the user's call is
+-- what was wrong (a position in the user's own code, such as a policy function's, stays). Public
+-- functions tail-call this (their frame is gone), so 2 is their caller.
+function M.at_caller(level, f, ...)
+   local res = {pcall(f, ...)}
+   if not res[1] then
+      local e = res[2]
+      if type(e) == 'string' then
+         local stripped, n = e:gsub('^[^\n:]-/lua/nr/[^\n:]-%.lua:%d+: ', '', 1)
+         -- already at a position of the user's (an error in their policy function): as it is
+         if n == 0 and e:match('^[^\n:]-%.lua:%d+: ') then error(e, 0) end
+         e = stripped
+      end
+      error(e, level)
+   end
+   return unpack(res, 2, table.maxn(res))
+end
+
 -- Edit distance between a and b (insertions, deletions, substitutions).
 local function distance(a, b)
    local prev = {}

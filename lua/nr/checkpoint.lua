@@ -700,7 +700,7 @@ end
 -- Saves a model's weights (and buffers) to a safetensors file PyTorch can read, with the layer
 -- sizes (arch_metadata). opts: names (file_names above; 'torchvision' writes what a torchvision
 -- model's load_state_dict takes), metadata (string -> string, beside the layer sizes).
-function M.save_weights(model, path, opts)
+local function save_weights(model, path, opts)
    local FN = 'nr.checkpoint.save_weights'
    local tensors = M.model_tensors(model, FN)
    check.type(path, 'string', FN, 'path')
@@ -717,6 +717,7 @@ function M.save_weights(model, path, opts)
    for k, v in pairs(opts.metadata or {}) do meta[k] = v end
    safetensors.save(path, tensors, meta)
 end
+function M.save_weights(model, path, opts) return check.at_caller(2, save_weights, model, path, opts) end
 
 -- Loads a file save_weights wrote (or a run's checkpoint/<step>/model.safetensors) into model, a
 -- freshly built model of the same kind: when the file comes from a rejuvenated model, the layers
@@ -756,7 +757,7 @@ end
 
 M.weights_file = weights_file -- (the file load_weights reads for a path: nr.train.evaluate names it)
 
-function M.load_weights(model, path, opts)
+local function load_weights(model, path, opts)
    local FN = 'nr.checkpoint.load_weights'
    check.arg(type(path) == 'string', FN, 'path must be a string, got %s', check.show(path))
    M.model_tensors(model, FN) -- the model is a module
@@ -810,5 +811,6 @@ function M.load_weights(model, path, opts)
    M.load_into(model, weights, path, skip)
    return model
 end
+function M.load_weights(model, path, opts) return check.at_caller(2, load_weights, model, path, opts) end
 
 return M

@@ -110,6 +110,15 @@ describe('nr.rejuvenate policies', function()
          return err(function() nr.rejuvenate(k, o) end)
       end
       assert.truthy(rej({budget = -1}):find('budget must be a number >= 0', 1, true))
+      -- at the user's line, not a line inside lua/nr (a check a few calls deep); an error in the
+      -- user's own policy keeps its position, once
+      local here = debug.getinfo(1, 'S').short_src
+      for _, e in ipairs({rej({budget = -1}), rej({scheme = 'XY'}), err(function() nr.utilization(small_net(), {3, 8, 8}, {threshold = 2}) end),
+                          err(function() nr.checkpoint.load_weights(small_net(), '/nonexistent/w.safetensors') end)}) do
+         assert(e:sub(1, #here + 1) == here .. ':' and not e:find('/lua/nr/', 1, true), e)
+      end
+      local mine = rej({policy = {reallocate = function() error('mine') end}})
+      assert(mine:match('^[^:]+:%d+: mine$') and mine:sub(1, #here + 1) == here .. ':', mine)
       -- every resizable channel dead: an error, not a model collapsed to width 1
       local dead = small_net()
       for _, bn in ipairs(dead:findModules('BatchNorm2d')) do bn.weight:zero() end

@@ -68,16 +68,9 @@ local param_groups = Optimizer.param_groups
 local FLT_MAX = 3.4028234663852886e38
 local function nonneg(v) return type(v) == 'number' and v >= 0 and v <= FLT_MAX end
 
--- Runs f(...) and raises its error at the line that called the public method, without the
--- position inside lua/nr that check.arg's fixed level gives a check made a few calls deep (so
--- checks inside need no level of their own). The methods tail-call this (their frame is gone),
--- so level counts from here: 2 is the method's caller (3 for __init, which the class's
--- constructor call runs).
-local function at_caller(level, f, ...)
-   local res = {pcall(f, ...)}
-   if not res[1] then error((tostring(res[2]):gsub('^[^\n]-%.lua:%d+: ', '', 1)), level) end
-   return unpack(res, 2, table.maxn(res))
-end
+-- Errors at the line that called the public method (check.at_caller: checks inside need no level
+-- of their own); 2 is the method's caller, 3 for __init, which the class's constructor call runs.
+local at_caller = check.at_caller
 local show = check.show
 
 -- Checks the settings of t: opt.config (prefix "config.", is_config: the REQUIRED ones must be

@@ -134,7 +134,7 @@ end
 
 -- opts: threshold (0.01, relative to the layer's max |γ|), abs_min (1e-3: a layer whose max |γ|
 -- is below is dead), count ({conv = true, linear = false, bn = false, bias = false}).
-function M.utilization(model, input_shape, opts)
+local function utilization(model, input_shape, opts)
    check.arg(type(model) == 'table' and model.listModules, 'nr.utilization', 'model must be an nr.nn module')
    opts = check.options(opts, MON_KEYS, 'nr.utilization')
    check_common(opts, 'nr.utilization')
@@ -142,6 +142,7 @@ function M.utilization(model, input_shape, opts)
    local g = monitor.graph_of(model, input_shape, 'nr.utilization')
    return (monitor.report(g, mon_opts(opts)))
 end
+function M.utilization(model, input_shape, opts) return check.at_caller(2, utilization, model, input_shape, opts) end
 
 -- ---- L1 on γ -------------------------------------------------------------------------------------
 
@@ -243,7 +244,7 @@ end
 -- constraint_value (C; default the model's current full cost); scheme ('NR' | 'CR' | 'CA');
 -- rescale (bool); gamma0 (default model.nr_info.gamma0 or 1); optimizer (remaps its state: momentum, Adam's moments);
 -- optim_state ('remap' | 'drop'); linear_init ('zero' | 'normal'); policy ({reallocate, init, ...}).
-function M.rejuvenate(model, opts)
+local function rejuvenate(model, opts)
    local FN = 'nr.rejuvenate'
    check.arg(type(model) == 'table' and model.listModules, FN, 'model must be an nr.nn module')
    opts = check.options(opts, REJ_KEYS, FN)
@@ -398,6 +399,7 @@ function M.rejuvenate(model, opts)
       policy_info = rinfo, layers = out_layers, rescaled = rescaled, generation = generation,
    }
 end
+function M.rejuvenate(model, opts) return check.at_caller(2, rejuvenate, model, opts) end
 
 -- One console line for a rejuvenation report (nr.rejuvenate's result): index (the run's count),
 -- epoch and step when it ran in training.
