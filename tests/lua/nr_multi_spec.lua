@@ -290,6 +290,37 @@ describe('nr.rejuvenate repeated and detailed', function()
       end
    end)
 
+   it('with kept generations, CA is refused over a trained ungated cross read (CR\'s unread block, NR\'s pinned conv)', function()
+      -- the output conv is pinned (the model's output): it reads the grown first layer's new
+      -- channels across generations; CA would gate that read (A + 2 sigmoid(A) B): 8.8% output change
+      for _, first in ipairs({'CR', 'NR'}) do
+         nr.manual_seed(1)
+         local m = nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1, bias = false}), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4)}
+         for _, bn in ipairs(m:findModules('BatchNorm2d')) do bn.weight:copy(nr.rand({bn.num_features}):add_(0.5)) end
+         nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = first, generations = 'keep', budget = 1.5})
+         local out = m.modules[4]
+         nr.manual_seed(2)
+         if out:typename() == 'NRConv2d' then   -- as training leaves the cross read
+            for _, b in ipairs(out.blocks) do if b.unread then b.conv.weight:copy(nr.randn(b.conv.weight:shape())) end end
+         else
+            out.weight:narrow(2, 9, out.in_channels - 8):copy(nr.randn({4, out.in_channels - 8, 3, 3}))
+         end
+         m:evaluate()
+         local x = nr.randn({2, 3, 8, 8})
+         local y0 = m:forward(x):clone()
+         local ok, err = pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}, scheme = 'CA', generations = 'keep', budget = 0})
+         assert.is_false(ok, first .. ' -> CA')
+         assert.truthy(tostring(err):find("reads channels of another generation without a gate, which cross attention "
+            .. "would gate, changing its function; rejuvenate it with scheme = '" .. first .. "'", 1, true), tostring(err))
+         assert.equal(0, m:forward(x):clone():sub(y0):abs():max())
+         -- its own scheme keeps the function
+         nr.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = first, generations = 'keep', budget = 0})
+         m:evaluate()
+         assert.is_true(rel(m:forward(x), y0) <= 1e-5, first)
+      end
+   end)
+
    it('with kept generations, a scheme switch that would change the function is refused (CA -> NR/CR, NR -> CR/CA)', function()
       local refused = {['CA>NR'] = 'cross-attention gates', ['CA>CR'] = 'cross-attention gates',
                        ['NR>CR'] = 'cross connections between generations would be dropped',

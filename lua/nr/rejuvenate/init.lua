@@ -97,20 +97,28 @@ local function refuse_scheme_switch(g, scheme, level, what)
       return n
    end
    local prev
+   -- a trained read across generations without a gate: CR's block reading an input generation no
+   -- output group has ("unread"), or a plain conv reading several generations (NR's, also one
+   -- whose output is pinned to one generation). CA would gate it: O = A + 2 sigmoid(A) B
+   local ungated_cross
    for _, u in ipairs(g.units) do
       local m = u.conv
       if m:typename() == 'NRConv2d' then
          prev = (prev == 'CA' or m.scheme == 'CA') and 'CA' or 'CR'
+         for _, b in ipairs(rawget(m, 'blocks') or {}) do
+            if b.unread and m.scheme ~= 'CA' then ungated_cross = u end
+         end
       end
    end
-   if not prev then
-      -- no NRConv2d: a plain conv reading several generations and writing several was made by NR
-      -- (CR and CA split such a conv; at the stem, reading the image, a plain conv is theirs too)
-      for _, u in ipairs(g.units) do
-         if u.kind == 'conv' and n_gens({u.out}) > 1 then
-            local ins = {}
-            for _, sg in ipairs(u.in_desc.segs) do ins[#ins + 1] = sg.cs end
-            if n_gens(ins) > 1 then prev = 'NR' end
+   -- no NRConv2d: a plain conv reading several generations and writing several was made by NR
+   -- (CR and CA split such a conv; at the stem, reading the image, a plain conv is theirs too)
+   for _, u in ipairs(g.units) do
+      if u.kind == 'conv' and u.conv:typename() ~= 'NRConv2d' then
+         local ins = {}
+         for _, sg in ipairs(u.in_desc.segs) do ins[#ins + 1] = sg.cs end
+         if n_gens(ins) > 1 then
+            ungated_cross = ungated_cross or u
+            if not prev and n_gens({u.out}) > 1 then prev = 'NR' end
          end
       end
    end
@@ -123,6 +131,12 @@ local function refuse_scheme_switch(g, scheme, level, what)
          .. "its trained cross connections between generations would be %s and its function would change; rejuvenate it "
          .. "with scheme = 'NR' (a scheme is a per-run setting), or with generations = 'merge'", what, scheme,
          scheme == 'CR' and 'dropped' or 'gated'), level)
+   end
+   if scheme == 'CA' and prev ~= 'CA' and ungated_cross then
+      error(string.format("%s: scheme 'CA' with generations = 'keep' on a model rejuvenated with scheme '%s': %s reads "
+         .. 'channels of another generation without a gate, which cross attention would gate, changing its function; '
+         .. "rejuvenate it with scheme = '%s' (a scheme is a per-run setting), or with generations = 'merge'", what,
+         prev or 'NR', ungated_cross.conv:where(), prev or 'NR'), level)
    end
 end
 
