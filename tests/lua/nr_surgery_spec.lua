@@ -183,6 +183,62 @@ describe('nr.rejuvenate on the zoo', function()
       assert.is_true(rel_err(m:forward(x), y0) <= TOL)
    end)
 
+   it('a Concat of flattened branches: as many features per channel in each are sliced per channel; others refused', function()
+      local nn = nr.nn
+      local function head(a, b) return nn.Concat{nn.Sequential{nn.AdaptiveAvgPool2d(a), nn.Flatten()}, nn.Sequential{nn.AdaptiveMaxPool2d(b), nn.Flatten()}} end
+      nr.manual_seed(3)
+      local m = nn.Sequential{nn.Conv2d(3, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4), nn.ReLU(), head(2, 2), nn.Linear(32, 3)}
+      m.modules[2].weight:set(2, 0); m.modules[2].bias:zero()
+      m:evaluate()
+      local x = nr.randn({2, 3, 8, 8})
+      local y = m:forward(x):clone()
+      for _, scheme in ipairs({'NR', 'CR', 'CA'}) do
+         for _, budget in ipairs({0, 1}) do
+            local c = m:clone()
+            nr.rejuvenate(c, {input_shape = {3, 8, 8}, budget = budget, scheme = scheme})
+            c:evaluate()
+            assert.is_true(rel_err(c:forward(x), y) <= TOL, scheme .. ' ' .. budget)
+            assert.are.equal(budget == 0 and 24 or 32, c.modules[5].weight:size(2))
+         end
+      end
+      -- 4 and 1 features per channel: the graph has one count per descriptor (the Linear was told 8 of 20)
+      local mixed = nn.Sequential{nn.Conv2d(3, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4), nn.ReLU(), head(2, 1), nn.Linear(20, 3)}
+      local ok, err = pcall(nr.utilization, mixed, {3, 8, 8})
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('3 (Concat): concatenates flattened branches with 4 and 1 features per channel', 1, true), tostring(err))
+   end)
+
+   it('a depthwise conv shrunk to one channel stays depthwise (groups = in = out = 1 is no dense conv for NR)', function()
+      local nn = nr.nn
+      local function build()
+         nr.manual_seed(1)
+         return nn.Sequential{nn.Conv2d(3, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, {padding = 1, groups = 4, bias = false}), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 6, 1, {bias = false}), nn.BatchNorm2d(6), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(6, 3)}
+      end
+      local m = build()
+      for c = 2, 4 do m.modules[2].weight:set(c, 0); m.modules[2].bias:set(c, 0) end   -- the stem: one live channel
+      local C0 = nr.utilization(m, {3, 8, 8}).params_all
+      nr.rejuvenate(m, {input_shape = {3, 8, 8}, budget = 0})
+      assert.are.same({1, 1, 1}, {m.modules[4].in_channels, m.modules[4].out_channels, m.modules[4].groups})
+      -- and so it is after a save and a load into a freshly built model
+      local path = (os.getenv('NR_TEST_TMP') or '/tmp') .. '/nr_dw1_' .. tostring(os.time()) .. '.safetensors'
+      nr.checkpoint.save_weights(m, path)
+      local kinds = {}
+      for _, l in ipairs(nr.utilization(nr.checkpoint.load_weights(build(), path), {3, 8, 8}).layers) do kinds[l.name] = l.kind end
+      os.remove(path)
+      assert.are.equal('dw', kinds['3'])
+      m:evaluate()
+      local x = nr.randn({2, 3, 8, 8})
+      local y0 = m:forward(x):clone()
+      nr.rejuvenate(m, {input_shape = {3, 8, 8}, budget = 1, constraint_value = C0})
+      local dw = m.modules[4]
+      assert.is_true(dw.in_channels > 1 and dw.groups == dw.in_channels and dw.out_channels == dw.in_channels, tostring(dw))
+      assert.are.same({dw.in_channels, 1, 3, 3}, dw.weight:shape())
+      m:evaluate()
+      assert.is_true(rel_err(m:forward(x), y0) <= TOL)
+   end)
+
    it('the model\'s output keeps its width: a dead channel that reaches it directly stays', function()
       local nn = nr.nn
       for _, tail in ipairs({{}, {nn.GlobalAvgPool2d()}, {nn.GlobalAvgPool2d(), nn.BatchNorm1d(6)}}) do

@@ -178,7 +178,8 @@ local function conv_unit(g, m, desc, shape)
    g.units[#g.units + 1] = u
    g.by_module[m] = u
    local out
-   if groups > 1 and groups == m.in_channels and groups == m.out_channels then
+   -- (nr_depthwise: one the surgery shrank to a single channel, groups 1, is depthwise still)
+   if (groups > 1 or rawget(m, 'nr_depthwise')) and groups == m.in_channels and groups == m.out_channels then
       u.kind = 'dw'
       -- the output shares the input's CSs; this conv joins each as an AND member (hard or soft:
       -- mark_soft_and_members, once every reader is known)
@@ -347,15 +348,23 @@ walk = function(g, m, desc, shape)
       return {segs = segs, sf = a.sf}, sa
    elseif t == 'Concat' then
       g.pending = nil
-      local segs, out_shape = {}, nil
-      for _, c in ipairs(m.modules) do
+      local segs, out_shape, sf = {}, nil, nil
+      for i, c in ipairs(m.modules) do
          g.pending = nil
          local d, s = walk(g, c, desc, shape)
          for _, sg in ipairs(d.segs) do segs[#segs + 1] = {cs = sg.cs, src = sg.src, src_off = sg.src_off, via = sg.via} end
          if not out_shape then out_shape = {unpack(s)} else out_shape[1] = out_shape[1] + s[1] end
+         -- flattened branches (features per channel: sf) concatenate channel by channel only when
+         -- every branch has as many per channel (one sf for the whole descriptor)
+         local dsf = d.sf or 1
+         if i > 1 and dsf ~= (sf or 1) then
+            fail(m, 'concatenates flattened branches with %d and %d features per channel; NR supports a Concat of '
+               .. 'flattened branches only where each has as many per channel (pool them to one size)', sf or 1, dsf)
+         end
+         sf = d.sf
       end
       g.pending = nil
-      return {segs = segs}, out_shape
+      return {segs = segs, sf = sf}, out_shape
    end
    return leaf(g, m, desc, shape)
 end

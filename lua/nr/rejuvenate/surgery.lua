@@ -410,6 +410,8 @@ function M.apply(g, plans, ctx)
          local w = inmap.width
          local m1 = {keep = inmap.keep, dst = inmap.dst}
          local nc = conv_shell(m, w, w, {kh, kw}, w, m.bias ~= nil, dev)
+         -- stays depthwise at one channel too (groups = in = out = 1 reads as a dense conv)
+         nc.nr_depthwise = true
          local blk
          if #inmap.fresh > 0 then
             -- fan-out as the zoo's init computes it for a depthwise weight (w, 1, kh, kw): w * kh * kw
@@ -711,7 +713,8 @@ function M.arch_state(model)
       local m, t = e.m, e.m:typename()
       if t == 'Conv2d' then
          out[e.path] = {type = t, in_channels = m.in_channels, out_channels = m.out_channels,
-                        groups = m.groups or 1, bias = m.bias ~= nil, nr_gens = m.nr_gens}
+                        groups = m.groups or 1, bias = m.bias ~= nil, nr_gens = m.nr_gens,
+                        depthwise = rawget(m, 'nr_depthwise')}
       elseif t == 'NRConv2d' then
          out[e.path] = {type = t, spec = m.spec, nr_gens = m.nr_gens}
       elseif t == 'BatchNorm2d' or t == 'BatchNorm1d' then
@@ -784,6 +787,7 @@ function M.apply_arch(model, arch, strict)
             new = nn.Conv2d(a.in_channels, a.out_channels, k, {stride = m.stride, padding = m.padding,
                dilation = m.dilation, groups = a.groups, bias = a.bias})
          end
+         if a.depthwise then (new or m).nr_depthwise = true end
       elseif a.type == 'BatchNorm2d' or a.type == 'BatchNorm1d' then
          if m.num_features ~= a.num_features then
             new = nn[a.type](a.num_features, {eps = m.eps, momentum = m.momentum, affine = m.weight ~= nil})
