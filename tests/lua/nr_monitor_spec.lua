@@ -187,6 +187,20 @@ describe('nr monitoring', function()
       assert.are.equal(nr.utilization(grey, {1, 8, 8}).params_all, nr.utilization(grey).params_all)
    end)
 
+   it('counting every part (count.bias too), utilization equals nr.count after NR, CR and CA (split convs\' biases)', function()
+      local count = {conv = true, linear = true, bn = true, bias = true}
+      for _, scheme in ipairs({'NR', 'CR', 'CA'}) do
+         nr.manual_seed(1)
+         local m = nn.Sequential{nn.Conv2d(3, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, {padding = 1}), nn.BatchNorm2d(8), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(8, 3)}
+         for _, bn in ipairs(m:findModules('BatchNorm2d')) do bn.weight:set(1, 0); bn.weight:set(2, 0) end
+         local rep = R.rejuvenate(m, {input_shape = {3, 8, 8}, scheme = scheme, count = count})
+         local all = nr.count(m, {3, 8, 8}).params
+         assert.are.equal(all, nr.utilization(m, {3, 8, 8}, {count = count}).params_all, scheme)
+         assert.are.equal(all, rep.cost, scheme)   -- the budget priced them too
+      end
+   end)
+
    it('monitoring costs well under 1% of a training step (ResNet-164, batch 8, 32x32, wall clock)', function()
       nr.manual_seed(7)
       local model = nr.models.build({name = 'resnet', depth = 164, dataset = 'cifar10', classes = 10})

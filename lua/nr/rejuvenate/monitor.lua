@@ -49,6 +49,11 @@ function M.graph_of(model, input_shape, fname)
 end
 function M.invalidate(model) model:transient().nr_graph = nil end
 
+-- Whether a conv adds a bias per output channel (an NRConv2d's sit on its blocks: spec.bias).
+local function has_bias(m)
+   return m.bias ~= nil or (m:typename() == 'NRConv2d' and m.spec.bias == true)
+end
+
 local function fill(a, n, v) ffi.fill(a, n, v) end
 
 -- Own mask of a unit: a uint8 array (1 live) and its live count; nil mask = all live.
@@ -234,7 +239,7 @@ function M.report(g, opts)
       local hw = u.oh * u.ow
       local pl, pa = 0, 0
       if count.conv then pl, pa = live, all end
-      if count.bias and u.conv.bias then
+      if count.bias and has_bias(u.conv) then
          pa = pa + u.conv.out_channels
          pl = pl + (st.dead[u] and 0 or out_live)
       end
@@ -449,7 +454,7 @@ function M.cost_fn(g, st, opts)
             end
          end
          if count.conv then params = params + wts; flops = flops + wts * hw end
-         if count.bias and m.bias then params = params + out_w end
+         if count.bias and has_bias(m) then params = params + out_w end
          if count.bn and u.bn and u.bn.weight then params = params + 2 * out_w end
       end
       if count.linear then
