@@ -98,6 +98,29 @@ describe('nr.rejuvenate on the zoo', function()
       return w, {}
    end
 
+   it('where the depthwise rule empties the sets, the refusal names the layer and the rule', function()
+      local nn = nr.nn
+      for _, with_first in ipairs({true, false}) do
+         nr.manual_seed(1)
+         local L, cin = {}, 3
+         if with_first then L, cin = {nn.Conv2d(3, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4), nn.ReLU()}, 4 end
+         for _, mm in ipairs({nn.Conv2d(cin, 4, 3, {padding = 1, bias = false}), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, {padding = 1, groups = 4, bias = false}), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 1, {bias = false}), nn.BatchNorm2d(4), nn.ReLU(), nn.GlobalAvgPool2d(), nn.Linear(4, 3)}) do
+            L[#L + 1] = mm
+         end
+         local m = nn.Sequential(L)
+         local o = with_first and 3 or 0
+         for c = 2, 4 do m.modules[o + 2].weight:set(c, 0) end   -- the conv: only channel 1 lives
+         m.modules[o + 5].weight:set(1, 0)                        -- its depthwise conv: channel 1 dead
+         local ok, err = pcall(nr.rejuvenate, m, {input_shape = {3, 8, 8}})
+         assert.is_false(ok)
+         local want = with_first and 'layer "3" (its live channels are the ones a depthwise conv after it found dead) has no live channel'
+            or 'no live channel in any resizable layer (the channels whose |γ| live are the ones a depthwise conv after them found dead'
+         assert.truthy(tostring(err):find(want, 1, true), tostring(err))
+      end
+   end)
+
    it('CR: a layer that gains no channel while its input does reads the new ones (zero at first), at the planned cost', function()
       nr.manual_seed(11)
       local nn = nr.nn

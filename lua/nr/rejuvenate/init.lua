@@ -248,6 +248,13 @@ local function cut_by(g, st)
    for _, u in ipairs(g.units) do
       if st.own_live[u] == 0 and #names < 3 then names[#names + 1] = string.format('%q', u.conv:path()) end
    end
+   -- none dead by its own γ: a set the depthwise rule emptied (its producer's live channels are
+   -- the ones its depthwise conv found dead)
+   for _, u in ipairs(g.units) do
+      if #names == 0 and u.out and (st.cs_live[u.out:root()] or 1) == 0 then
+         names[1] = string.format('%q (its live channels are the ones a depthwise conv after it found dead)', u.conv:path())
+      end
+   end
    if #names == 0 then names[1] = '(one of them)' end
    return names
 end
@@ -315,9 +322,15 @@ local function rejuvenate(model, opts)
    end
    local any_live = #layers == 0
    for _, l in ipairs(layers) do any_live = any_live or l.live > 0 end
+   -- (γ may live where the depthwise rule left no channel: a producer's live channel is the one
+   -- its depthwise conv found dead)
+   local own_any = false
+   for _, u in ipairs(g.units) do own_any = own_any or (not u.fixed and (st.own_live[u] or 0) > 0) end
    check.arg(any_live or (opts.budget or 1) == 0, FN,
-      'no live channel in any resizable layer (every |γ| is below the liveliness threshold), so there is nothing '
-      .. 'to rejuvenate from; the L1 penalty (lambda) was too strong or training diverged')
+      'no live channel in any resizable layer (%s), so there is nothing to rejuvenate from; the L1 penalty (lambda) was '
+      .. 'too strong or training diverged', own_any and 'the channels whose |γ| live are the ones a depthwise conv after '
+      .. 'them found dead: a depthwise channel and its producer\'s live only together'
+      or 'every |γ| is below the liveliness threshold')
    -- every channel that feeds the classifiers (or the output) dead: a layer on every path died as
    -- a whole, the model's output no longer depends on its input, and a reallocation would grow the
    -- layers before that cut and leave one-channel stubs after it (the authors' code breaks there)
