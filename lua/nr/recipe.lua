@@ -466,6 +466,19 @@ function M.resume_base(recipe, dir)
    return base, changed
 end
 
+-- r with the settings of the run in dir (its recipe.json) where no flag in args gives them, and
+-- what that changed said on the console (who: 'resume' or 'eval').
+local function with_run_settings(recipe, r, args, dir, who)
+   local base, changed, note = M.resume_base(recipe, dir)
+   if note then io.write(who, ': ', note, '\n') end
+   if changed and #changed > 0 then
+      io.write(string.format('%s: the run\'s own settings from its recipe.json: %s (flags given now override)\n', who,
+         table.concat(changed, ', ')))
+      return (M.apply(base, args))
+   end
+   return r
+end
+
 -- --eval PATH: the run's own settings from its recipe.json (as --resume; flags given now
 -- override, e.g. --data.val_split train), its weights evaluated, one line printed.
 function M.evaluate(recipe, r, args, path)
@@ -473,14 +486,7 @@ function M.evaluate(recipe, r, args, path)
    if type(dir) ~= 'string' or dir == '' then error('--eval: expected a run folder, checkpoint or weights file', 0) end
    local run = train.expand_path(dir, 'eval'):gsub('/+$', '')
    run = run:match('^(.*)/checkpoint/[^/]+$') or run:match('^(.*)/checkpoint$') or run
-   if ck.exists(run .. '/recipe.json') then
-      local base, changed = M.resume_base(recipe, run)
-      if changed and #changed > 0 then
-         io.write(string.format('eval: the run\'s own settings from its recipe.json: %s (flags given now override)\n',
-            table.concat(changed, ', ')))
-         r = M.apply(base, args)
-      end
-   end
+   if ck.exists(run .. '/recipe.json') then r = with_run_settings(recipe, r, args, run, 'eval') end
    r.eval = nil
    if r.name == nil and path then r.name = path:match('([^/]+)%.lua$') or path end
    local res = train.evaluate(r, dir)
@@ -498,15 +504,7 @@ function M.run(recipe, args, path)
    end
    for _, n in ipairs(notes) do io.write(n, '\n') end
    if r.eval ~= nil then return M.evaluate(recipe, r, args, path) end
-   if type(r.resume) == 'string' then
-      local base, changed, note = M.resume_base(recipe, r.resume)
-      if note then io.write('resume: ', note, '\n') end
-      if changed and #changed > 0 then
-         io.write(string.format('resume: the run\'s own settings from its recipe.json: %s (flags given now override)\n',
-            table.concat(changed, ', ')))
-         r = M.apply(base, args)
-      end
-   end
+   if type(r.resume) == 'string' then r = with_run_settings(recipe, r, args, r.resume, 'resume') end
    -- --resume DIR continues in DIR: the recipe file's own out (the zoo's runs/<name>) is for new
    -- runs; it used to win, so the resumed run went on in another folder (--out DIR still moves it)
    if type(r.resume) == 'string' then
