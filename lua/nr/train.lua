@@ -1502,10 +1502,14 @@ function Trainer:run()
       -- drop metrics written after that checkpoint (a run killed mid-epoch)
       self:_trim_metrics()
    elseif not rc.resume then
+      -- init first: one that fails, or that reads the run --overwrite replaces, finds the folder
+      -- as it was (claimed first, the old run was gone before a misspelt skip was even read)
+      if self.init then self:load_init() end
       -- each rank its own folder (nr.dist: rank 0 the run folder, the others <out>/ranks/<r>)
       claim_run_folder(self.out, rc.overwrite)
+   elseif self.init then
+      self:load_init()   -- a run stopped before its first checkpoint, started again
    end
-   if not resume and self.init then self:load_init() end
    ck.write_atomic(self.out .. '/recipe.json', ck.json_encode(recipe_json(rc), true) .. '\n')
    self.metrics = assert(io.open(self.out .. '/metrics.jsonl', 'a'))
    M.running = self   -- Ctrl-C names this run's folder (nr.cli.interrupted) while self.metrics is open
@@ -1688,6 +1692,9 @@ function M.evaluate(recipe, path)
    for k, v in pairs(recipe) do r[k] = v end
    path = expand_path(path, 'eval')
    r.resume, r.init, r.out = nil, nil, path -- (not created: nothing is written)
+   -- no NR machinery: the weights file rebuilds a rejuvenated model's layers by itself, and a
+   -- policy read back from recipe.json is only its name ("<function>")
+   r.nr = false
    local d = r.data
    if type(d) == 'table' and d.val_split == false then
       error('nr.train.evaluate: the recipe evaluates on no split (data.val_split off): give one, e.g. --data.val_split test', 0)

@@ -119,6 +119,16 @@ describe('nr.rejuvenate policies', function()
       end
       local mine = rej({policy = {reallocate = function() error('mine') end}})
       assert(mine:match('^[^:]+:%d+: mine$') and mine:sub(1, #here + 1) == here .. ':', mine)
+      -- an error object a policy throws comes back as it was thrown (also from init, which runs
+      -- inside the surgery)
+      for _, which in ipairs({'reallocate', 'init'}) do
+         local k = small_net()
+         kill_half(k)
+         local obj = {code = 7}
+         local ok, e = pcall(nr.rejuvenate, k, {input_shape = {3, 8, 8}, policy = {[which] = function() error(obj) end}})
+         assert.is_false(ok)
+         assert.are.equal(obj, e, which)
+      end
       -- every resizable channel dead: an error, not a model collapsed to width 1
       local dead = small_net()
       for _, bn in ipairs(dead:findModules('BatchNorm2d')) do bn.weight:zero() end

@@ -1079,6 +1079,35 @@ print('epochs', s.epochs)
       nr.rejuvenate(m, {input_shape = {1, 8, 8}})
       ck.save_weights(m, file)
       refused(file, "holds a rejuvenated model's weights (layers resized or split), which a freshly built model does not fit")
+      -- with --overwrite, init is read before the folder is cleared: a failing one leaves the old
+      -- run, and the run being replaced can be its own init
+      local keep = TMP .. '/init_keep'
+      nr.train(recipe(keep, {epochs = 1}))
+      local ok2 = pcall(nr.train, recipe(keep, {epochs = 1, overwrite = true, init = {path = TMP .. '/a', skip = {'9'}}}))
+      assert.is_false(ok2)
+      assert.truthy(ck.find(keep), 'the old run is gone')
+      local own = ck.load_weights(convnet(), keep)
+      nr.train(recipe(keep, {epochs = 1, overwrite = true, init = keep, hooks = {train_begin = capture}}))
+      assert.is_nil(first_difference(params(own), at_start))
+   end)
+
+   it('evaluate (--eval) of a weights file inside a run reads the run\'s recipe.json, as of its step folder', function()
+      local R = require 'nr.recipe'
+      local nn = nr.nn
+      -- the model's width is a recipe field: only the run's recipe.json builds a model its weights fit
+      local function wide(rc)
+         return nn.Sequential{nn.Conv2d(1, rc.width, 3, {padding = 1, bias = false}), nn.BatchNorm2d(rc.width), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(rc.width * 4 * 4, 4)}
+      end
+      local run = TMP .. '/eval_wide'
+      nr.train(recipe(run, {epochs = 1, model = wide, width = 12}))
+      local base = recipe(TMP .. '/eval_cli', {epochs = 1, model = wide, width = 8})
+      local step = ck.find(run)
+      for _, path in ipairs({step, step .. '/model.safetensors', run .. '/checkpoint/best'}) do
+         local ok, res = pcall(R.evaluate, base, R.apply(base, {'--eval', path}), {'--eval', path})
+         assert.is_true(ok, path .. ': ' .. tostring(res))
+         assert.are.equal(step .. '/model.safetensors', res.weights)
+      end
    end)
 
    it('stops at the step whose loss is not finite, before that step changes the weights', function()

@@ -389,6 +389,7 @@ local function rejuvenate(model, opts)
    -- (the new tensors are built before any layer changes: a failure leaves the model as it was)
    local built, res, moms = pcall(surgery.apply, g, plans, ctx)
    if not built then
+      if type(res) ~= 'string' then error(res, 0) end -- a policy's own error object, as it threw it
       local big_id, big = nil, 0
       for id, w in pairs(widths) do if w > big then big_id, big = id, w end end
       -- (a library position is dropped; a policy.init error keeps the user's file and line)
