@@ -103,12 +103,17 @@ end
 -- inside lua/nr: a check made a few calls deep names the library's line, where the user's call is
 -- what was wrong (a position in the user's own code, such as a policy function's, stays). Public
 -- functions tail-call this (their frame is gone), so 2 is their caller.
+-- e without a leading position inside lua/nr, and how many it dropped (0 or 1).
+function M.without_library_position(e)
+   return e:gsub('^[^\n:]-/lua/nr/[^\n:]-%.lua:%d+: ', '', 1)
+end
+
 function M.at_caller(level, f, ...)
    local res = {pcall(f, ...)}
    if not res[1] then
       local e = res[2]
       if type(e) == 'string' then
-         local stripped, n = e:gsub('^[^\n:]-/lua/nr/[^\n:]-%.lua:%d+: ', '', 1)
+         local stripped, n = M.without_library_position(e)
          -- already at a position of the user's (an error in their policy function): as it is
          if n == 0 and e:match('^[^\n:]-%.lua:%d+: ') then error(e, 0) end
          e = stripped

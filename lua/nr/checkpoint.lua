@@ -575,8 +575,9 @@ end
 
 -- Copies weights (name -> tensor) into a model's parameters and buffers. Missing or unexpected
 -- names and shape mismatches are errors that list them (strict, so a wrong architecture fails).
--- skip: a set of the model's names left as they are (and absent from weights).
-function M.load_into(model, weights, where, skip)
+-- skip: a set of the model's names left as they are (and absent from weights); hint: text added
+-- to a mismatch's message.
+function M.load_into(model, weights, where, skip, hint)
    where = where or 'checkpoint'
    check.arg(type(weights) == 'table', 'nr.checkpoint.load_into', 'weights must be a table of name -> tensor, got %s',
       type(weights))
@@ -590,7 +591,7 @@ function M.load_into(model, weights, where, skip)
       end
    end
    for name in pairs(weights) do if not targets[name] then unexpected[#unexpected + 1] = name end end
-   mismatch(where, missing, unexpected, 2)
+   mismatch(where, missing, unexpected, 2, hint)
    local names = {}
    for name in pairs(targets) do if weights[name] then names[#names + 1] = name end end
    table.sort(names)
@@ -790,12 +791,9 @@ local function load_weights(model, path, opts)
    local map = file_names(model, opts.names, FN, 2) -- after apply_arch: the names of the rebuilt layers
    local skip = opts.skip and skipped_names(model, opts.skip, FN, 2)
    for name in pairs(skip or {}) do weights[map and map[name] or name] = nil end
+   local hint
    if not map and weights['layer1.0.conv1.weight'] and not M.model_tensors(model, FN)['layer1.0.conv1.weight'] then
-      local targets, missing, unexpected = M.model_tensors(model, FN), {}, {}
-      for name in pairs(targets) do if not weights[name] then missing[#missing + 1] = name end end
-      for name in pairs(weights) do if not targets[name] then unexpected[#unexpected + 1] = name end end
-      mismatch(path, missing, unexpected, 2, " (the file names a torchvision ResNet's tensors: load it with "
-         .. "{names = 'torchvision'})")
+      hint = " (the file names a torchvision ResNet's tensors: load it with {names = 'torchvision'})"
    end
    if map then -- the file's names to the model's; what does not match is named as the file has it
       local renamed, missing, unexpected = {}, {}, {}
@@ -808,7 +806,7 @@ local function load_weights(model, path, opts)
       mismatch(path, missing, unexpected, 2)
       weights = renamed
    end
-   M.load_into(model, weights, path, skip)
+   M.load_into(model, weights, path, skip, hint)
    return model
 end
 function M.load_weights(model, path, opts) return check.at_caller(2, load_weights, model, path, opts) end

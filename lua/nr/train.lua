@@ -795,6 +795,12 @@ local function typo_warnings(tr, recipe)
    end
 end
 
+-- A load_weights error said for init / evaluate: without its function's name (load_weights
+-- raises at its caller, so no position inside lua/nr precedes it; a user's names function keeps its own).
+local function weights_error(err)
+   return (tostring(err):gsub('^nr%.checkpoint%.load_weights: ', ''))
+end
+
 -- recipe.init as {path, names, skip} (nil: none), its fields checked before anything is built.
 local function init_spec(init)
    if init == nil or init == false then return nil end
@@ -817,7 +823,7 @@ function Trainer:load_init()
    local init = self.init
    local ok, err = pcall(ck.load_weights, self.model, init.path, {names = init.names, skip = init.skip, rejuvenated = false})
    if not ok then
-      error('nr.train: init: ' .. tostring(err):gsub('^[^:]*%.lua:%d+: ', ''):gsub('^nr%.checkpoint%.load_weights: ', ''), 0)
+      error('nr.train: init: ' .. weights_error(err), 0)
    end
    local skip = type(init.skip) == 'string' and {init.skip} or init.skip
    self:print(string.format('initialized from %s%s%s', init.path,
@@ -1703,7 +1709,7 @@ function M.evaluate(recipe, path)
    if not ok then error(recipe_error(tr), 0) end
    local loaded, err = pcall(ck.load_weights, tr.model, path)
    if not loaded then
-      error('nr.train.evaluate: ' .. tostring(err):gsub('^[^:]*%.lua:%d+: ', ''):gsub('^nr%.checkpoint%.load_weights: ', ''), 0)
+      error('nr.train.evaluate: ' .. weights_error(err), 0)
    end
    local file = ck.weights_file(path)
    local res = tr:evaluate()

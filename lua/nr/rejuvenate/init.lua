@@ -395,7 +395,7 @@ local function rejuvenate(model, opts)
       -- (a library position is dropped; a policy.init error keeps the user's file and line)
       error(string.format('%s: building the new layers failed (the widths reallocate returned: planned cost %s, the '
          .. 'widest layer %s with %d channels): %s', FN, tostring(planned), check.show(big_id), big,
-         (tostring(res):gsub('^[^:]*/lua/nr/[^:]*%.lua:%d+: ', ''))), 2)
+         (check.without_library_position(res))), 2)
    end
    if opt then
       opt:refresh()
