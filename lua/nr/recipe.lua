@@ -484,10 +484,7 @@ end
 function M.evaluate(recipe, r, args, path)
    local dir = r.eval
    if type(dir) ~= 'string' or dir == '' then error('--eval: expected a run folder, checkpoint or weights file', 0) end
-   -- the run a path inside it names: a step folder, a file in one (model.safetensors), a pointer
-   local run = train.expand_path(dir, 'eval'):gsub('/+$', '')
-   run = run:match('^(.*)/checkpoint/[^/]+/[^/]+$') or run:match('^(.*)/checkpoint/[^/]+$') or run:match('^(.*)/checkpoint$')
-      or run
+   local run = train.run_folder_of(train.expand_path(dir, 'eval'))
    if ck.exists(run .. '/recipe.json') then r = with_run_settings(recipe, r, args, run, 'eval') end
    r.eval = nil
    if r.name == nil and path then r.name = path:match('([^/]+)%.lua$') or path end

@@ -203,10 +203,11 @@ local function expand_path(p, what)
 end
 M.expand_path = expand_path
 
--- The run folder a --resume path names: the folder itself, or the run of its checkpoint/ or
--- checkpoint/step-N (trailing slashes dropped).
+-- The run folder a path names: the folder itself, or the run of its checkpoint/, a step folder,
+-- a file in one (model.safetensors) or a `best` / `latest` pointer (trailing slashes dropped).
 local function run_folder_of(path)
-   return (path:gsub('/+$', ''):gsub('/checkpoint/step%-%d+$', ''):gsub('/checkpoint$', ''))
+   return (path:gsub('/+$', ''):gsub('/checkpoint/step%-%d+/[^/]+$', ''):gsub('/checkpoint/step%-%d+$', '')
+      :gsub('/checkpoint/best$', ''):gsub('/checkpoint/latest$', ''):gsub('/checkpoint$', ''))
 end
 M.run_folder_of = run_folder_of
 

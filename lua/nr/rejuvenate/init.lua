@@ -110,8 +110,9 @@ local function refuse_scheme_switch(g, scheme, level, what)
          end
       end
    end
-   -- no NRConv2d: a plain conv reading several generations and writing several was made by NR
-   -- (CR and CA split such a conv; at the stem, reading the image, a plain conv is theirs too)
+   -- plain convs reading several generations: an ungated cross read; writing several too, and no
+   -- NRConv2d about, the model was made by NR (CR and CA split such a conv; at the stem, reading
+   -- the image, a plain conv is theirs too)
    for _, u in ipairs(g.units) do
       if u.kind == 'conv' and u.conv:typename() ~= 'NRConv2d' then
          local ins = {}
