@@ -944,7 +944,6 @@ function M.new(recipe, evaluating)
    local resume_run = rc.resume and run_folder_of(rc.resume)
    tr.out = expand_path(rc.out, 'recipe.out') or resume_run or ('runs/' .. name .. '-' .. date_tag())
    rc.out = tr.out
-   if not evaluating then ck.mkdirs(tr.out) end
    -- progress = false: nothing on the console (the run's folder still gets its log)
    local popts = rc.progress or {}
    if rc.progress == false then popts = {stream = progress.NULL_STREAM, tty = false} end
@@ -966,6 +965,8 @@ function M.new(recipe, evaluating)
       check.arg(type(rej.attach) == 'function', 'nr.train', 'nr.rejuvenate has no attach(trainer, cfg)')
       rej.attach(tr, nrc)
    end
+   -- made last: a recipe refused above (a bad NR setting, a hook) leaves no empty run folder
+   if not evaluating then ck.mkdirs(tr.out) end
    return tr
 end
 

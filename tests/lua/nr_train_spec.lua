@@ -241,6 +241,8 @@ describe('held schedule epochs extend nr.train', function()
       refused(rc(base .. '/mlp', {model = function()
          return nn.Sequential{nn.Flatten(), nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)}
       end}), 'the model has no channels Neural Rejuvenation can resize')
+      -- refused while the trainer was built: no empty run folder left behind
+      assert.is_false(nr.checkpoint.is_dir(base .. '/mlp'))
       refused(rc(base .. '/when', {epochs = 1}, {policy = {when = function() end}}),
          'policy.when: must return true or false, got nil (a function that ends without return gives nil)', true)
    end)
