@@ -1,7 +1,7 @@
 -- bench/layer_bench.lua — forward + backward time of single layers (pools, adaptive pools,
--- BatchNorm1d) against PyTorch's on the same shapes (layer_bench.py), training mode.
+-- BatchNorm1d, elementwise activations) against PyTorch's on the same shapes (layer_bench.py), training mode.
 --
---   NR_THREADS=2 ./build/nrlua bench/layer_bench.lua [--reps 20] [--rounds 3]
+--   NR_THREADS=2 ./build/nrlua bench/layer_bench.lua [--reps 20] [--rounds 3] [--only NAME-PART,...]
 --
 -- Each round times every case on both sides (PyTorch in a subprocess with the same thread count),
 -- alternating so machine load lands on both alike; a case's time is its best forward and best
@@ -13,7 +13,7 @@ local now = require('nr.progress').now
 local json = require 'cjson'
 local side = dofile((debug.getinfo(1, 'S').source:match('^@(.*/)') or './') .. 'side.lua')
 
-local opt = side.options({reps = 20, rounds = 3, python = '/usr/bin/python3'}, {...}, 'layer_bench')
+local opt = side.options({reps = 20, rounds = 3, python = '/usr/bin/python3', only = false}, {...}, 'layer_bench')
 
 -- name, input shape, the layer (nrlua), its PyTorch twin (a Python expression on torch.nn as nn)
 local CASES = {
@@ -25,7 +25,26 @@ local CASES = {
    {'batchnorm1d (N, C)', {256, 512}, function() return nn.BatchNorm1d(512) end, 'nn.BatchNorm1d(512)'},
    {'batchnorm1d (N, C) large', {4096, 512}, function() return nn.BatchNorm1d(512) end, 'nn.BatchNorm1d(512)'},
    {'batchnorm1d (N, C, L)', {128, 64, 100}, function() return nn.BatchNorm1d(64) end, 'nn.BatchNorm1d(64)'},
+   {'sigmoid', {32, 64, 56, 56}, function() return nn.Sigmoid() end, 'nn.Sigmoid()'},
+   {'tanh', {32, 64, 56, 56}, function() return nn.Tanh() end, 'nn.Tanh()'},
+   {'silu', {32, 64, 56, 56}, function() return nn.SiLU() end, 'nn.SiLU()'},
+   {'gelu', {32, 64, 56, 56}, function() return nn.GELU() end, 'nn.GELU()'},
+   {'gelu tanh', {32, 64, 56, 56}, function() return nn.GELU('tanh') end, 'nn.GELU(approximate="tanh")'},
+   {'hardswish', {32, 64, 56, 56}, function() return nn.Hardswish() end, 'nn.Hardswish()'},
+   {'elu', {32, 64, 56, 56}, function() return nn.ELU() end, 'nn.ELU()'},
+   {'leaky relu', {32, 64, 56, 56}, function() return nn.LeakyReLU(0.1) end, 'nn.LeakyReLU(0.1)'},
 }
+-- --only A,B: the cases whose name contains A or B
+if opt.only then
+   local kept = {}
+   for _, c in ipairs(CASES) do
+      for part in tostring(opt.only):gmatch('[^,]+') do
+         if c[1]:find(part, 1, true) then kept[#kept + 1] = c break end
+      end
+   end
+   assert(#kept > 0, 'layer_bench: no case name contains ' .. opt.only)
+   CASES = kept
+end
 
 local function time_nrlua(c)
    nr.manual_seed(1)

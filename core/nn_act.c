@@ -1,5 +1,6 @@
 /* nn_act.c — activation kernels on the CPU: ReLU and Sigmoid (forward and backward from the
- * output), tanh, ReLU6 and leaky ReLU (nr_activation_*), inverted dropout, and softmax /
+ * output), tanh, ReLU6, leaky ReLU, ELU, SiLU, GELU, Hardswish and Hardsigmoid (nr_activation_*,
+ * formulas in nn_act_math.h), inverted dropout, and softmax /
  * log-softmax over the last dimension (nr_relu_*, nr_sigmoid_*, nr_dropout_*, nr_softmax_* in
  * core/nr.h).
  * Invariants: ReLU, Sigmoid, the nr_activation_* kinds and dropout are elementwise (every element depends only on the same
@@ -8,8 +9,16 @@
  * from the global generator (nr_rng_bernoulli), sequentially, so seeds reproduce.
  */
 #include "nn_internal.h"
+#include "vec_math.h"
+/* the activations' exp, expm1, tanh and erf: the vectorizable ones (vec_math.h) */
+#define NR_AM_EXP nr_vexpf
+#define NR_AM_EXPM1 nr_vexpm1f
+#define NR_AM_TANH nr_vtanhf
+#define NR_AM_ERF nr_verff
+#include "nn_act_math.h"
 
 #include <math.h>
+#include <omp.h>
 
 /* a and b: activations (f32, or bf16 on CUDA) of one dtype, shape and memory format on the
  * same device. */
@@ -27,6 +36,25 @@ static nr_status mask_check(const char *func, const char *an, const nr_tensor *a
 }
 
 #define PAR_FOR(n) _Pragma("omp parallel for simd if (n > 65536)") for (int64_t i = 0; i < (n); i++)
+
+/* Runs CALL(lo, hi) on one span of [0, n) per thread (threads past 64 Ki elements), the spans cut
+ * at multiples of 16 elements: for the loops kept in NR_SIMD_CLONES functions (a parallel region
+ * is not cloned), the ones whose math vectorizes further with AVX2. */
+#define PAR_SPANS(n, CALL)                                                            \
+   _Pragma("omp parallel if ((n) > 65536)")                                            \
+   {                                                                                   \
+      const int64_t nt_ = omp_get_num_threads(), t_ = omp_get_thread_num();            \
+      const int64_t lo = t_ == 0 ? 0 : ((n) * t_ / nt_) & ~(int64_t)15;               \
+      const int64_t hi = t_ == nt_ - 1 ? (n) : ((n) * (t_ + 1) / nt_) & ~(int64_t)15;  \
+      CALL;                                                                            \
+   }
+
+NR_SIMD_CLONES
+static void sigmoid_span(const float *x, float *y, int64_t lo, int64_t hi)
+{
+#pragma omp simd
+   for (int64_t i = lo; i < hi; i++) y[i] = nr_act_sigmoid(x[i]);
+}
 
 nr_status nr_relu_forward(const nr_tensor *x, nr_tensor *y)
 {
@@ -67,7 +95,7 @@ nr_status nr_sigmoid_forward(const nr_tensor *x, nr_tensor *y)
    const int64_t n = nr_tensor_numel(x);
    const float *px = x->data;
    float *py = y->data;
-   PAR_FOR(n) py[i] = 1.0f / (1.0f + expf(-px[i]));
+   PAR_SPANS(n, sigmoid_span(px, py, lo, hi));
    return NR_OK;
 }
 
@@ -120,16 +148,44 @@ nr_status nr_dropout_backward(const nr_tensor *dy, const nr_tensor *mask, nr_ten
    return NR_OK;
 }
 
-/* ---------------------------------------------------------------- tanh, ReLU6, leaky ReLU */
+/* ------------------------------------- tanh, ReLU6, leaky ReLU, ELU, SiLU, GELU, Hardswish, ... */
 
 static nr_status kind_check(const char *func, int32_t kind, float alpha)
 {
-   if (kind != NR_ACT_TANH && kind != NR_ACT_RELU6 && kind != NR_ACT_LEAKY_RELU)
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "kind must be NR_ACT_TANH, NR_ACT_RELU6 or NR_ACT_LEAKY_RELU, got %d",
-                        (int)kind);
-   if (kind == NR_ACT_LEAKY_RELU && !(alpha > -INFINITY && alpha < INFINITY))
-      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "negative slope must be finite, got %g", (double)alpha);
+   if (kind < NR_ACT_TANH || kind > NR_ACT_HARDSIGMOID)
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "kind must be one of NR_ACT_* (%d..%d), got %d",
+                        (int)NR_ACT_TANH, (int)NR_ACT_HARDSIGMOID, (int)kind);
+   if ((kind == NR_ACT_LEAKY_RELU || kind == NR_ACT_ELU) && !(alpha > -INFINITY && alpha < INFINITY))
+      return nr_fail_at(NR_E_ARG, func, __FILE__, __LINE__, "%s must be finite, got %g",
+                        kind == NR_ACT_ELU ? "alpha" : "negative slope", (double)alpha);
    return NR_OK;
+}
+
+/* One loop per kind, the kind a constant in it, so each loop is the kind's formula alone. */
+#define ACT_KINDS(X)                                                                               \
+   X(NR_ACT_TANH) X(NR_ACT_RELU6) X(NR_ACT_LEAKY_RELU) X(NR_ACT_ELU) X(NR_ACT_SILU) X(NR_ACT_GELU)   \
+   X(NR_ACT_GELU_TANH) X(NR_ACT_HARDSWISH) X(NR_ACT_HARDSIGMOID)
+
+NR_SIMD_CLONES
+static void act_forward_span(int32_t kind, const float *x, float *y, float alpha, int64_t lo, int64_t hi)
+{
+#define FWD(K)                                                                   \
+   case K:                                                                       \
+      _Pragma("omp simd") for (int64_t i = lo; i < hi; i++) y[i] = nr_act_forward(K, x[i], alpha); \
+      break;
+   switch (kind) { ACT_KINDS(FWD) }
+#undef FWD
+}
+
+NR_SIMD_CLONES
+static void act_backward_span(int32_t kind, const float *s, const float *dy, float *dx, float alpha, int64_t lo, int64_t hi)
+{
+#define BWD(K)                                                                                \
+   case K:                                                                                    \
+      _Pragma("omp simd") for (int64_t i = lo; i < hi; i++) dx[i] = nr_act_backward(K, s[i], dy[i], alpha); \
+      break;
+   switch (kind) { ACT_KINDS(BWD) }
+#undef BWD
 }
 
 nr_status nr_activation_forward(const nr_tensor *x, nr_tensor *y, int32_t kind, float alpha)
@@ -140,13 +196,7 @@ nr_status nr_activation_forward(const nr_tensor *x, nr_tensor *y, int32_t kind, 
    const int64_t n = nr_tensor_numel(x);
    const float *px = x->data;
    float *py = y->data;
-   if (kind == NR_ACT_TANH) {
-      PAR_FOR(n) py[i] = tanhf(px[i]);
-   } else if (kind == NR_ACT_RELU6) {
-      PAR_FOR(n) { const float v = px[i]; py[i] = v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v); } /* NaN: neither */
-   } else {
-      PAR_FOR(n) { const float v = px[i]; py[i] = v > 0.0f ? v : alpha * v; }
-   }
+   PAR_SPANS(n, act_forward_span(kind, px, py, alpha, lo, hi));
    return NR_OK;
 }
 
@@ -159,13 +209,7 @@ nr_status nr_activation_backward(const nr_tensor *saved, const nr_tensor *dy, nr
    const int64_t n = nr_tensor_numel(saved);
    const float *ps = saved->data, *pdy = dy->data;
    float *pdx = dx->data;
-   if (kind == NR_ACT_TANH) {
-      PAR_FOR(n) { const float v = ps[i]; pdx[i] = pdy[i] * (1.0f - v * v); }
-   } else if (kind == NR_ACT_RELU6) {
-      PAR_FOR(n) { const float d = pdy[i], v = ps[i]; pdx[i] = (v > 0.0f && v < 6.0f) ? d : 0.0f; }
-   } else {
-      PAR_FOR(n) { const float d = pdy[i]; pdx[i] = ps[i] > 0.0f ? d : alpha * d; }
-   }
+   PAR_SPANS(n, act_backward_span(kind, ps, pdy, pdx, alpha, lo, hi));
    return NR_OK;
 }
 

@@ -323,14 +323,19 @@ nr_status nr_relu_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_relu_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
 nr_status nr_sigmoid_forward(const nr_tensor *x, nr_tensor *y);
 nr_status nr_sigmoid_backward(const nr_tensor *y, const nr_tensor *dy, nr_tensor *dx);
-/* More elementwise activations, one entry point each way: kind NR_ACT_TANH (tanh),
- * NR_ACT_RELU6 (min(max(x, 0), 6)), NR_ACT_LEAKY_RELU (x > 0 ? x : alpha * x); NaN stays NaN.
- * x, y: activations (f32, or bf16 on CUDA) of one shape and memory format; y may be x. The
- * backward reads `saved`: the forward's output y for tanh (dx = dy (1 - y^2)) and ReLU6 (dy where
- * 0 < y < 6: 0 at the ends, as PyTorch's hardtanh, and for a NaN, as nr_relu_backward), its
- * input x for leaky ReLU (dy where x > 0, else alpha dy; any alpha, as PyTorch). alpha is read by
- * leaky ReLU only. */
-enum { NR_ACT_TANH = 1, NR_ACT_RELU6 = 2, NR_ACT_LEAKY_RELU = 3 };
+/* More elementwise activations, one entry point each way, kind NR_ACT_*: tanh; ReLU6
+ * (min(max(x, 0), 6)); leaky ReLU (x > 0 ? x : alpha x, any alpha); ELU (x > 0 ? x :
+ * alpha (exp(x) - 1)); SiLU (x sigmoid(x)); GELU (x Phi(x), erf form; GELU_TANH: PyTorch's
+ * approximate='tanh'); Hardswish (x relu6(x + 3) / 6); Hardsigmoid (relu6(x + 3) / 6). PyTorch's
+ * formulas and derivatives at the kinks (core/nn_act_math.h, shared with the CUDA twins); NaN
+ * stays NaN. x, y: activations (f32, or bf16 on CUDA) of one shape and memory format; y may be x.
+ * The backward reads `saved`: the forward's output y for tanh (dx = dy (1 - y^2)) and ReLU6 (dy
+ * where 0 < y < 6: 0 at the ends, as PyTorch's hardtanh, and for a NaN, as nr_relu_backward),
+ * the forward's input x for the others. alpha is read by leaky ReLU and ELU only (finite). */
+enum {
+   NR_ACT_TANH = 1, NR_ACT_RELU6 = 2, NR_ACT_LEAKY_RELU = 3, NR_ACT_ELU = 4, NR_ACT_SILU = 5, NR_ACT_GELU = 6,
+   NR_ACT_GELU_TANH = 7, NR_ACT_HARDSWISH = 8, NR_ACT_HARDSIGMOID = 9
+};
 nr_status nr_activation_forward(const nr_tensor *x, nr_tensor *y, int32_t kind, float alpha);
 nr_status nr_activation_backward(const nr_tensor *saved, const nr_tensor *dy, nr_tensor *dx, int32_t kind, float alpha);
 /* Softmax over the last dimension (PyTorch's softmax(x, dim=-1)), each row of K values:

@@ -22,6 +22,7 @@
 #include "../adam_coef.h"
 #include "../nn_rank.h"
 #include "../nn_pool_window.h"
+#include "../nn_act_math.h"
 
 #include <cuda_runtime.h>
 #include <math.h>
@@ -421,24 +422,15 @@ template <typename T> __global__ void k_sigm_b(const T *y, const T *dy, T *dx, i
       st(dx + i, ld(dy + i) * v * (1.0f - v));
    }
 }
-/* tanh, ReLU6, leaky ReLU (kind: NR_ACT_*, one per launch), as core/nn_act.c. */
+/* The nr_activation_* kinds (kind: NR_ACT_*, one per launch), core/nn_act_math.h's formulas, as
+ * core/nn_act.c. */
 template <typename T> __global__ void k_act_f(const T *x, T *y, int kind, float alpha, int64_t n)
 {
-   GRID_LOOP(i, n)
-   {
-      const float v = ld(x + i);
-      st(y + i, kind == NR_ACT_TANH ? tanhf(v) : kind == NR_ACT_RELU6 ? (v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v))
-                                                                      : (v > 0.0f ? v : alpha * v));
-   }
+   GRID_LOOP(i, n) st(y + i, nr_act_forward(kind, ld(x + i), alpha));
 }
 template <typename T> __global__ void k_act_b(const T *s, const T *dy, T *dx, int kind, float alpha, int64_t n)
 {
-   GRID_LOOP(i, n)
-   {
-      const float v = ld(s + i), d = ld(dy + i);
-      st(dx + i, kind == NR_ACT_TANH ? d * (1.0f - v * v) : kind == NR_ACT_RELU6 ? ((v > 0.0f && v < 6.0f) ? d : 0.0f)
-                                                                                 : (v > 0.0f ? d : alpha * d));
-   }
+   GRID_LOOP(i, n) st(dx + i, nr_act_backward(kind, ld(s + i), ld(dy + i), alpha));
 }
 /* The mask stays f32 (it is drawn by the global generator, as on the CPU). */
 template <typename T> __global__ void k_dropout_f(const T *x, T *y, float *mask, int64_t n, float keep, int identity)

@@ -63,7 +63,8 @@ local function numel_of(t) return t and t:numel() or 0 end
 
 -- Shape-preserving leaves (per sample).
 local SAME = {BatchNorm2d = true, BatchNorm1d = true, ReLU = true, Sigmoid = true, Tanh = true, Dropout = true,
-              Identity = true, LeakyReLU = true, ReLU6 = true}
+              Identity = true, LeakyReLU = true, ReLU6 = true, ELU = true, SiLU = true, GELU = true, Hardswish = true,
+              Hardsigmoid = true}
 
 -- Per-leaf rule: returns out_shape, params, macs.
 local KNOWN = {Conv2d = true, Linear = true, MaxPool2d = true, AvgPool2d = true, GlobalAvgPool2d = true,

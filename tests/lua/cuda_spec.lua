@@ -615,20 +615,24 @@ describe('layer kernels on the GPU', function()
          h.check('bias_backward 70001 wide', wc, wg)
       end)
 
-      it(h.name .. ' tanh, ReLU6, leaky ReLU (NaN, both ends of ReLU6, a negative slope)', function()
+      it(h.name .. ' tanh, ReLU6, leaky ReLU, ELU, SiLU, GELU, Hardswish, Hardsigmoid (NaN, past the kinks, negative slopes)', function()
          local x = h.ref(randn({3, 4, 5, 2}):mul_(4))
          x:narrow(1, 1, 1):narrow(2, 1, 1):fill(0 / 0)
          local dy = h.ref(randn({3, 4, 5, 2}))
          for _, k in ipairs({{'tanh', C.NR_ACT_TANH, 0}, {'relu6', C.NR_ACT_RELU6, 0}, {'leaky', C.NR_ACT_LEAKY_RELU, 0.1},
-                             {'leaky negative', C.NR_ACT_LEAKY_RELU, -0.5}}) do
+                             {'leaky negative', C.NR_ACT_LEAKY_RELU, -0.5}, {'elu', C.NR_ACT_ELU, 0.7},
+                             {'elu negative', C.NR_ACT_ELU, -0.3}, {'silu', C.NR_ACT_SILU, 0}, {'gelu', C.NR_ACT_GELU, 0},
+                             {'gelu tanh', C.NR_ACT_GELU_TANH, 0}, {'hardswish', C.NR_ACT_HARDSWISH, 0},
+                             {'hardsigmoid', C.NR_ACT_HARDSIGMOID, 0}}) do
             local yc, yg = h.pair({3, 4, 5, 2})
             ok(C.nr_activation_forward(x.c, yc.c, k[2], k[3]), k[1]); ok(C.nr_activation_forward(h.dev(x).c, yg.c, k[2], k[3]), k[1])
             h.check(k[1] .. ' forward', yc, yg)
-            -- the backward reads the forward output (tanh, ReLU6) or input (leaky): the GPU's
-            local saved = k[2] == C.NR_ACT_LEAKY_RELU and x or yg:to('cpu', 'float32'):contiguous()
+            -- the backward reads the forward output (tanh, ReLU6: the GPU's) or its input (the others)
+            local from_output = k[2] == C.NR_ACT_TANH or k[2] == C.NR_ACT_RELU6
+            local saved = from_output and yg:to('cpu', 'float32'):contiguous() or x
             local dc, dg = h.pair({3, 4, 5, 2})
             ok(C.nr_activation_backward(saved.c, dy.c, dc.c, k[2], k[3]), k[1])
-            ok(C.nr_activation_backward(k[2] == C.NR_ACT_LEAKY_RELU and h.dev(x).c or yg.c, h.dev(dy).c, dg.c, k[2], k[3]), k[1])
+            ok(C.nr_activation_backward(from_output and yg.c or h.dev(x).c, h.dev(dy).c, dg.c, k[2], k[3]), k[1])
             h.check(k[1] .. ' backward', dc, dg)
          end
       end)

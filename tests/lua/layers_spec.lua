@@ -782,7 +782,8 @@ describe('a module applied to its own output, and empty batches', function()
          {'MaxPool2d', nn.MaxPool2d(3, {stride = 1, padding = 1})}, {'AvgPool2d', nn.AvgPool2d(3, {stride = 1, padding = 1})},
          {'BatchNorm2d', nn.BatchNorm2d(4)}, {'ReLU', nn.ReLU()}, {'Sigmoid', nn.Sigmoid()}, {'Linear', nn.Linear(4, 4)},
          {'Softmax', nn.Softmax()}, {'LogSoftmax', nn.LogSoftmax()}, {'Tanh', nn.Tanh()}, {'ReLU6', nn.ReLU6()},
-         {'LeakyReLU', nn.LeakyReLU(0.2)}, {'AdaptiveMaxPool2d', nn.AdaptiveMaxPool2d(6)},
+         {'LeakyReLU', nn.LeakyReLU(0.2)}, {'ELU', nn.ELU()}, {'SiLU', nn.SiLU()}, {'GELU', nn.GELU()},
+         {'Hardswish', nn.Hardswish()}, {'Hardsigmoid', nn.Hardsigmoid()}, {'AdaptiveMaxPool2d', nn.AdaptiveMaxPool2d(6)},
          {'AdaptiveAvgPool2d', nn.AdaptiveAvgPool2d(6)},
       }
       for _, c in ipairs(mods) do
@@ -1174,7 +1175,7 @@ describe('Softmax and LogSoftmax', function()
    end)
 end)
 
-describe('Tanh, ReLU6 and LeakyReLU', function()
+describe('Tanh, ReLU6, LeakyReLU and the smooth and hard activations', function()
    it('values at the ends and for NaN, and their gradients (as PyTorch, NaN as ReLU)', function()
       local x = nr.tensor({-3, 0, 2, 6, 9, 0 / 0})
       local function run(m)
@@ -1197,9 +1198,69 @@ describe('Tanh, ReLU6 and LeakyReLU', function()
       assert.truthy(msg(function() nn.LeakyReLU(0 / 0) end):find('negative_slope must be a finite number', 1, true))
       assert.truthy(msg(function() nn.LeakyReLU({slope = 0.1}) end):find('unknown option "slope"', 1, true))
       assert.truthy(msg(function() nn.Tanh({inplace = true}) end):find('nr.nn.Tanh: takes no arguments', 1, true))
+      assert.truthy(msg(function() nn.ELU(1 / 0) end):find('nr.nn.ELU: alpha must be a finite number, got inf', 1, true))
+      assert.truthy(msg(function() nn.GELU({approximate = 'erf'}) end)
+         :find("nr.nn.GELU: approximate must be 'none' or 'tanh', got \"erf\"", 1, true))
+      assert.truthy(msg(function() nn.GELU({aproximate = 'tanh'}) end):find('did you mean "approximate"', 1, true))
+      assert.truthy(msg(function() nn.SiLU(true) end):find('nr.nn.SiLU: takes no arguments, got true', 1, true))
+      assert.equal('approximate=tanh', nn.GELU('tanh'):extra())
       local t = nr.zeros({2})
-      assert.equal(1, C.nr_activation_forward(t.c, t.c, 99, 0))
-      assert.truthy(require('nr.ffi').ffi.string(C.nr_last_error()):find('kind must be NR_ACT_TANH', 1, true))
+      for _, k in ipairs({0, 10, 99}) do
+         assert.equal(1, C.nr_activation_forward(t.c, t.c, k, 0))
+         assert.truthy(require('nr.ffi').ffi.string(C.nr_last_error()):find('kind must be one of NR_ACT_* (1..9), got ' .. k, 1, true))
+      end
+      assert.equal(1, C.nr_activation_backward(t.c, t.c, t.c, C.NR_ACT_ELU, 0 / 0))
+      assert.truthy(require('nr.ffi').ffi.string(C.nr_last_error()):find('nr_activation_backward: alpha must be finite', 1, true))
+   end)
+
+   it('ELU, SiLU, GELU, Hardswish, Hardsigmoid: values and gradients from their formulas, kinks as PyTorch, NaN kept', function()
+      local xs = {-4, -3, -1, 0, 0.5, 3, 5, 0 / 0}
+      local x = nr.tensor(xs)
+      local function erf(v)   -- Abramowitz-Stegun 7.1.26 is too coarse: a series, |v| <= 5 here
+         local sum, term, k = v, v, 0
+         repeat
+            k = k + 1
+            term = -term * v * v / k
+            local add = term / (2 * k + 1)
+            sum = sum + add
+         until math.abs(add) < 1e-17
+         return 2 / math.sqrt(math.pi) * sum
+      end
+      local sg = function(v) return 1 / (1 + math.exp(-v)) end
+      local c = math.sqrt(2 / math.pi)
+      -- the last element: the gradient of a NaN input, dy = 2 (PyTorch's backward rules: NaN for the
+      -- smooth ones, dy where the rule's test on x is false)
+      local nan = 0 / 0
+      local cases = {
+         {nn.ELU(0.5), function(v) return v > 0 and v or 0.5 * (math.exp(v) - 1) end,
+            function(v) return v > 0 and 1 or 0.5 * math.exp(v) end, 2},
+         {nn.SiLU(), function(v) return v * sg(v) end, function(v) return sg(v) * (1 + v * (1 - sg(v))) end, nan},
+         {nn.GELU(), function(v) return 0.5 * v * (1 + erf(v / math.sqrt(2))) end,
+            function(v) return 0.5 * (1 + erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi) end, nan},
+         {nn.GELU('tanh'), function(v) return 0.5 * v * (1 + math.tanh(c * (v + 0.044715 * v ^ 3))) end,
+            function(v)
+               local t = math.tanh(c * (v + 0.044715 * v ^ 3))
+               return 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
+            end, nan},
+         -- at -3 and 3 the left derivative (PyTorch's): Hardswish -0.5 and 1.5, Hardsigmoid 0 and 0
+         {nn.Hardswish(), function(v) return v * math.min(math.max(v + 3, 0), 6) / 6 end,
+            function(v) return v < -3 and 0 or (v <= 3 and v / 3 + 0.5 or 1) end, 2},
+         {nn.Hardsigmoid(), function(v) return math.min(math.max(v + 3, 0), 6) / 6 end,
+            function(v) return (v > -3 and v < 3) and 1 / 6 or 0 end, 0},
+      }
+      for _, case in ipairs(cases) do
+         local m, f, df, dnan = case[1], case[2], case[3], case[4]
+         local y = m:forward(x):totable()
+         local g = m:backward(x, nr.tensor({1, 1, 1, 1, 1, 1, 1, 2})):totable()
+         for i = 1, #xs - 1 do
+            local v = xs[i]
+            assert(math.abs(y[i] - f(v)) <= 2e-6 * (1 + math.abs(f(v))), string.format('%s(%g) = %.9g, want %.9g', tostring(m), v, y[i], f(v)))
+            assert(math.abs(g[i] - df(v)) <= 2e-6 * (1 + math.abs(df(v))), string.format('%s\'(%g) = %.9g, want %.9g', tostring(m), v, g[i], df(v)))
+         end
+         assert(y[#xs] ~= y[#xs], tostring(m) .. ': a NaN input gives NaN')
+         local gn = g[#xs]
+         assert(gn == dnan or (gn ~= gn and dnan ~= dnan), string.format('%s: gradient at a NaN input %g, want %g', tostring(m), gn, dnan))
+      end
    end)
 end)
 

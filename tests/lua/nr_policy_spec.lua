@@ -288,6 +288,23 @@ describe('nr.rejuvenate policies', function()
       assert.are.equal(1, m2:findModules('BatchNorm2d')[1].weight:min())
    end)
 
+   it('ELU, SiLU, GELU, Hardswish, Hardsigmoid pass channels through and stop rescaling; LeakyReLU rescales', function()
+      for _, act in ipairs({'LeakyReLU', 'ELU', 'SiLU', 'GELU', 'Hardswish', 'Hardsigmoid'}) do
+         nr.manual_seed(3)
+         local m = small_net()
+         for i, mm in ipairs(m.modules) do if mm:typename() == 'ReLU' then m.modules[i] = nn[act]() end end
+         for _, bn in ipairs(m:findModules('BatchNorm2d')) do bn.weight:fill(0.3) end
+         kill_half(m)
+         local rep = nr.rejuvenate(m, {input_shape = {3, 8, 8}, gamma0 = 1, rescale = true})
+         -- a BN before a positively homogeneous activation only (f(s x) = s f(x)) may be rescaled
+         if act == 'LeakyReLU' then assert.is_true(rep.rescaled > 0, act) else assert.equal(0, rep.rescaled, act) end
+         assert.is_true(m:findModules('BatchNorm2d')[1].num_features > 8, act)   -- regrown past the 8 live
+         assert.equal(#m:findModules(act), 3, act)
+         local y = m:forward(nr.randn({2, 3, 8, 8}))
+         assert.same({2, 4}, y:shape())
+      end
+   end)
+
    it('default adaptive λ: +Δλ per interval unless r fell by more than Δr; custom when/lambda replace it', function()
       local m = small_net()
       local tr = fake_trainer(m)

@@ -39,7 +39,8 @@ local FNAME = 'nr.rejuvenate'
 -- (f(s·x) = s·f(x) for s > 0), which neural rescaling needs between a BN and its consumers.
 local PASS = {ReLU = true, MaxPool2d = true, AvgPool2d = true, AdaptiveMaxPool2d = true, AdaptiveAvgPool2d = true,
               Dropout = true, Identity = true, GlobalAvgPool2d = true, ReLU6 = false, Sigmoid = false,
-              Tanh = false, LeakyReLU = true}
+              Tanh = false, LeakyReLU = true, ELU = false, SiLU = false, GELU = false, Hardswish = false,
+              Hardsigmoid = false}
 M.PASS = PASS
 local CUSTOM = {}
 
