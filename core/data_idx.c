@@ -25,12 +25,20 @@ static const char *gz_message(gzFile f, const char *path)
    return msg;
 }
 
-/* Reads exactly n bytes; a short read is a truncated or corrupt file, named in the message. */
+/* Reads exactly n bytes; a short read is a truncated or corrupt file, named in the message.
+ * The last GZ_TAIL bytes are read on their own: a request that small goes through zlib's own
+ * buffer, which decompresses on to the gzip stream's end (checking its CRC and length) or runs
+ * into the file's end ("unexpected end of file", seen by check_end). A large request is
+ * decompressed straight into buf and stops once buf is full, so a file cut inside its gzip
+ * trailer (or its last deflate bytes) ended exactly there, and read as a clean end: data
+ * damaged and cut loaded silently. */
+enum { GZ_TAIL = 4096 };
 static nr_status gz_read_exact(gzFile f, void *buf, size_t n, const char *path, const char *what)
 {
    size_t got = 0;
    while (got < n) {
-      unsigned chunk = (unsigned)((n - got) > (1u << 30) ? (1u << 30) : (n - got));
+      const size_t left = n - got, want = left > GZ_TAIL ? left - GZ_TAIL : left;
+      unsigned chunk = (unsigned)(want > (1u << 30) ? (1u << 30) : want);
       int r = gzread(f, (char *)buf + got, chunk);
       if (r < 0) return NR_FAIL(NR_E_FORMAT, "%s: corrupt gzip data while reading %s: %s", path, what, gz_message(f, path));
       if (r == 0) {
@@ -59,10 +67,11 @@ static nr_status check_end(gzFile f, const char *path)
    if (r < 0) return NR_FAIL(NR_E_FORMAT, "%s: corrupt gzip data: %s", path, gz_message(f, path));
    if (r > 0) return NR_FAIL(NR_E_FORMAT, "%s: file is longer than its header says (trailing bytes)", path);
    /* a clean end says Z_OK; a gzip stream cut before its trailer (CRC and length) ends with
-    * "unexpected end of file", which gzread reports as 0 bytes read */
+    * "unexpected end of file" (set by gz_read_exact's last read), which gzread reports as 0 bytes
+    * read */
    int err = Z_OK;
-   const char *msg = gzerror(f, &err);
-   if (err != Z_OK) return NR_FAIL(NR_E_FORMAT, "%s: truncated or corrupt gzip data: %s", path, msg);
+   gzerror(f, &err);
+   if (err != Z_OK) return NR_FAIL(NR_E_FORMAT, "%s: truncated or corrupt gzip data: %s", path, gz_message(f, path));
    return NR_OK;
 }
 

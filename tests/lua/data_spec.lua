@@ -767,7 +767,6 @@ describe('nr.data', function()
             err = err_of(nr.data.dataset, {name = 'mnist', root = dir})
             assert.matches('trailer_gz' .. cut .. '/train%-images%-idx3%-ubyte%.gz: truncated or corrupt gzip data', err)
          end
-
          -- a directory named like the file: said so (it read as "corrupt gzip data")
          dir = make_idx(BASE .. '/dir_idx')
          os.remove(dir .. '/train-images-idx3-ubyte')
@@ -1248,6 +1247,22 @@ describe('nr.data', function()
    local have_fm = io.open(FM .. '/train-images-idx3-ubyte.gz', 'rb')
    if have_fm then have_fm:close() end
    ;(have_fm and describe or pending)('real Fashion-MNIST (' .. FM .. ')', function()
+      it('the test images cut inside their gzip trailer, or by one more byte, are refused (they loaded silently)', function()
+         -- a read this large is decompressed straight into the dataset's memory and stopped when
+         -- that was full: here zlib had then taken in every byte of the cut file, and the next
+         -- read saw a clean end; a flipped bit in the data passed unchecked with the CRC gone
+         local base = os.tmpname()
+         os.remove(base)
+         for _, cut in ipairs({1, 4, 8, 9}) do
+            local dir = base .. '_cut' .. cut
+            sh(string.format('mkdir -p "%s" && head -c -%d "%s/t10k-images-idx3-ubyte.gz" > "%s/t10k-images-idx3-ubyte.gz"'
+               .. ' && cp "%s/t10k-labels-idx1-ubyte.gz" "%s/"', dir, cut, FM, dir, FM, dir))
+            local err = err_of(nr.data.dataset, {name = 'fashion-mnist', root = dir, split = 'test'})
+            assert.matches('_cut' .. cut .. '/t10k%-images%-idx3%-ubyte%.gz: truncated or corrupt gzip data: unexpected end of file',
+               err)
+            sh(string.format('rm -rf "%s"', dir))
+         end
+      end)
       it('has 60000/10000 28x28 images with labels 0..9, 6000 per class', function()
          local tr = nr.data.dataset{name = 'fashion-mnist', split = 'train'}
          local te = nr.data.dataset{name = 'fashion-mnist', split = 'test'}
