@@ -28,7 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KEY_LEN = 19, NBUCKETS = 509, FIND_BUDGET_MAX = 1 << 30 };
+enum { KEY_LEN = 20, NBUCKETS = 509, FIND_BUDGET_MAX = 1 << 30 };
 
 typedef struct plan {
    int32_t key[KEY_LEN];
@@ -147,11 +147,23 @@ static nr_status make_plan(const int32_t *k, const nr_tensor *x, const nr_tensor
    return NR_OK;
 }
 
+/* The alignment of an address in bytes, up to 16 (what vectorized tensor-core kernels load). */
+static int32_t align16(const void *ptr)
+{
+   const uintptr_t a = (uintptr_t)ptr;
+   int32_t al = 1;
+   while (al < 16 && a % (uintptr_t)(2 * al) == 0) al *= 2;
+   return al;
+}
+
 /* The plan of a convolution; x is (N, Cin, H, W), w (Cout, Cin/groups, KH, KW), y's spatial size
- * (Ho, Wo) is checked against cuDNN's; nhwc: the activations are channels-last. */
-static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor *w, int64_t ho, int64_t wo,
-                          int32_t sh, int32_t sw, int32_t ph, int32_t pw, int32_t dh, int32_t dw, int32_t groups,
-                          int nhwc, plan **out)
+ * (Ho, Wo) is checked against cuDNN's; y_data: the other activation's memory (y, or dy); nhwc:
+ * the activations are channels-last. The key holds the two activations' alignment (as PyTorch's
+ * cuDNN cache does): an algorithm picked on 16-byte aligned memory may need it, and a batch split
+ * into slices (batch_chunk) can leave a slice less aligned than the first. */
+static nr_status get_plan(const char *func, const nr_tensor *x, const void *y_data, const nr_tensor *w, int64_t ho,
+                          int64_t wo, int32_t sh, int32_t sw, int32_t ph, int32_t pw, int32_t dh, int32_t dw,
+                          int32_t groups, int nhwc, plan **out)
 {
    const int64_t dims[] = {x->shape[0], x->shape[1], x->shape[2], x->shape[3], w->shape[0], w->shape[2], w->shape[3]};
    for (int i = 0; i < 7; i++)
@@ -171,7 +183,8 @@ static nr_status get_plan(const char *func, const nr_tensor *x, const nr_tensor 
                         NR_DESC(x), (long long)ny);
    int32_t k[KEY_LEN] = {x->device_index,    (int32_t)dims[0], (int32_t)dims[1], (int32_t)dims[2], (int32_t)dims[3],
                          (int32_t)dims[4],   (int32_t)dims[5], (int32_t)dims[6], nr_cuda_tf32_allowed(), groups,
-                         sh, sw, ph, pw, dh, dw, x->dtype, nhwc, nr_cuda_get_deterministic()};
+                         sh, sw, ph, pw, dh, dw, x->dtype, nhwc, nr_cuda_get_deterministic(),
+                         align16(x->data) < align16(y_data) ? align16(x->data) : align16(y_data)};
    unsigned hb = hash_key(k);
    pthread_mutex_lock(&g_plan_lock);
    plan *p = g_plans[hb];
@@ -291,10 +304,10 @@ static int64_t aligned_samples(const nr_tensor *t)
 /* Samples per cuDNN call of a convolution over n samples whose activations (input and output)
  * are a and b: all n while both stay within the limit, else as many as fit (at least one),
  * rounded down to a multiple of the samples that keep every slice 256-byte aligned in both
- * (tensor-core kernels want 16-byte aligned pointers, and each slice shape's algorithm is
- * chosen on its first slice, which is aligned; bf16 samples of an odd number of elements would
- * otherwise start slices 2 bytes apart). Only samples so large that one call holds fewer than
- * that multiple (16M elements each in bf16) stay unaligned. */
+ * (tensor-core kernels want 16-byte aligned pointers; bf16 samples of an odd number of elements
+ * would otherwise start slices 2 bytes apart). Only samples so large that one call holds fewer
+ * than that multiple (16M elements each in bf16) stay unaligned: their slices get plans of their
+ * own, the algorithm searched on their own addresses (the plan key holds the alignment). */
 static int64_t batch_chunk(const nr_tensor *a, const nr_tensor *b)
 {
    const int64_t n = a->shape[0], big = nr_tensor_numel(a) > nr_tensor_numel(b) ? nr_tensor_numel(a) : nr_tensor_numel(b);
@@ -495,8 +508,8 @@ nr_status nr_cuda_conv2d_forward(const nr_tensor *x, nr_tensor *y, const nr_tens
    NR_TRY(nr_cuda_ctx_get(dev, &ctx));
    plan *p;
    const int nhwc = nr_is_nhwc(x) || nr_is_nhwc(y);
-   NR_TRY(get_plan(__func__, x, w, y->shape[2], y->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
-                   nhwc, &p));
+   NR_TRY(get_plan(__func__, x, y->data, w, y->shape[2], y->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                   groups, nhwc, &p));
    const char *what = conv_desc(x, w, p->key);
    nr_tensor wc;
    TRY_IN(what, conv_weight(ctx, w, x->dtype, nhwc, &wc));
@@ -536,8 +549,8 @@ nr_status nr_cuda_conv2d_backward_data(const nr_tensor *dy, nr_tensor *dx, const
    }
    plan *p;
    const int nhwc = nr_is_nhwc(dx) || nr_is_nhwc(dy);
-   NR_TRY(get_plan(__func__, dx, w, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
-                   nhwc, &p));
+   NR_TRY(get_plan(__func__, dx, dy->data, w, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h, pad_w, dil_h,
+                   dil_w, groups, nhwc, &p));
    const char *what = conv_desc(dx, w, p->key);
    nr_tensor wc;
    TRY_IN(what, conv_weight(ctx, w, dx->dtype, nhwc, &wc));
@@ -561,8 +574,8 @@ static nr_status filter_plan(nr_cuda_ctx *ctx, const nr_tensor *x, const nr_tens
 {
    const int nhwc = nr_is_nhwc(x) || nr_is_nhwc(dy);
    plan *p;
-   NR_TRY(get_plan("nr_cuda_conv2d_backward_weight", x, dw, dy->shape[2], dy->shape[3], stride_h, stride_w, pad_h,
-                   pad_w, dil_h, dil_w, groups, nhwc, &p));
+   NR_TRY(get_plan("nr_cuda_conv2d_backward_weight", x, dy->data, dw, dy->shape[2], dy->shape[3], stride_h, stride_w,
+                   pad_h, pad_w, dil_h, dil_w, groups, nhwc, &p));
    const char *what = conv_desc(x, dw, p->key);
    const int64_t nw = nr_tensor_numel(dw), bytes = nw * nr_dtype_size(x->dtype);
    const int staged = x->dtype != dw->dtype || (nhwc && !nr_tensor_is_channels_last(dw));

@@ -544,6 +544,24 @@ describe('layer kernels on the GPU', function()
          assert(nr.cuda.conv_plans() >= plans + 4, 'the batch was not split: ' .. (nr.cuda.conv_plans() - plans) .. ' new plans')
       end)
 
+      it(h.name .. ' conv2d: a slice less aligned than the first gets a plan of its own (the key holds the alignment)', function()
+         -- 7 samples of 5 x 9 x 9 into 6 x 9 x 9 in calls of 3, 3 and 1: the second slice starts
+         -- 3 x 405 input elements in (2430 bytes in bf16, 4860 in f32: 2- and 4-byte aligned), so
+         -- its algorithm, searched on 16-byte aligned memory for the first, gets a plan of its
+         -- own: three forward plans (slices of 3 aligned, 3 unaligned, 1) where shapes alone made
+         -- two (a shape no other test uses: plans are cached for the process)
+         local was = nr.cuda.conv_max_elements()
+         nr.cuda.set_conv_max_elements(3 * 486)
+         local x, w = h.dev(h.ref(randn({7, 5, 9, 9}))), randn({6, 5, 3, 3}):cuda()
+         local _, y = h.pair({7, 6, 9, 9})
+         local plans = nr.cuda.conv_plans()
+         local okr, err = pcall(function() ok(C.nr_conv2d_forward(x.c, y.c, w.c, nil, 1, 1, 1, 1, 1, 1, 1), 'sliced') end)
+         local made = nr.cuda.conv_plans() - plans
+         nr.cuda.set_conv_max_elements(was)
+         assert(okr, tostring(err))
+         assert(made == 3, made .. ' new plans (want 3: the unaligned slice of 3 shared the aligned one\'s)')
+      end)
+
       it(h.name .. ' conv2d: split batches keep every slice 256-byte aligned where the samples allow', function()
          -- 8 samples of 2 x 4 x 4 = 32 elements (64 bytes each in bf16, 128 in f32): a limit of 5
          -- samples per call becomes calls of 4, so every slice starts on a 256-byte boundary: one
