@@ -733,12 +733,24 @@ function M.save_weights(model, path, opts) return check.at_caller(2, save_weight
 -- optimizer already holds the layers).
 local function weights_file(path)
    local FN = 'nr.checkpoint.load_weights'
+   -- a checkpoint's step folder is checked as a resume checks it (sizes, headers, CRC-32): a file
+   -- changed on disk loaded, and evaluated, silently
+   local function checked(dir, which)
+      local st, why = validate(dir, true)
+      if st then return dir .. '/model.safetensors' end
+      local newest = select(1, M.find(dir:match('^(.*)/[^/]*$') or '.'))
+      error(string.format('%s: %s%s is damaged: %s%s', FN, which and (which .. ' names ') or '', dir, why,
+         newest and newest ~= dir and ('; the newest complete checkpoint is ' .. newest) or ''), 4)
+   end
    local p = path:gsub('/+$', '')
    if is_dir(p) then
-      if exists(p .. '/model.safetensors') then return p .. '/model.safetensors' end
+      if exists(p .. '/model.safetensors') then
+         return exists(p .. '/state.json') and checked(p) or p .. '/model.safetensors'
+      end
       local ckdir = is_dir(p .. '/checkpoint') and (p .. '/checkpoint') or p
       local best = pointer(ckdir, 'best')
-      if best and validate(ckdir .. '/' .. best, false) then return ckdir .. '/' .. best .. '/model.safetensors' end
+      -- (a `best` whose folder is gone or damaged is an error: the newest one is other weights)
+      if best then return checked(ckdir .. '/' .. best, 'best') end
       local dir, why = M.find(p)
       if dir then return dir .. '/model.safetensors' end
       error(string.format('%s: %s is a folder without model.safetensors, and no run checkpoint in it (%s)', FN, path, why), 3)
@@ -747,12 +759,18 @@ local function weights_file(path)
    if not f then error(string.format('%s: cannot open %s', FN, err), 3) end
    local size = f:seek('end')
    f:close()
+   local dir, name = p:match('^(.*)/([^/]*)$')
+   dir, name = dir or '.', name or p
    if size < 64 then -- a `best` / `latest` pointer: one line naming a step folder beside it
-      local dir, name = p:match('^(.*)/([^/]*)$')
-      dir, name = dir or '.', name or p
       local step = pointer(dir, name)
-      if step then return dir .. '/' .. step .. '/model.safetensors' end
+      if step then return checked(dir .. '/' .. step, name) end
+      if name == 'best' or name == 'latest' then
+         error(string.format('%s: %s is not a pointer to a step folder (it should hold one line such as step-00000012)',
+            FN, path), 3)
+      end
    end
+   -- a step folder's own file
+   if name == 'model.safetensors' and exists(dir .. '/state.json') then return checked(dir) end
    return path
 end
 

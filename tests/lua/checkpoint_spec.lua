@@ -378,6 +378,45 @@ describe('nr.checkpoint', function()
       assert.truthy(err:find('is a folder without model.safetensors, and no run checkpoint in it', 1, true), err)
    end)
 
+   it('load_weights checks a checkpoint\'s files as a resume does (CRC-32): a changed file, a gone best, a bad pointer', function()
+      local nn = nr.nn
+      local function build() return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.GlobalAvgPool2d(), nn.Linear(2, 3)) end
+      local run = TMP .. '/lw_crc'
+      local ckdir = run .. '/checkpoint'
+      for step = 1, 2 do
+         nr.manual_seed(step)
+         ck.save(ckdir, {step = step, weights = ck.model_tensors(build()), best = step == 1})
+      end
+      -- four bytes of step 1's weights changed in place (same size, headers intact)
+      local file = ckdir .. '/step-00000001/model.safetensors'
+      local f = assert(io.open(file, 'r+b'))
+      local size = f:seek('end')
+      f:seek('set', size - 6)
+      f:write('XXXX')
+      f:close()
+      local function err_of(path)
+         local ok, err = pcall(ck.load_weights, build(), path)
+         assert.is_false(ok, path .. ' loaded')
+         return tostring(err)
+      end
+      for _, path in ipairs({run, ckdir, ckdir .. '/best', ckdir .. '/step-00000001', file}) do
+         local err = err_of(path)
+         assert.truthy(err:find('step-00000001 is damaged: model.safetensors has CRC-32', 1, true), err)
+         assert.truthy(err:find('the newest complete checkpoint is ' .. ckdir .. '/step-00000002', 1, true), err)
+         assert.is_nil(err:find('lua/nr/', 1, true), err)   -- no library position
+      end
+      assert.truthy(err_of(run):find('best names ' .. ckdir .. '/step-00000001', 1, true))
+      ck.load_weights(build(), ckdir .. '/step-00000002')   -- the sound one loads
+      -- best naming a folder that is gone: an error, not the newest one's weights instead
+      os.execute('rm -rf "' .. ckdir .. '/step-00000001"')
+      assert.truthy(err_of(run):find('best names ' .. ckdir .. '/step-00000001 is damaged: no state.json', 1, true))
+      -- a pointer file that names no step folder
+      local p = assert(io.open(ckdir .. '/latest', 'w'))
+      p:write('../../etc\n')
+      p:close()
+      assert.truthy(err_of(ckdir .. '/latest'):find('latest is not a pointer to a step folder', 1, true))
+   end)
+
    it('save_weights / load_weights: a rejuvenated model (CA, widths changed) loads into a freshly built one', function()
       local nn = nr.nn
       local function build()
