@@ -362,6 +362,15 @@ function M.apply(recipe, args)
       end
       r.schedule = false
    end
+   -- Another schedule (--schedule cosine on a step recipe): the recipe's step settings were its
+   -- own (nr.schedule refuses milestones on a cosine schedule); flags given for them stay, and are
+   -- refused there
+   if set_paths['schedule.name'] and type(r.schedule) == 'table' and r.schedule.name ~= 'step'
+      and r.schedule.name ~= 'multistep' then
+      for _, k in ipairs({'milestones', 'step_size', 'gamma'}) do
+         if not set_paths['schedule.' .. k] then r.schedule[k] = nil end
+      end
+   end
    -- A new dataset without a new root: the recipe's root belonged to the old dataset (e.g.
    -- $NR_DATA/imagenet), so fall back to the new dataset's default location.
    if set_paths['data.dataset'] and not set_paths['data.root'] and type(r.data) == 'table'

@@ -71,14 +71,20 @@ function M.build(cfg, ctx)
       .. '(%s epochs): the LR would never reach base_lr', show(s.warmup), show(s.epochs))
    check.arg(not (name == 'cosine' or name == 'linear') or s.min_lr <= s.base_lr, 'nr.schedule',
       'min_lr (%s) must not exceed base_lr (%s): the %s decay would rise', show(s.min_lr), show(s.base_lr), name)
+   -- a setting only step schedules read, given to another, was ignored without a word
+   for _, k in ipairs({'milestones', 'step_size', 'gamma'}) do
+      check.arg(cfg[k] == nil or name == 'step' or name == 'multistep', 'nr.schedule',
+         "%s is a setting of the step schedules (name = 'step' or 'multistep'), not of %s", k, name)
+   end
    if name == 'step' or name == 'multistep' then
       if s.milestones == nil and s.step_size == nil then
          -- torch-style default for CIFAR recipes: ×0.1 at 50% and 75% (none before the first
          -- epoch ends: a 1-epoch run keeps its LR instead of starting at base × gamma²)
+         -- (once each: over 2 epochs both fall on epoch 1, which cut the LR twice there)
          s.milestones = {}
          for _, f in ipairs({0.5, 0.75}) do
             local m = math.floor(s.epochs * f)
-            if m >= 1 then s.milestones[#s.milestones + 1] = m end
+            if m >= 1 and m ~= s.milestones[#s.milestones] then s.milestones[#s.milestones + 1] = m end
          end
       end
       check.arg(cfg.milestones == nil or cfg.step_size == nil, 'nr.schedule',

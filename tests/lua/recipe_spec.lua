@@ -262,6 +262,16 @@ return {
       assert.equal('fashion-mnist', R.apply({epochs = 1}, {'--dataset', 'fashion-mnist'}).data.dataset)
    end)
 
+   it('--schedule switching away from a step schedule drops the recipe\'s step settings, not the flags', function()
+      local base = {schedule = {name = 'step', milestones = {150, 225}, gamma = 0.1, warmup = 2}}
+      local r = R.apply(base, {'--schedule', 'cosine'})
+      assert.same({name = 'cosine', warmup = 2}, r.schedule)
+      assert.same({150, 225}, base.schedule.milestones)
+      -- to another step schedule they stay; a flag for them stays (nr.schedule refuses it on cosine)
+      assert.same({150, 225}, R.apply(base, {'--schedule', 'multistep'}).schedule.milestones)
+      assert.equal(0.5, R.apply(base, {'--schedule', 'cosine', '--schedule.gamma', '0.5'}).schedule.gamma)
+   end)
+
    it('--optim.name switching the optimizer starts it from its defaults plus the optim flags given', function()
       local base = {optim = {name = 'sgd', lr = 0.1, momentum = 0.9, weight_decay = 1e-4, nesterov = true, no_decay_bn_bias = true}}
       local r, _, notes = R.apply(base, {'--optim.name', 'adamw', '--lr', '3e-4', '--optim.betas', '0.9,0.98'})

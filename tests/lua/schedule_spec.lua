@@ -26,7 +26,16 @@ describe('nr.schedule', function()
       assert.same({4, 6}, d.milestones)
       -- none before the first epoch ends: a 1-epoch run keeps its LR (was {0, 0}: base x gamma^2)
       assert.same({}, S.build({name = 'step'}, {base_lr = 1, epochs = 1}).milestones)
-      assert.same({1, 1}, S.build({name = 'step'}, {base_lr = 1, epochs = 2}).milestones)
+      -- over 2 epochs 50% and 75% both round to epoch 1: one cut there, not two at once
+      assert.same({1}, S.build({name = 'step'}, {base_lr = 1, epochs = 2}).milestones)
+      assert.same({1, 2}, S.build({name = 'step'}, {base_lr = 1, epochs = 3}).milestones)
+      -- the step schedules' settings given to another schedule: an error (they were ignored)
+      for _, k in ipairs({'milestones', 'step_size', 'gamma'}) do
+         local ok, err = pcall(S.build, {name = 'cosine', [k] = k == 'milestones' and {3} or 2}, {base_lr = 1, epochs = 4})
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find(k .. " is a setting of the step schedules (name = 'step' or 'multistep'), not of cosine",
+            1, true), tostring(err))
+      end
    end)
 
    it('cosine: closed form, per iteration, reaches min_lr at the end', function()
