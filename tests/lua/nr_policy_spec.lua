@@ -134,6 +134,10 @@ describe('nr.rejuvenate policies', function()
       for _, bn in ipairs(dead:findModules('BatchNorm2d')) do bn.weight:zero() end
       assert.truthy(err(function() nr.rejuvenate(dead, {input_shape = {3, 8, 8}}) end)
          :find('no live channel in any resizable layer', 1, true))
+      -- nothing resizable at all (an MLP): an error, not α = 2^65 over a cost of 0
+      local mlp = nn.Sequential{nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)}
+      assert.truthy(err(function() nr.rejuvenate(mlp, {input_shape = {3, 2, 2}}) end)
+         :find('nr.rejuvenate: the model has no channels Neural Rejuvenation can resize', 1, true))
       assert.truthy(rej({budget = 0 / 0}):find('budget must be a number >= 0', 1, true))
       assert.truthy(rej({constraint = 'flop'}):find('constraint must be "params" or "flops", got "flop"', 1, true))
       assert.truthy(rej({policy = {init = function(_, s) return nr.full(s, 0 / 0) end}}):find('policy.init returned non-finite', 1, true))

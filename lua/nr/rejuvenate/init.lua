@@ -321,7 +321,12 @@ local function rejuvenate(model, opts)
          root_of[id] = r
       end
    end
-   local any_live = #layers == 0
+   -- nothing resizable (an MLP; every set pinned): an error, as nr.train's attach says it (by hand
+   -- it returned α = 2^65 over a cost of 0)
+   check.arg(#layers > 0, FN, 'the model has no channels Neural Rejuvenation can resize (a Conv2d whose output '
+      .. 'channels a BatchNorm2d scales, outside the nr_fixed main stream and not read whole, as by the output or a '
+      .. 'grouped conv): nothing to prune or grow')
+   local any_live = false
    for _, l in ipairs(layers) do any_live = any_live or l.live > 0 end
    -- (γ may live where the depthwise rule left no channel: a producer's live channel is the one
    -- its depthwise conv found dead)
