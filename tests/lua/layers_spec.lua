@@ -155,6 +155,13 @@ describe('errors on bad input and bad options', function()
       assert.truthy(e:find('child 2 is nil (an unassigned variable?); 3 children were given', 1, true), e)
       e = err_of(nn.Sequential, a, nil, b)
       assert.truthy(e:find('child 2 is nil', 1, true), e)
+      -- a class where an instance belongs (the call forgotten): it ran, its state kept on the class
+      e = err_of(nn.Sequential, nn.ReLU)
+      assert.truthy(e:find('Sequential: child 1 is the class ReLU, not a module: call it (ReLU())', 1, true), e)
+      e = err_of(nn.Concat, {a, nn.Conv2d})
+      assert.truthy(e:find('child 2 is the class Conv2d', 1, true), e)
+      e = err_of(function() nn.Sequential():add(nn.Tanh) end)
+      assert.truthy(e:find('Sequential:add: got the class Tanh, not a module: call it (Tanh())', 1, true), e)
       -- seq:add checks as the constructor does (found by fuzzing: add({}) was accepted and failed
       -- later in forward or print, add(5) as "bad argument #1 to 'rawget'")
       local s = nn.Sequential()

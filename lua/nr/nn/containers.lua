@@ -15,6 +15,10 @@ local function need(cond, parent, fmt, ...)
    if not cond then error(parent.__typename .. ': ' .. string.format(fmt, ...), 5) end
 end
 
+-- A class (nr.nn.ReLU) given where an instance (nr.nn.ReLU()) belongs: it ran, keeping its
+-- state on the class, which every instance then read through __index.
+local function is_class(m) return rawget(m, '__index') == m end
+
 -- A module already placed (here or in another container) goes in as its twin (Module:twin:
 -- the same parameters, its own forward state); parameter names keep its first place, as PyTorch.
 local function placed(m)
@@ -37,6 +41,8 @@ local function adopt(parent, modules, nonempty)
       local m = modules[i]
       need(m ~= nil, parent, 'child %d is nil (an unassigned variable?); %d children were given', i, n)
       need(type(m) == 'table' and m.forward, parent, 'child %d is not a module', i)
+      need(not is_class(m), parent, 'child %d is the class %s, not a module: call it (%s())', i, m.__typename,
+         m.__typename)
       m = placed(m)
       m._parent, m._key = parent, i - 1
       parent.modules[i] = m
@@ -77,6 +83,8 @@ end
 function Sequential:add(m)
    -- as the constructor: a non-module failed later as "attempt to call method 'forward'"
    if not (type(m) == 'table' and m.forward) then error('Sequential:add: expected a module, got ' .. type(m), 2) end
+   if is_class(m) then error(string.format('Sequential:add: got the class %s, not a module: call it (%s())', m.__typename,
+      m.__typename), 2) end
    m = placed(m)
    self.modules[#self.modules + 1] = m
    m._parent, m._key = self, #self.modules - 1
