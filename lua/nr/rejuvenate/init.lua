@@ -321,12 +321,12 @@ local function rejuvenate(model, opts)
          root_of[id] = r
       end
    end
-   -- nothing resizable (an MLP; every set pinned): an error, as nr.train's attach says it (by hand
-   -- it returned α = 2^65 over a cost of 0)
-   check.arg(#layers > 0, FN, 'the model has no channels Neural Rejuvenation can resize (a Conv2d whose output '
-      .. 'channels a BatchNorm2d scales, outside the nr_fixed main stream and not read whole, as by the output or a '
-      .. 'grouped conv): nothing to prune or grow')
-   local any_live = false
+   -- no BN-scaled conv channels at all (an MLP): an error, as nr.train's attach says it (by hand
+   -- it returned α = 2^65 over a cost of 0); every set pinned (read whole) leaves the widths as they
+   -- are, with no α (reallocate is not asked)
+   check.arg(#g.units > 0, FN, 'the model has no channels Neural Rejuvenation can resize (a Conv2d whose output '
+      .. 'channels a BatchNorm2d scales): nothing to prune or grow')
+   local any_live = #layers == 0
    for _, l in ipairs(layers) do any_live = any_live or l.live > 0 end
    -- (γ may live where the depthwise rule left no channel: a producer's live channel is the one
    -- its depthwise conv found dead)
@@ -371,7 +371,7 @@ local function rejuvenate(model, opts)
                    constraint_value = Cval}
    budget.solve = policy.make_solver(cost, target)
    local widths, rinfo
-   if (opts.budget or 1) == 0 then
+   if (opts.budget or 1) == 0 or #layers == 0 then
       widths, rinfo = {}, {prune_only = true}   -- budget 0: remove dead channels, add nothing
    else
       widths, rinfo = pol.reallocate(layers, budget)
