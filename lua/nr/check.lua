@@ -11,11 +11,31 @@ local function c_message()
    return ffi.string(C.nr_last_error())
 end
 
+-- A frame running nrlua's own Lua code (lua/nr/*): an error position there names the library's
+-- line, where the user's call is what was wrong.
+local function library_frame(info)
+   return info.what ~= 'C' and info.source:sub(1, 1) == '@' and info.source:find('lua/nr/', 1, true) ~= nil
+end
+
+-- The error level to use, as error() counts it in the function calling this: `level`, unless the
+-- frame it names runs library code (a check a few calls deep, or a public function reached through
+-- another), then the first frame above that is not library code: the user's line (or a C frame,
+-- such as pcall, which adds no position). Off the top of the stack: `level` as it was.
+function M.user_level(level)
+   local k = level + 1
+   while true do
+      local info = debug.getinfo(k, 'S')
+      if not info then return level end
+      if not library_frame(info) then return k - 1 end
+      k = k + 1
+   end
+end
+
 -- Raises a Lua error when status ~= 0. level: error level (default 3 = caller of the caller).
 function M.status(status, where, level)
    if status ~= 0 then
       local msg = c_message()
-      error((where and (where .. ': ') or '') .. msg, level or 3)
+      error((where and (where .. ': ') or '') .. msg, M.user_level(level or 3))
    end
 end
 
@@ -23,19 +43,19 @@ end
 function M.pointer(p, where, level)
    if p == nil then
       local msg = c_message()
-      error((where and (where .. ': ') or '') .. msg, level or 3)
+      error((where and (where .. ': ') or '') .. msg, M.user_level(level or 3))
    end
    return p
 end
 
 -- Argument checks for Lua-side functions: raise "fname: what" at the caller's level.
 function M.arg(cond, fname, fmt, ...)
-   if not cond then error(fname .. ': ' .. string.format(fmt, ...), 3) end
+   if not cond then error(fname .. ': ' .. string.format(fmt, ...), M.user_level(3)) end
 end
 
 function M.type(value, ty, fname, argname)
    if type(value) ~= ty then
-      error(string.format('%s: %s must be a %s, got %s', fname, argname, ty, type(value)), 3)
+      error(string.format('%s: %s must be a %s, got %s', fname, argname, ty, type(value)), M.user_level(3))
    end
 end
 
@@ -83,7 +103,7 @@ local function int_range(value, fname, argname, min, max, level)
    elseif min then range = 'n integer >= ' .. bound(min)
    elseif max then range = 'n integer <= ' .. bound(max)
    else range = 'n integer' end
-   error(string.format("%s: %s must be a%s, got %s", fname, argname, range, show(value)), level + 2)
+   error(string.format("%s: %s must be a%s, got %s", fname, argname, range, show(value)), M.user_level(level + 2))
 end
 
 function M.int(value, fname, argname, min, max, level)
@@ -148,7 +168,7 @@ end
 
 -- Checks an options table against the allowed keys; unknown keys are errors (catch typos).
 function M.options(opts, allowed, fname, level)
-   level = (level or 2) + 1 -- the function that called the one checking its options, by default
+   level = M.user_level((level or 2) + 1) -- the function that called the one checking its options, by default
    if opts == nil then return {} end
    if type(opts) ~= 'table' then error(fname .. ': options must be a table, got ' .. type(opts), level) end
    for k in pairs(opts) do

@@ -18,7 +18,7 @@ Tensor.__index = Tensor
 setmetatable(Tensor, {__index = function(_, k)
    if type(k) == 'number' then
       error(string.format('Tensor: t[%s] is not indexing; use t:get(i) (a value, 1-based), t:select(1, i) (a slice) or '
-         .. 't:narrow(dim, start, n)', tostring(k)), 2)
+         .. 't:narrow(dim, start, n)', tostring(k)), check.user_level(2))
    end
 end})
 Tensor.__typename = 'nr.Tensor'
@@ -49,11 +49,11 @@ Tensor.is_tensor = is_tensor
 local function parse_device(dev, fname)
    if dev == nil or dev == 'cpu' then return C.NR_CPU end
    if dev == 'cuda' or (type(dev) == 'string' and dev:match('^cuda:%d+$')) then
-      if C.nr_has_cuda() == 0 then error(fname .. ': this nrlua was built without CUDA', 3) end
+      if C.nr_has_cuda() == 0 then error(fname .. ': this nrlua was built without CUDA', check.user_level(3)) end
       local idx = dev:match('^cuda:(%d+)$')
       return C.NR_CUDA, idx and tonumber(idx) or nil
    end
-   error(string.format('%s: unknown device %q (use "cpu", "cuda" or "cuda:N")', fname, tostring(dev)), 3)
+   error(string.format('%s: unknown device %q (use "cpu", "cuda" or "cuda:N")', fname, tostring(dev)), check.user_level(3))
 end
 
 -- make() with GPU idx as the current device (a tensor asked for on 'cuda:N'), the caller's back after.
@@ -70,7 +70,7 @@ end
 local function parse_dtype(dt, fname)
    if dt == nil then return C.NR_F32 end
    local v = DTYPES[dt]
-   if not v then error(string.format('%s: unknown dtype %q (float32, int64, uint8, bfloat16)', fname, tostring(dt)), 3) end
+   if not v then error(string.format('%s: unknown dtype %q (float32, int64, uint8, bfloat16)', fname, tostring(dt)), check.user_level(3)) end
    return v
 end
 
@@ -90,15 +90,15 @@ local function check_scalar(dtype, v, fname, what, level)
    local r = INT_RANGE[dtype]
    if r and not (v >= r[1] and v <= r[2]) then
       error(string.format('%s: %s %s cannot be converted to type %s without overflow', fname, what, tostring(v),
-         DTYPE_NAMES[dtype]), level)
+         DTYPE_NAMES[dtype]), check.user_level(level))
    end
 end
 
 local function shape_of(shape, fname)
    if type(shape) == 'number' then shape = {shape} end
-   if type(shape) ~= 'table' then error(fname .. ': shape must be a table of sizes, got ' .. type(shape), 4) end
+   if type(shape) ~= 'table' then error(fname .. ': shape must be a table of sizes, got ' .. type(shape), check.user_level(4)) end
    local n = table.maxn(shape) -- not #shape or ipairs: {2, nil, 3} is an error, not the shape {2}
-   if n > 8 then error(fname .. ': at most 8 dimensions, got ' .. n, 4) end
+   if n > 8 then error(fname .. ': at most 8 dimensions, got ' .. n, check.user_level(4)) end
    local arr = int64_arr()
    for i = 1, n do arr[i - 1] = check.int(shape[i], fname, 'size ' .. i, 0, MAX_NUMEL, 4) end
    return arr, n
@@ -107,9 +107,9 @@ end
 local function parse_format(fmt, ndim, fname)
    if fmt == nil or fmt == 'contiguous' then return 'contiguous' end
    if fmt ~= 'channels_last' then
-      error(string.format('%s: unknown memory_format %q (contiguous, channels_last)', fname, tostring(fmt)), 4)
+      error(string.format('%s: unknown memory_format %q (contiguous, channels_last)', fname, tostring(fmt)), check.user_level(4))
    end
-   if ndim ~= 4 then error(string.format('%s: channels_last needs a 4-d (N, C, H, W) shape, got %d-d', fname, ndim), 4) end
+   if ndim ~= 4 then error(string.format('%s: channels_last needs a 4-d (N, C, H, W) shape, got %d-d', fname, ndim), check.user_level(4)) end
    return fmt
 end
 
@@ -245,12 +245,12 @@ function M.tensor(values, opts)
    local flat = {}
    local function walk(x, d)
       if d > #shape then
-         if type(x) ~= 'number' then error('nr.tensor: non-number element ' .. tostring(x), 4) end
+         if type(x) ~= 'number' then error('nr.tensor: non-number element ' .. tostring(x), check.user_level(4)) end
          flat[#flat + 1] = x
          return
       end
       if type(x) ~= 'table' or #x ~= shape[d] then
-         error(string.format('nr.tensor: ragged nested table at depth %d (expected %d elements)', d, shape[d]), 4)
+         error(string.format('nr.tensor: ragged nested table at depth %d (expected %d elements)', d, shape[d]), check.user_level(4))
       end
       for i = 1, #x do walk(x[i], d + 1) end
    end
@@ -287,10 +287,10 @@ end
 -- counts it from here (default 3: the caller of the method calling live).
 local function live(t, fname, arg, level)
    if getmetatable(t) ~= Tensor then
-      error(string.format('%s: expected a tensor for %s, got %s', fname or 'nr.Tensor', arg or 'self', type(t)), level or 3)
+      error(string.format('%s: expected a tensor for %s, got %s', fname or 'nr.Tensor', arg or 'self', type(t)), check.user_level(level or 3))
    end
    local c = rawget(t, 'c')
-   if c == nil then error('nr.Tensor: use of a freed tensor', level or 3) end
+   if c == nil then error('nr.Tensor: use of a freed tensor', check.user_level(level or 3)) end
    return c
 end
 
@@ -408,14 +408,14 @@ local double1 = ffi.typeof('double[1]')
 local function position(t, fname, idx, n)
    local c = live(t)
    if n ~= c.ndim then
-      error(string.format('%s: give one flat position or one index per dimension (%d), got %d indices', fname, c.ndim, n), 3)
+      error(string.format('%s: give one flat position or one index per dimension (%d), got %d indices', fname, c.ndim, n), check.user_level(3))
    end
    local pos = 0
    for d = 1, n do
       local k, size = idx[d], tonumber(c.shape[d - 1])
       int_arg(k, fname, 'index ' .. d, 4)
       if k < 1 or k > size then
-         error(string.format('%s: index %d is %d, outside 1..%d of dimension %d', fname, d, k, size, d), 3)
+         error(string.format('%s: index %d is %d, outside 1..%d of dimension %d', fname, d, k, size, d), check.user_level(3))
       end
       pos = pos * size + (k - 1)
    end
@@ -427,7 +427,7 @@ local function flat_position(t, fname, i)
    int_arg(i, fname, 'position', 4)
    local n = tonumber(C.nr_tensor_numel(live(t)))
    if i < 1 or i > n then
-      error(string.format('%s: position %d is outside 1..%d (%d elements)', fname, i, n, n), 3)
+      error(string.format('%s: position %d is outside 1..%d (%d elements)', fname, i, n, n), check.user_level(3))
    end
    return i - 1
 end
@@ -505,7 +505,7 @@ function Tensor:copy(src)
 end
 -- t <- v everywhere; fname names the caller in errors (nr.full, nr.tensor), raised at its caller.
 function fill(t, v, fname)
-   if type(v) ~= 'number' then error(string.format('%s: value must be a number, got %s', fname, type(v)), 3) end
+   if type(v) ~= 'number' then error(string.format('%s: value must be a number, got %s', fname, type(v)), check.user_level(3)) end
    check_scalar(live(t).dtype, v, fname, 'value', 4)
    check.status(C.nr_tensor_fill(live(t), v), fname, 4)
 end
@@ -570,7 +570,7 @@ function Tensor:byte() return self:to(self:device(), 'uint8') end
 -- Callers keep their frame (no tail call) so that level 3 / 4 below is their caller.
 local function make_view(self, shape, stride, offset, fname)
    -- before the arrays: a 9th entry would be written past them into LuaJIT's heap
-   if #shape > 8 then error(fname .. ': at most 8 dimensions, got ' .. #shape, 3) end
+   if #shape > 8 then error(fname .. ': at most 8 dimensions, got ' .. #shape, check.user_level(3)) end
    local sa = int64_arr()
    local st = int64_arr()
    for i = 1, #shape do sa[i - 1] = shape[i]; st[i - 1] = stride[i] end
@@ -590,7 +590,7 @@ local function target_shape(self, fname, ...)
    for i = 1, count do -- not ipairs: a nil size is an error, not the end of the list
       local s = shape[i]
       if s == -1 then
-         if infer then error(fname .. ': only one size may be -1', 3) end
+         if infer then error(fname .. ': only one size may be -1', check.user_level(3)) end
          infer = i
       else
          known = known * check.int(s, fname, 'size ' .. i, 0, MAX_NUMEL, 3)
@@ -598,13 +598,13 @@ local function target_shape(self, fname, ...)
    end
    if infer then
       if not (known > 0 and n % known == 0) then
-         error(string.format('%s: cannot infer -1 for %d elements into {%s}', fname, n, table.concat(shape, ', ')), 3)
+         error(string.format('%s: cannot infer -1 for %d elements into {%s}', fname, n, table.concat(shape, ', ')), check.user_level(3))
       end
       shape[infer] = n / known
       known = n
    end
    if known ~= n then
-      error(string.format('%s: cannot reshape %s (%d elements) to {%s}', fname, self:describe(), n, table.concat(shape, ', ')), 3)
+      error(string.format('%s: cannot reshape %s (%d elements) to {%s}', fname, self:describe(), n, table.concat(shape, ', ')), check.user_level(3))
    end
    return shape
 end
@@ -656,7 +656,7 @@ function Tensor:view(...)
    if not stride then
       error(string.format("Tensor:view: view size is not compatible with input tensor's size and stride (at least one " ..
          "dimension spans across two contiguous subspaces): cannot view %s (strides {%s}) as {%s}; use :reshape(...) " ..
-         "instead (it copies when no view exists)", self:describe(), table.concat(ostride, ', '), table.concat(shape, ', ')), 2)
+         "instead (it copies when no view exists)", self:describe(), table.concat(ostride, ', '), table.concat(shape, ', ')), check.user_level(2))
    end
    local v = make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:view')
    return v
@@ -747,7 +747,7 @@ local function as_index(index, fname)
    if type(index) == 'table' and not is_tensor(index) then
       for i = 1, #index do
          if type(index[i]) ~= 'number' or index[i] ~= math.floor(index[i]) then
-            error(string.format('%s: index %d must be an integer position, got %s', fname, i, tostring(index[i])), 3)
+            error(string.format('%s: index %d must be an integer position, got %s', fname, i, tostring(index[i])), check.user_level(3))
          end
       end
       return M.tensor(index, {dtype = 'int64'})
@@ -792,7 +792,7 @@ for name, op in pairs(BIN) do
          check.status(C.nr_binary_scalar(live(a), b, live(out), op), fname, 4)
       else
          -- (raised at the caller of Tensor:add and its twins, as the status below)
-         if not is_tensor(b) then error(fname .. ': operand must be a number or a tensor, got ' .. check.show(b), 3) end
+         if not is_tensor(b) then error(fname .. ': operand must be a number or a tensor, got ' .. check.show(b), check.user_level(3)) end
          check.status(C.nr_binary(live(a), live(b), live(out), op), fname, 4)
       end
       return out
@@ -813,7 +813,7 @@ end
 -- failed as "attempt to call method 'add'").
 local function operand(v, op)
    if not (is_tensor(v) or type(v) == 'number') then
-      error(string.format('Tensor %s: operands must be tensors or numbers, got %s', op, check.show(v)), 4)
+      error(string.format('Tensor %s: operands must be tensors or numbers, got %s', op, check.show(v)), check.user_level(4))
    end
 end
 local function operands(a, b, op)
@@ -919,7 +919,7 @@ function Tensor:matmul(b, opts)
    for _, o in ipairs({{'a', self}, {'b', b}}) do
       if o[2]:dim() ~= 2 then
          error(string.format('Tensor:matmul: %s must be a matrix (2-d), got %s%s', o[1], o[2]:describe(),
-            o[2]:dim() == 1 and ' (a vector: reshape it to (n, 1) or (1, n))' or ''), 2)
+            o[2]:dim() == 1 and ' (a vector: reshape it to (n, 1) or (1, n))' or ''), check.user_level(2))
       end
    end
    local ta, tb = opts.trans_a and 1 or 0, opts.trans_b and 1 or 0
