@@ -111,9 +111,14 @@ nr_dataset *nr_dataset_open_cifar(const char *root, int32_t kind, int32_t train,
          for (int64_t j = 0; j < m; j++, r++, i++) {
             const unsigned char *p = buf + j * rec;
             int label = kind == 10 ? p[0] : coarse ? p[0] : p[1];
-            if (label >= ds->classes) {
+            /* CIFAR-100: both label bytes are checked, the one not used too (a record whose other
+             * byte is out of range is damaged, or not CIFAR-100) */
+            const int other = kind == 100 ? (coarse ? p[1] : p[0]) : 0, other_max = coarse ? 99 : 19;
+            if (label >= ds->classes || other > other_max) {
+               const int bad_used = label >= ds->classes;
                NR_FAIL(NR_E_FORMAT, "%s: record %lld has %slabel %d, out of range 0..%d (is this CIFAR-%d?)", path,
-                       (long long)r, kind == 100 ? (coarse ? "coarse " : "fine ") : "", label, ds->classes - 1, kind);
+                       (long long)r, kind == 100 ? ((coarse == bad_used) ? "coarse " : "fine ") : "",
+                       bad_used ? label : other, bad_used ? ds->classes - 1 : other_max, kind);
                goto fail;
             }
             ds->labels[i] = label;

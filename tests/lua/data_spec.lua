@@ -267,6 +267,16 @@ describe('nr.data', function()
          assert.equal(5 % 20, coarse:label(6))
          local x = fine:get(3)
          assert.equal(cifar_pix(2, 2, 3, 4), x:data()[(2 * 32 + 3) * 32 + 4])
+         -- the label byte not in use is checked too: a fine label of 100 under coarse = true, a
+         -- coarse one of 25 under fine labels (both loaded before)
+         for _, c in ipairs({{'fine', string.char(3, 100), true, 'fine label 100, out of range 0..99'},
+                             {'coarse', string.char(25, 3), false, 'coarse label 25, out of range 0..19'}}) do
+            local d = BASE .. '/cifar100_bad_' .. c[1]
+            mkdir(d)
+            write(d .. '/train.bin', cifar_records(0, 2, lab) .. cifar_records(2, 1, function() return c[2] end))
+            local err = err_of(nr.data.dataset, {name = 'cifar100', root = d, coarse = c[3]})
+            assert.truthy(err:find('train.bin: record 2 has ' .. c[4], 1, true), err)
+         end
       end)
    end)
 
