@@ -762,6 +762,20 @@ describe('hostile input', function()
       assert.truthy(err:find('tensor_spec.lua:', 1, true), 'error not at the caller: ' .. err)
    end
 
+   it('errors raised a few calls deep in the library still name the caller\'s line', function()
+      -- (each named lua/nr/tensor.lua before check.user_level)
+      raises('nr.tensor: unknown dtype "double"', function() local t = nr.tensor({1}, {dtype = 'double'}); return t end)
+      raises('nr.zeros: unknown option "devcie"', function() local t = nr.zeros({1}, {devcie = 'cuda'}); return t end)
+      raises('nr.randn: options must be a table, got number', function() local t = nr.randn(2, 3); return t end)
+      raises('out of host memory', function() local t = nr.empty({1e6, 1e6}); return t end)
+      raises('use of a freed tensor', function()
+         local t = nr.zeros({2})
+         t:free()
+         local s = t:sum()
+         return s
+      end)
+   end)
+
    it('views with more than 8 dimensions are refused before the int64_t[8] arrays are written', function()
       local a = nr.randn({3, 4})
       local ones = {1, 1, 1, 1, 1, 1, 1, 1, 1}
