@@ -302,6 +302,18 @@ local function int_arg(v, fname, what, level)
    check.int(v, fname, what, nil, nil, level or 3) -- finite, |v| <= 2^53: C takes it as an int64
 end
 
+-- A dimension of an ndim-dimensional tensor, 1-based, or counted from the end when negative
+-- (-1 the last, as PyTorch and Tensor:size): returns it 1-based, or raises naming fname.
+local function dim_arg(d, ndim, fname, what)
+   check.int(d, fname, what or 'dimension', nil, nil, 3)
+   local k = d < 0 and ndim + 1 + d or d
+   if k < 1 or k > ndim then
+      error(string.format('%s: %s %s out of range 1..%d (or -%d..-1)', fname, what or 'dimension', tostring(d), ndim, ndim),
+         check.user_level(3))
+   end
+   return k
+end
+
 function Tensor:dim() return live(self).ndim end
 function Tensor:shape()
    local c, s = live(self), {}
@@ -682,10 +694,9 @@ end
 -- narrow(dim, start, length): positions 1-based.
 function Tensor:narrow(dim, start, len)
    local shape, stride = self:shape(), self:stride()
-   int_arg(dim, 'Tensor:narrow', 'dimension')
+   dim = dim_arg(dim, #shape, 'Tensor:narrow')
    int_arg(start, 'Tensor:narrow', 'start')
    int_arg(len, 'Tensor:narrow', 'length')
-   check.arg(type(dim) == 'number' and dim >= 1 and dim <= #shape, 'Tensor:narrow', 'dimension %s out of range 1..%d', tostring(dim), #shape)
    check.arg(type(start) == 'number' and type(len) == 'number' and start >= 1 and len >= 0 and start + len - 1 <= shape[dim],
       'Tensor:narrow', 'range start %s length %s outside 1..%d of dimension %d', tostring(start), tostring(len), shape[dim], dim)
    local offset = tonumber(live(self).offset) + (start - 1) * stride[dim]
@@ -697,9 +708,8 @@ end
 -- select(dim, index): removes dim.
 function Tensor:select(dim, index)
    local shape, stride = self:shape(), self:stride()
-   int_arg(dim, 'Tensor:select', 'dimension')
+   dim = dim_arg(dim, #shape, 'Tensor:select')
    int_arg(index, 'Tensor:select', 'index')
-   check.arg(type(dim) == 'number' and dim >= 1 and dim <= #shape, 'Tensor:select', 'dimension %s out of range 1..%d', tostring(dim), #shape)
    check.arg(type(index) == 'number' and index >= 1 and index <= shape[dim], 'Tensor:select', 'index %s outside 1..%d', tostring(index), shape[dim])
    local offset = tonumber(live(self).offset) + (index - 1) * stride[dim]
    table.remove(shape, dim)
@@ -710,9 +720,8 @@ end
 
 function Tensor:transpose(d1, d2)
    local shape, stride = self:shape(), self:stride()
-   int_arg(d1, 'Tensor:transpose', 'dimension 1')
-   int_arg(d2, 'Tensor:transpose', 'dimension 2')
-   check.arg(d1 >= 1 and d1 <= #shape and d2 >= 1 and d2 <= #shape, 'Tensor:transpose', 'dimensions %s, %s out of range 1..%d', tostring(d1), tostring(d2), #shape)
+   d1 = dim_arg(d1, #shape, 'Tensor:transpose', 'dimension 1')
+   d2 = dim_arg(d2, #shape, 'Tensor:transpose', 'dimension 2')
    shape[d1], shape[d2] = shape[d2], shape[d1]
    stride[d1], stride[d2] = stride[d2], stride[d1]
    local v = make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:transpose')
@@ -758,9 +767,8 @@ end
 -- self's rows index[i] along dim, into out (contiguous, or channels-last like self) or a new tensor.
 function Tensor:index_select(dim, index, out)
    index = as_index(index, 'Tensor:index_select')
-   int_arg(dim, 'Tensor:index_select', 'dimension')
    local shape = self:shape()
-   check.arg(dim >= 1 and dim <= #shape, 'Tensor:index_select', 'dimension %s out of range', tostring(dim))
+   dim = dim_arg(dim, #shape, 'Tensor:index_select')
    shape[dim] = index:numel()
    if out ~= nil then live(out, 'Tensor:index_select', 'out') end
    -- a channels-last tensor gives a channels-last result (the rows are gathered in that order)
@@ -772,7 +780,7 @@ end
 -- self[index[i]] <- src[i] along dim (in place); self contiguous or channels-last.
 function Tensor:index_copy(dim, index, src)
    index = as_index(index, 'Tensor:index_copy')
-   int_arg(dim, 'Tensor:index_copy', 'dimension')
+   dim = dim_arg(dim, self:dim(), 'Tensor:index_copy')
    local fmt = self:memory_format()
    check.arg(fmt == 'contiguous' or fmt == 'channels_last', 'Tensor:index_copy', 'destination must be contiguous or channels-last')
    fmt = fmt == 'channels_last' and fmt or nil
@@ -865,28 +873,42 @@ function Tensor:axpy_(alpha, x)
    return self
 end
 
--- Reductions: t:sum() -> number; t:sum(dim) -> tensor with dim kept as size 1 (t's dtype; bf16
--- sums accumulate in f32 and round the result, as PyTorch).
+-- Reductions: t:sum() -> number; t:sum(dim [, keepdim]) -> tensor with dim kept as size 1, or
+-- removed with keepdim = false (t's dtype; bf16 sums accumulate in f32 and round the result, as
+-- PyTorch); dim may count from the end (-1).
+-- The result shape of a reduction over dim: dim kept as size 1 (keepdim nil or true, Torch7's
+-- way and nrlua's default) or removed (keepdim = false, PyTorch's default).
+local function kept_shape(shape, dim, keepdim, fname)
+   if keepdim ~= nil and type(keepdim) ~= 'boolean' then
+      error(string.format('%s: keepdim must be true or false, got %s', fname, check.show(keepdim)), check.user_level(3))
+   end
+   local out = {}
+   for i, n in ipairs(shape) do
+      if i ~= dim then out[#out + 1] = n elseif keepdim ~= false then out[#out + 1] = 1 end
+   end
+   return out
+end
 local RED = {sum = C.NR_RED_SUM, mean = C.NR_RED_MEAN, max = C.NR_RED_MAX, min = C.NR_RED_MIN}
 for name, op in pairs(RED) do
    local fname = 'Tensor:' .. name
-   Tensor[name] = function(a, dim)
+   Tensor[name] = function(a, dim, keepdim)
       if dim == nil then
+         check.arg(keepdim == nil, fname, 'keepdim needs a dimension')
          local out = M.empty({}, {device = a:device(), dtype = a:dtype()})
          check.status(C.nr_reduce(live(a), -1, live(out), op), fname)
          return out:item()
       end
       local shape = a:shape()
-      int_arg(dim, fname, 'dimension')
-      check.arg(dim >= 1 and dim <= #shape, fname, 'dimension %s out of range 1..%d', tostring(dim), #shape)
+      dim = dim_arg(dim, #shape, fname)
+      local out = M.empty(kept_shape(shape, dim, keepdim, fname), {device = a:device(), dtype = a:dtype()})
       shape[dim] = 1
-      local out = M.empty(shape, {device = a:device(), dtype = a:dtype()})
-      check.status(C.nr_reduce(live(a), dim - 1, live(out), op), fname)
+      check.status(C.nr_reduce(live(a), dim - 1, live(keepdim == false and out:view(shape) or out), op), fname)
       return out
    end
 end
--- argmax(dim) -> int64 tensor (dim kept, size 1), 0-based positions; argmax() -> 0-based number.
-function Tensor:argmax(dim)
+-- argmax(dim [, keepdim]) -> int64 tensor (dim kept, size 1, unless keepdim = false), 0-based
+-- positions; argmax() -> 0-based number.
+function Tensor:argmax(dim, keepdim)
    -- on the host; bf16 as f32 (exact, so the same positions)
    local a = (self:is_cuda() or self:dtype() == 'bfloat16') and self:to('cpu', 'float32') or self
    if dim == nil then
@@ -895,11 +917,10 @@ function Tensor:argmax(dim)
       return out:item()
    end
    local shape = a:shape()
-   int_arg(dim, 'Tensor:argmax', 'dimension')
-   check.arg(dim >= 1 and dim <= #shape, 'Tensor:argmax', 'dimension %s out of range', tostring(dim))
+   dim = dim_arg(dim, #shape, 'Tensor:argmax')
+   local out = M.empty(kept_shape(shape, dim, keepdim, 'Tensor:argmax'), {dtype = 'int64'})
    shape[dim] = 1
-   local out = M.empty(shape, {dtype = 'int64'})
-   check.status(C.nr_argmax(live(a), dim - 1, live(out)), 'Tensor:argmax')
+   check.status(C.nr_argmax(live(a), dim - 1, live(keepdim == false and out:view(shape) or out)), 'Tensor:argmax')
    return out
 end
 
