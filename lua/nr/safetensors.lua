@@ -147,11 +147,11 @@ function M.read_header(path)
    local open = true
    local function bad(msg)
       if open then f:close() end
-      error(string.format('nr.safetensors: %s is not a valid safetensors file: %s', path, msg), 3)
+      error(string.format('nr.safetensors: %s is not a valid safetensors file: %s', path, msg), check.user_level(3))
    end
    if not head or #head < 8 then bad('shorter than 8 bytes') end
    local n = le_u64(head)
-   if n < 2 or 8 + n > size then bad(string.format('header length %d does not fit the file (%d bytes)', n, size)) end
+   if n < 2 or 8 + n > size then bad(string.format('header length %.0f does not fit the file (%d bytes)', n, size)) end
    local text = f:read(n)
    f:close()
    open = false
@@ -159,6 +159,13 @@ function M.read_header(path)
    if not ok or type(hdr) ~= 'table' then bad('header is not JSON') end
    local meta = hdr.__metadata__ or {}
    hdr.__metadata__ = nil
+   -- the format's metadata is a map of strings (a number there failed as "attempt to index")
+   if type(meta) ~= 'table' then bad('__metadata__ must be an object of strings, got ' .. json_of(meta)) end
+   for k, v in pairs(meta) do
+      if type(k) ~= 'string' or type(v) ~= 'string' then
+         bad(string.format('__metadata__ must be an object of strings; its entry %s is %s', json_of(k), json_of(v)))
+      end
+   end
    local data_start = 8 + n
    local data_len = size - data_start
    local spans = {}
@@ -174,8 +181,15 @@ function M.read_header(path)
       if not uint_array(o, 2) then
          bad(string.format('tensor %q: data_offsets must be an array of two non-negative integers, got %s', name, json_of(o)))
       end
+      -- what nrlua can hold (as nr.empty checks it): found here, a file's damage is named before
+      -- a checkpoint is trusted, not at the load
+      if #e.shape > 8 then bad(string.format('tensor %q: %d dimensions, more than the 8 nrlua holds', name, #e.shape)) end
       local numel = 1
-      for _, s in ipairs(e.shape) do numel = numel * s end
+      for _, s in ipairs(e.shape) do
+         if s > 2 ^ 40 then bad(string.format('tensor %q: a size of %.0f, more than the 2^40 nrlua holds', name, s)) end
+         numel = numel * s
+      end
+      if numel > 2 ^ 40 then bad(string.format('tensor %q: %.0f elements, more than the 2^40 nrlua holds', name, numel)) end
       if o[2] - o[1] ~= numel * ST_SIZE[e.dtype] or o[2] > data_len then
          bad(string.format('tensor %q: data_offsets %s do not match its shape and dtype or the file size (truncated file?)', name,
             type(o) == 'table' and ('[' .. table.concat(o, ', ') .. ']') or tostring(o)))

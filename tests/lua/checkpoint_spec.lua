@@ -146,12 +146,24 @@ for name in sorted(k for k in hdr if k != '__metadata__'):
          {'"dtype":"F32","data_offsets":[0,4]', 'shape must be an array of non-negative integers, got null'},
          {'"dtype":"F32","shape":[1],"data_offsets":["0","4"]', 'data_offsets must be an array of two non-negative integers, got ["0","4"]'},
          {'"dtype":"F32","shape":[1],"data_offsets":[0,4,8]', 'data_offsets must be an array of two non-negative integers'},
+         -- shapes nrlua cannot hold: named here, before a checkpoint holding the file is trusted
+         {'"dtype":"F32","shape":[1,1,1,1,1,1,1,1,1,1],"data_offsets":[0,4]', '10 dimensions, more than the 8 nrlua holds'},
+         {'"dtype":"F32","shape":[0,4503599627370496],"data_offsets":[0,0]', 'a size of 4503599627370496, more than the 2^40'},
       }) do
          local header = '{"a":{' .. c[1] .. '}}'
          write(path, u64(#header) .. header .. '\0\0\0\0')
          local ok, err = pcall(st.load, path)
          assert.is_false(ok)
          assert.truthy(tostring(err):find(path .. ' is not a valid safetensors file: tensor "a": ' .. c[2], 1, true), tostring(err))
+      end
+      -- metadata is a map of strings (a number failed as "attempt to index local 'meta'")
+      for _, m in ipairs({{'5', 'got 5'}, {'{"k":3}', 'its entry "k" is 3'}}) do
+         local h = '{"__metadata__":' .. m[1] .. ',"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+         write(path, u64(#h) .. h .. '\0\0\0\0')
+         local ok, err = pcall(st.load, path)
+         assert.is_false(ok)
+         assert.truthy(tostring(err):find('is not a valid safetensors file: __metadata__ must be an object of strings', 1, true), err)
+         assert.truthy(tostring(err):find(m[2], 1, true), err)
       end
       -- a 0-d tensor's shape is the empty array
       local header = '{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}'
