@@ -1,7 +1,8 @@
 -- nr.nn Dropout — inverted dropout (kept values scaled by 1/(1-p) in training; identity in
 -- evaluate()), on nr_dropout_forward/backward (core/nn_act.c). The mask is drawn from the global
 -- generator, so nr.manual_seed reproduces it.
--- Invariants: 0 <= p < 1; the mask of the last training forward (_mask) drives the backward.
+-- Invariants: 0 <= p <= 1 (p = 1 drops everything: zeros, as PyTorch); the mask of the last
+-- training forward (_mask) drives the backward.
 local class = require 'nr.class'
 local Module = require 'nr.nn.module'
 local U = require 'nr.nn.layer_util'
@@ -13,7 +14,6 @@ function Dropout:__init(p, extra)
    Module.__init(self)
    if extra ~= nil then error('nr.nn.Dropout: takes p only (no inplace or other options), got a second argument', 3) end
    self.p = U.opt_num(p, 'p', 'nr.nn.Dropout', 0.5, 0, 1)
-   if self.p >= 1 then error('nr.nn.Dropout: p must be < 1, got ' .. tostring(p), 3) end
 end
 
 function Dropout:updateOutput(x)
@@ -26,7 +26,13 @@ function Dropout:updateOutput(x)
    self._identity = false
    local y = U.act_buffer(self, 'output', x:shape(), x)
    local m = U.buffer(self, '_mask', x:shape(), x)
-   U.call(C.nr_dropout_forward(x.c, y.c, m.c, self.p))
+   if self.p == 1 then   -- every value dropped (PyTorch: zeros, no 1/(1-p) scale to take)
+      m:fill(0)
+      y:fill(0)
+   else
+      U.call(C.nr_dropout_forward(x.c, y.c, m.c, self.p))
+   end
+   self.output = y
    return y
 end
 

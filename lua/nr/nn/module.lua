@@ -215,6 +215,9 @@ function Module:evaluate()
    if self.modules then for _, m in ipairs(self.modules) do m:evaluate() end end
    return self
 end
+-- PyTorch's name (model.eval()); its model.train() has no twin here: `train` is the module's
+-- flag (Torch7's), so training mode is m:training()
+Module.eval = Module.evaluate
 
 -- ---- devices and copies -------------------------------------------------------------------
 
