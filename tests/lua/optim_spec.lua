@@ -221,6 +221,11 @@ describe('nr.optim.SGD', function()
       assert.truthy(msg(function() opt:step() end):find('SGD:step: group 1: lr_mult must be a finite number >= 0, got inf', 1, true))
       assert.same({1, 2}, m.weight:totable())
       assert.truthy(msg(function() nr.optim.build({name = 5, lr = 0.1}, m) end):find('nr.optim.build: name must be a string, got 5', 1, true))
+      -- Torch7's habit, the lists of m:parameters(): pointed to the module (it read the gradients'
+      -- list as the config: 'unknown option "1"')
+      local lin = nr.nn.Linear(2, 2)
+      assert.truthy(msg(function() nr.optim.SGD(lin:parameters()) end)
+         :find('nr.optim.SGD: got a list of tensors (m:parameters()?): pass the model itself', 1, true))
    end)
 
    it('nr_sgd_step_many equals nr_sgd_step per parameter, bit for bit, and is all or nothing', function()

@@ -175,6 +175,10 @@ end
 -- Optimizer(module_or_groups, config): config as the subclass takes it (its DEFAULTS filled in);
 -- with a module, config.no_decay_bn_bias makes the two groups of param_groups.
 local function init_impl(self, target, config)
+   -- Torch7's m:parameters() (two lists of tensors) or a list of tensors: the module is what to pass
+   check.arg(not (type(target) == 'table' and T.is_tensor(target[1])), self.FNAME, 'got a list of tensors '
+      .. '(m:parameters()?): pass the model itself, %s(model, {lr = ...}), or groups {{params = m:namedParameters()}}',
+      self.FNAME)
    config = config or {}
    check.arg(type(config) == 'table', self.FNAME, 'config must be a table')
    local cfg = {}
