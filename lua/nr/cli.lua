@@ -273,11 +273,9 @@ function M.complete(line, text)
    end
    add_keys(base)
    local mt = getmetatable(base)
-   -- lazy namespaces: offer their names too
-   if base == _G.nr or (type(base) == 'table' and base == package.loaded['nr']) then
-      for _, k in ipairs({'nn', 'optim', 'schedule', 'data', 'models', 'cuda', 'train', 'count', 'utilization', 'rejuvenate'}) do
-         if k:sub(1, #partial) == partial and not seen[k] then seen[k] = true; out[#out + 1] = prefix .. sep .. k end
-      end
+   -- lazily loaded names (nr.checkpoint before its first use): offer them too
+   for _, k in ipairs(mt and mt.lazy_names or {}) do
+      if k:sub(1, #partial) == partial and not seen[k] then seen[k] = true; out[#out + 1] = prefix .. sep .. k end
    end
    while mt and type(mt.__index) == 'table' do
       add_keys(mt.__index)

@@ -71,7 +71,14 @@ local LAZY_FN = {
    rejuvenate = {'nr.rejuvenate', 'rejuvenate'},
 }
 
+-- their names, for the REPL's completion (nr.cli)
+local lazy_names = {}
+for k in pairs(LAZY) do lazy_names[#lazy_names + 1] = k end
+for k in pairs(LAZY_FN) do lazy_names[#lazy_names + 1] = k end
+table.sort(lazy_names)
+
 setmetatable(nr, {
+   lazy_names = lazy_names,
    __index = function(t, k)
       if LAZY[k] then
          local v = require(LAZY[k])

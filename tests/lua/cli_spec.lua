@@ -253,6 +253,17 @@ describe('nrlua', function()
       local found = false
       for _, v in ipairs(n) do if v == 'nr.nn' then found = true end end
       assert.is_true(found)
+      -- a lazily loaded name not yet used is offered too (nr.checkpoint, nr.dist and nr.profile
+      -- were missing from a list of their own)
+      for _, name in ipairs({'checkpoint', 'profile', 'dist'}) do
+         local loaded = rawget(nr, name)
+         rawset(nr, name, nil)
+         local got = cli.complete('nr.' .. name:sub(1, 3), 'nr.' .. name:sub(1, 3))
+         rawset(nr, name, loaded)
+         local has = false
+         for _, v in ipairs(got) do has = has or v == 'nr.' .. name end
+         assert.is_true(has, name .. ': ' .. table.concat(got, ' '))
+      end
    end)
 
    it('finds the package from its own location', function()
