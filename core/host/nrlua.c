@@ -37,11 +37,13 @@
 
 static lua_State *L_global;
 
-/* ---- SIGINT, as the standard lua.c does it ----------------------------------------------
+/* ---- SIGINT and SIGTERM, as the standard lua.c does SIGINT -----------------------------
  * While Lua code runs (docall), SIGINT sets a hook that raises "interrupted" at the next Lua
  * instruction; the handler resets itself to the default action, so a second SIGINT while the
  * first is pending (a long C call, or a loop in JIT-compiled code, which does not check hooks)
- * ends the process. A script or recipe then exits with status 130; the REPL cancels the input. */
+ * ends the process. A script or recipe then exits with status 130; the REPL cancels the input.
+ * SIGTERM (what a batch scheduler or `kill` sends) is taken the same way, so a run says where it
+ * stopped and how to resume it, and exits with 143. interrupted: the signal's number, or 0. */
 static volatile sig_atomic_t interrupted;
 static int sigint_ignored; /* SIGINT ignored when started (a background job of a script): kept so */
 
@@ -56,8 +58,17 @@ static void interrupt_hook(lua_State *L, lua_Debug *ar)
 static void on_sigint(int sig)
 {
    signal(sig, SIG_DFL); /* a second Ctrl-C kills */
-   interrupted = 1;
+   interrupted = sig;
    lua_sethook(L_global, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
+
+/* In the REPL a SIGINT cancels the statement; a SIGTERM, once the statement has unwound, ends
+ * the process as the signal would have. */
+static void exit_if_terminated(lua_State *L)
+{
+   if (interrupted != SIGTERM) return;
+   lua_close(L);
+   exit(128 + SIGTERM);
 }
 
 static int file_exists(const char *p) { return access(p, R_OK) == 0; }
@@ -252,8 +263,10 @@ static int docall(lua_State *L, int narg, int nres)
    lua_pushcfunction(L, traceback);
    lua_insert(L, base);
    if (!sigint_ignored) signal(SIGINT, on_sigint);
+   signal(SIGTERM, on_sigint);
    int status = lua_pcall(L, narg, nres, base);
    if (!sigint_ignored) signal(SIGINT, SIG_DFL);
+   signal(SIGTERM, SIG_DFL);
    lua_sethook(L, NULL, 0, 0); /* a SIGINT that came after the Lua code ended */
    lua_remove(L, base);
    return status;
@@ -427,6 +440,7 @@ static int repl(lua_State *L)
             break;
          }
          lua_settop(L, 0);
+         exit_if_terminated(L);
       }
       printf("\n");
    } else {
@@ -454,6 +468,7 @@ static int repl(lua_State *L)
          if (status) report(L, status);
          else lua_pop(L, 1);
          lua_settop(L, 0);
+         exit_if_terminated(L);
          lua_pushstring(L, "");
       }
       /* an unfinished statement at the end of the input is an error, not silently dropped */
@@ -590,8 +605,8 @@ int main(int argc, char **argv)
 done:
    lua_close(L);
    return status ? 1 : 0;
-sigint: /* Ctrl-C: exit as a process killed by SIGINT would, 128 + 2 */
+sigint: /* Ctrl-C or SIGTERM: exit as a process killed by the signal would, 128 + its number */
    report(L, 1);
    lua_close(L);
-   return 130;
+   return 128 + (interrupted ? (int)interrupted : SIGINT);
 }

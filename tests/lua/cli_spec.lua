@@ -279,13 +279,13 @@ describe('nrlua', function()
    -- process lives (a fixed wait sent it early on a loaded machine, before the hook was set).
    local ffi = require 'ffi'
    pcall(ffi.cdef, 'typedef void (*nr_spec_sighandler)(int); nr_spec_sighandler signal(int sig, nr_spec_sighandler h);')
-   local function interrupt(cmd)
+   local function interrupt(cmd, sig)
       local out = tmp .. '/sigint_out.txt'
       os.remove(out)
       local was = ffi.C.signal(2, nil)   -- SIGINT: SIG_DFL for the shell below
       local ok, text, rc = pcall(run, "bash -c 'set -m; " .. cmd .. " > " .. out .. " 2>&1 & pid=$!; " ..
          "while kill -0 $pid 2>/dev/null && ! grep -q ready " .. out .. "; do sleep 0.1; done; " ..
-         "kill -INT $pid; wait $pid; echo \"::status=$?\"; cat " .. out .. "'")
+         "kill -" .. (sig or 'INT') .. " $pid; wait $pid; echo \"::status=$?\"; cat " .. out .. "'")
       ffi.C.signal(2, was)
       assert(ok, text)
       return text, rc
@@ -298,6 +298,20 @@ describe('nrlua', function()
       assert.matches('::status=130', out, 1, true)
       assert.matches('nrlua: interrupted\n', out, 1, true)
       assert.is_nil(out:find('traceback', 1, true))
+   end)
+
+   it('ends a script on SIGTERM as on SIGINT (the run says how to resume), with status 143', function()
+      local f = write(tmp .. '/sigterm_loop.lua',
+         "jit.off()\nio.write('ready\\n') io.flush()\nlocal t = 0\nwhile true do t = t + math.sin(t) end\n")
+      local out = interrupt(exe .. ' ' .. f, 'TERM')
+      assert.matches('::status=143', out, 1, true)
+      assert.matches('nrlua: interrupted\n', out, 1, true)
+      -- the REPL: the statement unwinds, then the process ends (a SIGINT only cancels it)
+      f = write(tmp .. '/sigterm_repl.txt',
+         "x = 41\njit.off(); io.write('ready\\n'); io.flush(); while true do x = x + 0 end\nprint('after', x + 1)\n")
+      out = interrupt(exe .. ' < ' .. f, 'TERM')
+      assert.matches('::status=143', out, 1, true)
+      assert.is_nil(out:find('after', 1, true), out)
    end)
 
    it('the Ctrl-C hint repeats the command with its flags, --resume in place of --out', function()
