@@ -186,8 +186,10 @@ nr_status nr_dist_init(double timeout_s)
                     "one fails or the job is cancelled; the failing rank's error is reported above\n",
                     g_rank, g_size, host, (int)getpid());
    g_sigterm_len = k > 0 ? (size_t)(k < (int)sizeof g_sigterm_msg ? k : (int)sizeof g_sigterm_msg - 1) : 0;
+   /* (over nrlua's own, which makes a SIGTERM a Lua error at the next instruction: a rank waiting
+    * in a collective runs none, and the launcher's SIGTERM must end it now; not over SIG_IGN) */
    struct sigaction old;
-   if (sigaction(SIGTERM, NULL, &old) == 0 && old.sa_handler == SIG_DFL) {
+   if (sigaction(SIGTERM, NULL, &old) == 0 && old.sa_handler != SIG_IGN) {
       struct sigaction sa;
       memset(&sa, 0, sizeof sa);
       sa.sa_handler = on_sigterm;
