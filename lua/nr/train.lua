@@ -781,7 +781,7 @@ function M.guess_field(k, fields)
    end
 end
 
-local function typo_warnings(tr, recipe)
+local function refuse_typos(recipe)
    local fields, names = {}, {}
    for f in pairs(TOP_FIELDS) do fields[#fields + 1] = f end
    table.sort(fields)
@@ -790,8 +790,10 @@ local function typo_warnings(tr, recipe)
    local aliases = require('nr.recipe').ALIASES
    for _, k in ipairs(names) do
       local guess = aliases[k] or M.guess_field(k, fields)
+      -- an error: a note on the console scrolled away while the run trained at the default
       if guess then
-         tr:print(string.format('nr.train: recipe.%s is not a field nr.train reads (did you mean %s?)', k, guess))
+         error(string.format('nr.train: recipe.%s is not a field nr.train reads (did you mean %s?); as it is, the run '
+            .. 'would train with %s at its default', k, guess, guess), 0)
       end
    end
 end
@@ -840,6 +842,7 @@ function M.new(recipe, evaluating)
                             schedule_hold = false, extend_held = false, held_epochs = 0, epoch = 0, step = 0, best_top1 = nil,
                             train_images = 0, train_time = 0}, Trainer)
    for h in pairs(HOOKS) do tr.hooks[h] = {} end
+   refuse_typos(recipe)   -- before anything is built
    check.arg(type(rc.epochs) == 'number' and rc.epochs >= 1, 'nr.train', 'epochs must be >= 1, got %s', check.show(rc.epochs))
    -- counts are whole numbers in range: 1e300 epochs ran for ever, checkpoint_every -1 wrote no
    -- checkpoint at all, val_batches 0 skipped evaluation (0 means none only where documented)
@@ -948,7 +951,6 @@ function M.new(recipe, evaluating)
    local popts = rc.progress or {}
    if rc.progress == false then popts = {stream = progress.NULL_STREAM, tty = false} end
    tr.progress = progress.new({stream = popts.stream or io.stdout, tty = popts.tty, every = popts.every or rc.log_every})
-   typo_warnings(tr, recipe)
 
    -- user hooks, then NR (which registers its hooks and states)
    for hname, fn in pairs(rc.hooks or {}) do
