@@ -27,7 +27,7 @@ M.TYPES = {
    checkpoint_every = 'integer', keep = 'integer',
    ['data.dataset'] = 'string', ['data.root'] = 'string', ['data.batch'] = 'integer',
    ['data.eval_batch'] = 'integer', ['data.threads'] = 'integer', ['data.size'] = 'integer',
-   ['data.train_batches'] = 'integer', ['data.val_batches'] = 'integer', ['data.seed'] = 'integer',
+   ['data.train_batches'] = 'cap', ['data.val_batches'] = 'cap', ['data.seed'] = 'integer',
    ['data.train_split'] = 'string', ['data.val_split'] = 'split_or_off', ['data.augment'] = 'augment',
    ['data.output'] = 'string', ['data.drop_last'] = 'boolean',
    -- data parallelism (nr.dist.attach's options; docs/DISTRIBUTED.md), also where the recipe has no dist table
@@ -85,7 +85,8 @@ local function field_type(recipe, path)
    if v ~= nil then
       local t = type_of_value(v)
       if known == 'integer' and t == 'number' then return 'integer' end
-      if known == 'switch' or known == 'augment' or known == 'epoch_or_steps' or known == 'split_or_off' or known == 'init' then
+      if known == 'switch' or known == 'augment' or known == 'epoch_or_steps' or known == 'split_or_off' or known == 'init'
+         or known == 'cap' then
          return known
       end
       if (t == 'table' or t == 'list') and known == 'list' then return 'list' end
@@ -161,6 +162,12 @@ local function parse_value(flag, ty, s, current)
       if s == 'epoch' then return s end
       local n = tonumber(s)
       if not n or n ~= math.floor(n) or n < 1 then bad('"epoch" or a number of steps >= 1') end
+      return n
+   elseif ty == 'cap' then
+      -- a number of batches, or all: no cap (one a resumed or evaluated run had is lifted)
+      if s == 'all' then return nil end
+      local n = tonumber(s)
+      if not n or n ~= math.floor(n) then bad('an integer, or all') end
       return n
    elseif ty == 'split_or_off' then
       -- a split name, or off / false / none for no evaluation ("false" was taken as a split name)
@@ -253,7 +260,7 @@ local function show(v)
 end
 
 -- Types --help shows by another name than the parser's.
-local SHOWN_TYPE = {split_or_off = 'split|off', init = 'path'}
+local SHOWN_TYPE = {split_or_off = 'split|off', init = 'path', cap = 'int|all'}
 
 function M.help(recipe, path)
    local lines = {}

@@ -262,6 +262,18 @@ return {
       assert.equal('fashion-mnist', R.apply({epochs = 1}, {'--dataset', 'fashion-mnist'}).data.dataset)
    end)
 
+   it('--data.val_batches all lifts a cap (one a resumed or evaluated run carries from its recipe.json)', function()
+      local base = {data = {dataset = 'fashion-mnist', val_batches = 2, train_batches = 3}}
+      local r = R.apply(base, {'--data.val_batches', 'all', '--data.train_batches=all'})
+      assert.is_nil(r.data.val_batches)
+      assert.is_nil(r.data.train_batches)
+      assert.equal(2, base.data.val_batches)
+      assert.equal(5, R.apply(base, {'--data.val_batches', '5'}).data.val_batches)
+      local ok, err = pcall(R.apply, base, {'--data.val_batches', 'none'})
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('--data.val_batches: expected an integer, or all, got "none"', 1, true), err)
+   end)
+
    it('--schedule switching away from a step schedule drops the recipe\'s step settings, not the flags', function()
       local base = {schedule = {name = 'step', milestones = {150, 225}, gamma = 0.1, warmup = 2}}
       local r = R.apply(base, {'--schedule', 'cosine'})
