@@ -572,6 +572,17 @@ local function loader_opts(d, train, seed, model, ds, device)
       if defaults then a = (train and defaults.train or defaults.eval)(d.size) end
    elseif d.augment then
       check.arg(type(d.augment) == 'table', 'nr.train', 'data.augment must be a table, false or nil')
+      -- the table replaces the dataset's default whole: without a word on normalisation the run
+      -- trained (and evaluated) on unnormalised inputs, as the default's flip alone would
+      local def = defaults and defaults.train(d.size)
+      if d.augment.normalize == nil and def and def.normalize then
+         local shown = {}
+         for k, v in pairs(def) do shown[#shown + 1] = k .. ' = ' .. tostring(v) end
+         table.sort(shown)
+         error(string.format('nr.train: data.augment replaces the dataset\'s default augmentation (for training {%s}), '
+            .. 'normalisation included: say normalize = true (the dataset\'s statistics), {mean = ..., std = ...} or false',
+            table.concat(shown, ', ')), 0)
+      end
       for k, v in pairs(d.augment) do
          if train or EVAL_KEYS[k] then a[k] = v end
       end

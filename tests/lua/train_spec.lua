@@ -573,6 +573,18 @@ print('epochs', s.epochs)
             .. 'split must be train or test, got "valid"', 1, true), tostring(e))
          assert.falsy(tostring(e):find('To get it', 1, true), tostring(e))
       end
+      -- an augment table without a word on normalisation (it replaces the default whole: the run
+      -- trained on unnormalised inputs); with one it builds
+      do
+         local ok, e = pcall(train.new, held_recipe(TMP .. '/aug', {data = {dataset = 'fashion-mnist', augment = {flip = true}}}))
+         assert.is_false(ok)
+         assert.truthy(tostring(e):find("data.augment replaces the dataset's default augmentation (for training "
+            .. '{normalize = true}), normalisation included: say normalize = true', 1, true), tostring(e))
+         local tr = train.new(held_recipe(TMP .. '/aug', {data = {dataset = 'fashion-mnist', augment = {flip = true, normalize = false},
+            train_batches = 1, val_batches = 1}}))
+         local x = tr.train_loader:epoch(1)()
+         assert.is_true(x:min() >= 0 and x:max() <= 1)   -- unnormalised, as asked
+      end
       -- sections of the wrong type are named (they failed inside the trainer as raw Lua errors)
       for _, c in ipairs({{{loss = 5}, 'recipe.loss must be a table, got 5'}, {{optim = 'sgd'}, 'recipe.optim must be a table'},
                           {{data = {train = {}}}, 'recipe.data.train must be a loader'},
