@@ -484,6 +484,16 @@ describe('nr.data', function()
             end
          end
          assert.is_true(mirrored > 5, 'mirrored ' .. mirrored)
+         -- pad = 0 is no padding (torchvision's RandomCrop(padding=0)); a full-size crop is the image
+         local p0 = nr.data.loader(ds, {batch = N, threads = 1, augment = {pad = 0, crop = 8}, seed = 5})
+         for x in p0:epoch(1) do
+            local p = x:data()
+            for j = 0, N - 1 do
+               for y = 0, H - 1 do for xx = 0, W - 1 do
+                  assert(math.abs(p[j * 64 + y * 8 + xx] - pix(j, y, xx) / 255) <= 1e-6, 'pad 0 changed sample ' .. j)
+               end end
+            end
+         end
          -- flip: each sample is the original or its mirror; both occur
          local f = nr.data.loader(ds, {batch = N, threads = 2, augment = {flip = true}, seed = 5})
          local flipped = 0
@@ -1066,12 +1076,17 @@ describe('nr.data', function()
 
       it('takes whole sample numbers only (1.5 is not sample 1)', function()
          local ds = nr.data.dataset{name = 'mnist', root = BASE .. '/idx_raw'}
-         for _, f in ipairs({'get', 'label'}) do
-            local ok, e = pcall(ds[f], ds, 1.5)
-            assert.is_false(ok)
-            assert.truthy(tostring(e):find('Dataset:' .. f .. ': sample must be a whole number in 1..%d+, got 1.5'), tostring(e))
+         for _, f in ipairs({'get', 'label', 'path'}) do
+            for _, bad in ipairs({1.5, 0, 'x', 2 ^ 70}) do
+               local ok, e = pcall(ds[f], ds, bad)
+               assert.is_false(ok, f .. ' took ' .. tostring(bad))
+               assert.truthy(tostring(e):find('Dataset:' .. f .. ': sample must be a whole number in 1..%d+, got'), tostring(e))
+            end
          end
          assert.equal(select(2, ds:get(1)), ds:label(1))
+         -- printed after close: said closed (it raised "use of a closed dataset" from tostring)
+         ds:close()
+         assert.truthy(tostring(ds):find('(closed)', 1, true))
       end)
 
       it('checks loader options', function()
@@ -1199,7 +1214,8 @@ describe('nr.data', function()
             {{shard = {size = inf}}, 'shard.size must be an integer in [1, 2^31 - 1], got inf'},
             {{seed = inf}, 'seed must be a non-negative integer, got inf'},
             -- sides: int32 arithmetic in C (2 * pad overflowed and gave all-zero images)
-            {{augment = {pad = 2 ^ 31 - 1}}, 'augment.pad must be an integer in [1, 2^20], got 2147483647'},
+            {{augment = {pad = 2 ^ 31 - 1}}, 'augment.pad must be a non-negative integer <= 2^20, got 2147483647'},
+            {{augment = {pad = -1}}, 'augment.pad must be a non-negative integer <= 2^20, got -1'},
             {{augment = {crop = 2 ^ 20 + 1}}, 'augment.crop must be an integer in [1, 2^20], got 1048577'},
             {{augment = {resize = 1073742}}, 'augment.resize must be an integer in [1, 2^20], got 1073742'},
             {{augment = {resize = {8, inf}}}, 'augment.resize[2] must be an integer in [1, 2^20], got inf'},

@@ -94,16 +94,23 @@ function Dataset:size() return tonumber(C.nr_dataset_size(live_ds(self))) end
 Dataset.__len = Dataset.size
 
 -- Label (class id, 0-based) of sample i (1-based).
+-- i, checked as a sample of ds (fname names the method)
+local function sample_arg(ds, i, fname)
+   check.arg(type(i) == 'number' and i >= 1 and i <= ds:size() and i == math.floor(i), fname,
+      'sample must be a whole number in 1..%d, got %s', ds:size(), check.show(i))
+end
+
 function Dataset:label(i)
    local c = live_ds(self)
-   check.arg(type(i) == 'number' and i >= 1 and i <= self:size() and i == math.floor(i), 'Dataset:label',
-      'sample must be a whole number in 1..%d, got %s', self:size(), check.show(i))
+   sample_arg(self, i, 'Dataset:label')
    return tonumber(C.nr_dataset_label(c, i - 1))
 end
 
 -- File of sample i (image folders), else nil.
 function Dataset:path(i)
-   local p = C.nr_dataset_path(live_ds(self), i - 1)
+   local c = live_ds(self)
+   sample_arg(self, i, 'Dataset:path')
+   local p = C.nr_dataset_path(c, i - 1)
    if p == nil then return nil end
    return ffi.string(p)
 end
@@ -111,8 +118,7 @@ end
 -- Sample i (1-based) as (uint8 (C, H, W) tensor, class id).
 function Dataset:get(i)
    local c = live_ds(self)
-   check.arg(type(i) == 'number' and i >= 1 and i <= self:size() and i == math.floor(i), 'Dataset:get',
-      'sample must be a whole number in 1..%d, got %s', self:size(), check.show(i))
+   sample_arg(self, i, 'Dataset:get')
    local p = C.nr_dataset_image(c, i - 1)
    if p == nil then c_error('Dataset:get', 2) end
    return T.Tensor._wrap(p), tonumber(C.nr_dataset_label(c, i - 1))
@@ -128,6 +134,7 @@ function Dataset:close()
 end
 
 function Dataset:__tostring()
+   if rawget(self, 'c') == nil then return string.format('nr.data.Dataset %s %s (closed)', self.name, self.split) end
    return string.format('nr.data.Dataset %s %s (%d samples, %d classes, %s)', self.name, self.split, self:size(), self.classes,
       self.height and string.format('%dx%dx%d', self.channels, self.height, self.width) or 'varying size')
 end
@@ -416,9 +423,9 @@ end
 -- NR_AUG_MAX_SIDE (core/data_internal.h, 2^20), a size no image pipeline needs; the same bound
 -- here names the Lua option.
 local MAX_SIDE = 2 ^ 20
-local function size_opt(v, fname, name)
+local function size_opt(v, fname, name, min)
    if v == nil or v == false then return 0 end
-   check.int32(v, fname, 'augment.' .. name, 1, MAX_SIDE, 3)
+   check.int32(v, fname, 'augment.' .. name, min or 1, MAX_SIDE, 3)
    return v
 end
 
@@ -523,7 +530,7 @@ function M.loader(ds, opts)
    check.int32(rank, fname, 'shard.rank', 0)
    check.arg(rank < size, fname, 'shard.rank %d must be < shard.size %d', rank, size)
    cfg.shard_rank, cfg.shard_size = rank, size
-   cfg.pad = size_opt(aug.pad, fname, 'pad')
+   cfg.pad = size_opt(aug.pad, fname, 'pad', 0)   -- (0: none, as torchvision's RandomCrop(padding=0))
    cfg.crop = size_opt(aug.crop, fname, 'crop')
    cfg.flip = bool_opt(aug.flip, fname, 'flip', 'a horizontal flip with probability 1/2; no other probability is supported')
    cfg.fast_decode = bool_opt(aug.fast_decode, fname, 'fast_decode', 'decode JPEGs reduced when they are shrunk anyway')
