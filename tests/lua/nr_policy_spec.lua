@@ -119,6 +119,13 @@ describe('nr.rejuvenate policies', function()
       end
       local mine = rej({policy = {reallocate = function() error('mine') end}})
       assert(mine:match('^[^:]+:%d+: mine$') and mine:sub(1, #here + 1) == here .. ':', mine)
+      -- the same from init (it runs inside the surgery: it came wrapped in "building the new layers
+      -- failed (the widths reallocate returned ...)", blaming the widths)
+      mine = rej({policy = {init = function() error('mine') end}})
+      assert(mine:match('^[^:]+:%d+: mine$') and mine:sub(1, #here + 1) == here .. ':', mine)
+      local bad_shape = rej({policy = {init = function() return nr.zeros({1}) end}})
+      assert.truthy(bad_shape:find('nr.rejuvenate: policy.init must return a float32 tensor of shape', 1, true), bad_shape)
+      assert.is_nil(bad_shape:find('reallocate returned', 1, true), bad_shape)
       -- an error object a policy throws comes back as it was thrown (also from init, which runs
       -- inside the surgery)
       for _, which in ipairs({'reallocate', 'init'}) do

@@ -396,6 +396,13 @@ local function rejuvenate(model, opts)
    local built, res, moms = pcall(surgery.apply, g, plans, ctx)
    if not built then
       if type(res) ~= 'string' then error(res, 0) end -- a policy's own error object, as it threw it
+      -- policy.init's own failure (an error at a line of the user's, as reallocate's is raised, or
+      -- what it returned refused): the widths are not the cause
+      local stripped, dropped = check.without_library_position(res)
+      if dropped == 0 and res:match('^[^\n:]-%.lua:%d+: ') then error(res, 0) end
+      if stripped:find('policy.init', 1, true) then
+         error(string.format('%s: %s', FN, (stripped:gsub('^nr%.rejuvenate: ', ''))), 2)
+      end
       local big_id, big = nil, 0
       for id, w in pairs(widths) do if w > big then big_id, big = id, w end end
       -- (a library position is dropped; a policy.init error keeps the user's file and line)
