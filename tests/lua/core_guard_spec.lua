@@ -107,7 +107,7 @@ describe('core guards', function()
       it('refuse pad, crop and resize past the side limit, naming the option and value', function()
          local ds = idx_dataset(BASE .. '/small', 2, 4, 4)
          assert.error_matches(function() nr.data.loader(ds, {batch = 2, threads = 1, augment = {pad = 2 ^ 31 - 1}}) end,
-            'augment.pad must be an integer in %[1, 2%^20%], got 2147483647')
+            'augment.pad must be a non%-negative integer <= 2%^20, got 2147483647')
          assert.error_matches(function() nr.data.loader(ds, {batch = 2, threads = 1, augment = {crop = 2 ^ 30}}) end,
             'augment.crop must be an integer in %[1, 2%^20%], got 1073741824')
          local l = nr.data.loader(ds, {batch = 2, threads = 1, augment = {pad = 3}})
