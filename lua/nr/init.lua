@@ -10,7 +10,8 @@ local nr = {}
 nr.version = '0.1.0'
 nr.Tensor = T.Tensor
 nr.is_tensor = T.is_tensor
-for _, k in ipairs({'tensor', 'empty', 'empty_like', 'zeros', 'ones', 'full', 'randn', 'rand', 'randint', 'randperm', 'arange', 'load'}) do
+for _, k in ipairs({'tensor', 'empty', 'empty_like', 'zeros', 'ones', 'full', 'randn', 'rand', 'randint', 'randperm', 'arange', 'load',
+                   'cat', 'stack'}) do
    nr[k] = T[k]
 end
 

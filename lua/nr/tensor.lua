@@ -751,6 +751,80 @@ function Tensor:t()
    return self:transpose(1, 2)
 end
 
+-- unsqueeze(dim): a view with a dimension of size 1 inserted at dim (1..ndim + 1, or from the
+-- end: -1 appends), as PyTorch's.
+function Tensor:unsqueeze(dim)
+   local shape, stride = self:shape(), self:stride()
+   local d = dim_arg(dim, #shape + 1, 'Tensor:unsqueeze')
+   table.insert(shape, d, 1)
+   table.insert(stride, d, d <= #stride and stride[d] * shape[d + 1] or 1)
+   local v = make_view(self, shape, stride, tonumber(live(self).offset), 'Tensor:unsqueeze')
+   return v
+end
+
+-- squeeze([dim]): a view without dimension dim when its size is 1 (unchanged otherwise, as
+-- PyTorch), or without every size-1 dimension.
+function Tensor:squeeze(dim)
+   local shape, stride = self:shape(), self:stride()
+   local keep = {}
+   if dim ~= nil then
+      local d = dim_arg(dim, #shape, 'Tensor:squeeze')
+      for i = 1, #shape do keep[i] = i ~= d or shape[i] ~= 1 end
+   else
+      for i = 1, #shape do keep[i] = shape[i] ~= 1 end
+   end
+   local ns, nst = {}, {}
+   for i = 1, #shape do
+      if keep[i] then ns[#ns + 1], nst[#nst + 1] = shape[i], stride[i] end
+   end
+   local v = make_view(self, ns, nst, tonumber(live(self).offset), 'Tensor:squeeze')
+   return v
+end
+
+-- permute(d1, d2, ...) or permute({d1, ...}): a view with the dimensions in that order (each
+-- once; negative ones from the end).
+function Tensor:permute(...)
+   local dims = select('#', ...) == 1 and type((...)) == 'table' and (...) or {...}
+   local shape, stride = self:shape(), self:stride()
+   check.arg(#dims == #shape, 'Tensor:permute', 'expected %d dimensions (one per dimension of %s), got %d', #shape,
+      self:describe(), #dims)
+   local seen, ns, nst = {}, {}, {}
+   for i = 1, #dims do
+      local d = dim_arg(dims[i], #shape, 'Tensor:permute')
+      check.arg(not seen[d], 'Tensor:permute', 'dimension %d is given twice', d)
+      seen[d] = true
+      ns[i], nst[i] = shape[d], stride[d]
+   end
+   local v = make_view(self, ns, nst, tonumber(live(self).offset), 'Tensor:permute')
+   return v
+end
+
+-- expand(sizes) or expand(s1, s2, ...): a view repeating size-1 dimensions (stride 0) to the
+-- sizes given, new ones in front; -1 keeps a size (PyTorch's expand). Read-only use: a write
+-- through it is refused (its elements share memory).
+function Tensor:expand(...)
+   local sizes = select('#', ...) == 1 and type((...)) == 'table' and (...) or {...}
+   local shape, stride = self:shape(), self:stride()
+   check.arg(#sizes >= #shape, 'Tensor:expand', 'expected at least %d sizes for %s, got %d', #shape, self:describe(), #sizes)
+   local ns, nst, lead = {}, {}, #sizes - #shape
+   for i = 1, #sizes do
+      local want, j = sizes[i], i - lead
+      check.int(want, 'Tensor:expand', 'size ' .. i, -1, MAX_NUMEL, 3)
+      if j < 1 then
+         check.arg(want >= 0, 'Tensor:expand', 'size %d is -1, but the dimension is new (no size to keep)', i)
+         ns[i], nst[i] = want, 0
+      elseif want == -1 or want == shape[j] then
+         ns[i], nst[i] = shape[j], stride[j]
+      else
+         check.arg(shape[j] == 1, 'Tensor:expand', 'cannot expand dimension %d of %s (size %d) to %d: only size-1 '
+            .. 'dimensions expand', j, self:describe(), shape[j], want)
+         ns[i], nst[i] = want, 0
+      end
+   end
+   local v = make_view(self, ns, nst, tonumber(live(self).offset), 'Tensor:expand')
+   return v
+end
+
 -- index_select(dim, index) along dim (1-based dim; index holds 0-based positions, int64).
 local function as_index(index, fname)
    if type(index) == 'table' and not is_tensor(index) then
@@ -789,7 +863,91 @@ function Tensor:index_copy(dim, index, src)
    return self
 end
 
+-- nr.cat(tensors, dim): the tensors joined along dim (default 1; their other sizes, dtype and
+-- device equal) into a new one, as torch.cat.
+function M.cat(list, dim)
+   check.arg(type(list) == 'table' and not is_tensor(list) and #list > 0, 'nr.cat', 'expected a non-empty list of tensors, got %s',
+      check.show(list))
+   local first = list[1]
+   live(first, 'nr.cat', 'tensor 1')
+   local shape = first:shape()
+   local d = dim_arg(dim or 1, #shape, 'nr.cat')
+   local total = 0
+   for i, t in ipairs(list) do
+      live(t, 'nr.cat', 'tensor ' .. i)
+      local s = t:shape()
+      local fits = #s == #shape and t:dtype() == first:dtype() and t:device() == first:device()
+      for k = 1, #shape do fits = fits and (k == d or s[k] == shape[k]) end
+      check.arg(fits, 'nr.cat', 'tensor %d is %s, which does not join %s along dimension %d (other sizes, dtype and '
+         .. 'device must match)', i, t:describe(), first:describe(), d)
+      total = total + s[d]
+   end
+   shape[d] = total
+   local out = M.empty(shape, {dtype = first:dtype(), device = first:device()})
+   local at = 1
+   for _, t in ipairs(list) do
+      local n = t:size(d)
+      if n > 0 then out:narrow(d, at, n):copy(t) end
+      at = at + n
+   end
+   return out
+end
+
+-- nr.stack(tensors, dim): the tensors (one shape) stacked along a new dimension dim (default 1,
+-- up to ndim + 1), as torch.stack.
+function M.stack(list, dim)
+   check.arg(type(list) == 'table' and not is_tensor(list) and #list > 0, 'nr.stack', 'expected a non-empty list of tensors, got %s',
+      check.show(list))
+   live(list[1], 'nr.stack', 'tensor 1')
+   local shape = list[1]:shape()
+   local d = dim_arg(dim or 1, #shape + 1, 'nr.stack')
+   local up = {}
+   for i, t in ipairs(list) do
+      live(t, 'nr.stack', 'tensor ' .. i)
+      check.arg(M.same_shape(t:shape(), shape), 'nr.stack', 'tensor %d is %s, the first %s: stacked tensors have one shape',
+         i, t:describe(), list[1]:describe())
+      up[i] = t:unsqueeze(d)
+   end
+   local out = M.cat(up, d)
+   return out
+end
+
 -- ---- arithmetic --------------------------------------------------------------------------
+
+-- PyTorch's broadcasting for a op b (tensors): sizes align from the last dimension, a missing
+-- or size-1 one takes the other's. Returns a and b as the kernel takes them (b with a's number
+-- of dimensions, its size-1 ones broadcast by C; a expanded when the result is larger than a)
+-- and the result's shape when it is not a's (nil otherwise).
+local function broadcast_operands(a, b, fname)
+   if not is_tensor(b) or not is_tensor(a) then return a, b, nil end
+   -- the common case, one rank and a not growing, without tables (C checks b against a)
+   local ca, cb = live(a), live(b, fname, 'operand')
+   if ca.ndim == cb.ndim then
+      local grows = false
+      for d = 0, ca.ndim - 1 do grows = grows or (ca.shape[d] == 1 and cb.shape[d] ~= 1) end
+      if not grows then return a, b, nil end
+   end
+   local sa, sb = a:shape(), b:shape()
+   local n = math.max(#sa, #sb)
+   local out, grows = {}, false
+   for i = 1, n do
+      local x, y = sa[#sa - n + i] or 1, sb[#sb - n + i] or 1
+      if x ~= y and x ~= 1 and y ~= 1 then
+         error(string.format('%s: shapes (%s) and (%s) do not broadcast: sizes %d and %d meet at dimension %d of the '
+            .. 'result (aligned from the last)', fname, table.concat(sa, ', '), table.concat(sb, ', '), x, y, i), check.user_level(3))
+      end
+      out[i] = x == 1 and y or x
+      grows = grows or out[i] ~= (sa[#sa - n + i] or -1)
+   end
+   if #sb < n then   -- b with a's rank: leading size-1 dimensions
+      local bs, bst, st = {}, {}, b:stride()
+      for _ = 1, n - #sb do bs[#bs + 1], bst[#bst + 1] = 1, 0 end
+      for i = 1, #sb do bs[#bs + 1], bst[#bst + 1] = sb[i], st[i] end
+      b = b:as_strided(bs, bst)
+   end
+   if not grows then return a, b, nil end
+   return a:expand(out), b, out
+end
 
 local BIN = {add = C.NR_OP_ADD, sub = C.NR_OP_SUB, mul = C.NR_OP_MUL, div = C.NR_OP_DIV,
              maximum = C.NR_OP_MAX, minimum = C.NR_OP_MIN}
@@ -806,14 +964,22 @@ for name, op in pairs(BIN) do
       return out
    end
    -- a:add(b [, out]): into out when given (as torch.add(a, b, out=out)), else a new tensor
-   -- (not tail calls: apply's errors are raised 4 levels up, the caller of these)
+   -- (not tail calls: apply's errors are raised 4 levels up, the caller of these). Shapes
+   -- broadcast as PyTorch's (broadcast_operands).
    Tensor[name] = function(a, b, out)
       if out ~= nil then live(out, fname, 'out') end
-      local r = apply(a, b, out or M.empty_like(a))
+      local shape
+      a, b, shape = broadcast_operands(a, b, fname)
+      local r = apply(a, b, out or (shape and M.empty(shape, {dtype = a:dtype(), device = a:device()}) or M.empty_like(a)))
       return r
    end
    Tensor[name .. '_'] = function(a, b)
-      local r = apply(a, b, a)
+      local a2, b2, shape = broadcast_operands(a, b, fname)
+      if shape then
+         error(string.format('%s_: in place, the result must keep the shape of %s, but %s broadcasts it to (%s)', fname,
+            a:describe(), b:describe(), table.concat(shape, ', ')), check.user_level(2))
+      end
+      local r = apply(a2, b2, a)
       return r
    end
 end
