@@ -974,7 +974,7 @@ for name, op in pairs(BIN) do
       return r
    end
    Tensor[name .. '_'] = function(a, b)
-      local a2, b2, shape = broadcast_operands(a, b, fname)
+      local a2, b2, shape = broadcast_operands(a, b, fname .. '_')
       if shape then
          error(string.format('%s_: in place, the result must keep the shape of %s, but %s broadcasts it to (%s)', fname,
             a:describe(), b:describe(), table.concat(shape, ', ')), check.user_level(2))
