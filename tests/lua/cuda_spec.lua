@@ -268,6 +268,12 @@ describe('tensor math on the GPU', function()
       local oc, og = pair({5, 4})
       ok(C.nr_binary(at.c, b:t().c, oc.c, 0), 'cpu'); ok(C.nr_binary(a:cuda():t().c, b:cuda():t().c, og.c, 0), 'gpu')
       close('binary strided', oc, og)
+      -- PyTorch broadcasting through the Tensor methods: a column + a row (a expanded, stride 0)
+      -- and a lower-rank operand, GPU against CPU
+      local col, row, vec = randn({4, 1}), randn({1, 5}), randn({5})
+      close('broadcast column + row', col:add(row), col:cuda():add(row:cuda()))
+      close('broadcast lower rank', a:mul(vec), a:cuda():mul(vec:cuda()))
+      close('broadcast lower rank first', vec:sub(a), vec:cuda():sub(a:cuda()))
    end)
 
    it('unary ops and axpy', function()
