@@ -568,6 +568,15 @@ function M.loader(ds, opts)
       cfg.normalize = 1
       stats_into(norm, channels, cfg.mean, cfg.std, fname, 'augment.normalize')
    end
+   -- a crop larger than every image (one size, no resize before it) is refused here, not at the
+   -- first batch (core/data_augment.c says the same per image)
+   local h, w = tonumber(ds.height) or 0, tonumber(ds.width) or 0
+   if cfg.crop > 0 and h > 0 and w > 0 and cfg.resize_h == 0 and cfg.random_resized_crop == 0 then
+      local side_h = (cfg.center_crop > 0 and cfg.center_crop or h) + 2 * cfg.pad
+      local side_w = (cfg.center_crop > 0 and cfg.center_crop or w) + 2 * cfg.pad
+      check.arg(cfg.crop <= side_h and cfg.crop <= side_w, fname, 'augment.crop %d is larger than the images (%dx%d, padded by '
+         .. '%d): lower crop or raise pad', cfg.crop, side_h - 2 * cfg.pad, side_w - 2 * cfg.pad, cfg.pad)
+   end
    local output = opts.output or 'float32'
    check.arg(output == 'float32' or output == 'uint8', fname, 'output must be "float32" or "uint8", got %s', check.show(output))
    cfg.output_u8 = output == 'uint8' and 1 or 0
