@@ -781,10 +781,16 @@ function Tensor:squeeze(dim)
    return v
 end
 
+-- The numbers of f(a, b, ...) or f({a, b, ...}) as one list.
+local function list_of(...)
+   if select('#', ...) == 1 and type((...)) == 'table' then return (...) end
+   return {...}
+end
+
 -- permute(d1, d2, ...) or permute({d1, ...}): a view with the dimensions in that order (each
 -- once; negative ones from the end).
 function Tensor:permute(...)
-   local dims = select('#', ...) == 1 and type((...)) == 'table' and (...) or {...}
+   local dims = list_of(...)
    local shape, stride = self:shape(), self:stride()
    check.arg(#dims == #shape, 'Tensor:permute', 'expected %d dimensions (one per dimension of %s), got %d', #shape,
       self:describe(), #dims)
@@ -803,7 +809,7 @@ end
 -- sizes given, new ones in front; -1 keeps a size (PyTorch's expand). Read-only use: a write
 -- through it is refused (its elements share memory).
 function Tensor:expand(...)
-   local sizes = select('#', ...) == 1 and type((...)) == 'table' and (...) or {...}
+   local sizes = list_of(...)
    local shape, stride = self:shape(), self:stride()
    check.arg(#sizes >= #shape, 'Tensor:expand', 'expected at least %d sizes for %s, got %d', #shape, self:describe(), #sizes)
    local ns, nst, lead = {}, {}, #sizes - #shape
