@@ -42,7 +42,8 @@ static inline float nr_vm_exp_core(float x)
 
 static inline float nr_vexpf(float x)
 {
-   const float lo = x < -87.33f ? -87.33f : x, xc = lo > 88.72f ? 88.72f : lo; /* (a NaN passes: selected below) */
+   /* clamped, and a NaN as 0 (converting a NaN to an integer is undefined): selected below */
+   const float xn = x != x ? 0.0f : x, lo = xn < -87.33f ? -87.33f : xn, xc = lo > 88.72f ? 88.72f : lo;
    const float e = nr_vm_exp_core(xc);
    float out = x > 88.72f ? INFINITY : (x < -87.33f ? 0.0f : e);
    return x != x ? x : out;
