@@ -338,8 +338,9 @@ end
 local function step_name(step) return string.format('step-%08d', step) end
 
 -- Checks a step folder: returns state (decoded, tensors not yet loaded) or nil, reason. deep: the
--- files' CRC-32 too (a load reads every byte; pruning trusts sizes and headers).
-local function validate(dir, deep)
+-- files' CRC-32 too (a load reads every byte; pruning trusts sizes and headers). weights_only:
+-- model.safetensors alone (load_weights reads no optimizer state, which may have been stripped).
+local function validate(dir, deep, weights_only)
    local text = read_file(dir .. '/state.json')
    if not text then return nil, 'no state.json (incomplete checkpoint)' end
    local ok, st = pcall(M.json_decode, text)
@@ -349,7 +350,7 @@ local function validate(dir, deep)
       or st.files['model.safetensors'] == nil then
       return nil, 'state.json is not a checkpoint record (no checkpoint.step or files)'
    end
-   for _, f in ipairs({'model.safetensors', 'state.safetensors'}) do
+   for _, f in ipairs(weights_only and {'model.safetensors'} or {'model.safetensors', 'state.safetensors'}) do
       local want = type(st.files) == 'table' and st.files[f] or nil
       if want ~= nil and (type(want) ~= 'table' or type(want.bytes) ~= 'number') then
          return nil, string.format('state.json: files["%s"] has no byte count', f)
@@ -733,10 +734,10 @@ function M.save_weights(model, path, opts) return check.at_caller(2, save_weight
 -- optimizer already holds the layers).
 local function weights_file(path)
    local FN = 'nr.checkpoint.load_weights'
-   -- a checkpoint's step folder is checked as a resume checks it (sizes, headers, CRC-32): a file
-   -- changed on disk loaded, and evaluated, silently
+   -- a checkpoint's step folder's weights are checked as a resume checks them (size, header,
+   -- CRC-32): a file changed on disk loaded, and evaluated, silently
    local function checked(dir, which)
-      local st, why = validate(dir, true)
+      local st, why = validate(dir, true, true)
       if st then return dir .. '/model.safetensors' end
       local newest = select(1, M.find(dir:match('^(.*)/[^/]*$') or '.'))
       error(string.format('%s: %s%s is damaged: %s%s', FN, which and (which .. ' names ') or '', dir, why,
