@@ -4,9 +4,13 @@
  * The transcendental functions are NR_AM_EXP, _EXPM1, _TANH and _ERF: the math library's unless
  * the includer defines them first (nn_act.c: vec_math.h's, which its loops vectorize).
  * Formulas are PyTorch's (torch.nn.functional): GELU exact uses erf, GELU tanh its tanh form;
- * Hardswish x·relu6(x + 3)/6 and Hardsigmoid relu6(x + 3)/6 take the left derivative at their
- * kinks (-3 and 3), as PyTorch does; ELU alpha·(exp(x) - 1) for x <= 0. A NaN input gives a NaN
- * output, and the gradient PyTorch gives: NaN (SiLU, GELU), dy (ELU, Hardswish) or 0 (Hardsigmoid).
+ * Hardswish x·relu6(x + 3)/6 and Hardsigmoid relu6(x + 3)/6 (computed as written: -inf gives
+ * NaN and 3e38 inf, as PyTorch) with the derivatives of PyTorch's scalar (and CUDA) backward:
+ * Hardswish x/3 + 1/2 on [-3, 3] (-0.5 at -3, 1.5 at 3), 0 below, 1 above; Hardsigmoid 1/6
+ * strictly inside, 0 at the kinks. (PyTorch's vectorized CPU backward, taken for tensors of 8 or
+ * more elements, gives 1 at 3 and NaN for a NaN: PyTorch differs from itself there.) ELU
+ * alpha·(exp(x) - 1) for x <= 0. A NaN input gives a NaN output, and the gradient PyTorch's
+ * scalar path gives: NaN (SiLU, GELU), dy (ELU, Hardswish) or 0 (Hardsigmoid).
  * `s` in the backward is what the kind saves (nr_act_saves_output): the forward output for tanh
  * and ReLU6, the input for the others. */
 #ifndef NR_NN_ACT_MATH_H
@@ -38,20 +42,23 @@ NR_ACT_FN int nr_act_saves_output(int32_t kind) { return kind == NR_ACT_TANH || 
 #define NR_ACT_INV_SQRT_2PI 0.39894228040143268f
 #define NR_ACT_GELU_C 0.044715f
 
+/* min(max(c, 0), 6), a NaN kept (neither test holds) */
+NR_ACT_FN float nr_act_relu6(float c) { return c < 0.0f ? 0.0f : (c > 6.0f ? 6.0f : c); }
+
 NR_ACT_FN float nr_act_sigmoid(float v) { return 1.0f / (1.0f + NR_AM_EXP(-v)); }
 
 NR_ACT_FN float nr_act_forward(int32_t kind, float v, float alpha)
 {
    switch (kind) {
    case NR_ACT_TANH: return NR_AM_TANH(v);
-   case NR_ACT_RELU6: return v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v); /* NaN: neither */
+   case NR_ACT_RELU6: return nr_act_relu6(v);
    case NR_ACT_LEAKY_RELU: return v > 0.0f ? v : alpha * v;
    case NR_ACT_ELU: return v > 0.0f ? v : alpha * NR_AM_EXPM1(v);
    case NR_ACT_SILU: return v * nr_act_sigmoid(v);
    case NR_ACT_GELU: return 0.5f * v * (1.0f + NR_AM_ERF(v * NR_ACT_SQRT1_2));
    case NR_ACT_GELU_TANH: return 0.5f * v * (1.0f + NR_AM_TANH(NR_ACT_SQRT_2_PI * (v + NR_ACT_GELU_C * v * v * v)));
-   case NR_ACT_HARDSWISH: return v <= -3.0f ? 0.0f : (v >= 3.0f ? v : v * (v + 3.0f) / 6.0f);
-   default: return v <= -3.0f ? 0.0f : (v >= 3.0f ? 1.0f : v / 6.0f + 0.5f); /* NR_ACT_HARDSIGMOID */
+   case NR_ACT_HARDSWISH: return v * nr_act_relu6(v + 3.0f) / 6.0f; /* (-inf: NaN, as PyTorch) */
+   default: return nr_act_relu6(v + 3.0f) / 6.0f; /* NR_ACT_HARDSIGMOID */
    }
 }
 

@@ -168,9 +168,10 @@ end
 
 -- Checks an options table against the allowed keys; unknown keys are errors (catch typos).
 function M.options(opts, allowed, fname, level)
-   level = M.user_level((level or 2) + 1) -- the function that called the one checking its options, by default
+   level = (level or 2) + 1 -- the function that called the one checking its options, by default
    if opts == nil then return {} end
-   if type(opts) ~= 'table' then error(fname .. ': options must be a table, got ' .. type(opts), level) end
+   -- (user_level only on the way to an error: it walks the stack)
+   if type(opts) ~= 'table' then error(fname .. ': options must be a table, got ' .. type(opts), M.user_level(level)) end
    for k in pairs(opts) do
       if allowed[k] == nil then
          local names = {}
@@ -178,7 +179,7 @@ function M.options(opts, allowed, fname, level)
          table.sort(names)
          local guess = M.near_miss(k, names)
          error(string.format('%s: unknown option %q (%sallowed: %s)', fname, tostring(k),
-            guess and string.format('did you mean %q? ', guess) or '', table.concat(names, ', ')), level)
+            guess and string.format('did you mean %q? ', guess) or '', table.concat(names, ', ')), M.user_level(level))
       end
    end
    return opts

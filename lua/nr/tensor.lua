@@ -869,11 +869,21 @@ function Tensor:index_copy(dim, index, src)
    return self
 end
 
+-- A non-empty list of tensors without holes (a nil entry, an unassigned variable, ended ipairs
+-- there: the tensors after it were dropped without a word).
+local function tensor_list(list, fname)
+   check.arg(type(list) == 'table' and not is_tensor(list) and #list > 0, fname, 'expected a non-empty list of tensors, got %s',
+      check.show(list))
+   local n = table.maxn(list)
+   for i = 1, n do
+      check.arg(list[i] ~= nil, fname, 'entry %d is nil (an unassigned variable?); %d entries were given', i, n)
+   end
+end
+
 -- nr.cat(tensors, dim): the tensors joined along dim (default 1; their other sizes, dtype and
 -- device equal) into a new one, as torch.cat.
 function M.cat(list, dim)
-   check.arg(type(list) == 'table' and not is_tensor(list) and #list > 0, 'nr.cat', 'expected a non-empty list of tensors, got %s',
-      check.show(list))
+   tensor_list(list, 'nr.cat')
    local first = list[1]
    live(first, 'nr.cat', 'tensor 1')
    local shape = first:shape()
@@ -902,8 +912,7 @@ end
 -- nr.stack(tensors, dim): the tensors (one shape) stacked along a new dimension dim (default 1,
 -- up to ndim + 1), as torch.stack.
 function M.stack(list, dim)
-   check.arg(type(list) == 'table' and not is_tensor(list) and #list > 0, 'nr.stack', 'expected a non-empty list of tensors, got %s',
-      check.show(list))
+   tensor_list(list, 'nr.stack')
    live(list[1], 'nr.stack', 'tensor 1')
    local shape = list[1]:shape()
    local d = dim_arg(dim or 1, #shape + 1, 'nr.stack')
@@ -929,9 +938,9 @@ local function broadcast_operands(a, b, fname)
    -- the common case, one rank and a not growing, without tables (C checks b against a)
    local ca, cb = live(a), live(b, fname, 'operand')
    if ca.ndim == cb.ndim then
-      local grows = false
-      for d = 0, ca.ndim - 1 do grows = grows or (ca.shape[d] == 1 and cb.shape[d] ~= 1) end
-      if not grows then return a, b, nil end
+      local plain = true   -- b's sizes are a's or 1: the kernel takes them as they are
+      for d = 0, ca.ndim - 1 do plain = plain and (cb.shape[d] == ca.shape[d] or cb.shape[d] == 1) end
+      if plain then return a, b, nil end
    end
    local sa, sb = a:shape(), b:shape()
    local n = math.max(#sa, #sb)
@@ -975,7 +984,15 @@ for name, op in pairs(BIN) do
    Tensor[name] = function(a, b, out)
       if out ~= nil then live(out, fname, 'out') end
       local shape
+      local a0 = a
       a, b, shape = broadcast_operands(a, b, fname)
+      if out ~= nil then
+         local want = shape or a0:shape()
+         if not M.same_shape(out:shape(), want) then
+            error(string.format('%s: out is %s, the result has shape (%s)', fname, out:describe(), table.concat(want, ', ')),
+               check.user_level(2))
+         end
+      end
       local r = apply(a, b, out or (shape and M.empty(shape, {dtype = a:dtype(), device = a:device()}) or M.empty_like(a)))
       return r
    end

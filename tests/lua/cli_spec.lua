@@ -193,7 +193,7 @@ describe('nrlua', function()
       assert.equal(1, rc)
       assert.matches('\n?4\n', out)
       assert.matches('line\t1\nline\t2', out)
-      assert.matches('shape mismatch', out)
+      assert.matches('do not broadcast', out)
       assert.matches('\n2\n', out)
       assert.matches('15', out)
       -- nr.models raises for names it lacks: shown as a table, not as a failed module probe

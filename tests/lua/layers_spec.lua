@@ -1272,6 +1272,10 @@ describe('Tanh, ReLU6, LeakyReLU and the smooth and hard activations', function(
             assert(math.abs(g[i] - df(v)) <= 2e-6 * (1 + math.abs(df(v))), string.format('%s\'(%g) = %.9g, want %.9g', tostring(m), v, g[i], df(v)))
          end
          assert(y[#xs] ~= y[#xs], tostring(m) .. ': a NaN input gives NaN')
+         if m:typename() == 'Hardswish' then   -- computed as written, as PyTorch: -inf * 0 and 3e38 * 6
+            local ends = m:forward(nr.tensor({-1 / 0, 3e38})):totable()
+            assert(ends[1] ~= ends[1] and ends[2] == 1 / 0, 'Hardswish(-inf), Hardswish(3e38)')
+         end
          local gn = g[#xs]
          assert(gn == dnan or (gn ~= gn and dnan ~= dnan), string.format('%s: gradient at a NaN input %g, want %g', tostring(m), gn, dnan))
       end
