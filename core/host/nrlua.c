@@ -43,9 +43,11 @@ static lua_State *L_global;
  * first is pending (a long C call, or a loop in JIT-compiled code, which does not check hooks)
  * ends the process. A script or recipe then exits with status 130; the REPL cancels the input.
  * SIGTERM (what a batch scheduler or `kill` sends) is taken the same way, so a run says where it
- * stopped and how to resume it, and exits with 143. interrupted: the signal's number, or 0. */
+ * stopped and how to resume it, then dies by the signal (status 143 in a shell). Either one
+ * ignored when nrlua started stays ignored. interrupted: the signal's number, or 0. */
 static volatile sig_atomic_t interrupted;
 static int sigint_ignored; /* SIGINT ignored when started (a background job of a script): kept so */
+static int sigterm_ignored; /* likewise SIGTERM (nohup-like launchers): kept so */
 
 static void interrupt_hook(lua_State *L, lua_Debug *ar)
 {
@@ -62,13 +64,22 @@ static void on_sigint(int sig)
    lua_sethook(L_global, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
+/* Ends the process as SIGTERM would have (a parent sees the signal, not an exit status). */
+static void die_by_sigterm(void)
+{
+   fflush(NULL);
+   signal(SIGTERM, SIG_DFL);
+   raise(SIGTERM);
+   exit(128 + SIGTERM); /* (not reached) */
+}
+
 /* In the REPL a SIGINT cancels the statement; a SIGTERM, once the statement has unwound, ends
  * the process as the signal would have. */
 static void exit_if_terminated(lua_State *L)
 {
    if (interrupted != SIGTERM) return;
    lua_close(L);
-   exit(128 + SIGTERM);
+   die_by_sigterm();
 }
 
 static int file_exists(const char *p) { return access(p, R_OK) == 0; }
@@ -263,10 +274,18 @@ static int docall(lua_State *L, int narg, int nres)
    lua_pushcfunction(L, traceback);
    lua_insert(L, base);
    if (!sigint_ignored) signal(SIGINT, on_sigint);
-   signal(SIGTERM, on_sigint);
+   /* SIGTERM only over the default action: not over an inherited SIG_IGN, nor over nr.dist's
+    * handler (a rank in a collective runs no Lua hook; the launcher's SIGTERM must end it) */
+   struct sigaction term;
+   sigaction(SIGTERM, NULL, &term);
+   const int term_mine = !sigterm_ignored && term.sa_handler == SIG_DFL;
+   if (term_mine) signal(SIGTERM, on_sigint);
    int status = lua_pcall(L, narg, nres, base);
    if (!sigint_ignored) signal(SIGINT, SIG_DFL);
-   signal(SIGTERM, SIG_DFL);
+   if (term_mine) {
+      sigaction(SIGTERM, NULL, &term);
+      if (term.sa_handler == on_sigint) signal(SIGTERM, SIG_DFL); /* (one installed meanwhile stays) */
+   }
    lua_sethook(L, NULL, 0, 0); /* a SIGINT that came after the Lua code ended */
    lua_remove(L, base);
    return status;
@@ -560,6 +579,8 @@ int main(int argc, char **argv)
    signal(SIGPIPE, SIG_IGN);
    sigint_ignored = signal(SIGINT, SIG_DFL) == SIG_IGN;
    if (sigint_ignored) signal(SIGINT, SIG_IGN);
+   sigterm_ignored = signal(SIGTERM, SIG_DFL) == SIG_IGN;
+   if (sigterm_ignored) signal(SIGTERM, SIG_IGN);
    luaL_openlibs(L);
    setup_paths(L, home, lib);
    /* arg table as in luajit: arg[0] = script, arg[1..] = its arguments, negatives before */
@@ -605,8 +626,9 @@ int main(int argc, char **argv)
 done:
    lua_close(L);
    return status ? 1 : 0;
-sigint: /* Ctrl-C or SIGTERM: exit as a process killed by the signal would, 128 + its number */
+sigint: /* Ctrl-C: exit as lua.c does, 128 + 2; SIGTERM: end by the signal, as its default would */
    report(L, 1);
    lua_close(L);
-   return 128 + (interrupted ? (int)interrupted : SIGINT);
+   if (interrupted == SIGTERM) die_by_sigterm();
+   return 128 + SIGINT;
 }

@@ -559,7 +559,7 @@ M.data_threads = data_threads
 -- data.augment is given (false: none; a table: used for training, and its resize /
 -- center_crop / channels / normalize for evaluation). data.size resizes datasets whose
 -- native size differs; grey images are replicated when the model wants 3 channels.
-local function loader_opts(d, train, seed, model, ds, device)
+local function loader_opts(d, train, seed, model, ds, device, as_trained)
    check.arg(d.output == nil or d.output == 'uint8' or d.output == 'float32', 'nr.train',
       'data.output must be "uint8" or "float32", got %s', check.show(d.output))
    local o = {batch = train and d.batch or (d.eval_batch or d.batch), shuffle = train, seed = seed,
@@ -574,8 +574,9 @@ local function loader_opts(d, train, seed, model, ds, device)
       check.arg(type(d.augment) == 'table', 'nr.train', 'data.augment must be a table, false or nil')
       -- the table replaces the dataset's default whole: without a word on normalisation the run
       -- trained (and evaluated) on unnormalised inputs, as the default's flip alone would
+      -- (a run that trained so, resumed or evaluated, goes on as it was: its recipe.json has it)
       local def = defaults and defaults.train(d.size)
-      if d.augment.normalize == nil and def and def.normalize then
+      if train and d.augment.normalize == nil and def and def.normalize and not as_trained then
          local shown = {}
          for k, v in pairs(def) do shown[#shown + 1] = k .. ' = ' .. tostring(v) end
          table.sort(shown)
@@ -675,7 +676,8 @@ local function build_data(tr, rc)
    end
    local seed = d.seed or rc.seed
    tr.train_set = open(d.train_split or 'train')
-   tr.train_loader = data.loader(tr.train_set, loader_opts(d, true, seed, tr.model, tr.train_set, tr.device))
+   local as_trained = rc.resume ~= nil or tr.evaluating   -- (a run that exists goes on with its own augment)
+   tr.train_loader = data.loader(tr.train_set, loader_opts(d, true, seed, tr.model, tr.train_set, tr.device, as_trained))
    -- a batch larger than the split with drop_last: no step at all (said by the schedule as
    -- "iters_per_epoch must be a finite integer >= 1, got 0")
    if tr.train_loader:nbatches() < 1 then
@@ -849,7 +851,7 @@ end
 -- evaluating: for M.evaluate, which writes nothing (the run folder is not created).
 function M.new(recipe, evaluating)
    local rc = M.resolve(recipe)
-   local tr = setmetatable({recipe = rc, hooks = {}, states = {}, state_order = {}, status = {},
+   local tr = setmetatable({recipe = rc, hooks = {}, states = {}, state_order = {}, status = {}, evaluating = evaluating,
                             schedule_hold = false, extend_held = false, held_epochs = 0, epoch = 0, step = 0, best_top1 = nil,
                             train_images = 0, train_time = 0}, Trainer)
    for h in pairs(HOOKS) do tr.hooks[h] = {} end

@@ -105,7 +105,7 @@ describe('nr.Tensor', function()
       assert.truthy(err(function() return nr.cat({a, b}, 2) end):find('does not join', 1, true))
       assert.truthy(err(function() return nr.stack({a, b}) end):find('stacked tensors have one shape', 1, true))
       assert.truthy(err(function() return nr.cat({}) end):find('expected a non-empty list of tensors', 1, true))
-      local unset
+      local unset = nil   -- (an unassigned variable)
       assert.truthy(err(function() return nr.cat({a, unset, b}) end):find('nr.cat: entry 2 is nil', 1, true))
       assert.truthy(err(function() return nr.stack({a, unset, a}) end):find('nr.stack: entry 2 is nil', 1, true))
       -- a write through an expanded view is refused (its elements share memory)

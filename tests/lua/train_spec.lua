@@ -580,6 +580,9 @@ print('epochs', s.epochs)
          assert.is_false(ok)
          assert.truthy(tostring(e):find("data.augment replaces the dataset's default augmentation (for training "
             .. '{normalize = true}), normalisation included: say normalize = true', 1, true), tostring(e))
+         -- a run that trained so is evaluated (and resumed) as it was: its recipe.json holds it
+         assert.is_truthy(train.new(held_recipe(TMP .. '/aug_eval', {data = {dataset = 'fashion-mnist', augment = {flip = true},
+            train_batches = 1, val_batches = 1}}), true))
          local tr = train.new(held_recipe(TMP .. '/aug', {data = {dataset = 'fashion-mnist', augment = {flip = true, normalize = false},
             train_batches = 1, val_batches = 1}}))
          local x = tr.train_loader:epoch(1)()
