@@ -769,7 +769,8 @@ for k in pairs(M.DEFAULTS) do TOP_FIELDS[k] = true end
 -- A top-level field nr.train does not read is left to the recipe's own functions (a model
 -- function may read rc.width); a near miss of one it reads (epoch, checkpoint_evry), or a
 -- command-line alias written at the top (lr for optim.lr), would silently train with the default:
--- said once on the console.
+-- an error naming the field meant (refuse_typos; a recipe's own field that happens to be one is
+-- renamed).
 -- PyTorch / Lightning / timm names for fields nr.train reads elsewhere (learning_rate = 0.3 at the
 -- top trained at optim.lr's default: too far from every field for the near-miss test)
 local FOREIGN_NAMES = {learning_rate = 'optim.lr', batch_size = 'data.batch', weight_decay = 'optim.weight_decay',
