@@ -768,7 +768,7 @@ function Tensor:squeeze(dim)
    local shape, stride = self:shape(), self:stride()
    local keep = {}
    if dim ~= nil then
-      local d = dim_arg(dim, #shape, 'Tensor:squeeze')
+      local d = dim_arg(dim, math.max(#shape, 1), 'Tensor:squeeze')   -- (a 0-d tensor takes 1 or -1)
       for i = 1, #shape do keep[i] = i ~= d or shape[i] ~= 1 end
    else
       for i = 1, #shape do keep[i] = shape[i] ~= 1 end
@@ -1088,6 +1088,12 @@ for name, op in pairs(RED) do
          return out:item()
       end
       local shape = a:shape()
+      if #shape == 0 then   -- a 0-d tensor takes dimension 1 or -1 and gives a 0-d result, as PyTorch
+         dim_arg(dim, 1, fname)
+         kept_shape({1}, 1, keepdim, fname)
+         local r = Tensor[name](a:view({1}), 1, false)
+         return r
+      end
       dim = dim_arg(dim, #shape, fname)
       local out = M.empty(kept_shape(shape, dim, keepdim, fname), {device = a:device(), dtype = a:dtype()})
       shape[dim] = 1
@@ -1106,6 +1112,12 @@ function Tensor:argmax(dim, keepdim)
       return out:item()
    end
    local shape = a:shape()
+   if #shape == 0 then   -- (as the reductions)
+      dim_arg(dim, 1, 'Tensor:argmax')
+      kept_shape({1}, 1, keepdim, 'Tensor:argmax')
+      local r = a:view({1}):argmax(1, false)
+      return r
+   end
    dim = dim_arg(dim, #shape, 'Tensor:argmax')
    local out = M.empty(kept_shape(shape, dim, keepdim, 'Tensor:argmax'), {dtype = 'int64'})
    shape[dim] = 1

@@ -131,6 +131,12 @@ describe('nr.Tensor', function()
       assert.truthy(err(function() return a:sum(nil, false) end):find('Tensor:sum: keepdim needs a dimension', 1, true))
       assert.truthy(err(function() return a:mean(3) end):find('Tensor:mean: dimension 3 out of range 1..2 (or -2..-1)', 1, true))
       assert.truthy(err(function() return a:narrow(-3, 1, 1) end):find('Tensor:narrow: dimension -3 out of range', 1, true))
+      -- a 0-d tensor takes dimension 1 or -1 (PyTorch's 0 and -1) and gives a 0-d result
+      local z = nr.tensor(5)
+      assert.same({0, 5, 0, 5, 0}, {z:sum(1):dim(), z:sum(-1, false):item(), z:mean(1, true):dim(), z:max(-1):item(),
+                                    z:argmax(1):item()})
+      assert.equal(0, z:squeeze(-1):dim())
+      assert.truthy(err(function() return z:sum(2) end):find('Tensor:sum: dimension 2 out of range 1..1', 1, true))
    end)
 
    it('multiplies matrices through BLAS, with transposes', function()
