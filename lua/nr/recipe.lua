@@ -30,6 +30,12 @@ M.TYPES = {
    ['data.train_batches'] = 'cap', ['data.val_batches'] = 'cap', ['data.seed'] = 'integer',
    ['data.train_split'] = 'string', ['data.val_split'] = 'split_or_off', ['data.augment'] = 'augment',
    ['data.output'] = 'string', ['data.drop_last'] = 'boolean',
+   -- one augmentation setting (a recipe without an augment table gets one holding it: it replaces
+   -- the dataset's default, so nr.train asks for data.augment.normalize too)
+   ['data.augment.flip'] = 'boolean', ['data.augment.pad'] = 'integer', ['data.augment.crop'] = 'integer',
+   ['data.augment.resize'] = 'integer', ['data.augment.center_crop'] = 'integer',
+   ['data.augment.random_resized_crop'] = 'integer', ['data.augment.normalize'] = 'boolean',
+   ['data.augment.channels'] = 'integer', ['data.augment.fast_decode'] = 'boolean',
    -- data parallelism (nr.dist.attach's options; docs/DISTRIBUTED.md), also where the recipe has no dist table
    ['dist.timeout'] = 'number', ['dist.algo'] = 'string', ['dist.bucket_mb'] = 'number', ['dist.overlap'] = 'boolean',
    ['dist.check_every'] = 'integer', ['dist.buffers'] = 'string', ['dist.enabled'] = 'boolean', ['dist.sync_bn'] = 'boolean',

@@ -581,8 +581,8 @@ local function loader_opts(d, train, seed, model, ds, device, as_trained)
          for k, v in pairs(def) do shown[#shown + 1] = k .. ' = ' .. tostring(v) end
          table.sort(shown)
          error(string.format('nr.train: data.augment replaces the dataset\'s default augmentation (for training {%s}), '
-            .. 'normalisation included: say normalize = true (the dataset\'s statistics), {mean = ..., std = ...} or false',
-            table.concat(shown, ', ')), 0)
+            .. 'normalisation included: say normalize = true (the dataset\'s statistics), {mean = ..., std = ...} or false '
+            .. '(--data.augment.normalize true|false)', table.concat(shown, ', ')), 0)
       end
       for k, v in pairs(d.augment) do
          if train or EVAL_KEYS[k] then a[k] = v end

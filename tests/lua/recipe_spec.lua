@@ -262,6 +262,18 @@ return {
       assert.equal('fashion-mnist', R.apply({epochs = 1}, {'--dataset', 'fashion-mnist'}).data.dataset)
    end)
 
+   it('--data.augment.FIELD sets one augmentation setting (it was an unknown flag)', function()
+      local r = R.apply({data = {dataset = 'fashion-mnist'}}, {'--data.augment.flip', 'true', '--data.augment.pad', '2',
+         '--data.augment.normalize', 'false'})
+      assert.same({flip = true, pad = 2, normalize = false}, r.data.augment)
+      -- over a recipe's table it adds or replaces one field; over augment = false it turns one on
+      assert.same({crop = 24, flip = true}, R.apply({data = {augment = {crop = 28, flip = true}}}, {'--data.augment.crop', '24'}).data.augment)
+      assert.same({flip = true}, R.apply({data = {augment = false}}, {'--data.augment.flip', 'on'}).data.augment)
+      local ok, err = pcall(R.apply, {data = {}}, {'--data.augment.pad', 'x'})
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find('--data.augment.pad: expected an integer', 1, true), err)
+   end)
+
    it('--data.val_batches all lifts a cap (one a resumed or evaluated run carries from its recipe.json)', function()
       local base = {data = {dataset = 'fashion-mnist', val_batches = 2, train_batches = 3}}
       local r = R.apply(base, {'--data.val_batches', 'all', '--data.train_batches=all'})
