@@ -11,8 +11,8 @@
  * more elements, gives 1 at 3 and NaN for a NaN: PyTorch differs from itself there.) ELU
  * alpha·(exp(x) - 1) for x <= 0. A NaN input gives a NaN output, and the gradient PyTorch's
  * scalar path gives: NaN (SiLU, GELU), dy (ELU, Hardswish) or 0 (Hardsigmoid).
- * `s` in the backward is what the kind saves (nr_act_saves_output): the forward output for tanh
- * and ReLU6, the input for the others. */
+ * `s` in the backward is what the kind saves: the forward output for tanh and ReLU6, the input
+ * for the others (core/nr.h; lua/nr/nn/activation.lua's from_input). */
 #ifndef NR_NN_ACT_MATH_H
 #define NR_NN_ACT_MATH_H
 #include <math.h>
@@ -32,9 +32,6 @@
 #else
 #define NR_ACT_FN static inline
 #endif
-
-/* kind's backward reads the forward's output (else its input) */
-NR_ACT_FN int nr_act_saves_output(int32_t kind) { return kind == NR_ACT_TANH || kind == NR_ACT_RELU6; }
 
 /* the constants of the GELU forms: 1/sqrt(2), sqrt(2/pi), 2/sqrt(pi) * 1/sqrt(2) / 2 = 1/sqrt(2 pi) */
 #define NR_ACT_SQRT1_2 0.70710678118654752f

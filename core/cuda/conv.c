@@ -181,10 +181,11 @@ static nr_status get_plan(const char *func, const nr_tensor *x, const void *y_da
                         "x %s or its output (%lld elements) spans 2^31 elements or more, beyond cuDNN's 32-bit "
                         "indexing, even for one sample",
                         NR_DESC(x), (long long)ny);
+   const int32_t ax = align16(x->data), ay = align16(y_data);
    int32_t k[KEY_LEN] = {x->device_index,    (int32_t)dims[0], (int32_t)dims[1], (int32_t)dims[2], (int32_t)dims[3],
                          (int32_t)dims[4],   (int32_t)dims[5], (int32_t)dims[6], nr_cuda_tf32_allowed(), groups,
                          sh, sw, ph, pw, dh, dw, x->dtype, nhwc, nr_cuda_get_deterministic(),
-                         align16(x->data) < align16(y_data) ? align16(x->data) : align16(y_data)};
+                         ax < ay ? ax : ay};
    unsigned hb = hash_key(k);
    pthread_mutex_lock(&g_plan_lock);
    plan *p = g_plans[hb];
