@@ -323,10 +323,7 @@ end
 function Tensor:size(d)
    local c = live(self)
    if d == nil then return self:shape() end
-   int_arg(d, 'Tensor:size', 'dimension')
-   if d < 0 then d = c.ndim + 1 + d end
-   check.arg(d >= 1 and d <= c.ndim, 'Tensor:size', 'dimension %s out of range 1..%d', tostring(d), c.ndim)
-   return tonumber(c.shape[d - 1])
+   return tonumber(c.shape[dim_arg(d, c.ndim, 'Tensor:size') - 1])
 end
 function Tensor:stride()
    local c, s = live(self), {}
@@ -1077,6 +1074,22 @@ local function kept_shape(shape, dim, keepdim, fname)
    end
    return out
 end
+-- The result of a reduction of a over dim (1-based, or from the end) as a new tensor of dtype:
+-- run(x, dim0, out) fills out, a view of it with dim kept as size 1, from x (a, or a 0-d a as
+-- one element: dimension 1 or -1 then, and a 0-d result, as PyTorch).
+local function over_dim(a, dim, keepdim, fname, dtype, run)
+   local shape = a:shape()
+   if #shape == 0 then
+      dim_arg(dim, 1, fname)
+      kept_shape({1}, 1, keepdim, fname)
+      a, dim, keepdim, shape = a:view({1}), 1, false, {1}
+   end
+   dim = dim_arg(dim, #shape, fname)
+   local out = M.empty(kept_shape(shape, dim, keepdim, fname), {device = a:device(), dtype = dtype})
+   shape[dim] = 1
+   run(a, dim - 1, keepdim == false and out:view(shape) or out)
+   return out
+end
 local RED = {sum = C.NR_RED_SUM, mean = C.NR_RED_MEAN, max = C.NR_RED_MAX, min = C.NR_RED_MIN}
 for name, op in pairs(RED) do
    local fname = 'Tensor:' .. name
@@ -1087,17 +1100,9 @@ for name, op in pairs(RED) do
          check.status(C.nr_reduce(live(a), -1, live(out), op), fname)
          return out:item()
       end
-      local shape = a:shape()
-      if #shape == 0 then   -- a 0-d tensor takes dimension 1 or -1 and gives a 0-d result, as PyTorch
-         dim_arg(dim, 1, fname)
-         kept_shape({1}, 1, keepdim, fname)
-         local r = Tensor[name](a:view({1}), 1, false)
-         return r
-      end
-      dim = dim_arg(dim, #shape, fname)
-      local out = M.empty(kept_shape(shape, dim, keepdim, fname), {device = a:device(), dtype = a:dtype()})
-      shape[dim] = 1
-      check.status(C.nr_reduce(live(a), dim - 1, live(keepdim == false and out:view(shape) or out), op), fname)
+      local out = over_dim(a, dim, keepdim, fname, a:dtype(), function(x, d0, o)
+         check.status(C.nr_reduce(live(x), d0, live(o), op), fname)
+      end)
       return out
    end
 end
@@ -1111,17 +1116,9 @@ function Tensor:argmax(dim, keepdim)
       check.status(C.nr_argmax(live(a), -1, live(out)), 'Tensor:argmax')
       return out:item()
    end
-   local shape = a:shape()
-   if #shape == 0 then   -- (as the reductions)
-      dim_arg(dim, 1, 'Tensor:argmax')
-      kept_shape({1}, 1, keepdim, 'Tensor:argmax')
-      local r = a:view({1}):argmax(1, false)
-      return r
-   end
-   dim = dim_arg(dim, #shape, 'Tensor:argmax')
-   local out = M.empty(kept_shape(shape, dim, keepdim, 'Tensor:argmax'), {dtype = 'int64'})
-   shape[dim] = 1
-   check.status(C.nr_argmax(live(a), dim - 1, live(keepdim == false and out:view(shape) or out)), 'Tensor:argmax')
+   local out = over_dim(a, dim, keepdim, 'Tensor:argmax', 'int64', function(x, d0, o)
+      check.status(C.nr_argmax(live(x), d0, live(o)), 'Tensor:argmax')
+   end)
    return out
 end
 
